@@ -1,0 +1,115 @@
+"""One way to reach bytes: a local path or an ``s3://`` URI, through ``pyarrow.fs``.
+
+S3 settings come from the usual AWS environment (credentials chain, ``AWS_REGION``) plus
+``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` for an S3-compatible endpoint (MinIO, moto's server in
+the tests). The same filesystem object is what Ray Data is handed, so the jobs and the tests read and
+write through one code path.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import posixpath
+from collections.abc import Iterator
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def s3_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+    kwargs: dict = {}
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    kwargs["region"] = region or "us-east-1"
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        kwargs.update(access_key=key, secret_key=secret, session_token=os.environ.get("AWS_SESSION_TOKEN"))
+    return pafs.S3FileSystem(**kwargs)
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Return ``(filesystem, path inside it)`` for a local path or an ``s3://bucket/key`` URI."""
+    uri = str(uri)
+    if is_s3(uri):
+        parsed = urlparse(uri)
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        return _s3_filesystem(s3_endpoint(), region), f"{parsed.netloc}{parsed.path}".rstrip("/")
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or an s3 URI."""
+    if is_s3(base):
+        return posixpath.join(base.rstrip("/"), *parts)
+    return os.path.join(base, *parts)
+
+
+def to_uri(fs: pafs.FileSystem, path: str) -> str:
+    """The inverse of :func:`filesystem`: a path inside ``fs`` back to a user-facing URI."""
+    if isinstance(fs, pafs.S3FileSystem):
+        return f"s3://{path}"
+    return path
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write atomically where the filesystem allows it (local: temp file + rename; S3 PUT is atomic)."""
+    fs, path = filesystem(uri)
+    parent = posixpath.dirname(path) if is_s3(uri) else os.path.dirname(path)
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def iter_files(uri: str, extensions: tuple[str, ...] | None = None) -> Iterator[tuple[str, int]]:
+    """Yield ``(uri, size)`` of every file under a folder or prefix, recursively, in sorted order per
+    listing. ``extensions`` filters by lower-cased suffix. Hidden files (``.name``) are skipped."""
+    fs, path = filesystem(uri)
+    selector = pafs.FileSelector(path, recursive=True, allow_not_found=False)
+    infos = fs.get_file_info(selector)
+    for info in sorted(infos, key=lambda i: i.path):
+        if info.type != pafs.FileType.File:
+            continue
+        if info.base_name.startswith("."):
+            continue
+        if extensions and not info.base_name.lower().endswith(extensions):
+            continue
+        yield to_uri(fs, info.path), info.size
