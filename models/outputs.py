@@ -1,0 +1,446 @@
+"""One description of every model output.
+
+Each model declares its outputs once, as a tuple of the ``Output`` subclasses below. Everything else is
+derived from that declaration:
+
+* the training loss (``Output.loss``), with missing labels (NaN targets) masked out;
+* evaluation: summable statistics per batch (``Output.stats``) that can be added across batches and
+  all-reduced across Ray Train workers, and the paper's metrics computed from them (``Output.metrics``),
+  named ``<output>.<metric>`` (binary groups name each attribute: ``Male.accuracy``);
+* what a user reads (``Output.decode``): the columns of a Parquet row of the label job and the fields of
+  the JSON answer of the serving endpoint, with their Arrow types (``Output.fields``).
+
+Raw model outputs are a ``dict[name, Tensor]`` with the batch first. Targets come from the dataset's
+canonical label columns (``Output.target``, defaulting to the output's name); a missing label is NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def _valid_rows(target: Tensor) -> Tensor:
+    """Rows whose target is fully present (no NaN)."""
+    if target.dim() == 1:
+        return ~torch.isnan(target)
+    return ~torch.isnan(target).any(dim=tuple(range(1, target.dim())))
+
+
+def smooth_huber_loss(pred: Tensor, target: Tensor, delta: float = 0.6) -> Tensor:
+    """HMTNet's Smooth Huber loss (Eq. 5), averaged over the batch.
+
+    The extracted equation reads ``log(1/2 (e^{a-â} + e^{â-a}))`` inside ``|a - â| <= δ`` and
+    ``|a - â|`` otherwise, i.e. ``log(cosh(a - â))`` near zero and the absolute error beyond δ. We follow
+    it literally (no offset to make the two pieces meet at δ: the paper writes none, and the gradient,
+    ``tanh`` inside and ``sign`` outside, is what matters for robustness to outliers).
+    """
+    diff = (pred - target).abs()
+    inner = torch.log(torch.cosh(diff))
+    return torch.where(diff <= delta, inner, diff).mean()
+
+
+@dataclass(frozen=True)
+class Output:
+    """Base class. ``name`` keys the raw output dict; ``weight`` is the task weight in the total loss."""
+
+    name: str
+    weight: float = 1.0
+    target: str | None = None  # canonical dataset label column; None = same as ``name``
+
+    kind = "abstract"
+
+    @property
+    def target_column(self) -> str:
+        return self.target or self.name
+
+    # --- training -------------------------------------------------------------------------------
+    def loss(self, raw: Tensor, target: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def masked_loss(self, raw: Tensor, target: Tensor) -> Tensor:
+        """Loss over the rows that have a label; 0 (with a gradient path) when none do."""
+        keep = _valid_rows(target)
+        if not bool(keep.any()):
+            return raw.sum() * 0.0
+        return self.loss(raw[keep], target[keep])
+
+    # --- evaluation -----------------------------------------------------------------------------
+    def stats(self, raw: Tensor, target: Tensor, **ctx) -> dict[str, Tensor]:
+        """Summable float64 statistics for one batch (rows without a label are ignored)."""
+        raise NotImplementedError
+
+    def metrics(self, stats: dict[str, Tensor]) -> dict[str, float]:
+        raise NotImplementedError
+
+    # --- what a user reads ----------------------------------------------------------------------
+    def fields(self) -> list[pa.Field]:
+        raise NotImplementedError
+
+    def decode(self, raw: Tensor, geometry: list[dict] | None = None, **ctx) -> dict[str, list]:
+        """Columns (name -> one value per row) for a batch of raw outputs."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        d = {"name": self.name, "kind": self.kind, "weight": self.weight, "target": self.target_column}
+        d.update(self._describe())
+        return d
+
+    def _describe(self) -> dict:
+        return {}
+
+
+@dataclass(frozen=True)
+class Categorical(Output):
+    """Softmax over named classes; cross-entropy loss; accuracy. Target: class index."""
+
+    classes: tuple[str, ...] = ()
+    kind = "categorical"
+
+    def loss(self, raw, target):
+        return F.cross_entropy(raw.float(), target.long())
+
+    def stats(self, raw, target, **ctx):
+        keep = _valid_rows(target)
+        raw, t = raw[keep].float(), target[keep].long()
+        n = len(self.classes)
+        pred = raw.argmax(1)
+        conf = torch.bincount(t * n + pred, minlength=n * n).reshape(n, n).double()
+        loss_sum = F.cross_entropy(raw, t, reduction="sum").double() if len(t) else torch.zeros((), dtype=torch.float64)
+        return {"n": torch.tensor(float(len(t)), dtype=torch.float64), "correct": conf.trace(),
+                "confusion": conf, "loss_sum": loss_sum}
+
+    def metrics(self, s):
+        n = float(s["n"])
+        if n == 0:
+            return {}
+        return {f"{self.name}.accuracy": float(s["correct"]) / n, f"{self.name}.loss": float(s["loss_sum"]) / n}
+
+    def fields(self):
+        return [pa.field(self.name, pa.string()), pa.field(f"{self.name}_prob", pa.float32()),
+                pa.field(f"{self.name}_probs", pa.list_(pa.float32()))]
+
+    def decode(self, raw, geometry=None, **ctx):
+        probs = torch.softmax(raw.float(), dim=1)
+        conf, idx = probs.max(1)
+        return {self.name: [self.classes[i] for i in idx.tolist()], f"{self.name}_prob": conf.tolist(),
+                f"{self.name}_probs": probs.tolist()}
+
+    def _describe(self):
+        return {"classes": list(self.classes)}
+
+
+@dataclass(frozen=True)
+class Binary(Output):
+    """A group of J binary attributes sharing one raw tensor of shape (B, J).
+
+    ``loss="bce"``: raw values are logits, the probability is ``sigmoid(raw)``, targets are 0/1.
+    ``loss="mse_pm1"``: DMM-CNN's reading: raw values are scores regressed onto ±1 targets with MSE (Eq. 2),
+    the label is ``raw > τ_j`` (Eq. 5) with the model's per-attribute thresholds τ (Eq. 6), passed in
+    ``ctx["thresholds"]``; the reported probability is the score mapped linearly from [-1, 1] to [0, 1].
+    Columns: ``<label>`` (bool) and ``<label>_prob`` for every label.
+    """
+
+    labels: tuple[str, ...] = ()
+    loss_type: str = "bce"
+    kind = "binary"
+
+    def _thresholds(self, raw: Tensor, ctx) -> Tensor:
+        t = ctx.get("thresholds")
+        if t is None:  # τ = 0: probability 0.5 for logits, the midpoint of ±1 for scores
+            t = torch.zeros(raw.shape[1])
+        return t.to(raw.device, raw.dtype)
+
+    def positive(self, raw: Tensor, ctx) -> Tensor:
+        """Boolean predictions. For bce the threshold is on the logit (0 = probability 0.5)."""
+        return raw > self._thresholds(raw, ctx)
+
+    def prob(self, raw: Tensor) -> Tensor:
+        if self.loss_type == "bce":
+            return torch.sigmoid(raw)
+        return ((raw.clamp(-1, 1) + 1) / 2)
+
+    def per_label_loss(self, raw: Tensor, target: Tensor) -> Tensor:
+        """Mean loss of each label over the batch, shape (J,)."""
+        # Targets may be 0/1 or CelebA's ±1: positive means > 0 in both conventions.
+        raw, pos = raw.float(), (target > 0).float()
+        if self.loss_type == "bce":
+            return F.binary_cross_entropy_with_logits(raw, pos, reduction="none").mean(0)
+        return ((raw - (pos * 2 - 1)) ** 2).mean(0)
+
+    def loss(self, raw, target, label_weights: Tensor | None = None):
+        per = self.per_label_loss(raw, target)
+        if label_weights is not None:
+            return (per * label_weights.to(per)).sum()
+        return per.sum() if self.loss_type == "mse_pm1" else per.mean()
+
+    def stats(self, raw, target, **ctx):
+        keep = _valid_rows(target)
+        raw, target = raw[keep].float(), target[keep].float()
+        truth = target > 0
+        pred = self.positive(raw, ctx)
+        j = len(self.labels)
+        z = torch.zeros(j, dtype=torch.float64)
+        if len(target) == 0:
+            return {"n": torch.zeros((), dtype=torch.float64), "correct": z, "fp": z.clone(), "fn": z.clone(),
+                    "tp": z.clone(), "loss_sum": z.clone()}
+        per_row = self.per_label_loss(raw, target) * len(target)
+        return {
+            "n": torch.tensor(float(len(target)), dtype=torch.float64),
+            "correct": (pred == truth).sum(0).double(),
+            "tp": (pred & truth).sum(0).double(),
+            "fp": (pred & ~truth).sum(0).double(),
+            "fn": (~pred & truth).sum(0).double(),
+            "loss_sum": per_row.double(),
+        }
+
+    def metrics(self, s):
+        n = float(s["n"])
+        if n == 0:
+            return {}
+        acc = (s["correct"] / n).tolist()
+        out = {f"{label}.accuracy": a for label, a in zip(self.labels, acc)}
+        if len(self.labels) > 1:
+            out[f"{self.name}.mean_accuracy"] = float(np.mean(acc))
+        out[f"{self.name}.loss"] = float(s["loss_sum"].sum()) / n
+        return out
+
+    def fields(self):
+        fs = []
+        for label in self.labels:
+            fs += [pa.field(label, pa.bool_()), pa.field(f"{label}_prob", pa.float32())]
+        return fs
+
+    def decode(self, raw, geometry=None, **ctx):
+        raw = raw.float()
+        pos = self.positive(raw, ctx)
+        prob = self.prob(raw)
+        cols = {}
+        for j, label in enumerate(self.labels):
+            cols[label] = pos[:, j].tolist()
+            cols[f"{label}_prob"] = prob[:, j].tolist()
+        return cols
+
+    def _describe(self):
+        return {"labels": list(self.labels), "loss": self.loss_type}
+
+
+@dataclass(frozen=True)
+class Regression(Output):
+    """A scalar score in ``range``; MAE, RMSE and Pearson correlation. ``loss`` is ``smooth_huber`` (δ),
+    ``mse`` or ``l1``. The raw output has shape (B,) or (B, 1)."""
+
+    range: tuple[float, float] = (1.0, 5.0)
+    loss_type: str = "mse"
+    delta: float = 0.6
+    kind = "regression"
+
+    def loss(self, raw, target):
+        raw = raw.float().reshape(-1)
+        if self.loss_type == "smooth_huber":
+            return smooth_huber_loss(raw, target, self.delta)
+        if self.loss_type == "l1":
+            return F.l1_loss(raw, target)
+        return F.mse_loss(raw, target)
+
+    def stats(self, raw, target, **ctx):
+        keep = _valid_rows(target)
+        x = raw.float().reshape(-1)[keep].double()
+        y = target[keep].double()
+        err = x - y
+        loss_sum = self.loss(x.float(), y.float()).double() * len(y) if len(y) else torch.zeros((), dtype=torch.float64)
+        return {"n": torch.tensor(float(len(y)), dtype=torch.float64), "abs": err.abs().sum(), "sq": (err**2).sum(),
+                "sx": x.sum(), "sy": y.sum(), "sxx": (x * x).sum(), "syy": (y * y).sum(), "sxy": (x * y).sum(),
+                "loss_sum": loss_sum}
+
+    def metrics(self, s):
+        n = float(s["n"])
+        if n == 0:
+            return {}
+        out = {f"{self.name}.mae": float(s["abs"]) / n, f"{self.name}.rmse": math.sqrt(float(s["sq"]) / n),
+               f"{self.name}.loss": float(s["loss_sum"]) / n}
+        out[f"{self.name}.pearson"] = pearson_from_sums(s)
+        return out
+
+    def fields(self):
+        return [pa.field(self.name, pa.float32())]
+
+    def decode(self, raw, geometry=None, **ctx):
+        lo, hi = self.range
+        return {self.name: raw.float().reshape(-1).clamp(lo, hi).tolist()}
+
+    def _describe(self):
+        return {"range": list(self.range), "loss": self.loss_type, "delta": self.delta}
+
+
+def pearson_from_sums(s: dict[str, Tensor]) -> float:
+    n = float(s["n"])
+    cov = float(s["sxy"]) - float(s["sx"]) * float(s["sy"]) / n
+    vx = float(s["sxx"]) - float(s["sx"]) ** 2 / n
+    vy = float(s["syy"]) - float(s["sy"]) ** 2 / n
+    if vx <= 0 or vy <= 0:
+        return float("nan")
+    return cov / math.sqrt(vx * vy)
+
+
+@dataclass(frozen=True)
+class AgeDistribution(Output):
+    """Age as a softmax over ``bins`` integer ages 0..bins-1; the prediction is its expectation
+    ``Σ p_k · k`` (the blog's "expected value of your age distribution"). Cross-entropy on the integer age;
+    MAE and RMSE of the expected age."""
+
+    bins: int = 117
+    kind = "age"
+
+    def expected(self, raw: Tensor) -> Tensor:
+        ages = torch.arange(self.bins, device=raw.device, dtype=torch.float32)
+        return torch.softmax(raw.float(), dim=1) @ ages
+
+    def loss(self, raw, target):
+        return F.cross_entropy(raw.float(), target.round().clamp(0, self.bins - 1).long())
+
+    def stats(self, raw, target, **ctx):
+        keep = _valid_rows(target)
+        raw, y = raw[keep].float(), target[keep].double()
+        e = self.expected(raw).double()
+        err = e - y
+        loss_sum = self.loss(raw, y.float()).double() * len(y) if len(y) else torch.zeros((), dtype=torch.float64)
+        return {"n": torch.tensor(float(len(y)), dtype=torch.float64), "abs": err.abs().sum(), "sq": (err**2).sum(),
+                "sx": e.sum(), "sy": y.sum(), "sxx": (e * e).sum(), "syy": (y * y).sum(), "sxy": (e * y).sum(),
+                "loss_sum": loss_sum}
+
+    def metrics(self, s):
+        n = float(s["n"])
+        if n == 0:
+            return {}
+        return {f"{self.name}.mae": float(s["abs"]) / n, f"{self.name}.rmse": math.sqrt(float(s["sq"]) / n),
+                f"{self.name}.pearson": pearson_from_sums(s), f"{self.name}.loss": float(s["loss_sum"]) / n}
+
+    def fields(self):
+        return [pa.field(self.name, pa.float32()), pa.field(f"{self.name}_mode", pa.int16())]
+
+    def decode(self, raw, geometry=None, **ctx):
+        return {self.name: self.expected(raw).tolist(), f"{self.name}_mode": raw.float().argmax(1).tolist()}
+
+    def _describe(self):
+        return {"bins": self.bins}
+
+
+@dataclass(frozen=True)
+class Landmarks(Output):
+    """T facial points regressed with MSE (DMM-CNN Eq. 1). The raw output (B, 2T) is in the model input's
+    normalised coordinates, x/W and y/H in [0, 1]; targets are the same. ``decode`` maps the points back to
+    pixels of the original image through each row's preprocessing geometry. Metric: mean point error in
+    normalised units (``nme``: divided by the inter-ocular distance when T == 5)."""
+
+    points: int = 5
+    kind = "landmarks"
+
+    def loss(self, raw, target):
+        # Eq. 1: squared L2 norm of the 2T-vector, averaged over images.
+        return ((raw.float() - target) ** 2).sum(1).mean()
+
+    def stats(self, raw, target, **ctx):
+        keep = _valid_rows(target)
+        raw, y = raw[keep].float(), target[keep].float()
+        n = torch.tensor(float(len(y)), dtype=torch.float64)
+        if len(y) == 0:
+            z = torch.zeros((), dtype=torch.float64)
+            return {"n": n, "err": z, "nme": z.clone(), "loss_sum": z.clone()}
+        p, t = raw.reshape(len(y), -1, 2), y.reshape(len(y), -1, 2)
+        err = (p - t).norm(dim=2).mean(1)
+        if self.points == 5:
+            iod = (t[:, 0] - t[:, 1]).norm(dim=1).clamp_min(1e-6)
+            nme = err / iod
+        else:
+            nme = err
+        return {"n": n, "err": err.double().sum(), "nme": nme.double().sum(),
+                "loss_sum": ((raw - y) ** 2).sum(1).double().sum()}
+
+    def metrics(self, s):
+        n = float(s["n"])
+        if n == 0:
+            return {}
+        return {f"{self.name}.mean_error": float(s["err"]) / n, f"{self.name}.nme": float(s["nme"]) / n,
+                f"{self.name}.loss": float(s["loss_sum"]) / n}
+
+    def fields(self):
+        return [pa.field(self.name, pa.list_(pa.float32()))]
+
+    def decode(self, raw, geometry=None, **ctx):
+        pts = raw.float().reshape(raw.shape[0], -1, 2)
+        rows = []
+        for i in range(pts.shape[0]):
+            g = geometry[i] if geometry else None
+            if g is None:
+                rows.append(pts[i].reshape(-1).tolist())
+                continue
+            x = pts[i, :, 0] * g["input_w"] * g["sx"] + g["tx"]
+            y = pts[i, :, 1] * g["input_h"] * g["sy"] + g["ty"]
+            rows.append(torch.stack([x, y], 1).reshape(-1).tolist())
+        return {self.name: rows}
+
+    def _describe(self):
+        return {"points": self.points}
+
+
+OUTPUT_KINDS = {c.kind: c for c in (Categorical, Binary, Regression, AgeDistribution, Landmarks)}
+
+
+@dataclass
+class OutputSet:
+    """The outputs of one model, in order, and what is derived from them as a whole."""
+
+    outputs: tuple[Output, ...]
+    extra: dict = field(default_factory=dict)
+
+    def __iter__(self):
+        return iter(self.outputs)
+
+    def __getitem__(self, name: str) -> Output:
+        for o in self.outputs:
+            if o.name == name:
+                return o
+        raise KeyError(name)
+
+    def names(self) -> list[str]:
+        return [o.name for o in self.outputs]
+
+    def fields(self) -> list[pa.Field]:
+        fs: list[pa.Field] = []
+        for o in self.outputs:
+            fs += o.fields()
+        return fs
+
+    def describe(self) -> list[dict]:
+        return [o.describe() for o in self.outputs]
+
+
+def finalize_metrics(outputs, stats: dict[str, dict[str, Tensor]]) -> dict[str, float]:
+    """Paper metrics from summed statistics; ``mean_accuracy`` averages every per-attribute/per-task
+    accuracy (for CelebA: the 40 attributes, as in the papers' tables)."""
+    out: dict[str, float] = {}
+    for o in outputs:
+        if o.name in stats:
+            out.update(o.metrics(stats[o.name]))
+    accs = [v for k, v in out.items() if k.endswith(".accuracy")]
+    if accs:
+        out["mean_accuracy"] = float(np.mean(accs))
+    return out
+
+
+def add_stats(acc: dict | None, new: dict) -> dict:
+    """Add nested stats dicts ({output: {stat: tensor}}) elementwise."""
+    if acc is None:
+        return {k: {s: v.clone() for s, v in d.items()} for k, d in new.items()}
+    for k, d in new.items():
+        for s, v in d.items():
+            acc[k][s] = acc[k][s] + v
+    return acc

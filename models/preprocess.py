@@ -1,0 +1,218 @@
+"""One function from image bytes to model input, shared by training, evaluation, labeling and serving.
+
+``decode(data, pre)`` turns bytes into a ``uint8`` tensor (C, H, W) of the model's input size plus the
+geometry that maps input pixels back to the original image (for landmarks in pixels). Normalisation
+(``normalize``) is a separate, batched step so that it can run where the model runs (on the GPU in the
+label job) and so that uint8, four times smaller than float32, is what travels between processes.
+
+Every failure raises :class:`ImageDecodeError` with a ``kind`` among ``empty``, ``not_image``,
+``truncated``, ``too_large`` and ``decode_error``: the label job turns it into an error row and the
+serving endpoint into a 4xx answer.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: bigger than any camera photo of a face, small enough to bound memory
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently grey pixels
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that cannot become a model input. ``kind`` is machine-readable, ``str(err)`` is for people."""
+
+    KINDS = ("empty", "not_image", "truncated", "too_large", "decode_error")
+
+    def __init__(self, kind: str, message: str):
+        assert kind in self.KINDS, kind
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+
+    def __reduce__(self):  # picklable across Ray processes
+        return (ImageDecodeError, (self.kind, self.message))
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the model needs from an image; stored in every checkpoint.
+
+    ``resize``: ``stretch`` resizes the whole image to ``size`` (faces that are already aligned and
+    cropped); ``shorter_center_crop`` resizes the shorter side to ``resize_shorter`` and takes the centre
+    ``size`` crop (HMTNet: 227 then 224). In training, ``shorter_center_crop`` keeps a margin of
+    ``resize_shorter - min(size)`` pixels around the crop so that the augmentation can take a random crop.
+    """
+
+    size: tuple[int, int] = (224, 224)  # (H, W)
+    channels: int = 3  # 3 = RGB, 1 = grayscale
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    resize: str = "stretch"
+    resize_shorter: int | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self):
+        if self.resize not in ("stretch", "shorter_center_crop"):
+            raise ValueError(f"unknown resize policy {self.resize!r}")
+        if self.channels not in (1, 3) or len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError("channels must be 1 or 3, with one mean and std per channel")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        d = dict(d)
+        for k in ("size", "mean", "std"):
+            d[k] = tuple(d[k])
+        return cls(**d)
+
+    def with_size(self, size: int | tuple[int, int]) -> Preprocessing:
+        """The same policy at another input size (``--image-size``); keeps HMTNet's 227/224 ratio."""
+        hw = (size, size) if isinstance(size, int) else tuple(size)
+        shorter = None
+        if self.resize_shorter is not None:
+            shorter = round(self.resize_shorter * min(hw) / min(self.size))
+        return replace(self, size=hw, resize_shorter=shorter)
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: tuple[int, int] | None = None):
+    """Bytes -> a loaded PIL image in upright orientation, mode RGB or L, plus its oriented original size.
+
+    ``draft_to`` lets JPEG decode at a reduced scale (DCT scaling) when the image is much larger than
+    needed; the returned original size is the full size.
+    """
+    if not data:
+        raise ImageDecodeError("empty", "zero bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w0, h0 = img.size
+            if w0 * h0 > max_pixels:
+                raise ImageDecodeError("too_large", f"{w0}x{h0} = {w0 * h0} pixels is over the limit of {max_pixels}")
+            orientation = img.getexif().get(0x0112, 1)
+            if draft_to is not None and img.format == "JPEG":
+                img.draft(img.mode if img.mode in ("RGB", "L") else None, draft_to)
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageDecodeError("too_large", str(e)) from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not_image", "bytes are not a recognised image format") from None
+    except OSError as e:
+        msg = str(e)
+        low = msg.lower()
+        kind = "truncated" if any(w in low for w in ("truncat", "broken data stream", "premature")) else "decode_error"
+        raise ImageDecodeError(kind, msg) from None
+    except (ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error) as e:
+        raise ImageDecodeError("decode_error", f"{type(e).__name__}: {e}") from None
+    if orientation in (5, 6, 7, 8):
+        w0, h0 = h0, w0
+    return _to_standard_mode(img), (w0, h0)
+
+
+def _to_standard_mode(img: Image.Image) -> Image.Image:
+    """RGB or L from any PIL mode: 16-bit and 32-bit grey scaled to 8 bits, palette and alpha composited
+    on white (a transparent background is not part of a face), CMYK/YCbCr/LAB converted."""
+    mode = img.mode
+    if mode in ("RGB", "L"):
+        return img
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 257.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 1.0
+        return Image.fromarray(np.clip(arr / scale, 0, 255).round().astype(np.uint8), "L")
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        if arr.max(initial=0) <= 1.0:
+            arr = arr * 255.0
+        return Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), "L")
+    if mode == "1":
+        return img.convert("L")
+    if mode == "P" or mode == "PA":
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode(data: bytes, pre: Preprocessing, train: bool = False) -> tuple[torch.Tensor, dict]:
+    """Image bytes -> (uint8 tensor (C, H, W), geometry).
+
+    Geometry maps a pixel ``(x, y)`` of the model input to the oriented original image:
+    ``(x * sx + tx, y * sy + ty)``; it also carries the original ``width`` and ``height``.
+    """
+    H, W = pre.size
+    img, (ow, oh) = open_image(data, pre.max_pixels, draft_to=(2 * W, 2 * H))
+    img = img.convert("L") if pre.channels == 1 else (img if img.mode == "RGB" else img.convert("RGB"))
+    geometry = {"width": ow, "height": oh, "input_w": W, "input_h": H}
+    if pre.resize == "stretch":
+        img = img.resize((W, H), Image.BILINEAR, reducing_gap=3.0)
+        geometry.update(sx=ow / W, sy=oh / H, tx=0.0, ty=0.0)
+    else:
+        shorter = pre.resize_shorter or min(H, W)
+        margin = max(0, shorter - min(H, W)) if train else 0
+        cw, ch = W + margin, H + margin
+        s = shorter / min(ow, oh)
+        rw, rh = max(cw, round(ow * s)), max(ch, round(oh * s))
+        img = img.resize((rw, rh), Image.BILINEAR, reducing_gap=3.0)
+        left, top = (rw - cw) // 2, (rh - ch) // 2
+        img = img.crop((left, top, left + cw, top + ch))
+        sxr, syr = ow / rw, oh / rh  # resized pixel -> original pixel
+        geometry.update(sx=sxr, sy=syr, tx=left * sxr, ty=top * syr)
+    arr = np.asarray(img, dtype=np.uint8)
+    t = torch.from_numpy(arr.copy())
+    t = t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
+    return t, geometry
+
+
+def normalize(batch: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 normalised with the model's mean and std, on the batch's device."""
+    mean = torch.tensor(pre.mean, device=batch.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    std = torch.tensor(pre.std, device=batch.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    return (batch.float() - mean) / std
+
+
+def build_augmentation(pre: Preprocessing, augment: dict | None):
+    """Training augmentation on uint8 (C, H, W) tensors from ``decode(..., train=True)``, built with
+    torchvision.transforms.v2 from a recipe dict: ``random_crop`` (to ``pre.size``, used with
+    ``shorter_center_crop``), ``hflip`` (probability), ``rotation`` (degrees), ``shift`` (fraction of the
+    size), ``color_jitter`` (strength). Returns ``None`` when nothing is asked for.
+
+    Geometric augmentations are not applied to landmark targets, so models trained with landmarks
+    (DMM-CNN) use none by default."""
+    from torchvision.transforms import v2
+
+    augment = augment or {}
+    ops = []
+    if pre.resize == "shorter_center_crop":
+        ops.append(v2.RandomCrop(pre.size) if augment.get("random_crop", True) else v2.CenterCrop(pre.size))
+    if augment.get("hflip"):
+        ops.append(v2.RandomHorizontalFlip(float(augment["hflip"])))
+    rot, shift = augment.get("rotation", 0), augment.get("shift", 0)
+    if rot or shift:
+        ops.append(v2.RandomAffine(degrees=rot, translate=(shift, shift) if shift else None))
+    if augment.get("color_jitter"):
+        j = float(augment["color_jitter"])
+        if pre.channels == 3:
+            ops.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j, hue=min(0.5, j / 4)))
+        else:
+            ops.append(v2.ColorJitter(brightness=j, contrast=j))
+    if not ops:
+        return None
+    return v2.Compose(ops)
