@@ -34,7 +34,10 @@ def resnet(depth: int = 50, weights: str | None = None) -> nn.Module:
         raise ValueError(f"resnet depth must be one of {sorted(builders)}")
     net = builders[depth](weights=None)
     if weights:
-        missing, unexpected = net.load_state_dict(load_state_dict(weights), strict=False)
+        try:
+            missing, unexpected = net.load_state_dict(load_state_dict(weights), strict=False)
+        except RuntimeError as e:  # shape mismatches
+            raise ValueError(f"{weights} does not fit resnet{depth}: {str(e)[:300]}") from None
         bad = [k for k in missing if not k.startswith("fc.")]
         if bad or unexpected:
             raise ValueError(f"{weights} does not fit resnet{depth}: missing {bad[:5]}, unexpected {unexpected[:5]}")

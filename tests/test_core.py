@@ -1,0 +1,164 @@
+"""Registry, output description (losses, metrics, decoding) and the checkpoint format."""
+
+from __future__ import annotations
+
+import io
+import math
+import pickle
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+import models
+from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.outputs import (
+    AgeDistribution,
+    Binary,
+    Categorical,
+    Landmarks,
+    Regression,
+    add_stats,
+    finalize_metrics,
+)
+
+ZOO = ["age_gender_race", "dmm_cnn", "hard_sharing", "hmtnet", "task_attention"]
+
+
+def test_registry_lists_the_five_models_and_rejects_unknown_names():
+    assert models.list_models() == ZOO
+    with pytest.raises(ValueError, match="unknown model"):
+        models.create_model("resnet9000")
+    with pytest.raises(ValueError, match="accepted"):
+        models.create_model("hard_sharing", no_such_option=1)
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_every_model_declares_outputs_preprocessing_and_recipe(name):
+    cls = models.model_class(name)
+    assert cls.name == name
+    m = models.create_model(name, **({"image_size": 96} if name != "hard_sharing" else {}))
+    assert m.outputs.names() and m.preprocessing.size and m.recipe.lr > 0
+    fields = m.outputs.fields()
+    assert len({f.name for f in fields}) == len(fields)  # Parquet/JSON columns are unique
+    assert pa.schema(fields)  # a valid Arrow schema
+    assert m.config and isinstance(m.config, dict)
+
+
+def test_categorical_stats_and_metrics_by_hand():
+    o = Categorical("race", classes=("a", "b", "c"))
+    raw = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0], [5.0, 0, 0]])
+    target = torch.tensor([0.0, 1, 0, float("nan")])  # 2 of 3 labelled rows right, one unlabelled
+    s = o.stats(raw, target)
+    m = o.metrics(s)
+    assert m["race.accuracy"] == pytest.approx(2 / 3)
+    assert s["confusion"].tolist() == [[1, 0, 1], [0, 1, 0], [0, 0, 0]]
+    cols = o.decode(raw[:2])
+    assert cols["race"] == ["a", "b"] and len(cols["race_probs"][0]) == 3
+
+
+def test_binary_thresholds_fp_fn_and_mean_accuracy():
+    o = Binary("attributes", labels=("A", "B"), loss_type="mse_pm1")
+    raw = torch.tensor([[0.5, -0.2], [-0.5, 0.3], [0.2, 0.9]])
+    target = torch.tensor([[1.0, -1], [1, -1], [-1, 1]])
+    s = o.stats(raw, target, thresholds=torch.tensor([0.0, 0.0]))
+    assert s["fp"].tolist() == [1, 1] and s["fn"].tolist() == [1, 0]
+    m = finalize_metrics([o], {"attributes": s})
+    assert m["A.accuracy"] == pytest.approx(1 / 3) and m["B.accuracy"] == pytest.approx(2 / 3)
+    assert m["mean_accuracy"] == pytest.approx(0.5)
+    # Eq. 2: per-attribute MSE on ±1 targets
+    expected_a = ((0.5 - 1) ** 2 + (-0.5 - 1) ** 2 + (0.2 + 1) ** 2) / 3
+    assert o.per_label_loss(raw, target)[0].item() == pytest.approx(expected_a)
+    # a threshold of 0.25 flips the third row of A to negative
+    cols = o.decode(raw, thresholds=torch.tensor([0.25, 0.0]))
+    assert cols["A"] == [True, False, False] and cols["B"] == [False, True, True]
+
+
+def test_regression_metrics_match_numpy():
+    rng = np.random.default_rng(0)
+    y = rng.uniform(1, 5, 50)
+    x = y + rng.normal(0, 0.3, 50)
+    o = Regression("beauty", range=(1, 5), loss_type="smooth_huber")
+    half = 25  # summed over two batches, as across workers
+    s = add_stats(None, {"beauty": o.stats(torch.tensor(x[:half]), torch.tensor(y[:half], dtype=torch.float32))})
+    s = add_stats(s, {"beauty": o.stats(torch.tensor(x[half:]), torch.tensor(y[half:], dtype=torch.float32))})
+    m = o.metrics(s["beauty"])
+    assert m["beauty.mae"] == pytest.approx(np.abs(x - y).mean(), rel=1e-5)
+    assert m["beauty.rmse"] == pytest.approx(math.sqrt(((x - y) ** 2).mean()), rel=1e-5)
+    assert m["beauty.pearson"] == pytest.approx(np.corrcoef(x, y)[0, 1], rel=1e-5)
+
+
+def test_age_expectation_and_landmark_pixels():
+    o = AgeDistribution("age", bins=117)
+    raw = torch.full((1, 117), -1e4)
+    raw[0, 20] = raw[0, 40] = 0.0
+    assert o.decode(raw)["age"][0] == pytest.approx(30.0, abs=1e-3)
+    lm = Landmarks("landmarks", points=1)
+    geo = [{"input_w": 100, "input_h": 50, "sx": 2.0, "sy": 4.0, "tx": 10.0, "ty": 0.0}]
+    assert lm.decode(torch.tensor([[0.5, 0.5]]), geo)["landmarks"][0] == pytest.approx([110.0, 100.0])
+
+
+def _example_input(model, n=2):
+    g = torch.Generator().manual_seed(0)
+    c, (h, w) = model.preprocessing.channels, model.preprocessing.size
+    return torch.randint(0, 256, (n, c, h, w), generator=g, dtype=torch.uint8)
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
+    m = models.create_model("hard_sharing", hidden=32).eval()
+    path = tmp_path / "hs.pt"
+    digest = save_checkpoint(m, str(path), metrics={"mean_accuracy": 0.5})
+    m2, info = load_checkpoint(str(path))
+    assert info.hash == digest and info.model == "hard_sharing" and info.config["hidden"] == 32
+    assert info.metrics == {"mean_accuracy": 0.5} and info.preprocessing["channels"] == 1
+    x = m.prepare(_example_input(m))
+    with torch.no_grad():
+        a, b = m(x), m2(x)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_refuses_tampering_and_plain_pickle(tmp_path):
+    m = models.create_model("hard_sharing")
+    path = tmp_path / "hs.pt"
+    save_checkpoint(m, str(path))
+    obj = torch.load(path, weights_only=True)
+    obj["state_dict"]["trunk.0.bias"] += 1.0
+    torch.save(obj, tmp_path / "tampered.pt")
+    with pytest.raises(CheckpointError, match="hash mismatch"):
+        load_checkpoint(str(tmp_path / "tampered.pt"))
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"format": "faceattr-checkpoint/1", "x": Evil()}))
+    with pytest.raises(CheckpointError, match="not a loadable checkpoint"):
+        load_checkpoint(str(tmp_path / "evil.pt"))
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def test_checkpoint_on_s3(s3_bucket):
+    client, bucket = s3_bucket
+    m = models.create_model("hard_sharing")
+    uri = f"s3://{bucket}/models/hs.pt"
+    digest = save_checkpoint(m, uri)
+    assert client.head_object(Bucket=bucket, Key="models/hs.pt")["ContentLength"] > 1000
+    m2, info = load_checkpoint(uri)
+    assert info.hash == digest
+
+
+def test_backbone_weights_by_path_are_loaded_safely(tmp_path):
+    from models.backbones import load_state_dict, resnet
+
+    src = resnet(18)
+    torch.save(src.state_dict(), tmp_path / "r18.pth")
+    net = resnet(18, weights=str(tmp_path / "r18.pth"))
+    assert torch.equal(net.conv1.weight, src.conv1.weight)
+    buf = io.BytesIO()
+    torch.save({"state_dict": src.state_dict()}, buf)
+    (tmp_path / "wrapped.pt").write_bytes(buf.getvalue())
+    assert set(load_state_dict(str(tmp_path / "wrapped.pt"))) == set(src.state_dict())
+    with pytest.raises(ValueError, match="does not fit"):
+        resnet(50, weights=str(tmp_path / "r18.pth"))

@@ -1,0 +1,137 @@
+"""The one bytes -> tensor function: formats a user's bucket really holds, and the typed error for the rest."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.preprocess import ImageDecodeError, Preprocessing, build_augmentation, decode, normalize
+
+RGB = Preprocessing(size=(32, 32))
+GREY = Preprocessing(size=(20, 20), channels=1, mean=(0.0,), std=(1.0,))
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def gradient(w=64, h=48) -> Image.Image:
+    x = np.linspace(0, 255, w, dtype=np.uint8)[None, :].repeat(h, 0)
+    y = np.linspace(0, 255, h, dtype=np.uint8)[:, None].repeat(w, 1)
+    return Image.fromarray(np.stack([x, y, 255 - x], 2), "RGB")
+
+
+def test_jpeg_decodes_to_model_size_with_geometry():
+    t, g = decode(encode(gradient(), "JPEG"), RGB)
+    assert t.shape == (3, 32, 32) and t.dtype == torch.uint8
+    assert (g["width"], g["height"]) == (64, 48)
+    assert g["sx"] == pytest.approx(2.0) and g["sy"] == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("kind,data", [
+    ("empty", b""),
+    ("not_image", b"this is a text file, not a face"),
+    ("not_image", b"\x00" * 2000),
+])
+def test_bad_bytes_raise_the_typed_error(kind, data):
+    with pytest.raises(ImageDecodeError) as e:
+        decode(data, RGB)
+    assert e.value.kind == kind
+
+
+def test_truncated_jpeg_is_truncated():
+    data = encode(gradient(400, 300), "JPEG", quality=95)
+    with pytest.raises(ImageDecodeError) as e:
+        decode(data[: len(data) // 2], RGB)
+    assert e.value.kind == "truncated"
+
+
+def test_huge_image_is_refused_before_decoding():
+    data = encode(Image.new("L", (3000, 3000)), "PNG")
+    small_limit = Preprocessing(size=(32, 32), max_pixels=1_000_000)
+    with pytest.raises(ImageDecodeError) as e:
+        decode(data, small_limit)
+    assert e.value.kind == "too_large" and "9000000" in e.value.message
+
+
+def test_error_survives_pickling():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(ImageDecodeError("truncated", "half a file")))
+    assert err.kind == "truncated" and err.message == "half a file"
+
+
+def test_cmyk_jpeg_matches_its_rgb_conversion():
+    rgb = Image.new("RGB", (40, 40), (200, 30, 60))
+    t, _ = decode(encode(rgb.convert("CMYK"), "JPEG", quality=100), RGB)
+    assert t.shape == (3, 32, 32)
+    mean = t.float().mean(dim=(1, 2))
+    assert mean[0] > 150 and mean[1] < 80 and mean[2] < 100  # still red, not inverted
+
+
+def test_16bit_png_is_scaled_not_clipped():
+    arr = np.full((30, 30), 40000, dtype=np.uint16)
+    img = Image.fromarray(arr)
+    t, _ = decode(encode(img, "PNG"), GREY)
+    assert int(t.float().mean().round()) == round(40000 / 257)
+
+
+def test_palette_and_rgba_pngs():
+    pal = Image.new("P", (30, 30))
+    pal.putpalette([0, 0, 255] * 256)
+    t, _ = decode(encode(pal, "PNG"), RGB)
+    assert t[2].float().mean() > 250 and t[0].float().mean() < 5
+    rgba = Image.new("RGBA", (30, 30), (255, 0, 0, 0))  # fully transparent -> white background
+    t, _ = decode(encode(rgba, "PNG"), RGB)
+    assert t.float().mean() > 250
+
+
+def test_grayscale_input_for_rgb_model_and_rgb_for_grey_model():
+    t, _ = decode(encode(Image.new("L", (30, 30), 100), "JPEG"), RGB)
+    assert t.shape[0] == 3 and abs(t.float().mean() - 100) < 3
+    t, _ = decode(encode(gradient(), "PNG"), GREY)
+    assert t.shape == (1, 20, 20)
+
+
+def test_exif_orientation_is_honoured():
+    img = Image.new("RGB", (60, 30), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 30, 30))  # white on the left half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to view
+    t, g = decode(encode(img, "JPEG", exif=exif, quality=100), Preprocessing(size=(30, 30)))
+    assert (g["width"], g["height"]) == (30, 60)  # upright: portrait
+    top, bottom = t[:, :15].float().mean(), t[:, 15:].float().mean()
+    assert top > 200 and bottom < 50  # left half became the top half
+
+
+def test_shorter_center_crop_geometry_maps_back_to_original():
+    pre = Preprocessing(size=(224, 224), resize="shorter_center_crop", resize_shorter=227)
+    t, g = decode(encode(gradient(454, 300), "PNG"), pre)
+    assert t.shape == (3, 224, 224)
+    # the centre of the input is the centre of the original image
+    cx = 112 * g["sx"] + g["tx"]
+    cy = 112 * g["sy"] + g["ty"]
+    assert cx == pytest.approx(227, abs=2) and cy == pytest.approx(150, abs=2)
+    t_train, _ = decode(encode(gradient(454, 300), "PNG"), pre, train=True)
+    assert t_train.shape == (3, 227, 227)  # the margin for the random 224 crop
+    aug = build_augmentation(pre, {"random_crop": True, "rotation": 30, "color_jitter": 0.2})
+    assert aug(t_train).shape == (3, 224, 224)
+
+
+def test_normalize_uses_model_mean_and_std():
+    x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    y = normalize(x, RGB)
+    expected = (1 - torch.tensor(RGB.mean)) / torch.tensor(RGB.std)
+    assert torch.allclose(y[0, :, 0, 0], expected, atol=1e-5)
+
+
+def test_with_size_keeps_hmtnet_ratio():
+    pre = Preprocessing(size=(224, 224), resize="shorter_center_crop", resize_shorter=227)
+    assert pre.with_size(112).resize_shorter == 114 and pre.with_size(112).size == (112, 112)
+    assert Preprocessing.from_dict(pre.to_dict()) == pre
