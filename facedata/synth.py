@@ -1,0 +1,505 @@
+"""Drawn faces with known attributes, written in the datasets' own formats.
+
+``generate("celeba" | "utkface" | "scut_fbp5500", n, out, seed)`` writes ``n`` faces drawn with
+``PIL.ImageDraw`` into ``out`` (a folder or an ``s3://`` prefix) exactly as the real dataset lays them out,
+so :func:`facedata.datasets.read_dataset` loads them like the real thing:
+
+* celeba - ``img_align_celeba/NNNNNN.jpg`` (178x218), ``list_attr_celeba.txt``,
+  ``list_landmarks_align_celeba.txt`` (left eye, right eye, nose, left and right mouth corner, integer
+  pixels: exactly the iris centres, the nose tip and the ends of the drawn mouth line) and
+  ``list_eval_partition.txt`` (the first 80 % train, the next 10 % val, the rest test, as CelebA orders it).
+* utkface - ``[age]_[gender]_[race]_[date&time].jpg.chip.jpg`` (200x200).
+* scut_fbp5500 - ``Images/{A,C}{F,M}N.jpg`` (350x350, Asian / White skin only) and
+  ``train_test_files/All_labels.txt`` with the beauty score.
+
+Every face is drawn independently from ``numpy.random.default_rng([seed, index])``: the same seed gives the
+same bytes, and image ``i`` does not depend on ``n``. :func:`draw_face` draws one face in memory, and
+:func:`iter_faces` yields ``(file name, image, labels)`` exactly as :func:`generate` writes them.
+
+What is drawn, and how each of the 40 CelebA attributes is set (*drawn*: a visual cue is drawn iff the
+attribute is +1; *derived*: a deterministic function of drawn features; none is left random):
+
+* gender - women mostly have long hair (behind the shoulders), lipstick, eye shadow, earrings; men mostly
+  short hair, beards / moustaches / stubble, neckties. ``Male`` is the drawn gender.
+* skin tone - five tone levels, one per UTKFace race (White, Black, Asian, Indian, Others), with a small
+  per-face jitter and lighting; ``Pale_Skin`` (drawn) is an extra-light White tone.
+* age 1-90 - children have rounder faces with larger, lower eyes; forehead wrinkles and crow's feet grow
+  from about 35, grey hair becomes likely from about 50, baldness and receding hairlines in older men.
+  ``Young`` (derived) is age < 35.
+* hair - colour black / brown / blond / red / grey (``Black_Hair``, ``Brown_Hair``, ``Blond_Hair``,
+  ``Gray_Hair``: drawn, all -1 when bald); ``Bald``, ``Receding_Hairline`` (a higher hairline), ``Bangs``
+  (a zig-zag fringe), ``Wavy_Hair`` / ``Straight_Hair`` (the outline of long hair; both -1 for short hair),
+  ``Sideburns`` (strips beside the ears) are drawn.
+* ``Wearing_Hat`` a band plus crown above the forehead; ``Eyeglasses`` two rings, a bridge and temples
+  (sometimes dark lenses); ``Wearing_Earrings``, ``Wearing_Necklace``, ``Wearing_Necktie``: drawn.
+* mouth - ``Smiling`` is an upward curve (corners above the middle) instead of a flat line;
+  ``Mouth_Slightly_Open`` shows teeth or a dark opening; ``Big_Lips`` a thicker line;
+  ``Wearing_Lipstick`` red lips; ``Heavy_Makeup`` lipstick plus eye shadow.
+* beard - ``No_Beard`` (derived) is -1 when any of beard, ``Goatee``, ``Mustache`` is drawn;
+  ``5_o_Clock_Shadow`` a faint darkening of the jaw.
+* eyes, nose, cheeks - ``Arched_Eyebrows``, ``Bushy_Eyebrows``, ``Narrow_Eyes``, ``Bags_Under_Eyes``,
+  ``Big_Nose``, ``Pointy_Nose``, ``Rosy_Cheeks``, ``High_Cheekbones`` (light cheekbone strokes),
+  ``Chubby`` (a wider face) and ``Double_Chin`` are drawn; ``Oval_Face`` (derived) is a long, not chubby face.
+* ``Blurry``: a Gaussian blur of the whole image.
+* beauty 1-5 (derived, plus noise): higher for symmetric faces (the left eye is shifted and the mouth
+  tilted by a drawn asymmetry), face proportions near an ideal aspect and eye spacing, smiling and make-up;
+  lower for wrinkles and blur. ``Attractive`` (derived) is beauty >= 3.
+
+Every image also gets a random background with clutter, a few pixels of position and scale jitter, and mild
+Gaussian pixel noise.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from collections.abc import Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from facedata import storage
+from facedata.datasets import (
+    CELEBA_ATTR_FILE,
+    CELEBA_ATTRIBUTES,
+    CELEBA_IMAGES,
+    CELEBA_LANDMARK_FILE,
+    CELEBA_PARTITION_FILE,
+    SCUT_IMAGES,
+    SCUT_LABELS,
+    SCUT_RACES,
+    UTKFACE_RACES,
+)
+
+FORMATS = ("celeba", "utkface", "scut_fbp5500")
+DEFAULT_SIZES = {"celeba": (178, 218), "utkface": (200, 200), "scut_fbp5500": (350, 350)}
+JPEG_QUALITY = 90
+
+# One base skin tone per UTKFace race index (White, Black, Asian, Indian, Others).
+SKIN_TONES = ((238, 200, 178), (92, 58, 40), (226, 188, 128), (168, 112, 72), (198, 148, 104))
+PALE_TONE = (252, 226, 214)
+HAIR_COLORS = {
+    "black": (28, 22, 22),
+    "brown": (100, 62, 34),
+    "blond": (222, 188, 104),
+    "red": (150, 56, 30),
+    "gray": (172, 172, 176),
+}
+LANDMARK_HEADER = (
+    "lefteye_x lefteye_y righteye_x righteye_y nose_x nose_y leftmouth_x leftmouth_y rightmouth_x rightmouth_y"
+)
+
+
+def _b(flag: bool) -> int:
+    return 1 if flag else -1
+
+
+def _mix(a, b, t: float) -> tuple[int, int, int]:
+    return tuple(int(round(x * (1 - t) + y * t)) for x, y in zip(a, b))
+
+
+def _shade(color, f: float) -> tuple[int, int, int]:
+    return tuple(int(max(0, min(255, c * f))) for c in color)
+
+
+def _sample_features(rng: np.random.Generator, races: tuple[int, ...] | None) -> dict:
+    """Every random choice for one face, before any geometry."""
+    u = rng.random
+    female = u() < 0.5
+    age = int(rng.choice([rng.integers(1, 16), rng.integers(16, 46), rng.integers(46, 91)], p=[0.15, 0.55, 0.3]))
+    race = int(rng.choice(races if races else range(len(UTKFACE_RACES))))
+    adult = age >= 16
+    man = not female and adult
+    bald = man and age > 35 and u() < 0.5 * (age - 35) / 55
+    gray_p = min(0.9, max(0.0, (age - 45) / 35))
+    if u() < gray_p:
+        hair = "gray"
+    elif race == 0:
+        hair = str(rng.choice(["black", "brown", "blond", "red"], p=[0.25, 0.35, 0.3, 0.1]))
+    elif race == 4:
+        hair = str(rng.choice(["black", "brown"]))
+    else:
+        hair = "black" if u() < 0.8 else "brown"
+    long_hair = not bald and (u() < 0.85 if female else u() < 0.08)
+    beard = man and u() < 0.25
+    lipstick = female and age >= 14 and u() < 0.6
+    smile = u() < 0.5
+    f = {
+        "female": female, "age": age, "race": race, "bald": bald, "hair": hair, "long_hair": long_hair,
+        "wavy": long_hair and u() < 0.35,
+        "receding": not bald and adult and (u() < (0.3 if not female and age > 30 else 0.04)),
+        "bangs": not bald and u() < (0.28 if female else 0.12),
+        "hat": u() < 0.12,
+        "glasses": u() < 0.2, "sunglasses": u() < 0.25,
+        "smile": smile, "open": u() < (0.5 if smile else 0.2),
+        "beard": beard, "goatee": man and not beard and u() < 0.15,
+        "mustache": man and u() < (0.7 if beard else 0.15),
+        "stubble": man and not beard and u() < 0.2, "sideburns": man and not bald and u() < 0.2,
+        "lipstick": lipstick, "eyeshadow": lipstick and u() < 0.6,
+        "earrings": u() < (0.3 if female else 0.03), "necklace": female and u() < 0.15,
+        "necktie": man and u() < 0.12,
+        "pale": race == 0 and u() < 0.3,
+        "blurry": u() < 0.06,
+        "chubby": adult and u() < 0.08 + 0.1 * (age > 40),
+        "narrow_eyes": u() < 0.12,
+        "arched": u() < (0.5 if female else 0.08), "bushy": u() < (0.1 if female else 0.3),
+        "bags": u() < min(0.8, max(0.03, (age - 30) / 50)),
+        "big_lips": u() < 0.25, "big_nose": u() < 0.25, "pointy_nose": u() < 0.3,
+        "rosy": u() < (0.15 if female else 0.04),
+        "cheekbones": u() < (0.6 if smile else 0.12),
+        "wrinkles": int(np.clip(round((age - 35) / 12 + rng.normal(0, 0.6)), 0, 4)) if age > 30 else 0,
+        "asym": float(rng.beta(1.2, 4.0)),
+        "aspect": float(rng.uniform(1.05, 1.2) if age < 13 else rng.uniform(1.18, 1.52)),
+        "eye_dx": float(rng.uniform(0.18, 0.24)),
+        "scale": float(rng.uniform(0.92, 1.08)),
+    }  # fmt: skip
+    f["double_chin"] = f["chubby"] and age > 30 and u() < 0.6
+    return f
+
+
+def draw_face(
+    rng: np.random.Generator, size: tuple[int, int] = (178, 218), *, races: tuple[int, ...] | None = None
+) -> tuple[Image.Image, dict]:
+    """Draw one face. Returns ``(RGB image, labels)``; labels holds ``gender`` (0 male / 1 female),
+    ``age``, ``race`` (a UTKFace index; ``races`` limits the choice), ``beauty``, ``smile``, ``eyeglasses``,
+    ``attributes`` (40 values +1/-1 in CelebA order), ``landmarks`` ([x1, y1, ... x5, y5] integer pixels:
+    left eye, right eye, nose tip, left and right mouth corner) and ``hair_color``."""
+    W, H = size
+    f = _sample_features(rng, races)
+    u = rng.random
+    age = f["age"]
+
+    # --- geometry ---------------------------------------------------------------------------------------
+    base = min(W, H / 1.22)
+    fw = base * 0.5 * f["scale"] * (1.15 if f["chubby"] else 1.0)
+    fh = fw * f["aspect"] * (0.92 if f["chubby"] else 1.0)
+    cx = W / 2 + rng.uniform(-0.035, 0.035) * W
+    cy = H * 0.55 + rng.uniform(-0.03, 0.03) * H
+    x0, x1, y0, y1 = cx - fw / 2, cx + fw / 2, cy - fh / 2, cy + fh / 2
+    growth = min(1.0, max(0.0, (age - 1) / 17))
+    eye_r = fw * (0.085 - 0.02 * growth)
+    asym = f["asym"]
+    ey = y0 + fh * (0.50 - 0.08 * growth)
+    left_eye = (round(cx - fw * f["eye_dx"]), round(ey + asym * fw * 0.06))
+    right_eye = (round(cx + fw * f["eye_dx"]), round(ey))
+    nose = (round(cx), round(y0 + fh * (0.66 - 0.03 * growth)))
+    mouth_y = y0 + fh * (0.80 - 0.02 * growth)
+    mw = fw * (0.2 if f["smile"] else 0.16)
+    tilt = asym * fw * 0.035
+    left_mouth = (round(cx - mw), round(mouth_y + tilt))
+    right_mouth = (round(cx + mw), round(mouth_y - tilt))
+
+    skin = PALE_TONE if f["pale"] else SKIN_TONES[f["race"]]
+    skin = tuple(int(np.clip(c + rng.integers(-7, 8), 0, 255)) for c in skin)
+    line_skin = _shade(skin, 0.72)
+    hair = HAIR_COLORS[f["hair"]]
+    brow = _shade(hair, 0.8) if not f["bald"] else (60, 45, 35)
+
+    # --- background ---------------------------------------------------------------------------------------
+    bg = tuple(int(c) for c in rng.integers(30, 226, 3))
+    img = Image.new("RGB", (W, H), bg)
+    d = ImageDraw.Draw(img)
+    for _ in range(3):
+        bx, by = rng.integers(0, W), rng.integers(0, H)
+        bw, bh = rng.integers(W // 8, W // 2), rng.integers(H // 8, H // 2)
+        col = _mix(bg, tuple(int(c) for c in rng.integers(0, 256, 3)), 0.35)
+        (d.ellipse if u() < 0.5 else d.rectangle)((bx, by, bx + bw, by + bh), fill=col)
+
+    # --- long hair behind, shoulders, neck, neckwear ------------------------------------------------------
+    if f["long_hair"]:
+        top, bottom = y0 - 0.14 * fh, y1 + 0.4 * fh
+        left, right = x0 - 0.17 * fw, x1 + 0.17 * fw
+        if f["wavy"]:
+            n = 14
+            ys = np.linspace(cy - 0.1 * fh, bottom, n)
+            amp = 0.05 * fw
+            side_l = [(left + amp * math.sin(i * 1.6), y) for i, y in enumerate(ys)]
+            side_r = [(right + amp * math.sin(i * 1.6 + 1), y) for i, y in enumerate(ys)]
+            d.polygon(side_l + side_r[::-1], fill=hair)
+            d.ellipse((left, top, right, cy + 0.2 * fh), fill=hair)
+        else:
+            d.rounded_rectangle((left, top, right, bottom), radius=int(0.45 * fw), fill=hair)
+    clothes = tuple(int(c) for c in rng.integers(20, 236, 3))
+    d.ellipse((cx - 1.15 * fw, y1 + 0.12 * fh, cx + 1.15 * fw, y1 + 1.4 * fh), fill=clothes)
+    d.rectangle((cx - 0.19 * fw, y1 - 0.15 * fh, cx + 0.19 * fw, y1 + 0.22 * fh), fill=_shade(skin, 0.9))
+    if f["necktie"]:
+        d.polygon([(cx - 0.2 * fw, y1 + 0.16 * fh), (cx, y1 + 0.3 * fh), (cx + 0.2 * fw, y1 + 0.16 * fh)],
+                  fill=(245, 245, 245))
+        tie = tuple(int(c) for c in rng.integers(0, 200, 3))
+        d.polygon([(cx - 0.05 * fw, y1 + 0.22 * fh), (cx + 0.05 * fw, y1 + 0.22 * fh),
+                   (cx + 0.09 * fw, y1 + 0.7 * fh), (cx, y1 + 0.8 * fh), (cx - 0.09 * fw, y1 + 0.7 * fh)], fill=tie)
+    if f["necklace"]:
+        d.arc((cx - 0.3 * fw, y1 - 0.05 * fh, cx + 0.3 * fw, y1 + 0.3 * fh), 20, 160, fill=(230, 200, 60),
+              width=max(2, int(fw * 0.03)))
+
+    # --- ears, back hair, face ------------------------------------------------------------------------------
+    ear_top, ear_bot = ey - 0.06 * fh, nose[1] + 0.03 * fh
+    for ex0, ex1 in ((x0 - 0.07 * fw, x0 + 0.06 * fw), (x1 - 0.06 * fw, x1 + 0.07 * fw)):
+        d.ellipse((ex0, ear_top, ex1, ear_bot), fill=_shade(skin, 0.93))
+        if f["earrings"]:
+            r = max(2.0, fw * 0.035)
+            mx = (ex0 + ex1) / 2
+            d.ellipse((mx - r, ear_bot - r * 0.5, mx + r, ear_bot + 1.5 * r), fill=(235, 205, 70))
+    if not f["bald"]:
+        d.ellipse((x0 - 0.06 * fw, y0 - 0.11 * fh, x1 + 0.06 * fw, y0 + 0.6 * fh), fill=hair)
+    d.ellipse((x0, y0, x1, y1), fill=skin)
+    if f["sideburns"]:
+        for sx in (x0 + 0.02 * fw, x1 - 0.08 * fw):
+            d.rectangle((sx, y0 + 0.22 * fh, sx + 0.06 * fw, ey + 0.08 * fh), fill=hair)
+
+    # --- forehead: wrinkles, hair cap, bangs, hat ---------------------------------------------------------
+    for j in range(f["wrinkles"]):
+        wy = y0 + fh * (0.27 + 0.035 * j)
+        d.line((cx - 0.2 * fw, wy, cx + 0.2 * fw, wy), fill=line_skin, width=max(1, int(fw * 0.012)))
+    if not f["bald"]:
+        hairline = 0.1 if f["receding"] else 0.21
+        deg = math.degrees(math.asin(1 - 2 * hairline))
+        d.chord((x0, y0, x1, y1), 180 + deg, 360 - deg, fill=hair)
+    if f["bangs"]:
+        top = y0 + 0.05 * fh
+        bottom = ey - eye_r - 0.045 * fh
+        xs = np.linspace(x0 + 0.08 * fw, x1 - 0.08 * fw, 9)
+        pts = [(xs[0], top)] + [(x, bottom - (0.05 * fh if i % 2 else 0)) for i, x in enumerate(xs)] + [(xs[-1], top)]
+        d.polygon(pts, fill=hair)
+    if f["hat"]:
+        hat = tuple(int(c) for c in rng.integers(0, 256, 3))
+        d.rounded_rectangle((x0 + 0.04 * fw, y0 - 0.32 * fh, x1 - 0.04 * fw, y0 + 0.12 * fh),
+                            radius=int(0.2 * fw), fill=hat)
+        d.rectangle((x0 - 0.1 * fw, y0 + 0.03 * fh, x1 + 0.1 * fw, y0 + 0.15 * fh), fill=_shade(hat, 0.6))
+
+    # --- eyes ------------------------------------------------------------------------------------------------
+    iris = tuple(int(c) for c in (rng.choice([(70, 45, 25), (40, 30, 25), (60, 100, 150), (80, 110, 70)])))
+    for k, (ex, eyy) in enumerate((left_eye, right_eye)):
+        r = eye_r * (1 + (0.25 * asym if k == 0 else 0))
+        rv = r * (0.42 if f["narrow_eyes"] else 0.68)
+        if f["eyeshadow"]:
+            d.ellipse((ex - 1.25 * r, eyy - 1.25 * r, ex + 1.25 * r, eyy + 0.3 * r), fill=(120, 70, 140))
+        d.ellipse((ex - r, eyy - rv, ex + r, eyy + rv), fill=(248, 248, 248), outline=line_skin)
+        ri = min(rv, r * 0.5)
+        d.ellipse((ex - ri, eyy - ri, ex + ri, eyy + ri), fill=iris)
+        rp = ri * 0.45
+        d.ellipse((ex - rp, eyy - rp, ex + rp, eyy + rp), fill=(10, 10, 10))
+        by = eyy - r - 0.05 * fh
+        bw = max(1, int(fw * (0.04 if f["bushy"] else 0.016)))
+        if f["arched"]:
+            d.arc((ex - 1.3 * r, by - 0.4 * r, ex + 1.3 * r, by + 0.9 * r), 200, 340, fill=brow, width=bw)
+        else:
+            d.line((ex - 1.3 * r, by + 0.1 * r, ex + 1.3 * r, by + 0.1 * r), fill=brow, width=bw)
+        if f["bags"]:
+            d.arc((ex - r, eyy, ex + r, eyy + 1.2 * r), 20, 160, fill=line_skin, width=max(1, int(fw * 0.012)))
+        if f["wrinkles"] >= 2:
+            side = -1 if k == 0 else 1
+            ox = ex + side * 1.2 * r
+            for dy in (-0.4, 0, 0.4):
+                d.line((ox, eyy + dy * r, ox + side * 0.5 * r, eyy + dy * 1.6 * r), fill=line_skin, width=1)
+
+    # --- cheeks, beard, nose, mouth -----------------------------------------------------------------------
+    cheek_y = (nose[1] + mouth_y) / 2 - 0.04 * fh
+    if f["rosy"]:
+        for ex, _ in (left_eye, right_eye):
+            cr = 0.09 * fw
+            d.ellipse((ex - cr, cheek_y - cr * 0.7, ex + cr, cheek_y + cr * 0.7), fill=_mix(skin, (230, 70, 90), 0.45))
+    if f["cheekbones"]:
+        for ex, _ in (left_eye, right_eye):
+            d.arc((ex - 0.12 * fw, cheek_y - 0.1 * fh, ex + 0.12 * fw, cheek_y), 30, 150,
+                  fill=_mix(skin, (255, 255, 255), 0.45), width=max(1, int(fw * 0.02)))
+    if f["beard"] or f["stubble"]:
+        col = _shade(hair, 0.85) if f["beard"] else _mix(skin, _shade(hair, 0.8), 0.3)
+        d.chord((x0, y0, x1, y1), 12, 168, fill=col)
+    if f["double_chin"]:
+        d.arc((cx - 0.22 * fw, y1 - 0.05 * fh, cx + 0.22 * fw, y1 + 0.07 * fh), 20, 160, fill=line_skin,
+              width=max(1, int(fw * 0.02)))
+    if f["goatee"]:
+        top = mouth_y + 0.045 * fh
+        d.polygon([(cx - 0.09 * fw, top), (cx + 0.09 * fw, top), (cx + 0.12 * fw, y1 - 0.05 * fh),
+                   (cx, y1 + 0.01 * fh), (cx - 0.12 * fw, y1 - 0.05 * fh)], fill=_shade(hair, 0.85))
+    nw = fw * (0.1 if f["big_nose"] else 0.065)
+    nx, ny = nose
+    d.line((nx, ey + 0.05 * fh, nx - 0.3 * nw, ny - 0.6 * nw), fill=line_skin, width=max(1, int(fw * 0.012)))
+    if f["pointy_nose"]:
+        d.line([(nx - nw, ny - 0.8 * nw), (nx, ny), (nx + nw, ny - 0.8 * nw)], fill=line_skin,
+               width=max(1, int(fw * 0.02)), joint="curve")
+    else:
+        d.arc((nx - nw, ny - 1.2 * nw, nx + nw, ny), 0, 180, fill=line_skin, width=max(1, int(fw * 0.02)))
+    if f["mustache"]:
+        my = (ny + mouth_y) / 2 + 0.01 * fh
+        d.polygon([(cx - 0.2 * fw, mouth_y - 0.005 * fh), (cx - 0.12 * fw, my - 0.025 * fh),
+                   (cx + 0.12 * fw, my - 0.025 * fh), (cx + 0.2 * fw, mouth_y - 0.005 * fh),
+                   (cx, my + 0.02 * fh)], fill=_shade(hair, 0.8))
+    lip = (200, 30, 55) if f["lipstick"] else _mix(skin, (150, 60, 60), 0.5)
+    lw = max(1, int(fw * (0.04 if f["big_lips"] else 0.018)))
+    depth = 0.07 * fh if f["smile"] else 0.0
+    ts = np.linspace(0.0, 1.0, 13)
+
+    def curve(bulge: float) -> list[tuple[float, float]]:
+        (lx, ly), (rx, ry) = left_mouth, right_mouth
+        return [(lx + t * (rx - lx), ly + t * (ry - ly) + bulge * 4 * t * (1 - t)) for t in ts]
+
+    if f["open"]:
+        if f["smile"]:
+            upper, lower, inside = curve(0.25 * depth), curve(depth), (245, 245, 240)
+        else:
+            gap = 0.025 * fh
+            upper, lower, inside = curve(-gap), curve(gap), (70, 20, 25)
+        d.polygon(upper + lower[::-1], fill=inside)
+        d.line(upper, fill=lip, width=lw, joint="curve")
+        d.line(lower, fill=lip, width=lw, joint="curve")
+    else:
+        d.line(curve(depth), fill=lip, width=lw, joint="curve")
+
+    # --- glasses ----------------------------------------------------------------------------------------------
+    if f["glasses"]:
+        frame = tuple(int(c) for c in rng.choice([(20, 20, 20), (90, 60, 30), (150, 150, 160)]))
+        gr = eye_r * 1.45
+        gw = max(2, int(fw * 0.025))
+        for ex, eyy in (left_eye, right_eye):
+            box = (ex - gr, eyy - gr * 0.8, ex + gr, eyy + gr * 0.8)
+            if f["sunglasses"]:
+                d.ellipse(box, fill=(25, 25, 35), outline=frame, width=gw)
+            else:
+                d.ellipse(box, outline=frame, width=gw)
+        d.line((left_eye[0] + gr, left_eye[1], right_eye[0] - gr, right_eye[1]), fill=frame, width=gw)
+        d.line((left_eye[0] - gr, left_eye[1], x0 - 0.03 * fw, ey - 0.02 * fh), fill=frame, width=gw)
+        d.line((right_eye[0] + gr, right_eye[1], x1 + 0.03 * fw, ey - 0.02 * fh), fill=frame, width=gw)
+
+    # --- camera: blur, lighting, noise ----------------------------------------------------------------
+    if f["blurry"]:
+        img = img.filter(ImageFilter.GaussianBlur(radius=max(1.5, W / 90)))
+    arr = np.asarray(img, dtype=np.float32)
+    arr = arr * float(rng.uniform(0.92, 1.08)) + rng.standard_normal(arr.shape, dtype=np.float32) * float(
+        rng.uniform(2.0, 5.0)
+    )
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+    # --- labels ----------------------------------------------------------------------------------------------
+    aspect_pen = 4.0 * abs(f["aspect"] - 1.36) if age >= 13 else 0.3
+    beauty = (
+        3.75
+        - 2.2 * asym
+        - aspect_pen
+        - 12.0 * abs(f["eye_dx"] - 0.21)
+        - 0.15 * f["wrinkles"]
+        + 0.3 * f["smile"]
+        + 0.2 * f["eyeshadow"]
+        - 0.4 * f["blurry"]
+        + rng.normal(0, 0.2)
+    )
+    beauty = round(float(np.clip(beauty, 1.0, 5.0)), 6)
+    man = not f["female"]
+    has_hair = not f["bald"]
+    flags = {
+        "5_o_Clock_Shadow": f["stubble"], "Arched_Eyebrows": f["arched"], "Attractive": beauty >= 3.0,
+        "Bags_Under_Eyes": f["bags"], "Bald": f["bald"], "Bangs": f["bangs"], "Big_Lips": f["big_lips"],
+        "Big_Nose": f["big_nose"], "Black_Hair": has_hair and f["hair"] == "black",
+        "Blond_Hair": has_hair and f["hair"] == "blond", "Blurry": f["blurry"],
+        "Brown_Hair": has_hair and f["hair"] == "brown", "Bushy_Eyebrows": f["bushy"], "Chubby": f["chubby"],
+        "Double_Chin": f["double_chin"], "Eyeglasses": f["glasses"], "Goatee": f["goatee"],
+        "Gray_Hair": has_hair and f["hair"] == "gray", "Heavy_Makeup": f["eyeshadow"],
+        "High_Cheekbones": f["cheekbones"], "Male": man, "Mouth_Slightly_Open": f["open"],
+        "Mustache": f["mustache"], "Narrow_Eyes": f["narrow_eyes"],
+        "No_Beard": not (f["beard"] or f["goatee"] or f["mustache"]),
+        "Oval_Face": f["aspect"] >= 1.38 and not f["chubby"], "Pale_Skin": f["pale"],
+        "Pointy_Nose": f["pointy_nose"], "Receding_Hairline": f["receding"], "Rosy_Cheeks": f["rosy"],
+        "Sideburns": f["sideburns"], "Smiling": f["smile"], "Straight_Hair": f["long_hair"] and not f["wavy"],
+        "Wavy_Hair": f["wavy"], "Wearing_Earrings": f["earrings"], "Wearing_Hat": f["hat"],
+        "Wearing_Lipstick": f["lipstick"], "Wearing_Necklace": f["necklace"], "Wearing_Necktie": f["necktie"],
+        "Young": age < 35,
+    }  # fmt: skip
+    labels = {
+        "gender": int(f["female"]),
+        "age": age,
+        "race": f["race"],
+        "beauty": beauty,
+        "smile": int(f["smile"]),
+        "eyeglasses": int(f["glasses"]),
+        "attributes": [_b(flags[name]) for name in CELEBA_ATTRIBUTES],
+        "landmarks": [int(v) for p in (left_eye, right_eye, nose, left_mouth, right_mouth) for v in p],
+        "hair_color": "none" if f["bald"] else f["hair"],
+    }
+    return img, labels
+
+
+def _parse_size(size) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    if isinstance(size, str):
+        w, _, h = size.lower().partition("x")
+        size = (int(w), int(h or w))
+    w, h = (int(v) for v in size)
+    if w < 32 or h < 32:
+        raise ValueError(f"image size {w}x{h} is too small to draw a face (at least 32x32)")
+    return w, h
+
+
+def iter_faces(
+    format: str, n: int, seed: int = 0, size: tuple[int, int] | str | None = None
+) -> Iterator[tuple[str, Image.Image, dict]]:
+    """Yield ``(file name, image, labels)`` for the ``n`` faces :func:`generate` writes. For scut_fbp5500 the
+    ``race`` label is a :data:`SCUT_RACES` index (0 Asian, 1 Caucasian), otherwise a UTKFace index."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown synthetic format {format!r}; expected one of {', '.join(FORMATS)}")
+    wh = _parse_size(size) or DEFAULT_SIZES[format]
+    counters: dict[str, int] = {}
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        if format == "scut_fbp5500":
+            img, labels = draw_face(rng, wh, races=(0, 2))
+            asian = labels["race"] == 2
+            labels["race"] = SCUT_RACES.index("Asian" if asian else "Caucasian")
+            prefix = ("A" if asian else "C") + ("F" if labels["gender"] == 1 else "M")
+            counters[prefix] = counters.get(prefix, 0) + 1
+            name = f"{prefix}{counters[prefix]}.jpg"
+        elif format == "utkface":
+            img, labels = draw_face(rng, wh)
+            name = f"{labels['age']}_{labels['gender']}_{labels['race']}_{20170101000000000 + i}.jpg.chip.jpg"
+        else:
+            img, labels = draw_face(rng, wh)
+            name = f"{i + 1:06d}.jpg"
+        yield name, img, labels
+
+
+def encode_jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue()
+
+
+def generate(format: str, n: int, out: str, seed: int = 0, size: tuple[int, int] | str | None = None) -> str:
+    """Write ``n`` drawn faces into ``out`` (folder or s3:// prefix) in ``format``'s own layout; returns out."""
+    out = str(out)
+    faces = []
+    image_dir = {"celeba": CELEBA_IMAGES, "utkface": "", "scut_fbp5500": SCUT_IMAGES}[format]
+    for name, img, labels in iter_faces(format, n, seed, size):
+        target = storage.join(out, image_dir, name) if image_dir else storage.join(out, name)
+        storage.write_bytes(target, encode_jpeg(img))
+        faces.append((name, labels))
+    if format == "celeba":
+        attr = [str(n), " ".join(CELEBA_ATTRIBUTES)]
+        attr += [f"{name} " + " ".join(f"{v:2d}" for v in lab["attributes"]) for name, lab in faces]
+        marks = [str(n), LANDMARK_HEADER]
+        marks += [f"{name} " + " ".join(f"{v:4d}" for v in lab["landmarks"]) for name, lab in faces]
+        n_train, n_val = int(round(0.8 * n)), int(round(0.9 * n))
+        part = [f"{name} {0 if i < n_train else 1 if i < n_val else 2}" for i, (name, _) in enumerate(faces)]
+        for fname, lines in ((CELEBA_ATTR_FILE, attr), (CELEBA_LANDMARK_FILE, marks), (CELEBA_PARTITION_FILE, part)):
+            storage.write_bytes(storage.join(out, fname), ("\n".join(lines) + "\n").encode())
+    elif format == "scut_fbp5500":
+        lines = [f"{name} {lab['beauty']:.6f}" for name, lab in faces]
+        storage.write_bytes(storage.join(out, SCUT_LABELS), ("\n".join(lines) + "\n").encode())
+    return out
+
+
+def main(argv: list[str] | None = None) -> str:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write drawn faces with known labels in a dataset's format.")
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--n", type=int, required=True, help="number of faces")
+    parser.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", default=None, help="WxH, default: the dataset's own size")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    generate(args.format, args.n, args.out, seed=args.seed, size=args.size)
+    print(f"wrote {args.n} {args.format} faces to {args.out} in {time.perf_counter() - start:.1f} s")
+    return args.out
