@@ -1,0 +1,508 @@
+"""The deployment configs a user runs as they are: cluster.yaml (`ray up`, AWS) and the KubeRay manifests
+under deploy/kuberay/ (`kubectl apply`).
+
+cluster.yaml goes through the cluster launcher's own code path (`prepare_config` fills in the AWS defaults,
+`validate_config` checks Ray's JSON schema), and each node_config is checked against botocore's model of
+EC2 RunInstances, which is what the launcher hands it to. The KubeRay CRD schema is not available offline
+(it is not shipped in any Python package), so the ray.io/v1 required fields and known field names are
+written out below by hand from KubeRay's API types (ray-operator/apis/ray/v1/{raycluster,rayjob,rayservice}
+_types.go, KubeRay v1.6: the json tags without `omitempty` are the required ones). The Serve config inside
+the RayService and the runtime environments are checked with Ray's own schema classes, and the Serve app is
+built (not run) from the RayService's args as `serve deploy` would. No Ray cluster is started.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import tomllib
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER_YAML = ROOT / "cluster.yaml"
+KUBERAY = ROOT / "deploy" / "kuberay"
+MANIFESTS = {
+    "train-rayjob.yaml": "RayJob",
+    "label-rayjob.yaml": "RayJob",
+    "serve-rayservice.yaml": "RayService",
+}
+DEPLOY_FILES = [CLUSTER_YAML, *(KUBERAY / name for name in MANIFESTS), KUBERAY / "README.md",
+                ROOT / "docs" / "deploy.md"]
+RAY_IMAGE_RE = re.compile(r"^rayproject/ray:(?P<version>\d+\.\d+\.\d+)-py(?P<py>\d+)-gpu$")
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _pinned_ray_version() -> str:
+    (ray_req,) = [d for d in _pyproject()["project"]["dependencies"] if re.match(r"ray\b", d)]
+    return ray_req.split("==")[1]
+
+
+def _load_cluster() -> dict:
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+def _launcher_validate(config: dict) -> dict:
+    """What `ray up` does before it touches AWS: merge the provider defaults, then validate."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+# --------------------------------------------------------------------------------------------------
+# cluster.yaml (Ray cluster launcher, AWS)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_cluster_yaml_passes_the_launchers_validation():
+    prepared = _launcher_validate(_load_cluster())
+    assert prepared["provider"]["type"] == "aws"
+    assert prepared["head_node_type"] in prepared["available_node_types"]
+
+
+def _misspelled_top_level_key(c):
+    c["setup_comands"] = c.pop("setup_commands")
+
+
+def _misspelled_node_type_key(c):
+    c["available_node_types"]["gpu_worker"]["min_worker"] = c["available_node_types"]["gpu_worker"].pop(
+        "min_workers")
+
+
+def _unknown_head_node_type(c):
+    c["head_node_type"] = "no_such_type"
+
+
+def _min_workers_above_global_cap(c):
+    c["max_workers"] = 0
+    c["available_node_types"]["gpu_worker"]["min_workers"] = 1
+
+
+def _unknown_docker_key(c):
+    c["docker"]["run_option"] = c["docker"].pop("run_options")
+
+
+@pytest.mark.parametrize("break_it", [_misspelled_top_level_key, _misspelled_node_type_key,
+                                      _unknown_head_node_type, _min_workers_above_global_cap,
+                                      _unknown_docker_key])
+def test_cluster_yaml_validation_rejects_a_broken_copy(break_it):
+    """The validation above can fail: a broken copy of the same file is refused."""
+    import jsonschema
+
+    broken = _load_cluster()
+    break_it(broken)
+    with pytest.raises((jsonschema.ValidationError, ValueError)):
+        _launcher_validate(broken)
+
+
+def test_cluster_node_configs_are_valid_ec2_run_instances_arguments():
+    """The launcher passes node_config to EC2 RunInstances; botocore's model of that call catches a
+    misspelled field (InstanceTyp, IamInstanceProfile.arn) before AWS does."""
+    import botocore.session
+    from botocore.validate import ParamValidator
+
+    run_instances = botocore.session.get_session().get_service_model("ec2").operation_model("RunInstances")
+    validator = ParamValidator()
+    for name, node_type in _load_cluster()["available_node_types"].items():
+        report = validator.validate({**node_type["node_config"], "MinCount": 1, "MaxCount": 1},
+                                    run_instances.input_shape)
+        assert not report.has_errors(), f"{name}: {report.generate_report()}"
+    broken = validator.validate({"InstanceTyp": "g5.2xlarge", "MinCount": 1, "MaxCount": 1},
+                                run_instances.input_shape)
+    assert broken.has_errors()
+
+
+def test_cluster_has_an_autoscaling_gpu_worker_type_and_a_head_that_keeps_work_off_it():
+    config = _load_cluster()
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"].get("CPU") == 0  # tasks/actors go to the workers
+    assert not re.match(r"(g|p)\d", head["node_config"]["InstanceType"])  # no GPU paid for on the head
+
+    gpu_types = {n: t for n, t in types.items()
+                 if n != config["head_node_type"] and re.match(r"g[56]\.", t["node_config"]["InstanceType"])}
+    assert gpu_types, "no g5/g6 worker type"
+    for name, t in gpu_types.items():
+        assert isinstance(t["min_workers"], int) and isinstance(t["max_workers"], int), name
+        assert 0 <= t["min_workers"] <= t["max_workers"], name
+        # the global cap must not cut the type's own maximum (4 GPU workers for `--workers 4 --gpu`)
+        assert t["max_workers"] <= config["max_workers"], name
+    assert max(t["max_workers"] for t in gpu_types.values()) >= 4
+
+
+def test_cluster_runs_the_ray_2_60_python_3_11_gpu_image():
+    import ray
+
+    docker = _load_cluster()["docker"]
+    match = RAY_IMAGE_RE.match(docker["image"])
+    assert match, docker["image"]
+    assert match["version"] == ray.__version__ == _pinned_ray_version() == "2.60.0"
+    assert match["py"] == "311"
+    assert docker["container_name"]
+    assert "head_image" not in docker and "worker_image" not in docker  # one image, one environment
+
+
+def test_cluster_reaches_s3_through_instance_profiles_and_keeps_token_auth_on():
+    config = _load_cluster()
+    for name, t in config["available_node_types"].items():
+        arn = t["node_config"]["IamInstanceProfile"]["Arn"]
+        assert re.fullmatch(r"arn:aws:iam::[^:]+:instance-profile/[\w+=,.@-]+", arn), (name, arn)
+    run_options = " ".join(config["docker"]["run_options"])
+    assert "RAY_AUTH_MODE=token" in run_options
+    # the token made by `ray get-auth-token --generate` reaches every node
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    # pyarrow's S3 filesystem gets the region of the cluster (and so of the bucket)
+    assert f"AWS_REGION={config['provider']['region']}" in run_options
+
+
+def test_cluster_installs_this_repository_and_starts_ray_the_standard_way():
+    config = _load_cluster()
+    (remote,) = [r for r, local in config["file_mounts"].items() if local == "."]
+    assert any(re.search(rf"pip install .*-e {re.escape(remote)}\b", cmd) for cmd in config["setup_commands"])
+    assert ".gitignore" in config["rsync_filter"]  # .venv and caches stay on the laptop
+    head = " ".join(config["head_start_ray_commands"])
+    assert "ray start --head --port=6379" in head
+    assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in head
+    worker = " ".join(config["worker_start_ray_commands"])
+    assert "ray start --address=$RAY_HEAD_IP:6379" in worker
+    assert config["provider"]["cache_stopped_nodes"] in (True, False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Secrets: none, in any deployment file
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", DEPLOY_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_credentials_in_deployment_files(path):
+    text = path.read_text()
+    for needle in ("aws_access_key_id", "aws_secret_access_key", "AWS_SECRET_ACCESS_KEY=",
+                   "RAY_AUTH_MODE=disabled"):
+        assert needle not in text, f"{path.name} contains {needle}"
+    assert not re.search(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b", text), f"{path.name} contains an AWS access key id"
+
+
+# --------------------------------------------------------------------------------------------------
+# KubeRay manifests (ray.io/v1)
+# --------------------------------------------------------------------------------------------------
+
+# Field names from KubeRay's Go API types (json tags), to catch misspellings that the API server would
+# otherwise drop or refuse. Extend when a newer KubeRay field is used on purpose.
+RAYJOB_SPEC_FIELDS = {
+    "activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
+    "clusterSelector", "submitterConfig", "managedBy", "deletionStrategy", "deletionPolicy", "entrypoint",
+    "runtimeEnvYAML", "jobId", "submissionMode", "entrypointResources", "entrypointNumCpus",
+    "entrypointNumGpus", "ttlSecondsAfterFinished", "shutdownAfterJobFinishes", "suspend", "schedule",
+}
+RAYSERVICE_SPEC_FIELDS = {
+    "rayClusterDeletionDelaySeconds", "serviceUnhealthySecondThreshold", "deploymentUnhealthySecondThreshold",
+    "serveService", "upgradeStrategy", "serveConfigV2", "rayClusterConfig", "excludeHeadPodFromServeSvc",
+}
+RAYCLUSTER_SPEC_FIELDS = {
+    "upgradeStrategy", "authOptions", "suspend", "managedBy", "autoscalerOptions", "headServiceAnnotations",
+    "enableInTreeAutoscaling", "gcsFaultToleranceOptions", "headGroupSpec", "rayVersion", "workerGroupSpecs",
+    "historyServerOptions", "networkPolicy", "tlsOptions",
+}
+HEAD_GROUP_FIELDS = {"template", "headService", "enableIngress", "ingressOptions", "resources", "labels",
+                     "rayStartParams", "serviceType"}
+WORKER_GROUP_FIELDS = {"suspend", "groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds",
+                       "priority", "resources", "labels", "rayStartParams", "template", "scaleStrategy",
+                       "numOfHosts"}
+AUTH_MODES = {"disabled", "token"}
+
+
+def _manifest(name: str) -> dict:
+    docs = [d for d in yaml.safe_load_all((KUBERAY / name).read_text()) if d is not None]
+    assert len(docs) == 1, f"{name}: expected one object, found {len(docs)}"
+    return docs[0]
+
+
+def _cluster_spec(doc: dict) -> dict:
+    return doc["spec"]["rayClusterSpec" if doc["kind"] == "RayJob" else "rayClusterConfig"]
+
+
+def _raycluster_problems(spec: dict) -> list[str]:
+    """Required fields and known names of a RayClusterSpec, as KubeRay's CRD declares them."""
+    problems = [f"unknown RayClusterSpec field {k!r}" for k in set(spec) - RAYCLUSTER_SPEC_FIELDS]
+    if "authOptions" in spec and spec["authOptions"].get("mode", "token") not in AUTH_MODES:
+        problems.append(f"authOptions.mode {spec['authOptions']['mode']!r}")
+    head = spec.get("headGroupSpec")
+    if not isinstance(head, dict):
+        return [*problems, "headGroupSpec missing"]
+    problems += [f"unknown headGroupSpec field {k!r}" for k in set(head) - HEAD_GROUP_FIELDS]
+    problems += _pod_template_problems("headGroupSpec", head)
+    for i, group in enumerate(spec.get("workerGroupSpecs", [])):
+        where = f"workerGroupSpecs[{i}]"
+        problems += [f"unknown {where} field {k!r}" for k in set(group) - WORKER_GROUP_FIELDS]
+        for field in ("groupName", "minReplicas", "maxReplicas"):
+            if field not in group:
+                problems.append(f"{where}.{field} missing")
+        lo, hi = group.get("minReplicas", 0), group.get("maxReplicas", 0)
+        if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= group.get("replicas", lo) <= hi):
+            problems.append(f"{where}: need 0 <= minReplicas <= replicas <= maxReplicas")
+        problems += _pod_template_problems(where, group)
+    return problems
+
+
+def _pod_template_problems(where: str, group: dict) -> list[str]:
+    problems = []
+    # rayStartParams is required by the CRDs before KubeRay 1.4; `{}` is always accepted.
+    if not isinstance(group.get("rayStartParams"), dict):
+        problems.append(f"{where}.rayStartParams missing")
+    elif any(not isinstance(v, str) for v in group["rayStartParams"].values()):
+        problems.append(f"{where}.rayStartParams values must be strings")
+    containers = (group.get("template") or {}).get("spec", {}).get("containers") or []
+    if not containers:
+        problems.append(f"{where}.template.spec.containers missing")
+    for c in containers:
+        if not c.get("name") or not c.get("image"):
+            problems.append(f"{where}: every container needs a name and an image")
+    return problems
+
+
+def _containers(spec: dict) -> list[dict]:
+    groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def _gpu_limit(group: dict) -> int:
+    return sum(int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+               for c in group["template"]["spec"]["containers"])
+
+
+@pytest.mark.parametrize("name", MANIFESTS)
+def test_kuberay_manifest_has_the_fields_kuberay_requires(name):
+    doc = _manifest(name)
+    assert doc["apiVersion"] == "ray.io/v1"
+    assert doc["kind"] == MANIFESTS[name]
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"])
+    known = RAYJOB_SPEC_FIELDS if doc["kind"] == "RayJob" else RAYSERVICE_SPEC_FIELDS
+    assert not set(doc["spec"]) - known, f"unknown spec fields {set(doc['spec']) - known}"
+    spec = _cluster_spec(doc)
+    assert _raycluster_problems(spec) == []
+    assert spec["rayVersion"] == _pinned_ray_version() == "2.60.0"
+    # GPU work runs on a worker group with nvidia.com/gpu limits; requests, when given, equal limits
+    gpu_groups = [g for g in spec["workerGroupSpecs"] if _gpu_limit(g) >= 1]
+    assert gpu_groups, "no worker group with an nvidia.com/gpu limit"
+    for c in _containers(spec):
+        res = c.get("resources", {})
+        if "nvidia.com/gpu" in res.get("requests", {}):
+            assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"]
+
+
+def test_the_hand_written_check_catches_broken_specs():
+    spec = _cluster_spec(_manifest("train-rayjob.yaml"))
+    assert _raycluster_problems(copy.deepcopy(spec)) == []
+    broken = copy.deepcopy(spec)
+    del broken["workerGroupSpecs"][0]["groupName"]
+    broken["headGroupSpec"]["template"]["spec"]["containers"][0].pop("image")
+    broken["workerGroupSpecs"][0]["maxReplica"] = broken["workerGroupSpecs"][0].pop("maxReplicas")
+    problems = _raycluster_problems(broken)
+    assert "workerGroupSpecs[0].groupName missing" in problems
+    assert "workerGroupSpecs[0].maxReplicas missing" in problems
+    assert "unknown workerGroupSpecs[0] field 'maxReplica'" in problems
+    assert "headGroupSpec: every container needs a name and an image" in problems
+
+
+@pytest.mark.parametrize("name", MANIFESTS)
+def test_kuberay_manifests_run_the_ray_2_60_image_with_token_auth_and_irsa(name):
+    doc = _manifest(name)
+    spec = _cluster_spec(doc)
+    for c in _containers(spec):
+        match = RAY_IMAGE_RE.match(c["image"])
+        assert match and match["version"] == "2.60.0" and match["py"] == "311", c["image"]
+        for env in c.get("env", []):  # no literal secrets: only plain settings or secretKeyRef
+            assert "KEY" not in env["name"] or "valueFrom" in env, env
+    assert spec["authOptions"]["mode"] == "token"
+    # S3 through the IRSA-annotated ServiceAccount, the same on every pod
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    assert {g["template"]["spec"].get("serviceAccountName") for g in groups} == {"faceattr-ray"}
+    assert "eks.amazonaws.com/role-arn" in (KUBERAY / "README.md").read_text()
+
+
+def _entrypoint_module(command: str) -> str:
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "-m"], command
+    return argv[2]
+
+
+def _flags(command: str) -> dict[str, str | bool]:
+    argv, out = shlex.split(command), {}
+    for i, tok in enumerate(argv):
+        if tok.startswith("--"):
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            out[tok[2:]] = nxt if nxt is not None and not nxt.startswith("--") else True
+    return out
+
+
+def _module_file(module: str) -> Path:
+    return ROOT.joinpath(*module.split(".")).with_suffix(".py")
+
+
+@pytest.mark.parametrize("name,module", [("train-rayjob.yaml", "jobs.train"), ("label-rayjob.yaml", "jobs.label")])
+def test_rayjob_runs_a_module_of_this_repository_and_cleans_up(name, module):
+    spec = _manifest(name)["spec"]
+    assert _entrypoint_module(spec["entrypoint"]) == module
+    assert _module_file(module).is_file(), f"{module} named in {name} does not exist"
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] >= 0
+
+
+def test_train_rayjob_has_a_gpu_for_every_training_worker():
+    spec = _manifest("train-rayjob.yaml")["spec"]
+    flags = _flags(spec["entrypoint"])
+    assert flags["gpu"] is True
+    gpus = sum(g["maxReplicas"] * _gpu_limit(g) for g in spec["rayClusterSpec"]["workerGroupSpecs"])
+    assert gpus >= int(flags["workers"])
+    for flag in ("model", "data", "storage", "name", "output"):
+        assert flag in flags, flag
+
+
+def test_label_rayjob_can_grow_to_the_largest_actor_pool():
+    spec = _manifest("label-rayjob.yaml")["spec"]
+    flags = _flags(spec["entrypoint"])
+    gpus = sum(g["maxReplicas"] * _gpu_limit(g) for g in spec["rayClusterSpec"]["workerGroupSpecs"])
+    assert gpus >= int(flags["max-actors"]) * float(flags["gpus-per-actor"])
+    assert int(flags["min-actors"]) <= int(flags["max-actors"])
+    for flag in ("checkpoint", "input", "output"):
+        assert flag in flags, flag
+
+
+def _expected_pip() -> set[str]:
+    """The project's dependencies minus Ray, which the image provides."""
+    deps = _pyproject()["project"]["dependencies"]
+    return {d.replace(" ", "") for d in deps if not re.match(r"ray\b", d)}
+
+
+def _check_runtime_env(env: dict) -> None:
+    from ray.runtime_env import RuntimeEnv
+
+    assert set(env) <= RuntimeEnv.known_fields, set(env) - RuntimeEnv.known_fields
+    RuntimeEnv(**env)  # Ray's own validation (e.g. a remote working_dir must be a .zip)
+    assert re.match(r"s3://.+\.zip$", env["working_dir"])
+    pip = env["pip"]["packages"] if isinstance(env["pip"], dict) else env["pip"]
+    assert {p.replace(" ", "") for p in pip} == _expected_pip()
+
+
+@pytest.mark.parametrize("name", ["train-rayjob.yaml", "label-rayjob.yaml"])
+def test_rayjob_runtime_env_ships_the_code_and_the_projects_dependencies(name):
+    _check_runtime_env(yaml.safe_load(_manifest(name)["spec"]["runtimeEnvYAML"]))
+
+
+def _serve_config() -> dict:
+    return yaml.safe_load(_manifest("serve-rayservice.yaml")["spec"]["serveConfigV2"])
+
+
+def _unknown_serve_keys(config: dict) -> list[str]:
+    """Serve's schema ignores unknown keys, so a misspelled option would be dropped silently."""
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
+
+    def extra(where, d, cls):
+        return [f"{where}.{k}" for k in set(d) - set(cls.model_fields)]
+
+    out = extra("config", config, ServeDeploySchema)
+    for i, app in enumerate(config.get("applications", [])):
+        out += extra(f"applications[{i}]", app, ServeApplicationSchema)
+        for j, dep in enumerate(app.get("deployments", [])):
+            out += extra(f"applications[{i}].deployments[{j}]", dep, DeploymentSchema)
+            out += extra(f"applications[{i}].deployments[{j}].autoscaling_config",
+                         dep.get("autoscaling_config") or {}, AutoscalingConfig)
+    return out
+
+
+def test_rayservice_serve_config_is_valid_for_ray_serve_2_60():
+    from ray.serve.schema import ServeDeploySchema
+
+    config = _serve_config()
+    schema = ServeDeploySchema.model_validate(config)  # Serve's own validation of a `serve deploy` file
+    assert _unknown_serve_keys(config) == []
+    (app,) = schema.applications
+    assert app.import_path == "raytasks.serve:build_app"
+    assert _module_file("raytasks.serve").is_file()
+    assert app.route_prefix == "/"
+    assert schema.http_options.port == 8000
+    models = app.args["models"]
+    assert models and all(re.match(r"s3://.+\.pt$", uri) for uri in models.values())
+    _check_runtime_env(app.runtime_env)
+    broken = copy.deepcopy(config)
+    broken["applications"][0]["routeprefix"] = "/"
+    assert _unknown_serve_keys(broken) == ["applications[0].routeprefix"]
+    broken["applications"][0]["import_pth"] = broken["applications"][0].pop("import_path")
+    with pytest.raises(ValueError):  # pydantic's ValidationError is a ValueError
+        ServeDeploySchema.model_validate(broken)
+
+
+def test_rayservice_app_builds_gpu_replicas_that_fit_the_cluster():
+    """Build the application from the config's args exactly as Serve does on the cluster (no Ray needed:
+    checkpoints load in the replicas, not at build time), then check what a user relies on: every model
+    replica gets a GPU, and the GPU worker group can hold the largest number of replicas."""
+    from ray.serve._private.build_app import build_app as build_serve_app  # what `serve deploy` runs
+
+    from raytasks.serve import ServeArgs, build_app
+
+    (app_config,) = _serve_config()["applications"]
+    args = app_config["args"]
+    ServeArgs.model_validate(args)  # the app's own argument schema (unknown keys are refused)
+    built = build_serve_app(build_app(args), name=app_config["name"])
+    deployments = {d.name: d for d in built.deployments}
+    assert set(deployments) == {"FaceAttrAPI", *(f"model-{m}" for m in args["models"])}
+
+    gpus_needed = 0.0
+    for name in args["models"]:
+        dep = deployments[f"model-{name}"]
+        assert dep.ray_actor_options["num_gpus"] >= 1, name
+        config = dep._deployment_config
+        assert config.max_ongoing_requests >= 1 and config.max_queued_requests >= 1
+        most = config.autoscaling_config.max_replicas if config.autoscaling_config else config.num_replicas
+        gpus_needed += most * dep.ray_actor_options["num_gpus"]
+    cluster = _manifest("serve-rayservice.yaml")["spec"]["rayClusterConfig"]
+    gpus = sum(g["maxReplicas"] * _gpu_limit(g) for g in cluster["workerGroupSpecs"])
+    assert gpus_needed <= gpus, f"replicas want {gpus_needed} GPUs, the worker groups offer {gpus}"
+
+
+def test_rayservice_exposes_serve_and_passes_the_api_key_from_a_secret():
+    doc = _manifest("serve-rayservice.yaml")
+    spec = doc["spec"]["rayClusterConfig"]
+    head_ports = {p["containerPort"] for c in spec["headGroupSpec"]["template"]["spec"]["containers"]
+                  for p in c.get("ports", [])}
+    assert {6379, 8265, 8000} <= head_ports
+    for c in _containers(spec):
+        (api_key,) = [e for e in c.get("env", []) if e["name"] == "FACEATTR_API_KEY"]
+        assert "secretKeyRef" in api_key["valueFrom"]
+    assert spec["enableInTreeAutoscaling"] is True  # Serve autoscaling needs pods to grow into
+
+
+def test_readme_explains_every_placeholder():
+    readme = (KUBERAY / "README.md").read_text()
+    text = "\n".join((KUBERAY / name).read_text() for name in MANIFESTS)
+    for placeholder in set(re.findall(r"YOUR_[A-Z_]+|GIT_SHA|<[A-Z_]+>", text)):
+        assert placeholder in readme, placeholder
+
+
+# --------------------------------------------------------------------------------------------------
+# docs/deploy.md
+# --------------------------------------------------------------------------------------------------
+
+
+def test_deploy_doc_commands_name_real_modules_and_the_projects_dependencies():
+    import json
+
+    text = (ROOT / "docs" / "deploy.md").read_text() + (KUBERAY / "README.md").read_text()
+    modules = set(re.findall(r"python -m ((?:jobs|raytasks)\.\w+)", text))
+    assert {"jobs.train", "jobs.label", "jobs.serve"} <= modules
+    for module in modules:
+        assert _module_file(module).is_file(), f"the docs run {module}, which does not exist"
+    (env,) = re.findall(r"--runtime-env-json '(\{\"pip\".*?\})'", text)
+    assert {p.replace(" ", "") for p in json.loads(env)["pip"]} == _expected_pip()
+    for command in ("ray up cluster.yaml", "ray attach cluster.yaml", "ray dashboard cluster.yaml",
+                    "ray down cluster.yaml", "ray job logs", "ray job status", "RAY_AUTH_MODE=token"):
+        assert command in text, command
