@@ -1,0 +1,288 @@
+"""HMTNet: hierarchical multi-task fully convolutional network for gender, race and facial beauty
+(source text 000_65bb72c7911c4614: "HMTNet", Xu et al.; SCUT-FBP5500).
+
+What the text fixes:
+
+* Three parts: shared lower layers, a feature aggregator that fuses feature maps of several levels, and
+  branched sub-networks; every layer is convolutional (no fully connected layer).
+* GNet (gender) is branched after ``relu3``, RNet (race) after ``relu5``; their input is 13×13×512 at
+  224 px. Table 1, for both: conv 512→256 k3 p0, conv 256→128 k3 p0, max-pool 3, conv 128→2 k1 stride 2,
+  global average pooling; "BatchNorm and ReLU layers are not shown".
+* ANet (attractiveness) predicts the beauty score from the aggregated features. Aggregation is either the
+  average of same-shaped feature maps of different levels (Eq. 1, the default: PC 0.8783) or their
+  depth-wise concatenation (Eq. 2, PC 0.8706). The paper also calls the network "a feature extractor
+  (after relu5)".
+* Losses: cross-entropy (gender, race), Smooth Huber with δ = 0.6 (beauty, ``outputs.smooth_huber_loss``);
+  task weights α_g = α_r = 1, α_a = 2.
+* Training: 224×224 random crops of images whose shorter side is 227, random rotation within 30°, colour
+  jitter, batch norm, SGD for 170 epochs, weight decay 0.05, batch 32, lr 0.001 divided by 10 every 50
+  epochs. The weight decay of 0.05 is what the text says (and what the authors' released training code
+  uses); it is unusually high for SGD fine-tuning, but we keep it as the recipe default.
+
+Readings we chose (Fig. 1, which showed the trunk, did not survive extraction):
+
+* Trunk. ``relu3``/``relu5``, 13×13×512 at 224 px for both, and a fully convolutional ``fc6``/``fc7`` are
+  the layer names and shapes of VGG-M (Chatfield et al.), the face variant of which (VGG-M-Face with batch
+  norm) the authors' public implementation of HMTNet builds on: conv1 7×7/2 96 → max-pool 3/2 → conv2
+  5×5/2 p1 256 → max-pool 3/2 (ceil) → conv3, conv4, conv5 3×3 p1 512, each conv followed by BatchNorm
+  and ReLU. At 224 px conv3–conv5 are 13×13×512, so GNet can take 512 channels after relu3 and RNet after
+  relu5, exactly as Table 1 says. (SqueezeNet 1.0's fire modules were the other candidate; only its
+  last fire module has 13×13×512, so it cannot give GNet 512 channels at 13×13 after a third ReLU.) The
+  trunk's layers keep the VGG-M-Face weight names (``conv1``, ``bn49``, …, ``conv5``, ``bn53``) so that
+  a ``vgg_m_face_bn_dag`` state dict loads as it is (``backbone_weights``).
+* Feature aggregator. Average (or concatenation) of ``aggregate_levels``, by default conv3 (before its
+  BN), relu3 and relu5, the levels the authors' implementation averages; any of conv3/relu3/conv4/relu4/
+  conv5/relu5 can be chosen, all 13×13×512 at 224 px.
+* ANet. VGG-M's head made convolutional, as in the authors' implementation: max-pool 3/2 → fc6 (conv
+  6×6, ``anet_width`` = 4096 channels) → BN → ReLU → fc7 (1×1) → BN → ReLU, a second average (or
+  concatenation) aggregator over fc6, fc7 (before BN) and relu7 (``anet_aggregator``), then fc8 (1×1 to
+  one channel) and global average pooling. At 224 px fc6 sees a 6×6 map and everything after it is 1×1.
+* Branch details. BN + ReLU after the two 3×3 convs of GNet/RNet; the final 1×1 conv gives the logits
+  directly (the authors' code also put BN + ReLU after it, which clips logits at zero; we keep logits
+  linear). RNet reads relu5 as the paper says (``rnet_from``; the authors' code feeds it the aggregated
+  map, ``rnet_from="aggregate"``); GNet reads relu3 (``gnet_from``).
+* Smaller inputs (fast CPU runs). The branch max-pool uses ``ceil_mode`` (identical to the paper's at
+  224 px: 9 → 3) so that maps smaller than 3×3 still pool to 1×1; fc6's kernel is ``min(6, map side)``
+  after pool5 (6 at 224 px and above). The smallest input is 96 px (relu3 must be at least 5×5 for the
+  two unpadded 3×3 convs of GNet/RNet). The model is fully convolutional above its ``image_size`` (larger
+  inputs are pooled globally); an input too small for its fc6 is refused with the ``image_size`` to use.
+* Size. 101,787,717 parameters at 224 px (trunk 6,532,416; GNet and RNet 1,475,970 each; ANet 92,303,361,
+  of which fc6 is 75.5 M as in VGG-M); 34,678,853 at 112 px. Concatenation makes fc6 read 3×512
+  channels (252,790,853 parameters at 224 px); ``anet_width`` shrinks ANet for light runs.
+* Outputs. ``race`` has 2 classes by default (SCUT-FBP5500: Asian, Caucasian); ``race_classes=5`` gives
+  UTKFace's names, other counts generic names. ``beauty`` is a regression in [1, 5] (clamped when
+  decoded, not in training).
+* Preprocessing. ImageNet mean and std (the authors' SCUT-FBP5500 loader uses them); evaluation is the
+  centre 224 crop of the image resized to a shorter side of 227. Recipe momentum 0.9 is from the authors'
+  code (the paper names SGD only); the colour-jitter strength 0.2 is ours (the text gives none).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from . import register_model
+from .base import FaceModel, Recipe
+from .outputs import Categorical, OutputSet, Regression
+from .preprocess import Preprocessing
+
+SCUT_RACES = ("Asian", "Caucasian")  # same order as facedata.datasets.SCUT_RACES
+UTKFACE_RACES = ("White", "Black", "Asian", "Indian", "Others")  # facedata.datasets.UTKFACE_RACES
+
+TRUNK_LEVELS = ("conv3", "relu3", "conv4", "relu4", "conv5", "relu5")
+BRANCH_SOURCES = ("relu3", "relu4", "relu5", "aggregate")
+AGGREGATIONS = ("avg", "concat")
+MIN_IMAGE_SIZE = 96
+_PRETRAINED_HEAD = ("fc6", "bn54", "fc7", "bn55")  # VGG-M-Face layers that ANet reuses
+_PRETRAINING_CLASSIFIER = ("fc8",)  # VGG-Face's 2,622-way identity classifier: never loaded
+
+
+def race_class_names(n: int) -> tuple[str, ...]:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+        raise ValueError(f"race_classes must be an integer >= 2, got {n!r}")
+    if n == len(SCUT_RACES):
+        return SCUT_RACES
+    if n == len(UTKFACE_RACES):
+        return UTKFACE_RACES
+    return tuple(f"race_{i}" for i in range(n))
+
+
+def feature_sides(image_size: int) -> dict[str, int]:
+    """Spatial side of the trunk's maps (relu3 = relu5) and of ANet's pool5 for a square input."""
+    s = (image_size - 7) // 2 + 1  # conv1 7x7/2
+    s = (s - 3) // 2 + 1  # pool1 3/2
+    s = (s + 2 - 5) // 2 + 1  # conv2 5x5/2 p1
+    if s < 3:
+        return {"relu3": 0, "pool5": 0}
+    out = -(-(s - 3) // 2) + 1  # pool2 3/2, ceil mode
+    if (out - 1) * 2 >= s:  # PyTorch drops a last window that would start outside the input
+        out -= 1
+    pool5 = (out - 3) // 2 + 1 if out >= 3 else 0
+    return {"relu3": out, "pool5": pool5}
+
+
+def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, pad: int = 0) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+    return nn.Conv2d(cin, cout, k, stride=stride, padding=pad), nn.BatchNorm2d(cout)
+
+
+class VGGMTrunk(nn.Module):
+    """conv1–relu5 of VGG-M-Face (BN variant), with its weight names; returns the taps of conv3–relu5."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn49 = _conv_bn(3, 96, 7, stride=2)
+        self.pool1 = nn.MaxPool2d(3, 2)
+        self.conv2, self.bn50 = _conv_bn(96, 256, 5, stride=2, pad=1)
+        self.pool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv3, self.bn51 = _conv_bn(256, 512, 3, pad=1)
+        self.conv4, self.bn52 = _conv_bn(512, 512, 3, pad=1)
+        self.conv5, self.bn53 = _conv_bn(512, 512, 3, pad=1)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.pool1(self.relu(self.bn49(self.conv1(x))))
+        x = self.pool2(self.relu(self.bn50(self.conv2(x))))
+        taps = {}
+        for i, (conv, bn) in enumerate(((self.conv3, self.bn51), (self.conv4, self.bn52), (self.conv5, self.bn53)), 3):
+            c = conv(x)
+            x = self.relu(bn(c))  # BN output is a new tensor: the in-place ReLU leaves ``c`` intact
+            taps[f"conv{i}"], taps[f"relu{i}"] = c, x
+        return taps
+
+
+class BranchNet(nn.Module):
+    """GNet / RNet (Table 1): conv3 → conv3 → max-pool 3 → conv1×1 stride 2 → global average pooling."""
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            *_conv_bn(in_channels, 256, 3), nn.ReLU(inplace=True),
+            *_conv_bn(256, 128, 3), nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, ceil_mode=True),
+        )
+        self.classifier = nn.Conv2d(128, num_classes, 1, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.body(x)).mean(dim=(2, 3))
+
+
+def _aggregate(maps: list[torch.Tensor], mode: str) -> torch.Tensor:
+    if len(maps) == 1:
+        return maps[0]
+    if mode == "avg":
+        return torch.stack(maps, 0).mean(0)
+    return torch.cat(maps, 1)
+
+
+class ANet(nn.Module):
+    """Beauty head: pool5 → fc6 → BN/ReLU → fc7 → BN/ReLU → (aggregator) → fc8 → global average pooling.
+    Layer names follow VGG-M-Face so its fc6/fc7 can be reused."""
+
+    def __init__(self, in_channels: int, width: int, fc6_kernel: int, aggregation: str, aggregator: bool):
+        super().__init__()
+        self.pool5 = nn.MaxPool2d(3, 2)
+        self.fc6, self.bn54 = _conv_bn(in_channels, width, fc6_kernel)
+        self.fc7, self.bn55 = _conv_bn(width, width, 1)
+        self.relu = nn.ReLU(inplace=True)
+        self.aggregation = aggregation
+        self.aggregator = aggregator
+        fused = width * 3 if aggregator and aggregation == "concat" else width
+        self.fc8 = nn.Conv2d(fused, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f6 = self.fc6(self.pool5(x))
+        f7 = self.fc7(self.relu(self.bn54(f6)))
+        r7 = self.relu(self.bn55(f7))
+        h = _aggregate([f6, f7, r7], self.aggregation) if self.aggregator else r7
+        return self.fc8(h).mean(dim=(1, 2, 3))
+
+
+@register_model("hmtnet")
+class HMTNet(FaceModel):
+    primary_metric = "beauty.pearson"  # the paper's headline figure on SCUT-FBP5500
+    primary_mode = "max"
+
+    def __init__(self, image_size: int = 224, race_classes: int = 2, aggregation: str = "avg",
+                 aggregate_levels: tuple[str, ...] = ("conv3", "relu3", "relu5"), anet_aggregator: bool = True,
+                 anet_width: int = 4096, gnet_from: str = "relu3", rnet_from: str = "relu5",
+                 task_weights: tuple[float, float, float] = (1.0, 1.0, 2.0), backbone_weights: str | None = None):
+        super().__init__()
+        if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < MIN_IMAGE_SIZE:
+            raise ValueError(f"hmtnet: image_size must be an integer >= {MIN_IMAGE_SIZE} (relu3 must be at "
+                             f"least 5x5 for GNet/RNet), got {image_size!r}")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"hmtnet: aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        levels = tuple(aggregate_levels)
+        if not levels or any(lv not in TRUNK_LEVELS for lv in levels) or len(set(levels)) != len(levels):
+            raise ValueError(f"hmtnet: aggregate_levels must be distinct names among {TRUNK_LEVELS}, got {levels!r}")
+        for name, src in (("gnet_from", gnet_from), ("rnet_from", rnet_from)):
+            if src not in BRANCH_SOURCES:
+                raise ValueError(f"hmtnet: {name} must be one of {BRANCH_SOURCES}, got {src!r}")
+        if not isinstance(anet_width, int) or isinstance(anet_width, bool) or anet_width < 1:
+            raise ValueError(f"hmtnet: anet_width must be a positive integer, got {anet_width!r}")
+        weights = tuple(float(w) for w in task_weights)
+        if len(weights) != 3 or any(w < 0 for w in weights):
+            raise ValueError(f"hmtnet: task_weights must be 3 non-negative numbers (gender, race, beauty), "
+                             f"got {task_weights!r}")
+        races = race_class_names(race_classes)
+
+        self.aggregation = aggregation
+        self.aggregate_levels = levels
+        self.gnet_from, self.rnet_from = gnet_from, rnet_from
+        self.outputs = OutputSet((
+            Categorical("gender", weight=weights[0], classes=("male", "female")),
+            Categorical("race", weight=weights[1], classes=races),
+            Regression("beauty", weight=weights[2], range=(1.0, 5.0), loss_type="smooth_huber", delta=0.6),
+        ))
+        self.preprocessing = Preprocessing(
+            size=(224, 224), resize="shorter_center_crop", resize_shorter=227,
+        ).with_size(image_size)
+        self.recipe = Recipe(optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=0.05, batch_size=32, epochs=170,
+                             schedule="step", schedule_args={"step_size": 50, "gamma": 0.1},
+                             augment={"random_crop": True, "rotation": 30, "color_jitter": 0.2})
+
+        sides = feature_sides(image_size)
+        agg_channels = 512 * len(levels) if aggregation == "concat" else 512
+        self.trunk = VGGMTrunk()
+        self.gnet = BranchNet(agg_channels if gnet_from == "aggregate" else 512, 2)
+        self.rnet = BranchNet(agg_channels if rnet_from == "aggregate" else 512, len(races))
+        self.anet = ANet(agg_channels, anet_width, min(6, sides["pool5"]), aggregation, anet_aggregator)
+        self.backbone_report: dict = {}
+        if backbone_weights:
+            self.backbone_report = self.load_backbone(backbone_weights)
+
+    # --- weights ---------------------------------------------------------------------------------
+    def load_backbone(self, uri: str) -> dict:
+        """Load trunk weights (VGG-M-Face ``vgg_m_face_bn_dag`` or a saved ``model.trunk.state_dict()``)
+        from a path or s3:// URI. Every trunk tensor must be present with its shape; fc6/bn54/fc7/bn55 are
+        loaded into ANet when present and of matching shape (skipped with a warning otherwise); the
+        pretraining classifier fc8 is ignored. Any other key means the file is not a trunk: ValueError."""
+        from .backbones import load_state_dict
+
+        sd = load_state_dict(uri)
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise ValueError(f"{uri}: expected a state dict of tensors")
+        sd = {k.removeprefix("module.").removeprefix("trunk."): v for k, v in sd.items()}
+        trunk_sd = self.trunk.state_dict()
+        head_sd = {k: v for k, v in self.anet.state_dict().items() if k.split(".")[0] in _PRETRAINED_HEAD}
+        missing = [k for k in trunk_sd if k not in sd and not k.endswith("num_batches_tracked")]
+        unknown = [k for k in sd if k not in trunk_sd and k not in head_sd
+                   and k.split(".")[0] not in _PRETRAINING_CLASSIFIER]
+        wrong = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in trunk_sd.items()
+                 if k in sd and sd[k].shape != v.shape]
+        if missing or unknown or wrong:
+            raise ValueError(f"{uri} does not fit the HMTNet (VGG-M) trunk: missing {missing[:5]}, "
+                             f"unexpected {unknown[:5]}, wrong shapes {wrong[:5]}")
+        self.trunk.load_state_dict({k: v for k, v in sd.items() if k in trunk_sd}, strict=False)
+        report = {"trunk": len([k for k in sd if k in trunk_sd]), "anet": 0}
+        head = {k: v for k, v in sd.items() if k in head_sd}
+        if head:
+            bad = [k for k, v in head.items() if v.shape != head_sd[k].shape]
+            if bad:
+                warnings.warn(f"{uri}: fc6/fc7 not loaded into ANet, shapes differ ({bad[:3]}; image_size, "
+                              f"anet_width or concat aggregation change them)", stacklevel=2)
+            else:
+                self.anet.load_state_dict(head, strict=False)
+                report["anet"] = len(head)
+        return report
+
+    # --- forward ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        side = min(x.shape[-2:])
+        sides = feature_sides(side)
+        if sides["relu3"] < 5:
+            raise ValueError(f"hmtnet inputs must be at least {MIN_IMAGE_SIZE} px, got {side} px")
+        k = self.anet.fc6.kernel_size[0]
+        if sides["pool5"] < k:
+            raise ValueError(f"hmtnet built for {self.preprocessing.size[0]} px cannot take a {side} px input "
+                             f"(fc6 is {k}x{k}); build it with image_size={side}")
+        taps = self.trunk(x)
+        taps["aggregate"] = _aggregate([taps[lv] for lv in self.aggregate_levels], self.aggregation)
+        return {
+            "gender": self.gnet(taps[self.gnet_from]),
+            "race": self.rnet(taps[self.rnet_from]),
+            "beauty": self.anet(taps["aggregate"]),
+        }
