@@ -263,7 +263,10 @@ def fit(model, train_table: pd.DataFrame, val_table: pd.DataFrame, epochs: int |
                 model.on_validation(stats, epoch)
         stats = evaluate_batches(model, iter_batches(val_table, model, recipe.batch_size), dev)
         metrics = model.metrics(stats)
-        metrics.update(model.on_validation(stats, epoch))
+        if not recipe.validate_every:
+            # With validate_every (DMM-CNN's P) the hook runs only on the every-P validations, so that
+            # Eq. 4's rate of change is always measured over P iterations.
+            metrics.update(model.on_validation(stats, epoch))
         metrics["val_loss"] = validation_loss(model, metrics)
         step_scheduler(sched, metrics["val_loss"])
         metrics.update(epoch=epoch, train_loss=float(np.mean(losses)) if losses else float("nan"),
