@@ -1,0 +1,297 @@
+"""The serving endpoint over real HTTP on 127.0.0.1: jobs/serve.yaml deployed through Serve's config schema
+(as `serve run jobs/serve.yaml` does) with the zoo's models at small sizes, one of them from s3:// (moto).
+
+Expected rows come from ``Predictor.predict_bytes`` on the same checkpoint, the code path the label job's
+rows go through (decode_batch -> Predictor.predict_decoded)."""
+
+from __future__ import annotations
+
+import io
+import math
+import socket
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+import models
+from models.checkpoint import save_checkpoint
+from raytasks.predictor import Predictor
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[1]
+API_KEY = "test-key-" + uuid.uuid4().hex[:8]
+AUTH = {"X-API-Key": API_KEY}
+MAX_REQUEST_BYTES = 300_000
+SMALL = {"hard_sharing": {}, "hmtnet": {"image_size": 96}, "dmm_cnn": {"image_size": 64},
+         "task_attention": {"image_size": 64}, "age_gender_race": {"depth": 18, "image_size": 64}}
+ZOO = models.list_models()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _image(seed: int, size: tuple[int, int], mode: str, fmt: str) -> bytes:
+    rng = np.random.default_rng(seed)
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([(xx * 255 // w), (yy * 255 // h), ((xx + yy) * 127 // (h + w))], -1)
+    arr = np.clip(base + rng.integers(-40, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+IMAGES = {
+    "a.jpg": _image(0, (90, 70), "RGB", "JPEG"),
+    "b.png": _image(1, (64, 120), "RGBA", "PNG"),
+    "c.jpg": _image(2, (50, 50), "L", "JPEG"),
+}
+CTYPE = {"jpg": "image/jpeg", "png": "image/png"}
+
+
+def _ctype(name: str) -> str:
+    return CTYPE[name.rsplit(".", 1)[1]]
+
+
+def _same_row(got: dict, want: dict, tol: float = 1e-4) -> None:
+    """Equal field by field: strings, booleans and integers exactly, floats to ``tol`` (fp32 kernels may
+    round differently at another batch size)."""
+    assert set(got) == set(want), set(got) ^ set(want)
+    for k, w in want.items():
+        g = got[k]
+        if isinstance(w, float):
+            assert g is not None and math.isclose(g, w, rel_tol=tol, abs_tol=tol), (k, g, w)
+        elif isinstance(w, list) and w and isinstance(w[0], float):
+            np.testing.assert_allclose(g, w, rtol=tol, atol=tol, err_msg=k)
+        else:
+            assert g == w, (k, g, w)
+
+
+def _wait_running(apps: list[str], timeout_s: float = 240.0) -> None:
+    from ray import serve
+
+    deadline = time.time() + timeout_s
+    while True:
+        status = serve.status().applications
+        states = {a: (status[a].status if a in status else "MISSING") for a in apps}
+        failed = {a: status[a].message for a in apps if a in status and status[a].status == "DEPLOY_FAILED"}
+        if failed:
+            raise AssertionError(f"deploy failed: {failed}")
+        if all(s == "RUNNING" for s in states.values()):
+            return
+        if time.time() > deadline:
+            raise AssertionError(f"apps not running after {timeout_s}s: {states}")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def svc(ray_session, s3_server, tmp_path_factory):
+    """The zoo's checkpoints (hard_sharing on S3), jobs/serve.yaml deployed with those checkpoints and an
+    API key, plus a second app with a tiny queue for the 503 test; expected rows per model and image."""
+    import boto3
+    from ray import serve
+    from ray.serve.schema import ServeDeploySchema
+
+    tmp = tmp_path_factory.mktemp("serve")
+    bucket = f"serve-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+    checkpoints = {}
+    for name in ZOO:
+        uri = f"s3://{bucket}/models/{name}.pt" if name == "hard_sharing" else str(tmp / f"{name}.pt")
+        save_checkpoint(models.create_model(name, **SMALL.get(name, {"image_size": 96})), uri)
+        checkpoints[name] = uri
+
+    config = yaml.safe_load((ROOT / "jobs" / "serve.yaml").read_text())
+    (app,) = config["applications"]
+    assert app["import_path"] == "raytasks.serve:build_app" and app["route_prefix"] == "/"
+    # Test substitutions: checkpoints, small resources on a 2-core machine, exact fp32, a wait long
+    # enough for concurrent requests to meet in a batch, a small body limit, the API key.
+    app["args"].update(models=dict(checkpoints), precision="fp32", num_cpus=0.2, threads=1,
+                       batch_wait_timeout_s=0.05, max_batch_size=8, max_request_bytes=MAX_REQUEST_BYTES,
+                       ingress={"num_cpus": 0.1, "max_ongoing_requests": 256})
+    app["runtime_env"] = {"env_vars": {"FACEATTR_API_KEY": API_KEY}}
+    tight = {"name": "tight", "route_prefix": "/tight", "import_path": "raytasks.serve:build_app",
+             "args": {"models": {"slow": checkpoints["hmtnet"]}, "precision": "fp32", "num_cpus": 0.2,
+                      "threads": 1, "max_batch_size": 1, "max_ongoing_requests": 1, "max_queued_requests": 1,
+                      "ingress": {"num_cpus": 0.1}}}
+    schema = ServeDeploySchema.model_validate({"applications": [app, tight]})
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        # What `serve run jobs/serve.yaml` does (ray/serve/scripts.py): the controller imports the builder
+        # named by import_path and builds the app from the config's args.
+        serve.context._get_global_client().deploy_apps(schema, _blocking=False)
+        expected = {}
+        for name, uri in checkpoints.items():  # meanwhile, the expected rows
+            p = Predictor(uri, precision="fp32", threads=1)
+            expected[name] = {r["path"]: r for r in p.predict_bytes(list(IMAGES.items()))}
+        _wait_running([app["name"], "tight"])
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=base, timeout=60, headers=AUTH) as client:
+            yield {"base": base, "client": client, "expected": expected, "checkpoints": checkpoints}
+    finally:
+        serve.shutdown()
+
+
+def _predict_one(client: httpx.Client, model: str, name: str, prefix: str = "") -> httpx.Response:
+    return client.post(f"{prefix}/v1/models/{model}/predict", params={"filename": name}, content=IMAGES[name],
+                       headers={"Content-Type": _ctype(name)})
+
+
+# --- answers --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model", ZOO)
+def test_answer_equals_the_label_row(svc, model):
+    client, expected = svc["client"], svc["expected"][model]
+    for name in IMAGES:
+        r = _predict_one(client, model, name)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == model and body["architecture"] == model
+        assert body["checkpoint"] == expected[name]["checkpoint"]
+        (row,) = body["predictions"]
+        _same_row(row, expected[name])
+    # The same images as one multipart request: one row per file, in order, under their file names.
+    files = [("file", (n, IMAGES[n], _ctype(n))) for n in IMAGES]
+    r = client.post(f"/v1/models/{model}/predict", files=files)
+    assert r.status_code == 200, r.text
+    rows = r.json()["predictions"]
+    assert [row["path"] for row in rows] == list(IMAGES)
+    for row in rows:
+        _same_row(row, expected[row["path"]])
+
+
+def test_models_listing_health_and_docs(svc):
+    client = svc["client"]
+    r = client.get("/v1/models")
+    assert r.status_code == 200, r.text
+    listed = {m["name"]: m for m in r.json()["models"]}
+    assert set(listed) == set(ZOO)
+    for name, m in listed.items():
+        want = svc["expected"][name]["a.jpg"]["checkpoint"]
+        assert m["checkpoint"] == {"uri": svc["checkpoints"][name], "hash": want}
+        created = models.create_model(name, **SMALL.get(name, {"image_size": 96}))
+        assert m["outputs"] == created.outputs.describe()
+        assert m["preprocessing"] == created.preprocessing.to_dict() | {"size": list(created.preprocessing.size),
+                                                                       "mean": list(created.preprocessing.mean),
+                                                                       "std": list(created.preprocessing.std)}
+        assert m["metrics"] == {} and m["precision"] == "fp32"
+    assert svc["checkpoints"]["hard_sharing"].startswith("s3://")  # one model was loaded from S3
+    h = httpx.get(svc["base"] + "/healthz")  # no key needed
+    assert h.status_code == 200 and h.json() == {"status": "ok", "models": sorted(ZOO)}
+    assert httpx.get(svc["base"] + "/docs").status_code == 200
+    spec = httpx.get(svc["base"] + "/openapi.json").json()
+    assert "/v1/models/{name}/predict" in spec["paths"]
+    assert "multipart/form-data" in spec["paths"]["/v1/models/{name}/predict"]["post"]["requestBody"]["content"]
+
+
+def test_concurrent_requests_are_batched_and_several_models_served_at_once(svc):
+    client, expected = svc["client"], svc["expected"]
+    jobs = [(m, n) for _ in range(4) for m in ("hard_sharing", "age_gender_race") for n in IMAGES]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        responses = list(pool.map(lambda job: _predict_one(client, *job), jobs))
+    for (m, n), r in zip(jobs, responses):
+        assert r.status_code == 200, r.text
+        _same_row(r.json()["predictions"][0], expected[m][n])
+    for m in ("hard_sharing", "age_gender_race"):
+        stats = client.get(f"/v1/models/{m}").json()["stats"]
+        assert stats["max_batch_size_seen"] > 1, stats
+        assert sum(size * count for size, count in
+                   ((int(k), v) for k, v in stats["batch_sizes"].items())) == stats["images"]
+
+
+# --- errors ---------------------------------------------------------------------------------------------
+def _assert_error(r: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert r.status_code == status, (r.status_code, r.text)
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert body["detail"], body
+    if code:
+        assert body["error"] == code, body
+    return body
+
+
+def test_unsupported_and_undecodable_bodies(svc):
+    client = svc["client"]
+    url = "/v1/models/hard_sharing/predict"
+    _assert_error(client.post(url, content=b"name,age\nx,3\n", headers={"Content-Type": "text/csv"}),
+                  415, "unsupported_media_type")
+    _assert_error(client.post(url, content=IMAGES["a.jpg"], headers={"Content-Type": ""}), 415)
+    _assert_error(client.post(url, content=b"definitely not a jpeg", headers={"Content-Type": "image/jpeg"}),
+                  422, "not_image")
+    _assert_error(client.post(url, content=IMAGES["a.jpg"][: len(IMAGES["a.jpg"]) // 2],
+                              headers={"Content-Type": "image/jpeg"}), 422)
+    _assert_error(client.post(url, content=b"", headers={"Content-Type": "image/png"}), 422, "empty")
+    # One bad file in a multipart request: the request is refused and the bad file is named.
+    body = _assert_error(client.post(url, files=[("f", ("good.jpg", IMAGES["a.jpg"], "image/jpeg")),
+                                                 ("f", ("bad.jpg", b"\x00" * 100, "image/jpeg"))]), 422)
+    assert [f["file"] for f in body["files"]] == ["bad.jpg"]
+    _assert_error(client.post(url, data={"note": "hello"}, files=[("f", ("a.jpg", IMAGES["a.jpg"], "image/jpeg"))]),
+                  422, "bad_form")
+    # The service is still fine.
+    assert _predict_one(client, "hard_sharing", "a.jpg").status_code == 200
+
+
+def test_size_limit(svc):
+    client = svc["client"]
+    url = "/v1/models/hard_sharing/predict"
+    big = IMAGES["a.jpg"] + b"\x00" * MAX_REQUEST_BYTES
+    body = _assert_error(client.post(url, content=big, headers={"Content-Type": "image/jpeg"}), 413, "too_large")
+    assert body["limit_bytes"] == MAX_REQUEST_BYTES
+
+    def chunks():  # no Content-Length: chunked transfer, refused once the limit is passed
+        for _ in range(2 * MAX_REQUEST_BYTES // 65536):
+            yield b"\xff" * 65536
+
+    _assert_error(client.post(url, content=chunks(), headers={"Content-Type": "image/jpeg"}), 413, "too_large")
+    files = [("f", (f"{i}.jpg", IMAGES["a.jpg"] + b"\x00" * 100_000, "image/jpeg")) for i in range(4)]
+    _assert_error(client.post(url, files=files), 413, "too_large")
+    assert _predict_one(client, "hard_sharing", "a.jpg").status_code == 200
+
+
+def test_unknown_model(svc):
+    body = _assert_error(_predict_one(svc["client"], "no_such_model", "a.jpg"), 404, "unknown_model")
+    assert body["models"] == sorted(ZOO)
+    _assert_error(svc["client"].get("/v1/models/no_such_model"), 404, "unknown_model")
+
+
+def test_api_key(svc):
+    base = svc["base"]
+    with httpx.Client(base_url=base, timeout=30) as anon:
+        for r in (anon.get("/v1/models"), _predict_one(anon, "hard_sharing", "a.jpg"),
+                  anon.post("/v1/models/hard_sharing/predict", content=IMAGES["a.jpg"],
+                            headers={"Content-Type": "image/jpeg", "X-API-Key": "wrong"}),
+                  anon.get("/v1/models", headers={"Authorization": "Bearer wrong"})):
+            _assert_error(r, 401, "unauthorized")
+        assert anon.get("/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+        assert anon.get("/v1/models", headers={"X-API-Key": API_KEY}).status_code == 200
+
+
+def test_overload_gives_503_and_the_service_stays_up(svc):
+    """The `tight` app: one slow model replica taking one request at a time with a queue of one."""
+    client = svc["client"]
+    with ThreadPoolExecutor(24) as pool:
+        responses = list(pool.map(lambda _: _predict_one(client, "slow", "a.jpg", prefix="/tight"), range(24)))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(503) > 0 and codes.count(200) > 0, codes
+    rejected = next(r for r in responses if r.status_code == 503)
+    _assert_error(rejected, 503, "overloaded")
+    assert int(rejected.headers["retry-after"]) >= 1
+    ok = next(r for r in responses if r.status_code == 200)
+    _same_row(ok.json()["predictions"][0], svc["expected"]["hmtnet"]["a.jpg"])
+    # Afterwards: healthy and answering.
+    assert httpx.get(svc["base"] + "/tight/healthz").status_code == 200
+    assert _predict_one(client, "slow", "a.jpg", prefix="/tight").status_code == 200
