@@ -290,8 +290,9 @@ def fit(model, train_table: pd.DataFrame, val_table: pd.DataFrame, epochs: int |
 
 def format_epoch(model, m: dict, epochs: int, eta_s: float | None = None) -> str:
     core = getattr(model, "module", model)
+    names = set(core.outputs.names())  # per-output metrics only, not each of CelebA's 40 attributes
     keys = [core.primary_metric] + [k for k in sorted(m) if k.endswith((".accuracy", ".mae", ".pearson", ".nme"))
-                                    and k.count(".") == 1 and not k[0].isupper()]
+                                    and k.split(".", 1)[0] in names]
     shown = " ".join(f"{k}={m[k]:.4f}" for k in dict.fromkeys(keys) if k in m and isinstance(m[k], float))
     eta = f" eta={eta_s:.0f}s" if eta_s is not None else ""
     return (f"epoch {m['epoch']}/{epochs} train_loss={m['train_loss']:.4f} val_loss={m['val_loss']:.4f} "
