@@ -172,7 +172,8 @@ class DMMCNN(FaceModel):
     def __init__(self, num_landmarks: int = 5, image_size: int | tuple[int, int] = (218, 178),
                  backbone_weights: str | None = None, objective: tuple[str, ...] = OBJECTIVE_ATTRIBUTES,
                  beta: float = 0.5, gamma: float = 0.01, weight_mode: str = "floor", weight_floor: float = 1e-3,
-                 use_dynamic_weights: bool = True, use_adaptive_thresholds: bool = True, dropout: float = 0.0):
+                 use_dynamic_weights: bool = True, use_adaptive_thresholds: bool = True, dropout: float = 0.0,
+                 depth: int = 50):
         super().__init__()
         objective = tuple(objective)
         unknown = [a for a in objective if a not in CELEBA_ATTRIBUTES]
@@ -205,10 +206,11 @@ class DMMCNN(FaceModel):
         self.recipe = Recipe(optimizer="sgd", lr=1e-3, momentum=0.9, batch_size=64, epochs=15, schedule="plateau",
                              schedule_args={"factor": 0.1, "patience": 1}, validate_every=1000)
 
-        net = resnet(50, backbone_weights)
+        # depth: the paper's ResNet-50 by default; 18/34 (512 channels) for quick CPU runs and tests.
+        net = resnet(int(depth), backbone_weights)
         self.trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3,
                                    net.layer4)
-        channels = 2048
+        channels = net.fc.in_features
         self.spp_objective = SpatialPyramidPooling(OBJECTIVE_SPP_LEVELS)
         self.spp_subjective = SpatialPyramidPooling(SUBJECTIVE_SPP_LEVELS)
         d1, d3 = self.spp_objective.out_features(channels), self.spp_subjective.out_features(channels)

@@ -112,7 +112,7 @@ class TaskAttentionNet(FaceModel):
 
     def __init__(self, attention: bool = True, image_size: int = 224, backbone_weights: str | None = None,
                  units: int = 64, attention_weights: str = "per_module", fc_activation: str = "relu",
-                 task_weights: tuple[float, float] = (1.0, 1.0)):
+                 task_weights: tuple[float, float] = (1.0, 1.0), depth: int = 50):
         super().__init__()
         if int(units) < 1:
             raise ValueError(f"units must be >= 1, got {units}")
@@ -137,13 +137,15 @@ class TaskAttentionNet(FaceModel):
                              schedule="milestones", schedule_args={"milestones": [25], "gamma": 0.1},
                              augment={"hflip": 0.5, "shift": 0.1})
 
-        net = resnet(50, backbone_weights)
+        # depth: the paper's ResNet-50 by default; 18/34 (512 channels) for quick CPU runs and tests.
+        net = resnet(int(depth), backbone_weights)
+        feat = net.fc.in_features
         self.shared = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3)
         self.res5_smile = net.layer4
         self.res5_gender = copy.deepcopy(net.layer4)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc_smile = _he_normal(nn.Linear(2048, self.units))  # FCS
-        self.fc_gender = _he_normal(nn.Linear(2048, self.units))  # FCG
+        self.fc_smile = _he_normal(nn.Linear(feat, self.units))  # FCS
+        self.fc_gender = _he_normal(nn.Linear(feat, self.units))  # FCG
         self.act = nn.ReLU() if fc_activation == "relu" else nn.Identity()
         if self.attention:
             self.att_smile = CrossTaskAttention(self.units, attention_weights)  # Att_CGi: FCS|CG
