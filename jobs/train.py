@@ -1,0 +1,160 @@
+"""Train a model of the zoo with Ray Train (DDP over ``--workers``), resumable and fault tolerant.
+
+    python -m jobs.train --model dmm_cnn --data celeba:s3://bucket/celeba --workers 4 --gpu \\
+        --storage s3://bucket/runs --name celeba-dmm --output s3://bucket/models/dmm.pt
+
+The same command runs under ``ray job submit --working-dir . -- python -m jobs.train ...`` on a cluster
+and on a laptop, where it starts a local Ray with CPU workers. Every flag left out keeps the paper's recipe
+(``model.recipe``). One line per epoch; the metric history (``history.json``/``.csv``), the checkpoints
+and ``curves.png`` go to ``<storage>/<name>/``; the best checkpoint is exported in the project's format
+to ``--output``, whose URI is the last line printed. Running the same command again resumes the run.
+See raytasks/train.py for how training, validation, checkpoints and recovery work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+from raytasks.train import TrainError, TrainSpec, prepare, run
+
+
+def _model_arg(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--model-arg expects KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _fail_at(text: str) -> tuple[int, int, int]:
+    try:
+        parts = [int(x) for x in text.split(":")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (2, 3):
+        raise argparse.ArgumentTypeError(f"--inject-failure expects RANK:EPOCH[:STEP], got {text!r}")
+    return (parts[0], parts[1], parts[2] if len(parts) == 3 else 1)
+
+
+def _positive(kind):
+    def parse(text: str):
+        v = kind(text)
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return v
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="model name (models.list_models())")
+    p.add_argument("--data", required=True, help="FORMAT:URI, e.g. celeba:s3://bucket/celeba or utkface:DIR")
+    p.add_argument("--storage", default="runs", help="folder or s3:// prefix for checkpoints and history")
+    p.add_argument("--name", default=None, help="run name (default MODEL-FORMAT); the same name resumes")
+    p.add_argument("--output", default=None, help="where the best checkpoint goes (default <storage>/<name>/best.pt)")
+    g = p.add_argument_group("scaling")
+    g.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP processes)")
+    g.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL, bf16 autocast, channels_last)")
+    g.add_argument("--cpus-per-worker", type=_positive(float), default=1.0)
+    g.add_argument("--threads", type=_positive(int), default=None, help="torch threads per worker (default: its CPUs)")
+    g.add_argument("--no-amp", action="store_true", help="fp32 on GPUs instead of bf16 autocast")
+    g.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the last checkpoint")
+    g.add_argument("--worker-logs", action="store_true",
+                   help="forward the workers' and Ray Data's output here (it always stays in the Ray logs)")
+    g.add_argument("--keep", type=_positive(int), default=2, help="checkpoints kept (best by the primary metric)")
+    r = p.add_argument_group("recipe (default: the model's paper recipe)")
+    r.add_argument("--epochs", type=_positive(int))
+    r.add_argument("--batch-size", type=_positive(int), help="global batch per step, split over the workers")
+    r.add_argument("--lr", type=float)
+    r.add_argument("--optimizer", choices=("sgd", "adam", "adamw"))
+    r.add_argument("--weight-decay", type=float)
+    r.add_argument("--schedule", choices=("none", "step", "milestones", "plateau", "hard_sharing"))
+    r.add_argument("--patience", type=int, help="early stopping after this many epochs without improvement (0: off)")
+    r.add_argument("--validate-every", type=int, help="also validate every N steps (DMM-CNN's P; 0: off)")
+    r.add_argument("--no-augment", action="store_true", help="train without the recipe's augmentation")
+    m = p.add_argument_group("model")
+    m.add_argument("--image-size", type=_positive(int), help="input size (the model's image_size argument)")
+    m.add_argument("--num-landmarks", type=int, help="landmark points (DMM-CNN; default from the data)")
+    m.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
+                   help="any other constructor argument (value parsed as JSON when it can be)")
+    m.add_argument("--init-from", default=None, help="initialise from a checkpoint (e.g. attention from TMTL)")
+    m.add_argument("--find-unused-parameters", action="store_true", help="DDP option for models with idle branches")
+    q = p.add_argument_group("quick runs")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--limit", type=_positive(int), help="at most this many training images")
+    q.add_argument("--val-limit", type=_positive(int), help="at most this many validation images")
+    q.add_argument("--steps-per-epoch", type=_positive(int), help="cap on optimisation steps per epoch")
+    q.add_argument("--inject-failure", type=_fail_at, default=None, metavar="RANK:EPOCH[:STEP]",
+                   help="testing: that worker process exits once at that step (marker file in the run folder)")
+    return p
+
+
+def spec_from_args(args: argparse.Namespace) -> TrainSpec:
+    model_kwargs = dict(args.model_arg)
+    if args.image_size is not None:
+        model_kwargs["image_size"] = args.image_size
+    if args.num_landmarks is not None:
+        model_kwargs["num_landmarks"] = args.num_landmarks
+    recipe = {k: v for k, v in {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                                "optimizer": args.optimizer, "weight_decay": args.weight_decay,
+                                "schedule": args.schedule}.items() if v is not None}
+    if args.patience is not None:
+        recipe["early_stopping_patience"] = args.patience or None
+    if args.validate_every is not None:
+        recipe["validate_every"] = args.validate_every or None
+    if args.no_augment:
+        recipe["augment"] = {}
+    fmt = args.data.partition(":")[0]
+    return TrainSpec(
+        model=args.model, data=args.data, storage=args.storage, name=args.name or f"{args.model}-{fmt}",
+        output=args.output, model_kwargs=model_kwargs, recipe=recipe, workers=args.workers,
+        use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker, threads=args.threads, amp=not args.no_amp,
+        seed=args.seed, max_failures=args.max_failures, keep=args.keep, limit=args.limit,
+        val_limit=args.val_limit, steps_per_epoch=args.steps_per_epoch, init_from=args.init_from,
+        find_unused_parameters=args.find_unused_parameters, fail_at=args.inject_failure,
+    )
+
+
+def main(argv: list[str] | None = None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    spec = spec_from_args(args)
+    if not spec.storage.startswith("s3://"):
+        spec.storage = os.path.abspath(spec.storage)  # Ray Train wants an absolute local path
+    try:
+        prepared = prepare(spec)  # bad flags or data fail here, before Ray starts
+    except (TrainError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        # a local Ray gets enough logical CPUs for the workers plus Ray Data's decoding
+        cpus = None if address else max(os.cpu_count() or 1, math.ceil(spec.workers * spec.cpus_per_worker) + 1)
+        ray.init(address=address, num_cpus=cpus, log_to_driver=args.worker_logs)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        outcome = run(spec, prepared=prepared)
+    except (TrainError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    best = outcome.best_metrics
+    shown = " ".join(f"{k}={best[k]:.4f}" for k in sorted(best)
+                     if k == "val_loss" or k.endswith(("accuracy", ".mae", ".nme", ".pearson")))
+    print(f"best epoch {outcome.best_epoch}: {shown}")
+    print(f"history {outcome.run_uri}/history.json, curves {outcome.curves}")
+    print(outcome.output, flush=True)
+    return outcome
+
+
+if __name__ == "__main__":
+    main()
