@@ -410,7 +410,7 @@ def train_worker(cfg: dict) -> None:
         hook_hashes: list[str] = []  # the model's state buffers right after each on_validation (before DDP
         # forwards broadcast rank 0's buffers again): equal on every worker iff the hook saw equal stats
         batches = _nonempty(train_shard.iter_batches(batch_size=bs, batch_format="numpy", prefetch_batches=2))
-        train_time = 0.0
+        val_time, t_first, n_first = 0.0, None, 0  # steady state: from the end of the epoch's first step
         while True:
             limit_hit = cfg["steps_per_epoch"] and steps_local >= cfg["steps_per_epoch"]
             batch = None if limit_hit else next(batches, None)
@@ -424,6 +424,8 @@ def train_worker(cfg: dict) -> None:
                 first_step_hashes["after_first_step"] = weights_sha(core)
                 recorded = True
             n = len(batch["image"])
+            if t_first is None:
+                t_first, n_first = time.perf_counter(), n
             for k, v in out.items():
                 loss_sums[k] = loss_sums.get(k, 0.0) + v * n
             n_local += n
@@ -440,12 +442,14 @@ def train_worker(cfg: dict) -> None:
                 stats = _validate(core, val_shard, bs, device, amp, channels_last)
                 hook_logs = core.on_validation(stats, epoch)
                 hook_hashes.append(state_buffers_sha(core))
-                train_time -= time.perf_counter() - tv
-        train_time += time.perf_counter() - t0
+                val_time += time.perf_counter() - tv
+        t_end = time.perf_counter()
+        train_time = t_end - t0 - val_time
+        steady_time = t_end - (t_first or t_end) - val_time
 
         keys = sorted(loss_sums)
-        totals = all_sum([loss_sums[k] for k in keys] + [n_local, steps_local, train_time], device)
-        n_all = totals[len(keys)]
+        totals = all_sum([loss_sums[k] for k in keys] + [n_local, n_local - n_first], device)
+        n_all, n_steady = totals[len(keys)], totals[len(keys) + 1]
         stats = _validate(core, val_shard, bs, device, amp, channels_last)
         metrics = core.metrics(stats)
         if not recipe.validate_every:
@@ -458,10 +462,13 @@ def train_worker(cfg: dict) -> None:
         for k, v in zip(keys, totals):
             metrics["train_" + k] = v / max(n_all, 1.0)
         metrics["train_loss"] = metrics.get("train_loss", float("nan"))
-        max_time = max(gather(train_time))
+        times = gather((train_time, steady_time))  # the slowest worker sets the pace
+        max_time, max_steady = max(t for t, _ in times), max(t for _, t in times)
         metrics.update(epoch=epoch, step=step, lr=opt.param_groups[0]["lr"], train_images=n_all,
                        val_images=max((float(s["n"]) for s in stats.values()), default=0.0),
-                       samples_per_s=n_all / max(max_time, 1e-9), epoch_time_s=time.perf_counter() - t0)
+                       samples_per_s=n_all / max(max_time, 1e-9),
+                       steady_samples_per_s=n_steady / max_steady if max_steady > 0 else float("nan"),
+                       train_time_s=max_time, epoch_time_s=time.perf_counter() - t0)
         value = engine.primary_value(core, metrics)
         if engine.is_better(core, value, best):
             best, best_epoch, since_best = value, epoch, 0
