@@ -152,7 +152,11 @@ class Predictor:
             cols[f.name] = [None] * n
         idx = np.flatnonzero(ok)
         if len(idx):
-            images = torch.from_numpy(np.ascontiguousarray(np.asarray(batch["image"])[idx]))
+            images = batch["image"]
+            if isinstance(images, torch.Tensor):  # already a tensor (the label job's GPU decode keeps it on the GPU)
+                images = images[torch.as_tensor(idx, device=images.device)]
+            else:
+                images = torch.from_numpy(np.ascontiguousarray(np.asarray(images)[idx]))
             raw = self.forward_uint8(images)
             geo = np.asarray(batch["geometry"])[idx]
             h, w = self.preprocessing.size
