@@ -1,0 +1,75 @@
+"""Label a folder, bucket prefix or manifest of images with a checkpoint: one Parquet row per image.
+
+    python -m jobs.label --checkpoint s3://bucket/models/dmm.pt --input s3://bucket/photos/ \\
+        --output s3://bucket/labels/run-1/
+
+The same command runs under ``ray job submit --working-dir . -- python -m jobs.label ...`` (it connects to
+the cluster through ``RAY_ADDRESS``) and on a laptop with local folders (it starts a local Ray). Running it
+again over the same ``--output`` finishes an interrupted run and adds nothing to a finished one. The rows
+go to ``<output>/labels/*.parquet`` (schema: docs/schema.md), the summary to ``<output>/_summary.json``.
+See raytasks/label.py for the pipeline, the input rules and how resuming works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from raytasks.label import LabelError, LabelSpec, ensure_ray, label
+
+
+def _positive(kind):
+    def parse(text: str):
+        v = kind(text)
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return v
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = LabelSpec("", "", "")
+    p = argparse.ArgumentParser(prog="python -m jobs.label", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint file (path or s3:// URI)")
+    p.add_argument("--input", required=True,
+                   help="folder or s3:// prefix (read recursively), or a .parquet/.csv manifest with a 'path' column")
+    p.add_argument("--output", required=True, help="folder or s3:// prefix for the Parquet rows and the summary")
+    p.add_argument("--batch-size", type=_positive(int), default=d.batch_size, help="images per decode and model batch")
+    p.add_argument("--min-actors", type=_positive(int), default=d.min_actors, help="predictor actors at least")
+    p.add_argument("--max-actors", type=_positive(int), default=None,
+                   help="predictor actors at most (default: as many as the cluster's GPUs or CPUs fit)")
+    p.add_argument("--gpus-per-actor", type=float, default=d.gpus_per_actor, help="GPUs per predictor actor (0: CPU)")
+    p.add_argument("--cpus-per-actor", type=_positive(float), default=d.cpus_per_actor,
+                   help="CPUs per CPU predictor actor (also its torch threads)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=d.precision,
+                   help="auto: bf16 autocast where the hardware supports it")
+    p.add_argument("--gpu-decode", action="store_true",
+                   help="decode JPEGs on the predictor's GPU (torchvision.io.decode_jpeg); needs --gpus-per-actor > 0")
+    p.add_argument("--max-rows-per-file", type=_positive(int), default=d.max_rows_per_file,
+                   help="rows per Parquet file at most")
+    p.add_argument("--limit", type=_positive(int), default=None,
+                   help="label at most this many new images in this run (run again without it to finish)")
+    p.add_argument("--throttle", type=float, default=0.0, metavar="SECONDS",
+                   help="sleep after each model batch (to watch progress, or to interrupt and resume a run)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    spec = LabelSpec(checkpoint=args.checkpoint, input=args.input, output=args.output, batch_size=args.batch_size,
+                     min_actors=args.min_actors, max_actors=args.max_actors, gpus_per_actor=args.gpus_per_actor,
+                     cpus_per_actor=args.cpus_per_actor, precision=args.precision, gpu_decode=args.gpu_decode,
+                     max_rows_per_file=args.max_rows_per_file, limit=args.limit, throttle_s=args.throttle)
+    try:
+        spec.validate()  # flag errors before starting Ray
+        ensure_ray()
+        return label(spec, echo=lambda line: print(line, flush=True))
+    except LabelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,693 @@
+"""Bulk labeling with Ray Data: a folder, prefix or manifest of images -> one Parquet row per image.
+
+    label(LabelSpec(checkpoint="s3://b/models/dmm.pt", input="s3://b/photos/", output="s3://b/labels/run-1/"))
+
+The pipeline reads as a chain (see :func:`build_dataset`)::
+
+    read_parquet(paths) -> [Ray's CheckpointFilter] -> map_batches(load_and_decode)      CPU tasks
+                        -> map_batches(PredictorActor, ActorPoolStrategy(min, max))    one model per actor
+                        -> write_parquet(OUTPUT/labels/)                               committed per file
+
+What goes in
+    ``--input`` is a folder or ``s3://`` prefix, read recursively, or a manifest: a ``.parquet`` or ``.csv``
+    file with a ``path`` column (absolute paths or ``s3://`` URIs; relative ones are resolved against the
+    manifest's folder). In a folder, an input image is
+
+    * every file whose extension is an image extension (``facedata.storage.IMAGE_EXTENSIONS``), whatever it
+      holds: a ``.jpg`` that is empty, text or truncated becomes an error row, not a silent skip;
+    * every other file whose first bytes are a JPEG, PNG, GIF, BMP, WebP or TIFF signature (a photo saved
+      without extension, ``IMG_0001.JPG.bak``). Other files (text, JSON, videos, our own Parquet) are not
+      inputs and are only counted in the summary (``skipped_not_image``). Hidden names (``.x``) are skipped.
+
+    A manifest's paths are all inputs, whatever their extension. The folder is listed by streaming
+    (``os.walk`` locally, the S3 ``ListObjectsV2`` paginator for buckets: pyarrow's ``get_file_info`` and Ray's
+    ``read_binary_files`` both build the whole listing in one process) into ``OUTPUT/_inputs/part-*.parquet``
+    of at most ``LISTING_CHUNK`` paths each, so the driver never holds all paths; a manifest is read by Ray
+    Data's own Parquet / CSV readers. Either way the pipeline starts from a dataset of paths, so a resumed
+    run skips finished images without reading their bytes.
+
+What comes out (the schema is ``Predictor.schema``, documented in docs/schema.md)
+    ``OUTPUT/labels/*.parquet``: exactly one row per input image, error rows included, at most
+    ``--max-rows-per-file`` rows per file (Ray Data's ``write_parquet``; bounded size).
+    ``pandas.read_parquet(OUTPUT)`` reads the labels: pyarrow's dataset discovery ignores the ``_``-prefixed
+    bookkeeping next to them: ``_checkpoint/`` (Ray Data's committed row ids), ``_inputs/`` (the listing of a
+    folder input) and ``_summary.json`` (the summary printed at the end).
+
+Resumable and idempotent: Ray Data's row-level checkpointing (``DataContext.checkpoint_config``, Ray 2.60)
+    with ``id_column="path"``. Every write task first writes a *pending* checkpoint file naming the paths it
+    is about to write, then its Parquet file(s), then renames the pending file to *committed*. A run that
+    is killed leaves committed files (complete data) and maybe pending ones (data possibly partial). The next
+    run, before reading anything, deletes each pending checkpoint's data files and the pending file itself
+    (Ray's ``_clean_pending_checkpoints``), loads the committed paths into the object store (not the driver),
+    and drops those paths right after the read (a ``CheckpointFilter`` actor), so every path is written
+    exactly once across all runs; a run over a finished output writes nothing. On S3 the rename is a copy
+    then a delete; a kill between the two leaves both files, and the data file is complete (the commit only
+    starts after it is written), so :func:`repair_checkpoints` deletes such pending files before Ray's
+    cleanup would wrongly delete the data. The checkpoint is kept after success
+    (``delete_checkpoint_on_success=False``): it is what makes a second run add nothing. The identity of a
+    row is its path: a manifest must list each path once, and files added to a folder after a run are
+    labeled by the next run over the same output. Do not run two jobs on one output at the same time.
+
+    Ray's CheckpointFilter actor reserves one CPU; the pipeline therefore needs the predictor actors' CPUs
+    plus three more (filter, decode, write). On a laptop the local Ray gets ``max(4, cores)`` logical CPUs.
+
+Precision and devices: ``Predictor`` (raytasks/predictor.py) loads the checkpoint once per actor and runs
+    ``inference_mode``, ``channels_last`` and bf16 autocast (``--precision auto``: bf16 on CPUs and on GPUs
+    that support it; ``fp32`` turns it off). ``--gpu-decode`` moves JPEG decoding into the GPU actor
+    (``torchvision.io.decode_jpeg(device="cuda")``), see :func:`gpu_decode_batch`; it needs
+    ``--gpus-per-actor > 0`` and fails with a clear error otherwise.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import io
+import json
+import logging
+import os
+import posixpath
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from facedata import storage
+from raytasks.predictor import GEOMETRY_KEYS, Predictor, decode_batch
+
+log = logging.getLogger(__name__)
+
+LABELS_DIR = "labels"
+CHECKPOINT_DIR = "_checkpoint"
+INPUTS_DIR = "_inputs"
+SUMMARY_FILE = "_summary.json"
+LISTING_CHUNK = 20_000  # paths per listing file (and at most this many paths in the driver at once)
+MAX_FILE_BYTES = 256 * 1024 * 1024  # bigger files are an error row ("too_large") without being read whole
+MANIFEST_SUFFIXES = (".parquet", ".csv")
+FETCH_THREADS = 16  # concurrent reads per decode task (S3 latency)
+DECODE_FILE_BYTES = 4 * 1024 * 1024  # a photo's bytes plus PIL's (draft-reduced) decode buffer, for decode_memory
+
+
+class LabelError(ValueError):
+    """A problem with the command (bad flag, missing input, cluster without the resources asked for)."""
+
+
+@dataclasses.dataclass
+class LabelSpec:
+    checkpoint: str
+    input: str
+    output: str
+    batch_size: int = 64
+    min_actors: int = 1
+    max_actors: int | None = None  # default: what the cluster fits, see resolve_pool
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    precision: str = "auto"  # auto | bf16 | fp32
+    gpu_decode: bool = False
+    max_rows_per_file: int = 50_000
+    limit: int | None = None  # label at most this many new images in this run
+    throttle_s: float = 0.0  # sleep after each predictor batch (to demonstrate and test kill + resume)
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise LabelError("--batch-size must be >= 1")
+        if self.min_actors < 1 or (self.max_actors is not None and self.max_actors < self.min_actors):
+            raise LabelError("need 1 <= --min-actors <= --max-actors")
+        if self.gpus_per_actor < 0 or self.cpus_per_actor <= 0:
+            raise LabelError("--gpus-per-actor must be >= 0 and --cpus-per-actor > 0")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise LabelError("--precision must be auto, bf16 or fp32")
+        if self.gpu_decode and self.gpus_per_actor <= 0:
+            raise LabelError("--gpu-decode decodes JPEGs on the predictor's GPU: it needs --gpus-per-actor > 0")
+        if self.max_rows_per_file < 1:
+            raise LabelError("--max-rows-per-file must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise LabelError("--limit must be >= 1")
+
+
+# ------------------------------------------------------------------------------------------------------
+# What counts as an image
+# ------------------------------------------------------------------------------------------------------
+
+def has_image_extension(path: str) -> bool:
+    return path.lower().endswith(storage.IMAGE_EXTENSIONS)
+
+
+def looks_like_image(head: bytes) -> bool:
+    """Whether the first bytes of a file are the signature of an image format PIL decodes."""
+    if head.startswith(b"\xff\xd8\xff") or head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return True
+    if head[:6] in (b"GIF87a", b"GIF89a") or head[:4] in (b"II*\x00", b"MM\x00*"):
+        return True
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return True
+    # BMP: "BM" is common at the start of text, so also ask for a known DIB header size
+    return head[:2] == b"BM" and len(head) >= 18 and int.from_bytes(head[14:18], "little") in (12, 40, 52, 56, 64, 108, 124)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Input: streaming listing of a folder or prefix, or a manifest
+# ------------------------------------------------------------------------------------------------------
+
+def iter_folder(uri: str) -> Iterator[str]:
+    """Every non-hidden file under a local folder or ``s3://`` prefix, as a URI, streaming (sorted within
+    each local directory; S3 lists keys in order)."""
+    if storage.is_s3(uri):
+        import boto3
+
+        bucket, _, prefix = uri[len("s3://"):].partition("/")
+        prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
+        client = boto3.client("s3", endpoint_url=storage.s3_endpoint(),
+                              region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", ()):
+                key = obj["Key"]
+                rel = key[len(prefix):]
+                if key.endswith("/") or any(part.startswith(".") for part in rel.split("/")):
+                    continue
+                yield f"s3://{bucket}/{key}"
+        return
+    _, root = storage.filesystem(uri)
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                yield os.path.join(dirpath, name)
+
+
+def _read_head(uri: str, n: int = 32) -> bytes:
+    fs, path = storage.filesystem(uri)
+    try:
+        with fs.open_input_file(path) as f:
+            return f.read(n)
+    except OSError:
+        return b""  # unreadable: not known to be an image; a file with an image extension is always an input
+
+
+@dataclasses.dataclass
+class Listing:
+    files: int = 0
+    inputs: int = 0
+    skipped_not_image: int = 0
+
+
+def write_listing(input_uri: str, listing_uri: str, chunk: int = LISTING_CHUNK) -> Listing:
+    """List ``input_uri`` into Parquet files of at most ``chunk`` paths under ``listing_uri`` (replaced).
+    Files without an image extension are kept when their first bytes are an image signature (read
+    concurrently, ``FETCH_THREADS`` at a time)."""
+    fs, root = storage.filesystem(listing_uri)
+    if fs.get_file_info(root).type != pafs.FileType.NotFound:
+        fs.delete_dir_contents(root)
+    fs.create_dir(root, recursive=True)
+    stats = Listing()
+    pending: list[str] = []
+    part = 0
+
+    def flush(paths: list[str]) -> None:
+        nonlocal part
+        unknown = [p for p in paths if not has_image_extension(p)]
+        if unknown:
+            with cf.ThreadPoolExecutor(FETCH_THREADS) as pool:
+                heads = dict(zip(unknown, pool.map(_read_head, unknown)))
+            keep = [p for p in paths if has_image_extension(p) or looks_like_image(heads[p])]
+        else:
+            keep = paths
+        stats.skipped_not_image += len(paths) - len(keep)
+        stats.inputs += len(keep)
+        if keep:
+            pq.write_table(pa.table({"path": pa.array(keep, pa.string())}),
+                           f"{root}/part-{part:06d}.parquet", filesystem=fs)
+            part += 1
+
+    for uri in iter_folder(input_uri):
+        stats.files += 1
+        pending.append(uri)
+        if len(pending) >= chunk:
+            flush(pending)
+            pending = []
+    if pending:
+        flush(pending)
+    return stats
+
+
+def is_manifest(uri: str) -> bool:
+    return uri.lower().endswith(MANIFEST_SUFFIXES)
+
+
+def manifest_rows(uri: str) -> int:
+    """Rows of a manifest, counted without holding it: Parquet from its footer, CSV by streaming."""
+    fs, path = storage.filesystem(uri)
+    if uri.lower().endswith(".parquet"):
+        return pq.ParquetFile(fs.open_input_file(path)).metadata.num_rows
+    import pyarrow.csv as pacsv
+
+    n = 0
+    with fs.open_input_stream(path) as f:
+        reader = pacsv.open_csv(f, convert_options=pacsv.ConvertOptions(include_columns=["path"],
+                                                                         column_types={"path": pa.string()}))
+        for batch in reader:
+            n += batch.num_rows
+    return n
+
+
+def check_manifest(uri: str) -> None:
+    fs, path = storage.filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise LabelError(f"manifest not found: {uri}")
+    if uri.lower().endswith(".parquet"):
+        try:
+            names = pq.read_schema(fs.open_input_file(path)).names
+        except pa.ArrowInvalid as e:
+            raise LabelError(f"{uri} is not a Parquet file ({e})") from None
+    else:
+        with fs.open_input_stream(path) as f:
+            header = f.read(64 * 1024).split(b"\n", 1)[0].decode("utf-8", "replace")
+        names = [c.strip().strip('"') for c in header.rstrip("\r").split(",")]
+    if "path" not in names:
+        raise LabelError(f"manifest {uri} has no 'path' column (columns: {', '.join(names) or 'none'})")
+
+
+def resolve_path(path: str, base: str | None) -> str:
+    """A manifest entry -> a readable URI: absolute paths and s3:// URIs as they are, relative paths
+    against the manifest's folder."""
+    if not base or storage.is_s3(path) or path.startswith("file://") or os.path.isabs(path):
+        return path
+    return storage.join(base, path)
+
+
+# ------------------------------------------------------------------------------------------------------
+# CPU stage: bytes -> decoded uint8 images (or, with --gpu-decode, JPEG bytes checked for the GPU)
+# ------------------------------------------------------------------------------------------------------
+
+_POOL: cf.ThreadPoolExecutor | None = None
+
+
+def _pool() -> cf.ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = cf.ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="label-fetch")
+    return _POOL
+
+
+def fetch(uri: str, max_bytes: int = MAX_FILE_BYTES) -> tuple[bytes | None, str | None, str | None]:
+    """Read a file -> ``(bytes, None, None)`` or ``(None, error kind, message)``; never raises."""
+    if not uri:
+        return None, "unreadable", "empty path"
+    try:
+        fs, path = storage.filesystem(uri)
+        with fs.open_input_stream(path) as f:
+            data = f.read(max_bytes + 1)
+    except FileNotFoundError:
+        return None, "unreadable", "file not found"
+    except PermissionError:
+        return None, "unreadable", "permission denied"
+    except (OSError, ValueError, pa.ArrowException) as e:
+        return None, "unreadable", f"{type(e).__name__}: {e}"
+    if len(data) > max_bytes:
+        return None, "too_large", f"file is over {max_bytes} bytes"
+    return data, None, None
+
+
+def _decoded_table(cols: dict, images: np.ndarray, data: list | None = None) -> pa.Table:
+    from ray.data.extensions import ArrowTensorArray
+
+    n = len(cols["path"])
+    arrays = {
+        "path": pa.array([str(p) for p in cols["path"]], pa.string()),
+        "ok": pa.array(np.asarray(cols["ok"], dtype=bool)),
+        "error_kind": pa.array(list(cols["error_kind"]), pa.string()),
+        "error_message": pa.array(list(cols["error_message"]), pa.string()),
+        "width": pa.array(np.asarray(cols["width"], dtype=np.int32)),
+        "height": pa.array(np.asarray(cols["height"], dtype=np.int32)),
+        "geometry": ArrowTensorArray.from_numpy(np.asarray(cols["geometry"], dtype=np.float64).reshape(n, 4)),
+        "image": ArrowTensorArray.from_numpy(np.ascontiguousarray(images)),
+    }
+    if data is not None:
+        arrays["gpu_bytes"] = pa.array(data, pa.binary())
+    return pa.table(arrays)
+
+
+def load_and_decode(batch: pa.Table, pre_dict: dict, base: str | None = None, gpu_decode: bool = False) -> pa.Table:
+    """Map function of the CPU stage: a batch of ``path`` rows -> a decoded batch (``decode_batch``'s
+    columns), reading the files concurrently. A file that cannot be read becomes an ``unreadable`` row.
+    With ``gpu_decode``, JPEGs that the GPU can take (RGB or grey, within the pixel limit: checked from the
+    header) travel as bytes in ``gpu_bytes`` and are decoded in the actor; everything else is decoded here."""
+    from models.preprocess import Preprocessing
+
+    pre = Preprocessing.from_dict(pre_dict)
+    paths = [p if p is not None else "" for p in batch.column("path").to_pylist()]
+    fetched = list(_pool().map(lambda p: fetch(resolve_path(p, base)), paths))
+    datas = [d if d is not None else b"" for d, _, _ in fetched]
+    gpu = [False] * len(paths)
+    if gpu_decode:
+        gpu = [d is not None and jpeg_for_gpu(d, pre) for d, _, _ in fetched]
+    cpu_idx = [i for i, g in enumerate(gpu) if not g]
+    sub = decode_batch([paths[i] for i in cpu_idx], [datas[i] for i in cpu_idx], pre)
+    n = len(paths)
+    c, (h, w) = pre.channels, pre.size
+    cols = {"path": paths, "ok": np.zeros(n, bool), "error_kind": [None] * n, "error_message": [None] * n,
+            "width": np.zeros(n, np.int32), "height": np.zeros(n, np.int32), "geometry": np.zeros((n, 4))}
+    images = np.zeros((n, c, h, w), np.uint8)
+    for j, i in enumerate(cpu_idx):
+        for k in ("ok", "width", "height", "geometry"):
+            cols[k][i] = sub[k][j]
+        cols["error_kind"][i], cols["error_message"][i] = sub["error_kind"][j], sub["error_message"][j]
+        images[i] = sub["image"][j]
+    for i, (_, kind, message) in enumerate(fetched):
+        if kind is not None:  # the read failed: its reason, not decode's "empty"
+            cols["ok"][i], cols["error_kind"][i], cols["error_message"][i] = False, kind, message
+    gpu_bytes = [datas[i] if gpu[i] else None for i in range(n)] if gpu_decode else None
+    return _decoded_table(cols, images, gpu_bytes)
+
+
+# ------------------------------------------------------------------------------------------------------
+# GPU decode (--gpu-decode): torchvision.io.decode_jpeg on the actor's device, then the model's resize
+# ------------------------------------------------------------------------------------------------------
+
+def jpeg_for_gpu(data: bytes, pre) -> bool:
+    """Whether a file can go to the GPU decoder: a baseline/progressive JPEG in RGB or grey (CMYK and YCCK
+    JPEGs, other formats and anything PIL cannot parse the header of stay on the CPU path, which gives them
+    their label or error row) within the pixel limit."""
+    from PIL import Image
+
+    if not data.startswith(b"\xff\xd8\xff"):
+        return False
+    try:
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        return img.format == "JPEG" and img.mode in ("RGB", "L") and w * h <= pre.max_pixels
+    except Exception:  # noqa: BLE001 - any header problem: let the CPU decoder name the error
+        return False
+
+
+def resize_like_preprocess(img, pre):
+    """A decoded uint8 (C, H, W) tensor on any device -> (uint8 (C, h, w) of the model's input size, geometry
+    as in ``models.preprocess.decode``). Bilinear with antialiasing, as PIL's resize; pixel values may differ
+    from the CPU path by a few levels (different JPEG IDCT and resampling kernels)."""
+    import torch
+    import torch.nn.functional as F
+
+    H, W = pre.size
+    _, oh, ow = img.shape
+    x = img.unsqueeze(0).float()
+    geometry = {"width": ow, "height": oh}
+    if pre.resize == "stretch":
+        x = F.interpolate(x, size=(H, W), mode="bilinear", antialias=True, align_corners=False)
+        geometry.update(sx=ow / W, sy=oh / H, tx=0.0, ty=0.0)
+    else:
+        shorter = pre.resize_shorter or min(H, W)
+        s = shorter / min(ow, oh)
+        rw, rh = max(W, round(ow * s)), max(H, round(oh * s))
+        x = F.interpolate(x, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
+        left, top = (rw - W) // 2, (rh - H) // 2
+        x = x[:, :, top:top + H, left:left + W]
+        sxr, syr = ow / rw, oh / rh
+        geometry.update(sx=sxr, sy=syr, tx=left * sxr, ty=top * syr)
+    return x.round_().clamp_(0, 255).to(torch.uint8)[0], geometry
+
+
+def gpu_decode_batch(datas: list[bytes], pre, device) -> list:
+    """JPEG bytes -> per item ``(uint8 (C, h, w) tensor on device, geometry)`` or an Exception. Decodes the
+    batch in one ``decode_jpeg`` call, falling back to one call per image when the batch call fails."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    mode = ImageReadMode.GRAY if pre.channels == 1 else ImageReadMode.RGB
+    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    try:
+        decoded = decode_jpeg(tensors, mode=mode, device=device, apply_exif_orientation=True)
+    except RuntimeError:
+        decoded = []
+        for t in tensors:
+            try:
+                decoded.append(decode_jpeg(t, mode=mode, device=device, apply_exif_orientation=True))
+            except RuntimeError as e:
+                decoded.append(e)
+    out = []
+    for d in decoded:
+        out.append(d if isinstance(d, Exception) else resize_like_preprocess(d, pre))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------
+# The model stage
+# ------------------------------------------------------------------------------------------------------
+
+class PredictorActor:
+    """``map_batches`` class: the checkpoint loaded once per actor (``Predictor``); a decoded batch in,
+    rows of ``Predictor.schema`` out (a ``pyarrow.Table``)."""
+
+    def __init__(self, checkpoint: str, precision: str = "auto", device: str | None = None,
+                 threads: int | None = None, gpu_decode: bool = False, throttle_s: float = 0.0):
+        self.predictor = Predictor(checkpoint, device=device, precision=precision, channels_last=True,
+                                   threads=threads)
+        self.gpu_decode = gpu_decode
+        self.throttle_s = throttle_s
+        if gpu_decode and self.predictor.device.type != "cuda":
+            raise RuntimeError("--gpu-decode needs CUDA in the predictor actors, but this actor runs on "
+                               f"{self.predictor.device} (torch.cuda.is_available() is False)")
+
+    def __call__(self, batch: dict) -> pa.Table:
+        if self.gpu_decode:
+            batch = self._decode_on_gpu(batch)
+        cols = self.predictor.predict_decoded(batch)
+        if self.throttle_s:
+            time.sleep(self.throttle_s)
+        return self.predictor.to_table(cols)
+
+    def _decode_on_gpu(self, batch: dict) -> dict:
+        import torch
+
+        from models.preprocess import ImageDecodeError, decode
+
+        pre = self.predictor.preprocessing
+        raw = batch.pop("gpu_bytes")
+        idx = [i for i, d in enumerate(raw) if d is not None]
+        if not idx:
+            return batch
+        images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.predictor.device)
+        batch = {k: (np.array(v, copy=True) if isinstance(v, np.ndarray) else v) for k, v in batch.items()}
+        for i, res in zip(idx, gpu_decode_batch([bytes(raw[i]) for i in idx], pre, self.predictor.device)):
+            if isinstance(res, Exception):  # nvjpeg refused it: the CPU decoder gives the label or the error
+                try:
+                    t, g = decode(bytes(raw[i]), pre)
+                    res = (t.to(self.predictor.device), g)
+                except ImageDecodeError as e:
+                    batch["ok"][i], batch["error_kind"][i], batch["error_message"][i] = False, e.kind, e.message
+                    continue
+            img, g = res
+            images[i] = img
+            batch["ok"][i] = True
+            batch["width"][i], batch["height"][i] = g["width"], g["height"]
+            batch["geometry"][i] = [g[k] for k in GEOMETRY_KEYS]
+        batch["image"] = images  # stays on the GPU: Predictor.predict_decoded takes a tensor as it is
+        return batch
+
+
+# ------------------------------------------------------------------------------------------------------
+# Output bookkeeping
+# ------------------------------------------------------------------------------------------------------
+
+def output_paths(output: str) -> dict[str, str]:
+    return {k: storage.join(output, v) for k, v in
+            (("labels", LABELS_DIR), ("checkpoint", CHECKPOINT_DIR), ("inputs", INPUTS_DIR),
+             ("summary", SUMMARY_FILE))}
+
+
+def repair_checkpoints(checkpoint_uri: str) -> int:
+    """Delete pending checkpoint files whose committed twin exists (an S3 rename killed between its copy
+    and its delete: the data is complete). Returns how many were removed."""
+    fs, root = storage.filesystem(checkpoint_uri)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=False, allow_not_found=True))
+    names = {i.base_name for i in infos if i.type == pafs.FileType.File}
+    removed = 0
+    for name in names:
+        if name.endswith(".pending.parquet") and name[: -len(".pending.parquet")] + ".parquet" in names:
+            fs.delete_file(posixpath.join(root, name) if storage.is_s3(checkpoint_uri) else os.path.join(root, name))
+            removed += 1
+    return removed
+
+
+def output_stats(labels_uri: str) -> tuple[int, int, Counter]:
+    """``(rows, ok rows, error kinds)`` of the Parquet under ``labels_uri``, streaming one column."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    fs, root = storage.filesystem(labels_uri)
+    if fs.get_file_info(root).type == pafs.FileType.NotFound:
+        return 0, 0, Counter()
+    ds = pads.dataset(root, filesystem=fs, format="parquet")
+    rows, kinds = 0, Counter()
+    for b in ds.to_batches(columns=["error_kind"], batch_size=1 << 16):
+        rows += b.num_rows
+        for item in pc.value_counts(b.column(0)).to_pylist():
+            if item["values"] is not None:
+                kinds[item["values"]] += item["counts"]
+    return rows, rows - sum(kinds.values()), kinds
+
+
+# ------------------------------------------------------------------------------------------------------
+# The pipeline
+# ------------------------------------------------------------------------------------------------------
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to the cluster (``RAY_ADDRESS``, set by ``ray job submit``) or start a local Ray with at
+    least four logical CPUs (Ray's checkpoint filter actor takes one, see the module docstring)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=max(4, os.cpu_count() or 1))
+
+
+def resolve_pool(spec: LabelSpec) -> tuple[int, int]:
+    """``(min_size, max_size)`` of the predictor pool, checked against the cluster's resources."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
+    if spec.gpus_per_actor > 0:
+        fit = int(gpus // spec.gpus_per_actor)
+        if fit < 1:
+            raise LabelError(f"--gpus-per-actor {spec.gpus_per_actor} but the Ray cluster has {gpus:g} GPUs "
+                             "(run with --gpus-per-actor 0 to label on CPUs)")
+    else:
+        fit = int((cpus - 3) // spec.cpus_per_actor)  # leave the checkpoint filter, decode and write a CPU each
+        if fit < 1:
+            raise LabelError(f"the Ray cluster has {cpus:g} CPUs; a CPU predictor actor of --cpus-per-actor "
+                             f"{spec.cpus_per_actor:g} plus the filter, decode and write steps need "
+                             f"{spec.cpus_per_actor + 3:g}")
+    max_size = spec.max_actors if spec.max_actors is not None else max(spec.min_actors, fit)
+    if spec.min_actors > fit:
+        raise LabelError(f"--min-actors {spec.min_actors} but the cluster fits {fit} predictor actors")
+    return spec.min_actors, max_size
+
+
+def decode_memory(batch_size: int, pre_dict: dict) -> int:
+    """Memory a decode task reserves: per image the file and PIL's decode buffer (``DECODE_FILE_BYTES``) and
+    three copies of the model input (numpy, Arrow, serialisation). Besides keeping Ray from starting more
+    decode tasks than memory holds, a reservation the actors do not have keeps Ray Data from fusing the decode
+    into the predictor actors (ray.data's operator fusion needs equal remote arguments), so decoding scales
+    as CPU tasks, apart from the model."""
+    h, w = pre_dict["size"]
+    return int(batch_size * (DECODE_FILE_BYTES + 3 * pre_dict["channels"] * h * w))
+
+
+def build_dataset(spec: LabelSpec, paths_ds, pre_dict: dict, base: str | None, pool: tuple[int, int]):
+    """paths -> decoded batches (CPU tasks) -> predictor actors -> rows."""
+    import ray
+
+    threads = max(1, int(spec.cpus_per_actor))
+    ds = paths_ds.map_batches(load_and_decode, batch_format="pyarrow", batch_size=spec.batch_size,
+                              fn_kwargs={"pre_dict": pre_dict, "base": base, "gpu_decode": spec.gpu_decode},
+                              num_cpus=1, memory=decode_memory(spec.batch_size, pre_dict))
+    if spec.limit is not None:
+        ds = ds.limit(spec.limit)
+    actor_args = {"checkpoint": spec.checkpoint, "precision": spec.precision, "threads": threads,
+                  "gpu_decode": spec.gpu_decode, "throttle_s": spec.throttle_s}
+    resources = {"num_gpus": spec.gpus_per_actor} if spec.gpus_per_actor > 0 else {"num_cpus": spec.cpus_per_actor}
+    return ds.map_batches(PredictorActor, fn_constructor_kwargs=actor_args, batch_format="numpy",
+                          batch_size=spec.batch_size,
+                          compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]), **resources)
+
+
+def label(spec: LabelSpec, echo=print) -> dict:
+    """Run the label job (see the module docstring); returns the summary, also written to
+    ``OUTPUT/_summary.json``."""
+    import ray
+    from ray.data.checkpoint import CheckpointConfig
+
+    from models.checkpoint import CheckpointError, load_checkpoint
+
+    spec.validate()
+    start = time.perf_counter()
+    try:
+        model, info = load_checkpoint(spec.checkpoint)
+    except CheckpointError as e:
+        raise LabelError(str(e)) from None
+    pre_dict = model.preprocessing.to_dict()
+    del model
+    out = output_paths(spec.output)
+    ensure_ray()
+    pool = resolve_pool(spec)
+
+    base = None
+    listing = None
+    if is_manifest(spec.input):
+        check_manifest(spec.input)
+        inputs = manifest_rows(spec.input)
+        base = posixpath.dirname(spec.input) if storage.is_s3(spec.input) else os.path.dirname(os.path.abspath(spec.input))
+    else:
+        if not storage.is_dir(spec.input):
+            raise LabelError(f"--input {spec.input} is neither a folder/prefix nor a .parquet/.csv manifest")
+        listing = write_listing(spec.input, out["inputs"])
+        inputs = listing.inputs
+    if inputs == 0:
+        raise LabelError(f"no images in {spec.input}" + (f" ({listing.files} files, none an image)" if listing else ""))
+
+    removed = repair_checkpoints(out["checkpoint"])
+    if removed:
+        echo(f"repaired {removed} checkpoint file(s) left by an interrupted commit")
+    rows_before = output_stats(out["labels"])[0]
+    echo(f"labeling {spec.input}: {inputs} images ({rows_before} already labeled in {spec.output}) with "
+         f"{info.model} {info.short_hash()}, predictor actors {pool[0]}..{pool[1]}")
+
+    ctx = ray.data.DataContext.get_current()
+    ck_fs, ck_path = storage.filesystem(out["checkpoint"])
+    labels_fs, labels_path = storage.filesystem(out["labels"])
+    old_config, old_v2 = ctx.checkpoint_config, ctx.use_datasource_v2
+    ctx.checkpoint_config = CheckpointConfig(id_column="path", checkpoint_path=ck_path,
+                                             delete_checkpoint_on_success=False, override_filesystem=ck_fs)
+    # Ray 2.60's V2 Parquet reader spends 5-10 s in its ListFiles step per dataset here (measured: a
+    # read_parquet + map_batches of one small file takes 8-10 s with V2, 0.2 s with V1); our reads are a
+    # few small path files, and the checkpoint filter supports both.
+    ctx.use_datasource_v2 = False
+    try:
+        if listing is not None:
+            in_fs, in_path = storage.filesystem(out["inputs"])
+            paths_ds = ray.data.read_parquet(in_path, filesystem=in_fs).select_columns(["path"])
+        else:
+            in_fs, in_path = storage.filesystem(spec.input)
+            if spec.input.lower().endswith(".parquet"):
+                paths_ds = ray.data.read_parquet(in_path, filesystem=in_fs).select_columns(["path"])
+            else:
+                import pyarrow.csv as pacsv
+
+                paths_ds = ray.data.read_csv(in_path, filesystem=in_fs, convert_options=pacsv.ConvertOptions(
+                    include_columns=["path"], column_types={"path": pa.string()}))
+        ds = build_dataset(spec, paths_ds, pre_dict, base, pool)
+        ds.write_parquet(labels_path, filesystem=labels_fs, max_rows_per_file=spec.max_rows_per_file,
+                         min_rows_per_file=max(1, spec.max_rows_per_file // 2))
+    finally:
+        ctx.checkpoint_config, ctx.use_datasource_v2 = old_config, old_v2
+
+    seconds = time.perf_counter() - start
+    rows, ok, kinds = output_stats(out["labels"])
+    written = rows - rows_before
+    summary = {
+        "input": spec.input, "output": spec.output, "labels": out["labels"],
+        "checkpoint": spec.checkpoint, "model": info.model, "checkpoint_hash": info.hash,
+        "precision": spec.precision, "inputs": inputs,
+        "files_listed": listing.files if listing else None,
+        "skipped_not_image": listing.skipped_not_image if listing else None,
+        "rows_before": rows_before, "rows_written": written, "rows_total": rows,
+        "ok_total": ok, "errors_by_kind": dict(sorted(kinds.items())),
+        "complete": rows >= inputs, "seconds": round(seconds, 3),
+        "images_per_s": round(written / seconds, 2) if seconds > 0 else None,
+    }
+    storage.write_bytes(out["summary"], (json.dumps(summary, indent=2) + "\n").encode())
+    errors = ", ".join(f"{k} {v}" for k, v in summary["errors_by_kind"].items()) or "none"
+    echo(f"labeled {written} images in {seconds:.1f} s ({summary['images_per_s']} images/s); output holds "
+         f"{rows} rows for {inputs} inputs, {ok} ok, errors: {errors}")
+    if rows < inputs:
+        echo(f"{inputs - rows} inputs are not labeled yet: run the same command again to finish")
+    echo(f"summary: {out['summary']}")
+    return summary
