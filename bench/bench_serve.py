@@ -1,0 +1,281 @@
+"""Serving benchmark: a bounded load generator on loopback against the Ray Serve endpoint, side by side with
+the same model without HTTP, in one run.
+
+    python bench/bench_serve.py [--model age_gender_race] [--requests 200] [--concurrency 1,8,32]
+
+1. Model only, in this process (``raytasks.predictor.Predictor``, the code a replica runs): the time of one
+   image (bytes -> row) and the batched throughput at ``--max-batch-size`` (bytes -> rows, and the forward
+   pass alone).
+2. Served: ``raytasks.serve:build_app`` on 127.0.0.1, once with dynamic batching (``--max-batch-size``,
+   ``--batch-wait-timeout-s``) and once without (max_batch_size 1). For each concurrency C, C client
+   threads (one keep-alive connection each) send ``--requests`` requests in total, one JPEG each, and stop.
+   Throughput = requests / wall time; p50 / p99 of the per-request latency; mean batch size from the
+   replica's counters.
+
+Goals (issue 5): at concurrency 32 with batching, served throughput >= 0.8 x model-only batched throughput;
+at concurrency 1, p50 within 20 ms of the single-image model time. The checkpoint is randomly initialised
+(the cost of a forward pass does not depend on the weights). Timings on a shared machine are noisy: read
+the ratios, which are measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import http.client
+import io
+import json
+import os
+import platform
+import shlex
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import models  # noqa: E402
+from models.checkpoint import save_checkpoint  # noqa: E402
+from raytasks.predictor import Predictor, decode_batch  # noqa: E402
+
+
+def parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for it in items:
+        k, sep, v = it.partition("=")
+        if not sep:
+            raise SystemExit(f"--set wants KEY=VALUE, got {it!r}")
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def make_jpegs(n: int, size: int, seed: int = 0) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    out = []
+    yy, xx = np.mgrid[0:size, 0:size]
+    for i in range(n):
+        base = np.stack([xx * 255 // size, yy * 255 // size, np.full_like(xx, (i * 37) % 256)], -1)
+        arr = np.clip(base + rng.integers(-30, 30, base.shape), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def timed(fn, repeat: int) -> list[float]:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def model_only(ckpt: str, images: list[bytes], args) -> dict:
+    p = Predictor(ckpt, precision=args.precision, threads=args.threads)
+    b = args.max_batch_size
+    one = [("x.jpg", images[0])]
+    batch = [(f"{i}.jpg", images[i % len(images)]) for i in range(b)]
+    dec = decode_batch([n for n, _ in batch], [d for _, d in batch], p.preprocessing)
+    x = torch.from_numpy(dec["image"])
+    for _ in range(3):  # warm-up: kernel plans for batch 1 and batch B
+        p.predict_bytes(one)
+        p.predict_bytes(batch)
+    single = timed(lambda: p.predict_bytes(one), args.single_repeat)
+    batched = timed(lambda: p.predict_bytes(batch), args.batch_repeat)
+    fwd = timed(lambda: p.forward_uint8(x), args.batch_repeat)
+    return {
+        "precision": p.precision,
+        "single_image_ms_p50": 1000 * statistics.median(single),
+        "batched_img_s": b / statistics.median(batched),
+        "forward_only_batched_img_s": b / statistics.median(fwd),
+        "batch_size": b,
+    }
+
+
+class Client(threading.Thread):
+    """One keep-alive connection sending requests until the shared counter runs out."""
+
+    def __init__(self, port: int, path: str, images: list[bytes], counter, latencies: list, errors: list):
+        super().__init__(daemon=True)
+        self.port, self.path, self.images = port, path, images
+        self.counter, self.latencies, self.errors = counter, latencies, errors
+
+    def run(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        while True:
+            i = self.counter()
+            if i is None:
+                break
+            body = self.images[i % len(self.images)]
+            t = time.perf_counter()
+            try:
+                conn.request("POST", self.path, body=body, headers={"Content-Type": "image/jpeg"})
+                resp = conn.getresponse()
+                data = resp.read()
+                status = resp.status
+            except (OSError, http.client.HTTPException) as e:
+                self.errors.append(f"{type(e).__name__}: {e}")
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+                continue
+            dt_s = time.perf_counter() - t
+            if status != 200:
+                self.errors.append(f"HTTP {status}: {data[:200]!r}")
+            else:
+                self.latencies.append(dt_s)
+        conn.close()
+
+
+def load(port: int, path: str, images: list[bytes], n: int, concurrency: int) -> dict:
+    lock = threading.Lock()
+    state = {"next": 0}
+
+    def counter():
+        with lock:
+            if state["next"] >= n:
+                return None
+            state["next"] += 1
+            return state["next"] - 1
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    clients = [Client(port, path, images, counter, latencies, errors) for _ in range(concurrency)]
+    t = time.perf_counter()
+    for c in clients:
+        c.start()
+    for c in clients:
+        c.join()
+    wall = time.perf_counter() - t
+    lat = np.array(latencies) * 1000
+    return {"requests": n, "ok": len(latencies), "errors": len(errors), "first_error": errors[0] if errors else None,
+            "wall_s": wall, "throughput_req_s": len(latencies) / wall,
+            "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
+            "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan")}
+
+
+def replica_stats(port: int, model: str) -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", f"/v1/models/{model}")
+    stats = json.loads(conn.getresponse().read())["stats"]
+    conn.close()
+    return stats
+
+
+def served(ckpt: str, images: list[bytes], args, port: int, batched: bool) -> list[dict]:
+    from ray import serve
+
+    from raytasks.serve import build_app
+
+    mbs = args.max_batch_size if batched else 1
+    app = build_app({
+        "models": {"m": ckpt}, "precision": args.precision, "threads": args.threads, "num_cpus": 1,
+        "max_batch_size": mbs, "batch_wait_timeout_s": args.batch_wait_timeout_s if batched else 0.0,
+        "max_ongoing_requests": max(64, 2 * mbs), "max_queued_requests": -1,
+        "ingress": {"num_cpus": 0.5, "max_ongoing_requests": 1024},
+    })
+    serve.run(app, name="bench", route_prefix="/")
+    path = "/v1/models/m/predict"
+    load(port, path, images, 2 * max(args.concurrency) + 8, max(args.concurrency))  # warm-up, all batch sizes
+    load(port, path, images, 8, 1)
+    rows = []
+    for c in args.concurrency:
+        before = replica_stats(port, "m")
+        r = load(port, path, images, args.requests, c)
+        after = replica_stats(port, "m")
+        batches = after["batches"] - before["batches"]
+        r.update(mode="batched" if batched else "unbatched", concurrency=c, max_batch_size=mbs,
+                 mean_batch=(after["images"] - before["images"]) / batches if batches else float("nan"))
+        rows.append(r)
+        print(f"  {r['mode']:>9}  c={c:<3} {r['throughput_req_s']:7.1f} req/s  p50 {r['p50_ms']:7.1f} ms  "
+              f"p99 {r['p99_ms']:7.1f} ms  mean batch {r['mean_batch']:5.1f}  errors {r['errors']}", flush=True)
+    serve.delete("bench")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="age_gender_race", help="a registered model (random weights)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model constructor override")
+    p.add_argument("--checkpoint", default=None, help="use this checkpoint instead of a random one")
+    p.add_argument("--requests", type=int, default=200, help="requests per concurrency level and mode")
+    p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--batch-wait-timeout-s", type=float, default=0.005)
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads (model only and replica)")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    p.add_argument("--image-px", type=int, default=200, help="side of the test JPEGs")
+    p.add_argument("--single-repeat", type=int, default=30)
+    p.add_argument("--batch-repeat", type=int, default=8)
+    p.add_argument("--skip-unbatched", action="store_true")
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    command = "python bench/bench_serve.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    torch.set_num_threads(args.threads)
+
+    tmp = tempfile.mkdtemp(prefix="bench_serve_")
+    ckpt = args.checkpoint
+    if ckpt is None:
+        ckpt = os.path.join(tmp, f"{args.model}.pt")
+        save_checkpoint(models.create_model(args.model, **parse_overrides(args.set)).eval(), ckpt)
+    images = make_jpegs(32, args.image_px)
+    info = {"date": dt.datetime.now().isoformat(timespec="seconds"), "command": command,
+            "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+            "load_avg_start": os.getloadavg(), "model": args.model, "overrides": parse_overrides(args.set)}
+    print(f"{info['date']}  {info['machine']}  load {info['load_avg_start']}\n{command}", flush=True)
+
+    mo = model_only(ckpt, images, args)
+    print(f"model only ({mo['precision']}, {args.threads} threads): one image {mo['single_image_ms_p50']:.1f} ms; "
+          f"batch {mo['batch_size']}: {mo['batched_img_s']:.1f} img/s bytes->rows, "
+          f"{mo['forward_only_batched_img_s']:.1f} img/s forward only", flush=True)
+
+    import ray
+    from ray import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        rows = served(ckpt, images, args, port, batched=True)
+        if not args.skip_unbatched:
+            rows += served(ckpt, images, args, port, batched=False)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    info["load_avg_end"] = os.getloadavg()
+    top = max(args.concurrency)
+    b32 = next((r for r in rows if r["mode"] == "batched" and r["concurrency"] == top), None)
+    b1 = next((r for r in rows if r["mode"] == "batched" and r["concurrency"] == 1), None)
+    goals = {}
+    if b32:
+        goals[f"c{top}_vs_model_batched"] = b32["throughput_req_s"] / mo["batched_img_s"]
+        goals[f"c{top}_vs_forward_only"] = b32["throughput_req_s"] / mo["forward_only_batched_img_s"]
+    if b1:
+        goals["c1_p50_minus_single_ms"] = b1["p50_ms"] - mo["single_image_ms_p50"]
+    print("goals: " + ", ".join(f"{k} = {v:.2f}" for k, v in goals.items())
+          + f"  (want c{top} ratio >= 0.8, c1 excess <= 20 ms)")
+    print(f"load average at the end: {info['load_avg_end']}")
+    result = {"info": info, "model_only": mo, "served": rows, "goals": goals}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Serve checkpoints over HTTP until Ctrl-C (the flags version of `serve run jobs/serve.yaml`).
+
+    python -m jobs.serve --model dmm=s3://bucket/models/dmm.pt --model agr=./agr.pt --port 8000
+
+Starts a local Ray (or joins the cluster named by RAY_ADDRESS), deploys ``raytasks.serve:build_app`` at
+route prefix ``/`` and stays in the foreground; Ctrl-C (or SIGTERM) shuts Serve down. The API is in
+docs/api.md; ``http://HOST:PORT/docs`` serves it live. Set FACEATTR_API_KEY to require an API key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import time
+
+
+def _model_arg(text: str) -> tuple[str, str]:
+    name, sep, uri = text.partition("=")
+    if not sep or not name or not uri:
+        raise argparse.ArgumentTypeError(f"--model wants NAME=CHECKPOINT (path or s3:// URI), got {text!r}")
+    return name, uri
+
+
+def build_args(ns: argparse.Namespace) -> dict:
+    """Flags -> the ``args`` of raytasks.serve:build_app (validated there)."""
+    names = [n for n, _ in ns.model]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise SystemExit(f"error: model name(s) given twice: {', '.join(dup)}")
+    args: dict = {
+        "models": dict(ns.model),
+        "max_batch_size": ns.max_batch_size,
+        "batch_wait_timeout_s": ns.batch_wait_timeout_s,
+        "num_cpus": ns.num_cpus,
+        "num_gpus": ns.num_gpus,
+        "precision": ns.precision,
+        "max_queued_requests": ns.max_queued_requests,
+        "max_request_bytes": int(ns.max_request_mb * 1024 * 1024),
+        "max_files": ns.max_files,
+    }
+    if ns.autoscale:
+        lo, _, hi = ns.autoscale.partition(":")
+        try:
+            args["autoscaling_config"] = {"min_replicas": int(lo), "max_replicas": int(hi or lo),
+                                          "target_ongoing_requests": ns.max_batch_size}
+        except ValueError:
+            raise SystemExit(f"error: --autoscale wants MIN:MAX replicas, got {ns.autoscale!r}") from None
+    else:
+        args["num_replicas"] = ns.num_replicas
+    if ns.threads:
+        args["threads"] = ns.threads
+    if ns.device:
+        args["device"] = ns.device
+    return args
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", action="append", type=_model_arg, required=True, metavar="NAME=CHECKPOINT",
+                   help="a model to serve at /v1/models/NAME (repeat for several)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=16, help="dynamic batching: images per forward pass")
+    p.add_argument("--batch-wait-timeout-s", type=float, default=0.01,
+                   help="dynamic batching: how long a batch waits to fill")
+    p.add_argument("--num-replicas", type=int, default=1, help="replicas per model")
+    p.add_argument("--autoscale", default=None, metavar="MIN:MAX", help="autoscale each model between MIN and MAX replicas")
+    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per model replica")
+    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model replica (1 on a GPU node)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per replica (default: its CPUs)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when the replica has a GPU)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    p.add_argument("--max-queued-requests", type=int, default=256, help="per model; beyond this, 503")
+    p.add_argument("--max-request-mb", type=float, default=16.0, help="request body limit (413 beyond)")
+    p.add_argument("--max-files", type=int, default=64, help="images per multipart request")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    ns = parser().parse_args(argv)
+    args = build_args(ns)
+
+    import ray
+    from ray import serve
+
+    from raytasks.serve import ServeArgs, build_app
+
+    try:
+        ServeArgs.model_validate(args)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    ray.init()  # local, or the cluster in RAY_ADDRESS; keeps Ray's token authentication on
+    stop = {"now": False}
+
+    def _stop(*_):
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        serve.start(http_options={"host": ns.host, "port": ns.port})
+        serve.run(build_app(args), name="faceattr", route_prefix="/")
+        print(f"serving {', '.join(sorted(args['models']))} at http://{ns.host}:{ns.port}/v1/models "
+              f"(docs: http://{ns.host}:{ns.port}/docs); Ctrl-C stops", flush=True)
+        while not stop["now"]:
+            time.sleep(0.5)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the shutdown
+        print("shutting down", flush=True)
+        try:
+            serve.shutdown()
+        except Exception as e:  # noqa: BLE001 - Ctrl-C in a terminal also stops Ray's own processes
+            print(f"serve shutdown: {type(e).__name__}: {e}", flush=True)
+        ray.shutdown()
+
+if __name__ == "__main__":
+    main()
