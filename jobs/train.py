@@ -7,8 +7,16 @@ The same command runs under ``ray job submit --working-dir . -- python -m jobs.t
 and on a laptop, where it starts a local Ray with CPU workers. Every flag left out keeps the paper's recipe
 (``model.recipe``). One line per epoch; the metric history (``history.json``/``.csv``), the checkpoints
 and ``curves.png`` go to ``<storage>/<name>/``; the best checkpoint is exported in the project's format
-to ``--output``, whose URI is the last line printed. Running the same command again resumes the run.
+to ``--output``, whose URI is the last line printed. Running the same command again resumes the run
+(give a larger ``--epochs`` to extend a finished one); the optimizer and LR schedule then continue from the
+checkpoint's state, so ``--lr`` only applies to a new run.
 See raytasks/train.py for how training, validation, checkpoints and recovery work.
+
+The attention network's two stages (TMTL first, then the attention model initialised from it)::
+
+    python -m jobs.train --model task_attention --model-arg attention=false --data celeba:DIR \
+        --name tmtl --output tmtl.pt
+    python -m jobs.train --model task_attention --init-from tmtl.pt --data celeba:DIR --name attention
 """
 
 from __future__ import annotations

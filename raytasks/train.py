@@ -31,7 +31,10 @@ weights and thresholds, optimizer, scheduler, early-stopping counters and histor
 Running the same command again with the same ``--name`` and ``--storage`` starts a trainer with the
 same ``RunConfig(name, storage_path)``: its checkpoint manager finds the snapshot in the run folder, so
 ``get_checkpoint()`` again returns the latest checkpoint and the run picks up where it stopped (V2 has
-no ``Trainer.restore``). A run that is already complete only re-exports its best checkpoint.
+no ``Trainer.restore``). A run that is already complete only re-exports its best checkpoint. After each
+report every worker waits until the controller has committed the checkpoint
+(``get_all_reported_checkpoints(COMMITTED)``): the controller collects a report from all workers before it
+registers it, so a worker dying just after ``report`` would otherwise cost the epoch.
 """
 
 from __future__ import annotations
@@ -301,9 +304,14 @@ def _init_from(model, uri: str) -> None:
                 ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
 
 
-def _numeric(metrics: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)}
+def _numeric(metrics: dict) -> dict[str, float | int]:
+    out: dict[str, float | int] = {}
+    for k, v in metrics.items():
+        if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+            out[k] = int(v)
+        elif isinstance(v, (float, np.floating)):
+            out[k] = float(v)
+    return out
 
 
 def score_of(value: float, mode: str) -> float:
@@ -505,6 +513,9 @@ def train_worker(cfg: dict) -> None:
                            os.path.join(d, STATE_FILE))
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(_numeric(metrics), checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}")
+        # The controller registers a report only once it has collected it from every worker; a worker dying
+        # before that would lose this checkpoint and a restart would begin again at epoch 1. Wait for it.
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
         if stopped:
             break
 
@@ -590,8 +601,13 @@ def run(spec: TrainSpec, log_fn=print, prepared=None) -> TrainOutcome:
             raise TrainError(f"{spec.run_uri} holds a run of {previous.get('model')} {previous.get('config')}, "
                              f"not {model.name} {model.config}: use another --name or --storage")
         if storage.exists(storage.join(spec.run_uri, SNAPSHOT_FILE)) and previous.get("epochs"):
-            resumed_from = int(previous["epochs"][-1]["epoch"])
-            log_fn(f"resuming run {spec.name} from {spec.run_uri} after epoch {resumed_from}")
+            last = previous["epochs"][-1]
+            resumed_from = int(last["epoch"])
+            if last.get("stopped") or resumed_from >= recipe.epochs:
+                log_fn(f"run {spec.name} in {spec.run_uri} is complete ({resumed_from} epochs"
+                       f"{', stopped early' if last.get('stopped') else ''}): exporting its best checkpoint")
+            else:
+                log_fn(f"resuming run {spec.name} from {spec.run_uri} after epoch {resumed_from}")
     per_worker = math.ceil(recipe.batch_size / spec.workers)
     batch_spec = BatchSpec(model.preprocessing, model.outputs, recipe.augment or None)
     datasets = {"train": make_dataset(train, batch_spec, train=True),
