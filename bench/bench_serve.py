@@ -188,8 +188,8 @@ def served(ckpt: str, images: list[bytes], args, port: int, batched: bool) -> li
     })
     serve.run(app, name="bench", route_prefix="/")
     path = "/v1/models/m/predict"
-    load(port, path, images, 2 * max(args.concurrency) + 8, max(args.concurrency))  # warm-up, all batch sizes
-    load(port, path, images, 8, 1)
+    load(port, path, images, max(args.concurrency) + 4, max(args.concurrency))  # warm-up: batch sizes 1..B
+    load(port, path, images, 4, 1)
     rows = []
     for c in args.concurrency:
         before = replica_stats(port, "m")
@@ -214,7 +214,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.005)
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads (model only and replica)")
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                   help="torch threads, model only and replica (use 1 on an oversubscribed machine: OpenMP "
+                        "threads that wait for a descheduled sibling make 2 threads 30x slower there)")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     p.add_argument("--image-px", type=int, default=200, help="side of the test JPEGs")
     p.add_argument("--single-repeat", type=int, default=30)

@@ -305,6 +305,7 @@ def test_unknown_model(svc):
     body = _assert_error(_predict_one(svc["client"], "no_such_model", "a.jpg"), 404, "unknown_model")
     assert body["models"] == sorted(ZOO)
     _assert_error(svc["client"].get("/v1/models/no_such_model"), 404, "unknown_model")
+    _assert_error(svc["client"].get("/v2/no/such/path"), 404, "not_found")
 
 
 def test_api_key(svc):
