@@ -45,7 +45,7 @@ import models  # noqa: E402
 from facedata.synth import draw_face, encode_jpeg  # noqa: E402
 from models.checkpoint import save_checkpoint  # noqa: E402
 from raytasks import label as L  # noqa: E402
-from raytasks.predictor import Predictor, decode_batch  # noqa: E402
+from raytasks.predictor import GEOMETRY_KEYS, Predictor, decode_batch  # noqa: E402
 
 
 def faces_folder(cache: Path, n: int, size=(178, 218)) -> Path:
@@ -94,13 +94,13 @@ def model_only(ckpt: str, dec: dict, precision: str, threads: int, batch: int) -
     n = len(images)
     pred.forward_uint8(images[:batch])  # warm-up (allocations, oneDNN kernels)
     start = time.perf_counter()
-    for i in range(0, n, batch):
-        pred.forward_uint8(images[i:i + batch])
+    raws = [pred.forward_uint8(images[i:i + batch]) for i in range(0, n, batch)]
     seconds = time.perf_counter() - start
+    h, w = pred.preprocessing.size
+    geometry = [dict(zip(GEOMETRY_KEYS, map(float, g)), input_w=w, input_h=h) for g in dec["geometry"]]
     labels = []
-    for i in range(0, n, batch):
-        labels.extend(label_values(pred.predict_decoded({k: v[i:i + batch] for k, v in dec.items()}),
-                                   pred.output_fields))
+    for k, raw in enumerate(raws):
+        labels.extend(label_values(pred.model.decode(raw, geometry[k * batch:(k + 1) * batch]), pred.output_fields))
     return n / seconds, labels
 
 

@@ -48,8 +48,9 @@ Resumable and idempotent: Ray Data's row-level checkpointing (``DataContext.chec
     row is its path: a manifest must list each path once, and files added to a folder after a run are
     labeled by the next run over the same output. Do not run two jobs on one output at the same time.
 
-    Ray's CheckpointFilter actor reserves one CPU; the pipeline therefore needs the predictor actors' CPUs
-    plus three more (filter, decode, write). On a laptop the local Ray gets ``max(4, cores)`` logical CPUs.
+    Ray's CheckpointFilter actor (present when the output already has rows) reserves one CPU; with CPU
+    predictor actors the pipeline therefore needs their CPUs plus one for the decode and write tasks plus
+    one for that filter (:func:`resolve_pool`). On a laptop the local Ray gets ``max(4, cores)`` logical CPUs.
 
 Precision and devices: ``Predictor`` (raytasks/predictor.py) loads the checkpoint once per actor and runs
     ``inference_mode``, ``channels_last`` and bf16 autocast (``--precision auto``: bf16 on CPUs and on GPUs
@@ -239,18 +240,25 @@ def is_manifest(uri: str) -> bool:
 
 
 def manifest_rows(uri: str) -> int:
-    """Rows of a manifest, counted without holding it: Parquet from its footer, CSV by streaming."""
+    """Rows of a manifest, streaming its ``path`` column (bounded memory). A row without a path is refused:
+    the path is the row's identity for resuming."""
+    import pyarrow.compute as pc
+
     fs, path = storage.filesystem(uri)
     if uri.lower().endswith(".parquet"):
-        return pq.ParquetFile(fs.open_input_file(path)).metadata.num_rows
-    import pyarrow.csv as pacsv
+        batches = pq.ParquetFile(fs.open_input_file(path)).iter_batches(columns=["path"], batch_size=1 << 16)
+    else:
+        import pyarrow.csv as pacsv
 
-    n = 0
-    with fs.open_input_stream(path) as f:
-        reader = pacsv.open_csv(f, convert_options=pacsv.ConvertOptions(include_columns=["path"],
-                                                                         column_types={"path": pa.string()}))
-        for batch in reader:
-            n += batch.num_rows
+        batches = pacsv.open_csv(fs.open_input_stream(path), convert_options=pacsv.ConvertOptions(
+            include_columns=["path"], column_types={"path": pa.string()}))
+    n = empty = 0
+    for batch in batches:
+        col = batch.column(0).cast(pa.string())
+        n += batch.num_rows
+        empty += col.null_count + (pc.sum(pc.equal(col, "")).as_py() or 0)
+    if empty:
+        raise LabelError(f"manifest {uri}: {empty} of {n} rows have no path")
     return n
 
 
@@ -274,7 +282,7 @@ def check_manifest(uri: str) -> None:
 def resolve_path(path: str, base: str | None) -> str:
     """A manifest entry -> a readable URI: absolute paths and s3:// URIs as they are, relative paths
     against the manifest's folder."""
-    if not base or storage.is_s3(path) or path.startswith("file://") or os.path.isabs(path):
+    if not path or not base or storage.is_s3(path) or path.startswith("file://") or os.path.isabs(path):
         return path
     return storage.join(base, path)
 
@@ -464,18 +472,20 @@ class PredictorActor:
 
         from models.preprocess import ImageDecodeError, decode
 
-        pre = self.predictor.preprocessing
+        pre, device = self.predictor.preprocessing, self.predictor.device
+        batch = dict(batch)
         raw = batch.pop("gpu_bytes")
         idx = [i for i, d in enumerate(raw) if d is not None]
         if not idx:
             return batch
-        images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.predictor.device)
-        batch = {k: (np.array(v, copy=True) if isinstance(v, np.ndarray) else v) for k, v in batch.items()}
-        for i, res in zip(idx, gpu_decode_batch([bytes(raw[i]) for i in idx], pre, self.predictor.device)):
+        images = torch.tensor(np.asarray(batch["image"]), device=device)  # the CPU-decoded rows, on the GPU
+        for k in ("ok", "error_kind", "error_message", "width", "height", "geometry"):
+            batch[k] = np.array(batch[k], copy=True)  # Ray's batch arrays may be read-only views
+        for i, res in zip(idx, gpu_decode_batch([bytes(raw[i]) for i in idx], pre, device)):
             if isinstance(res, Exception):  # nvjpeg refused it: the CPU decoder gives the label or the error
                 try:
                     t, g = decode(bytes(raw[i]), pre)
-                    res = (t.to(self.predictor.device), g)
+                    res = (t.to(device), g)
                 except ImageDecodeError as e:
                     batch["ok"][i], batch["error_kind"][i], batch["error_message"][i] = False, e.kind, e.message
                     continue
@@ -548,27 +558,30 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(num_cpus=max(4, os.cpu_count() or 1))
 
 
-def resolve_pool(spec: LabelSpec) -> tuple[int, int]:
-    """``(min_size, max_size)`` of the predictor pool, checked against the cluster's resources."""
+def resolve_pool(spec: LabelSpec, resuming: bool = False) -> tuple[int, int]:
+    """``(min_size, max_size)`` of the predictor pool, checked against the cluster's resources. CPU actors
+    leave one CPU for the decode and write tasks and one for Ray's checkpoint filter actor, which is there
+    when the output already has rows (``resuming``). The default maximum leaves that room on every run, so
+    that a laptop's cores are not shared by more model threads than they have."""
     import ray
 
     res = ray.cluster_resources()
     cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
     if spec.gpus_per_actor > 0:
-        fit = int(gpus // spec.gpus_per_actor)
+        fit = default = int(gpus // spec.gpus_per_actor)
         if fit < 1:
-            raise LabelError(f"--gpus-per-actor {spec.gpus_per_actor} but the Ray cluster has {gpus:g} GPUs "
+            raise LabelError(f"--gpus-per-actor {spec.gpus_per_actor:g} but the Ray cluster has {gpus:g} GPUs "
                              "(run with --gpus-per-actor 0 to label on CPUs)")
     else:
-        fit = int((cpus - 3) // spec.cpus_per_actor)  # leave the checkpoint filter, decode and write a CPU each
+        spare = 1 + int(resuming)
+        fit = int((cpus - spare) // spec.cpus_per_actor)
+        default = max(1, int((cpus - 2) // spec.cpus_per_actor))
         if fit < 1:
-            raise LabelError(f"the Ray cluster has {cpus:g} CPUs; a CPU predictor actor of --cpus-per-actor "
-                             f"{spec.cpus_per_actor:g} plus the filter, decode and write steps need "
-                             f"{spec.cpus_per_actor + 3:g}")
-    max_size = spec.max_actors if spec.max_actors is not None else max(spec.min_actors, fit)
+            raise LabelError(f"the Ray cluster has {cpus:g} CPUs: a predictor actor of --cpus-per-actor "
+                             f"{spec.cpus_per_actor:g} plus {spare} for the other steps do not fit")
     if spec.min_actors > fit:
         raise LabelError(f"--min-actors {spec.min_actors} but the cluster fits {fit} predictor actors")
-    return spec.min_actors, max_size
+    return spec.min_actors, spec.max_actors if spec.max_actors is not None else max(spec.min_actors, min(fit, default))
 
 
 def decode_memory(batch_size: int, pre_dict: dict) -> int:
@@ -617,7 +630,10 @@ def label(spec: LabelSpec, echo=print) -> dict:
     del model
     out = output_paths(spec.output)
     ensure_ray()
-    pool = resolve_pool(spec)
+    ck_fs, ck_path = storage.filesystem(out["checkpoint"])
+    resuming = any(i.type == pafs.FileType.File for i in
+                   ck_fs.get_file_info(pafs.FileSelector(ck_path, allow_not_found=True)))
+    pool = resolve_pool(spec, resuming)
 
     base = None
     listing = None
@@ -641,7 +657,6 @@ def label(spec: LabelSpec, echo=print) -> dict:
          f"{info.model} {info.short_hash()}, predictor actors {pool[0]}..{pool[1]}")
 
     ctx = ray.data.DataContext.get_current()
-    ck_fs, ck_path = storage.filesystem(out["checkpoint"])
     labels_fs, labels_path = storage.filesystem(out["labels"])
     old_config, old_v2 = ctx.checkpoint_config, ctx.use_datasource_v2
     ctx.checkpoint_config = CheckpointConfig(id_column="path", checkpoint_path=ck_path,

@@ -151,7 +151,7 @@ def s3_run(s3_server, ray_session, hs_checkpoint):
     storage.write_bytes(ckpt, Path(hs_checkpoint).read_bytes())
     output = f"s3://{bucket}/labels/run-1/"
     spec = L.LabelSpec(checkpoint=ckpt, input=f"s3://{bucket}/photos/", output=output, precision="fp32",
-                       batch_size=8, max_rows_per_file=10)
+                       batch_size=8, max_rows_per_file=10, max_actors=1)
     summary = L.label(spec, echo=lambda *_: None)
     return {"client": client, "bucket": bucket, "images": images, "bad": bad, "spec": spec, "summary": summary,
             "rows": read_rows(output), "ckpt": ckpt}
@@ -254,7 +254,8 @@ def test_killed_run_resumes_with_exactly_one_row_per_input(s3_bucket, ray_sessio
     assert 0 < len(partial) < n, "the run was not interrupted midway"
     time.sleep(2)  # let Ray reap the killed job's workers
     summary = L.label(L.LabelSpec(checkpoint=ckpt, input=f"s3://{bucket}/manifest.parquet", output=output,
-                                  batch_size=8, max_rows_per_file=16, precision="fp32"), echo=lambda *_: None)
+                                  batch_size=8, max_rows_per_file=16, precision="fp32", max_actors=1),
+                      echo=lambda *_: None)
     paths = read_rows(output).column("path").to_pylist()
     assert sorted(paths) == sorted(manifest.column("path").to_pylist())  # every input once, none twice
     assert summary["rows_before"] >= len(partial) and summary["rows_total"] == n and summary["complete"]
@@ -280,7 +281,8 @@ def test_local_folder_rgb_model(tmp_path, ray_session):
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(data)
     output = str(tmp_path / "out")
-    spec = L.LabelSpec(checkpoint=ckpt, input=str(folder), output=output, precision="fp32", batch_size=4, limit=3)
+    spec = L.LabelSpec(checkpoint=ckpt, input=str(folder), output=output, precision="fp32", batch_size=4, limit=3,
+                       max_actors=1)
     first = L.label(spec, echo=lambda *_: None)
     assert (first["rows_written"], first["complete"]) == (3, False)  # --limit: a trial run, finished below
     spec.limit = None
@@ -307,7 +309,7 @@ def test_csv_manifest_relative_paths_and_missing_file(tmp_path, ray_session, hs_
         (folder / n).write_bytes(face_jpeg(100 + i))
     (folder / "list.csv").write_text("id,path\n" + "".join(f"{i},{n}\n" for i, n in enumerate(names + ["gone.jpg"])))
     spec = L.LabelSpec(checkpoint=hs_checkpoint, input=str(folder / "list.csv"), output=str(tmp_path / "out"),
-                       precision="fp32", batch_size=2)
+                       precision="fp32", batch_size=2, max_actors=1)
     second = L.label(spec, echo=lambda *_: None)
     rows = {r["path"]: r for r in read_rows(spec.output).to_pylist()}
     assert sorted(rows) == sorted(names + ["gone.jpg"]) and second["rows_total"] == 8 and second["complete"]
@@ -333,6 +335,19 @@ def test_bad_commands_fail_clearly(tmp_path, hs_checkpoint, capsys):
     bad.write_text("file,label\na.jpg,1\n")
     with pytest.raises(L.LabelError, match="no 'path' column"):
         L.check_manifest(str(bad))
+    holes = tmp_path / "holes.parquet"
+    pq.write_table(pa.table({"path": ["a.jpg", None, ""]}), holes)
+    with pytest.raises(L.LabelError, match="2 of 3 rows have no path"):
+        L.manifest_rows(str(holes))
+
+
+def test_gpu_flags_against_a_cluster_without_gpus(ray_session, hs_checkpoint, tmp_path):
+    spec = L.LabelSpec(hs_checkpoint, str(tmp_path), str(tmp_path / "o"), gpus_per_actor=1, gpu_decode=True)
+    spec.validate()
+    with pytest.raises(L.LabelError, match="has 0 GPUs"):
+        L.resolve_pool(spec)
+    with pytest.raises(RuntimeError, match="--gpu-decode needs CUDA"):
+        L.PredictorActor(hs_checkpoint, device="cpu", gpu_decode=True)
 
 
 def test_image_signatures():
