@@ -4,6 +4,7 @@ the model's own answer for the same bytes, and a run killed midway then resumed 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -344,8 +345,11 @@ def test_bad_commands_fail_clearly(tmp_path, hs_checkpoint, capsys):
 def test_gpu_flags_against_a_cluster_without_gpus(ray_session, hs_checkpoint, tmp_path):
     spec = L.LabelSpec(hs_checkpoint, str(tmp_path), str(tmp_path / "o"), gpus_per_actor=1, gpu_decode=True)
     spec.validate()
-    with pytest.raises(L.LabelError, match="has 0 GPUs"):
-        L.resolve_pool(spec)
+    with pytest.raises(L.LabelError, match="has 0 GPUs"):  # a Ray this process started: nothing can add GPUs
+        L.resolve_pool(spec, can_grow=False)
+    warnings = []  # a cluster: the autoscaler may add GPU nodes, so the job waits for them
+    assert L.resolve_pool(dataclasses.replace(spec, max_actors=4), can_grow=True, warn=warnings.append) == (1, 4)
+    assert "waiting for the autoscaler" in warnings[0]
     with pytest.raises(RuntimeError, match="--gpu-decode needs CUDA"):
         L.PredictorActor(hs_checkpoint, device="cpu", gpu_decode=True)
 
