@@ -180,6 +180,7 @@ class ModelServer:
                                    channels_last=channels_last, threads=threads)
         self.checkpoint_uri = checkpoint
         self.threads = threads
+        self.max_batch_size, self.batch_wait_timeout_s = 16, 0.01  # @serve.batch's; reconfigure sets the config's
         self.batch_sizes: Counter[int] = Counter()
         self.requests = 0
         self.images = 0
