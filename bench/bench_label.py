@@ -6,7 +6,8 @@ Prints, for ``--model`` at its native input size (synthetic 178x218 JPEG faces, 
 ``--checkpoint`` is given):
 
 1. model-only images/s: ``Predictor.forward_uint8`` on pre-decoded uint8 batches in this process, with the
-   predictor actor's threads, at ``--precision`` (default auto: bf16 on CPUs) and in fp32;
+   predictor actor's threads, at ``--precision`` (default auto: bf16 on CPUs) and in fp32, batch by batch in
+   turn after a warm-up;
 2. bf16 against fp32 on the same tensors: the share of labels (categorical classes, binary attributes) that
    agree, and the speed ratio;
 3. end-to-end images/s of the label job over a local folder (``label()`` in this process, local Ray), as the
@@ -16,7 +17,7 @@ Prints, for ``--model`` at its native input size (synthetic 178x218 JPEG faces, 
    end-to-end speed-up over it (goal >= 5x for dmm_cnn);
 5. cost growth with ``--growth-model`` (tiny) over ``--growth`` small JPEGs: for each size, ``python -m
    jobs.label`` as a separate driver process connected to this Ray: wall, per-image time, the marginal
-   per-image time between sizes, and the driver's peak RSS (``wait4``), which should stay flat.
+   per-image time between sizes, and the driver's peak RSS (its ``VmHWM``), which should stay flat.
 
 Synthetic images are cached under ``--cache`` (default /tmp/bench_label_cache) so reruns skip generating them.
 """
@@ -87,21 +88,32 @@ def label_values(cols: dict, fields) -> list:
     return out
 
 
-def model_only(ckpt: str, dec: dict, precision: str, threads: int, batch: int) -> tuple[float, list]:
-    """images/s of the model alone on pre-decoded uint8 batches, and the labels it gives them."""
-    pred = Predictor(ckpt, device="cpu", precision=precision, threads=threads)
+def model_only(ckpt: str, dec: dict, precisions: tuple[str, str], threads: int, batch: int) -> dict:
+    """images/s of the model alone on pre-decoded uint8 batches for two precisions, batch by batch in turn
+    (so that both see the same load on a shared machine), and the labels each gives."""
+    preds = {p: Predictor(ckpt, device="cpu", precision=p, threads=threads) for p in precisions}
     images = torch.from_numpy(dec["image"])
     n = len(images)
-    pred.forward_uint8(images[:batch])  # warm-up (allocations, oneDNN kernels)
-    start = time.perf_counter()
-    raws = [pred.forward_uint8(images[i:i + batch]) for i in range(0, n, batch)]
-    seconds = time.perf_counter() - start
-    h, w = pred.preprocessing.size
+    for pred in preds.values():  # warm-up: allocations, oneDNN primitives for both batch shapes
+        pred.forward_uint8(images[:batch])
+        pred.forward_uint8(images[(n // batch) * batch:] if n % batch else images[:batch])
+    seconds = dict.fromkeys(precisions, 0.0)
+    raws = {p: [] for p in precisions}
+    for i in range(0, n, batch):
+        for p, pred in preds.items():
+            start = time.perf_counter()
+            raws[p].append(pred.forward_uint8(images[i:i + batch]))
+            seconds[p] += time.perf_counter() - start
+    h, w = preds[precisions[0]].preprocessing.size
     geometry = [dict(zip(GEOMETRY_KEYS, map(float, g)), input_w=w, input_h=h) for g in dec["geometry"]]
-    labels = []
-    for k, raw in enumerate(raws):
-        labels.extend(label_values(pred.model.decode(raw, geometry[k * batch:(k + 1) * batch]), pred.output_fields))
-    return n / seconds, labels
+    out = {}
+    for p, pred in preds.items():
+        labels = []
+        for k, raw in enumerate(raws[p]):
+            labels.extend(label_values(pred.model.decode(raw, geometry[k * batch:(k + 1) * batch]),
+                                       pred.output_fields))
+        out[p] = (n / seconds[p], labels)
+    return out
 
 
 def naive_loop(ckpt: str, files: list[Path]) -> float:
@@ -128,19 +140,33 @@ def timed_label(spec: L.LabelSpec) -> tuple[float, dict]:
     return time.perf_counter() - start, summary
 
 
+def peak_rss_mb(pid: int) -> float | None:
+    """The process's own peak resident memory (Linux ``VmHWM``), not its children's."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        return None
+
+
 def growth_run(ckpt: str, folder: Path, out: Path, batch: int, cpus_per_actor: float, address: str) -> dict:
+    """``python -m jobs.label`` as its own driver process (connected to this Ray), its wall time and peak RSS."""
     cmd = [sys.executable, "-m", "jobs.label", "--checkpoint", ckpt, "--input", str(folder), "--output", str(out),
            "--batch-size", str(batch), "--cpus-per-actor", str(cpus_per_actor), "--max-actors", "1"]
     env = dict(os.environ, RAY_ADDRESS=address, PYTHONPATH=str(ROOT))
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if status != 0:
-        raise RuntimeError(f"{shlex.join(cmd)} failed:\n{output.decode()[-3000:]}")
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        peak = 0.0
+        while proc.poll() is None:
+            peak = max(peak, peak_rss_mb(proc.pid) or 0.0)  # VmHWM only grows: the last read is the peak
+            time.sleep(0.1)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            log.seek(0)
+            raise RuntimeError(f"{shlex.join(cmd)} failed:\n{log.read().decode()[-3000:]}")
     summary = json.loads((out / L.SUMMARY_FILE).read_text())
-    return {"wall_s": wall, "rows": summary["rows_written"], "driver_peak_rss_mb": usage.ru_maxrss / 1024}
+    return {"wall_s": wall, "rows": summary["rows_written"], "driver_peak_rss_mb": peak}
 
 
 def main(argv=None) -> dict:
@@ -176,8 +202,8 @@ def main(argv=None) -> dict:
     pre = Predictor(ckpt, device="cpu", precision="fp32", threads=threads).preprocessing
     dec = decode_batch([str(f) for f in files], [f.read_bytes() for f in files], pre)
     assert dec["ok"].all()
-    auto_rate, auto_labels = model_only(ckpt, dec, args.precision, threads, args.batch_size)
-    fp32_rate, fp32_labels = model_only(ckpt, dec, "fp32", threads, args.batch_size)
+    rates = model_only(ckpt, dec, (args.precision, "fp32"), threads, args.batch_size)
+    (auto_rate, auto_labels), (fp32_rate, fp32_labels) = rates[args.precision], rates["fp32"]
     agree = float(np.mean([a == b for a, b in zip(auto_labels, fp32_labels)]))
     results.update(model_only_ips=auto_rate, model_only_fp32_ips=fp32_rate, precision_speedup=auto_rate / fp32_rate,
                    label_agreement=agree, labels_compared=len(auto_labels))
