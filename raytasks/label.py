@@ -56,7 +56,10 @@ Precision and devices: ``Predictor`` (raytasks/predictor.py) loads the checkpoin
     ``inference_mode``, ``channels_last`` and bf16 autocast (``--precision auto``: bf16 on CPUs and on GPUs
     that support it; ``fp32`` turns it off). ``--gpu-decode`` moves JPEG decoding into the GPU actor
     (``torchvision.io.decode_jpeg(device="cuda")``), see :func:`gpu_decode_batch`; it needs
-    ``--gpus-per-actor > 0`` and fails with a clear error otherwise.
+    ``--gpus-per-actor > 0`` and fails with a clear error otherwise. It has not run on a GPU yet; the same
+    code path (decode_jpeg and the resize in torch) is tested on the CPU.
+
+One output holds the rows of one checkpoint: a run refuses an output whose rows came from another one.
 """
 
 from __future__ import annotations
@@ -540,6 +543,15 @@ def output_stats(labels_uri: str) -> tuple[int, int, Counter]:
     return rows, rows - sum(kinds.values()), kinds
 
 
+def output_checkpoint(labels_uri: str) -> str | None:
+    """The ``checkpoint`` hash of the first row found under ``labels_uri`` (one output holds one checkpoint)."""
+    import pyarrow.dataset as pads
+
+    fs, root = storage.filesystem(labels_uri)
+    head = pads.dataset(root, filesystem=fs, format="parquet").head(1, columns=["checkpoint"])
+    return head.column(0)[0].as_py() if head.num_rows else None
+
+
 # ------------------------------------------------------------------------------------------------------
 # The pipeline
 # ------------------------------------------------------------------------------------------------------
@@ -666,6 +678,11 @@ def label(spec: LabelSpec, echo=print) -> dict:
     if removed:
         echo(f"repaired {removed} checkpoint file(s) left by an interrupted commit")
     rows_before = output_stats(out["labels"])[0]
+    if rows_before:
+        previous = output_checkpoint(out["labels"])
+        if previous != info.hash:
+            raise LabelError(f"{spec.output} holds rows of checkpoint {previous}; {spec.checkpoint} is {info.hash}: "
+                             "label with another checkpoint into another --output")
     echo(f"labeling {spec.input}: {inputs} images ({rows_before} already labeled in {spec.output}) with "
          f"{info.model} {info.short_hash()}, predictor actors {pool[0]}..{pool[1]}")
 

@@ -316,6 +316,10 @@ def test_csv_manifest_relative_paths_and_missing_file(tmp_path, ray_session, hs_
     assert sorted(rows) == sorted(names + ["gone.jpg"]) and second["rows_total"] == 8 and second["complete"]
     assert (rows["gone.jpg"]["ok"], rows["gone.jpg"]["error_kind"]) == (False, "unreadable")
     assert rows["gone.jpg"]["error_message"] == "file not found"
+    other = str(tmp_path / "other.pt")
+    save_checkpoint(models.create_model("hard_sharing", hidden=8), other)
+    with pytest.raises(L.LabelError, match="holds rows of checkpoint"):  # one output, one checkpoint
+        L.label(dataclasses.replace(spec, checkpoint=other), echo=lambda *_: None)
 
 
 # --------------------------------------------------------------------------------------------------------
