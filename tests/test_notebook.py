@@ -123,14 +123,16 @@ def test_label_parquet_has_one_row_per_image_from_the_exported_checkpoint(execut
         ("dmm", work / "data" / "celeba" / "img_align_celeba", "dmm.pt", "dmm_cnn"),
         ("age_gender_race", work / "data" / "utkface", "age_gender_race.pt", "age_gender_race"),
     ):
-        rows = pd.read_parquet(work / "labels" / labels)
+        m, info = load_checkpoint(str(work / "models" / ckpt))
+        assert info.model == model and m.preprocessing.size == (64, 64)
+        out = work / "labels" / f"{labels}-{info.short_hash()}"  # one label output per checkpoint
+        assert sorted(p.name for p in (work / "labels").iterdir() if p.name.startswith(labels + "-")) == [out.name]
+        rows = pd.read_parquet(out)
         files = sorted(str(p) for p in images.rglob("*.jpg"))
         assert len(files) == 400
         assert len(rows) == len(files), f"{labels}: {len(rows)} rows for {len(files)} images"
         assert sorted(rows["path"]) == files
         assert rows["ok"].all()
-        m, info = load_checkpoint(str(work / "models" / ckpt))
-        assert info.model == model and m.preprocessing.size == (64, 64)
         assert set(rows["checkpoint"]) == {info.hash} and set(rows["model"]) == {model}
     history = pd.read_csv(work / "runs" / "walkthrough-dmm" / "history.csv")
     assert history["epoch"].tolist() == [1, 2]
@@ -142,6 +144,7 @@ def test_printed_accuracy_is_the_accuracy_of_the_parquet_rows(executed):
     """The per-attribute table the notebook prints equals accuracy recomputed here from the Parquet rows and
     the dataset's own labels (test split), so the bars show the labels the job wrote."""
     from facedata.datasets import CELEBA_ATTRIBUTES, read_dataset
+    from models.checkpoint import load_checkpoint
 
     nb, work = executed
     printed = {}
@@ -152,7 +155,8 @@ def test_printed_accuracy_is_the_accuracy_of_the_parquet_rows(executed):
     assert set(printed) == set(CELEBA_ATTRIBUTES), "the accuracy table lists every CelebA attribute once"
 
     ds = read_dataset(f"celeba:{work / 'data' / 'celeba'}")
-    rows = pd.read_parquet(work / "labels" / "dmm").set_index("path")
+    _, info = load_checkpoint(str(work / "models" / "dmm.pt"))
+    rows = pd.read_parquet(work / "labels" / f"dmm-{info.short_hash()}").set_index("path")
     test = ds.split("test")
     assert len(test) > 0
     truth = np.stack(test["attributes"].to_numpy()) > 0
