@@ -708,14 +708,12 @@ class Progress:
 
 def plot_curves(doc: dict) -> bytes:
     """PNG of the losses (train and validation) and the primary metric per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: never switches the caller's backend (notebooks)
 
     h = pd.DataFrame([{k: v for k, v in e.items() if isinstance(v, (int, float))} for e in doc["epochs"]])
     primary = doc.get("primary_metric", "val_loss")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    axes = fig.subplots(1, 2)
     for col, label in (("train_loss", "train"), ("val_loss", "validation")):
         if col in h:
             axes[0].plot(h["epoch"], h[col], marker="o", label=label)
@@ -728,5 +726,4 @@ def plot_curves(doc: dict) -> bytes:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
     return buf.getvalue()

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Real-data training on this CPU for docs/results.md: from scratch (no pretrained weights can be had here),
+# small inputs and ResNet-18 trunks so that each run fits a few minutes on 2 cores.
+#   bash bench/train_real.sh [OUT]        (needs ../shared/data; writes OUT/<model>.pt and OUT/<model>.json)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:-../shared/data}
+OUT=${1:-/tmp/faceattr-real}
+PY=${PY:-.venv/bin/python}
+mkdir -p "$OUT"
+common=(--workers 2 --threads 1 --storage "$OUT/runs" --max-failures 1)
+
+run() {  # name model data extra-args...
+  local name=$1 model=$2 data=$3; shift 3
+  local t0=$SECONDS
+  $PY -m jobs.train --model "$model" --data "$data" --name "$name" --output "$OUT/$name.pt" "${common[@]}" "$@" \
+    | tee "$OUT/$name.train.log"
+  $PY -m jobs.evaluate --checkpoint "$OUT/$name.pt" --data "$data" --split test --json "$OUT/$name.json" \
+    | tee "$OUT/$name.eval.log"
+  echo "$name: $((SECONDS - t0)) s" | tee -a "$OUT/times.txt"
+}
+
+run hard_sharing    hard_sharing    "celeba:$DATA/celeba"  --epochs 10
+run age_gender_race age_gender_race "utkface:$DATA/utkface" --epochs 3 --image-size 64 --model-arg depth=18
+run dmm_cnn         dmm_cnn         "celeba:$DATA/celeba"  --epochs 4 --image-size 64 --model-arg depth=18 \
+  --optimizer adam --lr 0.001 --batch-size 32 --validate-every 50
+run task_attention  task_attention  "celeba:$DATA/celeba"  --epochs 4 --image-size 64 --model-arg depth=18 \
+  --batch-size 32
