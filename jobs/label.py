@@ -15,17 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs._cli import positive
 from raytasks.label import LabelError, LabelSpec, ensure_ray, label
-
-
-def _positive(kind):
-    def parse(text: str):
-        v = kind(text)
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return v
-
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,20 +27,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True,
                    help="folder or s3:// prefix (read recursively), or a .parquet/.csv manifest with a 'path' column")
     p.add_argument("--output", required=True, help="folder or s3:// prefix for the Parquet rows and the summary")
-    p.add_argument("--batch-size", type=_positive(int), default=d.batch_size, help="images per decode and model batch")
-    p.add_argument("--min-actors", type=_positive(int), default=d.min_actors, help="predictor actors at least")
-    p.add_argument("--max-actors", type=_positive(int), default=None,
+    p.add_argument("--batch-size", type=positive(int), default=d.batch_size, help="images per decode and model batch")
+    p.add_argument("--min-actors", type=positive(int), default=d.min_actors, help="predictor actors at least")
+    p.add_argument("--max-actors", type=positive(int), default=None,
                    help="predictor actors at most (default: as many as the cluster's GPUs or CPUs fit)")
     p.add_argument("--gpus-per-actor", type=float, default=d.gpus_per_actor, help="GPUs per predictor actor (0: CPU)")
-    p.add_argument("--cpus-per-actor", type=_positive(float), default=d.cpus_per_actor,
+    p.add_argument("--cpus-per-actor", type=positive(float), default=d.cpus_per_actor,
                    help="CPUs per CPU predictor actor (also its torch threads)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=d.precision,
                    help="auto: bf16 autocast where the hardware supports it")
     p.add_argument("--gpu-decode", action="store_true",
                    help="decode JPEGs on the predictor's GPU (torchvision.io.decode_jpeg); needs --gpus-per-actor > 0")
-    p.add_argument("--max-rows-per-file", type=_positive(int), default=d.max_rows_per_file,
+    p.add_argument("--max-rows-per-file", type=positive(int), default=d.max_rows_per_file,
                    help="rows per Parquet file at most")
-    p.add_argument("--limit", type=_positive(int), default=None,
+    p.add_argument("--limit", type=positive(int), default=None,
                    help="label at most this many new images in this run (run again without it to finish)")
     p.add_argument("--throttle", type=float, default=0.0, metavar="SECONDS",
                    help="sleep after each model batch (to watch progress, or to interrupt and resume a run)")

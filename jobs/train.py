@@ -27,6 +27,7 @@ import math
 import os
 import sys
 
+from jobs._cli import positive
 from raytasks.train import TrainError, TrainSpec, prepare, run
 
 
@@ -50,16 +51,6 @@ def _fail_at(text: str) -> tuple[int, int, int]:
     return (parts[0], parts[1], parts[2] if len(parts) == 3 else 1)
 
 
-def _positive(kind):
-    def parse(text: str):
-        v = kind(text)
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return v
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -71,16 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("scaling")
     g.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP processes)")
     g.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL, bf16 autocast, channels_last)")
-    g.add_argument("--cpus-per-worker", type=_positive(float), default=1.0)
-    g.add_argument("--threads", type=_positive(int), default=None, help="torch threads per worker (default: its CPUs)")
+    g.add_argument("--cpus-per-worker", type=positive(float), default=1.0)
+    g.add_argument("--threads", type=positive(int), default=None, help="torch threads per worker (default: its CPUs)")
     g.add_argument("--no-amp", action="store_true", help="fp32 on GPUs instead of bf16 autocast")
     g.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the last checkpoint")
     g.add_argument("--worker-logs", action="store_true",
                    help="forward the workers' and Ray Data's output here (it always stays in the Ray logs)")
-    g.add_argument("--keep", type=_positive(int), default=2, help="checkpoints kept (best by the primary metric)")
+    g.add_argument("--keep", type=positive(int), default=2, help="checkpoints kept (best by the primary metric)")
     r = p.add_argument_group("recipe (default: the model's paper recipe)")
-    r.add_argument("--epochs", type=_positive(int))
-    r.add_argument("--batch-size", type=_positive(int), help="global batch per step, split over the workers")
+    r.add_argument("--epochs", type=positive(int))
+    r.add_argument("--batch-size", type=positive(int), help="global batch per step, split over the workers")
     r.add_argument("--lr", type=float)
     r.add_argument("--optimizer", choices=("sgd", "adam", "adamw"))
     r.add_argument("--weight-decay", type=float)
@@ -89,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--validate-every", type=int, help="also validate every N steps (DMM-CNN's P; 0: off)")
     r.add_argument("--no-augment", action="store_true", help="train without the recipe's augmentation")
     m = p.add_argument_group("model")
-    m.add_argument("--image-size", type=_positive(int), help="input size (the model's image_size argument)")
+    m.add_argument("--image-size", type=positive(int), help="input size (the model's image_size argument)")
     m.add_argument("--num-landmarks", type=int, help="landmark points (DMM-CNN; default from the data)")
     m.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="any other constructor argument (value parsed as JSON when it can be)")
@@ -97,9 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--find-unused-parameters", action="store_true", help="DDP option for models with idle branches")
     q = p.add_argument_group("quick runs")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--limit", type=_positive(int), help="at most this many training images")
-    q.add_argument("--val-limit", type=_positive(int), help="at most this many validation images")
-    q.add_argument("--steps-per-epoch", type=_positive(int), help="cap on optimisation steps per epoch")
+    q.add_argument("--limit", type=positive(int), help="at most this many training images")
+    q.add_argument("--val-limit", type=positive(int), help="at most this many validation images")
+    q.add_argument("--steps-per-epoch", type=positive(int), help="cap on optimisation steps per epoch")
     q.add_argument("--inject-failure", type=_fail_at, default=None, metavar="RANK:EPOCH[:STEP]",
                    help="testing: that worker process exits once at that step (marker file in the run folder)")
     return p

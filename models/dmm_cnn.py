@@ -70,23 +70,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from facedata.datasets import CELEBA_ATTRIBUTES
+
 from . import register_model
 from .backbones import resnet
 from .base import FaceModel, Recipe
 from .outputs import Binary, Landmarks, OutputSet
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-
-try:
-    from facedata.datasets import CELEBA_ATTRIBUTES
-except ImportError:  # pragma: no cover - facedata is part of this project; kept for a models-only install
-    CELEBA_ATTRIBUTES = (
-        "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips",
-        "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows", "Chubby",
-        "Double_Chin", "Eyeglasses", "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones", "Male",
-        "Mouth_Slightly_Open", "Mustache", "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose",
-        "Receding_Hairline", "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair",
-        "Wearing_Earrings", "Wearing_Hat", "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Necktie", "Young",
-    )  # fmt: skip
 
 OBJECTIVE_ATTRIBUTES: tuple[str, ...] = (
     "5_o_Clock_Shadow", "Bald", "Bangs", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Eyeglasses",
