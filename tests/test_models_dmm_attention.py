@@ -154,7 +154,9 @@ def test_thresholds_are_applied_when_decoding(dmm):
 
 def test_on_validation_updates_lambda_and_tau_identically_on_two_models(dmm):
     _reset(dmm)
-    other = models.create_model("dmm_cnn", num_landmarks=0)  # a second worker (and the DMM-FAC variant)
+    assert dmm.weight_mode == "renormalise"  # the default; this worked example uses the floor mode
+    dmm.weight_mode = "floor"
+    other = models.create_model("dmm_cnn", num_landmarks=0, weight_mode="floor")  # a second worker (and DMM-FAC)
     assert "landmarks" not in other.outputs.names()
     with torch.no_grad():
         assert set(other(torch.randn(1, 3, 64, 64))) == {"attributes"}
@@ -179,6 +181,10 @@ def test_on_validation_updates_lambda_and_tau_identically_on_two_models(dmm):
         assert m.thresholds[0].item() == pytest.approx(0.001)  # FP = FN = 0: unchanged
     for name in ("attribute_weights", "thresholds", "prev_val_loss"):
         assert torch.equal(getattr(dmm, name), getattr(other, name))
+    dmm.weight_mode = "renormalise"
+    dmm.on_validation(first, epoch=3)  # rates |1-0.75|/0.75 = 1/3, 0, |1-1.2|/1.2 = 1/6, 0... -> mean 1
+    assert dmm.attribute_weights.mean().item() == pytest.approx(1.0)
+    assert dmm.attribute_weights[0].item() == pytest.approx((1 / 3) * J / 0.5, rel=1e-5)
     with pytest.raises(ValueError, match="epoch counts from 1"):
         other.on_validation(second, epoch=0)
     with pytest.raises(ValueError, match="no image with attribute labels"):
