@@ -147,8 +147,11 @@ def main(argv: list[str] | None = None):
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     best = outcome.best_metrics
+    # per-output metrics only; CelebA's 40 per-attribute accuracies (capitalised names) are in history.json
     shown = " ".join(f"{k}={best[k]:.4f}" for k in sorted(best)
-                     if k == "val_loss" or k.endswith(("accuracy", ".mae", ".nme", ".pearson")))
+                     if k in ("val_loss", "mean_accuracy")
+                     or (k.endswith(("accuracy", ".mae", ".nme", ".pearson")) and not k[:1].isupper()
+                         and not k[:1].isdigit()))
     print(f"best epoch {outcome.best_epoch}: {shown}")
     print(f"history {outcome.run_uri}/history.json, curves {outcome.curves}")
     print(outcome.output, flush=True)
