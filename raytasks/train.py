@@ -617,7 +617,10 @@ def run(spec: TrainSpec, log_fn=print, prepared=None) -> TrainOutcome:
         "name": spec.name, "run_uri": spec.run_uri, "seed": spec.seed, "threads": spec.threads or
         max(1, int(spec.cpus_per_worker)), "amp": spec.amp, "per_worker_batch": per_worker,
         "steps_per_epoch": spec.steps_per_epoch, "init_from": spec.init_from,
-        "find_unused_parameters": spec.find_unused_parameters, "fail_at": spec.fail_at,
+        # A head whose labels the data lacks (hmtnet's beauty on UTKFace) gets no gradient: DDP must know.
+        "find_unused_parameters": spec.find_unused_parameters
+        or any(c not in train.columns for c in engine.label_columns(model)),
+        "fail_at": spec.fail_at,
     }
     resources = {"CPU": spec.cpus_per_worker}
     if spec.use_gpu:

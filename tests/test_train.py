@@ -116,6 +116,21 @@ def test_dmm_weights_and_thresholds_identical_on_every_worker(ray_session, local
     assert "dmm.threshold_mean" in outcome.best_metrics
 
 
+def test_hmtnet_on_utkface_trains_with_ddp_although_beauty_has_no_labels(ray_session, tmp_path, capsys):
+    # UTKFace has gender and race but no beauty score: HMTNet's ANet gets no gradient, which DDP refuses
+    # unless it is told to look for unused parameters; the job must do that by itself.
+    data = synth.generate("utkface", 40, str(tmp_path / "utk"), seed=5, size=(96, 96))
+    output = str(tmp_path / "hmtnet.pt")
+    train_job.main([
+        "--model", "hmtnet", "--data", f"utkface:{data}", "--workers", "2", "--image-size", "96",
+        "--model-arg", "anet_width=64", "--epochs", "1", "--batch-size", "4", "--steps-per-epoch", "2",
+        "--storage", str(tmp_path / "runs"), "--name", "hmtnet", "--output", output,
+    ])
+    assert _last_line(capsys) == output
+    model, info = load_checkpoint(output)
+    assert info.config["race_classes"] == 5 and model.outputs["race"].classes[0] == "White"
+
+
 def test_bad_flags_fail_before_ray_starts(local_faces, tmp_path, capsys):
     base = ["--data", f"celeba:{local_faces}", "--storage", str(tmp_path)]
     cases = [
