@@ -254,20 +254,11 @@ class Regression(Output):
         keep = _valid_rows(target)
         x = raw.float().reshape(-1)[keep].double()
         y = target[keep].double()
-        err = x - y
         loss_sum = self.loss(x.float(), y.float()).double() * len(y) if len(y) else torch.zeros((), dtype=torch.float64)
-        return {"n": torch.tensor(float(len(y)), dtype=torch.float64), "abs": err.abs().sum(), "sq": (err**2).sum(),
-                "sx": x.sum(), "sy": y.sum(), "sxx": (x * x).sum(), "syy": (y * y).sum(), "sxy": (x * y).sum(),
-                "loss_sum": loss_sum}
+        return scalar_error_stats(x, y, loss_sum)
 
     def metrics(self, s):
-        n = float(s["n"])
-        if n == 0:
-            return {}
-        out = {f"{self.name}.mae": float(s["abs"]) / n, f"{self.name}.rmse": math.sqrt(float(s["sq"]) / n),
-               f"{self.name}.loss": float(s["loss_sum"]) / n}
-        out[f"{self.name}.pearson"] = pearson_from_sums(s)
-        return out
+        return scalar_error_metrics(self.name, s)
 
     def fields(self):
         return [pa.field(self.name, pa.float32())]
@@ -278,6 +269,24 @@ class Regression(Output):
 
     def _describe(self):
         return {"range": list(self.range), "loss": self.loss_type, "delta": self.delta}
+
+
+def scalar_error_stats(pred: Tensor, y: Tensor, loss_sum: Tensor) -> dict[str, Tensor]:
+    """Summable statistics of a scalar prediction (float64): count, absolute and squared error, and the
+    sums Pearson's correlation needs."""
+    err = pred - y
+    return {"n": torch.tensor(float(len(y)), dtype=torch.float64), "abs": err.abs().sum(), "sq": (err**2).sum(),
+            "sx": pred.sum(), "sy": y.sum(), "sxx": (pred * pred).sum(), "syy": (y * y).sum(),
+            "sxy": (pred * y).sum(), "loss_sum": loss_sum}
+
+
+def scalar_error_metrics(name: str, s: dict[str, Tensor]) -> dict[str, float]:
+    """MAE, RMSE, Pearson correlation and mean loss from :func:`scalar_error_stats` sums."""
+    n = float(s["n"])
+    if n == 0:
+        return {}
+    return {f"{name}.mae": float(s["abs"]) / n, f"{name}.rmse": math.sqrt(float(s["sq"]) / n),
+            f"{name}.pearson": pearson_from_sums(s), f"{name}.loss": float(s["loss_sum"]) / n}
 
 
 def pearson_from_sums(s: dict[str, Tensor]) -> float:
@@ -309,19 +318,11 @@ class AgeDistribution(Output):
     def stats(self, raw, target, **ctx):
         keep = _valid_rows(target)
         raw, y = raw[keep].float(), target[keep].double()
-        e = self.expected(raw).double()
-        err = e - y
         loss_sum = self.loss(raw, y.float()).double() * len(y) if len(y) else torch.zeros((), dtype=torch.float64)
-        return {"n": torch.tensor(float(len(y)), dtype=torch.float64), "abs": err.abs().sum(), "sq": (err**2).sum(),
-                "sx": e.sum(), "sy": y.sum(), "sxx": (e * e).sum(), "syy": (y * y).sum(), "sxy": (e * y).sum(),
-                "loss_sum": loss_sum}
+        return scalar_error_stats(self.expected(raw).double(), y, loss_sum)
 
     def metrics(self, s):
-        n = float(s["n"])
-        if n == 0:
-            return {}
-        return {f"{self.name}.mae": float(s["abs"]) / n, f"{self.name}.rmse": math.sqrt(float(s["sq"]) / n),
-                f"{self.name}.pearson": pearson_from_sums(s), f"{self.name}.loss": float(s["loss_sum"]) / n}
+        return scalar_error_metrics(self.name, s)
 
     def fields(self):
         return [pa.field(self.name, pa.float32()), pa.field(f"{self.name}_mode", pa.int16())]

@@ -163,17 +163,23 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def _forward(net, images: torch.Tensor, device: torch.device, amp_dtype, channels_last: bool) -> dict:
+    """uint8 images -> float32 raw outputs of ``net`` (a FaceModel, or its DDP wrapper for training)."""
+    core = getattr(net, "module", net)
+    x = core.prepare(images)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(device, amp_dtype):
+        raw = net(x)
+    return {k: v.float() for k, v in raw.items()}
+
+
 def train_step(model, batch: dict, optimizer, device: torch.device, amp_dtype=None,
                channels_last: bool = False) -> dict[str, float]:
     """One optimisation step; ``model`` may be DDP-wrapped. Returns the loss and its parts."""
     core = getattr(model, "module", model)
     images, targets = to_tensors(batch, device)
-    x = core.prepare(images)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with autocast(device, amp_dtype):
-        raw = model(x)
-    raw = {k: v.float() for k, v in raw.items()}
+    raw = _forward(model, images, device, amp_dtype, channels_last)
     loss, parts = core.loss(raw, targets)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -195,12 +201,7 @@ def evaluate_batches(model, batches: Iterable[dict], device: torch.device, amp_d
         images, targets = to_tensors(batch, device)
         if len(images) == 0:
             continue
-        x = core.prepare(images)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp_dtype):
-            raw = core(x)
-        raw = {k: v.float() for k, v in raw.items()}
+        raw = _forward(core, images, device, amp_dtype, channels_last)
         stats = add_stats(stats, core.stats(raw, targets))
     core.train(was_training)
     return stats or {}
