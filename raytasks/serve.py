@@ -52,6 +52,7 @@ import math
 import os
 import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import numpy as np
@@ -69,6 +70,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from facedata import storage
 from models.preprocess import Preprocessing
 from raytasks.predictor import Predictor, decode_batch
+from raytasks.threads import runtime_env
 
 API_KEY_ENV = "FACEATTR_API_KEY"
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -176,8 +178,12 @@ class ModelServer:
     def __init__(self, name: str, checkpoint: str, device: str | None, precision: str,
                  channels_last: bool, threads: int):
         self.name = name
-        self.predictor = Predictor(checkpoint, device=device, precision=precision,
-                                   channels_last=channels_last, threads=threads)
+        # Every torch call of the replica runs on this one thread: each thread that calls torch gets its own
+        # OpenMP pool, and on a small node several pools' workers compete for the cores (raytasks/threads.py).
+        self._torch_thread = ThreadPoolExecutor(1, thread_name_prefix=f"model-{name}")
+        self.predictor = self._torch_thread.submit(
+            Predictor, checkpoint, device=device, precision=precision, channels_last=channels_last,
+            threads=threads).result()
         self.checkpoint_uri = checkpoint
         self.threads = threads
         self.max_batch_size, self.batch_wait_timeout_s = 16, 0.01  # @serve.batch's; reconfigure sets the config's
@@ -187,7 +193,8 @@ class ModelServer:
         self._lock = threading.Lock()
         pre = self.predictor.preprocessing
         # The first forward pass builds the kernels' plans (oneDNN, cuDNN); pay for it before traffic.
-        self.predictor.forward_uint8(torch.zeros((1, pre.channels, *pre.size), dtype=torch.uint8))
+        self._torch_thread.submit(self.predictor.forward_uint8,
+                                  torch.zeros((1, pre.channels, *pre.size), dtype=torch.uint8)).result()
 
     def reconfigure(self, user_config: dict) -> None:
         """``user_config`` carries the batching knobs, so changing them in the config does not restart
@@ -211,6 +218,7 @@ class ModelServer:
             "metrics": info.metrics,
             "device": str(p.device),
             "precision": p.precision,
+            "batchnorm_folded": p.folded,
             "threads": self.threads,
             "batching": {"max_batch_size": self.max_batch_size,
                          "batch_wait_timeout_s": self.batch_wait_timeout_s},
@@ -239,7 +247,7 @@ class ModelServer:
             self.batch_sizes[len(items)] += 1
             self.images += len(items)
         # Off the event loop: new requests keep joining the next batch while this one runs.
-        return await asyncio.to_thread(self._run, items)
+        return await asyncio.get_running_loop().run_in_executor(self._torch_thread, self._run, items)
 
     def _run(self, items: list[dict]) -> list[dict]:
         n = len(items)
@@ -515,7 +523,9 @@ def deployment_options(settings: dict) -> dict:
     opts: dict = {
         "max_ongoing_requests": settings["max_ongoing_requests"],
         "max_queued_requests": settings["max_queued_requests"],
-        "ray_actor_options": {"num_cpus": settings["num_cpus"], "num_gpus": settings["num_gpus"]},
+        # the replica calls torch off its main thread: see raytasks/threads.py for the OpenMP setting
+        "ray_actor_options": {"num_cpus": settings["num_cpus"], "num_gpus": settings["num_gpus"],
+                              "runtime_env": runtime_env()},
         "user_config": {"max_batch_size": settings["max_batch_size"],
                         "batch_wait_timeout_s": settings["batch_wait_timeout_s"]},
     }

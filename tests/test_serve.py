@@ -344,6 +344,7 @@ def test_overload_gives_503_and_the_service_stays_up(svc):
 def test_cli_flags_become_valid_app_args():
     from jobs.serve import build_args, parser
     from raytasks.serve import ServeArgs, deployment_options
+    from raytasks.threads import runtime_env
 
     ns = parser().parse_args(["--model", "dmm=s3://b/models/dmm.pt", "--model", "agr=./agr.pt", "--port", "8001",
                               "--autoscale", "1:3", "--num-gpus", "1", "--max-batch-size", "32"])
@@ -351,7 +352,7 @@ def test_cli_flags_become_valid_app_args():
     args = ServeArgs.model_validate(build_args(ns))
     assert args.models == {"dmm": "s3://b/models/dmm.pt", "agr": "./agr.pt"}
     opts = deployment_options(args.model_settings("dmm"))
-    assert opts["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0}
+    assert opts["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0, "runtime_env": runtime_env()}
     assert opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 32}
     assert "num_replicas" not in opts
     assert opts["user_config"] == {"max_batch_size": 32, "batch_wait_timeout_s": 0.01}
