@@ -88,10 +88,15 @@ def label_values(cols: dict, fields) -> list:
     return out
 
 
-def model_only(ckpt: str, dec: dict, precisions: tuple[str, str], threads: int, batch: int) -> dict:
+def model_only(ckpt: str, dec: dict, precisions: tuple[str, str], threads: int, batch: int,
+               compile_first: bool = False) -> dict:
     """images/s of the model alone on pre-decoded uint8 batches for two precisions, batch by batch in turn
-    (so that both see the same load on a shared machine), and the labels each gives."""
-    preds = {p: Predictor(ckpt, device="cpu", precision=p, threads=threads) for p in precisions}
+    (so that both see the same load on a shared machine), and the labels each gives. With
+    ``compile_first`` the first precision's predictor is torch.compiled (as the label job's ``--compile``);
+    the second (the fp32 reference) stays eager."""
+    preds = {p: Predictor(ckpt, device="cpu", precision=p, threads=threads,
+                          compile_batch=batch if compile_first and k == 0 else None)
+             for k, p in enumerate(precisions)}
     images = torch.from_numpy(dec["image"])
     n = len(images)
     for pred in preds.values():  # warm-up: allocations, oneDNN primitives for both batch shapes
@@ -178,6 +183,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--cpus-per-actor", type=float, default=2.0, help="CPUs (torch threads) of the one predictor actor")
     p.add_argument("--precision", default="auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile the predictor (model only and end to end)")
     p.add_argument("--growth", default="1000,10000,100000", help="sizes of the growth runs ('' to skip)")
     p.add_argument("--growth-model", default="hard_sharing")
     p.add_argument("--cache", default="/tmp/bench_label_cache")
@@ -196,13 +202,14 @@ def main(argv=None) -> dict:
     folder = faces_folder(cache, args.n)
     files = sorted(folder.glob("*.jpg"))
     results: dict = {"model": args.model, "checkpoint": ckpt, "n": args.n, "batch_size": args.batch_size,
+                     "compile": args.compile,
                      "threads": threads, "cpu_count": os.cpu_count()}
 
     # 1-2. model only, bf16 and fp32, on the same decoded tensors
     pre = Predictor(ckpt, device="cpu", precision="fp32", threads=threads).preprocessing
     dec = decode_batch([str(f) for f in files], [f.read_bytes() for f in files], pre)
     assert dec["ok"].all()
-    rates = model_only(ckpt, dec, (args.precision, "fp32"), threads, args.batch_size)
+    rates = model_only(ckpt, dec, (args.precision, "fp32"), threads, args.batch_size, args.compile)
     (auto_rate, auto_labels), (fp32_rate, fp32_labels) = rates[args.precision], rates["fp32"]
     agree = float(np.mean([a == b for a, b in zip(auto_labels, fp32_labels)]))
     results.update(model_only_ips=auto_rate, model_only_fp32_ips=fp32_rate, precision_speedup=auto_rate / fp32_rate,
@@ -218,7 +225,7 @@ def main(argv=None) -> dict:
     ray.data.DataContext.get_current().enable_progress_bars = False
     small = faces_folder(cache, max(1, args.n // 4))
     spec = dict(checkpoint=ckpt, batch_size=args.batch_size, cpus_per_actor=args.cpus_per_actor,
-                precision=args.precision, max_actors=1)
+                precision=args.precision, max_actors=1, compile=args.compile)
     timed_label(L.LabelSpec(input=str(small), output=str(work / "e2e_warmup"), **spec))  # worker processes up
     t_small, s_small = timed_label(L.LabelSpec(input=str(small), output=str(work / "e2e_small"), **spec))
     t_full, s_full = timed_label(L.LabelSpec(input=str(folder), output=str(work / "e2e_full"), **spec))

@@ -82,6 +82,7 @@ import pyarrow.parquet as pq
 
 from facedata import storage
 from raytasks.predictor import GEOMETRY_KEYS, Predictor, decode_batch
+from raytasks.threads import runtime_env
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ MAX_FILE_BYTES = 256 * 1024 * 1024  # bigger files are an error row ("too_large"
 MANIFEST_SUFFIXES = (".parquet", ".csv")
 FETCH_THREADS = 16  # concurrent reads per decode task (S3 latency)
 DECODE_FILE_BYTES = 4 * 1024 * 1024  # a photo's bytes plus PIL's (draft-reduced) decode buffer, for decode_memory
+DECODE_PROCESS_BYTES = 384 * 1024 * 1024  # the decode worker itself (Python, torch, pyarrow, PIL): ~250-380 MB RSS
 
 
 class LabelError(ValueError):
@@ -112,6 +114,8 @@ class LabelSpec:
     cpus_per_actor: float = 1.0
     precision: str = "auto"  # auto | bf16 | fp32
     gpu_decode: bool = False
+    compile: bool = False  # torch.compile in each actor, for batches of batch_size (raytasks/predictor.py)
+    fold_bn: bool = True  # conv+bn folded (models/inference.py)
     max_rows_per_file: int = 50_000
     limit: int | None = None  # label at most this many new images in this run
     throttle_s: float = 0.0  # sleep after each predictor batch (to demonstrate and test kill + resume)
@@ -453,9 +457,10 @@ class PredictorActor:
     rows of ``Predictor.schema`` out (a ``pyarrow.Table``)."""
 
     def __init__(self, checkpoint: str, precision: str = "auto", device: str | None = None,
-                 threads: int | None = None, gpu_decode: bool = False, throttle_s: float = 0.0):
+                 threads: int | None = None, gpu_decode: bool = False, throttle_s: float = 0.0,
+                 compile_batch: int | None = None, fold_bn: bool = True):
         self.predictor = Predictor(checkpoint, device=device, precision=precision, channels_last=True,
-                                   threads=threads)
+                                   threads=threads, fold_bn=fold_bn, compile_batch=compile_batch)
         self.gpu_decode = gpu_decode
         self.throttle_s = throttle_s
         if gpu_decode and self.predictor.device.type != "cuda":
@@ -610,13 +615,14 @@ def resolve_pool(spec: LabelSpec, resuming: bool = False, can_grow: bool | None 
 
 
 def decode_memory(batch_size: int, pre_dict: dict) -> int:
-    """Memory a decode task reserves: per image the file and PIL's decode buffer (``DECODE_FILE_BYTES``) and
-    three copies of the model input (numpy, Arrow, serialisation). Besides keeping Ray from starting more
+    """Memory a decode task reserves: the worker process (``DECODE_PROCESS_BYTES``, what Ray Data measured
+    it using) and per image the file and PIL's decode buffer (``DECODE_FILE_BYTES``) and three copies of
+    the model input (numpy, Arrow, serialisation). Besides keeping Ray from starting more
     decode tasks than memory holds, a reservation the actors do not have keeps Ray Data from fusing the decode
     into the predictor actors (ray.data's operator fusion needs equal remote arguments), so decoding scales
     as CPU tasks, apart from the model."""
     h, w = pre_dict["size"]
-    return int(batch_size * (DECODE_FILE_BYTES + 3 * pre_dict["channels"] * h * w))
+    return int(DECODE_PROCESS_BYTES + batch_size * (DECODE_FILE_BYTES + 3 * pre_dict["channels"] * h * w))
 
 
 def build_dataset(spec: LabelSpec, paths_ds, pre_dict: dict, base: str | None, pool: tuple[int, int]):
@@ -630,10 +636,12 @@ def build_dataset(spec: LabelSpec, paths_ds, pre_dict: dict, base: str | None, p
     if spec.limit is not None:
         ds = ds.limit(spec.limit)
     actor_args = {"checkpoint": spec.checkpoint, "precision": spec.precision, "threads": threads,
-                  "gpu_decode": spec.gpu_decode, "throttle_s": spec.throttle_s}
+                  "gpu_decode": spec.gpu_decode, "throttle_s": spec.throttle_s, "fold_bn": spec.fold_bn,
+                  "compile_batch": spec.batch_size if spec.compile else None}
     resources = {"num_gpus": spec.gpus_per_actor} if spec.gpus_per_actor > 0 else {"num_cpus": spec.cpus_per_actor}
+    # Ray Data calls the actor off its main thread: see raytasks/threads.py for the OpenMP setting
     return ds.map_batches(PredictorActor, fn_constructor_kwargs=actor_args, batch_format="numpy",
-                          batch_size=spec.batch_size,
+                          batch_size=spec.batch_size, runtime_env=runtime_env(),
                           compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]), **resources)
 
 

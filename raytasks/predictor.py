@@ -21,6 +21,7 @@ import pyarrow as pa
 import torch
 
 from models.checkpoint import load_checkpoint
+from models.inference import fold_batchnorm
 from models.preprocess import ImageDecodeError, Preprocessing, decode
 
 GEOMETRY_KEYS = ("sx", "sy", "tx", "ty")
@@ -98,12 +99,19 @@ class Predictor:
     """A checkpoint loaded once, ready to turn decoded batches (or bytes) into rows."""
 
     def __init__(self, checkpoint: str, device: str | None = None, precision: str = "auto",
-                 channels_last: bool = True, threads: int | None = None):
+                 channels_last: bool = True, threads: int | None = None, fold_bn: bool = True,
+                 compile_batch: int | None = None):
         if threads:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
         self.model, self.info = load_checkpoint(checkpoint)
-        self.model.to(self.device)
+        self.model.to(self.device).eval()
+        self.folded: list[str] = []
+        if fold_bn:  # conv+bn folded: same outputs, fewer kernels (models/inference.py)
+            pre = self.model.preprocessing
+            example = torch.randint(0, 256, (2, pre.channels, *pre.size), dtype=torch.uint8,
+                                    generator=torch.Generator().manual_seed(0))
+            self.model, self.folded = fold_batchnorm(self.model, self.model.prepare(example.to(self.device)))
         self.channels_last = channels_last and self.device.type in ("cuda", "cpu")
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -113,6 +121,31 @@ class Predictor:
         self.schema = pa.schema(BASE_FIELDS + self.output_fields)
         self.model_name = self.info.model
         self.checkpoint_hash = self.info.hash
+        self.compile_batch = compile_batch
+        self.forward_fn = self.model
+        if compile_batch:
+            self._compile(compile_batch)
+
+    def _compile(self, batch: int) -> None:
+        """``torch.compile`` (Inductor, with weight freezing) for batches of exactly ``batch`` images: smaller
+        ones are padded and bigger ones split (:meth:`forward_uint8`), so it compiles once. The compile runs
+        here, on a zero batch (about 30 s for a ResNet-50 on 2 CPU cores), not in the first real batch. It
+        needs a C++ compiler (CPU) or Triton (GPU); when it fails the predictor stays eager and says so.
+        Measured on the 2-core CPU (dmm_cnn, batch 32, bf16): 78 -> 98 images/s (docs/benchmarks.md)."""
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True  # constant-fold the weights: inference only, process-wide
+        compiled = torch.compile(self.model, dynamic=False)
+        pre = self.preprocessing
+        zeros = torch.zeros((batch, pre.channels, *pre.size), dtype=torch.uint8)
+        try:
+            self.forward_fn = compiled
+            self.forward_uint8(zeros)
+        except Exception as e:  # noqa: BLE001 - no compiler, unsupported op, ...: eager still works
+            import warnings
+
+            warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e)[:300]}); running eager", stacklevel=2)
+            self.forward_fn, self.compile_batch = self.model, None
 
     @property
     def precision(self) -> str:
@@ -126,13 +159,22 @@ class Predictor:
     @torch.inference_mode()
     def forward_uint8(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """uint8 (B, C, H, W) -> raw outputs (float32, on the CPU)."""
+        size = self.compile_batch
+        if size and len(images) != size:  # the compiled graph takes exactly `size` images
+            parts = [self.forward_uint8(images[i:i + size]) if len(images[i:i + size]) == size
+                     else self._forward_padded(images[i:i + size], size) for i in range(0, len(images), size)]
+            return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         x = images.to(self.device, non_blocking=True)
         x = self.model.prepare(x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            raw = self.model(x)
+            raw = self.forward_fn(x)
         return {k: v.float().cpu() for k, v in raw.items()}
+
+    def _forward_padded(self, images: torch.Tensor, size: int) -> dict[str, torch.Tensor]:
+        pad = images.new_zeros((size - len(images), *images.shape[1:]))
+        return {k: v[: len(images)] for k, v in self.forward_uint8(torch.cat([images, pad])).items()}
 
     def predict_decoded(self, batch: dict) -> dict[str, list]:
         """A batch from :func:`decode_batch` -> columns of the row schema (one entry per input row)."""

@@ -1,0 +1,119 @@
+"""Inference-only rewrites: batch norm folding (models/inference.py) and the OpenMP environment of model
+workers (raytasks/threads.py)."""
+
+import pytest
+import torch
+from torch import nn
+
+import models
+from models.inference import fold_batchnorm
+from raytasks import threads
+
+
+def _example(model, n=2, seed=0):
+    pre = model.preprocessing
+    g = torch.Generator().manual_seed(seed)
+    return model.prepare(torch.randint(0, 256, (n, pre.channels, *pre.size), dtype=torch.uint8, generator=g))
+
+
+@pytest.mark.parametrize("name,kwargs", [("age_gender_race", {"depth": 18}), ("dmm_cnn", {"depth": 18}),
+                                         ("task_attention", {"depth": 18})])
+def test_folding_removes_every_conv_batchnorm_and_keeps_the_outputs(name, kwargs):
+    torch.manual_seed(0)
+    model = models.create_model(name, **kwargs).eval()
+    for m in model.modules():  # non-trivial running statistics, so that a wrong fold would show
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    folded, names = fold_batchnorm(model, _example(model))
+    assert names, "nothing was folded"
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert type(folded) is type(model) and folded.outputs == model.outputs  # methods and description kept
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules()), "the original must not be modified"
+    x = _example(model, n=3, seed=1)  # another input than the one the check used
+    with torch.inference_mode():
+        want, got = model(x), folded(x)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-4)
+
+
+def test_folding_leaves_models_without_batchnorm_and_refuses_training_mode():
+    model = models.create_model("hard_sharing").eval()
+    same, names = fold_batchnorm(model, _example(model))
+    assert same is model and names == []
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(models.create_model("dmm_cnn", depth=18).train(), torch.zeros(1, 3, 218, 178))
+
+
+class _ReachesIn(nn.Module):
+    """A parent that calls a child's submodules directly: folding the child would break it."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        self.block[1].running_mean.fill_(0.3)
+
+    def forward(self, x):
+        return {"y": self.block[1](self.block[0](x))}
+
+
+def test_folding_falls_back_to_the_original_when_the_folded_model_breaks():
+    model = _ReachesIn().eval()
+    same, names = fold_batchnorm(model, torch.rand(2, 3, 8, 8))
+    assert same is model and names == []
+
+
+def test_model_workers_get_libgomp_spin_count_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    env = threads.runtime_env({"env_vars": {"A": "1"}, "pip": ["x"]})
+    assert env == {"env_vars": {"GOMP_SPINCOUNT": threads.SPINCOUNT, "A": "1"}, "pip": ["x"]}
+    assert threads.runtime_env({"env_vars": {"GOMP_SPINCOUNT": "5"}})["env_vars"] == {"GOMP_SPINCOUNT": "5"}
+    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
+    assert threads.omp_env() == {"GOMP_SPINCOUNT": "1000"}
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert threads.omp_env() == {}
+
+
+def test_compiled_predictor_pads_and_splits_to_its_batch_and_matches_eager(tmp_path):
+    import time
+
+    from models.checkpoint import save_checkpoint
+    from raytasks.predictor import Predictor
+
+    torch.manual_seed(0)
+    ckpt = str(tmp_path / "hs.pt")
+    save_checkpoint(models.create_model("hard_sharing").eval(), ckpt)
+    eager = Predictor(ckpt, device="cpu", precision="fp32", threads=1)
+    start = time.perf_counter()
+    compiled = Predictor(ckpt, device="cpu", precision="fp32", threads=1, compile_batch=4)
+    assert compiled.compile_batch == 4 and compiled.forward_fn is not compiled.model, "compile fell back to eager"
+    assert time.perf_counter() - start < 240
+    x = torch.randint(0, 256, (7, 1, 50, 50), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    for n in (1, 4, 7):  # padded, exact, split + padded
+        want, got = eager.forward_uint8(x[:n]), compiled.forward_uint8(x[:n])
+        for k in want:
+            assert got[k].shape == want[k].shape
+            torch.testing.assert_close(got[k], want[k], rtol=1e-3, atol=1e-3)
+
+
+def test_compile_failure_leaves_a_working_eager_predictor(tmp_path, monkeypatch):
+    from models.checkpoint import save_checkpoint
+    from raytasks.predictor import Predictor
+
+    ckpt = str(tmp_path / "hs.pt")
+    save_checkpoint(models.create_model("hard_sharing").eval(), ckpt)
+
+    def broken(model, **_):
+        def run(x):
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(UserWarning, match="torch.compile failed.*no C\\+\\+ compiler"):
+        p = Predictor(ckpt, device="cpu", precision="fp32", threads=1, compile_batch=4)
+    assert p.compile_batch is None and p.forward_fn is p.model
+    assert p.forward_uint8(torch.zeros((3, 1, 50, 50), dtype=torch.uint8))["gender"].shape[0] == 3
