@@ -174,6 +174,37 @@ def replica_stats(port: int, model: str) -> dict:
     return stats
 
 
+def _serve_processes() -> dict[int, str]:
+    """pid -> role of the Serve processes on this machine (HTTP proxy, ingress, model replica)."""
+    roles = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if cmd.startswith("ray::ProxyActor"):
+            roles[int(pid)] = "proxy"
+        elif cmd.startswith("ray::ServeReplica") and "FaceAttrAPI" in cmd:
+            roles[int(pid)] = "ingress"
+        elif cmd.startswith("ray::ServeReplica") and "model-" in cmd:
+            roles[int(pid)] = "model"
+    roles[os.getpid()] = "client"
+    return roles
+
+
+def _cpu_seconds(pids) -> dict[int, float]:
+    out = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            pass
+    return out
+
+
 def served(ckpt: str, images: list[bytes], args, port: int, batched: bool) -> list[dict]:
     from ray import serve
 
@@ -181,7 +212,8 @@ def served(ckpt: str, images: list[bytes], args, port: int, batched: bool) -> li
 
     mbs = args.max_batch_size if batched else 1
     app = build_app({
-        "models": {"m": ckpt}, "precision": args.precision, "threads": args.threads, "num_cpus": 1,
+        "models": {"m": ckpt}, "precision": args.precision, "threads": args.replica_threads or args.threads,
+        "num_cpus": 1, "num_replicas": args.replicas,
         "max_batch_size": mbs, "batch_wait_timeout_s": args.batch_wait_timeout_s if batched else 0.0,
         "max_ongoing_requests": max(64, 2 * mbs), "max_queued_requests": -1,
         "ingress": {"num_cpus": 0.5, "max_ongoing_requests": 1024},
@@ -193,14 +225,23 @@ def served(ckpt: str, images: list[bytes], args, port: int, batched: bool) -> li
     rows = []
     for c in args.concurrency:
         before = replica_stats(port, "m")
+        roles = _serve_processes()
+        cpu0 = _cpu_seconds(roles)
         r = load(port, path, images, args.requests, c)
+        cpu1 = _cpu_seconds(roles)
         after = replica_stats(port, "m")
+        cpu_ms = {}
+        for pid, role in roles.items():  # CPU time per request of each role (user + system), all its processes
+            if pid in cpu0 and pid in cpu1:
+                cpu_ms[role] = cpu_ms.get(role, 0.0) + 1000 * (cpu1[pid] - cpu0[pid]) / max(1, r["ok"])
+        r["cpu_ms_per_request"] = cpu_ms
         batches = after["batches"] - before["batches"]
         r.update(mode="batched" if batched else "unbatched", concurrency=c, max_batch_size=mbs,
                  mean_batch=(after["images"] - before["images"]) / batches if batches else float("nan"))
         rows.append(r)
         print(f"  {r['mode']:>9}  c={c:<3} {r['throughput_req_s']:7.1f} req/s  p50 {r['p50_ms']:7.1f} ms  "
-              f"p99 {r['p99_ms']:7.1f} ms  mean batch {r['mean_batch']:5.1f}  errors {r['errors']}", flush=True)
+              f"p99 {r['p99_ms']:7.1f} ms  mean batch {r['mean_batch']:5.1f}  errors {r['errors']}  CPU ms/request: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in sorted(cpu_ms.items())), flush=True)
     serve.delete("bench")
     return rows
 
@@ -217,6 +258,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
                    help="torch threads, model only and replica (use 1 on an oversubscribed machine: OpenMP "
                         "threads that wait for a descheduled sibling make 2 threads 30x slower there)")
+    p.add_argument("--replica-threads", type=int, default=None,
+                   help="torch threads of each model replica (default: --threads; the model-only figures always "
+                        "use --threads)")
+    p.add_argument("--replicas", type=int, default=1, help="model replicas")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     p.add_argument("--image-px", type=int, default=200, help="side of the test JPEGs")
     p.add_argument("--single-repeat", type=int, default=30)

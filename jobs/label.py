@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-decode", action="store_true",
                    help="decode JPEGs on the predictor's GPU (torchvision.io.decode_jpeg); needs --gpus-per-actor > 0")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model in each actor (about 30 s per actor to start; 1.25x on a CPU)")
+                   help="torch.compile the model in each actor (tens of seconds per actor to start; 1.5x measured on a CPU)")
     p.add_argument("--no-fold-bn", dest="fold_bn", action="store_false",
                    help="keep batch norm apart from the convolutions (folding gives the same outputs, faster)")
     p.add_argument("--max-rows-per-file", type=positive(int), default=d.max_rows_per_file,
