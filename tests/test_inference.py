@@ -82,6 +82,7 @@ def test_compiled_predictor_pads_and_splits_to_its_batch_and_matches_eager(tmp_p
     import time
 
     from models.checkpoint import save_checkpoint
+    from raytasks.label import PredictorActor
     from raytasks.predictor import Predictor
 
     torch.manual_seed(0)
@@ -89,7 +90,8 @@ def test_compiled_predictor_pads_and_splits_to_its_batch_and_matches_eager(tmp_p
     save_checkpoint(models.create_model("hard_sharing").eval(), ckpt)
     eager = Predictor(ckpt, device="cpu", precision="fp32", threads=1)
     start = time.perf_counter()
-    compiled = Predictor(ckpt, device="cpu", precision="fp32", threads=1, compile_batch=4)
+    # built as the label job builds its actors (raytasks.label.build_dataset's constructor arguments)
+    compiled = PredictorActor(ckpt, precision="fp32", threads=1, compile_batch=4, fold_bn=True).predictor
     assert compiled.compile_batch == 4 and compiled.forward_fn is not compiled.model, "compile fell back to eager"
     assert time.perf_counter() - start < 240
     x = torch.randint(0, 256, (7, 1, 50, 50), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
