@@ -639,7 +639,7 @@ def build_dataset(spec: LabelSpec, paths_ds, pre_dict: dict, base: str | None, p
                   "gpu_decode": spec.gpu_decode, "throttle_s": spec.throttle_s, "fold_bn": spec.fold_bn,
                   "compile_batch": spec.batch_size if spec.compile else None}
     resources = {"num_gpus": spec.gpus_per_actor} if spec.gpus_per_actor > 0 else {"num_cpus": spec.cpus_per_actor}
-    # Ray Data calls the actor off its main thread: see raytasks/threads.py for the OpenMP setting
+    # the predictor actors get worker processes of their own (measured faster: raytasks/threads.py)
     return ds.map_batches(PredictorActor, fn_constructor_kwargs=actor_args, batch_format="numpy",
                           batch_size=spec.batch_size, runtime_env=runtime_env(),
                           compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]), **resources)

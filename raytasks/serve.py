@@ -179,7 +179,7 @@ class ModelServer:
                  channels_last: bool, threads: int):
         self.name = name
         # Every torch call of the replica runs on this one thread: each thread that calls torch gets its own
-        # OpenMP pool, and on a small node several pools' workers compete for the cores (raytasks/threads.py).
+        # OpenMP pool, and with more OpenMP threads than cores libgomp throttles them (raytasks/threads.py).
         self._torch_thread = ThreadPoolExecutor(1, thread_name_prefix=f"model-{name}")
         self.predictor = self._torch_thread.submit(
             Predictor, checkpoint, device=device, precision=precision, channels_last=channels_last,
@@ -523,7 +523,7 @@ def deployment_options(settings: dict) -> dict:
     opts: dict = {
         "max_ongoing_requests": settings["max_ongoing_requests"],
         "max_queued_requests": settings["max_queued_requests"],
-        # the replica calls torch off its main thread: see raytasks/threads.py for the OpenMP setting
+        # a worker process of its own, as the label job's predictor actors (raytasks/threads.py)
         "ray_actor_options": {"num_cpus": settings["num_cpus"], "num_gpus": settings["num_gpus"],
                               "runtime_env": runtime_env()},
         "user_config": {"max_batch_size": settings["max_batch_size"],

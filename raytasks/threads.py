@@ -1,42 +1,36 @@
-"""The OpenMP setting every Ray process that runs the models gets, and why.
+"""Where the model runs inside a Ray worker process: a worker of its own, and one torch thread.
 
-Ray runs user code off the process's main thread: Ray Data's actor UDFs (the label job's predictor), Ray
-Train's training function and Ray Serve's replicas all call PyTorch from a worker thread. PyTorch's CPU
-kernels use OpenMP (GNU libgomp in the PyPI wheels). libgomp counts every thread it manages, the process's
-initial thread included; when a pool is started from another thread and the count goes over the CPUs the
-process may use (always the case when the torch threads equal the actor's CPUs), it "throttles": idle
-workers spin 1,000 times instead of 300,000 before they sleep on a futex, so each of the thousand-odd
-parallel regions of a ResNet-50 forward pass waits for a wake-up. Measured on the 2-core machine of
-docs/benchmarks.md (age_gender_race, bf16, batch 1, 2 torch threads): 19 ms from the main thread, 25-40 ms
-from a worker thread, 18.3 ms from a worker thread with ``GOMP_SPINCOUNT=300000``.
+Two things were measured on the 2-core machine of docs/benchmarks.md:
 
-``GOMP_SPINCOUNT`` is read once, when libgomp loads (when the process first imports torch), so it must be
-in the environment the worker process starts with: :func:`runtime_env` gives the ``runtime_env`` for the
-actors (Ray Data ``map_batches``, Serve ``ray_actor_options``, Ray Train ``RunConfig.worker_runtime_env``).
-300,000 is libgomp's own default for the unthrottled case, so an idle pool still goes to sleep within a
-fraction of a millisecond. A value the user set (in the driver's environment) wins; ``OMP_WAIT_POLICY``
-set by the user disables ours, since libgomp derives the spin count from it.
+1. **A model actor in a worker process of its own is faster.** Label job, dmm_cnn, batch 64, compiled,
+   end to end / model only (``bench/bench_label.py``, one run each): 0.74 with the predictor actors in
+   Ray's shared worker processes, 0.85 with a runtime_env of their own (a dummy variable) and 0.90, 0.95 and
+   1.02 with this module's variable. Ray keys worker processes by runtime_env, so a runtime_env of their
+   own gives the model actors fresh processes that have run nothing else. Why a shared worker is slower was
+   not pinned down. One candidate was measured: once a process's main thread has run a parallel torch
+   op, torch on another thread of that process runs slower (ResNet-50 of age_gender_race, batch 1, 2 threads:
+   17.5 ms, 28.6 ms after a ``torch.zeros(10**6).add_(1)`` on the main thread). GNU libgomp, PyTorch's
+   OpenMP, then manages two thread pools, and with more OpenMP threads than CPUs it lets idle workers spin
+   only 100 times before they sleep, instead of 300,000. Ray calls actor methods, Serve replicas and
+   Ray Train's loop off the main thread.
+2. **One thread for all torch work** (Serve's ``ModelServer``): one OpenMP pool, not one per thread of
+   ``asyncio.to_thread``'s pool.
+
+:func:`runtime_env` is the runtime_env of model actors (the label job's predictor actors, Serve's model
+replicas). Its variable only marks them (``FACEATTR_MODEL_WORKER=1``). A correction to commit f5f5391,
+which set ``GOMP_SPINCOUNT=300000`` here: that is libgomp's own default when ``OMP_WAIT_POLICY`` is unset,
+and it does not lift the throttled count of 100 spins. A direct test showed no effect (28.2 vs 27.3 ms, and
+16.9 vs 16.6 ms unthrottled). The gain measured with it came from the separate process.
 """
 
 from __future__ import annotations
 
-import os
-
-SPINCOUNT = "300000"
-
-
-def omp_env() -> dict[str, str]:
-    """Environment variables for model worker processes (see the module docstring)."""
-    if "GOMP_SPINCOUNT" in os.environ:
-        return {"GOMP_SPINCOUNT": os.environ["GOMP_SPINCOUNT"]}
-    if "OMP_WAIT_POLICY" in os.environ:
-        return {}
-    return {"GOMP_SPINCOUNT": SPINCOUNT}
+MODEL_WORKER_ENV = {"FACEATTR_MODEL_WORKER": "1"}
 
 
 def runtime_env(base: dict | None = None) -> dict:
-    """``base`` (a runtime_env dict or None) with :func:`omp_env` added to its ``env_vars`` (base's own
-    values win)."""
+    """``base`` (a runtime_env dict or None) with the model-worker marker added to its ``env_vars`` (base's
+    own values win)."""
     env = dict(base or {})
-    env["env_vars"] = {**omp_env(), **(env.get("env_vars") or {})}
+    env["env_vars"] = {**MODEL_WORKER_ENV, **(env.get("env_vars") or {})}
     return env

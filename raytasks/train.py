@@ -64,7 +64,6 @@ from models.checkpoint import checkpoint_bytes
 from models.outputs import OutputSet
 from models.preprocess import Preprocessing, build_augmentation
 from raytasks import engine
-from raytasks.threads import runtime_env
 
 log = logging.getLogger(__name__)
 
@@ -583,7 +582,6 @@ def _run_config(spec: TrainSpec):
         failure_config=FailureConfig(max_failures=spec.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=spec.keep, checkpoint_score_attribute="score",
                                            checkpoint_score_order="max"),
-        worker_runtime_env=runtime_env(),  # the train loop runs off the worker's main thread: raytasks/threads.py
     )
 
 

@@ -65,17 +65,11 @@ def test_folding_falls_back_to_the_original_when_the_folded_model_breaks():
     assert same is model and names == []
 
 
-def test_model_workers_get_libgomp_spin_count_unless_the_user_chose(monkeypatch):
-    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+def test_model_workers_get_a_runtime_env_of_their_own_that_keeps_the_callers():
     env = threads.runtime_env({"env_vars": {"A": "1"}, "pip": ["x"]})
-    assert env == {"env_vars": {"GOMP_SPINCOUNT": threads.SPINCOUNT, "A": "1"}, "pip": ["x"]}
-    assert threads.runtime_env({"env_vars": {"GOMP_SPINCOUNT": "5"}})["env_vars"] == {"GOMP_SPINCOUNT": "5"}
-    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
-    assert threads.omp_env() == {"GOMP_SPINCOUNT": "1000"}
-    monkeypatch.delenv("GOMP_SPINCOUNT")
-    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
-    assert threads.omp_env() == {}
+    assert env == {"env_vars": {**threads.MODEL_WORKER_ENV, "A": "1"}, "pip": ["x"]}
+    assert threads.runtime_env(None) == {"env_vars": threads.MODEL_WORKER_ENV}
+    assert threads.runtime_env({"env_vars": {"FACEATTR_MODEL_WORKER": "2"}})["env_vars"] == {"FACEATTR_MODEL_WORKER": "2"}
 
 
 def test_compiled_predictor_pads_and_splits_to_its_batch_and_matches_eager(tmp_path):
