@@ -82,7 +82,7 @@ import pyarrow.parquet as pq
 
 from facedata import storage
 from raytasks.predictor import GEOMETRY_KEYS, Predictor, decode_batch
-from raytasks.threads import runtime_env
+from raytasks.threads import runtime_env, torch_executor
 
 log = logging.getLogger(__name__)
 
@@ -459,8 +459,11 @@ class PredictorActor:
     def __init__(self, checkpoint: str, precision: str = "auto", device: str | None = None,
                  threads: int | None = None, gpu_decode: bool = False, throttle_s: float = 0.0,
                  compile_batch: int | None = None, fold_bn: bool = True):
-        self.predictor = Predictor(checkpoint, device=device, precision=precision, channels_last=True,
-                                   threads=threads, fold_bn=fold_bn, compile_batch=compile_batch)
+        # all torch work on one thread: Ray calls __init__ on the main thread and __call__ on another
+        self._torch_thread = torch_executor("predictor")
+        self.predictor = self._torch_thread.submit(
+            Predictor, checkpoint, device=device, precision=precision, channels_last=True, threads=threads,
+            fold_bn=fold_bn, compile_batch=compile_batch).result()
         self.gpu_decode = gpu_decode
         self.throttle_s = throttle_s
         if gpu_decode and self.predictor.device.type != "cuda":
@@ -468,6 +471,9 @@ class PredictorActor:
                                f"{self.predictor.device} (torch.cuda.is_available() is False)")
 
     def __call__(self, batch: dict) -> pa.Table:
+        return self._torch_thread.submit(self._predict, batch).result()
+
+    def _predict(self, batch: dict) -> pa.Table:
         if self.gpu_decode:
             batch = self._decode_on_gpu(batch)
         cols = self.predictor.predict_decoded(batch)

@@ -52,7 +52,6 @@ import math
 import os
 import threading
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import numpy as np
@@ -70,7 +69,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from facedata import storage
 from models.preprocess import Preprocessing
 from raytasks.predictor import Predictor, decode_batch
-from raytasks.threads import runtime_env
+from raytasks.threads import runtime_env, torch_executor
 
 API_KEY_ENV = "FACEATTR_API_KEY"
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -180,7 +179,7 @@ class ModelServer:
         self.name = name
         # Every torch call of the replica runs on this one thread: each thread that calls torch gets its own
         # OpenMP pool, and with more OpenMP threads than cores libgomp throttles them (raytasks/threads.py).
-        self._torch_thread = ThreadPoolExecutor(1, thread_name_prefix=f"model-{name}")
+        self._torch_thread = torch_executor(f"model-{name}")
         self.predictor = self._torch_thread.submit(
             Predictor, checkpoint, device=device, precision=precision, channels_last=channels_last,
             threads=threads).result()

@@ -13,8 +13,9 @@ Two things were measured on the 2-core machine of docs/benchmarks.md:
    OpenMP, then manages two thread pools, and with more OpenMP threads than CPUs it lets idle workers spin
    only 100 times before they sleep, instead of 300,000. Ray calls actor methods, Serve replicas and
    Ray Train's loop off the main thread.
-2. **One thread for all torch work** (Serve's ``ModelServer``): one OpenMP pool, not one per thread of
-   ``asyncio.to_thread``'s pool.
+2. **One thread for all torch work** (:func:`torch_executor`: Serve's ``ModelServer`` and the label job's
+   ``PredictorActor``): one OpenMP pool. Ray runs an actor's constructor on the main thread and its
+   methods on others, so a model loaded in the constructor and called in the methods had two.
 
 :func:`runtime_env` is the runtime_env of model actors (the label job's predictor actors, Serve's model
 replicas). Its variable only marks them (``FACEATTR_MODEL_WORKER=1``). A correction to commit f5f5391,
@@ -25,6 +26,8 @@ and it does not lift the throttled count of 100 spins. A direct test showed no e
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 MODEL_WORKER_ENV = {"FACEATTR_MODEL_WORKER": "1"}
 
 
@@ -34,3 +37,11 @@ def runtime_env(base: dict | None = None) -> dict:
     env = dict(base or {})
     env["env_vars"] = {**MODEL_WORKER_ENV, **(env.get("env_vars") or {})}
     return env
+
+
+def torch_executor(name: str) -> ThreadPoolExecutor:
+    """One thread for all of a model process's torch work: the checkpoint loading, the checks and warm-up
+    passes at start, every forward pass. Ray runs an actor's constructor on the process's main thread and
+    its methods on other threads; torch on both makes two OpenMP pools, 19 -> 32 ms per forward pass
+    (``bench/probe_threads.py``)."""
+    return ThreadPoolExecutor(1, thread_name_prefix=name)

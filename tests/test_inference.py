@@ -113,3 +113,30 @@ def test_compile_failure_leaves_a_working_eager_predictor(tmp_path, monkeypatch)
         p = Predictor(ckpt, device="cpu", precision="fp32", threads=1, compile_batch=4)
     assert p.compile_batch is None and p.forward_fn is p.model
     assert p.forward_uint8(torch.zeros((3, 1, 50, 50), dtype=torch.uint8))["gender"].shape[0] == 3
+
+
+def test_label_actor_does_all_torch_work_on_one_thread_that_is_not_the_callers(tmp_path):
+    # Ray calls an actor's __init__ on the main thread and __call__ on others: torch on both would make two
+    # OpenMP pools (raytasks/threads.py). Every batch must run on the one torch thread.
+    import threading
+
+    import numpy as np
+
+    from models.checkpoint import save_checkpoint
+    from raytasks.label import PredictorActor
+
+    ckpt = str(tmp_path / "hs.pt")
+    save_checkpoint(models.create_model("hard_sharing").eval(), ckpt)
+    actor = PredictorActor(ckpt, precision="fp32", threads=1)
+    seen = []
+    real = actor.predictor.forward_uint8
+    actor.predictor.forward_uint8 = lambda x: (seen.append(threading.current_thread().name), real(x))[1]
+    batch = {"path": np.array(["a", "b"], dtype=object), "ok": np.array([True, False]),
+             "error_kind": np.array([None, "empty"], dtype=object), "error_message": np.array([None, "x"], dtype=object),
+             "width": np.array([50, 0], np.int32), "height": np.array([50, 0], np.int32),
+             "geometry": np.zeros((2, 4)), "image": np.zeros((2, 1, 50, 50), np.uint8)}
+    for _ in range(2):
+        table = actor(batch)
+        assert table.num_rows == 2 and table.column("ok").to_pylist() == [True, False]
+    assert len(seen) == 2 and len(set(seen)) == 1 and seen[0].startswith("predictor")
+    assert seen[0] != threading.current_thread().name
