@@ -160,11 +160,11 @@ class Predictor:
     @torch.inference_mode()
     def forward_uint8(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """uint8 (B, C, H, W) -> raw outputs (float32, on the CPU)."""
-        size = self.compile_batch
-        if size and len(images) != size:  # the compiled graph takes exactly `size` images
-            parts = [self.forward_uint8(images[i:i + size]) if len(images[i:i + size]) == size
-                     else self._forward_padded(images[i:i + size], size) for i in range(0, len(images), size)]
-            return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        size, n = self.compile_batch, len(images)
+        if size and n != size:  # the compiled graph takes exactly `size` images: pad to a multiple, split
+            padded = torch.cat([images, images.new_zeros((-n % size, *images.shape[1:]))])
+            parts = [self.forward_uint8(padded[i:i + size]) for i in range(0, len(padded), size)]
+            return {k: torch.cat([p[k] for p in parts])[:n] for k in parts[0]}
         x = images.to(self.device, non_blocking=True)
         x = self.model.prepare(x)
         if self.channels_last:
@@ -172,10 +172,6 @@ class Predictor:
         with self._autocast():
             raw = self.forward_fn(x)
         return {k: v.float().cpu() for k, v in raw.items()}
-
-    def _forward_padded(self, images: torch.Tensor, size: int) -> dict[str, torch.Tensor]:
-        pad = images.new_zeros((size - len(images), *images.shape[1:]))
-        return {k: v[: len(images)] for k, v in self.forward_uint8(torch.cat([images, pad])).items()}
 
     def predict_decoded(self, batch: dict) -> dict[str, list]:
         """A batch from :func:`decode_batch` -> columns of the row schema (one entry per input row)."""
