@@ -2,8 +2,8 @@
 
     python bench/probe_threads.py [--model age_gender_race] [--threads 2] [--batch 1]
 
-The Serve replica's forward pass measured 29-38 ms where the same call takes 17-20 ms in a plain process
-(docs/benchmarks.md, serving). This probe times ``Predictor.forward_uint8`` (median of ``--repeat`` calls
+Ray runs actor methods (and Serve replicas, and Ray Train's loop) off the process's main thread; this probe
+shows what that costs torch (docs/benchmarks.md, serving). It times ``Predictor.forward_uint8`` (median of ``--repeat`` calls
 after a warm-up) in each of these places, each in a fresh process:
 
 * ``process main``: a plain Python process, main thread;
@@ -16,7 +16,8 @@ after a warm-up) in each of these places, each in a fresh process:
 * ``ray actor thread, OMP_WAIT_POLICY=ACTIVE``: the same with OpenMP workers that never sleep;
 * ``serve replica thread``: a Ray Serve replica whose torch work runs on one executor thread.
 
-Random weights; the timing does not depend on them.
+Random weights; the timing does not depend on them. OpenMP variables in the environment (``GOMP_SPINCOUNT``,
+``OMP_WAIT_POLICY``) reach every variant: the child processes and Ray's workers inherit them.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 In eval mode a ``BatchNorm2d`` after a ``Conv2d`` is an affine map of the convolution's output, so it can be
 folded into the convolution's weight and bias (one kernel instead of two, one pass over the activations
 fewer). ``torch.fx.experimental.optimization.fuse`` does this on a symbolically traced module. Measured on
-this project's 2-core CPU (dmm_cnn, ResNet-50 trunk, batch 32, bf16 autocast, channels_last, the two
-variants interleaved in one process): 59.9 -> 65.4 images/s (+9 %).
+this project's 2-core CPU (dmm_cnn, ResNet-50 trunk, batch 32, bf16 autocast, channels_last, variants
+interleaved in one process, ``python bench/bench_inference.py``): 56.0 -> 61.3 images/s (+9 %).
 
 The rewrite is applied to each direct child of the model (the trunk, the heads), not to the model itself,
 so the model keeps its class and methods (``prepare``, ``decode``, the output description). A child that

@@ -131,8 +131,8 @@ class Predictor:
         ones are padded and bigger ones split (:meth:`forward_uint8`), so it compiles once. The compile runs
         here, on a zero batch (about 30 s for a ResNet-50 on 2 CPU cores), not in the first real batch. It
         needs a C++ compiler (CPU) or Triton (GPU); when it fails the predictor stays eager and says so.
-        Measured on the 2-core CPU (dmm_cnn, batch 32, bf16, batch norm folded): 65 -> 96-99 images/s
-        (bench/bench_label.py, docs/benchmarks.md)."""
+        Measured on the 2-core CPU (dmm_cnn, batch 32, bf16, batch norm folded): 61.3 -> 94.3 images/s
+        (``python bench/bench_inference.py``, docs/benchmarks.md)."""
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True  # constant-fold the weights: inference only, process-wide

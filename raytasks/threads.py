@@ -9,7 +9,7 @@ Two things were measured on the 2-core machine of docs/benchmarks.md:
    own gives the model actors fresh processes that have run nothing else. Why a shared worker is slower was
    not pinned down. One candidate was measured: once a process's main thread has run a parallel torch
    op, torch on another thread of that process runs slower (ResNet-50 of age_gender_race, batch 1, 2 threads:
-   17.5 ms, 28.6 ms after a ``torch.zeros(10**6).add_(1)`` on the main thread). GNU libgomp, PyTorch's
+   20.9 ms, 32.4 ms after a ``torch.zeros(10**6).add_(1)`` on the main thread; ``bench/probe_threads.py``). GNU libgomp, PyTorch's
    OpenMP, then manages two thread pools, and with more OpenMP threads than CPUs it lets idle workers spin
    only 100 times before they sleep, instead of 300,000. Ray calls actor methods, Serve replicas and
    Ray Train's loop off the main thread.
@@ -20,8 +20,9 @@ Two things were measured on the 2-core machine of docs/benchmarks.md:
 :func:`runtime_env` is the runtime_env of model actors (the label job's predictor actors, Serve's model
 replicas). Its variable only marks them (``FACEATTR_MODEL_WORKER=1``). A correction to commit f5f5391,
 which set ``GOMP_SPINCOUNT=300000`` here: that is libgomp's own default when ``OMP_WAIT_POLICY`` is unset,
-and it does not lift the throttled count of 100 spins. A direct test showed no effect (28.2 vs 27.3 ms, and
-16.9 vs 16.6 ms unthrottled). The gain measured with it came from the separate process.
+and it does not lift the throttled count of 100 spins. A direct test showed no effect (the two-pool row of
+``bench/probe_threads.py``: 32.4 ms without, 34.9 ms with it). The gain measured with it came from the
+separate process.
 """
 
 from __future__ import annotations
