@@ -27,6 +27,7 @@ import models
 from facedata import storage
 from facedata.synth import draw_face, encode_jpeg
 from models.checkpoint import save_checkpoint
+from raytasks import inputs
 from raytasks import label as L
 from raytasks.predictor import Predictor
 
@@ -339,11 +340,11 @@ def test_bad_commands_fail_clearly(tmp_path, hs_checkpoint, capsys):
     bad = tmp_path / "m.csv"
     bad.write_text("file,label\na.jpg,1\n")
     with pytest.raises(L.LabelError, match="no 'path' column"):
-        L.check_manifest(str(bad))
+        inputs.check_manifest(str(bad))
     holes = tmp_path / "holes.parquet"
     pq.write_table(pa.table({"path": ["a.jpg", None, ""]}), holes)
     with pytest.raises(L.LabelError, match="2 of 3 rows have no path"):
-        L.manifest_rows(str(holes))
+        inputs.manifest_rows(str(holes))
 
 
 def test_gpu_flags_against_a_cluster_without_gpus(ray_session, hs_checkpoint, tmp_path):
@@ -359,10 +360,10 @@ def test_gpu_flags_against_a_cluster_without_gpus(ray_session, hs_checkpoint, tm
 
 
 def test_image_signatures():
-    assert L.looks_like_image(face_jpeg(1)[:32]) and L.looks_like_image(huge_png()[:32])
-    assert L.looks_like_image(odd_images()["odd/palette.png"][:32])
-    assert not L.looks_like_image(b"BM is also how a text can start") and not L.looks_like_image(b"")
-    assert not L.looks_like_image(b'{"json": true}')
+    assert inputs.looks_like_image(face_jpeg(1)[:32]) and inputs.looks_like_image(huge_png()[:32])
+    assert inputs.looks_like_image(odd_images()["odd/palette.png"][:32])
+    assert not inputs.looks_like_image(b"BM is also how a text can start") and not inputs.looks_like_image(b"")
+    assert not inputs.looks_like_image(b'{"json": true}')
 
 
 @pytest.mark.parametrize("resize", ["stretch", "shorter_center_crop"])
