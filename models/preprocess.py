@@ -64,8 +64,11 @@ class Preprocessing:
     # corner, image-right mouth corner) sit in the model's input, in input pixels (x, y) of ``size``. A face
     # detected in a photo is warped onto it (faces/align.py), so it must be where the training faces had
     # them; the train job derives it from the training data and the checkpoint keeps it. None: the model's
-    # default (faces.templates.default_template).
+    # default (faces.align.default_template). ``template_crop``: the (H, W) of the training crops the
+    # template was measured on, which the resize policy turned into the input (faces/align.py aligns in
+    # that frame, so that a stretch is applied as in training); None: the crops were the input's size.
     template: tuple[tuple[float, float], ...] | None = None
+    template_crop: tuple[int, int] | None = None
 
     def __post_init__(self):
         if self.resize not in ("stretch", "shorter_center_crop"):
@@ -77,6 +80,8 @@ class Preprocessing:
             if len(pts) != 5:
                 raise ValueError(f"a face template has 5 (x, y) points, got {len(pts)}")
             object.__setattr__(self, "template", pts)
+        if self.template_crop is not None:
+            object.__setattr__(self, "template_crop", tuple(int(v) for v in self.template_crop))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,6 +93,8 @@ class Preprocessing:
             d[k] = tuple(d[k])
         if d.get("template") is not None:
             d["template"] = tuple(tuple(p) for p in d["template"])
+        if d.get("template_crop") is not None:
+            d["template_crop"] = tuple(d["template_crop"])
         return cls(**d)
 
     def with_size(self, size: int | tuple[int, int]) -> Preprocessing:

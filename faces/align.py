@@ -1,0 +1,165 @@
+"""Alignment: a detected face -> the model's input, as the model's training faces looked.
+
+Every model declares a face template in its preprocessing (``Preprocessing.template``): where the 5 points
+(image-left eye, image-right eye, nose tip, image-left mouth corner, image-right mouth corner) sit in its
+input. A face found in a photo is mapped onto it by one warp:
+
+    model input pixel --G--> training-crop pixel --S--> photo pixel
+
+* ``G`` is the model's own resize of its training crops (``models.preprocess.decode``'s geometry: a stretch,
+  or HMTNet's shorter-side resize and centre crop), for crops of ``Preprocessing.template_crop`` (H, W). The
+  face is aligned in the frame of the training crops, not of the model input, because a stretch (CelebA's
+  178x218 crops to a square input) is not a similarity: fitting a similarity to the stretched points would
+  give the model faces of another aspect ratio than it learned from. With ``template_crop`` None the crop is
+  the input (``G`` is the identity).
+* ``S`` is the least-squares similarity (rotation, uniform scale, translation; Umeyama 1991) that carries the
+  template's points, in crop pixels, onto the detected points.
+
+The composed affine map is applied with ``affine_grid`` / ``grid_sample`` (bilinear) on the device the
+image is on. When the face is much larger than the model input (a 600 px face to a 50 px input), bilinear
+sampling alone would alias, unlike the area-averaging resize the training crops had: the image is first
+halved (2x2 average) until the sampling step is at most 2 source pixels, a mip-map level per image computed
+only when a face needs it.
+
+Coordinates are continuous pixels: pixel ``i`` covers ``[i, i + 1)``, so its centre is ``i + 0.5``; this is
+the convention of ``decode``'s geometry (``x * sx + tx``) and of ``grid_sample`` with ``align_corners=False``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from models.preprocess import Preprocessing
+
+# insightface's ArcFace template (112x112), the usual 5-point layout of a tightly cropped aligned face; used,
+# with margin, only for a model that has no template of its own (see default_template).
+ARCFACE_112 = ((38.2946, 51.6963), (73.5318, 51.5014), (56.0252, 71.7366), (41.5493, 92.3655), (70.7299, 92.2041))
+
+
+def default_template(pre: Preprocessing) -> tuple[tuple[float, float], ...]:
+    """The template of a model whose checkpoint has none (trained before templates existed, or built with
+    ``create_model`` and never trained): ArcFace's 112 px layout with a 1.25x margin (the face fills about
+    80 % of the crop, as in CelebA's and UTKFace's aligned crops), scaled to the model's input."""
+    h, w = pre.size
+    m = 1.25
+    return tuple(((x - 56.0) / m / 112.0 * w + w / 2, (y - 56.0) / m / 112.0 * h + h / 2) for x, y in ARCFACE_112)
+
+
+def template_of(pre: Preprocessing) -> torch.Tensor:
+    """The model's template in input pixels, (5, 2) float64."""
+    return torch.tensor(pre.template if pre.template is not None else default_template(pre), dtype=torch.float64)
+
+
+def input_to_crop(pre: Preprocessing) -> torch.Tensor:
+    """``G``: the (3, 3) affine map from model-input pixels to training-crop pixels (the geometry of
+    ``models.preprocess.decode`` for a crop of ``pre.template_crop``); the identity without a crop size."""
+    G = torch.eye(3, dtype=torch.float64)
+    if pre.template_crop is None:
+        return G
+    H, W = pre.size
+    ch, cw = pre.template_crop
+    if pre.resize == "stretch":
+        G[0, 0], G[1, 1] = cw / W, ch / H
+        return G
+    shorter = pre.resize_shorter or min(H, W)
+    s = shorter / min(cw, ch)
+    rw, rh = max(W, round(cw * s)), max(H, round(ch * s))
+    left, top = (rw - W) // 2, (rh - H) // 2
+    sx, sy = cw / rw, ch / rh
+    G[0, 0], G[1, 1], G[0, 2], G[1, 2] = sx, sy, left * sx, top * sy
+    return G
+
+
+def similarity(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """Least-squares similarity transforms carrying ``src`` onto ``dst`` (Umeyama 1991, no reflection).
+
+    ``src`` (K, P, 2) or (P, 2), ``dst`` (K, P, 2) -> (K, 3, 3) matrices ``T`` with ``dst ~ T @ [src, 1]``."""
+    src, dst = src.double(), dst.double()
+    if src.dim() == 2:
+        src = src.expand(dst.shape[0], -1, -1)
+    k, p, _ = dst.shape
+    mu_s, mu_d = src.mean(1, keepdim=True), dst.mean(1, keepdim=True)
+    a, b = src - mu_s, dst - mu_d
+    var_s = (a ** 2).sum((1, 2)) / p
+    cov = b.transpose(1, 2) @ a / p  # (K, 2, 2)
+    U, S, Vh = torch.linalg.svd(cov)
+    d = torch.ones(k, 2, dtype=src.dtype, device=src.device)
+    d[:, 1] = torch.sign(torch.linalg.det(U) * torch.linalg.det(Vh))
+    d[d[:, 1] == 0, 1] = 1.0
+    R = U @ torch.diag_embed(d) @ Vh
+    scale = (S * d).sum(1) / var_s.clamp_min(1e-12)
+    T = torch.zeros(k, 3, 3, dtype=src.dtype, device=src.device)
+    T[:, :2, :2] = scale[:, None, None] * R
+    T[:, :2, 2] = mu_d[:, 0] - (scale[:, None, None] * R @ mu_s.transpose(1, 2))[:, :, 0]
+    T[:, 2, 2] = 1.0
+    return T
+
+
+def input_to_image(points: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
+    """Detected points (K, 5, 2) in image pixels -> (K, 3, 3) affine maps from the model's input pixels to
+    image pixels (``S @ G``, see the module docstring)."""
+    G = input_to_crop(pre).to(points.device)
+    crop_template = (G[:2, :2] @ template_of(pre).to(points.device).T).T + G[:2, 2]
+    S = similarity(crop_template, points.double())
+    return S @ G
+
+
+def _halve(img: torch.Tensor) -> torch.Tensor:
+    """(C, H, W) float -> the 2x2 area average (odd edges padded by replication)."""
+    h, w = img.shape[-2:]
+    if h % 2 or w % 2:
+        img = F.pad(img[None], (0, w % 2, 0, h % 2), mode="replicate")[0]
+    return F.avg_pool2d(img[None], 2)[0]
+
+
+def warp(image: torch.Tensor, maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Sample ``len(maps)`` crops of ``size`` (H, W) from one image.
+
+    ``image``: uint8 or float (C, H, W); ``maps``: (K, 3, 3) affine maps from output pixels to image pixels.
+    Returns uint8 (K, C, H, W) on the image's device; outside the image is black (zero), as a letterbox."""
+    out_h, out_w = size
+    k = maps.shape[0]
+    c = image.shape[0]
+    if k == 0:
+        return torch.zeros((0, c, out_h, out_w), dtype=torch.uint8, device=image.device)
+    src = image.float()
+    # the sampling step: how many source pixels one output pixel spans (the map's scale)
+    steps = torch.sqrt(torch.abs(torch.linalg.det(maps[:, :2, :2]))).tolist()
+    levels = [math.ceil(math.log2(s / 2.0)) if s > 2.0 else 0 for s in steps]
+    pyramid = {0: src}
+    out = torch.empty((k, c, out_h, out_w), dtype=torch.uint8, device=image.device)
+    for level in sorted(set(levels)):
+        while level not in pyramid:
+            top = max(pyramid)
+            pyramid[top + 1] = _halve(pyramid[top])
+        img = pyramid[level]
+        idx = [i for i, lv in enumerate(levels) if lv == level]
+        f = 2.0 ** level
+        ih, iw = img.shape[-2:]
+        # output pixel -> level-`level` pixel, then both sides to grid_sample's [-1, 1] (align_corners=False)
+        to_level = torch.diag(torch.tensor([1 / f, 1 / f, 1.0], dtype=torch.float64, device=maps.device))
+        from_norm = torch.tensor([[out_w / 2, 0, out_w / 2], [0, out_h / 2, out_h / 2], [0, 0, 1]],
+                                 dtype=torch.float64, device=maps.device)
+        to_norm = torch.tensor([[2 / iw, 0, -1], [0, 2 / ih, -1], [0, 0, 1]], dtype=torch.float64, device=maps.device)
+        theta = (to_norm @ to_level @ maps[idx] @ from_norm)[:, :2].float()
+        grid = F.affine_grid(theta, [len(idx), c, out_h, out_w], align_corners=False)
+        sampled = F.grid_sample(img[None].expand(len(idx), -1, -1, -1), grid, mode="bilinear",
+                                padding_mode="zeros", align_corners=False)
+        out[idx] = sampled.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def align(image: torch.Tensor, points: torch.Tensor, pre: Preprocessing) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image's detected faces -> ``(uint8 (K, C, H, W) model inputs, (K, 3, 3) input->image maps)``.
+
+    ``image`` uint8 (3, H, W) RGB on any device; ``points`` (K, 5, 2) in the image's pixels. A grey model
+    (``pre.channels == 1``) gets the luma of the RGB crop (ITU-R 601, as PIL's ``convert("L")``)."""
+    maps = input_to_image(points.to(image.device), pre)
+    crops = warp(image, maps, pre.size)
+    if pre.channels == 1 and crops.shape[1] == 3:
+        w = torch.tensor([0.299, 0.587, 0.114], device=crops.device).view(1, 3, 1, 1)
+        crops = (crops.float() * w).sum(1, keepdim=True).round_().clamp_(0, 255).to(torch.uint8)
+    return crops, maps
