@@ -115,9 +115,25 @@ def load_checkpoint(uri: str, map_location="cpu"):
     config.pop("backbone_weights", None)  # the trained weights replace any initial backbone weights
     model = models.create_model(obj["model"], **config)
     model.config = obj["config"]
+    model.preprocessing = _with_template(model.preprocessing, obj.get("preprocessing"))
     model.load_state_dict(sd)
     model.eval()
     info = CheckpointInfo(uri=uri, model=obj["model"], config=obj["config"], outputs=obj["outputs"],
                           preprocessing=obj["preprocessing"], metrics=obj.get("metrics", {}),
                           extra=obj.get("extra", {}), hash=obj["hash"])
     return model, info
+
+
+def _with_template(pre, saved: dict | None):
+    """The model's preprocessing with the face template its checkpoint measured on the training data (the
+    constructor does not know it; older checkpoints have none and keep the model's default)."""
+    from dataclasses import replace
+
+    if not isinstance(saved, dict) or saved.get("template") is None:
+        return pre
+    tc = saved.get("template_crop")
+    try:
+        return replace(pre, template=tuple(tuple(map(float, p)) for p in saved["template"]),
+                       template_crop=tuple(map(int, tc)) if tc is not None else None)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"the checkpoint's face template is malformed: {e}") from None

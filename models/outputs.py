@@ -338,7 +338,8 @@ class AgeDistribution(Output):
 class Landmarks(Output):
     """T facial points regressed with MSE (DMM-CNN Eq. 1). The raw output (B, 2T) is in the model input's
     normalised coordinates, x/W and y/H in [0, 1]; targets are the same. ``decode`` maps the points back to
-    pixels of the original image through each row's preprocessing geometry. Metric: mean point error in
+    pixels of the original image through each row's preprocessing geometry (``sx, sy, tx, ty``) or, for a
+    face aligned in a photo, its 2x3 ``affine`` map from input to original pixels. Metric: mean point error in
     normalised units (``nme``: divided by the inter-ocular distance when T == 5)."""
 
     points: int = 5
@@ -383,8 +384,12 @@ class Landmarks(Output):
             if g is None:
                 rows.append(pts[i].reshape(-1).tolist())
                 continue
-            x = pts[i, :, 0] * g["input_w"] * g["sx"] + g["tx"]
-            y = pts[i, :, 1] * g["input_h"] * g["sy"] + g["ty"]
+            u, v = pts[i, :, 0].double() * g["input_w"], pts[i, :, 1].double() * g["input_h"]
+            if "affine" in g:  # an aligned face: input pixel -> original pixel by a 2x3 map (faces/align.py)
+                a = g["affine"]
+                x, y = a[0] * u + a[1] * v + a[2], a[3] * u + a[4] * v + a[5]
+            else:
+                x, y = u * g["sx"] + g["tx"], v * g["sy"] + g["ty"]
             rows.append(torch.stack([x, y], 1).reshape(-1).tolist())
         return {self.name: rows}
 

@@ -13,6 +13,7 @@ serving endpoint into a 4xx answer.
 from __future__ import annotations
 
 import io
+import math
 import struct
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -31,7 +32,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never s
 class ImageDecodeError(ValueError):
     """Bytes that cannot become a model input. ``kind`` is machine-readable, ``str(err)`` is for people."""
 
-    KINDS = ("empty", "not_image", "truncated", "too_large", "decode_error")
+    KINDS = ("empty", "not_image", "truncated", "too_large", "decode_error", "no_face")
 
     def __init__(self, kind: str, message: str):
         assert kind in self.KINDS, kind
@@ -111,11 +112,12 @@ class Preprocessing:
         return replace(self, size=hw, resize_shorter=shorter, template=template)
 
 
-def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: tuple[int, int] | None = None):
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: tuple[int, int] | int | None = None):
     """Bytes -> a loaded PIL image in upright orientation, mode RGB or L, plus its oriented original size.
 
     ``draft_to`` lets JPEG decode at a reduced scale (DCT scaling) when the image is much larger than
-    needed; the returned original size is the full size.
+    needed: a (width, height) the result must still cover, or one number, the longest side it must keep.
+    The returned original size is the full size.
     """
     if not data:
         raise ImageDecodeError("empty", "zero bytes")
@@ -127,6 +129,9 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: tupl
             if w0 * h0 > max_pixels:
                 raise ImageDecodeError("too_large", f"{w0}x{h0} = {w0 * h0} pixels is over the limit of {max_pixels}")
             orientation = img.getexif().get(0x0112, 1)
+            if isinstance(draft_to, int):  # a longest side: the size that keeps the aspect ratio
+                f = min(1.0, draft_to / max(w0, h0, 1))
+                draft_to = (max(1, math.ceil(w0 * f)), max(1, math.ceil(h0 * f)))
             if draft_to is not None and img.format == "JPEG":
                 img.draft(img.mode if img.mode in ("RGB", "L") else None, draft_to)
             img.load()
@@ -204,6 +209,33 @@ def decode(data: bytes, pre: Preprocessing, train: bool = False) -> tuple[torch.
     t = torch.from_numpy(arr.copy())
     t = t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
     return t, geometry
+
+
+DEFAULT_PHOTO_SIDE = 2048  # longest side a photo is decoded at for face detection and alignment (see decode_photo)
+
+
+def decode_photo(data: bytes, max_side: int = DEFAULT_PHOTO_SIDE,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, tuple[int, int], float]:
+    """Photo bytes -> ``(uint8 RGB (3, h, w), (width, height) of the upright original, scale)``, the whole
+    picture for face detection, its longest side at most ``max_side`` pixels.
+
+    A 24-megapixel JPEG is decoded at a reduced DCT scale (JPEG draft mode: 1/2, 1/4 or 1/8, the smallest
+    that stays at or above ``max_side``) and then area-resized, so neither its full-size pixels nor their
+    time are ever spent; other formats are resized after decoding. ``scale`` maps decoded pixels to original
+    ones (``x_original = x * scale``). 2048 px keeps a face that fills a tenth of a 6000 px photo's width at
+    about 200 px, the input size of the largest model; a smaller ``max_side`` is faster and loses small
+    faces first."""
+    if max_side < 32:
+        raise ValueError("max_side must be at least 32 pixels")
+    img, (ow, oh) = open_image(data, max_pixels, draft_to=max_side)
+    img = img if img.mode == "RGB" else img.convert("RGB")
+    w, h = img.size
+    if max(w, h) > max_side:
+        f = max_side / max(w, h)
+        img = img.resize((max(1, round(w * f)), max(1, round(h * f))), Image.BILINEAR, reducing_gap=3.0)
+    arr = np.asarray(img, dtype=np.uint8)
+    t = torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    return t, (ow, oh), max(ow, oh) / max(t.shape[1], t.shape[2])
 
 
 def normalize(batch: torch.Tensor, pre: Preprocessing) -> torch.Tensor:

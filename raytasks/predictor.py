@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from faces.pipeline import WHOLE, FaceFinder, decode_photos
 from models.checkpoint import load_checkpoint
 from models.inference import fold_batchnorm
 from models.preprocess import ImageDecodeError, Preprocessing, decode
@@ -35,6 +36,18 @@ BASE_FIELDS = [
     pa.field("height", pa.int32()),
     pa.field("model", pa.string()),
     pa.field("checkpoint", pa.string()),
+]
+
+# One row per face (faces/pipeline.py): where the face is, in pixels of the original image, and how it was
+# found. An image without a face keeps one row with ``faces`` 0 and ``face`` null; ``--faces whole`` rows
+# (the image is the face) have null face columns and ``detector`` "whole".
+FACE_FIELDS = [
+    pa.field("detector", pa.string()),
+    pa.field("faces", pa.int32()),
+    pa.field("face", pa.int32()),
+    pa.field("face_score", pa.float32()),
+    pa.field("face_box", pa.list_(pa.float32())),
+    pa.field("face_points", pa.list_(pa.float32())),
 ]
 
 
@@ -118,7 +131,7 @@ class Predictor:
         self.autocast_dtype = resolve_precision(precision, self.device)
         self.preprocessing = self.model.preprocessing
         self.output_fields = self.model.outputs.fields()
-        self.schema = pa.schema(BASE_FIELDS + self.output_fields)
+        self.schema = pa.schema(BASE_FIELDS + FACE_FIELDS + self.output_fields)
         self.model_name = self.info.model
         self.checkpoint_hash = self.info.hash
         self.compile_batch = compile_batch
@@ -186,8 +199,9 @@ class Predictor:
             "height": [int(v) if o else None for v, o in zip(batch["height"], ok)],
             "model": [self.model_name] * n,
             "checkpoint": [self.checkpoint_hash] * n,
+            "detector": [WHOLE] * n,
         }
-        for f in self.output_fields:
+        for f in FACE_FIELDS[1:] + self.output_fields:
             cols[f.name] = [None] * n
         idx = np.flatnonzero(ok)
         if len(idx):
@@ -207,11 +221,72 @@ class Predictor:
                     col[i] = values[j]
         return cols
 
-    def predict_bytes(self, items: list[tuple[str, bytes]]) -> list[dict]:
-        """Convenience for serving and tests: ``[(name, bytes)]`` -> row dicts."""
-        batch = decode_batch([p for p, _ in items], [d for _, d in items], self.preprocessing)
-        cols = self.predict_decoded(batch)
-        return [{k: cols[k][i] for k in cols} for i in range(len(items))]
+    def predict_photos(self, batch: dict, finder: FaceFinder) -> dict[str, list]:
+        """A batch from :func:`faces.pipeline.decode_photos` -> columns of the row schema, one row per face
+        (in image order, then by detection score), one row for an image without a face or that failed.
+        Detection runs once for the batch, then every face is aligned to this model's template and the model
+        runs once over all faces."""
+        ok = np.asarray(batch["ok"], dtype=bool)
+        n = len(ok)
+        images, keep, scales = [], [], []
+        for i in np.flatnonzero(ok):
+            img = batch["image"][i]
+            images.append(img if isinstance(img, torch.Tensor) else torch.from_numpy(np.array(img, copy=True)))
+            keep.append(int(i))
+            scales.append(float(batch["scale"][i]))
+        found = finder.find(images, scales)
+        aligned = finder.aligned(images, found, self.preprocessing, scales)
+        decoded: dict[str, list] = {}
+        if len(aligned.owner):
+            raw = self.forward_uint8(aligned.inputs)
+            h, w = self.preprocessing.size
+            geometry = [{"affine": m[:2].reshape(-1).tolist(), "input_w": w, "input_h": h} for m in aligned.maps]
+            decoded = self.model.decode(raw, geometry)
+        per_image: dict[int, list[int]] = {}
+        for j, o in enumerate(aligned.owner):
+            per_image.setdefault(keep[o], []).append(j)
+        face_of = {keep[o]: found[o] for o in range(len(keep))}
+        scale_of = dict(zip(keep, scales))
+        cols: dict[str, list] = {f.name: [] for f in self.schema}
+        for i in range(n):
+            faces_here = per_image.get(i, [None]) if ok[i] else [None]
+            for j in faces_here:
+                cols["path"].append(str(batch["path"][i]))
+                cols["ok"].append(bool(ok[i]))
+                cols["error_kind"].append(batch["error_kind"][i])
+                cols["error_message"].append(batch["error_message"][i])
+                cols["width"].append(int(batch["width"][i]) if ok[i] else None)
+                cols["height"].append(int(batch["height"][i]) if ok[i] else None)
+                cols["model"].append(self.model_name)
+                cols["checkpoint"].append(self.checkpoint_hash)
+                cols["detector"].append(finder.identity)
+                cols["faces"].append(len(face_of[i]) if ok[i] else None)
+                if j is None:
+                    for name in ("face", "face_score", "face_box", "face_points"):
+                        cols[name].append(None)
+                    for f in self.output_fields:
+                        cols[f.name].append(None)
+                    continue
+                k, s = aligned.index[j], scale_of[i]
+                f = face_of[i]
+                cols["face"].append(k)
+                cols["face_score"].append(float(f.scores[k]))
+                cols["face_box"].append((f.boxes[k].double() * s).tolist())
+                cols["face_points"].append((f.points[k].double() * s).reshape(-1).tolist())
+                for f_ in self.output_fields:
+                    cols[f_.name].append(decoded[f_.name][j])
+        return cols
+
+    def predict_bytes(self, items: list[tuple[str, bytes]], finder: FaceFinder | None = None,
+                      max_side: int | None = None) -> list[dict]:
+        """Convenience for tests and scripts: ``[(name, bytes)]`` -> row dicts; with a ``finder``, one row
+        per face (``predict_photos``), else one per image (``predict_decoded``)."""
+        paths, datas = [p for p, _ in items], [d for _, d in items]
+        if finder is not None:
+            cols = self.predict_photos(decode_photos(paths, datas, max_side or finder.options.max_side), finder)
+        else:
+            cols = self.predict_decoded(decode_batch(paths, datas, self.preprocessing))
+        return [{k: cols[k][i] for k in cols} for i in range(len(cols["path"]))]
 
     def to_table(self, cols: dict[str, list]) -> pa.Table:
         return pa.Table.from_pydict(cols, schema=self.schema)
@@ -219,3 +294,17 @@ class Predictor:
 
 def default_threads() -> int:
     return max(1, (os.cpu_count() or 1))
+
+
+def rows_per_image(cols: dict[str, list], n_images: int) -> list[list[dict]]:
+    """Columns from :meth:`Predictor.predict_photos` -> per image its row dicts. An image has ``faces`` rows
+    when faces were found, else one row (no face, or an error)."""
+    out: list[list[dict]] = []
+    r = 0
+    for _ in range(n_images):
+        k = max(1, cols["faces"][r] or 0)
+        out.append([{name: cols[name][r + j] for name in cols} for j in range(k)])
+        r += k
+    if r != len(cols["path"]):
+        raise RuntimeError(f"{len(cols['path'])} rows do not split into {n_images} images")
+    return out

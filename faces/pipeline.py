@@ -1,0 +1,174 @@
+"""The one way from image bytes to the aligned faces a model reads, shared by label, serve and evaluate.
+
+Two halves, so that the label job can run them in different processes (as ``raytasks.predictor`` does):
+
+* :func:`decode_photos` (CPU, no model): bytes -> the whole picture at a bounded size
+  (``models.preprocess.decode_photo``), with per-row ``ok`` / ``error_kind`` / ``error_message`` /
+  ``width`` / ``height`` / ``scale``. A bad file becomes an error row, never an exception.
+* :class:`FaceFinder` (where the model is, loaded once per actor or replica): decoded pictures ->
+  :class:`~faces.detect.Faces` per picture (one batched detection), then, for any model's preprocessing,
+  the aligned crops of every face (``faces.align``) with the maps that carry the crop's pixels back to the
+  original picture's pixels (for landmark outputs and for the rows' ``face_box`` / ``face_points``).
+
+``FaceOptions`` are the settings users give (``--faces``, ``--max-side``, the detector's settings) and travel
+as a plain dict between processes; ``FaceFinder.identity`` names the detector's weights and settings, and
+lands in every row's ``detector`` column so that an output says how its faces were found.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from faces.align import align
+from faces.detect import DetectorConfig, FaceDetector, Faces
+from models.preprocess import DEFAULT_PHOTO_SIDE, ImageDecodeError, Preprocessing, decode_photo
+
+FACE_MODES = ("detect", "whole")
+WHOLE = "whole"  # the ``detector`` column of rows labelled without detection
+
+
+@dataclass(frozen=True)
+class FaceOptions:
+    """How faces are found. ``mode``: ``detect`` (find every face, align each to the model's template, one
+    row per face) or ``whole`` (the image is one face crop, stretched to the model's input: datasets of
+    aligned crops). ``max_side``: the longest side a photo is decoded at. ``detector``: settings of
+    :class:`~faces.detect.DetectorConfig` that differ from its defaults."""
+
+    mode: str = "detect"
+    max_side: int = DEFAULT_PHOTO_SIDE
+    detector: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.mode not in FACE_MODES:
+            raise ValueError(f"faces must be one of {', '.join(FACE_MODES)}, got {self.mode!r}")
+        if self.max_side < 32:
+            raise ValueError(f"max_side must be at least 32 pixels, got {self.max_side}")
+        self.detector_config()  # unknown or out-of-range detector settings fail here, in the driver
+
+    @property
+    def detect(self) -> bool:
+        return self.mode == "detect"
+
+    def detector_config(self) -> DetectorConfig:
+        return DetectorConfig.from_dict({**DetectorConfig().to_dict(), **self.detector})
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "max_side": self.max_side, "detector": dict(self.detector)}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> FaceOptions:
+        d = dict(d or {})
+        return cls(mode=d.get("mode", "detect"), max_side=int(d.get("max_side", DEFAULT_PHOTO_SIDE)),
+                   detector=dict(d.get("detector") or {}))
+
+
+def decode_photos(paths: list[str], datas: list[bytes | None], max_side: int) -> dict:
+    """Decode a batch of photos for detection. ``image`` is a list of uint8 (3, h, w) arrays (None where
+    the row failed); ``scale`` maps their pixels to the original's. One row per input, errors included."""
+    n = len(paths)
+    out = {"path": list(paths), "ok": np.zeros(n, bool), "error_kind": [None] * n, "error_message": [None] * n,
+           "width": np.zeros(n, np.int32), "height": np.zeros(n, np.int32), "scale": np.ones(n, np.float64),
+           "image": [None] * n}
+    for i, data in enumerate(datas):
+        try:
+            t, (w, h), scale = decode_photo(bytes(data) if data is not None else b"", max_side)
+        except ImageDecodeError as e:
+            out["error_kind"][i], out["error_message"][i] = e.kind, e.message
+            continue
+        except Exception as e:  # noqa: BLE001 - a decoder bug must not kill a 10-hour job
+            out["error_kind"][i], out["error_message"][i] = "decode_error", f"{type(e).__name__}: {e}"
+            continue
+        out["image"][i] = t.numpy()
+        out["ok"][i], out["width"][i], out["height"][i], out["scale"][i] = True, w, h, scale
+    return out
+
+
+@dataclass
+class AlignedFaces:
+    """Every face of a batch of pictures, aligned for one model."""
+
+    inputs: torch.Tensor  # uint8 (N, C, H, W): the model's inputs
+    maps: torch.Tensor  # (N, 3, 3) float64: model-input pixel -> original-picture pixel
+    owner: list[int]  # the picture each face belongs to
+    index: list[int]  # the face's rank in its picture (0: highest detection score)
+
+
+class FaceFinder:
+    """The detector, loaded once, and the alignment of its faces for any model."""
+
+    def __init__(self, options: FaceOptions | dict | None = None, device: str | torch.device = "cpu"):
+        self.options = options if isinstance(options, FaceOptions) else FaceOptions.from_dict(options)
+        self.detector = FaceDetector(self.options.detector_config(), device=device)
+        self.device = self.detector.device
+        c = self.detector.config
+        self.identity = (f"retinaface-mobilenet0.25 {self.detector.weights_hash[:19]} size={c.size} "
+                         f"threshold={c.threshold:g} nms_iou={c.nms_iou:g} min_face={c.min_face:g} "
+                         f"max_faces={c.max_faces} max_side={self.options.max_side}")
+
+    def find(self, images: list[torch.Tensor], scales: list[float] | None = None) -> list[Faces]:
+        """Decoded pictures (uint8 (3, h, w), any device) -> their faces, in the decoded pictures' pixels.
+        ``scales`` (decoded -> original) only makes ``min_face`` count original pixels."""
+        if not images:
+            return []
+        images = [im.to(self.device) for im in images]
+        if scales is None:
+            return self.detector.detect(images)
+        found = self.detector.detect(images, scales=list(scales))
+        # the detector returned original pixels: bring them back to the decoded pictures' (alignment samples those)
+        return [Faces(f.boxes / s, f.scores, f.points / s) for f, s in zip(found, scales)]
+
+    def aligned(self, images: list[torch.Tensor], faces: list[Faces], pre: Preprocessing,
+                scales: list[float] | None = None) -> AlignedFaces:
+        """The aligned crops of every face for one model; ``maps`` go to original pixels (decoded * scale)."""
+        inputs, maps, owner, index = [], [], [], []
+        for i, (img, f) in enumerate(zip(images, faces)):
+            if len(f) == 0:
+                continue
+            crops, m = align(img.to(self.device), f.points.to(self.device), pre)
+            s = 1.0 if scales is None else float(scales[i])
+            if s != 1.0:
+                m = torch.diag(torch.tensor([s, s, 1.0], dtype=m.dtype, device=m.device)) @ m
+            inputs.append(crops)
+            maps.append(m)
+            owner += [i] * len(f)
+            index += list(range(len(f)))
+        if not inputs:
+            c, (h, w) = pre.channels, pre.size
+            return AlignedFaces(torch.zeros((0, c, h, w), dtype=torch.uint8, device=self.device),
+                                torch.zeros((0, 3, 3), dtype=torch.float64), [], [])
+        return AlignedFaces(torch.cat(inputs), torch.cat(maps).cpu(), owner, index)
+
+
+class NoFace(ImageDecodeError):
+    """An image in which the detector found no face (evaluation through detection skips and counts it)."""
+
+    def __init__(self, message: str = "no face found"):
+        super().__init__("no_face", message)
+
+    def __reduce__(self):
+        return (NoFace, (self.message,))
+
+
+def decode_face(data: bytes, pre: Preprocessing, finder: FaceFinder, max_side: int | None = None) -> tuple[torch.Tensor, dict]:
+    """Bytes -> the highest-scoring face of the image aligned to the model's input, ``(uint8 (C, H, W),
+    geometry)``, the way a user meets the model (``jobs.evaluate --faces detect``). The geometry's
+    ``affine`` maps input pixels to the original image's. Raises :class:`NoFace` when none is found."""
+    img, (w, h), scale = decode_photo(data, max_side or finder.options.max_side)
+    found = finder.find([img], [scale])
+    if len(found[0]) == 0:
+        raise NoFace()
+    best = Faces(found[0].boxes[:1], found[0].scores[:1], found[0].points[:1])
+    aligned = finder.aligned([img], [best], pre, [scale])
+    H, W = pre.size
+    return aligned.inputs[0].cpu(), {"width": w, "height": h, "input_w": W, "input_h": H,
+                                     "affine": aligned.maps[0, :2].reshape(-1).tolist()}
+
+
+def options_with(options: FaceOptions, **changes) -> FaceOptions:
+    """A copy of ``options`` with some fields changed (detector settings merged, not replaced)."""
+    det = {**options.detector, **changes.pop("detector", {})}
+    return dataclasses.replace(options, detector=det, **changes)
