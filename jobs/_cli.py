@@ -15,3 +15,28 @@ def positive(kind):
         return v
 
     return parse
+
+
+def add_face_args(p: argparse.ArgumentParser, default_mode: str = "detect") -> None:
+    """The face-finding flags of label, serve and evaluate (faces/pipeline.py: FaceOptions)."""
+    g = p.add_argument_group("faces", "how faces are found in the images (docs/faces.md)")
+    g.add_argument("--faces", choices=("detect", "whole"), default=default_mode,
+                   help="detect: find every face, align each to the model's face template, one row per face; "
+                        "whole: the image is one aligned face crop (today's datasets of crops)")
+    g.add_argument("--max-side", type=positive(int), default=None,
+                   help="decode photos with their longest side at most this many pixels (default 2048)")
+    g.add_argument("--det-size", type=positive(int), default=None, help="detection input size (default 640)")
+    g.add_argument("--det-threshold", type=float, default=None, help="detection score threshold")
+    g.add_argument("--min-face", type=float, default=None, help="smallest face kept, in pixels of the original")
+    g.add_argument("--max-faces", type=positive(int), default=None, help="most faces kept per image")
+
+
+def face_options(args: argparse.Namespace) -> dict:
+    """The flags of :func:`add_face_args` -> a ``faces.pipeline.FaceOptions`` dict (unset flags keep the
+    defaults)."""
+    det = {k: v for k, v in (("size", args.det_size), ("threshold", args.det_threshold),
+                             ("min_face", args.min_face), ("max_faces", args.max_faces)) if v is not None}
+    out: dict = {"mode": args.faces, "detector": det}
+    if args.max_side is not None:
+        out["max_side"] = args.max_side
+    return out

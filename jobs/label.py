@@ -1,4 +1,4 @@
-"""Label a folder, bucket prefix or manifest of images with a checkpoint: one Parquet row per image.
+"""Label a folder, bucket prefix or manifest of images with a checkpoint: one Parquet row per face.
 
     python -m jobs.label --checkpoint s3://bucket/models/dmm.pt --input s3://bucket/photos/ \\
         --output s3://bucket/labels/run-1/
@@ -7,6 +7,8 @@ The same command runs under ``ray job submit --working-dir . -- python -m jobs.l
 the cluster through ``RAY_ADDRESS``) and on a laptop with local folders (it starts a local Ray). Running it
 again over the same ``--output`` finishes an interrupted run and adds nothing to a finished one. The rows
 go to ``<output>/labels/*.parquet`` (schema: docs/schema.md), the summary to ``<output>/_summary.json``.
+Faces are detected and aligned by default (one row per face, one row for an image without a face);
+``--faces whole`` treats every image as one aligned face crop (one row per image).
 See raytasks/label.py for the pipeline, the input rules and how resuming works.
 """
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs._cli import positive
+from jobs._cli import add_face_args, face_options, positive
 from raytasks.label import LabelError, LabelSpec, ensure_ray, label
 
 
@@ -27,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True,
                    help="folder or s3:// prefix (read recursively), or a .parquet/.csv manifest with a 'path' column")
     p.add_argument("--output", required=True, help="folder or s3:// prefix for the Parquet rows and the summary")
-    p.add_argument("--batch-size", type=positive(int), default=d.batch_size, help="images per decode and model batch")
+    p.add_argument("--batch-size", type=positive(int), default=None,
+                   help="images per decode and model batch (default 16 with --faces detect, 64 with whole)")
     p.add_argument("--min-actors", type=positive(int), default=d.min_actors, help="predictor actors at least")
     p.add_argument("--max-actors", type=positive(int), default=None,
                    help="predictor actors at most (default: as many as the cluster's GPUs or CPUs fit)")
@@ -48,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label at most this many new images in this run (run again without it to finish)")
     p.add_argument("--throttle", type=float, default=0.0, metavar="SECONDS",
                    help="sleep after each model batch (to watch progress, or to interrupt and resume a run)")
+    add_face_args(p)
     return p
 
 
@@ -57,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
                      min_actors=args.min_actors, max_actors=args.max_actors, gpus_per_actor=args.gpus_per_actor,
                      cpus_per_actor=args.cpus_per_actor, precision=args.precision, gpu_decode=args.gpu_decode,
                      compile=args.compile, fold_bn=args.fold_bn,
-                     max_rows_per_file=args.max_rows_per_file, limit=args.limit, throttle_s=args.throttle)
+                     max_rows_per_file=args.max_rows_per_file, limit=args.limit, throttle_s=args.throttle,
+                     faces=face_options(args))
     try:
         spec.validate()  # flag errors before starting Ray
         ensure_ray()

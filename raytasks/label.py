@@ -105,7 +105,7 @@ class LabelSpec:
     checkpoint: str
     input: str
     output: str
-    batch_size: int = 64
+    batch_size: int | None = None  # images per batch; default 64 with --faces whole, 16 with detection
     min_actors: int = 1
     max_actors: int | None = None  # default: what the cluster fits, see resolve_pool
     gpus_per_actor: float = 0.0
@@ -117,6 +117,19 @@ class LabelSpec:
     max_rows_per_file: int = 50_000
     limit: int | None = None  # label at most this many new images in this run
     throttle_s: float = 0.0  # sleep after each predictor batch (to demonstrate and test kill + resume)
+    faces: dict = dataclasses.field(default_factory=dict)  # faces.pipeline.FaceOptions: mode, max_side, detector
+
+    def __post_init__(self):
+        if self.batch_size is None:
+            self.batch_size = 16 if self.face_options().detect else 64
+
+    def face_options(self):
+        from faces.pipeline import FaceOptions
+
+        try:
+            return FaceOptions.from_dict(self.faces)
+        except (ValueError, TypeError) as e:
+            raise LabelError(f"face settings: {e}") from None
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -133,6 +146,9 @@ class LabelSpec:
             raise LabelError("--max-rows-per-file must be >= 1")
         if self.limit is not None and self.limit < 1:
             raise LabelError("--limit must be >= 1")
+        if self.gpu_decode and self.face_options().detect:
+            raise LabelError("--gpu-decode decodes to the model's input size and needs --faces whole; with face "
+                             "detection, photos are decoded on the CPU decode tasks at a bounded size")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -156,6 +172,40 @@ def _decoded_table(cols: dict, images: np.ndarray, data: list | None = None) -> 
     if data is not None:
         arrays["gpu_bytes"] = pa.array(data, pa.binary())
     return pa.table(arrays)
+
+
+def _photos_table(cols: dict) -> pa.Table:
+    """A decoded batch of whole photos (``faces.pipeline.decode_photos``): the images are of different sizes,
+    so the column is one of Ray's variable-shaped tensor arrays (rows that failed hold a 0x0 image)."""
+    from ray.data.extensions import ArrowTensorArray
+
+    images = [im if im is not None else np.zeros((3, 0, 0), np.uint8) for im in cols["image"]]
+    arr = np.empty(len(images), dtype=object)
+    arr[:] = images
+    return pa.table({
+        "path": pa.array([str(p) for p in cols["path"]], pa.string()),
+        "ok": pa.array(np.asarray(cols["ok"], dtype=bool)),
+        "error_kind": pa.array(list(cols["error_kind"]), pa.string()),
+        "error_message": pa.array(list(cols["error_message"]), pa.string()),
+        "width": pa.array(np.asarray(cols["width"], dtype=np.int32)),
+        "height": pa.array(np.asarray(cols["height"], dtype=np.int32)),
+        "scale": pa.array(np.asarray(cols["scale"], dtype=np.float64)),
+        "image": ArrowTensorArray.from_numpy(arr),
+    })
+
+
+def load_and_decode_photos(batch: pa.Table, max_side: int, base: str | None = None) -> pa.Table:
+    """Map function of the CPU stage with face detection: a batch of ``path`` rows -> whole photos decoded at
+    a bounded size (``faces.pipeline.decode_photos``); a file that cannot be read is an ``unreadable`` row."""
+    from faces.pipeline import decode_photos
+
+    paths = [p if p is not None else "" for p in batch.column("path").to_pylist()]
+    fetched = fetch_all([resolve_path(p, base) for p in paths])
+    cols = decode_photos(paths, [d if d is not None else b"" for d, _, _ in fetched], max_side)
+    for i, (_, kind, message) in enumerate(fetched):
+        if kind is not None:  # the read failed: its reason, not decode's "empty"
+            cols["ok"][i], cols["error_kind"][i], cols["error_message"][i] = False, kind, message
+    return _photos_table(cols)
 
 
 def load_and_decode(batch: pa.Table, pre_dict: dict, base: str | None = None, gpu_decode: bool = False) -> pa.Table:
@@ -270,12 +320,21 @@ class PredictorActor:
 
     def __init__(self, checkpoint: str, precision: str = "auto", device: str | None = None,
                  threads: int | None = None, gpu_decode: bool = False, throttle_s: float = 0.0,
-                 compile_batch: int | None = None, fold_bn: bool = True):
+                 compile_batch: int | None = None, fold_bn: bool = True, faces: dict | None = None,
+                 detector_identity: str | None = None):
+        from faces.pipeline import FaceFinder, FaceOptions
+
         # all torch work on one thread: Ray calls __init__ on the main thread and __call__ on another
         self._torch_thread = torch_executor("predictor")
         self.predictor = self._torch_thread.submit(
             Predictor, checkpoint, device=device, precision=precision, channels_last=True, threads=threads,
             fold_bn=fold_bn, compile_batch=compile_batch).result()
+        options = FaceOptions.from_dict(faces)
+        self.finder = None
+        if options.detect:  # the detector next to the model: full images cross between processes once
+            self.finder = self._torch_thread.submit(FaceFinder, options, self.predictor.device).result()
+            if detector_identity is not None and self.finder.identity != detector_identity:
+                raise RuntimeError(f"this actor's detector is {self.finder.identity}, the run's is {detector_identity}")
         self.gpu_decode = gpu_decode
         self.throttle_s = throttle_s
         if gpu_decode and self.predictor.device.type != "cuda":
@@ -286,9 +345,12 @@ class PredictorActor:
         return self._torch_thread.submit(self._predict, batch).result()
 
     def _predict(self, batch: dict) -> pa.Table:
-        if self.gpu_decode:
-            batch = self._decode_on_gpu(batch)
-        cols = self.predictor.predict_decoded(batch)
+        if self.finder is not None:
+            cols = self.predictor.predict_photos(batch, self.finder)
+        else:
+            if self.gpu_decode:
+                batch = self._decode_on_gpu(batch)
+            cols = self.predictor.predict_decoded(batch)
         if self.throttle_s:
             time.sleep(self.throttle_s)
         return self.predictor.to_table(cols)
@@ -348,31 +410,60 @@ def repair_checkpoints(checkpoint_uri: str) -> int:
     return removed
 
 
-def output_stats(labels_uri: str) -> tuple[int, int, Counter]:
-    """``(rows, ok rows, error kinds)`` of the Parquet under ``labels_uri``, streaming one column."""
+@dataclasses.dataclass
+class OutputStats:
+    """What an output holds: ``rows`` (one per face, or per image without a face or that failed), the
+    ``images`` they cover, how many of those were read (``ok_images``), the ``faces`` found, the images
+    ``without_faces`` and the error rows by kind."""
+
+    rows: int = 0
+    images: int = 0
+    ok_images: int = 0
+    faces: int = 0
+    without_faces: int = 0
+    errors: Counter = dataclasses.field(default_factory=Counter)
+
+
+def output_stats(labels_uri: str) -> OutputStats:
+    """The :class:`OutputStats` of the Parquet under ``labels_uri``, streaming three columns."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
     fs, root = storage.filesystem(labels_uri)
+    st = OutputStats()
     if fs.get_file_info(root).type == pafs.FileType.NotFound:
-        return 0, 0, Counter()
+        return st
     ds = pads.dataset(root, filesystem=fs, format="parquet")
-    rows, kinds = 0, Counter()
-    for b in ds.to_batches(columns=["error_kind"], batch_size=1 << 16):
-        rows += b.num_rows
+    face_cols = "face" in ds.schema.names
+    for b in ds.to_batches(columns=["error_kind", "face", "faces"] if face_cols else ["error_kind"],
+                           batch_size=1 << 16):
+        st.rows += b.num_rows
         for item in pc.value_counts(b.column(0)).to_pylist():
             if item["values"] is not None:
-                kinds[item["values"]] += item["counts"]
-    return rows, rows - sum(kinds.values()), kinds
+                st.errors[item["values"]] += item["counts"]
+        if face_cols:
+            face = b.column(1)
+            st.faces += len(face) - face.null_count
+            st.images += face.null_count + (pc.sum(pc.equal(face, 0)).as_py() or 0)
+            st.without_faces += pc.sum(pc.equal(b.column(2), 0)).as_py() or 0
+        else:
+            st.images += b.num_rows
+    st.ok_images = st.images - sum(st.errors.values())
+    return st
 
 
-def output_checkpoint(labels_uri: str) -> str | None:
-    """The ``checkpoint`` hash of the first row found under ``labels_uri`` (one output holds one checkpoint)."""
+def output_provenance(labels_uri: str) -> tuple[str | None, str | None]:
+    """``(checkpoint hash, detector)`` of the first row under ``labels_uri``: one output holds the rows of one
+    checkpoint and one way of finding faces."""
     import pyarrow.dataset as pads
 
     fs, root = storage.filesystem(labels_uri)
-    head = pads.dataset(root, filesystem=fs, format="parquet").head(1, columns=["checkpoint"])
-    return head.column(0)[0].as_py() if head.num_rows else None
+    ds = pads.dataset(root, filesystem=fs, format="parquet")
+    cols = ["checkpoint"] + (["detector"] if "detector" in ds.schema.names else [])
+    head = ds.head(1, columns=cols)
+    if not head.num_rows:
+        return None, None
+    return head.column(0)[0].as_py(), head.column(1)[0].as_py() if len(cols) > 1 else "whole"
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -443,19 +534,34 @@ def decode_memory(batch_size: int, pre_dict: dict) -> int:
     return int(DECODE_PROCESS_BYTES + batch_size * (DECODE_FILE_BYTES + 3 * pre_dict["channels"] * h * w))
 
 
-def build_dataset(spec: LabelSpec, paths_ds, pre_dict: dict, base: str | None, pool: tuple[int, int]):
+def photo_decode_memory(batch_size: int, max_side: int) -> int:
+    """What a decode task reserves with face detection: the worker process and per photo its file, PIL's
+    decode buffer and three copies of the decoded picture (at most ``max_side`` on its longest side; a 4:3
+    photo uses 3/4 of the square's bytes, and a file's bytes are a fraction of its pixels')."""
+    return int(DECODE_PROCESS_BYTES + batch_size * (DECODE_FILE_BYTES + 3 * 3 * max_side * max_side * 3 // 4))
+
+
+def build_dataset(spec: LabelSpec, paths_ds, pre_dict: dict, base: str | None, pool: tuple[int, int],
+                  detector_identity: str | None = None):
     """paths -> decoded batches (CPU tasks) -> predictor actors -> rows."""
     import ray
 
     threads = max(1, int(spec.cpus_per_actor))
-    ds = paths_ds.map_batches(load_and_decode, batch_format="pyarrow", batch_size=spec.batch_size,
-                              fn_kwargs={"pre_dict": pre_dict, "base": base, "gpu_decode": spec.gpu_decode},
-                              num_cpus=1, memory=decode_memory(spec.batch_size, pre_dict))
+    options = spec.face_options()
+    if options.detect:
+        ds = paths_ds.map_batches(load_and_decode_photos, batch_format="pyarrow", batch_size=spec.batch_size,
+                                  fn_kwargs={"max_side": options.max_side, "base": base}, num_cpus=1,
+                                  memory=photo_decode_memory(spec.batch_size, options.max_side))
+    else:
+        ds = paths_ds.map_batches(load_and_decode, batch_format="pyarrow", batch_size=spec.batch_size,
+                                  fn_kwargs={"pre_dict": pre_dict, "base": base, "gpu_decode": spec.gpu_decode},
+                                  num_cpus=1, memory=decode_memory(spec.batch_size, pre_dict))
     if spec.limit is not None:
         ds = ds.limit(spec.limit)
     actor_args = {"checkpoint": spec.checkpoint, "precision": spec.precision, "threads": threads,
                   "gpu_decode": spec.gpu_decode, "throttle_s": spec.throttle_s, "fold_bn": spec.fold_bn,
-                  "compile_batch": spec.batch_size if spec.compile else None}
+                  "compile_batch": spec.batch_size if spec.compile else None, "faces": options.to_dict(),
+                  "detector_identity": detector_identity}
     resources = {"num_gpus": spec.gpus_per_actor} if spec.gpus_per_actor > 0 else {"num_cpus": spec.cpus_per_actor}
     # the predictor actors get worker processes of their own (measured faster: raytasks/threads.py)
     return ds.map_batches(PredictorActor, fn_constructor_kwargs=actor_args, batch_format="numpy",
@@ -479,6 +585,12 @@ def label(spec: LabelSpec, echo=print) -> dict:
         raise LabelError(str(e)) from None
     pre_dict = model.preprocessing.to_dict()
     del model
+    options = spec.face_options()
+    detector = "whole"
+    if options.detect:  # loads the detector's weights once here: a missing or altered package fails now
+        from faces.pipeline import FaceFinder
+
+        detector = FaceFinder(options).identity
     out = output_paths(spec.output)
     ensure_ray()
     ck_fs, ck_path = storage.filesystem(out["checkpoint"])
@@ -503,14 +615,18 @@ def label(spec: LabelSpec, echo=print) -> dict:
     removed = repair_checkpoints(out["checkpoint"])
     if removed:
         echo(f"repaired {removed} checkpoint file(s) left by an interrupted commit")
-    rows_before = output_stats(out["labels"])[0]
-    if rows_before:
-        previous = output_checkpoint(out["labels"])
+    before = output_stats(out["labels"])
+    if before.rows:
+        previous, previous_detector = output_provenance(out["labels"])
         if previous != info.hash:
             raise LabelError(f"{spec.output} holds rows of checkpoint {previous}; {spec.checkpoint} is {info.hash}: "
                              "label with another checkpoint into another --output")
-    echo(f"labeling {spec.input}: {inputs} images ({rows_before} already labeled in {spec.output}) with "
-         f"{info.model} {info.short_hash()}, predictor actors {pool[0]}..{pool[1]}")
+        if previous_detector != detector:
+            raise LabelError(f"{spec.output} holds rows whose faces were found by {previous_detector!r}; this run "
+                             f"finds them by {detector!r}: use the same --faces and detector settings, or "
+                             "another --output")
+    echo(f"labeling {spec.input}: {inputs} images ({before.images} already labeled in {spec.output}) with "
+         f"{info.model} {info.short_hash()}, faces: {options.mode}, predictor actors {pool[0]}..{pool[1]}")
 
     ctx = ray.data.DataContext.get_current()
     labels_fs, labels_path = storage.filesystem(out["labels"])
@@ -534,31 +650,38 @@ def label(spec: LabelSpec, echo=print) -> dict:
 
                 paths_ds = ray.data.read_csv(in_path, filesystem=in_fs, convert_options=pacsv.ConvertOptions(
                     include_columns=["path"], column_types={"path": pa.string()}))
-        ds = build_dataset(spec, paths_ds, pre_dict, base, pool)
+        ds = build_dataset(spec, paths_ds, pre_dict, base, pool, detector if options.detect else None)
         ds.write_parquet(labels_path, filesystem=labels_fs, max_rows_per_file=spec.max_rows_per_file,
                          min_rows_per_file=max(1, spec.max_rows_per_file // 2))
     finally:
         ctx.checkpoint_config, ctx.use_datasource_v2 = old_config, old_v2
 
     seconds = time.perf_counter() - start
-    rows, ok, kinds = output_stats(out["labels"])
-    written = rows - rows_before
+    after = output_stats(out["labels"])
+    written = after.images - before.images
     summary = {
         "input": spec.input, "output": spec.output, "labels": out["labels"],
         "checkpoint": spec.checkpoint, "model": info.model, "checkpoint_hash": info.hash,
+        "faces_mode": options.mode, "detector": detector,
         "precision": spec.precision, "inputs": inputs,
         "files_listed": listing.files if listing else None,
         "skipped_not_image": listing.skipped_not_image if listing else None,
-        "rows_before": rows_before, "rows_written": written, "rows_total": rows,
-        "ok_total": ok, "errors_by_kind": dict(sorted(kinds.items())),
-        "complete": rows >= inputs, "seconds": round(seconds, 3),
+        "images_before": before.images, "images_written": written, "images_total": after.images,
+        "ok_total": after.ok_images, "errors_by_kind": dict(sorted(after.errors.items())),
+        "faces_total": after.faces if options.detect else None,
+        "images_without_faces": after.without_faces if options.detect else None,
+        "rows_before": before.rows, "rows_written": after.rows - before.rows, "rows_total": after.rows,
+        "complete": after.images >= inputs, "seconds": round(seconds, 3),
         "images_per_s": round(written / seconds, 2) if seconds > 0 else None,
+        "faces_per_s": round((after.faces - before.faces) / seconds, 2) if seconds > 0 and options.detect else None,
     }
     storage.write_bytes(out["summary"], (json.dumps(summary, indent=2) + "\n").encode())
     errors = ", ".join(f"{k} {v}" for k, v in summary["errors_by_kind"].items()) or "none"
+    found = (f"{after.faces} faces ({after.without_faces} images without a face), " if options.detect else "")
     echo(f"labeled {written} images in {seconds:.1f} s ({summary['images_per_s']} images/s); output holds "
-         f"{rows} rows for {inputs} inputs, {ok} ok, errors: {errors}")
-    if rows < inputs:
-        echo(f"{inputs - rows} inputs are not labeled yet: run the same command again to finish")
+         f"{after.rows} rows for {after.images} of {inputs} inputs: {found}{after.ok_images} images read, "
+         f"errors: {errors}")
+    if after.images < inputs:
+        echo(f"{inputs - after.images} inputs are not labeled yet: run the same command again to finish")
     echo(f"summary: {out['summary']}")
     return summary

@@ -33,6 +33,7 @@ from raytasks.predictor import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
+WHOLE = {"mode": "whole"}  # these tests are about reading, writing and resuming: one row per image
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -152,7 +153,7 @@ def s3_run(s3_server, ray_session, hs_checkpoint):
     ckpt = f"s3://{bucket}/models/hs.pt"
     storage.write_bytes(ckpt, Path(hs_checkpoint).read_bytes())
     output = f"s3://{bucket}/labels/run-1/"
-    spec = L.LabelSpec(checkpoint=ckpt, input=f"s3://{bucket}/photos/", output=output, precision="fp32",
+    spec = L.LabelSpec(checkpoint=ckpt, input=f"s3://{bucket}/photos/", output=output, precision="fp32", faces=WHOLE,
                        batch_size=8, max_rows_per_file=10, max_actors=1)
     summary = L.label(spec, echo=lambda *_: None)
     return {"client": client, "bucket": bucket, "images": images, "bad": bad, "spec": spec, "summary": summary,
@@ -240,7 +241,7 @@ def test_killed_run_resumes_with_exactly_one_row_per_input(s3_bucket, ray_sessio
     argv = ["--checkpoint", ckpt, "--input", f"s3://{bucket}/manifest.parquet", "--output", output,
             "--batch-size", "4", "--max-rows-per-file", "4", "--max-actors", "1", "--precision", "fp32"]
     env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.label", *argv, "--throttle", "0.4"], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.label", *argv, "--faces", "whole", "--throttle", "0.4"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
@@ -255,7 +256,7 @@ def test_killed_run_resumes_with_exactly_one_row_per_input(s3_bucket, ray_sessio
     partial = read_rows(output).column("path").to_pylist()
     assert 0 < len(partial) < n, "the run was not interrupted midway"
     time.sleep(2)  # let Ray reap the killed job's workers
-    summary = L.label(L.LabelSpec(checkpoint=ckpt, input=f"s3://{bucket}/manifest.parquet", output=output,
+    summary = L.label(L.LabelSpec(checkpoint=ckpt, input=f"s3://{bucket}/manifest.parquet", output=output, faces=WHOLE,
                                   batch_size=8, max_rows_per_file=16, precision="fp32", max_actors=1),
                       echo=lambda *_: None)
     paths = read_rows(output).column("path").to_pylist()
@@ -283,7 +284,7 @@ def test_local_folder_rgb_model(tmp_path, ray_session):
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(data)
     output = str(tmp_path / "out")
-    spec = L.LabelSpec(checkpoint=ckpt, input=str(folder), output=output, precision="fp32", batch_size=4, limit=3,
+    spec = L.LabelSpec(checkpoint=ckpt, input=str(folder), output=output, precision="fp32", batch_size=4, limit=3, faces=WHOLE,
                        max_actors=1)
     first = L.label(spec, echo=lambda *_: None)
     assert (first["rows_written"], first["complete"]) == (3, False)  # --limit: a trial run, finished below
@@ -310,7 +311,7 @@ def test_csv_manifest_relative_paths_and_missing_file(tmp_path, ray_session, hs_
     for i, n in enumerate(names):
         (folder / n).write_bytes(face_jpeg(100 + i))
     (folder / "list.csv").write_text("id,path\n" + "".join(f"{i},{n}\n" for i, n in enumerate(names + ["gone.jpg"])))
-    spec = L.LabelSpec(checkpoint=hs_checkpoint, input=str(folder / "list.csv"), output=str(tmp_path / "out"),
+    spec = L.LabelSpec(checkpoint=hs_checkpoint, input=str(folder / "list.csv"), output=str(tmp_path / "out"), faces=WHOLE,
                        precision="fp32", batch_size=2, max_actors=1)
     second = L.label(spec, echo=lambda *_: None)
     rows = {r["path"]: r for r in read_rows(spec.output).to_pylist()}
