@@ -13,6 +13,8 @@ import argparse
 import signal
 import time
 
+from jobs._cli import add_face_args, face_options
+
 
 def _model_arg(text: str) -> tuple[str, str]:
     name, sep, uri = text.partition("=")
@@ -37,6 +39,7 @@ def build_args(ns: argparse.Namespace) -> dict:
         "max_queued_requests": ns.max_queued_requests,
         "max_request_bytes": int(ns.max_request_mb * 1024 * 1024),
         "max_files": ns.max_files,
+        "faces": face_options(ns),
     }
     if ns.autoscale:
         lo, _, hi = ns.autoscale.partition(":")
@@ -73,12 +76,34 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queued-requests", type=int, default=256, help="per model; beyond this, 503")
     p.add_argument("--max-request-mb", type=float, default=16.0, help="request body limit (413 beyond)")
     p.add_argument("--max-files", type=int, default=64, help="images per multipart request")
+    p.add_argument("--allow-no-auth", action="store_true",
+                   help="listen beyond loopback without an API key (refused otherwise: set FACEATTR_API_KEY)")
+    add_face_args(p)
     return p
+
+
+def check_auth(host: str, api_key: str | None, allow_no_auth: bool) -> None:
+    """Refuse to listen on anything but loopback without an API key, unless told to (a server on 0.0.0.0
+    without a key answers anyone who can reach the port)."""
+    import ipaddress
+
+    if api_key or allow_no_auth:
+        return
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise SystemExit(f"error: --host {host} listens beyond this machine and FACEATTR_API_KEY is not set: set "
+                         "an API key (and put TLS in front, docs/api.md), or pass --allow-no-auth to serve openly")
 
 
 def main(argv: list[str] | None = None) -> None:
     ns = parser().parse_args(argv)
     args = build_args(ns)
+    import os
+
+    check_auth(ns.host, os.environ.get("FACEATTR_API_KEY"), ns.allow_no_auth)
 
     import ray
     from ray import serve
@@ -112,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         except Exception as e:  # noqa: BLE001 - Ctrl-C in a terminal also stops Ray's own processes
             print(f"serve shutdown: {type(e).__name__}: {e}", flush=True)
         ray.shutdown()
+
 
 if __name__ == "__main__":
     main()

@@ -67,11 +67,14 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from facedata import storage
+from faces.pipeline import FaceFinder, FaceOptions, decode_photos
 from models.preprocess import Preprocessing
-from raytasks.predictor import Predictor, decode_batch
+from raytasks.predictor import Predictor, decode_batch, rows_per_image
 from raytasks.threads import runtime_env, torch_executor
 
 API_KEY_ENV = "FACEATTR_API_KEY"
+ADMIN_KEY_ENV = "FACEATTR_ADMIN_KEY"  # who may see checkpoint URIs, devices and threads (GET /v1/models)
+PRIVATE_FIELDS = ("device", "threads", "batchnorm_folded")  # besides checkpoint.uri: operators only
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 RAW_TYPES = ("application/octet-stream",)  # besides image/*: what `curl --data-binary` users send
 
@@ -106,7 +109,10 @@ class IngressSpec(_Strict):
     autoscaling_config: dict | None = None
     num_cpus: float = Field(1.0, ge=0)
     max_ongoing_requests: int = Field(256, ge=1)
-    max_queued_requests: int = Field(-1, ge=-1)
+    max_queued_requests: int = Field(256, ge=-1)  # bounded: beyond it Serve answers 503 before any work
+    max_decodes: int = Field(4, ge=1)  # images decoded at once per ingress replica (CPU and memory bound)
+    decode_wait_s: float = Field(2.0, ge=0)  # a request waits this long for a decode slot, then 503
+    request_timeout_s: float = Field(60.0, gt=0)  # a request's model call longer than this: 504
 
 
 class ServeArgs(_Strict):
@@ -133,6 +139,14 @@ class ServeArgs(_Strict):
     max_files: int = Field(64, ge=1)
     api_key_env: str = API_KEY_ENV
     ingress: IngressSpec = Field(default_factory=IngressSpec)
+    # faces.pipeline.FaceOptions: mode (detect | whole: the default of a request's ?faces=), max_side, detector
+    # settings; every model replica loads the detector either way
+    faces: dict = Field(default_factory=dict)
+
+    @field_validator("faces")
+    @classmethod
+    def _check_faces(cls, v: dict) -> dict:
+        return FaceOptions.from_dict(v).to_dict()  # unknown modes or detector settings fail at deploy
 
     @field_validator("models")
     @classmethod
@@ -175,7 +189,7 @@ class ModelServer:
     """One model: its checkpoint loaded once per replica, images batched across requests."""
 
     def __init__(self, name: str, checkpoint: str, device: str | None, precision: str,
-                 channels_last: bool, threads: int):
+                 channels_last: bool, threads: int, faces: dict | None = None):
         self.name = name
         # Every torch call of the replica runs on this one thread: each thread that calls torch gets its own
         # OpenMP pool, and with more OpenMP threads than cores libgomp throttles them (raytasks/threads.py).
@@ -183,6 +197,10 @@ class ModelServer:
         self.predictor = self._torch_thread.submit(
             Predictor, checkpoint, device=device, precision=precision, channels_last=channels_last,
             threads=threads).result()
+        self.face_options = FaceOptions.from_dict(faces)
+        # The detector next to the model, loaded once per replica (0.4 M parameters), whatever the default mode:
+        # a request may ask for either (?faces=), and a photo crosses processes once.
+        self.finder = self._torch_thread.submit(FaceFinder, self.face_options, self.predictor.device).result()
         self.checkpoint_uri = checkpoint
         self.threads = threads
         self.max_batch_size, self.batch_wait_timeout_s = 16, 0.01  # @serve.batch's; reconfigure sets the config's
@@ -200,8 +218,9 @@ class ModelServer:
         replicas (Serve calls this on deploy and on every config update)."""
         self.max_batch_size = int(user_config["max_batch_size"])
         self.batch_wait_timeout_s = float(user_config["batch_wait_timeout_s"])
-        self.infer.set_max_batch_size(self.max_batch_size)
-        self.infer.set_batch_wait_timeout_s(self.batch_wait_timeout_s)
+        for method in (self.infer, self.infer_photo):
+            method.set_max_batch_size(self.max_batch_size)
+            method.set_batch_wait_timeout_s(self.batch_wait_timeout_s)
 
     def describe(self) -> dict:
         p = self.predictor
@@ -219,6 +238,7 @@ class ModelServer:
             "precision": p.precision,
             "batchnorm_folded": p.folded,
             "threads": self.threads,
+            "faces": {**self.face_options.to_dict(), "detector": self.finder.identity},
             "batching": {"max_batch_size": self.max_batch_size,
                          "batch_wait_timeout_s": self.batch_wait_timeout_s},
             "stats": self.stats(),
@@ -239,6 +259,29 @@ class ModelServer:
         with self._lock:
             self.requests += 1
         return list(await asyncio.gather(*(self.infer(item) for item in items)))
+
+    async def predict_photos(self, items: list[dict], checkpoint_hash: str) -> list[list[dict]]:
+        """One HTTP request's decoded photos -> per photo its rows (one per face, or one saying no face)."""
+        if checkpoint_hash != self.predictor.checkpoint_hash:
+            raise CheckpointChanged(f"decoded for {checkpoint_hash}, replica holds {self.predictor.checkpoint_hash}")
+        with self._lock:
+            self.requests += 1
+        return list(await asyncio.gather(*(self.infer_photo(item) for item in items)))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def infer_photo(self, items: list[dict]) -> list[list[dict]]:
+        with self._lock:
+            self.batch_sizes[len(items)] += 1
+            self.images += len(items)
+        return await asyncio.get_running_loop().run_in_executor(self._torch_thread, self._run_photos, items)
+
+    def _run_photos(self, items: list[dict]) -> list[list[dict]]:
+        n = len(items)
+        batch = {"path": [it["path"] for it in items], "ok": np.ones(n, dtype=bool), "error_kind": [None] * n,
+                 "error_message": [None] * n, "width": [it["width"] for it in items],
+                 "height": [it["height"] for it in items], "scale": [it["scale"] for it in items],
+                 "image": [it["image"] for it in items]}
+        return rows_per_image(self.predictor.predict_photos(batch, self.finder), n)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def infer(self, items: list[dict]) -> list[dict]:
@@ -262,6 +305,13 @@ class ModelServer:
         }
         cols = self.predictor.predict_decoded(batch)
         return [{k: cols[k][i] for k in cols} for i in range(n)]
+
+
+def _changed(name: str) -> "APIError":
+    """Two replicas of one model disagree on the checkpoint (a rolling update, a replaced object): the
+    request is answered 503, to be retried once the update is through, never 500."""
+    return APIError(503, "checkpoint_changed", f"model {name!r} is being updated (its replicas hold different "
+                    "checkpoints); retry shortly", headers={"Retry-After": "2"})
 
 
 # --- the HTTP API -------------------------------------------------------------------------------------
@@ -300,9 +350,12 @@ PREDICT_OPENAPI = {
 _ERRORS = {code: {"model": ErrorBody, "description": desc} for code, desc in {
     401: "API key missing or wrong", 404: "unknown model", 413: "body or image over the size limit",
     415: "content type is neither an image nor multipart/form-data", 422: "a file is not a decodable image",
-    503: "the model's replicas and queue are full; retry after Retry-After seconds"}.items()}
+    503: "the model's replicas and queue, or the decoders, are full, or the model is being updated; retry "
+         "after Retry-After seconds", 504: "the model did not answer within the request timeout"}.items()}
 
 app = FastAPI(
+    redoc_url=None,  # one documentation page (/docs), no OAuth2 redirect page: nothing undocumented is open
+    swagger_ui_oauth2_redirect_url=None,
     title="faceattr",
     version="1",
     description="Face attributes from the project's multi-task models. Each prediction has the fields of a "
@@ -384,16 +437,37 @@ class FaceAttrAPI:
     """The HTTP front: checks, reads and decodes; the model deployments compute."""
 
     def __init__(self, handles: dict[str, DeploymentHandle], max_request_bytes: int, max_files: int, api_key_env: str = API_KEY_ENV,
-                 api_key: str | None = None):
+                 api_key: str | None = None, faces: dict | None = None, limits: "IngressSpec | None" = None):
         self.handles = handles
+        self.face_options = FaceOptions.from_dict(faces)
         self.max_request_bytes = max_request_bytes
         self.max_files = max_files
         key = api_key or os.environ.get(api_key_env) or None
         self._api_key = key.encode() if key else None
+        admin = os.environ.get(ADMIN_KEY_ENV) or None
+        self._admin_key = admin.encode() if admin else None
+        # Back-pressure before decoding: at most max_decodes images are decoded at once, on threads of their
+        # own; a request that cannot get a slot within decode_wait_s is answered 503 before any work.
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.limits = limits or IngressSpec()
+        self._decoders = ThreadPoolExecutor(self.limits.max_decodes, thread_name_prefix="decode")
+        self._decode_slots = asyncio.Semaphore(self.limits.max_decodes)
         self._described: dict[str, dict] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
     # -- checks --------------------------------------------------------------------------------------
+    def _visible(self, desc: dict, request: Request) -> dict:
+        """A model's description as this caller may see it: where the checkpoint lives and how the replica
+        runs (device, threads) only for the operator's admin key (``FACEATTR_ADMIN_KEY``), not for holders
+        of the inference key."""
+        given = request.headers.get("x-admin-key")
+        if self._admin_key is not None and given is not None and hmac.compare_digest(given.encode(), self._admin_key):
+            return desc
+        out = {k: v for k, v in desc.items() if k not in PRIVATE_FIELDS}
+        out["checkpoint"] = {"hash": desc["checkpoint"]["hash"]}
+        return out
+
     def _authorize(self, request: Request) -> None:
         if self._api_key is None:
             return
@@ -420,6 +494,27 @@ class FaceAttrAPI:
             if refresh or name not in self._described:
                 self._described[name] = await _call_model(name, handle.describe.remote())
         return self._described[name]
+
+    async def _decode(self, fn, *args):
+        """Run a decode on the ingress's decode threads, at most ``max_decodes`` requests at a time; 503 with
+        ``Retry-After`` when no slot frees within ``decode_wait_s`` (the request has cost nothing yet)."""
+        try:
+            await asyncio.wait_for(self._decode_slots.acquire(), timeout=self.limits.decode_wait_s)
+        except asyncio.TimeoutError:
+            raise APIError(503, "overloaded", "image decoding is saturated; retry later",
+                           headers={"Retry-After": "1"}) from None
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._decoders, fn, *args)
+        finally:
+            self._decode_slots.release()
+
+    async def _model_call(self, name: str, response):
+        """A model call bounded by ``request_timeout_s``: 504 beyond it."""
+        try:
+            return await asyncio.wait_for(_call_model(name, response), timeout=self.limits.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(504, "timeout", f"model {name!r} did not answer within {self.limits.request_timeout_s:g} s",
+                           headers={"Retry-After": "5"}) from None
 
     # -- reading ---------------------------------------------------------------------------------------
     async def _read_items(self, request: Request, filename: str) -> list[tuple[str, bytes]]:
@@ -462,7 +557,7 @@ class FaceAttrAPI:
     # -- routes --------------------------------------------------------------------------------------
     @app.get("/healthz", summary="Liveness of the HTTP front")
     async def healthz(self) -> dict:
-        return {"status": "ok", "models": sorted(self.handles)}
+        return {"status": "ok"}  # open to anyone: says nothing about the models
 
     @app.get("/v1/models", summary="The served models: outputs, preprocessing, metrics, checkpoint hash",
              responses={401: _ERRORS[401]})
@@ -472,37 +567,68 @@ class FaceAttrAPI:
         described = await asyncio.gather(*(_call_model(n, self._handle(n).describe.remote()) for n in names))
         for n, d in zip(names, described):
             self._described[n] = d
-        return _json_safe({"models": list(described)})
+        return _json_safe({"models": [self._visible(d, request) for d in described]})
 
     @app.get("/v1/models/{name}", summary="One served model", responses={k: _ERRORS[k] for k in (401, 404)})
     async def get_model(self, name: str, request: Request) -> dict:
         self._authorize(request)
-        return _json_safe(await self._describe(name, refresh=True))
+        return _json_safe(self._visible(await self._describe(name, refresh=True), request))
 
     @app.post("/v1/models/{name}/predict", summary="Predict the attributes of one or more face images",
               response_model=PredictResponse, openapi_extra=PREDICT_OPENAPI,
-              responses={k: _ERRORS[k] for k in (401, 404, 413, 415, 422, 503)})
-    async def predict(self, name: str, request: Request, filename: str = "image") -> JSONResponse:
+              responses={k: _ERRORS[k] for k in (401, 404, 413, 415, 422, 503, 504)})
+    async def predict(self, name: str, request: Request, filename: str = "image",
+                      faces: Literal["detect", "whole"] | None = None) -> JSONResponse:
         """The image as the body, or several as multipart files; ``filename`` names a raw body's image in
-        the answer's ``path`` field (multipart files keep their own names)."""
+        the answer's ``path`` field (multipart files keep their own names). ``faces``: ``detect`` (the
+        default unless the server runs with ``faces: whole``) finds every face and answers, per image, one
+        row per face (``images[i].faces``; ``predictions`` lists the same rows as the label job's Parquet);
+        ``whole`` treats each image as one aligned face crop (one row per image). The server's ``faces.mode``
+        is the default."""
         self._authorize(request)
         handle = self._handle(name)
         items = await self._read_items(request, filename)
+        if (faces or self.face_options.mode) == "detect":
+            return await self._predict_photos(name, handle, items)
+        return await self._predict_whole(name, handle, items)
+
+    async def _predict_whole(self, name: str, handle: DeploymentHandle, items: list[tuple[str, bytes]]) -> JSONResponse:
         for attempt in (0, 1):
             desc = await self._describe(name, refresh=attempt > 0)
             pre = Preprocessing.from_dict(desc["preprocessing"])
-            batch = await asyncio.to_thread(decode_batch, [p for p, _ in items], [d for _, d in items], pre)
+            batch = await self._decode(decode_batch, [p for p, _ in items], [d for _, d in items], pre)
             self._reject_bad_images(batch)
             payload = [{"path": batch["path"][i], "width": int(batch["width"][i]), "height": int(batch["height"][i]),
                         "image": batch["image"][i], "geometry": batch["geometry"][i]} for i in range(len(items))]
             try:
-                rows = await _call_model(name, handle.predict.remote(payload, desc["checkpoint"]["hash"]))
+                rows = await self._model_call(name, handle.predict.remote(payload, desc["checkpoint"]["hash"]))
                 break
             except CheckpointChanged:
                 if attempt:
-                    raise
+                    raise _changed(name) from None
         return JSONResponse(_json_safe({"model": name, "architecture": desc["architecture"],
                                         "checkpoint": desc["checkpoint"]["hash"], "predictions": rows}))
+
+    async def _predict_photos(self, name: str, handle: DeploymentHandle, items: list[tuple[str, bytes]]) -> JSONResponse:
+        batch = await self._decode(decode_photos, [p for p, _ in items], [d for _, d in items],
+                                   self.face_options.max_side)
+        self._reject_bad_images(batch)
+        payload = [{"path": batch["path"][i], "width": int(batch["width"][i]), "height": int(batch["height"][i]),
+                    "scale": float(batch["scale"][i]), "image": batch["image"][i]} for i in range(len(items))]
+        for attempt in (0, 1):
+            desc = await self._describe(name, refresh=attempt > 0)
+            try:
+                per_image = await self._model_call(name, handle.predict_photos.remote(payload, desc["checkpoint"]["hash"]))
+                break
+            except CheckpointChanged:
+                if attempt:
+                    raise _changed(name) from None
+        images = [{"path": p["path"], "width": p["width"], "height": p["height"],
+                   "faces": [r for r in rows if r["face"] is not None]} for p, rows in zip(payload, per_image)]
+        return JSONResponse(_json_safe({
+            "model": name, "architecture": desc["architecture"], "checkpoint": desc["checkpoint"]["hash"],
+            "detector": (desc.get("faces") or {}).get("detector"), "images": images,
+            "predictions": [r for rows in per_image for r in rows]}))
 
     @staticmethod
     def _reject_bad_images(batch: dict) -> None:
@@ -547,7 +673,7 @@ def build_app(args: ServeArgs) -> serve.Application:
         if not storage.is_s3(s["checkpoint"]):  # replicas may run in another working directory
             s["checkpoint"] = os.path.abspath(s["checkpoint"].removeprefix("file://"))
         handles[name] = ModelServer.options(name=f"model-{name}", **deployment_options(s)).bind(
-            name, s["checkpoint"], s["device"], s["precision"], s["channels_last"], s["threads"])
+            name, s["checkpoint"], s["device"], s["precision"], s["channels_last"], s["threads"], args.faces)
     ing = args.ingress
     ing_opts: dict = {"max_ongoing_requests": ing.max_ongoing_requests, "max_queued_requests": ing.max_queued_requests,
                       "ray_actor_options": {"num_cpus": ing.num_cpus}}
@@ -557,7 +683,7 @@ def build_app(args: ServeArgs) -> serve.Application:
         ing_opts["num_replicas"] = ing.num_replicas or 1
     return FaceAttrAPI.options(name="FaceAttrAPI", **ing_opts).bind(
         handles, args.max_request_bytes, args.max_files, args.api_key_env,
-        os.environ.get(args.api_key_env) or None)
+        os.environ.get(args.api_key_env) or None, args.faces, ing)
 
 
 __all__ = ["ServeArgs", "DeploymentSpec", "IngressSpec", "ModelServer", "FaceAttrAPI", "app", "build_app"]

@@ -32,6 +32,7 @@ pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "test-key-" + uuid.uuid4().hex[:8]
+ADMIN_KEY = "admin-key-" + uuid.uuid4().hex[:8]
 AUTH = {"X-API-Key": API_KEY}
 MAX_REQUEST_BYTES = 300_000
 SMALL = {"hard_sharing": {}, "hmtnet": {"image_size": 96}, "dmm_cnn": {"image_size": 64},
@@ -145,7 +146,7 @@ def svc(ray_session, s3_server, tmp_path_factory):
         (folder / name).write_bytes(data)
     out = tmp / "labels-dmm"
     label_job.label(label_job.LabelSpec(checkpoint=checkpoints[LABELED], input=str(folder), output=str(out),
-                                        precision="fp32"), echo=lambda *a, **k: None)
+                                        precision="fp32", faces={"mode": "whole"}), echo=lambda *a, **k: None)
     table = pd.read_parquet(out / "labels")
     label_rows = {Path(r["path"]).name: _plain(r) for r in table.to_dict("records")}
     assert sorted(label_rows) == sorted(IMAGES)
@@ -159,8 +160,9 @@ def svc(ray_session, s3_server, tmp_path_factory):
     slow = {"checkpoint": checkpoints[SLOW], "max_batch_size": 1, "max_ongoing_requests": 1, "max_queued_requests": 1}
     app["args"].update(models={**checkpoints, SLOW: slow}, precision="fp32", num_cpus=0.2, threads=1,
                        batch_wait_timeout_s=0.05, max_batch_size=8, max_request_bytes=MAX_REQUEST_BYTES,
-                       ingress={"num_cpus": 0.1, "max_ongoing_requests": 256})
-    app["runtime_env"] = {"env_vars": {"FACEATTR_API_KEY": API_KEY}}
+                       ingress={"num_cpus": 0.1, "max_ongoing_requests": 256},
+                       faces={"mode": "whole"})  # these tests send face crops; photos: tests/test_faces_e2e.py
+    app["runtime_env"] = {"env_vars": {"FACEATTR_API_KEY": API_KEY, "FACEATTR_ADMIN_KEY": ADMIN_KEY}}
     schema = ServeDeploySchema.model_validate({"applications": [app]})
 
     port = _free_port()
@@ -219,9 +221,17 @@ def test_models_listing_health_and_docs(svc):
     assert r.status_code == 200, r.text
     listed = {m["name"]: m for m in r.json()["models"]}
     assert set(listed) == set(ZOO)
+    # The inference key sees what the models are, not where they live or how they run ...
+    admin = {m["name"]: m for m in client.get("/v1/models", headers={"X-Admin-Key": ADMIN_KEY}).json()["models"]}
     for name, m in listed.items():
         want = svc["expected"][name]["a.jpg"]["checkpoint"]
-        assert m["checkpoint"] == {"uri": svc["checkpoints"][name], "hash": want}
+        assert m["checkpoint"] == {"hash": want}
+        assert not {"device", "threads", "batchnorm_folded"} & set(m), m.keys()
+        assert svc["checkpoints"][name] not in str(m)
+        # ... the operator's admin key does
+        assert admin[name]["checkpoint"] == {"uri": svc["checkpoints"][name], "hash": want}
+        assert admin[name]["device"] == "cpu" and admin[name]["threads"] == 1
+        assert m["faces"]["detector"].startswith("retinaface-mobilenet0.25 sha256:")
         created = models.create_model(name, **SMALL.get(name, {"image_size": 96}))
         assert m["outputs"] == created.outputs.describe()
         assert m["preprocessing"] == created.preprocessing.to_dict() | {"size": list(created.preprocessing.size),
@@ -229,9 +239,11 @@ def test_models_listing_health_and_docs(svc):
                                                                        "std": list(created.preprocessing.std)}
         assert m["metrics"] == {} and m["precision"] == "fp32"
     assert svc["checkpoints"]["hard_sharing"].startswith("s3://")  # one model was loaded from S3
-    h = httpx.get(svc["base"] + "/healthz")  # no key needed
-    assert h.status_code == 200 and h.json() == {"status": "ok", "models": sorted(ZOO)}
+    h = httpx.get(svc["base"] + "/healthz")  # no key needed, and it names no model
+    assert h.status_code == 200 and h.json() == {"status": "ok"}
     assert httpx.get(svc["base"] + "/docs").status_code == 200
+    for hidden in ("/redoc", "/docs/oauth2-redirect"):  # nothing open that is not documented
+        assert httpx.get(svc["base"] + hidden).status_code == 404
     spec = httpx.get(svc["base"] + "/openapi.json").json()
     assert "/v1/models/{name}/predict" in spec["paths"]
     assert "multipart/form-data" in spec["paths"]["/v1/models/{name}/predict"]["post"]["requestBody"]["content"]
