@@ -57,15 +57,17 @@ def _target_width(output) -> int | None:
 
 
 def load_batch(rows: pd.DataFrame | dict, model, train: bool = False, augment=None,
-               read=storage.read_bytes) -> dict[str, np.ndarray]:
+               read=storage.read_bytes, decode_fn=None) -> dict[str, np.ndarray]:
     """Dataset rows (``path`` + canonical label columns) -> a training/eval batch. Rows whose image cannot be
-    decoded are dropped with a warning (a training set with a bad file must not stop a run)."""
+    decoded are dropped with a warning (a training set with a bad file must not stop a run). ``decode_fn``
+    (bytes, preprocessing) -> (uint8 tensor, geometry) replaces the whole-image decode (evaluation through
+    face detection: ``faces.pipeline.decode_face``)."""
     pre = model.preprocessing
     df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
     images, geos, keep = [], [], []
     for i, path in enumerate(df["path"]):
         try:
-            t, g = decode(read(path), pre, train=train)
+            t, g = decode(read(path), pre, train=train) if decode_fn is None else decode_fn(read(path), pre)
         except (ImageDecodeError, OSError) as e:
             log.warning("skipping %s: %s", path, e)
             continue
@@ -90,6 +92,12 @@ def load_batch(rows: pd.DataFrame | dict, model, train: bool = False, augment=No
         if isinstance(o, Landmarks) and len(arr):
             # pixels of the original image -> normalised [0, 1] coordinates of the model input
             for r, g in enumerate(geos):
+                if "affine" in g:  # an aligned face: invert its input -> original map
+                    a = np.linalg.inv(np.vstack([np.reshape(g["affine"], (2, 3)), [0, 0, 1]]))
+                    x, y = arr[r, 0::2].copy(), arr[r, 1::2].copy()
+                    arr[r, 0::2] = (a[0, 0] * x + a[0, 1] * y + a[0, 2]) / g["input_w"]
+                    arr[r, 1::2] = (a[1, 0] * x + a[1, 1] * y + a[1, 2]) / g["input_h"]
+                    continue
                 arr[r, 0::2] = (arr[r, 0::2] - g["tx"]) / g["sx"] / g["input_w"]
                 arr[r, 1::2] = (arr[r, 1::2] - g["ty"]) / g["sy"] / g["input_h"]
         batch[key] = arr
@@ -97,14 +105,15 @@ def load_batch(rows: pd.DataFrame | dict, model, train: bool = False, augment=No
 
 
 def iter_batches(table: pd.DataFrame, model, batch_size: int, train: bool = False, seed: int = 0,
-                 epoch: int = 0) -> Iterator[dict[str, np.ndarray]]:
+                 epoch: int = 0, decode_fn=None) -> Iterator[dict[str, np.ndarray]]:
     """Plain single-process batches over a dataset table (shuffled per epoch when training)."""
     order = np.arange(len(table))
     if train:
         np.random.default_rng(seed + epoch).shuffle(order)
     augment = build_augmentation(model.preprocessing, model.recipe.augment) if train else None
     for start in range(0, len(order), batch_size):
-        b = load_batch(table.iloc[order[start : start + batch_size]], model, train=train, augment=augment)
+        b = load_batch(table.iloc[order[start : start + batch_size]], model, train=train, augment=augment,
+                       decode_fn=decode_fn)
         if len(b["image"]):
             yield b
 
@@ -300,11 +309,13 @@ def format_epoch(model, m: dict, epochs: int, eta_s: float | None = None) -> str
             f"{shown} samples/s={m['samples_per_s']:.1f}{eta}")
 
 
-def evaluate_table(model, table: pd.DataFrame, batch_size: int = 64, device: str = "cpu") -> dict[str, float]:
-    """The paper metrics of ``model`` (with its thresholds) on a dataset table, in this process."""
+def evaluate_table(model, table: pd.DataFrame, batch_size: int = 64, device: str = "cpu",
+                   decode_fn=None) -> dict[str, float]:
+    """The paper metrics of ``model`` (with its thresholds) on a dataset table, in this process.
+    ``decode_fn``: see :func:`load_batch` (evaluation through face detection)."""
     dev = torch.device(device)
     model.to(dev).eval()
-    stats = evaluate_batches(model, iter_batches(table, model, batch_size), dev)
+    stats = evaluate_batches(model, iter_batches(table, model, batch_size, decode_fn=decode_fn), dev)
     metrics = model.metrics(stats)
     metrics["val_loss"] = validation_loss(model, metrics)
     metrics["n_images"] = float(max((float(s["n"]) for s in stats.values()), default=0.0))
