@@ -106,6 +106,7 @@ class TrainSpec:
     init_from: str | None = None  # initialise weights from a project checkpoint (task_attention from TMTL)
     find_unused_parameters: bool = False
     fail_at: tuple[int, int, int] | None = None  # (rank, epoch, step): that worker dies once (tests)
+    template_images: int = 64  # training images the face template is measured on (faces/templates.py); 0: none
 
     @property
     def run_uri(self) -> str:
@@ -367,6 +368,8 @@ def train_worker(cfg: dict) -> None:
 
     torch.manual_seed(cfg["seed"])
     model = models.create_model(cfg["model"], **cfg["model_kwargs"])
+    if cfg.get("face_template"):  # measured on the driver (measure_template); every checkpoint keeps it
+        model.preprocessing = dataclasses.replace(model.preprocessing, **cfg["face_template"])
     checkpoint = ray.train.get_checkpoint()
     state = None
     if checkpoint is not None:
@@ -555,7 +558,31 @@ def prepare(spec: TrainSpec):
         raise TrainError(f"{spec.data}: {len(train)} training images for {spec.workers} workers")
     if len(val) == 0:
         raise TrainError(f"{spec.data}: no validation images (split 'val' is empty)")
+    if spec.template_images:
+        model.preprocessing = measure_template(ds, train, model.preprocessing, spec)
     return model, recipe, train.reset_index(drop=True), val.reset_index(drop=True)
+
+
+def measure_template(ds, train: pd.DataFrame, pre: Preprocessing, spec: TrainSpec) -> Preprocessing:
+    """The model's face template measured on its training images (faces/templates.py), so that label and
+    serve align a face found in a photo the way the training crops were; the checkpoint keeps it."""
+    from faces.pipeline import FaceFinder
+    from faces.templates import derive_template
+
+    paths = list(train["path"])
+    marks = None
+    if "landmarks" in ds.table.columns:
+        by_path = dict(zip(ds.table["path"], ds.table["landmarks"]))
+        marks = [by_path.get(p) for p in paths]
+    finder = None if marks is not None and any(m is not None for m in marks) else FaceFinder()
+    try:
+        pre, report = derive_template(paths, storage.read_bytes, pre, marks, finder, spec.template_images, spec.seed)
+    except ValueError as e:
+        warnings.warn(f"{spec.data}: {e}; the model keeps its default face template", stacklevel=2)
+        return pre
+    log.info(report.line())
+    print(report.line(), flush=True)
+    return pre
 
 
 def check_resources(spec: TrainSpec) -> None:
@@ -621,6 +648,7 @@ def run(spec: TrainSpec, log_fn=print, prepared=None) -> TrainOutcome:
         "find_unused_parameters": spec.find_unused_parameters
         or any(c not in train.columns for c in engine.label_columns(model)),
         "fail_at": spec.fail_at,
+        "face_template": {"template": model.preprocessing.template, "template_crop": model.preprocessing.template_crop},
     }
     resources = {"CPU": spec.cpus_per_worker}
     if spec.use_gpu:
