@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Skew of detection + alignment (docs/results.md, "Through detection"): train hard_sharing and dmm_cnn on the
+# real CelebA crops (their face template is measured on the training images), then evaluate each on the
+# held-out test split twice: the crops fed whole, as in training, and through the detector and alignment,
+# as a user's photos go. Goal of issue #10: detect loses at most 1 accuracy point against whole.
+#   bash bench/bench_skew.sh [OUT]        (needs ../shared/data; writes OUT/<name>.{whole,detect}.json)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:-../shared/data}
+OUT=${1:-/tmp/faceattr-skew}
+PY=${PY:-.venv/bin/python}
+mkdir -p "$OUT"
+common=(--workers ${WORKERS:-1} --threads 1 --storage "$OUT/runs" --max-failures 1)
+
+run() {  # name model data extra-args...
+  local name=$1 model=$2 data=$3; shift 3
+  local t0=$SECONDS
+  [ -f "$OUT/$name.pt" ] || $PY -m jobs.train --model "$model" --data "$data" --name "$name" \
+    --output "$OUT/$name.pt" "${common[@]}" "$@" | tee "$OUT/$name.train.log"
+  for faces in whole detect; do
+    $PY -m jobs.evaluate --checkpoint "$OUT/$name.pt" --data "$data" --split test --faces $faces \
+      --json "$OUT/$name.$faces.json" | tee "$OUT/$name.$faces.log"
+  done
+  echo "$name: $((SECONDS - t0)) s" | tee -a "$OUT/times.txt"
+}
+
+run hard_sharing hard_sharing "celeba:$DATA/celeba" --epochs ${HS_EPOCHS:-6}
+run dmm_cnn      dmm_cnn      "celeba:$DATA/celeba" --epochs ${DMM_EPOCHS:-3} --image-size 64 --model-arg depth=18 \
+  --optimizer adam --lr 0.001 --batch-size 32 --validate-every 50
+$PY - "$OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+print(f"{'model':<14}{'metric':<22}{'whole':>9}{'detect':>9}{'diff':>8}   images whole/detect (no face)")
+for name, keys in (("hard_sharing", ["gender.accuracy", "eyeglasses.accuracy", "mean_accuracy"]),
+                   ("dmm_cnn", ["Male.accuracy", "Smiling.accuracy", "Eyeglasses.accuracy", "mean_accuracy"])):
+    w = json.load(open(f"{out}/{name}.whole.json"))
+    d = json.load(open(f"{out}/{name}.detect.json"))
+    for k in keys:
+        print(f"{name:<14}{k:<22}{100 * w[k]:>8.2f}%{100 * d[k]:>8.2f}%{100 * (d[k] - w[k]):>+7.2f}   "
+              f"{int(w['n_images'])}/{int(d['n_images'])} ({int(d.get('images_without_face', 0))})")
+PY
