@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any other constructor argument (value parsed as JSON when it can be)")
     m.add_argument("--init-from", default=None, help="initialise from a checkpoint (e.g. attention from TMTL)")
     m.add_argument("--find-unused-parameters", action="store_true", help="DDP option for models with idle branches")
+    m.add_argument("--template-images", type=int, default=64,
+                   help="training images the face template is measured on (docs/faces.md); 0: keep the default")
     q = p.add_argument_group("quick runs")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--limit", type=positive(int), help="at most this many training images")
@@ -119,6 +121,7 @@ def spec_from_args(args: argparse.Namespace) -> TrainSpec:
         seed=args.seed, max_failures=args.max_failures, keep=args.keep, limit=args.limit,
         val_limit=args.val_limit, steps_per_epoch=args.steps_per_epoch, init_from=args.init_from,
         find_unused_parameters=args.find_unused_parameters, fail_at=args.inject_failure,
+        template_images=args.template_images,
     )
 
 
