@@ -168,6 +168,7 @@ class TaskAttentionNet(FaceModel):
         self.shared = nn.Sequential(*shared)
         self.res5_smile = nn.Sequential(*res5[split:])  # res5c1
         self.res5_gender = copy.deepcopy(self.res5_smile)  # res5c2
+        self._register_load_state_dict_pre_hook(self._check_split)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc_smile = _he_normal(nn.Linear(feat, self.units))  # FCS
         self.fc_gender = _he_normal(nn.Linear(feat, self.units))  # FCG
@@ -177,6 +178,17 @@ class TaskAttentionNet(FaceModel):
             self.att_gender = CrossTaskAttention(self.units, attention_weights)  # Att_CSi: FCG|CS
         self.head_smile = _he_normal(nn.Linear(self.units, 2))
         self.head_gender = _he_normal(nn.Linear(self.units, 2))
+
+    def _check_split(self, state_dict, prefix, *args) -> None:
+        """Weights split at another block (e.g. saved before the split moved to res5c, when each task had all
+        of res5) cannot load: say which ``task_blocks`` they need instead of listing missing keys."""
+        head = f"{prefix}res5_smile."
+        blocks = {k[len(head):].split(".", 1)[0] for k in state_dict if k.startswith(head)}
+        if blocks and len(blocks) != self.task_blocks:
+            raise ValueError(f"these task_attention weights have {len(blocks)} res5 block(s) per task; this model "
+                             f"was built with task_blocks={self.task_blocks}: build it with "
+                             f"task_blocks={len(blocks)} (checkpoints from before the res5c split copied the "
+                             f"whole res5 stage)")
 
     def task_units(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(FCS, FCG) units, each (B, K), before any attention."""

@@ -261,3 +261,11 @@ def test_dmm_landmarks_on_the_scale_of_the_attribute_targets(celeba):
     with pytest.raises(ValueError, match="landmark_scale"):
         models.create_model("dmm_cnn", landmark_scale="pixels", depth=18)
     assert "ReLU between the fully connected layers" in models.dmm_cnn.__doc__
+
+
+def test_attention_weights_of_another_split_say_which_task_blocks_they_need():
+    old = models.create_model("task_attention", depth=18, task_blocks=2)  # the whole res5 per task, as before
+    new = models.create_model("task_attention", depth=18)
+    with pytest.raises(ValueError, match="build it with task_blocks=2"):
+        new.load_state_dict(old.state_dict())
+    models.create_model("task_attention", depth=18, task_blocks=2).load_state_dict(old.state_dict())
