@@ -2,6 +2,7 @@
 # Real-data training on this CPU for docs/results.md: from scratch (no pretrained weights can be had here),
 # small inputs and ResNet-18 trunks so that each run fits a few minutes on 2 cores.
 #   bash bench/train_real.sh [OUT]        (needs ../shared/data; writes OUT/<model>.pt and OUT/<model>.json)
+#   ONLY="hard_sharing task_attention" bash bench/train_real.sh [OUT]    (only those runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
@@ -12,6 +13,7 @@ common=(--workers 2 --threads 1 --storage "$OUT/runs" --max-failures 1)
 
 run() {  # name model data extra-args...
   local name=$1 model=$2 data=$3; shift 3
+  if [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]]; then return 0; fi
   local t0=$SECONDS
   $PY -m jobs.train --model "$model" --data "$data" --name "$name" --output "$OUT/$name.pt" "${common[@]}" "$@" \
     | tee "$OUT/$name.train.log"

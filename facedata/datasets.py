@@ -29,7 +29,11 @@ Formats (``FORMAT`` in the spec):
   files ``train_test_files/split_of_60%training and 40%testing/{train,test}.txt``; gender and race come from
   the file-name prefix.
 * ``manifest`` - a CSV or Parquet file with a ``path`` column (relative paths are resolved against the
-  manifest's folder or prefix), any canonical label columns and an optional ``split`` column.
+  manifest's folder or prefix), any canonical label columns and an optional ``split`` column. ``gender``
+  also takes ``male``/``female`` (``m``/``f``); ``smile`` and ``eyeglasses`` take ``yes``/``no``,
+  ``true``/``false``, the model's class names (``smile``/``non_smile``, ``eyeglasses``/``no_eyeglasses``)
+  and CelebA's ``-1`` for no. With ``attributes`` and without ``gender``/``smile``/``eyeglasses`` those
+  three are filled from the attributes (``Male``, ``Smiling``, ``Eyeglasses``).
 
 Malformed entries (a bad file name, a line with the wrong number of fields, a value out of range, a label
 row whose image is missing) never stop a read: each is logged with ``logging.warning`` and listed in
@@ -81,11 +85,12 @@ DATASET_MODELS: dict[str, tuple[str, ...]] = {
     "scut_fbp5500": ("hmtnet",),
     "manifest": (),  # () = any model whose labels the manifest's columns carry, see MODEL_LABELS
 }
-# The canonical columns each model learns from; a manifest can train a model when it fills at least one.
+# The canonical columns each model learns from (its outputs' target columns, checked against the models in
+# tests/test_datasets.py); a manifest can train a model when it fills at least one.
 MODEL_LABELS: dict[str, tuple[str, ...]] = {
-    "dmm_cnn": ("attributes",),
-    "task_attention": ("attributes",),
-    "hard_sharing": ("attributes",),
+    "dmm_cnn": ("attributes",),  # + landmarks when present (the auxiliary FLD task)
+    "task_attention": ("smile", "gender"),  # the paper's FotW / LFWA labels
+    "hard_sharing": ("gender", "eyeglasses"),  # the paper's own set
     "age_gender_race": ("age", "gender", "race"),
     "hmtnet": ("gender", "race", "beauty"),
 }
@@ -549,6 +554,8 @@ def _read_manifest(uri: str, splitter: _Splitter) -> FaceDataset:
             continue
         rows.append(row)
     table = _frame(rows, ["path", "split", *label_cols])
+    if "attributes" in table.columns:
+        _derive_from_attributes(table)
     num_points = 0
     if "landmarks" in table.columns:
         lengths = {len(v) for v in table["landmarks"] if v is not None}
@@ -565,6 +572,62 @@ def _manifest_split(value) -> str | None | bool:
     if not key:
         return None
     return _SPLIT_ALIASES.get(key, False)
+
+
+# CelebA attributes that are label columns of their own (gender = not Male), as the celeba reader fills them.
+_FROM_ATTRIBUTES = {"gender": ("Male", 0.0), "smile": ("Smiling", 1.0), "eyeglasses": ("Eyeglasses", 1.0)}
+
+
+def _derive_from_attributes(table: pd.DataFrame) -> None:
+    """A manifest with CelebA's 40 ``attributes`` but no ``gender``/``smile``/``eyeglasses`` column gets them
+    from the attributes, as the celeba reader does; a column the manifest has is kept as it is."""
+    for col, (attr, when_positive) in _FROM_ATTRIBUTES.items():
+        if col in table.columns:
+            continue
+        i = CELEBA_ATTRIBUTES.index(attr)
+        table[col] = [math.nan if v is None else (when_positive if v[i] > 0 else 1.0 - when_positive)
+                      for v in table["attributes"]]
+
+
+# The usual spellings of the binary labels (case-insensitive), besides the numbers 0 and 1.
+_SPELLINGS: dict[str, dict[str, float]] = {
+    "gender": {"male": 0.0, "m": 0.0, "man": 0.0, "female": 1.0, "f": 1.0, "woman": 1.0},
+    "smile": {"smile": 1.0, "smiling": 1.0, "yes": 1.0, "true": 1.0, "non_smile": 0.0, "no_smile": 0.0,
+              "not_smiling": 0.0, "no": 0.0, "false": 0.0},
+    "eyeglasses": {"eyeglasses": 1.0, "glasses": 1.0, "yes": 1.0, "true": 1.0, "no_eyeglasses": 0.0,
+                   "no_glasses": 0.0, "no": 0.0, "false": 0.0},
+}
+
+
+def _binary_value(col: str, value) -> float:
+    """gender / smile / eyeglasses -> 0.0 or 1.0 (NaN when missing). smile and eyeglasses also take CelebA's
+    -1 for "no"; gender does not (CelebA's ±1 column is ``Male``, the opposite of our 1 = female)."""
+    if value is None:
+        return math.nan
+    if isinstance(value, str):
+        text = value.strip()
+        key = text.lower().replace("-", "_").replace(" ", "_")
+        if not text:
+            return math.nan
+        if key in _SPELLINGS[col]:
+            return _SPELLINGS[col][key]
+        try:
+            number = float(text)
+        except ValueError:
+            raise ValueError(f"{col}: {value!r} is not one of 0, 1, {', '.join(sorted(_SPELLINGS[col]))}") from None
+    else:
+        try:
+            number = float(value)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{col}: {value!r} is not a number") from err
+    if math.isnan(number):
+        return math.nan
+    if number in (0.0, 1.0):
+        return number
+    if number == -1.0 and col != "gender":
+        return 0.0
+    hint = " (gender is 0 = male, 1 = female; CelebA's Male column is the opposite)" if col == "gender" else ""
+    raise ValueError(f"{col}: {value!r} is not 0 or 1{hint}")
 
 
 def _manifest_value(col: str, value):
@@ -585,6 +648,8 @@ def _manifest_value(col: str, value):
         if col == "landmarks" and len(values) % 2:
             raise ValueError(f"landmarks: expected x, y pairs, got {len(values)} values")
         return values
+    if col in _SPELLINGS:
+        return _binary_value(col, value)
     if value is None or (isinstance(value, str) and not value.strip()):
         return math.nan
     try:

@@ -65,7 +65,19 @@ Readings we chose (each configurable):
   refuses epoch < 1. V is the number of validation images with attribute labels.
 * **Landmarks**: ``num_landmarks`` T (CelebA's file has 5, the paper uses 72 from dlib; 68 works too).
   ``num_landmarks=0`` drops the FLD branch (the DMM-FAC ablation, and CelebA copies without the landmark file).
-  Coordinates are normalised to [0, 1] of the model input (see ``models.outputs.Landmarks``).
+* **Landmark scale** (``landmark_scale``), which fixes what β = 0.5 means. The text gives no scale for
+  Eq. 1's coordinates. Eq. 3 adds ``β L_FLD`` (a sum of 2T squared coordinate errors) to ``Σ_j λ_j L_FAC^j``
+  (one squared error of a score against a ±1 label per attribute), and calls β "the regularization
+  parameter": that weighs one landmark coordinate against one attribute score only when both live on the
+  same scale. So β = 0.5 assumes coordinates on the scale of the ±1 targets: ``signed`` (default) maps the
+  model input's width and height to [-1, 1]. The other readings make β meaningless: dlib's pixels would
+  make ``β L_FLD`` hundreds of times the attribute loss at 218×178 (a 3 px error on 144 coordinates is
+  1,296), and [0, 1] (``unit``, what this code did before) makes it a quarter of ``signed``, negligible
+  next to 40 attribute losses. See ``models.outputs.Landmarks``.
+* **ReLU between the fully connected layers**: the text lists the FC widths of each branch (1,024 → 22;
+  2,048 → 1,024 → 18; 1,024 → 2T) but no activation; we put a ReLU after every hidden FC layer (without
+  one, a branch's FC layers would collapse into a single linear map) and keep the last layer linear (its
+  output is regressed with MSE against ±1 labels or coordinates).
 * Ablations of Table 1: ``use_dynamic_weights=False`` keeps λ = 1 (EQ), ``use_adaptive_thresholds=False``
   keeps τ = 0 (FIX).
 """
@@ -80,7 +92,7 @@ from facedata.datasets import CELEBA_ATTRIBUTES
 from . import register_model
 from .backbones import resnet
 from .base import FaceModel, Recipe
-from .outputs import Binary, Landmarks, OutputSet
+from .outputs import LANDMARK_SCALES, Binary, Landmarks, OutputSet
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 OBJECTIVE_ATTRIBUTES: tuple[str, ...] = (
@@ -168,7 +180,7 @@ class DMMCNN(FaceModel):
                  backbone_weights: str | None = None, objective: tuple[str, ...] = OBJECTIVE_ATTRIBUTES,
                  beta: float = 0.5, gamma: float = 0.01, weight_mode: str = "renormalise", weight_floor: float = 1e-3,
                  use_dynamic_weights: bool = True, use_adaptive_thresholds: bool = True, dropout: float = 0.0,
-                 depth: int = 50):
+                 depth: int = 50, landmark_scale: str = "signed"):
         super().__init__()
         objective = tuple(objective)
         unknown = [a for a in objective if a not in CELEBA_ATTRIBUTES]
@@ -180,6 +192,8 @@ class DMMCNN(FaceModel):
             raise ValueError(f"num_landmarks must be >= 0 (0 = no landmark branch), got {num_landmarks}")
         if weight_mode not in WEIGHT_MODES:
             raise ValueError(f"weight_mode must be one of {WEIGHT_MODES}, got {weight_mode!r}")
+        if landmark_scale not in LANDMARK_SCALES:
+            raise ValueError(f"landmark_scale must be one of {LANDMARK_SCALES}, got {landmark_scale!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         hw = (int(image_size), int(image_size)) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
@@ -195,7 +209,8 @@ class DMMCNN(FaceModel):
 
         outputs = [Binary("attributes", labels=tuple(CELEBA_ATTRIBUTES), loss_type="mse_pm1", target="attributes")]
         if self.num_landmarks:
-            outputs.append(Landmarks("landmarks", weight=self.beta, points=self.num_landmarks, target="landmarks"))
+            outputs.append(Landmarks("landmarks", weight=self.beta, points=self.num_landmarks, target="landmarks",
+                                     scale=landmark_scale))
         self.outputs = OutputSet(tuple(outputs))
         self.preprocessing = Preprocessing(size=hw, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD)
         self.recipe = Recipe(optimizer="sgd", lr=1e-3, momentum=0.9, batch_size=64, epochs=15, schedule="plateau",

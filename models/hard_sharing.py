@@ -17,9 +17,20 @@ Readings we chose (the figure with the layer list did not survive extraction):
   entry gives the single-task CNN of the comparison (762,530 parameters, the same layers).
 * Output. A 2-way softmax with cross-entropy, which equals the paper's binary cross-entropy.
 * Input normalisation: pixels / 255 (mean 0, std 1 on the [0, 1] scale), as the text says.
-* Learning-rate rule. Read literally, the first epoch would get L_0 (1 − 1/1) = 0. We read epoch_i as
-  counting from 1 with the rule applied from the second epoch on, so the epoch-i rate is L_0 / i
-  (schedule ``hard_sharing``). The optimiser is not named; Adam (the Keras default of the time) is ours.
+* Learning-rate rule, "L_i = L_{i-1} (1 − 1/Epoch_i), L_0 = 0.001". Read literally with Epoch_1 = 1, the
+  first epoch would get L_0 (1 − 1/1) = 0 and every later one 0 too. Two readings make sense, selected by
+  ``lr_first_epoch``: ``keep`` (default) trains the first epoch at L_0 and applies the rule from the second
+  on, so epoch i (from 1) trains at L_0 / i (1e-3, 5e-4, 3.3e-4, ...); ``decay`` applies the rule from the
+  first epoch with L_0 as the rate before it and Epoch counting that start as 1, so epoch i trains at
+  L_0 / (i + 1) (5e-4, 3.3e-4, ...). Both are schedule ``hard_sharing`` with ``schedule_args``
+  ``{"first_epoch": ...}``. The optimiser is not named; Adam (the Keras default of the time) is ours.
+* Early stopping: "when the loss function of validation set stops falling in more than two epochs, we
+  manually terminate this training". We watch the validation loss (the weighted sum of the two
+  cross-entropies, ``primary_metric = "val_loss"``), and an epoch counts as an improvement only when the
+  loss falls below the best so far (a tie has not fallen); training stops after two epochs in a row without
+  one (``early_stopping_patience = 2``, Keras's ``EarlyStopping(monitor="val_loss", patience=2)``: "more
+  than two" read as the third epoch never starting). The kept checkpoint is the epoch of lowest validation
+  loss, the one the stopping rule measured against. ``--patience`` changes the count.
 """
 
 from __future__ import annotations
@@ -31,6 +42,8 @@ from . import register_model
 from .base import FaceModel, Recipe
 from .outputs import Categorical, OutputSet
 from .preprocess import Preprocessing
+
+HARD_SHARING_FIRST_EPOCH = ("keep", "decay")  # readings of the LR rule's first epoch (raytasks/engine.py)
 
 TASKS = {
     "gender": Categorical("gender", classes=("male", "female")),
@@ -48,12 +61,17 @@ def _branch(hidden: int, in_size: int, num_classes: int = 2) -> nn.Sequential:
 
 @register_model("hard_sharing")
 class HardSharingCNN(FaceModel):
+    primary_metric = "val_loss"  # early stopping and checkpoint selection: "the loss function of validation set"
+    primary_mode = "min"
+
     def __init__(self, tasks: tuple[str, ...] = ("gender", "eyeglasses"), image_size: int = 50,
-                 hidden: int = 96, task_weights: tuple[float, ...] | None = None):
+                 hidden: int = 96, task_weights: tuple[float, ...] | None = None, lr_first_epoch: str = "keep"):
         super().__init__()
         unknown = set(tasks) - set(TASKS)
         if unknown or not tasks:
             raise ValueError(f"tasks must be a non-empty subset of {sorted(TASKS)}")
+        if lr_first_epoch not in HARD_SHARING_FIRST_EPOCH:
+            raise ValueError(f"lr_first_epoch must be one of {HARD_SHARING_FIRST_EPOCH}, got {lr_first_epoch!r}")
         weights = task_weights or (1.0,) * len(tasks)
         self.tasks = tuple(tasks)
         self.outputs = OutputSet(tuple(
@@ -61,7 +79,7 @@ class HardSharingCNN(FaceModel):
         ))
         self.preprocessing = Preprocessing(size=(image_size, image_size), channels=1, mean=(0.0,), std=(1.0,))
         self.recipe = Recipe(optimizer="adam", lr=1e-3, batch_size=32, epochs=20, schedule="hard_sharing",
-                             early_stopping_patience=2)
+                             schedule_args={"first_epoch": lr_first_epoch}, early_stopping_patience=2)
         self.trunk = nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2))
         trunk_side = (image_size - 2) // 2
         self.branches = nn.ModuleDict({t: _branch(hidden, trunk_side) for t in self.tasks})

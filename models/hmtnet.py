@@ -13,7 +13,8 @@ What the text fixes:
   depth-wise concatenation (Eq. 2, PC 0.8706). The paper also calls the network "a feature extractor
   (after relu5)".
 * Losses: cross-entropy (gender, race), Smooth Huber with δ = 0.6 (beauty, ``outputs.smooth_huber_loss``);
-  task weights α_g = α_r = 1, α_a = 2.
+  task weights α_g = α_r = 1, α_a = 2. Table 4 compares it with MSE, L1 and Smooth L1 losses: ``beauty_loss``
+  selects one of ``smooth_huber``, ``mse``, ``l1``, ``smooth_l1`` and ``delta`` sets δ (Smooth L1's β too).
 * Training: 224×224 random crops of images whose shorter side is 227, random rotation within 30°, colour
   jitter, batch norm, SGD for 170 epochs, weight decay 0.05, batch 32, lr 0.001 divided by 10 every 50
   epochs. The weight decay of 0.05 is what the text says (and what the authors' released training code
@@ -52,6 +53,12 @@ Readings we chose (Fig. 1, which showed the trunk, did not survive extraction):
 * Outputs. ``race`` has 2 classes by default (SCUT-FBP5500: Asian, Caucasian); ``race_classes=5`` gives
   UTKFace's names, other counts generic names. ``beauty`` is a regression in [1, 5] (clamped when
   decoded, not in training).
+* Smooth Huber. The extracted Eq. 5 (``log cosh`` inside δ, ``|x|`` outside) jumps at δ and gives errors
+  just inside δ half the gradient of outliers; we use the continuous form whose two pieces meet in value
+  and slope at δ, Huber's with ``½x²`` replaced by ``log cosh`` (the reasons are in
+  ``outputs.smooth_huber_loss``).
+* No augmentation (``--no-augment``): training then decodes exactly as evaluation (the centre 224 crop of
+  the 227 resize), so both see the same input size; the 227 margin is only kept for the random crop.
 * Preprocessing. ImageNet mean and std (the authors' SCUT-FBP5500 loader uses them); evaluation is the
   centre 224 crop of the image resized to a shorter side of 227. Recipe momentum 0.9 is from the authors'
   code (the paper names SGD only); the colour-jitter strength 0.2 is ours (the text gives none).
@@ -66,7 +73,7 @@ from torch import nn
 
 from . import register_model
 from .base import FaceModel, Recipe
-from .outputs import Categorical, OutputSet, Regression
+from .outputs import REGRESSION_LOSSES, Categorical, OutputSet, Regression
 from .preprocess import Preprocessing
 
 SCUT_RACES = ("Asian", "Caucasian")  # same order as facedata.datasets.SCUT_RACES
@@ -188,7 +195,8 @@ class HMTNet(FaceModel):
     def __init__(self, image_size: int = 224, race_classes: int = 2, aggregation: str = "avg",
                  aggregate_levels: tuple[str, ...] = ("conv3", "relu3", "relu5"), anet_aggregator: bool = True,
                  anet_width: int = 4096, gnet_from: str = "relu3", rnet_from: str = "relu5",
-                 task_weights: tuple[float, float, float] = (1.0, 1.0, 2.0), backbone_weights: str | None = None):
+                 task_weights: tuple[float, float, float] = (1.0, 1.0, 2.0), backbone_weights: str | None = None,
+                 beauty_loss: str = "smooth_huber", delta: float = 0.6):
         super().__init__()
         if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < MIN_IMAGE_SIZE:
             raise ValueError(f"hmtnet: image_size must be an integer >= {MIN_IMAGE_SIZE} (relu3 must be at "
@@ -208,6 +216,10 @@ class HMTNet(FaceModel):
             raise ValueError(f"hmtnet: task_weights must be 3 non-negative numbers (gender, race, beauty), "
                              f"got {task_weights!r}")
         races = race_class_names(race_classes)
+        if beauty_loss not in REGRESSION_LOSSES:
+            raise ValueError(f"hmtnet: beauty_loss must be one of {REGRESSION_LOSSES}, got {beauty_loss!r}")
+        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not delta > 0:
+            raise ValueError(f"hmtnet: delta must be a positive number, got {delta!r}")
 
         self.aggregation = aggregation
         self.aggregate_levels = levels
@@ -215,7 +227,7 @@ class HMTNet(FaceModel):
         self.outputs = OutputSet((
             Categorical("gender", weight=weights[0], classes=("male", "female")),
             Categorical("race", weight=weights[1], classes=races),
-            Regression("beauty", weight=weights[2], range=(1.0, 5.0), loss_type="smooth_huber", delta=0.6),
+            Regression("beauty", weight=weights[2], range=(1.0, 5.0), loss_type=beauty_loss, delta=float(delta)),
         ))
         self.preprocessing = Preprocessing(
             size=(224, 224), resize="shorter_center_crop", resize_shorter=227,

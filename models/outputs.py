@@ -34,17 +34,62 @@ def _valid_rows(target: Tensor) -> Tensor:
     return ~torch.isnan(target).any(dim=tuple(range(1, target.dim())))
 
 
-def smooth_huber_loss(pred: Tensor, target: Tensor, delta: float = 0.6) -> Tensor:
-    """HMTNet's Smooth Huber loss (Eq. 5), averaged over the batch.
+def log_cosh(x: Tensor) -> Tensor:
+    """``log(cosh(x))`` without overflow. The naive form overflows float32 above |x| ≈ 89 (cosh = inf) and
+    gives NaN gradients there, and near 0 it loses precision (cosh(0.01) = 1.00005 in float32). Above
+    |x| = 10 we use ``|x| + log1p(e^{-2|x|}) − log 2``, below it ``log1p(2 sinh²(x/2))`` (cosh x − 1 =
+    2 sinh²(x/2): accurate near 0, where the first form cancels). The near branch sees a clamped input so
+    that its unused gradient is never inf·0."""
+    a = x.abs()
+    near = torch.log1p(2.0 * torch.sinh(a.clamp(max=10.0) / 2.0) ** 2)
+    far = a + torch.log1p(torch.exp(-2.0 * a)) - math.log(2.0)
+    return torch.where(a < 10.0, near, far)
 
-    The extracted equation reads ``log(1/2 (e^{a-â} + e^{â-a}))`` inside ``|a - â| <= δ`` and
-    ``|a - â|`` otherwise, i.e. ``log(cosh(a - â))`` near zero and the absolute error beyond δ. We follow
-    it literally (no offset to make the two pieces meet at δ: the paper writes none, and the gradient,
-    ``tanh`` inside and ``sign`` outside, is what matters for robustness to outliers).
+
+def smooth_huber_loss(pred: Tensor, target: Tensor, delta: float = 0.6) -> Tensor:
+    """HMTNet's Smooth Huber loss (section 3.3, Eq. 5), averaged over the batch: ``log cosh`` of the error
+    inside δ, a straight line outside, joined so that value and slope meet at δ::
+
+        l(x) = log cosh(x)                              if |x| <= δ
+             = log cosh(δ) + tanh(δ) (|x| - δ)          otherwise
+
+    Why this reading (the paper: "It follows a Huber fashion, but it's smoother ... and is more robust to
+    outliers", δ = 0.6). The extracted Eq. 5 reads ``log cosh(x)`` inside and ``|x|`` outside; taken
+    literally the loss jumps at δ (0.165 just inside, 0.6 just outside) and an error just inside δ gets
+    ``tanh(0.6) = 0.54`` of the gradient an outlier gets (1): the opposite of robust. A public
+    implementation that carries HMTNet's loss (an ``HMTLoss`` with task weights 1/1/2 and
+    ``SmoothHuberLoss(delta=0.6)``) computes the literal form, with the batch-mean absolute error outside; a
+    variant in the same code base uses ``½ log cosh`` inside and ``δ |x| − ½ δ²`` outside, switching on the
+    batch mean, which is not continuous either (0.083 against 0.18 at δ = 0.6). Huber's loss, which the
+    paper says it smooths, is ``½x²`` inside and ``δ|x| − ½δ²`` outside: continuous with a continuous slope,
+    and the slope is largest (δ) for outliers and never more. The form above is Huber's with ``½x²``
+    replaced by ``log cosh(x)`` (which is ``½x² + O(x⁴)``): continuous, slope ``tanh(x)`` inside and
+    ``tanh(δ)`` outside, so no sample gets more gradient than one at δ. :func:`log_cosh` keeps it finite
+    for any error.
     """
-    diff = (pred - target).abs()
-    inner = torch.log(torch.cosh(diff))
-    return torch.where(diff <= delta, inner, diff).mean()
+    x = pred - target
+    a = x.abs()
+    d = torch.as_tensor(float(delta), dtype=a.dtype, device=a.device)
+    outer = log_cosh(d) + torch.tanh(d) * (a - d)
+    return torch.where(a <= d, log_cosh(x), outer).mean()
+
+
+REGRESSION_LOSSES = ("smooth_huber", "mse", "l1", "smooth_l1")
+
+
+def regression_loss(pred: Tensor, target: Tensor, loss_type: str = "mse", delta: float = 0.6) -> Tensor:
+    """The regression losses of HMTNet's Table 4 ablation, averaged over the batch: ``smooth_huber``
+    (:func:`smooth_huber_loss`, δ), ``mse``, ``l1`` and ``smooth_l1`` (PyTorch's, with ``beta`` = δ:
+    ``½x²/δ`` inside δ, ``|x| − ½δ`` outside)."""
+    if loss_type == "smooth_huber":
+        return smooth_huber_loss(pred, target, delta)
+    if loss_type == "mse":
+        return F.mse_loss(pred, target)
+    if loss_type == "l1":
+        return F.l1_loss(pred, target)
+    if loss_type == "smooth_l1":
+        return F.smooth_l1_loss(pred, target, beta=float(delta))
+    raise ValueError(f"unknown regression loss {loss_type!r}; expected one of {REGRESSION_LOSSES}")
 
 
 @dataclass(frozen=True)
@@ -234,21 +279,24 @@ class Binary(Output):
 
 @dataclass(frozen=True)
 class Regression(Output):
-    """A scalar score in ``range``; MAE, RMSE and Pearson correlation. ``loss`` is ``smooth_huber`` (δ),
-    ``mse`` or ``l1``. The raw output has shape (B,) or (B, 1)."""
+    """A scalar score in ``range``; MAE, RMSE and Pearson correlation. ``loss_type`` is one of
+    :data:`REGRESSION_LOSSES` (:func:`regression_loss`; ``delta`` for ``smooth_huber`` and ``smooth_l1``).
+    The raw output has shape (B,) or (B, 1)."""
 
     range: tuple[float, float] = (1.0, 5.0)
     loss_type: str = "mse"
     delta: float = 0.6
     kind = "regression"
 
+    def __post_init__(self):
+        if self.loss_type not in REGRESSION_LOSSES:
+            raise ValueError(f"{self.name}: unknown loss {self.loss_type!r}; expected one of {REGRESSION_LOSSES}")
+        if not (isinstance(self.delta, (int, float)) and not isinstance(self.delta, bool)
+                and math.isfinite(self.delta) and self.delta > 0):
+            raise ValueError(f"{self.name}: delta must be a positive number, got {self.delta!r}")
+
     def loss(self, raw, target):
-        raw = raw.float().reshape(-1)
-        if self.loss_type == "smooth_huber":
-            return smooth_huber_loss(raw, target, self.delta)
-        if self.loss_type == "l1":
-            return F.l1_loss(raw, target)
-        return F.mse_loss(raw, target)
+        return regression_loss(raw.float().reshape(-1), target, self.loss_type, self.delta)
 
     def stats(self, raw, target, **ctx):
         keep = _valid_rows(target)
@@ -334,16 +382,49 @@ class AgeDistribution(Output):
         return {"bins": self.bins}
 
 
+LANDMARK_SCALES = ("signed", "unit")
+
+
 @dataclass(frozen=True)
 class Landmarks(Output):
-    """T facial points regressed with MSE (DMM-CNN Eq. 1). The raw output (B, 2T) is in the model input's
-    normalised coordinates, x/W and y/H in [0, 1]; targets are the same. ``decode`` maps the points back to
-    pixels of the original image through each row's preprocessing geometry (``sx, sy, tx, ty``) or, for a
-    face aligned in a photo, its 2x3 ``affine`` map from input to original pixels. Metric: mean point error in
-    normalised units (``nme``: divided by the inter-ocular distance when T == 5)."""
+    """T facial points regressed with MSE (DMM-CNN Eq. 1). The raw output (B, 2T) and the targets are in the
+    model input's coordinates scaled by ``scale``: ``signed`` (default) maps the input's width and height to
+    [-1, 1] (``2x/W − 1``, ``2y/H − 1``), the range of the ±1 attribute targets the same loss sums with;
+    ``unit`` maps them to [0, 1]. :meth:`normalise` turns pixel targets into these units; ``decode`` maps the
+    points back to pixels of the original image through each row's preprocessing geometry (``sx, sy, tx, ty``)
+    or, for a face aligned in a photo, its 2x3 ``affine`` map from input to original pixels. Metric: mean
+    point error in units of the input's size (``mean_error``: x/W, y/H, whatever the scale) and ``nme``
+    (divided by the inter-ocular distance when T == 5)."""
 
     points: int = 5
+    scale: str = "signed"
     kind = "landmarks"
+
+    def __post_init__(self):
+        if self.scale not in LANDMARK_SCALES:
+            raise ValueError(f"{self.name}: landmark scale must be one of {LANDMARK_SCALES}, got {self.scale!r}")
+
+    @property
+    def _span(self) -> float:
+        return 2.0 if self.scale == "signed" else 1.0
+
+    @property
+    def _offset(self) -> float:
+        return -1.0 if self.scale == "signed" else 0.0
+
+    def normalise(self, points, geometry: list[dict]):
+        """(B, 2T) pixel coordinates of the original images -> the model's target units (a new array)."""
+        out = np.array(points, dtype=np.float32, copy=True)
+        for r, g in enumerate(geometry):
+            x, y = out[r, 0::2].astype(np.float64), out[r, 1::2].astype(np.float64)
+            if "affine" in g:  # an aligned face: invert its input -> original map
+                a = np.linalg.inv(np.vstack([np.reshape(g["affine"], (2, 3)), [0, 0, 1]]))
+                u, v = a[0, 0] * x + a[0, 1] * y + a[0, 2], a[1, 0] * x + a[1, 1] * y + a[1, 2]
+            else:
+                u, v = (x - g["tx"]) / g["sx"], (y - g["ty"]) / g["sy"]
+            out[r, 0::2] = u / g["input_w"] * self._span + self._offset
+            out[r, 1::2] = v / g["input_h"] * self._span + self._offset
+        return out
 
     def loss(self, raw, target):
         # Eq. 1: squared L2 norm of the 2T-vector, averaged over images.
@@ -356,7 +437,7 @@ class Landmarks(Output):
         if len(y) == 0:
             z = torch.zeros((), dtype=torch.float64)
             return {"n": n, "err": z, "nme": z.clone(), "loss_sum": z.clone()}
-        p, t = raw.reshape(len(y), -1, 2), y.reshape(len(y), -1, 2)
+        p, t = raw.reshape(len(y), -1, 2) / self._span, y.reshape(len(y), -1, 2) / self._span
         err = (p - t).norm(dim=2).mean(1)
         if self.points == 5:
             iod = (t[:, 0] - t[:, 1]).norm(dim=1).clamp_min(1e-6)
@@ -384,7 +465,8 @@ class Landmarks(Output):
             if g is None:
                 rows.append(pts[i].reshape(-1).tolist())
                 continue
-            u, v = pts[i, :, 0].double() * g["input_w"], pts[i, :, 1].double() * g["input_h"]
+            u = (pts[i, :, 0].double() - self._offset) / self._span * g["input_w"]
+            v = (pts[i, :, 1].double() - self._offset) / self._span * g["input_h"]
             if "affine" in g:  # an aligned face: input pixel -> original pixel by a 2x3 map (faces/align.py)
                 a = g["affine"]
                 x, y = a[0] * u + a[1] * v + a[2], a[3] * u + a[4] * v + a[5]
@@ -394,7 +476,7 @@ class Landmarks(Output):
         return {self.name: rows}
 
     def _describe(self):
-        return {"points": self.points}
+        return {"points": self.points, "scale": self.scale}
 
 
 OUTPUT_KINDS = {c.kind: c for c in (Categorical, Binary, Regression, AgeDistribution, Landmarks)}

@@ -3,8 +3,9 @@
 
 What the text fixes:
 
-* ResNet-50, shared up to res5 ("the first 46 layers"), then two task branches, each with its own res5
-  ('res5c1' for smile, 'res5c2' for gender); a fully connected layer of K = 64 units on each (FCS, FCG).
+* ResNet-50, "We share the parameters from its first 46 layers for all the tasks", then two task branches;
+  FCS and FCG, fully connected layers of K = 64 units, are attached "respectively to 'res5c1' and
+  'res5c2', where 'res5c1' and 'res5c2' are residual blocks in ResNet50": one copy of res5c per task.
 * Gender-context attention (Eq. 3-6), for every i in 1..K: ``score(x_Sj, C_Gi) = tanh(W_S x_Sj + W_G C_Gi)``,
   ``P(d = j | x_S, C_Gi) = softmax_j(score)``, ``Ŝ_i = Σ_j P(d = j | x_S, C_Gi) x_Sj``; the context units C_Gi
   are the units of FCG. Symmetrically (Eq. 9-12) ``Ĝ_i`` from the gender units with the smile context FCS.
@@ -18,6 +19,15 @@ What the text fixes:
 
 Readings we chose:
 
+* **Where the network splits** (``task_blocks``). Counting ResNet-50's 50 weight layers as He et al. do
+  (conv1, 16 bottleneck blocks of 3 convolutions, fc; projection shortcuts not counted), the first 46 are
+  conv1 (1) + res2a-c (9) + res3a-d (12) + res4a-f (18) + res5a-b (6): everything up to and including
+  res5b. The remaining 4 are res5c's three convolutions and fc, which is what each branch holds (its res5c
+  copy, then FCS or FCG where fc was): the two readings of the text agree. So by default the shared trunk
+  ends after res5b and each task has ``task_blocks = 1`` block of res5 (res5c1, res5c2); ``task_blocks=3``
+  copies the whole res5 stage per task (what this code did before: 10.5 M more unshared parameters at
+  depth 50). With ResNet-18/34 (``depth``) the same count keeps the last ``task_blocks`` basic blocks of
+  the last stage per task. :func:`shared_conv_layers` counts the shared layers.
 * **Shapes of W_S, W_G.** x_Sj and C_Gi are single units, so ``W_S x_Sj + W_G C_Gi`` must be a scalar per
   (i, j): W_S and W_G are scalars. The text builds K separate modules Att_CGi (Fig. 3, one per context unit),
   so each module has its own pair: ``score_ij = tanh(w_S^i x_Sj + w_G^i C_Gi)`` — 2K parameters per
@@ -100,6 +110,12 @@ class CrossTaskAttention(nn.Module):
         return context_attention(x, context, self.w_x, self.w_c)
 
 
+def shared_conv_layers(module: nn.Module) -> int:
+    """Weight layers (convolutions) on the main path of ``module``, projection shortcuts
+    (torchvision's ``downsample``) not counted: the way ResNet-50 gets its 50 (49 convs + fc)."""
+    return sum(1 for name, m in module.named_modules() if isinstance(m, nn.Conv2d) and "downsample" not in name)
+
+
 def _he_normal(layer: nn.Linear) -> nn.Linear:
     nn.init.kaiming_normal_(layer.weight, mode="fan_in", nonlinearity="relu")
     nn.init.zeros_(layer.bias)
@@ -112,7 +128,7 @@ class TaskAttentionNet(FaceModel):
 
     def __init__(self, attention: bool = True, image_size: int = 224, backbone_weights: str | None = None,
                  units: int = 64, attention_weights: str = "per_module", fc_activation: str = "relu",
-                 task_weights: tuple[float, float] = (1.0, 1.0), depth: int = 50):
+                 task_weights: tuple[float, float] = (1.0, 1.0), depth: int = 50, task_blocks: int = 1):
         super().__init__()
         if int(units) < 1:
             raise ValueError(f"units must be >= 1, got {units}")
@@ -140,9 +156,19 @@ class TaskAttentionNet(FaceModel):
         # depth: the paper's ResNet-50 by default; 18/34 (512 channels) for quick CPU runs and tests.
         net = resnet(int(depth), backbone_weights)
         feat = net.fc.in_features
-        self.shared = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3)
-        self.res5_smile = net.layer4
-        self.res5_gender = copy.deepcopy(net.layer4)
+        res5 = list(net.layer4)
+        if isinstance(task_blocks, bool) or not isinstance(task_blocks, int) or not 1 <= task_blocks <= len(res5):
+            raise ValueError(f"task_blocks must be an integer from 1 to {len(res5)} (the blocks of res5 at depth "
+                             f"{depth}), got {task_blocks!r}")
+        self.task_blocks = task_blocks
+        split = len(res5) - task_blocks
+        shared = [net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3]
+        if split:
+            shared.append(nn.Sequential(*res5[:split]))  # res5a, res5b at depth 50 with task_blocks=1
+        self.shared = nn.Sequential(*shared)
+        self.res5_smile = nn.Sequential(*res5[split:])  # res5c1
+        self.res5_gender = copy.deepcopy(self.res5_smile)  # res5c2
+        self._register_load_state_dict_pre_hook(self._check_split)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc_smile = _he_normal(nn.Linear(feat, self.units))  # FCS
         self.fc_gender = _he_normal(nn.Linear(feat, self.units))  # FCG
@@ -152,6 +178,17 @@ class TaskAttentionNet(FaceModel):
             self.att_gender = CrossTaskAttention(self.units, attention_weights)  # Att_CSi: FCG|CS
         self.head_smile = _he_normal(nn.Linear(self.units, 2))
         self.head_gender = _he_normal(nn.Linear(self.units, 2))
+
+    def _check_split(self, state_dict, prefix, *args) -> None:
+        """Weights split at another block (e.g. saved before the split moved to res5c, when each task had all
+        of res5) cannot load: say which ``task_blocks`` they need instead of listing missing keys."""
+        head = f"{prefix}res5_smile."
+        blocks = {k[len(head):].split(".", 1)[0] for k in state_dict if k.startswith(head)}
+        if blocks and len(blocks) != self.task_blocks:
+            raise ValueError(f"these task_attention weights have {len(blocks)} res5 block(s) per task; this model "
+                             f"was built with task_blocks={self.task_blocks}: build it with "
+                             f"task_blocks={len(blocks)} (checkpoints from before the res5c split copied the "
+                             f"whole res5 stage)")
 
     def task_units(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(FCS, FCG) units, each (B, K), before any attention."""

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from facedata import storage
+from models.hard_sharing import HARD_SHARING_FIRST_EPOCH
 from models.outputs import Landmarks, add_stats
 from models.preprocess import ImageDecodeError, build_augmentation, decode
 
@@ -65,14 +66,21 @@ def load_batch(rows: pd.DataFrame | dict, model, train: bool = False, augment=No
     pre = model.preprocessing
     df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
     images, geos, keep = [], [], []
+    # ``decode(train=True)`` keeps a margin around the crop (HMTNet: 227 px around 224) for the augmentation's
+    # random crop to take back; without an augmentation nothing would crop it, so decode as for evaluation.
+    crop_margin = train and augment is not None
     for i, path in enumerate(df["path"]):
         try:
-            t, g = decode(read(path), pre, train=train) if decode_fn is None else decode_fn(read(path), pre)
+            t, g = decode(read(path), pre, train=crop_margin) if decode_fn is None else decode_fn(read(path), pre)
         except (ImageDecodeError, OSError) as e:
             log.warning("skipping %s: %s", path, e)
             continue
         if augment is not None:
             t = augment(t)
+        if tuple(t.shape[-2:]) != tuple(pre.size):
+            raise ValueError(f"{path}: the {'training' if train else 'evaluation'} input is "
+                             f"{tuple(t.shape[-2:])} px, the model's is {tuple(pre.size)}: an augmentation "
+                             f"must crop back to the input size")
         images.append(t.numpy())
         geos.append(g)
         keep.append(i)
@@ -90,32 +98,68 @@ def load_batch(rows: pd.DataFrame | dict, model, train: bool = False, augment=No
             continue
         arr = _target_array(df[col], _target_width(o))
         if isinstance(o, Landmarks) and len(arr):
-            # pixels of the original image -> normalised [0, 1] coordinates of the model input
-            for r, g in enumerate(geos):
-                if "affine" in g:  # an aligned face: invert its input -> original map
-                    a = np.linalg.inv(np.vstack([np.reshape(g["affine"], (2, 3)), [0, 0, 1]]))
-                    x, y = arr[r, 0::2].copy(), arr[r, 1::2].copy()
-                    arr[r, 0::2] = (a[0, 0] * x + a[0, 1] * y + a[0, 2]) / g["input_w"]
-                    arr[r, 1::2] = (a[1, 0] * x + a[1, 1] * y + a[1, 2]) / g["input_h"]
-                    continue
-                arr[r, 0::2] = (arr[r, 0::2] - g["tx"]) / g["sx"] / g["input_w"]
-                arr[r, 1::2] = (arr[r, 1::2] - g["ty"]) / g["sy"] / g["input_h"]
+            arr = o.normalise(arr, geos)  # pixels of the original image (or of an aligned face) -> the input's units
         batch[key] = arr
     return batch
 
 
+MIN_TRAIN_BATCH = 2  # BatchNorm in training mode needs more than one value per channel
+
+
+def concat_batches(a: dict, b: dict) -> dict:
+    """Two batches (dicts of arrays with the same keys) as one."""
+    if set(a) != set(b):
+        raise ValueError(f"cannot join batches with different columns {sorted(a)} and {sorted(b)}")
+    return {k: np.concatenate([np.asarray(a[k]), np.asarray(b[k])]) for k in a}
+
+
+def fold_remainder(batches: Iterable[dict], min_size: int = MIN_TRAIN_BATCH) -> Iterator[dict]:
+    """Training batches in which none holds fewer than ``min_size`` images. A short batch joins the batch
+    after it, or, when it is the last (an epoch's or a worker shard's remainder), the batch before it: every
+    image is still seen once per epoch (PyTorch's ``drop_last`` would drop the remainder instead). A batch of
+    one image stops a run in any BatchNorm layer that sees a 1×1 map in training mode (HMTNet's ANet:
+    "Expected more than 1 value per channel when training"). When the whole stream holds fewer than
+    ``min_size`` images there is nothing to fold them into: they are dropped with a warning. Evaluation
+    needs no folding: BatchNorm uses its running statistics there."""
+    held = None  # a batch of at least min_size images, kept back in case the remainder must join it
+    short = None  # short batches waiting for the next one
+    for b in batches:
+        if short is not None:
+            b, short = concat_batches(short, b), None
+        if len(b["image"]) < min_size:
+            short = b
+            continue
+        if held is not None:
+            yield held
+        held = b
+    if short is not None:
+        if held is None:
+            if len(short["image"]):
+                log.warning("dropping a training batch of %d image(s): too few for BatchNorm and no batch to "
+                            "fold it into", len(short["image"]))
+            return
+        held = concat_batches(held, short)
+    if held is not None:
+        yield held
+
+
 def iter_batches(table: pd.DataFrame, model, batch_size: int, train: bool = False, seed: int = 0,
                  epoch: int = 0, decode_fn=None) -> Iterator[dict[str, np.ndarray]]:
-    """Plain single-process batches over a dataset table (shuffled per epoch when training)."""
+    """Plain single-process batches over a dataset table (shuffled per epoch when training; a training
+    remainder too small for BatchNorm is folded into the batch before it, :func:`fold_remainder`)."""
     order = np.arange(len(table))
     if train:
         np.random.default_rng(seed + epoch).shuffle(order)
     augment = build_augmentation(model.preprocessing, model.recipe.augment) if train else None
-    for start in range(0, len(order), batch_size):
-        b = load_batch(table.iloc[order[start : start + batch_size]], model, train=train, augment=augment,
-                       decode_fn=decode_fn)
-        if len(b["image"]):
-            yield b
+
+    def batches():
+        for start in range(0, len(order), batch_size):
+            b = load_batch(table.iloc[order[start : start + batch_size]], model, train=train, augment=augment,
+                           decode_fn=decode_fn)
+            if len(b["image"]):
+                yield b
+
+    return fold_remainder(batches()) if train else batches()
 
 
 def to_tensors(batch: dict, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -151,8 +195,14 @@ def make_scheduler(optimizer, recipe):
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=a.get("factor", 0.1),
                                                           patience=a.get("patience", 1))
     if s == "hard_sharing":
-        # L_i = L_{i-1} (1 - 1/epoch_i) from the second epoch on => L_i = L_0 / i (models/hard_sharing.py)
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0 / (e + 1))
+        # L_i = L_{i-1} (1 - 1/Epoch_i), two readings of the first epoch (models/hard_sharing.py):
+        # "keep": epoch i (from 1) trains at L_0 / i; "decay": at L_0 / (i + 1). ``e`` counts from 0.
+        first = a.get("first_epoch", "keep")
+        if first not in HARD_SHARING_FIRST_EPOCH:
+            raise ValueError(f"schedule hard_sharing: first_epoch must be one of {HARD_SHARING_FIRST_EPOCH}, "
+                             f"got {first!r}")
+        shift = 1 if first == "keep" else 2
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0 / (e + shift))
     raise ValueError(f"unknown schedule {s!r}")
 
 

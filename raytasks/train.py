@@ -420,7 +420,9 @@ def train_worker(cfg: dict) -> None:
         hook_logs: dict = {}
         hook_hashes: list[str] = []  # the model's state buffers right after each on_validation (before DDP
         # forwards broadcast rank 0's buffers again): equal on every worker iff the hook saw equal stats
-        batches = _nonempty(train_shard.iter_batches(batch_size=bs, batch_format="numpy", prefetch_batches=2))
+        # a shard's last batch of one image would stop BatchNorm: it joins the batch before it
+        batches = engine.fold_remainder(_nonempty(train_shard.iter_batches(batch_size=bs, batch_format="numpy",
+                                                                           prefetch_batches=2)))
         val_time, t_first, n_first = 0.0, None, 0  # steady state: from the end of the epoch's first step
         while True:
             limit_hit = cfg["steps_per_epoch"] and steps_local >= cfg["steps_per_epoch"]
@@ -554,8 +556,9 @@ def prepare(spec: TrainSpec):
         train = train.iloc[: spec.limit]
     if spec.val_limit:
         val = val.iloc[: spec.val_limit]
-    if len(train) < spec.workers:
-        raise TrainError(f"{spec.data}: {len(train)} training images for {spec.workers} workers")
+    if len(train) < engine.MIN_TRAIN_BATCH * spec.workers:
+        raise TrainError(f"{spec.data}: {len(train)} training images for {spec.workers} workers; every worker "
+                         f"needs at least {engine.MIN_TRAIN_BATCH} (BatchNorm cannot train on one image)")
     if len(val) == 0:
         raise TrainError(f"{spec.data}: no validation images (split 'val' is empty)")
     if spec.template_images:

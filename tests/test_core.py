@@ -94,8 +94,11 @@ def test_age_expectation_and_landmark_pixels():
     raw = torch.full((1, 117), -1e4)
     raw[0, 20] = raw[0, 40] = 0.0
     assert o.decode(raw)["age"][0] == pytest.approx(30.0, abs=1e-3)
-    lm = Landmarks("landmarks", points=1)
     geo = [{"input_w": 100, "input_h": 50, "sx": 2.0, "sy": 4.0, "tx": 10.0, "ty": 0.0}]
+    # the centre of the model input: 0 on the default [-1, 1] scale, 0.5 on [0, 1]
+    assert Landmarks("landmarks", points=1).decode(torch.tensor([[0.0, 0.0]]), geo)["landmarks"][0] == \
+        pytest.approx([110.0, 100.0])
+    lm = Landmarks("landmarks", points=1, scale="unit")
     assert lm.decode(torch.tensor([[0.5, 0.5]]), geo)["landmarks"][0] == pytest.approx([110.0, 100.0])
 
 

@@ -3,6 +3,7 @@ format, and over S3 (moto's server on 127.0.0.1)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -13,6 +14,7 @@ from facedata import storage, synth
 from facedata.datasets import (
     CELEBA_ATTRIBUTES,
     DATASET_MODELS,
+    MODEL_LABELS,
     parse_spec,
     read_dataset,
     seeded_split,
@@ -224,9 +226,82 @@ def test_manifest_with_relative_paths(tmp_path, kind):
         assert ds.has_landmarks and ds.model_overrides("dmm_cnn") == {"num_landmarks": 5}
     else:
         assert "attributes" not in ds.table.columns
-        with pytest.raises(ValueError, match="age_gender_race, hmtnet"):
-            ds.model_overrides("task_attention")
-        assert ds.model_overrides("age_gender_race") == {}
+        # gender alone: every model with a gender output, not DMM-CNN (attributes only)
+        with pytest.raises(ValueError, match="task_attention, hard_sharing, age_gender_race, hmtnet"):
+            ds.model_overrides("dmm_cnn")
+        assert ds.model_overrides("age_gender_race") == {} and ds.model_overrides("task_attention") == {}
+
+
+def _manifest(tmp_path, n, seed, columns) -> str:
+    """A CSV manifest of ``n`` drawn CelebA faces with the given columns (functions of each face's labels)."""
+    synth.generate("celeba", n, str(tmp_path / "faces"), seed=seed, size=(50, 60))
+    faces = list(synth.iter_faces("celeba", n, seed=seed, size=(50, 60)))
+    frame = pd.DataFrame({"path": [f"faces/img_align_celeba/{name}" for name, _, _ in faces]})
+    for col, fn in columns.items():
+        frame[col] = [fn(lab) for _, _, lab in faces]
+    frame["split"] = ["val" if i % 5 == 0 else "train" for i in range(n)]
+    path = tmp_path / "m.csv"
+    frame.to_csv(path, index=False)
+    return str(path)
+
+
+ATTR = {a: i for i, a in enumerate(CELEBA_ATTRIBUTES)}
+
+
+def _attr(lab, name) -> bool:
+    return lab["attributes"][ATTR[name]] > 0
+
+
+@pytest.mark.parametrize("model, columns, expect", [
+    # the attention paper's FotW / LFWA labels: smile and gender, spelled in words
+    ("task_attention", {"smile": lambda lab: "yes" if _attr(lab, "Smiling") else "no",
+                        "gender": lambda lab: "female" if lab["gender"] else "male"}, ("smile", "gender")),
+    # the hard-sharing paper's own set: gender and eyeglasses, CelebA's ±1 for the glasses
+    ("hard_sharing", {"gender": lambda lab: "F" if lab["gender"] else "M",
+                      "eyeglasses": lambda lab: 1 if _attr(lab, "Eyeglasses") else -1}, ("gender", "eyeglasses")),
+    # a manifest with CelebA's 40 attributes only: the three columns come from them
+    ("task_attention", {"attributes": lambda lab: json.dumps(lab["attributes"])}, ("smile", "gender")),
+    ("hard_sharing", {"attributes": lambda lab: json.dumps(lab["attributes"])}, ("gender", "eyeglasses")),
+])
+def test_a_manifest_with_the_models_own_labels_trains_it(tmp_path, model, columns, expect):
+    from raytasks.train import TrainSpec, prepare
+
+    uri = _manifest(tmp_path, 20, 8, columns)
+    ds = read_dataset(f"manifest:{uri}")
+    assert ds.skipped == [] and model in ds.compatible_models()
+    truth = {name: lab for name, _, lab in synth.iter_faces("celeba", 20, seed=8, size=(50, 60))}
+    for _, row in ds.table.iterrows():
+        lab = truth[os.path.basename(row["path"])]
+        want = {"gender": float(lab["gender"]), "smile": float(_attr(lab, "Smiling")),
+                "eyeglasses": float(_attr(lab, "Eyeglasses"))}
+        assert all(row[c] == want[c] for c in expect), row
+    model_obj, _, train, val = prepare(TrainSpec(model=model, data=f"manifest:{uri}", storage=str(tmp_path), name="m"))
+    assert sorted(train.columns) == sorted(["path", *expect]) and len(train) == 16 and len(val) == 4
+    assert sorted(c for c in expect) == sorted(o.target_column for o in model_obj.outputs)
+
+
+def test_model_labels_are_the_models_target_columns():
+    import models
+
+    for name, cols in MODEL_LABELS.items():
+        m = models.create_model(name, **({"depth": 18} if name in ("dmm_cnn", "task_attention") else {}))
+        targets = {o.target_column for o in m.outputs} - {"landmarks"}  # DMM-CNN's auxiliary task
+        assert set(cols) == targets, name
+
+
+def test_manifest_label_spellings_and_refusals(tmp_path):
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame({
+        "path": [f"{i}.jpg" for i in range(8)],
+        "gender": ["Male", "female", "0", "1", "", "-1", "2", "x"],
+        "smile": ["Smiling", "non_smile", "TRUE", "false", "-1", "1", "yes", "no"],
+    }).to_csv(manifest, index=False)
+    ds = read_dataset(f"manifest:{manifest}")
+    assert ds.table["gender"].tolist()[:4] == [0.0, 1.0, 0.0, 1.0] and pd.isna(ds.table["gender"].iloc[4])
+    assert ds.table["smile"].tolist() == [1.0, 0.0, 1.0, 0.0, 0.0]
+    reasons = [r for _, r in ds.skipped]
+    assert len(reasons) == 3 and all(r.startswith("gender:") for r in reasons)
+    assert "CelebA's Male column is the opposite" in reasons[0]  # -1 is ambiguous for gender
 
 
 def test_manifest_errors(tmp_path):

@@ -132,6 +132,24 @@ def test_hmtnet_on_utkface_trains_with_ddp_although_beauty_has_no_labels(ray_ses
 
 
 @pytest.mark.ray
+def test_a_worker_shard_whose_last_batch_holds_one_image_trains(ray_session, tmp_path, capsys):
+    # Issue #11: 34 training images on 2 workers are 17 per shard; batches of 8 (4 per worker) leave one
+    # image over on each worker, which HMTNet's BatchNorm refused ("Expected more than 1 value per channel
+    # when training"). The remainder joins the worker's previous batch: 4 steps of 4, 4, 4, 5 images each.
+    data = synth.generate("scut_fbp5500", 60, str(tmp_path / "scut"), seed=3, size=(96, 96))
+    output = str(tmp_path / "hmtnet.pt")
+    outcome = train_job.main([
+        "--model", "hmtnet", "--data", f"scut_fbp5500:{data}", "--workers", "2", "--image-size", "96",
+        "--model-arg", "anet_width=16", "--epochs", "1", "--batch-size", "8", "--limit", "34",
+        "--storage", str(tmp_path / "runs"), "--name", "rem", "--output", output, "--keep", "1",
+    ])
+    assert _last_line(capsys) == output
+    (epoch,) = _history(outcome.run_uri)["epochs"]
+    assert [(r["samples"], r["steps"]) for r in epoch["ranks"]] == [(17, 4), (17, 4)]
+    assert epoch["train_images"] == 34 and epoch["ranks"][0]["weights"] == epoch["ranks"][1]["weights"]
+
+
+@pytest.mark.ray
 def test_early_stopping_ends_every_worker_and_a_rerun_does_not_train_again(ray_session, local_faces, tmp_path,
                                                                           capsys):
     # lr 0: the weights never move, so validation never improves after epoch 1 and the hard-sharing recipe's
@@ -161,6 +179,7 @@ def test_bad_flags_fail_before_ray_starts(local_faces, tmp_path, capsys):
         (["--model", "age_gender_race"] + base, "cannot train model 'age_gender_race'"),
         (["--model", "hard_sharing", "--workers", "0"] + base, "--workers must be at least 1"),
         (["--model", "hard_sharing", "--batch-size", "2", "--workers", "3"] + base, "one image per worker"),
+        (["--model", "hard_sharing", "--limit", "3", "--workers", "2"] + base, "every worker needs at least 2"),
         (["--model", "hard_sharing", "--data", "celeba:" + str(tmp_path / "missing"), "--storage", str(tmp_path)],
          "not found"),
         (["--model", "hard_sharing", "--model-arg", "colour=1"] + base, "accepted: tasks"),
