@@ -24,6 +24,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: bigger than any camera photo of a face, small enough to bound memory
+MAX_ASPECT_RATIO = 20  # longer side / shorter side: a face photo, even a panorama, is far below; 8000x1 is not
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently grey pixels
 
@@ -119,6 +120,9 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: tupl
             w0, h0 = img.size
             if w0 * h0 > max_pixels:
                 raise ImageDecodeError("too_large", f"{w0}x{h0} = {w0 * h0} pixels is over the limit of {max_pixels}")
+            if max(w0, h0) > MAX_ASPECT_RATIO * max(1, min(w0, h0)):
+                raise ImageDecodeError("too_large", f"{w0}x{h0}: aspect ratio {max(w0, h0) / max(1, min(w0, h0)):.0f}:1 "
+                                                    f"is over the limit of {MAX_ASPECT_RATIO}:1")
             orientation = img.getexif().get(0x0112, 1)
             if draft_to is not None and img.format == "JPEG":
                 img.draft(img.mode if img.mode in ("RGB", "L") else None, draft_to)
@@ -174,10 +178,15 @@ def decode(data: bytes, pre: Preprocessing, train: bool = False) -> tuple[torch.
 
     Geometry maps a pixel ``(x, y)`` of the model input to the oriented original image:
     ``(x * sx + tx, y * sy + ty)``; it also carries the original ``width`` and ``height``.
+
+    ``shorter_center_crop`` resizes only the region of the original that becomes the centre crop
+    (``Image.resize(box=...)``): no intermediate image bigger than the crop, whatever the aspect ratio.
+    Channels are converted after the resize (the same pixels: replicating grey, or a linear mix of RGB
+    that commutes with bilinear resampling up to rounding), so a grey photo is never tripled at full size.
     """
     H, W = pre.size
     img, (ow, oh) = open_image(data, pre.max_pixels, draft_to=(2 * W, 2 * H))
-    img = img.convert("L") if pre.channels == 1 else (img if img.mode == "RGB" else img.convert("RGB"))
+    iw, ih = img.size  # smaller than (ow, oh) when JPEG draft decoded at a reduced scale
     geometry = {"width": ow, "height": oh, "input_w": W, "input_h": H}
     if pre.resize == "stretch":
         img = img.resize((W, H), Image.BILINEAR, reducing_gap=3.0)
@@ -187,12 +196,14 @@ def decode(data: bytes, pre: Preprocessing, train: bool = False) -> tuple[torch.
         margin = max(0, shorter - min(H, W)) if train else 0
         cw, ch = W + margin, H + margin
         s = shorter / min(ow, oh)
-        rw, rh = max(cw, round(ow * s)), max(ch, round(oh * s))
-        img = img.resize((rw, rh), Image.BILINEAR, reducing_gap=3.0)
+        rw, rh = max(cw, round(ow * s)), max(ch, round(oh * s))  # the resized image, never built
         left, top = (rw - cw) // 2, (rh - ch) // 2
-        img = img.crop((left, top, left + cw, top + ch))
+        fx, fy = iw / rw, ih / rh  # resized pixel -> decoded pixel
+        img = img.resize((cw, ch), Image.BILINEAR, box=(left * fx, top * fy, (left + cw) * fx, (top + ch) * fy),
+                         reducing_gap=3.0)
         sxr, syr = ow / rw, oh / rh  # resized pixel -> original pixel
         geometry.update(sx=sxr, sy=syr, tx=left * sxr, ty=top * syr)
+    img = img.convert("L") if pre.channels == 1 else (img if img.mode == "RGB" else img.convert("RGB"))
     arr = np.asarray(img, dtype=np.uint8)
     t = torch.from_numpy(arr.copy())
     t = t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1).contiguous()

@@ -214,12 +214,21 @@ def jpeg_for_gpu(data: bytes, pre) -> bool:
 def resize_like_preprocess(img, pre):
     """A decoded uint8 (C, H, W) tensor on any device -> (uint8 (C, h, w) of the model's input size, geometry
     as in ``models.preprocess.decode``). Bilinear with antialiasing, as PIL's resize; pixel values may differ
-    from the CPU path by a few levels (different JPEG IDCT and resampling kernels)."""
+    from the CPU path by a few levels (different JPEG IDCT and resampling kernels). Refuses the aspect ratios
+    ``check_header`` refuses, which bounds the intermediate resized image of ``shorter_center_crop`` to
+    ``MAX_ASPECT_RATIO * resize_shorter**2`` pixels (about 1 MP for HMTNet) whatever the input. (torch's
+    ``interpolate`` has no source box, and resizing a cut of the original shifts the sampling grid, so the
+    whole image is resized, as before.)"""
     import torch
     import torch.nn.functional as F
 
+    from models.preprocess import MAX_ASPECT_RATIO, ImageDecodeError
+
     H, W = pre.size
     _, oh, ow = img.shape
+    if max(ow, oh) > MAX_ASPECT_RATIO * min(ow, oh):
+        raise ImageDecodeError("too_large", f"{ow}x{oh}: aspect ratio {max(ow, oh) / min(ow, oh):.0f}:1 is over "
+                                            f"the limit of {MAX_ASPECT_RATIO}:1")
     x = img.unsqueeze(0).float()
     geometry = {"width": ow, "height": oh}
     if pre.resize == "stretch":
@@ -228,7 +237,7 @@ def resize_like_preprocess(img, pre):
     else:
         shorter = pre.resize_shorter or min(H, W)
         s = shorter / min(ow, oh)
-        rw, rh = max(W, round(ow * s)), max(H, round(oh * s))
+        rw, rh = max(W, round(ow * s)), max(H, round(oh * s))  # at most MAX_ASPECT_RATIO * shorter**2 pixels
         x = F.interpolate(x, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
         left, top = (rw - W) // 2, (rh - H) // 2
         x = x[:, :, top:top + H, left:left + W]
@@ -256,7 +265,10 @@ def gpu_decode_batch(datas: list[bytes], pre, device) -> list:
                 decoded.append(e)
     out = []
     for d in decoded:
-        out.append(d if isinstance(d, Exception) else resize_like_preprocess(d, pre))
+        try:
+            out.append(d if isinstance(d, Exception) else resize_like_preprocess(d, pre))
+        except (RuntimeError, ValueError) as e:  # ImageDecodeError is a ValueError: the CPU decoder names it
+            out.append(e)
     return out
 
 

@@ -135,3 +135,45 @@ def test_with_size_keeps_hmtnet_ratio():
     pre = Preprocessing(size=(224, 224), resize="shorter_center_crop", resize_shorter=227)
     assert pre.with_size(112).resize_shorter == 114 and pre.with_size(112).size == (112, 112)
     assert Preprocessing.from_dict(pre.to_dict()) == pre
+
+
+# ------------------------------------------------------------------------------------------------------
+# Hostile images (issue #13, items 1-3): each costs bounded memory and time, or is refused from its header
+# ------------------------------------------------------------------------------------------------------
+
+HMT = Preprocessing(size=(224, 224), resize="shorter_center_crop", resize_shorter=227)
+
+
+@pytest.mark.parametrize("size", [(8000, 1), (1, 8000), (40000, 1)])
+@pytest.mark.parametrize("pre", [RGB, HMT], ids=["stretch", "shorter_center_crop"])
+def test_aspect_ratio_bomb_is_refused_from_the_header(size, pre):
+    data = encode(Image.new("L", size), "PNG")  # about 100 bytes
+    with pytest.raises(ImageDecodeError) as e:
+        decode(data, pre)
+    assert e.value.kind == "too_large" and "aspect ratio" in e.value.message
+
+
+def test_shorter_center_crop_never_builds_the_full_resized_image(monkeypatch):
+    # a wide but acceptable image: the resize reads only the centre crop's region of the original
+    sizes = []
+    real = Image.Image.resize
+
+    def spy(self, size, *a, **kw):
+        sizes.append(tuple(size))
+        return real(self, size, *a, **kw)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    t, g = decode(encode(gradient(2000, 200), "PNG"), HMT)
+    assert t.shape == (3, 224, 224)
+    assert max(w * h for w, h in sizes) <= 227 * 227
+    assert 112 * g["sx"] + g["tx"] == pytest.approx(1000, abs=3)
+
+
+def test_gpu_resize_refuses_aspect_bombs_and_bounds_its_intermediate():
+    from raytasks.label import resize_like_preprocess
+
+    with pytest.raises(ImageDecodeError) as e:
+        resize_like_preprocess(torch.zeros((3, 1, 65000), dtype=torch.uint8), HMT)
+    assert e.value.kind == "too_large"
+    img, g = resize_like_preprocess(torch.zeros((3, 200, 2000), dtype=torch.uint8), HMT)
+    assert img.shape == (3, 224, 224) and 112 * g["sx"] + g["tx"] == pytest.approx(1000, abs=3)
