@@ -201,12 +201,14 @@ def jpeg_for_gpu(data: bytes, pre) -> bool:
     their label or error row) within the pixel limit."""
     from PIL import Image
 
+    from models.preprocess import check_header
+
     if not data.startswith(b"\xff\xd8\xff"):
         return False
     try:
         img = Image.open(io.BytesIO(data))
-        w, h = img.size
-        return img.format == "JPEG" and img.mode in ("RGB", "L") and w * h <= pre.max_pixels
+        check_header(img, pre.max_pixels)  # the CPU decoder's limits (aspect ratio, memory): refused there
+        return img.format == "JPEG" and img.mode in ("RGB", "L")
     except Exception:  # noqa: BLE001 - any header problem: let the CPU decoder name the error
         return False
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 import pytest
@@ -177,3 +178,78 @@ def test_gpu_resize_refuses_aspect_bombs_and_bounds_its_intermediate():
     assert e.value.kind == "too_large"
     img, g = resize_like_preprocess(torch.zeros((3, 200, 2000), dtype=torch.uint8), HMT)
     assert img.shape == (3, 224, 224) and 112 * g["sx"] + g["tx"] == pytest.approx(1000, abs=3)
+
+
+def test_16bit_png_converts_without_float64(monkeypatch):
+    arr = (np.arange(600 * 600, dtype=np.uint32) % 65536).astype(np.uint16).reshape(600, 600)
+    data = encode(Image.fromarray(arr), "PNG")
+    real_asarray = np.asarray
+
+    def no_float64(a, dtype=None, **kw):
+        assert dtype is not np.float64 and dtype != "float64", "float64 copy of a whole image"
+        return real_asarray(a, dtype=dtype, **kw)
+
+    monkeypatch.setattr(np, "asarray", no_float64)
+    t, _ = decode(data, GREY)
+    monkeypatch.undo()
+    ref = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
+    expected = np.asarray(Image.fromarray(ref, "L").resize((20, 20), Image.BILINEAR, reducing_gap=3.0))
+    assert np.abs(t[0].numpy().astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_float_tiff_is_scaled():
+    arr = np.full((40, 40), 0.5, dtype=np.float32)
+    t, _ = decode(encode(Image.fromarray(arr, "F"), "TIFF"), GREY)
+    assert int(t.float().mean().round()) == 128
+
+
+def test_decoded_memory_is_bounded_not_only_pixels():
+    # 3000x3000 RGBA = 9 MP (under the pixel limit) but 36 MB of raster plus the compositing copies
+    data = encode(Image.new("RGBA", (3000, 3000)), "PNG")
+    pre = Preprocessing(size=(32, 32))
+    with pytest.raises(ImageDecodeError) as e:
+        decode(data, pre, max_decode_bytes=64 * 1024 * 1024)
+    assert e.value.kind == "too_large" and "memory" in e.value.message
+    decode(encode(Image.new("L", (3000, 3000)), "PNG"), pre, max_decode_bytes=64 * 1024 * 1024)  # 9 MB: fine
+
+
+def _tiff_with_tiles(tile: int) -> bytes:
+    """A 64x64 grey TIFF of about 2 KB whose one tile claims to be ``tile`` x ``tile`` pixels."""
+    buf = io.BytesIO()
+    Image.new("L", (64, 64)).save(buf, "TIFF", compression="tiff_deflate")
+    return _retile(buf.getvalue(), tile)
+
+
+def _retile(tiff: bytes, tile: int) -> bytes:
+    """Rewrite a one-strip little-endian TIFF into one tile of ``tile`` x ``tile`` pixels."""
+    assert tiff[:4] == b"II*\x00"
+    off = struct.unpack_from("<I", tiff, 4)[0]
+    n = struct.unpack_from("<H", tiff, off)[0]
+    entries = {}
+    for i in range(n):
+        tag, typ, cnt, val = struct.unpack_from("<HHII", tiff, off + 2 + 12 * i)
+        entries[tag] = (typ, cnt, val)
+    strip_off = entries[273][2]
+    strip_len = entries[279][2]
+    for t in (273, 278, 279):
+        entries.pop(t)
+    entries[322] = (4, 1, tile)  # TileWidth
+    entries[323] = (4, 1, tile)  # TileLength
+    entries[324] = (4, 1, strip_off)  # TileOffsets
+    entries[325] = (4, 1, strip_len)  # TileByteCounts
+    out = bytearray(tiff[:off])
+    out += struct.pack("<H", len(entries))
+    for tag in sorted(entries):
+        typ, cnt, val = entries[tag]
+        if typ == 3 and cnt == 1:
+            out += struct.pack("<HHIHH", tag, typ, cnt, val & 0xFFFF, 0)
+        else:
+            out += struct.pack("<HHII", tag, typ, cnt, val)
+    out += b"\x00\x00\x00\x00"
+    return bytes(out)
+
+
+def test_tiff_with_giant_tiles_is_refused_from_the_header():
+    with pytest.raises(ImageDecodeError) as e:
+        decode(_tiff_with_tiles(32768), RGB)
+    assert e.value.kind == "too_large" and "tile" in e.value.message
