@@ -115,6 +115,11 @@ class Preprocessing:
 # checks the header (check_header) before a pixel is decoded.
 # ------------------------------------------------------------------------------------------------------
 
+# The formats we document (README, docs/api.md). Image.open(formats=...) never runs another plugin: EPS
+# (Ghostscript), FITS, PSD, BLP, GRIB, ... are "not_image". Pillow names a JPEG with a multi-picture header
+# (many phone cameras) MPO; it is opened by the JPEG plugin and decodes its first picture.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+_OPENED_FORMATS = frozenset(ALLOWED_FORMATS + ("MPO",))
 MAX_ASPECT_RATIO = 20  # longer side / shorter side: a face photo, even a panorama, is far below; 8000x1 is not
 DEFAULT_MAX_DECODE_BYTES = 192 * 1024 * 1024  # the memory open_image may use for one image (estimated, below)
 MAX_TILE_BYTES = 32 * 1024 * 1024  # one TIFF tile or strip as libtiff allocates it
@@ -158,10 +163,13 @@ def _tiff_layout(img) -> tuple[int, int]:
 def check_header(img, max_pixels: int = DEFAULT_MAX_PIXELS, max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
                  rotated: bool = False) -> None:
     """Refuse, from the header alone (before any pixel is decoded), what would cost too much: a format
-    more than ``max_pixels``, an aspect ratio over
+    outside :data:`ALLOWED_FORMATS`, more than ``max_pixels``, an aspect ratio over
     :data:`MAX_ASPECT_RATIO`, an estimated decode memory (:func:`decode_cost`) over ``max_decode_bytes``,
     TIFF tiles or strips bigger than :data:`MAX_TILE_BYTES` or more than :data:`MAX_TILES` of them.
-    Raises :class:`ImageDecodeError` (``too_large``)."""
+    Raises :class:`ImageDecodeError` (``not_image`` or ``too_large``)."""
+    if img.format not in _OPENED_FORMATS:
+        raise ImageDecodeError("not_image", f"{img.format} is not one of the accepted formats "
+                                            f"({', '.join(ALLOWED_FORMATS)})")
     w, h = img.size
     if w < 1 or h < 1:
         raise ImageDecodeError("decode_error", f"image size {w}x{h}")
@@ -198,7 +206,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: tupl
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
             w0, h0 = img.size
             orientation = img.getexif().get(0x0112, 1)
             rotated = orientation not in (None, 1)
@@ -213,7 +221,8 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: tupl
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageDecodeError("too_large", str(e)) from None
     except UnidentifiedImageError:
-        raise ImageDecodeError("not_image", "bytes are not a recognised image format") from None
+        raise ImageDecodeError("not_image", "bytes are not an image in an accepted format "
+                                            f"({', '.join(ALLOWED_FORMATS)})") from None
     except MemoryError:
         raise ImageDecodeError("too_large", "out of memory while decoding") from None
     except OSError as e:

@@ -206,7 +206,7 @@ def jpeg_for_gpu(data: bytes, pre) -> bool:
     if not data.startswith(b"\xff\xd8\xff"):
         return False
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=["JPEG"])
         check_header(img, pre.max_pixels)  # the CPU decoder's limits (aspect ratio, memory): refused there
         return img.format == "JPEG" and img.mode in ("RGB", "L")
     except Exception:  # noqa: BLE001 - any header problem: let the CPU decoder name the error

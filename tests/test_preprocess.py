@@ -253,3 +253,32 @@ def test_tiff_with_giant_tiles_is_refused_from_the_header():
     with pytest.raises(ImageDecodeError) as e:
         decode(_tiff_with_tiles(32768), RGB)
     assert e.value.kind == "too_large" and "tile" in e.value.message
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n"
+
+
+def test_eps_never_reaches_ghostscript(monkeypatch):
+    from PIL import EpsImagePlugin
+
+    called = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **kw: called.append(a) or Image.new("RGB", (10, 10)).im)
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", "gs", raising=False)
+    with pytest.raises(ImageDecodeError) as e:
+        decode(EPS, RGB)
+    assert e.value.kind == "not_image" and not called
+
+
+@pytest.mark.parametrize("fmt,mode", [("PPM", "RGB"), ("TGA", "RGB"), ("PCX", "RGB"), ("ICO", "RGB"),
+                                      ("DDS", "RGB"), ("SGI", "RGB"), ("IM", "RGB")])
+def test_formats_outside_the_allow_list_are_not_images(fmt, mode):
+    data = encode(Image.new(mode, (16, 16), (10, 20, 30)), fmt)
+    with pytest.raises(ImageDecodeError) as e:
+        decode(data, RGB)
+    assert e.value.kind == "not_image"
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_documented_formats_still_decode(fmt):
+    t, g = decode(encode(gradient(), fmt), RGB)
+    assert t.shape == (3, 32, 32) and (g["width"], g["height"]) == (64, 48)
