@@ -19,7 +19,9 @@ import pyarrow.parquet as pq
 from facedata import storage
 
 LISTING_CHUNK = 20_000  # paths per listing file (and at most this many paths in the driver at once)
-MAX_FILE_BYTES = 256 * 1024 * 1024  # bigger files are an error row ("too_large") without being read whole
+MAX_FILE_BYTES = 128 * 1024 * 1024  # bigger files are an error row ("too_large"), not read: see fetch
+MAX_BATCH_BYTES = 256 * 1024 * 1024  # file bytes a decode task reads at once (fetch_chunks)
+FETCH_TIMEOUT_S = 60.0  # each stat and read of a batch: a hung mount or endpoint is an error row, not a stuck task
 MANIFEST_SUFFIXES = (".parquet", ".csv")
 FETCH_THREADS = 16  # concurrent reads per decode task (S3 latency)
 
@@ -79,11 +81,15 @@ def iter_folder(uri: str) -> Iterator[str]:
 
 
 def _read_head(uri: str, n: int = 32) -> bytes:
-    fs, path = storage.filesystem(uri)
     try:
+        local = _local_path(uri)
+        if local is not None:
+            with os.fdopen(_open_local(local), "rb") as f:  # a FIFO or device is not read (would block)
+                return f.read(n)
+        fs, path = storage.filesystem(uri)
         with fs.open_input_file(path) as f:
             return f.read(n)
-    except OSError:
+    except (OSError, ValueError, pa.ArrowException):
         return b""  # unreadable: not known to be an image; a file with an image extension is always an input
 
 
@@ -110,8 +116,8 @@ def write_listing(input_uri: str, listing_uri: str, chunk: int = LISTING_CHUNK) 
         nonlocal part
         unknown = [p for p in paths if not has_image_extension(p)]
         if unknown:
-            with cf.ThreadPoolExecutor(FETCH_THREADS) as pool:
-                heads = dict(zip(unknown, pool.map(_read_head, unknown)))
+            heads = dict(zip(unknown, _gather(_read_head, unknown, FETCH_TIMEOUT_S)))
+            heads = {k: v if isinstance(v, bytes) else b"" for k, v in heads.items()}
             keep = [p for p in paths if has_image_extension(p) or looks_like_image(heads[p])]
         else:
             keep = paths
@@ -187,38 +193,176 @@ def resolve_path(path: str, base: str | None) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------
-# Reading files
+# Reading files: size checked before reading, only regular files, bounded per batch, with a timeout
 # ------------------------------------------------------------------------------------------------------
 
-_POOL: cf.ThreadPoolExecutor | None = None
+class _DaemonPool:
+    """A fixed set of daemon threads running submitted calls. Unlike ``ThreadPoolExecutor`` (whose threads
+    are joined at interpreter exit), a read stuck on a hung filesystem cannot keep the process alive; after
+    a timeout the pool is replaced (:func:`_pool`), so stuck threads do not starve later reads."""
+
+    def __init__(self, n: int):
+        import queue
+        import threading
+
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        for i in range(n):
+            threading.Thread(target=self._work, name=f"label-fetch-{i}", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            fn, fut = self._q.get()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
+                fut.set_exception(e)
+
+    def submit(self, fn, *args) -> cf.Future:
+        fut: cf.Future = cf.Future()
+        self._q.put((lambda: fn(*args), fut))
+        return fut
 
 
-def _pool() -> cf.ThreadPoolExecutor:
+_POOL: _DaemonPool | None = None
+
+
+def _pool(replace: bool = False) -> _DaemonPool:
     global _POOL
-    if _POOL is None:
-        _POOL = cf.ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="label-fetch")
+    if _POOL is None or replace:
+        _POOL = _DaemonPool(FETCH_THREADS)
     return _POOL
 
 
-def fetch(uri: str, max_bytes: int = MAX_FILE_BYTES) -> tuple[bytes | None, str | None, str | None]:
-    """Read a file -> ``(bytes, None, None)`` or ``(None, error kind, message)``; never raises."""
+def _local_path(uri: str) -> str | None:
+    if storage.is_s3(uri):
+        return None
+    return os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
+
+
+def _open_local(path: str) -> int:
+    """An fd of a regular file, opened without blocking (a FIFO would block ``open`` forever) and checked
+    with ``fstat`` on the opened file (no window between a check and the open)."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IsADirectoryError("not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _error(e: BaseException) -> tuple[None, str, str]:
+    if isinstance(e, FileNotFoundError):
+        return None, "unreadable", "file not found"
+    if isinstance(e, PermissionError):
+        return None, "unreadable", "permission denied"
+    if isinstance(e, IsADirectoryError):
+        return None, "unreadable", "not a regular file"
+    return None, "unreadable", f"{type(e).__name__}: {e}"
+
+
+def file_size(uri: str) -> tuple[int | None, str | None, str | None]:
+    """``(size, None, None)`` of a regular file, or ``(None, kind, message)``; never raises, reads nothing."""
     if not uri:
         return None, "unreadable", "empty path"
     try:
+        local = _local_path(uri)
+        if local is not None:
+            fd = _open_local(local)
+            try:
+                return os.fstat(fd).st_size, None, None
+            finally:
+                os.close(fd)
         fs, path = storage.filesystem(uri)
-        with fs.open_input_stream(path) as f:
-            data = f.read(max_bytes + 1)
-    except FileNotFoundError:
-        return None, "unreadable", "file not found"
-    except PermissionError:
-        return None, "unreadable", "permission denied"
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            return None, "unreadable", "file not found"
+        if info.type != pafs.FileType.File:
+            return None, "unreadable", "not a regular file"
+        return info.size, None, None
     except (OSError, ValueError, pa.ArrowException) as e:
-        return None, "unreadable", f"{type(e).__name__}: {e}"
-    if len(data) > max_bytes:
+        return _error(e)
+
+
+def fetch(uri: str, max_bytes: int = MAX_FILE_BYTES) -> tuple[bytes | None, str | None, str | None]:
+    """Read a file -> ``(bytes, None, None)`` or ``(None, error kind, message)``; never raises. Only regular
+    files are read (a FIFO, ``/dev/zero`` or a directory is ``unreadable``), and the size is checked before
+    reading: a file over ``max_bytes`` is ``too_large`` without a byte read."""
+    size, kind, message = file_size(uri)
+    if kind is not None:
+        return None, kind, message
+    if size > max_bytes:
+        return None, "too_large", f"file is {size} bytes, over the limit of {max_bytes}"
+    try:
+        local = _local_path(uri)
+        if local is not None:
+            fd = _open_local(local)
+            with os.fdopen(fd, "rb") as f:
+                data = f.read(max_bytes + 1)
+        else:
+            fs, path = storage.filesystem(uri)
+            with fs.open_input_stream(path) as f:
+                data = f.read(max_bytes + 1)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        return _error(e)
+    if len(data) > max_bytes:  # it grew after the size check
         return None, "too_large", f"file is over {max_bytes} bytes"
     return data, None, None
 
 
-def fetch_all(uris: list[str]) -> list[tuple[bytes | None, str | None, str | None]]:
-    """:func:`fetch` for every URI, ``FETCH_THREADS`` at a time, in order."""
-    return list(_pool().map(fetch, uris))
+def _gather(fn, uris: list[str], timeout: float) -> list:
+    """``fn(uri)`` for every URI on the daemon pool; a call not done within ``timeout`` seconds (of this
+    batch's wait) is an ``unreadable`` "timed out" result."""
+    futures = [_pool().submit(fn, u) for u in uris]
+    done, pending = cf.wait(futures, timeout=timeout)
+    if pending:
+        _pool(replace=True)  # the stuck threads stay stuck; later reads get fresh ones
+    out = []
+    for f in futures:
+        if f in done:
+            out.append(f.result())
+        else:
+            f.cancel()
+            out.append((None, "unreadable", f"read timed out after {timeout:g} s"))
+    return out
+
+
+def fetch_chunks(uris: list[str], max_bytes: int = MAX_FILE_BYTES, max_batch_bytes: int = MAX_BATCH_BYTES,
+                 timeout: float = FETCH_TIMEOUT_S) -> Iterator[list[tuple[int, tuple]]]:
+    """:func:`fetch` for every URI, ``FETCH_THREADS`` at a time, yielded in chunks of ``(index, result)``
+    whose files add up to at most ``max_batch_bytes`` (one file over it goes alone): sizes are read first,
+    so a batch of big files is read, and must be consumed, a chunk at a time. Every stat and every read
+    has ``timeout`` seconds."""
+    sizes = _gather(file_size, list(uris), timeout)
+    chunk: list[int] = []
+    held = 0
+    errors: list[tuple[int, tuple]] = []
+    for i, (size, kind, message) in enumerate(sizes):
+        if kind is not None:
+            errors.append((i, (None, kind, message)))
+        elif size > max_bytes:
+            errors.append((i, (None, "too_large", f"file is {size} bytes, over the limit of {max_bytes}")))
+        else:
+            if chunk and held + size > max_batch_bytes:
+                yield list(zip(chunk, _gather(lambda u: fetch(u, max_bytes), [uris[j] for j in chunk], timeout)))
+                chunk, held = [], 0
+            chunk.append(i)
+            held += size
+    if chunk:
+        yield list(zip(chunk, _gather(lambda u: fetch(u, max_bytes), [uris[j] for j in chunk], timeout)))
+    if errors:
+        yield errors
+
+
+def fetch_all(uris: list[str], **kw) -> list[tuple[bytes | None, str | None, str | None]]:
+    """:func:`fetch_chunks` gathered into one list, in order (holds every file of the batch at once)."""
+    out: list = [None] * len(uris)
+    for chunk in fetch_chunks(uris, **kw):
+        for i, res in chunk:
+            out[i] = res
+    return out

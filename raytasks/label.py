@@ -81,7 +81,7 @@ from facedata import storage
 from raytasks.inputs import (
     LabelError,
     check_manifest,
-    fetch_all,
+    fetch_chunks,
     is_manifest,
     manifest_rows,
     resolve_path,
@@ -167,27 +167,28 @@ def load_and_decode(batch: pa.Table, pre_dict: dict, base: str | None = None, gp
 
     pre = Preprocessing.from_dict(pre_dict)
     paths = [p if p is not None else "" for p in batch.column("path").to_pylist()]
-    fetched = fetch_all([resolve_path(p, base) for p in paths])
-    datas = [d if d is not None else b"" for d, _, _ in fetched]
-    gpu = [False] * len(paths)
-    if gpu_decode:
-        gpu = [d is not None and jpeg_for_gpu(d, pre) for d, _, _ in fetched]
-    cpu_idx = [i for i, g in enumerate(gpu) if not g]
-    sub = decode_batch([paths[i] for i in cpu_idx], [datas[i] for i in cpu_idx], pre)
     n = len(paths)
     c, (h, w) = pre.channels, pre.size
     cols = {"path": paths, "ok": np.zeros(n, bool), "error_kind": [None] * n, "error_message": [None] * n,
             "width": np.zeros(n, np.int32), "height": np.zeros(n, np.int32), "geometry": np.zeros((n, 4))}
     images = np.zeros((n, c, h, w), np.uint8)
-    for j, i in enumerate(cpu_idx):
-        for k in ("ok", "width", "height", "geometry"):
-            cols[k][i] = sub[k][j]
-        cols["error_kind"][i], cols["error_message"][i] = sub["error_kind"][j], sub["error_message"][j]
-        images[i] = sub["image"][j]
-    for i, (_, kind, message) in enumerate(fetched):
-        if kind is not None:  # the read failed: its reason, not decode's "empty"
-            cols["ok"][i], cols["error_kind"][i], cols["error_message"][i] = False, kind, message
-    gpu_bytes = [datas[i] if gpu[i] else None for i in range(n)] if gpu_decode else None
+    gpu_bytes = [None] * n if gpu_decode else None
+    # files are read a bounded chunk at a time (inputs.fetch_chunks) and decoded before the next is read
+    for chunk in fetch_chunks([resolve_path(p, base) for p in paths]):
+        cpu = []
+        for i, (data, kind, message) in chunk:
+            if kind is not None:  # the read failed: its reason, not decode's "empty"
+                cols["error_kind"][i], cols["error_message"][i] = kind, message
+            elif gpu_decode and jpeg_for_gpu(data, pre):
+                gpu_bytes[i] = data
+            else:
+                cpu.append((i, data))
+        sub = decode_batch([paths[i] for i, _ in cpu], [d for _, d in cpu], pre)
+        for j, (i, _) in enumerate(cpu):
+            for k in ("ok", "width", "height", "geometry"):
+                cols[k][i] = sub[k][j]
+            cols["error_kind"][i], cols["error_message"][i] = sub["error_kind"][j], sub["error_message"][j]
+            images[i] = sub["image"][j]
     return _decoded_table(cols, images, gpu_bytes)
 
 
