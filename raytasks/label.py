@@ -31,7 +31,8 @@ What comes out (the schema is ``Predictor.schema``, documented in docs/schema.md
     ``--max-rows-per-file`` rows per file (Ray Data's ``write_parquet``; bounded size).
     ``pandas.read_parquet(OUTPUT)`` reads the labels: pyarrow's dataset discovery ignores the ``_``-prefixed
     bookkeeping next to them: ``_checkpoint/`` (Ray Data's committed row ids), ``_inputs/`` (the listing of a
-    folder input) and ``_summary.json`` (the summary printed at the end).
+    folder input), ``_lease/`` (the lease of the run writing it) and ``_summary.json`` (the summary printed
+    at the end).
 
 Resumable and idempotent: Ray Data's row-level checkpointing (``DataContext.checkpoint_config``, Ray 2.60)
     with ``id_column="path"``. Every write task first writes a *pending* checkpoint file naming the paths it
@@ -46,7 +47,9 @@ Resumable and idempotent: Ray Data's row-level checkpointing (``DataContext.chec
     cleanup would wrongly delete the data. The checkpoint is kept after success
     (``delete_checkpoint_on_success=False``): it is what makes a second run add nothing. The identity of a
     row is its path: a manifest must list each path once, and files added to a folder after a run are
-    labeled by the next run over the same output. Do not run two jobs on one output at the same time.
+    labeled by the next run over the same output. Two runs on one output at the same time are refused: a run
+    holds a lease on ``OUTPUT/_lease/`` (raytasks/lease.py: created atomically, renewed while it runs, taken
+    over once expired when a run was killed).
 
     Ray's CheckpointFilter actor (present when the output already has rows) reserves one CPU; with CPU
     predictor actors the pipeline therefore needs their CPUs plus one for the decode and write tasks plus
@@ -480,7 +483,27 @@ def build_dataset(spec: LabelSpec, paths_ds, pre_dict: dict, base: str | None, p
 
 def label(spec: LabelSpec, echo=print) -> dict:
     """Run the label job (see the module docstring); returns the summary, also written to
-    ``OUTPUT/_summary.json``."""
+    ``OUTPUT/_summary.json``. Holds a lease on ``--output`` for the whole run (raytasks/lease.py): a second
+    live run on the same output is refused, naming the holder."""
+    from raytasks.lease import Lease, LeaseError
+
+    spec.validate()
+    lease = Lease(spec.output)
+    try:
+        lease.acquire()
+    except LeaseError as e:
+        raise LabelError(str(e)) from None
+    try:
+        summary = _label(spec, echo)
+    finally:
+        lease.release()
+    if lease.lost:
+        raise LabelError(f"this run lost its lease on {spec.output} (stalled past its expiry, another run took "
+                         "over): its rows may overlap with that run's; run the same command again to check")
+    return summary
+
+
+def _label(spec: LabelSpec, echo=print) -> dict:
     import ray
     from ray.data.checkpoint import CheckpointConfig
 
