@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import os
+import posixpath
 from collections.abc import Iterator
 
 import pyarrow as pa
@@ -95,9 +96,10 @@ def _read_head(uri: str, n: int = 32) -> bytes:
 
 @dataclasses.dataclass
 class Listing:
-    files: int = 0
+    files: int = 0  # files in the folder, or rows of the manifest
     inputs: int = 0
     skipped_not_image: int = 0
+    duplicates: int = 0  # manifest rows naming a file an earlier row already named
 
 
 def write_listing(input_uri: str, listing_uri: str, chunk: int = LISTING_CHUNK) -> Listing:
@@ -190,6 +192,75 @@ def resolve_path(path: str, base: str | None) -> str:
         return path
     return storage.join(base, path)
 
+
+def normalize_path(path: str, base: str | None = None) -> str:
+    """The identity of the file a manifest entry names: an ``s3://bucket/key`` URI with ``.``, ``..`` and
+    empty segments collapsed (``posixpath.normpath``: S3 keys are literal, but HTTP clients remove dot
+    segments from the request path, so ``a/../b`` reaches ``b``), or a local absolute path
+    (``os.path.normpath`` of the path resolved against ``base``, ``file://`` stripped). ``a.jpg``,
+    ``./a.jpg`` and ``/abs/a.jpg`` in a manifest in ``/abs`` are one file. Symlinks are not resolved here
+    (the allow-prefix check in :func:`fetch_chunks` resolves them)."""
+    uri = resolve_path(path, base)
+    if storage.is_s3(uri):
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        key = posixpath.normpath("/" + key).lstrip("/") if key else ""
+        return f"s3://{bucket}/{key}"
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    return os.path.normpath(os.path.abspath(uri))
+
+
+def write_manifest_listing(uri: str, listing_uri: str, base: str | None, chunk: int = LISTING_CHUNK) -> Listing:
+    """Stream a manifest's ``path`` column into Parquet files of at most ``chunk`` paths under
+    ``listing_uri`` (replaced), one row per distinct file (:func:`normalize_path`): later rows naming a
+    file an earlier row named are counted in ``duplicates`` and dropped. A row keeps the path as written
+    in its first occurrence (the ``path`` column of the output is documented as the manifest's value).
+    A row without a path is refused (:class:`LabelError`): the path is the row's identity for resuming.
+
+    Memory: one 16-byte digest per distinct path in the driver (about 80 bytes with the set's overhead:
+    80 MB for a million paths)."""
+    import hashlib
+
+    fs, root = storage.filesystem(listing_uri)
+    if fs.get_file_info(root).type != pafs.FileType.NotFound:
+        fs.delete_dir_contents(root)
+    fs.create_dir(root, recursive=True)
+    mfs, mpath = storage.filesystem(uri)
+    if uri.lower().endswith(".parquet"):
+        batches = pq.ParquetFile(mfs.open_input_file(mpath)).iter_batches(columns=["path"], batch_size=1 << 16)
+    else:
+        import pyarrow.csv as pacsv
+
+        batches = pacsv.open_csv(mfs.open_input_stream(mpath), convert_options=pacsv.ConvertOptions(
+            include_columns=["path"], column_types={"path": pa.string()}))
+    stats, seen, pending, part, empty = Listing(), set(), [], 0, 0
+
+    def flush() -> None:
+        nonlocal part, pending
+        pq.write_table(pa.table({"path": pa.array(pending, pa.string())}), f"{root}/part-{part:06d}.parquet",
+                       filesystem=fs)
+        part, pending = part + 1, []
+
+    for batch in batches:
+        for p in batch.column(0).cast(pa.string()).to_pylist():
+            stats.files += 1
+            if not p:
+                empty += 1
+                continue
+            digest = hashlib.blake2b(normalize_path(p, base).encode(), digest_size=16).digest()
+            if digest in seen:
+                stats.duplicates += 1
+                continue
+            seen.add(digest)
+            pending.append(p)
+            stats.inputs += 1
+            if len(pending) >= chunk:
+                flush()
+    if empty:
+        raise LabelError(f"manifest {uri}: {empty} of {stats.files} rows have no path")
+    if pending:
+        flush()
+    return stats
 
 
 # ------------------------------------------------------------------------------------------------------

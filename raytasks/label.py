@@ -22,8 +22,10 @@ What goes in
     A manifest's paths are all inputs, whatever their extension. The folder is listed by streaming
     (``os.walk`` locally, the S3 ``ListObjectsV2`` paginator for buckets: pyarrow's ``get_file_info`` and Ray's
     ``read_binary_files`` both build the whole listing in one process) into ``OUTPUT/_inputs/part-*.parquet``
-    of at most ``LISTING_CHUNK`` paths each, so the driver never holds all paths; a manifest is read by Ray
-    Data's own Parquet / CSV readers. Either way the pipeline starts from a dataset of paths, so a resumed
+    of at most ``LISTING_CHUNK`` paths each, so the driver never holds all paths; a manifest's ``path``
+    column is streamed into the same listing, one row per distinct file: ``a.jpg``, ``./a.jpg`` and
+    ``/abs/a.jpg`` are one file (``inputs.normalize_path``), labeled once under its first spelling, and the
+    summary counts the other rows in ``duplicates``. Either way the pipeline starts from a dataset of paths, so a resumed
     run skips finished images without reading their bytes.
 
 What comes out (the schema is ``Predictor.schema``, documented in docs/schema.md)
@@ -46,7 +48,7 @@ Resumable and idempotent: Ray Data's row-level checkpointing (``DataContext.chec
     starts after it is written), so :func:`repair_checkpoints` deletes such pending files before Ray's
     cleanup would wrongly delete the data. The checkpoint is kept after success
     (``delete_checkpoint_on_success=False``): it is what makes a second run add nothing. The identity of a
-    row is its path: a manifest must list each path once, and files added to a folder after a run are
+    row is its path (a manifest's duplicates are dropped, see above), and files added to a folder after a run are
     labeled by the next run over the same output. Two runs on one output at the same time are refused: a run
     holds a lease on ``OUTPUT/_lease/`` (raytasks/lease.py: created atomically, renewed while it runs, taken
     over once expired when a run was killed).
@@ -86,9 +88,9 @@ from raytasks.inputs import (
     check_manifest,
     fetch_chunks,
     is_manifest,
-    manifest_rows,
     resolve_path,
     write_listing,
+    write_manifest_listing,
 )
 from raytasks.predictor import GEOMETRY_KEYS, Predictor, decode_batch
 from raytasks.threads import runtime_env, torch_executor
@@ -528,8 +530,9 @@ def _label(spec: LabelSpec, echo=print) -> dict:
     listing = None
     if is_manifest(spec.input):
         check_manifest(spec.input)
-        inputs = manifest_rows(spec.input)
         base = posixpath.dirname(spec.input) if storage.is_s3(spec.input) else os.path.dirname(os.path.abspath(spec.input))
+        listing = write_manifest_listing(spec.input, out["inputs"], base)  # one row per distinct file
+        inputs = listing.inputs
     else:
         if not storage.is_dir(spec.input):
             raise LabelError(f"--input {spec.input} is neither a folder/prefix nor a .parquet/.csv manifest")
@@ -560,18 +563,8 @@ def _label(spec: LabelSpec, echo=print) -> dict:
     # few small path files, and the checkpoint filter supports both.
     ctx.use_datasource_v2 = False
     try:
-        if listing is not None:
-            in_fs, in_path = storage.filesystem(out["inputs"])
-            paths_ds = ray.data.read_parquet(in_path, filesystem=in_fs).select_columns(["path"])
-        else:
-            in_fs, in_path = storage.filesystem(spec.input)
-            if spec.input.lower().endswith(".parquet"):
-                paths_ds = ray.data.read_parquet(in_path, filesystem=in_fs).select_columns(["path"])
-            else:
-                import pyarrow.csv as pacsv
-
-                paths_ds = ray.data.read_csv(in_path, filesystem=in_fs, convert_options=pacsv.ConvertOptions(
-                    include_columns=["path"], column_types={"path": pa.string()}))
+        in_fs, in_path = storage.filesystem(out["inputs"])
+        paths_ds = ray.data.read_parquet(in_path, filesystem=in_fs).select_columns(["path"])
         ds = build_dataset(spec, paths_ds, pre_dict, base, pool)
         ds.write_parquet(labels_path, filesystem=labels_fs, max_rows_per_file=spec.max_rows_per_file,
                          min_rows_per_file=max(1, spec.max_rows_per_file // 2))
@@ -585,8 +578,9 @@ def _label(spec: LabelSpec, echo=print) -> dict:
         "input": spec.input, "output": spec.output, "labels": out["labels"],
         "checkpoint": spec.checkpoint, "model": info.model, "checkpoint_hash": info.hash,
         "precision": spec.precision, "inputs": inputs,
-        "files_listed": listing.files if listing else None,
-        "skipped_not_image": listing.skipped_not_image if listing else None,
+        "files_listed": listing.files if not is_manifest(spec.input) else None,
+        "skipped_not_image": listing.skipped_not_image if not is_manifest(spec.input) else None,
+        "duplicates": listing.duplicates,
         "rows_before": rows_before, "rows_written": written, "rows_total": rows,
         "ok_total": ok, "errors_by_kind": dict(sorted(kinds.items())),
         "complete": rows >= inputs, "seconds": round(seconds, 3),

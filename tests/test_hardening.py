@@ -89,3 +89,32 @@ def test_a_batch_is_read_a_bounded_chunk_at_a_time(tmp_path):
     for c in chunks:
         assert sum(len(r[0]) for _, r in c if r[0] is not None) <= 3000
     assert dict(i for c in chunks for i in c)[3][1] == "too_large"
+
+
+# ------------------------------------------------------------------------------------------------------
+# item 7: one row per distinct file in a manifest
+# ------------------------------------------------------------------------------------------------------
+
+def _listed(listing_dir: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return [p for f in sorted(listing_dir.glob("part-*.parquet")) for p in pq.read_table(f).column("path").to_pylist()]
+
+
+def test_manifest_duplicates_are_one_file(tmp_path):
+    folder = tmp_path / "set"
+    (folder / "sub").mkdir(parents=True)
+    manifest = folder / "list.csv"
+    rows = ["a.jpg", "./a.jpg", str(folder / "a.jpg"), "sub/../a.jpg", f"file://{folder}/a.jpg", ".//a.jpg",
+            "b.jpg", "sub/b.jpg", "b.jpg"]
+    manifest.write_text("path\n" + "\n".join(rows) + "\n")
+    stats = inputs.write_manifest_listing(str(manifest), str(tmp_path / "listing"), str(folder), chunk=2)
+    assert (stats.files, stats.inputs, stats.duplicates) == (9, 3, 6)
+    assert _listed(tmp_path / "listing") == ["a.jpg", "b.jpg", "sub/b.jpg"]  # first spelling, manifest order
+
+
+def test_s3_paths_are_normalised():
+    n = inputs.normalize_path
+    assert n("s3://b/photos/./a.jpg") == n("s3://b/photos//a.jpg") == n("s3://b/photos/x/../a.jpg") == "s3://b/photos/a.jpg"
+    assert n("./a.jpg", "s3://b/photos") == "s3://b/photos/a.jpg"
+    assert n("s3://b/photos/a.jpg") != n("s3://b/photos/A.jpg")  # keys are case-sensitive
