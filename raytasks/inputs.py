@@ -210,6 +210,45 @@ def normalize_path(path: str, base: str | None = None) -> str:
     return os.path.normpath(os.path.abspath(uri))
 
 
+FORBIDDEN = ("forbidden", "path is outside the allowed prefixes (--allow-prefix)")
+
+
+def default_allow_prefix(input_uri: str) -> str:
+    """What a run may read when ``--allow-prefix`` is not given: the manifest's own folder or bucket prefix,
+    or the input folder or prefix itself."""
+    if is_manifest(input_uri):
+        if storage.is_s3(input_uri):
+            return posixpath.dirname(input_uri.rstrip("/")) + "/"
+        return os.path.dirname(normalize_path(input_uri))
+    return normalize_path(input_uri.rstrip("/") or "/") + ("/" if storage.is_s3(input_uri) else "")
+
+
+def _real(uri: str) -> str:
+    return uri if storage.is_s3(uri) else os.path.realpath(uri)
+
+
+def is_allowed(uri: str, prefixes: tuple[str, ...] | list[str]) -> bool:
+    """Whether ``uri`` (normalised; for local files also with symlinks resolved, so a link inside the
+    folder to ``/etc/passwd`` is outside) lies under one of ``prefixes``. Decided from the names alone
+    (``realpath`` reads links, never the file), so the answer for a path outside is the same whether or not
+    that file exists."""
+    norm = normalize_path(uri)
+    for prefix in prefixes:
+        p = normalize_path(prefix)
+        if storage.is_s3(p) != storage.is_s3(norm):
+            continue
+        if storage.is_s3(p):
+            if norm.startswith(p if p.endswith("/") else p + "/"):  # "s3://b/photos" does not allow "s3://b/photos2/x"
+                return True
+            continue
+        for cand, pre in ((norm, p), (_real(norm), _real(p))):
+            if not (cand == pre or cand.startswith(pre.rstrip(os.sep) + os.sep)):
+                break
+        else:
+            return True
+    return False
+
+
 def write_manifest_listing(uri: str, listing_uri: str, base: str | None, chunk: int = LISTING_CHUNK) -> Listing:
     """Stream a manifest's ``path`` column into Parquet files of at most ``chunk`` paths under
     ``listing_uri`` (replaced), one row per distinct file (:func:`normalize_path`): later rows naming a
@@ -404,12 +443,19 @@ def _gather(fn, uris: list[str], timeout: float) -> list:
 
 
 def fetch_chunks(uris: list[str], max_bytes: int = MAX_FILE_BYTES, max_batch_bytes: int = MAX_BATCH_BYTES,
-                 timeout: float = FETCH_TIMEOUT_S) -> Iterator[list[tuple[int, tuple]]]:
+                 timeout: float = FETCH_TIMEOUT_S,
+                 allow: tuple[str, ...] | None = None) -> Iterator[list[tuple[int, tuple]]]:
     """:func:`fetch` for every URI, ``FETCH_THREADS`` at a time, yielded in chunks of ``(index, result)``
     whose files add up to at most ``max_batch_bytes`` (one file over it goes alone): sizes are read first,
     so a batch of big files is read, and must be consumed, a chunk at a time. Every stat and every read
-    has ``timeout`` seconds."""
-    sizes = _gather(file_size, list(uris), timeout)
+    has ``timeout`` seconds. With ``allow``, a URI outside those prefixes (:func:`is_allowed`) is never
+    touched: its result is :data:`FORBIDDEN`, the same whether the file exists or not."""
+    uris = list(uris)
+    outside = {i for i, u in enumerate(uris) if allow is not None and u and not is_allowed(u, allow)}
+    inside = [i for i in range(len(uris)) if i not in outside]
+    sizes: list = [(None, *FORBIDDEN)] * len(uris)
+    for i, res in zip(inside, _gather(file_size, [uris[i] for i in inside], timeout)):
+        sizes[i] = res
     chunk: list[int] = []
     held = 0
     errors: list[tuple[int, tuple]] = []

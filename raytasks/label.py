@@ -65,6 +65,11 @@ Precision and devices: ``Predictor`` (raytasks/predictor.py) loads the checkpoin
     code path (decode_jpeg and the resize in torch) is tested on the CPU.
 
 One output holds the rows of one checkpoint: a run refuses an output whose rows came from another one.
+
+What may be read: ``--allow-prefix`` (repeatable; default: the manifest's own folder or bucket prefix, or the
+input folder or prefix). A manifest row outside every allowed prefix (``/etc/passwd``, ``/proc/self/environ``,
+``../../x``, another bucket, a symlink out of the folder) is an error row ``forbidden`` that is the same
+whether or not the file exists; the job never touches it with its credentials.
 """
 
 from __future__ import annotations
@@ -86,6 +91,7 @@ from facedata import storage
 from raytasks.inputs import (
     LabelError,
     check_manifest,
+    default_allow_prefix,
     fetch_chunks,
     is_manifest,
     resolve_path,
@@ -122,6 +128,7 @@ class LabelSpec:
     max_rows_per_file: int = 50_000
     limit: int | None = None  # label at most this many new images in this run
     throttle_s: float = 0.0  # sleep after each predictor batch (to demonstrate and test kill + resume)
+    allow_prefix: tuple[str, ...] = ()  # what may be read (default: inputs.default_allow_prefix of --input)
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -163,7 +170,8 @@ def _decoded_table(cols: dict, images: np.ndarray, data: list | None = None) -> 
     return pa.table(arrays)
 
 
-def load_and_decode(batch: pa.Table, pre_dict: dict, base: str | None = None, gpu_decode: bool = False) -> pa.Table:
+def load_and_decode(batch: pa.Table, pre_dict: dict, base: str | None = None, gpu_decode: bool = False,
+                    allow: tuple[str, ...] | None = None) -> pa.Table:
     """Map function of the CPU stage: a batch of ``path`` rows -> a decoded batch (``decode_batch``'s
     columns), reading the files concurrently. A file that cannot be read becomes an ``unreadable`` row.
     With ``gpu_decode``, JPEGs that the GPU can take (RGB or grey, within the pixel limit: checked from the
@@ -179,7 +187,7 @@ def load_and_decode(batch: pa.Table, pre_dict: dict, base: str | None = None, gp
     images = np.zeros((n, c, h, w), np.uint8)
     gpu_bytes = [None] * n if gpu_decode else None
     # files are read a bounded chunk at a time (inputs.fetch_chunks) and decoded before the next is read
-    for chunk in fetch_chunks([resolve_path(p, base) for p in paths]):
+    for chunk in fetch_chunks([resolve_path(p, base) for p in paths], allow=allow):
         cpu = []
         for i, (data, kind, message) in chunk:
             if kind is not None:  # the read failed: its reason, not decode's "empty"
@@ -469,7 +477,8 @@ def build_dataset(spec: LabelSpec, paths_ds, pre_dict: dict, base: str | None, p
 
     threads = max(1, int(spec.cpus_per_actor))
     ds = paths_ds.map_batches(load_and_decode, batch_format="pyarrow", batch_size=spec.batch_size,
-                              fn_kwargs={"pre_dict": pre_dict, "base": base, "gpu_decode": spec.gpu_decode},
+                              fn_kwargs={"pre_dict": pre_dict, "base": base, "gpu_decode": spec.gpu_decode,
+                                         "allow": spec.allow_prefix or None},
                               num_cpus=1, memory=decode_memory(spec.batch_size, pre_dict))
     if spec.limit is not None:
         ds = ds.limit(spec.limit)
@@ -490,6 +499,7 @@ def label(spec: LabelSpec, echo=print) -> dict:
     from raytasks.lease import Lease, LeaseError
 
     spec.validate()
+    spec = dataclasses.replace(spec, allow_prefix=tuple(spec.allow_prefix) or (default_allow_prefix(spec.input),))
     lease = Lease(spec.output)
     try:
         lease.acquire()

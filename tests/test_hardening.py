@@ -118,3 +118,41 @@ def test_s3_paths_are_normalised():
     assert n("s3://b/photos/./a.jpg") == n("s3://b/photos//a.jpg") == n("s3://b/photos/x/../a.jpg") == "s3://b/photos/a.jpg"
     assert n("./a.jpg", "s3://b/photos") == "s3://b/photos/a.jpg"
     assert n("s3://b/photos/a.jpg") != n("s3://b/photos/A.jpg")  # keys are case-sensitive
+
+
+# ------------------------------------------------------------------------------------------------------
+# item 9: --allow-prefix
+# ------------------------------------------------------------------------------------------------------
+
+def test_rows_outside_the_allowed_prefix_are_refused_alike(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "ok.jpg").write_bytes(b"inside")
+    (tmp_path / "secret.txt").write_text("outside")
+    (folder / "link.jpg").symlink_to(tmp_path / "secret.txt")  # a symlink out of the folder
+    allow = (inputs.default_allow_prefix(str(folder / "list.csv")),)
+    assert allow == (str(folder),)
+    uris = [str(folder / "ok.jpg"), "/etc/passwd", "/proc/self/environ", str(folder / "../secret.txt"),
+            str(tmp_path / "no-such-file"), str(folder / "link.jpg"), str(folder) + "2/x.jpg", str(folder / "gone.jpg")]
+    res = inputs.fetch_all(uris, allow=allow)
+    assert res[0] == (b"inside", None, None)
+    for r in res[1:7]:  # existing or not, file or link: one answer that reveals nothing
+        assert r == (None, "forbidden", "path is outside the allowed prefixes (--allow-prefix)")
+    assert res[7] == (None, "unreadable", "file not found")  # inside the prefix: the usual answer
+
+
+def test_s3_allow_prefix_keeps_other_buckets_and_prefixes_out():
+    allow = (inputs.default_allow_prefix("s3://photos-bucket/batch-1/list.parquet"),)
+    assert allow == ("s3://photos-bucket/batch-1/",)
+    ok = ["s3://photos-bucket/batch-1/a.jpg", "s3://photos-bucket/batch-1/sub/./b.jpg"]
+    bad = ["s3://models-bucket/dmm.pt", "s3://photos-bucket/batch-10/a.jpg", "s3://photos-bucket/batch-1/../x.jpg",
+           "/etc/passwd"]
+    assert all(inputs.is_allowed(u, allow) for u in ok) and not any(inputs.is_allowed(u, allow) for u in bad)
+
+
+def test_label_cli_takes_allow_prefix():
+    from jobs.label import build_parser
+
+    args = build_parser().parse_args(["--checkpoint", "c.pt", "--input", "in/", "--output", "out/",
+                                      "--allow-prefix", "s3://a/", "--allow-prefix", "/data"])
+    assert args.allow_prefix == ["s3://a/", "/data"]
