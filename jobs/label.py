@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows per Parquet file at most")
     p.add_argument("--limit", type=positive(int), default=None,
                    help="label at most this many new images in this run (run again without it to finish)")
+    p.add_argument("--allow-prefix", action="append", default=[], metavar="PREFIX",
+                   help="folder or s3:// prefix the job may read (repeatable); manifest rows outside are error "
+                        "rows 'forbidden' (default: the manifest's own folder or bucket prefix, or --input itself)")
     p.add_argument("--throttle", type=float, default=0.0, metavar="SECONDS",
                    help="sleep after each model batch (to watch progress, or to interrupt and resume a run)")
     add_face_args(p)
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
                      cpus_per_actor=args.cpus_per_actor, precision=args.precision, gpu_decode=args.gpu_decode,
                      compile=args.compile, fold_bn=args.fold_bn,
                      max_rows_per_file=args.max_rows_per_file, limit=args.limit, throttle_s=args.throttle,
-                     faces=face_options(args))
+                     faces=face_options(args), allow_prefix=tuple(args.allow_prefix))
     try:
         spec.validate()  # flag errors before starting Ray
         ensure_ray()

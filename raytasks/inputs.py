@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import os
+import posixpath
 from collections.abc import Iterator
 
 import pyarrow as pa
@@ -19,7 +20,9 @@ import pyarrow.parquet as pq
 from facedata import storage
 
 LISTING_CHUNK = 20_000  # paths per listing file (and at most this many paths in the driver at once)
-MAX_FILE_BYTES = 256 * 1024 * 1024  # bigger files are an error row ("too_large") without being read whole
+MAX_FILE_BYTES = 128 * 1024 * 1024  # bigger files are an error row ("too_large"), not read: see fetch
+MAX_BATCH_BYTES = 256 * 1024 * 1024  # file bytes a decode task reads at once (fetch_chunks)
+FETCH_TIMEOUT_S = 60.0  # each stat and read of a batch: a hung mount or endpoint is an error row, not a stuck task
 MANIFEST_SUFFIXES = (".parquet", ".csv")
 FETCH_THREADS = 16  # concurrent reads per decode task (S3 latency)
 
@@ -79,19 +82,24 @@ def iter_folder(uri: str) -> Iterator[str]:
 
 
 def _read_head(uri: str, n: int = 32) -> bytes:
-    fs, path = storage.filesystem(uri)
     try:
+        local = _local_path(uri)
+        if local is not None:
+            with os.fdopen(_open_local(local), "rb") as f:  # a FIFO or device is not read (would block)
+                return f.read(n)
+        fs, path = storage.filesystem(uri)
         with fs.open_input_file(path) as f:
             return f.read(n)
-    except OSError:
+    except (OSError, ValueError, pa.ArrowException):
         return b""  # unreadable: not known to be an image; a file with an image extension is always an input
 
 
 @dataclasses.dataclass
 class Listing:
-    files: int = 0
+    files: int = 0  # files in the folder, or rows of the manifest
     inputs: int = 0
     skipped_not_image: int = 0
+    duplicates: int = 0  # manifest rows naming a file an earlier row already named
 
 
 def write_listing(input_uri: str, listing_uri: str, chunk: int = LISTING_CHUNK) -> Listing:
@@ -110,8 +118,8 @@ def write_listing(input_uri: str, listing_uri: str, chunk: int = LISTING_CHUNK) 
         nonlocal part
         unknown = [p for p in paths if not has_image_extension(p)]
         if unknown:
-            with cf.ThreadPoolExecutor(FETCH_THREADS) as pool:
-                heads = dict(zip(unknown, pool.map(_read_head, unknown)))
+            heads = dict(zip(unknown, _gather(_read_head, unknown, FETCH_TIMEOUT_S)))
+            heads = {k: v if isinstance(v, bytes) else b"" for k, v in heads.items()}
             keep = [p for p in paths if has_image_extension(p) or looks_like_image(heads[p])]
         else:
             keep = paths
@@ -185,40 +193,293 @@ def resolve_path(path: str, base: str | None) -> str:
     return storage.join(base, path)
 
 
+def normalize_path(path: str, base: str | None = None) -> str:
+    """The identity of the file a manifest entry names: an ``s3://bucket/key`` URI with ``.``, ``..`` and
+    empty segments collapsed (``posixpath.normpath``: S3 keys are literal, but HTTP clients remove dot
+    segments from the request path, so ``a/../b`` reaches ``b``), or a local absolute path
+    (``os.path.normpath`` of the path resolved against ``base``, ``file://`` stripped). ``a.jpg``,
+    ``./a.jpg`` and ``/abs/a.jpg`` in a manifest in ``/abs`` are one file. Symlinks are not resolved here
+    (the allow-prefix check in :func:`fetch_chunks` resolves them)."""
+    uri = resolve_path(path, base)
+    if storage.is_s3(uri):
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        key = posixpath.normpath("/" + key).lstrip("/") if key else ""
+        return f"s3://{bucket}/{key}"
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    return os.path.normpath(os.path.abspath(uri))
+
+
+FORBIDDEN = ("forbidden", "path is outside the allowed prefixes (--allow-prefix)")
+
+
+def default_allow_prefix(input_uri: str) -> str:
+    """What a run may read when ``--allow-prefix`` is not given: the manifest's own folder or bucket prefix,
+    or the input folder or prefix itself."""
+    if is_manifest(input_uri):
+        if storage.is_s3(input_uri):
+            return posixpath.dirname(input_uri.rstrip("/")) + "/"
+        return os.path.dirname(normalize_path(input_uri))
+    return normalize_path(input_uri.rstrip("/") or "/") + ("/" if storage.is_s3(input_uri) else "")
+
+
+def _real(uri: str) -> str:
+    return uri if storage.is_s3(uri) else os.path.realpath(uri)
+
+
+def is_allowed(uri: str, prefixes: tuple[str, ...] | list[str]) -> bool:
+    """Whether ``uri`` (normalised; for local files also with symlinks resolved, so a link inside the
+    folder to ``/etc/passwd`` is outside) lies under one of ``prefixes``. Decided from the names alone
+    (``realpath`` reads links, never the file), so the answer for a path outside is the same whether or not
+    that file exists."""
+    norm = normalize_path(uri)
+    for prefix in prefixes:
+        p = normalize_path(prefix)
+        if storage.is_s3(p) != storage.is_s3(norm):
+            continue
+        if storage.is_s3(p):
+            if norm.startswith(p if p.endswith("/") else p + "/"):  # "s3://b/photos" does not allow "s3://b/photos2/x"
+                return True
+            continue
+        for cand, pre in ((norm, p), (_real(norm), _real(p))):
+            if not (cand == pre or cand.startswith(pre.rstrip(os.sep) + os.sep)):
+                break
+        else:
+            return True
+    return False
+
+
+def write_manifest_listing(uri: str, listing_uri: str, base: str | None, chunk: int = LISTING_CHUNK) -> Listing:
+    """Stream a manifest's ``path`` column into Parquet files of at most ``chunk`` paths under
+    ``listing_uri`` (replaced), one row per distinct file (:func:`normalize_path`): later rows naming a
+    file an earlier row named are counted in ``duplicates`` and dropped. A row keeps the path as written
+    in its first occurrence (the ``path`` column of the output is documented as the manifest's value).
+    A row without a path is refused (:class:`LabelError`): the path is the row's identity for resuming.
+
+    Memory: one 16-byte digest per distinct path in the driver (about 80 bytes with the set's overhead:
+    80 MB for a million paths)."""
+    import hashlib
+
+    fs, root = storage.filesystem(listing_uri)
+    if fs.get_file_info(root).type != pafs.FileType.NotFound:
+        fs.delete_dir_contents(root)
+    fs.create_dir(root, recursive=True)
+    mfs, mpath = storage.filesystem(uri)
+    if uri.lower().endswith(".parquet"):
+        batches = pq.ParquetFile(mfs.open_input_file(mpath)).iter_batches(columns=["path"], batch_size=1 << 16)
+    else:
+        import pyarrow.csv as pacsv
+
+        batches = pacsv.open_csv(mfs.open_input_stream(mpath), convert_options=pacsv.ConvertOptions(
+            include_columns=["path"], column_types={"path": pa.string()}))
+    stats, seen, pending, part, empty = Listing(), set(), [], 0, 0
+
+    def flush() -> None:
+        nonlocal part, pending
+        pq.write_table(pa.table({"path": pa.array(pending, pa.string())}), f"{root}/part-{part:06d}.parquet",
+                       filesystem=fs)
+        part, pending = part + 1, []
+
+    for batch in batches:
+        for p in batch.column(0).cast(pa.string()).to_pylist():
+            stats.files += 1
+            if not p:
+                empty += 1
+                continue
+            digest = hashlib.blake2b(normalize_path(p, base).encode(), digest_size=16).digest()
+            if digest in seen:
+                stats.duplicates += 1
+                continue
+            seen.add(digest)
+            pending.append(p)
+            stats.inputs += 1
+            if len(pending) >= chunk:
+                flush()
+    if empty:
+        raise LabelError(f"manifest {uri}: {empty} of {stats.files} rows have no path")
+    if pending:
+        flush()
+    return stats
+
 
 # ------------------------------------------------------------------------------------------------------
-# Reading files
+# Reading files: size checked before reading, only regular files, bounded per batch, with a timeout
 # ------------------------------------------------------------------------------------------------------
 
-_POOL: cf.ThreadPoolExecutor | None = None
+class _DaemonPool:
+    """A fixed set of daemon threads running submitted calls. Unlike ``ThreadPoolExecutor`` (whose threads
+    are joined at interpreter exit), a read stuck on a hung filesystem cannot keep the process alive; after
+    a timeout the pool is replaced (:func:`_pool`), so stuck threads do not starve later reads."""
+
+    def __init__(self, n: int):
+        import queue
+        import threading
+
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        for i in range(n):
+            threading.Thread(target=self._work, name=f"label-fetch-{i}", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            fn, fut = self._q.get()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
+                fut.set_exception(e)
+
+    def submit(self, fn, *args) -> cf.Future:
+        fut: cf.Future = cf.Future()
+        self._q.put((lambda: fn(*args), fut))
+        return fut
 
 
-def _pool() -> cf.ThreadPoolExecutor:
+_POOL: _DaemonPool | None = None
+
+
+def _pool(replace: bool = False) -> _DaemonPool:
     global _POOL
-    if _POOL is None:
-        _POOL = cf.ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="label-fetch")
+    if _POOL is None or replace:
+        _POOL = _DaemonPool(FETCH_THREADS)
     return _POOL
 
 
-def fetch(uri: str, max_bytes: int = MAX_FILE_BYTES) -> tuple[bytes | None, str | None, str | None]:
-    """Read a file -> ``(bytes, None, None)`` or ``(None, error kind, message)``; never raises."""
+def _local_path(uri: str) -> str | None:
+    if storage.is_s3(uri):
+        return None
+    return os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
+
+
+def _open_local(path: str) -> int:
+    """An fd of a regular file, opened without blocking (a FIFO would block ``open`` forever) and checked
+    with ``fstat`` on the opened file (no window between a check and the open)."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IsADirectoryError("not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _error(e: BaseException) -> tuple[None, str, str]:
+    if isinstance(e, FileNotFoundError):
+        return None, "unreadable", "file not found"
+    if isinstance(e, PermissionError):
+        return None, "unreadable", "permission denied"
+    if isinstance(e, IsADirectoryError):
+        return None, "unreadable", "not a regular file"
+    return None, "unreadable", f"{type(e).__name__}: {e}"
+
+
+def file_size(uri: str) -> tuple[int | None, str | None, str | None]:
+    """``(size, None, None)`` of a regular file, or ``(None, kind, message)``; never raises, reads nothing."""
     if not uri:
         return None, "unreadable", "empty path"
     try:
+        local = _local_path(uri)
+        if local is not None:
+            fd = _open_local(local)
+            try:
+                return os.fstat(fd).st_size, None, None
+            finally:
+                os.close(fd)
         fs, path = storage.filesystem(uri)
-        with fs.open_input_stream(path) as f:
-            data = f.read(max_bytes + 1)
-    except FileNotFoundError:
-        return None, "unreadable", "file not found"
-    except PermissionError:
-        return None, "unreadable", "permission denied"
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            return None, "unreadable", "file not found"
+        if info.type != pafs.FileType.File:
+            return None, "unreadable", "not a regular file"
+        return info.size, None, None
     except (OSError, ValueError, pa.ArrowException) as e:
-        return None, "unreadable", f"{type(e).__name__}: {e}"
-    if len(data) > max_bytes:
+        return _error(e)
+
+
+def fetch(uri: str, max_bytes: int = MAX_FILE_BYTES) -> tuple[bytes | None, str | None, str | None]:
+    """Read a file -> ``(bytes, None, None)`` or ``(None, error kind, message)``; never raises. Only regular
+    files are read (a FIFO, ``/dev/zero`` or a directory is ``unreadable``), and the size is checked before
+    reading: a file over ``max_bytes`` is ``too_large`` without a byte read."""
+    size, kind, message = file_size(uri)
+    if kind is not None:
+        return None, kind, message
+    if size > max_bytes:
+        return None, "too_large", f"file is {size} bytes, over the limit of {max_bytes}"
+    try:
+        local = _local_path(uri)
+        if local is not None:
+            fd = _open_local(local)
+            with os.fdopen(fd, "rb") as f:
+                data = f.read(max_bytes + 1)
+        else:
+            fs, path = storage.filesystem(uri)
+            with fs.open_input_stream(path) as f:
+                data = f.read(max_bytes + 1)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        return _error(e)
+    if len(data) > max_bytes:  # it grew after the size check
         return None, "too_large", f"file is over {max_bytes} bytes"
     return data, None, None
 
 
-def fetch_all(uris: list[str]) -> list[tuple[bytes | None, str | None, str | None]]:
-    """:func:`fetch` for every URI, ``FETCH_THREADS`` at a time, in order."""
-    return list(_pool().map(fetch, uris))
+def _gather(fn, uris: list[str], timeout: float) -> list:
+    """``fn(uri)`` for every URI on the daemon pool; a call not done within ``timeout`` seconds (of this
+    batch's wait) is an ``unreadable`` "timed out" result."""
+    futures = [_pool().submit(fn, u) for u in uris]
+    done, pending = cf.wait(futures, timeout=timeout)
+    if pending:
+        _pool(replace=True)  # the stuck threads stay stuck; later reads get fresh ones
+    out = []
+    for f in futures:
+        if f in done:
+            out.append(f.result())
+        else:
+            f.cancel()
+            out.append((None, "unreadable", f"read timed out after {timeout:g} s"))
+    return out
+
+
+def fetch_chunks(uris: list[str], max_bytes: int = MAX_FILE_BYTES, max_batch_bytes: int = MAX_BATCH_BYTES,
+                 timeout: float = FETCH_TIMEOUT_S,
+                 allow: tuple[str, ...] | None = None) -> Iterator[list[tuple[int, tuple]]]:
+    """:func:`fetch` for every URI, ``FETCH_THREADS`` at a time, yielded in chunks of ``(index, result)``
+    whose files add up to at most ``max_batch_bytes`` (one file over it goes alone): sizes are read first,
+    so a batch of big files is read, and must be consumed, a chunk at a time. Every stat and every read
+    has ``timeout`` seconds. With ``allow``, a URI outside those prefixes (:func:`is_allowed`) is never
+    touched: its result is :data:`FORBIDDEN`, the same whether the file exists or not."""
+    uris = list(uris)
+    outside = {i for i, u in enumerate(uris) if allow is not None and u and not is_allowed(u, allow)}
+    inside = [i for i in range(len(uris)) if i not in outside]
+    sizes: list = [(None, *FORBIDDEN)] * len(uris)
+    for i, res in zip(inside, _gather(file_size, [uris[i] for i in inside], timeout)):
+        sizes[i] = res
+    chunk: list[int] = []
+    held = 0
+    errors: list[tuple[int, tuple]] = []
+    for i, (size, kind, message) in enumerate(sizes):
+        if kind is not None:
+            errors.append((i, (None, kind, message)))
+        elif size > max_bytes:
+            errors.append((i, (None, "too_large", f"file is {size} bytes, over the limit of {max_bytes}")))
+        else:
+            if chunk and held + size > max_batch_bytes:
+                yield list(zip(chunk, _gather(lambda u: fetch(u, max_bytes), [uris[j] for j in chunk], timeout)))
+                chunk, held = [], 0
+            chunk.append(i)
+            held += size
+    if chunk:
+        yield list(zip(chunk, _gather(lambda u: fetch(u, max_bytes), [uris[j] for j in chunk], timeout)))
+    if errors:
+        yield errors
+
+
+def fetch_all(uris: list[str], **kw) -> list[tuple[bytes | None, str | None, str | None]]:
+    """:func:`fetch_chunks` gathered into one list, in order (holds every file of the batch at once)."""
+    out: list = [None] * len(uris)
+    for chunk in fetch_chunks(uris, **kw):
+        for i, res in chunk:
+            out[i] = res
+    return out

@@ -22,8 +22,10 @@ What goes in
     A manifest's paths are all inputs, whatever their extension. The folder is listed by streaming
     (``os.walk`` locally, the S3 ``ListObjectsV2`` paginator for buckets: pyarrow's ``get_file_info`` and Ray's
     ``read_binary_files`` both build the whole listing in one process) into ``OUTPUT/_inputs/part-*.parquet``
-    of at most ``LISTING_CHUNK`` paths each, so the driver never holds all paths; a manifest is read by Ray
-    Data's own Parquet / CSV readers. Either way the pipeline starts from a dataset of paths, so a resumed
+    of at most ``LISTING_CHUNK`` paths each, so the driver never holds all paths; a manifest's ``path``
+    column is streamed into the same listing, one row per distinct file: ``a.jpg``, ``./a.jpg`` and
+    ``/abs/a.jpg`` are one file (``inputs.normalize_path``), labeled once under its first spelling, and the
+    summary counts the other rows in ``duplicates``. Either way the pipeline starts from a dataset of paths, so a resumed
     run skips finished images without reading their bytes.
 
 What comes out (the schema is ``Predictor.schema``, documented in docs/schema.md)
@@ -31,7 +33,8 @@ What comes out (the schema is ``Predictor.schema``, documented in docs/schema.md
     ``--max-rows-per-file`` rows per file (Ray Data's ``write_parquet``; bounded size).
     ``pandas.read_parquet(OUTPUT)`` reads the labels: pyarrow's dataset discovery ignores the ``_``-prefixed
     bookkeeping next to them: ``_checkpoint/`` (Ray Data's committed row ids), ``_inputs/`` (the listing of a
-    folder input) and ``_summary.json`` (the summary printed at the end).
+    folder input), ``_lease/`` (the lease of the run writing it) and ``_summary.json`` (the summary printed
+    at the end).
 
 Resumable and idempotent: Ray Data's row-level checkpointing (``DataContext.checkpoint_config``, Ray 2.60)
     with ``id_column="path"``. Every write task first writes a *pending* checkpoint file naming the paths it
@@ -45,8 +48,10 @@ Resumable and idempotent: Ray Data's row-level checkpointing (``DataContext.chec
     starts after it is written), so :func:`repair_checkpoints` deletes such pending files before Ray's
     cleanup would wrongly delete the data. The checkpoint is kept after success
     (``delete_checkpoint_on_success=False``): it is what makes a second run add nothing. The identity of a
-    row is its path: a manifest must list each path once, and files added to a folder after a run are
-    labeled by the next run over the same output. Do not run two jobs on one output at the same time.
+    row is its path (a manifest's duplicates are dropped, see above), and files added to a folder after a run are
+    labeled by the next run over the same output. Two runs on one output at the same time are refused: a run
+    holds a lease on ``OUTPUT/_lease/`` (raytasks/lease.py: created atomically, renewed while it runs, taken
+    over once expired when a run was killed).
 
     Ray's CheckpointFilter actor (present when the output already has rows) reserves one CPU; with CPU
     predictor actors the pipeline therefore needs their CPUs plus one for the decode and write tasks plus
@@ -60,6 +65,11 @@ Precision and devices: ``Predictor`` (raytasks/predictor.py) loads the checkpoin
     code path (decode_jpeg and the resize in torch) is tested on the CPU.
 
 One output holds the rows of one checkpoint: a run refuses an output whose rows came from another one.
+
+What may be read: ``--allow-prefix`` (repeatable; default: the manifest's own folder or bucket prefix, or the
+input folder or prefix). A manifest row outside every allowed prefix (``/etc/passwd``, ``/proc/self/environ``,
+``../../x``, another bucket, a symlink out of the folder) is an error row ``forbidden`` that is the same
+whether or not the file exists; the job never touches it with its credentials.
 """
 
 from __future__ import annotations
@@ -81,11 +91,12 @@ from facedata import storage
 from raytasks.inputs import (
     LabelError,
     check_manifest,
-    fetch_all,
+    default_allow_prefix,
+    fetch_chunks,
     is_manifest,
-    manifest_rows,
     resolve_path,
     write_listing,
+    write_manifest_listing,
 )
 from raytasks.predictor import GEOMETRY_KEYS, Predictor, decode_batch
 from raytasks.threads import runtime_env, torch_executor
@@ -117,6 +128,7 @@ class LabelSpec:
     max_rows_per_file: int = 50_000
     limit: int | None = None  # label at most this many new images in this run
     throttle_s: float = 0.0  # sleep after each predictor batch (to demonstrate and test kill + resume)
+    allow_prefix: tuple[str, ...] = ()  # what may be read (default: inputs.default_allow_prefix of --input)
     faces: dict = dataclasses.field(default_factory=dict)  # faces.pipeline.FaceOptions: mode, max_side, detector
 
     def __post_init__(self):
@@ -194,21 +206,33 @@ def _photos_table(cols: dict) -> pa.Table:
     })
 
 
-def load_and_decode_photos(batch: pa.Table, max_side: int, base: str | None = None) -> pa.Table:
+def load_and_decode_photos(batch: pa.Table, max_side: int, base: str | None = None,
+                           allow: tuple[str, ...] | None = None) -> pa.Table:
     """Map function of the CPU stage with face detection: a batch of ``path`` rows -> whole photos decoded at
-    a bounded size (``faces.pipeline.decode_photos``); a file that cannot be read is an ``unreadable`` row."""
+    a bounded size (``faces.pipeline.decode_photos``), read a bounded chunk at a time
+    (``inputs.fetch_chunks``); a file that cannot be read is an ``unreadable`` (or ``forbidden``) row."""
     from faces.pipeline import decode_photos
 
     paths = [p if p is not None else "" for p in batch.column("path").to_pylist()]
-    fetched = fetch_all([resolve_path(p, base) for p in paths])
-    cols = decode_photos(paths, [d if d is not None else b"" for d, _, _ in fetched], max_side)
-    for i, (_, kind, message) in enumerate(fetched):
-        if kind is not None:  # the read failed: its reason, not decode's "empty"
-            cols["ok"][i], cols["error_kind"][i], cols["error_message"][i] = False, kind, message
+    n = len(paths)
+    cols = {"path": paths, "ok": np.zeros(n, bool), "error_kind": [None] * n, "error_message": [None] * n,
+            "width": np.zeros(n, np.int32), "height": np.zeros(n, np.int32), "scale": np.ones(n),
+            "image": [None] * n}
+    for chunk in fetch_chunks([resolve_path(p, base) for p in paths], allow=allow):
+        read = [(i, data) for i, (data, kind, message) in chunk if kind is None]
+        for i, (_, kind, message) in chunk:
+            if kind is not None:  # the read failed: its reason, not decode's "empty"
+                cols["error_kind"][i], cols["error_message"][i] = kind, message
+        sub = decode_photos([paths[i] for i, _ in read], [d for _, d in read], max_side)
+        for j, (i, _) in enumerate(read):
+            for k in cols:
+                if k != "path":
+                    cols[k][i] = sub[k][j]
     return _photos_table(cols)
 
 
-def load_and_decode(batch: pa.Table, pre_dict: dict, base: str | None = None, gpu_decode: bool = False) -> pa.Table:
+def load_and_decode(batch: pa.Table, pre_dict: dict, base: str | None = None, gpu_decode: bool = False,
+                    allow: tuple[str, ...] | None = None) -> pa.Table:
     """Map function of the CPU stage: a batch of ``path`` rows -> a decoded batch (``decode_batch``'s
     columns), reading the files concurrently. A file that cannot be read becomes an ``unreadable`` row.
     With ``gpu_decode``, JPEGs that the GPU can take (RGB or grey, within the pixel limit: checked from the
@@ -217,27 +241,28 @@ def load_and_decode(batch: pa.Table, pre_dict: dict, base: str | None = None, gp
 
     pre = Preprocessing.from_dict(pre_dict)
     paths = [p if p is not None else "" for p in batch.column("path").to_pylist()]
-    fetched = fetch_all([resolve_path(p, base) for p in paths])
-    datas = [d if d is not None else b"" for d, _, _ in fetched]
-    gpu = [False] * len(paths)
-    if gpu_decode:
-        gpu = [d is not None and jpeg_for_gpu(d, pre) for d, _, _ in fetched]
-    cpu_idx = [i for i, g in enumerate(gpu) if not g]
-    sub = decode_batch([paths[i] for i in cpu_idx], [datas[i] for i in cpu_idx], pre)
     n = len(paths)
     c, (h, w) = pre.channels, pre.size
     cols = {"path": paths, "ok": np.zeros(n, bool), "error_kind": [None] * n, "error_message": [None] * n,
             "width": np.zeros(n, np.int32), "height": np.zeros(n, np.int32), "geometry": np.zeros((n, 4))}
     images = np.zeros((n, c, h, w), np.uint8)
-    for j, i in enumerate(cpu_idx):
-        for k in ("ok", "width", "height", "geometry"):
-            cols[k][i] = sub[k][j]
-        cols["error_kind"][i], cols["error_message"][i] = sub["error_kind"][j], sub["error_message"][j]
-        images[i] = sub["image"][j]
-    for i, (_, kind, message) in enumerate(fetched):
-        if kind is not None:  # the read failed: its reason, not decode's "empty"
-            cols["ok"][i], cols["error_kind"][i], cols["error_message"][i] = False, kind, message
-    gpu_bytes = [datas[i] if gpu[i] else None for i in range(n)] if gpu_decode else None
+    gpu_bytes = [None] * n if gpu_decode else None
+    # files are read a bounded chunk at a time (inputs.fetch_chunks) and decoded before the next is read
+    for chunk in fetch_chunks([resolve_path(p, base) for p in paths], allow=allow):
+        cpu = []
+        for i, (data, kind, message) in chunk:
+            if kind is not None:  # the read failed: its reason, not decode's "empty"
+                cols["error_kind"][i], cols["error_message"][i] = kind, message
+            elif gpu_decode and jpeg_for_gpu(data, pre):
+                gpu_bytes[i] = data
+            else:
+                cpu.append((i, data))
+        sub = decode_batch([paths[i] for i, _ in cpu], [d for _, d in cpu], pre)
+        for j, (i, _) in enumerate(cpu):
+            for k in ("ok", "width", "height", "geometry"):
+                cols[k][i] = sub[k][j]
+            cols["error_kind"][i], cols["error_message"][i] = sub["error_kind"][j], sub["error_message"][j]
+            images[i] = sub["image"][j]
     return _decoded_table(cols, images, gpu_bytes)
 
 
@@ -251,12 +276,14 @@ def jpeg_for_gpu(data: bytes, pre) -> bool:
     their label or error row) within the pixel limit."""
     from PIL import Image
 
+    from models.preprocess import check_header
+
     if not data.startswith(b"\xff\xd8\xff"):
         return False
     try:
-        img = Image.open(io.BytesIO(data))
-        w, h = img.size
-        return img.format == "JPEG" and img.mode in ("RGB", "L") and w * h <= pre.max_pixels
+        img = Image.open(io.BytesIO(data), formats=["JPEG"])
+        check_header(img, pre.max_pixels)  # the CPU decoder's limits (aspect ratio, memory): refused there
+        return img.format == "JPEG" and img.mode in ("RGB", "L")
     except Exception:  # noqa: BLE001 - any header problem: let the CPU decoder name the error
         return False
 
@@ -264,12 +291,21 @@ def jpeg_for_gpu(data: bytes, pre) -> bool:
 def resize_like_preprocess(img, pre):
     """A decoded uint8 (C, H, W) tensor on any device -> (uint8 (C, h, w) of the model's input size, geometry
     as in ``models.preprocess.decode``). Bilinear with antialiasing, as PIL's resize; pixel values may differ
-    from the CPU path by a few levels (different JPEG IDCT and resampling kernels)."""
+    from the CPU path by a few levels (different JPEG IDCT and resampling kernels). Refuses the aspect ratios
+    ``check_header`` refuses, which bounds the intermediate resized image of ``shorter_center_crop`` to
+    ``MAX_ASPECT_RATIO * resize_shorter**2`` pixels (about 1 MP for HMTNet) whatever the input. (torch's
+    ``interpolate`` has no source box, and resizing a cut of the original shifts the sampling grid, so the
+    whole image is resized, as before.)"""
     import torch
     import torch.nn.functional as F
 
+    from models.preprocess import MAX_ASPECT_RATIO, ImageDecodeError
+
     H, W = pre.size
     _, oh, ow = img.shape
+    if max(ow, oh) > MAX_ASPECT_RATIO * min(ow, oh):
+        raise ImageDecodeError("too_large", f"{ow}x{oh}: aspect ratio {max(ow, oh) / min(ow, oh):.0f}:1 is over "
+                                            f"the limit of {MAX_ASPECT_RATIO}:1")
     x = img.unsqueeze(0).float()
     geometry = {"width": ow, "height": oh}
     if pre.resize == "stretch":
@@ -278,7 +314,7 @@ def resize_like_preprocess(img, pre):
     else:
         shorter = pre.resize_shorter or min(H, W)
         s = shorter / min(ow, oh)
-        rw, rh = max(W, round(ow * s)), max(H, round(oh * s))
+        rw, rh = max(W, round(ow * s)), max(H, round(oh * s))  # at most MAX_ASPECT_RATIO * shorter**2 pixels
         x = F.interpolate(x, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
         left, top = (rw - W) // 2, (rh - H) // 2
         x = x[:, :, top:top + H, left:left + W]
@@ -306,7 +342,10 @@ def gpu_decode_batch(datas: list[bytes], pre, device) -> list:
                 decoded.append(e)
     out = []
     for d in decoded:
-        out.append(d if isinstance(d, Exception) else resize_like_preprocess(d, pre))
+        try:
+            out.append(d if isinstance(d, Exception) else resize_like_preprocess(d, pre))
+        except (RuntimeError, ValueError) as e:  # ImageDecodeError is a ValueError: the CPU decoder names it
+            out.append(e)
     return out
 
 
@@ -550,11 +589,13 @@ def build_dataset(spec: LabelSpec, paths_ds, pre_dict: dict, base: str | None, p
     options = spec.face_options()
     if options.detect:
         ds = paths_ds.map_batches(load_and_decode_photos, batch_format="pyarrow", batch_size=spec.batch_size,
-                                  fn_kwargs={"max_side": options.max_side, "base": base}, num_cpus=1,
+                                  fn_kwargs={"max_side": options.max_side, "base": base,
+                                             "allow": spec.allow_prefix or None}, num_cpus=1,
                                   memory=photo_decode_memory(spec.batch_size, options.max_side))
     else:
         ds = paths_ds.map_batches(load_and_decode, batch_format="pyarrow", batch_size=spec.batch_size,
-                                  fn_kwargs={"pre_dict": pre_dict, "base": base, "gpu_decode": spec.gpu_decode},
+                                  fn_kwargs={"pre_dict": pre_dict, "base": base, "gpu_decode": spec.gpu_decode,
+                                             "allow": spec.allow_prefix or None},
                                   num_cpus=1, memory=decode_memory(spec.batch_size, pre_dict))
     if spec.limit is not None:
         ds = ds.limit(spec.limit)
@@ -571,7 +612,28 @@ def build_dataset(spec: LabelSpec, paths_ds, pre_dict: dict, base: str | None, p
 
 def label(spec: LabelSpec, echo=print) -> dict:
     """Run the label job (see the module docstring); returns the summary, also written to
-    ``OUTPUT/_summary.json``."""
+    ``OUTPUT/_summary.json``. Holds a lease on ``--output`` for the whole run (raytasks/lease.py): a second
+    live run on the same output is refused, naming the holder."""
+    from raytasks.lease import Lease, LeaseError
+
+    spec.validate()
+    spec = dataclasses.replace(spec, allow_prefix=tuple(spec.allow_prefix) or (default_allow_prefix(spec.input),))
+    lease = Lease(spec.output)
+    try:
+        lease.acquire()
+    except LeaseError as e:
+        raise LabelError(str(e)) from None
+    try:
+        summary = _label(spec, echo)
+    finally:
+        lease.release()
+    if lease.lost:
+        raise LabelError(f"this run lost its lease on {spec.output} (stalled past its expiry, another run took "
+                         "over): its rows may overlap with that run's; run the same command again to check")
+    return summary
+
+
+def _label(spec: LabelSpec, echo=print) -> dict:
     import ray
     from ray.data.checkpoint import CheckpointConfig
 
@@ -602,8 +664,9 @@ def label(spec: LabelSpec, echo=print) -> dict:
     listing = None
     if is_manifest(spec.input):
         check_manifest(spec.input)
-        inputs = manifest_rows(spec.input)
         base = posixpath.dirname(spec.input) if storage.is_s3(spec.input) else os.path.dirname(os.path.abspath(spec.input))
+        listing = write_manifest_listing(spec.input, out["inputs"], base)  # one row per distinct file
+        inputs = listing.inputs
     else:
         if not storage.is_dir(spec.input):
             raise LabelError(f"--input {spec.input} is neither a folder/prefix nor a .parquet/.csv manifest")
@@ -638,18 +701,8 @@ def label(spec: LabelSpec, echo=print) -> dict:
     # few small path files, and the checkpoint filter supports both.
     ctx.use_datasource_v2 = False
     try:
-        if listing is not None:
-            in_fs, in_path = storage.filesystem(out["inputs"])
-            paths_ds = ray.data.read_parquet(in_path, filesystem=in_fs).select_columns(["path"])
-        else:
-            in_fs, in_path = storage.filesystem(spec.input)
-            if spec.input.lower().endswith(".parquet"):
-                paths_ds = ray.data.read_parquet(in_path, filesystem=in_fs).select_columns(["path"])
-            else:
-                import pyarrow.csv as pacsv
-
-                paths_ds = ray.data.read_csv(in_path, filesystem=in_fs, convert_options=pacsv.ConvertOptions(
-                    include_columns=["path"], column_types={"path": pa.string()}))
+        in_fs, in_path = storage.filesystem(out["inputs"])
+        paths_ds = ray.data.read_parquet(in_path, filesystem=in_fs).select_columns(["path"])
         ds = build_dataset(spec, paths_ds, pre_dict, base, pool, detector if options.detect else None)
         ds.write_parquet(labels_path, filesystem=labels_fs, max_rows_per_file=spec.max_rows_per_file,
                          min_rows_per_file=max(1, spec.max_rows_per_file // 2))
@@ -664,8 +717,9 @@ def label(spec: LabelSpec, echo=print) -> dict:
         "checkpoint": spec.checkpoint, "model": info.model, "checkpoint_hash": info.hash,
         "faces_mode": options.mode, "detector": detector,
         "precision": spec.precision, "inputs": inputs,
-        "files_listed": listing.files if listing else None,
-        "skipped_not_image": listing.skipped_not_image if listing else None,
+        "files_listed": listing.files if not is_manifest(spec.input) else None,
+        "skipped_not_image": listing.skipped_not_image if not is_manifest(spec.input) else None,
+        "duplicates": listing.duplicates,
         "images_before": before.images, "images_written": written, "images_total": after.images,
         "ok_total": after.ok_images, "errors_by_kind": dict(sorted(after.errors.items())),
         "faces_total": after.faces if options.detect else None,

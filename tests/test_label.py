@@ -386,3 +386,27 @@ def test_gpu_decode_path_matches_cpu_decode(resize):
         assert {k: geo[k] for k in ("width", "height", "sx", "sy", "tx", "ty")} == pytest.approx(
             {k: ref_geo[k] for k in ("width", "height", "sx", "sy", "tx", "ty")})
         assert (img.float() - ref.float()).abs().mean() < 6.0
+
+
+def test_manifest_duplicates_and_paths_outside_the_allowed_prefix(tmp_path, ray_session, hs_checkpoint):
+    """Issue #13 items 7 and 9: one row per distinct file, duplicates counted; rows outside the manifest's
+    folder (absolute, ``..``, /proc) are ``forbidden`` rows that read nothing, alike for files that exist."""
+    folder = tmp_path / "set"
+    folder.mkdir()
+    for i, n in enumerate(["a.jpg", "b.jpg"]):
+        (folder / n).write_bytes(face_jpeg(300 + i))
+    (tmp_path / "private.jpg").write_bytes(face_jpeg(399))  # a real image next to the folder, not in it
+    rows = ["a.jpg", "./a.jpg", str(folder / "a.jpg"), "b.jpg", "../private.jpg", "/proc/self/environ",
+            str(tmp_path / "nothing-here.jpg")]
+    (folder / "list.csv").write_text("path\n" + "\n".join(rows) + "\n")
+    spec = L.LabelSpec(checkpoint=hs_checkpoint, input=str(folder / "list.csv"), output=str(tmp_path / "out"),
+                       precision="fp32", batch_size=4, max_actors=1)
+    summary = L.label(spec, echo=lambda *_: None)
+    got = {r["path"]: r for r in read_rows(spec.output).to_pylist()}
+    assert sorted(got) == sorted(["a.jpg", "b.jpg", "../private.jpg", "/proc/self/environ",
+                                  str(tmp_path / "nothing-here.jpg")])
+    assert (summary["inputs"], summary["duplicates"], summary["rows_total"]) == (5, 2, 5)
+    assert got["a.jpg"]["ok"] and got["b.jpg"]["ok"]
+    outside = [got[p] for p in ("../private.jpg", "/proc/self/environ", str(tmp_path / "nothing-here.jpg"))]
+    assert {(r["ok"], r["error_kind"], r["error_message"], r["width"]) for r in outside} == {
+        (False, "forbidden", "path is outside the allowed prefixes (--allow-prefix)", None)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 import pytest
@@ -135,3 +136,149 @@ def test_with_size_keeps_hmtnet_ratio():
     pre = Preprocessing(size=(224, 224), resize="shorter_center_crop", resize_shorter=227)
     assert pre.with_size(112).resize_shorter == 114 and pre.with_size(112).size == (112, 112)
     assert Preprocessing.from_dict(pre.to_dict()) == pre
+
+
+# ------------------------------------------------------------------------------------------------------
+# Hostile images (issue #13, items 1-3): each costs bounded memory and time, or is refused from its header
+# ------------------------------------------------------------------------------------------------------
+
+HMT = Preprocessing(size=(224, 224), resize="shorter_center_crop", resize_shorter=227)
+
+
+@pytest.mark.parametrize("size", [(8000, 1), (1, 8000), (40000, 1)])
+@pytest.mark.parametrize("pre", [RGB, HMT], ids=["stretch", "shorter_center_crop"])
+def test_aspect_ratio_bomb_is_refused_from_the_header(size, pre):
+    data = encode(Image.new("L", size), "PNG")  # about 100 bytes
+    with pytest.raises(ImageDecodeError) as e:
+        decode(data, pre)
+    assert e.value.kind == "too_large" and "aspect ratio" in e.value.message
+
+
+def test_shorter_center_crop_never_builds_the_full_resized_image(monkeypatch):
+    # a wide but acceptable image: the resize reads only the centre crop's region of the original
+    sizes = []
+    real = Image.Image.resize
+
+    def spy(self, size, *a, **kw):
+        sizes.append(tuple(size))
+        return real(self, size, *a, **kw)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    t, g = decode(encode(gradient(2000, 200), "PNG"), HMT)
+    assert t.shape == (3, 224, 224)
+    assert max(w * h for w, h in sizes) <= 227 * 227
+    assert 112 * g["sx"] + g["tx"] == pytest.approx(1000, abs=3)
+
+
+def test_gpu_resize_refuses_aspect_bombs_and_bounds_its_intermediate():
+    from raytasks.label import resize_like_preprocess
+
+    with pytest.raises(ImageDecodeError) as e:
+        resize_like_preprocess(torch.zeros((3, 1, 65000), dtype=torch.uint8), HMT)
+    assert e.value.kind == "too_large"
+    img, g = resize_like_preprocess(torch.zeros((3, 200, 2000), dtype=torch.uint8), HMT)
+    assert img.shape == (3, 224, 224) and 112 * g["sx"] + g["tx"] == pytest.approx(1000, abs=3)
+
+
+def test_16bit_png_converts_without_float64(monkeypatch):
+    arr = (np.arange(600 * 600, dtype=np.uint32) % 65536).astype(np.uint16).reshape(600, 600)
+    data = encode(Image.fromarray(arr), "PNG")
+    real_asarray = np.asarray
+
+    def no_float64(a, dtype=None, **kw):
+        assert dtype is not np.float64 and dtype != "float64", "float64 copy of a whole image"
+        return real_asarray(a, dtype=dtype, **kw)
+
+    monkeypatch.setattr(np, "asarray", no_float64)
+    t, _ = decode(data, GREY)
+    monkeypatch.undo()
+    ref = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
+    expected = np.asarray(Image.fromarray(ref, "L").resize((20, 20), Image.BILINEAR, reducing_gap=3.0))
+    assert np.abs(t[0].numpy().astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_float_tiff_is_scaled():
+    arr = np.full((40, 40), 0.5, dtype=np.float32)
+    t, _ = decode(encode(Image.fromarray(arr, "F"), "TIFF"), GREY)
+    assert int(t.float().mean().round()) == 128
+
+
+def test_decoded_memory_is_bounded_not_only_pixels():
+    # 3000x3000 RGBA = 9 MP (under the pixel limit) but 36 MB of raster plus the compositing copies
+    data = encode(Image.new("RGBA", (3000, 3000)), "PNG")
+    pre = Preprocessing(size=(32, 32))
+    with pytest.raises(ImageDecodeError) as e:
+        decode(data, pre, max_decode_bytes=64 * 1024 * 1024)
+    assert e.value.kind == "too_large" and "memory" in e.value.message
+    decode(encode(Image.new("L", (3000, 3000)), "PNG"), pre, max_decode_bytes=64 * 1024 * 1024)  # 9 MB: fine
+
+
+def _tiff_with_tiles(tile: int) -> bytes:
+    """A 64x64 grey TIFF of about 2 KB whose one tile claims to be ``tile`` x ``tile`` pixels."""
+    buf = io.BytesIO()
+    Image.new("L", (64, 64)).save(buf, "TIFF", compression="tiff_deflate")
+    return _retile(buf.getvalue(), tile)
+
+
+def _retile(tiff: bytes, tile: int) -> bytes:
+    """Rewrite a one-strip little-endian TIFF into one tile of ``tile`` x ``tile`` pixels."""
+    assert tiff[:4] == b"II*\x00"
+    off = struct.unpack_from("<I", tiff, 4)[0]
+    n = struct.unpack_from("<H", tiff, off)[0]
+    entries = {}
+    for i in range(n):
+        tag, typ, cnt, val = struct.unpack_from("<HHII", tiff, off + 2 + 12 * i)
+        entries[tag] = (typ, cnt, val)
+    strip_off = entries[273][2]
+    strip_len = entries[279][2]
+    for t in (273, 278, 279):
+        entries.pop(t)
+    entries[322] = (4, 1, tile)  # TileWidth
+    entries[323] = (4, 1, tile)  # TileLength
+    entries[324] = (4, 1, strip_off)  # TileOffsets
+    entries[325] = (4, 1, strip_len)  # TileByteCounts
+    out = bytearray(tiff[:off])
+    out += struct.pack("<H", len(entries))
+    for tag in sorted(entries):
+        typ, cnt, val = entries[tag]
+        if typ == 3 and cnt == 1:
+            out += struct.pack("<HHIHH", tag, typ, cnt, val & 0xFFFF, 0)
+        else:
+            out += struct.pack("<HHII", tag, typ, cnt, val)
+    out += b"\x00\x00\x00\x00"
+    return bytes(out)
+
+
+def test_tiff_with_giant_tiles_is_refused_from_the_header():
+    with pytest.raises(ImageDecodeError) as e:
+        decode(_tiff_with_tiles(32768), RGB)
+    assert e.value.kind == "too_large" and "tile" in e.value.message
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n"
+
+
+def test_eps_never_reaches_ghostscript(monkeypatch):
+    from PIL import EpsImagePlugin
+
+    called = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **kw: called.append(a) or Image.new("RGB", (10, 10)).im)
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", "gs", raising=False)
+    with pytest.raises(ImageDecodeError) as e:
+        decode(EPS, RGB)
+    assert e.value.kind == "not_image" and not called
+
+
+@pytest.mark.parametrize("fmt,mode", [("PPM", "RGB"), ("TGA", "RGB"), ("PCX", "RGB"), ("ICO", "RGB"),
+                                      ("DDS", "RGB"), ("SGI", "RGB"), ("IM", "RGB")])
+def test_formats_outside_the_allow_list_are_not_images(fmt, mode):
+    data = encode(Image.new(mode, (16, 16), (10, 20, 30)), fmt)
+    with pytest.raises(ImageDecodeError) as e:
+        decode(data, RGB)
+    assert e.value.kind == "not_image"
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_documented_formats_still_decode(fmt):
+    t, g = decode(encode(gradient(), fmt), RGB)
+    assert t.shape == (3, 32, 32) and (g["width"], g["height"]) == (64, 48)

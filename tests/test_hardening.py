@@ -1,0 +1,158 @@
+"""Issue #13 (hardening), the parts that need no Ray: reading files from a manifest or folder (sizes checked
+before reading, only regular files, bounded per batch, timeouts), manifest path normalisation and
+duplicates, --allow-prefix, and checkpoint integrity. Each test failed before its fix."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from raytasks import inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------------
+# item 5: reading files
+# ------------------------------------------------------------------------------------------------------
+
+def test_oversized_file_is_refused_without_reading_it(tmp_path):
+    big = tmp_path / "big.jpg"
+    with open(big, "wb") as f:
+        f.truncate(300 * 1024 * 1024)  # sparse: costs no disk, would cost 256+ MiB of memory to read
+    code = ("import resource, sys; from raytasks import inputs; "
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            f"d, kind, msg = inputs.fetch({str(big)!r}); "
+            "grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before; "
+            "print(kind, grew // 1024, msg)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    kind, grew_mb, *msg = out.stdout.split()
+    assert int(grew_mb) < 32, f"reading a refused file grew the process by {grew_mb} MB"
+    assert kind == "too_large" and "314572800" in " ".join(msg)
+
+
+def _in_thread(fn, timeout):
+    box = []
+    t = threading.Thread(target=lambda: box.append(fn()), daemon=True)
+    t.start()
+    t.join(timeout)
+    assert box, f"still blocked after {timeout} s"
+    return box[0]
+
+
+def test_fifo_and_devices_are_not_read(tmp_path):
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)
+    assert _in_thread(lambda: inputs.fetch(str(fifo)), 10)[1:] == ("unreadable", "not a regular file")
+    assert inputs.fetch("/dev/zero")[1:] == ("unreadable", "not a regular file")
+    assert inputs.fetch(str(tmp_path))[1:] == ("unreadable", "not a regular file")
+    # a FIFO without an image extension in a folder: its first bytes are not read either (listing used to block)
+    (tmp_path / "pipe").mkdir()
+    os.mkfifo(tmp_path / "pipe" / "IMG_0001")
+    stats = _in_thread(lambda: inputs.write_listing(str(tmp_path / "pipe"), str(tmp_path / "listing")), 10)
+    assert (stats.files, stats.inputs) == (1, 0)
+
+
+def test_reads_time_out(tmp_path, monkeypatch):
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    (tmp_path / "b.jpg").write_bytes(b"y")
+    real = inputs.fetch
+
+    def slow(uri, max_bytes=inputs.MAX_FILE_BYTES):
+        if uri.endswith("b.jpg"):
+            time.sleep(5)  # a hung mount
+        return real(uri, max_bytes)
+
+    monkeypatch.setattr(inputs, "fetch", slow)
+    t0 = time.perf_counter()
+    res = inputs.fetch_all([str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")], timeout=0.5)
+    assert time.perf_counter() - t0 < 3
+    assert res[0] == (b"x", None, None) and res[1] == (None, "unreadable", "read timed out after 0.5 s")
+
+
+def test_a_batch_is_read_a_bounded_chunk_at_a_time(tmp_path):
+    uris = []
+    for i in range(10):
+        p = tmp_path / f"{i}.jpg"
+        p.write_bytes(bytes(1000))
+        uris.append(str(p))
+    (tmp_path / "huge.jpg").write_bytes(bytes(5000))
+    uris.insert(3, str(tmp_path / "huge.jpg"))
+    chunks = list(inputs.fetch_chunks(uris, max_batch_bytes=3000, max_bytes=4000))
+    seen = sorted(i for c in chunks for i, _ in c)
+    assert seen == list(range(11))
+    for c in chunks:
+        assert sum(len(r[0]) for _, r in c if r[0] is not None) <= 3000
+    assert dict(i for c in chunks for i in c)[3][1] == "too_large"
+
+
+# ------------------------------------------------------------------------------------------------------
+# item 7: one row per distinct file in a manifest
+# ------------------------------------------------------------------------------------------------------
+
+def _listed(listing_dir: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return [p for f in sorted(listing_dir.glob("part-*.parquet")) for p in pq.read_table(f).column("path").to_pylist()]
+
+
+def test_manifest_duplicates_are_one_file(tmp_path):
+    folder = tmp_path / "set"
+    (folder / "sub").mkdir(parents=True)
+    manifest = folder / "list.csv"
+    rows = ["a.jpg", "./a.jpg", str(folder / "a.jpg"), "sub/../a.jpg", f"file://{folder}/a.jpg", ".//a.jpg",
+            "b.jpg", "sub/b.jpg", "b.jpg"]
+    manifest.write_text("path\n" + "\n".join(rows) + "\n")
+    stats = inputs.write_manifest_listing(str(manifest), str(tmp_path / "listing"), str(folder), chunk=2)
+    assert (stats.files, stats.inputs, stats.duplicates) == (9, 3, 6)
+    assert _listed(tmp_path / "listing") == ["a.jpg", "b.jpg", "sub/b.jpg"]  # first spelling, manifest order
+
+
+def test_s3_paths_are_normalised():
+    n = inputs.normalize_path
+    assert n("s3://b/photos/./a.jpg") == n("s3://b/photos//a.jpg") == n("s3://b/photos/x/../a.jpg") == "s3://b/photos/a.jpg"
+    assert n("./a.jpg", "s3://b/photos") == "s3://b/photos/a.jpg"
+    assert n("s3://b/photos/a.jpg") != n("s3://b/photos/A.jpg")  # keys are case-sensitive
+
+
+# ------------------------------------------------------------------------------------------------------
+# item 9: --allow-prefix
+# ------------------------------------------------------------------------------------------------------
+
+def test_rows_outside_the_allowed_prefix_are_refused_alike(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "ok.jpg").write_bytes(b"inside")
+    (tmp_path / "secret.txt").write_text("outside")
+    (folder / "link.jpg").symlink_to(tmp_path / "secret.txt")  # a symlink out of the folder
+    allow = (inputs.default_allow_prefix(str(folder / "list.csv")),)
+    assert allow == (str(folder),)
+    uris = [str(folder / "ok.jpg"), "/etc/passwd", "/proc/self/environ", str(folder / "../secret.txt"),
+            str(tmp_path / "no-such-file"), str(folder / "link.jpg"), str(folder) + "2/x.jpg", str(folder / "gone.jpg")]
+    res = inputs.fetch_all(uris, allow=allow)
+    assert res[0] == (b"inside", None, None)
+    for r in res[1:7]:  # existing or not, file or link: one answer that reveals nothing
+        assert r == (None, "forbidden", "path is outside the allowed prefixes (--allow-prefix)")
+    assert res[7] == (None, "unreadable", "file not found")  # inside the prefix: the usual answer
+
+
+def test_s3_allow_prefix_keeps_other_buckets_and_prefixes_out():
+    allow = (inputs.default_allow_prefix("s3://photos-bucket/batch-1/list.parquet"),)
+    assert allow == ("s3://photos-bucket/batch-1/",)
+    ok = ["s3://photos-bucket/batch-1/a.jpg", "s3://photos-bucket/batch-1/sub/./b.jpg"]
+    bad = ["s3://models-bucket/dmm.pt", "s3://photos-bucket/batch-10/a.jpg", "s3://photos-bucket/batch-1/../x.jpg",
+           "/etc/passwd"]
+    assert all(inputs.is_allowed(u, allow) for u in ok) and not any(inputs.is_allowed(u, allow) for u in bad)
+
+
+def test_label_cli_takes_allow_prefix():
+    from jobs.label import build_parser
+
+    args = build_parser().parse_args(["--checkpoint", "c.pt", "--input", "in/", "--output", "out/",
+                                      "--allow-prefix", "s3://a/", "--allow-prefix", "/data"])
+    assert args.allow_prefix == ["s3://a/", "/data"]

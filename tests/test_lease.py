@@ -1,0 +1,89 @@
+"""The lease on a label output (raytasks/lease.py, issue #13 item 6): one live run per output, on a local
+folder and on a real S3 endpoint (moto's server, If-None-Match honoured), a killed run's lease taken over by
+exactly one of several runs racing for it, renewal, and label() refusing a second run before it touches
+the output."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from raytasks.lease import Lease, LeaseError, LeaseHeld
+
+
+@pytest.fixture(params=["local", "s3"])
+def output(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "out")
+    client, bucket = request.getfixturevalue("s3_bucket")
+    return f"s3://{bucket}/labels/run-1/"
+
+
+def test_second_live_run_is_refused_naming_the_holder(output):
+    first = Lease(output).acquire()
+    try:
+        with pytest.raises(LeaseHeld) as e:
+            Lease(output).acquire()
+        msg = str(e.value)
+        assert first.owner in msg and "pid" in msg and "being written by another run" in msg
+    finally:
+        first.release()
+    Lease(output).acquire().release()  # released: the next run takes it
+
+
+def test_stale_lease_is_taken_over_by_exactly_one_racer(output):
+    killed = Lease(output, ttl_s=0.5, renew=False).acquire()  # never renewed, never released: a killed run
+    time.sleep(0.7)
+    racers = [Lease(output) for _ in range(6)]
+    barrier = threading.Barrier(len(racers))
+    results: list = [None] * len(racers)
+
+    def race(i):
+        barrier.wait()
+        try:
+            racers[i].acquire()
+            results[i] = "won"
+        except LeaseHeld:
+            results[i] = "refused"
+        except LeaseError as e:
+            results[i] = f"error {e}"
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(len(racers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results.count("won") == 1 and results.count("refused") == len(racers) - 1, results
+    winner = racers[results.index("won")]
+    assert Lease(output).holder()["owner"] == winner.owner
+    assert not killed.renew() and killed.lost  # the killed run, if it wakes up, knows it lost the output
+    winner.release()
+
+
+def test_renewal_keeps_a_slow_run_alive(output):
+    lease = Lease(output, ttl_s=1.0).acquire()
+    try:
+        time.sleep(2.0)  # twice the ttl: only renewal keeps it
+        with pytest.raises(LeaseHeld):
+            Lease(output).acquire()
+    finally:
+        lease.release()
+
+
+def test_label_refuses_a_second_run_before_touching_the_output(tmp_path):
+    from raytasks import label as L
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(b"not read")
+    out = tmp_path / "out"
+    holder = Lease(str(out)).acquire()
+    try:
+        spec = L.LabelSpec(checkpoint=str(tmp_path / "missing.pt"), input=str(photos), output=str(out))
+        with pytest.raises(L.LabelError, match="being written by another run"):
+            L.label(spec, echo=lambda *_: None)
+        assert sorted(p.name for p in out.iterdir()) == ["_lease"]  # no _inputs/, no _checkpoint/
+    finally:
+        holder.release()
