@@ -46,6 +46,7 @@ import models  # noqa: E402
 from facedata.synth import draw_face, encode_jpeg  # noqa: E402
 from models.checkpoint import save_checkpoint  # noqa: E402
 from raytasks import label as L  # noqa: E402
+from raytasks.output import SUMMARY_FILE  # noqa: E402
 from raytasks.predictor import GEOMETRY_KEYS, Predictor, decode_batch  # noqa: E402
 
 
@@ -170,7 +171,7 @@ def growth_run(ckpt: str, folder: Path, out: Path, batch: int, cpus_per_actor: f
         if proc.returncode != 0:
             log.seek(0)
             raise RuntimeError(f"{shlex.join(cmd)} failed:\n{log.read().decode()[-3000:]}")
-    summary = json.loads((out / L.SUMMARY_FILE).read_text())
+    summary = json.loads((out / SUMMARY_FILE).read_text())
     return {"wall_s": wall, "rows": summary["rows_written"], "driver_peak_rss_mb": peak}
 
 

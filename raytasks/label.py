@@ -81,7 +81,6 @@ import logging
 import os
 import posixpath
 import time
-from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -98,15 +97,17 @@ from raytasks.inputs import (
     write_listing,
     write_manifest_listing,
 )
+from raytasks.output import (
+    output_paths,
+    output_provenance,
+    output_stats,
+    repair_checkpoints,
+)
 from raytasks.predictor import GEOMETRY_KEYS, Predictor, decode_batch
 from raytasks.threads import runtime_env, torch_executor
 
 log = logging.getLogger(__name__)
 
-LABELS_DIR = "labels"
-CHECKPOINT_DIR = "_checkpoint"
-INPUTS_DIR = "_inputs"
-SUMMARY_FILE = "_summary.json"
 DECODE_FILE_BYTES = 4 * 1024 * 1024  # a photo's bytes plus PIL's (draft-reduced) decode buffer, for decode_memory
 DECODE_PROCESS_BYTES = 384 * 1024 * 1024  # the decode worker itself (Python, torch, pyarrow, PIL): ~250-380 MB RSS
 
@@ -360,7 +361,7 @@ class PredictorActor:
     def __init__(self, checkpoint: str, precision: str = "auto", device: str | None = None,
                  threads: int | None = None, gpu_decode: bool = False, throttle_s: float = 0.0,
                  compile_batch: int | None = None, fold_bn: bool = True, faces: dict | None = None,
-                 detector_identity: str | None = None):
+                 detector_identity: str | None = None, checkpoint_hash: str | None = None):
         from faces.pipeline import FaceFinder, FaceOptions
 
         # all torch work on one thread: Ray calls __init__ on the main thread and __call__ on another
@@ -368,6 +369,10 @@ class PredictorActor:
         self.predictor = self._torch_thread.submit(
             Predictor, checkpoint, device=device, precision=precision, channels_last=True, threads=threads,
             fold_bn=fold_bn, compile_batch=compile_batch).result()
+        if checkpoint_hash is not None and self.predictor.checkpoint_hash != checkpoint_hash:
+            # the object at --checkpoint was replaced after the run resolved it: never mix two models' rows
+            raise RuntimeError(f"{checkpoint} now holds {self.predictor.checkpoint_hash}, not the {checkpoint_hash} "
+                               "this run started with (was it overwritten during the run?); rerun the job")
         options = FaceOptions.from_dict(faces)
         self.finder = None
         if options.detect:  # the detector next to the model: full images cross between processes once
@@ -423,86 +428,6 @@ class PredictorActor:
             batch["geometry"][i] = [g[k] for k in GEOMETRY_KEYS]
         batch["image"] = images  # stays on the GPU: Predictor.predict_decoded takes a tensor as it is
         return batch
-
-
-# ------------------------------------------------------------------------------------------------------
-# Output bookkeeping
-# ------------------------------------------------------------------------------------------------------
-
-def output_paths(output: str) -> dict[str, str]:
-    return {k: storage.join(output, v) for k, v in
-            (("labels", LABELS_DIR), ("checkpoint", CHECKPOINT_DIR), ("inputs", INPUTS_DIR),
-             ("summary", SUMMARY_FILE))}
-
-
-def repair_checkpoints(checkpoint_uri: str) -> int:
-    """Delete pending checkpoint files whose committed twin exists (an S3 rename killed between its copy
-    and its delete: the data is complete). Returns how many were removed."""
-    fs, root = storage.filesystem(checkpoint_uri)
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=False, allow_not_found=True))
-    names = {i.base_name for i in infos if i.type == pafs.FileType.File}
-    removed = 0
-    for name in names:
-        if name.endswith(".pending.parquet") and name[: -len(".pending.parquet")] + ".parquet" in names:
-            fs.delete_file(posixpath.join(root, name) if storage.is_s3(checkpoint_uri) else os.path.join(root, name))
-            removed += 1
-    return removed
-
-
-@dataclasses.dataclass
-class OutputStats:
-    """What an output holds: ``rows`` (one per face, or per image without a face or that failed), the
-    ``images`` they cover, how many of those were read (``ok_images``), the ``faces`` found, the images
-    ``without_faces`` and the error rows by kind."""
-
-    rows: int = 0
-    images: int = 0
-    ok_images: int = 0
-    faces: int = 0
-    without_faces: int = 0
-    errors: Counter = dataclasses.field(default_factory=Counter)
-
-
-def output_stats(labels_uri: str) -> OutputStats:
-    """The :class:`OutputStats` of the Parquet under ``labels_uri``, streaming three columns."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-
-    fs, root = storage.filesystem(labels_uri)
-    st = OutputStats()
-    if fs.get_file_info(root).type == pafs.FileType.NotFound:
-        return st
-    ds = pads.dataset(root, filesystem=fs, format="parquet")
-    face_cols = "face" in ds.schema.names
-    for b in ds.to_batches(columns=["error_kind", "face", "faces"] if face_cols else ["error_kind"],
-                           batch_size=1 << 16):
-        st.rows += b.num_rows
-        for item in pc.value_counts(b.column(0)).to_pylist():
-            if item["values"] is not None:
-                st.errors[item["values"]] += item["counts"]
-        if face_cols:
-            face = b.column(1)
-            st.faces += len(face) - face.null_count
-            st.images += face.null_count + (pc.sum(pc.equal(face, 0)).as_py() or 0)
-            st.without_faces += pc.sum(pc.equal(b.column(2), 0)).as_py() or 0
-        else:
-            st.images += b.num_rows
-    st.ok_images = st.images - sum(st.errors.values())
-    return st
-
-
-def output_provenance(labels_uri: str) -> tuple[str | None, str | None]:
-    """``(checkpoint hash, detector)`` of the first row under ``labels_uri``: one output holds the rows of one
-    checkpoint and one way of finding faces."""
-    import pyarrow.dataset as pads
-
-    fs, root = storage.filesystem(labels_uri)
-    ds = pads.dataset(root, filesystem=fs, format="parquet")
-    cols = ["checkpoint"] + (["detector"] if "detector" in ds.schema.names else [])
-    head = ds.head(1, columns=cols)
-    if not head.num_rows:
-        return None, None
-    return head.column(0)[0].as_py(), head.column(1)[0].as_py() if len(cols) > 1 else "whole"
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -581,7 +506,7 @@ def photo_decode_memory(batch_size: int, max_side: int) -> int:
 
 
 def build_dataset(spec: LabelSpec, paths_ds, pre_dict: dict, base: str | None, pool: tuple[int, int],
-                  detector_identity: str | None = None):
+                  detector_identity: str | None = None, checkpoint_hash: str | None = None):
     """paths -> decoded batches (CPU tasks) -> predictor actors -> rows."""
     import ray
 
@@ -602,7 +527,7 @@ def build_dataset(spec: LabelSpec, paths_ds, pre_dict: dict, base: str | None, p
     actor_args = {"checkpoint": spec.checkpoint, "precision": spec.precision, "threads": threads,
                   "gpu_decode": spec.gpu_decode, "throttle_s": spec.throttle_s, "fold_bn": spec.fold_bn,
                   "compile_batch": spec.batch_size if spec.compile else None, "faces": options.to_dict(),
-                  "detector_identity": detector_identity}
+                  "detector_identity": detector_identity, "checkpoint_hash": checkpoint_hash}
     resources = {"num_gpus": spec.gpus_per_actor} if spec.gpus_per_actor > 0 else {"num_cpus": spec.cpus_per_actor}
     # the predictor actors get worker processes of their own (measured faster: raytasks/threads.py)
     return ds.map_batches(PredictorActor, fn_constructor_kwargs=actor_args, batch_format="numpy",
@@ -680,14 +605,14 @@ def _label(spec: LabelSpec, echo=print) -> dict:
         echo(f"repaired {removed} checkpoint file(s) left by an interrupted commit")
     before = output_stats(out["labels"])
     if before.rows:
-        previous, previous_detector = output_provenance(out["labels"])
-        if previous != info.hash:
-            raise LabelError(f"{spec.output} holds rows of checkpoint {previous}; {spec.checkpoint} is {info.hash}: "
-                             "label with another checkpoint into another --output")
-        if previous_detector != detector:
-            raise LabelError(f"{spec.output} holds rows whose faces were found by {previous_detector!r}; this run "
-                             f"finds them by {detector!r}: use the same --faces and detector settings, or "
-                             "another --output")
+        previous, previous_detectors = output_provenance(out["labels"])
+        if previous != {info.hash}:
+            raise LabelError(f"{spec.output} holds rows of checkpoint(s) {', '.join(sorted(map(str, previous)))}; "
+                             f"{spec.checkpoint} is {info.hash}: label with another checkpoint into another --output")
+        if previous_detectors != {detector}:
+            raise LabelError(f"{spec.output} holds rows whose faces were found by "
+                             f"{', '.join(map(repr, sorted(map(str, previous_detectors))))}; this run finds them by "
+                             f"{detector!r}: use the same --faces and detector settings, or another --output")
     echo(f"labeling {spec.input}: {inputs} images ({before.images} already labeled in {spec.output}) with "
          f"{info.model} {info.short_hash()}, faces: {options.mode}, predictor actors {pool[0]}..{pool[1]}")
 
@@ -703,7 +628,7 @@ def _label(spec: LabelSpec, echo=print) -> dict:
     try:
         in_fs, in_path = storage.filesystem(out["inputs"])
         paths_ds = ray.data.read_parquet(in_path, filesystem=in_fs).select_columns(["path"])
-        ds = build_dataset(spec, paths_ds, pre_dict, base, pool, detector if options.detect else None)
+        ds = build_dataset(spec, paths_ds, pre_dict, base, pool, detector if options.detect else None, info.hash)
         ds.write_parquet(labels_path, filesystem=labels_fs, max_rows_per_file=spec.max_rows_per_file,
                          min_rows_per_file=max(1, spec.max_rows_per_file // 2))
     finally:

@@ -29,6 +29,7 @@ from facedata.synth import draw_face, encode_jpeg
 from models.checkpoint import save_checkpoint
 from raytasks import inputs
 from raytasks import label as L
+from raytasks.output import LABELS_DIR
 from raytasks.predictor import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +101,7 @@ def put_all(client, bucket: str, prefix: str, files: dict[str, bytes]) -> None:
 
 
 def read_rows(output: str) -> pa.Table:
-    fs, path = storage.filesystem(storage.join(output, L.LABELS_DIR))
+    fs, path = storage.filesystem(storage.join(output, LABELS_DIR))
     return pq.read_table(path, filesystem=fs)
 
 
@@ -410,3 +411,19 @@ def test_manifest_duplicates_and_paths_outside_the_allowed_prefix(tmp_path, ray_
     outside = [got[p] for p in ("../private.jpg", "/proc/self/environ", str(tmp_path / "nothing-here.jpg"))]
     assert {(r["ok"], r["error_kind"], r["error_message"], r["width"]) for r in outside} == {
         (False, "forbidden", "path is outside the allowed prefixes (--allow-prefix)", None)}
+
+
+def test_a_replaced_checkpoint_never_mixes_two_models_rows(tmp_path, hs_checkpoint):
+    """Issue 13 item 8: the run resolves --checkpoint to its hash once; an actor that loads other weights
+    (the object was overwritten meanwhile) refuses to start, and a resumed run reads the provenance of every
+    file of the output, not only the first row."""
+    from raytasks.output import output_provenance
+
+    with pytest.raises(RuntimeError, match="overwritten during the run"):
+        L.PredictorActor(hs_checkpoint, precision="fp32", faces=WHOLE, checkpoint_hash="sha256:" + "0" * 64)
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for i, (ck, det) in enumerate([("sha256:a", "whole"), ("sha256:a", "whole"), ("sha256:b", "whole")]):
+        pq.write_table(pa.table({"path": [f"{i}.jpg"], "checkpoint": [ck], "detector": [det]}), labels / f"{i}.parquet")
+    checkpoints, detectors = output_provenance(str(labels))
+    assert checkpoints == {"sha256:a", "sha256:b"} and detectors == {"whole"}

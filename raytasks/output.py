@@ -1,0 +1,104 @@
+"""What the label job leaves in its output folder, and what it reads back from it when it resumes.
+
+Split from raytasks/label.py (the pipeline): the layout (``labels/``, ``_checkpoint/``, ``_inputs/``,
+``_summary.json``), the repair of an interrupted S3 commit, the counts of rows, images and faces, and the
+provenance every row carries (checkpoint hash, detector).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import posixpath
+from collections import Counter
+
+import pyarrow.fs as pafs
+
+from facedata import storage
+
+LABELS_DIR = "labels"
+CHECKPOINT_DIR = "_checkpoint"
+INPUTS_DIR = "_inputs"
+SUMMARY_FILE = "_summary.json"
+
+
+
+def output_paths(output: str) -> dict[str, str]:
+    return {k: storage.join(output, v) for k, v in
+            (("labels", LABELS_DIR), ("checkpoint", CHECKPOINT_DIR), ("inputs", INPUTS_DIR),
+             ("summary", SUMMARY_FILE))}
+
+
+def repair_checkpoints(checkpoint_uri: str) -> int:
+    """Delete pending checkpoint files whose committed twin exists (an S3 rename killed between its copy
+    and its delete: the data is complete). Returns how many were removed."""
+    fs, root = storage.filesystem(checkpoint_uri)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=False, allow_not_found=True))
+    names = {i.base_name for i in infos if i.type == pafs.FileType.File}
+    removed = 0
+    for name in names:
+        if name.endswith(".pending.parquet") and name[: -len(".pending.parquet")] + ".parquet" in names:
+            fs.delete_file(posixpath.join(root, name) if storage.is_s3(checkpoint_uri) else os.path.join(root, name))
+            removed += 1
+    return removed
+
+
+@dataclasses.dataclass
+class OutputStats:
+    """What an output holds: ``rows`` (one per face, or per image without a face or that failed), the
+    ``images`` they cover, how many of those were read (``ok_images``), the ``faces`` found, the images
+    ``without_faces`` and the error rows by kind."""
+
+    rows: int = 0
+    images: int = 0
+    ok_images: int = 0
+    faces: int = 0
+    without_faces: int = 0
+    errors: Counter = dataclasses.field(default_factory=Counter)
+
+
+def output_stats(labels_uri: str) -> OutputStats:
+    """The :class:`OutputStats` of the Parquet under ``labels_uri``, streaming three columns."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    fs, root = storage.filesystem(labels_uri)
+    st = OutputStats()
+    if fs.get_file_info(root).type == pafs.FileType.NotFound:
+        return st
+    ds = pads.dataset(root, filesystem=fs, format="parquet")
+    face_cols = "face" in ds.schema.names
+    for b in ds.to_batches(columns=["error_kind", "face", "faces"] if face_cols else ["error_kind"],
+                           batch_size=1 << 16):
+        st.rows += b.num_rows
+        for item in pc.value_counts(b.column(0)).to_pylist():
+            if item["values"] is not None:
+                st.errors[item["values"]] += item["counts"]
+        if face_cols:
+            face = b.column(1)
+            st.faces += len(face) - face.null_count
+            st.images += face.null_count + (pc.sum(pc.equal(face, 0)).as_py() or 0)
+            st.without_faces += pc.sum(pc.equal(b.column(2), 0)).as_py() or 0
+        else:
+            st.images += b.num_rows
+    st.ok_images = st.images - sum(st.errors.values())
+    return st
+
+
+def output_provenance(labels_uri: str) -> tuple[set, set]:
+    """The distinct ``checkpoint`` hashes and ``detector`` values of every row under ``labels_uri`` (two
+    dictionary-encoded columns, streamed): one output holds the rows of one checkpoint and one way of
+    finding faces, and a resumed run checks every file, not only the first (a checkpoint object replaced
+    during an earlier run would show here)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    fs, root = storage.filesystem(labels_uri)
+    ds = pads.dataset(root, filesystem=fs, format="parquet")
+    has_detector = "detector" in ds.schema.names
+    checkpoints, detectors = set(), set()
+    for b in ds.to_batches(columns=["checkpoint", "detector"] if has_detector else ["checkpoint"],
+                           batch_size=1 << 16):
+        checkpoints.update(pc.unique(b.column(0)).to_pylist())
+        detectors.update(pc.unique(b.column(1)).to_pylist() if has_detector else ["whole"])
+    return checkpoints, detectors
