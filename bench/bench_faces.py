@@ -1,0 +1,167 @@
+"""Benchmark of photos with faces (issue #10): what one image costs at each stage, and the label job end to
+end with detection against detection + alignment + model alone on pre-decoded images, in one run.
+
+    python bench/bench_faces.py [--model age_gender_race] [--n 64] [--batch-size 16] [--threads 2]
+
+Photos: ``--n`` JPEGs composed from real faces in ../shared/data/utkface when present (drawn faces otherwise),
+1-3 faces each, 60-300 px wide, turned up to 20 degrees, on 640-1600 px canvases (facedata/compose.py).
+
+Stages, in this process on one torch thread pool (``--threads``), batched by ``--batch-size`` photos:
+decode (``models.preprocess.decode_photo``, PIL with JPEG draft), detect (``FaceDetector.detect``: letterbox to
+640, RetinaFace, box/point decoding, NMS), align (``faces.align``: similarity + grid_sample, every face) and
+the model (bf16 autocast, batch norm folded, as the label job's actors run it). "model only" is detect +
+align + model over the pre-decoded batches (``Predictor.predict_photos``); "end to end" is ``jobs.label`` over
+the folder on a local Ray (decode tasks + one predictor actor of ``--threads`` CPUs), from file bytes to
+Parquet, timed from the job's own summary minus nothing: Ray's start-up is outside, the listing inside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def sources(n: int):
+    from PIL import Image
+
+    from facedata.compose import FaceSource
+    from faces.detect import FaceDetector
+
+    if (SHARED / "utkface").is_dir():
+        import torch
+
+        det = FaceDetector()
+        out = []
+        for p in sorted((SHARED / "utkface").glob("*.jpg"))[: 4 * n]:
+            img = np.asarray(Image.open(p).convert("RGB"))
+            f = det.detect([torch.from_numpy(img.copy()).permute(2, 0, 1)])[0]
+            if len(f):
+                out.append(FaceSource(img, f.boxes[0].numpy(), f.points[0].numpy()))
+            if len(out) >= n:
+                break
+        return out, "UTKFace (../shared/data)"
+    from facedata.synth import draw_face
+
+    out = []
+    for i in range(n):
+        img, lab = draw_face(np.random.default_rng([5, i]), (178, 218))
+        pts = np.asarray(lab["landmarks"], dtype=np.float64).reshape(5, 2)
+        iod = float(np.linalg.norm(pts[1] - pts[0]))
+        box = [pts[:, 0].min() - 0.9 * iod, pts[:, 1].min() - iod, pts[:, 0].max() + 0.9 * iod, pts[:, 1].max() + 0.8 * iod]
+        out.append(FaceSource(np.asarray(img), box, pts))
+    return out, "drawn faces (facedata/synth.py)"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="age_gender_race")
+    p.add_argument("--n", type=int, default=64, help="photos")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-label-job", action="store_true", help="skip the end-to-end Ray run")
+    args = p.parse_args(argv)
+
+    import torch
+    from PIL import Image
+
+    import models
+    from facedata.compose import compose
+    from facedata.synth import encode_jpeg
+    from faces.pipeline import FaceFinder, decode_photos
+    from models.checkpoint import save_checkpoint
+    from models.preprocess import decode_photo
+    from raytasks.predictor import Predictor
+
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="bench-faces-"))
+    src, where = sources(32)
+    folder = work / "photos"
+    folder.mkdir()
+    truth = 0
+    for i in range(args.n):
+        c = compose(src, 1000 + i, n_faces=(1, 3), canvas=(640, 1600), face_width=(60, 300), max_angle=20)
+        (folder / f"p{i:04d}.jpg").write_bytes(encode_jpeg(Image.fromarray(c.image)))
+        truth += len(c.boxes)
+    files = sorted(folder.iterdir())
+    datas = [f.read_bytes() for f in files]
+    ckpt = str(work / f"{args.model}.pt")
+    save_checkpoint(models.create_model(args.model), ckpt)
+    pred = Predictor(ckpt, device="cpu", precision="auto", threads=args.threads)
+    finder = FaceFinder()
+    bs = args.batch_size
+    print(f"{args.n} photos ({truth} faces pasted, from {where}), {args.model}, batch {bs}, {args.threads} threads")
+
+    # warm-up (first-call costs of oneDNN and the allocator)
+    warm = decode_photos([str(f) for f in files[:bs]], datas[:bs], 2048)
+    pred.predict_photos(warm, finder)
+
+    # stage by stage
+    t = {"decode": 0.0, "detect": 0.0, "align": 0.0, "model": 0.0}
+    faces_found = 0
+    decoded_batches = []
+    for s in range(0, args.n, bs):
+        t0 = time.perf_counter()
+        imgs, scales = [], []
+        for d in datas[s:s + bs]:
+            im, _, sc = decode_photo(d)
+            imgs.append(im)
+            scales.append(sc)
+        t1 = time.perf_counter()
+        found = finder.find(imgs, scales)
+        t2 = time.perf_counter()
+        aligned = finder.aligned(imgs, found, pred.preprocessing, scales)
+        t3 = time.perf_counter()
+        if len(aligned.owner):
+            pred.forward_uint8(aligned.inputs)
+        t4 = time.perf_counter()
+        t["decode"] += t1 - t0
+        t["detect"] += t2 - t1
+        t["align"] += t3 - t2
+        t["model"] += t4 - t3
+        faces_found += len(aligned.owner)
+        decoded_batches.append(decode_photos([str(f) for f in files[s:s + bs]], datas[s:s + bs], 2048))
+    print(f"faces found {faces_found} of {truth} pasted")
+    print(f"{'stage':<10}{'ms/image':>10}{'ms/face':>10}")
+    for k, v in t.items():
+        print(f"{k:<10}{1000 * v / args.n:>10.1f}{1000 * v / max(faces_found, 1):>10.1f}")
+    total = sum(t.values())
+    print(f"{'total':<10}{1000 * total / args.n:>10.1f}{1000 * total / max(faces_found, 1):>10.1f}   "
+          f"({args.n / total:.1f} images/s, {faces_found / total:.1f} faces/s)")
+
+    # model only: detect + align + model on pre-decoded batches (what the label job's actor does)
+    t0 = time.perf_counter()
+    rows = 0
+    for b in decoded_batches:
+        rows += len(pred.predict_photos(b, finder)["path"])
+    model_only = time.perf_counter() - t0
+    print(f"model only (detect + align + model, pre-decoded): {args.n / model_only:.2f} images/s, "
+          f"{faces_found / model_only:.2f} faces/s")
+    if args.no_label_job:
+        return
+    import ray
+
+    from raytasks.label import LabelSpec, label
+
+    ray.init(num_cpus=max(4, args.threads + 2), include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    spec = dict(checkpoint=ckpt, input=str(folder), batch_size=bs, max_actors=1, cpus_per_actor=args.threads)
+    label(LabelSpec(output=str(work / "warm"), **spec, limit=bs), echo=lambda *_: None)  # worker processes up
+    s = label(LabelSpec(output=str(work / "out"), **spec), echo=lambda *_: None)
+    e2e = s["seconds"]
+    print(f"end to end (jobs.label, bytes -> Parquet): {args.n / e2e:.2f} images/s, {s['faces_total'] / e2e:.2f} "
+          f"faces/s over {e2e:.1f} s; ratio to model only {model_only / e2e:.2f} (goal >= 0.85)")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
