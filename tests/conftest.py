@@ -80,3 +80,42 @@ def s3_bucket(s3_server):
     name = f"test-{uuid.uuid4().hex[:10]}"
     client.create_bucket(Bucket=name)
     yield client, name
+
+
+@pytest.fixture(scope="session")
+def group_photo() -> tuple[bytes, int]:
+    """A 900x640 JPEG photo holding 3 faces of different sizes (one turned) over clutter: real UTKFace faces
+    from ../shared/data when present (their points found by the detector), else drawn faces (their drawn
+    points). Returns ``(bytes, faces)``."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from facedata.compose import FaceSource, background, paste
+    from facedata.synth import draw_face
+
+    sources = []
+    real = sorted((SHARED_DATA / "utkface").glob("*.jpg"))[:3] if SHARED_DATA.is_dir() else []
+    if real:
+        from faces.detect import FaceDetector
+
+        det = FaceDetector()
+        for p in real:
+            img = np.asarray(Image.open(p).convert("RGB"))
+            f = det.detect([torch.from_numpy(img.copy()).permute(2, 0, 1)])[0]
+            sources.append(FaceSource(img, f.boxes[0].numpy(), f.points[0].numpy()))
+    else:
+        for i in range(3):
+            img, lab = draw_face(np.random.default_rng([3, i]), (178, 218))
+            pts = np.asarray(lab["landmarks"], dtype=np.float64).reshape(5, 2)
+            iod = float(np.linalg.norm(pts[1] - pts[0]))
+            box = [pts[:, 0].min() - 0.9 * iod, pts[:, 1].min() - iod, pts[:, 0].max() + 0.9 * iod,
+                   pts[:, 1].max() + 0.8 * iod]
+            sources.append(FaceSource(np.asarray(img), box, pts))
+    canvas = background(np.random.default_rng(7), 900, 640)
+    for src, centre, width, angle in zip(sources, [(180, 200), (520, 330), (780, 160)], (180, 130, 90), (0, 15, -10)):
+        paste(canvas, src, centre, width, angle)
+    buf = io.BytesIO()
+    canvas.save(buf, format="JPEG", quality=92)
+    return buf.getvalue(), len(sources)

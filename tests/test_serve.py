@@ -120,7 +120,7 @@ def _wait_running(apps: list[str], timeout_s: float = 240.0) -> None:
 
 
 @pytest.fixture(scope="module")
-def svc(ray_session, s3_server, tmp_path_factory):
+def svc(ray_session, s3_server, tmp_path_factory, group_photo):
     """The zoo's checkpoints (hard_sharing on S3), a label run over the test images, jobs/serve.yaml deployed
     with those checkpoints and an API key (SLOW with a tiny queue, for the 503 test); expected rows per model
     and image."""
@@ -150,6 +150,14 @@ def svc(ray_session, s3_server, tmp_path_factory):
     table = pd.read_parquet(out / "labels")
     label_rows = {Path(r["path"]).name: _plain(r) for r in table.to_dict("records")}
     assert sorted(label_rows) == sorted(IMAGES)
+    # and a group photo with face detection (the default): one row per face
+    photos = tmp / "group"
+    photos.mkdir()
+    (photos / "group.jpg").write_bytes(group_photo[0])
+    label_job.label(label_job.LabelSpec(checkpoint=checkpoints[LABELED], input=str(photos), output=str(tmp / "faces"),
+                                        precision="fp32"), echo=lambda *a, **k: None)
+    face_rows = sorted((_plain(r) for r in pd.read_parquet(tmp / "faces" / "labels").to_dict("records")),
+                       key=lambda r: r["face"])
 
     config = yaml.safe_load((ROOT / "jobs" / "serve.yaml").read_text())
     (app,) = config["applications"]
@@ -181,7 +189,8 @@ def svc(ray_session, s3_server, tmp_path_factory):
         _wait_running([app["name"]])
         base = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=base, timeout=60, headers=AUTH) as client:
-            yield {"base": base, "client": client, "expected": expected, "checkpoints": checkpoints}
+            yield {"base": base, "client": client, "expected": expected, "checkpoints": checkpoints,
+                   "face_rows": face_rows}
     finally:
         serve.shutdown()
 
@@ -192,6 +201,23 @@ def _predict_one(client: httpx.Client, model: str, name: str, prefix: str = "") 
 
 
 # --- answers --------------------------------------------------------------------------------------------
+def test_a_group_photo_answers_one_row_per_face_equal_to_the_label_job(svc, group_photo):
+    """?faces=detect (the server here defaults to whole): per face, the answer is the label job's Parquet
+    row for the same photo, and the image lists every face."""
+    photo, n_faces = group_photo
+    want = svc["face_rows"]
+    assert len(want) == n_faces and [r["face"] for r in want] == list(range(n_faces))
+    r = svc["client"].post(f"/v1/models/{LABELED}/predict", params={"filename": "group.jpg", "faces": "detect"},
+                           content=photo, headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    (image,) = body["images"]
+    assert image["path"] == "group.jpg" and len(image["faces"]) == n_faces and body["detector"] == want[0]["detector"]
+    assert body["predictions"] == image["faces"]
+    for got, row in zip(image["faces"], want):
+        _same_row(got, {**row, "path": "group.jpg"})
+
+
 @pytest.mark.parametrize("model", ZOO)
 def test_answer_equals_the_label_row(svc, model):
     """Per image, raw body and multipart: the answer is the label job's row (LABELED: from its Parquet,
