@@ -49,22 +49,15 @@ import torch
 from torch import nn
 
 from . import register_model
-from .backbones import BACKBONES, FaceBackbone, resnet
+from .backbones import BACKBONES, FaceBackbone, dlib_preprocessing, resnet
 from .base import FaceModel, Recipe
 from .dlib_resnet import INPUT_SIZE as DLIB_SIZE
-from .dlib_resnet import MEAN_RGB, SCALE, chip_template, min_input_size
+from .dlib_resnet import min_input_size
 from .outputs import AgeDistribution, Categorical, OutputSet
 from .preprocess import Preprocessing
 
 UTKFACE_RACES = ("White", "Black", "Asian", "Indian", "Others")  # facedata.datasets.UTKFACE_RACES
 MIN_IMAGE_SIZE = 32  # a ResNet's stride is 32
-
-
-def dlib_preprocessing(image_size: int = DLIB_SIZE) -> Preprocessing:
-    """dlib's input normalisation and face template at ``image_size`` (the whole aligned face stretched)."""
-    pre = Preprocessing(size=(DLIB_SIZE, DLIB_SIZE), mean=tuple(m / 255.0 for m in MEAN_RGB),
-                        std=(SCALE / 255.0,) * 3, resize="stretch", template=chip_template(DLIB_SIZE))
-    return pre if image_size == DLIB_SIZE else pre.with_size(image_size)
 
 
 @register_model("age_gender_race")

@@ -49,6 +49,38 @@ BACKBONES = ("resnet", "dlib_resnet")
 FACE_FEATURES = ("pooled", "descriptor")
 
 
+def dlib_preprocessing(image_size: int | tuple[int, int] = 150, resize: str = "stretch"):
+    """dlib's input normalisation (``(rgb - means) / 256``) and its 150×150 / 25 % chip as the face template,
+    at ``image_size`` (the template scaled with it)."""
+    from .dlib_resnet import INPUT_SIZE, MEAN_RGB, SCALE, chip_template
+    from .preprocess import Preprocessing
+
+    pre = Preprocessing(size=(INPUT_SIZE, INPUT_SIZE), mean=tuple(m / 255.0 for m in MEAN_RGB),
+                        std=(SCALE / 255.0,) * 3, resize=resize, template=chip_template(INPUT_SIZE))
+    hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    return pre if hw == pre.size else pre.with_size(hw)
+
+
+def dlib_trunk(weights: str | None = "package") -> tuple[nn.Module, nn.Module, int]:
+    """dlib's face ResNet split for models that need a spatial map or a res5-like last stage:
+    (stem .. level1, level0, channels of level0's map = 256). level0 is dlib's last stage (one down-sampling
+    block of 256 channels: 4×4 -> 2×2 at 150 px), the counterpart of a ResNet's res5; its 2×2 map (3×2 at
+    218×178) is the last spatial map before the global pooling. Fine-tuned whole (no freezing here)."""
+    from .dlib_resnet import dlib_face_resnet
+
+    net, _ = dlib_face_resnet(weights)
+
+    class Stem(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.affine1 = net.conv1, net.affine1
+
+        def forward(self, x):
+            return torch.nn.functional.max_pool2d(torch.relu(self.affine1(self.conv1(x))), 3, 2)
+
+    return nn.Sequential(Stem(), net.level4, net.level3, net.level2, net.level1), net.level0, 256
+
+
 class FaceBackbone(nn.Module):
     """dlib's face-recognition ResNet as a trunk: frozen, partly frozen or fine-tuned, and, when frozen,
     with a cache of its outputs.

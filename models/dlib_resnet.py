@@ -336,16 +336,20 @@ class DlibFaceResNet(nn.Module):
 
 
 def min_input_size() -> int:
-    """The smallest square input for which every layer has at least one output pixel."""
-    def out(n):
-        n = (n - 7) // 2 + 1  # conv 7×7 / 2
-        n = (n - 3) // 2 + 1  # max pool 3×3 / 2
+    """The smallest side for which every layer has an input at least as large as its kernel."""
+    def out(n: int) -> int:
+        for k, stride in ((7, 2), (3, 2)):  # conv 7×7 / 2, max pool 3×3 / 2
+            if n < k:
+                return 0
+            n = (n - k) // stride + 1
         for _ in range(4):  # down-sampling blocks: conv 3×3 / 2 and avg pool 2×2 / 2, the larger wins
+            if n < 3:
+                return 0
             n = max((n - 3) // 2 + 1, (n - 2) // 2 + 1)
         return n
 
-    n = 16
-    while out(n) < 1 or (n - 7) // 2 + 1 < 3:
+    n = 7
+    while out(n) < 1:
         n += 1
     return n
 
