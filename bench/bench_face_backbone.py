@@ -3,10 +3,13 @@
 * forward time per face of the torch network against dlib's own C++ implementation (``--dlib-python``: a
   Python that has ``dlib`` installed, e.g. a throwaway venv with ``pip install dlib-bin``; dlib is not a
   dependency of the project), both on the same 150×150 inputs, one thread, in alternating rounds;
+* with ``--utkface DIR`` (and ``--dlib-python``): where dlib's own 150×150 / 25 % chip lies in UTKFace's
+  200×200 faces (dlib's HOG detector and 5-point model, CC0, then ``get_face_chip_details``), and how far the
+  descriptors of UTKFace faces cut our way are from those of dlib's own chip of the same face;
 * training samples/s of ``age_gender_race`` on it: frozen with a cold cache (first epoch), frozen with a
   warm cache (later epochs), partly frozen and fine-tuned end to end.
 
-    python bench/bench_face_backbone.py --threads 1 [--dlib-python /tmp/dlibenv/bin/python]
+    python bench/bench_face_backbone.py --threads 1 [--dlib-python /tmp/dlibenv/bin/python] [--utkface DIR]
 
 Prints a markdown table and the command line. Timings are medians over rounds on a shared machine.
 """
@@ -47,6 +50,44 @@ for _ in range(rounds):
             rec.compute_face_descriptor(chunk)
     out.append((time.perf_counter() - t) / n * 1000)
 print(json.dumps(out))
+"""
+
+
+DLIB_CROP_SCRIPT = r"""
+import sys, os, json
+import numpy as np, dlib
+from PIL import Image
+folder, n, models_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+sp5 = dlib.shape_predictor(os.path.join(models_dir, "shape_predictor_5_face_landmarks.dat"))
+rec = dlib.face_recognition_model_v1(os.path.join(models_dir, "dlib_face_recognition_resnet_model_v1.dat"))
+det = dlib.get_frontal_face_detector()
+names = sorted(os.listdir(folder))
+files = names[7::max(1, len(names) // n)][:n]
+rects, dist = [], {"stretch 200->150 (ours)": [], "resize 200->140, 5 px black border": [],
+                   "resize 200->160, centre 150": []}
+for f in files:
+    im = Image.open(os.path.join(folder, f)).convert("RGB")
+    img = np.asarray(im)
+    dets = det(img, 1)
+    if len(dets) != 1:
+        continue
+    shape = sp5(img, dets[0])
+    cd = dlib.get_face_chip_details(shape, 150, 0.25)
+    rects.append([cd.rect.left(), cd.rect.top(), cd.rect.right(), cd.rect.bottom(), cd.angle])
+    ref = np.array(rec.compute_face_descriptor(dlib.get_face_chip(img, shape, 150, 0.25)))
+    pad = np.zeros((150, 150, 3), np.uint8)
+    pad[5:145, 5:145] = np.asarray(im.resize((140, 140), Image.BILINEAR))
+    cuts = [np.asarray(im.resize((150, 150), Image.BILINEAR)), pad,
+            np.asarray(im.resize((160, 160), Image.BILINEAR))[5:155, 5:155]]
+    for k, a in zip(dist, cuts):
+        d = np.array(rec.compute_face_descriptor(np.ascontiguousarray(a))) - ref
+        dist[k].append(float(np.linalg.norm(d)))
+a = np.array(rects)
+print(json.dumps({"files": len(files), "faces": len(rects),
+                  "centre": [float(np.mean((a[:, 0] + a[:, 2]) / 2)), float(np.mean((a[:, 1] + a[:, 3]) / 2))],
+                  "width": [float(np.mean(a[:, 2] - a[:, 0])), float(np.std(a[:, 2] - a[:, 0]))],
+                  "angle_deg": [float(np.degrees(np.mean(a[:, 4]))), float(np.degrees(np.std(a[:, 4])))],
+                  "distance": {k: [float(np.mean(v)), float(np.percentile(v, 90))] for k, v in dist.items()}}))
 """
 
 
@@ -95,6 +136,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=64, help="faces per forward-time round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dlib-python", default=None, help="a python with dlib installed, for dlib's own timing")
+    ap.add_argument("--utkface", default=None, help="UTKFace folder: measure our crop against dlib's chip")
+    ap.add_argument("--utkface-n", type=int, default=200)
     ap.add_argument("--train-steps", type=int, default=6)
     ap.add_argument("--train-batch", type=int, default=32)
     args = ap.parse_args()
@@ -129,6 +172,12 @@ def main() -> None:
                 row["dlib_ms"] = statistics.median(d_ms)
             rows.append(row)
 
+    crop = None
+    if args.utkface and args.dlib_python:
+        out = subprocess.run([args.dlib_python, "-c", DLIB_CROP_SCRIPT, args.utkface, str(args.utkface_n),
+                              str(path.parent)], capture_output=True, text=True, check=True)
+        crop = json.loads(out.stdout)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rates = {}
@@ -148,6 +197,15 @@ def main() -> None:
         d = r.get("dlib_ms")
         print(f"| {r['what']} | {r['torch_ms']:.1f} | {d:.1f} | {d / r['torch_ms']:.1f}x |" if d
               else f"| {r['what']} | {r['torch_ms']:.1f} | not measured | |")
+    if crop:
+        print(f"\nUTKFace: dlib found one face in {crop['faces']} of {crop['files']} files; dlib's 150/0.25 chip in "
+              f"UTKFace pixels: centre ({crop['centre'][0]:.1f}, {crop['centre'][1]:.1f}), width "
+              f"{crop['width'][0]:.1f} ± {crop['width'][1]:.1f} px, angle {crop['angle_deg'][0]:.2f} ± "
+              f"{crop['angle_deg'][1]:.2f} deg")
+        print("\n| UTKFace face cut as | descriptor distance to dlib's own chip: mean | 90th percentile |")
+        print("|---|---|---|")
+        for k, (mean, p90) in crop["distance"].items():
+            print(f"| {k} | {mean:.3f} | {p90:.3f} |")
     print(f"\n| age_gender_race training step, batch {args.train_batch} | samples/s |")
     print("|---|---|")
     for k, v in rates.items():
