@@ -52,12 +52,14 @@ FACE_FEATURES = ("pooled", "descriptor")
 def dlib_preprocessing(image_size: int | tuple[int, int] = 150, resize: str = "stretch"):
     """dlib's input normalisation (``(rgb - means) / 256``) and its 150×150 / 25 % chip as the face template,
     at ``image_size`` (the template scaled with it)."""
-    from .dlib_resnet import INPUT_SIZE, MEAN_RGB, SCALE, chip_template
+    from .dlib_resnet import INPUT_SIZE, MEAN_RGB, SCALE, chip_template, min_input_size
     from .preprocess import Preprocessing
 
+    hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if min(hw) < min_input_size():
+        raise ValueError(f"the dlib face backbone needs inputs of at least {min_input_size()} px, got {image_size}")
     pre = Preprocessing(size=(INPUT_SIZE, INPUT_SIZE), mean=tuple(m / 255.0 for m in MEAN_RGB),
                         std=(SCALE / 255.0,) * 3, resize=resize, template=chip_template(INPUT_SIZE))
-    hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     return pre if hw == pre.size else pre.with_size(hw)
 
 

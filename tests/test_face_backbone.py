@@ -323,3 +323,23 @@ def test_short_training_on_utkface_beats_from_scratch(shared_data):
     assert dlib["race.accuracy"] >= scratch["race.accuracy"] + 0.1, results
     assert dlib["age.mae"] < scratch["age.mae"] - 2.0, results
     assert math.isfinite(dlib["age.rmse"])
+
+
+@pytest.mark.parametrize("name,kw,out", [("task_attention", {}, {"smile": (2, 2), "gender": (2, 2)}),
+                                         ("dmm_cnn", {"num_landmarks": 0}, {"attributes": (2, 40)})])
+def test_other_models_take_the_face_trunk(name, kw, out):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = models.create_model(name, backbone="dlib_resnet", image_size=150, **kw).eval()
+    assert m.preprocessing.mean == pytest.approx(tuple(v / 255 for v in dlib_resnet.MEAN_RGB))
+    with torch.no_grad():
+        got = m(torch.randn(2, 3, 150, 150))
+    assert {k: tuple(v.shape) for k, v in got.items()} == out
+    if dlib_resnet.package_file() is not None:  # the trunk carries dlib's weights
+        sd = dlib_resnet.load_weights()
+        conv = next(mod for mod in m.modules() if isinstance(mod, torch.nn.Conv2d))
+        assert torch.equal(conv.weight, sd["conv1.weight"])
+    with pytest.raises(ValueError, match="at least 103"):
+        models.create_model(name, backbone="dlib_resnet", image_size=64, **kw)
+    with pytest.raises(ValueError, match="backbone"):
+        models.create_model(name, backbone="vgg", **kw)
