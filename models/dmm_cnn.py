@@ -90,7 +90,7 @@ from torch import nn
 from facedata.datasets import CELEBA_ATTRIBUTES
 
 from . import register_model
-from .backbones import resnet
+from .backbones import dlib_preprocessing, dlib_trunk, resnet
 from .base import FaceModel, Recipe
 from .outputs import LANDMARK_SCALES, Binary, Landmarks, OutputSet
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
@@ -180,7 +180,7 @@ class DMMCNN(FaceModel):
                  backbone_weights: str | None = None, objective: tuple[str, ...] = OBJECTIVE_ATTRIBUTES,
                  beta: float = 0.5, gamma: float = 0.01, weight_mode: str = "renormalise", weight_floor: float = 1e-3,
                  use_dynamic_weights: bool = True, use_adaptive_thresholds: bool = True, dropout: float = 0.0,
-                 depth: int = 50, landmark_scale: str = "signed"):
+                 depth: int = 50, landmark_scale: str = "signed", backbone: str = "resnet"):
         super().__init__()
         objective = tuple(objective)
         unknown = [a for a in objective if a not in CELEBA_ATTRIBUTES]
@@ -217,10 +217,17 @@ class DMMCNN(FaceModel):
                              schedule_args={"factor": 0.1, "patience": 1}, validate_every=1000)
 
         # depth: the paper's ResNet-50 by default; 18/34 (512 channels) for quick CPU runs and tests.
-        net = resnet(int(depth), backbone_weights)
-        self.trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3,
-                                   net.layer4)
-        channels = net.fc.in_features
+        if backbone == "dlib_resnet":  # dlib's face ResNet, whole conv trunk (to level0): SPP on its 256-ch map
+            shared, last, channels = dlib_trunk("package" if backbone_weights is None else backbone_weights)
+            self.trunk = nn.Sequential(shared, last)
+            self.preprocessing = dlib_preprocessing(hw)
+        elif backbone != "resnet":
+            raise ValueError(f"backbone must be 'resnet' or 'dlib_resnet', got {backbone!r}")
+        else:
+            net = resnet(int(depth), backbone_weights)
+            self.trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3,
+                                       net.layer4)
+            channels = net.fc.in_features
         self.spp_objective = SpatialPyramidPooling(OBJECTIVE_SPP_LEVELS)
         self.spp_subjective = SpatialPyramidPooling(SUBJECTIVE_SPP_LEVELS)
         d1, d3 = self.spp_objective.out_features(channels), self.spp_subjective.out_features(channels)

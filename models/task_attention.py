@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from . import register_model
-from .backbones import resnet
+from .backbones import dlib_preprocessing, dlib_trunk, resnet
 from .base import FaceModel, Recipe
 from .outputs import Categorical, OutputSet
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
@@ -128,7 +128,8 @@ class TaskAttentionNet(FaceModel):
 
     def __init__(self, attention: bool = True, image_size: int = 224, backbone_weights: str | None = None,
                  units: int = 64, attention_weights: str = "per_module", fc_activation: str = "relu",
-                 task_weights: tuple[float, float] = (1.0, 1.0), depth: int = 50, task_blocks: int = 1):
+                 task_weights: tuple[float, float] = (1.0, 1.0), depth: int = 50, task_blocks: int = 1,
+                 backbone: str = "resnet"):
         super().__init__()
         if int(units) < 1:
             raise ValueError(f"units must be >= 1, got {units}")
@@ -154,21 +155,29 @@ class TaskAttentionNet(FaceModel):
                              augment={"hflip": 0.5, "shift": 0.1})
 
         # depth: the paper's ResNet-50 by default; 18/34 (512 channels) for quick CPU runs and tests.
-        net = resnet(int(depth), backbone_weights)
-        feat = net.fc.in_features
-        res5 = list(net.layer4)
-        if isinstance(task_blocks, bool) or not isinstance(task_blocks, int) or not 1 <= task_blocks <= len(res5):
-            raise ValueError(f"task_blocks must be an integer from 1 to {len(res5)} (the blocks of res5 at depth "
-                             f"{depth}), got {task_blocks!r}")
-        self.task_blocks = task_blocks
-        split = len(res5) - task_blocks
-        shared = [net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3]
-        if split:
-            shared.append(nn.Sequential(*res5[:split]))  # res5a, res5b at depth 50 with task_blocks=1
-        self.shared = nn.Sequential(*shared)
-        self.res5_smile = nn.Sequential(*res5[split:])  # res5c1
-        self.res5_gender = copy.deepcopy(self.res5_smile)  # res5c2
-        self._register_load_state_dict_pre_hook(self._check_split)
+        if backbone == "dlib_resnet":  # dlib's face ResNet: shared = stem..level1, "res5" = its last stage, level0
+            self.shared, self.res5_smile, feat = dlib_trunk("package" if backbone_weights is None else backbone_weights)
+            self.res5_gender = copy.deepcopy(self.res5_smile)
+            self.preprocessing = dlib_preprocessing(int(image_size))
+            self.task_blocks = task_blocks
+        elif backbone != "resnet":
+            raise ValueError(f"backbone must be 'resnet' or 'dlib_resnet', got {backbone!r}")
+        else:
+            net = resnet(int(depth), backbone_weights)
+            feat = net.fc.in_features
+            res5 = list(net.layer4)
+            if isinstance(task_blocks, bool) or not isinstance(task_blocks, int) or not 1 <= task_blocks <= len(res5):
+                raise ValueError(f"task_blocks must be an integer from 1 to {len(res5)} (the blocks of res5 at depth "
+                                 f"{depth}), got {task_blocks!r}")
+            self.task_blocks = task_blocks
+            split = len(res5) - task_blocks
+            shared = [net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3]
+            if split:
+                shared.append(nn.Sequential(*res5[:split]))  # res5a, res5b at depth 50 with task_blocks=1
+            self.shared = nn.Sequential(*shared)
+            self.res5_smile = nn.Sequential(*res5[split:])  # res5c1
+            self.res5_gender = copy.deepcopy(self.res5_smile)  # res5c2
+            self._register_load_state_dict_pre_hook(self._check_split)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc_smile = _he_normal(nn.Linear(feat, self.units))  # FCS
         self.fc_gender = _he_normal(nn.Linear(feat, self.units))  # FCG

@@ -171,7 +171,9 @@ def to_tensors(batch: dict, device: torch.device) -> tuple[torch.Tensor, dict[st
 
 # --- optimisation -------------------------------------------------------------------------------------
 def make_optimizer(model, recipe) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    # A model may give parameter groups with their own learning rates (a pretrained trunk slower than its heads)
+    groups = getattr(model, "optimizer_groups", None)
+    params = groups(recipe.lr) if groups else [p for p in model.parameters() if p.requires_grad]
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     if recipe.optimizer == "adam":

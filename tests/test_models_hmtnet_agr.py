@@ -222,7 +222,7 @@ def test_hmtnet_checkpoint_round_trip(tmp_path):
 
 # ------------------------------------------------------------------------------------ age / gender / race
 def test_agr_default_shapes_and_parameter_count():
-    m = models.create_model("age_gender_race").eval()
+    m = models.create_model("age_gender_race", backbone="resnet").eval()  # the default is the dlib face trunk
     assert m.preprocessing.size == (160, 160) and m.preprocessing.resize == "stretch"
     with torch.no_grad():
         out = m(torch.randn(2, 3, 160, 160))

@@ -1,0 +1,523 @@
+"""dlib's 128-D face-recognition ResNet (``dlib_face_recognition_resnet_model_v1.dat``) read in pure Python
+and rebuilt in torch: the one pretrained face network that ships inside a PyPI package here.
+
+Where the weights come from. The file is in ``face-recognition-models==0.3.0`` (Adam Geitgey's packaging of
+Davis King's dlib-models; its LICENSE file is CC0 1.0 Universal; the package metadata also says "MIT"; both
+allow commercial use). The network was trained by dlib's author on about 3 million faces (99.38 % on LFW).
+We never import ``face_recognition_models`` (its ``__init__`` needs ``pkg_resources``, gone from current
+setuptools): the file is found with :func:`importlib.util.find_spec` (which does not run the package) or
+:mod:`importlib.metadata`, and refused unless its sha256 is :data:`SHA256`. The same package also holds
+``shape_predictor_68_face_landmarks.dat``, trained on iBUG 300-W, whose terms exclude commercial use: this
+project never reads it.
+
+The file format (dlib's ``serialize``; ``dlib/serialize.h``, ``dlib/dnn/core.h``, ``layers.h``, ``input.h``,
+``loss.h``, ``dlib/cuda/tensor.h``):
+
+* integer: a control byte (low 4 bits: number of bytes, bit 0x80: negative) then the magnitude,
+  little-endian; float/double: an integer mantissa and an int16 exponent (value = m · 2^e; exponents
+  32000/32001/32002 are +inf/-inf/nan); bool: ASCII ``'1'``/``'0'``; string: length then bytes; tensor:
+  version 2, four shape integers (n, k, nr, nc), raw little-endian float32; alias tensor: version 1 and a shape.
+* ``add_loss_layer`` writes its version, the loss, then the net; every other wrapper (``add_layer``,
+  ``add_tag_layer``, ``add_skip_layer``) writes its version, then the layer below, then (``add_layer`` only)
+  its layer's settings and some training state. So the file opens with the wrappers' versions from the
+  outermost inwards, then the input layer, then each layer's settings from the innermost outwards.
+
+The network (dlib's ``examples/dnn_face_recognition_ex.cpp``): ``input_rgb_image_sized<150>`` (per-channel
+means subtracted, divided by 256), ``con<32,7,7,2,2>``, affine, relu, ``max_pool<3,3,2,2>``, then residual
+blocks of two 3×3 convolutions each followed by an ``affine_`` (a per-channel scale and shift: batch norm
+frozen into its statistics, so train and eval modes compute the same thing): 3 blocks of 32 channels,
+4 of 64, 3 of 128, 3 of 256 and 1 of 256, the first of each of the last four with stride 2; then a global
+average pool, ``fc_no_bias<128>`` and ``loss_metric``. 29 convolutions, 29 affine layers,
+5,614,592 parameters.
+
+Readings we had to make (checked against dlib's own descriptors, :func:`tests.test_face_backbone`):
+
+* Stride-2 convolutions and poolings have no padding (dlib's default padding is ``size/2`` only for stride
+  1), so 150 → 72 (conv) → 35 (max pool) → 17 → 8 → 4 → 2 and the two paths of a down-sampling block can
+  differ in size (8×8: the block gives 3×3, the 2×2 average pool of the shortcut 4×4).
+* A down-sampling block's shortcut is that 2×2 average pool with no projection; ``add_prev`` sums tensors
+  of different shapes by zero-padding the smaller at the end of its channel, height and width dimensions.
+* ``fc_`` stores its weights as inputs × outputs (the transpose of ``nn.Linear.weight``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import math
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PACKAGE = "face-recognition-models"
+PACKAGE_VERSION = "0.3.0"
+MODULE = "face_recognition_models"
+FILE = "models/dlib_face_recognition_resnet_model_v1.dat"
+SHA256 = "55533b28a95800a551ba546ba62fe69625c7e95a7061c338adffead08719da30"
+INPUT_SIZE = 150
+MEAN_RGB = (122.782, 117.001, 104.298)  # dlib stores these in the file; checked at load
+SCALE = 256.0  # dlib divides by 256 after subtracting the means
+DESCRIPTOR_DIM = 128
+POOLED_DIM = 256
+N_PARAMETERS = 5_614_592
+# (channels, blocks, first block down-samples); from the input outwards (dlib's alevel4 .. alevel0)
+STAGES = ((32, 3, False), (64, 4, True), (128, 3, True), (256, 3, True), (256, 1, True))
+# dlib's 150×150 chip: get_face_chip_details(det, 150, 0.25)
+CHIP_PADDING = 0.25
+
+
+class DlibFormatError(ValueError):
+    """The file is not the network this module rebuilds (wrong hash, truncated, unexpected layer)."""
+
+
+# --- the serialize reader ----------------------------------------------------------------------------
+class _Reader:
+    def __init__(self, data: bytes):
+        self.data = memoryview(data)
+        self.pos = 0
+
+    def _take(self, n: int) -> memoryview:
+        if self.pos + n > len(self.data):
+            raise DlibFormatError(f"file ends at byte {len(self.data)}, {n} more bytes wanted at {self.pos}")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def int(self) -> int:
+        control = self._take(1)[0]
+        size = control & 0x0F
+        if size > 8 or control & 0x70:
+            raise DlibFormatError(f"bad integer control byte 0x{control:02x} at {self.pos - 1}")
+        value = int.from_bytes(self._take(size), "little") if size else 0
+        return -value if control & 0x80 else value
+
+    def float(self) -> float:
+        mantissa, exponent = self.int(), self.int()
+        if exponent == 32000:
+            return math.inf
+        if exponent == 32001:
+            return -math.inf
+        if exponent == 32002:
+            return math.nan
+        return math.ldexp(mantissa, exponent)
+
+    def bool(self) -> bool:
+        c = bytes(self._take(1))
+        if c not in (b"0", b"1"):
+            raise DlibFormatError(f"bad boolean {c!r} at {self.pos - 1}")
+        return c == b"1"
+
+    def string(self) -> str:
+        n = self.int()
+        return bytes(self._take(n)).decode("latin-1")
+
+    def version(self, expected: tuple[int, ...], what: str) -> int:
+        v = self.int()
+        if v not in expected:
+            raise DlibFormatError(f"{what}: version {v} at byte {self.pos}, expected one of {expected}")
+        return v
+
+    def tensor(self) -> np.ndarray:
+        self.version((2,), "tensor")
+        shape = tuple(self.int() for _ in range(4))
+        n = int(np.prod(shape))
+        return np.frombuffer(self._take(4 * n), dtype="<f4").reshape(shape).astype(np.float32)
+
+    def alias(self) -> tuple[int, ...]:
+        self.version((1,), "alias_tensor")
+        return tuple(self.int() for _ in range(4))
+
+
+def _architecture() -> list[tuple]:
+    """dnn_face_recognition_ex.cpp's ``anet_type`` as wrappers from the input outwards:
+    ``("layer", name)``, ``("tag", id)``, ``("skip", id)``."""
+    seq: list[tuple] = [("layer", "con"), ("layer", "affine"), ("layer", "relu"), ("layer", "max_pool")]
+    for _, blocks, down in STAGES:
+        for b in range(blocks):
+            seq += [("tag", 1), ("layer", "con"), ("layer", "affine"), ("layer", "relu"), ("layer", "con"),
+                    ("layer", "affine")]
+            if down and b == 0:  # add_prev2<avg_pool<2,2,2,2,skip1<tag2<block<tag1<...>>>>>>
+                seq += [("tag", 2), ("skip", 1), ("layer", "avg_pool"), ("layer", "add_prev")]
+            else:  # add_prev1<block<tag1<...>>>
+                seq += [("layer", "add_prev")]
+            seq += [("layer", "relu")]
+    seq += [("layer", "avg_pool"), ("layer", "fc")]
+    return seq
+
+
+def _read_layer(r: _Reader, kind: str) -> dict:
+    name = r.string()
+    if kind == "con":
+        if name not in ("con_4", "con_5", "con_6"):
+            raise DlibFormatError(f"expected a convolution, found {name!r}")
+        params = r.tensor().reshape(-1)
+        out = {"kind": kind, "num_filters": r.int(), "nr": r.int(), "nc": r.int(), "stride_y": r.int(),
+               "stride_x": r.int(), "pad_y": r.int(), "pad_x": r.int()}
+        filters, biases = r.alias(), r.alias()
+        for _ in range(4):  # learning-rate and weight-decay multipliers
+            r.float()
+        use_bias = r.bool() if name in ("con_5", "con_6") else True
+        if name == "con_6":
+            r.bool()  # use_relu (fused relu): not used by this network
+        nf = int(np.prod(filters))
+        out["weight"] = params[:nf].reshape(filters)
+        out["bias"] = params[nf : nf + int(np.prod(biases))] if use_bias and biases[0] else None
+        return out
+    if kind == "affine":
+        if name not in ("affine_", "affine_2"):
+            raise DlibFormatError(f"expected an affine layer, found {name!r}")
+        params = r.tensor().reshape(-1)
+        g, b = r.alias(), r.alias()
+        r.int()  # mode (CONV_MODE)
+        if name == "affine_2":
+            r.bool()  # disabled
+        k = int(np.prod(g))
+        return {"kind": kind, "gamma": params[:k], "beta": params[k : k + int(np.prod(b))]}
+    if kind in ("max_pool", "avg_pool"):
+        if name != f"{kind}_2":
+            raise DlibFormatError(f"expected {kind}_2, found {name!r}")
+        return {"kind": kind, "nr": r.int(), "nc": r.int(), "stride_y": r.int(), "stride_x": r.int(),
+                "pad_y": r.int(), "pad_x": r.int()}
+    if kind == "relu":
+        if name not in ("relu_", "relu_2"):
+            raise DlibFormatError(f"expected relu, found {name!r}")
+        if name == "relu_2":
+            r.bool()
+        return {"kind": kind}
+    if kind == "add_prev":
+        if name != "add_prev_":
+            raise DlibFormatError(f"expected add_prev_, found {name!r}")
+        return {"kind": kind}
+    if kind == "fc":
+        if name not in ("fc_2", "fc_3"):
+            raise DlibFormatError(f"expected fc_, found {name!r}")
+        n_out, n_in = r.int(), r.int()
+        params = r.tensor().reshape(-1)
+        r.alias(), r.alias()
+        bias_mode = r.int()
+        for _ in range(4):
+            r.float()
+        if name == "fc_3":
+            r.bool()
+        if bias_mode != 1:  # FC_NO_BIAS
+            raise DlibFormatError("expected fc_no_bias")
+        return {"kind": kind, "weight": params[: n_in * n_out].reshape(n_in, n_out).T.copy()}
+    raise AssertionError(kind)
+
+
+def _skip_training_state(r: _Reader, input_layer: bool, version: int) -> None:
+    for _ in range(3):  # this_layer_setup_called, gradient_input_is_stale, get_output_and_gradient_input_disabled
+        r.bool()
+    r.tensor(), r.tensor(), r.tensor()  # x_grad, cached_output, params_grad (grad_final for the input layer)
+    if input_layer and version >= 3:
+        r.int()  # _sample_expansion_factor
+
+
+def parse(data: bytes) -> tuple[dict, list[dict]]:
+    """dlib's serialized ``anet_type`` -> (input settings, layers from the input outwards)."""
+    r = _Reader(data)
+    r.version((1,), "add_loss_layer")
+    loss = r.string()
+    if loss != "loss_metric_2":
+        raise DlibFormatError(f"expected loss_metric_2, found {loss!r}: not dlib's face-recognition network")
+    r.float(), r.float()  # margin, distance threshold
+    arch = _architecture()
+    versions = []
+    for i, (wrapper, _) in enumerate(reversed(arch)):  # outermost first
+        innermost = i == len(arch) - 1
+        if wrapper == "layer":
+            versions.append(r.version((2, 3) if innermost else (1, 2), "add_layer"))
+        else:
+            r.version((1,), f"add_{wrapper}_layer")
+            versions.append(None)
+    versions.reverse()
+    if r.string() != "input_rgb_image_sized":
+        raise DlibFormatError("expected input_rgb_image_sized")
+    means = (r.float(), r.float(), r.float())
+    size = (r.int(), r.int())
+    layers = []
+    for i, (wrapper, kind) in enumerate(arch):
+        if wrapper != "layer":
+            continue
+        layers.append(_read_layer(r, kind))
+        _skip_training_state(r, input_layer=(i == 0), version=versions[i])
+    if r.pos != len(r.data):
+        raise DlibFormatError(f"{len(r.data) - r.pos} bytes left after the network")
+    return {"means": means, "size": size}, layers
+
+
+# --- the torch network --------------------------------------------------------------------------------
+class Affine(nn.Module):
+    """dlib's ``affine_``: ``x * gamma + beta`` per channel (batch norm with its statistics folded in)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.bias.view(1, -1, 1, 1), x, self.weight.view(1, -1, 1, 1))
+
+
+def add_prev(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """dlib's ``add_prev``: the sum over the larger shape, the smaller tensor zero-padded at the end of its
+    channel, height and width dimensions."""
+    if a.shape == b.shape:
+        return a + b
+    c, h, w = (max(a.shape[i], b.shape[i]) for i in (1, 2, 3))
+
+    def pad(t):
+        return F.pad(t, (0, w - t.shape[3], 0, h - t.shape[2], 0, c - t.shape[1]))
+
+    return pad(a) + pad(b)
+
+
+class Block(nn.Module):
+    def __init__(self, cin: int, cout: int, down: bool):
+        super().__init__()
+        stride = 2 if down else 1
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 0 if down else 1)
+        self.affine1 = Affine(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1)
+        self.affine2 = Affine(cout)
+        self.down = down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.affine2(self.conv2(F.relu(self.affine1(self.conv1(x)))))
+        shortcut = F.avg_pool2d(x, 2, 2) if self.down else x
+        return F.relu(add_prev(shortcut, y))
+
+
+class DlibFaceResNet(nn.Module):
+    """The network. ``forward(x)`` takes input normalised as dlib does (``(rgb - MEAN_RGB) / 256``: the
+    :func:`preprocessing` mean/std do it) and returns the 128-D descriptor (not L2-normalised; dlib's
+    ``compute_face_descriptor`` returns the same). ``features(x)`` returns the last feature map (256
+    channels, 2×2 at 150 px), ``pooled(x)`` its global average (256-D, before the 128-D projection)."""
+
+    GROUPS = ("stem", "level4", "level3", "level2", "level1", "level0", "fc")  # from the input outwards
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 7, 2, 0)
+        self.affine1 = Affine(32)
+        levels, cin = [], 32
+        for cout, blocks, down in STAGES:
+            levels.append(nn.Sequential(*[Block(cin if b == 0 else cout, cout, down and b == 0)
+                                          for b in range(blocks)]))
+            cin = cout
+        self.level4, self.level3, self.level2, self.level1, self.level0 = levels
+        self.fc = nn.Linear(POOLED_DIM, DESCRIPTOR_DIM, bias=False)
+        for m in self.modules():  # random init (used only when the weights are absent)
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
+    def group(self, name: str) -> list[nn.Module]:
+        if name == "stem":
+            return [self.conv1, self.affine1]
+        return [getattr(self, name)]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.affine1(self.conv1(x))), 3, 2)
+        return self.level0(self.level1(self.level2(self.level3(self.level4(x)))))
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x).mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pooled(x))
+
+
+def min_input_size() -> int:
+    """The smallest side for which every layer has an input at least as large as its kernel."""
+    def out(n: int) -> int:
+        for k, stride in ((7, 2), (3, 2)):  # conv 7×7 / 2, max pool 3×3 / 2
+            if n < k:
+                return 0
+            n = (n - k) // stride + 1
+        for _ in range(4):  # down-sampling blocks: conv 3×3 / 2 and avg pool 2×2 / 2, the larger wins
+            if n < 3:
+                return 0
+            n = max((n - 3) // 2 + 1, (n - 2) // 2 + 1)
+        return n
+
+    n = 7
+    while out(n) < 1:
+        n += 1
+    return n
+
+
+def state_dict_from_layers(layers: list[dict]) -> dict[str, torch.Tensor]:
+    """Parsed layers (from :func:`parse`) -> a state dict of :class:`DlibFaceResNet`."""
+    names = []
+    net = DlibFaceResNet()
+    names.append(("conv", "conv1"))
+    names.append(("affine", "affine1"))
+    for level in ("level4", "level3", "level2", "level1", "level0"):
+        for b in range(len(getattr(net, level))):
+            p = f"{level}.{b}"
+            names += [("conv", f"{p}.conv1"), ("affine", f"{p}.affine1"), ("conv", f"{p}.conv2"),
+                      ("affine", f"{p}.affine2")]
+    names.append(("fc", "fc"))
+    weighted = [ly for ly in layers if ly["kind"] in ("con", "affine", "fc")]
+    if len(weighted) != len(names):
+        raise DlibFormatError(f"{len(weighted)} weighted layers in the file, {len(names)} expected")
+    sd: dict[str, torch.Tensor] = {}
+    for ly, (kind, prefix) in zip(weighted, names):
+        if kind == "conv":
+            sd[f"{prefix}.weight"] = torch.from_numpy(ly["weight"].copy())
+            sd[f"{prefix}.bias"] = torch.from_numpy(ly["bias"].copy())
+        elif kind == "affine":
+            sd[f"{prefix}.weight"] = torch.from_numpy(ly["gamma"].copy())
+            sd[f"{prefix}.bias"] = torch.from_numpy(ly["beta"].copy())
+        else:
+            sd[f"{prefix}.weight"] = torch.from_numpy(ly["weight"])
+    # the geometry we hard-code must be the file's
+    for ly, want in zip([ly for ly in layers if ly["kind"] in ("con", "max_pool")], _geometry(net)):
+        got = (ly["nr"], ly["stride_y"], ly["pad_y"])
+        if got != want:
+            raise DlibFormatError(f"layer geometry (size, stride, padding) {got} in the file, {want} expected")
+    return sd
+
+
+def _geometry(net: DlibFaceResNet) -> list[tuple[int, int, int]]:
+    out = [(7, 2, 0), (3, 2, 0)]
+    for level in ("level4", "level3", "level2", "level1", "level0"):
+        for blk in getattr(net, level):
+            out += [(3, blk.conv1.stride[0], blk.conv1.padding[0]), (3, 1, 1)]
+    return out
+
+
+# --- finding and checking the file --------------------------------------------------------------------
+def package_file(name: str = FILE) -> Path | None:
+    """The path of ``name`` inside the installed ``face-recognition-models``, or None when it is not
+    installed. Does not import the package (its ``__init__`` needs ``pkg_resources``)."""
+    spec = importlib.util.find_spec(MODULE)  # a top-level package: found, not executed
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            p = Path(loc) / name
+            if p.is_file():
+                return p
+    try:
+        dist = importlib.metadata.distribution(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in dist.files or ():
+        if str(f).replace("\\", "/").endswith(f"{MODULE}/{name}"):
+            p = Path(dist.locate_file(f))
+            if p.is_file():
+                return p
+    return None
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=2)
+def _load_checked(path: str, expected: str) -> dict[str, torch.Tensor]:
+    data = Path(path).read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != expected:
+        raise DlibFormatError(f"{path}: sha256 {digest} is not the expected {expected}; refusing to load it")
+    info, layers = parse(data)
+    if info["size"] != (INPUT_SIZE, INPUT_SIZE) or any(abs(a - b) > 1e-3 for a, b in zip(info["means"], MEAN_RGB)):
+        raise DlibFormatError(f"{path}: input {info} is not dlib's 150x150 face chip")
+    return state_dict_from_layers(layers)
+
+
+def load_weights(path: str | Path | None = None, sha256: str = SHA256) -> dict[str, torch.Tensor]:
+    """The network's state dict from ``path`` (default: the installed package's file), refused unless the
+    file's sha256 is ``sha256``. Raises ``FileNotFoundError`` when there is no file."""
+    p = Path(path) if path is not None else package_file()
+    if p is None:
+        raise FileNotFoundError(f"{FILE} not found: install {PACKAGE}=={PACKAGE_VERSION}")
+    if not p.is_file():
+        raise FileNotFoundError(f"dlib weights not found: {p}")
+    sd = _load_checked(str(p.resolve()), sha256)
+    return {k: v.clone() for k, v in sd.items()}
+
+
+def dlib_face_resnet(weights: str | None = "package") -> tuple[DlibFaceResNet, bool]:
+    """The network with dlib's weights: ``weights="package"`` reads the installed package's file (random
+    initialisation with a warning when the package is absent), a path reads that file (it must have the
+    same sha256), ``None`` is random initialisation. Returns (network, whether weights were loaded)."""
+    net = DlibFaceResNet()
+    if weights is None:
+        return net, False
+    if weights == "package":
+        if package_file() is None:
+            warnings.warn(f"{PACKAGE}=={PACKAGE_VERSION} is not installed: the dlib face backbone starts from "
+                          "random weights (pip install it for the pretrained face network; a checkpoint's "
+                          "own weights, when one is loaded next, are not affected)", stacklevel=3)
+            return net, False
+        net.load_state_dict(load_weights())
+        return net, True
+    net.load_state_dict(load_weights(weights))
+    return net, True
+
+
+@dataclass(frozen=True)
+class ChipGeometry:
+    """Where the 5 points of our template sit in dlib's face chip, from dlib's own definitions."""
+
+    size: int = INPUT_SIZE
+    padding: float = CHIP_PADDING
+
+    def template(self) -> tuple[tuple[float, float], ...]:
+        return chip_template(self.size, self.padding)
+
+
+# dlib's mean face (dlib/image_transforms/interpolation.h, get_face_chip_details): points 17-67 of the
+# 68-point scheme in the unit square of a chip with padding 0; we need 30 (nose tip), 36-41 / 42-47 (the
+# eyes' contours; their mean is the eye centre), 48 and 54 (mouth corners).
+_MEAN_X = (0.000213256, 0.0752622, 0.18113, 0.29077, 0.393397, 0.586856, 0.689483, 0.799124, 0.904991, 0.98004,
+           0.490127, 0.490127, 0.490127, 0.490127, 0.36688, 0.426036, 0.490127, 0.554217, 0.613373, 0.121737,
+           0.187122, 0.265825, 0.334606, 0.260918, 0.182743, 0.645647, 0.714428, 0.793132, 0.858516, 0.79751,
+           0.719335, 0.254149, 0.340985, 0.428858, 0.490127, 0.551395, 0.639268, 0.726104, 0.642159, 0.556721,
+           0.490127, 0.423532, 0.338094, 0.290379, 0.428096, 0.490127, 0.552157, 0.689874, 0.553364, 0.490127,
+           0.42689)
+_MEAN_Y = (0.106454, 0.038915, 0.0187482, 0.0344891, 0.0773906, 0.0773906, 0.0344891, 0.0187482, 0.038915,
+           0.106454, 0.203352, 0.307009, 0.409805, 0.515625, 0.587326, 0.609345, 0.628106, 0.609345, 0.587326,
+           0.216423, 0.178758, 0.179852, 0.231733, 0.245099, 0.244077, 0.231733, 0.179852, 0.178758, 0.216423,
+           0.244077, 0.245099, 0.780233, 0.745405, 0.727388, 0.742578, 0.727388, 0.745405, 0.780233, 0.864805,
+           0.902192, 0.909281, 0.902192, 0.864805, 0.784792, 0.778746, 0.785343, 0.778746, 0.784792, 0.824182,
+           0.831803, 0.824182)
+
+
+def chip_template(size: int = INPUT_SIZE, padding: float = CHIP_PADDING) -> tuple[tuple[float, float], ...]:
+    """Our 5-point face template (image-left eye, image-right eye, nose tip, image-left and image-right
+    mouth corners) in the pixels of dlib's ``size``×``size`` chip with ``padding``.
+
+    dlib maps a unit-square mean face point ``p`` to ``(padding + p) / (2 padding + 1) · size`` in the chip
+    (``get_face_chip_details``). Its 5-point model marks eye corners and the base of the nose, not our points,
+    so we take our points from the same function's 68-point mean face, which is in the same frame (its eye
+    corners are within 0.003 of the 5-point constants): eye centres are the means of the six eye-contour
+    points (36-41, 42-47), the nose tip is point 30, the mouth corners 48 and 54. Pixel convention: dlib's,
+    pixel (i, j) is at integer coordinates (i, j)."""
+    def pt(i):
+        return (_MEAN_X[i - 17], _MEAN_Y[i - 17])
+
+    def mean(idx):
+        ps = [pt(i) for i in idx]
+        return (sum(p[0] for p in ps) / len(ps), sum(p[1] for p in ps) / len(ps))
+
+    unit = [mean(range(36, 42)), mean(range(42, 48)), pt(30), pt(48), pt(54)]
+    s = size / (2 * padding + 1)
+    return tuple(((padding + x) * s, (padding + y) * s) for x, y in unit)
+
+
+def n_parameters(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
