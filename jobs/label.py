@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = LabelSpec("", "", "")
     p = argparse.ArgumentParser(prog="python -m jobs.label", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint file (path or s3:// URI)")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint file (path or s3:// URI); URI#sha256:<hex> pins its content hash: the job and "
+                        "every actor refuse any other file")
     p.add_argument("--input", required=True,
                    help="folder or s3:// prefix (read recursively), or a .parquet/.csv manifest with a 'path' column")
     p.add_argument("--output", required=True, help="folder or s3:// prefix for the Parquet rows and the summary")

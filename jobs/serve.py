@@ -60,7 +60,8 @@ def build_args(ns: argparse.Namespace) -> dict:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", action="append", type=_model_arg, required=True, metavar="NAME=CHECKPOINT",
-                   help="a model to serve at /v1/models/NAME (repeat for several)")
+                   help="a model to serve at /v1/models/NAME (repeat for several); CHECKPOINT#sha256:<hex> pins "
+                        "its content hash: replicas refuse any other file")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch-size", type=int, default=16, help="dynamic batching: images per forward pass")

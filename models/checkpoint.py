@@ -3,13 +3,28 @@
 A checkpoint is a single ``torch.save`` file holding only tensors and plain Python values, so that it
 loads with ``torch.load(weights_only=True)`` (no arbitrary pickle, safe to read from a shared bucket):
 
-    {"format": "faceattr-checkpoint/1", "model": name, "config": {...constructor arguments...},
+    {"format": "faceattr-checkpoint/2", "model": name, "config": {...constructor arguments...},
      "outputs": [...output description...], "preprocessing": {...}, "metrics": {...},
-     "extra": {...}, "state_dict": {...}, "hash": "sha256:..."}
+     "extra": {...}, "created": "...", "state_dict": {...}, "hash": "sha256:..."}
 
-Thresholds and dynamic weights (DMM-CNN) are buffers of the model and travel in ``state_dict``. The hash
-covers the model name, config and every tensor's bytes; it is checked on load and reported by the label
-job and the serving endpoint so a Parquet row says exactly which weights produced it.
+Thresholds and dynamic weights (DMM-CNN) are buffers of the model and travel in ``state_dict``.
+
+The hash (format 2) covers every field but ``created`` and ``hash`` itself: the model name, config,
+output description, preprocessing (with the face template), metrics, extra and every tensor's name,
+dtype, shape and bytes. We chose to cover ``metrics`` and ``extra`` too although they do not change a
+prediction: they are served by ``/v1/models`` and read by people deciding which model to trust, so an
+edit to them is tampering as well; ``created`` is left out so that two saves of the same model have one
+hash. It is checked on load and reported by the label job and the serving endpoint, so a Parquet row says
+exactly which checkpoint produced it.
+
+Pinning: every place that takes a checkpoint URI (``jobs.label --checkpoint``, ``jobs.serve --model``,
+``models:`` in ``serve.yaml``) accepts ``URI#sha256:<64 hex digits>``; the checkpoint is refused unless its
+content hash is that one (:func:`split_pin`).
+
+Format 1 files (hash over name, config and weights only) are refused with a message that says how to
+re-save them (:func:`upgrade_checkpoint`, ``python -m models.checkpoint upgrade OLD NEW``): accepting them
+would let anyone edit the outputs or preprocessing of a format-2 file, relabel it format 1 and still
+load it.
 """
 
 from __future__ import annotations
@@ -22,11 +37,27 @@ from dataclasses import dataclass
 
 import torch
 
-FORMAT = "faceattr-checkpoint/1"
+FORMAT = "faceattr-checkpoint/2"
+OLD_FORMAT = "faceattr-checkpoint/1"
+PIN_SEP = "#sha256:"
+_FIELDS = {"model": str, "config": dict, "outputs": list, "preprocessing": dict, "metrics": dict, "extra": dict,
+           "state_dict": dict, "hash": str}
 
 
 class CheckpointError(ValueError):
-    pass
+    """A checkpoint that cannot be used: missing, not our format, malformed, tampered with, or not the
+    pinned one."""
+
+
+def split_pin(uri: str) -> tuple[str, str | None]:
+    """``"s3://b/m.pt#sha256:<hex>"`` -> ``("s3://b/m.pt", "sha256:<hex>")``; no pin -> ``(uri, None)``."""
+    if PIN_SEP not in uri:
+        return uri, None
+    base, _, digest = uri.rpartition(PIN_SEP)
+    digest = digest.strip().lower()
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest) or not base:
+        raise CheckpointError(f"{uri!r}: a pinned checkpoint is URI#sha256:<64 hex digits>")
+    return base, "sha256:" + digest
 
 
 @dataclass
@@ -44,9 +75,7 @@ class CheckpointInfo:
         return self.hash.split(":", 1)[-1][:16]
 
 
-def content_hash(name: str, config: dict, state_dict: dict) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps({"model": name, "config": config}, sort_keys=True).encode())
+def _tensor_digest(h, state_dict: dict) -> None:
     for key in sorted(state_dict):
         t = state_dict[key].detach().cpu().contiguous()
         h.update(key.encode())
@@ -55,14 +84,37 @@ def content_hash(name: str, config: dict, state_dict: dict) -> str:
         # reshape(-1): a 0-dim tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes directly;
         # the flat view has the same bytes as before for every other tensor.
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def content_hash(name: str, config: dict, state_dict: dict, outputs: list | None = None,
+                 preprocessing: dict | None = None, metrics: dict | None = None, extra: dict | None = None) -> str:
+    """The format-2 hash: everything that describes the checkpoint (see the module docstring)."""
+    h = hashlib.sha256()
+    h.update(FORMAT.encode())
+    meta = {"model": name, "config": config, "outputs": outputs, "preprocessing": preprocessing,
+            "metrics": metrics, "extra": extra}
+    h.update(json.dumps(meta, sort_keys=True, default=repr).encode())
+    _tensor_digest(h, state_dict)
     return "sha256:" + h.hexdigest()
+
+
+def _old_content_hash(name: str, config: dict, state_dict: dict) -> str:
+    """The format-1 hash (model name, config, tensors), for :func:`upgrade_checkpoint` only."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"model": name, "config": config}, sort_keys=True).encode())
+    _tensor_digest(h, state_dict)
+    return "sha256:" + h.hexdigest()
+
+
+def _hash_of(obj: dict) -> str:
+    return content_hash(obj["model"], obj["config"], obj["state_dict"], obj["outputs"], obj["preprocessing"],
+                        obj["metrics"], obj["extra"])
 
 
 def checkpoint_bytes(model, metrics: dict | None = None, extra: dict | None = None) -> tuple[bytes, str]:
     """Serialise ``model`` (a ``FaceModel``, possibly wrapped by DDP) into the checkpoint format."""
     model = getattr(model, "module", model)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    digest = content_hash(model.name, model.config, sd)
     obj = {
         "format": FORMAT,
         "model": model.name,
@@ -73,11 +125,15 @@ def checkpoint_bytes(model, metrics: dict | None = None, extra: dict | None = No
         "extra": json.loads(json.dumps(extra or {})),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "state_dict": sd,
-        "hash": digest,
     }
+    digest = obj["hash"] = _hash_of(obj)  # JSON of the metadata: a tuple and the list it loads back as hash alike
+    return _save(obj), digest
+
+
+def _save(obj: dict) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
-    return buf.getvalue(), digest
+    return buf.getvalue()
 
 
 def save_checkpoint(model, uri: str, metrics: dict | None = None, extra: dict | None = None) -> str:
@@ -89,38 +145,69 @@ def save_checkpoint(model, uri: str, metrics: dict | None = None, extra: dict | 
     return digest
 
 
-def load_checkpoint(uri: str, map_location="cpu"):
-    """Load a checkpoint from a path or s3:// URI -> ``(model in eval mode, CheckpointInfo)``.
-
-    Uses ``torch.load(weights_only=True)``; refuses files of another format and files whose content
-    does not match their hash."""
-    import models
+def _read(uri: str, map_location="cpu") -> dict:
     from facedata import storage
 
     try:
         data = storage.read_bytes(uri)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {uri}") from None
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {uri} cannot be read ({type(e).__name__}: {e})") from None
     try:
         obj = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not our format"
         raise CheckpointError(f"{uri} is not a loadable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+    if not isinstance(obj, dict) or obj.get("format") not in (FORMAT, OLD_FORMAT):
         raise CheckpointError(f"{uri} is not a {FORMAT} file")
-    sd = obj["state_dict"]
-    digest = content_hash(obj["model"], obj["config"], sd)
+    bad = [k for k, typ in _FIELDS.items() if k not in obj and not (k in ("metrics", "extra") and obj["format"] == OLD_FORMAT)
+           or (k in obj and not isinstance(obj[k], typ))]
+    if bad or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj["state_dict"].items()):
+        raise CheckpointError(f"{uri} is a malformed checkpoint (missing or mistyped: {', '.join(bad) or 'state_dict'})")
+    return obj
+
+
+def load_checkpoint(uri: str, map_location="cpu", expected_hash: str | None = None):
+    """Load a checkpoint from a path or s3:// URI -> ``(model in eval mode, CheckpointInfo)``.
+
+    Uses ``torch.load(weights_only=True)``; refuses (:class:`CheckpointError`) files of another format,
+    malformed ones, files whose content does not match their hash, and, when the URI ends in
+    ``#sha256:<hex>`` or ``expected_hash`` is given, files whose hash is not that one."""
+    import models
+    from models.preprocess import Preprocessing
+
+    uri, pin = split_pin(uri)
+    if expected_hash is not None:
+        _, expected = split_pin("x" + PIN_SEP + expected_hash.removeprefix("sha256:"))
+        if pin is not None and pin != expected:
+            raise CheckpointError(f"{uri}: two different pins ({pin}, {expected})")
+        pin = expected
+    obj = _read(uri, map_location)
+    if obj["format"] == OLD_FORMAT:
+        raise CheckpointError(f"{uri} is a {OLD_FORMAT} file, whose hash does not cover its outputs, preprocessing, "
+                              f"metrics and extra; re-save it as {FORMAT} with "
+                              f"`python -m models.checkpoint upgrade {uri} NEW` (checks its old hash first)")
+    digest = _hash_of(obj)
     if digest != obj["hash"]:
         raise CheckpointError(f"{uri}: content hash mismatch (file says {obj['hash']}, content is {digest})")
+    if pin is not None and digest != pin:
+        raise CheckpointError(f"{uri} is {digest}, not the pinned {pin}: refusing it")
     config = dict(obj["config"])
     config.pop("backbone_weights", None)  # the trained weights replace any initial backbone weights
-    model = models.create_model(obj["model"], **config)
-    model.config = obj["config"]
-    model.preprocessing = _with_template(model.preprocessing, obj.get("preprocessing"))
-    model.load_state_dict(sd)
+    try:
+        model = models.create_model(obj["model"], **config)
+        model.config = obj["config"]
+        model.load_state_dict(obj["state_dict"])
+        Preprocessing.from_dict(obj["preprocessing"])
+        model.preprocessing = _with_template(model.preprocessing, obj["preprocessing"])
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a file whose hash matches but whose content does not build a model
+        raise CheckpointError(f"{uri} does not build its model ({type(e).__name__}: {e})") from None
     model.eval()
     info = CheckpointInfo(uri=uri, model=obj["model"], config=obj["config"], outputs=obj["outputs"],
-                          preprocessing=obj["preprocessing"], metrics=obj.get("metrics", {}),
-                          extra=obj.get("extra", {}), hash=obj["hash"])
+                          preprocessing=obj["preprocessing"], metrics=obj["metrics"], extra=obj["extra"],
+                          hash=obj["hash"])
     return model, info
 
 
@@ -137,3 +224,29 @@ def _with_template(pre, saved: dict | None):
                        template_crop=tuple(map(int, tc)) if tc is not None else None)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"the checkpoint's face template is malformed: {e}") from None
+
+
+def upgrade_checkpoint(src: str, dst: str) -> str:
+    """Re-save a format-1 checkpoint as format 2 after checking its format-1 hash; returns the new hash."""
+    from facedata import storage
+
+    obj = _read(src)
+    if obj["format"] != OLD_FORMAT:
+        raise CheckpointError(f"{src} is not a {OLD_FORMAT} file")
+    if _old_content_hash(obj["model"], obj["config"], obj["state_dict"]) != obj["hash"]:
+        raise CheckpointError(f"{src}: content hash mismatch: not upgrading a file that was changed")
+    obj = {**obj, "format": FORMAT, "metrics": obj.get("metrics", {}), "extra": obj.get("extra", {})}
+    obj["hash"] = _hash_of(obj)
+    storage.write_bytes(dst, _save(obj))
+    return obj["hash"]
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 4 or sys.argv[1] != "upgrade":
+        raise SystemExit("usage: python -m models.checkpoint upgrade OLD_CHECKPOINT NEW_CHECKPOINT")
+    try:
+        print(upgrade_checkpoint(sys.argv[2], sys.argv[3]))
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None

@@ -68,6 +68,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from facedata import storage
 from faces.pipeline import FaceFinder, FaceOptions, decode_photos
+from models.checkpoint import split_pin
 from models.preprocess import Preprocessing
 from raytasks.predictor import Predictor, decode_batch, rows_per_image
 from raytasks.threads import runtime_env, torch_executor
@@ -118,7 +119,8 @@ class IngressSpec(_Strict):
 class ServeArgs(_Strict):
     """Arguments of :func:`build_app` (the ``args:`` of jobs/serve.yaml).
 
-    ``models`` maps the name used in URLs to a checkpoint (path or s3:// URI) or to a
+    ``models`` maps the name used in URLs to a checkpoint (path or s3:// URI, optionally pinned to its
+    content hash as ``URI#sha256:<hex>``: every replica then refuses any other file) or to a
     :class:`DeploymentSpec` with its own settings. The other fields are the defaults of every model's
     deployment, then the request limits and the ingress."""
 
@@ -160,6 +162,7 @@ class ServeArgs(_Strict):
                 raise ValueError(f"model name {name!r} must match {MODEL_NAME_PATTERN} (it is part of the URL)")
             if isinstance(spec, DeploymentSpec) and not spec.checkpoint:
                 raise ValueError(f"model {name!r}: checkpoint is required")
+            split_pin(spec if isinstance(spec, str) else spec.checkpoint)  # URI#sha256:<hex>: a malformed pin is refused
         return v
 
     def model_settings(self, name: str) -> dict:

@@ -32,7 +32,12 @@ MANIFESTS = {
 }
 DEPLOY_FILES = [CLUSTER_YAML, *(KUBERAY / name for name in MANIFESTS), KUBERAY / "README.md",
                 ROOT / "docs" / "deploy.md"]
-RAY_IMAGE_RE = re.compile(r"^rayproject/ray:(?P<version>\d+\.\d+\.\d+)-py(?P<py>\d+)-gpu$")
+# Images are pinned by digest (a tag can be moved, a digest cannot). The digest is a marked placeholder
+# until someone with registry access fills it in (deploy/kuberay/README.md); both forms are accepted here.
+RAY_IMAGE_RE = re.compile(r"^rayproject/ray:(?P<version>\d+\.\d+\.\d+)-py(?P<py>\d+)-gpu"
+                          r"@sha256:(?P<digest>[0-9a-f]{64}|<RAY_IMAGE_DIGEST>)$")
+SERVICE_ACCOUNTS = {"train-rayjob.yaml": "faceattr-train", "label-rayjob.yaml": "faceattr-label",
+                    "serve-rayservice.yaml": "faceattr-serve"}
 
 
 def _pyproject() -> dict:
@@ -322,10 +327,11 @@ def test_kuberay_manifests_run_the_ray_2_60_image_with_token_auth_and_irsa(name)
         for env in c.get("env", []):  # no literal secrets: only plain settings or secretKeyRef
             assert "KEY" not in env["name"] or "valueFrom" in env, env
     assert spec["authOptions"]["mode"] == "token"
-    # S3 through the IRSA-annotated ServiceAccount, the same on every pod
+    # S3 through the job's own IRSA-annotated ServiceAccount (train, label and serve have different rights)
     groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
-    assert {g["template"]["spec"].get("serviceAccountName") for g in groups} == {"faceattr-ray"}
-    assert "eks.amazonaws.com/role-arn" in (KUBERAY / "README.md").read_text()
+    assert {g["template"]["spec"].get("serviceAccountName") for g in groups} == {SERVICE_ACCOUNTS[name]}
+    readme = (KUBERAY / "README.md").read_text()
+    assert "eks.amazonaws.com/role-arn" in readme and SERVICE_ACCOUNTS[name] in readme
 
 
 def _entrypoint_module(command: str) -> str:
@@ -377,9 +383,22 @@ def test_label_rayjob_can_grow_to_the_largest_actor_pool():
 
 
 def _expected_pip() -> set[str]:
-    """The project's dependencies minus Ray, which the image provides."""
-    deps = _pyproject()["project"]["dependencies"]
-    return {d.replace(" ", "") for d in deps if not re.match(r"ray\b", d)}
+    """The project's dependencies minus Ray (the image provides it), each pinned exactly to the version the
+    tests ran with (this venv's), which must satisfy pyproject.toml's range: a cluster installs what was
+    tested, not whatever is newest on the day."""
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    out = set()
+    for d in _pyproject()["project"]["dependencies"]:
+        req = Requirement(d)
+        if req.name == "ray":
+            continue
+        v = version(req.name)
+        assert req.specifier.contains(v, prereleases=True), (d, v)
+        out.add(f"{req.name}=={v}")
+    return out
 
 
 def _check_runtime_env(env: dict) -> None:
@@ -387,7 +406,9 @@ def _check_runtime_env(env: dict) -> None:
 
     assert set(env) <= RuntimeEnv.known_fields, set(env) - RuntimeEnv.known_fields
     RuntimeEnv(**env)  # Ray's own validation (e.g. a remote working_dir must be a .zip)
-    assert re.match(r"s3://.+\.zip$", env["working_dir"])
+    # the code lives in its own bucket, which no job role can write (README: roles)
+    assert re.match(r"s3://YOUR_CODE_BUCKET/.+\.zip$", env["working_dir"]), env["working_dir"]
+    assert "FACEATTR_API_KEY" not in env.get("env_vars", {})  # the dashboard shows runtime_env env_vars
     pip = env["pip"]["packages"] if isinstance(env["pip"], dict) else env["pip"]
     assert {p.replace(" ", "") for p in pip} == _expected_pip()
 
@@ -506,3 +527,63 @@ def test_deploy_doc_commands_name_real_modules_and_the_projects_dependencies():
     for command in ("ray up cluster.yaml", "ray attach cluster.yaml", "ray dashboard cluster.yaml",
                     "ray down cluster.yaml", "ray job logs", "ray job status", "RAY_AUTH_MODE=token"):
         assert command in text, command
+
+
+# --------------------------------------------------------------------------------------------------
+# Least privilege (issue #13 item 13): non-root pods, network policies, roles, the API key
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", MANIFESTS)
+def test_pods_run_unprivileged(name):
+    spec = _cluster_spec(_manifest(name))
+    for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        pod = g["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        assert not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC")
+        assert g["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == name.split("-")[0]
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+            assert not sc.get("privileged") and "add" not in sc["capabilities"]
+
+
+def test_network_policies_cover_every_component_and_expose_only_the_api():
+    docs = [d for d in yaml.safe_load_all((KUBERAY / "networkpolicy.yaml").read_text()) if d]
+    assert {d["kind"] for d in docs} == {"NetworkPolicy"}
+    by_component = {d["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]: d for d in docs}
+    assert set(by_component) == {"train", "label", "serve"}
+    for component, d in by_component.items():
+        assert set(d["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+        for rule in d["spec"]["ingress"]:
+            peers = rule.get("from")
+            ports = {p["port"] for p in rule.get("ports", [])}
+            if peers is None:  # from anywhere: only the serving port of the serve pods
+                assert component == "serve" and ports == {8000}, (component, rule)
+            elif any(p.get("podSelector") == {} or "namespaceSelector" in p for p in peers):
+                assert ports and ports <= {8265}, (component, rule)  # the submitter's job API only
+            else:  # the component's own Ray pods
+                assert all(p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == component
+                           for p in peers), (component, rule)
+
+
+def test_roles_are_split_and_the_code_bucket_is_not_writable_by_serve():
+    readme = (KUBERAY / "README.md").read_text()
+    (table,) = re.findall(r"\| role \| ServiceAccount \|.*?\n\n", readme, re.S)
+    rows = {r.split("|")[2].strip(" `"): r for r in table.strip().splitlines()[2:]}
+    assert set(rows) == set(SERVICE_ACCOUNTS.values())
+    assert "models/" in rows["faceattr-serve"] and "write" not in rows["faceattr-serve"].split("|")[4]
+    for sa, row in rows.items():
+        assert "YOUR_CODE_BUCKET" not in row.split("|")[4], f"{sa} may write the code bucket"
+
+
+def test_the_api_key_is_never_put_in_a_runtime_env():
+    """The dashboard shows every runtime_env's env_vars: the key comes from a Secret in the containers'
+    environment, and both docs say so (they used to disagree)."""
+    (app,) = _serve_config()["applications"]
+    assert "FACEATTR_API_KEY" not in (app.get("runtime_env") or {}).get("env_vars", {})
+    section = (ROOT / "docs" / "api.md").read_text().split("## API key", 1)[1].split("\n## ", 1)[0]
+    assert "runtime_env.env_vars` in a Serve config" not in section  # the old advice
+    for text in (section, (ROOT / "docs" / "deploy.md").read_text()):
+        assert "never in a `runtime_env`" in text

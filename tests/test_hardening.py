@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from raytasks import inputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,3 +158,122 @@ def test_label_cli_takes_allow_prefix():
     args = build_parser().parse_args(["--checkpoint", "c.pt", "--input", "in/", "--output", "out/",
                                       "--allow-prefix", "s3://a/", "--allow-prefix", "/data"])
     assert args.allow_prefix == ["s3://a/", "/data"]
+
+
+# ------------------------------------------------------------------------------------------------------
+# item 10: checkpoint integrity and pins
+# ------------------------------------------------------------------------------------------------------
+
+def _saved(tmp_path, name="hs.pt", **kw):
+    import models
+    from models.checkpoint import save_checkpoint
+
+    path = str(tmp_path / name)
+    digest = save_checkpoint(models.create_model("hard_sharing"), path, **kw)
+    return path, digest
+
+
+@pytest.mark.parametrize("edit", [
+    lambda o: o["outputs"][0].update(name="renamed"),
+    lambda o: o["preprocessing"].update(mean=[0.123]),
+    lambda o: o["preprocessing"].update(size=[64, 64]),
+    lambda o: o["metrics"].update(accuracy=0.99),
+    lambda o: o["extra"].update(run="someone else's"),
+], ids=["outputs", "preprocessing-mean", "preprocessing-size", "metrics", "extra"])
+def test_every_described_field_is_covered_by_the_hash(tmp_path, edit):
+    import torch
+
+    from models.checkpoint import CheckpointError, load_checkpoint
+
+    path, _ = _saved(tmp_path, metrics={"accuracy": 0.5}, extra={"run": "r1"})
+    obj = torch.load(path, weights_only=True)
+    edit(obj)
+    torch.save(obj, tmp_path / "edited.pt")
+    with pytest.raises(CheckpointError, match="hash mismatch"):
+        load_checkpoint(str(tmp_path / "edited.pt"))
+
+
+def test_pinned_checkpoint(tmp_path):
+    from models.checkpoint import CheckpointError, load_checkpoint, split_pin
+
+    path, digest = _saved(tmp_path)
+    _, info = load_checkpoint(f"{path}#{digest}")
+    assert info.hash == digest and info.uri == path
+    other, other_digest = _saved(tmp_path, "other.pt", metrics={"x": 1.0})
+    with pytest.raises(CheckpointError, match="not the pinned"):
+        load_checkpoint(f"{other}#{digest}")  # a replaced file at a pinned URI
+    for bad in (f"{path}#sha256:1234", f"{path}#sha256:{'g' * 64}"):
+        with pytest.raises(CheckpointError, match="64 hex digits"):
+            split_pin(bad)
+    assert split_pin(f"s3://b/m.pt#{digest.upper().replace('SHA256', 'sha256')}") == ("s3://b/m.pt", digest)
+
+
+@pytest.mark.parametrize("obj", [
+    {"format": "FORMAT"},
+    {"format": "FORMAT", "model": "hard_sharing", "config": {}, "outputs": [], "preprocessing": {},
+     "metrics": {}, "extra": {}, "state_dict": [], "hash": "sha256:0"},
+    {"format": "FORMAT", "model": 3, "config": None, "outputs": [], "preprocessing": {},
+     "metrics": {}, "extra": {}, "state_dict": {}, "hash": "x"},
+    ["not", "a", "dict"],
+], ids=["no-fields", "state-dict-list", "mistyped", "list"])
+def test_malformed_checkpoint_is_the_documented_error(tmp_path, obj):
+    import torch
+
+    from models.checkpoint import FORMAT, CheckpointError, load_checkpoint
+
+    if isinstance(obj, dict):
+        obj = {**obj, "format": FORMAT}  # the current format: what is malformed is the rest
+    torch.save(obj, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(str(tmp_path / "bad.pt"))
+
+
+def test_hash_matching_but_unbuildable_checkpoint_is_the_documented_error(tmp_path):
+    import torch
+
+    from models.checkpoint import CheckpointError, _hash_of, load_checkpoint
+
+    path, _ = _saved(tmp_path)
+    obj = torch.load(path, weights_only=True)
+    obj["model"] = "no_such_model"
+    obj["hash"] = _hash_of(obj)
+    torch.save(obj, tmp_path / "unknown.pt")
+    with pytest.raises(CheckpointError, match="does not build its model"):
+        load_checkpoint(str(tmp_path / "unknown.pt"))
+
+
+def test_format_1_checkpoints_are_refused_and_upgradable(tmp_path):
+    import torch
+
+    from models.checkpoint import CheckpointError, _old_content_hash, load_checkpoint, upgrade_checkpoint
+
+    path, _ = _saved(tmp_path)
+    obj = torch.load(path, weights_only=True)
+    obj["format"] = "faceattr-checkpoint/1"
+    obj["hash"] = _old_content_hash(obj["model"], obj["config"], obj["state_dict"])
+    torch.save(obj, tmp_path / "v1.pt")
+    with pytest.raises(CheckpointError, match="python -m models.checkpoint upgrade"):
+        load_checkpoint(str(tmp_path / "v1.pt"))
+    new_hash = upgrade_checkpoint(str(tmp_path / "v1.pt"), str(tmp_path / "v2.pt"))
+    assert load_checkpoint(str(tmp_path / "v2.pt"))[1].hash == new_hash
+    obj["state_dict"]["trunk.0.bias"] += 1.0  # a changed format-1 file is not upgraded
+    torch.save(obj, tmp_path / "v1-changed.pt")
+    with pytest.raises(CheckpointError, match="hash mismatch"):
+        upgrade_checkpoint(str(tmp_path / "v1-changed.pt"), str(tmp_path / "nope.pt"))
+
+
+def test_label_and_serve_config_take_the_pin(tmp_path):
+    from pydantic import ValidationError
+
+    from raytasks import label as L
+    from raytasks.serve import ServeArgs
+
+    path, digest = _saved(tmp_path)
+    ServeArgs.model_validate({"models": {"hs": f"{path}#{digest}", "b": {"checkpoint": f"{path}#{digest}"}}})
+    with pytest.raises(ValidationError, match="64 hex digits"):
+        ServeArgs.model_validate({"models": {"hs": f"{path}#sha256:abc"}})
+    (tmp_path / "photos").mkdir()
+    wrong = "sha256:" + "0" * 64
+    spec = L.LabelSpec(checkpoint=f"{path}#{wrong}", input=str(tmp_path / "photos"), output=str(tmp_path / "out"))
+    with pytest.raises(L.LabelError, match="not the pinned"):
+        L.label(spec, echo=lambda *_: None)
