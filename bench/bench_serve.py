@@ -1,7 +1,12 @@
 """Serving benchmark: a bounded load generator on loopback against the Ray Serve endpoint, side by side with
 the same model without HTTP, in one run.
 
-    python bench/bench_serve.py [--model age_gender_race] [--requests 200] [--concurrency 1,8,32]
+    python bench/bench_serve.py [--model age_gender_race] [--requests 200] [--concurrency 1,8,32] [--faces detect]
+
+With ``--faces detect`` every request is a photo (640-1000 px, 1-2 faces composed from real UTKFace faces when
+../shared/data is present) and both sides find, align and label every face: model only is
+``Predictor.predict_bytes(..., finder=FaceFinder())`` (bytes -> rows per face), "forward only" is detection +
+alignment + model on pre-decoded photos; the server runs with ``faces: {mode: detect}``.
 
 1. Model only, in this process (``raytasks.predictor.Predictor``, the code a replica runs): the time of one
    image (bytes -> row) and the batched throughput at ``--max-batch-size`` (bytes -> rows, and the forward
@@ -74,6 +79,19 @@ def make_jpegs(n: int, size: int, seed: int = 0) -> list[bytes]:
     return out
 
 
+def make_photos(n: int) -> list[bytes]:
+    """Photos of 640-1000 px with 1-2 faces each (bench/bench_faces.py's sources)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_faces import sources
+
+    from facedata.compose import compose
+    from facedata.synth import encode_jpeg
+
+    src, _ = sources(16)
+    return [encode_jpeg(Image.fromarray(compose(src, 500 + i, n_faces=(1, 2), canvas=(640, 1000),
+                                                face_width=(80, 240), max_angle=15).image)) for i in range(n)]
+
+
 def timed(fn, repeat: int) -> list[float]:
     times = []
     for _ in range(repeat):
@@ -88,14 +106,23 @@ def model_only(ckpt: str, images: list[bytes], args) -> dict:
     b = args.max_batch_size
     one = [("x.jpg", images[0])]
     batch = [(f"{i}.jpg", images[i % len(images)]) for i in range(b)]
-    dec = decode_batch([n for n, _ in batch], [d for _, d in batch], p.preprocessing)
-    x = torch.from_numpy(dec["image"])
+    finder = None
+    if args.faces == "detect":
+        from faces.pipeline import FaceFinder, decode_photos
+
+        finder = FaceFinder()
+        dec = decode_photos([n for n, _ in batch], [d for _, d in batch], finder.options.max_side)
+        forward = lambda: p.predict_photos(dec, finder)  # noqa: E731 - detect + align + model, pre-decoded
+    else:
+        dec = decode_batch([n for n, _ in batch], [d for _, d in batch], p.preprocessing)
+        x = torch.from_numpy(dec["image"])
+        forward = lambda: p.forward_uint8(x)  # noqa: E731
     for _ in range(3):  # warm-up: kernel plans for batch 1 and batch B
-        p.predict_bytes(one)
-        p.predict_bytes(batch)
-    single = timed(lambda: p.predict_bytes(one), args.single_repeat)
-    batched = timed(lambda: p.predict_bytes(batch), args.batch_repeat)
-    fwd = timed(lambda: p.forward_uint8(x), args.batch_repeat)
+        p.predict_bytes(one, finder=finder)
+        p.predict_bytes(batch, finder=finder)
+    single = timed(lambda: p.predict_bytes(one, finder=finder), args.single_repeat)
+    batched = timed(lambda: p.predict_bytes(batch, finder=finder), args.batch_repeat)
+    fwd = timed(forward, args.batch_repeat)
     return {
         "precision": p.precision,
         "single_image_ms_p50": 1000 * statistics.median(single),
@@ -216,7 +243,7 @@ def served(ckpt: str, images: list[bytes], args, port: int, batched: bool) -> li
         "num_cpus": 1, "num_replicas": args.replicas,
         "max_batch_size": mbs, "batch_wait_timeout_s": args.batch_wait_timeout_s if batched else 0.0,
         "max_ongoing_requests": max(64, 2 * mbs), "max_queued_requests": -1,
-        "ingress": {"num_cpus": 0.5, "max_ongoing_requests": 1024},
+        "ingress": {"num_cpus": 0.5, "max_ongoing_requests": 1024}, "faces": {"mode": args.faces},
     })
     serve.run(app, name="bench", route_prefix="/")
     path = "/v1/models/m/predict"
@@ -267,6 +294,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--single-repeat", type=int, default=30)
     p.add_argument("--batch-repeat", type=int, default=8)
     p.add_argument("--skip-unbatched", action="store_true")
+    p.add_argument("--faces", choices=("whole", "detect"), default="whole",
+                   help="detect: photos with faces, found and aligned on both sides")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     command = "python bench/bench_serve.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
@@ -277,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
     if ckpt is None:
         ckpt = os.path.join(tmp, f"{args.model}.pt")
         save_checkpoint(models.create_model(args.model, **parse_overrides(args.set)).eval(), ckpt)
-    images = make_jpegs(32, args.image_px)
+    images = make_photos(32) if args.faces == "detect" else make_jpegs(32, args.image_px)
     info = {"date": dt.datetime.now().isoformat(timespec="seconds"), "command": command,
             "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
             "load_avg_start": os.getloadavg(), "model": args.model, "overrides": parse_overrides(args.set)}
