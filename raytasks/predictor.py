@@ -264,17 +264,16 @@ class Predictor:
                 if j is None:
                     for name in ("face", "face_score", "face_box", "face_points"):
                         cols[name].append(None)
-                    for f in self.output_fields:
-                        cols[f.name].append(None)
+                    for field in self.output_fields:
+                        cols[field.name].append(None)
                     continue
-                k, s = aligned.index[j], scale_of[i]
-                f = face_of[i]
+                k, s, found_here = aligned.index[j], scale_of[i], face_of[i]
                 cols["face"].append(k)
-                cols["face_score"].append(float(f.scores[k]))
-                cols["face_box"].append((f.boxes[k].double() * s).tolist())
-                cols["face_points"].append((f.points[k].double() * s).reshape(-1).tolist())
-                for f_ in self.output_fields:
-                    cols[f_.name].append(decoded[f_.name][j])
+                cols["face_score"].append(float(found_here.scores[k]))
+                cols["face_box"].append((found_here.boxes[k].double() * s).tolist())
+                cols["face_points"].append((found_here.points[k].double() * s).reshape(-1).tolist())
+                for field in self.output_fields:
+                    cols[field.name].append(decoded[field.name][j])
         return cols
 
     def predict_bytes(self, items: list[tuple[str, bytes]], finder: FaceFinder | None = None,
