@@ -168,17 +168,24 @@ class LabelSpec:
 # CPU stage: bytes -> decoded uint8 images (or, with --gpu-decode, JPEG bytes checked for the GPU)
 # ------------------------------------------------------------------------------------------------------
 
-def _decoded_table(cols: dict, images: np.ndarray, data: list | None = None) -> pa.Table:
-    from ray.data.extensions import ArrowTensorArray
-
-    n = len(cols["path"])
-    arrays = {
+def _row_arrays(cols: dict) -> dict[str, pa.Array]:
+    """The per-image columns every decoded batch carries (path, outcome, original size)."""
+    return {
         "path": pa.array([str(p) for p in cols["path"]], pa.string()),
         "ok": pa.array(np.asarray(cols["ok"], dtype=bool)),
         "error_kind": pa.array(list(cols["error_kind"]), pa.string()),
         "error_message": pa.array(list(cols["error_message"]), pa.string()),
         "width": pa.array(np.asarray(cols["width"], dtype=np.int32)),
         "height": pa.array(np.asarray(cols["height"], dtype=np.int32)),
+    }
+
+
+def _decoded_table(cols: dict, images: np.ndarray, data: list | None = None) -> pa.Table:
+    from ray.data.extensions import ArrowTensorArray
+
+    n = len(cols["path"])
+    arrays = {
+        **_row_arrays(cols),
         "geometry": ArrowTensorArray.from_numpy(np.asarray(cols["geometry"], dtype=np.float64).reshape(n, 4)),
         "image": ArrowTensorArray.from_numpy(np.ascontiguousarray(images)),
     }
@@ -195,16 +202,8 @@ def _photos_table(cols: dict) -> pa.Table:
     images = [im if im is not None else np.zeros((3, 0, 0), np.uint8) for im in cols["image"]]
     arr = np.empty(len(images), dtype=object)
     arr[:] = images
-    return pa.table({
-        "path": pa.array([str(p) for p in cols["path"]], pa.string()),
-        "ok": pa.array(np.asarray(cols["ok"], dtype=bool)),
-        "error_kind": pa.array(list(cols["error_kind"]), pa.string()),
-        "error_message": pa.array(list(cols["error_message"]), pa.string()),
-        "width": pa.array(np.asarray(cols["width"], dtype=np.int32)),
-        "height": pa.array(np.asarray(cols["height"], dtype=np.int32)),
-        "scale": pa.array(np.asarray(cols["scale"], dtype=np.float64)),
-        "image": ArrowTensorArray.from_numpy(arr),
-    })
+    return pa.table({**_row_arrays(cols), "scale": pa.array(np.asarray(cols["scale"], dtype=np.float64)),
+                     "image": ArrowTensorArray.from_numpy(arr)})
 
 
 def load_and_decode_photos(batch: pa.Table, max_side: int, base: str | None = None,
