@@ -595,20 +595,29 @@ class FaceAttrAPI:
             return await self._predict_photos(name, handle, items)
         return await self._predict_whole(name, handle, items)
 
-    async def _predict_whole(self, name: str, handle: DeploymentHandle, items: list[tuple[str, bytes]]) -> JSONResponse:
+    async def _consistent(self, name: str, call) -> tuple[dict, Any]:
+        """``await call(description)`` against the model's current checkpoint: when a replica holds another
+        one (an update under way), the description is read again and the call made once more; a second
+        mismatch is a 503, never a 500."""
         for attempt in (0, 1):
             desc = await self._describe(name, refresh=attempt > 0)
+            try:
+                return desc, await call(desc)
+            except CheckpointChanged:
+                if attempt:
+                    raise _changed(name) from None
+        raise AssertionError("unreachable")
+
+    async def _predict_whole(self, name: str, handle: DeploymentHandle, items: list[tuple[str, bytes]]) -> JSONResponse:
+        async def call(desc: dict):  # decoded for the checkpoint's own preprocessing
             pre = Preprocessing.from_dict(desc["preprocessing"])
             batch = await self._decode(decode_batch, [p for p, _ in items], [d for _, d in items], pre)
             self._reject_bad_images(batch)
             payload = [{"path": batch["path"][i], "width": int(batch["width"][i]), "height": int(batch["height"][i]),
                         "image": batch["image"][i], "geometry": batch["geometry"][i]} for i in range(len(items))]
-            try:
-                rows = await self._model_call(name, handle.predict.remote(payload, desc["checkpoint"]["hash"]))
-                break
-            except CheckpointChanged:
-                if attempt:
-                    raise _changed(name) from None
+            return await self._model_call(name, handle.predict.remote(payload, desc["checkpoint"]["hash"]))
+
+        desc, rows = await self._consistent(name, call)
         return JSONResponse(_json_safe({"model": name, "architecture": desc["architecture"],
                                         "checkpoint": desc["checkpoint"]["hash"], "predictions": rows}))
 
@@ -618,14 +627,8 @@ class FaceAttrAPI:
         self._reject_bad_images(batch)
         payload = [{"path": batch["path"][i], "width": int(batch["width"][i]), "height": int(batch["height"][i]),
                     "scale": float(batch["scale"][i]), "image": batch["image"][i]} for i in range(len(items))]
-        for attempt in (0, 1):
-            desc = await self._describe(name, refresh=attempt > 0)
-            try:
-                per_image = await self._model_call(name, handle.predict_photos.remote(payload, desc["checkpoint"]["hash"]))
-                break
-            except CheckpointChanged:
-                if attempt:
-                    raise _changed(name) from None
+        desc, per_image = await self._consistent(name, lambda desc: self._model_call(
+            name, handle.predict_photos.remote(payload, desc["checkpoint"]["hash"])))
         images = [{"path": p["path"], "width": p["width"], "height": p["height"],
                    "faces": [r for r in rows if r["face"] is not None]} for p, rows in zip(payload, per_image)]
         return JSONResponse(_json_safe({
