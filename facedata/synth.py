@@ -103,6 +103,24 @@ def _shade(color, f: float) -> tuple[int, int, int]:
     return tuple(int(max(0, min(255, c * f))) for c in color)
 
 
+def _ellipse_mask(w: float, h: float) -> Image.Image:
+    m = Image.new("L", (max(1, round(w)), max(1, round(h))), 0)
+    ImageDraw.Draw(m).ellipse((0, 0, m.width - 1, m.height - 1), fill=255)
+    return m
+
+
+def _shaded_skin(skin, w: float, h: float) -> Image.Image:
+    """The face's skin lit from the front and a little above: full tone in the middle, about 30 % darker
+    at the rim (a face's roundness is what a face detector sees first; a flat disc reads as a sticker)."""
+    W, H = max(1, round(w)), max(1, round(h))
+    xs = (np.arange(W, dtype=np.float32) + 0.5) / W * 2 - 1
+    ys = (np.arange(H, dtype=np.float32) + 0.5) / H * 2 - 1
+    r2 = np.clip(xs[None, :] ** 2 + ys[:, None] ** 2, 0, 1)
+    light = 1.04 - 0.3 * r2 ** 1.5 - 0.06 * ys[:, None]
+    arr = np.clip(np.asarray(skin, np.float32)[None, None, :] * light[..., None], 0, 255)
+    return Image.fromarray(arr.astype(np.uint8), "RGB")
+
+
 def _sample_features(rng: np.random.Generator, races: tuple[int, ...] | None) -> dict:
     """Every random choice for one face, before any geometry."""
     u = rng.random
@@ -194,7 +212,7 @@ def draw_face(
     skin = tuple(int(np.clip(c + rng.integers(-7, 8), 0, 255)) for c in skin)
     line_skin = _shade(skin, 0.72)
     hair = HAIR_COLORS[f["hair"]]
-    brow = _shade(hair, 0.8) if not f["bald"] else (60, 45, 35)
+    brow = _shade(hair, 0.55) if not f["bald"] else (60, 45, 35)
 
     # --- background ---------------------------------------------------------------------------------------
     bg = tuple(int(c) for c in rng.integers(30, 226, 3))
@@ -223,6 +241,7 @@ def draw_face(
     clothes = tuple(int(c) for c in rng.integers(20, 236, 3))
     d.ellipse((cx - 1.15 * fw, y1 + 0.12 * fh, cx + 1.15 * fw, y1 + 1.4 * fh), fill=clothes)
     d.rectangle((cx - 0.19 * fw, y1 - 0.15 * fh, cx + 0.19 * fw, y1 + 0.22 * fh), fill=_shade(skin, 0.9))
+    d.rectangle((cx - 0.19 * fw, y1 - 0.15 * fh, cx + 0.19 * fw, y1 + 0.06 * fh), fill=_shade(skin, 0.68))  # chin shadow
     if f["necktie"]:
         d.polygon([(cx - 0.2 * fw, y1 + 0.16 * fh), (cx, y1 + 0.3 * fh), (cx + 0.2 * fw, y1 + 0.16 * fh)],
                   fill=(245, 245, 245))
@@ -243,7 +262,12 @@ def draw_face(
             d.ellipse((mx - r, ear_bot - r * 0.5, mx + r, ear_bot + 1.5 * r), fill=(235, 205, 70))
     if not f["bald"]:
         d.ellipse((x0 - 0.06 * fw, y0 - 0.11 * fh, x1 + 0.06 * fw, y0 + 0.6 * fh), fill=hair)
-    d.ellipse((x0, y0, x1, y1), fill=skin)
+    img.paste(_shaded_skin(skin, fw, fh), (round(x0), round(y0)), _ellipse_mask(fw, fh))
+    lit = _mix(skin, (255, 255, 255), 0.16)  # where the light catches: forehead and the tops of the cheeks
+    d.ellipse((cx - 0.22 * fw, y0 + 0.22 * fh, cx + 0.22 * fw, y0 + 0.36 * fh), fill=lit)
+    for side in (-1, 1):
+        hx = cx + side * fw * 0.24
+        d.ellipse((hx - 0.1 * fw, ey + 0.1 * fh, hx + 0.1 * fw, ey + 0.17 * fh), fill=lit)
     if f["sideburns"]:
         for sx in (x0 + 0.02 * fw, x1 - 0.08 * fw):
             d.rectangle((sx, y0 + 0.22 * fh, sx + 0.06 * fw, ey + 0.08 * fh), fill=hair)
@@ -273,6 +297,8 @@ def draw_face(
     for k, (ex, eyy) in enumerate((left_eye, right_eye)):
         r = eye_r * (1 + (0.25 * asym if k == 0 else 0))
         rv = r * (0.42 if f["narrow_eyes"] else 0.68)
+        # eye socket: the shadow between brow and cheek that makes a face read as one (all faces)
+        d.ellipse((ex - 1.45 * r, eyy - 1.35 * r, ex + 1.45 * r, eyy + 0.85 * r), fill=_shade(skin, 0.8))
         if f["eyeshadow"]:
             d.ellipse((ex - 1.25 * r, eyy - 1.25 * r, ex + 1.25 * r, eyy + 0.3 * r), fill=(120, 70, 140))
         d.ellipse((ex - r, eyy - rv, ex + r, eyy + rv), fill=(248, 248, 248), outline=line_skin)
@@ -281,7 +307,7 @@ def draw_face(
         rp = ri * 0.45
         d.ellipse((ex - rp, eyy - rp, ex + rp, eyy + rp), fill=(10, 10, 10))
         by = eyy - r - 0.05 * fh
-        bw = max(1, int(fw * (0.04 if f["bushy"] else 0.016)))
+        bw = max(1, int(fw * (0.055 if f["bushy"] else 0.028)))
         if f["arched"]:
             d.arc((ex - 1.3 * r, by - 0.4 * r, ex + 1.3 * r, by + 0.9 * r), 200, 340, fill=brow, width=bw)
         else:
@@ -316,6 +342,15 @@ def draw_face(
                    (cx, y1 + 0.01 * fh), (cx - 0.12 * fw, y1 - 0.05 * fh)], fill=_shade(hair, 0.85))
     nw = fw * (0.1 if f["big_nose"] else 0.065)
     nx, ny = nose
+    # nose: a shadow down one side and under the tip, a lit bridge, nostrils
+    d.polygon([(nx - 0.35 * nw, ey + 0.08 * fh), (nx - 0.15 * nw, ey + 0.08 * fh), (nx - 0.2 * nw, ny - 0.5 * nw),
+               (nx - 1.1 * nw, ny - 0.2 * nw)], fill=_shade(skin, 0.82))
+    d.ellipse((nx - 1.1 * nw, ny - 0.45 * nw, nx + 1.1 * nw, ny + 0.45 * nw), fill=_shade(skin, 0.78))
+    d.line((nx + 0.15 * nw, ey + 0.06 * fh, nx + 0.15 * nw, ny - 0.8 * nw), fill=_shade(skin, 1.12),
+           width=max(1, int(fw * 0.02)))
+    for side in (-1, 1):
+        d.ellipse((nx + side * 0.45 * nw - 0.22 * nw, ny - 0.25 * nw, nx + side * 0.45 * nw + 0.22 * nw, ny + 0.1 * nw),
+                  fill=_shade(skin, 0.45))
     d.line((nx, ey + 0.05 * fh, nx - 0.3 * nw, ny - 0.6 * nw), fill=line_skin, width=max(1, int(fw * 0.012)))
     if f["pointy_nose"]:
         d.line([(nx - nw, ny - 0.8 * nw), (nx, ny), (nx + nw, ny - 0.8 * nw)], fill=line_skin,
@@ -327,8 +362,10 @@ def draw_face(
         d.polygon([(cx - 0.2 * fw, mouth_y - 0.005 * fh), (cx - 0.12 * fw, my - 0.025 * fh),
                    (cx + 0.12 * fw, my - 0.025 * fh), (cx + 0.2 * fw, mouth_y - 0.005 * fh),
                    (cx, my + 0.02 * fh)], fill=_shade(hair, 0.8))
-    lip = (200, 30, 55) if f["lipstick"] else _mix(skin, (150, 60, 60), 0.5)
-    lw = max(1, int(fw * (0.04 if f["big_lips"] else 0.018)))
+    lip = (200, 30, 55) if f["lipstick"] else _mix(_shade(skin, 0.75), (150, 60, 60), 0.5)
+    lw = max(1, int(fw * (0.055 if f["big_lips"] else 0.026)))
+    # the shadow under the lower lip
+    d.chord((cx - 0.6 * mw, mouth_y + 0.02 * fh, cx + 0.6 * mw, mouth_y + 0.1 * fh), 0, 180, fill=_shade(skin, 0.82))
     depth = 0.07 * fh if f["smile"] else 0.0
     ts = np.linspace(0.0, 1.0, 13)
 
