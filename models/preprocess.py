@@ -217,9 +217,12 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: tupl
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
             w0, h0 = img.size
-            orientation = img.getexif().get(0x0112, 1)
-            rotated = orientation not in (None, 1)
-            check_header(img, max_pixels, float("inf"), rotated)
+            check_header(img, max_pixels, float("inf"))  # format, pixels, aspect, tiles: before anything else
+            # Pillow's PNG getexif() decodes the whole image to look for an eXIf chunk after the pixels, so
+            # a PNG's orientation is read from the header only when the chunk came before them; otherwise
+            # it is read after the (bounded) load below.
+            early_exif = img.format != "PNG" or "exif" in img.info
+            rotated = early_exif and img.getexif().get(0x0112, 1) not in (None, 1)
             if isinstance(draft_to, int):  # a longest side: the size that keeps the aspect ratio
                 f = min(1.0, draft_to / max(w0, h0, 1))
                 draft_to = (max(1, math.ceil(w0 * f)), max(1, math.ceil(h0 * f)))
@@ -227,6 +230,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: tupl
                 img.draft(img.mode if img.mode in ("RGB", "L") else None, draft_to)
             check_header(img, max_pixels, max_decode_bytes, rotated)
             img.load()
+            orientation = img.getexif().get(0x0112, 1)
             img = ImageOps.exif_transpose(img, in_place=True) or img
     except ImageDecodeError:
         raise

@@ -14,8 +14,9 @@ Every write that decides who holds it is a *create-if-absent*, atomic on both st
 
 Objects are numbered generations, ``000000000001.json``, ``000000000002.json``, ... The live lease is the
 highest one. To acquire, a run reads the highest generation ``n``: when it is unexpired, the run is refused
-(:class:`LeaseHeld`, naming the holder); when there is none, or it has expired (its run was killed), the run
-creates generation ``n + 1``. Two runs that take over the same stale lease at once both try to create the
+(:class:`LeaseHeld`, naming the holder); when there is none, or it has expired (its run was killed), or its
+holder ran on this same host and that process is gone (pid and process start time no longer match: a
+``kill -9`` followed by a rerun need not wait for the expiry), the run creates generation ``n + 1``. Two runs that take over the same stale lease at once both try to create the
 same ``n + 1``; exactly one create succeeds, the other sees a live lease and is refused. The winner deletes
 the older generations; a clean release deletes its own. Renewal rewrites the holder's own generation (only
 the holder writes it) after checking that no newer generation exists; a holder that finds one (it was
@@ -146,6 +147,29 @@ def _gen_name(gen: int) -> str:
     return f"{gen:012d}.json"
 
 
+def _start_ticks(pid: int) -> int | None:
+    """The start time of a local process (clock ticks since boot), or None when it does not exist. With
+    the pid it identifies one process: a pid reused by another process has another start time."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _dead_here(rec: dict) -> bool:
+    """Whether the lease's holder ran on this host and its process is gone (killed): its lease is stale
+    now, not only when it expires. Holders on other hosts are judged by their expiry alone."""
+    if rec.get("host") != socket.gethostname() or not os.path.isdir("/proc/self"):
+        return False
+    try:
+        pid = int(rec.get("pid"))
+    except (TypeError, ValueError):
+        return False
+    start = _start_ticks(pid)
+    return start is None or (rec.get("pid_start") is not None and start != rec.get("pid_start"))
+
+
 class Lease:
     """``with Lease(output):`` holds the output for the block (see the module docstring)."""
 
@@ -165,7 +189,8 @@ class Lease:
     def _record(self) -> bytes:
         now = time.time()
         return json.dumps({
-            "owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "output": self.output,
+            "owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
+            "pid_start": _start_ticks(os.getpid()), "output": self.output,
             "created": self._created,
             "created_iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._created)),
             "expires": now + self.ttl_s, "ttl_s": self.ttl_s,
@@ -189,7 +214,7 @@ class Lease:
             rec = json.loads(body) if body is not None else None
         except ValueError:
             rec = None  # not written by us (our writes are atomic): not a live lease
-        if not isinstance(rec, dict) or float(rec.get("expires", 0)) <= time.time():
+        if not isinstance(rec, dict) or float(rec.get("expires", 0)) <= time.time() or _dead_here(rec):
             return None
         return rec
 
@@ -206,7 +231,7 @@ class Lease:
                     rec = json.loads(body)
                 except ValueError:
                     rec = {}
-                if isinstance(rec, dict) and float(rec.get("expires", 0)) > time.time():
+                if isinstance(rec, dict) and float(rec.get("expires", 0)) > time.time() and not _dead_here(rec):
                     raise LeaseHeld(self.output, rec)
             if self.store.create(_gen_name(top + 1), self._record()):
                 self.gen = top + 1

@@ -87,3 +87,25 @@ def test_label_refuses_a_second_run_before_touching_the_output(tmp_path):
         assert sorted(p.name for p in out.iterdir()) == ["_lease"]  # no _inputs/, no _checkpoint/
     finally:
         holder.release()
+
+
+def test_a_killed_holder_on_this_host_is_taken_over_at_once(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = str(tmp_path / "out")
+    code = ("import sys, time; from raytasks.lease import Lease; Lease(sys.argv[1]).acquire(); "
+            "print('held', flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, out], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(LeaseHeld):  # alive: refused
+            Lease(out).acquire()
+    finally:
+        proc.kill()
+        proc.wait()
+    lease = Lease(out).acquire()  # killed (kill -9), its lease unexpired: taken over without waiting
+    lease.release()

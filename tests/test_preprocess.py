@@ -213,6 +213,19 @@ def test_decoded_memory_is_bounded_not_only_pixels():
     decode(encode(Image.new("L", (3000, 3000)), "PNG"), pre, max_decode_bytes=64 * 1024 * 1024)  # 9 MB: fine
 
 
+def test_png_over_the_memory_limit_is_refused_without_decoding_it(monkeypatch):
+    # Pillow's PngImageFile.getexif() loads the whole image: the limits must be checked before it is called
+    from PIL import PngImagePlugin
+
+    loads = []
+    real = PngImagePlugin.PngImageFile.load
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: loads.append(1) or real(self))
+    data = encode(Image.new("RGBA", (3000, 3000)), "PNG")
+    with pytest.raises(ImageDecodeError) as e:
+        decode(data, RGB, max_decode_bytes=64 * 1024 * 1024)
+    assert e.value.kind == "too_large" and not loads
+
+
 def _tiff_with_tiles(tile: int) -> bytes:
     """A 64x64 grey TIFF of about 2 KB whose one tile claims to be ``tile`` x ``tile`` pixels."""
     buf = io.BytesIO()
