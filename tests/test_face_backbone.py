@@ -248,10 +248,14 @@ def test_freezing_freezes_and_the_trunk_learns_slower():
 def test_frozen_trunk_outputs_are_cached():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        m = models.create_model("age_gender_race").eval()
+        m = models.create_model("age_gender_race").train()
     bb = m.backbone
     x = torch.randn(6, 3, 150, 150)
     with torch.no_grad():
+        m.eval()  # labeling and serving: never cached
+        bb(x), bb(x)
+        assert bb.cache_hits == bb.cache_misses == 0 and not bb._cache
+        m.train()
         first = bb(x)
         assert (bb.cache_hits, bb.cache_misses) == (0, 6)
         again = bb(x[[4, 1]])
