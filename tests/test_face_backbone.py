@@ -327,6 +327,8 @@ def test_short_training_on_utkface_beats_from_scratch(shared_data):
         engine.fit(m, train, test.iloc[:32], epochs=3, batch_size=32, log_fn=None)
         results[name] = engine.evaluate_table(m, test, batch_size=64)
     dlib, scratch = results["dlib"], results["scratch"]
+    print({k: {m: round(v, 4) for m, v in r.items() if m.endswith((".accuracy", ".mae", ".rmse"))}
+           for k, r in results.items()})  # pytest -s shows the figures
     assert dlib["gender.accuracy"] >= 0.72 and dlib["gender.accuracy"] >= scratch["gender.accuracy"] + 0.08, results
     assert dlib["mean_accuracy"] >= scratch["mean_accuracy"] + 0.03, results
     assert math.isfinite(dlib["age.rmse"]) and dlib["age.mae"] < 15.0, results  # below the constant answer's 15.5
