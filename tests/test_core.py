@@ -38,7 +38,8 @@ def test_registry_lists_the_five_models_and_rejects_unknown_names():
 def test_every_model_declares_outputs_preprocessing_and_recipe(name):
     cls = models.model_class(name)
     assert cls.name == name
-    m = models.create_model(name, **({"image_size": 96} if name != "hard_sharing" else {}))
+    size = {"hard_sharing": {}, "age_gender_race": {"image_size": 112}}.get(name, {"image_size": 96})  # dlib trunk: >= 103
+    m = models.create_model(name, **size)
     assert m.outputs.names() and m.preprocessing.size and m.recipe.lr > 0
     fields = m.outputs.fields()
     assert len({f.name for f in fields}) == len(fields)  # Parquet/JSON columns are unique
