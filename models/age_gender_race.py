@@ -20,6 +20,8 @@ Readings we chose:
   heads train in minutes on a CPU), ``"none"`` (fine-tuned end to end) or the number of leading groups kept
   fixed (stem, level4, level3, level2, level1, level0, fc). The blog does not say whether it fine-tuned.
   A trainable trunk learns at ``backbone_lr_scale`` × the heads' learning rate (0.1 by default).
+  ``backbone_weights`` for this trunk: a path to dlib's file (refused unless its sha256 is the known one),
+  ``"random"``, or by default the installed package's file.
   ``backbone="resnet"`` is a torchvision ResNet (``models.backbones.resnet``) whose ``fc`` is removed, keeping
   its global average pooling, for users who bring their own weights (``backbone_weights``, a torchvision
   state dict by path or s3:// URI); ``depth`` 50 by default (ResNet-50 is the torchvision trunk closest to

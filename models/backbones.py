@@ -94,7 +94,8 @@ class FaceBackbone(nn.Module):
     face descriptor itself. ``freeze``: ``"all"``, ``"none"``, or the number of leading groups of
     :data:`DlibFaceResNet.GROUPS` (stem, level4, level3, level2, level1, level0, fc) to keep fixed.
 
-    The cache (``cache=True``) works only while every parameter is frozen: a batch's samples are looked
+    The cache (``cache=True``) works only in training mode (labeling and serving never fill it) and while
+    every parameter is frozen: a batch's samples are looked
     up by a digest of their content (the normalised input tensor, so the preprocessing and augmentation are
     part of the key) together with a digest of the weights; only the misses run through the network. It
     lives in this module (one per process, so per Ray Train worker), is emptied when weights are loaded, and
@@ -165,7 +166,7 @@ class FaceBackbone(nn.Module):
         return h.digest()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.cache_enabled and self.frozen):
+        if not (self.cache_enabled and self.training and self.frozen):
             return self._compute(x)
         import hashlib
 
