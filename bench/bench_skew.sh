@@ -4,13 +4,16 @@
 # held-out test split twice: the crops fed whole, as in training, and through the detector and alignment,
 # as a user's photos go. Goal of issue #10: detect loses at most 1 accuracy point against whole.
 #   bash bench/bench_skew.sh [OUT]        (needs ../shared/data; writes OUT/<name>.{whole,detect}.json)
+#   JITTER=1 bash bench/bench_skew.sh OUT  the same models trained with --align-jitter 1 (names end in _jitter1)
+#   ONLY=hard_sharing ...                  one of the two
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
 OUT=${1:-/tmp/faceattr-skew}
 PY=${PY:-.venv/bin/python}
 mkdir -p "$OUT"
-common=(--workers ${WORKERS:-1} --threads 1 --storage "$OUT/runs" --max-failures 1)
+common=(--workers ${WORKERS:-1} --threads 1 --storage "$OUT/runs" --max-failures 1 ${JITTER:+--align-jitter $JITTER})
+SUFFIX=${JITTER:+_jitter$JITTER}
 
 run() {  # name model data extra-args...
   local name=$1 model=$2 data=$3; shift 3
@@ -24,15 +27,18 @@ run() {  # name model data extra-args...
   echo "$name: $((SECONDS - t0)) s" | tee -a "$OUT/times.txt"
 }
 
-run hard_sharing hard_sharing "celeba:$DATA/celeba" --epochs ${HS_EPOCHS:-6}
-run dmm_cnn      dmm_cnn      "celeba:$DATA/celeba" --epochs ${DMM_EPOCHS:-3} --image-size 64 --model-arg depth=18 \
+[ -n "${ONLY:-}" ] && [ "$ONLY" != hard_sharing ] || run hard_sharing$SUFFIX hard_sharing "celeba:$DATA/celeba" --epochs ${HS_EPOCHS:-6}
+[ -n "${ONLY:-}" ] && [ "$ONLY" != dmm_cnn ] || run dmm_cnn$SUFFIX dmm_cnn "celeba:$DATA/celeba" --epochs ${DMM_EPOCHS:-3} --image-size 64 --model-arg depth=18 \
   --optimizer adam --lr 0.001 --batch-size 32 --validate-every 50
-$PY - "$OUT" <<'PY'
-import json, sys
-out = sys.argv[1]
+$PY - "$OUT" "$SUFFIX" <<'PY'
+import json, os, sys
+out, suffix = sys.argv[1], sys.argv[2]
 print(f"{'model':<14}{'metric':<22}{'whole':>9}{'detect':>9}{'diff':>8}   images whole/detect (no face)")
 for name, keys in (("hard_sharing", ["gender.accuracy", "eyeglasses.accuracy", "mean_accuracy"]),
                    ("dmm_cnn", ["Male.accuracy", "Smiling.accuracy", "Eyeglasses.accuracy", "mean_accuracy"])):
+    name += suffix
+    if not os.path.exists(f"{out}/{name}.detect.json"):
+        continue
     w = json.load(open(f"{out}/{name}.whole.json"))
     d = json.load(open(f"{out}/{name}.detect.json"))
     for k in keys:

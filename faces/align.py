@@ -119,7 +119,9 @@ def warp(image: torch.Tensor, maps: torch.Tensor, size: tuple[int, int]) -> torc
     """Sample ``len(maps)`` crops of ``size`` (H, W) from one image.
 
     ``image``: uint8 or float (C, H, W); ``maps``: (K, 3, 3) affine maps from output pixels to image pixels.
-    Returns uint8 (K, C, H, W) on the image's device; outside the image is black (zero), as a letterbox."""
+    Returns uint8 (K, C, H, W) on the image's device. Outside the image the edge pixels are repeated: a face
+    at a photo's edge (or a data set's tight crop) then shows no black band, which no training crop had
+    (measured: zero padding cost hard_sharing 2.3 points of gender accuracy through detection, docs/results.md)."""
     out_h, out_w = size
     k = maps.shape[0]
     c = image.shape[0]
@@ -147,7 +149,7 @@ def warp(image: torch.Tensor, maps: torch.Tensor, size: tuple[int, int]) -> torc
         theta = (to_norm @ to_level @ maps[idx] @ from_norm)[:, :2].float()
         grid = F.affine_grid(theta, [len(idx), c, out_h, out_w], align_corners=False)
         sampled = F.grid_sample(img[None].expand(len(idx), -1, -1, -1), grid, mode="bilinear",
-                                padding_mode="zeros", align_corners=False)
+                                padding_mode="border", align_corners=False)
         out[idx] = sampled.round_().clamp_(0, 255).to(torch.uint8)
     return out
 

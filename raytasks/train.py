@@ -107,6 +107,7 @@ class TrainSpec:
     find_unused_parameters: bool = False
     fail_at: tuple[int, int, int] | None = None  # (rank, epoch, step): that worker dies once (tests)
     template_images: int = 64  # training images the face template is measured on (faces/templates.py); 0: none
+    align_jitter: float | None = None  # added to the recipe's augmentation (models/preprocess.py build_augmentation)
 
     @property
     def run_uri(self) -> str:
@@ -542,6 +543,8 @@ def prepare(spec: TrainSpec):
     if unknown:
         raise TrainError(f"unknown recipe fields {sorted(unknown)}")
     recipe = dataclasses.replace(model.recipe, **spec.recipe)
+    if spec.align_jitter:
+        recipe = dataclasses.replace(recipe, augment={**recipe.augment, "align_jitter": spec.align_jitter})
     if recipe.epochs < 1 or recipe.batch_size < spec.workers or recipe.lr < 0:
         raise TrainError(f"need epochs >= 1, lr >= 0 and a batch size of at least one image per worker "
                          f"(epochs {recipe.epochs}, batch {recipe.batch_size}, lr {recipe.lr}, "
