@@ -350,7 +350,8 @@ def test_bad_commands_fail_clearly(tmp_path, hs_checkpoint, capsys):
 
 
 def test_gpu_flags_against_a_cluster_without_gpus(ray_session, hs_checkpoint, tmp_path):
-    spec = L.LabelSpec(hs_checkpoint, str(tmp_path), str(tmp_path / "o"), gpus_per_actor=1, gpu_decode=True)
+    spec = L.LabelSpec(hs_checkpoint, str(tmp_path), str(tmp_path / "o"), gpus_per_actor=1, gpu_decode=True,
+                       faces=WHOLE)
     spec.validate()
     with pytest.raises(L.LabelError, match="has 0 GPUs"):  # a Ray this process started: nothing can add GPUs
         L.resolve_pool(spec, can_grow=False)
@@ -358,7 +359,9 @@ def test_gpu_flags_against_a_cluster_without_gpus(ray_session, hs_checkpoint, tm
     assert L.resolve_pool(dataclasses.replace(spec, max_actors=4), can_grow=True, warn=warnings.append) == (1, 4)
     assert "waiting for the autoscaler" in warnings[0]
     with pytest.raises(RuntimeError, match="--gpu-decode needs CUDA"):
-        L.PredictorActor(hs_checkpoint, device="cpu", gpu_decode=True)
+        L.PredictorActor(hs_checkpoint, device="cpu", gpu_decode=True, faces=WHOLE)
+    with pytest.raises(L.LabelError, match="needs --faces whole"):  # with detection, photos decode on CPU tasks
+        L.LabelSpec(hs_checkpoint, str(tmp_path), str(tmp_path / "o"), gpus_per_actor=1, gpu_decode=True).validate()
 
 
 def test_image_signatures():
