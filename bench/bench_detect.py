@@ -12,6 +12,8 @@ speed by batch size and precision, and MTCNN beside it when facenet-pytorch can 
 (b) ``--crops`` UTKFace 200x200 and CelebA 89x109 aligned crops, whole: the share in which a face is found,
     with the default letterbox (``max_upscale=1``: never enlarged) and with crops enlarged to 640 px.
 (c) ms per image at 640 px for batches of 1, 8 and 16, fp32 and bf16 autocast (median of ``--rounds``).
+(e) ``--drawn`` faces of :func:`facedata.synth.draw_face` (178x218) alone, and pasted 4 to a 640-1280 px
+    canvas at 60-200 px wide, upright: the share found (IoU >= 0.5 with the box found on the face alone).
 (d) MTCNN (facenet-pytorch 2.5.3, not a dependency: give ``--mtcnn-path`` where it was installed with
     ``pip install --no-deps --target DIR facenet-pytorch==2.5.3``) on the same photos and its speed at 640 px.
 """
@@ -134,6 +136,28 @@ def speed(det: FaceDetector, rounds: int) -> None:
     det.dtype = None
 
 
+def drawn_eval(det: FaceDetector, n: int) -> None:
+    from facedata.synth import draw_face
+
+    faces = [draw_face(np.random.default_rng([7, i]), (178, 218)) for i in range(n)]
+    images = [np.array(im) for im, _ in faces]
+    found = det.detect([_t(a) for a in images])
+    best = np.array([float(f.scores[0]) if len(f) else 0.0 for f in found])
+    print(f"\n(e) drawn faces (facedata.synth.draw_face, 178x218), {n} alone: found at threshold "
+          + ", ".join(f"{t}: {(best > t).sum()}/{n}" for t in THRESHOLDS))
+    sources = [FaceSource(a, f.boxes[0].numpy(), np.reshape(lab["landmarks"], (5, 2)))
+               for a, f, (_, lab) in zip(images, found, faces) if len(f)]
+    photos = [compose(sources, 1000 + k, n_faces=(4, 4), canvas=(640, 1280), face_width=(60, 200), max_angle=0)
+              for k in range(max(1, n // 4))]
+
+    def ours(image):
+        f = det.detect_one(_t(image))
+        return f.boxes, f.scores, f.points
+
+    print_eval("(e) drawn faces pasted 4 to a 640-1280 px canvas, 60-200 px wide", photos_eval(ours, photos),
+               len(photos))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--photos", type=int, default=200)
@@ -141,7 +165,8 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--mtcnn-path", default=None)
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: photos,crops,speed,mtcnn")
+    p.add_argument("--drawn", type=int, default=200)
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: photos,crops,speed,mtcnn,drawn")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
@@ -183,6 +208,9 @@ def main(argv=None) -> None:
             for t in (0.5, 0.8, 0.9):
                 hit = [bool((r.scores > t).any()) for r in res]
                 print(f"| {label} | {t} | {sum(hit[:half])}/{half} | {sum(hit[half:])}/{len(hit) - half} |")
+
+    if "drawn" not in skip:
+        drawn_eval(det, args.drawn)
 
     if "speed" not in skip:
         print(f"\n(c) speed, 640x480 images letterboxed to 640, {args.threads} thread(s), median of {args.rounds}")
