@@ -73,7 +73,7 @@ def match(truth: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         iou[:, j] = -1
 
 
-def photos_eval(detect, photos, thresholds=THRESHOLDS) -> dict:
+def photos_eval(detect, photos, thresholds=THRESHOLDS, size: int = 640) -> dict:
     """Recall and false positives per image at each threshold, recall by face size, point error."""
     stats = {t: [0, 0, 0] for t in thresholds}  # found, faces, false positives
     by_size = {b: [0, 0] for b in SIZE_BINS}
@@ -91,7 +91,7 @@ def photos_eval(detect, photos, thresholds=THRESHOLDS) -> dict:
             stats[t][1] += len(truth)
             stats[t][2] += int(keep.sum()) - int((m >= 0).sum())
         m = match(truth, boxes[scores > 0.8])
-        shrink = min(1.0, 640 / max(photo.image.shape[:2]))
+        shrink = min(1.0, size / max(photo.image.shape[:2]))
         for k, j in enumerate(m.tolist()):
             w = float(truth[k, 2] - truth[k, 0]) * shrink
             b = next(b for b in SIZE_BINS if b[0] <= w < b[1])
@@ -166,6 +166,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--mtcnn-path", default=None)
     p.add_argument("--drawn", type=int, default=200)
+    p.add_argument("--size", type=int, default=DetectorConfig().size, help="detection size for (a), (c), (e)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: photos,crops,speed,mtcnn,drawn")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -173,7 +174,7 @@ def main(argv=None) -> None:
     print("command: python bench/bench_detect.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPUs, "
           f"load {os.getloadavg()[0]:.1f}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    det = FaceDetector(DetectorConfig(threshold=min(THRESHOLDS)))
+    det = FaceDetector(DetectorConfig(size=args.size, threshold=min(THRESHOLDS)))
     print(f"detector {det.weights_hash}, config {DetectorConfig().to_dict()} (run at threshold {min(THRESHOLDS)})")
 
     photos = []
@@ -195,7 +196,8 @@ def main(argv=None) -> None:
         return f.boxes, f.scores, f.points
 
     if "photos" not in skip:
-        print_eval("(a) RetinaFace-MobileNet0.25 (ours), 640 px", photos_eval(ours, photos), len(photos))
+        print_eval(f"(a) RetinaFace-MobileNet0.25 (ours), {args.size} px", photos_eval(ours, photos, size=args.size),
+                   len(photos))
 
     if "crops" not in skip:
         crops = load_crops(args.crops, seed=2)
