@@ -47,6 +47,11 @@ attribute is +1; *derived*: a deterministic function of drawn features; none is 
 
 Every image also gets a random background with clutter, a few pixels of position and scale jitter, and mild
 Gaussian pixel noise.
+
+Drawn to be found by a face detector trained on photos (docs/faces.md has the measurements): the skin is
+shaded (lit from the front and above, darker at the rim), with eye sockets, a nose shadow and nostrils, a
+shadow under the lower lip and under the chin, and light on the forehead and cheeks. None of these depends
+on an attribute or draws a random number, so a seed gives the same attributes and landmarks as before.
 """
 
 from __future__ import annotations

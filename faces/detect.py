@@ -38,7 +38,7 @@ class DetectorConfig:
     """Detection settings (plain values; :meth:`to_dict` / :meth:`from_dict` round-trip them)."""
 
     size: int = 640  # detection size: images are letterboxed (aspect kept, padding right/bottom) to size x size
-    threshold: float = 0.8  # face score (softmax probability) a detection needs
+    threshold: float = 0.7  # face score (softmax probability) a detection needs (docs/faces.md: why 0.7)
     nms_iou: float = 0.4  # boxes of one image overlapping more than this are suppressed (lower score goes)
     min_face: float = 16.0  # smallest face kept: the box's shorter side, in pixels of the ORIGINAL image
     max_faces: int = 64  # most faces kept per image, highest scores first
