@@ -353,7 +353,8 @@ def fit(model, train_table: pd.DataFrame, val_table: pd.DataFrame, epochs: int |
 def format_epoch(model, m: dict, epochs: int, eta_s: float | None = None) -> str:
     core = getattr(model, "module", model)
     names = set(core.outputs.names())  # per-output metrics only, not each of CelebA's 40 attributes
-    keys = [core.primary_metric] + [k for k in sorted(m) if k.endswith((".accuracy", ".mae", ".pearson", ".nme"))
+    first = [] if core.primary_metric == "val_loss" else [core.primary_metric]  # val_loss is always shown
+    keys = first + [k for k in sorted(m) if k.endswith((".accuracy", ".mae", ".pearson", ".nme"))
                                     and k.split(".", 1)[0] in names]
     shown = " ".join(f"{k}={m[k]:.4f}" for k in dict.fromkeys(keys) if k in m and isinstance(m[k], float))
     eta = f" eta={eta_s:.0f}s" if eta_s is not None else ""
