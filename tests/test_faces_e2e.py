@@ -190,3 +190,37 @@ def test_label_job_rows_per_face_survive_a_kill(tmp_path, ckpt, ray_session):
     assert summary["images_without_faces"] == 4 and sum(summary["errors_by_kind"].values()) == 4
     again = main(argv)  # a finished output: nothing more
     assert again["rows_written"] == 0 and len(pd.read_parquet(out / "labels")) == len(want)
+
+
+def test_a_24_megapixel_photo_is_decoded_small_and_answered_in_its_own_pixels(ckpt, finder):
+    """A 6000x4000 JPEG is decoded with its longest side at 2048 px (JPEG draft mode), and the face's box and
+    points come back in the 6000x4000 photo's pixels."""
+    from models.preprocess import decode_photo
+
+    crop = real_crops(1)[0]
+    photo = compose([crop], [(3000, 1500, 600)], size=(6000, 4000), seed=5)
+    img, (w, h), scale = decode_photo(photo)
+    assert (w, h) == (6000, 4000) and max(img.shape[1:]) == 2048 and scale == pytest.approx(6000 / 2048, rel=1e-3)
+    pred = Predictor(ckpt, device="cpu", precision="fp32", threads=2)
+    (row,) = pred.predict_bytes([("big.jpg", photo)], finder=finder)
+    assert (row["width"], row["height"], row["faces"]) == (6000, 4000, 1)
+    x1, y1, x2, y2 = row["face_box"]
+    assert 3000 <= (x1 + x2) / 2 <= 3600 and 1500 <= (y1 + y2) / 2 <= 1500 + 600 * crop.height / crop.width
+    assert 0.4 * 600 < x2 - x1 < 1.1 * 600  # the face, not the whole pasted crop, in original pixels
+
+
+def test_evaluate_through_detection(tmp_path):
+    """jobs.evaluate --faces detect measures a model on its data through the detector: the same images, the
+    same metrics, the images without a face counted (here: none of drawn faces is missed)."""
+    from facedata.synth import generate
+    from jobs import evaluate
+
+    data = generate("celeba", 40, str(tmp_path / "celeba"), seed=4)
+    ck = str(tmp_path / "hs.pt")
+    save_checkpoint(models.create_model("hard_sharing"), ck)
+    whole = evaluate.main(["--checkpoint", ck, "--data", f"celeba:{data}", "--split", "all"])
+    detect = evaluate.main(["--checkpoint", ck, "--data", f"celeba:{data}", "--split", "all", "--faces", "detect"])
+    assert whole["n_images"] == 40 and "images_without_face" not in whole
+    assert detect["n_images"] + detect["images_without_face"] == 40
+    assert detect["n_images"] >= 38, detect  # drawn faces are found
+    assert set(whole) - {"images_without_face"} <= set(detect)
