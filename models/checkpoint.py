@@ -226,8 +226,18 @@ def _with_template(pre, saved: dict | None):
         raise CheckpointError(f"the checkpoint's face template is malformed: {e}") from None
 
 
+# Constructor arguments added since format 1 whose defaults changed what an old checkpoint means (issue 11):
+# an upgraded file keeps the behaviour it was trained with. task_attention then copied all of res5 per task
+# (ResNet-18/34: 2/3 blocks, 50/101: 3); dmm_cnn's landmarks were on [0, 1].
+_FORMAT1_READINGS = {
+    "task_attention": lambda c: {"task_blocks": 2 if int(c.get("depth", 50)) == 18 else 3},
+    "dmm_cnn": lambda c: {"landmark_scale": "unit"},
+}
+
+
 def upgrade_checkpoint(src: str, dst: str) -> str:
-    """Re-save a format-1 checkpoint as format 2 after checking its format-1 hash; returns the new hash."""
+    """Re-save a format-1 checkpoint as format 2 after checking its format-1 hash; returns the new hash.
+    Arguments added since (``_FORMAT1_READINGS``) are written into its config with their format-1 meaning."""
     from facedata import storage
 
     obj = _read(src)
@@ -235,7 +245,8 @@ def upgrade_checkpoint(src: str, dst: str) -> str:
         raise CheckpointError(f"{src} is not a {OLD_FORMAT} file")
     if _old_content_hash(obj["model"], obj["config"], obj["state_dict"]) != obj["hash"]:
         raise CheckpointError(f"{src}: content hash mismatch: not upgrading a file that was changed")
-    obj = {**obj, "format": FORMAT, "metrics": obj.get("metrics", {}), "extra": obj.get("extra", {})}
+    obj = {**obj, "format": FORMAT, "metrics": obj.get("metrics", {}), "extra": obj.get("extra", {}),
+           "config": {**_FORMAT1_READINGS.get(obj["model"], lambda c: {})(obj["config"]), **obj["config"]}}
     obj["hash"] = _hash_of(obj)
     storage.write_bytes(dst, _save(obj))
     return obj["hash"]

@@ -277,3 +277,27 @@ def test_label_and_serve_config_take_the_pin(tmp_path):
     spec = L.LabelSpec(checkpoint=f"{path}#{wrong}", input=str(tmp_path / "photos"), output=str(tmp_path / "out"))
     with pytest.raises(L.LabelError, match="not the pinned"):
         L.label(spec, echo=lambda *_: None)
+
+
+def test_an_upgraded_format_1_checkpoint_keeps_the_readings_it_was_trained_with(tmp_path):
+    """Issue 11 changed two defaults (task_attention shares through res5b; DMM-CNN's landmarks on [-1, 1]).
+    A format-1 file of the old layout, saved without those arguments, upgrades to a file that builds the
+    model it was trained as and loads its weights."""
+    import torch
+
+    import models
+    from models.checkpoint import _old_content_hash, load_checkpoint, upgrade_checkpoint
+
+    old = models.create_model("task_attention", depth=18, image_size=64, task_blocks=2)  # the old whole-res5 copy
+    sd = {k: v.detach().clone() for k, v in old.state_dict().items()}
+    config = {k: v for k, v in old.config.items() if k != "task_blocks"}  # format 1 knew no such argument
+    obj = {"format": "faceattr-checkpoint/1", "model": "task_attention", "config": config,
+           "outputs": old.outputs.describe(), "preprocessing": old.preprocessing.to_dict(), "state_dict": sd,
+           "hash": _old_content_hash("task_attention", config, sd)}
+    torch.save(obj, tmp_path / "v1.pt")
+    upgrade_checkpoint(str(tmp_path / "v1.pt"), str(tmp_path / "v2.pt"))
+    model, info = load_checkpoint(str(tmp_path / "v2.pt"))
+    assert info.config["task_blocks"] == 2 and model.task_blocks == 2
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert all(torch.allclose(old.eval()(x)[k], model(x)[k]) for k in ("smile", "gender"))
