@@ -42,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import json
 import logging
 import math
 import os
@@ -64,13 +63,12 @@ from models.checkpoint import checkpoint_bytes
 from models.outputs import OutputSet
 from models.preprocess import Preprocessing, build_augmentation
 from raytasks import engine
+from raytasks.history import Progress, plot_curves, read_history, write_history
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "state.pt"
-HISTORY_JSON = "history.json"
-HISTORY_CSV = "history.csv"
 CURVES_PNG = "curves.png"
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's checkpoint index in the run folder
 ROWS_PER_BLOCK = 256  # paths per Ray Data block: one decode task handles one block
@@ -322,20 +320,6 @@ def score_of(value: float, mode: str) -> float:
     if not math.isfinite(value):
         return float("-inf")
     return value if mode == "max" else -value
-
-
-def write_history(run_uri: str, history: list[dict], attempts: list[dict], header: dict) -> None:
-    doc = dict(header, attempts=attempts, epochs=history)
-    storage.write_bytes(storage.join(run_uri, HISTORY_JSON), json.dumps(doc, indent=1).encode())
-    rows = [{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in history]
-    storage.write_bytes(storage.join(run_uri, HISTORY_CSV), pd.DataFrame(rows).to_csv(index=False).encode())
-
-
-def read_history(run_uri: str) -> dict | None:
-    uri = storage.join(run_uri, HISTORY_JSON)
-    if not storage.exists(uri):
-        return None
-    return json.loads(storage.read_bytes(uri))
 
 
 # --- the worker ----------------------------------------------------------------------------------------
@@ -690,77 +674,3 @@ def run(spec: TrainSpec, log_fn=print, prepared=None) -> TrainOutcome:
         storage.write_bytes(curves, plot_curves(doc))
     return TrainOutcome(output=output, best_epoch=int(best_metrics.get("epoch", 0)), best_metrics=best_metrics,
                         history=doc["epochs"], run_uri=spec.run_uri, resumed_from=resumed_from, curves=curves)
-
-
-class Progress:
-    """Prints the epoch lines on the driver: a thread that follows ``history.json`` in the run folder (the
-    workers' own output stays in the Ray logs, so the driver's output ends with the checkpoint URI)."""
-
-    def __init__(self, run_uri: str, model, recipe: Recipe, log_fn, after_epoch: int = 0, every_s: float = 1.0):
-        import threading
-
-        self.run_uri, self.model, self.recipe, self.log_fn = run_uri, model, recipe, log_fn
-        self.last_epoch, self.every_s = after_epoch, every_s
-        self.seen_attempts = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="train-progress", daemon=True)
-
-    def start(self) -> None:
-        doc = self._read()
-        # attempts before this trainer plus the one it is about to start: more than that are restarts
-        self.seen_attempts = (len(doc["attempts"]) if doc else 0) + 1
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.poll()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.every_s):
-            self.poll()
-
-    def _read(self) -> dict | None:
-        try:
-            return read_history(self.run_uri)
-        except (OSError, ValueError):  # a half-written file on some stores: read it next time
-            return None
-
-    def poll(self) -> None:
-        doc = self._read()
-        if not doc:
-            return
-        for a in doc["attempts"][self.seen_attempts:]:
-            self.log_fn(f"a worker failed: the worker group restarted from the checkpoint of epoch "
-                        f"{a['start_epoch'] - 1}")
-        self.seen_attempts = max(self.seen_attempts, len(doc["attempts"]))
-        for row in doc["epochs"]:
-            if row["epoch"] > self.last_epoch:
-                self.log_fn(engine.format_epoch(self.model, row, self.recipe.epochs, row.get("eta_s")))
-                if row.get("stopped"):
-                    self.log_fn(f"early stopping after epoch {int(row['epoch'])}: no improvement of "
-                                f"{self.model.primary_metric} for {self.recipe.early_stopping_patience} epochs")
-                self.last_epoch = row["epoch"]
-
-
-def plot_curves(doc: dict) -> bytes:
-    """PNG of the losses (train and validation) and the primary metric per epoch."""
-    from matplotlib.figure import Figure  # no pyplot: never switches the caller's backend (notebooks)
-
-    h = pd.DataFrame([{k: v for k, v in e.items() if isinstance(v, (int, float))} for e in doc["epochs"]])
-    primary = doc.get("primary_metric", "val_loss")
-    fig = Figure(figsize=(10, 3.8))
-    axes = fig.subplots(1, 2)
-    for col, label in (("train_loss", "train"), ("val_loss", "validation")):
-        if col in h:
-            axes[0].plot(h["epoch"], h[col], marker="o", label=label)
-    axes[0].set(xlabel="epoch", ylabel="loss", title="loss")
-    axes[0].legend()
-    if primary in h:
-        axes[1].plot(h["epoch"], h[primary], marker="o", color="tab:green")
-    axes[1].set(xlabel="epoch", ylabel=primary, title=f"validation {primary}")
-    fig.suptitle(f"{doc.get('model', '')} · {doc.get('run', '')}")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return buf.getvalue()
