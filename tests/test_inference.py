@@ -127,7 +127,7 @@ def test_label_actor_does_all_torch_work_on_one_thread_that_is_not_the_callers(t
 
     ckpt = str(tmp_path / "hs.pt")
     save_checkpoint(models.create_model("hard_sharing").eval(), ckpt)
-    actor = PredictorActor(ckpt, precision="fp32", threads=1)
+    actor = PredictorActor(ckpt, precision="fp32", threads=1, faces={"mode": "whole"})  # decode_batch batches
     seen = []
     real = actor.predictor.forward_uint8
     actor.predictor.forward_uint8 = lambda x: (seen.append(threading.current_thread().name), real(x))[1]
