@@ -321,11 +321,14 @@ def test_short_training_on_utkface_beats_from_scratch(shared_data):
     train = ds.split("train").iloc[:480]
     test = ds.split("test").iloc[:256]
     results = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # as when run alone: earlier tests set other counts, and so other float sums
     for name, kw in (("dlib", {}), ("scratch", {"depth": 18, "image_size": 64})):
         torch.manual_seed(0)
         m = models.create_model("age_gender_race", **kw)
         engine.fit(m, train, test.iloc[:32], epochs=3, batch_size=32, log_fn=None)
         results[name] = engine.evaluate_table(m, test, batch_size=64)
+    torch.set_num_threads(threads)
     dlib, scratch = results["dlib"], results["scratch"]
     print({k: {m: round(v, 4) for m, v in r.items() if m.endswith((".accuracy", ".mae", ".rmse"))}
            for k, r in results.items()})  # pytest -s shows the figures
