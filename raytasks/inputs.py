@@ -145,21 +145,24 @@ def is_manifest(uri: str) -> bool:
     return uri.lower().endswith(MANIFEST_SUFFIXES)
 
 
+def manifest_path_batches(uri: str):
+    """The ``path`` column of a Parquet or CSV manifest, streamed in record batches (bounded memory)."""
+    fs, path = storage.filesystem(uri)
+    if uri.lower().endswith(".parquet"):
+        return pq.ParquetFile(fs.open_input_file(path)).iter_batches(columns=["path"], batch_size=1 << 16)
+    import pyarrow.csv as pacsv
+
+    return pacsv.open_csv(fs.open_input_stream(path), convert_options=pacsv.ConvertOptions(
+        include_columns=["path"], column_types={"path": pa.string()}))
+
+
 def manifest_rows(uri: str) -> int:
     """Rows of a manifest, streaming its ``path`` column (bounded memory). A row without a path is refused:
     the path is the row's identity for resuming."""
     import pyarrow.compute as pc
 
-    fs, path = storage.filesystem(uri)
-    if uri.lower().endswith(".parquet"):
-        batches = pq.ParquetFile(fs.open_input_file(path)).iter_batches(columns=["path"], batch_size=1 << 16)
-    else:
-        import pyarrow.csv as pacsv
-
-        batches = pacsv.open_csv(fs.open_input_stream(path), convert_options=pacsv.ConvertOptions(
-            include_columns=["path"], column_types={"path": pa.string()}))
     n = empty = 0
-    for batch in batches:
+    for batch in manifest_path_batches(uri):
         col = batch.column(0).cast(pa.string())
         n += batch.num_rows
         empty += col.null_count + (pc.sum(pc.equal(col, "")).as_py() or 0)
@@ -264,14 +267,7 @@ def write_manifest_listing(uri: str, listing_uri: str, base: str | None, chunk: 
     if fs.get_file_info(root).type != pafs.FileType.NotFound:
         fs.delete_dir_contents(root)
     fs.create_dir(root, recursive=True)
-    mfs, mpath = storage.filesystem(uri)
-    if uri.lower().endswith(".parquet"):
-        batches = pq.ParquetFile(mfs.open_input_file(mpath)).iter_batches(columns=["path"], batch_size=1 << 16)
-    else:
-        import pyarrow.csv as pacsv
-
-        batches = pacsv.open_csv(mfs.open_input_stream(mpath), convert_options=pacsv.ConvertOptions(
-            include_columns=["path"], column_types={"path": pa.string()}))
+    batches = manifest_path_batches(uri)
     stats, seen, pending, part, empty = Listing(), set(), [], 0, 0
 
     def flush() -> None:
