@@ -378,12 +378,13 @@ def test_gpu_decode_path_matches_cpu_decode(resize):
     import torch
 
     from models.preprocess import Preprocessing, decode
+    from raytasks import gpu_decode as G
 
     pre = Preprocessing(size=(40, 40), resize=resize, resize_shorter=46 if resize != "stretch" else None)
     datas = [face_jpeg(i, (50 + 10 * i, 64)) for i in range(3)]
-    assert all(L.jpeg_for_gpu(d, pre) for d in datas)
-    assert not L.jpeg_for_gpu(odd_images()["odd/cmyk.jpg"], pre) and not L.jpeg_for_gpu(huge_png(), pre)
-    for d, res in zip(datas, L.gpu_decode_batch(datas, pre, torch.device("cpu"))):
+    assert all(G.jpeg_for_gpu(d, pre) for d in datas)
+    assert not G.jpeg_for_gpu(odd_images()["odd/cmyk.jpg"], pre) and not G.jpeg_for_gpu(huge_png(), pre)
+    for d, res in zip(datas, G.gpu_decode_batch(datas, pre, torch.device("cpu"))):
         img, geo = res
         ref, ref_geo = decode(d, pre)
         assert img.dtype == torch.uint8 and img.shape == ref.shape
