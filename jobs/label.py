@@ -3,6 +3,11 @@
     python -m jobs.label --checkpoint s3://bucket/models/dmm.pt --input s3://bucket/photos/ \\
         --output s3://bucket/labels/run-1/
 
+Several models in one pass (one read, decode and detection per photo; a struct column per model):
+
+    python -m jobs.label --checkpoint agr=s3://b/m/agr.pt --checkpoint celeba=s3://b/m/dmm.pt --embedding ...
+    python -m jobs.label --model-set s3://b/m/faces-set.yaml ...
+
 The same command runs under ``ray job submit --working-dir . -- python -m jobs.label ...`` (it connects to
 the cluster through ``RAY_ADDRESS``) and on a laptop with local folders (it starts a local Ray). Running it
 again over the same ``--output`` finishes an interrupted run and adds nothing to a finished one. The rows
@@ -25,9 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
     d = LabelSpec("", "", "")
     p = argparse.ArgumentParser(prog="python -m jobs.label", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True,
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--checkpoint", action="append", metavar="[NAME=]URI",
                    help="checkpoint file (path or s3:// URI); URI#sha256:<hex> pins its content hash: the job and "
-                        "every actor refuse any other file")
+                        "every actor refuse any other file. Repeat it to label with several models in one pass "
+                        "(one struct column per model, named NAME or the model's architecture; docs/schema.md)")
+    g.add_argument("--model-set", metavar="FILE",
+                   help="a YAML/JSON file naming a set of checkpoints, with its own name and version "
+                        "(raytasks/modelset.py): every model in one pass")
+    p.add_argument("--embedding", action="store_true",
+                   help="add a 128-D face embedding per face (dlib's face-recognition network: same person when "
+                        "less than 0.6 apart)")
     p.add_argument("--input", required=True,
                    help="folder or s3:// prefix (read recursively), or a .parquet/.csv manifest with a 'path' column")
     p.add_argument("--output", required=True, help="folder or s3:// prefix for the Parquet rows and the summary")
@@ -62,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    spec = LabelSpec(checkpoint=args.checkpoint, input=args.input, output=args.output, batch_size=args.batch_size,
+    checkpoint = tuple(args.checkpoint or ())
+    spec = LabelSpec(checkpoint=checkpoint[0] if len(checkpoint) == 1 else checkpoint, model_set=args.model_set,
+                     embedding=args.embedding, input=args.input, output=args.output, batch_size=args.batch_size,
                      min_actors=args.min_actors, max_actors=args.max_actors, gpus_per_actor=args.gpus_per_actor,
                      cpus_per_actor=args.cpus_per_actor, precision=args.precision, gpu_decode=args.gpu_decode,
                      compile=args.compile, fold_bn=args.fold_bn,

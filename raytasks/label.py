@@ -66,6 +66,15 @@ Precision and devices: ``Predictor`` (raytasks/predictor.py) loads the checkpoin
 
 One output holds the rows of one checkpoint: a run refuses an output whose rows came from another one.
 
+Several models in one pass (raytasks/modelset.py): ``--checkpoint`` given several times (``NAME=URI``), or
+``--model-set FILE``, and/or ``--embedding``. Each photo is still listed, read, decoded and searched for faces
+once; one actor holds every model of the set (and the embedding network) on its device, aligns each face once
+per distinct face template and runs every model on its crop: one row per face with a struct column per model.
+Batch sizes: ``--batch-size`` photos per decode task and per actor call; each model then runs all faces of
+those photos in forward passes of at most 256 faces (``Predictor.max_batch``). With ``--faces whole`` the
+decode tasks decode each image once per distinct preprocessing of the set. The rows' ``checkpoint`` is the
+set's identity, so an output made with one set refuses another (a changed member, name, version or embedding).
+
 What may be read: ``--allow-prefix`` (repeatable; default: the manifest's own folder or bucket prefix, or the
 input folder or prefix). A manifest row outside every allowed prefix (``/etc/passwd``, ``/proc/self/environ``,
 ``../../x``, another bucket, a symlink out of the folder) is an error row ``forbidden`` that is the same
@@ -114,7 +123,7 @@ DECODE_PROCESS_BYTES = 384 * 1024 * 1024  # the decode worker itself (Python, to
 
 @dataclasses.dataclass
 class LabelSpec:
-    checkpoint: str
+    checkpoint: str | tuple[str, ...]  # one URI, or several (each URI or NAME=URI): a set
     input: str
     output: str
     batch_size: int | None = None  # images per batch; default 64 with --faces whole, 16 with detection
@@ -131,6 +140,8 @@ class LabelSpec:
     throttle_s: float = 0.0  # sleep after each predictor batch (to demonstrate and test kill + resume)
     allow_prefix: tuple[str, ...] = ()  # what may be read (default: inputs.default_allow_prefix of --input)
     faces: dict = dataclasses.field(default_factory=dict)  # faces.pipeline.FaceOptions: mode, max_side, detector
+    model_set: str | None = None  # a --model-set file (raytasks/modelset.py), instead of checkpoint
+    embedding: bool = False  # a 128-D face embedding per face (models/embedding.py); makes the job a set
 
     def __post_init__(self):
         if self.batch_size is None:
@@ -143,6 +154,15 @@ class LabelSpec:
             return FaceOptions.from_dict(self.faces)
         except (ValueError, TypeError) as e:
             raise LabelError(f"face settings: {e}") from None
+
+    def models(self):
+        """The checkpoint(s) as a :class:`raytasks.modelset.ModelSet` (one checkpoint alone is not a set)."""
+        from raytasks.modelset import ModelSet, ModelSetError
+
+        try:
+            return ModelSet.parse(None if self.model_set else self.checkpoint, self.model_set, self.embedding)
+        except ModelSetError as e:
+            raise LabelError(str(e)) from None
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -159,6 +179,8 @@ class LabelSpec:
             raise LabelError("--max-rows-per-file must be >= 1")
         if self.limit is not None and self.limit < 1:
             raise LabelError("--limit must be >= 1")
+        if self.gpu_decode and self.models().is_set:
+            raise LabelError("--gpu-decode decodes to one model's input size: it takes a single --checkpoint")
         if self.gpu_decode and self.face_options().detect:
             raise LabelError("--gpu-decode decodes to the model's input size and needs --faces whole; with face "
                              "detection, photos are decoded on the CPU decode tasks at a bounded size")
@@ -266,25 +288,67 @@ def load_and_decode(batch: pa.Table, pre_dict: dict, base: str | None = None, gp
     return _decoded_table(cols, images, gpu_bytes)
 
 
+def load_and_decode_set(batch: pa.Table, pre_dicts: list[dict], base: str | None = None,
+                        allow: tuple[str, ...] | None = None) -> pa.Table:
+    """``--faces whole`` with a set: each file read once and decoded once per distinct preprocessing of the
+    set (``modelset.decode_for_set``: ``image_<k>``, ``geometry_<k>``)."""
+    from ray.data.extensions import ArrowTensorArray
+
+    from models.preprocess import Preprocessing
+    from raytasks.modelset import decode_for_set
+
+    pres = [Preprocessing.from_dict(d) for d in pre_dicts]
+    paths = [p if p is not None else "" for p in batch.column("path").to_pylist()]
+    n = len(paths)
+    cols = {"path": paths, "ok": np.zeros(n, bool), "error_kind": [None] * n, "error_message": [None] * n,
+            "width": np.zeros(n, np.int32), "height": np.zeros(n, np.int32)}
+    images = [np.zeros((n, p.channels, *p.size), np.uint8) for p in pres]
+    geometry = [np.zeros((n, 4)) for _ in pres]
+    for chunk in fetch_chunks([resolve_path(p, base) for p in paths], allow=allow):
+        read = [(i, data) for i, (data, kind, message) in chunk if kind is None]
+        for i, (_, kind, message) in chunk:
+            if kind is not None:
+                cols["error_kind"][i], cols["error_message"][i] = kind, message
+        sub = decode_for_set([paths[i] for i, _ in read], [d for _, d in read], pres)
+        for j, (i, _) in enumerate(read):
+            for k in ("ok", "width", "height", "error_kind", "error_message"):
+                cols[k][i] = sub[k][j]
+            for k in range(len(pres)):
+                images[k][i], geometry[k][i] = sub[f"image_{k}"][j], sub[f"geometry_{k}"][j]
+    arrays = _row_arrays(cols)
+    for k in range(len(pres)):
+        arrays[f"image_{k}"] = ArrowTensorArray.from_numpy(images[k])
+        arrays[f"geometry_{k}"] = ArrowTensorArray.from_numpy(geometry[k])
+    return pa.table(arrays)
+
+
 # ------------------------------------------------------------------------------------------------------
 # The model stage
 # ------------------------------------------------------------------------------------------------------
 
 class PredictorActor:
-    """``map_batches`` class: the checkpoint loaded once per actor (``Predictor``); a decoded batch in,
-    rows of ``Predictor.schema`` out (a ``pyarrow.Table``)."""
+    """``map_batches`` class: the checkpoint (``Predictor``) or every model of a set (``SetPredictor``)
+    loaded once per actor; a decoded batch in, rows of the predictor's ``schema`` out (a ``pyarrow.Table``)."""
 
-    def __init__(self, checkpoint: str, precision: str = "auto", device: str | None = None,
+    def __init__(self, checkpoint: str | None, precision: str = "auto", device: str | None = None,
                  threads: int | None = None, gpu_decode: bool = False, throttle_s: float = 0.0,
                  compile_batch: int | None = None, fold_bn: bool = True, faces: dict | None = None,
-                 detector_identity: str | None = None, checkpoint_hash: str | None = None):
+                 detector_identity: str | None = None, checkpoint_hash: str | None = None,
+                 model_set: dict | None = None):
         from faces.pipeline import FaceFinder, FaceOptions
+        from raytasks.modelset import SetPredictor
 
         # all torch work on one thread: Ray calls __init__ on the main thread and __call__ on another
         self._torch_thread = torch_executor("predictor")
-        self.predictor = self._torch_thread.submit(
-            Predictor, checkpoint, device=device, precision=precision, channels_last=True, threads=threads,
-            fold_bn=fold_bn, compile_batch=compile_batch).result()
+        if model_set is not None:
+            checkpoint = f"the model set {model_set.get('name')}"
+            self.predictor = self._torch_thread.submit(
+                SetPredictor, model_set, device=device, precision=precision, threads=threads, fold_bn=fold_bn,
+                compile_batch=compile_batch).result()
+        else:
+            self.predictor = self._torch_thread.submit(
+                Predictor, checkpoint, device=device, precision=precision, channels_last=True, threads=threads,
+                fold_bn=fold_bn, compile_batch=compile_batch).result()
         if checkpoint_hash is not None and self.predictor.checkpoint_hash != checkpoint_hash:
             # the object at --checkpoint was replaced after the run resolved it: never mix two models' rows
             raise RuntimeError(f"{checkpoint} now holds {self.predictor.checkpoint_hash}, not the {checkpoint_hash} "
@@ -421,18 +485,25 @@ def photo_decode_memory(batch_size: int, max_side: int) -> int:
     return int(DECODE_PROCESS_BYTES + batch_size * (DECODE_FILE_BYTES + 3 * 3 * max_side * max_side * 3 // 4))
 
 
-def build_dataset(spec: LabelSpec, paths_ds, pre_dict: dict, base: str | None, pool: tuple[int, int],
+def build_dataset(spec: LabelSpec, paths_ds, pre_dicts: list[dict], base: str | None, pool: tuple[int, int],
                   detector_identity: str | None = None, checkpoint_hash: str | None = None):
-    """paths -> decoded batches (CPU tasks) -> predictor actors -> rows."""
+    """paths -> decoded batches (CPU tasks) -> predictor actors -> rows. ``pre_dicts``: the model's
+    preprocessing, or a set's distinct ones."""
     import ray
 
     threads = max(1, int(spec.cpus_per_actor))
     options = spec.face_options()
+    model_set = spec.models()
+    pre_dict = pre_dicts[0]
     if options.detect:
         ds = paths_ds.map_batches(load_and_decode_photos, batch_format="pyarrow", batch_size=spec.batch_size,
                                   fn_kwargs={"max_side": options.max_side, "base": base,
                                              "allow": spec.allow_prefix or None}, num_cpus=1,
                                   memory=photo_decode_memory(spec.batch_size, options.max_side))
+    elif model_set.is_set:
+        ds = paths_ds.map_batches(load_and_decode_set, batch_format="pyarrow", batch_size=spec.batch_size,
+                                  fn_kwargs={"pre_dicts": pre_dicts, "base": base, "allow": spec.allow_prefix or None},
+                                  num_cpus=1, memory=sum(decode_memory(spec.batch_size, d) for d in pre_dicts))
     else:
         ds = paths_ds.map_batches(load_and_decode, batch_format="pyarrow", batch_size=spec.batch_size,
                                   fn_kwargs={"pre_dict": pre_dict, "base": base, "gpu_decode": spec.gpu_decode,
@@ -440,7 +511,8 @@ def build_dataset(spec: LabelSpec, paths_ds, pre_dict: dict, base: str | None, p
                                   num_cpus=1, memory=decode_memory(spec.batch_size, pre_dict))
     if spec.limit is not None:
         ds = ds.limit(spec.limit)
-    actor_args = {"checkpoint": spec.checkpoint, "precision": spec.precision, "threads": threads,
+    actor_args = {"checkpoint": None if model_set.is_set else model_set.members[0][1],
+                  "model_set": model_set.to_dict() if model_set.is_set else None, "precision": spec.precision, "threads": threads,
                   "gpu_decode": spec.gpu_decode, "throttle_s": spec.throttle_s, "fold_bn": spec.fold_bn,
                   "compile_batch": spec.batch_size if spec.compile else None, "faces": options.to_dict(),
                   "detector_identity": detector_identity, "checkpoint_hash": checkpoint_hash}
@@ -479,15 +551,28 @@ def _label(spec: LabelSpec, echo=print) -> dict:
     from ray.data.checkpoint import CheckpointConfig
 
     from models.checkpoint import CheckpointError, load_checkpoint
+    from models.embedding import EmbeddingUnavailable
+    from raytasks.modelset import ModelSetError, resolve_set
 
     spec.validate()
     start = time.perf_counter()
+    model_set = spec.models()
+    members = None
     try:
-        model, info = load_checkpoint(spec.checkpoint)
-    except CheckpointError as e:
+        if model_set.is_set:  # every checkpoint read and hashed here: a bad one fails before any work
+            resolved = resolve_set(model_set)
+            identity, members = resolved.identity, resolved.describe()
+            pre_dicts = [p.to_dict() for p in resolved.preprocessings]
+            model_name, checkpoint_name = model_set.name, f"the model set {model_set.name}"
+            what = f"the set {model_set.name} ({', '.join(n + '=' + m['model'] for n, m in zip(resolved.names, members))})"
+        else:
+            checkpoint_name = model_set.members[0][1]
+            model, info = load_checkpoint(checkpoint_name)
+            identity, model_name, pre_dicts = info.hash, info.model, [model.preprocessing.to_dict()]
+            what = f"{info.model} {info.short_hash()}"
+            del model
+    except (CheckpointError, ModelSetError, EmbeddingUnavailable) as e:
         raise LabelError(str(e)) from None
-    pre_dict = model.preprocessing.to_dict()
-    del model
     options = spec.face_options()
     detector = "whole"
     if options.detect:  # loads the detector's weights once here: a missing or altered package fails now
@@ -522,15 +607,16 @@ def _label(spec: LabelSpec, echo=print) -> dict:
     before = output_stats(out["labels"])
     if before.rows:
         previous, previous_detectors = output_provenance(out["labels"])
-        if previous != {info.hash}:
+        if previous != {identity}:
             raise LabelError(f"{spec.output} holds rows of checkpoint(s) {', '.join(sorted(map(str, previous)))}; "
-                             f"{spec.checkpoint} is {info.hash}: label with another checkpoint into another --output")
+                             f"{checkpoint_name} is {identity}: label with another checkpoint (or set) into another "
+                             "--output")
         if previous_detectors != {detector}:
             raise LabelError(f"{spec.output} holds rows whose faces were found by "
                              f"{', '.join(map(repr, sorted(map(str, previous_detectors))))}; this run finds them by "
                              f"{detector!r}: use the same --faces and detector settings, or another --output")
     echo(f"labeling {spec.input}: {inputs} images ({before.images} already labeled in {spec.output}) with "
-         f"{info.model} {info.short_hash()}, faces: {options.mode}, predictor actors {pool[0]}..{pool[1]}")
+         f"{what}, faces: {options.mode}, predictor actors {pool[0]}..{pool[1]}")
 
     ctx = ray.data.DataContext.get_current()
     labels_fs, labels_path = storage.filesystem(out["labels"])
@@ -544,7 +630,7 @@ def _label(spec: LabelSpec, echo=print) -> dict:
     try:
         in_fs, in_path = storage.filesystem(out["inputs"])
         paths_ds = ray.data.read_parquet(in_path, filesystem=in_fs).select_columns(["path"])
-        ds = build_dataset(spec, paths_ds, pre_dict, base, pool, detector if options.detect else None, info.hash)
+        ds = build_dataset(spec, paths_ds, pre_dicts, base, pool, detector if options.detect else None, identity)
         ds.write_parquet(labels_path, filesystem=labels_fs, max_rows_per_file=spec.max_rows_per_file,
                          min_rows_per_file=max(1, spec.max_rows_per_file // 2))
     finally:
@@ -555,7 +641,7 @@ def _label(spec: LabelSpec, echo=print) -> dict:
     written = after.images - before.images
     summary = {
         "input": spec.input, "output": spec.output, "labels": out["labels"],
-        "checkpoint": spec.checkpoint, "model": info.model, "checkpoint_hash": info.hash,
+        "checkpoint": checkpoint_name, "model": model_name, "checkpoint_hash": identity, "models": members,
         "faces_mode": options.mode, "detector": detector,
         "precision": spec.precision, "inputs": inputs,
         "files_listed": listing.files if not is_manifest(spec.input) else None,

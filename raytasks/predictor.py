@@ -14,13 +14,15 @@ A row is the same whether it lands in Parquet or in a JSON answer.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from faces.pipeline import WHOLE, FaceFinder, decode_photos
+from faces.detect import Faces
+from faces.pipeline import WHOLE, AlignedFaces, FaceFinder, decode_photos
 from models.checkpoint import load_checkpoint
 from models.inference import fold_batchnorm
 from models.preprocess import ImageDecodeError, Preprocessing, decode
@@ -113,7 +115,7 @@ class Predictor:
 
     def __init__(self, checkpoint: str, device: str | None = None, precision: str = "auto",
                  channels_last: bool = True, threads: int | None = None, fold_bn: bool = True,
-                 compile_batch: int | None = None):
+                 compile_batch: int | None = None, max_batch: int = 256):
         if threads:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
@@ -135,6 +137,9 @@ class Predictor:
         self.model_name = self.info.model
         self.checkpoint_hash = self.info.hash
         self.compile_batch = compile_batch
+        # the most images of one forward pass: the faces of a batch of photos (up to batch x max_faces) run in
+        # chunks of this many, which bounds the activations' memory on a GPU whatever the photos hold
+        self.max_batch = int(max_batch)
         self.forward_fn = self.model
         if compile_batch:
             self._compile(compile_batch)
@@ -178,6 +183,9 @@ class Predictor:
             padded = torch.cat([images, images.new_zeros((-n % size, *images.shape[1:]))])
             parts = [self.forward_uint8(padded[i:i + size]) for i in range(0, len(padded), size)]
             return {k: torch.cat([p[k] for p in parts])[:n] for k in parts[0]}
+        if not size and n > self.max_batch:
+            parts = [self.forward_uint8(images[i:i + self.max_batch]) for i in range(0, n, self.max_batch)]
+            return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         x = images.to(self.device, non_blocking=True)
         x = self.model.prepare(x)
         if self.channels_last:
@@ -221,60 +229,29 @@ class Predictor:
                     col[i] = values[j]
         return cols
 
-    def predict_photos(self, batch: dict, finder: FaceFinder) -> dict[str, list]:
-        """A batch from :func:`faces.pipeline.decode_photos` -> columns of the row schema, one row per face
-        (in image order, then by detection score), one row for an image without a face or that failed.
-        Detection runs once for the batch, then every face is aligned to this model's template and the model
-        runs once over all faces."""
-        ok = np.asarray(batch["ok"], dtype=bool)
-        n = len(ok)
-        images, keep, scales = [], [], []
-        for i in np.flatnonzero(ok):
-            img = batch["image"][i]
-            images.append(img if isinstance(img, torch.Tensor) else torch.from_numpy(np.array(img, copy=True)))
-            keep.append(int(i))
-            scales.append(float(batch["scale"][i]))
-        found = finder.find(images, scales)
-        aligned = finder.aligned(images, found, self.preprocessing, scales)
+    def face_outputs(self, photos: DetectedPhotos, finder: FaceFinder) -> tuple[AlignedFaces, dict[str, list]]:
+        """Every face of a detected batch aligned to this model's template, and the model's decoded outputs
+        for them (one list entry per face, in ``aligned.owner`` order)."""
+        aligned = finder.aligned(photos.images, photos.found, self.preprocessing, photos.scales)
         decoded: dict[str, list] = {}
         if len(aligned.owner):
             raw = self.forward_uint8(aligned.inputs)
             h, w = self.preprocessing.size
             geometry = [{"affine": m[:2].reshape(-1).tolist(), "input_w": w, "input_h": h} for m in aligned.maps]
             decoded = self.model.decode(raw, geometry)
-        per_image: dict[int, list[int]] = {}
-        for j, o in enumerate(aligned.owner):
-            per_image.setdefault(keep[o], []).append(j)
-        face_of = {keep[o]: found[o] for o in range(len(keep))}
-        scale_of = dict(zip(keep, scales))
-        cols: dict[str, list] = {f.name: [] for f in self.schema}
-        for i in range(n):
-            faces_here = per_image.get(i, [None]) if ok[i] else [None]
-            for j in faces_here:
-                cols["path"].append(str(batch["path"][i]))
-                cols["ok"].append(bool(ok[i]))
-                cols["error_kind"].append(batch["error_kind"][i])
-                cols["error_message"].append(batch["error_message"][i])
-                cols["width"].append(int(batch["width"][i]) if ok[i] else None)
-                cols["height"].append(int(batch["height"][i]) if ok[i] else None)
-                cols["model"].append(self.model_name)
-                cols["checkpoint"].append(self.checkpoint_hash)
-                cols["detector"].append(finder.identity)
-                cols["faces"].append(len(face_of[i]) if ok[i] else None)
-                if j is None:
-                    for name in ("face", "face_score", "face_box", "face_points"):
-                        cols[name].append(None)
-                    for field in self.output_fields:
-                        cols[field.name].append(None)
-                    continue
-                k, s, found_here = aligned.index[j], scale_of[i], face_of[i]
-                cols["face"].append(k)
-                cols["face_score"].append(float(found_here.scores[k]))
-                cols["face_box"].append((found_here.boxes[k].double() * s).tolist())
-                cols["face_points"].append((found_here.points[k].double() * s).reshape(-1).tolist())
-                for field in self.output_fields:
-                    cols[field.name].append(decoded[field.name][j])
-        return cols
+        return aligned, decoded
+
+    def predict_photos(self, batch: dict, finder: FaceFinder) -> dict[str, list]:
+        """A batch from :func:`faces.pipeline.decode_photos` -> columns of the row schema, one row per face
+        (in image order, then by detection score), one row for an image without a face or that failed.
+        Detection runs once for the batch, then every face is aligned to this model's template and the model
+        runs once over all faces."""
+        photos = detect_photos(batch, finder)
+        aligned, decoded = self.face_outputs(photos, finder)
+        per_face = {f.name: decoded.get(f.name) for f in self.output_fields}
+        return photo_rows(batch, photos, aligned, finder.identity, [f.name for f in self.schema],
+                          {"model": self.model_name, "checkpoint": self.checkpoint_hash}, per_face,
+                          {f.name: None for f in self.output_fields})
 
     def predict_bytes(self, items: list[tuple[str, bytes]], finder: FaceFinder | None = None,
                       max_side: int | None = None) -> list[dict]:
@@ -289,6 +266,71 @@ class Predictor:
 
     def to_table(self, cols: dict[str, list]) -> pa.Table:
         return pa.Table.from_pydict(cols, schema=self.schema)
+
+
+@dataclasses.dataclass
+class DetectedPhotos:
+    """A decoded batch of photos after one detection: the pictures that were read (``keep``: their rows in
+    the batch), their decoded -> original ``scales`` and their faces, in decoded pixels."""
+
+    ok: np.ndarray
+    keep: list[int]
+    images: list[torch.Tensor]
+    scales: list[float]
+    found: list[Faces]
+
+
+def detect_photos(batch: dict, finder: FaceFinder) -> DetectedPhotos:
+    """A batch from :func:`faces.pipeline.decode_photos` -> its faces, found in one batched detection."""
+    ok = np.asarray(batch["ok"], dtype=bool)
+    images, keep, scales = [], [], []
+    for i in np.flatnonzero(ok):
+        img = batch["image"][i]
+        images.append(img if isinstance(img, torch.Tensor) else torch.from_numpy(np.array(img, copy=True)))
+        keep.append(int(i))
+        scales.append(float(batch["scale"][i]))
+    return DetectedPhotos(ok, keep, images, scales, finder.find(images, scales))
+
+
+def photo_rows(batch: dict, photos: DetectedPhotos, aligned: AlignedFaces, detector: str, names: list[str],
+               constants: dict, per_face: dict[str, list | None], no_face: dict) -> dict[str, list]:
+    """The rows of a detected batch, one per face (image order, then detection score), one for an image
+    without a face or that failed. ``names``: the schema's columns; ``constants``: values of every row
+    (``model``, ``checkpoint``); ``per_face``: column -> one value per face in ``aligned`` order; ``no_face``:
+    those columns' values on a row without a face."""
+    ok, keep, n = photos.ok, photos.keep, len(photos.ok)
+    per_image: dict[int, list[int]] = {}
+    for j, o in enumerate(aligned.owner):
+        per_image.setdefault(keep[o], []).append(j)
+    face_of = {keep[o]: photos.found[o] for o in range(len(keep))}
+    scale_of = dict(zip(keep, photos.scales))
+    cols: dict[str, list] = {name: [] for name in names}
+    for i in range(n):
+        for j in (per_image.get(i, [None]) if ok[i] else [None]):
+            cols["path"].append(str(batch["path"][i]))
+            cols["ok"].append(bool(ok[i]))
+            cols["error_kind"].append(batch["error_kind"][i])
+            cols["error_message"].append(batch["error_message"][i])
+            cols["width"].append(int(batch["width"][i]) if ok[i] else None)
+            cols["height"].append(int(batch["height"][i]) if ok[i] else None)
+            for name, value in constants.items():
+                cols[name].append(value)
+            cols["detector"].append(detector)
+            cols["faces"].append(len(face_of[i]) if ok[i] else None)
+            if j is None:
+                for name in ("face", "face_score", "face_box", "face_points"):
+                    cols[name].append(None)
+                for name, value in no_face.items():
+                    cols[name].append(value)
+                continue
+            k, s, found_here = aligned.index[j], scale_of[i], face_of[i]
+            cols["face"].append(k)
+            cols["face_score"].append(float(found_here.scores[k]))
+            cols["face_box"].append((found_here.boxes[k].double() * s).tolist())
+            cols["face_points"].append((found_here.points[k].double() * s).reshape(-1).tolist())
+            for name, values in per_face.items():
+                cols[name].append(values[j])
+    return cols
 
 
 def default_threads() -> int:
