@@ -187,7 +187,7 @@ def test_set_job_survives_a_kill_equals_three_single_jobs_and_refuses_another_se
 
     for name, uri in three.items():  # the same photos, one job per model
         single_out = tmp_path / f"single_{name}"
-        s = L.label(L.LabelSpec(checkpoint=uri, input=str(folder), output=str(single_out), batch_size=4,
+        s = L.label(L.LabelSpec(checkpoint=uri, input=str(folder), output=str(single_out), batch_size=2,
                                 precision="fp32", max_actors=1), echo=lambda *_: None)
         assert s["rows_total"] == n_rows
         own = pd.read_parquet(single_out / "labels").sort_values(KEY, na_position="first").reset_index(drop=True)
