@@ -27,7 +27,7 @@ NOTEBOOK = ROOT / "notebooks" / "walkthrough.ipynb"
 CELL_TIMEOUT_S = 600
 
 # Cells (by tag) and how many figures each must show.
-FIGURES = {"data-faces": 1, "curves": 2, "accuracy": 1, "confusion": 1, "gallery": 1, "age": 1}
+FIGURES = {"data-faces": 1, "curves": 2, "accuracy": 1, "confusion": 1, "gallery": 1, "age": 1, "people": 1}
 
 
 def _code_cells(nb):
@@ -62,7 +62,7 @@ def test_notebook_is_stored_without_outputs():
     dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]
     assert not dirty, f"cells {dirty} of {NOTEBOOK.name} hold outputs: clear them before committing"
     assert nb.metadata["kernelspec"]["name"] == "python3"
-    for tag in (*FIGURES, "parameters", "train-dmm", "label-dmm", "parquet", "age-jobs", "shutdown"):
+    for tag in (*FIGURES, "parameters", "train-dmm", "label-dmm", "parquet", "age-jobs", "set-job", "shutdown"):
         _tagged(nb, tag)
 
 
@@ -180,3 +180,25 @@ def test_notebook_stops_its_ray(executed):
     while _ray_processes(session) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not _ray_processes(session), f"Ray processes of {session} still running after the notebook"
+
+
+@pytest.mark.ray
+def test_both_models_in_one_pass_and_faces_grouped_by_person(executed):
+    """Section 6: one label job with both trained checkpoints and the embedding over group photos; every row
+    holds both models' structs, and the embeddings group the found faces by the person that was pasted."""
+    import pyarrow.parquet as pq
+
+    nb, work = executed
+    (out,) = [p for p in (work / "labels").iterdir() if p.name.startswith("set-")]
+    table = pq.read_table(out)
+    assert {"celeba", "agr", "embedding"} <= set(table.column_names)
+    rows = table.to_pandas()
+    faces = rows[rows["face"].notna()]
+    assert len(faces) >= 10 and faces["embedding"].map(len).eq(128).all()
+    assert faces["agr"].map(lambda s: s["model"]).eq("age_gender_race").all()
+    assert faces["celeba"].map(lambda s: s["Smiling"] is not None).all()
+    assert "--checkpoint celeba=" in _text(_tagged(nb, "set-job"))
+    said = re.search(r"(\d+) people found \((\d+) pasted people among the found faces\); every group one person: (\w+)",
+                     _text(_tagged(nb, "people")))
+    assert said, _text(_tagged(nb, "people"))
+    assert said.group(1) == said.group(2) and said.group(3) == "True", said.group(0)
