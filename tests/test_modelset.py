@@ -281,3 +281,10 @@ def test_embedding_on_real_faces_from_shared_data(finder, shared_data):
     same = distance(e["a1"][0], e["a2"][0])
     others = [distance(e["a1"][0], e[k][0]) for k in ("b", "c")] + [distance(e["b"][0], e["c"][0])]
     assert same < SAME_PERSON_DISTANCE and same < 0.5 * min(others), (same, others)
+
+
+def test_the_shipped_example_set_file_reads():
+    s = read_set_file(str(ROOT / "jobs" / "model_set.yaml"))
+    assert (s.name, s.version, s.embedding) == ("faces", "2026-11-29", True)
+    assert [n for n, _ in s.members] == ["agr", "celeba", "smile", "beauty"]
+    assert all(uri.startswith("s3://models/") for _, uri in s.members)
