@@ -1,22 +1,25 @@
 """The serving application's configuration: the ``args:`` of jobs/serve.yaml (and of ``python -m jobs.serve``'s
 flags), validated at deploy time so that a wrong setting fails the deploy, not a user's request.
 
-Split from raytasks/serve.py (the deployments and the HTTP API).
+Split from raytasks/serve.py (the HTTP API and the application builder; the deployments that compute are in
+raytasks/serve_models.py).
 """
 
 from __future__ import annotations
 
+import datetime
 import math
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from faces.pipeline import FaceOptions
 from models.checkpoint import split_pin
 
 API_KEY_ENV = "FACEATTR_API_KEY"
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+SET_NAME_PATTERN = MODEL_NAME_PATTERN  # as in a --model-set file (raytasks/modelset.py)
 
 
 class _Strict(BaseModel):
@@ -54,6 +57,90 @@ class IngressSpec(_Strict):
     request_timeout_s: float = Field(60.0, gt=0)  # a request's model call longer than this: 504
 
 
+class ModelSetSpec(_Strict):
+    """Served models answered together at ``POST /v1/predict``: every model of the set for every face of an
+    image in one request, from one deployment ("modelset") whose replicas each hold every member's
+    checkpoint (and the face embedding) in one process on one device (raytasks/modelset.py). Per-model
+    routes stay.
+
+    ``models``: the served models in the set, by their name in ``models:`` (default: all, in that order),
+    as a list (each model's column is its URL name) or as ``{URL name: column name}``. A member's column
+    name must be lower case, ``^[a-z][a-z0-9_]*$`` and not a column of every row (Athena and Glue read
+    nothing else); a URL name that is not one needs the mapping form. ``embedding``: also dlib's 128-D
+    face embedding per face. ``name`` and ``version``: the set's, part of its identity (the rows' ``model``
+    and ``checkpoint``), as in a ``--model-set`` file. The deployment settings default to the
+    application-wide ones, as a model's do."""
+
+    models: list[str] | dict[str, str] | None = None
+    embedding: bool = False
+    name: str = "set"
+    version: str = "1"
+    max_batch_size: int | None = Field(None, ge=1)
+    batch_wait_timeout_s: float | None = Field(None, ge=0)
+    num_replicas: int | None = Field(None, ge=1)
+    autoscaling_config: dict | None = None
+    num_cpus: float | None = Field(None, ge=0)
+    num_gpus: float | None = Field(None, ge=0)
+    threads: int | None = Field(None, ge=1)
+    precision: Literal["auto", "bf16", "fp32"] | None = None
+    device: str | None = None
+    max_ongoing_requests: int | None = Field(None, ge=1)
+    max_queued_requests: int | None = Field(None, ge=-1)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, v: str) -> str:
+        if not re.match(SET_NAME_PATTERN, v):
+            raise ValueError(f"model_set name {v!r} must match {SET_NAME_PATTERN}")
+        return v
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _check_version(cls, v) -> str:
+        if isinstance(v, (int, float, datetime.date)) and not isinstance(v, bool):
+            v = str(v)  # YAML reads 2 as a number and 2026-11-29 as a date: kept as their text
+        if not isinstance(v, str) or not v or len(v) > 64:
+            raise ValueError("model_set version must be a string of 1-64 characters")
+        return v
+
+    def members(self, served: list[str]) -> list[tuple[str, str]]:
+        """``(column name, served model name)`` of every member, in order; refuses unknown models and bad or
+        clashing column names, naming the fix."""
+        from raytasks.modelset import ModelSetError, check_name
+
+        if self.models is None:
+            pairs = [(n, n) for n in served]
+        elif isinstance(self.models, list):
+            pairs = [(n, n) for n in self.models]
+        else:
+            pairs = [(column, n) for n, column in self.models.items()]
+        unknown = [n for _, n in pairs if n not in served]
+        if unknown:
+            raise ValueError(f"model_set names models that are not served: {unknown} (served: {sorted(served)})")
+        if not pairs and not self.embedding:
+            raise ValueError("model_set holds no model: name served models (or leave models out for all), or "
+                             "set embedding: true")
+        seen: dict[str, str] = {}
+        for column, n in pairs:
+            try:
+                check_name(column)
+            except ModelSetError as e:
+                how = ""
+                if column == n:
+                    good = re.sub("[^a-z0-9_]", "_", n.lower()).lstrip("0123456789_")[:50] or "m"
+                    try:
+                        check_name(good)
+                    except ModelSetError:
+                        good += "_model"  # a column of every row (path, model, ...)
+                    how = (f"; give it a column name in the config (model_set: {{models: {{{n}: {good}, ...}}}}) "
+                           f"or serve it under such a name (--model {good}=...)")
+                raise ValueError(f"model_set: model {n!r} cannot be a column of the set's rows: {e}{how}") from None
+            if column in seen:
+                raise ValueError(f"model_set: models {seen[column]!r} and {n!r} would both be column {column!r}")
+            seen[column] = n
+        return pairs
+
+
 class ServeArgs(_Strict):
     """Arguments of :func:`build_app` (the ``args:`` of jobs/serve.yaml).
 
@@ -82,6 +169,8 @@ class ServeArgs(_Strict):
     # faces.pipeline.FaceOptions: mode (detect | whole: the default of a request's ?faces=), max_side, detector
     # settings; every model replica loads the detector either way
     faces: dict = Field(default_factory=dict)
+    # several served models answered together at POST /v1/predict (ModelSetSpec); None: no set, no such route
+    model_set: ModelSetSpec | None = None
 
     @field_validator("faces")
     @classmethod
@@ -101,12 +190,27 @@ class ServeArgs(_Strict):
             split_pin(spec if isinstance(spec, str) else spec.checkpoint)  # URI#sha256:<hex>: a malformed pin is refused
         return v
 
+    @model_validator(mode="after")
+    def _check_set(self) -> ServeArgs:
+        if self.model_set is not None:
+            self.model_set.members(list(self.models))
+        return self
+
     def model_settings(self, name: str) -> dict:
         """The resolved settings of one model's deployment."""
         spec = self.models[name]
-        spec = DeploymentSpec(checkpoint=spec) if isinstance(spec, str) else spec
+        return self._resolve(DeploymentSpec(checkpoint=spec) if isinstance(spec, str) else spec, DeploymentSpec.model_fields)
+
+    def set_settings(self) -> dict:
+        """The resolved settings of the model set's deployment (``model_set`` must be given)."""
+        if self.model_set is None:
+            raise ValueError("no model_set in the config")
+        keys = [k for k in ModelSetSpec.model_fields if k in DeploymentSpec.model_fields]
+        return self._resolve(self.model_set, keys)
+
+    def _resolve(self, spec: DeploymentSpec | ModelSetSpec, keys) -> dict:
         out = {}
-        for key in DeploymentSpec.model_fields:
+        for key in keys:
             own = getattr(spec, key)
             out[key] = own if own is not None else getattr(self, key, None)
         if spec.num_replicas is not None and spec.autoscaling_config is None:
