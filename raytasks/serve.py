@@ -1,19 +1,25 @@
 """Online queries: the label job's checkpoints behind an HTTP API on Ray Serve.
 
     serve run jobs/serve.yaml
-    python -m jobs.serve --model dmm=s3://bucket/models/dmm.pt --model agr=./agr.pt --port 8000
+    python -m jobs.serve --model dmm=s3://bucket/models/dmm.pt --model agr=./agr.pt --port 8000 [--set]
 
 One Serve application, built by :func:`build_app` from plain arguments (:class:`ServeArgs`)::
 
-    HTTP proxy -> FaceAttrAPI (FastAPI ingress): API key, size limit, content type, image decoding
-                      |  one DeploymentHandle per model; uint8 images travel, as in the label job
-                      v
+    HTTP proxy -> FaceAttrAPI (FastAPI ingress, this module): API key, size limit, content type, decoding
+                      |  one DeploymentHandle per model (and one for the set); uint8 images travel, as in
+                      v  the label job
                   ModelServer "model-<name>" (one deployment per model): the checkpoint loaded once per
                   replica (raytasks.predictor.Predictor), @serve.batch dynamic batching, rows out
+                  SetServer "modelset" (only with a ``model_set`` in the config): every model of the set in
+                  one replica (raytasks.modelset.SetPredictor), for POST /v1/predict
+
+The deployments that compute are in raytasks/serve_models.py; the configuration is raytasks/serve_config.py.
 
 The answer for an image is the label job's Parquet row for it: both go through
-``Predictor.predict_decoded`` on a batch from ``decode_batch``, so the columns (``path``, ``ok``, ...,
-``model``, ``checkpoint``, then the fields of the model's output description) and values are the same.
+``Predictor.predict_decoded`` on a batch from ``decode_batch`` (or ``predict_photos`` with the same
+detector), so the columns (``path``, ``ok``, ..., ``model``, ``checkpoint``, then the fields of the model's
+output description) and values are the same. For the set, both go through ``SetPredictor``: one row per
+face with one struct column per model, as the label job writes for the same set.
 
 **One deployment per model, not model multiplexing.** Multiplexing (``@serve.multiplexed``) pays when there
 are many more models than fit in a replica's memory: replicas load models on demand and evict them LRU. Here
@@ -24,24 +30,33 @@ model at one input shape (``@serve.batch`` would otherwise mix model ids in a ba
 at deploy time (a bad URI fails the deploy, not a user's first request) and never evicts (no multi-second
 reload of a 350 MB checkpoint from S3 in the middle of traffic).
 
+**The set is one deployment, not a fan-out to the model deployments.** ``POST /v1/predict`` answers every
+model for every face; fanning out would send the photo to each model replica and detect its faces once per
+model. The set replica holds every member (3-100 MB of weights each) and the detector in one process on one
+device, so the photo crosses the process boundary once, is searched for faces once and each face is aligned
+once per distinct template. It loads the same checkpoints (same URIs and ``#sha256:`` pins) as the
+per-model deployments, which stay for per-model routes.
+
 **Decoding happens in the ingress**, not in the model replicas: it is CPU work that scales with the
 ingress's replicas while model replicas (GPUs) do only batched forward passes; a body that is not an image
 is answered 415/422 without queueing behind the model; and what a model replica receives is the uint8
-input at the model's size, as in the label job. The ingress learns each model's preprocessing from the
-model's deployment (``describe``) and sends the checkpoint hash it decoded for; a replica that holds another
-checkpoint refuses the batch and the ingress re-reads the preprocessing once.
+input at the model's size, as in the label job (the set: once per distinct preprocessing). The ingress
+learns each model's preprocessing from the model's deployment (``describe``) and sends the checkpoint hash
+(the set: its identity) it decoded for; a replica that holds another refuses the batch and the ingress
+re-reads the description once.
 
 Errors (every 4xx body is JSON ``{"error": code, "detail": message, ...}``):
 
 * 401 ``unauthorized`` when an API key is configured (environment variable ``FACEATTR_API_KEY``, or the one
   named by ``api_key_env``) and the request carries neither ``Authorization: Bearer <key>`` nor
   ``X-API-Key: <key>``. ``/healthz``, ``/docs`` and ``/openapi.json`` stay open.
-* 404 ``unknown_model``; 413 ``too_large`` (body over ``max_request_bytes``: refused from
-  ``Content-Length`` before reading, or as soon as a streamed body passes the limit; or an image over the
-  preprocessing's pixel limit); 415 ``unsupported_media_type``; 422 ``not_image`` / ``empty`` /
-  ``truncated`` / ``decode_error`` / ``bad_form`` naming each bad file; 503 ``overloaded`` (with
-  ``Retry-After``) when a model's replicas and their queue (``max_ongoing_requests``,
-  ``max_queued_requests``) are full. The service stays up: a rejected request costs nothing further.
+* 404 ``unknown_model``, or ``no_model_set`` (``/v1/predict``, ``/v1/set`` without a ``model_set``); 413
+  ``too_large`` (body over ``max_request_bytes``: refused from ``Content-Length`` before reading, or as soon
+  as a streamed body passes the limit; or an image over the preprocessing's pixel limit); 415
+  ``unsupported_media_type``; 422 ``not_image`` / ``empty`` / ``truncated`` / ``decode_error`` /
+  ``bad_form`` naming each bad file; 503 ``overloaded`` (with ``Retry-After``) when a model's replicas and
+  their queue (``max_ongoing_requests``, ``max_queued_requests``) are full. The service stays up: a rejected
+  request costs nothing further.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI resolves the route methods' annotations at runtime
@@ -50,12 +65,9 @@ import asyncio
 import hmac
 import math
 import os
-import threading
-from collections import Counter
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -67,150 +79,24 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from facedata import storage
-from faces.pipeline import FaceFinder, FaceOptions, decode_photos
+from faces.pipeline import FaceOptions, decode_photos
 from models.preprocess import Preprocessing
-from raytasks.predictor import Predictor, decode_batch, rows_per_image
-from raytasks.serve_config import API_KEY_ENV, DeploymentSpec, IngressSpec, ServeArgs  # noqa: F401 - the app's API
-from raytasks.threads import runtime_env, torch_executor
+from raytasks.modelset import ModelSet, decode_for_set
+from raytasks.predictor import decode_batch
+from raytasks.serve_config import (  # noqa: F401 - the app's API
+    API_KEY_ENV,
+    DeploymentSpec,
+    IngressSpec,
+    ModelSetSpec,
+    ServeArgs,
+)
+from raytasks.serve_models import CheckpointChanged, ModelServer, SetServer
+from raytasks.threads import runtime_env
 
+SET_DEPLOYMENT = "modelset"  # the model set's deployment (model deployments are "model-<name>")
 ADMIN_KEY_ENV = "FACEATTR_ADMIN_KEY"  # who may see checkpoint URIs, devices and threads (GET /v1/models)
 PRIVATE_FIELDS = ("device", "threads", "batchnorm_folded")  # besides checkpoint.uri: operators only
 RAW_TYPES = ("application/octet-stream",)  # besides image/*: what `curl --data-binary` users send
-
-
-# --- the model deployment -----------------------------------------------------------------------------
-class CheckpointChanged(RuntimeError):
-    """The ingress decoded for another checkpoint than the replica holds (the deployment was updated)."""
-
-
-@serve.deployment
-class ModelServer:
-    """One model: its checkpoint loaded once per replica, images batched across requests."""
-
-    def __init__(self, name: str, checkpoint: str, device: str | None, precision: str,
-                 channels_last: bool, threads: int, faces: dict | None = None):
-        self.name = name
-        # Every torch call of the replica runs on this one thread: each thread that calls torch gets its own
-        # OpenMP pool, and with more OpenMP threads than cores libgomp throttles them (raytasks/threads.py).
-        self._torch_thread = torch_executor(f"model-{name}")
-        self.predictor = self._torch_thread.submit(
-            Predictor, checkpoint, device=device, precision=precision, channels_last=channels_last,
-            threads=threads).result()
-        self.face_options = FaceOptions.from_dict(faces)
-        # The detector next to the model, loaded once per replica (0.4 M parameters), whatever the default mode:
-        # a request may ask for either (?faces=), and a photo crosses processes once.
-        self.finder = self._torch_thread.submit(FaceFinder, self.face_options, self.predictor.device).result()
-        self.checkpoint_uri = checkpoint
-        self.threads = threads
-        self.max_batch_size, self.batch_wait_timeout_s = 16, 0.01  # @serve.batch's; reconfigure sets the config's
-        self.batch_sizes: Counter[int] = Counter()
-        self.requests = 0
-        self.images = 0
-        self._lock = threading.Lock()
-        pre = self.predictor.preprocessing
-        # The first forward pass builds the kernels' plans (oneDNN, cuDNN); pay for it before traffic.
-        self._torch_thread.submit(self.predictor.forward_uint8,
-                                  torch.zeros((1, pre.channels, *pre.size), dtype=torch.uint8)).result()
-
-    def reconfigure(self, user_config: dict) -> None:
-        """``user_config`` carries the batching knobs, so changing them in the config does not restart
-        replicas (Serve calls this on deploy and on every config update)."""
-        self.max_batch_size = int(user_config["max_batch_size"])
-        self.batch_wait_timeout_s = float(user_config["batch_wait_timeout_s"])
-        for method in (self.infer, self.infer_photo):
-            method.set_max_batch_size(self.max_batch_size)
-            method.set_batch_wait_timeout_s(self.batch_wait_timeout_s)
-
-    def describe(self) -> dict:
-        p = self.predictor
-        info = p.info
-        return {
-            "name": self.name,
-            "architecture": info.model,
-            "checkpoint": {"uri": self.checkpoint_uri, "hash": info.hash},
-            "config": info.config,
-            "outputs": info.outputs,
-            "fields": [{"name": f.name, "type": str(f.type)} for f in p.schema],
-            "preprocessing": p.preprocessing.to_dict(),
-            "metrics": info.metrics,
-            "device": str(p.device),
-            "precision": p.precision,
-            "batchnorm_folded": p.folded,
-            "threads": self.threads,
-            "faces": {**self.face_options.to_dict(), "detector": self.finder.identity},
-            "batching": {"max_batch_size": self.max_batch_size,
-                         "batch_wait_timeout_s": self.batch_wait_timeout_s},
-            "stats": self.stats(),
-        }
-
-    def stats(self) -> dict:
-        """Counters of the replica that answers (one of possibly several)."""
-        with self._lock:
-            sizes = dict(sorted(self.batch_sizes.items()))
-            return {"requests": self.requests, "images": self.images, "batches": sum(sizes.values()),
-                    "max_batch_size_seen": max(sizes, default=0), "batch_sizes": sizes}
-
-    async def predict(self, items: list[dict], checkpoint_hash: str) -> list[dict]:
-        """One HTTP request's decoded images -> their rows. Each image joins the replica's batch queue
-        separately, so images of concurrent requests share forward passes."""
-        if checkpoint_hash != self.predictor.checkpoint_hash:
-            raise CheckpointChanged(f"decoded for {checkpoint_hash}, replica holds {self.predictor.checkpoint_hash}")
-        with self._lock:
-            self.requests += 1
-        return list(await asyncio.gather(*(self.infer(item) for item in items)))
-
-    async def predict_photos(self, items: list[dict], checkpoint_hash: str) -> list[list[dict]]:
-        """One HTTP request's decoded photos -> per photo its rows (one per face, or one saying no face)."""
-        if checkpoint_hash != self.predictor.checkpoint_hash:
-            raise CheckpointChanged(f"decoded for {checkpoint_hash}, replica holds {self.predictor.checkpoint_hash}")
-        with self._lock:
-            self.requests += 1
-        return list(await asyncio.gather(*(self.infer_photo(item) for item in items)))
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def infer_photo(self, items: list[dict]) -> list[list[dict]]:
-        with self._lock:
-            self.batch_sizes[len(items)] += 1
-            self.images += len(items)
-        return await asyncio.get_running_loop().run_in_executor(self._torch_thread, self._run_photos, items)
-
-    def _run_photos(self, items: list[dict]) -> list[list[dict]]:
-        n = len(items)
-        batch = {"path": [it["path"] for it in items], "ok": np.ones(n, dtype=bool), "error_kind": [None] * n,
-                 "error_message": [None] * n, "width": [it["width"] for it in items],
-                 "height": [it["height"] for it in items], "scale": [it["scale"] for it in items],
-                 "image": [it["image"] for it in items]}
-        return rows_per_image(self.predictor.predict_photos(batch, self.finder), n)
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def infer(self, items: list[dict]) -> list[dict]:
-        with self._lock:
-            self.batch_sizes[len(items)] += 1
-            self.images += len(items)
-        # Off the event loop: new requests keep joining the next batch while this one runs.
-        return await asyncio.get_running_loop().run_in_executor(self._torch_thread, self._run, items)
-
-    def _run(self, items: list[dict]) -> list[dict]:
-        n = len(items)
-        batch = {
-            "path": np.array([it["path"] for it in items], dtype=object),
-            "ok": np.ones(n, dtype=bool),
-            "error_kind": np.array([None] * n, dtype=object),
-            "error_message": np.array([None] * n, dtype=object),
-            "width": np.array([it["width"] for it in items], dtype=np.int32),
-            "height": np.array([it["height"] for it in items], dtype=np.int32),
-            "image": np.stack([it["image"] for it in items]),
-            "geometry": np.stack([it["geometry"] for it in items]),
-        }
-        cols = self.predictor.predict_decoded(batch)
-        return [{k: cols[k][i] for k in cols} for i in range(n)]
-
-
-def _changed(name: str) -> "APIError":
-    """Two replicas of one model disagree on the checkpoint (a rolling update, a replaced object): the
-    request is answered 503, to be retried once the update is through, never 500."""
-    return APIError(503, "checkpoint_changed", f"model {name!r} is being updated (its replicas hold different "
-                    "checkpoints); retry shortly", headers={"Retry-After": "2"})
 
 
 # --- the HTTP API -------------------------------------------------------------------------------------
@@ -218,6 +104,19 @@ class APIError(Exception):
     def __init__(self, status: int, code: str, detail: str, headers: dict | None = None, **extra):
         super().__init__(detail)
         self.status, self.code, self.detail, self.headers, self.extra = status, code, detail, headers, extra
+
+
+def _changed(name: str, what: str = "model") -> APIError:
+    """Two replicas of one model (or set) disagree on the checkpoint (a rolling update, a replaced object):
+    the request is answered 503, to be retried once the update is through, never 500."""
+    return APIError(503, "checkpoint_changed", f"{what} {name!r} is being updated (its replicas hold different "
+                    "checkpoints); retry shortly", headers={"Retry-After": "2"})
+
+
+def _no_model_set() -> APIError:
+    return APIError(404, "no_model_set", "this server has no model set: start it with --set (python -m jobs.serve) "
+                    "or give model_set: in the config's args (serve run jobs/serve.yaml); per-model predictions "
+                    "are at POST /v1/models/{name}/predict")
 
 
 class ErrorBody(BaseModel):
@@ -229,6 +128,15 @@ class PredictResponse(BaseModel):
     model: str
     architecture: str
     checkpoint: str
+    predictions: list[dict[str, Any]]
+
+
+class SetPredictResponse(BaseModel):
+    set: str
+    checkpoint: str
+    models: list[dict[str, Any]]
+    detector: str | None = None
+    images: list[dict[str, Any]] | None = None
     predictions: list[dict[str, Any]]
 
 
@@ -251,6 +159,7 @@ _ERRORS = {code: {"model": ErrorBody, "description": desc} for code, desc in {
     415: "content type is neither an image nor multipart/form-data", 422: "a file is not a decodable image",
     503: "the model's replicas and queue, or the decoders, are full, or the model is being updated; retry "
          "after Retry-After seconds", 504: "the model did not answer within the request timeout"}.items()}
+_SET_ERRORS = {**_ERRORS, 404: {"model": ErrorBody, "description": "the server has no model set (no_model_set)"}}
 
 app = FastAPI(
     redoc_url=None,  # one documentation page (/docs), no OAuth2 redirect page: nothing undocumented is open
@@ -297,16 +206,16 @@ def _json_safe(v):
     return str(v)
 
 
-async def _call_model(name: str, response):
-    """Await a call to a model deployment; a full queue or no replica becomes a JSON 503."""
+async def _call_model(name: str, response, what: str = "model"):
+    """Await a call to a model (or set) deployment; a full queue or no replica becomes a JSON 503."""
     try:
         return await response
     except BackPressureError as e:
         retry = max(1, math.ceil(getattr(e, "retry_after_s", None) or 1))
-        raise APIError(503, "overloaded", f"model {name!r} is at capacity; retry later",
+        raise APIError(503, "overloaded", f"{what} {name!r} is at capacity; retry later",
                        headers={"Retry-After": str(retry)}) from None
     except DeploymentUnavailableError:
-        raise APIError(503, "unavailable", f"model {name!r} has no running replica",
+        raise APIError(503, "unavailable", f"{what} {name!r} has no running replica",
                        headers={"Retry-After": "5"}) from None
 
 
@@ -333,11 +242,14 @@ async def _bounded_stream(request: Request, limit: int):
 @serve.deployment
 @serve.ingress(app)
 class FaceAttrAPI:
-    """The HTTP front: checks, reads and decodes; the model deployments compute."""
+    """The HTTP front: checks, reads and decodes; the model deployments compute. ``model_set``: the set's
+    deployment (``SetServer``), or None when the config has no ``model_set``."""
 
     def __init__(self, handles: dict[str, DeploymentHandle], max_request_bytes: int, max_files: int, api_key_env: str = API_KEY_ENV,
-                 api_key: str | None = None, faces: dict | None = None, limits: "IngressSpec | None" = None):
+                 api_key: str | None = None, faces: dict | None = None, limits: "IngressSpec | None" = None,
+                 model_set: DeploymentHandle | None = None, set_name: str = "set"):
         self.handles = handles
+        self.set_handle, self.set_name = model_set, set_name
         self.face_options = FaceOptions.from_dict(faces)
         self.max_request_bytes = max_request_bytes
         self.max_files = max_files
@@ -352,19 +264,31 @@ class FaceAttrAPI:
         self.limits = limits or IngressSpec()
         self._decoders = ThreadPoolExecutor(self.limits.max_decodes, thread_name_prefix="decode")
         self._decode_slots = asyncio.Semaphore(self.limits.max_decodes)
-        self._described: dict[str, dict] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._described: dict[str | None, dict] = {}  # model name -> description; None -> the set's
+        self._locks: dict[str | None, asyncio.Lock] = {}
 
     # -- checks --------------------------------------------------------------------------------------
+    def _is_admin(self, request: Request) -> bool:
+        given = request.headers.get("x-admin-key")
+        return self._admin_key is not None and given is not None and hmac.compare_digest(given.encode(), self._admin_key)
+
     def _visible(self, desc: dict, request: Request) -> dict:
         """A model's description as this caller may see it: where the checkpoint lives and how the replica
         runs (device, threads) only for the operator's admin key (``FACEATTR_ADMIN_KEY``), not for holders
         of the inference key."""
-        given = request.headers.get("x-admin-key")
-        if self._admin_key is not None and given is not None and hmac.compare_digest(given.encode(), self._admin_key):
+        if self._is_admin(request):
             return desc
         out = {k: v for k, v in desc.items() if k not in PRIVATE_FIELDS}
         out["checkpoint"] = {"hash": desc["checkpoint"]["hash"]}
+        return out
+
+    def _visible_set(self, desc: dict, request: Request) -> dict:
+        """The set's description as this caller may see it: each member's checkpoint URI, the device, the
+        threads and the folded layers only for the admin key, as for a model."""
+        if self._is_admin(request):
+            return desc
+        out = {k: v for k, v in desc.items() if k not in PRIVATE_FIELDS}
+        out["models"] = [{k: v for k, v in m.items() if k != "uri"} for m in desc["models"]]
         return out
 
     def _authorize(self, request: Request) -> None:
@@ -384,15 +308,27 @@ class FaceAttrAPI:
             raise APIError(404, "unknown_model", f"no model named {name!r}", models=sorted(self.handles))
         return self.handles[name]
 
+    def _set(self) -> DeploymentHandle:
+        if self.set_handle is None:
+            raise _no_model_set()
+        return self.set_handle
+
     async def _describe(self, name: str, refresh: bool = False) -> dict:
         """The model's description (preprocessing, checkpoint hash), fetched once and shared by the
         requests that arrive meanwhile."""
-        handle = self._handle(name)
-        lock = self._locks.setdefault(name, asyncio.Lock())
+        return await self._cached_description(name, self._handle(name), refresh)
+
+    async def _describe_set(self, refresh: bool = False) -> dict:
+        """The set's description (its identity, members, distinct preprocessings), as :meth:`_describe`."""
+        return await self._cached_description(None, self._set(), refresh, name=self.set_name, what="model set")
+
+    async def _cached_description(self, key: str | None, handle: DeploymentHandle, refresh: bool,
+                                  name: str | None = None, what: str = "model") -> dict:
+        lock = self._locks.setdefault(key, asyncio.Lock())  # key None: the set (model names are strings)
         async with lock:
-            if refresh or name not in self._described:
-                self._described[name] = await _call_model(name, handle.describe.remote())
-        return self._described[name]
+            if refresh or key not in self._described:
+                self._described[key] = await _call_model(name or key, handle.describe.remote(), what)
+        return self._described[key]
 
     async def _decode(self, fn, *args):
         """Run a decode on the ingress's decode threads, at most ``max_decodes`` requests at a time; 503 with
@@ -407,12 +343,12 @@ class FaceAttrAPI:
         finally:
             self._decode_slots.release()
 
-    async def _model_call(self, name: str, response):
-        """A model call bounded by ``request_timeout_s``: 504 beyond it."""
+    async def _model_call(self, name: str, response, what: str = "model"):
+        """A model (or set) call bounded by ``request_timeout_s``: 504 beyond it."""
         try:
-            return await asyncio.wait_for(_call_model(name, response), timeout=self.limits.request_timeout_s)
+            return await asyncio.wait_for(_call_model(name, response, what), timeout=self.limits.request_timeout_s)
         except asyncio.TimeoutError:
-            raise APIError(504, "timeout", f"model {name!r} did not answer within {self.limits.request_timeout_s:g} s",
+            raise APIError(504, "timeout", f"{what} {name!r} did not answer within {self.limits.request_timeout_s:g} s",
                            headers={"Retry-After": "5"}) from None
 
     # -- reading ---------------------------------------------------------------------------------------
@@ -491,17 +427,18 @@ class FaceAttrAPI:
             return await self._predict_photos(name, handle, items)
         return await self._predict_whole(name, handle, items)
 
-    async def _consistent(self, name: str, call) -> tuple[dict, Any]:
+    async def _consistent(self, name: str, call, describe=None, what: str = "model") -> tuple[dict, Any]:
         """``await call(description)`` against the model's current checkpoint: when a replica holds another
         one (an update under way), the description is read again and the call made once more; a second
-        mismatch is a 503, never a 500."""
+        mismatch is a 503, never a 500. ``describe(refresh)``: the description (default: model ``name``'s)."""
         for attempt in (0, 1):
-            desc = await self._describe(name, refresh=attempt > 0)
+            refresh = attempt > 0
+            desc = await (describe(refresh) if describe else self._describe(name, refresh=refresh))
             try:
                 return desc, await call(desc)
             except CheckpointChanged:
                 if attempt:
-                    raise _changed(name) from None
+                    raise _changed(name, what) from None
         raise AssertionError("unreachable")
 
     async def _predict_whole(self, name: str, handle: DeploymentHandle, items: list[tuple[str, bytes]]) -> JSONResponse:
@@ -518,19 +455,85 @@ class FaceAttrAPI:
                                         "checkpoint": desc["checkpoint"]["hash"], "predictions": rows}))
 
     async def _predict_photos(self, name: str, handle: DeploymentHandle, items: list[tuple[str, bytes]]) -> JSONResponse:
+        payload = await self._decode_photos(items)
+        desc, per_image = await self._consistent(name, lambda desc: self._model_call(
+            name, handle.predict_photos.remote(payload, desc["checkpoint"]["hash"])))
+        return JSONResponse(_json_safe({
+            "model": name, "architecture": desc["architecture"], "checkpoint": desc["checkpoint"]["hash"],
+            "detector": (desc.get("faces") or {}).get("detector"), **self._per_face(payload, per_image)}))
+
+    async def _decode_photos(self, items: list[tuple[str, bytes]]) -> list[dict]:
+        """Photos decoded once for detection (longest side at most ``faces.max_side``), one dict each."""
         batch = await self._decode(decode_photos, [p for p, _ in items], [d for _, d in items],
                                    self.face_options.max_side)
         self._reject_bad_images(batch)
-        payload = [{"path": batch["path"][i], "width": int(batch["width"][i]), "height": int(batch["height"][i]),
-                    "scale": float(batch["scale"][i]), "image": batch["image"][i]} for i in range(len(items))]
-        desc, per_image = await self._consistent(name, lambda desc: self._model_call(
-            name, handle.predict_photos.remote(payload, desc["checkpoint"]["hash"])))
+        return [{"path": batch["path"][i], "width": int(batch["width"][i]), "height": int(batch["height"][i]),
+                 "scale": float(batch["scale"][i]), "image": batch["image"][i]} for i in range(len(items))]
+
+    @staticmethod
+    def _per_face(payload: list[dict], per_image: list[list[dict]]) -> dict:
+        """``images`` (per photo, its rows with a face) and ``predictions`` (every row, as in Parquet)."""
         images = [{"path": p["path"], "width": p["width"], "height": p["height"],
                    "faces": [r for r in rows if r["face"] is not None]} for p, rows in zip(payload, per_image)]
-        return JSONResponse(_json_safe({
-            "model": name, "architecture": desc["architecture"], "checkpoint": desc["checkpoint"]["hash"],
-            "detector": (desc.get("faces") or {}).get("detector"), "images": images,
-            "predictions": [r for rows in per_image for r in rows]}))
+        return {"images": images, "predictions": [r for rows in per_image for r in rows]}
+
+    # -- the model set -------------------------------------------------------------------------------------
+    @app.post("/v1/predict", summary="Every model of the set on every face of one or more images",
+              response_model=SetPredictResponse, openapi_extra=PREDICT_OPENAPI,
+              responses={k: _SET_ERRORS[k] for k in (401, 404, 413, 415, 422, 503, 504)})
+    async def predict_set(self, request: Request, filename: str = "image",
+                          faces: Literal["detect", "whole"] | None = None) -> JSONResponse:
+        """Every model of the server's model set (and the face embedding when the set has it) on every face,
+        in one request: each image is read and decoded once and searched for faces once, and each face
+        gets one row holding one object per model (``{"model", "checkpoint", ...its outputs}``), the same
+        row as the label job's Parquet for the same set. The body and ``filename`` as for
+        ``/v1/models/{name}/predict``; ``faces=whole``: one row per image. 404 ``no_model_set`` when the
+        server runs without a set."""
+        self._authorize(request)
+        handle = self._set()
+        items = await self._read_items(request, filename)
+        if (faces or self.face_options.mode) == "detect":
+            return await self._predict_set_photos(handle, items)
+        return await self._predict_set_whole(handle, items)
+
+    @app.get("/v1/set", summary="The model set answered at POST /v1/predict: identity, members, fields",
+             responses={k: _SET_ERRORS[k] for k in (401, 404)})
+    async def get_set(self, request: Request) -> dict:
+        self._authorize(request)
+        return _json_safe(self._visible_set(await self._describe_set(refresh=True), request))
+
+    async def _set_call(self, call) -> tuple[dict, Any]:
+        """``await call(desc)`` against the set's current identity, as :meth:`_consistent` for a model."""
+        return await self._consistent(self.set_name, call, describe=self._describe_set, what="model set")
+
+    async def _set_remote(self, response):
+        """A call to the set's deployment, bounded by ``request_timeout_s`` (504), 503 when it is full."""
+        return await self._model_call(self.set_name, response, "model set")
+
+    @staticmethod
+    def _set_head(desc: dict) -> dict:
+        return {"set": desc["name"], "checkpoint": desc["checkpoint"],
+                "models": [{k: m[k] for k in ("name", "model", "checkpoint")} for m in desc["models"]]}
+
+    async def _predict_set_photos(self, handle: DeploymentHandle, items: list[tuple[str, bytes]]) -> JSONResponse:
+        payload = await self._decode_photos(items)
+        desc, per_image = await self._set_call(
+            lambda desc: self._set_remote(handle.predict_photos.remote(payload, desc["checkpoint"])))
+        return JSONResponse(_json_safe({**self._set_head(desc), "detector": desc["faces"]["detector"],
+                                        **self._per_face(payload, per_image)}))
+
+    async def _predict_set_whole(self, handle: DeploymentHandle, items: list[tuple[str, bytes]]) -> JSONResponse:
+        async def call(desc: dict):  # each image decoded once per distinct preprocessing of the set
+            pres = [Preprocessing.from_dict(d) for d in desc["preprocessings"]]
+            batch = await self._decode(decode_for_set, [p for p, _ in items], [d for _, d in items], pres)
+            self._reject_bad_images(batch)
+            arrays = [f"{kind}_{k}" for k in range(len(pres)) for kind in ("image", "geometry")]
+            payload = [{"path": batch["path"][i], "width": int(batch["width"][i]), "height": int(batch["height"][i]),
+                        **{a: batch[a][i] for a in arrays}} for i in range(len(items))]
+            return await self._set_remote(handle.predict.remote(payload, desc["checkpoint"]))
+
+        desc, rows = await self._set_call(call)
+        return JSONResponse(_json_safe({**self._set_head(desc), "predictions": rows}))
 
     @staticmethod
     def _reject_bad_images(batch: dict) -> None:
@@ -546,7 +549,7 @@ class FaceAttrAPI:
 
 # --- the application builder ----------------------------------------------------------------------------
 def deployment_options(settings: dict) -> dict:
-    """Serve options of a model deployment from its resolved settings."""
+    """Serve options of a model (or the set's) deployment from its resolved settings."""
     opts: dict = {
         "max_ongoing_requests": settings["max_ongoing_requests"],
         "max_queued_requests": settings["max_queued_requests"],
@@ -569,13 +572,24 @@ def build_app(args: ServeArgs) -> serve.Application:
     failing that, in the ingress replica."""
     if not isinstance(args, ServeArgs):
         args = ServeArgs.model_validate(args)
-    handles = {}
+    handles, uris = {}, {}
     for name in args.models:
         s = args.model_settings(name)
         if not storage.is_s3(s["checkpoint"]):  # replicas may run in another working directory
             s["checkpoint"] = os.path.abspath(s["checkpoint"].removeprefix("file://"))
+        uris[name] = s["checkpoint"]
         handles[name] = ModelServer.options(name=f"model-{name}", **deployment_options(s)).bind(
             name, s["checkpoint"], s["device"], s["precision"], s["channels_last"], s["threads"], args.faces)
+    set_handle, set_name = None, "set"
+    if args.model_set is not None:  # the same checkpoints (URIs and pins) as the per-model deployments
+        spec, s = args.model_set, args.set_settings()
+        members = spec.members(list(args.models))
+        model_set = ModelSet(tuple((column, uris[name]) for column, name in members), embedding=spec.embedding,
+                             name=spec.name, version=spec.version)
+        set_name = spec.name
+        set_handle = SetServer.options(name=SET_DEPLOYMENT, **deployment_options(s)).bind(
+            model_set.to_dict(), {column: name for column, name in members}, s["device"], s["precision"],
+            s["threads"], args.faces)
     ing = args.ingress
     ing_opts: dict = {"max_ongoing_requests": ing.max_ongoing_requests, "max_queued_requests": ing.max_queued_requests,
                       "ray_actor_options": {"num_cpus": ing.num_cpus}}
@@ -585,7 +599,8 @@ def build_app(args: ServeArgs) -> serve.Application:
         ing_opts["num_replicas"] = ing.num_replicas or 1
     return FaceAttrAPI.options(name="FaceAttrAPI", **ing_opts).bind(
         handles, args.max_request_bytes, args.max_files, args.api_key_env,
-        os.environ.get(args.api_key_env) or None, args.faces, ing)
+        os.environ.get(args.api_key_env) or None, args.faces, ing, set_handle, set_name)
 
 
-__all__ = ["ServeArgs", "DeploymentSpec", "IngressSpec", "ModelServer", "FaceAttrAPI", "app", "build_app"]
+__all__ = ["ServeArgs", "DeploymentSpec", "IngressSpec", "ModelSetSpec", "ModelServer", "SetServer", "FaceAttrAPI",
+           "app", "build_app"]
