@@ -1,6 +1,7 @@
 """Serve checkpoints over HTTP until Ctrl-C (the flags version of `serve run jobs/serve.yaml`).
 
     python -m jobs.serve --model dmm=s3://bucket/models/dmm.pt --model agr=./agr.pt --port 8000
+    python -m jobs.serve --model dmm=... --model agr=... --set --embedding   # also every model at once: /v1/predict
 
 Starts a local Ray (or joins the cluster named by RAY_ADDRESS), deploys ``raytasks.serve:build_app`` at
 route prefix ``/`` and stays in the foreground; Ctrl-C (or SIGTERM) shuts Serve down. The API is in
@@ -50,6 +51,8 @@ def build_args(ns: argparse.Namespace) -> dict:
             raise SystemExit(f"error: --autoscale wants MIN:MAX replicas, got {ns.autoscale!r}") from None
     else:
         args["num_replicas"] = ns.num_replicas
+    if ns.set or ns.embedding:  # every --model, under its name, in one set (raytasks/serve_config.py: ModelSetSpec)
+        args["model_set"] = {"embedding": ns.embedding}
     if ns.threads:
         args["threads"] = ns.threads
     if ns.device:
@@ -62,6 +65,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", type=_model_arg, required=True, metavar="NAME=CHECKPOINT",
                    help="a model to serve at /v1/models/NAME (repeat for several); CHECKPOINT#sha256:<hex> pins "
                         "its content hash: replicas refuse any other file")
+    p.add_argument("--set", action="store_true",
+                   help="also serve every --model as one model set at POST /v1/predict: every model on every face "
+                        "of an image in one request, from one replica that holds them all (one process, one "
+                        "device); NAMEs must then be lower-case column names (^[a-z][a-z0-9_]*$)")
+    p.add_argument("--embedding", action="store_true",
+                   help="the set also gives dlib's 128-D face embedding of every face (implies --set)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch-size", type=int, default=16, help="dynamic batching: images per forward pass")
@@ -127,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
         serve.start(http_options={"host": ns.host, "port": ns.port})
         serve.run(build_app(args), name="faceattr", route_prefix="/")
         print(f"serving {', '.join(sorted(args['models']))} at http://{ns.host}:{ns.port}/v1/models "
-              f"(docs: http://{ns.host}:{ns.port}/docs); Ctrl-C stops", flush=True)
+              + (f"and all of them at once at http://{ns.host}:{ns.port}/v1/predict " if "model_set" in args else "")
+              + f"(docs: http://{ns.host}:{ns.port}/docs); Ctrl-C stops", flush=True)
         while not stop["now"]:
             time.sleep(0.5)
     finally:
