@@ -366,16 +366,7 @@ class SetPredictor:
     def _aligned_outputs(p: Predictor, photos, finder: FaceFinder, cache: dict):
         """A member's outputs on its own crops; members with the same preprocessing (template, size) share
         one alignment."""
-        if p.preprocessing in cache:
-            aligned = cache[p.preprocessing]
-            decoded = {}
-            if len(aligned.owner):
-                raw = p.forward_uint8(aligned.inputs)
-                h, w = p.preprocessing.size
-                geometry = [{"affine": m[:2].reshape(-1).tolist(), "input_w": w, "input_h": h} for m in aligned.maps]
-                decoded = p.model.decode(raw, geometry)
-            return aligned, decoded
-        aligned, decoded = p.face_outputs(photos, finder)
+        aligned, decoded = p.face_outputs(photos, finder, cache.get(p.preprocessing))
         cache[p.preprocessing] = aligned
         return aligned, decoded
 

@@ -229,10 +229,13 @@ class Predictor:
                     col[i] = values[j]
         return cols
 
-    def face_outputs(self, photos: DetectedPhotos, finder: FaceFinder) -> tuple[AlignedFaces, dict[str, list]]:
-        """Every face of a detected batch aligned to this model's template, and the model's decoded outputs
-        for them (one list entry per face, in ``aligned.owner`` order)."""
-        aligned = finder.aligned(photos.images, photos.found, self.preprocessing, photos.scales)
+    def face_outputs(self, photos: DetectedPhotos, finder: FaceFinder,
+                     aligned: AlignedFaces | None = None) -> tuple[AlignedFaces, dict[str, list]]:
+        """Every face of a detected batch aligned to this model's template (or ``aligned``, crops already cut
+        for the same preprocessing), and the model's decoded outputs for them (one list entry per face, in
+        ``aligned.owner`` order)."""
+        if aligned is None:
+            aligned = finder.aligned(photos.images, photos.found, self.preprocessing, photos.scales)
         decoded: dict[str, list] = {}
         if len(aligned.owner):
             raw = self.forward_uint8(aligned.inputs)
