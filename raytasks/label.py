@@ -564,7 +564,8 @@ def _label(spec: LabelSpec, echo=print) -> dict:
             identity, members = resolved.identity, resolved.describe()
             pre_dicts = [p.to_dict() for p in resolved.preprocessings]
             model_name, checkpoint_name = model_set.name, f"the model set {model_set.name}"
-            what = f"the set {model_set.name} ({', '.join(n + '=' + m['model'] for n, m in zip(resolved.names, members))})"
+            parts = [n + "=" + a for n, a in zip(resolved.names, resolved.architectures)]
+            what = f"the set {model_set.name!r} ({', '.join(parts + (['embedding'] if resolved.embedding else []))})"
         else:
             checkpoint_name = model_set.members[0][1]
             model, info = load_checkpoint(checkpoint_name)
