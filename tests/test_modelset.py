@@ -150,7 +150,7 @@ def test_set_job_survives_a_kill_equals_three_single_jobs_and_refuses_another_se
     from raytasks import label as L
 
     items = photos()
-    many = {f"{i:02d}_{name}": data for i in range(2) for name, data in items.items()}
+    many = {f"{i:02d}_{name}": data for i in range(4) for name, data in items.items()}
     folder = tmp_path / "photos"
     folder.mkdir()
     for name, data in many.items():
@@ -171,7 +171,7 @@ def test_set_job_survives_a_kill_equals_three_single_jobs_and_refuses_another_se
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    n_rows = (sum(max(1, len(p)) for p in PLACES.values()) + 1) * 2
+    n_rows = (sum(max(1, len(p)) for p in PLACES.values()) + 1) * 4
     partial = pq.read_table(out / "labels") if (out / "labels").exists() else None
     assert partial is not None and 0 < partial.num_rows < n_rows, "not killed midway"
     time.sleep(2)
