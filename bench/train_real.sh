@@ -45,6 +45,8 @@ runf() {  # name model data extra-args...
 runf agr_dlib_frozen age_gender_race "utkface:$DATA/utkface" --epochs 8
 runf agr_dlib_ft     age_gender_race "utkface:$DATA/utkface" --epochs 2 --init-from "$OUT/agr_dlib_frozen.pt" \
   --model-arg backbone_freeze=none --model-arg backbone_lr_scale=0.01
+runf agr_dlib_ft_more age_gender_race "utkface:$DATA/utkface" --epochs 2 --init-from "$OUT/agr_dlib_ft.pt" \
+  --model-arg backbone_freeze=none --model-arg backbone_lr_scale=0.01 --lr 0.0003
 runf dmm_dlib        dmm_cnn         "celeba:$DATA/celeba"  --epochs 3 --image-size 150 --model-arg backbone=dlib_resnet \
   --optimizer adam --lr 0.0001 --batch-size 32 --validate-every 50
 runf ta_dlib         task_attention  "celeba:$DATA/celeba"  --epochs 3 --image-size 150 --model-arg backbone=dlib_resnet \
