@@ -26,10 +26,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class DeploymentSpec(_Strict):
-    """Settings of one model's deployment. Every field left out takes the application-wide value."""
+class _ReplicaSettings(_Strict):
+    """Settings of a deployment that holds checkpoints (a model's or the model set's). Every field left out
+    takes the application-wide value."""
 
-    checkpoint: str | None = None
     max_batch_size: int | None = Field(None, ge=1)
     batch_wait_timeout_s: float | None = Field(None, ge=0)
     num_replicas: int | None = Field(None, ge=1)
@@ -39,9 +39,15 @@ class DeploymentSpec(_Strict):
     threads: int | None = Field(None, ge=1)
     precision: Literal["auto", "bf16", "fp32"] | None = None
     device: str | None = None
-    channels_last: bool | None = None
     max_ongoing_requests: int | None = Field(None, ge=1)
     max_queued_requests: int | None = Field(None, ge=-1)
+
+
+class DeploymentSpec(_ReplicaSettings):
+    """Settings of one model's deployment. Every field left out takes the application-wide value."""
+
+    checkpoint: str | None = None
+    channels_last: bool | None = None
 
 
 class IngressSpec(_Strict):
@@ -57,7 +63,7 @@ class IngressSpec(_Strict):
     request_timeout_s: float = Field(60.0, gt=0)  # a request's model call longer than this: 504
 
 
-class ModelSetSpec(_Strict):
+class ModelSetSpec(_ReplicaSettings):
     """Served models answered together at ``POST /v1/predict``: every model of the set for every face of an
     image in one request, from one deployment ("modelset") whose replicas each hold every member's
     checkpoint (and the face embedding) in one process on one device (raytasks/modelset.py). Per-model
@@ -75,17 +81,6 @@ class ModelSetSpec(_Strict):
     embedding: bool = False
     name: str = "set"
     version: str = "1"
-    max_batch_size: int | None = Field(None, ge=1)
-    batch_wait_timeout_s: float | None = Field(None, ge=0)
-    num_replicas: int | None = Field(None, ge=1)
-    autoscaling_config: dict | None = None
-    num_cpus: float | None = Field(None, ge=0)
-    num_gpus: float | None = Field(None, ge=0)
-    threads: int | None = Field(None, ge=1)
-    precision: Literal["auto", "bf16", "fp32"] | None = None
-    device: str | None = None
-    max_ongoing_requests: int | None = Field(None, ge=1)
-    max_queued_requests: int | None = Field(None, ge=-1)
 
     @field_validator("name")
     @classmethod
@@ -205,8 +200,7 @@ class ServeArgs(_Strict):
         """The resolved settings of the model set's deployment (``model_set`` must be given)."""
         if self.model_set is None:
             raise ValueError("no model_set in the config")
-        keys = [k for k in ModelSetSpec.model_fields if k in DeploymentSpec.model_fields]
-        return self._resolve(self.model_set, keys)
+        return self._resolve(self.model_set, _ReplicaSettings.model_fields)
 
     def _resolve(self, spec: DeploymentSpec | ModelSetSpec, keys) -> dict:
         out = {}
