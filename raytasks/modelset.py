@@ -63,6 +63,7 @@ from raytasks.predictor import (
     detect_photos,
     photo_rows,
     resolve_device,
+    whole_image_columns,
 )
 
 SET_FORMAT = 1
@@ -376,26 +377,15 @@ class SetPredictor:
         one per image."""
         pres = self.preprocessings()
         n = len(batch["path"])
-        cols: dict[str, list] | None = None
+        cols = whole_image_columns(batch, self.model_name, self.checkpoint_hash)
         for name, p in self.members.items():
             k = pres.index(p.preprocessing)
             sub = {**{c: batch[c] for c in ("path", "ok", "error_kind", "error_message", "width", "height")},
                    "image": batch[f"image_{k}"], "geometry": batch[f"geometry_{k}"]}
             own = p.predict_decoded(sub)
-            if cols is None:
-                cols = {f.name: own[f.name] for f in BASE_FIELDS + FACE_FIELDS}
             fields = [f.name for f in p.output_fields]
             cols[name] = [{"model": p.model_name, "checkpoint": p.checkpoint_hash,
                            **{f: own[f][i] for f in fields}} for i in range(n)]
-        if cols is None:
-            ok = np.asarray(batch["ok"], dtype=bool)
-            cols = {"path": [str(v) for v in batch["path"]], "ok": ok.tolist(),
-                    "error_kind": list(batch["error_kind"]), "error_message": list(batch["error_message"]),
-                    "width": [int(v) if o else None for v, o in zip(batch["width"], ok)],
-                    "height": [int(v) if o else None for v, o in zip(batch["height"], ok)],
-                    "detector": ["whole"] * n, **{f.name: [None] * n for f in FACE_FIELDS[1:]}}
-        cols["model"] = [self.model_name] * n
-        cols["checkpoint"] = [self.checkpoint_hash] * n
         if self.embedder:
             k = pres.index(self.embedder.preprocessing)
             ok = np.asarray(batch["ok"], dtype=bool)

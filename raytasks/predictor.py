@@ -198,18 +198,8 @@ class Predictor:
         """A batch from :func:`decode_batch` -> columns of the row schema (one entry per input row)."""
         n = len(batch["path"])
         ok = np.asarray(batch["ok"], dtype=bool)
-        cols: dict[str, list] = {
-            "path": [str(p) for p in batch["path"]],
-            "ok": ok.tolist(),
-            "error_kind": list(batch["error_kind"]),
-            "error_message": list(batch["error_message"]),
-            "width": [int(v) if o else None for v, o in zip(batch["width"], ok)],
-            "height": [int(v) if o else None for v, o in zip(batch["height"], ok)],
-            "model": [self.model_name] * n,
-            "checkpoint": [self.checkpoint_hash] * n,
-            "detector": [WHOLE] * n,
-        }
-        for f in FACE_FIELDS[1:] + self.output_fields:
+        cols = whole_image_columns(batch, self.model_name, self.checkpoint_hash)
+        for f in self.output_fields:
             cols[f.name] = [None] * n
         idx = np.flatnonzero(ok)
         if len(idx):
@@ -269,6 +259,27 @@ class Predictor:
 
     def to_table(self, cols: dict[str, list]) -> pa.Table:
         return pa.Table.from_pydict(cols, schema=self.schema)
+
+
+def whole_image_columns(batch: dict, model: str, checkpoint: str) -> dict[str, list]:
+    """The common columns of one row per image (``--faces whole``) from a decoded batch: the image's outcome
+    and size, ``model`` and ``checkpoint``, ``detector`` "whole" and null face columns."""
+    n = len(batch["path"])
+    ok = np.asarray(batch["ok"], dtype=bool)
+    cols: dict[str, list] = {
+        "path": [str(p) for p in batch["path"]],
+        "ok": ok.tolist(),
+        "error_kind": list(batch["error_kind"]),
+        "error_message": list(batch["error_message"]),
+        "width": [int(v) if o else None for v, o in zip(batch["width"], ok)],
+        "height": [int(v) if o else None for v, o in zip(batch["height"], ok)],
+        "model": [model] * n,
+        "checkpoint": [checkpoint] * n,
+        "detector": [WHOLE] * n,
+    }
+    for f in FACE_FIELDS[1:]:
+        cols[f.name] = [None] * n
+    return cols
 
 
 @dataclasses.dataclass
