@@ -485,15 +485,15 @@ def photo_decode_memory(batch_size: int, max_side: int) -> int:
     return int(DECODE_PROCESS_BYTES + batch_size * (DECODE_FILE_BYTES + 3 * 3 * max_side * max_side * 3 // 4))
 
 
-def build_dataset(spec: LabelSpec, paths_ds, pre_dicts: list[dict], base: str | None, pool: tuple[int, int],
-                  detector_identity: str | None = None, checkpoint_hash: str | None = None):
-    """paths -> decoded batches (CPU tasks) -> predictor actors -> rows. ``pre_dicts``: the model's
-    preprocessing, or a set's distinct ones."""
+def build_dataset(spec: LabelSpec, model_set, paths_ds, pre_dicts: list[dict], base: str | None,
+                  pool: tuple[int, int], detector_identity: str | None = None, checkpoint_hash: str | None = None):
+    """paths -> decoded batches (CPU tasks) -> predictor actors -> rows. ``model_set``: ``spec.models()`` as
+    the run resolved it (a set file is read once per run); ``pre_dicts``: the model's preprocessing, or a
+    set's distinct ones."""
     import ray
 
     threads = max(1, int(spec.cpus_per_actor))
     options = spec.face_options()
-    model_set = spec.models()
     pre_dict = pre_dicts[0]
     if options.detect:
         ds = paths_ds.map_batches(load_and_decode_photos, batch_format="pyarrow", batch_size=spec.batch_size,
@@ -631,7 +631,8 @@ def _label(spec: LabelSpec, echo=print) -> dict:
     try:
         in_fs, in_path = storage.filesystem(out["inputs"])
         paths_ds = ray.data.read_parquet(in_path, filesystem=in_fs).select_columns(["path"])
-        ds = build_dataset(spec, paths_ds, pre_dicts, base, pool, detector if options.detect else None, identity)
+        ds = build_dataset(spec, model_set, paths_ds, pre_dicts, base, pool, detector if options.detect else None,
+                           identity)
         ds.write_parquet(labels_path, filesystem=labels_fs, max_rows_per_file=spec.max_rows_per_file,
                          min_rows_per_file=max(1, spec.max_rows_per_file // 2))
     finally:
