@@ -110,7 +110,7 @@ def torch_ms_per_face(net, imgs: np.ndarray, batch: int) -> float:
 def train_rate(model, steps: int, batch: int, repeat_same: bool) -> float:
     """Samples/s of engine.train_step on random uint8 faces; ``repeat_same`` feeds the same batches again
     (a warm cache: what a frozen trunk sees from its second epoch on)."""
-    from raytasks import engine
+    from core import engine
 
     rng = np.random.default_rng(1)
     batches = [{"image": rng.integers(0, 256, (batch, 3, 150, 150), dtype=np.uint8),

@@ -185,8 +185,8 @@ def child_decode(path: str) -> None:
 def child_fetch(path: str, manifest_dir: str) -> None:
     import pyarrow as pa
 
+    from facedata.inputs import default_allow_prefix
     from models.preprocess import Preprocessing
-    from raytasks.inputs import default_allow_prefix
     from raytasks.label import load_and_decode
 
     pre = Preprocessing(**HMT).to_dict()

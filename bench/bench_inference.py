@@ -2,7 +2,7 @@
 
     python bench/bench_inference.py [--model dmm_cnn] [--batch 32] [--rounds 6] [--threads 2]
 
-Three ``raytasks.predictor.Predictor`` objects on the same random checkpoint (bf16 autocast where
+Three ``core.predictor.Predictor`` objects on the same random checkpoint (bf16 autocast where
 ``--precision auto`` gives it, channels_last): ``fold_bn=False``; ``fold_bn=True`` (models/inference.py);
 ``fold_bn=True, compile_batch=--batch`` (torch.compile). After a warm-up, each round times one
 ``forward_uint8`` of each on the same uint8 batch, in turn, so that a drift in the machine's speed hits
@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402
+from core.predictor import Predictor  # noqa: E402
 from models.checkpoint import save_checkpoint  # noqa: E402
-from raytasks.predictor import Predictor  # noqa: E402
 
 
 def main(argv=None) -> dict:

@@ -1,4 +1,4 @@
-"""Benchmark of the label job (raytasks/label.py) on this machine, all figures from one run.
+"""Benchmark of the label job (raytasks/label/job.py) on this machine, all figures from one run.
 
     python bench/bench_label.py --model dmm_cnn --n 1024 --naive-n 128 --batch-size 64 --compile --growth 1000,10000,100000
 
@@ -43,11 +43,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402
+from core.predictor import GEOMETRY_KEYS, Predictor, decode_batch  # noqa: E402
 from facedata.synth import draw_face, encode_jpeg  # noqa: E402
 from models.checkpoint import save_checkpoint  # noqa: E402
 from raytasks import label as L  # noqa: E402
-from raytasks.output import SUMMARY_FILE  # noqa: E402
-from raytasks.predictor import GEOMETRY_KEYS, Predictor, decode_batch  # noqa: E402
+from raytasks.label.output import SUMMARY_FILE  # noqa: E402
 
 
 def faces_folder(cache: Path, n: int, size=(178, 218)) -> Path:

@@ -49,12 +49,12 @@ def main(argv=None):
     from PIL import Image
 
     import models
+    from core.modelset import ModelSet, SetPredictor
+    from core.predictor import Predictor
     from facedata.compose import compose
     from facedata.synth import encode_jpeg
     from faces.pipeline import FaceFinder, decode_photos
     from models.checkpoint import save_checkpoint
-    from raytasks.modelset import ModelSet, SetPredictor
-    from raytasks.predictor import Predictor
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-set-"))

@@ -8,7 +8,7 @@ With ``--faces detect`` every request is a photo (640-1000 px, 1-2 faces compose
 ``Predictor.predict_bytes(..., finder=FaceFinder())`` (bytes -> rows per face), "forward only" is detection +
 alignment + model on pre-decoded photos; the server runs with ``faces: {mode: detect}``.
 
-1. Model only, in this process (``raytasks.predictor.Predictor``, the code a replica runs): the time of one
+1. Model only, in this process (``core.predictor.Predictor``, the code a replica runs): the time of one
    image (bytes -> row) and the batched throughput at ``--max-batch-size`` (bytes -> rows, and the forward
    pass alone).
 2. Served: ``raytasks.serve:build_app`` on 127.0.0.1, once with dynamic batching (``--max-batch-size``,
@@ -49,8 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402
+from core.predictor import Predictor, decode_batch  # noqa: E402
 from models.checkpoint import save_checkpoint  # noqa: E402
-from raytasks.predictor import Predictor, decode_batch  # noqa: E402
 
 
 def parse_overrides(items: list[str]) -> dict:

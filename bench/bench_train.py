@@ -41,9 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402
+from core import engine  # noqa: E402
 from facedata import synth  # noqa: E402
 from facedata.datasets import DATASET_MODELS  # noqa: E402
-from raytasks import engine  # noqa: E402
 from raytasks.train import TrainSpec, prepare, run  # noqa: E402
 
 

@@ -39,7 +39,7 @@ def time_forward(ckpt: str, threads: int, batch: int, repeat: int) -> float:
     """Median milliseconds of one forward pass, on the calling thread."""
     import torch
 
-    from raytasks.predictor import Predictor
+    from core.predictor import Predictor
 
     p = Predictor(ckpt, device="cpu", threads=threads)
     pre = p.preprocessing

@@ -36,9 +36,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     import models
+    from core.engine import fit
     from facedata.datasets import read_dataset
     from models.checkpoint import load_checkpoint, save_checkpoint
-    from raytasks.engine import fit
 
     kw = {}
     for item in args.model_arg:

@@ -1,6 +1,6 @@
 """The one way from image bytes to the aligned faces a model reads, shared by label, serve and evaluate.
 
-Two halves, so that the label job can run them in different processes (as ``raytasks.predictor`` does):
+Two halves, so that the label job can run them in different processes (as ``core.predictor`` does):
 
 * :func:`decode_photos` (CPU, no model): bytes -> the whole picture at a bounded size
   (``models.preprocess.decode_photo``), with per-row ``ok`` / ``error_kind`` / ``error_message`` /

@@ -16,11 +16,11 @@ import argparse
 import json
 import sys
 
+from core.engine import evaluate_table
 from facedata import storage
 from facedata.datasets import read_dataset
 from jobs._cli import add_face_args, face_options
 from models.checkpoint import load_checkpoint
-from raytasks.engine import evaluate_table
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -14,7 +14,7 @@ again over the same ``--output`` finishes an interrupted run and adds nothing to
 go to ``<output>/labels/*.parquet`` (schema: docs/schema.md), the summary to ``<output>/_summary.json``.
 Faces are detected and aligned by default (one row per face, one row for an image without a face);
 ``--faces whole`` treats every image as one aligned face crop (one row per image).
-See raytasks/label.py for the pipeline, the input rules and how resuming works.
+See raytasks/label/job.py for the pipeline, the input rules and how resuming works.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(one struct column per model, named NAME or the model's architecture; docs/schema.md)")
     g.add_argument("--model-set", metavar="FILE",
                    help="a YAML/JSON file naming a set of checkpoints, with its own name and version "
-                        "(raytasks/modelset.py): every model in one pass")
+                        "(core/modelset.py): every model in one pass")
     p.add_argument("--embedding", action="store_true",
                    help="add a 128-D face embedding per face (dlib's face-recognition network: same person when "
                         "less than 0.6 apart)")

@@ -51,7 +51,7 @@ def build_args(ns: argparse.Namespace) -> dict:
             raise SystemExit(f"error: --autoscale wants MIN:MAX replicas, got {ns.autoscale!r}") from None
     else:
         args["num_replicas"] = ns.num_replicas
-    if ns.set or ns.embedding:  # every --model, under its name, in one set (raytasks/serve_config.py: ModelSetSpec)
+    if ns.set or ns.embedding:  # every --model, under its name, in one set (raytasks/serve/config.py: ModelSetSpec)
         args["model_set"] = {"embedding": ns.embedding}
     if ns.threads:
         args["threads"] = ns.threads

@@ -10,7 +10,7 @@ and ``curves.png`` go to ``<storage>/<name>/``; the best checkpoint is exported 
 to ``--output``, whose URI is the last line printed. Running the same command again resumes the run
 (give a larger ``--epochs`` to extend a finished one); the optimizer and LR schedule then continue from the
 checkpoint's state, so ``--lr`` only applies to a new run.
-See raytasks/train.py for how training, validation, checkpoints and recovery work.
+See raytasks/train/job.py for how training, validation, checkpoints and recovery work.
 
 The attention network's two stages (TMTL first, then the attention model initialised from it)::
 

@@ -131,7 +131,7 @@ class AgeGenderRaceNet(FaceModel):
         })
 
     def optimizer_groups(self, lr: float) -> list[dict]:
-        """Parameter groups for the optimizer (raytasks.engine.make_optimizer): the heads at ``lr``, a
+        """Parameter groups for the optimizer (core.engine.make_optimizer): the heads at ``lr``, a
         trainable face backbone at ``backbone_lr_scale * lr``; frozen parameters are left out."""
         if not isinstance(self.backbone, FaceBackbone):
             return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]

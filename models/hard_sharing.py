@@ -43,7 +43,7 @@ from .base import FaceModel, Recipe
 from .outputs import Categorical, OutputSet
 from .preprocess import Preprocessing
 
-HARD_SHARING_FIRST_EPOCH = ("keep", "decay")  # readings of the LR rule's first epoch (raytasks/engine.py)
+HARD_SHARING_FIRST_EPOCH = ("keep", "decay")  # readings of the LR rule's first epoch (core/engine.py)
 
 TASKS = {
     "gender": Categorical("gender", classes=("male", "female")),

@@ -17,10 +17,10 @@ import pytest
 from PIL import Image
 
 import models
+from core.predictor import Predictor
 from facedata.synth import draw_face, encode_jpeg
 from faces.pipeline import FaceFinder
 from models.checkpoint import save_checkpoint
-from raytasks.predictor import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from raytasks import inputs
+from facedata import inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ def test_oversized_file_is_refused_without_reading_it(tmp_path):
     big = tmp_path / "big.jpg"
     with open(big, "wb") as f:
         f.truncate(300 * 1024 * 1024)  # sparse: costs no disk, would cost 256+ MiB of memory to read
-    code = ("import resource, sys; from raytasks import inputs; "
+    code = ("import resource, sys; from facedata import inputs; "
             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
             f"d, kind, msg = inputs.fetch({str(big)!r}); "
             "grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before; "

@@ -75,9 +75,9 @@ def test_model_workers_get_a_runtime_env_of_their_own_that_keeps_the_callers():
 def test_compiled_predictor_pads_and_splits_to_its_batch_and_matches_eager(tmp_path):
     import time
 
+    from core.predictor import Predictor
     from models.checkpoint import save_checkpoint
     from raytasks.label import PredictorActor
-    from raytasks.predictor import Predictor
 
     torch.manual_seed(0)
     ckpt = str(tmp_path / "hs.pt")
@@ -97,8 +97,8 @@ def test_compiled_predictor_pads_and_splits_to_its_batch_and_matches_eager(tmp_p
 
 
 def test_compile_failure_leaves_a_working_eager_predictor(tmp_path, monkeypatch):
+    from core.predictor import Predictor
     from models.checkpoint import save_checkpoint
-    from raytasks.predictor import Predictor
 
     ckpt = str(tmp_path / "hs.pt")
     save_checkpoint(models.create_model("hard_sharing").eval(), ckpt)

@@ -1,4 +1,4 @@
-"""The label job (raytasks/label.py, jobs/label.py) against a real S3 endpoint (moto's server on 127.0.0.1),
+"""The label job (raytasks/label/job.py, jobs/label.py) against a real S3 endpoint (moto's server on 127.0.0.1),
 local folders and manifests: one row per input image, the documented schema, the error rows, rows equal to
 the model's own answer for the same bytes, and a run killed midway then resumed with exactly one row per input."""
 
@@ -24,13 +24,12 @@ import pytest
 from PIL import Image
 
 import models
-from facedata import storage
+from core.predictor import Predictor
+from facedata import inputs, storage
 from facedata.synth import draw_face, encode_jpeg
 from models.checkpoint import save_checkpoint
-from raytasks import inputs
 from raytasks import label as L
-from raytasks.output import LABELS_DIR
-from raytasks.predictor import Predictor
+from raytasks.label.output import LABELS_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -378,7 +377,7 @@ def test_gpu_decode_path_matches_cpu_decode(resize):
     import torch
 
     from models.preprocess import Preprocessing, decode
-    from raytasks import gpu_decode as G
+    from raytasks.label import gpu_decode as G
 
     pre = Preprocessing(size=(40, 40), resize=resize, resize_shorter=46 if resize != "stretch" else None)
     datas = [face_jpeg(i, (50 + 10 * i, 64)) for i in range(3)]
@@ -421,7 +420,7 @@ def test_a_replaced_checkpoint_never_mixes_two_models_rows(tmp_path, hs_checkpoi
     """Issue 13 item 8: the run resolves --checkpoint to its hash once; an actor that loads other weights
     (the object was overwritten meanwhile) refuses to start, and a resumed run reads the provenance of every
     file of the output, not only the first row."""
-    from raytasks.output import output_provenance
+    from raytasks.label.output import output_provenance
 
     with pytest.raises(RuntimeError, match="overwritten during the run"):
         L.PredictorActor(hs_checkpoint, precision="fp32", faces=WHOLE, checkpoint_hash="sha256:" + "0" * 64)

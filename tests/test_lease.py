@@ -1,4 +1,4 @@
-"""The lease on a label output (raytasks/lease.py, issue #13 item 6): one live run per output, on a local
+"""The lease on a label output (raytasks/label/lease.py, issue #13 item 6): one live run per output, on a local
 folder and on a real S3 endpoint (moto's server, If-None-Match honoured), a killed run's lease taken over by
 exactly one of several runs racing for it, renewal, and label() refusing a second run before it touches
 the output."""
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from raytasks.lease import Lease, LeaseError, LeaseHeld
+from raytasks.label.lease import Lease, LeaseError, LeaseHeld
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -96,7 +96,7 @@ def test_a_killed_holder_on_this_host_is_taken_over_at_once(tmp_path):
     from pathlib import Path
 
     out = str(tmp_path / "out")
-    code = ("import sys, time; from raytasks.lease import Lease; Lease(sys.argv[1]).acquire(); "
+    code = ("import sys, time; from raytasks.label.lease import Lease; Lease(sys.argv[1]).acquire(); "
             "print('held', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code, out], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})

@@ -1,4 +1,4 @@
-"""Several models in one pass (raytasks/modelset.py): one read, decode and detection per photo, one row per
+"""Several models in one pass (core/modelset.py): one read, decode and detection per photo, one row per
 face with every model's columns, equal to one job per model; resumable; an output of one set refuses
 another; a face embedding per face that finds the same person."""
 
@@ -20,12 +20,12 @@ import torch
 from PIL import Image
 
 import models
+from core.modelset import ModelSet, ModelSetError, SetPredictor, decode_for_set, read_set_file
+from core.predictor import Predictor, decode_batch
 from facedata.synth import draw_face
 from faces.pipeline import FaceFinder, decode_photos
 from models.checkpoint import save_checkpoint
 from models.embedding import SAME_PERSON_DISTANCE, distance
-from raytasks.modelset import ModelSet, ModelSetError, SetPredictor, decode_for_set, read_set_file
-from raytasks.predictor import Predictor, decode_batch
 from tests.test_faces_e2e import PLACES, compose, photos, real_crops
 
 ROOT = Path(__file__).resolve().parents[1]

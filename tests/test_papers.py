@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 
 import models
+from core import engine
 from facedata.datasets import read_dataset
 from facedata.synth import generate
 from models.outputs import Landmarks, Regression, log_cosh, smooth_huber_loss
 from models.task_attention import shared_conv_layers
-from raytasks import engine
 from raytasks.train import BatchSpec, decode_rows
 
 SMALL_HMT = {"image_size": 96, "anet_width": 16}

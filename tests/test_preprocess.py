@@ -171,7 +171,7 @@ def test_shorter_center_crop_never_builds_the_full_resized_image(monkeypatch):
 
 
 def test_gpu_resize_refuses_aspect_bombs_and_bounds_its_intermediate():
-    from raytasks.gpu_decode import resize_like_preprocess
+    from raytasks.label.gpu_decode import resize_like_preprocess
 
     with pytest.raises(ImageDecodeError) as e:
         resize_like_preprocess(torch.zeros((3, 1, 65000), dtype=torch.uint8), HMT)

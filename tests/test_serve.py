@@ -25,8 +25,8 @@ import yaml
 from PIL import Image
 
 import models
+from core.predictor import Predictor
 from models.checkpoint import save_checkpoint
-from raytasks.predictor import Predictor
 
 pytestmark = pytest.mark.ray
 

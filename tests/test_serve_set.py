@@ -237,8 +237,8 @@ def test_bad_bodies_and_missing_keys_are_json_errors(svc):
 def test_config_and_flags_make_a_set_of_the_served_checkpoints():
     from ray.serve._private.build_app import build_app as build_serve_app
 
+    from core.modelset import ModelSet
     from jobs.serve import build_args, parser
-    from raytasks.modelset import ModelSet
     from raytasks.serve import SET_DEPLOYMENT, ServeArgs, build_app, deployment_options
 
     pin = "#sha256:" + "a" * 64

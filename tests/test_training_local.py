@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import models
+from core.engine import evaluate_table, fit
 from facedata.datasets import CELEBA_ATTRIBUTES, read_dataset
 from facedata.synth import generate
 from models.checkpoint import save_checkpoint
-from raytasks.engine import evaluate_table, fit
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ every member's name and checkpoint hash, the embedding network and the set's nam
 output made with one set refuses another, exactly as a single checkpoint's does.
 
 A single ``--checkpoint`` without ``--embedding`` is not a set: its rows keep the flat columns of
-raytasks/predictor.py.
+core/predictor.py.
 """
 
 from __future__ import annotations
@@ -53,9 +53,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from facedata import storage
-from faces.pipeline import FaceFinder
-from raytasks.predictor import (
+from core.predictor import (
     BASE_FIELDS,
     FACE_FIELDS,
     GEOMETRY_KEYS,
@@ -65,6 +63,8 @@ from raytasks.predictor import (
     resolve_device,
     whole_image_columns,
 )
+from facedata import storage
+from faces.pipeline import FaceFinder
 
 SET_FORMAT = 1
 SET_FILE_MAX_BYTES = 64 * 1024
@@ -406,7 +406,7 @@ class SetPredictor:
 def decode_for_set(paths: list[str], datas: list[bytes], pres: list) -> dict:
     """``--faces whole`` for a set: the bytes of each image decoded once per distinct preprocessing
     (``image_<k>``, ``geometry_<k>``); a row fails (with the first reason) when any decode fails."""
-    from raytasks.predictor import decode_batch
+    from core.predictor import decode_batch
 
     out: dict = {}
     for k, pre in enumerate(pres):

@@ -9,11 +9,11 @@ One Serve application, built by :func:`build_app` from plain arguments (:class:`
                       |  one DeploymentHandle per model (and one for the set); uint8 images travel, as in
                       v  the label job
                   ModelServer "model-<name>" (one deployment per model): the checkpoint loaded once per
-                  replica (raytasks.predictor.Predictor), @serve.batch dynamic batching, rows out
+                  replica (core.predictor.Predictor), @serve.batch dynamic batching, rows out
                   SetServer "modelset" (only with a ``model_set`` in the config): every model of the set in
-                  one replica (raytasks.modelset.SetPredictor), for POST /v1/predict
+                  one replica (core.modelset.SetPredictor), for POST /v1/predict
 
-The deployments that compute are in raytasks/serve_models.py; the configuration is raytasks/serve_config.py.
+The deployments that compute are in raytasks/serve/replicas.py; the configuration is raytasks/serve/config.py.
 
 The answer for an image is the label job's Parquet row for it: both go through
 ``Predictor.predict_decoded`` on a batch from ``decode_batch`` (or ``predict_photos`` with the same
@@ -78,19 +78,19 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.modelset import ModelSet, decode_for_set
+from core.predictor import decode_batch
 from facedata import storage
 from faces.pipeline import FaceOptions, decode_photos
 from models.preprocess import Preprocessing
-from raytasks.modelset import ModelSet, decode_for_set
-from raytasks.predictor import decode_batch
-from raytasks.serve_config import (  # noqa: F401 - the app's API
+from raytasks.serve.config import (  # noqa: F401 - the app's API
     API_KEY_ENV,
     DeploymentSpec,
     IngressSpec,
     ModelSetSpec,
     ServeArgs,
 )
-from raytasks.serve_models import CheckpointChanged, ModelServer, SetServer
+from raytasks.serve.replicas import CheckpointChanged, ModelServer, SetServer
 from raytasks.threads import runtime_env
 
 SET_DEPLOYMENT = "modelset"  # the model set's deployment (model deployments are "model-<name>")

@@ -50,14 +50,14 @@ Resumable and idempotent: Ray Data's row-level checkpointing (``DataContext.chec
     (``delete_checkpoint_on_success=False``): it is what makes a second run add nothing. The identity of a
     row is its path (a manifest's duplicates are dropped, see above), and files added to a folder after a run are
     labeled by the next run over the same output. Two runs on one output at the same time are refused: a run
-    holds a lease on ``OUTPUT/_lease/`` (raytasks/lease.py: created atomically, renewed while it runs, taken
+    holds a lease on ``OUTPUT/_lease/`` (raytasks/label/lease.py: created atomically, renewed while it runs, taken
     over once expired when a run was killed).
 
     Ray's CheckpointFilter actor (present when the output already has rows) reserves one CPU; with CPU
     predictor actors the pipeline therefore needs their CPUs plus one for the decode and write tasks plus
     one for that filter (:func:`resolve_pool`). On a laptop the local Ray gets ``max(4, cores)`` logical CPUs.
 
-Precision and devices: ``Predictor`` (raytasks/predictor.py) loads the checkpoint once per actor and runs
+Precision and devices: ``Predictor`` (core/predictor.py) loads the checkpoint once per actor and runs
     ``inference_mode``, ``channels_last`` and bf16 autocast (``--precision auto``: bf16 on CPUs and on GPUs
     that support it; ``fp32`` turns it off). ``--gpu-decode`` moves JPEG decoding into the GPU actor
     (``torchvision.io.decode_jpeg(device="cuda")``), see :func:`gpu_decode_batch`; it needs
@@ -66,7 +66,7 @@ Precision and devices: ``Predictor`` (raytasks/predictor.py) loads the checkpoin
 
 One output holds the rows of one checkpoint: a run refuses an output whose rows came from another one.
 
-Several models in one pass (raytasks/modelset.py): ``--checkpoint`` given several times (``NAME=URI``), or
+Several models in one pass (core/modelset.py): ``--checkpoint`` given several times (``NAME=URI``), or
 ``--model-set FILE``, and/or ``--embedding``. Each photo is still listed, read, decoded and searched for faces
 once; one actor holds every model of the set (and the embedding network) on its device, aligns each face once
 per distinct face template and runs every model on its crop: one row per face with a struct column per model.
@@ -94,10 +94,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from core.predictor import GEOMETRY_KEYS, Predictor, decode_batch
 from facedata import storage
-from raytasks.gpu_decode import gpu_decode_batch, jpeg_for_gpu
-from raytasks.inputs import (
-    LabelError,
+from facedata.inputs import (
+    InputError,
     check_manifest,
     default_allow_prefix,
     fetch_chunks,
@@ -106,16 +106,20 @@ from raytasks.inputs import (
     write_listing,
     write_manifest_listing,
 )
-from raytasks.output import (
+from raytasks.label.gpu_decode import gpu_decode_batch, jpeg_for_gpu
+from raytasks.label.output import (
     output_paths,
     output_provenance,
     output_stats,
     repair_checkpoints,
 )
-from raytasks.predictor import GEOMETRY_KEYS, Predictor, decode_batch
 from raytasks.threads import runtime_env, torch_executor
 
 log = logging.getLogger(__name__)
+
+
+class LabelError(InputError):
+    """A problem with the command (bad flag, missing input, cluster without the resources asked for)."""
 
 DECODE_FILE_BYTES = 4 * 1024 * 1024  # a photo's bytes plus PIL's (draft-reduced) decode buffer, for decode_memory
 DECODE_PROCESS_BYTES = 384 * 1024 * 1024  # the decode worker itself (Python, torch, pyarrow, PIL): ~250-380 MB RSS
@@ -133,14 +137,14 @@ class LabelSpec:
     cpus_per_actor: float = 1.0
     precision: str = "auto"  # auto | bf16 | fp32
     gpu_decode: bool = False
-    compile: bool = False  # torch.compile in each actor, for batches of batch_size (raytasks/predictor.py)
+    compile: bool = False  # torch.compile in each actor, for batches of batch_size (core/predictor.py)
     fold_bn: bool = True  # conv+bn folded (models/inference.py)
     max_rows_per_file: int = 50_000
     limit: int | None = None  # label at most this many new images in this run
     throttle_s: float = 0.0  # sleep after each predictor batch (to demonstrate and test kill + resume)
     allow_prefix: tuple[str, ...] = ()  # what may be read (default: inputs.default_allow_prefix of --input)
     faces: dict = dataclasses.field(default_factory=dict)  # faces.pipeline.FaceOptions: mode, max_side, detector
-    model_set: str | None = None  # a --model-set file (raytasks/modelset.py), instead of checkpoint
+    model_set: str | None = None  # a --model-set file (core/modelset.py), instead of checkpoint
     embedding: bool = False  # a 128-D face embedding per face (models/embedding.py); makes the job a set
 
     def __post_init__(self):
@@ -156,8 +160,8 @@ class LabelSpec:
             raise LabelError(f"face settings: {e}") from None
 
     def models(self):
-        """The checkpoint(s) as a :class:`raytasks.modelset.ModelSet` (one checkpoint alone is not a set)."""
-        from raytasks.modelset import ModelSet, ModelSetError
+        """The checkpoint(s) as a :class:`core.modelset.ModelSet` (one checkpoint alone is not a set)."""
+        from core.modelset import ModelSet, ModelSetError
 
         try:
             return ModelSet.parse(None if self.model_set else self.checkpoint, self.model_set, self.embedding)
@@ -294,8 +298,8 @@ def load_and_decode_set(batch: pa.Table, pre_dicts: list[dict], base: str | None
     set (``modelset.decode_for_set``: ``image_<k>``, ``geometry_<k>``)."""
     from ray.data.extensions import ArrowTensorArray
 
+    from core.modelset import decode_for_set
     from models.preprocess import Preprocessing
-    from raytasks.modelset import decode_for_set
 
     pres = [Preprocessing.from_dict(d) for d in pre_dicts]
     paths = [p if p is not None else "" for p in batch.column("path").to_pylist()]
@@ -335,8 +339,8 @@ class PredictorActor:
                  compile_batch: int | None = None, fold_bn: bool = True, faces: dict | None = None,
                  detector_identity: str | None = None, checkpoint_hash: str | None = None,
                  model_set: dict | None = None):
+        from core.modelset import SetPredictor
         from faces.pipeline import FaceFinder, FaceOptions
-        from raytasks.modelset import SetPredictor
 
         # all torch work on one thread: Ray calls __init__ on the main thread and __call__ on another
         self._torch_thread = torch_executor("predictor")
@@ -525,9 +529,9 @@ def build_dataset(spec: LabelSpec, model_set, paths_ds, pre_dicts: list[dict], b
 
 def label(spec: LabelSpec, echo=print) -> dict:
     """Run the label job (see the module docstring); returns the summary, also written to
-    ``OUTPUT/_summary.json``. Holds a lease on ``--output`` for the whole run (raytasks/lease.py): a second
+    ``OUTPUT/_summary.json``. Holds a lease on ``--output`` for the whole run (raytasks/label/lease.py): a second
     live run on the same output is refused, naming the holder."""
-    from raytasks.lease import Lease, LeaseError
+    from raytasks.label.lease import Lease, LeaseError
 
     spec.validate()
     spec = dataclasses.replace(spec, allow_prefix=tuple(spec.allow_prefix) or (default_allow_prefix(spec.input),))
@@ -538,6 +542,10 @@ def label(spec: LabelSpec, echo=print) -> dict:
         raise LabelError(str(e)) from None
     try:
         summary = _label(spec, echo)
+    except InputError as e:
+        if isinstance(e, LabelError):
+            raise
+        raise LabelError(str(e)) from None
     finally:
         lease.release()
     if lease.lost:
@@ -550,9 +558,9 @@ def _label(spec: LabelSpec, echo=print) -> dict:
     import ray
     from ray.data.checkpoint import CheckpointConfig
 
+    from core.modelset import ModelSetError, resolve_set
     from models.checkpoint import CheckpointError, load_checkpoint
     from models.embedding import EmbeddingUnavailable
-    from raytasks.modelset import ModelSetError, resolve_set
 
     spec.validate()
     start = time.perf_counter()

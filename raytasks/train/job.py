@@ -7,7 +7,7 @@ The driver (:func:`run`) reads the dataset's table (paths + labels), turns the t
 into Ray Datasets of paths that are decoded and augmented on the fly by Ray Data tasks
 (:func:`decode_rows`, the model's own preprocessing through ``engine.load_batch``), and starts a
 ``TorchTrainer``. Every worker (:func:`train_worker`) streams its own shard of both splits, runs the plain
-loop of ``raytasks/engine.py`` on a DDP-wrapped model (gloo on CPUs; NCCL, bf16 autocast and
+loop of ``core/engine.py`` on a DDP-wrapped model (gloo on CPUs; NCCL, bf16 autocast and
 ``channels_last`` on GPUs) and reports a checkpoint every epoch. ``--batch-size`` is the global batch of
 one optimisation step (the paper's), split evenly over the workers.
 
@@ -56,14 +56,14 @@ import pandas as pd
 import torch
 
 import models
+from core import engine
 from facedata import storage
 from models.base import Recipe
 from models.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from models.checkpoint import checkpoint_bytes
 from models.outputs import OutputSet
 from models.preprocess import Preprocessing, build_augmentation
-from raytasks import engine
-from raytasks.history import Progress, plot_curves, read_history, write_history
+from raytasks.train.history import Progress, plot_curves, read_history, write_history
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """What the label job leaves in its output folder, and what it reads back from it when it resumes.
 
-Split from raytasks/label.py (the pipeline): the layout (``labels/``, ``_checkpoint/``, ``_inputs/``,
+Split from raytasks/label/job.py (the pipeline): the layout (``labels/``, ``_checkpoint/``, ``_inputs/``,
 ``_summary.json``), the repair of an interrupted S3 commit, the counts of rows, images and faces, and the
 provenance every row carries (checkpoint hash, detector).
 """

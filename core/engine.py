@@ -1,5 +1,5 @@
 """The training and evaluation loop pieces, in plain PyTorch, shared by the Ray Train job
-(``raytasks/train.py``), ``jobs.evaluate``, the demo and the tests.
+(``raytasks/train/job.py``), ``jobs.evaluate``, the demo and the tests.
 
 A batch is a dict of numpy arrays (what Ray Data hands a worker): ``image`` uint8 (B, C, H, W) and one
 ``t:<label column>`` array per canonical label the model's outputs consume (NaN = missing). It is made by

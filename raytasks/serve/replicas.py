@@ -1,13 +1,13 @@
 """The model side of the serving application: the Serve deployments that hold checkpoints and compute.
 
-Split from raytasks/serve.py, which keeps the HTTP ingress (``FaceAttrAPI``: checks, reading, decoding) and
+Split from raytasks/serve/ingress.py, which keeps the HTTP ingress (``FaceAttrAPI``: checks, reading, decoding) and
 the application builder (``build_app``); the ingress reaches these deployments through handles only.
 
 * :class:`ModelServer` ("model-<name>", one deployment per served model): the checkpoint loaded once per
-  replica (:class:`raytasks.predictor.Predictor`), answers ``POST /v1/models/{name}/predict``.
+  replica (:class:`core.predictor.Predictor`), answers ``POST /v1/models/{name}/predict``.
 * :class:`SetServer` ("modelset", present when the config has a ``model_set``): every model of the set,
   and optionally dlib's face embedding, loaded once per replica in **one process on one device**
-  (:class:`raytasks.modelset.SetPredictor`); answers ``POST /v1/predict``. A photo crosses the process
+  (:class:`core.modelset.SetPredictor`); answers ``POST /v1/predict``. A photo crosses the process
   boundary once and is searched for faces once; each face is aligned once per distinct face template and
   every model runs on its own crop, so the rows are the label job's rows for the same set.
 
@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from ray import serve
 
+from core.modelset import SetPredictor
+from core.predictor import Predictor, rows_per_image
 from faces.pipeline import FaceFinder, FaceOptions
-from raytasks.modelset import SetPredictor
-from raytasks.predictor import Predictor, rows_per_image
 from raytasks.threads import torch_executor
 
 
@@ -203,7 +203,7 @@ class SetServer(_Replica):
     """A model set: every member's checkpoint (and the embedding network) loaded once per replica, in one
     process on one device; every model on every face of a photo in one pass.
 
-    ``model_set``: :meth:`raytasks.modelset.ModelSet.to_dict` (members named by their column, with the
+    ``model_set``: :meth:`core.modelset.ModelSet.to_dict` (members named by their column, with the
     served models' checkpoint URIs and pins); ``routes``: column -> the name the model is also served under
     at ``/v1/models/{name}``."""
 

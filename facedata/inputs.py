@@ -1,8 +1,8 @@
 """What goes into the label job: a folder or prefix listed by streaming, or a manifest, and the files' bytes.
 
-Split from raytasks/label.py (the pipeline) along the line between *which files and how they are read* and
+Split from raytasks/label/job.py (the pipeline) along the line between *which files and how they are read* and
 *what is done with them*. The rules (which files are inputs, how manifests are read, how paths resolve) are
-described in raytasks/label.py's module docstring.
+described in raytasks/label/job.py's module docstring.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ MANIFEST_SUFFIXES = (".parquet", ".csv")
 FETCH_THREADS = 16  # concurrent reads per decode task (S3 latency)
 
 
-class LabelError(ValueError):
-    """A problem with the command (bad flag, missing input, cluster without the resources asked for)."""
+class InputError(ValueError):
+    """An input that cannot be used as a whole: a manifest that is missing, not a table, or without paths."""
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -167,25 +167,25 @@ def manifest_rows(uri: str) -> int:
         n += batch.num_rows
         empty += col.null_count + (pc.sum(pc.equal(col, "")).as_py() or 0)
     if empty:
-        raise LabelError(f"manifest {uri}: {empty} of {n} rows have no path")
+        raise InputError(f"manifest {uri}: {empty} of {n} rows have no path")
     return n
 
 
 def check_manifest(uri: str) -> None:
     fs, path = storage.filesystem(uri)
     if fs.get_file_info(path).type != pafs.FileType.File:
-        raise LabelError(f"manifest not found: {uri}")
+        raise InputError(f"manifest not found: {uri}")
     if uri.lower().endswith(".parquet"):
         try:
             names = pq.read_schema(fs.open_input_file(path)).names
         except pa.ArrowInvalid as e:
-            raise LabelError(f"{uri} is not a Parquet file ({e})") from None
+            raise InputError(f"{uri} is not a Parquet file ({e})") from None
     else:
         with fs.open_input_stream(path) as f:
             header = f.read(64 * 1024).split(b"\n", 1)[0].decode("utf-8", "replace")
         names = [c.strip().strip('"') for c in header.rstrip("\r").split(",")]
     if "path" not in names:
-        raise LabelError(f"manifest {uri} has no 'path' column (columns: {', '.join(names) or 'none'})")
+        raise InputError(f"manifest {uri} has no 'path' column (columns: {', '.join(names) or 'none'})")
 
 
 def resolve_path(path: str, base: str | None) -> str:
@@ -257,7 +257,7 @@ def write_manifest_listing(uri: str, listing_uri: str, base: str | None, chunk: 
     ``listing_uri`` (replaced), one row per distinct file (:func:`normalize_path`): later rows naming a
     file an earlier row named are counted in ``duplicates`` and dropped. A row keeps the path as written
     in its first occurrence (the ``path`` column of the output is documented as the manifest's value).
-    A row without a path is refused (:class:`LabelError`): the path is the row's identity for resuming.
+    A row without a path is refused (:class:`InputError`): the path is the row's identity for resuming.
 
     Memory: one 16-byte digest per distinct path in the driver (about 80 bytes with the set's overhead:
     80 MB for a million paths)."""
@@ -292,7 +292,7 @@ def write_manifest_listing(uri: str, listing_uri: str, base: str | None, chunk: 
             if len(pending) >= chunk:
                 flush()
     if empty:
-        raise LabelError(f"manifest {uri}: {empty} of {stats.files} rows have no path")
+        raise InputError(f"manifest {uri}: {empty} of {stats.files} rows have no path")
     if pending:
         flush()
     return stats

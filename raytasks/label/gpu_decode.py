@@ -1,5 +1,5 @@
 """``--gpu-decode``: JPEGs decoded on the predictor actor's GPU (``torchvision.io.decode_jpeg``), then resized
-as ``models.preprocess.decode`` does. Split from raytasks/label.py (the pipeline); the CPU stage decides
+as ``models.preprocess.decode`` does. Split from raytasks/label/job.py (the pipeline); the CPU stage decides
 which files may go (:func:`jpeg_for_gpu`), the actor decodes them (:func:`gpu_decode_batch`)."""
 
 from __future__ import annotations

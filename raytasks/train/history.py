@@ -2,7 +2,7 @@
 the rank-0 worker after every epoch, read back to resume), the epoch lines the driver prints while Ray Train
 runs (:class:`Progress`), and the PNG of the curves.
 
-Split from raytasks/train.py (the worker loop and the driver).
+Split from raytasks/train/job.py (the worker loop and the driver).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import json
 
 import pandas as pd
 
+from core import engine
 from facedata import storage
 from models.base import Recipe
-from raytasks import engine
 
 HISTORY_JSON = "history.json"
 HISTORY_CSV = "history.csv"

@@ -1,8 +1,8 @@
 """The serving application's configuration: the ``args:`` of jobs/serve.yaml (and of ``python -m jobs.serve``'s
 flags), validated at deploy time so that a wrong setting fails the deploy, not a user's request.
 
-Split from raytasks/serve.py (the HTTP API and the application builder; the deployments that compute are in
-raytasks/serve_models.py).
+Split from raytasks/serve/ingress.py (the HTTP API and the application builder; the deployments that compute are in
+raytasks/serve/replicas.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from models.checkpoint import split_pin
 
 API_KEY_ENV = "FACEATTR_API_KEY"
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-SET_NAME_PATTERN = MODEL_NAME_PATTERN  # as in a --model-set file (raytasks/modelset.py)
+SET_NAME_PATTERN = MODEL_NAME_PATTERN  # as in a --model-set file (core/modelset.py)
 
 
 class _Strict(BaseModel):
@@ -66,7 +66,7 @@ class IngressSpec(_Strict):
 class ModelSetSpec(_ReplicaSettings):
     """Served models answered together at ``POST /v1/predict``: every model of the set for every face of an
     image in one request, from one deployment ("modelset") whose replicas each hold every member's
-    checkpoint (and the face embedding) in one process on one device (raytasks/modelset.py). Per-model
+    checkpoint (and the face embedding) in one process on one device (core/modelset.py). Per-model
     routes stay.
 
     ``models``: the served models in the set, by their name in ``models:`` (default: all, in that order),
@@ -101,7 +101,7 @@ class ModelSetSpec(_ReplicaSettings):
     def members(self, served: list[str]) -> list[tuple[str, str]]:
         """``(column name, served model name)`` of every member, in order; refuses unknown models and bad or
         clashing column names, naming the fix."""
-        from raytasks.modelset import ModelSetError, check_name
+        from core.modelset import ModelSetError, check_name
 
         if self.models is None:
             pairs = [(n, n) for n in served]
