@@ -128,6 +128,14 @@ class FaceDetector:
         self._priors = retinaface.anchors(size, size, device=self.device)
         self._mean = torch.tensor(retinaface.MEAN_BGR, device=self.device).view(3, 1, 1)
 
+    @property
+    def identity(self) -> str:
+        """The network, its weights' hash and every setting that changes which faces are found: lands (with
+        the photo decode size) in every row's ``detector`` column, so an output says how its faces were found."""
+        c = self.config
+        return (f"retinaface-mobilenet0.25 {self.weights_hash[:19]} size={c.size} threshold={c.threshold:g} "
+                f"nms_iou={c.nms_iou:g} min_face={c.min_face:g} max_faces={c.max_faces}")
+
     # -- preprocessing -----------------------------------------------------------------------------------
 
     def _letterbox(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[float, float]]:

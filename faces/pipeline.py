@@ -104,10 +104,7 @@ class FaceFinder:
         self.options = options if isinstance(options, FaceOptions) else FaceOptions.from_dict(options)
         self.detector = FaceDetector(self.options.detector_config(), device=device)
         self.device = self.detector.device
-        c = self.detector.config
-        self.identity = (f"retinaface-mobilenet0.25 {self.detector.weights_hash[:19]} size={c.size} "
-                         f"threshold={c.threshold:g} nms_iou={c.nms_iou:g} min_face={c.min_face:g} "
-                         f"max_faces={c.max_faces} max_side={self.options.max_side}")
+        self.identity = f"{self.detector.identity} max_side={self.options.max_side}"
 
     def find(self, images: list[torch.Tensor], scales: list[float] | None = None) -> list[Faces]:
         """Decoded pictures (uint8 (3, h, w), any device) -> their faces, in the decoded pictures' pixels.
