@@ -78,7 +78,7 @@ def main(argv=None):
     from core.predictor import Predictor
     from facedata.compose import compose
     from facedata.synth import encode_jpeg
-    from faces.pipeline import FaceFinder, decode_photos
+    from faces.finder import FaceFinder, decode_photos
     from models.checkpoint import save_checkpoint
     from models.preprocess import decode_photo
 

@@ -108,7 +108,7 @@ def model_only(ckpt: str, images: list[bytes], args) -> dict:
     batch = [(f"{i}.jpg", images[i % len(images)]) for i in range(b)]
     finder = None
     if args.faces == "detect":
-        from faces.pipeline import FaceFinder, decode_photos
+        from faces.finder import FaceFinder, decode_photos
 
         finder = FaceFinder()
         dec = decode_photos([n for n, _ in batch], [d for _, d in batch], finder.options.max_side)

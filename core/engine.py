@@ -62,7 +62,7 @@ def load_batch(rows: pd.DataFrame | dict, model, train: bool = False, augment=No
     """Dataset rows (``path`` + canonical label columns) -> a training/eval batch. Rows whose image cannot be
     decoded are dropped with a warning (a training set with a bad file must not stop a run). ``decode_fn``
     (bytes, preprocessing) -> (uint8 tensor, geometry) replaces the whole-image decode (evaluation through
-    face detection: ``faces.pipeline.decode_face``)."""
+    face detection: ``faces.finder.decode_face``)."""
     pre = model.preprocessing
     df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
     images, geos, keep = [], [], []

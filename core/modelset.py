@@ -1,4 +1,4 @@
-"""Several checkpoints as one: every model of a set on every face, in one pass (issue #14).
+"""What a user names to label with: one checkpoint, or a set of them, and the rules for a set.
 
 A user who wants age, gender, race, the 40 CelebA attributes, smile and a beauty score for every face of a
 bucket names a *set* of checkpoints; the label job and the serving endpoint then list, read, decode and
@@ -35,8 +35,9 @@ Athena/Trino/Glue (``SELECT agr.age``: their column names may only hold lower-ca
 every member's name and checkpoint hash, the embedding network and the set's name and version), so an
 output made with one set refuses another, exactly as a single checkpoint's does.
 
-A single ``--checkpoint`` without ``--embedding`` is not a set: its rows keep the flat columns of
-core/predictor.py.
+A single ``--checkpoint`` without ``--embedding`` is a set of one whose rows keep the flat layout: its
+output fields as columns of their own, ``model`` and ``checkpoint`` its architecture and hash
+(core/annotator.py).
 """
 
 from __future__ import annotations
@@ -49,28 +50,14 @@ import os
 import posixpath
 import re
 
-import numpy as np
-import pyarrow as pa
-import torch
-
-from core.predictor import (
-    BASE_FIELDS,
-    FACE_FIELDS,
-    GEOMETRY_KEYS,
-    Predictor,
-    detect_photos,
-    photo_rows,
-    resolve_device,
-    whole_image_columns,
-)
+from core.rows import COMMON
 from facedata import storage
-from faces.pipeline import FaceFinder
 
 SET_FORMAT = 1
 SET_FILE_MAX_BYTES = 64 * 1024
 MEMBER_NAME = r"^[a-z][a-z0-9_]{0,62}$"
-EMBEDDING_FIELDS = [pa.field("embedding", pa.list_(pa.float32())), pa.field("embedding_model", pa.string())]
-RESERVED = {f.name for f in BASE_FIELDS + FACE_FIELDS + EMBEDDING_FIELDS}
+SET_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+RESERVED = COMMON
 MEMBER_PROVENANCE = ("model", "checkpoint")  # the first fields of every member's struct
 
 
@@ -140,6 +127,24 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_set_name(name) -> str:
+    """A set's name (the rows' ``model`` column): 1-64 letters, digits, ``_``, ``.``, ``-``. The one rule for
+    a ``--model-set`` file and the serve configuration's ``model_set``."""
+    if not isinstance(name, str) or not re.match(SET_NAME, name):
+        raise ModelSetError(f"set name {str(name)[:80]!r} must match {SET_NAME} (1-64 letters, digits, '_', '.', '-')")
+    return name
+
+
+def check_set_version(version) -> str:
+    """A set's own version, as text of 1-64 characters. YAML reads ``2`` as a number and ``2026-11-29`` as a
+    date: both are kept as their text; ``true`` and an empty value are refused."""
+    if isinstance(version, (int, float, datetime.date)) and not isinstance(version, bool):
+        version = version.isoformat() if isinstance(version, datetime.date) else str(version)
+    if not isinstance(version, str) or not version or len(version) > 64:
+        raise ModelSetError(f"set version {str(version)[:80]!r} must be a string of 1-64 characters")
+    return version
+
+
 def read_set_file(uri: str) -> ModelSet:
     """A ``--model-set`` file (see the module docstring) -> a set; every problem is a :class:`ModelSetError`."""
     import yaml
@@ -165,12 +170,11 @@ def read_set_file(uri: str) -> ModelSet:
         raise ModelSetError(f"{uri}: unknown keys {sorted(unknown)} (known: format, name, version, embedding, models)")
     if doc.get("format", SET_FORMAT) != SET_FORMAT:
         raise ModelSetError(f"{uri}: format {doc.get('format')!r}; this version reads format {SET_FORMAT}")
-    name = str(doc.get("name", "set"))
-    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", name):
-        raise ModelSetError(f"{uri}: set name {name!r} must be 1-64 letters, digits, '_', '.', '-'")
-    version = doc.get("version", "1")  # YAML reads 2026-11-29 as a date: kept as its ISO text
-    if not isinstance(version, (str, int, float, datetime.date)) or len(str(version)) > 64:
-        raise ModelSetError(f"{uri}: version must be a short string")
+    try:
+        name = check_set_name(doc.get("name", "set"))
+        version = check_set_version(doc.get("version", "1"))
+    except ModelSetError as e:
+        raise ModelSetError(f"{uri}: {e}") from None
     embedding = doc.get("embedding", False)
     if not isinstance(embedding, bool):
         raise ModelSetError(f"{uri}: embedding must be true or false")
@@ -191,7 +195,7 @@ def read_set_file(uri: str) -> ModelSet:
         if not storage.is_s3(v) and not os.path.isabs(v):
             v = posixpath.join(base, v) if storage.is_s3(uri) else os.path.join(base, v)
         members.append((n, v))
-    return ModelSet(tuple(members), embedding, name, str(version), from_file=True)
+    return ModelSet(tuple(members), embedding, name, version, from_file=True)
 
 
 def member_names(model_set: ModelSet, architectures: list[str]) -> list[str]:
@@ -219,7 +223,8 @@ def set_identity(name: str, version: str, members: list[tuple[str, str]], embedd
 @dataclasses.dataclass
 class ResolvedSet:
     """A set read by the driver before a run: each member's column name, architecture and checkpoint hash,
-    the distinct preprocessings (``--faces whole`` decodes once per entry), and the set's identity."""
+    the distinct preprocessings (``--faces whole`` decodes once per entry), and what the rows' ``checkpoint``
+    and ``model`` will hold (a set's identity and name; one checkpoint's hash and architecture)."""
 
     names: list[str]
     architectures: list[str]
@@ -227,6 +232,7 @@ class ResolvedSet:
     preprocessings: list
     embedding: str | None
     identity: str
+    name: str
 
     def describe(self) -> list[dict]:
         out = [{"name": n, "model": a, "checkpoint": h} for n, a, h in zip(self.names, self.architectures, self.hashes)]
@@ -237,7 +243,8 @@ class ResolvedSet:
 
 
 def resolve_set(model_set: ModelSet) -> ResolvedSet:
-    """Load every member's checkpoint once (on the CPU, to read it and check its hash) and describe the set;
+    """Load every member's checkpoint once (on the CPU, to read it and check its hash) and describe the set
+    (the label job's driver does this before any work);
     a missing or bad checkpoint, a name clash or a missing embedding network fails here, before any work."""
     from models.checkpoint import load_checkpoint
     from models.embedding import FaceEmbedder, embedding_identity
@@ -257,170 +264,7 @@ def resolve_set(model_set: ModelSet) -> ResolvedSet:
         embedding = embedding_identity()
         if emb.preprocessing not in pres:
             pres.append(emb.preprocessing)
+    if not model_set.is_set:  # one checkpoint: its own hash and architecture, as its flat rows say
+        return ResolvedSet(names, archs, hashes, pres, None, hashes[0], archs[0])
     identity = set_identity(model_set.name, model_set.version, list(zip(names, hashes)), embedding)
-    return ResolvedSet(names, archs, hashes, pres, embedding, identity)
-
-
-def member_struct(predictor: Predictor) -> pa.DataType:
-    fields = [pa.field("model", pa.string()), pa.field("checkpoint", pa.string())] + list(predictor.output_fields)
-    lower = [f.name.lower() for f in fields]
-    clash = sorted({n for n in lower if lower.count(n) > 1})
-    if clash:
-        raise ModelSetError(f"{predictor.model_name}: output fields {clash} collide (with each other or with the "
-                            "struct's model/checkpoint fields, case-insensitively as Athena reads them)")
-    return pa.struct(fields)
-
-
-class SetPredictor:
-    """Every model of a set (and the embedding network) loaded once, in one process on one device: a decoded
-    batch in, one row per face with every model's columns out. The same interface as :class:`Predictor`
-    for the label job's actors and the serving replicas (``predict_photos``, ``predict_decoded``,
-    ``to_table``, ``schema``, ``checkpoint_hash``, ``device``).
-
-    On one device: a GPU holds the whole set (the five models are 3-100 MB of weights each, plus
-    activations of at most ``max_batch`` faces per forward pass); when it does not, loading fails with
-    a message naming each model's size, and the way out is two sets in two jobs (each still one pass)."""
-
-    def __init__(self, model_set: ModelSet | dict, device: str | None = None, precision: str = "auto",
-                 threads: int | None = None, fold_bn: bool = True, compile_batch: int | None = None,
-                 max_batch: int = 256):
-        self.model_set = model_set if isinstance(model_set, ModelSet) else ModelSet.from_dict(model_set)
-        if threads:
-            torch.set_num_threads(threads)
-        self.device = resolve_device(device)
-        predictors = []
-        try:
-            for _, uri in self.model_set.members:
-                predictors.append(Predictor(uri, device=str(self.device), precision=precision, fold_bn=fold_bn,
-                                            compile_batch=compile_batch, max_batch=max_batch))
-            self.embedder = None
-            if self.model_set.embedding:
-                from models.embedding import FaceEmbedder
-
-                self.embedder = FaceEmbedder(self.device, batch=max_batch)
-        except torch.OutOfMemoryError as e:
-            sizes = ", ".join(f"{p.model_name} {sum(t.numel() * t.element_size() for t in p.model.parameters()) / 2**20:.0f} MB"
-                              for p in predictors)
-            raise ModelSetError(f"the set does not fit on {self.device} (loaded so far: {sizes or 'none'}): split it "
-                                f"into two sets labelled by two jobs, or use a larger device ({str(e)[:200]})") from None
-        self.names = member_names(self.model_set, [p.model_name for p in predictors])
-        self.members = dict(zip(self.names, predictors))
-        self.model_name = self.model_set.name
-        self.embedding_identity = self.embedder.identity if self.embedder else None
-        self.checkpoint_hash = set_identity(self.model_set.name, self.model_set.version,
-                                            [(n, p.checkpoint_hash) for n, p in self.members.items()],
-                                            self.embedding_identity)
-        self.structs = {n: member_struct(p) for n, p in self.members.items()}
-        self.schema = pa.schema(BASE_FIELDS + FACE_FIELDS + [pa.field(n, t) for n, t in self.structs.items()]
-                                + (EMBEDDING_FIELDS if self.embedder else []))
-        self.precision = predictors[0].precision if predictors else "fp32"
-        self.folded = {n: p.folded for n, p in self.members.items()}
-
-    # -- what the set is ----------------------------------------------------------------------------------
-    def describe(self) -> list[dict]:
-        """Name, architecture and checkpoint hash of every member (the summary's and the API's ``models``)."""
-        return ResolvedSet(list(self.members), [p.model_name for p in self.members.values()],
-                           [p.checkpoint_hash for p in self.members.values()], self.preprocessings(),
-                           self.embedding_identity, self.checkpoint_hash).describe()
-
-    def preprocessings(self) -> list:
-        """The distinct preprocessings of the members and the embedder, in order: with ``--faces whole`` the
-        CPU stage decodes each image once per entry (``image_<k>`` / ``geometry_<k>``)."""
-        out = []
-        for pre in [p.preprocessing for p in self.members.values()] + ([self.embedder.preprocessing] if self.embedder else []):
-            if pre not in out:
-                out.append(pre)
-        return out
-
-    def _empty(self, name: str) -> dict:
-        p = self.members[name]
-        return {"model": p.model_name, "checkpoint": p.checkpoint_hash, **{f.name: None for f in p.output_fields}}
-
-    def _structs(self, name: str, decoded: dict[str, list], n: int) -> list[dict]:
-        p = self.members[name]
-        fields = [f.name for f in p.output_fields]
-        return [{"model": p.model_name, "checkpoint": p.checkpoint_hash, **{f: decoded[f][j] for f in fields}}
-                for j in range(n)]
-
-    # -- photos: detect once, align per template, every model ----------------------------------------------
-    def predict_photos(self, batch: dict, finder: FaceFinder) -> dict[str, list]:
-        photos = detect_photos(batch, finder)
-        per_face: dict[str, list] = {}
-        aligned_by_pre: dict = {}
-        aligned = None
-        for name, p in self.members.items():
-            aligned, decoded = self._aligned_outputs(p, photos, finder, aligned_by_pre)
-            per_face[name] = self._structs(name, decoded, len(aligned.owner))
-        no_face = {name: self._empty(name) for name in self.members}
-        if self.embedder:
-            pre = self.embedder.preprocessing
-            aligned = aligned_by_pre.get(pre) or finder.aligned(photos.images, photos.found, pre, photos.scales)
-            per_face["embedding"] = self.embedder.embed(aligned.inputs).tolist()
-            per_face["embedding_model"] = [self.embedding_identity] * len(aligned.owner)
-            no_face.update(embedding=None, embedding_model=self.embedding_identity)
-        if aligned is None:  # pragma: no cover - a set has a model or the embedding
-            raise ModelSetError("empty set")
-        return photo_rows(batch, photos, aligned, finder.identity, self.schema.names,
-                          {"model": self.model_name, "checkpoint": self.checkpoint_hash}, per_face, no_face)
-
-    @staticmethod
-    def _aligned_outputs(p: Predictor, photos, finder: FaceFinder, cache: dict):
-        """A member's outputs on its own crops; members with the same preprocessing (template, size) share
-        one alignment."""
-        aligned, decoded = p.face_outputs(photos, finder, cache.get(p.preprocessing))
-        cache[p.preprocessing] = aligned
-        return aligned, decoded
-
-    # -- whole images (--faces whole): one decode per distinct preprocessing, done by the CPU stage ---------
-    def predict_decoded(self, batch: dict) -> dict[str, list]:
-        """A batch with ``image_<k>`` / ``geometry_<k>`` for every entry of :meth:`preprocessings` -> rows,
-        one per image."""
-        pres = self.preprocessings()
-        n = len(batch["path"])
-        cols = whole_image_columns(batch, self.model_name, self.checkpoint_hash)
-        for name, p in self.members.items():
-            k = pres.index(p.preprocessing)
-            sub = {**{c: batch[c] for c in ("path", "ok", "error_kind", "error_message", "width", "height")},
-                   "image": batch[f"image_{k}"], "geometry": batch[f"geometry_{k}"]}
-            own = p.predict_decoded(sub)
-            fields = [f.name for f in p.output_fields]
-            cols[name] = [{"model": p.model_name, "checkpoint": p.checkpoint_hash,
-                           **{f: own[f][i] for f in fields}} for i in range(n)]
-        if self.embedder:
-            k = pres.index(self.embedder.preprocessing)
-            ok = np.asarray(batch["ok"], dtype=bool)
-            idx = np.flatnonzero(ok)
-            emb = [None] * n
-            if len(idx):
-                images = torch.from_numpy(np.ascontiguousarray(np.asarray(batch[f"image_{k}"])[idx]))
-                for i, v in zip(idx, self.embedder.embed(images).tolist()):
-                    emb[i] = v
-            cols["embedding"] = emb
-            cols["embedding_model"] = [self.embedding_identity] * n
-        return {name: cols[name] for name in self.schema.names}
-
-    def to_table(self, cols: dict[str, list]) -> pa.Table:
-        return pa.Table.from_pydict(cols, schema=self.schema)
-
-
-def decode_for_set(paths: list[str], datas: list[bytes], pres: list) -> dict:
-    """``--faces whole`` for a set: the bytes of each image decoded once per distinct preprocessing
-    (``image_<k>``, ``geometry_<k>``); a row fails (with the first reason) when any decode fails."""
-    from core.predictor import decode_batch
-
-    out: dict = {}
-    for k, pre in enumerate(pres):
-        b = decode_batch(paths, datas, pre)
-        if k == 0:
-            out = {c: b[c] for c in ("path", "ok", "error_kind", "error_message", "width", "height")}
-            out["ok"] = np.array(b["ok"], copy=True)
-        else:
-            for i in np.flatnonzero(out["ok"] & ~np.asarray(b["ok"], dtype=bool)):
-                out["ok"][i] = False
-                out["error_kind"][i], out["error_message"][i] = b["error_kind"][i], b["error_message"][i]
-        out[f"image_{k}"] = b["image"]
-        out[f"geometry_{k}"] = b["geometry"]
-    return out
-
-
-__all__ = ["ModelSet", "ModelSetError", "SetPredictor", "decode_for_set", "set_identity", "GEOMETRY_KEYS"]
+    return ResolvedSet(names, archs, hashes, pres, embedding, identity, model_set.name)

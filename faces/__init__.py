@@ -13,7 +13,7 @@ template all go through it):
   settings.
 * ``faces/align.py``: face templates (where the 5 points sit in a model's input), the similarity transform
   from detected points to a template, and the warp.
-* ``faces/pipeline.py``: bytes -> decoded images -> detected faces -> aligned crops for one or more models.
+* ``faces/finder.py``: bytes -> decoded images -> detected faces -> aligned crops for one or more models.
 
 Imports: ``faces`` uses ``models`` (preprocessing) and ``facedata`` (storage); ``raytasks`` and ``jobs`` use
 ``faces``.

@@ -57,7 +57,7 @@ def derive_template(paths: Sequence[str], read: Callable[[str], bytes], pre: Pre
                     seed: int = 0) -> tuple[Preprocessing, TemplateReport]:
     """``pre`` with the template of the training images ``paths`` (see the module docstring). ``landmarks``:
     per path a list of 10 numbers (x, y of the 5 points in the file's pixels) or None. ``finder``: a
-    ``faces.pipeline.FaceFinder``, needed when there are no landmarks."""
+    ``faces.finder.FaceFinder``, needed when there are no landmarks."""
     order = np.random.default_rng(seed).permutation(len(paths))[:sample]
     have_marks = landmarks is not None and any(_five(landmarks[i]) is not None for i in order)
     if not have_marks and finder is None:

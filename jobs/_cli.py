@@ -18,7 +18,7 @@ def positive(kind):
 
 
 def add_face_args(p: argparse.ArgumentParser, default_mode: str = "detect") -> None:
-    """The face-finding flags of label, serve and evaluate (faces/pipeline.py: FaceOptions)."""
+    """The face-finding flags of label, serve and evaluate (faces/finder.py: FaceOptions)."""
     g = p.add_argument_group("faces", "how faces are found in the images (docs/faces.md)")
     g.add_argument("--faces", choices=("detect", "whole"), default=default_mode,
                    help="detect: find every face, align each to the model's face template, one row per face; "
@@ -32,7 +32,7 @@ def add_face_args(p: argparse.ArgumentParser, default_mode: str = "detect") -> N
 
 
 def face_options(args: argparse.Namespace) -> dict:
-    """The flags of :func:`add_face_args` -> a ``faces.pipeline.FaceOptions`` dict (unset flags keep the
+    """The flags of :func:`add_face_args` -> a ``faces.finder.FaceOptions`` dict (unset flags keep the
     defaults)."""
     det = {k: v for k, v in (("size", args.det_size), ("threshold", args.det_threshold),
                              ("min_face", args.min_face), ("max_faces", args.max_faces)) if v is not None}

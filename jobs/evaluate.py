@@ -5,7 +5,7 @@
 Prints per-attribute and mean accuracy (with the checkpoint's thresholds), MAE / RMSE / Pearson for
 scores, age MAE / RMSE and class accuracy; ``--json OUT`` writes a flat object ``{"<output>.<metric>":
 number, ..., "mean_accuracy": number}``. ``--faces detect`` measures the model the way a user meets it: the
-detector finds the face in each image and the model reads its aligned crop (faces/pipeline.py); images in
+detector finds the face in each image and the model reads its aligned crop (faces/finder.py); images in
 which no face is found are left out and counted (``images_without_face``). The default, ``whole``, feeds each
 image whole, as training did.
 """
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
         table = table.iloc[: args.limit]
     decode_fn = None
     if args.faces == "detect":
-        from faces.pipeline import FaceFinder, FaceOptions, decode_face
+        from faces.finder import FaceFinder, FaceOptions, decode_face
 
         finder = FaceFinder(FaceOptions.from_dict(face_options(args)))
         decode_fn = lambda data, pre: decode_face(data, pre, finder)  # noqa: E731

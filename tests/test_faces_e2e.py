@@ -19,7 +19,7 @@ from PIL import Image
 import models
 from core.predictor import Predictor
 from facedata.synth import draw_face, encode_jpeg
-from faces.pipeline import FaceFinder
+from faces.finder import FaceFinder
 from models.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ import models
 from core.modelset import ModelSet, ModelSetError, SetPredictor, decode_for_set, read_set_file
 from core.predictor import Predictor, decode_batch
 from facedata.synth import draw_face
-from faces.pipeline import FaceFinder, decode_photos
+from faces.finder import FaceFinder, decode_photos
 from models.checkpoint import save_checkpoint
 from models.embedding import SAME_PERSON_DISTANCE, distance
 from tests.test_faces_e2e import PLACES, compose, photos, real_crops

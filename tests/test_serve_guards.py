@@ -90,7 +90,7 @@ def test_replicas_with_different_checkpoints_answer_503_not_500():
                 "checkpoint": {"hash": "sha256:a"}, "architecture": "x"}
 
     api._describe = describe
-    from faces.pipeline import decode_photos  # noqa: F401 - the module the route uses
+    from faces.finder import decode_photos  # noqa: F401 - the module the route uses
 
     with pytest.raises(S.APIError) as e:
         asyncio.run(api._predict_whole("m", api.handles["m"], [("a.png", _png())]))

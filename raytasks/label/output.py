@@ -1,6 +1,6 @@
 """What the label job leaves in its output folder, and what it reads back from it when it resumes.
 
-Split from raytasks/label/job.py (the pipeline): the layout (``labels/``, ``_checkpoint/``, ``_inputs/``,
+Split from raytasks/label/job.py (the pipeline): the layout (``labels/``, ``_checkpoint/`` (Ray Data's commit log), ``_inputs/``,
 ``_summary.json``), the repair of an interrupted S3 commit, the counts of rows, images and faces, and the
 provenance every row carries (checkpoint hash, detector).
 """
@@ -17,7 +17,7 @@ import pyarrow.fs as pafs
 from facedata import storage
 
 LABELS_DIR = "labels"
-CHECKPOINT_DIR = "_checkpoint"
+COMMIT_LOG_DIR = "_checkpoint"  # Ray Data's row-level checkpoint: the commit log of written paths
 INPUTS_DIR = "_inputs"
 SUMMARY_FILE = "_summary.json"
 
@@ -25,20 +25,20 @@ SUMMARY_FILE = "_summary.json"
 
 def output_paths(output: str) -> dict[str, str]:
     return {k: storage.join(output, v) for k, v in
-            (("labels", LABELS_DIR), ("checkpoint", CHECKPOINT_DIR), ("inputs", INPUTS_DIR),
+            (("labels", LABELS_DIR), ("commits", COMMIT_LOG_DIR), ("inputs", INPUTS_DIR),
              ("summary", SUMMARY_FILE))}
 
 
-def repair_checkpoints(checkpoint_uri: str) -> int:
-    """Delete pending checkpoint files whose committed twin exists (an S3 rename killed between its copy
-    and its delete: the data is complete). Returns how many were removed."""
-    fs, root = storage.filesystem(checkpoint_uri)
+def repair_commit_log(commits_uri: str) -> int:
+    """Delete pending commit files whose committed twin exists (an S3 rename killed between its copy and
+    its delete: the data is complete). Returns how many were removed."""
+    fs, root = storage.filesystem(commits_uri)
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=False, allow_not_found=True))
     names = {i.base_name for i in infos if i.type == pafs.FileType.File}
     removed = 0
     for name in names:
         if name.endswith(".pending.parquet") and name[: -len(".pending.parquet")] + ".parquet" in names:
-            fs.delete_file(posixpath.join(root, name) if storage.is_s3(checkpoint_uri) else os.path.join(root, name))
+            fs.delete_file(posixpath.join(root, name) if storage.is_s3(commits_uri) else os.path.join(root, name))
             removed += 1
     return removed
 

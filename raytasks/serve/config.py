@@ -7,19 +7,18 @@ raytasks/serve/replicas.py).
 
 from __future__ import annotations
 
-import datetime
 import math
 import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from faces.pipeline import FaceOptions
+from core.modelset import ModelSetError, check_name, check_set_name, check_set_version
+from faces.finder import FaceOptions
 from models.checkpoint import split_pin
 
 API_KEY_ENV = "FACEATTR_API_KEY"
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-SET_NAME_PATTERN = MODEL_NAME_PATTERN  # as in a --model-set file (core/modelset.py)
 
 
 class _Strict(BaseModel):
@@ -63,6 +62,14 @@ class IngressSpec(_Strict):
     request_timeout_s: float = Field(60.0, gt=0)  # a request's model call longer than this: 504
 
 
+def _set_rule(check, v) -> str:
+    """A rule of core/modelset.py (the same for a --model-set file), as pydantic's ValueError."""
+    try:
+        return check(v)
+    except ModelSetError as e:
+        raise ValueError(f"model_set: {e}") from None
+
+
 class ModelSetSpec(_ReplicaSettings):
     """Served models answered together at ``POST /v1/predict``: every model of the set for every face of an
     image in one request, from one deployment ("modelset") whose replicas each hold every member's
@@ -82,27 +89,19 @@ class ModelSetSpec(_ReplicaSettings):
     name: str = "set"
     version: str = "1"
 
-    @field_validator("name")
+    @field_validator("name", mode="before")
     @classmethod
-    def _check_name(cls, v: str) -> str:
-        if not re.match(SET_NAME_PATTERN, v):
-            raise ValueError(f"model_set name {v!r} must match {SET_NAME_PATTERN}")
-        return v
+    def _check_name(cls, v) -> str:
+        return _set_rule(check_set_name, v)
 
     @field_validator("version", mode="before")
     @classmethod
     def _check_version(cls, v) -> str:
-        if isinstance(v, (int, float, datetime.date)) and not isinstance(v, bool):
-            v = str(v)  # YAML reads 2 as a number and 2026-11-29 as a date: kept as their text
-        if not isinstance(v, str) or not v or len(v) > 64:
-            raise ValueError("model_set version must be a string of 1-64 characters")
-        return v
+        return _set_rule(check_set_version, v)
 
     def members(self, served: list[str]) -> list[tuple[str, str]]:
         """``(column name, served model name)`` of every member, in order; refuses unknown models and bad or
         clashing column names, naming the fix."""
-        from core.modelset import ModelSetError, check_name
-
         if self.models is None:
             pairs = [(n, n) for n in served]
         elif isinstance(self.models, list):
@@ -161,7 +160,7 @@ class ServeArgs(_Strict):
     max_files: int = Field(64, ge=1)
     api_key_env: str = API_KEY_ENV
     ingress: IngressSpec = Field(default_factory=IngressSpec)
-    # faces.pipeline.FaceOptions: mode (detect | whole: the default of a request's ?faces=), max_side, detector
+    # faces.finder.FaceOptions: mode (detect | whole: the default of a request's ?faces=), max_side, detector
     # settings; every model replica loads the detector either way
     faces: dict = Field(default_factory=dict)
     # several served models answered together at POST /v1/predict (ModelSetSpec); None: no set, no such route

@@ -556,7 +556,7 @@ def prepare(spec: TrainSpec):
 def measure_template(ds, train: pd.DataFrame, pre: Preprocessing, spec: TrainSpec) -> Preprocessing:
     """The model's face template measured on its training images (faces/templates.py), so that label and
     serve align a face found in a photo the way the training crops were; the checkpoint keeps it."""
-    from faces.pipeline import FaceFinder
+    from faces.finder import FaceFinder
     from faces.templates import derive_template
 
     paths = list(train["path"])

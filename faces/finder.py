@@ -1,14 +1,11 @@
-"""The one way from image bytes to the aligned faces a model reads, shared by label, serve and evaluate.
+"""Faces in decoded photos: the detector, loaded once, and the alignment of its faces for any model.
 
-Two halves, so that the label job can run them in different processes (as ``core.predictor`` does):
-
-* :func:`decode_photos` (CPU, no model): bytes -> the whole picture at a bounded size
-  (``models.preprocess.decode_photo``), with per-row ``ok`` / ``error_kind`` / ``error_message`` /
-  ``width`` / ``height`` / ``scale``. A bad file becomes an error row, never an exception.
-* :class:`FaceFinder` (where the model is, loaded once per actor or replica): decoded pictures ->
-  :class:`~faces.detect.Faces` per picture (one batched detection), then, for any model's preprocessing,
-  the aligned crops of every face (``faces.align``) with the maps that carry the crop's pixels back to the
-  original picture's pixels (for landmark outputs and for the rows' ``face_box`` / ``face_points``).
+* :class:`FaceFinder` (where the models are, loaded once per actor or replica): decoded pictures
+  (facedata/decode.py) -> :class:`~faces.detect.Faces` per picture (one batched detection), then, for any
+  model's preprocessing, the aligned crops of every face (``faces.align``) with the maps that carry the
+  crop's pixels back to the original picture's pixels (for landmark outputs and for the rows' ``face_box``
+  / ``face_points``). core/annotator.py calls it for label and serve; :func:`decode_face` is the same way
+  for one image's best face (``jobs.evaluate --faces detect``).
 
 ``FaceOptions`` are the settings users give (``--faces``, ``--max-side``, the detector's settings) and travel
 as a plain dict between processes; ``FaceFinder.identity`` names the detector's weights and settings, and
@@ -17,10 +14,8 @@ lands in every row's ``detector`` column so that an output says how its faces we
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from faces.align import align
@@ -28,7 +23,6 @@ from faces.detect import DetectorConfig, FaceDetector, Faces
 from models.preprocess import DEFAULT_PHOTO_SIDE, ImageDecodeError, Preprocessing, decode_photo
 
 FACE_MODES = ("detect", "whole")
-WHOLE = "whole"  # the ``detector`` column of rows labelled without detection
 
 
 @dataclass(frozen=True)
@@ -64,27 +58,6 @@ class FaceOptions:
         d = dict(d or {})
         return cls(mode=d.get("mode", "detect"), max_side=int(d.get("max_side", DEFAULT_PHOTO_SIDE)),
                    detector=dict(d.get("detector") or {}))
-
-
-def decode_photos(paths: list[str], datas: list[bytes | None], max_side: int) -> dict:
-    """Decode a batch of photos for detection. ``image`` is a list of uint8 (3, h, w) arrays (None where
-    the row failed); ``scale`` maps their pixels to the original's. One row per input, errors included."""
-    n = len(paths)
-    out = {"path": list(paths), "ok": np.zeros(n, bool), "error_kind": [None] * n, "error_message": [None] * n,
-           "width": np.zeros(n, np.int32), "height": np.zeros(n, np.int32), "scale": np.ones(n, np.float64),
-           "image": [None] * n}
-    for i, data in enumerate(datas):
-        try:
-            t, (w, h), scale = decode_photo(bytes(data) if data is not None else b"", max_side)
-        except ImageDecodeError as e:
-            out["error_kind"][i], out["error_message"][i] = e.kind, e.message
-            continue
-        except Exception as e:  # noqa: BLE001 - a decoder bug must not kill a 10-hour job
-            out["error_kind"][i], out["error_message"][i] = "decode_error", f"{type(e).__name__}: {e}"
-            continue
-        out["image"][i] = t.numpy()
-        out["ok"][i], out["width"][i], out["height"][i], out["scale"][i] = True, w, h, scale
-    return out
 
 
 @dataclass
@@ -163,9 +136,3 @@ def decode_face(data: bytes, pre: Preprocessing, finder: FaceFinder, max_side: i
     H, W = pre.size
     return aligned.inputs[0].cpu(), {"width": w, "height": h, "input_w": W, "input_h": H,
                                      "affine": aligned.maps[0, :2].reshape(-1).tolist()}
-
-
-def options_with(options: FaceOptions, **changes) -> FaceOptions:
-    """A copy of ``options`` with some fields changed (detector settings merged, not replaced)."""
-    det = {**options.detector, **changes.pop("detector", {})}
-    return dataclasses.replace(options, detector=det, **changes)

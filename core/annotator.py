@@ -1,0 +1,227 @@
+"""Decoded pictures -> faces -> every model -> rows: the one orchestrator of label, serve and evaluate.
+
+    ann = Annotator(ModelSet.parse(["agr=agr.pt", "celeba=dmm.pt"], embedding=True), faces={"mode": "detect"})
+    rows = ann.annotate_bytes([("team.jpg", data)])          # one row per face, every model's fields
+
+As insightface's ``FaceAnalysis.get``: faces are found once per photo (``faces.finder.FaceFinder``), each
+face is aligned once per distinct face template (models that share a preprocessing share the crop), and
+every model adds its fields to the face's row; the face embedding is one more member. A single checkpoint
+is a set of one whose rows keep the flat layout (its output fields as columns, ``model`` and
+``checkpoint`` its architecture and hash); a set writes one struct column per model and its name and
+identity (core/modelset.py, docs/schema.md). The columns are built in core/rows.py only.
+
+Two inputs, both decoded batches of facedata/decode.py: photos (``scale`` and ``image``, faces found
+here) or whole images (``image_<k>`` and ``geometry_<k>`` per entry of :attr:`preprocessings`: the image
+is the face). The label job's actors and the serving replicas call :meth:`annotate`; ``jobs.evaluate``
+reads faces with the same finder.
+
+On one device: a GPU holds the whole set (the five models are 3-100 MB of weights each, plus activations
+of at most ``max_batch`` faces per forward pass); when it does not, loading fails naming each model's size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from core.modelset import ModelSet, ModelSetError, member_names, set_identity
+from core.rows import EMBEDDING_FIELDS, FACE_FIELDS, IMAGE_FIELDS, WHOLE, Face, build_rows, row_dicts
+from core.runner import ModelRunner, resolve_device
+from facedata.decode import Photos, Whole, decode_batch
+from faces.finder import FaceFinder, FaceOptions
+
+
+class Annotator:
+    """Every model of a set (a single checkpoint is a set of one) and the detector, loaded once on one
+    device. ``models``: a :class:`ModelSet`, its ``to_dict()``, or one checkpoint URI. ``faces``: how faces
+    are found (``faces.finder.FaceOptions``); the detector is loaded on first use."""
+
+    def __init__(self, models: ModelSet | dict | str, faces: FaceOptions | dict | None = None,
+                 device: str | None = None, precision: str = "auto", channels_last: bool = True,
+                 threads: int | None = None, fold_bn: bool = True, compile_batch: int | None = None,
+                 max_batch: int = 256):
+        if isinstance(models, str):
+            models = ModelSet(((None, models),))
+        self.model_set = models if isinstance(models, ModelSet) else ModelSet.from_dict(models)
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = resolve_device(device)
+        self.face_options = faces if isinstance(faces, FaceOptions) else FaceOptions.from_dict(faces)
+        self._finder: FaceFinder | None = None
+        runners: list[ModelRunner] = []
+        self.embedder = None
+        try:
+            for _, uri in self.model_set.members:
+                runners.append(ModelRunner(uri, device=str(self.device), precision=precision,
+                                           channels_last=channels_last, fold_bn=fold_bn,
+                                           compile_batch=compile_batch, max_batch=max_batch))
+            if self.model_set.embedding:
+                from models.embedding import FaceEmbedder
+
+                self.embedder = FaceEmbedder(self.device, batch=max_batch)
+        except torch.OutOfMemoryError as e:
+            sizes = ", ".join(f"{r.architecture} {r.parameter_bytes / 2**20:.0f} MB" for r in runners)
+            raise ModelSetError(f"the set does not fit on {self.device} (loaded so far: {sizes or 'none'}): split it "
+                                f"into two sets labelled by two jobs, or use a larger device ({str(e)[:200]})") from None
+        self.flat = not self.model_set.is_set
+        names = member_names(self.model_set, [r.architecture for r in runners])
+        self.members: dict[str, ModelRunner] = dict(zip(names, runners))
+        self.embedding_identity = self.embedder.identity if self.embedder else None
+        if self.flat:
+            (runner,) = runners
+            self.name, self.identity = runner.architecture, runner.checkpoint_hash
+            model_fields = list(runner.output_fields)
+        else:
+            self.name = self.model_set.name
+            self.identity = set_identity(self.model_set.name, self.model_set.version,
+                                         [(n, r.checkpoint_hash) for n, r in self.members.items()],
+                                         self.embedding_identity)
+            self.structs = {n: _member_struct(r) for n, r in self.members.items()}
+            model_fields = [pa.field(n, t) for n, t in self.structs.items()]
+            model_fields += EMBEDDING_FIELDS if self.embedder else []
+        self.schema = pa.schema(IMAGE_FIELDS + FACE_FIELDS + model_fields)
+        self.precision = runners[0].precision if runners else "fp32"
+        self.preprocessings = []  # distinct, in member order then the embedder's: whole images decode once each
+        for pre in [r.preprocessing for r in runners] + ([self.embedder.preprocessing] if self.embedder else []):
+            if pre not in self.preprocessings:
+                self.preprocessings.append(pre)
+
+    # -- what it is ---------------------------------------------------------------------------------------
+    @property
+    def finder(self) -> FaceFinder:
+        """The detector, loaded on first use on the models' device."""
+        if self._finder is None:
+            self._finder = FaceFinder(self.face_options, self.device)
+        return self._finder
+
+    @property
+    def detector(self) -> str:
+        """The rows' ``detector`` for photos (``whole`` for whole images)."""
+        return self.finder.identity
+
+    def describe(self) -> list[dict]:
+        """Name, architecture and checkpoint hash of every member, then the embedding's."""
+        out = [{"name": n, "model": r.architecture, "checkpoint": r.checkpoint_hash} for n, r in self.members.items()]
+        if self.embedding_identity:
+            model, checkpoint = self.embedding_identity.split(" ", 1)
+            out.append({"name": "embedding", "model": model, "checkpoint": checkpoint})
+        return out
+
+    def warm_up(self) -> None:
+        """One forward pass of every network on a dummy batch: the kernels' plans (oneDNN, cuDNN) are built
+        before the first request, not in it."""
+        for r in self.members.values():
+            r.forward_uint8(torch.zeros((1, r.preprocessing.channels, *r.preprocessing.size), dtype=torch.uint8))
+        if self.embedder is not None:
+            pre = self.embedder.preprocessing
+            self.embedder.embed(torch.zeros((1, pre.channels, *pre.size), dtype=torch.uint8))
+
+    # -- rows ---------------------------------------------------------------------------------------------
+    def annotate(self, batch: dict) -> dict[str, list]:
+        """A decoded batch (facedata/decode.py) -> the columns of :attr:`schema`: photos one row per face,
+        whole images one row per image; a failed image keeps one row."""
+        return self._photos(batch) if "scale" in batch else self._whole(batch)
+
+    def annotate_bytes(self, items: list[tuple[str, bytes]], faces: str | None = None) -> list[dict]:
+        """``[(name, bytes)]`` -> row dicts (tests, scripts, notebooks): ``faces`` ``detect`` or ``whole``
+        (default: the annotator's face options)."""
+        mode = faces or self.face_options.mode
+        target = Photos(self.face_options.max_side) if mode == "detect" else Whole(tuple(self.preprocessings))
+        return row_dicts(self.annotate(decode_batch([p for p, _ in items], [d for _, d in items], target)))
+
+    def to_table(self, cols: dict[str, list]) -> pa.Table:
+        return pa.Table.from_pydict(cols, schema=self.schema)
+
+    def _rows(self, batch: dict, detector: str, counts: list, slots: list, outputs: dict[str, dict[str, list]],
+              embeddings: list | None) -> dict[str, list]:
+        """Lay the models' outputs out (flat, or a struct per member) and build the rows."""
+        if self.flat:
+            (out,) = outputs.values()
+            (runner,) = self.members.values()
+            per_face = {f.name: out[f.name] for f in runner.output_fields}
+            no_face = {f.name: None for f in runner.output_fields}
+        else:
+            per_face, no_face = {}, {}
+            for name, r in self.members.items():
+                fields = [f.name for f in r.output_fields]
+                head = {"model": r.architecture, "checkpoint": r.checkpoint_hash}
+                n = len(next(iter(outputs[name].values()), []))
+                per_face[name] = [{**head, **{f: outputs[name][f][j] for f in fields}} for j in range(n)]
+                no_face[name] = {**head, **{f: None for f in fields}}
+            if self.embedder is not None:
+                per_face["embedding"] = embeddings
+                per_face["embedding_model"] = [self.embedding_identity] * len(embeddings)
+                no_face.update(embedding=None, embedding_model=self.embedding_identity)
+        return build_rows(batch, self.schema.names, {"model": self.name, "checkpoint": self.identity}, detector,
+                          counts, slots, per_face, no_face)
+
+    def _whole(self, batch: dict) -> dict[str, list]:
+        """Whole images: each ``ok`` image is one face; every model reads its own decoded input."""
+        ok = np.asarray(batch["ok"], dtype=bool)
+        idx = np.flatnonzero(ok)
+        slots = [[] for _ in ok]
+        for j, i in enumerate(idx):
+            slots[i] = [(j, None)]
+        outputs = {}
+        for name, r in self.members.items():
+            k = self.preprocessings.index(r.preprocessing)
+            geometry = [dict(zip(("sx", "sy", "tx", "ty"), map(float, g))) for g in np.asarray(batch[f"geometry_{k}"])[idx]]
+            outputs[name] = r.columns(_rows_of(batch[f"image_{k}"], idx), geometry)
+        embeddings = None
+        if self.embedder is not None:
+            k = self.preprocessings.index(self.embedder.preprocessing)
+            embeddings = self.embedder.embed(_rows_of(batch[f"image_{k}"], idx)).tolist() if len(idx) else []
+        return self._rows(batch, WHOLE, [None] * len(ok), slots, outputs, embeddings)
+
+    def _photos(self, batch: dict) -> dict[str, list]:
+        """Photos: detection once for the batch, alignment once per distinct template, every model on its
+        own crops of every face."""
+        ok = np.asarray(batch["ok"], dtype=bool)
+        keep = [int(i) for i in np.flatnonzero(ok)]
+        images = [_tensor(batch["image"][i]) for i in keep]
+        scales = [float(batch["scale"][i]) for i in keep]
+        finder = self.finder
+        found = finder.find(images, scales)
+        aligned = {pre: finder.aligned(images, found, pre, scales) for pre in self.preprocessings}
+        outputs = {}
+        for name, r in self.members.items():
+            a = aligned[r.preprocessing]
+            outputs[name] = r.columns(a.inputs, [{"affine": m[:2].reshape(-1).tolist()} for m in a.maps])
+        embeddings = None
+        if self.embedder is not None:
+            embeddings = self.embedder.embed(aligned[self.embedder.preprocessing].inputs).tolist()
+        order = next(iter(aligned.values()))  # every alignment lists the faces in one order
+        counts: list = [None] * len(ok)
+        slots: list = [[] for _ in ok]
+        for o, i in enumerate(keep):
+            counts[i] = len(found[o])
+        for j, (o, k) in enumerate(zip(order.owner, order.index)):
+            f, s = found[o], scales[o]
+            slots[keep[o]].append((j, Face(k, float(f.scores[k]), (f.boxes[k].double() * s).tolist(),
+                                           (f.points[k].double() * s).reshape(-1).tolist())))
+        return self._rows(batch, finder.identity, counts, slots, outputs, embeddings)
+
+
+def _tensor(image) -> torch.Tensor:
+    return image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image, copy=True))
+
+
+def _rows_of(images, idx: np.ndarray) -> torch.Tensor:
+    """The rows ``idx`` of a batch's images as a uint8 tensor (a tensor already on the GPU stays there: the
+    label job's ``--gpu-decode``)."""
+    if isinstance(images, torch.Tensor):
+        return images[torch.as_tensor(idx, device=images.device)]
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(images)[idx]))
+
+
+def _member_struct(runner: ModelRunner) -> pa.DataType:
+    """A member's struct: ``model``, ``checkpoint``, then its output fields; names that clash
+    case-insensitively (as Athena reads them) are refused."""
+    fields = [pa.field("model", pa.string()), pa.field("checkpoint", pa.string())] + list(runner.output_fields)
+    lower = [f.name.lower() for f in fields]
+    clash = sorted({n for n in lower if lower.count(n) > 1})
+    if clash:
+        raise ModelSetError(f"{runner.architecture}: output fields {clash} collide (with each other or with the "
+                            "struct's model/checkpoint fields, case-insensitively as Athena reads them)")
+    return pa.struct(fields)

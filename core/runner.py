@@ -1,0 +1,132 @@
+"""One checkpoint on its device: uint8 inputs -> raw outputs -> the columns its output description names.
+
+:class:`ModelRunner` is what the annotator (core/annotator.py) holds per model: the checkpoint loaded once,
+batch norm folded into the convolutions, ``channels_last`` and bf16 autocast where they pay, optionally
+``torch.compile``, and forward passes of at most ``max_batch`` images (bounded activations on a GPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from models.checkpoint import load_checkpoint
+from models.inference import fold_batchnorm
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """``fp32`` -> None (no autocast); ``bf16`` -> bfloat16; ``auto`` -> bf16 on a GPU that supports it and
+    on CPUs (measured about 3x faster here, see docs/benchmarks.md), fp32 otherwise."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision != "auto":
+        raise ValueError("precision must be auto, bf16 or fp32")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16
+
+
+class ModelRunner:
+    """One checkpoint loaded once on its device: uint8 inputs -> raw outputs -> the model's columns."""
+
+    def __init__(self, checkpoint: str, device: str | None = None, precision: str = "auto",
+                 channels_last: bool = True, threads: int | None = None, fold_bn: bool = True,
+                 compile_batch: int | None = None, max_batch: int = 256):
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = resolve_device(device)
+        self.model, self.info = load_checkpoint(checkpoint)
+        self.model.to(self.device).eval()
+        self.folded: list[str] = []
+        if fold_bn:  # conv+bn folded: same outputs, fewer kernels (models/inference.py)
+            pre = self.model.preprocessing
+            example = torch.randint(0, 256, (2, pre.channels, *pre.size), dtype=torch.uint8,
+                                    generator=torch.Generator().manual_seed(0))
+            self.model, self.folded = fold_batchnorm(self.model, self.model.prepare(example.to(self.device)))
+        self.channels_last = channels_last and self.device.type in ("cuda", "cpu")
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.autocast_dtype = resolve_precision(precision, self.device)
+        self.preprocessing = self.model.preprocessing
+        self.output_fields = self.model.outputs.fields()
+        self.architecture = self.info.model
+        self.checkpoint_hash = self.info.hash
+        self.compile_batch = compile_batch
+        # the most images of one forward pass: the faces of a batch of photos (up to batch x max_faces) run in
+        # chunks of this many, which bounds the activations' memory on a GPU whatever the photos hold
+        self.max_batch = int(max_batch)
+        self.forward_fn = self.model
+        if compile_batch:
+            self._compile(compile_batch)
+
+    def _compile(self, batch: int) -> None:
+        """``torch.compile`` (Inductor, with weight freezing) for batches of exactly ``batch`` images: smaller
+        ones are padded and bigger ones split (:meth:`forward_uint8`), so it compiles once. The compile runs
+        here, on a zero batch (about 30 s for a ResNet-50 on 2 CPU cores), not in the first real batch. It
+        needs a C++ compiler (CPU) or Triton (GPU); when it fails the predictor stays eager and says so.
+        Measured on the 2-core CPU (dmm_cnn, batch 32, bf16, batch norm folded): 61.3 -> 94.3 images/s
+        (``python bench/bench_inference.py``, docs/benchmarks.md)."""
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True  # constant-fold the weights: inference only, process-wide
+        compiled = torch.compile(self.model, dynamic=False)
+        pre = self.preprocessing
+        zeros = torch.zeros((batch, pre.channels, *pre.size), dtype=torch.uint8)
+        try:
+            self.forward_fn = compiled
+            self.forward_uint8(zeros)
+        except Exception as e:  # noqa: BLE001 - no compiler, unsupported op, ...: eager still works
+            import warnings
+
+            warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e)[:300]}); running eager", stacklevel=2)
+            self.forward_fn, self.compile_batch = self.model, None
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.autocast_dtype == torch.bfloat16 else "fp32"
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @torch.inference_mode()
+    def forward_uint8(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """uint8 (B, C, H, W) -> raw outputs (float32, on the CPU)."""
+        size, n = self.compile_batch, len(images)
+        if size and n != size:  # the compiled graph takes exactly `size` images: pad to a multiple, split
+            padded = torch.cat([images, images.new_zeros((-n % size, *images.shape[1:]))])
+            parts = [self.forward_uint8(padded[i:i + size]) for i in range(0, len(padded), size)]
+            return {k: torch.cat([p[k] for p in parts])[:n] for k in parts[0]}
+        if not size and n > self.max_batch:
+            parts = [self.forward_uint8(images[i:i + self.max_batch]) for i in range(0, n, self.max_batch)]
+            return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        x = images.to(self.device, non_blocking=True)
+        x = self.model.prepare(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            raw = self.forward_fn(x)
+        return {k: v.float().cpu() for k, v in raw.items()}
+
+    @property
+    def parameter_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.model.parameters())
+
+    def columns(self, inputs: torch.Tensor, geometry: list[dict]) -> dict[str, list]:
+        """uint8 model inputs (N, C, H, W) and per input its geometry (input pixel -> original pixel: a
+        ``{"affine": [6 values]}`` or ``{"sx", "sy", "tx", "ty"}``) -> the model's columns, one entry each."""
+        if not len(inputs):
+            return {f.name: [] for f in self.output_fields}
+        h, w = self.preprocessing.size
+        geometry = [{**g, "input_w": w, "input_h": h} for g in geometry]
+        return self.model.decode(self.forward_uint8(inputs), geometry)

@@ -1,0 +1,112 @@
+"""Bytes -> decoded pictures, a batch at a time: the one decode loop of label, serve and evaluate.
+
+A *decoded batch* is a dict of columns with one entry per input, failures included:
+
+* ``path``, ``ok``, ``error_kind``, ``error_message``, ``width``, ``height`` (the original size): the
+  per-image outcome, from which the rows' per-image columns are built (core/rows.py);
+* for photos (:class:`Photos`: faces are found later): ``image`` (a list of uint8 ``(3, h, w)`` arrays at
+  most ``max_side`` on their longest side, None where the row failed) and ``scale`` (decoded -> original
+  pixels);
+* for whole images (:class:`Whole`: each image is one aligned face crop) and each distinct preprocessing
+  ``k`` of the models that will read it: ``image_<k>`` (uint8 ``(n, C, H, W)``, the model's input) and
+  ``geometry_<k>`` (``(n, 4)`` float64: ``sx, sy, tx, ty``, input pixel -> original pixel).
+
+A file that cannot be read or decoded is a row with ``ok`` False and its reason (``models.preprocess``'s
+error kinds, or the reader's ``unreadable`` / ``forbidden``), never an exception. With several
+preprocessings an image fails with the first one that fails.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.preprocess import DEFAULT_PHOTO_SIDE, ImageDecodeError, Preprocessing, decode, decode_photo
+
+GEOMETRY_KEYS = ("sx", "sy", "tx", "ty")
+IMAGE_COLUMNS = ("path", "ok", "error_kind", "error_message", "width", "height")
+
+
+@dataclass(frozen=True)
+class Photos:
+    """Decode whole photos for face detection, longest side at most ``max_side``."""
+
+    max_side: int = DEFAULT_PHOTO_SIDE
+
+
+@dataclass(frozen=True)
+class Whole:
+    """Decode each image straight to the input of every distinct preprocessing (``--faces whole``)."""
+
+    preprocessings: tuple[Preprocessing, ...]
+
+
+def empty_batch(paths: list[str], target: Photos | Whole) -> dict:
+    """A batch of ``paths`` in which nothing is decoded yet (every row ``ok`` False, no reason)."""
+    n = len(paths)
+    batch = {"path": [str(p) if p is not None else "" for p in paths], "ok": np.zeros(n, bool),
+             "error_kind": [None] * n, "error_message": [None] * n, "width": np.zeros(n, np.int32),
+             "height": np.zeros(n, np.int32)}
+    if isinstance(target, Photos):
+        batch["scale"] = np.ones(n, np.float64)
+        batch["image"] = [None] * n
+    else:
+        for k, pre in enumerate(target.preprocessings):
+            batch[f"image_{k}"] = np.zeros((n, pre.channels, *pre.size), np.uint8)
+            batch[f"geometry_{k}"] = np.zeros((n, 4), np.float64)
+    return batch
+
+
+def fail(batch: dict, i: int, kind: str, message: str) -> None:
+    """Row ``i`` failed (a read error, or a decode error found elsewhere)."""
+    batch["ok"][i] = False
+    batch["error_kind"][i], batch["error_message"][i] = kind, message
+
+
+def decode_into(batch: dict, i: int, data: bytes | None, target: Photos | Whole) -> bool:
+    """Decode ``data`` into row ``i`` of ``batch``; returns whether it worked (else the row holds why)."""
+    data = bytes(data) if data is not None else b""
+    try:
+        if isinstance(target, Photos):
+            t, (w, h), scale = decode_photo(data, target.max_side)
+            batch["image"][i], batch["scale"][i] = t.numpy(), scale
+        else:
+            for k, pre in enumerate(target.preprocessings):
+                t, g = decode(data, pre)
+                batch[f"image_{k}"][i] = t.numpy()
+                batch[f"geometry_{k}"][i] = [g[key] for key in GEOMETRY_KEYS]
+            w, h = g["width"], g["height"]
+    except ImageDecodeError as e:
+        fail(batch, i, e.kind, e.message)
+        return False
+    except Exception as e:  # noqa: BLE001 - a decoder bug must not kill a 10-hour job
+        fail(batch, i, "decode_error", f"{type(e).__name__}: {e}")
+        return False
+    batch["ok"][i], batch["width"][i], batch["height"][i] = True, w, h
+    return True
+
+
+def decode_batch(paths: list[str], datas: list[bytes | None], target: Photos | Whole) -> dict:
+    """Bytes already in memory (a request's files) -> a decoded batch."""
+    batch = empty_batch(paths, target)
+    for i, data in enumerate(datas):
+        decode_into(batch, i, data, target)
+    return batch
+
+
+def rows_of(batch: dict, keep: list[int] | np.ndarray) -> dict:
+    """The rows ``keep`` of a decoded batch, as a batch of their own (serve: one request's images)."""
+    out = {}
+    for key, col in batch.items():
+        out[key] = col[np.asarray(keep)] if isinstance(col, np.ndarray) else [col[i] for i in keep]
+    return out
+
+
+def concat(batches: list[dict]) -> dict:
+    """Several decoded batches of the same target -> one (serve: the images of several requests)."""
+    out = {}
+    for key in batches[0]:
+        cols = [b[key] for b in batches]
+        out[key] = np.concatenate(cols) if isinstance(cols[0], np.ndarray) else [v for c in cols for v in c]
+    return out

@@ -1,0 +1,59 @@
+"""Where the label job runs: the Ray it connects to or starts, and how many annotator actors fit."""
+
+from __future__ import annotations
+
+import os
+
+from raytasks.label.spec import LabelError, LabelSpec
+
+_LOCAL_RAY = False  # whether ensure_ray started the Ray this process uses (no autoscaler can add nodes)
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to the cluster (``RAY_ADDRESS``, set by ``ray job submit``) or start a local Ray with at
+    least four logical CPUs (Ray's checkpoint filter actor takes one, see the module docstring)."""
+    import ray
+
+    global _LOCAL_RAY
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=max(4, os.cpu_count() or 1))
+        _LOCAL_RAY = True
+
+
+def resolve_pool(spec: LabelSpec, resuming: bool = False, can_grow: bool | None = None,
+                 warn=print) -> tuple[int, int]:
+    """``(min_size, max_size)`` of the predictor pool from the cluster's resources now. CPU actors leave one
+    CPU for the decode and write tasks and one for Ray's checkpoint filter actor, which is there when the
+    output already has rows (``resuming``); the default maximum leaves that room on every run, so that a
+    laptop's cores are not shared by more model threads than they have.
+
+    When the pool does not fit: on a Ray this process started (``can_grow`` False) nothing will add
+    resources, so it is an error; on a cluster it is a warning, since the autoscaler adds nodes as Ray Data
+    asks for them (a cluster whose GPU workers scale from zero has no GPU when the job starts; give
+    ``--max-actors`` there, the default is what fits now)."""
+    import ray
+
+    can_grow = (not _LOCAL_RAY) if can_grow is None else can_grow
+    res = ray.cluster_resources()
+    cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
+    if spec.gpus_per_actor > 0:
+        fit = default = int(gpus // spec.gpus_per_actor)
+        short = f"--gpus-per-actor {spec.gpus_per_actor:g} but the Ray cluster has {gpus:g} GPUs"
+    else:
+        spare = 1 + int(resuming)
+        fit = int((cpus - spare) // spec.cpus_per_actor)
+        default = int((cpus - 2) // spec.cpus_per_actor)
+        short = (f"the Ray cluster has {cpus:g} CPUs: {spec.min_actors} predictor actor(s) of --cpus-per-actor "
+                 f"{spec.cpus_per_actor:g} plus {spare} for the other steps")
+    if spec.min_actors > fit:
+        if not can_grow:
+            raise LabelError(short + (" (run with --gpus-per-actor 0 to label on CPUs)" if spec.gpus_per_actor
+                                      else f" do not fit (at most {max(fit, 0)} actors)"))
+        warn(f"warning: {short}{'' if spec.gpus_per_actor else ' do not fit'} now; waiting for the autoscaler "
+             "to add nodes")
+    return spec.min_actors, spec.max_actors if spec.max_actors is not None else max(spec.min_actors, min(fit, default))

@@ -1,0 +1,201 @@
+"""The label job's Ray Data stages, listed in one function (:func:`build_dataset`)::
+
+    paths -> map_batches(read_and_decode)                        CPU tasks: read a bounded chunk, decode
+          -> [limit]
+          -> map_batches(AnnotatorActor, ActorPoolStrategy)      detector + every model, one device each
+          -> rows (core/rows.py)                                 written by raytasks/label/job.py
+
+Each stage declares what it reads and adds: ``read_and_decode`` reads ``path`` and adds a decoded batch's
+columns (facedata/decode.py: photos, or whole images once per distinct preprocessing; with
+``--gpu-decode`` the JPEGs the GPU can take travel as ``gpu_bytes``); the actor reads those and returns the
+rows of ``Annotator.schema``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from facedata.decode import GEOMETRY_KEYS, IMAGE_COLUMNS, Photos, Whole, decode_into, empty_batch, fail
+from facedata.inputs import fetch_chunks, resolve_path
+from models.preprocess import Preprocessing
+from raytasks.label.gpu_decode import gpu_decode_batch, jpeg_for_gpu
+from raytasks.threads import runtime_env, torch_executor
+
+DECODE_FILE_BYTES = 4 * 1024 * 1024  # a photo's bytes plus PIL's (draft-reduced) decode buffer, for decode_memory
+DECODE_PROCESS_BYTES = 384 * 1024 * 1024  # the decode worker itself (Python, torch, pyarrow, PIL): ~250-380 MB RSS
+
+
+def target_of(faces: dict, pre_dicts: list[dict]) -> Photos | Whole:
+    """What the CPU stage decodes to: photos for detection, or every distinct preprocessing's input."""
+    if faces["mode"] == "detect":
+        return Photos(int(faces["max_side"]))
+    return Whole(tuple(Preprocessing.from_dict(d) for d in pre_dicts))
+
+
+def read_and_decode(batch: pa.Table, faces: dict, pre_dicts: list[dict], base: str | None = None,
+                    gpu_decode: bool = False, allow: tuple[str, ...] | None = None) -> pa.Table:
+    """Map function of the CPU stage: ``path`` rows -> a decoded batch, files read a bounded chunk at a time
+    (``facedata.inputs.fetch_chunks``) and decoded before the next chunk is read. A file that cannot be read
+    is an ``unreadable`` (or ``forbidden``) row. With ``gpu_decode``, JPEGs that the GPU can take (checked
+    from the header) travel as bytes in ``gpu_bytes`` and are decoded in the actor."""
+    paths = [p if p is not None else "" for p in batch.column("path").to_pylist()]
+    target = target_of(faces, pre_dicts)
+    out = empty_batch(paths, target)
+    gpu_bytes = [None] * len(paths) if gpu_decode else None
+    for chunk in fetch_chunks([resolve_path(p, base) for p in paths], allow=allow):
+        for i, (data, kind, message) in chunk:
+            if kind is not None:  # the read failed: its reason, not decode's "empty"
+                fail(out, i, kind, message)
+            elif gpu_decode and jpeg_for_gpu(data, target.preprocessings[0]):
+                gpu_bytes[i] = data
+            else:
+                decode_into(out, i, data, target)
+    return to_arrow(out, gpu_bytes)
+
+
+def to_arrow(batch: dict, gpu_bytes: list | None = None) -> pa.Table:
+    """A decoded batch as an Arrow table for Ray Data: photos of different sizes in one of Ray's
+    variable-shaped tensor columns (a failed row holds a 0x0 image), whole images as fixed-shape ones."""
+    from ray.data.extensions import ArrowTensorArray
+
+    arrays = {
+        "path": pa.array(batch["path"], pa.string()),
+        "ok": pa.array(np.asarray(batch["ok"], dtype=bool)),
+        "error_kind": pa.array(list(batch["error_kind"]), pa.string()),
+        "error_message": pa.array(list(batch["error_message"]), pa.string()),
+        "width": pa.array(np.asarray(batch["width"], dtype=np.int32)),
+        "height": pa.array(np.asarray(batch["height"], dtype=np.int32)),
+    }
+    for key, col in batch.items():
+        if key in IMAGE_COLUMNS:
+            continue
+        if key == "scale":
+            arrays[key] = pa.array(np.asarray(col, dtype=np.float64))
+        elif key == "image":
+            images = np.empty(len(col), dtype=object)
+            images[:] = [im if im is not None else np.zeros((3, 0, 0), np.uint8) for im in col]
+            arrays[key] = ArrowTensorArray.from_numpy(images)
+        else:
+            arrays[key] = ArrowTensorArray.from_numpy(np.ascontiguousarray(col))
+    if gpu_bytes is not None:
+        arrays["gpu_bytes"] = pa.array(gpu_bytes, pa.binary())
+    return pa.table(arrays)
+
+
+class AnnotatorActor:
+    """``map_batches`` class: the run's models (``core.annotator.Annotator``: one checkpoint, or every
+    model of a set, and the detector) loaded once per actor; a decoded batch in, rows out (Arrow)."""
+
+    def __init__(self, model_set: dict, faces: dict, precision: str = "auto", device: str | None = None,
+                 threads: int | None = None, gpu_decode: bool = False, throttle_s: float = 0.0,
+                 compile_batch: int | None = None, fold_bn: bool = True, detector_identity: str | None = None,
+                 identity: str | None = None):
+        from core.annotator import Annotator
+
+        # all torch work on one thread: Ray calls __init__ on the main thread and __call__ on another
+        self._torch_thread = torch_executor("predictor")
+        self.annotator = self._on_torch(Annotator, model_set, faces=faces, device=device, precision=precision,
+                                        threads=threads, fold_bn=fold_bn, compile_batch=compile_batch)
+        a = self.annotator
+        if identity is not None and a.identity != identity:
+            # a checkpoint was replaced after the run resolved it: never mix two models' rows
+            what = a.model_set.members[0][1] if a.flat else f"the model set {a.name}"
+            raise RuntimeError(f"{what} now holds {a.identity}, not the {identity} this run started with (was it "
+                               "overwritten during the run?); rerun the job")
+        if a.face_options.detect:  # the detector next to the models: full images cross processes once
+            found_by = self._on_torch(lambda: a.detector)
+            if detector_identity is not None and found_by != detector_identity:
+                raise RuntimeError(f"this actor's detector is {found_by}, the run's is {detector_identity}")
+        self.gpu_decode = gpu_decode
+        self.throttle_s = throttle_s
+        if gpu_decode and a.device.type != "cuda":
+            raise RuntimeError("--gpu-decode needs CUDA in the predictor actors, but this actor runs on "
+                               f"{a.device} (torch.cuda.is_available() is False)")
+
+    def _on_torch(self, fn, *args, **kwargs):
+        return self._torch_thread.submit(fn, *args, **kwargs).result()
+
+    def __call__(self, batch: dict) -> pa.Table:
+        return self._on_torch(self._annotate, batch)
+
+    def _annotate(self, batch: dict) -> pa.Table:
+        if self.gpu_decode:
+            batch = self._decode_on_gpu(batch)
+        cols = self.annotator.annotate(batch)
+        if self.throttle_s:
+            time.sleep(self.throttle_s)
+        return self.annotator.to_table(cols)
+
+    def _decode_on_gpu(self, batch: dict) -> dict:
+        """``gpu_bytes`` rows decoded by nvjpeg on the actor's GPU into ``image_0`` (which then stays on the
+        GPU); a JPEG nvjpeg refuses goes through the CPU decoder, which gives its label or its error."""
+        import torch
+
+        from models.preprocess import ImageDecodeError, decode
+
+        (pre,), device = self.annotator.preprocessings, self.annotator.device
+        batch = dict(batch)
+        raw = batch.pop("gpu_bytes")
+        idx = [i for i, d in enumerate(raw) if d is not None]
+        if not idx:
+            return batch
+        images = torch.tensor(np.asarray(batch["image_0"]), device=device)  # the CPU-decoded rows, on the GPU
+        for k in ("ok", "error_kind", "error_message", "width", "height", "geometry_0"):
+            batch[k] = np.array(batch[k], copy=True)  # Ray's batch arrays may be read-only views
+        for i, res in zip(idx, gpu_decode_batch([bytes(raw[i]) for i in idx], pre, device)):
+            if isinstance(res, Exception):
+                try:
+                    t, g = decode(bytes(raw[i]), pre)
+                    res = (t.to(device), g)
+                except ImageDecodeError as e:
+                    fail(batch, i, e.kind, e.message)
+                    continue
+            img, g = res
+            images[i] = img
+            batch["ok"][i] = True
+            batch["width"][i], batch["height"][i] = g["width"], g["height"]
+            batch["geometry_0"][i] = [g[k] for k in GEOMETRY_KEYS]
+        batch["image_0"] = images
+        return batch
+
+
+def decode_memory(batch_size: int, faces: dict, pre_dicts: list[dict]) -> int:
+    """Memory a decode task reserves: the worker process (``DECODE_PROCESS_BYTES``, what Ray Data measured
+    it using) and per image its file and PIL's decode buffer (``DECODE_FILE_BYTES``) and three copies of
+    what it decodes to (numpy, Arrow, serialisation): a photo at most ``max_side`` on its longest side (a 4:3
+    photo uses 3/4 of the square's bytes), or each model input. Besides keeping Ray from starting more
+    decode tasks than memory holds, a reservation the actors do not have keeps Ray Data from fusing the
+    decode into the actors (operator fusion needs equal remote arguments), so decoding scales as CPU tasks."""
+    if faces["mode"] == "detect":
+        side = int(faces["max_side"])
+        return int(DECODE_PROCESS_BYTES + batch_size * (DECODE_FILE_BYTES + 3 * 3 * side * side * 3 // 4))
+    return int(sum(DECODE_PROCESS_BYTES + batch_size * (DECODE_FILE_BYTES + 3 * d["channels"] * d["size"][0] * d["size"][1])
+                   for d in pre_dicts))
+
+
+def build_dataset(spec, model_set, paths_ds, pre_dicts: list[dict], base: str | None, pool: tuple[int, int],
+                  detector_identity: str | None = None, identity: str | None = None):
+    """paths -> decoded batches (CPU tasks) -> annotator actors -> rows. ``model_set``: ``spec.models()`` as
+    the run resolved it (a set file is read once per run); ``pre_dicts``: the distinct preprocessings."""
+    import ray
+
+    faces = spec.face_options().to_dict()
+    ds = paths_ds.map_batches(read_and_decode, batch_format="pyarrow", batch_size=spec.batch_size,
+                              fn_kwargs={"faces": faces, "pre_dicts": pre_dicts, "base": base,
+                                         "gpu_decode": spec.gpu_decode, "allow": spec.allow_prefix or None},
+                              num_cpus=1, memory=decode_memory(spec.batch_size, faces, pre_dicts))
+    if spec.limit is not None:
+        ds = ds.limit(spec.limit)
+    actor_args = {"model_set": model_set.to_dict(), "faces": faces, "precision": spec.precision,
+                  "threads": max(1, int(spec.cpus_per_actor)), "gpu_decode": spec.gpu_decode,
+                  "throttle_s": spec.throttle_s, "fold_bn": spec.fold_bn,
+                  "compile_batch": spec.batch_size if spec.compile else None,
+                  "detector_identity": detector_identity, "identity": identity}
+    resources = {"num_gpus": spec.gpus_per_actor} if spec.gpus_per_actor > 0 else {"num_cpus": spec.cpus_per_actor}
+    # the actors get worker processes of their own (measured faster: raytasks/threads.py)
+    return ds.map_batches(AnnotatorActor, fn_constructor_kwargs=actor_args, batch_format="numpy",
+                          batch_size=spec.batch_size, runtime_env=runtime_env(),
+                          compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]), **resources)

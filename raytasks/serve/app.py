@@ -1,0 +1,115 @@
+"""Online queries: the label job's checkpoints behind an HTTP API on Ray Serve.
+
+    serve run jobs/serve.yaml
+    python -m jobs.serve --model dmm=s3://bucket/models/dmm.pt --model agr=./agr.pt --port 8000 [--set]
+
+One Serve application, built by :func:`build_app` from plain arguments (:class:`ServeArgs`)::
+
+    HTTP proxy -> FaceAttrAPI (FastAPI ingress, raytasks/serve/ingress.py): API key, size limit, content
+                      |  type, decoding; one DeploymentHandle per model (and one for the set); decoded
+                      v  pictures travel, as in the label job
+                  AnnotatorServer "model-<name>" (one deployment per model, raytasks/serve/replicas.py):
+                  the checkpoint loaded once per replica, @serve.batch dynamic batching, rows out
+                  AnnotatorServer "modelset" (only with a ``model_set`` in the config): every model of the
+                  set in one replica, for POST /v1/predict
+
+The configuration is raytasks/serve/config.py; errors and the body reader raytasks/serve/http.py.
+
+The answer for an image is the label job's Parquet row for it: both decode with facedata/decode.py and go
+through ``core.annotator.Annotator.annotate`` with the same detector, so the columns (``path``, ``ok``,
+..., ``model``, ``checkpoint``, then the model's output fields, or one struct per model of a set) and
+values are the same.
+
+**One deployment per model, not model multiplexing.** Multiplexing (``@serve.multiplexed``) pays when there
+are many more models than fit in a replica's memory: replicas load models on demand and evict them LRU. Here
+the models are the few named in the config, and they differ in what a replica needs: input size and cost
+(hard-sharing at 50 px grayscale against DMM-CNN's ResNet-50), hence batch size, replica count or
+autoscaling, and ``num_gpus``. A deployment per model gives each its own settings, keeps every batch one
+model at one input shape (``@serve.batch`` would otherwise mix model ids in a batch), loads every checkpoint
+at deploy time (a bad URI fails the deploy, not a user's first request) and never evicts (no multi-second
+reload of a 350 MB checkpoint from S3 in the middle of traffic).
+
+**The set is one deployment, not a fan-out to the model deployments.** ``POST /v1/predict`` answers every
+model for every face; fanning out would send the photo to each model replica and detect its faces once per
+model. The set replica holds every member (3-100 MB of weights each) and the detector in one process on one
+device, so the photo crosses the process boundary once, is searched for faces once and each face is aligned
+once per distinct template. It loads the same checkpoints (same URIs and ``#sha256:`` pins) as the
+per-model deployments, which stay for per-model routes.
+
+**Decoding happens in the ingress**, not in the model replicas: it is CPU work that scales with the
+ingress's replicas while model replicas (GPUs) do only batched forward passes; a body that is not an image
+is answered 415/422 without queueing behind the model; and what a model replica receives is the uint8
+input at the model's size, as in the label job (the set: once per distinct preprocessing). The ingress
+learns each model's preprocessing from the model's deployment (``describe``) and sends the checkpoint hash
+(the set: its identity) it decoded for; a replica that holds another refuses the batch and the ingress
+re-reads the description once.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ray import serve
+
+from core.modelset import ModelSet
+from facedata import storage
+from raytasks.serve.config import ServeArgs
+from raytasks.serve.ingress import FaceAttrAPI
+from raytasks.serve.replicas import AnnotatorServer
+from raytasks.threads import runtime_env
+
+SET_DEPLOYMENT = "modelset"  # the model set's deployment (model deployments are "model-<name>")
+
+
+def deployment_options(settings: dict) -> dict:
+    """Serve options of a model (or the set's) deployment from its resolved settings."""
+    opts: dict = {
+        "max_ongoing_requests": settings["max_ongoing_requests"],
+        "max_queued_requests": settings["max_queued_requests"],
+        # a worker process of its own, as the label job's predictor actors (raytasks/threads.py)
+        "ray_actor_options": {"num_cpus": settings["num_cpus"], "num_gpus": settings["num_gpus"],
+                              "runtime_env": runtime_env()},
+        "user_config": {"max_batch_size": settings["max_batch_size"],
+                        "batch_wait_timeout_s": settings["batch_wait_timeout_s"]},
+    }
+    if settings["autoscaling_config"]:
+        opts["autoscaling_config"] = settings["autoscaling_config"]
+    else:
+        opts["num_replicas"] = settings["num_replicas"]
+    return opts
+
+
+def build_app(args: ServeArgs) -> serve.Application:
+    """The Serve application (``import_path: raytasks.serve:build_app``). ``args`` is a dict or
+    :class:`ServeArgs`; the API key is read from the environment variable ``args.api_key_env`` here and,
+    failing that, in the ingress replica."""
+    if not isinstance(args, ServeArgs):
+        args = ServeArgs.model_validate(args)
+    handles, uris = {}, {}
+    for name in args.models:
+        s = args.model_settings(name)
+        if not storage.is_s3(s["checkpoint"]):  # replicas may run in another working directory
+            s["checkpoint"] = os.path.abspath(s["checkpoint"].removeprefix("file://"))
+        uris[name] = s["checkpoint"]
+        handles[name] = AnnotatorServer.options(name=f"model-{name}", **deployment_options(s)).bind(
+            name, s["checkpoint"], s["device"], s["precision"], s["channels_last"], s["threads"], args.faces)
+    set_handle, set_name = None, "set"
+    if args.model_set is not None:  # the same checkpoints (URIs and pins) as the per-model deployments
+        spec, s = args.model_set, args.set_settings()
+        members = spec.members(list(args.models))
+        model_set = ModelSet(tuple((column, uris[name]) for column, name in members), embedding=spec.embedding,
+                             name=spec.name, version=spec.version)
+        set_name = spec.name
+        set_handle = AnnotatorServer.options(name=SET_DEPLOYMENT, **deployment_options(s)).bind(
+            f"set-{spec.name}", model_set.to_dict(), s["device"], s["precision"], True, s["threads"], args.faces,
+            {column: name for column, name in members})
+    ing = args.ingress
+    ing_opts: dict = {"max_ongoing_requests": ing.max_ongoing_requests, "max_queued_requests": ing.max_queued_requests,
+                      "ray_actor_options": {"num_cpus": ing.num_cpus}}
+    if ing.autoscaling_config:
+        ing_opts["autoscaling_config"] = ing.autoscaling_config
+    else:
+        ing_opts["num_replicas"] = ing.num_replicas or 1
+    return FaceAttrAPI.options(name="FaceAttrAPI", **ing_opts).bind(
+        handles, args.max_request_bytes, args.max_files, args.api_key_env,
+        os.environ.get(args.api_key_env) or None, args.faces, ing, set_handle, set_name)

@@ -1,0 +1,170 @@
+"""The HTTP surface of the ingress: errors as JSON, the response models, the OpenAPI text, the body reader.
+
+Errors (every 4xx body is JSON ``{"error": code, "detail": message, ...}``):
+
+* 401 ``unauthorized`` when an API key is configured (environment variable ``FACEATTR_API_KEY``, or the one
+  named by ``api_key_env``) and the request carries neither ``Authorization: Bearer <key>`` nor
+  ``X-API-Key: <key>``. ``/healthz``, ``/docs`` and ``/openapi.json`` stay open.
+* 404 ``unknown_model``, or ``no_model_set`` (``/v1/predict``, ``/v1/set`` without a ``model_set``); 413
+  ``too_large`` (body over ``max_request_bytes``: refused from ``Content-Length`` before reading, or as soon
+  as a streamed body passes the limit; or an image over the preprocessing's pixel limit); 415
+  ``unsupported_media_type``; 422 ``not_image`` / ``empty`` / ``truncated`` / ``decode_error`` /
+  ``bad_form`` naming each bad file; 503 ``overloaded`` (with ``Retry-After``) when a model's replicas and
+  their queue (``max_ongoing_requests``, ``max_queued_requests``) are full. The service stays up: a rejected
+  request costs nothing further.
+"""
+
+
+# No ``from __future__ import annotations``: FastAPI resolves the route methods' annotations at runtime.
+import math
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+# --- the HTTP API -------------------------------------------------------------------------------------
+class APIError(Exception):
+    def __init__(self, status: int, code: str, detail: str, headers: dict | None = None, **extra):
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.headers, self.extra = status, code, detail, headers, extra
+
+
+def _changed(name: str, what: str = "model") -> APIError:
+    """Two replicas of one model (or set) disagree on the checkpoint (a rolling update, a replaced object):
+    the request is answered 503, to be retried once the update is through, never 500."""
+    return APIError(503, "checkpoint_changed", f"{what} {name!r} is being updated (its replicas hold different "
+                    "checkpoints); retry shortly", headers={"Retry-After": "2"})
+
+
+def _no_model_set() -> APIError:
+    return APIError(404, "no_model_set", "this server has no model set: start it with --set (python -m jobs.serve) "
+                    "or give model_set: in the config's args (serve run jobs/serve.yaml); per-model predictions "
+                    "are at POST /v1/models/{name}/predict")
+
+
+class ErrorBody(BaseModel):
+    error: str
+    detail: str
+
+
+class PredictResponse(BaseModel):
+    model: str
+    architecture: str
+    checkpoint: str
+    predictions: list[dict[str, Any]]
+
+
+class SetPredictResponse(BaseModel):
+    set: str
+    checkpoint: str
+    models: list[dict[str, Any]]
+    detector: str | None = None
+    images: list[dict[str, Any]] | None = None
+    predictions: list[dict[str, Any]]
+
+
+_IMAGE_BODY = {"schema": {"type": "string", "format": "binary"}}
+PREDICT_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "description": "One image as the body (image/jpeg, image/png, ..., application/octet-stream), or "
+                       "multipart/form-data with one or more image files (any field name).",
+        "content": {
+            "image/*": _IMAGE_BODY,
+            "application/octet-stream": _IMAGE_BODY,
+            "multipart/form-data": {"schema": {"type": "object", "properties": {
+                "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+        },
+    },
+}
+_ERRORS = {code: {"model": ErrorBody, "description": desc} for code, desc in {
+    401: "API key missing or wrong", 404: "unknown model", 413: "body or image over the size limit",
+    415: "content type is neither an image nor multipart/form-data", 422: "a file is not a decodable image",
+    503: "the model's replicas and queue, or the decoders, are full, or the model is being updated; retry "
+         "after Retry-After seconds", 504: "the model did not answer within the request timeout"}.items()}
+_SET_ERRORS = {**_ERRORS, 404: {"model": ErrorBody, "description": "the server has no model set (no_model_set)"}}
+
+app = FastAPI(
+    redoc_url=None,  # one documentation page (/docs), no OAuth2 redirect page: nothing undocumented is open
+    swagger_ui_oauth2_redirect_url=None,
+    title="faceattr",
+    version="1",
+    description="Face attributes from the project's multi-task models. Each prediction has the fields of a "
+                "Parquet row of the label job for the same checkpoint.",
+)
+
+
+def _error_response(status: int, code: str, detail: str, headers: dict | None = None, **extra) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail, **extra}, status_code=status, headers=headers)
+
+
+@app.exception_handler(APIError)
+async def _api_error(_: Request, e: APIError):
+    return _error_response(e.status, e.code, e.detail, e.headers, **e.extra)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, e: StarletteHTTPException):
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+    return _error_response(e.status_code, code, str(e.detail), getattr(e, "headers", None))
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, e: RequestValidationError):
+    return _error_response(422, "invalid_request", "request does not match the API", errors=_json_safe(e.errors()))
+
+
+def _json_safe(v):
+    """JSON has no NaN or infinity: such values become null (a model that emits NaN for an image)."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, np.generic):
+        return _json_safe(v.item())
+    if isinstance(v, (str, int, bool)) or v is None:
+        return v
+    return str(v)
+
+
+async def _call_model(name: str, response, what: str = "model"):
+    """Await a call to a model (or set) deployment; a full queue or no replica becomes a JSON 503."""
+    try:
+        return await response
+    except BackPressureError as e:
+        retry = max(1, math.ceil(getattr(e, "retry_after_s", None) or 1))
+        raise APIError(503, "overloaded", f"{what} {name!r} is at capacity; retry later",
+                       headers={"Retry-After": str(retry)}) from None
+    except DeploymentUnavailableError:
+        raise APIError(503, "unavailable", f"{what} {name!r} has no running replica",
+                       headers={"Retry-After": "5"}) from None
+
+
+async def _bounded_stream(request: Request, limit: int):
+    """The request body, chunk by chunk, refused with 413 as soon as it would pass ``limit`` bytes (and
+    before reading anything when ``Content-Length`` already says so)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise APIError(400, "bad_request", f"Content-Length {declared!r} is not a number") from None
+        if size > limit:
+            raise APIError(413, "too_large", f"body of {size} bytes is over the limit of {limit} bytes",
+                           limit_bytes=limit)
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise APIError(413, "too_large", f"body is over the limit of {limit} bytes", limit_bytes=limit)
+        yield chunk
+
+
