@@ -1,11 +1,12 @@
-"""The train program: Ray Train (TorchTrainer, DDP) over Ray Data shards of a labelled data set."""
+"""The train program: Ray Train (TorchTrainer, DDP) over Ray Data shards of a labelled data set.
 
-from raytasks.train.job import (  # noqa: F401 - the job's API
-    BatchSpec,
-    TrainError,
-    TrainOutcome,
-    TrainSpec,
-    decode_rows,
-    prepare,
-    run,
-)
+* job.py: the driver, :func:`run` (its docstring: the run folder, fault tolerance, resume) and
+  :func:`prepare`; spec.py: :class:`TrainSpec`, :class:`TrainOutcome`, :class:`TrainError`;
+* data.py: paths and labels -> decoded, augmented batches on Ray Data (one shard per worker);
+* worker.py: :func:`train_worker`, one DDP worker's loop around core/engine.py's steps;
+* collective.py: what the workers all-reduce and compare; history.py: history, progress lines, curves.
+"""
+
+from raytasks.train.data import BatchSpec, decode_rows  # noqa: F401 - the job's API
+from raytasks.train.job import prepare, run  # noqa: F401
+from raytasks.train.spec import TrainError, TrainOutcome, TrainSpec  # noqa: F401

@@ -1,0 +1,77 @@
+"""The training data on Ray Data: paths and labels -> decoded (and augmented) batches, one shard per worker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from core import engine
+from models.outputs import OutputSet
+from models.preprocess import Preprocessing, build_augmentation
+
+ROWS_PER_BLOCK = 256  # paths per Ray Data block: one decode task handles one block
+DECODE_CPUS = 1.0  # CPUs a Ray Data decode task asks for
+
+# --- data ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BatchSpec:
+    """What ``engine.load_batch`` needs from a model (its preprocessing and outputs), without its weights:
+    this is what travels to the Ray Data decode tasks."""
+
+    preprocessing: Preprocessing
+    outputs: OutputSet
+    augment: dict | None = None
+
+
+_reseeded = False
+
+
+def decode_rows(rows: pd.DataFrame, spec: BatchSpec, train: bool) -> dict[str, np.ndarray]:
+    """Ray Data ``map_batches`` function: dataset rows (path + labels) -> image/target arrays, reading bytes
+    from a folder or S3 and decoding (augmenting when training) with the model's preprocessing."""
+    global _reseeded
+    if train and not _reseeded:  # torch starts every process with the same seed: give each its own
+        torch.seed()
+        _reseeded = True
+    augment = build_augmentation(spec.preprocessing, spec.augment) if train and spec.augment else None
+    return engine.load_batch(rows, spec, train=train, augment=augment)
+
+
+def make_dataset(table: pd.DataFrame, spec: BatchSpec, train: bool):
+    import ray.data
+
+    parts = [table.iloc[i: i + ROWS_PER_BLOCK] for i in range(0, len(table), ROWS_PER_BLOCK)]
+    ds = ray.data.from_pandas(parts)
+    if train:
+        ds = ds.random_shuffle()  # of the paths only, before decoding; a new order every epoch
+    return ds.map_batches(decode_rows, fn_kwargs={"spec": spec, "train": train}, batch_format="pandas",
+                          batch_size=ROWS_PER_BLOCK, num_cpus=DECODE_CPUS)
+
+
+def data_config():
+    from ray.train import DataConfig
+
+    class ShardConfig(DataConfig):
+        """Train: equal shards (every worker takes the same number of steps). Val: ``equal=False`` so that
+        every validation row is evaluated exactly once across the workers."""
+
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            out = [{} for _ in range(world_size)]
+            hints = worker_node_ids if self._enable_shard_locality else None
+            for name, ds in datasets.items():
+                if ds.name is None:
+                    ds.set_name(name)
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                for i, split in enumerate(ds.streaming_split(world_size, equal=(name == "train"),
+                                                             locality_hints=hints)):
+                    out[i][name] = split
+            return out
+
+    return ShardConfig()
+
+
+# --- collectives ---------------------------------------------------------------------------------------

@@ -1,0 +1,63 @@
+"""What a training run is asked to do (:class:`TrainSpec`), what it gives back, and the run folder's files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from facedata import storage
+
+MODEL_FILE = "model.pt"
+STATE_FILE = "state.pt"
+CURVES_PNG = "curves.png"
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's checkpoint index in the run folder
+
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or did not finish; the message says what to do."""
+
+
+@dataclass
+class TrainSpec:
+    """Everything a run needs, as plain values (what ``jobs.train``'s flags fill in)."""
+
+    model: str
+    data: str  # FORMAT:URI
+    storage: str
+    name: str
+    output: str | None = None  # default: <storage>/<name>/best.pt
+    model_kwargs: dict = field(default_factory=dict)  # constructor overrides (image_size, num_landmarks...)
+    recipe: dict = field(default_factory=dict)  # overrides of the model's Recipe fields
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    threads: int | None = None  # torch threads per worker (default: its CPUs)
+    amp: bool = True  # bf16 autocast on GPUs
+    seed: int = 0
+    max_failures: int = 0
+    keep: int = 2  # checkpoints kept, best by the primary metric (the latest is always kept too)
+    limit: int | None = None  # at most this many training images
+    val_limit: int | None = None  # at most this many validation images
+    steps_per_epoch: int | None = None
+    init_from: str | None = None  # initialise weights from a project checkpoint (task_attention from TMTL)
+    find_unused_parameters: bool = False
+    fail_at: tuple[int, int, int] | None = None  # (rank, epoch, step): that worker dies once (tests)
+    template_images: int = 64  # training images the face template is measured on (faces/templates.py); 0: none
+    align_jitter: float | None = None  # added to the recipe's augmentation (models/preprocess.py build_augmentation)
+
+    @property
+    def run_uri(self) -> str:
+        return storage.join(self.storage, self.name)
+
+
+@dataclass
+class TrainOutcome:
+    output: str  # URI of the exported best checkpoint
+    best_epoch: int
+    best_metrics: dict
+    history: list[dict]
+    run_uri: str
+    resumed_from: int | None  # epoch the run resumed after, None for a fresh run
+    curves: str | None
+
+

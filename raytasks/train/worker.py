@@ -1,0 +1,272 @@
+"""One Ray Train worker (:func:`train_worker`): resume from the latest checkpoint, the epoch loop of core/engine.py on a DDP model, validation over the whole split, a checkpoint every epoch."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import math
+import os
+import posixpath
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+
+import models
+from core import engine
+from facedata import storage
+from models.base import Recipe
+from models.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from models.checkpoint import checkpoint_bytes
+from raytasks.train.collective import all_have, all_sum, gather, reduce_stats, state_buffers_sha, weights_sha
+from raytasks.train.history import write_history
+from raytasks.train.spec import MODEL_FILE, STATE_FILE, TrainError
+
+log = logging.getLogger(__name__)
+
+def read_checkpoint_file(checkpoint, filename: str) -> bytes:
+    fs, path = checkpoint.filesystem, posixpath.join(checkpoint.path, filename)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def _load_state(model, checkpoint, expect: dict) -> dict:
+    """Load a Ray checkpoint written by :func:`train_worker` into ``model``; returns the training state."""
+    obj = torch.load(io.BytesIO(read_checkpoint_file(checkpoint, MODEL_FILE)), map_location="cpu",
+                     weights_only=True)
+    if obj.get("format") != CHECKPOINT_FORMAT:
+        raise TrainError(f"{checkpoint.path}/{MODEL_FILE} is not a {CHECKPOINT_FORMAT} file")
+    if obj["model"] != expect["model"] or obj["config"] != expect["config"]:
+        raise TrainError(f"the run in {checkpoint.path} trained {obj['model']} {obj['config']}, not "
+                         f"{expect['model']} {expect['config']}: use another --name or --storage")
+    model.load_state_dict(obj["state_dict"])
+    return torch.load(io.BytesIO(read_checkpoint_file(checkpoint, STATE_FILE)), map_location="cpu",
+                      weights_only=True)
+
+
+def _init_from(model, uri: str) -> None:
+    """Copy every tensor of a project checkpoint whose name and shape match (e.g. the attention network
+    from its TMTL stage); says what was not copied."""
+    obj = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+        raise TrainError(f"--init-from {uri} is not a {CHECKPOINT_FORMAT} file")
+    own = model.state_dict()
+    take = {k: v for k, v in obj["state_dict"].items() if k in own and own[k].shape == v.shape}
+    if not take:
+        raise TrainError(f"--init-from {uri} ({obj['model']}) shares no tensor with {model.name}")
+    model.load_state_dict(take, strict=False)
+    missing = sorted(set(own) - set(take))
+    log.warning("initialised %d/%d tensors from %s; not from it: %s", len(take), len(own), uri,
+                ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
+
+
+def _numeric(metrics: dict) -> dict[str, float | int]:
+    out: dict[str, float | int] = {}
+    for k, v in metrics.items():
+        if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+            out[k] = int(v)
+        elif isinstance(v, (float, np.floating)):
+            out[k] = float(v)
+    return out
+
+
+def score_of(value: float, mode: str) -> float:
+    """The checkpoint score Ray ranks by (always "max"): the primary metric, negated when lower is
+    better, and -inf when it could not be computed."""
+    if not math.isfinite(value):
+        return float("-inf")
+    return value if mode == "max" else -value
+
+
+# --- the worker ----------------------------------------------------------------------------------------
+def _validate(model, shard, batch_size: int, device, amp, channels_last) -> dict:
+    batches = shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2)
+    return reduce_stats(engine.evaluate_batches(model, batches, device, amp, channels_last), device)
+
+
+def _nonempty(batches):
+    for b in batches:
+        if len(b["image"]):
+            yield b
+
+
+def train_worker(cfg: dict) -> None:
+    """The loop every Ray Train worker runs (see the module docstring)."""
+    import ray.train
+    import ray.train.torch
+
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # Ray's zero-copy batches
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    amp = torch.bfloat16 if on_gpu and cfg["amp"] else None
+    channels_last = on_gpu
+    recipe = Recipe(**cfg["recipe"])
+    say = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
+
+    torch.manual_seed(cfg["seed"])
+    model = models.create_model(cfg["model"], **cfg["model_kwargs"])
+    if cfg.get("face_template"):  # measured on the driver (measure_template); every checkpoint keeps it
+        model.preprocessing = dataclasses.replace(model.preprocessing, **cfg["face_template"])
+    checkpoint = ray.train.get_checkpoint()
+    state = None
+    if checkpoint is not None:
+        state = _load_state(model, checkpoint, {"model": model.name, "config": model.config})
+    elif cfg["init_from"]:
+        _init_from(model, cfg["init_from"])
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    core = model
+    ddp = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"find_unused_parameters": cfg["find_unused_parameters"]})
+    opt = engine.make_optimizer(core, recipe)
+    sched = engine.make_scheduler(opt, recipe)
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        if sched is not None and state.get("scheduler") is not None:
+            sched.load_state_dict(state["scheduler"])
+    state = state or {"epoch": 0, "step": 0, "best": None, "best_epoch": 0, "since_best": 0, "stopped": False,
+                      "history": [], "attempts": []}
+    history, attempts = list(state["history"]), list(state["attempts"])
+    start_epoch, step = state["epoch"] + 1, state["step"]
+    best, best_epoch, since_best = state["best"], state["best_epoch"], state["since_best"]
+    if state["stopped"] or start_epoch > recipe.epochs:
+        why = "stopped early" if state["stopped"] else f"completed {state['epoch']} epochs"
+        say(f"run {cfg['name']} already {why}: nothing to train")
+        return
+    attempts.append({"start_epoch": start_epoch, "world_size": world, "time": time.time()})
+    say(f"{'resuming at' if start_epoch > 1 else 'starting'} epoch {start_epoch}/{recipe.epochs}: {core.name} "
+        f"on {world} worker(s) ({device.type}{', bf16' if amp else ''}), batch {recipe.batch_size} "
+        f"({cfg['per_worker_batch']}/worker), lr {opt.param_groups[0]['lr']:.3g}")
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    bs = cfg["per_worker_batch"]
+    fail = cfg["fail_at"]
+    first_step_hashes: dict | None = None  # weight hashes around the first step of this attempt
+    recorded = False
+    epoch_times: list[float] = []
+    header = {"run": cfg["name"], "model": core.name, "config": core.config, "data": cfg["data"],
+              "primary_metric": core.primary_metric, "primary_mode": core.primary_mode,
+              "recipe": cfg["recipe"], "workers": world}
+
+    for epoch in range(start_epoch, recipe.epochs + 1):
+        t0 = time.perf_counter()
+        core.train()
+        loss_sums: dict[str, float] = {}
+        n_local = steps_local = 0
+        hook_logs: dict = {}
+        hook_hashes: list[str] = []  # the model's state buffers right after each on_validation (before DDP
+        # forwards broadcast rank 0's buffers again): equal on every worker iff the hook saw equal stats
+        # a shard's last batch of one image would stop BatchNorm: it joins the batch before it
+        batches = engine.fold_remainder(_nonempty(train_shard.iter_batches(batch_size=bs, batch_format="numpy",
+                                                                           prefetch_batches=2)))
+        val_time, t_first, n_first = 0.0, None, 0  # steady state: from the end of the epoch's first step
+        while True:
+            limit_hit = cfg["steps_per_epoch"] and steps_local >= cfg["steps_per_epoch"]
+            batch = None if limit_hit else next(batches, None)
+            if not all_have(batch is not None, device):
+                break
+            record = not recorded
+            if record:
+                first_step_hashes = {"init": weights_sha(core)}
+            out = engine.train_step(ddp, batch, opt, device, amp, channels_last)
+            if record:
+                first_step_hashes["after_first_step"] = weights_sha(core)
+                recorded = True
+            n = len(batch["image"])
+            if t_first is None:
+                t_first, n_first = time.perf_counter(), n
+            for k, v in out.items():
+                loss_sums[k] = loss_sums.get(k, 0.0) + v * n
+            n_local += n
+            steps_local += 1
+            step += 1
+            if fail and rank == fail[0] and epoch == fail[1] and steps_local >= fail[2]:
+                marker = storage.join(cfg["run_uri"], f".injected-failure-rank{rank}-epoch{epoch}")
+                if not storage.exists(marker):
+                    storage.write_bytes(marker, b"1")
+                    print(f"rank {rank}: injected failure at epoch {epoch} step {steps_local}", flush=True)
+                    os._exit(1)
+            if recipe.validate_every and step % recipe.validate_every == 0:
+                tv = time.perf_counter()
+                stats = _validate(core, val_shard, bs, device, amp, channels_last)
+                hook_logs = core.on_validation(stats, epoch)
+                hook_hashes.append(state_buffers_sha(core))
+                val_time += time.perf_counter() - tv
+        t_end = time.perf_counter()
+        train_time = t_end - t0 - val_time
+        steady_time = t_end - (t_first or t_end) - val_time
+
+        keys = sorted(loss_sums)
+        totals = all_sum([loss_sums[k] for k in keys] + [n_local, n_local - n_first], device)
+        n_all, n_steady = totals[len(keys)], totals[len(keys) + 1]
+        stats = _validate(core, val_shard, bs, device, amp, channels_last)
+        metrics = core.metrics(stats)
+        if not recipe.validate_every:
+            # as engine.fit: with validate_every (DMM-CNN's P) the hook runs only on the every-P validations
+            hook_logs = core.on_validation(stats, epoch)
+            hook_hashes.append(state_buffers_sha(core))
+        metrics.update(hook_logs)
+        metrics["val_loss"] = engine.validation_loss(core, metrics)
+        engine.step_scheduler(sched, metrics["val_loss"])
+        for k, v in zip(keys, totals):
+            metrics["train_" + k] = v / max(n_all, 1.0)
+        metrics["train_loss"] = metrics.get("train_loss", float("nan"))
+        times = gather((train_time, steady_time))  # the slowest worker sets the pace
+        max_time, max_steady = max(t for t, _ in times), max(t for _, t in times)
+        metrics.update(epoch=epoch, step=step, lr=opt.param_groups[0]["lr"], train_images=n_all,
+                       val_images=max((float(s["n"]) for s in stats.values()), default=0.0),
+                       samples_per_s=n_all / max(max_time, 1e-9),
+                       steady_samples_per_s=n_steady / max_steady if max_steady > 0 else float("nan"),
+                       train_time_s=max_time, epoch_time_s=time.perf_counter() - t0)
+        value = engine.primary_value(core, metrics)
+        if engine.is_better(core, value, best):
+            best, best_epoch, since_best = value, epoch, 0
+        else:
+            since_best += 1
+        stopped = bool(recipe.early_stopping_patience and since_best >= recipe.early_stopping_patience)
+        metrics["score"] = score_of(value, core.primary_mode)
+        ranks = gather({"rank": rank, "steps": steps_local, "samples": n_local, "weights": weights_sha(core),
+                        "buffers": state_buffers_sha(core), "after_on_validation": hook_hashes,
+                        "first_step": first_step_hashes})
+        epoch_times.append(time.perf_counter() - t0)
+        eta = float(np.mean(epoch_times)) * (recipe.epochs - epoch) if not stopped else 0.0
+        say(engine.format_epoch(core, metrics, recipe.epochs, eta))
+        history.append(dict(_numeric(metrics), eta_s=eta, stopped=int(stopped), attempt=len(attempts),
+                            ranks=ranks))
+        first_step_hashes = None  # only the first step of an attempt is recorded
+        if stopped:
+            say(f"early stopping: no improvement of {core.primary_metric} for {since_best} epochs "
+                f"(best {best:.4f} at epoch {best_epoch})")
+
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0:
+                write_history(cfg["run_uri"], history, attempts, header)
+                data, _ = checkpoint_bytes(core, _numeric(metrics),
+                                           extra={"epoch": epoch, "run": cfg["name"], "data": cfg["data"],
+                                                  "recipe": cfg["recipe"]})
+                with open(os.path.join(d, MODEL_FILE), "wb") as f:
+                    f.write(data)
+                torch.save({"epoch": epoch, "step": step, "best": best, "best_epoch": best_epoch,
+                            "since_best": since_best, "stopped": stopped, "history": history,
+                            "attempts": attempts, "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict() if sched is not None else None},
+                           os.path.join(d, STATE_FILE))
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(_numeric(metrics), checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}")
+        # The controller registers a report only once it has collected it from every worker; a worker dying
+        # before that would lose this checkpoint and a restart would begin again at epoch 1. Wait for it.
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+        if stopped:
+            break
+
+
+# --- the driver ----------------------------------------------------------------------------------------
