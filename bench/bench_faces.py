@@ -10,7 +10,7 @@ Stages, in this process on one torch thread pool (``--threads``), batched by ``-
 decode (``models.preprocess.decode_photo``, PIL with JPEG draft), detect (``FaceDetector.detect``: letterbox to
 640, RetinaFace, box/point decoding, NMS), align (``faces.align``: similarity + grid_sample, every face) and
 the model (bf16 autocast, batch norm folded, as the label job's actors run it). "model only" is detect +
-align + model over the pre-decoded batches (``Predictor.predict_photos``); "end to end" is ``jobs.label`` over
+align + model over the pre-decoded batches (``Annotator.annotate``); "end to end" is ``jobs.label`` over
 the folder on a local Ray (decode tasks + one predictor actor of ``--threads`` CPUs), from file bytes to
 Parquet, timed from the job's own summary minus nothing: Ray's start-up is outside, the listing inside.
 """
@@ -75,10 +75,10 @@ def main(argv=None):
     from PIL import Image
 
     import models
-    from core.predictor import Predictor
+    from core.annotator import Annotator
     from facedata.compose import compose
+    from facedata.decode import Photos, decode_batch
     from facedata.synth import encode_jpeg
-    from faces.finder import FaceFinder, decode_photos
     from models.checkpoint import save_checkpoint
     from models.preprocess import decode_photo
 
@@ -96,14 +96,15 @@ def main(argv=None):
     datas = [f.read_bytes() for f in files]
     ckpt = str(work / f"{args.model}.pt")
     save_checkpoint(models.create_model(args.model), ckpt)
-    pred = Predictor(ckpt, device="cpu", precision="auto", threads=args.threads)
-    finder = FaceFinder()
+    ann = Annotator(ckpt, device="cpu", precision="auto", threads=args.threads)
+    finder = ann.finder
+    (pred,) = ann.members.values()
     bs = args.batch_size
     print(f"{args.n} photos ({truth} faces pasted, from {where}), {args.model}, batch {bs}, {args.threads} threads")
 
     # warm-up (first-call costs of oneDNN and the allocator)
-    warm = decode_photos([str(f) for f in files[:bs]], datas[:bs], 2048)
-    pred.predict_photos(warm, finder)
+    warm = decode_batch([str(f) for f in files[:bs]], datas[:bs], Photos(2048))
+    ann.annotate(warm)
 
     # stage by stage
     t = {"decode": 0.0, "detect": 0.0, "align": 0.0, "model": 0.0}
@@ -129,7 +130,7 @@ def main(argv=None):
         t["align"] += t3 - t2
         t["model"] += t4 - t3
         faces_found += len(aligned.owner)
-        decoded_batches.append(decode_photos([str(f) for f in files[s:s + bs]], datas[s:s + bs], 2048))
+        decoded_batches.append(decode_batch([str(f) for f in files[s:s + bs]], datas[s:s + bs], Photos(2048)))
     print(f"faces found {faces_found} of {truth} pasted")
     print(f"{'stage':<10}{'ms/image':>10}{'ms/face':>10}")
     for k, v in t.items():
@@ -142,7 +143,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     rows = 0
     for b in decoded_batches:
-        rows += len(pred.predict_photos(b, finder)["path"])
+        rows += len(ann.annotate(b)["path"])
     model_only = time.perf_counter() - t0
     print(f"model only (detect + align + model, pre-decoded): {args.n / model_only:.2f} images/s, "
           f"{faces_found / model_only:.2f} faces/s")

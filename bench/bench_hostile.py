@@ -5,7 +5,7 @@ job and the HTTP endpoint, with the answer, the time and the peak memory of each
 
 1. decoder: ``models.preprocess.decode`` in a fresh process per file, once with a ``stretch`` model input
    (224x224) and once with HMTNet's ``shorter_center_crop`` (227 -> 224).
-2. label: the label job's CPU stage (``raytasks.label.load_and_decode``: read the file as a manifest row,
+2. label: the label job's CPU stage (``raytasks.label.read_and_decode``: read the file as a manifest row,
    with the default ``--allow-prefix``, then decode), in a fresh process per file, plus filesystem entries
    a manifest can name (a FIFO, ``/dev/zero``, a sparse 300 MB file, ``/etc/passwd``, ``../`` paths); then
    one real ``label()`` run over a manifest of all of them (one Ray), with its rows.
@@ -187,14 +187,15 @@ def child_fetch(path: str, manifest_dir: str) -> None:
 
     from facedata.inputs import default_allow_prefix
     from models.preprocess import Preprocessing
-    from raytasks.label import load_and_decode
+    from raytasks.label import read_and_decode
 
     pre = Preprocessing(**HMT).to_dict()
     allow = (default_allow_prefix(os.path.join(manifest_dir, "list.csv")),)
-    load_and_decode(pa.table({"path": [os.path.join(manifest_dir, "face.jpg")]}), pre, manifest_dir, allow=allow)
+    whole = {"mode": "whole", "max_side": 2048}
+    read_and_decode(pa.table({"path": [os.path.join(manifest_dir, "face.jpg")]}), whole, [pre], manifest_dir, allow=allow)
 
     def run():
-        t = load_and_decode(pa.table({"path": [path]}), pre, manifest_dir, allow=allow)
+        t = read_and_decode(pa.table({"path": [path]}), whole, [pre], manifest_dir, allow=allow)
         row = t.slice(0, 1).to_pylist()[0]
         return "ok" if row["ok"] else row["error_kind"]
     print(json.dumps(_measure(run)))

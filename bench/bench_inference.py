@@ -2,7 +2,7 @@
 
     python bench/bench_inference.py [--model dmm_cnn] [--batch 32] [--rounds 6] [--threads 2]
 
-Three ``core.predictor.Predictor`` objects on the same random checkpoint (bf16 autocast where
+Three ``core.runner.ModelRunner`` objects on the same random checkpoint (bf16 autocast where
 ``--precision auto`` gives it, channels_last): ``fold_bn=False``; ``fold_bn=True`` (models/inference.py);
 ``fold_bn=True, compile_batch=--batch`` (torch.compile). After a warm-up, each round times one
 ``forward_uint8`` of each on the same uint8 batch, in turn, so that a drift in the machine's speed hits
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402
-from core.predictor import Predictor  # noqa: E402
+from core.runner import ModelRunner  # noqa: E402
 from models.checkpoint import save_checkpoint  # noqa: E402
 
 
@@ -44,8 +44,8 @@ def main(argv=None) -> dict:
     save_checkpoint(models.create_model(args.model).eval(), ckpt)
     kw = dict(device="cpu", precision=args.precision, threads=args.threads)
     start = time.perf_counter()
-    variants = {"eager": Predictor(ckpt, fold_bn=False, **kw), "folded": Predictor(ckpt, **kw)}
-    variants["folded + compiled"] = Predictor(ckpt, compile_batch=args.batch, **kw)
+    variants = {"eager": ModelRunner(ckpt, fold_bn=False, **kw), "folded": ModelRunner(ckpt, **kw)}
+    variants["folded + compiled"] = ModelRunner(ckpt, compile_batch=args.batch, **kw)
     setup_s = time.perf_counter() - start
     pre = variants["eager"].preprocessing
     x = torch.randint(0, 256, (args.batch, pre.channels, *pre.size), dtype=torch.uint8,

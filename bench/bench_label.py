@@ -5,7 +5,7 @@
 Prints, for ``--model`` at its native input size (synthetic 178x218 JPEG faces, random weights unless
 ``--checkpoint`` is given):
 
-1. model-only images/s: ``Predictor.forward_uint8`` on pre-decoded uint8 batches in this process, with the
+1. model-only images/s: ``ModelRunner.forward_uint8`` on pre-decoded uint8 batches in this process, with the
    predictor actor's threads, at ``--precision`` (default auto: bf16 on CPUs) and in fp32, batch by batch in
    turn after a warm-up;
 2. bf16 against fp32 on the same tensors: the share of labels (categorical classes, binary attributes) that
@@ -43,7 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402
-from core.predictor import GEOMETRY_KEYS, Predictor, decode_batch  # noqa: E402
+from core.runner import ModelRunner  # noqa: E402
+from facedata.decode import GEOMETRY_KEYS, Whole, decode_batch  # noqa: E402
 from facedata.synth import draw_face, encode_jpeg  # noqa: E402
 from models.checkpoint import save_checkpoint  # noqa: E402
 from raytasks import label as L  # noqa: E402
@@ -95,10 +96,10 @@ def model_only(ckpt: str, dec: dict, precisions: tuple[str, str], threads: int, 
     (so that both see the same load on a shared machine), and the labels each gives. With
     ``compile_first`` the first precision's predictor is torch.compiled (as the label job's ``--compile``);
     the second (the fp32 reference) stays eager."""
-    preds = {p: Predictor(ckpt, device="cpu", precision=p, threads=threads,
+    preds = {p: ModelRunner(ckpt, device="cpu", precision=p, threads=threads,
                           compile_batch=batch if compile_first and k == 0 else None)
              for k, p in enumerate(precisions)}
-    images = torch.from_numpy(dec["image"])
+    images = torch.from_numpy(dec["image_0"])
     n = len(images)
     for pred in preds.values():  # warm-up: allocations, oneDNN primitives for both batch shapes
         pred.forward_uint8(images[:batch])
@@ -111,7 +112,7 @@ def model_only(ckpt: str, dec: dict, precisions: tuple[str, str], threads: int, 
             raws[p].append(pred.forward_uint8(images[i:i + batch]))
             seconds[p] += time.perf_counter() - start
     h, w = preds[precisions[0]].preprocessing.size
-    geometry = [dict(zip(GEOMETRY_KEYS, map(float, g)), input_w=w, input_h=h) for g in dec["geometry"]]
+    geometry = [dict(zip(GEOMETRY_KEYS, map(float, g)), input_w=w, input_h=h) for g in dec["geometry_0"]]
     out = {}
     for p, pred in preds.items():
         labels = []
@@ -207,8 +208,8 @@ def main(argv=None) -> dict:
                      "threads": threads, "cpu_count": os.cpu_count()}
 
     # 1-2. model only, bf16 and fp32, on the same decoded tensors
-    pre = Predictor(ckpt, device="cpu", precision="fp32", threads=threads).preprocessing
-    dec = decode_batch([str(f) for f in files], [f.read_bytes() for f in files], pre)
+    pre = ModelRunner(ckpt, device="cpu", precision="fp32", threads=threads).preprocessing
+    dec = decode_batch([str(f) for f in files], [f.read_bytes() for f in files], Whole((pre,)))
     assert dec["ok"].all()
     rates = model_only(ckpt, dec, (args.precision, "fp32"), threads, args.batch_size, args.compile)
     (auto_rate, auto_labels), (fp32_rate, fp32_labels) = rates[args.precision], rates["fp32"]

@@ -14,8 +14,8 @@ inside); one warm-up run first so that worker processes exist. The three single 
 run in turn, then again in the opposite order, and each figure is the sum over both rounds.
 
 "in process" (``--no-ray`` runs only this; it is what runs on a GPU machine without Ray): decode
-(``decode_photos``), then either each model's ``Predictor.predict_photos`` (detection again for every model,
-as three jobs would) or one ``SetPredictor.predict_photos``; decode is counted three times for the three
+(``facedata.decode.decode_batch``), then either each model's own ``Annotator.annotate`` (detection again for
+every model, as three jobs would) or one ``Annotator.annotate`` of the set; decode is counted three times for the three
 passes.
 """
 
@@ -49,11 +49,11 @@ def main(argv=None):
     from PIL import Image
 
     import models
-    from core.modelset import ModelSet, SetPredictor
-    from core.predictor import Predictor
+    from core.annotator import Annotator
+    from core.modelset import ModelSet
     from facedata.compose import compose
+    from facedata.decode import Photos, decode_batch
     from facedata.synth import encode_jpeg
-    from faces.finder import FaceFinder, decode_photos
     from models.checkpoint import save_checkpoint
 
     torch.set_num_threads(args.threads)
@@ -78,13 +78,12 @@ def main(argv=None):
     files = sorted(folder.iterdir())
     datas = [f.read_bytes() for f in files]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    finder = FaceFinder(device=device)
-    singles = [Predictor(c, device=device, precision="auto") for c in ckpts.values()]
+    singles = [Annotator(c, device=device, precision="auto") for c in ckpts.values()]
     model_set = ModelSet.parse(list(ckpts.values()), embedding=args.embedding)
-    sp = SetPredictor(model_set, device=device, precision="auto")
+    sp = Annotator(model_set, device=device, precision="auto")
 
     def decode_all():
-        return [decode_photos([str(f) for f in files[s:s + bs]], datas[s:s + bs], 2048) for s in range(0, args.n, bs)]
+        return [decode_batch([str(f) for f in files[s:s + bs]], datas[s:s + bs], Photos(2048)) for s in range(0, args.n, bs)]
 
     def sync():
         if device == "cuda":
@@ -92,7 +91,7 @@ def main(argv=None):
 
     warm = decode_all()[:1]
     for pred in singles + [sp]:
-        pred.predict_photos(warm[0], finder)
+        pred.annotate(warm[0])
     t0 = time.perf_counter()
     batches = decode_all()
     t_decode = time.perf_counter() - t0
@@ -100,13 +99,13 @@ def main(argv=None):
     for pred in singles:
         t0 = time.perf_counter()
         for b in batches:
-            pred.predict_photos(b, finder)
+            pred.annotate(b)
         sync()
         t_single.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     rows = 0
     for b in batches:
-        rows += len(sp.predict_photos(b, finder)["path"])
+        rows += len(sp.annotate(b)["path"])
     sync()
     t_set = time.perf_counter() - t0
     three = 3 * t_decode + sum(t_single)

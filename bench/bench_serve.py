@@ -5,10 +5,10 @@ the same model without HTTP, in one run.
 
 With ``--faces detect`` every request is a photo (640-1000 px, 1-2 faces composed from real UTKFace faces when
 ../shared/data is present) and both sides find, align and label every face: model only is
-``Predictor.predict_bytes(..., finder=FaceFinder())`` (bytes -> rows per face), "forward only" is detection +
+``Annotator.annotate_bytes`` (bytes -> rows per face), "forward only" is detection +
 alignment + model on pre-decoded photos; the server runs with ``faces: {mode: detect}``.
 
-1. Model only, in this process (``core.predictor.Predictor``, the code a replica runs): the time of one
+1. Model only, in this process (``core.annotator.Annotator``, the code a replica runs): the time of one
    image (bytes -> row) and the batched throughput at ``--max-batch-size`` (bytes -> rows, and the forward
    pass alone).
 2. Served: ``raytasks.serve:build_app`` on 127.0.0.1, once with dynamic batching (``--max-batch-size``,
@@ -49,7 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402
-from core.predictor import Predictor, decode_batch  # noqa: E402
+from core.annotator import Annotator  # noqa: E402
+from facedata.decode import Photos, Whole, decode_batch  # noqa: E402
 from models.checkpoint import save_checkpoint  # noqa: E402
 
 
@@ -102,26 +103,23 @@ def timed(fn, repeat: int) -> list[float]:
 
 
 def model_only(ckpt: str, images: list[bytes], args) -> dict:
-    p = Predictor(ckpt, precision=args.precision, threads=args.threads)
+    p = Annotator(ckpt, faces={"mode": args.faces}, precision=args.precision, threads=args.threads)
     b = args.max_batch_size
     one = [("x.jpg", images[0])]
     batch = [(f"{i}.jpg", images[i % len(images)]) for i in range(b)]
-    finder = None
     if args.faces == "detect":
-        from faces.finder import FaceFinder, decode_photos
-
-        finder = FaceFinder()
-        dec = decode_photos([n for n, _ in batch], [d for _, d in batch], finder.options.max_side)
-        forward = lambda: p.predict_photos(dec, finder)  # noqa: E731 - detect + align + model, pre-decoded
+        dec = decode_batch([n for n, _ in batch], [d for _, d in batch], Photos(p.face_options.max_side))
+        forward = lambda: p.annotate(dec)  # noqa: E731 - detect + align + model, pre-decoded
     else:
-        dec = decode_batch([n for n, _ in batch], [d for _, d in batch], p.preprocessing)
-        x = torch.from_numpy(dec["image"])
-        forward = lambda: p.forward_uint8(x)  # noqa: E731
+        dec = decode_batch([n for n, _ in batch], [d for _, d in batch], Whole(tuple(p.preprocessings)))
+        x = torch.from_numpy(dec["image_0"])
+        (runner,) = p.members.values()
+        forward = lambda: runner.forward_uint8(x)  # noqa: E731
     for _ in range(3):  # warm-up: kernel plans for batch 1 and batch B
-        p.predict_bytes(one, finder=finder)
-        p.predict_bytes(batch, finder=finder)
-    single = timed(lambda: p.predict_bytes(one, finder=finder), args.single_repeat)
-    batched = timed(lambda: p.predict_bytes(batch, finder=finder), args.batch_repeat)
+        p.annotate_bytes(one)
+        p.annotate_bytes(batch)
+    single = timed(lambda: p.annotate_bytes(one), args.single_repeat)
+    batched = timed(lambda: p.annotate_bytes(batch), args.batch_repeat)
     fwd = timed(forward, args.batch_repeat)
     return {
         "precision": p.precision,

@@ -3,7 +3,7 @@
     python bench/probe_threads.py [--model age_gender_race] [--threads 2] [--batch 1]
 
 Ray runs actor methods (and Serve replicas, and Ray Train's loop) off the process's main thread; this probe
-shows what that costs torch (docs/benchmarks.md, serving). It times ``Predictor.forward_uint8`` (median of ``--repeat`` calls
+shows what that costs torch (docs/benchmarks.md, serving). It times ``ModelRunner.forward_uint8`` (median of ``--repeat`` calls
 after a warm-up) in each of these places, each in a fresh process:
 
 * ``process main``: a plain Python process, main thread;
@@ -12,7 +12,7 @@ after a warm-up) in each of these places, each in a fresh process:
   pools in the process);
 * ``ray actor main``: a Ray actor's method, which runs on the actor process's main thread;
 * ``ray actor thread``: a Ray actor whose torch work all runs on one executor thread (as Serve's
-  ``ModelServer`` does);
+  ``AnnotatorServer`` does);
 * ``ray actor thread, OMP_WAIT_POLICY=ACTIVE``: the same with OpenMP workers that never sleep;
 * ``serve replica thread``: a Ray Serve replica whose torch work runs on one executor thread.
 
@@ -39,9 +39,9 @@ def time_forward(ckpt: str, threads: int, batch: int, repeat: int) -> float:
     """Median milliseconds of one forward pass, on the calling thread."""
     import torch
 
-    from core.predictor import Predictor
+    from core.runner import ModelRunner
 
-    p = Predictor(ckpt, device="cpu", threads=threads)
+    p = ModelRunner(ckpt, device="cpu", threads=threads)
     pre = p.preprocessing
     x = torch.zeros((batch, pre.channels, *pre.size), dtype=torch.uint8)
     for _ in range(3):
