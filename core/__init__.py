@@ -1,4 +1,13 @@
 """The product without Ray: one way from image bytes to rows, and the training loop's steps.
 
-Used alike by the label job, the serving replicas, ``jobs.evaluate`` and the training workers.
+* annotator.py: :class:`Annotator`, decoded pictures -> faces -> every model -> rows, for one checkpoint
+  (flat rows) or a model set (a struct per model); label's actors, serve's replicas and scripts call it;
+* rows.py: the rows' schema and the one builder of their per-image and per-face columns;
+* runner.py: :class:`ModelRunner`, one checkpoint on its device (folded, channels_last, bf16, compiled);
+* modelset.py: what a user names to label with (one checkpoint, ``--checkpoint`` several times, a
+  ``--model-set`` file), the rules for a set's names and version, and its identity;
+* engine.py: the training loop's pieces (batches, steps, validation, metrics) used by raytasks/train,
+  ``jobs.evaluate`` and local training.
+
+Imports: ``core`` uses ``models``, ``facedata`` and ``faces``; ``raytasks`` and ``jobs`` use ``core``.
 """

@@ -13,8 +13,10 @@ template all go through it):
   settings.
 * ``faces/align.py``: face templates (where the 5 points sit in a model's input), the similarity transform
   from detected points to a template, and the warp.
-* ``faces/finder.py``: bytes -> decoded images -> detected faces -> aligned crops for one or more models.
+* ``faces/templates.py``: a face template measured on a training set's detections.
+* ``faces/finder.py``: :class:`FaceFinder`, the detector loaded once plus the alignment of its faces for any
+  model's preprocessing (decoded pictures -> faces -> aligned crops); ``decode_face`` for one image's best face.
 
-Imports: ``faces`` uses ``models`` (preprocessing) and ``facedata`` (storage); ``raytasks`` and ``jobs`` use
-``faces``.
+Imports: ``faces`` uses ``models`` (preprocessing) and ``facedata`` (storage); ``core``, ``raytasks`` and
+``jobs`` use ``faces``.
 """
