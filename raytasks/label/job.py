@@ -123,11 +123,16 @@ def label(spec: LabelSpec, echo=print) -> dict:
     except LeaseError as e:
         raise LabelError(str(e)) from None
     try:
-        summary = _label(spec, echo)
+        summary = _label(spec, echo, lease.fence())
     except InputError as e:
         if isinstance(e, LabelError):
             raise
         raise LabelError(str(e)) from None
+    except Exception as e:
+        if "LeaseLost" in f"{type(e).__name__}: {e}":  # raised in a write task, wrapped by Ray
+            raise LabelError(f"this run lost its lease on {spec.output} and stopped writing (it stalled past its "
+                             "expiry, or another run took over): run the same command again to finish") from None
+        raise
     finally:
         lease.release()
     if lease.lost:
@@ -136,7 +141,7 @@ def label(spec: LabelSpec, echo=print) -> dict:
     return summary
 
 
-def _label(spec: LabelSpec, echo=print) -> dict:
+def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
     import ray
     from ray.data.checkpoint import CheckpointConfig
 
@@ -218,7 +223,7 @@ def _label(spec: LabelSpec, echo=print) -> dict:
         in_fs, in_path = storage.filesystem(out["inputs"])
         paths_ds = ray.data.read_parquet(in_path, filesystem=in_fs).select_columns(["path"])
         ds = build_dataset(spec, model_set, paths_ds, pre_dicts, base, pool, detector if options.detect else None,
-                           identity)
+                           identity, fence)
         ds.write_parquet(labels_path, filesystem=labels_fs, max_rows_per_file=spec.max_rows_per_file,
                          min_rows_per_file=max(1, spec.max_rows_per_file // 2))
     finally:

@@ -22,12 +22,18 @@ the older generations; a clean release deletes its own. Renewal rewrites the hol
 the holder writes it) after checking that no newer generation exists; a holder that finds one (it was
 stalled past its expiry and was taken over) marks the lease ``lost``.
 
+Fencing: a run that was stalled past its expiry (a paused process, a long GC, a partition) and taken over must
+not write beside its successor. Its writers check :class:`Fence` (its generation and expiry, read from the
+store) right before each write, so it stops writing within one ttl of stalling, and its renewal thread,
+which finds the newer generation, marks it ``lost``.
+
 Expiry compares wall clocks of different machines: keep ``ttl_s`` well above their skew (NTP keeps it
 under a second; the default allows 2 minutes of stall).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -43,6 +49,10 @@ DEFAULT_TTL_S = 120.0
 
 class LeaseError(RuntimeError):
     """The lease could not be taken or was lost."""
+
+
+class LeaseLost(LeaseError):
+    """This run's lease expired or was taken over: it must not write again."""
 
 
 class LeaseHeld(LeaseError):
@@ -147,6 +157,46 @@ def _gen_name(gen: int) -> str:
     return f"{gen:012d}.json"
 
 
+def _generations(store: _Store) -> list[int]:
+    gens = []
+    for name in store.names():
+        stem, dot, ext = name.partition(".")
+        if ext == "json" and stem.isdigit():
+            gens.append(int(stem))
+    return sorted(gens)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fence:
+    """The generation a run holds, checked by its writers (the label job's write tasks, in other processes)
+    right before each write: :meth:`check` raises :class:`LeaseLost` when a newer generation exists (another
+    run took the output over) or when the run's own lease has expired (it stalled: paused, swapped out,
+    cut off from the store, and may be taken over at any moment). A stalled run therefore stops writing
+    when it wakes, without waiting for its renewal thread, and never writes after another run took over
+    but within the one write task that had already passed its check."""
+
+    output: str
+    owner: str
+    gen: int
+
+    def check(self) -> None:
+        store = _Store(storage.join(self.output, LEASE_DIR))
+        gens = _generations(store)
+        if not gens or gens[-1] != self.gen:
+            raise LeaseLost(f"{self.output}: this run's lease (generation {self.gen}) was taken over by generation "
+                            f"{gens[-1] if gens else 'none'}: it stops writing")
+        body = store.get(_gen_name(self.gen))
+        try:
+            rec = json.loads(body) if body is not None else {}
+        except ValueError:
+            rec = {}
+        if rec.get("owner") != self.owner:
+            raise LeaseLost(f"{self.output}: generation {self.gen} is no longer this run's lease: it stops writing")
+        if float(rec.get("expires", 0)) <= time.time():
+            raise LeaseLost(f"{self.output}: this run's lease expired (the run stalled past its ttl of "
+                            f"{rec.get('ttl_s')} s): it stops writing; run the same command again to finish")
+
+
 def _start_ticks(pid: int) -> int | None:
     """The start time of a local process (clock ticks since boot), or None when it does not exist. With
     the pid it identifies one process: a pid reused by another process has another start time."""
@@ -197,12 +247,13 @@ class Lease:
         }).encode()
 
     def _generations(self) -> list[int]:
-        gens = []
-        for name in self.store.names():
-            stem, dot, ext = name.partition(".")
-            if ext == "json" and stem.isdigit():
-                gens.append(int(stem))
-        return sorted(gens)
+        return _generations(self.store)
+
+    def fence(self) -> Fence:
+        """What this run's writers check before each write (see :class:`Fence`)."""
+        if self.gen is None:
+            raise LeaseError("the lease is not held")
+        return Fence(self.output, self.owner, self.gen)
 
     def holder(self) -> dict | None:
         """The record of the live lease, or None when there is none (absent, released or expired)."""

@@ -176,10 +176,18 @@ def decode_memory(batch_size: int, faces: dict, pre_dicts: list[dict]) -> int:
                    for d in pre_dicts))
 
 
+def check_fence(batch: pa.Table, fence) -> pa.Table:
+    """Map function right before the write (fused into the write task): the run still holds its output
+    (raytasks/label/lease.py ``Fence``), else the task fails and nothing more is written."""
+    fence.check()
+    return batch
+
+
 def build_dataset(spec, model_set, paths_ds, pre_dicts: list[dict], base: str | None, pool: tuple[int, int],
-                  detector_identity: str | None = None, identity: str | None = None):
-    """paths -> decoded batches (CPU tasks) -> annotator actors -> rows. ``model_set``: ``spec.models()`` as
-    the run resolved it (a set file is read once per run); ``pre_dicts``: the distinct preprocessings."""
+                  detector_identity: str | None = None, identity: str | None = None, fence=None):
+    """paths -> decoded batches (CPU tasks) -> annotator actors -> rows [-> the lease's fence, checked in the
+    write task]. ``model_set``: ``spec.models()`` as the run resolved it (a set file is read once per run);
+    ``pre_dicts``: the distinct preprocessings."""
     import ray
 
     faces = spec.face_options().to_dict()
@@ -196,6 +204,10 @@ def build_dataset(spec, model_set, paths_ds, pre_dicts: list[dict], base: str | 
                   "detector_identity": detector_identity, "identity": identity}
     resources = {"num_gpus": spec.gpus_per_actor} if spec.gpus_per_actor > 0 else {"num_cpus": spec.cpus_per_actor}
     # the actors get worker processes of their own (measured faster: raytasks/threads.py)
-    return ds.map_batches(AnnotatorActor, fn_constructor_kwargs=actor_args, batch_format="numpy",
-                          batch_size=spec.batch_size, runtime_env=runtime_env(),
-                          compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]), **resources)
+    ds = ds.map_batches(AnnotatorActor, fn_constructor_kwargs=actor_args, batch_format="numpy",
+                        batch_size=spec.batch_size, runtime_env=runtime_env(),
+                        compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]), **resources)
+    if fence is not None:
+        ds = ds.map_batches(check_fence, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+                            fn_kwargs={"fence": fence})
+    return ds
