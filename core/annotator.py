@@ -109,8 +109,13 @@ class Annotator:
         return out
 
     def warm_up(self) -> None:
-        """One forward pass of every network on a dummy batch: the kernels' plans (oneDNN, cuDNN) are built
-        before the first request, not in it."""
+        """One forward pass of every network on a dummy batch, the detector's too when it is loaded: the
+        kernels' plans (oneDNN, cuDNN) and the allocator's pools are built before the first request, not in
+        it (a serving replica is ready only once they are: the first request after a deploy took 7.6 s
+        when only the model was warmed, issue #22)."""
+        if self._finder is not None:
+            side = min(640, self.face_options.max_side)
+            self._finder.find([torch.zeros((3, side * 3 // 4, side), dtype=torch.uint8)], [1.0])
         for r in self.members.values():
             r.forward_uint8(torch.zeros((1, r.preprocessing.channels, *r.preprocessing.size), dtype=torch.uint8))
         if self.embedder is not None:

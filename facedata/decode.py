@@ -87,6 +87,26 @@ def decode_into(batch: dict, i: int, data: bytes | None, target: Photos | Whole)
     return True
 
 
+def cost(data: bytes | None, target: Photos | Whole) -> tuple[int, int]:
+    """What decoding ``data`` for ``target`` would cost, from the header alone (no pixel decoded):
+    ``(source pixels, bytes held after decoding)``. The first bounds the decoder's CPU time, the second the
+    memory the decoded picture holds until it is answered. A file whose header cannot be read costs
+    ``(0, 0)``: decoding refuses it at once."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(bytes(data or b""))) as img:
+            w, h = img.size
+    except Exception:  # noqa: BLE001 - not an image (or a broken header): decode_into names the reason
+        return 0, 0
+    if isinstance(target, Photos):
+        f = min(1.0, target.max_side / max(w, h, 1))
+        return w * h, 3 * round(w * f) * round(h * f)
+    return w * h, sum(pre.channels * pre.size[0] * pre.size[1] for pre in target.preprocessings)
+
+
 def decode_batch(paths: list[str], datas: list[bytes | None], target: Photos | Whole) -> dict:
     """Bytes already in memory (a request's files) -> a decoded batch."""
     batch = empty_batch(paths, target)

@@ -60,6 +60,14 @@ class IngressSpec(_Strict):
     max_decodes: int = Field(4, ge=1)  # images decoded at once per ingress replica (CPU and memory bound)
     decode_wait_s: float = Field(2.0, ge=0)  # a request waits this long for a decode slot, then 503
     request_timeout_s: float = Field(60.0, gt=0)  # a request's model call longer than this: 504
+    # What one request may cost (issue #22), refused with 413 from the files' headers before any decoding:
+    max_request_pixels: int = Field(200_000_000, ge=1)  # source pixels decoded per request (the decoder's CPU)
+    max_request_decoded_bytes: int = Field(256 * 2**20, ge=1)  # decoded pixels one request holds (memory)
+    # What one ingress replica holds at once, all requests together; over it a request waits decode_wait_s,
+    # then 503 (Retry-After) before its memory is taken:
+    max_decoded_bytes: int = Field(2 * 2**30, ge=1)  # decoded pixels in flight to the model replicas
+    max_body_bytes: int = Field(512 * 2**20, ge=1)  # request bodies being read or held
+    body_timeout_s: float = Field(30.0, gt=0)  # a body slower than this (slowloris) is answered 408
 
 
 def _set_rule(check, v) -> str:

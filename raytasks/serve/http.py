@@ -16,6 +16,7 @@ Errors (every 4xx body is JSON ``{"error": code, "detail": message, ...}``):
 
 
 # No ``from __future__ import annotations``: FastAPI resolves the route methods' annotations at runtime.
+import asyncio
 import math
 from typing import Any
 
@@ -146,6 +147,32 @@ async def _call_model(name: str, response, what: str = "model"):
     except DeploymentUnavailableError:
         raise APIError(503, "unavailable", f"{what} {name!r} has no running replica",
                        headers={"Retry-After": "5"}) from None
+
+
+class Budget:
+    """An amount of bytes shared by the requests of one ingress replica (bodies held, decoded pixels held):
+    :meth:`acquire` waits up to ``timeout`` for room, then answers 503 with ``Retry-After`` before the memory
+    is taken; :meth:`release` gives it back when the request is answered."""
+
+    def __init__(self, total: int, what: str):
+        self.total, self.free, self.what = int(total), int(total), what
+        self._cond = asyncio.Condition()
+
+    async def acquire(self, n: int, timeout: float) -> int:
+        n = min(int(n), self.total)  # one request alone always fits (its own limit is checked before)
+        async with self._cond:
+            try:
+                await asyncio.wait_for(self._cond.wait_for(lambda: self.free >= n), timeout)
+            except asyncio.TimeoutError:
+                raise APIError(503, "overloaded", f"{self.what} is saturated; retry later",
+                               headers={"Retry-After": "1"}) from None
+            self.free -= n
+        return n
+
+    async def release(self, n: int) -> None:
+        async with self._cond:
+            self.free += n
+            self._cond.notify_all()
 
 
 async def _bounded_stream(request: Request, limit: int):

@@ -20,7 +20,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import Headers, UploadFile
 
-from facedata.decode import Photos, Whole, decode_batch
+from facedata.decode import Photos, Whole, cost, decode_batch
 from faces.finder import FaceOptions
 from models.preprocess import Preprocessing
 from raytasks.serve.config import API_KEY_ENV, IngressSpec
@@ -29,6 +29,7 @@ from raytasks.serve.http import (
     _SET_ERRORS,
     PREDICT_OPENAPI,
     APIError,
+    Budget,
     PredictResponse,
     SetPredictResponse,
     _bounded_stream,
@@ -89,6 +90,8 @@ class FaceAttrAPI:
         self.limits = limits or IngressSpec()
         self._decoders = ThreadPoolExecutor(self.limits.max_decodes, thread_name_prefix="decode")
         self._decode_slots = asyncio.Semaphore(self.limits.max_decodes)
+        self._decoded_budget = Budget(self.limits.max_decoded_bytes, "decoded images in flight")
+        self._body_budget = Budget(self.limits.max_body_bytes, "request bodies in flight")
         self._described: dict[str | None, dict] = {}  # target key -> its description
         self._locks: dict[str | None, asyncio.Lock] = {}
 
@@ -185,17 +188,38 @@ class FaceAttrAPI:
         raise AssertionError("unreachable")
 
     # -- reading ---------------------------------------------------------------------------------------
-    async def _read_items(self, request: Request, filename: str) -> list[tuple[str, bytes]]:
+    async def _read_items(self, request: Request, filename: str) -> tuple[list[tuple[str, bytes]], int]:
+        """The request's files, and the bytes taken from the body budget for them (give them back with
+        ``self._body_budget.release``). Room for the body is taken before it is read (its Content-Length, or
+        the request limit when it has none), and the whole body must arrive within ``body_timeout_s``
+        (408): slow senders hold neither memory nor a connection without bound."""
         ctype = request.headers.get("content-type", "")
         media = ctype.split(";", 1)[0].strip().lower()
-        if media == "multipart/form-data":
-            return await self._read_multipart(request)
-        if media.startswith("image/") or media in RAW_TYPES:
-            body = b"".join([c async for c in _bounded_stream(request, self.max_request_bytes)])
-            return [(filename, body)]
-        raise APIError(415, "unsupported_media_type",
-                       f"content type {ctype or '(none)'!r} is not an image: send the image as the body with "
-                       "Content-Type image/jpeg, image/png, ... or as multipart/form-data files")
+        if media != "multipart/form-data" and not (media.startswith("image/") or media in RAW_TYPES):
+            raise APIError(415, "unsupported_media_type",
+                           f"content type {ctype or '(none)'!r} is not an image: send the image as the body with "
+                           "Content-Type image/jpeg, image/png, ... or as multipart/form-data files")
+        try:
+            declared = int(request.headers.get("content-length") or self.max_request_bytes)
+        except ValueError:
+            raise APIError(400, "bad_request", "Content-Length is not a number") from None
+        held = await self._body_budget.acquire(max(0, min(declared, self.max_request_bytes)), self.limits.decode_wait_s)
+        try:
+            if media == "multipart/form-data":
+                read = self._read_multipart(request)
+            else:
+                read = self._read_body(request, filename)
+            return await asyncio.wait_for(read, timeout=self.limits.body_timeout_s), held
+        except asyncio.TimeoutError:
+            await self._body_budget.release(held)
+            raise APIError(408, "body_timeout", f"the request body did not arrive within "
+                           f"{self.limits.body_timeout_s:g} s") from None
+        except BaseException:
+            await self._body_budget.release(held)
+            raise
+
+    async def _read_body(self, request: Request, filename: str) -> list[tuple[str, bytes]]:
+        return [(filename, b"".join([c async for c in _bounded_stream(request, self.max_request_bytes)]))]
 
     async def _read_multipart(self, request: Request) -> list[tuple[str, bytes]]:
         from starlette.formparsers import MultiPartException, MultiPartParser
@@ -222,40 +246,71 @@ class FaceAttrAPI:
             raise APIError(422, "bad_form", "multipart/form-data body holds no file")
         return items
 
-    async def _decoded(self, items: list[tuple[str, bytes]], target) -> list[dict]:
-        """The request's images decoded (facedata/decode.py), one dict each for the replica; a file that is not
-        an image answers the whole request 413/422 before any model work."""
-        batch = await self._decode(decode_batch, [p for p, _ in items], [d for _, d in items], target)
-        bad = [{"file": str(p), "error": k, "detail": m}
-               for p, ok, k, m in zip(batch["path"], batch["ok"], batch["error_kind"], batch["error_message"]) if not ok]
-        if any(b["error"] == "too_large" for b in bad):
-            raise APIError(413, "too_large", "; ".join(f"{b['file']}: {b['detail']}" for b in bad), files=bad)
-        if bad:
-            raise APIError(422, bad[0]["error"] if len({b["error"] for b in bad}) == 1 else "not_image",
-                           "; ".join(f"{b['file']}: {b['error']}: {b['detail']}" for b in bad), files=bad)
+    async def _decoded(self, items: list[tuple[str, bytes]], target) -> tuple[list[dict], int]:
+        """The request's images decoded (facedata/decode.py), one dict each for the replica, and the bytes
+        they hold (taken from the decoded-images budget: give them back with ``self._decoded_budget.release``).
+        What decoding would cost is read from the headers first: a request over ``max_request_pixels`` or
+        ``max_request_decoded_bytes`` is answered 413 before any pixel is decoded; one that finds the replica's
+        budget full waits ``decode_wait_s``, then 503. A file that is not an image answers the whole request
+        413/422 before any model work."""
+        costs = await self._decode(lambda: [cost(d, target) for _, d in items])
+        pixels, nbytes = sum(c[0] for c in costs), sum(c[1] for c in costs)
+        lim = self.limits
+        if pixels > lim.max_request_pixels or nbytes > lim.max_request_decoded_bytes:
+            raise APIError(413, "too_large", f"the request's images hold {pixels} pixels ({nbytes >> 20} MiB decoded); "
+                           f"one request may hold at most {lim.max_request_pixels} pixels and "
+                           f"{lim.max_request_decoded_bytes >> 20} MiB decoded: send fewer or smaller images per "
+                           "request", limit_pixels=lim.max_request_pixels, limit_bytes=lim.max_request_decoded_bytes)
+        held = await self._decoded_budget.acquire(nbytes, lim.decode_wait_s)
+        try:
+            batch = await self._decode(decode_batch, [p for p, _ in items], [d for _, d in items], target)
+            bad = [{"file": str(p), "error": k, "detail": m}
+                   for p, ok, k, m in zip(batch["path"], batch["ok"], batch["error_kind"], batch["error_message"]) if not ok]
+            if any(b["error"] == "too_large" for b in bad):
+                raise APIError(413, "too_large", "; ".join(f"{b['file']}: {b['detail']}" for b in bad), files=bad)
+            if bad:
+                raise APIError(422, bad[0]["error"] if len({b["error"] for b in bad}) == 1 else "not_image",
+                               "; ".join(f"{b['file']}: {b['error']}: {b['detail']}" for b in bad), files=bad)
+        except BaseException:
+            await self._decoded_budget.release(held)
+            raise
         keys = [k for k in batch if k not in ("ok", "error_kind", "error_message")]
         return [{k: (int(batch[k][i]) if k in ("width", "height") else batch[k][i]) for k in keys}
-                for i in range(len(items))]
+                for i in range(len(items))], held
 
     # -- predictions -----------------------------------------------------------------------------------
     async def _predict(self, key: str | None, request: Request, filename: str, faces: str | None) -> JSONResponse:
         """The request's images through the target: photos (faces found, one row per face, grouped per
-        image in ``images``) or whole images (one row each)."""
+        image in ``images``) or whole images (one row each). The body's and the decoded pictures' bytes are
+        held against the replica's budgets until the answer is built."""
         self._authorize(request)
         handle = self._handle(key)
-        items = await self._read_items(request, filename)
+        items, body = await self._read_items(request, filename)
+        try:
+            return await self._answer(key, handle, items, faces)
+        finally:
+            await self._body_budget.release(body)
+
+    async def _answer(self, key: str | None, handle: DeploymentHandle, items: list[tuple[str, bytes]],
+                      faces: str | None) -> JSONResponse:
         if (faces or self.face_options.mode) == "detect":
-            payload = await self._decoded(items, Photos(self.face_options.max_side))
-            desc, per_image = await self._consistent(key, lambda desc: self._model_call(
-                key, handle.predict_photos.remote(payload, _identity(key, desc))))
+            payload, held = await self._decoded(items, Photos(self.face_options.max_side))
+            try:
+                desc, per_image = await self._consistent(key, lambda desc: self._model_call(
+                    key, handle.predict_photos.remote(payload, _identity(key, desc))))
+            finally:
+                await self._decoded_budget.release(held)
             images = [{"path": p["path"], "width": p["width"], "height": p["height"],
                        "faces": [r for r in rows if r["face"] is not None]} for p, rows in zip(payload, per_image)]
             return JSONResponse(_json_safe({**_head(key, desc), "detector": desc["faces"]["detector"],
                                             "images": images, "predictions": [r for rows in per_image for r in rows]}))
 
         async def whole(desc: dict):  # decoded for the target's own preprocessing(s)
-            payload = await self._decoded(items, Whole(tuple(_preprocessings(key, desc))))
-            return await self._model_call(key, handle.predict.remote(payload, _identity(key, desc)))
+            payload, held = await self._decoded(items, Whole(tuple(_preprocessings(key, desc))))
+            try:
+                return await self._model_call(key, handle.predict.remote(payload, _identity(key, desc)))
+            finally:
+                await self._decoded_budget.release(held)
 
         desc, rows = await self._consistent(key, whole)
         return JSONResponse(_json_safe({**_head(key, desc), "predictions": rows}))

@@ -72,8 +72,9 @@ class AnnotatorServer:
         self.annotator = self._on_torch_thread(Annotator, models, faces=faces, device=device, precision=precision,
                                                channels_last=channels_last, threads=threads)
         # The detector next to the models, loaded now whatever the default mode: a request may ask for either
-        # (?faces=), and a photo crosses processes once. Then one forward pass of every network builds its
-        # kernels' plans (oneDNN, cuDNN) before traffic.
+        # (?faces=), and a photo crosses processes once. Then one forward pass of every network, the detector's
+        # too, builds its kernels' plans (oneDNN, cuDNN) before traffic: Serve routes requests to a replica (and
+        # its health, which KubeRay's probes read, says ready) only once this constructor has returned.
         self._on_torch_thread(lambda: self.annotator.finder)
         self._on_torch_thread(self.annotator.warm_up)
 

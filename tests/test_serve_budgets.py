@@ -1,0 +1,126 @@
+"""What one request may cost the ingress (issue #22): decoded pixels and bytes per request, refused from the
+headers before any decoding; the replica's budgets of decoded images and bodies in flight (503 before the
+memory is taken); a body that does not arrive in time (408). No Serve needed: the ingress object alone."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import io
+import time
+
+import pytest
+from PIL import Image
+
+from facedata.decode import Photos
+from raytasks import serve as S
+
+
+def _api(**limits) -> S.FaceAttrAPI:
+    wrapper = S.FaceAttrAPI.func_or_class
+    ours = next(c for c in wrapper.__mro__ if c.__name__ == "FaceAttrAPI" and "__init__" in c.__dict__
+                and not inspect.iscoroutinefunction(c.__dict__["__init__"]))
+    api = object.__new__(wrapper)
+    ours.__init__(api, {}, 16 << 20, 64, api_key="k", limits=S.IngressSpec(**limits))
+    return api
+
+
+def _webp(w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (90, 120, 150)).save(buf, format="WEBP", lossless=True)
+    return buf.getvalue()
+
+
+def test_a_small_body_of_many_large_flat_images_is_refused_before_decoding():
+    """64 copies of a 2048x2048 single-colour lossless WebP (about 200 bytes each, a 14 KB body) would hold
+    768 MiB decoded: refused 413 from the headers, with nothing decoded."""
+    data = _webp(2048, 2048)
+    assert len(data) < 1024
+    api = _api()
+    decoded = []
+    api._decode_real = api._decode
+
+    async def spy(fn, *args):
+        decoded.append(fn)
+        return await api._decode_real(fn, *args)
+
+    api._decode = spy
+    t = time.perf_counter()
+    with pytest.raises(S.APIError) as e:
+        asyncio.run(api._decoded([(f"{i}.webp", data) for i in range(64)], Photos(2048)))
+    assert time.perf_counter() - t < 5
+    assert e.value.status == 413 and e.value.code == "too_large" and "decoded" in e.value.detail
+    assert len(decoded) == 1  # only the header probe ran, never decode_batch
+    assert api._decoded_budget.free == api._decoded_budget.total  # nothing held
+
+
+def test_the_source_pixels_of_a_request_are_bounded():
+    """Six 6000x6000 single-colour WebPs (36 MP each, under the 40 MP limit of one image): 216 MP in one
+    request is over the 200 MP default, so the decoder's CPU time is bounded per request (413 before
+    decoding)."""
+    data = _webp(6000, 6000)
+    api = _api()
+    with pytest.raises(S.APIError) as e:
+        asyncio.run(api._decoded([(f"{i}.webp", data) for i in range(6)], Photos(256)))
+    assert e.value.status == 413 and "pixels" in e.value.detail
+    ok = asyncio.run(api._decoded([("a.webp", data)], Photos(256)))  # one alone is fine
+    assert ok[0][0]["width"] == 6000 and ok[1] == 3 * 256 * 256
+
+
+def test_a_full_decoded_budget_is_a_503_and_frees_again():
+    data = _webp(1024, 1024)  # 3 MiB decoded
+    api = _api(max_decoded_bytes=4 << 20, decode_wait_s=0.05)
+
+    async def scenario():
+        first, held = await api._decoded([("a.webp", data)], Photos(2048))
+        with pytest.raises(S.APIError) as e:
+            await api._decoded([("b.webp", data)], Photos(2048))
+        await api._decoded_budget.release(held)
+        again, held2 = await api._decoded([("b.webp", data)], Photos(2048))
+        await api._decoded_budget.release(held2)
+        return e.value
+
+    err = asyncio.run(scenario())
+    assert err.status == 503 and err.code == "overloaded" and err.headers["Retry-After"] == "1"
+    assert api._decoded_budget.free == api._decoded_budget.total
+
+
+class _SlowRequest:
+    """A body that trickles in: ``chunks`` pieces, ``delay_s`` apart (a slowloris sender)."""
+
+    def __init__(self, size: int, chunks: int, delay_s: float):
+        self.headers = {"content-type": "image/jpeg", "content-length": str(size)}
+        self.size, self.chunks, self.delay_s = size, chunks, delay_s
+
+    async def stream(self):
+        for _ in range(self.chunks):
+            await asyncio.sleep(self.delay_s)
+            yield b"x" * (self.size // self.chunks)
+
+
+def test_a_slow_body_is_a_408_and_gives_its_memory_back():
+    api = _api(body_timeout_s=0.3)
+    with pytest.raises(S.APIError) as e:
+        asyncio.run(api._read_items(_SlowRequest(1000, 100, 0.05), "x.jpg"))
+    assert e.value.status == 408 and e.value.code == "body_timeout"
+    assert api._body_budget.free == api._body_budget.total
+    items, held = asyncio.run(api._read_items(_SlowRequest(1000, 2, 0.01), "x.jpg"))  # a normal sender
+    assert items == [("x.jpg", b"x" * 1000)] and held == 1000
+
+
+def test_bodies_in_flight_are_bounded():
+    """Room for a body is taken from its Content-Length before it is read: with room for one 1 MiB body,
+    a second slow sender waits decode_wait_s, then 503, holding nothing."""
+    api = _api(max_body_bytes=(1 << 20) + 10, decode_wait_s=0.05, body_timeout_s=5)
+
+    async def scenario():
+        slow = asyncio.create_task(api._read_items(_SlowRequest(1 << 20, 4, 0.1), "a.jpg"))
+        await asyncio.sleep(0.02)
+        with pytest.raises(S.APIError) as e:
+            await api._read_items(_SlowRequest(1 << 20, 1, 0.0), "b.jpg")
+        _, held = await slow
+        await api._body_budget.release(held)
+        return e.value
+
+    err = asyncio.run(scenario())
+    assert err.status == 503 and api._body_budget.free == api._body_budget.total
