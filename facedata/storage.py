@@ -45,9 +45,10 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """Return ``(filesystem, path inside it)`` for a local path or an ``s3://bucket/key`` URI."""
     uri = str(uri)
     if is_s3(uri):
-        parsed = urlparse(uri)
+        # not urlparse: a key is literal text, and '#' or '?' in it are not a fragment or a query (urlparse
+        # made "s3://b/x#/../photos/y" read "b/x" while the allow-prefix check saw "b/photos/y")
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        return _s3_filesystem(s3_endpoint(), region), f"{parsed.netloc}{parsed.path}".rstrip("/")
+        return _s3_filesystem(s3_endpoint(), region), uri[len("s3://"):].rstrip("/")
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
     return pafs.LocalFileSystem(), os.path.abspath(uri)
