@@ -1,0 +1,203 @@
+"""Issue #22 (security hardening, second round), the parts that need no Ray: the reader's symlink race and odd
+manifest paths, the temporary file of writes, the checkpoint hash over tensors in metadata, bounded checkpoint
+reads, YAML aliases, the JPEG scan limit shared with --gpu-decode, and a PNG's late orientation chunk. Each
+test failed on the code before its fix."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+from facedata import inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+FORBIDDEN = (None, *inputs.FORBIDDEN)
+
+
+def _listed(listing_dir: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return [p for f in sorted(listing_dir.glob("part-*.parquet")) for p in pq.read_table(f).column("path").to_pylist()]
+
+
+# ------------------------------------------------------------------------------------------------------
+# 1: a symlink swapped in while a file is read does not escape --allow-prefix
+# ------------------------------------------------------------------------------------------------------
+
+def test_symlink_swap_during_reads_never_returns_outside_bytes(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "inside.png").write_bytes(b"INSIDE")
+    (tmp_path / "secret.txt").write_bytes(b"OUTSIDE")
+    target = photos / "x.png"
+    os.link(photos / "inside.png", target)
+    allow = (str(photos),)
+    stop = threading.Event()
+
+    def flip():  # x.png is, in turn, a regular file inside and a symlink to a file outside (atomic renames)
+        n = 0
+        while not stop.is_set():
+            tmp = photos / f".tmp{n}"
+            if n % 2:
+                os.link(photos / "inside.png", tmp)
+            else:
+                os.symlink(tmp_path / "secret.txt", tmp)
+            os.replace(tmp, target)
+            n += 1
+
+    flipper = threading.Thread(target=flip, daemon=True)
+    flipper.start()
+    results = []
+    try:
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            results += inputs.fetch_all([str(target)] * 8, allow=allow)
+            results.append(inputs.fetch(str(target), allow=allow))
+    finally:
+        stop.set()
+        flipper.join()
+    outside = [r for r in results if r[0] == b"OUTSIDE"]
+    assert not outside, f"{len(outside)} of {len(results)} reads returned the outside file's bytes"
+    assert any(r[0] == b"INSIDE" for r in results)  # the race ran both ways
+    assert all(r[0] == b"INSIDE" or r[1] in ("forbidden", "unreadable") for r in results)
+
+
+def test_static_symlinks_out_of_the_folder_are_forbidden_and_inside_ones_read(tmp_path):
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    (photos / "a.png").write_bytes(b"A")
+    (tmp_path / "secret.txt").write_bytes(b"OUTSIDE")
+    (photos / "out.png").symlink_to(tmp_path / "secret.txt")
+    (photos / "in.png").symlink_to(photos / "a.png")
+    (photos / "dirlink").symlink_to(tmp_path)  # a directory link out of the folder
+    allow = (str(photos),)
+    assert inputs.fetch(str(photos / "out.png"), allow=allow) == FORBIDDEN
+    assert inputs.fetch(str(photos / "dirlink" / "secret.txt"), allow=allow) == FORBIDDEN
+    assert inputs.file_size(str(photos / "out.png"), allow=allow) == FORBIDDEN
+    assert inputs.fetch(str(photos / "in.png"), allow=allow) == (b"A", None, None)
+    res = inputs.fetch_all([str(photos / "out.png"), str(photos / "in.png"), str(photos / "dirlink/secret.txt")],
+                           allow=allow)
+    assert res == [FORBIDDEN, (b"A", None, None), FORBIDDEN]
+
+
+# ------------------------------------------------------------------------------------------------------
+# 2: odd paths in a manifest are error rows, never an exception that fails the batch
+# ------------------------------------------------------------------------------------------------------
+
+def _odd_paths(folder: Path) -> list[str]:
+    return [
+        "b\x00.jpg", str(folder / "c\x00.jpg"),  # NUL
+        "n" * 300 + ".jpg",  # over NAME_MAX
+        "/".join(["d" * 200] * 30) + "/e.jpg",  # over PATH_MAX
+        "bad\udcff.jpg", "lone\ud800.jpg",  # invalid UTF-8 (surrogate-escaped) and a lone surrogate
+        "s3://", "s3:///key.jpg", "s3://bucket", "s3://bucket/",  # no bucket, no key
+        "%2e%2e/secret.txt", "%2e%2e%2fsecret.txt",  # URL-encoded ..
+        "../secret.txt", "sub/../../secret.txt", "../../../../../../etc/passwd",  # plain .. traversal
+        "",
+    ]
+
+
+def test_odd_paths_never_raise_and_are_error_rows(tmp_path):
+    folder = tmp_path / "photos"
+    (folder / "%2e%2e").mkdir(parents=True)
+    (folder / "ok.jpg").write_bytes(b"OK")
+    (tmp_path / "secret.txt").write_bytes(b"OUTSIDE")
+    allow = (inputs.default_allow_prefix(str(folder / "list.csv")),)
+    odd = _odd_paths(folder)
+    for p in odd + ["s3://b/photos/%2e%2e/x.jpg"]:
+        inputs.normalize_path(p, str(folder))
+        inputs.normalize_path(p)
+        inputs.resolve_path(p, str(folder))
+        assert isinstance(inputs.is_allowed(inputs.resolve_path(p, str(folder)), allow), bool), p
+    uris = [inputs.resolve_path(p, str(folder)) for p in odd] + [str(folder / "ok.jpg")]
+    for confined, res in ((True, inputs.fetch_all(uris, allow=allow)), (True, [inputs.fetch(u, allow=allow) for u in uris]),
+                          (False, inputs.fetch_all(uris)), (False, [inputs.fetch(u) for u in uris])):
+        assert res[-1] == (b"OK", None, None)
+        for p, (data, kind, message) in zip(odd, res[:-1]):
+            if not confined and ".." in p and "%" not in p:  # without --allow-prefix, ../secret.txt is a file
+                continue
+            assert data is None and kind in ("unreadable", "forbidden"), (p[:60], kind, message)
+            assert isinstance(message, str) and 0 < len(message) < 200, (p[:60], message)
+            message.encode("utf-8")  # goes to a Parquet string column
+    assert inputs.fetch_all(["", str(folder / "b\x00.jpg")], allow=allow)[1][1:] == ("unreadable", "path contains a NUL byte")
+    assert inputs.fetch_all([str(folder / ("n" * 300))], allow=allow)[0][1:] == ("unreadable", "file name too long")
+    assert inputs.fetch("s3://")[1:] == ("unreadable", "not an s3://bucket/key URI")
+    assert inputs.fetch("s3://bucket/")[1:] == ("unreadable", "not an s3://bucket/key URI")
+    assert not inputs.is_allowed("", allow) and not inputs.is_allowed(str(folder / "%2e%2e/../../secret.txt"), allow)
+
+
+def test_s3_percent_encoded_dot_segments_are_outside_the_prefix():
+    allow = ("s3://photos/batch-1/",)
+    for uri in ("s3://photos/batch-1/%2e%2e/other/x.jpg", "s3://photos/batch-1/%2E%2E%2Fother/x.jpg",
+                "s3://photos/batch-1/..%2fx.jpg", "s3://photos/batch-1/sub/%2e%2e/%2e%2e/x.jpg"):
+        assert not inputs.is_allowed(uri, allow), uri
+    assert inputs.is_allowed("s3://photos/batch-1/sub/%2e%2e/x.jpg", allow)  # stays inside either way
+    assert inputs.is_allowed("s3://photos/batch-1/100%25 real.jpg", allow)
+
+
+def test_odd_s3_paths_against_a_real_endpoint_are_error_rows(s3_bucket):
+    client, bucket = s3_bucket
+    client.put_object(Bucket=bucket, Key="photos/ok.jpg", Body=b"OK")
+    client.put_object(Bucket=bucket, Key="secret.txt", Body=b"OUTSIDE")
+    allow = (f"s3://{bucket}/photos/",)
+    odd = [f"s3://{bucket}/photos/%2e%2e/secret.txt", f"s3://{bucket}/photos/../secret.txt", f"s3://{bucket}",
+           f"s3://{bucket}/", f"s3://{bucket}/photos/b\x00.jpg", f"s3://{bucket}/photos/" + "k" * 2000,
+           f"s3://{bucket}/photos/lone\ud800.jpg", "s3://", "s3:///photos/ok.jpg", f"s3://{bucket}/photos/missing.jpg"]
+    res = inputs.fetch_all(odd + [f"s3://{bucket}/photos/ok.jpg"], allow=allow, timeout=30)
+    assert res[-1] == (b"OK", None, None)
+    for p, (data, kind, message) in zip(odd, res[:-1]):
+        assert data is None and kind in ("unreadable", "forbidden"), (p[:80], kind, message)
+        assert 0 < len(message) < 200
+    assert res[0] == res[1] == FORBIDDEN
+    # '#' and '?' are part of a key, not a URL's fragment or query: the key read is the key that was checked
+    tricks = [f"s3://{bucket}/secret.txt#/../photos/ok.jpg", f"s3://{bucket}/secret.txt?/../photos/ok.jpg"]
+    for r in inputs.fetch_all(tricks, allow=allow, timeout=30) + [inputs.fetch(u, allow=allow) for u in tricks]:
+        assert r[0] != b"OUTSIDE", r
+
+
+def test_a_manifest_with_odd_rows_is_listed_and_each_row_is_an_error_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "ok.jpg").write_bytes(b"OK")
+    odd = [p for p in _odd_paths(folder) if p and "\ud800" not in p and "\udcff" not in p]
+    csv = folder / "list.csv"
+    csv.write_bytes(b"path\n" + b"\n".join(p.encode() for p in odd)
+                    + b"\nbad\xff\xfe.jpg\nother\xff.jpg\nok.jpg\n")
+    # a Parquet manifest whose string column holds bytes that are not UTF-8 (written by another tool)
+    values = [p.encode() for p in odd] + [b"bad\xff\xfe.jpg", b"other\xff.jpg", b"ok.jpg"]
+    offsets = [0]
+    for v in values:
+        offsets.append(offsets[-1] + len(v))
+    col = pa.Array.from_buffers(pa.string(), len(values),
+                                [None, pa.py_buffer(pa.array(offsets, pa.int32()).buffers()[1]), pa.py_buffer(b"".join(values))])
+    pq.write_table(pa.table({"path": col}), folder / "list.parquet")
+    allow = (str(folder),)
+    for manifest in (csv, folder / "list.parquet"):
+        out = tmp_path / f"listing-{manifest.suffix[1:]}"
+        stats = inputs.write_manifest_listing(str(manifest), str(out), str(folder))
+        listed = _listed(out)
+        assert stats.files == len(values) and stats.inputs == len(listed) == len(values) - 2  # 2 spellings twice
+        assert "bad\\xff\\xfe.jpg" in listed and "other\\xff.jpg" in listed  # not UTF-8: shown as \xNN escapes
+        res = inputs.fetch_all([inputs.resolve_path(p, str(folder)) for p in listed], allow=allow)
+        assert res[-1] == (b"OK", None, None)
+        assert all(r[0] is None and r[1] in ("unreadable", "forbidden") for r in res[:-1])
+        assert inputs.manifest_rows(str(manifest)) == len(values)
+
+
+def test_a_folder_with_a_file_name_that_is_not_utf8_is_listed(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "ok.jpg").write_bytes(b"OK")
+    with open(os.path.join(os.fsencode(folder), b"bad\xff.jpg"), "wb") as f:
+        f.write(b"\xff\xd8\xff")
+    stats = inputs.write_listing(str(folder), str(tmp_path / "listing"))
+    listed = _listed(tmp_path / "listing")
+    assert stats.inputs == 2 and listed[1] == str(folder / "ok.jpg")
+    assert listed[0] == str(folder / "bad\\xff.jpg")
+    kind, message = inputs.fetch(listed[0], allow=(str(folder),))[1:]
+    assert kind == "unreadable" and "not valid UTF-8" in message
