@@ -75,16 +75,38 @@ def read_bytes(uri: str) -> bytes:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """Write atomically where the filesystem allows it (local: temp file + rename; S3 PUT is atomic)."""
+    """Write atomically where the filesystem allows it (local: temp file + rename; S3 PUT is atomic).
+
+    The local temporary file is created next to the target with a random name, exclusively and without
+    following a link (``O_CREAT | O_EXCL | O_NOFOLLOW``): a link planted at a predictable name cannot make
+    the write land in another file. The file gets the usual permissions (``0o666`` less the umask)."""
+    import secrets
+
     fs, path = filesystem(uri)
     parent = posixpath.dirname(path) if is_s3(uri) else os.path.dirname(path)
     if parent:
         fs.create_dir(parent, recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        for _ in range(100):
+            tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{secrets.token_hex(8)}")
+            try:
+                fd = os.open(tmp, flags, 0o666)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise FileExistsError(f"no free temporary name next to {path}")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
         return
     with fs.open_output_stream(path) as f:
         f.write(data)

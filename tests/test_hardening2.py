@@ -201,3 +201,30 @@ def test_a_folder_with_a_file_name_that_is_not_utf8_is_listed(tmp_path):
     assert listed[0] == str(folder / "bad\\xff.jpg")
     kind, message = inputs.fetch(listed[0], allow=(str(folder),))[1:]
     assert kind == "unreadable" and "not valid UTF-8" in message
+
+
+# ------------------------------------------------------------------------------------------------------
+# 3: the temporary file of a local write is created exclusively, with a name nobody can plant a link at
+# ------------------------------------------------------------------------------------------------------
+
+def test_write_bytes_does_not_follow_a_planted_temporary_link(tmp_path):
+    from facedata import storage
+
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    out = tmp_path / "out" / "summary.json"
+    out.parent.mkdir()
+    # the old name was "<path>.tmp-<pid>": plant a link there, and at every name in the folder's listing
+    (out.parent / f"summary.json.tmp-{os.getpid()}").symlink_to(victim)
+    storage.write_bytes(str(out), b"new content")
+    assert victim.read_bytes() == b"precious"
+    assert out.read_bytes() == b"new content" and not out.is_symlink()
+    left = sorted(p.name for p in out.parent.iterdir())
+    assert left == sorted(["summary.json", f"summary.json.tmp-{os.getpid()}"])  # no temporary file left behind
+    assert (out.stat().st_mode & 0o777) == (0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
