@@ -145,13 +145,41 @@ def save_checkpoint(model, uri: str, metrics: dict | None = None, extra: dict | 
     return digest
 
 
-def _read(uri: str, map_location="cpu") -> dict:
-    from facedata import storage
+# Bounds of one checkpoint read (issue #22): the largest model here is about 100 MB; 2 GiB leaves room for
+# any torchvision backbone while refusing a 50 GB object or a device. A FIFO or device is refused at once;
+# a read still going after the timeout (a hung mount, a slow endpoint) is refused. Both can be set per
+# process with these environment variables (Ray workers inherit the driver's runtime_env), or per call.
+DEFAULT_MAX_CHECKPOINT_BYTES = 2 * 1024 ** 3
+DEFAULT_READ_TIMEOUT_S = 600.0
+MAX_BYTES_ENV = "FACEATTR_MAX_CHECKPOINT_BYTES"
+TIMEOUT_ENV = "FACEATTR_CHECKPOINT_READ_TIMEOUT_S"
+
+
+def read_limits(max_bytes: int | None = None, timeout_s: float | None = None) -> tuple[int, float]:
+    """``(max_bytes, timeout_s)`` of a checkpoint read: the arguments, else the environment
+    (:data:`MAX_BYTES_ENV`, :data:`TIMEOUT_ENV`), else the defaults (2 GiB, 600 s)."""
+    import os
 
     try:
-        data = storage.read_bytes(uri)
+        if max_bytes is None:
+            max_bytes = int(os.environ.get(MAX_BYTES_ENV) or DEFAULT_MAX_CHECKPOINT_BYTES)
+        if timeout_s is None:
+            timeout_s = float(os.environ.get(TIMEOUT_ENV) or DEFAULT_READ_TIMEOUT_S)
+    except ValueError as e:
+        raise CheckpointError(f"{MAX_BYTES_ENV} / {TIMEOUT_ENV}: {e}") from None
+    return max_bytes, timeout_s
+
+
+def _read(uri: str, map_location="cpu", max_bytes: int | None = None, timeout_s: float | None = None) -> dict:
+    from facedata import storage
+
+    max_bytes, timeout_s = read_limits(max_bytes, timeout_s)
+    try:
+        data = storage.read_bounded(uri, max_bytes, timeout_s)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {uri}") from None
+    except storage.BoundedReadError as e:
+        raise CheckpointError(f"checkpoint refused: {e} (limits: {MAX_BYTES_ENV}, {TIMEOUT_ENV})") from None
     except OSError as e:
         raise CheckpointError(f"checkpoint {uri} cannot be read ({type(e).__name__}: {e})") from None
     try:
@@ -167,12 +195,15 @@ def _read(uri: str, map_location="cpu") -> dict:
     return obj
 
 
-def load_checkpoint(uri: str, map_location="cpu", expected_hash: str | None = None):
+def load_checkpoint(uri: str, map_location="cpu", expected_hash: str | None = None, max_bytes: int | None = None,
+                    timeout_s: float | None = None):
     """Load a checkpoint from a path or s3:// URI -> ``(model in eval mode, CheckpointInfo)``.
 
     Uses ``torch.load(weights_only=True)``; refuses (:class:`CheckpointError`) files of another format,
     malformed ones, files whose content does not match their hash, and, when the URI ends in
-    ``#sha256:<hex>`` or ``expected_hash`` is given, files whose hash is not that one."""
+    ``#sha256:<hex>`` or ``expected_hash`` is given, files whose hash is not that one. The read is bounded
+    (:func:`read_limits`: 2 GiB and 600 s unless set): a FIFO, a device, a bigger file or a read that hangs
+    is refused."""
     import models
     from models.preprocess import Preprocessing
 
@@ -182,7 +213,7 @@ def load_checkpoint(uri: str, map_location="cpu", expected_hash: str | None = No
         if pin is not None and pin != expected:
             raise CheckpointError(f"{uri}: two different pins ({pin}, {expected})")
         pin = expected
-    obj = _read(uri, map_location)
+    obj = _read(uri, map_location, max_bytes, timeout_s)
     if obj["format"] == OLD_FORMAT:
         raise CheckpointError(f"{uri} is a {OLD_FORMAT} file, whose hash does not cover its outputs, preprocessing, "
                               f"metrics and extra; re-save it as {FORMAT} with "

@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from facedata import inputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,3 +230,152 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+# ------------------------------------------------------------------------------------------------------
+# 5: checkpoint reads are bounded in size and time; a FIFO fails at once
+# ------------------------------------------------------------------------------------------------------
+
+def _in_thread(fn, timeout):
+    box = []
+
+    def run():
+        try:
+            box.append(("ok", fn()))
+        except BaseException as e:  # noqa: BLE001
+            box.append(("error", e))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert box, f"still blocked after {timeout} s"
+    return box[0]
+
+
+def _saved(tmp_path, name="hs.pt", **kw):
+    import models
+    from models.checkpoint import save_checkpoint
+
+    path = str(tmp_path / name)
+    digest = save_checkpoint(models.create_model("hard_sharing"), path, **kw)
+    return path, digest
+
+
+def test_a_fifo_given_as_a_checkpoint_fails_fast(tmp_path):
+    from models.checkpoint import CheckpointError, load_checkpoint
+
+    fifo = tmp_path / "model.pt"
+    os.mkfifo(fifo)
+    t0 = time.perf_counter()
+    status, err = _in_thread(lambda: load_checkpoint(str(fifo)), 10)
+    assert time.perf_counter() - t0 < 2
+    assert status == "error" and isinstance(err, CheckpointError) and "not a regular file" in str(err)
+
+
+def test_checkpoint_reads_are_bounded_in_size(tmp_path, monkeypatch):
+    from models.checkpoint import (
+        DEFAULT_MAX_CHECKPOINT_BYTES,
+        MAX_BYTES_ENV,
+        CheckpointError,
+        load_checkpoint,
+    )
+
+    path, digest = _saved(tmp_path)
+    size = os.path.getsize(path)
+    monkeypatch.setenv(MAX_BYTES_ENV, str(size - 1))
+    with pytest.raises(CheckpointError, match=f"{size} bytes, over the limit of {size - 1}"):
+        load_checkpoint(path)
+    assert load_checkpoint(path, max_bytes=size)[1].hash == digest  # the argument wins over the environment
+    monkeypatch.delenv(MAX_BYTES_ENV)
+    assert load_checkpoint(path)[1].hash == digest
+    big = tmp_path / "big.pt"
+    with open(big, "wb") as f:
+        f.truncate(DEFAULT_MAX_CHECKPOINT_BYTES + 1)  # sparse: refused from its size, never read
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError, match=f"over the limit of {DEFAULT_MAX_CHECKPOINT_BYTES}"):
+        load_checkpoint(str(big))
+    assert time.perf_counter() - t0 < 2
+
+
+class _SlowS3:
+    """A minimal S3 endpoint on 127.0.0.1 whose one object is sent at 20 bytes a second."""
+
+    def __init__(self, size: int):
+        import http.server
+
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _headers(self):
+                self.send_response(200)
+                self.send_header("Content-Length", str(size))
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Last-Modified", "Tue, 01 Dec 2026 00:00:00 GMT")
+                self.send_header("ETag", '"0123456789abcdef0123456789abcdef"')
+                self.end_headers()
+
+            def do_HEAD(self):
+                self._headers()
+
+            def do_GET(self):
+                self._headers()
+                try:
+                    for _ in range(size):
+                        if outer.stop.is_set():
+                            return
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                        time.sleep(0.05)
+                except OSError:
+                    pass
+
+        self.stop = threading.Event()
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_slow_checkpoint_read_times_out(monkeypatch):
+    from facedata import storage
+    from models.checkpoint import TIMEOUT_ENV, CheckpointError, load_checkpoint
+
+    slow = _SlowS3(100_000)
+    try:
+        for k, v in {"AWS_ENDPOINT_URL": slow.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                     "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setenv(TIMEOUT_ENV, "1.5")
+        t0 = time.perf_counter()
+        status, err = _in_thread(lambda: load_checkpoint("s3://models/slow.pt"), 20)
+        assert status == "error" and isinstance(err, CheckpointError), err
+        assert "not done within 1.5 s" in str(err) and time.perf_counter() - t0 < 5
+        with pytest.raises(storage.BoundedReadError, match="over the limit of 1000"):
+            storage.read_bounded("s3://models/slow.pt", 1000, 5)  # refused from its size (HEAD)
+    finally:
+        slow.close()
+
+
+def test_read_bounded_refuses_what_is_not_a_regular_file(tmp_path):
+    from facedata import storage
+
+    (tmp_path / "set.yaml").write_bytes(b"models: {}\n")
+    assert storage.read_bounded(str(tmp_path / "set.yaml"), 100, 5) == b"models: {}\n"
+    os.mkfifo(tmp_path / "fifo.yaml")
+    for uri in (str(tmp_path / "fifo.yaml"), "/dev/zero", str(tmp_path)):
+        status, err = _in_thread(lambda u=uri: storage.read_bounded(u, 100, 5), 10)
+        assert status == "error" and isinstance(err, storage.BoundedReadError) and "not a regular file" in str(err)
+    with pytest.raises(storage.BoundedReadError, match="11 bytes, over the limit of 10"):
+        storage.read_bounded(str(tmp_path / "set.yaml"), 10, 5)
+    with pytest.raises(FileNotFoundError):
+        storage.read_bounded(str(tmp_path / "missing.yaml"), 10, 5)
