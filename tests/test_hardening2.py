@@ -379,3 +379,77 @@ def test_read_bounded_refuses_what_is_not_a_regular_file(tmp_path):
         storage.read_bounded(str(tmp_path / "set.yaml"), 10, 5)
     with pytest.raises(FileNotFoundError):
         storage.read_bounded(str(tmp_path / "missing.yaml"), 10, 5)
+
+
+# ------------------------------------------------------------------------------------------------------
+# 4: the content hash covers every value of a tensor in the metadata
+# ------------------------------------------------------------------------------------------------------
+
+def _with_extra(tmp_path, name, extra) -> tuple[str, str]:
+    import torch
+
+    from models.checkpoint import _hash_of
+
+    path = tmp_path / "base.pt"
+    if not path.exists():  # one model: the files differ only in extra
+        _saved(tmp_path, "base.pt")
+    obj = torch.load(path, weights_only=True)
+    obj["extra"] = extra
+    obj["hash"] = _hash_of(obj)
+    torch.save(obj, tmp_path / name)
+    return str(tmp_path / name), obj["hash"]
+
+
+@pytest.mark.parametrize("where", ["top", "nested"])
+def test_one_value_of_a_tensor_in_extra_changes_the_hash(tmp_path, where):
+    import torch
+
+    from models.checkpoint import CheckpointError, load_checkpoint
+
+    calib = torch.linspace(0, 1, 5000)
+    other = calib.clone()
+    other[2500] += 0.5  # in the middle: repr shows neither
+
+    def wrap(t):
+        return {"calibration": t} if where == "top" else {"runs": [{"name": "r1", "curves": {"calibration": t}}]}
+
+    a, ha = _with_extra(tmp_path, "a.pt", wrap(calib))
+    b, hb = _with_extra(tmp_path, "b.pt", wrap(other))
+    assert ha != hb
+    assert load_checkpoint(f"{a}#{ha}")[1].hash == ha
+    with pytest.raises(CheckpointError, match="not the pinned"):
+        load_checkpoint(f"{b}#{ha}")
+    # the same values in another dtype or shape are another checkpoint too
+    _, hc = _with_extra(tmp_path, "c.pt", wrap(calib.double()))
+    _, hd = _with_extra(tmp_path, "d.pt", wrap(calib.reshape(50, 100)))
+    assert len({ha, hc, hd}) == 3
+
+
+def test_a_tensor_and_text_that_looks_like_it_hash_differently(tmp_path):
+    import torch
+
+    from models.checkpoint import content_hash
+
+    t = torch.zeros(5000)
+    sd = {"w": torch.ones(2)}
+    assert content_hash("m", {}, sd, extra={"x": t}) != content_hash("m", {}, sd, extra={"x": repr(t)})
+    assert content_hash("m", {}, sd, extra={"x": t, "y": "a"}) != content_hash("m", {}, sd, extra={"x": t, "y": ["a"]})
+
+
+def test_hashes_of_checkpoints_without_arrays_in_their_metadata_do_not_change(tmp_path):
+    """The hash every existing checkpoint carries (JSON of the metadata, then the tensors) is unchanged."""
+    import hashlib
+    import json
+
+    import torch
+
+    from models.checkpoint import FORMAT, _tensor_digest, load_checkpoint
+
+    path, digest = _saved(tmp_path, metrics={"accuracy": 0.5}, extra={"run": "r1", "epochs": [1, 2], "lr": 1e-3})
+    obj = torch.load(path, weights_only=True)
+    h = hashlib.sha256(FORMAT.encode())
+    meta = {k: obj[k] for k in ("config", "outputs", "preprocessing", "metrics", "extra")}
+    h.update(json.dumps({"model": obj["model"], **meta}, sort_keys=True, default=repr).encode())
+    _tensor_digest(h, obj["state_dict"])
+    assert digest == obj["hash"] == "sha256:" + h.hexdigest()
+    assert load_checkpoint(f"{path}#{digest}")[1].hash == digest
