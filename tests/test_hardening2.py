@@ -6,6 +6,8 @@ test failed on the code before its fix."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -453,3 +455,59 @@ def test_hashes_of_checkpoints_without_arrays_in_their_metadata_do_not_change(tm
     _tensor_digest(h, obj["state_dict"])
     assert digest == obj["hash"] == "sha256:" + h.hexdigest()
     assert load_checkpoint(f"{path}#{digest}")[1].hash == digest
+
+
+# ------------------------------------------------------------------------------------------------------
+# 6: YAML with aliases is refused before it is expanded; the node count is bounded
+# ------------------------------------------------------------------------------------------------------
+
+BILLION_LAUGHS = "\n".join(
+    ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    + [f"{c}: &{c} [{','.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")]) + "\n"
+
+
+def test_billion_laughs_fails_fast_with_bounded_memory():
+    assert len(BILLION_LAUGHS) < 500
+    code = ("import resource, sys, time; from facedata.yamlsafe import load_yaml, YamlError; "
+            "text = sys.stdin.read(); before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            "t0 = time.perf_counter()\n"
+            "try:\n    load_yaml(text); print('loaded')\n"
+            "except YamlError as e:\n"
+            "    print(f'{time.perf_counter() - t0:.3f}', "
+            "(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, e)")
+    out = subprocess.run([sys.executable, "-c", code], input=BILLION_LAUGHS, capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    seconds, grew_mb, message = out.stdout.split(" ", 2)
+    assert float(seconds) < 1.0 and int(grew_mb) < 16, out.stdout
+    assert message.startswith("line 1: an anchor (&a)"), message
+
+
+def test_a_model_set_file_loads_as_safe_load_does():
+    import yaml
+
+    from facedata.yamlsafe import load_yaml
+
+    text = (ROOT / "jobs" / "model_set.yaml").read_text()
+    assert load_yaml(text) == yaml.safe_load(text)
+    assert load_yaml('{"models": {"a": "s3://m/a.pt"}, "embedding": false}') == {"models": {"a": "s3://m/a.pt"},
+                                                                                  "embedding": False}
+    assert load_yaml("version: 2026-11-29\n")["version"].isoformat() == "2026-11-29"  # the usual types
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("base: &b {x: 1}\nother:\n  <<: *b\n", "line 1: an anchor (&b)"),
+    ("models:\n  a: s3://m/a.pt\n  b: *undefined\n", "line 3: an alias (*undefined)"),
+    ("models: [" + ", ".join(["x"] * 20_000) + "]\n", "line 1: more than 10000 YAML nodes"),
+    ("[" * 100 + "]" * 100, "line 1: nested deeper than 32 levels"),
+    ("a: 1\n---\nb: 2\n", "line 2: more than one YAML document"),
+    ("models:\n  a: [" + "z" * 100_000 + "\n", "line 3: not valid YAML"),
+])
+def test_refused_yaml_names_the_line_and_quotes_little(text, expected):
+    from facedata.yamlsafe import YamlError, load_yaml
+
+    t0 = time.perf_counter()
+    with pytest.raises(YamlError) as e:
+        load_yaml(text)
+    assert time.perf_counter() - t0 < 1.0
+    assert str(e.value).startswith(expected), str(e.value)
+    assert len(str(e.value)) < 300 and "z" * 100 not in str(e.value)
