@@ -511,3 +511,65 @@ def test_refused_yaml_names_the_line_and_quotes_little(text, expected):
     assert time.perf_counter() - t0 < 1.0
     assert str(e.value).startswith(expected), str(e.value)
     assert len(str(e.value)) < 300 and "z" * 100 not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------------
+# 7: one JPEG scan limit for the CPU decoder and --gpu-decode
+# ------------------------------------------------------------------------------------------------------
+
+def _jpeg(progressive: bool, size=(64, 48)) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    arr = np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90, progressive=progressive)
+    return buf.getvalue()
+
+
+def _scan_bomb(scans: int = 4000) -> bytes:
+    """A progressive JPEG whose last scan (SOS segment and its entropy-coded data) is repeated."""
+    data = _jpeg(True)
+    assert data.endswith(b"\xff\xd9")
+    last = data.rindex(b"\xff\xda")
+    return data[:last] + data[last:-2] * scans + b"\xff\xd9"
+
+
+def test_a_4000_scan_jpeg_is_refused_by_the_shared_check():
+    from models.preprocess import (
+        MAX_JPEG_SCANS,
+        ImageDecodeError,
+        Preprocessing,
+        check_jpeg_bytes,
+        decode,
+        jpeg_scan_count,
+    )
+
+    bomb = _scan_bomb()
+    assert len(bomb) < 2_000_000 and jpeg_scan_count(bomb) >= 4000
+    t0 = time.perf_counter()
+    with pytest.raises(ImageDecodeError) as e:
+        check_jpeg_bytes(bomb)
+    assert time.perf_counter() - t0 < 0.5
+    assert e.value.kind == "too_large" and f"over the limit of {MAX_JPEG_SCANS}" in e.value.message
+    with pytest.raises(ImageDecodeError) as e:  # the CPU decoder uses that same check
+        decode(bomb, Preprocessing(size=(32, 32)))
+    assert e.value.kind == "too_large" and "scans" in e.value.message
+    for ok in (_jpeg(True), _jpeg(False)):  # ordinary JPEGs, progressive (about 10 scans) or not
+        assert 1 <= jpeg_scan_count(ok) <= 12
+        check_jpeg_bytes(ok)
+        decode(ok, Preprocessing(size=(32, 32)))
+    assert jpeg_scan_count(b"\x89PNG\r\n\x1a\n" + b"\xff\xda" * 100) == 0
+
+
+@pytest.mark.xfail(strict=True, reason="integrator: raytasks/label/gpu_decode.jpeg_for_gpu must call "
+                                       "models.preprocess.check_jpeg_bytes (issue #22 item 7); then drop this mark")
+def test_gpu_decode_refuses_the_scan_bomb_too():
+    from models.preprocess import Preprocessing
+    from raytasks.label.gpu_decode import jpeg_for_gpu
+
+    pre = Preprocessing(size=(32, 32))
+    assert jpeg_for_gpu(_jpeg(True), pre)
+    assert not jpeg_for_gpu(_scan_bomb(), pre)  # stays on the CPU path, which gives it its too_large row
