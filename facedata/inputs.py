@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import errno
 import os
 import posixpath
+import stat
 from collections.abc import Iterator
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -126,7 +129,7 @@ def write_listing(input_uri: str, listing_uri: str, chunk: int = LISTING_CHUNK) 
         stats.skipped_not_image += len(paths) - len(keep)
         stats.inputs += len(keep)
         if keep:
-            pq.write_table(pa.table({"path": pa.array(keep, pa.string())}),
+            pq.write_table(pa.table({"path": pa.array([storable(p) for p in keep], pa.string())}),
                            f"{root}/part-{part:06d}.parquet", filesystem=fs)
             part += 1
 
@@ -141,6 +144,33 @@ def write_listing(input_uri: str, listing_uri: str, chunk: int = LISTING_CHUNK) 
     return stats
 
 
+def storable(path: str) -> str:
+    """``path`` as valid UTF-8 text, for a Parquet string column: a file name whose bytes are not UTF-8
+    (``os.walk`` gives them as surrogate escapes) or a lone surrogate is written with ``\\xNN`` (``\\uNNNN``)
+    escapes. Such a row is then an ``unreadable`` row that says so (:func:`fetch`), not a listing that fails."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        try:
+            return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            return path.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _batch_paths(batch) -> list[str | None]:
+    """The ``path`` column of a manifest record batch as text; values whose bytes are not UTF-8 (a CSV, or a
+    Parquet file written by a tool that did not check) are kept, with ``\\xNN`` escapes (:func:`storable`)."""
+    col = batch.column(0)
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        col = col.cast(pa.string())
+    try:
+        return col.to_pylist()
+    except UnicodeDecodeError:
+        return [None if v is None else v.decode("utf-8", "backslashreplace")
+                for v in col.cast(pa.large_binary()).to_pylist()]
+
+
 def is_manifest(uri: str) -> bool:
     return uri.lower().endswith(MANIFEST_SUFFIXES)
 
@@ -153,7 +183,7 @@ def manifest_path_batches(uri: str):
     import pyarrow.csv as pacsv
 
     return pacsv.open_csv(fs.open_input_stream(path), convert_options=pacsv.ConvertOptions(
-        include_columns=["path"], column_types={"path": pa.string()}))
+        include_columns=["path"], column_types={"path": pa.string()}, check_utf8=False))  # see _batch_paths
 
 
 def manifest_rows(uri: str) -> int:
@@ -163,9 +193,10 @@ def manifest_rows(uri: str) -> int:
 
     n = empty = 0
     for batch in manifest_path_batches(uri):
-        col = batch.column(0).cast(pa.string())
+        col = batch.column(0)
+        col = col.cast(pa.large_binary() if pa.types.is_string(col.type) else pa.string())  # not decoded
         n += batch.num_rows
-        empty += col.null_count + (pc.sum(pc.equal(col, "")).as_py() or 0)
+        empty += col.null_count + (pc.sum(pc.equal(pc.binary_length(col), 0)).as_py() or 0)
     if empty:
         raise InputError(f"manifest {uri}: {empty} of {n} rows have no path")
     return n
@@ -227,27 +258,54 @@ def default_allow_prefix(input_uri: str) -> str:
 
 
 def _real(uri: str) -> str:
-    return uri if storage.is_s3(uri) else os.path.realpath(uri)
+    """``realpath`` of a local path; the path itself when it cannot be resolved (a NUL byte, a lone
+    surrogate, a link changing while it is read): the read then opens it confined (:func:`_open_local`)."""
+    if storage.is_s3(uri):
+        return uri
+    try:
+        return os.path.realpath(uri)
+    except (OSError, ValueError):
+        return uri
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix.rstrip(os.sep) + os.sep)
+
+
+def _s3_decoded(norm: str) -> str:
+    """An ``s3://`` URI with its key percent-decoded (until it no longer changes) and dot segments removed:
+    what a server or proxy that decodes ``%2e%2e/`` before resolving the path would reach."""
+    bucket, _, key = norm[len("s3://"):].partition("/")
+    for _ in range(4):
+        decoded = unquote(key)
+        if decoded == key:
+            break
+        key = decoded
+    return f"s3://{bucket}/" + posixpath.normpath("/" + key).lstrip("/")
 
 
 def is_allowed(uri: str, prefixes: tuple[str, ...] | list[str]) -> bool:
     """Whether ``uri`` (normalised; for local files also with symlinks resolved, so a link inside the
     folder to ``/etc/passwd`` is outside) lies under one of ``prefixes``. Decided from the names alone
     (``realpath`` reads links, never the file), so the answer for a path outside is the same whether or not
-    that file exists."""
+    that file exists. An S3 key must be inside both as written and percent-decoded (``%2e%2e/`` is ``..``
+    to some servers). An empty path is never allowed. Never raises.
+
+    This is the check on names; a local read is also confined on the descriptor it reads from
+    (:func:`fetch` with ``allow``), so a link swapped in after this check does not escape."""
+    if not uri:
+        return False
     norm = normalize_path(uri)
     for prefix in prefixes:
         p = normalize_path(prefix)
         if storage.is_s3(p) != storage.is_s3(norm):
             continue
         if storage.is_s3(p):
-            if norm.startswith(p if p.endswith("/") else p + "/"):  # "s3://b/photos" does not allow "s3://b/photos2/x"
+            pre = p if p.endswith("/") else p + "/"  # "s3://b/photos" does not allow "s3://b/photos2/x"
+            if norm.startswith(pre) and _s3_decoded(norm).startswith(pre):
                 return True
             continue
-        for cand, pre in ((norm, p), (_real(norm), _real(p))):
-            if not (cand == pre or cand.startswith(pre.rstrip(os.sep) + os.sep)):
-                break
-        else:
+        if _under(norm, p) and _under(_real(norm), _real(p)):
             return True
     return False
 
@@ -277,12 +335,12 @@ def write_manifest_listing(uri: str, listing_uri: str, base: str | None, chunk: 
         part, pending = part + 1, []
 
     for batch in batches:
-        for p in batch.column(0).cast(pa.string()).to_pylist():
+        for p in _batch_paths(batch):
             stats.files += 1
             if not p:
                 empty += 1
                 continue
-            digest = hashlib.blake2b(normalize_path(p, base).encode(), digest_size=16).digest()
+            digest = hashlib.blake2b(normalize_path(p, base).encode("utf-8", "surrogatepass"), digest_size=16).digest()
             if digest in seen:
                 stats.duplicates += 1
                 continue
@@ -347,39 +405,130 @@ def _local_path(uri: str) -> str | None:
     return os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
 
 
-def _open_local(path: str) -> int:
-    """An fd of a regular file, opened without blocking (a FIFO would block ``open`` forever) and checked
-    with ``fstat`` on the opened file (no window between a check and the open)."""
-    import stat
+class _Forbidden(Exception):
+    """A local read that resolved, or was opened, outside the allowed prefixes."""
 
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+
+def _allowed_roots(allow) -> tuple[str, ...]:
+    """The real paths of the local prefixes of ``allow`` (a prefix that is itself a link is followed)."""
+    return tuple(_real(normalize_path(p)) for p in allow if p and not storage.is_s3(p))
+
+
+def _fd_path(fd: int, opened: str, st: os.stat_result) -> str | None:
+    """The real path of the file open on ``fd``: ``/proc/self/fd/N`` where there is one; elsewhere ``opened``
+    when it still names that very file (same device and inode) and has no link left in it; else None."""
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        where = os.readlink(f"/proc/self/fd/{fd}")
+        return where if where.startswith("/") and not where.endswith(" (deleted)") else None
+    except OSError:
+        pass
+    try:
+        now = os.stat(opened, follow_symlinks=False)
+        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino) and os.path.realpath(opened) == opened:
+            return opened
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _open_local(path: str, allow=None) -> int:
+    """An fd of a regular file, opened without blocking (a FIFO would block ``open`` forever) and checked
+    with ``fstat`` on the opened file (no window between a check and the open).
+
+    With ``allow``, the read is confined to those prefixes on the descriptor itself: the path is resolved
+    (``realpath``), refused when that is outside, opened without following a final link (``O_NOFOLLOW``:
+    a link swapped in since is ``ELOOP``), and the opened file's own path (``/proc/self/fd/N``) must be
+    inside too (a folder swapped for a link since is caught there). Raises :class:`_Forbidden`."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    roots = None
+    if allow is not None:
+        roots = _allowed_roots(allow)
+        path = os.path.realpath(path)
+        if not any(_under(path, r) for r in roots):
+            raise _Forbidden
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise IsADirectoryError("not a regular file")
+        if roots is not None:
+            where = _fd_path(fd, path, st)
+            if where is None or not any(_under(where, r) for r in roots):
+                raise _Forbidden
     except BaseException:
         os.close(fd)
         raise
     return fd
 
 
-def _error(e: BaseException) -> tuple[None, str, str]:
+_MESSAGE_CHARS = 160
+
+
+def _short(text: str) -> str:
+    """A message for a row: valid UTF-8, at most :data:`_MESSAGE_CHARS` characters."""
+    text = storable(str(text))
+    return text if len(text) <= _MESSAGE_CHARS else text[:_MESSAGE_CHARS - 3] + "..."
+
+
+def _error(e: BaseException, uri: str = "") -> tuple[None, str, str]:
+    """A read's exception -> an error row. Messages never echo the path (it is in the row already, and a
+    5,000-character one would drown the reason)."""
+    if isinstance(e, _Forbidden):
+        return (None, *FORBIDDEN)
     if isinstance(e, FileNotFoundError):
+        if "\\x" in uri or "\\u" in uri:
+            return None, "unreadable", "file not found (a name that was not valid UTF-8 is written with \\xNN escapes)"
         return None, "unreadable", "file not found"
+    if isinstance(e, NotADirectoryError):
+        return None, "unreadable", "file not found (a parent is not a folder)"
     if isinstance(e, PermissionError):
         return None, "unreadable", "permission denied"
     if isinstance(e, IsADirectoryError):
         return None, "unreadable", "not a regular file"
-    return None, "unreadable", f"{type(e).__name__}: {e}"
+    if isinstance(e, UnicodeError):
+        return None, "unreadable", "path is not valid UTF-8"
+    if isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:
+        return None, "unreadable", "file name too long"
+    if isinstance(e, OSError) and e.errno == errno.ELOOP:
+        return None, "unreadable", "a symlink changed while the file was opened, or too many symlinks"
+    if isinstance(e, ValueError) and "null" in str(e):
+        return None, "unreadable", "path contains a NUL byte"
+    if isinstance(e, OSError) and e.strerror:
+        return None, "unreadable", _short(f"{type(e).__name__}: {e.strerror}")
+    return None, "unreadable", _short(f"{type(e).__name__}: {e}")
 
 
-def file_size(uri: str) -> tuple[int | None, str | None, str | None]:
-    """``(size, None, None)`` of a regular file, or ``(None, kind, message)``; never raises, reads nothing."""
+def _check_uri(uri: str) -> tuple[None, str, str] | None:
+    """An error row for a URI that names no file whatever the filesystem holds, or None. Touches nothing."""
     if not uri:
         return None, "unreadable", "empty path"
+    if "\x00" in uri:
+        return None, "unreadable", "path contains a NUL byte"
     try:
+        uri.encode("utf-8")
+    except UnicodeEncodeError:
+        return None, "unreadable", "path is not valid UTF-8"
+    if storage.is_s3(uri):
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        if not bucket or not key.strip("/"):
+            return None, "unreadable", "not an s3://bucket/key URI"
+    return None
+
+
+def file_size(uri: str, allow: tuple[str, ...] | None = None) -> tuple[int | None, str | None, str | None]:
+    """``(size, None, None)`` of a regular file, or ``(None, kind, message)``; never raises, reads nothing.
+    With ``allow``, a file outside those prefixes (:func:`is_allowed`; locally, also the file actually
+    opened: :func:`_open_local`) is :data:`FORBIDDEN`."""
+    bad = _check_uri(uri)
+    if bad is not None:
+        return bad
+    try:
+        if allow is not None and not is_allowed(uri, allow):
+            return (None, *FORBIDDEN)
         local = _local_path(uri)
         if local is not None:
-            fd = _open_local(local)
+            fd = _open_local(local, allow)
             try:
                 return os.fstat(fd).st_size, None, None
             finally:
@@ -391,31 +540,52 @@ def file_size(uri: str) -> tuple[int | None, str | None, str | None]:
         if info.type != pafs.FileType.File:
             return None, "unreadable", "not a regular file"
         return info.size, None, None
-    except (OSError, ValueError, pa.ArrowException) as e:
-        return _error(e)
+    except Exception as e:  # noqa: BLE001 - never raises: any failure is this row's error
+        return _error(e, uri)
 
 
-def fetch(uri: str, max_bytes: int = MAX_FILE_BYTES) -> tuple[bytes | None, str | None, str | None]:
+def _read_fd(fd: int, max_bytes: int) -> tuple[bytes | None, str | None, str | None]:
+    """Size (``fstat``) and bytes from one open descriptor, which is closed."""
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            return None, "too_large", f"file is {size} bytes, over the limit of {max_bytes}"
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:  # it grew after the size check
+        return None, "too_large", f"file is over {max_bytes} bytes"
+    return data, None, None
+
+
+def fetch(uri: str, max_bytes: int = MAX_FILE_BYTES,
+          allow: tuple[str, ...] | None = None) -> tuple[bytes | None, str | None, str | None]:
     """Read a file -> ``(bytes, None, None)`` or ``(None, error kind, message)``; never raises. Only regular
     files are read (a FIFO, ``/dev/zero`` or a directory is ``unreadable``), and the size is checked before
-    reading: a file over ``max_bytes`` is ``too_large`` without a byte read."""
-    size, kind, message = file_size(uri)
-    if kind is not None:
-        return None, kind, message
-    if size > max_bytes:
-        return None, "too_large", f"file is {size} bytes, over the limit of {max_bytes}"
+    reading: a file over ``max_bytes`` is ``too_large`` without a byte read.
+
+    A local file is opened once; its size and bytes come from that descriptor. With ``allow``, a file
+    outside those prefixes is :data:`FORBIDDEN`; locally the check is made on the opened descriptor too
+    (:func:`_open_local`), so swapping the name for a symlink while it is read does not reach outside."""
+    bad = _check_uri(uri)
+    if bad is not None:
+        return bad
     try:
+        if allow is not None and not is_allowed(uri, allow):
+            return (None, *FORBIDDEN)
         local = _local_path(uri)
         if local is not None:
-            fd = _open_local(local)
-            with os.fdopen(fd, "rb") as f:
-                data = f.read(max_bytes + 1)
-        else:
-            fs, path = storage.filesystem(uri)
-            with fs.open_input_stream(path) as f:
-                data = f.read(max_bytes + 1)
-    except (OSError, ValueError, pa.ArrowException) as e:
-        return _error(e)
+            return _read_fd(_open_local(local, allow), max_bytes)
+        fs, path = storage.filesystem(uri)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            return None, "unreadable", "file not found"
+        if info.type != pafs.FileType.File:
+            return None, "unreadable", "not a regular file"
+        if info.size is not None and info.size > max_bytes:
+            return None, "too_large", f"file is {info.size} bytes, over the limit of {max_bytes}"
+        with fs.open_input_stream(path) as f:
+            data = f.read(max_bytes + 1)
+    except Exception as e:  # noqa: BLE001 - never raises: any failure is this row's error
+        return _error(e, uri)
     if len(data) > max_bytes:  # it grew after the size check
         return None, "too_large", f"file is over {max_bytes} bytes"
     return data, None, None
@@ -445,12 +615,17 @@ def fetch_chunks(uris: list[str], max_bytes: int = MAX_FILE_BYTES, max_batch_byt
     whose files add up to at most ``max_batch_bytes`` (one file over it goes alone): sizes are read first,
     so a batch of big files is read, and must be consumed, a chunk at a time. Every stat and every read
     has ``timeout`` seconds. With ``allow``, a URI outside those prefixes (:func:`is_allowed`) is never
-    touched: its result is :data:`FORBIDDEN`, the same whether the file exists or not."""
+    touched: its result is :data:`FORBIDDEN`, the same whether the file exists or not; a local file is also
+    confined on the descriptor it is read from (:func:`fetch`). A path that names no file (empty, a NUL
+    byte, not UTF-8, an ``s3://`` URI without bucket or key) is an ``unreadable`` row; nothing raises."""
     uris = list(uris)
-    outside = {i for i, u in enumerate(uris) if allow is not None and u and not is_allowed(u, allow)}
-    inside = [i for i in range(len(uris)) if i not in outside]
-    sizes: list = [(None, *FORBIDDEN)] * len(uris)
-    for i, res in zip(inside, _gather(file_size, [uris[i] for i in inside], timeout)):
+    sizes: list = [_check_uri(u) for u in uris]  # paths that name no file: an error row, nothing touched
+    if allow is not None:
+        for i, u in enumerate(uris):
+            if sizes[i] is None and not is_allowed(u, allow):
+                sizes[i] = (None, *FORBIDDEN)
+    todo = [i for i in range(len(uris)) if sizes[i] is None]
+    for i, res in zip(todo, _gather(lambda u: file_size(u, allow), [uris[i] for i in todo], timeout)):
         sizes[i] = res
     chunk: list[int] = []
     held = 0
@@ -462,12 +637,12 @@ def fetch_chunks(uris: list[str], max_bytes: int = MAX_FILE_BYTES, max_batch_byt
             errors.append((i, (None, "too_large", f"file is {size} bytes, over the limit of {max_bytes}")))
         else:
             if chunk and held + size > max_batch_bytes:
-                yield list(zip(chunk, _gather(lambda u: fetch(u, max_bytes), [uris[j] for j in chunk], timeout)))
+                yield list(zip(chunk, _gather(lambda u: fetch(u, max_bytes, allow), [uris[j] for j in chunk], timeout)))
                 chunk, held = [], 0
             chunk.append(i)
             held += size
     if chunk:
-        yield list(zip(chunk, _gather(lambda u: fetch(u, max_bytes), [uris[j] for j in chunk], timeout)))
+        yield list(zip(chunk, _gather(lambda u: fetch(u, max_bytes, allow), [uris[j] for j in chunk], timeout)))
     if errors:
         yield errors
 

@@ -45,9 +45,10 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """Return ``(filesystem, path inside it)`` for a local path or an ``s3://bucket/key`` URI."""
     uri = str(uri)
     if is_s3(uri):
-        parsed = urlparse(uri)
+        # not urlparse: a key is literal text, and '#' or '?' in it are not a fragment or a query (urlparse
+        # made "s3://b/x#/../photos/y" read "b/x" while the allow-prefix check saw "b/photos/y")
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        return _s3_filesystem(s3_endpoint(), region), f"{parsed.netloc}{parsed.path}".rstrip("/")
+        return _s3_filesystem(s3_endpoint(), region), uri[len("s3://"):].rstrip("/")
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
     return pafs.LocalFileSystem(), os.path.abspath(uri)
@@ -74,19 +75,118 @@ def read_bytes(uri: str) -> bytes:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """Write atomically where the filesystem allows it (local: temp file + rename; S3 PUT is atomic)."""
+    """Write atomically where the filesystem allows it (local: temp file + rename; S3 PUT is atomic).
+
+    The local temporary file is created next to the target with a random name, exclusively and without
+    following a link (``O_CREAT | O_EXCL | O_NOFOLLOW``): a link planted at a predictable name cannot make
+    the write land in another file. The file gets the usual permissions (``0o666`` less the umask)."""
+    import secrets
+
     fs, path = filesystem(uri)
     parent = posixpath.dirname(path) if is_s3(uri) else os.path.dirname(path)
     if parent:
         fs.create_dir(parent, recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        for _ in range(100):
+            tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{secrets.token_hex(8)}")
+            try:
+                fd = os.open(tmp, flags, 0o666)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise FileExistsError(f"no free temporary name next to {path}")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
         return
     with fs.open_output_stream(path) as f:
         f.write(data)
+
+
+class BoundedReadError(OSError):
+    """A bounded read refused: not a regular file, over its size limit, or too slow."""
+
+
+_READ_CHUNK = 1 << 20
+
+
+def read_bounded(uri: str, max_bytes: int, timeout_s: float) -> bytes:
+    """The bytes of a regular file or S3 object of at most ``max_bytes``, read within ``timeout_s`` seconds;
+    for files whose name comes from configuration (checkpoints, model-set files and their members).
+
+    Refuses (:class:`BoundedReadError`, an ``OSError``) a local path that is not a regular file (a FIFO is
+    opened without blocking and refused at once; so are devices and folders), a file or object whose size is
+    over ``max_bytes`` (before a byte is read; one that grows while read is cut at ``max_bytes + 1`` and
+    refused) and a read not done within ``timeout_s`` (a hung mount or a slow endpoint: the read runs on a
+    daemon thread that is abandoned and stops at its next chunk). A missing file is ``FileNotFoundError``."""
+    import stat
+    import threading
+
+    box: dict = {}
+    cancelled = threading.Event()
+
+    def read_all(f, what: str) -> bytes:
+        chunks, n = [], 0
+        while n <= max_bytes:
+            if cancelled.is_set():
+                raise BoundedReadError(f"{what}: read abandoned")
+            b = f.read(min(_READ_CHUNK, max_bytes + 1 - n))
+            if not b:
+                break
+            chunks.append(b)
+            n += len(b)
+        if n > max_bytes:
+            raise BoundedReadError(f"{what} is over the limit of {max_bytes} bytes (it grew while read)")
+        return b"".join(chunks)
+
+    def work() -> None:
+        try:
+            if is_s3(uri):
+                fs, path = filesystem(uri)
+                info = fs.get_file_info(path)
+                if info.type == pafs.FileType.NotFound:
+                    raise FileNotFoundError(f"{uri} not found")
+                if info.type != pafs.FileType.File:
+                    raise BoundedReadError(f"{uri} is not a regular file")
+                if info.size is not None and info.size > max_bytes:
+                    raise BoundedReadError(f"{uri} is {info.size} bytes, over the limit of {max_bytes}")
+                with fs.open_input_stream(path) as f:
+                    box["data"] = read_all(f, uri)
+                return
+            _, path = filesystem(uri)
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise BoundedReadError(f"{uri} is not a regular file (a FIFO, device or folder is not read)")
+                if st.st_size > max_bytes:
+                    raise BoundedReadError(f"{uri} is {st.st_size} bytes, over the limit of {max_bytes}")
+            except BaseException:
+                os.close(fd)
+                raise
+            with os.fdopen(fd, "rb", buffering=0) as f:
+                box["data"] = read_all(f, uri)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=work, name="read-bounded", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        cancelled.set()
+        raise BoundedReadError(f"{uri}: read not done within {timeout_s:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["data"]
 
 
 def exists(uri: str) -> bool:

@@ -86,14 +86,91 @@ def _tensor_digest(h, state_dict: dict) -> None:
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
+def _has_arrays(value) -> bool:
+    """Whether a tensor or numpy array appears anywhere in ``value`` (nested in dicts, lists, tuples)."""
+    import numpy as np
+
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return True
+    if isinstance(value, dict):
+        return any(_has_arrays(k) or _has_arrays(v) for k, v in value.items())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return any(_has_arrays(v) for v in value)
+    return False
+
+
+def _exact(value, out: list) -> None:
+    """An injective, length-prefixed encoding of ``value`` appended to ``out``: tensors and arrays by dtype,
+    shape and every byte (``repr`` shortens them to a few values), dicts by sorted encoded keys, a tuple as
+    the list it loads back as (as JSON did), anything else by type and ``repr``."""
+    import numpy as np
+
+    def put(tag: bytes, data: bytes) -> None:
+        out.append(tag + len(data).to_bytes(8, "big") + data)
+
+    if value is None or isinstance(value, bool):
+        put(b"z", repr(value).encode())
+    elif isinstance(value, int):
+        put(b"i", str(int(value)).encode())
+    elif isinstance(value, float):
+        put(b"f", float(value).hex().encode())
+    elif isinstance(value, str):
+        put(b"s", value.encode("utf-8", "surrogatepass"))
+    elif isinstance(value, (bytes, bytearray)):
+        put(b"y", bytes(value))
+    elif isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        put(b"t", f"{t.dtype}|{tuple(t.shape)}|".encode() + raw)
+    elif isinstance(value, np.ndarray):
+        a = np.ascontiguousarray(value)
+        raw = a.tobytes() if a.dtype != object else repr(a.tolist()).encode()
+        put(b"a", f"{a.dtype.str}|{a.shape}|".encode() + raw)
+    elif isinstance(value, dict):
+        items = []
+        for k, v in value.items():
+            kb, vb = [], []
+            _exact(k, kb)
+            _exact(v, vb)
+            items.append((b"".join(kb), b"".join(vb)))
+        put(b"d", b"".join(k + v for k, v in sorted(items)))
+    elif isinstance(value, (list, tuple)):
+        parts: list = []
+        for v in value:
+            _exact(v, parts)
+        put(b"l", len(value).to_bytes(8, "big") + b"".join(parts))
+    elif isinstance(value, (set, frozenset)):
+        parts = []
+        for v in value:
+            enc: list = []
+            _exact(v, enc)
+            parts.append(b"".join(enc))
+        put(b"e", b"".join(sorted(parts)))
+    else:
+        put(b"r", f"{type(value).__module__}.{type(value).__qualname__}|{value!r}".encode("utf-8", "surrogatepass"))
+
+
 def content_hash(name: str, config: dict, state_dict: dict, outputs: list | None = None,
                  preprocessing: dict | None = None, metrics: dict | None = None, extra: dict | None = None) -> str:
-    """The format-2 hash: everything that describes the checkpoint (see the module docstring)."""
+    """The format-2 hash: everything that describes the checkpoint (see the module docstring).
+
+    The metadata is hashed as sorted JSON. Where it holds a tensor or numpy array (in ``extra``, say, at
+    any depth), JSON would turn it into its ``repr``, which shows a few of its values: two files that differ
+    in one value of a 5,000-value tensor hashed alike (issue #22). Such metadata is hashed instead by an
+    exact encoding (:func:`_exact`: every byte of every array) after a separator that JSON text never
+    contains; metadata without arrays (every checkpoint ``save_checkpoint`` writes, whose ``extra`` is
+    JSON) keeps the hash it always had."""
     h = hashlib.sha256()
     h.update(FORMAT.encode())
     meta = {"model": name, "config": config, "outputs": outputs, "preprocessing": preprocessing,
             "metrics": metrics, "extra": extra}
-    h.update(json.dumps(meta, sort_keys=True, default=repr).encode())
+    if _has_arrays(meta):
+        parts: list = []
+        _exact(meta, parts)
+        h.update(b"\x00exact-metadata/1\x00")
+        h.update(b"".join(parts))
+    else:
+        h.update(json.dumps(meta, sort_keys=True, default=repr).encode())
     _tensor_digest(h, state_dict)
     return "sha256:" + h.hexdigest()
 
@@ -145,13 +222,41 @@ def save_checkpoint(model, uri: str, metrics: dict | None = None, extra: dict | 
     return digest
 
 
-def _read(uri: str, map_location="cpu") -> dict:
-    from facedata import storage
+# Bounds of one checkpoint read (issue #22): the largest model here is about 100 MB; 2 GiB leaves room for
+# any torchvision backbone while refusing a 50 GB object or a device. A FIFO or device is refused at once;
+# a read still going after the timeout (a hung mount, a slow endpoint) is refused. Both can be set per
+# process with these environment variables (Ray workers inherit the driver's runtime_env), or per call.
+DEFAULT_MAX_CHECKPOINT_BYTES = 2 * 1024 ** 3
+DEFAULT_READ_TIMEOUT_S = 600.0
+MAX_BYTES_ENV = "FACEATTR_MAX_CHECKPOINT_BYTES"
+TIMEOUT_ENV = "FACEATTR_CHECKPOINT_READ_TIMEOUT_S"
+
+
+def read_limits(max_bytes: int | None = None, timeout_s: float | None = None) -> tuple[int, float]:
+    """``(max_bytes, timeout_s)`` of a checkpoint read: the arguments, else the environment
+    (:data:`MAX_BYTES_ENV`, :data:`TIMEOUT_ENV`), else the defaults (2 GiB, 600 s)."""
+    import os
 
     try:
-        data = storage.read_bytes(uri)
+        if max_bytes is None:
+            max_bytes = int(os.environ.get(MAX_BYTES_ENV) or DEFAULT_MAX_CHECKPOINT_BYTES)
+        if timeout_s is None:
+            timeout_s = float(os.environ.get(TIMEOUT_ENV) or DEFAULT_READ_TIMEOUT_S)
+    except ValueError as e:
+        raise CheckpointError(f"{MAX_BYTES_ENV} / {TIMEOUT_ENV}: {e}") from None
+    return max_bytes, timeout_s
+
+
+def _read(uri: str, map_location="cpu", max_bytes: int | None = None, timeout_s: float | None = None) -> dict:
+    from facedata import storage
+
+    max_bytes, timeout_s = read_limits(max_bytes, timeout_s)
+    try:
+        data = storage.read_bounded(uri, max_bytes, timeout_s)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {uri}") from None
+    except storage.BoundedReadError as e:
+        raise CheckpointError(f"checkpoint refused: {e} (limits: {MAX_BYTES_ENV}, {TIMEOUT_ENV})") from None
     except OSError as e:
         raise CheckpointError(f"checkpoint {uri} cannot be read ({type(e).__name__}: {e})") from None
     try:
@@ -167,12 +272,15 @@ def _read(uri: str, map_location="cpu") -> dict:
     return obj
 
 
-def load_checkpoint(uri: str, map_location="cpu", expected_hash: str | None = None):
+def load_checkpoint(uri: str, map_location="cpu", expected_hash: str | None = None, max_bytes: int | None = None,
+                    timeout_s: float | None = None):
     """Load a checkpoint from a path or s3:// URI -> ``(model in eval mode, CheckpointInfo)``.
 
     Uses ``torch.load(weights_only=True)``; refuses (:class:`CheckpointError`) files of another format,
     malformed ones, files whose content does not match their hash, and, when the URI ends in
-    ``#sha256:<hex>`` or ``expected_hash`` is given, files whose hash is not that one."""
+    ``#sha256:<hex>`` or ``expected_hash`` is given, files whose hash is not that one. The read is bounded
+    (:func:`read_limits`: 2 GiB and 600 s unless set): a FIFO, a device, a bigger file or a read that hangs
+    is refused."""
     import models
     from models.preprocess import Preprocessing
 
@@ -182,12 +290,15 @@ def load_checkpoint(uri: str, map_location="cpu", expected_hash: str | None = No
         if pin is not None and pin != expected:
             raise CheckpointError(f"{uri}: two different pins ({pin}, {expected})")
         pin = expected
-    obj = _read(uri, map_location)
+    obj = _read(uri, map_location, max_bytes, timeout_s)
     if obj["format"] == OLD_FORMAT:
         raise CheckpointError(f"{uri} is a {OLD_FORMAT} file, whose hash does not cover its outputs, preprocessing, "
                               f"metrics and extra; re-save it as {FORMAT} with "
                               f"`python -m models.checkpoint upgrade {uri} NEW` (checks its old hash first)")
-    digest = _hash_of(obj)
+    try:
+        digest = _hash_of(obj)
+    except (RecursionError, TypeError, ValueError) as e:  # nesting too deep, keys that do not sort, ...
+        raise CheckpointError(f"{uri}: its metadata cannot be hashed ({type(e).__name__})") from None
     if digest != obj["hash"]:
         raise CheckpointError(f"{uri}: content hash mismatch (file says {obj['hash']}, content is {digest})")
     if pin is not None and digest != pin:

@@ -199,6 +199,23 @@ def check_header(img, max_pixels: int = DEFAULT_MAX_PIXELS, max_decode_bytes: in
             raise ImageDecodeError("too_large", f"{tiles} TIFF tiles or strips are over the limit of {MAX_TILES}")
 
 
+def jpeg_scan_count(data: bytes) -> int:
+    """The number of scans of a JPEG, counted as SOS markers (``FF DA``) anywhere in the bytes: an upper
+    bound (the pair can also sit in metadata, never in entropy-coded data, where ``FF`` is stuffed) that no
+    layout trick lowers. 0 for bytes that are not a JPEG."""
+    return data.count(b"\xff\xda") if data[:3] == b"\xff\xd8\xff" else 0
+
+
+def check_jpeg_bytes(data: bytes) -> None:
+    """Refuse (:class:`ImageDecodeError` ``too_large``) a JPEG of more than :data:`MAX_JPEG_SCANS` scans:
+    a progressive JPEG has about 10, and each scan of a big image is another pass over all of it (thousands
+    cost minutes: a known denial of service). Both decoders call it before decoding: :func:`open_image`
+    (the CPU path) and ``raytasks.label.gpu_decode.jpeg_for_gpu`` (``--gpu-decode``)."""
+    scans = jpeg_scan_count(data)
+    if scans > MAX_JPEG_SCANS:
+        raise ImageDecodeError("too_large", f"a JPEG of {scans} scans is over the limit of {MAX_JPEG_SCANS}")
+
+
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: tuple[int, int] | int | None = None,
                max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES):
     """Bytes -> a loaded PIL image in upright orientation, mode RGB or L, plus its oriented original size.
@@ -210,8 +227,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: tupl
     """
     if not data:
         raise ImageDecodeError("empty", "zero bytes")
-    if data[:3] == b"\xff\xd8\xff" and data.count(b"\xff\xda") > MAX_JPEG_SCANS:
-        raise ImageDecodeError("too_large", f"a JPEG of more than {MAX_JPEG_SCANS} scans")
+    check_jpeg_bytes(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -65,10 +65,10 @@ def test_reads_time_out(tmp_path, monkeypatch):
     (tmp_path / "b.jpg").write_bytes(b"y")
     real = inputs.fetch
 
-    def slow(uri, max_bytes=inputs.MAX_FILE_BYTES):
+    def slow(uri, max_bytes=inputs.MAX_FILE_BYTES, allow=None):
         if uri.endswith("b.jpg"):
             time.sleep(5)  # a hung mount
-        return real(uri, max_bytes)
+        return real(uri, max_bytes, allow)
 
     monkeypatch.setattr(inputs, "fetch", slow)
     t0 = time.perf_counter()

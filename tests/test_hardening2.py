@@ -1,0 +1,575 @@
+"""Issue #22 (security hardening, second round), the parts that need no Ray: the reader's symlink race and odd
+manifest paths, the temporary file of writes, the checkpoint hash over tensors in metadata, bounded checkpoint
+reads, YAML aliases, the JPEG scan limit shared with --gpu-decode, and a PNG's late orientation chunk. Each
+test failed on the code before its fix."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from facedata import inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+FORBIDDEN = (None, *inputs.FORBIDDEN)
+
+
+def _listed(listing_dir: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return [p for f in sorted(listing_dir.glob("part-*.parquet")) for p in pq.read_table(f).column("path").to_pylist()]
+
+
+# ------------------------------------------------------------------------------------------------------
+# 1: a symlink swapped in while a file is read does not escape --allow-prefix
+# ------------------------------------------------------------------------------------------------------
+
+def test_symlink_swap_during_reads_never_returns_outside_bytes(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "inside.png").write_bytes(b"INSIDE")
+    (tmp_path / "secret.txt").write_bytes(b"OUTSIDE")
+    target = photos / "x.png"
+    os.link(photos / "inside.png", target)
+    allow = (str(photos),)
+    stop = threading.Event()
+
+    def flip():  # x.png is, in turn, a regular file inside and a symlink to a file outside (atomic renames)
+        n = 0
+        while not stop.is_set():
+            tmp = photos / f".tmp{n}"
+            if n % 2:
+                os.link(photos / "inside.png", tmp)
+            else:
+                os.symlink(tmp_path / "secret.txt", tmp)
+            os.replace(tmp, target)
+            n += 1
+
+    flipper = threading.Thread(target=flip, daemon=True)
+    flipper.start()
+    results = []
+    try:
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            results += inputs.fetch_all([str(target)] * 8, allow=allow)
+            results.append(inputs.fetch(str(target), allow=allow))
+    finally:
+        stop.set()
+        flipper.join()
+    outside = [r for r in results if r[0] == b"OUTSIDE"]
+    assert not outside, f"{len(outside)} of {len(results)} reads returned the outside file's bytes"
+    assert any(r[0] == b"INSIDE" for r in results)  # the race ran both ways
+    assert all(r[0] == b"INSIDE" or r[1] in ("forbidden", "unreadable") for r in results)
+
+
+def test_static_symlinks_out_of_the_folder_are_forbidden_and_inside_ones_read(tmp_path):
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    (photos / "a.png").write_bytes(b"A")
+    (tmp_path / "secret.txt").write_bytes(b"OUTSIDE")
+    (photos / "out.png").symlink_to(tmp_path / "secret.txt")
+    (photos / "in.png").symlink_to(photos / "a.png")
+    (photos / "dirlink").symlink_to(tmp_path)  # a directory link out of the folder
+    allow = (str(photos),)
+    assert inputs.fetch(str(photos / "out.png"), allow=allow) == FORBIDDEN
+    assert inputs.fetch(str(photos / "dirlink" / "secret.txt"), allow=allow) == FORBIDDEN
+    assert inputs.file_size(str(photos / "out.png"), allow=allow) == FORBIDDEN
+    assert inputs.fetch(str(photos / "in.png"), allow=allow) == (b"A", None, None)
+    res = inputs.fetch_all([str(photos / "out.png"), str(photos / "in.png"), str(photos / "dirlink/secret.txt")],
+                           allow=allow)
+    assert res == [FORBIDDEN, (b"A", None, None), FORBIDDEN]
+
+
+# ------------------------------------------------------------------------------------------------------
+# 2: odd paths in a manifest are error rows, never an exception that fails the batch
+# ------------------------------------------------------------------------------------------------------
+
+def _odd_paths(folder: Path) -> list[str]:
+    return [
+        "b\x00.jpg", str(folder / "c\x00.jpg"),  # NUL
+        "n" * 300 + ".jpg",  # over NAME_MAX
+        "/".join(["d" * 200] * 30) + "/e.jpg",  # over PATH_MAX
+        "bad\udcff.jpg", "lone\ud800.jpg",  # invalid UTF-8 (surrogate-escaped) and a lone surrogate
+        "s3://", "s3:///key.jpg", "s3://bucket", "s3://bucket/",  # no bucket, no key
+        "%2e%2e/secret.txt", "%2e%2e%2fsecret.txt",  # URL-encoded ..
+        "../secret.txt", "sub/../../secret.txt", "../../../../../../etc/passwd",  # plain .. traversal
+        "",
+    ]
+
+
+def test_odd_paths_never_raise_and_are_error_rows(tmp_path):
+    folder = tmp_path / "photos"
+    (folder / "%2e%2e").mkdir(parents=True)
+    (folder / "ok.jpg").write_bytes(b"OK")
+    (tmp_path / "secret.txt").write_bytes(b"OUTSIDE")
+    allow = (inputs.default_allow_prefix(str(folder / "list.csv")),)
+    odd = _odd_paths(folder)
+    for p in odd + ["s3://b/photos/%2e%2e/x.jpg"]:
+        inputs.normalize_path(p, str(folder))
+        inputs.normalize_path(p)
+        inputs.resolve_path(p, str(folder))
+        assert isinstance(inputs.is_allowed(inputs.resolve_path(p, str(folder)), allow), bool), p
+    uris = [inputs.resolve_path(p, str(folder)) for p in odd] + [str(folder / "ok.jpg")]
+    for confined, res in ((True, inputs.fetch_all(uris, allow=allow)), (True, [inputs.fetch(u, allow=allow) for u in uris]),
+                          (False, inputs.fetch_all(uris)), (False, [inputs.fetch(u) for u in uris])):
+        assert res[-1] == (b"OK", None, None)
+        for p, (data, kind, message) in zip(odd, res[:-1]):
+            if not confined and ".." in p and "%" not in p:  # without --allow-prefix, ../secret.txt is a file
+                continue
+            assert data is None and kind in ("unreadable", "forbidden"), (p[:60], kind, message)
+            assert isinstance(message, str) and 0 < len(message) < 200, (p[:60], message)
+            message.encode("utf-8")  # goes to a Parquet string column
+    assert inputs.fetch_all(["", str(folder / "b\x00.jpg")], allow=allow)[1][1:] == ("unreadable", "path contains a NUL byte")
+    assert inputs.fetch_all([str(folder / ("n" * 300))], allow=allow)[0][1:] == ("unreadable", "file name too long")
+    assert inputs.fetch("s3://")[1:] == ("unreadable", "not an s3://bucket/key URI")
+    assert inputs.fetch("s3://bucket/")[1:] == ("unreadable", "not an s3://bucket/key URI")
+    assert not inputs.is_allowed("", allow) and not inputs.is_allowed(str(folder / "%2e%2e/../../secret.txt"), allow)
+
+
+def test_s3_percent_encoded_dot_segments_are_outside_the_prefix():
+    allow = ("s3://photos/batch-1/",)
+    for uri in ("s3://photos/batch-1/%2e%2e/other/x.jpg", "s3://photos/batch-1/%2E%2E%2Fother/x.jpg",
+                "s3://photos/batch-1/..%2fx.jpg", "s3://photos/batch-1/sub/%2e%2e/%2e%2e/x.jpg"):
+        assert not inputs.is_allowed(uri, allow), uri
+    assert inputs.is_allowed("s3://photos/batch-1/sub/%2e%2e/x.jpg", allow)  # stays inside either way
+    assert inputs.is_allowed("s3://photos/batch-1/100%25 real.jpg", allow)
+
+
+def test_odd_s3_paths_against_a_real_endpoint_are_error_rows(s3_bucket):
+    client, bucket = s3_bucket
+    client.put_object(Bucket=bucket, Key="photos/ok.jpg", Body=b"OK")
+    client.put_object(Bucket=bucket, Key="secret.txt", Body=b"OUTSIDE")
+    allow = (f"s3://{bucket}/photos/",)
+    odd = [f"s3://{bucket}/photos/%2e%2e/secret.txt", f"s3://{bucket}/photos/../secret.txt", f"s3://{bucket}",
+           f"s3://{bucket}/", f"s3://{bucket}/photos/b\x00.jpg", f"s3://{bucket}/photos/" + "k" * 2000,
+           f"s3://{bucket}/photos/lone\ud800.jpg", "s3://", "s3:///photos/ok.jpg", f"s3://{bucket}/photos/missing.jpg"]
+    res = inputs.fetch_all(odd + [f"s3://{bucket}/photos/ok.jpg"], allow=allow, timeout=30)
+    assert res[-1] == (b"OK", None, None)
+    for p, (data, kind, message) in zip(odd, res[:-1]):
+        assert data is None and kind in ("unreadable", "forbidden"), (p[:80], kind, message)
+        assert 0 < len(message) < 200
+    assert res[0] == res[1] == FORBIDDEN
+    # '#' and '?' are part of a key, not a URL's fragment or query: the key read is the key that was checked
+    tricks = [f"s3://{bucket}/secret.txt#/../photos/ok.jpg", f"s3://{bucket}/secret.txt?/../photos/ok.jpg"]
+    for r in inputs.fetch_all(tricks, allow=allow, timeout=30) + [inputs.fetch(u, allow=allow) for u in tricks]:
+        assert r[0] != b"OUTSIDE", r
+
+
+def test_a_manifest_with_odd_rows_is_listed_and_each_row_is_an_error_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "ok.jpg").write_bytes(b"OK")
+    odd = [p for p in _odd_paths(folder) if p and "\ud800" not in p and "\udcff" not in p]
+    csv = folder / "list.csv"
+    csv.write_bytes(b"path\n" + b"\n".join(p.encode() for p in odd)
+                    + b"\nbad\xff\xfe.jpg\nother\xff.jpg\nok.jpg\n")
+    # a Parquet manifest whose string column holds bytes that are not UTF-8 (written by another tool)
+    values = [p.encode() for p in odd] + [b"bad\xff\xfe.jpg", b"other\xff.jpg", b"ok.jpg"]
+    offsets = [0]
+    for v in values:
+        offsets.append(offsets[-1] + len(v))
+    col = pa.Array.from_buffers(pa.string(), len(values),
+                                [None, pa.py_buffer(pa.array(offsets, pa.int32()).buffers()[1]), pa.py_buffer(b"".join(values))])
+    pq.write_table(pa.table({"path": col}), folder / "list.parquet")
+    allow = (str(folder),)
+    for manifest in (csv, folder / "list.parquet"):
+        out = tmp_path / f"listing-{manifest.suffix[1:]}"
+        stats = inputs.write_manifest_listing(str(manifest), str(out), str(folder))
+        listed = _listed(out)
+        assert stats.files == len(values) and stats.inputs == len(listed) == len(values) - 2  # 2 spellings twice
+        assert "bad\\xff\\xfe.jpg" in listed and "other\\xff.jpg" in listed  # not UTF-8: shown as \xNN escapes
+        res = inputs.fetch_all([inputs.resolve_path(p, str(folder)) for p in listed], allow=allow)
+        assert res[-1] == (b"OK", None, None)
+        assert all(r[0] is None and r[1] in ("unreadable", "forbidden") for r in res[:-1])
+        assert inputs.manifest_rows(str(manifest)) == len(values)
+
+
+def test_a_folder_with_a_file_name_that_is_not_utf8_is_listed(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "ok.jpg").write_bytes(b"OK")
+    with open(os.path.join(os.fsencode(folder), b"bad\xff.jpg"), "wb") as f:
+        f.write(b"\xff\xd8\xff")
+    stats = inputs.write_listing(str(folder), str(tmp_path / "listing"))
+    listed = _listed(tmp_path / "listing")
+    assert stats.inputs == 2 and listed[1] == str(folder / "ok.jpg")
+    assert listed[0] == str(folder / "bad\\xff.jpg")
+    kind, message = inputs.fetch(listed[0], allow=(str(folder),))[1:]
+    assert kind == "unreadable" and "not valid UTF-8" in message
+
+
+# ------------------------------------------------------------------------------------------------------
+# 3: the temporary file of a local write is created exclusively, with a name nobody can plant a link at
+# ------------------------------------------------------------------------------------------------------
+
+def test_write_bytes_does_not_follow_a_planted_temporary_link(tmp_path):
+    from facedata import storage
+
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    out = tmp_path / "out" / "summary.json"
+    out.parent.mkdir()
+    # the old name was "<path>.tmp-<pid>": plant a link there, and at every name in the folder's listing
+    (out.parent / f"summary.json.tmp-{os.getpid()}").symlink_to(victim)
+    storage.write_bytes(str(out), b"new content")
+    assert victim.read_bytes() == b"precious"
+    assert out.read_bytes() == b"new content" and not out.is_symlink()
+    left = sorted(p.name for p in out.parent.iterdir())
+    assert left == sorted(["summary.json", f"summary.json.tmp-{os.getpid()}"])  # no temporary file left behind
+    assert (out.stat().st_mode & 0o777) == (0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# ------------------------------------------------------------------------------------------------------
+# 5: checkpoint reads are bounded in size and time; a FIFO fails at once
+# ------------------------------------------------------------------------------------------------------
+
+def _in_thread(fn, timeout):
+    box = []
+
+    def run():
+        try:
+            box.append(("ok", fn()))
+        except BaseException as e:  # noqa: BLE001
+            box.append(("error", e))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert box, f"still blocked after {timeout} s"
+    return box[0]
+
+
+def _saved(tmp_path, name="hs.pt", **kw):
+    import models
+    from models.checkpoint import save_checkpoint
+
+    path = str(tmp_path / name)
+    digest = save_checkpoint(models.create_model("hard_sharing"), path, **kw)
+    return path, digest
+
+
+def test_a_fifo_given_as_a_checkpoint_fails_fast(tmp_path):
+    from models.checkpoint import CheckpointError, load_checkpoint
+
+    fifo = tmp_path / "model.pt"
+    os.mkfifo(fifo)
+    t0 = time.perf_counter()
+    status, err = _in_thread(lambda: load_checkpoint(str(fifo)), 10)
+    assert time.perf_counter() - t0 < 2
+    assert status == "error" and isinstance(err, CheckpointError) and "not a regular file" in str(err)
+
+
+def test_checkpoint_reads_are_bounded_in_size(tmp_path, monkeypatch):
+    from models.checkpoint import (
+        DEFAULT_MAX_CHECKPOINT_BYTES,
+        MAX_BYTES_ENV,
+        CheckpointError,
+        load_checkpoint,
+    )
+
+    path, digest = _saved(tmp_path)
+    size = os.path.getsize(path)
+    monkeypatch.setenv(MAX_BYTES_ENV, str(size - 1))
+    with pytest.raises(CheckpointError, match=f"{size} bytes, over the limit of {size - 1}"):
+        load_checkpoint(path)
+    assert load_checkpoint(path, max_bytes=size)[1].hash == digest  # the argument wins over the environment
+    monkeypatch.delenv(MAX_BYTES_ENV)
+    assert load_checkpoint(path)[1].hash == digest
+    big = tmp_path / "big.pt"
+    with open(big, "wb") as f:
+        f.truncate(DEFAULT_MAX_CHECKPOINT_BYTES + 1)  # sparse: refused from its size, never read
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError, match=f"over the limit of {DEFAULT_MAX_CHECKPOINT_BYTES}"):
+        load_checkpoint(str(big))
+    assert time.perf_counter() - t0 < 2
+
+
+class _SlowS3:
+    """A minimal S3 endpoint on 127.0.0.1 whose one object is sent at 20 bytes a second."""
+
+    def __init__(self, size: int):
+        import http.server
+
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _headers(self):
+                self.send_response(200)
+                self.send_header("Content-Length", str(size))
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Last-Modified", "Tue, 01 Dec 2026 00:00:00 GMT")
+                self.send_header("ETag", '"0123456789abcdef0123456789abcdef"')
+                self.end_headers()
+
+            def do_HEAD(self):
+                self._headers()
+
+            def do_GET(self):
+                self._headers()
+                try:
+                    for _ in range(size):
+                        if outer.stop.is_set():
+                            return
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                        time.sleep(0.05)
+                except OSError:
+                    pass
+
+        self.stop = threading.Event()
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_slow_checkpoint_read_times_out(monkeypatch):
+    from facedata import storage
+    from models.checkpoint import TIMEOUT_ENV, CheckpointError, load_checkpoint
+
+    slow = _SlowS3(100_000)
+    try:
+        for k, v in {"AWS_ENDPOINT_URL": slow.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                     "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setenv(TIMEOUT_ENV, "1.5")
+        t0 = time.perf_counter()
+        status, err = _in_thread(lambda: load_checkpoint("s3://models/slow.pt"), 20)
+        assert status == "error" and isinstance(err, CheckpointError), err
+        assert "not done within 1.5 s" in str(err) and time.perf_counter() - t0 < 5
+        with pytest.raises(storage.BoundedReadError, match="over the limit of 1000"):
+            storage.read_bounded("s3://models/slow.pt", 1000, 5)  # refused from its size (HEAD)
+    finally:
+        slow.close()
+
+
+def test_read_bounded_refuses_what_is_not_a_regular_file(tmp_path):
+    from facedata import storage
+
+    (tmp_path / "set.yaml").write_bytes(b"models: {}\n")
+    assert storage.read_bounded(str(tmp_path / "set.yaml"), 100, 5) == b"models: {}\n"
+    os.mkfifo(tmp_path / "fifo.yaml")
+    for uri in (str(tmp_path / "fifo.yaml"), "/dev/zero", str(tmp_path)):
+        status, err = _in_thread(lambda u=uri: storage.read_bounded(u, 100, 5), 10)
+        assert status == "error" and isinstance(err, storage.BoundedReadError) and "not a regular file" in str(err)
+    with pytest.raises(storage.BoundedReadError, match="11 bytes, over the limit of 10"):
+        storage.read_bounded(str(tmp_path / "set.yaml"), 10, 5)
+    with pytest.raises(FileNotFoundError):
+        storage.read_bounded(str(tmp_path / "missing.yaml"), 10, 5)
+
+
+# ------------------------------------------------------------------------------------------------------
+# 4: the content hash covers every value of a tensor in the metadata
+# ------------------------------------------------------------------------------------------------------
+
+def _with_extra(tmp_path, name, extra) -> tuple[str, str]:
+    import torch
+
+    from models.checkpoint import _hash_of
+
+    path = tmp_path / "base.pt"
+    if not path.exists():  # one model: the files differ only in extra
+        _saved(tmp_path, "base.pt")
+    obj = torch.load(path, weights_only=True)
+    obj["extra"] = extra
+    obj["hash"] = _hash_of(obj)
+    torch.save(obj, tmp_path / name)
+    return str(tmp_path / name), obj["hash"]
+
+
+@pytest.mark.parametrize("where", ["top", "nested"])
+def test_one_value_of_a_tensor_in_extra_changes_the_hash(tmp_path, where):
+    import torch
+
+    from models.checkpoint import CheckpointError, load_checkpoint
+
+    calib = torch.linspace(0, 1, 5000)
+    other = calib.clone()
+    other[2500] += 0.5  # in the middle: repr shows neither
+
+    def wrap(t):
+        return {"calibration": t} if where == "top" else {"runs": [{"name": "r1", "curves": {"calibration": t}}]}
+
+    a, ha = _with_extra(tmp_path, "a.pt", wrap(calib))
+    b, hb = _with_extra(tmp_path, "b.pt", wrap(other))
+    assert ha != hb
+    assert load_checkpoint(f"{a}#{ha}")[1].hash == ha
+    with pytest.raises(CheckpointError, match="not the pinned"):
+        load_checkpoint(f"{b}#{ha}")
+    # the same values in another dtype or shape are another checkpoint too
+    _, hc = _with_extra(tmp_path, "c.pt", wrap(calib.double()))
+    _, hd = _with_extra(tmp_path, "d.pt", wrap(calib.reshape(50, 100)))
+    assert len({ha, hc, hd}) == 3
+
+
+def test_a_tensor_and_text_that_looks_like_it_hash_differently(tmp_path):
+    import torch
+
+    from models.checkpoint import content_hash
+
+    t = torch.zeros(5000)
+    sd = {"w": torch.ones(2)}
+    assert content_hash("m", {}, sd, extra={"x": t}) != content_hash("m", {}, sd, extra={"x": repr(t)})
+    assert content_hash("m", {}, sd, extra={"x": t, "y": "a"}) != content_hash("m", {}, sd, extra={"x": t, "y": ["a"]})
+
+
+def test_hashes_of_checkpoints_without_arrays_in_their_metadata_do_not_change(tmp_path):
+    """The hash every existing checkpoint carries (JSON of the metadata, then the tensors) is unchanged."""
+    import hashlib
+    import json
+
+    import torch
+
+    from models.checkpoint import FORMAT, _tensor_digest, load_checkpoint
+
+    path, digest = _saved(tmp_path, metrics={"accuracy": 0.5}, extra={"run": "r1", "epochs": [1, 2], "lr": 1e-3})
+    obj = torch.load(path, weights_only=True)
+    h = hashlib.sha256(FORMAT.encode())
+    meta = {k: obj[k] for k in ("config", "outputs", "preprocessing", "metrics", "extra")}
+    h.update(json.dumps({"model": obj["model"], **meta}, sort_keys=True, default=repr).encode())
+    _tensor_digest(h, obj["state_dict"])
+    assert digest == obj["hash"] == "sha256:" + h.hexdigest()
+    assert load_checkpoint(f"{path}#{digest}")[1].hash == digest
+
+
+# ------------------------------------------------------------------------------------------------------
+# 6: YAML with aliases is refused before it is expanded; the node count is bounded
+# ------------------------------------------------------------------------------------------------------
+
+BILLION_LAUGHS = "\n".join(
+    ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    + [f"{c}: &{c} [{','.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")]) + "\n"
+
+
+def test_billion_laughs_fails_fast_with_bounded_memory():
+    assert len(BILLION_LAUGHS) < 500
+    code = ("import resource, sys, time; from facedata.yamlsafe import load_yaml, YamlError; "
+            "text = sys.stdin.read(); before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            "t0 = time.perf_counter()\n"
+            "try:\n    load_yaml(text); print('loaded')\n"
+            "except YamlError as e:\n"
+            "    print(f'{time.perf_counter() - t0:.3f}', "
+            "(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, e)")
+    out = subprocess.run([sys.executable, "-c", code], input=BILLION_LAUGHS, capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    seconds, grew_mb, message = out.stdout.split(" ", 2)
+    assert float(seconds) < 1.0 and int(grew_mb) < 16, out.stdout
+    assert message.startswith("line 1: an anchor (&a)"), message
+
+
+def test_a_model_set_file_loads_as_safe_load_does():
+    import yaml
+
+    from facedata.yamlsafe import load_yaml
+
+    text = (ROOT / "jobs" / "model_set.yaml").read_text()
+    assert load_yaml(text) == yaml.safe_load(text)
+    assert load_yaml('{"models": {"a": "s3://m/a.pt"}, "embedding": false}') == {"models": {"a": "s3://m/a.pt"},
+                                                                                  "embedding": False}
+    assert load_yaml("version: 2026-11-29\n")["version"].isoformat() == "2026-11-29"  # the usual types
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("base: &b {x: 1}\nother:\n  <<: *b\n", "line 1: an anchor (&b)"),
+    ("models:\n  a: s3://m/a.pt\n  b: *undefined\n", "line 3: an alias (*undefined)"),
+    ("models: [" + ", ".join(["x"] * 20_000) + "]\n", "line 1: more than 10000 YAML nodes"),
+    ("[" * 100 + "]" * 100, "line 1: nested deeper than 32 levels"),
+    ("a: 1\n---\nb: 2\n", "line 2: more than one YAML document"),
+    ("models:\n  a: [" + "z" * 100_000 + "\n", "line 3: not valid YAML"),
+])
+def test_refused_yaml_names_the_line_and_quotes_little(text, expected):
+    from facedata.yamlsafe import YamlError, load_yaml
+
+    t0 = time.perf_counter()
+    with pytest.raises(YamlError) as e:
+        load_yaml(text)
+    assert time.perf_counter() - t0 < 1.0
+    assert str(e.value).startswith(expected), str(e.value)
+    assert len(str(e.value)) < 300 and "z" * 100 not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------------
+# 7: one JPEG scan limit for the CPU decoder and --gpu-decode
+# ------------------------------------------------------------------------------------------------------
+
+def _jpeg(progressive: bool, size=(64, 48)) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    arr = np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90, progressive=progressive)
+    return buf.getvalue()
+
+
+def _scan_bomb(scans: int = 4000) -> bytes:
+    """A progressive JPEG whose last scan (SOS segment and its entropy-coded data) is repeated."""
+    data = _jpeg(True)
+    assert data.endswith(b"\xff\xd9")
+    last = data.rindex(b"\xff\xda")
+    return data[:last] + data[last:-2] * scans + b"\xff\xd9"
+
+
+def test_a_4000_scan_jpeg_is_refused_by_the_shared_check():
+    from models.preprocess import (
+        MAX_JPEG_SCANS,
+        ImageDecodeError,
+        Preprocessing,
+        check_jpeg_bytes,
+        decode,
+        jpeg_scan_count,
+    )
+
+    bomb = _scan_bomb()
+    assert len(bomb) < 2_000_000 and jpeg_scan_count(bomb) >= 4000
+    t0 = time.perf_counter()
+    with pytest.raises(ImageDecodeError) as e:
+        check_jpeg_bytes(bomb)
+    assert time.perf_counter() - t0 < 0.5
+    assert e.value.kind == "too_large" and f"over the limit of {MAX_JPEG_SCANS}" in e.value.message
+    with pytest.raises(ImageDecodeError) as e:  # the CPU decoder uses that same check
+        decode(bomb, Preprocessing(size=(32, 32)))
+    assert e.value.kind == "too_large" and "scans" in e.value.message
+    for ok in (_jpeg(True), _jpeg(False)):  # ordinary JPEGs, progressive (about 10 scans) or not
+        assert 1 <= jpeg_scan_count(ok) <= 12
+        check_jpeg_bytes(ok)
+        decode(ok, Preprocessing(size=(32, 32)))
+    assert jpeg_scan_count(b"\x89PNG\r\n\x1a\n" + b"\xff\xda" * 100) == 0
+
+
+@pytest.mark.xfail(strict=True, reason="integrator: raytasks/label/gpu_decode.jpeg_for_gpu must call "
+                                       "models.preprocess.check_jpeg_bytes (issue #22 item 7); then drop this mark")
+def test_gpu_decode_refuses_the_scan_bomb_too():
+    from models.preprocess import Preprocessing
+    from raytasks.label.gpu_decode import jpeg_for_gpu
+
+    pre = Preprocessing(size=(32, 32))
+    assert jpeg_for_gpu(_jpeg(True), pre)
+    assert not jpeg_for_gpu(_scan_bomb(), pre)  # stays on the CPU path, which gives it its too_large row
