@@ -55,6 +55,7 @@ from facedata import storage
 
 SET_FORMAT = 1
 SET_FILE_MAX_BYTES = 64 * 1024
+SET_FILE_TIMEOUT_S = 30.0
 MEMBER_NAME = r"^[a-z][a-z0-9_]{0,62}$"
 SET_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 RESERVED = COMMON
@@ -147,22 +148,16 @@ def check_set_version(version) -> str:
 
 def read_set_file(uri: str) -> ModelSet:
     """A ``--model-set`` file (see the module docstring) -> a set; every problem is a :class:`ModelSetError`."""
-    import yaml
+    from facedata.yamlsafe import YamlError, load_yaml
 
-    try:
-        fs, path = storage.filesystem(uri)
-        size = fs.get_file_info(path).size
-        if size is not None and size > SET_FILE_MAX_BYTES:
-            raise ModelSetError(f"{uri}: {size} bytes; a model set file is at most {SET_FILE_MAX_BYTES} bytes")
-        data = storage.read_bytes(uri)
+    try:  # a regular file or object, bounded in size and time (a FIFO or a stalled endpoint fails, never hangs)
+        data = storage.read_bounded(uri, SET_FILE_MAX_BYTES, SET_FILE_TIMEOUT_S)
     except OSError as e:
         raise ModelSetError(f"cannot read the model set {uri}: {e}") from None
-    if len(data) > SET_FILE_MAX_BYTES:
-        raise ModelSetError(f"{uri}: {len(data)} bytes; a model set file is at most {SET_FILE_MAX_BYTES} bytes")
-    try:
-        doc = yaml.safe_load(data.decode("utf-8"))
-    except (UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ModelSetError(f"{uri} is not YAML or JSON: {str(e)[:300]}") from None
+    try:  # no anchors or aliases, bounded nodes: a few hundred bytes cannot expand to gigabytes
+        doc = load_yaml(data.decode("utf-8"))
+    except (UnicodeDecodeError, YamlError) as e:
+        raise ModelSetError(f"{uri} is not a model set in YAML or JSON: {str(e)[:300]}") from None
     if not isinstance(doc, dict):
         raise ModelSetError(f"{uri}: a model set is a mapping with 'models:', got {type(doc).__name__}")
     unknown = set(doc) - {"format", "name", "version", "embedding", "models"}
@@ -192,6 +187,10 @@ def read_set_file(uri: str) -> ModelSet:
     for n, v in items:
         if not isinstance(v, str) or not v:
             raise ModelSetError(f"{uri}: model {n or v!r}: a checkpoint URI is a non-empty string")
+        if storage.is_s3(uri) and not storage.is_s3(v) and (os.path.isabs(v) or v.startswith("file:")):
+            # a file from a bucket names no path of the machine that reads it (/etc/..., /dev/..., a FIFO)
+            raise ModelSetError(f"{uri}: model {n or v[:80]!r}: a set file read from S3 names s3:// checkpoints or "
+                                f"paths relative to itself, not the local path {v[:200]!r}")
         if not storage.is_s3(v) and not os.path.isabs(v):
             v = posixpath.join(base, v) if storage.is_s3(uri) else os.path.join(base, v)
         members.append((n, v))

@@ -564,8 +564,6 @@ def test_a_4000_scan_jpeg_is_refused_by_the_shared_check():
     assert jpeg_scan_count(b"\x89PNG\r\n\x1a\n" + b"\xff\xda" * 100) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="integrator: raytasks/label/gpu_decode.jpeg_for_gpu must call "
-                                       "models.preprocess.check_jpeg_bytes (issue #22 item 7); then drop this mark")
 def test_gpu_decode_refuses_the_scan_bomb_too():
     from models.preprocess import Preprocessing
     from raytasks.label.gpu_decode import jpeg_for_gpu

@@ -10,14 +10,15 @@ import io
 def jpeg_for_gpu(data: bytes, pre) -> bool:
     """Whether a file can go to the GPU decoder: a baseline/progressive JPEG in RGB or grey (CMYK and YCCK
     JPEGs, other formats and anything PIL cannot parse the header of stay on the CPU path, which gives them
-    their label or error row) within the pixel limit."""
+    their label or error row) within the CPU decoder's limits (pixels, aspect ratio, memory, JPEG scans)."""
     from PIL import Image
 
-    from models.preprocess import check_header
+    from models.preprocess import check_header, check_jpeg_bytes
 
     if not data.startswith(b"\xff\xd8\xff"):
         return False
     try:
+        check_jpeg_bytes(data)  # the CPU decoder's scan limit: thousands of scans cost minutes on either
         img = Image.open(io.BytesIO(data), formats=["JPEG"])
         check_header(img, pre.max_pixels)  # the CPU decoder's limits (aspect ratio, memory): refused there
         return img.format == "JPEG" and img.mode in ("RGB", "L")
