@@ -199,6 +199,39 @@ def check_header(img, max_pixels: int = DEFAULT_MAX_PIXELS, max_decode_bytes: in
             raise ImageDecodeError("too_large", f"{tiles} TIFF tiles or strips are over the limit of {MAX_TILES}")
 
 
+def _late_png_rotation(data: bytes) -> bool:
+    """Whether a PNG holds an eXIf chunk (after its pixels: one before them is in the header) whose
+    orientation makes ``exif_transpose`` build a rotated or flipped copy. Found without decoding: every
+    ``eXIf`` in the bytes whose length and CRC make it a chunk is read; one that cannot be read counts as
+    rotating (the estimate errs on the safe side), and so do a candidate over 1 MiB and a 33rd candidate
+    (the letters repeated in the pixel data must not make this cost more than a few CRCs)."""
+    import zlib
+
+    start = 8
+    for _ in range(32):
+        i = data.find(b"eXIf", start)
+        if i < 0:
+            return False
+        start = i + 4
+        n = int.from_bytes(data[i - 4:i], "big") if i >= 12 else -1
+        end = i + 4 + n
+        if n < 0 or end + 4 > len(data):
+            continue  # the four letters inside another chunk's data, not a chunk
+        if n > 1 << 20:
+            return True
+        if zlib.crc32(data[i:end]) != int.from_bytes(data[end:end + 4], "big"):
+            continue
+        body = data[i + 4:end]
+        try:
+            exif = Image.Exif()
+            exif.load(body if body.startswith(b"Exif\x00\x00") else b"Exif\x00\x00" + body)
+            if exif.get(0x0112, 1) not in (None, 1):
+                return True
+        except Exception:  # noqa: BLE001 - unreadable: assume it rotates
+            return True
+    return True
+
+
 def jpeg_scan_count(data: bytes) -> int:
     """The number of scans of a JPEG, counted as SOS markers (``FF DA``) anywhere in the bytes: an upper
     bound (the pair can also sit in metadata, never in entropy-coded data, where ``FF`` is stuffed) that no
@@ -235,10 +268,11 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: tupl
             w0, h0 = img.size
             check_header(img, max_pixels, float("inf"))  # format, pixels, aspect, tiles: before anything else
             # Pillow's PNG getexif() decodes the whole image to look for an eXIf chunk after the pixels, so
-            # a PNG's orientation is read from the header only when the chunk came before them; otherwise
-            # it is read after the (bounded) load below.
+            # a PNG's orientation is read from the header only when the chunk came before them; a chunk
+            # after them (IDAT) is found in the bytes (_late_png_rotation), so that the estimate counts the
+            # rotated copy exif_transpose makes after the load (issue #22: 306 MB against 152 MiB).
             early_exif = img.format != "PNG" or "exif" in img.info
-            rotated = early_exif and img.getexif().get(0x0112, 1) not in (None, 1)
+            rotated = (img.getexif().get(0x0112, 1) not in (None, 1)) if early_exif else _late_png_rotation(data)
             if isinstance(draft_to, int):  # a longest side: the size that keeps the aspect ratio
                 f = min(1.0, draft_to / max(w0, h0, 1))
                 draft_to = (max(1, math.ceil(w0 * f)), max(1, math.ceil(h0 * f)))

@@ -571,3 +571,85 @@ def test_gpu_decode_refuses_the_scan_bomb_too():
     pre = Preprocessing(size=(32, 32))
     assert jpeg_for_gpu(_jpeg(True), pre)
     assert not jpeg_for_gpu(_scan_bomb(), pre)  # stays on the CPU path, which gives it its too_large row
+
+
+# ------------------------------------------------------------------------------------------------------
+# 8: a PNG whose orientation (eXIf) comes after its pixels (IDAT): the memory estimate holds
+# ------------------------------------------------------------------------------------------------------
+
+def _png_with_late_exif(size=(3000, 2000), orientation=6) -> bytes:
+    """An RGB PNG (small: one colour) whose eXIf chunk, rotating it, is written after IDAT, before IEND."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 120, 40)).save(buf, "PNG")
+    png = buf.getvalue()
+    assert png.endswith(b"IEND\xaeB`\x82")
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    body = exif.tobytes()[len(b"Exif\x00\x00"):]  # a PNG's eXIf holds the TIFF structure alone
+    chunk = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body))
+    return png[:-12] + chunk + png[-12:]
+
+
+def test_a_late_exif_chunk_is_in_the_memory_estimate():
+    from models.preprocess import ImageDecodeError, Preprocessing, decode, decode_cost
+
+    data = _png_with_late_exif()
+    assert data.index(b"eXIf") > data.index(b"IDAT")
+    raster = decode_cost("RGB", (3000, 2000))  # 24 MB; the rotated copy doubles it
+    with pytest.raises(ImageDecodeError) as e:
+        decode(data, Preprocessing(size=(32, 32)), max_decode_bytes=raster + (4 << 20))
+    assert e.value.kind == "too_large" and "memory" in e.value.message
+    t, g = decode(data, Preprocessing(size=(32, 32)))  # within the default limit: decoded, upright
+    assert (g["width"], g["height"]) == (2000, 3000) and t.shape == (3, 32, 32)
+    # orientation 1 after the pixels: nothing is rotated, so the plain estimate is the right one
+    decode(_png_with_late_exif(orientation=1), Preprocessing(size=(32, 32)), max_decode_bytes=raster + (4 << 20))
+    # the chunk is looked for in the bytes: many false "eXIf"s cost a few bounded checks, and count as rotating
+    from models.preprocess import _late_png_rotation
+
+    t0 = time.perf_counter()
+    assert _late_png_rotation(b"\x89PNG\r\n\x1a\n" + b"\x00\x0f\xff\xffeXIf" * 1_000_000)
+    assert time.perf_counter() - t0 < 0.5
+
+
+_PEAK_PROBE = """
+import os, sys, threading
+from models import preprocess as P
+
+data = open(sys.argv[1], "rb").read()
+seen = []
+real = P.decode_cost
+P.decode_cost = lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1]
+page = os.sysconf("SC_PAGE_SIZE")
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
+peak, done = [0], threading.Event()
+
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss())
+        done.wait(0.0005)
+
+base = rss()
+t = threading.Thread(target=sample)
+t.start()
+P.decode(data, P.Preprocessing(size=(32, 32)))
+done.set()
+t.join()
+print(peak[0] - base, max(seen))
+"""
+
+
+def test_peak_memory_of_a_late_exif_png_stays_within_the_estimate(tmp_path):
+    """Peak resident memory, sampled every half millisecond around the decode (ru_maxrss would hide under
+    the high-water mark of the imports), against what the estimate said (recorded from decode_cost)."""
+    (tmp_path / "late.png").write_bytes(_png_with_late_exif())
+    out = subprocess.run([sys.executable, "-c", _PEAK_PROBE, str(tmp_path / "late.png")], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    grew, estimate = map(int, out.stdout.split())
+    assert grew > 20 << 20, out.stdout + out.stderr  # the measurement sees the decode (a 24 MB raster)
+    assert grew <= 1.1 * estimate + (4 << 20), f"peak grew {grew >> 20} MiB over an estimate of {estimate >> 20} MiB"
