@@ -50,7 +50,9 @@ def _load_state(model, checkpoint, expect: dict) -> dict:
 def _init_from(model, uri: str) -> None:
     """Copy every tensor of a project checkpoint whose name and shape match (e.g. the attention network
     from its TMTL stage); says what was not copied."""
-    obj = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    from models.checkpoint import read_limits
+
+    obj = torch.load(io.BytesIO(storage.read_bounded(uri, *read_limits())), map_location="cpu", weights_only=True)
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise TrainError(f"--init-from {uri} is not a {CHECKPOINT_FORMAT} file")
     own = model.state_dict()
