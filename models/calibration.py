@@ -67,13 +67,13 @@ class CalibrationError(ValueError):
 
 # --- expected calibration error ----------------------------------------------------------------------
 def ece(output: Output, raw: torch.Tensor, target: torch.Tensor, calibrated: bool = True,
-        ctx: dict | None = None) -> dict[str, float]:
+        ctx: dict | None = None, validate: bool = True) -> dict[str, float]:
     """Expected calibration error (15 bins, l1) of ``output``'s probabilities on labelled rows.
 
     Categorical: ``{"<name>.ece": e}`` (top-label). Binary: ``{"<label>.ece": e, ...}`` per attribute (the
     positive-class probability against the label) and ``"<name>.mean_ece"`` when there are several.
     Rows whose target is missing (NaN) are left out; an attribute without labelled rows is left out.
-    Other outputs: ``{}``."""
+    Other outputs: ``{}``. ``validate=False`` skips torchmetrics' checks of the inputs (bootstrap loops)."""
     # imported here: models/__init__ imports every module of the package when it builds its registry
     from torchmetrics.functional.classification import binary_calibration_error, multiclass_calibration_error
 
@@ -85,7 +85,7 @@ def ece(output: Output, raw: torch.Tensor, target: torch.Tensor, calibrated: boo
             return {}
         p = output.probabilities(raw[keep], calibrated)
         e = multiclass_calibration_error(p, target[keep].long(), num_classes=len(output.classes), n_bins=N_BINS,
-                                         norm=NORM)
+                                         norm=NORM, validate_args=validate)
         return {f"{output.name}.ece": float(e)}
     if isinstance(output, Binary):
         raw2, t2 = _as_2d(raw), _as_2d(target)
@@ -95,7 +95,7 @@ def ece(output: Output, raw: torch.Tensor, target: torch.Tensor, calibrated: boo
             keep = ~torch.isnan(t2[:, j])
             if bool(keep.any()):
                 out[f"{label}.ece"] = float(binary_calibration_error(p[keep, j], (t2[keep, j] > 0).long(),
-                                                                     n_bins=N_BINS, norm=NORM))
+                                                                     n_bins=N_BINS, norm=NORM, validate_args=validate))
         if len(output.labels) > 1 and out:
             out[f"{output.name}.mean_ece"] = sum(out.values()) / len(out)
         return out
