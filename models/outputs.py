@@ -554,6 +554,15 @@ class OutputSet(nn.Module):
         self.outputs: tuple[Output, ...] = tuple(outputs)
         self.extra = dict(extra or {})
 
+    def __eq__(self, other):
+        """Equal when they describe the same outputs (temperatures included): a deep copy of a model (batch-norm
+        folding) has equal outputs, as when this was a dataclass."""
+        if not isinstance(other, OutputSet):
+            return NotImplemented
+        return self.outputs == other.outputs and self.extra == other.extra
+
+    __hash__ = nn.Module.__hash__  # identity, as nn.Module's bookkeeping (named_modules' memo set) needs
+
     def __iter__(self):
         return iter(self.outputs)
 
