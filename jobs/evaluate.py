@@ -22,8 +22,8 @@ in-sample), and ``--save-calibrated NEW`` writes the calibrated checkpoint (same
 
 Groups. ``--by gender,race,age_group`` recomputes every metric and the ECE for each value of each key, with
 its count and a 95 % confidence interval: Wilson's score interval for an accuracy (a proportion of
-``n`` labelled rows), a percentile bootstrap (``--bootstrap`` resamples of the group's rows, seeded) for
-every other metric (MAE, RMSE, Pearson, losses, ECE, mean accuracies). For each key and metric it gives the
+``n`` labelled rows), a percentile bootstrap (``--bootstrap`` resamples of the group's rows, seeded;
+bias-corrected, see ``bootstrap_interval``) for every other metric (MAE, RMSE, Pearson, losses, ECE, mean accuracies). For each key and metric it gives the
 largest gap between groups (largest minus smallest value) over the groups with at least ``--min-group``
 rows. A key is a label column of the data (class indices are named by the model's output that predicts
 them: 0 -> male), ``age_group`` (from ``age``: 0-17, 18-29, 30-44, 45-59, 60+) or one binary attribute of
@@ -62,6 +62,7 @@ AGE_GROUPS: tuple[tuple[str, float, float], ...] = (
     ("0-17", 0, 18), ("18-29", 18, 30), ("30-44", 30, 45), ("45-59", 45, 60), ("60+", 60, math.inf),
 )
 Z95 = 1.959963984540054
+GENDER_NAMES = ("male", "female")  # the canonical gender column: 0 = male, 1 = female, in every data set
 
 
 class GroupError(ValueError):
@@ -168,6 +169,26 @@ def wilson(k: float, n: float, z: float = Z95) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def bootstrap_interval(estimate: float, replicates) -> tuple[float, float]:
+    """95 % bias-corrected percentile bootstrap interval (Efron's BC): the 2.5 and 97.5 percentiles, moved
+    by ``z0 = Φ⁻¹(share of replicates below the estimate)``. Plain percentiles can miss the estimate of a
+    biased statistic: resampling duplicates rows, which fills the 15 bins unevenly and pushes every ECE
+    replicate above the estimate. When the replicates still lie on one side, the interval is extended to
+    the estimate. NaN when there are no finite replicates."""
+    from statistics import NormalDist
+
+    vals = np.asarray([x for x in replicates if math.isfinite(x)], dtype=float)
+    if not len(vals) or not math.isfinite(estimate):
+        return (float("nan"), float("nan"))
+    nd = NormalDist()
+    below = (np.sum(vals < estimate) + 0.5 * np.sum(vals == estimate)) / len(vals)
+    below = min(max(below, 1 / (len(vals) + 1)), len(vals) / (len(vals) + 1))
+    z0 = nd.inv_cdf(below)
+    lo_q, hi_q = nd.cdf(2 * z0 - Z95), nd.cdf(2 * z0 + Z95)
+    lo, hi = float(np.quantile(vals, lo_q)), float(np.quantile(vals, hi_q))
+    return (min(lo, estimate), max(hi, estimate))
+
+
 def age_group(age) -> str | None:
     if age is None or (isinstance(age, float) and math.isnan(age)):
         return None
@@ -196,7 +217,7 @@ def group_values(table: pd.DataFrame, model, key: str) -> list[str | None]:
             raise GroupError(f"--by age_group needs an 'age' column; the data has {_available(table, model)}")
         return [age_group(a) for a in table["age"]]
     if key in table.columns:
-        names = None
+        names = GENDER_NAMES if key == "gender" else None  # the canonical meaning (facedata/datasets.py)
         for o in model.outputs:
             if isinstance(o, Categorical) and o.target_column == key:
                 names = o.classes
@@ -288,8 +309,8 @@ def _group_report(model, table, raw, targets, by, values, rows, n_boot, min_grou
     rng = np.random.default_rng(seed)
     report: dict = {"by": by, "bootstrap": int(n_boot), "min_group": int(min_group), "groups": {}, "gaps": {},
                     "missing": {},
-                    "ci": "95 %: Wilson score interval for accuracies; percentile bootstrap of the group's rows "
-                          f"({int(n_boot)} resamples, seed {seed}) for every other metric"}
+                    "ci": "95 %: Wilson score interval for accuracies; bias-corrected percentile bootstrap of the "
+                          f"group's rows ({int(n_boot)} resamples, seed {seed}) for every other metric"}
     for key in by:
         names = [values[key][int(r)] for r in rows]
         report["missing"][key] = sum(v is None for v in names)
@@ -312,10 +333,7 @@ def _group_report(model, table, raw, targets, by, values, rows, n_boot, min_grou
                     c, n = counts[k]
                     lo, hi = wilson(c, n)
                 else:
-                    vals = np.array(boot.get(k, []), dtype=float)
-                    vals = vals[np.isfinite(vals)]
-                    lo, hi = (float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))) if len(vals) else (
-                        float("nan"), float("nan"))
+                    lo, hi = bootstrap_interval(v, boot.get(k, []))
                     n = float(len(idx))
                 metrics[k] = {"value": v, "lo": lo, "hi": hi, "n": int(n)}
             groups[g] = {"n": int(len(idx)), "metrics": metrics}

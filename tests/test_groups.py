@@ -14,7 +14,7 @@ import torch
 import models
 from core.engine import evaluate_table
 from jobs import evaluate
-from jobs.evaluate import GroupError, age_group, group_report, group_values, wilson
+from jobs.evaluate import GroupError, age_group, bootstrap_interval, group_report, group_values, wilson
 from models.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -86,6 +86,15 @@ def test_wilson_and_age_groups():
     assert lo == pytest.approx(0.7222, abs=1e-4) and hi == pytest.approx(0.8749, abs=1e-4)
     assert [age_group(a) for a in (0, 17.9, 18, 29, 30, 44, 45, 59, 60, 116, float("nan"))] == \
         ["0-17", "0-17", "18-29", "18-29", "30-44", "30-44", "45-59", "45-59", "60+", "60+", None]
+
+
+def test_bootstrap_interval():
+    reps = np.random.default_rng(0).normal(5.0, 1.0, 4000)
+    lo, hi = bootstrap_interval(5.0, reps)  # unbiased replicates: the plain percentiles
+    assert lo == pytest.approx(5 - 1.96, abs=0.1) and hi == pytest.approx(5 + 1.96, abs=0.1)
+    lo, hi = bootstrap_interval(0.10, [0.12, 0.13, 0.15, 0.2])  # ECE-like: every replicate above
+    assert lo == 0.10 and hi >= 0.13
+    assert all(math.isnan(x) for x in bootstrap_interval(1.0, [float("nan")]))
 
 
 def test_missing_group_column_is_a_clear_error(agr, tmp_path):
