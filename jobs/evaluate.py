@@ -511,7 +511,8 @@ def main(argv: list[str] | None = None) -> dict:
         metrics["images_without_face"] = float(len(table) - metrics["n_images"])
     status = calibration_status(model)
     eces = calibration_errors(model, ev.raw, ev.targets)
-    print(f"model {info.model}  checkpoint {info.short_hash()}  data {args.data}  split {args.split}  "
+    refit = f" + temperatures fitted on {args.calibrate_on}" if fitted is not None else ""
+    print(f"model {info.model}  checkpoint {info.short_hash()}{refit}  data {args.data}  split {args.split}  "
           f"images {int(metrics['n_images'])}")
     width = max(len(k) for k in list(metrics) + list(eces))
     for k in sorted(metrics):
