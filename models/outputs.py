@@ -10,6 +10,14 @@ derived from that declaration:
 * what a user reads (``Output.decode``): the columns of a Parquet row of the label job and the fields of
   the JSON answer of the serving endpoint, with their Arrow types (``Output.fields``).
 
+Calibration (models/calibration.py): a categorical output or a group of binary attributes may carry fitted
+temperatures (``Categorical.temperature``, ``Binary.temperatures``); ``decode`` then reports calibrated
+probabilities (``<name>_prob``, ``<name>_probs``, ``<label>_prob``) while every decision (the class, the
+boolean label) stays the one of the raw outputs. ``decode(..., calibrated=False)`` gives the raw
+probabilities of an uncalibrated model. The temperatures are buffers of :class:`OutputSet` (an
+``nn.Module``, so a model's ``outputs`` travel in its ``state_dict`` and its checkpoint); a model without them
+has no extra tensor at all, and its checkpoints are the same bytes as before.
+
 Raw model outputs are a ``dict[name, Tensor]`` with the batch first. Targets come from the dataset's
 canonical label columns (``Output.target``, defaulting to the output's name); a missing label is NaN.
 """
@@ -17,12 +25,13 @@ canonical label columns (``Output.target``, defaulting to the output's name); a 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 Tensor = torch.Tensor
 
@@ -144,10 +153,25 @@ class Output:
 
 @dataclass(frozen=True)
 class Categorical(Output):
-    """Softmax over named classes; cross-entropy loss; accuracy. Target: class index."""
+    """Softmax over named classes; cross-entropy loss; accuracy. Target: class index.
+
+    ``temperature`` (set by models/calibration.py, None = uncalibrated): the reported probabilities are
+    ``softmax(raw / T)``; the class is always ``argmax(raw)``, which a positive T does not change."""
 
     classes: tuple[str, ...] = ()
+    temperature: float | None = None
     kind = "categorical"
+
+    @property
+    def calibrated(self) -> bool:
+        return self.temperature is not None
+
+    def probabilities(self, raw: Tensor, calibrated: bool = True, **ctx) -> Tensor:
+        """(B, K) class probabilities: calibrated when the output has a temperature and ``calibrated``."""
+        z = raw.float()
+        if calibrated and self.temperature is not None:
+            z = z / float(self.temperature)
+        return torch.softmax(z, dim=1)
 
     def loss(self, raw, target):
         return F.cross_entropy(raw.float(), target.long())
@@ -172,14 +196,21 @@ class Categorical(Output):
         return [pa.field(self.name, pa.string()), pa.field(f"{self.name}_prob", pa.float32()),
                 pa.field(f"{self.name}_probs", pa.list_(pa.float32()))]
 
-    def decode(self, raw, geometry=None, **ctx):
-        probs = torch.softmax(raw.float(), dim=1)
-        conf, idx = probs.max(1)
+    def decode(self, raw, geometry=None, calibrated: bool = True, **ctx):
+        probs = self.probabilities(raw, calibrated)
+        if calibrated and self.temperature is not None:
+            idx = raw.float().argmax(1)  # the decision of the raw outputs, whatever rounding does to probs
+            conf = probs.gather(1, idx[:, None])[:, 0]
+        else:  # the uncalibrated path exactly as before calibration existed
+            conf, idx = probs.max(1)
         return {self.name: [self.classes[i] for i in idx.tolist()], f"{self.name}_prob": conf.tolist(),
                 f"{self.name}_probs": probs.tolist()}
 
     def _describe(self):
-        return {"classes": list(self.classes)}
+        d = {"classes": list(self.classes)}
+        if self.temperature is not None:
+            d["calibration"] = {"method": "temperature", "temperature": float(self.temperature)}
+        return d
 
 
 @dataclass(frozen=True)
@@ -191,11 +222,21 @@ class Binary(Output):
     the label is ``raw > τ_j`` (Eq. 5) with the model's per-attribute thresholds τ (Eq. 6), passed in
     ``ctx["thresholds"]``; the reported probability is the score mapped linearly from [-1, 1] to [0, 1].
     Columns: ``<label>`` (bool) and ``<label>_prob`` for every label.
+
+    ``temperatures`` (one per label, set by models/calibration.py; None = uncalibrated): the reported
+    probability becomes ``sigmoid((raw − τ_j) / T_j)``, a Platt scaling whose bias is tied to the decision
+    threshold, so that the probability is above 0.5 exactly when the label is true and the label itself
+    (``raw > τ_j``, DMM-CNN's adaptive thresholds included) never changes.
     """
 
     labels: tuple[str, ...] = ()
     loss_type: str = "bce"
+    temperatures: tuple[float, ...] | None = None
     kind = "binary"
+
+    @property
+    def calibrated(self) -> bool:
+        return self.temperatures is not None
 
     def _thresholds(self, raw: Tensor, ctx) -> Tensor:
         t = ctx.get("thresholds")
@@ -208,9 +249,19 @@ class Binary(Output):
         return raw > self._thresholds(raw, ctx)
 
     def prob(self, raw: Tensor) -> Tensor:
+        """The uncalibrated probability of each label (sigmoid of a logit, or DMM-CNN's linear map)."""
         if self.loss_type == "bce":
             return torch.sigmoid(raw)
         return ((raw.clamp(-1, 1) + 1) / 2)
+
+    def probabilities(self, raw: Tensor, calibrated: bool = True, **ctx) -> Tensor:
+        """(B, J) probabilities of the positive class: calibrated when the output has temperatures and
+        ``calibrated``, with the thresholds of ``ctx`` (see the class docstring)."""
+        raw = raw.float()
+        if not (calibrated and self.temperatures is not None):
+            return self.prob(raw)
+        t = torch.tensor(self.temperatures, dtype=raw.dtype, device=raw.device)
+        return torch.sigmoid((raw - self._thresholds(raw, ctx)) / t)
 
     def per_label_loss(self, raw: Tensor, target: Tensor) -> Tensor:
         """Mean loss of each label over the batch, shape (J,)."""
@@ -263,10 +314,10 @@ class Binary(Output):
             fs += [pa.field(label, pa.bool_()), pa.field(f"{label}_prob", pa.float32())]
         return fs
 
-    def decode(self, raw, geometry=None, **ctx):
+    def decode(self, raw, geometry=None, calibrated: bool = True, **ctx):
         raw = raw.float()
         pos = self.positive(raw, ctx)
-        prob = self.prob(raw)
+        prob = self.probabilities(raw, calibrated, **ctx)
         cols = {}
         for j, label in enumerate(self.labels):
             cols[label] = pos[:, j].tolist()
@@ -274,7 +325,10 @@ class Binary(Output):
         return cols
 
     def _describe(self):
-        return {"labels": list(self.labels), "loss": self.loss_type}
+        d = {"labels": list(self.labels), "loss": self.loss_type}
+        if self.temperatures is not None:
+            d["calibration"] = {"method": "threshold_temperature", "temperatures": [float(t) for t in self.temperatures]}
+        return d
 
 
 @dataclass(frozen=True)
@@ -482,15 +536,38 @@ class Landmarks(Output):
 OUTPUT_KINDS = {c.kind: c for c in (Categorical, Binary, Regression, AgeDistribution, Landmarks)}
 
 
-@dataclass
-class OutputSet:
-    """The outputs of one model, in order, and what is derived from them as a whole."""
+CALIBRATION_PREFIX = "temperature_"  # buffer name of an output's fitted temperatures: temperature_<output>
 
-    outputs: tuple[Output, ...]
-    extra: dict = field(default_factory=dict)
+
+class OutputSet(nn.Module):
+    """The outputs of one model, in order, and what is derived from them as a whole.
+
+    An ``nn.Module`` only so that fitted calibration travels with the model: when a model's ``outputs``
+    are calibrated (:meth:`set_temperatures`), each calibrated output has one float32 buffer
+    ``temperature_<output>`` (shape (1,) for a categorical output, (J,) for J binary attributes) and its
+    ``Output`` carries the same values. An uncalibrated set has no buffer, parameter or child: the model's
+    ``state_dict`` is what it was before calibration existed. Loading a calibrated ``state_dict`` into a
+    freshly built model (``models.checkpoint.load_checkpoint``) creates the buffers and calibrates it."""
+
+    def __init__(self, outputs, extra: dict | None = None):
+        super().__init__()
+        self.outputs: tuple[Output, ...] = tuple(outputs)
+        self.extra = dict(extra or {})
+
+    def __eq__(self, other):
+        """Equal when they describe the same outputs (temperatures included): a deep copy of a model (batch-norm
+        folding) has equal outputs, as when this was a dataclass."""
+        if not isinstance(other, OutputSet):
+            return NotImplemented
+        return self.outputs == other.outputs and self.extra == other.extra
+
+    __hash__ = nn.Module.__hash__  # identity, as nn.Module's bookkeeping (named_modules' memo set) needs
 
     def __iter__(self):
         return iter(self.outputs)
+
+    def __len__(self):
+        return len(self.outputs)
 
     def __getitem__(self, name: str) -> Output:
         for o in self.outputs:
@@ -509,6 +586,71 @@ class OutputSet:
 
     def describe(self) -> list[dict]:
         return [o.describe() for o in self.outputs]
+
+    # --- calibration --------------------------------------------------------------------------------
+    @property
+    def calibrated(self) -> bool:
+        """True when any output carries fitted temperatures."""
+        return any(getattr(o, "calibrated", False) for o in self.outputs)
+
+    def calibratable(self) -> list[Output]:
+        """The outputs a temperature applies to: categorical outputs and binary attribute groups."""
+        return [o for o in self.outputs if isinstance(o, (Categorical, Binary))]
+
+    def set_temperatures(self, name: str, temperatures) -> None:
+        """Calibrate output ``name`` with ``temperatures`` (a number or one per class group / attribute);
+        ``None`` removes its calibration. Temperatures must be finite and positive."""
+        o = self[name]
+        if not isinstance(o, (Categorical, Binary)):
+            raise ValueError(f"output {name!r} ({o.kind}) has no probabilities to calibrate")
+        key = CALIBRATION_PREFIX + name
+        if temperatures is None:
+            if key in self._buffers:
+                del self._buffers[key]
+            self._replace(replace(o, **{_temperature_field(o): None}))
+            return
+        t = torch.as_tensor(temperatures, dtype=torch.float64).reshape(-1)
+        want = 1 if isinstance(o, Categorical) else len(o.labels)
+        if t.numel() != want:
+            raise ValueError(f"output {name!r} needs {want} temperature(s), got {t.numel()}")
+        if not bool(torch.isfinite(t).all()) or bool((t <= 0).any()):
+            raise ValueError(f"output {name!r}: temperatures must be finite and > 0, got {t.tolist()}")
+        vals = tuple(float(v) for v in t.float().tolist())  # what the buffer holds, so a reload is exact
+        buf = torch.tensor(vals, dtype=torch.float32)
+        if key in self._buffers:
+            self._buffers[key] = buf.to(self._buffers[key].device)
+        else:
+            self.register_buffer(key, buf)
+        self._replace(replace(o, **{_temperature_field(o): vals[0] if isinstance(o, Categorical) else vals}))
+
+    def clear_calibration(self) -> None:
+        for o in self.calibratable():
+            self.set_temperatures(o.name, None)
+
+    def _replace(self, new: Output) -> None:
+        self.outputs = tuple(new if o.name == new.name else o for o in self.outputs)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A calibrated checkpoint into a freshly built (uncalibrated) model: make the buffers first, so that
+        # nn.Module's loading fills them and strict loading sees no unexpected key.
+        for key, value in state_dict.items():
+            if key.startswith(prefix + CALIBRATION_PREFIX) and key[len(prefix):] not in self._buffers:
+                name = key[len(prefix) + len(CALIBRATION_PREFIX):]
+                if name in self.names() and isinstance(value, torch.Tensor):
+                    self.register_buffer(CALIBRATION_PREFIX + name, torch.ones_like(value, dtype=torch.float32))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        for key in list(self._buffers):
+            if key.startswith(CALIBRATION_PREFIX) and prefix + key in state_dict:
+                try:
+                    self.set_temperatures(key[len(CALIBRATION_PREFIX):], self._buffers[key].detach().cpu())
+                except ValueError as e:
+                    error_msgs.append(f"{prefix}{key}: {e}")
+
+
+def _temperature_field(o: Output) -> str:
+    return "temperature" if isinstance(o, Categorical) else "temperatures"
 
 
 def finalize_metrics(outputs, stats: dict[str, dict[str, Tensor]]) -> dict[str, float]:

@@ -1,0 +1,347 @@
+"""Calibrated probabilities: fit temperatures on validation outputs, measure expected calibration error.
+
+    >>> from models.calibration import fit_calibration
+    >>> cal = fit_calibration(model, batches)          # engine batches of the validation split, or
+    >>> cal = fit_calibration(model, {"gender": (logits, labels), ...})   # raw outputs and targets
+    >>> cal.summary()["gender"]["ece_after"]
+
+What is fitted, per output (``models.outputs``):
+
+* **Categorical** (gender, race, smile, ...): one temperature T, probabilities ``softmax(z / T)``. A positive
+  T keeps the order of the classes, so the predicted class never changes (Guo et al., 2017).
+* **Binary** attribute groups (DMM-CNN's 40 CelebA attributes): one temperature T_j per attribute around the
+  model's decision threshold τ_j, ``p_j = sigmoid((s_j − τ_j) / T_j)``: Platt scaling ``sigmoid(a s + b)``
+  with ``a = 1/T_j`` and the bias tied to ``b = −τ_j / T_j``. Why not a free bias: it moves the point where
+  the probability crosses 0.5 away from the label's threshold, so either the label would change (DMM-CNN's
+  adaptive thresholds, Eq. 6, would no longer decide) or a row could say ``Smiling: true`` with
+  ``Smiling_prob: 0.4``. Tied to τ_j, the label is untouched and agrees with its probability. For
+  ``bce`` outputs (τ = 0) this is plain temperature scaling of the logit; for DMM-CNN's ``mse_pm1`` scores
+  (regressed onto ±1, not logits) the uncalibrated "probability" is the linear map ``(s + 1) / 2`` and the
+  calibrated one is this sigmoid of the distance to the threshold.
+* **Not calibrated**: age (``AgeDistribution``: a temperature would change the expected age, the prediction
+  itself), regression scores and landmarks (no probability).
+
+How: each temperature minimises the negative log-likelihood (cross-entropy / BCE, a proper scoring rule) of
+the validation labels, by L-BFGS (strong-Wolfe line search) on ``log(1/T)`` in float64. The NLL is convex in
+``1/T`` and the problem has one (categorical) or J independent (binary) unknowns, so L-BFGS converges in a
+few dozen evaluations of a (N, K) tensor; the log keeps T positive. Minimising the binned ECE directly is
+not done: it is piecewise constant in T and over-fits its 15 bins. T is clipped to [0.05, 20]. An output
+(or attribute) needs at least ``min_rows`` labelled rows, and for an attribute both classes, or it is left
+at T = 1 (the uncalibrated probability for ``bce``).
+
+Where it is kept: ``model.outputs`` (an ``nn.Module``) gets a buffer ``temperature_<output>`` per calibrated
+output and each ``Output`` a ``temperature``/``temperatures`` field, so ``checkpoint_bytes`` /
+``save_checkpoint`` write it in the ``state_dict`` and ``load_checkpoint`` restores it with no change to the
+checkpoint format; the output description (``/v1/models``, ``CheckpointInfo.outputs``) shows
+``"calibration": {...}`` for each calibrated output. A model or checkpoint without calibration loads and
+decodes exactly as before (no buffer, no new description field, the same bytes and hash):
+:func:`calibration_status` says ``{"calibrated": false}`` for it.
+
+Raw probabilities stay reproducible two ways: ``Output.decode(raw, calibrated=False)`` /
+``Output.probabilities(raw, calibrated=False)``, and from the stored temperatures (``z = T · log p`` up to
+a per-row constant for a categorical output; ``s = τ_j + T_j · logit(p)`` for an attribute).
+
+ECE: torchmetrics' ``multiclass_calibration_error`` (top-label confidence) and ``binary_calibration_error``
+(the probability of the positive class), 15 equal-width bins, ``norm="l1"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .outputs import Binary, Categorical, Output
+
+N_BINS = 15
+NORM = "l1"
+T_MIN, T_MAX = 0.05, 20.0
+MIN_ROWS = 20
+
+
+class CalibrationError(ValueError):
+    """Calibration cannot be fitted or measured with what was given."""
+
+
+# --- expected calibration error ----------------------------------------------------------------------
+def ece(output: Output, raw: torch.Tensor, target: torch.Tensor, calibrated: bool = True,
+        ctx: dict | None = None, validate: bool = True) -> dict[str, float]:
+    """Expected calibration error (15 bins, l1) of ``output``'s probabilities on labelled rows.
+
+    Categorical: ``{"<name>.ece": e}`` (top-label). Binary: ``{"<label>.ece": e, ...}`` per attribute (the
+    positive-class probability against the label) and ``"<name>.mean_ece"`` when there are several.
+    Rows whose target is missing (NaN) are left out; an attribute without labelled rows is left out.
+    Other outputs: ``{}``. ``validate=False`` skips torchmetrics' checks of the inputs (bootstrap loops)."""
+    # imported here: models/__init__ imports every module of the package when it builds its registry
+    from torchmetrics.functional.classification import binary_calibration_error, multiclass_calibration_error
+
+    ctx = ctx or {}
+    raw, target = raw.detach().float().cpu(), target.detach().float().cpu()
+    if isinstance(output, Categorical):
+        keep = ~torch.isnan(target.reshape(len(target), -1)).any(1)
+        if not bool(keep.any()):
+            return {}
+        p = output.probabilities(raw[keep], calibrated)
+        e = multiclass_calibration_error(p, target[keep].long(), num_classes=len(output.classes), n_bins=N_BINS,
+                                         norm=NORM, validate_args=validate)
+        return {f"{output.name}.ece": float(e)}
+    if isinstance(output, Binary):
+        raw2, t2 = _as_2d(raw), _as_2d(target)
+        p = output.probabilities(raw2, calibrated, **ctx)
+        out: dict[str, float] = {}
+        for j, label in enumerate(output.labels):
+            keep = ~torch.isnan(t2[:, j])
+            if bool(keep.any()):
+                out[f"{label}.ece"] = float(binary_calibration_error(p[keep, j], (t2[keep, j] > 0).long(),
+                                                                     n_bins=N_BINS, norm=NORM, validate_args=validate))
+        if len(output.labels) > 1 and out:
+            out[f"{output.name}.mean_ece"] = sum(out.values()) / len(out)
+        return out
+    return {}
+
+
+def reliability_bins(output: Output, raw: torch.Tensor, target: torch.Tensor, calibrated: bool = True,
+                     ctx: dict | None = None, n_bins: int = N_BINS) -> dict[str, list[float]]:
+    """What a reliability diagram draws (the same binning as the ECE): per bin of confidence, its mean
+    confidence, its accuracy (categorical: top-label correct; binary: fraction positive, all attributes
+    pooled) and its count. Empty bins have count 0 and NaN means."""
+    raw, target = raw.detach().float().cpu(), target.detach().float().cpu()
+    if isinstance(output, Categorical):
+        keep = ~torch.isnan(target.reshape(len(target), -1)).any(1)
+        p = output.probabilities(raw[keep], calibrated)
+        conf, pred = p.max(1)
+        hit = (pred == target[keep].long()).double()
+    elif isinstance(output, Binary):
+        raw2, t2 = _as_2d(raw), _as_2d(target)
+        p = output.probabilities(raw2, calibrated, **(ctx or {}))
+        keep = ~torch.isnan(t2)
+        conf, hit = p[keep], (t2[keep] > 0).double()
+    else:
+        raise CalibrationError(f"output {output.name!r} ({output.kind}) has no probabilities")
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    idx = (torch.bucketize(conf.double(), edges, right=True) - 1).clamp(0, n_bins - 1)
+    count = torch.bincount(idx, minlength=n_bins).double()
+    csum = torch.bincount(idx, weights=conf.double(), minlength=n_bins)
+    hsum = torch.bincount(idx, weights=hit, minlength=n_bins)
+    nan = torch.full_like(count, float("nan"))
+    return {"edges": edges.tolist(), "count": count.tolist(),
+            "confidence": torch.where(count > 0, csum / count.clamp_min(1), nan).tolist(),
+            "accuracy": torch.where(count > 0, hsum / count.clamp_min(1), nan).tolist()}
+
+
+# --- fitting -----------------------------------------------------------------------------------------
+@dataclass
+class OutputCalibration:
+    """The fit of one output: its temperature(s), the rows it used and its NLL and ECE on them."""
+
+    output: str
+    method: str  # "temperature" (categorical) or "threshold_temperature" (binary, see the module docstring)
+    temperatures: list[float]
+    n: int
+    nll_before: float
+    nll_after: float
+    ece_before: float
+    ece_after: float
+    skipped: list[str] = field(default_factory=list)  # attributes left at T = 1, with the reason
+
+
+@dataclass
+class Calibration:
+    """What :func:`fit_calibration` fitted (and applied, unless ``apply=False``)."""
+
+    outputs: dict[str, OutputCalibration]
+
+    def summary(self) -> dict:
+        """JSON-ready: ``{output: {method, temperatures, n, nll_before, nll_after, ece_before, ece_after}}``."""
+        return {name: asdict(c) for name, c in self.outputs.items()}
+
+    def apply(self, model) -> None:
+        """Put these temperatures on ``model.outputs`` (replacing any it had for these outputs)."""
+        core = getattr(model, "module", model)
+        for name, c in self.outputs.items():
+            core.outputs.set_temperatures(name, c.temperatures)
+
+
+def _as_2d(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(len(x), -1)
+
+
+def _lbfgs(loss_fn, n: int) -> torch.Tensor:
+    """Minimise ``loss_fn(log_a)`` over ``log_a`` (n values, a = 1/T) from a = 1; returns T."""
+    log_a = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_a], lr=1.0, max_iter=100, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(log_a)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    t = torch.exp(-log_a.detach())
+    t = torch.where(torch.isfinite(t), t, torch.ones_like(t))
+    return t.clamp(T_MIN, T_MAX).float().double()  # the float32 value the model's buffer will hold
+
+
+def _fit_categorical(o: Categorical, raw: torch.Tensor, target: torch.Tensor, min_rows: int) -> OutputCalibration:
+    keep = ~torch.isnan(target.reshape(len(target), -1)).any(1)
+    z, y = raw[keep].double(), target[keep].long()
+    if len(y) < min_rows:
+        raise CalibrationError(f"output {o.name!r}: {len(y)} labelled rows, at least {min_rows} needed to fit")
+    t = _lbfgs(lambda log_a: F.cross_entropy(z * torch.exp(log_a[0]), y), 1)
+    before = ece(replace_t(o, None), z, y.double())[f"{o.name}.ece"]
+    after_o = replace_t(o, float(t[0]))
+    after = ece(after_o, z, y.double())[f"{o.name}.ece"]
+    return OutputCalibration(o.name, "temperature", [float(t[0])], len(y),
+                             float(F.cross_entropy(z, y)), float(F.cross_entropy(z / t[0], y)), before, after)
+
+
+def _fit_binary(o: Binary, raw: torch.Tensor, target: torch.Tensor, ctx: dict, min_rows: int) -> OutputCalibration:
+    s, y = _as_2d(raw).double(), _as_2d(target).double()
+    tau = o._thresholds(s, ctx).double()
+    lab = ~torch.isnan(y)
+    pos = (y > 0).double()
+    d = s - tau
+    usable, skipped = [], []
+    for j, label in enumerate(o.labels):
+        n_j, p_j = int(lab[:, j].sum()), int((pos[:, j] * lab[:, j]).sum())
+        if n_j < min_rows:
+            skipped.append(f"{label}: {n_j} labelled rows (< {min_rows})")
+        elif p_j in (0, n_j):
+            skipped.append(f"{label}: only one class among {n_j} rows")
+        else:
+            usable.append(j)
+    if not usable:
+        raise CalibrationError(f"output {o.name!r}: no attribute can be fitted ({'; '.join(skipped)})")
+    u = torch.tensor(usable)
+    w = lab[:, u].double()
+    counts = w.sum(0)
+
+    def nll(log_a):
+        x = d[:, u] * torch.exp(log_a)
+        per = F.binary_cross_entropy_with_logits(x, pos[:, u], reduction="none") * w
+        return (per.sum(0) / counts).sum()  # separable: each attribute's mean NLL, minimised jointly
+
+    t_fit = _lbfgs(nll, len(usable))
+    temps = torch.ones(len(o.labels), dtype=torch.float64)
+    temps[u] = t_fit
+
+    def mean_bce(x):
+        return float(((F.binary_cross_entropy_with_logits(x[:, u], pos[:, u], reduction="none") * w).sum(0)
+                      / counts).mean())
+
+    before_p = o.prob(s.float()).double().clamp(1e-7, 1 - 1e-7)  # the probability users got until now
+    nll_before = mean_bce(torch.logit(before_p))
+    after_o = replace_t(o, tuple(float(v) for v in temps))
+    e_before = ece(replace_t(o, None), s, y, ctx=ctx)
+    e_after = ece(after_o, s, y, ctx=ctx)
+    key = f"{o.name}.mean_ece" if len(o.labels) > 1 else f"{o.labels[0]}.ece"
+    return OutputCalibration(o.name, "threshold_temperature", [float(v) for v in temps], int(lab.any(1).sum()),
+                             nll_before, mean_bce(d / temps), e_before[key], e_after[key], skipped)
+
+
+def replace_t(o: Output, t):
+    """``o`` with temperature(s) ``t`` (None: uncalibrated)."""
+    from dataclasses import replace
+
+    if isinstance(o, Categorical):
+        return replace(o, temperature=t)
+    if isinstance(o, Binary):
+        return replace(o, temperatures=t)
+    return o
+
+
+@torch.no_grad()
+def collect_outputs(model, batches: Iterable[dict], device: str | torch.device = "cpu") -> dict[str, tuple]:
+    """Run ``model`` over engine batches (``core.engine.iter_batches``: ``image`` + ``t:<column>`` arrays)
+    -> ``{output: (raw (N, ...), target (N, ...))}`` for every output whose labels the batches carry."""
+    from core.engine import to_tensors  # core builds on models; imported here to keep models importable alone
+
+    core = getattr(model, "module", model)
+    dev = torch.device(device)
+    was_training = core.training
+    core.to(dev).eval()
+    raws: dict[str, list] = {}
+    tgts: dict[str, list] = {}
+    try:
+        for batch in batches:
+            images, targets = to_tensors(batch, dev)
+            if len(images) == 0:
+                continue
+            raw = core(core.prepare(images))
+            for o in core.outputs:
+                if o.target_column in targets:
+                    raws.setdefault(o.name, []).append(raw[o.name].detach().float().cpu())
+                    tgts.setdefault(o.name, []).append(targets[o.target_column].detach().float().cpu())
+    finally:
+        core.train(was_training)
+    return {k: (torch.cat(raws[k]), torch.cat(tgts[k])) for k in raws}
+
+
+def fit_calibration(model, data, outputs: Iterable[str] | None = None, apply: bool = True,
+                    min_rows: int = MIN_ROWS, device: str | torch.device = "cpu") -> Calibration:
+    """Fit temperatures for ``model``'s categorical and binary outputs on validation data and (``apply``)
+    put them on the model, so that ``model.decode`` and every checkpoint saved from it are calibrated.
+
+    ``data``: either ``{output name: (raw outputs, targets)}`` (targets as in the dataset: class index,
+    0/1 or ±1 per attribute, NaN = missing), or an iterable of engine batches (``core.engine.iter_batches``
+    over the validation table), which are run through the model. ``outputs``: names to fit (default: every
+    categorical and binary output with labels in ``data``). Fitting starts from the raw outputs: a model that
+    is already calibrated is refitted, not calibrated twice. Binary thresholds are the model's own
+    (``decode_context``), so fit after the last threshold update. Raises :class:`CalibrationError` when
+    nothing can be fitted."""
+    core = getattr(model, "module", model)
+    if isinstance(data, Mapping):
+        pairs = {k: (torch.as_tensor(v[0]).detach().float().cpu(), torch.as_tensor(v[1]).detach().float().cpu())
+                 for k, v in data.items()}
+    else:
+        pairs = collect_outputs(core, data, device)
+    wanted = list(outputs) if outputs is not None else [o.name for o in core.outputs.calibratable()]
+    unknown = [n for n in wanted if n not in core.outputs.names()]
+    if unknown:
+        raise CalibrationError(f"{core.name}: no output {unknown}; outputs: {core.outputs.names()}")
+    ctx_all = core.decode_context()
+    fits: dict[str, OutputCalibration] = {}
+    for name in wanted:
+        o = core.outputs[name]
+        if not isinstance(o, (Categorical, Binary)):
+            if outputs is not None:
+                raise CalibrationError(f"output {name!r} ({o.kind}) has no probabilities to calibrate")
+            continue
+        if name not in pairs:
+            if outputs is not None:
+                raise CalibrationError(f"no raw outputs and labels for output {name!r} in the calibration data")
+            continue
+        raw, target = pairs[name]
+        if len(raw) != len(target):
+            raise CalibrationError(f"output {name!r}: {len(raw)} raw rows but {len(target)} targets")
+        if isinstance(o, Categorical):
+            fits[name] = _fit_categorical(o, raw, target, min_rows)
+        else:
+            sub = ctx_all.get(name)
+            fits[name] = _fit_binary(o, raw, target, sub if isinstance(sub, dict) else {}, min_rows)
+    if not fits:
+        raise CalibrationError(f"{core.name}: nothing to calibrate (no labelled categorical or binary output "
+                               f"in the data; outputs with labels: {sorted(pairs)})")
+    cal = Calibration(fits)
+    if apply:
+        cal.apply(core)
+    return cal
+
+
+def calibration_status(model_or_outputs) -> dict:
+    """``{"calibrated": bool, "outputs": {name: temperatures or None}}`` for a model, its ``outputs``, or
+    a checkpoint's output description (``CheckpointInfo.outputs``: a list of dicts)."""
+    if isinstance(model_or_outputs, list):
+        per = {d["name"]: (d.get("calibration") or {}).get("temperature", (d.get("calibration") or {}).get("temperatures"))
+               for d in model_or_outputs if d.get("kind") in ("categorical", "binary")}
+    else:
+        outs = getattr(getattr(model_or_outputs, "module", model_or_outputs), "outputs", model_or_outputs)
+        per = {o.name: (o.temperature if isinstance(o, Categorical) else
+                        (list(o.temperatures) if o.temperatures is not None else None))
+               for o in outs.calibratable()}
+    return {"calibrated": any(v is not None for v in per.values()), "outputs": per}
+

@@ -1,0 +1,144 @@
+"""Calibrated probabilities (models/calibration.py): fitting lowers the ECE and keeps every decision, the
+temperatures travel in checkpoints, and checkpoints without them load, label and say they are uncalibrated.
+No Ray; a few seconds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torchmetrics.functional.classification import multiclass_calibration_error
+
+import models
+from models.calibration import CalibrationError, calibration_status, ece, fit_calibration
+from models.checkpoint import load_checkpoint, save_checkpoint
+
+
+def overconfident(n: int, k: int, sharpen: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits whose true class gets a margin, then multiplied by ``sharpen``: right about as often as
+    before, far more sure of itself (a deliberately miscalibrated toy model)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, k, (n,), generator=g)
+    z = torch.randn(n, k, generator=g)
+    z[torch.arange(n), y] += 1.0
+    return z * sharpen, y.float()
+
+
+@pytest.fixture(scope="module")
+def hs():
+    torch.manual_seed(0)
+    return models.create_model("hard_sharing")
+
+
+def test_temperature_lowers_ece_and_keeps_every_argmax():
+    m = models.create_model("hard_sharing")
+    z, y = overconfident(3000, 2, sharpen=6.0)
+    zv, yv = overconfident(3000, 2, sharpen=6.0, seed=1)  # held-out rows of the same toy model
+    o = m.outputs["gender"]
+    before = multiclass_calibration_error(torch.softmax(zv, 1), yv.long(), num_classes=2, n_bins=15, norm="l1")
+    cal = fit_calibration(m, {"gender": (z, y)})
+    fitted = m.outputs["gender"]
+    assert fitted.temperature == pytest.approx(cal.outputs["gender"].temperatures[0]) and fitted.temperature > 2
+    after = multiclass_calibration_error(fitted.probabilities(zv), yv.long(), num_classes=2, n_bins=15, norm="l1")
+    assert float(after) < 0.5 * float(before) and float(before) > 0.1
+    assert ece(fitted, zv, yv)["gender.ece"] == pytest.approx(float(after))
+    assert ece(fitted, zv, yv, calibrated=False)["gender.ece"] == pytest.approx(float(before))
+    s = cal.summary()["gender"]
+    assert s["ece_after"] < s["ece_before"] and s["nll_after"] < s["nll_before"] and s["n"] == 3000
+    # decisions: the class is the raw argmax, before and after; only the probabilities move
+    raw_cols = o.decode(zv)
+    cal_cols = fitted.decode(zv)
+    assert cal_cols["gender"] == raw_cols["gender"] == [("male", "female")[i] for i in zv.argmax(1).tolist()]
+    assert not np.allclose(cal_cols["gender_prob"], raw_cols["gender_prob"])
+    assert fitted.decode(zv, calibrated=False) == raw_cols  # the raw probabilities stay reproducible
+    # the whole model's decode (label and serve columns) is calibrated too
+    cols = m.decode({"gender": zv[:5], "eyeglasses": zv[:5]})
+    assert cols["gender_prob"] == pytest.approx(cal_cols["gender_prob"][:5])
+    assert cols["eyeglasses_prob"] == pytest.approx(raw_cols["gender_prob"][:5])  # eyeglasses not fitted
+
+
+def test_five_classes_and_underconfidence():
+    m = models.create_model("age_gender_race", depth=18, image_size=32, hidden=(8,))
+    z, y = overconfident(2000, 5, sharpen=0.3)  # too timid: T < 1
+    cal = fit_calibration(m, {"race": (z, y)})
+    assert cal.outputs["race"].temperatures[0] < 1 and cal.outputs["race"].ece_after < cal.outputs["race"].ece_before
+    assert m.outputs["race"].decode(z)["race"] == m.outputs["race"].decode(z, calibrated=False)["race"]
+    assert "age" not in cal.outputs and m.outputs["age"].describe().get("calibration") is None
+
+
+def test_dmm_attributes_keep_their_adaptive_threshold_decisions():
+    m = models.create_model("dmm_cnn", depth=18, image_size=64, num_landmarks=0)
+    g = torch.Generator().manual_seed(3)
+    m.thresholds.copy_(torch.empty(40).uniform_(-0.4, 0.4, generator=g))  # as Eq. 6 leaves them
+    truth = (torch.rand(1500, 40, generator=g) < 0.4).float()
+    scores = (truth * 2 - 1) * 0.6 + 0.5 * torch.randn(1500, 40, generator=g) + m.thresholds
+    target = truth * 2 - 1  # CelebA's ±1
+    target[:100, 5] = float("nan")  # missing labels are left out
+    out = m.outputs["attributes"]
+    before = out.decode(scores, thresholds=m.thresholds)
+    cal = fit_calibration(m, {"attributes": (scores, target)})
+    fitted = m.outputs["attributes"]
+    assert len(fitted.temperatures) == 40 and cal.outputs["attributes"].skipped == []
+    after = m.decode({"attributes": scores})
+    for label in out.labels:
+        assert after[label] == before[label]  # the label is still score > τ_j
+        p = np.array(after[f"{label}_prob"])
+        assert ((p > 0.5) == np.array(after[label])).all()  # and agrees with its probability
+    s = cal.summary()["attributes"]
+    assert s["ece_after"] < s["ece_before"]
+
+
+def test_calibration_survives_save_and_load(tmp_path, hs):
+    z, y = overconfident(500, 2, sharpen=5.0)
+    m = models.create_model("hard_sharing")
+    m.load_state_dict(hs.state_dict())
+    fit_calibration(m, {"gender": (z, y), "eyeglasses": (z, y)})
+    digest = save_checkpoint(m, str(tmp_path / "cal.pt"), metrics={"mean_accuracy": 0.5})
+    m2, info = load_checkpoint(str(tmp_path / "cal.pt"))
+    assert info.hash == digest
+    for name in ("gender", "eyeglasses"):
+        assert m2.outputs[name].temperature == m.outputs[name].temperature
+    assert calibration_status(m2)["calibrated"] and calibration_status(info.outputs) == calibration_status(m)
+    assert info.outputs[0]["calibration"] == {"method": "temperature", "temperature": m.outputs["gender"].temperature}
+    x = torch.randint(0, 255, (3, 1, 50, 50), dtype=torch.uint8)
+    with torch.no_grad():
+        a, b = m.eval().decode(m(m.prepare(x))), m2.decode(m2(m2.prepare(x)))
+    assert a == b
+    # refitting starts from the raw outputs, and removing the calibration is possible
+    m2.outputs.clear_calibration()
+    assert not calibration_status(m2)["calibrated"] and not any(k.startswith("outputs.") for k in m2.state_dict())
+
+
+def test_uncalibrated_checkpoint_loads_labels_and_says_so(tmp_path, hs):
+    assert not any(k.startswith("outputs.") for k in hs.state_dict())  # the same tensors as before calibration
+    save_checkpoint(hs, str(tmp_path / "raw.pt"))
+    m, info = load_checkpoint(str(tmp_path / "raw.pt"))
+    status = calibration_status(m)
+    assert status == {"calibrated": False, "outputs": {"gender": None, "eyeglasses": None}}
+    assert calibration_status(info.outputs) == status
+    assert all("calibration" not in d for d in info.outputs)
+    x = torch.randint(0, 255, (2, 1, 50, 50), dtype=torch.uint8)
+    with torch.no_grad():
+        raw = m(m.prepare(x))
+    cols = m.decode(raw)
+    assert cols["gender_prob"] == pytest.approx(torch.softmax(raw["gender"], 1).max(1).values.tolist())
+
+
+def test_fit_from_engine_batches_and_bad_input():
+    m = models.create_model("hard_sharing")
+    rng = np.random.default_rng(0)
+    batches = [{"image": rng.integers(0, 255, (32, 1, 50, 50), dtype=np.uint8),
+                "t:gender": rng.integers(0, 2, 32).astype(np.float32)} for _ in range(2)]
+    cal = fit_calibration(m, batches, apply=False)
+    assert set(cal.outputs) == {"gender"} and cal.outputs["gender"].n == 64
+    assert not calibration_status(m)["calibrated"]  # apply=False leaves the model alone
+    cal.apply(m)
+    assert m.outputs["gender"].temperature == cal.outputs["gender"].temperatures[0]
+    with pytest.raises(CalibrationError, match="at least 20"):
+        fit_calibration(m, {"gender": (torch.zeros(5, 2), torch.zeros(5))})
+    with pytest.raises(CalibrationError, match="no output"):
+        fit_calibration(m, {"gender": (torch.zeros(50, 2), torch.zeros(50))}, outputs=["smile"])
+    with pytest.raises(ValueError, match="finite and > 0"):
+        m.outputs.set_temperatures("gender", -1.0)
+    with pytest.raises(ValueError, match="needs 1 temperature"):
+        m.outputs.set_temperatures("gender", [1.0, 2.0])
