@@ -50,9 +50,9 @@ import torch
 # symmetric (the frontal 2-D layout of the 5 points); z: the nose tip and mouth corners in front of the eye
 # centres by anthropometric averages (nose tip about 22 mm, mouth corners about 6 mm in front of the
 # corneas, eye centres 63 mm apart). The depths carry yaw and pitch. DEPTH_SCALE and NOSE_Y were fitted on
-# half of GENKI-4K (the depth scale that minimises the yaw error, then the nose height that makes the median
-# pitch error 0) and checked on the other half (bench/bench_pose.py, docs/quality.md): the detector's points
-# move with the head less than the anatomical ones, so the effective depth is about twice the anatomical one.
+# half of GENKI-4K and checked on the other half (bench/bench_pose.py, docs/quality.md): the depth scale that
+# makes the median yaw error of turned faces (|yaw| >= 20) zero, so that |yaw| is not shrunk where the
+# extreme_pose flag needs it, then the nose height that makes the median pitch error 0.
 FACE_3D_RAW = (
     (-0.5, 0.0, 0.0),  # image-left eye (the subject's right eye)
     (0.5, 0.0, 0.0),  # image-right eye
@@ -60,8 +60,8 @@ FACE_3D_RAW = (
     (-0.414, 1.155, -0.10),  # image-left mouth corner
     (0.414, 1.155, -0.10),  # image-right mouth corner
 )
-DEPTH_SCALE = 1.9  # multiplies the model's z (calibrated; 1 = the anthropometric depths)
-NOSE_Y = 0.70  # the nose tip's height below the eye line (calibrated; the 2-D template has 0.571)
+DEPTH_SCALE = 1.43  # multiplies the model's z (calibrated; 1 = the anthropometric depths)
+NOSE_Y = 0.689  # the nose tip's height below the eye line (calibrated; the 2-D template has 0.571)
 
 
 def face_3d(depth_scale: float = DEPTH_SCALE, nose_y: float = NOSE_Y, dtype=torch.float64,

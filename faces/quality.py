@@ -6,8 +6,9 @@ thresholds' measurements and the commands that measured them):
 * ``sharpness`` (float32, 0-100, higher = sharper) and ``brightness`` (float32, 0-100, higher = brighter),
   AWS Rekognition's ``Quality`` columns, from the face's aligned crop, uint8 (N, C, H, W) RGB or grey.
   Values are comparable between faces only when the crops are made the same way: use
-  :data:`QUALITY_PREPROCESSING` (64 x 64, the default 5-point template), e.g.
-  ``FaceFinder.aligned(images, faces, QUALITY_PREPROCESSING, scales).inputs``, not a model's own crops.
+  :func:`quality_crops` (64 x 64, :data:`QUALITY_PREPROCESSING`: the default 5-point template), not a
+  model's own crops. ``FaceFinder.aligned(images, faces, QUALITY_PREPROCESSING, scales).inputs`` gives the
+  same crops but costs about 5 times more on photos with large faces (it converts and halves whole photos).
 * ``face_size`` (float32, pixels of the original image): the inter-ocular distance, from the 5 points.
 * ``review`` (bool) and ``review_reasons`` (list of strings, in the order of :data:`REASONS`, then
   ``low_confidence:<output>`` in the caller's output order) from :func:`review_flags` and
@@ -38,6 +39,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn.functional as F
 
+from faces.align import input_to_image, warp
 from faces.pose import head_pose
 from models.preprocess import Preprocessing
 
@@ -46,11 +48,45 @@ from models.preprocess import Preprocessing
 # eyes are 16 px or more apart (smaller faces are enlarged and read as soft, which they are).
 QUALITY_PREPROCESSING = Preprocessing(size=(64, 64))
 FACE_REGION = (0.25, 0.30, 0.75, 0.85)  # x1, y1, x2, y2 as fractions of the crop's width and height
-SHARPNESS_SCALE = 0.10  # r at which sharpness is 63 (calibrated, docs/quality.md)
+SHARPNESS_SCALE = 0.15  # r at which sharpness is 63 (a clean face's median r is about 0.25: sharpness 80)
 _LUMA = (0.299, 0.587, 0.114)
 
 REASONS = ("small_face", "extreme_pose", "blurry", "dark", "low_detection_score")
 LOW_CONFIDENCE = "low_confidence"  # + ":<output>"
+
+
+# --- the quality crop -------------------------------------------------------------------------------------
+
+
+def quality_crops(image: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """One image's faces -> their quality crops, uint8 (K, C, 64, 64) on the image's device.
+
+    The crops of ``faces.align.align(image, points, QUALITY_PREPROCESSING)[0]`` (the same maps, the same
+    warp; the anti-aliasing pyramid groups pixels from the region's corner, so values differ by about 1 grey
+    level on average) but each face is warped from the part of the image under its crop only, so a photo's cost
+    does not grow with its size (``align`` converts and halves the whole photo when a face is large; measured
+    in bench/bench_review.py). ``image``: uint8 (C, H, W); ``points`` (K, 5, 2) in the image's pixels (the
+    decoded picture's, as ``FaceFinder.find`` returns them)."""
+    pre = QUALITY_PREPROCESSING
+    h, w = pre.size
+    k = int(points.shape[0])
+    if k == 0:
+        return torch.zeros((0, image.shape[0], h, w), dtype=torch.uint8, device=image.device)
+    maps = input_to_image(points.to(image.device), pre)  # (K, 3, 3) crop pixel -> image pixel
+    corners = torch.tensor([[0.0, 0.0, 1.0], [w, 0.0, 1.0], [0.0, h, 1.0], [w, h, 1.0]], dtype=maps.dtype,
+                           device=maps.device)
+    foot = (maps @ corners.T)[:, :2]  # (K, 2, 4) the crop's corners in the image
+    lo = torch.floor(foot.amin(-1)).cpu() - 4
+    hi = torch.ceil(foot.amax(-1)).cpu() + 4
+    ih, iw = image.shape[-2:]
+    out = []
+    for i in range(k):
+        x0, y0 = int(max(0, min(iw - 1, lo[i, 0]))), int(max(0, min(ih - 1, lo[i, 1])))
+        x1, y1 = int(max(x0 + 1, min(iw, hi[i, 0]))), int(max(y0 + 1, min(ih, hi[i, 1])))
+        shift = torch.eye(3, dtype=maps.dtype, device=maps.device)
+        shift[0, 2], shift[1, 2] = -x0, -y0
+        out.append(warp(image[:, y0:y1, x0:x1], shift @ maps[i : i + 1], pre.size))
+    return torch.cat(out)
 
 
 # --- image quality ----------------------------------------------------------------------------------------
@@ -138,19 +174,22 @@ class ReviewThresholds:
     behind every default). A value that is NaN fires its reason (nothing can be vouched for)."""
 
     # small_face: face_size (inter-ocular distance, original pixels) below this. Rekognition asks for faces
-    # of at least 50 x 50 px; the detector's boxes are about 2.4 inter-ocular distances wide (GENKI-4K).
-    min_face_size: float = 20.0
+    # of at least 50 x 50 px; the detector's boxes are 1 / 0.457 = 2.2 inter-ocular distances wide (median
+    # over GENKI-4K), so 50 px is 23.
+    min_face_size: float = 23.0
     # extreme_pose: |pose_yaw| above max_yaw, or pose_pitch above max_pitch_up (face up) or below
     # -max_pitch_down (face down): Rekognition's guidance (yaw under 45, pitch under 30 down and 45 up).
     max_yaw: float = 45.0
     max_pitch_up: float = 45.0
     max_pitch_down: float = 30.0
-    # blurry: sharpness (0-100) below this.
-    min_sharpness: float = 40.0
-    # dark: brightness (0-100) below this.
-    min_brightness: float = 20.0
+    # blurry: sharpness (0-100) below this (bench_review: no clean face below it, 1st percentile 52-59;
+    # every face blurred by sigma = 0.10 x its inter-ocular distance below it).
+    min_sharpness: float = 50.0
+    # dark: brightness (0-100) below this (bench_review: about 2 % of clean faces, none of UTKFace's by race
+    # label; faces darkened to x0.3 about 95 % below).
+    min_brightness: float = 22.0
     # low_detection_score: the detector's score below this (the detector keeps faces from its own
-    # threshold, 0.7 by default, up).
+    # threshold, 0.7 by default, up; bench_review: no clean face below 0.9, a fifth of the small ones).
     min_detection_score: float = 0.9
     # low_confidence:<output>: an output's confidence (0-1, given by the caller) below min_confidence, or
     # below per_output[output] when the output is named there.

@@ -26,6 +26,7 @@ from faces.quality import (
     brightness,
     face_quality,
     face_size,
+    quality_crops,
     review_flags,
     sharpness,
 )
@@ -268,3 +269,16 @@ def test_face_quality_gives_every_column_for_a_batch():
     assert out["face_size"][0].item() == pytest.approx(float(np.linalg.norm(points[1] - points[0])), abs=1e-4)
     empty = face_quality(torch.zeros(0, 5, 2), torch.zeros(0, 3, 64, 64, dtype=torch.uint8), torch.zeros(0))
     assert empty["review"].shape == (0,) and empty["review_reasons"] == []
+
+
+def test_quality_crops_are_the_aligned_crops_of_the_faces():
+    image, points = _drawn()
+    canvas = np.zeros((400, 500, 3), np.uint8)
+    canvas[100:318, 200:378] = image  # a face inside a larger photo, and one cut by its edge
+    pts = np.stack([points + [200, 100], points + [-60, 0]])
+    t = torch.from_numpy(canvas).permute(2, 0, 1).contiguous()
+    ref, _ = align(t, torch.from_numpy(pts).float(), QUALITY_PREPROCESSING)
+    got = quality_crops(t, torch.from_numpy(pts).float())
+    assert got.shape == ref.shape == (2, 3, 64, 64) and got.dtype == torch.uint8
+    assert (got.float() - ref.float()).abs().mean() < 2.0
+    assert quality_crops(t, torch.zeros(0, 5, 2)).shape == (0, 3, 64, 64)
