@@ -276,8 +276,8 @@ def face_quality(points: torch.Tensor, crops: torch.Tensor, detection_score: tor
     """Every per-face quality column for a batch of N faces.
 
     ``points``: (N, 5, 2) in pixels of the ORIGINAL image (``face_size`` counts those pixels; the angles
-    do not depend on it); ``crops``: uint8 (N, C, H, W) aligned crops, made with
-    :data:`QUALITY_PREPROCESSING`; ``detection_score``: (N,) the detector's scores; ``confidences``,
+    do not depend on it); ``crops``: uint8 (N, C, H, W) aligned crops from :func:`quality_crops`
+    (:data:`QUALITY_PREPROCESSING`); ``detection_score``: (N,) the detector's scores; ``confidences``,
     ``thresholds``: as :func:`review_flags`.
 
     Returns ``{"pose_yaw", "pose_pitch", "pose_roll", "sharpness", "brightness", "face_size"}`` as (N,)
