@@ -365,11 +365,8 @@ def format_epoch(model, m: dict, epochs: int, eta_s: float | None = None) -> str
 def evaluate_table(model, table: pd.DataFrame, batch_size: int = 64, device: str = "cpu",
                    decode_fn=None) -> dict[str, float]:
     """The paper metrics of ``model`` (with its thresholds) on a dataset table, in this process.
-    ``decode_fn``: see :func:`load_batch` (evaluation through face detection)."""
-    dev = torch.device(device)
-    model.to(dev).eval()
-    stats = evaluate_batches(model, iter_batches(table, model, batch_size, decode_fn=decode_fn), dev)
-    metrics = model.metrics(stats)
-    metrics["val_loss"] = validation_loss(model, metrics)
-    metrics["n_images"] = float(max((float(s["n"]) for s in stats.values()), default=0.0))
-    return metrics
+    ``decode_fn``: see :func:`load_batch` (evaluation through face detection). The loop is
+    ``core.evaluation.run_model``'s, which ``jobs.evaluate`` runs too."""
+    from core.evaluation import metrics_from, run_model
+
+    return metrics_from(model, run_model(model, table, batch_size, device, decode_fn))

@@ -13,8 +13,8 @@ import torch
 
 import models
 from core.engine import evaluate_table
+from core.evaluation import GroupError, age_group, bootstrap_interval, group_report, group_values, wilson
 from jobs import evaluate
-from jobs.evaluate import GroupError, age_group, bootstrap_interval, group_report, group_values, wilson
 from models.checkpoint import load_checkpoint, save_checkpoint
 
 
