@@ -26,10 +26,21 @@ import pyarrow as pa
 import torch
 
 from core.modelset import ModelSet, ModelSetError, member_names, set_identity
-from core.rows import EMBEDDING_FIELDS, FACE_FIELDS, IMAGE_FIELDS, WHOLE, Face, build_rows, row_dicts
+from core.rows import (
+    EMBEDDING_FIELDS,
+    FACE_FIELDS,
+    IMAGE_FIELDS,
+    QUALITY_FIELDS,
+    WHOLE,
+    Face,
+    build_rows,
+    row_dicts,
+)
 from core.runner import ModelRunner, resolve_device
 from facedata.decode import Photos, Whole, decode_batch
 from faces.finder import FaceFinder, FaceOptions
+from faces.quality import ReviewThresholds, face_quality, low_confidence_reasons, quality_crops
+from models.outputs import Categorical
 
 
 class Annotator:
@@ -40,7 +51,7 @@ class Annotator:
     def __init__(self, models: ModelSet | dict | str, faces: FaceOptions | dict | None = None,
                  device: str | None = None, precision: str = "auto", channels_last: bool = True,
                  threads: int | None = None, fold_bn: bool = True, compile_batch: int | None = None,
-                 max_batch: int = 256):
+                 max_batch: int = 256, review: ReviewThresholds | dict | None = None):
         if isinstance(models, str):
             models = ModelSet(((None, models),))
         self.model_set = models if isinstance(models, ModelSet) else ModelSet.from_dict(models)
@@ -48,6 +59,7 @@ class Annotator:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
         self.face_options = faces if isinstance(faces, FaceOptions) else FaceOptions.from_dict(faces)
+        self.review = review if isinstance(review, ReviewThresholds) else ReviewThresholds.from_dict(review or {})
         self._finder: FaceFinder | None = None
         runners: list[ModelRunner] = []
         self.embedder = None
@@ -80,7 +92,7 @@ class Annotator:
             self.structs = {n: _member_struct(r) for n, r in self.members.items()}
             model_fields = [pa.field(n, t) for n, t in self.structs.items()]
             model_fields += EMBEDDING_FIELDS if self.embedder else []
-        self.schema = pa.schema(IMAGE_FIELDS + FACE_FIELDS + model_fields)
+        self.schema = pa.schema(IMAGE_FIELDS + FACE_FIELDS + QUALITY_FIELDS + model_fields)
         self.precision = runners[0].precision if runners else "fp32"
         self.preprocessings = []  # distinct, in member order then the embedder's: whole images decode once each
         for pre in [r.preprocessing for r in runners] + ([self.embedder.preprocessing] if self.embedder else []):
@@ -138,8 +150,22 @@ class Annotator:
     def to_table(self, cols: dict[str, list]) -> pa.Table:
         return pa.Table.from_pydict(cols, schema=self.schema)
 
-    def _rows(self, batch: dict, detector: str, counts: list, slots: list, outputs: dict[str, dict[str, list]],
-              embeddings: list | None) -> dict[str, list]:
+    def confidences(self, outputs: dict[str, dict[str, list]], n: int) -> dict[str, torch.Tensor]:
+        """Per face, the confidence of every categorical output (its ``<output>_prob``: the probability of
+        the class given, calibrated when the checkpoint is), named ``<output>`` (``<member>.<output>`` in a
+        set): what ``low_confidence:<name>`` review reasons read. DMM-CNN's 40 binary attributes are left
+        out (a face has always some near 0.5): their ``<attribute>_prob`` columns are there to filter on."""
+        out = {}
+        for name, r in self.members.items():
+            for o in r.model.outputs:
+                if isinstance(o, Categorical):
+                    values = outputs[name].get(f"{o.name}_prob") or [None] * n
+                    out[o.name if self.flat else f"{name}.{o.name}"] = torch.tensor(
+                        [float("nan") if v is None else float(v) for v in values], dtype=torch.float64)
+        return out
+
+    def _rows(self, batch: dict, detector: str, counts: list, slots: list, quality: dict[str, list],
+              outputs: dict[str, dict[str, list]], embeddings: list | None) -> dict[str, list]:
         """Lay the models' outputs out (flat, or a struct per member) and build the rows."""
         if self.flat:
             (out,) = outputs.values()
@@ -159,7 +185,7 @@ class Annotator:
                 per_face["embedding_model"] = [self.embedding_identity] * len(embeddings)
                 no_face.update(embedding=None, embedding_model=self.embedding_identity)
         return build_rows(batch, self.schema.names, {"model": self.name, "checkpoint": self.identity}, detector,
-                          counts, slots, per_face, no_face)
+                          counts, slots, quality, per_face, no_face)
 
     def _whole(self, batch: dict) -> dict[str, list]:
         """Whole images: each ``ok`` image is one face; every model reads its own decoded input."""
@@ -177,7 +203,11 @@ class Annotator:
         if self.embedder is not None:
             k = self.preprocessings.index(self.embedder.preprocessing)
             embeddings = self.embedder.embed(_rows_of(batch[f"image_{k}"], idx)).tolist() if len(idx) else []
-        return self._rows(batch, WHOLE, [None] * len(ok), slots, outputs, embeddings)
+        # the image is the face: no points, so no size, pose or quality crop; only the models' confidence
+        reasons = low_confidence_reasons(self.confidences(outputs, len(idx)), len(idx), self.review)
+        quality = {f.name: [None] * len(idx) for f in QUALITY_FIELDS}
+        quality.update(review=[bool(r) for r in reasons], review_reasons=reasons)
+        return self._rows(batch, WHOLE, [None] * len(ok), slots, quality, outputs, embeddings)
 
     def _photos(self, batch: dict) -> dict[str, list]:
         """Photos: detection once for the batch, alignment once per distinct template, every model on its
@@ -205,7 +235,23 @@ class Annotator:
             f, s = found[o], scales[o]
             slots[keep[o]].append((j, Face(k, float(f.scores[k]), (f.boxes[k].double() * s).tolist(),
                                            (f.points[k].double() * s).reshape(-1).tolist())))
-        return self._rows(batch, finder.identity, counts, slots, outputs, embeddings)
+        quality = self._quality(images, found, scales, self.confidences(outputs, len(order.owner)))
+        return self._rows(batch, finder.identity, counts, slots, quality, outputs, embeddings)
+
+    def _quality(self, images: list[torch.Tensor], found: list, scales: list[float],
+                 confidences: dict[str, torch.Tensor]) -> dict[str, list]:
+        """Size, pose, sharpness, brightness and the review flags of every face (faces/quality.py), in the
+        alignments' order (picture by picture, then by score), computed once per batch."""
+        with_faces = [o for o in range(len(images)) if len(found[o])]
+        if not with_faces:
+            return {f.name: [] for f in QUALITY_FIELDS}
+        crops = torch.cat([quality_crops(images[o].to(self.device), found[o].points.to(self.device)) for o in with_faces])
+        points = torch.cat([found[o].points.double().cpu() * scales[o] for o in with_faces])
+        scores = torch.cat([found[o].scores.cpu() for o in with_faces])
+        q = face_quality(points, crops, scores, confidences, self.review)
+        out = {f.name: q[f.name].tolist() for f in QUALITY_FIELDS if f.name != "review_reasons"}
+        out["review_reasons"] = q["review_reasons"]
+        return out
 
 
 def _tensor(image) -> torch.Tensor:

@@ -6,7 +6,8 @@ A row is the same whether it lands in the label job's Parquet or in a serving an
   ``checkpoint`` (the model's architecture and checkpoint hash, or a set's name and identity);
 * per face: ``detector`` (how faces were found, or ``whole``), ``faces`` (how many the photo has),
   ``face`` (this face's rank, 0 = highest score), ``face_score``, ``face_box`` and ``face_points`` in pixels
-  of the original image;
+  of the original image; then its size, pose and image quality and whether a person should review it
+  (``face_size`` ... ``review_reasons``, docs/quality.md);
 * then what the models say: one model's output fields flat, or one struct column per model of a set, and
   the set's ``embedding`` / ``embedding_model``.
 
@@ -42,8 +43,20 @@ FACE_FIELDS = [
     pa.field("face_box", pa.list_(pa.float32())),
     pa.field("face_points", pa.list_(pa.float32())),
 ]
+# Per face, from the detector's points and a quality crop, whatever the models (docs/quality.md): once per
+# face in a set too. ``review`` / ``review_reasons`` also hold the models' low confidence (core/annotator.py).
+QUALITY_FIELDS = [
+    pa.field("face_size", pa.float32()),
+    pa.field("pose_yaw", pa.float32()),
+    pa.field("pose_pitch", pa.float32()),
+    pa.field("pose_roll", pa.float32()),
+    pa.field("sharpness", pa.float32()),
+    pa.field("brightness", pa.float32()),
+    pa.field("review", pa.bool_()),
+    pa.field("review_reasons", pa.list_(pa.string())),
+]
 EMBEDDING_FIELDS = [pa.field("embedding", pa.list_(pa.float32())), pa.field("embedding_model", pa.string())]
-COMMON = {f.name for f in IMAGE_FIELDS + FACE_FIELDS + EMBEDDING_FIELDS}  # no model may name a column so
+COMMON = {f.name for f in IMAGE_FIELDS + FACE_FIELDS + QUALITY_FIELDS + EMBEDDING_FIELDS}  # no model may name a column so
 
 
 @dataclass
@@ -57,12 +70,13 @@ class Face:
 
 
 def build_rows(batch: dict, names: list[str], constants: dict, detector: str, counts: list[int | None],
-               slots: list[list[tuple[int, Face | None]]], per_face: dict[str, list], no_face: dict) -> dict[str, list]:
+               slots: list[list[tuple[int, Face | None]]], quality: dict[str, list], per_face: dict[str, list],
+               no_face: dict) -> dict[str, list]:
     """Columns of the rows of a decoded batch (facedata/decode.py). ``names``: the schema's columns;
     ``constants``: values of every row (``model``, ``checkpoint``); ``counts``: per image its ``faces``
-    value; ``slots``: per image its faces as ``(j, face)``, ``j`` indexing the ``per_face`` value lists and
-    ``face`` None for a whole image (an image without a face, or that failed, has none); ``no_face``: the
-    model columns' values on a row without a face."""
+    value; ``slots``: per image its faces as ``(j, face)``, ``j`` indexing the ``quality`` and ``per_face``
+    value lists and ``face`` None for a whole image (an image without a face, or that failed, has none, and
+    empty quality columns); ``no_face``: the model columns' values on a row without a face."""
     cols: dict[str, list] = {name: [] for name in names}
     ok = np.asarray(batch["ok"], dtype=bool)
     for i in range(len(ok)):
@@ -82,6 +96,8 @@ def build_rows(batch: dict, names: list[str], constants: dict, detector: str, co
             cols["face_score"].append(face.score if face else None)
             cols["face_box"].append(face.box if face else None)
             cols["face_points"].append(face.points if face else None)
+            for f in QUALITY_FIELDS:
+                cols[f.name].append(None if j is None else quality[f.name][j])
             for name, value in (no_face.items() if j is None else ((n, v[j]) for n, v in per_face.items())):
                 cols[name].append(value)
     return cols

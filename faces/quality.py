@@ -258,13 +258,24 @@ def review_flags(face_size: torch.Tensor, pose_yaw: torch.Tensor, pose_pitch: to
         "low_detection_score": _below(_vec(detection_score, n, "detection_score"), th.min_detection_score),
     }
     columns = [(r, fires[r].tolist()) for r in REASONS]
+    low = low_confidence_reasons(confidences, n, th)
+    reasons = [[r for r, col in columns if col[i]] + low[i] for i in range(n)]
+    review = torch.tensor([bool(r) for r in reasons], dtype=torch.bool)
+    return review, reasons
+
+
+def low_confidence_reasons(confidences: Mapping[str, torch.Tensor] | None, n: int,
+                           thresholds: ReviewThresholds | None = None) -> list[list[str]]:
+    """Per face, ``"low_confidence:<output>"`` for every output whose confidence is below its threshold, in
+    the order of ``confidences`` (NaN: the output does not apply, nothing fires). The review reasons of a
+    face with no points (``--faces whole``) are these alone."""
+    th = thresholds if thresholds is not None else ReviewThresholds()
+    columns = []
     for name, conf in (confidences or {}).items():
         c = _vec(conf, n, f"confidences[{name!r}]")
         limit = th.per_output.get(name, th.min_confidence)
         columns.append((f"{LOW_CONFIDENCE}:{name}", (c < limit).tolist()))  # NaN: not applicable
-    reasons = [[r for r, col in columns if col[i]] for i in range(n)]
-    review = torch.tensor([bool(r) for r in reasons], dtype=torch.bool)
-    return review, reasons
+    return [[r for r, col in columns if col[i]] for i in range(n)]
 
 
 # --- everything at once -----------------------------------------------------------------------------------

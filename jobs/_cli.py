@@ -40,3 +40,33 @@ def face_options(args: argparse.Namespace) -> dict:
     if args.max_side is not None:
         out["max_side"] = args.max_side
     return out
+
+
+def add_review_args(p: argparse.ArgumentParser) -> None:
+    """The review thresholds of label and serve (faces/quality.py: ReviewThresholds; docs/quality.md)."""
+    p.add_argument("--review", action="append", default=[], metavar="SETTING=VALUE",
+                   help="a review threshold, e.g. min_face_size=30, max_yaw=40, min_confidence=0.7 or "
+                        "per_output.gender=0.8 (repeatable; defaults in docs/quality.md)")
+
+
+def review_options(args: argparse.Namespace) -> dict:
+    """``--review SETTING=VALUE`` flags -> a ``ReviewThresholds`` dict (checked by ``ReviewThresholds``)."""
+    from faces.quality import ReviewThresholds
+
+    out: dict = {}
+    for text in args.review:
+        key, sep, value = text.partition("=")
+        if not sep:
+            raise SystemExit(f"--review {text!r}: expected SETTING=VALUE")
+        try:
+            number = float(value)
+        except ValueError:
+            raise SystemExit(f"--review {text!r}: {value!r} is not a number") from None
+        if key.startswith("per_output."):
+            out.setdefault("per_output", {})[key.split(".", 1)[1]] = number
+        else:
+            out[key] = number
+    try:
+        return ReviewThresholds.from_dict(out).to_dict()
+    except ValueError as e:
+        raise SystemExit(f"--review: {e}") from None

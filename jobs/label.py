@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs._cli import add_face_args, face_options, positive
+from jobs._cli import add_face_args, add_review_args, face_options, positive, review_options
 from raytasks.label import LabelError, LabelSpec, ensure_ray, label
 
 
@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--throttle", type=float, default=0.0, metavar="SECONDS",
                    help="sleep after each model batch (to watch progress, or to interrupt and resume a run)")
     add_face_args(p)
+    add_review_args(p)
     return p
 
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
                      cpus_per_actor=args.cpus_per_actor, precision=args.precision, gpu_decode=args.gpu_decode,
                      compile=args.compile, fold_bn=args.fold_bn,
                      max_rows_per_file=args.max_rows_per_file, limit=args.limit, throttle_s=args.throttle,
-                     faces=face_options(args), allow_prefix=tuple(args.allow_prefix))
+                     faces=face_options(args), allow_prefix=tuple(args.allow_prefix), review=review_options(args))
     try:
         spec.validate()  # flag errors before starting Ray
         ensure_ray()

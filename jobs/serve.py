@@ -14,7 +14,7 @@ import argparse
 import signal
 import time
 
-from jobs._cli import add_face_args, face_options
+from jobs._cli import add_face_args, add_review_args, face_options, review_options
 
 
 def _model_arg(text: str) -> tuple[str, str]:
@@ -41,6 +41,7 @@ def build_args(ns: argparse.Namespace) -> dict:
         "max_request_bytes": int(ns.max_request_mb * 1024 * 1024),
         "max_files": ns.max_files,
         "faces": face_options(ns),
+        "review": review_options(ns),
     }
     if ns.autoscale:
         lo, _, hi = ns.autoscale.partition(":")
@@ -88,6 +89,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-files", type=int, default=64, help="images per multipart request")
     p.add_argument("--allow-no-auth", action="store_true",
                    help="listen beyond loopback without an API key (refused otherwise: set FACEATTR_API_KEY)")
+    add_review_args(p)
     add_face_args(p)
     return p
 

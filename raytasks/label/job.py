@@ -245,6 +245,8 @@ def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
         "faces_total": after.faces if options.detect else None,
         "images_without_faces": after.without_faces if options.detect else None,
         "rows_before": before.rows, "rows_written": after.rows - before.rows, "rows_total": after.rows,
+        "review_rows": after.review, "review_by_reason": dict(after.reasons.most_common()),
+        "review_thresholds": spec.review_thresholds().to_dict(),
         "complete": after.images >= inputs, "seconds": round(seconds, 3),
         "images_per_s": round(written / seconds, 2) if seconds > 0 else None,
         "faces_per_s": round((after.faces - before.faces) / seconds, 2) if seconds > 0 and options.detect else None,
@@ -255,6 +257,10 @@ def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
     echo(f"labeled {written} images in {seconds:.1f} s ({summary['images_per_s']} images/s); output holds "
          f"{after.rows} rows for {after.images} of {inputs} inputs: {found}{after.ok_images} images read, "
          f"errors: {errors}")
+    if after.review:
+        top = ", ".join(f"{k} {v}" for k, v in after.reasons.most_common(6))
+        echo(f"{after.review} rows flagged for review ({top}); the rows to look at: "
+             f"SELECT * FROM '{out['labels']}/*.parquet' WHERE review (DuckDB), or python -m jobs.report")
     if after.images < inputs:
         echo(f"{inputs - after.images} inputs are not labeled yet: run the same command again to finish")
     echo(f"summary: {out['summary']}")

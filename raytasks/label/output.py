@@ -55,6 +55,8 @@ class OutputStats:
     faces: int = 0
     without_faces: int = 0
     errors: Counter = dataclasses.field(default_factory=Counter)
+    review: int = 0  # rows flagged for review
+    reasons: Counter = dataclasses.field(default_factory=Counter)  # flagged rows per review reason
 
 
 def output_stats(labels_uri: str) -> OutputStats:
@@ -68,7 +70,8 @@ def output_stats(labels_uri: str) -> OutputStats:
         return st
     ds = pads.dataset(root, filesystem=fs, format="parquet")
     face_cols = "face" in ds.schema.names
-    for b in ds.to_batches(columns=["error_kind", "face", "faces"] if face_cols else ["error_kind"],
+    review_cols = ["review", "review_reasons"] if "review_reasons" in ds.schema.names else []
+    for b in ds.to_batches(columns=(["error_kind", "face", "faces"] if face_cols else ["error_kind"]) + review_cols,
                            batch_size=1 << 16):
         st.rows += b.num_rows
         for item in pc.value_counts(b.column(0)).to_pylist():
@@ -81,6 +84,10 @@ def output_stats(labels_uri: str) -> OutputStats:
             st.without_faces += pc.sum(pc.equal(b.column(2), 0)).as_py() or 0
         else:
             st.images += b.num_rows
+        if review_cols:
+            st.review += pc.sum(b.column("review")).as_py() or 0
+            for item in pc.value_counts(pc.list_flatten(b.column("review_reasons"))).to_pylist():
+                st.reasons[item["values"]] += item["counts"]
     st.ok_images = st.images - sum(st.errors.values())
     return st
 

@@ -32,6 +32,7 @@ class LabelSpec:
     faces: dict = dataclasses.field(default_factory=dict)  # faces.finder.FaceOptions: mode, max_side, detector
     model_set: str | None = None  # a --model-set file (core/modelset.py), instead of checkpoint
     embedding: bool = False  # a 128-D face embedding per face (models/embedding.py); makes the job a set
+    review: dict = dataclasses.field(default_factory=dict)  # faces.quality.ReviewThresholds settings
 
     def __post_init__(self):
         if self.batch_size is None:
@@ -54,7 +55,16 @@ class LabelSpec:
         except ModelSetError as e:
             raise LabelError(str(e)) from None
 
+    def review_thresholds(self):
+        from faces.quality import ReviewThresholds
+
+        try:
+            return ReviewThresholds.from_dict(dict(self.review))
+        except (ValueError, TypeError) as e:
+            raise LabelError(f"review settings: {e}") from None
+
     def validate(self) -> None:
+        self.review_thresholds()
         if self.batch_size < 1:
             raise LabelError("--batch-size must be >= 1")
         if self.min_actors < 1 or (self.max_actors is not None and self.max_actors < self.min_actors):

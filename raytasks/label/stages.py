@@ -92,13 +92,14 @@ class AnnotatorActor:
     def __init__(self, model_set: dict, faces: dict, precision: str = "auto", device: str | None = None,
                  threads: int | None = None, gpu_decode: bool = False, throttle_s: float = 0.0,
                  compile_batch: int | None = None, fold_bn: bool = True, detector_identity: str | None = None,
-                 identity: str | None = None):
+                 identity: str | None = None, review: dict | None = None):
         from core.annotator import Annotator
 
         # all torch work on one thread: Ray calls __init__ on the main thread and __call__ on another
         self._torch_thread = torch_executor("predictor")
         self.annotator = self._on_torch(Annotator, model_set, faces=faces, device=device, precision=precision,
-                                        threads=threads, fold_bn=fold_bn, compile_batch=compile_batch)
+                                        threads=threads, fold_bn=fold_bn, compile_batch=compile_batch,
+                                        review=review)
         a = self.annotator
         if identity is not None and a.identity != identity:
             # a checkpoint was replaced after the run resolved it: never mix two models' rows
@@ -201,7 +202,8 @@ def build_dataset(spec, model_set, paths_ds, pre_dicts: list[dict], base: str | 
                   "threads": max(1, int(spec.cpus_per_actor)), "gpu_decode": spec.gpu_decode,
                   "throttle_s": spec.throttle_s, "fold_bn": spec.fold_bn,
                   "compile_batch": spec.batch_size if spec.compile else None,
-                  "detector_identity": detector_identity, "identity": identity}
+                  "detector_identity": detector_identity, "identity": identity,
+                  "review": spec.review_thresholds().to_dict()}
     resources = {"num_gpus": spec.gpus_per_actor} if spec.gpus_per_actor > 0 else {"num_cpus": spec.cpus_per_actor}
     # the actors get worker processes of their own (measured faster: raytasks/threads.py)
     ds = ds.map_batches(AnnotatorActor, fn_constructor_kwargs=actor_args, batch_format="numpy",

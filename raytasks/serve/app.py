@@ -92,7 +92,8 @@ def build_app(args: ServeArgs) -> serve.Application:
             s["checkpoint"] = os.path.abspath(s["checkpoint"].removeprefix("file://"))
         uris[name] = s["checkpoint"]
         handles[name] = AnnotatorServer.options(name=f"model-{name}", **deployment_options(s)).bind(
-            name, s["checkpoint"], s["device"], s["precision"], s["channels_last"], s["threads"], args.faces)
+            name, s["checkpoint"], s["device"], s["precision"], s["channels_last"], s["threads"], args.faces,
+            review=args.review)
     set_handle, set_name = None, "set"
     if args.model_set is not None:  # the same checkpoints (URIs and pins) as the per-model deployments
         spec, s = args.model_set, args.set_settings()
@@ -102,7 +103,7 @@ def build_app(args: ServeArgs) -> serve.Application:
         set_name = spec.name
         set_handle = AnnotatorServer.options(name=SET_DEPLOYMENT, **deployment_options(s)).bind(
             f"set-{spec.name}", model_set.to_dict(), s["device"], s["precision"], True, s["threads"], args.faces,
-            {column: name for column, name in members})
+            {column: name for column, name in members}, review=args.review)
     ing = args.ingress
     ing_opts: dict = {"max_ongoing_requests": ing.max_ongoing_requests, "max_queued_requests": ing.max_queued_requests,
                       "ray_actor_options": {"num_cpus": ing.num_cpus}}

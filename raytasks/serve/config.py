@@ -171,6 +171,8 @@ class ServeArgs(_Strict):
     # faces.finder.FaceOptions: mode (detect | whole: the default of a request's ?faces=), max_side, detector
     # settings; every model replica loads the detector either way
     faces: dict = Field(default_factory=dict)
+    # faces.quality.ReviewThresholds settings: when a face's row says review (docs/quality.md)
+    review: dict = Field(default_factory=dict)
     # several served models answered together at POST /v1/predict (ModelSetSpec); None: no set, no such route
     model_set: ModelSetSpec | None = None
 
@@ -178,6 +180,13 @@ class ServeArgs(_Strict):
     @classmethod
     def _check_faces(cls, v: dict) -> dict:
         return FaceOptions.from_dict(v).to_dict()  # unknown modes or detector settings fail at deploy
+
+    @field_validator("review")
+    @classmethod
+    def _check_review(cls, v: dict) -> dict:
+        from faces.quality import ReviewThresholds
+
+        return ReviewThresholds.from_dict(v).to_dict()  # unknown or bad thresholds fail at deploy
 
     @field_validator("models")
     @classmethod

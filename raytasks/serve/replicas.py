@@ -58,7 +58,8 @@ class AnnotatorServer:
     the detector, loaded once per replica."""
 
     def __init__(self, name: str, models: str | dict, device: str | None, precision: str, channels_last: bool,
-                 threads: int, faces: dict | None = None, routes: dict[str, str] | None = None):
+                 threads: int, faces: dict | None = None, routes: dict[str, str] | None = None,
+                 review: dict | None = None):
         self.name = name
         self.routes = dict(routes or {})
         # Every torch call of the replica runs on this one thread (see the module docstring).
@@ -70,7 +71,7 @@ class AnnotatorServer:
         self.images = 0
         self._lock = threading.Lock()
         self.annotator = self._on_torch_thread(Annotator, models, faces=faces, device=device, precision=precision,
-                                               channels_last=channels_last, threads=threads)
+                                               channels_last=channels_last, threads=threads, review=review)
         # The detector next to the models, loaded now whatever the default mode: a request may ask for either
         # (?faces=), and a photo crosses processes once. Then one forward pass of every network, the detector's
         # too, builds its kernels' plans (oneDNN, cuDNN) before traffic: Serve routes requests to a replica (and
@@ -110,6 +111,7 @@ class AnnotatorServer:
                    "batchnorm_folded": {n: r.folded for n, r in a.members.items()} if not a.flat else
                    next(iter(a.members.values())).folded,
                    "threads": self.threads, "faces": {**a.face_options.to_dict(), "detector": a.detector},
+                   "review": a.review.to_dict(),
                    "batching": {"max_batch_size": self.max_batch_size,
                                 "batch_wait_timeout_s": self.batch_wait_timeout_s},
                    "stats": self.stats()}
