@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = p.add_argument_group("quick runs")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--limit", type=positive(int), help="at most this many training images")
+    q.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   help="export the best checkpoint as trained, without fitting its temperatures on the "
+                        "validation split (models/calibration.py)")
     q.add_argument("--val-limit", type=positive(int), help="at most this many validation images")
     q.add_argument("--steps-per-epoch", type=positive(int), help="cap on optimisation steps per epoch")
     q.add_argument("--inject-failure", type=_fail_at, default=None, metavar="RANK:EPOCH[:STEP]",
@@ -125,7 +128,7 @@ def spec_from_args(args: argparse.Namespace) -> TrainSpec:
         seed=args.seed, max_failures=args.max_failures, keep=args.keep, limit=args.limit,
         val_limit=args.val_limit, steps_per_epoch=args.steps_per_epoch, init_from=args.init_from,
         find_unused_parameters=args.find_unused_parameters, fail_at=args.inject_failure,
-        template_images=args.template_images, align_jitter=args.align_jitter,
+        template_images=args.template_images, align_jitter=args.align_jitter, calibrate=args.calibrate,
     )
 
 

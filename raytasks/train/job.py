@@ -150,6 +150,30 @@ def _run_config(spec: TrainSpec):
     )
 
 
+def calibrate_output(output: str, val, batch_size: int, log_fn=print) -> None:
+    """Fit the exported checkpoint's temperatures (one per categorical output, one per binary attribute) on
+    the validation split, in the driver, and write it back calibrated (models/calibration.py): the label
+    and serve columns ``*_prob`` are then calibrated, and ``extra["calibration"]`` records the fit. A model
+    with nothing to calibrate is exported as it is, and says so. The per-epoch checkpoints stay raw."""
+    import torch
+
+    from models.calibration import CalibrationError, fit_calibration
+    from models.checkpoint import checkpoint_bytes, load_checkpoint
+
+    model, info = load_checkpoint(output)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        cal = fit_calibration(model, engine.iter_batches(val, model, batch_size), device=device)
+    except CalibrationError as e:
+        log_fn(f"not calibrated: {e}")
+        return
+    data, _ = checkpoint_bytes(model.cpu(), info.metrics,
+                               {**info.extra, "calibration": {"split": "val", "images": len(val), "fit": cal.summary()}})
+    storage.write_bytes(output, data)
+    log_fn("calibrated on the validation split (" + ", ".join(
+        f"{k} ECE {c.ece_before:.4f} -> {c.ece_after:.4f}" for k, c in cal.outputs.items()) + ")")
+
+
 def run(spec: TrainSpec, log_fn=print, prepared=None) -> TrainOutcome:
     """Train (or resume) the run described by ``spec`` on the connected Ray cluster, export its best
     checkpoint to ``spec.output`` and draw its curves. Raises :class:`TrainError` when it cannot.
@@ -215,6 +239,8 @@ def run(spec: TrainSpec, log_fn=print, prepared=None) -> TrainOutcome:
         raise TrainError(f"run {spec.run_uri} has no checkpoint to export")
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("score", float("-inf")))
     storage.write_bytes(output, read_checkpoint_file(best_ckpt, MODEL_FILE))
+    if spec.calibrate:
+        calibrate_output(output, val.iloc[: spec.calibrate_limit], recipe.batch_size, log_fn)
     doc = read_history(spec.run_uri) or {"epochs": []}
     curves = None
     if doc["epochs"]:

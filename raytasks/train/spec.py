@@ -43,6 +43,8 @@ class TrainSpec:
     find_unused_parameters: bool = False
     fail_at: tuple[int, int, int] | None = None  # (rank, epoch, step): that worker dies once (tests)
     template_images: int = 64  # training images the face template is measured on (faces/templates.py); 0: none
+    calibrate: bool = True  # fit the exported model's temperatures on the validation split (models/calibration.py)
+    calibrate_limit: int = 10_000  # validation images the temperatures are fitted on, at most
     align_jitter: float | None = None  # added to the recipe's augmentation (models/preprocess.py build_augmentation)
 
     @property
