@@ -1,0 +1,27 @@
+"""The train job exports a calibrated checkpoint (#21): raytasks.train.job.calibrate_output fits the best
+checkpoint's temperatures on the validation split, and the label columns read them."""
+
+from __future__ import annotations
+
+import models
+from facedata.datasets import read_dataset
+from facedata.synth import generate
+from models.calibration import calibration_status
+from models.checkpoint import load_checkpoint, save_checkpoint
+from raytasks.train.job import calibrate_output
+
+
+def test_the_exported_checkpoint_is_calibrated_on_validation_and_says_so(tmp_path):
+    data = generate("celeba", 48, str(tmp_path / "celeba"), seed=5)
+    table = read_dataset(f"celeba:{data}").table
+    path = str(tmp_path / "hs.pt")
+    save_checkpoint(models.create_model("hard_sharing"), path)
+    raw, raw_info = load_checkpoint(path)
+    assert calibration_status(raw)["calibrated"] is False
+    lines: list[str] = []
+    calibrate_output(path, table, 16, lines.append)
+    model, info = load_checkpoint(path)
+    status = calibration_status(model)
+    assert status["calibrated"] is True and status["outputs"]["gender"] is not None
+    assert info.extra["calibration"]["split"] == "val" and info.extra["calibration"]["images"] == len(table)
+    assert info.hash != raw_info.hash and "gender ECE" in lines[0]
