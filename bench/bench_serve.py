@@ -241,7 +241,7 @@ def served(ckpt: str, images: list[bytes], args, port: int, batched: bool) -> li
         "num_cpus": 1, "num_replicas": args.replicas,
         "max_batch_size": mbs, "batch_wait_timeout_s": args.batch_wait_timeout_s if batched else 0.0,
         "max_ongoing_requests": max(64, 2 * mbs), "max_queued_requests": -1,
-        "ingress": {"num_cpus": 0.5, "max_ongoing_requests": 1024}, "faces": {"mode": args.faces},
+        "ingress": {"num_cpus": 0.5, "max_ongoing_requests": 1024}, "faces": {"mode": args.faces}, "allow_no_auth": True,
     })
     serve.run(app, name="bench", route_prefix="/")
     path = "/v1/models/m/predict"

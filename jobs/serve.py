@@ -94,13 +94,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_auth(host: str, api_key: str | None, allow_no_auth: bool) -> None:
+def check_auth(host: str, api_key: str | None, allow_no_auth: bool) -> bool:
     """Refuse to listen on anything but loopback without an API key, unless told to (a server on 0.0.0.0
-    without a key answers anyone who can reach the port)."""
+    without a key answers anyone who can reach the port). Returns whether the application may answer
+    without a key (the ingress refuses every request otherwise: ``ServeArgs.allow_no_auth``)."""
     import ipaddress
 
-    if api_key or allow_no_auth:
-        return
+    if api_key:
+        return False
+    if allow_no_auth:
+        return True
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -108,6 +111,7 @@ def check_auth(host: str, api_key: str | None, allow_no_auth: bool) -> None:
     if not loopback:
         raise SystemExit(f"error: --host {host} listens beyond this machine and FACEATTR_API_KEY is not set: set "
                          "an API key (and put TLS in front, docs/api.md), or pass --allow-no-auth to serve openly")
+    return True  # loopback only: this machine's users
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_args(ns)
     import os
 
-    check_auth(ns.host, os.environ.get("FACEATTR_API_KEY"), ns.allow_no_auth)
+    args["allow_no_auth"] = check_auth(ns.host, os.environ.get("FACEATTR_API_KEY"), ns.allow_no_auth)
 
     import ray
     from ray import serve

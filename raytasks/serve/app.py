@@ -113,4 +113,4 @@ def build_app(args: ServeArgs) -> serve.Application:
         ing_opts["num_replicas"] = ing.num_replicas or 1
     return FaceAttrAPI.options(name="FaceAttrAPI", **ing_opts).bind(
         handles, args.max_request_bytes, args.max_files, args.api_key_env,
-        os.environ.get(args.api_key_env) or None, args.faces, ing, set_handle, set_name)
+        os.environ.get(args.api_key_env) or None, args.faces, ing, set_handle, set_name, args.allow_no_auth)

@@ -167,6 +167,10 @@ class ServeArgs(_Strict):
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1)
     max_files: int = Field(64, ge=1)
     api_key_env: str = API_KEY_ENV
+    # Without an API key (FACEATTR_API_KEY, or the variable api_key_env names) the application refuses every
+    # request (401 no_api_key) unless this says to serve openly: fail closed wherever it is deployed
+    # (serve run, serve deploy, a RayService). python -m jobs.serve sets it for a server on loopback only.
+    allow_no_auth: bool = False
     ingress: IngressSpec = Field(default_factory=IngressSpec)
     # faces.finder.FaceOptions: mode (detect | whole: the default of a request's ?faces=), max_side, detector
     # settings; every model replica loads the detector either way

@@ -42,7 +42,8 @@ from raytasks.serve.http import (
 from raytasks.serve.replicas import CheckpointChanged
 
 ADMIN_KEY_ENV = "FACEATTR_ADMIN_KEY"  # who may see checkpoint URIs, devices and threads (GET /v1/models)
-PRIVATE_FIELDS = ("device", "threads", "batchnorm_folded")  # besides checkpoint URIs: operators only
+# besides checkpoint URIs: operators only. ``config`` may hold private URIs (--model-arg backbone_weights=s3://...)
+PRIVATE_FIELDS = ("device", "threads", "batchnorm_folded", "config")
 RAW_TYPES = ("application/octet-stream",)  # besides image/*: what `curl --data-binary` users send
 SET = None  # the target key of the model set (models are keyed by their name)
 
@@ -73,7 +74,7 @@ class FaceAttrAPI:
 
     def __init__(self, handles: dict[str, DeploymentHandle], max_request_bytes: int, max_files: int, api_key_env: str = API_KEY_ENV,
                  api_key: str | None = None, faces: dict | None = None, limits: "IngressSpec | None" = None,
-                 model_set: DeploymentHandle | None = None, set_name: str = "set"):
+                 model_set: DeploymentHandle | None = None, set_name: str = "set", allow_no_auth: bool = False):
         self.handles = handles
         self.set_handle, self.set_name = model_set, set_name
         self.face_options = FaceOptions.from_dict(faces)
@@ -81,6 +82,7 @@ class FaceAttrAPI:
         self.max_files = max_files
         key = api_key or os.environ.get(api_key_env) or None
         self._api_key = key.encode() if key else None
+        self._open = allow_no_auth  # without a key: answer anyone (explicit), or no one (the default)
         admin = os.environ.get(ADMIN_KEY_ENV) or None
         self._admin_key = admin.encode() if admin else None
         # Back-pressure before decoding: at most max_decodes images are decoded at once, on threads of their
@@ -108,14 +110,18 @@ class FaceAttrAPI:
             return desc
         out = {k: v for k, v in desc.items() if k not in PRIVATE_FIELDS}
         if key is SET:
-            out["models"] = [{k: v for k, v in m.items() if k != "uri"} for m in desc["models"]]
+            out["models"] = [{k: v for k, v in m.items() if k not in ("uri", "config")} for m in desc["models"]]
         else:
             out["checkpoint"] = {"hash": desc["checkpoint"]["hash"]}
         return out
 
     def _authorize(self, request: Request) -> None:
         if self._api_key is None:
-            return
+            if self._open:
+                return
+            raise APIError(401, "no_api_key", "this server has no API key configured and refuses every request: set "
+                           "FACEATTR_API_KEY (or the variable its api_key_env names) where it runs, or deploy it "
+                           "with allow_no_auth: true to serve openly", headers={"WWW-Authenticate": "Bearer"})
         given = request.headers.get("x-api-key")
         auth = request.headers.get("authorization", "")
         if given is None and auth[:7].lower() == "bearer ":
