@@ -67,7 +67,9 @@ SETTINGS: dict[str, dict] = {
     "rf640-tile512": {"tile": 512, "tile_overlap": 96},
     "cf640": {"network": "centerface"},
     "cf1024": {"network": "centerface", "size": 1024},
-    "cf1024-t0.3": {"network": "centerface", "size": 1024, "threshold": 0.3},
+    "cf896": {"network": "centerface", "size": 896},
+    "cf640-tile640": {"network": "centerface", "tile": 640, "tile_overlap": 128},
+    "cf1280x": {"network": "centerface", "size": 1280, "max_upscale": 1.25},
 }
 DEFAULT_SETTINGS = "rf640,rf896,rf1024,rf640-tile640,rf640-flip,cf640,cf1024"
 
@@ -226,6 +228,23 @@ def _load_dets(out: str, name: str) -> list:
     return [(z[f"b_{i}"], z[f"s_{i}"]) for i in range(len(z.files) // 2)]
 
 
+def target_table(results: list[dict], truth, out: str, target: float) -> None:
+    """Per setting, the lowest threshold (0.30-0.99, steps of 0.01) at which precision reaches ``target``."""
+    print(f"\nat the lowest threshold with precision >= {target:g}\n| setting | threshold | recall >=64 | 32-64 | "
+          "16-32 | 8-16 | precision | all faces |\n|---|---|---|---|---|---|---|---|")
+    for r in results:
+        dets = _load_dets(out, r["name"])
+        for thr in np.arange(0.30, 0.995, 0.01):
+            e = evaluate(truth, dets, float(thr))
+            if e["precision"] >= target:
+                rec = e["recall"]
+                print(f"| {r['name']} | {thr:.2f} | {rec['64-']:.3f} | {rec['32-64']:.3f} | {rec['16-32']:.3f} | "
+                      f"{rec['8-16']:.3f} | {e['precision']:.3f} | {e['recall_all']:.3f} |")
+                break
+        else:
+            print(f"| {r['name']} | none up to 0.99 | | | | | | |")
+
+
 def crowd_table(name: str, truth, dets) -> None:
     thr = DetectorConfig(**SETTINGS[name]).score_threshold
     print(f"\ncrowds, {name} at threshold {thr:g}: photos with more faces found than the cap, overall recall "
@@ -251,15 +270,20 @@ def main(argv=None) -> None:
     p.add_argument("--crowd", default="", help="a setting whose detections the crowd table uses")
     p.add_argument("--out", default="/tmp/bench_wider.json")
     p.add_argument("--report", action="store_true", help="print the tables of --out and stop")
+    p.add_argument("--precision-target", type=float, default=0.0,
+                   help="with --report: each setting's lowest threshold whose precision reaches this, and its recall")
+    p.add_argument("--timing-only", type=int, default=0, metavar="ROUNDS",
+                   help="only time the settings, in ROUNDS interleaved rounds (median of each); no accuracy pass")
     args = p.parse_args(argv)
     if args.report:
         saved = json.loads(Path(args.out).read_text())
         print(saved["header"])
         print(table(saved["results"], saved["decode_s_per_photo"]))
+        truth = load_truth(saved["photos"])
+        if args.precision_target:
+            target_table(saved["results"], truth, args.out, args.precision_target)
         if args.crowd:
-            truth = load_truth(saved["photos"])
-            dets = _load_dets(args.out, args.crowd)
-            crowd_table(args.crowd, truth, dets)
+            crowd_table(args.crowd, truth, _load_dets(args.out, args.crowd))
         return
     if not DATA.is_dir():
         print(f"WIDER FACE not found at {DATA}: nothing to measure")
@@ -281,6 +305,21 @@ def main(argv=None) -> None:
                f"{1000 * decode_s / len(images):.1f} ms per photo")
     print(header.splitlines()[-1], flush=True)
     timing_images = images[: args.timing_photos]
+    if args.timing_only:
+        times = {n: [] for n in names}
+        for _ in range(args.timing_only):
+            for name in names:
+                times[name].append(time_setting(SETTINGS[name], timing_images, args)[0] / len(timing_images))
+        base = float(np.median(times[names[0]]))
+        print(f"\n{len(timing_images)} photos, {args.timing_only} interleaved rounds, median s per photo; load "
+              f"{os.getloadavg()[0]:.1f} at the end\n| setting | photos/s detect | photos/s with decode | "
+              f"time vs {names[0]} | rounds (s per photo) |\n|---|---|---|---|---|")
+        d = decode_s / len(images)
+        for name in names:
+            t = float(np.median(times[name]))
+            print(f"| {name} | {1 / t:.2f} | {1 / (t + d):.2f} | {t / base:.2f}x | "
+                  f"{', '.join(f'{x:.3f}' for x in times[name])} |")
+        return
     results, all_dets = [], {}
     for name in names:
         kw = SETTINGS[name]
