@@ -19,7 +19,7 @@ Reads ../shared/data/wider_face (``boxes.csv``: ``file,x,y,w,h`` per labelled fa
   16, ``max_faces`` 64), ``--batch`` photos per call: photos/s of detection alone (decoded tensors in) and with
   the JPEG decode (``torchvision.io.decode_jpeg``, timed separately on the same photos) added.
 * crowds (``--crowd SETTING``): with that setting's detections, how many photos have more faces than a
-  ``max_faces`` cap, and the recall and precision with ``min_face`` 0 / 8 / 16 and caps 64 / 128 / 256 / 512.
+  ``max_faces`` cap, and the recall and precision with ``min_face`` 0 / 8 / 12 / 16 and caps 64 / 128 / 256 / 512.
 
 ``OMP_WAIT_POLICY`` is set to PASSIVE unless given: on a shared, overloaded machine OpenMP workers that spin
 made one 640 px RetinaFace pass take 4-7 s with 2 threads instead of 0.04-0.3 s (measured 2026-12-02,
@@ -245,12 +245,12 @@ def target_table(results: list[dict], truth, out: str, target: float) -> None:
             print(f"| {r['name']} | none up to 0.99 | | | | | | |")
 
 
-def crowd_table(name: str, truth, dets) -> None:
-    thr = DetectorConfig(**SETTINGS[name]).score_threshold
+def crowd_table(name: str, truth, dets, thr: float | None = None) -> None:
+    thr = thr if thr is not None else DetectorConfig(**SETTINGS[name]).score_threshold
     print(f"\ncrowds, {name} at threshold {thr:g}: photos with more faces found than the cap, overall recall "
           "and precision\n| min_face | max_faces | photos over the cap | recall (all faces) | recall >= 16 px | "
           "precision |\n|---|---|---|---|---|---|")
-    for min_face in (0.0, 8.0, 16.0):
+    for min_face in (0.0, 8.0, 12.0, 16.0):
         for cap in (64, 128, 256, 512):
             e = evaluate(truth, dets, thr, min_face=min_face, max_faces=cap)
             big = sum(e["recall"][k] * e["faces"][k] for k in ("64-", "32-64", "16-32"))
@@ -268,6 +268,7 @@ def main(argv=None) -> None:
     p.add_argument("--settings", default=DEFAULT_SETTINGS, help=f"comma-separated, of: {', '.join(SETTINGS)}")
     p.add_argument("--eval-threshold", type=float, default=0.02)
     p.add_argument("--crowd", default="", help="a setting whose detections the crowd table uses")
+    p.add_argument("--crowd-threshold", type=float, default=None, help="the crowd table's threshold (default: the setting's)")
     p.add_argument("--out", default="/tmp/bench_wider.json")
     p.add_argument("--report", action="store_true", help="print the tables of --out and stop")
     p.add_argument("--precision-target", type=float, default=0.0,
@@ -283,7 +284,7 @@ def main(argv=None) -> None:
         if args.precision_target:
             target_table(saved["results"], truth, args.out, args.precision_target)
         if args.crowd:
-            crowd_table(args.crowd, truth, _load_dets(args.out, args.crowd))
+            crowd_table(args.crowd, truth, _load_dets(args.out, args.crowd), args.crowd_threshold)
         return
     if not DATA.is_dir():
         print(f"WIDER FACE not found at {DATA}: nothing to measure")
@@ -318,7 +319,7 @@ def main(argv=None) -> None:
         for name in names:
             t = float(np.median(times[name]))
             print(f"| {name} | {1 / t:.2f} | {1 / (t + d):.2f} | {t / base:.2f}x | "
-                  f"{', '.join(f'{x:.3f}' for x in times[name])} |")
+                  f"{', '.join(f'{x:.3f}' for x in times[name])} (quietest {min(times[name]) / min(times[names[0]]):.2f}x) |")
         return
     results, all_dets = [], {}
     for name in names:
@@ -341,7 +342,7 @@ def main(argv=None) -> None:
         dets = all_dets.get(args.crowd)
         if dets is None:
             _, dets = run_setting(args.crowd, SETTINGS[args.crowd], truth, images, args)
-        crowd_table(args.crowd, truth, dets)
+        crowd_table(args.crowd, truth, dets, args.crowd_threshold)
 
 if __name__ == "__main__":
     main()

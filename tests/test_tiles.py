@@ -170,8 +170,8 @@ def test_default_identity_is_unchanged_and_new_settings_are_named(detector):
     assert FaceDetector(DetectorConfig(threshold=0.7, top_k=5000, flip=False, tile=0)).identity == old
     tiled = FaceDetector(DetectorConfig(tile=640, tile_overlap=128, flip=True, top_k=1000, max_upscale=2.0))
     assert tiled.identity == old + " max_upscale=2 tile=640 tile_overlap=128 flip top_k=1000"
-    event = FaceDetector(DetectorConfig.preset("event"))
-    assert "tile=640" in event.identity and "max_faces=256" in event.identity and "min_face=8" in event.identity
+    event = DetectorConfig.preset("event")
+    assert (event.size, event.threshold, event.max_faces, event.min_face) == (1024, 0.78, 256, 12.0)
     assert FaceDetector(DetectorConfig.preset("portrait")).identity == old
 
 
