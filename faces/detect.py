@@ -128,8 +128,8 @@ class DetectorConfig:
 
 
 # Named settings (docs/faces.md, "Presets", measured on WIDER FACE): `portrait` is the default and the fast one,
-# for buckets of portraits and aligned crops; `event` is for group and crowd photos: a 1024 canvas (about 2.6x
-# the time), the threshold at which its precision on WIDER is 0.95, and more and smaller faces kept.
+# for buckets of portraits and aligned crops; `event` is for group and crowd photos: a 1024 canvas (about 4x
+# the detection time on a CPU), the threshold at which its precision on WIDER is 0.95, and more and smaller faces kept.
 PRESETS: dict[str, dict] = {
     "portrait": {},
     "event": {"size": 1024, "threshold": 0.78, "max_faces": 256, "min_face": 12.0},
