@@ -175,8 +175,8 @@ def run_setting(name, kw, truth, images, args) -> tuple[dict, list]:
             dets.append((f.boxes.numpy(), f.scores.numpy()))
     seconds = time.perf_counter() - start
     op = DetectorConfig(**kw)
-    result = {"name": name, "settings": kw, "threshold": op.score_threshold, "accuracy_pass_s": seconds,
-              **evaluate(truth, dets, op.score_threshold)}
+    result = {"name": name, "settings": kw, "threshold": op.threshold, "accuracy_pass_s": seconds,
+              **evaluate(truth, dets, op.threshold)}
     return result, dets
 
 
@@ -246,7 +246,7 @@ def target_table(results: list[dict], truth, out: str, target: float) -> None:
 
 
 def crowd_table(name: str, truth, dets, thr: float | None = None) -> None:
-    thr = thr if thr is not None else DetectorConfig(**SETTINGS[name]).score_threshold
+    thr = thr if thr is not None else DetectorConfig(**SETTINGS[name]).threshold
     print(f"\ncrowds, {name} at threshold {thr:g}: photos with more faces found than the cap, overall recall "
           "and precision\n| min_face | max_faces | photos over the cap | recall (all faces) | recall >= 16 px | "
           "precision |\n|---|---|---|---|---|---|")

@@ -41,7 +41,7 @@ canvas around it as context. Large photos are unaffected (they are shrunk, never
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +58,8 @@ class DetectorConfig:
     """Detection settings (plain values; :meth:`to_dict` / :meth:`from_dict` round-trip them)."""
 
     size: int = 640  # detection size: images are letterboxed (aspect kept, padding right/bottom) to size x size
-    threshold: float | None = None  # face score a detection needs; None: the network's own (RetinaFace 0.7)
+    threshold: float | None = None  # face score a detection needs; None: the network's own (RetinaFace 0.7,
+    #                                 CenterFace 0.5), filled in when the config is made: .threshold is a number
     nms_iou: float = 0.4  # boxes of one image overlapping more than this are suppressed (lower score goes)
     min_face: float = 16.0  # smallest face kept: the box's shorter side, in pixels of the ORIGINAL image
     max_faces: int = 64  # most faces kept per image, highest scores first
@@ -100,11 +101,8 @@ class DetectorConfig:
               f"got {self.tile_overlap!r}")
         check(isinstance(self.flip, bool), f"flip must be true or false, got {self.flip!r}")
         check(integer(self.top_k) and self.top_k >= 1, f"top_k must be an integer >= 1, got {self.top_k!r}")
-
-    @property
-    def score_threshold(self) -> float:
-        """``threshold``, or the network's own when it is None."""
-        return self.threshold if self.threshold is not None else NETWORKS[self.network].DEFAULT_THRESHOLD
+        if self.threshold is None:  # the network's own; DetectorConfig().threshold stays 0.7 as it always was
+            object.__setattr__(self, "threshold", NETWORKS[self.network].DEFAULT_THRESHOLD)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,7 +122,7 @@ class DetectorConfig:
         """A named setting from :data:`PRESETS` (docs/faces.md: what each is for, measured), with ``changes``."""
         if name not in PRESETS:
             raise ValueError(f"DetectorConfig: unknown preset {name!r}; known: {sorted(PRESETS)}")
-        return replace(cls(**PRESETS[name]), **changes)
+        return cls(**{**PRESETS[name], **changes})
 
 
 # Named settings (docs/faces.md, "Presets", measured on WIDER FACE): `portrait` is the default and the fast one,
@@ -215,7 +213,7 @@ class FaceDetector:
         Settings added after the first version appear only when they differ from what that version did, so
         that the default's identity (and the rows made with it) stay what they were."""
         c = self.config
-        out = (f"{self.network.NAME} {self.weights_hash[:19]} size={c.size} threshold={c.score_threshold:g} "
+        out = (f"{self.network.NAME} {self.weights_hash[:19]} size={c.size} threshold={c.threshold:g} "
                f"nms_iou={c.nms_iou:g} min_face={c.min_face:g} max_faces={c.max_faces}")
         if c.max_upscale != 1.0:
             out += f" max_upscale={c.max_upscale:g}"
@@ -329,7 +327,7 @@ class FaceDetector:
         safe = torch.tensor([v.safe for v in views], device=self.device)[:, None, :]
         inside = ((boxes[..., 0] >= safe[..., 0]) & (boxes[..., 1] >= safe[..., 1])
                   & (boxes[..., 2] <= safe[..., 2]) & (boxes[..., 3] <= safe[..., 3]))
-        view_idx, anchor_idx = torch.nonzero((scores > cfg.score_threshold) & inside, as_tuple=True)
+        view_idx, anchor_idx = torch.nonzero((scores > cfg.threshold) & inside, as_tuple=True)
         b, s, p = boxes[view_idx, anchor_idx], scores[view_idx, anchor_idx], points[view_idx, anchor_idx]
         # canvas -> image pixels: times the view's factor, plus its offset, all times the caller's scale
         k = torch.tensor([[v.factor[0] * scales[v.image], v.factor[1] * scales[v.image],

@@ -184,7 +184,9 @@ def test_new_settings_are_checked_and_round_trip():
         DetectorConfig.preset("crowded")
     cfg = DetectorConfig(network="centerface", tile=512, tile_overlap=96, flip=True, top_k=100, threshold=None)
     assert DetectorConfig.from_dict(cfg.to_dict()) == cfg
-    assert DetectorConfig().score_threshold == 0.7 and cfg.score_threshold == 0.5
+    assert DetectorConfig().threshold == 0.7 and cfg.threshold == 0.5  # None: the network's own, as a number
+    assert DetectorConfig.preset("portrait", network="centerface").threshold == 0.5
+    assert DetectorConfig.preset("event", network="centerface").threshold == 0.78  # the preset's own
     assert DetectorConfig.preset("event", max_faces=512).max_faces == 512
     assert detect_module.PRESETS["portrait"] == {}  # the fast preset is today's default
 
