@@ -230,7 +230,7 @@ class Annotator:
         counts: list = [None] * len(ok)
         slots: list = [[] for _ in ok]
         for o, i in enumerate(keep):
-            counts[i] = len(found[o])
+            counts[i] = (len(found[o]), found[o].dropped)
         for j, (o, k) in enumerate(zip(order.owner, order.index)):
             f, s = found[o], scales[o]
             slots[keep[o]].append((j, Face(k, float(f.scores[k]), (f.boxes[k].double() * s).tolist(),

@@ -38,6 +38,7 @@ IMAGE_FIELDS = [
 FACE_FIELDS = [
     pa.field("detector", pa.string()),
     pa.field("faces", pa.int32()),
+    pa.field("faces_dropped", pa.int32()),
     pa.field("face", pa.int32()),
     pa.field("face_score", pa.float32()),
     pa.field("face_box", pa.list_(pa.float32())),
@@ -73,8 +74,8 @@ def build_rows(batch: dict, names: list[str], constants: dict, detector: str, co
                slots: list[list[tuple[int, Face | None]]], quality: dict[str, list], per_face: dict[str, list],
                no_face: dict) -> dict[str, list]:
     """Columns of the rows of a decoded batch (facedata/decode.py). ``names``: the schema's columns;
-    ``constants``: values of every row (``model``, ``checkpoint``); ``counts``: per image its ``faces``
-    value; ``slots``: per image its faces as ``(j, face)``, ``j`` indexing the ``quality`` and ``per_face``
+    ``constants``: values of every row (``model``, ``checkpoint``); ``counts``: per image ``(faces,
+    faces_dropped)``, or None (a whole image, or one that failed); ``slots``: per image its faces as ``(j, face)``, ``j`` indexing the ``quality`` and ``per_face``
     value lists and ``face`` None for a whole image (an image without a face, or that failed, has none, and
     empty quality columns); ``no_face``: the model columns' values on a row without a face."""
     cols: dict[str, list] = {name: [] for name in names}
@@ -90,7 +91,8 @@ def build_rows(batch: dict, names: list[str], constants: dict, detector: str, co
             for name, value in constants.items():
                 cols[name].append(value)
             cols["detector"].append(detector)
-            cols["faces"].append(counts[i])
+            cols["faces"].append(counts[i][0] if counts[i] else None)
+            cols["faces_dropped"].append(counts[i][1] if counts[i] else None)
             j, face = slot if slot is not None else (None, None)
             cols["face"].append(face.index if face else None)
             cols["face_score"].append(face.score if face else None)

@@ -142,6 +142,7 @@ class Faces:
     scores: torch.Tensor  # (K,) float32 in [0, 1]
     points: torch.Tensor  # (K, 5, 2) float32 (x, y): image-left eye, image-right eye, nose tip,
     #                       image-left mouth corner, image-right mouth corner
+    dropped: int = 0  # faces found beyond max_faces and left out (the lowest-scoring ones)
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
@@ -294,8 +295,10 @@ class FaceDetector:
         big = side >= self.config.min_face
         b, s, p, img_idx = b[big], s[big], p[big], img_idx[big]
         for i in todo:
-            mine = (img_idx == i).nonzero(as_tuple=True)[0][: self.config.max_faces]
-            out[i] = Faces(b[mine].float(), s[mine].float(), p[mine].float())
+            mine = (img_idx == i).nonzero(as_tuple=True)[0]
+            dropped = max(0, len(mine) - self.config.max_faces)
+            mine = mine[: self.config.max_faces]
+            out[i] = Faces(b[mine].float(), s[mine].float(), p[mine].float(), dropped)
         return out
 
     def detect_one(self, image: torch.Tensor, scale: float = 1.0) -> Faces:

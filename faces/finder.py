@@ -89,7 +89,7 @@ class FaceFinder:
             return self.detector.detect(images)
         found = self.detector.detect(images, scales=list(scales))
         # the detector returned original pixels: bring them back to the decoded pictures' (alignment samples those)
-        return [Faces(f.boxes / s, f.scores, f.points / s) for f, s in zip(found, scales)]
+        return [Faces(f.boxes / s, f.scores, f.points / s, f.dropped) for f, s in zip(found, scales)]
 
     def aligned(self, images: list[torch.Tensor], faces: list[Faces], pre: Preprocessing,
                 scales: list[float] | None = None) -> AlignedFaces:

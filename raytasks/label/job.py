@@ -245,6 +245,7 @@ def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
         "faces_total": after.faces if options.detect else None,
         "images_without_faces": after.without_faces if options.detect else None,
         "rows_before": before.rows, "rows_written": after.rows - before.rows, "rows_total": after.rows,
+        "faces_dropped": after.dropped if options.detect else None,
         "review_rows": after.review, "review_by_reason": dict(after.reasons.most_common()),
         "review_thresholds": spec.review_thresholds().to_dict(),
         "complete": after.images >= inputs, "seconds": round(seconds, 3),

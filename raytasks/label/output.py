@@ -55,6 +55,7 @@ class OutputStats:
     faces: int = 0
     without_faces: int = 0
     errors: Counter = dataclasses.field(default_factory=Counter)
+    dropped: int = 0  # faces found beyond --max-faces and left out, over all images
     review: int = 0  # rows flagged for review
     reasons: Counter = dataclasses.field(default_factory=Counter)  # flagged rows per review reason
 
@@ -71,6 +72,7 @@ def output_stats(labels_uri: str) -> OutputStats:
     ds = pads.dataset(root, filesystem=fs, format="parquet")
     face_cols = "face" in ds.schema.names
     review_cols = ["review", "review_reasons"] if "review_reasons" in ds.schema.names else []
+    review_cols += ["faces_dropped"] if "faces_dropped" in ds.schema.names else []
     for b in ds.to_batches(columns=(["error_kind", "face", "faces"] if face_cols else ["error_kind"]) + review_cols,
                            batch_size=1 << 16):
         st.rows += b.num_rows
@@ -84,7 +86,10 @@ def output_stats(labels_uri: str) -> OutputStats:
             st.without_faces += pc.sum(pc.equal(b.column(2), 0)).as_py() or 0
         else:
             st.images += b.num_rows
-        if review_cols:
+        if "faces_dropped" in review_cols:  # a per-image value: counted on each image's first row
+            first = pc.or_kleene(pc.is_null(b.column("face")), pc.equal(b.column("face"), 0))
+            st.dropped += pc.sum(pc.filter(b.column("faces_dropped"), pc.fill_null(first, True))).as_py() or 0
+        if "review" in review_cols:
             st.review += pc.sum(b.column("review")).as_py() or 0
             for item in pc.value_counts(pc.list_flatten(b.column("review_reasons"))).to_pylist():
                 st.reasons[item["values"]] += item["counts"]
