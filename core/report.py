@@ -142,8 +142,6 @@ def label_report(out: str, max_thumbnails: int = DEFAULT_MAX_THUMBNAILS, seed: i
     """The HTML report of the label output ``out`` (folder or ``s3://`` prefix) and a dict of what it holds
     (``rows``, ``faces``, ``flagged``, ``thumbnails``, ``missing``). :class:`ReportError` when there are no
     labels to report on; a missing summary or missing columns give a partial report that says so."""
-    from core.report_thumbs import thumbnails
-
     ds = open_labels(out)
     summary, summary_problem = _summary(out)
     p = plan(ds.schema)
@@ -156,6 +154,8 @@ def label_report(out: str, max_thumbnails: int = DEFAULT_MAX_THUMBNAILS, seed: i
         missing.append("(an output written by an older version of faceattr lacks these columns; label it again "
                        "into a new --output to get them)")
     th = _thresholds(summary)
+    from core.report_thumbs import thumbnails  # imports torch (models.preprocess): only once there are rows
+
     thumbs = thumbnails(s.flagged) if s.flagged else []
     sections = [("overview", "Overview", _overview(out, s, summary))]
     if missing:

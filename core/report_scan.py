@@ -196,7 +196,7 @@ def scan(dataset, p: Plan, max_flagged: int, seed: int = 0) -> Scan:
     s = Scan()
     rng = np.random.default_rng(seed)
     numeric = [k for m in p.members for k in m.numeric + m.probs] + [c for c in POSE + QUALITY if c in p.has]
-    for batch in dataset.to_batches(columns=p.columns, batch_size=BATCH_ROWS):
+    for batch in dataset.to_batches(columns=p.columns, batch_size=BATCH_ROWS, batch_readahead=2, fragment_readahead=1):
         n = batch.num_rows
         s.rows += n
         col = batch.column
