@@ -11,6 +11,7 @@ import io
 import math
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 MAX_CLASSES = 25  # bars per categorical panel; the rest are summed into one bar
 COLOUR = "#3b6ea5"
@@ -65,6 +66,7 @@ def counts_png(panels: list[tuple[str, dict]], cols: int = 3) -> bytes:
         ax.set_xlim(0, max(values, default=1) * 1.35)
         ax.set_title(f"{title} (n={sum(values)})", fontsize=9)
         ax.tick_params(axis="x", labelsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return png(fig)
 
 
@@ -82,6 +84,7 @@ def hists_png(panels: list[tuple[str, object, str]], cols: int = 3, colour: str 
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_xlim(edges[0], edges[-1])
         ax.tick_params(labelsize=7)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         for t in (rest[0] if rest else ()):
             ax.axvline(t, color=FLAG, linestyle="--", linewidth=1)
         notes = [f"{h.outside} outside, in the end bins"] if h.outside else []
