@@ -186,6 +186,24 @@ def test_a_photo_gone_gives_a_placeholder_not_an_error(label_output, tmp_path):
     assert "file not found" in (tmp_path / "report.html").read_text()
 
 
+def test_an_output_on_s3_with_photos_on_s3(label_output, s3_bucket):
+    out, rows = label_output
+    client, bucket = s3_bucket
+    t = pq.read_table(out / "labels" / "part-0.parquet")
+    paths = [p.replace(str(out), f"s3://{bucket}") for p in t.column("path").to_pylist()]
+    for local, remote in set(zip(t.column("path").to_pylist(), paths)):
+        client.put_object(Bucket=bucket, Key=remote.split("/", 3)[3], Body=Path(local).read_bytes())
+    buf = io.BytesIO()
+    pq.write_table(t.set_column(0, "path", pa.array(paths)), buf)
+    client.put_object(Bucket=bucket, Key="out/labels/part-0.parquet", Body=buf.getvalue())
+    client.put_object(Bucket=bucket, Key="out/_summary.json", Body=(out / "_summary.json").read_bytes())
+    info = report_job.main([f"s3://{bucket}/out"])
+    assert info["html"] == f"s3://{bucket}/out/_report.html" and info["missing"] == []
+    page = Page(client.get_object(Bucket=bucket, Key="out/_report.html")["Body"].read().decode())
+    assert len(page.thumbs) == sum(bool(r["review"]) for r in rows) and all(t["src"] for t in page.thumbs)
+    assert all(t["path"].startswith(f"s3://{bucket}/photos/") for t in page.thumbs)
+
+
 def lists(values: np.ndarray, width: int) -> pa.Array:
     """(k, width) numbers -> a list<float32> column."""
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1).astype(np.float32)), width).cast(
