@@ -361,11 +361,12 @@ def _chromium() -> str | None:
     return None
 
 
+@pytest.mark.skipif(_chromium() is None, reason="no Chromium on PATH (apt-get install chromium): the report's "
+                                                  "rendering in a browser is not checked here")
 def test_the_report_renders_in_headless_chromium(default_report, tmp_path):
-    browser = _chromium()
-    if browser is None:
-        pytest.skip("no Chromium on PATH (apt-get install chromium): the report's rendering is not checked here")
     from PIL import Image
+
+    browser = _chromium()
 
     _, _, html_path = default_report
     shot = tmp_path / "report.png"
