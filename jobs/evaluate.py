@@ -2,7 +2,7 @@
 
     python -m jobs.evaluate --checkpoint CKPT --data FORMAT:PATH [--split test] [--json OUT] [--faces detect]
         [--calibrate-on val [--save-calibrated NEW.pt]] [--reliability OUT.png]
-        [--by gender,race,age_group [--groups-json OUT] [--min-group 30] [--bootstrap 1000]]
+        [--by gender,race,age_group [--groups-json OUT] [--min-group 30] [--bootstrap 1000]] [--report OUT.html]
 
 Prints per-attribute and mean accuracy (with the checkpoint's thresholds), MAE / RMSE / Pearson for
 scores, age MAE / RMSE and class accuracy; ``--json OUT`` writes a flat object ``{"<output>.<metric>":
@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
     c.add_argument("--calibrate-limit", type=positive(int), default=None, help="fit on at most this many images")
     c.add_argument("--save-calibrated", default=None, metavar="URI", help="write the calibrated checkpoint here")
     c.add_argument("--reliability", default=None, metavar="OUT.png", help="write a reliability diagram (PNG) here")
+    p.add_argument("--report", default=None, metavar="OUT.html", help="write an HTML report here: metrics, reliability "
+                   "diagrams, confusion matrices, per-group bars with --by (core/report.py)")
     g = p.add_argument_group("groups")
     g.add_argument("--by", default=None, help="comma-separated keys, e.g. gender,race,age_group (or an attribute: Male)")
     g.add_argument("--groups-json", default=None, help="write the per-group report here (path or s3://)")
@@ -170,6 +172,12 @@ def main(argv: list[str] | None = None) -> dict:
             print(line)
         if args.groups_json:
             storage.write_bytes(args.groups_json, json.dumps(_json_safe(report), indent=2).encode())
+    if args.report:
+        from core.report import evaluation_html
+
+        storage.write_bytes(args.report, evaluation_html(model, ev, metrics, eces, groups=report if by else None,
+                                                         title=f"{info.model} {info.short_hash()} on {args.data} ({args.split})").encode())
+        print(f"report {args.report}")
     return metrics
 
 

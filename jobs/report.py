@@ -1,0 +1,50 @@
+"""Write the HTML report of a label output: one self-contained file a person opens in a browser.
+
+    python -m jobs.report OUT [--html REPORT.html] [--max-thumbnails 300] [--seed 0]
+
+``OUT`` is a label job's ``--output`` (a folder or an ``s3://`` prefix). The report (core/report.py;
+docs/quality.md, "The report") shows the distribution of every attribute, the confidence, pose and quality
+histograms, the rows per review reason with the thresholds, and thumbnails of a sample of the flagged
+faces cropped from the original photos. The Parquet is streamed, so memory does not grow with the rows.
+The default ``--html`` is ``OUT/_report.html`` (the ``_`` keeps Parquet readers of ``OUT`` away from it).
+An output without labels, or whose Parquet cannot be read, exits with status 2 and a message; one without a
+summary, or from an older version without some columns, gives a report that says what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from core.report import DEFAULT_MAX_THUMBNAILS, ReportError, label_report
+from facedata import storage
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m jobs.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("output", metavar="OUT", help="a label output: folder or s3:// prefix")
+    p.add_argument("--html", default=None, help="where to write the report (path or s3://; default OUT/_report.html)")
+    p.add_argument("--max-thumbnails", type=int, default=DEFAULT_MAX_THUMBNAILS,
+                   help=f"flagged faces shown at most (default {DEFAULT_MAX_THUMBNAILS}; 0: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample of flagged faces shown")
+    args = p.parse_args(argv)
+    if not 0 <= args.max_thumbnails <= 5000:
+        p.error("--max-thumbnails must be between 0 and 5000")
+    try:
+        doc, info = label_report(args.output, args.max_thumbnails, args.seed)
+    except ReportError as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
+    target = args.html or storage.join(args.output, "_report.html")
+    try:
+        storage.write_bytes(target, doc.encode("utf-8"))
+    except OSError as e:
+        p.exit(2, f"{p.prog}: error: cannot write {target}: {e}\n")
+    for m in info["missing"]:
+        print(f"note: {m}", file=sys.stderr)
+    print(f"report {target}: {info['rows']} rows, {info['faces']} faces, {info['flagged']} flagged, "
+          f"{info['thumbnails']} thumbnails")
+    return {**info, "html": target}
+
+
+if __name__ == "__main__":
+    main()
