@@ -296,3 +296,26 @@ def ingress(**limits):
     api = object.__new__(wrapper)
     ours.__init__(api, {}, 1 << 20, 4, api_key="k", limits=S.IngressSpec(**limits))
     return api
+
+
+def assert_same(got, want, where: str = "", tol: float = 1e-4) -> None:
+    """Equal, floats to ``tol`` (relative or absolute: Parquet keeps float32, JSON and the core the float64
+    of the same value; batches of other sizes sum in another order), recursively through structs and
+    lists; a NaN expected is a None got (JSON has no NaN)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), (where, set(got or {}) ^ set(want))
+        for k in want:
+            assert_same(got[k], want[k], f"{where}.{k}", tol)
+    elif isinstance(want, (list, tuple, np.ndarray)):
+        got = list(got) if isinstance(got, (tuple, np.ndarray)) else got
+        assert isinstance(got, list) and len(got) == len(want), (where, got, want)
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_same(g, w, f"{where}[{i}]", tol)
+    elif isinstance(want, (float, np.floating)) and not isinstance(want, bool):
+        if math.isnan(want):
+            assert got is None or (isinstance(got, float) and math.isnan(got)), (where, got)
+        else:
+            assert isinstance(got, (int, float, np.number)) and math.isclose(got, want, rel_tol=tol, abs_tol=tol), (
+                where, got, want)
+    else:
+        assert got == want, (where, got, want)

@@ -76,6 +76,7 @@ def test_compiled_predictor_pads_and_splits_to_its_batch_and_matches_eager(tmp_p
     import time
 
     from core.predictor import Predictor
+
     from models.checkpoint import save_checkpoint
     from raytasks.label import PredictorActor
 
@@ -98,6 +99,7 @@ def test_compiled_predictor_pads_and_splits_to_its_batch_and_matches_eager(tmp_p
 
 def test_compile_failure_leaves_a_working_eager_predictor(tmp_path, monkeypatch):
     from core.predictor import Predictor
+
     from models.checkpoint import save_checkpoint
 
     ckpt = str(tmp_path / "hs.pt")

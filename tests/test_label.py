@@ -21,10 +21,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from core.predictor import Predictor
 from PIL import Image
 
 import models
-from core.predictor import Predictor
 from facedata import inputs, storage
 from facedata.synth import draw_face, encode_jpeg
 from models.checkpoint import save_checkpoint

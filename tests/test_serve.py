@@ -22,10 +22,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from core.predictor import Predictor
 from PIL import Image
 
 import models
-from core.predictor import Predictor
 from models.checkpoint import save_checkpoint
 
 pytestmark = pytest.mark.ray
