@@ -1,10 +1,13 @@
 """Shared fixtures: one local Ray per test session, a real S3 endpoint (moto's server) on 127.0.0.1,
-the path of the real face data, and small synthetic checkpoints."""
+the path of the real face data, the checkpoints several modules use (made once per session), the face
+detector, and a group photo. Helpers without state are in tests/helpers.py.
+
+Every test that uses Ray (the ``ray_session`` fixture, directly or through another fixture) is marked
+``ray`` here, so ``pytest -m "not ray"`` is the fast tier without any Ray cluster."""
 
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 torch.set_num_threads(2)
+
+RAY_FIXTURES = {"ray_session"}  # a test whose fixture closure holds one of these uses Ray
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
 
 
 @pytest.fixture(scope="session")
@@ -39,19 +50,15 @@ def ray_session(s3_server):
     ray.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 endpoint over HTTP on 127.0.0.1 (moto's ThreadedMotoServer), with the AWS environment
     pointed at it for this process and for Ray workers started afterwards. Yields the endpoint URL."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    from tests.helpers import free_port
+
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
@@ -119,3 +126,42 @@ def group_photo() -> tuple[bytes, int]:
     buf = io.BytesIO()
     canvas.save(buf, format="JPEG", quality=92)
     return buf.getvalue(), len(sources)
+
+
+# --- checkpoints and the detector, made once per session ----------------------------------------------------
+@pytest.fixture(scope="session")
+def hs_checkpoint(tmp_path_factory) -> str:
+    """A hard_sharing checkpoint (50 px grey input, the quickest model)."""
+    from tests.helpers import save_model
+
+    return save_model(str(tmp_path_factory.mktemp("hs") / "hard_sharing.pt"), "hard_sharing", seed=7)
+
+
+@pytest.fixture(scope="session")
+def three(tmp_path_factory) -> dict[str, str]:
+    """Three checkpoints of different architectures, inputs and face templates (a model set's members):
+    hard_sharing (50 px grey), dmm_cnn (ResNet-18 trunk, 64 px) and age_gender_race (dlib's face trunk,
+    150 px, the embedding's chip)."""
+    from tests.helpers import save_model
+
+    d = tmp_path_factory.mktemp("set")
+    torch.manual_seed(0)
+    return {name: save_model(str(d / f"{name}.pt"), name, **kw)
+            for name, kw in (("hard_sharing", {}), ("dmm_cnn", {"depth": 18, "image_size": 64}),
+                             ("age_gender_race", {}))}
+
+
+@pytest.fixture(scope="session")
+def finder():
+    """The face detector with its default settings (faces.finder.FaceFinder), on the CPU."""
+    from faces.finder import FaceFinder
+
+    return FaceFinder()
+
+
+@pytest.fixture(scope="session")
+def hs_annotator(hs_checkpoint):
+    """``core.annotator.Annotator`` of hs_checkpoint on the CPU in fp32: the core every job and route runs."""
+    from core.annotator import Annotator
+
+    return Annotator(hs_checkpoint, device="cpu", precision="fp32", threads=2)

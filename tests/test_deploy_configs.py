@@ -350,7 +350,9 @@ def _flags(command: str) -> dict[str, str | bool]:
 
 
 def _module_file(module: str) -> Path:
-    return ROOT.joinpath(*module.split(".")).with_suffix(".py")
+    """The file of a module of this repository: ``a/b.py``, or ``a/b/__init__.py`` for a package."""
+    path = ROOT.joinpath(*module.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
 
 @pytest.mark.parametrize("name,module", [("train-rayjob.yaml", "jobs.train"), ("label-rayjob.yaml", "jobs.label")])

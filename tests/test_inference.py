@@ -1,5 +1,6 @@
-"""Inference-only rewrites: batch norm folding (models/inference.py) and the OpenMP environment of model
-workers (raytasks/threads.py)."""
+"""Inference-only rewrites: batch norm folding (models/inference.py), torch.compile in a model runner
+(core/runner.py), and the OpenMP environment and torch thread of model workers (raytasks/threads.py,
+raytasks/label/stages.py's AnnotatorActor)."""
 
 import pytest
 import torch
@@ -72,20 +73,24 @@ def test_model_workers_get_a_runtime_env_of_their_own_that_keeps_the_callers():
     assert threads.runtime_env({"env_vars": {"FACEATTR_MODEL_WORKER": "2"}})["env_vars"] == {"FACEATTR_MODEL_WORKER": "2"}
 
 
-def test_compiled_predictor_pads_and_splits_to_its_batch_and_matches_eager(tmp_path):
+def _actor(ckpt: str, **kwargs):
+    """A label job actor for one checkpoint on whole images, built as build_dataset builds it."""
+    from core.modelset import ModelSet
+    from raytasks.label import AnnotatorActor
+
+    return AnnotatorActor(ModelSet(((None, ckpt),)).to_dict(), faces={"mode": "whole"}, precision="fp32", threads=1,
+                          **kwargs)
+
+
+def test_compiled_runner_pads_and_splits_to_its_batch_and_matches_eager(hs_checkpoint):
     import time
 
-    from core.predictor import Predictor
-    from models.checkpoint import save_checkpoint
-    from raytasks.label import PredictorActor
+    from core.runner import ModelRunner
 
-    torch.manual_seed(0)
-    ckpt = str(tmp_path / "hs.pt")
-    save_checkpoint(models.create_model("hard_sharing").eval(), ckpt)
-    eager = Predictor(ckpt, device="cpu", precision="fp32", threads=1)
+    eager = ModelRunner(hs_checkpoint, device="cpu", precision="fp32", threads=1)
     start = time.perf_counter()
-    # built as the label job builds its actors (raytasks.label.build_dataset's constructor arguments)
-    compiled = PredictorActor(ckpt, precision="fp32", threads=1, compile_batch=4, fold_bn=True).predictor
+    # built as the label job builds its actors (raytasks.label.stages.build_dataset's constructor arguments)
+    (compiled,) = _actor(hs_checkpoint, compile_batch=4, fold_bn=True).annotator.members.values()
     assert compiled.compile_batch == 4 and compiled.forward_fn is not compiled.model, "compile fell back to eager"
     assert time.perf_counter() - start < 240
     x = torch.randint(0, 256, (7, 1, 50, 50), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
@@ -96,12 +101,8 @@ def test_compiled_predictor_pads_and_splits_to_its_batch_and_matches_eager(tmp_p
             torch.testing.assert_close(got[k], want[k], rtol=1e-3, atol=1e-3)
 
 
-def test_compile_failure_leaves_a_working_eager_predictor(tmp_path, monkeypatch):
-    from core.predictor import Predictor
-    from models.checkpoint import save_checkpoint
-
-    ckpt = str(tmp_path / "hs.pt")
-    save_checkpoint(models.create_model("hard_sharing").eval(), ckpt)
+def test_compile_failure_leaves_a_working_eager_runner(hs_checkpoint, monkeypatch):
+    from core.runner import ModelRunner
 
     def broken(model, **_):
         def run(x):
@@ -110,31 +111,27 @@ def test_compile_failure_leaves_a_working_eager_predictor(tmp_path, monkeypatch)
 
     monkeypatch.setattr(torch, "compile", broken)
     with pytest.warns(UserWarning, match="torch.compile failed.*no C\\+\\+ compiler"):
-        p = Predictor(ckpt, device="cpu", precision="fp32", threads=1, compile_batch=4)
+        p = ModelRunner(hs_checkpoint, device="cpu", precision="fp32", threads=1, compile_batch=4)
     assert p.compile_batch is None and p.forward_fn is p.model
     assert p.forward_uint8(torch.zeros((3, 1, 50, 50), dtype=torch.uint8))["gender"].shape[0] == 3
 
 
-def test_label_actor_does_all_torch_work_on_one_thread_that_is_not_the_callers(tmp_path):
+def test_label_actor_does_all_torch_work_on_one_thread_that_is_not_the_callers(hs_checkpoint):
     # Ray calls an actor's __init__ on the main thread and __call__ on others: torch on both would make two
     # OpenMP pools (raytasks/threads.py). Every batch must run on the one torch thread.
     import threading
 
     import numpy as np
 
-    from models.checkpoint import save_checkpoint
-    from raytasks.label import PredictorActor
-
-    ckpt = str(tmp_path / "hs.pt")
-    save_checkpoint(models.create_model("hard_sharing").eval(), ckpt)
-    actor = PredictorActor(ckpt, precision="fp32", threads=1, faces={"mode": "whole"})  # decode_batch batches
+    actor = _actor(hs_checkpoint)  # whole images: decode_batch's Whole batches
+    (runner,) = actor.annotator.members.values()
     seen = []
-    real = actor.predictor.forward_uint8
-    actor.predictor.forward_uint8 = lambda x: (seen.append(threading.current_thread().name), real(x))[1]
+    real = runner.forward_uint8
+    runner.forward_uint8 = lambda x: (seen.append(threading.current_thread().name), real(x))[1]
     batch = {"path": np.array(["a", "b"], dtype=object), "ok": np.array([True, False]),
              "error_kind": np.array([None, "empty"], dtype=object), "error_message": np.array([None, "x"], dtype=object),
              "width": np.array([50, 0], np.int32), "height": np.array([50, 0], np.int32),
-             "geometry": np.zeros((2, 4)), "image": np.zeros((2, 1, 50, 50), np.uint8)}
+             "geometry_0": np.zeros((2, 4)), "image_0": np.zeros((2, 1, 50, 50), np.uint8)}
     for _ in range(2):
         table = actor(batch)
         assert table.num_rows == 2 and table.column("ok").to_pylist() == [True, False]

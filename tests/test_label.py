@@ -7,91 +7,35 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
-import signal
-import struct
-import subprocess
-import sys
-import time
 import uuid
-import zlib
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 import models
-from core.predictor import Predictor
+from core.annotator import Annotator
+from core.modelset import ModelSet
 from facedata import inputs, storage
-from facedata.synth import draw_face, encode_jpeg
 from models.checkpoint import save_checkpoint
 from raytasks import label as L
-from raytasks.label.output import LABELS_DIR
+from tests.helpers import (
+    BAD,
+    NOT_INPUTS,
+    assert_row_matches,
+    bad_files,
+    face_jpeg,
+    huge_png,
+    kill_after_commits,
+    odd_images,
+    read_rows,
+    real_faces,
+    s3_commits,
+    write_files,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
 WHOLE = {"mode": "whole"}  # these tests are about reading, writing and resuming: one row per image
-
-
-# --------------------------------------------------------------------------------------------------------
-# inputs
-# --------------------------------------------------------------------------------------------------------
-
-def face_jpeg(i: int, size=(56, 56)) -> bytes:
-    return encode_jpeg(draw_face(np.random.default_rng([7, i]), size)[0])
-
-
-def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def huge_png(w: int = 10_000, h: int = 10_000) -> bytes:
-    """A PNG whose header says w x h (over the 40 MP limit); only the header is ever read."""
-    data = bytearray(_png(Image.new("L", (8, 8))))
-    ihdr = 8 + 8  # signature, then length + b"IHDR"
-    data[ihdr:ihdr + 8] = struct.pack(">II", w, h)
-    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
-    return bytes(data)
-
-
-def odd_images() -> dict[str, bytes]:
-    """Formats that must be labeled correctly (CMYK JPEG, 16-bit and palette PNG, no extension)."""
-    face = draw_face(np.random.default_rng([7, 999]), (56, 56))[0]
-    cmyk = io.BytesIO()
-    face.convert("CMYK").save(cmyk, format="JPEG")
-    grey16 = Image.fromarray(np.asarray(face.convert("L"), dtype=np.uint16) * 257)
-    return {"odd/cmyk.jpg": cmyk.getvalue(), "odd/grey16.png": _png(grey16),
-            "odd/palette.png": _png(face.convert("P", palette=Image.ADAPTIVE, colors=64)),
-            "odd/IMG_0042": face_jpeg(4242)}  # no extension: an image by its content
-
-
-BAD = {  # name -> expected error kind
-    "bad/empty.jpg": "empty", "bad/text.jpg": "not_image", "bad/truncated.jpg": "truncated",
-    "bad/huge.png": "too_large",
-}
-
-
-def bad_files() -> dict[str, bytes]:
-    full = face_jpeg(5000, (120, 120))
-    return {"bad/empty.jpg": b"", "bad/text.jpg": b"these are not the pixels you are looking for\n",
-            "bad/truncated.jpg": full[: len(full) // 2], "bad/huge.png": huge_png()}
-
-
-NOT_INPUTS = {"notes.txt": b"a text file next to the photos\n", "meta/info.json": b"{}",
-              ".hidden.jpg": face_jpeg(1)}
-
-
-def real_faces(n_utk: int = 3, n_celeba: int = 2) -> dict[str, bytes]:
-    if not SHARED.is_dir():
-        return {}
-    utk = sorted((SHARED / "utkface").glob("*.jpg"))[:n_utk]
-    celeba = sorted((SHARED / "celeba" / "img_align_celeba").glob("*.jpg"))[:n_celeba]
-    return {f"real/{p.name}": p.read_bytes() for p in utk + celeba}
 
 
 def put_all(client, bucket: str, prefix: str, files: dict[str, bytes]) -> None:
@@ -99,38 +43,21 @@ def put_all(client, bucket: str, prefix: str, files: dict[str, bytes]) -> None:
         client.put_object(Bucket=bucket, Key=f"{prefix}{name}", Body=data)
 
 
-def read_rows(output: str) -> pa.Table:
-    fs, path = storage.filesystem(storage.join(output, LABELS_DIR))
-    return pq.read_table(path, filesystem=fs)
-
-
 def expected_rows(ckpt: str, items: dict[str, bytes]) -> dict[str, dict]:
-    pred = Predictor(ckpt, device="cpu", precision="fp32", threads=2)
+    """The core's rows (``Annotator.annotate_bytes``, whole images) for the same bytes, 16 at a time."""
+    ann = Annotator(ckpt, device="cpu", precision="fp32", threads=2)
     rows = {}
     names = list(items)
     for i in range(0, len(names), 16):
         chunk = names[i:i + 16]
-        for r in pred.predict_bytes([(n, items[n]) for n in chunk]):
+        for r in ann.annotate_bytes([(n, items[n]) for n in chunk], faces="whole"):
             rows[r["path"]] = r
     return rows
 
 
-def assert_row_matches(got: dict, want: dict, fields) -> None:
-    for f in fields:
-        a, b = got[f.name], want[f.name]
-        if isinstance(b, float):
-            assert a == pytest.approx(b, abs=1e-4), (got["path"], f.name)
-        elif isinstance(b, list) and b and isinstance(b[0], float):
-            assert np.allclose(a, b, atol=1e-4), (got["path"], f.name)
-        else:
-            assert a == b, (got["path"], f.name, a, b)
-
-
-@pytest.fixture(scope="module")
-def hs_checkpoint(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("ckpt") / "hard_sharing.pt")
-    save_checkpoint(models.create_model("hard_sharing"), path)
-    return path
+def one_model(ckpt: str) -> dict:
+    """The ``model_set`` argument of the label job's actors for one checkpoint."""
+    return ModelSet(((None, ckpt),)).to_dict()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -167,7 +94,7 @@ def test_s3_prefix_one_row_per_image_with_schema_and_errors(s3_run):
     paths = rows.column("path").to_pylist()
     assert len(paths) == len(set(paths)) == len(expected_paths)
     assert set(paths) == expected_paths  # not notes.txt, meta/info.json nor the hidden file
-    assert rows.schema == Predictor(s3_run["ckpt"], device="cpu", precision="fp32").schema
+    assert rows.schema == Annotator(s3_run["ckpt"], device="cpu", precision="fp32").schema
     by_path = {r["path"]: r for r in rows.to_pylist()}
     for name, kind in BAD.items():
         r = by_path[prefix + name]
@@ -193,7 +120,7 @@ def test_s3_rows_equal_the_models_answer_for_the_same_bytes(s3_run):
     prefix = f"s3://{s3_run['bucket']}/photos/"
     items = {prefix + n: d for n, d in {**s3_run["images"], **s3_run["bad"]}.items()}
     want = expected_rows(s3_run["ckpt"], items)
-    fields = Predictor(s3_run["ckpt"], device="cpu", precision="fp32").schema
+    fields = Annotator(s3_run["ckpt"], device="cpu", precision="fp32").schema
     for got in s3_run["rows"].to_pylist():
         assert_row_matches(got, want[got["path"]], fields)
 
@@ -221,12 +148,9 @@ def test_second_run_over_finished_output_adds_nothing(s3_run):
 # kill a run midway (SIGKILL of the driver process), run the same command again
 # --------------------------------------------------------------------------------------------------------
 
-def _committed(client, bucket: str, prefix: str) -> int:
-    objs = client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
-    return sum(1 for o in objs if o["Key"].endswith(".parquet") and not o["Key"].endswith(".pending.parquet"))
-
-
 def test_killed_run_resumes_with_exactly_one_row_per_input(s3_bucket, ray_session, hs_checkpoint):
+    """The label job's kill test: the driver SIGKILLed after two committed files on S3, the same command
+    again (in-process): every input once, none twice."""
     client, bucket = s3_bucket
     n = 48
     files = {f"in/img_{i:03d}.jpg": face_jpeg(i, (40, 40)) for i in range(n)}
@@ -239,23 +163,12 @@ def test_killed_run_resumes_with_exactly_one_row_per_input(s3_bucket, ray_sessio
     storage.write_bytes(ckpt, Path(hs_checkpoint).read_bytes())
     output = f"s3://{bucket}/out/"
     argv = ["--checkpoint", ckpt, "--input", f"s3://{bucket}/manifest.parquet", "--output", output,
-            "--batch-size", "4", "--max-rows-per-file", "4", "--max-actors", "1", "--precision", "fp32"]
-    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.label", *argv, "--faces", "whole", "--throttle", "0.4"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while _committed(client, bucket, "out/_checkpoint/") < 2:
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint committed in 120 s"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+            "--batch-size", "4", "--max-rows-per-file", "4", "--max-actors", "1", "--precision", "fp32",
+            "--faces", "whole"]
+    kill_after_commits(argv, ray_session, s3_commits(client, bucket, "out/_checkpoint/"), n=2, throttle=0.4,
+                       timeout_s=120)
     partial = read_rows(output).column("path").to_pylist()
     assert 0 < len(partial) < n, "the run was not interrupted midway"
-    time.sleep(2)  # let Ray reap the killed job's workers
     summary = L.label(L.LabelSpec(checkpoint=ckpt, input=f"s3://{bucket}/manifest.parquet", output=output, faces=WHOLE,
                                   batch_size=8, max_rows_per_file=16, precision="fp32", max_actors=1),
                       echo=lambda *_: None)
@@ -280,9 +193,7 @@ def test_local_folder_rgb_model(tmp_path, ray_session):
     folder = tmp_path / "photos"
     files = {f"p{i}.jpg": face_jpeg(i, (48, 60)) for i in range(6)}
     files.update(odd_images())
-    for name, data in {**files, **NOT_INPUTS}.items():
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_bytes(data)
+    write_files(folder, {**files, **NOT_INPUTS})
     output = str(tmp_path / "out")
     spec = L.LabelSpec(checkpoint=ckpt, input=str(folder), output=output, precision="fp32", batch_size=4, limit=3, faces=WHOLE,
                        max_actors=1)
@@ -295,7 +206,7 @@ def test_local_folder_rgb_model(tmp_path, ray_session):
     want = expected_rows(ckpt, {str(folder / n): d for n, d in files.items()})
     for got in rows.to_pylist():
         assert got["ok"] and got["age"] is not None
-        assert_row_matches(got, want[got["path"]], Predictor(ckpt, device="cpu", precision="fp32").schema)
+        assert_row_matches(got, want[got["path"]], Annotator(ckpt, device="cpu", precision="fp32").schema)
     saved = json.loads((Path(output) / "_summary.json").read_text())
     assert saved["rows_total"] == len(files) and saved["files_listed"] == len(files) + 2  # + notes, info.json
     assert saved["skipped_not_image"] == 2 and saved["rows_before"] == 3 and summary == saved
@@ -304,24 +215,41 @@ def test_local_folder_rgb_model(tmp_path, ray_session):
     assert len(pd.read_parquet(output)) == len(files)  # reading the output folder reads just the labels
 
 
-def test_csv_manifest_relative_paths_and_missing_file(tmp_path, ray_session, hs_checkpoint):
+def test_csv_manifest_relative_paths_missing_file_duplicates_and_paths_outside_the_folder(tmp_path, ray_session,
+                                                                                          hs_checkpoint):
+    """A CSV manifest with relative paths: one row per distinct file, a missing file an ``unreadable`` row;
+    issue #13 items 7 and 9: duplicates (other spellings of one file) counted, not labeled twice; rows
+    outside the manifest's folder (absolute, ``..``, /proc) are ``forbidden`` rows that read nothing, alike
+    for files that exist. Then the output refuses another checkpoint."""
     folder = tmp_path / "set"
     folder.mkdir()
     names = [f"a{i}.jpg" for i in range(7)]
     for i, n in enumerate(names):
         (folder / n).write_bytes(face_jpeg(100 + i))
-    (folder / "list.csv").write_text("id,path\n" + "".join(f"{i},{n}\n" for i, n in enumerate(names + ["gone.jpg"])))
+    (tmp_path / "private.jpg").write_bytes(face_jpeg(399))  # a real image next to the folder, not in it
+    dups = ["./a0.jpg", str(folder / "a0.jpg")]
+    outside = ["../private.jpg", "/proc/self/environ", str(tmp_path / "nothing-here.jpg")]
+    listed = names + ["gone.jpg"] + dups + outside
+    (folder / "list.csv").write_text("id,path\n" + "".join(f"{i},{n}\n" for i, n in enumerate(listed)))
     spec = L.LabelSpec(checkpoint=hs_checkpoint, input=str(folder / "list.csv"), output=str(tmp_path / "out"), faces=WHOLE,
                        precision="fp32", batch_size=2, max_actors=1)
     second = L.label(spec, echo=lambda *_: None)
     rows = {r["path"]: r for r in read_rows(spec.output).to_pylist()}
-    assert sorted(rows) == sorted(names + ["gone.jpg"]) and second["rows_total"] == 8 and second["complete"]
+    assert sorted(rows) == sorted(names + ["gone.jpg"] + outside) and second["rows_total"] == 11 and second["complete"]
+    assert (second["inputs"], second["duplicates"]) == (11, 2)
+    assert all(rows[n]["ok"] for n in names)
     assert (rows["gone.jpg"]["ok"], rows["gone.jpg"]["error_kind"]) == (False, "unreadable")
     assert rows["gone.jpg"]["error_message"] == "file not found"
+    assert {(rows[p]["ok"], rows[p]["error_kind"], rows[p]["error_message"], rows[p]["width"]) for p in outside} == {
+        (False, "forbidden", "path is outside the allowed prefixes (--allow-prefix)", None)}
     other = str(tmp_path / "other.pt")
     save_checkpoint(models.create_model("hard_sharing", hidden=8), other)
     with pytest.raises(L.LabelError, match="holds rows of checkpoint"):  # one output, one checkpoint
         L.label(dataclasses.replace(spec, checkpoint=other), echo=lambda *_: None)
+    (folder / "nopath.csv").write_text("file,label\na0.jpg,1\n")  # the reader's InputError, as the job's LabelError
+    with pytest.raises(L.LabelError, match="no 'path' column"):
+        L.label(dataclasses.replace(spec, input=str(folder / "nopath.csv"), output=str(tmp_path / "out2")),
+                echo=lambda *_: None)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -340,11 +268,12 @@ def test_bad_commands_fail_clearly(tmp_path, hs_checkpoint, capsys):
         L.LabelSpec(hs_checkpoint, str(tmp_path), str(tmp_path / "o"), gpu_decode=True).validate()
     bad = tmp_path / "m.csv"
     bad.write_text("file,label\na.jpg,1\n")
-    with pytest.raises(L.LabelError, match="no 'path' column"):
+    assert issubclass(L.LabelError, inputs.InputError)  # the job's error is the reader's (#18)
+    with pytest.raises(inputs.InputError, match="no 'path' column"):
         inputs.check_manifest(str(bad))
     holes = tmp_path / "holes.parquet"
     pq.write_table(pa.table({"path": ["a.jpg", None, ""]}), holes)
-    with pytest.raises(L.LabelError, match="2 of 3 rows have no path"):
+    with pytest.raises(inputs.InputError, match="2 of 3 rows have no path"):
         inputs.manifest_rows(str(holes))
 
 
@@ -358,7 +287,7 @@ def test_gpu_flags_against_a_cluster_without_gpus(ray_session, hs_checkpoint, tm
     assert L.resolve_pool(dataclasses.replace(spec, max_actors=4), can_grow=True, warn=warnings.append) == (1, 4)
     assert "waiting for the autoscaler" in warnings[0]
     with pytest.raises(RuntimeError, match="--gpu-decode needs CUDA"):
-        L.PredictorActor(hs_checkpoint, device="cpu", gpu_decode=True, faces=WHOLE)
+        L.AnnotatorActor(one_model(hs_checkpoint), faces=WHOLE, device="cpu", gpu_decode=True)
     with pytest.raises(L.LabelError, match="needs --faces whole"):  # with detection, photos decode on CPU tasks
         L.LabelSpec(hs_checkpoint, str(tmp_path), str(tmp_path / "o"), gpus_per_actor=1, gpu_decode=True).validate()
 
@@ -392,30 +321,6 @@ def test_gpu_decode_path_matches_cpu_decode(resize):
         assert (img.float() - ref.float()).abs().mean() < 6.0
 
 
-def test_manifest_duplicates_and_paths_outside_the_allowed_prefix(tmp_path, ray_session, hs_checkpoint):
-    """Issue #13 items 7 and 9: one row per distinct file, duplicates counted; rows outside the manifest's
-    folder (absolute, ``..``, /proc) are ``forbidden`` rows that read nothing, alike for files that exist."""
-    folder = tmp_path / "set"
-    folder.mkdir()
-    for i, n in enumerate(["a.jpg", "b.jpg"]):
-        (folder / n).write_bytes(face_jpeg(300 + i))
-    (tmp_path / "private.jpg").write_bytes(face_jpeg(399))  # a real image next to the folder, not in it
-    rows = ["a.jpg", "./a.jpg", str(folder / "a.jpg"), "b.jpg", "../private.jpg", "/proc/self/environ",
-            str(tmp_path / "nothing-here.jpg")]
-    (folder / "list.csv").write_text("path\n" + "\n".join(rows) + "\n")
-    spec = L.LabelSpec(checkpoint=hs_checkpoint, input=str(folder / "list.csv"), output=str(tmp_path / "out"),
-                       precision="fp32", batch_size=4, max_actors=1)
-    summary = L.label(spec, echo=lambda *_: None)
-    got = {r["path"]: r for r in read_rows(spec.output).to_pylist()}
-    assert sorted(got) == sorted(["a.jpg", "b.jpg", "../private.jpg", "/proc/self/environ",
-                                  str(tmp_path / "nothing-here.jpg")])
-    assert (summary["inputs"], summary["duplicates"], summary["rows_total"]) == (5, 2, 5)
-    assert got["a.jpg"]["ok"] and got["b.jpg"]["ok"]
-    outside = [got[p] for p in ("../private.jpg", "/proc/self/environ", str(tmp_path / "nothing-here.jpg"))]
-    assert {(r["ok"], r["error_kind"], r["error_message"], r["width"]) for r in outside} == {
-        (False, "forbidden", "path is outside the allowed prefixes (--allow-prefix)", None)}
-
-
 def test_a_replaced_checkpoint_never_mixes_two_models_rows(tmp_path, hs_checkpoint):
     """Issue 13 item 8: the run resolves --checkpoint to its hash once; an actor that loads other weights
     (the object was overwritten meanwhile) refuses to start, and a resumed run reads the provenance of every
@@ -423,7 +328,7 @@ def test_a_replaced_checkpoint_never_mixes_two_models_rows(tmp_path, hs_checkpoi
     from raytasks.label.output import output_provenance
 
     with pytest.raises(RuntimeError, match="overwritten during the run"):
-        L.PredictorActor(hs_checkpoint, precision="fp32", faces=WHOLE, checkpoint_hash="sha256:" + "0" * 64)
+        L.AnnotatorActor(one_model(hs_checkpoint), faces=WHOLE, precision="fp32", identity="sha256:" + "0" * 64)
     labels = tmp_path / "labels"
     labels.mkdir()
     for i, (ck, det) in enumerate([("sha256:a", "whole"), ("sha256:a", "whole"), ("sha256:b", "whole")]):

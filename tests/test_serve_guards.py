@@ -1,36 +1,21 @@
-"""The HTTP front's guards that need no model: back-pressure before decoding, a checkpoint that changes
-under a request (503, never 500), what the inference key may see, and refusing to serve openly beyond
-loopback without a key."""
+"""The HTTP front's guards and the serving configuration, without Ray: back-pressure before decoding, a
+checkpoint (or model set) that changes under a request (503, never 500), what the inference key may see,
+the 404 without a set, refusing to serve openly beyond loopback without a key, and the model set's
+configuration (issue #14: the set's deployment built from the served checkpoints, bad sets refused)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 
 from raytasks import serve as S
-
-
-class _Request:
-    def __init__(self, headers: dict | None = None):
-        self.headers = {k.lower(): v for k, v in (headers or {}).items()}
-
-
-def _api(**limits) -> S.FaceAttrAPI:
-    """The ingress object without Serve: @serve.ingress wraps the class in an ASGI replica whose __init__ is
-    a coroutine; ours is the plain one below it in the MRO."""
-    import inspect
-
-    wrapper = S.FaceAttrAPI.func_or_class
-    ours = next(c for c in wrapper.__mro__ if c.__name__ == "FaceAttrAPI" and "__init__" in c.__dict__
-                and not inspect.iscoroutinefunction(c.__dict__["__init__"]))
-    api = object.__new__(wrapper)
-    ours.__init__(api, {}, 1 << 20, 4, api_key="k", limits=S.IngressSpec(**limits))
-    return api
+from tests.helpers import FakeRequest, ingress, png_bytes
 
 
 def test_decoding_is_bounded_and_saturation_is_a_503():
-    api = _api(max_decodes=1, decode_wait_s=0.05)
+    api = ingress(max_decodes=1, decode_wait_s=0.05)
 
     async def scenario():
         started = asyncio.Event()
@@ -56,7 +41,7 @@ def test_decoding_is_bounded_and_saturation_is_a_503():
 
 
 def test_a_model_call_past_the_timeout_is_a_504():
-    api = _api(request_timeout_s=0.05)
+    api = ingress(request_timeout_s=0.05)
 
     async def never():
         await asyncio.sleep(10)
@@ -66,8 +51,12 @@ def test_a_model_call_past_the_timeout_is_a_504():
     assert e.value.status == 504 and e.value.code == "timeout"
 
 
+def _image_request() -> FakeRequest:
+    return FakeRequest({"X-API-Key": "k", "Content-Type": "image/png"}, png_bytes())
+
+
 def test_replicas_with_different_checkpoints_answer_503_not_500():
-    api = _api()
+    api = ingress()
 
     class Handle:
         calls = 0
@@ -90,33 +79,21 @@ def test_replicas_with_different_checkpoints_answer_503_not_500():
                 "checkpoint": {"hash": "sha256:a"}, "architecture": "x"}
 
     api._describe = describe
-    from faces.finder import decode_photos  # noqa: F401 - the module the route uses
-
-    with pytest.raises(S.APIError) as e:
-        asyncio.run(api._predict_whole("m", api.handles["m"], [("a.png", _png())]))
+    with pytest.raises(S.APIError) as e:  # the whole route's way: read, decode, call (whole image)
+        asyncio.run(api._predict("m", _image_request(), "a.png", "whole"))
     assert e.value.status == 503 and e.value.code == "checkpoint_changed" and "Retry-After" in e.value.headers
     assert Handle.calls == 2  # the description was re-read and the call retried once
 
 
-def _png() -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def test_private_fields_only_for_the_admin_key(monkeypatch):
     monkeypatch.setenv(S.ADMIN_KEY_ENV, "admin")
-    api = _api()
+    api = ingress()
     desc = {"name": "m", "checkpoint": {"uri": "/secret/path/m.pt", "hash": "sha256:x"}, "device": "cuda:0",
             "threads": 4, "batchnorm_folded": ["trunk"], "outputs": []}
-    public = api._visible(desc, _Request({"X-API-Key": "k"}))
+    public = api._visible("m", desc, FakeRequest({"X-API-Key": "k"}))
     assert public == {"name": "m", "checkpoint": {"hash": "sha256:x"}, "outputs": []}
-    assert api._visible(desc, _Request({"X-Admin-Key": "wrong"})) == public
-    assert api._visible(desc, _Request({"X-Admin-Key": "admin"})) == desc
+    assert api._visible("m", desc, FakeRequest({"X-Admin-Key": "wrong"})) == public
+    assert api._visible("m", desc, FakeRequest({"X-Admin-Key": "admin"})) == desc
 
 
 @pytest.mark.parametrize("host,key,allow,refused", [
@@ -132,3 +109,122 @@ def test_serving_beyond_loopback_needs_a_key_or_an_explicit_opt_out(host, key, a
             check_auth(host, key, allow)
     else:
         check_auth(host, key, allow)
+
+
+# --- the model set (formerly tests/test_serve_set.py's checks without Ray) -----------------------------------
+def test_config_and_flags_make_a_set_of_the_served_checkpoints(monkeypatch):
+    from ray.serve._private.build_app import build_app as build_serve_app
+
+    from core.modelset import ModelSet
+    from jobs.serve import build_args, parser
+    from raytasks.serve import SET_DEPLOYMENT, ServeArgs, build_app, deployment_options
+
+    pin = "#sha256:" + "a" * 64
+    args = ServeArgs.model_validate(build_args(parser().parse_args(
+        ["--model", f"dmm=s3://b/dmm.pt{pin}", "--model", "agr=./agr.pt", "--embedding", "--num-cpus", "2"])))
+    assert args.model_set.embedding and args.model_set.members(list(args.models)) == [("dmm", "dmm"), ("agr", "agr")]
+    opts = deployment_options(args.set_settings())
+    assert opts["ray_actor_options"]["num_cpus"] == 2.0 and opts["max_ongoing_requests"] == 32
+    assert "model_set" not in build_args(parser().parse_args(["--model", "a=a.pt"]))  # no set unless asked
+    assert ServeArgs.model_validate({"models": {"a": "a.pt"}}).model_set is None
+
+    key_env = "FACEATTR_TEST_SET_API_KEY"  # build_app reads the key named by api_key_env in the driver
+    monkeypatch.setenv(key_env, "set-key")
+    args = args.model_copy(update={"api_key_env": key_env})
+    built = {d.name: d for d in build_serve_app(build_app(args), name="faceattr").deployments}
+    assert set(built) == {"FaceAttrAPI", "model-dmm", "model-agr", SET_DEPLOYMENT}
+    name, models, *_, routes = built[SET_DEPLOYMENT].init_args  # one replica class for models and the set
+    model_set = ModelSet.from_dict(models)
+    assert model_set.members == (("dmm", f"s3://b/dmm.pt{pin}"), ("agr", os.path.abspath("agr.pt")))  # same URIs, pins
+    assert model_set.embedding and (model_set.name, model_set.version) == ("set", "1")
+    assert routes == {"dmm": "dmm", "agr": "agr"} and name == "set-set"
+    assert built["model-dmm"].init_args[:2] == ("dmm", f"s3://b/dmm.pt{pin}")
+    assert built["FaceAttrAPI"].init_args[3:5] == (key_env, "set-key")
+
+
+@pytest.mark.parametrize("model_set, message", [
+    ({"models": ["nope"]}, "not served"),
+    ({}, "give it a column name in the config .*Agr-1: agr_1"),  # a URL name that is no column name
+    ({"models": {"Agr-1": "path"}}, "column of every row"),
+    ({"models": {"Agr-1": "x", "b": "x"}}, "both be column 'x'"),
+    ({"models": []}, "holds no model"),
+    ({"name": "has space"}, "must match"),
+    ({"channels_last": True}, "Extra inputs"),
+    ({"models": {"Agr-1": "agr"}, "version": ""}, "string of 1-64 characters"),  # the set file's rule (#18)
+    ({"models": {"Agr-1": "agr"}, "version": True}, "string of 1-64 characters"),
+])
+def test_bad_sets_are_refused_clearly(model_set, message):
+    from raytasks.serve import ServeArgs
+
+    with pytest.raises(ValueError, match=message):
+        ServeArgs.model_validate({"models": {"Agr-1": "a.pt", "b": "b.pt"}, "model_set": model_set})
+
+
+def test_mapping_names_the_columns_and_yaml_versions_are_text():
+    import datetime
+
+    from raytasks.serve import ServeArgs
+
+    args = ServeArgs.model_validate({"models": {"Agr-1": "a.pt", "b": "b.pt"},
+                                     "model_set": {"models": {"Agr-1": "agr"}, "version": datetime.date(2026, 11, 29),
+                                                   "max_batch_size": 4}})
+    assert args.model_set.members(list(args.models)) == [("agr", "Agr-1")]
+    assert args.model_set.version == "2026-11-29" and args.set_settings()["max_batch_size"] == 4
+    assert args.set_settings()["max_ongoing_requests"] == 8  # 2 x its own batch size, as for a model
+
+
+def test_no_set_is_a_404_naming_the_fix():
+    api = ingress()
+    with pytest.raises(S.APIError) as e:
+        asyncio.run(api._describe(None))  # None: the set's target
+    assert e.value.status == 404 and e.value.code == "no_model_set" and "--set" in e.value.detail
+    assert "model_set" in e.value.detail
+    with pytest.raises(S.APIError) as e:  # the set's routes alike, before reading the body
+        asyncio.run(api._predict(None, _image_request(), "a.png", None))
+    assert e.value.status == 404 and e.value.code == "no_model_set"
+
+
+def test_a_set_that_changes_under_a_request_is_retried_once_then_503():
+    api = ingress()
+    calls = {"describe": 0, "predict": 0}
+
+    class Remote:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def remote(self, *a):
+            return self.fn(*a)
+
+    async def describe():
+        calls["describe"] += 1
+        return {"name": "set", "checkpoint": f"set-sha256:{calls['describe']}", "models": [],
+                "faces": {"detector": "d"}, "preprocessings": []}
+
+    async def predict_photos(payload, identity):
+        calls["predict"] += 1
+        raise S.CheckpointChanged(f"decoded for {identity}")
+
+    class Handle:
+        pass
+
+    handle = Handle()
+    handle.describe, handle.predict_photos = Remote(describe), Remote(predict_photos)
+    api.set_handle = handle
+    with pytest.raises(S.APIError) as e:  # the set route's way: read, decode photos, call
+        asyncio.run(api._predict(None, _image_request(), "a.png", None))
+    assert e.value.status == 503 and e.value.code == "checkpoint_changed" and "model set" in e.value.detail
+    assert calls == {"describe": 2, "predict": 2}  # the description re-read once, the call retried once
+
+
+def test_set_description_hides_uris_and_devices_without_the_admin_key(monkeypatch):
+    monkeypatch.setenv(S.ADMIN_KEY_ENV, "admin")
+    api = ingress()
+    desc = {"name": "set", "checkpoint": "set-sha256:x", "device": "cuda:0", "threads": 1, "batchnorm_folded": {},
+            "models": [{"name": "a", "model": "m", "checkpoint": "sha256:y", "uri": "s3://secret/a.pt"},
+                       {"name": "embedding", "model": "dlib", "checkpoint": "sha256:z"}]}
+    public = api._visible(None, desc, FakeRequest({"X-API-Key": "k"}))
+    assert public == {"name": "set", "checkpoint": "set-sha256:x",
+                      "models": [{"name": "a", "model": "m", "checkpoint": "sha256:y"},
+                                 {"name": "embedding", "model": "dlib", "checkpoint": "sha256:z"}]}
+    assert api._visible(None, desc, FakeRequest({"X-Admin-Key": "wrong"})) == public
+    assert api._visible(None, desc, FakeRequest({"X-Admin-Key": "admin"})) == desc

@@ -4,7 +4,8 @@ One hard-sharing run on the moto S3 server (data, run storage and output all on 
 a worker process is killed in epoch 2 and the run still completes; the exported checkpoint loads in
 jobs.evaluate; DDP really runs (both ranks step, read disjoint halves of the data and hold identical weights
 after the first step); validation covers the whole split. Rerunning the same command with more epochs
-resumes after the stored epoch. A DMM-CNN run checks that its dynamic weights and thresholds, updated every
+resumes after the stored epoch. (Every test using the ``ray_session`` fixture is marked ``ray`` by
+tests/conftest.py.) A DMM-CNN run checks that its dynamic weights and thresholds, updated every
 P steps from the all-reduced validation statistics, are identical on both workers.
 """
 
@@ -38,7 +39,6 @@ def local_faces(tmp_path_factory):
     return synth.generate("celeba", N_FACES, str(tmp_path_factory.mktemp("celeba")), seed=3, size=FACE_SIZE)
 
 
-@pytest.mark.ray
 def test_s3_run_survives_a_killed_worker_exports_and_resumes(ray_session, s3_bucket, capsys):
     _, bucket = s3_bucket
     data = synth.generate("celeba", N_FACES, f"s3://{bucket}/celeba", seed=3, size=FACE_SIZE)
@@ -92,7 +92,6 @@ def test_s3_run_survives_a_killed_worker_exports_and_resumes(ray_session, s3_buc
     assert doc["epochs"][2]["lr"] == pytest.approx(1e-3 / 4)  # scheduler state restored, not restarted
 
 
-@pytest.mark.ray
 def test_dmm_weights_and_thresholds_identical_on_every_worker(ray_session, local_faces, tmp_path, capsys):
     output = str(tmp_path / "dmm.pt")
     outcome = train_job.main([
@@ -116,40 +115,28 @@ def test_dmm_weights_and_thresholds_identical_on_every_worker(ray_session, local
     assert "dmm.threshold_mean" in outcome.best_metrics
 
 
-def test_hmtnet_on_utkface_trains_with_ddp_although_beauty_has_no_labels(ray_session, tmp_path, capsys):
+def test_hmtnet_on_utkface_trains_with_ddp_and_a_shard_whose_last_batch_holds_one_image(ray_session, tmp_path,
+                                                                                        capsys):
     # UTKFace has gender and race but no beauty score: HMTNet's ANet gets no gradient, which DDP refuses
     # unless it is told to look for unused parameters; the job must do that by itself.
-    data = synth.generate("utkface", 40, str(tmp_path / "utk"), seed=5, size=(96, 96))
-    output = str(tmp_path / "hmtnet.pt")
-    train_job.main([
-        "--model", "hmtnet", "--data", f"utkface:{data}", "--workers", "2", "--image-size", "96",
-        "--model-arg", "anet_width=64", "--epochs", "1", "--batch-size", "4", "--steps-per-epoch", "2",
-        "--storage", str(tmp_path / "runs"), "--name", "hmtnet", "--output", output,
-    ])
-    assert _last_line(capsys) == output
-    model, info = load_checkpoint(output)
-    assert info.config["race_classes"] == 5 and model.outputs["race"].classes[0] == "White"
-
-
-@pytest.mark.ray
-def test_a_worker_shard_whose_last_batch_holds_one_image_trains(ray_session, tmp_path, capsys):
     # Issue #11: 34 training images on 2 workers are 17 per shard; batches of 8 (4 per worker) leave one
     # image over on each worker, which HMTNet's BatchNorm refused ("Expected more than 1 value per channel
     # when training"). The remainder joins the worker's previous batch: 4 steps of 4, 4, 4, 5 images each.
-    data = synth.generate("scut_fbp5500", 60, str(tmp_path / "scut"), seed=3, size=(96, 96))
+    data = synth.generate("utkface", 60, str(tmp_path / "utk"), seed=5, size=(96, 96))
     output = str(tmp_path / "hmtnet.pt")
     outcome = train_job.main([
-        "--model", "hmtnet", "--data", f"scut_fbp5500:{data}", "--workers", "2", "--image-size", "96",
+        "--model", "hmtnet", "--data", f"utkface:{data}", "--workers", "2", "--image-size", "96",
         "--model-arg", "anet_width=16", "--epochs", "1", "--batch-size", "8", "--limit", "34",
         "--storage", str(tmp_path / "runs"), "--name", "rem", "--output", output, "--keep", "1",
     ])
     assert _last_line(capsys) == output
+    model, info = load_checkpoint(output)
+    assert info.config["race_classes"] == 5 and model.outputs["race"].classes[0] == "White"
     (epoch,) = _history(outcome.run_uri)["epochs"]
     assert [(r["samples"], r["steps"]) for r in epoch["ranks"]] == [(17, 4), (17, 4)]
     assert epoch["train_images"] == 34 and epoch["ranks"][0]["weights"] == epoch["ranks"][1]["weights"]
 
 
-@pytest.mark.ray
 def test_early_stopping_ends_every_worker_and_a_rerun_does_not_train_again(ray_session, local_faces, tmp_path,
                                                                           capsys):
     # lr 0: the weights never move, so validation never improves after epoch 1 and the hard-sharing recipe's

@@ -18,6 +18,9 @@ from facedata.datasets import CELEBA_ATTRIBUTES, read_dataset
 from facedata.synth import generate
 from models.checkpoint import save_checkpoint
 
+# trainings to above chance: minutes of CPU, no Ray; the quick tier is `pytest -m "not ray and not slow"`
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):

@@ -33,10 +33,9 @@ def clean(v):
 
 def main() -> None:
     import torch
+    from faces.pipeline import FaceFinder, FaceOptions
     from raytasks.modelset import ModelSet, SetPredictor
     from raytasks.predictor import Predictor
-
-    from faces.pipeline import FaceFinder, FaceOptions
 
     torch.set_num_threads(2)
     out: dict = {}

@@ -1,0 +1,321 @@
+"""Helpers shared by the test modules: images and photos, checkpoints, the label job's output and its
+kill-after-the-first-commit loop, and the HTTP/ingress helpers of the serving tests. Fixtures that hold
+these (checkpoints, the detector, Ray, S3) are in tests/conftest.py."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------
+def save_model(path: str, name: str, seed: int | None = None, **kwargs) -> str:
+    """``models.create_model(name, **kwargs)`` saved at ``path`` (a file or an s3:// URI); returns ``path``."""
+    import torch
+
+    import models
+    from models.checkpoint import save_checkpoint
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    save_checkpoint(models.create_model(name, **kwargs), path)
+    return path
+
+
+def copy_file(src: str, dst: Path) -> str:
+    dst.write_bytes(Path(src).read_bytes())
+    return str(dst)
+
+
+# --- single images ----------------------------------------------------------------------------------------
+def face_jpeg(i: int, size=(56, 56)) -> bytes:
+    """A drawn face (seeded by ``i``) as JPEG bytes."""
+    from facedata.synth import draw_face, encode_jpeg
+
+    return encode_jpeg(draw_face(np.random.default_rng([7, i]), size)[0])
+
+
+def png_bytes(img: Image.Image | None = None) -> bytes:
+    """``img`` (default: an 8x8 RGB square) as PNG bytes."""
+    img = img if img is not None else Image.new("RGB", (8, 8), (10, 20, 30))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def huge_png(w: int = 10_000, h: int = 10_000) -> bytes:
+    """A PNG whose header says w x h (over the 40 MP limit); only the header is ever read."""
+    data = bytearray(png_bytes(Image.new("L", (8, 8))))
+    ihdr = 8 + 8  # signature, then length + b"IHDR"
+    data[ihdr:ihdr + 8] = struct.pack(">II", w, h)
+    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
+    return bytes(data)
+
+
+def odd_images() -> dict[str, bytes]:
+    """Formats that must be labeled correctly (CMYK JPEG, 16-bit and palette PNG, no extension)."""
+    from facedata.synth import draw_face
+
+    face = draw_face(np.random.default_rng([7, 999]), (56, 56))[0]
+    cmyk = io.BytesIO()
+    face.convert("CMYK").save(cmyk, format="JPEG")
+    grey16 = Image.fromarray(np.asarray(face.convert("L"), dtype=np.uint16) * 257)
+    return {"odd/cmyk.jpg": cmyk.getvalue(), "odd/grey16.png": png_bytes(grey16),
+            "odd/palette.png": png_bytes(face.convert("P", palette=Image.ADAPTIVE, colors=64)),
+            "odd/IMG_0042": face_jpeg(4242)}  # no extension: an image by its content
+
+
+BAD = {  # name -> expected error kind
+    "bad/empty.jpg": "empty", "bad/text.jpg": "not_image", "bad/truncated.jpg": "truncated",
+    "bad/huge.png": "too_large",
+}
+
+
+def bad_files() -> dict[str, bytes]:
+    full = face_jpeg(5000, (120, 120))
+    return {"bad/empty.jpg": b"", "bad/text.jpg": b"these are not the pixels you are looking for\n",
+            "bad/truncated.jpg": full[: len(full) // 2], "bad/huge.png": huge_png()}
+
+
+NOT_INPUTS = {"notes.txt": b"a text file next to the photos\n", "meta/info.json": b"{}",
+              ".hidden.jpg": face_jpeg(1)}
+
+
+def real_faces(n_utk: int = 3, n_celeba: int = 2) -> dict[str, bytes]:
+    """Real UTKFace and CelebA files from ../shared/data (empty when absent)."""
+    if not SHARED.is_dir():
+        return {}
+    utk = sorted((SHARED / "utkface").glob("*.jpg"))[:n_utk]
+    celeba = sorted((SHARED / "celeba" / "img_align_celeba").glob("*.jpg"))[:n_celeba]
+    return {f"real/{p.name}": p.read_bytes() for p in utk + celeba}
+
+
+def write_files(folder: Path, files: dict[str, bytes]) -> Path:
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    return folder
+
+
+# --- photos with several faces ----------------------------------------------------------------------------
+def real_crops(n: int) -> list[Image.Image]:
+    """Real aligned faces from ../shared/data when present (UTKFace chips), else drawn faces."""
+    from facedata.synth import draw_face
+
+    paths = sorted((SHARED / "utkface").glob("*.jpg"))[:n] if SHARED.is_dir() else []
+    if paths:
+        return [Image.open(p).convert("RGB") for p in paths]
+    return [draw_face(np.random.default_rng([11, i]), (178, 218))[0] for i in range(n)]
+
+
+def compose(crops: list[Image.Image], places: list[tuple[int, int, int]], size=(1200, 800), seed=0) -> bytes:
+    """Paste each crop scaled to ``width`` at ``(x, y)`` on a textured background -> JPEG bytes."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(60, 200, (size[1] // 40 + 1, size[0] // 40 + 1, 3), dtype=np.uint8)
+    canvas = Image.fromarray(small).resize(size, Image.BICUBIC)
+    for crop, (x, y, width) in zip(crops, places):
+        h = round(crop.height * width / crop.width)
+        canvas.paste(crop.resize((width, h), Image.BILINEAR), (x, y))
+    buf = io.BytesIO()
+    canvas.save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+PLACES = {  # photo -> where its faces are pasted (x, y, width), 0 to 3 faces
+    "none.jpg": [],
+    "one.jpg": [(500, 250, 260)],
+    "three.jpg": [(60, 80, 180), (480, 300, 240), (900, 120, 150)],
+}
+ROWS_PER_PHOTOS = sum(max(1, len(p)) for p in PLACES.values()) + 1  # rows of photos(): faces, no face, broken
+FACES_PER_PHOTOS = sum(len(p) for p in PLACES.values())
+
+
+def photos() -> dict[str, bytes]:
+    """none.jpg, one.jpg, three.jpg (PLACES) and a broken file."""
+    crops = real_crops(4)
+    out = {}
+    for i, (name, places) in enumerate(PLACES.items()):
+        out[name] = compose(crops[i % 2: i % 2 + len(places)], places, seed=i)
+    out["broken.jpg"] = b"\xff\xd8\xff\xe0 not really a jpeg"
+    return out
+
+
+def many_photos(folder: Path, copies: int = 4) -> dict[str, bytes]:
+    """``copies`` times photos() under prefixed names, written to ``folder``: more images than one batch."""
+    items = photos()
+    many = {f"{i:02d}_{name}": data for i in range(copies) for name, data in items.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    write_files(folder, many)
+    return many
+
+
+def inside(box, place) -> bool:
+    x, y, w = place
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return x <= cx <= x + w and y <= cy <= y + w * 1.3
+
+
+# --- the label job's output --------------------------------------------------------------------------------
+def read_rows(output: str):
+    """The Parquet rows of a label output (local or s3://) as an Arrow table."""
+    import pyarrow.parquet as pq
+
+    from facedata import storage
+    from raytasks.label.output import LABELS_DIR
+
+    fs, path = storage.filesystem(storage.join(output, LABELS_DIR))
+    return pq.read_table(path, filesystem=fs)
+
+
+def kill_after_commits(argv: list[str], ray_session, committed, n: int = 1, throttle: float = 1.0,
+                       timeout_s: float = 240) -> None:
+    """Run ``python -m jobs.label argv --throttle`` against the test session's Ray, wait until
+    ``committed()`` (how many commit files the output's commit log holds) reaches ``n``, then SIGKILL the
+    job's whole process group (the driver, as a killed pod would lose it). Fails if the job ends or no
+    commit comes before the deadline."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.label", *argv, "--throttle", str(throttle)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while committed() < n:
+            assert proc.poll() is None, "the job ended before it was killed:\n" + proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, f"no {n} commits in {timeout_s} s"
+            time.sleep(0.2)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    time.sleep(2)  # let Ray reap the killed job's workers
+
+
+def local_commits(output: Path):
+    """``committed`` for kill_after_commits on a local output."""
+    from raytasks.label.output import COMMIT_LOG_DIR
+
+    return lambda: sum(1 for p in (output / COMMIT_LOG_DIR).glob("*.parquet") if not p.name.endswith(".pending.parquet"))
+
+
+def s3_commits(client, bucket: str, prefix: str):
+    """``committed`` for kill_after_commits on an s3:// output (``prefix``: the commit log's key prefix)."""
+    def count() -> int:
+        objs = client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+        return sum(1 for o in objs if o["Key"].endswith(".parquet") and not o["Key"].endswith(".pending.parquet"))
+    return count
+
+
+def assert_row_matches(got: dict, want: dict, fields) -> None:
+    """Field by field: floats (and float lists) to 1e-4, the rest exactly."""
+    import pytest
+
+    for f in fields:
+        a, b = got[f.name], want[f.name]
+        if isinstance(b, float):
+            assert a == pytest.approx(b, abs=1e-4), (got["path"], f.name)
+        elif isinstance(b, list) and b and isinstance(b[0], float):
+            assert np.allclose(a, b, atol=1e-4), (got["path"], f.name)
+        else:
+            assert a == b, (got["path"], f.name, a, b)
+
+
+def plain(v, digits: int | None = 5):
+    """A value as pandas or Arrow gives it -> plain Python (NaN -> None, arrays -> lists, floats rounded)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    if isinstance(v, np.ndarray):
+        return [plain(x, digits) for x in v.tolist()]
+    if isinstance(v, (list, tuple)):
+        return [plain(x, digits) for x in v]
+    if isinstance(v, dict):
+        return {k: plain(x, digits) for k, x in v.items()}
+    if isinstance(v, (np.floating, float)):
+        return round(float(v), digits) if digits is not None else float(v)
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.bool_):
+        return bool(v)
+    return v
+
+
+# --- HTTP and the ingress ------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_error(r, status: int, code: str | None = None) -> dict:
+    """An httpx response is the JSON error ``status`` (``code``); returns its body."""
+    assert r.status_code == status, (r.status_code, r.text)
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert body["detail"], body
+    if code:
+        assert body["error"] == code, body
+    return body
+
+
+class FakeRequest:
+    """What the ingress reads of a request: its headers and its body stream."""
+
+    def __init__(self, headers: dict | None = None, body: bytes = b""):
+        self.headers = {k.lower(): v for k, v in (headers or {}).items()}
+        self.body = body
+
+    async def stream(self):
+        yield self.body
+
+
+def ingress(**limits):
+    """The ingress object (``FaceAttrAPI``) without Serve, with API key ``k``: @serve.ingress wraps the class
+    in an ASGI replica whose __init__ is a coroutine; ours is the plain one below it in the MRO."""
+    import inspect
+
+    from raytasks import serve as S
+
+    wrapper = S.FaceAttrAPI.func_or_class
+    ours = next(c for c in wrapper.__mro__ if c.__name__ == "FaceAttrAPI" and "__init__" in c.__dict__
+                and not inspect.iscoroutinefunction(c.__dict__["__init__"]))
+    api = object.__new__(wrapper)
+    ours.__init__(api, {}, 1 << 20, 4, api_key="k", limits=S.IngressSpec(**limits))
+    return api
+
+
+def assert_same(got, want, where: str = "", tol: float = 1e-4) -> None:
+    """Equal, floats to ``tol`` (relative or absolute: Parquet keeps float32, JSON and the core the float64
+    of the same value; batches of other sizes sum in another order), recursively through structs and
+    lists; a NaN expected is a None got (JSON has no NaN)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), (where, set(got or {}) ^ set(want))
+        for k in want:
+            assert_same(got[k], want[k], f"{where}.{k}", tol)
+    elif isinstance(want, (list, tuple, np.ndarray)):
+        got = list(got) if isinstance(got, (tuple, np.ndarray)) else got
+        assert isinstance(got, list) and len(got) == len(want), (where, got, want)
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_same(g, w, f"{where}[{i}]", tol)
+    elif isinstance(want, (float, np.floating)) and not isinstance(want, bool):
+        if math.isnan(want):
+            assert got is None or (isinstance(got, float) and math.isnan(got)), (where, got)
+        else:
+            assert isinstance(got, (int, float, np.number)) and math.isclose(got, want, rel_tol=tol, abs_tol=tol), (
+                where, got, want)
+    else:
+        assert got == want, (where, got, want)
