@@ -153,11 +153,13 @@ def read_set_file(uri: str) -> ModelSet:
     try:  # a regular file or object, bounded in size and time (a FIFO or a stalled endpoint fails, never hangs)
         data = storage.read_bounded(uri, SET_FILE_MAX_BYTES, SET_FILE_TIMEOUT_S)
     except OSError as e:
+        if "over the limit" in str(e):
+            raise ModelSetError(f"{uri}: a model set file is at most {SET_FILE_MAX_BYTES} bytes ({e})") from None
         raise ModelSetError(f"cannot read the model set {uri}: {e}") from None
     try:  # no anchors or aliases, bounded nodes: a few hundred bytes cannot expand to gigabytes
         doc = load_yaml(data.decode("utf-8"))
     except (UnicodeDecodeError, YamlError) as e:
-        raise ModelSetError(f"{uri} is not a model set in YAML or JSON: {str(e)[:300]}") from None
+        raise ModelSetError(f"{uri} is not YAML or JSON: {str(e)[:300]}") from None
     if not isinstance(doc, dict):
         raise ModelSetError(f"{uri}: a model set is a mapping with 'models:', got {type(doc).__name__}")
     unknown = set(doc) - {"format", "name", "version", "embedding", "models"}
