@@ -516,16 +516,39 @@ def _check_uri(uri: str) -> tuple[None, str, str] | None:
     return None
 
 
-def file_size(uri: str, allow: tuple[str, ...] | None = None) -> tuple[int | None, str | None, str | None]:
-    """``(size, None, None)`` of a regular file, or ``(None, kind, message)``; never raises, reads nothing.
-    With ``allow``, a file outside those prefixes (:func:`is_allowed`; locally, also the file actually
-    opened: :func:`_open_local`) is :data:`FORBIDDEN`."""
+def _refused(uri: str, allow: tuple[str, ...] | None) -> tuple[None, str, str] | None:
+    """The error row of a URI that is malformed (:func:`_check_uri`) or, with ``allow``, outside those
+    prefixes (:data:`FORBIDDEN`); None when it may be opened. Never raises."""
     bad = _check_uri(uri)
     if bad is not None:
         return bad
     try:
         if allow is not None and not is_allowed(uri, allow):
             return (None, *FORBIDDEN)
+    except Exception as e:  # noqa: BLE001 - never raises: any failure is this row's error
+        return _error(e, uri)
+    return None
+
+
+def _stored_file(uri: str):
+    """``((filesystem, path, size), None)`` of a regular file on a store (S3), or ``(None, error row)``."""
+    fs, path = storage.filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return None, (None, "unreadable", "file not found")
+    if info.type != pafs.FileType.File:
+        return None, (None, "unreadable", "not a regular file")
+    return (fs, path, info.size), None
+
+
+def file_size(uri: str, allow: tuple[str, ...] | None = None) -> tuple[int | None, str | None, str | None]:
+    """``(size, None, None)`` of a regular file, or ``(None, kind, message)``; never raises, reads nothing.
+    With ``allow``, a file outside those prefixes (:func:`is_allowed`; locally, also the file actually
+    opened: :func:`_open_local`) is :data:`FORBIDDEN`."""
+    bad = _refused(uri, allow)
+    if bad is not None:
+        return bad
+    try:
         local = _local_path(uri)
         if local is not None:
             fd = _open_local(local, allow)
@@ -533,13 +556,8 @@ def file_size(uri: str, allow: tuple[str, ...] | None = None) -> tuple[int | Non
                 return os.fstat(fd).st_size, None, None
             finally:
                 os.close(fd)
-        fs, path = storage.filesystem(uri)
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.NotFound:
-            return None, "unreadable", "file not found"
-        if info.type != pafs.FileType.File:
-            return None, "unreadable", "not a regular file"
-        return info.size, None, None
+        obj, bad = _stored_file(uri)
+        return bad if bad is not None else (obj[2], None, None)
     except Exception as e:  # noqa: BLE001 - never raises: any failure is this row's error
         return _error(e, uri)
 
@@ -565,23 +583,19 @@ def fetch(uri: str, max_bytes: int = MAX_FILE_BYTES,
     A local file is opened once; its size and bytes come from that descriptor. With ``allow``, a file
     outside those prefixes is :data:`FORBIDDEN`; locally the check is made on the opened descriptor too
     (:func:`_open_local`), so swapping the name for a symlink while it is read does not reach outside."""
-    bad = _check_uri(uri)
+    bad = _refused(uri, allow)
     if bad is not None:
         return bad
     try:
-        if allow is not None and not is_allowed(uri, allow):
-            return (None, *FORBIDDEN)
         local = _local_path(uri)
         if local is not None:
             return _read_fd(_open_local(local, allow), max_bytes)
-        fs, path = storage.filesystem(uri)
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.NotFound:
-            return None, "unreadable", "file not found"
-        if info.type != pafs.FileType.File:
-            return None, "unreadable", "not a regular file"
-        if info.size is not None and info.size > max_bytes:
-            return None, "too_large", f"file is {info.size} bytes, over the limit of {max_bytes}"
+        obj, bad = _stored_file(uri)
+        if bad is not None:
+            return bad
+        fs, path, size = obj
+        if size is not None and size > max_bytes:
+            return None, "too_large", f"file is {size} bytes, over the limit of {max_bytes}"
         with fs.open_input_stream(path) as f:
             data = f.read(max_bytes + 1)
     except Exception as e:  # noqa: BLE001 - never raises: any failure is this row's error

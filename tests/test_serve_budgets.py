@@ -5,7 +5,6 @@ memory is taken); a body that does not arrive in time (408). No Serve needed: th
 from __future__ import annotations
 
 import asyncio
-import inspect
 import io
 import time
 
@@ -14,15 +13,7 @@ from PIL import Image
 
 from facedata.decode import Photos
 from raytasks import serve as S
-
-
-def _api(**limits) -> S.FaceAttrAPI:
-    wrapper = S.FaceAttrAPI.func_or_class
-    ours = next(c for c in wrapper.__mro__ if c.__name__ == "FaceAttrAPI" and "__init__" in c.__dict__
-                and not inspect.iscoroutinefunction(c.__dict__["__init__"]))
-    api = object.__new__(wrapper)
-    ours.__init__(api, {}, 16 << 20, 64, api_key="k", limits=S.IngressSpec(**limits))
-    return api
+from tests.helpers import ingress
 
 
 def _webp(w: int, h: int) -> bytes:
@@ -36,7 +27,7 @@ def test_a_small_body_of_many_large_flat_images_is_refused_before_decoding():
     768 MiB decoded: refused 413 from the headers, with nothing decoded."""
     data = _webp(2048, 2048)
     assert len(data) < 1024
-    api = _api()
+    api = ingress()
     decoded = []
     api._decode_real = api._decode
 
@@ -59,7 +50,7 @@ def test_the_source_pixels_of_a_request_are_bounded():
     request is over the 200 MP default, so the decoder's CPU time is bounded per request (413 before
     decoding)."""
     data = _webp(6000, 6000)
-    api = _api()
+    api = ingress()
     with pytest.raises(S.APIError) as e:
         asyncio.run(api._decoded([(f"{i}.webp", data) for i in range(6)], Photos(256)))
     assert e.value.status == 413 and "pixels" in e.value.detail
@@ -69,7 +60,7 @@ def test_the_source_pixels_of_a_request_are_bounded():
 
 def test_a_full_decoded_budget_is_a_503_and_frees_again():
     data = _webp(1024, 1024)  # 3 MiB decoded
-    api = _api(max_decoded_bytes=4 << 20, decode_wait_s=0.05)
+    api = ingress(max_decoded_bytes=4 << 20, decode_wait_s=0.05)
 
     async def scenario():
         first, held = await api._decoded([("a.webp", data)], Photos(2048))
@@ -99,7 +90,7 @@ class _SlowRequest:
 
 
 def test_a_slow_body_is_a_408_and_gives_its_memory_back():
-    api = _api(body_timeout_s=0.3)
+    api = ingress(body_timeout_s=0.3)
     with pytest.raises(S.APIError) as e:
         asyncio.run(api._read_items(_SlowRequest(1000, 100, 0.05), "x.jpg"))
     assert e.value.status == 408 and e.value.code == "body_timeout"
@@ -111,7 +102,7 @@ def test_a_slow_body_is_a_408_and_gives_its_memory_back():
 def test_bodies_in_flight_are_bounded():
     """Room for a body is taken from its Content-Length before it is read: with room for one 1 MiB body,
     a second slow sender waits decode_wait_s, then 503, holding nothing."""
-    api = _api(max_body_bytes=(1 << 20) + 10, decode_wait_s=0.05, body_timeout_s=5)
+    api = ingress(max_body_bytes=(1 << 20) + 10, decode_wait_s=0.05, body_timeout_s=5)
 
     async def scenario():
         slow = asyncio.create_task(api._read_items(_SlowRequest(1 << 20, 4, 0.1), "a.jpg"))
