@@ -94,7 +94,7 @@ def metrics_from(model, ev: Evaluated) -> dict[str, float]:
 
 
 def _ctx(model, o) -> dict:
-    sub = model.decode_context().get(o.name)
+    sub = model.column_context().get(o.name)
     return sub if isinstance(sub, dict) else {}
 
 

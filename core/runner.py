@@ -129,4 +129,4 @@ class ModelRunner:
             return {f.name: [] for f in self.output_fields}
         h, w = self.preprocessing.size
         geometry = [{**g, "input_w": w, "input_h": h} for g in geometry]
-        return self.model.decode(self.forward_uint8(inputs), geometry)
+        return self.model.to_columns(self.forward_uint8(inputs), geometry)

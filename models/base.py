@@ -1,5 +1,5 @@
 """What every architecture shares: its outputs, preprocessing, training recipe and the loss, metric and
-decoding derived from them. An architecture subclasses :class:`FaceModel`, builds its layers, declares
+columns derived from them. An architecture subclasses :class:`FaceModel`, builds its layers, declares
 ``outputs``/``preprocessing``/``recipe`` and implements ``forward(x) -> dict[name, Tensor]``."""
 
 from __future__ import annotations
@@ -77,13 +77,13 @@ class FaceModel(nn.Module):
         its dynamic weights and thresholds here. Returns values to log."""
         return {}
 
-    # --- evaluation and decoding -----------------------------------------------------------------
-    def decode_context(self) -> dict:
-        """Extra state the outputs need to decode (DMM-CNN: its adaptive thresholds)."""
+    # --- evaluation and columns ------------------------------------------------------------------
+    def column_context(self) -> dict:
+        """Extra state the outputs need to build their columns (DMM-CNN: its adaptive thresholds)."""
         return {}
 
     def stats(self, raw: dict, targets: dict) -> dict:
-        ctx = self.decode_context()
+        ctx = self.column_context()
         out = {}
         for o in self.outputs:
             if o.target_column in targets:
@@ -93,12 +93,12 @@ class FaceModel(nn.Module):
     def metrics(self, stats: dict) -> dict[str, float]:
         return finalize_metrics(self.outputs, stats)
 
-    def decode(self, raw: dict, geometry: list[dict] | None = None) -> dict[str, list]:
+    def to_columns(self, raw: dict, geometry: list[dict] | None = None) -> dict[str, list]:
         """Raw outputs of a batch -> the user-facing columns of every output."""
-        ctx = self.decode_context()
+        ctx = self.column_context()
         cols: dict[str, list] = {}
         for o in self.outputs:
-            cols.update(o.decode(raw[o.name].detach().float().cpu(), geometry, **_ctx_for(ctx, o)))
+            cols.update(o.to_columns(raw[o.name].detach().float().cpu(), geometry, **_ctx_for(ctx, o)))
         return cols
 
     def describe(self) -> dict:
@@ -111,7 +111,7 @@ class FaceModel(nn.Module):
 
 
 def _ctx_for(ctx: dict, output) -> dict:
-    """Per-output decode context: ``ctx`` may map output names to dicts."""
+    """Per-output column context: ``ctx`` may map output names to dicts."""
     sub = ctx.get(output.name)
     return sub if isinstance(sub, dict) else {}
 

@@ -37,7 +37,7 @@ checkpoint format; the output description (``/v1/models``, ``CheckpointInfo.outp
 decodes exactly as before (no buffer, no new description field, the same bytes and hash):
 :func:`calibration_status` says ``{"calibrated": false}`` for it.
 
-Raw probabilities stay reproducible two ways: ``Output.decode(raw, calibrated=False)`` /
+Raw probabilities stay reproducible two ways: ``Output.to_columns(raw, calibrated=False)`` /
 ``Output.probabilities(raw, calibrated=False)``, and from the stored temperatures (``z = T · log p`` up to
 a per-row constant for a categorical output; ``s = τ_j + T_j · logit(p)`` for an attribute).
 
@@ -291,7 +291,7 @@ def fit_calibration(model, data, outputs: Iterable[str] | None = None, apply: bo
     over the validation table), which are run through the model. ``outputs``: names to fit (default: every
     categorical and binary output with labels in ``data``). Fitting starts from the raw outputs: a model that
     is already calibrated is refitted, not calibrated twice. Binary thresholds are the model's own
-    (``decode_context``), so fit after the last threshold update. Raises :class:`CalibrationError` when
+    (``column_context``), so fit after the last threshold update. Raises :class:`CalibrationError` when
     nothing can be fitted."""
     core = getattr(model, "module", model)
     if isinstance(data, Mapping):
@@ -303,7 +303,7 @@ def fit_calibration(model, data, outputs: Iterable[str] | None = None, apply: bo
     unknown = [n for n in wanted if n not in core.outputs.names()]
     if unknown:
         raise CalibrationError(f"{core.name}: no output {unknown}; outputs: {core.outputs.names()}")
-    ctx_all = core.decode_context()
+    ctx_all = core.column_context()
     fits: dict[str, OutputCalibration] = {}
     for name in wanted:
         o = core.outputs[name]

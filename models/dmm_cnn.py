@@ -319,6 +319,6 @@ class DMMCNN(FaceModel):
                      "dmm.threshold_min": float(t.min()), "dmm.threshold_max": float(t.max())})
         return logs
 
-    def decode_context(self) -> dict:
+    def column_context(self) -> dict:
         return {"attributes": {"thresholds": self.thresholds.detach()}}
 

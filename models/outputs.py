@@ -7,13 +7,13 @@ derived from that declaration:
 * evaluation: summable statistics per batch (``Output.stats``) that can be added across batches and
   all-reduced across Ray Train workers, and the paper's metrics computed from them (``Output.metrics``),
   named ``<output>.<metric>`` (binary groups name each attribute: ``Male.accuracy``);
-* what a user reads (``Output.decode``): the columns of a Parquet row of the label job and the fields of
+* what a user reads (``Output.to_columns``): the columns of a Parquet row of the label job and the fields of
   the JSON answer of the serving endpoint, with their Arrow types (``Output.fields``).
 
 Calibration (models/calibration.py): a categorical output or a group of binary attributes may carry fitted
-temperatures (``Categorical.temperature``, ``Binary.temperatures``); ``decode`` then reports calibrated
+temperatures (``Categorical.temperature``, ``Binary.temperatures``); ``to_columns`` then reports calibrated
 probabilities (``<name>_prob``, ``<name>_probs``, ``<label>_prob``) while every decision (the class, the
-boolean label) stays the one of the raw outputs. ``decode(..., calibrated=False)`` gives the raw
+boolean label) stays the one of the raw outputs. ``to_columns(..., calibrated=False)`` gives the raw
 probabilities of an uncalibrated model. The temperatures are buffers of :class:`OutputSet` (an
 ``nn.Module``, so a model's ``outputs`` travel in its ``state_dict`` and its checkpoint); a model without them
 has no extra tensor at all, and its checkpoints are the same bytes as before.
@@ -138,7 +138,7 @@ class Output:
     def fields(self) -> list[pa.Field]:
         raise NotImplementedError
 
-    def decode(self, raw: Tensor, geometry: list[dict] | None = None, **ctx) -> dict[str, list]:
+    def to_columns(self, raw: Tensor, geometry: list[dict] | None = None, **ctx) -> dict[str, list]:
         """Columns (name -> one value per row) for a batch of raw outputs."""
         raise NotImplementedError
 
@@ -196,7 +196,7 @@ class Categorical(Output):
         return [pa.field(self.name, pa.string()), pa.field(f"{self.name}_prob", pa.float32()),
                 pa.field(f"{self.name}_probs", pa.list_(pa.float32()))]
 
-    def decode(self, raw, geometry=None, calibrated: bool = True, **ctx):
+    def to_columns(self, raw, geometry=None, calibrated: bool = True, **ctx):
         probs = self.probabilities(raw, calibrated)
         if calibrated and self.temperature is not None:
             idx = raw.float().argmax(1)  # the decision of the raw outputs, whatever rounding does to probs
@@ -314,7 +314,7 @@ class Binary(Output):
             fs += [pa.field(label, pa.bool_()), pa.field(f"{label}_prob", pa.float32())]
         return fs
 
-    def decode(self, raw, geometry=None, calibrated: bool = True, **ctx):
+    def to_columns(self, raw, geometry=None, calibrated: bool = True, **ctx):
         raw = raw.float()
         pos = self.positive(raw, ctx)
         prob = self.probabilities(raw, calibrated, **ctx)
@@ -365,7 +365,7 @@ class Regression(Output):
     def fields(self):
         return [pa.field(self.name, pa.float32())]
 
-    def decode(self, raw, geometry=None, **ctx):
+    def to_columns(self, raw, geometry=None, **ctx):
         lo, hi = self.range
         return {self.name: raw.float().reshape(-1).clamp(lo, hi).tolist()}
 
@@ -429,7 +429,7 @@ class AgeDistribution(Output):
     def fields(self):
         return [pa.field(self.name, pa.float32()), pa.field(f"{self.name}_mode", pa.int16())]
 
-    def decode(self, raw, geometry=None, **ctx):
+    def to_columns(self, raw, geometry=None, **ctx):
         return {self.name: self.expected(raw).tolist(), f"{self.name}_mode": raw.float().argmax(1).tolist()}
 
     def _describe(self):
@@ -444,7 +444,7 @@ class Landmarks(Output):
     """T facial points regressed with MSE (DMM-CNN Eq. 1). The raw output (B, 2T) and the targets are in the
     model input's coordinates scaled by ``scale``: ``signed`` (default) maps the input's width and height to
     [-1, 1] (``2x/W − 1``, ``2y/H − 1``), the range of the ±1 attribute targets the same loss sums with;
-    ``unit`` maps them to [0, 1]. :meth:`normalise` turns pixel targets into these units; ``decode`` maps the
+    ``unit`` maps them to [0, 1]. :meth:`normalise` turns pixel targets into these units; ``to_columns`` maps the
     points back to pixels of the original image through each row's preprocessing geometry (``sx, sy, tx, ty``)
     or, for a face aligned in a photo, its 2x3 ``affine`` map from input to original pixels. Metric: mean
     point error in units of the input's size (``mean_error``: x/W, y/H, whatever the scale) and ``nme``
@@ -511,7 +511,7 @@ class Landmarks(Output):
     def fields(self):
         return [pa.field(self.name, pa.list_(pa.float32()))]
 
-    def decode(self, raw, geometry=None, **ctx):
+    def to_columns(self, raw, geometry=None, **ctx):
         pts = raw.float().reshape(raw.shape[0], -1, 2)
         rows = []
         for i in range(pts.shape[0]):

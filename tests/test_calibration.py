@@ -46,13 +46,13 @@ def test_temperature_lowers_ece_and_keeps_every_argmax():
     s = cal.summary()["gender"]
     assert s["ece_after"] < s["ece_before"] and s["nll_after"] < s["nll_before"] and s["n"] == 3000
     # decisions: the class is the raw argmax, before and after; only the probabilities move
-    raw_cols = o.decode(zv)
-    cal_cols = fitted.decode(zv)
+    raw_cols = o.to_columns(zv)
+    cal_cols = fitted.to_columns(zv)
     assert cal_cols["gender"] == raw_cols["gender"] == [("male", "female")[i] for i in zv.argmax(1).tolist()]
     assert not np.allclose(cal_cols["gender_prob"], raw_cols["gender_prob"])
-    assert fitted.decode(zv, calibrated=False) == raw_cols  # the raw probabilities stay reproducible
+    assert fitted.to_columns(zv, calibrated=False) == raw_cols  # the raw probabilities stay reproducible
     # the whole model's decode (label and serve columns) is calibrated too
-    cols = m.decode({"gender": zv[:5], "eyeglasses": zv[:5]})
+    cols = m.to_columns({"gender": zv[:5], "eyeglasses": zv[:5]})
     assert cols["gender_prob"] == pytest.approx(cal_cols["gender_prob"][:5])
     assert cols["eyeglasses_prob"] == pytest.approx(raw_cols["gender_prob"][:5])  # eyeglasses not fitted
 
@@ -62,7 +62,7 @@ def test_five_classes_and_underconfidence():
     z, y = overconfident(2000, 5, sharpen=0.3)  # too timid: T < 1
     cal = fit_calibration(m, {"race": (z, y)})
     assert cal.outputs["race"].temperatures[0] < 1 and cal.outputs["race"].ece_after < cal.outputs["race"].ece_before
-    assert m.outputs["race"].decode(z)["race"] == m.outputs["race"].decode(z, calibrated=False)["race"]
+    assert m.outputs["race"].to_columns(z)["race"] == m.outputs["race"].to_columns(z, calibrated=False)["race"]
     assert "age" not in cal.outputs and m.outputs["age"].describe().get("calibration") is None
 
 
@@ -75,11 +75,11 @@ def test_dmm_attributes_keep_their_adaptive_threshold_decisions():
     target = truth * 2 - 1  # CelebA's ±1
     target[:100, 5] = float("nan")  # missing labels are left out
     out = m.outputs["attributes"]
-    before = out.decode(scores, thresholds=m.thresholds)
+    before = out.to_columns(scores, thresholds=m.thresholds)
     cal = fit_calibration(m, {"attributes": (scores, target)})
     fitted = m.outputs["attributes"]
     assert len(fitted.temperatures) == 40 and cal.outputs["attributes"].skipped == []
-    after = m.decode({"attributes": scores})
+    after = m.to_columns({"attributes": scores})
     for label in out.labels:
         assert after[label] == before[label]  # the label is still score > τ_j
         p = np.array(after[f"{label}_prob"])
@@ -102,7 +102,7 @@ def test_calibration_survives_save_and_load(tmp_path, hs):
     assert info.outputs[0]["calibration"] == {"method": "temperature", "temperature": m.outputs["gender"].temperature}
     x = torch.randint(0, 255, (3, 1, 50, 50), dtype=torch.uint8)
     with torch.no_grad():
-        a, b = m.eval().decode(m(m.prepare(x))), m2.decode(m2(m2.prepare(x)))
+        a, b = m.eval().to_columns(m(m.prepare(x))), m2.to_columns(m2(m2.prepare(x)))
     assert a == b
     # refitting starts from the raw outputs, and removing the calibration is possible
     m2.outputs.clear_calibration()
@@ -120,7 +120,7 @@ def test_uncalibrated_checkpoint_loads_labels_and_says_so(tmp_path, hs):
     x = torch.randint(0, 255, (2, 1, 50, 50), dtype=torch.uint8)
     with torch.no_grad():
         raw = m(m.prepare(x))
-    cols = m.decode(raw)
+    cols = m.to_columns(raw)
     assert cols["gender_prob"] == pytest.approx(torch.softmax(raw["gender"], 1).max(1).values.tolist())
 
 

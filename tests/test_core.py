@@ -55,7 +55,7 @@ def test_categorical_stats_and_metrics_by_hand():
     m = o.metrics(s)
     assert m["race.accuracy"] == pytest.approx(2 / 3)
     assert s["confusion"].tolist() == [[1, 0, 1], [0, 1, 0], [0, 0, 0]]
-    cols = o.decode(raw[:2])
+    cols = o.to_columns(raw[:2])
     assert cols["race"] == ["a", "b"] and len(cols["race_probs"][0]) == 3
 
 
@@ -72,7 +72,7 @@ def test_binary_thresholds_fp_fn_and_mean_accuracy():
     expected_a = ((0.5 - 1) ** 2 + (-0.5 - 1) ** 2 + (0.2 + 1) ** 2) / 3
     assert o.per_label_loss(raw, target)[0].item() == pytest.approx(expected_a)
     # a threshold of 0.25 flips the third row of A to negative
-    cols = o.decode(raw, thresholds=torch.tensor([0.25, 0.0]))
+    cols = o.to_columns(raw, thresholds=torch.tensor([0.25, 0.0]))
     assert cols["A"] == [True, False, False] and cols["B"] == [False, True, True]
 
 
@@ -94,13 +94,13 @@ def test_age_expectation_and_landmark_pixels():
     o = AgeDistribution("age", bins=117)
     raw = torch.full((1, 117), -1e4)
     raw[0, 20] = raw[0, 40] = 0.0
-    assert o.decode(raw)["age"][0] == pytest.approx(30.0, abs=1e-3)
+    assert o.to_columns(raw)["age"][0] == pytest.approx(30.0, abs=1e-3)
     geo = [{"input_w": 100, "input_h": 50, "sx": 2.0, "sy": 4.0, "tx": 10.0, "ty": 0.0}]
     # the centre of the model input: 0 on the default [-1, 1] scale, 0.5 on [0, 1]
-    assert Landmarks("landmarks", points=1).decode(torch.tensor([[0.0, 0.0]]), geo)["landmarks"][0] == \
+    assert Landmarks("landmarks", points=1).to_columns(torch.tensor([[0.0, 0.0]]), geo)["landmarks"][0] == \
         pytest.approx([110.0, 100.0])
     lm = Landmarks("landmarks", points=1, scale="unit")
-    assert lm.decode(torch.tensor([[0.5, 0.5]]), geo)["landmarks"][0] == pytest.approx([110.0, 100.0])
+    assert lm.to_columns(torch.tensor([[0.5, 0.5]]), geo)["landmarks"][0] == pytest.approx([110.0, 100.0])
 
 
 def _example_input(model, n=2):

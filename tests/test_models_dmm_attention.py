@@ -142,9 +142,9 @@ def test_thresholds_are_applied_when_decoding(dmm):
     raw["attributes"][0, 0] = 0.2
     try:
         dmm.thresholds[0] = 0.1
-        assert dmm.decode(raw)["5_o_Clock_Shadow"] == [True]
+        assert dmm.to_columns(raw)["5_o_Clock_Shadow"] == [True]
         dmm.thresholds[0] = 0.3
-        assert dmm.decode(raw)["5_o_Clock_Shadow"] == [False]
+        assert dmm.to_columns(raw)["5_o_Clock_Shadow"] == [False]
         # evaluation statistics use the same thresholds: target +1, score 0.2 <= 0.3 -> a false negative
         st = dmm.stats(raw, {"attributes": torch.ones(1, J)})["attributes"]
         assert st["fn"][0] == 1 and st["tp"][0] == 0
@@ -238,8 +238,8 @@ def test_dmm_checkpoint_round_trip_keeps_thresholds_and_outputs(dmm, tmp_path):
             a, b = dmm(x), loaded(x)
         for k in a:
             assert torch.equal(a[k], b[k])
-        assert loaded.decode(b) == dmm.decode(a)
-        torch.testing.assert_close(loaded.decode_context()["attributes"]["thresholds"], dmm.thresholds)
+        assert loaded.to_columns(b) == dmm.to_columns(a)
+        torch.testing.assert_close(loaded.column_context()["attributes"]["thresholds"], dmm.thresholds)
     finally:
         _reset(dmm)
 

@@ -167,7 +167,7 @@ def test_hmtnet_decode_names_and_clamped_score():
     raw = {"gender": torch.tensor([[2.0, -1.0], [-1.0, 2.0]]),
            "race": torch.tensor([[0.0, 0.0, 0.0, 3.0, 0.0], [0.0, 3.0, 0.0, 0.0, 0.0]]),
            "beauty": torch.tensor([7.0, 3.25])}
-    cols = m.decode(raw)
+    cols = m.to_columns(raw)
     assert cols["gender"] == ["male", "female"] and cols["race"] == ["Indian", "Black"]
     assert cols["beauty"] == pytest.approx([5.0, 3.25])
 
@@ -262,7 +262,7 @@ def test_agr_expected_age_and_decode():
     assert age.expected(logits).tolist() == pytest.approx([30.0, 30.0], abs=1e-3)
     raw = {"age": logits, "gender": torch.tensor([[-1.0, 1.0], [1.0, -1.0]]),
            "race": torch.tensor([[0.0, 0.0, 0.0, 2.0, 0.0], [2.0, 0.0, 0.0, 0.0, 0.0]])}
-    cols = m.decode(raw)
+    cols = m.to_columns(raw)
     assert cols["age"] == pytest.approx([30.0, 30.0], abs=1e-3) and cols["age_mode"][0] == 30
     assert cols["gender"] == ["female", "male"] and cols["race"] == ["Indian", "White"]
 

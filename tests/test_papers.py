@@ -242,7 +242,7 @@ def test_dmm_landmarks_on_the_scale_of_the_attribute_targets(celeba):
     corners = np.array([[10.0, 0.0], [210.0, 200.0], [110.0, 100.0]], np.float32)  # left-top, right-bottom, centre
     units = np.concatenate([lm.normalise(c[None], geo) for c in corners])
     assert units.tolist() == [[-1.0, -1.0], [1.0, 1.0], [0.0, 0.0]]
-    back = [lm.decode(torch.tensor(u[None]), geo)["landmarks"][0] for u in units]
+    back = [lm.to_columns(torch.tensor(u[None]), geo)["landmarks"][0] for u in units]
     assert np.allclose(back, corners)
     # the same error weighs 4x what it weighed on [0, 1] (the previous scale); mean_error stays in input units
     unit = Landmarks("landmarks", points=1, scale="unit")
