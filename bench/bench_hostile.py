@@ -185,7 +185,7 @@ def child_decode(path: str) -> None:
 def child_fetch(path: str, manifest_dir: str) -> None:
     import pyarrow as pa
 
-    from facedata.inputs import default_allow_prefix
+    from facedata.paths import default_allow_prefix
     from models.preprocess import Preprocessing
     from raytasks.label import read_and_decode
 

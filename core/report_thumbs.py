@@ -1,7 +1,7 @@
 """The report's contact sheet (core/report.py): thumbnails of flagged faces, cropped from the original
 photos with each row's ``face_box``.
 
-Photos are read the way the label job reads them (``facedata.inputs.fetch_chunks``: regular files only,
+Photos are read the way the label job reads them (``facedata.reading.fetch_chunks``: regular files only,
 size checked before reading, a timeout per read, at most :data:`MAX_CHUNK_BYTES` of files held at once)
 and decoded with the project's limits (``models.preprocess.open_image``: accepted formats only, pixel,
 aspect, decode-memory and JPEG-scan limits checked on the header before any pixel; a large JPEG decoded
@@ -16,7 +16,7 @@ import base64
 import io
 from dataclasses import dataclass
 
-from facedata import inputs
+from facedata import reading
 from models.preprocess import DEFAULT_PHOTO_SIDE, ImageDecodeError, open_image
 
 THUMB_PX = 128  # a thumbnail's longer side
@@ -67,7 +67,7 @@ def thumbnails(rows: list[dict], px: int = THUMB_PX, max_side: int = DEFAULT_PHO
         by_path.setdefault(str(r.get("path")), []).append(r)
     paths = list(by_path)
     out: dict[str, list[Thumb]] = {}
-    for chunk in inputs.fetch_chunks(paths, max_batch_bytes=MAX_CHUNK_BYTES):
+    for chunk in reading.fetch_chunks(paths, max_batch_bytes=MAX_CHUNK_BYTES):
         for i, (data, kind, message) in chunk:
             path = paths[i]
             thumbs = [Thumb(path, r.get("face"), list(r.get("review_reasons") or [])) for r in by_path[path]]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from facedata import inputs
+from facedata import inputs, paths, reading
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,9 +26,9 @@ def test_oversized_file_is_refused_without_reading_it(tmp_path):
     big = tmp_path / "big.jpg"
     with open(big, "wb") as f:
         f.truncate(300 * 1024 * 1024)  # sparse: costs no disk, would cost 256+ MiB of memory to read
-    code = ("import resource, sys; from facedata import inputs; "
+    code = ("import resource, sys; from facedata import reading; "
             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-            f"d, kind, msg = inputs.fetch({str(big)!r}); "
+            f"d, kind, msg = reading.fetch({str(big)!r}); "
             "grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before; "
             "print(kind, grew // 1024, msg)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
@@ -50,9 +50,9 @@ def _in_thread(fn, timeout):
 def test_fifo_and_devices_are_not_read(tmp_path):
     fifo = tmp_path / "photo.jpg"
     os.mkfifo(fifo)
-    assert _in_thread(lambda: inputs.fetch(str(fifo)), 10)[1:] == ("unreadable", "not a regular file")
-    assert inputs.fetch("/dev/zero")[1:] == ("unreadable", "not a regular file")
-    assert inputs.fetch(str(tmp_path))[1:] == ("unreadable", "not a regular file")
+    assert _in_thread(lambda: reading.fetch(str(fifo)), 10)[1:] == ("unreadable", "not a regular file")
+    assert reading.fetch("/dev/zero")[1:] == ("unreadable", "not a regular file")
+    assert reading.fetch(str(tmp_path))[1:] == ("unreadable", "not a regular file")
     # a FIFO without an image extension in a folder: its first bytes are not read either (listing used to block)
     (tmp_path / "pipe").mkdir()
     os.mkfifo(tmp_path / "pipe" / "IMG_0001")
@@ -63,16 +63,16 @@ def test_fifo_and_devices_are_not_read(tmp_path):
 def test_reads_time_out(tmp_path, monkeypatch):
     (tmp_path / "a.jpg").write_bytes(b"x")
     (tmp_path / "b.jpg").write_bytes(b"y")
-    real = inputs.fetch
+    real = reading.fetch
 
-    def slow(uri, max_bytes=inputs.MAX_FILE_BYTES, allow=None):
+    def slow(uri, max_bytes=reading.MAX_FILE_BYTES, allow=None):
         if uri.endswith("b.jpg"):
             time.sleep(5)  # a hung mount
         return real(uri, max_bytes, allow)
 
-    monkeypatch.setattr(inputs, "fetch", slow)
+    monkeypatch.setattr(reading, "fetch", slow)
     t0 = time.perf_counter()
-    res = inputs.fetch_all([str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")], timeout=0.5)
+    res = reading.fetch_all([str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")], timeout=0.5)
     assert time.perf_counter() - t0 < 3
     assert res[0] == (b"x", None, None) and res[1] == (None, "unreadable", "read timed out after 0.5 s")
 
@@ -85,7 +85,7 @@ def test_a_batch_is_read_a_bounded_chunk_at_a_time(tmp_path):
         uris.append(str(p))
     (tmp_path / "huge.jpg").write_bytes(bytes(5000))
     uris.insert(3, str(tmp_path / "huge.jpg"))
-    chunks = list(inputs.fetch_chunks(uris, max_batch_bytes=3000, max_bytes=4000))
+    chunks = list(reading.fetch_chunks(uris, max_batch_bytes=3000, max_bytes=4000))
     seen = sorted(i for c in chunks for i, _ in c)
     assert seen == list(range(11))
     for c in chunks:
@@ -116,7 +116,7 @@ def test_manifest_duplicates_are_one_file(tmp_path):
 
 
 def test_s3_paths_are_normalised():
-    n = inputs.normalize_path
+    n = paths.normalize_path
     assert n("s3://b/photos/./a.jpg") == n("s3://b/photos//a.jpg") == n("s3://b/photos/x/../a.jpg") == "s3://b/photos/a.jpg"
     assert n("./a.jpg", "s3://b/photos") == "s3://b/photos/a.jpg"
     assert n("s3://b/photos/a.jpg") != n("s3://b/photos/A.jpg")  # keys are case-sensitive
@@ -132,11 +132,11 @@ def test_rows_outside_the_allowed_prefix_are_refused_alike(tmp_path):
     (folder / "ok.jpg").write_bytes(b"inside")
     (tmp_path / "secret.txt").write_text("outside")
     (folder / "link.jpg").symlink_to(tmp_path / "secret.txt")  # a symlink out of the folder
-    allow = (inputs.default_allow_prefix(str(folder / "list.csv")),)
+    allow = (paths.default_allow_prefix(str(folder / "list.csv")),)
     assert allow == (str(folder),)
     uris = [str(folder / "ok.jpg"), "/etc/passwd", "/proc/self/environ", str(folder / "../secret.txt"),
             str(tmp_path / "no-such-file"), str(folder / "link.jpg"), str(folder) + "2/x.jpg", str(folder / "gone.jpg")]
-    res = inputs.fetch_all(uris, allow=allow)
+    res = reading.fetch_all(uris, allow=allow)
     assert res[0] == (b"inside", None, None)
     for r in res[1:7]:  # existing or not, file or link: one answer that reveals nothing
         assert r == (None, "forbidden", "path is outside the allowed prefixes (--allow-prefix)")
@@ -144,12 +144,12 @@ def test_rows_outside_the_allowed_prefix_are_refused_alike(tmp_path):
 
 
 def test_s3_allow_prefix_keeps_other_buckets_and_prefixes_out():
-    allow = (inputs.default_allow_prefix("s3://photos-bucket/batch-1/list.parquet"),)
+    allow = (paths.default_allow_prefix("s3://photos-bucket/batch-1/list.parquet"),)
     assert allow == ("s3://photos-bucket/batch-1/",)
     ok = ["s3://photos-bucket/batch-1/a.jpg", "s3://photos-bucket/batch-1/sub/./b.jpg"]
     bad = ["s3://models-bucket/dmm.pt", "s3://photos-bucket/batch-10/a.jpg", "s3://photos-bucket/batch-1/../x.jpg",
            "/etc/passwd"]
-    assert all(inputs.is_allowed(u, allow) for u in ok) and not any(inputs.is_allowed(u, allow) for u in bad)
+    assert all(paths.is_allowed(u, allow) for u in ok) and not any(paths.is_allowed(u, allow) for u in bad)
 
 
 def test_label_cli_takes_allow_prefix():

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from facedata import inputs
+from facedata import inputs, paths, reading
 
 ROOT = Path(__file__).resolve().parents[1]
-FORBIDDEN = (None, *inputs.FORBIDDEN)
+FORBIDDEN = (None, *paths.FORBIDDEN)
 
 
 def _listed(listing_dir: Path) -> list[str]:
@@ -57,8 +57,8 @@ def test_symlink_swap_during_reads_never_returns_outside_bytes(tmp_path):
     try:
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline:
-            results += inputs.fetch_all([str(target)] * 8, allow=allow)
-            results.append(inputs.fetch(str(target), allow=allow))
+            results += reading.fetch_all([str(target)] * 8, allow=allow)
+            results.append(reading.fetch(str(target), allow=allow))
     finally:
         stop.set()
         flipper.join()
@@ -77,11 +77,11 @@ def test_static_symlinks_out_of_the_folder_are_forbidden_and_inside_ones_read(tm
     (photos / "in.png").symlink_to(photos / "a.png")
     (photos / "dirlink").symlink_to(tmp_path)  # a directory link out of the folder
     allow = (str(photos),)
-    assert inputs.fetch(str(photos / "out.png"), allow=allow) == FORBIDDEN
-    assert inputs.fetch(str(photos / "dirlink" / "secret.txt"), allow=allow) == FORBIDDEN
-    assert inputs.file_size(str(photos / "out.png"), allow=allow) == FORBIDDEN
-    assert inputs.fetch(str(photos / "in.png"), allow=allow) == (b"A", None, None)
-    res = inputs.fetch_all([str(photos / "out.png"), str(photos / "in.png"), str(photos / "dirlink/secret.txt")],
+    assert reading.fetch(str(photos / "out.png"), allow=allow) == FORBIDDEN
+    assert reading.fetch(str(photos / "dirlink" / "secret.txt"), allow=allow) == FORBIDDEN
+    assert reading.file_size(str(photos / "out.png"), allow=allow) == FORBIDDEN
+    assert reading.fetch(str(photos / "in.png"), allow=allow) == (b"A", None, None)
+    res = reading.fetch_all([str(photos / "out.png"), str(photos / "in.png"), str(photos / "dirlink/secret.txt")],
                            allow=allow)
     assert res == [FORBIDDEN, (b"A", None, None), FORBIDDEN]
 
@@ -108,16 +108,16 @@ def test_odd_paths_never_raise_and_are_error_rows(tmp_path):
     (folder / "%2e%2e").mkdir(parents=True)
     (folder / "ok.jpg").write_bytes(b"OK")
     (tmp_path / "secret.txt").write_bytes(b"OUTSIDE")
-    allow = (inputs.default_allow_prefix(str(folder / "list.csv")),)
+    allow = (paths.default_allow_prefix(str(folder / "list.csv")),)
     odd = _odd_paths(folder)
     for p in odd + ["s3://b/photos/%2e%2e/x.jpg"]:
-        inputs.normalize_path(p, str(folder))
-        inputs.normalize_path(p)
-        inputs.resolve_path(p, str(folder))
-        assert isinstance(inputs.is_allowed(inputs.resolve_path(p, str(folder)), allow), bool), p
-    uris = [inputs.resolve_path(p, str(folder)) for p in odd] + [str(folder / "ok.jpg")]
-    for confined, res in ((True, inputs.fetch_all(uris, allow=allow)), (True, [inputs.fetch(u, allow=allow) for u in uris]),
-                          (False, inputs.fetch_all(uris)), (False, [inputs.fetch(u) for u in uris])):
+        paths.normalize_path(p, str(folder))
+        paths.normalize_path(p)
+        paths.resolve_path(p, str(folder))
+        assert isinstance(paths.is_allowed(paths.resolve_path(p, str(folder)), allow), bool), p
+    uris = [paths.resolve_path(p, str(folder)) for p in odd] + [str(folder / "ok.jpg")]
+    for confined, res in ((True, reading.fetch_all(uris, allow=allow)), (True, [reading.fetch(u, allow=allow) for u in uris]),
+                          (False, reading.fetch_all(uris)), (False, [reading.fetch(u) for u in uris])):
         assert res[-1] == (b"OK", None, None)
         for p, (data, kind, message) in zip(odd, res[:-1]):
             if not confined and ".." in p and "%" not in p:  # without --allow-prefix, ../secret.txt is a file
@@ -125,20 +125,20 @@ def test_odd_paths_never_raise_and_are_error_rows(tmp_path):
             assert data is None and kind in ("unreadable", "forbidden"), (p[:60], kind, message)
             assert isinstance(message, str) and 0 < len(message) < 200, (p[:60], message)
             message.encode("utf-8")  # goes to a Parquet string column
-    assert inputs.fetch_all(["", str(folder / "b\x00.jpg")], allow=allow)[1][1:] == ("unreadable", "path contains a NUL byte")
-    assert inputs.fetch_all([str(folder / ("n" * 300))], allow=allow)[0][1:] == ("unreadable", "file name too long")
-    assert inputs.fetch("s3://")[1:] == ("unreadable", "not an s3://bucket/key URI")
-    assert inputs.fetch("s3://bucket/")[1:] == ("unreadable", "not an s3://bucket/key URI")
-    assert not inputs.is_allowed("", allow) and not inputs.is_allowed(str(folder / "%2e%2e/../../secret.txt"), allow)
+    assert reading.fetch_all(["", str(folder / "b\x00.jpg")], allow=allow)[1][1:] == ("unreadable", "path contains a NUL byte")
+    assert reading.fetch_all([str(folder / ("n" * 300))], allow=allow)[0][1:] == ("unreadable", "file name too long")
+    assert reading.fetch("s3://")[1:] == ("unreadable", "not an s3://bucket/key URI")
+    assert reading.fetch("s3://bucket/")[1:] == ("unreadable", "not an s3://bucket/key URI")
+    assert not paths.is_allowed("", allow) and not paths.is_allowed(str(folder / "%2e%2e/../../secret.txt"), allow)
 
 
 def test_s3_percent_encoded_dot_segments_are_outside_the_prefix():
     allow = ("s3://photos/batch-1/",)
     for uri in ("s3://photos/batch-1/%2e%2e/other/x.jpg", "s3://photos/batch-1/%2E%2E%2Fother/x.jpg",
                 "s3://photos/batch-1/..%2fx.jpg", "s3://photos/batch-1/sub/%2e%2e/%2e%2e/x.jpg"):
-        assert not inputs.is_allowed(uri, allow), uri
-    assert inputs.is_allowed("s3://photos/batch-1/sub/%2e%2e/x.jpg", allow)  # stays inside either way
-    assert inputs.is_allowed("s3://photos/batch-1/100%25 real.jpg", allow)
+        assert not paths.is_allowed(uri, allow), uri
+    assert paths.is_allowed("s3://photos/batch-1/sub/%2e%2e/x.jpg", allow)  # stays inside either way
+    assert paths.is_allowed("s3://photos/batch-1/100%25 real.jpg", allow)
 
 
 def test_odd_s3_paths_against_a_real_endpoint_are_error_rows(s3_bucket):
@@ -149,7 +149,7 @@ def test_odd_s3_paths_against_a_real_endpoint_are_error_rows(s3_bucket):
     odd = [f"s3://{bucket}/photos/%2e%2e/secret.txt", f"s3://{bucket}/photos/../secret.txt", f"s3://{bucket}",
            f"s3://{bucket}/", f"s3://{bucket}/photos/b\x00.jpg", f"s3://{bucket}/photos/" + "k" * 2000,
            f"s3://{bucket}/photos/lone\ud800.jpg", "s3://", "s3:///photos/ok.jpg", f"s3://{bucket}/photos/missing.jpg"]
-    res = inputs.fetch_all(odd + [f"s3://{bucket}/photos/ok.jpg"], allow=allow, timeout=30)
+    res = reading.fetch_all(odd + [f"s3://{bucket}/photos/ok.jpg"], allow=allow, timeout=30)
     assert res[-1] == (b"OK", None, None)
     for p, (data, kind, message) in zip(odd, res[:-1]):
         assert data is None and kind in ("unreadable", "forbidden"), (p[:80], kind, message)
@@ -157,7 +157,7 @@ def test_odd_s3_paths_against_a_real_endpoint_are_error_rows(s3_bucket):
     assert res[0] == res[1] == FORBIDDEN
     # '#' and '?' are part of a key, not a URL's fragment or query: the key read is the key that was checked
     tricks = [f"s3://{bucket}/secret.txt#/../photos/ok.jpg", f"s3://{bucket}/secret.txt?/../photos/ok.jpg"]
-    for r in inputs.fetch_all(tricks, allow=allow, timeout=30) + [inputs.fetch(u, allow=allow) for u in tricks]:
+    for r in reading.fetch_all(tricks, allow=allow, timeout=30) + [reading.fetch(u, allow=allow) for u in tricks]:
         assert r[0] != b"OUTSIDE", r
 
 
@@ -187,7 +187,7 @@ def test_a_manifest_with_odd_rows_is_listed_and_each_row_is_an_error_row(tmp_pat
         listed = _listed(out)
         assert stats.files == len(values) and stats.inputs == len(listed) == len(values) - 2  # 2 spellings twice
         assert "bad\\xff\\xfe.jpg" in listed and "other\\xff.jpg" in listed  # not UTF-8: shown as \xNN escapes
-        res = inputs.fetch_all([inputs.resolve_path(p, str(folder)) for p in listed], allow=allow)
+        res = reading.fetch_all([paths.resolve_path(p, str(folder)) for p in listed], allow=allow)
         assert res[-1] == (b"OK", None, None)
         assert all(r[0] is None and r[1] in ("unreadable", "forbidden") for r in res[:-1])
         assert inputs.manifest_rows(str(manifest)) == len(values)
@@ -203,7 +203,7 @@ def test_a_folder_with_a_file_name_that_is_not_utf8_is_listed(tmp_path):
     listed = _listed(tmp_path / "listing")
     assert stats.inputs == 2 and listed[1] == str(folder / "ok.jpg")
     assert listed[0] == str(folder / "bad\\xff.jpg")
-    kind, message = inputs.fetch(listed[0], allow=(str(folder),))[1:]
+    kind, message = reading.fetch(listed[0], allow=(str(folder),))[1:]
     assert kind == "unreadable" and "not valid UTF-8" in message
 
 

@@ -24,7 +24,7 @@ What goes in
     ``read_binary_files`` both build the whole listing in one process) into ``OUTPUT/_inputs/part-*.parquet``
     of at most ``LISTING_CHUNK`` paths each, so the driver never holds all paths; a manifest's ``path``
     column is streamed into the same listing, one row per distinct file: ``a.jpg``, ``./a.jpg`` and
-    ``/abs/a.jpg`` are one file (``inputs.normalize_path``), labeled once under its first spelling, and the
+    ``/abs/a.jpg`` are one file (``facedata.paths.normalize_path``), labeled once under its first spelling, and the
     summary counts the other rows in ``duplicates``. Either way the pipeline starts from a dataset of paths, so a resumed
     run skips finished images without reading their bytes.
 
@@ -93,14 +93,8 @@ import time
 import pyarrow.fs as pafs
 
 from facedata import storage
-from facedata.inputs import (
-    InputError,
-    check_manifest,
-    default_allow_prefix,
-    is_manifest,
-    write_listing,
-    write_manifest_listing,
-)
+from facedata.inputs import InputError, check_manifest, write_listing, write_manifest_listing
+from facedata.paths import default_allow_prefix, is_manifest
 from raytasks.label.cluster import ensure_ray, resolve_pool
 from raytasks.label.output import output_paths, output_provenance, output_stats, repair_commit_log
 from raytasks.label.spec import LabelError, LabelSpec

@@ -28,7 +28,7 @@ class LabelSpec:
     max_rows_per_file: int = 50_000
     limit: int | None = None  # label at most this many new images in this run
     throttle_s: float = 0.0  # sleep after each predictor batch (to demonstrate and test kill + resume)
-    allow_prefix: tuple[str, ...] = ()  # what may be read (default: inputs.default_allow_prefix of --input)
+    allow_prefix: tuple[str, ...] = ()  # what may be read (default: facedata.paths.default_allow_prefix of --input)
     faces: dict = dataclasses.field(default_factory=dict)  # faces.finder.FaceOptions: mode, max_side, detector
     model_set: str | None = None  # a --model-set file (core/modelset.py), instead of checkpoint
     embedding: bool = False  # a 128-D face embedding per face (models/embedding.py); makes the job a set

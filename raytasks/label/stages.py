@@ -19,7 +19,8 @@ import numpy as np
 import pyarrow as pa
 
 from facedata.decode import GEOMETRY_KEYS, IMAGE_COLUMNS, Photos, Whole, decode_into, empty_batch, fail
-from facedata.inputs import fetch_chunks, resolve_path
+from facedata.paths import resolve_path
+from facedata.reading import fetch_chunks
 from models.preprocess import Preprocessing
 from raytasks.label.gpu_decode import gpu_decode_batch, jpeg_for_gpu
 from raytasks.threads import runtime_env, torch_executor
@@ -38,7 +39,7 @@ def target_of(faces: dict, pre_dicts: list[dict]) -> Photos | Whole:
 def read_and_decode(batch: pa.Table, faces: dict, pre_dicts: list[dict], base: str | None = None,
                     gpu_decode: bool = False, allow: tuple[str, ...] | None = None) -> pa.Table:
     """Map function of the CPU stage: ``path`` rows -> a decoded batch, files read a bounded chunk at a time
-    (``facedata.inputs.fetch_chunks``) and decoded before the next chunk is read. A file that cannot be read
+    (``facedata.reading.fetch_chunks``) and decoded before the next chunk is read. A file that cannot be read
     is an ``unreadable`` (or ``forbidden``) row. With ``gpu_decode``, JPEGs that the GPU can take (checked
     from the header) travel as bytes in ``gpu_bytes`` and are decoded in the actor."""
     paths = [p if p is not None else "" for p in batch.column("path").to_pylist()]

@@ -1,0 +1,269 @@
+"""How the label job reads its input files: only regular files, the size checked before a byte is read,
+confined to the allowed prefixes (facedata/paths.py), at most ``MAX_BATCH_BYTES`` per chunk, every stat and
+read with a timeout on daemon threads. A file that cannot be read is an error row ``(None, kind, message)``;
+nothing here raises.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import errno
+import os
+from collections.abc import Iterator
+
+import pyarrow.fs as pafs
+
+from facedata import storage
+from facedata.paths import FORBIDDEN, Forbidden, is_allowed, local_path, open_local, storable
+
+MAX_FILE_BYTES = 128 * 1024 * 1024  # bigger files are an error row ("too_large"), not read: see fetch
+MAX_BATCH_BYTES = 256 * 1024 * 1024  # file bytes a decode task reads at once (fetch_chunks)
+FETCH_TIMEOUT_S = 60.0  # each stat and read of a batch: a hung mount or endpoint is an error row, not a stuck task
+FETCH_THREADS = 16  # concurrent reads per decode task (S3 latency)
+
+
+class _DaemonPool:
+    """A fixed set of daemon threads running submitted calls. Unlike ``ThreadPoolExecutor`` (whose threads
+    are joined at interpreter exit), a read stuck on a hung filesystem cannot keep the process alive; after
+    a timeout the pool is replaced (:func:`_pool`), so stuck threads do not starve later reads."""
+
+    def __init__(self, n: int):
+        import queue
+        import threading
+
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        for i in range(n):
+            threading.Thread(target=self._work, name=f"label-fetch-{i}", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            fn, fut = self._q.get()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
+                fut.set_exception(e)
+
+    def submit(self, fn, *args) -> cf.Future:
+        fut: cf.Future = cf.Future()
+        self._q.put((lambda: fn(*args), fut))
+        return fut
+
+
+_POOL: _DaemonPool | None = None
+
+
+def _pool(replace: bool = False) -> _DaemonPool:
+    global _POOL
+    if _POOL is None or replace:
+        _POOL = _DaemonPool(FETCH_THREADS)
+    return _POOL
+
+
+_MESSAGE_CHARS = 160
+
+
+def _short(text: str) -> str:
+    """A message for a row: valid UTF-8, at most :data:`_MESSAGE_CHARS` characters."""
+    text = storable(str(text))
+    return text if len(text) <= _MESSAGE_CHARS else text[:_MESSAGE_CHARS - 3] + "..."
+
+
+def _error(e: BaseException, uri: str = "") -> tuple[None, str, str]:
+    """A read's exception -> an error row. Messages never echo the path (it is in the row already, and a
+    5,000-character one would drown the reason)."""
+    if isinstance(e, Forbidden):
+        return (None, *FORBIDDEN)
+    if isinstance(e, FileNotFoundError):
+        if "\\x" in uri or "\\u" in uri:
+            return None, "unreadable", "file not found (a name that was not valid UTF-8 is written with \\xNN escapes)"
+        return None, "unreadable", "file not found"
+    if isinstance(e, NotADirectoryError):
+        return None, "unreadable", "file not found (a parent is not a folder)"
+    if isinstance(e, PermissionError):
+        return None, "unreadable", "permission denied"
+    if isinstance(e, IsADirectoryError):
+        return None, "unreadable", "not a regular file"
+    if isinstance(e, UnicodeError):
+        return None, "unreadable", "path is not valid UTF-8"
+    if isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:
+        return None, "unreadable", "file name too long"
+    if isinstance(e, OSError) and e.errno == errno.ELOOP:
+        return None, "unreadable", "a symlink changed while the file was opened, or too many symlinks"
+    if isinstance(e, ValueError) and "null" in str(e):
+        return None, "unreadable", "path contains a NUL byte"
+    if isinstance(e, OSError) and e.strerror:
+        return None, "unreadable", _short(f"{type(e).__name__}: {e.strerror}")
+    return None, "unreadable", _short(f"{type(e).__name__}: {e}")
+
+
+def _check_uri(uri: str) -> tuple[None, str, str] | None:
+    """An error row for a URI that names no file whatever the filesystem holds, or None. Touches nothing."""
+    if not uri:
+        return None, "unreadable", "empty path"
+    if "\x00" in uri:
+        return None, "unreadable", "path contains a NUL byte"
+    try:
+        uri.encode("utf-8")
+    except UnicodeEncodeError:
+        return None, "unreadable", "path is not valid UTF-8"
+    if storage.is_s3(uri):
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        if not bucket or not key.strip("/"):
+            return None, "unreadable", "not an s3://bucket/key URI"
+    return None
+
+
+def _refused(uri: str, allow: tuple[str, ...] | None) -> tuple[None, str, str] | None:
+    """The error row of a URI that is malformed (:func:`_check_uri`) or, with ``allow``, outside those
+    prefixes (:data:`FORBIDDEN`); None when it may be opened. Never raises."""
+    bad = _check_uri(uri)
+    if bad is not None:
+        return bad
+    try:
+        if allow is not None and not is_allowed(uri, allow):
+            return (None, *FORBIDDEN)
+    except Exception as e:  # noqa: BLE001 - never raises: any failure is this row's error
+        return _error(e, uri)
+    return None
+
+
+def _stored_file(uri: str):
+    """``((filesystem, path, size), None)`` of a regular file on a store (S3), or ``(None, error row)``."""
+    fs, path = storage.filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return None, (None, "unreadable", "file not found")
+    if info.type != pafs.FileType.File:
+        return None, (None, "unreadable", "not a regular file")
+    return (fs, path, info.size), None
+
+
+def file_size(uri: str, allow: tuple[str, ...] | None = None) -> tuple[int | None, str | None, str | None]:
+    """``(size, None, None)`` of a regular file, or ``(None, kind, message)``; never raises, reads nothing.
+    With ``allow``, a file outside those prefixes (:func:`is_allowed`; locally, also the file actually
+    opened: :func:`open_local`) is :data:`FORBIDDEN`."""
+    bad = _refused(uri, allow)
+    if bad is not None:
+        return bad
+    try:
+        local = local_path(uri)
+        if local is not None:
+            fd = open_local(local, allow)
+            try:
+                return os.fstat(fd).st_size, None, None
+            finally:
+                os.close(fd)
+        obj, bad = _stored_file(uri)
+        return bad if bad is not None else (obj[2], None, None)
+    except Exception as e:  # noqa: BLE001 - never raises: any failure is this row's error
+        return _error(e, uri)
+
+
+def _read_fd(fd: int, max_bytes: int) -> tuple[bytes | None, str | None, str | None]:
+    """Size (``fstat``) and bytes from one open descriptor, which is closed."""
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            return None, "too_large", f"file is {size} bytes, over the limit of {max_bytes}"
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:  # it grew after the size check
+        return None, "too_large", f"file is over {max_bytes} bytes"
+    return data, None, None
+
+
+def fetch(uri: str, max_bytes: int = MAX_FILE_BYTES,
+          allow: tuple[str, ...] | None = None) -> tuple[bytes | None, str | None, str | None]:
+    """Read a file -> ``(bytes, None, None)`` or ``(None, error kind, message)``; never raises. Only regular
+    files are read (a FIFO, ``/dev/zero`` or a directory is ``unreadable``), and the size is checked before
+    reading: a file over ``max_bytes`` is ``too_large`` without a byte read.
+
+    A local file is opened once; its size and bytes come from that descriptor. With ``allow``, a file
+    outside those prefixes is :data:`FORBIDDEN`; locally the check is made on the opened descriptor too
+    (:func:`open_local`), so swapping the name for a symlink while it is read does not reach outside."""
+    bad = _refused(uri, allow)
+    if bad is not None:
+        return bad
+    try:
+        local = local_path(uri)
+        if local is not None:
+            return _read_fd(open_local(local, allow), max_bytes)
+        obj, bad = _stored_file(uri)
+        if bad is not None:
+            return bad
+        fs, path, size = obj
+        if size is not None and size > max_bytes:
+            return None, "too_large", f"file is {size} bytes, over the limit of {max_bytes}"
+        with fs.open_input_stream(path) as f:
+            data = f.read(max_bytes + 1)
+    except Exception as e:  # noqa: BLE001 - never raises: any failure is this row's error
+        return _error(e, uri)
+    if len(data) > max_bytes:  # it grew after the size check
+        return None, "too_large", f"file is over {max_bytes} bytes"
+    return data, None, None
+
+
+def gather(fn, uris: list[str], timeout: float) -> list:
+    """``fn(uri)`` for every URI on the daemon pool; a call not done within ``timeout`` seconds (of this
+    batch's wait) is an ``unreadable`` "timed out" result."""
+    futures = [_pool().submit(fn, u) for u in uris]
+    done, pending = cf.wait(futures, timeout=timeout)
+    if pending:
+        _pool(replace=True)  # the stuck threads stay stuck; later reads get fresh ones
+    out = []
+    for f in futures:
+        if f in done:
+            out.append(f.result())
+        else:
+            f.cancel()
+            out.append((None, "unreadable", f"read timed out after {timeout:g} s"))
+    return out
+
+
+def fetch_chunks(uris: list[str], max_bytes: int = MAX_FILE_BYTES, max_batch_bytes: int = MAX_BATCH_BYTES,
+                 timeout: float = FETCH_TIMEOUT_S,
+                 allow: tuple[str, ...] | None = None) -> Iterator[list[tuple[int, tuple]]]:
+    """:func:`fetch` for every URI, ``FETCH_THREADS`` at a time, yielded in chunks of ``(index, result)``
+    whose files add up to at most ``max_batch_bytes`` (one file over it goes alone): sizes are read first,
+    so a batch of big files is read, and must be consumed, a chunk at a time. Every stat and every read
+    has ``timeout`` seconds. With ``allow``, a URI outside those prefixes (:func:`is_allowed`) is never
+    touched: its result is :data:`FORBIDDEN`, the same whether the file exists or not; a local file is also
+    confined on the descriptor it is read from (:func:`fetch`). A path that names no file (empty, a NUL
+    byte, not UTF-8, an ``s3://`` URI without bucket or key) is an ``unreadable`` row; nothing raises."""
+    uris = list(uris)
+    sizes: list = [_check_uri(u) for u in uris]  # paths that name no file: an error row, nothing touched
+    if allow is not None:
+        for i, u in enumerate(uris):
+            if sizes[i] is None and not is_allowed(u, allow):
+                sizes[i] = (None, *FORBIDDEN)
+    todo = [i for i in range(len(uris)) if sizes[i] is None]
+    for i, res in zip(todo, gather(lambda u: file_size(u, allow), [uris[i] for i in todo], timeout)):
+        sizes[i] = res
+    chunk: list[int] = []
+    held = 0
+    errors: list[tuple[int, tuple]] = []
+    for i, (size, kind, message) in enumerate(sizes):
+        if kind is not None:
+            errors.append((i, (None, kind, message)))
+        elif size > max_bytes:
+            errors.append((i, (None, "too_large", f"file is {size} bytes, over the limit of {max_bytes}")))
+        else:
+            if chunk and held + size > max_batch_bytes:
+                yield list(zip(chunk, gather(lambda u: fetch(u, max_bytes, allow), [uris[j] for j in chunk], timeout)))
+                chunk, held = [], 0
+            chunk.append(i)
+            held += size
+    if chunk:
+        yield list(zip(chunk, gather(lambda u: fetch(u, max_bytes, allow), [uris[j] for j in chunk], timeout)))
+    if errors:
+        yield errors
+
+
+def fetch_all(uris: list[str], **kw) -> list[tuple[bytes | None, str | None, str | None]]:
+    """:func:`fetch_chunks` gathered into one list, in order (holds every file of the batch at once)."""
+    out: list = [None] * len(uris)
+    for chunk in fetch_chunks(uris, **kw):
+        for i, res in chunk:
+            out[i] = res
+    return out
