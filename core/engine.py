@@ -21,7 +21,8 @@ import torch
 
 from facedata import storage
 from models.hard_sharing import HARD_SHARING_FIRST_EPOCH
-from models.outputs import Landmarks, add_stats
+from models.landmarks import Landmarks
+from models.outputset import add_stats
 from models.preprocess import ImageDecodeError, build_augmentation, decode
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,8 @@ import torch
 
 from core.engine import concat_batches, load_batch, to_tensors, validation_loss
 from models.calibration import CalibrationError, ece, reliability_bins
-from models.outputs import Binary, Categorical, add_stats
+from models.outputs import Binary, Categorical
+from models.outputset import add_stats
 
 AGE_GROUPS: tuple[tuple[str, float, float], ...] = (
     ("0-17", 0, 18), ("18-29", 18, 30), ("30-44", 30, 45), ("45-59", 45, 60), ("60+", 60, math.inf),

@@ -58,7 +58,8 @@ from .backbones import BACKBONES, FaceBackbone, dlib_preprocessing, resnet
 from .base import FaceModel, Recipe
 from .dlib_resnet import INPUT_SIZE as DLIB_SIZE
 from .dlib_resnet import min_input_size
-from .outputs import AgeDistribution, Categorical, OutputSet
+from .outputs import AgeDistribution, Categorical
+from .outputset import OutputSet
 from .preprocess import Preprocessing
 
 UTKFACE_RACES = ("White", "Black", "Asian", "Indian", "Others")  # facedata.datasets.UTKFACE_RACES

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .outputs import OutputSet, add_stats, finalize_metrics
+from .outputset import OutputSet, add_stats, finalize_metrics
 from .preprocess import Preprocessing, normalize
 
 

@@ -73,7 +73,7 @@ Readings we chose (each configurable):
   model input's width and height to [-1, 1]. The other readings make β meaningless: dlib's pixels would
   make ``β L_FLD`` hundreds of times the attribute loss at 218×178 (a 3 px error on 144 coordinates is
   1,296), and [0, 1] (``unit``, what this code did before) makes it a quarter of ``signed``, negligible
-  next to 40 attribute losses. See ``models.outputs.Landmarks``.
+  next to 40 attribute losses. See ``models.landmarks.Landmarks``.
 * **ReLU between the fully connected layers**: the text lists the FC widths of each branch (1,024 → 22;
   2,048 → 1,024 → 18; 1,024 → 2T) but no activation; we put a ReLU after every hidden FC layer (without
   one, a branch's FC layers would collapse into a single linear map) and keep the last layer linear (its
@@ -92,7 +92,9 @@ from facedata.datasets import CELEBA_ATTRIBUTES
 from . import register_model
 from .backbones import dlib_preprocessing, dlib_trunk, resnet
 from .base import FaceModel, Recipe
-from .outputs import LANDMARK_SCALES, Binary, Landmarks, OutputSet
+from .landmarks import LANDMARK_SCALES, Landmarks
+from .outputs import Binary
+from .outputset import OutputSet
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 OBJECTIVE_ATTRIBUTES: tuple[str, ...] = (

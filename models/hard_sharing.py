@@ -40,7 +40,8 @@ from torch import nn
 
 from . import register_model
 from .base import FaceModel, Recipe
-from .outputs import Categorical, OutputSet
+from .outputs import Categorical
+from .outputset import OutputSet
 from .preprocess import Preprocessing
 
 HARD_SHARING_FIRST_EPOCH = ("keep", "decay")  # readings of the LR rule's first epoch (core/engine.py)

@@ -12,7 +12,7 @@ What the text fixes:
   average of same-shaped feature maps of different levels (Eq. 1, the default: PC 0.8783) or their
   depth-wise concatenation (Eq. 2, PC 0.8706). The paper also calls the network "a feature extractor
   (after relu5)".
-* Losses: cross-entropy (gender, race), Smooth Huber with δ = 0.6 (beauty, ``outputs.smooth_huber_loss``);
+* Losses: cross-entropy (gender, race), Smooth Huber with δ = 0.6 (beauty, ``losses.smooth_huber_loss``);
   task weights α_g = α_r = 1, α_a = 2. Table 4 compares it with MSE, L1 and Smooth L1 losses: ``beauty_loss``
   selects one of ``smooth_huber``, ``mse``, ``l1``, ``smooth_l1`` and ``delta`` sets δ (Smooth L1's β too).
 * Training: 224×224 random crops of images whose shorter side is 227, random rotation within 30°, colour
@@ -56,7 +56,7 @@ Readings we chose (Fig. 1, which showed the trunk, did not survive extraction):
 * Smooth Huber. The extracted Eq. 5 (``log cosh`` inside δ, ``|x|`` outside) jumps at δ and gives errors
   just inside δ half the gradient of outliers; we use the continuous form whose two pieces meet in value
   and slope at δ, Huber's with ``½x²`` replaced by ``log cosh`` (the reasons are in
-  ``outputs.smooth_huber_loss``).
+  ``losses.smooth_huber_loss``).
 * No augmentation (``--no-augment``): training then decodes exactly as evaluation (the centre 224 crop of
   the 227 resize), so both see the same input size; the 227 margin is only kept for the random crop.
 * Preprocessing. ImageNet mean and std (the authors' SCUT-FBP5500 loader uses them); evaluation is the
@@ -73,7 +73,9 @@ from torch import nn
 
 from . import register_model
 from .base import FaceModel, Recipe
-from .outputs import REGRESSION_LOSSES, Categorical, OutputSet, Regression
+from .losses import REGRESSION_LOSSES
+from .outputs import Categorical, Regression
+from .outputset import OutputSet
 from .preprocess import Preprocessing
 
 SCUT_RACES = ("Asian", "Caucasian")  # same order as facedata.datasets.SCUT_RACES

@@ -57,7 +57,8 @@ from torch import nn
 from . import register_model
 from .backbones import dlib_preprocessing, dlib_trunk, resnet
 from .base import FaceModel, Recipe
-from .outputs import Categorical, OutputSet
+from .outputs import Categorical
+from .outputset import OutputSet
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 ATTENTION_WEIGHTS = ("per_module", "shared")

@@ -13,15 +13,9 @@ import torch
 
 import models
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from models.outputs import (
-    AgeDistribution,
-    Binary,
-    Categorical,
-    Landmarks,
-    Regression,
-    add_stats,
-    finalize_metrics,
-)
+from models.landmarks import Landmarks
+from models.outputs import AgeDistribution, Binary, Categorical, Regression
+from models.outputset import add_stats, finalize_metrics
 
 ZOO = ["age_gender_race", "dmm_cnn", "hard_sharing", "hmtnet", "task_attention"]
 

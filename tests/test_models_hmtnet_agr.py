@@ -11,7 +11,7 @@ import torchvision
 
 import models
 from models.checkpoint import load_checkpoint, save_checkpoint
-from models.outputs import smooth_huber_loss
+from models.losses import smooth_huber_loss
 
 SMALL_HMT = {"image_size": 112, "anet_width": 32}  # fast CPU configuration
 
@@ -116,7 +116,7 @@ def test_hmtnet_concat_aggregation():
 
 
 def _outer(err: float, delta: float = 0.6) -> float:
-    """Smooth Huber beyond δ: log cosh(δ) + tanh(δ)(|x| − δ) (models/outputs.py says why)."""
+    """Smooth Huber beyond δ: log cosh(δ) + tanh(δ)(|x| − δ) (models/losses.py says why)."""
     return math.log(math.cosh(delta)) + math.tanh(delta) * (abs(err) - delta)
 
 

@@ -19,7 +19,9 @@ import models
 from core import engine
 from facedata.datasets import read_dataset
 from facedata.synth import generate
-from models.outputs import Landmarks, Regression, log_cosh, smooth_huber_loss
+from models.landmarks import Landmarks
+from models.losses import log_cosh, smooth_huber_loss
+from models.outputs import Regression
 from models.task_attention import shared_conv_layers
 from raytasks.train import BatchSpec, decode_rows
 

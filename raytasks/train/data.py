@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 
 from core import engine
-from models.outputs import OutputSet
+from models.outputset import OutputSet
 from models.preprocess import Preprocessing, build_augmentation
 
 ROWS_PER_BLOCK = 256  # paths per Ray Data block: one decode task handles one block

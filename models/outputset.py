@@ -1,0 +1,157 @@
+"""The outputs of one model as a whole (:class:`OutputSet`): loss and metrics over all of them, the columns of
+a row, and the fitted temperatures of calibration as buffers, so they travel in the model's ``state_dict``.
+The kinds of output are in models/outputs.py (and models/landmarks.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+from .outputs import Binary, Categorical, Output
+
+Tensor = torch.Tensor
+
+CALIBRATION_PREFIX = "temperature_"  # buffer name of an output's fitted temperatures: temperature_<output>
+
+
+class OutputSet(nn.Module):
+    """The outputs of one model, in order, and what is derived from them as a whole.
+
+    An ``nn.Module`` only so that fitted calibration travels with the model: when a model's ``outputs``
+    are calibrated (:meth:`set_temperatures`), each calibrated output has one float32 buffer
+    ``temperature_<output>`` (shape (1,) for a categorical output, (J,) for J binary attributes) and its
+    ``Output`` carries the same values. An uncalibrated set has no buffer, parameter or child: the model's
+    ``state_dict`` is what it was before calibration existed. Loading a calibrated ``state_dict`` into a
+    freshly built model (``models.checkpoint.load_checkpoint``) creates the buffers and calibrates it."""
+
+    def __init__(self, outputs, extra: dict | None = None):
+        super().__init__()
+        self.outputs: tuple[Output, ...] = tuple(outputs)
+        self.extra = dict(extra or {})
+
+    def __eq__(self, other):
+        """Equal when they describe the same outputs (temperatures included): a deep copy of a model (batch-norm
+        folding) has equal outputs, as when this was a dataclass."""
+        if not isinstance(other, OutputSet):
+            return NotImplemented
+        return self.outputs == other.outputs and self.extra == other.extra
+
+    __hash__ = nn.Module.__hash__  # identity, as nn.Module's bookkeeping (named_modules' memo set) needs
+
+    def __iter__(self):
+        return iter(self.outputs)
+
+    def __len__(self):
+        return len(self.outputs)
+
+    def __getitem__(self, name: str) -> Output:
+        for o in self.outputs:
+            if o.name == name:
+                return o
+        raise KeyError(name)
+
+    def names(self) -> list[str]:
+        return [o.name for o in self.outputs]
+
+    def fields(self) -> list[pa.Field]:
+        fs: list[pa.Field] = []
+        for o in self.outputs:
+            fs += o.fields()
+        return fs
+
+    def describe(self) -> list[dict]:
+        return [o.describe() for o in self.outputs]
+
+    # --- calibration --------------------------------------------------------------------------------
+    @property
+    def calibrated(self) -> bool:
+        """True when any output carries fitted temperatures."""
+        return any(getattr(o, "calibrated", False) for o in self.outputs)
+
+    def calibratable(self) -> list[Output]:
+        """The outputs a temperature applies to: categorical outputs and binary attribute groups."""
+        return [o for o in self.outputs if isinstance(o, (Categorical, Binary))]
+
+    def set_temperatures(self, name: str, temperatures) -> None:
+        """Calibrate output ``name`` with ``temperatures`` (a number or one per class group / attribute);
+        ``None`` removes its calibration. Temperatures must be finite and positive."""
+        o = self[name]
+        if not isinstance(o, (Categorical, Binary)):
+            raise ValueError(f"output {name!r} ({o.kind}) has no probabilities to calibrate")
+        key = CALIBRATION_PREFIX + name
+        if temperatures is None:
+            if key in self._buffers:
+                del self._buffers[key]
+            self._replace(replace(o, **{_temperature_field(o): None}))
+            return
+        t = torch.as_tensor(temperatures, dtype=torch.float64).reshape(-1)
+        want = 1 if isinstance(o, Categorical) else len(o.labels)
+        if t.numel() != want:
+            raise ValueError(f"output {name!r} needs {want} temperature(s), got {t.numel()}")
+        if not bool(torch.isfinite(t).all()) or bool((t <= 0).any()):
+            raise ValueError(f"output {name!r}: temperatures must be finite and > 0, got {t.tolist()}")
+        vals = tuple(float(v) for v in t.float().tolist())  # what the buffer holds, so a reload is exact
+        buf = torch.tensor(vals, dtype=torch.float32)
+        if key in self._buffers:
+            self._buffers[key] = buf.to(self._buffers[key].device)
+        else:
+            self.register_buffer(key, buf)
+        self._replace(replace(o, **{_temperature_field(o): vals[0] if isinstance(o, Categorical) else vals}))
+
+    def clear_calibration(self) -> None:
+        for o in self.calibratable():
+            self.set_temperatures(o.name, None)
+
+    def _replace(self, new: Output) -> None:
+        self.outputs = tuple(new if o.name == new.name else o for o in self.outputs)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A calibrated checkpoint into a freshly built (uncalibrated) model: make the buffers first, so that
+        # nn.Module's loading fills them and strict loading sees no unexpected key.
+        for key, value in state_dict.items():
+            if key.startswith(prefix + CALIBRATION_PREFIX) and key[len(prefix):] not in self._buffers:
+                name = key[len(prefix) + len(CALIBRATION_PREFIX):]
+                if name in self.names() and isinstance(value, torch.Tensor):
+                    self.register_buffer(CALIBRATION_PREFIX + name, torch.ones_like(value, dtype=torch.float32))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        for key in list(self._buffers):
+            if key.startswith(CALIBRATION_PREFIX) and prefix + key in state_dict:
+                try:
+                    self.set_temperatures(key[len(CALIBRATION_PREFIX):], self._buffers[key].detach().cpu())
+                except ValueError as e:
+                    error_msgs.append(f"{prefix}{key}: {e}")
+
+
+def _temperature_field(o: Output) -> str:
+    return "temperature" if isinstance(o, Categorical) else "temperatures"
+
+
+def finalize_metrics(outputs, stats: dict[str, dict[str, Tensor]]) -> dict[str, float]:
+    """Paper metrics from summed statistics; ``mean_accuracy`` averages every per-attribute/per-task
+    accuracy (for CelebA: the 40 attributes, as in the papers' tables)."""
+    out: dict[str, float] = {}
+    for o in outputs:
+        if o.name in stats:
+            out.update(o.metrics(stats[o.name]))
+    accs = [v for k, v in out.items() if k.endswith(".accuracy")]
+    if accs:
+        out["mean_accuracy"] = float(np.mean(accs))
+    return out
+
+
+def add_stats(acc: dict | None, new: dict) -> dict:
+    """Add nested stats dicts ({output: {stat: tensor}}) elementwise."""
+    if acc is None:
+        return {k: {s: v.clone() for s, v in d.items()} for k, d in new.items()}
+    for k, d in new.items():
+        for s, v in d.items():
+            acc[k][s] = acc[k][s] + v
+    return acc
+
