@@ -140,25 +140,41 @@ def _stored_file(uri: str):
     return (fs, path, info.size), None
 
 
-def file_size(uri: str, allow: tuple[str, ...] | None = None) -> tuple[int | None, str | None, str | None]:
-    """``(size, None, None)`` of a regular file, or ``(None, kind, message)``; never raises, reads nothing.
-    With ``allow``, a file outside those prefixes (:func:`is_allowed`; locally, also the file actually
-    opened: :func:`open_local`) is :data:`FORBIDDEN`."""
+def _opened(uri: str, allow, local, stored) -> tuple:
+    """The one way a file is opened for :func:`file_size` and :func:`fetch`: a malformed or refused URI is its
+    error row; a local file is opened confined (:func:`open_local`) and ``local(fd)`` answers (it closes
+    ``fd``); a stored one (S3) is looked up and ``stored(fs, path, size)`` answers. Never raises."""
     bad = _refused(uri, allow)
     if bad is not None:
         return bad
     try:
-        local = local_path(uri)
-        if local is not None:
-            fd = open_local(local, allow)
-            try:
-                return os.fstat(fd).st_size, None, None
-            finally:
-                os.close(fd)
+        path = local_path(uri)
+        if path is not None:
+            return local(open_local(path, allow))
         obj, bad = _stored_file(uri)
-        return bad if bad is not None else (obj[2], None, None)
+        return bad if bad is not None else stored(*obj)
     except Exception as e:  # noqa: BLE001 - never raises: any failure is this row's error
         return _error(e, uri)
+
+
+def _fd_size(fd: int) -> tuple[int, None, None]:
+    try:
+        return os.fstat(fd).st_size, None, None
+    finally:
+        os.close(fd)
+
+
+def file_size(uri: str, allow: tuple[str, ...] | None = None) -> tuple[int | None, str | None, str | None]:
+    """``(size, None, None)`` of a regular file, or ``(None, kind, message)``; never raises, reads nothing.
+    With ``allow``, a file outside those prefixes (:func:`is_allowed`; locally, also the file actually
+    opened: :func:`open_local`) is :data:`FORBIDDEN`."""
+    return _opened(uri, allow, _fd_size, lambda fs, path, size: (size, None, None))
+
+
+def _too_large(size: int | None, max_bytes: int) -> tuple[None, str, str]:
+    if size is None:  # it grew after the size check
+        return None, "too_large", f"file is over {max_bytes} bytes"
+    return None, "too_large", f"file is {size} bytes, over the limit of {max_bytes}"
 
 
 def _read_fd(fd: int, max_bytes: int) -> tuple[bytes | None, str | None, str | None]:
@@ -166,11 +182,17 @@ def _read_fd(fd: int, max_bytes: int) -> tuple[bytes | None, str | None, str | N
     with os.fdopen(fd, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size > max_bytes:
-            return None, "too_large", f"file is {size} bytes, over the limit of {max_bytes}"
+            return _too_large(size, max_bytes)
         data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:  # it grew after the size check
-        return None, "too_large", f"file is over {max_bytes} bytes"
-    return data, None, None
+    return (data, None, None) if len(data) <= max_bytes else _too_large(None, max_bytes)
+
+
+def _read_stored(fs, path: str, size: int | None, max_bytes: int) -> tuple[bytes | None, str | None, str | None]:
+    if size is not None and size > max_bytes:
+        return _too_large(size, max_bytes)
+    with fs.open_input_stream(path) as f:
+        data = f.read(max_bytes + 1)
+    return (data, None, None) if len(data) <= max_bytes else _too_large(None, max_bytes)
 
 
 def fetch(uri: str, max_bytes: int = MAX_FILE_BYTES,
@@ -182,26 +204,8 @@ def fetch(uri: str, max_bytes: int = MAX_FILE_BYTES,
     A local file is opened once; its size and bytes come from that descriptor. With ``allow``, a file
     outside those prefixes is :data:`FORBIDDEN`; locally the check is made on the opened descriptor too
     (:func:`open_local`), so swapping the name for a symlink while it is read does not reach outside."""
-    bad = _refused(uri, allow)
-    if bad is not None:
-        return bad
-    try:
-        local = local_path(uri)
-        if local is not None:
-            return _read_fd(open_local(local, allow), max_bytes)
-        obj, bad = _stored_file(uri)
-        if bad is not None:
-            return bad
-        fs, path, size = obj
-        if size is not None and size > max_bytes:
-            return None, "too_large", f"file is {size} bytes, over the limit of {max_bytes}"
-        with fs.open_input_stream(path) as f:
-            data = f.read(max_bytes + 1)
-    except Exception as e:  # noqa: BLE001 - never raises: any failure is this row's error
-        return _error(e, uri)
-    if len(data) > max_bytes:  # it grew after the size check
-        return None, "too_large", f"file is over {max_bytes} bytes"
-    return data, None, None
+    return _opened(uri, allow, lambda fd: _read_fd(fd, max_bytes),
+                   lambda fs, path, size: _read_stored(fs, path, size, max_bytes))
 
 
 def gather(fn, uris: list[str], timeout: float) -> list:
@@ -247,7 +251,7 @@ def fetch_chunks(uris: list[str], max_bytes: int = MAX_FILE_BYTES, max_batch_byt
         if kind is not None:
             errors.append((i, (None, kind, message)))
         elif size > max_bytes:
-            errors.append((i, (None, "too_large", f"file is {size} bytes, over the limit of {max_bytes}")))
+            errors.append((i, _too_large(size, max_bytes)))
         else:
             if chunk and held + size > max_batch_bytes:
                 yield list(zip(chunk, gather(lambda u: fetch(u, max_bytes, allow), [uris[j] for j in chunk], timeout)))
