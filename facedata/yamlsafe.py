@@ -84,3 +84,18 @@ def load_yaml(text: str, max_nodes: int = DEFAULT_MAX_NODES, max_depth: int = DE
         raise YamlError(_short(msg, _MESSAGE_CHARS)) from None
     except RecursionError:
         raise YamlError(f"nested deeper than {max_depth} levels") from None
+
+
+def settings_from_dict(cls, d):
+    """A frozen settings dataclass (``cls``) from a mapping read from YAML or JSON, refusing what it does not
+    know: a value that is not a mapping, or a key that is not one of ``cls``'s fields, is a ``ValueError``
+    that names the known ones. The values themselves are checked by ``cls``."""
+    from dataclasses import fields
+
+    if not isinstance(d, dict):
+        raise ValueError(f"{cls.__name__}.from_dict expects a dict, got {type(d).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown setting(s) {unknown}; known: {sorted(known)}")
+    return cls(**d)

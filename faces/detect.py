@@ -41,12 +41,13 @@ canvas around it as context. Large photos are unaffected (they are shrunk, never
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 import torchvision
 
+from facedata.yamlsafe import settings_from_dict
 from faces import centerface, retinaface
 
 NETWORKS = {"retinaface": retinaface, "centerface": centerface}
@@ -109,13 +110,7 @@ class DetectorConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> DetectorConfig:
-        if not isinstance(d, dict):
-            raise ValueError(f"DetectorConfig.from_dict expects a dict, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"DetectorConfig: unknown setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return settings_from_dict(cls, d)
 
     @classmethod
     def preset(cls, name: str, **changes) -> DetectorConfig:

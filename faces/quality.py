@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn.functional as F
 
+from facedata.yamlsafe import settings_from_dict
 from faces.align import input_to_image, warp
 from faces.pose import head_pose
 from models.preprocess import Preprocessing
@@ -215,13 +216,7 @@ class ReviewThresholds:
 
     @classmethod
     def from_dict(cls, d: dict) -> ReviewThresholds:
-        if not isinstance(d, dict):
-            raise ValueError(f"ReviewThresholds.from_dict expects a dict, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"ReviewThresholds: unknown setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return settings_from_dict(cls, d)
 
 
 def _vec(x, n: int, name: str) -> torch.Tensor:
