@@ -98,6 +98,25 @@ BILLION_LAUGHS = "\n".join(
     + [f"{c}: &{c} [{','.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")]) + "\n"
 
 
+def checkpoint_with_extra(folder: Path, name: str, extra: dict) -> tuple[str, str]:
+    """A hard_sharing checkpoint ``folder/name`` whose ``extra`` holds ``extra`` (tensors too, as a training
+    run may keep) with its content hash; the files of one folder differ only in ``extra``. Returns
+    ``(path, hash)``."""
+    import torch
+
+    import models
+    from models.checkpoint import _hash_of, save_checkpoint
+
+    base = folder / "base.pt"
+    if not base.exists():
+        save_checkpoint(models.create_model("hard_sharing"), str(base))
+    obj = torch.load(base, weights_only=True)
+    obj["extra"] = extra
+    obj["hash"] = _hash_of(obj)
+    torch.save(obj, folder / name)
+    return str(folder / name), obj["hash"]
+
+
 def crowd_photo(n: int = 64, seed: int = 21) -> bytes:
     """A JPEG of ``n`` drawn faces on a grid (178x218 each, as tests/test_crowd_cap.py draws 24): the most
     faces a photo keeps by default (``max_faces`` 64), every one of which an attribute model then runs on."""

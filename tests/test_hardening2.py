@@ -16,6 +16,7 @@ import pytest
 
 from facedata import inputs
 from tests.hostile import BILLION_LAUGHS
+from tests.hostile import checkpoint_with_extra as _with_extra
 from tests.hostile import noise_jpeg as _jpeg
 from tests.hostile import odd_paths as _odd_paths
 from tests.hostile import png_with_late_exif as _png_with_late_exif
@@ -378,21 +379,6 @@ def test_read_bounded_refuses_what_is_not_a_regular_file(tmp_path):
 # ------------------------------------------------------------------------------------------------------
 # 4: the content hash covers every value of a tensor in the metadata
 # ------------------------------------------------------------------------------------------------------
-
-def _with_extra(tmp_path, name, extra) -> tuple[str, str]:
-    import torch
-
-    from models.checkpoint import _hash_of
-
-    path = tmp_path / "base.pt"
-    if not path.exists():  # one model: the files differ only in extra
-        _saved(tmp_path, "base.pt")
-    obj = torch.load(path, weights_only=True)
-    obj["extra"] = extra
-    obj["hash"] = _hash_of(obj)
-    torch.save(obj, tmp_path / name)
-    return str(tmp_path / name), obj["hash"]
-
 
 @pytest.mark.parametrize("where", ["top", "nested"])
 def test_one_value_of_a_tensor_in_extra_changes_the_hash(tmp_path, where):
