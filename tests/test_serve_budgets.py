@@ -121,7 +121,9 @@ def test_work_stops_at_the_check_after_detection_and_between_chunks_of_faces(hs_
     passes, real = [], runner.forward_uint8
     monkeypatch.setattr(runner, "forward_uint8", lambda x: passes.append(len(x)) or real(x))
     batch = decode_batch(["a.jpg", "b.jpg"], [group_photo[0]] * 2, Photos(hs_annotator.face_options.max_side))
+    batch["found"] = hs_annotator.find(batch)  # detection once, as the serving replica does (then the models)
     faces = 2 * group_photo[1]
+    assert sum(len(f) for f in batch["found"]) == faces
 
     class Late(Exception):
         pass
