@@ -1,7 +1,8 @@
-"""Hostile inputs (issue #13): every hostile file of the issue and of the tests, thrown at the decoder, the label
-job and the HTTP endpoint, with the answer, the time and the peak memory of each, against a budget.
+"""Hostile inputs (issues #13 and #22): every hostile file of the issues and of the tests, thrown at the decoder, the
+label job and the HTTP endpoint, with the answer, the time and the peak memory of each, against a budget; then
+every other case of issue #22, and hostile requests beside normal clients.
 
-    python bench/bench_hostile.py [--parts decoder,label,http] [--threads 1]
+    python bench/bench_hostile.py [--parts decoder,label,http,runs,serve,concurrent] [--threads 1] [--files A,B]
 
 1. decoder: ``models.preprocess.decode`` in a fresh process per file, once with a ``stretch`` model input
    (224x224) and once with HMTNet's ``shorter_center_crop`` (227 -> 224).
@@ -12,6 +13,13 @@ job and the HTTP endpoint, with the answer, the time and the peak memory of each
 3. http: ``python -m jobs.serve`` on 127.0.0.1 (its own local Ray), each file POSTed as the body over a real
    socket; the ingress replica's peak memory is read from /proc; at the end ``/healthz`` and a real face must
    still answer 200.
+
+4. runs (bench/hostile_runs.py): the label-job findings of #22 that are not a file's bytes: 16,800-box NMS,
+   symlink swap, NUL and odd manifest rows, YAML aliases, a FIFO set member, the GPU path's scan check, a
+   planted temporary link, lease fencing, the content hash.
+5. serve, concurrent (bench/hostile_serve.py): the HTTP findings of #22 against one local Serve (many flat
+   WebPs, 64-face photos over the faces budget, the 504 that frees the replica, the first request after
+   /healthz, no key, config visibility, a slow sender); then normal clients' latency beside hostile requests.
 
 Time: wall seconds and CPU seconds of the process that does the work (the budget is judged on CPU seconds:
 on the shared 2-core machine wall time measures the other users' load too). Peak memory is the rise of the process's peak RSS (VmHWM, reset through /proc/self/clear_refs before each
@@ -30,13 +38,10 @@ import os
 import platform
 import shlex
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +49,9 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.hostile_runs import bench_runs, print_rows  # noqa: E402 - after the path
+from bench.hostile_serve import bench_serve  # noqa: E402
 
 BUDGET_S, BUDGET_MB = 1.0, 300.0
 HMT = {"size": (224, 224), "resize": "shorter_center_crop", "resize_shorter": 227}
@@ -59,38 +67,11 @@ def _enc(img: Image.Image, fmt: str, **kw) -> bytes:
     return buf.getvalue()
 
 
-def _png_header(w: int, h: int) -> bytes:
-    """An 8x8 PNG whose header says w x h (a decompression bomb by its header)."""
-    data = bytearray(_enc(Image.new("L", (8, 8)), "PNG"))
-    data[16:24] = struct.pack(">II", w, h)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    return bytes(data)
-
-
-def _tiff_giant_tile(tile: int = 32768) -> bytes:
-    """A 64x64 TIFF of about 2 KB whose one tile claims tile x tile pixels (libtiff allocates the tile)."""
-    tiff = _enc(Image.new("L", (64, 64)), "TIFF", compression="tiff_deflate")
-    off = struct.unpack_from("<I", tiff, 4)[0]
-    n = struct.unpack_from("<H", tiff, off)[0]
-    entries = {}
-    for i in range(n):
-        tag, typ, cnt, val = struct.unpack_from("<HHII", tiff, off + 2 + 12 * i)
-        entries[tag] = (typ, cnt, val)
-    so, sl = entries[273][2], entries[279][2]
-    for t in (273, 278, 279):
-        entries.pop(t)
-    entries.update({322: (4, 1, tile), 323: (4, 1, tile), 324: (4, 1, so), 325: (4, 1, sl)})
-    out = bytearray(tiff[:off]) + struct.pack("<H", len(entries))
-    for tag in sorted(entries):
-        typ, cnt, val = entries[tag]
-        out += struct.pack("<HHIHH", tag, typ, cnt, val & 0xFFFF, 0) if typ == 3 and cnt == 1 else \
-            struct.pack("<HHII", tag, typ, cnt, val)
-    return bytes(out + b"\0\0\0\0")
-
-
 def hostile_files() -> dict[str, tuple[bytes, str]]:
     """name -> (bytes, where it comes from). Sizes within the 40 MP limit where the issue says so."""
     from facedata.synth import draw_face, encode_jpeg
+    from tests.helpers import huge_png
+    from tests.hostile import png_with_late_exif, scan_bomb, tiff_giant_tile
 
     face = draw_face(np.random.default_rng(7), (200, 200))[0]
     side = 6300  # 39.7 MP: just under the pixel limit
@@ -106,10 +87,10 @@ def hostile_files() -> dict[str, tuple[bytes, str]]:
                                      compression="tiff_deflate"), "issue 2"),
         "tiff-int32-6300.tif": (_enc(Image.fromarray(np.zeros((side, side), np.int32), "I"), "TIFF",
                                      compression="tiff_deflate"), "issue 2"),
-        "tiff-tile-32768.tif": (_tiff_giant_tile(), "issue 2"),
+        "tiff-tile-32768.tif": (tiff_giant_tile(), "issue 2"),
         "rgba-6000.png": (_enc(Image.new("RGBA", (6000, 6000)), "PNG"), "issue 2 (memory, not pixels)"),
         "rgb-6300.png": (_enc(Image.new("RGB", (side, side)), "PNG"), "largest accepted RGB PNG"),
-        "header-10000x10000.png": (_png_header(10_000, 10_000), "tests (pixel limit)"),
+        "header-10000x10000.png": (huge_png(10_000, 10_000), "tests (pixel limit)"),
         "eps.jpg": (eps, "issue 3 (Ghostscript)"),
         "ppm.jpg": (_enc(face, "PPM"), "issue 3 (format allow-list)"),
         "ico.png": (_enc(face.resize((64, 64)), "ICO"), "issue 3 (format allow-list)"),
@@ -119,6 +100,8 @@ def hostile_files() -> dict[str, tuple[bytes, str]]:
         "zeros.jpg": (b"\0" * 2000, "tests"),
         "cmyk.jpg": (_enc(face.convert("CMYK"), "JPEG"), "tests (must label)"),
         "palette.png": (_enc(face.convert("P", palette=Image.ADAPTIVE, colors=64), "PNG"), "tests (must label)"),
+        "late-exif-3000x2000.png": (png_with_late_exif(), "#22 (eXIf after IDAT)"),
+        "scans-4010.jpg": (scan_bomb(4010), "#22 (JPEG scans, CPU path)"),
     }
 
 
@@ -277,12 +260,6 @@ def bench_label(folder: Path, files: dict, threads: int) -> tuple[list[dict], di
                   "errors_by_kind": summary["errors_by_kind"], "ok_total": summary["ok_total"]}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ingress_pid() -> int | None:
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -314,7 +291,9 @@ def bench_http(folder: Path, files: dict, threads: int) -> tuple[list[dict], dic
 
     ckpt = str(folder.parent / "hs-serve.pt")
     save_checkpoint(models.create_model("hard_sharing"), ckpt)
-    port = _free_port()
+    from tests.helpers import free_port
+
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "jobs.serve", "--model", f"hs={ckpt}", "--host", "127.0.0.1",
                                "--port", str(port), "--threads", str(threads)], cwd=ROOT,
                               env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
@@ -360,8 +339,10 @@ def bench_http(folder: Path, files: dict, threads: int) -> tuple[list[dict], dic
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", default="decoder,label,http", help="comma-separated: decoder, label, http")
+    p.add_argument("--parts", default="decoder,label,http,runs,serve,concurrent",
+                   help="comma-separated: decoder, label, http, runs, serve, concurrent")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the model actor / replica")
+    p.add_argument("--files", default=None, help="comma-separated: only these hostile files (decoder, label, http)")
     p.add_argument("--child-decode", help=argparse.SUPPRESS)
     p.add_argument("--child-fetch", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -371,6 +352,8 @@ def main(argv: list[str] | None = None) -> dict:
         return child_fetch(*a.child_fetch)
     parts = set(a.parts.split(","))
     files = hostile_files()
+    if a.files:
+        files = {k: v for k, v in files.items() if k in a.files.split(",") or k == "face.jpg"}
     rows, extra = [], {}
     with tempfile.TemporaryDirectory(prefix="hostile-") as tmp:
         folder = Path(tmp) / "photos"
@@ -385,6 +368,10 @@ def main(argv: list[str] | None = None) -> dict:
         if "http" in parts:
             r, extra["http_end"] = bench_http(folder, files, a.threads)
             rows += r
+        if "runs" in parts:
+            extra["runs"] = bench_runs()
+        if parts & {"serve", "concurrent"}:
+            extra["serve"], extra["serve_extra"] = bench_serve(Path(tmp), a.threads, parts)
     print(f"\n{dt.date.today()} · {platform.machine()} {os.cpu_count()} CPUs · "
           f"python bench/bench_hostile.py {shlex.join(argv if argv is not None else sys.argv[1:])}")
     print(f"budget per image: < {BUDGET_S:g} s and < {BUDGET_MB:g} MB above the process's RSS before it\n")
@@ -401,6 +388,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"service after the run: GET /healthz {extra['http_end']['healthz']}, "
               f"POST face.jpg {extra['http_end']['face_after']}")
     print(f"\n{sum(within(r) for r in rows)} of {len(rows)} within budget")
+    for key in ("runs", "serve"):
+        if extra.get(key):
+            print(f"\n{key} (issue #22): {sum(r['ok'] for r in extra[key])} of {len(extra[key])} as expected in budget\n")
+            print_rows(extra[key])
+    if extra.get("serve_extra"):
+        print(f"\n{json.dumps(extra['serve_extra'], indent=1)}")
     return {"rows": rows, **extra}
 
 

@@ -21,6 +21,8 @@ of at most ``max_batch`` faces per forward pass); when it does not, loading fail
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pyarrow as pa
 import torch
@@ -41,6 +43,8 @@ from facedata.decode import Photos, Whole, decode_batch
 from faces.finder import FaceFinder, FaceOptions
 from faces.quality import ReviewThresholds, face_quality, low_confidence_reasons, quality_crops
 from models.outputs import Categorical
+
+CHECK_EVERY = 64  # with a ``check`` (serving), a model runs on this many faces between two checks
 
 
 class Annotator:
@@ -135,10 +139,40 @@ class Annotator:
             self.embedder.embed(torch.zeros((1, pre.channels, *pre.size), dtype=torch.uint8))
 
     # -- rows ---------------------------------------------------------------------------------------------
-    def annotate(self, batch: dict) -> dict[str, list]:
+    def annotate(self, batch: dict, check: Callable[[], None] | None = None) -> dict[str, list]:
         """A decoded batch (facedata/decode.py) -> the columns of :attr:`schema`: photos one row per face,
-        whole images one row per image; a failed image keeps one row."""
-        return self._photos(batch) if "scale" in batch else self._whole(batch)
+        whole images one row per image; a failed image keeps one row.
+
+        ``check`` (a serving replica's: the requests' deadline) is called after detection, before each model
+        and between chunks of :data:`CHECK_EVERY` faces; what it raises stops the work, so no further model
+        runs. Photos whose faces were already found (:meth:`find`) carry them in ``batch["found"]``."""
+        return self._photos(batch, check) if "scale" in batch else self._whole(batch, check)
+
+    def find(self, batch: dict) -> list:
+        """The faces of every picture of a decoded photo batch (``faces.detect.Faces``; None for a failed
+        image), before any model runs: what a serving replica counts against a request's budget of faces,
+        then gives back to :meth:`annotate` as ``batch["found"]``."""
+        keep, images, scales = _pictures(batch)
+        out: list = [None] * len(batch["ok"])
+        for i, f in zip(keep, self.finder.find(images, scales)):
+            out[i] = f
+        return out
+
+    def _columns(self, r: ModelRunner, inputs: torch.Tensor, geometry: list[dict],
+                 check: Callable[[], None] | None) -> dict[str, list]:
+        """``r.columns``, in chunks of :data:`CHECK_EVERY` faces with ``check`` before each when given."""
+        if check is None:
+            return r.columns(inputs, geometry)
+        parts = []
+        for i in range(0, max(1, len(inputs)), CHECK_EVERY):
+            check()
+            parts.append(r.columns(inputs[i:i + CHECK_EVERY], geometry[i:i + CHECK_EVERY]))
+        return {k: [v for p in parts for v in p[k]] for k in parts[0]}
+
+    def _embed(self, inputs: torch.Tensor, check: Callable[[], None] | None) -> list:
+        if check is not None:
+            check()
+        return self.embedder.embed(inputs).tolist() if len(inputs) else []
 
     def annotate_bytes(self, items: list[tuple[str, bytes]], faces: str | None = None) -> list[dict]:
         """``[(name, bytes)]`` -> row dicts (tests, scripts, notebooks): ``faces`` ``detect`` or ``whole``
@@ -187,7 +221,7 @@ class Annotator:
         return build_rows(batch, self.schema.names, {"model": self.name, "checkpoint": self.identity}, detector,
                           counts, slots, quality, per_face, no_face)
 
-    def _whole(self, batch: dict) -> dict[str, list]:
+    def _whole(self, batch: dict, check: Callable[[], None] | None = None) -> dict[str, list]:
         """Whole images: each ``ok`` image is one face; every model reads its own decoded input."""
         ok = np.asarray(batch["ok"], dtype=bool)
         idx = np.flatnonzero(ok)
@@ -198,34 +232,35 @@ class Annotator:
         for name, r in self.members.items():
             k = self.preprocessings.index(r.preprocessing)
             geometry = [dict(zip(("sx", "sy", "tx", "ty"), map(float, g))) for g in np.asarray(batch[f"geometry_{k}"])[idx]]
-            outputs[name] = r.columns(_rows_of(batch[f"image_{k}"], idx), geometry)
+            outputs[name] = self._columns(r, _rows_of(batch[f"image_{k}"], idx), geometry, check)
         embeddings = None
         if self.embedder is not None:
             k = self.preprocessings.index(self.embedder.preprocessing)
-            embeddings = self.embedder.embed(_rows_of(batch[f"image_{k}"], idx)).tolist() if len(idx) else []
+            embeddings = self._embed(_rows_of(batch[f"image_{k}"], idx), check)
         # the image is the face: no points, so no size, pose or quality crop; only the models' confidence
         reasons = low_confidence_reasons(self.confidences(outputs, len(idx)), len(idx), self.review)
         quality = {f.name: [None] * len(idx) for f in QUALITY_FIELDS}
         quality.update(review=[bool(r) for r in reasons], review_reasons=reasons)
         return self._rows(batch, WHOLE, [None] * len(ok), slots, quality, outputs, embeddings)
 
-    def _photos(self, batch: dict) -> dict[str, list]:
-        """Photos: detection once for the batch, alignment once per distinct template, every model on its
-        own crops of every face."""
+    def _photos(self, batch: dict, check: Callable[[], None] | None = None) -> dict[str, list]:
+        """Photos: detection once for the batch (unless ``batch["found"]`` has it), alignment once per
+        distinct template, every model on its own crops of every face."""
         ok = np.asarray(batch["ok"], dtype=bool)
-        keep = [int(i) for i in np.flatnonzero(ok)]
-        images = [_tensor(batch["image"][i]) for i in keep]
-        scales = [float(batch["scale"][i]) for i in keep]
+        keep, images, scales = _pictures(batch)
         finder = self.finder
-        found = finder.find(images, scales)
+        found = [batch["found"][i] for i in keep] if "found" in batch else finder.find(images, scales)
+        if check is not None:
+            check()
         aligned = {pre: finder.aligned(images, found, pre, scales) for pre in self.preprocessings}
         outputs = {}
         for name, r in self.members.items():
             a = aligned[r.preprocessing]
-            outputs[name] = r.columns(a.inputs, [{"affine": m[:2].reshape(-1).tolist()} for m in a.maps])
+            outputs[name] = self._columns(r, a.inputs, [{"affine": m[:2].reshape(-1).tolist()} for m in a.maps],
+                                          check)
         embeddings = None
         if self.embedder is not None:
-            embeddings = self.embedder.embed(aligned[self.embedder.preprocessing].inputs).tolist()
+            embeddings = self._embed(aligned[self.embedder.preprocessing].inputs, check)
         order = next(iter(aligned.values()))  # every alignment lists the faces in one order
         counts: list = [None] * len(ok)
         slots: list = [[] for _ in ok]
@@ -252,6 +287,12 @@ class Annotator:
         out = {f.name: q[f.name].tolist() for f in QUALITY_FIELDS if f.name != "review_reasons"}
         out["review_reasons"] = q["review_reasons"]
         return out
+
+
+def _pictures(batch: dict) -> tuple[list[int], list[torch.Tensor], list[float]]:
+    """A photo batch's decoded pictures: the indices of its ``ok`` images, their pixels and scales."""
+    keep = [int(i) for i in np.flatnonzero(np.asarray(batch["ok"], dtype=bool))]
+    return keep, [_tensor(batch["image"][i]) for i in keep], [float(batch["scale"][i]) for i in keep]
 
 
 def _tensor(image) -> torch.Tensor:

@@ -15,6 +15,12 @@ from pathlib import Path
 import pytest
 
 from facedata import inputs, paths, reading
+from tests.hostile import BILLION_LAUGHS
+from tests.hostile import checkpoint_with_extra as _with_extra
+from tests.hostile import noise_jpeg as _jpeg
+from tests.hostile import odd_paths as _odd_paths
+from tests.hostile import png_with_late_exif as _png_with_late_exif
+from tests.hostile import scan_bomb as _scan_bomb
 
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = (None, *paths.FORBIDDEN)
@@ -89,19 +95,6 @@ def test_static_symlinks_out_of_the_folder_are_forbidden_and_inside_ones_read(tm
 # ------------------------------------------------------------------------------------------------------
 # 2: odd paths in a manifest are error rows, never an exception that fails the batch
 # ------------------------------------------------------------------------------------------------------
-
-def _odd_paths(folder: Path) -> list[str]:
-    return [
-        "b\x00.jpg", str(folder / "c\x00.jpg"),  # NUL
-        "n" * 300 + ".jpg",  # over NAME_MAX
-        "/".join(["d" * 200] * 30) + "/e.jpg",  # over PATH_MAX
-        "bad\udcff.jpg", "lone\ud800.jpg",  # invalid UTF-8 (surrogate-escaped) and a lone surrogate
-        "s3://", "s3:///key.jpg", "s3://bucket", "s3://bucket/",  # no bucket, no key
-        "%2e%2e/secret.txt", "%2e%2e%2fsecret.txt",  # URL-encoded ..
-        "../secret.txt", "sub/../../secret.txt", "../../../../../../etc/passwd",  # plain .. traversal
-        "",
-    ]
-
 
 def test_odd_paths_never_raise_and_are_error_rows(tmp_path):
     folder = tmp_path / "photos"
@@ -387,21 +380,6 @@ def test_read_bounded_refuses_what_is_not_a_regular_file(tmp_path):
 # 4: the content hash covers every value of a tensor in the metadata
 # ------------------------------------------------------------------------------------------------------
 
-def _with_extra(tmp_path, name, extra) -> tuple[str, str]:
-    import torch
-
-    from models.checkpoint import _hash_of
-
-    path = tmp_path / "base.pt"
-    if not path.exists():  # one model: the files differ only in extra
-        _saved(tmp_path, "base.pt")
-    obj = torch.load(path, weights_only=True)
-    obj["extra"] = extra
-    obj["hash"] = _hash_of(obj)
-    torch.save(obj, tmp_path / name)
-    return str(tmp_path / name), obj["hash"]
-
-
 @pytest.mark.parametrize("where", ["top", "nested"])
 def test_one_value_of_a_tensor_in_extra_changes_the_hash(tmp_path, where):
     import torch
@@ -461,11 +439,6 @@ def test_hashes_of_checkpoints_without_arrays_in_their_metadata_do_not_change(tm
 # 6: YAML with aliases is refused before it is expanded; the node count is bounded
 # ------------------------------------------------------------------------------------------------------
 
-BILLION_LAUGHS = "\n".join(
-    ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
-    + [f"{c}: &{c} [{','.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")]) + "\n"
-
-
 def test_billion_laughs_fails_fast_with_bounded_memory():
     assert len(BILLION_LAUGHS) < 500
     code = ("import resource, sys, time; from facedata.yamlsafe import load_yaml, YamlError; "
@@ -517,26 +490,6 @@ def test_refused_yaml_names_the_line_and_quotes_little(text, expected):
 # 7: one JPEG scan limit for the CPU decoder and --gpu-decode
 # ------------------------------------------------------------------------------------------------------
 
-def _jpeg(progressive: bool, size=(64, 48)) -> bytes:
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    arr = np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "JPEG", quality=90, progressive=progressive)
-    return buf.getvalue()
-
-
-def _scan_bomb(scans: int = 4000) -> bytes:
-    """A progressive JPEG whose last scan (SOS segment and its entropy-coded data) is repeated."""
-    data = _jpeg(True)
-    assert data.endswith(b"\xff\xd9")
-    last = data.rindex(b"\xff\xda")
-    return data[:last] + data[last:-2] * scans + b"\xff\xd9"
-
-
 def test_a_4000_scan_jpeg_is_refused_by_the_shared_check():
     from models.preprocess import (
         MAX_JPEG_SCANS,
@@ -576,25 +529,6 @@ def test_gpu_decode_refuses_the_scan_bomb_too():
 # ------------------------------------------------------------------------------------------------------
 # 8: a PNG whose orientation (eXIf) comes after its pixels (IDAT): the memory estimate holds
 # ------------------------------------------------------------------------------------------------------
-
-def _png_with_late_exif(size=(3000, 2000), orientation=6) -> bytes:
-    """An RGB PNG (small: one colour) whose eXIf chunk, rotating it, is written after IDAT, before IEND."""
-    import io
-    import struct
-    import zlib
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", size, (200, 120, 40)).save(buf, "PNG")
-    png = buf.getvalue()
-    assert png.endswith(b"IEND\xaeB`\x82")
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    body = exif.tobytes()[len(b"Exif\x00\x00"):]  # a PNG's eXIf holds the TIFF structure alone
-    chunk = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body))
-    return png[:-12] + chunk + png[-12:]
-
 
 def test_a_late_exif_chunk_is_in_the_memory_estimate():
     from models.preprocess import ImageDecodeError, Preprocessing, decode, decode_cost

@@ -5,27 +5,20 @@ memory is taken); a body that does not arrive in time (408). No Serve needed: th
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 
 import pytest
-from PIL import Image
 
 from facedata.decode import Photos
 from raytasks import serve as S
-from tests.helpers import ingress
-
-
-def _webp(w: int, h: int) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (w, h), (90, 120, 150)).save(buf, format="WEBP", lossless=True)
-    return buf.getvalue()
+from tests.helpers import assert_same, ingress
+from tests.hostile import flat_webp
 
 
 def test_a_small_body_of_many_large_flat_images_is_refused_before_decoding():
     """64 copies of a 2048x2048 single-colour lossless WebP (about 200 bytes each, a 14 KB body) would hold
     768 MiB decoded: refused 413 from the headers, with nothing decoded."""
-    data = _webp(2048, 2048)
+    data = flat_webp(2048, 2048)
     assert len(data) < 1024
     api = ingress()
     decoded = []
@@ -49,7 +42,7 @@ def test_the_source_pixels_of_a_request_are_bounded():
     """Six 6000x6000 single-colour WebPs (36 MP each, under the 40 MP limit of one image): 216 MP in one
     request is over the 200 MP default, so the decoder's CPU time is bounded per request (413 before
     decoding)."""
-    data = _webp(6000, 6000)
+    data = flat_webp(6000, 6000)
     api = ingress()
     with pytest.raises(S.APIError) as e:
         asyncio.run(api._decoded([(f"{i}.webp", data) for i in range(6)], Photos(256)))
@@ -59,7 +52,7 @@ def test_the_source_pixels_of_a_request_are_bounded():
 
 
 def test_a_full_decoded_budget_is_a_503_and_frees_again():
-    data = _webp(1024, 1024)  # 3 MiB decoded
+    data = flat_webp(1024, 1024)  # 3 MiB decoded
     api = ingress(max_decoded_bytes=4 << 20, decode_wait_s=0.05)
 
     async def scenario():
@@ -115,3 +108,48 @@ def test_bodies_in_flight_are_bounded():
 
     err = asyncio.run(scenario())
     assert err.status == 503 and api._body_budget.free == api._body_budget.total
+
+
+def test_work_stops_at_the_check_after_detection_and_between_chunks_of_faces(hs_annotator, group_photo, monkeypatch):
+    """The serving replica's deadline is a ``check`` given to the core: called after detection, before each
+    model and between chunks of faces; what it raises stops the work there, so no further forward pass runs
+    (count them). Without it firing, the rows are those of a run without any check."""
+    import core.annotator as A
+    from facedata.decode import decode_batch
+
+    (runner,) = hs_annotator.members.values()
+    passes, real = [], runner.forward_uint8
+    monkeypatch.setattr(runner, "forward_uint8", lambda x: passes.append(len(x)) or real(x))
+    batch = decode_batch(["a.jpg", "b.jpg"], [group_photo[0]] * 2, Photos(hs_annotator.face_options.max_side))
+    batch["found"] = hs_annotator.find(batch)  # detection once, as the serving replica does (then the models)
+    faces = 2 * group_photo[1]
+    assert sum(len(f) for f in batch["found"]) == faces
+
+    class Late(Exception):
+        pass
+
+    def after(n: int):
+        """A check that lets ``n`` calls pass, then raises; and its calls."""
+        calls = []
+
+        def check():
+            calls.append(1)
+            if len(calls) > n:
+                raise Late
+        return check, calls
+
+    check, _ = after(0)  # the deadline passed during detection: no model runs
+    with pytest.raises(Late):
+        hs_annotator.annotate(batch, check=check)
+    assert passes == []
+    monkeypatch.setattr(A, "CHECK_EVERY", 2)
+    check, _ = after(2)  # after detection, then one chunk of 2 faces, then stop
+    with pytest.raises(Late):
+        hs_annotator.annotate(batch, check=check)
+    assert passes == [2]
+    passes.clear()
+    check, calls = after(10**6)
+    rows = hs_annotator.annotate(batch, check=check)
+    assert passes == [2] * (faces // 2) + [faces % 2] * (faces % 2) and len(calls) == 1 + len(passes)
+    monkeypatch.setattr(runner, "forward_uint8", real)
+    assert_same(rows, hs_annotator.annotate(batch))

@@ -200,7 +200,7 @@ def test_a_set_that_changes_under_a_request_is_retried_once_then_503():
         return {"name": "set", "checkpoint": f"set-sha256:{calls['describe']}", "models": [],
                 "faces": {"detector": "d"}, "preprocessings": []}
 
-    async def predict_photos(payload, identity):
+    async def predict_photos(payload, identity, limits):
         calls["predict"] += 1
         raise S.CheckpointChanged(f"decoded for {identity}")
 
@@ -228,3 +228,52 @@ def test_set_description_hides_uris_and_devices_without_the_admin_key(monkeypatc
                                  {"name": "embedding", "model": "dlib", "checkpoint": "sha256:z"}]}
     assert api._visible(None, desc, FakeRequest({"X-Admin-Key": "wrong"})) == public
     assert api._visible(None, desc, FakeRequest({"X-Admin-Key": "admin"})) == desc
+
+
+# --- configuration (moved from tests/test_serve.py) -----------------------------------------------------------------------
+def test_cli_flags_become_valid_app_args():
+    from jobs.serve import build_args, parser
+    from raytasks.serve import ServeArgs, deployment_options
+    from raytasks.threads import runtime_env
+
+    ns = parser().parse_args(["--model", "dmm=s3://b/models/dmm.pt", "--model", "agr=./agr.pt", "--port", "8001",
+                              "--autoscale", "1:3", "--num-gpus", "1", "--max-batch-size", "32"])
+    assert (ns.host, ns.port) == ("127.0.0.1", 8001)
+    args = ServeArgs.model_validate(build_args(ns))
+    assert args.models == {"dmm": "s3://b/models/dmm.pt", "agr": "./agr.pt"}
+    opts = deployment_options(args.model_settings("dmm"))
+    assert opts["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0, "runtime_env": runtime_env()}
+    assert opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 32}
+    assert "num_replicas" not in opts
+    assert opts["user_config"] == {"max_batch_size": 32, "batch_wait_timeout_s": 0.01}
+    assert opts["max_ongoing_requests"] == 64
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--model", "no-uri-given"])
+    with pytest.raises(SystemExit):
+        build_args(parser().parse_args(["--model", "a=x.pt", "--model", "a=y.pt"]))
+
+
+@pytest.mark.parametrize("bad", [
+    {"models": {}},
+    {"models": {"has space": "x.pt"}},
+    {"models": {"a": "x.pt"}, "max_batch_size": 0},
+    {"models": {"a": "x.pt"}, "max_batch_sise": 8},
+    {"models": {"a": {"num_gpus": 1}}},
+])
+def test_bad_app_args_are_refused(bad):
+    from raytasks.serve import ServeArgs
+
+    with pytest.raises(ValueError):
+        ServeArgs.model_validate(bad)
+
+
+def test_per_model_settings_override_the_defaults():
+    from raytasks.serve import ServeArgs, deployment_options
+
+    args = ServeArgs.model_validate({"models": {"a": "a.pt", "b": {"checkpoint": "b.pt", "num_replicas": 2,
+                                                                    "max_batch_size": 64}},
+                                     "autoscaling_config": {"min_replicas": 1, "max_replicas": 4}})
+    a, b = (deployment_options(args.model_settings(n)) for n in "ab")
+    assert a["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4} and "num_replicas" not in a
+    assert b["num_replicas"] == 2 and "autoscaling_config" not in b
+    assert b["user_config"]["max_batch_size"] == 64 and a["user_config"]["max_batch_size"] == 16

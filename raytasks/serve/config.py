@@ -63,6 +63,9 @@ class IngressSpec(_Strict):
     # What one request may cost (issue #22), refused with 413 from the files' headers before any decoding:
     max_request_pixels: int = Field(200_000_000, ge=1)  # source pixels decoded per request (the decoder's CPU)
     max_request_decoded_bytes: int = Field(256 * 2**20, ge=1)  # decoded pixels one request holds (memory)
+    # faces found in one request's photos (whole images: images), counted by the model replica after
+    # detection: over it 413 before any attribute model runs on them (the models' CPU/GPU time)
+    max_request_faces: int = Field(256, ge=1)
     # What one ingress replica holds at once, all requests together; over it a request waits decode_wait_s,
     # then 503 (Retry-After) before its memory is taken:
     max_decoded_bytes: int = Field(2 * 2**30, ge=1)  # decoded pixels in flight to the model replicas

@@ -7,11 +7,14 @@ Errors (every 4xx body is JSON ``{"error": code, "detail": message, ...}``):
   ``X-API-Key: <key>``. ``/healthz``, ``/docs`` and ``/openapi.json`` stay open.
 * 404 ``unknown_model``, or ``no_model_set`` (``/v1/predict``, ``/v1/set`` without a ``model_set``); 413
   ``too_large`` (body over ``max_request_bytes``: refused from ``Content-Length`` before reading, or as soon
-  as a streamed body passes the limit; or an image over the preprocessing's pixel limit); 415
+  as a streamed body passes the limit; or an image over the preprocessing's pixel limit), ``too_many_faces``
+  (the request's photos hold more faces than ``ingress.max_request_faces``: refused after detection, before
+  any attribute model runs; the body has ``faces`` and ``limit_faces``); 415
   ``unsupported_media_type``; 422 ``not_image`` / ``empty`` / ``truncated`` / ``decode_error`` /
   ``bad_form`` naming each bad file; 503 ``overloaded`` (with ``Retry-After``) when a model's replicas and
-  their queue (``max_ongoing_requests``, ``max_queued_requests``) are full. The service stays up: a rejected
-  request costs nothing further.
+  their queue (``max_ongoing_requests``, ``max_queued_requests``) are full; 504 ``timeout`` past
+  ``ingress.request_timeout_s``, after which the model replica runs no further model for the request. The
+  service stays up: a rejected request costs nothing further.
 """
 
 
@@ -85,7 +88,8 @@ PREDICT_OPENAPI = {
     },
 }
 _ERRORS = {code: {"model": ErrorBody, "description": desc} for code, desc in {
-    401: "API key missing or wrong", 404: "unknown model", 413: "body or image over the size limit",
+    401: "API key missing or wrong", 404: "unknown model",
+    413: "body or image over the size limit, or more faces than the request's budget (too_many_faces)",
     415: "content type is neither an image nor multipart/form-data", 422: "a file is not a decodable image",
     503: "the model's replicas and queue, or the decoders, are full, or the model is being updated; retry "
          "after Retry-After seconds", 504: "the model did not answer within the request timeout"}.items()}

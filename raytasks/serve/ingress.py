@@ -12,6 +12,7 @@ Errors and the body reader: raytasks/serve/http.py. Why it is built this way: ra
 import asyncio
 import hmac
 import os
+import time
 from typing import Any, Literal
 
 from fastapi import Request
@@ -39,7 +40,7 @@ from raytasks.serve.http import (
     _no_model_set,
     app,
 )
-from raytasks.serve.replicas import CheckpointChanged
+from raytasks.serve.replicas import CheckpointChanged, DeadlineExceeded, FaceBudgetExceeded
 
 ADMIN_KEY_ENV = "FACEATTR_ADMIN_KEY"  # who may see checkpoint URIs, devices and threads (GET /v1/models)
 # besides checkpoint URIs: operators only. ``config`` may hold private URIs (--model-arg backbone_weights=s3://...)
@@ -171,14 +172,25 @@ class FaceAttrAPI:
         finally:
             self._decode_slots.release()
 
+    def _request_limits(self) -> dict:
+        """What the replica enforces for one request (raytasks/serve/replicas.py): its budget of faces, and
+        its deadline, when this ingress answers 504, after which the replica runs no further model for it."""
+        return {"max_faces": self.limits.max_request_faces, "deadline": time.time() + self.limits.request_timeout_s}
+
     async def _model_call(self, key: str | None, response):
-        """A call to the target's deployment bounded by ``request_timeout_s`` (504), 503 when it is full."""
+        """A call to the target's deployment bounded by ``request_timeout_s`` (504), 503 when it is full,
+        413 when the replica found more faces than ``max_request_faces``."""
         name, what = self._label(key), self._what(key)
+        timeout = self.limits.request_timeout_s
         try:
-            return await asyncio.wait_for(_call_model(name, response, what), timeout=self.limits.request_timeout_s)
-        except asyncio.TimeoutError:
-            raise APIError(504, "timeout", f"{what} {name!r} did not answer within {self.limits.request_timeout_s:g} s",
+            return await asyncio.wait_for(_call_model(name, response, what), timeout=timeout)
+        except (asyncio.TimeoutError, DeadlineExceeded):
+            raise APIError(504, "timeout", f"{what} {name!r} did not answer within {timeout:g} s",
                            headers={"Retry-After": "5"}) from None
+        except FaceBudgetExceeded as e:
+            raise APIError(413, "too_many_faces", f"the request's images hold {e.faces} faces; one request may hold "
+                           f"at most {e.limit} (ingress.max_request_faces): send fewer photos per request",
+                           faces=e.faces, limit_faces=e.limit) from None
 
     async def _consistent(self, key: str | None, call) -> tuple[dict, Any]:
         """``await call(description)`` against the target's current checkpoint: when a replica holds another
@@ -303,7 +315,7 @@ class FaceAttrAPI:
             payload, held = await self._decoded(items, Photos(self.face_options.max_side))
             try:
                 desc, per_image = await self._consistent(key, lambda desc: self._model_call(
-                    key, handle.predict_photos.remote(payload, _identity(key, desc))))
+                    key, handle.predict_photos.remote(payload, _identity(key, desc), self._request_limits())))
             finally:
                 await self._decoded_budget.release(held)
             images = [{"path": p["path"], "width": p["width"], "height": p["height"],
@@ -314,7 +326,8 @@ class FaceAttrAPI:
         async def whole(desc: dict):  # decoded for the target's own preprocessing(s)
             payload, held = await self._decoded(items, Whole(tuple(_preprocessings(key, desc))))
             try:
-                return await self._model_call(key, handle.predict.remote(payload, _identity(key, desc)))
+                return await self._model_call(key, handle.predict.remote(payload, _identity(key, desc),
+                                                                         self._request_limits()))
             finally:
                 await self._decoded_budget.release(held)
 

@@ -15,12 +15,20 @@ kinds never share a process) and runs every torch call on one thread (:func:`ray
 each thread that calls torch gets its own OpenMP pool, and with more OpenMP threads than cores libgomp
 throttles them. A replica checks that the ingress decoded for the checkpoint (or set identity) it holds and
 raises :class:`CheckpointChanged` otherwise; the ingress then re-reads the description and retries once.
+
+What one request may cost the replica (issue #22): the ingress sends its ``limits`` with each request. A
+photo request's faces are found first (its own ``@serve.batch`` queue, shared across requests) and counted:
+over ``max_faces`` the request is refused (:class:`FaceBudgetExceeded`, 413) before any attribute model runs
+on them. Past its ``deadline`` (when the ingress answers 504) a request's images are left out of the batches
+they have not entered, and a batch stops before its next model, or its next chunk of faces, once every
+request in it is past its deadline (:class:`DeadlineExceeded`): the replica is free for the next batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import Counter
 
 import numpy as np
@@ -31,11 +39,44 @@ from core.rows import row_dicts, rows_per_image
 from raytasks.threads import torch_executor
 
 PER_IMAGE = ("path", "width", "height")
-LISTS = ("image", "scale")  # a photo's picture and scale stay one list entry each; whole inputs stack
+LISTS = ("image", "scale", "found")  # a photo's picture, scale and faces stay one list entry each; whole inputs stack
+DEADLINE = "deadline"  # an item's request's deadline (time.time()), not part of the decoded batch
 
 
 class CheckpointChanged(RuntimeError):
     """The ingress decoded for another checkpoint than the replica holds (the deployment was updated)."""
+
+
+class FaceBudgetExceeded(RuntimeError):
+    """A request's photos hold more faces than its budget (``max_faces``): refused before any model runs."""
+
+    def __init__(self, faces: int, limit: int):
+        super().__init__(f"the request's images hold {faces} faces, over its budget of {limit}")
+        self.faces, self.limit = faces, limit
+
+    def __reduce__(self):
+        return (FaceBudgetExceeded, (self.faces, self.limit))
+
+
+class DeadlineExceeded(TimeoutError):
+    """The request is past its deadline (the ingress has answered it 504): no further model runs for it."""
+
+
+def _expired(deadline: float | None) -> bool:
+    return deadline is not None and time.time() > deadline
+
+
+def _deadline_check(deadlines: list[float | None]):
+    """``check`` for ``Annotator.annotate``: raises once every request of the batch is past its deadline."""
+    if any(d is None for d in deadlines):
+        return None
+    latest = max(deadlines)
+
+    def check() -> None:
+        if time.time() > latest:
+            raise DeadlineExceeded(f"every request of this batch is past its deadline "
+                                   f"({time.time() - latest:.1f} s ago): stopped")
+    return check
 
 
 def batch_of(items: list[dict]) -> dict:
@@ -45,7 +86,7 @@ def batch_of(items: list[dict]) -> dict:
              "error_message": [None] * n, "width": np.array([it["width"] for it in items], dtype=np.int32),
              "height": np.array([it["height"] for it in items], dtype=np.int32)}
     for key in items[0]:
-        if key not in PER_IMAGE:
+        if key not in PER_IMAGE and key != DEADLINE:
             values = [it[key] for it in items]
             batch[key] = values if key in LISTS else np.stack(values)
     return batch
@@ -69,6 +110,8 @@ class AnnotatorServer:
         self.batch_sizes: Counter[int] = Counter()
         self.requests = 0
         self.images = 0
+        self.faces = 0  # faces (whole images: images) the models ran on
+        self.refused = {"faces": 0, "deadline": 0}  # requests refused over their faces budget, or past deadline
         self._lock = threading.Lock()
         self.annotator = self._on_torch_thread(Annotator, models, faces=faces, device=device, precision=precision,
                                                channels_last=channels_last, threads=threads, review=review)
@@ -88,7 +131,7 @@ class AnnotatorServer:
         replicas (Serve calls this on deploy and on every config update)."""
         self.max_batch_size = int(user_config["max_batch_size"])
         self.batch_wait_timeout_s = float(user_config["batch_wait_timeout_s"])
-        for method in (self.infer, self.infer_photo):
+        for method in (self.infer, self.infer_photo, self.find_photo):
             method.set_max_batch_size(self.max_batch_size)
             method.set_batch_wait_timeout_s(self.batch_wait_timeout_s)
 
@@ -96,8 +139,9 @@ class AnnotatorServer:
         """Counters of the replica that answers (one of possibly several)."""
         with self._lock:
             sizes = dict(sorted(self.batch_sizes.items()))
-            return {"requests": self.requests, "images": self.images, "batches": sum(sizes.values()),
-                    "max_batch_size_seen": max(sizes, default=0), "batch_sizes": sizes}
+            return {"requests": self.requests, "images": self.images, "faces": self.faces,
+                    "batches": sum(sizes.values()), "max_batch_size_seen": max(sizes, default=0),
+                    "batch_sizes": sizes, "refused": dict(self.refused)}
 
     # -- what it serves -----------------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -147,35 +191,92 @@ class AnnotatorServer:
         with self._lock:
             self.requests += 1
 
-    async def predict(self, items: list[dict], identity: str) -> list[dict]:
+    def _refuse(self, why: str, error: Exception) -> None:
+        with self._lock:
+            self.refused[why] += 1
+        raise error
+
+    def _check_faces(self, faces: int, limits: dict) -> None:
+        limit = limits.get("max_faces")
+        if limit is not None and faces > limit:
+            self._refuse("faces", FaceBudgetExceeded(faces, int(limit)))
+
+    def _check_deadline(self, deadline: float | None) -> None:
+        if _expired(deadline):
+            self._refuse("deadline", DeadlineExceeded("the request is past its deadline"))
+
+    async def predict(self, items: list[dict], identity: str, limits: dict | None = None) -> list[dict]:
         """One HTTP request's whole images (``image_<k>``/``geometry_<k>`` per preprocessing) -> their rows.
         Each image joins the replica's batch queue separately, so images of concurrent requests share
-        forward passes."""
+        forward passes. ``limits``: ``max_faces`` (each image is one face) and ``deadline`` (module
+        docstring)."""
         self._request(identity)
-        return list(await asyncio.gather(*(self.infer(item) for item in items)))
+        limits = limits or {}
+        deadline = limits.get(DEADLINE)
+        self._check_faces(len(items), limits)
+        self._check_deadline(deadline)
+        return await self._gathered(self.infer({**item, DEADLINE: deadline}) for item in items)
 
-    async def predict_photos(self, items: list[dict], identity: str) -> list[list[dict]]:
-        """One HTTP request's decoded photos -> per photo its rows (one per face, or one saying no face)."""
+    async def predict_photos(self, items: list[dict], identity: str, limits: dict | None = None) -> list[list[dict]]:
+        """One HTTP request's decoded photos -> per photo its rows (one per face, or one saying no face).
+        Faces are found first for the whole request and counted against ``limits["max_faces"]``; then the
+        models run, unless the request is past ``limits["deadline"]`` (module docstring)."""
         self._request(identity)
-        return list(await asyncio.gather(*(self.infer_photo(item) for item in items)))
+        limits = limits or {}
+        deadline = limits.get(DEADLINE)
+        self._check_deadline(deadline)
+        items = [{**item, DEADLINE: deadline} for item in items]
+        found = await self._gathered(self.find_photo(item) for item in items)
+        self._check_faces(sum(len(f) for f in found if f is not None), limits)
+        self._check_deadline(deadline)
+        return await self._gathered(self.infer_photo({**item, "found": f}) for item, f in zip(items, found))
+
+    async def _gathered(self, calls) -> list:
+        """The results of a request's items, each from its batch; one past its deadline (left out of its
+        batch, or its batch stopped) raises DeadlineExceeded for the whole request."""
+        try:
+            results = await asyncio.gather(*calls)
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
+        except DeadlineExceeded as e:
+            self._refuse("deadline", e)
+        return list(results)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def find_photo(self, items: list[dict]) -> list:
+        return await self._on_torch(lambda: self._live(items, lambda live: self.annotator.find(batch_of(live))))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def infer_photo(self, items: list[dict]) -> list[list[dict]]:
-        return await self._on_torch(lambda: rows_per_image(self._annotate(items), len(items)))
+        return await self._on_torch(lambda: self._live(items, lambda live: rows_per_image(self._annotate(live),
+                                                                                          len(live))))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def infer(self, items: list[dict]) -> list[dict]:
-        return await self._on_torch(lambda: row_dicts(self._annotate(items)))
+        return await self._on_torch(lambda: self._live(items, lambda live: row_dicts(self._annotate(live))))
+
+    @staticmethod
+    def _live(items: list[dict], fn) -> list:
+        """``fn`` on the items whose request is not past its deadline; the others answer DeadlineExceeded
+        (an exception as the item's result: the caller raises it, the batch's other requests go on)."""
+        alive = [not _expired(it.get(DEADLINE)) for it in items]
+        live = [it for it, a in zip(items, alive) if a]
+        results = iter(fn(live) if live else [])
+        return [next(results) if a else DeadlineExceeded("the request is past its deadline") for a in alive]
 
     def _annotate(self, items: list[dict]) -> dict[str, list]:
         with self._lock:
             self.batch_sizes[len(items)] += 1
             self.images += len(items)
-        return self.annotator.annotate(batch_of(items))
+        cols = self.annotator.annotate(batch_of(items), check=_deadline_check([it.get(DEADLINE) for it in items]))
+        with self._lock:
+            self.faces += sum(1 for f in cols["face"] if f is not None) if "scale" in items[0] else len(items)
+        return cols
 
     async def _on_torch(self, fn):
         # Off the event loop: new requests keep joining the next batch while this one runs.
         return await asyncio.get_running_loop().run_in_executor(self._torch_thread, fn)
 
 
-__all__ = ["AnnotatorServer", "CheckpointChanged", "batch_of"]
+__all__ = ["AnnotatorServer", "CheckpointChanged", "DeadlineExceeded", "FaceBudgetExceeded", "batch_of"]
