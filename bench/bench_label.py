@@ -117,7 +117,7 @@ def model_only(ckpt: str, dec: dict, precisions: tuple[str, str], threads: int, 
     for p, pred in preds.items():
         labels = []
         for k, raw in enumerate(raws[p]):
-            labels.extend(label_values(pred.model.decode(raw, geometry[k * batch:(k + 1) * batch]),
+            labels.extend(label_values(pred.model.to_columns(raw, geometry[k * batch:(k + 1) * batch]),
                                        pred.output_fields))
         out[p] = (n / seconds[p], labels)
     return out

@@ -303,7 +303,7 @@ def test_checkpoint_round_trips_and_labels_the_same(tmp_path, monkeypatch):
         with torch.no_grad():
             got = loaded(loaded.prepare(u8))
         assert all(torch.allclose(want[k], got[k], atol=1e-5) for k in want)
-        assert loaded.decode(got) == m.decode(want)
+        assert loaded.to_columns(got) == m.to_columns(want)
         assert info.preprocessing["template"] is not None and tuple(info.preprocessing["size"]) == (150, 150)
 
 
