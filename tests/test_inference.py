@@ -82,6 +82,7 @@ def _actor(ckpt: str, **kwargs):
                           **kwargs)
 
 
+@pytest.mark.slow  # over ~5 s of CPU: in the full suite, not the quick tier
 def test_compiled_runner_pads_and_splits_to_its_batch_and_matches_eager(hs_checkpoint):
     import time
 

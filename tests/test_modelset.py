@@ -96,6 +96,7 @@ def test_oversized_set_file_and_name_clash(tmp_path, three):
 
 
 # --- one pass, every model ------------------------------------------------------------------------------
+@pytest.mark.slow  # over ~5 s of CPU: in the full suite, not the quick tier
 def test_set_rows_equal_each_models_own_rows_photos_and_whole(three, set_annotator):
     """Detection: one row per face, each model's struct equal to that model alone on the same photos; the
     embedding column filled on faces only. Whole images: the same, one row per image."""

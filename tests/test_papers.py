@@ -64,6 +64,7 @@ def test_fold_remainder_keeps_every_image_and_no_batch_of_one(sizes, expected):
         assert all(len(b["t:x"]) == len(b["image"]) for b in out)
 
 
+@pytest.mark.slow  # over ~5 s of CPU: in the full suite, not the quick tier
 def test_hmtnet_trains_an_epoch_whose_last_batch_holds_one_image(scut):
     # The issue's run: 33 images in batches of 8 left one over and ANet's BatchNorm (1x1 map) refused it
     # ("Expected more than 1 value per channel when training"). Here 9 images in batches of 8.
@@ -94,6 +95,7 @@ def test_hmtnet_trains_and_evaluates_on_the_same_input_size_without_augmentation
         assert batch["image"].shape[-2:] == size
 
 
+@pytest.mark.slow  # over ~5 s of CPU: in the full suite, not the quick tier
 # --- 2. the attention network's split -----------------------------------------------------------------
 def test_attention_shares_the_first_46_layers_and_copies_res5c_per_task():
     # "We share the parameters from its first 46 layers for all the tasks ... We attach a fully connected

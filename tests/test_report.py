@@ -287,6 +287,7 @@ print(json.dumps({"before_mb": before / 1024, "peak_mb": peak / 1024, "small": s
 """
 
 
+@pytest.mark.slow  # over ~5 s of CPU: in the full suite, not the quick tier
 def test_100000_rows_stay_within_bounded_memory(label_output, tmp_path):
     """Peak RSS growth of one process reporting 100,000 rows after reporting 1,000 rows of the same layout (a
     model set: 40 attributes, landmarks, embeddings; 100 MB uncompressed in Arrow), which loads every import
