@@ -38,7 +38,8 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never s
 class ImageDecodeError(ValueError):
     """Bytes that cannot become a model input. ``kind`` is machine-readable, ``str(err)`` is for people."""
 
-    KINDS = ("empty", "not_image", "truncated", "too_large", "decode_error", "no_face")
+    # ``changed``: a training file whose bytes are no longer those its face was found in (faces/trainfaces.py)
+    KINDS = ("empty", "not_image", "truncated", "too_large", "decode_error", "no_face", "changed")
 
     def __init__(self, kind: str, message: str):
         assert kind in self.KINDS, kind
