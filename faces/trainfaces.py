@@ -86,8 +86,8 @@ class FaceReport:
     def line(self) -> str:
         rate = f", {self.images / self.seconds:.1f} images/s" if self.seconds > 0 else ""
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(self.kinds().items())) or "none"
-        return (f"faces ({self.mode}): {self.used}/{self.images} images used, {self.cached} from the cache, "
-                f"{self.detected} detected{rate}; skipped {len(self.skipped)} ({kinds})")
+        found = f", {self.cached} from the cache, {self.detected} detected{rate}" if self.mode == "detect" else ""
+        return f"faces ({self.mode}): {self.used}/{self.images} images used{found}; skipped {len(self.skipped)} ({kinds})"
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -293,10 +293,37 @@ def test_jobs_train_with_faces_detect_on_photos(ray_session, photo_set, finder, 
     assert info.extra["faces"]["mode"] == "detect" and info.extra["faces"]["detector"] == finder.identity
     assert info.extra["faces"]["report"]["skipped_total"] == 4 and info.extra["faces"]["template"] == "canonical"
     assert info.extra["augment"]["hflip"] == 0.5 and info.extra["augment"]["rotation"] == 3.0
-    assert model.preprocessing.template == default_template(model.preprocessing)
+    assert model.preprocessing.template == default_template(model.preprocessing)  # hard_sharing has none of its own
     assert [e["train_images"] for e in outcome.history] == [N_TRAIN]
     assert all(e["train_skipped"] == 0 and e["val_images"] == N_VAL for e in outcome.history)
 
     # a later run over the same storage finds every detection in the cache
     *_, faces = prepare(TrainSpec(model="hard_sharing", data=data, storage=runs, name="hs-2", faces="detect"))
     assert faces["report"]["cached"] == 17 and faces["report"]["detected"] == 0
+
+
+def test_faces_landmarks_aligns_with_the_datas_points_and_bad_flags_fail(tmp_path):
+    """``--faces landmarks`` (no detector): every row is aligned with its own 5 points onto the canonical
+    template, so DMM-CNN's landmark targets land on the template; settings that do not apply fail."""
+    from facedata import synth
+    from faces.align import template_of
+    from raytasks.train import TrainError, TrainSpec, prepare
+
+    root = synth.generate("celeba", 30, str(tmp_path / "c"), seed=4, size="89x109")
+    spec = TrainSpec(model="dmm_cnn", data=f"celeba:{root}", storage=str(tmp_path / "runs"), name="lm",
+                     faces="landmarks", model_kwargs={"depth": 18, "image_size": 64})
+    model, _, train, val, faces = prepare(spec)
+    assert faces["mode"] == "landmarks" and faces["report"]["used"] == len(train) + len(val) == 27  # 3 test
+    assert model.preprocessing.template_crop is None
+    batch = engine.load_batch(train.iloc[:8], model)
+    H, W = model.preprocessing.size
+    want = template_of(model.preprocessing).numpy() / [W, H] * 2 - 1  # the template in the targets' units
+    got = batch["t:landmarks"].reshape(-1, 5, 2)
+    assert np.abs(got - want[None]).mean() < 0.06, np.abs(got - want[None]).mean()
+    assert not (tmp_path / "runs" / "_face_cache").exists()  # nothing was detected
+
+    with pytest.raises(TrainError, match="apply to --faces detect only"):
+        prepare(dataclasses.replace(spec, faces="whole", face_options={"detector": {"size": 320}}))
+    with pytest.raises(TrainError, match="needs 5-point landmarks"):
+        prepare(dataclasses.replace(spec, data=f"utkface:{synth.generate('utkface', 12, str(tmp_path / 'u'), seed=1)}",
+                                    model="age_gender_race", model_kwargs={"depth": 18, "image_size": 32, "backbone": "resnet"}))

@@ -114,9 +114,11 @@ def prepare(spec: TrainSpec):
     if len(val) == 0:
         raise TrainError(f"{spec.data}: no validation images (split 'val' is empty)")
     if mode != "whole":
-        # faces in photos sit anywhere: the canonical template of the input size (faces/trainfaces.py)
-        model.preprocessing = dataclasses.replace(model.preprocessing, template_crop=None, template=None)
-        model.preprocessing = dataclasses.replace(model.preprocessing, template=default_template(model.preprocessing))
+        # faces in photos sit anywhere: the canonical template of the input size (faces/trainfaces.py), the
+        # model's own where it has one (age_gender_race's dlib chip, which its pretrained trunk learned from)
+        pre = model.preprocessing
+        if pre.template is None:
+            model.preprocessing = dataclasses.replace(pre, template_crop=None, template=default_template(pre))
     elif spec.template_images:
         model.preprocessing = measure_template(ds, train, model.preprocessing, spec)
     return model, recipe, train.reset_index(drop=True), val.reset_index(drop=True), faces
@@ -129,8 +131,19 @@ def resolve_faces(spec: TrainSpec, mode: str, train: pd.DataFrame, val: pd.DataF
     ``{"mode", "detector", "max_side", "template", "report"}`` for the history and the checkpoints."""
     template = "canonical" if mode != "whole" else "measured" if spec.template_images else "default"
     info = {"mode": mode, "detector": None, "max_side": None, "template": template, "report": None}
+    detector, max_side = (spec.face_options or {}).get("detector"), (spec.face_options or {}).get("max_side")
+    if (detector and mode != "detect") or (max_side and mode == "whole"):
+        raise TrainError(f"--faces {mode}: the detector's settings (--det-*, --min-face, --max-faces) apply to "
+                         f"--faces detect only{', --max-side to detect and landmarks' if max_side else ''}")
     if mode == "whole":
         return train, val, info
+    from faces.finder import FaceFinder, FaceOptions
+
+    try:
+        options = FaceOptions.from_dict({**spec.face_options, "mode": "detect"})
+    except ValueError as e:
+        raise TrainError(f"face settings: {e}") from None
+    info["max_side"] = options.max_side
     both = pd.concat([train.assign(_part="train"), val.assign(_part="val")], ignore_index=True)
     if mode == "landmarks":
         try:
@@ -140,12 +153,9 @@ def resolve_faces(spec: TrainSpec, mode: str, train: pd.DataFrame, val: pd.DataF
     else:
         import torch
 
-        from faces.finder import FaceFinder, FaceOptions
-
-        options = FaceOptions.from_dict({**spec.face_options, "mode": "detect"})
         finder = FaceFinder(options, device="cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu")
         both, report = find_training_faces(both, finder, DetectionCache(spec.storage, finder.identity))
-        info.update(detector=finder.identity, max_side=options.max_side)
+        info["detector"] = finder.identity
     log_fn(report.line())
     info["report"] = report.to_dict()
     parts = both.pop("_part")
