@@ -327,3 +327,9 @@ def test_faces_landmarks_aligns_with_the_datas_points_and_bad_flags_fail(tmp_pat
     with pytest.raises(TrainError, match="needs 5-point landmarks"):
         prepare(dataclasses.replace(spec, data=f"utkface:{synth.generate('utkface', 12, str(tmp_path / 'u'), seed=1)}",
                                     model="age_gender_race", model_kwargs={"depth": 18, "image_size": 32, "backbone": "resnet"}))
+    pd.DataFrame({"path": [str(p) for p in sorted((tmp_path / "c").rglob("*.jpg"))[:4]], "gender": [0, 1, 0, 1],
+                  "landmarks": [json.dumps(list(range(8)))] * 4, "split": ["train", "train", "train", "val"]}
+                 ).to_csv(tmp_path / "four.csv", index=False)
+    with pytest.raises(TrainError, match="no training or validation image has a face.*no_landmarks 4"):
+        prepare(dataclasses.replace(spec, data=f"manifest:{tmp_path / 'four.csv'}", model="hard_sharing",
+                                    model_kwargs={}))

@@ -157,6 +157,9 @@ def resolve_faces(spec: TrainSpec, mode: str, train: pd.DataFrame, val: pd.DataF
         both, report = find_training_faces(both, finder, DetectionCache(spec.storage, finder.identity))
         info["detector"] = finder.identity
     log_fn(report.line())
+    if report.used == 0:
+        raise TrainError(f"{spec.data}: no training or validation image has a face ({report.line()}); the first "
+                         f"skipped: {'; '.join(f'{p}: {r}' for p, r in report.skipped[:3])}")
     info["report"] = report.to_dict()
     parts = both.pop("_part")
     return both[parts == "train"].reset_index(drop=True), both[parts == "val"].reset_index(drop=True), info
