@@ -107,6 +107,11 @@ class DetectionCache:
         self.load()[sha] = detection
         self._new[sha] = detection
 
+    @property
+    def pending(self) -> int:
+        """Entries added since the last flush."""
+        return len(self._new)
+
     def flush(self) -> int:
         """Write the entries added since the last flush as one new part; returns how many."""
         if not self._new:

@@ -57,6 +57,7 @@ ALIGN_SHA = "_align_sha"  # the content hash of the file those points were found
 BOX_MATCH_IOU = 0.3  # a manifest box names the detected face it overlaps most, when at least this much
 POINTS_MATCH = 0.35  # manifest points name the face whose points are nearest, within this many eye distances
 CHUNK = 32  # images read (in threads) and detected per step of the pass
+FLUSH_EVERY = 2048  # new detections written to the cache at least this often
 DETECT_BATCH = 8  # images per detector call
 
 
@@ -168,11 +169,12 @@ def _detect(finder, items: list[tuple[str, bytes]], max_side: int) -> dict[str, 
 
 
 def find_training_faces(table: pd.DataFrame, finder, cache: DetectionCache, read=storage.read_bytes,
-                        threads: int = 8) -> tuple[pd.DataFrame, FaceReport]:
+                        threads: int = 8, progress=None) -> tuple[pd.DataFrame, FaceReport]:
     """``table`` (``path`` + labels, and the manifest's ``face_box`` / ``face_points`` when it has them) ->
     the rows with a face, with :data:`ALIGN_POINTS` and :data:`ALIGN_SHA` added, and the report. Every file
     is read once and hashed; a file whose hash is in ``cache`` is not detected again; the new detections
-    are written to the cache at the end."""
+    are written to the cache every :data:`FLUSH_EVERY` detections and at the end (a pass stopped half-way
+    keeps what it found). ``progress(report, total)`` is called after each step when given."""
     t0 = time.perf_counter()
     report = FaceReport("detect", identity=cache.identity)
     max_side = getattr(getattr(finder, "options", None), "max_side", DEFAULT_PHOTO_SIDE)
@@ -214,6 +216,11 @@ def find_training_faces(table: pd.DataFrame, finder, cache: DetectionCache, read
                     continue
                 points_col[i], sha_col[i] = d.faces[k, 5:].tolist(), sha
                 keep.append(i)
+            if cache.pending >= FLUSH_EVERY:
+                cache.flush()
+            if progress is not None:
+                report.seconds = time.perf_counter() - t0
+                progress(report, len(rows))
     cache.flush()
     report.used, report.seconds = len(keep), time.perf_counter() - t0
     for path, reason in report.skipped:

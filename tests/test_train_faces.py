@@ -333,3 +333,16 @@ def test_faces_landmarks_aligns_with_the_datas_points_and_bad_flags_fail(tmp_pat
     with pytest.raises(TrainError, match="no training or validation image has a face.*no_landmarks 4"):
         prepare(dataclasses.replace(spec, data=f"manifest:{tmp_path / 'four.csv'}", model="hard_sharing",
                                     model_kwargs={}))
+
+
+def test_a_long_pass_writes_its_detections_as_it_goes_and_reports_progress(photo_set, finder, tmp_path, monkeypatch):
+    import faces.trainfaces as tf
+
+    _, manifest, _ = photo_set
+    monkeypatch.setattr(tf, "CHUNK", 2)
+    monkeypatch.setattr(tf, "FLUSH_EVERY", 2)
+    seen = []
+    tf.find_training_faces(_table(manifest).iloc[:5], finder, DetectionCache(str(tmp_path), finder.identity),
+                           progress=lambda r, total: seen.append((r.images, total)))
+    assert seen == [(2, 5), (4, 5), (5, 5)]
+    assert len(list((tmp_path / "_face_cache").rglob("part-*.jsonl"))) == 3  # 2 + 2 + 1 entries

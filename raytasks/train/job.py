@@ -154,7 +154,16 @@ def resolve_faces(spec: TrainSpec, mode: str, train: pd.DataFrame, val: pd.DataF
         import torch
 
         finder = FaceFinder(options, device="cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu")
-        both, report = find_training_faces(both, finder, DetectionCache(spec.storage, finder.identity))
+        shown = [0.0]
+
+        def progress(r, total):  # a line every 30 s of a long first pass
+            if r.seconds - shown[0] >= 30 and r.images < total:
+                shown[0] = r.seconds
+                log_fn(f"faces: {r.images}/{total} images, {r.cached} from the cache, {r.detected} detected, "
+                       f"{r.images / r.seconds:.1f} images/s")
+
+        both, report = find_training_faces(both, finder, DetectionCache(spec.storage, finder.identity),
+                                           progress=progress)
         info["detector"] = finder.identity
     log_fn(report.line())
     if report.used == 0:
