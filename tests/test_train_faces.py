@@ -297,6 +297,14 @@ def test_jobs_train_with_faces_detect_on_photos(ray_session, photo_set, finder, 
     assert [e["train_images"] for e in outcome.history] == [N_TRAIN]
     assert all(e["train_skipped"] == 0 and e["val_images"] == N_VAL for e in outcome.history)
 
+    # jobs.evaluate reads a detect-trained checkpoint through detection unless told otherwise
+    from jobs import evaluate as evaluate_job
+
+    metrics = evaluate_job.main(["--checkpoint", outcome.output, "--data", data, "--split", "val"])
+    assert "images_without_face" in metrics and metrics["n_images"] == N_VAL
+    assert "images_without_face" not in evaluate_job.main(["--checkpoint", outcome.output, "--data", data,
+                                                          "--split", "val", "--faces", "whole"])
+
     # a later run over the same storage finds every detection in the cache
     *_, faces = prepare(TrainSpec(model="hard_sharing", data=data, storage=runs, name="hs-2", faces="detect"))
     assert faces["report"]["cached"] == 17 and faces["report"]["detected"] == 0
