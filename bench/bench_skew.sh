@@ -6,14 +6,17 @@
 #   bash bench/bench_skew.sh [OUT]        (needs ../shared/data; writes OUT/<name>.{whole,detect}.json)
 #   JITTER=1 bash bench/bench_skew.sh OUT  the same models trained with --align-jitter 1 (names end in _jitter1)
 #   ONLY=hard_sharing ...                  one of the two
+#   FACES=detect ...                       trained through detection too (jobs.train --faces detect, issue #19;
+#                                          names end in _detect); LIMIT=N / VAL_LIMIT=N: fewer training images
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
 OUT=${1:-/tmp/faceattr-skew}
 PY=${PY:-.venv/bin/python}
 mkdir -p "$OUT"
-common=(--workers ${WORKERS:-1} --threads 1 --storage "$OUT/runs" --max-failures 1 ${JITTER:+--align-jitter $JITTER})
-SUFFIX=${JITTER:+_jitter$JITTER}
+common=(--workers ${WORKERS:-1} --threads 1 --storage "$OUT/runs" --max-failures 1 ${JITTER:+--align-jitter $JITTER}
+        ${FACES:+--faces $FACES} ${LIMIT:+--limit $LIMIT} ${VAL_LIMIT:+--val-limit $VAL_LIMIT})
+SUFFIX=${JITTER:+_jitter$JITTER}${FACES:+_$FACES}${LIMIT:+_n$LIMIT}
 
 run() {  # name model data extra-args...
   local name=$1 model=$2 data=$3; shift 3

@@ -6,8 +6,10 @@
 * runner.py: :class:`ModelRunner`, one checkpoint on its device (folded, channels_last, bf16, compiled);
 * modelset.py: what a user names to label with (one checkpoint, ``--checkpoint`` several times, a
   ``--model-set`` file), the rules for a set's names and version, and its identity;
-* engine.py: the training loop's pieces (batches, steps, validation, metrics) used by raytasks/train,
-  ``jobs.evaluate`` and local training.
+* engine.py: the training loop's pieces (optimisers, steps, validation, metrics, the plain loop ``fit``) used
+  by raytasks/train, ``jobs.evaluate`` and local training; batches.py: dataset rows -> batches (whole images
+  or each row's aligned face); augment.py: the training augmentation, on the device, in the aligned frame;
+  evaluation.py: metrics, calibration error and groups over a table.
 
 Imports: ``core`` uses ``models``, ``facedata`` and ``faces``; ``raytasks`` and ``jobs`` use ``core``.
 """

@@ -1,10 +1,8 @@
 """The training and evaluation loop pieces, in plain PyTorch, shared by the Ray Train job
-(``raytasks/train/job.py``), ``jobs.evaluate``, the demo and the tests.
-
-A batch is a dict of numpy arrays (what Ray Data hands a worker): ``image`` uint8 (B, C, H, W) and one
-``t:<label column>`` array per canonical label the model's outputs consume (NaN = missing). It is made by
-:func:`load_batch` from dataset rows with the model's own preprocessing (``models.preprocess.decode``)
-and, in training, its recipe's augmentation.
+(``raytasks/train/job.py``), ``jobs.evaluate``, the demo and the tests: optimisers and schedules, one
+training step (with the recipe's augmentation on the device, core/augment.py), evaluation statistics and
+the plain single-process loop :func:`fit`. Batches (dataset rows -> arrays) are made in core/batches.py;
+its functions are used from here as ``engine.load_batch`` and so on.
 """
 
 from __future__ import annotations
@@ -13,161 +11,27 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
 import torch
 
-from facedata import storage
+from core.batches import (  # noqa: F401 - the batch functions are part of the engine's interface
+    MIN_TRAIN_BATCH,
+    TARGET_PREFIX,
+    concat_batches,
+    drop_failed,
+    fold_remainder,
+    iter_batches,
+    label_columns,
+    load_batch,
+    to_tensors,
+)
 from models.hard_sharing import HARD_SHARING_FIRST_EPOCH
-from models.landmarks import Landmarks
 from models.outputset import add_stats
-from models.preprocess import ImageDecodeError, build_augmentation, decode
 
 log = logging.getLogger(__name__)
-
-TARGET_PREFIX = "t:"
-
-
-# --- batches ------------------------------------------------------------------------------------------
-def label_columns(model) -> list[str]:
-    return sorted({o.target_column for o in model.outputs})
-
-
-def _target_array(values, n_expected: int | None) -> np.ndarray:
-    """A column of scalars or lists (None/NaN = missing) -> float32 array (B,) or (B, K) with NaN rows."""
-    vals = list(values)
-    if n_expected is None:
-        return np.array([np.nan if v is None else float(v) for v in vals], dtype=np.float32)
-    out = np.full((len(vals), n_expected), np.nan, dtype=np.float32)
-    for i, v in enumerate(vals):
-        if v is not None and not (isinstance(v, float) and math.isnan(v)):
-            arr = np.asarray(v, dtype=np.float32).reshape(-1)
-            if arr.size == n_expected:
-                out[i] = arr
-    return out
-
-
-def _target_width(output) -> int | None:
-    if isinstance(output, Landmarks):
-        return 2 * output.points
-    labels = getattr(output, "labels", None)
-    if labels and len(labels) > 1:
-        return len(labels)
-    return None
-
-
-def load_batch(rows: pd.DataFrame | dict, model, train: bool = False, augment=None,
-               read=storage.read_bytes, decode_fn=None) -> dict[str, np.ndarray]:
-    """Dataset rows (``path`` + canonical label columns) -> a training/eval batch. Rows whose image cannot be
-    decoded are dropped with a warning (a training set with a bad file must not stop a run). ``decode_fn``
-    (bytes, preprocessing) -> (uint8 tensor, geometry) replaces the whole-image decode (evaluation through
-    face detection: ``faces.finder.decode_face``)."""
-    pre = model.preprocessing
-    df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
-    images, geos, keep = [], [], []
-    # ``decode(train=True)`` keeps a margin around the crop (HMTNet: 227 px around 224) for the augmentation's
-    # random crop to take back; without an augmentation nothing would crop it, so decode as for evaluation.
-    crop_margin = train and augment is not None
-    for i, path in enumerate(df["path"]):
-        try:
-            t, g = decode(read(path), pre, train=crop_margin) if decode_fn is None else decode_fn(read(path), pre)
-        except (ImageDecodeError, OSError) as e:
-            log.warning("skipping %s: %s", path, e)
-            continue
-        if augment is not None:
-            t = augment(t)
-        if tuple(t.shape[-2:]) != tuple(pre.size):
-            raise ValueError(f"{path}: the {'training' if train else 'evaluation'} input is "
-                             f"{tuple(t.shape[-2:])} px, the model's is {tuple(pre.size)}: an augmentation "
-                             f"must crop back to the input size")
-        images.append(t.numpy())
-        geos.append(g)
-        keep.append(i)
-    df = df.iloc[keep]
-    c, (h, w) = pre.channels, pre.size
-    batch: dict[str, np.ndarray] = {
-        "image": np.stack(images) if images else np.zeros((0, c, h, w), np.uint8),
-    }
-    for o in model.outputs:
-        col = o.target_column
-        key = TARGET_PREFIX + col
-        if key in batch:
-            continue
-        if col not in df.columns:
-            continue
-        arr = _target_array(df[col], _target_width(o))
-        if isinstance(o, Landmarks) and len(arr):
-            arr = o.normalise(arr, geos)  # pixels of the original image (or of an aligned face) -> the input's units
-        batch[key] = arr
-    return batch
-
-
-MIN_TRAIN_BATCH = 2  # BatchNorm in training mode needs more than one value per channel
-
-
-def concat_batches(a: dict, b: dict) -> dict:
-    """Two batches (dicts of arrays with the same keys) as one."""
-    if set(a) != set(b):
-        raise ValueError(f"cannot join batches with different columns {sorted(a)} and {sorted(b)}")
-    return {k: np.concatenate([np.asarray(a[k]), np.asarray(b[k])]) for k in a}
-
-
-def fold_remainder(batches: Iterable[dict], min_size: int = MIN_TRAIN_BATCH) -> Iterator[dict]:
-    """Training batches in which none holds fewer than ``min_size`` images. A short batch joins the batch
-    after it, or, when it is the last (an epoch's or a worker shard's remainder), the batch before it: every
-    image is still seen once per epoch (PyTorch's ``drop_last`` would drop the remainder instead). A batch of
-    one image stops a run in any BatchNorm layer that sees a 1×1 map in training mode (HMTNet's ANet:
-    "Expected more than 1 value per channel when training"). When the whole stream holds fewer than
-    ``min_size`` images there is nothing to fold them into: they are dropped with a warning. Evaluation
-    needs no folding: BatchNorm uses its running statistics there."""
-    held = None  # a batch of at least min_size images, kept back in case the remainder must join it
-    short = None  # short batches waiting for the next one
-    for b in batches:
-        if short is not None:
-            b, short = concat_batches(short, b), None
-        if len(b["image"]) < min_size:
-            short = b
-            continue
-        if held is not None:
-            yield held
-        held = b
-    if short is not None:
-        if held is None:
-            if len(short["image"]):
-                log.warning("dropping a training batch of %d image(s): too few for BatchNorm and no batch to "
-                            "fold it into", len(short["image"]))
-            return
-        held = concat_batches(held, short)
-    if held is not None:
-        yield held
-
-
-def iter_batches(table: pd.DataFrame, model, batch_size: int, train: bool = False, seed: int = 0,
-                 epoch: int = 0, decode_fn=None) -> Iterator[dict[str, np.ndarray]]:
-    """Plain single-process batches over a dataset table (shuffled per epoch when training; a training
-    remainder too small for BatchNorm is folded into the batch before it, :func:`fold_remainder`)."""
-    order = np.arange(len(table))
-    if train:
-        np.random.default_rng(seed + epoch).shuffle(order)
-    augment = build_augmentation(model.preprocessing, model.recipe.augment) if train else None
-
-    def batches():
-        for start in range(0, len(order), batch_size):
-            b = load_batch(table.iloc[order[start : start + batch_size]], model, train=train, augment=augment,
-                           decode_fn=decode_fn)
-            if len(b["image"]):
-                yield b
-
-    return fold_remainder(batches()) if train else batches()
-
-
-def to_tensors(batch: dict, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    images = torch.as_tensor(np.asarray(batch["image"]), device=device)
-    targets = {k[len(TARGET_PREFIX):]: torch.as_tensor(np.asarray(v, dtype=np.float32), device=device)
-               for k, v in batch.items() if k.startswith(TARGET_PREFIX)}
-    return images, targets
 
 
 # --- optimisation -------------------------------------------------------------------------------------
@@ -237,10 +101,14 @@ def _forward(net, images: torch.Tensor, device: torch.device, amp_dtype, channel
 
 
 def train_step(model, batch: dict, optimizer, device: torch.device, amp_dtype=None,
-               channels_last: bool = False) -> dict[str, float]:
-    """One optimisation step; ``model`` may be DDP-wrapped. Returns the loss and its parts."""
+               channels_last: bool = False, augment=None, generator=None) -> dict[str, float]:
+    """One optimisation step; ``model`` may be DDP-wrapped. ``augment`` (core/augment.py ``Augment``) runs
+    on the batch on ``device``, in the aligned frame, before the forward pass (training only: nothing else
+    calls it). Returns the loss and its parts."""
     core = getattr(model, "module", model)
     images, targets = to_tensors(batch, device)
+    if augment is not None:
+        images, targets = augment(images, targets, core.outputs, generator)
     raw = _forward(model, images, device, amp_dtype, channels_last)
     loss, parts = core.loss(raw, targets)
     optimizer.zero_grad(set_to_none=True)
@@ -299,8 +167,12 @@ def fit(model, train_table: pd.DataFrame, val_table: pd.DataFrame, epochs: int |
         batch_size: int | None = None, lr: float | None = None, device: str = "cpu", seed: int = 0,
         max_steps_per_epoch: int | None = None, log_fn=print) -> list[dict]:
     """Train ``model`` in this process with its recipe (overridable) and validate every epoch and, when the
-    recipe says so, every ``validate_every`` steps (DMM-CNN). Returns one metrics dict per epoch."""
+    recipe says so, every ``validate_every`` steps (DMM-CNN). The recipe's augmentation runs on ``device``
+    (core/augment.py). Returns one metrics dict per epoch; ``train_skipped`` / ``val_skipped`` count the
+    images that could not be decoded (left out, as a malformed label is)."""
     import dataclasses
+
+    from core.augment import Augment
 
     torch.manual_seed(seed)
     recipe = dataclasses.replace(model.recipe, **{k: v for k, v in
@@ -310,22 +182,26 @@ def fit(model, train_table: pd.DataFrame, val_table: pd.DataFrame, epochs: int |
     model.to(dev).train()
     opt = make_optimizer(model, recipe)
     sched = make_scheduler(opt, recipe)
+    augment = Augment.from_recipe(recipe.augment)
+    augment.check(model.outputs)
+    augment = augment if augment.active else None
     history: list[dict] = []
     best, since_best, step = None, 0, 0
     for epoch in range(1, recipe.epochs + 1):
-        t0, n_seen, losses = time.perf_counter(), 0, []
+        t0, n_seen, losses, failed, val_failed = time.perf_counter(), 0, [], [], []
         for i, batch in enumerate(iter_batches(train_table, model, recipe.batch_size, train=True, seed=seed,
-                                               epoch=epoch)):
+                                               epoch=epoch, failed=failed)):
             if max_steps_per_epoch and i >= max_steps_per_epoch:
                 break
-            losses.append(train_step(model, batch, opt, dev)["loss"])
+            losses.append(train_step(model, batch, opt, dev, augment=augment)["loss"])
             n_seen += len(batch["image"])
             step += 1
             if recipe.validate_every and step % recipe.validate_every == 0:
                 stats = evaluate_batches(model, iter_batches(val_table, model, recipe.batch_size), dev)
                 model.on_validation(stats, epoch)
-        stats = evaluate_batches(model, iter_batches(val_table, model, recipe.batch_size), dev)
+        stats = evaluate_batches(model, iter_batches(val_table, model, recipe.batch_size, failed=val_failed), dev)
         metrics = model.metrics(stats)
+        metrics.update(train_skipped=len(failed), val_skipped=len(val_failed))
         if not recipe.validate_every:
             # With validate_every (DMM-CNN's P) the hook runs only on the every-P validations, so that
             # Eq. 4's rate of change is always measured over P iterations.
@@ -359,8 +235,10 @@ def format_epoch(model, m: dict, epochs: int, eta_s: float | None = None) -> str
                                     and k.split(".", 1)[0] in names]
     shown = " ".join(f"{k}={m[k]:.4f}" for k in dict.fromkeys(keys) if k in m and isinstance(m[k], float))
     eta = f" eta={eta_s:.0f}s" if eta_s is not None else ""
+    skipped = (f" skipped={int(m.get('train_skipped', 0))}/{int(m.get('val_skipped', 0))} (train/val, not decodable)"
+               if m.get("train_skipped") or m.get("val_skipped") else "")
     return (f"epoch {m['epoch']}/{epochs} train_loss={m['train_loss']:.4f} val_loss={m['val_loss']:.4f} "
-            f"{shown} samples/s={m['samples_per_s']:.1f}{eta}")
+            f"{shown} samples/s={m['samples_per_s']:.1f}{eta}{skipped}")
 
 
 def evaluate_table(model, table: pd.DataFrame, batch_size: int = 64, device: str = "cpu",

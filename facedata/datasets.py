@@ -29,7 +29,9 @@ Formats (``FORMAT`` in the spec):
   files ``train_test_files/split_of_60%training and 40%testing/{train,test}.txt``; gender and race come from
   the file-name prefix.
 * ``manifest`` - a CSV or Parquet file with a ``path`` column (relative paths are resolved against the
-  manifest's folder or prefix), any canonical label columns and an optional ``split`` column. ``gender``
+  manifest's folder or prefix), any canonical label columns and an optional ``split`` column; for photos of
+  several people, ``face_box`` or ``face_points`` (:data:`FACE_SELECT_COLUMNS`) name the face a row's labels
+  are about. ``gender``
   also takes ``male``/``female`` (``m``/``f``); ``smile`` and ``eyeglasses`` take ``yes``/``no``,
   ``true``/``false``, the model's class names (``smile``/``non_smile``, ``eyeglasses``/``no_eyeglasses``)
   and CelebA's ``-1`` for no. With ``attributes`` and without ``gender``/``smile``/``eyeglasses`` those
@@ -77,7 +79,12 @@ CELEBA_LANDMARKS = ("left_eye", "right_eye", "nose", "left_mouth", "right_mouth"
 FORMATS = ("celeba", "utkface", "scut_fbp5500", "manifest")
 SPLITS = ("train", "val", "test")
 LABEL_COLUMNS = ("gender", "race", "age", "beauty", "attributes", "smile", "eyeglasses", "landmarks")
-LIST_COLUMNS = ("attributes", "landmarks")
+LIST_COLUMNS = ("attributes", "landmarks", "face_box", "face_points")
+# Manifest columns that name which face of a photo a row is about (``jobs.train --faces detect`` trains on
+# the detected face they match; faces/trainfaces.py): ``face_box`` x1, y1, x2, y2 and ``face_points`` the 5
+# points (eyes, nose, mouth corners: x, y each), in pixels of the original image.
+FACE_SELECT_COLUMNS = ("face_box", "face_points")
+_LIST_SIZES = {"face_box": 4, "face_points": 10}
 
 DATASET_MODELS: dict[str, tuple[str, ...]] = {
     "celeba": ("dmm_cnn", "task_attention", "hard_sharing"),
@@ -531,7 +538,7 @@ def _read_manifest(uri: str, splitter: _Splitter) -> FaceDataset:
         )
     base = uri.rsplit("/", 1)[0] if storage.is_s3(uri) else posixpath.dirname(storage.filesystem(uri)[1])
 
-    label_cols = [c for c in LABEL_COLUMNS if c in raw.columns]
+    label_cols = [c for c in LABEL_COLUMNS + FACE_SELECT_COLUMNS if c in raw.columns]
     rows = []
     for i, rec in enumerate(raw.to_dict("records")):
         where = f"{_basename(uri)}:row {i}"
@@ -630,6 +637,11 @@ def _binary_value(col: str, value) -> float:
     raise ValueError(f"{col}: {value!r} is not 0 or 1{hint}")
 
 
+def text_of(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _manifest_value(col: str, value):
     if col in LIST_COLUMNS:
         if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -647,6 +659,10 @@ def _manifest_value(col: str, value):
             raise ValueError(f"attributes: expected {len(CELEBA_ATTRIBUTES)} values, got {len(values)}")
         if col == "landmarks" and len(values) % 2:
             raise ValueError(f"landmarks: expected x, y pairs, got {len(values)} values")
+        if col in _LIST_SIZES and (len(values) != _LIST_SIZES[col] or not all(map(math.isfinite, values))):
+            raise ValueError(f"{col}: expected {_LIST_SIZES[col]} finite numbers, got {text_of(value)}")
+        if col == "face_box" and not (values[2] > values[0] and values[3] > values[1]):
+            raise ValueError(f"face_box: expected x1 < x2 and y1 < y2, got {values}")
         return values
     if col in _SPELLINGS:
         return _binary_value(col, value)

@@ -1,7 +1,7 @@
 """Faces in photos: find every face, then align it the way each model was trained.
 
-The one way from image bytes to model inputs for photos (label, serve, evaluate and the train job's
-template all go through it):
+The one way from image bytes to model inputs for photos (label, serve, evaluate and the train job all
+go through it):
 
     bytes --decode (bounded size)--> image --FaceDetector--> boxes, scores, 5 points per face
           --align (similarity transform to the model's face template, one grid_sample)--> model input
@@ -18,7 +18,11 @@ template all go through it):
   from detected points to a template, and the warp.
 * ``faces/templates.py``: a face template measured on a training set's detections.
 * ``faces/finder.py``: :class:`FaceFinder`, the detector loaded once plus the alignment of its faces for any
-  model's preprocessing (decoded pictures -> faces -> aligned crops); ``decode_face`` for one image's best face.
+  model's preprocessing (decoded pictures -> faces -> aligned crops); ``decode_face`` for one image's best face,
+  ``face_input`` for a face whose points are known.
+* ``faces/trainfaces.py``: one face per training image (``jobs.train --faces detect|landmarks``): the face
+  pass over a data set, which face of a photo, what is skipped and why; ``faces/facecache.py``: the
+  detections cached beside the runs, keyed by file content and detector identity.
 
 Imports: ``faces`` uses ``models`` (preprocessing) and ``facedata`` (storage); ``core``, ``raytasks`` and
 ``jobs`` use ``faces``.

@@ -5,7 +5,9 @@
   model's preprocessing, the aligned crops of every face (``faces.align``) with the maps that carry the
   crop's pixels back to the original picture's pixels (for landmark outputs and for the rows' ``face_box``
   / ``face_points``). core/annotator.py calls it for label and serve; :func:`decode_face` is the same way
-  for one image's best face (``jobs.evaluate --faces detect``).
+  for one image's best face (``jobs.evaluate --faces detect``), and :func:`face_input` the same decode and
+  warp for a face whose points are already known (``jobs.train --faces detect``: cached detections,
+  faces/trainfaces.py).
 
 ``FaceOptions`` are the settings users give (``--faces``, ``--max-side``, the detector's settings) and travel
 as a plain dict between processes; ``FaceFinder.identity`` names the detector's weights and settings, and
@@ -99,9 +101,7 @@ class FaceFinder:
             if len(f) == 0:
                 continue
             crops, m = align(img.to(self.device), f.points.to(self.device), pre)
-            s = 1.0 if scales is None else float(scales[i])
-            if s != 1.0:
-                m = torch.diag(torch.tensor([s, s, 1.0], dtype=m.dtype, device=m.device)) @ m
+            m = _to_original(m, 1.0 if scales is None else float(scales[i]))
             inputs.append(crops)
             maps.append(m)
             owner += [i] * len(f)
@@ -127,12 +127,35 @@ def decode_face(data: bytes, pre: Preprocessing, finder: FaceFinder, max_side: i
     """Bytes -> the highest-scoring face of the image aligned to the model's input, ``(uint8 (C, H, W),
     geometry)``, the way a user meets the model (``jobs.evaluate --faces detect``). The geometry's
     ``affine`` maps input pixels to the original image's. Raises :class:`NoFace` when none is found."""
-    img, (w, h), scale = decode_photo(data, max_side or finder.options.max_side)
+    img, size, scale = decode_photo(data, max_side or finder.options.max_side)
     found = finder.find([img], [scale])
     if len(found[0]) == 0:
         raise NoFace()
-    best = Faces(found[0].boxes[:1], found[0].scores[:1], found[0].points[:1])
-    aligned = finder.aligned([img], [best], pre, [scale])
-    H, W = pre.size
-    return aligned.inputs[0].cpu(), {"width": w, "height": h, "input_w": W, "input_h": H,
-                                     "affine": aligned.maps[0, :2].reshape(-1).tolist()}
+    return _aligned_one(img.to(finder.device), size, scale, found[0].points[:1], pre)
+
+
+def face_input(data: bytes, pre: Preprocessing, points, max_side: int = DEFAULT_PHOTO_SIDE) -> tuple[torch.Tensor, dict]:
+    """Bytes and one face's 5 points (10 numbers or (5, 2), in pixels of the original upright image, as
+    the detector gave them or a data set's landmarks) -> that face aligned to the model's input, with the
+    geometry of :func:`decode_face`: the same decode and the same warp (``jobs.train --faces detect`` and
+    ``--faces landmarks`` read their faces through it)."""
+    img, size, scale = decode_photo(data, max_side)
+    pts = torch.as_tensor(points, dtype=torch.float64).reshape(1, 5, 2) / scale
+    return _aligned_one(img, size, scale, pts, pre)
+
+
+def _aligned_one(img: torch.Tensor, size: tuple[int, int], scale: float, points: torch.Tensor,
+                 pre: Preprocessing) -> tuple[torch.Tensor, dict]:
+    """One face (points (1, 5, 2) in the decoded picture's pixels) -> (model input, geometry)."""
+    crops, maps = align(img, points.to(img.device), pre)
+    maps = _to_original(maps, scale)
+    (w, h), (H, W) = size, pre.size
+    return crops[0].cpu(), {"width": w, "height": h, "input_w": W, "input_h": H,
+                            "affine": maps[0, :2].cpu().reshape(-1).tolist()}
+
+
+def _to_original(maps: torch.Tensor, scale: float) -> torch.Tensor:
+    """Input -> decoded-picture maps to input -> original-picture maps (decoded pixels times ``scale``)."""
+    if scale == 1.0:
+        return maps
+    return torch.diag(torch.tensor([scale, scale, 1.0], dtype=maps.dtype, device=maps.device)) @ maps

@@ -17,12 +17,15 @@ def positive(kind):
     return parse
 
 
-def add_face_args(p: argparse.ArgumentParser, default_mode: str = "detect") -> None:
-    """The face-finding flags of label, serve and evaluate (faces/finder.py: FaceOptions)."""
+FACES_HELP = ("detect: find every face, align each to the model's face template, one row per face; "
+              "whole: the image is one aligned face crop (today's datasets of crops)")
+
+
+def add_face_args(p: argparse.ArgumentParser, default_mode: str | None = "detect", modes=("detect", "whole"),
+                  faces_help: str = FACES_HELP) -> None:
+    """The face-finding flags of label, serve, evaluate and train (faces/finder.py: FaceOptions)."""
     g = p.add_argument_group("faces", "how faces are found in the images (docs/faces.md)")
-    g.add_argument("--faces", choices=("detect", "whole"), default=default_mode,
-                   help="detect: find every face, align each to the model's face template, one row per face; "
-                        "whole: the image is one aligned face crop (today's datasets of crops)")
+    g.add_argument("--faces", choices=modes, default=default_mode, help=faces_help)
     g.add_argument("--max-side", type=positive(int), default=None,
                    help="decode photos with their longest side at most this many pixels (default 2048)")
     g.add_argument("--det-preset", choices=("portrait", "event"), default=None,
@@ -49,7 +52,7 @@ def face_options(args: argparse.Namespace) -> dict:
     det.update({k: v for k, v in (("network", args.det_network), ("size", args.det_size), ("tile", args.det_tile),
                                   ("flip", args.det_flip), ("threshold", args.det_threshold),
                                   ("min_face", args.min_face), ("max_faces", args.max_faces)) if v is not None})
-    out: dict = {"mode": args.faces, "detector": det}
+    out: dict = {"mode": args.faces or "detect", "detector": det}
     if args.max_side is not None:
         out["max_side"] = args.max_side
     return out

@@ -8,8 +8,9 @@ Prints per-attribute and mean accuracy (with the checkpoint's thresholds), MAE /
 scores, age MAE / RMSE and class accuracy; ``--json OUT`` writes a flat object ``{"<output>.<metric>":
 number, ..., "mean_accuracy": number}``. ``--faces detect`` measures the model the way a user meets it: the
 detector finds the face in each image and the model reads its aligned crop (faces/finder.py); images in
-which no face is found are left out and counted (``images_without_face``). The default, ``whole``, feeds each
-image whole, as training did.
+which no face is found are left out and counted (``images_without_face``). ``--faces whole`` feeds each image
+whole. The default is the way the checkpoint was trained: ``detect`` for a model trained with ``jobs.train
+--faces detect`` or ``landmarks`` (its ``extra["faces"]``), ``whole`` otherwise.
 
 Calibration (models/calibration.py). The run says whether the checkpoint is calibrated (``calibrated: false``
 for one saved without temperatures) and gives the expected calibration error (15 bins, l1, torchmetrics) of
@@ -89,7 +90,9 @@ def main(argv: list[str] | None = None) -> dict:
     g.add_argument("--groups-json", default=None, help="write the per-group report here (path or s3://)")
     g.add_argument("--min-group", type=int, default=30, help="groups smaller than this are left out of the gaps")
     g.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for non-accuracy CIs (0: none)")
-    add_face_args(p, default_mode="whole")
+    add_face_args(p, default_mode=None, faces_help="detect: find the face in each image and align it to the model's "
+                  "template; whole: feed each image whole. Default: as the checkpoint was trained (detect after "
+                  "jobs.train --faces detect or landmarks, else whole)")
     args = p.parse_args(argv)
     if args.save_calibrated and not args.calibrate_on:
         p.error("--save-calibrated needs --calibrate-on SPLIT")
@@ -98,6 +101,10 @@ def main(argv: list[str] | None = None) -> dict:
         model, info = load_checkpoint(args.checkpoint)
     except CheckpointError as e:
         p.error(str(e))
+    if args.faces is None:
+        trained = (info.extra.get("faces") or {}).get("mode", "whole")
+        args.faces = "detect" if trained in ("detect", "landmarks") else "whole"
+        print(f"faces: {args.faces} (as the checkpoint was trained: --faces {trained})", file=sys.stderr)
     ds = read_dataset(args.data, seed=args.seed)
     table = _split(ds, args.split, p)
     if args.limit:

@@ -27,7 +27,7 @@ import math
 import os
 import sys
 
-from jobs._cli import positive
+from jobs._cli import add_face_args, face_options, positive
 from raytasks.train import TrainError, TrainSpec, prepare, run
 
 
@@ -81,7 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-augment", action="store_true", help="train without the recipe's augmentation")
     r.add_argument("--align-jitter", type=float, default=None, metavar="K",
                    help="add random similarity jitter of the detector's alignment spread times K (1: scale 7 %%, "
-                        "3 degrees, 3 %% shift) so that faces aligned from photos read like the data set's crops")
+                        "3 degrees, 3 %% shift), on the device in the aligned frame (core/augment.py); the same as "
+                        "--augment align_jitter=K")
+    r.add_argument("--augment", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
+                   help="set one augmentation of the recipe, on the device in the aligned frame: hflip, rotation, "
+                        "shift, scale, brightness, contrast, saturation, hue, blur, blur_sigma, align_jitter, "
+                        "color_jitter (docs/faces.md, 'Training on photos'); never applied in evaluation")
     m = p.add_argument_group("model")
     m.add_argument("--image-size", type=positive(int), help="input size (the model's image_size argument)")
     m.add_argument("--num-landmarks", type=int, help="landmark points (DMM-CNN; default from the data)")
@@ -91,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--find-unused-parameters", action="store_true", help="DDP option for models with idle branches")
     m.add_argument("--template-images", type=int, default=64,
                    help="training images the face template is measured on (docs/faces.md); 0: keep the default")
+    add_face_args(p, default_mode=None, modes=("detect", "landmarks", "whole"), faces_help=(
+        "how each training and validation image becomes a face: detect (the detector of label and serve, the "
+        "best face or the one a manifest's face_box / face_points names, aligned to the canonical template; "
+        "detections cached under --storage), landmarks (the data's own 5 points instead of the detector), "
+        "whole (the image is the face crop). Default: detect for a manifest, whole for celeba, utkface and "
+        "scut_fbp5500 (docs/faces.md, 'Training on photos')"))
     q = p.add_argument_group("quick runs")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--limit", type=positive(int), help="at most this many training images")
@@ -129,6 +140,8 @@ def spec_from_args(args: argparse.Namespace) -> TrainSpec:
         val_limit=args.val_limit, steps_per_epoch=args.steps_per_epoch, init_from=args.init_from,
         find_unused_parameters=args.find_unused_parameters, fail_at=args.inject_failure,
         template_images=args.template_images, align_jitter=args.align_jitter, calibrate=args.calibrate,
+        augment=dict(args.augment), faces=args.faces,
+        face_options={k: v for k, v in face_options(args).items() if k != "mode"},
     )
 
 

@@ -38,7 +38,8 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never s
 class ImageDecodeError(ValueError):
     """Bytes that cannot become a model input. ``kind`` is machine-readable, ``str(err)`` is for people."""
 
-    KINDS = ("empty", "not_image", "truncated", "too_large", "decode_error", "no_face")
+    # ``changed``: a training file whose bytes are no longer those its face was found in (faces/trainfaces.py)
+    KINDS = ("empty", "not_image", "truncated", "too_large", "decode_error", "no_face", "changed")
 
     def __init__(self, kind: str, message: str):
         assert kind in self.KINDS, kind
@@ -424,38 +425,13 @@ def normalize(batch: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
 
 
 def build_augmentation(pre: Preprocessing, augment: dict | None):
-    """Training augmentation on uint8 (C, H, W) tensors from ``decode(..., train=True)``, built with
-    torchvision.transforms.v2 from a recipe dict: ``random_crop`` (to ``pre.size``, used with
-    ``shorter_center_crop``), ``hflip`` (probability), ``rotation`` (degrees), ``shift`` (fraction of the
-    size), ``align_jitter`` (strength; 1: the detector-vs-dataset alignment spread), ``color_jitter``
-    (strength). Returns ``None`` when nothing is asked for.
-
-    Geometric augmentations are not applied to landmark targets, so models trained with landmarks
-    (DMM-CNN) use none by default."""
+    """The part of a recipe's augmentation that belongs to the decode, on uint8 (C, H, W) tensors from
+    ``decode(..., train=True)``: for ``shorter_center_crop`` inputs (HMTNet) the random crop to ``pre.size``
+    out of the training margin (``random_crop``, on by default; off: the centre crop). Everything else
+    (flip, similarity jitter, colour, blur) runs on the device, in the aligned frame, with the landmark
+    targets moved along: core/augment.py. Returns ``None`` when there is nothing to do here."""
+    if pre.resize != "shorter_center_crop":
+        return None
     from torchvision.transforms import v2
 
-    augment = augment or {}
-    ops = []
-    if pre.resize == "shorter_center_crop":
-        ops.append(v2.RandomCrop(pre.size) if augment.get("random_crop", True) else v2.CenterCrop(pre.size))
-    if augment.get("hflip"):
-        ops.append(v2.RandomHorizontalFlip(float(augment["hflip"])))
-    rot, shift = augment.get("rotation", 0), augment.get("shift", 0)
-    if rot or shift:
-        ops.append(v2.RandomAffine(degrees=rot, translate=(shift, shift) if shift else None))
-    if augment.get("align_jitter"):
-        # The spread between a data set's own alignment and the detector's (faces/align.py), measured on
-        # held-out CelebA crops: scale 6.8 %, rotation 2.8 degrees, shift about 3 % (std; docs/faces.md).
-        # A model trained with it reads faces aligned from photos as well as the data set's crops.
-        k = float(augment["align_jitter"])
-        ops.append(v2.RandomAffine(degrees=3.0 * k, translate=(0.03 * k, 0.03 * k), scale=(1 - 0.07 * k, 1 + 0.07 * k),
-                                   interpolation=v2.InterpolationMode.BILINEAR))
-    if augment.get("color_jitter"):
-        j = float(augment["color_jitter"])
-        if pre.channels == 3:
-            ops.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j, hue=min(0.5, j / 4)))
-        else:
-            ops.append(v2.ColorJitter(brightness=j, contrast=j))
-    if not ops:
-        return None
-    return v2.Compose(ops)
+    return v2.RandomCrop(pre.size) if (augment or {}).get("random_crop", True) else v2.CenterCrop(pre.size)

@@ -319,3 +319,50 @@ def assert_same(got, want, where: str = "", tol: float = 1e-4) -> None:
                 where, got, want)
     else:
         assert got == want, (where, got, want)
+
+
+# --- training photos: drawn faces pasted at known places (jobs.train --faces detect) --------------------------
+def drawn_source(seed: int):
+    """A drawn face (facedata/synth.py) as a compose.FaceSource (its drawn points and a box around them),
+    with its labels."""
+    from facedata.compose import FaceSource
+    from facedata.synth import draw_face
+
+    img, lab = draw_face(np.random.default_rng([19, seed]), (178, 218))
+    pts = np.asarray(lab["landmarks"], dtype=np.float64).reshape(5, 2)
+    iod = float(np.linalg.norm(pts[1] - pts[0]))
+    box = [pts[:, 0].min() - 0.9 * iod, pts[:, 1].min() - iod, pts[:, 0].max() + 0.9 * iod, pts[:, 1].max() + 0.8 * iod]
+    return FaceSource(np.asarray(img), box, pts), lab
+
+
+def face_photo(seeds: list[int], size=(320, 240), width: float = 110, seed: int = 0) -> tuple[bytes, list[dict]]:
+    """A JPEG photo with the drawn faces ``seeds`` side by side on a cluttered background; returns its bytes
+    and, per face, ``{"box", "points", "labels"}`` in the photo's pixels."""
+    from facedata.compose import background, paste
+
+    canvas = background(np.random.default_rng([23, seed]), *size)
+    faces = []
+    for k, s in enumerate(seeds):
+        src, lab = drawn_source(s)
+        centre = (size[0] * (k + 1) / (len(seeds) + 1), size[1] / 2)
+        box, points = paste(canvas, src, centre, width / max(1, len(seeds)) ** 0.5, 0.0)
+        faces.append({"box": box.tolist(), "points": points.reshape(-1).tolist(), "labels": lab})
+    buf = io.BytesIO()
+    canvas.save(buf, format="JPEG", quality=92)
+    return buf.getvalue(), faces
+
+
+def blank_photo(seed: int = 5, size=(320, 240)) -> bytes:
+    """A JPEG photo of clutter without a face."""
+    from facedata.compose import background
+
+    buf = io.BytesIO()
+    background(np.random.default_rng([29, seed]), *size).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def bad_training_files() -> dict[str, bytes]:
+    """A truncated JPEG, a zero-byte file and a 1 x 40000 PNG (refused for its aspect ratio), by name."""
+    full, _ = face_photo([900])
+    return {"truncated.jpg": full[: len(full) // 2], "empty.jpg": b"",
+            "strip.png": png_bytes(Image.new("L", (1, 40_000), 128))}

@@ -275,7 +275,8 @@ def test_a_manifest_with_the_models_own_labels_trains_it(tmp_path, model, column
         want = {"gender": float(lab["gender"]), "smile": float(_attr(lab, "Smiling")),
                 "eyeglasses": float(_attr(lab, "Eyeglasses"))}
         assert all(row[c] == want[c] for c in expect), row
-    model_obj, _, train, val = prepare(TrainSpec(model=model, data=f"manifest:{uri}", storage=str(tmp_path), name="m"))
+    model_obj, _, train, val, _ = prepare(TrainSpec(model=model, data=f"manifest:{uri}", storage=str(tmp_path), name="m",
+                                                    faces="whole"))  # crops: the labels are what is checked
     assert sorted(train.columns) == sorted(["path", *expect]) and len(train) == 16 and len(val) == 4
     assert sorted(c for c in expect) == sorted(o.target_column for o in model_obj.outputs)
 

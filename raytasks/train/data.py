@@ -10,7 +10,7 @@ import torch
 
 from core import engine
 from models.outputset import OutputSet
-from models.preprocess import Preprocessing, build_augmentation
+from models.preprocess import DEFAULT_PHOTO_SIDE, Preprocessing, build_augmentation
 
 ROWS_PER_BLOCK = 256  # paths per Ray Data block: one decode task handles one block
 DECODE_CPUS = 1.0  # CPUs a Ray Data decode task asks for
@@ -24,20 +24,24 @@ class BatchSpec:
     preprocessing: Preprocessing
     outputs: OutputSet
     augment: dict | None = None
+    max_side: int = DEFAULT_PHOTO_SIDE  # photos are decoded at this longest side (--faces detect|landmarks)
 
 
 _reseeded = False
 
 
 def decode_rows(rows: pd.DataFrame, spec: BatchSpec, train: bool) -> dict[str, np.ndarray]:
-    """Ray Data ``map_batches`` function: dataset rows (path + labels) -> image/target arrays, reading bytes
-    from a folder or S3 and decoding (augmenting when training) with the model's preprocessing."""
+    """Ray Data ``map_batches`` function: dataset rows (path + labels, and each row's face with ``--faces
+    detect|landmarks``) -> image/target arrays, reading bytes from a folder or S3 and decoding with the
+    model's preprocessing (or aligning the row's face). A row that cannot be decoded stays, flagged
+    ``skipped``, for the worker to drop and count (``engine.drop_failed``). The augmentation runs later, on
+    the worker's device (core/augment.py); only HMTNet's random crop out of its margin happens here."""
     global _reseeded
     if train and not _reseeded:  # torch starts every process with the same seed: give each its own
         torch.seed()
         _reseeded = True
     augment = build_augmentation(spec.preprocessing, spec.augment) if train and spec.augment else None
-    return engine.load_batch(rows, spec, train=train, augment=augment)
+    return engine.load_batch(rows, spec, train=train, augment=augment, max_side=spec.max_side, keep_failed=True)
 
 
 def make_dataset(table: pd.DataFrame, spec: BatchSpec, train: bool):

@@ -49,8 +49,12 @@ import pandas as pd
 import models
 from core import engine
 from facedata import storage
+from facedata.datasets import FACE_SELECT_COLUMNS
+from faces.align import default_template
+from faces.facecache import DetectionCache
+from faces.trainfaces import TRAIN_FACE_MODES, default_mode, find_training_faces, landmark_faces
 from models.base import Recipe
-from models.preprocess import Preprocessing
+from models.preprocess import DEFAULT_PHOTO_SIDE, Preprocessing
 from raytasks.train.data import DECODE_CPUS, BatchSpec, data_config, make_dataset
 from raytasks.train.history import Progress, plot_curves, read_history
 from raytasks.train.spec import CURVES_PNG, MODEL_FILE, SNAPSHOT_FILE, TrainError, TrainOutcome, TrainSpec
@@ -60,8 +64,10 @@ log = logging.getLogger(__name__)
 
 
 def prepare(spec: TrainSpec):
-    """Read the data and resolve the model and recipe on the driver (so that bad flags fail here, before
-    any worker starts). Returns ``(model, recipe, train_table, val_table)``."""
+    """Read the data, find the training faces and resolve the model and recipe on the driver (so that bad
+    flags and data fail here, before any worker starts). Returns ``(model, recipe, train_table, val_table,
+    faces)``; ``faces`` says how the faces were found (:func:`resolve_faces`)."""
+    from core.augment import Augment
     from facedata.datasets import read_dataset
 
     if spec.workers < 1:
@@ -75,8 +81,13 @@ def prepare(spec: TrainSpec):
     if unknown:
         raise TrainError(f"unknown recipe fields {sorted(unknown)}")
     recipe = dataclasses.replace(model.recipe, **spec.recipe)
-    if spec.align_jitter:
-        recipe = dataclasses.replace(recipe, augment={**recipe.augment, "align_jitter": spec.align_jitter})
+    extra_aug = {**spec.augment, **({"align_jitter": spec.align_jitter} if spec.align_jitter else {})}
+    if extra_aug:
+        recipe = dataclasses.replace(recipe, augment={**recipe.augment, **extra_aug})
+    try:
+        Augment.from_recipe(recipe.augment).check(model.outputs)
+    except ValueError as e:
+        raise TrainError(f"augmentation: {e}") from None
     if recipe.epochs < 1 or recipe.batch_size < spec.workers or recipe.lr < 0:
         raise TrainError(f"need epochs >= 1, lr >= 0 and a batch size of at least one image per worker "
                          f"(epochs {recipe.epochs}, batch {recipe.batch_size}, lr {recipe.lr}, "
@@ -86,19 +97,81 @@ def prepare(spec: TrainSpec):
     if len(columns) == 1:
         raise TrainError(f"{spec.data} has none of the labels {model.name} learns from "
                          f"({', '.join(engine.label_columns(model))})")
-    train, val = ds.split("train")[columns], ds.split("val")[columns]
+    mode = spec.faces or default_mode(ds.format)
+    if mode not in TRAIN_FACE_MODES:
+        raise TrainError(f"--faces must be one of {', '.join(TRAIN_FACE_MODES)}, got {mode!r}")
+    extra = [c for c in (*FACE_SELECT_COLUMNS, "landmarks") if c in ds.table.columns and c not in columns]
+    train, val = ds.split("train")[columns + extra], ds.split("val")[columns + extra]
     if spec.limit:
         train = train.iloc[: spec.limit]
     if spec.val_limit:
         val = val.iloc[: spec.val_limit]
+    train, val, faces = resolve_faces(spec, mode, train, val)
+    train, val = train.drop(columns=extra), val.drop(columns=extra)
     if len(train) < engine.MIN_TRAIN_BATCH * spec.workers:
         raise TrainError(f"{spec.data}: {len(train)} training images for {spec.workers} workers; every worker "
                          f"needs at least {engine.MIN_TRAIN_BATCH} (BatchNorm cannot train on one image)")
     if len(val) == 0:
         raise TrainError(f"{spec.data}: no validation images (split 'val' is empty)")
-    if spec.template_images:
+    if mode != "whole":
+        # faces in photos sit anywhere: the canonical template of the input size (faces/trainfaces.py), the
+        # model's own where it has one (age_gender_race's dlib chip, which its pretrained trunk learned from)
+        pre = model.preprocessing
+        if pre.template is None:
+            model.preprocessing = dataclasses.replace(pre, template_crop=None, template=default_template(pre))
+    elif spec.template_images:
         model.preprocessing = measure_template(ds, train, model.preprocessing, spec)
-    return model, recipe, train.reset_index(drop=True), val.reset_index(drop=True)
+    return model, recipe, train.reset_index(drop=True), val.reset_index(drop=True), faces
+
+
+def resolve_faces(spec: TrainSpec, mode: str, train: pd.DataFrame, val: pd.DataFrame, log_fn=print):
+    """The face of every training and validation row (faces/trainfaces.py): ``detect`` runs the detector
+    once per file not yet in the cache under ``spec.storage`` (faces/facecache.py), ``landmarks`` takes the
+    data's own points, ``whole`` changes nothing. Returns the tables (rows without a face left out) and
+    ``{"mode", "detector", "max_side", "template", "report"}`` for the history and the checkpoints."""
+    template = "canonical" if mode != "whole" else "measured" if spec.template_images else "default"
+    info = {"mode": mode, "detector": None, "max_side": None, "template": template, "report": None}
+    detector, max_side = (spec.face_options or {}).get("detector"), (spec.face_options or {}).get("max_side")
+    if (detector and mode != "detect") or (max_side and mode == "whole"):
+        raise TrainError(f"--faces {mode}: the detector's settings (--det-*, --min-face, --max-faces) apply to "
+                         f"--faces detect only{', --max-side to detect and landmarks' if max_side else ''}")
+    if mode == "whole":
+        return train, val, info
+    from faces.finder import FaceFinder, FaceOptions
+
+    try:
+        options = FaceOptions.from_dict({**spec.face_options, "mode": "detect"})
+    except ValueError as e:
+        raise TrainError(f"face settings: {e}") from None
+    info["max_side"] = options.max_side
+    both = pd.concat([train.assign(_part="train"), val.assign(_part="val")], ignore_index=True)
+    if mode == "landmarks":
+        try:
+            both, report = landmark_faces(both)
+        except ValueError as e:
+            raise TrainError(f"{spec.data}: {e}") from None
+    else:
+        import torch
+
+        finder = FaceFinder(options, device="cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu")
+        shown = [0.0]
+
+        def progress(r, total):  # a line every 30 s of a long first pass
+            if r.seconds - shown[0] >= 30 and r.images < total:
+                shown[0] = r.seconds
+                log_fn(f"faces: {r.images}/{total} images, {r.cached} from the cache, {r.detected} detected, "
+                       f"{r.images / r.seconds:.1f} images/s")
+
+        both, report = find_training_faces(both, finder, DetectionCache(spec.storage, finder.identity),
+                                           progress=progress)
+        info["detector"] = finder.identity
+    log_fn(report.line())
+    if report.used == 0:
+        raise TrainError(f"{spec.data}: no training or validation image has a face ({report.line()}); the first "
+                         f"skipped: {'; '.join(f'{p}: {r}' for p, r in report.skipped[:3])}")
+    info["report"] = report.to_dict()
+    parts = both.pop("_part")
+    return both[parts == "train"].reset_index(drop=True), both[parts == "val"].reset_index(drop=True), info
 
 
 def measure_template(ds, train: pd.DataFrame, pre: Preprocessing, spec: TrainSpec) -> Preprocessing:
@@ -181,7 +254,7 @@ def run(spec: TrainSpec, log_fn=print, prepared=None) -> TrainOutcome:
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    model, recipe, train, val = prepared or prepare(spec)
+    model, recipe, train, val, faces = prepared or prepare(spec)
     output = spec.output or storage.join(spec.run_uri, "best.pt")
     previous = read_history(spec.run_uri)
     resumed_from = None
@@ -198,7 +271,8 @@ def run(spec: TrainSpec, log_fn=print, prepared=None) -> TrainOutcome:
             else:
                 log_fn(f"resuming run {spec.name} from {spec.run_uri} after epoch {resumed_from}")
     per_worker = math.ceil(recipe.batch_size / spec.workers)
-    batch_spec = BatchSpec(model.preprocessing, model.outputs, recipe.augment or None)
+    batch_spec = BatchSpec(model.preprocessing, model.outputs, recipe.augment or None,
+                           faces["max_side"] or DEFAULT_PHOTO_SIDE)
     datasets = {"train": make_dataset(train, batch_spec, train=True),
                 "val": make_dataset(val, batch_spec, train=False)}
     cfg = {
@@ -211,6 +285,7 @@ def run(spec: TrainSpec, log_fn=print, prepared=None) -> TrainOutcome:
         or any(c not in train.columns for c in engine.label_columns(model)),
         "fail_at": spec.fail_at,
         "face_template": {"template": model.preprocessing.template, "template_crop": model.preprocessing.template_crop},
+        "faces": faces,
     }
     resources = {"CPU": spec.cpus_per_worker}
     if spec.use_gpu:

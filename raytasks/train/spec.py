@@ -45,7 +45,10 @@ class TrainSpec:
     template_images: int = 64  # training images the face template is measured on (faces/templates.py); 0: none
     calibrate: bool = True  # fit the exported model's temperatures on the validation split (models/calibration.py)
     calibrate_limit: int = 10_000  # validation images the temperatures are fitted on, at most
-    align_jitter: float | None = None  # added to the recipe's augmentation (models/preprocess.py build_augmentation)
+    align_jitter: float | None = None  # added to the recipe's augmentation (core/augment.py)
+    augment: dict = field(default_factory=dict)  # recipe augmentation entries set or overridden (core/augment.py)
+    faces: str | None = None  # detect, landmarks or whole (faces/trainfaces.py); None: the format's default
+    face_options: dict = field(default_factory=dict)  # faces.finder.FaceOptions (max_side, detector) for detect
 
     @property
     def run_uri(self) -> str:

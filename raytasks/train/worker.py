@@ -17,6 +17,7 @@ import torch
 
 import models
 from core import engine
+from core.augment import Augment
 from facedata import storage
 from models.base import Recipe
 from models.checkpoint import FORMAT as CHECKPOINT_FORMAT
@@ -84,15 +85,12 @@ def score_of(value: float, mode: str) -> float:
 
 
 # --- the worker ----------------------------------------------------------------------------------------
-def _validate(model, shard, batch_size: int, device, amp, channels_last) -> dict:
-    batches = shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2)
+def _validate(model, shard, batch_size: int, device, amp, channels_last, skipped: list[int] | None = None) -> dict:
+    """Statistics over the whole validation split (all-reduced); ``skipped[0]`` counts this worker's
+    validation images that could not be decoded."""
+    batches = engine.drop_failed(shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2),
+                                 skipped if skipped is not None else [0])
     return reduce_stats(engine.evaluate_batches(model, batches, device, amp, channels_last), device)
-
-
-def _nonempty(batches):
-    for b in batches:
-        if len(b["image"]):
-            yield b
 
 
 def train_worker(cfg: dict) -> None:
@@ -110,6 +108,7 @@ def train_worker(cfg: dict) -> None:
     amp = torch.bfloat16 if on_gpu and cfg["amp"] else None
     channels_last = on_gpu
     recipe = Recipe(**cfg["recipe"])
+    augment = Augment.from_recipe(recipe.augment)  # on this device, in the aligned frame (core/augment.py)
     say = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
 
     torch.manual_seed(cfg["seed"])
@@ -143,6 +142,7 @@ def train_worker(cfg: dict) -> None:
         say(f"run {cfg['name']} already {why}: nothing to train")
         return
     attempts.append({"start_epoch": start_epoch, "world_size": world, "time": time.time()})
+    generator = torch.Generator(device).manual_seed(cfg["seed"] * 7919 + 1009 * len(attempts) + rank)
     say(f"{'resuming at' if start_epoch > 1 else 'starting'} epoch {start_epoch}/{recipe.epochs}: {core.name} "
         f"on {world} worker(s) ({device.type}{', bf16' if amp else ''}), batch {recipe.batch_size} "
         f"({cfg['per_worker_batch']}/worker), lr {opt.param_groups[0]['lr']:.3g}")
@@ -156,7 +156,7 @@ def train_worker(cfg: dict) -> None:
     epoch_times: list[float] = []
     header = {"run": cfg["name"], "model": core.name, "config": core.config, "data": cfg["data"],
               "primary_metric": core.primary_metric, "primary_mode": core.primary_mode,
-              "recipe": cfg["recipe"], "workers": world}
+              "recipe": cfg["recipe"], "workers": world, "faces": cfg.get("faces"), "augment": augment.to_dict()}
 
     for epoch in range(start_epoch, recipe.epochs + 1):
         t0 = time.perf_counter()
@@ -167,8 +167,9 @@ def train_worker(cfg: dict) -> None:
         hook_hashes: list[str] = []  # the model's state buffers right after each on_validation (before DDP
         # forwards broadcast rank 0's buffers again): equal on every worker iff the hook saw equal stats
         # a shard's last batch of one image would stop BatchNorm: it joins the batch before it
-        batches = engine.fold_remainder(_nonempty(train_shard.iter_batches(batch_size=bs, batch_format="numpy",
-                                                                           prefetch_batches=2)))
+        skipped, val_skipped = [0], [0]  # images of this worker's shards that could not be decoded
+        batches = engine.fold_remainder(engine.drop_failed(train_shard.iter_batches(
+            batch_size=bs, batch_format="numpy", prefetch_batches=2), skipped))
         val_time, t_first, n_first = 0.0, None, 0  # steady state: from the end of the epoch's first step
         while True:
             limit_hit = cfg["steps_per_epoch"] and steps_local >= cfg["steps_per_epoch"]
@@ -178,7 +179,8 @@ def train_worker(cfg: dict) -> None:
             record = not recorded
             if record:
                 first_step_hashes = {"init": weights_sha(core)}
-            out = engine.train_step(ddp, batch, opt, device, amp, channels_last)
+            out = engine.train_step(ddp, batch, opt, device, amp, channels_last,
+                                    augment if augment.active else None, generator)
             if record:
                 first_step_hashes["after_first_step"] = weights_sha(core)
                 recorded = True
@@ -207,9 +209,10 @@ def train_worker(cfg: dict) -> None:
         steady_time = t_end - (t_first or t_end) - val_time
 
         keys = sorted(loss_sums)
-        totals = all_sum([loss_sums[k] for k in keys] + [n_local, n_local - n_first], device)
+        stats = _validate(core, val_shard, bs, device, amp, channels_last, val_skipped)
+        totals = all_sum([loss_sums[k] for k in keys] + [n_local, n_local - n_first, skipped[0], val_skipped[0]],
+                         device)
         n_all, n_steady = totals[len(keys)], totals[len(keys) + 1]
-        stats = _validate(core, val_shard, bs, device, amp, channels_last)
         metrics = core.metrics(stats)
         if not recipe.validate_every:
             # as engine.fit: with validate_every (DMM-CNN's P) the hook runs only on the every-P validations
@@ -224,6 +227,7 @@ def train_worker(cfg: dict) -> None:
         times = gather((train_time, steady_time))  # the slowest worker sets the pace
         max_time, max_steady = max(t for t, _ in times), max(t for _, t in times)
         metrics.update(epoch=epoch, step=step, lr=opt.param_groups[0]["lr"], train_images=n_all,
+                       train_skipped=int(totals[len(keys) + 2]), val_skipped=int(totals[len(keys) + 3]),
                        val_images=max((float(s["n"]) for s in stats.values()), default=0.0),
                        samples_per_s=n_all / max(max_time, 1e-9),
                        steady_samples_per_s=n_steady / max_steady if max_steady > 0 else float("nan"),
@@ -254,7 +258,8 @@ def train_worker(cfg: dict) -> None:
                 write_history(cfg["run_uri"], history, attempts, header)
                 data, _ = checkpoint_bytes(core, _numeric(metrics),
                                            extra={"epoch": epoch, "run": cfg["name"], "data": cfg["data"],
-                                                  "recipe": cfg["recipe"]})
+                                                  "recipe": cfg["recipe"], "augment": augment.to_dict(),
+                                                  "faces": cfg.get("faces")})
                 with open(os.path.join(d, MODEL_FILE), "wb") as f:
                     f.write(data)
                 torch.save({"epoch": epoch, "step": step, "best": best, "best_epoch": best_epoch,

@@ -1,0 +1,356 @@
+"""Training on faces found in photos (issue #19): ``jobs.train --faces detect`` finds each image's face with
+the detector of label and serve, caches the detections beside the runs, skips and counts what has no face
+or cannot be read, and the augmentation runs in the aligned frame, on the device, never in evaluation.
+
+The photos are drawn faces (facedata/synth.py) pasted on cluttered backgrounds at known places
+(tests/helpers.py ``face_photo``); the detector is the session's (tests/conftest.py ``finder``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import models
+from core import engine
+from core.augment import FLIP_5, Augment
+from core.evaluation import run_model
+from facedata import storage
+from facedata.datasets import read_dataset
+from faces.facecache import Detection, DetectionCache
+from faces.finder import FaceFinder, FaceOptions
+from faces.trainfaces import ALIGN_POINTS, find_training_faces, pick_face
+from models.landmarks import Landmarks
+from tests.helpers import bad_training_files, blank_photo, face_photo, write_files
+
+N_TRAIN, N_VAL = 12, 4
+
+
+class Counting:
+    """A FaceFinder that counts the images it is asked to search."""
+
+    def __init__(self, finder):
+        self.finder, self.options, self.identity, self.images = finder, finder.options, finder.identity, 0
+
+    def find(self, images, scales=None):
+        self.images += len(images)
+        return self.finder.find(images, scales)
+
+
+@pytest.fixture(scope="module")
+def photo_set(tmp_path_factory):
+    """Photos of one drawn face each (12 train, 4 val) and a manifest with their gender and eyeglasses;
+    returns ``(folder, manifest path, {name: faces})``."""
+    root = tmp_path_factory.mktemp("photos")
+    files, faces, rows = {}, {}, []
+    for i in range(N_TRAIN + N_VAL):
+        data, found = face_photo([i], seed=i)
+        name = f"p{i:02d}.jpg"
+        files[name], faces[name] = data, found
+        lab = found[0]["labels"]
+        rows.append({"path": name, "gender": lab["gender"], "eyeglasses": lab["eyeglasses"],
+                     "split": "train" if i < N_TRAIN else "val"})
+    write_files(root, files)
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    return root, str(root / "manifest.csv"), faces
+
+
+def _inside(points, box) -> bool:
+    """Whether all 5 points lie inside the box (x1, y1, x2, y2)."""
+    p = np.asarray(points).reshape(5, 2)
+    return bool(((p[:, 0] > box[0]) & (p[:, 0] < box[2]) & (p[:, 1] > box[1]) & (p[:, 1] < box[3])).all())
+
+
+def _table(manifest: str) -> pd.DataFrame:
+    return read_dataset(f"manifest:{manifest}").table
+
+
+def test_detections_are_cached_for_every_epoch_and_later_run(photo_set, finder, tmp_path):
+    root, manifest, truth = photo_set
+    table = _table(manifest)
+    first = Counting(finder)
+    resolved, report = find_training_faces(table, first, DetectionCache(str(tmp_path), finder.identity))
+    assert first.images == len(table) == report.detected == report.used and report.cached == 0
+    # the chosen face is the pasted one: its points inside the pasted face's box
+    for path, pts in zip(resolved["path"], resolved[ALIGN_POINTS]):
+        assert _inside(pts, truth[path.rsplit("/", 1)[1]][0]["box"]), path
+
+    # two epochs of training read the rows' faces; the detector is never called again
+    model = models.create_model("hard_sharing")
+    history = engine.fit(model, resolved[resolved.index < N_TRAIN], resolved[resolved.index >= N_TRAIN],
+                         epochs=2, batch_size=6, log_fn=None)
+    assert [h["train_skipped"] for h in history] == [0, 0]
+    assert first.images == len(table)
+
+    # a later run (a new cache object over the same storage) reads every entry, detects nothing
+    later = Counting(finder)
+    again, report2 = find_training_faces(table, later, DetectionCache(str(tmp_path), finder.identity))
+    assert later.images == 0 and report2.cached == len(table) and report2.detected == 0
+    assert again[ALIGN_POINTS].tolist() == resolved[ALIGN_POINTS].tolist()
+
+
+def test_a_changed_file_or_detector_setting_is_detected_again(photo_set, finder, tmp_path):
+    root, manifest, _ = photo_set
+    table = _table(manifest).iloc[:6]
+    find_training_faces(table, Counting(finder), DetectionCache(str(tmp_path), finder.identity))
+    (root / "p03.jpg").write_bytes(face_photo([103], seed=103)[0])  # another face in the same file name
+    try:
+        c = Counting(finder)
+        _, report = find_training_faces(table, c, DetectionCache(str(tmp_path), finder.identity))
+        assert c.images == 1 and report.detected == 1 and report.cached == len(table) - 1
+    finally:
+        (root / "p03.jpg").write_bytes(face_photo([3], seed=3)[0])
+    other = FaceFinder(FaceOptions(detector={"min_face": 20.0}))
+    assert other.identity != finder.identity
+    c = Counting(other)
+    _, report = find_training_faces(table, c, DetectionCache(str(tmp_path), other.identity))
+    assert c.images == len(table) and report.cached == 0
+
+
+def test_a_file_changed_after_its_face_was_found_is_skipped_not_misaligned(photo_set, finder, tmp_path):
+    root, manifest, _ = photo_set
+    table = _table(manifest).iloc[:3]
+    resolved, _ = find_training_faces(table, finder, DetectionCache(str(tmp_path), finder.identity))
+    model = models.create_model("hard_sharing")
+    store = {p: storage.read_bytes(p) for p in resolved["path"]}
+    store[resolved["path"][1]] = face_photo([77], seed=77)[0]
+    failed: list = []
+    batch = engine.load_batch(resolved, model, read=store.__getitem__, failed=failed)
+    assert len(batch["image"]) == 2 and failed[0][0] == resolved["path"][1] and "changed" in failed[0][1]
+
+
+def test_no_face_bad_files_and_an_unmatched_box_are_skipped_with_their_reason(photo_set, finder, tmp_path):
+    root, _, _ = photo_set
+    folder = tmp_path / "mixed"
+    two, faces = face_photo([40, 41], size=(420, 240), seed=40)
+    files = {"one.jpg": face_photo([2], seed=2)[0], "two.jpg": two, "two_right.jpg": two,
+             "noface.jpg": blank_photo(), **bad_training_files()}
+    write_files(folder, files)
+    right = faces[1]["box"]
+    rows = [{"path": n, "gender": 0, "face_box": None} for n in files]
+    rows[1]["face_box"] = json.dumps([5, 5, 40, 40])  # names neither face of two.jpg
+    rows[2]["face_box"] = json.dumps(right)  # names the right-hand face
+    pd.DataFrame(rows).to_csv(folder / "m.csv", index=False)
+    table = _table(str(folder / "m.csv"))
+    resolved, report = find_training_faces(table, finder, DetectionCache(str(tmp_path), finder.identity))
+    assert report.kinds() == {"unmatched": 1, "no_face": 1, "truncated": 1, "empty": 1, "too_large": 1}, report.skipped
+    assert sorted(p.rsplit("/", 1)[1] for p in resolved["path"]) == ["one.jpg", "two_right.jpg"]
+    got = resolved[resolved["path"].str.endswith("two_right.jpg")][ALIGN_POINTS].iloc[0]
+    assert _inside(got, faces[1]["box"]) and not _inside(got, faces[0]["box"])
+    assert "face_box" not in resolved.columns and "skipped 5" in report.line()
+
+
+def test_pick_face_by_points_and_its_refusals():
+    faces = np.zeros((2, 15))
+    faces[0, 5:] = [10, 10, 30, 10, 20, 20, 12, 30, 28, 30]
+    faces[1, 5:] = faces[0, 5:] + 100
+    faces[:, :4] = [[0, 0, 40, 40], [100, 100, 140, 140]]
+    assert pick_face(faces) == 0
+    assert pick_face(faces, points=faces[1, 5:] + 1) == 1
+    with pytest.raises(ValueError, match="unmatched"):
+        pick_face(faces, points=faces[0, 5:] + 50)
+    with pytest.raises(ValueError, match="no_face"):
+        pick_face(np.zeros((0, 15)))
+
+
+def test_whole_images_that_cannot_be_decoded_are_counted_and_training_goes_on(tmp_path):
+    from facedata import synth
+
+    root = synth.generate("celeba", 16, str(tmp_path / "c"), seed=2, size="40x48")
+    table = read_dataset(f"celeba:{root}").table[["path", "gender", "eyeglasses"]]
+    write_files(tmp_path / "bad", bad_training_files())
+    bad = pd.DataFrame({"path": [str(tmp_path / "bad" / n) for n in bad_training_files()], "gender": 0.0,
+                        "eyeglasses": 0.0})
+    train = pd.concat([table.iloc[:10], bad], ignore_index=True)
+    model = models.create_model("hard_sharing")
+    history = engine.fit(model, train, table.iloc[10:], epochs=2, batch_size=4, log_fn=None)
+    assert [h["train_skipped"] for h in history] == [3, 3] and history[-1]["val_skipped"] == 0
+    assert all(np.isfinite(h["train_loss"]) for h in history)
+
+
+def test_the_cache_works_on_s3(s3_bucket):
+    _, bucket = s3_bucket
+    cache = DetectionCache(f"s3://{bucket}/runs", "detector A")
+    faces = np.arange(30, dtype=np.float64).reshape(2, 15)
+    cache.put("ab" * 32, Detection(640, 480, faces))
+    assert cache.flush() == 1
+    back = DetectionCache(f"s3://{bucket}/runs", "detector A").get("ab" * 32)
+    assert back.width == 640 and np.allclose(back.faces, faces)
+    assert DetectionCache(f"s3://{bucket}/runs", "detector B").get("ab" * 32) is None
+
+
+# --- augmentation ----------------------------------------------------------------------------------------
+DOTS = [(15, 20), (35, 20), (25, 32), (17, 45), (33, 45)]
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
+
+
+@pytest.mark.parametrize("scale", ["signed", "unit"])
+def test_flip_and_jitter_move_landmarks_with_the_pixels(scale):
+    H, W, n = 60, 50, 24
+    img = torch.zeros(1, 3, H, W, dtype=torch.uint8)
+    for (x, y), c in zip(DOTS, COLOURS):
+        img[0, :, y - 2:y + 3, x - 2:x + 3] = torch.tensor(c, dtype=torch.uint8)[:, None, None]
+    o = Landmarks("landmarks", points=5, scale=scale)
+    pix = np.array([[v for x, y in DOTS for v in (x + 0.5, y + 0.5)]], dtype=np.float32)
+    target = torch.tensor(o.normalise(pix, [{"sx": 1, "sy": 1, "tx": 0, "ty": 0, "input_w": W, "input_h": H}]))
+    aug = Augment(hflip=0.5, rotation=12, scale=0.1, shift=0.06)
+    out, moved = aug(img.expand(n, -1, -1, -1).contiguous(), {"landmarks": target.expand(n, -1).contiguous()}, [o],
+                     torch.Generator().manual_seed(3))
+    flips = 0
+    for b in range(n):
+        p = moved["landmarks"][b].reshape(5, 2).double()
+        p = (p + 1) / 2 if scale == "signed" else p
+        xs, ys = (p[:, 0] * W).long(), (p[:, 1] * H).long()
+        seen = [tuple(out[b, :, y, x].tolist()) for x, y in zip(xs, ys)]
+        flipped = seen == [COLOURS[i] for i in FLIP_5]
+        flips += flipped
+        assert flipped or seen == COLOURS, (b, seen)
+        assert xs[0] < xs[1] and xs[3] < xs[4]  # point 0 stays the image-left eye
+    assert 0 < flips < n
+
+
+def test_flip_is_refused_for_landmarks_without_a_known_left_right_order():
+    with pytest.raises(ValueError, match="68 points"):
+        Augment(hflip=0.5).check([Landmarks("landmarks", points=68)])
+    Augment(rotation=5).check([Landmarks("landmarks", points=68)])
+
+
+def test_recipe_keys_expand_and_bad_ones_fail():
+    a = Augment.from_recipe({"hflip": 0.5, "align_jitter": 1, "color_jitter": 0.2, "random_crop": True})
+    assert (a.hflip, a.rotation, a.shift, a.scale) == (0.5, 3.0, 0.03, pytest.approx(0.07))
+    assert (a.brightness, a.saturation, a.hue) == (0.2, 0.2, 0.05)
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        Augment.from_recipe({"mixup": 0.2})
+    with pytest.raises(ValueError, match="rotation"):
+        Augment.from_recipe({"rotation": 400})
+    assert not Augment.from_recipe({}).active
+
+
+def test_photometric_augmentation_changes_pixels_and_keeps_shape():
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    out, _ = Augment(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1, blur=1.0)(x, {}, [],
+                                                                                      torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    assert (out.float() - x.float()).abs().mean() > 5
+    assert out.float().std() < x.float().std()  # the blur smooths the noise
+
+
+def test_evaluation_applies_no_augmentation(photo_set, monkeypatch):
+    _, manifest, _ = photo_set
+    table = _table(manifest).iloc[:6]
+    model = models.create_model("hard_sharing")
+    model.recipe = dataclasses.replace(model.recipe, augment={"hflip": 1.0, "rotation": 30, "brightness": 0.5})
+    before = run_model(model, table, batch_size=4)
+    calls = []
+    monkeypatch.setattr(Augment, "__call__", lambda self, *a, **k: calls.append(1) or (_ for _ in ()).throw(
+        AssertionError("augmentation in evaluation")))
+    after = run_model(model, table, batch_size=4)
+    assert not calls and all(torch.equal(before.raw[k], after.raw[k]) for k in before.raw)
+    with pytest.raises(AssertionError, match="augmentation in evaluation"):  # training does call it
+        engine.fit(model, table, table, epochs=1, batch_size=6, log_fn=None)
+
+
+def test_faces_landmarks_needs_5_points_per_row():
+    from faces.trainfaces import landmark_faces
+
+    t = pd.DataFrame({"path": ["a", "b", "c"], "landmarks": [list(range(10)), None, list(range(8))]})
+    out, report = landmark_faces(t)
+    assert list(out["path"]) == ["a"] and report.kinds() == {"no_landmarks": 2}
+    with pytest.raises(ValueError, match="landmarks"):
+        landmark_faces(t.drop(columns=["landmarks"]))
+
+
+# --- the train job ---------------------------------------------------------------------------------------
+def test_jobs_train_with_faces_detect_on_photos(ray_session, photo_set, finder, tmp_path, capsys):
+    """``jobs.train --faces detect`` on a manifest of photos with a photo without a face and three broken
+    files in its training split: they are skipped and counted, the run trains on the 12 faces, the
+    checkpoint records the faces, the template and the augmentation, and a later run reads the cache."""
+    from faces.align import default_template
+    from jobs import train as train_job
+    from models.checkpoint import load_checkpoint
+    from raytasks.train import TrainSpec, prepare
+
+    root, manifest, _ = photo_set
+    extra = {"noface.jpg": blank_photo(9), **bad_training_files()}
+    write_files(tmp_path / "extra", extra)
+    rows = pd.read_csv(manifest)
+    rows["path"] = [str(root / p) for p in rows["path"]]
+    rows = pd.concat([rows, pd.DataFrame({"path": [str(tmp_path / "extra" / n) for n in extra], "gender": 0,
+                                          "eyeglasses": 0, "split": "train"})], ignore_index=True)
+    rows.to_csv(tmp_path / "m.csv", index=False)
+    data, runs = f"manifest:{tmp_path / 'm.csv'}", str(tmp_path / "runs")
+    outcome = train_job.main(["--model", "hard_sharing", "--data", data, "--storage", runs, "--name", "hs",
+                              "--epochs", "1", "--batch-size", "4", "--augment", "hflip=0.5",
+                              "--augment", "brightness=0.2", "--align-jitter", "1"])
+    out = capsys.readouterr().out
+    assert ("faces (detect): 16/20 images used, 0 from the cache, 17 detected" in out
+            and "skipped 4 (empty 1, no_face 1, too_large 1, truncated 1)" in out), out
+    model, info = load_checkpoint(outcome.output)
+    assert info.extra["faces"]["mode"] == "detect" and info.extra["faces"]["detector"] == finder.identity
+    assert info.extra["faces"]["report"]["skipped_total"] == 4 and info.extra["faces"]["template"] == "canonical"
+    assert info.extra["augment"]["hflip"] == 0.5 and info.extra["augment"]["rotation"] == 3.0
+    assert model.preprocessing.template == default_template(model.preprocessing)  # hard_sharing has none of its own
+    assert [e["train_images"] for e in outcome.history] == [N_TRAIN]
+    assert all(e["train_skipped"] == 0 and e["val_images"] == N_VAL for e in outcome.history)
+
+    # jobs.evaluate reads a detect-trained checkpoint through detection unless told otherwise
+    from jobs import evaluate as evaluate_job
+
+    metrics = evaluate_job.main(["--checkpoint", outcome.output, "--data", data, "--split", "val"])
+    assert "images_without_face" in metrics and metrics["n_images"] == N_VAL
+    assert "images_without_face" not in evaluate_job.main(["--checkpoint", outcome.output, "--data", data,
+                                                          "--split", "val", "--faces", "whole"])
+
+    # a later run over the same storage finds every detection in the cache
+    *_, faces = prepare(TrainSpec(model="hard_sharing", data=data, storage=runs, name="hs-2", faces="detect"))
+    assert faces["report"]["cached"] == 17 and faces["report"]["detected"] == 0
+
+
+def test_faces_landmarks_aligns_with_the_datas_points_and_bad_flags_fail(tmp_path):
+    """``--faces landmarks`` (no detector): every row is aligned with its own 5 points onto the canonical
+    template, so DMM-CNN's landmark targets land on the template; settings that do not apply fail."""
+    from facedata import synth
+    from faces.align import template_of
+    from raytasks.train import TrainError, TrainSpec, prepare
+
+    root = synth.generate("celeba", 30, str(tmp_path / "c"), seed=4, size="89x109")
+    spec = TrainSpec(model="dmm_cnn", data=f"celeba:{root}", storage=str(tmp_path / "runs"), name="lm",
+                     faces="landmarks", model_kwargs={"depth": 18, "image_size": 64})
+    model, _, train, val, faces = prepare(spec)
+    assert faces["mode"] == "landmarks" and faces["report"]["used"] == len(train) + len(val) == 27  # 3 test
+    assert model.preprocessing.template_crop is None
+    batch = engine.load_batch(train.iloc[:8], model)
+    H, W = model.preprocessing.size
+    want = template_of(model.preprocessing).numpy() / [W, H] * 2 - 1  # the template in the targets' units
+    got = batch["t:landmarks"].reshape(-1, 5, 2)
+    assert np.abs(got - want[None]).mean() < 0.06, np.abs(got - want[None]).mean()
+    assert not (tmp_path / "runs" / "_face_cache").exists()  # nothing was detected
+
+    with pytest.raises(TrainError, match="apply to --faces detect only"):
+        prepare(dataclasses.replace(spec, faces="whole", face_options={"detector": {"size": 320}}))
+    with pytest.raises(TrainError, match="needs 5-point landmarks"):
+        prepare(dataclasses.replace(spec, data=f"utkface:{synth.generate('utkface', 12, str(tmp_path / 'u'), seed=1)}",
+                                    model="age_gender_race", model_kwargs={"depth": 18, "image_size": 32, "backbone": "resnet"}))
+    pd.DataFrame({"path": [str(p) for p in sorted((tmp_path / "c").rglob("*.jpg"))[:4]], "gender": [0, 1, 0, 1],
+                  "landmarks": [json.dumps(list(range(8)))] * 4, "split": ["train", "train", "train", "val"]}
+                 ).to_csv(tmp_path / "four.csv", index=False)
+    with pytest.raises(TrainError, match="no training or validation image has a face.*no_landmarks 4"):
+        prepare(dataclasses.replace(spec, data=f"manifest:{tmp_path / 'four.csv'}", model="hard_sharing",
+                                    model_kwargs={}))
+
+
+def test_a_long_pass_writes_its_detections_as_it_goes_and_reports_progress(photo_set, finder, tmp_path, monkeypatch):
+    import faces.trainfaces as tf
+
+    _, manifest, _ = photo_set
+    monkeypatch.setattr(tf, "CHUNK", 2)
+    monkeypatch.setattr(tf, "FLUSH_EVERY", 2)
+    seen = []
+    tf.find_training_faces(_table(manifest).iloc[:5], finder, DetectionCache(str(tmp_path), finder.identity),
+                           progress=lambda r, total: seen.append((r.images, total)))
+    assert seen == [(2, 5), (4, 5), (5, 5)]
+    assert len(list((tmp_path / "_face_cache").rglob("part-*.jsonl"))) == 3  # 2 + 2 + 1 entries
