@@ -156,6 +156,7 @@ def test_early_stopping_ends_every_worker_and_a_rerun_does_not_train_again(ray_s
     train_job.main(args)  # the same command again: the run is complete, nothing more is trained
     out = capsys.readouterr().out
     assert "is complete (2 epochs, stopped early)" in out
+    assert "training hard_sharing on" not in out  # no worker group started: exported from the run's storage
     assert len(_history(outcome.run_uri)["epochs"]) == 2
 
 

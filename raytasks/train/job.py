@@ -247,29 +247,23 @@ def calibrate_output(output: str, val, batch_size: int, log_fn=print) -> None:
         f"{k} ECE {c.ece_before:.4f} -> {c.ece_after:.4f}" for k, c in cal.outputs.items()) + ")")
 
 
-def run(spec: TrainSpec, log_fn=print, prepared=None) -> TrainOutcome:
-    """Train (or resume) the run described by ``spec`` on the connected Ray cluster, export its best
-    checkpoint to ``spec.output`` and draw its curves. Raises :class:`TrainError` when it cannot.
-    ``prepared``: what :func:`prepare` returned for ``spec``, if the caller already called it."""
+def _stored_result(spec: TrainSpec):
+    """The result of a complete run, read from its storage (Ray Train's checkpoint snapshot): no worker starts."""
+    from ray.train import Result
+
+    fs, path = storage.filesystem(spec.run_uri)
+    try:
+        return Result.from_path(path, storage_filesystem=fs)
+    except Exception as e:  # noqa: BLE001 - a damaged run folder: say which and how to go on
+        raise TrainError(f"run {spec.run_uri} is complete but its checkpoints cannot be read ({e}): use another "
+                         f"--name to train again") from e
+
+
+def _fit(spec: TrainSpec, model, recipe, train, val, faces, resumed_from, log_fn):
+    """Start (or resume) the TorchTrainer of the run and wait for it; returns Ray Train's result."""
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    model, recipe, train, val, faces = prepared or prepare(spec)
-    output = spec.output or storage.join(spec.run_uri, "best.pt")
-    previous = read_history(spec.run_uri)
-    resumed_from = None
-    if previous is not None:
-        if previous.get("model") != model.name or previous.get("config") != model.config:
-            raise TrainError(f"{spec.run_uri} holds a run of {previous.get('model')} {previous.get('config')}, "
-                             f"not {model.name} {model.config}: use another --name or --storage")
-        if storage.exists(storage.join(spec.run_uri, SNAPSHOT_FILE)) and previous.get("epochs"):
-            last = previous["epochs"][-1]
-            resumed_from = int(last["epoch"])
-            if last.get("stopped") or resumed_from >= recipe.epochs:
-                log_fn(f"run {spec.name} in {spec.run_uri} is complete ({resumed_from} epochs"
-                       f"{', stopped early' if last.get('stopped') else ''}): exporting its best checkpoint")
-            else:
-                log_fn(f"resuming run {spec.name} from {spec.run_uri} after epoch {resumed_from}")
     per_worker = math.ceil(recipe.batch_size / spec.workers)
     batch_spec = BatchSpec(model.preprocessing, model.outputs, recipe.augment or None,
                            faces["max_side"] or DEFAULT_PHOTO_SIDE)
@@ -308,6 +302,34 @@ def run(spec: TrainSpec, log_fn=print, prepared=None) -> TrainOutcome:
                          f"resume from the last checkpoint") from e
     finally:
         progress.stop()
+    return result
+
+
+def run(spec: TrainSpec, log_fn=print, prepared=None) -> TrainOutcome:
+    """Train (or resume) the run described by ``spec`` on the connected Ray cluster, export its best
+    checkpoint to ``spec.output`` and draw its curves. Raises :class:`TrainError` when it cannot.
+    ``prepared``: what :func:`prepare` returned for ``spec``, if the caller already called it. A run that is
+    already complete starts no worker: its best checkpoint is read from the run's storage and exported."""
+    model, recipe, train, val, faces = prepared or prepare(spec)
+    output = spec.output or storage.join(spec.run_uri, "best.pt")
+    previous = read_history(spec.run_uri)
+    resumed_from = None
+    complete = False
+    if previous is not None:
+        if previous.get("model") != model.name or previous.get("config") != model.config:
+            raise TrainError(f"{spec.run_uri} holds a run of {previous.get('model')} {previous.get('config')}, "
+                             f"not {model.name} {model.config}: use another --name or --storage")
+        if storage.exists(storage.join(spec.run_uri, SNAPSHOT_FILE)) and previous.get("epochs"):
+            last = previous["epochs"][-1]
+            resumed_from = int(last["epoch"])
+            complete = bool(last.get("stopped")) or resumed_from >= recipe.epochs
+            if complete:
+                log_fn(f"run {spec.name} in {spec.run_uri} is complete ({resumed_from} epochs"
+                       f"{', stopped early' if last.get('stopped') else ''}): exporting its best checkpoint")
+            else:
+                log_fn(f"resuming run {spec.name} from {spec.run_uri} after epoch {resumed_from}")
+    result = _stored_result(spec) if complete else _fit(spec, model, recipe, train, val, faces, resumed_from,
+                                                        log_fn)
     if result.error is not None:
         raise TrainError(f"training failed: {result.error}")
     if not result.best_checkpoints:
