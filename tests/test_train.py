@@ -137,29 +137,6 @@ def test_hmtnet_on_utkface_trains_with_ddp_and_a_shard_whose_last_batch_holds_on
     assert epoch["train_images"] == 34 and epoch["ranks"][0]["weights"] == epoch["ranks"][1]["weights"]
 
 
-def test_early_stopping_ends_every_worker_and_a_rerun_does_not_train_again(ray_session, local_faces, tmp_path,
-                                                                          capsys):
-    # lr 0: the weights never move, so validation never improves after epoch 1 and the hard-sharing recipe's
-    # rule (stop after --patience epochs without improvement) must end the run after epoch 2 of 6, on both
-    # DDP workers (a worker that went on alone would hang in the next all-reduce).
-    args = ["--model", "hard_sharing", "--data", f"celeba:{local_faces}", "--workers", "2", "--epochs", "6",
-            "--lr", "0", "--patience", "1", "--batch-size", "8", "--steps-per-epoch", "2",
-            "--storage", str(tmp_path / "runs"), "--name", "stop", "--output", str(tmp_path / "stop.pt")]
-    outcome = train_job.main(args)
-    out = capsys.readouterr().out
-    assert out.strip().splitlines()[-1] == str(tmp_path / "stop.pt")
-    assert "early stopping after epoch 2: no improvement" in out
-    epochs = _history(outcome.run_uri)["epochs"]
-    assert [e["epoch"] for e in epochs] == [1, 2] and [e["stopped"] for e in epochs] == [0, 1]
-    assert all([r["steps"] for r in e["ranks"]] == [2, 2] for e in epochs)
-    load_checkpoint(str(tmp_path / "stop.pt"))
-    train_job.main(args)  # the same command again: the run is complete, nothing more is trained
-    out = capsys.readouterr().out
-    assert "is complete (2 epochs, stopped early)" in out
-    assert "training hard_sharing on" not in out  # no worker group started: exported from the run's storage
-    assert len(_history(outcome.run_uri)["epochs"]) == 2
-
-
 def test_bad_flags_fail_before_ray_starts(local_faces, tmp_path, capsys):
     base = ["--data", f"celeba:{local_faces}", "--storage", str(tmp_path)]
     cases = [

@@ -265,10 +265,17 @@ def test_faces_landmarks_needs_5_points_per_row():
 
 
 # --- the train job ---------------------------------------------------------------------------------------
-def test_jobs_train_with_faces_detect_on_photos(ray_session, photo_set, finder, tmp_path, capsys):
+def test_jobs_train_with_faces_detect_on_photos_and_early_stopping(ray_session, photo_set, finder, tmp_path,
+                                                                     capsys):
     """``jobs.train --faces detect`` on a manifest of photos with a photo without a face and three broken
     files in its training split: they are skipped and counted, the run trains on the 12 faces, the
-    checkpoint records the faces, the template and the augmentation, and a later run reads the cache."""
+    checkpoint records the faces, the template and the augmentation, and a later run reads the cache.
+
+    The same run checks early stopping on DDP workers (one Ray Train run instead of two): with lr 0 the weights
+    never move (hard_sharing has no batch norm or dropout, and evaluation no augmentation), so validation
+    never improves after epoch 1 and the recipe's rule (stop after --patience epochs without improvement) must
+    end the run after epoch 2 of 6 on both workers (a worker that went on alone would hang in the next
+    all-reduce); the same command again exports the finished run without training or starting a worker."""
     from faces.align import default_template
     from jobs import train as train_job
     from models.checkpoint import load_checkpoint
@@ -283,9 +290,10 @@ def test_jobs_train_with_faces_detect_on_photos(ray_session, photo_set, finder, 
                                           "eyeglasses": 0, "split": "train"})], ignore_index=True)
     rows.to_csv(tmp_path / "m.csv", index=False)
     data, runs = f"manifest:{tmp_path / 'm.csv'}", str(tmp_path / "runs")
-    outcome = train_job.main(["--model", "hard_sharing", "--data", data, "--storage", runs, "--name", "hs",
-                              "--epochs", "1", "--batch-size", "4", "--augment", "hflip=0.5",
-                              "--augment", "brightness=0.2", "--align-jitter", "1"])
+    argv = ["--model", "hard_sharing", "--data", data, "--storage", runs, "--name", "hs", "--workers", "2",
+            "--epochs", "6", "--lr", "0", "--patience", "1", "--batch-size", "4", "--augment", "hflip=0.5",
+            "--augment", "brightness=0.2", "--align-jitter", "1"]
+    outcome = train_job.main(argv)
     out = capsys.readouterr().out
     assert ("faces (detect): 16/20 images used, 0 from the cache, 17 detected" in out
             and "skipped 4 (empty 1, no_face 1, too_large 1, truncated 1)" in out), out
@@ -294,8 +302,17 @@ def test_jobs_train_with_faces_detect_on_photos(ray_session, photo_set, finder, 
     assert info.extra["faces"]["report"]["skipped_total"] == 4 and info.extra["faces"]["template"] == "canonical"
     assert info.extra["augment"]["hflip"] == 0.5 and info.extra["augment"]["rotation"] == 3.0
     assert model.preprocessing.template == default_template(model.preprocessing)  # hard_sharing has none of its own
-    assert [e["train_images"] for e in outcome.history] == [N_TRAIN]
+    assert [e["train_images"] for e in outcome.history] == [N_TRAIN, N_TRAIN]
     assert all(e["train_skipped"] == 0 and e["val_images"] == N_VAL for e in outcome.history)
+    # early stopping, on both workers: 12 faces, 6 a worker, batches of 2 a worker
+    assert "early stopping after epoch 2: no improvement" in out
+    assert [e["epoch"] for e in outcome.history] == [1, 2] and [e["stopped"] for e in outcome.history] == [0, 1]
+    assert all([r["steps"] for r in e["ranks"]] == [3, 3] for e in outcome.history)
+    again = train_job.main(argv)  # the same command again: the run is complete, nothing more is trained
+    out = capsys.readouterr().out
+    assert "is complete (2 epochs, stopped early)" in out and again.output == outcome.output
+    assert "training hard_sharing on" not in out  # no worker group started: exported from the run's storage
+    assert len(again.history) == 2
 
     # jobs.evaluate reads a detect-trained checkpoint through detection unless told otherwise
     from jobs import evaluate as evaluate_job
