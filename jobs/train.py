@@ -104,11 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
         "scut_fbp5500 (docs/faces.md, 'Training on photos')"))
     q = p.add_argument_group("quick runs")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--limit", type=positive(int), help="at most this many training images")
+    q.add_argument("--limit", type=positive(int), help="at most this many training images, drawn at random "
+                   "with --seed")
     q.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                    help="export the best checkpoint as trained, without fitting its temperatures on the "
                         "validation split (models/calibration.py)")
-    q.add_argument("--val-limit", type=positive(int), help="at most this many validation images")
+    q.add_argument("--val-limit", type=positive(int), help="at most this many validation images, drawn at "
+                   "random with --seed")
     q.add_argument("--steps-per-epoch", type=positive(int), help="cap on optimisation steps per epoch")
     q.add_argument("--inject-failure", type=_fail_at, default=None, metavar="RANK:EPOCH[:STEP]",
                    help="testing: that worker process exits once at that step (marker file in the run folder)")

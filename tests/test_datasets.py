@@ -281,6 +281,30 @@ def test_a_manifest_with_the_models_own_labels_trains_it(tmp_path, model, column
     assert sorted(c for c in expect) == sorted(o.target_column for o in model_obj.outputs)
 
 
+def test_limit_draws_at_random_from_the_whole_split_not_its_first_rows(tmp_path):
+    """UTKFace lists its files by age (the name starts with it): ``--limit`` must not train on the youngest only.
+    The draw is fixed by ``--seed``, keeps the table's order, and ``--val-limit`` draws the same way."""
+    from raytasks.train import TrainSpec, prepare
+
+    root = synth.generate("utkface", 80, str(tmp_path / "utk"), seed=4, size=(48, 48))
+
+    def drawn(seed):
+        spec = TrainSpec(model="hmtnet", data=f"utkface:{root}", storage=str(tmp_path), name="m",
+                         faces="whole", limit=12, val_limit=4, seed=seed, template_images=0)
+        _, _, train, val, _ = prepare(spec)
+        return train, val
+
+    listed = list(read_dataset(f"utkface:{root}").split("train")["path"])  # by file name: by age, as text
+    train, val = drawn(0)
+    assert len(train) == 12 and len(val) == 4
+    at = [listed.index(p) for p in train["path"]]
+    assert at == sorted(at)  # kept in the table's order
+    assert max(at) >= len(listed) // 2  # drawn from the whole split, not its first 12 rows
+    again, _ = drawn(0)
+    other, _ = drawn(1)
+    assert list(again["path"]) == list(train["path"]) and list(other["path"]) != list(train["path"])
+
+
 def test_model_labels_are_the_models_target_columns():
     import models
 

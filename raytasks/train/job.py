@@ -63,6 +63,14 @@ from raytasks.train.worker import read_checkpoint_file, train_worker
 log = logging.getLogger(__name__)
 
 
+def _sample(table, n: int | None, seed: int):
+    """At most ``n`` rows drawn at random with ``seed`` (kept in the table's order), not the first ``n``: a data set
+    listed in label order (UTKFace's file names start with the age) would otherwise train on one end of it."""
+    if not n or n >= len(table):
+        return table
+    return table.sample(n=n, random_state=seed).sort_index()
+
+
 def prepare(spec: TrainSpec):
     """Read the data, find the training faces and resolve the model and recipe on the driver (so that bad
     flags and data fail here, before any worker starts). Returns ``(model, recipe, train_table, val_table,
@@ -102,10 +110,7 @@ def prepare(spec: TrainSpec):
         raise TrainError(f"--faces must be one of {', '.join(TRAIN_FACE_MODES)}, got {mode!r}")
     extra = [c for c in (*FACE_SELECT_COLUMNS, "landmarks") if c in ds.table.columns and c not in columns]
     train, val = ds.split("train")[columns + extra], ds.split("val")[columns + extra]
-    if spec.limit:
-        train = train.iloc[: spec.limit]
-    if spec.val_limit:
-        val = val.iloc[: spec.val_limit]
+    train, val = _sample(train, spec.limit, spec.seed), _sample(val, spec.val_limit, spec.seed)
     train, val, faces = resolve_faces(spec, mode, train, val)
     train, val = train.drop(columns=extra), val.drop(columns=extra)
     if len(train) < engine.MIN_TRAIN_BATCH * spec.workers:
@@ -337,7 +342,7 @@ def run(spec: TrainSpec, log_fn=print, prepared=None) -> TrainOutcome:
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("score", float("-inf")))
     storage.write_bytes(output, read_checkpoint_file(best_ckpt, MODEL_FILE))
     if spec.calibrate:
-        calibrate_output(output, val.iloc[: spec.calibrate_limit], recipe.batch_size, log_fn)
+        calibrate_output(output, _sample(val, spec.calibrate_limit, spec.seed), recipe.batch_size, log_fn)
     doc = read_history(spec.run_uri) or {"epochs": []}
     curves = None
     if doc["epochs"]:

@@ -36,8 +36,8 @@ class TrainSpec:
     seed: int = 0
     max_failures: int = 0
     keep: int = 2  # checkpoints kept, best by the primary metric (the latest is always kept too)
-    limit: int | None = None  # at most this many training images
-    val_limit: int | None = None  # at most this many validation images
+    limit: int | None = None  # at most this many training images, drawn at random with ``seed``
+    val_limit: int | None = None  # at most this many validation images, drawn at random with ``seed``
     steps_per_epoch: int | None = None
     init_from: str | None = None  # initialise weights from a project checkpoint (task_attention from TMTL)
     find_unused_parameters: bool = False
