@@ -82,30 +82,12 @@ def nms_16800() -> list[dict]:
 def symlink_swap(tmp: Path, seconds: float = 3.0) -> dict:
     """A name flipped between a file inside the folder and a link to one outside while it is read."""
     from facedata import reading
+    from tests.hostile import swapping_name
 
-    photos = tmp / "swap"
-    photos.mkdir()
-    (photos / "inside.png").write_bytes(b"INSIDE")
-    (tmp / "secret.txt").write_bytes(b"OUTSIDE")
-    target = photos / "race.png"
-    os.link(photos / "inside.png", target)
-    stop = threading.Event()
-
-    def flip():
-        n = 0
-        while not stop.is_set():
-            t = photos / f".t{n}"
-            (os.link(photos / "inside.png", t) if n % 2 else os.symlink(tmp / "secret.txt", t))
-            os.replace(t, target)
-            n += 1
-
-    flipper = threading.Thread(target=flip, daemon=True)
-    flipper.start()
     reads, t0 = [], time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        reads += reading.fetch_all([str(target)] * 8, allow=(str(photos),))
-    stop.set()
-    flipper.join()
+    with swapping_name(tmp / "swap") as (photos, target):
+        while time.perf_counter() - t0 < seconds:
+            reads += reading.fetch_all([str(target)] * 8, allow=(str(photos),))
     outside = sum(r[0] == b"OUTSIDE" for r in reads)
     per_read = (time.perf_counter() - t0) / len(reads)
     return _row("symlink swapped while read", "3", f"{outside} of {len(reads)} reads returned the outside file "

@@ -4,9 +4,12 @@ pixels, a photo of 64 faces), paths and YAML that must be refused, and a slowlor
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import socket
 import struct
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -20,6 +23,39 @@ def flat_webp(w: int, h: int) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (w, h), (90, 120, 150)).save(buf, format="WEBP", lossless=True)
     return buf.getvalue()
+
+
+@contextlib.contextmanager
+def swapping_name(root: Path):
+    """While the block runs, ``root/photos/x.png`` is flipped by atomic renames on a thread between a regular
+    file inside the folder (bytes ``INSIDE``) and a symlink to ``root/secret.txt`` outside it (bytes
+    ``OUTSIDE``), the race of issue #22 finding 3. Yields ``(folder, name)``."""
+    photos = root / "photos"
+    photos.mkdir(parents=True)
+    (photos / "inside.png").write_bytes(b"INSIDE")
+    (root / "secret.txt").write_bytes(b"OUTSIDE")
+    target = photos / "x.png"
+    os.link(photos / "inside.png", target)
+    stop = threading.Event()
+
+    def flip():
+        n = 0
+        while not stop.is_set():
+            tmp = photos / f".tmp{n}"
+            if n % 2:
+                os.link(photos / "inside.png", tmp)
+            else:
+                os.symlink(root / "secret.txt", tmp)
+            os.replace(tmp, target)
+            n += 1
+
+    flipper = threading.Thread(target=flip, daemon=True)
+    flipper.start()
+    try:
+        yield photos, target
+    finally:
+        stop.set()
+        flipper.join()
 
 
 def tiff_giant_tile(tile: int = 32768) -> bytes:

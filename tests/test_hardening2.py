@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from facedata import inputs, paths, reading
-from tests.hostile import BILLION_LAUGHS
+from tests.hostile import BILLION_LAUGHS, swapping_name
 from tests.hostile import checkpoint_with_extra as _with_extra
 from tests.hostile import noise_jpeg as _jpeg
 from tests.hostile import odd_paths as _odd_paths
@@ -37,37 +37,13 @@ def _listed(listing_dir: Path) -> list[str]:
 # ------------------------------------------------------------------------------------------------------
 
 def test_symlink_swap_during_reads_never_returns_outside_bytes(tmp_path):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    (photos / "inside.png").write_bytes(b"INSIDE")
-    (tmp_path / "secret.txt").write_bytes(b"OUTSIDE")
-    target = photos / "x.png"
-    os.link(photos / "inside.png", target)
-    allow = (str(photos),)
-    stop = threading.Event()
-
-    def flip():  # x.png is, in turn, a regular file inside and a symlink to a file outside (atomic renames)
-        n = 0
-        while not stop.is_set():
-            tmp = photos / f".tmp{n}"
-            if n % 2:
-                os.link(photos / "inside.png", tmp)
-            else:
-                os.symlink(tmp_path / "secret.txt", tmp)
-            os.replace(tmp, target)
-            n += 1
-
-    flipper = threading.Thread(target=flip, daemon=True)
-    flipper.start()
     results = []
-    try:
+    with swapping_name(tmp_path) as (photos, target):
+        allow = (str(photos),)
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline:
             results += reading.fetch_all([str(target)] * 8, allow=allow)
             results.append(reading.fetch(str(target), allow=allow))
-    finally:
-        stop.set()
-        flipper.join()
     outside = [r for r in results if r[0] == b"OUTSIDE"]
     assert not outside, f"{len(outside)} of {len(results)} reads returned the outside file's bytes"
     assert any(r[0] == b"INSIDE" for r in results)  # the race ran both ways

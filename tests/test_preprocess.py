@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import struct
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ import torch
 from PIL import Image
 
 from models.preprocess import ImageDecodeError, Preprocessing, build_augmentation, decode, normalize
+from tests.hostile import tiff_giant_tile
 
 RGB = Preprocessing(size=(32, 32))
 GREY = Preprocessing(size=(20, 20), channels=1, mean=(0.0,), std=(1.0,))
@@ -226,45 +226,9 @@ def test_png_over_the_memory_limit_is_refused_without_decoding_it(monkeypatch):
     assert e.value.kind == "too_large" and not loads
 
 
-def _tiff_with_tiles(tile: int) -> bytes:
-    """A 64x64 grey TIFF of about 2 KB whose one tile claims to be ``tile`` x ``tile`` pixels."""
-    buf = io.BytesIO()
-    Image.new("L", (64, 64)).save(buf, "TIFF", compression="tiff_deflate")
-    return _retile(buf.getvalue(), tile)
-
-
-def _retile(tiff: bytes, tile: int) -> bytes:
-    """Rewrite a one-strip little-endian TIFF into one tile of ``tile`` x ``tile`` pixels."""
-    assert tiff[:4] == b"II*\x00"
-    off = struct.unpack_from("<I", tiff, 4)[0]
-    n = struct.unpack_from("<H", tiff, off)[0]
-    entries = {}
-    for i in range(n):
-        tag, typ, cnt, val = struct.unpack_from("<HHII", tiff, off + 2 + 12 * i)
-        entries[tag] = (typ, cnt, val)
-    strip_off = entries[273][2]
-    strip_len = entries[279][2]
-    for t in (273, 278, 279):
-        entries.pop(t)
-    entries[322] = (4, 1, tile)  # TileWidth
-    entries[323] = (4, 1, tile)  # TileLength
-    entries[324] = (4, 1, strip_off)  # TileOffsets
-    entries[325] = (4, 1, strip_len)  # TileByteCounts
-    out = bytearray(tiff[:off])
-    out += struct.pack("<H", len(entries))
-    for tag in sorted(entries):
-        typ, cnt, val = entries[tag]
-        if typ == 3 and cnt == 1:
-            out += struct.pack("<HHIHH", tag, typ, cnt, val & 0xFFFF, 0)
-        else:
-            out += struct.pack("<HHII", tag, typ, cnt, val)
-    out += b"\x00\x00\x00\x00"
-    return bytes(out)
-
-
 def test_tiff_with_giant_tiles_is_refused_from_the_header():
     with pytest.raises(ImageDecodeError) as e:
-        decode(_tiff_with_tiles(32768), RGB)
+        decode(tiff_giant_tile(32768), RGB)
     assert e.value.kind == "too_large" and "tile" in e.value.message
 
 
