@@ -86,6 +86,13 @@ def run_model(model, table: pd.DataFrame, batch_size: int = 64, device: str = "c
                      np.concatenate(rows) if rows else np.zeros(0, dtype=int), stats or {})
 
 
+def calibration_pairs(model, ev: Evaluated) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{output: (raw, targets)}`` of every calibratable output with labels in ``ev``: what
+    ``models.calibration.fit_calibration`` fits on (``run_model`` over the validation table gives ``ev``)."""
+    return {o.name: (ev.raw[o.name], ev.targets[o.target_column]) for o in model.outputs.calibratable()
+            if o.name in ev.raw and o.target_column in ev.targets}
+
+
 def metrics_from(model, ev: Evaluated) -> dict[str, float]:
     """What ``core.engine.evaluate_table`` returns, from the same statistics."""
     metrics = model.metrics(ev.stats)

@@ -44,6 +44,7 @@ import pandas as pd
 from core.evaluation import (
     GroupError,
     calibration_errors,
+    calibration_pairs,
     format_groups,
     group_report,
     group_values,
@@ -133,15 +134,16 @@ def main(argv: list[str] | None = None) -> dict:
         cal_ev = run_model(model, cal_table, args.batch_size, decode_fn=decode_fn)
         model.outputs.clear_calibration()
         try:
-            fitted = fit_calibration(model, {o.name: (cal_ev.raw[o.name], cal_ev.targets[o.target_column])
-                                             for o in model.outputs.calibratable()
-                                             if o.name in cal_ev.raw and o.target_column in cal_ev.targets})
+            fitted = fit_calibration(model, calibration_pairs(model, cal_ev))
         except CalibrationError as e:
             p.error(str(e))
         for name, f in fitted.outputs.items():
-            ts = ", ".join(f"{t:.3f}" for t in f.temperatures[:5]) + (" ..." if len(f.temperatures) > 5 else "")
+            ts = (", ".join(f"{t:.3f}" for t in f.temperatures[:5]) + (" ..." if len(f.temperatures) > 5 else "")
+                  if f.temperatures else "none kept")
             print(f"fitted {name} on {args.calibrate_on} ({f.n} rows): T = {ts}; NLL {f.nll_before:.4f} -> "
                   f"{f.nll_after:.4f}, ECE {f.ece_before:.4f} -> {f.ece_after:.4f}")
+            for why in f.rejected:
+                print(f"  not kept (uncalibrated probability instead): {why}")
         if args.save_calibrated:
             data, digest = checkpoint_bytes(model, info.metrics, {**info.extra, "calibration": {
                 "split": args.calibrate_on, "data": args.data, "fit": fitted.summary()}})

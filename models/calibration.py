@@ -1,8 +1,8 @@
 """Calibrated probabilities: fit temperatures on validation outputs, measure expected calibration error.
 
     >>> from models.calibration import fit_calibration
-    >>> cal = fit_calibration(model, batches)          # engine batches of the validation split, or
     >>> cal = fit_calibration(model, {"gender": (logits, labels), ...})   # raw outputs and targets
+    >>> # (core.evaluation.calibration_pairs(model, run_model(model, val_table)) gives them for a table)
     >>> cal.summary()["gender"]["ece_after"]
 
 What is fitted, per output (``models.outputs``):
@@ -28,6 +28,15 @@ few dozen evaluations of a (N, K) tensor; the log keeps T positive. Minimising t
 not done: it is piecewise constant in T and over-fits its 15 bins. T is clipped to [0.05, 20]. An output
 (or attribute) needs at least ``min_rows`` labelled rows, and for an attribute both classes, or it is left
 at T = 1 (the uncalibrated probability for ``bce``).
+
+Kept only where it helps: a fitted temperature is kept only when it lowers the output's (or the
+attribute's) ECE on the rows it was fitted on. Otherwise the output keeps its uncalibrated probability
+(categorical: no temperature; binary attribute: ``NaN`` in its slot of ``temperatures``, read as "this
+attribute is not calibrated"), and the fit's summary says so under ``rejected``. NLL and ECE can
+disagree: for DMM-CNN's ``mse_pm1`` scores the uncalibrated probability is a linear map that no
+temperature reproduces, and on a small validation split the NLL's optimum can bin worse than the raw
+probabilities. The issue asks for "no worse than before for any output"; the rows the choice is made
+on are the fitting split's, never the test split's.
 
 Where it is kept: ``model.outputs`` (an ``nn.Module``) gets a buffer ``temperature_<output>`` per calibrated
 output and each ``Output`` a ``temperature``/``temperatures`` field, so ``checkpoint_bytes`` /
@@ -145,6 +154,7 @@ class OutputCalibration:
     ece_before: float
     ece_after: float
     skipped: list[str] = field(default_factory=list)  # attributes left at T = 1, with the reason
+    rejected: list[str] = field(default_factory=list)  # fits not kept: they did not lower the ECE (see above)
 
 
 @dataclass
@@ -155,13 +165,17 @@ class Calibration:
 
     def summary(self) -> dict:
         """JSON-ready: ``{output: {method, temperatures, n, nll_before, nll_after, ece_before, ece_after}}``."""
-        return {name: asdict(c) for name, c in self.outputs.items()}
+        def plain(v):  # NaN (an attribute left uncalibrated) as JSON's null
+            return None if isinstance(v, float) and v != v else v
+
+        return {name: {**asdict(c), "temperatures": [plain(t) for t in c.temperatures]}
+                for name, c in self.outputs.items()}
 
     def apply(self, model) -> None:
         """Put these temperatures on ``model.outputs`` (replacing any it had for these outputs)."""
         core = getattr(model, "module", model)
         for name, c in self.outputs.items():
-            core.outputs.set_temperatures(name, c.temperatures)
+            core.outputs.set_temperatures(name, c.temperatures or None)
 
 
 def _as_2d(x: torch.Tensor) -> torch.Tensor:
@@ -193,10 +207,14 @@ def _fit_categorical(o: Categorical, raw: torch.Tensor, target: torch.Tensor, mi
         raise CalibrationError(f"output {o.name!r}: {len(y)} labelled rows, at least {min_rows} needed to fit")
     t = _lbfgs(lambda log_a: F.cross_entropy(z * torch.exp(log_a[0]), y), 1)
     before = ece(replace_t(o, None), z, y.double())[f"{o.name}.ece"]
-    after_o = replace_t(o, float(t[0]))
-    after = ece(after_o, z, y.double())[f"{o.name}.ece"]
-    return OutputCalibration(o.name, "temperature", [float(t[0])], len(y),
-                             float(F.cross_entropy(z, y)), float(F.cross_entropy(z / t[0], y)), before, after)
+    after = ece(replace_t(o, float(t[0])), z, y.double())[f"{o.name}.ece"]
+    nll_before = float(F.cross_entropy(z, y))
+    if not after < before:  # kept only where it lowers the ECE (module docstring)
+        return OutputCalibration(o.name, "temperature", [], len(y), nll_before, nll_before, before, before,
+                                 rejected=[f"{o.name}: T = {float(t[0]):.3f} gave ECE {after:.4f} >= "
+                                           f"{before:.4f} uncalibrated on the fitting rows"])
+    return OutputCalibration(o.name, "temperature", [float(t[0])], len(y), nll_before,
+                             float(F.cross_entropy(z / t[0], y)), before, after)
 
 
 def _fit_binary(o: Binary, raw: torch.Tensor, target: torch.Tensor, ctx: dict, min_rows: int) -> OutputCalibration:
@@ -235,12 +253,25 @@ def _fit_binary(o: Binary, raw: torch.Tensor, target: torch.Tensor, ctx: dict, m
 
     before_p = o.prob(s.float()).double().clamp(1e-7, 1 - 1e-7)  # the probability users got until now
     nll_before = mean_bce(torch.logit(before_p))
-    after_o = replace_t(o, tuple(float(v) for v in temps))
     e_before = ece(replace_t(o, None), s, y, ctx=ctx)
-    e_after = ece(after_o, s, y, ctx=ctx)
+    e_fit = ece(replace_t(o, tuple(float(v) for v in temps)), s, y, ctx=ctx)
+    rejected = []
+    for j in usable:  # kept only where it lowers that attribute's ECE (module docstring)
+        label = o.labels[j]
+        if not e_fit[f"{label}.ece"] < e_before[f"{label}.ece"]:
+            rejected.append(f"{label}: T = {float(temps[j]):.3f} gave ECE {e_fit[f'{label}.ece']:.4f} >= "
+                            f"{e_before[f'{label}.ece']:.4f} uncalibrated on the fitting rows")
+            temps[j] = float("nan")
     key = f"{o.name}.mean_ece" if len(o.labels) > 1 else f"{o.labels[0]}.ece"
+    if bool(torch.isnan(temps).all()):  # nothing kept: the output stays uncalibrated
+        return OutputCalibration(o.name, "threshold_temperature", [], int(lab.any(1).sum()), nll_before,
+                                 nll_before, e_before[key], e_before[key], skipped, rejected)
+    final = replace_t(o, tuple(float(v) for v in temps))
+    e_after = ece(final, s, y, ctx=ctx)
+    p_after = final.probabilities(s.float(), **ctx).double().clamp(1e-7, 1 - 1e-7)
     return OutputCalibration(o.name, "threshold_temperature", [float(v) for v in temps], int(lab.any(1).sum()),
-                             nll_before, mean_bce(d / temps), e_before[key], e_after[key], skipped)
+                             nll_before, mean_bce(torch.logit(p_after)), e_before[key], e_after[key], skipped,
+                             rejected)
 
 
 def replace_t(o: Output, t):
@@ -254,51 +285,24 @@ def replace_t(o: Output, t):
     return o
 
 
-@torch.no_grad()
-def collect_outputs(model, batches: Iterable[dict], device: str | torch.device = "cpu") -> dict[str, tuple]:
-    """Run ``model`` over engine batches (``core.engine.iter_batches``: ``image`` + ``t:<column>`` arrays)
-    -> ``{output: (raw (N, ...), target (N, ...))}`` for every output whose labels the batches carry."""
-    from core.engine import to_tensors  # core builds on models; imported here to keep models importable alone
-
-    core = getattr(model, "module", model)
-    dev = torch.device(device)
-    was_training = core.training
-    core.to(dev).eval()
-    raws: dict[str, list] = {}
-    tgts: dict[str, list] = {}
-    try:
-        for batch in batches:
-            images, targets = to_tensors(batch, dev)
-            if len(images) == 0:
-                continue
-            raw = core(core.prepare(images))
-            for o in core.outputs:
-                if o.target_column in targets:
-                    raws.setdefault(o.name, []).append(raw[o.name].detach().float().cpu())
-                    tgts.setdefault(o.name, []).append(targets[o.target_column].detach().float().cpu())
-    finally:
-        core.train(was_training)
-    return {k: (torch.cat(raws[k]), torch.cat(tgts[k])) for k in raws}
-
-
-def fit_calibration(model, data, outputs: Iterable[str] | None = None, apply: bool = True,
-                    min_rows: int = MIN_ROWS, device: str | torch.device = "cpu") -> Calibration:
+def fit_calibration(model, data: Mapping, outputs: Iterable[str] | None = None, apply: bool = True,
+                    min_rows: int = MIN_ROWS) -> Calibration:
     """Fit temperatures for ``model``'s categorical and binary outputs on validation data and (``apply``)
     put them on the model, so that ``model.decode`` and every checkpoint saved from it are calibrated.
 
-    ``data``: either ``{output name: (raw outputs, targets)}`` (targets as in the dataset: class index,
-    0/1 or ±1 per attribute, NaN = missing), or an iterable of engine batches (``core.engine.iter_batches``
-    over the validation table), which are run through the model. ``outputs``: names to fit (default: every
+    ``data``: ``{output name: (raw outputs, targets)}`` (targets as in the dataset: class index, 0/1 or ±1
+    per attribute, NaN = missing); for a table, ``core.evaluation.calibration_pairs`` runs the model and
+    gives them. ``outputs``: names to fit (default: every
     categorical and binary output with labels in ``data``). Fitting starts from the raw outputs: a model that
     is already calibrated is refitted, not calibrated twice. Binary thresholds are the model's own
     (``column_context``), so fit after the last threshold update. Raises :class:`CalibrationError` when
     nothing can be fitted."""
     core = getattr(model, "module", model)
-    if isinstance(data, Mapping):
-        pairs = {k: (torch.as_tensor(v[0]).detach().float().cpu(), torch.as_tensor(v[1]).detach().float().cpu())
-                 for k, v in data.items()}
-    else:
-        pairs = collect_outputs(core, data, device)
+    if not isinstance(data, Mapping):
+        raise TypeError("fit_calibration takes {output: (raw, targets)}; core.evaluation.calibration_pairs "
+                        "makes it from a table")
+    pairs = {k: (torch.as_tensor(v[0]).detach().float().cpu(), torch.as_tensor(v[1]).detach().float().cpu())
+             for k, v in data.items()}
     wanted = list(outputs) if outputs is not None else [o.name for o in core.outputs.calibratable()]
     unknown = [n for n in wanted if n not in core.outputs.names()]
     if unknown:

@@ -159,8 +159,8 @@ class Binary(Output):
     ``ctx["thresholds"]``; the reported probability is the score mapped linearly from [-1, 1] to [0, 1].
     Columns: ``<label>`` (bool) and ``<label>_prob`` for every label.
 
-    ``temperatures`` (one per label, set by models/calibration.py; None = uncalibrated): the reported
-    probability becomes ``sigmoid((raw − τ_j) / T_j)``, a Platt scaling whose bias is tied to the decision
+    ``temperatures`` (one per label, set by models/calibration.py; None = uncalibrated; NaN for one label =
+    that label uncalibrated): the reported probability becomes ``sigmoid((raw − τ_j) / T_j)``, a Platt scaling whose bias is tied to the decision
     threshold, so that the probability is above 0.5 exactly when the label is true and the label itself
     (``raw > τ_j``, DMM-CNN's adaptive thresholds included) never changes.
     """
@@ -197,7 +197,9 @@ class Binary(Output):
         if not (calibrated and self.temperatures is not None):
             return self.prob(raw)
         t = torch.tensor(self.temperatures, dtype=raw.dtype, device=raw.device)
-        return torch.sigmoid((raw - self._thresholds(raw, ctx)) / t)
+        p = torch.sigmoid((raw - self._thresholds(raw, ctx)) / t)
+        left = torch.isnan(t)  # attributes whose fit was not kept (models/calibration.py)
+        return torch.where(left, self.prob(raw), p) if bool(left.any()) else p
 
     def per_label_loss(self, raw: Tensor, target: Tensor) -> Tensor:
         """Mean loss of each label over the batch, shape (J,)."""
@@ -263,7 +265,8 @@ class Binary(Output):
     def _describe(self):
         d = {"labels": list(self.labels), "loss": self.loss_type}
         if self.temperatures is not None:
-            d["calibration"] = {"method": "threshold_temperature", "temperatures": [float(t) for t in self.temperatures]}
+            d["calibration"] = {"method": "threshold_temperature",  # null: that attribute is not calibrated
+                                "temperatures": [None if t != t else float(t) for t in self.temperatures]}
         return d
 
 

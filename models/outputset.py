@@ -39,7 +39,8 @@ class OutputSet(nn.Module):
         folding) has equal outputs, as when this was a dataclass."""
         if not isinstance(other, OutputSet):
             return NotImplemented
-        return self.outputs == other.outputs and self.extra == other.extra
+        return [_comparable(o) for o in self.outputs] == [_comparable(o) for o in other.outputs] \
+            and self.extra == other.extra
 
     __hash__ = nn.Module.__hash__  # identity, as nn.Module's bookkeeping (named_modules' memo set) needs
 
@@ -79,7 +80,8 @@ class OutputSet(nn.Module):
 
     def set_temperatures(self, name: str, temperatures) -> None:
         """Calibrate output ``name`` with ``temperatures`` (a number or one per class group / attribute);
-        ``None`` removes its calibration. Temperatures must be finite and positive."""
+        ``None`` removes its calibration. Temperatures must be finite and positive; a binary attribute's may
+        be NaN (that attribute keeps its uncalibrated probability)."""
         o = self[name]
         if not isinstance(o, (Categorical, Binary)):
             raise ValueError(f"output {name!r} ({o.kind}) has no probabilities to calibrate")
@@ -93,8 +95,11 @@ class OutputSet(nn.Module):
         want = 1 if isinstance(o, Categorical) else len(o.labels)
         if t.numel() != want:
             raise ValueError(f"output {name!r} needs {want} temperature(s), got {t.numel()}")
-        if not bool(torch.isfinite(t).all()) or bool((t <= 0).any()):
-            raise ValueError(f"output {name!r}: temperatures must be finite and > 0, got {t.tolist()}")
+        # NaN: this binary attribute keeps its uncalibrated probability (models/calibration.py), not the others
+        fitted = t[~torch.isnan(t)] if isinstance(o, Binary) else t
+        if not len(fitted) or not bool(torch.isfinite(fitted).all()) or bool((fitted <= 0).any()):
+            raise ValueError(f"output {name!r}: temperatures must be finite and > 0 (NaN: an attribute left "
+                             f"uncalibrated, not all of them), got {t.tolist()}")
         vals = tuple(float(v) for v in t.float().tolist())  # what the buffer holds, so a reload is exact
         buf = torch.tensor(vals, dtype=torch.float32)
         if key in self._buffers:
@@ -127,6 +132,13 @@ class OutputSet(nn.Module):
                     self.set_temperatures(key[len(CALIBRATION_PREFIX):], self._buffers[key].detach().cpu())
                 except ValueError as e:
                     error_msgs.append(f"{prefix}{key}: {e}")
+
+
+def _comparable(o: Output) -> Output:
+    """``o`` with the NaN of an uncalibrated attribute as None (NaN never equals itself)."""
+    if isinstance(o, Binary) and o.temperatures is not None:
+        return replace(o, temperatures=tuple(None if t != t else t for t in o.temperatures))
+    return o
 
 
 def _temperature_field(o: Output) -> str:

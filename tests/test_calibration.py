@@ -10,6 +10,7 @@ import torch
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 import models
+from core.evaluation import Evaluated, calibration_pairs
 from models.calibration import CalibrationError, calibration_status, ece, fit_calibration
 from models.checkpoint import load_checkpoint, save_checkpoint
 
@@ -124,21 +125,75 @@ def test_uncalibrated_checkpoint_loads_labels_and_says_so(tmp_path, hs):
     assert cols["gender_prob"] == pytest.approx(torch.softmax(raw["gender"], 1).max(1).values.tolist())
 
 
-def test_fit_from_engine_batches_and_bad_input():
+def test_fit_from_a_model_run_and_bad_input():
     m = models.create_model("hard_sharing")
-    rng = np.random.default_rng(0)
-    batches = [{"image": rng.integers(0, 255, (32, 1, 50, 50), dtype=np.uint8),
-                "t:gender": rng.integers(0, 2, 32).astype(np.float32)} for _ in range(2)]
-    cal = fit_calibration(m, batches, apply=False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 255, (64, 1, 50, 50), dtype=torch.uint8, generator=g)
+    with torch.no_grad():
+        raw = m.eval()(m.prepare(x))
+    ev = Evaluated(raw, {"gender": torch.randint(0, 2, (64,), generator=g).float()}, np.arange(64), {})
+    pairs = calibration_pairs(m, ev)  # only outputs with labels: eyeglasses has none here
+    assert set(pairs) == {"gender"} and pairs["gender"][0] is raw["gender"]
+    cal = fit_calibration(m, pairs, apply=False)
     assert set(cal.outputs) == {"gender"} and cal.outputs["gender"].n == 64
     assert not calibration_status(m)["calibrated"]  # apply=False leaves the model alone
     cal.apply(m)
-    assert m.outputs["gender"].temperature == cal.outputs["gender"].temperatures[0]
+    assert m.outputs["gender"].temperature == (cal.outputs["gender"].temperatures or [None])[0]
+    with pytest.raises(TypeError, match="calibration_pairs"):
+        fit_calibration(m, [{"image": x.numpy()}])
     with pytest.raises(CalibrationError, match="at least 20"):
         fit_calibration(m, {"gender": (torch.zeros(5, 2), torch.zeros(5))})
     with pytest.raises(CalibrationError, match="no output"):
         fit_calibration(m, {"gender": (torch.zeros(50, 2), torch.zeros(50))}, outputs=["smile"])
-    with pytest.raises(ValueError, match="finite and > 0"):
-        m.outputs.set_temperatures("gender", -1.0)
-    with pytest.raises(ValueError, match="needs 1 temperature"):
-        m.outputs.set_temperatures("gender", [1.0, 2.0])
+
+
+def test_a_fit_that_does_not_lower_the_ece_is_not_kept(tmp_path):
+    """"No worse for any output": a temperature is kept only where it lowers the ECE on its fitting rows.
+    Categorical: 95 % of the rows are calibrated already (p 0.9, right 9 times in 10); 5 % are sure and
+    wrong half the time, which pulls the NLL's temperature far up and would spoil the 95 %. Binary (DMM-CNN's
+    ±1 scores): attribute 0's linear probability (s + 1) / 2 is calibrated by construction, and no sigmoid
+    of the score reproduces it; attribute 1 is over-confident and a temperature fixes it."""
+    g = torch.Generator().manual_seed(0)
+    n = 4000
+    m = models.create_model("hard_sharing")
+    y = torch.randint(0, 2, (n,), generator=g)
+    right = torch.rand(n, generator=g) < 0.9
+    pred = torch.where(right, y, 1 - y)
+    z = torch.zeros(n, 2)
+    z[torch.arange(n), pred] = float(np.log(9.0))  # softmax: 0.9 on the predicted class
+    sure = torch.arange(n) < n // 20
+    pred[sure] = torch.where(torch.rand(int(sure.sum()), generator=g) < 0.5, y[sure], 1 - y[sure])
+    z[sure] = 0.0
+    z[sure, pred[sure]] = 30.0
+    cal = fit_calibration(m, {"gender": (z, y.float())})
+    c = cal.outputs["gender"]
+    assert c.temperatures == [] and c.ece_after == c.ece_before and "gender: T = " in c.rejected[0]
+    assert m.outputs["gender"].temperature is None and not calibration_status(m)["calibrated"]
+
+    d = models.create_model("dmm_cnn", depth=18, image_size=64, num_landmarks=0)
+    p = torch.rand(n, 40, generator=g)
+    truth = (torch.rand(n, 40, generator=g) < p).float()
+    scores = 2 * p - 1  # attribute j: P(true | s) = (s + 1) / 2 exactly
+    scores[:, 1] = torch.where(truth[:, 1] > 0, 0.9, -0.9) * torch.where(torch.rand(n, generator=g) < 0.8, 1, -1)
+    cal = fit_calibration(d, {"attributes": (scores, truth * 2 - 1)})
+    c = cal.outputs["attributes"]
+    out = d.outputs["attributes"]
+    t = out.temperatures
+    assert np.isnan(t[0]) and not np.isnan(t[1]) and any(r.startswith(f"{out.labels[0]}: ") for r in c.rejected)
+    assert c.ece_after <= c.ece_before
+    after, raw = ece(out, scores, truth * 2 - 1), ece(out, scores, truth * 2 - 1, calibrated=False)
+    for label in out.labels:  # never worse than uncalibrated, attribute by attribute, on the fitting rows
+        assert after[f"{label}.ece"] <= raw[f"{label}.ece"] + 1e-12
+    assert after[f"{out.labels[1]}.ece"] < raw[f"{out.labels[1]}.ece"]
+    probs = out.probabilities(scores, thresholds=d.thresholds)
+    assert torch.allclose(probs[:, 0], out.prob(scores)[:, 0])  # left: its uncalibrated probability
+    assert cal.summary()["attributes"]["temperatures"][0] is None  # JSON's null, not NaN
+    # and it survives a checkpoint: NaN in the buffer, null in the description, the same columns
+    save_checkpoint(d, str(tmp_path / "dmm.pt"))
+    d2, info = load_checkpoint(str(tmp_path / "dmm.pt"))
+    assert d2.outputs == d.outputs and calibration_status(d2)["calibrated"]
+    desc = next(o for o in info.outputs if o["name"] == "attributes")["calibration"]["temperatures"]
+    assert desc[0] is None and desc[1] == pytest.approx(float(t[1]))
+    assert d2.to_columns({"attributes": scores[:8]}) == d.to_columns({"attributes": scores[:8]})
+
+

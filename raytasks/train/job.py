@@ -235,13 +235,14 @@ def calibrate_output(output: str, val, batch_size: int, log_fn=print) -> None:
     with nothing to calibrate is exported as it is, and says so. The per-epoch checkpoints stay raw."""
     import torch
 
+    from core.evaluation import calibration_pairs, run_model
     from models.calibration import CalibrationError, fit_calibration
     from models.checkpoint import checkpoint_bytes, load_checkpoint
 
     model, info = load_checkpoint(output)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        cal = fit_calibration(model, engine.iter_batches(val, model, batch_size), device=device)
+        cal = fit_calibration(model, calibration_pairs(model, run_model(model, val, batch_size, device)))
     except CalibrationError as e:
         log_fn(f"not calibrated: {e}")
         return
@@ -250,6 +251,9 @@ def calibrate_output(output: str, val, batch_size: int, log_fn=print) -> None:
     storage.write_bytes(output, data)
     log_fn("calibrated on the validation split (" + ", ".join(
         f"{k} ECE {c.ece_before:.4f} -> {c.ece_after:.4f}" for k, c in cal.outputs.items()) + ")")
+    for c in cal.outputs.values():
+        for why in c.rejected:
+            log_fn(f"  not kept (uncalibrated probability instead): {why}")
 
 
 def _stored_result(spec: TrainSpec):
