@@ -138,10 +138,28 @@ def _finite(*vals) -> list[float]:
     return [float(v) for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
 
 
-def label_report(out: str, max_thumbnails: int = DEFAULT_MAX_THUMBNAILS, seed: int = 0) -> tuple[str, dict]:
+def allowed_photos(summary: dict, allow: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """Where the contact sheet may read photos: ``allow`` when given (``--allow-prefix``), else what the
+    label run was allowed to read (its summary's ``allow_prefix``, or the default for its ``input``), else
+    nothing: a ``path`` column alone never decides which files are opened."""
+    from facedata.paths import default_allow_prefix
+
+    if allow:
+        return tuple(allow)
+    recorded = summary.get("allow_prefix")
+    if isinstance(recorded, list) and recorded and all(isinstance(x, str) and x for x in recorded):
+        return tuple(recorded)
+    if isinstance(summary.get("input"), str) and summary["input"]:
+        return (default_allow_prefix(summary["input"]),)
+    return ()
+
+
+def label_report(out: str, max_thumbnails: int = DEFAULT_MAX_THUMBNAILS, seed: int = 0,
+                 allow: tuple[str, ...] = ()) -> tuple[str, dict]:
     """The HTML report of the label output ``out`` (folder or ``s3://`` prefix) and a dict of what it holds
     (``rows``, ``faces``, ``flagged``, ``thumbnails``, ``missing``). :class:`ReportError` when there are no
-    labels to report on; a missing summary or missing columns give a partial report that says so."""
+    labels to report on; a missing summary or missing columns give a partial report that says so. Photos
+    for thumbnails are read only under :func:`allowed_photos`."""
     ds = open_labels(out)
     summary, summary_problem = _summary(out)
     p = plan(ds.schema)
@@ -156,7 +174,11 @@ def label_report(out: str, max_thumbnails: int = DEFAULT_MAX_THUMBNAILS, seed: i
     th = _thresholds(summary)
     from core.report_thumbs import thumbnails  # imports torch (models.preprocess): only once there are rows
 
-    thumbs = thumbnails(s.flagged) if s.flagged else []
+    where = allowed_photos(summary, allow)
+    if s.flagged and max_thumbnails and not where:
+        missing.append("no thumbnails: the summary names no input and no --allow-prefix was given "
+                       "(pass the folder or s3:// prefix the photos are under)")
+    thumbs = thumbnails(s.flagged, allow=where) if s.flagged else []
     sections = [("overview", "Overview", _overview(out, s, summary))]
     if missing:
         sections.append(("missing", "What this report lacks", "<ul>" + "".join(f"<li>{esc(m)}</li>" for m in missing)

@@ -1,7 +1,8 @@
 """The report's contact sheet (core/report.py): thumbnails of flagged faces, cropped from the original
 photos with each row's ``face_box``.
 
-Photos are read the way the label job reads them (``facedata.reading.fetch_chunks``: regular files only,
+Photos are read the way the label job reads them (``facedata.reading.fetch_chunks``: only under the run's
+``--allow-prefix``, regular files only,
 size checked before reading, a timeout per read, at most :data:`MAX_CHUNK_BYTES` of files held at once)
 and decoded with the project's limits (``models.preprocess.open_image``: accepted formats only, pixel,
 aspect, decode-memory and JPEG-scan limits checked on the header before any pixel; a large JPEG decoded
@@ -58,16 +59,23 @@ def _crop(img, size: tuple[int, int], box, px: int) -> bytes:
     return buf.getvalue()
 
 
-def thumbnails(rows: list[dict], px: int = THUMB_PX, max_side: int = DEFAULT_PHOTO_SIDE) -> list[Thumb]:
+def thumbnails(rows: list[dict], px: int = THUMB_PX, max_side: int = DEFAULT_PHOTO_SIDE,
+               allow: tuple[str, ...] = ()) -> list[Thumb]:
     """One :class:`Thumb` per row (``path``, ``face``, ``face_box``, ``review_reasons``), sorted by path
-    and face."""
+    and face. Only photos under ``allow`` (``facedata.paths.is_allowed``) are read: a ``path`` in the
+    Parquet is data, and a report must not show a file the label job was never allowed to read. An empty
+    ``allow`` reads nothing (every thumbnail says why)."""
     rows = sorted(rows, key=lambda r: (str(r.get("path")), r.get("face") if r.get("face") is not None else -1))
     by_path: dict[str, list[dict]] = {}
     for r in rows:
         by_path.setdefault(str(r.get("path")), []).append(r)
     paths = list(by_path)
     out: dict[str, list[Thumb]] = {}
-    for chunk in reading.fetch_chunks(paths, max_batch_bytes=MAX_CHUNK_BYTES):
+    if not allow:
+        return [Thumb(p, r.get("face"), list(r.get("review_reasons") or []),
+                      error="photo not read: no --allow-prefix and the summary names no input")
+                for p in paths for r in by_path[p]]
+    for chunk in reading.fetch_chunks(paths, max_batch_bytes=MAX_CHUNK_BYTES, allow=tuple(allow)):
         for i, (data, kind, message) in chunk:
             path = paths[i]
             thumbs = [Thumb(path, r.get("face"), list(r.get("review_reasons") or [])) for r in by_path[path]]

@@ -1,11 +1,12 @@
 """Write the HTML report of a label output: one self-contained file a person opens in a browser.
 
-    python -m jobs.report OUT [--html REPORT.html] [--max-thumbnails 300] [--seed 0]
+    python -m jobs.report OUT [--html REPORT.html] [--max-thumbnails 300] [--seed 0] [--allow-prefix DIR]
 
 ``OUT`` is a label job's ``--output`` (a folder or an ``s3://`` prefix). The report (core/report.py;
 docs/quality.md, "The report") shows the distribution of every attribute, the confidence, pose and quality
 histograms, the rows per review reason with the thresholds, and thumbnails of a sample of the flagged
-faces cropped from the original photos. The Parquet is streamed, so memory does not grow with the rows.
+faces cropped from the original photos, read only where the label run was allowed to read (``--allow-prefix``,
+default from the run's summary). The Parquet is streamed, so memory does not grow with the rows.
 The default ``--html`` is ``OUT/_report.html`` (the ``_`` keeps Parquet readers of ``OUT`` away from it).
 An output without labels, or whose Parquet cannot be read, exits with status 2 and a message; one without a
 summary, or from an older version without some columns, gives a report that says what is missing.
@@ -27,11 +28,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-thumbnails", type=int, default=DEFAULT_MAX_THUMBNAILS,
                    help=f"flagged faces shown at most (default {DEFAULT_MAX_THUMBNAILS}; 0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample of flagged faces shown")
+    p.add_argument("--allow-prefix", action="append", default=[], metavar="PREFIX",
+                   help="read thumbnails' photos only under this folder or s3:// prefix (repeatable; default: what "
+                        "the label run was allowed to read, from its summary)")
     args = p.parse_args(argv)
     if not 0 <= args.max_thumbnails <= 5000:
         p.error("--max-thumbnails must be between 0 and 5000")
     try:
-        doc, info = label_report(args.output, args.max_thumbnails, args.seed)
+        doc, info = label_report(args.output, args.max_thumbnails, args.seed, tuple(args.allow_prefix))
     except ReportError as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
     target = args.html or storage.join(args.output, "_report.html")

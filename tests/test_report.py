@@ -121,7 +121,7 @@ def label_output(tmp_path_factory):
         for x in r["review_reasons"]:
             reasons[x] = reasons.get(x, 0) + 1
     (out / "_summary.json").write_text(json.dumps({
-        "inputs": len(items), "images_total": len(items), "rows_total": len(rows), "complete": True,
+        "input": str(out / "photos"), "inputs": len(items), "images_total": len(items), "rows_total": len(rows), "complete": True,
         "faces_mode": "detect", "review_rows": len(flagged), "review_by_reason": reasons,
         "review_thresholds": ann.review.to_dict()}))
     assert 0 < len(flagged) < sum(r["face"] is not None for r in rows), "the fixture needs flagged and clean faces"
@@ -181,7 +181,7 @@ def test_a_photo_gone_gives_a_placeholder_not_an_error(label_output, tmp_path):
     t = t.set_column(0, "path", pa.array([p.replace(str(out), str(tmp_path / "nowhere")) for p in
                                           t.column("path").to_pylist()]))
     pq.write_table(t, gone / "labels" / "part-0.parquet")
-    page, _ = _run(gone, tmp_path)
+    page, _ = _run(gone, tmp_path, "--allow-prefix", str(tmp_path))
     assert len(page.thumbs) == sum(bool(r["review"]) for r in rows) and all(t["src"] is None for t in page.thumbs)
     assert "file not found" in (tmp_path / "report.html").read_text()
 
@@ -197,7 +197,7 @@ def test_an_output_on_s3_with_photos_on_s3(label_output, s3_bucket):
     pq.write_table(t.set_column(0, "path", pa.array(paths)), buf)
     client.put_object(Bucket=bucket, Key="out/labels/part-0.parquet", Body=buf.getvalue())
     client.put_object(Bucket=bucket, Key="out/_summary.json", Body=(out / "_summary.json").read_bytes())
-    info = report_job.main([f"s3://{bucket}/out"])
+    info = report_job.main([f"s3://{bucket}/out", "--allow-prefix", f"s3://{bucket}/photos/"])
     assert info["html"] == f"s3://{bucket}/out/_report.html" and info["missing"] == []
     page = Page(client.get_object(Bucket=bucket, Key="out/_report.html")["Body"].read().decode())
     assert len(page.thumbs) == sum(bool(r["review"]) for r in rows) and all(t["src"] for t in page.thumbs)
@@ -269,7 +269,7 @@ def test_a_model_set_output_gets_every_members_charts(label_output, tmp_path):
     out, _ = label_output
     photos = [str(p) for p in sorted((out / "photos").glob("photo-*.jpg"))]
     synthetic_output(tmp_path / "set", 2000, photos)
-    page, info = _run(tmp_path / "set", tmp_path, "--max-thumbnails", "40")
+    page, info = _run(tmp_path / "set", tmp_path, "--max-thumbnails", "40", "--allow-prefix", str(out / "photos"))
     text = (tmp_path / "report.html").read_text()
     assert SECTIONS <= set(page.ids) and len(page.thumbs) == 40 and all(t["src"] for t in page.thumbs)
     assert "agr (a model of the set)" in text and "celeba (a model of the set)" in text
@@ -279,9 +279,10 @@ def test_a_model_set_output_gets_every_members_charts(label_output, tmp_path):
 PEAK_SCRIPT = """
 import json, resource, sys
 from jobs import report
-small = report.main([sys.argv[1], "--html", sys.argv[3] + ".small.html"])  # every import and lazy load done
+allow = ["--allow-prefix", sys.argv[4]]
+small = report.main([sys.argv[1], "--html", sys.argv[3] + ".small.html", *allow])  # every import and lazy load done
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-big = report.main([sys.argv[2], "--html", sys.argv[3]])
+big = report.main([sys.argv[2], "--html", sys.argv[3], *allow])
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"before_mb": before / 1024, "peak_mb": peak / 1024, "small": small, "big": big}))
 """
@@ -303,7 +304,7 @@ def test_100000_rows_stay_within_bounded_memory(label_output, tmp_path):
     # exec, so a child spawned straight from this test process (vfork + exec) would report this process's own
     # peak (detector and model loaded) as its own.
     res = subprocess.run(["/bin/sh", "-c", '"$0" "$@"; exit $?', sys.executable, "-c", PEAK_SCRIPT,
-                          str(tmp_path / "small"), str(tmp_path / "big"), str(tmp_path / "big.html")],
+                          str(tmp_path / "small"), str(tmp_path / "big"), str(tmp_path / "big.html"), str(out / "photos")],
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     m = json.loads(res.stdout.strip().splitlines()[-1])
@@ -402,3 +403,30 @@ def test_evaluate_report_has_reliability_confusion_and_groups(tmp_path):
     assert len(page.srcs) == 4 and all(s.startswith("data:image/png") for s in page.srcs) and page.scripts == 0
     text = html_path.read_text()
     assert "by gender" in text and "by race" in text and "gender.accuracy" in text
+
+
+def test_thumbnails_are_read_only_where_the_label_run_could_read(label_output, tmp_path):
+    """A ``path`` in the Parquet is data: the contact sheet opens a photo only under the run's allowed prefix
+    (its summary's ``allow_prefix`` or ``input``, or ``--allow-prefix``), never a file outside it."""
+    out, rows = label_output
+    outside = tmp_path / "private"
+    outside.mkdir()
+    moved = tmp_path / "moved"
+    (moved / "labels").mkdir(parents=True)
+    t = pq.read_table(out / "labels" / "part-0.parquet")
+    photos = str(out / "photos")
+    for p in {p for p in t.column("path").to_pylist()}:  # the same photos, now outside the run's input
+        (outside / Path(p).name).write_bytes(Path(p).read_bytes())
+    t = t.set_column(0, "path", pa.array([p.replace(photos, str(outside)) for p in t.column("path").to_pylist()]))
+    pq.write_table(t, moved / "labels" / "part-0.parquet")
+    summary = json.loads((out / "_summary.json").read_text())
+    (moved / "_summary.json").write_text(json.dumps({**summary, "allow_prefix": [photos]}))
+    n_flagged = sum(bool(r["review"]) for r in rows)
+    page, _ = _run(moved, tmp_path)
+    assert len(page.thumbs) == n_flagged and all(t["src"] is None for t in page.thumbs)
+    assert "forbidden" in (tmp_path / "report.html").read_text()
+    page, _ = _run(moved, tmp_path, "--allow-prefix", str(outside))  # the user says where they are
+    assert len(page.thumbs) == n_flagged and all(t["src"] for t in page.thumbs)
+    (moved / "_summary.json").unlink()  # no summary, no flag: nothing is read, and the report says why
+    page, info = _run(moved, tmp_path)
+    assert all(t["src"] is None for t in page.thumbs) and any("no thumbnails" in m for m in info["missing"])

@@ -227,7 +227,7 @@ def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
     after = output_stats(out["labels"])
     written = after.images - before.images
     summary = {
-        "input": spec.input, "output": spec.output, "labels": out["labels"],
+        "input": spec.input, "allow_prefix": list(spec.allow_prefix), "output": spec.output, "labels": out["labels"],
         "checkpoint": checkpoint_name, "model": model_name, "checkpoint_hash": identity, "models": members,
         "faces_mode": options.mode, "detector": detector,
         "precision": spec.precision, "inputs": inputs,
