@@ -54,6 +54,13 @@ def build_args(ns: argparse.Namespace) -> dict:
         args["num_replicas"] = ns.num_replicas
     if ns.set or ns.embedding:  # every --model, under its name, in one set (raytasks/serve/config.py: ModelSetSpec)
         args["model_set"] = {"embedding": ns.embedding}
+    ingress = {k: v for k, v in (("max_request_faces", ns.max_request_faces),
+                                 ("request_timeout_s", ns.request_timeout_s),
+                                 ("max_request_pixels", None if ns.max_request_megapixels is None
+                                  else int(ns.max_request_megapixels * 1_000_000)),
+                                 ("body_timeout_s", ns.body_timeout_s)) if v is not None}
+    if ingress:  # only what was given: the rest keeps raytasks/serve/config.py's IngressSpec defaults
+        args["ingress"] = ingress
     if ns.threads:
         args["threads"] = ns.threads
     if ns.device:
@@ -87,6 +94,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queued-requests", type=int, default=256, help="per model; beyond this, 503")
     p.add_argument("--max-request-mb", type=float, default=16.0, help="request body limit (413 beyond)")
     p.add_argument("--max-files", type=int, default=64, help="images per multipart request")
+    g = p.add_argument_group("what one request may cost (docs/deploy.md; the defaults of IngressSpec)")
+    g.add_argument("--max-request-faces", type=int, default=None, metavar="N",
+                   help="faces found in one request's photos; beyond it 413 too_many_faces before any attribute "
+                        "model runs (default 256)")
+    g.add_argument("--max-request-megapixels", type=float, default=None, metavar="MP",
+                   help="source pixels one request may decode, from the files' headers; beyond it 413 (default 200)")
+    g.add_argument("--request-timeout-s", type=float, default=None, metavar="S",
+                   help="a request's deadline; past it 504 and its images leave the batches (default 60)")
+    g.add_argument("--body-timeout-s", type=float, default=None, metavar="S",
+                   help="a request body slower than this is answered 408 (default 30)")
     p.add_argument("--allow-no-auth", action="store_true",
                    help="listen beyond loopback without an API key (refused otherwise: set FACEATTR_API_KEY)")
     add_review_args(p)

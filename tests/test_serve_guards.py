@@ -126,6 +126,15 @@ def test_config_and_flags_make_a_set_of_the_served_checkpoints(monkeypatch):
     opts = deployment_options(args.set_settings())
     assert opts["ray_actor_options"]["num_cpus"] == 2.0 and opts["max_ongoing_requests"] == 32
     assert "model_set" not in build_args(parser().parse_args(["--model", "a=a.pt"]))  # no set unless asked
+    # the per-request bounds of the ingress from flags; what is not given keeps IngressSpec's default
+    ing = ServeArgs.model_validate(build_args(parser().parse_args(
+        ["--model", "a=a.pt", "--max-request-faces", "32", "--max-request-megapixels", "12.5",
+         "--request-timeout-s", "5"]))).ingress
+    assert (ing.max_request_faces, ing.max_request_pixels, ing.request_timeout_s) == (32, 12_500_000, 5.0)
+    assert ing.body_timeout_s == ServeArgs.model_validate({"models": {"a": "a.pt"}}).ingress.body_timeout_s
+    assert "ingress" not in build_args(parser().parse_args(["--model", "a=a.pt"]))
+    with pytest.raises(ValueError, match="max_request_faces"):
+        ServeArgs.model_validate(build_args(parser().parse_args(["--model", "a=a.pt", "--max-request-faces", "0"])))
     assert ServeArgs.model_validate({"models": {"a": "a.pt"}}).model_set is None
 
     key_env = "FACEATTR_TEST_SET_API_KEY"  # build_app reads the key named by api_key_env in the driver
