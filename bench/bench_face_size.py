@@ -6,8 +6,9 @@ through the real photo path.
 
 Faces: ``--n`` rows drawn (``--seed``) from the data set's **test** split (``facedata.datasets.read_dataset``,
 seed 0: the split the checkpoints did not train on). Each crop's face box and 5 points are the default
-detector's on the crop alone (as bench_review.py and bench_faces.py take them); crops without a face are left
-out. For every target inter-ocular distance ``--sizes`` (pixels in the photo) each face is **shrunk** to it by
+detector network's on the crop alone (on a 256 px canvas, which holds the crops whole; as bench_review.py
+takes them); crops without a face are left out. For every target inter-ocular distance ``--sizes`` (pixels in
+the photo) each face is **shrunk** to it by
 PIL's Lanczos resize (antialiased: what a camera farther away records, not a point-sampled copy), never
 enlarged: a face whose own distance is below a target is left out at that size. ``native`` is the crop at its
 own size (UTKFace's 200 px chips: about 80 px between the eyes; the CelebA subset's half-resolution crops:
@@ -43,14 +44,14 @@ NATIVE = "native"
 
 def sources(table, n: int, seed: int):
     """[(row index, FaceSource)] of up to ``n`` test rows drawn at random, box and points from the default
-    detector on the crop alone; and the number of rows without a face."""
+    detector network on the crop alone; and the number of rows without a face."""
     import torch
     from PIL import Image
 
     from facedata.compose import FaceSource
-    from faces.detect import FaceDetector
+    from faces.detect import DetectorConfig, FaceDetector
 
-    det = FaceDetector()
+    det = FaceDetector(DetectorConfig(size=256))  # the crops (200 px, 89 x 109) whole, never enlarged
     order = np.random.default_rng(seed).permutation(len(table))[:n]
     out, missed = [], 0
     for s in range(0, len(order), 16):
@@ -163,7 +164,7 @@ def main(argv=None):
     ap.add_argument("--data", required=True, help="FORMAT:URI of the labelled faces (its test split is used)")
     ap.add_argument("--n", type=int, default=400, help="test faces drawn")
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="inter-ocular distances in pixels")
-    ap.add_argument("--canvas", default="640x480", help="photo size (at 640 or less the detector sees it whole)")
+    ap.add_argument("--canvas", default="640x640", help="photo size (at 640 or less the detector sees it whole)")
     ap.add_argument("--batch", type=int, default=8, help="photos per annotate call")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
