@@ -102,6 +102,7 @@ class Annotator:
         for pre in [r.preprocessing for r in runners] + ([self.embedder.preprocessing] if self.embedder else []):
             if pre not in self.preprocessings:
                 self.preprocessings.append(pre)
+        self.review = self.review.resolve_face_size(self.preprocessings)  # small_face: what these models need
 
     # -- what it is ---------------------------------------------------------------------------------------
     @property

@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
 
 from facedata.yamlsafe import settings_from_dict
-from faces.align import input_to_image, warp
+from faces.align import input_to_image, template_of, warp
 from faces.pose import head_pose
 from models.preprocess import Preprocessing
 
@@ -174,10 +174,16 @@ class ReviewThresholds:
     """When a face is sent for review (each reason fires on its own; docs/quality.md has the measurements
     behind every default). A value that is NaN fires its reason (nothing can be vouched for)."""
 
-    # small_face: face_size (inter-ocular distance, original pixels) below this. Rekognition asks for faces
-    # of at least 50 x 50 px; the detector's boxes are 1 / 0.457 = 2.2 inter-ocular distances wide (median
-    # over GENKI-4K), so 50 px is 23.
-    min_face_size: float = 23.0
+    # small_face: face_size (inter-ocular distance, original pixels) below min_face_size when it is given (a
+    # number of pixels whatever the models); by default (None) below the models' own need (resolve_face_size):
+    # min_face_ratio x the largest eye distance of the models' inputs (their templates), never below
+    # min_face_floor. bench/bench_face_size.py (docs/quality.md): age_gender_race (eyes 58 px apart in its
+    # 150 px input) lost nothing measurable at 20 px, 0.5 years of age MAE and 1.8 points of race at 16;
+    # hard_sharing (eyes 11 px apart in its 50 px input) nothing at 10 px, 5 points at 8, where the detector
+    # also misses 40 % of faces.
+    min_face_size: float | None = None
+    min_face_ratio: float = 1 / 3
+    min_face_floor: float = 10.0
     # extreme_pose: |pose_yaw| above max_yaw, or pose_pitch above max_pitch_up (face up) or below
     # -max_pitch_down (face down): Rekognition's guidance (yaw under 45, pitch under 30 down and 45 up).
     max_yaw: float = 45.0
@@ -200,6 +206,8 @@ class ReviewThresholds:
     def __post_init__(self):
         for f in fields(self):
             v = getattr(self, f.name)
+            if f.name == "min_face_size" and v is None:
+                continue
             if f.name == "per_output":
                 if not isinstance(v, Mapping) or not all(
                         isinstance(k, str) and isinstance(x, (int, float)) and not isinstance(x, bool)
@@ -208,6 +216,22 @@ class ReviewThresholds:
                 object.__setattr__(self, "per_output", dict(v))
             elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ValueError(f"ReviewThresholds: {f.name} must be a finite number, got {v!r}")
+
+    def face_size_limit(self) -> float:
+        """The ``small_face`` limit in pixels: ``min_face_size`` when set, else ``min_face_floor`` (what is
+        known without the models; :meth:`resolve_face_size` sets it from them)."""
+        return self.min_face_floor if self.min_face_size is None else float(self.min_face_size)
+
+    def resolve_face_size(self, preprocessings) -> ReviewThresholds:
+        """These thresholds with ``min_face_size`` set for faces read by models of these preprocessings (a
+        label job's or a serving replica's models, the embedding's too): unchanged when it is set, else
+        ``max(min_face_floor, min_face_ratio x the largest eye distance of their templates)``: the face is
+        too small for at least one model of the row."""
+        if self.min_face_size is not None:
+            return self
+        eyes = [float((template_of(p)[1] - template_of(p)[0]).norm()) for p in preprocessings]
+        need = max([self.min_face_ratio * e for e in eyes], default=0.0)
+        return replace(self, min_face_size=round(max(self.min_face_floor, need), 2))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -246,7 +270,7 @@ def review_flags(face_size: torch.Tensor, pose_yaw: torch.Tensor, pose_pitch: to
     size = _vec(face_size, n, "face_size")
     yaw, pitch = _vec(pose_yaw, n, "pose_yaw"), _vec(pose_pitch, n, "pose_pitch")
     fires = {
-        "small_face": _below(size, th.min_face_size),
+        "small_face": _below(size, th.face_size_limit()),
         "extreme_pose": ~(yaw.abs() <= th.max_yaw) | ~(pitch <= th.max_pitch_up) | ~(pitch >= -th.max_pitch_down),
         "blurry": _below(_vec(sharpness, n, "sharpness"), th.min_sharpness),
         "dark": _below(_vec(brightness, n, "brightness"), th.min_brightness),

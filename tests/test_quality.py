@@ -216,7 +216,7 @@ def test_each_reason_fires_on_its_own_and_in_the_documented_order():
     th = ReviewThresholds()
     rows = [
         _row(),
-        _row(face_size=th.min_face_size - 1),
+        _row(face_size=th.face_size_limit() - 1),
         _row(pose_yaw=-(th.max_yaw + 1)),
         _row(pose_pitch=th.max_pitch_up + 1),
         _row(pose_pitch=-(th.max_pitch_down + 1)),

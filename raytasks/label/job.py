@@ -241,7 +241,7 @@ def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
         "rows_before": before.rows, "rows_written": after.rows - before.rows, "rows_total": after.rows,
         "faces_dropped": after.dropped if options.detect else None,
         "review_rows": after.review, "review_by_reason": dict(after.reasons.most_common()),
-        "review_thresholds": spec.review_thresholds().to_dict(),
+        "review_thresholds": spec.review_thresholds().resolve_face_size(resolved.preprocessings).to_dict(),
         "complete": after.images >= inputs, "seconds": round(seconds, 3),
         "images_per_s": round(written / seconds, 2) if seconds > 0 else None,
         "faces_per_s": round((after.faces - before.faces) / seconds, 2) if seconds > 0 and options.detect else None,
