@@ -69,7 +69,8 @@ def _enc(img: Image.Image, fmt: str, **kw) -> bytes:
 
 def hostile_files() -> dict[str, tuple[bytes, str]]:
     """name -> (bytes, where it comes from). Sizes within the 40 MP limit where the issue says so."""
-    from facedata.synth import draw_face, encode_jpeg
+    from facedata.draw import draw_face
+    from facedata.synth import encode_jpeg
     from tests.helpers import huge_png
     from tests.hostile import png_with_late_exif, scan_bomb, tiff_giant_tile
 
