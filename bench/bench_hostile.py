@@ -148,7 +148,8 @@ def _measure(fn) -> dict:
 def child_decode(path: str) -> None:
     import torch
 
-    from models.preprocess import ImageDecodeError, Preprocessing, decode
+    from models.imagebytes import ImageDecodeError
+    from models.preprocess import Preprocessing, decode
 
     torch.set_num_threads(1)
     data = Path(path).read_bytes()

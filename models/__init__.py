@@ -18,7 +18,7 @@ import pkgutil
 from .base import FaceModel, Recipe
 
 _INFRASTRUCTURE = {"base", "outputs", "outputset", "losses", "landmarks", "preprocess", "checkpoint", "backbones", "dlib_resnet",
-                   "dlib_format"}
+                   "dlib_format", "imagebytes"}
 _REGISTRY: dict[str, type[FaceModel]] = {}
 _loaded = False
 
