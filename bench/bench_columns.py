@@ -42,7 +42,7 @@ from core.annotator import Annotator  # noqa: E402
 from core.rows import QUALITY_FIELDS  # noqa: E402
 from facedata.compose import FaceSource, compose  # noqa: E402
 from facedata.decode import Photos, decode_batch  # noqa: E402
-from facedata.synth import draw_face  # noqa: E402
+from facedata.draw import draw_face  # noqa: E402
 from models.checkpoint import save_checkpoint  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "utkface"

@@ -12,7 +12,7 @@ speed by batch size and precision, and MTCNN beside it when facenet-pytorch can 
 (b) ``--crops`` UTKFace 200x200 and CelebA 89x109 aligned crops, whole: the share in which a face is found,
     with the default letterbox (``max_upscale=1``: never enlarged) and with crops enlarged to 640 px.
 (c) ms per image at 640 px for batches of 1, 8 and 16, fp32 and bf16 autocast (median of ``--rounds``).
-(e) ``--drawn`` faces of :func:`facedata.synth.draw_face` (178x218) alone, and pasted 4 to a 640-1280 px
+(e) ``--drawn`` faces of :func:`facedata.draw.draw_face` (178x218) alone, and pasted 4 to a 640-1280 px
     canvas at 60-200 px wide, upright: the share found (IoU >= 0.5 with the box found on the face alone).
 (d) MTCNN (facenet-pytorch 2.5.3, not a dependency: give ``--mtcnn-path`` where it was installed with
     ``pip install --no-deps --target DIR facenet-pytorch==2.5.3``) on the same photos and its speed at 640 px.
@@ -137,13 +137,13 @@ def speed(det: FaceDetector, rounds: int) -> None:
 
 
 def drawn_eval(det: FaceDetector, n: int) -> None:
-    from facedata.synth import draw_face
+    from facedata.draw import draw_face
 
     faces = [draw_face(np.random.default_rng([7, i]), (178, 218)) for i in range(n)]
     images = [np.array(im) for im, _ in faces]
     found = det.detect([_t(a) for a in images])
     best = np.array([float(f.scores[0]) if len(f) else 0.0 for f in found])
-    print(f"\n(e) drawn faces (facedata.synth.draw_face, 178x218), {n} alone: found at threshold "
+    print(f"\n(e) drawn faces (facedata.draw.draw_face, 178x218), {n} alone: found at threshold "
           + ", ".join(f"{t}: {(best > t).sum()}/{n}" for t in THRESHOLDS))
     sources = [FaceSource(a, f.boxes[0].numpy(), np.reshape(lab["landmarks"], (5, 2)))
                for a, f, (_, lab) in zip(images, found, faces) if len(f)]

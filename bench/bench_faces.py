@@ -50,7 +50,7 @@ def sources(n: int):
             if len(out) >= n:
                 break
         return out, "UTKFace (../shared/data)"
-    from facedata.synth import draw_face
+    from facedata.draw import draw_face
 
     out = []
     for i in range(n):

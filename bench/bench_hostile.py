@@ -69,7 +69,8 @@ def _enc(img: Image.Image, fmt: str, **kw) -> bytes:
 
 def hostile_files() -> dict[str, tuple[bytes, str]]:
     """name -> (bytes, where it comes from). Sizes within the 40 MP limit where the issue says so."""
-    from facedata.synth import draw_face, encode_jpeg
+    from facedata.draw import draw_face
+    from facedata.synth import encode_jpeg
     from tests.helpers import huge_png
     from tests.hostile import png_with_late_exif, scan_bomb, tiff_giant_tile
 
@@ -147,7 +148,8 @@ def _measure(fn) -> dict:
 def child_decode(path: str) -> None:
     import torch
 
-    from models.preprocess import ImageDecodeError, Preprocessing, decode
+    from models.imagebytes import ImageDecodeError
+    from models.preprocess import Preprocessing, decode
 
     torch.set_num_threads(1)
     data = Path(path).read_bytes()

@@ -45,7 +45,8 @@ sys.path.insert(0, str(ROOT))
 import models  # noqa: E402
 from core.runner import ModelRunner  # noqa: E402
 from facedata.decode import GEOMETRY_KEYS, Whole, decode_batch  # noqa: E402
-from facedata.synth import draw_face, encode_jpeg  # noqa: E402
+from facedata.draw import draw_face  # noqa: E402
+from facedata.synth import encode_jpeg  # noqa: E402
 from models.checkpoint import save_checkpoint  # noqa: E402
 from raytasks import label as L  # noqa: E402
 from raytasks.label.output import SUMMARY_FILE  # noqa: E402

@@ -6,7 +6,7 @@ For every model, at its default input size, on synthetic faces of its dataset fo
 task_attention and hard_sharing; UTKFace for age_gender_race and hmtnet), in one run:
 
 1. plain: this process, ``torch.set_num_threads(--threads)``, the loop of ``engine.fit``
-   (``engine.iter_batches`` decoding inline, ``engine.train_step``), 2 epochs of ``--steps`` steps;
+   (``core.batches.iter_batches`` decoding inline, ``engine.train_step``), 2 epochs of ``--steps`` steps;
 2. ray x1: ``raytasks.train.run`` with one TorchTrainer worker of ``--threads`` CPUs and threads (Ray Data
    decoding in its own tasks), 2 epochs of ``--steps`` steps;
 3. ray x2: two workers of ``--threads`` CPUs and threads each (DDP over gloo), the same global batch.
@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402
 from core import engine  # noqa: E402
+from core.batches import iter_batches  # noqa: E402
 from facedata import synth  # noqa: E402
 from facedata.datasets import DATASET_MODELS  # noqa: E402
 from raytasks.train import TrainSpec, prepare, run  # noqa: E402
@@ -64,7 +65,7 @@ def plain_loop(model, recipe, table, steps: int, threads: int, seed: int = 0) ->
     out = {}
     for epoch in (1, 2):
         t0, t_first, n, n_first = time.perf_counter(), None, 0, 0
-        for i, batch in enumerate(engine.iter_batches(table, model, recipe.batch_size, train=True, seed=seed,
+        for i, batch in enumerate(iter_batches(table, model, recipe.batch_size, train=True, seed=seed,
                                                       epoch=epoch)):
             if i >= steps:
                 break

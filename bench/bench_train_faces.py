@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import models  # noqa: E402
-from core import engine  # noqa: E402
+from core.batches import iter_batches  # noqa: E402
 from facedata.datasets import read_dataset  # noqa: E402
 from faces.facecache import DetectionCache  # noqa: E402
 from faces.finder import FaceFinder  # noqa: E402
@@ -46,10 +46,10 @@ def one_round(table, model, finder) -> dict:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     t = time.perf_counter()
-    n_epoch = sum(len(b["image"]) for b in engine.iter_batches(resolved, model, 64))
+    n_epoch = sum(len(b["image"]) for b in iter_batches(resolved, model, 64))
     epoch = time.perf_counter() - t
     t = time.perf_counter()
-    n_whole = sum(len(b["image"]) for b in engine.iter_batches(table, model, 64))
+    n_whole = sum(len(b["image"]) for b in iter_batches(table, model, 64))
     whole = time.perf_counter() - t
     return {"first pass": len(table) / cold, "later run": len(table) / warm, "cached epoch": n_epoch / epoch,
             "whole epoch": n_whole / whole, "used": first.used, "line": first.line()}

@@ -139,7 +139,8 @@ def fifo_set_member(tmp: Path) -> dict:
 
 def gpu_scan_bomb() -> dict:
     """A JPEG of 4,010 scans offered to --gpu-decode: kept off the GPU path, then refused by the CPU check."""
-    from models.preprocess import ImageDecodeError, Preprocessing, check_jpeg_bytes
+    from models.imagebytes import ImageDecodeError, check_jpeg_bytes
+    from models.preprocess import Preprocessing
     from raytasks.label.gpu_decode import jpeg_for_gpu
     from tests.hostile import scan_bomb
 

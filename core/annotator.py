@@ -250,6 +250,8 @@ class Annotator:
         ok = np.asarray(batch["ok"], dtype=bool)
         keep, images, scales = _pictures(batch)
         finder = self.finder
+        # Each picture crosses to the device once: detection, every alignment and the quality crops read it there.
+        images = [im.to(finder.device) for im in images]
         found = [batch["found"][i] for i in keep] if "found" in batch else finder.find(images, scales)
         if check is not None:
             check()
@@ -277,11 +279,12 @@ class Annotator:
     def _quality(self, images: list[torch.Tensor], found: list, scales: list[float],
                  confidences: dict[str, torch.Tensor]) -> dict[str, list]:
         """Size, pose, sharpness, brightness and the review flags of every face (faces/quality.py), in the
-        alignments' order (picture by picture, then by score), computed once per batch."""
+        alignments' order (picture by picture, then by score), computed once per batch. ``images`` are the
+        pictures already on the device (moved once, in :meth:`_photos`)."""
         with_faces = [o for o in range(len(images)) if len(found[o])]
         if not with_faces:
             return {f.name: [] for f in QUALITY_FIELDS}
-        crops = torch.cat([quality_crops(images[o].to(self.device), found[o].points.to(self.device)) for o in with_faces])
+        crops = torch.cat([quality_crops(images[o], found[o].points.to(images[o].device)) for o in with_faces])
         points = torch.cat([found[o].points.double().cpu() * scales[o] for o in with_faces])
         scores = torch.cat([found[o].scores.cpu() for o in with_faces])
         q = face_quality(points, crops, scores, confidences, self.review)

@@ -20,8 +20,9 @@ import torch
 
 from facedata import storage
 from faces.trainfaces import ALIGN_POINTS, ALIGN_SHA, training_input
+from models.imagebytes import ImageDecodeError
 from models.landmarks import Landmarks
-from models.preprocess import DEFAULT_PHOTO_SIDE, ImageDecodeError, build_augmentation, decode
+from models.preprocess import DEFAULT_PHOTO_SIDE, build_augmentation, decode
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """The training and evaluation loop pieces, in plain PyTorch, shared by the Ray Train job
 (``raytasks/train/job.py``), ``jobs.evaluate``, the demo and the tests: optimisers and schedules, one
 training step (with the recipe's augmentation on the device, core/augment.py), evaluation statistics and
-the plain single-process loop :func:`fit`. Batches (dataset rows -> arrays) are made in core/batches.py;
-its functions are used from here as ``engine.load_batch`` and so on.
+the plain single-process loop :func:`fit`. Batches (dataset rows -> arrays) are made in core/batches.py:
+import them from there (``from core.batches import load_batch``).
 """
 
 from __future__ import annotations
@@ -17,17 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from core.batches import (  # noqa: F401 - the batch functions are part of the engine's interface
-    MIN_TRAIN_BATCH,
-    TARGET_PREFIX,
-    concat_batches,
-    drop_failed,
-    fold_remainder,
-    iter_batches,
-    label_columns,
-    load_batch,
-    to_tensors,
-)
+from core.batches import iter_batches, to_tensors
 from models.hard_sharing import HARD_SHARING_FIRST_EPOCH
 from models.outputset import add_stats
 
@@ -244,7 +234,7 @@ def format_epoch(model, m: dict, epochs: int, eta_s: float | None = None) -> str
 def evaluate_table(model, table: pd.DataFrame, batch_size: int = 64, device: str = "cpu",
                    decode_fn=None) -> dict[str, float]:
     """The paper metrics of ``model`` (with its thresholds) on a dataset table, in this process.
-    ``decode_fn``: see :func:`load_batch` (evaluation through face detection). The loop is
+    ``decode_fn``: see ``core.batches.load_batch`` (evaluation through face detection). The loop is
     ``core.evaluation.run_model``'s, which ``jobs.evaluate`` runs too."""
     from core.evaluation import metrics_from, run_model
 

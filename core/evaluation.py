@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from core.engine import concat_batches, load_batch, to_tensors, validation_loss
+from core.batches import concat_batches, load_batch, to_tensors
+from core.engine import validation_loss
 from models.calibration import CalibrationError, ece, reliability_bins
 from models.outputs import Binary, Categorical
 from models.outputset import add_stats
@@ -44,7 +45,7 @@ class Evaluated:
 
 
 def _batches_with_rows(table: pd.DataFrame, model, batch_size: int, decode_fn=None):
-    """``core.engine.load_batch`` over the table in order, with the table positions of the rows kept (a row
+    """``core.batches.load_batch`` over the table in order, with the table positions of the rows kept (a row
     whose image cannot be decoded is dropped there; the chunk is then reloaded row by row to know which)."""
     for start in range(0, len(table), batch_size):
         chunk = table.iloc[start:start + batch_size]

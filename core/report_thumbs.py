@@ -4,7 +4,7 @@ photos with each row's ``face_box``.
 Photos are read the way the label job reads them (``facedata.reading.fetch_chunks``: only under the run's
 ``--allow-prefix``, regular files only,
 size checked before reading, a timeout per read, at most :data:`MAX_CHUNK_BYTES` of files held at once)
-and decoded with the project's limits (``models.preprocess.open_image``: accepted formats only, pixel,
+and decoded with the project's limits (``models.imagebytes.open_image``: accepted formats only, pixel,
 aspect, decode-memory and JPEG-scan limits checked on the header before any pixel; a large JPEG decoded
 at a reduced DCT scale). Each photo is read and decoded once for all its flagged faces. A photo that
 cannot be read or decoded (moved, deleted, not an image any more) gives a placeholder with the reason,
@@ -18,7 +18,8 @@ import io
 from dataclasses import dataclass
 
 from facedata import reading
-from models.preprocess import DEFAULT_PHOTO_SIDE, ImageDecodeError, open_image
+from models.imagebytes import ImageDecodeError, open_image
+from models.preprocess import DEFAULT_PHOTO_SIDE
 
 THUMB_PX = 128  # a thumbnail's longer side
 MARGIN = 0.25  # of the box's size, added on each side of the face

@@ -8,7 +8,8 @@
   (photos for detection, or whole images at each model's input), a bad file an error row;
 * datasets.py: the labelled data sets' readers (CelebA, UTKFace, SCUT-FBP5500, manifests), malformed labels
   reported and skipped;
-* synth.py, compose.py: drawn faces with known attributes, and test photos with faces pasted at known places.
+* draw.py, synth.py, compose.py: one drawn face with known attributes, drawn faces written in the datasets'
+  formats, and test photos with faces pasted at known places.
 
 Imports: ``facedata`` uses ``models`` (preprocessing); ``faces``, ``core``, ``raytasks`` and ``jobs`` use it.
 """

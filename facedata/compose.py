@@ -8,7 +8,7 @@ measured against truth.
 * :class:`FaceSource`: a crop (H x W x 3 uint8), its face box (x1, y1, x2, y2) and 5 points (image-left
   eye, image-right eye, nose tip, image-left mouth corner, image-right mouth corner) in the crop's pixels.
   For real crops (../shared/data) the box and points come from running the detector once on the crop; for
-  drawn faces (:func:`facedata.synth.draw_face`) the points are the drawn ones. This module takes them as
+  drawn faces (:func:`facedata.draw.draw_face`) the points are the drawn ones. This module takes them as
   given (``facedata`` sits below ``faces`` and does not import the detector).
 * :func:`compose`: one canvas (a background of noise, gradients and shapes) with 0-``max_faces`` faces,
   each scaled to a face width in ``face_width`` pixels, turned by up to ``max_angle`` degrees and pasted

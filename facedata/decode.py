@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.preprocess import DEFAULT_PHOTO_SIDE, ImageDecodeError, Preprocessing, decode, decode_photo
+from models.imagebytes import ImageDecodeError
+from models.preprocess import DEFAULT_PHOTO_SIDE, Preprocessing, decode, decode_photo
 
 GEOMETRY_KEYS = ("sx", "sy", "tx", "ty")
 IMAGE_COLUMNS = ("path", "ok", "error_kind", "error_message", "width", "height")

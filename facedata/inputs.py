@@ -89,20 +89,32 @@ class Listing:
     duplicates: int = 0  # manifest rows naming a file an earlier row already named
 
 
+class _ListingParts:
+    """A listing folder (``listing_uri``, emptied first) and its ``part-NNNNNN.parquet`` files, one ``path``
+    column each: what both listings write and raytasks/label reads."""
+
+    def __init__(self, listing_uri: str):
+        self.fs, self.root = storage.filesystem(listing_uri)
+        if self.fs.get_file_info(self.root).type != pafs.FileType.NotFound:
+            self.fs.delete_dir_contents(self.root)
+        self.fs.create_dir(self.root, recursive=True)
+        self.parts = 0
+
+    def write(self, paths: list[str]) -> None:
+        pq.write_table(pa.table({"path": pa.array(paths, pa.string())}),
+                       f"{self.root}/part-{self.parts:06d}.parquet", filesystem=self.fs)
+        self.parts += 1
+
+
 def write_listing(input_uri: str, listing_uri: str, chunk: int = LISTING_CHUNK) -> Listing:
     """List ``input_uri`` into Parquet files of at most ``chunk`` paths under ``listing_uri`` (replaced).
     Files without an image extension are kept when their first bytes are an image signature (read
     concurrently, ``FETCH_THREADS`` at a time)."""
-    fs, root = storage.filesystem(listing_uri)
-    if fs.get_file_info(root).type != pafs.FileType.NotFound:
-        fs.delete_dir_contents(root)
-    fs.create_dir(root, recursive=True)
+    out = _ListingParts(listing_uri)
     stats = Listing()
     pending: list[str] = []
-    part = 0
 
     def flush(paths: list[str]) -> None:
-        nonlocal part
         unknown = [p for p in paths if not has_image_extension(p)]
         if unknown:
             heads = dict(zip(unknown, gather(_read_head, unknown, FETCH_TIMEOUT_S)))
@@ -113,9 +125,7 @@ def write_listing(input_uri: str, listing_uri: str, chunk: int = LISTING_CHUNK) 
         stats.skipped_not_image += len(paths) - len(keep)
         stats.inputs += len(keep)
         if keep:
-            pq.write_table(pa.table({"path": pa.array([storable(p) for p in keep], pa.string())}),
-                           f"{root}/part-{part:06d}.parquet", filesystem=fs)
-            part += 1
+            out.write([storable(p) for p in keep])
 
     for uri in iter_folder(input_uri):
         stats.files += 1
@@ -196,18 +206,14 @@ def write_manifest_listing(uri: str, listing_uri: str, base: str | None, chunk: 
     80 MB for a million paths)."""
     import hashlib
 
-    fs, root = storage.filesystem(listing_uri)
-    if fs.get_file_info(root).type != pafs.FileType.NotFound:
-        fs.delete_dir_contents(root)
-    fs.create_dir(root, recursive=True)
+    out = _ListingParts(listing_uri)
     batches = manifest_path_batches(uri)
-    stats, seen, pending, part, empty = Listing(), set(), [], 0, 0
+    stats, seen, pending, empty = Listing(), set(), [], 0
 
     def flush() -> None:
-        nonlocal part, pending
-        pq.write_table(pa.table({"path": pa.array(pending, pa.string())}), f"{root}/part-{part:06d}.parquet",
-                       filesystem=fs)
-        part, pending = part + 1, []
+        nonlocal pending
+        out.write(pending)
+        pending = []
 
     for batch in batches:
         for p in _batch_paths(batch):

@@ -22,7 +22,8 @@ import torch
 
 from faces.align import align
 from faces.detect import DetectorConfig, FaceDetector, Faces
-from models.preprocess import DEFAULT_PHOTO_SIDE, ImageDecodeError, Preprocessing, decode_photo
+from models.imagebytes import ImageDecodeError
+from models.preprocess import DEFAULT_PHOTO_SIDE, Preprocessing, decode_photo
 
 FACE_MODES = ("detect", "whole")
 

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from faces.align import input_to_crop
-from models.preprocess import ImageDecodeError, Preprocessing, decode_photo, open_image
+from models.imagebytes import ImageDecodeError, open_image
+from models.preprocess import Preprocessing, decode_photo
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,8 @@ from facedata import storage
 from facedata.datasets import FACE_SELECT_COLUMNS
 from faces.facecache import CACHE_DECIMALS, Detection, DetectionCache, content_hash
 from faces.finder import face_input
-from models.preprocess import DEFAULT_PHOTO_SIDE, ImageDecodeError, decode_photo
+from models.imagebytes import ImageDecodeError
+from models.preprocess import DEFAULT_PHOTO_SIDE, decode_photo
 
 log = logging.getLogger(__name__)
 

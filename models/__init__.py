@@ -17,7 +17,8 @@ import pkgutil
 
 from .base import FaceModel, Recipe
 
-_INFRASTRUCTURE = {"base", "outputs", "outputset", "losses", "landmarks", "preprocess", "checkpoint", "backbones", "dlib_resnet"}
+_INFRASTRUCTURE = {"base", "outputs", "outputset", "losses", "landmarks", "preprocess", "checkpoint", "backbones", "dlib_resnet",
+                   "dlib_format", "imagebytes"}
 _REGISTRY: dict[str, type[FaceModel]] = {}
 _loaded = False
 

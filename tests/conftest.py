@@ -100,7 +100,7 @@ def group_photo() -> tuple[bytes, int]:
     from PIL import Image
 
     from facedata.compose import FaceSource, background, paste
-    from facedata.synth import draw_face
+    from facedata.draw import draw_face
 
     sources = []
     real = sorted((SHARED_DATA / "utkface").glob("*.jpg"))[:3] if SHARED_DATA.is_dir() else []

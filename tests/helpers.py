@@ -45,7 +45,8 @@ def copy_file(src: str, dst: Path) -> str:
 # --- single images ----------------------------------------------------------------------------------------
 def face_jpeg(i: int, size=(56, 56)) -> bytes:
     """A drawn face (seeded by ``i``) as JPEG bytes."""
-    from facedata.synth import draw_face, encode_jpeg
+    from facedata.draw import draw_face
+    from facedata.synth import encode_jpeg
 
     return encode_jpeg(draw_face(np.random.default_rng([7, i]), size)[0])
 
@@ -69,7 +70,7 @@ def huge_png(w: int = 10_000, h: int = 10_000) -> bytes:
 
 def odd_images() -> dict[str, bytes]:
     """Formats that must be labeled correctly (CMYK JPEG, 16-bit and palette PNG, no extension)."""
-    from facedata.synth import draw_face
+    from facedata.draw import draw_face
 
     face = draw_face(np.random.default_rng([7, 999]), (56, 56))[0]
     cmyk = io.BytesIO()
@@ -115,7 +116,7 @@ def write_files(folder: Path, files: dict[str, bytes]) -> Path:
 # --- photos with several faces ----------------------------------------------------------------------------
 def real_crops(n: int) -> list[Image.Image]:
     """Real aligned faces from ../shared/data when present (UTKFace chips), else drawn faces."""
-    from facedata.synth import draw_face
+    from facedata.draw import draw_face
 
     paths = sorted((SHARED / "utkface").glob("*.jpg"))[:n] if SHARED.is_dir() else []
     if paths:
@@ -323,10 +324,10 @@ def assert_same(got, want, where: str = "", tol: float = 1e-4) -> None:
 
 # --- training photos: drawn faces pasted at known places (jobs.train --faces detect) --------------------------
 def drawn_source(seed: int):
-    """A drawn face (facedata/synth.py) as a compose.FaceSource (its drawn points and a box around them),
+    """A drawn face (facedata/draw.py) as a compose.FaceSource (its drawn points and a box around them),
     with its labels."""
     from facedata.compose import FaceSource
-    from facedata.synth import draw_face
+    from facedata.draw import draw_face
 
     img, lab = draw_face(np.random.default_rng([19, seed]), (178, 218))
     pts = np.asarray(lab["landmarks"], dtype=np.float64).reshape(5, 2)

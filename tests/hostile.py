@@ -157,7 +157,7 @@ def crowd_photo(n: int = 64, seed: int = 21) -> bytes:
     """A JPEG of ``n`` drawn faces on a grid (178x218 each, as tests/test_crowd_cap.py draws 24): the most
     faces a photo keeps by default (``max_faces`` 64), every one of which an attribute model then runs on."""
     from facedata.compose import FaceSource
-    from facedata.synth import draw_face
+    from facedata.draw import draw_face
 
     cols = int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))

@@ -15,7 +15,7 @@ import torch
 from torchvision.ops import box_iou
 
 from facedata.compose import FaceSource, background, paste
-from facedata.synth import draw_face
+from facedata.draw import draw_face
 from faces import centerface
 from faces.detect import DetectorConfig, FaceDetector
 from faces.onnxgraph import WeightsError, parse_message

@@ -12,7 +12,7 @@ from PIL import Image
 import models
 from core.annotator import Annotator
 from facedata.compose import FaceSource
-from facedata.synth import draw_face
+from facedata.draw import draw_face
 from models.checkpoint import save_checkpoint
 
 

@@ -13,7 +13,7 @@ import torch
 from torchvision.ops import box_iou
 
 from facedata.compose import FaceSource, background, compose, paste
-from facedata.synth import draw_face
+from facedata.draw import draw_face
 from faces import retinaface
 from faces.detect import DetectorConfig, FaceDetector, Faces
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from facedata.synth import draw_face
+from facedata.draw import draw_face
 from faces.detect import DetectorConfig, FaceDetector
 
 WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but have "

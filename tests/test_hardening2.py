@@ -467,14 +467,8 @@ def test_refused_yaml_names_the_line_and_quotes_little(text, expected):
 # ------------------------------------------------------------------------------------------------------
 
 def test_a_4000_scan_jpeg_is_refused_by_the_shared_check():
-    from models.preprocess import (
-        MAX_JPEG_SCANS,
-        ImageDecodeError,
-        Preprocessing,
-        check_jpeg_bytes,
-        decode,
-        jpeg_scan_count,
-    )
+    from models.imagebytes import MAX_JPEG_SCANS, ImageDecodeError, check_jpeg_bytes, jpeg_scan_count
+    from models.preprocess import Preprocessing, decode
 
     bomb = _scan_bomb()
     assert len(bomb) < 2_000_000 and jpeg_scan_count(bomb) >= 4000
@@ -507,7 +501,8 @@ def test_gpu_decode_refuses_the_scan_bomb_too():
 # ------------------------------------------------------------------------------------------------------
 
 def test_a_late_exif_chunk_is_in_the_memory_estimate():
-    from models.preprocess import ImageDecodeError, Preprocessing, decode, decode_cost
+    from models.imagebytes import ImageDecodeError, decode_cost
+    from models.preprocess import Preprocessing, decode
 
     data = _png_with_late_exif()
     assert data.index(b"eXIf") > data.index(b"IDAT")
@@ -520,7 +515,7 @@ def test_a_late_exif_chunk_is_in_the_memory_estimate():
     # orientation 1 after the pixels: nothing is rotated, so the plain estimate is the right one
     decode(_png_with_late_exif(orientation=1), Preprocessing(size=(32, 32)), max_decode_bytes=raster + (4 << 20))
     # the chunk is looked for in the bytes: many false "eXIf"s cost a few bounded checks, and count as rotating
-    from models.preprocess import _late_png_rotation
+    from models.imagebytes import _late_png_rotation
 
     t0 = time.perf_counter()
     assert _late_png_rotation(b"\x89PNG\r\n\x1a\n" + b"\x00\x0f\xff\xffeXIf" * 1_000_000)
@@ -529,12 +524,12 @@ def test_a_late_exif_chunk_is_in_the_memory_estimate():
 
 _PEAK_PROBE = """
 import os, sys, threading
-from models import preprocess as P
+from models import imagebytes, preprocess as P
 
 data = open(sys.argv[1], "rb").read()
 seen = []
-real = P.decode_cost
-P.decode_cost = lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1]
+real = imagebytes.decode_cost
+imagebytes.decode_cost = lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1]
 page = os.sysconf("SC_PAGE_SIZE")
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
 peak, done = [0], threading.Event()

@@ -16,7 +16,7 @@ from PIL import Image
 from core.annotator import Annotator
 from core.modelset import ModelSet, ModelSetError, read_set_file
 from facedata.decode import Photos, Whole, decode_batch
-from facedata.synth import draw_face
+from facedata.draw import draw_face
 from models.embedding import SAME_PERSON_DISTANCE, distance
 from tests.helpers import (
     ROWS_PER_PHOTOS,

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import models
 from core import engine
+from core.batches import fold_remainder, iter_batches, load_batch
 from facedata.datasets import read_dataset
 from facedata.synth import generate
 from models.landmarks import Landmarks
@@ -57,7 +58,7 @@ def _batches(*sizes):
     ((), []),
 ])
 def test_fold_remainder_keeps_every_image_and_no_batch_of_one(sizes, expected):
-    out = list(engine.fold_remainder(_batches(*sizes)))
+    out = list(fold_remainder(_batches(*sizes)))
     assert [len(b["image"]) for b in out] == expected
     if expected:  # every image once, in order, labels kept alongside
         assert np.concatenate([b["image"] for b in out]).tolist() == list(range(sum(sizes)))
@@ -71,11 +72,11 @@ def test_hmtnet_trains_an_epoch_whose_last_batch_holds_one_image(scut):
     torch.manual_seed(0)
     m = models.create_model("hmtnet", **SMALL_HMT)
     train = scut.iloc[:9].reset_index(drop=True)
-    assert [len(b["image"]) for b in engine.iter_batches(train, m, 8, train=True)] == [9]
+    assert [len(b["image"]) for b in iter_batches(train, m, 8, train=True)] == [9]
     history = engine.fit(m, train, scut.iloc[9:12], epochs=1, batch_size=8, log_fn=None)
     assert math.isfinite(history[0]["train_loss"])
     # evaluation keeps a batch of one: BatchNorm uses its running statistics there
-    assert [len(b["image"]) for b in engine.iter_batches(train, m, 8)] == [8, 1]
+    assert [len(b["image"]) for b in iter_batches(train, m, 8)] == [8, 1]
     assert engine.evaluate_table(m, train, batch_size=8)["n_images"] == 9
 
 
@@ -85,8 +86,8 @@ def test_hmtnet_trains_and_evaluates_on_the_same_input_size_without_augmentation
     rows = scut.iloc[:3]
     size = tuple(m.preprocessing.size)
     assert m.preprocessing.resize_shorter > size[0]  # the 227/224 margin, scaled to 96 px
-    evaluation = engine.load_batch(rows, m, train=False)["image"]
-    plain = engine.load_batch(rows, m, train=True, augment=None)["image"]  # --no-augment
+    evaluation = load_batch(rows, m, train=False)["image"]
+    plain = load_batch(rows, m, train=True, augment=None)["image"]  # --no-augment
     assert plain.shape[-2:] == evaluation.shape[-2:] == size
     assert np.array_equal(plain, evaluation)  # the same centre crop
     # the Ray Data decode task of the train job, with and without the recipe's augmentation
@@ -260,7 +261,7 @@ def test_dmm_landmarks_on_the_scale_of_the_attribute_targets(celeba):
     # a training batch carries the targets in these units
     rows = celeba.iloc[:2].copy()
     rows["landmarks"] = [[-10.0, -10.0], [1e6, 1e6]]
-    batch = engine.load_batch(rows, m)
+    batch = load_batch(rows, m)
     assert (batch["t:landmarks"][0] < -1).all() and (batch["t:landmarks"][1] > 1).all()  # outside the crop
     with pytest.raises(ValueError, match="landmark_scale"):
         models.create_model("dmm_cnn", landmark_scale="pixels", depth=18)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from models.preprocess import ImageDecodeError, Preprocessing, build_augmentation, decode, normalize
+from models.imagebytes import ImageDecodeError
+from models.preprocess import Preprocessing, build_augmentation, decode, normalize
 from tests.hostile import tiff_giant_tile
 
 RGB = Preprocessing(size=(32, 32))

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from facedata.compose import FaceSource, background, paste
-from facedata.synth import draw_face
+from facedata.draw import draw_face
 from faces.align import align
 from faces.pose import face_3d, head_pose
 from faces.quality import (

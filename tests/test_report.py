@@ -66,7 +66,7 @@ class Page(HTMLParser):
 
 def _drawn_sources():
     from facedata.compose import FaceSource
-    from facedata.synth import draw_face
+    from facedata.draw import draw_face
 
     sources = []
     for i in range(3):

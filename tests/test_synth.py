@@ -12,6 +12,7 @@ from PIL import Image
 
 from facedata import synth
 from facedata.datasets import CELEBA_ATTRIBUTES, SCUT_RACES, UTKFACE_RACES
+from facedata.draw import draw_face
 
 
 def _lines(path: Path) -> list[list[str]]:
@@ -81,7 +82,7 @@ def test_same_seed_gives_identical_bytes(tmp_path):
 def test_landmarks_lie_inside_the_image_on_the_drawn_features():
     size = (178, 218)
     for i in range(40):
-        img, lab = synth.draw_face(np.random.default_rng([9, i]), size)
+        img, lab = draw_face(np.random.default_rng([9, i]), size)
         xy = np.array(lab["landmarks"]).reshape(5, 2)
         assert ((xy >= 0) & (xy < size)).all(), xy
         left_eye, right_eye, nose, left_mouth, right_mouth = xy
@@ -94,7 +95,7 @@ def test_landmarks_lie_inside_the_image_on_the_drawn_features():
 
 
 def test_every_celeba_attribute_varies_and_labels_agree():
-    rng_labels = [synth.draw_face(np.random.default_rng([2, i]), (64, 64))[1] for i in range(300)]
+    rng_labels = [draw_face(np.random.default_rng([2, i]), (64, 64))[1] for i in range(300)]
     attrs = np.array([lab["attributes"] for lab in rng_labels])
     assert set(np.unique(attrs)) == {-1, 1}
     never = [a for a, col in zip(CELEBA_ATTRIBUTES, attrs.T) if len(set(col)) < 2]

@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision.ops import box_iou
 
 from facedata.compose import FaceSource, background, paste
-from facedata.synth import draw_face
+from facedata.draw import draw_face
 from faces import detect as detect_module
 from faces.detect import TILE_MARGIN, DetectorConfig, FaceDetector, tile_starts, top_k_per_group
 

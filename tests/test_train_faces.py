@@ -18,6 +18,7 @@ import torch
 import models
 from core import engine
 from core.augment import FLIP_5, Augment
+from core.batches import load_batch
 from core.evaluation import run_model
 from facedata import storage
 from facedata.datasets import read_dataset
@@ -119,7 +120,7 @@ def test_a_file_changed_after_its_face_was_found_is_skipped_not_misaligned(photo
     store = {p: storage.read_bytes(p) for p in resolved["path"]}
     store[resolved["path"][1]] = face_photo([77], seed=77)[0]
     failed: list = []
-    batch = engine.load_batch(resolved, model, read=store.__getitem__, failed=failed)
+    batch = load_batch(resolved, model, read=store.__getitem__, failed=failed)
     assert len(batch["image"]) == 2 and failed[0][0] == resolved["path"][1] and "changed" in failed[0][1]
 
 
@@ -340,7 +341,7 @@ def test_faces_landmarks_aligns_with_the_datas_points_and_bad_flags_fail(tmp_pat
     model, _, train, val, faces = prepare(spec)
     assert faces["mode"] == "landmarks" and faces["report"]["used"] == len(train) + len(val) == 27  # 3 test
     assert model.preprocessing.template_crop is None
-    batch = engine.load_batch(train.iloc[:8], model)
+    batch = load_batch(train.iloc[:8], model)
     H, W = model.preprocessing.size
     want = template_of(model.preprocessing).numpy() / [W, H] * 2 - 1  # the template in the targets' units
     got = batch["t:landmarks"].reshape(-1, 5, 2)

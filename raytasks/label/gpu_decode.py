@@ -13,7 +13,7 @@ def jpeg_for_gpu(data: bytes, pre) -> bool:
     their label or error row) within the CPU decoder's limits (pixels, aspect ratio, memory, JPEG scans)."""
     from PIL import Image
 
-    from models.preprocess import check_header, check_jpeg_bytes
+    from models.imagebytes import check_header, check_jpeg_bytes
 
     if not data.startswith(b"\xff\xd8\xff"):
         return False
@@ -37,7 +37,7 @@ def resize_like_preprocess(img, pre):
     import torch
     import torch.nn.functional as F
 
-    from models.preprocess import MAX_ASPECT_RATIO, ImageDecodeError
+    from models.imagebytes import MAX_ASPECT_RATIO, ImageDecodeError
 
     H, W = pre.size
     _, oh, ow = img.shape

@@ -136,7 +136,8 @@ class AnnotatorActor:
         GPU); a JPEG nvjpeg refuses goes through the CPU decoder, which gives its label or its error."""
         import torch
 
-        from models.preprocess import ImageDecodeError, decode
+        from models.imagebytes import ImageDecodeError
+        from models.preprocess import decode
 
         (pre,), device = self.annotator.preprocessings, self.annotator.device
         batch = dict(batch)

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from core import engine
+from core.batches import load_batch
 from models.outputset import OutputSet
 from models.preprocess import DEFAULT_PHOTO_SIDE, Preprocessing, build_augmentation
 
@@ -18,7 +18,7 @@ DECODE_CPUS = 1.0  # CPUs a Ray Data decode task asks for
 # --- data ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BatchSpec:
-    """What ``engine.load_batch`` needs from a model (its preprocessing and outputs), without its weights:
+    """What ``core.batches.load_batch`` needs from a model (its preprocessing and outputs), without its weights:
     this is what travels to the Ray Data decode tasks."""
 
     preprocessing: Preprocessing
@@ -34,14 +34,14 @@ def decode_rows(rows: pd.DataFrame, spec: BatchSpec, train: bool) -> dict[str, n
     """Ray Data ``map_batches`` function: dataset rows (path + labels, and each row's face with ``--faces
     detect|landmarks``) -> image/target arrays, reading bytes from a folder or S3 and decoding with the
     model's preprocessing (or aligning the row's face). A row that cannot be decoded stays, flagged
-    ``skipped``, for the worker to drop and count (``engine.drop_failed``). The augmentation runs later, on
+    ``skipped``, for the worker to drop and count (``core.batches.drop_failed``). The augmentation runs later, on
     the worker's device (core/augment.py); only HMTNet's random crop out of its margin happens here."""
     global _reseeded
     if train and not _reseeded:  # torch starts every process with the same seed: give each its own
         torch.seed()
         _reseeded = True
     augment = build_augmentation(spec.preprocessing, spec.augment) if train and spec.augment else None
-    return engine.load_batch(rows, spec, train=train, augment=augment, max_side=spec.max_side, keep_failed=True)
+    return load_batch(rows, spec, train=train, augment=augment, max_side=spec.max_side, keep_failed=True)
 
 
 def make_dataset(table: pd.DataFrame, spec: BatchSpec, train: bool):

@@ -5,7 +5,7 @@
 
 The driver (:func:`run`) reads the dataset's table (paths + labels), turns the train and validation splits
 into Ray Datasets of paths that are decoded and augmented on the fly by Ray Data tasks
-(:func:`decode_rows`, the model's own preprocessing through ``engine.load_batch``), and starts a
+(:func:`decode_rows`, the model's own preprocessing through ``core.batches.load_batch``), and starts a
 ``TorchTrainer``. Every worker (:func:`train_worker`) streams its own shard of both splits, runs the plain
 loop of ``core/engine.py`` on a DDP-wrapped model (gloo on CPUs; NCCL, bf16 autocast and
 ``channels_last`` on GPUs) and reports a checkpoint every epoch. ``--batch-size`` is the global batch of
@@ -48,6 +48,7 @@ import pandas as pd
 
 import models
 from core import engine
+from core.batches import MIN_TRAIN_BATCH, label_columns
 from facedata import storage
 from facedata.datasets import FACE_SELECT_COLUMNS
 from faces.align import default_template
@@ -101,10 +102,10 @@ def prepare(spec: TrainSpec):
                          f"(epochs {recipe.epochs}, batch {recipe.batch_size}, lr {recipe.lr}, "
                          f"{spec.workers} workers)")
     engine.make_scheduler(engine.make_optimizer(model, recipe), recipe)  # unknown optimizer/schedule -> error
-    columns = ["path"] + [c for c in engine.label_columns(model) if c in ds.table.columns]
+    columns = ["path"] + [c for c in label_columns(model) if c in ds.table.columns]
     if len(columns) == 1:
         raise TrainError(f"{spec.data} has none of the labels {model.name} learns from "
-                         f"({', '.join(engine.label_columns(model))})")
+                         f"({', '.join(label_columns(model))})")
     mode = spec.faces or default_mode(ds.format)
     if mode not in TRAIN_FACE_MODES:
         raise TrainError(f"--faces must be one of {', '.join(TRAIN_FACE_MODES)}, got {mode!r}")
@@ -113,9 +114,9 @@ def prepare(spec: TrainSpec):
     train, val = _sample(train, spec.limit, spec.seed), _sample(val, spec.val_limit, spec.seed)
     train, val, faces = resolve_faces(spec, mode, train, val)
     train, val = train.drop(columns=extra), val.drop(columns=extra)
-    if len(train) < engine.MIN_TRAIN_BATCH * spec.workers:
+    if len(train) < MIN_TRAIN_BATCH * spec.workers:
         raise TrainError(f"{spec.data}: {len(train)} training images for {spec.workers} workers; every worker "
-                         f"needs at least {engine.MIN_TRAIN_BATCH} (BatchNorm cannot train on one image)")
+                         f"needs at least {MIN_TRAIN_BATCH} (BatchNorm cannot train on one image)")
     if len(val) == 0:
         raise TrainError(f"{spec.data}: no validation images (split 'val' is empty)")
     if mode != "whole":
@@ -285,7 +286,7 @@ def _fit(spec: TrainSpec, model, recipe, train, val, faces, resumed_from, log_fn
         "steps_per_epoch": spec.steps_per_epoch, "init_from": spec.init_from,
         # A head whose labels the data lacks (hmtnet's beauty on UTKFace) gets no gradient: DDP must know.
         "find_unused_parameters": spec.find_unused_parameters
-        or any(c not in train.columns for c in engine.label_columns(model)),
+        or any(c not in train.columns for c in label_columns(model)),
         "fail_at": spec.fail_at,
         "face_template": {"template": model.preprocessing.template, "template_crop": model.preprocessing.template_crop},
         "faces": faces,

@@ -18,6 +18,7 @@ import torch
 import models
 from core import engine
 from core.augment import Augment
+from core.batches import drop_failed, fold_remainder
 from facedata import storage
 from models.base import Recipe
 from models.checkpoint import FORMAT as CHECKPOINT_FORMAT
@@ -88,7 +89,7 @@ def score_of(value: float, mode: str) -> float:
 def _validate(model, shard, batch_size: int, device, amp, channels_last, skipped: list[int] | None = None) -> dict:
     """Statistics over the whole validation split (all-reduced); ``skipped[0]`` counts this worker's
     validation images that could not be decoded."""
-    batches = engine.drop_failed(shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2),
+    batches = drop_failed(shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2),
                                  skipped if skipped is not None else [0])
     return reduce_stats(engine.evaluate_batches(model, batches, device, amp, channels_last), device)
 
@@ -168,7 +169,7 @@ def train_worker(cfg: dict) -> None:
         # forwards broadcast rank 0's buffers again): equal on every worker iff the hook saw equal stats
         # a shard's last batch of one image would stop BatchNorm: it joins the batch before it
         skipped, val_skipped = [0], [0]  # images of this worker's shards that could not be decoded
-        batches = engine.fold_remainder(engine.drop_failed(train_shard.iter_batches(
+        batches = fold_remainder(drop_failed(train_shard.iter_batches(
             batch_size=bs, batch_format="numpy", prefetch_batches=2), skipped))
         val_time, t_first, n_first = 0.0, None, 0  # steady state: from the end of the epoch's first step
         while True:

@@ -29,7 +29,7 @@ def _jpeg(img) -> bytes:
 
 def _sources():
     from facedata.compose import FaceSource
-    from facedata.synth import draw_face
+    from facedata.draw import draw_face
 
     out = []
     for i in range(3):
@@ -59,7 +59,7 @@ def photos() -> list[tuple[str, bytes]]:
 
 def crops() -> list[tuple[str, bytes]]:
     """Three aligned face crops and a broken file for the whole-image path (``--faces whole``)."""
-    from facedata.synth import draw_face
+    from facedata.draw import draw_face
 
     items = [(f"crop{i}.jpg", _jpeg(draw_face(np.random.default_rng([12, i]), (178, 218))[0])) for i in range(3)]
     items.append(("empty.jpg", b""))
