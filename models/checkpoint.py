@@ -272,18 +272,9 @@ def _read(uri: str, map_location="cpu", max_bytes: int | None = None, timeout_s:
     return obj
 
 
-def load_checkpoint(uri: str, map_location="cpu", expected_hash: str | None = None, max_bytes: int | None = None,
-                    timeout_s: float | None = None):
-    """Load a checkpoint from a path or s3:// URI -> ``(model in eval mode, CheckpointInfo)``.
-
-    Uses ``torch.load(weights_only=True)``; refuses (:class:`CheckpointError`) files of another format,
-    malformed ones, files whose content does not match their hash, and, when the URI ends in
-    ``#sha256:<hex>`` or ``expected_hash`` is given, files whose hash is not that one. The read is bounded
-    (:func:`read_limits`: 2 GiB and 600 s unless set): a FIFO, a device, a bigger file or a read that hangs
-    is refused."""
-    import models
-    from models.preprocess import Preprocessing
-
+def _verified(uri: str, map_location="cpu", expected_hash: str | None = None, max_bytes: int | None = None,
+              timeout_s: float | None = None) -> tuple[str, dict]:
+    """``(uri without its pin, the checkpoint's dict)`` once its format, content hash and pin are checked."""
     uri, pin = split_pin(uri)
     if expected_hash is not None:
         _, expected = split_pin("x" + PIN_SEP + expected_hash.removeprefix("sha256:"))
@@ -303,6 +294,22 @@ def load_checkpoint(uri: str, map_location="cpu", expected_hash: str | None = No
         raise CheckpointError(f"{uri}: content hash mismatch (file says {obj['hash']}, content is {digest})")
     if pin is not None and digest != pin:
         raise CheckpointError(f"{uri} is {digest}, not the pinned {pin}: refusing it")
+    return uri, obj
+
+
+def load_checkpoint(uri: str, map_location="cpu", expected_hash: str | None = None, max_bytes: int | None = None,
+                    timeout_s: float | None = None):
+    """Load a checkpoint from a path or s3:// URI -> ``(model in eval mode, CheckpointInfo)``.
+
+    Uses ``torch.load(weights_only=True)``; refuses (:class:`CheckpointError`) files of another format,
+    malformed ones, files whose content does not match their hash, and, when the URI ends in
+    ``#sha256:<hex>`` or ``expected_hash`` is given, files whose hash is not that one. The read is bounded
+    (:func:`read_limits`: 2 GiB and 600 s unless set): a FIFO, a device, a bigger file or a read that hangs
+    is refused."""
+    import models
+    from models.preprocess import Preprocessing
+
+    uri, obj = _verified(uri, map_location, expected_hash, max_bytes, timeout_s)
     config = dict(obj["config"])
     config.pop("backbone_weights", None)  # the trained weights replace any initial backbone weights
     try:
@@ -316,10 +323,31 @@ def load_checkpoint(uri: str, map_location="cpu", expected_hash: str | None = No
     except Exception as e:  # noqa: BLE001 - a file whose hash matches but whose content does not build a model
         raise CheckpointError(f"{uri} does not build its model ({type(e).__name__}: {e})") from None
     model.eval()
-    info = CheckpointInfo(uri=uri, model=obj["model"], config=obj["config"], outputs=obj["outputs"],
+    return model, _info(uri, obj)
+
+
+def _info(uri: str, obj: dict) -> CheckpointInfo:
+    return CheckpointInfo(uri=uri, model=obj["model"], config=obj["config"], outputs=obj["outputs"],
                           preprocessing=obj["preprocessing"], metrics=obj["metrics"], extra=obj["extra"],
                           hash=obj["hash"])
-    return model, info
+
+
+def checkpoint_info(uri: str) -> CheckpointInfo:
+    """A checkpoint's metadata, its format and content hash checked, without building its model."""
+    return _info(*_verified(uri))
+
+
+def add_extra(uri: str, entries: dict) -> str:
+    """Add ``entries`` to a checkpoint's ``extra`` in place (its hash, which covers ``extra``, is computed again;
+    weights, outputs and preprocessing are kept byte for byte); returns the new hash. The train job records
+    the recipe a model was trained with this way (models/recipes.py)."""
+    from facedata import storage
+
+    uri, obj = _verified(uri)
+    obj = {**obj, "extra": json.loads(json.dumps({**obj["extra"], **entries}))}
+    obj["hash"] = _hash_of(obj)
+    storage.write_bytes(uri, _save(obj))
+    return obj["hash"]
 
 
 def _with_template(pre, saved: dict | None):

@@ -72,17 +72,12 @@ def _sample(table, n: int | None, seed: int):
     return table.sample(n=n, random_state=seed).sort_index()
 
 
-def prepare(spec: TrainSpec):
-    """Read the data, find the training faces and resolve the model and recipe on the driver (so that bad
-    flags and data fail here, before any worker starts). Returns ``(model, recipe, train_table, val_table,
-    faces)``; ``faces`` says how the faces were found (:func:`resolve_faces`)."""
+def resolve_model(spec: TrainSpec, ds):
+    """The model and its :class:`Recipe` for ``spec`` on the data set ``ds`` (the data's own constructor
+    arguments, then ``spec.model_kwargs``; the model's recipe with ``spec.recipe`` and the augmentation flags):
+    every value checked, no image read."""
     from core.augment import Augment
-    from facedata.datasets import read_dataset
 
-    if spec.workers < 1:
-        raise TrainError(f"--workers must be at least 1, got {spec.workers}")
-    models.model_class(spec.model)  # an unknown name fails here, naming the known ones
-    ds = read_dataset(spec.data, seed=spec.seed)
     kwargs = ds.model_overrides(spec.model)
     kwargs.update(spec.model_kwargs)
     model = models.create_model(spec.model, **kwargs)
@@ -102,6 +97,20 @@ def prepare(spec: TrainSpec):
                          f"(epochs {recipe.epochs}, batch {recipe.batch_size}, lr {recipe.lr}, "
                          f"{spec.workers} workers)")
     engine.make_scheduler(engine.make_optimizer(model, recipe), recipe)  # unknown optimizer/schedule -> error
+    return model, recipe
+
+
+def prepare(spec: TrainSpec):
+    """Read the data, find the training faces and resolve the model and recipe on the driver (so that bad
+    flags and data fail here, before any worker starts). Returns ``(model, recipe, train_table, val_table,
+    faces)``; ``faces`` says how the faces were found (:func:`resolve_faces`)."""
+    from facedata.datasets import read_dataset
+
+    if spec.workers < 1:
+        raise TrainError(f"--workers must be at least 1, got {spec.workers}")
+    models.model_class(spec.model)  # an unknown name fails here, naming the known ones
+    ds = read_dataset(spec.data, seed=spec.seed)
+    model, recipe = resolve_model(spec, ds)
     columns = ["path"] + [c for c in label_columns(model) if c in ds.table.columns]
     if len(columns) == 1:
         raise TrainError(f"{spec.data} has none of the labels {model.name} learns from "
