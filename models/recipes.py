@@ -1,0 +1,169 @@
+"""Recipes: the best measured way to train each model on each kind of data here, as named, versioned values.
+
+A model's :class:`~models.base.Recipe` holds its paper's values for one run. A :class:`TrainingRecipe` is what
+``jobs.train`` runs by default for a model on a data format: one or more :class:`Stage` s, each a set of
+overrides of those values (``train``: fields of ``Recipe``; ``model_args``: constructor arguments) and an
+early-stopping ``patience``, run in order, each stage initialised from the previous stage's best checkpoint.
+Every value a stage does not name is the model's own default. The table (:data:`RECIPES`) is the only place
+recipes are written; docs/results.md ("Recipes") says where each one's figures come from.
+
+The rule for flags (:func:`stage_values`): a value given on the command line (``--epochs``, ``--lr``,
+``--patience``, ``--model-arg K=V``, ...) replaces that value in every stage. ``--recipe none`` trains one run
+with the model's defaults, as before recipes existed.
+
+Changing what a recipe trains means a new ``version``: a run folder remembers the name, version and values
+of each stage it trained, and a rerun that would train something else there is refused (raytasks/train/
+stages.py). This module is plain data and pure functions (no torch, no Ray): models/ is the bottom layer,
+and recipes are facts about the models, like their ``Recipe``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .base import Recipe
+
+RECORD_KEY = "named_recipe"  # the checkpoint's extra entry that records the recipe a model was trained with
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training run of a recipe: its overrides of the model's ``Recipe`` (``train``) and constructor
+    (``model_args``), and ``patience``: stop after that many epochs without a better primary metric (None:
+    train every epoch)."""
+
+    name: str
+    train: dict = field(default_factory=dict)
+    model_args: dict = field(default_factory=dict)
+    patience: int | None = None
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    name: str
+    version: int
+    model: str
+    formats: tuple[str, ...]  # the data formats it was measured on (and is the default for)
+    stages: tuple[Stage, ...]
+    about: str  # one line: what it does and where its figures are
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "version": self.version, "model": self.model, "formats": list(self.formats),
+                "about": self.about,
+                "stages": [{"name": s.name, "train": dict(s.train), "model_args": dict(s.model_args),
+                            "patience": s.patience} for s in self.stages]}
+
+
+_FINE_TUNE = {"backbone_freeze": "none", "backbone_lr_scale": 0.01}
+
+RECIPES: dict[str, TrainingRecipe] = {r.name: r for r in (
+    TrainingRecipe(
+        "age_gender_race-utkface", 1, "age_gender_race", ("utkface",),
+        (Stage("frozen", {"epochs": 8, "optimizer": "adam", "lr": 1e-3}, {"backbone_freeze": "all"}, patience=2),
+         Stage("finetune", {"epochs": 2, "lr": 1e-3}, _FINE_TUNE, patience=1),
+         Stage("finetune-low", {"epochs": 2, "lr": 3e-4}, _FINE_TUNE, patience=1)),
+        "dlib's face trunk frozen while the heads learn, then fine-tuned whole at 0.01 x the heads' rate, then at "
+        "a third of that rate: test RMSE 6.38, gender 94.29 %, race 87.72 % (docs/results.md, issue #12)"),
+    TrainingRecipe(
+        "hard_sharing-celeba", 1, "hard_sharing", ("celeba",),
+        (Stage("train", {"epochs": 10}, patience=2),),
+        "the paper's recipe (50x50 grey, Adam 1e-3 with the L0/i rule, early stopping on the validation loss) "
+        "for 10 epochs: test gender 92.32 %, eyeglasses 95.57 % (docs/results.md, issue #11)"),
+    TrainingRecipe(
+        "dmm_cnn-celeba", 1, "dmm_cnn", ("celeba",),
+        (Stage("train", {"epochs": 4, "optimizer": "adam", "lr": 1e-3, "batch_size": 32, "validate_every": 50},
+               {"image_size": 64, "depth": 18}),),
+        "a ResNet-18 trunk from scratch at 64 px, Adam 1e-3, P = 50, 4 epochs (the paper: a pretrained ResNet-50 "
+        "with SGD): test mean over the 40 attributes 86.11 % (docs/results.md)"),
+    TrainingRecipe(
+        "task_attention-celeba", 1, "task_attention", ("celeba",),
+        (Stage("train", {"epochs": 4, "batch_size": 32}, {"image_size": 64, "depth": 18, "task_blocks": 2}),),
+        "a ResNet-18 trunk from scratch at 64 px with all of res5 per task (task_blocks=2), 4 epochs: test smile "
+        "76.69 %, gender 88.15 % (docs/results.md, issue #11, the 2026-11-23 run)"),
+    TrainingRecipe(
+        "hmtnet-scut_fbp5500", 1, "hmtnet", ("scut_fbp5500",),
+        (Stage("train"),),
+        "the paper's recipe as it is (SGD 1e-3, weight decay 0.05, 170 epochs, step schedule): not measured here "
+        "yet"),
+)}
+
+
+def get_recipe(name: str) -> TrainingRecipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES))} (or none)")
+    return RECIPES[name]
+
+
+def recipe_for(model: str, fmt: str) -> TrainingRecipe | None:
+    """The default recipe of ``model`` on data of format ``fmt``, if one was measured."""
+    for r in RECIPES.values():
+        if r.model == model and fmt in r.formats:
+            return r
+    return None
+
+
+def stage_values(stage: Stage, model_args: dict, train: dict) -> tuple[dict, dict]:
+    """A stage's effective overrides ``(model_args, train)``: the stage's values, with the command line's
+    (``model_args``, ``train``: ``Recipe`` fields) replacing them. ``train`` holds ``early_stopping_patience``."""
+    return ({**stage.model_args, **model_args},
+            {**stage.train, "early_stopping_patience": stage.patience, **train})
+
+
+def check_table() -> list[str]:
+    """What is wrong with :data:`RECIPES` (empty when nothing): unknown ``Recipe`` fields, stage names that are
+    not folder names, two recipes for one model and format."""
+    fields = set(Recipe.__dataclass_fields__)
+    problems, seen = [], {}
+    for r in RECIPES.values():
+        if not r.stages or r.version < 1:
+            problems.append(f"{r.name}: needs at least one stage and a version >= 1")
+        names = [s.name for s in r.stages]
+        if len(set(names)) != len(names) or not all(n and n.replace("-", "").replace("_", "").isalnum()
+                                                     for n in names):
+            problems.append(f"{r.name}: stage names must be distinct words: {names}")
+        for s in r.stages:
+            if set(s.train) - fields or "early_stopping_patience" in s.train:
+                problems.append(f"{r.name}/{s.name}: not Recipe fields (patience is its own): "
+                                f"{sorted(set(s.train) - fields) or ['early_stopping_patience']}")
+        for fmt in r.formats:
+            if (r.model, fmt) in seen:
+                problems.append(f"{r.name} and {seen[r.model, fmt]} are both for {r.model} on {fmt}")
+            seen[r.model, fmt] = r.name
+    return problems
+
+
+def _values(values: dict, flagged: set) -> str:
+    return ", ".join(f"{'patience' if k == 'early_stopping_patience' else k}={v}" + (" (flag)" if k in flagged else "")
+                     for k, v in values.items())
+
+
+def describe(recipe: TrainingRecipe, model_args: dict, train: dict) -> list[str]:
+    """The lines ``jobs.train`` prints at start: the recipe and each stage's effective values, ``(flag)``
+    after a value the command line set."""
+    n = len(recipe.stages)
+    lines = [f"recipe {recipe.name} v{recipe.version}: {recipe.about}"]
+    for k, s in enumerate(recipe.stages, 1):
+        margs, tr = stage_values(s, model_args, train)
+        start = "" if k == 1 else f"; from stage {k - 1}'s best checkpoint"
+        lines.append(f"  stage {k}/{n} {s.name}: {_values({**margs, **tr}, set(model_args) | set(train))}{start}")
+    lines.append("  every other value: the model's defaults; a flag replaces a value in every stage "
+                 "(--recipe none: one run with the model's defaults)")
+    return lines
+
+
+def record_lines(extra: dict) -> list[str]:
+    """What a checkpoint says about the recipe it was trained with (``extra[RECORD_KEY]``), for jobs.evaluate;
+    nothing for a checkpoint trained without one."""
+    rec = extra.get(RECORD_KEY) if isinstance(extra, dict) else None
+    if not isinstance(rec, dict):
+        return []
+    lines = [f"recipe {rec.get('name')} v{rec.get('version')}"]
+    for s in rec.get("stages", []):
+        train = s.get("train_values") or {}
+        metric = s.get("primary_metric")
+        best = (s.get("best_metrics") or {}).get(metric)
+        shown = f", {metric} {best:.4f}" if isinstance(best, (int, float)) else ""
+        lines.append(f"  stage {s.get('index')} {s.get('name')}: {s.get('epochs_done')} of {train.get('epochs')} "
+                     f"epochs{' (stopped early)' if s.get('stopped') else ''}, best epoch {s.get('best_epoch')}"
+                     f"{shown}; {_values(s.get('overrides') or {}, set())}")
+    return lines
