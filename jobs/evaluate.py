@@ -19,7 +19,8 @@ for a calibrated model, ``<name>.ece_calibrated`` (what the label and serve jobs
 ``calibrated`` (0 or 1) are added to the ``--json`` object; ``main`` returns the metrics alone.
 ``--calibrate-on SPLIT`` fits temperatures on that split first (not the evaluated one, or the figures are
 in-sample), and ``--save-calibrated NEW`` writes the calibrated checkpoint (same metrics and extra, plus
-``extra["calibration"]``). ``--reliability OUT.png`` draws a reliability diagram per output.
+``extra["calibration"]``). ``--reliability OUT.png`` draws a reliability diagram per output. A checkpoint
+trained with a recipe (models/recipes.py) says so: its stages, their values, best epochs and metrics.
 
 Groups. ``--by gender,race,age_group`` recomputes every metric and the ECE for each value of each key, with
 its count and a 95 % confidence interval: Wilson's score interval for an accuracy (a proportion of
@@ -57,6 +58,7 @@ from facedata.datasets import read_dataset
 from jobs._cli import add_face_args, face_options, positive
 from models.calibration import CalibrationError, calibration_status, fit_calibration
 from models.checkpoint import CheckpointError, checkpoint_bytes, load_checkpoint
+from models.recipes import record_lines
 
 
 def _split(ds, name: str, p) -> pd.DataFrame:
@@ -159,6 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     refit = f" + temperatures fitted on {args.calibrate_on}" if fitted is not None else ""
     print(f"model {info.model}  checkpoint {info.short_hash()}{refit}  data {args.data}  split {args.split}  "
           f"images {int(metrics['n_images'])}")
+    for line in record_lines(info.extra):  # how it was trained: its recipe's stages (models/recipes.py)
+        print(line)
     width = max(len(k) for k in list(metrics) + list(eces))
     for k in sorted(metrics):
         print(f"  {k:<{width}}  {metrics[k]:.4f}")

@@ -4,13 +4,23 @@
         --storage s3://bucket/runs --name celeba-dmm --output s3://bucket/models/dmm.pt
 
 The same command runs under ``ray job submit --working-dir . -- python -m jobs.train ...`` on a cluster
-and on a laptop, where it starts a local Ray with CPU workers. Every flag left out keeps the paper's recipe
-(``model.recipe``). One line per epoch; the metric history (``history.json``/``.csv``), the checkpoints
-and ``curves.png`` go to ``<storage>/<name>/``; the best checkpoint is exported in the project's format
-to ``--output``, whose URI is the last line printed. Running the same command again resumes the run
-(give a larger ``--epochs`` to extend a finished one); the optimizer and LR schedule then continue from the
-checkpoint's state, so ``--lr`` only applies to a new run.
+and on a laptop, where it starts a local Ray with CPU workers. One line per epoch; the metric history
+(``history.json``/``.csv``), the checkpoints and ``curves.png`` go to ``<storage>/<name>/``; the best
+checkpoint is exported in the project's format to ``--output``, whose URI is the last line printed.
 See raytasks/train/job.py for how training, validation, checkpoints and recovery work.
+
+Recipes (models/recipes.py, docs/results.md "Recipes"). For a model and data format with a measured recipe
+(``age_gender_race`` on ``utkface``: a frozen warm-up, then two fine-tuning stages), the job runs that
+recipe's stages in order, each a run in ``<storage>/<name>/stage-<k>-<stage>/`` initialised from the
+previous stage's best checkpoint (raytasks/train/stages.py), prints it at start and records it in the
+exported checkpoint. ``--recipe NAME`` chooses one, ``--recipe none`` trains one run with the model's
+defaults (its paper's ``model.recipe``). A flag given replaces that value in every stage; a value no stage
+and no flag sets is the model's default. ``--init-from`` is the first stage's start.
+
+Running the same command again resumes: finished stages are skipped, the interrupted one continues from its
+last checkpoint (give a larger ``--epochs`` to extend the last one); the optimizer and LR schedule then
+continue from the checkpoint's state. A rerun with other values (``--lr``, a model argument, ...) is refused:
+use another ``--name``.
 
 The attention network's two stages (TMTL first, then the attention model initialised from it)::
 
@@ -28,7 +38,9 @@ import os
 import sys
 
 from jobs._cli import add_face_args, face_options, positive
-from raytasks.train import TrainError, TrainSpec, prepare, run
+from models.recipes import RECORD_KEY, TrainingRecipe, get_recipe, recipe_for, record_lines
+from raytasks.train import TrainError, TrainSpec
+from raytasks.train.stages import RecipeRun, summary_metrics
 
 
 def _model_arg(text: str) -> tuple[str, object]:
@@ -41,14 +53,16 @@ def _model_arg(text: str) -> tuple[str, object]:
         return key, value
 
 
-def _fail_at(text: str) -> tuple[int, int, int]:
+def _fail_at(text: str) -> tuple[int, int, int, int]:
+    """``RANK:EPOCH[:STEP][@STAGE]`` -> ``(rank, epoch, step, stage)``."""
+    where, _, stage = text.partition("@")
     try:
-        parts = [int(x) for x in text.split(":")]
+        parts = [int(x) for x in where.split(":")] + [int(stage or 1)]
     except ValueError:
         parts = []
-    if len(parts) not in (2, 3):
-        raise argparse.ArgumentTypeError(f"--inject-failure expects RANK:EPOCH[:STEP], got {text!r}")
-    return (parts[0], parts[1], parts[2] if len(parts) == 3 else 1)
+    if len(parts) not in (3, 4):
+        raise argparse.ArgumentTypeError(f"--inject-failure expects RANK:EPOCH[:STEP][@STAGE], got {text!r}")
+    return (parts[0], parts[1], parts[2] if len(parts) == 4 else 1, parts[-1])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default="runs", help="folder or s3:// prefix for checkpoints and history")
     p.add_argument("--name", default=None, help="run name (default MODEL-FORMAT); the same name resumes")
     p.add_argument("--output", default=None, help="where the best checkpoint goes (default <storage>/<name>/best.pt)")
+    p.add_argument("--recipe", default=None, metavar="NAME",
+                   help="the recipe to train (models/recipes.py); default: the one measured for the model and data "
+                        "format, if any; none: one run with the model's defaults")
     g = p.add_argument_group("scaling")
     g.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP processes)")
     g.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL, bf16 autocast, channels_last)")
@@ -69,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--worker-logs", action="store_true",
                    help="forward the workers' and Ray Data's output here (it always stays in the Ray logs)")
     g.add_argument("--keep", type=positive(int), default=2, help="checkpoints kept (best by the primary metric)")
-    r = p.add_argument_group("recipe (default: the model's paper recipe)")
+    r = p.add_argument_group("training values (default: the recipe's, else the model's paper recipe; a flag "
+                             "replaces the value in every stage)")
     r.add_argument("--epochs", type=positive(int))
     r.add_argument("--batch-size", type=positive(int), help="global batch per step, split over the workers")
     r.add_argument("--lr", type=float)
@@ -92,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--num-landmarks", type=int, help="landmark points (DMM-CNN; default from the data)")
     m.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="any other constructor argument (value parsed as JSON when it can be)")
-    m.add_argument("--init-from", default=None, help="initialise from a checkpoint (e.g. attention from TMTL)")
+    m.add_argument("--init-from", default=None, help="initialise from a checkpoint (e.g. attention from TMTL); "
+                   "with a recipe, its first stage")
     m.add_argument("--find-unused-parameters", action="store_true", help="DDP option for models with idle branches")
     m.add_argument("--template-images", type=int, default=64,
                    help="training images the face template is measured on (docs/faces.md); 0: keep the default")
@@ -112,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--val-limit", type=positive(int), help="at most this many validation images, drawn at "
                    "random with --seed")
     q.add_argument("--steps-per-epoch", type=positive(int), help="cap on optimisation steps per epoch")
-    q.add_argument("--inject-failure", type=_fail_at, default=None, metavar="RANK:EPOCH[:STEP]",
-                   help="testing: that worker process exits once at that step (marker file in the run folder)")
+    q.add_argument("--inject-failure", type=_fail_at, default=None, metavar="RANK:EPOCH[:STEP][@STAGE]",
+                   help="testing: that worker process exits once at that step of that recipe stage (default 1; "
+                        "marker file in the run folder)")
     return p
 
 
@@ -140,11 +160,25 @@ def spec_from_args(args: argparse.Namespace) -> TrainSpec:
         use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker, threads=args.threads, amp=not args.no_amp,
         seed=args.seed, max_failures=args.max_failures, keep=args.keep, limit=args.limit,
         val_limit=args.val_limit, steps_per_epoch=args.steps_per_epoch, init_from=args.init_from,
-        find_unused_parameters=args.find_unused_parameters, fail_at=args.inject_failure,
+        find_unused_parameters=args.find_unused_parameters,
+        fail_at=args.inject_failure[:3] if args.inject_failure else None,
+        fail_stage=args.inject_failure[3] if args.inject_failure else 1,
         template_images=args.template_images, align_jitter=args.align_jitter, calibrate=args.calibrate,
         augment=dict(args.augment), faces=args.faces,
         face_options={k: v for k, v in face_options(args).items() if k != "mode"},
     )
+
+
+def choose_recipe(args: argparse.Namespace) -> TrainingRecipe | None:
+    """``--recipe``: a recipe by name, ``none``, or (left out) the one for the model and data format."""
+    if args.recipe == "none":
+        return None
+    if args.recipe is None:
+        return recipe_for(args.model, args.data.partition(":")[0])
+    recipe = get_recipe(args.recipe)
+    if recipe.model != args.model:
+        raise ValueError(f"recipe {recipe.name} trains {recipe.model}, not {args.model}")
+    return recipe
 
 
 def main(argv: list[str] | None = None):
@@ -154,7 +188,12 @@ def main(argv: list[str] | None = None):
     if not spec.storage.startswith("s3://"):
         spec.storage = os.path.abspath(spec.storage)  # Ray Train wants an absolute local path
     try:
-        prepared = prepare(spec)  # bad flags or data fail here, before Ray starts
+        recipe = choose_recipe(args)
+        if recipe is None and args.recipe is None:
+            print(f"no recipe for {args.model} on {args.data.partition(':')[0]} data: one run with the model's "
+                  f"defaults and the flags")
+        job = RecipeRun(spec, recipe)
+        job.prepare()  # bad flags or data fail here, before Ray starts
     except (TrainError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -167,17 +206,15 @@ def main(argv: list[str] | None = None):
         ray.init(address=address, num_cpus=cpus, log_to_driver=args.worker_logs)
         ray.data.DataContext.get_current().enable_progress_bars = False
     try:
-        outcome = run(spec, prepared=prepared)
+        outcome = job.run()
     except (TrainError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
-    best = outcome.best_metrics
+    for line in record_lines({RECORD_KEY: outcome.recipe}):
+        print(line)
     # per-output metrics only; CelebA's 40 per-attribute accuracies (capitalised names) are in history.json
-    shown = " ".join(f"{k}={best[k]:.4f}" for k in sorted(best)
-                     if k in ("val_loss", "mean_accuracy")
-                     or (k.endswith(("accuracy", ".mae", ".nme", ".pearson")) and not k[:1].isupper()
-                         and not k[:1].isdigit()))
-    print(f"best epoch {outcome.best_epoch}: {shown}")
+    shown = " ".join(f"{k}={v:.4f}" for k, v in summary_metrics(outcome.best_metrics).items())
+    print(f"best epoch {outcome.best_epoch}{' of the last stage' if outcome.recipe else ''}: {shown}")
     print(f"history {outcome.run_uri}/history.json, curves {outcome.curves}")
     print(outcome.output, flush=True)
     return outcome

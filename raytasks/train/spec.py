@@ -42,6 +42,7 @@ class TrainSpec:
     init_from: str | None = None  # initialise weights from a project checkpoint (task_attention from TMTL)
     find_unused_parameters: bool = False
     fail_at: tuple[int, int, int] | None = None  # (rank, epoch, step): that worker dies once (tests)
+    fail_stage: int = 1  # the stage of a recipe (raytasks/train/stages.py) whose run fail_at applies to
     template_images: int = 64  # training images the face template is measured on (faces/templates.py); 0: none
     calibrate: bool = True  # fit the exported model's temperatures on the validation split (models/calibration.py)
     calibrate_limit: int = 10_000  # validation images the temperatures are fitted on, at most
@@ -64,5 +65,6 @@ class TrainOutcome:
     run_uri: str
     resumed_from: int | None  # epoch the run resumed after, None for a fresh run
     curves: str | None
+    recipe: dict | None = None  # a recipe's record, as the exported checkpoint keeps it (raytasks/train/stages.py)
 
 
