@@ -1,0 +1,193 @@
+"""Recipes (models/recipes.py, raytasks/train/stages.py): the table, the rule for flags, the run folder's
+checks, the record in the checkpoint, and one Ray Train run of a three-stage recipe (age_gender_race on
+synthetic UTKFace, a random dlib trunk at 112 px, a few images) in which a worker dies in the second stage and
+the rerun finishes it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import models
+from facedata import storage, synth
+from facedata.datasets import FORMATS
+from jobs import evaluate as evaluate_job
+from jobs import train as train_job
+from models.checkpoint import add_extra, checkpoint_info, load_checkpoint, save_checkpoint
+from models.recipes import RECIPES, RECORD_KEY, check_table, get_recipe, recipe_for, record_lines
+from raytasks.train import TrainError
+from raytasks.train.collective import weights_sha
+from raytasks.train.stages import first_to_train, plan
+
+
+def test_every_recipe_names_real_values_and_builds_its_models():
+    assert check_table() == []
+    assert {(r.model, f) for r in RECIPES.values() for f in r.formats} == {
+        ("age_gender_race", "utkface"), ("hard_sharing", "celeba"), ("dmm_cnn", "celeba"),
+        ("task_attention", "celeba"), ("hmtnet", "scut_fbp5500")}
+    for r in RECIPES.values():
+        assert r.model in models.list_models() and set(r.formats) <= set(FORMATS) and recipe_for(r.model, r.formats[0]) is r
+        for s in r.stages:  # a model argument the model does not take fails here, not after a stage has trained
+            random = {"backbone_weights": "random"} if r.model == "age_gender_race" else {}
+            models.create_model(r.model, **s.model_args, **random)
+    agr = get_recipe("age_gender_race-utkface")
+    assert [(s.name, s.model_args["backbone_freeze"], s.train["lr"], s.train["epochs"]) for s in agr.stages] == [
+        ("frozen", "all", 1e-3, 8), ("finetune", "none", 1e-3, 2), ("finetune-low", "none", 3e-4, 2)]
+    assert agr.stages[1].model_args["backbone_lr_scale"] == 0.01 and all(s.patience for s in agr.stages)
+    hmt = get_recipe("hmtnet-scut_fbp5500").stages
+    assert len(hmt) == 1 and not hmt[0].train and not hmt[0].model_args  # the paper's defaults as they are
+    assert recipe_for("hmtnet", "utkface") is None and recipe_for("age_gender_race", "manifest") is None
+
+
+def _history(run_uri: str) -> dict:
+    return json.loads(storage.read_bytes(f"{run_uri}/history.json"))
+
+
+def _spec(argv):
+    args = train_job.build_parser().parse_args(argv)
+    return args, train_job.spec_from_args(args)
+
+
+def test_a_flag_replaces_the_value_in_every_stage(tmp_path):
+    argv = ["--model", "age_gender_race", "--data", "utkface:/d", "--storage", str(tmp_path), "--name", "agr",
+            "--epochs", "3", "--model-arg", "image_size=112", "--patience", "0", "--init-from", "start.pt",
+            "--inject-failure", "0:2:1@2", "--output", "out.pt"]
+    args, spec = _spec(argv)
+    runs = plan(spec, train_job.choose_recipe(args))
+    assert [r.spec.name for r in runs] == ["agr/stage-1-frozen", "agr/stage-2-finetune", "agr/stage-3-finetune-low"]
+    assert [r.spec.recipe["lr"] for r in runs] == [1e-3, 1e-3, 3e-4]  # the stages' own values
+    assert [r.spec.model_kwargs["backbone_freeze"] for r in runs] == ["all", "none", "none"]
+    for r in runs:  # the flags': in every stage
+        assert r.spec.recipe["epochs"] == 3 and r.spec.recipe["early_stopping_patience"] is None
+        assert r.spec.model_kwargs["image_size"] == 112
+    assert [r.spec.init_from for r in runs] == ["start.pt", None, None]  # later stages: the previous stage's best
+    assert [r.spec.fail_at for r in runs] == [None, (0, 2, 1), None]
+    assert [(r.spec.output, r.spec.calibrate) for r in runs] == [
+        (f"{tmp_path}/agr/stage-1-frozen/best.pt", False), (f"{tmp_path}/agr/stage-2-finetune/best.pt", False),
+        ("out.pt", True)]
+    assert runs[1].identity["train"] == {"lr": 1e-3, "early_stopping_patience": None}  # epochs may grow on a rerun
+    # one stage: the run folder itself; --recipe none: the spec as it is; a recipe is for its model only
+    args, spec = _spec(["--model", "hard_sharing", "--data", "celeba:/d", "--lr", "0.01"])
+    (one,) = plan(spec, train_job.choose_recipe(args))
+    assert one.spec.name == "hard_sharing-celeba" and one.spec.recipe == {"epochs": 10, "lr": 0.01,
+                                                                         "early_stopping_patience": 2}
+    args, spec = _spec(["--model", "hard_sharing", "--data", "celeba:/d", "--recipe", "none"])
+    assert train_job.choose_recipe(args) is None and plan(spec, None)[0].spec is spec
+    for recipe, message in (("nope", "unknown recipe 'nope'"), ("dmm_cnn-celeba", "trains dmm_cnn, not hard_sharing")):
+        with pytest.raises(ValueError, match=message):
+            train_job.choose_recipe(_spec(["--model", "hard_sharing", "--data", "celeba:/d", "--recipe", recipe])[0])
+
+
+def test_the_run_folder_must_hold_what_the_recipe_trains(tmp_path):
+    recipe = get_recipe("age_gender_race-utkface")
+    _, spec = _spec(["--model", "age_gender_race", "--data", "utkface:/d", "--storage", str(tmp_path), "--name", "r"])
+    runs = plan(spec, recipe)
+    ckpt = [str(tmp_path / f"{k}.pt") for k in range(3)]
+    for c in ckpt[:2]:
+        storage.write_bytes(c, b"x")
+
+    def done(k, epochs_done, stopped=False):
+        return {"index": k + 1, "identity": runs[k].identity, "status": "done", "output": ckpt[k],
+                "stopped": stopped, "epochs_done": epochs_done, "train_values": {"epochs": 99}}
+
+    state = {"recipe": recipe.name, "version": 1, "stages": [done(0, 8), done(1, 1, stopped=True)]}
+    assert first_to_train(runs, recipe, state, "RUN", False) == 2  # stage 3 is next
+    state["stages"].append({"index": 3, "identity": runs[2].identity, "status": "training"})
+    assert first_to_train(runs, recipe, state, "RUN", False) == 2  # stage 3 resumes
+    assert first_to_train(runs, recipe, None, "RUN", False) == 0
+
+    changed = plan(dataclasses.replace(spec, recipe={"lr": 0.5}), recipe)
+    with pytest.raises(TrainError, match=r"stage 1/3 frozen in RUN was trained with other values \(train: .*0.5"):
+        first_to_train(changed, recipe, state, "RUN", False)
+    more = plan(dataclasses.replace(spec, recipe={"epochs": 9}), recipe)  # stage 1 would train on after stage 2
+    with pytest.raises(TrainError, match="stage 1/3 frozen in RUN would train again .* stage 2 already started"):
+        first_to_train(more, recipe, state, "RUN", False)
+    (tmp_path / "1.pt").unlink()  # stage 2's checkpoint is gone: it is not done
+    with pytest.raises(TrainError, match="stage 2/3 finetune in RUN would train again"):
+        first_to_train(runs, recipe, state, "RUN", False)
+    with pytest.raises(TrainError, match="holds recipe age_gender_race-utkface v1, not age_gender_race-utkface v2"):
+        first_to_train(runs, dataclasses.replace(recipe, version=2), state, "RUN", False)
+    with pytest.raises(TrainError, match="rerun with --recipe age_gender_race-utkface to resume"):
+        first_to_train(plan(spec, None), None, state, "RUN", False)
+    with pytest.raises(TrainError, match="holds a run trained without a recipe: rerun with --recipe none"):
+        first_to_train(runs, recipe, None, "RUN", True)
+
+
+def test_the_recipe_record_is_added_to_a_checkpoint_without_touching_the_model(tmp_path):
+    model = models.create_model("hard_sharing")
+    uri = str(tmp_path / "hs.pt")
+    old = save_checkpoint(model, uri, {"val_loss": 0.5}, {"epoch": 3})
+    assert record_lines(checkpoint_info(uri).extra) == []  # a checkpoint from before recipes loads and says so
+    record = {"name": "hard_sharing-celeba", "version": 1, "stages": [
+        {"index": 1, "name": "train", "epochs_done": 4, "stopped": True, "best_epoch": 2,
+         "primary_metric": "val_loss", "best_metrics": {"val_loss": 0.25},
+         "train_values": {"epochs": 10}, "overrides": {"epochs": 10, "lr": 0.01}}]}
+    new = add_extra(uri, {RECORD_KEY: record})
+    loaded, info = load_checkpoint(uri)  # the hash was computed again: it loads
+    assert info.hash == new != old and info.extra == {"epoch": 3, RECORD_KEY: record}
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert record_lines(info.extra) == [
+        "recipe hard_sharing-celeba v1",
+        "  stage 1 train: 4 of 10 epochs (stopped early), best epoch 2, val_loss 0.2500; epochs=10, lr=0.01"]
+
+
+def test_recipe_stages_run_in_order_resume_after_a_killed_worker_and_are_recorded(ray_session, tmp_path, capsys):
+    data = synth.generate("utkface", 40, str(tmp_path / "utk"), seed=4, size=(96, 96))
+    runs, output = str(tmp_path / "runs"), str(tmp_path / "agr.pt")
+    argv = ["--model", "age_gender_race", "--data", f"utkface:{data}", "--workers", "1", "--threads", "1",
+            "--storage", runs, "--name", "agr", "--output", output, "--keep", "1", "--template-images", "0",
+            "--model-arg", "backbone_weights=random", "--image-size", "112",  # the recipe's trunk, small and quick
+            "--epochs", "2", "--batch-size", "4", "--limit", "4", "--val-limit", "2",
+            "--patience", "0"]
+    folders = [f"{runs}/agr/stage-1-frozen", f"{runs}/agr/stage-2-finetune", f"{runs}/agr/stage-3-finetune-low"]
+
+    # the only worker dies in stage 2's second epoch and the run has no restart left: stage 1 is done, stage 2 has
+    # the checkpoint of its first epoch
+    with pytest.raises(SystemExit):
+        train_job.main(argv + ["--max-failures", "0", "--inject-failure", "0:2:1@2"])
+    out = capsys.readouterr()
+    assert "rerun the same command" in out.err and ".injected-failure-rank0-epoch2" not in out.err, out.err[-3000:]
+    assert storage.exists(f"{folders[1]}/.injected-failure-rank0-epoch2")
+    assert "  stage 2/3 finetune: backbone_freeze=none, backbone_lr_scale=0.01, backbone_weights=random (flag)" in out.out
+    state = json.loads(storage.read_bytes(f"{runs}/agr/recipe.json"))
+    assert [(e["name"], e["status"]) for e in state["stages"]] == [("frozen", "done"), ("finetune", "training")]
+    assert [e["epoch"] for e in _history(folders[1])["epochs"]] == [1]
+
+    # the same command again: stage 1 is skipped, stage 2 resumes after its epoch 1, stage 3 runs
+    outcome = train_job.main(argv + ["--max-failures", "0"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == output == outcome.output
+    assert any(line.startswith("stage 1/3 frozen: done (2 epochs, best epoch") for line in lines)
+    assert f"resuming run agr/stage-2-finetune from {folders[1]} after epoch 1" in lines
+    h1, h2, h3 = (_history(f) for f in folders)
+    assert [a["start_epoch"] for a in h2["attempts"]] == [1, 2] and [e["epoch"] for e in h2["epochs"]] == [1, 2]
+    assert len(h1["attempts"]) == 1 and [a["start_epoch"] for a in h3["attempts"]] == [1]
+    # in order, each from the previous stage's best checkpoint: its weights are the next stage's first weights
+    assert h1["attempts"][0]["time"] < h2["attempts"][0]["time"] < h2["attempts"][1]["time"] < h3["attempts"][0]["time"]
+    for before, after in ((folders[0], h2), (folders[1], h3)):
+        best, _ = load_checkpoint(f"{before}/best.pt")
+        assert after["epochs"][0]["ranks"][0]["first_step"]["init"] == weights_sha(best)
+    assert [h["config"]["backbone_freeze"] for h in (h1, h2, h3)] == ["all", "none", "none"]
+    assert [h["recipe"]["lr"] for h in (h1, h2, h3)] == [1e-3, 1e-3, 3e-4]
+
+    # the exported checkpoint (the last stage's best, calibrated) records the recipe and every stage
+    _, info = load_checkpoint(output)
+    record = info.extra[RECORD_KEY]
+    assert (record["name"], record["version"]) == ("age_gender_race-utkface", 1) and info.extra["faces"]
+    assert [s["name"] for s in record["stages"]] == ["frozen", "finetune", "finetune-low"]
+    for s, h in zip(record["stages"], (h1, h2, h3)):
+        assert s["train_values"] == h["recipe"] and s["model_config"] == h["config"]
+        top = max(e["score"] for e in h["epochs"])
+        assert s["best_epoch"] in [e["epoch"] for e in h["epochs"] if e["score"] == top]
+        assert s["best_metrics"]["mean_accuracy"] == h["epochs"][s["best_epoch"] - 1]["mean_accuracy"]
+    metrics = evaluate_job.main(["--checkpoint", output, "--data", f"utkface:{data}", "--split", "val"])
+    shown = capsys.readouterr().out
+    assert metrics["n_images"] > 0 and "recipe age_gender_race-utkface v1\n  stage 1 frozen: 2 of 2 epochs" in shown
+
+    # a rerun with another value is refused before anything trains
+    with pytest.raises(SystemExit):
+        train_job.main(argv + ["--lr", "0.01"])
+    assert "stage 1/3 frozen in " in (err := capsys.readouterr().err) and "was trained with other values" in err
