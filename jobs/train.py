@@ -19,8 +19,8 @@ and no flag sets is the model's default. ``--init-from`` is the first stage's st
 
 Running the same command again resumes: finished stages are skipped, the interrupted one continues from its
 last checkpoint (give a larger ``--epochs`` to extend the last one); the optimizer and LR schedule then
-continue from the checkpoint's state. A rerun with other values (``--lr``, a model argument, ...) is refused:
-use another ``--name``.
+continue from the checkpoint's state. With a recipe, a rerun with other values (``--lr``, a model argument,
+...) is refused: use another ``--name``; without one, ``--lr`` and the like only apply to a new run.
 
 The attention network's two stages (TMTL first, then the attention model initialised from it)::
 
