@@ -20,7 +20,7 @@ from models.checkpoint import add_extra, checkpoint_info, load_checkpoint, save_
 from models.recipes import RECIPES, RECORD_KEY, check_table, get_recipe, recipe_for, record_lines
 from raytasks.train import TrainError
 from raytasks.train.collective import weights_sha
-from raytasks.train.stages import first_to_train, plan
+from raytasks.train.stages import RecipeRun, first_to_train, plan
 
 
 def test_every_recipe_names_real_values_and_builds_its_models():
@@ -79,6 +79,25 @@ def test_a_flag_replaces_the_value_in_every_stage(tmp_path):
     for recipe, message in (("nope", "unknown recipe 'nope'"), ("dmm_cnn-celeba", "trains dmm_cnn, not hard_sharing")):
         with pytest.raises(ValueError, match=message):
             train_job.choose_recipe(_spec(["--model", "hard_sharing", "--data", "celeba:/d", "--recipe", recipe])[0])
+
+
+def test_every_stage_is_checked_before_ray_and_later_stages_reuse_the_first_ones_data(tmp_path):
+    data = synth.generate("utkface", 20, str(tmp_path / "utk"), seed=4, size=(96, 96))
+    base = ["--model", "age_gender_race", "--data", f"utkface:{data}", "--storage", str(tmp_path / "runs"),
+            "--template-images", "0", "--model-arg", "backbone_weights=random"]
+    args, spec = _spec(base)
+    job = RecipeRun(spec, train_job.choose_recipe(args), log_fn=lambda line: None)
+    job.prepare()
+    (m1, r1, train, val, faces), p2, p3 = (job.prepared[k] for k in (1, 2, 3))
+    assert [m.config["backbone_freeze"] for m in (m1, p2[0], p3[0])] == ["all", "none", "none"]
+    assert [r.lr for r in (r1, p2[1], p3[1])] == [1e-3, 1e-3, 3e-4]
+    for p in (p2, p3):  # the same images, faces and face template in every stage: read and measured once
+        assert p[2] is train and p[3] is val and p[4] is faces
+        assert p[0].preprocessing == m1.preprocessing and m1.preprocessing.template is not None
+    # a model argument that does not fit a stage fails now, naming the stage, not after stage 1 has trained
+    args, spec = _spec(base + ["--model-arg", "depth=18"])
+    with pytest.raises(ValueError, match=r"stage 1/3 frozen of recipe age_gender_race-utkface: .*backbone_freeze"):
+        RecipeRun(spec, train_job.choose_recipe(args), log_fn=lambda line: None).prepare()
 
 
 def test_the_run_folder_must_hold_what_the_recipe_trains(tmp_path):

@@ -13,6 +13,8 @@ best checkpoint through ``init_from`` (the ``--init-from`` path of the worker)::
                                                 ``extra["named_recipe"]``
 
 A recipe of one stage trains in ``<storage>/<name>/`` itself, as a run without a recipe (``--recipe none``).
+Stages differ only in model arguments and ``Recipe`` values: the data set is read, its faces found and the face
+template measured once, before Ray starts, for every stage whose model reads its input the same way.
 
 Rerunning the same command resumes. A stage that ``recipe.json`` says is done (its epochs trained or stopped
 early, its checkpoint where it was written) is skipped; the first stage that is not resumes from its last
@@ -82,6 +84,11 @@ def plan(spec: TrainSpec, recipe: TrainingRecipe | None) -> list[StageRun]:
     return runs
 
 
+def _reading(pre):
+    """How a model reads its input, but the face template (which job.prepare measures on the data)."""
+    return dataclasses.replace(pre, template=None, template_crop=None)
+
+
 def _label(r: StageRun, n: int) -> str:
     return f"stage {r.index}/{n} {r.stage.name}"
 
@@ -136,15 +143,18 @@ class RecipeRun:
         self.runs = plan(spec, recipe)
         self.state: dict | None = None
         self.first = 0
-        self.prepared = None
+        self.prepared: dict[int, tuple] = {}  # stage index -> what job.prepare returns for it
 
     @property
     def _file(self) -> str:
         return storage.join(self.spec.run_uri, RECIPE_FILE)
 
     def prepare(self) -> None:
-        """Print the recipe, check the run folder against it and resolve every stage still to train (the
-        first one whole: data, faces, template), so that a bad flag or value fails before Ray starts."""
+        """Print the recipe, check the run folder against it and resolve every stage still to train, so that a
+        bad flag or value fails before Ray starts. The first stage to train is prepared whole (data, faces, face
+        template: job.prepare); a later stage whose model reads its input the same way trains on those tables,
+        faces and template (the data and its reading are the same in every stage), else it is prepared when it
+        starts."""
         if self.recipe is not None:
             for line in describe(self.recipe, self.spec.model_kwargs, self.spec.recipe):
                 self.log(line)
@@ -154,16 +164,19 @@ class RecipeRun:
         if self.recipe is not None and single:
             self.log(f"{self.spec.run_uri} holds a run from before recipes: it goes on with recipe "
                      f"{self.recipe.name}'s values (what it was trained with is not checked)")
-        ds = None
+        ds, first = None, None
         for r in self.runs[self.first:]:
             try:
-                if self.prepared is None:
-                    self.prepared = prepare(r.spec)
-                else:
-                    from facedata.datasets import read_dataset
+                if first is None:
+                    first = self.prepared[r.index] = prepare(r.spec)
+                    continue
+                from facedata.datasets import read_dataset
 
-                    ds = ds or read_dataset(r.spec.data, seed=r.spec.seed)
-                    resolve_model(r.spec, ds)
+                ds = ds or read_dataset(r.spec.data, seed=r.spec.seed)
+                model, recipe = resolve_model(r.spec, ds)
+                if _reading(model.preprocessing) == _reading(first[0].preprocessing):
+                    model.preprocessing = first[0].preprocessing
+                    self.prepared[r.index] = (model, recipe, *first[2:])
             except (TrainError, ValueError) as e:
                 if r.stage is None:
                     raise
@@ -184,7 +197,7 @@ class RecipeRun:
         """Train the stages from the first one not done (:meth:`prepare` first), export the last one's best
         checkpoint and record the recipe in it."""
         if self.recipe is None:
-            return run(self.spec, self.log, prepared=self.prepared)
+            return run(self.spec, self.log, prepared=self.prepared.get(1))
         n, prev, outcome = len(self.runs), None, None
         for i, r in enumerate(self.runs):
             entry = self._entry(r.index)
@@ -205,7 +218,7 @@ class RecipeRun:
             self._save({**(entry or {}), "index": r.index, "name": r.stage.name, "identity": r.identity,
                         "run": r.spec.run_uri, "status": "training", "init_from": start, "init_hash": init_hash,
                         "started": (entry or {}).get("started", time.time())})
-            outcome = run(r.spec, self.log, prepared=self.prepared if i == self.first else None)
+            outcome = run(r.spec, self.log, prepared=self.prepared.pop(r.index, None))
             doc = read_history(r.spec.run_uri) or {}
             last = outcome.history[-1] if outcome.history else {}
             prev = self._save({**self._entry(r.index), "status": "done", "finished": time.time(),
