@@ -41,9 +41,11 @@ def ray_session(s3_server):
     the S3 server so that Ray's worker processes inherit the endpoint's environment."""
     import ray
 
+    from tests.helpers import RAY_TEST_ENV
+
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), **RAY_TEST_ENV}})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield ray

@@ -22,6 +22,13 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 
+# The environment of the tests' Ray clusters (the session's, tests/conftest.py, and the notebook kernel's).
+# Ray Train V2's controller collects the workers' reports, and sees a finished or dead worker, only when it
+# polls them: every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default. Our workers wait for each epoch's
+# checkpoint to be committed (raytasks/train/worker.py), so each epoch, start, end and restart of a run waits
+# for the next poll; runs whose epochs take seconds poll more often here.
+RAY_TEST_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+
 
 # --- checkpoints ----------------------------------------------------------------------------------------
 def save_model(path: str, name: str, seed: int | None = None, **kwargs) -> str:

@@ -88,7 +88,9 @@ def executed(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("notebook")
     work = run_dir / "work"
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    env = dict(os.environ, FACEATTR_NOTEBOOK_QUICK="1", FACEATTR_NOTEBOOK_WORK=str(work))
+    from tests.helpers import RAY_TEST_ENV
+
+    env = dict(os.environ, FACEATTR_NOTEBOOK_QUICK="1", FACEATTR_NOTEBOOK_WORK=str(work), **RAY_TEST_ENV)
     env.pop("RAY_ADDRESS", None)  # the notebook must start (and stop) a local Ray of its own
     client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                                      resources={"metadata": {"path": str(run_dir)}})
