@@ -28,6 +28,8 @@ Formats (``FORMAT`` in the spec):
 * ``scut_fbp5500`` - ``Images/{A,C}{F,M}N.jpg`` + ``train_test_files/All_labels.txt`` and/or the 60/40 split
   files ``train_test_files/split_of_60%training and 40%testing/{train,test}.txt``; gender and race come from
   the file-name prefix.
+* ``genki4k`` - GENKI-4K's photos (not aligned) and ``labels.csv`` (``file,smile,yaw,pitch,roll``) or the
+  release's ``labels.txt`` + ``files/``: ``smile`` and the pose (facedata/datasets/genki.py).
 * ``manifest`` - a CSV or Parquet file with a ``path`` column (relative paths are resolved against the
   manifest's folder or prefix), any canonical label columns and an optional ``split`` column; for photos of
   several people, ``face_box`` or ``face_points`` (:data:`FACE_SELECT_COLUMNS`) name the face a row's labels
@@ -43,11 +45,19 @@ row whose image is missing) never stop a read: each is logged with ``logging.war
 
 When the data carries no split, :func:`seeded_split` assigns one from a hash of ``(seed, file name)``: the
 same on every worker and independent of listing order.
+
+``read_dataset([SPEC, SPEC, ...])`` reads several data sets as one (``jobs.train --data A --data B``): the
+union of their columns, each source filling the labels it has and keeping its own split; a label a source
+lacks is missing, which the losses and metrics leave out (facedata/datasets/mixed.py).
+
+Modules: ``base.py`` (the columns, :class:`FaceDataset`, the spec and the split), ``crops.py`` (CelebA,
+UTKFace, SCUT-FBP5500), ``genki.py``, ``manifest.py``, ``mixed.py``.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from facedata.datasets.base import (  # noqa: F401 - the package's API, as facedata/datasets.py had it
     CELEBA_ATTR_FILE,
@@ -75,16 +85,27 @@ from facedata.datasets.base import (  # noqa: F401 - the package's API, as faced
     seeded_split,
 )
 from facedata.datasets.crops import _read_celeba, _read_scut, _read_utkface, parse_utkface_name  # noqa: F401
+from facedata.datasets.genki import read_genki
 from facedata.datasets.manifest import _read_manifest, text_of  # noqa: F401
+from facedata.datasets.mixed import MIXED, SOURCE, mix  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 def read_dataset(
-    spec: str, *, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.1
+    spec: str | Sequence[str], *, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.1
 ) -> FaceDataset:
-    """Read a dataset given as ``"FORMAT:URI"`` (local folder, ``s3://`` prefix, or manifest file)."""
+    """Read a dataset given as ``"FORMAT:URI"`` (local folder, ``s3://`` prefix, or manifest file), or several
+    such specs as one mixed data set, each source filling the labels it has (facedata/datasets/mixed.py)."""
     if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
         raise ValueError(f"bad split fractions val={val_fraction} test={test_fraction}")
+    if not isinstance(spec, str):
+        specs = list(spec)
+        if not specs:
+            raise ValueError("no data set given")
+        if len(specs) > 1:
+            return mix([read_dataset(s, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+                        for s in specs])
+        spec = specs[0]
     fmt, uri = parse_spec(spec)
     reader = _READERS[fmt]
     ds = reader(uri, _Splitter(seed, val_fraction, test_fraction))
@@ -93,10 +114,10 @@ def read_dataset(
     return ds
 
 
-
 _READERS = {
     "celeba": _read_celeba,
     "utkface": _read_utkface,
     "scut_fbp5500": _read_scut,
+    "genki4k": read_genki,
     "manifest": _read_manifest,
 }

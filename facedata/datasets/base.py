@@ -30,7 +30,7 @@ UTKFACE_RACES = ("White", "Black", "Asian", "Indian", "Others")
 SCUT_RACES = ("Asian", "Caucasian")
 CELEBA_LANDMARKS = ("left_eye", "right_eye", "nose", "left_mouth", "right_mouth")
 
-FORMATS = ("celeba", "utkface", "scut_fbp5500", "manifest")
+FORMATS = ("celeba", "utkface", "scut_fbp5500", "genki4k", "manifest")
 SPLITS = ("train", "val", "test")
 LABEL_COLUMNS = ("gender", "race", "age", "beauty", "attributes", "smile", "eyeglasses", "landmarks")
 LIST_COLUMNS = ("attributes", "landmarks", "face_box", "face_points")
@@ -44,6 +44,7 @@ DATASET_MODELS: dict[str, tuple[str, ...]] = {
     "celeba": ("dmm_cnn", "task_attention", "hard_sharing"),
     "utkface": ("age_gender_race", "hmtnet"),
     "scut_fbp5500": ("hmtnet",),
+    "genki4k": ("task_attention",),  # smile only: trained with gender from another source (mixed.py)
     "manifest": (),  # () = any model whose labels the manifest's columns carry, see MODEL_LABELS
 }
 # The canonical columns each model learns from (its outputs' target columns, checked against the models in
@@ -84,6 +85,7 @@ class FaceDataset:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     has_landmarks: bool = False
     num_landmarks: int = 0
+    parts: tuple[FaceDataset, ...] = ()  # the sources of a mixed data set (facedata/datasets/mixed.py)
 
     def __len__(self) -> int:
         return len(self.table)
@@ -99,6 +101,9 @@ class FaceDataset:
         return self.table[self.table["split"] == name].reset_index(drop=True)
 
     def compatible_models(self) -> tuple[str, ...]:
+        if self.parts:  # a model that any source can train (the others' rows leave its tasks out)
+            found = {m for p in self.parts for m in p.compatible_models()}
+            return tuple(m for m in MODEL_LABELS if m in found)
         known = DATASET_MODELS.get(self.format, ())
         if known:
             return known
@@ -106,13 +111,17 @@ class FaceDataset:
 
     def model_overrides(self, model_name: str) -> dict:
         """Constructor overrides that fit ``model_name`` to this dataset's labels, e.g. utkface + hmtnet ->
-        ``{"race_classes": 5}``. Raises ValueError naming the compatible models when it cannot train it."""
+        ``{"race_classes": 5}``. Raises ValueError naming the compatible models when it cannot train it, and
+        for a mixed data set when its sources need different ones (UTKFace's 5 races and SCUT's 2 are not
+        the same classes)."""
         compatible = self.compatible_models()
         if model_name not in compatible:
             raise ValueError(
                 f"a {self.format} dataset ({self.root}) cannot train model {model_name!r}; "
                 f"compatible models: {', '.join(compatible) or 'none (no usable label columns)'}"
             )
+        if self.parts:
+            return self._merged_overrides(model_name)
         overrides: dict = {}
         if model_name == "dmm_cnn":
             overrides["num_landmarks"] = self.num_landmarks
@@ -124,6 +133,24 @@ class FaceDataset:
             elif self._filled("race"):
                 overrides["race_classes"] = int(np.nanmax(self.table["race"].to_numpy(dtype=float))) + 1
         return overrides
+
+    def _merged_overrides(self, model_name: str) -> dict:
+        merged: dict = {}
+        origin: dict = {}
+        for part in self.parts:
+            if model_name not in part.compatible_models():
+                continue
+            for key, value in part.model_overrides(model_name).items():
+                if key == "num_landmarks":
+                    continue  # the points of the sources that have them (checked when mixing)
+                if key in merged and merged[key] != value:
+                    raise ValueError(
+                        f"{model_name}: {origin[key]} needs {key}={merged[key]} and {part.format}:{part.root} "
+                        f"needs {key}={value}; their labels do not mean the same classes, train on one of them")
+                merged[key], origin[key] = value, f"{part.format}:{part.root}"
+        if model_name == "dmm_cnn":
+            merged["num_landmarks"] = self.num_landmarks
+        return merged
 
     def _filled(self, column: str) -> bool:
         if column not in self.table.columns:
