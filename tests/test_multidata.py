@@ -149,3 +149,18 @@ def test_genki_photos_through_the_detector_count_the_one_without_a_face(tmp_path
     faces, report = find_training_faces(table, finder, DetectionCache(str(tmp_path / "runs"), finder.identity))
     assert report.kinds() == {"no_face": 1, "empty": 1} and report.used == 1
     assert list(faces["path"]) == [table["path"].iloc[0]] and list(faces["smile"]) == [1.0]
+
+
+def test_task_attention_trunk_learns_at_its_own_rate():
+    """The GENKI run's recipe (docs/results.md): new layers at --lr, the trunk at trunk_lr_scale x --lr."""
+    m = models.create_model("task_attention", depth=18, image_size=64, trunk_lr_scale=0.1)
+    new, trunk = m.optimizer_groups(1e-3)
+    assert new["lr"] == 1e-3 and trunk["lr"] == pytest.approx(1e-4)
+    every = [id(p) for g in (new, trunk) for p in g["params"]]
+    assert sorted(every) == sorted(id(p) for p in m.parameters())  # each parameter once
+    assert {id(p) for p in m.head_smile.parameters()} <= {id(p) for p in new["params"]}
+    assert {id(p) for p in m.res5_gender.parameters()} <= {id(p) for p in trunk["params"]}
+    opt = engine.make_optimizer(m, m.recipe)
+    assert sorted(g["lr"] for g in opt.param_groups) == pytest.approx([m.recipe.lr * 0.1, m.recipe.lr])
+    with pytest.raises(ValueError, match="trunk_lr_scale"):
+        models.create_model("task_attention", depth=18, trunk_lr_scale=-1)
