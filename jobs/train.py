@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="model name (models.list_models())")
-    p.add_argument("--data", required=True, help="FORMAT:URI, e.g. celeba:s3://bucket/celeba or utkface:DIR")
+    p.add_argument("--data", required=True, action="append", metavar="FORMAT:URI",
+                   help="e.g. celeba:s3://bucket/celeba or utkface:DIR; give it several times to train on several "
+                        "data sets at once, each filling the labels it has (facedata/datasets/mixed.py)")
     p.add_argument("--storage", default="runs", help="folder or s3:// prefix for checkpoints and history")
     p.add_argument("--name", default=None, help="run name (default MODEL-FORMAT); the same name resumes")
     p.add_argument("--output", default=None, help="where the best checkpoint goes (default <storage>/<name>/best.pt)")
@@ -153,9 +155,10 @@ def spec_from_args(args: argparse.Namespace) -> TrainSpec:
     if args.no_augment:
         recipe["augment"] = {}
 
-    fmt = args.data.partition(":")[0]
+    data = args.data[0] if len(args.data) == 1 else tuple(args.data)  # several: one mixed data set
+    fmt = data_format(args)
     return TrainSpec(
-        model=args.model, data=args.data, storage=args.storage, name=args.name or f"{args.model}-{fmt}",
+        model=args.model, data=data, storage=args.storage, name=args.name or f"{args.model}-{fmt}",
         output=args.output, model_kwargs=model_kwargs, recipe=recipe, workers=args.workers,
         use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker, threads=args.threads, amp=not args.no_amp,
         seed=args.seed, max_failures=args.max_failures, keep=args.keep, limit=args.limit,
@@ -169,12 +172,17 @@ def spec_from_args(args: argparse.Namespace) -> TrainSpec:
     )
 
 
+def data_format(args: argparse.Namespace) -> str:
+    """The FORMAT of ``--data``, or ``mixed`` for several (no recipe is written for a mix)."""
+    return args.data[0].partition(":")[0] if len(args.data) == 1 else "mixed"
+
+
 def choose_recipe(args: argparse.Namespace) -> TrainingRecipe | None:
     """``--recipe``: a recipe by name, ``none``, or (left out) the one for the model and data format."""
     if args.recipe == "none":
         return None
     if args.recipe is None:
-        return recipe_for(args.model, args.data.partition(":")[0])
+        return recipe_for(args.model, data_format(args))
     recipe = get_recipe(args.recipe)
     if recipe.model != args.model:
         raise ValueError(f"recipe {recipe.name} trains {recipe.model}, not {args.model}")
@@ -190,7 +198,7 @@ def main(argv: list[str] | None = None):
     try:
         recipe = choose_recipe(args)
         if recipe is None and args.recipe is None:
-            print(f"no recipe for {args.model} on {args.data.partition(':')[0]} data: one run with the model's "
+            print(f"no recipe for {args.model} on {data_format(args)} data: one run with the model's "
                   f"defaults and the flags")
         job = RecipeRun(spec, recipe)
         job.prepare()  # bad flags or data fail here, before Ray starts

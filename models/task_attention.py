@@ -44,6 +44,11 @@ Readings we chose:
 * **Epochs**: 30 for the attention model; for TMTL (``attention=False``) 40, the FotW figure (30 on LFWA:
   override ``--epochs``).
 * **Shift**: the text names no range; 0.1 of the size.
+* **Trunk learning rate** (``trunk_lr_scale``, ours; default 1: the paper's one rate for the whole network).
+  With a pretrained trunk (``backbone=dlib_resnet`` or ``backbone_weights``) the shared layers and both res5
+  copies can learn at ``trunk_lr_scale`` × the rate of the new layers (FCS, FCG, attention, softmax), as
+  ``age_gender_race``'s ``backbone_lr_scale`` does: a short run can then give the new layers a rate that a
+  pretrained trunk would not survive under Adam.
 """
 
 from __future__ import annotations
@@ -130,8 +135,11 @@ class TaskAttentionNet(FaceModel):
     def __init__(self, attention: bool = True, image_size: int = 224, backbone_weights: str | None = None,
                  units: int = 64, attention_weights: str = "per_module", fc_activation: str = "relu",
                  task_weights: tuple[float, float] = (1.0, 1.0), depth: int = 50, task_blocks: int = 1,
-                 backbone: str = "resnet"):
+                 backbone: str = "resnet", trunk_lr_scale: float = 1.0):
         super().__init__()
+        if isinstance(trunk_lr_scale, bool) or not isinstance(trunk_lr_scale, (int, float)) or trunk_lr_scale < 0:
+            raise ValueError(f"trunk_lr_scale must be a number >= 0, got {trunk_lr_scale!r}")
+        self.trunk_lr_scale = float(trunk_lr_scale)
         if int(units) < 1:
             raise ValueError(f"units must be >= 1, got {units}")
         if attention_weights not in ATTENTION_WEIGHTS:
@@ -188,6 +196,14 @@ class TaskAttentionNet(FaceModel):
             self.att_gender = CrossTaskAttention(self.units, attention_weights)  # Att_CSi: FCG|CS
         self.head_smile = _he_normal(nn.Linear(self.units, 2))
         self.head_gender = _he_normal(nn.Linear(self.units, 2))
+
+    def optimizer_groups(self, lr: float) -> list[dict]:
+        """The new layers at ``lr``, the trunk (shared layers and both res5 copies) at ``trunk_lr_scale * lr``
+        (core.engine.make_optimizer)."""
+        trunk = [p for m in (self.shared, self.res5_smile, self.res5_gender) for p in m.parameters() if p.requires_grad]
+        ids = {id(p) for p in trunk}
+        new = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        return [{"params": new, "lr": lr}, {"params": trunk, "lr": lr * self.trunk_lr_scale}]
 
     def _check_split(self, state_dict, prefix, *args) -> None:
         """Weights split at another block (e.g. saved before the split moved to res5c, when each task had all

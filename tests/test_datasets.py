@@ -348,7 +348,7 @@ def test_parse_spec_and_model_table():
     for bad in ("celeba", "imagenet:/x", "utkface:"):
         with pytest.raises(ValueError, match="FORMAT:URI"):
             parse_spec(bad)
-    assert set(DATASET_MODELS) == {"celeba", "utkface", "scut_fbp5500", "manifest"}
+    assert set(DATASET_MODELS) == {"celeba", "utkface", "scut_fbp5500", "genki4k", "manifest"}
     assert len(CELEBA_ATTRIBUTES) == 40 and CELEBA_ATTRIBUTES[0] == "5_o_Clock_Shadow"
 
 

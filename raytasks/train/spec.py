@@ -22,7 +22,7 @@ class TrainSpec:
     """Everything a run needs, as plain values (what ``jobs.train``'s flags fill in)."""
 
     model: str
-    data: str  # FORMAT:URI
+    data: str | tuple[str, ...]  # FORMAT:URI, or several read as one (facedata/datasets/mixed.py)
     storage: str
     name: str
     output: str | None = None  # default: <storage>/<name>/best.pt

@@ -1,0 +1,234 @@
+"""What every reader of facedata.datasets shares: the canonical label columns and the names of the formats'
+files, :class:`FaceDataset` (one table of paths, splits and labels), the ``FORMAT:URI`` spec, the seeded
+split, and the small helpers the readers use to list images and report skipped entries."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import posixpath
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from facedata import storage
+
+log = logging.getLogger("facedata.datasets")
+
+CELEBA_ATTRIBUTES: tuple[str, ...] = (
+    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips",
+    "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows", "Chubby",
+    "Double_Chin", "Eyeglasses", "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones", "Male",
+    "Mouth_Slightly_Open", "Mustache", "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose",
+    "Receding_Hairline", "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair",
+    "Wearing_Earrings", "Wearing_Hat", "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Necktie", "Young",
+)  # fmt: skip
+UTKFACE_RACES = ("White", "Black", "Asian", "Indian", "Others")
+SCUT_RACES = ("Asian", "Caucasian")
+CELEBA_LANDMARKS = ("left_eye", "right_eye", "nose", "left_mouth", "right_mouth")
+
+FORMATS = ("celeba", "utkface", "scut_fbp5500", "genki4k", "manifest")
+SPLITS = ("train", "val", "test")
+LABEL_COLUMNS = ("gender", "race", "age", "beauty", "attributes", "smile", "eyeglasses", "landmarks")
+LIST_COLUMNS = ("attributes", "landmarks", "face_box", "face_points")
+# Manifest columns that name which face of a photo a row is about (``jobs.train --faces detect`` trains on
+# the detected face they match; faces/trainfaces.py): ``face_box`` x1, y1, x2, y2 and ``face_points`` the 5
+# points (eyes, nose, mouth corners: x, y each), in pixels of the original image.
+FACE_SELECT_COLUMNS = ("face_box", "face_points")
+_LIST_SIZES = {"face_box": 4, "face_points": 10}
+
+DATASET_MODELS: dict[str, tuple[str, ...]] = {
+    "celeba": ("dmm_cnn", "task_attention", "hard_sharing"),
+    "utkface": ("age_gender_race", "hmtnet"),
+    "scut_fbp5500": ("hmtnet",),
+    "genki4k": ("task_attention",),  # smile only: trained with gender from another source (mixed.py)
+    "manifest": (),  # () = any model whose labels the manifest's columns carry, see MODEL_LABELS
+}
+# The canonical columns each model learns from (its outputs' target columns, checked against the models in
+# tests/test_datasets.py); a manifest can train a model when it fills at least one.
+MODEL_LABELS: dict[str, tuple[str, ...]] = {
+    "dmm_cnn": ("attributes",),  # + landmarks when present (the auxiliary FLD task)
+    "task_attention": ("smile", "gender"),  # the paper's FotW / LFWA labels
+    "hard_sharing": ("gender", "eyeglasses"),  # the paper's own set
+    "age_gender_race": ("age", "gender", "race"),
+    "hmtnet": ("gender", "race", "beauty"),
+}
+
+CELEBA_IMAGES = "img_align_celeba"
+CELEBA_ATTR_FILE = "list_attr_celeba.txt"
+CELEBA_LANDMARK_FILE = "list_landmarks_align_celeba.txt"
+CELEBA_PARTITION_FILE = "list_eval_partition.txt"
+SCUT_IMAGES = "Images"
+SCUT_LABELS = "train_test_files/All_labels.txt"
+SCUT_SPLIT_DIR = "train_test_files/split_of_60%training and 40%testing"
+
+UTKFACE_AGE_RANGE = (0, 116)
+_UTK_NAME = re.compile(r"^(?P<age>-?\d+)_(?P<gender>-?\d+)_(?P<race>-?\d+)_")
+_UTK_SUFFIXES = (".jpg.chip.jpg", ".jpg")
+_SCUT_NAME = re.compile(r"^(?P<race>[AC])(?P<gender>[FM])\d+\.\w+$")
+_PARTITION = {"0": "train", "1": "val", "2": "test"}
+_SPLIT_ALIASES = {
+    "train": "train", "training": "train", "0": "train",
+    "val": "val", "valid": "val", "validation": "val", "dev": "val", "1": "val",
+    "test": "test", "testing": "test", "2": "test",
+}  # fmt: skip
+
+
+@dataclass
+class FaceDataset:
+    format: str
+    root: str
+    table: pd.DataFrame
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    has_landmarks: bool = False
+    num_landmarks: int = 0
+    parts: tuple[FaceDataset, ...] = ()  # the sources of a mixed data set (facedata/datasets/mixed.py)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @property
+    def label_columns(self) -> tuple[str, ...]:
+        return tuple(c for c in LABEL_COLUMNS if c in self.table.columns)
+
+    def split(self, name: str) -> pd.DataFrame:
+        """The rows of split ``name`` ("train", "val" or "test"), re-indexed from 0."""
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
+        return self.table[self.table["split"] == name].reset_index(drop=True)
+
+    def compatible_models(self) -> tuple[str, ...]:
+        if self.parts:  # a model that any source can train (the others' rows leave its tasks out)
+            found = {m for p in self.parts for m in p.compatible_models()}
+            return tuple(m for m in MODEL_LABELS if m in found)
+        known = DATASET_MODELS.get(self.format, ())
+        if known:
+            return known
+        return tuple(m for m, cols in MODEL_LABELS.items() if any(self._filled(c) for c in cols))
+
+    def model_overrides(self, model_name: str) -> dict:
+        """Constructor overrides that fit ``model_name`` to this dataset's labels, e.g. utkface + hmtnet ->
+        ``{"race_classes": 5}``. Raises ValueError naming the compatible models when it cannot train it, and
+        for a mixed data set when its sources need different ones (UTKFace's 5 races and SCUT's 2 are not
+        the same classes)."""
+        compatible = self.compatible_models()
+        if model_name not in compatible:
+            raise ValueError(
+                f"a {self.format} dataset ({self.root}) cannot train model {model_name!r}; "
+                f"compatible models: {', '.join(compatible) or 'none (no usable label columns)'}"
+            )
+        if self.parts:
+            return self._merged_overrides(model_name)
+        overrides: dict = {}
+        if model_name == "dmm_cnn":
+            overrides["num_landmarks"] = self.num_landmarks
+        if model_name == "hmtnet":
+            if self.format == "utkface":
+                overrides["race_classes"] = len(UTKFACE_RACES)
+            elif self.format == "scut_fbp5500":
+                overrides["race_classes"] = len(SCUT_RACES)
+            elif self._filled("race"):
+                overrides["race_classes"] = int(np.nanmax(self.table["race"].to_numpy(dtype=float))) + 1
+        return overrides
+
+    def _merged_overrides(self, model_name: str) -> dict:
+        merged: dict = {}
+        origin: dict = {}
+        for part in self.parts:
+            if model_name not in part.compatible_models():
+                continue
+            for key, value in part.model_overrides(model_name).items():
+                if key == "num_landmarks":
+                    continue  # the points of the sources that have them (checked when mixing)
+                if key in merged and merged[key] != value:
+                    raise ValueError(
+                        f"{model_name}: {origin[key]} needs {key}={merged[key]} and {part.format}:{part.root} "
+                        f"needs {key}={value}; their labels do not mean the same classes, train on one of them")
+                merged[key], origin[key] = value, f"{part.format}:{part.root}"
+        if model_name == "dmm_cnn":
+            merged["num_landmarks"] = self.num_landmarks
+        return merged
+
+    def _filled(self, column: str) -> bool:
+        if column not in self.table.columns:
+            return False
+        return bool(self.table[column].notna().any())
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """``"celeba:../data/celeba"`` -> ``("celeba", "../data/celeba")``; the URI may itself hold a colon."""
+    fmt, sep, uri = str(spec).partition(":")
+    fmt = fmt.strip().lower()
+    if not sep or not uri or fmt not in FORMATS:
+        raise ValueError(f"dataset spec {spec!r} is not FORMAT:URI with FORMAT one of {', '.join(FORMATS)}")
+    return fmt, uri
+
+
+def seeded_split(key: str, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.1) -> str:
+    """A split for ``key`` (a file name) from a hash of ``(seed, key)``: stable across processes and
+    machines, independent of the order the files were listed in."""
+    digest = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=8).digest()
+    u = int.from_bytes(digest, "big") / 2.0**64
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+@dataclass
+class _Splitter:
+    seed: int
+    val_fraction: float
+    test_fraction: float
+
+    def __call__(self, key: str) -> str:
+        return seeded_split(key, self.seed, self.val_fraction, self.test_fraction)
+
+    def carve_val(self, key: str) -> str:
+        """For data that only splits train / test: move ``val_fraction`` of train to val."""
+        return "val" if seeded_split(key, self.seed, self.val_fraction, 0.0) == "val" else "train"
+
+
+class _Skips(list):
+    def add(self, where: str, reason: str) -> None:
+        log.warning("skipping %s: %s", where, reason)
+        self.append((where, reason))
+
+
+def _basename(uri: str) -> str:
+    return posixpath.basename(uri.replace("\\", "/"))
+
+
+def _relpath(uri: str, root: str) -> str:
+    root_path = storage.filesystem(root)[1]
+    path = storage.filesystem(uri)[1]
+    rel = path[len(root_path) :] if path.startswith(root_path) else path
+    return rel.replace("\\", "/").lstrip("/")
+
+
+def _read_lines(uri: str) -> list[str]:
+    return storage.read_bytes(uri).decode("utf-8", errors="replace").splitlines()
+
+
+def _list_images(folder: str) -> list[str]:
+    if not storage.exists(folder):
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    return [u for u, _ in storage.iter_files(folder, storage.IMAGE_EXTENSIONS)]
+
+
+def _frame(rows: list[dict], columns: Iterable[str]) -> pd.DataFrame:
+    columns = list(columns)
+    table = pd.DataFrame(rows, columns=columns)
+    for col in columns:
+        if col in ("path", "split") or col in LIST_COLUMNS:
+            table[col] = table[col].astype(object)
+        else:
+            table[col] = table[col].astype(float)
+    return table

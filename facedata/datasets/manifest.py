@@ -1,0 +1,183 @@
+"""The ``manifest`` format: a CSV or Parquet table of image paths and any canonical label columns (a user's own
+photos or crops), and the spellings its label values may take."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import posixpath
+
+import numpy as np
+import pandas as pd
+
+from facedata import storage
+from facedata.datasets.base import (
+    _LIST_SIZES,
+    _SPLIT_ALIASES,
+    CELEBA_ATTRIBUTES,
+    FACE_SELECT_COLUMNS,
+    LABEL_COLUMNS,
+    LIST_COLUMNS,
+    FaceDataset,
+    _basename,
+    _frame,
+    _Skips,
+    _Splitter,
+)
+
+# --------------------------------------------------------------------------------------------- manifest
+
+
+def _read_manifest(uri: str, splitter: _Splitter) -> FaceDataset:
+    skips = _Skips()
+    data = storage.read_bytes(uri)
+    lower = uri.lower()
+    if lower.endswith((".parquet", ".pq")) or data[:4] == b"PAR1":
+        raw = pd.read_parquet(io.BytesIO(data))
+    elif lower.endswith((".csv", ".tsv", ".txt")) or lower.endswith(".csv.gz"):
+        raw = pd.read_csv(io.BytesIO(data), sep="\t" if lower.endswith(".tsv") else ",",
+                          compression="gzip" if lower.endswith(".gz") else None)
+    else:
+        raise ValueError(f"manifest {uri}: expected a .csv or .parquet file")
+    if "path" not in raw.columns:
+        raise ValueError(
+            f"manifest {uri} has no 'path' column (columns: {', '.join(map(str, raw.columns))}); "
+            "a manifest needs one image path per row, relative to the manifest's folder or absolute"
+        )
+    base = uri.rsplit("/", 1)[0] if storage.is_s3(uri) else posixpath.dirname(storage.filesystem(uri)[1])
+
+    label_cols = [c for c in LABEL_COLUMNS + FACE_SELECT_COLUMNS if c in raw.columns]
+    rows = []
+    for i, rec in enumerate(raw.to_dict("records")):
+        where = f"{_basename(uri)}:row {i}"
+        path = rec.get("path")
+        if not isinstance(path, str) or not path.strip():
+            skips.add(where, "empty path")
+            continue
+        path = path.strip()
+        full = path if storage.is_s3(path) or path.startswith(("/", "file://")) else storage.join(base, path)
+        split = _manifest_split(rec.get("split"))
+        if split is False:
+            skips.add(where, f"split {rec.get('split')!r} is not train/val/test")
+            continue
+        row: dict = {"path": full, "split": split or splitter(path)}
+        try:
+            for col in label_cols:
+                row[col] = _manifest_value(col, rec.get(col))
+        except ValueError as err:
+            skips.add(where, str(err))
+            continue
+        rows.append(row)
+    table = _frame(rows, ["path", "split", *label_cols])
+    if "attributes" in table.columns:
+        _derive_from_attributes(table)
+    num_points = 0
+    if "landmarks" in table.columns:
+        lengths = {len(v) for v in table["landmarks"] if v is not None}
+        if len(lengths) > 1:
+            raise ValueError(f"manifest {uri}: landmark lists have different lengths {sorted(lengths)}")
+        num_points = lengths.pop() // 2 if lengths else 0
+    return FaceDataset("manifest", uri, table, list(skips), num_points > 0, num_points)
+
+
+def _manifest_split(value) -> str | None | bool:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    key = str(int(value)) if isinstance(value, (int, float, np.integer)) else str(value).strip().lower()
+    if not key:
+        return None
+    return _SPLIT_ALIASES.get(key, False)
+
+
+# CelebA attributes that are label columns of their own (gender = not Male), as the celeba reader fills them.
+_FROM_ATTRIBUTES = {"gender": ("Male", 0.0), "smile": ("Smiling", 1.0), "eyeglasses": ("Eyeglasses", 1.0)}
+
+
+def _derive_from_attributes(table: pd.DataFrame) -> None:
+    """A manifest with CelebA's 40 ``attributes`` but no ``gender``/``smile``/``eyeglasses`` column gets them
+    from the attributes, as the celeba reader does; a column the manifest has is kept as it is."""
+    for col, (attr, when_positive) in _FROM_ATTRIBUTES.items():
+        if col in table.columns:
+            continue
+        i = CELEBA_ATTRIBUTES.index(attr)
+        table[col] = [math.nan if v is None else (when_positive if v[i] > 0 else 1.0 - when_positive)
+                      for v in table["attributes"]]
+
+
+# The usual spellings of the binary labels (case-insensitive), besides the numbers 0 and 1.
+_SPELLINGS: dict[str, dict[str, float]] = {
+    "gender": {"male": 0.0, "m": 0.0, "man": 0.0, "female": 1.0, "f": 1.0, "woman": 1.0},
+    "smile": {"smile": 1.0, "smiling": 1.0, "yes": 1.0, "true": 1.0, "non_smile": 0.0, "no_smile": 0.0,
+              "not_smiling": 0.0, "no": 0.0, "false": 0.0},
+    "eyeglasses": {"eyeglasses": 1.0, "glasses": 1.0, "yes": 1.0, "true": 1.0, "no_eyeglasses": 0.0,
+                   "no_glasses": 0.0, "no": 0.0, "false": 0.0},
+}
+
+
+def _binary_value(col: str, value) -> float:
+    """gender / smile / eyeglasses -> 0.0 or 1.0 (NaN when missing). smile and eyeglasses also take CelebA's
+    -1 for "no"; gender does not (CelebA's ±1 column is ``Male``, the opposite of our 1 = female)."""
+    if value is None:
+        return math.nan
+    if isinstance(value, str):
+        text = value.strip()
+        key = text.lower().replace("-", "_").replace(" ", "_")
+        if not text:
+            return math.nan
+        if key in _SPELLINGS[col]:
+            return _SPELLINGS[col][key]
+        try:
+            number = float(text)
+        except ValueError:
+            raise ValueError(f"{col}: {value!r} is not one of 0, 1, {', '.join(sorted(_SPELLINGS[col]))}") from None
+    else:
+        try:
+            number = float(value)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{col}: {value!r} is not a number") from err
+    if math.isnan(number):
+        return math.nan
+    if number in (0.0, 1.0):
+        return number
+    if number == -1.0 and col != "gender":
+        return 0.0
+    hint = " (gender is 0 = male, 1 = female; CelebA's Male column is the opposite)" if col == "gender" else ""
+    raise ValueError(f"{col}: {value!r} is not 0 or 1{hint}")
+
+
+def text_of(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _manifest_value(col: str, value):
+    if col in LIST_COLUMNS:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return None
+        if isinstance(value, str):
+            text = value.strip()
+            if not text:
+                return None
+            try:
+                value = json.loads(text) if text.startswith("[") else text.replace(",", " ").split()
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{col}: cannot parse {text[:40]!r}") from err
+        values = [float(v) for v in list(value)]
+        if col == "attributes" and len(values) != len(CELEBA_ATTRIBUTES):
+            raise ValueError(f"attributes: expected {len(CELEBA_ATTRIBUTES)} values, got {len(values)}")
+        if col == "landmarks" and len(values) % 2:
+            raise ValueError(f"landmarks: expected x, y pairs, got {len(values)} values")
+        if col in _LIST_SIZES and (len(values) != _LIST_SIZES[col] or not all(map(math.isfinite, values))):
+            raise ValueError(f"{col}: expected {_LIST_SIZES[col]} finite numbers, got {text_of(value)}")
+        if col == "face_box" and not (values[2] > values[0] and values[3] > values[1]):
+            raise ValueError(f"face_box: expected x1 < x2 and y1 < y2, got {values}")
+        return values
+    if col in _SPELLINGS:
+        return _binary_value(col, value)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{col}: {value!r} is not a number") from err
