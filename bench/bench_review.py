@@ -1,6 +1,6 @@
 """Review flags (faces/quality.py) on composed photos with faces made blurry, dark, small or turned.
 
-    python bench/bench_review.py [--photos 120] [--threads 1] [--seed 0]
+    python bench/bench_review.py [--photos 120] [--threads 1] [--seed 0] [--model age_gender_race]
 
 Every photo (960 x 640, ``facedata.compose.background`` clutter) holds six faces, one per slot of a 3 x 2
 grid, in random order:
@@ -110,7 +110,7 @@ def alter(canvas: Image.Image, box: np.ndarray, iod: float, category: str, level
     canvas.paste(changed, (lft, t), mask)
 
 
-def build(rng, utk, front, turned):
+def build(rng, utk, front, turned, small_width=(28.0, 44.0)):
     """One photo: (image, truth boxes (6, 4), per face (category, level, race, genki yaw))."""
     canvas = background(rng, W, H)
     boxes, meta = [], []
@@ -121,7 +121,7 @@ def build(rng, utk, front, turned):
         else:
             src, race = utk[rng.integers(len(utk))]
             level = {"blurry": rng.choice(BLUR_LEVELS), "dark": rng.choice(DARK_LEVELS)}.get(cat, np.nan)
-        width = rng.uniform(28, 44) if cat == "small" else rng.uniform(70, 130)
+        width = rng.uniform(*small_width) if cat == "small" else rng.uniform(70, 130)
         box, pts = paste(canvas, src, (cx + rng.uniform(-20, 20), cy + rng.uniform(-15, 15)), width,
                          rng.uniform(-10, 10))
         if cat in ("blurry", "dark"):
@@ -138,25 +138,36 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timing-photos", type=int, default=20)
+    ap.add_argument("--small-width", default="28,44", metavar="LO,HI",
+                    help="face box widths of the small category in px (the inter-ocular distance is about 0.47 x)")
+    ap.add_argument("--model", default=None,
+                    help="the small_face limit these faces get with this zoo model (its input template; "
+                         "faces/quality.py resolve_face_size); default: no model, min_face_floor")
     args = ap.parse_args(argv)
     if not (DATA / "utkface").exists() or not (DATA / "genki4k").exists():
         sys.exit(f"needs {DATA}/utkface and {DATA}/genki4k (research data, absent)")
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     print(f"command: python bench/bench_review.py --photos {args.photos} --sources {args.sources} "
-          f"--threads {args.threads} --seed {args.seed}")
+          f"--threads {args.threads} --seed {args.seed}" + (f" --model {args.model}" if args.model else "") + f" --small-width {args.small_width}")
     utk, front, turned = sources(FaceDetector(DetectorConfig(size=256)), args.sources, rng)
     print(f"sources: {len(utk)} UTKFace, {len(front)} GENKI |yaw|<=10, {len(turned)} GENKI |yaw|>=30")
 
     det = FaceDetector(DetectorConfig(size=W))
     det640 = FaceDetector(DetectorConfig())
+    small_width = tuple(float(v) for v in args.small_width.split(","))
     th = ReviewThresholds()
+    if args.model:  # the limit a label job with this model would use (no weights needed: its input only)
+        import models
+
+        th = th.resolve_face_size([models.create_model(args.model).preprocessing])
+    print(f"small_face limit: {th.face_size_limit():.1f} px of inter-ocular distance")
     rows, photos = [], []
     for _ in range(args.photos):
-        image, truth, meta = build(rng, utk, front, turned)
+        image, truth, meta = build(rng, utk, front, turned, small_width)
         img = _t(image)
         faces = det.detect_one(img)
-        q = face_quality(faces.points, quality_crops(img, faces.points), faces.scores)
+        q = face_quality(faces.points, quality_crops(img, faces.points), faces.scores, thresholds=th)
         if len(photos) < args.timing_photos:
             photos.append(img)
         iou = box_iou(torch.from_numpy(truth).float(), faces.boxes) if len(faces) else torch.zeros(len(truth), 0)
