@@ -106,8 +106,11 @@ def main(argv: list[str] | None = None) -> dict:
     model_kw, recipe = DEMO_MODELS[args.model]
     recipe = {**recipe, "epochs": args.epochs}
     ckpt = str(out / "models" / f"{args.model}.pt")
+    flags = "".join(f" --model-arg {k}={v}" for k, v in model_kw.items()) + "".join(
+        f" --{k.replace('_', '-')} {v}" for k, v in recipe.items() if k != "epochs")
     cmd = (f"python -m jobs.train --model {args.model} --data celeba:{data} --workers {args.workers} "
-           f"--cpus-per-worker 0.5 --epochs {args.epochs} --storage {out / 'runs'} --name demo-{args.model} --output {ckpt}")
+           f"--cpus-per-worker 0.5 --epochs {args.epochs} --recipe none{flags} --storage {out / 'runs'} "
+           f"--name demo-{args.model} --output {ckpt}")
     print(f"(the same as: {cmd})")
     outcome = run(TrainSpec(model=args.model, data=f"celeba:{data}", storage=str(out / "runs"),
                             name=f"demo-{args.model}", output=ckpt, model_kwargs=model_kw, recipe=recipe,
