@@ -100,16 +100,17 @@ def resolve_model(spec: TrainSpec, ds):
     return model, recipe
 
 
-def prepare(spec: TrainSpec):
-    """Read the data, find the training faces and resolve the model and recipe on the driver (so that bad
-    flags and data fail here, before any worker starts). Returns ``(model, recipe, train_table, val_table,
-    faces)``; ``faces`` says how the faces were found (:func:`resolve_faces`)."""
+def prepare(spec: TrainSpec, ds=None):
+    """Read the data (``ds``: the data set already read for ``spec.data`` and ``spec.seed``), find the
+    training faces and resolve the model and recipe on the driver (so that bad flags and data fail here,
+    before any worker starts). Returns ``(model, recipe, train_table, val_table, faces)``; ``faces`` says how
+    the faces were found (:func:`resolve_faces`)."""
     from facedata.datasets import read_dataset
 
     if spec.workers < 1:
         raise TrainError(f"--workers must be at least 1, got {spec.workers}")
     models.model_class(spec.model)  # an unknown name fails here, naming the known ones
-    ds = read_dataset(spec.data, seed=spec.seed)
+    ds = ds if ds is not None else read_dataset(spec.data, seed=spec.seed)
     model, recipe = resolve_model(spec, ds)
     columns = ["path"] + [c for c in label_columns(model) if c in ds.table.columns]
     if len(columns) == 1:

@@ -167,12 +167,13 @@ class RecipeRun:
         ds, first = None, None
         for r in self.runs[self.first:]:
             try:
-                if first is None:
-                    first = self.prepared[r.index] = prepare(r.spec)
-                    continue
-                from facedata.datasets import read_dataset
+                if ds is None:  # every stage has the same data and seed (its identity): read once
+                    from facedata.datasets import read_dataset
 
-                ds = ds or read_dataset(r.spec.data, seed=r.spec.seed)
+                    ds = read_dataset(r.spec.data, seed=r.spec.seed)
+                if first is None:
+                    first = self.prepared[r.index] = prepare(r.spec, ds)
+                    continue
                 model, recipe = resolve_model(r.spec, ds)
                 if _reading(model.preprocessing) == _reading(first[0].preprocessing):
                     model.preprocessing = first[0].preprocessing
