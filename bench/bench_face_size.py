@@ -176,6 +176,7 @@ def main(argv=None):
     from core.evaluation import wilson
     from facedata.datasets import read_dataset
     from faces.align import template_of
+    from faces.quality import face_size
 
     torch.set_num_threads(args.threads)
     sizes = [float(s) for s in args.sizes.split(",")]
@@ -191,8 +192,7 @@ def main(argv=None):
     src, missed = sources(table, args.n, args.seed)
     native = np.array([iod(s.points) for _, s in src])
     th = ann.review.min_face_size
-    t = template_of(runner.preprocessing)
-    template_iod = float((t[1] - t[0]).norm())
+    template_iod = float(face_size(template_of(runner.preprocessing))[0])
     print(f"{runner.architecture} ({args.checkpoint}), input {runner.preprocessing.size} (eyes {template_iod:.1f} px apart in it); {len(src)} test faces of "
           f"{args.data} ({missed} crops without a face left out), own inter-ocular distance median "
           f"{np.median(native):.1f} px (5-95 %: {np.percentile(native, 5):.1f}-{np.percentile(native, 95):.1f}); "

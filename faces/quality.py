@@ -229,7 +229,7 @@ class ReviewThresholds:
         too small for at least one model of the row."""
         if self.min_face_size is not None:
             return self
-        eyes = [float((template_of(p)[1] - template_of(p)[0]).norm()) for p in preprocessings]
+        eyes = [float(face_size(template_of(p))[0]) for p in preprocessings]  # in each model's input pixels
         need = max([self.min_face_ratio * e for e in eyes], default=0.0)
         return replace(self, min_face_size=round(max(self.min_face_floor, need), 2))
 
