@@ -19,14 +19,16 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m jobs.demo --out demo_out
 
+# Two test processes, each taking whole modules (module fixtures such as the Serve application are built once).
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # no Ray, no learning runs (tests/conftest.py marks every test using Ray `ray`; the trainings are `slow`)
 test-quick: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -m "not ray and not slow" tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not ray and not slow" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
