@@ -117,6 +117,12 @@ def test_the_run_folder_must_hold_what_the_recipe_trains(tmp_path):
     state["stages"].append({"index": 3, "identity": runs[2].identity, "status": "training"})
     assert first_to_train(runs, recipe, state, "RUN", False) == 2  # stage 3 resumes
     assert first_to_train(runs, recipe, None, "RUN", False) == 0
+    # a larger --epochs goes on with the last stage (job.run resumes it after its last epoch, as after a failure)
+    # when the stages before it stopped early: those are done whatever --epochs says
+    storage.write_bytes(ckpt[2], b"x")
+    ended = {**state, "stages": [done(0, 2, stopped=True), done(1, 1, stopped=True), done(2, 2)]}
+    assert first_to_train(plan(dataclasses.replace(spec, recipe={"epochs": 3}), recipe), recipe, ended, "RUN",
+                          False) == 2
 
     changed = plan(dataclasses.replace(spec, recipe={"lr": 0.5}), recipe)
     with pytest.raises(TrainError, match=r"stage 1/3 frozen in RUN was trained with other values \(train: .*0.5"):
