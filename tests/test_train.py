@@ -1,12 +1,15 @@
-"""Ray Train: `python -m jobs.train` on synthetic CelebA faces, CPU, 2 workers (gloo), a few steps.
+"""Ray Train: `python -m jobs.train` on synthetic faces, CPU, 2 workers (gloo), a few steps: the runs that need a
+model of their own. A DMM-CNN run checks that its dynamic weights and thresholds, updated every P steps from the
+all-reduced validation statistics, are identical on both workers; an HMTNet run on UTKFace checks DDP with a head
+that gets no gradient and a worker shard whose last batch holds one image. (Every test using the ``ray_session``
+fixture is marked ``ray`` by tests/conftest.py.)
 
-One hard-sharing run on the moto S3 server (data, run storage and output all on s3://) carries most checks:
-a worker process is killed in epoch 2 and the run still completes; the exported checkpoint loads in
-jobs.evaluate; DDP really runs (both ranks step, read disjoint halves of the data and hold identical weights
-after the first step); validation covers the whole split. Rerunning the same command with more epochs
-resumes after the stored epoch. (Every test using the ``ray_session`` fixture is marked ``ray`` by
-tests/conftest.py.) A DMM-CNN run checks that its dynamic weights and thresholds, updated every
-P steps from the all-reduced validation statistics, are identical on both workers.
+A worker killed in a run and restarted by Ray Train, a rerun that resumes, DDP (both ranks step, read disjoint
+halves of the data and hold identical weights), validation over the whole split, the step count and learning-rate
+schedule going on across both, data, run storage and output on S3 and the export that jobs.evaluate loads are
+checked on one recipe trained with Ray Train: tests/test_recipes.py
+``test_recipe_on_s3_dies_resumes_restarts_a_worker_with_ddp_and_is_exported_and_recorded``. The L0/i schedule of
+hard_sharing: tests/test_papers.py ``test_hard_sharing_learning_rate_rule_both_readings``.
 """
 
 from __future__ import annotations
@@ -17,8 +20,6 @@ import pytest
 import torch
 
 from facedata import storage, synth
-from facedata.datasets import read_dataset
-from jobs import evaluate as evaluate_job
 from jobs import train as train_job
 from models.checkpoint import load_checkpoint
 
@@ -37,59 +38,6 @@ def _last_line(capsys) -> str:
 @pytest.fixture(scope="module")
 def local_faces(tmp_path_factory):
     return synth.generate("celeba", N_FACES, str(tmp_path_factory.mktemp("celeba")), seed=3, size=FACE_SIZE)
-
-
-def test_s3_run_survives_a_killed_worker_exports_and_resumes(ray_session, s3_bucket, capsys):
-    _, bucket = s3_bucket
-    data = synth.generate("celeba", N_FACES, f"s3://{bucket}/celeba", seed=3, size=FACE_SIZE)
-    table = read_dataset(f"celeba:{data}").table
-    n_train, n_val = int((table.split == "train").sum()), int((table.split == "val").sum())
-    storage_uri, output = f"s3://{bucket}/runs", f"s3://{bucket}/models/hs.pt"
-    run_uri = f"{storage_uri}/hs"
-    argv = ["--model", "hard_sharing", "--data", f"celeba:{data}", "--workers", "2", "--storage", storage_uri,
-            "--name", "hs", "--output", output, "--batch-size", "16", "--patience", "0", "--keep", "1"]
-
-    # rank 1 exits after the first step of epoch 2 (first attempt only): Ray Train restarts the worker group from
-    # the epoch-1 checkpoint and the run ends with the 2 epochs asked for.
-    outcome = train_job.main(argv + ["--epochs", "2", "--max-failures", "1", "--inject-failure", "1:2:1"])
-    out = capsys.readouterr().out.strip().splitlines()
-    assert out[-1] == output == outcome.output
-    assert "a worker failed: the worker group restarted from the checkpoint of epoch 1" in out
-    assert [line.split()[1] for line in out if line.startswith("epoch ")] == ["1/2", "2/2"]
-    assert storage.exists(f"{run_uri}/.injected-failure-rank1-epoch2")
-    doc = _history(run_uri)
-    assert [a["start_epoch"] for a in doc["attempts"]] == [1, 2]
-    assert [e["epoch"] for e in doc["epochs"]] == [1, 2]
-    for e in doc["epochs"]:
-        ranks = e["ranks"]
-        assert [r["rank"] for r in ranks] == [0, 1]
-        # each worker streamed its own half of the training split, all of it, in steps of 8 images
-        assert [r["samples"] for r in ranks] == [n_train // 2] * 2 and e["train_images"] == n_train
-        assert all(r["steps"] == n_train // 16 for r in ranks)
-        assert ranks[0]["weights"] == ranks[1]["weights"]  # DDP: same weights on both workers
-        # validation metrics are over the whole validation split, not over rank 0's shard
-        assert e["val_images"] == n_val
-        first = [r["first_step"] for r in ranks]
-        assert first[0] == first[1] and first[0]["init"] != first[0]["after_first_step"]
-    assert doc["epochs"][1]["lr"] == pytest.approx(doc["epochs"][0]["lr"] / 1.5)  # L0/i: 1e-3/2 -> 1e-3/3
-
-    # the exported checkpoint is the project's format; jobs.evaluate loads it
-    model, info = load_checkpoint(output)
-    assert info.model == "hard_sharing" and info.extra["epoch"] in (1, 2)
-    metrics = evaluate_job.main(["--checkpoint", output, "--data", f"celeba:{data}", "--split", "val"])
-    assert metrics["n_images"] == n_val and 0 <= metrics["mean_accuracy"] <= 1
-    assert storage.read_bytes(f"{run_uri}/curves.png")[:8] == b"\x89PNG\r\n\x1a\n"
-    csv = storage.read_bytes(f"{run_uri}/history.csv").decode().splitlines()
-    assert len(csv) == 3 and "val_loss" in csv[0]
-
-    # the same command again, with one more epoch: it resumes after epoch 2 instead of starting over
-    outcome = train_job.main(argv + ["--epochs", "3"])
-    assert outcome.resumed_from == 2 and _last_line(capsys) == output
-    doc = _history(run_uri)
-    assert [a["start_epoch"] for a in doc["attempts"]] == [1, 2, 3]
-    assert [e["epoch"] for e in doc["epochs"]] == [1, 2, 3]
-    assert doc["epochs"][2]["step"] == 3 * (n_train // 16)  # the step count went on from the checkpoint
-    assert doc["epochs"][2]["lr"] == pytest.approx(1e-3 / 4)  # scheduler state restored, not restarted
 
 
 def test_dmm_weights_and_thresholds_identical_on_every_worker(ray_session, local_faces, tmp_path, capsys):
