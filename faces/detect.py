@@ -45,7 +45,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-import torchvision
 
 from facedata.yamlsafe import settings_from_dict
 from faces import centerface, retinaface
@@ -284,6 +283,10 @@ class FaceDetector:
         img_idx, b, s, p = (torch.cat(parts) for parts in zip(*found))
         keep = top_k_per_group(s, img_idx, self.config.top_k)
         img_idx, b, s, p = img_idx[keep], b[keep], s[keep], p[keep]
+        # imported here, not at the top: ``import torchvision`` costs ~1.4 s of CPU (it pulls in torch._dynamo),
+        # paid by every Ray worker process that imports this module (Ray Train's, Ray Data's) without detecting
+        import torchvision
+
         keep = torchvision.ops.batched_nms(b, s, img_idx, self.config.nms_iou)  # sorted by score, highest first
         b, s, p, img_idx = b[keep], s[keep], p[keep], img_idx[keep]
         side = torch.minimum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 
 import torch
-import torchvision
 from torch import nn
 
 
@@ -28,6 +27,10 @@ def load_state_dict(uri: str) -> dict:
 
 def resnet(depth: int = 50, weights: str | None = None) -> nn.Module:
     """A torchvision ResNet (18/34/50/101) with ImageNet-style weights from ``weights`` if given."""
+    # imported here, not at the top: ``import torchvision`` costs ~1.4 s of CPU (it pulls in torch._dynamo),
+    # paid by every Ray worker process that loads the model registry, whichever trunk its model has
+    import torchvision
+
     builders = {18: torchvision.models.resnet18, 34: torchvision.models.resnet34,
                 50: torchvision.models.resnet50, 101: torchvision.models.resnet101}
     if depth not in builders:
