@@ -8,6 +8,18 @@
 * collective.py: what the workers all-reduce and compare; history.py: history, progress lines, curves.
 """
 
-from raytasks.train.data import BatchSpec, decode_rows  # noqa: F401 - the job's API
-from raytasks.train.job import prepare, run  # noqa: F401
-from raytasks.train.spec import TrainError, TrainOutcome, TrainSpec  # noqa: F401
+from raytasks.train.spec import TrainError, TrainOutcome, TrainSpec  # noqa: F401 - the job's API
+
+# The rest of the job's API is imported on first use (PEP 562), not here: Ray Data's coordinator actors
+# (SplitCoordinator, DatasetManager) unpickle ``raytasks.train.data.decode_rows``, which imports this package
+# first, and job.py would import torch and the whole model stack in each of them (start-up cost of Ray worker
+# processes).
+_LAZY = {"BatchSpec": "data", "decode_rows": "data", "prepare": "job", "run": "job"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import pickle
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
 
-from core.batches import load_batch
-from models.outputset import OutputSet
-from models.preprocess import DEFAULT_PHOTO_SIDE, Preprocessing, build_augmentation
+if TYPE_CHECKING:  # no torch and no model code at module level: see decode_rows
+    from models.outputset import OutputSet
+    from models.preprocess import Preprocessing
 
 ROWS_PER_BLOCK = 256  # paths per Ray Data block: one decode task handles one block
 DECODE_CPUS = 1.0  # CPUs a Ray Data decode task asks for
@@ -24,35 +26,54 @@ class BatchSpec:
     preprocessing: Preprocessing
     outputs: OutputSet
     augment: dict | None = None
-    max_side: int = DEFAULT_PHOTO_SIDE  # photos are decoded at this longest side (--faces detect|landmarks)
+    max_side: int | None = None  # photos are decoded at this longest side (--faces detect|landmarks); None:
+    #                              models.preprocess.DEFAULT_PHOTO_SIDE
 
 
 _reseeded = False
 
 
-def decode_rows(rows: pd.DataFrame, spec: BatchSpec, train: bool) -> dict[str, np.ndarray]:
+@functools.lru_cache(maxsize=4)
+def _unpickled(spec: bytes) -> BatchSpec:
+    return pickle.loads(spec)
+
+
+def decode_rows(rows: pd.DataFrame, spec: BatchSpec | bytes, train: bool) -> dict[str, np.ndarray]:
     """Ray Data ``map_batches`` function: dataset rows (path + labels, and each row's face with ``--faces
     detect|landmarks``) -> image/target arrays, reading bytes from a folder or S3 and decoding with the
     model's preprocessing (or aligning the row's face). A row that cannot be decoded stays, flagged
     ``skipped``, for the worker to drop and count (``core.batches.drop_failed``). The augmentation runs later, on
     the worker's device (core/augment.py); only HMTNet's random crop out of its margin happens here."""
+    # imported here, not at the top: Ray Data's coordinator actors (SplitCoordinator, DatasetManager) import
+    # this module to unpickle the plan and never decode; torch alone is ~1.6 s of CPU in each of them
+    import torch
+
+    from core.batches import load_batch
+    from models.preprocess import DEFAULT_PHOTO_SIDE, build_augmentation
+
     global _reseeded
+    if isinstance(spec, bytes):  # pickled, as make_dataset passes it
+        spec = _unpickled(spec)
     if train and not _reseeded:  # torch starts every process with the same seed: give each its own
         torch.seed()
         _reseeded = True
     augment = build_augmentation(spec.preprocessing, spec.augment) if train and spec.augment else None
-    return load_batch(rows, spec, train=train, augment=augment, max_side=spec.max_side, keep_failed=True)
+    return load_batch(rows, spec, train=train, augment=augment, max_side=spec.max_side or DEFAULT_PHOTO_SIDE,
+                      keep_failed=True)
 
 
 def make_dataset(table: pd.DataFrame, spec: BatchSpec, train: bool):
+    import ray.cloudpickle
     import ray.data
 
     parts = [table.iloc[i: i + ROWS_PER_BLOCK] for i in range(0, len(table), ROWS_PER_BLOCK)]
     ds = ray.data.from_pandas(parts)
     if train:
         ds = ds.random_shuffle()  # of the paths only, before decoding; a new order every epoch
-    return ds.map_batches(decode_rows, fn_kwargs={"spec": spec, "train": train}, batch_format="pandas",
-                          batch_size=ROWS_PER_BLOCK, num_cpus=DECODE_CPUS)
+    # the spec travels pickled, unpickled by the decode tasks only: the coordinator actors unpickle the plan,
+    # and a Preprocessing and an OutputSet (an nn.Module) would import torch and the model code in each of them
+    return ds.map_batches(decode_rows, fn_kwargs={"spec": ray.cloudpickle.dumps(spec), "train": train},
+                          batch_format="pandas", batch_size=ROWS_PER_BLOCK, num_cpus=DECODE_CPUS)
 
 
 def data_config():
