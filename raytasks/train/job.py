@@ -55,7 +55,7 @@ from faces.align import default_template
 from faces.facecache import DetectionCache
 from faces.trainfaces import TRAIN_FACE_MODES, default_mode, find_training_faces, landmark_faces
 from models.base import Recipe
-from models.preprocess import DEFAULT_PHOTO_SIDE, Preprocessing
+from models.preprocess import Preprocessing
 from raytasks.train.data import DECODE_CPUS, BatchSpec, data_config, make_dataset
 from raytasks.train.history import Progress, plot_curves, read_history
 from raytasks.train.spec import CURVES_PNG, MODEL_FILE, SNAPSHOT_FILE, TrainError, TrainOutcome, TrainSpec
@@ -285,8 +285,7 @@ def _fit(spec: TrainSpec, model, recipe, train, val, faces, resumed_from, log_fn
     from ray.train.torch import TorchTrainer
 
     per_worker = math.ceil(recipe.batch_size / spec.workers)
-    batch_spec = BatchSpec(model.preprocessing, model.outputs, recipe.augment or None,
-                           faces["max_side"] or DEFAULT_PHOTO_SIDE)
+    batch_spec = BatchSpec(model.preprocessing, model.outputs, recipe.augment or None, faces["max_side"])
     datasets = {"train": make_dataset(train, batch_spec, train=True),
                 "val": make_dataset(val, batch_spec, train=False)}
     cfg = {
