@@ -415,17 +415,24 @@ def test_hostile_requests_beside_normal_clients_who_all_get_200(svc, group_photo
 
     with ThreadPoolExecutor(6) as pool:
         normals = [pool.submit(normal) for _ in range(3)]
-        answers = {k: pool.submit(fn) for k, fn in hostile.items()}
-        answers = {k: f.result() for k, f in answers.items()}
+        # the three hostile requests again until the normal clients have made 10 requests beside them, at most 5
+        # rounds: one round lasts about BODY_TIMEOUT_S, in which a loaded machine (another test process beside
+        # this one) served 9 (2026-12-03)
+        rounds = []
+        while not rounds or (len(codes) < 10 and len(rounds) < 5):
+            answers = {k: pool.submit(fn) for k, fn in hostile.items()}
+            rounds.append({k: f.result() for k, f in answers.items()})
         done = True
         for f in normals:
             f.result()
-    assert_error(answers["many_webp"], 413, "too_large")
-    assert_error(answers["faces"], 413, "too_many_faces")
-    status, doc, seconds = answers["slow_body"]
-    assert status == 408 and doc["error"] == "body_timeout" and seconds < BODY_TIMEOUT_S + 5, (status, doc, seconds)
+    for answers in rounds:
+        assert_error(answers["many_webp"], 413, "too_large")
+        assert_error(answers["faces"], 413, "too_many_faces")
+        status, doc, seconds = answers["slow_body"]
+        assert status == 408 and doc["error"] == "body_timeout" and seconds < BODY_TIMEOUT_S + 5, (status, doc,
+                                                                                                   seconds)
     assert len(codes) >= 10 and set(codes) == {200}, codes
     p99 = float(np.percentile(latencies, 99))
-    print(f"normal clients: {len(codes)} requests, all 200, p50 {np.median(latencies):.3f} s, p99 {p99:.3f} s")
+    print(f"normal clients: {len(codes)} requests beside {len(rounds)} round(s) of hostile ones, all 200, p50 {np.median(latencies):.3f} s, p99 {p99:.3f} s")
     assert p99 < P99_BOUND_S, sorted(latencies)[-5:]
     assert httpx.get(svc["base"] + "/healthz").status_code == 200
