@@ -124,15 +124,40 @@ class NoFace(ImageDecodeError):
         return (NoFace, (self.message,))
 
 
-def decode_face(data: bytes, pre: Preprocessing, finder: FaceFinder, max_side: int | None = None) -> tuple[torch.Tensor, dict]:
-    """Bytes -> the highest-scoring face of the image aligned to the model's input, ``(uint8 (C, H, W),
-    geometry)``, the way a user meets the model (``jobs.evaluate --faces detect``). The geometry's
-    ``affine`` maps input pixels to the original image's. Raises :class:`NoFace` when none is found."""
+# Which face of a photo is "the" face when a data set labels one per photo (jobs.evaluate --face-pick):
+# score: the detector's most confident; largest: the largest box (area); center: the box whose centre is nearest
+# the photo's centre (LFW's rule: "the face in the middle").
+FACE_PICKS = ("score", "largest", "center")
+
+
+def pick_index(faces: Faces, width: float, height: float, rule: str = "score") -> int:
+    """The index of the face ``rule`` (:data:`FACE_PICKS`) picks among ``faces`` (not empty) of a ``width`` x
+    ``height`` picture, in the pixels of its boxes. Ties go to the higher score (faces are sorted by score)."""
+    if rule not in FACE_PICKS:
+        raise ValueError(f"unknown face pick {rule!r}: one of {', '.join(FACE_PICKS)}")
+    if len(faces) == 0:
+        raise ValueError("no face to pick from")
+    b = faces.boxes.detach().double().cpu()
+    if rule == "largest":
+        return int(torch.argmax((b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)))
+    if rule == "center":
+        cx, cy = (b[:, 0] + b[:, 2]) / 2 - width / 2, (b[:, 1] + b[:, 3]) / 2 - height / 2
+        return int(torch.argmin(cx * cx + cy * cy))
+    return 0  # sorted by score, highest first
+
+
+def decode_face(data: bytes, pre: Preprocessing, finder: FaceFinder, max_side: int | None = None,
+                pick: str = "score") -> tuple[torch.Tensor, dict]:
+    """Bytes -> one face of the image (the one ``pick`` names: :func:`pick_index`; by default the highest-scoring)
+    aligned to the model's input, ``(uint8 (C, H, W), geometry)``, the way a user meets the model
+    (``jobs.evaluate --faces detect``). The geometry's ``affine`` maps input pixels to the original image's.
+    Raises :class:`NoFace` when none is found."""
     img, size, scale = decode_photo(data, max_side or finder.options.max_side)
-    found = finder.find([img], [scale])
-    if len(found[0]) == 0:
+    found = finder.find([img], [scale])[0]
+    if len(found) == 0:
         raise NoFace()
-    return _aligned_one(img.to(finder.device), size, scale, found[0].points[:1], pre)
+    k = pick_index(found, img.shape[-1], img.shape[-2], pick)  # boxes are in the decoded picture's pixels
+    return _aligned_one(img.to(finder.device), size, scale, found.points[k:k + 1], pre)
 
 
 def face_input(data: bytes, pre: Preprocessing, points, max_side: int = DEFAULT_PHOTO_SIDE) -> tuple[torch.Tensor, dict]:

@@ -55,6 +55,7 @@ from core.evaluation import (
 )
 from facedata import storage
 from facedata.datasets import read_dataset
+from faces.finder import FACE_PICKS
 from jobs._cli import add_face_args, face_options, positive
 from models.calibration import CalibrationError, calibration_status, fit_calibration
 from models.checkpoint import CheckpointError, checkpoint_bytes, load_checkpoint
@@ -96,7 +97,12 @@ def main(argv: list[str] | None = None) -> dict:
     add_face_args(p, default_mode=None, faces_help="detect: find the face in each image and align it to the model's "
                   "template; whole: feed each image whole. Default: as the checkpoint was trained (detect after "
                   "jobs.train --faces detect or landmarks, else whole)")
+    p.add_argument("--face-pick", choices=FACE_PICKS, default="score",
+                   help="with --faces detect, which face of a photo holding several is the labelled one: the "
+                        "detector's most confident (default), the largest, or the one nearest the middle (LFW's rule)")
     args = p.parse_args(argv)
+    if args.face_pick != "score" and args.faces == "whole":
+        p.error("--face-pick chooses among detected faces: it needs --faces detect")
     if args.save_calibrated and not args.calibrate_on:
         p.error("--save-calibrated needs --calibrate-on SPLIT")
 
@@ -123,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
         from faces.finder import FaceFinder, FaceOptions, decode_face
 
         finder = FaceFinder(FaceOptions.from_dict(face_options(args)))
-        decode_fn = lambda data, pre: decode_face(data, pre, finder)  # noqa: E731
+        decode_fn = lambda data, pre: decode_face(data, pre, finder, pick=args.face_pick)  # noqa: E731
 
     fitted = None
     if args.calibrate_on:

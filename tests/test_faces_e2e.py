@@ -141,3 +141,43 @@ def test_evaluate_through_detection(tmp_path, hs_checkpoint):
     assert detect["n_images"] + detect["images_without_face"] == 40
     assert detect["n_images"] >= 38, detect  # drawn faces are found
     assert set(whole) - {"images_without_face"} <= set(detect)
+
+
+def test_the_face_picked_in_a_photo_of_several_is_the_one_the_rule_names(finder):
+    """jobs.evaluate --face-pick: a data set that labels one face per photo (LFW: the one in the middle) is
+    judged on that face, not on whichever neighbour the detector scores highest."""
+    import torch
+
+    from faces.detect import Faces
+    from faces.finder import decode_face, pick_index
+    from models.preprocess import Preprocessing
+
+    big, middle = (40, 60, 330), (520, 280, 190)  # (x, y, width): large in the corner, smaller in the middle
+    data = compose(real_crops(2), [big, middle], size=(1200, 800), seed=5)
+    pre = Preprocessing(size=(112, 112))
+    for rule, place in (("largest", big), ("center", middle)):
+        crop, geometry = decode_face(data, pre, finder, pick=rule)
+        assert crop.shape == (3, 112, 112)
+        a = np.asarray(geometry["affine"]).reshape(2, 3)  # input pixels -> the photo's pixels
+        cx, cy = a @ np.array([56.0, 56.0, 1.0])  # the crop's centre lands on the picked face
+        x, y, w = place
+        assert x <= cx <= x + w and y <= cy <= y + 1.3 * w, (rule, cx, cy, place)
+    # the default is the detector's most confident face: index 0 of faces sorted by score
+    faces = Faces(torch.tensor([[0.0, 0, 10, 10], [40, 40, 60, 60], [0, 0, 50, 50]]), torch.tensor([0.9, 0.8, 0.7]),
+                  torch.zeros(3, 5, 2))
+    assert [pick_index(faces, 100, 100, r) for r in ("score", "largest", "center")] == [0, 2, 1]
+    with pytest.raises(ValueError, match="unknown face pick 'middle'"):
+        pick_index(faces, 100, 100, "middle")
+    with pytest.raises(ValueError, match="no face"):
+        pick_index(Faces.empty(), 100, 100, "center")
+
+
+def test_evaluate_refuses_a_face_pick_without_detection(tmp_path, hs_checkpoint, capsys):
+    from facedata.synth import generate
+    from jobs import evaluate
+
+    data = generate("celeba", 10, str(tmp_path / "celeba"), seed=4)
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--checkpoint", hs_checkpoint, "--data", f"celeba:{data}", "--faces", "whole",
+                       "--face-pick", "center"])
+    assert exc.value.code == 2 and "--face-pick chooses among detected faces" in capsys.readouterr().err
