@@ -96,7 +96,13 @@ from facedata import storage
 from facedata.inputs import InputError, check_manifest, write_listing, write_manifest_listing
 from facedata.paths import default_allow_prefix, is_manifest
 from raytasks.label.cluster import ensure_ray, resolve_pool
-from raytasks.label.output import output_paths, output_provenance, output_stats, repair_commit_log
+from raytasks.label.output import (
+    all_labeled,
+    output_paths,
+    output_provenance,
+    output_stats,
+    repair_commit_log,
+)
 from raytasks.label.spec import LabelError, LabelSpec
 from raytasks.label.stages import build_dataset
 
@@ -136,9 +142,6 @@ def label(spec: LabelSpec, echo=print) -> dict:
 
 
 def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
-    import ray
-    from ray.data.checkpoint import CheckpointConfig
-
     from core.modelset import ModelSetError, resolve_set
     from models.checkpoint import CheckpointError
     from models.embedding import EmbeddingUnavailable
@@ -204,24 +207,11 @@ def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
     echo(f"labeling {spec.input}: {inputs} images ({before.images} already labeled in {spec.output}) with "
          f"{what}, faces: {options.mode}, predictor actors {pool[0]}..{pool[1]}")
 
-    ctx = ray.data.DataContext.get_current()
-    labels_fs, labels_path = storage.filesystem(out["labels"])
-    old_config, old_v2 = ctx.checkpoint_config, ctx.use_datasource_v2
-    ctx.checkpoint_config = CheckpointConfig(id_column="path", checkpoint_path=commits_path,
-                                             delete_checkpoint_on_success=False, override_filesystem=commits_fs)
-    # Ray 2.60's V2 Parquet reader spends 5-10 s in its ListFiles step per dataset here (measured: a
-    # read_parquet + map_batches of one small file takes 8-10 s with V2, 0.2 s with V1); our reads are a
-    # few small path files, and the checkpoint filter supports both.
-    ctx.use_datasource_v2 = False
-    try:
-        in_fs, in_path = storage.filesystem(out["inputs"])
-        paths_ds = ray.data.read_parquet(in_path, filesystem=in_fs).select_columns(["path"])
-        ds = build_dataset(spec, model_set, paths_ds, pre_dicts, base, pool, detector if options.detect else None,
-                           identity, fence)
-        ds.write_parquet(labels_path, filesystem=labels_fs, max_rows_per_file=spec.max_rows_per_file,
-                         min_rows_per_file=max(1, spec.max_rows_per_file // 2))
-    finally:
-        ctx.checkpoint_config, ctx.use_datasource_v2 = old_config, old_v2
+    if before.images >= inputs and all_labeled(out["inputs"], out["labels"]):
+        echo("every input is labeled already: nothing to run")
+    else:
+        _run_pipeline(spec, model_set, pre_dicts, base, pool, detector if options.detect else None, identity, fence,
+                      out, commits_fs, commits_path)
 
     seconds = time.perf_counter() - start
     after = output_stats(out["labels"])
@@ -260,3 +250,28 @@ def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
         echo(f"{inputs - after.images} inputs are not labeled yet: run the same command again to finish")
     echo(f"summary: {out['summary']}")
     return summary
+
+
+def _run_pipeline(spec, model_set, pre_dicts, base, pool, detector, identity, fence, out, commits_fs,
+                  commits_path) -> None:
+    """The Ray Data pipeline over the listing, committed through Ray Data's checkpoint log (resumable)."""
+    import ray
+    from ray.data.checkpoint import CheckpointConfig
+
+    ctx = ray.data.DataContext.get_current()
+    labels_fs, labels_path = storage.filesystem(out["labels"])
+    old_config, old_v2 = ctx.checkpoint_config, ctx.use_datasource_v2
+    ctx.checkpoint_config = CheckpointConfig(id_column="path", checkpoint_path=commits_path,
+                                             delete_checkpoint_on_success=False, override_filesystem=commits_fs)
+    # Ray 2.60's V2 Parquet reader spends 5-10 s in its ListFiles step per dataset here (measured: a
+    # read_parquet + map_batches of one small file takes 8-10 s with V2, 0.2 s with V1); our reads are a
+    # few small path files, and the checkpoint filter supports both.
+    ctx.use_datasource_v2 = False
+    try:
+        in_fs, in_path = storage.filesystem(out["inputs"])
+        paths_ds = ray.data.read_parquet(in_path, filesystem=in_fs).select_columns(["path"])
+        ds = build_dataset(spec, model_set, paths_ds, pre_dicts, base, pool, detector, identity, fence)
+        ds.write_parquet(labels_path, filesystem=labels_fs, max_rows_per_file=spec.max_rows_per_file,
+                         min_rows_per_file=max(1, spec.max_rows_per_file // 2))
+    finally:
+        ctx.checkpoint_config, ctx.use_datasource_v2 = old_config, old_v2

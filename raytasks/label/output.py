@@ -97,6 +97,26 @@ def output_stats(labels_uri: str) -> OutputStats:
     return st
 
 
+def all_labeled(inputs_uri: str, labels_uri: str) -> bool:
+    """Whether every path of the input listing (Parquet with a ``path`` column) has a row under ``labels_uri``.
+    A run that would label nothing stops here: on a cluster of 2 CPUs, Ray Data's checkpoint filter and the
+    predictor actor take both, and the read of the listing would wait for a third (measured: a rerun of
+    ``make demo`` hung)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    def paths(uri: str):
+        fs, root = storage.filesystem(uri)
+        if fs.get_file_info(root).type == pafs.FileType.NotFound:
+            return None
+        return pc.unique(pads.dataset(root, filesystem=fs, format="parquet").to_table(columns=["path"]).column("path"))
+
+    wanted, have = paths(inputs_uri), paths(labels_uri)
+    if wanted is None or have is None:
+        return False
+    return bool(pc.all(pc.is_in(wanted, value_set=have)).as_py())
+
+
 def output_provenance(labels_uri: str) -> tuple[set, set]:
     """The distinct ``checkpoint`` hashes and ``detector`` values of every row under ``labels_uri`` (two
     dictionary-encoded columns, streamed): one output holds the rows of one checkpoint and one way of
