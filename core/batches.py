@@ -34,6 +34,12 @@ def label_columns(model) -> list[str]:
     return sorted({o.target_column for o in model.outputs})
 
 
+def unlabelled_columns(model, columns) -> list[str]:
+    """The model's label columns that the data lacks (hmtnet's beauty on UTKFace). The heads behind them get no
+    gradient, so DDP must be told to look for unused parameters or it stops at the second step."""
+    return [c for c in label_columns(model) if c not in set(columns)]
+
+
 def _target_array(values, n_expected: int | None) -> np.ndarray:
     """A column of scalars or lists (None/NaN = missing) -> float32 array (B,) or (B, K) with NaN rows."""
     vals = list(values)

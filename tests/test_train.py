@@ -1,8 +1,9 @@
 """Ray Train: `python -m jobs.train` on synthetic faces, CPU, 2 workers (gloo), a few steps: the runs that need a
 model of their own. A DMM-CNN run checks that its dynamic weights and thresholds, updated every P steps from the
-all-reduced validation statistics, are identical on both workers; an HMTNet run on UTKFace checks DDP with a head
-that gets no gradient and a worker shard whose last batch holds one image. (Every test using the ``ray_session``
-fixture is marked ``ray`` by tests/conftest.py.)
+all-reduced validation statistics, are identical on both workers, and that a worker shard whose last batch holds
+one image trains (the remainder joins the batch before it). (Every test using the ``ray_session`` fixture is
+marked ``ray`` by tests/conftest.py.) DDP with a head that gets no gradient (HMTNet on UTKFace) is checked without
+Ray, in two gloo processes: tests/test_ddp.py.
 
 A worker killed in a run and restarted by Ray Train, a rerun that resumes, DDP (both ranks step, read disjoint
 halves of the data and hold identical weights), validation over the whole split, the step count and learning-rate
@@ -40,18 +41,22 @@ def local_faces(tmp_path_factory):
     return synth.generate("celeba", N_FACES, str(tmp_path_factory.mktemp("celeba")), seed=3, size=FACE_SIZE)
 
 
-def test_dmm_weights_and_thresholds_identical_on_every_worker(ray_session, local_faces, tmp_path, capsys):
+def test_dmm_weights_and_thresholds_identical_on_every_worker_and_a_last_batch_of_one_joins_the_one_before(
+        ray_session, local_faces, tmp_path, capsys):
+    # Issue #11: 34 training images on 2 workers are 17 per shard; batches of 8 (4 per worker) leave one image
+    # over on each worker, which BatchNorm refused ("Expected more than 1 value per channel when training").
+    # The remainder joins the worker's previous batch: 4 steps of 4, 4, 4, 5 images each.
     output = str(tmp_path / "dmm.pt")
     outcome = train_job.main([
         "--model", "dmm_cnn", "--data", f"celeba:{local_faces}", "--workers", "2", "--image-size", "64",
         "--model-arg", "depth=18",  # the paper's ResNet-50 trunk has 3x the weights to all-reduce and save
-        "--epochs", "1", "--batch-size", "8", "--steps-per-epoch", "4", "--validate-every", "2",
+        "--epochs", "1", "--batch-size", "8", "--limit", "34", "--validate-every", "2",
         "--storage", str(tmp_path / "runs"), "--name", "dmm", "--output", output, "--keep", "1",
     ])
     assert _last_line(capsys) == output
     (epoch,) = _history(outcome.run_uri)["epochs"]
     ranks = epoch["ranks"]
-    assert [r["steps"] for r in ranks] == [4, 4]
+    assert [(r["samples"], r["steps"]) for r in ranks] == [(17, 4), (17, 4)] and epoch["train_images"] == 34
     # λ and τ after each of the 2 every-P validations (steps 2 and 4), hashed on each worker before any
     # later DDP forward could copy rank 0's buffers over: identical, so both saw the same reduced stats
     assert len(ranks[0]["after_on_validation"]) == 2
@@ -61,28 +66,6 @@ def test_dmm_weights_and_thresholds_identical_on_every_worker(ray_session, local
     assert not torch.equal(model.thresholds, torch.zeros_like(model.thresholds))  # Eq. 6 moved τ
     assert not torch.equal(model.attribute_weights, torch.ones_like(model.attribute_weights))  # Eq. 4 moved λ
     assert "dmm.threshold_mean" in outcome.best_metrics
-
-
-def test_hmtnet_on_utkface_trains_with_ddp_and_a_shard_whose_last_batch_holds_one_image(ray_session, tmp_path,
-                                                                                        capsys):
-    # UTKFace has gender and race but no beauty score: HMTNet's ANet gets no gradient, which DDP refuses
-    # unless it is told to look for unused parameters; the job must do that by itself.
-    # Issue #11: 34 training images on 2 workers are 17 per shard; batches of 8 (4 per worker) leave one
-    # image over on each worker, which HMTNet's BatchNorm refused ("Expected more than 1 value per channel
-    # when training"). The remainder joins the worker's previous batch: 4 steps of 4, 4, 4, 5 images each.
-    data = synth.generate("utkface", 60, str(tmp_path / "utk"), seed=5, size=(96, 96))
-    output = str(tmp_path / "hmtnet.pt")
-    outcome = train_job.main([
-        "--model", "hmtnet", "--data", f"utkface:{data}", "--workers", "2", "--image-size", "96",
-        "--model-arg", "anet_width=16", "--epochs", "1", "--batch-size", "8", "--limit", "34",
-        "--storage", str(tmp_path / "runs"), "--name", "rem", "--output", output, "--keep", "1",
-    ])
-    assert _last_line(capsys) == output
-    model, info = load_checkpoint(output)
-    assert info.config["race_classes"] == 5 and model.outputs["race"].classes[0] == "White"
-    (epoch,) = _history(outcome.run_uri)["epochs"]
-    assert [(r["samples"], r["steps"]) for r in epoch["ranks"]] == [(17, 4), (17, 4)]
-    assert epoch["train_images"] == 34 and epoch["ranks"][0]["weights"] == epoch["ranks"][1]["weights"]
 
 
 def test_bad_flags_fail_before_ray_starts(local_faces, tmp_path, capsys):

@@ -48,7 +48,7 @@ import pandas as pd
 
 import models
 from core import engine
-from core.batches import MIN_TRAIN_BATCH, label_columns
+from core.batches import MIN_TRAIN_BATCH, label_columns, unlabelled_columns
 from facedata import storage
 from facedata.datasets import FACE_SELECT_COLUMNS
 from faces.align import default_template
@@ -294,8 +294,7 @@ def _fit(spec: TrainSpec, model, recipe, train, val, faces, resumed_from, log_fn
         max(1, int(spec.cpus_per_worker)), "amp": spec.amp, "per_worker_batch": per_worker,
         "steps_per_epoch": spec.steps_per_epoch, "init_from": spec.init_from,
         # A head whose labels the data lacks (hmtnet's beauty on UTKFace) gets no gradient: DDP must know.
-        "find_unused_parameters": spec.find_unused_parameters
-        or any(c not in train.columns for c in label_columns(model)),
+        "find_unused_parameters": spec.find_unused_parameters or bool(unlabelled_columns(model, train.columns)),
         "fail_at": spec.fail_at,
         "face_template": {"template": model.preprocessing.template, "template_crop": model.preprocessing.template_crop},
         "faces": faces,
