@@ -153,7 +153,7 @@ def gpu_scan_bomb() -> dict:
 
 
 def planted_tmp_link(tmp: Path) -> dict:
-    from facedata import storage
+    import storage
 
     victim = tmp / "victim.txt"
     victim.write_bytes(b"precious")

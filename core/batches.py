@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from facedata import storage
+import storage
 from faces.trainfaces import ALIGN_POINTS, ALIGN_SHA, training_input
 from models.imagebytes import ImageDecodeError
 from models.landmarks import Landmarks

@@ -50,8 +50,8 @@ import os
 import posixpath
 import re
 
+import storage
 from core.rows import COMMON
-from facedata import storage
 
 SET_FORMAT = 1
 SET_FILE_MAX_BYTES = 64 * 1024

@@ -23,9 +23,9 @@ import math
 
 import pyarrow as pa
 
+import storage
 from core import report_charts as charts
 from core.report_scan import POSE, plan, scan
-from facedata import storage
 
 SUMMARY_FILE = "_summary.json"  # raytasks/label/output.py's names (core does not import raytasks)
 LABELS_DIR = "labels"

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from facedata import storage
+import storage
 from facedata.paths import local_path, normalize_path, open_local, storable
 from facedata.reading import FETCH_TIMEOUT_S, gather
 

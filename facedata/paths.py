@@ -12,7 +12,7 @@ import posixpath
 import stat
 from urllib.parse import unquote
 
-from facedata import storage
+import storage
 
 MANIFEST_SUFFIXES = (".parquet", ".csv")
 

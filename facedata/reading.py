@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pyarrow.fs as pafs
 
-from facedata import storage
+import storage
 from facedata.paths import FORBIDDEN, Forbidden, is_allowed, local_path, open_local, storable
 
 MAX_FILE_BYTES = 128 * 1024 * 1024  # bigger files are an error row ("too_large"), not read: see fetch

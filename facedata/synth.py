@@ -28,7 +28,7 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image
 
-from facedata import storage
+import storage
 from facedata.datasets import (
     CELEBA_ATTR_FILE,
     CELEBA_ATTRIBUTES,

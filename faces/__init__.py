@@ -24,6 +24,6 @@ go through it):
   pass over a data set, which face of a photo, what is skipped and why; ``faces/facecache.py``: the
   detections cached beside the runs, keyed by file content and detector identity.
 
-Imports: ``faces`` uses ``models`` (preprocessing) and ``facedata`` (storage); ``core``, ``raytasks`` and
+Imports: ``faces`` uses ``storage``, ``models`` (preprocessing) and ``facedata``; ``core``, ``raytasks`` and
 ``jobs`` use ``faces``.
 """

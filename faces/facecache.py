@@ -10,7 +10,7 @@ setting that changes which faces are found, and the size photos are decoded at).
 * a file whose bytes changed has another hash: its old entry is never found, the file is detected again;
 * another detector or setting has another identity, hence another folder: nothing is shared between them.
 
-Layout, under the run storage (a folder or an ``s3://`` prefix, through facedata/storage.py)::
+Layout, under the run storage (a folder or an ``s3://`` prefix, through storage/__init__.py)::
 
     <storage>/_face_cache/<digest of the identity>/identity.txt        the identity, in full
     <storage>/_face_cache/<digest of the identity>/part-<time>-<id>.jsonl   one JSON object per line
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from facedata import storage
+import storage
 
 log = logging.getLogger(__name__)
 

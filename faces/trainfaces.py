@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from facedata import storage
+import storage
 from facedata.datasets import FACE_SELECT_COLUMNS
 from faces.facecache import CACHE_DECIMALS, Detection, DetectionCache, content_hash
 from faces.finder import face_input

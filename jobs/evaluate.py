@@ -42,6 +42,7 @@ import sys
 
 import pandas as pd
 
+import storage
 from core.evaluation import (
     GroupError,
     calibration_errors,
@@ -53,7 +54,6 @@ from core.evaluation import (
     reliability_png,
     run_model,
 )
-from facedata import storage
 from facedata.datasets import read_dataset
 from faces.finder import FACE_PICKS
 from jobs._cli import add_face_args, face_options, positive

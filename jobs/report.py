@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import storage
 from core.report import DEFAULT_MAX_THUMBNAILS, ReportError, label_report
-from facedata import storage
 
 
 def main(argv: list[str] | None = None) -> dict:

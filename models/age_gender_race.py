@@ -62,7 +62,7 @@ from .outputs import AgeDistribution, Categorical
 from .outputset import OutputSet
 from .preprocess import Preprocessing
 
-UTKFACE_RACES = ("White", "Black", "Asian", "Indian", "Others")  # facedata.datasets.UTKFACE_RACES
+UTKFACE_RACES = ("White", "Black", "Asian", "Indian", "Others")  # UTKFace's race codes 0-4 (facedata reads them)
 MIN_IMAGE_SIZE = 32  # a ResNet's stride is 32
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 def load_state_dict(uri: str) -> dict:
     """A state dict from a local path or s3:// URI, safely (tensors only, never arbitrary pickle)."""
-    from facedata import storage
+    import storage
 
     data = storage.read_bytes(uri)
     if uri.endswith(".safetensors"):

@@ -215,7 +215,7 @@ def _save(obj: dict) -> bytes:
 
 def save_checkpoint(model, uri: str, metrics: dict | None = None, extra: dict | None = None) -> str:
     """Write a checkpoint to a local path or s3:// URI; returns its content hash."""
-    from facedata import storage
+    import storage
 
     data, digest = checkpoint_bytes(model, metrics, extra)
     storage.write_bytes(uri, data)
@@ -248,7 +248,7 @@ def read_limits(max_bytes: int | None = None, timeout_s: float | None = None) ->
 
 
 def _read(uri: str, map_location="cpu", max_bytes: int | None = None, timeout_s: float | None = None) -> dict:
-    from facedata import storage
+    import storage
 
     max_bytes, timeout_s = read_limits(max_bytes, timeout_s)
     try:
@@ -341,7 +341,7 @@ def add_extra(uri: str, entries: dict) -> str:
     """Add ``entries`` to a checkpoint's ``extra`` in place (its hash, which covers ``extra``, is computed again;
     weights, outputs and preprocessing are kept byte for byte); returns the new hash. The train job records
     the recipe a model was trained with this way (models/recipes.py)."""
-    from facedata import storage
+    import storage
 
     uri, obj = _verified(uri)
     obj = {**obj, "extra": json.loads(json.dumps({**obj["extra"], **entries}))}
@@ -377,7 +377,7 @@ _FORMAT1_READINGS = {
 def upgrade_checkpoint(src: str, dst: str) -> str:
     """Re-save a format-1 checkpoint as format 2 after checking its format-1 hash; returns the new hash.
     Arguments added since (``_FORMAT1_READINGS``) are written into its config with their format-1 meaning."""
-    from facedata import storage
+    import storage
 
     obj = _read(src)
     if obj["format"] != OLD_FORMAT:

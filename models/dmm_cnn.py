@@ -87,8 +87,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from facedata.datasets import CELEBA_ATTRIBUTES
-
 from . import register_model
 from .backbones import dlib_preprocessing, dlib_trunk, resnet
 from .base import FaceModel, Recipe
@@ -96,6 +94,16 @@ from .landmarks import LANDMARK_SCALES, Landmarks
 from .outputs import Binary
 from .outputset import OutputSet
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+
+# CelebA's 40 attributes in the order of its list_attr_celeba.txt: the model's outputs and the celeba reader's columns
+CELEBA_ATTRIBUTES: tuple[str, ...] = (
+    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips",
+    "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows", "Chubby",
+    "Double_Chin", "Eyeglasses", "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones", "Male",
+    "Mouth_Slightly_Open", "Mustache", "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose",
+    "Receding_Hairline", "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair",
+    "Wearing_Earrings", "Wearing_Hat", "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Necktie", "Young",
+)  # fmt: skip
 
 OBJECTIVE_ATTRIBUTES: tuple[str, ...] = (
     "5_o_Clock_Shadow", "Bald", "Bangs", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Eyeglasses",

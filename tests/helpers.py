@@ -183,7 +183,7 @@ def read_rows(output: str):
     """The Parquet rows of a label output (local or s3://) as an Arrow table."""
     import pyarrow.parquet as pq
 
-    from facedata import storage
+    import storage
     from raytasks.label.output import LABELS_DIR
 
     fs, path = storage.filesystem(storage.join(output, LABELS_DIR))

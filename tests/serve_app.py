@@ -121,7 +121,7 @@ def serve_application(ray_session, s3_server, tmp_path_factory, group_photo, thr
     for name in ZOO:
         if name == "hard_sharing":
             uri = f"s3://{bucket}/models/{name}.pt"
-            from facedata import storage
+            import storage
 
             storage.write_bytes(uri, Path(three[name]).read_bytes())
         elif name in three:

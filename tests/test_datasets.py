@@ -10,7 +10,8 @@ import shutil
 import pandas as pd
 import pytest
 
-from facedata import storage, synth
+import storage
+from facedata import synth
 from facedata.datasets import (
     CELEBA_ATTRIBUTES,
     DATASET_MODELS,

@@ -181,7 +181,7 @@ def test_a_folder_with_a_file_name_that_is_not_utf8_is_listed(tmp_path):
 # ------------------------------------------------------------------------------------------------------
 
 def test_write_bytes_does_not_follow_a_planted_temporary_link(tmp_path):
-    from facedata import storage
+    import storage
 
     victim = tmp_path / "victim.txt"
     victim.write_bytes(b"precious")
@@ -318,7 +318,7 @@ class _SlowS3:
 
 
 def test_a_slow_checkpoint_read_times_out(monkeypatch):
-    from facedata import storage
+    import storage
     from models.checkpoint import TIMEOUT_ENV, CheckpointError, load_checkpoint
 
     slow = _SlowS3(100_000)
@@ -338,7 +338,7 @@ def test_a_slow_checkpoint_read_times_out(monkeypatch):
 
 
 def test_read_bounded_refuses_what_is_not_a_regular_file(tmp_path):
-    from facedata import storage
+    import storage
 
     (tmp_path / "set.yaml").write_bytes(b"models: {}\n")
     assert storage.read_bounded(str(tmp_path / "set.yaml"), 100, 5) == b"models: {}\n"

@@ -15,9 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 
 import models
+import storage
 from core.annotator import Annotator
 from core.modelset import ModelSet
-from facedata import inputs, storage
+from facedata import inputs
 from models.checkpoint import save_checkpoint
 from raytasks import label as L
 from tests.helpers import (

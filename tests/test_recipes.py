@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import models
-from facedata import storage, synth
+import storage
+from facedata import synth
 from facedata.datasets import FORMATS, read_dataset
 from jobs import evaluate as evaluate_job
 from jobs import train as train_job

@@ -20,7 +20,8 @@ import json
 import pytest
 import torch
 
-from facedata import storage, synth
+import storage
+from facedata import synth
 from jobs import train as train_job
 from models.checkpoint import load_checkpoint
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 import models
+import storage
 from core import engine
 from core.augment import FLIP_5, Augment
 from core.batches import load_batch
 from core.evaluation import run_model
-from facedata import storage
 from facedata.datasets import read_dataset
 from faces.facecache import Detection, DetectionCache
 from faces.finder import FaceFinder, FaceOptions

@@ -1,7 +1,7 @@
 """Readers for the face datasets the models train on, from a local folder or an ``s3://`` prefix.
 
 ``read_dataset("FORMAT:URI")`` returns a :class:`FaceDataset`: one row per usable image with its full
-``path`` (readable with :func:`facedata.storage.read_bytes`), its ``split`` (``train`` / ``val`` / ``test``)
+``path`` (readable with :func:`storage.read_bytes`), its ``split`` (``train`` / ``val`` / ``test``)
 and the *canonical* label columns every model output consumes:
 
 ============  ===========================================================================================

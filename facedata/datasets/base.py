@@ -14,19 +14,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from facedata import storage
+import storage
+
+# the label values the models predict are defined once, with the models (models/ sits below facedata/)
+from models.age_gender_race import UTKFACE_RACES
+from models.dmm_cnn import CELEBA_ATTRIBUTES  # noqa: F401 - facedata.datasets exports it
 
 log = logging.getLogger("facedata.datasets")
 
-CELEBA_ATTRIBUTES: tuple[str, ...] = (
-    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips",
-    "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows", "Chubby",
-    "Double_Chin", "Eyeglasses", "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones", "Male",
-    "Mouth_Slightly_Open", "Mustache", "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose",
-    "Receding_Hairline", "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair",
-    "Wearing_Earrings", "Wearing_Hat", "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Necktie", "Young",
-)  # fmt: skip
-UTKFACE_RACES = ("White", "Black", "Asian", "Indian", "Others")
 SCUT_RACES = ("Asian", "Caucasian")
 CELEBA_LANDMARKS = ("left_eye", "right_eye", "nose", "left_mouth", "right_mouth")
 

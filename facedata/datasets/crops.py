@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from facedata import storage
+import storage
 from facedata.datasets.base import (
     _PARTITION,
     _SCUT_NAME,

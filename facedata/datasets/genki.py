@@ -22,7 +22,7 @@ import math
 
 import pandas as pd
 
-from facedata import storage
+import storage
 from facedata.datasets.base import (
     FaceDataset,
     _basename,

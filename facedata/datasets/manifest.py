@@ -11,7 +11,7 @@ import posixpath
 import numpy as np
 import pandas as pd
 
-from facedata import storage
+import storage
 from facedata.datasets.base import (
     _LIST_SIZES,
     _SPLIT_ALIASES,

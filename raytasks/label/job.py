@@ -13,7 +13,7 @@ What goes in
     file with a ``path`` column (absolute paths or ``s3://`` URIs; relative ones are resolved against the
     manifest's folder). In a folder, an input image is
 
-    * every file whose extension is an image extension (``facedata.storage.IMAGE_EXTENSIONS``), whatever it
+    * every file whose extension is an image extension (``storage.IMAGE_EXTENSIONS``), whatever it
       holds: a ``.jpg`` that is empty, text or truncated becomes an error row, not a silent skip;
     * every other file whose first bytes are a JPEG, PNG, GIF, BMP, WebP or TIFF signature (a photo saved
       without extension, ``IMG_0001.JPG.bak``). Other files (text, JSON, videos, our own Parquet) are not
@@ -92,7 +92,7 @@ import time
 
 import pyarrow.fs as pafs
 
-from facedata import storage
+import storage
 from facedata.inputs import InputError, check_manifest, write_listing, write_manifest_listing
 from facedata.paths import default_allow_prefix, is_manifest
 from raytasks.label.cluster import ensure_ray, resolve_pool

@@ -41,7 +41,7 @@ import threading
 import time
 import uuid
 
-from facedata import storage
+import storage
 
 LEASE_DIR = "_lease"
 DEFAULT_TTL_S = 120.0

@@ -14,7 +14,7 @@ from collections import Counter
 
 import pyarrow.fs as pafs
 
-from facedata import storage
+import storage
 
 LABELS_DIR = "labels"
 COMMIT_LOG_DIR = "_checkpoint"  # Ray Data's row-level checkpoint: the commit log of written paths

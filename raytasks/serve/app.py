@@ -51,8 +51,8 @@ import os
 
 from ray import serve
 
+import storage
 from core.modelset import ModelSet
-from facedata import storage
 from raytasks.serve.config import ServeArgs
 from raytasks.serve.ingress import FaceAttrAPI
 from raytasks.serve.replicas import AnnotatorServer

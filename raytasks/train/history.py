@@ -12,8 +12,8 @@ import json
 
 import pandas as pd
 
+import storage
 from core import engine
-from facedata import storage
 from models.base import Recipe
 
 HISTORY_JSON = "history.json"

@@ -47,9 +47,9 @@ import warnings
 import pandas as pd
 
 import models
+import storage
 from core import engine
 from core.batches import MIN_TRAIN_BATCH, label_columns, unlabelled_columns
-from facedata import storage
 from facedata.datasets import FACE_SELECT_COLUMNS
 from faces.align import default_template
 from faces.facecache import DetectionCache

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from facedata import storage
+import storage
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "state.pt"

@@ -31,7 +31,7 @@ import dataclasses
 import json
 import time
 
-from facedata import storage
+import storage
 from models.checkpoint import add_extra, checkpoint_info
 from models.recipes import RECORD_KEY, Stage, TrainingRecipe, describe, stage_values
 from raytasks.train.history import HISTORY_JSON, read_history

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 import models
+import storage
 from core import engine
 from core.augment import Augment
 from core.batches import drop_failed, fold_remainder
-from facedata import storage
 from models.base import Recipe
 from models.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from models.checkpoint import checkpoint_bytes
