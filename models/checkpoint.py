@@ -30,15 +30,14 @@ load it.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import io
 import json
 from dataclasses import dataclass
 
 import torch
 
-FORMAT = "faceattr-checkpoint/2"
-OLD_FORMAT = "faceattr-checkpoint/1"
+from .checkpoint_hash import FORMAT, OLD_FORMAT, hash_of, old_content_hash
+
 PIN_SEP = "#sha256:"
 _FIELDS = {"model": str, "config": dict, "outputs": list, "preprocessing": dict, "metrics": dict, "extra": dict,
            "state_dict": dict, "hash": str}
@@ -75,119 +74,6 @@ class CheckpointInfo:
         return self.hash.split(":", 1)[-1][:16]
 
 
-def _tensor_digest(h, state_dict: dict) -> None:
-    for key in sorted(state_dict):
-        t = state_dict[key].detach().cpu().contiguous()
-        h.update(key.encode())
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        # reshape(-1): a 0-dim tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes directly;
-        # the flat view has the same bytes as before for every other tensor.
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
-
-def _has_arrays(value) -> bool:
-    """Whether a tensor or numpy array appears anywhere in ``value`` (nested in dicts, lists, tuples)."""
-    import numpy as np
-
-    if isinstance(value, (torch.Tensor, np.ndarray)):
-        return True
-    if isinstance(value, dict):
-        return any(_has_arrays(k) or _has_arrays(v) for k, v in value.items())
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return any(_has_arrays(v) for v in value)
-    return False
-
-
-def _exact(value, out: list) -> None:
-    """An injective, length-prefixed encoding of ``value`` appended to ``out``: tensors and arrays by dtype,
-    shape and every byte (``repr`` shortens them to a few values), dicts by sorted encoded keys, a tuple as
-    the list it loads back as (as JSON did), anything else by type and ``repr``."""
-    import numpy as np
-
-    def put(tag: bytes, data: bytes) -> None:
-        out.append(tag + len(data).to_bytes(8, "big") + data)
-
-    if value is None or isinstance(value, bool):
-        put(b"z", repr(value).encode())
-    elif isinstance(value, int):
-        put(b"i", str(int(value)).encode())
-    elif isinstance(value, float):
-        put(b"f", float(value).hex().encode())
-    elif isinstance(value, str):
-        put(b"s", value.encode("utf-8", "surrogatepass"))
-    elif isinstance(value, (bytes, bytearray)):
-        put(b"y", bytes(value))
-    elif isinstance(value, torch.Tensor):
-        t = value.detach().cpu().contiguous()
-        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        put(b"t", f"{t.dtype}|{tuple(t.shape)}|".encode() + raw)
-    elif isinstance(value, np.ndarray):
-        a = np.ascontiguousarray(value)
-        raw = a.tobytes() if a.dtype != object else repr(a.tolist()).encode()
-        put(b"a", f"{a.dtype.str}|{a.shape}|".encode() + raw)
-    elif isinstance(value, dict):
-        items = []
-        for k, v in value.items():
-            kb, vb = [], []
-            _exact(k, kb)
-            _exact(v, vb)
-            items.append((b"".join(kb), b"".join(vb)))
-        put(b"d", b"".join(k + v for k, v in sorted(items)))
-    elif isinstance(value, (list, tuple)):
-        parts: list = []
-        for v in value:
-            _exact(v, parts)
-        put(b"l", len(value).to_bytes(8, "big") + b"".join(parts))
-    elif isinstance(value, (set, frozenset)):
-        parts = []
-        for v in value:
-            enc: list = []
-            _exact(v, enc)
-            parts.append(b"".join(enc))
-        put(b"e", b"".join(sorted(parts)))
-    else:
-        put(b"r", f"{type(value).__module__}.{type(value).__qualname__}|{value!r}".encode("utf-8", "surrogatepass"))
-
-
-def content_hash(name: str, config: dict, state_dict: dict, outputs: list | None = None,
-                 preprocessing: dict | None = None, metrics: dict | None = None, extra: dict | None = None) -> str:
-    """The format-2 hash: everything that describes the checkpoint (see the module docstring).
-
-    The metadata is hashed as sorted JSON. Where it holds a tensor or numpy array (in ``extra``, say, at
-    any depth), JSON would turn it into its ``repr``, which shows a few of its values: two files that differ
-    in one value of a 5,000-value tensor hashed alike (issue #22). Such metadata is hashed instead by an
-    exact encoding (:func:`_exact`: every byte of every array) after a separator that JSON text never
-    contains; metadata without arrays (every checkpoint ``save_checkpoint`` writes, whose ``extra`` is
-    JSON) keeps the hash it always had."""
-    h = hashlib.sha256()
-    h.update(FORMAT.encode())
-    meta = {"model": name, "config": config, "outputs": outputs, "preprocessing": preprocessing,
-            "metrics": metrics, "extra": extra}
-    if _has_arrays(meta):
-        parts: list = []
-        _exact(meta, parts)
-        h.update(b"\x00exact-metadata/1\x00")
-        h.update(b"".join(parts))
-    else:
-        h.update(json.dumps(meta, sort_keys=True, default=repr).encode())
-    _tensor_digest(h, state_dict)
-    return "sha256:" + h.hexdigest()
-
-
-def _old_content_hash(name: str, config: dict, state_dict: dict) -> str:
-    """The format-1 hash (model name, config, tensors), for :func:`upgrade_checkpoint` only."""
-    h = hashlib.sha256()
-    h.update(json.dumps({"model": name, "config": config}, sort_keys=True).encode())
-    _tensor_digest(h, state_dict)
-    return "sha256:" + h.hexdigest()
-
-
-def _hash_of(obj: dict) -> str:
-    return content_hash(obj["model"], obj["config"], obj["state_dict"], obj["outputs"], obj["preprocessing"],
-                        obj["metrics"], obj["extra"])
-
-
 def checkpoint_bytes(model, metrics: dict | None = None, extra: dict | None = None) -> tuple[bytes, str]:
     """Serialise ``model`` (a ``FaceModel``, possibly wrapped by DDP) into the checkpoint format."""
     model = getattr(model, "module", model)
@@ -203,7 +89,7 @@ def checkpoint_bytes(model, metrics: dict | None = None, extra: dict | None = No
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "state_dict": sd,
     }
-    digest = obj["hash"] = _hash_of(obj)  # JSON of the metadata: a tuple and the list it loads back as hash alike
+    digest = obj["hash"] = hash_of(obj)  # JSON of the metadata: a tuple and the list it loads back as hash alike
     return _save(obj), digest
 
 
@@ -287,7 +173,7 @@ def _verified(uri: str, map_location="cpu", expected_hash: str | None = None, ma
                               f"metrics and extra; re-save it as {FORMAT} with "
                               f"`python -m models.checkpoint upgrade {uri} NEW` (checks its old hash first)")
     try:
-        digest = _hash_of(obj)
+        digest = hash_of(obj)
     except (RecursionError, TypeError, ValueError) as e:  # nesting too deep, keys that do not sort, ...
         raise CheckpointError(f"{uri}: its metadata cannot be hashed ({type(e).__name__})") from None
     if digest != obj["hash"]:
@@ -345,7 +231,7 @@ def add_extra(uri: str, entries: dict) -> str:
 
     uri, obj = _verified(uri)
     obj = {**obj, "extra": json.loads(json.dumps({**obj["extra"], **entries}))}
-    obj["hash"] = _hash_of(obj)
+    obj["hash"] = hash_of(obj)
     storage.write_bytes(uri, _save(obj))
     return obj["hash"]
 
@@ -382,11 +268,11 @@ def upgrade_checkpoint(src: str, dst: str) -> str:
     obj = _read(src)
     if obj["format"] != OLD_FORMAT:
         raise CheckpointError(f"{src} is not a {OLD_FORMAT} file")
-    if _old_content_hash(obj["model"], obj["config"], obj["state_dict"]) != obj["hash"]:
+    if old_content_hash(obj["model"], obj["config"], obj["state_dict"]) != obj["hash"]:
         raise CheckpointError(f"{src}: content hash mismatch: not upgrading a file that was changed")
     obj = {**obj, "format": FORMAT, "metrics": obj.get("metrics", {}), "extra": obj.get("extra", {}),
            "config": {**_FORMAT1_READINGS.get(obj["model"], lambda c: {})(obj["config"]), **obj["config"]}}
-    obj["hash"] = _hash_of(obj)
+    obj["hash"] = hash_of(obj)
     storage.write_bytes(dst, _save(obj))
     return obj["hash"]
 

@@ -141,14 +141,15 @@ def checkpoint_with_extra(folder: Path, name: str, extra: dict) -> tuple[str, st
     import torch
 
     import models
-    from models.checkpoint import _hash_of, save_checkpoint
+    from models.checkpoint import save_checkpoint
+    from models.checkpoint_hash import hash_of
 
     base = folder / "base.pt"
     if not base.exists():
         save_checkpoint(models.create_model("hard_sharing"), str(base))
     obj = torch.load(base, weights_only=True)
     obj["extra"] = extra
-    obj["hash"] = _hash_of(obj)
+    obj["hash"] = hash_of(obj)
     torch.save(obj, folder / name)
     return str(folder / name), obj["hash"]
 

@@ -231,12 +231,13 @@ def test_malformed_checkpoint_is_the_documented_error(tmp_path, obj):
 def test_hash_matching_but_unbuildable_checkpoint_is_the_documented_error(tmp_path):
     import torch
 
-    from models.checkpoint import CheckpointError, _hash_of, load_checkpoint
+    from models.checkpoint import CheckpointError, load_checkpoint
+    from models.checkpoint_hash import hash_of
 
     path, _ = _saved(tmp_path)
     obj = torch.load(path, weights_only=True)
     obj["model"] = "no_such_model"
-    obj["hash"] = _hash_of(obj)
+    obj["hash"] = hash_of(obj)
     torch.save(obj, tmp_path / "unknown.pt")
     with pytest.raises(CheckpointError, match="does not build its model"):
         load_checkpoint(str(tmp_path / "unknown.pt"))
@@ -245,12 +246,13 @@ def test_hash_matching_but_unbuildable_checkpoint_is_the_documented_error(tmp_pa
 def test_format_1_checkpoints_are_refused_and_upgradable(tmp_path):
     import torch
 
-    from models.checkpoint import CheckpointError, _old_content_hash, load_checkpoint, upgrade_checkpoint
+    from models.checkpoint import CheckpointError, load_checkpoint, upgrade_checkpoint
+    from models.checkpoint_hash import old_content_hash
 
     path, _ = _saved(tmp_path)
     obj = torch.load(path, weights_only=True)
     obj["format"] = "faceattr-checkpoint/1"
-    obj["hash"] = _old_content_hash(obj["model"], obj["config"], obj["state_dict"])
+    obj["hash"] = old_content_hash(obj["model"], obj["config"], obj["state_dict"])
     torch.save(obj, tmp_path / "v1.pt")
     with pytest.raises(CheckpointError, match="python -m models.checkpoint upgrade"):
         load_checkpoint(str(tmp_path / "v1.pt"))
@@ -286,14 +288,15 @@ def test_an_upgraded_format_1_checkpoint_keeps_the_readings_it_was_trained_with(
     import torch
 
     import models
-    from models.checkpoint import _old_content_hash, load_checkpoint, upgrade_checkpoint
+    from models.checkpoint import load_checkpoint, upgrade_checkpoint
+    from models.checkpoint_hash import old_content_hash
 
     old = models.create_model("task_attention", depth=18, image_size=64, task_blocks=2)  # the old whole-res5 copy
     sd = {k: v.detach().clone() for k, v in old.state_dict().items()}
     config = {k: v for k, v in old.config.items() if k != "task_blocks"}  # format 1 knew no such argument
     obj = {"format": "faceattr-checkpoint/1", "model": "task_attention", "config": config,
            "outputs": old.outputs.describe(), "preprocessing": old.preprocessing.to_dict(), "state_dict": sd,
-           "hash": _old_content_hash("task_attention", config, sd)}
+           "hash": old_content_hash("task_attention", config, sd)}
     torch.save(obj, tmp_path / "v1.pt")
     upgrade_checkpoint(str(tmp_path / "v1.pt"), str(tmp_path / "v2.pt"))
     model, info = load_checkpoint(str(tmp_path / "v2.pt"))

@@ -384,7 +384,7 @@ def test_one_value_of_a_tensor_in_extra_changes_the_hash(tmp_path, where):
 def test_a_tensor_and_text_that_looks_like_it_hash_differently(tmp_path):
     import torch
 
-    from models.checkpoint import content_hash
+    from models.checkpoint_hash import content_hash
 
     t = torch.zeros(5000)
     sd = {"w": torch.ones(2)}
@@ -399,14 +399,15 @@ def test_hashes_of_checkpoints_without_arrays_in_their_metadata_do_not_change(tm
 
     import torch
 
-    from models.checkpoint import FORMAT, _tensor_digest, load_checkpoint
+    from models.checkpoint import load_checkpoint
+    from models.checkpoint_hash import FORMAT, tensor_digest
 
     path, digest = _saved(tmp_path, metrics={"accuracy": 0.5}, extra={"run": "r1", "epochs": [1, 2], "lr": 1e-3})
     obj = torch.load(path, weights_only=True)
     h = hashlib.sha256(FORMAT.encode())
     meta = {k: obj[k] for k in ("config", "outputs", "preprocessing", "metrics", "extra")}
     h.update(json.dumps({"model": obj["model"], **meta}, sort_keys=True, default=repr).encode())
-    _tensor_digest(h, obj["state_dict"])
+    tensor_digest(h, obj["state_dict"])
     assert digest == obj["hash"] == "sha256:" + h.hexdigest()
     assert load_checkpoint(f"{path}#{digest}")[1].hash == digest
 
