@@ -24,7 +24,11 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
-torch.set_num_threads(2)
+# One torch thread per test process (FACEATTR_TEST_THREADS to change it): two test processes, Ray's workers and the
+# notebook's kernel share 2 cores, and a second thread per process only adds contention. Measured on the five
+# modules above, passive in both (2026-12-03): 2 threads 421 CPU-s, pytest 225 s; 1 thread 397 CPU-s, 211 s. The
+# golden rows (tests/test_golden.py, recorded with 2 threads) are equal within their tolerance with 1.
+torch.set_num_threads(int(os.environ.get("FACEATTR_TEST_THREADS", "1")))
 
 RAY_FIXTURES = {"ray_session"}  # a test whose fixture closure holds one of these uses Ray
 
