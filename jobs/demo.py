@@ -102,7 +102,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     t = _step("2. train with Ray Train")
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+        # at least 4 logical CPUs, as jobs.label's own Ray (raytasks/label/cluster.py ensure_ray): a label run that
+        # resumes holds Ray Data's checkpoint filter actor (1 CPU) beside the annotator actor and the read tasks,
+        # and with os.cpu_count() = 2 the read waited for a third CPU for ever
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     model_kw, recipe = DEMO_MODELS[args.model]
     recipe = {**recipe, "epochs": args.epochs}
     ckpt = str(out / "models" / f"{args.model}.pt")
@@ -135,7 +138,9 @@ def main(argv: list[str] | None = None) -> dict:
     labels_out = out / "labels"
     print(f"{len(truth)} photos holding {sum(truth.values())} faces (0 to 3 each), plus 2 broken files")
     print(f"(the same as: python -m jobs.label --checkpoint {ckpt} --input {photos} --output {labels_out})")
-    label_summary = label(LabelSpec(checkpoint=ckpt, input=str(photos), output=str(labels_out), batch_size=4))
+    # 14 photos: one copy of the model is enough
+    label_summary = label(LabelSpec(checkpoint=ckpt, input=str(photos), output=str(labels_out), batch_size=4,
+                                    max_actors=1))
     summary["label"] = {k: label_summary.get(k) for k in (
         "inputs", "images_total", "faces_total", "images_without_faces", "rows_total", "ok_total", "errors_by_kind",
         "complete", "images_per_s", "faces_per_s")}
