@@ -24,11 +24,11 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
-# One torch thread per test process (FACEATTR_TEST_THREADS to change it): two test processes, Ray's workers and the
-# notebook's kernel share 2 cores, and a second thread per process only adds contention. Measured on the five
-# modules above, passive in both (2026-12-03): 2 threads 421 CPU-s, pytest 225 s; 1 thread 397 CPU-s, 211 s. The
-# golden rows (tests/test_golden.py, recorded with 2 threads) are equal within their tolerance with 1.
-torch.set_num_threads(int(os.environ.get("FACEATTR_TEST_THREADS", "1")))
+# Two torch threads per test process (FACEATTR_TEST_THREADS to change it). One was tried (2026-12-03, the five
+# modules above, passive OpenMP, two pairs in turn): 1 thread 397 and 368 CPU-s, pytest 211 and 223 s; 2 threads
+# 421 and 356 CPU-s, 225 and 190 s. No clear gain: with one thread a core sat idle while the other test process
+# waited on Ray (74 idle CPU-s against 20), so the default stays 2, as the golden rows were recorded.
+torch.set_num_threads(int(os.environ.get("FACEATTR_TEST_THREADS", "2")))
 
 RAY_FIXTURES = {"ray_session"}  # a test whose fixture closure holds one of these uses Ray
 
