@@ -37,7 +37,8 @@ def label_columns(model) -> list[str]:
 def unlabelled_columns(model, columns) -> list[str]:
     """The model's label columns that the data lacks (hmtnet's beauty on UTKFace). The heads behind them get no
     gradient, so DDP must be told to look for unused parameters or it stops at the second step."""
-    return [c for c in label_columns(model) if c not in set(columns)]
+    have = set(columns)
+    return [c for c in label_columns(model) if c not in have]
 
 
 def _target_array(values, n_expected: int | None) -> np.ndarray:
