@@ -36,7 +36,7 @@ RAY_FIXTURES = {"ray_session"}  # a test whose fixture closure holds one of thes
 # The longest modules first (seconds of a serial run, 2026-12-02): `make test` runs two pytest-xdist workers that
 # take whole modules in this order (--dist loadfile --no-loadscope-reorder), so the long ones do not meet at the
 # end with one worker idle. Modules not listed follow in their usual order.
-LONGEST_FIRST = ("test_notebook.py", "test_recipes.py", "test_train.py", "test_training_local.py", "test_serve.py",
+LONGEST_FIRST = ("test_notebook.py", "test_recipes.py", "test_training_local.py", "test_serve.py",
                  "test_label.py", "test_modelset.py", "test_faces_e2e.py", "test_train_faces.py", "test_report.py",
                  "test_face_backbone.py")
 

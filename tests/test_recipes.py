@@ -2,8 +2,8 @@
 checks, the record in the checkpoint, and one three-stage recipe trained with Ray Train (age_gender_race on
 synthetic UTKFace on the moto S3 server, a random dlib trunk at 112 px, a few images, 2 DDP workers) in which a
 worker dies in the second stage, the rerun resumes it, and a worker killed in the third stage is restarted by Ray
-Train: the project's one Ray Train test of dying, resuming, restarting, DDP and exporting (tests/test_train.py
-keeps the model-specific runs)."""
+Train: the project's one Ray Train test of dying, resuming, restarting, DDP (shards, the remainder of a shard,
+validations inside an epoch) and exporting (tests/test_ddp.py checks DDP's model-specific rules without Ray)."""
 
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def test_the_run_folder_must_hold_what_the_recipe_trains(tmp_path):
         return {"index": k + 1, "identity": runs[k].identity, "status": "done", "output": ckpt[k],
                 "stopped": stopped, "epochs_done": epochs_done, "train_values": {"epochs": 99}}
 
-    state = {"recipe": recipe.name, "version": 1, "stages": [done(0, 8), done(1, 1, stopped=True)]}
+    state = {"recipe": recipe.name, "version": recipe.version, "stages": [done(0, 8), done(1, 1, stopped=True)]}
     assert first_to_train(runs, recipe, state, "RUN", False) == 2  # stage 3 is next
     state["stages"].append({"index": 3, "identity": runs[2].identity, "status": "training"})
     assert first_to_train(runs, recipe, state, "RUN", False) == 2  # stage 3 resumes
@@ -136,8 +136,9 @@ def test_the_run_folder_must_hold_what_the_recipe_trains(tmp_path):
     (tmp_path / "1.pt").unlink()  # stage 2's checkpoint is gone: it is not done
     with pytest.raises(TrainError, match="stage 2/3 finetune in RUN would train again"):
         first_to_train(runs, recipe, state, "RUN", False)
-    with pytest.raises(TrainError, match="holds recipe age_gender_race-utkface v1, not age_gender_race-utkface v2"):
-        first_to_train(runs, dataclasses.replace(recipe, version=2), state, "RUN", False)
+    v = recipe.version
+    with pytest.raises(TrainError, match=f"holds recipe age_gender_race-utkface v{v}, not age_gender_race-utkface v{v + 1}"):
+        first_to_train(runs, dataclasses.replace(recipe, version=v + 1), state, "RUN", False)
     with pytest.raises(TrainError, match="rerun with --recipe age_gender_race-utkface to resume"):
         first_to_train(plan(spec, None), None, state, "RUN", False)
     with pytest.raises(TrainError, match="holds a run trained without a recipe: rerun with --recipe none"):
@@ -176,11 +177,15 @@ def test_recipe_on_s3_dies_resumes_restarts_a_worker_with_ddp_and_is_exported_an
     data = synth.generate("utkface", 40, f"s3://{bucket}/utk", seed=4, size=(96, 96))
     n_val = int((read_dataset(f"utkface:{data}").table.split == "val").sum())  # 4: 2 on each worker
     runs, output = f"s3://{bucket}/runs", f"s3://{bucket}/models/agr.pt"
-    n_train, steps = 8, 2  # --limit 8 on 2 workers: 4 images each, 2 steps of 2 per epoch (batch 4)
+    # --limit 10 on 2 workers: 5 images each, in batches of 2 (batch 4): the last batch of one would stop BatchNorm
+    # ("Expected more than 1 value per channel when training", issue #11) and joins the one before: 2 steps of
+    # 2 and 3 per epoch. --validate-every 1: the every-P validations inside an epoch (DMM-CNN's P; their
+    # all-reduced statistics and λ, τ: tests/test_ddp.py)
+    n_train, steps = 10, 2
     argv = ["--model", "age_gender_race", "--data", f"utkface:{data}", "--workers", "2", "--threads", "1",
             "--storage", runs, "--name", "agr", "--output", output, "--keep", "1", "--template-images", "0",
             "--model-arg", "backbone_weights=random", "--image-size", "112",  # the recipe's trunk, small and quick
-            "--epochs", "2", "--batch-size", "4", "--limit", str(n_train), "--patience", "0",
+            "--epochs", "2", "--batch-size", "4", "--limit", str(n_train), "--patience", "0", "--validate-every", "1",
             "--schedule", "hard_sharing", "--optimizer", "sgd"]
     folders = [f"{runs}/agr/stage-1-frozen", f"{runs}/agr/stage-2-finetune", f"{runs}/agr/stage-3-finetune-low"]
 
@@ -230,6 +235,9 @@ def test_recipe_on_s3_dies_resumes_restarts_a_worker_with_ddp_and_is_exported_an
             assert [r["samples"] for r in ranks] == [n_train // 2] * 2 and e["train_images"] == n_train
             assert [r["steps"] for r in ranks] == [steps] * 2
             assert ranks[0]["weights"] == ranks[1]["weights"]  # DDP: same weights on both workers
+            assert ranks[0]["buffers"] == ranks[1]["buffers"]  # and the same model state
+            assert len(ranks[0]["after_on_validation"]) == steps  # a validation after every step (P = 1)
+            assert ranks[0]["after_on_validation"] == ranks[1]["after_on_validation"]
             # validation metrics are over the whole validation split, not over rank 0's shard
             assert e["val_images"] == n_val
             # the step count and the L0/i schedule go on across the resume (stage 2) and the restart (stage 3):
