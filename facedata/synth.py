@@ -16,7 +16,7 @@ Every face is drawn independently from ``numpy.random.default_rng([seed, index])
 same bytes, and image ``i`` does not depend on ``n``. :func:`facedata.draw.draw_face` draws one face in memory, and
 :func:`iter_faces` yields ``(file name, image, labels)`` exactly as :func:`generate` writes them.
 
-What is drawn, and how each label is set: facedata/draw.py.
+What is drawn: facedata/draw.py; how each label is set: facedata/traits.py.
 """
 
 from __future__ import annotations
