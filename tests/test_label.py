@@ -287,6 +287,11 @@ def test_gpu_flags_against_a_cluster_without_gpus(ray_session, hs_checkpoint, tm
     spec.validate()
     with pytest.raises(L.LabelError, match="has 0 GPUs"):  # a Ray this process started: nothing can add GPUs
         L.resolve_pool(spec, can_grow=False)
+    # the fixture's own ray.init() is such a Ray (as a user's script or notebook): an error, not a wait forever
+    # (a resumed run on a 2-CPU ray.init() waited for an autoscaler that does not exist)
+    assert L.started_here()
+    with pytest.raises(L.LabelError, match=r"started: start it with more logical CPUs, e.g. ray.init\(num_cpus=7\)"):
+        L.resolve_pool(dataclasses.replace(spec, gpus_per_actor=0, min_actors=5), resuming=True)
     warnings = []  # a cluster: the autoscaler may add GPU nodes, so the job waits for them
     assert L.resolve_pool(dataclasses.replace(spec, max_actors=4), can_grow=True, warn=warnings.append) == (1, 4)
     assert "waiting for the autoscaler" in warnings[0]

@@ -7,7 +7,7 @@
   lease.py: one run per output; gpu_decode.py: ``--gpu-decode``.
 """
 
-from raytasks.label.cluster import ensure_ray, resolve_pool  # noqa: F401 - the job's API
+from raytasks.label.cluster import ensure_ray, resolve_pool, started_here  # noqa: F401 - the job's API
 from raytasks.label.job import label  # noqa: F401
 from raytasks.label.spec import LabelError, LabelSpec  # noqa: F401
 from raytasks.label.stages import AnnotatorActor, read_and_decode  # noqa: F401

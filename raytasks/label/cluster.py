@@ -6,7 +6,16 @@ import os
 
 from raytasks.label.spec import LabelError, LabelSpec
 
-_LOCAL_RAY = False  # whether ensure_ray started the Ray this process uses (no autoscaler can add nodes)
+
+def started_here() -> bool:
+    """Whether this process started the Ray it uses (``ray.init()`` without an address, here, in a notebook or
+    in a user's script): a Ray on this machine alone, which no autoscaler grows. Read from the driver's node
+    (``ray_init_cluster``, private to Ray 2.60, so read with a default: an unknown Ray counts as a cluster)."""
+    try:
+        from ray._private import worker
+    except ImportError:
+        return False
+    return bool(getattr(getattr(worker, "_global_node", None), "ray_init_cluster", False))
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -14,7 +23,6 @@ def ensure_ray(address: str | None = None) -> None:
     least four logical CPUs (Ray's checkpoint filter actor takes one, see the module docstring)."""
     import ray
 
-    global _LOCAL_RAY
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -22,7 +30,6 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(address=address)
     else:
         ray.init(num_cpus=max(4, os.cpu_count() or 1))
-        _LOCAL_RAY = True
 
 
 def resolve_pool(spec: LabelSpec, resuming: bool = False, can_grow: bool | None = None,
@@ -32,13 +39,14 @@ def resolve_pool(spec: LabelSpec, resuming: bool = False, can_grow: bool | None 
     output already has rows (``resuming``); the default maximum leaves that room on every run, so that a
     laptop's cores are not shared by more model threads than they have.
 
-    When the pool does not fit: on a Ray this process started (``can_grow`` False) nothing will add
-    resources, so it is an error; on a cluster it is a warning, since the autoscaler adds nodes as Ray Data
+    When the pool does not fit: on a Ray this process started (:func:`started_here`, by ensure_ray or by the
+    user's own ``ray.init()``; ``can_grow`` False) nothing will add resources, so it is an error, not a wait
+    that never ends; on a cluster it is a warning, since the autoscaler adds nodes as Ray Data
     asks for them (a cluster whose GPU workers scale from zero has no GPU when the job starts; give
     ``--max-actors`` there, the default is what fits now)."""
     import ray
 
-    can_grow = (not _LOCAL_RAY) if can_grow is None else can_grow
+    can_grow = (not started_here()) if can_grow is None else can_grow
     res = ray.cluster_resources()
     cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
     if spec.gpus_per_actor > 0:
@@ -53,7 +61,10 @@ def resolve_pool(spec: LabelSpec, resuming: bool = False, can_grow: bool | None 
     if spec.min_actors > fit:
         if not can_grow:
             raise LabelError(short + (" (run with --gpus-per-actor 0 to label on CPUs)" if spec.gpus_per_actor
-                                      else f" do not fit (at most {max(fit, 0)} actors)"))
+                                      else f" do not fit (at most {max(fit, 0)} actors) on this Ray, which this "
+                                      "process started: start it with more logical CPUs, e.g. ray.init(num_cpus="
+                                      f"{int(spec.min_actors * spec.cpus_per_actor + spare + 0.999)}), as jobs.label "
+                                      "does by itself"))
         warn(f"warning: {short}{'' if spec.gpus_per_actor else ' do not fit'} now; waiting for the autoscaler "
              "to add nodes")
     return spec.min_actors, spec.max_actors if spec.max_actors is not None else max(spec.min_actors, min(fit, default))
