@@ -38,8 +38,8 @@ def test_every_recipe_names_real_values_and_builds_its_models():
             models.create_model(r.model, **s.model_args, **random)
     agr = get_recipe("age_gender_race-utkface")
     assert [(s.name, s.model_args["backbone_freeze"], s.train["lr"], s.train["epochs"]) for s in agr.stages] == [
-        ("frozen", "all", 1e-3, 8), ("finetune", "none", 1e-3, 2), ("finetune-low", "none", 3e-4, 2)]
-    assert agr.stages[1].model_args["backbone_lr_scale"] == 0.01 and all(s.patience for s in agr.stages)
+        ("frozen", "all", 1e-3, 8), ("finetune", "none", 1e-3, 2), ("finetune-low", "none", 3e-4, 3)]
+    assert agr.stages[1].model_args["backbone_lr_scale"] == 0.01 and [s.patience for s in agr.stages] == [3, 1, 1]
     hmt = get_recipe("hmtnet-scut_fbp5500").stages
     assert len(hmt) == 1 and not hmt[0].train and not hmt[0].model_args  # the paper's defaults as they are
     assert recipe_for("hmtnet", "utkface") is None and recipe_for("age_gender_race", "manifest") is None
@@ -259,7 +259,7 @@ def test_recipe_on_s3_dies_resumes_restarts_a_worker_with_ddp_and_is_exported_an
     _, info = load_checkpoint(output)
     assert info.model == "age_gender_race" and info.extra["epoch"] in (1, 2) and info.extra["faces"]
     record = info.extra[RECORD_KEY]
-    assert (record["name"], record["version"]) == ("age_gender_race-utkface", 1)
+    assert (record["name"], record["version"]) == ("age_gender_race-utkface", 2)
     assert [s["name"] for s in record["stages"]] == ["frozen", "finetune", "finetune-low"]
     for s, h in zip(record["stages"], (h1, h2, h3)):
         assert s["train_values"] == h["recipe"] and s["model_config"] == h["config"]
@@ -269,7 +269,7 @@ def test_recipe_on_s3_dies_resumes_restarts_a_worker_with_ddp_and_is_exported_an
     metrics = evaluate_job.main(["--checkpoint", output, "--data", f"utkface:{data}", "--split", "val"])
     shown = capsys.readouterr().out
     assert metrics["n_images"] == n_val and 0 <= metrics["mean_accuracy"] <= 1
-    assert "recipe age_gender_race-utkface v1\n  stage 1 frozen: 2 of 2 epochs" in shown
+    assert "recipe age_gender_race-utkface v2\n  stage 1 frozen: 2 of 2 epochs" in shown
 
     # a rerun with another value is refused before anything trains
     with pytest.raises(SystemExit):
