@@ -26,6 +26,7 @@ import io
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from core import engine
@@ -68,6 +69,9 @@ def test_a_model_trained_on_photos_labels_a_face_in_another_photo_as_in_its_crop
                      "split": "train" if i < N_TRAIN else "val"})
     pd.DataFrame(rows).to_csv(tmp_path / "photos.csv", index=False)
 
+    # seeded: the weights' first draw decides how far 4 epochs get (unseeded, one suite run of five read 0.48 of
+    # the crops right, the others 0.71-0.81)
+    torch.manual_seed(0)
     model, recipe, train, val, faces = prepare(TrainSpec(
         model="age_gender_race", data=f"manifest:{tmp_path / 'photos.csv'}", storage=str(tmp_path / "runs"),
         name="photos", faces="detect", face_options={"detector": DETECTOR}, model_kwargs=MODEL_ARGS,
@@ -111,4 +115,6 @@ def test_a_model_trained_on_photos_labels_a_face_in_another_photo_as_in_its_crop
     # the stated margin: the same race for at least 80 % of the faces, and the crop's class gets on average
     # within 0.1 of the same probability in the photo
     gap = np.mean([abs(p["race_probs"][UTKFACE_RACES.index(c["race"])] - c["race_prob"]) for _, p, c in pairs])
+    print({"on_crop": round(on_crop, 3), "majority": round(majority, 3), "agree": round(agree, 3), "gap": round(gap, 3),
+           "pairs": len(pairs)})  # pytest -s shows the figures
     assert agree >= 0.8 and gap <= 0.1, (agree, gap)
