@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 from raytasks.label.spec import LabelError, LabelSpec
@@ -63,7 +64,7 @@ def resolve_pool(spec: LabelSpec, resuming: bool = False, can_grow: bool | None 
             raise LabelError(short + (" (run with --gpus-per-actor 0 to label on CPUs)" if spec.gpus_per_actor
                                       else f" do not fit (at most {max(fit, 0)} actors) on this Ray, which this "
                                       "process started: start it with more logical CPUs, e.g. ray.init(num_cpus="
-                                      f"{int(spec.min_actors * spec.cpus_per_actor + spare + 0.999)}), as jobs.label "
+                                      f"{math.ceil(spec.min_actors * spec.cpus_per_actor + spare)}), as jobs.label "
                                       "does by itself"))
         warn(f"warning: {short}{'' if spec.gpus_per_actor else ' do not fit'} now; waiting for the autoscaler "
              "to add nodes")
