@@ -82,6 +82,7 @@ def s3_server():
 
     from tests.helpers import free_port
 
+    _atomic_conditional_puts()
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -97,6 +98,30 @@ def s3_server():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def _atomic_conditional_puts() -> None:
+    """Make moto's conditional PutObject (``If-None-Match: *``, ``If-Match``) atomic, as S3's is. moto checks
+    the condition and then stores the object (moto/s3/responses.py, ``put_object``) without a lock, and its
+    server answers each request in a thread of its own: under load two creates of one key could both pass the
+    check. Seen once (2026-12-03, a full suite): two of six runs racing for a stale label lease on S3 both
+    "won" (tests/test_lease.py), which S3 itself never lets happen. The lock covers only conditional writes."""
+    import threading
+
+    from moto.s3.responses import S3Response
+
+    if getattr(S3Response.put_object, "_faceattr_atomic", False):
+        return
+    plain, lock = S3Response.put_object, threading.Lock()
+
+    def put_object(self):
+        if self.headers.get("If-None-Match") or self.headers.get("If-Match"):
+            with lock:
+                return plain(self)
+        return plain(self)
+
+    put_object._faceattr_atomic = True
+    S3Response.put_object = put_object
 
 
 @pytest.fixture
