@@ -24,7 +24,7 @@ from models.base import Recipe
 from models.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from models.checkpoint import checkpoint_bytes
 from raytasks.train.collective import all_have, all_sum, gather, reduce_stats, state_buffers_sha, weights_sha
-from raytasks.train.history import write_history
+from raytasks.train.history import read_history, write_history
 from raytasks.train.spec import MODEL_FILE, STATE_FILE, TrainError
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,15 @@ def train_worker(cfg: dict) -> None:
     header = {"run": cfg["name"], "model": core.name, "config": core.config, "data": cfg["data"],
               "primary_metric": core.primary_metric, "primary_mode": core.primary_mode,
               "recipe": cfg["recipe"], "workers": world, "faces": cfg.get("faces"), "augment": augment.to_dict()}
+    if rank == 0:
+        # This attempt is recorded now, not with its first epoch: an attempt whose workers die before their first
+        # checkpoint (a rerun's resumed attempt killed in its first epoch) is not in the state a restart loads,
+        # so the list of attempts is history.json's, which every attempt writes when it starts. The driver's
+        # Progress counts them there to say that the worker group restarted.
+        written = read_history(cfg["run_uri"])
+        if written and len(written.get("attempts", ())) >= len(attempts):
+            attempts = [*written["attempts"], attempts[-1]]
+        write_history(cfg["run_uri"], history, attempts, header)
 
     for epoch in range(start_epoch, recipe.epochs + 1):
         t0 = time.perf_counter()
