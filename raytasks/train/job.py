@@ -21,7 +21,8 @@ A run lives in ``<storage>/<name>/`` (a folder or ``s3://`` prefix)::
     checkpoint_manager_snapshot.json  Ray Train's index of the kept checkpoints
     epoch_0003/model.pt               the model in the project's checkpoint format (models/checkpoint.py)
     epoch_0003/state.pt               optimizer, scheduler, epoch, step, early-stopping state, history
-    history.json, history.csv         one row per epoch, rewritten by rank 0 after every epoch
+    history.json, history.csv         one row per epoch and every attempt, rewritten by rank 0 when an attempt
+                                      starts and after every epoch
     curves.png                        the training curves, drawn by the driver at the end
 
 Fault tolerance and resume, the Ray Train V2 way: ``FailureConfig(max_failures=k)`` makes the controller
