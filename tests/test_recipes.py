@@ -173,7 +173,7 @@ def test_recipe_on_s3_dies_resumes_restarts_a_worker_with_ddp_and_is_exported_an
     # The recipe is age_gender_race-utkface's first two stages (frozen trunk, then the whole net at a lower trunk
     # rate), registered for this test under a name of its own and chosen with --recipe: two stages show a stage
     # starting from the previous one's best checkpoint and a finished stage skipped by the rerun; the recipe's
-    # third stage would add a fourth Ray Train run (about 45 CPU-s of the suite) that shows nothing more (its
+    # third stage would add a fourth Ray Train run (about 60 CPU-s, measured alone) that shows nothing more (its
     # values: test_a_flag_replaces_the_value_in_every_stage).
     # The DDP, data-sharding, validation, step-count and scheduler checks are made on every stage's history.
     # --schedule hard_sharing (L0/i, a rate that changes every epoch; the recipe's plateau would not move in 2
