@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -26,6 +25,7 @@ from core.batches import unlabelled_columns
 from facedata.synth import generate
 from raytasks.train.job import prepare
 from raytasks.train.spec import TrainSpec
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,7 +122,7 @@ def _run_pair(tmp_path, source: str, data: str) -> tuple[dict, dict]:
     """``source`` as rank 0 and rank 1 of a gloo group; their JSON reports."""
     script = tmp_path / "worker.py"
     script.write_text(source)
-    port = str(_free_port())
+    port = str(free_port())
     procs = [subprocess.Popen([sys.executable, str(script), str(r), port, data, str(tmp_path / f"rank{r}.json")],
                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -132,12 +132,6 @@ def _run_pair(tmp_path, source: str, data: str) -> tuple[dict, dict]:
         assert p.returncode == 0, out
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     return r0, r1
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_hmtnet_without_beauty_labels_steps_under_ddp_with_equal_weights(tmp_path):
