@@ -102,7 +102,6 @@ def labels_of(f: dict, rng: np.random.Generator, points) -> dict:
     left and right mouth corner). ``rng`` gives the beauty score's noise: :func:`facedata.draw.draw_face` calls
     this after painting, so a seed draws the same faces as before this was its own module."""
     age = f["age"]
-    # --- labels ----------------------------------------------------------------------------------------------
     aspect_pen = 4.0 * abs(f["aspect"] - 1.36) if age >= 13 else 0.3
     beauty = (
         3.75
@@ -136,7 +135,7 @@ def labels_of(f: dict, rng: np.random.Generator, points) -> dict:
         "Wearing_Lipstick": f["lipstick"], "Wearing_Necklace": f["necklace"], "Wearing_Necktie": f["necktie"],
         "Young": age < 35,
     }  # fmt: skip
-    labels = {
+    return {
         "gender": int(f["female"]),
         "age": age,
         "race": f["race"],
@@ -147,4 +146,3 @@ def labels_of(f: dict, rng: np.random.Generator, points) -> dict:
         "landmarks": [int(v) for p in points for v in p],
         "hair_color": "none" if f["bald"] else f["hair"],
     }
-    return labels
