@@ -81,7 +81,9 @@ def data_config():
 
     class ShardConfig(DataConfig):
         """Train: equal shards (every worker takes the same number of steps). Val: ``equal=False`` so that
-        every validation row is evaluated exactly once across the workers."""
+        every validation row is evaluated exactly once across the workers. One worker: the whole dataset, read
+        by the worker itself (``Dataset.iterator``), without the split's coordinator actor: a split into one
+        shard only costs that actor's process and the hops through it."""
 
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
             out = [{} for _ in range(world_size)]
@@ -91,6 +93,9 @@ def data_config():
                     ds.set_name(name)
                 ds = ds.copy(ds)
                 ds.context.execution_options = self._resolve_execution_options(name)
+                if world_size == 1:
+                    out[0][name] = ds.iterator()
+                    continue
                 for i, split in enumerate(ds.streaming_split(world_size, equal=(name == "train"),
                                                              locality_hints=hints)):
                     out[i][name] = split
