@@ -66,6 +66,9 @@ def ray_session(s3_server):
     from tests.helpers import RAY_TEST_ENV
 
     if not ray.is_initialized():
+        # in this process's environment too: the cluster's own processes (the log monitor) are started from it
+        for k, v in RAY_TEST_ENV.items():
+            os.environ.setdefault(k, v)
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), **RAY_TEST_ENV}})
     ctx = ray.data.DataContext.get_current()

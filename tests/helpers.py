@@ -31,7 +31,12 @@ SHARED = ROOT.parent / "shared" / "data"
 # node is being drained (spot instances); on one local node nothing is, and the actor's process (it imports
 # ray.train and ray.data) cost 22 CPU-s over the suite's 7 runs (measured 2026-12-03, per-process CPU of a
 # whole `make test`). A user's runs keep Ray's default (on).
-RAY_TEST_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# RAY_LOG_MONITOR_MANY_FILES_THRESHOLD=0: the log monitor (a process per cluster, started by ray.init from the
+# driver's environment) lists the session's log folder every 0.1 s while it holds fewer files than this, else
+# every 0.5 s (ray/_private/log_monitor.py); it took 22 CPU-s over the suite's three clusters (2026-12-03, per
+# process). The tests' drivers do not print the workers' logs (log_to_driver=False) and read no log through it.
+RAY_TEST_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0"}
 
 
 # --- checkpoints ----------------------------------------------------------------------------------------
