@@ -19,7 +19,8 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m jobs.demo --out demo_out
 
-# Two test processes, each taking whole modules (module fixtures such as the Serve application are built once).
+# Two test processes, each taking whole modules, and one of them every module that uses the session's Ray
+# cluster (tests/conftest.py: the work units and their order).
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/ruff check .

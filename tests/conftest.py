@@ -33,20 +33,49 @@ torch.set_num_threads(int(os.environ.get("FACEATTR_TEST_THREADS", "2")))
 RAY_FIXTURES = {"ray_session"}  # a test whose fixture closure holds one of these uses Ray
 
 
-# The longest modules first (seconds of a serial run, 2026-12-02): `make test` runs two pytest-xdist workers that
-# take whole modules in this order (--dist loadfile --no-loadscope-reorder), so the long ones do not meet at the
-# end with one worker idle. Modules not listed follow in their usual order.
-LONGEST_FIRST = ("test_notebook.py", "test_recipes.py", "test_training_local.py", "test_serve.py",
-                 "test_label.py", "test_modelset.py", "test_faces_e2e.py", "test_train_faces.py", "test_report.py",
-                 "test_face_backbone.py")
+# `make test` runs two pytest-xdist workers that take work units in the order below. A unit is a whole module
+# (module fixtures, such as the Serve application, are built once), except that the modules using the session's
+# Ray cluster (SESSION_RAY_MODULES) are ONE unit: they run in one worker, so the suite starts one session cluster,
+# not one per worker (each costs ~45 CPU-s: its start, its daemons' polling, Ray Data's own actors), while the
+# other worker takes the notebook (a Ray of its own) and the modules without Ray. The longest units first, so
+# that the long ones do not meet at the end with one worker idle. (pytest-xdist's own `--dist loadgroup` cannot
+# do this with pytest 9: it renames the items through `item._nodeid`, which pytest 9.2 no longer reads, and so
+# silently sends every test on its own. Hence the scheduler below.)
+SESSION_RAY = "session-ray"
+SESSION_RAY_MODULES = ("test_faces_e2e.py", "test_label.py", "test_modelset.py", "test_recipes.py", "test_serve.py",
+                       "test_train_faces.py")
+LONGEST_FIRST = (SESSION_RAY, "test_notebook.py", "test_training_local.py", "test_face_backbone.py",
+                 "test_photo_agreement.py", "test_report.py", "test_ddp.py")
+
+
+def _unit(module: str) -> str:
+    name = Path(module).name
+    return SESSION_RAY if name in SESSION_RAY_MODULES else module
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's scheduler by whole units (above), in the order the items are collected (sorted below)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class UnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(nodeid.split("::", 1)[0])
+
+    return UnitScheduling(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
+            if item.path.name not in SESSION_RAY_MODULES:
+                raise pytest.UsageError(f"{item.path.name} uses the session's Ray cluster (ray_session): add it to "
+                                        "SESSION_RAY_MODULES in tests/conftest.py, so that it runs in the one "
+                                        "worker that holds that cluster")
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a module stays
+    unit = {item: _unit(item.path.name) for item in items}
+    items.sort(key=lambda item: rank.get(unit[item], len(rank)))  # stable: the order within a module stays
 
 
 @pytest.fixture(scope="session")
