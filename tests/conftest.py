@@ -36,7 +36,7 @@ RAY_FIXTURES = {"ray_session"}  # a test whose fixture closure holds one of thes
 # `make test` runs two pytest-xdist workers that take work units in the order below. A unit is a whole module
 # (module fixtures, such as the Serve application, are built once), except that the modules using the session's
 # Ray cluster (SESSION_RAY_MODULES) are ONE unit: they run in one worker, so the suite starts one session cluster,
-# not one per worker (each costs ~45 CPU-s: its start, its daemons' polling, Ray Data's own actors), while the
+# not one per worker (each cost ~35 CPU-s a suite: its start, its daemons' polling, Ray Data's own actors), while the
 # other worker takes the notebook (a Ray of its own) and the modules without Ray. The longest units first, so
 # that the long ones do not meet at the end with one worker idle. (pytest-xdist's own `--dist loadgroup` cannot
 # do this with pytest 9: it renames the items through `item._nodeid`, which pytest 9.2 no longer reads, and so
