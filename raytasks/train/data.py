@@ -66,8 +66,8 @@ def make_dataset(table: pd.DataFrame, spec: BatchSpec, train: bool):
     import ray.cloudpickle
     import ray.data
 
-    parts = [table.iloc[i: i + ROWS_PER_BLOCK] for i in range(0, len(table), ROWS_PER_BLOCK)]
-    ds = ray.data.from_pandas(parts)
+    parts = [table.iloc[i: i + ROWS_PER_BLOCK] for i in range(0, len(table), ROWS_PER_BLOCK)] or [table]
+    ds = ray.data.from_pandas(parts)  # an empty table (a worker's empty share of the validation rows): no rows
     if train:
         ds = ds.random_shuffle()  # of the paths only, before decoding; a new order every epoch
     # the spec travels pickled, unpickled by the decode tasks only: the coordinator actors unpickle the plan,
@@ -76,14 +76,30 @@ def make_dataset(table: pd.DataFrame, spec: BatchSpec, train: bool):
                           batch_format="pandas", batch_size=ROWS_PER_BLOCK, num_cpus=DECODE_CPUS)
 
 
+def val_name(rank: int, world_size: int) -> str:
+    """The name of worker ``rank``'s validation dataset (val_datasets)."""
+    return "val" if world_size == 1 else f"val@{rank}"
+
+
+def val_datasets(val: pd.DataFrame, workers: int, spec: BatchSpec) -> dict:
+    """The validation rows as Ray Train datasets: ``{"val": all}`` for one worker, else one dataset per worker
+    (``val_name``: every ``workers``-th row from the worker's rank), so that each row is evaluated exactly once
+    without a split's coordinator actor: the rows are known before training, unlike a stream to balance. A
+    worker whose share is empty (fewer rows than workers) validates nothing and adds zeros to the all-reduced
+    statistics."""
+    return {val_name(r, workers): make_dataset(val.iloc[r::workers], spec, train=False) for r in range(workers)}
+
+
 def data_config():
     from ray.train import DataConfig
 
     class ShardConfig(DataConfig):
-        """Train: equal shards (every worker takes the same number of steps). Val: ``equal=False`` so that
-        every validation row is evaluated exactly once across the workers. One worker: the whole dataset, read
-        by the worker itself (``Dataset.iterator``), without the split's coordinator actor: a split into one
-        shard only costs that actor's process and the hops through it."""
+        """Train, on several workers: equal shards of one stream (``streaming_split``: every worker takes the
+        same number of steps; the shuffled order is new every epoch). Any other dataset (one worker's
+        validation rows, or anything on one worker): read by the worker itself (``Dataset.iterator``), without
+        a split's coordinator actor, which would only cost a process and the hops through it. Ray Train calls
+        this once per dataset; a dataset not in ``datasets_to_split`` is handed out without a barrier, so each
+        worker asks for its own validation dataset only."""
 
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
             out = [{} for _ in range(world_size)]
@@ -93,15 +109,15 @@ def data_config():
                     ds.set_name(name)
                 ds = ds.copy(ds)
                 ds.context.execution_options = self._resolve_execution_options(name)
-                if world_size == 1:
-                    out[0][name] = ds.iterator()
-                    continue
-                for i, split in enumerate(ds.streaming_split(world_size, equal=(name == "train"),
-                                                             locality_hints=hints)):
-                    out[i][name] = split
+                if world_size > 1 and name in self._datasets_to_split:
+                    for i, split in enumerate(ds.streaming_split(world_size, equal=True, locality_hints=hints)):
+                        out[i][name] = split
+                else:
+                    for i in range(world_size):
+                        out[i][name] = ds.iterator()
             return out
 
-    return ShardConfig()
+    return ShardConfig(datasets_to_split=["train"])
 
 
 # --- collectives ---------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ from faces.facecache import DetectionCache
 from faces.trainfaces import TRAIN_FACE_MODES, default_mode, find_training_faces, landmark_faces
 from models.base import Recipe
 from models.preprocess import Preprocessing
-from raytasks.train.data import DECODE_CPUS, BatchSpec, data_config, make_dataset
+from raytasks.train.data import DECODE_CPUS, BatchSpec, data_config, make_dataset, val_datasets
 from raytasks.train.history import Progress, plot_curves, read_history
 from raytasks.train.spec import CURVES_PNG, MODEL_FILE, SNAPSHOT_FILE, TrainError, TrainOutcome, TrainSpec
 from raytasks.train.worker import read_checkpoint_file, train_worker
@@ -287,8 +287,7 @@ def _fit(spec: TrainSpec, model, recipe, train, val, faces, resumed_from, log_fn
 
     per_worker = math.ceil(recipe.batch_size / spec.workers)
     batch_spec = BatchSpec(model.preprocessing, model.outputs, recipe.augment or None, faces["max_side"])
-    datasets = {"train": make_dataset(train, batch_spec, train=True),
-                "val": make_dataset(val, batch_spec, train=False)}
+    datasets = {"train": make_dataset(train, batch_spec, train=True), **val_datasets(val, spec.workers, batch_spec)}
     cfg = {
         "model": spec.model, "model_kwargs": model.config, "recipe": recipe.to_dict(), "data": spec.data,
         "name": spec.name, "run_uri": spec.run_uri, "seed": spec.seed, "threads": spec.threads or

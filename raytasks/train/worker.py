@@ -24,6 +24,7 @@ from models.base import Recipe
 from models.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from models.checkpoint import checkpoint_bytes
 from raytasks.train.collective import all_have, all_sum, gather, reduce_stats, state_buffers_sha, weights_sha
+from raytasks.train.data import val_name
 from raytasks.train.history import read_history, write_history
 from raytasks.train.spec import MODEL_FILE, STATE_FILE, TrainError
 
@@ -149,7 +150,7 @@ def train_worker(cfg: dict) -> None:
         f"({cfg['per_worker_batch']}/worker), lr {opt.param_groups[0]['lr']:.3g}")
 
     train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    val_shard = ray.train.get_dataset_shard(val_name(rank, world))
     bs = cfg["per_worker_batch"]
     fail = cfg["fail_at"]
     first_step_hashes: dict | None = None  # weight hashes around the first step of this attempt
