@@ -30,7 +30,7 @@ def test_every_recipe_names_real_values_and_builds_its_models():
     assert check_table() == []
     assert {(r.model, f) for r in RECIPES.values() for f in r.formats} == {
         ("age_gender_race", "utkface"), ("hard_sharing", "celeba"), ("dmm_cnn", "celeba"),
-        ("task_attention", "celeba"), ("hmtnet", "scut_fbp5500")}
+        ("task_attention", "celeba"), ("task_attention", "genki4k"), ("hmtnet", "scut_fbp5500")}
     for r in RECIPES.values():
         assert r.model in models.list_models() and set(r.formats) <= set(FORMATS) and recipe_for(r.model, r.formats[0]) is r
         for s in r.stages:  # a model argument the model does not take fails here, not after a stage has trained
@@ -40,6 +40,9 @@ def test_every_recipe_names_real_values_and_builds_its_models():
     assert [(s.name, s.model_args["backbone_freeze"], s.train["lr"], s.train["epochs"]) for s in agr.stages] == [
         ("frozen", "all", 1e-3, 8), ("finetune", "none", 1e-3, 2), ("finetune-low", "none", 3e-4, 3)]
     assert agr.stages[1].model_args["backbone_lr_scale"] == 0.01 and [s.patience for s in agr.stages] == [3, 1, 1]
+    ta = get_recipe("task_attention-genki4k").stages  # the paper's TMTL, then the attention net from it
+    assert [(s.name, s.model_args["attention"], s.model_args["trunk_lr_scale"]) for s in ta] == [
+        ("tmtl", False, 0.01), ("attention", True, 0.01)]
     hmt = get_recipe("hmtnet-scut_fbp5500").stages
     assert len(hmt) == 1 and not hmt[0].train and not hmt[0].model_args  # the paper's defaults as they are
     assert recipe_for("hmtnet", "utkface") is None and recipe_for("age_gender_race", "manifest") is None
@@ -101,6 +104,26 @@ def test_every_stage_is_checked_before_ray_and_later_stages_reuse_the_first_ones
     args, spec = _spec(base + ["--model-arg", "depth=18"])
     with pytest.raises(ValueError, match=r"stage 1/3 frozen of recipe age_gender_race-utkface: .*backbone_freeze"):
         RecipeRun(spec, train_job.choose_recipe(args), log_fn=lambda line: None).prepare()
+
+
+def test_the_attention_stage_starts_from_every_weight_of_the_tmtl_stage(tmp_path):
+    """task_attention-genki4k's second stage is the paper's attention network initialised from its TMTL (its
+    first stage's best checkpoint, through ``--init-from``'s copy of every tensor of the same name and shape):
+    every weight comes over, and only the attention scalars keep their own initialisation."""
+    from raytasks.train.worker import _init_from
+
+    tmtl_stage, att_stage = get_recipe("task_attention-genki4k").stages
+    tmtl = models.create_model("task_attention", **tmtl_stage.model_args)
+    with torch.no_grad():  # as if trained: no tensor left as the package's or a fresh init gave it
+        for t in tmtl.state_dict().values():
+            if t.is_floating_point():
+                t.add_(torch.randn_like(t) * 0.01)
+    save_checkpoint(tmtl, str(tmp_path / "tmtl.pt"))
+    att = models.create_model("task_attention", **att_stage.model_args)
+    _init_from(att, str(tmp_path / "tmtl.pt"))
+    own, theirs = att.state_dict(), tmtl.state_dict()
+    assert sorted(set(own) - set(theirs)) == ["att_gender.w_c", "att_gender.w_x", "att_smile.w_c", "att_smile.w_x"]
+    assert set(theirs) <= set(own) and all(torch.equal(own[k], theirs[k]) for k in theirs)
 
 
 def test_the_run_folder_must_hold_what_the_recipe_trains(tmp_path):
