@@ -45,8 +45,7 @@ SESSION_RAY = "session-ray"
 SESSION_RAY_MODULES = ("test_faces_e2e.py", "test_label.py", "test_modelset.py", "test_recipes.py", "test_serve.py",
                        "test_train_faces.py")
 LONGEST_FIRST = (SESSION_RAY, "test_notebook.py", "test_training_local.py", "test_face_backbone.py",
-                 "test_photo_agreement.py", "test_report.py", "test_ddp.py",
-                 "test_report_scale.py")
+                 "test_photo_agreement.py", "test_report.py", "test_ddp.py", "test_report_scale.py")
 
 
 def _unit(module: str) -> str:
