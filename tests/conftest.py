@@ -181,7 +181,6 @@ def group_photo() -> tuple[bytes, int]:
     from PIL import Image
 
     from facedata.compose import FaceSource, background, paste
-    from facedata.draw import draw_face
 
     sources = []
     real = sorted((SHARED_DATA / "utkface").glob("*.jpg"))[:3] if SHARED_DATA.is_dir() else []
@@ -194,13 +193,9 @@ def group_photo() -> tuple[bytes, int]:
             f = det.detect([torch.from_numpy(img.copy()).permute(2, 0, 1)])[0]
             sources.append(FaceSource(img, f.boxes[0].numpy(), f.points[0].numpy()))
     else:
-        for i in range(3):
-            img, lab = draw_face(np.random.default_rng([3, i]), (178, 218))
-            pts = np.asarray(lab["landmarks"], dtype=np.float64).reshape(5, 2)
-            iod = float(np.linalg.norm(pts[1] - pts[0]))
-            box = [pts[:, 0].min() - 0.9 * iod, pts[:, 1].min() - iod, pts[:, 0].max() + 0.9 * iod,
-                   pts[:, 1].max() + 0.8 * iod]
-            sources.append(FaceSource(np.asarray(img), box, pts))
+        from tests.helpers import drawn_source
+
+        sources = [drawn_source(i, stream=3)[0] for i in range(3)]
     canvas = background(np.random.default_rng(7), 900, 640)
     for src, centre, width, angle in zip(sources, [(180, 200), (520, 330), (780, 160)], (180, 130, 90), (0, 15, -10)):
         paste(canvas, src, centre, width, angle)

@@ -339,13 +339,13 @@ def assert_same(got, want, where: str = "", tol: float = 1e-4) -> None:
 
 
 # --- training photos: drawn faces pasted at known places (jobs.train --faces detect) --------------------------
-def drawn_source(seed: int):
+def drawn_source(seed: int, stream: int = 19):
     """A drawn face (facedata/draw.py) as a compose.FaceSource (its drawn points and a box around them),
-    with its labels."""
+    with its labels; drawn from the random stream ``[stream, seed]``."""
     from facedata.compose import FaceSource
     from facedata.draw import draw_face
 
-    img, lab = draw_face(np.random.default_rng([19, seed]), (178, 218))
+    img, lab = draw_face(np.random.default_rng([stream, seed]), (178, 218))
     pts = np.asarray(lab["landmarks"], dtype=np.float64).reshape(5, 2)
     iod = float(np.linalg.norm(pts[1] - pts[0]))
     box = [pts[:, 0].min() - 0.9 * iod, pts[:, 1].min() - iod, pts[:, 0].max() + 0.9 * iod, pts[:, 1].max() + 0.8 * iod]

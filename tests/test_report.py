@@ -21,24 +21,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import report as report_job
+from tests.helpers import drawn_source
 from tests.report_page import SECTIONS, Page, run_report
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _drawn_sources():
-    from facedata.compose import FaceSource
-    from facedata.draw import draw_face
-
-    sources = []
-    for i in range(3):
-        img, lab = draw_face(np.random.default_rng([3, i]), (178, 218))
-        pts = np.asarray(lab["landmarks"], dtype=np.float64).reshape(5, 2)
-        iod = float(np.linalg.norm(pts[1] - pts[0]))
-        box = [pts[:, 0].min() - 0.9 * iod, pts[:, 1].min() - iod, pts[:, 0].max() + 0.9 * iod,
-               pts[:, 1].max() + 0.8 * iod]
-        sources.append(FaceSource(np.asarray(img), box, pts))
-    return sources
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +44,7 @@ def label_output(tmp_path_factory):
     (out / "photos").mkdir()
     ckpt = str(out / "hs.pt")
     save_checkpoint(models.create_model("hard_sharing"), ckpt)
-    sources = _drawn_sources()
+    sources = [drawn_source(i, stream=3)[0] for i in range(3)]
     items = []
     for k, (n_faces, edit) in enumerate([((2, 3), None), ((2, 3), "blur"), ((2, 2), "dark"), ((0, 0), None),
                                          ((2, 3), None)]):
