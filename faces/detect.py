@@ -1,9 +1,10 @@
 """Face detection: :class:`FaceDetector` finds every face in a batch of images, with 5 points per face.
 
-Two networks (``DetectorConfig.network``; why these, provenance and licences: docs/faces.md):
-RetinaFace-MobileNet0.25 (:mod:`faces.retinaface`, the default) and CenterFace (:mod:`faces.centerface`).
+Three networks (``DetectorConfig.network``; why these, provenance and licences: docs/faces.md):
+RetinaFace-MobileNet0.25 (:mod:`faces.retinaface`, the default), CenterFace (:mod:`faces.centerface`) and
+SCRFD-2.5GF (:mod:`faces.scrfd`; weights for non-commercial research only).
 Each network module has the same small interface: ``NAME``, ``DEFAULT_THRESHOLD``, ``load()``,
-``to_input(rgb)`` and ``candidates(outputs, height, width)``; a third network is one more file and one line
+``to_input(rgb)`` and ``candidates(outputs, height, width)``; another network is one more file and one line
 in :data:`NETWORKS`. One call of :meth:`FaceDetector.detect` does, on the detector's device:
 
 1. views of each image, every one a fixed-size network input, so that the batch's shape never depends on
@@ -47,9 +48,9 @@ import torch
 import torch.nn.functional as F
 
 from facedata.yamlsafe import settings_from_dict
-from faces import centerface, retinaface
+from faces import centerface, retinaface, scrfd
 
-NETWORKS = {"retinaface": retinaface, "centerface": centerface}
+NETWORKS = {"retinaface": retinaface, "centerface": centerface, "scrfd": scrfd}
 TILE_MARGIN = 4  # pixels: a tile's detection this close to a border shared with another tile is dropped
 
 
@@ -59,12 +60,12 @@ class DetectorConfig:
 
     size: int = 640  # detection size: images are letterboxed (aspect kept, padding right/bottom) to size x size
     threshold: float | None = None  # face score a detection needs; None: the network's own (RetinaFace 0.7,
-    #                                 CenterFace 0.5), filled in when the config is made: .threshold is a number
+    #                                 CenterFace 0.5, SCRFD 0.5), filled in when the config is made: .threshold is a number
     nms_iou: float = 0.4  # boxes of one image overlapping more than this are suppressed (lower score goes)
     min_face: float = 16.0  # smallest face kept: the box's shorter side, in pixels of the ORIGINAL image
     max_faces: int = 64  # most faces kept per image, highest scores first
     max_upscale: float = 1.0  # most an image is enlarged to fit `size` (1: small images are never enlarged)
-    network: str = "retinaface"  # "retinaface" (RetinaFace-MobileNet0.25) or "centerface"
+    network: str = "retinaface"  # "retinaface" (RetinaFace-MobileNet0.25), "centerface" or "scrfd"
     tile: int = 0  # > 0: also tiles of tile x tile pixels at the image's own resolution (0: letterbox only)
     tile_overlap: int = 128  # least overlap of neighbouring tiles, in pixels
     flip: bool = False  # also detect on the mirrored views (test-time flip; twice the work)

