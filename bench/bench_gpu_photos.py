@@ -5,7 +5,7 @@ in one process, no Ray, at a few batch sizes.
     python bench/bench_gpu_photos.py --device cpu --n 8 --batch-sizes 2,4 --decode cpu --rounds 1   # smoke
 
 What runs is the label actor's own work, ``core.annotator.Annotator.annotate`` on a decoded photo batch
-(detection with the default ``DetectorConfig``, alignment to the model's template, the model under its
+(detection with the default ``DetectorConfig`` or ``--detector``'s settings, alignment to the model's template, the model under its
 ``precision`` (``auto``: bf16 on a GPU that has it and on CPUs), the quality columns and the rows), fed two
 ways:
 
@@ -199,6 +199,8 @@ def main(argv=None):
     ap.add_argument("--checkpoint", default=None, help="default: a fresh age_gender_race (dlib trunk)")
     ap.add_argument("--canvas", default="640,1600", help="photo side range in pixels, e.g. 3000,4000 for 12 MP")
     ap.add_argument("--max-side", type=int, default=None, help="decode size (default: the product's)")
+    ap.add_argument("--detector", default="{}", help='DetectorConfig settings as JSON, e.g. \'{"network": "scrfd"}\' '
+                    "(default: the product's defaults)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2, help="batches in the warm-up pass")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -228,7 +230,7 @@ def main(argv=None):
     if ckpt is None:
         ckpt = str(Path(tempfile.mkdtemp(prefix="bench-gpu-")) / "age_gender_race.pt")
         save_checkpoint(models.create_model("age_gender_race"), ckpt)
-    ann = Annotator(ckpt, device=str(device))
+    ann = Annotator(ckpt, faces={"mode": "detect", "detector": json.loads(args.detector)}, device=str(device))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     (runner,) = ann.members.values()
