@@ -33,6 +33,7 @@ distances times s; the score is the export's sigmoid.
 
 from __future__ import annotations
 
+import logging
 import tarfile
 from pathlib import Path
 
@@ -41,6 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from faces.onnxgraph import WeightsError, check_sha256, parse_onnx
+
+log = logging.getLogger("faces")
 
 NAME = "scrfd"  # in FaceDetector.identity
 PACKAGE_DIST = "scrfd==0.3.0"
@@ -143,20 +146,18 @@ class SCRFDNet(nn.Module):
 
     @staticmethod
     def _trace_outputs(nodes: list[dict], inits) -> list[str]:
-        """The tensors before each output's Transpose / Reshape / Sigmoid: score, bbox, kps for 8, 16, 32."""
+        """The tensors before each output's Transpose / Reshape / Sigmoid, per stride 8, 16, 32: score, bbox, kps."""
         made_by = {n["outputs"][0]: n for n in nodes}
         names = []
-        for kind in ("score", "bbox", "kps"):
-            for s in STRIDES:
+        for s in STRIDES:
+            for kind in ("score", "bbox", "kps"):
                 name = f"{kind}_{s}"
                 if name not in made_by:
                     raise WeightsError(f"the SCRFD export has no output {name}")
                 while made_by[name]["op"] in _TAIL:
                     name = [i for i in made_by[name]["inputs"] if i not in inits][0]
                 names.append(name)
-        order = [f"{k}_{s}" for s in STRIDES for k in ("score", "bbox", "kps")]  # per stride: score, bbox, kps
-        by = dict(zip([f"{k}_{s}" for k in ("score", "bbox", "kps") for s in STRIDES], names))
-        return [by[o] for o in order]
+        return names
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         values = {"input.1": x}
@@ -188,6 +189,8 @@ def load(path: Path | None = None) -> tuple[SCRFDNet, str]:
     module = SCRFDNet(*parse_onnx(read_onnx_bytes(path))).eval()
     for p in module.parameters():
         p.requires_grad_(False)
+    log.warning("face detector SCRFD: its weights (insightface's) are for non-commercial research only "
+                "(docs/faces.md, \"The third detector\")")
     return module, "sha256:" + WEIGHTS_SHA256
 
 

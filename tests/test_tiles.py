@@ -189,6 +189,9 @@ def test_new_settings_are_checked_and_round_trip():
     assert DetectorConfig.preset("event", network="centerface").threshold == 0.78  # the preset's own
     assert DetectorConfig.preset("event", max_faces=512).max_faces == 512
     assert detect_module.PRESETS["portrait"] == {}  # the fast preset is today's default
+    scrfd = DetectorConfig.preset("event-scrfd")  # opt-in only: SCRFD's weights are non-commercial (docs/faces.md)
+    assert (scrfd.network, scrfd.size, scrfd.threshold, scrfd.max_faces, scrfd.min_face) == ("scrfd", 1024, 0.47, 256, 8.0)
+    assert DetectorConfig().network == "retinaface"
 
 
 def test_grey_and_scaled_photos_work_with_tiles(sources):
