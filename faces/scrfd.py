@@ -112,7 +112,9 @@ class SCRFDNet(nn.Module):
                 raise WeightsError(f"the SCRFD export has a {op} node ({n['outputs'][0]}), which this module does not run")
             ins = [i for i in n["inputs"] if i not in inits]
             if op == "Conv":
-                w, b = (inits[i] for i in n["inputs"][1:3])
+                if len(n["inputs"]) != 3 or any(i not in inits for i in n["inputs"][1:]):
+                    raise WeightsError(f"conv {n['outputs'][0]} has no (weight, bias) initializers")
+                w, b = (inits[i] for i in n["inputs"][1:])
                 k = a.get("kernel_shape", list(w.shape[2:]))
                 pads, dil = a.get("pads", [0] * 4), a.get("dilations", [1, 1])
                 if pads[:2] != pads[2:] or dil != [1, 1] or list(w.shape[2:]) != k:
@@ -143,24 +145,32 @@ class SCRFDNet(nn.Module):
                 param = None
             self.steps.append((op, ins, n["outputs"][0], param))
         self.outputs = self._trace_outputs(nodes, inits)
+        self.input_name = nodes[0]["inputs"][0]
 
     @staticmethod
     def _trace_outputs(nodes: list[dict], inits) -> list[str]:
         """The tensors before each output's Transpose / Reshape / Sigmoid, per stride 8, 16, 32: score, bbox, kps."""
         made_by = {n["outputs"][0]: n for n in nodes}
-        names = []
+        names, seen = [], set()
         for s in STRIDES:
             for kind in ("score", "bbox", "kps"):
-                name = f"{kind}_{s}"
+                name, ops = f"{kind}_{s}", []
                 if name not in made_by:
                     raise WeightsError(f"the SCRFD export has no output {name}")
                 while made_by[name]["op"] in _TAIL:
+                    seen.add(name)
+                    ops.append(made_by[name]["op"])
                     name = [i for i in made_by[name]["inputs"] if i not in inits][0]
+                if ("Sigmoid" in ops) != (kind == "score"):  # forward applies the sigmoid to the scores only
+                    raise WeightsError(f"the SCRFD export's output {kind}_{s} ends in {ops}, not what this module expects")
                 names.append(name)
+        stray = [n["outputs"][0] for n in nodes if n["op"] in _TAIL and n["outputs"][0] not in seen]
+        if stray:  # skipped by forward: only right at the outputs
+            raise WeightsError(f"the SCRFD export has Transpose / Reshape / Sigmoid nodes inside the network: {stray[:3]}")
         return names
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        values = {"input.1": x}
+        values = {self.input_name: x}
         for op, ins, out, param in self.steps:
             v = [values[i] for i in ins]
             if op == "Conv":

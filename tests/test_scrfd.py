@@ -175,3 +175,20 @@ def test_any_size_batched_equals_one_by_one_and_identity_names_the_network(photo
         assert bool((big.max(1).values >= 0.5).all()), (size, together[0].scores)
     ident = FaceDetector(DetectorConfig(network="scrfd")).identity
     assert ident.startswith("scrfd sha256:9c162a817c7d size=640 threshold=0.5 ")
+
+
+def test_an_export_with_other_ops_or_outputs_is_refused():
+    """The module runs only the graph it was written for: an unknown op, a sigmoid inside the network or a
+    missing output fails loudly instead of computing something else."""
+    _sdist_or_skip()
+    from faces.onnxgraph import parse_onnx
+
+    nodes, inits = parse_onnx(scrfd.read_onnx_bytes())
+    relu = next(i for i, n in enumerate(nodes) if n["op"] == "Relu")
+    for change, message in (({"op": "LeakyRelu"}, "LeakyRelu node"), ({"op": "Sigmoid"}, "inside the network")):
+        bad = [dict(n, **change) if i == relu else n for i, n in enumerate(nodes)]
+        with pytest.raises(WeightsError, match=message):
+            scrfd.SCRFDNet(bad, inits)
+    no_kps = [n for n in nodes if n["outputs"] != ["kps_32"]]
+    with pytest.raises(WeightsError, match="no output kps_32"):
+        scrfd.SCRFDNet(no_kps, inits)
