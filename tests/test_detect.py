@@ -16,6 +16,7 @@ from facedata.compose import FaceSource, background, compose, paste
 from facedata.draw import draw_face
 from faces import retinaface
 from faces.detect import DetectorConfig, FaceDetector, Faces
+from tests.helpers import detect_batched_and_alone
 
 POINT_ERROR_MAX, POINT_ERROR_MEDIAN = 0.12, 0.07
 
@@ -139,14 +140,8 @@ def test_batched_detect_equals_one_by_one(detector, drawn, drawn_sources):
     rng = np.random.default_rng(1)
     wide = compose(drawn_sources[1:2], 2, n_faces=(2, 2), canvas=(500, 900), face_width=(90, 120)).image
     images = [_t(drawn[0]), _t(wide), _t(rng.integers(0, 256, (300, 200, 3), dtype=np.uint8)), _t(drawn[2])]
-    together = detector.detect(images)
+    together = detect_batched_and_alone(detector, images)
     assert len(together[0]) == 1 and len(together[1]) >= 1 and len(together[3]) == 1
-    for image, batched in zip(images, together):
-        alone = detector.detect_one(image)
-        assert len(alone) == len(batched)
-        torch.testing.assert_close(alone.boxes, batched.boxes, atol=1e-3, rtol=0)
-        torch.testing.assert_close(alone.points, batched.points, atol=1e-3, rtol=0)
-        torch.testing.assert_close(alone.scores, batched.scores, atol=1e-5, rtol=0)
 
 
 def test_faces_are_sorted_typed_and_points_are_in_image_order(detector, drawn):

@@ -20,6 +20,7 @@ from facedata.draw import draw_face
 from faces import scrfd
 from faces.detect import DetectorConfig, FaceDetector
 from faces.onnxgraph import WeightsError
+from tests.helpers import detect_batched_and_alone
 
 
 def _sdist_or_skip():
@@ -165,12 +166,7 @@ def test_any_size_batched_equals_one_by_one_and_identity_names_the_network(photo
     for size in (480, 1024):
         det = FaceDetector(DetectorConfig(network="scrfd", size=size, min_face=0))
         images = [_t(image), _t(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)), _t(image[:, ::-1])]
-        together = det.detect(images)
-        for im, batched in zip(images, together):
-            alone = det.detect_one(im)
-            assert len(alone) == len(batched)
-            torch.testing.assert_close(alone.boxes, batched.boxes, atol=1e-3, rtol=0)
-            torch.testing.assert_close(alone.scores, batched.scores, atol=1e-5, rtol=0)
+        together = detect_batched_and_alone(det, images)
         big = box_iou(torch.tensor(truth[:2], dtype=torch.float32), together[0].boxes)
         assert bool((big.max(1).values >= 0.5).all()), (size, together[0].scores)
     ident = FaceDetector(DetectorConfig(network="scrfd")).identity

@@ -16,6 +16,7 @@ from facedata.compose import FaceSource, background, paste
 from facedata.draw import draw_face
 from faces import detect as detect_module
 from faces.detect import TILE_MARGIN, DetectorConfig, FaceDetector, tile_starts, top_k_per_group
+from tests.helpers import assert_same_faces
 
 
 def _t(a: np.ndarray) -> torch.Tensor:
@@ -104,10 +105,7 @@ def test_a_photo_gets_the_same_faces_whatever_batch_it_arrives_in(sources):
     for batch, max_batch in (([small, big, other], 16), ([other, big], 3), ([big, small], 1)):
         det.max_batch = max_batch  # chunks of views split differently
         together = det.detect([_t(a) for a in batch])[next(i for i, a in enumerate(batch) if a is big)]
-        assert len(together) == len(alone)
-        torch.testing.assert_close(together.boxes, alone.boxes, atol=1e-3, rtol=0)
-        torch.testing.assert_close(together.points, alone.points, atol=1e-3, rtol=0)
-        torch.testing.assert_close(together.scores, alone.scores, atol=1e-5, rtol=0)
+        assert_same_faces(together, alone)
 
 
 def test_flip_finds_the_same_faces_with_points_in_image_order(detector, sources):
