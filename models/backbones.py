@@ -49,7 +49,8 @@ def resnet(depth: int = 50, weights: str | None = None) -> nn.Module:
 
 # --- the pretrained face backbone (dlib's ResNet, models/dlib_resnet.py) ----------------------------------
 BACKBONES = ("resnet", "dlib_resnet")
-FACE_FEATURES = ("pooled", "descriptor")
+FACE_FEATURES = ("pooled", "descriptor", "levels")
+LEVEL_WIDTHS = (128, 256, 256)  # "levels": the global averages of level2, level1 and level0, concatenated
 
 
 def dlib_preprocessing(image_size: int | tuple[int, int] = 150, resize: str = "stretch"):
@@ -94,7 +95,9 @@ class FaceBackbone(nn.Module):
     initialisation with a warning when it is absent), a path to the same file (checked by sha256), or None
     (random). ``feature``: ``"pooled"``, the 256-D global average pool before dlib's 128-D projection (where
     the blog cuts FaceNet: after its average pooling, without the bottleneck), or ``"descriptor"``, the 128-D
-    face descriptor itself. ``freeze``: ``"all"``, ``"none"``, or the number of leading groups of
+    face descriptor itself, or ``"levels"``, the global averages of three levels' maps (level2, level1 and
+    level0: 128 + 256 + 256 = 640-D, :data:`LEVEL_WIDTHS`), for a model whose heads read several depths (HMTNet's
+    branches and feature aggregator). ``freeze``: ``"all"``, ``"none"``, or the number of leading groups of
     :data:`DlibFaceResNet.GROUPS` (stem, level4, level3, level2, level1, level0, fc) to keep fixed.
 
     The cache (``cache=True``) works only in training mode (labeling and serving never fill it) and while
@@ -125,8 +128,8 @@ class FaceBackbone(nn.Module):
                              f"of {', '.join(groups)}), got {freeze!r}")
         self.net, self.pretrained = dlib_face_resnet(weights)
         self.feature = feature
-        self.out_features = 256 if feature == "pooled" else 128
-        if feature == "pooled":
+        self.out_features = {"pooled": 256, "descriptor": 128, "levels": sum(LEVEL_WIDTHS)}[feature]
+        if feature != "descriptor":
             self.net.fc.requires_grad_(False)  # not used
         for name in groups[:n_frozen]:
             for m in self.net.group(name):
@@ -149,7 +152,7 @@ class FaceBackbone(nn.Module):
 
     def _used_parameters(self):
         for name, p in self.net.named_parameters():
-            if self.feature == "pooled" and name.startswith("fc."):
+            if self.feature != "descriptor" and name.startswith("fc."):
                 continue
             yield p
 
@@ -157,6 +160,8 @@ class FaceBackbone(nn.Module):
         return [p for p in self._used_parameters() if p.requires_grad]
 
     def _compute(self, x: torch.Tensor) -> torch.Tensor:
+        if self.feature == "levels":
+            return torch.cat([m.mean(dim=(2, 3)) for m in self.net.level_maps(x)], 1)
         return self.net.pooled(x) if self.feature == "pooled" else self.net(x)
 
     def _digest_weights(self) -> bytes:

@@ -159,8 +159,14 @@ class DlibFaceResNet(nn.Module):
         return [getattr(self, name)]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.level_maps(x)[-1]
+
+    def level_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The maps after level2, level1 and level0 (128, 256 and 256 channels: 8×8, 4×4, 2×2 at 150 px)."""
         x = F.max_pool2d(F.relu(self.affine1(self.conv1(x))), 3, 2)
-        return self.level0(self.level1(self.level2(self.level3(self.level4(x)))))
+        x2 = self.level2(self.level3(self.level4(x)))
+        x1 = self.level1(x2)
+        return [x2, x1, self.level0(x1)]
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x).mean(dim=(2, 3))

@@ -62,6 +62,33 @@ Readings we chose (Fig. 1, which showed the trunk, did not survive extraction):
 * Preprocessing. ImageNet mean and std (the authors' SCUT-FBP5500 loader uses them); evaluation is the
   centre 224 crop of the image resized to a shorter side of 227. Recipe momentum 0.9 is from the authors'
   code (the paper names SGD only); the colour-jitter strength 0.2 is ours (the text gives none).
+
+The pretrained face trunk (``backbone="dlib_resnet"``, ours). The paper's trunk is VGG-M pretrained on faces
+(VGG-Face); no such weights can be had here, and from random weights the network reached PC 0.71 in the runs
+this CPU allows (docs/results.md). dlib's face-recognition ResNet (``models/dlib_resnet.py``, the weights in
+the installed package, as for ``age_gender_race``) stands in for it, the same way: a trunk pretrained on faces,
+whose levels the three branches read.
+
+* Levels. The trunk's maps after level2, level1 and level0 (128, 256 and 256 channels; 8×8, 4×4 and 2×2 at
+  150 px) are too small for Table 1's unpadded 3×3 convolutions and differ in width, so each is averaged
+  globally (``FaceBackbone(feature="levels")``, 640-D). GNet reads level1 (the middle level, as relu3 is in
+  VGG-M), RNet level0 (the last, as relu5) (``gnet_from``, ``rnet_from``: ``level2``, ``level1``, ``level0``
+  or ``aggregate``). The aggregator concatenates the levels (Eq. 2; ``aggregation="avg"`` needs levels of
+  one width, e.g. ``aggregate_levels=("level1", "level0")``), by default all three: measured with the trunk
+  frozen on SCUT-FBP5500 (ridge regression on 2,640 faces, 660 held out), beauty PC 0.844 from level0 alone,
+  0.854 from level1 and level0, 0.871 from all three.
+* Branches. GNet and RNet are Table 1's widths (256, 128, classes) on a 1×1 map: the same ``BranchNet`` with
+  1×1 convolutions and no pooling. ANet is the same head with ``pool5`` left out and ``fc6`` 1×1 on the
+  aggregate, ``anet_width`` 1024 by default (on the frozen features above a two-layer head of 1024 gave PC
+  0.893 and of 256 0.889; 4,096 is VGG-M's own fc width, kept for the VGG-M trunk).
+* Input, freezing and rate, as ``age_gender_race`` with this trunk: dlib's 150×150 chip with 25 % padding,
+  5-point aligned (its template is the face template for photos), ``(rgb - means) / 256``;
+  ``backbone_freeze`` ``"all"`` by default (the trunk's outputs are then cached in training), ``"none"`` or
+  a number of leading groups; a trainable trunk learns at ``backbone_lr_scale`` × the heads' rate (0.01).
+  The model's own recipe for this trunk is ours (the paper's is for fine-tuning VGG-M): Adam 1e-3, batch 32,
+  30 epochs, the rate × 0.1 after 3 epochs without a better validation loss, early stopping after 6,
+  horizontal flips only (each flip of a face is one cached trunk pass; a random crop or rotation would make
+  every epoch run the trunk again).
 """
 
 from __future__ import annotations
@@ -72,7 +99,9 @@ import torch
 from torch import nn
 
 from . import register_model
+from .backbones import LEVEL_WIDTHS, FaceBackbone, dlib_preprocessing
 from .base import FaceModel, Recipe
+from .dlib_resnet import min_input_size
 from .losses import REGRESSION_LOSSES
 from .outputs import Categorical, Regression
 from .outputset import OutputSet
@@ -83,6 +112,11 @@ UTKFACE_RACES = ("White", "Black", "Asian", "Indian", "Others")  # facedata.data
 
 TRUNK_LEVELS = ("conv3", "relu3", "conv4", "relu4", "conv5", "relu5")
 BRANCH_SOURCES = ("relu3", "relu4", "relu5", "aggregate")
+HMT_BACKBONES = ("vggm", "dlib_resnet")
+DLIB_LEVELS = ("level2", "level1", "level0")  # widths: backbones.LEVEL_WIDTHS
+# per trunk: aggregate_levels, aggregation, gnet_from, rnet_from, anet_width, image_size when not given
+TRUNK_DEFAULTS = {"vggm": (("conv3", "relu3", "relu5"), "avg", "relu3", "relu5", 4096, 224),
+                  "dlib_resnet": (DLIB_LEVELS, "concat", "level1", "level0", 1024, 150)}
 AGGREGATIONS = ("avg", "concat")
 MIN_IMAGE_SIZE = 96
 _PRETRAINED_HEAD = ("fc6", "bn54", "fc7", "bn55")  # VGG-M-Face layers that ANet reuses
@@ -143,16 +177,18 @@ class VGGMTrunk(nn.Module):
 
 
 class BranchNet(nn.Module):
-    """GNet / RNet (Table 1): conv3 → conv3 → max-pool 3 → conv1×1 stride 2 → global average pooling."""
+    """GNet / RNet (Table 1): conv3 → conv3 → max-pool 3 → conv1×1 stride 2 → global average pooling.
+    ``pointwise``: the same widths on a 1×1 map (1×1 convolutions, no pooling), for the face trunk's levels."""
 
-    def __init__(self, in_channels: int, num_classes: int):
+    def __init__(self, in_channels: int, num_classes: int, pointwise: bool = False):
         super().__init__()
+        k = 1 if pointwise else 3
         self.body = nn.Sequential(
-            *_conv_bn(in_channels, 256, 3), nn.ReLU(inplace=True),
-            *_conv_bn(256, 128, 3), nn.ReLU(inplace=True),
-            nn.MaxPool2d(3, ceil_mode=True),
+            *_conv_bn(in_channels, 256, k), nn.ReLU(inplace=True),
+            *_conv_bn(256, 128, k), nn.ReLU(inplace=True),
+            nn.Identity() if pointwise else nn.MaxPool2d(3, ceil_mode=True),
         )
-        self.classifier = nn.Conv2d(128, num_classes, 1, stride=2)
+        self.classifier = nn.Conv2d(128, num_classes, 1, stride=1 if pointwise else 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.body(x)).mean(dim=(2, 3))
@@ -170,9 +206,10 @@ class ANet(nn.Module):
     """Beauty head: pool5 → fc6 → BN/ReLU → fc7 → BN/ReLU → (aggregator) → fc8 → global average pooling.
     Layer names follow VGG-M-Face so its fc6/fc7 can be reused."""
 
-    def __init__(self, in_channels: int, width: int, fc6_kernel: int, aggregation: str, aggregator: bool):
+    def __init__(self, in_channels: int, width: int, fc6_kernel: int, aggregation: str, aggregator: bool,
+                 pool5: bool = True):
         super().__init__()
-        self.pool5 = nn.MaxPool2d(3, 2)
+        self.pool5 = nn.MaxPool2d(3, 2) if pool5 else nn.Identity()  # no pool5 on the face trunk's 1×1 aggregate
         self.fc6, self.bn54 = _conv_bn(in_channels, width, fc6_kernel)
         self.fc7, self.bn55 = _conv_bn(width, width, 1)
         self.relu = nn.ReLU(inplace=True)
@@ -194,23 +231,40 @@ class HMTNet(FaceModel):
     primary_metric = "beauty.pearson"  # the paper's headline figure on SCUT-FBP5500
     primary_mode = "max"
 
-    def __init__(self, image_size: int = 224, race_classes: int = 2, aggregation: str = "avg",
-                 aggregate_levels: tuple[str, ...] = ("conv3", "relu3", "relu5"), anet_aggregator: bool = True,
-                 anet_width: int = 4096, gnet_from: str = "relu3", rnet_from: str = "relu5",
+    def __init__(self, image_size: int | None = None, race_classes: int = 2, aggregation: str | None = None,
+                 aggregate_levels: tuple[str, ...] | None = None, anet_aggregator: bool = True,
+                 anet_width: int | None = None, gnet_from: str | None = None, rnet_from: str | None = None,
                  task_weights: tuple[float, float, float] = (1.0, 1.0, 2.0), backbone_weights: str | None = None,
-                 beauty_loss: str = "smooth_huber", delta: float = 0.6):
+                 beauty_loss: str = "smooth_huber", delta: float = 0.6, backbone: str = "vggm",
+                 backbone_freeze: str | int | None = None, backbone_lr_scale: float = 0.01):
         super().__init__()
-        if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < MIN_IMAGE_SIZE:
-            raise ValueError(f"hmtnet: image_size must be an integer >= {MIN_IMAGE_SIZE} (relu3 must be at "
-                             f"least 5x5 for GNet/RNet), got {image_size!r}")
+        if backbone not in HMT_BACKBONES:
+            raise ValueError(f"hmtnet: backbone must be one of {HMT_BACKBONES}, got {backbone!r}")
+        dlib = backbone == "dlib_resnet"
+        levels_d, aggregation_d, gnet_d, rnet_d, width_d, size_d = TRUNK_DEFAULTS[backbone]
+        image_size = size_d if image_size is None else image_size
+        aggregation = aggregation_d if aggregation is None else aggregation
+        levels = levels_d if aggregate_levels is None else tuple(aggregate_levels)
+        gnet_from, rnet_from = gnet_d if gnet_from is None else gnet_from, rnet_d if rnet_from is None else rnet_from
+        anet_width = width_d if anet_width is None else anet_width
+        min_size = min_input_size() if dlib else MIN_IMAGE_SIZE
+        if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < min_size:
+            why = "the face trunk's smallest input" if dlib else "relu3 must be at least 5x5 for GNet/RNet"
+            raise ValueError(f"hmtnet: image_size must be an integer of at least {min_size} px ({why}), "
+                             f"got {image_size!r}")
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"hmtnet: aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-        levels = tuple(aggregate_levels)
-        if not levels or any(lv not in TRUNK_LEVELS for lv in levels) or len(set(levels)) != len(levels):
-            raise ValueError(f"hmtnet: aggregate_levels must be distinct names among {TRUNK_LEVELS}, got {levels!r}")
+        known = DLIB_LEVELS if dlib else TRUNK_LEVELS
+        if not levels or any(lv not in known for lv in levels) or len(set(levels)) != len(levels):
+            raise ValueError(f"hmtnet: aggregate_levels must be distinct names among {known}, got {levels!r}")
+        width_of = dict(zip(DLIB_LEVELS, LEVEL_WIDTHS)) if dlib else dict.fromkeys(TRUNK_LEVELS, 512)
+        if aggregation == "avg" and len({width_of[lv] for lv in levels}) > 1:
+            raise ValueError(f"hmtnet: aggregation 'avg' needs levels of one width; {levels} have "
+                             f"{[width_of[lv] for lv in levels]} channels (use 'concat')")
+        sources = DLIB_LEVELS + ("aggregate",) if dlib else BRANCH_SOURCES
         for name, src in (("gnet_from", gnet_from), ("rnet_from", rnet_from)):
-            if src not in BRANCH_SOURCES:
-                raise ValueError(f"hmtnet: {name} must be one of {BRANCH_SOURCES}, got {src!r}")
+            if src not in sources:
+                raise ValueError(f"hmtnet: {name} must be one of {sources}, got {src!r}")
         if not isinstance(anet_width, int) or isinstance(anet_width, bool) or anet_width < 1:
             raise ValueError(f"hmtnet: anet_width must be a positive integer, got {anet_width!r}")
         weights = tuple(float(w) for w in task_weights)
@@ -222,6 +276,11 @@ class HMTNet(FaceModel):
             raise ValueError(f"hmtnet: beauty_loss must be one of {REGRESSION_LOSSES}, got {beauty_loss!r}")
         if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not delta > 0:
             raise ValueError(f"hmtnet: delta must be a positive number, got {delta!r}")
+        if not dlib and backbone_freeze not in (None, "none"):
+            raise ValueError("hmtnet: backbone_freeze is for the dlib_resnet backbone (the VGG-M trunk trains whole)")
+        if isinstance(backbone_lr_scale, bool) or not 0.0 < float(backbone_lr_scale) <= 10.0:
+            raise ValueError(f"hmtnet: backbone_lr_scale must be in (0, 10], got {backbone_lr_scale!r}")
+        self.backbone_lr_scale = float(backbone_lr_scale)
 
         self.aggregation = aggregation
         self.aggregate_levels = levels
@@ -231,22 +290,48 @@ class HMTNet(FaceModel):
             Categorical("race", weight=weights[1], classes=races),
             Regression("beauty", weight=weights[2], range=(1.0, 5.0), loss_type=beauty_loss, delta=float(delta)),
         ))
+        agg_channels = (sum(width_of[lv] for lv in levels) if aggregation == "concat"
+                        else width_of[levels[0]])
+        branch_in = {"aggregate": agg_channels, **width_of}
+        self.backbone_report: dict = {}
+        if dlib:
+            self.preprocessing = dlib_preprocessing(image_size)
+            self.recipe = Recipe(optimizer="adam", lr=1e-3, batch_size=32, epochs=30, schedule="plateau",
+                                 schedule_args={"factor": 0.1, "patience": 3}, early_stopping_patience=6,
+                                 augment={"hflip": 0.5})
+            trunk_weights = "package" if backbone_weights is None else (
+                None if backbone_weights == "random" else backbone_weights)
+            self.trunk = FaceBackbone(trunk_weights, feature="levels",
+                                      freeze="all" if backbone_freeze is None else backbone_freeze)
+            self.gnet = BranchNet(branch_in[gnet_from], 2, pointwise=True)
+            self.rnet = BranchNet(branch_in[rnet_from], len(races), pointwise=True)
+            self.anet = ANet(agg_channels, anet_width, 1, aggregation, anet_aggregator, pool5=False)
+            return
         self.preprocessing = Preprocessing(
             size=(224, 224), resize="shorter_center_crop", resize_shorter=227,
         ).with_size(image_size)
         self.recipe = Recipe(optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=0.05, batch_size=32, epochs=170,
                              schedule="step", schedule_args={"step_size": 50, "gamma": 0.1},
                              augment={"random_crop": True, "rotation": 30, "color_jitter": 0.2})
-
-        sides = feature_sides(image_size)
-        agg_channels = 512 * len(levels) if aggregation == "concat" else 512
         self.trunk = VGGMTrunk()
-        self.gnet = BranchNet(agg_channels if gnet_from == "aggregate" else 512, 2)
-        self.rnet = BranchNet(agg_channels if rnet_from == "aggregate" else 512, len(races))
-        self.anet = ANet(agg_channels, anet_width, min(6, sides["pool5"]), aggregation, anet_aggregator)
-        self.backbone_report: dict = {}
+        self.gnet = BranchNet(branch_in[gnet_from], 2)
+        self.rnet = BranchNet(branch_in[rnet_from], len(races))
+        self.anet = ANet(agg_channels, anet_width, min(6, feature_sides(image_size)["pool5"]), aggregation,
+                         anet_aggregator)
         if backbone_weights:
             self.backbone_report = self.load_backbone(backbone_weights)
+
+    def optimizer_groups(self, lr: float) -> list[dict]:
+        """The heads at ``lr``; with the face trunk, its trainable layers at ``backbone_lr_scale * lr`` (frozen
+        ones left out). The VGG-M trunk trains at ``lr`` with the heads, as in the paper."""
+        if not isinstance(self.trunk, FaceBackbone):
+            return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
+        trunk = self.trunk.trainable_parameters()
+        ids = {id(p) for p in self.trunk.parameters()}
+        groups = [{"params": [p for p in self.parameters() if p.requires_grad and id(p) not in ids], "lr": lr}]
+        if trunk:
+            groups.append({"params": trunk, "lr": lr * self.backbone_lr_scale})
+        return groups
 
     # --- weights ---------------------------------------------------------------------------------
     def load_backbone(self, uri: str) -> dict:
@@ -256,6 +341,8 @@ class HMTNet(FaceModel):
         pretraining classifier fc8 is ignored. Any other key means the file is not a trunk: ValueError."""
         from .backbones import load_state_dict
 
+        if isinstance(self.trunk, FaceBackbone):
+            raise ValueError("hmtnet: load_backbone reads VGG-M weights; the dlib_resnet trunk takes backbone_weights")
         sd = load_state_dict(uri)
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
             raise ValueError(f"{uri}: expected a state dict of tensors")
@@ -285,6 +372,8 @@ class HMTNet(FaceModel):
 
     # --- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if isinstance(self.trunk, FaceBackbone):
+            return self._forward_levels(x)
         side = min(x.shape[-2:])
         sides = feature_sides(side)
         if sides["relu3"] < 5:
@@ -294,6 +383,17 @@ class HMTNet(FaceModel):
             raise ValueError(f"hmtnet built for {self.preprocessing.size[0]} px cannot take a {side} px input "
                              f"(fc6 is {k}x{k}); build it with image_size={side}")
         taps = self.trunk(x)
+        taps["aggregate"] = _aggregate([taps[lv] for lv in self.aggregate_levels], self.aggregation)
+        return {
+            "gender": self.gnet(taps[self.gnet_from]),
+            "race": self.rnet(taps[self.rnet_from]),
+            "beauty": self.anet(taps["aggregate"]),
+        }
+
+    def _forward_levels(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The face trunk: its pooled levels as 1×1 maps, the aggregate their concatenation (or average)."""
+        pooled = self.trunk(x)
+        taps = {lv: t[:, :, None, None] for lv, t in zip(DLIB_LEVELS, pooled.split(LEVEL_WIDTHS, 1))}
         taps["aggregate"] = _aggregate([taps[lv] for lv in self.aggregate_levels], self.aggregation)
         return {
             "gender": self.gnet(taps[self.gnet_from]),

@@ -339,8 +339,33 @@ def test_short_training_on_utkface_beats_from_scratch(shared_data):
     assert math.isfinite(dlib["age.rmse"]) and dlib["age.mae"] < 15.0, results  # below the constant answer's 15.5
 
 
+@needs_package
+@pytest.mark.slow
+def test_hmtnet_on_the_face_trunk_learns_beauty_on_real_scut_faces(shared_data):
+    """hmtnet with dlib's trunk (frozen, its levels cached), 3 epochs of 320 SCUT-FBP5500 faces read whole, tested
+    on 128 others: the beauty scores follow the raters'. The full run (docs/results.md, 2026-12-04) reached a
+    test PC of 0.869 through detection; from random weights the VGG-M network reached 0.745 in 28 minutes."""
+    from facedata.datasets import read_dataset
+
+    ds = read_dataset(f"scut_fbp5500:{shared_data / 'scut_fbp5500'}")
+    train, test = ds.split("train").iloc[:320], ds.split("test").iloc[:128]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    m = models.create_model("hmtnet", backbone="dlib_resnet", **ds.model_overrides("hmtnet"))
+    engine.fit(m, train, test.iloc[:32], epochs=3, batch_size=32, lr=3e-4, log_fn=None)
+    torch.set_num_threads(threads)
+    assert m.trunk.frozen and m.trunk.cache_hits > 0  # later epochs read the trunk's outputs from its cache
+    result = engine.evaluate_table(m, test, batch_size=64)
+    print({k: round(v, 4) for k, v in result.items() if k.startswith(("beauty.", "gender.acc", "race.acc"))})
+    # measured 2026-12-04: PC 0.699 (gender 100 %, race 99.2 %; 12 s); a constant or untrained head gives about 0.
+    # 3 epochs leave the scores' level off (MAE 0.59): the correlation is what this budget shows
+    assert result["beauty.pearson"] >= 0.55, result
+
+
 @pytest.mark.parametrize("name,kw,out", [("task_attention", {}, {"smile": (2, 2), "gender": (2, 2)}),
-                                         ("dmm_cnn", {"num_landmarks": 0}, {"attributes": (2, 40)})])
+                                         ("dmm_cnn", {"num_landmarks": 0}, {"attributes": (2, 40)}),
+                                         ("hmtnet", {}, {"gender": (2, 2), "race": (2, 2), "beauty": (2,)})])
 def test_other_models_take_the_face_trunk(name, kw, out):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -220,6 +220,62 @@ def test_hmtnet_checkpoint_round_trip(tmp_path):
     assert all(torch.allclose(a[k], b[k]) for k in a)
 
 
+def test_hmtnet_on_the_face_trunk_reads_its_levels_and_trains_only_its_heads(tmp_path):
+    """backbone="dlib_resnet": dlib's chip as input, GNet on level1, RNet on level0, ANet on the three levels
+    concatenated, Table 1's widths on 1x1 maps; the trunk frozen (cached in training) unless told otherwise."""
+    from models.backbones import LEVEL_WIDTHS, FaceBackbone
+    from models.dlib_resnet import chip_template
+
+    m = models.create_model("hmtnet", backbone="dlib_resnet", backbone_weights="random").eval()
+    assert isinstance(m.trunk, FaceBackbone) and m.trunk.frozen and m.preprocessing.size == (150, 150)
+    assert torch.allclose(torch.tensor(m.preprocessing.template), torch.tensor(chip_template(150)))
+    branch = lambda cin, n: _conv(cin, 256, 1) + _bn(256) + _conv(256, 128, 1) + _bn(128) + _conv(128, n, 1)  # noqa: E731
+    # concatenation is the aggregation of both aggregators (the paper's one choice): fc8 reads fc6, fc7 and relu7
+    anet = _conv(640, 1024, 1) + _bn(1024) + _conv(1024, 1024, 1) + _bn(1024) + _conv(3 * 1024, 1, 1)
+    assert sum(LEVEL_WIDTHS) == 640 and m.trunk.out_features == 640
+    (heads,) = m.optimizer_groups(1e-3)  # a frozen trunk: only the heads learn
+    assert sum(p.numel() for p in heads["params"]) == 2 * branch(256, 2) + anet
+    # which level each head reads: the trunk's output replaced by chosen vectors, one slice moved at a time
+    base, x = torch.randn(2, 640), torch.zeros(2, 3, 150, 150)
+    feed = [base]
+    m.trunk._compute = lambda _: feed[0]
+    with torch.no_grad():
+        ref, moved = m(x), {}
+        for name, (lo, hi) in {"level2": (0, 128), "level1": (128, 384), "level0": (384, 640)}.items():
+            feed[0] = base.clone()
+            feed[0][:, lo:hi] += 1.0
+            out = m(x)
+            moved[name] = {k for k in out if not torch.allclose(out[k], ref[k])}
+    assert moved == {"level2": {"beauty"}, "level1": {"gender", "beauty"}, "level0": {"race", "beauty"}}
+    del m.trunk._compute
+
+    # training: the frozen trunk runs once per distinct input; fine-tuned, it learns at backbone_lr_scale x lr
+    m.train()
+    x = torch.rand(3, 3, 150, 150)
+    m(x), m(x)
+    assert (m.trunk.cache_misses, m.trunk.cache_hits) == (3, 3)
+    tuned = models.create_model("hmtnet", backbone="dlib_resnet", backbone_weights="random", backbone_freeze="none",
+                                backbone_lr_scale=0.1)
+    heads, trunk = tuned.optimizer_groups(1e-3)
+    assert trunk["lr"] == pytest.approx(1e-4) and {id(p) for p in trunk["params"]} == {
+        id(p) for n, p in tuned.trunk.net.named_parameters() if not n.startswith("fc.")}
+    uri = str(tmp_path / "hmt_dlib.pt")
+    save_checkpoint(m.eval(), uri)
+    loaded, info = load_checkpoint(uri)
+    with torch.no_grad():
+        a, b = m(x), loaded(x)
+    assert info.config["backbone"] == "dlib_resnet" and all(torch.allclose(a[k], b[k]) for k in a)
+    for bad, message in (({"aggregation": "avg"}, "needs levels of one width"), ({"gnet_from": "relu3"}, "gnet_from"),
+                         ({"aggregate_levels": ("conv3",)}, "aggregate_levels"), ({"image_size": 96}, "at least 103")):
+        with pytest.raises(ValueError, match=message):
+            models.create_model("hmtnet", backbone="dlib_resnet", backbone_weights="random", **bad)
+    with pytest.raises(ValueError, match="backbone_freeze is for the dlib_resnet backbone"):
+        models.create_model("hmtnet", backbone_freeze="all", **SMALL_HMT)
+    one_width = models.create_model("hmtnet", backbone="dlib_resnet", backbone_weights="random", aggregation="avg",
+                                    aggregate_levels=("level1", "level0"))
+    assert one_width.anet.fc6.in_channels == 256
+
+
 # ------------------------------------------------------------------------------------ age / gender / race
 def test_agr_default_shapes_and_parameter_count():
     m = models.create_model("age_gender_race", backbone="resnet").eval()  # the default is the dlib face trunk
