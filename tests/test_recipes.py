@@ -34,7 +34,7 @@ def test_every_recipe_names_real_values_and_builds_its_models():
     for r in RECIPES.values():
         assert r.model in models.list_models() and set(r.formats) <= set(FORMATS) and recipe_for(r.model, r.formats[0]) is r
         for s in r.stages:  # a model argument the model does not take fails here, not after a stage has trained
-            random = {"backbone_weights": "random"} if r.model == "age_gender_race" else {}
+            random = {"backbone_weights": "random"} if r.model in ("age_gender_race", "hmtnet") else {}
             models.create_model(r.model, **s.model_args, **random)
     agr = get_recipe("age_gender_race-utkface")
     assert [(s.name, s.model_args["backbone_freeze"], s.train["lr"], s.train["epochs"]) for s in agr.stages] == [
@@ -43,8 +43,9 @@ def test_every_recipe_names_real_values_and_builds_its_models():
     ta = get_recipe("task_attention-genki4k").stages  # the paper's TMTL, then the attention net from it
     assert [(s.name, s.model_args["attention"], s.model_args["trunk_lr_scale"]) for s in ta] == [
         ("tmtl", False, 0.01), ("attention", True, 0.01)]
-    hmt = get_recipe("hmtnet-scut_fbp5500").stages
-    assert len(hmt) == 1 and not hmt[0].train and not hmt[0].model_args  # the paper's defaults as they are
+    (hmt,) = get_recipe("hmtnet-scut_fbp5500").stages  # dlib's face trunk, frozen, in place of VGG-M-Face
+    assert hmt.model_args == {"backbone": "dlib_resnet", "backbone_freeze": "all"}
+    assert (hmt.train["optimizer"], hmt.train["lr"], hmt.patience) == ("adam", 3e-4, 4)
     assert recipe_for("hmtnet", "utkface") is None and recipe_for("age_gender_race", "manifest") is None
 
 
