@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from . import register_model
-from .backbones import BACKBONES, FaceBackbone, dlib_preprocessing, resnet
+from .backbones import BACKBONES, FaceBackbone, dlib_preprocessing, optimizer_groups_with_trunk, resnet
 from .base import FaceModel, Recipe
 from .dlib_resnet import INPUT_SIZE as DLIB_SIZE
 from .dlib_resnet import min_input_size
@@ -132,17 +132,9 @@ class AgeGenderRaceNet(FaceModel):
         })
 
     def optimizer_groups(self, lr: float) -> list[dict]:
-        """Parameter groups for the optimizer (core.engine.make_optimizer): the heads at ``lr``, a
-        trainable face backbone at ``backbone_lr_scale * lr``; frozen parameters are left out."""
-        if not isinstance(self.backbone, FaceBackbone):
-            return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
-        trunk = self.backbone.trainable_parameters()
-        ids = {id(p) for p in self.backbone.parameters()}
-        heads = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
-        groups = [{"params": heads, "lr": lr}]
-        if trunk:
-            groups.append({"params": trunk, "lr": lr * self.backbone_lr_scale})
-        return groups
+        """The heads at ``lr``, a trainable face backbone at ``backbone_lr_scale * lr``; frozen parameters are
+        left out."""
+        return optimizer_groups_with_trunk(self, self.backbone, lr, self.backbone_lr_scale)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.fc(self.backbone(x))

@@ -87,6 +87,19 @@ def dlib_trunk(weights: str | None = "package") -> tuple[nn.Module, nn.Module, i
     return nn.Sequential(Stem(), net.level4, net.level3, net.level2, net.level1), net.level0, 256
 
 
+def optimizer_groups_with_trunk(model: nn.Module, trunk: nn.Module, lr: float, trunk_lr_scale: float) -> list[dict]:
+    """Parameter groups for the optimizer (core.engine.make_optimizer) of a model built on a face trunk: its own
+    layers at ``lr``, the trunk's trainable layers at ``trunk_lr_scale * lr``, frozen ones left out. Any other
+    trunk (a torchvision ResNet, HMTNet's VGG-M) trains at ``lr`` with the rest, in one group."""
+    if not isinstance(trunk, FaceBackbone):
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+    ids = {id(p) for p in trunk.parameters()}
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in ids], "lr": lr}]
+    if trainable := trunk.trainable_parameters():
+        groups.append({"params": trainable, "lr": lr * trunk_lr_scale})
+    return groups
+
+
 class FaceBackbone(nn.Module):
     """dlib's face-recognition ResNet as a trunk: frozen, partly frozen or fine-tuned, and, when frozen,
     with a cache of its outputs.
