@@ -80,7 +80,7 @@ whose levels the three branches read.
 * Branches. GNet and RNet are Table 1's widths (256, 128, classes) on a 1×1 map: the same ``BranchNet`` with
   1×1 convolutions and no pooling. ANet is the same head with ``pool5`` left out and ``fc6`` 1×1 on the
   aggregate, ``anet_width`` 1024 by default (on the frozen features above a two-layer head of 1024 gave PC
-  0.893 and of 256 0.889; 4,096 is VGG-M's own fc width, kept for the VGG-M trunk).
+  0.893 and of 256 0.889, mirror images averaged at test; 4,096 is VGG-M's own fc width, kept for VGG-M).
 * Input, freezing and rate, as ``age_gender_race`` with this trunk: dlib's 150×150 chip with 25 % padding,
   5-point aligned (its template is the face template for photos), ``(rgb - means) / 256``;
   ``backbone_freeze`` ``"all"`` by default (the trunk's outputs are then cached in training), ``"none"`` or
