@@ -366,8 +366,15 @@ class HMTNet(FaceModel):
 
     # --- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if isinstance(self.trunk, FaceBackbone):
-            return self._forward_levels(x)
+        taps = self._face_trunk_taps(x) if isinstance(self.trunk, FaceBackbone) else self._vggm_taps(x)
+        taps["aggregate"] = _aggregate([taps[lv] for lv in self.aggregate_levels], self.aggregation)
+        return {
+            "gender": self.gnet(taps[self.gnet_from]),
+            "race": self.rnet(taps[self.rnet_from]),
+            "beauty": self.anet(taps["aggregate"]),
+        }
+
+    def _vggm_taps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         side = min(x.shape[-2:])
         sides = feature_sides(side)
         if sides["relu3"] < 5:
@@ -376,21 +383,9 @@ class HMTNet(FaceModel):
         if sides["pool5"] < k:
             raise ValueError(f"hmtnet built for {self.preprocessing.size[0]} px cannot take a {side} px input "
                              f"(fc6 is {k}x{k}); build it with image_size={side}")
-        taps = self.trunk(x)
-        taps["aggregate"] = _aggregate([taps[lv] for lv in self.aggregate_levels], self.aggregation)
-        return {
-            "gender": self.gnet(taps[self.gnet_from]),
-            "race": self.rnet(taps[self.rnet_from]),
-            "beauty": self.anet(taps["aggregate"]),
-        }
+        return self.trunk(x)
 
-    def _forward_levels(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The face trunk: its pooled levels as 1×1 maps, the aggregate their concatenation (or average)."""
+    def _face_trunk_taps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The face trunk's pooled levels as 1×1 maps."""
         pooled = self.trunk(x)
-        taps = {lv: t[:, :, None, None] for lv, t in zip(DLIB_LEVELS, pooled.split(LEVEL_WIDTHS, 1))}
-        taps["aggregate"] = _aggregate([taps[lv] for lv in self.aggregate_levels], self.aggregation)
-        return {
-            "gender": self.gnet(taps[self.gnet_from]),
-            "race": self.rnet(taps[self.rnet_from]),
-            "beauty": self.anet(taps["aggregate"]),
-        }
+        return {lv: t[:, :, None, None] for lv, t in zip(DLIB_LEVELS, pooled.split(LEVEL_WIDTHS, 1))}
