@@ -37,9 +37,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from models.landmarks import Landmarks
+from models.landmarks import FLIP_5, Landmarks
 
-FLIP_5 = (1, 0, 2, 4, 3)  # a mirrored face's 5 points: the eyes and the mouth corners change places
 CPU_KEYS = ("random_crop",)  # recipe keys that the decode applies, not this module
 _LIMITS = {"hflip": 1.0, "rotation": 45.0, "shift": 0.25, "scale": 0.5, "brightness": 1.0, "contrast": 1.0,
            "saturation": 1.0, "hue": 0.5, "blur": 1.0, "blur_sigma": 8.0}

@@ -76,7 +76,7 @@ def run_model(model, table: pd.DataFrame, batch_size: int = 64, device: str = "c
     stats = None
     for batch, pos in _batches_with_rows(table, model, batch_size, decode_fn):
         images, targets = to_tensors(batch, dev)
-        raw = {k: v.float() for k, v in model(model.prepare(images)).items()}
+        raw = {k: v.float() for k, v in model.infer(model.prepare(images)).items()}
         stats = add_stats(stats, model.stats(raw, targets))
         for k, v in raw.items():
             raws.setdefault(k, []).append(v.detach().cpu())

@@ -2,7 +2,8 @@
 
 :class:`ModelRunner` is what the annotator (core/annotator.py) holds per model: the checkpoint loaded once,
 batch norm folded into the convolutions, ``channels_last`` and bf16 autocast where they pay, optionally
-``torch.compile``, and forward passes of at most ``max_batch`` images (bounded activations on a GPU).
+``torch.compile``, and forward passes of at most ``max_batch`` images (bounded activations on a GPU); each face
+read with its mirror image too where the checkpoint says so (``mirror``; twice the model's work).
 """
 
 from __future__ import annotations
@@ -40,11 +41,13 @@ class ModelRunner:
 
     def __init__(self, checkpoint: str, device: str | None = None, precision: str = "auto",
                  channels_last: bool = True, threads: int | None = None, fold_bn: bool = True,
-                 compile_batch: int | None = None, max_batch: int = 256):
+                 compile_batch: int | None = None, max_batch: int = 256, mirror: bool | None = None):
         if threads:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
         self.model, self.info = load_checkpoint(checkpoint)
+        if mirror is not None:  # None: as the checkpoint says (models/preprocess.py ``mirror``)
+            self.model.set_mirror(mirror)
         self.model.to(self.device).eval()
         self.folded: list[str] = []
         if fold_bn:  # conv+bn folded: same outputs, fewer kernels (models/inference.py)
@@ -115,7 +118,7 @@ class ModelRunner:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            raw = self.forward_fn(x)
+            raw = self.model.infer(x, self.forward_fn)  # with the mirror image too where the checkpoint says
         return {k: v.float().cpu() for k, v in raw.items()}
 
     @property

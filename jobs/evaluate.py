@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="seed of the split when the data has none")
     p.add_argument("--limit", type=int, default=None, help="evaluate at most this many images")
+    p.add_argument("--mirror", choices=("on", "off"), default=None,
+                   help="read each face with its mirror image too and average the outputs (on), or not (off); "
+                        "default: as the checkpoint says (its recipe's choice; models/preprocess.py)")
     p.add_argument("--json", default=None, help="write the metrics as a flat JSON object here (path or s3://)")
     c = p.add_argument_group("calibration (models/calibration.py)")
     c.add_argument("--calibrate-on", default=None, metavar="SPLIT",
@@ -110,6 +113,11 @@ def main(argv: list[str] | None = None) -> dict:
         model, info = load_checkpoint(args.checkpoint)
     except CheckpointError as e:
         p.error(str(e))
+    if args.mirror is not None:
+        try:
+            model.set_mirror(args.mirror == "on")
+        except ValueError as e:
+            p.error(str(e))
     if args.faces is None:
         trained = (info.extra.get("faces") or {}).get("mode", "whole")
         args.faces = "detect" if trained in ("detect", "landmarks") else "whole"
@@ -166,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     eces = calibration_errors(model, ev.raw, ev.targets)
     refit = f" + temperatures fitted on {args.calibrate_on}" if fitted is not None else ""
     print(f"model {info.model}  checkpoint {info.short_hash()}{refit}  data {args.data}  split {args.split}  "
-          f"images {int(metrics['n_images'])}")
+          f"images {int(metrics['n_images'])}  mirror {'on' if model.preprocessing.mirror else 'off'}")
     for line in record_lines(info.extra):  # how it was trained: its recipe's stages (models/recipes.py)
         print(line)
     width = max(len(k) for k in list(metrics) + list(eces))

@@ -58,7 +58,12 @@ def model_class(name: str) -> type[FaceModel]:
 
 def create_model(name: str, **overrides) -> FaceModel:
     """Build a model by name; every keyword overrides a default of its constructor. The resolved
-    arguments are kept on ``model.config`` (and in checkpoints) so the model can be rebuilt."""
+    arguments are kept on ``model.config`` (and in checkpoints) so the model can be rebuilt. ``mirror``
+    (every model): read each face with its mirror image too (models/preprocess.py ``Preprocessing.mirror``)."""
+    overrides = dict(overrides)
+    mirror = overrides.pop("mirror", None)
+    if mirror is not None and not isinstance(mirror, bool):
+        raise ValueError(f"{name}: mirror must be true or false, got {mirror!r}")
     cls = model_class(name)
     sig = inspect.signature(cls.__init__)
     try:
@@ -69,6 +74,9 @@ def create_model(name: str, **overrides) -> FaceModel:
     bound.apply_defaults()
     model = cls(**overrides)
     model.config = {k: _plain(v) for k, v in bound.arguments.items() if k != "self"}
+    if mirror is not None:
+        model.set_mirror(mirror)
+        model.config["mirror"] = mirror
     return model
 
 

@@ -4,7 +4,7 @@ columns derived from them. An architecture subclasses :class:`FaceModel`, builds
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -56,6 +56,24 @@ class FaceModel(nn.Module):
     def prepare(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) from ``preprocess.decode`` -> the float input of ``forward``."""
         return normalize(batch, self.preprocessing)
+
+    def set_mirror(self, on: bool) -> None:
+        """Read faces with their mirror images too (``infer``) or not; refused (``ValueError``) for landmarks
+        whose left/right order is unknown."""
+        if on:
+            self.outputs.check_mirror()
+        self.preprocessing = replace(self.preprocessing, mirror=bool(on))
+
+    def infer(self, x: torch.Tensor, forward=None) -> dict:
+        """The raw outputs a face is labelled and evaluated with: ``forward(x)`` (default: this model; the
+        runner passes its compiled graph), or with ``preprocessing.mirror`` the mean over ``x`` and its
+        mirror image (``OutputSet.mirror_average``), two passes of the same batch shape. Training never
+        calls this: its forward is the plain one."""
+        forward = forward or self
+        raw = forward(x)
+        if not self.preprocessing.mirror:
+            return raw
+        return self.outputs.mirror_average(raw, forward(x.flip(-1)))
 
     # --- training --------------------------------------------------------------------------------
     def loss(self, raw: dict, targets: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

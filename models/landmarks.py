@@ -16,6 +16,7 @@ from .outputs import Output
 Tensor = torch.Tensor
 
 LANDMARK_SCALES = ("signed", "unit")
+FLIP_5 = (1, 0, 2, 4, 3)  # a mirrored face's 5 points: the eyes and the mouth corners change places
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,17 @@ class Landmarks(Output):
                 x, y = u * g["sx"] + g["tx"], v * g["sy"] + g["ty"]
             rows.append(torch.stack([x, y], 1).reshape(-1).tolist())
         return {self.name: rows}
+
+    def unmirror(self, raw):
+        """Points read on the mirrored input -> the same points on the input: x mirrored about the centre
+        (``x.flip(-1)`` maps ``2x/W - 1`` to its negative, grid_sample's convention with align_corners=False),
+        the left and right points swapped. Only 5 points have a known left/right order."""
+        if self.points != 5:
+            raise ValueError(f"{self.name} has {self.points} points, whose left/right order is not known: only "
+                             "a model with 5-point landmarks can be read with its mirror image")
+        pts = raw.reshape(raw.shape[0], -1, 2)[:, list(FLIP_5)].clone()
+        pts[..., 0] = -pts[..., 0] if self.scale == "signed" else 1.0 - pts[..., 0]
+        return pts.reshape(raw.shape)
 
     def _describe(self):
         return {"points": self.points, "scale": self.scale}

@@ -70,6 +70,12 @@ class Output:
     def metrics(self, stats: dict[str, Tensor]) -> dict[str, float]:
         raise NotImplementedError
 
+    def unmirror(self, raw: Tensor) -> Tensor:
+        """Raw output of the mirrored face -> the raw output the face itself would have, to be averaged with
+        it (test-time mirror averaging, models/preprocess.py ``mirror``). The same values here: no label of
+        the zoo names a side (gender, age, beauty, smile, glasses...); landmarks override this."""
+        return raw
+
     # --- what a user reads ----------------------------------------------------------------------
     def fields(self) -> list[pa.Field]:
         raise NotImplementedError

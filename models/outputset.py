@@ -68,6 +68,20 @@ class OutputSet(nn.Module):
     def describe(self) -> list[dict]:
         return [o.describe() for o in self.outputs]
 
+    # --- test-time mirror averaging ---------------------------------------------------------------
+    def check_mirror(self) -> None:
+        """Raise ``ValueError`` when an output cannot be read from the mirror image (landmarks of unknown
+        left/right order), before any image is read."""
+        for o in self.outputs:
+            o.unmirror(torch.zeros((1, 2 * getattr(o, "points", 1))))
+
+    def mirror_average(self, raw: dict[str, Tensor], mirrored: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The mean of the raw outputs of the faces and of their mirror images, each output of the mirror
+        mapped back first (``Output.unmirror``). Logits are averaged as logits (a geometric mean of the
+        probabilities), regressions as values. A raw entry that is no output is the unmirrored pass's."""
+        outputs = {o.name: o for o in self.outputs}
+        return {k: (v + outputs[k].unmirror(mirrored[k])) / 2 if k in outputs else v for k, v in raw.items()}
+
     # --- calibration --------------------------------------------------------------------------------
     @property
     def calibrated(self) -> bool:

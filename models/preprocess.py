@@ -52,6 +52,12 @@ class Preprocessing:
     # that frame, so that a stretch is applied as in training); None: the crops were the input's size.
     template: tuple[tuple[float, float], ...] | None = None
     template_crop: tuple[int, int] | None = None
+    # Test-time mirror averaging: the model reads each face and its mirror image and its raw outputs are
+    # averaged, the mirrored pass's mapped back first (landmarks: x mirrored, left and right points swapped;
+    # models/outputset.py ``mirror_average``). Twice the model's work, never in training; set by a model's
+    # recipe where it was measured to help (docs/results.md) or ``--model-arg mirror=true``, and kept in the
+    # checkpoint, so that label, serve and evaluate read every face the same way.
+    mirror: bool = False
 
     def __post_init__(self):
         if self.resize not in ("stretch", "shorter_center_crop"):
