@@ -95,9 +95,9 @@ RECIPES: dict[str, TrainingRecipe] = {r.name: r for r in (
         "(96.14 % chained by hand), LFW gender 92.40 %, with CelebA's gender as a second --data (docs/results.md, "
         "2026-12-03, evening)"),
     TrainingRecipe(
-        "hmtnet-scut_fbp5500", 2, "hmtnet", ("scut_fbp5500",),
+        "hmtnet-scut_fbp5500", 3, "hmtnet", ("scut_fbp5500",),
         (Stage("frozen", {"epochs": 12, "optimizer": "adam", "lr": 3e-4},
-               {"backbone": "dlib_resnet", "backbone_freeze": "all"}, patience=4),),
+               {"backbone": "dlib_resnet", "backbone_freeze": "all", "mirror": True}, patience=4),),
         "dlib's face trunk (frozen; its level2, level1 and level0 read by the branches) in place of the paper's "
         "VGG-M-Face, which cannot be had here, Adam 3e-4, up to 12 epochs: test beauty PC 0.873, MAE 0.261, "
         "gender 94.8 %, race 100 % through detection as one command (docs/results.md, 2026-12-04; v1, the paper's "

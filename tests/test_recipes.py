@@ -43,8 +43,9 @@ def test_every_recipe_names_real_values_and_builds_its_models():
     ta = get_recipe("task_attention-genki4k").stages  # the paper's TMTL, then the attention net from it
     assert [(s.name, s.model_args["attention"], s.model_args["trunk_lr_scale"]) for s in ta] == [
         ("tmtl", False, 0.01), ("attention", True, 0.01)]
-    (hmt,) = get_recipe("hmtnet-scut_fbp5500").stages  # dlib's face trunk, frozen, in place of VGG-M-Face
-    assert hmt.model_args == {"backbone": "dlib_resnet", "backbone_freeze": "all"}
+    (hmt,) = get_recipe("hmtnet-scut_fbp5500").stages  # dlib's face trunk, frozen, in place of VGG-M-Face,
+    # and each face read with its mirror image too (the checkpoint says so: label and serve read it that way)
+    assert hmt.model_args == {"backbone": "dlib_resnet", "backbone_freeze": "all", "mirror": True}
     assert (hmt.train["optimizer"], hmt.train["lr"], hmt.patience) == ("adam", 3e-4, 4)
     assert recipe_for("hmtnet", "utkface") is None and recipe_for("age_gender_race", "manifest") is None
 
