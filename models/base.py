@@ -69,7 +69,7 @@ class FaceModel(nn.Module):
         runner passes its compiled graph), or with ``preprocessing.mirror`` the mean over ``x`` and its
         mirror image (``OutputSet.mirror_average``), two passes of the same batch shape. Training never
         calls this: its forward is the plain one."""
-        forward = forward or self
+        forward = self if forward is None else forward  # not `or`: a compiled module has __len__
         raw = forward(x)
         if not self.preprocessing.mirror:
             return raw
