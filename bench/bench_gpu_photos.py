@@ -6,7 +6,7 @@ in one process, no Ray, at a few batch sizes.
 
 What runs is the label actor's own work, ``core.annotator.Annotator.annotate`` on a decoded photo batch
 (detection with the default ``DetectorConfig`` or ``--detector``'s settings, alignment to the model's template, the model under its
-``precision`` (``auto``: bf16 on a GPU that has it and on CPUs), the quality columns and the rows), fed two
+``precision`` (``auto``: bf16 on a GPU that has it and on CPUs with AVX-512 BF16 or AMX), the quality columns and the rows), fed two
 ways:
 
 * ``--decode gpu``: the JPEGs of a batch decoded in one ``torchvision.io.decode_jpeg(..., device="cuda")``

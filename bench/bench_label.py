@@ -6,7 +6,7 @@ Prints, for ``--model`` at its native input size (synthetic 178x218 JPEG faces, 
 ``--checkpoint`` is given):
 
 1. model-only images/s: ``ModelRunner.forward_uint8`` on pre-decoded uint8 batches in this process, with the
-   predictor actor's threads, at ``--precision`` (default auto: bf16 on CPUs) and in fp32, batch by batch in
+   predictor actor's threads, at ``--precision`` (default auto: bf16 on CPUs with AVX-512 BF16 or AMX, else fp32) and in fp32, batch by batch in
    turn after a warm-up;
 2. bf16 against fp32 on the same tensors: the share of labels (categorical classes, binary attributes) that
    agree, and the speed ratio;

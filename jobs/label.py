@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-actor", type=positive(float), default=d.cpus_per_actor,
                    help="CPUs per CPU predictor actor (also its torch threads)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=d.precision,
-                   help="auto: bf16 autocast where the hardware supports it")
+                   help="auto: bf16 autocast on a GPU that supports it or a CPU with AVX-512 BF16 or AMX, else fp32")
     p.add_argument("--gpu-decode", action="store_true",
                    help="decode JPEGs on the predictor's GPU (torchvision.io.decode_jpeg); needs --gpus-per-actor > 0")
     p.add_argument("--compile", action="store_true",

@@ -58,8 +58,8 @@ Resumable and idempotent: Ray Data's row-level checkpointing (``DataContext.chec
     one for that filter (:func:`resolve_pool`). On a laptop the local Ray gets ``max(4, cores)`` logical CPUs.
 
 Precision and devices: ``Annotator`` (core/annotator.py) loads the checkpoint(s) once per actor and runs
-    ``inference_mode``, ``channels_last`` and bf16 autocast (``--precision auto``: bf16 on CPUs and on GPUs
-    that support it; ``fp32`` turns it off). ``--gpu-decode`` moves JPEG decoding into the GPU actor
+    ``inference_mode``, ``channels_last`` and bf16 autocast (``--precision auto``: bf16 on GPUs that support it and on CPUs
+    that compute it natively, core/runner.py ``cpu_has_bf16``; ``fp32`` turns it off). ``--gpu-decode`` moves JPEG decoding into the GPU actor
     (``torchvision.io.decode_jpeg(device="cuda")``), see :func:`gpu_decode_batch`; it needs
     ``--gpus-per-actor > 0`` and fails with a clear error otherwise. It has not run on a GPU yet; the same
     code path (decode_jpeg and the resize in torch) is tested on the CPU.
