@@ -99,8 +99,9 @@ RECIPES: dict[str, TrainingRecipe] = {r.name: r for r in (
         (Stage("frozen", {"epochs": 12, "optimizer": "adam", "lr": 3e-4},
                {"backbone": "dlib_resnet", "backbone_freeze": "all", "mirror": True}, patience=4),),
         "dlib's face trunk (frozen; its level2, level1 and level0 read by the branches) in place of the paper's "
-        "VGG-M-Face, which cannot be had here, Adam 3e-4, up to 12 epochs: test beauty PC 0.873, MAE 0.261, "
-        "gender 94.8 %, race 100 % through detection as one command (docs/results.md, 2026-12-04; v1, the paper's "
+        "VGG-M-Face, which cannot be had here, Adam 3e-4, up to 12 epochs, each face read with its mirror image too "
+        "(v3): test beauty PC 0.867 and 0.882 in two one-command runs through detection, MAE 0.272 and 0.296, race "
+        "100 % (docs/results.md, 2026-12-04; v2 without the mirror: PC 0.873, MAE 0.261; v1, the paper's "
         "recipe from random weights, was never run to its end here; fine-tuning the trunk after it lowered the "
         "validation PC)"),
 )}
