@@ -3,12 +3,12 @@ in one process.
 
     python bench/bench_inference.py [--model dmm_cnn] [--batch 32] [--rounds 6] [--threads 2]
 
-Three ``core.runner.ModelRunner`` objects on the same random checkpoint (bf16 autocast where
+Four ``core.runner.ModelRunner`` objects on the same random checkpoint (bf16 autocast where
 ``--precision auto`` gives it, channels_last): ``fold_bn=False``; ``fold_bn=True`` (models/inference.py);
 ``fold_bn=True, compile_batch=--batch`` (torch.compile); ``fold_bn=True, mirror=True`` (each face read with
 its mirror image too, models/preprocess.py: its outputs are averages, so not compared with eager ones). After a warm-up, each round times one
 ``forward_uint8`` of each on the same uint8 batch, in turn, so that a drift in the machine's speed hits
-all three alike. Prints images/s (median over rounds) and the largest difference of the folded and
+all four alike. Prints images/s (median over rounds) and the largest difference of the folded and
 compiled outputs from the eager ones.
 """
 

@@ -27,9 +27,7 @@ def cpu_has_bf16() -> bool:
     Without it oneDNN emulates bf16, and autocast is far slower than fp32: a ResNet-50, batch 32, 218x178,
     2 threads measured 10.5 images/s fp32 against 0.6 bf16 on an AVX2-only AMD EPYC (2026-12-04), where a
     CPU with AVX-512 BF16 gave bf16 about 3x fp32 (docs/benchmarks.md)."""
-    cpu = getattr(torch, "cpu", None)
-    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check() for check in checks if check is not None)
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()  # torch pinned: both exist
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
