@@ -284,7 +284,7 @@ class Annotator:
         with_faces = [o for o in range(len(images)) if len(found[o])]
         if not with_faces:
             return {f.name: [] for f in QUALITY_FIELDS}
-        crops = torch.cat([quality_crops(images[o], found[o].points.to(images[o].device)) for o in with_faces])
+        crops = torch.cat([quality_crops(images[o], found[o].points) for o in with_faces])
         points = torch.cat([found[o].points.double().cpu() * scales[o] for o in with_faces])
         scores = torch.cat([found[o].scores.cpu() for o in with_faces])
         q = face_quality(points, crops, scores, confidences, self.review)

@@ -99,11 +99,15 @@ def similarity(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
 
 
 def input_to_image(points: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
-    """Detected points (K, 5, 2) in image pixels -> (K, 3, 3) affine maps from the model's input pixels to
-    image pixels (``S @ G``, see the module docstring)."""
-    G = input_to_crop(pre).to(points.device)
-    crop_template = (G[:2, :2] @ template_of(pre).to(points.device).T).T + G[:2, 2]
-    S = similarity(crop_template, points.double())
+    """Detected points (K, 5, 2) in image pixels (any device) -> (K, 3, 3) float64 CPU affine maps from the
+    model's input pixels to image pixels (``S @ G``, see the module docstring).
+
+    Computed on the CPU wherever the image is: K 2x2 SVDs and determinants are microseconds there, while on
+    a GPU each batched call is a cuSOLVER launch and a sync (the quality crops and every template's alignment
+    of a photo each paid one)."""
+    G = input_to_crop(pre)
+    crop_template = (G[:2, :2] @ template_of(pre).T).T + G[:2, 2]
+    S = similarity(crop_template, points.detach().double().cpu())
     return S @ G
 
 
@@ -118,8 +122,9 @@ def _halve(img: torch.Tensor) -> torch.Tensor:
 def warp(image: torch.Tensor, maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Sample ``len(maps)`` crops of ``size`` (H, W) from one image.
 
-    ``image``: uint8 or float (C, H, W); ``maps``: (K, 3, 3) affine maps from output pixels to image pixels.
-    Returns uint8 (K, C, H, W) on the image's device. Outside the image the edge pixels are repeated: a face
+    ``image``: uint8 or float (C, H, W); ``maps``: (K, 3, 3) affine maps from output pixels to image pixels
+    (best on the CPU: the sampling grids' parameters are computed there and cross to the image's device in one
+    copy per pyramid level). Returns uint8 (K, C, H, W) on the image's device. Outside the image the edge pixels are repeated: a face
     at a photo's edge (or a data set's tight crop) then shows no black band, which no training crop had
     (measured: zero padding cost hard_sharing 2.4 points of gender accuracy through detection, docs/results.md)."""
     out_h, out_w = size
@@ -128,6 +133,7 @@ def warp(image: torch.Tensor, maps: torch.Tensor, size: tuple[int, int]) -> torc
     if k == 0:
         return torch.zeros((0, c, out_h, out_w), dtype=torch.uint8, device=image.device)
     src = image.float()
+    maps = maps.detach().double().cpu()
     # the sampling step: how many source pixels one output pixel spans (the map's scale)
     steps = torch.sqrt(torch.abs(torch.linalg.det(maps[:, :2, :2]))).tolist()
     levels = [math.ceil(math.log2(s / 2.0)) if s > 2.0 else 0 for s in steps]
@@ -142,11 +148,11 @@ def warp(image: torch.Tensor, maps: torch.Tensor, size: tuple[int, int]) -> torc
         f = 2.0 ** level
         ih, iw = img.shape[-2:]
         # output pixel -> level-`level` pixel, then both sides to grid_sample's [-1, 1] (align_corners=False)
-        to_level = torch.diag(torch.tensor([1 / f, 1 / f, 1.0], dtype=torch.float64, device=maps.device))
+        to_level = torch.diag(torch.tensor([1 / f, 1 / f, 1.0], dtype=torch.float64))
         from_norm = torch.tensor([[out_w / 2, 0, out_w / 2], [0, out_h / 2, out_h / 2], [0, 0, 1]],
-                                 dtype=torch.float64, device=maps.device)
-        to_norm = torch.tensor([[2 / iw, 0, -1], [0, 2 / ih, -1], [0, 0, 1]], dtype=torch.float64, device=maps.device)
-        theta = (to_norm @ to_level @ maps[idx] @ from_norm)[:, :2].float()
+                                 dtype=torch.float64)
+        to_norm = torch.tensor([[2 / iw, 0, -1], [0, 2 / ih, -1], [0, 0, 1]], dtype=torch.float64)
+        theta = (to_norm @ to_level @ maps[idx] @ from_norm)[:, :2].float().to(image.device)
         grid = F.affine_grid(theta, [len(idx), c, out_h, out_w], align_corners=False)
         sampled = F.grid_sample(img[None].expand(len(idx), -1, -1, -1), grid, mode="bilinear",
                                 padding_mode="border", align_corners=False)
@@ -157,9 +163,10 @@ def warp(image: torch.Tensor, maps: torch.Tensor, size: tuple[int, int]) -> torc
 def align(image: torch.Tensor, points: torch.Tensor, pre: Preprocessing) -> tuple[torch.Tensor, torch.Tensor]:
     """One image's detected faces -> ``(uint8 (K, C, H, W) model inputs, (K, 3, 3) input->image maps)``.
 
-    ``image`` uint8 (3, H, W) RGB on any device; ``points`` (K, 5, 2) in the image's pixels. A grey model
-    (``pre.channels == 1``) gets the luma of the RGB crop (ITU-R 601, as PIL's ``convert("L")``)."""
-    maps = input_to_image(points.to(image.device), pre)
+    ``image`` uint8 (3, H, W) RGB on any device; ``points`` (K, 5, 2) in the image's pixels; the maps are
+    float64 on the CPU. A grey model (``pre.channels == 1``) gets the luma of the RGB crop (ITU-R 601, as
+    PIL's ``convert("L")``)."""
+    maps = input_to_image(points, pre)
     crops = warp(image, maps, pre.size)
     if pre.channels == 1 and crops.shape[1] == 3:
         w = torch.tensor([0.299, 0.587, 0.114], device=crops.device).view(1, 3, 1, 1)

@@ -134,7 +134,7 @@ PRESETS: dict[str, dict] = {
 
 @dataclass
 class Faces:
-    """The faces of one image, sorted by score, highest first."""
+    """The faces of one image, sorted by score, highest first; CPU tensors whatever the detector's device."""
 
     boxes: torch.Tensor  # (K, 4) float32 x1, y1, x2, y2 in pixels of the image given to detect()
     scores: torch.Tensor  # (K,) float32 in [0, 1]
@@ -273,7 +273,7 @@ class FaceDetector:
         for i, s in enumerate(scales):
             if not (isinstance(s, (int, float)) and s > 0):
                 raise ValueError(f"scales[{i}] must be a positive number, got {s!r}")
-        out: list[Faces] = [Faces.empty(self.device) for _ in images]
+        out: list[Faces] = [Faces.empty() for _ in images]
         todo = [i for i, im in enumerate(images)
                 if im.shape[1] > 0 and im.shape[2] > 0 and max(im.shape[1:]) * scales[i] >= self.config.min_face]
         views = [v for i in todo for v in self._views(i, images[i])]
@@ -295,7 +295,9 @@ class FaceDetector:
         b, s, p, img_idx = b[keep], s[keep], p[keep], img_idx[keep]
         side = torch.minimum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])
         big = side >= self.config.min_face
-        b, s, p, img_idx = b[big], s[big], p[big], img_idx[big]
+        # The survivors cross to the CPU in one copy: a few numbers per face, read there by alignment (its maps
+        # are computed on the CPU) and the rows. Splitting them per image on a GPU cost a sync per image.
+        b, s, p, img_idx = (t.cpu() for t in (b[big], s[big], p[big], img_idx[big]))
         for i in todo:
             mine = (img_idx == i).nonzero(as_tuple=True)[0]
             dropped = max(0, len(mine) - self.config.max_faces)

@@ -101,7 +101,7 @@ class FaceFinder:
         for i, (img, f) in enumerate(zip(images, faces)):
             if len(f) == 0:
                 continue
-            crops, m = align(img.to(self.device), f.points.to(self.device), pre)
+            crops, m = align(img.to(self.device), f.points, pre)
             m = _to_original(m, 1.0 if scales is None else float(scales[i]))
             inputs.append(crops)
             maps.append(m)
@@ -111,7 +111,7 @@ class FaceFinder:
             c, (h, w) = pre.channels, pre.size
             return AlignedFaces(torch.zeros((0, c, h, w), dtype=torch.uint8, device=self.device),
                                 torch.zeros((0, 3, 3), dtype=torch.float64), [], [])
-        return AlignedFaces(torch.cat(inputs), torch.cat(maps).cpu(), owner, index)
+        return AlignedFaces(torch.cat(inputs), torch.cat(maps), owner, index)
 
 
 class NoFace(ImageDecodeError):
@@ -173,11 +173,11 @@ def face_input(data: bytes, pre: Preprocessing, points, max_side: int = DEFAULT_
 def _aligned_one(img: torch.Tensor, size: tuple[int, int], scale: float, points: torch.Tensor,
                  pre: Preprocessing) -> tuple[torch.Tensor, dict]:
     """One face (points (1, 5, 2) in the decoded picture's pixels) -> (model input, geometry)."""
-    crops, maps = align(img, points.to(img.device), pre)
+    crops, maps = align(img, points, pre)
     maps = _to_original(maps, scale)
     (w, h), (H, W) = size, pre.size
     return crops[0].cpu(), {"width": w, "height": h, "input_w": W, "input_h": H,
-                            "affine": maps[0, :2].cpu().reshape(-1).tolist()}
+                            "affine": maps[0, :2].reshape(-1).tolist()}
 
 
 def _to_original(maps: torch.Tensor, scale: float) -> torch.Tensor:

@@ -73,18 +73,17 @@ def quality_crops(image: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     k = int(points.shape[0])
     if k == 0:
         return torch.zeros((0, image.shape[0], h, w), dtype=torch.uint8, device=image.device)
-    maps = input_to_image(points.to(image.device), pre)  # (K, 3, 3) crop pixel -> image pixel
-    corners = torch.tensor([[0.0, 0.0, 1.0], [w, 0.0, 1.0], [0.0, h, 1.0], [w, h, 1.0]], dtype=maps.dtype,
-                           device=maps.device)
+    maps = input_to_image(points, pre)  # (K, 3, 3) crop pixel -> image pixel, on the CPU
+    corners = torch.tensor([[0.0, 0.0, 1.0], [w, 0.0, 1.0], [0.0, h, 1.0], [w, h, 1.0]], dtype=maps.dtype)
     foot = (maps @ corners.T)[:, :2]  # (K, 2, 4) the crop's corners in the image
-    lo = torch.floor(foot.amin(-1)).cpu() - 4
-    hi = torch.ceil(foot.amax(-1)).cpu() + 4
+    lo = torch.floor(foot.amin(-1)) - 4
+    hi = torch.ceil(foot.amax(-1)) + 4
     ih, iw = image.shape[-2:]
     out = []
     for i in range(k):
         x0, y0 = int(max(0, min(iw - 1, lo[i, 0]))), int(max(0, min(ih - 1, lo[i, 1])))
         x1, y1 = int(max(x0 + 1, min(iw, hi[i, 0]))), int(max(y0 + 1, min(ih, hi[i, 1])))
-        shift = torch.eye(3, dtype=maps.dtype, device=maps.device)
+        shift = torch.eye(3, dtype=maps.dtype)
         shift[0, 2], shift[1, 2] = -x0, -y0
         out.append(warp(image[:, y0:y1, x0:x1], shift @ maps[i : i + 1], pre.size))
     return torch.cat(out)
