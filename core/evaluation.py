@@ -88,9 +88,11 @@ def run_model(model, table: pd.DataFrame, batch_size: int = 64, device: str = "c
 
 
 def calibration_pairs(model, ev: Evaluated) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{output: (raw, targets)}`` of every calibratable output with labels in ``ev``: what
-    ``models.calibration.fit_calibration`` fits on (``run_model`` over the validation table gives ``ev``)."""
-    return {o.name: (ev.raw[o.name], ev.targets[o.target_column]) for o in model.outputs.calibratable()
+    """``{output: (raw, targets)}`` of every calibratable output (probabilities, regression scores) with labels
+    in ``ev``: what ``models.calibration.fit_calibration`` fits on (``run_model`` over the validation table
+    gives ``ev``)."""
+    return {o.name: (ev.raw[o.name], ev.targets[o.target_column])
+            for o in model.outputs.calibratable() + model.outputs.shiftable()
             if o.name in ev.raw and o.target_column in ev.targets}
 
 

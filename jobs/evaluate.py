@@ -154,12 +154,15 @@ def main(argv: list[str] | None = None) -> dict:
         except CalibrationError as e:
             p.error(str(e))
         for name, f in fitted.outputs.items():
-            ts = (", ".join(f"{t:.3f}" for t in f.temperatures[:5]) + (" ..." if len(f.temperatures) > 5 else "")
-                  if f.temperatures else "none kept")
-            print(f"fitted {name} on {args.calibrate_on} ({f.n} rows): T = {ts}; NLL {f.nll_before:.4f} -> "
-                  f"{f.nll_after:.4f}, ECE {f.ece_before:.4f} -> {f.ece_after:.4f}")
+            if f.method == "shift":
+                print(f"fitted {name} on {args.calibrate_on} ({f.n} rows): {f.line()}")
+            else:
+                ts = (", ".join(f"{t:.3f}" for t in f.temperatures[:5]) + (" ..." if len(f.temperatures) > 5 else "")
+                      if f.temperatures else "none kept")
+                print(f"fitted {name} on {args.calibrate_on} ({f.n} rows): T = {ts}; NLL {f.nll_before:.4f} -> "
+                      f"{f.nll_after:.4f}, ECE {f.ece_before:.4f} -> {f.ece_after:.4f}")
             for why in f.rejected:
-                print(f"  not kept (uncalibrated probability instead): {why}")
+                print(f"  not kept (uncalibrated {'score' if f.method == 'shift' else 'probability'} instead): {why}")
         if args.save_calibrated:
             data, digest = checkpoint_bytes(model, info.metrics, {**info.extra, "calibration": {
                 "split": args.calibrate_on, "data": args.data, "fit": fitted.summary()}})

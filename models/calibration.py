@@ -18,8 +18,13 @@ What is fitted, per output (``models.outputs``):
   ``bce`` outputs (τ = 0) this is plain temperature scaling of the logit; for DMM-CNN's ``mse_pm1`` scores
   (regressed onto ±1, not logits) the uncalibrated "probability" is the linear map ``(s + 1) / 2`` and the
   calibrated one is this sigmoid of the distance to the threshold.
+* **Regression** scores (HMTNet's beauty): no probability, but one fitted **shift** ``s`` added to the raw
+  score, ``s = mean(y − x)`` on the validation rows (least squares). Kept only when it lowers the MAE on
+  those rows. Why: the score's offset drifted by up to ±0.25 between epochs while its correlation held, and
+  the validation offset predicted the test one (docs/results.md). The shift moves the columns and the
+  metrics, never the loss.
 * **Not calibrated**: age (``AgeDistribution``: a temperature would change the expected age, the prediction
-  itself), regression scores and landmarks (no probability).
+  itself) and landmarks (no probability).
 
 How: each temperature minimises the negative log-likelihood (cross-entropy / BCE, a proper scoring rule) of
 the validation labels, by L-BFGS (strong-Wolfe line search) on ``log(1/T)`` in float64. The NLL is convex in
@@ -62,7 +67,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .outputs import Binary, Categorical, Output
+from .outputs import Binary, Categorical, Output, Regression
 
 N_BINS = 15
 NORM = "l1"
@@ -146,15 +151,25 @@ class OutputCalibration:
     """The fit of one output: its temperature(s), the rows it used and its NLL and ECE on them."""
 
     output: str
-    method: str  # "temperature" (categorical) or "threshold_temperature" (binary, see the module docstring)
-    temperatures: list[float]
+    method: str  # "temperature" (categorical), "threshold_temperature" (binary) or "shift" (regression)
+    temperatures: list[float]  # [] for a shift
     n: int
-    nll_before: float
-    nll_after: float
-    ece_before: float
-    ece_after: float
+    nll_before: float | None  # None for a shift (no probability)
+    nll_after: float | None
+    ece_before: float | None
+    ece_after: float | None
     skipped: list[str] = field(default_factory=list)  # attributes left at T = 1, with the reason
-    rejected: list[str] = field(default_factory=list)  # fits not kept: they did not lower the ECE (see above)
+    rejected: list[str] = field(default_factory=list)  # fits not kept: they did not lower the ECE (MAE)
+    shift: float | None = None  # a regression's fitted shift (None: not kept or not a regression)
+    mae_before: float | None = None
+    mae_after: float | None = None
+
+    def line(self) -> str:
+        """One line for a log: ``gender ECE 0.0412 -> 0.0105`` or ``beauty MAE 0.301 -> 0.255 (shift -0.184)``."""
+        if self.method == "shift":
+            kept = f"shift {self.shift:+.4f}" if self.shift is not None else "no shift kept"
+            return f"{self.output} MAE {self.mae_before:.4f} -> {self.mae_after:.4f} ({kept})"
+        return f"{self.output} ECE {self.ece_before:.4f} -> {self.ece_after:.4f}"
 
 
 @dataclass
@@ -175,7 +190,10 @@ class Calibration:
         """Put these temperatures on ``model.outputs`` (replacing any it had for these outputs)."""
         core = getattr(model, "module", model)
         for name, c in self.outputs.items():
-            core.outputs.set_temperatures(name, c.temperatures or None)
+            if c.method == "shift":
+                core.outputs.set_shift(name, c.shift)
+            else:
+                core.outputs.set_temperatures(name, c.temperatures or None)
 
 
 def _as_2d(x: torch.Tensor) -> torch.Tensor:
@@ -274,6 +292,19 @@ def _fit_binary(o: Binary, raw: torch.Tensor, target: torch.Tensor, ctx: dict, m
                              rejected)
 
 
+def _fit_shift(o: Regression, raw: torch.Tensor, target: torch.Tensor, min_rows: int) -> OutputCalibration:
+    keep = ~torch.isnan(target.reshape(-1))
+    x, y = raw.reshape(-1)[keep].double(), target.reshape(-1)[keep].double()
+    if len(y) < min_rows:
+        raise CalibrationError(f"output {o.name!r}: {len(y)} labelled rows, at least {min_rows} needed")
+    shift = float(torch.tensor(float((y - x).mean())).float())  # the float32 value the buffer will hold
+    before, after = float((x - y).abs().mean()), float((x + shift - y).abs().mean())
+    kept = after < before
+    rejected = [] if kept else [f"{o.name}: shift {shift:+.4f} would not lower the MAE ({before:.4f} -> {after:.4f})"]
+    return OutputCalibration(o.name, "shift", [], len(y), None, None, None, None, rejected=rejected,
+                             shift=shift if kept else None, mae_before=before, mae_after=after if kept else before)
+
+
 def replace_t(o: Output, t):
     """``o`` with temperature(s) ``t`` (None: uncalibrated)."""
     from dataclasses import replace
@@ -287,8 +318,9 @@ def replace_t(o: Output, t):
 
 def fit_calibration(model, data: Mapping, outputs: Iterable[str] | None = None, apply: bool = True,
                     min_rows: int = MIN_ROWS) -> Calibration:
-    """Fit temperatures for ``model``'s categorical and binary outputs on validation data and (``apply``)
-    put them on the model, so that ``model.decode`` and every checkpoint saved from it are calibrated.
+    """Fit temperatures for ``model``'s categorical and binary outputs, and shifts for its regression scores,
+    on validation data and (``apply``) put them on the model, so that ``model.decode`` and every checkpoint
+    saved from it are calibrated.
 
     ``data``: ``{output name: (raw outputs, targets)}`` (targets as in the dataset: class index, 0/1 or ±1
     per attribute, NaN = missing); for a table, ``core.evaluation.calibration_pairs`` runs the model and
@@ -303,7 +335,8 @@ def fit_calibration(model, data: Mapping, outputs: Iterable[str] | None = None, 
                         "makes it from a table")
     pairs = {k: (torch.as_tensor(v[0]).detach().float().cpu(), torch.as_tensor(v[1]).detach().float().cpu())
              for k, v in data.items()}
-    wanted = list(outputs) if outputs is not None else [o.name for o in core.outputs.calibratable()]
+    wanted = list(outputs) if outputs is not None else \
+        [o.name for o in core.outputs.calibratable() + core.outputs.shiftable()]
     unknown = [n for n in wanted if n not in core.outputs.names()]
     if unknown:
         raise CalibrationError(f"{core.name}: no output {unknown}; outputs: {core.outputs.names()}")
@@ -311,9 +344,9 @@ def fit_calibration(model, data: Mapping, outputs: Iterable[str] | None = None, 
     fits: dict[str, OutputCalibration] = {}
     for name in wanted:
         o = core.outputs[name]
-        if not isinstance(o, (Categorical, Binary)):
+        if not isinstance(o, (Categorical, Binary, Regression)):
             if outputs is not None:
-                raise CalibrationError(f"output {name!r} ({o.kind}) has no probabilities to calibrate")
+                raise CalibrationError(f"output {name!r} ({o.kind}) has no probabilities or score to calibrate")
             continue
         if name not in pairs:
             if outputs is not None:
@@ -322,14 +355,20 @@ def fit_calibration(model, data: Mapping, outputs: Iterable[str] | None = None, 
         raw, target = pairs[name]
         if len(raw) != len(target):
             raise CalibrationError(f"output {name!r}: {len(raw)} raw rows but {len(target)} targets")
-        if isinstance(o, Categorical):
+        if isinstance(o, Regression):
+            try:
+                fits[name] = _fit_shift(o, raw, target, min_rows)
+            except CalibrationError:
+                if outputs is not None:
+                    raise
+        elif isinstance(o, Categorical):
             fits[name] = _fit_categorical(o, raw, target, min_rows)
         else:
             sub = ctx_all.get(name)
             fits[name] = _fit_binary(o, raw, target, sub if isinstance(sub, dict) else {}, min_rows)
     if not fits:
-        raise CalibrationError(f"{core.name}: nothing to calibrate (no labelled categorical or binary output "
-                               f"in the data; outputs with labels: {sorted(pairs)})")
+        raise CalibrationError(f"{core.name}: nothing to calibrate (no labelled categorical, binary or regression "
+                               f"output in the data; outputs with labels: {sorted(pairs)})")
     cal = Calibration(fits)
     if apply:
         cal.apply(core)

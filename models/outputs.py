@@ -280,12 +280,28 @@ class Binary(Output):
 class Regression(Output):
     """A scalar score in ``range``; MAE, RMSE and Pearson correlation. ``loss_type`` is one of
     :data:`REGRESSION_LOSSES` (:func:`regression_loss`; ``delta`` for ``smooth_huber`` and ``smooth_l1``).
-    The raw output has shape (B,) or (B, 1)."""
+    The raw output has shape (B,) or (B, 1).
+
+    ``shift`` (set by models/calibration.py on the validation split at export, None = none): a constant added
+    to the raw score in the columns and in the metrics (not in the loss: training never sees it). Why:
+    HMTNet's beauty score drifted by up to ±0.25 from epoch to epoch while its correlation held (early stopping
+    on PC cannot see an offset), and the validation split's offset predicted the test split's
+    (docs/results.md, "hmtnet's beauty offset")."""
 
     range: tuple[float, float] = (1.0, 5.0)
     loss_type: str = "mse"
     delta: float = 0.6
+    shift: float | None = None
     kind = "regression"
+
+    @property
+    def calibrated(self) -> bool:
+        return self.shift is not None
+
+    def values(self, raw, calibrated: bool = True):
+        """(B,) float32 scores: the raw output plus the fitted shift (when there is one and ``calibrated``)."""
+        x = raw.float().reshape(-1)
+        return x + self.shift if calibrated and self.shift is not None else x
 
     def __post_init__(self):
         if self.loss_type not in REGRESSION_LOSSES:
@@ -299,7 +315,7 @@ class Regression(Output):
 
     def stats(self, raw, target, **ctx):
         keep = valid_rows(target)
-        x = raw.float().reshape(-1)[keep].double()
+        x = self.values(raw)[keep].double()
         y = target[keep].double()
         loss_sum = self.loss(x.float(), y.float()).double() * len(y) if len(y) else torch.zeros((), dtype=torch.float64)
         return scalar_error_stats(x, y, loss_sum)
@@ -310,12 +326,15 @@ class Regression(Output):
     def fields(self):
         return [pa.field(self.name, pa.float32())]
 
-    def to_columns(self, raw, geometry=None, **ctx):
+    def to_columns(self, raw, geometry=None, calibrated: bool = True, **ctx):
         lo, hi = self.range
-        return {self.name: raw.float().reshape(-1).clamp(lo, hi).tolist()}
+        return {self.name: self.values(raw, calibrated).clamp(lo, hi).tolist()}
 
     def _describe(self):
-        return {"range": list(self.range), "loss": self.loss_type, "delta": self.delta}
+        d = {"range": list(self.range), "loss": self.loss_type, "delta": self.delta}
+        if self.shift is not None:
+            d["calibration"] = {"method": "shift", "shift": float(self.shift)}
+        return d
 
 
 @dataclass(frozen=True)

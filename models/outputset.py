@@ -12,11 +12,12 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from .outputs import Binary, Categorical, Output
+from .outputs import Binary, Categorical, Output, Regression
 
 Tensor = torch.Tensor
 
 CALIBRATION_PREFIX = "temperature_"  # buffer name of an output's fitted temperatures: temperature_<output>
+SHIFT_PREFIX = "shift_"  # buffer name of a regression output's fitted shift: shift_<output>
 
 
 class OutputSet(nn.Module):
@@ -25,7 +26,8 @@ class OutputSet(nn.Module):
     An ``nn.Module`` only so that fitted calibration travels with the model: when a model's ``outputs``
     are calibrated (:meth:`set_temperatures`), each calibrated output has one float32 buffer
     ``temperature_<output>`` (shape (1,) for a categorical output, (J,) for J binary attributes) and its
-    ``Output`` carries the same values. An uncalibrated set has no buffer, parameter or child: the model's
+    ``Output`` carries the same values; a regression output with a fitted shift (:meth:`set_shift`) has a
+    buffer ``shift_<output>`` of shape (1,). An uncalibrated set has no buffer, parameter or child: the model's
     ``state_dict`` is what it was before calibration existed. Loading a calibrated ``state_dict`` into a
     freshly built model (``models.checkpoint.load_checkpoint``) creates the buffers and calibrates it."""
 
@@ -122,9 +124,36 @@ class OutputSet(nn.Module):
             self.register_buffer(key, buf)
         self._replace(replace(o, **{_temperature_field(o): vals[0] if isinstance(o, Categorical) else vals}))
 
+    def shiftable(self) -> list[Output]:
+        """The outputs a fitted shift applies to: regression scores."""
+        return [o for o in self.outputs if isinstance(o, Regression)]
+
+    def set_shift(self, name: str, shift) -> None:
+        """Add ``shift`` (a finite number) to regression output ``name``'s scores; ``None`` removes it."""
+        o = self[name]
+        if not isinstance(o, Regression):
+            raise ValueError(f"output {name!r} ({o.kind}) is not a regression score: no shift")
+        key = SHIFT_PREFIX + name
+        if shift is None:
+            self._buffers.pop(key, None)
+            self._replace(replace(o, shift=None))
+            return
+        t = torch.as_tensor(shift, dtype=torch.float64).reshape(-1)
+        if t.numel() != 1 or not bool(torch.isfinite(t).all()):
+            raise ValueError(f"output {name!r}: a shift is one finite number, got {t.tolist()}")
+        value = float(t.float())  # what the buffer holds, so a reload is exact
+        buf = torch.tensor([value], dtype=torch.float32)
+        if key in self._buffers:
+            self._buffers[key] = buf.to(self._buffers[key].device)
+        else:
+            self.register_buffer(key, buf)
+        self._replace(replace(o, shift=value))
+
     def clear_calibration(self) -> None:
         for o in self.calibratable():
             self.set_temperatures(o.name, None)
+        for o in self.shiftable():
+            self.set_shift(o.name, None)
 
     def _replace(self, new: Output) -> None:
         self.outputs = tuple(new if o.name == new.name else o for o in self.outputs)
@@ -133,19 +162,22 @@ class OutputSet(nn.Module):
                               error_msgs):
         # A calibrated checkpoint into a freshly built (uncalibrated) model: make the buffers first, so that
         # nn.Module's loading fills them and strict loading sees no unexpected key.
+        setters = {CALIBRATION_PREFIX: self.set_temperatures, SHIFT_PREFIX: self.set_shift}
         for key, value in state_dict.items():
-            if key.startswith(prefix + CALIBRATION_PREFIX) and key[len(prefix):] not in self._buffers:
-                name = key[len(prefix) + len(CALIBRATION_PREFIX):]
-                if name in self.names() and isinstance(value, torch.Tensor):
-                    self.register_buffer(CALIBRATION_PREFIX + name, torch.ones_like(value, dtype=torch.float32))
+            for head in setters:
+                if key.startswith(prefix + head) and key[len(prefix):] not in self._buffers:
+                    name = key[len(prefix) + len(head):]
+                    if name in self.names() and isinstance(value, torch.Tensor):
+                        self.register_buffer(head + name, torch.ones_like(value, dtype=torch.float32))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         for key in list(self._buffers):
-            if key.startswith(CALIBRATION_PREFIX) and prefix + key in state_dict:
-                try:
-                    self.set_temperatures(key[len(CALIBRATION_PREFIX):], self._buffers[key].detach().cpu())
-                except ValueError as e:
-                    error_msgs.append(f"{prefix}{key}: {e}")
+            for head, setter in setters.items():
+                if key.startswith(head) and prefix + key in state_dict:
+                    try:
+                        setter(key[len(head):], self._buffers[key].detach().cpu())
+                    except ValueError as e:
+                        error_msgs.append(f"{prefix}{key}: {e}")
 
 
 def _comparable(o: Output) -> Output:

@@ -197,3 +197,57 @@ def test_a_fit_that_does_not_lower_the_ece_is_not_kept(tmp_path):
     assert d2.to_columns({"attributes": scores[:8]}) == d.to_columns({"attributes": scores[:8]})
 
 
+
+
+# --- a regression score's shift (HMTNet's beauty) ----------------------------------------------------------
+def _hmtnet():
+    torch.manual_seed(0)
+    return models.create_model("hmtnet", image_size=96)
+
+
+def test_a_regression_offset_is_fitted_shifts_columns_and_metrics_and_travels_in_the_checkpoint(tmp_path):
+    m = _hmtnet()
+    g = torch.Generator().manual_seed(3)
+    y = 1.5 + 3 * torch.rand(400, generator=g)  # SCUT's 1-5 scores
+    x = y - 0.2 + 0.1 * torch.randn(400, generator=g)  # read 0.2 low, as HMTNet's drifting offset did
+    o = m.outputs["beauty"]
+    mae_raw = o.metrics(o.stats(x, y))["beauty.mae"]
+    cal = fit_calibration(m, {"beauty": (x, y)})
+    fit = cal.outputs["beauty"]
+    assert fit.method == "shift" and fit.shift == pytest.approx(0.2, abs=0.02) and not fit.rejected
+    assert fit.mae_before == pytest.approx(mae_raw, abs=1e-6) and fit.mae_after < fit.mae_before
+    assert "beauty MAE" in fit.line() and f"shift {fit.shift:+.4f}" in fit.line()
+    o = m.outputs["beauty"]
+    assert o.calibrated and o.describe()["calibration"] == {"method": "shift", "shift": fit.shift}
+    # the columns and the metrics read the shifted score (clamped to the range in the columns), the loss does not
+    raw = torch.tensor([2.0, 4.95])
+    assert o.to_columns(raw)["beauty"] == pytest.approx([2.0 + fit.shift, 5.0])
+    assert o.to_columns(raw, calibrated=False)["beauty"] == pytest.approx([2.0, 4.95])
+    assert o.metrics(o.stats(x, y))["beauty.mae"] == pytest.approx(fit.mae_after, abs=1e-5)
+    assert fit.mae_after < mae_raw - 0.1
+    assert torch.equal(o.loss(x, y), _hmtnet().outputs["beauty"].loss(x, y))
+    # in the checkpoint: a buffer, read back into a freshly built model; clearing removes it
+    path = str(tmp_path / "hmt.pt")
+    save_checkpoint(m, path)
+    loaded, info = load_checkpoint(path)
+    assert loaded.outputs["beauty"].shift == fit.shift
+    assert "outputs.shift_beauty" in loaded.state_dict()
+    assert [d for d in info.outputs if d["name"] == "beauty"][0]["calibration"]["shift"] == fit.shift
+    loaded.outputs.clear_calibration()
+    assert loaded.outputs["beauty"].shift is None and not any("shift_" in k for k in loaded.state_dict())
+    assert not any("shift_" in k for k in _hmtnet().state_dict())  # a model never fitted has no such buffer
+
+
+def test_a_shift_that_does_not_lower_the_mae_is_not_kept():
+    m = _hmtnet()
+    y = torch.tensor([3.0] * 20 + [3.0] * 5)
+    x = torch.tensor([3.0] * 20 + [-1.0] * 5)  # a few far misses pull the mean residual up: shifting all is worse
+    fit = fit_calibration(m, {"beauty": (x, y)}).outputs["beauty"]
+    assert fit.shift is None and fit.mae_after == fit.mae_before and "would not lower the MAE" in fit.rejected[0]
+    assert m.outputs["beauty"].shift is None and not m.outputs["beauty"].calibrated
+    with pytest.raises(CalibrationError, match="labelled rows"):  # asked for by name with too few labels
+        fit_calibration(m, {"beauty": (x[:5], y[:5])}, outputs=["beauty"])
+    with pytest.raises(ValueError, match="one finite number"):
+        m.outputs.set_shift("beauty", float("nan"))
+    with pytest.raises(ValueError, match="not a regression score"):
+        m.outputs.set_shift("gender", 0.1)

@@ -241,8 +241,8 @@ def _run_config(spec: TrainSpec):
 
 
 def calibrate_output(output: str, val, batch_size: int, log_fn=print) -> None:
-    """Fit the exported checkpoint's temperatures (one per categorical output, one per binary attribute) on
-    the validation split, in the driver, and write it back calibrated (models/calibration.py): the label
+    """Fit the exported checkpoint's temperatures (one per categorical output, one per binary attribute) and
+    regression shifts on the validation split, in the driver, and write it back calibrated (models/calibration.py): the label
     and serve columns ``*_prob`` are then calibrated, and ``extra["calibration"]`` records the fit. A model
     with nothing to calibrate is exported as it is, and says so. The per-epoch checkpoints stay raw."""
     import torch
@@ -261,11 +261,10 @@ def calibrate_output(output: str, val, batch_size: int, log_fn=print) -> None:
     data, _ = checkpoint_bytes(model.cpu(), info.metrics,
                                {**info.extra, "calibration": {"split": "val", "images": len(val), "fit": cal.summary()}})
     storage.write_bytes(output, data)
-    log_fn("calibrated on the validation split (" + ", ".join(
-        f"{k} ECE {c.ece_before:.4f} -> {c.ece_after:.4f}" for k, c in cal.outputs.items()) + ")")
+    log_fn("calibrated on the validation split (" + ", ".join(c.line() for c in cal.outputs.values()) + ")")
     for c in cal.outputs.values():
         for why in c.rejected:
-            log_fn(f"  not kept (uncalibrated probability instead): {why}")
+            log_fn(f"  not kept (uncalibrated {'score' if c.method == 'shift' else 'probability'} instead): {why}")
 
 
 def _stored_result(spec: TrainSpec):
