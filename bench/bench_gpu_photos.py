@@ -9,10 +9,10 @@ What runs is the label actor's own work, ``core.annotator.Annotator.annotate`` o
 ``precision`` (``auto``: bf16 on a GPU that has it and on CPUs with AVX-512 BF16 or AMX), the quality columns and the rows), fed two
 ways:
 
-* ``--decode gpu``: the JPEGs of a batch decoded in one ``torchvision.io.decode_jpeg(..., device="cuda")``
-  call (nvjpeg), shrunk on the GPU to at most ``--max-side`` like ``models.preprocess.decode_photo`` (area
-  antialiasing), the pictures staying on the GPU for the detector. The product's ``--gpu-decode`` covers
-  ``--faces whole`` only; this is the same decoder for photos, measured here before it is built in.
+* ``--decode gpu``: the label job's ``--gpu-decode`` for photos (raytasks/label/gpu_decode.py, no Ray): the
+  JPEGs of a batch decoded in one ``torchvision.io.decode_jpeg(..., device="cuda")`` call (nvjpeg), shrunk
+  on the GPU to at most ``--max-side`` like ``models.preprocess.decode_photo`` (area antialiasing), the
+  pictures staying on the GPU for the detector.
 * ``--decode cpu``: ``facedata.decode.decode_into`` (PIL with JPEG draft, the label job's decode tasks) on
   ``--decode-workers`` threads, the next batch decoding while the device works on this one (as Ray Data's
   CPU decode tasks run beside a GPU actor).
@@ -70,37 +70,14 @@ def make_photos(n: int, canvas: tuple[int, int], seed: int) -> tuple[list[bytes]
 
 
 def gpu_decode(paths: list[str], datas: list[bytes], max_side: int, device) -> dict:
-    """A decoded photo batch (facedata/decode.py's columns) from one batched nvjpeg call; pictures on ``device``.
-    A file nvjpeg refuses goes through the CPU decoder, as the label job's --gpu-decode does."""
-    import torch
-    import torch.nn.functional as F
-    from torchvision.io import ImageReadMode, decode_jpeg
+    """A decoded photo batch from the label job's own GPU decode (``raytasks.label.gpu_decode.photos_on_device``:
+    one batched nvjpeg call, shrunk on the GPU like ``decode_photo``; a file nvjpeg refuses goes through the CPU
+    decoder), the pictures staying on the GPU for the detector. Every file is offered to the GPU here; the job's
+    CPU stage first keeps non-JPEGs and JPEGs over its limits on the CPU (``jpeg_for_gpu``)."""
+    from facedata.decode import Photos, empty_batch
+    from raytasks.label.gpu_decode import photos_on_device
 
-    from facedata.decode import Photos, decode_into, empty_batch
-
-    batch = empty_batch(paths, Photos(max_side))
-    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-    try:
-        decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
-    except RuntimeError:  # one bad file fails the batch call: one call per file, the refused ones on the CPU
-        decoded = []
-        for t in tensors:
-            try:
-                decoded.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True))
-            except RuntimeError:
-                decoded.append(None)
-    for i, img in enumerate(decoded):
-        if img is None:
-            decode_into(batch, i, datas[i], Photos(max_side))
-            continue
-        h, w = img.shape[-2:]
-        if max(h, w) > max_side:
-            f = max_side / max(h, w)
-            img = F.interpolate(img[None].float(), size=(max(1, round(h * f)), max(1, round(w * f))), mode="area")[0]
-            img = img.round_().clamp_(0, 255).to(torch.uint8)
-        batch["image"][i], batch["scale"][i] = img, max(h, w) / max(img.shape[-2:])
-        batch["ok"][i], batch["width"][i], batch["height"][i] = True, w, h
-    return batch
+    return photos_on_device(empty_batch(paths, Photos(max_side)), list(datas), max_side, device)
 
 
 class CpuDecoder:

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=d.precision,
                    help="auto: bf16 autocast on a GPU that supports it or a CPU with AVX-512 BF16 or AMX, else fp32")
     p.add_argument("--gpu-decode", action="store_true",
-                   help="decode JPEGs on the predictor's GPU (torchvision.io.decode_jpeg); needs --gpus-per-actor > 0")
+                   help="decode JPEGs on the predictor's GPU (torchvision.io.decode_jpeg): photos for detection, or whole "
+                        "images at the model's input size; needs --gpus-per-actor > 0")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model in each actor (tens of seconds per actor to start; 1.5x measured on a CPU)")
     p.add_argument("--no-fold-bn", dest="fold_bn", action="store_false",

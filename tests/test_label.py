@@ -297,8 +297,14 @@ def test_gpu_flags_against_a_cluster_without_gpus(ray_session, hs_checkpoint, tm
     assert "waiting for the autoscaler" in warnings[0]
     with pytest.raises(RuntimeError, match="--gpu-decode needs CUDA"):
         L.AnnotatorActor(one_model(hs_checkpoint), faces=WHOLE, device="cpu", gpu_decode=True)
-    with pytest.raises(L.LabelError, match="needs --faces whole"):  # with detection, photos decode on CPU tasks
-        L.LabelSpec(hs_checkpoint, str(tmp_path), str(tmp_path / "o"), gpus_per_actor=1, gpu_decode=True).validate()
+    # with detection the actor decodes photos (tests/test_gpu_decode_photos.py), for one model or a set; whole
+    # images are decoded to one model's input size, so a set is refused there
+    L.LabelSpec(hs_checkpoint, str(tmp_path), str(tmp_path / "o"), gpus_per_actor=1, gpu_decode=True).validate()
+    L.LabelSpec((f"a={hs_checkpoint}", f"b={hs_checkpoint}"), str(tmp_path), str(tmp_path / "o"), gpus_per_actor=1,
+                gpu_decode=True).validate()
+    with pytest.raises(L.LabelError, match="takes a single --checkpoint"):
+        L.LabelSpec((f"a={hs_checkpoint}", f"b={hs_checkpoint}"), str(tmp_path), str(tmp_path / "o"),
+                    gpus_per_actor=1, gpu_decode=True, faces=WHOLE).validate()
 
 
 def test_image_signatures():

@@ -1,26 +1,29 @@
 """``--gpu-decode``: JPEGs decoded on the predictor actor's GPU (``torchvision.io.decode_jpeg``), then resized
-as ``models.preprocess.decode`` does. Split from raytasks/label/job.py (the pipeline); the CPU stage decides
-which files may go (:func:`jpeg_for_gpu`), the actor decodes them (:func:`gpu_decode_batch`)."""
+as ``models.preprocess.decode`` does (whole images, :func:`gpu_decode_batch`) or shrunk to the photo size of
+``models.preprocess.decode_photo`` (photos for face detection, :func:`gpu_decode_photos`). Split from
+raytasks/label/job.py (the pipeline); the CPU stage decides which files may go (:func:`jpeg_for_gpu`), the
+actor decodes them. No Ray here: bench/bench_gpu_photos.py times the same functions on a GPU without Ray."""
 
 from __future__ import annotations
 
 import io
 
 
-def jpeg_for_gpu(data: bytes, pre) -> bool:
+def jpeg_for_gpu(data: bytes, pre=None) -> bool:
     """Whether a file can go to the GPU decoder: a baseline/progressive JPEG in RGB or grey (CMYK and YCCK
     JPEGs, other formats and anything PIL cannot parse the header of stay on the CPU path, which gives them
-    their label or error row) within the CPU decoder's limits (pixels, aspect ratio, memory, JPEG scans)."""
+    their label or error row) within the CPU decoder's limits (pixels, aspect ratio, memory, JPEG scans).
+    ``pre``: the model's preprocessing (whole images), or None for photos (``decode_photo``'s pixel limit)."""
     from PIL import Image
 
-    from models.imagebytes import check_header, check_jpeg_bytes
+    from models.imagebytes import DEFAULT_MAX_PIXELS, check_header, check_jpeg_bytes
 
     if not data.startswith(b"\xff\xd8\xff"):
         return False
     try:
         check_jpeg_bytes(data)  # the CPU decoder's scan limit: thousands of scans cost minutes on either
         img = Image.open(io.BytesIO(data), formats=["JPEG"])
-        check_header(img, pre.max_pixels)  # the CPU decoder's limits (aspect ratio, memory): refused there
+        check_header(img, pre.max_pixels if pre is not None else DEFAULT_MAX_PIXELS)  # the CPU decoder's limits
         return img.format == "JPEG" and img.mode in ("RGB", "L")
     except Exception:  # noqa: BLE001 - any header problem: let the CPU decoder name the error
         return False
@@ -61,16 +64,16 @@ def resize_like_preprocess(img, pre):
     return x.round_().clamp_(0, 255).to(torch.uint8)[0], geometry
 
 
-def gpu_decode_batch(datas: list[bytes], pre, device) -> list:
-    """JPEG bytes -> per item ``(uint8 (C, h, w) tensor on device, geometry)`` or an Exception. Decodes the
-    batch in one ``decode_jpeg`` call, falling back to one call per image when the batch call fails."""
+def _decode_jpegs(datas: list[bytes], grey: bool, device) -> list:
+    """JPEG bytes -> per item a uint8 (C, H, W) tensor on ``device`` (EXIF orientation applied) or the
+    RuntimeError nvjpeg raised: one ``decode_jpeg`` call for the batch, one per image when that call fails."""
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    mode = ImageReadMode.GRAY if pre.channels == 1 else ImageReadMode.RGB
+    mode = ImageReadMode.GRAY if grey else ImageReadMode.RGB
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
     try:
-        decoded = decode_jpeg(tensors, mode=mode, device=device, apply_exif_orientation=True)
+        return decode_jpeg(tensors, mode=mode, device=device, apply_exif_orientation=True)
     except RuntimeError:
         decoded = []
         for t in tensors:
@@ -78,10 +81,73 @@ def gpu_decode_batch(datas: list[bytes], pre, device) -> list:
                 decoded.append(decode_jpeg(t, mode=mode, device=device, apply_exif_orientation=True))
             except RuntimeError as e:
                 decoded.append(e)
+        return decoded
+
+
+def gpu_decode_batch(datas: list[bytes], pre, device) -> list:
+    """JPEG bytes -> per item ``(uint8 (C, h, w) tensor on device, geometry)`` or an Exception."""
     out = []
-    for d in decoded:
+    for d in _decode_jpegs(datas, pre.channels == 1, device):
         try:
             out.append(d if isinstance(d, Exception) else resize_like_preprocess(d, pre))
         except (RuntimeError, ValueError) as e:  # ImageDecodeError is a ValueError: the CPU decoder names it
             out.append(e)
     return out
+
+
+def gpu_decode_photos(datas: list[bytes], max_side: int, device) -> list:
+    """JPEG bytes -> per item ``(uint8 RGB (3, h, w) tensor on device, (width, height) of the upright original,
+    scale)`` as ``models.preprocess.decode_photo`` returns them, or an Exception. The whole JPEG is decoded
+    (nvjpeg has no draft mode: a 24 MP photo is 72 MB on the GPU for a moment), then shrunk by area averaging
+    so that its longest side is at most ``max_side``; the sizes and the scale equal the CPU decoder's, the
+    pixels differ by about 2 grey levels on average after a shrink (other IDCT and resampling kernels;
+    measured in docs/benchmarks.md)."""
+    import torch
+    import torch.nn.functional as F
+
+    out = []
+    for d in _decode_jpegs(datas, False, device):
+        if isinstance(d, Exception):
+            out.append(d)
+            continue
+        h, w = d.shape[-2:]
+        img = d
+        if max(h, w) > max_side:
+            f = max_side / max(h, w)
+            img = F.interpolate(d[None].float(), size=(max(1, round(h * f)), max(1, round(w * f))), mode="area")[0]
+            img = img.round_().clamp_(0, 255).to(torch.uint8)
+        out.append((img, (int(w), int(h)), max(h, w) / max(img.shape[-2:])))
+    return out
+
+
+def photos_on_device(batch: dict, raw: list, max_side: int, device) -> dict:
+    """A decoded photo batch (facedata/decode.py) whose rows with bytes in ``raw`` (the CPU stage's
+    ``gpu_bytes``; None elsewhere) are decoded on ``device`` by :func:`gpu_decode_photos` into ``image`` (then
+    a list of pictures of any size, these ones on the device); the other rows keep what the CPU stage decoded
+    or why it failed. A JPEG nvjpeg refuses goes through the CPU decoder (``decode_photo``), which gives its
+    picture or its error row. Returns a new dict; ``batch``'s arrays are not written (Ray's may be read-only)."""
+    import numpy as np
+
+    from facedata.decode import fail
+    from models.imagebytes import ImageDecodeError
+    from models.preprocess import decode_photo
+
+    batch = dict(batch)
+    idx = [i for i, d in enumerate(raw) if d is not None]
+    for k in ("ok", "width", "height", "scale"):
+        batch[k] = np.array(batch[k], copy=True)
+    for k in ("error_kind", "error_message"):
+        batch[k] = list(batch[k])
+    images = list(batch["image"])
+    for i, res in zip(idx, gpu_decode_photos([bytes(raw[i]) for i in idx], max_side, device)):
+        if isinstance(res, Exception):
+            try:
+                t, size, scale = decode_photo(bytes(raw[i]), max_side)
+                res = (t.to(device), size, scale)
+            except ImageDecodeError as e:
+                fail(batch, i, e.kind, e.message)
+                continue
+        images[i], (w, h), batch["scale"][i] = res
+        batch["ok"][i], batch["width"][i], batch["height"][i] = True, w, h
+    batch["image"] = images
+    return batch

@@ -60,9 +60,10 @@ Resumable and idempotent: Ray Data's row-level checkpointing (``DataContext.chec
 Precision and devices: ``Annotator`` (core/annotator.py) loads the checkpoint(s) once per actor and runs
     ``inference_mode``, ``channels_last`` and bf16 autocast (``--precision auto``: bf16 on GPUs that support it and on CPUs
     that compute it natively, core/runner.py ``cpu_has_bf16``; ``fp32`` turns it off). ``--gpu-decode`` moves JPEG decoding into the GPU actor
-    (``torchvision.io.decode_jpeg(device="cuda")``), see :func:`gpu_decode_batch`; it needs
-    ``--gpus-per-actor > 0`` and fails with a clear error otherwise. It has not run on a GPU yet; the same
-    code path (decode_jpeg and the resize in torch) is tested on the CPU.
+    (``torchvision.io.decode_jpeg(device="cuda")``): photos for detection (``gpu_decode_photos``) or whole
+    images at the model's input size (``gpu_decode_batch``), raytasks/label/gpu_decode.py; it needs
+    ``--gpus-per-actor > 0`` and fails with a clear error otherwise. The decode functions are tested on the
+    CPU (decode_jpeg and the resize in torch) and timed on a GPU by bench/bench_gpu_photos.py.
 
 One output holds the rows of one checkpoint: a run refuses an output whose rows came from another one.
 

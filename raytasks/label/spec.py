@@ -79,8 +79,6 @@ class LabelSpec:
             raise LabelError("--max-rows-per-file must be >= 1")
         if self.limit is not None and self.limit < 1:
             raise LabelError("--limit must be >= 1")
-        if self.gpu_decode and self.models().is_set:
-            raise LabelError("--gpu-decode decodes to one model's input size: it takes a single --checkpoint")
-        if self.gpu_decode and self.face_options().detect:
-            raise LabelError("--gpu-decode decodes to the model's input size and needs --faces whole; with face "
-                             "detection, photos are decoded on the CPU decode tasks at a bounded size")
+        if self.gpu_decode and self.models().is_set and not self.face_options().detect:
+            raise LabelError("--gpu-decode with --faces whole decodes to one model's input size: it takes a single "
+                             "--checkpoint (with --faces detect, the photos it decodes serve every model of a set)")

@@ -22,7 +22,7 @@ from facedata.decode import GEOMETRY_KEYS, IMAGE_COLUMNS, Photos, Whole, decode_
 from facedata.paths import resolve_path
 from facedata.reading import fetch_chunks
 from models.preprocess import Preprocessing
-from raytasks.label.gpu_decode import gpu_decode_batch, jpeg_for_gpu
+from raytasks.label.gpu_decode import gpu_decode_batch, jpeg_for_gpu, photos_on_device
 from raytasks.threads import runtime_env, torch_executor
 
 DECODE_FILE_BYTES = 4 * 1024 * 1024  # a photo's bytes plus PIL's (draft-reduced) decode buffer, for decode_memory
@@ -50,7 +50,7 @@ def read_and_decode(batch: pa.Table, faces: dict, pre_dicts: list[dict], base: s
         for i, (data, kind, message) in chunk:
             if kind is not None:  # the read failed: its reason, not decode's "empty"
                 fail(out, i, kind, message)
-            elif gpu_decode and jpeg_for_gpu(data, target.preprocessings[0]):
+            elif gpu_decode and jpeg_for_gpu(data, None if isinstance(target, Photos) else target.preprocessings[0]):
                 gpu_bytes[i] = data
             else:
                 decode_into(out, i, data, target)
@@ -132,19 +132,22 @@ class AnnotatorActor:
         return self.annotator.to_table(cols)
 
     def _decode_on_gpu(self, batch: dict) -> dict:
-        """``gpu_bytes`` rows decoded by nvjpeg on the actor's GPU into ``image_0`` (which then stays on the
-        GPU); a JPEG nvjpeg refuses goes through the CPU decoder, which gives its label or its error."""
+        """``gpu_bytes`` rows decoded by nvjpeg on the actor's GPU into ``image_0`` (whole images) or ``image``
+        (photos), which then stay on the GPU; a JPEG nvjpeg refuses goes through the CPU decoder, which gives
+        its label or its error."""
         import torch
 
         from models.imagebytes import ImageDecodeError
         from models.preprocess import decode
 
-        (pre,), device = self.annotator.preprocessings, self.annotator.device
         batch = dict(batch)
         raw = batch.pop("gpu_bytes")
         idx = [i for i, d in enumerate(raw) if d is not None]
         if not idx:
             return batch
+        if "scale" in batch:
+            return photos_on_device(batch, raw, self.annotator.face_options.max_side, self.annotator.device)
+        (pre,), device = self.annotator.preprocessings, self.annotator.device
         images = torch.tensor(np.asarray(batch["image_0"]), device=device)  # the CPU-decoded rows, on the GPU
         for k in ("ok", "error_kind", "error_message", "width", "height", "geometry_0"):
             batch[k] = np.array(batch[k], copy=True)  # Ray's batch arrays may be read-only views

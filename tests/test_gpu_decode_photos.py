@@ -1,0 +1,80 @@
+"""``--gpu-decode`` with face detection: the label job's CPU stage sends the JPEGs the GPU can take as bytes and
+the actor decodes them (raytasks/label/gpu_decode.py ``photos_on_device``: nvjpeg on a GPU). Here the same
+torch code runs with ``device="cpu"`` (``torchvision.io.decode_jpeg`` decodes on the CPU too), so what is
+checked is what the actor does with the batch: the rows equal those of the CPU decode path, a photo over the
+decode size is shrunk to the same size and scale, and a file the decoder refuses becomes its error row.
+Timed on a GPU by bench/bench_gpu_photos.py. No Ray cluster (Ray's own Arrow -> numpy conversion only)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from facedata.decode import Photos, decode_batch
+from models.preprocess import decode_photo
+from raytasks.label.gpu_decode import gpu_decode_photos, photos_on_device
+from raytasks.label.stages import read_and_decode
+from tests.helpers import compose, real_crops, write_files
+
+MAX_SIDE = 2048
+
+
+@pytest.fixture(scope="module")
+def files() -> dict[str, bytes]:
+    crops = real_crops(3)
+    small = compose(crops[:2], [(100, 120, 220), (560, 200, 160)], size=(900, 640), seed=4)
+    return {
+        "big.jpg": compose(crops[2:], [(1200, 700, 500)], size=(3000, 2000), seed=3),  # shrunk to 2048 x 1365
+        "small.jpg": small,
+        "cut.jpg": small[: len(small) // 3],  # a JPEG header that nvjpeg (and then the CPU decoder) refuses
+        "note.png": b"\x89PNG\r\n\x1a\n" + b"\x00" * 40,  # not for the GPU: the CPU stage gives its error row
+    }
+
+
+def _actor_batch(folder, names: list[str]) -> dict:
+    """What the actor receives: read_and_decode's Arrow table as Ray Data hands it over (numpy batch format)."""
+    from ray.data.block import BlockAccessor
+
+    faces = {"mode": "detect", "max_side": MAX_SIDE, "detector": {}}
+    table = read_and_decode(pa.table({"path": [str(folder / n) for n in names]}), faces, [], gpu_decode=True)
+    return BlockAccessor.for_block(table).to_batch_format("numpy")
+
+
+def test_photos_decoded_in_the_actor_label_as_the_cpu_path(tmp_path, files, hs_annotator):
+    write_files(tmp_path, files)
+    names = list(files)
+    batch = _actor_batch(tmp_path, names)
+    assert [d is not None for d in batch["gpu_bytes"]] == [True, True, True, False]  # the PNG stays on the CPU
+    raw = batch.pop("gpu_bytes")
+    got = photos_on_device(batch, raw, MAX_SIDE, hs_annotator.device)
+    want = decode_batch([str(tmp_path / n) for n in names], [files[n] for n in names], Photos(MAX_SIDE))
+    assert list(got["ok"]) == list(want["ok"]) == [True, True, False, False]
+    assert list(got["error_kind"]) == list(want["error_kind"]) and got["error_kind"][3] is not None
+    assert list(got["width"]) == list(want["width"]) and list(got["height"]) == list(want["height"])
+    for i in (0, 1):
+        g, w = np.asarray(got["image"][i]), np.asarray(want["image"][i])
+        assert g.shape == w.shape and got["scale"][i] == pytest.approx(want["scale"][i], rel=1e-6)
+        # the same JPEG decoder family: equal below the decode size, within a few levels after the shrink
+        # (area averaging here, PIL's draft and bilinear on the CPU path)
+        # (measured: 0 and 0.36 grey levels on average)
+        assert np.abs(g.astype(int) - w.astype(int)).mean() < (0.05 if i == 1 else 1.0)
+    rows = hs_annotator.annotate(got)
+    ref = hs_annotator.annotate(want)
+    assert rows["path"] == ref["path"] and rows["face"] == ref["face"] and rows["faces"] == ref["faces"]
+    assert sum(f is not None for f in rows["face"]) >= 3  # every pasted face found, on both paths
+    for k in ("gender_prob", "face_box"):
+        for a, b in zip(rows[k], ref[k]):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert np.allclose(a, b, atol=0.05 if k == "gender_prob" else 3.0), (k, a, b)
+
+
+def test_the_photo_decoder_matches_decode_photo_sizes_and_names_what_it_refuses(files):
+    out = gpu_decode_photos([files["big.jpg"], files["small.jpg"], files["cut.jpg"]], MAX_SIDE, "cpu")
+    for res, name in zip(out[:2], ("big.jpg", "small.jpg")):
+        img, size, scale = res
+        ref, ref_size, ref_scale = decode_photo(files[name], MAX_SIDE)
+        assert tuple(img.shape) == tuple(ref.shape) and size == ref_size and scale == pytest.approx(ref_scale)
+    assert max(out[0][0].shape[1:]) == MAX_SIDE and out[0][1] == (3000, 2000)
+    assert isinstance(out[2], Exception)
