@@ -27,7 +27,7 @@ def files() -> dict[str, bytes]:
     return {
         "big.jpg": compose(crops[2:], [(1200, 700, 500)], size=(3000, 2000), seed=3),  # shrunk to 2048 x 1365
         "small.jpg": small,
-        "cut.jpg": small[: len(small) // 3],  # a JPEG header that nvjpeg (and then the CPU decoder) refuses
+        "cut.jpg": small[: len(small) // 3],  # a truncated JPEG: torchvision's CPU decode_jpeg refuses it
         "note.png": b"\x89PNG\r\n\x1a\n" + b"\x00" * 40,  # not for the GPU: the CPU stage gives its error row
     }
 
@@ -45,8 +45,10 @@ def test_photos_decoded_in_the_actor_label_as_the_cpu_path(tmp_path, files, hs_a
     write_files(tmp_path, files)
     names = list(files)
     batch = _actor_batch(tmp_path, names)
-    assert [d is not None for d in batch["gpu_bytes"]] == [True, True, True, False]  # the PNG stays on the CPU
-    raw = batch.pop("gpu_bytes")
+    # the cut JPEG (no end marker: nvjpeg would decode it without an error) and the PNG stay on the CPU
+    assert [d is not None for d in batch["gpu_bytes"]] == [True, True, False, False]
+    raw = list(batch.pop("gpu_bytes"))
+    raw[2] = files["cut.jpg"]  # sent anyway, as if it had passed: the decoder's refusal goes to the CPU decoder
     got = photos_on_device(batch, raw, MAX_SIDE, hs_annotator.device)
     want = decode_batch([str(tmp_path / n) for n in names], [files[n] for n in names], Photos(MAX_SIDE))
     assert list(got["ok"]) == list(want["ok"]) == [True, True, False, False]
@@ -78,3 +80,16 @@ def test_the_photo_decoder_matches_decode_photo_sizes_and_names_what_it_refuses(
         assert tuple(img.shape) == tuple(ref.shape) and size == ref_size and scale == pytest.approx(ref_scale)
     assert max(out[0][0].shape[1:]) == MAX_SIDE and out[0][1] == (3000, 2000)
     assert isinstance(out[2], Exception)
+
+
+def test_only_a_jpeg_that_ends_with_its_end_marker_goes_to_the_gpu(files):
+    """nvjpeg decodes a truncated JPEG without an error (measured on an H200): such a file, and one with bytes
+    after its image, stay on the CPU path, which labels it or gives its ``truncated`` row."""
+    from raytasks.label.gpu_decode import jpeg_for_gpu
+
+    small = files["small.jpg"]
+    assert jpeg_for_gpu(small) and jpeg_for_gpu(small + b"\x00\x00\r\n")  # padding after the end marker is fine
+    assert not jpeg_for_gpu(files["cut.jpg"])
+    trailer = small + b"camera maker's trailer" * 8
+    assert not jpeg_for_gpu(trailer)
+    assert decode_photo(trailer, MAX_SIDE)[1] == decode_photo(small, MAX_SIDE)[1]  # the CPU path reads it

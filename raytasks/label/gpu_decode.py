@@ -20,6 +20,12 @@ def jpeg_for_gpu(data: bytes, pre=None) -> bool:
 
     if not data.startswith(b"\xff\xd8\xff"):
         return False
+    # nvjpeg decodes a truncated JPEG without an error (measured on an H200, 2026-12-04: a photo cut to a third
+    # came back "ok", its lower part grey), where the CPU decoder names it ``truncated``. So only a file that
+    # ends with the JPEG's end marker goes to the GPU; a cut one, or one with a trailer after its image (some
+    # cameras append one), stays on the CPU path, which labels it or gives its error row.
+    if not data[-64:].rstrip(b"\x00\r\n\t ").endswith(b"\xff\xd9"):
+        return False
     try:
         check_jpeg_bytes(data)  # the CPU decoder's scan limit: thousands of scans cost minutes on either
         img = Image.open(io.BytesIO(data), formats=["JPEG"])
