@@ -152,24 +152,12 @@ def warp(image: torch.Tensor, maps: torch.Tensor, size: tuple[int, int]) -> torc
         from_norm = torch.tensor([[out_w / 2, 0, out_w / 2], [0, out_h / 2, out_h / 2], [0, 0, 1]],
                                  dtype=torch.float64)
         to_norm = torch.tensor([[2 / iw, 0, -1], [0, 2 / ih, -1], [0, 0, 1]], dtype=torch.float64)
-        theta = _to_device((to_norm @ to_level @ maps[idx] @ from_norm)[:, :2].float(), image.device)
+        theta = (to_norm @ to_level @ maps[idx] @ from_norm)[:, :2].float().to(image.device)
         grid = F.affine_grid(theta, [len(idx), c, out_h, out_w], align_corners=False)
         sampled = F.grid_sample(img[None].expand(len(idx), -1, -1, -1), grid, mode="bilinear",
                                 padding_mode="border", align_corners=False)
-        sampled = sampled.round_().clamp_(0, 255).to(torch.uint8)
-        if len(idx) == k:  # every face at one level (always so for one face): no scatter
-            return sampled
-        out[_to_device(torch.tensor(idx), image.device)] = sampled
+        out[idx] = sampled.round_().clamp_(0, 255).to(torch.uint8)
     return out
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small CPU tensor on ``device`` without waiting for the device: on a GPU through pinned memory and an
-    asynchronous copy (a copy from pageable memory waits until every queued kernel has run; one such wait per
-    face was most of the quality crops' time on an H200, docs/benchmarks.md)."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def align(image: torch.Tensor, points: torch.Tensor, pre: Preprocessing) -> tuple[torch.Tensor, torch.Tensor]:
