@@ -11,8 +11,8 @@ decode (``models.preprocess.decode_photo``, PIL with JPEG draft), detect (``Face
 640, RetinaFace, box/point decoding, NMS), align (``faces.align``: similarity + grid_sample, every face) and
 the model (bf16 autocast, batch norm folded, as the label job's actors run it). "model only" is detect +
 align + model over the pre-decoded batches (``Annotator.annotate``); "end to end" is ``jobs.label`` over
-the folder on a local Ray (decode tasks + one predictor actor of ``--threads`` CPUs), from file bytes to
-Parquet, timed from the job's own summary minus nothing: Ray's start-up is outside, the listing inside.
+the folder on a local Ray (decode tasks + one predictor actor of ``--threads`` CPUs; with ``--actor-decode``
+the actor decodes the JPEGs), from file bytes to Parquet, timed from the job's own summary minus nothing: Ray's start-up is outside, the listing inside.
 """
 
 from __future__ import annotations
@@ -69,6 +69,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-label-job", action="store_true", help="skip the end-to-end Ray run")
+    p.add_argument("--actor-decode", action="store_true",
+                   help="the label job with --actor-decode (JPEGs decoded in the actor, not in CPU tasks)")
     args = p.parse_args(argv)
 
     import torch
@@ -155,7 +157,8 @@ def main(argv=None):
 
     ray.init(num_cpus=max(4, args.threads + 2), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    spec = dict(checkpoint=ckpt, input=str(folder), batch_size=bs, max_actors=1, cpus_per_actor=args.threads)
+    spec = dict(checkpoint=ckpt, input=str(folder), batch_size=bs, max_actors=1, cpus_per_actor=args.threads,
+                actor_decode=args.actor_decode)
     label(LabelSpec(output=str(work / "warm"), **spec, limit=bs), echo=lambda *_: None)  # worker processes up
     s = label(LabelSpec(output=str(work / "out"), **spec), echo=lambda *_: None)
     e2e = s["seconds"]

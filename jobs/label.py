@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-decode", action="store_true",
                    help="decode JPEGs on the predictor's GPU (torchvision.io.decode_jpeg): photos for detection, or whole "
                         "images at the model's input size; needs --gpus-per-actor > 0")
+    p.add_argument("--actor-decode", action="store_true",
+                   help="with --faces detect: decode the photos' JPEGs in the model actors on their device (libjpeg "
+                        "on a CPU, nvjpeg on a GPU) instead of in CPU tasks, so decoded pixels never cross processes "
+                        "(1.25x end to end measured on a 2-core CPU node, docs/benchmarks.md)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model in each actor (tens of seconds per actor to start; 1.5x measured on a CPU)")
     p.add_argument("--no-fold-bn", dest="fold_bn", action="store_false",
@@ -82,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
                      embedding=args.embedding, input=args.input, output=args.output, batch_size=args.batch_size,
                      min_actors=args.min_actors, max_actors=args.max_actors, gpus_per_actor=args.gpus_per_actor,
                      cpus_per_actor=args.cpus_per_actor, precision=args.precision, gpu_decode=args.gpu_decode,
+                     actor_decode=args.actor_decode,
                      compile=args.compile, fold_bn=args.fold_bn,
                      max_rows_per_file=args.max_rows_per_file, limit=args.limit, throttle_s=args.throttle,
                      faces=face_options(args), allow_prefix=tuple(args.allow_prefix), review=review_options(args))

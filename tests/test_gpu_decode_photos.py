@@ -93,3 +93,32 @@ def test_only_a_jpeg_that_ends_with_its_end_marker_goes_to_the_gpu(files):
     trailer = small + b"camera maker's trailer" * 8
     assert not jpeg_for_gpu(trailer)
     assert decode_photo(trailer, MAX_SIDE)[1] == decode_photo(small, MAX_SIDE)[1]  # the CPU path reads it
+
+
+def test_actor_decode_on_a_cpu_actor_labels_as_the_decode_tasks(tmp_path, files, hs_checkpoint, hs_annotator):
+    """``--actor-decode``: the label job's actor class itself, on the CPU, given the CPU stage's batch with the
+    JPEGs as bytes, returns the rows the decode-task path gives; the spec takes it with detection only."""
+    import pyarrow as pa
+
+    from core.modelset import ModelSet
+    from raytasks.label import LabelError, LabelSpec
+    from raytasks.label.stages import AnnotatorActor
+
+    write_files(tmp_path, files)
+    names = list(files)
+    faces = {"mode": "detect", "max_side": MAX_SIDE, "detector": {}}
+    actor = AnnotatorActor(ModelSet(((None, hs_checkpoint),)).to_dict(), faces=faces, precision="fp32",
+                           device="cpu", threads=2, actor_decode=True)
+    got = actor(_actor_batch(tmp_path, names))
+    assert isinstance(got, pa.Table)
+    want = hs_annotator.annotate(decode_batch([str(tmp_path / n) for n in names], [files[n] for n in names],
+                                              Photos(MAX_SIDE)))
+    rows = got.to_pydict()
+    assert rows["path"] == want["path"] and rows["face"] == want["face"] and rows["ok"] == want["ok"]
+    assert rows["error_kind"] == want["error_kind"]  # the cut JPEG: truncated, the PNG: its own error
+    for a, b in zip(rows["gender_prob"], want["gender_prob"]):
+        assert (a is None) == (b is None) and (a is None or abs(a - b) < 0.05)
+    LabelSpec(hs_checkpoint, str(tmp_path), str(tmp_path / "o"), actor_decode=True).validate()  # no GPU needed
+    with pytest.raises(LabelError, match="--actor-decode decodes photos"):
+        LabelSpec(hs_checkpoint, str(tmp_path), str(tmp_path / "o"), actor_decode=True,
+                  faces={"mode": "whole"}).validate()

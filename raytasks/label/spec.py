@@ -23,6 +23,7 @@ class LabelSpec:
     cpus_per_actor: float = 1.0
     precision: str = "auto"  # auto | bf16 | fp32
     gpu_decode: bool = False
+    actor_decode: bool = False  # photos' JPEGs decoded in the model actors on any device (--actor-decode)
     compile: bool = False  # torch.compile in each actor, for batches of batch_size (core/predictor.py)
     fold_bn: bool = True  # conv+bn folded (models/inference.py)
     max_rows_per_file: int = 50_000
@@ -79,6 +80,13 @@ class LabelSpec:
             raise LabelError("--max-rows-per-file must be >= 1")
         if self.limit is not None and self.limit < 1:
             raise LabelError("--limit must be >= 1")
+        if self.actor_decode and not self.face_options().detect:
+            raise LabelError("--actor-decode decodes photos for detection and needs --faces detect; whole images are "
+                             "decoded to the model's input on the CPU tasks, as it was trained on them")
         if self.gpu_decode and self.models().is_set and not self.face_options().detect:
             raise LabelError("--gpu-decode with --faces whole decodes to one model's input size: it takes a single "
                              "--checkpoint (with --faces detect, the photos it decodes serve every model of a set)")
+
+    def decode_in_actor(self) -> bool:
+        """Whether JPEG bytes travel to the model actors, which decode them (``--gpu-decode``, ``--actor-decode``)."""
+        return self.gpu_decode or self.actor_decode

@@ -88,12 +88,14 @@ def to_arrow(batch: dict, gpu_bytes: list | None = None) -> pa.Table:
 
 class AnnotatorActor:
     """``map_batches`` class: the run's models (``core.annotator.Annotator``: one checkpoint, or every
-    model of a set, and the detector) loaded once per actor; a decoded batch in, rows out (Arrow)."""
+    model of a set, and the detector) loaded once per actor; a decoded batch in, rows out (Arrow). With
+    ``gpu_decode`` (which needs CUDA) or ``actor_decode`` (photos, any device) the JPEGs the CPU stage passed
+    on as bytes are decoded here, on the actor's device."""
 
     def __init__(self, model_set: dict, faces: dict, precision: str = "auto", device: str | None = None,
                  threads: int | None = None, gpu_decode: bool = False, throttle_s: float = 0.0,
                  compile_batch: int | None = None, fold_bn: bool = True, detector_identity: str | None = None,
-                 identity: str | None = None, review: dict | None = None):
+                 identity: str | None = None, review: dict | None = None, actor_decode: bool = False):
         from core.annotator import Annotator
 
         # all torch work on one thread: Ray calls __init__ on the main thread and __call__ on another
@@ -111,7 +113,7 @@ class AnnotatorActor:
             found_by = self._on_torch(lambda: a.detector)
             if detector_identity is not None and found_by != detector_identity:
                 raise RuntimeError(f"this actor's detector is {found_by}, the run's is {detector_identity}")
-        self.gpu_decode = gpu_decode
+        self.gpu_decode = gpu_decode or actor_decode  # JPEG bytes arrive (gpu_bytes) and are decoded here
         self.throttle_s = throttle_s
         if gpu_decode and a.device.type != "cuda":
             raise RuntimeError("--gpu-decode needs CUDA in the predictor actors, but this actor runs on "
@@ -199,12 +201,13 @@ def build_dataset(spec, model_set, paths_ds, pre_dicts: list[dict], base: str | 
     faces = spec.face_options().to_dict()
     ds = paths_ds.map_batches(read_and_decode, batch_format="pyarrow", batch_size=spec.batch_size,
                               fn_kwargs={"faces": faces, "pre_dicts": pre_dicts, "base": base,
-                                         "gpu_decode": spec.gpu_decode, "allow": spec.allow_prefix or None},
+                                         "gpu_decode": spec.decode_in_actor(), "allow": spec.allow_prefix or None},
                               num_cpus=1, memory=decode_memory(spec.batch_size, faces, pre_dicts))
     if spec.limit is not None:
         ds = ds.limit(spec.limit)
     actor_args = {"model_set": model_set.to_dict(), "faces": faces, "precision": spec.precision,
                   "threads": max(1, int(spec.cpus_per_actor)), "gpu_decode": spec.gpu_decode,
+                  "actor_decode": spec.actor_decode,
                   "throttle_s": spec.throttle_s, "fold_bn": spec.fold_bn,
                   "compile_batch": spec.batch_size if spec.compile else None,
                   "detector_identity": detector_identity, "identity": identity,
