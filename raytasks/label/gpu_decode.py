@@ -1,4 +1,5 @@
-"""``--gpu-decode``: JPEGs decoded on the predictor actor's GPU (``torchvision.io.decode_jpeg``), then resized
+"""``--gpu-decode`` (and ``--actor-decode``, the same for photos on any device): JPEGs decoded in the predictor
+actor (``torchvision.io.decode_jpeg``: nvjpeg on a GPU, libjpeg on a CPU), then resized
 as ``models.preprocess.decode`` does (whole images, :func:`gpu_decode_batch`) or shrunk to the photo size of
 ``models.preprocess.decode_photo`` (photos for face detection, :func:`gpu_decode_photos`). Split from
 raytasks/label/job.py (the pipeline); the CPU stage decides which files may go (:func:`jpeg_for_gpu`), the
