@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
                       if f.temperatures else "none kept")
                 print(f"fitted {name} on {args.calibrate_on} ({f.n} rows): T = {ts}; NLL {f.nll_before:.4f} -> "
                       f"{f.nll_after:.4f}, ECE {f.ece_before:.4f} -> {f.ece_after:.4f}")
-            for why in f.rejected:
-                print(f"  not kept (uncalibrated {'score' if f.method == 'shift' else 'probability'} instead): {why}")
+            for line in f.rejected_lines():
+                print(line)
         if args.save_calibrated:
             data, digest = checkpoint_bytes(model, info.metrics, {**info.extra, "calibration": {
                 "split": args.calibrate_on, "data": args.data, "fit": fitted.summary()}})

@@ -171,6 +171,11 @@ class OutputCalibration:
             return f"{self.output} MAE {self.mae_before:.4f} -> {self.mae_after:.4f} ({kept})"
         return f"{self.output} ECE {self.ece_before:.4f} -> {self.ece_after:.4f}"
 
+    def rejected_lines(self) -> list[str]:
+        """One log line per fit not kept, saying what the output reports instead."""
+        instead = "score" if self.method == "shift" else "probability"
+        return [f"  not kept (uncalibrated {instead} instead): {why}" for why in self.rejected]
+
 
 @dataclass
 class Calibration:
@@ -297,7 +302,7 @@ def _fit_shift(o: Regression, raw: torch.Tensor, target: torch.Tensor, min_rows:
     x, y = raw.reshape(-1)[keep].double(), target.reshape(-1)[keep].double()
     if len(y) < min_rows:
         raise CalibrationError(f"output {o.name!r}: {len(y)} labelled rows, at least {min_rows} needed")
-    shift = float(torch.tensor(float((y - x).mean())).float())  # the float32 value the buffer will hold
+    shift = float((y - x).mean().float())  # the float32 value the buffer will hold
     before, after = float((x - y).abs().mean()), float((x + shift - y).abs().mean())
     kept = after < before
     rejected = [] if kept else [f"{o.name}: shift {shift:+.4f} would not lower the MAE ({before:.4f} -> {after:.4f})"]

@@ -117,11 +117,7 @@ class OutputSet(nn.Module):
             raise ValueError(f"output {name!r}: temperatures must be finite and > 0 (NaN: an attribute left "
                              f"uncalibrated, not all of them), got {t.tolist()}")
         vals = tuple(float(v) for v in t.float().tolist())  # what the buffer holds, so a reload is exact
-        buf = torch.tensor(vals, dtype=torch.float32)
-        if key in self._buffers:
-            self._buffers[key] = buf.to(self._buffers[key].device)
-        else:
-            self.register_buffer(key, buf)
+        self._store(key, vals)
         self._replace(replace(o, **{_temperature_field(o): vals[0] if isinstance(o, Categorical) else vals}))
 
     def shiftable(self) -> list[Output]:
@@ -142,11 +138,7 @@ class OutputSet(nn.Module):
         if t.numel() != 1 or not bool(torch.isfinite(t).all()):
             raise ValueError(f"output {name!r}: a shift is one finite number, got {t.tolist()}")
         value = float(t.float())  # what the buffer holds, so a reload is exact
-        buf = torch.tensor([value], dtype=torch.float32)
-        if key in self._buffers:
-            self._buffers[key] = buf.to(self._buffers[key].device)
-        else:
-            self.register_buffer(key, buf)
+        self._store(key, (value,))
         self._replace(replace(o, shift=value))
 
     def clear_calibration(self) -> None:
@@ -154,6 +146,14 @@ class OutputSet(nn.Module):
             self.set_temperatures(o.name, None)
         for o in self.shiftable():
             self.set_shift(o.name, None)
+
+    def _store(self, key: str, values: tuple[float, ...]) -> None:
+        """Buffer ``key`` holds ``values`` (float32), on the device of the buffer it replaces."""
+        buf = torch.tensor(values, dtype=torch.float32)
+        if key in self._buffers:
+            self._buffers[key] = buf.to(self._buffers[key].device)
+        else:
+            self.register_buffer(key, buf)
 
     def _replace(self, new: Output) -> None:
         self.outputs = tuple(new if o.name == new.name else o for o in self.outputs)

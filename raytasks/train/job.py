@@ -263,8 +263,8 @@ def calibrate_output(output: str, val, batch_size: int, log_fn=print) -> None:
     storage.write_bytes(output, data)
     log_fn("calibrated on the validation split (" + ", ".join(c.line() for c in cal.outputs.values()) + ")")
     for c in cal.outputs.values():
-        for why in c.rejected:
-            log_fn(f"  not kept (uncalibrated {'score' if c.method == 'shift' else 'probability'} instead): {why}")
+        for line in c.rejected_lines():
+            log_fn(line)
 
 
 def _stored_result(spec: TrainSpec):
