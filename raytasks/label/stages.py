@@ -46,11 +46,12 @@ def read_and_decode(batch: pa.Table, faces: dict, pre_dicts: list[dict], base: s
     target = target_of(faces, pre_dicts)
     out = empty_batch(paths, target)
     gpu_bytes = [None] * len(paths) if gpu_decode else None
+    limits = None if isinstance(target, Photos) else target.preprocessings[0]  # the decoder limits jpeg_for_gpu checks
     for chunk in fetch_chunks([resolve_path(p, base) for p in paths], allow=allow):
         for i, (data, kind, message) in chunk:
             if kind is not None:  # the read failed: its reason, not decode's "empty"
                 fail(out, i, kind, message)
-            elif gpu_decode and jpeg_for_gpu(data, None if isinstance(target, Photos) else target.preprocessings[0]):
+            elif gpu_decode and jpeg_for_gpu(data, limits):
                 gpu_bytes[i] = data
             else:
                 decode_into(out, i, data, target)
@@ -113,7 +114,7 @@ class AnnotatorActor:
             found_by = self._on_torch(lambda: a.detector)
             if detector_identity is not None and found_by != detector_identity:
                 raise RuntimeError(f"this actor's detector is {found_by}, the run's is {detector_identity}")
-        self.gpu_decode = gpu_decode or actor_decode  # JPEG bytes arrive (gpu_bytes) and are decoded here
+        self.decode_here = gpu_decode or actor_decode  # JPEG bytes arrive (gpu_bytes) and are decoded here
         self.throttle_s = throttle_s
         if gpu_decode and a.device.type != "cuda":
             raise RuntimeError("--gpu-decode needs CUDA in the predictor actors, but this actor runs on "
@@ -126,7 +127,7 @@ class AnnotatorActor:
         return self._on_torch(self._annotate, batch)
 
     def _annotate(self, batch: dict) -> pa.Table:
-        if self.gpu_decode:
+        if self.decode_here:
             batch = self._decode_on_gpu(batch)
         cols = self.annotator.annotate(batch)
         if self.throttle_s:
