@@ -74,7 +74,10 @@ def test_dmm_cnn_learns_attributes_and_landmarks(synth):
 
 def test_task_attention_learns_gender(synth):
     ds = synth["celeba"]
-    m, before, after, history = _train("task_attention", ds, epochs=5, batch_size=16, image_size=64, depth=18)
+    # 4 epochs at lr 3e-4: gender 0.556, 0.694, 0.750, 0.833 against a bar of 0.706 (seed 0, 2026-12-04; the
+    # recipe's 1e-3 needed 5: 0.556, 0.611, 0.722, 0.722, 0.806); a shorter run's epochs are the longer run's first
+    m, before, after, history = _train("task_attention", ds, epochs=4, batch_size=16, lr=3e-4, image_size=64,
+                                       depth=18)
     assert max(h["gender.accuracy"] for h in history) >= majority(ds.split("val"), "gender") + 0.15
     assert after["mean_accuracy"] > before["mean_accuracy"]
 
