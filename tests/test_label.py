@@ -206,9 +206,10 @@ def test_local_folder_rgb_model(tmp_path, ray_session):
     rows = read_rows(output)
     assert sorted(rows.column("path").to_pylist()) == sorted(str(folder / n) for n in files)
     want = expected_rows(ckpt, {str(folder / n): d for n, d in files.items()})
+    fields = Annotator(ckpt, device="cpu", precision="fp32").schema
     for got in rows.to_pylist():
         assert got["ok"] and got["age"] is not None
-        assert_row_matches(got, want[got["path"]], Annotator(ckpt, device="cpu", precision="fp32").schema)
+        assert_row_matches(got, want[got["path"]], fields)
     saved = json.loads((Path(output) / "_summary.json").read_text())
     assert saved["rows_total"] == len(files) and saved["files_listed"] == len(files) + 2  # + notes, info.json
     assert saved["skipped_not_image"] == 2 and saved["rows_before"] == 0 and summary == saved
