@@ -183,9 +183,11 @@ def main(argv: list[str] | None = None) -> dict:
     width = max(len(k) for k in list(metrics) + list(eces))
     for k in sorted(metrics):
         print(f"  {k:<{width}}  {metrics[k]:.4f}")
+    shifts = ", ".join(f"{k} {v:+.4f}" for k, v in status["shifts"].items() if v is not None)
     print(f"calibrated: {str(status['calibrated']).lower()}"
           + ("" if status["calibrated"] else "  (no temperatures in this checkpoint: probabilities are the raw "
-                                             "softmax / sigmoid)"))
+                                             "softmax / sigmoid)")
+          + (f"  (shift of the scores, fitted at export: {shifts})" if shifts else ""))
     for k in sorted(eces):
         print(f"  {k:<{width}}  {eces[k]:.4f}")
     if args.json:

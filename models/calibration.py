@@ -381,15 +381,22 @@ def fit_calibration(model, data: Mapping, outputs: Iterable[str] | None = None, 
 
 
 def calibration_status(model_or_outputs) -> dict:
-    """``{"calibrated": bool, "outputs": {name: temperatures or None}}`` for a model, its ``outputs``, or
-    a checkpoint's output description (``CheckpointInfo.outputs``: a list of dicts)."""
+    """``{"calibrated": bool, "outputs": {name: temperatures or None}, "shifts": {name: shift or None}}`` for
+    a model, its ``outputs``, or a checkpoint's output description (``CheckpointInfo.outputs``: a list of
+    dicts). A model is calibrated when it holds a temperature or a regression shift (HMTNet's beauty)."""
     if isinstance(model_or_outputs, list):
-        per = {d["name"]: (d.get("calibration") or {}).get("temperature", (d.get("calibration") or {}).get("temperatures"))
+        def cal(d):
+            return d.get("calibration") or {}
+
+        per = {d["name"]: cal(d).get("temperature", cal(d).get("temperatures"))
                for d in model_or_outputs if d.get("kind") in ("categorical", "binary")}
+        shifts = {d["name"]: cal(d).get("shift") for d in model_or_outputs if d.get("kind") == "regression"}
     else:
         outs = getattr(getattr(model_or_outputs, "module", model_or_outputs), "outputs", model_or_outputs)
         per = {o.name: (o.temperature if isinstance(o, Categorical) else
                         (list(o.temperatures) if o.temperatures is not None else None))
                for o in outs.calibratable()}
-    return {"calibrated": any(v is not None for v in per.values()), "outputs": per}
+        shifts = {o.name: o.shift for o in outs.shiftable()}
+    fitted = [v for v in (*per.values(), *shifts.values()) if v is not None]
+    return {"calibrated": bool(fitted), "outputs": per, "shifts": shifts}
 

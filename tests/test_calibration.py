@@ -115,7 +115,7 @@ def test_uncalibrated_checkpoint_loads_labels_and_says_so(tmp_path, hs):
     save_checkpoint(hs, str(tmp_path / "raw.pt"))
     m, info = load_checkpoint(str(tmp_path / "raw.pt"))
     status = calibration_status(m)
-    assert status == {"calibrated": False, "outputs": {"gender": None, "eyeglasses": None}}
+    assert status == {"calibrated": False, "outputs": {"gender": None, "eyeglasses": None}, "shifts": {}}
     assert calibration_status(info.outputs) == status
     assert all("calibration" not in d for d in info.outputs)
     x = torch.randint(0, 255, (2, 1, 50, 50), dtype=torch.uint8)
@@ -233,8 +233,13 @@ def test_a_regression_offset_is_fitted_shifts_columns_and_metrics_and_travels_in
     assert loaded.outputs["beauty"].shift == fit.shift
     assert "outputs.shift_beauty" in loaded.state_dict()
     assert [d for d in info.outputs if d["name"] == "beauty"][0]["calibration"]["shift"] == fit.shift
+    # a shift alone makes the checkpoint calibrated (jobs.evaluate's "calibrated:" line and JSON read this)
+    status = calibration_status(loaded)
+    assert status == {"calibrated": True, "outputs": {"gender": None, "race": None}, "shifts": {"beauty": fit.shift}}
+    assert calibration_status(info.outputs) == status
     loaded.outputs.clear_calibration()
     assert loaded.outputs["beauty"].shift is None and not any("shift_" in k for k in loaded.state_dict())
+    assert calibration_status(loaded) == {**status, "calibrated": False, "shifts": {"beauty": None}}
     assert not any("shift_" in k for k in _hmtnet().state_dict())  # a model never fitted has no such buffer
 
 
