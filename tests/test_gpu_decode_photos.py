@@ -11,9 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from facedata.decode import Photos, decode_batch
+from facedata.decode import Photos, Whole, decode_batch
 from models.preprocess import decode_photo
-from raytasks.label.gpu_decode import gpu_decode_photos, photos_on_device
+from raytasks.label.gpu_decode import gpu_decode_photos, images_on_device, photos_on_device
 from raytasks.label.stages import read_and_decode
 from tests.helpers import compose, real_crops, write_files
 
@@ -70,6 +70,34 @@ def test_photos_decoded_in_the_actor_label_as_the_cpu_path(tmp_path, files, hs_a
             assert (a is None) == (b is None)
             if a is not None:
                 assert np.allclose(a, b, atol=0.05 if k == "gender_prob" else 3.0), (k, a, b)
+
+
+def test_whole_images_decoded_in_the_actor_label_as_the_cpu_path(tmp_path, files, hs_annotator):
+    """``--faces whole``: the same for the model's input (``images_on_device``, hard_sharing's 50 px grey):
+    rows, sizes and geometry as the CPU decode path's, pixels within a few levels, a refused JPEG its error row."""
+    from ray.data.block import BlockAccessor
+
+    write_files(tmp_path, files)
+    names = list(files)
+    (pre,) = hs_annotator.preprocessings
+    table = read_and_decode(pa.table({"path": [str(tmp_path / n) for n in names]}), {"mode": "whole"},
+                            [pre.to_dict()], gpu_decode=True)
+    batch = BlockAccessor.for_block(table).to_batch_format("numpy")
+    assert [d is not None for d in batch["gpu_bytes"]] == [True, True, False, False]
+    raw = list(batch.pop("gpu_bytes"))
+    raw[2] = files["cut.jpg"]  # as if it had passed: the decoder's refusal goes to the CPU decoder
+    got = images_on_device(batch, raw, pre, hs_annotator.device)
+    want = decode_batch([str(tmp_path / n) for n in names], [files[n] for n in names], Whole((pre,)))
+    assert list(got["ok"]) == list(want["ok"]) == [True, True, False, False]
+    assert list(got["error_kind"]) == list(want["error_kind"]) and got["error_kind"][2] == "truncated"
+    assert list(got["width"]) == list(want["width"]) and list(got["height"]) == list(want["height"])
+    assert np.allclose(np.asarray(got["geometry_0"])[:2], np.asarray(want["geometry_0"])[:2])
+    g, w = np.asarray(got["image_0"])[:2].astype(int), np.asarray(want["image_0"])[:2].astype(int)
+    assert g.shape == w.shape and np.abs(g - w).mean() < 6.0
+    rows, ref = hs_annotator.annotate(got), hs_annotator.annotate(want)
+    assert rows["path"] == ref["path"] and rows["ok"] == ref["ok"] and rows["error_kind"] == ref["error_kind"]
+    for a, b in zip(rows["gender_prob"], ref["gender_prob"]):
+        assert (a is None) == (b is None) and (a is None or abs(a - b) < 0.05), (a, b)
 
 
 def test_the_photo_decoder_matches_decode_photo_sizes_and_names_what_it_refuses(files):

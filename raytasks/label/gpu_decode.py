@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
+
 
 def jpeg_for_gpu(data: bytes, pre=None) -> bool:
     """Whether a file can go to the GPU decoder: a baseline/progressive JPEG in RGB or grey (CMYK and YCCK
@@ -127,34 +129,79 @@ def gpu_decode_photos(datas: list[bytes], max_side: int, device) -> list:
     return out
 
 
+def _on_device(batch: dict, raw: list, on_device, on_cpu):
+    """Yield ``(row, result)`` for every row with bytes in ``raw``: ``on_device``'s result (one call for all
+    of them), or ``on_cpu``'s for a JPEG nvjpeg refused; a row neither can decode becomes its error row in
+    ``batch`` (the CPU decoder's kind and message) and is not yielded."""
+    from facedata.decode import fail
+    from models.imagebytes import ImageDecodeError
+
+    idx = [i for i, d in enumerate(raw) if d is not None]
+    for i, res in zip(idx, on_device([bytes(raw[i]) for i in idx])):
+        if isinstance(res, Exception):
+            try:
+                res = on_cpu(bytes(raw[i]))
+            except ImageDecodeError as e:
+                fail(batch, i, e.kind, e.message)
+                continue
+        yield i, res
+
+
+def _writable(batch: dict, arrays: tuple, lists: tuple) -> dict:
+    """A new dict of ``batch`` whose columns this module writes are copies (Ray's may be read-only)."""
+    import numpy as np
+
+    batch = dict(batch)
+    for k in arrays:
+        batch[k] = np.array(batch[k], copy=True)
+    for k in lists:
+        batch[k] = list(batch[k])
+    return batch
+
+
+def images_on_device(batch: dict, raw: list, pre, device) -> dict:
+    """A decoded whole-image batch (facedata/decode.py, one model input ``pre``) whose rows with bytes in
+    ``raw`` are decoded on ``device`` by :func:`gpu_decode_batch` into ``image_0`` (then one tensor on the
+    device); the other rows keep what the CPU stage decoded or why it failed. A JPEG nvjpeg refuses goes through
+    the CPU decoder (``models.preprocess.decode``), which gives its input or its error row. Returns a new dict."""
+    import torch
+
+    from facedata.decode import GEOMETRY_KEYS
+    from models.preprocess import decode
+
+    batch = _writable(batch, ("ok", "error_kind", "error_message", "width", "height", "geometry_0"), ())
+    images = torch.tensor(np.asarray(batch["image_0"]), device=device)  # the CPU-decoded rows, on the device
+
+    def on_cpu(data):
+        t, g = decode(data, pre)
+        return t.to(device), g
+
+    for i, (img, g) in _on_device(batch, raw, lambda datas: gpu_decode_batch(datas, pre, device), on_cpu):
+        images[i] = img
+        batch["ok"][i], batch["width"][i], batch["height"][i] = True, g["width"], g["height"]
+        batch["geometry_0"][i] = [g[k] for k in GEOMETRY_KEYS]
+    batch["image_0"] = images
+    return batch
+
+
 def photos_on_device(batch: dict, raw: list, max_side: int, device) -> dict:
     """A decoded photo batch (facedata/decode.py) whose rows with bytes in ``raw`` (the CPU stage's
     ``gpu_bytes``; None elsewhere) are decoded on ``device`` by :func:`gpu_decode_photos` into ``image`` (then
     a list of pictures of any size, these ones on the device); the other rows keep what the CPU stage decoded
     or why it failed. A JPEG nvjpeg refuses goes through the CPU decoder (``decode_photo``), which gives its
     picture or its error row. Returns a new dict; ``batch``'s arrays are not written (Ray's may be read-only)."""
-    import numpy as np
-
-    from facedata.decode import fail
-    from models.imagebytes import ImageDecodeError
     from models.preprocess import decode_photo
 
-    batch = dict(batch)
-    idx = [i for i, d in enumerate(raw) if d is not None]
-    for k in ("ok", "width", "height", "scale"):
-        batch[k] = np.array(batch[k], copy=True)
-    for k in ("error_kind", "error_message"):
-        batch[k] = list(batch[k])
+    batch = _writable(batch, ("ok", "width", "height", "scale"), ("error_kind", "error_message"))
     images = list(batch["image"])
-    for i, res in zip(idx, gpu_decode_photos([bytes(raw[i]) for i in idx], max_side, device)):
-        if isinstance(res, Exception):
-            try:
-                t, size, scale = decode_photo(bytes(raw[i]), max_side)
-                res = (t.to(device), size, scale)
-            except ImageDecodeError as e:
-                fail(batch, i, e.kind, e.message)
-                continue
-        images[i], (w, h), batch["scale"][i] = res
+
+    def on_cpu(data):
+        t, size, scale = decode_photo(data, max_side)
+        return t.to(device), size, scale
+
+    for i, (img, (w, h), scale) in _on_device(batch, raw, lambda datas: gpu_decode_photos(datas, max_side, device),
+                                              on_cpu):
+        images[i], batch["scale"][i] = img, scale
         batch["ok"][i], batch["width"][i], batch["height"][i] = True, w, h
     batch["image"] = images
     return batch

@@ -18,11 +18,11 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from facedata.decode import GEOMETRY_KEYS, IMAGE_COLUMNS, Photos, Whole, decode_into, empty_batch, fail
+from facedata.decode import IMAGE_COLUMNS, Photos, Whole, decode_into, empty_batch, fail
 from facedata.paths import resolve_path
 from facedata.reading import fetch_chunks
 from models.preprocess import Preprocessing
-from raytasks.label.gpu_decode import gpu_decode_batch, jpeg_for_gpu, photos_on_device
+from raytasks.label.gpu_decode import images_on_device, jpeg_for_gpu, photos_on_device
 from raytasks.threads import runtime_env, torch_executor
 
 DECODE_FILE_BYTES = 4 * 1024 * 1024  # a photo's bytes plus PIL's (draft-reduced) decode buffer, for decode_memory
@@ -135,40 +135,17 @@ class AnnotatorActor:
         return self.annotator.to_table(cols)
 
     def _decode_on_gpu(self, batch: dict) -> dict:
-        """``gpu_bytes`` rows decoded by nvjpeg on the actor's GPU into ``image_0`` (whole images) or ``image``
-        (photos), which then stay on the GPU; a JPEG nvjpeg refuses goes through the CPU decoder, which gives
-        its label or its error."""
-        import torch
-
-        from models.imagebytes import ImageDecodeError
-        from models.preprocess import decode
-
+        """``gpu_bytes`` rows decoded on the actor's device (nvjpeg on a GPU) into ``image_0`` (whole images)
+        or ``image`` (photos), which then stay there (raytasks/label/gpu_decode.py)."""
         batch = dict(batch)
         raw = batch.pop("gpu_bytes")
-        idx = [i for i, d in enumerate(raw) if d is not None]
-        if not idx:
+        if all(d is None for d in raw):
             return batch
+        a = self.annotator
         if "scale" in batch:
-            return photos_on_device(batch, raw, self.annotator.face_options.max_side, self.annotator.device)
-        (pre,), device = self.annotator.preprocessings, self.annotator.device
-        images = torch.tensor(np.asarray(batch["image_0"]), device=device)  # the CPU-decoded rows, on the GPU
-        for k in ("ok", "error_kind", "error_message", "width", "height", "geometry_0"):
-            batch[k] = np.array(batch[k], copy=True)  # Ray's batch arrays may be read-only views
-        for i, res in zip(idx, gpu_decode_batch([bytes(raw[i]) for i in idx], pre, device)):
-            if isinstance(res, Exception):
-                try:
-                    t, g = decode(bytes(raw[i]), pre)
-                    res = (t.to(device), g)
-                except ImageDecodeError as e:
-                    fail(batch, i, e.kind, e.message)
-                    continue
-            img, g = res
-            images[i] = img
-            batch["ok"][i] = True
-            batch["width"][i], batch["height"][i] = g["width"], g["height"]
-            batch["geometry_0"][i] = [g[k] for k in GEOMETRY_KEYS]
-        batch["image_0"] = images
-        return batch
+            return photos_on_device(batch, raw, a.face_options.max_side, a.device)
+        (pre,) = a.preprocessings
+        return images_on_device(batch, raw, pre, a.device)
 
 
 def decode_memory(batch_size: int, faces: dict, pre_dicts: list[dict]) -> int:
