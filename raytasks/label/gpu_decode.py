@@ -149,8 +149,6 @@ def _on_device(batch: dict, raw: list, on_device, on_cpu):
 
 def _writable(batch: dict, arrays: tuple, lists: tuple) -> dict:
     """A new dict of ``batch`` whose columns this module writes are copies (Ray's may be read-only)."""
-    import numpy as np
-
     batch = dict(batch)
     for k in arrays:
         batch[k] = np.array(batch[k], copy=True)
