@@ -137,10 +137,11 @@ def _on_device(batch: dict, raw: list, on_device, on_cpu):
     from models.imagebytes import ImageDecodeError
 
     idx = [i for i, d in enumerate(raw) if d is not None]
-    for i, res in zip(idx, on_device([bytes(raw[i]) for i in idx])):
+    datas = [bytes(raw[i]) for i in idx]
+    for i, data, res in zip(idx, datas, on_device(datas)):
         if isinstance(res, Exception):
             try:
-                res = on_cpu(bytes(raw[i]))
+                res = on_cpu(data)
             except ImageDecodeError as e:
                 fail(batch, i, e.kind, e.message)
                 continue

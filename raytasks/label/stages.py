@@ -128,13 +128,13 @@ class AnnotatorActor:
 
     def _annotate(self, batch: dict) -> pa.Table:
         if self.decode_here:
-            batch = self._decode_on_gpu(batch)
+            batch = self._decode_here(batch)
         cols = self.annotator.annotate(batch)
         if self.throttle_s:
             time.sleep(self.throttle_s)
         return self.annotator.to_table(cols)
 
-    def _decode_on_gpu(self, batch: dict) -> dict:
+    def _decode_here(self, batch: dict) -> dict:
         """``gpu_bytes`` rows decoded on the actor's device (nvjpeg on a GPU) into ``image_0`` (whole images)
         or ``image`` (photos), which then stay there (raytasks/label/gpu_decode.py)."""
         batch = dict(batch)
