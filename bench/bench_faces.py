@@ -2,6 +2,7 @@
 end with detection against detection + alignment + model alone on pre-decoded images, in one run.
 
     python bench/bench_faces.py [--model age_gender_race] [--n 64] [--batch-size 16] [--threads 2]
+                                [--actor-decode] [--cpu-accounting]
 
 Photos: ``--n`` JPEGs composed from real faces in ../shared/data/utkface when present (drawn faces otherwise),
 1-3 faces each, 60-300 px wide, turned up to 20 degrees, on 640-1600 px canvases (facedata/compose.py).
@@ -13,6 +14,8 @@ the model (bf16 autocast, batch norm folded, as the label job's actors run it). 
 align + model over the pre-decoded batches (``Annotator.annotate``); "end to end" is ``jobs.label`` over
 the folder on a local Ray (decode tasks + one predictor actor of ``--threads`` CPUs; with ``--actor-decode``
 the actor decodes the JPEGs), from file bytes to Parquet, timed from the job's own summary minus nothing: Ray's start-up is outside, the listing inside.
+``--cpu-accounting`` adds the CPU time of every process during that job (bench/cpu_accounting.py) against the
+model-only pass's: on a machine whose cores the job keeps busy, it says where the end-to-end time goes.
 """
 
 from __future__ import annotations
@@ -62,6 +65,27 @@ def sources(n: int):
     return out, "drawn faces (facedata/synth.py)"
 
 
+def cpu_summary(acct, model_cpu: float, n: int) -> str:
+    """The label job's CPU in four parts, and what they imply for the end-to-end / model-only ratio when the job
+    keeps every core busy (each CPU-second beside the actor's batches is one the model does not get)."""
+    parts = {"actor, per batch (decode too with --actor-decode)": 0.0, "actor, start-up (once per actor)": 0.0,
+             "decode / read tasks": 0.0, "driver, Ray's own processes, idle workers": 0.0}
+    for name, cpu in acct.by_name.items():
+        if "AnnotatorActor" in name:
+            parts["actor, per batch (decode too with --actor-decode)" if name.endswith(".submit")
+                  else "actor, start-up (once per actor)"] += cpu
+        elif "read_and_decode" in name:
+            parts["decode / read tasks"] += cpu
+        else:
+            parts["driver, Ray's own processes, idle workers"] += cpu
+    lines = [f"{cpu:8.1f} CPU-s {1000 * cpu / n:7.1f} ms a photo  {what}" for what, cpu in parts.items()]
+    total = sum(parts.values())
+    once = parts["actor, start-up (once per actor)"]
+    lines.append(f"model only / this job's CPU: {model_cpu / total:.2f}; without the actor's start-up (a long job): "
+                 f"{model_cpu / (total - once):.2f}")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="age_gender_race")
@@ -69,6 +93,9 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-label-job", action="store_true", help="skip the end-to-end Ray run")
+    p.add_argument("--cpu-accounting", action="store_true",
+                   help="also the CPU time of every process during the label job, by what it did (Linux; "
+                        "bench/cpu_accounting.py), against the model-only pass's CPU time")
     p.add_argument("--actor-decode", action="store_true",
                    help="the label job with --actor-decode (JPEGs decoded in the actor, not in CPU tasks)")
     args = p.parse_args(argv)
@@ -142,11 +169,12 @@ def main(argv=None):
           f"({args.n / total:.1f} images/s, {faces_found / total:.1f} faces/s)")
 
     # model only: detect + align + model on pre-decoded batches (what the label job's actor does)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     rows = 0
     for b in decoded_batches:
         rows += len(ann.annotate(b)["path"])
     model_only = time.perf_counter() - t0
+    model_cpu = time.process_time() - cpu0
     print(f"model only (detect + align + model, pre-decoded): {args.n / model_only:.2f} images/s, "
           f"{faces_found / model_only:.2f} faces/s")
     if args.no_label_job:
@@ -160,10 +188,21 @@ def main(argv=None):
     spec = dict(checkpoint=ckpt, input=str(folder), batch_size=bs, max_actors=1, cpus_per_actor=args.threads,
                 actor_decode=args.actor_decode)
     label(LabelSpec(output=str(work / "warm"), **spec, limit=bs), echo=lambda *_: None)  # worker processes up
-    s = label(LabelSpec(output=str(work / "out"), **spec), echo=lambda *_: None)
+    if args.cpu_accounting:
+        from cpu_accounting import ProcessCPU
+
+        with ProcessCPU() as acct:
+            s = label(LabelSpec(output=str(work / "out"), **spec), echo=lambda *_: None)
+    else:
+        s = label(LabelSpec(output=str(work / "out"), **spec), echo=lambda *_: None)
     e2e = s["seconds"]
     print(f"end to end (jobs.label, bytes -> Parquet): {args.n / e2e:.2f} images/s, {s['faces_total'] / e2e:.2f} "
           f"faces/s over {e2e:.1f} s; ratio to model only {model_only / e2e:.2f} (goal >= 0.85)")
+    if args.cpu_accounting:
+        print(f"\nCPU during the label job (model only: {model_cpu:.1f} CPU-s, "
+              f"{1000 * model_cpu / args.n:.1f} ms a photo, {model_cpu / model_only:.2f} cores):")
+        print(acct.table(per=args.n))
+        print(cpu_summary(acct, model_cpu, args.n))
     ray.shutdown()
 
 
