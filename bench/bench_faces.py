@@ -21,6 +21,7 @@ model-only pass's: on a machine whose cores the job keeps busy, it says where th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -188,12 +189,10 @@ def main(argv=None):
     spec = dict(checkpoint=ckpt, input=str(folder), batch_size=bs, max_actors=1, cpus_per_actor=args.threads,
                 actor_decode=args.actor_decode)
     label(LabelSpec(output=str(work / "warm"), **spec, limit=bs), echo=lambda *_: None)  # worker processes up
-    if args.cpu_accounting:
-        from cpu_accounting import ProcessCPU
+    from cpu_accounting import ProcessCPU
 
-        with ProcessCPU() as acct:
-            s = label(LabelSpec(output=str(work / "out"), **spec), echo=lambda *_: None)
-    else:
+    acct = ProcessCPU() if args.cpu_accounting else contextlib.nullcontext()
+    with acct:
         s = label(LabelSpec(output=str(work / "out"), **spec), echo=lambda *_: None)
     e2e = s["seconds"]
     print(f"end to end (jobs.label, bytes -> Parquet): {args.n / e2e:.2f} images/s, {s['faces_total'] / e2e:.2f} "
