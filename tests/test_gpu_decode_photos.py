@@ -37,7 +37,7 @@ def _actor_batch(folder, names: list[str]) -> dict:
     from ray.data.block import BlockAccessor
 
     faces = {"mode": "detect", "max_side": MAX_SIDE, "detector": {}}
-    table = read_and_decode(pa.table({"path": [str(folder / n) for n in names]}), faces, [], gpu_decode=True)
+    table = read_and_decode(pa.table({"path": [str(folder / n) for n in names]}), faces, [], jpegs_to_actor=True)
     return BlockAccessor.for_block(table).to_batch_format("numpy")
 
 
@@ -46,8 +46,8 @@ def test_photos_decoded_in_the_actor_label_as_the_cpu_path(tmp_path, files, hs_a
     names = list(files)
     batch = _actor_batch(tmp_path, names)
     # the cut JPEG (no end marker: nvjpeg would decode it without an error) and the PNG stay on the CPU
-    assert [d is not None for d in batch["gpu_bytes"]] == [True, True, False, False]
-    raw = list(batch.pop("gpu_bytes"))
+    assert [d is not None for d in batch["jpeg_bytes"]] == [True, True, False, False]
+    raw = list(batch.pop("jpeg_bytes"))
     raw[2] = files["cut.jpg"]  # sent anyway, as if it had passed: the decoder's refusal goes to the CPU decoder
     got = photos_on_device(batch, raw, MAX_SIDE, hs_annotator.device)
     want = decode_batch([str(tmp_path / n) for n in names], [files[n] for n in names], Photos(MAX_SIDE))
@@ -81,10 +81,10 @@ def test_whole_images_decoded_in_the_actor_label_as_the_cpu_path(tmp_path, files
     names = list(files)
     (pre,) = hs_annotator.preprocessings
     table = read_and_decode(pa.table({"path": [str(tmp_path / n) for n in names]}), {"mode": "whole"},
-                            [pre.to_dict()], gpu_decode=True)
+                            [pre.to_dict()], jpegs_to_actor=True)
     batch = BlockAccessor.for_block(table).to_batch_format("numpy")
-    assert [d is not None for d in batch["gpu_bytes"]] == [True, True, False, False]
-    raw = list(batch.pop("gpu_bytes"))
+    assert [d is not None for d in batch["jpeg_bytes"]] == [True, True, False, False]
+    raw = list(batch.pop("jpeg_bytes"))
     raw[2] = files["cut.jpg"]  # as if it had passed: the decoder's refusal goes to the CPU decoder
     got = images_on_device(batch, raw, pre, hs_annotator.device)
     want = decode_batch([str(tmp_path / n) for n in names], [files[n] for n in names], Whole((pre,)))

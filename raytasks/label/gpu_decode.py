@@ -185,7 +185,7 @@ def images_on_device(batch: dict, raw: list, pre, device) -> dict:
 
 def photos_on_device(batch: dict, raw: list, max_side: int, device) -> dict:
     """A decoded photo batch (facedata/decode.py) whose rows with bytes in ``raw`` (the CPU stage's
-    ``gpu_bytes``; None elsewhere) are decoded on ``device`` by :func:`gpu_decode_photos` into ``image`` (then
+    ``jpeg_bytes``; None elsewhere) are decoded on ``device`` by :func:`gpu_decode_photos` into ``image`` (then
     a list of pictures of any size, these ones on the device); the other rows keep what the CPU stage decoded
     or why it failed. A JPEG nvjpeg refuses goes through the CPU decoder (``decode_photo``), which gives its
     picture or its error row. Returns a new dict; ``batch``'s arrays are not written (Ray's may be read-only)."""

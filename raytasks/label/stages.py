@@ -7,7 +7,8 @@
 
 Each stage declares what it reads and adds: ``read_and_decode`` reads ``path`` and adds a decoded batch's
 columns (facedata/decode.py: photos, or whole images once per distinct preprocessing; with
-``--gpu-decode`` the JPEGs the GPU can take travel as ``gpu_bytes``); the actor reads those and returns the
+``--gpu-decode`` or ``--actor-decode`` the JPEGs the actor can take travel as ``jpeg_bytes``); the actor reads
+those and returns the
 rows of ``Annotator.schema``.
 """
 
@@ -37,28 +38,29 @@ def target_of(faces: dict, pre_dicts: list[dict]) -> Photos | Whole:
 
 
 def read_and_decode(batch: pa.Table, faces: dict, pre_dicts: list[dict], base: str | None = None,
-                    gpu_decode: bool = False, allow: tuple[str, ...] | None = None) -> pa.Table:
+                    jpegs_to_actor: bool = False, allow: tuple[str, ...] | None = None) -> pa.Table:
     """Map function of the CPU stage: ``path`` rows -> a decoded batch, files read a bounded chunk at a time
     (``facedata.reading.fetch_chunks``) and decoded before the next chunk is read. A file that cannot be read
-    is an ``unreadable`` (or ``forbidden``) row. With ``gpu_decode``, JPEGs that the GPU can take (checked
-    from the header) travel as bytes in ``gpu_bytes`` and are decoded in the actor."""
+    is an ``unreadable`` (or ``forbidden``) row. With ``jpegs_to_actor`` (``--gpu-decode``, ``--actor-decode``),
+    JPEGs that the actor's decoder can take (``jpeg_for_gpu``: checked from the header and end marker) travel
+    as bytes in ``jpeg_bytes`` and are decoded in the actor."""
     paths = [p if p is not None else "" for p in batch.column("path").to_pylist()]
     target = target_of(faces, pre_dicts)
     out = empty_batch(paths, target)
-    gpu_bytes = [None] * len(paths) if gpu_decode else None
+    jpeg_bytes = [None] * len(paths) if jpegs_to_actor else None
     limits = None if isinstance(target, Photos) else target.preprocessings[0]  # the decoder limits jpeg_for_gpu checks
     for chunk in fetch_chunks([resolve_path(p, base) for p in paths], allow=allow):
         for i, (data, kind, message) in chunk:
             if kind is not None:  # the read failed: its reason, not decode's "empty"
                 fail(out, i, kind, message)
-            elif gpu_decode and jpeg_for_gpu(data, limits):
-                gpu_bytes[i] = data
+            elif jpegs_to_actor and jpeg_for_gpu(data, limits):
+                jpeg_bytes[i] = data
             else:
                 decode_into(out, i, data, target)
-    return to_arrow(out, gpu_bytes)
+    return to_arrow(out, jpeg_bytes)
 
 
-def to_arrow(batch: dict, gpu_bytes: list | None = None) -> pa.Table:
+def to_arrow(batch: dict, jpeg_bytes: list | None = None) -> pa.Table:
     """A decoded batch as an Arrow table for Ray Data: photos of different sizes in one of Ray's
     variable-shaped tensor columns (a failed row holds a 0x0 image), whole images as fixed-shape ones."""
     from ray.data.extensions import ArrowTensorArray
@@ -82,8 +84,8 @@ def to_arrow(batch: dict, gpu_bytes: list | None = None) -> pa.Table:
             arrays[key] = ArrowTensorArray.from_numpy(images)
         else:
             arrays[key] = ArrowTensorArray.from_numpy(np.ascontiguousarray(col))
-    if gpu_bytes is not None:
-        arrays["gpu_bytes"] = pa.array(gpu_bytes, pa.binary())
+    if jpeg_bytes is not None:
+        arrays["jpeg_bytes"] = pa.array(jpeg_bytes, pa.binary())
     return pa.table(arrays)
 
 
@@ -114,7 +116,7 @@ class AnnotatorActor:
             found_by = self._on_torch(lambda: a.detector)
             if detector_identity is not None and found_by != detector_identity:
                 raise RuntimeError(f"this actor's detector is {found_by}, the run's is {detector_identity}")
-        self.decode_here = gpu_decode or actor_decode  # JPEG bytes arrive (gpu_bytes) and are decoded here
+        self.decode_here = gpu_decode or actor_decode  # JPEG bytes arrive (jpeg_bytes) and are decoded here
         self.throttle_s = throttle_s
         if gpu_decode and a.device.type != "cuda":
             raise RuntimeError("--gpu-decode needs CUDA in the predictor actors, but this actor runs on "
@@ -135,10 +137,10 @@ class AnnotatorActor:
         return self.annotator.to_table(cols)
 
     def _decode_here(self, batch: dict) -> dict:
-        """``gpu_bytes`` rows decoded on the actor's device (nvjpeg on a GPU) into ``image_0`` (whole images)
+        """``jpeg_bytes`` rows decoded on the actor's device (nvjpeg on a GPU) into ``image_0`` (whole images)
         or ``image`` (photos), which then stay there (raytasks/label/gpu_decode.py)."""
         batch = dict(batch)
-        raw = batch.pop("gpu_bytes")
+        raw = batch.pop("jpeg_bytes")
         if all(d is None for d in raw):
             return batch
         a = self.annotator
@@ -179,7 +181,7 @@ def build_dataset(spec, model_set, paths_ds, pre_dicts: list[dict], base: str | 
     faces = spec.face_options().to_dict()
     ds = paths_ds.map_batches(read_and_decode, batch_format="pyarrow", batch_size=spec.batch_size,
                               fn_kwargs={"faces": faces, "pre_dicts": pre_dicts, "base": base,
-                                         "gpu_decode": spec.decode_in_actor(), "allow": spec.allow_prefix or None},
+                                         "jpegs_to_actor": spec.decode_in_actor(), "allow": spec.allow_prefix or None},
                               num_cpus=1, memory=decode_memory(spec.batch_size, faces, pre_dicts))
     if spec.limit is not None:
         ds = ds.limit(spec.limit)
