@@ -155,18 +155,21 @@ def is_better(model, new: float, best: float | None) -> bool:
 # --- the plain single-process loop ---------------------------------------------------------------------
 def fit(model, train_table: pd.DataFrame, val_table: pd.DataFrame, epochs: int | None = None,
         batch_size: int | None = None, lr: float | None = None, device: str = "cpu", seed: int = 0,
-        max_steps_per_epoch: int | None = None, log_fn=print) -> list[dict]:
+        max_steps_per_epoch: int | None = None, log_fn=print, average_epochs: int | None = None) -> list[dict]:
     """Train ``model`` in this process with its recipe (overridable) and validate every epoch and, when the
     recipe says so, every ``validate_every`` steps (DMM-CNN). The recipe's augmentation runs on ``device``
-    (core/augment.py). Returns one metrics dict per epoch; ``train_skipped`` / ``val_skipped`` count the
+    (core/augment.py). With ``average_epochs`` K > 1 each epoch validates the mean of the last K epochs'
+    weights (core/averaging.py), which the model holds when ``fit`` returns. Returns one metrics dict per epoch; ``train_skipped`` / ``val_skipped`` count the
     images that could not be decoded (left out, as a malformed label is)."""
     import dataclasses
 
     from core.augment import Augment
+    from core.averaging import EpochAverage
 
     torch.manual_seed(seed)
     recipe = dataclasses.replace(model.recipe, **{k: v for k, v in
-                                                 {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items()
+                                                 {"epochs": epochs, "batch_size": batch_size, "lr": lr,
+                                                  "average_epochs": average_epochs}.items()
                                                  if v is not None})
     dev = torch.device(device)
     model.to(dev).train()
@@ -177,7 +180,9 @@ def fit(model, train_table: pd.DataFrame, val_table: pd.DataFrame, epochs: int |
     augment = augment if augment.active else None
     history: list[dict] = []
     best, since_best, step = None, 0, 0
+    average = EpochAverage(model, recipe.average_epochs)
     for epoch in range(1, recipe.epochs + 1):
+        average.restore(model)  # train on from the latest weights, not their average
         t0, n_seen, losses, failed, val_failed = time.perf_counter(), 0, [], [], []
         for i, batch in enumerate(iter_batches(train_table, model, recipe.batch_size, train=True, seed=seed,
                                                epoch=epoch, failed=failed)):
@@ -189,6 +194,8 @@ def fit(model, train_table: pd.DataFrame, val_table: pd.DataFrame, epochs: int |
             if recipe.validate_every and step % recipe.validate_every == 0:
                 stats = evaluate_batches(model, iter_batches(val_table, model, recipe.batch_size), dev)
                 model.on_validation(stats, epoch)
+        average.push(model)
+        average.use_average(model)  # what is validated (and left in the model at the end) is the average
         stats = evaluate_batches(model, iter_batches(val_table, model, recipe.batch_size, failed=val_failed), dev)
         metrics = model.metrics(stats)
         metrics.update(train_skipped=len(failed), val_skipped=len(val_failed))

@@ -21,6 +21,8 @@ class Recipe:
     ``gamma``); ``plateau`` (``factor``, ``patience``, on the validation loss); ``hard_sharing``
     (L_i = L_{i-1} (1 - 1/epoch_i), see models/hard_sharing.py). ``validate_every``: validate on the whole
     validation set every P iterations (DMM-CNN's dynamic weights and thresholds) in addition to every epoch.
+    ``average_epochs``: validate and save the mean of the weights of the last K epochs (core/averaging.py;
+    1: off).
     """
 
     optimizer: str = "adam"
@@ -34,6 +36,7 @@ class Recipe:
     early_stopping_patience: int | None = None
     augment: dict = field(default_factory=dict)
     validate_every: int | None = None
+    average_epochs: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)

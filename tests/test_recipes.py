@@ -8,6 +8,7 @@ validations inside an epoch) and exporting (tests/test_ddp.py checks DDP's model
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 
 import pytest
@@ -22,7 +23,8 @@ from jobs import train as train_job
 from models.checkpoint import add_extra, checkpoint_info, load_checkpoint, save_checkpoint
 from models.recipes import RECIPES, RECORD_KEY, check_table, get_recipe, recipe_for, record_lines
 from raytasks.train import TrainError
-from raytasks.train.collective import weights_sha
+from raytasks.train.collective import tensors_sha, weights_sha
+from raytasks.train.spec import MODEL_FILE, STATE_FILE
 from raytasks.train.stages import RecipeRun, first_to_train, plan
 
 
@@ -227,7 +229,7 @@ def test_recipe_on_s3_dies_resumes_restarts_a_worker_with_ddp_and_is_exported_an
             "--storage", runs, "--name", "agr", "--output", output, "--keep", "1", "--template-images", "0",
             "--model-arg", "backbone_weights=random", "--image-size", "112",  # the recipe's trunk, small and quick
             "--batch-size", "4", "--limit", str(n_train), "--patience", "0", "--validate-every", "2",
-            "--schedule", "hard_sharing", "--optimizer", "sgd"]
+            "--schedule", "hard_sharing", "--optimizer", "sgd", "--average-epochs", "2"]
     folders = [f"{runs}/agr/stage-1-frozen", f"{runs}/agr/stage-2-finetune"]
 
     # rank 0 dies in stage 2's second epoch and the run has no restart left: stage 1 is done, stage 2 has the
@@ -294,6 +296,22 @@ def test_recipe_on_s3_dies_resumes_restarts_a_worker_with_ddp_and_is_exported_an
         csv = storage.read_bytes(f"{folder}/history.csv").decode().splitlines()
         assert len(csv) == 1 + epochs and "val_loss" in csv[0]
     assert [e["attempt"] for e in h2["epochs"]] == [1, 3]  # epoch 2 as the restarted worker group trained it
+    # --average-epochs 2 (core/averaging.py): an epoch's checkpoint and recorded weights are the mean of the last
+    # two epochs' weights; the training state keeps that window (its last entry: the weights a resume trains on
+    # from), and its first entry is epoch 1's weights
+    assert h2["recipe"]["average_epochs"] == 2
+    kept = [e for e in (1, 2) if storage.exists(f"{folders[1]}/epoch_{e:04d}/{STATE_FILE}")]
+    assert kept
+    for e in kept:
+        window = torch.load(io.BytesIO(storage.read_bytes(f"{folders[1]}/epoch_{e:04d}/{STATE_FILE}")),
+                            weights_only=True)["average_window"]
+        saved = torch.load(io.BytesIO(storage.read_bytes(f"{folders[1]}/epoch_{e:04d}/{MODEL_FILE}")),
+                           weights_only=True)["state_dict"]
+        assert len(window) == e and tensors_sha(window[0].items()) == h2["epochs"][0]["ranks"][0]["weights"]
+        assert all(torch.allclose(saved[k], sum(w[k] for w in window) / e, atol=1e-6) for k in window[0])
+        assert tensors_sha((k, saved[k]) for k in window[0]) == h2["epochs"][e - 1]["ranks"][0]["weights"]
+        if e == 2:
+            assert tensors_sha(window[1].items()) != h2["epochs"][1]["ranks"][0]["weights"]
 
     # the exported checkpoint (the last stage's best, calibrated) records the recipe and every stage
     _, info = load_checkpoint(output)

@@ -19,6 +19,7 @@ import models
 import storage
 from core import engine
 from core.augment import Augment
+from core.averaging import EpochAverage
 from core.batches import drop_failed, fold_remainder
 from models.base import Recipe
 from models.checkpoint import FORMAT as CHECKPOINT_FORMAT
@@ -123,6 +124,10 @@ def train_worker(cfg: dict) -> None:
         state = _load_state(model, checkpoint, {"model": model.name, "config": model.config})
     elif cfg["init_from"]:
         _init_from(model, cfg["init_from"])
+    average = EpochAverage(model, recipe.average_epochs)
+    if state is not None:  # the checkpoint's weights are the window's average; training goes on from its last
+        average.load_state(model, state.get("average_window"), swapped=True)
+        average.restore(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     core = model
@@ -171,6 +176,7 @@ def train_worker(cfg: dict) -> None:
 
     for epoch in range(start_epoch, recipe.epochs + 1):
         t0 = time.perf_counter()
+        average.restore(core)  # train on from the latest weights, not their average
         core.train()
         loss_sums: dict[str, float] = {}
         n_local = steps_local = 0
@@ -220,6 +226,8 @@ def train_worker(cfg: dict) -> None:
         steady_time = t_end - (t_first or t_end) - val_time
 
         keys = sorted(loss_sums)
+        average.push(core)
+        average.use_average(core)  # validated, ranked and saved: the mean of the last K epochs (core/averaging.py)
         stats = _validate(core, val_shard, bs, device, amp, channels_last, val_skipped)
         totals = all_sum([loss_sums[k] for k in keys] + [n_local, n_local - n_first, skipped[0], val_skipped[0]],
                          device)
@@ -276,6 +284,7 @@ def train_worker(cfg: dict) -> None:
                 torch.save({"epoch": epoch, "step": step, "best": best, "best_epoch": best_epoch,
                             "since_best": since_best, "stopped": stopped, "history": history,
                             "attempts": attempts, "optimizer": opt.state_dict(),
+                            "average_window": average.state(),
                             "scheduler": sched.state_dict() if sched is not None else None},
                            os.path.join(d, STATE_FILE))
                 ckpt = ray.train.Checkpoint.from_directory(d)
