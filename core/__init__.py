@@ -9,6 +9,7 @@
 * engine.py: the training loop's pieces (optimisers, steps, validation, metrics, the plain loop ``fit``) used
   by raytasks/train, ``jobs.evaluate`` and local training; batches.py: dataset rows -> batches (whole images
   or each row's aligned face); augment.py: the training augmentation, on the device, in the aligned frame;
+  averaging.py: the mean of the last epochs' weights that a recipe may validate and save;
   evaluation.py: metrics, calibration error and groups over a table.
 
 Imports: ``core`` uses ``models``, ``facedata`` and ``faces``; ``raytasks`` and ``jobs`` use ``core``.
