@@ -49,6 +49,7 @@ def test_every_recipe_names_real_values_and_builds_its_models():
     # and each face read with its mirror image too (the checkpoint says so: label and serve read it that way)
     assert hmt.model_args == {"backbone": "dlib_resnet", "backbone_freeze": "all", "mirror": True}
     assert (hmt.train["optimizer"], hmt.train["lr"], hmt.patience) == ("adam", 3e-4, 4)
+    assert hmt.train["average_epochs"] == 3  # each epoch's model: the mean of the last 3 epochs' weights
     assert recipe_for("hmtnet", "utkface") is None and recipe_for("age_gender_race", "manifest") is None
 
 
