@@ -159,8 +159,9 @@ def fit(model, train_table: pd.DataFrame, val_table: pd.DataFrame, epochs: int |
     """Train ``model`` in this process with its recipe (overridable) and validate every epoch and, when the
     recipe says so, every ``validate_every`` steps (DMM-CNN). The recipe's augmentation runs on ``device``
     (core/augment.py). With ``average_epochs`` K > 1 each epoch validates the mean of the last K epochs'
-    weights (core/averaging.py), which the model holds when ``fit`` returns. Returns one metrics dict per epoch; ``train_skipped`` / ``val_skipped`` count the
-    images that could not be decoded (left out, as a malformed label is)."""
+    weights (core/averaging.py), which the model holds when ``fit`` returns. Returns one metrics dict per
+    epoch; ``train_skipped`` / ``val_skipped`` count the images that could not be decoded (left out, as a
+    malformed label is)."""
     import dataclasses
 
     from core.augment import Augment
