@@ -38,7 +38,7 @@ class EpochAverage:
 
     ``push(model)`` at the end of an epoch's training; ``use_average(model)`` then puts the mean in the
     model's own tensors (in place, so a DDP wrapper keeps working); ``restore(model)`` puts the latest
-    weights back before the next epoch trains. ``state()`` / ``load_state()`` carry the window across a
+    weights back before the next epoch trains. ``state()`` / ``resume()`` carry the window across a
     restart (the latest weights are its last entry)."""
 
     def __init__(self, model: nn.Module, epochs: int = 1):
@@ -75,15 +75,17 @@ class EpochAverage:
     def state(self) -> list[dict[str, torch.Tensor]]:
         return list(self.window)
 
-    def load_state(self, model: nn.Module, window: list[dict] | None, swapped: bool) -> None:
-        """The window saved with a checkpoint whose weights are its average (``swapped``) or the latest."""
+    def resume(self, model: nn.Module, window: list[dict] | None) -> None:
+        """A restart: ``model`` holds a checkpoint's weights, the mean of ``window`` (saved with it by
+        ``state()``); the window is taken back and the model gets its latest weights, to train on from."""
         if not self.active or not window:
             return
         missing = set(self.keys) - set(window[-1])
         if missing:
             raise ValueError(f"the saved weight window lacks {sorted(missing)[:3]}")
         self.window = list(window)[-self.epochs:]
-        self.swapped = bool(swapped)
+        self.swapped = True
+        self.restore(model)
 
     @staticmethod
     def _load(model: nn.Module, values: dict[str, torch.Tensor]) -> None:

@@ -65,15 +65,14 @@ def test_the_window_survives_a_restart_and_one_epoch_is_off():
     again = _net()
     again.load_state_dict(saved_weights)
     resumed = EpochAverage(again, 2)
-    resumed.load_state(again, saved_window, swapped=True)
-    resumed.restore(again)
+    resumed.resume(again, saved_window)
     assert torch.all(again.state_dict()["0.weight"] == 5.0)  # training goes on from the latest, not the mean
     _step(again, 7.0)
     resumed.push(again)
     resumed.use_average(again)
     assert torch.all(again.state_dict()["0.weight"] == 6.0)  # (5 + 7) / 2: the window went on
     with pytest.raises(ValueError, match="lacks"):
-        EpochAverage(_net(), 2).load_state(_net(), [{"0.weight": torch.zeros(2, 1, 3, 3)}], swapped=True)
+        EpochAverage(_net(), 2).resume(_net(), [{"0.weight": torch.zeros(2, 1, 3, 3)}])
 
     off = EpochAverage(net, 1)
     _step(net, 9.0)

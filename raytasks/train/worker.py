@@ -126,8 +126,7 @@ def train_worker(cfg: dict) -> None:
         _init_from(model, cfg["init_from"])
     average = EpochAverage(model, recipe.average_epochs)
     if state is not None:  # the checkpoint's weights are the window's average; training goes on from its last
-        average.load_state(model, state.get("average_window"), swapped=True)
-        average.restore(model)
+        average.resume(model, state.get("average_window"))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     core = model
