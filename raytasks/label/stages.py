@@ -8,8 +8,7 @@
 Each stage declares what it reads and adds: ``read_and_decode`` reads ``path`` and adds a decoded batch's
 columns (facedata/decode.py: photos, or whole images once per distinct preprocessing; with
 ``--gpu-decode`` or ``--actor-decode`` the JPEGs the actor can take travel as ``jpeg_bytes``); the actor reads
-those and returns the
-rows of ``Annotator.schema``.
+those and returns the rows of ``Annotator.schema``.
 """
 
 from __future__ import annotations
