@@ -84,8 +84,8 @@ class EpochAverage:
         if missing:
             raise ValueError(f"the saved weight window lacks {sorted(missing)[:3]}")
         self.window = list(window)[-self.epochs:]
-        self.swapped = True
-        self.restore(model)
+        self._load(model, self.window[-1])
+        self.swapped = False
 
     @staticmethod
     def _load(model: nn.Module, values: dict[str, torch.Tensor]) -> None:
