@@ -15,7 +15,8 @@ recipe's stages in order, each a run in ``<storage>/<name>/stage-<k>-<stage>/`` 
 previous stage's best checkpoint (raytasks/train/stages.py), prints it at start and records it in the
 exported checkpoint. ``--recipe NAME`` chooses one, ``--recipe none`` trains one run with the model's
 defaults (its paper's ``model.recipe``). A flag given replaces that value in every stage; a value no stage
-and no flag sets is the model's default. ``--init-from`` is the first stage's start.
+and no flag sets is the model's default. ``--init-from`` is the first stage's start. A recipe may say how its
+images become faces (``--faces`` and the detector's settings it was measured with); the face flags replace those.
 
 Running the same command again resumes: finished stages are skipped, the interrupted one continues from its
 last checkpoint (give a larger ``--epochs`` to extend the last one); the optimizer and LR schedule then
@@ -123,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
         "how each training and validation image becomes a face: detect (the detector of label and serve, the "
         "best face or the one a manifest's face_box / face_points names, aligned to the canonical template; "
         "detections cached under --storage), landmarks (the data's own 5 points instead of the detector), "
-        "whole (the image is the face crop). Default: detect for a manifest, whole for celeba, utkface and "
+        "whole (the image is the face crop). Default: the recipe's where it names one (with its detector "
+        "settings, which the face flags replace), else detect for a manifest, whole for celeba, utkface and "
         "scut_fbp5500 (docs/faces.md, 'Training on photos')"))
     q = p.add_argument_group("quick runs")
     q.add_argument("--seed", type=int, default=0)

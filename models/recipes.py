@@ -19,11 +19,14 @@ and recipes are facts about the models, like their ``Recipe``.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from .base import Recipe
 
-RECORD_KEY = "named_recipe"  # the checkpoint's extra entry that records the recipe a model was trained with
+RECORD_KEY = "named_recipe"
+FACE_MODES = ("detect", "landmarks", "whole")  # jobs.train's --faces (faces/trainfaces.py)
+FACE_KEYS = ("mode", "detector", "max_side")  # a recipe's faces: the FaceOptions of training (faces/finder.py)  # the checkpoint's extra entry that records the recipe a model was trained with
 
 
 @dataclass(frozen=True)
@@ -46,10 +49,13 @@ class TrainingRecipe:
     formats: tuple[str, ...]  # the data formats it was measured on (and is the default for)
     stages: tuple[Stage, ...]
     about: str  # one line: what it does and where its figures are
+    # how its training and validation images become faces, the same in every stage (jobs.train's --faces and
+    # face flags: {"mode": detect|landmarks|whole, "detector": {...}, "max_side": N}); empty: the format's default
+    faces: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "version": self.version, "model": self.model, "formats": list(self.formats),
-                "about": self.about,
+                "about": self.about, "faces": json_copy(self.faces),
                 "stages": [{"name": s.name, "train": dict(s.train), "model_args": dict(s.model_args),
                             "patience": s.patience} for s in self.stages]}
 
@@ -129,6 +135,24 @@ def stage_values(stage: Stage, model_args: dict, train: dict) -> tuple[dict, dic
             {**stage.train, "early_stopping_patience": stage.patience, **train})
 
 
+def face_values(recipe: TrainingRecipe | None, mode: str | None, options: dict) -> tuple[str | None, dict]:
+    """The face mode and options ``(mode, options)`` a run trains with: the recipe's ``faces``, with the command
+    line's (``mode``: ``--faces``; ``options``: ``{"detector": {...}, "max_side": N}`` from the face flags)
+    replacing them key by key. A ``--faces`` other than the recipe's mode drops the recipe's settings, which
+    belong to its mode. ``None``: the data format's default."""
+    faces = dict((recipe.faces if recipe is not None else None) or {})
+    if not faces or (mode is not None and mode != faces.get("mode")):
+        return mode, dict(options)
+    merged = {k: v for k, v in faces.items() if k != "mode"}
+    for key, value in options.items():
+        merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+    return faces["mode"], json_copy(merged)
+
+
+def json_copy(value):
+    return json.loads(json.dumps(value))
+
+
 def check_table() -> list[str]:
     """What is wrong with :data:`RECIPES` (empty when nothing): unknown ``Recipe`` fields, stage names that are
     not folder names, two recipes for one model and format."""
@@ -145,6 +169,9 @@ def check_table() -> list[str]:
             if set(s.train) - fields or "early_stopping_patience" in s.train:
                 problems.append(f"{r.name}/{s.name}: not Recipe fields (patience is its own): "
                                 f"{sorted(set(s.train) - fields) or ['early_stopping_patience']}")
+        if set(r.faces) - set(FACE_KEYS) or (r.faces and r.faces.get("mode") not in FACE_MODES):
+            problems.append(f"{r.name}: faces takes {', '.join(FACE_KEYS)} with a mode of {', '.join(FACE_MODES)}: "
+                            f"{r.faces}")
         for fmt in r.formats:
             if (r.model, fmt) in seen:
                 problems.append(f"{r.name} and {seen[r.model, fmt]} are both for {r.model} on {fmt}")
@@ -157,11 +184,23 @@ def _values(values: dict, flagged: set) -> str:
                      for k, v in values.items())
 
 
-def describe(recipe: TrainingRecipe, model_args: dict, train: dict) -> list[str]:
-    """The lines ``jobs.train`` prints at start: the recipe and each stage's effective values, ``(flag)``
+def faces_text(mode: str | None, options: dict) -> str:
+    """``detect (detector size=256)``: a face mode and its settings in one phrase."""
+    parts = "; ".join(f"{k} {_values(v, set()) if isinstance(v, dict) else v}" for k, v in options.items() if v)
+    return f"{mode or 'the format default'}{f' ({parts})' if parts else ''}"
+
+
+def describe(recipe: TrainingRecipe, model_args: dict, train: dict, faces: str | None = None,
+             face_options: dict | None = None) -> list[str]:
+    """The lines ``jobs.train`` prints at start: the recipe, the faces it trains on (``faces``,
+    ``face_options``: the command line's, :func:`face_values`) and each stage's effective values, ``(flag)``
     after a value the command line set."""
     n = len(recipe.stages)
     lines = [f"recipe {recipe.name} v{recipe.version}: {recipe.about}"]
+    if recipe.faces or faces:
+        mode, options = face_values(recipe, faces, face_options or {})
+        flagged = faces is not None or any(v for v in (face_options or {}).values())
+        lines.append(f"  faces in every stage: {faces_text(mode, options)}{' (flags)' if flagged else ''}")
     for k, s in enumerate(recipe.stages, 1):
         margs, tr = stage_values(s, model_args, train)
         start = "" if k == 1 else f"; from stage {k - 1}'s best checkpoint"
@@ -178,6 +217,8 @@ def record_lines(extra: dict) -> list[str]:
     if not isinstance(rec, dict):
         return []
     lines = [f"recipe {rec.get('name')} v{rec.get('version')}"]
+    if rec.get("faces"):
+        lines.append(f"  faces: {faces_text(rec['faces'].get('mode'), rec['faces'].get('options') or {})}")
     for s in rec.get("stages", []):
         train = s.get("train_values") or {}
         metric = s.get("primary_metric")

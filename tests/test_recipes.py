@@ -21,7 +21,16 @@ from facedata.datasets import FORMATS, read_dataset
 from jobs import evaluate as evaluate_job
 from jobs import train as train_job
 from models.checkpoint import add_extra, checkpoint_info, load_checkpoint, save_checkpoint
-from models.recipes import RECIPES, RECORD_KEY, check_table, get_recipe, recipe_for, record_lines
+from models.recipes import (
+    RECIPES,
+    RECORD_KEY,
+    check_table,
+    describe,
+    faces_text,
+    get_recipe,
+    recipe_for,
+    record_lines,
+)
 from raytasks.train import TrainError
 from raytasks.train.collective import tensors_sha, weights_sha
 from raytasks.train.spec import MODEL_FILE, STATE_FILE
@@ -90,6 +99,40 @@ def test_a_flag_replaces_the_value_in_every_stage(tmp_path):
     for recipe, message in (("nope", "unknown recipe 'nope'"), ("dmm_cnn-celeba", "trains dmm_cnn, not hard_sharing")):
         with pytest.raises(ValueError, match=message):
             train_job.choose_recipe(_spec(["--model", "hard_sharing", "--data", "celeba:/d", "--recipe", recipe])[0])
+
+
+def test_a_recipes_faces_apply_to_every_stage_and_a_flag_replaces_them(tmp_path, monkeypatch):
+    """A recipe says how its images become faces (the mode and detector it was measured with); the face flags
+    replace those values key by key, and a --faces of another mode drops the recipe's detector settings."""
+    agr = get_recipe("age_gender_race-utkface")
+    det = dataclasses.replace(agr, name="agr-detect", formats=(), faces={"mode": "detect", "detector": {"size": 256}})
+    monkeypatch.setitem(RECIPES, det.name, det)
+    assert check_table() == []
+    base = ["--model", "age_gender_race", "--data", "utkface:/d", "--storage", str(tmp_path), "--recipe", det.name]
+    for flags, mode, options in (
+            ([], "detect", {"detector": {"size": 256}}),
+            (["--det-threshold", "0.7"], "detect", {"detector": {"size": 256, "threshold": 0.7}}),
+            (["--det-size", "320", "--max-side", "1024"], "detect", {"detector": {"size": 320}, "max_side": 1024}),
+            (["--faces", "detect"], "detect", {"detector": {"size": 256}}),
+            (["--faces", "whole"], "whole", {"detector": {}})):
+        args, spec = _spec(base + flags)
+        runs = plan(spec, train_job.choose_recipe(args))
+        assert [(r.spec.faces, r.spec.face_options) for r in runs] == [(mode, options)] * 3, flags
+        assert all((r.identity["faces"], r.identity["face_options"]) == (mode, options) for r in runs)
+        lines = describe(det, spec.model_kwargs, spec.recipe, spec.faces, spec.face_options)
+        assert lines[1] == f"  faces in every stage: {faces_text(mode, options)}{' (flags)' if flags else ''}"
+    assert faces_text("detect", {"detector": {"size": 256}}) == "detect (detector size=256)"
+    # a recipe without faces leaves the flags as they are (the format's default when none): run folders
+    # trained before recipes had faces keep their identity
+    args, spec = _spec(["--model", "hard_sharing", "--data", "celeba:/d"])
+    (one,) = plan(spec, train_job.choose_recipe(args))
+    assert (one.spec.faces, one.identity["faces"]) == (None, None) and "faces" not in " ".join(
+        describe(get_recipe("hard_sharing-celeba"), {}, {}))
+    # the table refuses a mode or key a run cannot take
+    monkeypatch.setitem(RECIPES, "bad", dataclasses.replace(det, name="bad", formats=(), faces={"mode": "crop"}))
+    monkeypatch.setitem(RECIPES, "bad2", dataclasses.replace(det, name="bad2", formats=(),
+                                                             faces={"mode": "detect", "size": 256}))
+    assert [p.split(":")[0] for p in check_table()] == ["bad", "bad2"]
 
 
 def test_every_stage_is_checked_before_ray_and_later_stages_reuse_the_first_ones_data(tmp_path):
@@ -189,6 +232,9 @@ def test_the_recipe_record_is_added_to_a_checkpoint_without_touching_the_model(t
     assert record_lines(info.extra) == [
         "recipe hard_sharing-celeba v1",
         "  stage 1 train: 4 of 10 epochs (stopped early), best epoch 2, val_loss 0.2500; epochs=10, lr=0.01"]
+    # a recipe (or a flag) that chose the faces: the record says how the training images became faces
+    faces = {"mode": "detect", "options": {"detector": {"size": 256}}}
+    assert record_lines({RECORD_KEY: {**record, "faces": faces}})[1] == "  faces: detect (detector size=256)"
 
 
 def test_recipe_on_s3_dies_resumes_restarts_a_worker_with_ddp_and_is_exported_and_recorded(ray_session, s3_bucket,

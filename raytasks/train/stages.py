@@ -33,7 +33,7 @@ import time
 
 import storage
 from models.checkpoint import add_extra, checkpoint_info
-from models.recipes import RECORD_KEY, Stage, TrainingRecipe, describe, stage_values
+from models.recipes import RECORD_KEY, Stage, TrainingRecipe, describe, face_values, stage_values
 from raytasks.train.history import HISTORY_JSON, read_history
 from raytasks.train.job import prepare, resolve_model, run
 from raytasks.train.spec import TrainError, TrainOutcome, TrainSpec
@@ -64,12 +64,14 @@ def plan(spec: TrainSpec, recipe: TrainingRecipe | None) -> list[StageRun]:
     if recipe is None:
         return [StageRun(1, None, spec, {})]
     n, runs = len(recipe.stages), []
+    faces, face_options = face_values(recipe, spec.faces, spec.face_options)
     for k, stage in enumerate(recipe.stages, 1):
         model_args, train = stage_values(stage, spec.model_kwargs, spec.recipe)
         name = spec.name if n == 1 else f"{spec.name}/stage-{k}-{stage.name}"
         last = k == n
         sspec = dataclasses.replace(
             spec, name=name, model_kwargs=model_args, recipe=train, calibrate=spec.calibrate and last,
+            faces=faces, face_options=face_options,
             output=(spec.output or storage.join(spec.run_uri, "best.pt")) if last
             else storage.join(spec.storage, name, "best.pt"),
             init_from=spec.init_from if k == 1 else None, fail_at=spec.fail_at if k == spec.fail_stage else None)
@@ -78,7 +80,7 @@ def plan(spec: TrainSpec, recipe: TrainingRecipe | None) -> list[StageRun]:
                     "train": {key: v for key, v in train.items() if key != "epochs"},
                     "augment": spec.augment, "align_jitter": spec.align_jitter, "seed": spec.seed,
                     "limit": spec.limit, "val_limit": spec.val_limit, "steps_per_epoch": spec.steps_per_epoch,
-                    "faces": spec.faces, "face_options": spec.face_options, "template_images": spec.template_images,
+                    "faces": faces, "face_options": face_options, "template_images": spec.template_images,
                     "init_from": spec.init_from if k == 1 else f"stage {k - 1}"}
         runs.append(StageRun(k, stage, sspec, json.loads(json.dumps(identity))))
     return runs
@@ -156,7 +158,8 @@ class RecipeRun:
         faces and template (the data and its reading are the same in every stage), else it is prepared when it
         starts."""
         if self.recipe is not None:
-            for line in describe(self.recipe, self.spec.model_kwargs, self.spec.recipe):
+            for line in describe(self.recipe, self.spec.model_kwargs, self.spec.recipe, self.spec.faces,
+                                 self.spec.face_options):
                 self.log(line)
         self.state = json.loads(storage.read_bytes(self._file)) if storage.exists(self._file) else None
         single = self.state is None and storage.exists(storage.join(self.spec.run_uri, HISTORY_JSON))
@@ -229,7 +232,9 @@ class RecipeRun:
                                "model_config": doc.get("config"), "output": outcome.output,
                                "output_hash": checkpoint_info(outcome.output).hash,
                                "overrides": {**r.spec.model_kwargs, **r.spec.recipe}})
-        record = {"name": self.recipe.name, "version": self.recipe.version, "about": self.recipe.about,
+        first = self.runs[0].spec  # the faces every stage trained on, where the recipe or a flag chose them
+        faces = {"faces": {"mode": first.faces, "options": first.face_options}} if first.faces else {}
+        record = {"name": self.recipe.name, "version": self.recipe.version, "about": self.recipe.about, **faces,
                   "stages": [{k: v for k, v in e.items() if k not in ("identity", "status", "output_hash")}
                              for e in self.state["stages"]]}
         add_extra(outcome.output, {RECORD_KEY: record})
