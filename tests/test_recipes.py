@@ -51,6 +51,10 @@ def test_every_recipe_names_real_values_and_builds_its_models():
     assert [(s.name, s.model_args["backbone_freeze"], s.train["lr"], s.train["epochs"]) for s in agr.stages] == [
         ("frozen", "all", 1e-3, 8), ("finetune", "none", 1e-3, 2), ("finetune-low", "none", 3e-4, 3)]
     assert agr.stages[1].model_args["backbone_lr_scale"] == 0.01 and [s.patience for s in agr.stages] == [3, 1, 1]
+    # trained the way label and serve read faces: each chip through the detector, at a canvas that never enlarges
+    # UTKFace's 200 px chips (the cache of an earlier run at that size is reused)
+    assert agr.faces == {"mode": "detect", "detector": {"size": 256}}
+    assert [r.name for r in RECIPES.values() if r.faces] == [agr.name]
     ta = get_recipe("task_attention-genki4k").stages  # the paper's TMTL, then the attention net from it
     assert [(s.name, s.model_args["attention"], s.model_args["trunk_lr_scale"]) for s in ta] == [
         ("tmtl", False, 0.01), ("attention", True, 0.01)]
@@ -138,7 +142,7 @@ def test_a_recipes_faces_apply_to_every_stage_and_a_flag_replaces_them(tmp_path,
 def test_every_stage_is_checked_before_ray_and_later_stages_reuse_the_first_ones_data(tmp_path):
     data = synth.generate("utkface", 20, str(tmp_path / "utk"), seed=4, size=(96, 96))
     base = ["--model", "age_gender_race", "--data", f"utkface:{data}", "--storage", str(tmp_path / "runs"),
-            "--template-images", "0", "--model-arg", "backbone_weights=random"]
+            "--template-images", "0", "--model-arg", "backbone_weights=random", "--faces", "whole"]
     args, spec = _spec(base)
     job = RecipeRun(spec, train_job.choose_recipe(args), log_fn=lambda line: None)
     job.prepare()
@@ -272,7 +276,7 @@ def test_recipe_on_s3_dies_resumes_restarts_a_worker_with_ddp_and_is_exported_an
     # epoch, about 40 s more in the suite)
     n_train, steps = 10, 2
     argv = ["--model", "age_gender_race", "--data", f"utkface:{data}", "--workers", "2", "--threads", "1",
-            "--recipe", two.name,
+            "--recipe", two.name, "--faces", "whole",  # the recipe's detector on drawn chips: tests/test_train_faces.py
             "--storage", runs, "--name", "agr", "--output", output, "--keep", "1", "--template-images", "0",
             "--model-arg", "backbone_weights=random", "--image-size", "112",  # the recipe's trunk, small and quick
             "--batch-size", "4", "--limit", str(n_train), "--patience", "0", "--validate-every", "2",
@@ -287,6 +291,7 @@ def test_recipe_on_s3_dies_resumes_restarts_a_worker_with_ddp_and_is_exported_an
     assert "rerun the same command" in out.err and ".injected-failure-rank0-epoch2" not in out.err, out.err[-3000:]
     assert storage.exists(f"{folders[1]}/.injected-failure-rank0-epoch2")
     assert "  stage 2/2 finetune: backbone_freeze=none, backbone_lr_scale=0.01, backbone_weights=random (flag)" in out.out
+    assert "  faces in every stage: whole (flags)" in out.out
     state = json.loads(storage.read_bytes(f"{runs}/agr/recipe.json"))
     assert [(e["name"], e["status"]) for e in state["stages"]] == [("frozen", "done"), ("finetune", "training")]
     assert [e["epoch"] for e in _history(folders[1])["epochs"]] == [1]
@@ -374,7 +379,7 @@ def test_recipe_on_s3_dies_resumes_restarts_a_worker_with_ddp_and_is_exported_an
     metrics = evaluate_job.main(["--checkpoint", output, "--data", f"utkface:{data}", "--split", "val"])
     shown = capsys.readouterr().out
     assert metrics["n_images"] == n_val and 0 <= metrics["mean_accuracy"] <= 1
-    assert f"recipe {two.name} v{agr.version}\n  stage 1 frozen: 1 of 1 epochs" in shown
+    assert f"recipe {two.name} v{agr.version}\n  faces: whole\n  stage 1 frozen: 1 of 1 epochs" in shown
 
     # a rerun with another value is refused before anything trains
     with pytest.raises(SystemExit):
