@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 from .base import Recipe
 
-RECORD_KEY = "named_recipe"
+RECORD_KEY = "named_recipe"  # the checkpoint's extra entry that records the recipe a model was trained with
 FACE_MODES = ("detect", "landmarks", "whole")  # jobs.train's --faces (faces/trainfaces.py)
-FACE_KEYS = ("mode", "detector", "max_side")  # a recipe's faces: the FaceOptions of training (faces/finder.py)  # the checkpoint's extra entry that records the recipe a model was trained with
+FACE_KEYS = ("mode", "detector", "max_side")  # a recipe's faces: the FaceOptions of training (faces/finder.py)
 
 
 @dataclass(frozen=True)
