@@ -45,15 +45,17 @@ from faces.facecache import CACHE_DECIMALS, Detection, DetectionCache, content_h
 from faces.finder import face_input
 from models.imagebytes import ImageDecodeError
 from models.preprocess import DEFAULT_PHOTO_SIDE, decode_photo
+from models.recipes import FACE_MODES
 
 log = logging.getLogger(__name__)
 
-TRAIN_FACE_MODES = ("detect", "landmarks", "whole")
+TRAIN_FACE_MODES = FACE_MODES  # models/recipes.py: a recipe names one of them
 # The default of --faces per data set format (docs/faces.md, "Training on photos", has the measurements):
 # CelebA's and UTKFace's aligned crops keep ``whole`` until training through detection is measured to do as
 # well on their held-out crops and on photos (issue #19, item 6); a manifest is a user's own photos. SCUT-FBP5500's
 # 256x256 photos are ``detect``: its recipe's face trunk, trained whole, reached a validation PC of 0.825 where
-# through detection it reached 0.884 (docs/results.md, 2026-12-04).
+# through detection it reached 0.884 (docs/results.md, 2026-12-04). A recipe's own ``faces`` comes first
+# (models/recipes.py: age_gender_race-utkface trains through detection since version 3).
 FORMAT_FACES = {"celeba": "whole", "utkface": "whole", "scut_fbp5500": "detect", "genki4k": "detect",
                 "manifest": "detect", "mixed": "detect"}  # mixed: several --data of different formats
 ALIGN_POINTS = "_align_points"  # the chosen face's 5 points, 10 floats in original pixels
