@@ -55,7 +55,7 @@ TRAIN_FACE_MODES = FACE_MODES  # models/recipes.py: a recipe names one of them
 # well on their held-out crops and on photos (issue #19, item 6); a manifest is a user's own photos. SCUT-FBP5500's
 # 256x256 photos are ``detect``: its recipe's face trunk, trained whole, reached a validation PC of 0.825 where
 # through detection it reached 0.884 (docs/results.md, 2026-12-04). A recipe's own ``faces`` comes first
-# (models/recipes.py: age_gender_race-utkface trains through detection since version 3).
+# (models/recipes.py: age_gender_race-utkface and hard_sharing-celeba train through detection).
 FORMAT_FACES = {"celeba": "whole", "utkface": "whole", "scut_fbp5500": "detect", "genki4k": "detect",
                 "manifest": "detect", "mixed": "detect"}  # mixed: several --data of different formats
 ALIGN_POINTS = "_align_points"  # the chosen face's 5 points, 10 floats in original pixels
