@@ -45,11 +45,9 @@ from faces.facecache import CACHE_DECIMALS, Detection, DetectionCache, content_h
 from faces.finder import face_input
 from models.imagebytes import ImageDecodeError
 from models.preprocess import DEFAULT_PHOTO_SIDE, decode_photo
-from models.recipes import FACE_MODES
 
 log = logging.getLogger(__name__)
 
-TRAIN_FACE_MODES = FACE_MODES  # models/recipes.py: a recipe names one of them
 # The default of --faces per data set format (docs/faces.md, "Training on photos", has the measurements):
 # CelebA's and UTKFace's aligned crops keep ``whole`` until training through detection is measured to do as
 # well on their held-out crops and on photos (issue #19, item 6); a manifest is a user's own photos. SCUT-FBP5500's

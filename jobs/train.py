@@ -39,7 +39,7 @@ import os
 import sys
 
 from jobs._cli import add_face_args, face_options, positive
-from models.recipes import RECORD_KEY, TrainingRecipe, get_recipe, recipe_for, record_lines
+from models.recipes import RECORD_KEY, TRAIN_FACE_MODES, TrainingRecipe, get_recipe, recipe_for, record_lines
 from raytasks.train import TrainError, TrainSpec
 from raytasks.train.stages import RecipeRun, summary_metrics
 
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--find-unused-parameters", action="store_true", help="DDP option for models with idle branches")
     m.add_argument("--template-images", type=int, default=64,
                    help="training images the face template is measured on (docs/faces.md); 0: keep the default")
-    add_face_args(p, default_mode=None, modes=("detect", "landmarks", "whole"), faces_help=(
+    add_face_args(p, default_mode=None, modes=TRAIN_FACE_MODES, faces_help=(
         "how each training and validation image becomes a face: detect (the detector of label and serve, the "
         "best face or the one a manifest's face_box / face_points names, aligned to the canonical template; "
         "detections cached under --storage), landmarks (the data's own 5 points instead of the detector), "

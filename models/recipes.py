@@ -19,13 +19,13 @@ and recipes are facts about the models, like their ``Recipe``.
 
 from __future__ import annotations
 
-import json
+from copy import deepcopy
 from dataclasses import dataclass, field
 
 from .base import Recipe
 
 RECORD_KEY = "named_recipe"  # the checkpoint's extra entry that records the recipe a model was trained with
-FACE_MODES = ("detect", "landmarks", "whole")  # jobs.train's --faces (faces/trainfaces.py)
+TRAIN_FACE_MODES = ("detect", "landmarks", "whole")  # jobs.train's --faces (faces/trainfaces.py)
 FACE_KEYS = ("mode", "detector", "max_side")  # a recipe's faces: the FaceOptions of training (faces/finder.py)
 
 
@@ -55,7 +55,7 @@ class TrainingRecipe:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "version": self.version, "model": self.model, "formats": list(self.formats),
-                "about": self.about, "faces": json_copy(self.faces),
+                "about": self.about, "faces": deepcopy(self.faces),
                 "stages": [{"name": s.name, "train": dict(s.train), "model_args": dict(s.model_args),
                             "patience": s.patience} for s in self.stages]}
 
@@ -155,11 +155,7 @@ def face_values(recipe: TrainingRecipe | None, mode: str | None, options: dict) 
     merged = {k: v for k, v in faces.items() if k != "mode"}
     for key, value in options.items():
         merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
-    return faces["mode"], json_copy(merged)
-
-
-def json_copy(value):
-    return json.loads(json.dumps(value))
+    return faces["mode"], deepcopy(merged)
 
 
 def check_table() -> list[str]:
@@ -178,8 +174,8 @@ def check_table() -> list[str]:
             if set(s.train) - fields or "early_stopping_patience" in s.train:
                 problems.append(f"{r.name}/{s.name}: not Recipe fields (patience is its own): "
                                 f"{sorted(set(s.train) - fields) or ['early_stopping_patience']}")
-        if set(r.faces) - set(FACE_KEYS) or (r.faces and r.faces.get("mode") not in FACE_MODES):
-            problems.append(f"{r.name}: faces takes {', '.join(FACE_KEYS)} with a mode of {', '.join(FACE_MODES)}: "
+        if set(r.faces) - set(FACE_KEYS) or (r.faces and r.faces.get("mode") not in TRAIN_FACE_MODES):
+            problems.append(f"{r.name}: faces takes {', '.join(FACE_KEYS)} with a mode of {', '.join(TRAIN_FACE_MODES)}: "
                             f"{r.faces}")
         for fmt in r.formats:
             if (r.model, fmt) in seen:

@@ -54,9 +54,10 @@ from core.batches import MIN_TRAIN_BATCH, label_columns, unlabelled_columns
 from facedata.datasets import FACE_SELECT_COLUMNS
 from faces.align import default_template
 from faces.facecache import DetectionCache
-from faces.trainfaces import TRAIN_FACE_MODES, default_mode, find_training_faces, landmark_faces
+from faces.trainfaces import default_mode, find_training_faces, landmark_faces
 from models.base import Recipe
 from models.preprocess import Preprocessing
+from models.recipes import TRAIN_FACE_MODES
 from raytasks.train.data import DECODE_CPUS, BatchSpec, data_config, make_dataset, val_datasets
 from raytasks.train.history import Progress, plot_curves, read_history
 from raytasks.train.spec import CURVES_PNG, MODEL_FILE, SNAPSHOT_FILE, TrainError, TrainOutcome, TrainSpec
