@@ -147,6 +147,32 @@ def test_checkpoint_on_s3(s3_bucket):
     assert info.hash == digest
 
 
+def test_a_large_s3_object_is_read_in_few_requests(s3_bucket, caplog):
+    # A checkpoint or a training state of tens of MB is read whole (storage.read_bytes, read_all) or bounded
+    # (read_bounded, checkpoints): one GET after the HEAD, or one a 16 MB chunk, not one per 256 KB (a stream's
+    # read() without a size), each a round trip to S3. Counted in moto's request log (a real socket).
+    import logging
+
+    import storage
+
+    client, bucket = s3_bucket
+    data = np.random.default_rng(0).bytes(20 << 20)  # 20 MB: 80 GETs of 256 KB, 2 of 16 MB
+    client.put_object(Bucket=bucket, Key="big.bin", Body=data)
+    uri = f"s3://{bucket}/big.bin"
+
+    def gets(read) -> int:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="werkzeug"):
+            assert read() == data
+        return sum(f"GET /{bucket}/big.bin" in r.getMessage() for r in caplog.records)
+
+    assert gets(lambda: storage.read_bytes(uri)) == 1
+    assert gets(lambda: storage.read_bounded(uri, 32 << 20, 60)) == 2
+    fs, path = storage.filesystem(uri)
+    with fs.open_input_stream(path) as f:  # what the count would be without read_all: the log does count GETs
+        assert gets(f.read) == 80
+
+
 def test_backbone_weights_by_path_are_loaded_safely(tmp_path):
     from models.backbones import load_state_dict, resnet
 

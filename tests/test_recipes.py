@@ -257,8 +257,8 @@ def test_recipe_on_s3_dies_resumes_restarts_a_worker_with_ddp_and_is_exported_an
     # The DDP, data-sharding, validation, step-count and scheduler checks are made on every stage's history.
     # --schedule hard_sharing (L0/i, a rate that changes every epoch; the recipe's plateau would not move in 2
     # epochs) makes a scheduler restarted on resume or restart visible in the recorded learning rates. --optimizer
-    # sgd: its state is one momentum buffer per weight where Adam's is two, and the moto server reads a checkpoint's
-    # 48 MB of Adam state (the dlib trunk's 24 MB twice) ~10x slower than 24 MB (tried: 10 s against 0.9 s).
+    # sgd: its state is one momentum buffer per weight where Adam's is two (the dlib trunk's 24 MB), a smaller
+    # training state to write and read back on every resume and restart.
     # Stage 1 trains 1 epoch and stage 2 two (the stages' own epochs, no --epochs flag): stage 2 shows the
     # epochs, the step count and the schedule going on across a resume and a restart; a second epoch of stage 1
     # would show nothing more (about 8 s of the suite).

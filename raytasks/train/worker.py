@@ -32,9 +32,7 @@ from raytasks.train.spec import MODEL_FILE, STATE_FILE, TrainError
 log = logging.getLogger(__name__)
 
 def read_checkpoint_file(checkpoint, filename: str) -> bytes:
-    fs, path = checkpoint.filesystem, posixpath.join(checkpoint.path, filename)
-    with fs.open_input_stream(path) as f:
-        return f.read()
+    return storage.read_all(checkpoint.filesystem, posixpath.join(checkpoint.path, filename))
 
 
 def _load_state(model, checkpoint, expect: dict) -> dict:
