@@ -11,7 +11,12 @@ Data and before ``prepare``:
 * brightness (a factor in 1 ± ``brightness``), contrast (blend with the image's mean grey, 1 ± ``contrast``),
   saturation (blend with its grey, RGB only) and hue (a turn of ± ``hue`` of the chroma plane in YIQ, RGB
   only), in that order;
-* a Gaussian blur with probability ``blur``, sigma uniform in [0.3, ``blur_sigma``] input pixels.
+* a Gaussian blur with probability ``blur``, sigma uniform in [0.3, ``blur_sigma``] input pixels;
+* random erasing (Zhong et al., "Random Erasing Data Augmentation", 2017) with probability ``erase``: one
+  rectangle of 2 % to ``erase_area`` of the image, its aspect ratio log-uniform in [0.3, 3.3] (the paper's
+  values), filled with the image's mean colour (the paper fills with noise; a flat patch adds no texture the
+  model could read), last, after the colours. It hides a part of the face, so that no one cue (hair, a cap,
+  glasses) carries a label alone. Landmark targets do not move.
 
 Targets move with the pixels: landmark targets (``models.outputs.Landmarks``, in the input's units) go
 through the same similarity, and a flip also swaps the left and right points (image-left eye <-> image-right
@@ -41,7 +46,9 @@ from models.landmarks import FLIP_5, Landmarks
 
 CPU_KEYS = ("random_crop",)  # recipe keys that the decode applies, not this module
 _LIMITS = {"hflip": 1.0, "rotation": 45.0, "shift": 0.25, "scale": 0.5, "brightness": 1.0, "contrast": 1.0,
-           "saturation": 1.0, "hue": 0.5, "blur": 1.0, "blur_sigma": 8.0}
+           "saturation": 1.0, "hue": 0.5, "blur": 1.0, "blur_sigma": 8.0, "erase": 1.0, "erase_area": 0.8}
+_LOWER = {"blur_sigma": 0.3, "erase_area": 0.02}  # the other fields start at 0
+_SIZES = ("blur_sigma", "erase_area")  # sizes of an augmentation, not whether it happens
 _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
 
 
@@ -57,13 +64,15 @@ class Augment:
     hue: float = 0.0
     blur: float = 0.0
     blur_sigma: float = 1.0
+    erase: float = 0.0
+    erase_area: float = 0.4
 
     def __post_init__(self):
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ValueError(f"augment {f.name}: expected a number, got {v!r}")
-            lo = 0.3 if f.name == "blur_sigma" else 0.0
+            lo = _LOWER.get(f.name, 0.0)
             if not lo <= v <= _LIMITS[f.name]:
                 raise ValueError(f"augment {f.name} must be between {lo:g} and {_LIMITS[f.name]:g}, got {v!r}")
 
@@ -74,7 +83,8 @@ class Augment:
         for k in CPU_KEYS:
             d.pop(k, None)
         out = {f.name: 0.0 for f in fields(cls)}
-        out["blur_sigma"] = cls.blur_sigma
+        for key in _SIZES:
+            out[key] = getattr(cls, key)
         k = float(d.pop("align_jitter", 0) or 0)
         j = float(d.pop("color_jitter", 0) or 0)
         unknown = sorted(set(d) - set(out))
@@ -98,7 +108,7 @@ class Augment:
 
     @property
     def active(self) -> bool:
-        return any(getattr(self, f.name) for f in fields(self) if f.name != "blur_sigma")
+        return any(getattr(self, f.name) for f in fields(self) if f.name not in _SIZES)
 
     @property
     def geometric(self) -> bool:
@@ -126,6 +136,8 @@ class Augment:
                 if isinstance(o, Landmarks) and o.target_column in targets:
                     targets[o.target_column] = _move_points(targets[o.target_column], A, flipped, o)
         x = self._photometric(x, generator)
+        if self.erase:
+            x = self._erase(x, generator)
         return x.round_().clamp_(0, 255).to(torch.uint8), targets
 
     def _rand(self, n: int, device, generator) -> torch.Tensor:
@@ -198,6 +210,26 @@ class Augment:
         y = F.conv2d(F.pad(y, (0, 0, r, r), mode="replicate"), kern.view(n * c, 1, -1, 1), groups=n * c)
         return y.reshape(n, c, h, w)
 
+
+    def _erase(self, x: torch.Tensor, generator) -> torch.Tensor:
+        n, _, h, w = x.shape
+        dev = x.device
+
+        def u(lo: float, hi: float) -> torch.Tensor:
+            return lo + torch.rand(n, device=dev, generator=generator, dtype=torch.float64) * (hi - lo)
+
+        on = torch.rand(n, device=dev, generator=generator) < self.erase
+        area = u(0.02, self.erase_area) * h * w
+        ratio = torch.exp(u(math.log(0.3), math.log(3.3)))
+        eh = torch.sqrt(area * ratio).clamp(1, h)
+        ew = torch.sqrt(area / ratio).clamp(1, w)
+        y0, x0 = u(0, 1) * (h - eh), u(0, 1) * (w - ew)
+        rows = torch.arange(h, device=dev, dtype=torch.float64)[None]
+        cols = torch.arange(w, device=dev, dtype=torch.float64)[None]
+        inside_r = (rows >= y0[:, None]) & (rows < (y0 + eh)[:, None])  # (n, h)
+        inside_c = (cols >= x0[:, None]) & (cols < (x0 + ew)[:, None])  # (n, w)
+        mask = (inside_r[:, :, None] & inside_c[:, None, :] & on[:, None, None])[:, None]  # (n, 1, h, w)
+        return torch.where(mask, x.mean((2, 3), keepdim=True), x)
 
 def _resample(x: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
     """Sample every image at ``inv`` (augmented normalised coordinates -> input's), bilinear, edges repeated."""

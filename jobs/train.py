@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--augment align_jitter=K")
     r.add_argument("--augment", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="set one augmentation of the recipe, on the device in the aligned frame: hflip, rotation, "
-                        "shift, scale, brightness, contrast, saturation, hue, blur, blur_sigma, align_jitter, "
+                        "shift, scale, brightness, contrast, saturation, hue, blur, blur_sigma, erase, erase_area, "
+                        "align_jitter, "
                         "color_jitter (docs/faces.md, 'Training on photos'); never applied in evaluation")
     m = p.add_argument_group("model")
     m.add_argument("--image-size", type=positive(int), help="input size (the model's image_size argument)")

@@ -240,6 +240,32 @@ def test_photometric_augmentation_changes_pixels_and_keeps_shape():
     assert out.float().std() < x.float().std()  # the blur smooths the noise
 
 
+def test_erasing_fills_one_rectangle_per_chosen_image_with_its_mean_and_keeps_landmarks():
+    n, H, W = 64, 40, 30
+    x = torch.randint(0, 256, (n, 3, H, W), dtype=torch.uint8)
+    pts = torch.rand(n, 10)
+    o = Landmarks("landmarks", points=5, scale="unit")
+    out, moved = Augment(erase=0.5, erase_area=0.3)(x, {"landmarks": pts}, [o], torch.Generator().manual_seed(1))
+    assert out.shape == x.shape and out.dtype == torch.uint8 and torch.equal(moved["landmarks"], pts)
+    mean = x.float().mean((2, 3)).round()
+    erased = 0
+    for b in range(n):
+        changed = (out[b] != x[b]).any(0)  # (H, W)
+        if not changed.any():
+            continue
+        erased += 1
+        rows, cols = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
+        r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+        patch = out[b, :, r0:r1, c0:c1].float()
+        assert torch.equal(patch, mean[b].view(3, 1, 1).expand_as(patch))  # one rectangle, flat, the image's mean
+        assert (r1 - r0) * (c1 - c0) <= 0.3 * H * W + H + W  # within erase_area (pixels cut at the border)
+    assert 16 < erased < 48  # about half of 64
+    assert not Augment.from_recipe({"erase_area": 0.2}).active  # a size alone turns nothing on
+    assert Augment.from_recipe({"erase": 0.5}).active
+    with pytest.raises(ValueError, match="erase_area"):
+        Augment(erase=0.5, erase_area=0.01)
+
+
 def test_evaluation_applies_no_augmentation(photo_set, monkeypatch):
     _, manifest, _ = photo_set
     table = _table(manifest).iloc[:6]
