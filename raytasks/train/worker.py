@@ -24,6 +24,7 @@ from core.batches import drop_failed, fold_remainder
 from models.base import Recipe
 from models.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from models.checkpoint import checkpoint_bytes
+from raytasks import heap
 from raytasks.train.collective import all_have, all_sum, gather, reduce_stats, state_buffers_sha, weights_sha
 from raytasks.train.data import val_name
 from raytasks.train.history import read_history, write_history
@@ -206,6 +207,8 @@ def train_worker(cfg: dict) -> None:
             n_local += n
             steps_local += 1
             step += 1
+            if steps_local % heap.TRIM_EVERY_STEPS == 0:
+                heap.trim()
             if fail and rank == fail[0] and epoch == fail[1] and steps_local >= fail[2]:
                 marker = storage.join(cfg["run_uri"], f".injected-failure-rank{rank}-epoch{epoch}")
                 if not storage.exists(marker):
