@@ -5,7 +5,7 @@ A Ray Train worker's resident memory grew with every image it trained on, althou
 about 500 MB an epoch of 3,000 images, and a run of the recipe was killed by Ray's memory monitor in its fourth
 epoch of 16,006 images with the worker at 18.3 GB (2026-12-05, on this 24 GB machine). The memory was freed but
 not given back: with glibc's mmap threshold fixed at 128 KB or 4 MB (``MALLOC_MMAP_THRESHOLD_``, which turns
-off its sliding threshold) the worker stayed flat at 0.6-0.7 GB, at a cost of 20-35 % of the samples/s, as
+off its sliding threshold) the worker stayed flat at 0.6-0.8 GB, at a cost of 20-45 % of the samples/s, as
 every large activation was mapped and zeroed again; fewer arenas (``MALLOC_ARENA_MAX=2``) did not help.
 ``malloc_trim(0)`` every :data:`TRIM_EVERY_STEPS` steps gives the freed pages back without changing how
 memory is handed out (docs/benchmarks.md, "A training worker's memory"). Elsewhere than glibc it does nothing.
