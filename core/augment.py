@@ -210,7 +210,6 @@ class Augment:
         y = F.conv2d(F.pad(y, (0, 0, r, r), mode="replicate"), kern.view(n * c, 1, -1, 1), groups=n * c)
         return y.reshape(n, c, h, w)
 
-
     def _erase(self, x: torch.Tensor, generator) -> torch.Tensor:
         n, _, h, w = x.shape
         dev = x.device
@@ -230,6 +229,7 @@ class Augment:
         inside_c = (cols >= x0[:, None]) & (cols < (x0 + ew)[:, None])  # (n, w)
         mask = (inside_r[:, :, None] & inside_c[:, None, :] & on[:, None, None])[:, None]  # (n, 1, h, w)
         return torch.where(mask, x.mean((2, 3), keepdim=True), x)
+
 
 def _resample(x: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
     """Sample every image at ``inv`` (augmented normalised coordinates -> input's), bilinear, edges repeated."""
