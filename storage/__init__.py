@@ -79,7 +79,7 @@ def read_all(fs: pafs.FileSystem, path: str) -> bytes:
     Opened as a random-access file, whose size is known, so ``read()`` asks for all of it at once. A stream's
     ``read()`` with no size reads an S3 object in ranged GETs of 256 KB: 16 requests for 4 MB, 384 for a
     96 MB checkpoint, each a round trip to S3 (measured against moto's server on 2026-12-05: a 96 MB object in
-    27 s that way, 0.25 s in one request; tests/test_storage.py counts the requests)."""
+    27 s that way, 0.25 s in one request: bench/bench_s3_read.py; tests/test_core.py counts the requests)."""
     with fs.open_input_file(path) as f:
         return f.read()
 
