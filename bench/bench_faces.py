@@ -87,6 +87,24 @@ def cpu_summary(acct, model_cpu: float, n: int) -> str:
     return "\n".join(lines)
 
 
+def write_photos(folder: Path, n: int) -> tuple[Path, int, str]:
+    """``n`` JPEGs composed as the module docstring says, written to the new ``folder``: ``(folder, faces
+    pasted, where the faces came from)``. The photos of this benchmark and of bench_modelset.py."""
+    from PIL import Image
+
+    from facedata.compose import compose
+    from facedata.synth import encode_jpeg
+
+    src, where = sources(32)
+    folder.mkdir()
+    truth = 0
+    for i in range(n):
+        c = compose(src, 1000 + i, n_faces=(1, 3), canvas=(640, 1600), face_width=(60, 300), max_angle=20)
+        (folder / f"p{i:04d}.jpg").write_bytes(encode_jpeg(Image.fromarray(c.image)))
+        truth += len(c.boxes)
+    return folder, truth, where
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="age_gender_race")
@@ -102,26 +120,16 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     import torch
-    from PIL import Image
 
     import models
     from core.annotator import Annotator
-    from facedata.compose import compose
     from facedata.decode import Photos, decode_batch
-    from facedata.synth import encode_jpeg
     from models.checkpoint import save_checkpoint
     from models.preprocess import decode_photo
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-faces-"))
-    src, where = sources(32)
-    folder = work / "photos"
-    folder.mkdir()
-    truth = 0
-    for i in range(args.n):
-        c = compose(src, 1000 + i, n_faces=(1, 3), canvas=(640, 1600), face_width=(60, 300), max_angle=20)
-        (folder / f"p{i:04d}.jpg").write_bytes(encode_jpeg(Image.fromarray(c.image)))
-        truth += len(c.boxes)
+    folder, truth, where = write_photos(work / "photos", args.n)
     files = sorted(folder.iterdir())
     datas = [f.read_bytes() for f in files]
     ckpt = str(work / f"{args.model}.pt")

@@ -45,27 +45,17 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     import torch
-    from bench_faces import sources
-    from PIL import Image
+    from bench_faces import write_photos
 
     import models
     from core.annotator import Annotator
     from core.modelset import ModelSet
-    from facedata.compose import compose
     from facedata.decode import Photos, decode_batch
-    from facedata.synth import encode_jpeg
     from models.checkpoint import save_checkpoint
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-set-"))
-    src, where = sources(32)
-    folder = work / "photos"
-    folder.mkdir()
-    truth = 0
-    for i in range(args.n):
-        c = compose(src, 1000 + i, n_faces=(1, 3), canvas=(640, 1600), face_width=(60, 300), max_angle=20)
-        (folder / f"p{i:04d}.jpg").write_bytes(encode_jpeg(Image.fromarray(c.image)))
-        truth += len(c.boxes)
+    folder, truth, where = write_photos(work / "photos", args.n)
     ckpts = {}
     for name, kw in MODELS:
         ckpts[name] = str(work / f"{name}.pt")
