@@ -22,6 +22,7 @@ from facedata.decode import IMAGE_COLUMNS, Photos, Whole, decode_into, empty_bat
 from facedata.paths import resolve_path
 from facedata.reading import fetch_chunks
 from models.preprocess import Preprocessing
+from raytasks import heap
 from raytasks.label.gpu_decode import images_on_device, jpeg_for_gpu, photos_on_device
 from raytasks.threads import runtime_env, torch_executor
 
@@ -117,6 +118,7 @@ class AnnotatorActor:
                 raise RuntimeError(f"this actor's detector is {found_by}, the run's is {detector_identity}")
         self.decode_here = gpu_decode or actor_decode  # JPEG bytes arrive (jpeg_bytes) and are decoded here
         self.throttle_s = throttle_s
+        self.batches = 0
         if gpu_decode and a.device.type != "cuda":
             raise RuntimeError("--gpu-decode needs CUDA in the predictor actors, but this actor runs on "
                                f"{a.device} (torch.cuda.is_available() is False)")
@@ -133,7 +135,11 @@ class AnnotatorActor:
         cols = self.annotator.annotate(batch)
         if self.throttle_s:
             time.sleep(self.throttle_s)
-        return self.annotator.to_table(cols)
+        table = self.annotator.to_table(cols)
+        self.batches += 1
+        if self.batches % heap.TRIM_EVERY_BATCHES == 0:
+            heap.trim()  # a long-lived actor's freed pages back to the system (raytasks/heap.py)
+        return table
 
     def _decode_here(self, batch: dict) -> dict:
         """``jpeg_bytes`` rows decoded on the actor's device (nvjpeg on a GPU) into ``image_0`` (whole images)
