@@ -1,5 +1,6 @@
 """raytasks/heap.py: freed memory that glibc keeps is given back by ``trim`` (what a training worker calls every
-few steps, so that its resident memory does not grow with every image it trains on)."""
+few steps, so that its resident memory does not grow with every image it trains on, and a label actor every few
+batches: tests/test_inference.py)."""
 
 from __future__ import annotations
 
