@@ -82,6 +82,19 @@ def _actor(ckpt: str, **kwargs):
                           **kwargs)
 
 
+def _whole_batch(ok: list[bool], image) -> dict:
+    """A decoded batch of whole 50 px grey images (decode_batch's Whole columns): a row that is not ``ok``
+    failed to decode (``empty``, size 0)."""
+    import numpy as np
+
+    return {"path": np.array([f"p{i}" for i in range(len(ok))], dtype=object), "ok": np.array(ok),
+            "error_kind": np.array([None if k else "empty" for k in ok], dtype=object),
+            "error_message": np.array([None if k else "x" for k in ok], dtype=object),
+            "width": np.array([50 if k else 0 for k in ok], np.int32),
+            "height": np.array([50 if k else 0 for k in ok], np.int32),
+            "geometry_0": np.zeros((len(ok), 4)), "image_0": image}
+
+
 @pytest.mark.slow  # over ~5 s of CPU: in the full suite, not the quick tier
 def test_compiled_runner_pads_and_splits_to_its_batch_and_matches_eager(hs_checkpoint):
     import time
@@ -129,10 +142,7 @@ def test_label_actor_does_all_torch_work_on_one_thread_that_is_not_the_callers(h
     seen = []
     real = runner.forward_uint8
     runner.forward_uint8 = lambda x: (seen.append(threading.current_thread().name), real(x))[1]
-    batch = {"path": np.array(["a", "b"], dtype=object), "ok": np.array([True, False]),
-             "error_kind": np.array([None, "empty"], dtype=object), "error_message": np.array([None, "x"], dtype=object),
-             "width": np.array([50, 0], np.int32), "height": np.array([50, 0], np.int32),
-             "geometry_0": np.zeros((2, 4)), "image_0": np.zeros((2, 1, 50, 50), np.uint8)}
+    batch = _whole_batch([True, False], np.zeros((2, 1, 50, 50), np.uint8))
     for _ in range(2):
         table = actor(batch)
         assert table.num_rows == 2 and table.column("ok").to_pylist() == [True, False]
@@ -150,11 +160,7 @@ def test_label_actor_gives_freed_heap_back_every_few_batches(hs_checkpoint, monk
     calls = []
     monkeypatch.setattr(heap, "trim", lambda: calls.append(1) or True)
     actor = _actor(hs_checkpoint)
-    rng = np.random.default_rng(0)
-    batch = {"path": np.array(["a", "b"], dtype=object), "ok": np.array([True, True]),
-             "error_kind": np.array([None, None], dtype=object), "error_message": np.array([None, None], dtype=object),
-             "width": np.array([50, 50], np.int32), "height": np.array([50, 50], np.int32),
-             "geometry_0": np.zeros((2, 4)), "image_0": rng.integers(0, 256, (2, 1, 50, 50), dtype=np.uint8)}
+    batch = _whole_batch([True, True], np.random.default_rng(0).integers(0, 256, (2, 1, 50, 50), dtype=np.uint8))
     n = heap.TRIM_EVERY_BATCHES
     tables = [actor(batch) for _ in range(2 * n + 1)]
     assert len(calls) == 2
