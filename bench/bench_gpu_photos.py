@@ -178,6 +178,8 @@ def main(argv=None):
     ap.add_argument("--max-side", type=int, default=None, help="decode size (default: the product's)")
     ap.add_argument("--detector", default="{}", help='DetectorConfig settings as JSON, e.g. \'{"network": "scrfd"}\' '
                     "(default: the product's defaults)")
+    ap.add_argument("--detector-channels-last", choices=("on", "off"), default=None,
+                    help="the detector's views in NHWC order (default: the product's, on for a CPU only)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2, help="batches in the warm-up pass")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -208,12 +210,15 @@ def main(argv=None):
         ckpt = str(Path(tempfile.mkdtemp(prefix="bench-gpu-")) / "age_gender_race.pt")
         save_checkpoint(models.create_model("age_gender_race"), ckpt)
     ann = Annotator(ckpt, faces={"mode": "detect", "detector": json.loads(args.detector)}, device=str(device))
+    if args.detector_channels_last is not None:
+        ann.finder.detector.set_channels_last(args.detector_channels_last == "on")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     (runner,) = ann.members.values()
     mb = sum(len(d) for d in datas) / 2**20
     print(f"{device} ({name}), torch {torch.__version__}; {args.n} JPEGs ({mb:.1f} MB, {lo}-{hi} px, {truth} faces "
-          f"from {where}); {runner.architecture} {runner.precision}; detector {ann.detector}; CPU decode on "
+          f"from {where}); {runner.architecture} {runner.precision}; detector {ann.detector} "
+          f"(channels_last {ann.finder.detector.channels_last}); CPU decode on "
           f"{workers} threads; {torch.get_num_threads()} torch threads")
     decoders = {"gpu": lambda p, d: gpu_decode(p, d, max_side, device), "cpu": CpuDecoder(workers, max_side)}
 
@@ -243,7 +248,8 @@ def main(argv=None):
           "stages: one pass synchronised after each stage")
     print(json.dumps({"device": str(device), "device_name": name, "torch": torch.__version__, "photos": args.n,
                       "canvas": [lo, hi], "faces_pasted": truth, "model": runner.architecture,
-                      "precision": runner.precision, "detector": ann.detector, "decode_workers": workers,
+                      "precision": runner.precision, "detector": ann.detector,
+                      "detector_channels_last": ann.finder.detector.channels_last, "decode_workers": workers,
                       "results": results}))
 
 

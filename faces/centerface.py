@@ -91,8 +91,8 @@ class _InvertedResidual(nn.Module):
         return ([self.expand] if self.expand is not None else []) + [self.dw, self.project]
 
     def forward(self, x):
-        y = F.relu(self.expand(x)) if self.expand is not None else x
-        y = self.project(F.relu(self.dw(y)))
+        y = F.relu(self.expand(x), inplace=True) if self.expand is not None else x
+        y = self.project(F.relu(self.dw(y), inplace=True))
         return x + y if self.residual else y
 
 
@@ -105,7 +105,7 @@ class _Up(nn.Module):
         self.bn = nn.BatchNorm2d(channels, eps=1e-3)
 
     def forward(self, x):
-        return F.relu(self.bn(self.deconv(x)))
+        return F.relu(self.bn(self.deconv(x)), inplace=True)
 
 
 class CenterFaceNet(nn.Module):
@@ -140,16 +140,16 @@ class CenterFaceNet(nn.Module):
         return convs + list(self.lateral) + [self.head, self.heatmap, self.scale, self.offset, self.landmarks]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = F.relu(self.stem(x))
+        x = F.relu(self.stem(x), inplace=True)
         feats = []
         for i, block in enumerate(self.blocks):
             x = block(x)
             if i in self.taps:
                 feats.append(x)
-        y = F.relu(self.lateral[0](feats[-1]))
+        y = F.relu(self.lateral[0](feats[-1]), inplace=True)
         for up, lateral, f in zip(self.up, self.lateral[1:], reversed(feats[:-1])):
-            y = up(y) + F.relu(lateral(f))
-        y = F.relu(self.head(y))
+            y = up(y) + F.relu(lateral(f), inplace=True)
+        y = F.relu(self.head(y), inplace=True)
         return self.heatmap(y).sigmoid(), self.scale(y), self.offset(y), self.landmarks(y)
 
 

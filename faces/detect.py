@@ -5,7 +5,10 @@ RetinaFace-MobileNet0.25 (:mod:`faces.retinaface`, the default), CenterFace (:mo
 SCRFD-2.5GF (:mod:`faces.scrfd`; weights for non-commercial research only).
 Each network module has the same small interface: ``NAME``, ``DEFAULT_THRESHOLD``, ``load()``,
 ``to_input(rgb)`` and ``candidates(outputs, height, width)``; another network is one more file and one line
-in :data:`NETWORKS`. One call of :meth:`FaceDetector.detect` does, on the detector's device:
+in :data:`NETWORKS`. The networks only ever infer, so each runs its activations in place on the fresh output
+of the op before: the same values, without a new tensor for every activation (allocating those was a third of
+CenterFace's time on a CPU; docs/benchmarks.md, "The detectors' own speed").
+One call of :meth:`FaceDetector.detect` does, on the detector's device:
 
 1. views of each image, every one a fixed-size network input, so that the batch's shape never depends on
    which images share it:
@@ -194,7 +197,7 @@ class FaceDetector:
     WEIGHTS_SHA256 = retinaface.WEIGHTS_SHA256  # of the default network
 
     def __init__(self, config: DetectorConfig | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, channels_last: bool | None = None):
         self.config = config if config is not None else DetectorConfig()
         if not isinstance(self.config, DetectorConfig):
             raise ValueError(f"config must be a DetectorConfig, got {type(self.config).__name__}")
@@ -203,7 +206,16 @@ class FaceDetector:
         self.max_batch = 16  # views per forward pass
         self.network = NETWORKS[self.config.network]
         module, self.weights_hash = self.network.load()
+        # channels_last: the views in NHWC order, which oneDNN's CPU convolutions run 1.1-2x faster (the
+        # depthwise ones most; docs/benchmarks.md, "The detectors' own speed"). On by default on a CPU only:
+        # not measured on a GPU yet (bench/bench_gpu_photos.py --detector-channels-last measures it there).
         self.model = module.to(self.device)
+        self.set_channels_last(self.device.type == "cpu" if channels_last is None else channels_last)
+
+    def set_channels_last(self, on: bool) -> None:
+        """Run the network on NHWC views (``on``) or NCHW ones: the same faces, to float rounding."""
+        self.channels_last = bool(on)
+        self.model = self.model.to(memory_format=torch.channels_last if on else torch.contiguous_format)
 
     @property
     def identity(self) -> str:
@@ -309,6 +321,8 @@ class FaceDetector:
         return self.detect([image], [scale])[0]
 
     def _forward(self, batch: torch.Tensor):
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         if self.dtype is None or self.dtype == torch.float32:
             return self.model(batch)
         with torch.autocast(self.device.type, dtype=self.dtype):

@@ -96,8 +96,8 @@ class _DepthwiseSeparable(nn.Module):
         self.pw = _conv(cin, cout, 1)
 
     def forward(self, x):
-        x = F.leaky_relu(self.dw(x), LEAKY)
-        return F.leaky_relu(self.pw(x), LEAKY)
+        x = F.leaky_relu(self.dw(x), LEAKY, inplace=True)
+        return F.leaky_relu(self.pw(x), LEAKY, inplace=True)
 
 
 class _SSH(nn.Module):
@@ -114,10 +114,10 @@ class _SSH(nn.Module):
 
     def forward(self, x):
         c3 = self.conv3x3(x)
-        c5_1 = F.leaky_relu(self.conv5x5_1(x), LEAKY)
+        c5_1 = F.leaky_relu(self.conv5x5_1(x), LEAKY, inplace=True)
         c5 = self.conv5x5_2(c5_1)
-        c7 = self.conv7x7_3(F.leaky_relu(self.conv7x7_2(c5_1), LEAKY))
-        return F.relu(torch.cat([c3, c5, c7], dim=1))
+        c7 = self.conv7x7_3(F.leaky_relu(self.conv7x7_2(c5_1), LEAKY, inplace=True))
+        return F.relu(torch.cat([c3, c5, c7], dim=1), inplace=True)
 
 
 class RetinaFaceMobileNet(nn.Module):
@@ -158,15 +158,15 @@ class RetinaFaceMobileNet(nn.Module):
         return convs + list(self.class_head) + list(self.bbox_head) + list(self.landmark_head)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = F.leaky_relu(self.stem(x), LEAKY)
+        x = F.leaky_relu(self.stem(x), LEAKY, inplace=True)
         feats = []
         for i, block in enumerate(self.blocks):
             x = block(x)
             if i in self.stage_ends:
                 feats.append(x)
-        o1, o2, o3 = (F.leaky_relu(lat(f), LEAKY) for lat, f in zip(self.lateral, feats))
-        o2 = F.leaky_relu(self.merge[1](o2 + F.interpolate(o3, size=o2.shape[-2:], mode="nearest")), LEAKY)
-        o1 = F.leaky_relu(self.merge[0](o1 + F.interpolate(o2, size=o1.shape[-2:], mode="nearest")), LEAKY)
+        o1, o2, o3 = (F.leaky_relu(lat(f), LEAKY, inplace=True) for lat, f in zip(self.lateral, feats))
+        o2 = F.leaky_relu(self.merge[1](o2 + F.interpolate(o3, size=o2.shape[-2:], mode="nearest")), LEAKY, inplace=True)
+        o1 = F.leaky_relu(self.merge[0](o1 + F.interpolate(o2, size=o1.shape[-2:], mode="nearest")), LEAKY, inplace=True)
         levels = [ssh(o) for ssh, o in zip(self.ssh, (o1, o2, o3))]
 
         def head(convs: nn.ModuleList, k: int) -> torch.Tensor:

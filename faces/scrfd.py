@@ -142,6 +142,13 @@ class SCRFDNet(nn.Module):
             self.steps.append((op, ins, n["outputs"][0], param))
         self.outputs = self._trace_outputs(nodes, inits)
         self.input_name = nodes[0]["inputs"][0]
+        # a Relu may overwrite its input (faster, the same values) when nothing else reads that tensor
+        readers: dict[str, int] = {}
+        for _, ins, _, _ in self.steps:
+            for i in ins:
+                readers[i] = readers.get(i, 0) + 1
+        self.in_place = {out for op, ins, out, _ in self.steps if op == "Relu" and readers[ins[0]] == 1
+                         and ins[0] not in self.outputs and ins[0] != self.input_name}
 
     @staticmethod
     def _trace_outputs(nodes: list[dict], inits) -> list[str]:
@@ -172,7 +179,7 @@ class SCRFDNet(nn.Module):
             if op == "Conv":
                 y = self.convs[param](v[0])
             elif op == "Relu":
-                y = F.relu(v[0])
+                y = F.relu(v[0], inplace=out in self.in_place)
             elif op == "Add":
                 y = v[0] + v[1]
             elif op == "MaxPool":

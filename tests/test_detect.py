@@ -144,6 +144,21 @@ def test_batched_detect_equals_one_by_one(detector, drawn, drawn_sources):
     assert len(together[0]) == 1 and len(together[1]) >= 1 and len(together[3]) == 1
 
 
+def test_channels_last_views_find_the_same_faces(drawn_sources):
+    """On a CPU the network runs on NHWC views (faster there); NCHW, the GPU's default until measured there,
+    finds the same faces to float rounding."""
+    det = FaceDetector(DetectorConfig(size=320, threshold=0.3))
+    assert det.channels_last and det.model.stem.weight.is_contiguous(memory_format=torch.channels_last)
+    photo = _t(compose(drawn_sources, 5, n_faces=(3, 3), canvas=(400, 600), face_width=(60, 110)).image)
+    nhwc = det.detect_one(photo)
+    det.set_channels_last(False)
+    assert det.model.stem.weight.is_contiguous()
+    nchw = det.detect_one(photo)
+    assert len(nhwc) == len(nchw) >= 3
+    assert (nhwc.boxes - nchw.boxes).abs().max() < 1e-2 and (nhwc.points - nchw.points).abs().max() < 1e-2
+    assert (nhwc.scores - nchw.scores).abs().max() < 1e-4
+
+
 def test_faces_are_sorted_typed_and_points_are_in_image_order(detector, drawn):
     faces = detector.detect_one(_t(drawn[0]))
     assert faces.boxes.dtype == faces.scores.dtype == faces.points.dtype == torch.float32
