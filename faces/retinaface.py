@@ -165,8 +165,10 @@ class RetinaFaceMobileNet(nn.Module):
             if i in self.stage_ends:
                 feats.append(x)
         o1, o2, o3 = (F.leaky_relu(lat(f), LEAKY, inplace=True) for lat, f in zip(self.lateral, feats))
-        o2 = F.leaky_relu(self.merge[1](o2 + F.interpolate(o3, size=o2.shape[-2:], mode="nearest")), LEAKY, inplace=True)
-        o1 = F.leaky_relu(self.merge[0](o1 + F.interpolate(o2, size=o1.shape[-2:], mode="nearest")), LEAKY, inplace=True)
+        o2 = self.merge[1](o2 + F.interpolate(o3, size=o2.shape[-2:], mode="nearest"))
+        o2 = F.leaky_relu(o2, LEAKY, inplace=True)
+        o1 = self.merge[0](o1 + F.interpolate(o2, size=o1.shape[-2:], mode="nearest"))
+        o1 = F.leaky_relu(o1, LEAKY, inplace=True)
         levels = [ssh(o) for ssh, o in zip(self.ssh, (o1, o2, o3))]
 
         def head(convs: nn.ModuleList, k: int) -> torch.Tensor:
