@@ -39,11 +39,19 @@ def majority(table, column) -> float:
 
 def _train(name, ds, epochs, batch_size, lr=None, **kw):
     """Train in this process; returns the model, its metrics before training and the best epoch's metrics
-    (best by the model's primary metric: the epoch the train job would export)."""
+    (best by the model's primary metric: the epoch the train job would export). Two torch threads, as the bars
+    were measured: another thread count sums floats in another order, and a test run earlier in the same worker
+    may have set one (task_attention's gender peaked at 0.694 with one thread, under its bar of 0.706)."""
     torch.manual_seed(0)
-    m = models.create_model(name, **{**ds.model_overrides(name), **kw})
-    before = evaluate_table(m, ds.split("val"))
-    history = fit(m, ds.split("train"), ds.split("val"), epochs=epochs, batch_size=batch_size, lr=lr, log_fn=None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        m = models.create_model(name, **{**ds.model_overrides(name), **kw})
+        before = evaluate_table(m, ds.split("val"))
+        history = fit(m, ds.split("train"), ds.split("val"), epochs=epochs, batch_size=batch_size, lr=lr,
+                      log_fn=None)
+    finally:
+        torch.set_num_threads(threads)
     key = m.primary_metric
     best = max(history, key=lambda h: h.get(key, float("-inf")) if m.primary_mode == "max" else -h.get(key, 0))
     return m, before, best, history
