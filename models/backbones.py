@@ -82,7 +82,7 @@ def dlib_trunk(weights: str | None = "package") -> tuple[nn.Module, nn.Module, i
             self.conv1, self.affine1 = net.conv1, net.affine1
 
         def forward(self, x):
-            return torch.nn.functional.max_pool2d(torch.relu(self.affine1(self.conv1(x))), 3, 2)
+            return torch.nn.functional.max_pool2d(torch.relu_(self.affine1(self.conv1(x))), 3, 2)
 
     return nn.Sequential(Stem(), net.level4, net.level3, net.level2, net.level1), net.level0, 256
 
