@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--actor-decode", action="store_true",
                    help="with --faces detect: decode the photos' JPEGs in the model actors on their device (libjpeg "
                         "on a CPU, nvjpeg on a GPU) instead of in CPU tasks, so decoded pixels never cross processes "
-                        "(about 14 %% more photos/s end to end, measured on a 2-core CPU node: docs/benchmarks.md)")
+                        "(on a 2-core CPU node: 14 %% more photos/s with the slower detector of before 2026-12-05, none "
+                        "since: docs/benchmarks.md)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model in each actor (tens of seconds per actor to start; 1.5x measured on a CPU)")
     p.add_argument("--no-fold-bn", dest="fold_bn", action="store_false",
