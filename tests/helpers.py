@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -402,3 +403,18 @@ def bad_training_files() -> dict[str, bytes]:
     full, _ = face_photo([900])
     return {"truncated.jpg": full[: len(full) // 2], "empty.jpg": b"",
             "strip.png": png_bytes(Image.new("L", (1, 40_000), 128))}
+
+
+@contextmanager
+def torch_threads(n: int = 2):
+    """Run the block with ``n`` torch threads, then restore the count: a learning test's bar was measured with
+    a thread count, another count sums floats in another order, and a test run earlier in the same xdist worker
+    may have set one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -47,6 +47,7 @@ from core import engine
 from models import dlib_resnet
 from models.backbones import FaceBackbone
 from models.checkpoint import load_checkpoint, save_checkpoint
+from tests.helpers import torch_threads
 
 PATTERN_REFERENCE = {
     'pattern0': (-0.1060036, 0.1431000, 0.0834978, -0.0114841, -0.0575578, -0.0641503, -0.0443368, -0.0048420, 0.1159208, -0.0123236, 0.2613177, -0.0036083, -0.2256184, -0.0514183, -0.0077633, 0.1044361, -0.1720259, -0.0559279, -0.0722342, -0.1301078, 0.0217651, -0.0190767, -0.0215237, 0.0086238, -0.0863604, -0.2667203, -0.0590070, -0.1865540, 0.0965831, -0.1490290, 0.0409949, 0.0176720, -0.1659679, -0.0511267, -0.0281253, 0.0196158, 0.0257007, -0.0419577, 0.1562641, -0.0342541, -0.1126929, -0.0789428, -0.0193414, 0.2579885, 0.1835068, 0.0342152, 0.0126284, -0.0096100, 0.0321490, -0.2371534, -0.0037176, 0.1346306, 0.0548840, 0.0971827, 0.0422536, -0.1556488, 0.0398423, 0.0149508, -0.1495438, 0.0183311, 0.0396141, -0.1314447, -0.0614482, -0.0558668, 0.2733487, 0.0608780, -0.0607828, -0.1107383, 0.2044358, -0.1338438, -0.0240920, 0.0976632, -0.1072821, -0.1211605, -0.2151516, 0.1087253, 0.3584689, 0.1768639, -0.1408236, 0.0549133, -0.1508935, -0.0287192, 0.0185915, 0.0250505, -0.0435048, 0.0084237, -0.0734910, 0.0679749, 0.1652059, -0.0887362, 0.0202590, 0.1513652, -0.0596990, 0.0165079, 0.0002086, -0.0423483, -0.0479280, 0.0064595, -0.0545240, -0.0179810, 0.1330245, -0.1092733, 0.0238075, 0.0990523, -0.1692403, 0.0470027, -0.0027351, -0.0431590, 0.0106486, 0.0315545, -0.0458836, -0.0503818, 0.2281549, -0.2084126, 0.2947292, 0.2163359, 0.0070936, 0.1026192, 0.0277450, 0.1070898, -0.0341727, -0.0722864, -0.1241346, -0.0569263, 0.0168827, -0.0228507, -0.0200292, -0.0071616),
@@ -321,14 +322,12 @@ def test_short_training_on_utkface_beats_from_scratch(shared_data):
     train = ds.split("train").iloc[:480]
     test = ds.split("test").iloc[:256]
     results = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # as when run alone: earlier tests set other counts, and so other float sums
-    for name, kw in (("dlib", {}), ("scratch", {"depth": 18, "image_size": 64})):
-        torch.manual_seed(0)
-        m = models.create_model("age_gender_race", **kw)
-        engine.fit(m, train, test.iloc[:32], epochs=3, batch_size=32, log_fn=None)
-        results[name] = engine.evaluate_table(m, test, batch_size=64)
-    torch.set_num_threads(threads)
+    with torch_threads(2):  # as when run alone: earlier tests set other counts, and so other float sums
+        for name, kw in (("dlib", {}), ("scratch", {"depth": 18, "image_size": 64})):
+            torch.manual_seed(0)
+            m = models.create_model("age_gender_race", **kw)
+            engine.fit(m, train, test.iloc[:32], epochs=3, batch_size=32, log_fn=None)
+            results[name] = engine.evaluate_table(m, test, batch_size=64)
     dlib, scratch = results["dlib"], results["scratch"]
     print({k: {m: round(v, 4) for m, v in r.items() if m.endswith((".accuracy", ".mae", ".rmse"))}
            for k, r in results.items()})  # pytest -s shows the figures
@@ -349,12 +348,10 @@ def test_hmtnet_on_the_face_trunk_learns_beauty_on_real_scut_faces(shared_data):
 
     ds = read_dataset(f"scut_fbp5500:{shared_data / 'scut_fbp5500'}")
     train, test = ds.split("train").iloc[:320], ds.split("test").iloc[:128]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
     torch.manual_seed(0)
-    m = models.create_model("hmtnet", backbone="dlib_resnet", **ds.model_overrides("hmtnet"))
-    engine.fit(m, train, test.iloc[:32], epochs=3, batch_size=32, lr=3e-4, log_fn=None)
-    torch.set_num_threads(threads)
+    with torch_threads(2):
+        m = models.create_model("hmtnet", backbone="dlib_resnet", **ds.model_overrides("hmtnet"))
+        engine.fit(m, train, test.iloc[:32], epochs=3, batch_size=32, lr=3e-4, log_fn=None)
     assert m.trunk.frozen and m.trunk.cache_hits > 0  # later epochs read the trunk's outputs from its cache
     result = engine.evaluate_table(m, test, batch_size=64)
     print({k: round(v, 4) for k, v in result.items() if k.startswith(("beauty.", "gender.acc", "race.acc"))})

@@ -17,6 +17,7 @@ from core.engine import evaluate_table, fit
 from facedata.datasets import CELEBA_ATTRIBUTES, read_dataset
 from facedata.synth import generate
 from models.checkpoint import save_checkpoint
+from tests.helpers import torch_threads
 
 # trainings to above chance: minutes of CPU, no Ray; the quick tier is `pytest -m "not ray and not slow"`
 pytestmark = pytest.mark.slow
@@ -40,18 +41,13 @@ def majority(table, column) -> float:
 def _train(name, ds, epochs, batch_size, lr=None, **kw):
     """Train in this process; returns the model, its metrics before training and the best epoch's metrics
     (best by the model's primary metric: the epoch the train job would export). Two torch threads, as the bars
-    were measured: another thread count sums floats in another order, and a test run earlier in the same worker
-    may have set one (task_attention's gender peaked at 0.694 with one thread, under its bar of 0.706)."""
+    were measured (task_attention's gender peaked at 0.694 with one thread, under its bar of 0.706)."""
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         m = models.create_model(name, **{**ds.model_overrides(name), **kw})
         before = evaluate_table(m, ds.split("val"))
         history = fit(m, ds.split("train"), ds.split("val"), epochs=epochs, batch_size=batch_size, lr=lr,
                       log_fn=None)
-    finally:
-        torch.set_num_threads(threads)
     key = m.primary_metric
     best = max(history, key=lambda h: h.get(key, float("-inf")) if m.primary_mode == "max" else -h.get(key, 0))
     return m, before, best, history
