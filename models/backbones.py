@@ -72,7 +72,7 @@ def dlib_trunk(weights: str | None = "package") -> tuple[nn.Module, nn.Module, i
     (stem .. level1, level0, channels of level0's map = 256). level0 is dlib's last stage (one down-sampling
     block of 256 channels: 4×4 -> 2×2 at 150 px), the counterpart of a ResNet's res5; its 2×2 map (3×2 at
     218×178) is the last spatial map before the global pooling. Fine-tuned whole (no freezing here)."""
-    from .dlib_resnet import dlib_face_resnet
+    from .dlib_resnet import dlib_face_resnet, stem
 
     net, _ = dlib_face_resnet(weights)
 
@@ -82,7 +82,7 @@ def dlib_trunk(weights: str | None = "package") -> tuple[nn.Module, nn.Module, i
             self.conv1, self.affine1 = net.conv1, net.affine1
 
         def forward(self, x):
-            return torch.nn.functional.max_pool2d(torch.relu_(self.affine1(self.conv1(x))), 3, 2)
+            return stem(self.conv1, self.affine1, x)
 
     return nn.Sequential(Stem(), net.level4, net.level3, net.level2, net.level1), net.level0, 256
 

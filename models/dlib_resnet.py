@@ -113,6 +113,13 @@ def add_prev(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return pad(a) + pad(b)
 
 
+def stem(conv1: nn.Conv2d, affine1: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """dlib's input layers: ``con<32,7,7,2,2>``, affine, relu (in place on the fresh tensor), ``max_pool<3,3,2,2>``.
+    A function of the two layers: the network and the trunk cut from it (models/backbones.py ``dlib_trunk``) both
+    run it on the layers they hold."""
+    return F.max_pool2d(F.relu(affine1(conv1(x)), inplace=True), 3, 2)
+
+
 class Block(nn.Module):
     def __init__(self, cin: int, cout: int, down: bool):
         super().__init__()
@@ -165,7 +172,7 @@ class DlibFaceResNet(nn.Module):
 
     def level_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The maps after level2, level1 and level0 (128, 256 and 256 channels: 8×8, 4×4, 2×2 at 150 px)."""
-        x = F.max_pool2d(F.relu(self.affine1(self.conv1(x)), inplace=True), 3, 2)
+        x = stem(self.conv1, self.affine1, x)
         x2 = self.level2(self.level3(self.level4(x)))
         x1 = self.level1(x2)
         return [x2, x1, self.level0(x1)]
