@@ -256,18 +256,25 @@ class FaceDetector:
                     views.append(_View(i, t, (x0, y0, x1, y1), (y1 - y0, x1 - x0), (1.0, 1.0), safe))
         return views
 
-    def _canvas(self, image: torch.Tensor, v: _View) -> torch.Tensor:
-        x0, y0, x1, y1 = v.crop
-        x = image[:, y0:y1, x0:x1].to(self.device, non_blocking=True).float()
-        if x.shape[0] == 1:
-            x = x.expand(3, -1, -1)
-        nh, nw = v.resize
-        if (nh, nw) != (y1 - y0, x1 - x0):
-            x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", align_corners=False,
-                              antialias=nh < y1 - y0 or nw < x1 - x0)[0]
-        canvas = torch.zeros(3, v.side, v.side, device=self.device)
-        canvas[:, :nh, :nw] = self.network.to_input(x)
-        return canvas
+    def _batch(self, images: list[torch.Tensor], views: list[_View]) -> torch.Tensor:
+        """The views' canvases (one size) as one batch, already in the network's memory format: each view's
+        pixels, resized, in the network's input values, at the top left; the rest 0 in those values."""
+        side = views[0].side
+        if self.channels_last:  # NHWC memory, NCHW indexing: the canvases are written where the network reads
+            batch = torch.zeros(len(views), side, side, 3, device=self.device).permute(0, 3, 1, 2)
+        else:
+            batch = torch.zeros(len(views), 3, side, side, device=self.device)
+        for k, v in enumerate(views):
+            x0, y0, x1, y1 = v.crop
+            x = images[v.image][:, y0:y1, x0:x1].to(self.device, non_blocking=True).float()
+            if x.shape[0] == 1:
+                x = x.expand(3, -1, -1)
+            nh, nw = v.resize
+            if (nh, nw) != (y1 - y0, x1 - x0):
+                x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", align_corners=False,
+                                  antialias=nh < y1 - y0 or nw < x1 - x0)[0]
+            batch[k, :, :nh, :nw] = self.network.to_input(x)
+        return batch
 
     # -- detection ----------------------------------------------------------------------------------------
 
@@ -321,7 +328,7 @@ class FaceDetector:
         return self.detect([image], [scale])[0]
 
     def _forward(self, batch: torch.Tensor):
-        if self.channels_last:
+        if self.channels_last:  # no copy: _batch builds NHWC batches (and flip's mirror and cat keep them so)
             batch = batch.contiguous(memory_format=torch.channels_last)
         if self.dtype is None or self.dtype == torch.float32:
             return self.model(batch)
@@ -333,7 +340,7 @@ class FaceDetector:
         """One forward pass over ``views`` (one size): the candidates above the threshold, in image pixels
         (times the image's scale), with the index of their image."""
         cfg, side, n = self.config, views[0].side, len(views)
-        batch = torch.stack([self._canvas(images[v.image], v) for v in views])
+        batch = self._batch(images, views)
         if cfg.flip:
             batch = torch.cat([batch, batch.flip(-1)])
         boxes, scores, points = self.network.candidates(self._forward(batch), side, side)  # (V, A, ...)
