@@ -224,13 +224,6 @@ def kill_after_commits(argv: list[str], ray_session, committed, n: int = 1, thro
     time.sleep(2)  # let Ray reap the killed job's workers
 
 
-def local_commits(output: Path):
-    """``committed`` for kill_after_commits on a local output."""
-    from raytasks.label.output import COMMIT_LOG_DIR
-
-    return lambda: sum(1 for p in (output / COMMIT_LOG_DIR).glob("*.parquet") if not p.name.endswith(".pending.parquet"))
-
-
 def s3_commits(client, bucket: str, prefix: str):
     """``committed`` for kill_after_commits on an s3:// output (``prefix``: the commit log's key prefix)."""
     def count() -> int:

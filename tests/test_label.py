@@ -1,6 +1,7 @@
 """The label job (raytasks/label/job.py, jobs/label.py) against a real S3 endpoint (moto's server on 127.0.0.1),
 local folders and manifests: one row per input image, the documented schema, the error rows, rows equal to
-the model's own answer for the same bytes, and a run killed midway then resumed with exactly one row per input."""
+the model's own answer for the same bytes. A run killed midway then resumed with exactly one row per input:
+tests/test_modelset.py (the label job of a model set, on S3)."""
 
 from __future__ import annotations
 
@@ -28,11 +29,9 @@ from tests.helpers import (
     bad_files,
     face_jpeg,
     huge_png,
-    kill_after_commits,
     odd_images,
     read_rows,
     real_faces,
-    s3_commits,
     write_files,
 )
 
@@ -146,41 +145,6 @@ def test_second_run_over_finished_output_adds_nothing(s3_run):
     # no pipeline starts (on 2 CPUs its checkpoint filter and predictor actor left none for the read: a hang)
     assert "every input is labeled already: nothing to run" in said and summary["complete"]
     assert after == before
-
-
-# --------------------------------------------------------------------------------------------------------
-# kill a run midway (SIGKILL of the driver process), run the same command again
-# --------------------------------------------------------------------------------------------------------
-
-def test_killed_run_resumes_with_exactly_one_row_per_input(s3_bucket, ray_session, hs_checkpoint):
-    """The label job's kill test: the driver SIGKILLed after two committed files on S3, the same command
-    again (in-process): every input once, none twice."""
-    client, bucket = s3_bucket
-    n = 48
-    files = {f"in/img_{i:03d}.jpg": face_jpeg(i, (40, 40)) for i in range(n)}
-    put_all(client, bucket, "", files)
-    manifest = pa.table({"path": [f"s3://{bucket}/{k}" for k in files], "note": ["x"] * n})
-    buf = io.BytesIO()
-    pq.write_table(manifest, buf)
-    client.put_object(Bucket=bucket, Key="manifest.parquet", Body=buf.getvalue())
-    ckpt = f"s3://{bucket}/hs.pt"
-    storage.write_bytes(ckpt, Path(hs_checkpoint).read_bytes())
-    output = f"s3://{bucket}/out/"
-    argv = ["--checkpoint", ckpt, "--input", f"s3://{bucket}/manifest.parquet", "--output", output,
-            "--batch-size", "4", "--max-rows-per-file", "4", "--max-actors", "1", "--precision", "fp32",
-            "--faces", "whole"]
-    kill_after_commits(argv, ray_session, s3_commits(client, bucket, "out/_checkpoint/"), n=2, throttle=0.4,
-                       timeout_s=120)
-    partial = read_rows(output).column("path").to_pylist()
-    assert 0 < len(partial) < n, "the run was not interrupted midway"
-    summary = L.label(L.LabelSpec(checkpoint=ckpt, input=f"s3://{bucket}/manifest.parquet", output=output, faces=WHOLE,
-                                  batch_size=8, max_rows_per_file=16, precision="fp32", max_actors=1),
-                      echo=lambda *_: None)
-    paths = read_rows(output).column("path").to_pylist()
-    assert sorted(paths) == sorted(manifest.column("path").to_pylist())  # every input once, none twice
-    assert summary["rows_before"] >= len(partial) and summary["rows_total"] == n and summary["complete"]
-    rows = read_rows(output)
-    assert all(rows.column("ok").to_pylist())
 
 
 # --------------------------------------------------------------------------------------------------------

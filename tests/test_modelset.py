@@ -5,6 +5,7 @@ that finds the same person."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -18,15 +19,17 @@ from core.modelset import ModelSet, ModelSetError, read_set_file
 from facedata.decode import Photos, Whole, decode_batch
 from facedata.draw import draw_face
 from models.embedding import SAME_PERSON_DISTANCE, distance
+from raytasks.label.output import COMMIT_LOG_DIR
 from tests.helpers import (
     ROWS_PER_PHOTOS,
     assert_same,
     compose,
     kill_after_commits,
-    local_commits,
     many_photos,
     photos,
+    read_rows,
     real_crops,
+    s3_commits,
     save_model,
 )
 
@@ -133,41 +136,54 @@ def test_set_rows_equal_each_models_own_rows_photos_and_whole(three, set_annotat
 
 
 @pytest.mark.timeout(900)
-def test_set_job_survives_a_kill_equals_the_core_and_refuses_another_set(tmp_path, three, set_annotator,
-                                                                       ray_session):
-    """One label job with three checkpoints and the embedding, killed after its first commit and run again:
-    every face once, and every row (each model's struct, the embedding) equal to the set's annotator on the
-    same photos (which equals each model alone: the test above; and a model's job equals its annotator:
+def test_set_job_on_s3_survives_a_kill_equals_the_core_and_refuses_another_set(tmp_path, three, set_annotator,
+                                                                             s3_bucket, ray_session):
+    """The label job's kill test, on the S3 server: one job with three checkpoints and the embedding, its input
+    a Parquet manifest on S3 (with a column of the user's own), its output on S3; the driver (a process of its
+    own) SIGKILLed after its first committed file, then the same command again: every face of every input once,
+    none twice, and every row (each model's struct, the embedding) equal to the set's annotator on the same
+    photos (which equals each model alone: the test above; and a model's job equals its annotator:
     tests/test_label.py). Then an output of this set refuses a set with a changed checkpoint, without the
     embedding, or of another version."""
+    import pyarrow as pa
+
     from jobs.label import main
     from raytasks import label as L
 
-    folder = tmp_path / "photos"
-    many = many_photos(folder)
-    out = tmp_path / "set_out"
+    client, bucket = s3_bucket
+    many = many_photos(tmp_path / "photos")
+    paths = {name: f"s3://{bucket}/in/{name}" for name in many}
+    for name, data in many.items():
+        client.put_object(Bucket=bucket, Key=f"in/{name}", Body=data)
+    manifest = pa.table({"path": list(paths.values()), "note": ["x"] * len(paths)})
+    buf = io.BytesIO()
+    pq.write_table(manifest, buf)
+    client.put_object(Bucket=bucket, Key="manifest.parquet", Body=buf.getvalue())
+    out = f"s3://{bucket}/set_out"
     members = [f"{n}={p}" for n, p in three.items()]
     argv = [a for m in members for a in ("--checkpoint", m)] + [
-        "--embedding", "--input", str(folder), "--output", str(out), "--batch-size", "2", "--max-rows-per-file", "4",
-        "--precision", "fp32", "--max-actors", "1"]
-    kill_after_commits(argv, ray_session, local_commits(out))
+        "--embedding", "--input", f"s3://{bucket}/manifest.parquet", "--output", out, "--batch-size", "2",
+        "--max-rows-per-file", "4", "--precision", "fp32", "--max-actors", "1"]
+    kill_after_commits(argv, ray_session, s3_commits(client, bucket, f"set_out/{COMMIT_LOG_DIR}/"))
     n_rows = ROWS_PER_PHOTOS * 4
-    partial = pq.read_table(out / "labels") if (out / "labels").exists() else None
-    assert partial is not None and 0 < partial.num_rows < n_rows, "not killed midway"
+    partial = read_rows(out).num_rows
+    assert 0 < partial < n_rows, "not killed midway"
 
     summary = main(argv)
     assert summary["complete"] and summary["images_total"] == len(many) and summary["rows_total"] == n_rows
+    assert summary["rows_before"] >= partial
     assert [m["name"] for m in summary["models"]] == [*three, "embedding"]
     assert summary["checkpoint_hash"].startswith("set-sha256:") and summary["checkpoint_hash"] == set_annotator.identity
-    table = pq.read_table(out / "labels")
+    table = read_rows(out)
     assert table.schema == set_annotator.schema
     assert set(pc_unique(table, "checkpoint")) == {summary["checkpoint_hash"]}
     got = table.to_pylist()
     keys = [(r["path"], r["face"]) for r in got]
     assert len(set(keys)) == len(keys) == n_rows  # every face once, nothing twice
+    assert {p for p, _ in keys} == set(paths.values())  # and every input
 
     want = {(r["path"], r["face"]): r for r in
-            set_annotator.annotate_bytes([(str(folder / n), d) for n, d in many.items()], faces="detect")}
+            set_annotator.annotate_bytes([(paths[n], d) for n, d in many.items()], faces="detect")}
     assert set(want) == set(keys)
     for row in got:  # the whole row: per-image and per-face columns, each model's struct, the embedding
         expected = want[(row["path"], row["face"])]
@@ -189,8 +205,8 @@ def test_set_job_survives_a_kill_equals_the_core_and_refuses_another_set(tmp_pat
     set_file.write_text("name: set\nversion: '2'\nembedding: true\nmodels:\n"
                         + "".join(f"  {n}: {p}\n" for n, p in three.items()))
     with pytest.raises(L.LabelError, match="holds rows of checkpoint"):
-        L.label(L.LabelSpec(checkpoint="", model_set=str(set_file), input=str(folder), output=str(out),
-                            batch_size=2, precision="fp32", max_actors=1))
+        L.label(L.LabelSpec(checkpoint="", model_set=str(set_file), input=f"s3://{bucket}/manifest.parquet",
+                            output=out, batch_size=2, precision="fp32", max_actors=1))
 
 
 def pc_unique(table, column: str) -> list:
