@@ -26,7 +26,9 @@ One call of :meth:`FaceDetector.detect` does, on the detector's device:
      wide) or in the letterboxed view (when it is larger), never as a cut half.
    * with ``config.flip``, every view also mirrored left-right (test-time flip).
 
-2. forward passes of at most ``max_batch`` views of one size;
+2. forward passes of at most ``max_batch`` views of one size, holding at most ``max_batch_pixels`` canvas pixels
+   (at least one view): 16 views of 640, 6 of 1024, 4 of 1280. A 16-view batch of 1024 px canvases peaked at
+   3.3 GB with CenterFace, 1.8 GB at 6 views, at the same speed (docs/benchmarks.md);
 3. decoding of every candidate box and its points, the score threshold, then at most ``config.top_k``
    candidates per image (highest scores; issue #22: NMS's cost grows with the square of its input), then
    ``torchvision.ops.batched_nms`` with the image index as the group, so faces of different images never
@@ -203,7 +205,8 @@ class FaceDetector:
             raise ValueError(f"config must be a DetectorConfig, got {type(self.config).__name__}")
         self.device = torch.device(device)
         self.dtype = dtype
-        self.max_batch = 16  # views per forward pass
+        self.max_batch = 16  # views per forward pass, at most
+        self.max_batch_pixels = 16 * 640 * 640  # canvas pixels per forward pass, at most (module docstring)
         self.network = NETWORKS[self.config.network]
         module, self.weights_hash = self.network.load()
         # channels_last: the views in NHWC order, which oneDNN's CPU convolutions run 1.1-2x faster (the
@@ -299,8 +302,9 @@ class FaceDetector:
         found = []  # (image index, boxes, scores, points) of the candidates above the threshold, per chunk
         for side in sorted({v.side for v in views}):
             same = [v for v in views if v.side == side]
-            for start in range(0, len(same), self.max_batch):
-                found.append(self._candidates(images, same[start : start + self.max_batch], scales))
+            step = max(1, min(self.max_batch, self.max_batch_pixels // (side * side)))
+            for start in range(0, len(same), step):
+                found.append(self._candidates(images, same[start : start + step], scales))
         if not found:
             return out
         img_idx, b, s, p = (torch.cat(parts) for parts in zip(*found))

@@ -159,6 +159,18 @@ def test_channels_last_views_find_the_same_faces(drawn_sources):
     assert (nhwc.scores - nchw.scores).abs().max() < 1e-4
 
 
+def test_a_forward_pass_holds_at_most_max_batch_views_and_max_batch_pixels():
+    """Views go through the network in chunks of at most 16 (``max_batch``) and at most 16 canvases of 640 in
+    pixels (``max_batch_pixels``): 16 small canvases at a time, 6 of 1024 (a 16-view CenterFace batch of
+    1024 peaked at 3.3 GB, docs/benchmarks.md)."""
+    for size, n, want in ((256, 20, [16, 4]), (640, 8, [8]), (1024, 8, [6, 2])):
+        det = FaceDetector(DetectorConfig(size=size))
+        seen, forward = [], det._forward
+        det._forward = lambda batch, forward=forward, seen=seen: (seen.append(len(batch)), forward(batch))[1]
+        assert all(len(f) == 0 for f in det.detect([torch.zeros(3, 48, 64, dtype=torch.uint8)] * n))
+        assert seen == want, (size, seen)
+
+
 def test_faces_are_sorted_typed_and_points_are_in_image_order(detector, drawn):
     faces = detector.detect_one(_t(drawn[0]))
     assert faces.boxes.dtype == faces.scores.dtype == faces.points.dtype == torch.float32
