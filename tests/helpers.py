@@ -224,6 +224,12 @@ def kill_after_commits(argv: list[str], ray_session, committed, n: int = 1, thro
     time.sleep(2)  # let Ray reap the killed job's workers
 
 
+def put_all(client, bucket: str, prefix: str, files: dict[str, bytes]) -> None:
+    """Each of ``files`` (name -> bytes) as the object ``prefix + name`` of ``bucket``."""
+    for name, data in files.items():
+        client.put_object(Bucket=bucket, Key=f"{prefix}{name}", Body=data)
+
+
 def s3_commits(client, bucket: str, prefix: str):
     """``committed`` for kill_after_commits on an s3:// output (``prefix``: the commit log's key prefix)."""
     def count() -> int:

@@ -30,17 +30,13 @@ from tests.helpers import (
     face_jpeg,
     huge_png,
     odd_images,
+    put_all,
     read_rows,
     real_faces,
     write_files,
 )
 
 WHOLE = {"mode": "whole"}  # these tests are about reading, writing and resuming: one row per image
-
-
-def put_all(client, bucket: str, prefix: str, files: dict[str, bytes]) -> None:
-    for name, data in files.items():
-        client.put_object(Bucket=bucket, Key=f"{prefix}{name}", Body=data)
 
 
 def expected_rows(ckpt: str, items: dict[str, bytes]) -> dict[str, dict]:

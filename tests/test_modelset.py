@@ -27,6 +27,7 @@ from tests.helpers import (
     kill_after_commits,
     many_photos,
     photos,
+    put_all,
     read_rows,
     real_crops,
     s3_commits,
@@ -153,8 +154,7 @@ def test_set_job_on_s3_survives_a_kill_equals_the_core_and_refuses_another_set(t
     client, bucket = s3_bucket
     many = many_photos(tmp_path / "photos")
     paths = {name: f"s3://{bucket}/in/{name}" for name in many}
-    for name, data in many.items():
-        client.put_object(Bucket=bucket, Key=f"in/{name}", Body=data)
+    put_all(client, bucket, "in/", many)
     manifest = pa.table({"path": list(paths.values()), "note": ["x"] * len(paths)})
     buf = io.BytesIO()
     pq.write_table(manifest, buf)
