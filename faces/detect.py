@@ -332,8 +332,7 @@ class FaceDetector:
         return self.detect([image], [scale])[0]
 
     def _forward(self, batch: torch.Tensor):
-        if self.channels_last:  # no copy: _batch builds NHWC batches (and flip's mirror and cat keep them so)
-            batch = batch.contiguous(memory_format=torch.channels_last)
+        # the batch is in the network's memory format already: _batch builds it so, and flip's mirror and cat keep it
         if self.dtype is None or self.dtype == torch.float32:
             return self.model(batch)
         with torch.autocast(self.device.type, dtype=self.dtype):
