@@ -18,6 +18,8 @@ Reads ../shared/data/wider_face (``boxes.csv``: ``file,x,y,w,h`` per labelled fa
 * speed: ``--timing-photos`` photos detected with the setting as it would run (its threshold, ``min_face``
   16, ``max_faces`` 64), ``--batch`` photos per call: photos/s of detection alone (decoded tensors in) and with
   the JPEG decode (``torchvision.io.decode_jpeg``, timed separately on the same photos) added.
+  With ``--timing-enlarge F`` the timing photos are first enlarged F times (to 2048 px with F = 2: what a
+  phone photo is decoded at; the letterbox then has 3.2x as far to shrink it).
 * crowds (``--crowd SETTING``): with that setting's detections, how many photos have more faces than a
   ``max_faces`` cap, and the recall and precision with ``min_face`` 0 / 8 / 12 / 16 and caps 64 / 128 / 256 / 512.
 
@@ -75,6 +77,10 @@ SETTINGS: dict[str, dict] = {
     "sc1024": {"network": "scrfd", "size": 1024},
     "sc1280x": {"network": "scrfd", "size": 1280, "max_upscale": 1.25},
     "sc640-flip": {"network": "scrfd", "flip": True},
+    # the letterbox's resize in floats, as before 2026-12-06 (the default resizes 8-bit values: docs/faces.md)
+    "rf640-float": {"resize": "float"},
+    "rf1024-float": {"size": 1024, "resize": "float"},
+    "sc640-float": {"network": "scrfd", "resize": "float"},
 }
 DEFAULT_SETTINGS = "rf640,rf896,rf1024,rf640-tile640,rf640-flip,cf640,cf1024"
 
@@ -271,6 +277,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=4, help="photos per detect() call")
     p.add_argument("--settings", default=DEFAULT_SETTINGS, help=f"comma-separated, of: {', '.join(SETTINGS)}")
+    p.add_argument("--timing-enlarge", type=float, default=1.0, metavar="F",
+                   help="enlarge the timing photos F times first (2: 2048 px wide, as a phone photo is decoded)")
     p.add_argument("--eval-threshold", type=float, default=0.02)
     p.add_argument("--crowd", default="", help="a setting whose detections the crowd table uses")
     p.add_argument("--crowd-threshold", type=float, default=None, help="the crowd table's threshold (default: the setting's)")
@@ -311,6 +319,11 @@ def main(argv=None) -> None:
                f"{1000 * decode_s / len(images):.1f} ms per photo")
     print(header.splitlines()[-1], flush=True)
     timing_images = images[: args.timing_photos]
+    if args.timing_enlarge != 1.0:
+        timing_images = [torch.nn.functional.interpolate(im[None].float(), scale_factor=args.timing_enlarge,
+                                                         mode="bilinear")[0].round().clamp(0, 255).byte()
+                         for im in timing_images]
+        header += f"; timing photos enlarged {args.timing_enlarge:g}x (to {max(timing_images[0].shape[1:])} px)"
     if args.timing_only:
         times = {n: [] for n in names}
         for _ in range(args.timing_only):

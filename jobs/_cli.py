@@ -42,6 +42,9 @@ def add_face_args(p: argparse.ArgumentParser, default_mode: str | None = "detect
     g.add_argument("--det-tile", type=positive(int), default=None,
                    help="detect in overlapping tiles of this size at full resolution when the canvas would shrink the photo")
     g.add_argument("--det-flip", action="store_true", default=None, help="also detect on the mirrored photo")
+    g.add_argument("--det-resize", choices=("uint8", "float"), default=None,
+                   help="the letterbox's resize: on 8-bit values (the default; 2-3x faster on a CPU) or in floats "
+                        "(the rows of outputs made before 2026-12-06, to the last bit)")
     g.add_argument("--det-threshold", type=float, default=None, help="detection score threshold (default: the network's)")
     g.add_argument("--min-face", type=float, default=None, help="smallest face kept, in pixels of the original")
     g.add_argument("--max-faces", type=positive(int), default=None, help="most faces kept per image, highest scores first")
@@ -54,7 +57,7 @@ def face_options(args: argparse.Namespace) -> dict:
 
     det = dict(PRESETS[args.det_preset]) if args.det_preset else {}
     det.update({k: v for k, v in (("network", args.det_network), ("size", args.det_size), ("tile", args.det_tile),
-                                  ("flip", args.det_flip), ("threshold", args.det_threshold),
+                                  ("flip", args.det_flip), ("threshold", args.det_threshold), ("resize", args.det_resize),
                                   ("min_face", args.min_face), ("max_faces", args.max_faces)) if v is not None})
     out: dict = {"mode": args.faces or "detect", "detector": det}
     if args.max_side is not None:

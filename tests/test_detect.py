@@ -159,6 +159,39 @@ def test_channels_last_views_find_the_same_faces(drawn_sources):
     assert (nhwc.scores - nchw.scores).abs().max() < 1e-4
 
 
+def test_the_8bit_resize_finds_the_faces_the_float_resize_does(shared_data):
+    """The default letterbox resizes 8-bit values (``resize="uint8"``, 2-3x faster on a CPU); the first
+    version's float resize finds the same faces on real crowd photos, save one whose score is within 0.01 of
+    the threshold: scores within 0.01, boxes within 5 % of their size and nine in ten within 0.5 % (on 102
+    WIDER photos, 395 faces: median 0.06 %, 99th percentile 0.3 %, worst 4.8 %, one face in or out).
+    Off a CPU the 8-bit resize is the float one rounded, which the CPU's 8-bit kernel stays within one level of."""
+    from faces.detect import resize
+    from models.preprocess import decode_photo
+
+    files = sorted((shared_data / "wider_face" / "images").glob("*/*.jpg"))[::25][:12]
+    photos = [decode_photo(f.read_bytes())[0] for f in files]
+    photos.append(torch.nn.functional.interpolate(photos[0][None].float(), scale_factor=2.0)[0].byte())  # 2048 px
+    u8, fl = FaceDetector(), FaceDetector(DetectorConfig(resize="float"))
+    t, rel, scores = u8.config.threshold, [], []
+    for a, b in zip(u8.detect(photos), fl.detect(photos)):
+        for x, y in ((a, b), (b, a)):  # every face of one is in the other, or within 0.01 of the threshold
+            best, j = box_iou(x.boxes, y.boxes).max(1) if len(x) and len(y) else (torch.zeros(len(x)), None)
+            assert ((best >= 0.5) | (x.scores < t + 0.01)).all(), (x.scores, best)
+            ok = best >= 0.5
+            if ok.any():
+                size = (x.boxes[ok, 2:] - x.boxes[ok, :2]).amax(1)
+                rel.append((x.boxes[ok] - y.boxes[j[ok]]).abs().amax(1) / size)
+                scores.append((x.scores[ok] - y.scores[j[ok]]).abs())
+    rel, scores = torch.cat(rel), torch.cat(scores)
+    assert len(rel) >= 40  # crowds: the comparison covered many faces
+    assert rel.max() < 0.05 and rel.quantile(0.9) < 0.005 and scores.max() < 0.01, (rel.max(), rel.quantile(0.9))
+    for size in ((321, 480), (1500, 2000)):  # shrink (antialiased) and enlarge
+        x = photos[1][:, :400, :600].contiguous()
+        kernel, rounded = resize(x, size, "uint8"), resize(x, size, "float").round().clamp(0, 255)
+        assert kernel.dtype == torch.uint8 and kernel.shape == (3, *size)
+        assert (kernel.float() - rounded).abs().max() <= 1.0
+
+
 def test_a_forward_pass_holds_at_most_max_batch_views_and_max_batch_pixels():
     """Views go through the network in chunks of at most 16 (``max_batch``) and at most 16 canvases of 640 in
     pixels (``max_batch_pixels``): 16 small canvases at a time, 6 of 1024 (a 16-view CenterFace batch of

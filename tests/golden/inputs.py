@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 # the detector's defaults at the time the rows were recorded (faces/detect.py, 2026-12-02)
-DETECTOR = {"size": 640, "threshold": 0.7, "nms_iou": 0.4, "min_face": 16.0, "max_faces": 64, "max_upscale": 1.0}
+DETECTOR = {"size": 640, "threshold": 0.7, "nms_iou": 0.4, "min_face": 16.0, "max_faces": 64, "max_upscale": 1.0,
+            "resize": "float"}  # the resize the rows were recorded with (the default's is "uint8" since 2026-12-06)
 MAX_SIDE = 2048
 MODELS = {"hs": ("hard_sharing", {}), "dmm": ("dmm_cnn", {"depth": 18, "image_size": 64})}
 
