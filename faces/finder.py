@@ -23,7 +23,7 @@ import torch
 from faces.align import align
 from faces.detect import DetectorConfig, FaceDetector, Faces
 from models.imagebytes import ImageDecodeError
-from models.preprocess import DEFAULT_PHOTO_SIDE, Preprocessing, decode_photo
+from models.preprocess import DEFAULT_PHOTO_SIDE, Preprocessing, decode_photo, jpeg_draft_side
 
 FACE_MODES = ("detect", "whole")
 
@@ -80,7 +80,10 @@ class FaceFinder:
         self.options = options if isinstance(options, FaceOptions) else FaceOptions.from_dict(options)
         self.detector = FaceDetector(self.options.detector_config(), device=device)
         self.device = self.detector.device
-        self.identity = f"{self.detector.identity} max_side={self.options.max_side}"
+        # jpeg_draft: the least side a JPEG's reduced DCT scale may leave (models.preprocess.decode_photo); named
+        # since 2026-12-06, when it went from max_side to 31/32 of it (photos 3968-4095 px long decode at half size)
+        self.identity = (f"{self.detector.identity} max_side={self.options.max_side} "
+                         f"jpeg_draft={jpeg_draft_side(self.options.max_side)}")
 
     def find(self, images: list[torch.Tensor], scales: list[float] | None = None) -> list[Faces]:
         """Decoded pictures (uint8 (3, h, w), any device) -> their faces, in the decoded pictures' pixels.

@@ -166,6 +166,21 @@ def check_jpeg_bytes(data: bytes) -> None:
         raise ImageDecodeError("too_large", f"a JPEG of {scans} scans is over the limit of {MAX_JPEG_SCANS}")
 
 
+def draft_request(width: int, height: int, longest: int) -> tuple[int, int]:
+    """The (width, height) :func:`open_image` asks a JPEG's draft mode to cover when told a longest side."""
+    f = min(1.0, longest / max(width, height, 1))
+    return max(1, math.ceil(width * f)), max(1, math.ceil(height * f))
+
+
+def jpeg_draft_size(width: int, height: int, request: tuple[int, int]) -> tuple[int, int]:
+    """The size Pillow's JPEG draft mode decodes a ``width`` x ``height`` JPEG at for ``request``: the largest
+    DCT scale of 1/8, 1/4, 1/2, 1 whose image still covers it, sides rounded up (``JpegImageFile.draft``,
+    Pillow 11)."""
+    scale = min(width // request[0], height // request[1])
+    s = next(a for a in (8, 4, 2, 1) if scale >= a)
+    return (width + s - 1) // s, (height + s - 1) // s
+
+
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: tuple[int, int] | int | None = None,
                max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES):
     """Bytes -> a loaded PIL image in upright orientation, mode RGB or L, plus its oriented original size.
@@ -191,8 +206,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: tupl
             early_exif = img.format != "PNG" or "exif" in img.info
             rotated = (img.getexif().get(0x0112, 1) not in (None, 1)) if early_exif else _late_png_rotation(data)
             if isinstance(draft_to, int):  # a longest side: the size that keeps the aspect ratio
-                f = min(1.0, draft_to / max(w0, h0, 1))
-                draft_to = (max(1, math.ceil(w0 * f)), max(1, math.ceil(h0 * f)))
+                draft_to = draft_request(w0, h0, draft_to)
             if draft_to is not None and img.format in ("JPEG", "MPO"):
                 img.draft(img.mode if img.mode in ("RGB", "L") else None, draft_to)
             check_header(img, max_pixels, max_decode_bytes, rotated)

@@ -127,6 +127,37 @@ def test_a_24_megapixel_photo_is_decoded_small_and_answered_in_its_own_pixels(hs
     assert 0.4 * 600 < x2 - x1 < 1.1 * 600  # the face, not the whole pasted crop, in original pixels
 
 
+def test_a_phone_photo_decodes_at_half_size_and_photo_size_says_what_every_jpeg_decodes_to():
+    """A 12 MP phone photo (4032 x 3024, 4000 x 3000) decodes at JPEG's 1/2 scale (2016 / 2000 px, 4.5x
+    faster than whole and shrunk to 2048 px), since a draft may leave the longest side down to 31/32 of
+    ``max_side``; a photo just longer than that window decodes whole and is shrunk as before.
+    ``photo_size`` (which the GPU decoder shrinks to) is the size ``decode_photo`` gives, upright or not."""
+    import io
+
+    from PIL import Image
+
+    from models.imagebytes import draft_request, jpeg_draft_size
+    from models.preprocess import decode_photo, jpeg_draft_side, photo_size
+
+    assert jpeg_draft_side(2048) == 1984 and jpeg_draft_side(640) == 620
+    ramp = np.add.outer(np.arange(64), np.arange(64)).astype(np.uint8)
+    cases = {(4032, 3024): (2016, 1512), (3024, 4032): (1512, 2016), (4000, 3000): (2000, 1500),
+             (3968, 2976): (1984, 1488), (3966, 2976): (2048, 1537), (6000, 4000): (2048, 1365),
+             (2100, 900): (2048, 878), (1000, 700): (1000, 700), (8000, 420): (2000, 105)}
+    for (w, h), want in cases.items():
+        buf = io.BytesIO()
+        Image.fromarray(ramp).convert("RGB").resize((w, h)).save(buf, "JPEG", quality=70)
+        img, size, scale = decode_photo(buf.getvalue())
+        assert size == (w, h) and (img.shape[2], img.shape[1]) == want == photo_size(w, h), (w, h, img.shape)
+        assert scale == pytest.approx(max(w, h) / max(want))
+    for max_side in (640, 1024, 2048):  # the rule against Pillow's own choice, over many sizes
+        for w in range(900, 9000, 37):
+            h = (w * 3) // 4
+            assert photo_size(w, h, max_side)[0] <= max_side
+            drafted = jpeg_draft_size(w, h, draft_request(w, h, jpeg_draft_side(max_side)))[0]
+            assert drafted >= min(w, jpeg_draft_side(max_side)) and (drafted == w or drafted < 2 * max_side)
+
+
 def test_evaluate_through_detection(tmp_path, hs_checkpoint):
     """jobs.evaluate --faces detect measures a model on its data through the detector: the same images, the
     same metrics, the images without a face counted (here: none of drawn faces is missed)."""

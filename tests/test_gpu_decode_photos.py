@@ -108,6 +108,13 @@ def test_the_photo_decoder_matches_decode_photo_sizes_and_names_what_it_refuses(
         assert tuple(img.shape) == tuple(ref.shape) and size == ref_size and scale == pytest.approx(ref_scale)
     assert max(out[0][0].shape[1:]) == MAX_SIDE and out[0][1] == (3000, 2000)
     assert isinstance(out[2], Exception)
+    # a 12 MP phone photo: the CPU decoder's JPEG draft gives half size (2016 px, under MAX_SIDE), and so does
+    # this decoder, by averaging 2 x 2 pixels of the whole decode
+    phone = compose(real_crops(1), [(1500, 900, 600)], size=(4032, 3024), seed=6)
+    (img, size, scale), = gpu_decode_photos([phone], MAX_SIDE, "cpu")
+    ref, ref_size, ref_scale = decode_photo(phone, MAX_SIDE)
+    assert tuple(img.shape) == tuple(ref.shape) == (3, 1512, 2016) and size == ref_size and scale == ref_scale == 2.0
+    assert (img.int() - ref.int()).abs().float().mean() < 3.0
 
 
 def test_only_a_jpeg_that_ends_with_its_end_marker_goes_to_the_gpu(files):

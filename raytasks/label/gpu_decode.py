@@ -108,11 +108,13 @@ def gpu_decode_photos(datas: list[bytes], max_side: int, device) -> list:
     """JPEG bytes -> per item ``(uint8 RGB (3, h, w) tensor on device, (width, height) of the upright original,
     scale)`` as ``models.preprocess.decode_photo`` returns them, or an Exception. The whole JPEG is decoded
     (nvjpeg has no draft mode: a 24 MP photo is 72 MB on the GPU for a moment), then shrunk by area averaging
-    so that its longest side is at most ``max_side``; the sizes and the scale equal the CPU decoder's, the
+    to the size the CPU decoder gives (``models.preprocess.photo_size``: at most ``max_side``); the sizes and the scale equal the CPU decoder's, the
     pixels differ by about 2 grey levels on average after a shrink (other IDCT and resampling kernels;
     measured in docs/benchmarks.md)."""
     import torch
     import torch.nn.functional as F
+
+    from models.preprocess import photo_size
 
     out = []
     for d in _decode_jpegs(datas, False, device):
@@ -121,9 +123,9 @@ def gpu_decode_photos(datas: list[bytes], max_side: int, device) -> list:
             continue
         h, w = d.shape[-2:]
         img = d
-        if max(h, w) > max_side:
-            f = max_side / max(h, w)
-            img = F.interpolate(d[None].float(), size=(max(1, round(h * f)), max(1, round(w * f))), mode="area")[0]
+        tw, th = photo_size(int(w), int(h), max_side)  # the CPU decoder's size: its DCT scale, then max_side
+        if (th, tw) != (h, w):
+            img = F.interpolate(d[None].float(), size=(th, tw), mode="area")[0]
             img = img.round_().clamp_(0, 255).to(torch.uint8)
         out.append((img, (int(w), int(h)), max(h, w) / max(img.shape[-2:])))
     return out
