@@ -41,7 +41,10 @@ def _actor_batch(folder, names: list[str]) -> dict:
     return BlockAccessor.for_block(table).to_batch_format("numpy")
 
 
-def test_photos_decoded_in_the_actor_label_as_the_cpu_path(tmp_path, files, hs_annotator):
+@pytest.mark.parametrize("torch_decode", [True, None], ids=["torch-decoder", "cpu-actor-default"])
+def test_photos_decoded_in_the_actor_label_as_the_cpu_path(tmp_path, files, hs_annotator, torch_decode):
+    """``torch_decode``: the GPU's way (torchvision's decoder, here on the CPU), or the default on a CPU actor
+    (``--actor-decode``: the CPU stage's own decoder, with its JPEG draft mode: the same pixels)."""
     write_files(tmp_path, files)
     names = list(files)
     batch = _actor_batch(tmp_path, names)
@@ -49,7 +52,7 @@ def test_photos_decoded_in_the_actor_label_as_the_cpu_path(tmp_path, files, hs_a
     assert [d is not None for d in batch["jpeg_bytes"]] == [True, True, False, False]
     raw = list(batch.pop("jpeg_bytes"))
     raw[2] = files["cut.jpg"]  # sent anyway, as if it had passed: the decoder's refusal goes to the CPU decoder
-    got = photos_on_device(batch, raw, MAX_SIDE, hs_annotator.device)
+    got = photos_on_device(batch, raw, MAX_SIDE, hs_annotator.device, torch_decode=torch_decode)
     want = decode_batch([str(tmp_path / n) for n in names], [files[n] for n in names], Photos(MAX_SIDE))
     assert list(got["ok"]) == list(want["ok"]) == [True, True, False, False]
     assert list(got["error_kind"]) == list(want["error_kind"]) and got["error_kind"][3] is not None
@@ -57,6 +60,7 @@ def test_photos_decoded_in_the_actor_label_as_the_cpu_path(tmp_path, files, hs_a
     for i in (0, 1):
         g, w = np.asarray(got["image"][i]), np.asarray(want["image"][i])
         assert g.shape == w.shape and got["scale"][i] == pytest.approx(want["scale"][i], rel=1e-6)
+        assert torch_decode or np.array_equal(g, w)  # the CPU actor decodes as the CPU stage does
         # the same JPEG decoder family: equal below the decode size, within a few levels after the shrink
         # (area averaging here, PIL's draft and bilinear on the CPU path)
         # (measured: 0 and 0.36 grey levels on average)

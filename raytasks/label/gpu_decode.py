@@ -185,12 +185,29 @@ def images_on_device(batch: dict, raw: list, pre, device) -> dict:
     return batch
 
 
-def photos_on_device(batch: dict, raw: list, max_side: int, device) -> dict:
+def _or_error(fn, data):
+    """``fn(data)``, or the ImageDecodeError it raised (``_on_device`` then asks the CPU decoder, which names it)."""
+    from models.imagebytes import ImageDecodeError
+
+    try:
+        return fn(data)
+    except ImageDecodeError as e:
+        return e
+
+
+def photos_on_device(batch: dict, raw: list, max_side: int, device, torch_decode: bool | None = None) -> dict:
     """A decoded photo batch (facedata/decode.py) whose rows with bytes in ``raw`` (the CPU stage's
-    ``jpeg_bytes``; None elsewhere) are decoded on ``device`` by :func:`gpu_decode_photos` into ``image`` (then
-    a list of pictures of any size, these ones on the device); the other rows keep what the CPU stage decoded
-    or why it failed. A JPEG nvjpeg refuses goes through the CPU decoder (``decode_photo``), which gives its
-    picture or its error row. Returns a new dict; ``batch``'s arrays are not written (Ray's may be read-only)."""
+    ``jpeg_bytes``; None elsewhere) are decoded here into ``image`` (then a list of pictures of any size, these
+    ones on ``device``); the other rows keep what the CPU stage decoded or why it failed.
+
+    ``torch_decode`` (default: on a GPU only): :func:`gpu_decode_photos` (nvjpeg on a GPU); a JPEG it refuses
+    goes through the CPU decoder, which gives its picture or its error row. Otherwise (``--actor-decode`` on a
+    CPU) every JPEG goes through the CPU stage's own ``decode_photo``, whose JPEG draft mode decodes a 12 MP
+    phone photo at half size: torchvision's CPU decoder has none and decoded it whole, which made the job 2.2x
+    slower on such photos than decoding in tasks (docs/benchmarks.md, "Camera-sized photos"). Returns a new
+    dict; ``batch``'s arrays are not written (Ray's may be read-only)."""
+    import torch
+
     from models.preprocess import decode_photo
 
     batch = _writable(batch, ("ok", "width", "height", "scale"), ("error_kind", "error_message"))
@@ -200,8 +217,11 @@ def photos_on_device(batch: dict, raw: list, max_side: int, device) -> dict:
         t, size, scale = decode_photo(data, max_side)
         return t.to(device), size, scale
 
-    for i, (img, (w, h), scale) in _on_device(batch, raw, lambda datas: gpu_decode_photos(datas, max_side, device),
-                                              on_cpu):
+    if torch_decode is None:
+        torch_decode = torch.device(device).type == "cuda"
+    on_device = ((lambda datas: gpu_decode_photos(datas, max_side, device)) if torch_decode
+                 else (lambda datas: [_or_error(on_cpu, d) for d in datas]))
+    for i, (img, (w, h), scale) in _on_device(batch, raw, on_device, on_cpu):
         images[i], batch["scale"][i] = img, scale
         batch["ok"][i], batch["width"][i], batch["height"][i] = True, w, h
     batch["image"] = images
