@@ -173,12 +173,14 @@ def photos() -> dict[str, bytes]:
     return out
 
 
-def many_photos(folder: Path, copies: int = 4) -> dict[str, bytes]:
-    """``copies`` times photos() under prefixed names, written to ``folder``: more images than one batch."""
+def many_photos(folder: Path | None = None, copies: int = 4) -> dict[str, bytes]:
+    """``copies`` times photos() under prefixed names (more images than one batch), written to ``folder`` if
+    one is given."""
     items = photos()
     many = {f"{i:02d}_{name}": data for i in range(copies) for name, data in items.items()}
-    folder.mkdir(parents=True, exist_ok=True)
-    write_files(folder, many)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_files(folder, many)
     return many
 
 

@@ -152,7 +152,7 @@ def test_set_job_on_s3_survives_a_kill_equals_the_core_and_refuses_another_set(t
     from raytasks import label as L
 
     client, bucket = s3_bucket
-    many = many_photos(tmp_path / "photos")
+    many = many_photos()  # to S3 only
     paths = {name: f"s3://{bucket}/in/{name}" for name in many}
     put_all(client, bucket, "in/", many)
     manifest = pa.table({"path": list(paths.values()), "note": ["x"] * len(paths)})
