@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode JPEGs on the predictor's GPU (torchvision.io.decode_jpeg): photos for detection, or whole "
                         "images at the model's input size; needs --gpus-per-actor > 0")
     p.add_argument("--actor-decode", action="store_true",
-                   help="with --faces detect: decode the photos' JPEGs in the model actors on their device (libjpeg "
-                        "on a CPU, nvjpeg on a GPU) instead of in CPU tasks, so decoded pixels never cross processes "
+                   help="with --faces detect: decode the photos' JPEGs in the model actors on their device (the "
+                        "CPU tasks' decoder, DCT scaling included, on a CPU; nvjpeg on a GPU) instead of in CPU tasks, so decoded pixels never cross processes "
                         "(on a 2-core CPU node: 14 %% more photos/s with the slower detector of before 2026-12-05, none "
                         "since: docs/benchmarks.md)")
     p.add_argument("--compile", action="store_true",

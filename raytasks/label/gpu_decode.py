@@ -1,5 +1,6 @@
 """``--gpu-decode`` (and ``--actor-decode``, the same for photos on any device): JPEGs decoded in the predictor
-actor (``torchvision.io.decode_jpeg``: nvjpeg on a GPU, libjpeg on a CPU), then resized
+actor (``torchvision.io.decode_jpeg``: nvjpeg on a GPU; a CPU actor's photos go through ``decode_photo``, the
+CPU tasks' own decoder, for its JPEG draft mode: :func:`photos_on_device`), then resized
 as ``models.preprocess.decode`` does (whole images, :func:`gpu_decode_batch`) or shrunk to the photo size of
 ``models.preprocess.decode_photo`` (photos for face detection, :func:`gpu_decode_photos`). Split from
 raytasks/label/job.py (the pipeline); the CPU stage decides which files may go (:func:`jpeg_for_gpu`), the
@@ -108,9 +109,9 @@ def gpu_decode_photos(datas: list[bytes], max_side: int, device) -> list:
     """JPEG bytes -> per item ``(uint8 RGB (3, h, w) tensor on device, (width, height) of the upright original,
     scale)`` as ``models.preprocess.decode_photo`` returns them, or an Exception. The whole JPEG is decoded
     (nvjpeg has no draft mode: a 24 MP photo is 72 MB on the GPU for a moment), then shrunk by area averaging
-    to the size the CPU decoder gives (``models.preprocess.photo_size``: at most ``max_side``); the sizes and the scale equal the CPU decoder's, the
-    pixels differ by about 2 grey levels on average after a shrink (other IDCT and resampling kernels;
-    measured in docs/benchmarks.md)."""
+    to the size the CPU decoder gives (``models.preprocess.photo_size``: at most ``max_side``); the sizes and
+    the scale equal the CPU decoder's, the pixels differ by about 2 grey levels on average after a shrink
+    (other IDCT and resampling kernels; measured in docs/benchmarks.md)."""
     import torch
     import torch.nn.functional as F
 
