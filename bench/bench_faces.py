@@ -5,7 +5,8 @@ end with detection against detection + alignment + model alone on pre-decoded im
                                 [--actor-decode] [--cpu-accounting]
 
 Photos: ``--n`` JPEGs composed from real faces in ../shared/data/utkface when present (drawn faces otherwise),
-1-3 faces each, 60-300 px wide, turned up to 20 degrees, on 640-1600 px canvases (facedata/compose.py).
+1-3 faces each, 60-300 px wide, turned up to 20 degrees, on 640-1600 px canvases (facedata/compose.py; ``--canvas
+4032,4032`` for photos of a 12 MP phone's width).
 
 Stages, in this process on one torch thread pool (``--threads``), batched by ``--batch-size`` photos:
 decode (``models.preprocess.decode_photo``, PIL with JPEG draft), detect (``FaceDetector.detect``: letterbox to
@@ -87,7 +88,7 @@ def cpu_summary(acct, model_cpu: float, n: int) -> str:
     return "\n".join(lines)
 
 
-def write_photos(folder: Path, n: int) -> tuple[Path, int, str]:
+def write_photos(folder: Path, n: int, canvas: tuple[int, int] = (640, 1600)) -> tuple[Path, int, str]:
     """``n`` JPEGs composed as the module docstring says, written to the new ``folder``: ``(folder, faces
     pasted, where the faces came from)``. The photos of this benchmark and of bench_modelset.py."""
     from PIL import Image
@@ -99,7 +100,7 @@ def write_photos(folder: Path, n: int) -> tuple[Path, int, str]:
     folder.mkdir()
     truth = 0
     for i in range(n):
-        c = compose(src, 1000 + i, n_faces=(1, 3), canvas=(640, 1600), face_width=(60, 300), max_angle=20)
+        c = compose(src, 1000 + i, n_faces=(1, 3), canvas=canvas, face_width=(60, 300), max_angle=20)
         (folder / f"p{i:04d}.jpg").write_bytes(encode_jpeg(Image.fromarray(c.image)))
         truth += len(c.boxes)
     return folder, truth, where
@@ -110,6 +111,7 @@ def main(argv=None):
     p.add_argument("--model", default="age_gender_race")
     p.add_argument("--n", type=int, default=64, help="photos")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--canvas", default="640,1600", help="the photos' side range in pixels (4032,4032: a phone's width)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-label-job", action="store_true", help="skip the end-to-end Ray run")
     p.add_argument("--cpu-accounting", action="store_true",
@@ -129,7 +131,7 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-faces-"))
-    folder, truth, where = write_photos(work / "photos", args.n)
+    folder, truth, where = write_photos(work / "photos", args.n, tuple(int(v) for v in args.canvas.split(",")))
     files = sorted(folder.iterdir())
     datas = [f.read_bytes() for f in files]
     ckpt = str(work / f"{args.model}.pt")
