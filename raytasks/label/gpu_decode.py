@@ -134,15 +134,17 @@ def gpu_decode_photos(datas: list[bytes], max_side: int, device) -> list:
 
 def _on_device(batch: dict, raw: list, on_device, on_cpu):
     """Yield ``(row, result)`` for every row with bytes in ``raw``: ``on_device``'s result (one call for all
-    of them), or ``on_cpu``'s for a JPEG nvjpeg refused; a row neither can decode becomes its error row in
-    ``batch`` (the CPU decoder's kind and message) and is not yielded."""
+    of them), or ``on_cpu``'s for a JPEG nvjpeg refused (for every row when ``on_device`` is None); a row
+    neither can decode becomes its error row in ``batch`` (the CPU decoder's kind and message) and is not
+    yielded."""
     from facedata.decode import fail
     from models.imagebytes import ImageDecodeError
 
     idx = [i for i, d in enumerate(raw) if d is not None]
     datas = [bytes(raw[i]) for i in idx]
-    for i, data, res in zip(idx, datas, on_device(datas)):
-        if isinstance(res, Exception):
+    results = on_device(datas) if on_device is not None else [None] * len(datas)
+    for i, data, res in zip(idx, datas, results):
+        if res is None or isinstance(res, Exception):
             try:
                 res = on_cpu(data)
             except ImageDecodeError as e:
@@ -186,16 +188,6 @@ def images_on_device(batch: dict, raw: list, pre, device) -> dict:
     return batch
 
 
-def _or_error(fn, data):
-    """``fn(data)``, or the ImageDecodeError it raised (``_on_device`` then asks the CPU decoder, which names it)."""
-    from models.imagebytes import ImageDecodeError
-
-    try:
-        return fn(data)
-    except ImageDecodeError as e:
-        return e
-
-
 def photos_on_device(batch: dict, raw: list, max_side: int, device, torch_decode: bool | None = None) -> dict:
     """A decoded photo batch (facedata/decode.py) whose rows with bytes in ``raw`` (the CPU stage's
     ``jpeg_bytes``; None elsewhere) are decoded here into ``image`` (then a list of pictures of any size, these
@@ -220,8 +212,7 @@ def photos_on_device(batch: dict, raw: list, max_side: int, device, torch_decode
 
     if torch_decode is None:
         torch_decode = torch.device(device).type == "cuda"
-    on_device = ((lambda datas: gpu_decode_photos(datas, max_side, device)) if torch_decode
-                 else (lambda datas: [_or_error(on_cpu, d) for d in datas]))
+    on_device = (lambda datas: gpu_decode_photos(datas, max_side, device)) if torch_decode else None
     for i, (img, (w, h), scale) in _on_device(batch, raw, on_device, on_cpu):
         images[i], batch["scale"][i] = img, scale
         batch["ok"][i], batch["width"][i], batch["height"][i] = True, w, h
