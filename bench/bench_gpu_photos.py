@@ -45,8 +45,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
@@ -129,7 +127,7 @@ def run_pass(ann, datas, bs, decode, ahead, sync) -> tuple[float, int]:
 
 def stages(ann, datas, bs, decode, sync) -> dict[str, float]:
     """Seconds per stage over one pass, synchronised after each (so no overlap: a breakdown, not a speed)."""
-    import torch
+    from models.preprocess import photo_tensor
 
     t = dict.fromkeys(("decode", "detect", "align", "model", "quality_rows"), 0.0)
     finder = ann.finder
@@ -144,8 +142,7 @@ def stages(ann, datas, bs, decode, sync) -> dict[str, float]:
         sync()
         t2 = time.perf_counter()
         keep = [i for i, f in enumerate(found) if f is not None]
-        images = [b["image"][i] for i in keep]
-        images = [im if isinstance(im, torch.Tensor) else torch.from_numpy(np.array(im)) for im in images]
+        images = [photo_tensor(b["image"][i]) for i in keep]
         scales = [float(b["scale"][i]) for i in keep]
         al = [finder.aligned(images, [found[i] for i in keep], r.preprocessing, scales) for r in runners]
         sync()

@@ -43,6 +43,7 @@ from facedata.decode import Photos, Whole, decode_batch
 from faces.finder import FaceFinder, FaceOptions
 from faces.quality import ReviewThresholds, face_quality, low_confidence_reasons, quality_crops
 from models.outputs import Categorical
+from models.preprocess import photo_tensor
 
 CHECK_EVERY = 64  # with a ``check`` (serving), a model runs on this many faces between two checks
 
@@ -296,11 +297,7 @@ class Annotator:
 def _pictures(batch: dict) -> tuple[list[int], list[torch.Tensor], list[float]]:
     """A photo batch's decoded pictures: the indices of its ``ok`` images, their pixels and scales."""
     keep = [int(i) for i in np.flatnonzero(np.asarray(batch["ok"], dtype=bool))]
-    return keep, [_tensor(batch["image"][i]) for i in keep], [float(batch["scale"][i]) for i in keep]
-
-
-def _tensor(image) -> torch.Tensor:
-    return image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image, copy=True))
+    return keep, [photo_tensor(batch["image"][i]) for i in keep], [float(batch["scale"][i]) for i in keep]
 
 
 def _rows_of(images, idx: np.ndarray) -> torch.Tensor:

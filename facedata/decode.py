@@ -4,9 +4,10 @@ A *decoded batch* is a dict of columns with one entry per input, failures includ
 
 * ``path``, ``ok``, ``error_kind``, ``error_message``, ``width``, ``height`` (the original size): the
   per-image outcome, from which the rows' per-image columns are built (core/rows.py);
-* for photos (:class:`Photos`: faces are found later): ``image`` (a list of uint8 ``(3, h, w)`` arrays at
-  most ``max_side`` on their longest side, None where the row failed) and ``scale`` (decoded -> original
-  pixels);
+* for photos (:class:`Photos`: faces are found later): ``image`` (a list of uint8 ``(h, w, 3)`` RGB arrays,
+  Pillow's layout, at most ``max_side`` on their longest side, None where the row failed; read-only where
+  they come from Pillow or Ray: ``models.preprocess.photo_tensor`` makes the ``(3, h, w)`` tensor that
+  detection reads) and ``scale`` (decoded -> original pixels);
 * for whole images (:class:`Whole`: each image is one aligned face crop) and each distinct preprocessing
   ``k`` of the models that will read it: ``image_<k>`` (uint8 ``(n, C, H, W)``, the model's input) and
   ``geometry_<k>`` (``(n, 4)`` float64: ``sx, sy, tx, ty``, input pixel -> original pixel).
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.imagebytes import ImageDecodeError
-from models.preprocess import DEFAULT_PHOTO_SIDE, Preprocessing, decode, decode_photo
+from models.preprocess import DEFAULT_PHOTO_SIDE, Preprocessing, decode, decode_photo_pixels
 
 GEOMETRY_KEYS = ("sx", "sy", "tx", "ty")
 IMAGE_COLUMNS = ("path", "ok", "error_kind", "error_message", "width", "height")
@@ -70,8 +71,7 @@ def decode_into(batch: dict, i: int, data: bytes | None, target: Photos | Whole)
     data = bytes(data) if data is not None else b""
     try:
         if isinstance(target, Photos):
-            t, (w, h), scale = decode_photo(data, target.max_side)
-            batch["image"][i], batch["scale"][i] = t.numpy(), scale
+            batch["image"][i], (w, h), batch["scale"][i] = decode_photo_pixels(data, target.max_side)
         else:
             for k, pre in enumerate(target.preprocessings):
                 t, g = decode(data, pre)

@@ -167,10 +167,11 @@ def photo_size(width: int, height: int, max_side: int = DEFAULT_PHOTO_SIDE) -> t
     return w, h
 
 
-def decode_photo(data: bytes, max_side: int = DEFAULT_PHOTO_SIDE,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, tuple[int, int], float]:
-    """Photo bytes -> ``(uint8 RGB (3, h, w), (width, height) of the upright original, scale)``, the whole
-    picture for face detection, its longest side at most ``max_side`` pixels.
+def decode_photo_pixels(data: bytes, max_side: int = DEFAULT_PHOTO_SIDE,
+                        max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int], float]:
+    """Photo bytes -> ``(uint8 RGB (h, w, 3) array, (width, height) of the upright original, scale)``, the whole
+    picture for face detection, its longest side at most ``max_side`` pixels; the array is Pillow's own pixels,
+    read-only (no copy is made here: :func:`decode_photo` makes a writable tensor of them).
 
     A large JPEG is decoded at a reduced DCT scale (JPEG draft mode: 1/2, 1/4 or 1/8, the smallest that keeps
     its longest side at or above :func:`jpeg_draft_side`, 31/32 of ``max_side``) and then area-resized if it is
@@ -179,7 +180,11 @@ def decode_photo(data: bytes, max_side: int = DEFAULT_PHOTO_SIDE,
     kept so (4.5x faster than decoding it whole to shrink it by 1.6 %). Other formats are resized after
     decoding. ``scale`` maps decoded pixels to original ones (``x_original = x * scale``). 2048 px keeps a face
     that fills a tenth of a 6000 px photo's width at about 200 px, the input size of the largest model; a
-    smaller ``max_side`` is faster and loses small faces first."""
+    smaller ``max_side`` is faster and loses small faces first.
+
+    The pixels stay in Pillow's layout, rows of RGB triples (HWC): a transposition into planes (CHW) was a copy
+    of the whole photo, and the detector's 8-bit letterbox wants HWC memory anyway (docs/benchmarks.md,
+    "Camera-sized photos")."""
     if max_side < 32:
         raise ValueError("max_side must be at least 32 pixels")
     img, (ow, oh) = open_image(data, max_pixels, draft_to=jpeg_draft_side(max_side))
@@ -188,10 +193,26 @@ def decode_photo(data: bytes, max_side: int = DEFAULT_PHOTO_SIDE,
     if max(w, h) > max_side:
         f = max_side / max(w, h)
         img = img.resize((max(1, round(w * f)), max(1, round(h * f))), Image.BILINEAR, reducing_gap=3.0)
-    # one copy, Pillow's read-only pixels straight into a new CHW array (a copy and then a transposition took
-    # 8.6 ms at 2016 x 1512, this 4.7: docs/benchmarks.md, "Camera-sized photos")
-    t = torch.from_numpy(np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)))
-    return t, (ow, oh), max(ow, oh) / max(t.shape[1], t.shape[2])
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr, (ow, oh), max(ow, oh) / max(arr.shape[0], arr.shape[1])
+
+
+def photo_tensor(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 ``(h, w, 3)`` pixels (:func:`decode_photo_pixels`, or a decoded batch's ``image``) -> the uint8
+    ``(3, h, w)`` tensor that detection and alignment read, in HWC memory (``permute``: a view, channels-last
+    strides). An array is copied once, into memory torch may write (Pillow's and Ray's are read-only); a
+    tensor (one the label job's actor decoded on its device) is only viewed."""
+    if isinstance(pixels, torch.Tensor):
+        return pixels.permute(2, 0, 1)
+    return torch.from_numpy(np.array(pixels, dtype=np.uint8, copy=True)).permute(2, 0, 1)
+
+
+def decode_photo(data: bytes, max_side: int = DEFAULT_PHOTO_SIDE,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, tuple[int, int], float]:
+    """Photo bytes -> ``(uint8 RGB (3, h, w) tensor, (width, height) of the upright original, scale)``:
+    :func:`decode_photo_pixels` as a tensor (:func:`photo_tensor`: HWC memory seen as CHW)."""
+    arr, size, scale = decode_photo_pixels(data, max_side, max_pixels)
+    return photo_tensor(arr), size, scale
 
 
 def normalize(batch: torch.Tensor, pre: Preprocessing) -> torch.Tensor:

@@ -26,7 +26,9 @@ class HostPicture(torch.Tensor):
                 plain = args[0].as_subclass(torch.Tensor)
                 out = plain.to(*args[1:], **kwargs)
                 return out.clone() if out is plain else out
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            # the (h, w, 3) picture viewed as (3, h, w) (models.preprocess.photo_tensor) is still the host picture
+            return out.as_subclass(cls) if func is torch.Tensor.permute else out
 
 
 def test_each_photo_moves_to_the_device_once_and_rows_are_unchanged(hs_annotator, group_photo):
@@ -38,5 +40,5 @@ def test_each_photo_moves_to_the_device_once_and_rows_are_unchanged(hs_annotator
     spied = dict(batch, image=[torch.from_numpy(im.copy()).as_subclass(HostPicture) for im in batch["image"]])
     HostPicture.moves.clear()
     got = row_dicts(hs_annotator.annotate(spied))
-    assert HostPicture.moves == [tuple(im.shape) for im in batch["image"]]  # once each, in order
+    assert HostPicture.moves == [(3, *im.shape[:2]) for im in batch["image"]]  # once each, in order
     assert_same(got, want, "rows from counted pictures")

@@ -158,6 +158,37 @@ def test_a_phone_photo_decodes_at_half_size_and_photo_size_says_what_every_jpeg_
             assert drafted >= min(w, jpeg_draft_side(max_side)) and (drafted == w or drafted < 2 * max_side)
 
 
+def test_a_decoded_photo_stays_in_pillows_layout_and_labels_as_a_planar_copy_does(hs_annotator):
+    """A decoded batch holds Pillow's own ``(h, w, 3)`` pixels (no copy: read-only), the label stage's Arrow
+    column carries them as they are, and detection reads them as a channels-last ``(3, h, w)`` view: the
+    faces and rows are those of a planar (CHW) copy of the same pixels, the layout decoded before
+    (docs/benchmarks.md, "Camera-sized photos": the copies this saves)."""
+    import torch
+
+    from core.rows import row_dicts
+    from facedata.decode import Photos, decode_batch
+    from models.preprocess import decode_photo, photo_tensor
+    from raytasks.label.stages import to_arrow
+
+    crops = real_crops(2)
+    photo = compose(crops, [(300, 200, 240), (1000, 260, 200)], size=(1600, 900), seed=7)
+    batch = decode_batch(["p.jpg", "bad.jpg"], [photo, b"not an image"], Photos(1024))
+    im = batch["image"][0]
+    assert im.shape == (576, 1024, 3) and im.dtype == np.uint8 and not im.flags.writeable
+    assert batch["image"][1] is None and list(batch["ok"]) == [True, False]
+    t = photo_tensor(im)
+    assert t.shape == (3, 576, 1024) and t[None].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(t, decode_photo(photo, 1024)[0])
+    (carried, empty) = to_arrow(batch).column("image").chunk(0).to_numpy()
+    assert carried.shape == im.shape and np.array_equal(carried, im) and empty.size == 0
+
+    rows = row_dicts(hs_annotator.annotate(batch))
+    planar = torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1)))  # (3, h, w) contiguous
+    assert photo_tensor(planar.permute(1, 2, 0)).is_contiguous()
+    before = row_dicts(hs_annotator.annotate(dict(batch, image=[planar.permute(1, 2, 0), None])))
+    assert sum(r["face"] is not None for r in rows) == 2 and rows == before
+
+
 def test_evaluate_through_detection(tmp_path, hs_checkpoint):
     """jobs.evaluate --faces detect measures a model on its data through the detector: the same images, the
     same metrics, the images without a face counted (here: none of drawn faces is missed)."""

@@ -191,7 +191,7 @@ def images_on_device(batch: dict, raw: list, pre, device) -> dict:
 def photos_on_device(batch: dict, raw: list, max_side: int, device, torch_decode: bool | None = None) -> dict:
     """A decoded photo batch (facedata/decode.py) whose rows with bytes in ``raw`` (the CPU stage's
     ``jpeg_bytes``; None elsewhere) are decoded here into ``image`` (then a list of pictures of any size, these
-    ones on ``device``); the other rows keep what the CPU stage decoded or why it failed.
+    ones ``(h, w, 3)`` views of tensors on ``device``); the other rows keep what the CPU stage decoded or why it failed.
 
     ``torch_decode`` (default: on a GPU only): :func:`gpu_decode_photos` (nvjpeg on a GPU); a JPEG it refuses
     goes through the CPU decoder, which gives its picture or its error row. Otherwise (``--actor-decode`` on a
@@ -214,7 +214,7 @@ def photos_on_device(batch: dict, raw: list, max_side: int, device, torch_decode
         torch_decode = torch.device(device).type == "cuda"
     on_device = (lambda datas: gpu_decode_photos(datas, max_side, device)) if torch_decode else None
     for i, (img, (w, h), scale) in _on_device(batch, raw, on_device, on_cpu):
-        images[i], batch["scale"][i] = img, scale
+        images[i], batch["scale"][i] = img.permute(1, 2, 0), scale  # (h, w, 3), as the batch holds pictures
         batch["ok"][i], batch["width"][i], batch["height"][i] = True, w, h
     batch["image"] = images
     return batch

@@ -62,7 +62,8 @@ def read_and_decode(batch: pa.Table, faces: dict, pre_dicts: list[dict], base: s
 
 def to_arrow(batch: dict, jpeg_bytes: list | None = None) -> pa.Table:
     """A decoded batch as an Arrow table for Ray Data: photos of different sizes in one of Ray's
-    variable-shaped tensor columns (a failed row holds a 0x0 image), whole images as fixed-shape ones."""
+    variable-shaped tensor columns, HWC as decoded (a failed row holds a 0x0 image), whole images as
+    fixed-shape ones. Ray concatenates the photos into one buffer, the one copy the task makes of Pillow's pixels."""
     from ray.data.extensions import ArrowTensorArray
 
     arrays = {
@@ -80,7 +81,7 @@ def to_arrow(batch: dict, jpeg_bytes: list | None = None) -> pa.Table:
             arrays[key] = pa.array(np.asarray(col, dtype=np.float64))
         elif key == "image":
             images = np.empty(len(col), dtype=object)
-            images[:] = [im if im is not None else np.zeros((3, 0, 0), np.uint8) for im in col]
+            images[:] = [im if im is not None else np.zeros((0, 0, 3), np.uint8) for im in col]
             arrays[key] = ArrowTensorArray.from_numpy(images)
         else:
             arrays[key] = ArrowTensorArray.from_numpy(np.ascontiguousarray(col))
