@@ -188,7 +188,7 @@ def main(argv=None):
     import models
     from core.annotator import Annotator
     from models.checkpoint import save_checkpoint
-    from models.preprocess import DEFAULT_PHOTO_SIDE
+    from models.photo import DEFAULT_PHOTO_SIDE
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:

@@ -22,7 +22,8 @@ import storage
 from faces.trainfaces import ALIGN_POINTS, ALIGN_SHA, training_input
 from models.imagebytes import ImageDecodeError
 from models.landmarks import Landmarks
-from models.preprocess import DEFAULT_PHOTO_SIDE, build_augmentation, decode
+from models.photo import DEFAULT_PHOTO_SIDE
+from models.preprocess import build_augmentation, decode
 
 log = logging.getLogger(__name__)
 

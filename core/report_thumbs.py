@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from facedata import reading
 from models.imagebytes import ImageDecodeError, open_image
-from models.preprocess import DEFAULT_PHOTO_SIDE
+from models.photo import DEFAULT_PHOTO_SIDE
 
 THUMB_PX = 128  # a thumbnail's longer side
 MARGIN = 0.25  # of the box's size, added on each side of the face

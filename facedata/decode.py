@@ -15,16 +15,22 @@ A *decoded batch* is a dict of columns with one entry per input, failures includ
 A file that cannot be read or decoded is a row with ``ok`` False and its reason (``models.preprocess``'s
 error kinds, or the reader's ``unreadable`` / ``forbidden``), never an exception. With several
 preprocessings an image fails with the first one that fails.
+
+Photos decode without torch (models/photo.py): the label job's decode tasks never import it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from models.imagebytes import ImageDecodeError
-from models.preprocess import DEFAULT_PHOTO_SIDE, Preprocessing, decode, decode_photo_pixels
+from models.photo import DEFAULT_PHOTO_SIDE, decode_photo_pixels
+
+if TYPE_CHECKING:
+    from models.preprocess import Preprocessing
 
 GEOMETRY_KEYS = ("sx", "sy", "tx", "ty")
 IMAGE_COLUMNS = ("path", "ok", "error_kind", "error_message", "width", "height")
@@ -73,6 +79,8 @@ def decode_into(batch: dict, i: int, data: bytes | None, target: Photos | Whole)
         if isinstance(target, Photos):
             batch["image"][i], (w, h), batch["scale"][i] = decode_photo_pixels(data, target.max_side)
         else:
+            from models.preprocess import decode  # torch: only for whole images (photos decode without it)
+
             for k, pre in enumerate(target.preprocessings):
                 t, g = decode(data, pre)
                 batch[f"image_{k}"][i] = t.numpy()

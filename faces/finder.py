@@ -23,7 +23,8 @@ import torch
 from faces.align import align
 from faces.detect import DetectorConfig, FaceDetector, Faces
 from models.imagebytes import ImageDecodeError
-from models.preprocess import DEFAULT_PHOTO_SIDE, Preprocessing, decode_photo, jpeg_draft_side
+from models.photo import DEFAULT_PHOTO_SIDE, jpeg_draft_side
+from models.preprocess import Preprocessing, decode_photo
 
 FACE_MODES = ("detect", "whole")
 

@@ -44,7 +44,8 @@ from facedata.datasets import FACE_SELECT_COLUMNS
 from faces.facecache import CACHE_DECIMALS, Detection, DetectionCache, content_hash
 from faces.finder import face_input
 from models.imagebytes import ImageDecodeError
-from models.preprocess import DEFAULT_PHOTO_SIDE, decode_photo
+from models.photo import DEFAULT_PHOTO_SIDE
+from models.preprocess import decode_photo
 
 log = logging.getLogger(__name__)
 

@@ -14,13 +14,25 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+from typing import TYPE_CHECKING
 
-from .base import FaceModel, Recipe
+if TYPE_CHECKING:
+    from .base import FaceModel
 
 _INFRASTRUCTURE = {"base", "outputs", "outputset", "losses", "landmarks", "preprocess", "checkpoint", "backbones", "dlib_resnet",
-                   "dlib_format", "imagebytes"}
+                   "dlib_format", "imagebytes", "photo"}
 _REGISTRY: dict[str, type[FaceModel]] = {}
 _loaded = False
+
+
+def __getattr__(name: str):
+    # ``FaceModel`` and ``Recipe`` (models/base.py, torch) are imported when first asked for, so that
+    # ``models.imagebytes`` and ``models.photo`` import without torch (the label job's decode tasks)
+    if name in ("FaceModel", "Recipe"):
+        from . import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def register_model(name: str):

@@ -137,7 +137,8 @@ def test_a_phone_photo_decodes_at_half_size_and_photo_size_says_what_every_jpeg_
     from PIL import Image
 
     from models.imagebytes import draft_request, jpeg_draft_size
-    from models.preprocess import decode_photo, jpeg_draft_side, photo_size
+    from models.photo import jpeg_draft_side, photo_size
+    from models.preprocess import decode_photo
 
     assert jpeg_draft_side(2048) == 1984 and jpeg_draft_side(640) == 620
     ramp = np.add.outer(np.arange(64), np.arange(64)).astype(np.uint8)
@@ -168,7 +169,7 @@ def test_a_decoded_photo_stays_in_pillows_layout_and_labels_as_a_planar_copy_doe
     from core.rows import row_dicts
     from facedata.decode import Photos, decode_batch
     from models.preprocess import decode_photo, photo_tensor
-    from raytasks.label.stages import to_arrow
+    from raytasks.label.decoding import to_arrow
 
     crops = real_crops(2)
     photo = compose(crops, [(300, 200, 240), (1000, 260, 200)], size=(1600, 900), seed=7)
@@ -187,6 +188,34 @@ def test_a_decoded_photo_stays_in_pillows_layout_and_labels_as_a_planar_copy_doe
     assert photo_tensor(planar.permute(1, 2, 0)).is_contiguous()
     before = row_dicts(hs_annotator.annotate(dict(batch, image=[planar.permute(1, 2, 0), None])))
     assert sum(r["face"] is not None for r in rows) == 2 and rows == before
+
+
+def test_the_label_jobs_decode_stage_never_imports_torch(tmp_path, group_photo):
+    """A decode worker runs raytasks.label.decoding alone: it reads and decodes photos (a bad file an error row)
+    into Ray's Arrow column with no torch imported, which would cost each worker 1.7 s of CPU and about 265 MB
+    of private memory (docs/benchmarks.md, "Camera-sized photos"). A fresh process, as a Ray worker is."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    data, _ = group_photo
+    (tmp_path / "group.jpg").write_bytes(data)
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    code = f"""
+import sys
+import pyarrow as pa
+from raytasks.label.decoding import read_and_decode
+paths = [{str(tmp_path / "group.jpg")!r}, {str(tmp_path / "bad.jpg")!r}]
+t = read_and_decode(pa.table({{"path": paths}}), {{"mode": "detect", "max_side": 2048}}, [])
+assert t.column("ok").to_pylist() == [True, False], t.column("error_kind").to_pylist()
+assert t.column("image").chunk(0).to_numpy()[0].shape == (640, 900, 3)
+loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+assert not loaded, loaded[:5]
+print("decoded without torch")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "decoded without torch" in proc.stdout, proc.stderr[-2000:]
 
 
 def test_evaluate_through_detection(tmp_path, hs_checkpoint):

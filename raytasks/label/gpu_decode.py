@@ -109,13 +109,13 @@ def gpu_decode_photos(datas: list[bytes], max_side: int, device) -> list:
     """JPEG bytes -> per item ``(uint8 RGB (3, h, w) tensor on device, (width, height) of the upright original,
     scale)`` as ``models.preprocess.decode_photo`` returns them, or an Exception. The whole JPEG is decoded
     (nvjpeg has no draft mode: a 24 MP photo is 72 MB on the GPU for a moment), then shrunk by area averaging
-    to the size the CPU decoder gives (``models.preprocess.photo_size``: at most ``max_side``); the sizes and
+    to the size the CPU decoder gives (``models.photo.photo_size``: at most ``max_side``); the sizes and
     the scale equal the CPU decoder's, the pixels differ by about 2 grey levels on average after a shrink
     (other IDCT and resampling kernels; measured in docs/benchmarks.md)."""
     import torch
     import torch.nn.functional as F
 
-    from models.preprocess import photo_size
+    from models.photo import photo_size
 
     out = []
     for d in _decode_jpegs(datas, False, device):

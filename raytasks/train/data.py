@@ -27,7 +27,7 @@ class BatchSpec:
     outputs: OutputSet
     augment: dict | None = None
     max_side: int | None = None  # photos are decoded at this longest side (--faces detect|landmarks); None:
-    #                              models.preprocess.DEFAULT_PHOTO_SIDE
+    #                              models.photo.DEFAULT_PHOTO_SIDE
 
 
 _reseeded = False
@@ -49,7 +49,8 @@ def decode_rows(rows: pd.DataFrame, spec: BatchSpec | bytes, train: bool) -> dic
     import torch
 
     from core.batches import load_batch
-    from models.preprocess import DEFAULT_PHOTO_SIDE, build_augmentation
+    from models.photo import DEFAULT_PHOTO_SIDE
+    from models.preprocess import build_augmentation
 
     global _reseeded
     if isinstance(spec, bytes):  # pickled, as make_dataset passes it
