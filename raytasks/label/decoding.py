@@ -3,7 +3,7 @@ Data, and the memory each decode task reserves.
 
 Its imports hold no torch (photos decode with models/photo.py; whole images import ``models.preprocess`` when
 first decoded), so a decode worker does not spend 1.7 s of CPU and about 265 MB of private memory on it
-(docs/benchmarks.md, "Camera-sized photos"); ``tests/test_label.py`` checks that it stays so.
+(docs/benchmarks.md, "Camera-sized photos"); ``tests/test_faces_e2e.py`` checks that it stays so.
 """
 
 from __future__ import annotations
