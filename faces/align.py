@@ -122,6 +122,13 @@ def _halve(img: torch.Tensor) -> torch.Tensor:
     return F.avg_pool2d(img[None], 2)[0]
 
 
+def pyramid_levels(maps: torch.Tensor) -> list[int]:
+    """Each map's pyramid level: how many times the image is halved before sampling, so that one output pixel
+    spans at most 2 source pixels (the map's scale, its sampling step)."""
+    steps = torch.sqrt(torch.abs(torch.linalg.det(maps.double()[:, :2, :2]))).tolist()
+    return [math.ceil(math.log2(s / 2.0)) if s > 2.0 else 0 for s in steps]
+
+
 REGION_WHOLE = 0.5  # warp() samples the whole photo once the faces' region covers this share of it
 
 
@@ -163,9 +170,7 @@ def warp(image: torch.Tensor, maps: torch.Tensor, size: tuple[int, int]) -> torc
     if k == 0:
         return torch.zeros((0, c, out_h, out_w), dtype=torch.uint8, device=image.device)
     maps = maps.detach().double().cpu()
-    # the sampling step: how many source pixels one output pixel spans (the map's scale)
-    steps = torch.sqrt(torch.abs(torch.linalg.det(maps[:, :2, :2]))).tolist()
-    levels = [math.ceil(math.log2(s / 2.0)) if s > 2.0 else 0 for s in steps]
+    levels = pyramid_levels(maps)
     x0, y0, x1, y1 = _region(maps, (out_h, out_w), image.shape[-2:], max(levels))
     if (x0, y0, x1, y1) != (0, 0, image.shape[-1], image.shape[-2]):  # the faces' part of the photo only
         image = image[:, y0:y1, x0:x1]

@@ -120,8 +120,7 @@ def test_the_warp_reads_only_the_faces_region_and_gives_the_whole_photos_crops(m
     for name, T in list(faces.items()) + [("all", None)]:
         pts = torch.stack([_apply(t, tmpl) for t in faces.values()]) if T is None else _apply(T, tmpl)[None]
         maps = input_to_image(pts, pre)
-        steps = torch.sqrt(torch.abs(torch.linalg.det(maps[:, :2, :2]))).tolist()
-        level = max(math.ceil(math.log2(s / 2.0)) if s > 2.0 else 0 for s in steps)
+        level = max(A.pyramid_levels(maps))
         x0, y0, x1, y1 = A._region(maps, pre.size, photo.shape[-2:], level)
         if name != "all":
             assert (x1 - x0) * (y1 - y0) < 0.5 * 2016 * 1512, name  # a part of the photo, not all of it
