@@ -18,8 +18,10 @@ from raytasks.label.gpu_decode import jpeg_for_gpu
 
 DECODE_FILE_BYTES = 4 * 1024 * 1024  # a photo's bytes plus PIL's (draft-reduced) decode buffer, for decode_memory
 # the decode worker itself (Python, Ray's core worker, pyarrow, PIL): 138 MB private at its first task here
-# (260 while it imported torch, before 2026-12-06); kept at the old reservation, which the worker's peak passes
-# anyway (docs/benchmarks.md, "Camera-sized photos")
+# (260 while it imported torch, before 2026-12-06); kept at the old reservation. With it the reservation holds
+# what a decode worker's own memory reaches, about twice over: 389 and 669 MB of private anonymous memory at
+# its peak for batches of 16 and 32 phone photos, against 901 and 1,418 MB reserved (the object-store pages it
+# writes are the object store's, not this reservation's; docs/benchmarks.md, "Camera-sized photos")
 DECODE_PROCESS_BYTES = 384 * 1024 * 1024
 
 
