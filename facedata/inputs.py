@@ -7,6 +7,7 @@ facedata/paths.py; reading the bytes is facedata/reading.py.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 from collections.abc import Iterator
@@ -18,7 +19,9 @@ import pyarrow.parquet as pq
 import storage
 from facedata.paths import local_path, normalize_path, open_local, storable
 from facedata.reading import FETCH_TIMEOUT_S, gather
+from models.imagebytes import FOREIGN_EXTENSIONS, foreign_format
 
+SKIPPED_EXTENSIONS_SHOWN = 10  # extensions of skipped files named in the summary
 LISTING_CHUNK = 20_000  # paths per listing file (and at most this many paths in the driver at once)
 
 
@@ -27,11 +30,24 @@ class InputError(ValueError):
 
 
 def has_image_extension(path: str) -> bool:
-    return path.lower().endswith(storage.IMAGE_EXTENSIONS)
+    """An extension of a format we decode (``storage.IMAGE_EXTENSIONS``) or of a photo format we do not
+    (``FOREIGN_EXTENSIONS``: HEIC, AVIF, RAW, ...; such a file is an input that becomes an error row naming its
+    format, not a file skipped without a word)."""
+    lower = path.lower()
+    return lower.endswith(storage.IMAGE_EXTENSIONS) or _extension(lower) in FOREIGN_EXTENSIONS
+
+
+def _extension(path: str) -> str:
+    """``.jpg`` for ``a/b.JPG``; ``""`` for a name without one."""
+    name = path.rsplit("/", 1)[-1]
+    return "." + name.rsplit(".", 1)[1].lower() if "." in name.lstrip(".") else ""
 
 
 def looks_like_image(head: bytes) -> bool:
-    """Whether the first bytes of a file are the signature of an image format PIL decodes."""
+    """Whether the first bytes of a file are the signature of an image format PIL decodes here, or of a photo
+    format it does not (``models.imagebytes.foreign_format``: its file gets an error row naming the format)."""
+    if foreign_format(head):
+        return True
     if head.startswith(b"\xff\xd8\xff") or head.startswith(b"\x89PNG\r\n\x1a\n"):
         return True
     if head[:6] in (b"GIF87a", b"GIF89a") or head[:4] in (b"II*\x00", b"MM\x00*"):
@@ -87,6 +103,20 @@ class Listing:
     inputs: int = 0
     skipped_not_image: int = 0
     duplicates: int = 0  # manifest rows naming a file an earlier row already named
+    # the skipped files by extension ("" for none), the most common SKIPPED_EXTENSIONS_SHOWN of them
+    skipped_by_extension: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    def skipped_extensions(self) -> dict[str, int]:
+        return dict(self.skipped_by_extension.most_common(SKIPPED_EXTENSIONS_SHOWN))
+
+    def skipped_text(self) -> str:
+        """``"3 files skipped, not images (.txt 2, .mov 1)"``, or ``""`` when none was."""
+        if not self.skipped_not_image:
+            return ""
+        shown = ", ".join(f"{e or '(no extension)'} {n}" for e, n in self.skipped_extensions().items())
+        more = ", ..." if len(self.skipped_by_extension) > SKIPPED_EXTENSIONS_SHOWN else ""
+        s = "" if self.skipped_not_image == 1 else "s"
+        return f"{self.skipped_not_image} file{s} skipped, not images ({shown}{more})"
 
 
 class _ListingParts:
@@ -123,6 +153,9 @@ def write_listing(input_uri: str, listing_uri: str, chunk: int = LISTING_CHUNK) 
         else:
             keep = paths
         stats.skipped_not_image += len(paths) - len(keep)
+        if len(keep) < len(paths):
+            kept = set(keep)
+            stats.skipped_by_extension.update(_extension(p) for p in paths if p not in kept)
         stats.inputs += len(keep)
         if keep:
             out.write([storable(p) for p in keep])

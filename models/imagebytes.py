@@ -45,6 +45,37 @@ class ImageDecodeError(ValueError):
 # (many phone cameras) MPO; it is opened by the JPEG plugin and decodes its first picture.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 _OPENED_FORMATS = frozenset(ALLOWED_FORMATS + ("MPO",))
+# Photo formats common in users' buckets that are not decoded here: Pillow has no HEIF decoder, and AVIF,
+# JPEG 2000 and PSD are left out of ALLOWED_FORMATS on purpose (more decoder code behind untrusted bytes). A
+# label job takes such files as inputs all the same, so that each gets an error row naming its format
+# (``not_image``) rather than being skipped without a word: an iPhone saves HEIC by default.
+FOREIGN_EXTENSIONS = {
+    ".heic": "HEIC", ".heif": "HEIF", ".hif": "HEIF", ".avif": "AVIF", ".jxl": "JPEG XL", ".jp2": "JPEG 2000",
+    ".j2k": "JPEG 2000", ".jpx": "JPEG 2000", ".psd": "Photoshop (PSD)", ".dng": "camera RAW (DNG)",
+    ".cr2": "camera RAW (CR2)", ".cr3": "camera RAW (CR3)", ".nef": "camera RAW (NEF)", ".arw": "camera RAW (ARW)",
+    ".orf": "camera RAW (ORF)", ".rw2": "camera RAW (RW2)", ".raf": "camera RAW (RAF)",
+}
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1")
+_FOREIGN_MAGIC = ((b"\x00\x00\x00\x0cJXL \r\n\x87\n", "JPEG XL"), (b"\xff\x0a", "JPEG XL"),
+                  (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"), (b"\xff\x4f\xff\x51", "JPEG 2000"),
+                  (b"8BPS", "Photoshop (PSD)"), (b"FUJIFILMCCD-RAW", "camera RAW (RAF)"),
+                  (b"IIRO", "camera RAW (ORF)"), (b"IIRS", "camera RAW (ORF)"), (b"IIU\x00", "camera RAW (RW2)"))
+
+
+def foreign_format(head: bytes) -> str | None:
+    """The name of a photo format that is not decoded here (:data:`FOREIGN_EXTENSIONS`) when a file's first
+    32 bytes are its signature: an ISO base media file ("ftyp") whose brands are HEIF's or AVIF's (not a video's),
+    Canon's CR3, JPEG XL, JPEG 2000, Photoshop or one of the RAW formats that are not TIFF files; else None."""
+    if head[4:8] == b"ftyp":
+        brands = [head[i:i + 4] for i in range(8, min(len(head), 32) - 3, 4) if i != 12]  # major, compatible
+        if any(b in (b"avif", b"avis") for b in brands):
+            return "AVIF"
+        if any(b in _HEIF_BRANDS for b in brands):
+            return "HEIC/HEIF"
+        return "camera RAW (CR3)" if b"crx " in brands else None
+    return next((name for magic, name in _FOREIGN_MAGIC if head.startswith(magic)), None)
+
+
 MAX_ASPECT_RATIO = 20  # longer side / shorter side: a face photo, even a panorama, is far below; 8000x1 is not
 DEFAULT_MAX_DECODE_BYTES = 192 * 1024 * 1024  # the memory open_image may use for one image (estimated, below)
 MAX_TILE_BYTES = 32 * 1024 * 1024  # one TIFF tile or strip as libtiff allocates it
@@ -218,6 +249,10 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: tupl
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageDecodeError("too_large", str(e)) from None
     except UnidentifiedImageError:
+        foreign = foreign_format(data[:32])
+        if foreign:
+            raise ImageDecodeError("not_image", f"{foreign}, a format not decoded here (accepted: "
+                                                f"{', '.join(ALLOWED_FORMATS)}): convert it to JPEG or PNG") from None
         raise ImageDecodeError("not_image", "bytes are not an image in an accepted format "
                                             f"({', '.join(ALLOWED_FORMATS)})") from None
     except MemoryError:

@@ -100,18 +100,29 @@ def odd_images() -> dict[str, bytes]:
 
 BAD = {  # name -> expected error kind
     "bad/empty.jpg": "empty", "bad/text.jpg": "not_image", "bad/truncated.jpg": "truncated",
-    "bad/huge.png": "too_large",
+    "bad/huge.png": "too_large", "bad/IMG_0001.HEIC": "not_image", "bad/avif_without_extension": "not_image",
 }
+# the start of an iPhone's HEIC file: an ISO base media "ftyp" box of brand heic (the rest is not read)
+HEIC_HEAD = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic"
+
+
+def avif_image() -> bytes:
+    """A real AVIF file (Pillow writes it; it is not among the formats decoded here)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((16, 16, 3), 128, np.uint8)).save(buf, "AVIF")
+    return buf.getvalue()
 
 
 def bad_files() -> dict[str, bytes]:
     full = face_jpeg(5000, (120, 120))
     return {"bad/empty.jpg": b"", "bad/text.jpg": b"these are not the pixels you are looking for\n",
-            "bad/truncated.jpg": full[: len(full) // 2], "bad/huge.png": huge_png()}
+            "bad/truncated.jpg": full[: len(full) // 2], "bad/huge.png": huge_png(),
+            "bad/IMG_0001.HEIC": HEIC_HEAD + bytes(200), "bad/avif_without_extension": avif_image()}
 
 
 NOT_INPUTS = {"notes.txt": b"a text file next to the photos\n", "meta/info.json": b"{}",
-              ".hidden.jpg": face_jpeg(1)}
+              ".hidden.jpg": face_jpeg(1),
+              "clip.mp4": b"\x00\x00\x00\x20ftypisom\x00\x00\x02\x00isomiso2avc1mp41" + bytes(64)}  # a video
 
 
 def real_faces(n_utk: int = 3, n_celeba: int = 2) -> dict[str, bytes]:

@@ -379,3 +379,28 @@ def test_peak_memory_of_a_late_exif_png_stays_within_the_estimate(tmp_path):
     grew, estimate = map(int, out.stdout.split())
     assert grew > 20 << 20, out.stdout + out.stderr  # the measurement sees the decode (a 24 MB raster)
     assert grew <= 1.1 * estimate + (4 << 20), f"peak grew {grew >> 20} MiB over an estimate of {estimate >> 20} MiB"
+
+
+def test_photo_formats_not_decoded_here_are_named_not_just_refused():
+    """HEIC (an iPhone's default), AVIF, JPEG XL, JPEG 2000, PSD and RAW files are refused as ``not_image``
+    like any bytes outside the accepted formats, with a message that names the format; a video's ISO base
+    media header is not taken for a photo."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from models.imagebytes import ImageDecodeError, foreign_format, open_image
+    from tests.helpers import HEIC_HEAD, NOT_INPUTS, avif_image
+
+    j2k = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(j2k, "JPEG2000")
+    files = {"HEIC/HEIF": HEIC_HEAD + bytes(64), "AVIF": avif_image(), "JPEG 2000": j2k.getvalue(),
+             "JPEG XL": b"\xff\x0a" + bytes(64), "Photoshop (PSD)": b"8BPS\x00\x01" + bytes(64),
+             "camera RAW (RAF)": b"FUJIFILMCCD-RAW 0201" + bytes(64)}
+    for name, data in files.items():
+        assert foreign_format(data[:32]) == name
+        with pytest.raises(ImageDecodeError) as e:
+            open_image(data)
+        assert e.value.kind == "not_image" and e.value.message.startswith(f"{name}, a format not decoded here")
+    assert foreign_format(NOT_INPUTS["clip.mp4"][:32]) is None and foreign_format(b"\xff\xd8\xff\xe0") is None

@@ -9,6 +9,7 @@ import dataclasses
 import io
 import json
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,8 +25,10 @@ from models.checkpoint import save_checkpoint
 from raytasks import label as L
 from tests.helpers import (
     BAD,
+    HEIC_HEAD,
     NOT_INPUTS,
     assert_row_matches,
+    avif_image,
     bad_files,
     face_jpeg,
     huge_png,
@@ -106,8 +109,13 @@ def test_s3_prefix_one_row_per_image_with_schema_and_errors(s3_run):
                                          ["Body"].read())).metadata.num_rows <= 10 for f in files)
     s = s3_run["summary"]
     assert (s["inputs"], s["rows_written"], s["rows_total"], s["complete"]) == (len(expected_paths),) * 3 + (True,)
-    assert s["errors_by_kind"] == {"empty": 1, "not_image": 1, "too_large": 1, "truncated": 1}
-    assert s["skipped_not_image"] == 2 and s["images_per_s"] > 0
+    assert s["errors_by_kind"] == {"empty": 1, "not_image": 3, "too_large": 1, "truncated": 1}
+    # a photo format not decoded here is an input (by extension or by signature) whose row names the format
+    assert "HEIC/HEIF" in by_path[prefix + "bad/IMG_0001.HEIC"]["error_message"]
+    assert "AVIF" in by_path[prefix + "bad/avif_without_extension"]["error_message"]
+    # the rest is skipped and named by extension (the video is an ISO base media file too, of other brands)
+    assert s["skipped_not_image"] == 3 and s["images_per_s"] > 0
+    assert s["skipped_by_extension"] == {".txt": 1, ".json": 1, ".mp4": 1}
     body = s3_run["client"].get_object(Bucket=s3_run["bucket"], Key="labels/run-1/_summary.json")["Body"].read()
     assert json.loads(body)["rows_total"] == len(expected_paths)
 
@@ -171,8 +179,8 @@ def test_local_folder_rgb_model(tmp_path, ray_session):
         assert got["ok"] and got["age"] is not None
         assert_row_matches(got, want[got["path"]], fields)
     saved = json.loads((Path(output) / "_summary.json").read_text())
-    assert saved["rows_total"] == len(files) and saved["files_listed"] == len(files) + 2  # + notes, info.json
-    assert saved["skipped_not_image"] == 2 and saved["rows_before"] == 0 and summary == saved
+    assert saved["rows_total"] == len(files) and saved["files_listed"] == len(files) + 3  # notes, info.json, clip
+    assert saved["skipped_not_image"] == 3 and saved["rows_before"] == 0 and summary == saved
     import pandas as pd
 
     assert len(pd.read_parquet(output)) == len(files)  # reading the output folder reads just the labels
@@ -271,6 +279,14 @@ def test_image_signatures():
     assert inputs.looks_like_image(odd_images()["odd/palette.png"][:32])
     assert not inputs.looks_like_image(b"BM is also how a text can start") and not inputs.looks_like_image(b"")
     assert not inputs.looks_like_image(b'{"json": true}')
+    # photo formats not decoded here are inputs (their rows name the format); videos are not
+    assert inputs.looks_like_image(HEIC_HEAD) and inputs.looks_like_image(avif_image()[:32])
+    assert not inputs.looks_like_image(NOT_INPUTS["clip.mp4"][:32])
+    assert inputs.has_image_extension("s3://b/IMG_0001.HEIC") and not inputs.has_image_extension("a.heic.txt")
+    listing = inputs.Listing(skipped_not_image=13, skipped_by_extension=Counter({f".x{i}": 1 for i in range(11)}))
+    listing.skipped_by_extension[""] = 2  # the most common first
+    assert listing.skipped_text().startswith("13 files skipped, not images ((no extension) 2, .x0 1,")
+    assert listing.skipped_text().endswith(", ...)") and len(listing.skipped_extensions()) == 10
 
 
 @pytest.mark.parametrize("resize", ["stretch", "shorter_center_crop"])

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import models
-from tests.helpers import assert_error, assert_same
+from tests.helpers import HEIC_HEAD, assert_error, assert_same
 from tests.hostile import flat_webp, slow_post
 from tests.serve_app import (
     ADMIN_KEY,
@@ -150,6 +150,10 @@ def test_unsupported_and_undecodable_bodies(svc):
     assert_error(client.post(url, content=IMAGES["a.jpg"][: len(IMAGES["a.jpg"]) // 2],
                               headers={"Content-Type": "image/jpeg"}), 422)
     assert_error(client.post(url, content=b"", headers={"Content-Type": "image/png"}), 422, "empty")
+    # an iPhone's HEIC photo: refused, with a reason that names the format
+    heic = assert_error(client.post(url, content=HEIC_HEAD + bytes(200), headers={"Content-Type": "image/heic"}),
+                        422, "not_image")
+    assert "HEIC/HEIF" in heic["detail"] and "convert it to JPEG" in heic["detail"]
     # One bad file in a multipart request: the request is refused and the bad file is named.
     body = assert_error(client.post(url, files=[("f", ("good.jpg", IMAGES["a.jpg"], "image/jpeg")),
                                                  ("f", ("bad.jpg", b"\x00" * 100, "image/jpeg"))]), 422)

@@ -17,7 +17,12 @@ What goes in
       holds: a ``.jpg`` that is empty, text or truncated becomes an error row, not a silent skip;
     * every other file whose first bytes are a JPEG, PNG, GIF, BMP, WebP or TIFF signature (a photo saved
       without extension, ``IMG_0001.JPG.bak``). Other files (text, JSON, videos, our own Parquet) are not
-      inputs and are only counted in the summary (``skipped_not_image``). Hidden names (``.x``) are skipped.
+      inputs: they are counted in the summary (``skipped_not_image``, ``skipped_by_extension``) and named,
+      by extension, in a line the job prints. Hidden names (``.x``) are skipped.
+    * every file of a photo format we do not decode, by extension or signature (HEIC/HEIF, AVIF, JPEG XL,
+      JPEG 2000, PSD, camera RAW: ``models.imagebytes.FOREIGN_EXTENSIONS``, ``foreign_format``): an input
+      whose row is a ``not_image`` error naming the format, so that a bucket of iPhone photos is not
+      "labeled" with nothing said about them.
 
     A manifest's paths are all inputs, whatever their extension. The folder is listed by streaming
     (``os.walk`` locally, the S3 ``ListObjectsV2`` paginator for buckets: pyarrow's ``get_file_info`` and Ray's
@@ -207,6 +212,9 @@ def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
                              f"{detector!r}: use the same --faces and detector settings, or another --output")
     echo(f"labeling {spec.input}: {inputs} images ({before.images} already labeled in {spec.output}) with "
          f"{what}, faces: {options.mode}, predictor actors {pool[0]}..{pool[1]}")
+    if listing.skipped_not_image:
+        echo(f"{listing.skipped_text()}: only images are labeled (a HEIC, AVIF or RAW photo is an input whose "
+             "row names its format)")
 
     if before.images >= inputs and all_labeled(out["inputs"], out["labels"]):
         echo("every input is labeled already: nothing to run")
@@ -224,6 +232,7 @@ def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
         "precision": spec.precision, "inputs": inputs,
         "files_listed": listing.files if not is_manifest(spec.input) else None,
         "skipped_not_image": listing.skipped_not_image if not is_manifest(spec.input) else None,
+        "skipped_by_extension": listing.skipped_extensions() if not is_manifest(spec.input) else None,
         "duplicates": listing.duplicates,
         "images_before": before.images, "images_written": written, "images_total": after.images,
         "ok_total": after.ok_images, "errors_by_kind": dict(sorted(after.errors.items())),
