@@ -121,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--find-unused-parameters", action="store_true", help="DDP option for models with idle branches")
     m.add_argument("--template-images", type=int, default=64,
                    help="training images the face template is measured on (docs/faces.md); 0: keep the default")
+    m.add_argument("--template", choices=("measured", "canonical"), default=None,
+                   help="the face template: measured on --template-images training images (where the data set's "
+                        "crops put a face), or the canonical one of the input size. Default: measured with --faces "
+                        "whole, canonical with detect and landmarks (a photo's face sits anywhere; for a data set "
+                        "of crops, detect with measured keeps its framing: docs/faces.md, 'Training on photos')")
     add_face_args(p, default_mode=None, modes=TRAIN_FACE_MODES, faces_help=(
         "how each training and validation image becomes a face: detect (the detector of label and serve, the "
         "best face or the one a manifest's face_box / face_points names, aligned to the canonical template; "
@@ -172,7 +177,7 @@ def spec_from_args(args: argparse.Namespace) -> TrainSpec:
         find_unused_parameters=args.find_unused_parameters,
         fail_at=args.inject_failure[:3] if args.inject_failure else None,
         fail_stage=args.inject_failure[3] if args.inject_failure else 1,
-        template_images=args.template_images, align_jitter=args.align_jitter, calibrate=args.calibrate,
+        template_images=args.template_images, template=args.template, align_jitter=args.align_jitter, calibrate=args.calibrate,
         augment=dict(args.augment), faces=args.faces,
         face_options={k: v for k, v in face_options(args).items() if k != "mode"},
     )

@@ -374,6 +374,16 @@ def test_faces_landmarks_aligns_with_the_datas_points_and_bad_flags_fail(tmp_pat
     got = batch["t:landmarks"].reshape(-1, 5, 2)
     assert np.abs(got - want[None]).mean() < 0.06, np.abs(got - want[None]).mean()
     assert not (tmp_path / "runs" / "_face_cache").exists()  # nothing was detected
+    # --template measured: the data set's own framing (where its crops put the 5 points, here from its points),
+    # in place of the canonical template; the faces land on it as well
+    model_m, _, train_m, _, faces_m = prepare(dataclasses.replace(spec, template="measured"))
+    assert faces_m["template"] == "measured" and model_m.preprocessing.template_crop is not None
+    assert np.abs(template_of(model_m.preprocessing) - template_of(model.preprocessing)).max() > 1  # pixels
+    got_m = load_batch(train_m.iloc[:8], model_m)["t:landmarks"].reshape(-1, 5, 2)
+    want_m = template_of(model_m.preprocessing).numpy() / [W, H] * 2 - 1
+    assert np.abs(got_m - want_m[None]).mean() < 0.06, np.abs(got_m - want_m[None]).mean()
+    with pytest.raises(TrainError, match="needs --template-images above 0"):
+        prepare(dataclasses.replace(spec, template="measured", template_images=0))
 
     with pytest.raises(TrainError, match="apply to --faces detect only"):
         prepare(dataclasses.replace(spec, faces="whole", face_options={"detector": {"size": 320}}))

@@ -131,15 +131,29 @@ def prepare(spec: TrainSpec, ds=None):
                          f"needs at least {MIN_TRAIN_BATCH} (BatchNorm cannot train on one image)")
     if len(val) == 0:
         raise TrainError(f"{spec.data}: no validation images (split 'val' is empty)")
-    if mode != "whole":
+    if faces["template"] == "measured":
+        model.preprocessing = measure_template(ds, train, model.preprocessing, spec)
+    elif mode != "whole":
         # faces in photos sit anywhere: the canonical template of the input size (faces/trainfaces.py), the
         # model's own where it has one (age_gender_race's dlib chip, which its pretrained trunk learned from)
         pre = model.preprocessing
         if pre.template is None:
             model.preprocessing = dataclasses.replace(pre, template_crop=None, template=default_template(pre))
-    elif spec.template_images:
-        model.preprocessing = measure_template(ds, train, model.preprocessing, spec)
     return model, recipe, train.reset_index(drop=True), val.reset_index(drop=True), faces
+
+
+def template_choice(spec: TrainSpec, mode: str) -> str:
+    """``measured``, ``canonical`` or ``default`` (whole crops without a measured template: label and serve
+    align to the canonical one): ``spec.template``, or by default measured for ``whole`` crops and canonical
+    for faces found in photos, which sit anywhere. A measured template with ``detect`` suits data sets of
+    crops (CelebA, UTKFace, SCUT-FBP5500): their faces are warped to where the data set framed them."""
+    if spec.template not in (None, "measured", "canonical"):
+        raise TrainError(f"--template must be measured or canonical, got {spec.template!r}")
+    if spec.template == "measured" and not spec.template_images:
+        raise TrainError("--template measured needs --template-images above 0")
+    if spec.template == "canonical" or (spec.template is None and mode != "whole"):
+        return "canonical" if mode != "whole" else "default"
+    return "measured" if spec.template_images else "default"
 
 
 def resolve_faces(spec: TrainSpec, mode: str, train: pd.DataFrame, val: pd.DataFrame, log_fn=print):
@@ -147,8 +161,7 @@ def resolve_faces(spec: TrainSpec, mode: str, train: pd.DataFrame, val: pd.DataF
     once per file not yet in the cache under ``spec.storage`` (faces/facecache.py), ``landmarks`` takes the
     data's own points, ``whole`` changes nothing. Returns the tables (rows without a face left out) and
     ``{"mode", "detector", "max_side", "template", "report"}`` for the history and the checkpoints."""
-    template = "canonical" if mode != "whole" else "measured" if spec.template_images else "default"
-    info = {"mode": mode, "detector": None, "max_side": None, "template": template, "report": None}
+    info = {"mode": mode, "detector": None, "max_side": None, "template": template_choice(spec, mode), "report": None}
     detector, max_side = (spec.face_options or {}).get("detector"), (spec.face_options or {}).get("max_side")
     if (detector and mode != "detect") or (max_side and mode == "whole"):
         raise TrainError(f"--faces {mode}: the detector's settings (--det-*, --min-face, --max-faces) apply to "

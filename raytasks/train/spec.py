@@ -44,6 +44,10 @@ class TrainSpec:
     fail_at: tuple[int, int, int] | None = None  # (rank, epoch, step): that worker dies once (tests)
     fail_stage: int = 1  # the stage of a recipe (raytasks/train/stages.py) whose run fail_at applies to
     template_images: int = 64  # training images the face template is measured on (faces/templates.py); 0: none
+    # the face template: "measured" on template_images training images (faces/templates.py: where the data's
+    # own crops put a face), or "canonical" (faces.align.default_template); None: measured for --faces whole
+    # (with template_images), canonical for detect and landmarks (docs/faces.md, "Training on photos")
+    template: str | None = None
     calibrate: bool = True  # fit the exported model's temperatures on the validation split (models/calibration.py)
     calibrate_limit: int = 10_000  # validation images the temperatures are fitted on, at most
     align_jitter: float | None = None  # added to the recipe's augmentation (core/augment.py)

@@ -81,7 +81,8 @@ def plan(spec: TrainSpec, recipe: TrainingRecipe | None) -> list[StageRun]:
                     "augment": spec.augment, "align_jitter": spec.align_jitter, "seed": spec.seed,
                     "limit": spec.limit, "val_limit": spec.val_limit, "steps_per_epoch": spec.steps_per_epoch,
                     "faces": faces, "face_options": face_options, "template_images": spec.template_images,
-                    "init_from": spec.init_from if k == 1 else f"stage {k - 1}"}
+                    "init_from": spec.init_from if k == 1 else f"stage {k - 1}",
+                    **({"template": spec.template} if spec.template else {})}  # absent: older runs' identity
         runs.append(StageRun(k, stage, sspec, json.loads(json.dumps(identity))))
     return runs
 
