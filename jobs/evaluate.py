@@ -43,6 +43,7 @@ import sys
 import pandas as pd
 
 import storage
+from core.batches import label_columns
 from core.evaluation import (
     GroupError,
     calibration_errors,
@@ -126,6 +127,11 @@ def main(argv: list[str] | None = None) -> dict:
     table = _split(ds, args.split, p)
     if args.limit:
         table = table.iloc[: args.limit]
+    wanted = label_columns(model)
+    if not any(c in table.columns and table[c].notna().any() for c in wanted):
+        p.error(f"{args.data} (split {args.split}) has none of the labels {info.model} predicts "
+                f"({', '.join(wanted)}; it has {', '.join(c for c in table.columns if c not in ('path', 'split'))}): "
+                "nothing to compare its answers with")
     by = [k.strip() for k in args.by.split(",") if k.strip()] if args.by else []
     for key in by:  # a bad key fails now, before the model runs
         try:
@@ -172,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     ev = run_model(model, table, args.batch_size, decode_fn=decode_fn)
     metrics = metrics_from(model, ev)
     if decode_fn is not None:
-        metrics["images_without_face"] = float(len(table) - metrics["n_images"])
+        metrics["images_without_face"] = float(len(table) - len(ev.rows))  # not found, or not decoded
     status = calibration_status(model)
     eces = calibration_errors(model, ev.raw, ev.targets)
     refit = f" + temperatures fitted on {args.calibrate_on}" if fitted is not None else ""

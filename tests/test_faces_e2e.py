@@ -218,7 +218,7 @@ print("decoded without torch")
     assert proc.returncode == 0 and "decoded without torch" in proc.stdout, proc.stderr[-2000:]
 
 
-def test_evaluate_through_detection(tmp_path, hs_checkpoint):
+def test_evaluate_through_detection(tmp_path, hs_checkpoint, capsys):
     """jobs.evaluate --faces detect measures a model on its data through the detector: the same images, the
     same metrics, the images without a face counted (here: none of drawn faces is missed)."""
     from facedata.synth import generate
@@ -232,6 +232,22 @@ def test_evaluate_through_detection(tmp_path, hs_checkpoint):
     assert detect["n_images"] + detect["images_without_face"] == 40
     assert detect["n_images"] >= 38, detect  # drawn faces are found
     assert set(whole) - {"images_without_face"} <= set(detect)
+    # images_without_face counts the images that gave no face (here a text file), not those without a label
+    drawn = sorted((tmp_path / "celeba").rglob("*.jpg"))[:5]
+    (tmp_path / "text.jpg").write_bytes(b"not a photo")
+    pd.DataFrame({"path": [str(p) for p in drawn] + [str(tmp_path / "text.jpg")],
+                  "gender": ["female", "male", "female", None, None, "male"], "split": "test"}
+                 ).to_csv(tmp_path / "some.csv", index=False)
+    some = evaluate.main(["--checkpoint", hs_checkpoint, "--data", f"manifest:{tmp_path / 'some.csv'}",
+                          "--faces", "detect"])
+    assert (some["n_images"], some["images_without_face"]) == (3, 1), some
+    # data without any of the model's labels is refused, naming what it has
+    pd.DataFrame({"path": [str(p) for p in drawn], "smile": 1, "split": "test"}).to_csv(tmp_path / "smiles.csv",
+                                                                                         index=False)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--checkpoint", hs_checkpoint, "--data", f"manifest:{tmp_path / 'smiles.csv'}"])
+    assert e.value.code == 2
+    assert "has none of the labels hard_sharing predicts (eyeglasses, gender; it has smile)" in capsys.readouterr().err
 
 
 def test_the_face_picked_in_a_photo_of_several_is_the_one_the_rule_names(finder):
