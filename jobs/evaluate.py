@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data", required=True, help="FORMAT:PATH, e.g. celeba:../shared/data/celeba")
     p.add_argument("--split", default="test", help="train, val, test or all (default test; val if no test rows)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0, help="seed of the split when the data has none")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the split when the data has none; default: the checkpoint's (jobs.train "
+                        "--split-seed; 0 for checkpoints that do not record one)")
     p.add_argument("--limit", type=int, default=None, help="evaluate at most this many images")
     p.add_argument("--mirror", choices=("on", "off"), default=None,
                    help="read each face with its mirror image too and average the outputs (on), or not (off); "
@@ -123,6 +125,10 @@ def main(argv: list[str] | None = None) -> dict:
         trained = (info.extra.get("faces") or {}).get("mode", "whole")
         args.faces = "detect" if trained in ("detect", "landmarks") else "whole"
         print(f"faces: {args.faces} (as the checkpoint was trained: --faces {trained})", file=sys.stderr)
+    if args.seed is None:
+        args.seed = int(info.extra.get("split_seed", 0))
+        if args.seed:
+            print(f"split seed {args.seed} (the one the checkpoint was trained with)", file=sys.stderr)
     ds = read_dataset(args.data, seed=args.seed)
     table = _split(ds, args.split, p)
     if args.limit:

@@ -134,7 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
         "settings, which the face flags replace), else detect for a manifest, whole for celeba, utkface and "
         "scut_fbp5500 (docs/faces.md, 'Training on photos')"))
     q = p.add_argument_group("quick runs")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=int, default=0,
+                   help="seed of the initialisation, the data order, the augmentation and --limit's draw")
+    q.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the train / val / test split of data without one of its own (CelebA without its "
+                        "partition file, UTKFace, a manifest without a split column); the checkpoint records it "
+                        "and jobs.evaluate reads the same split by default")
     q.add_argument("--limit", type=positive(int), help="at most this many training images, drawn at random "
                    "with --seed")
     q.add_argument("--no-calibrate", dest="calibrate", action="store_false",
@@ -172,7 +177,7 @@ def spec_from_args(args: argparse.Namespace) -> TrainSpec:
         model=args.model, data=data, storage=args.storage, name=args.name or f"{args.model}-{fmt}",
         output=args.output, model_kwargs=model_kwargs, recipe=recipe, workers=args.workers,
         use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker, threads=args.threads, amp=not args.no_amp,
-        seed=args.seed, max_failures=args.max_failures, keep=args.keep, limit=args.limit,
+        seed=args.seed, split_seed=args.split_seed, max_failures=args.max_failures, keep=args.keep, limit=args.limit,
         val_limit=args.val_limit, steps_per_epoch=args.steps_per_epoch, init_from=args.init_from,
         find_unused_parameters=args.find_unused_parameters,
         fail_at=args.inject_failure[:3] if args.inject_failure else None,

@@ -94,8 +94,8 @@ RECIPES: dict[str, TrainingRecipe] = {r.name: r for r in (
                {"image_size": 64, "depth": 18}),),
         "a ResNet-18 trunk from scratch at 64 px, Adam 1e-3, P = 50, 4 epochs (the paper: a pretrained ResNet-50 "
         "with SGD): test mean over the 40 attributes 86.11 % (docs/results.md); (v2) every crop through the "
-        "detector at det-size 256, as label and serve read faces: in two runs each, test mean 85.83 / 86.75 % "
-        "read through detection against 85.91 / 84.50 % for v1 read so (86.26 / 85.11 % whole), GENKI-4K "
+        "detector at det-size 256, as label and serve read faces: in two runs each, test mean 85.83 / 86.86 % "
+        "read through detection against 85.91 / 84.77 % for v1 read so (86.26 / 85.35 % whole), GENKI-4K "
         "photos' smile 85.96 / 82.46 % against 82.81 / 51.93 %, LFW photos' gender (Male) 85.9 / 83.1 % against "
         "86.3 / 82.3 % (docs/results.md, 2026-12-06)",
         faces={"mode": "detect", "detector": {"size": 256}}),

@@ -248,6 +248,13 @@ def test_evaluate_through_detection(tmp_path, hs_checkpoint, capsys):
         evaluate.main(["--checkpoint", hs_checkpoint, "--data", f"manifest:{tmp_path / 'smiles.csv'}"])
     assert e.value.code == 2
     assert "has none of the labels hard_sharing predicts (eyeglasses, gender; it has smile)" in capsys.readouterr().err
+    # the split of data without one of its own is the one the checkpoint was trained on (jobs.train --split-seed)
+    from models.checkpoint import checkpoint_bytes, load_checkpoint
+
+    model, info = load_checkpoint(hs_checkpoint)
+    (tmp_path / "split3.pt").write_bytes(checkpoint_bytes(model, info.metrics, {**info.extra, "split_seed": 3})[0])
+    evaluate.main(["--checkpoint", str(tmp_path / "split3.pt"), "--data", f"celeba:{data}"])
+    assert "split seed 3 (the one the checkpoint was trained with)" in capsys.readouterr().err
 
 
 def test_the_face_picked_in_a_photo_of_several_is_the_one_the_rule_names(finder):

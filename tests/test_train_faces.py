@@ -384,6 +384,16 @@ def test_faces_landmarks_aligns_with_the_datas_points_and_bad_flags_fail(tmp_pat
     assert np.abs(got_m - want_m[None]).mean() < 0.06, np.abs(got_m - want_m[None]).mean()
     with pytest.raises(TrainError, match="needs --template-images above 0"):
         prepare(dataclasses.replace(spec, template="measured", template_images=0))
+    # data without a split of its own (UTKFace) is split by --split-seed: another training seed holds out the
+    # same faces, another split seed draws another split
+    utk = TrainSpec(model="age_gender_race", data=f"utkface:{synth.generate('utkface', 40, str(tmp_path / 'u40'), seed=2)}",
+                    storage=str(tmp_path / "runs"), name="split", faces="whole", template_images=0,
+                    model_kwargs={"depth": 18, "image_size": 32, "backbone": "resnet"})
+    _, _, train_0, val_0, _ = prepare(utk)
+    _, _, train_s1, val_s1, _ = prepare(dataclasses.replace(utk, seed=1))
+    assert (list(train_s1["path"]), list(val_s1["path"])) == (list(train_0["path"]), list(val_0["path"]))
+    _, _, train_p1, _, _ = prepare(dataclasses.replace(utk, split_seed=2))
+    assert set(train_p1["path"]) != set(train_0["path"])
 
     with pytest.raises(TrainError, match="apply to --faces detect only"):
         prepare(dataclasses.replace(spec, faces="whole", face_options={"detector": {"size": 320}}))

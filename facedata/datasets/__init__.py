@@ -44,7 +44,9 @@ row whose image is missing) never stop a read: each is logged with ``logging.war
 ``FaceDataset.skipped`` as ``(file or file:line, reason)``.
 
 When the data carries no split, :func:`seeded_split` assigns one from a hash of ``(seed, file name)``: the
-same on every worker and independent of listing order.
+same on every worker and independent of listing order. ``jobs.train`` reads with ``--split-seed`` (not its
+``--seed``, so that every training seed holds out the same test faces), records it in the checkpoint
+(``extra["split_seed"]``), and ``jobs.evaluate`` reads that split by default.
 
 ``read_dataset([SPEC, SPEC, ...])`` reads several data sets as one (``jobs.train --data A --data B``): the
 union of their columns, each source filling the labels it has and keeping its own split; a label a source

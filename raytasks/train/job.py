@@ -112,7 +112,7 @@ def prepare(spec: TrainSpec, ds=None):
     if spec.workers < 1:
         raise TrainError(f"--workers must be at least 1, got {spec.workers}")
     models.model_class(spec.model)  # an unknown name fails here, naming the known ones
-    ds = ds if ds is not None else read_dataset(spec.data, seed=spec.seed)
+    ds = ds if ds is not None else read_dataset(spec.data, seed=spec.split_seed)
     model, recipe = resolve_model(spec, ds)
     columns = ["path"] + [c for c in label_columns(model) if c in ds.table.columns]
     if len(columns) == 1:
@@ -303,7 +303,7 @@ def _fit(spec: TrainSpec, model, recipe, train, val, faces, resumed_from, log_fn
     datasets = {"train": make_dataset(train, batch_spec, train=True), **val_datasets(val, spec.workers, batch_spec)}
     cfg = {
         "model": spec.model, "model_kwargs": model.config, "recipe": recipe.to_dict(), "data": spec.data,
-        "name": spec.name, "run_uri": spec.run_uri, "seed": spec.seed, "threads": spec.threads or
+        "name": spec.name, "run_uri": spec.run_uri, "seed": spec.seed, "split_seed": spec.split_seed, "threads": spec.threads or
         max(1, int(spec.cpus_per_worker)), "amp": spec.amp, "per_worker_batch": per_worker,
         "steps_per_epoch": spec.steps_per_epoch, "init_from": spec.init_from,
         # A head whose labels the data lacks (hmtnet's beauty on UTKFace) gets no gradient: DDP must know.

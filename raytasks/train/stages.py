@@ -82,7 +82,8 @@ def plan(spec: TrainSpec, recipe: TrainingRecipe | None) -> list[StageRun]:
                     "limit": spec.limit, "val_limit": spec.val_limit, "steps_per_epoch": spec.steps_per_epoch,
                     "faces": faces, "face_options": face_options, "template_images": spec.template_images,
                     "init_from": spec.init_from if k == 1 else f"stage {k - 1}",
-                    **({"template": spec.template} if spec.template else {})}  # absent: older runs' identity
+                    **({"template": spec.template} if spec.template else {}),  # absent: older runs' identity
+                    **({"split_seed": spec.split_seed} if spec.split_seed else {})}
         runs.append(StageRun(k, stage, sspec, json.loads(json.dumps(identity))))
     return runs
 
@@ -171,10 +172,10 @@ class RecipeRun:
         ds, first = None, None
         for r in self.runs[self.first:]:
             try:
-                if ds is None:  # every stage has the same data and seed (its identity): read once
+                if ds is None:  # every stage has the same data and split (its identity): read once
                     from facedata.datasets import read_dataset
 
-                    ds = read_dataset(r.spec.data, seed=r.spec.seed)
+                    ds = read_dataset(r.spec.data, seed=r.spec.split_seed)
                 if first is None:
                     first = self.prepared[r.index] = prepare(r.spec, ds)
                     continue

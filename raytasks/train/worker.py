@@ -277,6 +277,7 @@ def train_worker(cfg: dict) -> None:
                 write_history(cfg["run_uri"], history, attempts, header)
                 data, _ = checkpoint_bytes(core, _numeric(metrics),
                                            extra={"epoch": epoch, "run": cfg["name"], "data": cfg["data"],
+                                                  "split_seed": cfg.get("split_seed", 0),
                                                   "recipe": cfg["recipe"], "augment": augment.to_dict(),
                                                   "faces": cfg.get("faces")})
                 with open(os.path.join(d, MODEL_FILE), "wb") as f:
