@@ -54,7 +54,8 @@ def test_every_recipe_names_real_values_and_builds_its_models():
     # trained the way label and serve read faces: each chip through the detector, at a canvas that never enlarges
     # UTKFace's 200 px chips (the cache of an earlier run at that size is reused)
     assert agr.faces == {"mode": "detect", "detector": {"size": 256}}
-    assert [r.name for r in RECIPES.values() if r.faces] == [agr.name, "hard_sharing-celeba", "dmm_cnn-celeba"]
+    assert [r.name for r in RECIPES.values() if r.faces] == [agr.name, "hard_sharing-celeba", "dmm_cnn-celeba",
+                                                             "task_attention-celeba"]
     assert get_recipe("hard_sharing-celeba").faces == agr.faces  # the 50 px model reads LFW's photos better too
     assert get_recipe("dmm_cnn-celeba").faces == agr.faces  # and DMM-CNN GENKI's smiles, as well LFW's gender
     ta = get_recipe("task_attention-genki4k").stages  # the paper's TMTL, then the attention net from it
@@ -130,10 +131,10 @@ def test_a_recipes_faces_apply_to_every_stage_and_a_flag_replaces_them(tmp_path,
     assert faces_text("detect", {"detector": {"size": 256}}) == "detect (detector size=256)"
     # a recipe without faces leaves the flags as they are (the format's default when none): run folders
     # trained before recipes had faces keep their identity
-    args, spec = _spec(["--model", "task_attention", "--data", "celeba:/d"])
+    args, spec = _spec(["--model", "hmtnet", "--data", "scut_fbp5500:/d"])
     (one,) = plan(spec, train_job.choose_recipe(args))
     assert (one.spec.faces, one.identity["faces"]) == (None, None) and "faces" not in " ".join(
-        describe(get_recipe("task_attention-celeba"), {}, {}))
+        describe(get_recipe("hmtnet-scut_fbp5500"), {}, {}))
     # the table refuses a mode or key a run cannot take
     monkeypatch.setitem(RECIPES, "bad", dataclasses.replace(det, name="bad", formats=(), faces={"mode": "crop"}))
     monkeypatch.setitem(RECIPES, "bad2", dataclasses.replace(det, name="bad2", formats=(),
