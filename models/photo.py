@@ -29,11 +29,15 @@ def photo_size(width: int, height: int, max_side: int = DEFAULT_PHOTO_SIDE) -> t
     """The (width, height) :func:`decode_photo_pixels` gives a JPEG of ``width`` x ``height`` (upright): the reduced DCT
     scale it decodes at, then the shrink to ``max_side``. ``raytasks.label.gpu_decode`` shrinks nvjpeg's whole
     decode to it, so that both decoders give one size and scale."""
-    w, h = jpeg_draft_size(width, height, draft_request(width, height, jpeg_draft_side(max_side)))
-    if max(w, h) > max_side:
-        f = max_side / max(w, h)
-        w, h = max(1, round(w * f)), max(1, round(h * f))
-    return w, h
+    return _within(*jpeg_draft_size(width, height, draft_request(width, height, jpeg_draft_side(max_side))), max_side)
+
+
+def _within(w: int, h: int, max_side: int) -> tuple[int, int]:
+    """``(w, h)`` shrunk so that its longest side is ``max_side``, when it is longer."""
+    if max(w, h) <= max_side:
+        return w, h
+    f = max_side / max(w, h)
+    return max(1, round(w * f)), max(1, round(h * f))
 
 
 def decode_photo_pixels(data: bytes, max_side: int = DEFAULT_PHOTO_SIDE,
@@ -58,9 +62,8 @@ def decode_photo_pixels(data: bytes, max_side: int = DEFAULT_PHOTO_SIDE,
         raise ValueError("max_side must be at least 32 pixels")
     img, (ow, oh) = open_image(data, max_pixels, draft_to=jpeg_draft_side(max_side))
     img = img if img.mode == "RGB" else img.convert("RGB")
-    w, h = img.size
-    if max(w, h) > max_side:
-        f = max_side / max(w, h)
-        img = img.resize((max(1, round(w * f)), max(1, round(h * f))), Image.BILINEAR, reducing_gap=3.0)
+    size = _within(*img.size, max_side)
+    if size != img.size:
+        img = img.resize(size, Image.BILINEAR, reducing_gap=3.0)
     arr = np.asarray(img, dtype=np.uint8)
     return arr, (ow, oh), max(ow, oh) / max(arr.shape[0], arr.shape[1])
