@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import posixpath
 from collections.abc import Iterator
 
 import pyarrow as pa
@@ -33,14 +34,12 @@ def has_image_extension(path: str) -> bool:
     """An extension of a format we decode (``storage.IMAGE_EXTENSIONS``) or of a photo format we do not
     (``FOREIGN_EXTENSIONS``: HEIC, AVIF, RAW, ...; such a file is an input that becomes an error row naming its
     format, not a file skipped without a word)."""
-    lower = path.lower()
-    return lower.endswith(storage.IMAGE_EXTENSIONS) or _extension(lower) in FOREIGN_EXTENSIONS
+    return path.lower().endswith(storage.IMAGE_EXTENSIONS) or _extension(path) in FOREIGN_EXTENSIONS
 
 
 def _extension(path: str) -> str:
     """``.jpg`` for ``a/b.JPG``; ``""`` for a name without one."""
-    name = path.rsplit("/", 1)[-1]
-    return "." + name.rsplit(".", 1)[1].lower() if "." in name.lstrip(".") else ""
+    return posixpath.splitext(path)[1].lower()
 
 
 def looks_like_image(head: bytes) -> bool:

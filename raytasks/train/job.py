@@ -151,9 +151,9 @@ def template_choice(spec: TrainSpec, mode: str) -> str:
         raise TrainError(f"--template must be measured or canonical, got {spec.template!r}")
     if spec.template == "measured" and not spec.template_images:
         raise TrainError("--template measured needs --template-images above 0")
-    if spec.template == "canonical" or (spec.template is None and mode != "whole"):
-        return "canonical" if mode != "whole" else "default"
-    return "measured" if spec.template_images else "default"
+    if spec.template_images and (spec.template == "measured" or (spec.template is None and mode == "whole")):
+        return "measured"
+    return "canonical" if mode != "whole" else "default"
 
 
 def resolve_faces(spec: TrainSpec, mode: str, train: pd.DataFrame, val: pd.DataFrame, log_fn=print):
