@@ -242,12 +242,12 @@ def _accuracy_counts(model, stats: dict) -> dict[str, tuple[float, float]]:
         s = stats.get(o.name)
         if not s or "correct" not in s:
             continue
-        n = float(s["n"])
-        if isinstance(o, Binary):
-            for label, c in zip(o.labels, s["correct"].tolist()):
-                out[f"{label}.accuracy"] = (float(c), n)
+        if isinstance(o, Binary):  # each attribute over the rows that have it
+            for label, c, n in zip(o.labels, s["correct"].tolist(), s["n_label"].tolist()):
+                if n > 0:
+                    out[f"{label}.accuracy"] = (float(c), float(n))
         else:
-            out[f"{o.name}.accuracy"] = (float(s["correct"]), n)
+            out[f"{o.name}.accuracy"] = (float(s["correct"]), float(s["n"]))
     return out
 
 

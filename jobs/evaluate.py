@@ -129,11 +129,12 @@ def main(argv: list[str] | None = None) -> dict:
         args.seed = int(info.extra.get("split_seed", 0))
         if args.seed:
             print(f"split seed {args.seed} (the one the checkpoint was trained with)", file=sys.stderr)
-    ds = read_dataset(args.data, seed=args.seed)
+    wanted = label_columns(model)
+    # for_labels: a 40-attribute model is scored on the attributes the data has (GENKI's smile as Smiling)
+    ds = read_dataset(args.data, seed=args.seed).for_labels(wanted)
     table = _split(ds, args.split, p)
     if args.limit:
         table = table.iloc[: args.limit]
-    wanted = label_columns(model)
     if not any(c in table.columns and table[c].notna().any() for c in wanted):
         p.error(f"{args.data} (split {args.split}) has none of the labels {info.model} predicts "
                 f"({', '.join(wanted)}; it has {', '.join(c for c in table.columns if c not in ('path', 'split'))}): "
@@ -195,6 +196,12 @@ def main(argv: list[str] | None = None) -> dict:
     width = max(len(k) for k in list(metrics) + list(eces))
     for k in sorted(metrics):
         print(f"  {k:<{width}}  {metrics[k]:.4f}")
+    for o in model.outputs:  # a 40-attribute model on data that labels a few of them (GENKI-4K: Smiling)
+        counts = (ev.stats.get(o.name) or {}).get("n_label")
+        if counts is not None and len(o.labels) > 1 and bool((counts == 0).any()):
+            have = [lab for lab, n in zip(o.labels, counts.tolist()) if n > 0]
+            print(f"  ({o.name}: the data labels {len(have)} of {len(o.labels)} ({', '.join(have)}); "
+                  f"{o.name}.mean_accuracy is over {'it' if len(have) == 1 else 'them'})")
     shifts = ", ".join(f"{k} {v:+.4f}" for k, v in status["shifts"].items() if v is not None)
     print(f"calibrated: {str(status['calibrated']).lower()}"
           + ("" if status["calibrated"] else "  (no temperatures in this checkpoint: probabilities are the raw "

@@ -174,10 +174,11 @@ def stabilise_weights(raw: torch.Tensor, mode: str = "floor", floor: float = 1e-
     raise ValueError(f"weight_mode must be one of {WEIGHT_MODES}, got {mode!r}")
 
 
-def adaptive_thresholds(tau: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor, n: float, epoch: int,
+def adaptive_thresholds(tau: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor, n, epoch: int,
                         gamma: float = 0.01) -> torch.Tensor:
-    """Eq. 6: ``τ_t = τ_{t−1} + γ · l · (N_FP − N_FN) / V`` (l = ``epoch``, V = ``n`` validation images)."""
-    if n <= 0:
+    """Eq. 6: ``τ_t = τ_{t−1} + γ · l · (N_FP − N_FN) / V`` (l = ``epoch``, V = ``n`` validation images: a
+    number, or one per attribute, the images that have it)."""
+    if bool((torch.as_tensor(n) <= 0).any()):
         raise ValueError("adaptive thresholds need a validation set with at least one labelled image (V > 0)")
     return tau.double() + gamma * epoch * (fp.double() - fn.double()) / n
 
@@ -276,12 +277,8 @@ class DMMCNN(FaceModel):
         total = None
         if "attributes" in targets:
             scores, target = raw["attributes"], targets["attributes"]
-            keep = ~torch.isnan(target).any(dim=1)
-            if bool(keep.any()):
-                per = self.outputs["attributes"].per_label_loss(scores[keep], target[keep])
-                term = (per * self.attribute_weights.to(per)).sum()
-            else:
-                term = scores.sum() * 0.0
+            # each attribute over the rows that have it (a row of GENKI-4K has Smiling alone)
+            term = self.outputs["attributes"].loss(scores, target, label_weights=self.attribute_weights)
             parts["attributes"] = term.detach()
             total = term
         if self.num_landmarks and "landmarks" in targets:
@@ -298,31 +295,36 @@ class DMMCNN(FaceModel):
         ``self.stats``, or the Binary stats dict itself): τ by Eq. 6, then λ by Eq. 4. The caller all-reduces
         the statistics first, so every worker computes identical buffers. ``epoch`` counts from 1."""
         s = stats.get("attributes", stats) if isinstance(stats, dict) else None
-        need = ("n", "loss_sum", "fp", "fn")
+        need = ("n_label", "loss_sum", "fp", "fn")
         if not isinstance(s, dict) or any(k not in s for k in need):
             raise ValueError(f"{self.name}.on_validation needs the attributes' summed stats with {need}")
         j = len(CELEBA_ATTRIBUTES)
-        for k in ("loss_sum", "fp", "fn"):
+        for k in ("n_label", "loss_sum", "fp", "fn"):
             if tuple(s[k].shape) != (j,):
                 raise ValueError(f"stats[{k!r}] must have shape ({j},), got {tuple(s[k].shape)}")
-        n = float(s["n"])
-        if n <= 0:
+        n = s["n_label"]
+        seen = (n > 0).to(self.thresholds.device)  # the attributes the validation set has values for
+        if not bool(seen.any()):
             raise ValueError("the validation set has no image with attribute labels: cannot update λ and τ")
         if int(epoch) < 1:
             raise ValueError(f"epoch counts from 1 (Eq. 6's l), got {epoch}")
         dev = self.thresholds.device
-        loss = (s["loss_sum"].double() / n).to(dev)
+        n = n.double().clamp_min(1).to(dev)
+        # An attribute without validation values (a mix whose validation part has no Smiling, say) keeps its
+        # τ and λ: Eq. 4 and Eq. 6 have nothing to read for it. With CelebA every attribute is seen.
+        loss = torch.where(seen, s["loss_sum"].double().to(dev) / n, torch.full_like(n, float("nan")))
         logs: dict[str, float] = {}
         with torch.no_grad():
             if self.use_adaptive_thresholds:
                 tau = adaptive_thresholds(self.thresholds, s["fp"].to(dev), s["fn"].to(dev), n, int(epoch), self.gamma)
-                self.thresholds.copy_(tau.to(self.thresholds.dtype))
-            if self.use_dynamic_weights and not bool(torch.isnan(self.prev_val_loss).any()):
-                raw = dynamic_weights(loss, self.prev_val_loss)
+                self.thresholds.copy_(torch.where(seen, tau.to(self.thresholds.dtype), self.thresholds))
+            both = seen & ~torch.isnan(self.prev_val_loss)
+            if self.use_dynamic_weights and bool(both.any()):
+                raw = dynamic_weights(loss[both], self.prev_val_loss[both])
                 logs["dmm.raw_weights_zero"] = float((raw == 0).sum())
                 lam = stabilise_weights(raw, self.weight_mode, self.weight_floor)
-                self.attribute_weights.copy_(lam.to(self.attribute_weights.dtype))
-            self.prev_val_loss.copy_(loss.to(self.prev_val_loss.dtype))
+                self.attribute_weights[both] = lam.to(self.attribute_weights.dtype)
+            self.prev_val_loss.copy_(torch.where(seen, loss.to(self.prev_val_loss.dtype), self.prev_val_loss))
         w, t = self.attribute_weights, self.thresholds
         logs.update({"dmm.weight_mean": float(w.mean()), "dmm.weight_min": float(w.min()),
                      "dmm.weight_max": float(w.max()), "dmm.threshold_mean": float(t.mean()),

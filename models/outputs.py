@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
@@ -207,49 +206,71 @@ class Binary(Output):
         left = torch.isnan(t)  # attributes whose fit was not kept (models/calibration.py)
         return torch.where(left, self.prob(raw), p) if bool(left.any()) else p
 
-    def per_label_loss(self, raw: Tensor, target: Tensor) -> Tensor:
-        """Mean loss of each label over the batch, shape (J,)."""
-        # Targets may be 0/1 or CelebA's ±1: positive means > 0 in both conventions.
-        raw, pos = raw.float(), (target > 0).float()
+    def _per_label_sums(self, raw: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """``(loss summed over the rows that have each label, how many rows have it)``, both (J,). A target
+        row may have some labels and not others (NaN = missing: GENKI-4K's smile is DMM-CNN's ``Smiling`` with
+        the other 39 missing, facedata.datasets ``attributes_from_columns``)."""
+        raw, t = raw.float(), target.float()
+        have = ~torch.isnan(t)
+        pos = (t > 0).float()  # targets may be 0/1 or CelebA's ±1: positive means > 0 in both conventions
         if self.loss_type == "bce":
-            return F.binary_cross_entropy_with_logits(raw, pos, reduction="none").mean(0)
-        return ((raw - (pos * 2 - 1)) ** 2).mean(0)
+            each = F.binary_cross_entropy_with_logits(raw, pos, reduction="none")
+        else:
+            each = (raw - (pos * 2 - 1)) ** 2
+        return torch.where(have, each, torch.zeros_like(each)).sum(0), have.sum(0)
+
+    def per_label_loss(self, raw: Tensor, target: Tensor) -> Tensor:
+        """Mean loss of each label over the rows of the batch that have it, shape (J,); 0 for a label that no
+        row has."""
+        total, count = self._per_label_sums(raw, target)
+        return total / count.clamp_min(1)
 
     def loss(self, raw, target, label_weights: Tensor | None = None):
         per = self.per_label_loss(raw, target)
         if label_weights is not None:
             return (per * label_weights.to(per)).sum()
-        return per.sum() if self.loss_type == "mse_pm1" else per.mean()
+        if self.loss_type == "mse_pm1":
+            return per.sum()
+        present = (~torch.isnan(target)).any(0)  # the mean over the labels this batch has (all, for CelebA)
+        return per.sum() / present.sum().clamp_min(1)
+
+    def masked_loss(self, raw: Tensor, target: Tensor) -> Tensor:
+        """Loss over the labels each row has (per label, not per row as for the other outputs)."""
+        if not bool((~torch.isnan(target)).any()):
+            return raw.sum() * 0.0
+        return self.loss(raw, target)
 
     def stats(self, raw, target, **ctx):
-        keep = valid_rows(target)
-        raw, target = raw[keep].float(), target[keep].float()
+        """Per label: ``n_label`` rows that have it, and ``correct``/``tp``/``fp``/``fn``/``loss_sum`` over them;
+        ``n``: rows with at least one label."""
+        target = target.float().reshape(len(target), -1)
+        rows = (~torch.isnan(target)).any(1)
+        raw, target = raw[rows].float(), target[rows]
+        have = ~torch.isnan(target)
         truth = target > 0
         pred = self.positive(raw, ctx)
-        j = len(self.labels)
-        z = torch.zeros(j, dtype=torch.float64)
-        if len(target) == 0:
-            return {"n": torch.zeros((), dtype=torch.float64), "correct": z, "fp": z.clone(), "fn": z.clone(),
-                    "tp": z.clone(), "loss_sum": z.clone()}
-        per_row = self.per_label_loss(raw, target) * len(target)
+        loss_sum, count = self._per_label_sums(raw, target)
         return {
-            "n": torch.tensor(float(len(target)), dtype=torch.float64),
-            "correct": (pred == truth).sum(0).double(),
-            "tp": (pred & truth).sum(0).double(),
-            "fp": (pred & ~truth).sum(0).double(),
-            "fn": (~pred & truth).sum(0).double(),
-            "loss_sum": per_row.double(),
+            "n": rows.sum().double(),
+            "n_label": count.double(),
+            "correct": (have & (pred == truth)).sum(0).double(),
+            "tp": (have & pred & truth).sum(0).double(),
+            "fp": (have & pred & ~truth).sum(0).double(),
+            "fn": (have & ~pred & truth).sum(0).double(),
+            "loss_sum": loss_sum.double(),
         }
 
     def metrics(self, s):
-        n = float(s["n"])
-        if n == 0:
+        n = s["n_label"].double()
+        scored = n > 0
+        if not bool(scored.any()):
             return {}
-        acc = (s["correct"] / n).tolist()
-        out = {f"{label}.accuracy": a for label, a in zip(self.labels, acc)}
+        acc = s["correct"].double() / n.clamp_min(1)
+        out = {f"{label}.accuracy": float(a) for label, a, k in zip(self.labels, acc, scored) if k}
         if len(self.labels) > 1:
-            out[f"{self.name}.mean_accuracy"] = float(np.mean(acc))
-        out[f"{self.name}.loss"] = float(s["loss_sum"].sum()) / n
+            # over the labels the data has: all 40 for CelebA, Smiling alone for GENKI-4K
+            out[f"{self.name}.mean_accuracy"] = float(acc[scored].mean())
+        out[f"{self.name}.loss"] = float((s["loss_sum"].double()[scored] / n[scored]).sum())
         return out
 
     def fields(self):

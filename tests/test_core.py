@@ -70,6 +70,45 @@ def test_binary_thresholds_fp_fn_and_mean_accuracy():
     assert cols["A"] == [True, False, False] and cols["B"] == [False, True, True]
 
 
+def test_binary_partial_labels_count_each_attribute_over_the_rows_that_have_it():
+    """GENKI-4K's smile read as DMM-CNN's ``Smiling`` (the other attributes missing, NaN) beside CelebA rows
+    with all of them: each attribute's loss, accuracy and counts are over the rows that have it, and a fully
+    labelled batch reads as before."""
+    nan = float("nan")
+    for loss_type in ("mse_pm1", "bce"):
+        o = Binary("attributes", labels=("A", "B", "C"), loss_type=loss_type)
+        raw = torch.tensor([[0.5, -0.2, 0.1], [-0.5, 0.3, 0.2], [0.2, 0.9, -0.4], [0.7, -0.8, 0.6],
+                            [0.3, 0.3, 0.3]],
+                           requires_grad=True)
+        full = torch.tensor([[1.0, -1, 1], [1, -1, -1], [-1, 1, 1]])
+        partial = torch.tensor([[nan, 1, nan], [nan, nan, nan]])  # a smile-only row and a row with nothing
+        target = torch.cat([full, partial])
+        per = o.per_label_loss(raw, target)
+        assert torch.allclose(per[[0, 2]], o.per_label_loss(raw[:3], full)[[0, 2]])  # A and C: the CelebA rows
+        b_raw, b_pos = raw[:4, 1].detach(), torch.tensor([0.0, 0, 1, 1])  # B: 3 CelebA rows + the smile row
+        if loss_type == "bce":
+            expected_b = torch.nn.functional.binary_cross_entropy_with_logits(b_raw, b_pos).item()
+        else:
+            expected_b = ((b_raw - (2 * b_pos - 1)) ** 2).mean().item()
+        assert per[1].item() == pytest.approx(expected_b)
+        loss = o.masked_loss(raw, target)
+        assert torch.isfinite(loss)
+        loss.backward()
+        assert torch.isfinite(raw.grad).all() and raw.grad[4].abs().sum() == 0  # the unlabelled row: no gradient
+        assert o.masked_loss(raw[:3], full).item() == pytest.approx(o.loss(raw[:3], full).item())
+        s = o.stats(raw.detach(), target)
+        assert float(s["n"]) == 4 and s["n_label"].tolist() == [3, 4, 3]
+        m = o.metrics(s)
+        pred = (raw.detach() > 0)
+        truth_b = torch.tensor([False, False, True, True])
+        assert m["B.accuracy"] == pytest.approx(float((pred[:4, 1] == truth_b).float().mean()))
+        assert "attributes.labels_scored" not in m
+    only = o.stats(raw.detach()[3:], partial)  # a data set with one attribute (GENKI-4K for DMM-CNN)
+    m = o.metrics(only)
+    assert set(m) == {"B.accuracy", "attributes.mean_accuracy", "attributes.loss"}
+    assert m["attributes.mean_accuracy"] == m["B.accuracy"] == 0.0  # -0.8 on a smile
+
+
 def test_regression_metrics_match_numpy():
     rng = np.random.default_rng(0)
     y = rng.uniform(1, 5, 50)

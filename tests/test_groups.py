@@ -143,3 +143,41 @@ def test_evaluate_cli_calibrates_groups_and_draws(tmp_path, agr, capsys):
     cal, info = load_checkpoint(str(tmp_path / "cal.pt"))
     assert cal.outputs["gender"].calibrated and info.extra["calibration"]["split"] == "all"
     assert set(info.extra["calibration"]["fit"]) == {"gender", "race"}
+
+
+def test_evaluate_scores_a_40_attribute_model_on_the_attributes_the_data_labels(tmp_path, capsys):
+    """DMM-CNN on photos labelled only with smile and gender (GENKI-4K, LFW, a user's manifest): ``Smiling`` and
+    ``Male`` are scored against them, each over the rows that have it, the other 38 are not reported, and the
+    output says so; the figures are the model's own answers counted by hand."""
+    from facedata.datasets import CELEBA_ATTRIBUTES
+    from facedata.synth import generate
+    from models.preprocess import decode
+
+    generate("utkface", 24, str(tmp_path / "utk"), seed=2, size=(48, 48))
+    paths = sorted(str(p) for p in (tmp_path / "utk").iterdir())
+    rng = np.random.default_rng(0)
+    smile = rng.integers(0, 2, len(paths)).astype(float)
+    gender = rng.integers(0, 2, len(paths)).astype(float)
+    smile[:5] = np.nan  # rows without a smile label: left out of Smiling only
+    pd.DataFrame({"path": paths, "smile": smile, "gender": gender}).to_csv(tmp_path / "m.csv", index=False)
+    torch.manual_seed(0)
+    dmm = models.create_model("dmm_cnn", depth=18, image_size=48, num_landmarks=0)
+    save_checkpoint(dmm, str(tmp_path / "dmm.pt"))
+    metrics = evaluate.main(["--checkpoint", str(tmp_path / "dmm.pt"), "--data", f"manifest:{tmp_path / 'm.csv'}",
+                             "--split", "all", "--faces", "whole", "--by", "gender", "--min-group", "1",
+                             "--bootstrap", "10"])
+    out = capsys.readouterr().out
+    assert sorted(k for k in metrics if k.endswith(".accuracy")) == ["Male.accuracy", "Smiling.accuracy"]
+    assert "the data labels 2 of 40 (Male, Smiling)" in out and "by gender" in out
+
+    m, _ = load_checkpoint(str(tmp_path / "dmm.pt"))
+    x = torch.stack([decode(open(p, "rb").read(), m.preprocessing)[0] for p in paths])
+    with torch.no_grad():
+        scores = m.eval()(m.prepare(x))["attributes"]
+    said = scores > m.thresholds
+    male = said[:, CELEBA_ATTRIBUTES.index("Male")].numpy()
+    smiling = said[:, CELEBA_ATTRIBUTES.index("Smiling")].numpy()
+    assert metrics["Male.accuracy"] == pytest.approx(np.mean(male == (gender == 0)))
+    has = ~np.isnan(smile)
+    assert metrics["Smiling.accuracy"] == pytest.approx(np.mean(smiling[has] == (smile[has] == 1)))
+    assert metrics["n_images"] == len(paths)

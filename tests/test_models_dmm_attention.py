@@ -39,11 +39,14 @@ def _reset(m):
     m.prev_val_loss.fill_(float("nan"))
 
 
-def _stats(loss_per_image, fp, fn, n):
-    """Binary stats as the caller passes them: summed over the validation set."""
+def _stats(loss_per_image, fp, fn, n, n_label=None):
+    """Binary stats as the caller passes them: summed over the validation set (``n_label``: the images that
+    have each attribute; default: all ``n``)."""
+    per = torch.full((J,), float(n), dtype=torch.float64) if n_label is None else torch.tensor(n_label, dtype=torch.float64)
     return {"attributes": {
         "n": torch.tensor(float(n), dtype=torch.float64),
-        "loss_sum": torch.tensor(loss_per_image, dtype=torch.float64) * n,
+        "n_label": per,
+        "loss_sum": torch.tensor(loss_per_image, dtype=torch.float64) * per,
         "fp": torch.tensor(fp, dtype=torch.float64), "fn": torch.tensor(fn, dtype=torch.float64),
         "tp": torch.zeros(J, dtype=torch.float64), "correct": torch.zeros(J, dtype=torch.float64),
     }}
@@ -191,6 +194,32 @@ def test_on_validation_updates_lambda_and_tau_identically_on_two_models(dmm):
         other.on_validation(_stats([1.0] * J, fp, fn, n=0), epoch=1)
     with pytest.raises(ValueError, match="summed stats"):
         other.on_validation({"landmarks": {"n": torch.tensor(3.0)}}, epoch=1)
+    _reset(dmm)
+
+
+def test_on_validation_leaves_attributes_without_validation_values_alone(dmm):
+    """A mix (CelebA's 40 attributes + GENKI-4K's smile + a gender manifest) can have a validation part in
+    which some attributes have no value at all: Eq. 4 and 6 have nothing to read for them, so their λ and τ
+    stay; the others move exactly as with complete data."""
+    _reset(dmm)
+    dmm.weight_mode = "floor"
+    fp, fn = [0.0] * J, [0.0] * J
+    fp[0], fp[1] = 40.0, 40.0
+    seen = [400.0] * J
+    seen[1] = 0.0  # attribute 1 has no validation value (and so no FP either in real stats)
+    fp[1] = 0.0
+    dmm.on_validation(_stats([1.0] * J, fp, fn, n=400, n_label=seen), epoch=1)
+    assert dmm.thresholds[0].item() == pytest.approx(0.001)
+    assert dmm.thresholds[1].item() == 0.0
+    assert torch.isnan(dmm.prev_val_loss[1]) and dmm.prev_val_loss[0].item() == pytest.approx(1.0)
+    loss2 = [1.0] * J
+    loss2[0], loss2[1] = 0.75, 5.0  # attribute 1's "loss" is 0 / 0: must not be read
+    dmm.on_validation(_stats(loss2, [0.0] * J, [0.0] * J, n=400, n_label=seen), epoch=2)
+    assert dmm.attribute_weights[0].item() == pytest.approx(0.25)
+    assert dmm.attribute_weights[1].item() == 1.0  # kept, not floored to 0.001
+    assert dmm.attribute_weights[2].item() == pytest.approx(0.001)
+    assert torch.isnan(dmm.prev_val_loss[1])
+    dmm.weight_mode = "renormalise"
     _reset(dmm)
 
 

@@ -20,7 +20,7 @@ import models
 from core import engine
 from core.batches import load_batch, to_tensors
 from facedata import synth
-from facedata.datasets import MIXED, SOURCE, read_dataset, seeded_split
+from facedata.datasets import CELEBA_ATTRIBUTES, MIXED, SOURCE, read_dataset, seeded_split
 from tests.helpers import bad_training_files, blank_photo, face_photo, png_bytes, write_files
 
 
@@ -164,3 +164,40 @@ def test_task_attention_trunk_learns_at_its_own_rate():
     assert sorted(g["lr"] for g in opt.param_groups) == pytest.approx([m.recipe.lr * 0.1, m.recipe.lr])
     with pytest.raises(ValueError, match="trunk_lr_scale"):
         models.create_model("task_attention", depth=18, trunk_lr_scale=-1)
+
+
+def test_dmm_cnn_reads_smiling_from_genki_and_male_from_a_gender_manifest(tmp_path, crops):
+    """DMM-CNN's 40 CelebA attributes beside data that labels only smile (GENKI-4K) or gender (a manifest):
+    ``jobs.train``'s prepare gives those rows an attribute vector with Smiling or Male and the other 39
+    missing; a GENKI row moves only the Smiling score; a short fit reads every attribute on CelebA's rows and
+    Smiling on GENKI's too (facedata.datasets ``attributes_from_columns``, models/outputs.py ``Binary``)."""
+    from raytasks.train import TrainSpec, prepare
+
+    smiles = [f"g{i}.jpg,{i % 2},0,0,0" for i in range(16)]
+    genki = _genki(tmp_path / "g", smiles, {f"g{i}.jpg": png_bytes() for i in range(16)})
+    gender = _manifest(tmp_path / "gender.csv", crops.iloc[:12].copy(), "gender")
+    celeba = f"celeba:{crops['path'].iloc[0].rsplit('/', 2)[0]}"
+    spec = TrainSpec(model="dmm_cnn", data=(celeba, genki, gender), storage=str(tmp_path / "runs"), name="d",
+                     faces="whole", model_kwargs={"depth": 18, "image_size": 48}, template_images=0)
+    model, _, train, val, _ = prepare(spec)
+    assert {"path", "attributes"} <= set(train.columns) and "gender" not in train.columns
+    smile_i, male_i = CELEBA_ATTRIBUTES.index("Smiling"), CELEBA_ATTRIBUTES.index("Male")
+    labels = {p.rsplit("/", 1)[1]: np.asarray(v, dtype=float) for p, v in zip(train["path"], train["attributes"])}
+    g = {k: v for k, v in labels.items() if k.startswith("g")}
+    assert g and all(np.isnan(np.delete(v, smile_i)).all() for v in g.values())
+    assert {v[smile_i] for v in g.values()} == {-1.0, 1.0}
+    assert sum(np.isfinite(v).sum() == 1 and np.isfinite(v[male_i]) for v in labels.values()) > 0  # the manifest
+    assert sum(np.isfinite(v).all() for v in labels.values()) > 0  # CelebA's own rows
+
+    genki_rows = train[train["path"].str.contains("/g/")]
+    images, targets = to_tensors(load_batch(genki_rows, model), torch.device("cpu"))
+    model.train()
+    raw = model(model.prepare(images))
+    raw["attributes"].retain_grad()
+    model.loss(raw, targets)[0].backward()
+    moved = raw["attributes"].grad.abs().sum(0) > 0
+    assert moved.tolist() == [j == smile_i for j in range(len(CELEBA_ATTRIBUTES))]
+
+    history = engine.fit(model, train, val, epochs=1, batch_size=8, log_fn=None)
+    assert "Smiling.accuracy" in history[-1] and math.isfinite(history[-1]["val_loss"])
+    assert torch.isfinite(model.thresholds).all() and torch.isfinite(model.attribute_weights).all()

@@ -11,7 +11,9 @@ gender        float, 0 = male, 1 = female (CelebA: ``Male == 1`` -> 0)
 race          float class index (UTKFace: :data:`UTKFACE_RACES`; SCUT-FBP5500: :data:`SCUT_RACES`)
 age           float, years
 beauty        float, 1-5
-attributes    list of the 40 CelebA values, +1 / -1, in :data:`CELEBA_ATTRIBUTES` order
+attributes    list of the 40 CelebA values, +1 / -1, in :data:`CELEBA_ATTRIBUTES` order (NaN: not labelled; a
+              model with these reads a row that has none from gender, smile and eyeglasses,
+              ``FaceDataset.for_labels``)
 smile         float 0 / 1 (CelebA ``Smiling``)
 eyeglasses    float 0 / 1 (CelebA ``Eyeglasses``)
 landmarks     list of 2T floats ``[x1, y1, x2, y2, ...]`` in the pixel coordinates of the image file, or None
@@ -62,6 +64,7 @@ import logging
 from collections.abc import Sequence
 
 from facedata.datasets.base import (  # noqa: F401 - the package's API, as facedata/datasets.py had it
+    ATTRIBUTE_COLUMNS,
     CELEBA_ATTR_FILE,
     CELEBA_ATTRIBUTES,
     CELEBA_IMAGES,
@@ -83,6 +86,8 @@ from facedata.datasets.base import (  # noqa: F401 - the package's API, as faced
     UTKFACE_RACES,
     FaceDataset,
     _Splitter,
+    attributes_from_columns,
+    columns_from_attributes,
     parse_spec,
     seeded_split,
 )

@@ -9,7 +9,7 @@ import logging
 import posixpath
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -18,7 +18,7 @@ import storage
 
 # the label values the models predict are defined once, with the models (models/ sits below facedata/)
 from models.age_gender_race import UTKFACE_RACES
-from models.dmm_cnn import CELEBA_ATTRIBUTES  # noqa: F401 - facedata.datasets exports it
+from models.dmm_cnn import CELEBA_ATTRIBUTES
 
 log = logging.getLogger("facedata.datasets")
 
@@ -51,6 +51,51 @@ MODEL_LABELS: dict[str, tuple[str, ...]] = {
     "age_gender_race": ("age", "gender", "race"),
     "hmtnet": ("gender", "race", "beauty"),
 }
+
+# The CelebA attributes that are canonical label columns of their own: column -> (attribute, the column's value
+# when the attribute is +1). gender is 0 for a man, so Male +1 -> gender 0. The one place the two meet: the
+# CelebA and manifest readers fill the columns from the attributes (:func:`columns_from_attributes`), and a
+# model with CelebA's 40 attributes reads data that labels only gender, smile or eyeglasses (GENKI-4K, UTKFace,
+# LFW, a user's manifest) through :func:`attributes_from_columns`.
+ATTRIBUTE_COLUMNS: dict[str, tuple[str, float]] = {
+    "gender": ("Male", 0.0), "smile": ("Smiling", 1.0), "eyeglasses": ("Eyeglasses", 1.0),
+}
+
+
+def columns_from_attributes(values) -> dict[str, float]:
+    """The canonical columns of one row's 40 attributes (+1 / -1, CelebA's order): ``{"gender": ..., ...}``."""
+    out = {}
+    for col, (attr, when_positive) in ATTRIBUTE_COLUMNS.items():
+        out[col] = when_positive if float(values[CELEBA_ATTRIBUTES.index(attr)]) > 0 else 1.0 - when_positive
+    return out
+
+
+def attributes_from_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with an ``attributes`` list for every row that has none but has one of the columns of
+    :data:`ATTRIBUTE_COLUMNS`: those attributes +1 / -1, the other 37 missing (NaN), which the attribute
+    output leaves out of its loss and its metrics label by label (models/outputs.py ``Binary``). A row with
+    its own attributes keeps them. So ``jobs.evaluate`` scores a 40-attribute model's ``Smiling`` on GENKI-4K
+    and its ``Male`` on LFW, and ``jobs.train --data celeba:... --data genki4k:...`` teaches DMM-CNN's
+    ``Smiling`` from both. Returns ``table`` itself when it has none of the columns."""
+    have = [c for c in ATTRIBUTE_COLUMNS if c in table.columns]
+    if not have:
+        return table
+    index = {c: CELEBA_ATTRIBUTES.index(ATTRIBUTE_COLUMNS[c][0]) for c in have}
+    old = table["attributes"] if "attributes" in table.columns else pd.Series([None] * len(table), index=table.index)
+    values = {c: table[c].to_numpy(dtype=float) for c in have}
+    out = []
+    for i, v in enumerate(old):
+        if v is not None and not (isinstance(v, float) and np.isnan(v)):
+            out.append(v)
+            continue
+        vec = [float("nan")] * len(CELEBA_ATTRIBUTES)
+        for c in have:
+            x = values[c][i]
+            if not np.isnan(x):
+                vec[index[c]] = 1.0 if x == ATTRIBUTE_COLUMNS[c][1] else -1.0
+        out.append(None if all(np.isnan(vec)) else vec)
+    return table.assign(attributes=out)
+
 
 CELEBA_IMAGES = "img_align_celeba"
 CELEBA_ATTR_FILE = "list_attr_celeba.txt"
@@ -88,6 +133,15 @@ class FaceDataset:
     @property
     def label_columns(self) -> tuple[str, ...]:
         return tuple(c for c in LABEL_COLUMNS if c in self.table.columns)
+
+    def for_labels(self, columns: Iterable[str]) -> FaceDataset:
+        """This data set as a model that learns from the label ``columns`` reads it: for CelebA's 40
+        ``attributes``, a row without them takes those of its gender, smile and eyeglasses
+        (:func:`attributes_from_columns`). ``jobs.train`` and ``jobs.evaluate`` read data through it."""
+        if "attributes" not in columns:
+            return self
+        table = attributes_from_columns(self.table)
+        return self if table is self.table else replace(self, table=table)
 
     def split(self, name: str) -> pd.DataFrame:
         """The rows of split ``name`` ("train", "val" or "test"), re-indexed from 0."""

@@ -30,6 +30,7 @@ from facedata.datasets.base import (
     _relpath,
     _Skips,
     _Splitter,
+    columns_from_attributes,
     log,
 )
 
@@ -51,7 +52,6 @@ def _read_celeba(root: str, splitter: _Splitter) -> FaceDataset:
     landmarks, num_points = _read_celeba_landmarks(storage.join(root, CELEBA_LANDMARK_FILE), skips)
     partition = _read_celeba_partition(storage.join(root, CELEBA_PARTITION_FILE), skips)
 
-    i_male, i_smile, i_glasses = (CELEBA_ATTRIBUTES.index(a) for a in ("Male", "Smiling", "Eyeglasses"))
     rows = []
     for name, values in attrs.items():
         path = by_name.get(name) or by_stem.get(name.rsplit(".", 1)[0])
@@ -61,9 +61,7 @@ def _read_celeba(root: str, splitter: _Splitter) -> FaceDataset:
         row = {
             "path": path,
             "split": partition.get(name) or splitter(name),
-            "gender": 0.0 if values[i_male] == 1 else 1.0,
-            "smile": 1.0 if values[i_smile] == 1 else 0.0,
-            "eyeglasses": 1.0 if values[i_glasses] == 1 else 0.0,
+            **columns_from_attributes(values),
             "attributes": [float(v) for v in values],
         }
         if num_points:

@@ -15,6 +15,7 @@ import storage
 from facedata.datasets.base import (
     _LIST_SIZES,
     _SPLIT_ALIASES,
+    ATTRIBUTE_COLUMNS,
     CELEBA_ATTRIBUTES,
     FACE_SELECT_COLUMNS,
     LABEL_COLUMNS,
@@ -24,6 +25,7 @@ from facedata.datasets.base import (
     _frame,
     _Skips,
     _Splitter,
+    columns_from_attributes,
 )
 
 # --------------------------------------------------------------------------------------------- manifest
@@ -90,19 +92,12 @@ def _manifest_split(value) -> str | None | bool:
     return _SPLIT_ALIASES.get(key, False)
 
 
-# CelebA attributes that are label columns of their own (gender = not Male), as the celeba reader fills them.
-_FROM_ATTRIBUTES = {"gender": ("Male", 0.0), "smile": ("Smiling", 1.0), "eyeglasses": ("Eyeglasses", 1.0)}
-
-
 def _derive_from_attributes(table: pd.DataFrame) -> None:
     """A manifest with CelebA's 40 ``attributes`` but no ``gender``/``smile``/``eyeglasses`` column gets them
     from the attributes, as the celeba reader does; a column the manifest has is kept as it is."""
-    for col, (attr, when_positive) in _FROM_ATTRIBUTES.items():
-        if col in table.columns:
-            continue
-        i = CELEBA_ATTRIBUTES.index(attr)
-        table[col] = [math.nan if v is None else (when_positive if v[i] > 0 else 1.0 - when_positive)
-                      for v in table["attributes"]]
+    for col in ATTRIBUTE_COLUMNS:
+        if col not in table.columns:
+            table[col] = [math.nan if v is None else columns_from_attributes(v)[col] for v in table["attributes"]]
 
 
 # The usual spellings of the binary labels (case-insensitive), besides the numbers 0 and 1.

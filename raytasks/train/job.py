@@ -114,6 +114,7 @@ def prepare(spec: TrainSpec, ds=None):
     models.model_class(spec.model)  # an unknown name fails here, naming the known ones
     ds = ds if ds is not None else read_dataset(spec.data, seed=spec.split_seed)
     model, recipe = resolve_model(spec, ds)
+    ds = ds.for_labels(label_columns(model))  # DMM-CNN's Smiling from GENKI-4K's smile, in a mix
     columns = ["path"] + [c for c in label_columns(model) if c in ds.table.columns]
     if len(columns) == 1:
         raise TrainError(f"{spec.data} has none of the labels {model.name} learns from "
