@@ -166,7 +166,7 @@ def test_task_attention_trunk_learns_at_its_own_rate():
         models.create_model("task_attention", depth=18, trunk_lr_scale=-1)
 
 
-def test_dmm_cnn_reads_smiling_from_genki_and_male_from_a_gender_manifest(tmp_path, crops):
+def test_dmm_cnn_reads_smiling_from_genki_and_male_from_a_gender_manifest(tmp_path, crops, capsys):
     """DMM-CNN's 40 CelebA attributes beside data that labels only smile (GENKI-4K) or gender (a manifest):
     ``jobs.train``'s prepare gives those rows an attribute vector with Smiling or Male and the other 39
     missing; a GENKI row moves only the Smiling score; a short fit reads every attribute on CelebA's rows and
@@ -188,6 +188,15 @@ def test_dmm_cnn_reads_smiling_from_genki_and_male_from_a_gender_manifest(tmp_pa
     assert {v[smile_i] for v in g.values()} == {-1.0, 1.0}
     assert sum(np.isfinite(v).sum() == 1 and np.isfinite(v[male_i]) for v in labels.values()) > 0  # the manifest
     assert sum(np.isfinite(v).all() for v in labels.values()) > 0  # CelebA's own rows
+    counts = {name: (sum(np.isfinite(np.asarray(a, dtype=float)[i]) for a in train["attributes"] if a is not None),
+                     sum(np.isfinite(np.asarray(a, dtype=float)[i]) for a in val["attributes"] if a is not None))
+              for i, name in enumerate(CELEBA_ATTRIBUTES)}
+    other = counts["Bald"]
+    assert counts["Smiling"][0] > other[0] and counts["Male"][0] > other[0]  # GENKI's smiles, the manifest's genders
+    out = capsys.readouterr().out  # what each attribute learns from, printed before training
+    for name in ("Smiling", "Male"):
+        assert f"{name} {counts[name][0]:,} / {counts[name][1]:,}" in out
+    assert f"the other 38 {other[0]:,} / {other[1]:,}" in out
 
     genki_rows = train[train["path"].str.contains("/g/")]
     images, targets = to_tensors(load_batch(genki_rows, model), torch.device("cpu"))

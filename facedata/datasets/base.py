@@ -97,6 +97,21 @@ def attributes_from_columns(table: pd.DataFrame) -> pd.DataFrame:
     return table.assign(attributes=out)
 
 
+def labelled_rows(table: pd.DataFrame, column: str) -> int | np.ndarray:
+    """How many rows of ``table`` have a value in the label ``column``: a number, or for ``attributes`` one per
+    attribute (CELEBA_ATTRIBUTES' order)."""
+    values = table[column] if column in table.columns else pd.Series([], dtype=object)
+    if column == "attributes":
+        per = np.zeros(len(CELEBA_ATTRIBUTES), dtype=np.int64)
+        for v in values:
+            if v is not None and not (isinstance(v, float) and np.isnan(v)):
+                per += np.isfinite(np.asarray(v, dtype=float))
+        return per
+    if column in LIST_COLUMNS:
+        return int(sum(v is not None and not (isinstance(v, float) and np.isnan(v)) for v in values))
+    return int(values.notna().sum())
+
+
 CELEBA_IMAGES = "img_align_celeba"
 CELEBA_ATTR_FILE = "list_attr_celeba.txt"
 CELEBA_LANDMARK_FILE = "list_landmarks_align_celeba.txt"
