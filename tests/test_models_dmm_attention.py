@@ -333,3 +333,20 @@ def test_tmtl_has_no_attention_and_initialises_the_attention_model(attention_mod
     assert torch.equal(from_tmtl(tmtl).state_dict()["fc_smile.weight"], tmtl_state["fc_smile.weight"])
     with pytest.raises(ValueError, match="do not fit"):
         from_tmtl(tmtl_state, units=32)
+
+
+def test_dmm_trunk_learns_at_its_own_rate():
+    """``trunk_lr_scale``: a pretrained trunk (dlib's) learns slower than the new SPP branches; the default
+    keeps the paper's one rate in one group (so runs from before resume with the same optimizer state)."""
+    from core.engine import make_optimizer
+    from models.base import Recipe
+
+    one = models.create_model("dmm_cnn", depth=18, image_size=64, num_landmarks=0)
+    assert [g["lr"] for g in make_optimizer(one, Recipe(optimizer="adam", lr=1e-3)).param_groups] == [1e-3]
+    m = models.create_model("dmm_cnn", depth=18, image_size=64, num_landmarks=0, trunk_lr_scale=0.01)
+    heads, trunk = make_optimizer(m, Recipe(optimizer="adam", lr=1e-3)).param_groups
+    assert heads["lr"] == 1e-3 and trunk["lr"] == pytest.approx(1e-5)
+    assert {id(p) for p in trunk["params"]} == {id(p) for p in m.trunk.parameters()}
+    assert len(heads["params"]) + len(trunk["params"]) == len(list(m.parameters()))
+    with pytest.raises(ValueError, match="trunk_lr_scale"):
+        models.create_model("dmm_cnn", depth=18, trunk_lr_scale=-1)
