@@ -3,6 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import json
+
+
+def key_value(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` (``--model-arg``, ``--augment``) -> ``(key, value)``, the value read as JSON when it is
+    (numbers, true/false, lists), else the text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def positive(kind):

@@ -33,25 +33,14 @@ The attention network's two stages (TMTL first, then the attention model initial
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 
-from jobs._cli import add_face_args, face_options, positive
+from jobs._cli import add_face_args, face_options, key_value, positive
 from models.recipes import RECORD_KEY, TRAIN_FACE_MODES, TrainingRecipe, get_recipe, recipe_for, record_lines
 from raytasks.train import TrainError, TrainSpec
 from raytasks.train.stages import RecipeRun, summary_metrics
-
-
-def _model_arg(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"--model-arg expects KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
 
 
 def _fail_at(text: str) -> tuple[int, int, int, int]:
@@ -106,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add random similarity jitter of the detector's alignment spread times K (1: scale 7 %%, "
                         "3 degrees, 3 %% shift), on the device in the aligned frame (core/augment.py); the same as "
                         "--augment align_jitter=K")
-    r.add_argument("--augment", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
+    r.add_argument("--augment", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="set one augmentation of the recipe, on the device in the aligned frame: hflip, rotation, "
                         "shift, scale, brightness, contrast, saturation, hue, blur, blur_sigma, erase, erase_area, "
                         "align_jitter, "
@@ -114,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model")
     m.add_argument("--image-size", type=positive(int), help="input size (the model's image_size argument)")
     m.add_argument("--num-landmarks", type=int, help="landmark points (DMM-CNN; default from the data)")
-    m.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
+    m.add_argument("--model-arg", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="any other constructor argument (value parsed as JSON when it can be)")
     m.add_argument("--init-from", default=None, help="initialise from a checkpoint (e.g. attention from TMTL); "
                    "with a recipe, its first stage")
