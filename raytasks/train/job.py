@@ -52,6 +52,7 @@ import storage
 from core import engine
 from core.batches import MIN_TRAIN_BATCH, label_columns, unlabelled_columns
 from facedata.datasets import FACE_SELECT_COLUMNS
+from facedata.datasets.base import label_line
 from faces.align import default_template
 from faces.facecache import DetectionCache
 from faces.trainfaces import default_mode, find_training_faces, landmark_faces
@@ -140,32 +141,8 @@ def prepare(spec: TrainSpec, ds=None):
         pre = model.preprocessing
         if pre.template is None:
             model.preprocessing = dataclasses.replace(pre, template_crop=None, template=default_template(pre))
-    print(label_line(train, val, label_columns(model)), flush=True)
+    print(label_line(train, val, label_columns(model)), flush=True)  # what each label learns from
     return model, recipe, train.reset_index(drop=True), val.reset_index(drop=True), faces
-
-
-def label_line(train: pd.DataFrame, val: pd.DataFrame, columns) -> str:
-    """What each label learns from, as rows of the training / validation split: ``labels (train / val rows):
-    smile 3,143 / 394; gender 6,438 / 786``; CelebA's attributes grouped by their counts (a mix with GENKI-4K:
-    ``attributes: Smiling 9,581 / 1,180, the other 39 6,438 / 786``)."""
-    from facedata.datasets import CELEBA_ATTRIBUTES
-    from facedata.datasets.base import labelled_rows
-
-    parts = []
-    for c in columns:
-        t, v = labelled_rows(train, c), labelled_rows(val, c)
-        if c != "attributes":
-            parts.append(f"{c} {t:,} / {v:,}")
-            continue
-        groups: dict[tuple[int, int], list[str]] = {}
-        for name, a, b in zip(CELEBA_ATTRIBUTES, t.tolist(), v.tolist()):
-            groups.setdefault((a, b), []).append(name)
-        most = max(groups, key=lambda k: len(groups[k]))
-        shown = [f"{' and '.join(names)} {a:,} / {b:,}" for (a, b), names in groups.items() if (a, b) != most]
-        rest = len(groups[most])
-        shown.append(f"{'all ' + str(rest) if not shown else f'the other {rest}'} {most[0]:,} / {most[1]:,}")
-        parts.append(f"attributes: {', '.join(shown)}")
-    return "labels (train / val rows): " + "; ".join(parts)
 
 
 def template_choice(spec: TrainSpec, mode: str) -> str:
