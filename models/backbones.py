@@ -93,9 +93,15 @@ def optimizer_groups_with_trunk(model: nn.Module, trunk: nn.Module, lr: float, t
     trunk (a torchvision ResNet, HMTNet's VGG-M) trains at ``lr`` with the rest, in one group."""
     if not isinstance(trunk, FaceBackbone):
         return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
-    ids = {id(p) for p in trunk.parameters()}
+    return trunk_rate_groups(model, list(trunk.parameters()), trunk.trainable_parameters(), lr, trunk_lr_scale)
+
+
+def trunk_rate_groups(model: nn.Module, trunk: list, trainable: list, lr: float, trunk_lr_scale: float) -> list[dict]:
+    """Two optimizer groups: ``model``'s trainable parameters outside ``trunk`` at ``lr``, then the ``trainable``
+    trunk parameters at ``trunk_lr_scale * lr`` (no second group when there are none)."""
+    ids = {id(p) for p in trunk}
     groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in ids], "lr": lr}]
-    if trainable := trunk.trainable_parameters():
+    if trainable:
         groups.append({"params": trainable, "lr": lr * trunk_lr_scale})
     return groups
 

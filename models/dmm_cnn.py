@@ -93,7 +93,7 @@ import torch
 from torch import nn
 
 from . import register_model
-from .backbones import dlib_preprocessing, dlib_trunk, resnet
+from .backbones import dlib_preprocessing, dlib_trunk, resnet, trunk_rate_groups
 from .base import FaceModel, Recipe
 from .landmarks import LANDMARK_SCALES, Landmarks
 from .outputs import Binary
@@ -269,10 +269,8 @@ class DMMCNN(FaceModel):
         and the SPP branches at ``lr`` (core.engine.make_optimizer)."""
         if self.trunk_lr_scale == 1.0:
             return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
-        trunk = [p for p in self.trunk.parameters() if p.requires_grad]
-        ids = {id(p) for p in trunk}
-        new = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
-        return [{"params": new, "lr": lr}, {"params": trunk, "lr": lr * self.trunk_lr_scale}]
+        trunk = list(self.trunk.parameters())
+        return trunk_rate_groups(self, trunk, [p for p in trunk if p.requires_grad], lr, self.trunk_lr_scale)
 
     # --------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

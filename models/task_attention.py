@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from . import register_model
-from .backbones import dlib_preprocessing, dlib_trunk, resnet
+from .backbones import dlib_preprocessing, dlib_trunk, resnet, trunk_rate_groups
 from .base import FaceModel, Recipe
 from .outputs import Categorical
 from .outputset import OutputSet
@@ -200,10 +200,8 @@ class TaskAttentionNet(FaceModel):
     def optimizer_groups(self, lr: float) -> list[dict]:
         """The new layers at ``lr``, the trunk (shared layers and both res5 copies) at ``trunk_lr_scale * lr``
         (core.engine.make_optimizer)."""
-        trunk = [p for m in (self.shared, self.res5_smile, self.res5_gender) for p in m.parameters() if p.requires_grad]
-        ids = {id(p) for p in trunk}
-        new = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
-        return [{"params": new, "lr": lr}, {"params": trunk, "lr": lr * self.trunk_lr_scale}]
+        trunk = [p for m in (self.shared, self.res5_smile, self.res5_gender) for p in m.parameters()]
+        return trunk_rate_groups(self, trunk, [p for p in trunk if p.requires_grad], lr, self.trunk_lr_scale)
 
     def _check_split(self, state_dict, prefix, *args) -> None:
         """Weights split at another block (e.g. saved before the split moved to res5c, when each task had all
