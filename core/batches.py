@@ -11,7 +11,6 @@ preprocessing (``models.preprocess.decode``), or, for rows whose face was found 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -19,6 +18,7 @@ import pandas as pd
 import torch
 
 import storage
+from facedata.datasets.base import missing
 from faces.trainfaces import ALIGN_POINTS, ALIGN_SHA, training_input
 from models.imagebytes import ImageDecodeError
 from models.landmarks import Landmarks
@@ -49,7 +49,7 @@ def _target_array(values, n_expected: int | None) -> np.ndarray:
         return np.array([np.nan if v is None else float(v) for v in vals], dtype=np.float32)
     out = np.full((len(vals), n_expected), np.nan, dtype=np.float32)
     for i, v in enumerate(vals):
-        if v is not None and not (isinstance(v, float) and math.isnan(v)):
+        if not missing(v):
             arr = np.asarray(v, dtype=np.float32).reshape(-1)
             if arr.size == n_expected:
                 out[i] = arr

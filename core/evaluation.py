@@ -17,6 +17,7 @@ import torch
 
 from core.batches import concat_batches, load_batch, to_tensors
 from core.engine import validation_loss
+from facedata.datasets.base import missing
 from models.calibration import CalibrationError, ece, reliability_bins
 from models.outputs import Binary, Categorical
 from models.outputset import add_stats
@@ -195,7 +196,7 @@ def group_values(table: pd.DataFrame, model, key: str) -> list[str | None]:
                 names = o.classes
         out: list[str | None] = []
         for v in table[key]:
-            if v is None or (isinstance(v, float) and math.isnan(v)):
+            if missing(v):
                 out.append(None)
             elif names is not None and float(v).is_integer() and 0 <= int(v) < len(names):
                 out.append(names[int(v)])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import posixpath
 import re
 from collections.abc import Iterable
@@ -62,6 +63,11 @@ ATTRIBUTE_COLUMNS: dict[str, tuple[str, float]] = {
 }
 
 
+def missing(value) -> bool:
+    """How the readers write a missing label: None (a list column) or a float NaN (a scalar column)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def columns_from_attributes(values) -> dict[str, float]:
     """The canonical columns of one row's 40 attributes (+1 / -1, CelebA's order): ``{"gender": ..., ...}``."""
     out = {}
@@ -85,7 +91,7 @@ def attributes_from_columns(table: pd.DataFrame) -> pd.DataFrame:
     values = {c: table[c].to_numpy(dtype=float) for c in have}
     out = []
     for i, v in enumerate(old):
-        if v is not None and not (isinstance(v, float) and np.isnan(v)):
+        if not missing(v):
             out.append(v)
             continue
         vec = [float("nan")] * len(CELEBA_ATTRIBUTES)
@@ -104,11 +110,11 @@ def labelled_rows(table: pd.DataFrame, column: str) -> int | np.ndarray:
     if column == "attributes":
         per = np.zeros(len(CELEBA_ATTRIBUTES), dtype=np.int64)
         for v in values:
-            if v is not None and not (isinstance(v, float) and np.isnan(v)):
+            if not missing(v):
                 per += np.isfinite(np.asarray(v, dtype=float))
         return per
     if column in LIST_COLUMNS:
-        return int(sum(v is not None and not (isinstance(v, float) and np.isnan(v)) for v in values))
+        return int(sum(not missing(v) for v in values))
     return int(values.notna().sum())
 
 

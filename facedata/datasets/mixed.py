@@ -17,11 +17,10 @@ a warning.
 from __future__ import annotations
 
 import logging
-import math
 
 import pandas as pd
 
-from facedata.datasets.base import FACE_SELECT_COLUMNS, LABEL_COLUMNS, LIST_COLUMNS, FaceDataset
+from facedata.datasets.base import FACE_SELECT_COLUMNS, LABEL_COLUMNS, LIST_COLUMNS, FaceDataset, missing
 
 log = logging.getLogger("facedata.datasets")
 
@@ -49,7 +48,7 @@ def mix(parts: list[FaceDataset]) -> FaceDataset:
     table = pd.concat(tables, ignore_index=True)
     for col in columns:
         if col in LIST_COLUMNS:  # a source without the column: None, as the readers write a missing list
-            table[col] = [None if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in table[col]]
+            table[col] = [None if missing(v) else v for v in table[col]]
     twice = table["path"].duplicated(keep=False)
     if twice.any():
         log.warning("mixed data: %d files are listed by more than one source (first: %s); each source's row "
