@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import errno
 import os
+import time
 from collections.abc import Iterator
 
 import pyarrow.fs as pafs
@@ -25,21 +26,27 @@ FETCH_THREADS = 16  # concurrent reads per decode task (S3 latency)
 class _DaemonPool:
     """A fixed set of daemon threads running submitted calls. Unlike ``ThreadPoolExecutor`` (whose threads
     are joined at interpreter exit), a read stuck on a hung filesystem cannot keep the process alive; after
-    a timeout the pool is replaced (:func:`_pool`), so stuck threads do not starve later reads."""
+    a timeout the pool is replaced (:func:`_pool`) and the old one retired, so stuck threads do not starve
+    later reads, and every thread of the old pool exits once it is free (none waits forever on its queue)."""
 
     def __init__(self, n: int):
         import queue
         import threading
 
+        self._n = n
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         for i in range(n):
             threading.Thread(target=self._work, name=f"label-fetch-{i}", daemon=True).start()
 
     def _work(self) -> None:
         while True:
-            fn, fut = self._q.get()
+            item = self._q.get()
+            if item is None:  # retired: this thread ends
+                return
+            fn, fut = item
             if not fut.set_running_or_notify_cancel():
                 continue
+            fut.started_at = time.monotonic()  # read by gather: each call's own deadline runs from here
             try:
                 fut.set_result(fn())
             except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
@@ -47,8 +54,15 @@ class _DaemonPool:
 
     def submit(self, fn, *args) -> cf.Future:
         fut: cf.Future = cf.Future()
+        fut.started_at = None
         self._q.put((lambda: fn(*args), fut))
         return fut
+
+    def retire(self) -> None:
+        """One stop per thread, behind the calls already queued: idle threads end now, stuck ones when
+        their call returns."""
+        for _ in range(self._n):
+            self._q.put(None)
 
 
 _POOL: _DaemonPool | None = None
@@ -56,7 +70,10 @@ _POOL: _DaemonPool | None = None
 
 def _pool(replace: bool = False) -> _DaemonPool:
     global _POOL
-    if _POOL is None or replace:
+    if replace and _POOL is not None:
+        _POOL.retire()
+        _POOL = None
+    if _POOL is None:
         _POOL = _DaemonPool(FETCH_THREADS)
     return _POOL
 
@@ -209,19 +226,37 @@ def fetch(uri: str, max_bytes: int = MAX_FILE_BYTES,
 
 
 def gather(fn, uris: list[str], timeout: float) -> list:
-    """``fn(uri)`` for every URI on the daemon pool; a call not done within ``timeout`` seconds (of this
-    batch's wait) is an ``unreadable`` "timed out" result."""
+    """``fn(uri)`` for every URI on the daemon pool, ``FETCH_THREADS`` at a time. Each call has ``timeout``
+    seconds from when it starts, not from when the batch was handed in: a call still waiting for a thread is
+    not timed out while the pool gets on (a call starts or ends), only when the pool made no progress for
+    ``timeout`` seconds (every thread stuck). A call over its time is an ``unreadable`` "timed out" result."""
     futures = [_pool().submit(fn, u) for u in uris]
-    done, pending = cf.wait(futures, timeout=timeout)
-    if pending:
+    pending = set(futures)
+    timed_out: set = set()
+    progress = time.monotonic()  # the last time a call of this batch started or ended
+    while pending:
+        started = [f.started_at for f in futures if f.started_at is not None]
+        progress = max([progress, *started])
+        deadlines = [f.started_at + timeout for f in pending if f.started_at is not None]
+        deadlines.append(progress + timeout)
+        done, pending = cf.wait(pending, timeout=max(0.0, min(deadlines) - time.monotonic()),
+                                return_when=cf.FIRST_COMPLETED)
+        now = time.monotonic()
+        if done:
+            progress = now
+        for f in list(pending):
+            if now - (f.started_at if f.started_at is not None else progress) >= timeout:
+                pending.discard(f)
+                timed_out.add(f)
+    if any(f.started_at is not None for f in timed_out):
         _pool(replace=True)  # the stuck threads stay stuck; later reads get fresh ones
     out = []
     for f in futures:
-        if f in done:
-            out.append(f.result())
-        else:
-            f.cancel()
+        if f in timed_out:
+            f.cancel()  # a call that never started is skipped by the thread that takes it
             out.append((None, "unreadable", f"read timed out after {timeout:g} s"))
+        else:
+            out.append(f.result())
     return out
 
 

@@ -77,6 +77,41 @@ def test_reads_time_out(tmp_path, monkeypatch):
     assert res[0] == (b"x", None, None) and res[1] == (None, "unreadable", "read timed out after 0.5 s")
 
 
+
+def test_each_read_has_its_own_time_and_stuck_threads_are_not_piled_up():
+    """A batch of more files than threads, each read quick, is read whole however long the batch takes (the
+    timeout runs from each read's start, not the batch's); a hung read per batch leaves one stuck thread, not
+    a new pool's worth of idle ones; a pool whose every thread is stuck times the queued reads out too."""
+    def quick(u):
+        time.sleep(0.05)
+        return u.encode(), None, None
+
+    n = 6 * reading.FETCH_THREADS  # 6 rounds of 0.05 s: longer than the 0.2 s timeout
+    res = reading.gather(quick, [str(i) for i in range(n)], 0.2)
+    assert res == [(str(i).encode(), None, None) for i in range(n)]
+
+    release = threading.Event()
+
+    def hangs(u):
+        if u == "hung":
+            release.wait()
+        return b"x", None, None
+
+    before = threading.active_count()
+    try:
+        for _ in range(4):
+            res = reading.gather(hangs, ["a", "hung", "b"], 0.2)
+            assert [r[1] for r in res] == [None, "unreadable", None]
+        # each hung read holds its thread; the pools it retired let their other threads go
+        assert threading.active_count() <= before + 4 + 1, threading.active_count()
+        t0 = time.perf_counter()
+        res = reading.gather(lambda u: (release.wait(), (b"x", None, None))[1],
+                             [str(i) for i in range(3 * reading.FETCH_THREADS)], 0.2)
+        assert all(r == (None, "unreadable", "read timed out after 0.2 s") for r in res)
+        assert time.perf_counter() - t0 < 2
+    finally:
+        release.set()
+
 def test_a_batch_is_read_a_bounded_chunk_at_a_time(tmp_path):
     uris = []
     for i in range(10):
