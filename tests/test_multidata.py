@@ -90,7 +90,9 @@ def test_mixing_refuses_labels_that_mean_different_classes(tmp_path):
     mixed = read_dataset([f"utkface:{utk}", f"scut_fbp5500:{scut}"])
     with pytest.raises(ValueError, match="race_classes=5 .* race_classes=2"):
         mixed.model_overrides("hmtnet")
-    assert mixed.model_overrides("age_gender_race") == {}  # only UTKFace trains it: nothing to reconcile
+    # SCUT's race codes (0=Asian, 1=Caucasian) would go into UTKFace's 5-class head: refused too
+    with pytest.raises(ValueError, match="0=Asian, 1=Caucasian"):
+        mixed.model_overrides("age_gender_race")
 
 
 def test_a_model_on_two_sources_learns_each_task_only_from_the_rows_that_have_its_label(tmp_path, crops):

@@ -38,8 +38,10 @@ Formats (``FORMAT`` in the spec):
   are about. ``gender``
   also takes ``male``/``female`` (``m``/``f``); ``smile`` and ``eyeglasses`` take ``yes``/``no``,
   ``true``/``false``, the model's class names (``smile``/``non_smile``, ``eyeglasses``/``no_eyeglasses``)
-  and CelebA's ``-1`` for no. With ``attributes`` and without ``gender``/``smile``/``eyeglasses`` those
-  three are filled from the attributes (``Male``, ``Smiling``, ``Eyeglasses``).
+  and CelebA's ``-1`` for no; ``race`` is a class code (a whole number 0, 1, ...), ``age`` 0-116 years
+  (UTKFace's range, age_gender_race's bins), ``beauty`` 1-5 (SCUT-FBP5500's scale). With ``attributes`` and
+  without ``gender``/``smile``/``eyeglasses`` those three are filled from the attributes (``Male``,
+  ``Smiling``, ``Eyeglasses``).
 
 Malformed entries (a bad file name, a line with the wrong number of fields, a value out of range, a label
 row whose image is missing) never stop a read: each is logged with ``logging.warning`` and listed in
@@ -51,8 +53,9 @@ same on every worker and independent of listing order. ``jobs.train`` reads with
 (``extra["split_seed"]``), and ``jobs.evaluate`` reads that split by default.
 
 ``read_dataset([SPEC, SPEC, ...])`` reads several data sets as one (``jobs.train --data A --data B``): the
-union of their columns, each source filling the labels it has and keeping its own split; a label a source
-lacks is missing, which the losses and metrics leave out (facedata/datasets/mixed.py).
+union of their columns, each source filling the labels it has and keeping its own split (a file that several
+sources list takes the first one's); a label a source lacks is missing, which the losses and metrics leave out
+(facedata/datasets/mixed.py).
 
 Modules: ``base.py`` (the columns, :class:`FaceDataset`, the spec and the split), ``crops.py`` (CelebA,
 UTKFace, SCUT-FBP5500), ``genki.py``, ``manifest.py``, ``mixed.py``.

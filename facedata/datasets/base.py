@@ -53,6 +53,17 @@ MODEL_LABELS: dict[str, tuple[str, ...]] = {
     "hmtnet": ("gender", "race", "beauty"),
 }
 
+# The label columns whose numbers are class codes that mean different classes in different formats: column ->
+# format -> the classes of codes 0, 1, ... A manifest's codes have no stated meaning (None): they are taken to be
+# the model's classes. A model learns such a column from a mix only when all its sources mean the same classes
+# (FaceDataset._check_classes).
+CLASS_MEANINGS: dict[str, dict[str, tuple[str, ...]]] = {
+    "race": {"utkface": UTKFACE_RACES, "scut_fbp5500": SCUT_RACES},
+}
+# A model whose head for such a column has fixed classes (hmtnet takes its number of races from the data,
+# ``race_classes``; age_gender_race always has UTKFace's five).
+MODEL_CLASSES: dict[str, dict[str, tuple[str, ...]]] = {"age_gender_race": {"race": UTKFACE_RACES}}
+
 # The CelebA attributes that are canonical label columns of their own: column -> (attribute, the column's value
 # when the attribute is +1). gender is 0 for a man, so Male +1 -> gender 0. The one place the two meet: the
 # CelebA and manifest readers fill the columns from the attributes (:func:`columns_from_attributes`), and a
@@ -147,7 +158,8 @@ SCUT_IMAGES = "Images"
 SCUT_LABELS = "train_test_files/All_labels.txt"
 SCUT_SPLIT_DIR = "train_test_files/split_of_60%training and 40%testing"
 
-UTKFACE_AGE_RANGE = (0, 116)
+UTKFACE_AGE_RANGE = (0, 116)  # also the ages age_gender_race's 117 age bins can learn (ages 0-116)
+SCUT_BEAUTY_RANGE = (1.0, 5.0)  # SCUT-FBP5500's raters' scale, the only beauty labels the models learn
 _UTK_NAME = re.compile(r"^(?P<age>-?\d+)_(?P<gender>-?\d+)_(?P<race>-?\d+)_")
 _UTK_SUFFIXES = (".jpg.chip.jpg", ".jpg")
 _SCUT_NAME = re.compile(r"^(?P<race>[AC])(?P<gender>[FM])\d+\.\w+$")
@@ -202,9 +214,11 @@ class FaceDataset:
 
     def model_overrides(self, model_name: str) -> dict:
         """Constructor overrides that fit ``model_name`` to this dataset's labels, e.g. utkface + hmtnet ->
-        ``{"race_classes": 5}``. Raises ValueError naming the compatible models when it cannot train it, and
-        for a mixed data set when its sources need different ones (UTKFace's 5 races and SCUT's 2 are not
-        the same classes)."""
+        ``{"race_classes": 5}``. Raises ValueError naming the compatible models when it cannot train it, when
+        its class codes are not among the model's classes (a manifest's race 5 for age_gender_race's 0-4), and
+        for a mixed data set when its sources need different ones or code a column the model learns with
+        different classes (UTKFace's 5 races and SCUT's 2 are not the same classes), even from a source that
+        could not train the model alone (SCUT-FBP5500's race in a mix for age_gender_race)."""
         compatible = self.compatible_models()
         if model_name not in compatible:
             raise ValueError(
@@ -212,7 +226,10 @@ class FaceDataset:
                 f"compatible models: {', '.join(compatible) or 'none (no usable label columns)'}"
             )
         if self.parts:
-            return self._merged_overrides(model_name)
+            merged = self._merged_overrides(model_name)
+            self._check_classes(model_name)
+            return merged
+        self._check_classes(model_name)
         overrides: dict = {}
         if model_name == "dmm_cnn":
             overrides["num_landmarks"] = self.num_landmarks
@@ -230,7 +247,7 @@ class FaceDataset:
         origin: dict = {}
         for part in self.parts:
             if model_name not in part.compatible_models():
-                continue
+                continue  # its labels for the model are checked by _check_classes
             for key, value in part.model_overrides(model_name).items():
                 if key == "num_landmarks":
                     continue  # the points of the sources that have them (checked when mixing)
@@ -243,6 +260,43 @@ class FaceDataset:
             merged["num_landmarks"] = self.num_landmarks
         return merged
 
+    def _check_classes(self, model_name: str) -> None:
+        """ValueError when a class-coded column the model learns (:data:`CLASS_MEANINGS`) would put codes of
+        different classes into one head: every source that fills the column counts, not only those that can
+        train the model alone (in a mix with UTKFace, SCUT-FBP5500's race 0 = Asian would teach
+        age_gender_race's 0 = White). Refusing, not dropping the column of one source: which labels to leave
+        out is the user's choice (train on one source, or a manifest without its race column)."""
+        for col in MODEL_LABELS.get(model_name, ()):
+            if col not in CLASS_MEANINGS:
+                continue
+            fixed = MODEL_CLASSES.get(model_name, {}).get(col)
+            known: list[tuple[str, tuple[str, ...]]] = []
+            for part in self.parts or (self,):
+                if not part._filled(col):
+                    continue
+                name = f"{part.format}:{part.root}"
+                meaning = CLASS_MEANINGS[col].get(part.format)
+                if meaning is not None:
+                    known.append((name, meaning))
+                elif fixed is not None:  # a manifest: its codes must at least be among the model's classes
+                    top = float(np.nanmax(part.table[col].to_numpy(dtype=float)))
+                    if top >= len(fixed):
+                        raise ValueError(
+                            f"{model_name} learns {col} as {_classes(fixed)}; {name} has {col} {top:g}, "
+                            f"which is none of them")
+            if not known:
+                continue
+            # the reference: the model's own classes, named by a source that has them when there is one
+            want = fixed if fixed is not None else known[0][1]
+            agree = next((n for n, m in known if m == want), None)
+            for name, meaning in known:
+                if meaning != want:
+                    first = f"{agree} codes {col} as" if agree else f"{model_name} learns {col} as"
+                    raise ValueError(
+                        f"{model_name}: the sources' {col} labels mean different classes: {first} "
+                        f"{_classes(want)} but {name} codes it as {_classes(meaning)}; training on both would "
+                        f"teach one class from the other's faces. Train on one of them.")
+
     def _filled(self, column: str) -> bool:
         if column not in self.table.columns:
             return False
@@ -250,6 +304,10 @@ class FaceDataset:
 
 
 # --------------------------------------------------------------------------------------------- helpers
+
+
+def _classes(names: tuple[str, ...]) -> str:
+    return ", ".join(f"{i}={n}" for i, n in enumerate(names))
 
 
 def parse_spec(spec: str) -> tuple[str, str]:

@@ -16,6 +16,7 @@ from facedata.datasets.base import (
     CELEBA_IMAGES,
     CELEBA_LANDMARK_FILE,
     CELEBA_PARTITION_FILE,
+    SCUT_BEAUTY_RANGE,
     SCUT_IMAGES,
     SCUT_LABELS,
     SCUT_RACES,
@@ -227,8 +228,8 @@ def _read_scut_scores(uri: str, skips: _Skips, label: str) -> dict[str, float]:
         except ValueError:
             skips.add(where, f"{fields[0]}: score {fields[1]!r} is not a number")
             continue
-        if not 1.0 <= score <= 5.0:
-            skips.add(where, f"{fields[0]}: score {score} outside 1-5")
+        if not SCUT_BEAUTY_RANGE[0] <= score <= SCUT_BEAUTY_RANGE[1]:
+            skips.add(where, f"{fields[0]}: score {score} outside {SCUT_BEAUTY_RANGE[0]:g}-{SCUT_BEAUTY_RANGE[1]:g}")
             continue
         if not _SCUT_NAME.match(fields[0]):
             skips.add(where, f"{fields[0]}: name does not start with A/C (race) then F/M (gender)")

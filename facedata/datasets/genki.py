@@ -17,10 +17,7 @@ detect``, the default for this format, as for a manifest).
 
 from __future__ import annotations
 
-import io
 import math
-
-import pandas as pd
 
 import storage
 from facedata.datasets.base import (
@@ -32,6 +29,7 @@ from facedata.datasets.base import (
     _Skips,
     _Splitter,
 )
+from facedata.datasets.manifest import _csv_records
 
 GENKI_LABELS_CSV = "labels.csv"
 GENKI_LABELS_TXT = "labels.txt"
@@ -53,12 +51,13 @@ def _records(root: str, skips: _Skips) -> list[tuple[str, str, list]]:
     """(where, file name, [smile, yaw, pitch, roll] as given) per label line."""
     csv_uri, txt_uri = storage.join(root, GENKI_LABELS_CSV), storage.join(root, GENKI_LABELS_TXT)
     if storage.exists(csv_uri):
-        raw = pd.read_csv(io.BytesIO(storage.read_bytes(csv_uri)), dtype=str, keep_default_na=False)
-        missing = [c for c in ("file", "smile") if c not in raw.columns]
+        # line by line (a line with an extra field is reported and skipped, not the end of the read)
+        columns, rows = _csv_records(storage.read_bytes(csv_uri), GENKI_LABELS_CSV, skips)
+        missing = [c for c in ("file", "smile") if c not in columns]
         if missing:
-            raise ValueError(f"{csv_uri}: no {' or '.join(missing)} column (columns: {', '.join(raw.columns)})")
-        return [(f"{GENKI_LABELS_CSV}:row {i}", str(rec["file"]).strip(),
-                 [rec.get(c, "") for c in ("smile", *GENKI_POSE)]) for i, rec in enumerate(raw.to_dict("records"))]
+            raise ValueError(f"{csv_uri}: no {' or '.join(missing)} column (columns: {', '.join(columns)})")
+        return [(f"{GENKI_LABELS_CSV}:row {i}", rec["file"].strip(), [rec.get(c, "") for c in ("smile", *GENKI_POSE)])
+                for i, rec in rows]
     if storage.exists(txt_uri):
         out = []
         for lineno, line in enumerate(_read_lines(txt_uri), start=1):

@@ -3,12 +3,13 @@ photos or crops), and the spellings its label values may take."""
 
 from __future__ import annotations
 
+import csv
+import gzip
 import io
 import json
 import math
 import posixpath
 
-import numpy as np
 import pandas as pd
 
 import storage
@@ -20,6 +21,8 @@ from facedata.datasets.base import (
     FACE_SELECT_COLUMNS,
     LABEL_COLUMNS,
     LIST_COLUMNS,
+    SCUT_BEAUTY_RANGE,
+    UTKFACE_AGE_RANGE,
     FaceDataset,
     _basename,
     _frame,
@@ -34,25 +37,27 @@ from facedata.datasets.base import (
 def _read_manifest(uri: str, splitter: _Splitter) -> FaceDataset:
     skips = _Skips()
     data = storage.read_bytes(uri)
-    lower = uri.lower()
+    lower, name = uri.lower(), _basename(uri)
     if lower.endswith((".parquet", ".pq")) or data[:4] == b"PAR1":
         raw = pd.read_parquet(io.BytesIO(data))
+        columns = list(raw.columns)
+        records = [(f"{name}:row {i}", rec) for i, rec in enumerate(raw.to_dict("records"))]
     elif lower.endswith((".csv", ".tsv", ".txt")) or lower.endswith(".csv.gz"):
-        raw = pd.read_csv(io.BytesIO(data), sep="\t" if lower.endswith(".tsv") else ",",
-                          compression="gzip" if lower.endswith(".gz") else None)
+        text = gzip.decompress(data) if lower.endswith(".gz") else data
+        columns, lines = _csv_records(text, name, skips, "\t" if lower.endswith(".tsv") else ",")
+        records = [(f"{name}:row {i}", {k: _na(v) for k, v in rec.items()}) for i, rec in lines]
     else:
         raise ValueError(f"manifest {uri}: expected a .csv or .parquet file")
-    if "path" not in raw.columns:
+    if "path" not in columns:
         raise ValueError(
-            f"manifest {uri} has no 'path' column (columns: {', '.join(map(str, raw.columns))}); "
+            f"manifest {uri} has no 'path' column (columns: {', '.join(map(str, columns))}); "
             "a manifest needs one image path per row, relative to the manifest's folder or absolute"
         )
     base = uri.rsplit("/", 1)[0] if storage.is_s3(uri) else posixpath.dirname(storage.filesystem(uri)[1])
 
-    label_cols = [c for c in LABEL_COLUMNS + FACE_SELECT_COLUMNS if c in raw.columns]
+    label_cols = [c for c in LABEL_COLUMNS + FACE_SELECT_COLUMNS if c in columns]
     rows = []
-    for i, rec in enumerate(raw.to_dict("records")):
-        where = f"{_basename(uri)}:row {i}"
+    for where, rec in records:
         path = rec.get("path")
         if not isinstance(path, str) or not path.strip():
             skips.add(where, "empty path")
@@ -83,12 +88,28 @@ def _read_manifest(uri: str, splitter: _Splitter) -> FaceDataset:
     return FaceDataset("manifest", uri, table, list(skips), num_points > 0, num_points)
 
 
+# The texts pandas reads as a missing value (its default na_values): a CSV manifest is read line by line
+# (_csv_records) and keeps meaning what it meant when pandas read it.
+_NA_TEXT = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+                      "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
+
+
+def _na(text: str) -> str | None:
+    return None if text.strip() in _NA_TEXT else text
+
+
 def _manifest_split(value) -> str | None | bool:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
-    key = str(int(value)) if isinstance(value, (int, float, np.integer)) else str(value).strip().lower()
+    key = str(value).strip().lower()
     if not key:
         return None
+    try:  # 0 / 1 / 2, also as 1.0 (a Parquet float column); 0.5 is no split
+        number = float(key)
+    except ValueError:
+        number = math.nan
+    if number.is_integer():
+        key = str(int(number))
     return _SPLIT_ALIASES.get(key, False)
 
 
@@ -173,6 +194,66 @@ def _manifest_value(col: str, value):
     if value is None or (isinstance(value, str) and not value.strip()):
         return math.nan
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{col}: {value!r} is not a number") from err
+    if math.isnan(number):
+        return math.nan
+    # A value no model can learn is a malformed row, not a label: a race code indexes the race head (7 in a
+    # 5-class head, -1 or 2.5 stop the loss; 2.5 would otherwise be cut to 2 without a word), and an age or a
+    # score off its scale is a typo or another unit (months, a 1-10 score).
+    if col == "race" and not (number >= 0 and number.is_integer()):
+        raise ValueError(f"race: {text_of(value)} is not a class code (a whole number 0, 1, ...)")
+    if col in _RANGES and not _RANGES[col][0] <= number <= _RANGES[col][1]:
+        lo, hi = _RANGES[col]
+        raise ValueError(f"{col}: {text_of(value)} is outside {lo:g}-{hi:g} ({_RANGE_WHY[col]})")
+    if not math.isfinite(number):
+        raise ValueError(f"{col}: {text_of(value)} is not a finite number")
+    return number
+
+
+_RANGES = {"age": UTKFACE_AGE_RANGE, "beauty": SCUT_BEAUTY_RANGE}
+_RANGE_WHY = {"age": "years, the ages age_gender_race learns", "beauty": "SCUT-FBP5500's 1-5 scale"}
+
+
+def _csv_records(data: bytes, label: str, skips: _Skips, sep: str = ",") -> tuple[list[str], list[tuple[int, dict]]]:
+    """The header and the data rows of a CSV file: ``(row, {column: text})`` per row, ``row`` counting the data
+    rows from 0 (the readers' ``file:row N``), each field's text as written and "" for a field that a short row
+    lacks. Read line by line, not with pandas, because pandas stops the whole read on a line with more fields
+    than the header ("Expected 5 fields in line 3, saw 6") and its skip option does not say which line it was:
+    such a line is reported in ``skips`` as ``file:line N`` (its line in the file) and left out, since its
+    fields cannot be matched to the columns."""
+    reader = csv.reader(io.StringIO(data.decode("utf-8-sig"), newline=""), delimiter=sep)
+    header: list[str] | None = None
+    rows: list[tuple[int, dict]] = []
+    line, index = 1, -1
+    for fields in reader:
+        start, line = line, reader.line_num + 1  # a quoted field may span lines: report the first
+        if not fields:
+            continue  # a blank line, as pandas skips it
+        if header is None:
+            header = _unique_names(fields)
+            continue
+        index += 1  # a bad line counts too, so that a row's number does not depend on the lines before it
+        if len(fields) > len(header):
+            text = sep.join(fields)
+            skips.add(f"{label}:line {start}", f"expected {len(header)} fields ({sep.join(header)}), got "
+                      f"{len(fields)}: {text[:80]!r}")
+            continue
+        rows.append((index, dict(zip(header, fields + [""] * (len(header) - len(fields))))))
+    if header is None:
+        raise ValueError(f"{label}: empty, expected a header line")
+    return header, rows
+
+
+def _unique_names(names: list[str]) -> list[str]:
+    """Column names as pandas makes them unique (the second ``x`` is ``x.1``), so a repeated column does not
+    silently replace the first."""
+    out: list[str] = []
+    for name in names:
+        new, k = name, 0
+        while new in out:
+            k += 1
+            new = f"{name}.{k}"
+        out.append(new)
+    return out
