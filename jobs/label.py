@@ -20,10 +20,22 @@ See raytasks/label/job.py for the pipeline, the input rules and how resuming wor
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from jobs._cli import add_face_args, add_review_args, face_options, positive, review_options
 from raytasks.label import LabelError, LabelSpec, ensure_ray, label
+
+
+def _seconds(text: str) -> float:
+    """An argparse ``type``: a finite number of seconds >= 0 (0 is allowed, so not ``positive``)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
+    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-prefix", action="append", default=[], metavar="PREFIX",
                    help="folder or s3:// prefix the job may read (repeatable); manifest rows outside are error "
                         "rows 'forbidden' (default: the manifest's own folder or bucket prefix, or --input itself)")
-    p.add_argument("--throttle", type=float, default=0.0, metavar="SECONDS",
+    p.add_argument("--throttle", type=_seconds, default=0.0, metavar="SECONDS",
                    help="sleep after each model batch (to watch progress, or to interrupt and resume a run)")
     add_face_args(p)
     add_review_args(p)

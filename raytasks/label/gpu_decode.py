@@ -136,7 +136,8 @@ def _on_device(batch: dict, raw: list, on_device, on_cpu):
     """Yield ``(row, result)`` for every row with bytes in ``raw``: ``on_device``'s result (one call for all
     of them), or ``on_cpu``'s for a JPEG nvjpeg refused (for every row when ``on_device`` is None); a row
     neither can decode becomes its error row in ``batch`` (the CPU decoder's kind and message) and is not
-    yielded."""
+    yielded. Any other exception of the CPU decoder is a ``decode_error`` row, as in the CPU tasks
+    (``facedata.decode.decode_into``, whose except clauses these repeat: it has no helper to share)."""
     from facedata.decode import fail
     from models.imagebytes import ImageDecodeError
 
@@ -149,6 +150,9 @@ def _on_device(batch: dict, raw: list, on_device, on_cpu):
                 res = on_cpu(data)
             except ImageDecodeError as e:
                 fail(batch, i, e.kind, e.message)
+                continue
+            except Exception as e:  # noqa: BLE001 - a decoder bug must not kill a 10-hour job
+                fail(batch, i, "decode_error", f"{type(e).__name__}: {e}")  # as facedata.decode.decode_into
                 continue
         yield i, res
 

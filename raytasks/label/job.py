@@ -24,7 +24,13 @@ What goes in
       whose row is a ``not_image`` error naming the format, so that a bucket of iPhone photos is not
       "labeled" with nothing said about them.
 
-    A manifest's paths are all inputs, whatever their extension. The folder is listed by streaming
+    A manifest's paths are all inputs, whatever their extension. A manifest's column must be named exactly
+    ``path`` (the header is checked by the parser that reads the rows: a CSV's UTF-8 BOM is dropped, ``path ``
+    is refused naming the columns); ``--input file:///...`` is the same file as its path. A CSV line with more
+    or fewer fields than the header is skipped, counted in the summary (``malformed_lines``, the first few in
+    ``malformed_examples``: line number and text) and named in a line the job prints; a file that cannot be
+    read as CSV or Parquet at all is refused before the run. Bytes that are not UTF-8 (a CSV, a Parquet
+    binary column) are kept with ``\\xNN`` escapes (``facedata.paths.storable``). The folder is listed by streaming
     (``os.walk`` locally, the S3 ``ListObjectsV2`` paginator for buckets: pyarrow's ``get_file_info`` and Ray's
     ``read_binary_files`` both build the whole listing in one process) into ``OUTPUT/_inputs/part-*.parquet``
     of at most ``LISTING_CHUNK`` paths each, so the driver never holds all paths; a manifest's ``path``
@@ -44,10 +50,12 @@ What comes out (the schema is ``Predictor.schema``, documented in docs/schema.md
 Resumable and idempotent: Ray Data's row-level checkpointing (``DataContext.checkpoint_config``, Ray 2.60)
     with ``id_column="path"``. Every write task first writes a *pending* checkpoint file naming the paths it
     is about to write, then its Parquet file(s), then renames the pending file to *committed*. A run that
-    is killed leaves committed files (complete data) and maybe pending ones (data possibly partial). The next
-    run, before reading anything, deletes each pending checkpoint's data files and the pending file itself
-    (Ray's ``_clean_pending_checkpoints``), loads the committed paths into the object store (not the driver),
-    and drops those paths right after the read (a ``CheckpointFilter`` actor), so every path is written
+    is killed leaves committed files (complete data) and maybe pending ones (data possibly partial: Ray
+    writes each Parquet file straight to its final name, so a kill mid-write leaves a truncated one in
+    ``labels/``). The next run, before reading anything (its own counts of ``labels/`` included), deletes each
+    pending checkpoint's data files and the pending file itself (:func:`recover_output`, by the rule of Ray's
+    ``_clean_pending_checkpoints``, which only runs inside the pipeline), loads the committed paths into the
+    object store (not the driver), and drops those paths right after the read (a ``CheckpointFilter`` actor), so every path is written
     exactly once across all runs; a run over a finished output writes nothing. On S3 the rename is a copy
     then a delete; a kill between the two leaves both files, and the data file is complete (the commit only
     starts after it is written), so :func:`repair_commit_log` deletes such pending files before Ray's
@@ -84,7 +92,9 @@ set's identity, so an output made with one set refuses another (a changed member
 What may be read: ``--allow-prefix`` (repeatable; default: the manifest's own folder or bucket prefix, or the
 input folder or prefix). A manifest row outside every allowed prefix (``/etc/passwd``, ``/proc/self/environ``,
 ``../../x``, another bucket, a symlink out of the folder) is an error row ``forbidden`` that is the same
-whether or not the file exists; the job never touches it with its credentials.
+whether or not the file exists; the job never touches it with its credentials. The listing of a folder
+does not either: a symlink out of it without an image extension is not opened to look for a signature
+(``facedata.paths.open_local`` with the same prefixes); it is an input, whose row is ``forbidden``.
 """
 
 from __future__ import annotations
@@ -96,14 +106,16 @@ import os
 import posixpath
 import time
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 import storage
 from facedata.inputs import InputError, check_manifest, write_listing, write_manifest_listing
-from facedata.paths import default_allow_prefix, is_manifest
+from facedata.paths import default_allow_prefix, is_manifest, normalize_path
 from raytasks.label.cluster import ensure_ray, resolve_pool
 from raytasks.label.output import (
     all_labeled,
+    clean_uncommitted,
     output_paths,
     output_provenance,
     output_stats,
@@ -176,6 +188,9 @@ def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
         detector = FaceFinder(options).identity
     out = output_paths(spec.output)
     ensure_ray()
+    # before anything reads labels/ (a file cut by a kill mid-write is unreadable), and before ``resuming``,
+    # so that a log holding only pending files of a killed first run is not taken for a resumed one
+    recover_output(out, echo)
     commits_fs, commits_path = storage.filesystem(out["commits"])
     resuming = any(i.type == pafs.FileType.File for i in
                    commits_fs.get_file_info(pafs.FileSelector(commits_path, allow_not_found=True)))
@@ -185,23 +200,21 @@ def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
     listing = None
     if is_manifest(spec.input):
         check_manifest(spec.input)
-        base = posixpath.dirname(spec.input) if storage.is_s3(spec.input) else os.path.dirname(os.path.abspath(spec.input))
+        base = manifest_base(spec.input)
         listing = write_manifest_listing(spec.input, out["inputs"], base)  # one row per distinct file
         inputs = listing.inputs
     else:
         if not storage.is_dir(spec.input):
             raise LabelError(f"--input {spec.input} is neither a folder/prefix nor a .parquet/.csv manifest")
-        listing = write_listing(spec.input, out["inputs"])
+        listing = write_listing(spec.input, out["inputs"], allow=spec.allow_prefix)
         inputs = listing.inputs
     if inputs == 0:
-        raise LabelError(f"no images in {spec.input}" + (f" ({listing.files} files, none an image)" if listing else ""))
+        raise LabelError(f"no images in {spec.input} ({listing.files} files, none an image"
+                         + (f"; {listing.malformed_text()}" if listing.malformed_lines else "") + ")")
 
-    removed = repair_commit_log(out["commits"])
-    if removed:
-        echo(f"repaired {removed} commit file(s) left by an interrupted commit")
-    before = output_stats(out["labels"])
+    before = _read_output(output_stats, out)
     if before.rows:
-        previous, previous_detectors = output_provenance(out["labels"])
+        previous, previous_detectors = _read_output(output_provenance, out)
         if previous != {identity}:
             raise LabelError(f"{spec.output} holds rows of checkpoint(s) {', '.join(sorted(map(str, previous)))}; "
                              f"{checkpoint_name} is {identity}: label with another checkpoint (or set) into another "
@@ -215,8 +228,10 @@ def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
     if listing.skipped_not_image:
         echo(f"{listing.skipped_text()}: only images are labeled (a HEIC, AVIF or RAW photo is an input whose "
              "row names its format)")
+    if listing.malformed_lines:
+        echo(f"{listing.malformed_text()}: fix them and run again to label them too")
 
-    if before.images >= inputs and all_labeled(out["inputs"], out["labels"]):
+    if before.images >= inputs and _read_output(all_labeled, out, out["inputs"]):
         echo("every input is labeled already: nothing to run")
     else:
         _run_pipeline(spec, model_set, pre_dicts, base, pool, detector if options.detect else None, identity, fence,
@@ -234,6 +249,8 @@ def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
         "skipped_not_image": listing.skipped_not_image if not is_manifest(spec.input) else None,
         "skipped_by_extension": listing.skipped_extensions() if not is_manifest(spec.input) else None,
         "duplicates": listing.duplicates,
+        "malformed_lines": listing.malformed_lines if is_manifest(spec.input) else None,
+        "malformed_examples": listing.malformed_examples if is_manifest(spec.input) else None,
         "images_before": before.images, "images_written": written, "images_total": after.images,
         "ok_total": after.ok_images, "errors_by_kind": dict(sorted(after.errors.items())),
         "faces_total": after.faces if options.detect else None,
@@ -260,6 +277,37 @@ def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
         echo(f"{inputs - after.images} inputs are not labeled yet: run the same command again to finish")
     echo(f"summary: {out['summary']}")
     return summary
+
+
+def manifest_base(manifest: str) -> str:
+    """The folder a manifest's relative paths are resolved against: its own. ``normalize_path`` strips
+    ``file://`` as ``default_allow_prefix`` does, so that folder is the default allowed prefix; with
+    ``os.path.abspath`` alone, ``file:///m/list.csv`` gave ``$PWD/file:/m`` and every relative row was
+    ``forbidden``."""
+    return posixpath.dirname(manifest) if storage.is_s3(manifest) else os.path.dirname(normalize_path(manifest))
+
+
+def recover_output(out: dict, echo=print) -> None:
+    """Finish or undo what a killed run left in ``out`` (:func:`output_paths`): first the S3 commits killed
+    between their copy and their delete (complete data, :func:`repair_commit_log`), then the writes that never
+    committed (:func:`clean_uncommitted`). Called with the run's lease held, before ``labels/`` is read."""
+    removed = repair_commit_log(out["commits"])
+    if removed:
+        echo(f"repaired {removed} commit file(s) left by an interrupted commit")
+    pending, deleted = clean_uncommitted(out["commits"], out["labels"])
+    if pending:
+        echo(f"removed {deleted} data file(s) of {pending} write(s) that a killed run never committed: "
+             "their images are labeled again")
+
+
+def _read_output(read, out: dict, *args):
+    """``read(*args, labels)`` (the counts, the provenance, ...) with a file under ``labels/`` that is not
+    Parquet (one no pending commit names, so :func:`recover_output` kept it) as a :class:`LabelError`."""
+    try:
+        return read(*args, out["labels"])
+    except pa.ArrowInvalid as e:  # not OSError: a storage error is not a bad file, and says so itself
+        raise LabelError(f"cannot read the rows already in {out['labels']} ({e}): a file there is not a complete "
+                         "Parquet file written by this job; move it out of that folder and run again") from None
 
 
 def _run_pipeline(spec, model_set, pre_dicts, base, pool, detector, identity, fence, out, commits_fs,

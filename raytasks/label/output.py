@@ -1,8 +1,8 @@
 """What the label job leaves in its output folder, and what it reads back from it when it resumes.
 
 Split from raytasks/label/job.py (the pipeline): the layout (``labels/``, ``_checkpoint/`` (Ray Data's commit log), ``_inputs/``,
-``_summary.json``), the repair of an interrupted S3 commit, the counts of rows, images and faces, and the
-provenance every row carries (checkpoint hash, detector).
+``_summary.json``), the repair of an interrupted S3 commit, the removal of the files of writes that never
+committed, the counts of rows, images and faces, and the provenance every row carries (checkpoint hash, detector).
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ LABELS_DIR = "labels"
 COMMIT_LOG_DIR = "_checkpoint"  # Ray Data's row-level checkpoint: the commit log of written paths
 INPUTS_DIR = "_inputs"
 SUMMARY_FILE = "_summary.json"
-
+# Ray Data's name for a commit file written before its data files and renamed once they are complete
+# (ray.data.checkpoint.checkpoint_writer: f"{checkpoint_id}{PENDING_CHECKPOINT_SUFFIX}.parquet")
+PENDING_SUFFIX = ".pending.parquet"
 
 
 def output_paths(output: str) -> dict[str, str]:
@@ -37,10 +39,44 @@ def repair_commit_log(commits_uri: str) -> int:
     names = {i.base_name for i in infos if i.type == pafs.FileType.File}
     removed = 0
     for name in names:
-        if name.endswith(".pending.parquet") and name[: -len(".pending.parquet")] + ".parquet" in names:
+        if name.endswith(PENDING_SUFFIX) and name[: -len(PENDING_SUFFIX)] + ".parquet" in names:
             fs.delete_file(posixpath.join(root, name) if storage.is_s3(commits_uri) else os.path.join(root, name))
             removed += 1
     return removed
+
+
+def clean_uncommitted(commits_uri: str, labels_uri: str) -> tuple[int, int]:
+    """Delete the data files of every write whose commit never happened, then its pending commit file; returns
+    ``(pending commit files, data files)`` removed. Run after :func:`repair_commit_log` (whose pending files
+    have complete, committed data) and before anything reads ``labels_uri``.
+
+    Ray Data writes each Parquet file straight to its final name under ``labels/``, after a pending commit file
+    named by the file's prefix: a run killed mid-write leaves a truncated (or 0-byte) file there, which
+    pyarrow cannot read ("Parquet magic bytes not found"). Ray removes such files itself, but only inside the
+    next pipeline, after this job has read ``labels/`` for its counts and provenance; so the driver does it
+    first, by Ray's own rule, which mirrors ``_clean_pending_checkpoints_task`` in
+    ray/data/checkpoint/checkpoint_filter.py (Ray 2.60): the pending files are the non-recursive listing of the
+    commit log ending in ``.pending.parquet``; a data file, listed recursively, is deleted when its base name
+    starts with a pending file's base name less that suffix (``PrefixTrie.has_prefix_of``: one write task may
+    write several files ``{prefix}_NNNNNN.parquet``); then every pending file is deleted. A complete data file
+    of an uncommitted write goes too, as Ray would delete it: its paths are not in the commit log, so the
+    next pipeline labels them again, and keeping the file would write those rows twice. Ray's own cleanup then
+    finds nothing left to do."""
+    cfs, croot = storage.filesystem(commits_uri)
+    pending = [i.path for i in cfs.get_file_info(pafs.FileSelector(croot, recursive=False, allow_not_found=True))
+               if i.type == pafs.FileType.File and i.path.endswith(PENDING_SUFFIX)]
+    if not pending:
+        return 0, 0
+    prefixes = tuple(posixpath.basename(p)[: -len(PENDING_SUFFIX)] for p in pending)
+    lfs, lroot = storage.filesystem(labels_uri)
+    deleted = 0
+    for info in lfs.get_file_info(pafs.FileSelector(lroot, recursive=True, allow_not_found=True)):
+        if info.type == pafs.FileType.File and posixpath.basename(info.path).startswith(prefixes):
+            lfs.delete_file(info.path)
+            deleted += 1
+    for path in pending:  # last, as Ray: a kill before this point leaves them, and the next run does it again
+        cfs.delete_file(path)
+    return len(pending), deleted
 
 
 @dataclasses.dataclass

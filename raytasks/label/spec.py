@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from facedata.inputs import InputError
 
@@ -80,6 +81,9 @@ class LabelSpec:
             raise LabelError("--max-rows-per-file must be >= 1")
         if self.limit is not None and self.limit < 1:
             raise LabelError("--limit must be >= 1")
+        # checked here, not where it is used: time.sleep(-1) would fail in the actors after the model ran
+        if not math.isfinite(self.throttle_s) or self.throttle_s < 0:
+            raise LabelError(f"--throttle must be a number of seconds >= 0, got {self.throttle_s}")
         if self.actor_decode and not self.face_options().detect:
             raise LabelError("--actor-decode decodes photos for detection and needs --faces detect; whole images are "
                              "decoded to the model's input on the CPU tasks, as it was trained on them")
