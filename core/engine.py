@@ -8,10 +8,12 @@ import them from there (``from core.batches import load_batch``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -138,18 +140,122 @@ def validation_loss(model, metrics: dict) -> float:
     return total if seen else float("nan")
 
 
-def primary_value(model, metrics: dict) -> float:
+# --- which validation metric picks the best epoch -------------------------------------------------------
+@dataclass(frozen=True)
+class Selection:
+    """The validation metric that picks the best checkpoint and counts the epochs without improvement for early
+    stopping: the model's ``primary_metric``, unless the data cannot measure it (:func:`choose_selection`)."""
+
+    metric: str
+    mode: str  # "max" or "min"
+    model_metric: str = ""  # the model's own primary metric ("" : the same as ``metric``)
+    reason: str = ""  # why ``metric`` replaced ``model_metric``; "" when it did not
+
+    @classmethod
+    def of_model(cls, model) -> Selection:
+        core = getattr(model, "module", model)
+        return cls(core.primary_metric, core.primary_mode, core.primary_metric)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Selection:
+        sel = cls(**d)
+        if sel.mode not in ("max", "min") or not sel.metric:
+            raise ValueError(f"a selection metric needs a name and mode max or min, got {d}")
+        return sel
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def value(self, metrics: dict) -> float:
+        v = metrics.get(self.metric, float("nan"))
+        return float(v) if isinstance(v, (int, float, np.floating, np.integer)) else float("nan")
+
+    def is_better(self, new: float, best: float | None) -> bool:
+        # A value that is not finite (NaN: not measured this epoch, or the model diverged) is never an improvement
+        # and never becomes the best: it is refused here by name, not left to ``nan > best`` being False.
+        if not math.isfinite(new):
+            return False
+        if best is None or not math.isfinite(best):
+            return True
+        return new > best if self.mode == "max" else new < best
+
+    def score(self, value: float) -> float:
+        """What Ray ranks checkpoints by (always "max"): the value, negated when lower is better; -inf when it
+        could not be computed."""
+        if not math.isfinite(value):
+            return float("-inf")
+        return value if self.mode == "max" else -value
+
+    def line(self) -> str:
+        said = f"best checkpoint and early stopping: {self.metric} ({self.mode})"
+        return f"{said}, not {self.model_metric}: {self.reason}" if self.reason else said
+
+
+def _metric_columns(core, metric: str) -> list[str] | None:
+    """The label columns ``metric`` is computed from (any one of them labelled is enough); None for a metric
+    this does not know, which is then kept as it is."""
+    from models.outputs import Binary, Categorical
+
+    if metric == "val_loss":
+        return [o.target_column for o in core.outputs]
+    if metric == "mean_accuracy":  # models/outputset.py: the mean of every "<x>.accuracy"
+        return [o.target_column for o in core.outputs if isinstance(o, (Categorical, Binary))]
+    head = metric.rsplit(".", 1)[0]  # beauty.pearson, attributes.mean_accuracy, Smiling.accuracy
+    for o in core.outputs:
+        if head == o.name or (isinstance(o, Binary) and head in o.labels):
+            return [o.target_column]
+    return None
+
+
+def _labelled(table: pd.DataFrame, column: str) -> bool:
+    from facedata.datasets.base import missing
+
+    return column in table.columns and bool(table[column].map(lambda v: not missing(v)).any())
+
+
+def choose_selection(model, table: pd.DataFrame) -> Selection:
+    """The metric that picks the best epoch of ``model`` validated on ``table`` (the validation split).
+
+    The rule: the model's ``primary_metric`` when ``table`` has a value of a label column it is computed from.
+    Otherwise (hmtnet's ``beauty.pearson`` on UTKFace, which has no beauty: NaN every epoch, so that no epoch
+    would ever be the best and patience would stop the run) ``mean_accuracy`` (max) when a classification
+    output (categorical or binary) has labels in ``table``, else ``val_loss`` (min), which every labelled output
+    adds to. We chose mean_accuracy first because it is the zoo's default primary metric and, unlike the
+    loss, weighs the tasks alike whatever their loss scales. Raises ``ValueError`` when ``table`` labels none
+    of the model's outputs: nothing could then pick an epoch."""
     core = getattr(model, "module", model)
-    if core.primary_metric == "val_loss":
-        return metrics.get("val_loss", float("nan"))
-    return metrics.get(core.primary_metric, float("nan"))
+    own = Selection.of_model(core)
+    columns = _metric_columns(core, own.metric)
+    if columns is None or any(_labelled(table, c) for c in columns):
+        return own
+    labelled = sorted({c for c in _metric_columns(core, "val_loss") if _labelled(table, c)})
+    if not labelled:
+        raise ValueError(f"the validation split has no value of any label {core.name} learns from "
+                         f"({', '.join(sorted(set(_metric_columns(core, 'val_loss'))))}): no metric can pick "
+                         f"its best epoch")
+    reason = (f"the validation split has no {', '.join(sorted(set(columns)))} label to compute it from "
+              f"(it labels {', '.join(labelled)})")
+    if any(_labelled(table, c) for c in _metric_columns(core, "mean_accuracy")):
+        return Selection("mean_accuracy", "max", own.metric, reason)
+    return Selection("val_loss", "min", own.metric, reason)
+
+
+def primary_value(model, metrics: dict) -> float:
+    """The model's own primary metric in ``metrics`` (NaN when absent); see :class:`Selection`."""
+    return Selection.of_model(model).value(metrics)
 
 
 def is_better(model, new: float, best: float | None) -> bool:
-    core = getattr(model, "module", model)
-    if best is None or not math.isfinite(best):
-        return math.isfinite(new)
-    return new > best if core.primary_mode == "max" else new < best
+    return Selection.of_model(model).is_better(new, best)
+
+
+def sample_rows(table: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
+    """At most ``n`` rows drawn at random with ``seed`` (kept in the table's order), not the first ``n``: a data
+    set listed in label order (UTKFace's file names start with the age) would otherwise train or be evaluated on
+    one end of it. The draw of ``jobs.train --limit`` and ``jobs.evaluate --limit``."""
+    if not n or n >= len(table):
+        return table
+    return table.sample(n=n, random_state=seed).sort_index()
 
 
 # --- the plain single-process loop ---------------------------------------------------------------------
@@ -161,9 +267,7 @@ def fit(model, train_table: pd.DataFrame, val_table: pd.DataFrame, epochs: int |
     (core/augment.py). With ``average_epochs`` K > 1 each epoch validates the mean of the last K epochs'
     weights (core/averaging.py), which the model holds when ``fit`` returns. Returns one metrics dict per
     epoch; ``train_skipped`` / ``val_skipped`` count the images that could not be decoded (left out, as a
-    malformed label is)."""
-    import dataclasses
-
+    malformed label is). The best epoch and early stopping follow :func:`choose_selection` on ``val_table``."""
     from core.augment import Augment
     from core.averaging import EpochAverage
 
@@ -181,6 +285,9 @@ def fit(model, train_table: pd.DataFrame, val_table: pd.DataFrame, epochs: int |
     augment = augment if augment.active else None
     history: list[dict] = []
     best, since_best, step = None, 0, 0
+    selection = choose_selection(model, val_table)
+    if log_fn and selection.reason:
+        log_fn(selection.line())
     average = EpochAverage(model, recipe.average_epochs)
     for epoch in range(1, recipe.epochs + 1):
         average.restore(model)  # train on from the latest weights, not their average
@@ -211,24 +318,27 @@ def fit(model, train_table: pd.DataFrame, val_table: pd.DataFrame, epochs: int |
                        lr=opt.param_groups[0]["lr"])
         history.append(metrics)
         if log_fn:
-            log_fn(format_epoch(model, metrics, recipe.epochs))
-        value = primary_value(model, metrics)
-        if is_better(model, value, best):
+            log_fn(format_epoch(model, metrics, recipe.epochs, metric=selection.metric))
+        value = selection.value(metrics)
+        if selection.is_better(value, best):
             best, since_best = value, 0
         else:
             since_best += 1
             if recipe.early_stopping_patience and since_best >= recipe.early_stopping_patience:
                 if log_fn:
-                    log_fn(f"early stopping: no improvement of {model.primary_metric} for {since_best} epochs")
+                    log_fn(f"early stopping: no improvement of {selection.metric} for {since_best} epochs")
                 break
     model.eval()
     return history
 
 
-def format_epoch(model, m: dict, epochs: int, eta_s: float | None = None) -> str:
+def format_epoch(model, m: dict, epochs: int, eta_s: float | None = None, metric: str | None = None) -> str:
+    """One epoch's line; ``metric``: the one that picks the best epoch (:class:`Selection`), shown first (default:
+    the model's primary metric)."""
     core = getattr(model, "module", model)
     names = set(core.outputs.names())  # per-output metrics only, not each of CelebA's 40 attributes
-    first = [] if core.primary_metric == "val_loss" else [core.primary_metric]  # val_loss is always shown
+    metric = metric or core.primary_metric
+    first = [] if metric == "val_loss" else [metric]  # val_loss is always shown
     keys = first + [k for k in sorted(m) if k.endswith((".accuracy", ".mae", ".pearson", ".nme"))
                                     and k.split(".", 1)[0] in names]
     shown = " ".join(f"{k}={m[k]:.4f}" for k in dict.fromkeys(keys) if k in m and isinstance(m[k], float))

@@ -44,6 +44,7 @@ import pandas as pd
 
 import storage
 from core.batches import label_columns
+from core.engine import sample_rows
 from core.evaluation import (
     GroupError,
     calibration_errors,
@@ -61,6 +62,10 @@ from jobs._cli import add_face_args, face_options, positive
 from models.calibration import CalibrationError, calibration_status, fit_calibration
 from models.checkpoint import CheckpointError, checkpoint_bytes, load_checkpoint
 from models.recipes import record_lines
+
+# --limit and --calibrate-limit draw their rows at random (core.engine.sample_rows, jobs.train's --limit draw)
+# with this seed, not the split's: a fixed one, so that every evaluation with the same limit sees the same rows
+LIMIT_SEED = 0
 
 
 def _split(ds, name: str, p) -> pd.DataFrame:
@@ -82,7 +87,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the split when the data has none; default: the checkpoint's (jobs.train "
                         "--split-seed; 0 for checkpoints that do not record one)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate at most this many images")
+    p.add_argument("--limit", type=positive(int), default=None,
+                   help=f"evaluate at most this many images, drawn at random with the fixed seed {LIMIT_SEED} (the "
+                        "same rows every run), not the first ones: a data set listed in label order (UTKFace: "
+                        "by age) would be measured on one end of it")
     p.add_argument("--mirror", choices=("on", "off"), default=None,
                    help="read each face with its mirror image too and average the outputs (on), or not (off); "
                         "default: as the checkpoint says (its recipe's choice; models/preprocess.py)")
@@ -90,7 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
     c = p.add_argument_group("calibration (models/calibration.py)")
     c.add_argument("--calibrate-on", default=None, metavar="SPLIT",
                    help="fit temperatures on this split (e.g. val) before evaluating; replaces the checkpoint's")
-    c.add_argument("--calibrate-limit", type=positive(int), default=None, help="fit on at most this many images")
+    c.add_argument("--calibrate-limit", type=positive(int), default=None,
+                   help=f"fit on at most this many images, drawn at random with the fixed seed {LIMIT_SEED}")
     c.add_argument("--save-calibrated", default=None, metavar="URI", help="write the calibrated checkpoint here")
     c.add_argument("--reliability", default=None, metavar="OUT.png", help="write a reliability diagram (PNG) here")
     p.add_argument("--report", default=None, metavar="OUT.html", help="write an HTML report here: metrics, reliability "
@@ -133,8 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     # for_labels: a 40-attribute model is scored on the attributes the data has (GENKI's smile as Smiling)
     ds = read_dataset(args.data, seed=args.seed).for_labels(wanted)
     table = _split(ds, args.split, p)
-    if args.limit:
-        table = table.iloc[: args.limit]
+    table = sample_rows(table, args.limit, LIMIT_SEED).reset_index(drop=True)  # positions index the rows later
     if not any(c in table.columns and table[c].notna().any() for c in wanted):
         p.error(f"{args.data} (split {args.split}) has none of the labels {info.model} predicts "
                 f"({', '.join(wanted)}; it has {', '.join(c for c in table.columns if c not in ('path', 'split'))}): "
@@ -158,8 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"warning: calibrating and evaluating on the same split ({args.split}): in-sample figures",
                   file=sys.stderr)
         cal_table = _split(ds, args.calibrate_on, p)
-        if args.calibrate_limit:
-            cal_table = cal_table.iloc[: args.calibrate_limit]
+        cal_table = sample_rows(cal_table, args.calibrate_limit, LIMIT_SEED).reset_index(drop=True)
         cal_ev = run_model(model, cal_table, args.batch_size, decode_fn=decode_fn)
         model.outputs.clear_calibration()
         try:

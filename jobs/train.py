@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model-arg", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="any other constructor argument (value parsed as JSON when it can be)")
     m.add_argument("--init-from", default=None, help="initialise from a checkpoint (e.g. attention from TMTL); "
-                   "with a recipe, its first stage")
+                   "with a recipe, its first stage. Its content hash is checked; URI#sha256:<hex> pins it")
     m.add_argument("--find-unused-parameters", action="store_true", help="DDP option for models with idle branches")
     m.add_argument("--template-images", type=int, default=64,
                    help="training images the face template is measured on (docs/faces.md); 0: keep the default")

@@ -44,13 +44,14 @@ class Progress:
         self.run_uri, self.model, self.recipe, self.log_fn = run_uri, model, recipe, log_fn
         self.last_epoch, self.every_s = after_epoch, every_s
         self.seen_attempts = 0
+        self.first_attempt = 1  # the attempt this trainer starts: rows of earlier ones are not its epochs
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="train-progress", daemon=True)
 
     def start(self) -> None:
         doc = self._read()
         # attempts before this trainer plus the one it is about to start: more than that are restarts
-        self.seen_attempts = (len(doc["attempts"]) if doc else 0) + 1
+        self.seen_attempts = self.first_attempt = (len(doc["attempts"]) if doc else 0) + 1
         self._thread.start()
 
     def stop(self) -> None:
@@ -76,12 +77,15 @@ class Progress:
             self.log_fn(f"a worker failed: the worker group restarted from the checkpoint of epoch "
                         f"{a['start_epoch'] - 1}")
         self.seen_attempts = max(self.seen_attempts, len(doc["attempts"]))
+        metric = doc.get("primary_metric") or self.model.primary_metric  # what picks the best epoch (the worker's)
         for row in doc["epochs"]:
-            if row["epoch"] > self.last_epoch:
-                self.log_fn(engine.format_epoch(self.model, row, self.recipe.epochs, row.get("eta_s")))
+            # a row of an earlier attempt after the epoch this trainer resumes from was written but its checkpoint
+            # never committed (raytasks/train/resume.py): this trainer trains that epoch again and writes it anew
+            if row["epoch"] > self.last_epoch and row.get("attempt", self.first_attempt) >= self.first_attempt:
+                self.log_fn(engine.format_epoch(self.model, row, self.recipe.epochs, row.get("eta_s"), metric=metric))
                 if row.get("stopped"):
                     self.log_fn(f"early stopping after epoch {int(row['epoch'])}: no improvement of "
-                                f"{self.model.primary_metric} for {self.recipe.early_stopping_patience} epochs")
+                                f"{metric} for {self.recipe.early_stopping_patience} epochs")
                 self.last_epoch = row["epoch"]
 
 

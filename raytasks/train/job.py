@@ -32,7 +32,9 @@ weights and thresholds, optimizer, scheduler, early-stopping counters and histor
 Running the same command again with the same ``--name`` and ``--storage`` starts a trainer with the
 same ``RunConfig(name, storage_path)``: its checkpoint manager finds the snapshot in the run folder, so
 ``get_checkpoint()`` again returns the latest checkpoint and the run picks up where it stopped (V2 has
-no ``Trainer.restore``). A run that is already complete only re-exports its best checkpoint. After each
+no ``Trainer.restore``). A run that is already complete (judged by its latest committed checkpoint, not by
+history.json, which is written first) only re-exports its best checkpoint; a rerun with another model, config,
+``--data`` or ``--split-seed`` is refused (raytasks/train/resume.py). After each
 report every worker waits until the controller has committed the checkpoint
 (``get_all_reported_checkpoints(COMMITTED)``): the controller collects a report from all workers before it
 registers it, so a worker dying just after ``report`` would otherwise cost the epoch.
@@ -61,18 +63,11 @@ from models.preprocess import Preprocessing
 from models.recipes import TRAIN_FACE_MODES
 from raytasks.train.data import DECODE_CPUS, BatchSpec, data_config, make_dataset, val_datasets
 from raytasks.train.history import Progress, plot_curves, read_history
+from raytasks.train.resume import check_folder, committed_epoch, resume_point, stored_result
 from raytasks.train.spec import CURVES_PNG, MODEL_FILE, SNAPSHOT_FILE, TrainError, TrainOutcome, TrainSpec
 from raytasks.train.worker import read_checkpoint_file, train_worker
 
 log = logging.getLogger(__name__)
-
-
-def _sample(table, n: int | None, seed: int):
-    """At most ``n`` rows drawn at random with ``seed`` (kept in the table's order), not the first ``n``: a data set
-    listed in label order (UTKFace's file names start with the age) would otherwise train on one end of it."""
-    if not n or n >= len(table):
-        return table
-    return table.sample(n=n, random_state=seed).sort_index()
 
 
 def resolve_model(spec: TrainSpec, ds):
@@ -125,7 +120,7 @@ def prepare(spec: TrainSpec, ds=None):
         raise TrainError(f"--faces must be one of {', '.join(TRAIN_FACE_MODES)}, got {mode!r}")
     extra = [c for c in (*FACE_SELECT_COLUMNS, "landmarks") if c in ds.table.columns and c not in columns]
     train, val = ds.split("train")[columns + extra], ds.split("val")[columns + extra]
-    train, val = _sample(train, spec.limit, spec.seed), _sample(val, spec.val_limit, spec.seed)
+    train, val = engine.sample_rows(train, spec.limit, spec.seed), engine.sample_rows(val, spec.val_limit, spec.seed)
     train, val, faces = resolve_faces(spec, mode, train, val)
     train, val = train.drop(columns=extra), val.drop(columns=extra)
     if len(train) < MIN_TRAIN_BATCH * spec.workers:
@@ -284,19 +279,7 @@ def calibrate_output(output: str, val, batch_size: int, log_fn=print) -> None:
             log_fn(line)
 
 
-def _stored_result(spec: TrainSpec):
-    """The result of a complete run, read from its storage (Ray Train's checkpoint snapshot): no worker starts."""
-    from ray.train import Result
-
-    fs, path = storage.filesystem(spec.run_uri)
-    try:
-        return Result.from_path(path, storage_filesystem=fs)
-    except Exception as e:  # noqa: BLE001 - a damaged run folder: say which and how to go on
-        raise TrainError(f"run {spec.run_uri} is complete but its checkpoints cannot be read ({e}): use another "
-                         f"--name to train again") from e
-
-
-def _fit(spec: TrainSpec, model, recipe, train, val, faces, resumed_from, log_fn):
+def _fit(spec: TrainSpec, model, recipe, train, val, faces, selection, resumed_from, log_fn):
     """Start (or resume) the TorchTrainer of the run and wait for it; returns Ray Train's result."""
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -313,7 +296,7 @@ def _fit(spec: TrainSpec, model, recipe, train, val, faces, resumed_from, log_fn
         "find_unused_parameters": spec.find_unused_parameters or bool(unlabelled_columns(model, train.columns)),
         "fail_at": spec.fail_at,
         "face_template": {"template": model.preprocessing.template, "template_crop": model.preprocessing.template_crop},
-        "faces": faces,
+        "faces": faces, "selection": selection.to_dict(),
     }
     resources = {"CPU": spec.cpus_per_worker}
     if spec.use_gpu:
@@ -321,6 +304,7 @@ def _fit(spec: TrainSpec, model, recipe, train, val, faces, resumed_from, log_fn
     check_resources(spec)
     log_fn(f"training {model.name} on {spec.data}: {len(train)} train / {len(val)} val images, "
            f"{spec.workers} worker(s), run {spec.run_uri}")
+    log_fn(selection.line())
     trainer = TorchTrainer(
         train_worker, train_loop_config=cfg,
         scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=spec.use_gpu,
@@ -346,24 +330,18 @@ def run(spec: TrainSpec, log_fn=print, prepared=None) -> TrainOutcome:
     already complete starts no worker: its best checkpoint is read from the run's storage and exported."""
     model, recipe, train, val, faces = prepared or prepare(spec)
     output = spec.output or storage.join(spec.run_uri, "best.pt")
-    previous = read_history(spec.run_uri)
-    resumed_from = None
-    complete = False
-    if previous is not None:
-        if previous.get("model") != model.name or previous.get("config") != model.config:
-            raise TrainError(f"{spec.run_uri} holds a run of {previous.get('model')} {previous.get('config')}, "
-                             f"not {model.name} {model.config}: use another --name or --storage")
-        if storage.exists(storage.join(spec.run_uri, SNAPSHOT_FILE)) and previous.get("epochs"):
-            last = previous["epochs"][-1]
-            resumed_from = int(last["epoch"])
-            complete = bool(last.get("stopped")) or resumed_from >= recipe.epochs
-            if complete:
-                log_fn(f"run {spec.name} in {spec.run_uri} is complete ({resumed_from} epochs"
-                       f"{', stopped early' if last.get('stopped') else ''}): exporting its best checkpoint")
-            else:
-                log_fn(f"resuming run {spec.name} from {spec.run_uri} after epoch {resumed_from}")
-    result = _stored_result(spec) if complete else _fit(spec, model, recipe, train, val, faces, resumed_from,
-                                                        log_fn)
+    selection, previous = check_folder(spec, model, val)  # another run in the folder is refused here
+    result, resumed_from, complete = None, None, False
+    if storage.exists(storage.join(spec.run_uri, SNAPSHOT_FILE)):
+        result = stored_result(spec)
+        resumed_from, complete, stopped = resume_point(previous, committed_epoch(result), recipe.epochs)
+        if complete:
+            log_fn(f"run {spec.name} in {spec.run_uri} is complete ({resumed_from} epochs"
+                   f"{', stopped early' if stopped else ''}): exporting its best checkpoint")
+        elif resumed_from is not None:
+            log_fn(f"resuming run {spec.name} from {spec.run_uri} after epoch {resumed_from}")
+    if not complete:
+        result = _fit(spec, model, recipe, train, val, faces, selection, resumed_from, log_fn)
     if result.error is not None:
         raise TrainError(f"training failed: {result.error}")
     if not result.best_checkpoints:
@@ -371,7 +349,7 @@ def run(spec: TrainSpec, log_fn=print, prepared=None) -> TrainOutcome:
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("score", float("-inf")))
     storage.write_bytes(output, read_checkpoint_file(best_ckpt, MODEL_FILE))
     if spec.calibrate:
-        calibrate_output(output, _sample(val, spec.calibrate_limit, spec.seed), recipe.batch_size, log_fn)
+        calibrate_output(output, engine.sample_rows(val, spec.calibrate_limit, spec.seed), recipe.batch_size, log_fn)
     doc = read_history(spec.run_uri) or {"epochs": []}
     curves = None
     if doc["epochs"]:

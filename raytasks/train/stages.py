@@ -32,10 +32,11 @@ import json
 import time
 
 import storage
-from models.checkpoint import add_extra, checkpoint_info
+from models.checkpoint import PIN_SEP, add_extra, checkpoint_info
 from models.recipes import RECORD_KEY, Stage, TrainingRecipe, describe, face_values, stage_values
 from raytasks.train.history import HISTORY_JSON, read_history
 from raytasks.train.job import prepare, resolve_model, run
+from raytasks.train.resume import check_folder
 from raytasks.train.spec import TrainError, TrainOutcome, TrainSpec
 
 RECIPE_FILE = "recipe.json"
@@ -178,6 +179,9 @@ class RecipeRun:
                     ds = read_dataset(r.spec.data, seed=r.spec.split_seed)
                 if first is None:
                     first = self.prepared[r.index] = prepare(r.spec, ds)
+                    if r.stage is None:  # a run without a recipe: its folder holds it or none, checked before
+                        # Ray starts (a recipe's stages are checked by their identity: first_to_train)
+                        check_folder(r.spec, first[0], first[3])
                     continue
                 model, recipe = resolve_model(r.spec, ds)
                 if _reading(model.preprocessing) == _reading(first[0].preprocessing):
@@ -218,7 +222,8 @@ class RecipeRun:
                 if init_hash != prev["output_hash"] or (entry and entry.get("init_hash") not in (None, init_hash)):
                     raise TrainError(f"{prev['output']} is not the checkpoint {_label(r, n)} started from "
                                      f"({prev['output_hash']}): use another --name (or --storage)")
-                r.spec.init_from = prev["output"]
+                # pinned: the workers load exactly the checkpoint checked here (models.checkpoint.split_pin)
+                r.spec.init_from = prev["output"] + PIN_SEP + init_hash.removeprefix("sha256:")
             start = r.spec.init_from
             self.log(f"{_label(r, n)}{f', from {start}' if start else ''}: {r.spec.run_uri}")
             self._save({**(entry or {}), "index": r.index, "name": r.stage.name, "identity": r.identity,

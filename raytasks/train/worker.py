@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
-import math
 import os
 import posixpath
 import tempfile
@@ -36,8 +36,18 @@ def read_checkpoint_file(checkpoint, filename: str) -> bytes:
     return storage.read_all(checkpoint.filesystem, posixpath.join(checkpoint.path, filename))
 
 
+def _same_data(extra: dict, expect: dict) -> bool:
+    """Whether a checkpoint's ``extra`` says it trained on ``expect``'s data (a file that does not say is not
+    judged on it) and split seed (absent: 0, as jobs.evaluate reads such a checkpoint)."""
+    same = "data" not in extra or json.loads(json.dumps(extra["data"])) == json.loads(json.dumps(expect["data"]))
+    return same and int(extra.get("split_seed") or 0) == int(expect["split_seed"] or 0)
+
+
 def _load_state(model, checkpoint, expect: dict) -> dict:
-    """Load a Ray checkpoint written by :func:`train_worker` into ``model``; returns the training state."""
+    """Load a Ray checkpoint written by :func:`train_worker` into ``model``; returns the training state. ``expect``:
+    the model name, config, data and split seed this attempt trains; a checkpoint of anything else is refused
+    (the driver refuses it first from history.json, raytasks/train/resume.py: this also covers a run whose
+    history predates the split seed in its header)."""
     obj = torch.load(io.BytesIO(read_checkpoint_file(checkpoint, MODEL_FILE)), map_location="cpu",
                      weights_only=True)
     if obj.get("format") != CHECKPOINT_FORMAT:
@@ -45,6 +55,11 @@ def _load_state(model, checkpoint, expect: dict) -> dict:
     if obj["model"] != expect["model"] or obj["config"] != expect["config"]:
         raise TrainError(f"the run in {checkpoint.path} trained {obj['model']} {obj['config']}, not "
                          f"{expect['model']} {expect['config']}: use another --name or --storage")
+    extra = obj.get("extra") or {}
+    if not _same_data(extra, expect):
+        raise TrainError(f"the run in {checkpoint.path} trained on {extra.get('data')} with split seed "
+                         f"{extra.get('split_seed') or 0}, not {expect['data']} with split seed {expect['split_seed']}: "
+                         f"its train split may hold this split's test faces; use a new --name")
     model.load_state_dict(obj["state_dict"])
     return torch.load(io.BytesIO(read_checkpoint_file(checkpoint, STATE_FILE)), map_location="cpu",
                       weights_only=True)
@@ -52,20 +67,23 @@ def _load_state(model, checkpoint, expect: dict) -> dict:
 
 def _init_from(model, uri: str) -> None:
     """Copy every tensor of a project checkpoint whose name and shape match (e.g. the attention network
-    from its TMTL stage); says what was not copied."""
-    from models.checkpoint import read_limits
+    from its TMTL stage); says what was not copied. The file is read as every checkpoint is
+    (models.checkpoint.load_checkpoint: bounded read, weights_only, content hash checked, ``URI#sha256:<hex>``
+    pinned); we load it through that function, which also builds its model, rather than repeat its checks here."""
+    from models.checkpoint import CheckpointError, load_checkpoint
 
-    obj = torch.load(io.BytesIO(storage.read_bounded(uri, *read_limits())), map_location="cpu", weights_only=True)
-    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
-        raise TrainError(f"--init-from {uri} is not a {CHECKPOINT_FORMAT} file")
-    own = model.state_dict()
-    take = {k: v for k, v in obj["state_dict"].items() if k in own and own[k].shape == v.shape}
+    try:
+        source, info = load_checkpoint(uri)
+    except CheckpointError as e:
+        raise TrainError(f"--init-from: {e}") from None
+    own, theirs = model.state_dict(), source.state_dict()
+    take = {k: v for k, v in theirs.items() if k in own and own[k].shape == v.shape}
     if not take:
-        raise TrainError(f"--init-from {uri} ({obj['model']}) shares no tensor with {model.name}")
+        raise TrainError(f"--init-from {uri} ({info.model}) shares no tensor with {model.name}")
     model.load_state_dict(take, strict=False)
     missing = sorted(set(own) - set(take))
-    log.warning("initialised %d/%d tensors from %s; not from it: %s", len(take), len(own), uri,
-                ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
+    log.warning("initialised %d/%d tensors from %s (%s); not from it: %s", len(take), len(own), info.uri,
+                info.short_hash(), ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
 
 
 def _numeric(metrics: dict) -> dict[str, float | int]:
@@ -76,14 +94,6 @@ def _numeric(metrics: dict) -> dict[str, float | int]:
         elif isinstance(v, (float, np.floating)):
             out[k] = float(v)
     return out
-
-
-def score_of(value: float, mode: str) -> float:
-    """The checkpoint score Ray ranks by (always "max"): the primary metric, negated when lower is
-    better, and -inf when it could not be computed."""
-    if not math.isfinite(value):
-        return float("-inf")
-    return value if mode == "max" else -value
 
 
 # --- the worker ----------------------------------------------------------------------------------------
@@ -110,6 +120,8 @@ def train_worker(cfg: dict) -> None:
     amp = torch.bfloat16 if on_gpu and cfg["amp"] else None
     channels_last = on_gpu
     recipe = Recipe(**cfg["recipe"])
+    # the metric that picks the best epoch, chosen on the driver from the validation split (core.engine.choose_selection)
+    selection = engine.Selection.from_dict(cfg["selection"])
     augment = Augment.from_recipe(recipe.augment)  # on this device, in the aligned frame (core/augment.py)
     say = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
 
@@ -120,7 +132,8 @@ def train_worker(cfg: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     state = None
     if checkpoint is not None:
-        state = _load_state(model, checkpoint, {"model": model.name, "config": model.config})
+        state = _load_state(model, checkpoint, {"model": model.name, "config": model.config, "data": cfg["data"],
+                                                "split_seed": cfg.get("split_seed", 0)})
     elif cfg["init_from"]:
         _init_from(model, cfg["init_from"])
     average = EpochAverage(model, recipe.average_epochs)
@@ -159,8 +172,11 @@ def train_worker(cfg: dict) -> None:
     first_step_hashes: dict | None = None  # weight hashes around the first step of this attempt
     recorded = False
     epoch_times: list[float] = []
+    # data and split_seed: a rerun of this --name on other data or another split is refused (raytasks/train/resume.py);
+    # primary_metric: what picks the best epoch, the model's own unless the data cannot measure it ("selection")
     header = {"run": cfg["name"], "model": core.name, "config": core.config, "data": cfg["data"],
-              "primary_metric": core.primary_metric, "primary_mode": core.primary_mode,
+              "split_seed": cfg.get("split_seed", 0), "primary_metric": selection.metric,
+              "primary_mode": selection.mode, "selection": selection.to_dict(),
               "recipe": cfg["recipe"], "workers": world, "faces": cfg.get("faces"), "augment": augment.to_dict()}
     if rank == 0:
         # This attempt is recorded now, not with its first epoch: an attempt whose workers die before their first
@@ -251,25 +267,25 @@ def train_worker(cfg: dict) -> None:
                        samples_per_s=n_all / max(max_time, 1e-9),
                        steady_samples_per_s=n_steady / max_steady if max_steady > 0 else float("nan"),
                        train_time_s=max_time, epoch_time_s=time.perf_counter() - t0)
-        value = engine.primary_value(core, metrics)
-        if engine.is_better(core, value, best):
+        value = selection.value(metrics)
+        if selection.is_better(value, best):
             best, best_epoch, since_best = value, epoch, 0
         else:
             since_best += 1
         stopped = bool(recipe.early_stopping_patience and since_best >= recipe.early_stopping_patience)
-        metrics["score"] = score_of(value, core.primary_mode)
+        metrics["score"] = selection.score(value)
         ranks = gather({"rank": rank, "steps": steps_local, "samples": n_local, "weights": weights_sha(core),
                         "buffers": state_buffers_sha(core), "after_on_validation": hook_hashes,
                         "first_step": first_step_hashes})
         epoch_times.append(time.perf_counter() - t0)
         eta = float(np.mean(epoch_times)) * (recipe.epochs - epoch) if not stopped else 0.0
-        say(engine.format_epoch(core, metrics, recipe.epochs, eta))
+        say(engine.format_epoch(core, metrics, recipe.epochs, eta, metric=selection.metric))
         history.append(dict(_numeric(metrics), eta_s=eta, stopped=int(stopped), attempt=len(attempts),
                             ranks=ranks))
         first_step_hashes = None  # only the first step of an attempt is recorded
         if stopped:
-            say(f"early stopping: no improvement of {core.primary_metric} for {since_best} epochs "
-                f"(best {best:.4f} at epoch {best_epoch})")
+            said = f"best {best:.4f} at epoch {best_epoch}" if best is not None else "never measured"
+            say(f"early stopping: no improvement of {selection.metric} for {since_best} epochs ({said})")
 
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
@@ -278,6 +294,7 @@ def train_worker(cfg: dict) -> None:
                 data, _ = checkpoint_bytes(core, _numeric(metrics),
                                            extra={"epoch": epoch, "run": cfg["name"], "data": cfg["data"],
                                                   "split_seed": cfg.get("split_seed", 0),
+                                                  "selection": selection.to_dict(),
                                                   "recipe": cfg["recipe"], "augment": augment.to_dict(),
                                                   "faces": cfg.get("faces")})
                 with open(os.path.join(d, MODEL_FILE), "wb") as f:
