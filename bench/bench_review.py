@@ -1,6 +1,7 @@
 """Review flags (faces/quality.py) on composed photos with faces made blurry, dark, small or turned.
 
     python bench/bench_review.py [--photos 120] [--threads 1] [--seed 0] [--model age_gender_race]
+                                 [--network retinaface|centerface|scrfd]
 
 Every photo (960 x 640, ``facedata.compose.background`` clutter) holds six faces, one per slot of a 3 x 2
 grid, in random order:
@@ -15,9 +16,11 @@ grid, in random order:
 * ``genki_turned``: a GENKI-4K face with |yaw label| >= 30 degrees, 70-130 px (GENKI has one face beyond
   45 degrees, so no photo here is turned as far as Rekognition's limit; see the yaw table).
 
+``--wider`` instead checks ``low_detection_score`` on WIDER FACE's real crowd photos (:func:`wider`).
+
 Each source's box and points are the detector's on the source alone (UTKFace 200 x 200 crops, GENKI photos).
-The photos then go through what the product runs: ``FaceDetector`` (default settings but a 960 px canvas,
-so that the photos are seen at their own size and the small faces are found), a
+The photos then go through what the product runs: ``FaceDetector`` (``--network``'s default settings but a
+960 px canvas, so that the photos are seen at their own size and the small faces are found), a
 face counts as found when a detection has IoU >= 0.5 with its true box, then ``faces.quality.quality_crops``
 and ``faces.quality.face_quality``. Reported: per category the share found, and for
 every reason the share of found faces it fires on at the shipped ``ReviewThresholds``; per level of blur and
@@ -131,6 +134,46 @@ def build(rng, utk, front, turned, small_width=(28.0, 44.0)):
     return np.asarray(canvas), np.array(boxes), meta
 
 
+def wider(network: str, size: int = 640) -> None:
+    """``--wider``: low_detection_score on real crowd photos (../shared/data/wider_face, labelled boxes), the
+    network at its default settings (``size`` canvas): per size of the true face (its box's shorter side), the
+    share of found faces (IoU >= 0.5 with a labelled box) below the network's review score and below
+    RetinaFace's 0.9, and of the detections matching no box (false, or faces the labels left out)."""
+    import pandas as pd
+
+    from models.preprocess import decode_photo
+
+    root = DATA / "wider_face"
+    boxes = pd.read_csv(root / "boxes.csv")
+    boxes = boxes[(boxes.w > 0) & (boxes.h > 0)]  # a box of zero width or height is a labelling slip (README)
+    det = FaceDetector(DetectorConfig(network=network, size=size))
+    limit = ReviewThresholds().resolve_detection_score(network).detection_score_limit()
+    true, other = [], []
+    for name, g in boxes.groupby("file", sort=True):
+        img, _, scale = decode_photo((root / "images" / name).read_bytes())
+        found = det.detect([img], scales=[scale])[0]  # boxes in original pixels, as the labels
+        if not len(found):
+            continue
+        gt = torch.tensor(np.stack([g.x, g.y, g.x + g.w, g.y + g.h], 1), dtype=torch.float32)
+        best, j = box_iou(found.boxes, gt).max(1)
+        side = np.minimum(g.w.to_numpy(), g.h.to_numpy())
+        for k in range(len(found)):
+            s = float(found.scores[k])
+            if float(best[k]) >= 0.5:
+                true.append((s, float(side[int(j[k])])))
+            else:
+                other.append(s)
+    t, o = np.array(true), np.array(other)
+    print(f"{det.identity}; review score {limit:g}: {boxes.file.nunique()} photos, {len(t)} found faces, "
+          f"{len(o)} detections matching no box")
+    for lo, hi in ((64, np.inf), (32, 64), (16, 32)):
+        v = t[(t[:, 1] >= lo) & (t[:, 1] < hi), 0]
+        print(f"  faces {lo}-{hi:g} px (n={len(v)}): below {limit:g} {np.mean(v < limit):.3f}, below 0.9 "
+              f"{np.mean(v < 0.9):.3f}, median score {np.median(v):.3f}")
+    print(f"  detections matching no box (n={len(o)}): below {limit:g} {np.mean(o < limit):.3f}, below 0.9 "
+          f"{np.mean(o < 0.9):.3f}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--photos", type=int, default=120)
@@ -140,23 +183,33 @@ def main(argv=None):
     ap.add_argument("--timing-photos", type=int, default=20)
     ap.add_argument("--small-width", default="28,44", metavar="LO,HI",
                     help="face box widths of the small category in px (the inter-ocular distance is about 0.47 x)")
+    ap.add_argument("--network", default="retinaface",
+                    help="the detector network of the photos (its own default threshold); the sources' boxes and "
+                         "points are always RetinaFace's, so every network is scored on the same faces")
     ap.add_argument("--model", default=None,
                     help="the small_face limit these faces get with this zoo model (its input template; "
                          "faces/quality.py resolve_face_size); default: no model, min_face_floor")
+    ap.add_argument("--wider", action="store_true",
+                    help="only low_detection_score on ../shared/data/wider_face's real crowd photos (wider())")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.wider:
+        print(f"command: python bench/bench_review.py --wider --network {args.network} --threads {args.threads}")
+        return wider(args.network)
     if not (DATA / "utkface").exists() or not (DATA / "genki4k").exists():
         sys.exit(f"needs {DATA}/utkface and {DATA}/genki4k (research data, absent)")
-    torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     print(f"command: python bench/bench_review.py --photos {args.photos} --sources {args.sources} "
-          f"--threads {args.threads} --seed {args.seed}" + (f" --model {args.model}" if args.model else "") + f" --small-width {args.small_width}")
+          f"--threads {args.threads} --seed {args.seed}" + (f" --model {args.model}" if args.model else "")
+          + f" --small-width {args.small_width} --network {args.network} --timing-photos {args.timing_photos}")
     utk, front, turned = sources(FaceDetector(DetectorConfig(size=256)), args.sources, rng)
     print(f"sources: {len(utk)} UTKFace, {len(front)} GENKI |yaw|<=10, {len(turned)} GENKI |yaw|>=30")
 
-    det = FaceDetector(DetectorConfig(size=W))
-    det640 = FaceDetector(DetectorConfig())
+    det = FaceDetector(DetectorConfig(size=W, network=args.network))
+    det640 = FaceDetector(DetectorConfig(network=args.network))
     small_width = tuple(float(v) for v in args.small_width.split(","))
-    th = ReviewThresholds()
+    th = ReviewThresholds().resolve_detection_score(args.network)  # what a label job with this detector uses
+    print(f"detector {det.identity}; low_detection_score below {th.detection_score_limit():g}")
     if args.model:  # the limit a label job with this model would use (no weights needed: its input only)
         import models
 
@@ -225,6 +278,11 @@ def main(argv=None):
             print(f"  {col:<11}{cat:<13} {pct(cat, col)}")
     for cat in CATEGORIES:
         print(f"  {'score':<11}{cat:<13} " + pct(cat, "score").replace("  ", " "))
+    print("detection score of found faces: min, percentiles 1, 5, 25, 50 (3 decimals)")
+    for cat in CATEGORIES:
+        v = np.array([x["score"] for x in rows if x["cat"] == cat and x["found"]])
+        if len(v):
+            print(f"  {cat:<13} n={len(v):<4} {v.min():.3f} " + " ".join(f"{q:.3f}" for q in np.percentile(v, [1, 5, 25, 50])))
 
     def sweep(col, cats_bad, values, below=True):
         clean = [x[col] for x in rows if x["cat"] in ("clean", "genki_front") and x["found"]]
@@ -240,7 +298,8 @@ def main(argv=None):
     sweep("brightness", {f"dark{lv:g}": (lambda x, lv=lv: x["cat"] == "dark" and x["level"] == lv) for lv in DARK_LEVELS},
           (10, 12, 15, 18, 20, 22, 25))
     sweep("score", {"small": lambda x: x["cat"] == "small", "blur0.15": lambda x: x["cat"] == "blurry" and x["level"] == 0.15,
-                    "dark0.2": lambda x: x["cat"] == "dark" and x["level"] == 0.2}, (0.75, 0.8, 0.85, 0.9, 0.95))
+                    "dark0.2": lambda x: x["cat"] == "dark" and x["level"] == 0.2},
+          tuple(np.round(np.arange(0.30, 0.96, 0.025), 3)))  # wide: CenterFace's and SCRFD's scores sit lower
 
     print("\ndark on clean UTKFace faces by race label (share fired, n)")
     for i, name in enumerate(RACES):
@@ -257,6 +316,8 @@ def main(argv=None):
               f"(5, 50, 95) {' '.join(f'{v:.1f}' for v in np.percentile(np.abs(ey), [5, 50, 95]))}  "
               f"MAE {np.abs(ey - gy).mean():.2f}  |pose_yaw| > 20: {np.mean(np.abs(ey) > 20):.3f}, > 45: {np.mean(np.abs(ey) > 45):.3f}")
 
+    if not photos:  # --timing-photos 0: the flags only
+        return
     # cost, side by side on the same photos: the detector at its defaults (640 px canvas) vs the quality
     # crop's alignment plus face_quality for every face it found
     t_det, t_align, t_crop, t_q, n_q = [], [], [], [], 0

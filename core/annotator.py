@@ -103,7 +103,8 @@ class Annotator:
         for pre in [r.preprocessing for r in runners] + ([self.embedder.preprocessing] if self.embedder else []):
             if pre not in self.preprocessings:
                 self.preprocessings.append(pre)
-        self.review = self.review.resolve_face_size(self.preprocessings)  # small_face: what these models need
+        # small_face: what these models need; low_detection_score: what this detector's scores mean
+        self.review = self.review.resolve(self.preprocessings, self.face_options.detector_config().network)
 
     # -- what it is ---------------------------------------------------------------------------------------
     @property
@@ -286,9 +287,11 @@ class Annotator:
         if not with_faces:
             return {f.name: [] for f in QUALITY_FIELDS}
         crops = torch.cat([quality_crops(images[o], found[o].points) for o in with_faces])
-        points = torch.cat([found[o].points.double().cpu() * scales[o] for o in with_faces])
+        points = torch.cat([found[o].points.double().cpu() * scales[o] for o in with_faces])  # face_size: original px
         scores = torch.cat([found[o].scores.cpu() for o in with_faces])
-        q = face_quality(points, crops, scores, confidences, self.review)
+        # small_face reads the decoded picture's pixels (the models' crops are warped from it): face_size / scale
+        per_face = torch.cat([torch.full((len(found[o]),), float(scales[o]), dtype=torch.float64) for o in with_faces])
+        q = face_quality(points, crops, scores, confidences, self.review, scales=per_face)
         out = {f.name: q[f.name].tolist() for f in QUALITY_FIELDS if f.name != "review_reasons"}
         out["review_reasons"] = q["review_reasons"]
         return out

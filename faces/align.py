@@ -202,12 +202,16 @@ def warp(image: torch.Tensor, maps: torch.Tensor, size: tuple[int, int]) -> torc
 def align(image: torch.Tensor, points: torch.Tensor, pre: Preprocessing) -> tuple[torch.Tensor, torch.Tensor]:
     """One image's detected faces -> ``(uint8 (K, C, H, W) model inputs, (K, 3, 3) input->image maps)``.
 
-    ``image`` uint8 (3, H, W) RGB on any device; ``points`` (K, 5, 2) in the image's pixels; the maps are
-    float64 on the CPU. A grey model (``pre.channels == 1``) gets the luma of the RGB crop (ITU-R 601, as
-    PIL's ``convert("L")``)."""
+    ``image`` uint8 (3, H, W) RGB or (1, H, W) grey (the detector takes both) on any device; ``points``
+    (K, 5, 2) in the image's pixels; the maps are float64 on the CPU. The crops have the model's channels: a
+    grey model (``pre.channels == 1``) gets the luma of an RGB crop (ITU-R 601, as PIL's ``convert("L")``),
+    an RGB model the grey crop in all three channels (as PIL's ``convert("RGB")`` of a grey photo, which is
+    how ``models.preprocess.decode`` gives it a grey file)."""
     maps = input_to_image(points, pre)
     crops = warp(image, maps, pre.size)
     if pre.channels == 1 and crops.shape[1] == 3:
         w = torch.tensor([0.299, 0.587, 0.114], device=crops.device).view(1, 3, 1, 1)
         crops = (crops.float() * w).sum(1, keepdim=True).round_().clamp_(0, 255).to(torch.uint8)
+    elif pre.channels == 3 and crops.shape[1] == 1:
+        crops = crops.expand(-1, 3, -1, -1).contiguous()  # warped once, copied after: the cheaper order
     return crops, maps

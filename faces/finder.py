@@ -87,7 +87,8 @@ class FaceFinder:
                          f"jpeg_draft={jpeg_draft_side(self.options.max_side)}")
 
     def find(self, images: list[torch.Tensor], scales: list[float] | None = None) -> list[Faces]:
-        """Decoded pictures (uint8 (3, h, w), any device) -> their faces, in the decoded pictures' pixels.
+        """Decoded pictures (uint8 (3, h, w) RGB or (1, h, w) grey, any device) -> their faces, in the decoded
+        pictures' pixels.
         ``scales`` (decoded -> original) only makes ``min_face`` count original pixels."""
         if not images:
             return []
@@ -100,7 +101,9 @@ class FaceFinder:
 
     def aligned(self, images: list[torch.Tensor], faces: list[Faces], pre: Preprocessing,
                 scales: list[float] | None = None) -> AlignedFaces:
-        """The aligned crops of every face for one model; ``maps`` go to original pixels (decoded * scale)."""
+        """The aligned crops of every face for one model, with the model's channels whatever the pictures'
+        (``faces.align.align``: a grey picture's crops in three channels for an RGB model); ``maps`` go to
+        original pixels (decoded * scale)."""
         inputs, maps, owner, index = [], [], [], []
         for i, (img, f) in enumerate(zip(images, faces)):
             if len(f) == 0:

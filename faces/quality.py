@@ -9,7 +9,8 @@ thresholds' measurements and the commands that measured them):
   :func:`quality_crops` (64 x 64, :data:`QUALITY_PREPROCESSING`: the default 5-point template), not a
   model's own crops. ``FaceFinder.aligned(images, faces, QUALITY_PREPROCESSING, scales).inputs`` gives the
   same crops but costs about 5 times more on photos with large faces (it converts and halves whole photos).
-* ``face_size`` (float32, pixels of the original image): the inter-ocular distance, from the 5 points.
+* ``face_size`` (float32, pixels of the original image): the inter-ocular distance, from the 5 points
+  (``small_face`` judges it in the decoded picture's pixels, the ones the models read: :func:`face_quality`).
 * ``review`` (bool) and ``review_reasons`` (list of strings, in the order of :data:`REASONS`, then
   ``low_confidence:<output>`` in the caller's output order) from :func:`review_flags` and
   :class:`ReviewThresholds`.
@@ -53,6 +54,14 @@ SHARPNESS_SCALE = 0.15  # r at which sharpness is 63 (a clean face's median r is
 _LUMA = (0.299, 0.587, 0.114)
 
 REASONS = ("small_face", "extreme_pose", "blurry", "dark", "low_detection_score")
+# low_detection_score's limit per detector network (DetectorConfig.network), each measured the one way,
+# bench/bench_review.py --network NAME (docs/quality.md, "The detection score per network"): one step of 0.05
+# below the highest step under which no clean face of the bench scores, the rule that gives RetinaFace's 0.9
+# (its clean faces' lowest score 0.961: 0.95, then one step of margin). Why per network: RetinaFace's scores
+# are a softmax (clean faces' median 0.999), SCRFD's a sigmoid (0.771), CenterFace's a heatmap peak (0.876):
+# at RetinaFace's 0.9 every face SCRFD found was flagged, and 55 % of CenterFace's clean faces.
+DETECTION_SCORES = {"retinaface": 0.9, "scrfd": 0.6, "centerface": 0.55}
+DEFAULT_NETWORK = "retinaface"  # DetectorConfig's default network: the limit when the detector is not known
 LOW_CONFIDENCE = "low_confidence"  # + ":<output>"
 
 
@@ -173,7 +182,8 @@ class ReviewThresholds:
     """When a face is sent for review (each reason fires on its own; docs/quality.md has the measurements
     behind every default). A value that is NaN fires its reason (nothing can be vouched for)."""
 
-    # small_face: face_size (inter-ocular distance, original pixels) below min_face_size when it is given (a
+    # small_face: the inter-ocular distance in the decoded picture the models' crops come from (face_size /
+    # the decode scale: face_quality) below min_face_size when it is given (a
     # number of pixels whatever the models); by default (None) below the models' own need (resolve_face_size):
     # min_face_ratio x the largest eye distance of the models' inputs (their templates), never below
     # min_face_floor. bench/bench_face_size.py (docs/quality.md): age_gender_race (eyes 58 px apart in its
@@ -194,9 +204,10 @@ class ReviewThresholds:
     # dark: brightness (0-100) below this (bench_review: about 2 % of clean faces, none of UTKFace's by race
     # label; faces darkened to x0.3 about 95 % below).
     min_brightness: float = 22.0
-    # low_detection_score: the detector's score below this (the detector keeps faces from its own
-    # threshold, 0.7 by default, up; bench_review: no clean face below 0.9, a fifth of the small ones).
-    min_detection_score: float = 0.9
+    # low_detection_score: the detector's score below min_detection_score when it is given (a number whatever
+    # the detector); by default (None) below the detector network's own value (resolve_detection_score,
+    # DETECTION_SCORES): each network's scores live on their own scale, so one number cannot serve all three.
+    min_detection_score: float | None = None
     # low_confidence:<output>: an output's confidence (0-1, given by the caller) below min_confidence, or
     # below per_output[output] when the output is named there.
     min_confidence: float = 0.6
@@ -205,7 +216,7 @@ class ReviewThresholds:
     def __post_init__(self):
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name == "min_face_size" and v is None:
+            if f.name in ("min_face_size", "min_detection_score") and v is None:
                 continue
             if f.name == "per_output":
                 if not isinstance(v, Mapping) or not all(
@@ -231,6 +242,29 @@ class ReviewThresholds:
         eyes = [float(face_size(template_of(p))[0]) for p in preprocessings]  # in each model's input pixels
         need = max([self.min_face_ratio * e for e in eyes], default=0.0)
         return replace(self, min_face_size=round(max(self.min_face_floor, need), 2))
+
+    def detection_score_limit(self) -> float:
+        """The ``low_detection_score`` limit: ``min_detection_score`` when set, else the default detector's
+        (RetinaFace's: what is known without the detector; :meth:`resolve_detection_score` sets it from it)."""
+        if self.min_detection_score is None:
+            return DETECTION_SCORES[DEFAULT_NETWORK]
+        return float(self.min_detection_score)
+
+    def resolve_detection_score(self, network: str) -> ReviewThresholds:
+        """These thresholds with ``min_detection_score`` set for faces found by the detector ``network``
+        (``DetectorConfig.network``: a label job's or a serving replica's detector): unchanged when it is
+        set (a user's number), else that network's :data:`DETECTION_SCORES` value."""
+        if self.min_detection_score is not None:
+            return self
+        if network not in DETECTION_SCORES:
+            raise ValueError(f"ReviewThresholds: no review score measured for detector network {network!r}; "
+                             f"known: {sorted(DETECTION_SCORES)} (or set min_detection_score)")
+        return replace(self, min_detection_score=DETECTION_SCORES[network])
+
+    def resolve(self, preprocessings, network: str) -> ReviewThresholds:
+        """Both limits that depend on the run (:meth:`resolve_face_size`, :meth:`resolve_detection_score`): the
+        thresholds a label job records in its summary and an annotator or replica applies to its rows."""
+        return self.resolve_face_size(preprocessings).resolve_detection_score(network)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -259,7 +293,9 @@ def review_flags(face_size: torch.Tensor, pose_yaw: torch.Tensor, pose_pitch: to
                  thresholds: ReviewThresholds | None = None) -> tuple[torch.Tensor, list[list[str]]]:
     """Which faces need review, and why.
 
-    Every argument is (N,) (tensors, arrays or lists); ``confidences`` maps output names to (N,) confidences
+    Every argument is (N,) (tensors, arrays or lists); ``face_size`` is the eye distance in the pixels the
+    models' crops are warped from (the decoded picture's: :func:`face_quality` divides by the decode scale);
+    ``confidences`` maps output names to (N,) confidences
     in 0-1 (e.g. a classifier's top softmax probability; NaN where the output does not apply is treated
     as missing and fires nothing). Returns ``(review, reasons)``: (N,) bool CPU tensor, and per face the list
     of reasons in the order of :data:`REASONS`, then ``"low_confidence:<output>"`` in the order of
@@ -273,7 +309,7 @@ def review_flags(face_size: torch.Tensor, pose_yaw: torch.Tensor, pose_pitch: to
         "extreme_pose": ~(yaw.abs() <= th.max_yaw) | ~(pitch <= th.max_pitch_up) | ~(pitch >= -th.max_pitch_down),
         "blurry": _below(_vec(sharpness, n, "sharpness"), th.min_sharpness),
         "dark": _below(_vec(brightness, n, "brightness"), th.min_brightness),
-        "low_detection_score": _below(_vec(detection_score, n, "detection_score"), th.min_detection_score),
+        "low_detection_score": _below(_vec(detection_score, n, "detection_score"), th.detection_score_limit()),
     }
     columns = [(r, fires[r].tolist()) for r in REASONS]
     low = low_confidence_reasons(confidences, n, th)
@@ -301,13 +337,16 @@ def low_confidence_reasons(confidences: Mapping[str, torch.Tensor] | None, n: in
 
 def face_quality(points: torch.Tensor, crops: torch.Tensor, detection_score: torch.Tensor,
                  confidences: Mapping[str, torch.Tensor] | None = None,
-                 thresholds: ReviewThresholds | None = None) -> dict:
+                 thresholds: ReviewThresholds | None = None, scales=None) -> dict:
     """Every per-face quality column for a batch of N faces.
 
     ``points``: (N, 5, 2) in pixels of the ORIGINAL image (``face_size`` counts those pixels; the angles
     do not depend on it); ``crops``: uint8 (N, C, H, W) aligned crops from :func:`quality_crops`
     (:data:`QUALITY_PREPROCESSING`); ``detection_score``: (N,) the detector's scores; ``confidences``,
-    ``thresholds``: as :func:`review_flags`.
+    ``thresholds``: as :func:`review_flags`; ``scales``: (N,) each face's decode scale (original pixels per
+    decoded pixel; None: 1). ``small_face`` reads ``face_size / scale``, the eye distance in the decoded
+    picture that the models' crops are warped from: a 6144 px photo decoded at 2048 px gives its models a third
+    of the pixels its ``face_size`` counts.
 
     Returns ``{"pose_yaw", "pose_pitch", "pose_roll", "sharpness", "brightness", "face_size"}`` as (N,)
     float32 CPU tensors, ``"review"`` (N,) bool CPU tensor and ``"review_reasons"`` a list of N lists of
@@ -322,7 +361,8 @@ def face_quality(points: torch.Tensor, crops: torch.Tensor, detection_score: tor
     out["sharpness"] = sharpness(crops).cpu()
     out["brightness"] = brightness(crops).cpu()
     out["face_size"] = face_size(points).cpu()
+    decoded = out["face_size"] if scales is None else out["face_size"].double() / _vec(scales, n, "scales")
     out["review"], out["review_reasons"] = review_flags(
-        out["face_size"], out["pose_yaw"], out["pose_pitch"], out["sharpness"], out["brightness"],
+        decoded, out["pose_yaw"], out["pose_pitch"], out["sharpness"], out["brightness"],
         detection_score, confidences, thresholds)
     return out

@@ -16,8 +16,10 @@ What is fitted, per output (``models.outputs``):
   adaptive thresholds, Eq. 6, would no longer decide) or a row could say ``Smiling: true`` with
   ``Smiling_prob: 0.4``. Tied to τ_j, the label is untouched and agrees with its probability. For
   ``bce`` outputs (τ = 0) this is plain temperature scaling of the logit; for DMM-CNN's ``mse_pm1`` scores
-  (regressed onto ±1, not logits) the uncalibrated "probability" is the linear map ``(s + 1) / 2`` and the
-  calibrated one is this sigmoid of the distance to the threshold.
+  (regressed onto ±1, not logits) the uncalibrated "probability" is the piecewise-linear map of [-1, τ_j]
+  onto [0, 0.5] and [τ_j, 1] onto [0.5, 1] (``Binary.prob``; ``(s + 1) / 2`` when τ_j = 0) and the
+  calibrated one is this sigmoid of the distance to the threshold. Both cross 0.5 at τ_j, so an attribute
+  whose fit is not kept (NaN, below) agrees with its label too.
 * **Regression** scores (HMTNet's beauty): no probability, but one fitted **shift** ``s`` added to the raw
   score, ``s = mean(y − x)`` on the validation rows (least squares). Kept only when it lowers the MAE on
   those rows. Why: the score's offset drifted by up to ±0.25 between epochs while its correlation held, and
@@ -53,7 +55,8 @@ decodes exactly as before (no buffer, no new description field, the same bytes a
 
 Raw probabilities stay reproducible two ways: ``Output.to_columns(raw, calibrated=False)`` /
 ``Output.probabilities(raw, calibrated=False)``, and from the stored temperatures (``z = T · log p`` up to
-a per-row constant for a categorical output; ``s = τ_j + T_j · logit(p)`` for an attribute).
+a per-row constant for a categorical output; ``s = τ_j + T_j · logit(p)`` for an attribute, to within the
+float32 step next to 0.5 that keeps ``p > 0.5`` equal to the label: ``Binary.probabilities``).
 
 ECE: torchmetrics' ``multiclass_calibration_error`` (top-label confidence) and ``binary_calibration_error``
 (the probability of the positive class), 15 equal-width bins, ``norm="l1"``.
@@ -274,7 +277,7 @@ def _fit_binary(o: Binary, raw: torch.Tensor, target: torch.Tensor, ctx: dict, m
         return float(((F.binary_cross_entropy_with_logits(x[:, u], pos[:, u], reduction="none") * w).sum(0)
                       / counts).mean())
 
-    before_p = o.prob(s.float()).double().clamp(1e-7, 1 - 1e-7)  # the probability users got until now
+    before_p = replace_t(o, None).probabilities(s.float(), **ctx).double().clamp(1e-7, 1 - 1e-7)  # uncalibrated
     nll_before = mean_bce(torch.logit(before_p))
     e_before = ece(replace_t(o, None), s, y, ctx=ctx)
     e_fit = ece(replace_t(o, tuple(float(v) for v in temps)), s, y, ctx=ctx)

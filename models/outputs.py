@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from .losses import REGRESSION_LOSSES, regression_loss, scalar_error_metrics, scalar_error_stats, valid_rows
 
 Tensor = torch.Tensor
+_ABOVE_HALF = float(torch.nextafter(torch.tensor(0.5), torch.tensor(1.0)))  # float32: 0.5 + 2**-24
 
 
 @dataclass(frozen=True)
@@ -158,16 +159,16 @@ class Categorical(Output):
 class Binary(Output):
     """A group of J binary attributes sharing one raw tensor of shape (B, J).
 
-    ``loss="bce"``: raw values are logits, the probability is ``sigmoid(raw)``, targets are 0/1.
+    ``loss="bce"``: raw values are logits, the probability is ``sigmoid(raw − τ_j)``, targets are 0/1.
     ``loss="mse_pm1"``: DMM-CNN's reading: raw values are scores regressed onto ±1 targets with MSE (Eq. 2),
     the label is ``raw > τ_j`` (Eq. 5) with the model's per-attribute thresholds τ (Eq. 6), passed in
-    ``ctx["thresholds"]``; the reported probability is the score mapped linearly from [-1, 1] to [0, 1].
-    Columns: ``<label>`` (bool) and ``<label>_prob`` for every label.
+    ``ctx["thresholds"]`` (τ = 0 without them, for either loss). Columns: ``<label>`` (bool) and
+    ``<label>_prob`` for every label.
 
+    In every row ``<label> == (<label>_prob > 0.5)``: uncalibrated, :meth:`prob` (0.5 at τ_j); with
     ``temperatures`` (one per label, set by models/calibration.py; None = uncalibrated; NaN for one label =
-    that label uncalibrated): the reported probability becomes ``sigmoid((raw − τ_j) / T_j)``, a Platt scaling whose bias is tied to the decision
-    threshold, so that the probability is above 0.5 exactly when the label is true and the label itself
-    (``raw > τ_j``, DMM-CNN's adaptive thresholds included) never changes.
+    that label on :meth:`prob`) ``sigmoid((raw − τ_j) / T_j)``, a Platt scaling whose bias is tied to the
+    decision threshold. The label itself (``raw > τ_j``, adaptive thresholds included) never changes.
     """
 
     labels: tuple[str, ...] = ()
@@ -189,22 +190,36 @@ class Binary(Output):
         """Boolean predictions. For bce the threshold is on the logit (0 = probability 0.5)."""
         return raw > self._thresholds(raw, ctx)
 
-    def prob(self, raw: Tensor) -> Tensor:
-        """The uncalibrated probability of each label (sigmoid of a logit, or DMM-CNN's linear map)."""
+    def prob(self, raw: Tensor, thresholds: Tensor | None = None) -> Tensor:
+        """The uncalibrated probability of each label, 0.5 at its threshold τ_j (``thresholds`` (J,), None: 0):
+        ``sigmoid(raw − τ_j)`` of a logit; a ±1 score mapped piecewise-linearly, [-1, τ_j] onto [0, 0.5] and
+        [τ_j, 1] onto [0.5, 1], clipped (past a τ_j beyond ±1: 0 or 1). Why piecewise: the one map
+        ``(raw + 1) / 2`` crossed 0.5 at 0, not at an adaptive τ_j (rows said ``Smiling: false,
+        Smiling_prob: 0.55``); where τ_j = 0 it is that map still."""
+        tau = torch.zeros(raw.shape[1], dtype=raw.dtype, device=raw.device) if thresholds is None \
+            else thresholds.to(raw.device, raw.dtype)
         if self.loss_type == "bce":
-            return torch.sigmoid(raw)
-        return ((raw.clamp(-1, 1) + 1) / 2)
+            return torch.sigmoid(raw - tau)
+        lo, hi = tau.clamp(max=-1.0), tau.clamp(min=1.0)
+        tiny = torch.finfo(raw.dtype).tiny  # a side of no width (τ_j at or beyond ±1): all of it 0 or 1
+        below = 0.5 - 0.5 * ((tau - raw) / (tau - lo).clamp_min(tiny)).clamp(0, 1)  # 0.5 at τ_j, even then
+        above = 0.5 + 0.5 * ((raw - tau) / (hi - tau).clamp_min(tiny)).clamp(0, 1)
+        return torch.where(raw > tau, above, below)
 
     def probabilities(self, raw: Tensor, calibrated: bool = True, **ctx) -> Tensor:
         """(B, J) probabilities of the positive class: calibrated when the output has temperatures and
-        ``calibrated``, with the thresholds of ``ctx`` (see the class docstring)."""
+        ``calibrated``, with the thresholds of ``ctx``; above 0.5 exactly where :meth:`positive` (see the class
+        docstring)."""
         raw = raw.float()
-        if not (calibrated and self.temperatures is not None):
-            return self.prob(raw)
-        t = torch.tensor(self.temperatures, dtype=raw.dtype, device=raw.device)
-        p = torch.sigmoid((raw - self._thresholds(raw, ctx)) / t)
-        left = torch.isnan(t)  # attributes whose fit was not kept (models/calibration.py)
-        return torch.where(left, self.prob(raw), p) if bool(left.any()) else p
+        tau = self._thresholds(raw, ctx)
+        p = self.prob(raw, tau)
+        if calibrated and self.temperatures is not None:
+            t = torch.tensor(self.temperatures, dtype=raw.dtype, device=raw.device)
+            left = torch.isnan(t)  # attributes whose fit was not kept (models/calibration.py): the map above
+            p = torch.where(left, p, torch.sigmoid((raw - tau) / t))
+        # Both maps cross 0.5 at τ_j, but a score an ulp above τ_j can round to 0.5 (float32 sigmoid, the
+        # linear step): the label decides, the next float32 above 0.5, so label == (prob > 0.5) in every row.
+        return torch.where(raw > tau, p.clamp(min=_ABOVE_HALF), p.clamp(max=0.5))
 
     def _per_label_sums(self, raw: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """``(loss summed over the rows that have each label, how many rows have it)``, both (J,). A target

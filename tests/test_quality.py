@@ -224,7 +224,7 @@ def test_each_reason_fires_on_its_own_and_in_the_documented_order():
         _row(pose_pitch=th.max_pitch_up - 1),
         _row(sharpness=th.min_sharpness - 1),
         _row(brightness=th.min_brightness - 1),
-        _row(detection_score=th.min_detection_score - 0.01),
+        _row(detection_score=th.detection_score_limit() - 0.01),
         _row(face_size=5.0, pose_yaw=80.0, sharpness=1.0, brightness=1.0, detection_score=0.75),
         _row(sharpness=float("nan")),
     ]
