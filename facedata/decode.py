@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from models.imagebytes import ImageDecodeError
-from models.photo import DEFAULT_PHOTO_SIDE, decode_photo_pixels
+from models.imagebytes import DEFAULT_MAX_PIXELS, ImageDecodeError, read_header
+from models.photo import DEFAULT_PHOTO_SIDE, decode_photo_pixels, jpeg_draft_side
 
 if TYPE_CHECKING:
     from models.preprocess import Preprocessing
@@ -98,22 +98,32 @@ def decode_into(batch: dict, i: int, data: bytes | None, target: Photos | Whole)
 
 def cost(data: bytes | None, target: Photos | Whole) -> tuple[int, int]:
     """What decoding ``data`` for ``target`` would cost, from the header alone (no pixel decoded):
-    ``(source pixels, bytes held after decoding)``. The first bounds the decoder's CPU time, the second the
-    memory the decoded picture holds until it is answered. A file whose header cannot be read costs
-    ``(0, 0)``: decoding refuses it at once."""
-    import io
+    ``(source pixels, bytes held after decoding)``. The first bounds the decoder's CPU time (a whole image is
+    decoded once per distinct preprocessing, and each decode reads every source pixel), the second the memory
+    the decoded picture holds until it is answered.
 
-    from PIL import Image
-
+    The header is read by ``models.imagebytes.read_header`` with the arguments :func:`decode_into`'s decoders
+    give ``open_image`` (accepted formats, pixel and memory limits, JPEG draft scale), so what a file is
+    charged and how it is decoded cannot drift apart. A file whose header fails those checks raises the
+    :class:`ImageDecodeError` its decode would raise (an unexpected exception is a ``decode_error``, as in
+    :func:`decode_into`): it is refused here, before anything is decoded, never counted as free. Refusing
+    rather than charging it the largest image: the decoder runs these same checks first, so it could only
+    refuse it after the request had taken memory and a decode slot for it."""
+    data = bytes(data) if data is not None else b""
     try:
-        with Image.open(io.BytesIO(bytes(data or b""))) as img:
-            w, h = img.size
-    except Exception:  # noqa: BLE001 - not an image (or a broken header): decode_into names the reason
-        return 0, 0
-    if isinstance(target, Photos):
-        f = min(1.0, target.max_side / max(w, h, 1))
-        return w * h, 3 * round(w * f) * round(h * f)
-    return w * h, sum(pre.channels * pre.size[0] * pre.size[1] for pre in target.preprocessings)
+        if isinstance(target, Photos):  # models.photo.decode_photo_pixels
+            w, h = read_header(data, DEFAULT_MAX_PIXELS, draft_to=jpeg_draft_side(target.max_side)).size
+            f = min(1.0, target.max_side / max(w, h, 1))
+            return w * h, 3 * round(w * f) * round(h * f)
+        pixels = 0
+        for pre in target.preprocessings:  # models.preprocess.decode: pre.size is (H, W)
+            w, h = read_header(data, pre.max_pixels, draft_to=(2 * pre.size[1], 2 * pre.size[0])).size
+            pixels += w * h
+    except ImageDecodeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a header reader bug: refused as decode_into would refuse it
+        raise ImageDecodeError("decode_error", f"{type(e).__name__}: {e}") from None
+    return pixels, sum(pre.channels * pre.size[0] * pre.size[1] for pre in target.preprocessings)
 
 
 def decode_batch(paths: list[str], datas: list[bytes | None], target: Photos | Whole) -> dict:

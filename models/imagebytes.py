@@ -1,23 +1,38 @@
 """Untrusted image bytes -> a loaded, upright PIL image (RGB or L), with what one image may cost bounded
 before its pixels are decoded (issue #13). Every decode path goes through :func:`open_image`, which checks
-the header (:func:`check_header`) first; models/preprocess.py turns its image into a model input or a photo.
+the header (:func:`check_header`) first; :func:`read_header` makes the same checks without decoding, for
+whoever must know the cost first (the serving ingress); models/preprocess.py turns the image into a model
+input or a photo. What is read from the raw bytes without Pillow is in models/imagescan.py.
 
-Only JPEG, PNG, WebP, GIF (first frame), BMP and TIFF are opened; pixel count, aspect ratio, estimated
-decode memory (:func:`decode_cost`), TIFF tile size and count and JPEG scan count have limits
-(``too_large``); 16/32-bit images are converted to 8 bits in float32 strips. Every failure raises
+Only JPEG, PNG, WebP, GIF (first frame), BMP (not RLE-compressed) and TIFF are opened; pixel count, aspect
+ratio, estimated decode memory (:func:`decode_cost`: the rotated copy of an EXIF-, XMP- or PNG-text-rotated
+image and the coefficients of a progressive JPEG included), TIFF tile size and count and JPEG scan count
+have limits (``too_large``); 16/32-bit images are converted to 8 bits in float32 strips. Every failure raises
 :class:`ImageDecodeError` with a ``kind`` among ``empty``, ``not_image``, ``truncated``, ``too_large`` and
 ``decode_error``: the label job turns it into an error row and the serving endpoint into a 4xx answer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import struct
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# What the raw bytes say (models/imagescan.py); FOREIGN_EXTENSIONS, foreign_format and jpeg_scan_count are
+# re-exported: the label job and the tests import them from here.
+from .imagescan import (  # noqa: F401
+    FOREIGN_EXTENSIONS,
+    foreign_format,
+    jpeg_first_scan_components,
+    jpeg_scan_count,
+    png_may_rotate,
+)
 
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: bigger than any camera photo of a face, small enough to bound memory
 
@@ -45,37 +60,6 @@ class ImageDecodeError(ValueError):
 # (many phone cameras) MPO; it is opened by the JPEG plugin and decodes its first picture.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 _OPENED_FORMATS = frozenset(ALLOWED_FORMATS + ("MPO",))
-# Photo formats common in users' buckets that are not decoded here: Pillow has no HEIF decoder, and AVIF,
-# JPEG 2000 and PSD are left out of ALLOWED_FORMATS on purpose (more decoder code behind untrusted bytes). A
-# label job takes such files as inputs all the same, so that each gets an error row naming its format
-# (``not_image``) rather than being skipped without a word: an iPhone saves HEIC by default.
-FOREIGN_EXTENSIONS = {
-    ".heic": "HEIC", ".heif": "HEIF", ".hif": "HEIF", ".avif": "AVIF", ".jxl": "JPEG XL", ".jp2": "JPEG 2000",
-    ".j2k": "JPEG 2000", ".jpx": "JPEG 2000", ".psd": "Photoshop (PSD)", ".dng": "camera RAW (DNG)",
-    ".cr2": "camera RAW (CR2)", ".cr3": "camera RAW (CR3)", ".nef": "camera RAW (NEF)", ".arw": "camera RAW (ARW)",
-    ".orf": "camera RAW (ORF)", ".rw2": "camera RAW (RW2)", ".raf": "camera RAW (RAF)",
-}
-_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1")
-_FOREIGN_MAGIC = ((b"\x00\x00\x00\x0cJXL \r\n\x87\n", "JPEG XL"), (b"\xff\x0a", "JPEG XL"),
-                  (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"), (b"\xff\x4f\xff\x51", "JPEG 2000"),
-                  (b"8BPS", "Photoshop (PSD)"), (b"FUJIFILMCCD-RAW", "camera RAW (RAF)"),
-                  (b"IIRO", "camera RAW (ORF)"), (b"IIRS", "camera RAW (ORF)"), (b"IIU\x00", "camera RAW (RW2)"))
-
-
-def foreign_format(head: bytes) -> str | None:
-    """The name of a photo format that is not decoded here (:data:`FOREIGN_EXTENSIONS`) when a file's first
-    32 bytes are its signature: an ISO base media file ("ftyp") whose brands are HEIF's or AVIF's (not a video's),
-    Canon's CR3, JPEG XL, JPEG 2000, Photoshop or one of the RAW formats that are not TIFF files; else None."""
-    if head[4:8] == b"ftyp":
-        brands = [head[i:i + 4] for i in range(8, min(len(head), 32) - 3, 4) if i != 12]  # major, compatible
-        if any(b in (b"avif", b"avis") for b in brands):
-            return "AVIF"
-        if any(b in _HEIF_BRANDS for b in brands):
-            return "HEIC/HEIF"
-        return "camera RAW (CR3)" if b"crx " in brands else None
-    return next((name for magic, name in _FOREIGN_MAGIC if head.startswith(magic)), None)
-
-
 MAX_ASPECT_RATIO = 20  # longer side / shorter side: a face photo, even a panorama, is far below; 8000x1 is not
 DEFAULT_MAX_DECODE_BYTES = 192 * 1024 * 1024  # the memory open_image may use for one image (estimated, below)
 MAX_TILE_BYTES = 32 * 1024 * 1024  # one TIFF tile or strip as libtiff allocates it
@@ -89,17 +73,50 @@ _CONVERT_BYTES = {"RGB": 0, "L": 0, "1": 1, "P": 4, "I;16": 1, "I;16L": 1, "I;16
                   "RGBA": 4, "PA": 8, "LA": 8, "La": 8, "RGBa": 8}
 
 
-def decode_cost(mode: str, size: tuple[int, int], rotated: bool = False, transparent_palette: bool = False) -> int:
-    """Estimated peak bytes of loading an image of PIL ``mode`` and ``size`` and bringing it to RGB or L
-    (the raster, a transposed copy when EXIF rotates it, and the conversion's buffers). This, not only
-    the pixel count, is what the memory limit compares: a 16-bit, float or RGBA image costs 2-8 bytes a
-    pixel, not one."""
+def decode_cost(mode: str, size: tuple[int, int], rotated: bool = False, transparent_palette: bool = False,
+                coefficients: int = 0) -> int:
+    """Estimated peak bytes of loading an image of PIL ``mode`` and ``size`` and bringing it to RGB or L: the
+    raster and, while it is filled, libjpeg's ``coefficients`` buffer (:func:`jpeg_coefficient_bytes`); then a
+    transposed copy when EXIF rotates it and the conversion's buffers. This, not only the pixel count, is what
+    the memory limit compares: a 16-bit, float or RGBA image costs 2-8 bytes a pixel, not one, and a
+    progressive JPEG decoded at 1/8 scale still holds its full-size coefficients."""
     raster = _RASTER_BYTES.get(mode, 4)
     extra = _CONVERT_BYTES.get(mode, 4)
     if mode == "P" and transparent_palette:
         extra = 8  # P -> RGBA -> composited RGB
     pixels = size[0] * size[1]
-    return pixels * (raster + extra + (raster if rotated else 0))
+    # The coefficient buffer is freed when the load ends (the decoder's cleanup), before the rotated copy and
+    # the conversion are made, so the peak is the raster plus the larger of the two, not their sum. Measured
+    # (growth of RSS sampled every 0.5 ms, after the imports and a warm-up decode; Pillow 13.0): progressive
+    # 4000x3000 JPEGs through models.photo.decode_photo_pixels (decoded at 2000x1500), grown / estimated MiB:
+    # CMYK 4:4:4 103 / 103 (23 without the coefficients), RGB 4:4:4 80 / 80 (11), RGB 4:2:0 45 / 46 (11),
+    # grey 26 / 26 (3); decoded to a 64x64 input (1/8 scale): RGB 4:2:0 35 / 35 (1), CMYK 92 / 92 (1); the
+    # audit's 7700x5190 progressive CMYK JPEG (at 3850x2595) 343 / 343 (76); rotated by its EXIF and decoded
+    # whole, CMYK 3000x1900 66 / 65 (the sum of the two would say 109).
+    return pixels * raster + max(coefficients, pixels * (extra + (raster if rotated else 0)))
+
+
+def jpeg_coefficient_bytes(img, data: bytes) -> int:
+    """The bytes libjpeg holds for a JPEG's DCT coefficients while it decodes ``data`` (``img``: the same file
+    opened, before :meth:`draft`): 0 when it decodes a row of blocks at a time (one scan of every component),
+    else the whole image's coefficients at full size, whatever the draft scale: 2 bytes for each of the 64 of
+    each 8x8 block of each component, at that component's sampling, rounded up to whole MCUs (libjpeg's
+    jdinput.c ``has_multiple_scans``: a progressive JPEG, or a first scan with fewer components than the
+    frame; jdcoefct.c allocates the buffer)."""
+    if img.format not in ("JPEG", "MPO") or not img.layer:
+        return 0
+    if not img.info.get("progressive"):
+        scan = jpeg_first_scan_components(data)
+        if scan is not None and scan >= len(img.layer):
+            return 0
+    hmax, vmax = max(max(c[1], 1) for c in img.layer), max(max(c[2], 1) for c in img.layer)
+    w, h = img.size
+    total = 0
+    for _, hs, vs, _ in img.layer:
+        hs, vs = max(hs, 1), max(vs, 1)
+        blocks_w, blocks_h = -(-w * hs // (hmax * 8)), -(-h * vs // (vmax * 8))
+        total += -(-blocks_w // hs) * hs * -(-blocks_h // vs) * vs * 128
+    return total
 
 
 def _tiff_layout(img) -> tuple[int, int]:
@@ -117,15 +134,21 @@ def _tiff_layout(img) -> tuple[int, int]:
 
 
 def check_header(img, max_pixels: int = DEFAULT_MAX_PIXELS, max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
-                 rotated: bool = False) -> None:
+                 rotated: bool = False, coefficients: int = 0) -> int:
     """Refuse, from the header alone (before any pixel is decoded), what would cost too much: a format
-    outside :data:`ALLOWED_FORMATS`, more than ``max_pixels``, an aspect ratio over
+    outside :data:`ALLOWED_FORMATS`, an RLE-compressed BMP, more than ``max_pixels``, an aspect ratio over
     :data:`MAX_ASPECT_RATIO`, an estimated decode memory (:func:`decode_cost`) over ``max_decode_bytes``,
-    TIFF tiles or strips bigger than :data:`MAX_TILE_BYTES` or more than :data:`MAX_TILES` of them.
-    Raises :class:`ImageDecodeError` (``not_image`` or ``too_large``)."""
+    TIFF tiles or strips bigger than :data:`MAX_TILE_BYTES` or more than :data:`MAX_TILES` of them
+    (``rotated``: its orientation makes a transposed copy; ``coefficients``: :func:`jpeg_coefficient_bytes`).
+    Raises :class:`ImageDecodeError` (``not_image`` or ``too_large``); returns the estimated decode memory."""
     if img.format not in _OPENED_FORMATS:
         raise ImageDecodeError("not_image", f"{img.format} is not one of the accepted formats "
                                             f"({', '.join(ALLOWED_FORMATS)})")
+    # Refused, not given a lower pixel limit: Pillow decodes RLE8/RLE4 in Python, holding the GIL (a 25 KB
+    # 6000x6000 RLE8 BMP took 8 s of CPU, and even 1 MP about 0.2 s), and no camera or phone writes them.
+    if img.format == "BMP" and img.info.get("compression") in (1, 2):
+        raise ImageDecodeError("not_image", "an RLE-compressed BMP (RLE8 or RLE4) is not accepted (its decoder is "
+                                            "slow pure Python): convert it to PNG or an uncompressed BMP")
     w, h = img.size
     if w < 1 or h < 1:
         raise ImageDecodeError("decode_error", f"image size {w}x{h}")
@@ -134,10 +157,11 @@ def check_header(img, max_pixels: int = DEFAULT_MAX_PIXELS, max_decode_bytes: in
     if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
         raise ImageDecodeError("too_large", f"{w}x{h}: aspect ratio {max(w, h) / min(w, h):.0f}:1 is over the "
                                             f"limit of {MAX_ASPECT_RATIO}:1")
-    cost = decode_cost(img.mode, img.size, rotated, img.mode == "P" and "transparency" in img.info)
+    cost = decode_cost(img.mode, img.size, rotated, img.mode == "P" and "transparency" in img.info, coefficients)
     if cost > max_decode_bytes:
-        raise ImageDecodeError("too_large", f"{w}x{h} {img.mode} needs about {cost >> 20} MiB of memory to decode, "
-                                            f"over the limit of {max_decode_bytes >> 20} MiB")
+        held = " (a progressive or multi-scan JPEG: its coefficients at full size)" if coefficients else ""
+        raise ImageDecodeError("too_large", f"{w}x{h} {img.mode} needs about {cost >> 20} MiB of memory to decode"
+                                            f"{held}, over the limit of {max_decode_bytes >> 20} MiB")
     if img.format == "TIFF":
         tile_bytes, tiles = _tiff_layout(img)
         if tile_bytes > MAX_TILE_BYTES:
@@ -145,46 +169,10 @@ def check_header(img, max_pixels: int = DEFAULT_MAX_PIXELS, max_decode_bytes: in
                                                 f"of {MAX_TILE_BYTES >> 20} MiB")
         if tiles > MAX_TILES:
             raise ImageDecodeError("too_large", f"{tiles} TIFF tiles or strips are over the limit of {MAX_TILES}")
+    return cost
 
 
-def _late_png_rotation(data: bytes) -> bool:
-    """Whether a PNG holds an eXIf chunk (after its pixels: one before them is in the header) whose
-    orientation makes ``exif_transpose`` build a rotated or flipped copy. Found without decoding: every
-    ``eXIf`` in the bytes whose length and CRC make it a chunk is read; one that cannot be read counts as
-    rotating (the estimate errs on the safe side), and so do a candidate over 1 MiB and a 33rd candidate
-    (the letters repeated in the pixel data must not make this cost more than a few CRCs)."""
-    import zlib
-
-    start = 8
-    for _ in range(32):
-        i = data.find(b"eXIf", start)
-        if i < 0:
-            return False
-        start = i + 4
-        n = int.from_bytes(data[i - 4:i], "big") if i >= 12 else -1
-        end = i + 4 + n
-        if n < 0 or end + 4 > len(data):
-            continue  # the four letters inside another chunk's data, not a chunk
-        if n > 1 << 20:
-            return True
-        if zlib.crc32(data[i:end]) != int.from_bytes(data[end:end + 4], "big"):
-            continue
-        body = data[i + 4:end]
-        try:
-            exif = Image.Exif()
-            exif.load(body if body.startswith(b"Exif\x00\x00") else b"Exif\x00\x00" + body)
-            if exif.get(0x0112, 1) not in (None, 1):
-                return True
-        except Exception:  # noqa: BLE001 - unreadable: assume it rotates
-            return True
-    return True
-
-
-def jpeg_scan_count(data: bytes) -> int:
-    """The number of scans of a JPEG, counted as SOS markers (``FF DA``) anywhere in the bytes: an upper
-    bound (the pair can also sit in metadata, never in entropy-coded data, where ``FF`` is stuffed) that no
-    layout trick lowers. 0 for bytes that are not a JPEG."""
-    return data.count(b"\xff\xda") if data[:3] == b"\xff\xd8\xff" else 0
+_late_png_rotation = png_may_rotate  # its former name (tests/test_hostile_files.py): it now reads every chunk
 
 
 def check_jpeg_bytes(data: bytes) -> None:
@@ -212,38 +200,48 @@ def jpeg_draft_size(width: int, height: int, request: tuple[int, int]) -> tuple[
     return (width + s - 1) // s, (height + s - 1) // s
 
 
-def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: tuple[int, int] | int | None = None,
-               max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES):
-    """Bytes -> a loaded PIL image in upright orientation, mode RGB or L, plus its oriented original size.
+@dataclass(frozen=True)
+class Header:
+    """What :func:`read_header` found, every check passed: the format, the size as stored (before EXIF
+    orientation), the size the pixels decode at (a JPEG's draft scale) and the estimated peak memory of that
+    decode (:func:`decode_cost`: what ``max_decode_bytes`` was compared with)."""
 
-    ``draft_to`` lets JPEG decode at a reduced scale (DCT scaling) when the image is much larger than
-    needed: a (width, height) the result must still cover, or one number, the longest side it must keep.
-    The returned original size is the full size. The header is checked (:func:`check_header`)
-    before decoding, on the full size for the pixel and aspect limits and on the draft size for memory.
-    """
+    format: str
+    size: tuple[int, int]
+    decoded: tuple[int, int]
+    decode_bytes: int
+
+
+def _checked_open(data: bytes, max_pixels: int, draft_to: tuple[int, int] | int | None,
+                  max_decode_bytes: int) -> tuple[Image.Image, Header]:
+    """``data`` opened (not loaded) with every check made, at the draft scale it will decode at."""
     if not data:
         raise ImageDecodeError("empty", "zero bytes")
     check_jpeg_bytes(data)
+    img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    w0, h0 = img.size
+    check_header(img, max_pixels, float("inf"))  # format, RLE, pixels, aspect, tiles: before anything else
+    # A PNG's orientation may come after its pixels (an eXIf, XMP or EXIF text chunk), where Pillow's getexif()
+    # finds it only by decoding the whole image: it is read from the bytes instead (png_may_rotate), so that
+    # the estimate counts the rotated copy exif_transpose makes after the load (issue #22: 306 MB against
+    # 152 MiB).
+    rotated = png_may_rotate(data) if img.format == "PNG" else img.getexif().get(0x0112, 1) not in (None, 1)
+    coefficients = jpeg_coefficient_bytes(img, data)  # at the full size, which draft() forgets
+    if isinstance(draft_to, int):  # a longest side: the size that keeps the aspect ratio
+        draft_to = draft_request(w0, h0, draft_to)
+    if draft_to is not None and img.format in ("JPEG", "MPO"):
+        img.draft(img.mode if img.mode in ("RGB", "L") else None, draft_to)
+    cost = check_header(img, max_pixels, max_decode_bytes, rotated, coefficients)
+    return img, Header(img.format, (w0, h0), img.size, cost)
+
+
+@contextlib.contextmanager
+def _decode_errors(data: bytes):
+    """Whatever Pillow raises while opening or decoding ``data``, as :class:`ImageDecodeError` of its kind."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-            w0, h0 = img.size
-            check_header(img, max_pixels, float("inf"))  # format, pixels, aspect, tiles: before anything else
-            # Pillow's PNG getexif() decodes the whole image to look for an eXIf chunk after the pixels, so
-            # a PNG's orientation is read from the header only when the chunk came before them; a chunk
-            # after them (IDAT) is found in the bytes (_late_png_rotation), so that the estimate counts the
-            # rotated copy exif_transpose makes after the load (issue #22: 306 MB against 152 MiB).
-            early_exif = img.format != "PNG" or "exif" in img.info
-            rotated = (img.getexif().get(0x0112, 1) not in (None, 1)) if early_exif else _late_png_rotation(data)
-            if isinstance(draft_to, int):  # a longest side: the size that keeps the aspect ratio
-                draft_to = draft_request(w0, h0, draft_to)
-            if draft_to is not None and img.format in ("JPEG", "MPO"):
-                img.draft(img.mode if img.mode in ("RGB", "L") else None, draft_to)
-            check_header(img, max_pixels, max_decode_bytes, rotated)
-            img.load()
-            orientation = img.getexif().get(0x0112, 1)
-            img = ImageOps.exif_transpose(img, in_place=True) or img
+            yield
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -264,6 +262,36 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: tupl
         raise ImageDecodeError(kind, msg) from None
     except (ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error) as e:
         raise ImageDecodeError("decode_error", f"{type(e).__name__}: {e}") from None
+
+
+def read_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: tuple[int, int] | int | None = None,
+                max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES) -> Header:
+    """Every check :func:`open_image` makes before decoding, with the same arguments, and nothing decoded:
+    raises the :class:`ImageDecodeError` it would raise before decoding, else returns the :class:`Header`.
+    The serving ingress charges a request from it (facedata/decode.py ``cost``), so that what a file is
+    charged and how it is decoded come from one reading of its header."""
+    with _decode_errors(data):
+        img, head = _checked_open(data, max_pixels, draft_to, max_decode_bytes)
+        img.close()
+    return head
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: tuple[int, int] | int | None = None,
+               max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES):
+    """Bytes -> a loaded PIL image in upright orientation, mode RGB or L, plus its oriented original size.
+
+    ``draft_to`` lets JPEG decode at a reduced scale (DCT scaling) when the image is much larger than
+    needed: a (width, height) the result must still cover, or one number, the longest side it must keep.
+    The returned original size is the full size. The header is checked (:func:`check_header`, as
+    :func:`read_header` does) before decoding, on the full size for the pixel and aspect limits and on the
+    draft size for memory.
+    """
+    with _decode_errors(data):
+        img, head = _checked_open(data, max_pixels, draft_to, max_decode_bytes)
+        img.load()
+        orientation = img.getexif().get(0x0112, 1)
+        img = ImageOps.exif_transpose(img, in_place=True) or img
+    w0, h0 = head.size
     if orientation in (5, 6, 7, 8):
         w0, h0 = h0, w0
     return _to_standard_mode(img), (w0, h0)

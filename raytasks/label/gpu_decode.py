@@ -20,7 +20,7 @@ def jpeg_for_gpu(data: bytes, pre=None) -> bool:
     ``pre``: the model's preprocessing (whole images), or None for photos (``decode_photo``'s pixel limit)."""
     from PIL import Image
 
-    from models.imagebytes import DEFAULT_MAX_PIXELS, check_header, check_jpeg_bytes
+    from models.imagebytes import DEFAULT_MAX_PIXELS, read_header
 
     if not data.startswith(b"\xff\xd8\xff"):
         return False
@@ -31,10 +31,11 @@ def jpeg_for_gpu(data: bytes, pre=None) -> bool:
     if not data[-64:].rstrip(b"\x00\r\n\t ").endswith(b"\xff\xd9"):
         return False
     try:
-        check_jpeg_bytes(data)  # the CPU decoder's scan limit: thousands of scans cost minutes on either
+        # every check of the CPU decoder (scans, pixels, aspect ratio, memory with a progressive JPEG's
+        # coefficient buffer), at the full size: nvjpeg has no draft scale
+        head = read_header(data, pre.max_pixels if pre is not None else DEFAULT_MAX_PIXELS)
         img = Image.open(io.BytesIO(data), formats=["JPEG"])
-        check_header(img, pre.max_pixels if pre is not None else DEFAULT_MAX_PIXELS)  # the CPU decoder's limits
-        return img.format == "JPEG" and img.mode in ("RGB", "L")
+        return head.format == "JPEG" and img.mode in ("RGB", "L")
     except Exception:  # noqa: BLE001 - any header problem: let the CPU decoder name the error
         return False
 

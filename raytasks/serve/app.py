@@ -53,8 +53,8 @@ from ray import serve
 
 import storage
 from core.modelset import ModelSet
-from raytasks.serve.config import ServeArgs
-from raytasks.serve.ingress import FaceAttrAPI
+from raytasks.serve.config import ServeArgs, check_key
+from raytasks.serve.ingress import ADMIN_KEY_ENV, FaceAttrAPI
 from raytasks.serve.replicas import AnnotatorServer
 from raytasks.threads import runtime_env
 
@@ -85,6 +85,9 @@ def build_app(args: ServeArgs) -> serve.Application:
     failing that, in the ingress replica."""
     if not isinstance(args, ServeArgs):
         args = ServeArgs.model_validate(args)
+    # keys that no request could match fail the deploy here (and in the ingress replica, which may hold its own)
+    api_key = check_key(os.environ.get(args.api_key_env) or None, f"${args.api_key_env}")
+    check_key(os.environ.get(ADMIN_KEY_ENV) or None, f"${ADMIN_KEY_ENV}")
     handles, uris = {}, {}
     for name in args.models:
         s = args.model_settings(name)
@@ -113,4 +116,4 @@ def build_app(args: ServeArgs) -> serve.Application:
         ing_opts["num_replicas"] = ing.num_replicas or 1
     return FaceAttrAPI.options(name="FaceAttrAPI", **ing_opts).bind(
         handles, args.max_request_bytes, args.max_files, args.api_key_env,
-        os.environ.get(args.api_key_env) or None, args.faces, ing, set_handle, set_name, args.allow_no_auth)
+        api_key, args.faces, ing, set_handle, set_name, args.allow_no_auth)

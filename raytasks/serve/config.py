@@ -21,6 +21,24 @@ API_KEY_ENV = "FACEATTR_API_KEY"
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
+def check_key(key: str | None, where: str) -> str | None:
+    """``key`` (an API or admin key, None for none) when a request can present it, else ValueError naming
+    ``where`` it was read from (never the key). A header value reaches the ingress as bytes that Starlette
+    decodes as latin-1 and that are compared with the key's UTF-8 bytes, so a non-ASCII key never matches
+    whatever the client sends, and HTTP servers strip a value's surrounding spaces: such a key would refuse
+    every request with 401, so it fails the deploy instead."""
+    if key is None:
+        return None
+    if not all(" " <= c <= "~" for c in key):
+        raise ValueError(f"the key in {where} holds non-ASCII or control characters, which no HTTP request can "
+                         "send so that they match: use printable ASCII (python -c 'import secrets; "
+                         "print(secrets.token_urlsafe(32))')")
+    if key != key.strip():
+        raise ValueError(f"the key in {where} starts or ends with a space, which HTTP servers strip from a "
+                         "header: remove it")
+    return key
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -2,12 +2,15 @@
 
 Errors (every 4xx body is JSON ``{"error": code, "detail": message, ...}``):
 
-* 401 ``unauthorized`` when an API key is configured (environment variable ``FACEATTR_API_KEY``, or the one
-  named by ``api_key_env``) and the request carries neither ``Authorization: Bearer <key>`` nor
-  ``X-API-Key: <key>``. ``/healthz``, ``/docs`` and ``/openapi.json`` stay open.
+* 401 ``unauthorized`` when the request carries neither ``Authorization: Bearer <key>`` nor
+  ``X-API-Key: <key>`` with the API key (environment variable ``FACEATTR_API_KEY``, or the one named by
+  ``api_key_env``); ``no_api_key`` for every request when no key is configured and ``allow_no_auth`` is not
+  set. ``/healthz``, ``/docs`` and ``/openapi.json`` stay open. 408 ``body_timeout`` when the body does not
+  arrive within ``ingress.body_timeout_s``.
 * 404 ``unknown_model``, or ``no_model_set`` (``/v1/predict``, ``/v1/set`` without a ``model_set``); 413
-  ``too_large`` (body over ``max_request_bytes``: refused from ``Content-Length`` before reading, or as soon
-  as a streamed body passes the limit; or an image over the preprocessing's pixel limit), ``too_many_faces``
+  ``too_large`` (body over ``max_request_bytes``: refused from ``Content-Length`` before reading or waiting
+  for the body budget, or as soon as a streamed body passes the limit; an image whose header is over a limit
+  of models/imagebytes.py; the request's images over its pixel or decoded-bytes budget), ``too_many_faces``
   (the request's photos hold more faces than ``ingress.max_request_faces``: refused after detection, before
   any attribute model runs; the body has ``faces`` and ``limit_faces``); 415
   ``unsupported_media_type``; 422 ``not_image`` / ``empty`` / ``truncated`` / ``decode_error`` /
@@ -52,6 +55,15 @@ def _no_model_set() -> APIError:
                     "are at POST /v1/models/{name}/predict")
 
 
+def _refused(bad: list[dict]) -> APIError:
+    """The answer to a request some of whose files cannot be decoded (``bad``: one ``{file, error, detail}``
+    each): 413 when any is too large, else 422 with their common kind (``not_image`` when they differ)."""
+    if any(b["error"] == "too_large" for b in bad):
+        return APIError(413, "too_large", "; ".join(f"{b['file']}: {b['detail']}" for b in bad), files=bad)
+    return APIError(422, bad[0]["error"] if len({b["error"] for b in bad}) == 1 else "not_image",
+                    "; ".join(f"{b['file']}: {b['error']}: {b['detail']}" for b in bad), files=bad)
+
+
 class ErrorBody(BaseModel):
     error: str
     detail: str
@@ -88,7 +100,8 @@ PREDICT_OPENAPI = {
     },
 }
 _ERRORS = {code: {"model": ErrorBody, "description": desc} for code, desc in {
-    401: "API key missing or wrong", 404: "unknown model",
+    401: "API key missing or wrong (unauthorized), or none configured on the server (no_api_key)",
+    404: "unknown model", 408: "the body did not arrive within ingress.body_timeout_s (body_timeout)",
     413: "body or image over the size limit, or more faces than the request's budget (too_many_faces)",
     415: "content type is neither an image nor multipart/form-data", 422: "a file is not a decodable image",
     503: "the model's replicas and queue, or the decoders, are full, or the model is being updated; retry "
@@ -179,23 +192,30 @@ class Budget:
             self._cond.notify_all()
 
 
+def _declared_length(request: Request, limit: int) -> int | None:
+    """The body size a request declares (``Content-Length``; None without one), refused at once: 400 when it
+    is not a number, 413 when it is over ``limit`` (before anything is read, or waited for)."""
+    declared = request.headers.get("content-length")
+    if not declared:
+        return None
+    try:
+        size = int(declared)
+    except ValueError:
+        size = -1
+    if size < 0:
+        raise APIError(400, "bad_request", f"Content-Length {declared!r} is not a number of bytes")
+    if size > limit:
+        raise APIError(413, "too_large", f"body of {size} bytes is over the limit of {limit} bytes", limit_bytes=limit)
+    return size
+
+
 async def _bounded_stream(request: Request, limit: int):
     """The request body, chunk by chunk, refused with 413 as soon as it would pass ``limit`` bytes (and
     before reading anything when ``Content-Length`` already says so)."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise APIError(400, "bad_request", f"Content-Length {declared!r} is not a number") from None
-        if size > limit:
-            raise APIError(413, "too_large", f"body of {size} bytes is over the limit of {limit} bytes",
-                           limit_bytes=limit)
+    _declared_length(request, limit)
     total = 0
     async for chunk in request.stream():
         total += len(chunk)
         if total > limit:
             raise APIError(413, "too_large", f"body is over the limit of {limit} bytes", limit_bytes=limit)
         yield chunk
-
-

@@ -23,8 +23,9 @@ from starlette.datastructures import Headers, UploadFile
 
 from facedata.decode import Photos, Whole, cost, decode_batch
 from faces.finder import FaceOptions
+from models.imagebytes import ImageDecodeError
 from models.preprocess import Preprocessing
-from raytasks.serve.config import API_KEY_ENV, IngressSpec
+from raytasks.serve.config import API_KEY_ENV, IngressSpec, check_key
 from raytasks.serve.http import (
     _ERRORS,
     _SET_ERRORS,
@@ -36,8 +37,10 @@ from raytasks.serve.http import (
     _bounded_stream,
     _call_model,
     _changed,
+    _declared_length,
     _json_safe,
     _no_model_set,
+    _refused,
     app,
 )
 from raytasks.serve.replicas import CheckpointChanged, DeadlineExceeded, FaceBudgetExceeded
@@ -81,10 +84,10 @@ class FaceAttrAPI:
         self.face_options = FaceOptions.from_dict(faces)
         self.max_request_bytes = max_request_bytes
         self.max_files = max_files
-        key = api_key or os.environ.get(api_key_env) or None
+        key = check_key(api_key or os.environ.get(api_key_env) or None, f"${api_key_env}")
         self._api_key = key.encode() if key else None
         self._open = allow_no_auth  # without a key: answer anyone (explicit), or no one (the default)
-        admin = os.environ.get(ADMIN_KEY_ENV) or None
+        admin = check_key(os.environ.get(ADMIN_KEY_ENV) or None, f"${ADMIN_KEY_ENV}")
         self._admin_key = admin.encode() if admin else None
         # Back-pressure before decoding: at most max_decodes images are decoded at once, on threads of their
         # own; a request that cannot get a slot within decode_wait_s is answered 503 before any work.
@@ -217,11 +220,11 @@ class FaceAttrAPI:
             raise APIError(415, "unsupported_media_type",
                            f"content type {ctype or '(none)'!r} is not an image: send the image as the body with "
                            "Content-Type image/jpeg, image/png, ... or as multipart/form-data files")
-        try:
-            declared = int(request.headers.get("content-length") or self.max_request_bytes)
-        except ValueError:
-            raise APIError(400, "bad_request", "Content-Length is not a number") from None
-        held = await self._body_budget.acquire(max(0, min(declared, self.max_request_bytes)), self.limits.decode_wait_s)
+        # A declared size over the limit is answered 413 here, before waiting for room in the budget: else a
+        # busy replica would answer it 503 (retry) instead of the 413 that says not to retry.
+        declared = _declared_length(request, self.max_request_bytes)
+        held = await self._body_budget.acquire(self.max_request_bytes if declared is None else declared,
+                                               self.limits.decode_wait_s)
         try:
             if media == "multipart/form-data":
                 read = self._read_multipart(request)
@@ -267,11 +270,24 @@ class FaceAttrAPI:
     async def _decoded(self, items: list[tuple[str, bytes]], target) -> tuple[list[dict], int]:
         """The request's images decoded (facedata/decode.py), one dict each for the replica, and the bytes
         they hold (taken from the decoded-images budget: give them back with ``self._decoded_budget.release``).
-        What decoding would cost is read from the headers first: a request over ``max_request_pixels`` or
-        ``max_request_decoded_bytes`` is answered 413 before any pixel is decoded; one that finds the replica's
-        budget full waits ``decode_wait_s``, then 503. A file that is not an image answers the whole request
-        413/422 before any model work."""
-        costs = await self._decode(lambda: [cost(d, target) for _, d in items])
+        What decoding would cost is read from the headers first, by the checks the decoder makes before
+        decoding: a file they refuse is answered 413/422 then, and a request over ``max_request_pixels`` or
+        ``max_request_decoded_bytes`` 413, before any pixel is decoded; one that finds the replica's budget
+        full waits ``decode_wait_s``, then 503. A file that is not an image answers the whole request 413/422
+        before any model work."""
+
+        def header_costs():
+            costs, bad = [], []
+            for p, d in items:
+                try:
+                    costs.append(cost(d, target))
+                except ImageDecodeError as e:
+                    bad.append({"file": str(p), "error": e.kind, "detail": e.message})
+            return costs, bad
+
+        costs, bad = await self._decode(header_costs)
+        if bad:
+            raise _refused(bad)
         pixels, nbytes = sum(c[0] for c in costs), sum(c[1] for c in costs)
         lim = self.limits
         if pixels > lim.max_request_pixels or nbytes > lim.max_request_decoded_bytes:
@@ -284,11 +300,8 @@ class FaceAttrAPI:
             batch = await self._decode(decode_batch, [p for p, _ in items], [d for _, d in items], target)
             bad = [{"file": str(p), "error": k, "detail": m}
                    for p, ok, k, m in zip(batch["path"], batch["ok"], batch["error_kind"], batch["error_message"]) if not ok]
-            if any(b["error"] == "too_large" for b in bad):
-                raise APIError(413, "too_large", "; ".join(f"{b['file']}: {b['detail']}" for b in bad), files=bad)
             if bad:
-                raise APIError(422, bad[0]["error"] if len({b["error"] for b in bad}) == 1 else "not_image",
-                               "; ".join(f"{b['file']}: {b['error']}: {b['detail']}" for b in bad), files=bad)
+                raise _refused(bad)
         except BaseException:
             await self._decoded_budget.release(held)
             raise
@@ -356,7 +369,7 @@ class FaceAttrAPI:
 
     @app.post("/v1/models/{name}/predict", summary="Predict the attributes of one or more face images",
               response_model=PredictResponse, openapi_extra=PREDICT_OPENAPI,
-              responses={k: _ERRORS[k] for k in (401, 404, 413, 415, 422, 503, 504)})
+              responses={k: _ERRORS[k] for k in (401, 404, 408, 413, 415, 422, 503, 504)})
     async def predict(self, name: str, request: Request, filename: str = "image",
                       faces: Literal["detect", "whole"] | None = None) -> JSONResponse:
         """The image as the body, or several as multipart files; ``filename`` names a raw body's image in
@@ -369,7 +382,7 @@ class FaceAttrAPI:
 
     @app.post("/v1/predict", summary="Every model of the set on every face of one or more images",
               response_model=SetPredictResponse, openapi_extra=PREDICT_OPENAPI,
-              responses={k: _SET_ERRORS[k] for k in (401, 404, 413, 415, 422, 503, 504)})
+              responses={k: _SET_ERRORS[k] for k in (401, 404, 408, 413, 415, 422, 503, 504)})
     async def predict_set(self, request: Request, filename: str = "image",
                           faces: Literal["detect", "whole"] | None = None) -> JSONResponse:
         """Every model of the server's model set (and the face embedding when the set has it) on every face,
