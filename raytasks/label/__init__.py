@@ -5,7 +5,7 @@
 * stages.py: the Ray Data stages (read and decode, the annotator actor pool), listed in ``build_dataset``;
   decoding.py: the read-and-decode stage itself (its imports hold no torch);
 * cluster.py: the Ray it runs on and the size of the actor pool; output.py: the output folder;
-  lease.py: one run per output; gpu_decode.py: ``--gpu-decode``.
+  lease.py: one run per output (its records' store: lease_store.py); gpu_decode.py: ``--gpu-decode``.
 """
 
 from raytasks.label.cluster import ensure_ray, resolve_pool, started_here  # noqa: F401 - the job's API

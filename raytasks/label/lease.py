@@ -4,31 +4,51 @@ Two runs on one output corrupt it (the second rewrites ``_inputs/`` while the fi
 checkpoint cleanup deletes the first run's in-flight files, both write the same paths), so
 :func:`raytasks.label.label` holds a lease for the whole run.
 
-The lease is a small JSON object under ``OUTPUT/_lease/``: ``{owner, host, pid, created, expires, output}``
-(``expires``: Unix seconds, renewed every ``ttl_s / 4`` by a daemon thread, ``ttl_s`` = 120 s by default).
-Every write that decides who holds it is a *create-if-absent*, atomic on both stores:
+The lease is a series of numbered *generations* under ``OUTPUT/_lease/``, ``000000000001.json``,
+``000000000002.json``, ..., each a small JSON record ``{owner, host, pid, pid_start, boot_id, pidns, created,
+expires, ttl_s, released, output}`` (``owner``: a random id per run; ``expires``: Unix seconds, ``ttl_s`` =
+120 s by default). A generation is written once, by a *create-if-absent* (raytasks/label/lease_store.py: a
+temporary file ``os.link``-ed to its name locally and on NFS, ``PutObject`` with ``If-None-Match: *`` on S3),
+and never rewritten. The highest generation, *the top*, is the lease; it is free when its record says
+``released``, when it has expired (its run was killed or stalled), or when its holder died on this machine
+(below). Every change of the lease is the creation of the generation above the top:
 
-* locally, the record is written to a temporary file and ``os.link``-ed to its name (``link`` fails when the
-  name exists, like ``O_EXCL``, and the record is complete the moment it appears);
-* on S3, ``PutObject`` with ``If-None-Match: *`` (S3 answers 412 when the key exists; moto's server does too).
+* acquire: a run reads the top ``n``; when it is held the run is refused (:class:`LeaseHeld`, naming the holder);
+  when there is none or it is free, the run creates ``n + 1``. Of two runs taking over the same stale lease at
+  once exactly one create succeeds; the other looks again, sees a live lease and is refused;
+* renew (every ``ttl_s / 4``, a daemon thread): while the top is still the run's own ``n`` (its number and its
+  owner id), the run creates ``n + 1``, its record with a fresh expiry. Creating ``n + 1`` fails when another
+  run took over (that run created ``n + 1``): the run is then ``lost`` and never writes to the store again;
+* release: the run creates ``n + 1`` as a *tombstone* (``released``, free) instead of deleting its lease, so
+  the numbering never goes back: a later run takes ``n + 2``, never a number a stalled run still holds;
+* after each create the generations below it are deleted (only the top counts); the top is never deleted.
 
-Objects are numbered generations, ``000000000001.json``, ``000000000002.json``, ... The live lease is the
-highest one. To acquire, a run reads the highest generation ``n``: when it is unexpired, the run is refused
-(:class:`LeaseHeld`, naming the holder); when there is none, or it has expired (its run was killed), or its
-holder ran on this same host and that process is gone (pid and process start time no longer match: a
-``kill -9`` followed by a rerun need not wait for the expiry), the run creates generation ``n + 1``. Two runs that take over the same stale lease at once both try to create the
-same ``n + 1``; exactly one create succeeds, the other sees a live lease and is refused. The winner deletes
-the older generations; a clean release deletes its own. Renewal rewrites the holder's own generation (only
-the holder writes it) after checking that no newer generation exists; a holder that finds one (it was
-stalled past its expiry and was taken over) marks the lease ``lost``.
+Why renewal creates a generation rather than rewriting its record: a rewrite is a check ("still mine?")
+followed by a write, and a run that stalls between the two would write over, or bring back, a lease another
+run took over. S3 could make the rewrite conditional (``If-Match`` on the ETag read), but a folder, local or
+NFS, has no conditional overwrite (``rename`` replaces whatever is there), while create-if-absent is atomic
+on both. With creates only, each generation number has one creator and the top only grows, so a run that was
+taken over can hold the top again only by creating above the other run's generation, which it never does: it
+creates just ``n + 1``, which the other run holds; and when its late create lands in a number freed by the
+deletion of old generations, the generation is not the top (checked right after the create, the create
+undone, the run ``lost``). The same check backs acquire.
+
+Holder died on this machine: a ``kill -9`` followed by a rerun need not wait for the expiry. The record holds
+the holder's host name, pid and process start time, the kernel's boot id and the holder's pid namespace;
+the shortcut is taken only when all of the machine's identity matches this process's (two containers with
+host networking share a host name but not their pids) and that pid is gone or is another process now.
+Otherwise, or when any of it cannot be read, the lease is judged by its expiry alone.
 
 Fencing: a run that was stalled past its expiry (a paused process, a long GC, a partition) and taken over must
-not write beside its successor. Its writers check :class:`Fence` (its generation and expiry, read from the
-store) right before each write, so it stops writing within one ttl of stalling, and its renewal thread,
-which finds the newer generation, marks it ``lost``.
+not write beside its successor. Its writers check :class:`Fence` (the top is still the run's, unexpired, read
+from the store) right before each write, so it stops writing within one ttl of stalling, and its renewal
+thread marks it ``lost``. Once a fence has seen another run's generation above its own it fails for good in
+that process, whatever the store shows later.
 
-Expiry compares wall clocks of different machines: keep ``ttl_s`` well above their skew (NTP keeps it
-under a second; the default allows 2 minutes of stall).
+The lease relies on the store's listing showing every finished create (S3's listing is strongly consistent;
+an NFS client can cache a folder's listing for its ``acdirmin``..``acdirmax`` seconds: keep ``ttl_s`` well
+above them). Expiry compares wall clocks of different machines: keep ``ttl_s`` well above their skew (NTP
+keeps it under a second; the default allows 2 minutes of stall).
 """
 
 from __future__ import annotations
@@ -42,9 +62,14 @@ import time
 import uuid
 
 import storage
+from raytasks.label.lease_store import _gen_name, _generations, _Store
 
 LEASE_DIR = "_lease"
 DEFAULT_TTL_S = 120.0
+_READ_TRIES = 8
+
+# (output, owner) of the runs whose fence, in this process, saw another run's generation above its own
+_TAKEN_OVER: set[tuple[str, str]] = set()
 
 
 class LeaseError(RuntimeError):
@@ -60,139 +85,75 @@ class LeaseHeld(LeaseError):
 
     def __init__(self, output: str, holder: dict):
         self.holder = holder
-        left = max(0.0, float(holder.get("expires", 0)) - time.time())
+        left = max(0.0, _expires(holder) - time.time())
         super().__init__(
             f"{output} is being written by another run (owner {holder.get('owner')}, host {holder.get('host')}, "
             f"pid {holder.get('pid')}, started {holder.get('created_iso', '?')}); its lease expires in {left:.0f} s "
             "unless renewed. Wait for it to finish, or stop it; a killed run's lease is taken over once it expires")
 
 
-class _Store:
-    """The four operations the lease needs, on a local folder or an s3:// prefix."""
+def _expires(rec: dict) -> float:
+    try:
+        return float(rec.get("expires", 0))
+    except (TypeError, ValueError):
+        return 0.0  # not written by us (our records are complete when they appear): not a live lease
 
-    def __init__(self, root: str):
-        self.root = root
-        self.s3 = storage.is_s3(root)
-        if self.s3:
-            import boto3
 
-            self.bucket, _, prefix = root[len("s3://"):].partition("/")
-            self.prefix = prefix.strip("/") + "/"
-            self.client = boto3.client("s3", endpoint_url=storage.s3_endpoint(),
-                                       region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))
-        else:
-            self.dir = os.path.abspath(root)
-
-    def names(self) -> list[str]:
-        if self.s3:
-            out = []
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix):
-                out += [o["Key"][len(self.prefix):] for o in page.get("Contents", ())]
-            return out
+def _read_top(store: _Store) -> tuple[int, dict | None]:
+    """The top generation and its record (``{}`` when it is not a lease record), or ``(0, None)`` when there
+    is no generation at all."""
+    for _ in range(_READ_TRIES):
+        gens = _generations(store)
+        if not gens:
+            return 0, None
+        body = store.get(_gen_name(gens[-1]))
+        if body is None:
+            continue  # replaced by a newer generation and deleted between the listing and the read: look again
         try:
-            return os.listdir(self.dir)
-        except FileNotFoundError:
-            return []
-
-    def create(self, name: str, body: bytes) -> bool:
-        """Create ``name`` with ``body`` unless it exists; True when this call created it."""
-        if self.s3:
-            from botocore.exceptions import ClientError
-
-            try:
-                self.client.put_object(Bucket=self.bucket, Key=self.prefix + name, Body=body, IfNoneMatch="*")
-                return True
-            except ClientError as e:
-                if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict") \
-                        or e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
-                    return False
-                raise
-        os.makedirs(self.dir, exist_ok=True)
-        tmp = os.path.join(self.dir, f".tmp-{uuid.uuid4().hex}")
-        with open(tmp, "wb") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, os.path.join(self.dir, name))  # atomic, fails if the name exists (O_EXCL semantics)
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(tmp)
-
-    def put(self, name: str, body: bytes) -> None:
-        """Overwrite ``name`` (only its creator does)."""
-        if self.s3:
-            self.client.put_object(Bucket=self.bucket, Key=self.prefix + name, Body=body)
-            return
-        tmp = os.path.join(self.dir, f".tmp-{uuid.uuid4().hex}")
-        with open(tmp, "wb") as f:
-            f.write(body)
-        os.replace(tmp, os.path.join(self.dir, name))
-
-    def get(self, name: str) -> bytes | None:
-        if self.s3:
-            try:
-                return self.client.get_object(Bucket=self.bucket, Key=self.prefix + name)["Body"].read()
-            except self.client.exceptions.NoSuchKey:
-                return None
-        try:
-            with open(os.path.join(self.dir, name), "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            return None
-
-    def delete(self, name: str) -> None:
-        if self.s3:
-            self.client.delete_object(Bucket=self.bucket, Key=self.prefix + name)
-            return
-        try:
-            os.unlink(os.path.join(self.dir, name))
-        except FileNotFoundError:
-            pass
+            rec = json.loads(body)
+        except ValueError:
+            rec = {}
+        return gens[-1], rec if isinstance(rec, dict) else {}
+    raise LeaseError(f"{store.root}: the lease changed hands {_READ_TRIES} times while it was read")
 
 
-def _gen_name(gen: int) -> str:
-    return f"{gen:012d}.json"
-
-
-def _generations(store: _Store) -> list[int]:
-    gens = []
-    for name in store.names():
-        stem, dot, ext = name.partition(".")
-        if ext == "json" and stem.isdigit():
-            gens.append(int(stem))
-    return sorted(gens)
+def _free(rec: dict) -> bool:
+    """Whether a top record leaves the output free: released, expired, or its holder died on this machine."""
+    return rec.get("released") is True or _expires(rec) <= time.time() or _dead_here(rec)
 
 
 @dataclasses.dataclass(frozen=True)
 class Fence:
-    """The generation a run holds, checked by its writers (the label job's write tasks, in other processes)
-    right before each write: :meth:`check` raises :class:`LeaseLost` when a newer generation exists (another
-    run took the output over) or when the run's own lease has expired (it stalled: paused, swapped out,
-    cut off from the store, and may be taken over at any moment). A stalled run therefore stops writing
-    when it wakes, without waiting for its renewal thread, and never writes after another run took over
-    but within the one write task that had already passed its check."""
+    """The lease a run holds, checked by its writers (the label job's write tasks, in other processes) right
+    before each write: :meth:`check` raises :class:`LeaseLost` when the top generation is not the run's (another
+    run took the output over) or when the run's lease has expired (it stalled: paused, swapped out, cut off from
+    the store, and may be taken over at any moment). A stalled run therefore stops writing when it wakes,
+    without waiting for its renewal thread, and never writes after another run took over but within the one
+    write task that had already passed its check. ``gen`` is the generation the run acquired; its renewals
+    create the ones above it under the same ``owner``."""
 
     output: str
     owner: str
     gen: int
 
     def check(self) -> None:
-        store = _Store(storage.join(self.output, LEASE_DIR))
-        gens = _generations(store)
-        if not gens or gens[-1] != self.gen:
-            raise LeaseLost(f"{self.output}: this run's lease (generation {self.gen}) was taken over by generation "
-                            f"{gens[-1] if gens else 'none'}: it stops writing")
-        body = store.get(_gen_name(self.gen))
+        taken = LeaseLost(f"{self.output}: this run's lease (generation {self.gen}) was taken over by another "
+                          "run: it stops writing")
+        if (self.output, self.owner) in _TAKEN_OVER:
+            raise taken
         try:
-            rec = json.loads(body) if body is not None else {}
-        except ValueError:
-            rec = {}
-        if rec.get("owner") != self.owner:
-            raise LeaseLost(f"{self.output}: generation {self.gen} is no longer this run's lease: it stops writing")
-        if float(rec.get("expires", 0)) <= time.time():
+            top, rec = _read_top(_Store(storage.join(self.output, LEASE_DIR)))
+        except LeaseError as e:  # cannot tell whether the run still holds it: the safe answer is no
+            raise LeaseLost(f"{e}: this run stops writing") from None
+        if rec is None or top < self.gen or rec.get("owner") != self.owner:
+            if top > self.gen:
+                # another run's generation above ours: never ours again (a listing that later lacks it, a folder
+                # someone emptied, must not let this run write beside the run that took over)
+                _TAKEN_OVER.add((self.output, self.owner))
+            raise taken
+        if rec.get("released") is True:
+            raise LeaseLost(f"{self.output}: this run released its lease (generation {top}): it stops writing")
+        if _expires(rec) <= time.time():
             raise LeaseLost(f"{self.output}: this run's lease expired (the run stalled past its ttl of "
                             f"{rec.get('ttl_s')} s): it stops writing; run the same command again to finish")
 
@@ -207,10 +168,27 @@ def _start_ticks(pid: int) -> int | None:
         return None
 
 
+def _machine() -> tuple[str, str] | None:
+    """``(boot id, pid namespace)`` of this process: processes with equal ones see the same pids. None when
+    either cannot be read, or when the /proc mounted here belongs to another pid namespace (its pids are not
+    ours, so the holder's pid cannot be looked up there)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        pidns = os.readlink("/proc/self/ns/pid")
+        if os.readlink("/proc/self") != str(os.getpid()):
+            return None
+    except OSError:
+        return None
+    return (boot, pidns) if boot and pidns else None
+
+
 def _dead_here(rec: dict) -> bool:
-    """Whether the lease's holder ran on this host and its process is gone (killed): its lease is stale
-    now, not only when it expires. Holders on other hosts are judged by their expiry alone."""
-    if rec.get("host") != socket.gethostname() or not os.path.isdir("/proc/self"):
+    """Whether the lease's holder ran on this machine, in this pid namespace, and its process is gone (killed):
+    its lease is stale now, not only when it expires. Other holders are judged by their expiry alone: the host
+    name alone does not tell (containers with host networking share it, each with pids of its own)."""
+    here = _machine()
+    if here is None or rec.get("host") != socket.gethostname() or (rec.get("boot_id"), rec.get("pidns")) != here:
         return False
     try:
         pid = int(rec.get("pid"))
@@ -229,25 +207,24 @@ class Lease:
         self.renew_enabled = renew
         self.store = _Store(storage.join(output, LEASE_DIR))
         self.owner = uuid.uuid4().hex
-        self.gen: int | None = None
+        self.gen: int | None = None  # the generation this run created last (the top while it holds the lease)
         self.lost = False
+        self._lock = threading.Lock()  # one change at a time: the renewal thread against release()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._created = time.time()
 
     # -- the record --------------------------------------------------------------------------------------
-    def _record(self) -> bytes:
+    def _record(self, released: bool = False) -> bytes:
         now = time.time()
+        boot_id, pidns = _machine() or (None, None)
         return json.dumps({
             "owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
-            "pid_start": _start_ticks(os.getpid()), "output": self.output,
+            "pid_start": _start_ticks(os.getpid()), "boot_id": boot_id, "pidns": pidns, "output": self.output,
             "created": self._created,
             "created_iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._created)),
-            "expires": now + self.ttl_s, "ttl_s": self.ttl_s,
+            "expires": now + self.ttl_s, "ttl_s": self.ttl_s, "released": released,
         }).encode()
-
-    def _generations(self) -> list[int]:
-        return _generations(self.store)
 
     def fence(self) -> Fence:
         """What this run's writers check before each write (see :class:`Fence`)."""
@@ -257,54 +234,51 @@ class Lease:
 
     def holder(self) -> dict | None:
         """The record of the live lease, or None when there is none (absent, released or expired)."""
-        gens = self._generations()
-        if not gens:
-            return None
-        body = self.store.get(_gen_name(gens[-1]))
-        try:
-            rec = json.loads(body) if body is not None else None
-        except ValueError:
-            rec = None  # not written by us (our writes are atomic): not a live lease
-        if not isinstance(rec, dict) or float(rec.get("expires", 0)) <= time.time() or _dead_here(rec):
-            return None
-        return rec
+        _, rec = _read_top(self.store)
+        return None if rec is None or _free(rec) else rec
 
     # -- acquire, renew, release -------------------------------------------------------------------------
+    def _claim(self, gen: int, released: bool = False) -> bool:
+        """Create generation ``gen`` with this run's record; True when it is the top now. A create that landed
+        below a newer generation (late, in a number freed by the deletion of replaced generations) is undone
+        and False: only the top is the lease."""
+        if not self.store.create(_gen_name(gen), self._record(released)):
+            return False
+        gens = _generations(self.store)
+        if gens and gens[-1] > gen:
+            self.store.delete(_gen_name(gen))
+            return False
+        for g in gens:
+            if g < gen:
+                self.store.delete(_gen_name(g))  # replaced: only the top counts
+        return True
+
     def acquire(self) -> Lease:
         for _ in range(8):
-            gens = self._generations()
-            top = gens[-1] if gens else 0
-            if top:
-                body = self.store.get(_gen_name(top))
-                if body is None:
-                    continue  # released or replaced while we looked: look again
-                try:
-                    rec = json.loads(body)
-                except ValueError:
-                    rec = {}
-                if isinstance(rec, dict) and float(rec.get("expires", 0)) > time.time() and not _dead_here(rec):
-                    raise LeaseHeld(self.output, rec)
-            if self.store.create(_gen_name(top + 1), self._record()):
+            top, rec = _read_top(self.store)
+            if rec is not None and not _free(rec):
+                raise LeaseHeld(self.output, rec)
+            if self._claim(top + 1):
                 self.gen = top + 1
-                for g in gens:  # older generations are stale or released: only the newest one counts
-                    self.store.delete(_gen_name(g))
                 if self.renew_enabled:
                     self._thread = threading.Thread(target=self._renew_loop, name="label-lease", daemon=True)
                     self._thread.start()
                 return self
-            # another run created top + 1 first: the next look finds its live lease and refuses
+            # another run created top + 1 first (or above it): the next look finds its live lease and refuses
         raise LeaseError(f"could not take the lease on {self.output}: it changed hands 8 times while we tried")
 
     def renew(self) -> bool:
-        """Extend the expiry; False (and ``lost``) when another run took the lease over."""
-        if self.gen is None or self.lost:
-            return False
-        newer = [g for g in self._generations() if g > self.gen]
-        if newer or self.store.get(_gen_name(self.gen)) is None:
-            self.lost = True
-            return False
-        self.store.put(_gen_name(self.gen), self._record())
-        return True
+        """Extend the expiry by creating the next generation; False (and ``lost``) when another run took the
+        lease over. Writes nothing unless the top is this run's own record."""
+        with self._lock:
+            if self.gen is None or self.lost:
+                return False
+            top, rec = _read_top(self.store)
+            if top != self.gen or rec is None or rec.get("owner") != self.owner or not self._claim(top + 1):
+                self.lost = True
+                return False
+            self.gen = top + 1
+            return True
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.ttl_s / 4):
@@ -315,12 +289,18 @@ class Lease:
                 continue
 
     def release(self) -> None:
+        """Leave a tombstone above this run's generation (see the module docstring); ``lost`` when another
+        run had taken the lease over."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        if self.gen is not None and not self.lost and not [g for g in self._generations() if g > self.gen]:
-            self.store.delete(_gen_name(self.gen))
-        self.gen = None
+        with self._lock:
+            if self.gen is not None and not self.lost:
+                top, rec = _read_top(self.store)
+                if top != self.gen or rec is None or rec.get("owner") != self.owner \
+                        or not self._claim(top + 1, released=True):
+                    self.lost = True
+            self.gen = None
 
     def __enter__(self) -> Lease:
         return self.acquire()
