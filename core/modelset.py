@@ -165,8 +165,9 @@ def read_set_file(uri: str) -> ModelSet:
     unknown = set(doc) - {"format", "name", "version", "embedding", "models"}
     if unknown:
         raise ModelSetError(f"{uri}: unknown keys {sorted(unknown)} (known: format, name, version, embedding, models)")
-    if doc.get("format", SET_FORMAT) != SET_FORMAT:
-        raise ModelSetError(f"{uri}: format {doc.get('format')!r}; this version reads format {SET_FORMAT}")
+    fmt = doc.get("format", SET_FORMAT)
+    if isinstance(fmt, bool) or fmt != SET_FORMAT:  # True == 1 in Python: "format: true" is not format 1
+        raise ModelSetError(f"{uri}: format {fmt!r}; this version reads format {SET_FORMAT}")
     try:
         name = check_set_name(doc.get("name", "set"))
         version = check_set_version(doc.get("version", "1"))

@@ -9,15 +9,15 @@ numbers, the share true of binary attributes; per model of a set), ``confidence`
 output's ``<x>_prob``), ``pose``, ``quality``, ``review`` (rows per reason, thresholds) and ``flagged``
 (thumbnails of a sample of the flagged faces, each captioned with its path, face and reasons).
 
-The Parquet is streamed once (core/report_scan.py: bounded memory whatever the number of rows); charts are
-core/report_charts.py, thumbnails core/report_thumbs.py.
+The Parquet is streamed once (core/report_scan.py and core/report_read.py: bounded memory whatever the
+rows hold); charts are core/report_charts.py, thumbnails core/report_thumbs.py, the HTML pieces
+core/report_html.py. An output and its ``_summary.json`` are whoever wrote them: every value is escaped where it
+is shown, shortened (:data:`MAX_TEXT`, :data:`MAX_CAPTION`) and listed at most :data:`MAX_TABLE_ROWS` times, and a
+section that cannot be drawn says why in its place (:func:`_drawn`) while the others are written.
 """
 
 from __future__ import annotations
 
-import base64
-import datetime
-import html
 import json
 import math
 
@@ -25,80 +25,49 @@ import pyarrow as pa
 
 import storage
 from core import report_charts as charts
-from core.report_scan import POSE, plan, scan
+from core.report_html import esc, img, note, page, para, table
+from core.report_read import TooLarge
+from core.report_scan import POSE, Tally, plan, scan
 
 SUMMARY_FILE = "_summary.json"  # raytasks/label/output.py's names (core does not import raytasks)
 LABELS_DIR = "labels"
 DEFAULT_MAX_THUMBNAILS = 300
-CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1180px;
-padding:0 18px 40px;color:#222;line-height:1.4}
-h1{font-size:1.5em;margin:18px 0 4px}h2{border-bottom:2px solid #3b6ea5;padding-bottom:3px;margin-top:30px}
-h3{margin:18px 0 6px}nav a{margin-right:12px}table{border-collapse:collapse;margin:6px 0}
-td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:.9em}th{background:#f0f3f7}
-td.n{text-align:right;font-variant-numeric:tabular-nums}img.chart{max-width:100%;display:block;margin:6px 0}
-.note{background:#fff6e0;border-left:4px solid #e0a000;padding:6px 10px;margin:8px 0}
-.muted{color:#666;font-size:.9em}.sheet{display:flex;flex-wrap:wrap;gap:8px}
-figure.thumb{margin:0;width:150px;border:1px solid #ddd;padding:4px;background:#fafafa}
-figure.thumb img{width:128px;height:128px;object-fit:contain;display:block;margin:0 auto;background:#eee}
-figure.thumb .missing{width:128px;height:128px;margin:0 auto;background:#eee;color:#a00;font-size:.7em;
-overflow:hidden;display:flex;align-items:center;text-align:center}
-figcaption{font-size:.72em;word-break:break-all;margin-top:3px}figcaption .r{color:#c0504d}
-"""
+SUMMARY_MAX_BYTES = 16 << 20  # a run's summary is a few kilobytes
+SUMMARY_TIMEOUT_S = 60.0
+MAX_TEXT = 300  # characters of a summary's value shown
+MAX_CAPTION = 120  # characters of a path in a thumbnail's caption (the full one is in data-path)
+MAX_TABLE_ROWS = 50  # error kinds, review reasons, thresholds, models listed (the rest summed in one row)
+NO_PREFIX = "no --allow-prefix, and no usable prefix in the summary (see 'What this report lacks')"
 
 
 class ReportError(ValueError):
     """An output the report cannot be built from (no such folder, no labels, unreadable Parquet)."""
 
 
-# --- HTML pieces ------------------------------------------------------------------------------------------
-def esc(x) -> str:
-    return html.escape(str(x), quote=True)
-
-
-def img(data: bytes, alt: str) -> str:
-    return f'<img class="chart" alt="{esc(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
-
-
-def note(text: str) -> str:
-    return f'<p class="note">{esc(text)}</p>'
-
-
-def table(rows: list[tuple], head: tuple | None = None) -> str:
-    def cell(v, tag="td"):
-        num = isinstance(v, (int, float)) and not isinstance(v, bool)
-        text = f"{v:.4g}" if isinstance(v, float) else v
-        return f'<{tag}{" class=n" if num else ""}>{esc(text)}</{tag}>'
-
-    h = "<tr>" + "".join(cell(c, "th") for c in head) + "</tr>" if head else ""
-    return "<table>" + h + "".join("<tr>" + "".join(cell(c) for c in r) + "</tr>" for r in rows) + "</table>"
-
-
-def section(sid: str, title: str, body: str) -> str:
-    return f'<section id="{sid}"><h2>{esc(title)}</h2>\n{body}\n</section>\n'
-
-
-def page(title: str, subtitle: str, sections: list[tuple[str, str, str]]) -> str:
-    nav = " ".join(f'<a href="#{sid}">{esc(t)}</a>' for sid, t, _ in sections)
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    body = "".join(section(*s) for s in sections)
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>'
-            f'<body><header><h1>{esc(title)}</h1><p class="muted">{esc(subtitle)} · made {when} by faceattr'
-            f'</p><nav>{nav}</nav></header>\n{body}</body></html>\n')
-
-
 # --- a label output ---------------------------------------------------------------------------------------
+def _short(x, n: int = MAX_TEXT) -> str:
+    """``x`` as text of at most about ``n`` characters: a summary's value is a stranger's (a threshold of a
+    megabyte is a megabyte of page); the middle goes, so that a path keeps its file name."""
+    t = x if isinstance(x, str) else json.dumps(x) if isinstance(x, (dict, list)) else str(x)
+    return t if len(t) <= n else f"{t[: n // 2]}…{t[-(n // 2):]} ({len(t)} characters)"
+
+
+def _value(v):
+    """A summary's value for a table cell: a number as itself (drawn as a number), anything else as short text."""
+    return v if _finite(v) else _short(v)
+
+
 def _summary(out: str) -> tuple[dict, str | None]:
     uri = storage.join(out, SUMMARY_FILE)
     try:
         if not storage.exists(uri):
             return {}, f"no {SUMMARY_FILE}: the run's totals and the review thresholds are unknown (counts below are from the rows)"
-        doc = json.loads(storage.read_bytes(uri))
+        # bounded: a summary is a few kilobytes; a FIFO, a huge file or a hung mount fails here, never hangs
+        doc = json.loads(storage.read_bounded(uri, SUMMARY_MAX_BYTES, SUMMARY_TIMEOUT_S))
         if not isinstance(doc, dict):
             raise ValueError("not a JSON object")
         return doc, None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested thousands deep
         return {}, f"{SUMMARY_FILE} could not be read ({str(e)[:200]}): the run's totals and thresholds are unknown"
 
 
@@ -135,80 +104,105 @@ def _hist_panels(s, keys: list[str], names: dict, lines: dict) -> list[tuple]:
 
 
 def _finite(*vals) -> list[float]:
-    return [float(v) for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
+    """The values that are numbers a chart can draw a line at: a bool is not one, nor a 401-digit integer
+    (``math.isfinite`` of it is an OverflowError), nor inf."""
+    out = []
+    for v in vals:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            try:
+                if math.isfinite(v):
+                    out.append(float(v))
+            except OverflowError:
+                pass
+    return out
 
 
-def allowed_photos(summary: dict, allow: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """Where the contact sheet may read photos: ``allow`` when given (``--allow-prefix``), else what the
-    label run was allowed to read (its summary's ``allow_prefix``, or the default for its ``input``), else
-    nothing: a ``path`` column alone never decides which files are opened."""
-    from facedata.paths import default_allow_prefix
-
-    if allow:
-        return tuple(allow)
-    recorded = summary.get("allow_prefix")
-    if isinstance(recorded, list) and recorded and all(isinstance(x, str) and x for x in recorded):
-        return tuple(recorded)
-    if isinstance(summary.get("input"), str) and summary["input"]:
-        return (default_allow_prefix(summary["input"]),)
-    return ()
+def _drawn(draw, *args) -> str:
+    """A section's body, or a note saying why it could not be drawn: whatever a tampered output holds, the
+    report is written with its other sections, not replaced by a traceback."""
+    try:
+        return draw(*args)
+    except Exception as e:  # noqa: BLE001 - any error of one section becomes its note
+        return note(f"this section could not be drawn: {type(e).__name__}: {str(e)[:300]}")
 
 
 def label_report(out: str, max_thumbnails: int = DEFAULT_MAX_THUMBNAILS, seed: int = 0,
                  allow: tuple[str, ...] = ()) -> tuple[str, dict]:
     """The HTML report of the label output ``out`` (folder or ``s3://`` prefix) and a dict of what it holds
-    (``rows``, ``faces``, ``flagged``, ``thumbnails``, ``missing``). :class:`ReportError` when there are no
-    labels to report on; a missing summary or missing columns give a partial report that says so. Photos
-    for thumbnails are read only under :func:`allowed_photos`."""
+    (``rows``, ``faces``, ``flagged``, ``thumbnails``, ``missing``, ``photos``: where photos were read).
+    :class:`ReportError` when there are no labels to report on, or a file over the scan's limits; a missing
+    summary or missing columns give a partial report that says so. Photos for thumbnails are read only under
+    ``core.report_thumbs.allowed_photos``."""
     ds = open_labels(out)
     summary, summary_problem = _summary(out)
     p = plan(ds.schema)
     try:
         s = scan(ds, p, max_thumbnails, seed)
-    except (OSError, pa.ArrowException) as e:
+    except (OSError, pa.ArrowException, TooLarge) as e:
         raise ReportError(f"cannot read the labels under {out}: {str(e)[:300]}") from None
-    missing = ([summary_problem] if summary_problem else []) + p.missing
+    missing = ([summary_problem] if summary_problem else []) + p.missing + s.notes
     if p.missing:
-        missing.append("(an output written by an older version of faceattr lacks these columns; label it again "
-                       "into a new --output to get them)")
+        missing.append("(an output written by an older version of faceattr lacks these columns, or one written by "
+                       "something else has them of another type; label it again into a new --output to get them)")
     th = _thresholds(summary)
-    from core.report_thumbs import thumbnails  # imports torch (models.preprocess): only once there are rows
+    from core.report_thumbs import allowed_photos, thumbnails  # imports torch (models.preprocess): only now
 
-    where = allowed_photos(summary, allow)
+    where, photos = allowed_photos(summary, allow)
     if s.flagged and max_thumbnails and not where:
-        missing.append("no thumbnails: the summary names no input and no --allow-prefix was given "
-                       "(pass the folder or s3:// prefix the photos are under)")
-    thumbs = thumbnails(s.flagged, allow=where) if s.flagged else []
-    sections = [("overview", "Overview", _overview(out, s, summary))]
+        missing.append(photos)
+    try:
+        thumbs = thumbnails(s.flagged, allow=where, why_not=NO_PREFIX) if s.flagged else []
+        flagged = _drawn(_flagged, p, s, thumbs, max_thumbnails)
+    except Exception as e:  # noqa: BLE001 - as _drawn: the contact sheet's note, not the report's end
+        thumbs, flagged = [], note(f"this section could not be drawn: {type(e).__name__}: {str(e)[:300]}")
+    sections = [("overview", "Overview", _drawn(_overview, out, s, summary, photos if where else ""))]
     if missing:
         sections.append(("missing", "What this report lacks", "<ul>" + "".join(f"<li>{esc(m)}</li>" for m in missing)
                          + "</ul>"))
-    sections += [("attributes", "Attributes", _attributes(p, s)),
-                 ("confidence", "Confidence", _confidence(p, s, th)),
-                 ("pose", "Pose", _pose(s, th)),
-                 ("quality", "Quality", _quality(s, th)),
-                 ("review", "Review reasons", _review(p, s, summary, th)),
-                 ("flagged", "Flagged faces", _flagged(p, s, thumbs, max_thumbnails))]
+    sections += [("attributes", "Attributes", _drawn(_attributes, p, s)),
+                 ("confidence", "Confidence", _drawn(_confidence, p, s, th)),
+                 ("pose", "Pose", _drawn(_pose, s, th)),
+                 ("quality", "Quality", _drawn(_quality, s, th)),
+                 ("review", "Review reasons", _drawn(_review, p, s, summary, th)),
+                 ("flagged", "Flagged faces", flagged)]
     doc = page(f"faceattr report: {out}", f"{s.rows} rows, {s.faces} faces", sections)
-    info = {"rows": s.rows, "faces": s.faces, "flagged": s.review, "thumbnails": len(thumbs), "missing": missing}
+    info = {"rows": s.rows, "faces": s.faces, "flagged": s.review, "thumbnails": len(thumbs), "missing": missing,
+            "photos": photos if where else ""}
     return doc, info
 
 
-def _overview(out: str, s, summary: dict) -> str:
+def _top(tally, what: str, limit: int = MAX_TABLE_ROWS) -> tuple[list[tuple], tuple | None]:
+    """The ``limit`` largest counts of a Tally as ``(value, n)`` rows, and a row for the rest (values past
+    the table and those past the Tally's cap), or None: 200,000 distinct error kinds are not a page."""
+    rows = tally.most_common(limit)
+    rest = sum(tally.values()) - sum(n for _, n in rows) + tally.other
+    kinds = len(tally) - len(rows)
+    more = f"{kinds} more {what}" + (" and others not counted one by one" if tally.other else "")
+    return rows, ((f"({more})", rest) if rest else None)
+
+
+def _overview(out: str, s, summary: dict, photos: str) -> str:
     rows = [("output", out), ("rows", s.rows), ("images", s.images), ("faces", s.faces)]
-    rows += [("images with an error", sum(s.errors.values()))]
-    rows += [(f"  error: {k}", v) for k, v in s.errors.most_common()]
+    rows += [("images with an error", sum(s.errors.values()) + s.errors.other)]
+    errors, rest = _top(s.errors, "kinds")
+    rows += [(f"  error: {k}", v) for k, v in errors] + ([("  error: " + rest[0], rest[1])] if rest else [])
     if s.reviewed:
         rows.append(("rows flagged for review", f"{s.review} of {s.reviewed} ({100 * s.review / s.reviewed:.1f} %)"))
     for c in ("model", "checkpoint", "detector"):
-        for v in sorted(s.values.get(c, ())):
+        seen = s.values.get(c)
+        for v in sorted(seen or ()):
             rows.append((c, v))
+        if seen is not None and seen.other:
+            rows.append((c, f"(other values in {seen.other} rows: more than {seen.cap} distinct)"))
+    if photos:
+        rows.append(("thumbnails' photos", photos))
     for k in ("inputs", "images_total", "complete", "faces_mode", "seconds", "images_per_s"):
         if k in summary:
-            rows.append((f"summary: {k}", str(summary[k])))
-    for m in summary.get("models") or []:
+            rows.append((f"summary: {k}", _short(summary[k])))
+    models = summary.get("models")
+    for m in (models if isinstance(models, list) else [])[:MAX_TABLE_ROWS]:  # "models": 5 is no list of models
         if isinstance(m, dict):
-            rows.append(("summary: model", " ".join(str(m.get(k, "")) for k in ("name", "model", "checkpoint"))))
+            rows.append(("summary: model", _short(" ".join(str(m.get(k, "")) for k in ("name", "model", "checkpoint")))))
     return table(rows)
 
 
@@ -218,12 +212,20 @@ def _member_title(m, s) -> str:
     return "model " + ", ".join(sorted(s.values.get("model", ()))) if s.values.get("model") else "model outputs"
 
 
+def _with_other(tally) -> dict:
+    d = dict(tally)
+    if tally.other:  # said in the chart, not dropped: the bars then add up to the rows
+        label = f"(other values: more than {tally.cap} distinct)"
+        d[label] = d.get(label, 0) + tally.other
+    return d
+
+
 def _attributes(p, s) -> str:
     parts = []
     for m in p.members:
         body = []
         if m.categorical:
-            body.append(img(charts.counts_png([(k, s.counts.get(k, {})) for k in m.categorical]),
+            body.append(img(charts.counts_png([(k, _with_other(s.counts.get(k, Tally()))) for k in m.categorical]),
                             f"class counts of {', '.join(m.categorical)}"))
         if m.numeric:
             body.append(img(charts.hists_png(_hist_panels(s, m.numeric, {}, {})), f"histograms of {', '.join(m.numeric)}"))
@@ -246,21 +248,20 @@ def _confidence(p, s, th: dict) -> str:
         return note("no categorical output with a probability (<output>_prob) in this output")
     per = th.get("per_output") if isinstance(th.get("per_output"), dict) else {}
     lines = {k: _finite(per.get(k[:-5], th.get("min_confidence"))) for k in keys}
-    text = "<p>The probability of the class given (calibrated when the checkpoint is). " + (
-        f"Dashed: the review threshold under which low_confidence fires (min_confidence {th['min_confidence']})."
-        if "min_confidence" in th else "") + "</p>"
-    return text + img(charts.hists_png(_hist_panels(s, keys, {k: "probability" for k in keys}, lines)),
-                      "confidence histograms")
+    text = "The probability of the class given (calibrated when the checkpoint is). " + (
+        f"Dashed: the review threshold under which low_confidence fires (min_confidence "
+        f"{_short(th['min_confidence'])})." if "min_confidence" in th else "")
+    return para(text) + img(charts.hists_png(_hist_panels(s, keys, {k: "probability" for k in keys}, lines)),
+                            "confidence histograms")
 
 
 def _pose(s, th: dict) -> str:
     if not any(k in s.hists for k in POSE):
         return note("no pose columns (pose_yaw, pose_pitch, pose_roll) in this output")
-    lines = {"pose_yaw": _finite(th.get("max_yaw"), -th["max_yaw"] if _finite(th.get("max_yaw")) else None),
-             "pose_pitch": _finite(th.get("max_pitch_up"),
-                                   -th["max_pitch_down"] if _finite(th.get("max_pitch_down")) else None)}
-    return ("<p>Degrees: yaw positive turned to the image's right, pitch positive up, roll positive clockwise "
-            "(docs/quality.md). Dashed: the extreme_pose limits.</p>"
+    lines = {"pose_yaw": _finite(th.get("max_yaw"), *[-v for v in _finite(th.get("max_yaw"))]),
+             "pose_pitch": _finite(th.get("max_pitch_up"), *[-v for v in _finite(th.get("max_pitch_down"))])}
+    return (para("Degrees: yaw positive turned to the image's right, pitch positive up, roll positive clockwise "
+                 "(docs/quality.md). Dashed: the extreme_pose limits.")
             + img(charts.hists_png(_hist_panels(s, list(POSE), {k: "degrees" for k in POSE}, lines)), "pose"))
 
 
@@ -272,7 +273,7 @@ def _quality(s, th: dict) -> str:
              "face_score": "detection score"}
     lines = {"sharpness": _finite(th.get("min_sharpness")), "brightness": _finite(th.get("min_brightness")),
              "face_size": _finite(th.get("min_face_size")), "face_score": _finite(th.get("min_detection_score"))}
-    return ("<p>Dashed: the review thresholds (blurry, dark, small_face, low_detection_score).</p>"
+    return (para("Dashed: the review thresholds (blurry, dark, small_face, low_detection_score).")
             + img(charts.hists_png(_hist_panels(s, keys, names, lines), cols=2), "quality"))
 
 
@@ -280,13 +281,14 @@ def _threshold_of(reason: str, th: dict) -> str:
     simple = {"small_face": "min_face_size", "blurry": "min_sharpness", "dark": "min_brightness",
               "low_detection_score": "min_detection_score"}
     if reason in simple:
-        return f"{simple[reason]} = {th.get(simple[reason], '?')}"
+        return _short(f"{simple[reason]} = {_short(th.get(simple[reason], '?'))}")
     if reason == "extreme_pose":
-        return ", ".join(f"{k} = {th.get(k, '?')}" for k in ("max_yaw", "max_pitch_up", "max_pitch_down"))
+        return ", ".join(f"{k} = {_short(th.get(k, '?'))}" for k in ("max_yaw", "max_pitch_up", "max_pitch_down"))
     if reason.startswith("low_confidence:"):
         out = reason.split(":", 1)[1]
         per = th.get("per_output") if isinstance(th.get("per_output"), dict) else {}
-        return f"per_output.{out} = {per[out]}" if out in per else f"min_confidence = {th.get('min_confidence', '?')}"
+        return _short(f"per_output.{out} = {_short(per[out])}" if out in per else
+                      f"min_confidence = {_short(th.get('min_confidence', '?'))}")
     return ""
 
 
@@ -295,17 +297,23 @@ def _review(p, s, summary: dict, th: dict) -> str:
         return note("no review columns (review, review_reasons) in this output")
     from_summary = summary.get("review_by_reason") if isinstance(summary.get("review_by_reason"), dict) else None
     head = ("reason", "rows", "share of reviewed rows", "threshold") + (("in _summary.json",) if from_summary else ())
+    top, rest = _top(s.reasons, "reasons")
     rows = []
-    for reason, n in s.reasons.most_common():
+    for reason, n in top:
         r = (reason, n, f"{100 * n / max(s.reviewed, 1):.1f} %", _threshold_of(reason, th) if th else "")
-        rows.append(r + ((from_summary.get(reason, 0),) if from_summary is not None else ()))
-    body = f"<p>{s.review} of {s.reviewed} rows flagged (a row may have several reasons).</p>"
+        rows.append(r + ((_value(from_summary.get(reason, 0)),) if from_summary is not None else ()))
+    if rest:
+        rows.append((rest[0], rest[1], "", "") + (("",) if from_summary is not None else ()))
+    body = para(f"{s.review} of {s.reviewed} rows flagged (a row may have several reasons).")
     body += table(rows, head) if rows else note("no row is flagged")
     if rows:
-        body += img(charts.counts_png([("rows per review reason", dict(s.reasons))], cols=1), "rows per reason")
+        body += img(charts.counts_png([("rows per review reason", _with_other(s.reasons))], cols=1), "rows per reason")
     if th:
+        items = list(th.items())
         body += "<h3>Thresholds (_summary.json)</h3>" + table(
-            [(k, json.dumps(v) if isinstance(v, dict) else v) for k, v in th.items()], ("setting", "value"))
+            [(_short(k), _value(v)) for k, v in items[:MAX_TABLE_ROWS]], ("setting", "value"))
+        if len(items) > MAX_TABLE_ROWS:
+            body += note(f"{len(items) - MAX_TABLE_ROWS} more settings not shown")
     else:
         body += note("thresholds unknown: no review_thresholds in the summary")
     return body
@@ -321,14 +329,17 @@ def _flagged(p, s, thumbs, max_thumbnails: int) -> str:
     cards = []
     for t in thumbs:
         face = "" if t.face is None else str(t.face)
-        pic = (f'<img alt="face {esc(face)} of {esc(t.path)}" src="{t.data_uri}">' if t.jpeg else
+        # the path once in full (data-path, cut by the scan past any file's length) and shortened where it
+        # is read or shown: 300 thumbnails of megabyte paths were a 100 MB page; data-row finds the row
+        short = _short(t.path, MAX_CAPTION)
+        pic = (f'<img alt="face {esc(face)} of {esc(short)}" src="{t.data_uri}">' if t.jpeg else
                f'<div class="missing">{esc(t.error or "no thumbnail")}</div>')
         cards.append(f'<figure class="thumb" data-path="{esc(t.path)}" data-face="{esc(face)}" '
-                     f'data-reasons="{esc(",".join(t.reasons))}">{pic}<figcaption>{esc(t.path)} · face '
-                     f'{esc(face or "-")}<br><span class="r">{esc(", ".join(t.reasons))}</span></figcaption>'
-                     '</figure>')
-    return (f"<p>Flagged faces shown: {shown}, by photo, each cropped from the original photo with its "
-            f"face_box.</p><div class=\"sheet\">{''.join(cards)}</div>")
+                     f'data-reasons="{esc(",".join(t.reasons))}" data-row="{esc(t.row)}">{pic}<figcaption>'
+                     f'{esc(short)} · face {esc(face or "-")}<br><span class="r">{esc(", ".join(t.reasons))}'
+                     '</span></figcaption></figure>')
+    return (para(f"Flagged faces shown: {shown}, by photo, each cropped from the original photo with its "
+                 "face_box.") + f"<div class=\"sheet\">{''.join(cards)}</div>")
 
 
 # --- an evaluation ----------------------------------------------------------------------------------------
@@ -384,6 +395,6 @@ def _groups(groups: dict | None) -> str:
         if rows:
             body += table(rows, ("metric", "largest gap", "highest group", "lowest group"))
         if groups.get("missing", {}).get(key):
-            body += f"<p class=muted>{groups['missing'][key]} rows without a {esc(key)} label left out.</p>"
+            body += f"<p class=muted>{esc(groups['missing'][key])} rows without a {esc(key)} label left out.</p>"
     return body
 

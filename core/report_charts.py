@@ -43,9 +43,15 @@ def _grid(n: int, cols: int, panel=(3.6, 2.6)):
     return fig, axes[:n]
 
 
+def _plain(text) -> str:
+    """``text`` drawn as written: matplotlib reads ``$...$`` as mathtext, and a class or column named ``$\\frac{$``
+    (anything an output holds) is a parse error that would end the chart."""
+    return str(text).replace("$", r"\$")
+
+
 def _short(label: str, n: int = 28) -> str:
     label = str(label)
-    return label if len(label) <= n else label[: n - 1] + "…"
+    return _plain(label if len(label) <= n else label[: n - 1] + "…")
 
 
 def counts_png(panels: list[tuple[str, dict]], cols: int = 3) -> bytes:
@@ -64,7 +70,7 @@ def counts_png(panels: list[tuple[str, dict]], cols: int = 3) -> bytes:
         for i, v in enumerate(values):
             ax.annotate(f" {v} ({100 * v / total:.0f} %)", (v, i), va="center", fontsize=7)
         ax.set_xlim(0, max(values, default=1) * 1.35)
-        ax.set_title(f"{title} (n={sum(values)})", fontsize=9)
+        ax.set_title(f"{_short(title, 80)} (n={sum(values)})", fontsize=9)
         ax.tick_params(axis="x", labelsize=7)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return png(fig)
@@ -80,8 +86,8 @@ def hists_png(panels: list[tuple[str, object, str]], cols: int = 3, colour: str 
         ax.bar(edges[:-1], h.counts, width=np.diff(edges), align="edge", color=colour, edgecolor="white",
                linewidth=0.3)
         mean = f", mean {h.mean:.3g}" if h.n else ""
-        ax.set_title(f"{title} (n={h.n}{mean})", fontsize=9)
-        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_title(f"{_short(title, 80)} (n={h.n}{mean})", fontsize=9)
+        ax.set_xlabel(_plain(xlabel), fontsize=8)
         ax.set_xlim(edges[0], edges[-1])
         ax.tick_params(labelsize=7)
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
@@ -99,7 +105,7 @@ def shares_png(title: str, shares: list[tuple[str, float, int]]) -> bytes:
     """Binary attributes: one horizontal bar per ``(attribute, share true, n)``, in the given order."""
     fig = _figure(7.5, 0.9 + 0.22 * len(shares))
     ax = fig.subplots()
-    labels = [a for a, _, _ in shares][::-1]
+    labels = [_short(a, 40) for a, _, _ in shares][::-1]
     values = [v for _, v, _ in shares][::-1]
     ax.barh(range(len(values)), values, color=COLOUR)
     ax.set_yticks(range(len(values)), labels, fontsize=7)
@@ -108,7 +114,7 @@ def shares_png(title: str, shares: list[tuple[str, float, int]]) -> bytes:
     ax.set_xlim(0, 1.1)
     ax.set_xlabel("share of faces labelled true", fontsize=8)
     n = max((k for _, _, k in shares), default=0)
-    ax.set_title(f"{title} (n={n})", fontsize=9)
+    ax.set_title(f"{_short(title, 100)} (n={n})", fontsize=9)
     ax.tick_params(axis="x", labelsize=7)
     return png(fig)
 

@@ -10,7 +10,10 @@ built:
 - more than one document.
 
 Only then is the text loaded with the safe loader. Every refusal is a :class:`YamlError` (a ``ValueError``)
-that names the line and never quotes more than a short piece of the text.
+that names the line and never quotes more than a short piece of the text, including a value the safe
+constructors cannot build (``version: 2001-13-45`` is a date with month 13; a 5,000-digit integer is over
+Python's limit on digits), whose ``ValueError`` or ``OverflowError`` would otherwise escape; the caller adds
+the file's name (core/modelset.py).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ DEFAULT_MAX_NODES = 10_000  # a model set of 100 members is about 300 nodes
 DEFAULT_MAX_DEPTH = 32
 _QUOTE_CHARS = 60  # at most this much of a value is quoted in an error
 _MESSAGE_CHARS = 300
+_MAX_INT_DIGITS = 4300  # Python's default limit on an int's decimal digits (sys.get_int_max_str_digits)
+_MAX_INT = 10 ** _MAX_INT_DIGITS  # the smallest integer of more digits
 
 
 class YamlError(ValueError):
@@ -72,7 +77,10 @@ def load_yaml(text: str, max_nodes: int = DEFAULT_MAX_NODES, max_depth: int = DE
                     raise YamlError(f"line {_line(event)}: nested deeper than {max_depth} levels")
             elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
                 depth -= 1
-        return yaml.load(text, Loader=_loader())  # noqa: S506 - a safe loader (CSafeLoader or SafeLoader)
+        doc = yaml.load(text, Loader=_loader())  # noqa: S506 - a safe loader (CSafeLoader or SafeLoader)
+        if _holds_huge_int(doc):
+            raise ValueError(f"an integer of more than {_MAX_INT_DIGITS} digits")
+        return doc
     except YamlError:
         raise
     except yaml.YAMLError as e:
@@ -84,6 +92,54 @@ def load_yaml(text: str, max_nodes: int = DEFAULT_MAX_NODES, max_depth: int = DE
         raise YamlError(_short(msg, _MESSAGE_CHARS)) from None
     except RecursionError:
         raise YamlError(f"nested deeper than {max_depth} levels") from None
+    except (ValueError, OverflowError) as e:  # a safe constructor's refusal of one value, not a YAML error
+        line = _unbuildable_line(text)
+        where = f"line {line}: " if line else ""
+        raise YamlError(_short(f"{where}a value that cannot be read: {_short(e)}", _MESSAGE_CHARS)) from None
+
+
+def _huge(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and abs(v) >= _MAX_INT
+
+
+def _holds_huge_int(doc) -> bool:
+    """Whether ``doc`` holds an integer over Python's limit on digits: ``1:1:...:1`` (base 60) is built
+    without that limit, and the ``str()`` of it a caller makes would be the ValueError this module keeps in."""
+    stack = [doc]
+    while stack:  # a tree (no aliases) of at most max_nodes nodes
+        v = stack.pop()
+        if _huge(v):
+            return True
+        if isinstance(v, dict):
+            stack.extend(x for kv in v.items() for x in kv)
+        elif isinstance(v, (list, set)):
+            stack.extend(v)
+    return False
+
+
+def _unbuildable_line(text: str) -> int:
+    """The line of the first scalar the safe constructor refuses (0 if none is found alone): looked for only
+    once loading has failed, over a document already checked to hold at most ``max_nodes`` nodes."""
+    import yaml
+
+    loader = _loader()(text)
+    try:
+        stack = [loader.get_single_node()]
+        while stack:
+            node = stack.pop(0)
+            if isinstance(node, yaml.ScalarNode):
+                try:
+                    if _huge(loader.construct_object(node)):
+                        return node.start_mark.line + 1
+                except (ValueError, OverflowError, yaml.YAMLError):
+                    return node.start_mark.line + 1
+            elif isinstance(node, yaml.SequenceNode):
+                stack.extend(node.value)
+            elif isinstance(node, yaml.MappingNode):
+                stack.extend(x for kv in node.value for x in kv)
+        return 0
+    finally:
+        loader.dispose()
 
 
 def settings_from_dict(cls, d):

@@ -5,8 +5,12 @@
 ``OUT`` is a label job's ``--output`` (a folder or an ``s3://`` prefix). The report (core/report.py;
 docs/quality.md, "The report") shows the distribution of every attribute, the confidence, pose and quality
 histograms, the rows per review reason with the thresholds, and thumbnails of a sample of the flagged
-faces cropped from the original photos, read only where the label run was allowed to read (``--allow-prefix``,
-default from the run's summary). The Parquet is streamed, so memory does not grow with the rows.
+faces cropped from the original photos, read only under ``--allow-prefix``, or else where the run's summary
+says the label run could read when that prefix passes the checks of ``core.report_thumbs.prefix_problem``
+(not a root, a top-level, system, hidden or home folder, nor a whole bucket: the summary sits next to the
+Parquet and is no more trusted than its paths); the report and a ``note:`` line say which prefix was used.
+The Parquet is streamed, so memory does not grow with the rows; a row group over the report's limits is
+refused with a message (status 2).
 The default ``--html`` is ``OUT/_report.html`` (the ``_`` keeps Parquet readers of ``OUT`` away from it).
 An output without labels, or whose Parquet cannot be read, exits with status 2 and a message; one without a
 summary, or from an older version without some columns, gives a report that says what is missing.
@@ -30,7 +34,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0, help="seed of the sample of flagged faces shown")
     p.add_argument("--allow-prefix", action="append", default=[], metavar="PREFIX",
                    help="read thumbnails' photos only under this folder or s3:// prefix (repeatable; default: what "
-                        "the label run was allowed to read, from its summary)")
+                        "the label run was allowed to read, from its summary, unless that is a root, top-level, "
+                        "system, hidden or home folder or a whole bucket)")
     args = p.parse_args(argv)
     if not 0 <= args.max_thumbnails <= 5000:
         p.error("--max-thumbnails must be between 0 and 5000")
@@ -43,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
         storage.write_bytes(target, doc.encode("utf-8"))
     except OSError as e:
         p.exit(2, f"{p.prog}: error: cannot write {target}: {e}\n")
-    for m in info["missing"]:
+    for m in info["missing"] + ([info["photos"]] if info["photos"] else []):
         print(f"note: {m}", file=sys.stderr)
     print(f"report {target}: {info['rows']} rows, {info['faces']} faces, {info['flagged']} flagged, "
           f"{info['thumbnails']} thumbnails")

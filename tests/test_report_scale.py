@@ -125,8 +125,8 @@ def test_100000_rows_stay_within_bounded_memory(photos, tmp_path):
     model set: 40 attributes, landmarks, embeddings; 100 MB uncompressed in Arrow), which loads every import
     and draws the same charts and 300 thumbnails. Reading the 100,000 rows whole instead
     (pyarrow.parquet.read_table) adds about 390 MB: the bound is below that and well above the measured
-    growth (about 100 MB, mostly the allocator's pools filling once, then flat: 300,000 rows add about 50 MB
-    more)."""
+    growth (about 100 MB until 2026-12-06, mostly the allocator's pools filling once, then flat: 300,000 rows
+    added about 50 MB more; 32-39 MB since strings are read as dictionaries in batches, core/report_read.py)."""
     synthetic_output(tmp_path / "small", 1_000, photos)
     synthetic_output(tmp_path / "big", 100_000, photos)
     # Started by a shell that forks it ("; exit": not exec'd in place): Linux keeps a process's maxrss across
