@@ -4,22 +4,24 @@ initialisation (see the README for how to use ImageNet weights)."""
 
 from __future__ import annotations
 
-import io
-
 import torch
 from torch import nn
 
 
 def load_state_dict(uri: str) -> dict:
-    """A state dict from a local path or s3:// URI, safely (tensors only, never arbitrary pickle)."""
-    import storage
+    """A state dict from a local path or s3:// URI, safely (tensors only, never arbitrary pickle), through the
+    checkpoint loader's bounded reader and checks (models/checkpoint.py: at most 2 GiB, read within 600 s, no
+    FIFO or device; an archive no bigger unpacked than the file, tensors owning their storage). Unbounded, a FIFO
+    hung the build forever and an S3 object of any size was read whole (audit). Refusals: CheckpointError, a
+    ValueError."""
+    from .checkpoint import read_checked, torch_load_checked
 
-    data = storage.read_bytes(uri)
+    data = read_checked(uri, what="backbone weights")
     if uri.endswith(".safetensors"):
         from safetensors.torch import load as st_load
 
-        return st_load(data)
-    obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return st_load(data)  # safetensors checks every tensor's offsets against the data: copies, no views
+    obj = torch_load_checked(data, uri, checkpoint=False)  # a torchvision file may be torch's legacy format
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     return obj

@@ -25,6 +25,15 @@ Format 1 files (hash over name, config and weights only) are refused with a mess
 re-save them (:func:`upgrade_checkpoint`, ``python -m models.checkpoint upgrade OLD NEW``): accepting them
 would let anyone edit the outputs or preprocessing of a format-2 file, relabel it format 1 and still
 load it.
+
+Safety. The hash is unkeyed (anyone can re-sign an edited file), so the work done on a file before its hash
+and pin are checked, and before its model is built, is bounded by the file's size and the bounds below (audit):
+the read (:func:`read_limits`: 2 GiB, 600 s, no FIFO or device); the archive before ``torch.load`` (entries
+stored, as torch.save writes them, and no bigger in sum than the file: ``checkpoint_hash.check_archive``); the loaded
+values before hashing (JSON values and tensors, each tensor owning exactly its storage, counts capped:
+``checkpoint_hash.check_contents``); the model before it is allocated (built on the meta device from the file's
+config, held to the read limit and to the file's tensors' shapes and dtypes: :func:`_check_fits`; its input size
+and face template to models/preprocess.py ``check_bounds``). Every refusal is a :class:`CheckpointError`.
 """
 
 from __future__ import annotations
@@ -32,11 +41,21 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import json
+import warnings
+import zipfile
 from dataclasses import dataclass
 
 import torch
 
-from .checkpoint_hash import FORMAT, OLD_FORMAT, hash_of, old_content_hash
+from .checkpoint_hash import (
+    FORMAT,
+    OLD_FORMAT,
+    UnsafeContent,
+    check_archive,
+    check_contents,
+    hash_of,
+    old_content_hash,
+)
 
 PIN_SEP = "#sha256:"
 _FIELDS = {"model": str, "config": dict, "outputs": list, "preprocessing": dict, "metrics": dict, "extra": dict,
@@ -94,6 +113,7 @@ def checkpoint_bytes(model, metrics: dict | None = None, extra: dict | None = No
 
 
 def _save(obj: dict) -> bytes:
+    check_contents(obj, read_limits()[0])  # never write what the loader refuses (a non-string key, a view)
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
@@ -133,22 +153,46 @@ def read_limits(max_bytes: int | None = None, timeout_s: float | None = None) ->
     return max_bytes, timeout_s
 
 
-def _read(uri: str, map_location="cpu", max_bytes: int | None = None, timeout_s: float | None = None) -> dict:
+def read_checked(uri: str, max_bytes: int | None = None, timeout_s: float | None = None,
+                 what: str = "checkpoint") -> bytes:
+    """``uri``'s bytes, read bounded (:func:`read_limits`; backbone and dlib weights too), or a CheckpointError."""
     import storage
 
     max_bytes, timeout_s = read_limits(max_bytes, timeout_s)
     try:
-        data = storage.read_bounded(uri, max_bytes, timeout_s)
+        return storage.read_bounded(uri, max_bytes, timeout_s)
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {uri}") from None
+        raise CheckpointError(f"{what} not found: {uri}") from None
     except storage.BoundedReadError as e:
-        raise CheckpointError(f"checkpoint refused: {e} (limits: {MAX_BYTES_ENV}, {TIMEOUT_ENV})") from None
+        raise CheckpointError(f"{what} refused: {e} (limits: {MAX_BYTES_ENV}, {TIMEOUT_ENV})") from None
     except OSError as e:
-        raise CheckpointError(f"checkpoint {uri} cannot be read ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{what} {uri} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def torch_load_checked(data: bytes, uri: str, map_location="cpu", max_bytes: int | None = None,
+                       checkpoint: bool = True):
+    """``torch.load(weights_only=True)`` of ``data`` in memory bounded by ``len(data)`` (see the module docstring).
+    ``checkpoint=False`` (backbone weights, never hashed here): torch's legacy format too (its storages are read
+    from the stream, their sizes checked by torch) and any value."""
+    try:
+        if checkpoint or zipfile.is_zipfile(io.BytesIO(data)):
+            check_archive(data)
+    except UnsafeContent as e:
+        raise CheckpointError(f"{uri} is not a loadable checkpoint ({e})") from None
     try:
         obj = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not our format"
+    except Exception as e:  # noqa: BLE001 - any unpickling failure (MemoryError too) means "not our format"
         raise CheckpointError(f"{uri} is not a loadable checkpoint ({type(e).__name__}: {e})") from None
+    try:
+        check_contents(obj, read_limits(max_bytes)[0], json_only=checkpoint)
+    except UnsafeContent as e:
+        raise CheckpointError(f"{uri} is refused: {e}") from None
+    return obj
+
+
+def _read(uri: str, map_location="cpu", max_bytes: int | None = None, timeout_s: float | None = None) -> dict:
+    max_bytes, timeout_s = read_limits(max_bytes, timeout_s)
+    obj = torch_load_checked(read_checked(uri, max_bytes, timeout_s), uri, map_location, max_bytes)
     if not isinstance(obj, dict) or obj.get("format") not in (FORMAT, OLD_FORMAT):
         raise CheckpointError(f"{uri} is not a {FORMAT} file")
     bad = [k for k, typ in _FIELDS.items() if k not in obj and not (k in ("metrics", "extra") and obj["format"] == OLD_FORMAT)
@@ -174,8 +218,10 @@ def _verified(uri: str, map_location="cpu", expected_hash: str | None = None, ma
                               f"`python -m models.checkpoint upgrade {uri} NEW` (checks its old hash first)")
     try:
         digest = hash_of(obj)
-    except (RecursionError, TypeError, ValueError) as e:  # nesting too deep, keys that do not sort, ...
-        raise CheckpointError(f"{uri}: its metadata cannot be hashed ({type(e).__name__})") from None
+    except (RecursionError, TypeError, ValueError, RuntimeError, MemoryError, OverflowError) as e:
+        # check_contents bounded the work; what is left (an int too long for str(), an allocation that fails on
+        # a small machine) is still this file's fault, not a crash of the caller
+        raise CheckpointError(f"{uri}: its metadata cannot be hashed ({type(e).__name__}: {str(e)[:200]})") from None
     if digest != obj["hash"]:
         raise CheckpointError(f"{uri}: content hash mismatch (file says {obj['hash']}, content is {digest})")
     if pin is not None and digest != pin:
@@ -189,27 +235,92 @@ def load_checkpoint(uri: str, map_location="cpu", expected_hash: str | None = No
 
     Uses ``torch.load(weights_only=True)``; refuses (:class:`CheckpointError`) files of another format,
     malformed ones, files whose content does not match their hash, and, when the URI ends in
-    ``#sha256:<hex>`` or ``expected_hash`` is given, files whose hash is not that one. The read is bounded
-    (:func:`read_limits`: 2 GiB and 600 s unless set): a FIFO, a device, a bigger file or a read that hangs
-    is refused."""
+    ``#sha256:<hex>`` or ``expected_hash`` is given, files whose hash is not that one, and what the module
+    docstring's bounds refuse (the read: 2 GiB and 600 s unless set, :func:`read_limits`)."""
     import models
-    from models.preprocess import Preprocessing
+    from models.preprocess import Preprocessing, check_bounds
 
+    max_bytes, timeout_s = read_limits(max_bytes, timeout_s)
     uri, obj = _verified(uri, map_location, expected_hash, max_bytes, timeout_s)
     config = dict(obj["config"])
     config.pop("backbone_weights", None)  # the trained weights replace any initial backbone weights
     try:
+        skeleton = _skeleton(obj["model"], config)
+    except Exception as e:  # noqa: BLE001 - a file whose hash matches but whose content does not build a model
+        raise CheckpointError(f"{uri} does not build its model ({type(e).__name__}: {e})") from None
+    try:
+        pre = _with_template(skeleton.preprocessing, obj["preprocessing"])
+        check_bounds(pre)
+        check_bounds(Preprocessing.from_dict(obj["preprocessing"]))  # served as it is by /v1/models
+    except Exception as e:  # noqa: BLE001 - e.g. a 100000 px input (a 60 GB warm-up batch: audit), a NaN template
+        raise CheckpointError(f"{uri}: its preprocessing is refused ({e})") from None
+    _check_fits(uri, skeleton, obj["state_dict"], max_bytes)
+    try:  # built by its constructor: to_empty() leaves garbage in non-persistent buffers (dmm_cnn's _to_celeba)
         model = models.create_model(obj["model"], **config)
         model.config = obj["config"]
         model.load_state_dict(obj["state_dict"])
-        Preprocessing.from_dict(obj["preprocessing"])
-        model.preprocessing = _with_template(model.preprocessing, obj["preprocessing"])
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a file whose hash matches but whose content does not build a model
+        model.preprocessing = pre
+    except Exception as e:  # noqa: BLE001 - MemoryError included: a clear error, not a crash of the caller
         raise CheckpointError(f"{uri} does not build its model ({type(e).__name__}: {e})") from None
     model.eval()
     return model, _info(uri, obj)
+
+
+def _skeleton(name: str, config: dict):
+    """The model ``config`` builds, on the meta device (per thread): no memory (hard_sharing with hidden=10**6 is
+    62 GB: audit). The registry is imported first (no module's constants made there); warnings are silenced (the
+    real build gives them; dlib's weights loaded into meta parameters warn)."""
+    import models
+
+    models.model_class(name)
+    with torch.device("meta"), _NoValues(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return models.create_model(name, **config)
+
+
+class _NoValues(torch.overrides.TorchFunctionMode):
+    """In _skeleton: values meta tensors do not have are not computed (random draws, the zoo's argsort and
+    arithmetic with a number: an empty tensor of the shape and dtype they would give). On the meta device torch
+    runs them in Python code that imports torch._dynamo and sympy: 0.6-1.5 s and up to 150 MB (measured)."""
+
+    OPS = frozenset({"normal_", "uniform_", "argsort", "mul", "__mul__", "add", "__add__", "randn", "rand"})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name, kwargs = getattr(func, "__name__", ""), kwargs or {}
+        if name not in self.OPS:  # the mode sees every tensor call of the build: the rest at once
+            return func(*args, **kwargs)
+        t = args[0] if args and isinstance(args[0], torch.Tensor) and args[0].is_meta else None
+        if t is not None and name in ("normal_", "uniform_"):
+            return t
+        if t is not None and name == "argsort" and len(args) == 1 and not kwargs:
+            return torch.empty(t.shape, dtype=torch.int64)  # not empty_like: Python code too
+        if t is not None and len(args) == 2 and isinstance(args[1], (int, float)) and not kwargs \
+                and t.is_floating_point() and name in ("mul", "__mul__", "add", "__add__"):
+            return torch.empty(t.shape, dtype=t.dtype)
+        if name in ("randn", "rand") and func in (torch.randn, torch.rand):  # on the enclosing meta device
+            return torch.empty(*args, **{k: v for k, v in kwargs.items() if k != "generator"})
+        return func(*args, **kwargs)
+
+
+def _check_fits(uri: str, skeleton, state_dict: dict, max_bytes: int) -> None:
+    """Refuse a model over ``max_bytes`` of parameters and buffers (the read limit: no readable file holds it) or
+    whose persistent tensors the file's do not match in name, shape, dtype (load_state_dict casts a dtype silently);
+    extra ones (calibration buffers) are left to the strict load."""
+    from itertools import chain
+
+    size = sum(t.numel() * t.element_size() for t in chain(skeleton.parameters(), skeleton.buffers()))
+    if size > max_bytes:
+        raise CheckpointError(f"{uri}: its config builds a model of {size} bytes of parameters and buffers, over "
+                              f"the limit of {max_bytes} ({MAX_BYTES_ENV})")
+    bad = []
+    for k, v in skeleton.state_dict().items():
+        t = state_dict.get(k)
+        if t is None or t.shape != v.shape or t.dtype != v.dtype:
+            got = "missing" if t is None else f"{tuple(t.shape)} {t.dtype}"
+            bad.append(f"{k}: {got}, the model has {tuple(v.shape)} {v.dtype}")
+    if bad:
+        raise CheckpointError(f"{uri}: its tensors do not fit the model its config builds ({len(bad)} differ: "
+                              f"{'; '.join(bad[:3])})")
 
 
 def _info(uri: str, obj: dict) -> CheckpointInfo:
@@ -247,7 +358,7 @@ def _with_template(pre, saved: dict | None):
     try:
         return replace(pre, template=tuple(tuple(map(float, p)) for p in saved["template"]),
                        template_crop=tuple(map(int, tc)) if tc is not None else None)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:  # OverflowError: int(inf)
         raise CheckpointError(f"the checkpoint's face template is malformed: {e}") from None
 
 

@@ -276,7 +276,14 @@ def sha256_file(path: str | Path) -> str:
 
 @lru_cache(maxsize=2)
 def _load_checked(path: str, expected: str) -> dict[str, torch.Tensor]:
-    data = Path(path).read_bytes()
+    # read bounded (the checkpoint loader's limits: 2 GiB, 600 s, a regular file) before the hash is known: a
+    # user-given path to a huge file was read whole first (audit); dlib's file is 22 MB
+    from .checkpoint import CheckpointError, read_checked
+
+    try:
+        data = read_checked(path, what="dlib weights")
+    except CheckpointError as e:
+        raise DlibFormatError(str(e)) from None
     digest = hashlib.sha256(data).hexdigest()
     if digest != expected:
         raise DlibFormatError(f"{path}: sha256 {digest} is not the expected {expected}; refusing to load it")

@@ -105,6 +105,52 @@ class Preprocessing:
         return replace(self, size=hw, resize_shorter=shorter, template=template)
 
 
+# Bounds on a preprocessing read from a checkpoint (models/checkpoint.py; a file's config and template are
+# anyone's edit, its hash re-signed: audit). Input sides: the zoo's are 50 (hard_sharing) to 224 px, 227 for
+# HMTNet's shorter side; 1024 leaves room for a model trained at 4x that while refusing the 100000 px side whose
+# warm-up batch was 60 GB (a 1024 px batch of 2 is 6 MB of uint8). resize_shorter is a shade over a side
+# (227 for 224), bounded at twice it. Template crops: the training crops the template was measured on, 178x218
+# (CelebA) to a few hundred px (UTKFace 200, SCUT-FBP5500 350); 4096 is any photo's face crop, and 16 px is the
+# least that holds a face's 5 points apart. The eyes: 0.22 (CelebA's crops) to 0.35 (dlib's chip) of the width
+# in the zoo's templates; under 0.05 the similarity fitted to them is ill-conditioned (coincident points: none).
+MAX_INPUT_SIDE = 1024
+MIN_CROP_SIDE, MAX_CROP_SIDE = 16, 4096
+MIN_EYE_SHARE = 0.05
+
+
+def _sides(value, low: int, high: int, what: str) -> tuple[int, ...]:
+    sides = tuple(value)
+    if len(sides) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and low <= v <= high for v in sides):
+        raise ValueError(f"{what} must be two integers {low}-{high} (H, W), got {value!r}")
+    return sides
+
+
+def check_bounds(pre: Preprocessing) -> None:
+    """Raise ValueError unless ``pre`` (from a checkpoint) is in the bounds above: input sides, the template's
+    crop, and a template of 5 finite points inside the input (its frame: input pixels), the image-left eye left
+    of the image-right one, the eyes above the mouth corners and at least :data:`MIN_EYE_SHARE` of the input's
+    width apart. For a stretch (all of the zoo but HMTNet's centre crop) the input is the training crop scaled,
+    so these hold in the crop's frame alike. A template out of them crashed alignment (a crop of 0 or 3 sides)
+    or made silent garbage (NaN, one point 5 times: audit)."""
+    h, w = _sides(pre.size, 1, MAX_INPUT_SIDE, "the input size")
+    if pre.resize_shorter is not None and not (isinstance(pre.resize_shorter, int)
+                                                and 1 <= pre.resize_shorter <= 2 * MAX_INPUT_SIDE):
+        raise ValueError(f"resize_shorter must be an integer 1-{2 * MAX_INPUT_SIDE}, got {pre.resize_shorter!r}")
+    if pre.template_crop is not None:
+        _sides(pre.template_crop, MIN_CROP_SIDE, MAX_CROP_SIDE, "template_crop")
+    if pre.template is None:
+        return
+    pts = np.asarray(pre.template, dtype=np.float64)
+    if pts.shape != (5, 2) or not np.isfinite(pts).all():
+        raise ValueError(f"a face template is 5 finite (x, y) points, got {pre.template!r}")
+    if (pts < 0).any() or (pts[:, 0] > w).any() or (pts[:, 1] > h).any():
+        raise ValueError(f"the face template {pre.template!r} is not inside the {w}x{h} input")
+    (lx, ly), (rx, ry) = pts[0], pts[1]
+    if rx <= lx or max(ly, ry) >= pts[3:, 1].min() or np.hypot(rx - lx, ry - ly) < MIN_EYE_SHARE * w:
+        raise ValueError(f"the face template {pre.template!r} is degenerate: its eyes must be in order, above the "
+                         f"mouth and at least {MIN_EYE_SHARE:.0%} of the input's width apart")
+
+
 def decode(data: bytes, pre: Preprocessing, train: bool = False,
            max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES) -> tuple[torch.Tensor, dict]:
     """Image bytes -> (uint8 tensor (C, H, W), geometry).
