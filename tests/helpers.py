@@ -40,6 +40,15 @@ RAY_TEST_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_P
                 "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0"}
 
 
+def lease_output(request, tmp_path) -> str:
+    """A label output on a local folder or on the test S3 server (``request.param``: "local" or "s3"); the
+    lease tests' fixture (``pytest.fixture(params=["local", "s3"])(lease_output)``)."""
+    if request.param == "local":
+        return str(tmp_path / "out")
+    _, bucket = request.getfixturevalue("s3_bucket")
+    return f"s3://{bucket}/labels/run-1/"
+
+
 # --- checkpoints ----------------------------------------------------------------------------------------
 def save_model(path: str, name: str, seed: int | None = None, **kwargs) -> str:
     """``models.create_model(name, **kwargs)`` saved at ``path`` (a file or an s3:// URI); returns ``path``."""

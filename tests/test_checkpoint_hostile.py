@@ -24,16 +24,14 @@ import models
 from models import checkpoint
 from models.checkpoint import MAX_BYTES_ENV, CheckpointError, load_checkpoint, save_checkpoint
 from models.checkpoint_hash import hash_of
+from tests.helpers import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def hs(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("hostile") / "hs.pt")
-    save_checkpoint(models.create_model("hard_sharing"), path)
-    return path
+    return save_model(str(tmp_path_factory.mktemp("hostile") / "hs.pt"), "hard_sharing", seed=0)
 
 
 def _tampered(src: str, dst: Path, edit, sign: bool = True) -> str:
@@ -236,10 +234,7 @@ def test_tensors_that_do_not_fit_the_config_are_refused_before_allocating(hs, tm
 @pytest.fixture(scope="module")
 def agr(tmp_path_factory) -> str:
     """A dlib-trunk model (its parameters do not depend on its input size, unlike hard_sharing's)."""
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("hostile") / "agr.pt")
-    save_checkpoint(models.create_model("age_gender_race"), path)
-    return path
+    return save_model(str(tmp_path_factory.mktemp("hostile") / "agr.pt"), "age_gender_race", seed=0)
 
 
 @pytest.mark.parametrize("side", [100_000, 1025])

@@ -11,14 +11,9 @@ import time
 import pytest
 
 from raytasks.label.lease import Lease, LeaseError, LeaseHeld
+from tests.helpers import lease_output
 
-
-@pytest.fixture(params=["local", "s3"])
-def output(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "out")
-    client, bucket = request.getfixturevalue("s3_bucket")
-    return f"s3://{bucket}/labels/run-1/"
+output = pytest.fixture(params=["local", "s3"])(lease_output)
 
 
 def test_second_live_run_is_refused_naming_the_holder(output):

@@ -15,14 +15,9 @@ import pytest
 from raytasks.label import lease as L
 from raytasks.label.lease import Lease, LeaseHeld, LeaseLost
 from raytasks.label.lease_store import _gen_name, _generations, _Store
+from tests.helpers import lease_output
 
-
-@pytest.fixture(params=["local", "s3"])
-def output(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "out")
-    client, bucket = request.getfixturevalue("s3_bucket")
-    return f"s3://{bucket}/labels/run-1/"
+output = pytest.fixture(params=["local", "s3"])(lease_output)
 
 
 def fenced(fence) -> bool:
