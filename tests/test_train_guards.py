@@ -214,3 +214,33 @@ def test_progress_does_not_print_the_uncommitted_row_of_an_earlier_attempt(tmp_p
                   [{"start_epoch": 1}, {"start_epoch": 3}], header)
     progress.poll()
     assert len(lines) == 1 and lines[0].startswith("epoch 3/") and "val_loss=0.5000" in lines[0]
+
+
+def test_a_resume_refuses_a_run_folder_changed_since_it_was_written(tmp_path):
+    """The worker reads its run's model.pt as every checkpoint is read: a tensor changed in the run folder (whose
+    recorded hash then no longer matches) or a training state that is not a safe archive stops the resume."""
+    import io
+
+    import pyarrow.fs
+
+    m = models.create_model("hard_sharing")
+    data, _ = checkpoint_bytes(m, {}, {"epoch": 2})
+    (tmp_path / MODEL_FILE).write_bytes(data)
+    torch.save({"epoch": 2}, tmp_path / STATE_FILE)
+    ckpt = SimpleNamespace(filesystem=pyarrow.fs.LocalFileSystem(), path=str(tmp_path))
+    expect = {"model": m.name, "config": m.config, "data": None, "split_seed": 0}
+    assert worker._load_state(models.create_model("hard_sharing"), ckpt, expect)["epoch"] == 2
+
+    obj = torch.load(io.BytesIO(data), weights_only=True)
+    key = next(iter(obj["state_dict"]))
+    obj["state_dict"][key] = obj["state_dict"][key] + 100  # the weights changed, the recorded hash not
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    (tmp_path / MODEL_FILE).write_bytes(buf.getvalue())
+    with pytest.raises(TrainError, match="content hash mismatch"):
+        worker._load_state(models.create_model("hard_sharing"), ckpt, expect)
+
+    (tmp_path / MODEL_FILE).write_bytes(data)
+    (tmp_path / STATE_FILE).write_bytes(b"not a torch file")
+    with pytest.raises(TrainError, match="cannot resume from"):
+        worker._load_state(models.create_model("hard_sharing"), ckpt, expect)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import os
@@ -33,7 +32,16 @@ from raytasks.train.spec import MODEL_FILE, STATE_FILE, TrainError
 log = logging.getLogger(__name__)
 
 def read_checkpoint_file(checkpoint, filename: str) -> bytes:
-    return storage.read_all(checkpoint.filesystem, posixpath.join(checkpoint.path, filename))
+    """A file of a Ray checkpoint of this run, refused (:class:`TrainError`) over the checkpoint read limit
+    (models.checkpoint.read_limits: a run folder is storage like any other)."""
+    from models.checkpoint import read_limits
+
+    path = posixpath.join(checkpoint.path, filename)
+    max_bytes, _ = read_limits()
+    size = checkpoint.filesystem.get_file_info(path).size
+    if size is not None and size > max_bytes:
+        raise TrainError(f"{path}: {size} bytes, over the checkpoint read limit of {max_bytes}")
+    return storage.read_all(checkpoint.filesystem, path)
 
 
 def _same_data(extra: dict, expect: dict) -> bool:
@@ -48,10 +56,21 @@ def _load_state(model, checkpoint, expect: dict) -> dict:
     the model name, config, data and split seed this attempt trains; a checkpoint of anything else is refused
     (the driver refuses it first from history.json, raytasks/train/resume.py: this also covers a run whose
     history predates the split seed in its header)."""
-    obj = torch.load(io.BytesIO(read_checkpoint_file(checkpoint, MODEL_FILE)), map_location="cpu",
-                     weights_only=True)
-    if obj.get("format") != CHECKPOINT_FORMAT:
-        raise TrainError(f"{checkpoint.path}/{MODEL_FILE} is not a {CHECKPOINT_FORMAT} file")
+    from models.checkpoint import CheckpointError, torch_load_checked
+    from models.checkpoint_hash import hash_of
+
+    where = f"{checkpoint.path}/{MODEL_FILE}"
+    try:  # read as every checkpoint is (bounded archive and contents, weights_only), and its hash checked
+        obj = torch_load_checked(read_checkpoint_file(checkpoint, MODEL_FILE), where)
+        if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+            raise TrainError(f"{where} is not a {CHECKPOINT_FORMAT} file")
+        if hash_of(obj) != obj.get("hash"):
+            raise TrainError(f"{where}: content hash mismatch: the run folder was changed since it was written; "
+                             f"use a new --name")
+        state = torch_load_checked(read_checkpoint_file(checkpoint, STATE_FILE), f"{checkpoint.path}/{STATE_FILE}",
+                                   checkpoint=False)
+    except CheckpointError as e:
+        raise TrainError(f"cannot resume from {checkpoint.path}: {e}") from None
     if obj["model"] != expect["model"] or obj["config"] != expect["config"]:
         raise TrainError(f"the run in {checkpoint.path} trained {obj['model']} {obj['config']}, not "
                          f"{expect['model']} {expect['config']}: use another --name or --storage")
@@ -61,8 +80,7 @@ def _load_state(model, checkpoint, expect: dict) -> dict:
                          f"{extra.get('split_seed') or 0}, not {expect['data']} with split seed {expect['split_seed']}: "
                          f"its train split may hold this split's test faces; use a new --name")
     model.load_state_dict(obj["state_dict"])
-    return torch.load(io.BytesIO(read_checkpoint_file(checkpoint, STATE_FILE)), map_location="cpu",
-                      weights_only=True)
+    return state
 
 
 def _init_from(model, uri: str) -> None:
