@@ -72,6 +72,15 @@ def fail(batch: dict, i: int, kind: str, message: str) -> None:
     batch["error_kind"][i], batch["error_message"][i] = kind, message
 
 
+def fail_decode(batch: dict, i: int, e: Exception) -> None:
+    """Row ``i``'s decoder raised ``e``: an :class:`ImageDecodeError` gives its kind and message, anything else
+    (a decoder bug, which must not kill a 10-hour job) is a ``decode_error`` naming the exception."""
+    if isinstance(e, ImageDecodeError):
+        fail(batch, i, e.kind, e.message)
+    else:
+        fail(batch, i, "decode_error", f"{type(e).__name__}: {e}")
+
+
 def decode_into(batch: dict, i: int, data: bytes | None, target: Photos | Whole) -> bool:
     """Decode ``data`` into row ``i`` of ``batch``; returns whether it worked (else the row holds why)."""
     data = bytes(data) if data is not None else b""
@@ -86,11 +95,8 @@ def decode_into(batch: dict, i: int, data: bytes | None, target: Photos | Whole)
                 batch[f"image_{k}"][i] = t.numpy()
                 batch[f"geometry_{k}"][i] = [g[key] for key in GEOMETRY_KEYS]
             w, h = g["width"], g["height"]
-    except ImageDecodeError as e:
-        fail(batch, i, e.kind, e.message)
-        return False
-    except Exception as e:  # noqa: BLE001 - a decoder bug must not kill a 10-hour job
-        fail(batch, i, "decode_error", f"{type(e).__name__}: {e}")
+    except Exception as e:  # noqa: BLE001 - every failure is this row's error (fail_decode)
+        fail_decode(batch, i, e)
         return False
     batch["ok"][i], batch["width"][i], batch["height"][i] = True, w, h
     return True

@@ -204,12 +204,14 @@ def jpeg_draft_size(width: int, height: int, request: tuple[int, int]) -> tuple[
 class Header:
     """What :func:`read_header` found, every check passed: the format, the size as stored (before EXIF
     orientation), the size the pixels decode at (a JPEG's draft scale) and the estimated peak memory of that
-    decode (:func:`decode_cost`: what ``max_decode_bytes`` was compared with)."""
+    decode (:func:`decode_cost`: what ``max_decode_bytes`` was compared with), and the PIL mode it decodes to
+    before any conversion (a CMYK JPEG stays ``CMYK``)."""
 
     format: str
     size: tuple[int, int]
     decoded: tuple[int, int]
     decode_bytes: int
+    mode: str
 
 
 def _checked_open(data: bytes, max_pixels: int, draft_to: tuple[int, int] | int | None,
@@ -232,7 +234,7 @@ def _checked_open(data: bytes, max_pixels: int, draft_to: tuple[int, int] | int 
     if draft_to is not None and img.format in ("JPEG", "MPO"):
         img.draft(img.mode if img.mode in ("RGB", "L") else None, draft_to)
     cost = check_header(img, max_pixels, max_decode_bytes, rotated, coefficients)
-    return img, Header(img.format, (w0, h0), img.size, cost)
+    return img, Header(img.format, (w0, h0), img.size, cost, img.mode)
 
 
 @contextlib.contextmanager

@@ -8,8 +8,6 @@ actor decodes them. No Ray here: bench/bench_gpu_photos.py times the same functi
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 
 
@@ -18,8 +16,6 @@ def jpeg_for_gpu(data: bytes, pre=None) -> bool:
     JPEGs, other formats and anything PIL cannot parse the header of stay on the CPU path, which gives them
     their label or error row) within the CPU decoder's limits (pixels, aspect ratio, memory, JPEG scans).
     ``pre``: the model's preprocessing (whole images), or None for photos (``decode_photo``'s pixel limit)."""
-    from PIL import Image
-
     from models.imagebytes import DEFAULT_MAX_PIXELS, read_header
 
     if not data.startswith(b"\xff\xd8\xff"):
@@ -34,8 +30,7 @@ def jpeg_for_gpu(data: bytes, pre=None) -> bool:
         # every check of the CPU decoder (scans, pixels, aspect ratio, memory with a progressive JPEG's
         # coefficient buffer), at the full size: nvjpeg has no draft scale
         head = read_header(data, pre.max_pixels if pre is not None else DEFAULT_MAX_PIXELS)
-        img = Image.open(io.BytesIO(data), formats=["JPEG"])
-        return head.format == "JPEG" and img.mode in ("RGB", "L")
+        return head.format == "JPEG" and head.mode in ("RGB", "L")
     except Exception:  # noqa: BLE001 - any header problem: let the CPU decoder name the error
         return False
 
@@ -138,9 +133,8 @@ def _on_device(batch: dict, raw: list, on_device, on_cpu):
     of them), or ``on_cpu``'s for a JPEG nvjpeg refused (for every row when ``on_device`` is None); a row
     neither can decode becomes its error row in ``batch`` (the CPU decoder's kind and message) and is not
     yielded. Any other exception of the CPU decoder is a ``decode_error`` row, as in the CPU tasks
-    (``facedata.decode.decode_into``, whose except clauses these repeat: it has no helper to share)."""
-    from facedata.decode import fail
-    from models.imagebytes import ImageDecodeError
+    (``facedata.decode.fail_decode``, which ``decode_into`` uses too)."""
+    from facedata.decode import fail_decode
 
     idx = [i for i, d in enumerate(raw) if d is not None]
     datas = [bytes(raw[i]) for i in idx]
@@ -149,11 +143,8 @@ def _on_device(batch: dict, raw: list, on_device, on_cpu):
         if res is None or isinstance(res, Exception):
             try:
                 res = on_cpu(data)
-            except ImageDecodeError as e:
-                fail(batch, i, e.kind, e.message)
-                continue
-            except Exception as e:  # noqa: BLE001 - a decoder bug must not kill a 10-hour job
-                fail(batch, i, "decode_error", f"{type(e).__name__}: {e}")  # as facedata.decode.decode_into
+            except Exception as e:  # noqa: BLE001 - every failure is this row's error (fail_decode)
+                fail_decode(batch, i, e)
                 continue
         yield i, res
 
