@@ -153,3 +153,28 @@ def test_work_stops_at_the_check_after_detection_and_between_chunks_of_faces(hs_
     assert passes == [2] * (faces // 2) + [faces % 2] * (faces % 2) and len(calls) == 1 + len(passes)
     monkeypatch.setattr(runner, "forward_uint8", real)
     assert_same(rows, hs_annotator.annotate(batch))
+
+
+def test_a_requests_deadline_is_counted_on_the_replicas_clock_whatever_the_hosts_wall_clocks_say(monkeypatch):
+    """The ingress sends how long it waits before its 504, and the replica counts it on its own monotonic clock:
+    an ingress host an hour behind and a replica host an hour ahead (wall clocks; NTP steps them, containers
+    on other hosts disagree) still give the request its 7 s. Before, the ingress sent ``time.time() + 7`` of its
+    host and the replica compared it with its own ``time.time()``: every request was past its deadline on
+    arrival, and with the skew reversed none ever was."""
+    from raytasks.serve import replicas as R
+    from tests.helpers import ingress
+
+    api = ingress(request_timeout_s=7.0)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() - 3600)  # the ingress's host
+    limits = api._request_limits()
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)  # the replica's host
+    live = R.AnnotatorServer.func_or_class._live
+    deadline = R.deadline_of(limits)
+    assert 6.5 < deadline - time.monotonic() <= 7.0
+    assert live([{R.DEADLINE: deadline}], lambda items: ["rows"] * len(items)) == ["rows"]
+    late = R.deadline_of({**limits, "timeout_s": 0.0})
+    time.sleep(0.01)
+    (result,) = live([{R.DEADLINE: late}], lambda items: ["rows"] * len(items))
+    assert isinstance(result, R.DeadlineExceeded)
+    assert R.deadline_of({"max_faces": 3}) is None  # no timeout sent: no deadline

@@ -12,7 +12,6 @@ Errors and the body reader: raytasks/serve/http.py. Why it is built this way: ra
 import asyncio
 import hmac
 import os
-import time
 from typing import Any, Literal
 
 from fastapi import Request
@@ -177,8 +176,9 @@ class FaceAttrAPI:
 
     def _request_limits(self) -> dict:
         """What the replica enforces for one request (raytasks/serve/replicas.py): its budget of faces, and
-        its deadline, when this ingress answers 504, after which the replica runs no further model for it."""
-        return {"max_faces": self.limits.max_request_faces, "deadline": time.time() + self.limits.request_timeout_s}
+        how long this ingress waits before it answers 504, after which the replica runs no further model for it
+        (a duration, which the replica counts on its own clock: ``replicas.deadline_of``)."""
+        return {"max_faces": self.limits.max_request_faces, "timeout_s": self.limits.request_timeout_s}
 
     async def _model_call(self, key: str | None, response):
         """A call to the target's deployment bounded by ``request_timeout_s`` (504), 503 when it is full,

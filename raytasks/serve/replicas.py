@@ -19,7 +19,8 @@ raises :class:`CheckpointChanged` otherwise; the ingress then re-reads the descr
 What one request may cost the replica (issue #22): the ingress sends its ``limits`` with each request. A
 photo request's faces are found first (its own ``@serve.batch`` queue, shared across requests) and counted:
 over ``max_faces`` the request is refused (:class:`FaceBudgetExceeded`, 413) before any attribute model runs
-on them. Past its ``deadline`` (when the ingress answers 504) a request's images are left out of the batches
+on them. Past its deadline (when the ingress answers 504: ``limits["timeout_s"]`` from the request's arrival, on this
+host's monotonic clock, so that the clocks of the ingress's and the replica's hosts need not agree) a request's images are left out of the batches
 they have not entered, and a batch stops before its next model, or its next chunk of faces, once every
 request in it is past its deadline (:class:`DeadlineExceeded`): the replica is free for the next batch.
 """
@@ -40,7 +41,7 @@ from raytasks.threads import torch_executor
 
 PER_IMAGE = ("path", "width", "height")
 LISTS = ("image", "scale", "found")  # a photo's picture, scale and faces stay one list entry each; whole inputs stack
-DEADLINE = "deadline"  # an item's request's deadline (time.time()), not part of the decoded batch
+DEADLINE = "deadline"  # an item's request's deadline (time.monotonic() here), not part of the decoded batch
 
 
 class CheckpointChanged(RuntimeError):
@@ -63,7 +64,17 @@ class DeadlineExceeded(TimeoutError):
 
 
 def _expired(deadline: float | None) -> bool:
-    return deadline is not None and time.time() > deadline
+    return deadline is not None and time.monotonic() > deadline
+
+
+def deadline_of(limits: dict) -> float | None:
+    """The request's deadline on this host's monotonic clock: ``limits["timeout_s"]`` (what the ingress waits
+    before it answers 504) from now, when the request reaches the replica. The ingress sends a duration, not a
+    time: its host's wall clock may be ahead of or behind this one's, and a deadline in another host's clock would
+    cut requests short or let them run on (a request's time in Serve's queue is on the safe side: the replica's
+    deadline is that much after the ingress's 504)."""
+    timeout = limits.get("timeout_s")
+    return None if timeout is None else time.monotonic() + float(timeout)
 
 
 def _deadline_check(deadlines: list[float | None]):
@@ -73,9 +84,10 @@ def _deadline_check(deadlines: list[float | None]):
     latest = max(deadlines)
 
     def check() -> None:
-        if time.time() > latest:
-            raise DeadlineExceeded(f"every request of this batch is past its deadline "
-                                   f"({time.time() - latest:.1f} s ago): stopped")
+        now = time.monotonic()
+        if now > latest:
+            raise DeadlineExceeded(f"every request of this batch is past its deadline ({now - latest:.1f} s ago): "
+                                   "stopped")
     return check
 
 
@@ -208,11 +220,11 @@ class AnnotatorServer:
     async def predict(self, items: list[dict], identity: str, limits: dict | None = None) -> list[dict]:
         """One HTTP request's whole images (``image_<k>``/``geometry_<k>`` per preprocessing) -> their rows.
         Each image joins the replica's batch queue separately, so images of concurrent requests share
-        forward passes. ``limits``: ``max_faces`` (each image is one face) and ``deadline`` (module
+        forward passes. ``limits``: ``max_faces`` (each image is one face) and ``timeout_s`` (module
         docstring)."""
         self._request(identity)
         limits = limits or {}
-        deadline = limits.get(DEADLINE)
+        deadline = deadline_of(limits)
         self._check_faces(len(items), limits)
         self._check_deadline(deadline)
         return await self._gathered(self.infer({**item, DEADLINE: deadline}) for item in items)
@@ -220,10 +232,10 @@ class AnnotatorServer:
     async def predict_photos(self, items: list[dict], identity: str, limits: dict | None = None) -> list[list[dict]]:
         """One HTTP request's decoded photos -> per photo its rows (one per face, or one saying no face).
         Faces are found first for the whole request and counted against ``limits["max_faces"]``; then the
-        models run, unless the request is past ``limits["deadline"]`` (module docstring)."""
+        models run, unless the request is past its deadline (``limits["timeout_s"]``, module docstring)."""
         self._request(identity)
         limits = limits or {}
-        deadline = limits.get(DEADLINE)
+        deadline = deadline_of(limits)
         self._check_deadline(deadline)
         items = [{**item, DEADLINE: deadline} for item in items]
         found = await self._gathered(self.find_photo(item) for item in items)
@@ -279,4 +291,4 @@ class AnnotatorServer:
         return await asyncio.get_running_loop().run_in_executor(self._torch_thread, fn)
 
 
-__all__ = ["AnnotatorServer", "CheckpointChanged", "DeadlineExceeded", "FaceBudgetExceeded", "batch_of"]
+__all__ = ["AnnotatorServer", "CheckpointChanged", "DeadlineExceeded", "FaceBudgetExceeded", "batch_of", "deadline_of"]
