@@ -15,6 +15,9 @@ here) or whole images (``image_<k>`` and ``geometry_<k>`` per entry of :attr:`pr
 is the face). The label job's actors and the serving replicas call :meth:`annotate`; ``jobs.evaluate``
 reads faces with the same finder.
 
+One image cannot fail its batch (core/failures.py): when the detector or a model raises on a batch, each image
+is run again alone, and one that fails alone gets a ``model_error`` row.
+
 On one device: a GPU holds the whole set (the five models are 3-100 MB of weights each, plus activations
 of at most ``max_batch`` faces per forward pass); when it does not, loading fails naming each model's size.
 """
@@ -27,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from core.failures import ImageFailed, concat_columns, failed_batch, image_by_image_on_failure
 from core.modelset import ModelSet, ModelSetError, member_names, set_identity
 from core.rows import (
     EMBEDDING_FIELDS,
@@ -148,18 +152,36 @@ class Annotator:
 
         ``check`` (a serving replica's: the requests' deadline) is called after detection, before each model
         and between chunks of :data:`CHECK_EVERY` faces; what it raises stops the work, so no further model
-        runs. Photos whose faces were already found (:meth:`find`) carry them in ``batch["found"]``."""
-        return self._photos(batch, check) if "scale" in batch else self._whole(batch, check)
+        runs. Photos whose faces were already found (:meth:`find`) carry them in ``batch["found"]``; an image
+        whose entry is :class:`ImageFailed` gets its ``model_error`` row. An image that fails alone gets one
+        too (module docstring)."""
+        if "found" in batch:
+            failed = {i: f.message for i, f in enumerate(batch["found"]) if isinstance(f, ImageFailed)}
+            batch = failed_batch(batch, failed) if failed else batch
+        run = self._photos if "scale" in batch else self._whole
+        return image_by_image_on_failure(batch, run, check, concat_columns,
+                                         lambda one, why, c: run(failed_batch(one, {0: why}), c),
+                                         before_retry=self._release_device_memory)
 
     def find(self, batch: dict) -> list:
         """The faces of every picture of a decoded photo batch (``faces.detect.Faces``; None for a failed
-        image), before any model runs: what a serving replica counts against a request's budget of faces,
-        then gives back to :meth:`annotate` as ``batch["found"]``."""
-        keep, images, scales = _pictures(batch)
-        out: list = [None] * len(batch["ok"])
-        for i, f in zip(keep, self.finder.find(images, scales)):
-            out[i] = f
-        return out
+        image, :class:`ImageFailed` for one the detector fails on alone), before any model runs: what a serving
+        replica counts against a request's budget of faces, then gives back to :meth:`annotate` as
+        ``batch["found"]``."""
+        def run(b: dict, _check) -> list:
+            keep, images, scales = _pictures(b)
+            out: list = [None] * len(b["ok"])
+            for i, f in zip(keep, self.finder.find(images, scales)):
+                out[i] = f
+            return out
+
+        return image_by_image_on_failure(batch, run, None, lambda parts: [p[0] for p in parts],
+                                         lambda one, why, c: [ImageFailed(why)], before_retry=self._release_device_memory)
+
+    def _release_device_memory(self) -> None:
+        """After a failed batch on a GPU (its memory, most often), before the images are tried alone."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _columns(self, r: ModelRunner, inputs: torch.Tensor, geometry: list[dict],
                  check: Callable[[], None] | None) -> dict[str, list]:

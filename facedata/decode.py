@@ -141,10 +141,18 @@ def decode_batch(paths: list[str], datas: list[bytes | None], target: Photos | W
 
 
 def rows_of(batch: dict, keep: list[int] | np.ndarray) -> dict:
-    """The rows ``keep`` of a decoded batch, as a batch of their own (serve: one request's images)."""
+    """The rows ``keep`` of a decoded batch, as a batch of their own (one image of a batch, retried alone by
+    ``core.annotator``); a tensor column (images decoded on the GPU) stays a tensor on its device."""
+    import torch
+
     out = {}
     for key, col in batch.items():
-        out[key] = col[np.asarray(keep)] if isinstance(col, np.ndarray) else [col[i] for i in keep]
+        if isinstance(col, np.ndarray):
+            out[key] = col[np.asarray(keep, dtype=np.int64)]
+        elif isinstance(col, torch.Tensor):
+            out[key] = col[torch.as_tensor(keep, dtype=torch.long, device=col.device)]
+        else:
+            out[key] = [col[i] for i in keep]
     return out
 
 

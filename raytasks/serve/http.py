@@ -14,7 +14,7 @@ Errors (every 4xx body is JSON ``{"error": code, "detail": message, ...}``):
   (the request's photos hold more faces than ``ingress.max_request_faces``: refused after detection, before
   any attribute model runs; the body has ``faces`` and ``limit_faces``); 415
   ``unsupported_media_type``; 422 ``not_image`` / ``empty`` / ``truncated`` / ``decode_error`` /
-  ``bad_form`` naming each bad file; 503 ``overloaded`` (with ``Retry-After``) when a model's replicas and
+  ``bad_form`` naming each bad file, ``model_error`` naming an image the detector or a model failed on alone; 503 ``overloaded`` (with ``Retry-After``) when a model's replicas and
   their queue (``max_ongoing_requests``, ``max_queued_requests``) are full; 504 ``timeout`` past
   ``ingress.request_timeout_s``, after which the model replica runs no further model for the request. The
   service stays up: a rejected request costs nothing further.
@@ -62,6 +62,18 @@ def _refused(bad: list[dict]) -> APIError:
         return APIError(413, "too_large", "; ".join(f"{b['file']}: {b['detail']}" for b in bad), files=bad)
     return APIError(422, bad[0]["error"] if len({b["error"] for b in bad}) == 1 else "not_image",
                     "; ".join(f"{b['file']}: {b['error']}: {b['detail']}" for b in bad), files=bad)
+
+
+def _refuse_model_errors(rows: list[dict]) -> None:
+    """A request is all or nothing (docs/api.md): an image the detector or a model failed on alone
+    (core/failures.py; a ``model_error`` row in the label job) refuses its request, 422 naming it. The other
+    requests of its batch got their rows."""
+    from core.failures import MODEL_ERROR
+
+    bad = [{"file": r["path"], "error": MODEL_ERROR, "detail": r["error_message"]} for r in rows
+           if r.get("error_kind") == MODEL_ERROR]
+    if bad:
+        raise _refused(bad)
 
 
 class ErrorBody(BaseModel):

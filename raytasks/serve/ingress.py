@@ -39,6 +39,7 @@ from raytasks.serve.http import (
     _declared_length,
     _json_safe,
     _no_model_set,
+    _refuse_model_errors,
     _refused,
     app,
 )
@@ -175,9 +176,8 @@ class FaceAttrAPI:
             self._decode_slots.release()
 
     def _request_limits(self) -> dict:
-        """What the replica enforces for one request (raytasks/serve/replicas.py): its budget of faces, and
-        how long this ingress waits before it answers 504, after which the replica runs no further model for it
-        (a duration, which the replica counts on its own clock: ``replicas.deadline_of``)."""
+        """What the replica enforces for one request: its budget of faces, and how long this ingress waits before
+        its 504, after which the replica runs no further model for it (on its own clock: ``replicas.deadline_of``)."""
         return {"max_faces": self.limits.max_request_faces, "timeout_s": self.limits.request_timeout_s}
 
     async def _model_call(self, key: str | None, response):
@@ -331,6 +331,7 @@ class FaceAttrAPI:
                     key, handle.predict_photos.remote(payload, _identity(key, desc), self._request_limits())))
             finally:
                 await self._decoded_budget.release(held)
+            _refuse_model_errors([r for rows in per_image for r in rows])
             images = [{"path": p["path"], "width": p["width"], "height": p["height"],
                        "faces": [r for r in rows if r["face"] is not None]} for p, rows in zip(payload, per_image)]
             return JSONResponse(_json_safe({**_head(key, desc), "detector": desc["faces"]["detector"],
@@ -345,6 +346,7 @@ class FaceAttrAPI:
                 await self._decoded_budget.release(held)
 
         desc, rows = await self._consistent(key, whole)
+        _refuse_model_errors(rows)
         return JSONResponse(_json_safe({**_head(key, desc), "predictions": rows}))
 
     # -- routes --------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ import numpy as np
 from ray import serve
 
 from core.annotator import Annotator
+from core.failures import ImageFailed
 from core.rows import row_dicts, rows_per_image
 from raytasks.threads import torch_executor
 
@@ -239,7 +240,7 @@ class AnnotatorServer:
         self._check_deadline(deadline)
         items = [{**item, DEADLINE: deadline} for item in items]
         found = await self._gathered(self.find_photo(item) for item in items)
-        self._check_faces(sum(len(f) for f in found if f is not None), limits)
+        self._check_faces(sum(len(f) for f in found if f is not None and not isinstance(f, ImageFailed)), limits)
         self._check_deadline(deadline)
         return await self._gathered(self.infer_photo({**item, "found": f}) for item, f in zip(items, found))
 

@@ -1,0 +1,94 @@
+"""What happens when the detector or a model raises on a batch: one image cannot fail its batch.
+
+Each image of the batch is run again alone. One that fails alone gets an error row (``error_kind``
+``model_error``, the exception in ``error_message``) while the others get the rows they would have got in any
+batch (rows never depend on which images share a batch: tests/test_tiles.py, tests/test_failures.py). A failure
+that every image has alone is the models' or the device's, not an image's, and is raised as before: a broken
+checkpoint fails the job, it does not become a million error rows. A batch that fails only together (the GPU's
+memory, for a batch of crowds) is answered image by image. The label job's actors and the serving replicas
+call ``core.annotator.Annotator``, which calls this: one rule for both (an image a request sent that fails
+alone is that request's error row, and the other requests of its batch are answered).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from facedata.decode import fail, rows_of
+
+MODEL_ERROR = "model_error"  # the error kind of an image the detector or a model failed on alone (docs/schema.md)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ImageFailed:
+    """``Annotator.find``'s entry for an image the detector failed on alone; ``Annotator.annotate`` gives it a
+    ``model_error`` row."""
+
+    message: str
+
+
+def image_by_image_on_failure(batch: dict, run: Callable[[dict, Any], Any], check: Callable[[], None] | None,
+                              join: Callable[[list], Any], failed: Callable[[dict, str, Any], Any],
+                              before_retry: Callable[[], None] = lambda: None) -> Any:
+    """``run(batch, check)``; when it raises (not in ``check``: a stop is a stop), ``run`` on each image
+    alone, and ``failed(its one-image batch, why, check)`` for an image that fails alone; ``join`` puts the
+    images' results together in the batch's order. A failure that every image with pixels has alone (a
+    batch of one such image too) is raised: it is the batch's."""
+    stopped: list = []
+
+    def guarded() -> None:
+        try:
+            check()
+        except BaseException:
+            stopped.append(True)
+            raise
+
+    guard = guarded if check is not None else None
+    try:
+        return run(batch, guard)
+    except Exception as e:  # noqa: BLE001 - any failure may be one image's: each is tried alone below
+        if stopped:
+            raise
+        first = e
+    live = [int(i) for i in np.flatnonzero(np.asarray(batch["ok"], dtype=bool))]
+    if len(live) < 2:
+        raise first
+    before_retry()
+    parts, why = [], {}
+    for i in range(len(batch["ok"])):
+        one = rows_of(batch, [i])
+        try:
+            parts.append(run(one, guard))
+            continue
+        except Exception as e:  # noqa: BLE001 - this image's failure: its error row
+            if stopped:
+                raise
+            why[i] = f"{type(e).__name__}: {e}"[:1000]
+        parts.append(failed(one, why[i], guard))
+    if len(why) == len(live):
+        raise first
+    log.warning("a batch of %d images failed (%s: %s); run image by image, %d failed alone (%s)", len(live),
+                type(first).__name__, str(first)[:200], len(why),
+                "; ".join(f"{batch['path'][i]}: {m[:200]}" for i, m in list(why.items())[:3]))
+    return join(parts)
+
+
+def failed_batch(batch: dict, why: dict[int, str]) -> dict:
+    """A copy of ``batch`` whose images ``why`` names are failed, ``model_error`` with their reasons."""
+    out = {**batch, "ok": np.array(batch["ok"], dtype=bool), "error_kind": list(batch["error_kind"]),
+           "error_message": list(batch["error_message"])}
+    for i, message in why.items():
+        fail(out, i, MODEL_ERROR, message)
+    return out
+
+
+def concat_columns(parts: list[dict[str, list]]) -> dict[str, list]:
+    """Columns of consecutive images' rows -> the columns of all of them, in order."""
+    return {k: [v for p in parts for v in p[k]] for k in parts[0]}
