@@ -148,10 +148,7 @@ def _binary_value(col: str, value) -> float:
         except ValueError:
             raise ValueError(f"{col}: {value!r} is not one of 0, 1, {', '.join(sorted(_SPELLINGS[col]))}") from None
     else:
-        try:
-            number = float(value)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{col}: {value!r} is not a number") from err
+        number = _number(col, value)
     if math.isnan(number):
         return math.nan
     if number in (0.0, 1.0):
@@ -160,6 +157,13 @@ def _binary_value(col: str, value) -> float:
         return 0.0
     hint = " (gender is 0 = male, 1 = female; CelebA's Male column is the opposite)" if col == "gender" else ""
     raise ValueError(f"{col}: {value!r} is not 0 or 1{hint}")
+
+
+def _number(col: str, value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{col}: {value!r} is not a number") from err
 
 
 def text_of(value) -> str:
@@ -193,10 +197,7 @@ def _manifest_value(col: str, value):
         return _binary_value(col, value)
     if value is None or (isinstance(value, str) and not value.strip()):
         return math.nan
-    try:
-        number = float(value)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{col}: {value!r} is not a number") from err
+    number = _number(col, value)
     if math.isnan(number):
         return math.nan
     # A value no model can learn is a malformed row, not a label: a race code indexes the race head (7 in a
