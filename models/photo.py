@@ -43,8 +43,11 @@ def _within(w: int, h: int, max_side: int) -> tuple[int, int]:
 def decode_photo_pixels(data: bytes, max_side: int = DEFAULT_PHOTO_SIDE,
                         max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int], float]:
     """Photo bytes -> ``(uint8 RGB (h, w, 3) array, (width, height) of the upright original, scale)``, the whole
-    picture for face detection, its longest side at most ``max_side`` pixels; the array is Pillow's own pixels,
-    read-only (no copy is made here: ``models.preprocess.decode_photo`` makes a writable tensor of them).
+    picture for face detection, its longest side at most ``max_side`` pixels; the array is read-only
+    (``models.preprocess.decode_photo`` makes a writable tensor of it). ``np.asarray`` copies Pillow's pixels
+    once (Pillow 13 keeps RGB at 4 bytes a pixel and hands numpy a packed 3-byte copy, ``tobytes``), so both are
+    held until this returns and Pillow's image is freed (``models.imagebytes.decode_cost`` was measured through
+    this function, that copy included).
 
     A large JPEG is decoded at a reduced DCT scale (JPEG draft mode: 1/2, 1/4 or 1/8, the smallest that keeps
     its longest side at or above :func:`jpeg_draft_side`, 31/32 of ``max_side``) and then area-resized if it is
