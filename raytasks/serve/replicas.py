@@ -19,10 +19,12 @@ raises :class:`CheckpointChanged` otherwise; the ingress then re-reads the descr
 What one request may cost the replica (issue #22): the ingress sends its ``limits`` with each request. A
 photo request's faces are found first (its own ``@serve.batch`` queue, shared across requests) and counted:
 over ``max_faces`` the request is refused (:class:`FaceBudgetExceeded`, 413) before any attribute model runs
-on them. Past its deadline (when the ingress answers 504: ``limits["timeout_s"]`` from the request's arrival, on this
-host's monotonic clock, so that the clocks of the ingress's and the replica's hosts need not agree) a request's images are left out of the batches
-they have not entered, and a batch stops before its next model, or its next chunk of faces, once every
-request in it is past its deadline (:class:`DeadlineExceeded`): the replica is free for the next batch.
+on them. Past its deadline (when the ingress answers 504: ``limits["timeout_s"]`` from the request's arrival,
+on this host's monotonic clock, so the hosts' wall clocks need not agree) a request's images are left out of
+the batches they have not entered, and a batch stops before its next model, or its next chunk of faces, once
+every request in it is past its deadline (:class:`DeadlineExceeded`): the replica is free for the next batch.
+An image the detector or a model fails on alone gets a ``model_error`` row (core/failures.py), which the
+ingress answers 422; the batch's other requests get their rows.
 """
 
 from __future__ import annotations
