@@ -190,9 +190,15 @@ def torch_load_checked(data: bytes, uri: str, map_location="cpu", max_bytes: int
     return obj
 
 
-def _read(uri: str, map_location="cpu", max_bytes: int | None = None, timeout_s: float | None = None) -> dict:
+def _read(uri: str, map_location="cpu", max_bytes: int | None = None, timeout_s: float | None = None,
+          data: bytes | None = None) -> dict:
+    """``uri``'s checkpoint dict, its fields checked; ``data``: its bytes, already in memory (``uri`` names them)."""
     max_bytes, timeout_s = read_limits(max_bytes, timeout_s)
-    obj = torch_load_checked(read_checked(uri, max_bytes, timeout_s), uri, map_location, max_bytes)
+    if data is None:
+        data = read_checked(uri, max_bytes, timeout_s)
+    elif len(data) > max_bytes:
+        raise CheckpointError(f"{uri}: {len(data)} bytes, over the checkpoint read limit of {max_bytes}")
+    obj = torch_load_checked(data, uri, map_location, max_bytes)
     if not isinstance(obj, dict) or obj.get("format") not in (FORMAT, OLD_FORMAT):
         raise CheckpointError(f"{uri} is not a {FORMAT} file")
     bad = [k for k, typ in _FIELDS.items() if k not in obj and not (k in ("metrics", "extra") and obj["format"] == OLD_FORMAT)
@@ -203,7 +209,7 @@ def _read(uri: str, map_location="cpu", max_bytes: int | None = None, timeout_s:
 
 
 def _verified(uri: str, map_location="cpu", expected_hash: str | None = None, max_bytes: int | None = None,
-              timeout_s: float | None = None) -> tuple[str, dict]:
+              timeout_s: float | None = None, data: bytes | None = None) -> tuple[str, dict]:
     """``(uri without its pin, the checkpoint's dict)`` once its format, content hash and pin are checked."""
     uri, pin = split_pin(uri)
     if expected_hash is not None:
@@ -211,7 +217,7 @@ def _verified(uri: str, map_location="cpu", expected_hash: str | None = None, ma
         if pin is not None and pin != expected:
             raise CheckpointError(f"{uri}: two different pins ({pin}, {expected})")
         pin = expected
-    obj = _read(uri, map_location, max_bytes, timeout_s)
+    obj = _read(uri, map_location, max_bytes, timeout_s, data)
     if obj["format"] == OLD_FORMAT:
         raise CheckpointError(f"{uri} is a {OLD_FORMAT} file, whose hash does not cover its outputs, preprocessing, "
                               f"metrics and extra; re-save it as {FORMAT} with "
@@ -230,8 +236,9 @@ def _verified(uri: str, map_location="cpu", expected_hash: str | None = None, ma
 
 
 def load_checkpoint(uri: str, map_location="cpu", expected_hash: str | None = None, max_bytes: int | None = None,
-                    timeout_s: float | None = None):
-    """Load a checkpoint from a path or s3:// URI -> ``(model in eval mode, CheckpointInfo)``.
+                    timeout_s: float | None = None, data: bytes | None = None):
+    """Load a checkpoint from a path or s3:// URI -> ``(model in eval mode, CheckpointInfo)``; with ``data``,
+    from those bytes (a file already read: the train job's export), ``uri`` naming them.
 
     Uses ``torch.load(weights_only=True)``; refuses (:class:`CheckpointError`) files of another format,
     malformed ones, files whose content does not match their hash, and, when the URI ends in
@@ -241,7 +248,7 @@ def load_checkpoint(uri: str, map_location="cpu", expected_hash: str | None = No
     from models.preprocess import Preprocessing, check_bounds
 
     max_bytes, timeout_s = read_limits(max_bytes, timeout_s)
-    uri, obj = _verified(uri, map_location, expected_hash, max_bytes, timeout_s)
+    uri, obj = _verified(uri, map_location, expected_hash, max_bytes, timeout_s, data)
     config = dict(obj["config"])
     config.pop("backbone_weights", None)  # the trained weights replace any initial backbone weights
     try:
@@ -329,18 +336,21 @@ def _info(uri: str, obj: dict) -> CheckpointInfo:
                           hash=obj["hash"])
 
 
-def checkpoint_info(uri: str) -> CheckpointInfo:
-    """A checkpoint's metadata, its format and content hash checked, without building its model."""
-    return _info(*_verified(uri))
+def checkpoint_info(uri: str, data: bytes | None = None) -> CheckpointInfo:
+    """A checkpoint's metadata, its format and content hash checked, without building its model (``data``: its
+    bytes, already in memory)."""
+    return _info(*_verified(uri, data=data))
 
 
-def add_extra(uri: str, entries: dict) -> str:
+def add_extra(uri: str, entries: dict, expected_hash: str | None = None) -> str:
     """Add ``entries`` to a checkpoint's ``extra`` in place (its hash, which covers ``extra``, is computed again;
-    weights, outputs and preprocessing are kept byte for byte); returns the new hash. The train job records
-    the recipe a model was trained with this way (models/recipes.py)."""
+    weights, outputs and preprocessing are kept byte for byte); returns the new hash. ``expected_hash``: the
+    checkpoint the caller wrote there; a file replaced since (another run with the same ``--output``) is refused,
+    not signed with this one's entries. The train job records the recipe a model was trained with this way
+    (models/recipes.py)."""
     import storage
 
-    uri, obj = _verified(uri)
+    uri, obj = _verified(uri, expected_hash=expected_hash)
     obj = {**obj, "extra": json.loads(json.dumps({**obj["extra"], **entries}))}
     obj["hash"] = hash_of(obj)
     storage.write_bytes(uri, _save(obj))

@@ -1,16 +1,18 @@
-"""The train job exports a calibrated checkpoint (#21): raytasks.train.job.calibrate_output fits the best
-checkpoint's temperatures on the validation split, and the label columns read them."""
+"""The train job exports a calibrated checkpoint (#21): raytasks.train.job.calibrated_bytes fits the best
+checkpoint's temperatures on the validation split, and the label columns read them. The export is made in
+memory and written once; a recipe's record is added to that export only (models.checkpoint.add_extra, pinned)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import models
 from facedata.datasets import read_dataset
 from facedata.synth import generate
 from models.calibration import calibration_status
-from models.checkpoint import load_checkpoint, save_checkpoint
-from raytasks.train.job import calibrate_output
+from models.checkpoint import CheckpointError, add_extra, checkpoint_info, load_checkpoint, save_checkpoint
+from raytasks.train.job import calibrated_bytes
 
 
 def test_the_exported_checkpoint_is_calibrated_on_validation_and_says_so(tmp_path):
@@ -22,9 +24,28 @@ def test_the_exported_checkpoint_is_calibrated_on_validation_and_says_so(tmp_pat
     raw, raw_info = load_checkpoint(path)
     assert calibration_status(raw)["calibrated"] is False
     lines: list[str] = []
-    calibrate_output(path, table, 16, lines.append)
-    model, info = load_checkpoint(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    out = str(tmp_path / "export.pt")
+    calibrated = calibrated_bytes(data, out, table, 16, lines.append)
+    assert not (tmp_path / "export.pt").exists()  # nothing written: the job writes the export once
+    model, info = load_checkpoint(out, data=calibrated)
     status = calibration_status(model)
     assert status["calibrated"] is True and status["outputs"]["gender"] is not None
     assert info.extra["calibration"]["split"] == "val" and info.extra["calibration"]["images"] == len(table)
     assert info.hash != raw_info.hash and "gender ECE" in lines[0]
+
+
+def test_a_recipe_record_is_added_only_to_the_export_the_run_wrote(tmp_path):
+    """The recipe's record goes into the checkpoint the last stage exported, pinned to its hash: a file another
+    run wrote to the same --output since is refused, not signed with this run's record."""
+    path = str(tmp_path / "out.pt")
+    ours = save_checkpoint(models.create_model("hard_sharing"), path)
+    theirs_model = models.create_model("hard_sharing")
+    torch.nn.init.zeros_(next(theirs_model.parameters()))
+    theirs = save_checkpoint(theirs_model, path)  # another run's export lands on the same path
+    with pytest.raises(CheckpointError, match="not the pinned"):
+        add_extra(path, {"recipe": {"name": "x"}}, expected_hash=ours)
+    assert checkpoint_info(path).hash == theirs and "recipe" not in checkpoint_info(path).extra
+    new = add_extra(path, {"recipe": {"name": "x"}}, expected_hash=theirs)
+    assert checkpoint_info(path).hash == new and checkpoint_info(path).extra["recipe"] == {"name": "x"}

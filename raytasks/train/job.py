@@ -59,6 +59,7 @@ from faces.align import default_template
 from faces.facecache import DetectionCache
 from faces.trainfaces import default_mode, find_training_faces, landmark_faces
 from models.base import Recipe
+from models.checkpoint import checkpoint_info
 from models.preprocess import Preprocessing
 from models.recipes import TRAIN_FACE_MODES
 from raytasks.train.data import DECODE_CPUS, BatchSpec, data_config, make_dataset, val_datasets
@@ -252,31 +253,32 @@ def _run_config(spec: TrainSpec):
     )
 
 
-def calibrate_output(output: str, val, batch_size: int, log_fn=print) -> None:
-    """Fit the exported checkpoint's temperatures (one per categorical output, one per binary attribute) and
-    regression shifts on the validation split, in the driver, and write it back calibrated (models/calibration.py): the label
-    and serve columns ``*_prob`` are then calibrated, and ``extra["calibration"]`` records the fit. A model
-    with nothing to calibrate is exported as it is, and says so. The per-epoch checkpoints stay raw."""
+def calibrated_bytes(data: bytes, output: str, val, batch_size: int, log_fn=print) -> bytes:
+    """The best checkpoint (``data``, to be exported to ``output``) with its temperatures (one per categorical
+    output, one per binary attribute) and regression shifts fitted on the validation split, in the driver
+    (models/calibration.py): the label and serve columns ``*_prob`` are then calibrated, and
+    ``extra["calibration"]`` records the fit. A model with nothing to calibrate is ``data`` as it is, and says so.
+    Nothing is written: the export writes ``output`` once. The per-epoch checkpoints stay raw."""
     import torch
 
     from core.evaluation import calibration_pairs, run_model
     from models.calibration import CalibrationError, fit_calibration
     from models.checkpoint import checkpoint_bytes, load_checkpoint
 
-    model, info = load_checkpoint(output)
+    model, info = load_checkpoint(output, data=data)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         cal = fit_calibration(model, calibration_pairs(model, run_model(model, val, batch_size, device)))
     except CalibrationError as e:
         log_fn(f"not calibrated: {e}")
-        return
+        return data
     data, _ = checkpoint_bytes(model.cpu(), info.metrics,
                                {**info.extra, "calibration": {"split": "val", "images": len(val), "fit": cal.summary()}})
-    storage.write_bytes(output, data)
     log_fn("calibrated on the validation split (" + ", ".join(c.line() for c in cal.outputs.values()) + ")")
     for c in cal.outputs.values():
         for line in c.rejected_lines():
             log_fn(line)
+    return data
 
 
 def _fit(spec: TrainSpec, model, recipe, train, val, faces, selection, resumed_from, log_fn):
@@ -347,13 +349,17 @@ def run(spec: TrainSpec, log_fn=print, prepared=None) -> TrainOutcome:
     if not result.best_checkpoints:
         raise TrainError(f"run {spec.run_uri} has no checkpoint to export")
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("score", float("-inf")))
-    storage.write_bytes(output, read_checkpoint_file(best_ckpt, MODEL_FILE))
+    data = read_checkpoint_file(best_ckpt, MODEL_FILE)
     if spec.calibrate:
-        calibrate_output(output, engine.sample_rows(val, spec.calibrate_limit, spec.seed), recipe.batch_size, log_fn)
+        data = calibrated_bytes(data, output, engine.sample_rows(val, spec.calibrate_limit, spec.seed),
+                                recipe.batch_size, log_fn)
+    output_hash = checkpoint_info(output, data=data).hash  # checked before it is exported
+    storage.write_bytes(output, data)  # once: a reader of --output never sees a raw or half-made export
     doc = read_history(spec.run_uri) or {"epochs": []}
     curves = None
     if doc["epochs"]:
         curves = storage.join(spec.run_uri, CURVES_PNG)
         storage.write_bytes(curves, plot_curves(doc))
     return TrainOutcome(output=output, best_epoch=int(best_metrics.get("epoch", 0)), best_metrics=best_metrics,
-                        history=doc["epochs"], run_uri=spec.run_uri, resumed_from=resumed_from, curves=curves)
+                        history=doc["epochs"], run_uri=spec.run_uri, resumed_from=resumed_from, curves=curves,
+                        output_hash=output_hash)

@@ -237,12 +237,13 @@ class RecipeRun:
                                "best_epoch": outcome.best_epoch, "best_metrics": summary_metrics(outcome.best_metrics),
                                "primary_metric": doc.get("primary_metric"), "train_values": doc.get("recipe"),
                                "model_config": doc.get("config"), "output": outcome.output,
-                               "output_hash": checkpoint_info(outcome.output).hash,
+                               "output_hash": outcome.output_hash,
                                "overrides": {**r.spec.model_kwargs, **r.spec.recipe}})
         first = self.runs[0].spec  # the faces every stage trained on, where the recipe or a flag chose them
         faces = {"faces": {"mode": first.faces, "options": first.face_options}} if first.faces else {}
         record = {"name": self.recipe.name, "version": self.recipe.version, "about": self.recipe.about, **faces,
                   "stages": [{k: v for k, v in e.items() if k not in ("identity", "status", "output_hash")}
                              for e in self.state["stages"]]}
-        add_extra(outcome.output, {RECORD_KEY: record})
+        # pinned to what the last stage exported: a file another run wrote there since is refused, not signed
+        add_extra(outcome.output, {RECORD_KEY: record}, expected_hash=outcome.output_hash)
         return dataclasses.replace(outcome, recipe=record)
