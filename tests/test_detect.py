@@ -16,13 +16,10 @@ from facedata.compose import FaceSource, background, compose, paste
 from facedata.draw import draw_face
 from faces import retinaface
 from faces.detect import DetectorConfig, FaceDetector, Faces
-from tests.helpers import detect_batched_and_alone
+from tests.helpers import chw as _t
+from tests.helpers import detect_batched_and_alone, drawn_face_sources
 
 POINT_ERROR_MAX, POINT_ERROR_MEDIAN = 0.12, 0.07
-
-
-def _t(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).contiguous()
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +34,9 @@ def drawn() -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def drawn_sources(detector, drawn) -> list[FaceSource]:
+def drawn_sources(detector) -> list[FaceSource]:
     """The drawn faces with the box the detector finds on them and their drawn points."""
-    marks = [draw_face(np.random.default_rng([3, i]), (178, 218))[1]["landmarks"] for i in range(3)]
-    found = detector.detect([_t(d) for d in drawn])
-    assert [len(f) for f in found] == [1, 1, 1]
-    return [FaceSource(d, f.boxes[0].numpy(), np.reshape(m, (5, 2))) for d, f, m in zip(drawn, found, marks)]
+    return drawn_face_sources(detector)
 
 
 @pytest.fixture(scope="module")

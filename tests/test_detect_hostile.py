@@ -14,14 +14,11 @@ from PIL import Image, ImageDraw, ImageFont
 from facedata.draw import draw_face
 from faces.detect import DetectorConfig, FaceDetector
 from faces.onnxgraph import WeightsError
+from tests.helpers import chw as _t
 
 WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but have "
          "an they you were her she there been one all we their has would when if so no will more out up into "
          "do any your what some can only other new time could these two may first then").split()
-
-
-def _t(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).contiguous()
 
 
 def _page(seed: int = 0) -> np.ndarray:

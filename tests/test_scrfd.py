@@ -20,6 +20,7 @@ from facedata.draw import draw_face
 from faces import scrfd
 from faces.detect import DetectorConfig, FaceDetector
 from faces.onnxgraph import WeightsError
+from tests.helpers import chw as _t
 from tests.helpers import detect_batched_and_alone
 
 
@@ -28,10 +29,6 @@ def _sdist_or_skip():
         return scrfd.sdist_path()
     except WeightsError as e:
         pytest.skip(str(e))
-
-
-def _t(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).contiguous()
 
 
 @pytest.fixture(scope="module")

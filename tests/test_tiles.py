@@ -13,14 +13,10 @@ from PIL import Image
 from torchvision.ops import box_iou
 
 from facedata.compose import FaceSource, background, paste
-from facedata.draw import draw_face
 from faces import detect as detect_module
 from faces.detect import TILE_MARGIN, DetectorConfig, FaceDetector, tile_starts, top_k_per_group
-from tests.helpers import assert_same_faces
-
-
-def _t(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).contiguous()
+from tests.helpers import assert_same_faces, drawn_face_sources
+from tests.helpers import chw as _t
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +27,7 @@ def detector() -> FaceDetector:
 @pytest.fixture(scope="module")
 def sources(detector) -> list[FaceSource]:
     """Three drawn faces (178x218) with the box the default detector finds on each alone."""
-    drawn = [draw_face(np.random.default_rng([3, i]), (178, 218)) for i in range(3)]
-    images = [np.array(im) for im, _ in drawn]
-    found = detector.detect([_t(a) for a in images])
-    assert [len(f) for f in found] == [1, 1, 1]
-    return [FaceSource(a, f.boxes[0].numpy(), np.reshape(lab["landmarks"], (5, 2)))
-            for a, f, (_, lab) in zip(images, found, drawn)]
+    return drawn_face_sources(detector)
 
 
 def _photo(sources, seed: int, size: tuple[int, int], places: list[tuple[int, float, float, float]]):
