@@ -71,8 +71,8 @@ def hostile_files() -> dict[str, tuple[bytes, str]]:
     """name -> (bytes, where it comes from). Sizes within the 40 MP limit where the issue says so."""
     from facedata.draw import draw_face
     from facedata.synth import encode_jpeg
-    from tests.helpers import huge_png
     from tests.hostile import png_with_late_exif, scan_bomb, tiff_giant_tile
+    from tests.images import huge_png
 
     face = draw_face(np.random.default_rng(7), (200, 200))[0]
     side = 6300  # 39.7 MP: just under the pixel limit

@@ -106,8 +106,8 @@ def first_request(client: httpx.Client, face: bytes, deployed_s: float) -> dict:
 
 
 def requests_cases(server: dict, client: httpx.Client) -> list[dict]:
-    from tests.helpers import photos
     from tests.hostile import crowd_photo, flat_webp, slow_post
+    from tests.images import photos
 
     face = photos()["one.jpg"]
     rows = [server["first"]]
@@ -177,8 +177,8 @@ def concurrent(server: dict, client: httpx.Client, seconds: float = 30.0, normal
     requests arrive every second in turn: 64 flat WebPs, 5 photos of 64 faces (agr), a slow body sender
     (on ``short``) and 64 flat 16383x2441 WebPs. Every normal request must get 200; their p50 and p99 are
     stated, with the same clients alone for as long before."""
-    from tests.helpers import photos
     from tests.hostile import crowd_photo, flat_webp, slow_post
+    from tests.images import photos
 
     face, crowd = photos()["one.jpg"], crowd_photo(64)
     webp, tall = flat_webp(2048, 2048), flat_webp(16383, 2441)
@@ -247,6 +247,6 @@ def bench_serve(tmp: Path, threads: int, parts: set[str]) -> tuple[list[dict], d
 
 
 def _face() -> bytes:
-    from tests.helpers import photos
+    from tests.images import photos
 
     return photos()["one.jpg"]

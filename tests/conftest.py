@@ -1,6 +1,7 @@
 """Shared fixtures: one local Ray per test session, a real S3 endpoint (moto's server) on 127.0.0.1,
 the path of the real face data, the checkpoints several modules use (made once per session), the face
-detector, and a group photo. Helpers without state are in tests/helpers.py.
+detector, and a group photo. Helpers without state are in tests/helpers.py, the images and photos in
+tests/images.py.
 
 Every test that uses Ray (the ``ray_session`` fixture, directly or through another fixture) is marked
 ``ray`` here, so ``pytest -m "not ray"`` is the fast tier without any Ray cluster."""
@@ -212,7 +213,7 @@ def group_photo() -> tuple[bytes, int]:
             f = det.detect([torch.from_numpy(img.copy()).permute(2, 0, 1)])[0]
             sources.append(FaceSource(img, f.boxes[0].numpy(), f.points[0].numpy()))
     else:
-        from tests.helpers import drawn_source
+        from tests.images import drawn_source
 
         sources = [drawn_source(i, stream=3)[0] for i in range(3)]
     canvas = background(np.random.default_rng(7), 900, 640)

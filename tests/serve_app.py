@@ -21,7 +21,8 @@ from PIL import Image
 import models
 from core.annotator import Annotator
 from core.modelset import ModelSet, resolve_set
-from tests.helpers import free_port, photos, save_model
+from tests.helpers import free_port, save_model
+from tests.images import photos
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "test-key-" + uuid.uuid4().hex[:8]

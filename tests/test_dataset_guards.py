@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from facedata.datasets import SOURCE, UTKFACE_RACES, read_dataset, seeded_split
-from tests.helpers import png_bytes, write_files
+from tests.images import png_bytes, write_files
 
 
 def _utkface(folder) -> str:

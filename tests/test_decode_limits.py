@@ -19,7 +19,8 @@ from facedata.decode import Photos, Whole, cost, decode_batch, decode_into, empt
 from models import imagebytes
 from models.imagebytes import ImageDecodeError, decode_cost, open_image
 from raytasks import serve as S
-from tests.helpers import ROOT, FakeRequest, huge_png, ingress
+from tests.helpers import ROOT, FakeRequest, ingress
+from tests.images import huge_png
 
 
 # --- 1: the ingress's cost is the decoder's own header check -------------------------------------------------

@@ -16,8 +16,9 @@ from facedata.compose import FaceSource, background, compose, paste
 from facedata.draw import draw_face
 from faces import retinaface
 from faces.detect import DetectorConfig, FaceDetector, Faces
-from tests.helpers import chw as _t
-from tests.helpers import detect_batched_and_alone, drawn_face_sources
+from tests.helpers import detect_batched_and_alone
+from tests.images import chw as _t
+from tests.images import drawn_face_sources
 
 POINT_ERROR_MAX, POINT_ERROR_MEDIAN = 0.12, 0.07
 

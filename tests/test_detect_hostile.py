@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 from facedata.draw import draw_face
 from faces.detect import DetectorConfig, FaceDetector
 from faces.onnxgraph import WeightsError
-from tests.helpers import chw as _t
+from tests.images import chw as _t
 
 WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but have "
          "an they you were her she there been one all we their has would when if so no will more out up into "

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from facedata.synth import encode_jpeg
-from tests.helpers import (
+from tests.images import (
     FACES_PER_PHOTOS,
     PLACES,
     ROWS_PER_PHOTOS,

@@ -15,7 +15,7 @@ from facedata.decode import Photos, Whole, decode_batch
 from models.preprocess import decode_photo
 from raytasks.label.decoding import read_and_decode
 from raytasks.label.gpu_decode import gpu_decode_photos, images_on_device, photos_on_device
-from tests.helpers import compose, real_crops, write_files
+from tests.images import compose, real_crops, write_files
 
 MAX_SIDE = 2048
 

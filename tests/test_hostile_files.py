@@ -391,7 +391,7 @@ def test_photo_formats_not_decoded_here_are_named_not_just_refused():
     from PIL import Image
 
     from models.imagebytes import ImageDecodeError, foreign_format, open_image
-    from tests.helpers import HEIC_HEAD, NOT_INPUTS, avif_image
+    from tests.images import HEIC_HEAD, NOT_INPUTS, avif_image
 
     j2k = io.BytesIO()
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(j2k, "JPEG2000")

@@ -23,18 +23,16 @@ from core.modelset import ModelSet
 from facedata import inputs
 from models.checkpoint import save_checkpoint
 from raytasks import label as L
-from tests.helpers import (
+from tests.helpers import assert_row_matches, put_all, read_rows
+from tests.images import (
     BAD,
     HEIC_HEAD,
     NOT_INPUTS,
-    assert_row_matches,
     avif_image,
     bad_files,
     face_jpeg,
     huge_png,
     odd_images,
-    put_all,
-    read_rows,
     real_faces,
     write_files,
 )

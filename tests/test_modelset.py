@@ -20,19 +20,8 @@ from facedata.decode import Photos, Whole, decode_batch
 from facedata.draw import draw_face
 from models.embedding import SAME_PERSON_DISTANCE, distance
 from raytasks.label.output import COMMIT_LOG_DIR
-from tests.helpers import (
-    ROWS_PER_PHOTOS,
-    assert_same,
-    compose,
-    kill_after_commits,
-    many_photos,
-    photos,
-    put_all,
-    read_rows,
-    real_crops,
-    s3_commits,
-    save_model,
-)
+from tests.helpers import assert_same, kill_after_commits, put_all, read_rows, s3_commits, save_model
+from tests.images import ROWS_PER_PHOTOS, compose, many_photos, photos, real_crops
 
 ROOT = Path(__file__).resolve().parents[1]
 

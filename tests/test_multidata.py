@@ -21,7 +21,7 @@ from core import engine
 from core.batches import load_batch, to_tensors
 from facedata import synth
 from facedata.datasets import CELEBA_ATTRIBUTES, MIXED, SOURCE, read_dataset, seeded_split
-from tests.helpers import bad_training_files, blank_photo, face_photo, png_bytes, write_files
+from tests.images import bad_training_files, blank_photo, face_photo, png_bytes, write_files
 
 
 def _genki(folder, rows: list[str], images: dict[str, bytes]) -> str:

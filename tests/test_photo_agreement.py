@@ -36,7 +36,7 @@ from facedata.datasets import UTKFACE_RACES
 from models.checkpoint import save_checkpoint
 from raytasks.train.job import prepare
 from raytasks.train.spec import TrainSpec
-from tests.helpers import drawn_source
+from tests.images import drawn_source
 
 pytestmark = pytest.mark.slow  # a training run: ~20 s of CPU
 

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import report as report_job
-from tests.helpers import drawn_source
+from tests.images import drawn_source
 from tests.report_page import SECTIONS, Page, run_report
 
 ROOT = Path(__file__).resolve().parents[1]

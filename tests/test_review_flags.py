@@ -13,7 +13,7 @@ from PIL import Image
 
 from faces.quality import ReviewThresholds, review_flags
 from models.outputs import Binary
-from tests.helpers import compose, png_bytes, real_crops
+from tests.images import compose, png_bytes, real_crops
 
 # --- 1. low_detection_score per detector network --------------------------------------------------------
 

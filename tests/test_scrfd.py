@@ -20,8 +20,8 @@ from facedata.draw import draw_face
 from faces import scrfd
 from faces.detect import DetectorConfig, FaceDetector
 from faces.onnxgraph import WeightsError
-from tests.helpers import chw as _t
 from tests.helpers import detect_batched_and_alone
+from tests.images import chw as _t
 
 
 def _sdist_or_skip():

@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 
 import models
-from tests.helpers import HEIC_HEAD, assert_error, assert_same
+from tests.helpers import assert_error, assert_same
 from tests.hostile import flat_webp, slow_post
+from tests.images import HEIC_HEAD
 from tests.serve_app import (
     ADMIN_KEY,
     API_KEY,

@@ -11,7 +11,8 @@ import os
 import pytest
 
 from raytasks import serve as S
-from tests.helpers import FakeRequest, ingress, png_bytes
+from tests.helpers import FakeRequest, ingress
+from tests.images import png_bytes
 
 
 def test_decoding_is_bounded_and_saturation_is_a_503():

@@ -10,7 +10,7 @@ from faces.align import template_of
 from faces.quality import ReviewThresholds
 from models.dlib_resnet import chip_template
 from models.preprocess import Preprocessing
-from tests.helpers import PLACES, photos
+from tests.images import PLACES, photos
 
 
 def _eyes(pre: Preprocessing) -> float:

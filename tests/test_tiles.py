@@ -15,8 +15,9 @@ from torchvision.ops import box_iou
 from facedata.compose import FaceSource, background, paste
 from faces import detect as detect_module
 from faces.detect import TILE_MARGIN, DetectorConfig, FaceDetector, tile_starts, top_k_per_group
-from tests.helpers import assert_same_faces, drawn_face_sources
-from tests.helpers import chw as _t
+from tests.helpers import assert_same_faces
+from tests.images import chw as _t
+from tests.images import drawn_face_sources
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ the detector of label and serve, caches the detections beside the runs, skips an
 or cannot be read, and the augmentation runs in the aligned frame, on the device, never in evaluation.
 
 The photos are drawn faces (facedata/synth.py) pasted on cluttered backgrounds at known places
-(tests/helpers.py ``face_photo``); the detector is the session's (tests/conftest.py ``finder``)."""
+(tests/images.py ``face_photo``); the detector is the session's (tests/conftest.py ``finder``)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from faces.facecache import Detection, DetectionCache
 from faces.finder import FaceFinder, FaceOptions
 from faces.trainfaces import ALIGN_POINTS, find_training_faces, pick_face
 from models.landmarks import Landmarks
-from tests.helpers import bad_training_files, blank_photo, face_photo, write_files
+from tests.images import bad_training_files, blank_photo, face_photo, write_files
 
 N_TRAIN, N_VAL = 12, 5  # 5 validation photos: shares of 3 and 2 on the Ray run's 2 workers
 
