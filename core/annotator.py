@@ -161,7 +161,7 @@ class Annotator:
         run = self._photos if "scale" in batch else self._whole
         return image_by_image_on_failure(batch, run, check, concat_columns,
                                          lambda one, why, c: run(failed_batch(one, {0: why}), c),
-                                         before_retry=self._release_device_memory)
+                                         before_retry=self._release_device_memory, healthy=self._healthy)
 
     def find(self, batch: dict) -> list:
         """The faces of every picture of a decoded photo batch (``faces.detect.Faces``; None for a failed
@@ -176,7 +176,17 @@ class Annotator:
             return out
 
         return image_by_image_on_failure(batch, run, None, lambda parts: [p[0] for p in parts],
-                                         lambda one, why, c: [ImageFailed(why)], before_retry=self._release_device_memory)
+                                         lambda one, why, c: [ImageFailed(why)],
+                                         before_retry=self._release_device_memory, healthy=self._healthy)
+
+    def _healthy(self) -> bool:
+        """Whether every network still runs on a dummy input (:meth:`warm_up`): after a batch whose every image
+        failed, this tells the images' fault from the models' or the device's (core/failures.py)."""
+        try:
+            self.warm_up()
+        except Exception:  # noqa: BLE001 - any failure here is the networks', whatever its kind
+            return False
+        return True
 
     def _release_device_memory(self) -> None:
         """After a failed batch on a GPU (its memory, most often), before the images are tried alone."""

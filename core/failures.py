@@ -2,10 +2,12 @@
 
 Each image of the batch is run again alone. One that fails alone gets an error row (``error_kind``
 ``model_error``, the exception in ``error_message``) while the others get the rows they would have got in any
-batch (rows never depend on which images share a batch: tests/test_tiles.py, tests/test_failures.py). A failure
-that every image has alone is the models' or the device's, not an image's, and is raised as before: a broken
-checkpoint fails the job, it does not become a million error rows. A batch that fails only together (the GPU's
-memory, for a batch of crowds) is answered image by image. The label job's actors and the serving replicas
+batch (rows never depend on which images share a batch: tests/test_tiles.py, tests/test_failures.py). When every
+image fails (a batch of one image with pixels included), the networks are run once on a dummy input
+(``Annotator.warm_up``): if that fails too, the models or the device are broken, not the images, and the
+failure is raised as before (a broken checkpoint fails the job, it does not become a million error rows);
+otherwise each image gets its error row, so that an image's answer does not depend on its companions. A batch
+that fails only together (the GPU's memory, for a batch of crowds) is answered image by image. The label job's actors and the serving replicas
 call ``core.annotator.Annotator``, which calls this: one rule for both (an image a request sent that fails
 alone is that request's error row, and the other requests of its batch are answered).
 """
@@ -36,11 +38,13 @@ class ImageFailed:
 
 def image_by_image_on_failure(batch: dict, run: Callable[[dict, Any], Any], check: Callable[[], None] | None,
                               join: Callable[[list], Any], failed: Callable[[dict, str, Any], Any],
-                              before_retry: Callable[[], None] = lambda: None) -> Any:
+                              before_retry: Callable[[], None] = lambda: None,
+                              healthy: Callable[[], bool] = lambda: False) -> Any:
     """``run(batch, check)``; when it raises (not in ``check``: a stop is a stop), ``run`` on each image
     alone, and ``failed(its one-image batch, why, check)`` for an image that fails alone; ``join`` puts the
-    images' results together in the batch's order. A failure that every image with pixels has alone (a
-    batch of one such image too) is raised: it is the batch's."""
+    images' results together in the batch's order. When every image with pixels fails (a batch of one such
+    image too), ``healthy()`` tells the images' fault from the models' or the device's: the failure is raised
+    unless the networks still run on a dummy input."""
     stopped: list = []
 
     def guarded() -> None:
@@ -58,26 +62,34 @@ def image_by_image_on_failure(batch: dict, run: Callable[[dict, Any], Any], chec
             raise
         first = e
     live = [int(i) for i in np.flatnonzero(np.asarray(batch["ok"], dtype=bool))]
-    if len(live) < 2:
+    if not live:
         raise first
     before_retry()
-    parts, why = [], {}
+    parts: list = []
+    why: dict[int, str] = {}
     for i in range(len(batch["ok"])):
-        one = rows_of(batch, [i])
+        if live == [i]:  # the batch's one image with pixels: the batch's failure is its own (or the models')
+            why[i] = _reason(first)
+            parts.append(None)
+            continue
         try:
-            parts.append(run(one, guard))
+            parts.append(run(rows_of(batch, [i]), guard))
             continue
         except Exception as e:  # noqa: BLE001 - this image's failure: its error row
             if stopped:
                 raise
-            why[i] = f"{type(e).__name__}: {e}"[:1000]
-        parts.append(failed(one, why[i], guard))
-    if len(why) == len(live):
+            why[i] = _reason(e)
+        parts.append(None)
+    if len(why) == len(live) and not healthy():
         raise first
-    log.warning("a batch of %d images failed (%s: %s); run image by image, %d failed alone (%s)", len(live),
-                type(first).__name__, str(first)[:200], len(why),
-                "; ".join(f"{batch['path'][i]}: {m[:200]}" for i, m in list(why.items())[:3]))
-    return join(parts)
+    log.warning("a batch of %d images failed (%s); %d failed alone, each an error row (%s)", len(live),
+                _reason(first)[:200], len(why), "; ".join(f"{batch['path'][i]}: {m[:200]}"
+                                                        for i, m in list(why.items())[:3]))
+    return join([failed(rows_of(batch, [i]), why[i], guard) if p is None else p for i, p in enumerate(parts)])
+
+
+def _reason(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}"[:1000]
 
 
 def failed_batch(batch: dict, why: dict[int, str]) -> dict:

@@ -1,7 +1,8 @@
 """One image cannot fail its batch (core/failures.py): when the detector or a model raises on a batch, each image
 is run again alone; one that fails alone gets a ``model_error`` row, the others the rows they get in any batch.
-A failure every image has alone is raised (a broken model fails the job), a serving deadline (``check``) is a
-stop, never retried, and the HTTP front refuses a request holding such an image with a 422 naming it.
+When every image fails, a dummy input tells the images' fault (error rows, whatever the batch) from the
+networks' (raised: a broken model fails the job). A serving deadline (``check``) is a stop, never retried, and
+the HTTP front refuses a request holding such an image with a 422 naming it.
 
 The failures are injected where they would arise (the detector's or the model's forward pass of the session's
 annotator), keyed on the image itself, so that only the batches holding it fail."""
@@ -110,8 +111,10 @@ def test_a_batch_that_fails_only_together_is_answered_image_by_image(hs_annotato
     assert_same(row_dicts(hs_annotator.annotate(batch)), want)
 
 
-def test_a_failure_every_image_has_alone_is_raised_not_written_as_error_rows(hs_annotator, group_photo, monkeypatch):
-    """A broken model or device fails the job: a million ``model_error`` rows would hide it."""
+def test_a_failure_the_networks_have_on_any_input_is_raised_not_written_as_error_rows(hs_annotator, group_photo,
+                                                                                     monkeypatch):
+    """A broken model or device (it fails on a dummy input too) fails the job: a million ``model_error`` rows
+    would hide it."""
     photo, _ = group_photo
     (runner,) = hs_annotator.members.values()
     calls = []
@@ -124,7 +127,31 @@ def test_a_failure_every_image_has_alone_is_raised_not_written_as_error_rows(hs_
     batch = _photos([("a.jpg", photo), ("b.jpg", photo), ("bad.jpg", b"")], hs_annotator)
     with pytest.raises(RuntimeError, match="broken model"):
         hs_annotator.annotate(batch)
-    assert len(calls) == 3  # the batch, then each of its two pictures alone
+    assert calls == [2 * group_photo[1], group_photo[1], group_photo[1], 1]  # the batch, each alone, the dummy
+
+
+def test_a_detector_that_fails_on_any_input_is_raised(hs_annotator, group_photo, poison, monkeypatch):
+    finder = hs_annotator.finder
+
+    def broken(images, scales=None):
+        raise RuntimeError("broken detector")
+
+    monkeypatch.setattr(finder, "find", broken)
+    with pytest.raises(RuntimeError, match="broken detector"):
+        hs_annotator.annotate(_photos([("a.jpg", group_photo[0]), ("bad.jpg", poison)], hs_annotator))
+    with pytest.raises(RuntimeError, match="broken detector"):
+        hs_annotator.find(_photos([("bad.jpg", poison)], hs_annotator))
+
+
+def test_an_image_gets_its_error_row_whatever_shares_its_batch(hs_annotator, group_photo, poison, poisoned_detector):
+    """Alone in its batch (a serving request of one photo), or with another image that fails too: the same
+    error row, since the networks still run on a dummy input; the decode error beside it keeps its own."""
+    alone = row_dicts(hs_annotator.annotate(_photos([("bad.jpg", poison), ("broken.jpg", b"")], hs_annotator)))
+    assert [(r["path"], r["error_kind"]) for r in alone] == [("bad.jpg", MODEL_ERROR), ("broken.jpg", "empty")]
+    both = row_dicts(hs_annotator.annotate(_photos([("bad.jpg", poison), ("bad2.jpg", poison)], hs_annotator)))
+    assert [r["error_kind"] for r in both] == [MODEL_ERROR, MODEL_ERROR]
+    assert alone[0]["error_message"] == both[0]["error_message"] == "RuntimeError: poisoned picture"
+    assert hs_annotator.find(_photos([("bad.jpg", poison)], hs_annotator)) == [ImageFailed("RuntimeError: poisoned picture")]
 
 
 def test_a_stop_is_not_retried_image_by_image(hs_annotator, group_photo, poison, poisoned_detector):
