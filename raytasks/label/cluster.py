@@ -6,17 +6,7 @@ import math
 import os
 
 from raytasks.label.spec import LabelError, LabelSpec
-
-
-def started_here() -> bool:
-    """Whether this process started the Ray it uses (``ray.init()`` without an address, here, in a notebook or
-    in a user's script): a Ray on this machine alone, which no autoscaler grows. Read from the driver's node
-    (``ray_init_cluster``, private to Ray 2.60, so read with a default: an unknown Ray counts as a cluster)."""
-    try:
-        from ray._private import worker
-    except ImportError:
-        return False
-    return bool(getattr(getattr(worker, "_global_node", None), "ray_init_cluster", False))
+from raytasks.reach import started_here
 
 
 def ensure_ray(address: str | None = None) -> None:

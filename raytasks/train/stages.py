@@ -34,6 +34,7 @@ import time
 import storage
 from models.checkpoint import PIN_SEP, add_extra, checkpoint_info
 from models.recipes import RECORD_KEY, Stage, TrainingRecipe, describe, face_values, stage_values
+from raytasks.reach import check_reachable
 from raytasks.train.history import HISTORY_JSON, read_history
 from raytasks.train.job import prepare, resolve_model, run
 from raytasks.train.resume import check_folder
@@ -205,7 +206,11 @@ class RecipeRun:
 
     def run(self) -> TrainOutcome:
         """Train the stages from the first one not done (:meth:`prepare` first), export the last one's best
-        checkpoint and record the recipe in it."""
+        checkpoint and record the recipe in it. A path on this machine's disk that the cluster's workers could not
+        reach (raytasks/reach.py: the data, the run storage, the starting checkpoint) is refused first."""
+        data = self.spec.data if isinstance(self.spec.data, tuple) else (self.spec.data,)
+        check_reachable([("--storage", self.spec.storage), *(("--data", d.partition(":")[2]) for d in data),
+                         ("--init-from", self.spec.init_from)], TrainError)
         if self.recipe is None:
             return run(self.spec, self.log, prepared=self.prepared.get(1))
         n, prev, outcome = len(self.runs), None, None

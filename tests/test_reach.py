@@ -1,0 +1,106 @@
+"""A path on the driver's own disk is refused where the cluster runs the job's tasks on other nodes
+(raytasks/reach.py): the label job before its lease or any read, the train job before any Ray Train run. On a Ray
+the process started, or a one-node cluster with CPUs (the suite's own), local paths are used as always: every
+label and training test of the suite runs on local folders.
+
+The cluster's shape is what Ray's own ``ray.nodes()`` and runtime context say, given here as a two-node cluster
+and as a head that offers no CPU; the mounts are ``/proc/self/mounts`` lines for folders of the test's own."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+
+from raytasks import reach
+
+
+@pytest.fixture
+def mounts(tmp_path) -> tuple[str, dict[str, str]]:
+    """A mount table (``/proc/self/mounts`` text) with a folder of each kind, and those folders."""
+    kinds = {"nfs": "nfs4", "efs data": "nfs4", "bucket": "fuse.s3fs", "overlay": "fuse.fuse-overlayfs",
+             "lustre": "lustre"}
+    folders = {}
+    lines = ["/dev/sda1 / ext4 rw,relatime 0 0", "tmpfs /tmp tmpfs rw 0 0"]
+    for name, fstype in kinds.items():
+        folder = tmp_path / name
+        (folder / "photos").mkdir(parents=True)
+        folders[name] = str(folder)
+        lines.append(f"server:/x {str(folder).replace(' ', chr(92) + '040')} {fstype} rw 0 0")
+    lines.append(f"/dev/sdb1 {tmp_path / 'nfs' / 'photos'} ext4 rw 0 0")  # a local disk mounted inside the share
+    return "\n".join(lines) + "\n", folders
+
+
+def test_a_path_is_reachable_from_every_node_only_on_s3_or_a_network_filesystem(mounts, tmp_path):
+    text, f = mounts
+    assert reach.mount_of(f["nfs"] + "/new/labels", text) == (f["nfs"], "nfs4")  # created later: its folder's
+    assert reach.mount_of(f["efs data"] + "/photos", text) == (f["efs data"], "nfs4")  # an escaped space
+    assert reach.mount_of(f["nfs"] + "/photos/a.jpg", text)[1] == "ext4"  # the innermost mount wins
+    reachable = [("--output", "s3://bucket/labels"), ("--input", f["nfs"] + "/labels"),
+                 ("--data", f"file://{f['bucket']}/photos"), ("--storage", f["lustre"] + "/runs"), ("--init-from", None)]
+    assert reach.local_paths(reachable, text) == []
+    local = [("--output", f["overlay"] + "/labels"), ("--storage", f["nfs"] + "/photos/runs"),
+             ("--input", str(tmp_path))]
+    assert reach.local_paths(local, text) == [
+        f"--output {f['overlay']}/labels (fuse.fuse-overlayfs at {f['overlay']})",
+        f"--storage {f['nfs']}/photos/runs (ext4 at {f['nfs']}/photos)",
+        f"--input {tmp_path} ({reach.mount_of(str(tmp_path), text)[1]} at {reach.mount_of(str(tmp_path), text)[0]})"]
+
+
+def _cluster(monkeypatch, nodes: list[dict], here: str = "head") -> None:
+    """Ray's answers for a cluster this process connected to (not one it started)."""
+    monkeypatch.setattr(reach, "started_here", lambda: False)
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+
+    class Context:
+        def get_node_id(self):
+            return here
+
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: Context())
+
+
+def test_tasks_run_elsewhere_on_several_nodes_or_from_a_head_without_cpus(monkeypatch):
+    head = {"NodeID": "head", "Alive": True, "Resources": {"CPU": 8.0, "memory": 1e10}}
+    worker = {"NodeID": "w1", "Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}}
+    _cluster(monkeypatch, [head])
+    assert reach.tasks_elsewhere() is None  # `ray start --head` on one machine: its local paths are fine
+    _cluster(monkeypatch, [head, {**worker, "Alive": False}])
+    assert reach.tasks_elsewhere() is None  # a node that died is not where tasks run
+    _cluster(monkeypatch, [head, worker])
+    assert reach.tasks_elsewhere() == "its 2 nodes each run tasks"
+    _cluster(monkeypatch, [{**head, "Resources": {"CPU": 0.0, "memory": 1e10}}])  # cluster.yaml's head, no worker yet
+    assert "no CPU and no GPU" in reach.tasks_elsewhere()
+    monkeypatch.setattr(reach, "started_here", lambda: True)
+    assert reach.tasks_elsewhere() is None  # a Ray this process started runs everything here
+
+
+def test_the_label_job_refuses_a_local_output_before_its_lease_or_any_read(monkeypatch, tmp_path):
+    from raytasks.label import job
+    from raytasks.label.spec import LabelError, LabelSpec
+
+    monkeypatch.setattr(job, "ensure_ray", lambda: None)
+    monkeypatch.setattr(reach, "tasks_elsewhere", lambda: "its 3 nodes each run tasks")
+    (tmp_path / "photos").mkdir()
+    spec = LabelSpec(checkpoint="s3://bucket/models/hs.pt", input=str(tmp_path / "photos"),
+                     output=str(tmp_path / "labels"))
+    with pytest.raises(LabelError) as e:
+        job.label(spec)
+    message = str(e.value)
+    assert f"--output {tmp_path / 'labels'} (" in message and f"the input files under {tmp_path / 'photos'}" in message
+    assert "its 3 nodes each run tasks" in message and "s3://" in message
+    assert not (tmp_path / "labels").exists()  # no lease, no listing: nothing written
+    s3 = LabelSpec(checkpoint="s3://bucket/models/hs.pt", input="s3://bucket/photos/", output="s3://bucket/labels/")
+    reach.check_reachable([("--output", s3.output), ("the input files under", s3.input)], LabelError)  # S3: fine
+
+
+def test_the_train_job_refuses_local_data_and_storage_before_any_run(monkeypatch, tmp_path):
+    from jobs.train import build_parser, spec_from_args
+    from raytasks.train.spec import TrainError
+    from raytasks.train.stages import RecipeRun
+
+    monkeypatch.setattr(reach, "tasks_elsewhere", lambda: "its 2 nodes each run tasks")
+    args = build_parser().parse_args(["--model", "hard_sharing", "--data", f"celeba:{tmp_path / 'celeba'}",
+                                      "--storage", str(tmp_path / "runs"), "--recipe", "none"])
+    with pytest.raises(TrainError) as e:
+        RecipeRun(spec_from_args(args), None).run()
+    assert f"--storage {tmp_path / 'runs'} (" in str(e.value) and f"--data {tmp_path / 'celeba'} (" in str(e.value)
+    assert not (tmp_path / "runs").exists()
