@@ -148,6 +148,13 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     ray.init()  # local, or the cluster in RAY_ADDRESS; keeps Ray's token authentication on
+    from raytasks.reach import check_reachable
+
+    try:  # a replica on another node would not find a checkpoint on this machine's disk (raytasks/reach.py)
+        check_reachable([(f"--model {name}", uri) for name, uri in args["models"].items()])
+    except ValueError as e:
+        ray.shutdown()
+        raise SystemExit(f"error: {e}") from None
     stop = {"now": False}
 
     def _stop(*_):

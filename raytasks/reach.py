@@ -3,8 +3,9 @@
 A label or training job reads and writes through Ray tasks and actors, which a cluster places on any node. A
 path on the driver's own disk (``--input /data/photos``, ``--output /data/labels``, ``--storage ~/runs``) is
 then not there for them: every row would be ``unreadable``, and each node would write its Parquet files, or
-its training checkpoints, to its own disk, where the driver's summary and the next resume never see them. So
-before anything is read or written, :func:`check_reachable` refuses such a path when tasks may run elsewhere:
+its training checkpoints, to its own disk, where the driver's summary and the next resume never see them (and
+``jobs.serve``'s replicas would not find a checkpoint). So before anything is read or written,
+:func:`check_reachable` refuses such a path when tasks may run elsewhere:
 
 * on a Ray this process started (``ray.init()`` without an address: a laptop, a notebook, the tests) every task
   runs on this machine, and nothing is checked;

@@ -104,3 +104,17 @@ def test_the_train_job_refuses_local_data_and_storage_before_any_run(monkeypatch
         RecipeRun(spec_from_args(args), None).run()
     assert f"--storage {tmp_path / 'runs'} (" in str(e.value) and f"--data {tmp_path / 'celeba'} (" in str(e.value)
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_serve_command_refuses_a_local_checkpoint_before_deploying(monkeypatch, tmp_path):
+    import jobs.serve
+
+    calls = []
+    monkeypatch.setattr(ray, "init", lambda *a, **kw: calls.append("init"))
+    monkeypatch.setattr(ray, "shutdown", lambda *a, **kw: calls.append("shutdown"))
+    monkeypatch.setattr(reach, "tasks_elsewhere", lambda: "its 2 nodes each run tasks")
+    monkeypatch.setenv("FACEATTR_API_KEY", "k3y")
+    with pytest.raises(SystemExit) as e:
+        jobs.serve.main(["--model", f"hs={tmp_path / 'hs.pt'}", "--model", "agr=s3://bucket/models/agr.pt"])
+    assert str(e.value).startswith(f"error: --model hs {tmp_path / 'hs.pt'} (") and "agr" not in str(e.value)
+    assert calls == ["init", "shutdown"]  # refused before Serve started anything
