@@ -14,7 +14,7 @@ def load_state_dict(uri: str) -> dict:
     FIFO or device; an archive no bigger unpacked than the file, tensors owning their storage). Unbounded, a FIFO
     hung the build forever and an S3 object of any size was read whole (audit). Refusals: CheckpointError, a
     ValueError."""
-    from .checkpoint import read_checked, torch_load_checked
+    from .checkpoint_read import read_checked, torch_load_checked
 
     data = read_checked(uri, what="backbone weights")
     if uri.endswith(".safetensors"):

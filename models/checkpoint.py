@@ -26,11 +26,11 @@ re-save them (:func:`upgrade_checkpoint`, ``python -m models.checkpoint upgrade 
 would let anyone edit the outputs or preprocessing of a format-2 file, relabel it format 1 and still
 load it.
 
-Safety. The hash is unkeyed (anyone can re-sign an edited file), so the work done on a file before its hash
-and pin are checked, and before its model is built, is bounded by the file's size and the bounds below (audit):
-the read (:func:`read_limits`: 2 GiB, 600 s, no FIFO or device); the archive before ``torch.load`` (entries
-stored, as torch.save writes them, and no bigger in sum than the file: ``checkpoint_hash.check_archive``); the loaded
-values before hashing (JSON values and tensors, each tensor owning exactly its storage, counts capped:
+Safety. The hash is unkeyed (anyone can re-sign an edited file), so the work done on a file before its hash and pin
+are checked, and before its model is built, is bounded by the file's size and the bounds below (audit): the read
+(models/checkpoint_read.py ``read_limits``: 2 GiB, 600 s, no FIFO or device); the archive before ``torch.load``
+(entries stored, as torch.save writes them, and no bigger in sum than the file: ``checkpoint_hash.check_archive``);
+the loaded values before hashing (JSON values and tensors, each tensor owning exactly its storage, counts capped:
 ``checkpoint_hash.check_contents``); the model before it is allocated (built on the meta device from the file's
 config, held to the read limit and to the file's tensors' shapes and dtypes: :func:`_check_fits`; its input size
 and face template to models/preprocess.py ``check_bounds``). Every refusal is a :class:`CheckpointError`.
@@ -42,29 +42,25 @@ import datetime as _dt
 import io
 import json
 import warnings
-import zipfile
 from dataclasses import dataclass
 
 import torch
 
-from .checkpoint_hash import (
-    FORMAT,
-    OLD_FORMAT,
-    UnsafeContent,
-    check_archive,
-    check_contents,
-    hash_of,
-    old_content_hash,
+from .checkpoint_hash import FORMAT, OLD_FORMAT, check_contents, hash_of, old_content_hash
+from .checkpoint_read import (  # noqa: F401 - CheckpointError and the read bounds are part of this module's API
+    DEFAULT_MAX_CHECKPOINT_BYTES,
+    DEFAULT_READ_TIMEOUT_S,
+    MAX_BYTES_ENV,
+    TIMEOUT_ENV,
+    CheckpointError,
+    read_checked,
+    read_limits,
+    torch_load_checked,
 )
 
 PIN_SEP = "#sha256:"
 _FIELDS = {"model": str, "config": dict, "outputs": list, "preprocessing": dict, "metrics": dict, "extra": dict,
            "state_dict": dict, "hash": str}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: missing, not our format, malformed, tampered with, or not the
-    pinned one."""
 
 
 def split_pin(uri: str) -> tuple[str, str | None]:
@@ -126,68 +122,6 @@ def save_checkpoint(model, uri: str, metrics: dict | None = None, extra: dict | 
     data, digest = checkpoint_bytes(model, metrics, extra)
     storage.write_bytes(uri, data)
     return digest
-
-
-# Bounds of one checkpoint read (issue #22): the largest model here is about 100 MB; 2 GiB leaves room for
-# any torchvision backbone while refusing a 50 GB object or a device. A FIFO or device is refused at once;
-# a read still going after the timeout (a hung mount, a slow endpoint) is refused. Both can be set per
-# process with these environment variables (Ray workers inherit the driver's runtime_env), or per call.
-DEFAULT_MAX_CHECKPOINT_BYTES = 2 * 1024 ** 3
-DEFAULT_READ_TIMEOUT_S = 600.0
-MAX_BYTES_ENV = "FACEATTR_MAX_CHECKPOINT_BYTES"
-TIMEOUT_ENV = "FACEATTR_CHECKPOINT_READ_TIMEOUT_S"
-
-
-def read_limits(max_bytes: int | None = None, timeout_s: float | None = None) -> tuple[int, float]:
-    """``(max_bytes, timeout_s)`` of a checkpoint read: the arguments, else the environment
-    (:data:`MAX_BYTES_ENV`, :data:`TIMEOUT_ENV`), else the defaults (2 GiB, 600 s)."""
-    import os
-
-    try:
-        if max_bytes is None:
-            max_bytes = int(os.environ.get(MAX_BYTES_ENV) or DEFAULT_MAX_CHECKPOINT_BYTES)
-        if timeout_s is None:
-            timeout_s = float(os.environ.get(TIMEOUT_ENV) or DEFAULT_READ_TIMEOUT_S)
-    except ValueError as e:
-        raise CheckpointError(f"{MAX_BYTES_ENV} / {TIMEOUT_ENV}: {e}") from None
-    return max_bytes, timeout_s
-
-
-def read_checked(uri: str, max_bytes: int | None = None, timeout_s: float | None = None,
-                 what: str = "checkpoint") -> bytes:
-    """``uri``'s bytes, read bounded (:func:`read_limits`; backbone and dlib weights too), or a CheckpointError."""
-    import storage
-
-    max_bytes, timeout_s = read_limits(max_bytes, timeout_s)
-    try:
-        return storage.read_bounded(uri, max_bytes, timeout_s)
-    except FileNotFoundError:
-        raise CheckpointError(f"{what} not found: {uri}") from None
-    except storage.BoundedReadError as e:
-        raise CheckpointError(f"{what} refused: {e} (limits: {MAX_BYTES_ENV}, {TIMEOUT_ENV})") from None
-    except OSError as e:
-        raise CheckpointError(f"{what} {uri} cannot be read ({type(e).__name__}: {e})") from None
-
-
-def torch_load_checked(data: bytes, uri: str, map_location="cpu", max_bytes: int | None = None,
-                       checkpoint: bool = True):
-    """``torch.load(weights_only=True)`` of ``data`` in memory bounded by ``len(data)`` (see the module docstring).
-    ``checkpoint=False`` (backbone weights, never hashed here): torch's legacy format too (its storages are read
-    from the stream, their sizes checked by torch) and any value."""
-    try:
-        if checkpoint or zipfile.is_zipfile(io.BytesIO(data)):
-            check_archive(data)
-    except UnsafeContent as e:
-        raise CheckpointError(f"{uri} is not a loadable checkpoint ({e})") from None
-    try:
-        obj = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure (MemoryError too) means "not our format"
-        raise CheckpointError(f"{uri} is not a loadable checkpoint ({type(e).__name__}: {e})") from None
-    try:
-        check_contents(obj, read_limits(max_bytes)[0], json_only=checkpoint)
-    except UnsafeContent as e:
-        raise CheckpointError(f"{uri} is refused: {e}") from None
-    return obj
 
 
 def _read(uri: str, map_location="cpu", max_bytes: int | None = None, timeout_s: float | None = None,

@@ -278,7 +278,7 @@ def sha256_file(path: str | Path) -> str:
 def _load_checked(path: str, expected: str) -> dict[str, torch.Tensor]:
     # read bounded (the checkpoint loader's limits: 2 GiB, 600 s, a regular file) before the hash is known: a
     # user-given path to a huge file was read whole first (audit); dlib's file is 22 MB
-    from .checkpoint import CheckpointError, read_checked
+    from .checkpoint_read import CheckpointError, read_checked
 
     try:
         data = read_checked(path, what="dlib weights")

@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 
 def read_checkpoint_file(checkpoint, filename: str) -> bytes:
     """A file of a Ray checkpoint of this run, refused (:class:`TrainError`) over the checkpoint read limit
-    (models.checkpoint.read_limits: a run folder is storage like any other)."""
-    from models.checkpoint import read_limits
+    (models.checkpoint_read.read_limits: a run folder is storage like any other)."""
+    from models.checkpoint_read import read_limits
 
     path = posixpath.join(checkpoint.path, filename)
     max_bytes, _ = read_limits()
@@ -56,8 +56,8 @@ def _load_state(model, checkpoint, expect: dict) -> dict:
     the model name, config, data and split seed this attempt trains; a checkpoint of anything else is refused
     (the driver refuses it first from history.json, raytasks/train/resume.py: this also covers a run whose
     history predates the split seed in its header)."""
-    from models.checkpoint import CheckpointError, torch_load_checked
     from models.checkpoint_hash import hash_of
+    from models.checkpoint_read import CheckpointError, torch_load_checked
 
     where = f"{checkpoint.path}/{MODEL_FILE}"
     try:  # read as every checkpoint is (bounded archive and contents, weights_only), and its hash checked
