@@ -18,9 +18,9 @@ import torch
 from core.batches import concat_batches, load_batch, to_tensors
 from core.engine import validation_loss
 from facedata.datasets.base import missing
-from models.calibration import CalibrationError, ece, reliability_bins
 from models.outputs import Binary, Categorical
 from models.outputset import add_stats
+from models.reliability import CalibrationError, ece, reliability_bins
 
 AGE_GROUPS: tuple[tuple[str, float, float], ...] = (
     ("0-17", 0, 18), ("18-29", 18, 30), ("30-44", 30, 45), ("45-59", 45, 60), ("60+", 60, math.inf),

@@ -58,8 +58,7 @@ Raw probabilities stay reproducible two ways: ``Output.to_columns(raw, calibrate
 a per-row constant for a categorical output; ``s = τ_j + T_j · logit(p)`` for an attribute, to within the
 float32 step next to 0.5 that keeps ``p > 0.5`` equal to the label: ``Binary.probabilities``).
 
-ECE: torchmetrics' ``multiclass_calibration_error`` (top-label confidence) and ``binary_calibration_error``
-(the probability of the positive class), 15 equal-width bins, ``norm="l1"``.
+The calibration error itself (ECE, reliability diagrams) is measured in models/reliability.py.
 """
 
 from __future__ import annotations
@@ -71,81 +70,10 @@ import torch
 import torch.nn.functional as F
 
 from .outputs import Binary, Categorical, Output, Regression
+from .reliability import CalibrationError, as_2d, ece  # noqa: F401 - CalibrationError is part of this API
 
-N_BINS = 15
-NORM = "l1"
 T_MIN, T_MAX = 0.05, 20.0
 MIN_ROWS = 20
-
-
-class CalibrationError(ValueError):
-    """Calibration cannot be fitted or measured with what was given."""
-
-
-# --- expected calibration error ----------------------------------------------------------------------
-def ece(output: Output, raw: torch.Tensor, target: torch.Tensor, calibrated: bool = True,
-        ctx: dict | None = None, validate: bool = True) -> dict[str, float]:
-    """Expected calibration error (15 bins, l1) of ``output``'s probabilities on labelled rows.
-
-    Categorical: ``{"<name>.ece": e}`` (top-label). Binary: ``{"<label>.ece": e, ...}`` per attribute (the
-    positive-class probability against the label) and ``"<name>.mean_ece"`` when there are several.
-    Rows whose target is missing (NaN) are left out; an attribute without labelled rows is left out.
-    Other outputs: ``{}``. ``validate=False`` skips torchmetrics' checks of the inputs (bootstrap loops)."""
-    # imported here: models/__init__ imports every module of the package when it builds its registry
-    from torchmetrics.functional.classification import binary_calibration_error, multiclass_calibration_error
-
-    ctx = ctx or {}
-    raw, target = raw.detach().float().cpu(), target.detach().float().cpu()
-    if isinstance(output, Categorical):
-        keep = ~torch.isnan(target.reshape(len(target), -1)).any(1)
-        if not bool(keep.any()):
-            return {}
-        p = output.probabilities(raw[keep], calibrated)
-        e = multiclass_calibration_error(p, target[keep].long(), num_classes=len(output.classes), n_bins=N_BINS,
-                                         norm=NORM, validate_args=validate)
-        return {f"{output.name}.ece": float(e)}
-    if isinstance(output, Binary):
-        raw2, t2 = _as_2d(raw), _as_2d(target)
-        p = output.probabilities(raw2, calibrated, **ctx)
-        out: dict[str, float] = {}
-        for j, label in enumerate(output.labels):
-            keep = ~torch.isnan(t2[:, j])
-            if bool(keep.any()):
-                out[f"{label}.ece"] = float(binary_calibration_error(p[keep, j], (t2[keep, j] > 0).long(),
-                                                                     n_bins=N_BINS, norm=NORM, validate_args=validate))
-        if len(output.labels) > 1 and out:
-            out[f"{output.name}.mean_ece"] = sum(out.values()) / len(out)
-        return out
-    return {}
-
-
-def reliability_bins(output: Output, raw: torch.Tensor, target: torch.Tensor, calibrated: bool = True,
-                     ctx: dict | None = None, n_bins: int = N_BINS) -> dict[str, list[float]]:
-    """What a reliability diagram draws (the same binning as the ECE): per bin of confidence, its mean
-    confidence, its accuracy (categorical: top-label correct; binary: fraction positive, all attributes
-    pooled) and its count. Empty bins have count 0 and NaN means."""
-    raw, target = raw.detach().float().cpu(), target.detach().float().cpu()
-    if isinstance(output, Categorical):
-        keep = ~torch.isnan(target.reshape(len(target), -1)).any(1)
-        p = output.probabilities(raw[keep], calibrated)
-        conf, pred = p.max(1)
-        hit = (pred == target[keep].long()).double()
-    elif isinstance(output, Binary):
-        raw2, t2 = _as_2d(raw), _as_2d(target)
-        p = output.probabilities(raw2, calibrated, **(ctx or {}))
-        keep = ~torch.isnan(t2)
-        conf, hit = p[keep], (t2[keep] > 0).double()
-    else:
-        raise CalibrationError(f"output {output.name!r} ({output.kind}) has no probabilities")
-    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
-    idx = (torch.bucketize(conf.double(), edges, right=True) - 1).clamp(0, n_bins - 1)
-    count = torch.bincount(idx, minlength=n_bins).double()
-    csum = torch.bincount(idx, weights=conf.double(), minlength=n_bins)
-    hsum = torch.bincount(idx, weights=hit, minlength=n_bins)
-    nan = torch.full_like(count, float("nan"))
-    return {"edges": edges.tolist(), "count": count.tolist(),
-            "confidence": torch.where(count > 0, csum / count.clamp_min(1), nan).tolist(),
-            "accuracy": torch.where(count > 0, hsum / count.clamp_min(1), nan).tolist()}
 
 
 # --- fitting -----------------------------------------------------------------------------------------
@@ -204,10 +132,6 @@ class Calibration:
                 core.outputs.set_temperatures(name, c.temperatures or None)
 
 
-def _as_2d(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(len(x), -1)
-
-
 def _lbfgs(loss_fn, n: int) -> torch.Tensor:
     """Minimise ``loss_fn(log_a)`` over ``log_a`` (n values, a = 1/T) from a = 1; returns T."""
     log_a = torch.zeros(n, dtype=torch.float64, requires_grad=True)
@@ -244,7 +168,7 @@ def _fit_categorical(o: Categorical, raw: torch.Tensor, target: torch.Tensor, mi
 
 
 def _fit_binary(o: Binary, raw: torch.Tensor, target: torch.Tensor, ctx: dict, min_rows: int) -> OutputCalibration:
-    s, y = _as_2d(raw).double(), _as_2d(target).double()
+    s, y = as_2d(raw).double(), as_2d(target).double()
     tau = o._thresholds(s, ctx).double()
     lab = ~torch.isnan(y)
     pos = (y > 0).double()
