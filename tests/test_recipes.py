@@ -370,6 +370,7 @@ def test_recipe_on_s3_dies_resumes_restarts_a_worker_with_ddp_and_is_exported_an
 
     # the exported checkpoint (the last stage's best, calibrated) records the recipe and every stage
     _, info = load_checkpoint(output)
+    assert outcome.output_hash == info.hash  # what the job says it exported, record included
     assert info.model == "age_gender_race" and info.extra["epoch"] in (1, 2) and info.extra["faces"]
     assert info.extra["split_seed"] == 0  # the split jobs.evaluate reads by default
     record = info.extra[RECORD_KEY]

@@ -74,6 +74,6 @@ class TrainOutcome:
     resumed_from: int | None  # epoch the run resumed after, None for a fresh run
     curves: str | None
     recipe: dict | None = None  # a recipe's record, as the exported checkpoint keeps it (raytasks/train/stages.py)
-    output_hash: str | None = None  # the content hash of what the run exported to ``output`` (before a recipe record)
+    output_hash: str | None = None  # the content hash of the checkpoint exported to ``output``
 
 

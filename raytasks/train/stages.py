@@ -250,5 +250,5 @@ class RecipeRun:
                   "stages": [{k: v for k, v in e.items() if k not in ("identity", "status", "output_hash")}
                              for e in self.state["stages"]]}
         # pinned to what the last stage exported: a file another run wrote there since is refused, not signed
-        add_extra(outcome.output, {RECORD_KEY: record}, expected_hash=outcome.output_hash)
-        return dataclasses.replace(outcome, recipe=record)
+        final = add_extra(outcome.output, {RECORD_KEY: record}, expected_hash=outcome.output_hash)
+        return dataclasses.replace(outcome, recipe=record, output_hash=final)
