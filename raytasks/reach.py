@@ -109,15 +109,24 @@ def local_paths(paths: list[tuple[str, str | None]], mounts: str | None = None) 
     return out
 
 
-def check_reachable(paths: list[tuple[str, str | None]], error: type[Exception] = ValueError) -> None:
-    """Raise ``error`` naming every local path of ``paths`` when the cluster runs tasks on other nodes."""
+def check_reachable(writes: list[tuple[str, str | None]], reads: list[tuple[str, str | None]] = (),
+                    error: type[Exception] = ValueError, warn=print) -> None:
+    """When the cluster runs the job's tasks on other nodes: raise ``error`` naming every local path of ``writes``
+    (each node would write to its own disk), and ``warn`` about every local path of ``reads`` (the files may be
+    on every node at that path, baked into the container image, but are most often not)."""
     why = tasks_elsewhere()
     if why is None:
         return
-    bad = local_paths(paths)
+    bad = local_paths(writes)
     if bad:
         raise error(f"{'; '.join(bad)}: on this machine's own disk, but this Ray cluster runs the job's tasks on "
-                    f"other nodes ({why}), which would not find the files (every row unreadable) or would write to "
-                    "their own disks (rows and checkpoints scattered, never seen by a resume). Use s3:// URIs, or a "
-                    "network filesystem (NFS, EFS, Lustre, ...) mounted at the same path on every node "
-                    "(docs/deploy.md)")
+                    f"other nodes ({why}), which would each write to their own disk: rows and checkpoints scattered "
+                    "where no summary or resume sees them. Use an s3:// URI, or a network filesystem (NFS, EFS, "
+                    "Lustre, ...) mounted at the same path on every node (docs/deploy.md)")
+    unsure = local_paths(reads)
+    if unsure:
+        warn(f"warning: {'; '.join(unsure)}: on this machine's own disk, and this Ray cluster runs the job's tasks "
+             f"on other nodes ({why}): unless the same files are at the same path on every node (baked into the "
+             "container image, say), they will not be found there (label rows `unreadable`, a training run that "
+             "stops, a replica that cannot load its checkpoint). Prefer s3:// URIs or a network filesystem "
+             "(docs/deploy.md)")

@@ -137,9 +137,11 @@ def label(spec: LabelSpec, echo=print) -> dict:
     spec.validate()
     spec = dataclasses.replace(spec, allow_prefix=tuple(spec.allow_prefix) or (default_allow_prefix(spec.input),))
     ensure_ray()
-    # before anything is read or written (the lease too): a path on this machine's disk is refused where the
-    # cluster runs the job's tasks on other nodes (raytasks/reach.py); every row is read under an allowed prefix
-    check_reachable([("--output", spec.output)] + [("the input files under", p) for p in spec.allow_prefix], LabelError)
+    # before anything is read or written (the lease too): an output on this machine's disk is refused where the
+    # cluster runs the job's tasks on other nodes, inputs there are warned about (raytasks/reach.py); every row
+    # is read under an allowed prefix
+    check_reachable([("--output", spec.output)], [("the input files under", p) for p in spec.allow_prefix],
+                    LabelError, echo)
     lease = Lease(spec.output)
     try:
         lease.acquire()

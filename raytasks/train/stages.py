@@ -206,11 +206,13 @@ class RecipeRun:
 
     def run(self) -> TrainOutcome:
         """Train the stages from the first one not done (:meth:`prepare` first), export the last one's best
-        checkpoint and record the recipe in it. A path on this machine's disk that the cluster's workers could not
-        reach (raytasks/reach.py: the data, the run storage, the starting checkpoint) is refused first."""
+        checkpoint and record the recipe in it. A run storage on this machine's disk that the cluster's workers
+        could not reach is refused first, and data or a starting checkpoint there is warned about
+        (raytasks/reach.py)."""
         data = self.spec.data if isinstance(self.spec.data, tuple) else (self.spec.data,)
-        check_reachable([("--storage", self.spec.storage), *(("--data", d.partition(":")[2]) for d in data),
-                         ("--init-from", self.spec.init_from)], TrainError)
+        check_reachable([("--storage", self.spec.storage)],
+                        [*(("--data", d.partition(":")[2]) for d in data), ("--init-from", self.spec.init_from)],
+                        TrainError, self.log)
         if self.recipe is None:
             return run(self.spec, self.log, prepared=self.prepared.get(1))
         n, prev, outcome = len(self.runs), None, None
