@@ -40,8 +40,9 @@ What goes in
     run skips finished images without reading their bytes.
 
 What comes out (the schema is ``Predictor.schema``, documented in docs/schema.md)
-    ``OUTPUT/labels/*.parquet``: exactly one row per input image, error rows included, at most
-    ``--max-rows-per-file`` rows per file (Ray Data's ``write_parquet``; bounded size).
+    ``OUTPUT/labels/*.parquet``: exactly one row per input image, error rows included (an image the detector or
+    a model fails on alone is a ``model_error`` row, and the rest of its batch is labeled: core/failures.py), at
+    most ``--max-rows-per-file`` rows per file (Ray Data's ``write_parquet``; bounded size).
     ``pandas.read_parquet(OUTPUT)`` reads the labels: pyarrow's dataset discovery ignores the ``_``-prefixed
     bookkeeping next to them: ``_checkpoint/`` (Ray Data's committed row ids), ``_inputs/`` (the listing of a
     folder input), ``_lease/`` (the lease of the run writing it) and ``_summary.json`` (the summary printed
