@@ -132,15 +132,17 @@ class Annotator:
         return out
 
     def warm_up(self) -> None:
-        """One forward pass of every network on a dummy batch, the detector's too when it is loaded: the
-        kernels' plans (oneDNN, cuDNN) and the allocator's pools are built before the first request, not in
-        it (a serving replica is ready only once they are: the first request after a deploy took 7.6 s
-        when only the model was warmed, issue #22)."""
+        """One forward pass of every network on a dummy batch, the detector's too when it is loaded, and each
+        model's columns of it (its output heads and calibration): the kernels' plans (oneDNN, cuDNN) and the
+        allocator's pools are built before the first request, not in it (a serving replica is ready only once
+        they are: the first request after a deploy took 7.6 s when only the model was warmed, issue #22). Also
+        the probe that tells a broken network from a bad image (:meth:`_healthy`)."""
         if self._finder is not None:
             side = min(640, self.face_options.max_side)
             self._finder.find([torch.zeros((3, side * 3 // 4, side), dtype=torch.uint8)], [1.0])
         for r in self.members.values():
-            r.forward_uint8(torch.zeros((1, r.preprocessing.channels, *r.preprocessing.size), dtype=torch.uint8))
+            r.columns(torch.zeros((1, r.preprocessing.channels, *r.preprocessing.size), dtype=torch.uint8),
+                      [{"sx": 1.0, "sy": 1.0, "tx": 0.0, "ty": 0.0}])
         if self.embedder is not None:
             pre = self.embedder.preprocessing
             self.embedder.embed(torch.zeros((1, pre.channels, *pre.size), dtype=torch.uint8))
@@ -171,7 +173,7 @@ class Annotator:
         def run(b: dict, _check) -> list:
             keep, images, scales = _pictures(b)
             out: list = [None] * len(b["ok"])
-            for i, f in zip(keep, self.finder.find(images, scales)):
+            for i, f in zip(keep, self.finder.find(images, scales) if images else []):
                 out[i] = f
             return out
 

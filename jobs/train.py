@@ -200,20 +200,25 @@ def main(argv: list[str] | None = None):
     spec = spec_from_args(args)
     if not spec.storage.startswith("s3://"):
         spec.storage = os.path.abspath(spec.storage)  # Ray Train wants an absolute local path
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS")
+    if address and not ray.is_initialized():
+        # a cluster: connected first, so that prepare() knows where its tasks run (raytasks/reach.py) before it
+        # writes to --storage; a local Ray starts after prepare(), so that bad flags or data fail before it
+        ray.init(address=address, log_to_driver=args.worker_logs)
+        ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         recipe = choose_recipe(args)
         if recipe is None and args.recipe is None:
             print(f"no recipe for {args.model} on {data_format(args)} data: one run with the model's "
                   f"defaults and the flags")
         job = RecipeRun(spec, recipe)
-        job.prepare()  # bad flags or data fail here, before Ray starts
+        job.prepare()  # bad flags or data fail here, before a local Ray starts
     except (TrainError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
-    import ray
-
     if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
         # a local Ray gets enough logical CPUs for the workers plus Ray Data's decoding
         cpus = None if address else max(os.cpu_count() or 1, math.ceil(spec.workers * spec.cpus_per_worker) + 1)
         ray.init(address=address, num_cpus=cpus, log_to_driver=args.worker_logs)

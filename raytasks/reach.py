@@ -46,14 +46,15 @@ def tasks_elsewhere() -> str | None:
     """Why the connected Ray may run this job's tasks on another node than this one, or None (module docstring)."""
     import ray
 
-    if started_here():
+    if not ray.is_initialized() or started_here():  # not yet connected: the job will start a Ray of its own
         return None
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) > 1:
         return f"its {len(nodes)} nodes each run tasks"
     here = ray.get_runtime_context().get_node_id()
     mine = next((n for n in nodes if n.get("NodeID") == here), None)
-    if mine is not None and not mine["Resources"].get("CPU") and not mine["Resources"].get("GPU"):
+    offers = (mine or {}).get("Resources") or {}
+    if mine is not None and not offers.get("CPU") and not offers.get("GPU"):
         return "this node offers tasks no CPU and no GPU (a cluster's head: its tasks run on worker nodes)"
     return None
 
@@ -68,15 +69,15 @@ def _unescape(field: str) -> str:
 def mount_of(path: str, mounts: str | None = None) -> tuple[str, str]:
     """``(mount point, filesystem type)`` of the mount holding ``path`` (the nearest folder that exists, for a
     path a job will create), links resolved; ``mounts``: the text of ``/proc/self/mounts`` (read when None)."""
+    path = os.path.realpath(path)  # first: looking the path up mounts an automounted share (autofs)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
     if mounts is None:
         try:
             with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
                 mounts = f.read()
         except OSError:
             return "/", "unknown"
-    path = os.path.realpath(path)
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
     best = ("/", "unknown")
     for line in mounts.splitlines():
         fields = line.split()

@@ -204,3 +204,69 @@ def test_the_http_front_refuses_a_request_holding_such_an_image_with_a_422_namin
     assert e.value.status == 422 and e.value.code == MODEL_ERROR
     assert e.value.extra["files"] == [{"file": "bad.jpg", "error": MODEL_ERROR,
                                        "detail": "RuntimeError: poisoned picture"}]
+
+
+def test_a_broken_model_is_raised_even_beside_a_photo_without_a_face(hs_annotator, group_photo, monkeypatch):
+    """A photo without a face never reaches the models, so it succeeds alone: the dummy input still says that
+    the model, not the photos, is broken (without the probe, two error rows and a clean blank one)."""
+    (runner,) = hs_annotator.members.values()
+
+    def broken(x):
+        raise RuntimeError("broken model")
+
+    monkeypatch.setattr(runner, "forward_uint8", broken)
+    blank = _jpeg(np.full((240, 300, 3), 128, np.uint8))
+    batch = _photos([("a.jpg", group_photo[0]), ("b.jpg", group_photo[0]), ("blank.jpg", blank)], hs_annotator)
+    with pytest.raises(RuntimeError, match="broken model"):
+        hs_annotator.annotate(batch)
+
+
+def test_a_model_whose_output_head_fails_on_any_input_is_raised(hs_annotator, group_photo, monkeypatch):
+    """The probe reads each model's columns (its heads and calibration), not only its forward pass."""
+    (runner,) = hs_annotator.members.values()
+
+    def broken(*args, **kwargs):
+        raise ValueError("calibration shape mismatch")
+
+    monkeypatch.setattr(runner.model, "to_columns", broken)
+    with pytest.raises(ValueError, match="calibration shape mismatch"):
+        hs_annotator.annotate(_photos([("a.jpg", group_photo[0]), ("b.jpg", group_photo[0])], hs_annotator))
+
+
+def test_a_broken_detector_is_raised_and_a_decoding_error_is_never_retried(hs_annotator, group_photo, monkeypatch):
+    calls = []
+
+    def broken(images, scales=None):
+        calls.append(len(images))
+        raise RuntimeError("broken detector")
+
+    monkeypatch.setattr(hs_annotator.finder, "find", broken)
+    batch = _photos([("a.jpg", group_photo[0]), ("b.jpg", group_photo[0]), ("broken.jpg", b"")], hs_annotator)
+    with pytest.raises(RuntimeError, match="broken detector"):
+        hs_annotator.find(batch)
+    assert calls == [2, 1, 1, 1]  # the batch, each picture alone, the dummy: the empty file is not a picture
+
+
+def test_the_failed_batchs_tensors_are_freed_before_the_images_run_alone(hs_annotator, group_photo, monkeypatch):
+    """After a batch ran out of device memory, its activations and inputs (held by the exception's frames) are
+    released before the retries, so those do not run out of memory in turn."""
+    import gc
+    import weakref
+
+    photo, faces = group_photo
+    (runner,) = hs_annotator.members.values()
+    real, refs = runner.forward_uint8, []
+
+    def forward(x):
+        if len(x) > faces:
+            activation = torch.empty(50_000_000, dtype=torch.uint8)
+            refs.extend([weakref.ref(activation), weakref.ref(x)])
+            raise torch.OutOfMemoryError("injected")
+        return real(x)
+
+    alive = []
+    monkeypatch.setattr(runner, "forward_uint8", forward)
+    monkeypatch.setattr(hs_annotator, "_release_device_memory",
+                        lambda: (gc.collect(), alive.append([r() is not None for r in refs])))
+    rows = row_dicts(hs_annotator.annotate(_photos([("a.jpg", photo), ("b.jpg", photo)], hs_annotator)))
+    assert alive == [[False, False]] and [r["error_kind"] for r in rows] == [None] * (2 * faces)

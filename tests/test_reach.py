@@ -49,6 +49,7 @@ def test_a_path_is_reachable_from_every_node_only_on_s3_or_a_network_filesystem(
 def _cluster(monkeypatch, nodes: list[dict], here: str = "head") -> None:
     """Ray's answers for a cluster this process connected to (not one it started)."""
     monkeypatch.setattr(reach, "started_here", lambda: False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "nodes", lambda: nodes)
 
     class Context:
@@ -69,8 +70,15 @@ def test_tasks_run_elsewhere_on_several_nodes_or_from_a_head_without_cpus(monkey
     assert reach.tasks_elsewhere() == "its 2 nodes each run tasks"
     _cluster(monkeypatch, [{**head, "Resources": {"CPU": 0.0, "memory": 1e10}}])  # cluster.yaml's head, no worker yet
     assert "no CPU and no GPU" in reach.tasks_elsewhere()
+    assert reach.tasks_elsewhere() is not None
     monkeypatch.setattr(reach, "started_here", lambda: True)
     assert reach.tasks_elsewhere() is None  # a Ray this process started runs everything here
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    assert reach.tasks_elsewhere() is None  # not connected yet: the job starts a Ray of its own
+    _cluster(monkeypatch, [{"NodeID": "head", "Alive": True}, worker])  # entries without every key
+    assert reach.tasks_elsewhere() == "its 2 nodes each run tasks"
+    _cluster(monkeypatch, [{"NodeID": "head", "Alive": True}])
+    assert "no CPU and no GPU" in reach.tasks_elsewhere()
 
 
 def test_writes_to_a_local_path_are_refused_and_reads_from_one_are_warned_about(monkeypatch, tmp_path):
@@ -106,17 +114,21 @@ def test_the_label_job_refuses_a_local_output_before_its_lease_or_any_read(monke
     assert not (tmp_path / "labels").exists()  # no lease, no listing: nothing written
 
 
-def test_the_train_job_refuses_a_local_run_storage_before_any_run(monkeypatch, tmp_path):
-    from jobs.train import build_parser, spec_from_args
-    from raytasks.train.spec import TrainError
-    from raytasks.train.stages import RecipeRun
+def test_the_train_job_refuses_a_local_run_storage_before_it_writes_anything(monkeypatch, tmp_path, capsys):
+    """Checked first in prepare(), which jobs.train runs after connecting to a cluster: before the data is read
+    and before the detection cache is written under --storage (a whole detection pass, with --faces detect)."""
+    import jobs.train
+    from facedata.synth import generate
 
+    data = generate("celeba", 24, str(tmp_path / "celeba"), seed=3)
     monkeypatch.setattr(reach, "tasks_elsewhere", lambda: "its 2 nodes each run tasks")
-    args = build_parser().parse_args(["--model", "hard_sharing", "--data", f"celeba:{tmp_path / 'celeba'}",
-                                      "--storage", str(tmp_path / "runs"), "--recipe", "none"])
-    with pytest.raises(TrainError, match=f"^--storage {tmp_path / 'runs'} \\("):
-        RecipeRun(spec_from_args(args), None, log_fn=lambda line: None).run()
-    assert not (tmp_path / "runs").exists()
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # connected (the check is what is tested here)
+    with pytest.raises(SystemExit):
+        jobs.train.main(["--model", "hard_sharing", "--data", f"celeba:{data}", "--faces", "detect",
+                         "--storage", str(tmp_path / "runs"), "--recipe", "none", "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --storage {tmp_path / 'runs'} (") and "its 2 nodes each run tasks" in err
+    assert not (tmp_path / "runs").exists()  # no detection cache, no run folder
 
 
 def test_the_serve_command_warns_about_a_local_checkpoint_before_deploying(monkeypatch, tmp_path, capsys):

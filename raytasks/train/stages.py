@@ -160,7 +160,13 @@ class RecipeRun:
         bad flag or value fails before Ray starts. The first stage to train is prepared whole (data, faces, face
         template: job.prepare); a later stage whose model reads its input the same way trains on those tables,
         faces and template (the data and its reading are the same in every stage), else it is prepared when it
-        starts."""
+        starts. First, on a cluster this process is connected to: a run storage on this machine's disk that the
+        cluster's workers could not reach is refused, before anything is written there (the detection cache
+        too), and data or a starting checkpoint there is warned about (raytasks/reach.py)."""
+        data = self.spec.data if isinstance(self.spec.data, tuple) else (self.spec.data,)
+        check_reachable([("--storage", self.spec.storage)],
+                        [*(("--data", d.partition(":")[2]) for d in data), ("--init-from", self.spec.init_from)],
+                        TrainError, self.log)
         if self.recipe is not None:
             for line in describe(self.recipe, self.spec.model_kwargs, self.spec.recipe, self.spec.faces,
                                  self.spec.face_options):
@@ -206,13 +212,7 @@ class RecipeRun:
 
     def run(self) -> TrainOutcome:
         """Train the stages from the first one not done (:meth:`prepare` first), export the last one's best
-        checkpoint and record the recipe in it. A run storage on this machine's disk that the cluster's workers
-        could not reach is refused first, and data or a starting checkpoint there is warned about
-        (raytasks/reach.py)."""
-        data = self.spec.data if isinstance(self.spec.data, tuple) else (self.spec.data,)
-        check_reachable([("--storage", self.spec.storage)],
-                        [*(("--data", d.partition(":")[2]) for d in data), ("--init-from", self.spec.init_from)],
-                        TrainError, self.log)
+        checkpoint and record the recipe in it."""
         if self.recipe is None:
             return run(self.spec, self.log, prepared=self.prepared.get(1))
         n, prev, outcome = len(self.runs), None, None
