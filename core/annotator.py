@@ -204,7 +204,7 @@ class Annotator:
         for i in range(0, max(1, len(inputs)), CHECK_EVERY):
             check()
             parts.append(r.columns(inputs[i:i + CHECK_EVERY], geometry[i:i + CHECK_EVERY]))
-        return {k: [v for p in parts for v in p[k]] for k in parts[0]}
+        return concat_columns(parts)
 
     def _embed(self, inputs: torch.Tensor, check: Callable[[], None] | None) -> list:
         if check is not None:

@@ -41,8 +41,7 @@ class ImageFailed:
 
 def image_by_image_on_failure(batch: dict, run: Callable[[dict, Any], Any], check: Callable[[], None] | None,
                               join: Callable[[list], Any], failed: Callable[[dict, str, Any], Any],
-                              before_retry: Callable[[], None] = lambda: None,
-                              healthy: Callable[[], bool] = lambda: False) -> Any:
+                              before_retry: Callable[[], None], healthy: Callable[[], bool]) -> Any:
     """``run(batch, check)``; when it raises (not in ``check``: a stop is a stop), ``run`` on each image
     alone, and ``failed(its one-image batch, why, check)`` for an image that fails alone; ``join`` puts the
     images' results together in the batch's order. When any image fails alone (a batch of one such image too),
@@ -64,23 +63,23 @@ def image_by_image_on_failure(batch: dict, run: Callable[[dict, Any], Any], chec
         if stopped:
             raise
         first = e
-    live = [int(i) for i in np.flatnonzero(np.asarray(batch["ok"], dtype=bool))]
+    live = {int(i) for i in np.flatnonzero(np.asarray(batch["ok"], dtype=bool))}
     if not live:
         raise first
     # The failed batch's frames hold its tensors (pictures, crops, activations): freed before the images are run
     # alone, or a batch that ran out of device memory would still hold it; the traceback keeps its lines.
     traceback.clear_frames(first.__traceback__)
     before_retry()
-    parts: list = []
+    parts: list = []  # per image its result, or the one-image batch it failed on (its error row comes below)
     why: dict[int, str] = {}
     for i in range(len(batch["ok"])):
-        one = rows_of(batch, [i])
+        one = rows_of(batch, [i])  # one at a time: a copy of the whole batch would hold its memory again
         if i not in live:  # no pixels (a decoding error): its own row, never counted as the models' failure
             parts.append(run(one, guard))
             continue
-        if live == [i]:  # the batch's one image with pixels: the batch's failure is its own (or the models')
+        if live == {i}:  # the batch's one image with pixels: the batch's failure is its own (or the models')
             why[i] = _reason(first)
-            parts.append(None)
+            parts.append(one)
             continue
         try:
             parts.append(run(one, guard))
@@ -89,7 +88,7 @@ def image_by_image_on_failure(batch: dict, run: Callable[[dict, Any], Any], chec
             if stopped:
                 raise
             why[i] = _reason(e)
-        parts.append(None)
+        parts.append(one)
     # Any image failing alone: are the networks still sound? A model broken for every face fails on a dummy
     # input too, whatever else the batch held (a photo without a face never reaches the models).
     if why and not healthy():
@@ -97,7 +96,7 @@ def image_by_image_on_failure(batch: dict, run: Callable[[dict, Any], Any], chec
     log.warning("a batch of %d images failed (%s); %d failed alone, each an error row (%s)", len(live),
                 _reason(first)[:200], len(why), "; ".join(f"{batch['path'][i]}: {m[:200]}"
                                                         for i, m in list(why.items())[:3]))
-    return join([failed(rows_of(batch, [i]), why[i], guard) if p is None else p for i, p in enumerate(parts)])
+    return join([failed(p, why[i], guard) if i in why else p for i, p in enumerate(parts)])
 
 
 def _reason(e: Exception) -> str:

@@ -19,15 +19,14 @@ from PIL import Image
 from core.failures import MODEL_ERROR, ImageFailed
 from core.rows import row_dicts
 from facedata.decode import Photos, Whole, decode_batch
+from facedata.synth import encode_jpeg
 from tests.helpers import assert_same
 
 POISON_WIDTH = 333  # the detector "fails" on pictures of this width (under faces.max_side: not resized)
 
 
 def _jpeg(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
+    return encode_jpeg(Image.fromarray(array))
 
 
 @pytest.fixture
