@@ -60,13 +60,13 @@ def _value(v):
 def _summary(out: str) -> tuple[dict, str | None]:
     uri = storage.join(out, SUMMARY_FILE)
     try:
-        if not storage.exists(uri):
-            return {}, f"no {SUMMARY_FILE}: the run's totals and the review thresholds are unknown (counts below are from the rows)"
         # bounded: a summary is a few kilobytes; a FIFO, a huge file or a hung mount fails here, never hangs
         doc = json.loads(storage.read_bounded(uri, SUMMARY_MAX_BYTES, SUMMARY_TIMEOUT_S))
         if not isinstance(doc, dict):
             raise ValueError("not a JSON object")
         return doc, None
+    except FileNotFoundError:
+        return {}, f"no {SUMMARY_FILE}: the run's totals and the review thresholds are unknown (counts below are from the rows)"
     except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested thousands deep
         return {}, f"{SUMMARY_FILE} could not be read ({str(e)[:200]}): the run's totals and thresholds are unknown"
 
@@ -123,7 +123,11 @@ def _drawn(draw, *args) -> str:
     try:
         return draw(*args)
     except Exception as e:  # noqa: BLE001 - any error of one section becomes its note
-        return note(f"this section could not be drawn: {type(e).__name__}: {str(e)[:300]}")
+        return _cannot_draw(e)
+
+
+def _cannot_draw(e: Exception) -> str:
+    return note(f"this section could not be drawn: {type(e).__name__}: {str(e)[:300]}")
 
 
 def label_report(out: str, max_thumbnails: int = DEFAULT_MAX_THUMBNAILS, seed: int = 0,
@@ -150,12 +154,14 @@ def label_report(out: str, max_thumbnails: int = DEFAULT_MAX_THUMBNAILS, seed: i
     where, photos = allowed_photos(summary, allow)
     if s.flagged and max_thumbnails and not where:
         missing.append(photos)
+    photos = photos if where else ""  # where thumbnails were read, or nothing
     try:
         thumbs = thumbnails(s.flagged, allow=where, why_not=NO_PREFIX) if s.flagged else []
-        flagged = _drawn(_flagged, p, s, thumbs, max_thumbnails)
     except Exception as e:  # noqa: BLE001 - as _drawn: the contact sheet's note, not the report's end
-        thumbs, flagged = [], note(f"this section could not be drawn: {type(e).__name__}: {str(e)[:300]}")
-    sections = [("overview", "Overview", _drawn(_overview, out, s, summary, photos if where else ""))]
+        thumbs, flagged = [], _cannot_draw(e)
+    else:
+        flagged = _drawn(_flagged, p, s, thumbs, max_thumbnails)
+    sections = [("overview", "Overview", _drawn(_overview, out, s, summary, photos))]
     if missing:
         sections.append(("missing", "What this report lacks", "<ul>" + "".join(f"<li>{esc(m)}</li>" for m in missing)
                          + "</ul>"))
@@ -167,7 +173,7 @@ def label_report(out: str, max_thumbnails: int = DEFAULT_MAX_THUMBNAILS, seed: i
                  ("flagged", "Flagged faces", flagged)]
     doc = page(f"faceattr report: {out}", f"{s.rows} rows, {s.faces} faces", sections)
     info = {"rows": s.rows, "faces": s.faces, "flagged": s.review, "thumbnails": len(thumbs), "missing": missing,
-            "photos": photos if where else ""}
+            "photos": photos}
     return doc, info
 
 

@@ -28,6 +28,12 @@ def _figure(width: float, height: float):
 
 
 def png(fig, dpi: int = 90) -> bytes:
+    """The figure as PNG, every text drawn as written: matplotlib reads ``$...$`` as mathtext, and a class,
+    column or group named ``$\\frac{$`` (anything an output holds) is a parse error that would end the chart."""
+    from matplotlib.text import Text
+
+    for t in fig.findobj(Text):
+        t.set_parse_math(False)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
@@ -43,15 +49,9 @@ def _grid(n: int, cols: int, panel=(3.6, 2.6)):
     return fig, axes[:n]
 
 
-def _plain(text) -> str:
-    """``text`` drawn as written: matplotlib reads ``$...$`` as mathtext, and a class or column named ``$\\frac{$``
-    (anything an output holds) is a parse error that would end the chart."""
-    return str(text).replace("$", r"\$")
-
-
 def _short(label: str, n: int = 28) -> str:
     label = str(label)
-    return _plain(label if len(label) <= n else label[: n - 1] + "…")
+    return label if len(label) <= n else label[: n - 1] + "…"
 
 
 def counts_png(panels: list[tuple[str, dict]], cols: int = 3) -> bytes:
@@ -87,7 +87,7 @@ def hists_png(panels: list[tuple[str, object, str]], cols: int = 3, colour: str 
                linewidth=0.3)
         mean = f", mean {h.mean:.3g}" if h.n else ""
         ax.set_title(f"{_short(title, 80)} (n={h.n}{mean})", fontsize=9)
-        ax.set_xlabel(_plain(xlabel), fontsize=8)
+        ax.set_xlabel(xlabel, fontsize=8)
         ax.set_xlim(edges[0], edges[-1])
         ax.tick_params(labelsize=7)
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))

@@ -38,7 +38,6 @@ POSE = ("pose_yaw", "pose_pitch", "pose_roll")
 QUALITY = ("sharpness", "brightness", "face_size", "face_score")
 REVIEW = ("review", "review_reasons")
 FLAGGED = ("path", "face", "face_box", "review_reasons")  # what a contact-sheet thumbnail needs
-OVERVIEW = ("ok", "error_kind", "face", "faces", "model", "checkpoint", "detector")
 # (lo, hi, bins, grows) of the columns whose range is known; any other number: a range that grows
 RANGES = {"pose_yaw": (-90, 90, 36, False), "pose_pitch": (-90, 90, 36, False), "pose_roll": (-90, 90, 36, False),
           "sharpness": (0, 100, 40, False), "brightness": (0, 100, 40, False), "face_size": (0, 64, 32, True),

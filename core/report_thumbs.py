@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import storage
 from core.report_scan import MAX_PATH_BYTES
 from facedata import reading
-from facedata.paths import _s3_decoded, _under, default_allow_prefix, normalize_path
+from facedata.paths import _real, _s3_decoded, _under, default_allow_prefix, normalize_path
 from models.imagebytes import ImageDecodeError, open_image
 from models.photo import DEFAULT_PHOTO_SIDE
 
@@ -57,7 +57,7 @@ def prefix_problem(prefix) -> str | None:
         return "not an absolute path"
     home = os.path.realpath(os.path.expanduser("~"))
     norm = normalize_path(prefix)
-    for p in (norm, os.path.realpath(norm)):
+    for p in (norm, _real(norm)):
         parts = [c for c in p.split("/") if c]
         if len(parts) < 2:
             return "the filesystem root or a folder at its top"
