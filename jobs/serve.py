@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     from raytasks.reach import check_reachable
 
     # a replica on another node may not find a checkpoint on this machine's disk (raytasks/reach.py)
-    check_reachable([], [(f"--model {name}", uri) for name, uri in args["models"].items()], warn=print)
+    check_reachable([], [(f"--model {name}", uri) for name, uri in args["models"].items()])
     stop = {"now": False}
 
     def _stop(*_):

@@ -220,8 +220,8 @@ def main(argv: list[str] | None = None):
         raise SystemExit(1) from None
     if not ray.is_initialized():
         # a local Ray gets enough logical CPUs for the workers plus Ray Data's decoding
-        cpus = None if address else max(os.cpu_count() or 1, math.ceil(spec.workers * spec.cpus_per_worker) + 1)
-        ray.init(address=address, num_cpus=cpus, log_to_driver=args.worker_logs)
+        cpus = max(os.cpu_count() or 1, math.ceil(spec.workers * spec.cpus_per_worker) + 1)
+        ray.init(num_cpus=cpus, log_to_driver=args.worker_logs)
         ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         outcome = job.run()

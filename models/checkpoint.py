@@ -49,7 +49,6 @@ import torch
 from .checkpoint_hash import FORMAT, OLD_FORMAT, check_contents, hash_of, old_content_hash
 from .checkpoint_read import (  # noqa: F401 - CheckpointError and the read bounds are part of this module's API
     DEFAULT_MAX_CHECKPOINT_BYTES,
-    DEFAULT_READ_TIMEOUT_S,
     MAX_BYTES_ENV,
     TIMEOUT_ENV,
     CheckpointError,
@@ -268,6 +267,12 @@ def _info(uri: str, obj: dict) -> CheckpointInfo:
     return CheckpointInfo(uri=uri, model=obj["model"], config=obj["config"], outputs=obj["outputs"],
                           preprocessing=obj["preprocessing"], metrics=obj["metrics"], extra=obj["extra"],
                           hash=obj["hash"])
+
+
+def checkpoint_dict(uri: str, data: bytes | None = None) -> dict:
+    """A checkpoint's whole dict, weights included, its format, fields and content hash checked, without building
+    its model (``data``: its bytes, already in memory): what a training run resumes from."""
+    return _verified(uri, data=data)[1]
 
 
 def checkpoint_info(uri: str, data: bytes | None = None) -> CheckpointInfo:

@@ -172,7 +172,6 @@ def check_header(img, max_pixels: int = DEFAULT_MAX_PIXELS, max_decode_bytes: in
     return cost
 
 
-_late_png_rotation = png_may_rotate  # its former name (tests/test_hostile_files.py): it now reads every chunk
 
 
 def check_jpeg_bytes(data: bytes) -> None:

@@ -38,7 +38,7 @@ def ece(output: Output, raw: torch.Tensor, target: torch.Tensor, calibrated: boo
     ctx = ctx or {}
     raw, target = raw.detach().float().cpu(), target.detach().float().cpu()
     if isinstance(output, Categorical):
-        keep = ~torch.isnan(target.reshape(len(target), -1)).any(1)
+        keep = ~torch.isnan(as_2d(target)).any(1)
         if not bool(keep.any()):
             return {}
         p = output.probabilities(raw[keep], calibrated)
@@ -67,7 +67,7 @@ def reliability_bins(output: Output, raw: torch.Tensor, target: torch.Tensor, ca
     pooled) and its count. Empty bins have count 0 and NaN means."""
     raw, target = raw.detach().float().cpu(), target.detach().float().cpu()
     if isinstance(output, Categorical):
-        keep = ~torch.isnan(target.reshape(len(target), -1)).any(1)
+        keep = ~torch.isnan(as_2d(target)).any(1)
         p = output.probabilities(raw[keep], calibrated)
         conf, pred = p.max(1)
         hit = (pred == target[keep].long()).double()

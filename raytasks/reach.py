@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import os
 
+from facedata.paths import local_path
+
 # Filesystem types (as /proc/self/mounts names them) whose files every node mounting them sees.
 NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "ceph", "glusterfs",
                                  "beegfs", "wekafs", "orangefs", "pvfs2", "ocfs2", "gfs2", "afs", "panfs"})
@@ -97,13 +99,11 @@ def on_network_filesystem(fstype: str) -> bool:
 def local_paths(paths: list[tuple[str, str | None]], mounts: str | None = None) -> list[str]:
     """The entries of ``paths`` (what the job calls it, path or URI) that are on this machine's own disks, each
     said with its mount: none for ``s3://`` URIs and paths on a network filesystem."""
-    import storage
-
     out = []
     for what, path in paths:
-        if not path or storage.is_s3(path):
+        local = local_path(path) if path else None  # None: an s3:// URI
+        if local is None:
             continue
-        local = path[len("file://"):] if path.startswith("file://") else path
         point, fstype = mount_of(local, mounts)
         if not on_network_filesystem(fstype):
             out.append(f"{what} {path} ({fstype} at {point})")

@@ -27,9 +27,10 @@ def test_the_exported_checkpoint_is_calibrated_on_validation_and_says_so(tmp_pat
     with open(path, "rb") as f:
         data = f.read()
     out = str(tmp_path / "export.pt")
-    calibrated = calibrated_bytes(data, out, table, 16, lines.append)
+    calibrated, digest = calibrated_bytes(data, out, table, 16, lines.append)
     assert not (tmp_path / "export.pt").exists()  # nothing written: the job writes the export once
     model, info = load_checkpoint(out, data=calibrated)
+    assert info.hash == digest
     status = calibration_status(model)
     assert status["calibrated"] is True and status["outputs"]["gender"] is not None
     assert info.extra["calibration"]["split"] == "val" and info.extra["calibration"]["images"] == len(table)

@@ -336,10 +336,10 @@ def test_a_late_exif_chunk_is_in_the_memory_estimate():
     # orientation 1 after the pixels: nothing is rotated, so the plain estimate is the right one
     decode(_png_with_late_exif(orientation=1), Preprocessing(size=(32, 32)), max_decode_bytes=raster + (4 << 20))
     # the chunk is looked for in the bytes: many false "eXIf"s cost a few bounded checks, and count as rotating
-    from models.imagebytes import _late_png_rotation
+    from models.imagescan import png_may_rotate
 
     t0 = time.perf_counter()
-    assert _late_png_rotation(b"\x89PNG\r\n\x1a\n" + b"\x00\x0f\xff\xffeXIf" * 1_000_000)
+    assert png_may_rotate(b"\x89PNG\r\n\x1a\n" + b"\x00\x0f\xff\xffeXIf" * 1_000_000)
     assert time.perf_counter() - t0 < 0.5
 
 

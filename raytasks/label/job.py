@@ -195,7 +195,6 @@ def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
 
         detector = FaceFinder(options).identity
     out = output_paths(spec.output)
-    ensure_ray()
     # before anything reads labels/ (a file cut by a kill mid-write is unreadable), and before ``resuming``,
     # so that a log holding only pending files of a killed first run is not taken for a resumed one
     recover_output(out, echo)

@@ -67,6 +67,7 @@ from raytasks.label.lease_store import _gen_name, _generations, _Store
 LEASE_DIR = "_lease"
 DEFAULT_TTL_S = 120.0
 _READ_TRIES = 8
+_CLAIM_TRIES = 8  # takeovers lost to other runs before acquire gives up
 
 # (output, owner) of the runs whose fence, in this process, saw another run's generation above its own
 _TAKEN_OVER: set[tuple[str, str]] = set()
@@ -254,7 +255,7 @@ class Lease:
         return True
 
     def acquire(self) -> Lease:
-        for _ in range(8):
+        for _ in range(_CLAIM_TRIES):
             top, rec = _read_top(self.store)
             if rec is not None and not _free(rec):
                 raise LeaseHeld(self.output, rec)
@@ -265,7 +266,7 @@ class Lease:
                     self._thread.start()
                 return self
             # another run created top + 1 first (or above it): the next look finds its live lease and refuses
-        raise LeaseError(f"could not take the lease on {self.output}: it changed hands 8 times while we tried")
+        raise LeaseError(f"could not take the lease on {self.output}: it changed hands {_CLAIM_TRIES} times while we tried")
 
     def renew(self) -> bool:
         """Extend the expiry by creating the next generation; False (and ``lost``) when another run took the

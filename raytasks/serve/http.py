@@ -222,9 +222,8 @@ def _declared_length(request: Request, limit: int) -> int | None:
 
 
 async def _bounded_stream(request: Request, limit: int):
-    """The request body, chunk by chunk, refused with 413 as soon as it would pass ``limit`` bytes (and
-    before reading anything when ``Content-Length`` already says so)."""
-    _declared_length(request, limit)
+    """The request body, chunk by chunk, refused with 413 as soon as it would pass ``limit`` bytes (a declared
+    ``Content-Length`` was checked before, by :func:`_declared_length`)."""
     total = 0
     async for chunk in request.stream():
         total += len(chunk)

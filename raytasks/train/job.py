@@ -253,12 +253,13 @@ def _run_config(spec: TrainSpec):
     )
 
 
-def calibrated_bytes(data: bytes, output: str, val, batch_size: int, log_fn=print) -> bytes:
+def calibrated_bytes(data: bytes, output: str, val, batch_size: int, log_fn=print) -> tuple[bytes, str]:
     """The best checkpoint (``data``, to be exported to ``output``) with its temperatures (one per categorical
     output, one per binary attribute) and regression shifts fitted on the validation split, in the driver
     (models/calibration.py): the label and serve columns ``*_prob`` are then calibrated, and
     ``extra["calibration"]`` records the fit. A model with nothing to calibrate is ``data`` as it is, and says so.
-    Nothing is written: the export writes ``output`` once. The per-epoch checkpoints stay raw."""
+    Returns the bytes and their content hash. Nothing is written: the export writes ``output`` once. The
+    per-epoch checkpoints stay raw."""
     import torch
 
     from core.evaluation import calibration_pairs, run_model
@@ -271,14 +272,14 @@ def calibrated_bytes(data: bytes, output: str, val, batch_size: int, log_fn=prin
         cal = fit_calibration(model, calibration_pairs(model, run_model(model, val, batch_size, device)))
     except CalibrationError as e:
         log_fn(f"not calibrated: {e}")
-        return data
-    data, _ = checkpoint_bytes(model.cpu(), info.metrics,
+        return data, info.hash
+    data, digest = checkpoint_bytes(model.cpu(), info.metrics,
                                {**info.extra, "calibration": {"split": "val", "images": len(val), "fit": cal.summary()}})
     log_fn("calibrated on the validation split (" + ", ".join(c.line() for c in cal.outputs.values()) + ")")
     for c in cal.outputs.values():
         for line in c.rejected_lines():
             log_fn(line)
-    return data
+    return data, digest
 
 
 def _fit(spec: TrainSpec, model, recipe, train, val, faces, selection, resumed_from, log_fn):
@@ -350,10 +351,11 @@ def run(spec: TrainSpec, log_fn=print, prepared=None) -> TrainOutcome:
         raise TrainError(f"run {spec.run_uri} has no checkpoint to export")
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("score", float("-inf")))
     data = read_checkpoint_file(best_ckpt, MODEL_FILE)
-    if spec.calibrate:
-        data = calibrated_bytes(data, output, engine.sample_rows(val, spec.calibrate_limit, spec.seed),
-                                recipe.batch_size, log_fn)
-    output_hash = checkpoint_info(output, data=data).hash  # checked before it is exported
+    if spec.calibrate:  # the raw bytes are checked as they are loaded, the calibrated ones made and hashed here
+        data, output_hash = calibrated_bytes(data, output, engine.sample_rows(val, spec.calibrate_limit, spec.seed),
+                                             recipe.batch_size, log_fn)
+    else:
+        output_hash = checkpoint_info(output, data=data).hash  # checked before it is exported
     storage.write_bytes(output, data)  # once: a reader of --output never sees a raw or half-made export
     doc = read_history(spec.run_uri) or {"epochs": []}
     curves = None

@@ -21,7 +21,6 @@ from core.augment import Augment
 from core.averaging import EpochAverage
 from core.batches import drop_failed, fold_remainder
 from models.base import Recipe
-from models.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from models.checkpoint import checkpoint_bytes
 from raytasks import heap
 from raytasks.train.collective import all_have, all_sum, gather, reduce_stats, state_buffers_sha, weights_sha
@@ -56,21 +55,14 @@ def _load_state(model, checkpoint, expect: dict) -> dict:
     the model name, config, data and split seed this attempt trains; a checkpoint of anything else is refused
     (the driver refuses it first from history.json, raytasks/train/resume.py: this also covers a run whose
     history predates the split seed in its header)."""
-    from models.checkpoint_hash import hash_of
-    from models.checkpoint_read import CheckpointError, torch_load_checked
+    from models.checkpoint import CheckpointError, checkpoint_dict
+    from models.checkpoint_read import torch_load_checked
 
     where = f"{checkpoint.path}/{MODEL_FILE}"
     try:  # read as every checkpoint is (bounded archive and contents, weights_only), and its hash checked
-        obj = torch_load_checked(read_checkpoint_file(checkpoint, MODEL_FILE), where)
-        if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
-            raise TrainError(f"{where} is not a {CHECKPOINT_FORMAT} file")
-        if hash_of(obj) != obj.get("hash"):
-            raise TrainError(f"{where}: content hash mismatch: the run folder was changed since it was written; "
-                             f"use a new --name")
-        state = torch_load_checked(read_checkpoint_file(checkpoint, STATE_FILE), f"{checkpoint.path}/{STATE_FILE}",
-                                   checkpoint=False)
+        obj = checkpoint_dict(where, read_checkpoint_file(checkpoint, MODEL_FILE))
     except CheckpointError as e:
-        raise TrainError(f"cannot resume from {checkpoint.path}: {e}") from None
+        raise TrainError(f"cannot resume from {checkpoint.path}: {e}; use a new --name") from None
     if obj["model"] != expect["model"] or obj["config"] != expect["config"]:
         raise TrainError(f"the run in {checkpoint.path} trained {obj['model']} {obj['config']}, not "
                          f"{expect['model']} {expect['config']}: use another --name or --storage")
@@ -79,6 +71,11 @@ def _load_state(model, checkpoint, expect: dict) -> dict:
         raise TrainError(f"the run in {checkpoint.path} trained on {extra.get('data')} with split seed "
                          f"{extra.get('split_seed') or 0}, not {expect['data']} with split seed {expect['split_seed']}: "
                          f"its train split may hold this split's test faces; use a new --name")
+    try:  # read once the checkpoint is known to be this run's
+        state = torch_load_checked(read_checkpoint_file(checkpoint, STATE_FILE), f"{checkpoint.path}/{STATE_FILE}",
+                                   checkpoint=False)
+    except CheckpointError as e:
+        raise TrainError(f"cannot resume from {checkpoint.path}: {e}") from None
     model.load_state_dict(obj["state_dict"])
     return state
 
