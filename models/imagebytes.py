@@ -270,7 +270,8 @@ def read_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: tup
     """Every check :func:`open_image` makes before decoding, with the same arguments, and nothing decoded:
     raises the :class:`ImageDecodeError` it would raise before decoding, else returns the :class:`Header`.
     The serving ingress charges a request from it (facedata/decode.py ``cost``), so that what a file is
-    charged and how it is decoded come from one reading of its header."""
+    charged and how it is decoded come from the same checks (:func:`_checked_open`); they run twice, once to
+    charge and once to decode (a PNG's orientation scan and a JPEG's marker walk included)."""
     with _decode_errors(data):
         img, head = _checked_open(data, max_pixels, draft_to, max_decode_bytes)
         img.close()
