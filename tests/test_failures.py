@@ -205,6 +205,55 @@ def test_the_http_front_refuses_a_request_holding_such_an_image_with_a_422_namin
                                        "detail": "RuntimeError: poisoned picture"}]
 
 
+def _replica(annotator):
+    """The serving replica's class around the session's annotator, outside Serve: its ``@serve.batch`` methods
+    (which need a Serve replica's context) are their own functions, each item a batch of one."""
+    import threading
+    from collections import Counter
+
+    from raytasks.serve.replicas import AnnotatorServer
+    from raytasks.threads import torch_executor
+
+    cls = AnnotatorServer.func_or_class
+    s = object.__new__(cls)
+    s.name, s.annotator, s._torch_thread, s._lock = "t", annotator, torch_executor("t"), threading.Lock()
+    s.batch_sizes, s.requests, s.images, s.faces, s.refused = Counter(), 0, 0, 0, {"faces": 0, "deadline": 0}
+    for name in ("find_photo", "infer_photo"):
+        fn = getattr(cls, name).__wrapped__
+
+        async def one(item, fn=fn):
+            return (await fn(s, [item]))[0]
+        setattr(s, name, one)
+    return s
+
+
+def test_a_request_holding_a_photo_the_detector_fails_on_costs_no_model_work(hs_annotator, group_photo, poison,
+                                                                           poisoned_detector):
+    """The ingress refuses such a request whole (422), so its other photos are not run through the models."""
+    import asyncio
+
+    from raytasks.serve.http import APIError, _refuse_model_errors
+
+    photo, faces = group_photo
+    batch = _photos([("a.jpg", photo), ("bad.jpg", poison), ("b.jpg", photo)], hs_annotator)
+    items = [{k: batch[k][i] for k in batch if k not in ("ok", "error_kind", "error_message")} for i in range(3)]
+    server = _replica(hs_annotator)
+    try:
+        out = asyncio.run(server.predict_photos(items, hs_annotator.identity, {"max_faces": 100}))
+        assert [len(rows) for rows in out] == [0, 1, 0]
+        assert out[1][0]["error_kind"] == MODEL_ERROR and out[1][0]["path"] == "bad.jpg"
+        assert (server.images, server.faces) == (1, 0)  # only the failed photo's error row was built
+        with pytest.raises(APIError) as e:
+            _refuse_model_errors([r for rows in out for r in rows])
+        assert e.value.status == 422 and [f["file"] for f in e.value.extra["files"]] == ["bad.jpg"]
+
+        out = asyncio.run(server.predict_photos([items[0], items[2]], hs_annotator.identity, {"max_faces": 100}))
+        assert [len(rows) for rows in out] == [faces, faces]  # without it, the request's photos get their rows
+        assert (server.images, server.faces) == (3, 2 * faces)
+    finally:
+        server._torch_thread.shutdown()
+
+
 def test_a_broken_model_is_raised_even_beside_a_photo_without_a_face(hs_annotator, group_photo, monkeypatch):
     """A photo without a face never reaches the models, so it succeeds alone: the dummy input still says that
     the model, not the photos, is broken (without the probe, two error rows and a clean blank one)."""

@@ -24,7 +24,8 @@ on this host's monotonic clock, so the hosts' wall clocks need not agree) a requ
 the batches they have not entered, and a batch stops before its next model, or its next chunk of faces, once
 every request in it is past its deadline (:class:`DeadlineExceeded`): the replica is free for the next batch.
 An image the detector or a model fails on alone gets a ``model_error`` row (core/failures.py), which the
-ingress answers 422; the batch's other requests get their rows.
+ingress answers 422; the batch's other requests get their rows. A request holding a photo the detector failed
+on costs no model work for its other photos.
 """
 
 from __future__ import annotations
@@ -235,14 +236,23 @@ class AnnotatorServer:
     async def predict_photos(self, items: list[dict], identity: str, limits: dict | None = None) -> list[list[dict]]:
         """One HTTP request's decoded photos -> per photo its rows (one per face, or one saying no face).
         Faces are found first for the whole request and counted against ``limits["max_faces"]``; then the
-        models run, unless the request is past its deadline (``limits["timeout_s"]``, module docstring)."""
+        models run, unless the request is past its deadline (``limits["timeout_s"]``, module docstring). A
+        photo the detector failed on alone gets its ``model_error`` row and its request nothing more: the
+        ingress refuses the request whole, so its other photos get no rows (``[]``) and cost no model work."""
         self._request(identity)
         limits = limits or {}
         deadline = deadline_of(limits)
         self._check_deadline(deadline)
         items = [{**item, DEADLINE: deadline} for item in items]
         found = await self._gathered(self.find_photo(item) for item in items)
-        self._check_faces(sum(len(f) for f in found if f is not None and not isinstance(f, ImageFailed)), limits)
+        failed = [i for i, f in enumerate(found) if isinstance(f, ImageFailed)]
+        if failed:  # the ingress refuses the request whole (422): no model runs for its other photos
+            rows = await self._gathered(self.infer_photo({**items[i], "found": found[i]}) for i in failed)
+            out: list[list[dict]] = [[] for _ in items]
+            for i, r in zip(failed, rows):
+                out[i] = r
+            return out
+        self._check_faces(sum(len(f) for f in found if f is not None), limits)
         self._check_deadline(deadline)
         return await self._gathered(self.infer_photo({**item, "found": f}) for item, f in zip(items, found))
 
