@@ -345,3 +345,26 @@ def test_dlib_weights_are_read_bounded_before_their_hash(tmp_path, monkeypatch):
     monkeypatch.setenv(MAX_BYTES_ENV, str(1 << 20))
     with pytest.raises(DlibFormatError, match=f"over the limit of {1 << 20}"):
         load_weights(big)
+
+
+def test_a_training_runs_checkpoint_files_are_read_bounded_as_every_checkpoint_is(tmp_path, monkeypatch):
+    """A run folder is storage like any other: the resuming worker and the export read its files through
+    read_checked, refused over the size limit and never blocking on a FIFO planted in it."""
+    import os
+    import types
+
+    import pyarrow.fs as pafs
+
+    from raytasks.train.worker import read_checkpoint_file
+
+    ckpt = types.SimpleNamespace(filesystem=pafs.LocalFileSystem(), path=str(tmp_path))
+    (tmp_path / "model.pt").write_bytes(b"x" * 2000)
+    assert read_checkpoint_file(ckpt, "model.pt") == b"x" * 2000
+    monkeypatch.setenv(MAX_BYTES_ENV, "1000")
+    with pytest.raises(CheckpointError, match="over the limit of 1000"):
+        read_checkpoint_file(ckpt, "model.pt")
+    os.mkfifo(tmp_path / "state.pt")
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        read_checkpoint_file(ckpt, "state.pt")
+    with pytest.raises(CheckpointError, match="not found"):
+        read_checkpoint_file(ckpt, "missing.pt")

@@ -31,16 +31,12 @@ from raytasks.train.spec import MODEL_FILE, STATE_FILE, TrainError
 log = logging.getLogger(__name__)
 
 def read_checkpoint_file(checkpoint, filename: str) -> bytes:
-    """A file of a Ray checkpoint of this run, refused (:class:`TrainError`) over the checkpoint read limit
-    (models.checkpoint_read.read_limits: a run folder is storage like any other)."""
-    from models.checkpoint_read import read_limits
+    """A file of a Ray checkpoint of this run, read as every checkpoint is (models.checkpoint_read.read_checked:
+    a run folder is storage like any other): refused over the checkpoint size limit before a byte is read, and
+    given up after the read timeout (a hung mount or endpoint), a ``CheckpointError`` either way."""
+    from models.checkpoint_read import read_checked
 
-    path = posixpath.join(checkpoint.path, filename)
-    max_bytes, _ = read_limits()
-    size = checkpoint.filesystem.get_file_info(path).size
-    if size is not None and size > max_bytes:
-        raise TrainError(f"{path}: {size} bytes, over the checkpoint read limit of {max_bytes}")
-    return storage.read_all(checkpoint.filesystem, path)
+    return read_checked(storage.to_uri(checkpoint.filesystem, posixpath.join(checkpoint.path, filename)))
 
 
 def _same_data(extra: dict, expect: dict) -> bool:
