@@ -281,19 +281,15 @@ def checkpoint_info(uri: str, data: bytes | None = None) -> CheckpointInfo:
     return _info(*_verified(uri, data=data))
 
 
-def add_extra(uri: str, entries: dict, expected_hash: str | None = None) -> str:
-    """Add ``entries`` to a checkpoint's ``extra`` in place (its hash, which covers ``extra``, is computed again;
-    weights, outputs and preprocessing are kept byte for byte); returns the new hash. ``expected_hash``: the
-    checkpoint the caller wrote there; a file replaced since (another run with the same ``--output``) is refused,
-    not signed with this one's entries. The train job records the recipe a model was trained with this way
-    (models/recipes.py)."""
-    import storage
-
-    uri, obj = _verified(uri, expected_hash=expected_hash)
+def with_extra(uri: str, entries: dict, data: bytes | None = None) -> tuple[bytes, str]:
+    """The checkpoint ``data`` (its bytes, to be written to ``uri``; None: read from ``uri``) with ``entries``
+    added to its ``extra``, and its new content hash (the hash covers ``extra``; weights, outputs and
+    preprocessing are kept byte for byte). Nothing is written: the train job adds a recipe's record
+    (models/recipes.py) to the export this way before writing it once."""
+    uri, obj = _verified(uri, data=data)
     obj = {**obj, "extra": json.loads(json.dumps({**obj["extra"], **entries}))}
     obj["hash"] = hash_of(obj)
-    storage.write_bytes(uri, _save(obj))
-    return obj["hash"]
+    return _save(obj), obj["hash"]
 
 
 def _with_template(pre, saved: dict | None):

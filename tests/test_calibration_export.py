@@ -1,17 +1,16 @@
 """The train job exports a calibrated checkpoint (#21): raytasks.train.job.calibrated_bytes fits the best
 checkpoint's temperatures on the validation split, and the label columns read them. The export is made in
-memory and written once; a recipe's record is added to that export only (models.checkpoint.add_extra, pinned)."""
+memory and written once (a recipe's record added to it in memory: models.checkpoint.with_extra, tests/test_recipes.py)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import models
 from facedata.datasets import read_dataset
 from facedata.synth import generate
 from models.calibration import calibration_status
-from models.checkpoint import CheckpointError, add_extra, checkpoint_info, load_checkpoint, save_checkpoint
+from models.checkpoint import load_checkpoint, save_checkpoint
 from raytasks.train.job import calibrated_bytes
 
 
@@ -35,18 +34,3 @@ def test_the_exported_checkpoint_is_calibrated_on_validation_and_says_so(tmp_pat
     assert status["calibrated"] is True and status["outputs"]["gender"] is not None
     assert info.extra["calibration"]["split"] == "val" and info.extra["calibration"]["images"] == len(table)
     assert info.hash != raw_info.hash and "gender ECE" in lines[0]
-
-
-def test_a_recipe_record_is_added_only_to_the_export_the_run_wrote(tmp_path):
-    """The recipe's record goes into the checkpoint the last stage exported, pinned to its hash: a file another
-    run wrote to the same --output since is refused, not signed with this run's record."""
-    path = str(tmp_path / "out.pt")
-    ours = save_checkpoint(models.create_model("hard_sharing"), path)
-    theirs_model = models.create_model("hard_sharing")
-    torch.nn.init.zeros_(next(theirs_model.parameters()))
-    theirs = save_checkpoint(theirs_model, path)  # another run's export lands on the same path
-    with pytest.raises(CheckpointError, match="not the pinned"):
-        add_extra(path, {"recipe": {"name": "x"}}, expected_hash=ours)
-    assert checkpoint_info(path).hash == theirs and "recipe" not in checkpoint_info(path).extra
-    new = add_extra(path, {"recipe": {"name": "x"}}, expected_hash=theirs)
-    assert checkpoint_info(path).hash == new and checkpoint_info(path).extra["recipe"] == {"name": "x"}

@@ -20,7 +20,7 @@ from facedata import synth
 from facedata.datasets import FORMATS, read_dataset
 from jobs import evaluate as evaluate_job
 from jobs import train as train_job
-from models.checkpoint import add_extra, checkpoint_info, load_checkpoint, save_checkpoint
+from models.checkpoint import checkpoint_info, load_checkpoint, save_checkpoint, with_extra
 from models.recipes import (
     RECIPES,
     RECORD_KEY,
@@ -232,7 +232,13 @@ def test_the_recipe_record_is_added_to_a_checkpoint_without_touching_the_model(t
         {"index": 1, "name": "train", "epochs_done": 4, "stopped": True, "best_epoch": 2,
          "primary_metric": "val_loss", "best_metrics": {"val_loss": 0.25},
          "train_values": {"epochs": 10}, "overrides": {"epochs": 10, "lr": 0.01}}]}
-    new = add_extra(uri, {RECORD_KEY: record})
+    with open(uri, "rb") as f:
+        before = f.read()
+    data, new = with_extra(uri, {RECORD_KEY: record}, data=before)
+    with open(uri, "rb") as f:
+        assert f.read() == before  # made in memory: the export writes it once
+    with open(uri, "wb") as f:
+        f.write(data)
     loaded, info = load_checkpoint(uri)  # the hash was computed again: it loads
     assert info.hash == new != old and info.extra == {"epoch": 3, RECORD_KEY: record}
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
@@ -301,7 +307,10 @@ def test_recipe_on_s3_dies_resumes_restarts_a_worker_with_ddp_and_is_exported_an
 
     # the same command again, now with a restart left and rank 1 killed after the first step of stage 2's epoch 2:
     # stage 1 is skipped, stage 2 resumes after its epoch 1, survives the kill and ends with its 2 epochs
+    writes, write = [], storage.write_bytes  # the driver's writes (the export is made in this process)
+    monkeypatch.setattr(storage, "write_bytes", lambda uri, data: (writes.append(uri), write(uri, data))[1])
     outcome = train_job.main(argv + ["--max-failures", "1", "--inject-failure", "1:2:1@2"])
+    assert writes.count(output) == 1  # the calibrated export with the recipe's record, written once
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == output == outcome.output
     assert any(line.startswith("stage 1/2 frozen: done (1 epochs, best epoch") for line in lines)
@@ -375,6 +384,10 @@ def test_recipe_on_s3_dies_resumes_restarts_a_worker_with_ddp_and_is_exported_an
     assert info.extra["split_seed"] == 0  # the split jobs.evaluate reads by default
     record = info.extra[RECORD_KEY]
     assert (record["name"], record["version"]) == (two.name, agr.version)
+    state = json.loads(storage.read_bytes(f"{runs}/agr/recipe.json"))
+    assert state["stages"][-1]["output_hash"] == info.hash and state["stages"][-1]["status"] == "done"
+    assert [{k: v for k, v in e.items() if k not in ("identity", "status", "output_hash")}
+            for e in state["stages"]] == record["stages"]  # the record is the run folder's account
     assert [s["name"] for s in record["stages"]] == ["frozen", "finetune"]
     for s, h in zip(record["stages"], (h1, h2)):
         assert s["train_values"] == h["recipe"] and s["model_config"] == h["config"]

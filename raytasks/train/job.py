@@ -59,7 +59,7 @@ from faces.align import default_template
 from faces.facecache import DetectionCache
 from faces.trainfaces import default_mode, find_training_faces, landmark_faces
 from models.base import Recipe
-from models.checkpoint import checkpoint_info
+from models.checkpoint import CheckpointError, checkpoint_info, with_extra
 from models.preprocess import Preprocessing
 from models.recipes import TRAIN_FACE_MODES
 from raytasks.train.data import DECODE_CPUS, BatchSpec, data_config, make_dataset, val_datasets
@@ -326,11 +326,13 @@ def _fit(spec: TrainSpec, model, recipe, train, val, faces, selection, resumed_f
     return result
 
 
-def run(spec: TrainSpec, log_fn=print, prepared=None) -> TrainOutcome:
+def run(spec: TrainSpec, log_fn=print, prepared=None, finish=None) -> TrainOutcome:
     """Train (or resume) the run described by ``spec`` on the connected Ray cluster, export its best
     checkpoint to ``spec.output`` and draw its curves. Raises :class:`TrainError` when it cannot.
     ``prepared``: what :func:`prepare` returned for ``spec``, if the caller already called it. A run that is
-    already complete starts no worker: its best checkpoint is read from the run's storage and exported."""
+    already complete starts no worker: its best checkpoint is read from the run's storage and exported.
+    ``finish(outcome) -> dict``: entries added to the export's ``extra`` before it is written (a recipe's
+    record, raytasks/train/stages.py), given the outcome as it stands then (no curves; the hash before them)."""
     model, recipe, train, val, faces = prepared or prepare(spec)
     output = spec.output or storage.join(spec.run_uri, "best.pt")
     selection, previous = check_folder(spec, model, val)  # another run in the folder is refused here
@@ -350,18 +352,24 @@ def run(spec: TrainSpec, log_fn=print, prepared=None) -> TrainOutcome:
     if not result.best_checkpoints:
         raise TrainError(f"run {spec.run_uri} has no checkpoint to export")
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("score", float("-inf")))
-    data = read_checkpoint_file(best_ckpt, MODEL_FILE)
+    try:
+        data = read_checkpoint_file(best_ckpt, MODEL_FILE)
+    except CheckpointError as e:
+        raise TrainError(f"cannot export the best checkpoint of {spec.run_uri}: {e}") from None
     if spec.calibrate:  # the raw bytes are checked as they are loaded, the calibrated ones made and hashed here
         data, output_hash = calibrated_bytes(data, output, engine.sample_rows(val, spec.calibrate_limit, spec.seed),
                                              recipe.batch_size, log_fn)
     else:
         output_hash = checkpoint_info(output, data=data).hash  # checked before it is exported
-    storage.write_bytes(output, data)  # once: a reader of --output never sees a raw or half-made export
     doc = read_history(spec.run_uri) or {"epochs": []}
+    outcome = TrainOutcome(output=output, best_epoch=int(best_metrics.get("epoch", 0)), best_metrics=best_metrics,
+                           history=doc["epochs"], run_uri=spec.run_uri, resumed_from=resumed_from, curves=None,
+                           output_hash=output_hash)
+    if finish is not None:  # what the caller adds to the export's extra (a recipe's record), in memory
+        data, output_hash = with_extra(output, finish(outcome), data=data)
+    storage.write_bytes(output, data)  # once: a reader of --output never sees a raw, unrecorded or half-made export
     curves = None
     if doc["epochs"]:
         curves = storage.join(spec.run_uri, CURVES_PNG)
         storage.write_bytes(curves, plot_curves(doc))
-    return TrainOutcome(output=output, best_epoch=int(best_metrics.get("epoch", 0)), best_metrics=best_metrics,
-                        history=doc["epochs"], run_uri=spec.run_uri, resumed_from=resumed_from, curves=curves,
-                        output_hash=output_hash)
+    return dataclasses.replace(outcome, curves=curves, output_hash=output_hash)

@@ -32,7 +32,7 @@ import json
 import time
 
 import storage
-from models.checkpoint import PIN_SEP, add_extra, checkpoint_info
+from models.checkpoint import PIN_SEP, checkpoint_info
 from models.recipes import RECORD_KEY, Stage, TrainingRecipe, describe, face_values, stage_values
 from raytasks.reach import check_reachable
 from raytasks.train.history import HISTORY_JSON, read_history
@@ -236,21 +236,37 @@ class RecipeRun:
             self._save({**(entry or {}), "index": r.index, "name": r.stage.name, "identity": r.identity,
                         "run": r.spec.run_uri, "status": "training", "init_from": start, "init_hash": init_hash,
                         "started": (entry or {}).get("started", time.time())})
-            outcome = run(r.spec, self.log, prepared=self.prepared.pop(r.index, None))
-            doc = read_history(r.spec.run_uri) or {}
-            last = outcome.history[-1] if outcome.history else {}
-            prev = self._save({**self._entry(r.index), "status": "done", "finished": time.time(),
-                               "epochs_done": int(last.get("epoch", 0)), "stopped": bool(last.get("stopped")),
-                               "best_epoch": outcome.best_epoch, "best_metrics": summary_metrics(outcome.best_metrics),
-                               "primary_metric": doc.get("primary_metric"), "train_values": doc.get("recipe"),
-                               "model_config": doc.get("config"), "output": outcome.output,
-                               "output_hash": outcome.output_hash,
-                               "overrides": {**r.spec.model_kwargs, **r.spec.recipe}})
+            done: dict = {}
+
+            def finish(o: TrainOutcome, r=r, done=done) -> dict:
+                # the record goes into the export before it is written, so --output is written once
+                done["entry"] = self._done_entry(r, o)
+                done["record"] = self._record(done["entry"])
+                return {RECORD_KEY: done["record"]}
+
+            outcome = run(r.spec, self.log, prepared=self.prepared.pop(r.index, None),
+                          finish=finish if i == n - 1 else None)
+            prev = self._save({**(done.get("entry") or self._done_entry(r, outcome)),
+                               "output_hash": outcome.output_hash})
+        return dataclasses.replace(outcome, recipe=done["record"])
+
+    def _done_entry(self, r: StageRun, outcome: TrainOutcome) -> dict:
+        """Stage ``r``'s entry in recipe.json once it has trained (its ``output_hash``: the one exported)."""
+        doc = read_history(r.spec.run_uri) or {}
+        last = outcome.history[-1] if outcome.history else {}
+        return {**self._entry(r.index), "status": "done", "finished": time.time(),
+                "epochs_done": int(last.get("epoch", 0)), "stopped": bool(last.get("stopped")),
+                "best_epoch": outcome.best_epoch, "best_metrics": summary_metrics(outcome.best_metrics),
+                "primary_metric": doc.get("primary_metric"), "train_values": doc.get("recipe"),
+                "model_config": doc.get("config"), "output": outcome.output, "output_hash": outcome.output_hash,
+                "overrides": {**r.spec.model_kwargs, **r.spec.recipe}}
+
+    def _record(self, last: dict) -> dict:
+        """The recipe's record that the exported checkpoint keeps: every stage's entry, ``last`` the last one's."""
+        stages = sorted([e for e in self.state["stages"] if e["index"] != last["index"]] + [last],
+                        key=lambda e: e["index"])
         first = self.runs[0].spec  # the faces every stage trained on, where the recipe or a flag chose them
         faces = {"faces": {"mode": first.faces, "options": first.face_options}} if first.faces else {}
-        record = {"name": self.recipe.name, "version": self.recipe.version, "about": self.recipe.about, **faces,
-                  "stages": [{k: v for k, v in e.items() if k not in ("identity", "status", "output_hash")}
-                             for e in self.state["stages"]]}
-        # pinned to what the last stage exported: a file another run wrote there since is refused, not signed
-        final = add_extra(outcome.output, {RECORD_KEY: record}, expected_hash=outcome.output_hash)
-        return dataclasses.replace(outcome, recipe=record, output_hash=final)
+        return {"name": self.recipe.name, "version": self.recipe.version, "about": self.recipe.about, **faces,
+                "stages": [{k: v for k, v in e.items() if k not in ("identity", "status", "output_hash")}
+                           for e in stages]}
