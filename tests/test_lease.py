@@ -104,3 +104,18 @@ def test_a_killed_holder_on_this_host_is_taken_over_at_once(tmp_path):
         proc.wait()
     lease = Lease(out).acquire()  # killed (kill -9), its lease unexpired: taken over without waiting
     lease.release()
+
+
+def test_a_file_uri_output_and_its_plain_path_share_one_lease(tmp_path, monkeypatch):
+    """``--output file:///X`` and ``--output /X`` (or X from another working folder) are one output: one lease
+    (its store used ``os.path.abspath`` on the URI: a folder ``./file:/X/_lease`` under each working folder)."""
+    out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path)
+    first = Lease(f"file://{out}").acquire()
+    try:
+        assert (out / "_lease").is_dir() and not (tmp_path / "file:").exists()
+        for spelling in (str(out), "out", f"file://{out}"):
+            with pytest.raises(LeaseHeld):
+                Lease(spelling).acquire()
+    finally:
+        first.release()

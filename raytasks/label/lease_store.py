@@ -24,7 +24,7 @@ class _Store:
             self.client = boto3.client("s3", endpoint_url=storage.s3_endpoint(),
                                        region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))
         else:
-            self.dir = os.path.abspath(root)
+            self.dir = storage.filesystem(root)[1]  # file:// stripped, made absolute, as every writer reads it
 
     def names(self) -> list[str]:
         if self.s3:
