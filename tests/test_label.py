@@ -272,6 +272,50 @@ def test_gpu_flags_against_a_cluster_without_gpus(ray_session, hs_checkpoint, tm
                     gpus_per_actor=1, gpu_decode=True, faces=WHOLE).validate()
 
 
+def test_a_batch_size_no_node_can_decode_is_refused_not_waited_for(ray_session, hs_checkpoint, tmp_path, capsys):
+    """A decode task's memory grows with --batch-size; one that asks for more than any node offers is never
+    scheduled: on a Ray this process started the job refuses it, naming the largest batch size that fits."""
+    import ray
+
+    from jobs.label import main
+    from raytasks.label.decoding import decode_memory, largest_batch_within
+
+    spec = L.LabelSpec(hs_checkpoint, str(tmp_path), str(tmp_path / "o"))
+    faces = spec.face_options().to_dict()
+    largest = max(n["Resources"].get("memory", 0.0) for n in ray.nodes() if n["Alive"])
+    fits = largest_batch_within(largest, faces, [])
+    assert fits > 0 and decode_memory(fits, faces, []) <= largest < decode_memory(fits + 1, faces, [])
+    L.check_decode_fits(dataclasses.replace(spec, batch_size=fits), faces, [], can_grow=False)
+    with pytest.raises(L.LabelError, match=f"use --batch-size {fits} or less"):
+        L.check_decode_fits(dataclasses.replace(spec, batch_size=fits + 1), faces, [], can_grow=False)
+    warnings: list[str] = []  # a cluster: the autoscaler may add a larger node type
+    L.check_decode_fits(dataclasses.replace(spec, batch_size=fits + 1), faces, [], can_grow=True,
+                        warn=warnings.append)
+    assert "waiting for the autoscaler" in warnings[0]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(face_jpeg(1))
+    with pytest.raises(SystemExit):  # the job itself: before anything is listed or written
+        main(["--checkpoint", hs_checkpoint, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"),
+              "--batch-size", str(fits + 1)])
+    assert f"use --batch-size {fits} or less" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "labels").exists()
+
+
+def test_an_output_the_lease_cannot_be_written_to_is_a_clear_error(ray_session, hs_checkpoint, tmp_path, s3_bucket,
+                                                                   capsys):
+    from jobs.label import main
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(face_jpeg(1))
+    (tmp_path / "file").write_bytes(b"x")
+    for output, why in ((str(tmp_path / "file" / "out"), "NotADirectoryError"),
+                        ("s3://no-such-bucket-here/out", "NoSuchBucket")):
+        with pytest.raises(SystemExit):
+            main(["--checkpoint", hs_checkpoint, "--input", str(tmp_path / "in"), "--output", output])
+        err = capsys.readouterr().err
+        assert f"error: --output {output}: the run's lease cannot be written there ({why}" in err, err[-2000:]
+
+
 def test_image_signatures():
     assert inputs.looks_like_image(face_jpeg(1)[:32]) and inputs.looks_like_image(huge_png()[:32])
     assert inputs.looks_like_image(odd_images()["odd/palette.png"][:32])

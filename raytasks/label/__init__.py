@@ -8,7 +8,7 @@
   lease.py: one run per output (its records' store: lease_store.py); gpu_decode.py: ``--gpu-decode``.
 """
 
-from raytasks.label.cluster import ensure_ray, resolve_pool, started_here  # noqa: F401 - the job's API
+from raytasks.label.cluster import check_decode_fits, ensure_ray, resolve_pool, started_here  # noqa: F401 - the job's API
 from raytasks.label.decoding import read_and_decode  # noqa: F401
 from raytasks.label.job import label  # noqa: F401
 from raytasks.label.spec import LabelError, LabelSpec  # noqa: F401

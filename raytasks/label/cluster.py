@@ -59,3 +59,27 @@ def resolve_pool(spec: LabelSpec, resuming: bool = False, can_grow: bool | None 
         warn(f"warning: {short}{'' if spec.gpus_per_actor else ' do not fit'} now; waiting for the autoscaler "
              "to add nodes")
     return spec.min_actors, spec.max_actors if spec.max_actors is not None else max(spec.min_actors, min(fit, default))
+
+
+def check_decode_fits(spec: LabelSpec, faces: dict, pre_dicts: list[dict], can_grow: bool | None = None,
+                      warn=print) -> None:
+    """A decode task reserves memory that grows with ``--batch-size`` (raytasks.label.decoding.decode_memory),
+    and Ray never schedules a task that asks for more than any node offers: the job would wait for ever. On a
+    Ray this process started that is an error naming the largest batch size that fits; on a cluster a warning
+    (the autoscaler may add a larger node type)."""
+    import ray
+
+    from raytasks.label.decoding import decode_memory, largest_batch_within
+
+    can_grow = (not started_here()) if can_grow is None else can_grow
+    memory = decode_memory(spec.batch_size, faces, pre_dicts)
+    largest = max((n.get("Resources", {}).get("memory", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+    if memory <= largest:
+        return
+    fits = largest_batch_within(largest, faces, pre_dicts)
+    short = (f"--batch-size {spec.batch_size}: each decode task reserves {memory / 2**30:.1f} GiB of memory, more "
+             f"than the largest node of this Ray offers ({largest / 2**30:.1f} GiB)")
+    hint = f"use --batch-size {fits} or less" if fits else "no node has the memory for a task of one photo"
+    if not can_grow:
+        raise LabelError(f"{short}: {hint}")
+    warn(f"warning: {short}; waiting for the autoscaler to add a larger node ({hint} for the nodes there are)")

@@ -99,3 +99,9 @@ def decode_memory(batch_size: int, faces: dict, pre_dicts: list[dict]) -> int:
         return int(DECODE_PROCESS_BYTES + batch_size * (DECODE_FILE_BYTES + 3 * 3 * side * side * 3 // 4))
     return int(sum(DECODE_PROCESS_BYTES + batch_size * (DECODE_FILE_BYTES + 3 * d["channels"] * d["size"][0] * d["size"][1])
                    for d in pre_dicts))
+
+
+def largest_batch_within(memory: float, faces: dict, pre_dicts: list[dict]) -> int:
+    """The largest batch size whose decode task reserves at most ``memory`` bytes (0: not even one image)."""
+    one, none = decode_memory(1, faces, pre_dicts), decode_memory(0, faces, pre_dicts)
+    return max(0, int((memory - none) // (one - none)))

@@ -113,7 +113,7 @@ import pyarrow.fs as pafs
 import storage
 from facedata.inputs import InputError, check_manifest, write_listing, write_manifest_listing
 from facedata.paths import default_allow_prefix, is_manifest, normalize_path
-from raytasks.label.cluster import ensure_ray, resolve_pool
+from raytasks.label.cluster import check_decode_fits, ensure_ray, resolve_pool
 from raytasks.label.output import (
     all_labeled,
     clean_uncommitted,
@@ -133,10 +133,15 @@ def label(spec: LabelSpec, echo=print) -> dict:
     """Run the label job (see the module docstring); returns the summary, also written to
     ``OUTPUT/_summary.json``. Holds a lease on ``--output`` for the whole run (raytasks/label/lease.py): a second
     live run on the same output is refused, naming the holder."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
     from raytasks.label.lease import Lease, LeaseError
 
     spec.validate()
-    spec = dataclasses.replace(spec, allow_prefix=tuple(spec.allow_prefix) or (default_allow_prefix(spec.input),))
+    # one spelling of the output from here on (``file://`` and relative paths made absolute): the lease, the
+    # fence in the write tasks and every writer see the same folder
+    spec = dataclasses.replace(spec, output=storage.to_uri(*storage.filesystem(spec.output)),
+                               allow_prefix=tuple(spec.allow_prefix) or (default_allow_prefix(spec.input),))
     ensure_ray()
     # before anything is read or written (the lease too): an output on this machine's disk is refused where the
     # cluster runs the job's tasks on other nodes, inputs there are warned about (raytasks/reach.py); every row
@@ -148,6 +153,9 @@ def label(spec: LabelSpec, echo=print) -> dict:
         lease.acquire()
     except LeaseError as e:
         raise LabelError(str(e)) from None
+    except (OSError, BotoCoreError, ClientError) as e:  # no such bucket, a file in the path, no access
+        raise LabelError(f"--output {spec.output}: the run's lease cannot be written there "
+                         f"({type(e).__name__}: {e})") from None
     try:
         summary = _label(spec, echo, lease.fence())
     except InputError as e:
@@ -202,6 +210,7 @@ def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
     resuming = any(i.type == pafs.FileType.File for i in
                    commits_fs.get_file_info(pafs.FileSelector(commits_path, allow_not_found=True)))
     pool = resolve_pool(spec, resuming, warn=echo)
+    check_decode_fits(spec, options.to_dict(), pre_dicts, warn=echo)
 
     base = None
     listing = None
