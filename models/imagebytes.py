@@ -22,7 +22,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 # What the raw bytes say (models/imagescan.py); FOREIGN_EXTENSIONS, foreign_format and jpeg_scan_count are
 # re-exported: the label job and the tests import them from here.
@@ -37,6 +37,15 @@ from .imagescan import (  # noqa: F401
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: bigger than any camera photo of a face, small enough to bound memory
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently grey pixels
+
+# A PNG's compressed text (zTXt, iTXt) is inflated by Pillow as the file is opened, before any pixel and
+# whatever the image's size, each chunk up to 1 MiB (Pillow's MAX_TEXT_CHUNK) and by default 64 MiB an image:
+# a 67 KB 1x1 PNG of 63 chunks of compressed spaces cost about 0.2 s of CPU per opening, charged as one pixel
+# (the serving ingress opens a file twice, to charge it and to decode it). 1 MiB an image bounds that to about
+# 7 ms, and holds any real text: EXIF, XMP and ICC text profiles are kilobytes. Over it, the file is refused
+# (``too_large``, :func:`_decode_errors`). Set for the process: every image is opened here.
+MAX_PNG_TEXT_BYTES = 1 << 20
+PngImagePlugin.MAX_TEXT_MEMORY = MAX_PNG_TEXT_BYTES
 
 
 class ImageDecodeError(ValueError):
@@ -261,7 +270,12 @@ def _decode_errors(data: bytes):
         low = msg.lower()
         kind = "truncated" if any(w in low for w in ("truncat", "broken data stream", "premature")) else "decode_error"
         raise ImageDecodeError(kind, msg) from None
-    except (ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error) as e:
+    except ValueError as e:
+        if "text chunks" in str(e) or "MAX_TEXT_CHUNK" in str(e):  # Pillow's PNG text limits (above)
+            raise ImageDecodeError("too_large", f"the PNG's text chunks inflate to more than "
+                                                f"{MAX_PNG_TEXT_BYTES >> 20} MiB ({e})") from None
+        raise ImageDecodeError("decode_error", f"{type(e).__name__}: {e}") from None
+    except (SyntaxError, EOFError, IndexError, TypeError, struct.error) as e:
         raise ImageDecodeError("decode_error", f"{type(e).__name__}: {e}") from None
 
 
