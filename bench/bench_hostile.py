@@ -71,7 +71,7 @@ def hostile_files() -> dict[str, tuple[bytes, str]]:
     """name -> (bytes, where it comes from). Sizes within the 40 MP limit where the issue says so."""
     from facedata.draw import draw_face
     from facedata.synth import encode_jpeg
-    from tests.hostile import png_with_late_exif, scan_bomb, tiff_giant_tile
+    from tests.hostile import png_text_bomb, png_with_late_exif, scan_bomb, tiff_giant_tile
     from tests.images import huge_png
 
     face = draw_face(np.random.default_rng(7), (200, 200))[0]
@@ -103,6 +103,7 @@ def hostile_files() -> dict[str, tuple[bytes, str]]:
         "palette.png": (_enc(face.convert("P", palette=Image.ADAPTIVE, colors=64), "PNG"), "tests (must label)"),
         "late-exif-3000x2000.png": (png_with_late_exif(), "#22 (eXIf after IDAT)"),
         "scans-4010.jpg": (scan_bomb(4010), "#22 (JPEG scans, CPU path)"),
+        "text-63mib.png": (png_text_bomb(63), "zTXt chunks inflating to 63 MiB, one pixel"),
     }
 
 

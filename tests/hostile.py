@@ -1,6 +1,6 @@
 """Hostile inputs of issues #13 and #22, built in one place for the tests and for bench/bench_hostile.py: files
 that are small but costly (flat WebPs, a JPEG of thousands of scans, a PNG whose orientation comes after its
-pixels, a photo of 64 faces), paths and YAML that must be refused, and a slowloris sender over a real socket."""
+pixels, one whose compressed text inflates to 63 MiB, a photo of 64 faces), paths and YAML that must be refused, and a slowloris sender over a real socket."""
 
 from __future__ import annotations
 
@@ -112,6 +112,21 @@ def png_with_late_exif(size=(3000, 2000), orientation=6) -> bytes:
     body = exif.tobytes()[len(b"Exif\x00\x00"):]  # a PNG's eXIf holds the TIFF structure alone
     chunk = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body))
     return png[:-12] + chunk + png[-12:]
+
+
+def png_with_text(chunks: list[bytes]) -> bytes:
+    """A 1x1 PNG with these chunks (type + body) after its header, before its pixels."""
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, "PNG")
+    png = buf.getvalue()
+    extra = b"".join(struct.pack(">I", len(c) - 4) + c + struct.pack(">I", zlib.crc32(c)) for c in chunks)
+    return png[:33] + extra + png[33:]  # after the signature and IHDR
+
+
+def png_text_bomb(chunks: int = 63) -> bytes:
+    """A 1x1 PNG of ``chunks`` zTXt chunks, each a compressed MiB of spaces (a 67 KB file for 63)."""
+    spaces = zlib.compress(b" " * ((1 << 20) - 1), 9)
+    return png_with_text([b"zTXt" + b"Comment%d\x00\x00" % i + spaces for i in range(chunks)])
 
 
 def odd_paths(folder: Path) -> list[str]:

@@ -330,21 +330,13 @@ def test_a_declared_oversized_body_is_a_413_even_when_the_body_budget_is_busy():
 
 
 # --- a PNG's compressed text: inflated as the file is opened, whatever its pixels ------------------------------
-def _png_with_text(chunks: list[bytes]) -> bytes:
-    """A 1x1 PNG with these chunks (type + body) before its pixels."""
-    buf = io.BytesIO()
-    Image.new("RGB", (1, 1)).save(buf, "PNG")
-    png = buf.getvalue()
-    extra = b"".join(struct.pack(">I", len(c) - 4) + c + struct.pack(">I", zlib.crc32(c)) for c in chunks)
-    return png[:33] + extra + png[33:]  # after the signature and IHDR
-
-
 def test_a_png_whose_text_inflates_past_its_bound_is_refused_before_its_pixels():
     """63 zTXt chunks of a compressed MiB of spaces each (a 67 KB file, one pixel): Pillow inflated them all
     (64 MiB, 0.2 s of CPU per opening) and the ingress charged one pixel. Now refused as too large, by the
     ingress's charge and by the decoder alike; real text (a 300 KB XMP, a compressed EXIF profile) still opens."""
-    spaces = zlib.compress(b" " * ((1 << 20) - 1), 9)
-    bomb = _png_with_text([b"zTXt" + b"Comment%d\x00\x00" % i + spaces for i in range(63)])
+    from tests.hostile import png_text_bomb, png_with_text
+
+    bomb = png_text_bomb()
     assert len(bomb) < 100_000
     with pytest.raises(ImageDecodeError) as e:
         cost(bomb, Photos(2048))
@@ -352,8 +344,8 @@ def test_a_png_whose_text_inflates_past_its_bound_is_refused_before_its_pixels()
     batch = decode_batch(["t.png"], [bomb], Photos(2048))
     assert not batch["ok"][0] and batch["error_kind"][0] == "too_large"
     xmp = b"<x:xmpmeta>" + b"<rdf:li>edit</rdf:li>" * 15_000 + b"</x:xmpmeta>"
-    real = _png_with_text([b"iTXt" + b"XML:com.adobe.xmp\x00\x00\x00\x00\x00" + xmp,
-                           b"zTXt" + b"Raw profile type exif\x00\x00" + zlib.compress(b"exif\n" + b"00" * 2000)])
+    real = png_with_text([b"iTXt" + b"XML:com.adobe.xmp\x00\x00\x00\x00\x00" + xmp,
+                          b"zTXt" + b"Raw profile type exif\x00\x00" + zlib.compress(b"exif\n" + b"00" * 2000)])
     assert cost(real, Photos(2048))[0] == 1
     img, size = open_image(real)
     assert size == (1, 1) and img.info["XML:com.adobe.xmp"].endswith("</x:xmpmeta>")
