@@ -41,14 +41,18 @@ Formats (``FORMAT`` in the spec):
   and CelebA's ``-1`` for no; ``race`` is a class code (a whole number 0, 1, ...), ``age`` 0-116 years
   (UTKFace's range, age_gender_race's bins), ``beauty`` 1-5 (SCUT-FBP5500's scale). With ``attributes`` and
   without ``gender``/``smile``/``eyeglasses`` those three are filled from the attributes (``Male``,
-  ``Smiling``, ``Eyeglasses``).
+  ``Smiling``, ``Eyeglasses``; an attribute left NaN leaves its column missing). A list column takes a list,
+  JSON text (``null`` for NaN) or numbers separated by commas or spaces; points may be pairs (``[[x, y], ...]``).
 
 Malformed entries (a bad file name, a line with the wrong number of fields, a value out of range, a label
-row whose image is missing) never stop a read: each is logged with ``logging.warning`` and listed in
-``FaceDataset.skipped`` as ``(file or file:line, reason)``.
+row whose image is missing, a manifest row whose landmarks have another length than most rows) never stop a
+read: each is logged with ``logging.warning`` and listed in ``FaceDataset.skipped`` as ``(file or file:line,
+reason)``. A label file that cannot be read at all is a ValueError naming the file and what to do: bytes that
+are not UTF-8 (a leading BOM is fine), or a CSV quote that never closes (facedata/datasets/textfiles.py).
 
 When the data carries no split, :func:`seeded_split` assigns one from a hash of ``(seed, file name)``: the
-same on every worker and independent of listing order. ``jobs.train`` reads with ``--split-seed`` (not its
+same on every worker and independent of listing order (a manifest's: of the path as written, one key for all
+the spellings of one file, manifest.py ``_split_keys``). ``jobs.train`` reads with ``--split-seed`` (not its
 ``--seed``, so that every training seed holds out the same test faces), records it in the checkpoint
 (``extra["split_seed"]``), and ``jobs.evaluate`` reads that split by default.
 
@@ -58,7 +62,8 @@ sources list takes the first one's); a label a source lacks is missing, which th
 (facedata/datasets/mixed.py).
 
 Modules: ``base.py`` (the columns, :class:`FaceDataset`, the spec and the split), ``crops.py`` (CelebA,
-UTKFace, SCUT-FBP5500), ``genki.py``, ``manifest.py``, ``mixed.py``.
+UTKFace, SCUT-FBP5500), ``genki.py``, ``manifest.py``, ``mixed.py``, ``textfiles.py`` (the label files'
+text: decoding, lines, CSV records).
 """
 
 from __future__ import annotations

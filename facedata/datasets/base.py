@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import posixpath
 import re
 from collections.abc import Iterable
@@ -80,10 +81,13 @@ def missing(value) -> bool:
 
 
 def columns_from_attributes(values) -> dict[str, float]:
-    """The canonical columns of one row's 40 attributes (+1 / -1, CelebA's order): ``{"gender": ..., ...}``."""
+    """The canonical columns of one row's 40 attributes (+1 / -1, CelebA's order): ``{"gender": ..., ...}``. An
+    attribute that is not labelled (NaN) leaves its column missing (NaN), which the losses and metrics leave
+    out, as they leave out the attribute itself: it is no class (``NaN > 0`` would have made it female)."""
     out = {}
     for col, (attr, when_positive) in ATTRIBUTE_COLUMNS.items():
-        out[col] = when_positive if float(values[CELEBA_ATTRIBUTES.index(attr)]) > 0 else 1.0 - when_positive
+        value = float(values[CELEBA_ATTRIBUTES.index(attr)])
+        out[col] = math.nan if math.isnan(value) else when_positive if value > 0 else 1.0 - when_positive
     return out
 
 
@@ -362,8 +366,14 @@ def _relpath(uri: str, root: str) -> str:
     return rel.replace("\\", "/").lstrip("/")
 
 
-def _read_lines(uri: str) -> list[str]:
-    return storage.read_bytes(uri).decode("utf-8", errors="replace").splitlines()
+def file_key(path: str) -> str:
+    """The file a full ``path`` names, the same for every spelling a reader may give it (``dir/./x.jpg``,
+    ``file://``, a relative path). Not resolved through symbolic links: that costs a look-up per path
+    component of every row of a large table. An ``s3://`` key is literal text (``./`` in it is part of the
+    key), so it is its own key."""
+    if storage.is_s3(path):
+        return path
+    return os.path.abspath(path[len("file://"):] if path.startswith("file://") else path)
 
 
 def _list_images(folder: str) -> list[str]:

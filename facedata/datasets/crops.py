@@ -27,13 +27,13 @@ from facedata.datasets.base import (
     _basename,
     _frame,
     _list_images,
-    _read_lines,
     _relpath,
     _Skips,
     _Splitter,
     columns_from_attributes,
     log,
 )
+from facedata.datasets.textfiles import read_lines
 
 # --------------------------------------------------------------------------------------------- CelebA
 
@@ -80,7 +80,7 @@ def _read_celeba(root: str, splitter: _Splitter) -> FaceDataset:
 
 
 def _read_celeba_attributes(uri: str, skips: _Skips) -> dict[str, list[int]]:
-    lines = _read_lines(uri)
+    lines = read_lines(uri)
     if len(lines) < 2:
         raise ValueError(f"{uri}: expected a count line and a header line")
     header = lines[1].split()
@@ -117,7 +117,7 @@ def _read_celeba_attributes(uri: str, skips: _Skips) -> dict[str, list[int]]:
 def _read_celeba_landmarks(uri: str, skips: _Skips) -> tuple[dict[str, list[float]], int]:
     if not storage.exists(uri):
         return {}, 0
-    lines = _read_lines(uri)
+    lines = read_lines(uri)
     out: dict[str, list[float]] = {}
     num_values = 0
     header = lines[1].split() if len(lines) > 1 else []
@@ -150,7 +150,7 @@ def _read_celeba_partition(uri: str, skips: _Skips) -> dict[str, str]:
     if not storage.exists(uri):
         return {}
     out: dict[str, str] = {}
-    for lineno, line in enumerate(_read_lines(uri), start=1):
+    for lineno, line in enumerate(read_lines(uri), start=1):
         fields = line.split()
         if not fields:
             continue
@@ -215,7 +215,7 @@ def _read_utkface(root: str, splitter: _Splitter) -> FaceDataset:
 
 def _read_scut_scores(uri: str, skips: _Skips, label: str) -> dict[str, float]:
     out: dict[str, float] = {}
-    for lineno, line in enumerate(_read_lines(uri), start=1):
+    for lineno, line in enumerate(read_lines(uri), start=1):
         fields = line.split()
         if not fields:
             continue

@@ -25,11 +25,10 @@ from facedata.datasets.base import (
     _basename,
     _frame,
     _list_images,
-    _read_lines,
     _Skips,
     _Splitter,
 )
-from facedata.datasets.manifest import _csv_records
+from facedata.datasets.textfiles import csv_records, read_lines, read_text
 
 GENKI_LABELS_CSV = "labels.csv"
 GENKI_LABELS_TXT = "labels.txt"
@@ -52,7 +51,7 @@ def _records(root: str, skips: _Skips) -> list[tuple[str, str, list]]:
     csv_uri, txt_uri = storage.join(root, GENKI_LABELS_CSV), storage.join(root, GENKI_LABELS_TXT)
     if storage.exists(csv_uri):
         # line by line (a line with an extra field is reported and skipped, not the end of the read)
-        columns, rows = _csv_records(storage.read_bytes(csv_uri), GENKI_LABELS_CSV, skips)
+        columns, rows = csv_records(read_text(csv_uri), GENKI_LABELS_CSV, skips, file=csv_uri)
         missing = [c for c in ("file", "smile") if c not in columns]
         if missing:
             raise ValueError(f"{csv_uri}: no {' or '.join(missing)} column (columns: {', '.join(columns)})")
@@ -60,7 +59,7 @@ def _records(root: str, skips: _Skips) -> list[tuple[str, str, list]]:
                 for i, rec in rows]
     if storage.exists(txt_uri):
         out = []
-        for lineno, line in enumerate(_read_lines(txt_uri), start=1):
+        for lineno, line in enumerate(read_lines(txt_uri), start=1):
             fields = line.split()
             if not fields:
                 continue

@@ -3,13 +3,15 @@ photos or crops), and the spellings its label values may take."""
 
 from __future__ import annotations
 
-import csv
 import gzip
 import io
 import json
 import math
 import posixpath
+from collections import Counter
+from collections.abc import Iterable
 
+import numpy as np
 import pandas as pd
 
 import storage
@@ -29,67 +31,121 @@ from facedata.datasets.base import (
     _Skips,
     _Splitter,
     columns_from_attributes,
+    file_key,
+    log,
+    missing,
 )
+from facedata.datasets.textfiles import _unique_names, csv_records, decode_text
 
 # --------------------------------------------------------------------------------------------- manifest
 
 
 def _read_manifest(uri: str, splitter: _Splitter) -> FaceDataset:
     skips = _Skips()
-    data = storage.read_bytes(uri)
-    lower, name = uri.lower(), _basename(uri)
-    if lower.endswith((".parquet", ".pq")) or data[:4] == b"PAR1":
-        raw = pd.read_parquet(io.BytesIO(data))
-        columns = list(raw.columns)
-        records = [(f"{name}:row {i}", rec) for i, rec in enumerate(raw.to_dict("records"))]
-    elif lower.endswith((".csv", ".tsv", ".txt")) or lower.endswith(".csv.gz"):
-        text = gzip.decompress(data) if lower.endswith(".gz") else data
-        columns, lines = _csv_records(text, name, skips, "\t" if lower.endswith(".tsv") else ",")
-        records = [(f"{name}:row {i}", {k: _na(v) for k, v in rec.items()}) for i, rec in lines]
-    else:
-        raise ValueError(f"manifest {uri}: expected a .csv or .parquet file")
+    columns, records = _manifest_records(uri, skips)
     if "path" not in columns:
         raise ValueError(
             f"manifest {uri} has no 'path' column (columns: {', '.join(map(str, columns))}); "
             "a manifest needs one image path per row, relative to the manifest's folder or absolute"
         )
     base = uri.rsplit("/", 1)[0] if storage.is_s3(uri) else posixpath.dirname(storage.filesystem(uri)[1])
-
     label_cols = [c for c in LABEL_COLUMNS + FACE_SELECT_COLUMNS if c in columns]
-    rows = []
+    ignored = [str(c) for c in columns if c not in ("path", "split", *label_cols)]
+    if ignored:
+        log.warning("manifest %s: columns %s are not label columns (%s) and are not read", uri, ignored,
+                    ", ".join(LABEL_COLUMNS + FACE_SELECT_COLUMNS))
+    entries = []  # (where, path as written, row)
     for where, rec in records:
-        path = rec.get("path")
-        if not isinstance(path, str) or not path.strip():
-            skips.add(where, "empty path")
-            continue
-        path = path.strip()
-        full = path if storage.is_s3(path) or path.startswith(("/", "file://")) else storage.join(base, path)
-        split = _manifest_split(rec.get("split"))
-        if split is False:
-            skips.add(where, f"split {rec.get('split')!r} is not train/val/test")
-            continue
-        row: dict = {"path": full, "split": split or splitter(path)}
-        try:
-            for col in label_cols:
-                row[col] = _manifest_value(col, rec.get(col))
-        except ValueError as err:
-            skips.add(where, str(err))
-            continue
-        rows.append(row)
-    table = _frame(rows, ["path", "split", *label_cols])
+        entry = _manifest_row(where, rec, base, label_cols, skips)
+        if entry is not None:
+            entries.append(entry)
+    entries, num_points = _one_landmark_length(entries, skips)
+    keys = _split_keys([(written, row["path"]) for _, written, row in entries], base)
+    for _, written, row in entries:
+        row["split"] = row["split"] or splitter(keys[written])
+    table = _frame([row for _, _, row in entries], ["path", "split", *label_cols])
     if "attributes" in table.columns:
         _derive_from_attributes(table)
-    num_points = 0
-    if "landmarks" in table.columns:
-        lengths = {len(v) for v in table["landmarks"] if v is not None}
-        if len(lengths) > 1:
-            raise ValueError(f"manifest {uri}: landmark lists have different lengths {sorted(lengths)}")
-        num_points = lengths.pop() // 2 if lengths else 0
     return FaceDataset("manifest", uri, table, list(skips), num_points > 0, num_points)
 
 
+def _manifest_records(uri: str, skips: _Skips) -> tuple[list[str], list[tuple[str, dict]]]:
+    """The column names and ``(file:row N, {column: value})`` per row of a CSV or Parquet manifest; a CSV's
+    text missing-value spellings (``NA``, ``nan``, ...) as None."""
+    data = storage.read_bytes(uri)
+    lower, name = uri.lower(), _basename(uri)
+    if lower.endswith((".parquet", ".pq")) or data[:4] == b"PAR1":
+        raw = pd.read_parquet(io.BytesIO(data))
+        raw.columns = _unique_names([str(c).strip() for c in raw.columns])
+        return list(raw.columns), [(f"{name}:row {i}", rec) for i, rec in enumerate(raw.to_dict("records"))]
+    if lower.endswith((".csv", ".tsv", ".txt")) or lower.endswith(".csv.gz"):
+        text = decode_text(gzip.decompress(data) if lower.endswith(".gz") else data, uri)
+        columns, lines = csv_records(text, name, skips, "\t" if lower.endswith(".tsv") else ",", file=uri)
+        return columns, [(f"{name}:row {i}", {k: _na(v) for k, v in rec.items()}) for i, rec in lines]
+    raise ValueError(f"manifest {uri}: expected a .csv or .parquet file")
+
+
+def _manifest_row(where: str, rec: dict, base: str, label_cols: list[str], skips: _Skips):
+    """``(where, path as written, row)`` of one manifest record, the row's ``split`` None where the manifest
+    gives none; None when the record is malformed (reported in ``skips``)."""
+    path = rec.get("path")
+    if not isinstance(path, str) or not path.strip():
+        skips.add(where, "empty path")
+        return None
+    path = path.strip()
+    full = path if storage.is_s3(path) or path.startswith(("/", "file://")) else storage.join(base, path)
+    split = _manifest_split(rec.get("split"))
+    if split is False:
+        skips.add(where, f"split {rec.get('split')!r} is not train/val/test")
+        return None
+    row: dict = {"path": full, "split": split}
+    try:
+        for col in label_cols:
+            row[col] = _manifest_value(col, rec.get(col))
+    except ValueError as err:
+        skips.add(where, str(err))
+        return None
+    return where, path, row
+
+
+def _one_landmark_length(entries: list, skips: _Skips) -> tuple[list, int]:
+    """The entries whose landmarks have the length most rows have (a row with another number of points is
+    reported and left out: one mistyped row does not stop the read), and that number of points."""
+    lengths = Counter(len(row["landmarks"]) for _, _, row in entries if row.get("landmarks") is not None)
+    if not lengths:
+        return entries, 0
+    want = lengths.most_common(1)[0][0]
+    kept = []
+    for where, written, row in entries:
+        got = row.get("landmarks")
+        if got is not None and len(got) != want:
+            skips.add(where, f"landmarks: expected {want} values ({want // 2} points, as {lengths[want]} rows "
+                             f"have), got {len(got)}")
+            continue
+        kept.append((where, written, row))
+    return kept, want // 2
+
+
+def _split_keys(paths: list[tuple[str, str]], base: str) -> dict[str, str]:
+    """``path as written -> the key of its seeded split``, for ``(written, full path)`` pairs. A file written
+    one way keeps its text as the key, so the split of a manifest that names each file one way is what it has
+    always been (checkpoints record the split seed, and jobs.evaluate reads their test split again). A file
+    written several ways (``a.jpg``, ``./a.jpg``, ``/data/a.jpg``) takes one key for all of them, its path
+    relative to the manifest's folder as the reader resolves it (absolute when outside it), so that it lands
+    in one split: the same file in train and test would be tested on faces it was trained on."""
+    spellings: dict[str, set[str]] = {}
+    for written, full in paths:
+        spellings.setdefault(file_key(full), set()).add(written)
+    folder = file_key(base).rstrip("/") + "/"
+    keys = {}
+    for file, texts in spellings.items():
+        key = next(iter(texts)) if len(texts) == 1 else file.removeprefix(folder)
+        keys.update(dict.fromkeys(texts, key))
+    return keys
+
+
 # The texts pandas reads as a missing value (its default na_values): a CSV manifest is read line by line
-# (_csv_records) and keeps meaning what it meant when pandas read it.
+# (textfiles.csv_records) and keeps meaning what it meant when pandas read it.
 _NA_TEXT = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
                       "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
 
@@ -171,19 +227,37 @@ def text_of(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _list_numbers(col: str, value) -> list[float] | None:
+    """A list column's cell as floats (None when missing): a list, a Parquet array, JSON text (``[1, -1, null]``)
+    or numbers separated by commas or spaces; the points of a point column as pairs (``[[x, y], ...]``, the
+    (T, 2) shape) are flattened, and a null or a missing-value text inside the list is NaN (an attribute not labelled). Anything else (a
+    single number, an object) is a ValueError, which reports and skips the row."""
+    if missing(value):
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        try:
+            value = json.loads(text) if text.startswith("[") else text.replace(",", " ").split()
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{col}: cannot parse {text[:40]!r}") from err
+    if isinstance(value, (str, bytes, dict)) or not isinstance(value, Iterable):
+        raise ValueError(f"{col}: expected a list of numbers, got {text_of(value)}")
+    items = list(value)
+    if col != "attributes" and items and all(isinstance(v, (list, tuple, np.ndarray)) and len(v) == 2 for v in items):
+        items = [x for v in items for x in v]
+    try:
+        return [math.nan if v is None or (isinstance(v, str) and v.strip() in _NA_TEXT) else float(v) for v in items]
+    except (TypeError, ValueError):
+        raise ValueError(f"{col}: cannot parse {text_of(value)} as a list of numbers") from None
+
+
 def _manifest_value(col: str, value):
     if col in LIST_COLUMNS:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
+        values = _list_numbers(col, value)
+        if values is None:
             return None
-        if isinstance(value, str):
-            text = value.strip()
-            if not text:
-                return None
-            try:
-                value = json.loads(text) if text.startswith("[") else text.replace(",", " ").split()
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{col}: cannot parse {text[:40]!r}") from err
-        values = [float(v) for v in list(value)]
         if col == "attributes" and len(values) != len(CELEBA_ATTRIBUTES):
             raise ValueError(f"attributes: expected {len(CELEBA_ATTRIBUTES)} values, got {len(values)}")
         if col == "landmarks" and len(values) % 2:
@@ -215,46 +289,3 @@ def _manifest_value(col: str, value):
 
 _RANGES = {"age": UTKFACE_AGE_RANGE, "beauty": SCUT_BEAUTY_RANGE}
 _RANGE_WHY = {"age": "years, the ages age_gender_race learns", "beauty": "SCUT-FBP5500's 1-5 scale"}
-
-
-def _csv_records(data: bytes, label: str, skips: _Skips, sep: str = ",") -> tuple[list[str], list[tuple[int, dict]]]:
-    """The header and the data rows of a CSV file: ``(row, {column: text})`` per row, ``row`` counting the data
-    rows from 0 (the readers' ``file:row N``), each field's text as written and "" for a field that a short row
-    lacks. Read line by line, not with pandas, because pandas stops the whole read on a line with more fields
-    than the header ("Expected 5 fields in line 3, saw 6") and its skip option does not say which line it was:
-    such a line is reported in ``skips`` as ``file:line N`` (its line in the file) and left out, since its
-    fields cannot be matched to the columns."""
-    reader = csv.reader(io.StringIO(data.decode("utf-8-sig"), newline=""), delimiter=sep)
-    header: list[str] | None = None
-    rows: list[tuple[int, dict]] = []
-    line, index = 1, -1
-    for fields in reader:
-        start, line = line, reader.line_num + 1  # a quoted field may span lines: report the first
-        if not fields:
-            continue  # a blank line, as pandas skips it
-        if header is None:
-            header = _unique_names(fields)
-            continue
-        index += 1  # a bad line counts too, so that a row's number does not depend on the lines before it
-        if len(fields) > len(header):
-            text = sep.join(fields)
-            skips.add(f"{label}:line {start}", f"expected {len(header)} fields ({sep.join(header)}), got "
-                      f"{len(fields)}: {text[:80]!r}")
-            continue
-        rows.append((index, dict(zip(header, fields + [""] * (len(header) - len(fields))))))
-    if header is None:
-        raise ValueError(f"{label}: empty, expected a header line")
-    return header, rows
-
-
-def _unique_names(names: list[str]) -> list[str]:
-    """Column names as pandas makes them unique (the second ``x`` is ``x.1``), so a repeated column does not
-    silently replace the first."""
-    out: list[str] = []
-    for name in names:
-        new, k = name, 0
-        while new in out:
-            k += 1
-            new = f"{name}.{k}"
-        out.append(new)
-    return out

@@ -11,7 +11,7 @@ A ``source`` column says where a row came from.
 
 A file listed by several sources (GENKI-4K's photos and a manifest adding their gender) stays once per source,
 each row with its own labels, with a warning; the readers split by different keys (a manifest by the path as
-written, GENKI-4K and UTKFace by the file name), so every row of such a file takes the split of the first
+written, one key per file; GENKI-4K and UTKFace by the file name), so every row of such a file takes the split of the first
 source that lists it: no file is in two splits, and the test faces are never trained on.
 
 What does not mix, and is refused: sources whose labels mean different classes for one model (UTKFace's 5
@@ -23,13 +23,18 @@ landmark lists of different lengths.
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 import pandas as pd
 
-import storage
-from facedata.datasets.base import FACE_SELECT_COLUMNS, LABEL_COLUMNS, LIST_COLUMNS, FaceDataset, missing
+from facedata.datasets.base import (
+    FACE_SELECT_COLUMNS,
+    LABEL_COLUMNS,
+    LIST_COLUMNS,
+    FaceDataset,
+    file_key,
+    missing,
+)
 
 log = logging.getLogger("facedata.datasets")
 
@@ -67,15 +72,6 @@ def mix(parts: list[FaceDataset]) -> FaceDataset:
                        num_points, parts=tuple(parts))
 
 
-def _file_key(path: str) -> str:
-    """The file a row's ``path`` names, the same for every spelling a reader may give it (``dir/./x.jpg``,
-    ``file://``, a relative path). Not resolved through symbolic links: that costs a look-up per path
-    component of every row of a large mix."""
-    if storage.is_s3(path):
-        return path
-    return os.path.abspath(path[len("file://"):] if path.startswith("file://") else path)
-
-
 def _one_split_per_file(table: pd.DataFrame, part: np.ndarray) -> None:
     """Gives every row of a file that several sources list (``part``: each row's source) the split of its first
     row, in place. The first source's split, because the order is the user's (``--data A --data B``) and the
@@ -83,7 +79,7 @@ def _one_split_per_file(table: pd.DataFrame, part: np.ndarray) -> None:
     stays what it is alone, and its results compare with a run on it alone. A file that only one source lists,
     even twice (two faces of a group photo, a manifest's own split column), keeps its rows' splits: what the
     source says about its own files is the user's choice, as it would be without the mix."""
-    keys = pd.Series([_file_key(p) for p in table["path"]], index=table.index)
+    keys = pd.Series([file_key(p) for p in table["path"]], index=table.index)
     shared = keys.map(pd.Series(part, index=table.index).groupby(keys).nunique()) > 1
     if not shared.any():
         return
