@@ -49,6 +49,10 @@ _LIMITS = {"hflip": 1.0, "rotation": 45.0, "shift": 0.25, "scale": 0.5, "brightn
            "saturation": 1.0, "hue": 0.5, "blur": 1.0, "blur_sigma": 8.0, "erase": 1.0, "erase_area": 0.8}
 _LOWER = {"blur_sigma": 0.3, "erase_area": 0.02}  # the other fields start at 0
 _SIZES = ("blur_sigma", "erase_area")  # sizes of an augmentation, not whether it happens
+# The keys that expand into the fields: key -> {field: amount per unit of the key} (the module docstring)
+_EXPANDS = {"align_jitter": {"rotation": 3.0, "shift": 0.03, "scale": 0.07},
+            "color_jitter": {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.25}}
+_FLAGS = {"align_jitter": "--align-jitter K or --augment align_jitter=K", "color_jitter": "--augment color_jitter=J"}
 _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
 
 
@@ -69,12 +73,7 @@ class Augment:
 
     def __post_init__(self):
         for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"augment {f.name}: expected a number, got {v!r}")
-            lo = _LOWER.get(f.name, 0.0)
-            if not lo <= v <= _LIMITS[f.name]:
-                raise ValueError(f"augment {f.name} must be between {lo:g} and {_LIMITS[f.name]:g}, got {v!r}")
+            _check_field(f.name, getattr(self, f.name))
 
     @classmethod
     def from_recipe(cls, augment: dict | None) -> Augment:
@@ -85,22 +84,18 @@ class Augment:
         out = {f.name: 0.0 for f in fields(cls)}
         for key in _SIZES:
             out[key] = getattr(cls, key)
-        k = float(d.pop("align_jitter", 0) or 0)
-        j = float(d.pop("color_jitter", 0) or 0)
+        jitters = {key: d.pop(key, 0) or 0 for key in _EXPANDS}
         unknown = sorted(set(d) - set(out))
         if unknown:
             raise ValueError(f"unknown augmentation(s) {unknown}; known: "
                              f"{sorted(set(out) | {'align_jitter', 'color_jitter', *CPU_KEYS})}")
         for key, v in d.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ValueError(f"augment {key}: expected a number, got {v!r}")
+            _check_field(key, v)  # as given, before a jitter adds to it
             out[key] = float(v)
-        out["rotation"] += 3.0 * k
-        out["shift"] += 0.03 * k
-        out["scale"] += 0.07 * k
-        for key in ("brightness", "contrast", "saturation"):
-            out[key] += j
-        out["hue"] += j / 4
+        for key, v in jitters.items():  # checked as given, before they expand into fields the user never named
+            _check_jitter(key, v, out)
+            for field_name, per_unit in _EXPANDS[key].items():
+                out[field_name] += per_unit * float(v)
         return cls(**out)
 
     def to_dict(self) -> dict:
@@ -250,3 +245,24 @@ def _move_points(target: torch.Tensor, A: torch.Tensor, flipped: torch.Tensor, o
     if o.scale == "unit":
         moved = (moved + 1) / 2
     return moved.reshape(n, -1).to(target.dtype)
+
+
+def _check_field(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"augment {name}: expected a number, got {v!r}")
+    lo = _LOWER.get(name, 0.0)
+    if not lo <= v <= _LIMITS[name]:
+        raise ValueError(f"augment {name} must be between {lo:g} and {_LIMITS[name]:g}, got {v!r}")
+
+
+def _check_jitter(key: str, value, fields_so_far: dict) -> None:
+    """``align_jitter`` / ``color_jitter`` as the user gave them: a number >= 0 small enough that every field it
+    adds to (with that field's own value) stays within its limit; the message names the key and its flag."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"augment {key} ({_FLAGS[key]}): expected a number, got {value!r}")
+    room = min((_LIMITS[f] - fields_so_far[f]) / per_unit for f, per_unit in _EXPANDS[key].items())
+    if not 0 <= value <= room:
+        unit = _FLAGS[key].split()[-1].split("=")[-1]
+        adds = ", ".join(f"{f} {per_unit:g} x {unit}" for f, per_unit in _EXPANDS[key].items())
+        raise ValueError(f"augment {key} ({_FLAGS[key]}) must be between 0 and {max(room, 0):.3g} (it adds {adds} "
+                         f"to the recipe's values, each within its limit), got {value!r}")

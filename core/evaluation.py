@@ -2,11 +2,13 @@
 error, the reliability diagram, and every metric per group of people with confidence intervals.
 
 ``jobs.evaluate`` is the command line around it (its docstring says what each figure is). Faces are read
-whole or through the same detector and alignment as label and serve (``faces.finder.decode_face``).
+whole or through the same detector and alignment as label and serve (``faces.finder.decode_face``); a row
+that names its face (a manifest's face_box / face_points) as training reads it (core/evalinputs.py).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from dataclasses import dataclass
@@ -17,9 +19,11 @@ import torch
 
 from core.batches import concat_batches, load_batch, to_tensors
 from core.engine import validation_loss
+from core.evalinputs import face_parts
 from facedata.datasets.base import missing
 from models.outputs import Binary, Categorical
 from models.outputset import add_stats
+from models.photo import DEFAULT_PHOTO_SIDE
 from models.reliability import CalibrationError, ece, reliability_bins
 
 AGE_GROUPS: tuple[tuple[str, float, float], ...] = (
@@ -45,37 +49,37 @@ class Evaluated:
     stats: dict
 
 
-def _batches_with_rows(table: pd.DataFrame, model, batch_size: int, decode_fn=None):
+def _batches_with_rows(table: pd.DataFrame, model, batch_size: int, decode_fn=None, max_side: int = DEFAULT_PHOTO_SIDE):
     """``core.batches.load_batch`` over the table in order, with the table positions of the rows kept (a row
-    whose image cannot be decoded is dropped there; the chunk is then reloaded row by row to know which)."""
+    whose image cannot be decoded is dropped there; the chunk is then reloaded row by row to know which). Rows
+    with a resolved face (``core.evalinputs.NamedFaces``) are aligned with it, the others read by ``decode_fn``."""
     for start in range(0, len(table), batch_size):
-        chunk = table.iloc[start:start + batch_size]
-        b = load_batch(chunk, model, decode_fn=decode_fn)
-        if len(b["image"]) == len(chunk):
-            yield b, np.arange(start, start + len(chunk))
-            continue
-        parts, rows = [], []
-        for i in range(len(chunk)):
-            bi = load_batch(chunk.iloc[i:i + 1], model, decode_fn=decode_fn)
-            if len(bi["image"]):
-                parts.append(bi)
-                rows.append(start + i)
-        if parts:
-            merged = parts[0]
-            for p in parts[1:]:
-                merged = concat_batches(merged, p)
-            yield merged, np.array(rows)
+        whole = table.iloc[start:start + batch_size]
+        for chunk, pos in face_parts(whole, np.arange(start, start + len(whole))):
+            b = load_batch(chunk, model, decode_fn=decode_fn, max_side=max_side)
+            if len(b["image"]) == len(chunk):
+                yield b, pos
+                continue
+            parts, rows = [], []
+            for i in range(len(chunk)):
+                bi = load_batch(chunk.iloc[i:i + 1], model, decode_fn=decode_fn, max_side=max_side)
+                if len(bi["image"]):
+                    parts.append(bi)
+                    rows.append(pos[i])
+            if parts:
+                yield functools.reduce(concat_batches, parts), np.array(rows)
 
 
 @torch.no_grad()
-def run_model(model, table: pd.DataFrame, batch_size: int = 64, device: str = "cpu", decode_fn=None) -> Evaluated:
+def run_model(model, table: pd.DataFrame, batch_size: int = 64, device: str = "cpu", decode_fn=None,
+              max_side: int = DEFAULT_PHOTO_SIDE) -> Evaluated:
     dev = torch.device(device)
     model.to(dev).eval()
     raws: dict[str, list] = {}
     tgts: dict[str, list] = {}
     rows: list[np.ndarray] = []
     stats = None
-    for batch, pos in _batches_with_rows(table, model, batch_size, decode_fn):
+    for batch, pos in _batches_with_rows(table, model, batch_size, decode_fn, max_side):
         images, targets = to_tensors(batch, dev)
         raw = {k: v.float() for k, v in model.infer(model.prepare(images)).items()}
         stats = add_stats(stats, model.stats(raw, targets))
@@ -84,8 +88,10 @@ def run_model(model, table: pd.DataFrame, batch_size: int = 64, device: str = "c
         for k, v in targets.items():
             tgts.setdefault(k, []).append(v.detach().cpu())
         rows.append(pos)
-    return Evaluated({k: torch.cat(v) for k, v in raws.items()}, {k: torch.cat(v) for k, v in tgts.items()},
-                     np.concatenate(rows) if rows else np.zeros(0, dtype=int), stats or {})
+    at = np.concatenate(rows) if rows else np.zeros(0, dtype=int)
+    order = torch.as_tensor(np.argsort(at, kind="stable"))  # table order (a chunk's two parts come one by one)
+    return Evaluated({k: torch.cat(v)[order] for k, v in raws.items()}, {k: torch.cat(v)[order] for k, v in tgts.items()},
+                     at[order.numpy()], stats or {})
 
 
 def calibration_pairs(model, ev: Evaluated) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -8,9 +8,17 @@ Prints per-attribute and mean accuracy (with the checkpoint's thresholds), MAE /
 scores, age MAE / RMSE and class accuracy; ``--json OUT`` writes a flat object ``{"<output>.<metric>":
 number, ..., "mean_accuracy": number}``. ``--faces detect`` measures the model the way a user meets it: the
 detector finds the face in each image and the model reads its aligned crop (faces/finder.py); images in
-which no face is found are left out and counted (``images_without_face``). ``--faces whole`` feeds each image
-whole. The default is the way the checkpoint was trained: ``detect`` for a model trained with ``jobs.train
---faces detect`` or ``landmarks`` (its ``extra["faces"]``), ``whole`` otherwise.
+which no face is found are left out and counted (``images_without_face``). A row that names its face (a
+manifest's ``face_box`` / ``face_points``: several labelled people in one photo) is judged on that face, found as
+training finds it (core/evalinputs.py); ``--face-pick`` chooses for the other rows. ``--faces whole`` feeds each
+image whole, and refuses ``--face-pick`` and the detector's flags, which would do nothing. The default is the way
+the checkpoint was trained: ``detect`` for a model trained with ``jobs.train --faces detect`` or ``landmarks``
+(its ``extra["faces"]``), ``whole`` otherwise.
+
+Labels whose class codes mean other classes than the checkpoint's outputs (SCUT-FBP5500's race 0 = Asian for
+age_gender_race's 0 = White; a manifest's code the head does not have) are not scored, and the run names them
+(core/evalinputs.py: the rule training applies to a mix of sources). The ``--json`` object is strict JSON: a
+figure that is not a number (the Pearson of constant predictions) is ``null``.
 
 Calibration (models/calibration.py). The run says whether the checkpoint is calibrated (``calibrated: false``
 for one saved without temperatures) and gives the expected calibration error (15 bins, l1, torchmetrics) of
@@ -18,7 +26,8 @@ every categorical output and binary attribute: ``<name>.ece_uncalibrated`` (the 
 for a calibrated model, ``<name>.ece_calibrated`` (what the label and serve jobs report). These keys and
 ``calibrated`` (0 or 1) are added to the ``--json`` object; ``main`` returns the metrics alone.
 ``--calibrate-on SPLIT`` fits temperatures on that split first (not the evaluated one, or the figures are
-in-sample), and ``--save-calibrated NEW`` writes the calibrated checkpoint (same metrics and extra, plus
+in-sample: asked for, that is warned about; made so by ``--split test`` falling back to val on data without
+test rows, it is refused), and ``--save-calibrated NEW`` writes the calibrated checkpoint (same metrics and extra, plus
 ``extra["calibration"]``). ``--reliability OUT.png`` draws a reliability diagram per output. A checkpoint
 trained with a recipe (models/recipes.py) says so: its stages, their values, best epochs and metrics.
 
@@ -36,6 +45,7 @@ the model (``Male``: Male / not_Male). Rows without the key's label are left out
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -44,7 +54,9 @@ import pandas as pd
 
 import storage
 from core.batches import label_columns
+from core.dataread import DataReadError, read_data
 from core.engine import sample_rows
+from core.evalinputs import NamedFaces, class_disagreements, has_named_faces
 from core.evaluation import (
     GroupError,
     calibration_errors,
@@ -56,7 +68,7 @@ from core.evaluation import (
     reliability_png,
     run_model,
 )
-from facedata.datasets import read_dataset
+from facedata.datasets import SPLITS
 from faces.finder import FACE_PICKS
 from jobs._cli import add_face_args, face_options, positive
 from models.calibration import CalibrationError, calibration_status, fit_calibration
@@ -68,22 +80,61 @@ from models.recipes import record_lines
 LIMIT_SEED = 0
 
 
-def _split(ds, name: str, p) -> pd.DataFrame:
+SPLIT_CHOICES = (*SPLITS, "all")
+
+
+def _split(ds, name: str, p, doing: str = "evaluating") -> tuple[pd.DataFrame, str]:
+    """The rows of split ``name`` and the split they are (test falls back to val when there are no test rows)."""
     table = ds.table if name == "all" else ds.split(name)
     if len(table) == 0 and name == "test":
-        table = ds.split("val")
-        print("no test rows: evaluating on the validation split", file=sys.stderr)
+        table, name = ds.split("val"), "val"
+        print(f"no test rows: {doing} on the validation split", file=sys.stderr)
     if len(table) == 0:
         p.error(f"no rows in split {name!r}")
-    return table
+    return table, name
+
+
+def _overlap(a: str, b: str) -> bool:
+    return a == b or "all" in (a, b)
+
+
+def _check_calibration_split(args, split: str, cal_split: str, p) -> None:
+    """Temperatures fitted on the rows they are then judged on give in-sample figures. Asked for (``--split val
+    --calibrate-on val``, or ``all``), it is said loudly; made so by the fallback of ``--split test`` to val on
+    data without test rows, it is refused: the user asked for held-out figures."""
+    if not _overlap(split, cal_split):
+        return
+    if not _overlap(args.split, args.calibrate_on):
+        p.error(f"--split {args.split} --calibrate-on {args.calibrate_on}: the data has no test rows, so both read "
+                f"the {split if split != 'all' else cal_split} split and the calibrated figures would be measured on "
+                f"the rows the temperatures were fitted on; give --split {split} to accept in-sample figures, or "
+                f"calibrate on another split")
+    shared = split if split == cal_split else (cal_split if split == "all" else split)
+    print(f"warning: the temperatures are fitted on {cal_split} and the evaluation reads {split}: the {shared} rows "
+          f"are in both, so the calibrated figures are in-sample", file=sys.stderr)
+
+
+def _check_face_flags(args, opts: dict, defaulted: bool, p) -> None:
+    """With ``--faces whole`` nothing is detected: flags that choose or tune detection would do nothing (as
+    ``jobs.train`` refuses them with whole)."""
+    if args.faces != "whole":
+        return
+    given = [why for why, on in (("--face-pick chooses among detected faces", args.face_pick is not None),
+                                 ("--det-*, --min-face and --max-faces tune the detector", bool(opts.get("detector"))),
+                                 ("--max-side sizes photos for the detector", "max_side" in opts)) if on]
+    if given:
+        trained = ", as the checkpoint was trained" if defaulted else ""
+        p.error(f"{'; '.join(given)}: {'they need' if len(given) > 1 else 'it needs'} --faces detect (faces are "
+                f"read whole here{trained})")
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint path or s3:// URI")
     p.add_argument("--data", required=True, help="FORMAT:PATH, e.g. celeba:../shared/data/celeba")
-    p.add_argument("--split", default="test", help="train, val, test or all (default test; val if no test rows)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--split", default="test", choices=SPLIT_CHOICES,
+                   help="the rows evaluated (default test; val if the data has no test rows)")
+    p.add_argument("--batch-size", type=positive(int), default=64)
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the split when the data has none; default: the checkpoint's (jobs.train "
                         "--split-seed; 0 for checkpoints that do not record one)")
@@ -96,8 +147,9 @@ def main(argv: list[str] | None = None) -> dict:
                         "default: as the checkpoint says (its recipe's choice; models/preprocess.py)")
     p.add_argument("--json", default=None, help="write the metrics as a flat JSON object here (path or s3://)")
     c = p.add_argument_group("calibration (models/calibration.py)")
-    c.add_argument("--calibrate-on", default=None, metavar="SPLIT",
-                   help="fit temperatures on this split (e.g. val) before evaluating; replaces the checkpoint's")
+    c.add_argument("--calibrate-on", default=None, choices=SPLIT_CHOICES, metavar="SPLIT",
+                   help="fit temperatures on this split (train, val, test or all; e.g. val) before evaluating; "
+                        "replaces the checkpoint's")
     c.add_argument("--calibrate-limit", type=positive(int), default=None,
                    help=f"fit on at most this many images, drawn at random with the fixed seed {LIMIT_SEED}")
     c.add_argument("--save-calibrated", default=None, metavar="URI", help="write the calibrated checkpoint here")
@@ -112,14 +164,15 @@ def main(argv: list[str] | None = None) -> dict:
     add_face_args(p, default_mode=None, faces_help="detect: find the face in each image and align it to the model's "
                   "template; whole: feed each image whole. Default: as the checkpoint was trained (detect after "
                   "jobs.train --faces detect or landmarks, else whole)")
-    p.add_argument("--face-pick", choices=FACE_PICKS, default="score",
-                   help="with --faces detect, which face of a photo holding several is the labelled one: the "
-                        "detector's most confident (default), the largest, or the one nearest the middle (LFW's rule)")
+    p.add_argument("--face-pick", choices=FACE_PICKS, default=None,
+                   help="with --faces detect, which face of a photo holding several is the labelled one, for rows "
+                        "that do not name theirs by face_box / face_points: the detector's most confident "
+                        "(default, score), the largest, or the one nearest the middle (LFW's rule)")
     args = p.parse_args(argv)
-    if args.face_pick != "score" and args.faces == "whole":
-        p.error("--face-pick chooses among detected faces: it needs --faces detect")
     if args.save_calibrated and not args.calibrate_on:
         p.error("--save-calibrated needs --calibrate-on SPLIT")
+    if args.bootstrap < 0 or args.min_group < 0:
+        p.error(f"--{'bootstrap' if args.bootstrap < 0 else 'min-group'} must be >= 0")
 
     try:
         model, info = load_checkpoint(args.checkpoint)
@@ -130,44 +183,69 @@ def main(argv: list[str] | None = None) -> dict:
             model.set_mirror(args.mirror == "on")
         except ValueError as e:
             p.error(str(e))
-    if args.faces is None:
+    defaulted = args.faces is None
+    if defaulted:
         trained = (info.extra.get("faces") or {}).get("mode", "whole")
         args.faces = "detect" if trained in ("detect", "landmarks") else "whole"
         print(f"faces: {args.faces} (as the checkpoint was trained: --faces {trained})", file=sys.stderr)
+    opts = face_options(args)
+    _check_face_flags(args, opts, defaulted, p)
     if args.seed is None:
         args.seed = int(info.extra.get("split_seed", 0))
         if args.seed:
             print(f"split seed {args.seed} (the one the checkpoint was trained with)", file=sys.stderr)
     wanted = label_columns(model)
-    # for_labels: a 40-attribute model is scored on the attributes the data has (GENKI's smile as Smiling)
-    ds = read_dataset(args.data, seed=args.seed).for_labels(wanted)
-    table = _split(ds, args.split, p)
+    try:  # for_labels: a 40-attribute model is scored on the attributes the data has (GENKI's smile as Smiling)
+        ds = read_data(args.data, seed=args.seed).for_labels(wanted)
+    except DataReadError as e:
+        p.error(str(e))
+    table, split = _split(ds, args.split, p)
+    cal_table = cal_split = None
+    if args.calibrate_on:
+        cal_table, cal_split = _split(ds, args.calibrate_on, p, "calibrating")
+        _check_calibration_split(args, split, cal_split, p)
+        cal_table = sample_rows(cal_table, args.calibrate_limit, LIMIT_SEED).reset_index(drop=True)
     table = sample_rows(table, args.limit, LIMIT_SEED).reset_index(drop=True)  # positions index the rows later
+    left_out = class_disagreements(ds, model)  # codes of other classes than the checkpoint's: not scored
+    for col, why in left_out.items():
+        print(f"{col}: not scored ({why})", file=sys.stderr)
+        table = table.drop(columns=[col])
+        cal_table = None if cal_table is None else cal_table.drop(columns=[col])
     if not any(c in table.columns and table[c].notna().any() for c in wanted):
-        p.error(f"{args.data} (split {args.split}) has none of the labels {info.model} predicts "
-                f"({', '.join(wanted)}; it has {', '.join(c for c in table.columns if c not in ('path', 'split'))}): "
-                "nothing to compare its answers with")
+        p.error(f"{args.data} (split {split}) has none of the labels {info.model} predicts "
+                f"({', '.join(wanted)}; it has {', '.join(c for c in table.columns if c not in ('path', 'split'))}"
+                f"{''.join(f'; {c} not scored: {w}' for c, w in left_out.items())}): nothing to compare its answers with")
     by = [k.strip() for k in args.by.split(",") if k.strip()] if args.by else []
     for key in by:  # a bad key fails now, before the model runs
+        if key in left_out:
+            p.error(f"--by {key}: {left_out[key]}; groups named by the checkpoint's classes would be wrong")
         try:
             group_values(table.iloc[:1], model, key)
         except GroupError as e:
             p.error(str(e))
-    decode_fn = None
+    run_args: dict = {"batch_size": args.batch_size}
+    named, n_rows = None, len(table)
     if args.faces == "detect":
         from faces.finder import FaceFinder, FaceOptions, decode_face
 
-        finder = FaceFinder(FaceOptions.from_dict(face_options(args)))
-        decode_fn = lambda data, pre: decode_face(data, pre, finder, pick=args.face_pick)  # noqa: E731
+        finder = FaceFinder(FaceOptions.from_dict(opts))
+        pick = args.face_pick or "score"
+        run_args.update(decode_fn=lambda data, pre: decode_face(data, pre, finder, pick=pick),
+                        max_side=finder.options.max_side)  # the named faces' decode (core/evalinputs.py)
+        if has_named_faces(table) or (cal_table is not None and has_named_faces(cal_table)):
+            named = NamedFaces(finder)  # a row that names its face is judged on it, as training finds it
+            table, faces = named.resolve(table)
+            if faces is not None:
+                print(f"faces named by the data (face_box / face_points), {split}: {faces.line()}", file=sys.stderr)
+    run = functools.partial(run_model, model, **run_args)
 
     fitted = None
-    if args.calibrate_on:
-        if args.calibrate_on == args.split:
-            print(f"warning: calibrating and evaluating on the same split ({args.split}): in-sample figures",
-                  file=sys.stderr)
-        cal_table = _split(ds, args.calibrate_on, p)
-        cal_table = sample_rows(cal_table, args.calibrate_limit, LIMIT_SEED).reset_index(drop=True)
-        cal_ev = run_model(model, cal_table, args.batch_size, decode_fn=decode_fn)
+    if cal_table is not None:
+        if named is not None:
+            cal_table, faces = named.resolve(cal_table)
+            if faces is not None:
+                print(f"faces named by the data, {cal_split}: {faces.line()}", file=sys.stderr)
+        cal_ev = run(cal_table)
         model.outputs.clear_calibration()
         try:
             fitted = fit_calibration(model, calibration_pairs(model, cal_ev))
@@ -175,28 +253,31 @@ def main(argv: list[str] | None = None) -> dict:
             p.error(str(e))
         for name, f in fitted.outputs.items():
             if f.method == "shift":
-                print(f"fitted {name} on {args.calibrate_on} ({f.n} rows): {f.line()}")
+                print(f"fitted {name} on {cal_split} ({f.n} rows): {f.line()}")
             else:
                 ts = (", ".join(f"{t:.3f}" for t in f.temperatures[:5]) + (" ..." if len(f.temperatures) > 5 else "")
                       if f.temperatures else "none kept")
-                print(f"fitted {name} on {args.calibrate_on} ({f.n} rows): T = {ts}; NLL {f.nll_before:.4f} -> "
+                print(f"fitted {name} on {cal_split} ({f.n} rows): T = {ts}; NLL {f.nll_before:.4f} -> "
                       f"{f.nll_after:.4f}, ECE {f.ece_before:.4f} -> {f.ece_after:.4f}")
             for line in f.rejected_lines():
                 print(line)
         if args.save_calibrated:
             data, digest = checkpoint_bytes(model, info.metrics, {**info.extra, "calibration": {
-                "split": args.calibrate_on, "data": args.data, "fit": fitted.summary()}})
+                "split": cal_split, "data": args.data, "fit": fitted.summary()}})
             storage.write_bytes(args.save_calibrated, data)
             print(f"calibrated checkpoint {args.save_calibrated} {digest}")
 
-    ev = run_model(model, table, args.batch_size, decode_fn=decode_fn)
+    ev = run(table)
+    if named is not None:
+        named.close()
     metrics = metrics_from(model, ev)
-    if decode_fn is not None:
-        metrics["images_without_face"] = float(len(table) - len(ev.rows))  # not found, or not decoded
+    if args.faces == "detect":
+        metrics["images_without_face"] = float(n_rows - len(ev.rows))  # not found, or not decoded
     status = calibration_status(model)
     eces = calibration_errors(model, ev.raw, ev.targets)
-    refit = f" + temperatures fitted on {args.calibrate_on}" if fitted is not None else ""
-    print(f"model {info.model}  checkpoint {info.short_hash()}{refit}  data {args.data}  split {args.split}  "
+    refit = f" + temperatures fitted on {cal_split}" if fitted is not None else ""
+    shown = split if split == args.split else f"{split} (no test rows)"
+    print(f"model {info.model}  checkpoint {info.short_hash()}{refit}  data {args.data}  split {shown}  "
           f"images {int(metrics['n_images'])}  mirror {'on' if model.preprocessing.mirror else 'off'}")
     for line in record_lines(info.extra):  # how it was trained: its recipe's stages (models/recipes.py)
         print(line)
@@ -209,6 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
             have = [lab for lab, n in zip(o.labels, counts.tolist()) if n > 0]
             print(f"  ({o.name}: the data labels {len(have)} of {len(o.labels)} ({', '.join(have)}); "
                   f"{o.name}.mean_accuracy is over {'it' if len(have) == 1 else 'them'})")
+    for col in left_out:
+        print(f"  ({col}: not scored: the data's codes are not the checkpoint's classes)")
     shifts = ", ".join(f"{k} {v:+.4f}" for k, v in status["shifts"].items() if v is not None)
     print(f"calibrated: {str(status['calibrated']).lower()}"
           + ("" if status["calibrated"] else "  (no temperatures in this checkpoint: probabilities are the raw "
@@ -216,12 +299,12 @@ def main(argv: list[str] | None = None) -> dict:
           + (f"  (shift of the scores, fitted at export: {shifts})" if shifts else ""))
     for k in sorted(eces):
         print(f"  {k:<{width}}  {eces[k]:.4f}")
-    if args.json:
+    if args.json:  # strict JSON: a figure that is not a number (one row's Pearson) is null, as in --groups-json
         doc = {**metrics, **eces, "calibrated": float(status["calibrated"])}
-        storage.write_bytes(args.json, json.dumps(doc, indent=2, sort_keys=True).encode())
+        storage.write_bytes(args.json, json.dumps(_json_safe(doc), indent=2, sort_keys=True, allow_nan=False).encode())
+    title = f"{info.model} {info.short_hash()} on {args.data} ({split})"
     if args.reliability:
-        storage.write_bytes(args.reliability, reliability_png(
-            model, ev.raw, ev.targets, title=f"{info.model} {info.short_hash()} on {args.data} ({args.split})"))
+        storage.write_bytes(args.reliability, reliability_png(model, ev.raw, ev.targets, title=title))
         print(f"reliability diagram {args.reliability}")
     if by:
         report = group_report(model, table, ev.raw, ev.targets, by, n_boot=args.bootstrap,
@@ -234,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
         from core.report import evaluation_html
 
         storage.write_bytes(args.report, evaluation_html(model, ev, metrics, eces, groups=report if by else None,
-                                                         title=f"{info.model} {info.short_hash()} on {args.data} ({args.split})").encode())
+                                                         title=title).encode())
         print(f"report {args.report}")
     return metrics
 

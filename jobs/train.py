@@ -37,6 +37,7 @@ import math
 import os
 import sys
 
+from facedata.datasets import parse_spec
 from jobs._cli import add_face_args, face_options, key_value, positive
 from models.recipes import RECORD_KEY, TRAIN_FACE_MODES, TrainingRecipe, get_recipe, recipe_for, record_lines
 from raytasks.train import TrainError, TrainSpec
@@ -53,6 +54,15 @@ def _fail_at(text: str) -> tuple[int, int, int, int]:
     if len(parts) not in (3, 4):
         raise argparse.ArgumentTypeError(f"--inject-failure expects RANK:EPOCH[:STEP][@STAGE], got {text!r}")
     return (parts[0], parts[1], parts[2] if len(parts) == 4 else 1, parts[-1])
+
+
+def non_negative(text: str) -> int:
+    """An argparse ``type``: an integer >= 0 (``--patience``, ``--validate-every``: 0 is off; -1, which some
+    tools read as off, would stop a run after its first epoch)."""
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: off), got {text}")
+    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--optimizer", choices=("sgd", "adam", "adamw"))
     r.add_argument("--weight-decay", type=float)
     r.add_argument("--schedule", choices=("none", "step", "milestones", "plateau", "hard_sharing"))
-    r.add_argument("--patience", type=int, help="early stopping after this many epochs without improvement (0: off)")
-    r.add_argument("--validate-every", type=int, help="also validate every N steps (DMM-CNN's P; 0: off)")
+    r.add_argument("--patience", type=non_negative,
+                   help="early stopping after this many epochs without improvement (0: off)")
+    r.add_argument("--validate-every", type=non_negative, help="also validate every N steps (DMM-CNN's P; 0: off)")
     r.add_argument("--average-epochs", type=positive(int), help="validate and save the mean of the weights of "
                    "the last N epochs while training goes on from the latest (core/averaging.py; 1: off)")
     r.add_argument("--no-augment", action="store_true", help="train without the recipe's augmentation")
@@ -120,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
         "best face or the one a manifest's face_box / face_points names, aligned to the canonical template; "
         "detections cached under --storage), landmarks (the data's own 5 points instead of the detector), "
         "whole (the image is the face crop). Default: the recipe's where it names one (with its detector "
-        "settings, which the face flags replace), else detect for a manifest, whole for celeba, utkface and "
-        "scut_fbp5500 (docs/faces.md, 'Training on photos')"))
+        "settings, which the face flags replace), else the format's (faces/trainfaces.py FORMAT_FACES): detect "
+        "for a manifest, genki4k, scut_fbp5500 and a mix; whole for celeba and utkface (docs/faces.md, 'Training "
+        "on photos')"))
     q = p.add_argument_group("quick runs")
     q.add_argument("--seed", type=int, default=0,
                    help="seed of the initialisation, the data order, the augmentation and --limit's draw")
@@ -178,8 +190,15 @@ def spec_from_args(args: argparse.Namespace) -> TrainSpec:
 
 
 def data_format(args: argparse.Namespace) -> str:
-    """The FORMAT of ``--data``, or ``mixed`` for several (no recipe is written for a mix)."""
-    return args.data[0].partition(":")[0] if len(args.data) == 1 else "mixed"
+    """The FORMAT of ``--data`` as the reader reads it (``UTKFace:DIR`` is ``utkface``: its recipe and run
+    name), or ``mixed`` for several (no recipe is written for a mix). A spec that is not FORMAT:URI gives its
+    text before the colon; reading it then says what is wrong."""
+    if len(args.data) != 1:
+        return "mixed"
+    try:
+        return parse_spec(args.data[0])[0]
+    except ValueError:
+        return args.data[0].partition(":")[0].strip()
 
 
 def choose_recipe(args: argparse.Namespace) -> TrainingRecipe | None:
@@ -215,7 +234,7 @@ def main(argv: list[str] | None = None):
                   f"defaults and the flags")
         job = RecipeRun(spec, recipe)
         job.prepare()  # bad flags or data fail here, before a local Ray starts
-    except (TrainError, ValueError, FileNotFoundError) as e:
+    except (TrainError, ValueError, OSError) as e:  # a data set's read: any failure is one (core/dataread.py)
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     if not ray.is_initialized():

@@ -172,7 +172,8 @@ def face_values(recipe: TrainingRecipe | None, mode: str | None, options: dict) 
 
 def check_table() -> list[str]:
     """What is wrong with :data:`RECIPES` (empty when nothing): unknown ``Recipe`` fields, stage names that are
-    not folder names, two recipes for one model and format."""
+    not folder names, a patience below 0 (the worker would stop after the first epoch), two recipes for one model
+    and format."""
     fields = set(Recipe.__dataclass_fields__)
     problems, seen = [], {}
     for r in RECIPES.values():
@@ -186,6 +187,9 @@ def check_table() -> list[str]:
             if set(s.train) - fields or "early_stopping_patience" in s.train:
                 problems.append(f"{r.name}/{s.name}: not Recipe fields (patience is its own): "
                                 f"{sorted(set(s.train) - fields) or ['early_stopping_patience']}")
+            if s.patience is not None and (not isinstance(s.patience, int) or s.patience < 0):
+                problems.append(f"{r.name}/{s.name}: patience must be None or an integer >= 0 (0: off), "
+                                f"got {s.patience!r}")
         if set(r.faces) - set(FACE_KEYS) or (r.faces and r.faces.get("mode") not in TRAIN_FACE_MODES):
             problems.append(f"{r.name}: faces takes {', '.join(FACE_KEYS)} with a mode of {', '.join(TRAIN_FACE_MODES)}: "
                             f"{r.faces}")

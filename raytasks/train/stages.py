@@ -180,10 +180,10 @@ class RecipeRun:
         ds, first = None, None
         for r in self.runs[self.first:]:
             try:
-                if ds is None:  # every stage has the same data and split (its identity): read once
-                    from facedata.datasets import read_dataset
+                if ds is None:  # every stage has the same data and split (its identity): read once; any
+                    from core.dataread import read_data  # failure of the read is one message (DataReadError)
 
-                    ds = read_dataset(r.spec.data, seed=r.spec.split_seed)
+                    ds = read_data(r.spec.data, seed=r.spec.split_seed)
                 if first is None:
                     first = self.prepared[r.index] = prepare(r.spec, ds)
                     if r.stage is None:  # a run without a recipe: its folder holds it or none, checked before
