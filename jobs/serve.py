@@ -4,17 +4,46 @@
     python -m jobs.serve --model dmm=... --model agr=... --set --embedding   # also every model at once: /v1/predict
 
 Starts a local Ray (or joins the cluster named by RAY_ADDRESS), deploys ``raytasks.serve:build_app`` at
-route prefix ``/`` and stays in the foreground; Ctrl-C (or SIGTERM) shuts Serve down. The API is in
+route prefix ``/`` and stays in the foreground; Ctrl-C (or SIGTERM) shuts down the Serve it started, or deletes
+only its own application from a Serve instance that was already running (whose HTTP host and port it keeps:
+without an API key it then refuses to deploy unless that proxy listens on loopback). The API is in
 docs/api.md; ``http://HOST:PORT/docs`` serves it live. Set FACEATTR_API_KEY to require an API key.
+
+Every setting is checked, and the application built, before Ray starts: a wrong one is an ``error:`` line
+and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import signal
+import sys
 import time
 
 from jobs._cli import add_face_args, add_review_args, face_options, review_options
+
+APP_NAME = "faceattr"
+API_KEY_ENV = "FACEATTR_API_KEY"
+
+
+def _finite(text: str) -> float:
+    """A float flag: a finite number (nan and inf would fail deep inside Serve, after Ray has started)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return v
+
+
+def _scaled(value: float, unit: int, flag: str) -> int:
+    """``value`` units (MiB, megapixels) as a whole number, or an ``error:`` when it is too large to be one."""
+    v = value * unit
+    if not math.isfinite(v):
+        raise SystemExit(f"error: {flag} {value:g} is too large")
+    return int(v)
 
 
 def _model_arg(text: str) -> tuple[str, str]:
@@ -38,7 +67,7 @@ def build_args(ns: argparse.Namespace) -> dict:
         "num_gpus": ns.num_gpus,
         "precision": ns.precision,
         "max_queued_requests": ns.max_queued_requests,
-        "max_request_bytes": int(ns.max_request_mb * 1024 * 1024),
+        "max_request_bytes": _scaled(ns.max_request_mb, 1024 * 1024, "--max-request-mb"),
         "max_files": ns.max_files,
         "faces": face_options(ns),
         "review": review_options(ns),
@@ -46,10 +75,14 @@ def build_args(ns: argparse.Namespace) -> dict:
     if ns.autoscale:
         lo, _, hi = ns.autoscale.partition(":")
         try:
-            args["autoscaling_config"] = {"min_replicas": int(lo), "max_replicas": int(hi or lo),
-                                          "target_ongoing_requests": ns.max_batch_size}
+            lo, hi = int(lo), int(hi or lo)
         except ValueError:
             raise SystemExit(f"error: --autoscale wants MIN:MAX replicas, got {ns.autoscale!r}") from None
+        if not 0 <= lo <= hi or hi < 1:
+            raise SystemExit(f"error: --autoscale wants MIN:MAX replicas with 0 <= MIN <= MAX and MAX >= 1, got "
+                             f"{ns.autoscale!r}")
+        args["autoscaling_config"] = {"min_replicas": lo, "max_replicas": hi,
+                                      "target_ongoing_requests": ns.max_batch_size}
     else:
         args["num_replicas"] = ns.num_replicas
     if ns.set or ns.embedding:  # every --model, under its name, in one set (raytasks/serve/config.py: ModelSetSpec)
@@ -57,7 +90,7 @@ def build_args(ns: argparse.Namespace) -> dict:
     ingress = {k: v for k, v in (("max_request_faces", ns.max_request_faces),
                                  ("request_timeout_s", ns.request_timeout_s),
                                  ("max_request_pixels", None if ns.max_request_megapixels is None
-                                  else int(ns.max_request_megapixels * 1_000_000)),
+                                  else _scaled(ns.max_request_megapixels, 1_000_000, "--max-request-megapixels")),
                                  ("body_timeout_s", ns.body_timeout_s)) if v is not None}
     if ingress:  # only what was given: the rest keeps raytasks/serve/config.py's IngressSpec defaults
         args["ingress"] = ingress
@@ -82,27 +115,27 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch-size", type=int, default=16, help="dynamic batching: images per forward pass")
-    p.add_argument("--batch-wait-timeout-s", type=float, default=0.01,
+    p.add_argument("--batch-wait-timeout-s", type=_finite, default=0.01,
                    help="dynamic batching: how long a batch waits to fill")
     p.add_argument("--num-replicas", type=int, default=1, help="replicas per model")
     p.add_argument("--autoscale", default=None, metavar="MIN:MAX", help="autoscale each model between MIN and MAX replicas")
-    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per model replica")
-    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model replica (1 on a GPU node)")
+    p.add_argument("--num-cpus", type=_finite, default=1.0, help="CPUs per model replica")
+    p.add_argument("--num-gpus", type=_finite, default=0.0, help="GPUs per model replica (1 on a GPU node)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per replica (default: its CPUs)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when the replica has a GPU)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     p.add_argument("--max-queued-requests", type=int, default=256, help="per model; beyond this, 503")
-    p.add_argument("--max-request-mb", type=float, default=16.0, help="request body limit (413 beyond)")
+    p.add_argument("--max-request-mb", type=_finite, default=16.0, help="request body limit (413 beyond)")
     p.add_argument("--max-files", type=int, default=64, help="images per multipart request")
     g = p.add_argument_group("what one request may cost (docs/deploy.md; the defaults of IngressSpec)")
     g.add_argument("--max-request-faces", type=int, default=None, metavar="N",
                    help="faces found in one request's photos; beyond it 413 too_many_faces before any attribute "
                         "model runs (default 256)")
-    g.add_argument("--max-request-megapixels", type=float, default=None, metavar="MP",
+    g.add_argument("--max-request-megapixels", type=_finite, default=None, metavar="MP",
                    help="source pixels one request may decode, from the files' headers; beyond it 413 (default 200)")
-    g.add_argument("--request-timeout-s", type=float, default=None, metavar="S",
+    g.add_argument("--request-timeout-s", type=_finite, default=None, metavar="S",
                    help="a request's deadline; past it 504 and its images leave the batches (default 60)")
-    g.add_argument("--body-timeout-s", type=float, default=None, metavar="S",
+    g.add_argument("--body-timeout-s", type=_finite, default=None, metavar="S",
                    help="a request body slower than this is answered 408 (default 30)")
     p.add_argument("--allow-no-auth", action="store_true",
                    help="listen beyond loopback without an API key (refused otherwise: set FACEATTR_API_KEY)")
@@ -111,42 +144,103 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _loopback(host: str | None) -> bool:
+    import ipaddress
+
+    if host is None:  # Serve's proxy is off: nothing to say it stays on this machine
+        return False
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def check_auth(host: str, api_key: str | None, allow_no_auth: bool) -> bool:
     """Refuse to listen on anything but loopback without an API key, unless told to (a server on 0.0.0.0
     without a key answers anyone who can reach the port). Returns whether the application may answer
     without a key (the ingress refuses every request otherwise: ``ServeArgs.allow_no_auth``)."""
-    import ipaddress
-
     if api_key:
         return False
     if allow_no_auth:
         return True
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise SystemExit(f"error: --host {host} listens beyond this machine and FACEATTR_API_KEY is not set: set "
+    if not _loopback(host):
+        raise SystemExit(f"error: --host {host} listens beyond this machine and {API_KEY_ENV} is not set: set "
                          "an API key (and put TLS in front, docs/api.md), or pass --allow-no-auth to serve openly")
     return True  # loopback only: this machine's users
 
 
+def check_proxy(host: str, port: int, proxy_host: str | None, proxy_port: int, api_key: str | None,
+                allow_no_auth: bool) -> str | None:
+    """The HTTP options Serve really has (``proxy_host``, ``proxy_port``) against the flags. A Serve instance
+    already running on the cluster (``serve deploy``, an earlier ``jobs.serve`` killed with -9: its controller
+    is detached and survives) keeps its own and ignores ours. Without an API key and without
+    ``--allow-no-auth``, a proxy beyond loopback is refused (the keyless application would answer anyone who
+    reaches it); otherwise a different host or port is a warning line (returned), None when they agree."""
+    if not api_key and not allow_no_auth and not _loopback(proxy_host):
+        raise SystemExit(f"error: Serve already runs on this Ray cluster with its HTTP proxy on "
+                         f"{proxy_host}:{proxy_port}, beyond this machine (--host {host} cannot change it), and "
+                         f"{API_KEY_ENV} is not set: this server would answer anyone on the network. Set "
+                         f"{API_KEY_ENV}, or stop that Serve instance (serve shutdown) so that jobs.serve starts "
+                         "its own on --host, or pass --allow-no-auth to serve openly")
+    if (proxy_host, proxy_port) != (host, port):
+        return (f"warning: Serve already runs on this Ray cluster with its HTTP proxy on {proxy_host}:{proxy_port}; "
+                f"--host {host} --port {port} are ignored (stop that Serve instance with serve shutdown to choose them)")
+    return None
+
+
+def _running_serve():
+    """The client of the Serve instance running on the connected Ray cluster, or None. Serve 2.60 has no public
+    call for the HTTP options a running instance really has (``serve.start`` only logs that it ignored ours):
+    its controller client holds them (``http_config``)."""
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client(raise_if_no_controller_running=False)
+
+
+def stop_serve(serve, joined: bool, deployed: bool) -> None:
+    """At exit: shut down the Serve instance this process started; from one it joined, delete only its own
+    application (other applications there keep running), and nothing when it deployed none."""
+    try:
+        if not joined:
+            serve.shutdown()
+        elif deployed:
+            serve.delete(APP_NAME)
+    except Exception as e:  # noqa: BLE001 - Ctrl-C in a terminal also stops Ray's own processes
+        print(f"serve shutdown: {type(e).__name__}: {e}", flush=True)
+
+
+def _wait_for(stop: dict) -> None:
+    while not stop["now"]:
+        time.sleep(0.5)
+
+
 def main(argv: list[str] | None = None) -> None:
-    ns = parser().parse_args(argv)
-    args = build_args(ns)
+    try:
+        _main(parser().parse_args(argv))
+    except SystemExit as e:  # a setting refused: its error line, and the usage status (as argparse's own)
+        if isinstance(e.code, str) and e.code.startswith("error: "):
+            print(e.code, file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        raise
+
+
+def _main(ns: argparse.Namespace) -> None:
     import os
 
-    args["allow_no_auth"] = check_auth(ns.host, os.environ.get("FACEATTR_API_KEY"), ns.allow_no_auth)
+    args = build_args(ns)
+    api_key = os.environ.get(API_KEY_ENV) or None
+    args["allow_no_auth"] = check_auth(ns.host, api_key, ns.allow_no_auth)
+
+    from raytasks.serve import ServeArgs, build_app
+
+    try:  # every setting, the keys' characters and Serve's own options are checked here, before Ray starts
+        app = build_app(ServeArgs.model_validate(args))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
     import ray
     from ray import serve
 
-    from raytasks.serve import ServeArgs, build_app
-
-    try:
-        ServeArgs.model_validate(args)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
     ray.init()  # local, or the cluster in RAY_ADDRESS; keeps Ray's token authentication on
     from raytasks.reach import check_reachable
 
@@ -159,21 +253,25 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    joined = _running_serve() is not None  # then its HTTP options stay, and it is not ours to shut down
+    deployed = False
     try:
         serve.start(http_options={"host": ns.host, "port": ns.port})
-        serve.run(build_app(args), name="faceattr", route_prefix="/")
-        print(f"serving {', '.join(sorted(args['models']))} at http://{ns.host}:{ns.port}/v1/models "
-              + (f"and all of them at once at http://{ns.host}:{ns.port}/v1/predict " if "model_set" in args else "")
-              + f"(docs: http://{ns.host}:{ns.port}/docs); Ctrl-C stops", flush=True)
-        while not stop["now"]:
-            time.sleep(0.5)
+        http = _running_serve().http_config
+        host, port = http.host, http.port
+        warning = check_proxy(ns.host, ns.port, host, port, api_key, ns.allow_no_auth)
+        if warning:
+            print(warning, flush=True)
+        deployed = True  # from here the application named APP_NAME is this process's, to delete at exit
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        print(f"serving {', '.join(sorted(args['models']))} at http://{host}:{port}/v1/models "
+              + (f"and all of them at once at http://{host}:{port}/v1/predict " if "model_set" in args else "")
+              + f"(docs: http://{host}:{port}/docs); Ctrl-C stops", flush=True)
+        _wait_for(stop)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the shutdown
         print("shutting down", flush=True)
-        try:
-            serve.shutdown()
-        except Exception as e:  # noqa: BLE001 - Ctrl-C in a terminal also stops Ray's own processes
-            print(f"serve shutdown: {type(e).__name__}: {e}", flush=True)
+        stop_serve(serve, joined, deployed)
         ray.shutdown()
 
 

@@ -2,8 +2,8 @@
 
 * app.py: :func:`build_app` (``serve run jobs/serve.yaml`` and the KubeRay manifests name
   ``raytasks.serve:build_app``) and why the application is built as it is;
-* ingress.py: ``FaceAttrAPI``, the HTTP front (checks, reading, decoding); http.py: its errors, response
-  models and body reader;
+* ingress.py: ``FaceAttrAPI``, the HTTP front (checks, reading, decoding); bodies.py: how it reads a request's
+  body; http.py: its errors, response models, budgets and bounded stream;
 * replicas.py: ``AnnotatorServer``, the deployment that holds checkpoints and computes;
 * config.py: :class:`ServeArgs`, the application's settings.
 """

@@ -13,7 +13,8 @@ One Serve application, built by :func:`build_app` from plain arguments (:class:`
                   AnnotatorServer "modelset" (only with a ``model_set`` in the config): every model of the
                   set in one replica, for POST /v1/predict
 
-The configuration is raytasks/serve/config.py; errors and the body reader raytasks/serve/http.py.
+The configuration is raytasks/serve/config.py; errors raytasks/serve/http.py; reading request bodies
+raytasks/serve/bodies.py.
 
 The answer for an image is the label job's Parquet row for it: both decode with facedata/decode.py and go
 through ``core.annotator.Annotator.annotate`` with the same detector, so the columns (``path``, ``ok``,

@@ -7,11 +7,12 @@ raytasks/serve/replicas.py).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.modelset import ModelSetError, check_name, check_set_name, check_set_version
 from faces.finder import FaceOptions
@@ -40,7 +41,57 @@ def check_key(key: str | None, where: str) -> str | None:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # unknown keys and non-finite numbers (.inf, .nan: a count of CPUs, a timeout) fail the deploy
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _queue_limit(v: int | None) -> int | None:
+    """Serve's own rule for ``max_queued_requests``: -1 (no limit) or at least 1 (0 would fail inside Serve)."""
+    if v is not None and v != -1 and v < 1:
+        raise ValueError(f"must be -1 (no limit) or a positive number of requests, got {v}")
+    return v
+
+
+def _autoscaling(v: dict | None) -> dict | None:
+    """An ``autoscaling_config`` checked by Serve's own ``AutoscalingConfig`` (its bounds: max_replicas >=
+    min_replicas, ...), refusing keys it does not know (Serve would ignore a misspelt one). Kept as given."""
+    if v is None:
+        return None
+    from ray.serve.config import AutoscalingConfig
+
+    unknown = sorted(set(v) - set(AutoscalingConfig.model_fields))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown}; Serve's autoscaling_config takes {sorted(AutoscalingConfig.model_fields)}")
+    try:
+        AutoscalingConfig.model_validate(v)
+    except ValueError as e:
+        errors = e.errors() if hasattr(e, "errors") else [{"loc": (), "msg": str(e)}]
+        raise ValueError("; ".join(".".join(map(str, x["loc"])) + (": " if x["loc"] else "")
+                                   + x["msg"].removeprefix("Value error, ") for x in errors)) from None
+    return v
+
+
+QueueLimit = Annotated[int, AfterValidator(_queue_limit)]
+Autoscaling = Annotated[dict | None, AfterValidator(_autoscaling)]
+
+
+def check_faces(v: dict) -> dict:
+    """The ``faces:`` settings checked strictly (faces.finder.FaceOptions: ``mode``, ``max_side``,
+    ``detector``; the detector's own settings refuse unknown keys there), as FaceOptions' dict. A misspelt or
+    misplaced key (``threshold`` or ``min_face`` belong under ``detector``) or a wrong type is an error naming
+    it, never silently dropped."""
+    known = [f.name for f in dataclasses.fields(FaceOptions)]
+    unknown = sorted(set(v) - set(known), key=str)
+    if unknown:
+        raise ValueError(f"faces: unknown setting(s) {unknown}; faces takes {known} (the detector's settings, such "
+                         "as threshold, min_face, max_faces or size, go under faces.detector: docs/faces.md)")
+    if "mode" in v and not isinstance(v["mode"], str):
+        raise ValueError(f"faces.mode must be one of 'detect', 'whole', got {v['mode']!r}")
+    if "max_side" in v and (isinstance(v["max_side"], bool) or not isinstance(v["max_side"], int)):
+        raise ValueError(f"faces.max_side must be a whole number of pixels, got {v['max_side']!r}")
+    if v.get("detector") is not None and not isinstance(v["detector"], dict):
+        raise ValueError(f"faces.detector must be a mapping of detector settings, got {v['detector']!r}")
+    return FaceOptions.from_dict(v).to_dict()  # unknown modes or detector settings fail at deploy
 
 
 class _ReplicaSettings(_Strict):
@@ -50,14 +101,14 @@ class _ReplicaSettings(_Strict):
     max_batch_size: int | None = Field(None, ge=1)
     batch_wait_timeout_s: float | None = Field(None, ge=0)
     num_replicas: int | None = Field(None, ge=1)
-    autoscaling_config: dict | None = None
+    autoscaling_config: Autoscaling = None
     num_cpus: float | None = Field(None, ge=0)
     num_gpus: float | None = Field(None, ge=0)
     threads: int | None = Field(None, ge=1)
     precision: Literal["auto", "bf16", "fp32"] | None = None
     device: str | None = None
     max_ongoing_requests: int | None = Field(None, ge=1)
-    max_queued_requests: int | None = Field(None, ge=-1)
+    max_queued_requests: QueueLimit | None = None
 
 
 class DeploymentSpec(_ReplicaSettings):
@@ -71,12 +122,14 @@ class IngressSpec(_Strict):
     """The FastAPI ingress deployment (CPU: auth, limits, decoding)."""
 
     num_replicas: int | None = Field(None, ge=1)
-    autoscaling_config: dict | None = None
+    autoscaling_config: Autoscaling = None
     num_cpus: float = Field(1.0, ge=0)
     max_ongoing_requests: int = Field(256, ge=1)
-    max_queued_requests: int = Field(256, ge=-1)  # bounded: beyond it Serve answers 503 before any work
+    max_queued_requests: QueueLimit = 256  # bounded: beyond it Serve answers 503 before any work
     max_decodes: int = Field(4, ge=1)  # images decoded at once per ingress replica (CPU and memory bound)
-    decode_wait_s: float = Field(2.0, ge=0)  # a request waits this long for a decode slot, then 503
+    # a request waits this long for a decode slot (or room in the budgets below), then 503; 0: no wait, 503 at
+    # once when none is free
+    decode_wait_s: float = Field(2.0, ge=0)
     request_timeout_s: float = Field(60.0, gt=0)  # a request's model call longer than this: 504
     # What one request may cost (issue #22), refused with 413 from the files' headers before any decoding:
     max_request_pixels: int = Field(200_000_000, ge=1)  # source pixels decoded per request (the decoder's CPU)
@@ -176,7 +229,7 @@ class ServeArgs(_Strict):
     max_batch_size: int = Field(16, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     num_replicas: int = Field(1, ge=1)
-    autoscaling_config: dict | None = None
+    autoscaling_config: Autoscaling = None
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     threads: int | None = Field(None, ge=1)
@@ -184,7 +237,7 @@ class ServeArgs(_Strict):
     device: str | None = None
     channels_last: bool = True
     max_ongoing_requests: int | None = Field(None, ge=1)  # default: 2 * max_batch_size
-    max_queued_requests: int = Field(256, ge=-1)
+    max_queued_requests: QueueLimit = 256
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1)
     max_files: int = Field(64, ge=1)
     api_key_env: str = API_KEY_ENV
@@ -204,7 +257,7 @@ class ServeArgs(_Strict):
     @field_validator("faces")
     @classmethod
     def _check_faces(cls, v: dict) -> dict:
-        return FaceOptions.from_dict(v).to_dict()  # unknown modes or detector settings fail at deploy
+        return check_faces(v)
 
     @field_validator("review")
     @classmethod
@@ -221,8 +274,8 @@ class ServeArgs(_Strict):
         for name, spec in v.items():
             if not re.match(MODEL_NAME_PATTERN, name):
                 raise ValueError(f"model name {name!r} must match {MODEL_NAME_PATTERN} (it is part of the URL)")
-            if isinstance(spec, DeploymentSpec) and not spec.checkpoint:
-                raise ValueError(f"model {name!r}: checkpoint is required")
+            if not (spec if isinstance(spec, str) else spec.checkpoint or "").strip():
+                raise ValueError(f"model {name!r}: checkpoint is required (a path or s3:// URI)")
             split_pin(spec if isinstance(spec, str) else spec.checkpoint)  # URI#sha256:<hex>: a malformed pin is refused
         return v
 

@@ -1,4 +1,5 @@
-"""The HTTP surface of the ingress: errors as JSON, the response models, the OpenAPI text, the body reader.
+"""The HTTP surface of the ingress: errors as JSON, the response models, the OpenAPI text, the budgets and the
+bounded body stream (raytasks/serve/bodies.py reads bodies with them).
 
 Errors (every 4xx body is JSON ``{"error": code, "detail": message, ...}``):
 
@@ -14,8 +15,11 @@ Errors (every 4xx body is JSON ``{"error": code, "detail": message, ...}``):
   (the request's photos hold more faces than ``ingress.max_request_faces``: refused after detection, before
   any attribute model runs; the body has ``faces`` and ``limit_faces``); 415
   ``unsupported_media_type``; 422 ``not_image`` / ``empty`` / ``truncated`` / ``decode_error`` /
-  ``bad_form`` naming each bad file, ``model_error`` naming an image the detector or a model failed on alone; 503 ``overloaded`` (with ``Retry-After``) when a model's replicas and
-  their queue (``max_ongoing_requests``, ``max_queued_requests``) are full; 504 ``timeout`` past
+  ``bad_form`` naming each bad file, ``model_error`` naming an image the detector or a model failed on alone,
+  ``invalid_request`` for a query value the API does not take (``?faces=`` other than detect or whole; checked
+  after the API key); 405 ``method_not_allowed`` for a wrong method on a route; 503 ``overloaded`` (with
+  ``Retry-After``) when a model's replicas and their queue (``max_ongoing_requests``, ``max_queued_requests``)
+  are full; 504 ``timeout`` past
   ``ingress.request_timeout_s``, after which the model replica runs no further model for the request. The
   service stays up: a rejected request costs nothing further.
 """
@@ -115,7 +119,9 @@ _ERRORS = {code: {"model": ErrorBody, "description": desc} for code, desc in {
     401: "API key missing or wrong (unauthorized), or none configured on the server (no_api_key)",
     404: "unknown model", 408: "the body did not arrive within ingress.body_timeout_s (body_timeout)",
     413: "body or image over the size limit, or more faces than the request's budget (too_many_faces)",
-    415: "content type is neither an image nor multipart/form-data", 422: "a file is not a decodable image",
+    415: "content type is neither an image nor multipart/form-data",
+    422: "a file is not a decodable image, a multipart body is malformed (bad_form), the model failed on an image "
+         "(model_error), or a query value is not one of the API's (invalid_request, e.g. ?faces=)",
     503: "the model's replicas and queue, or the decoders, are full, or the model is being updated; retry "
          "after Retry-After seconds", 504: "the model did not answer within the request timeout"}.items()}
 _SET_ERRORS = {**_ERRORS, 404: {"model": ErrorBody, "description": "the server has no model set (no_model_set)"}}
@@ -180,7 +186,7 @@ async def _call_model(name: str, response, what: str = "model"):
 
 class Budget:
     """An amount of bytes shared by the requests of one ingress replica (bodies held, decoded pixels held):
-    :meth:`acquire` waits up to ``timeout`` for room, then answers 503 with ``Retry-After`` before the memory
+    :meth:`acquire` waits up to ``timeout`` (0: not at all) for room, then answers 503 with ``Retry-After`` before the memory
     is taken; :meth:`release` gives it back when the request is answered."""
 
     def __init__(self, total: int, what: str):
@@ -191,7 +197,10 @@ class Budget:
         n = min(int(n), self.total)  # one request alone always fits (its own limit is checked before)
         async with self._cond:
             try:
-                await asyncio.wait_for(self._cond.wait_for(lambda: self.free >= n), timeout)
+                if self.free < n:
+                    if timeout <= 0:  # 0: no wait (asyncio.wait_for(..., 0) would refuse even free room on 3.10/3.11)
+                        raise asyncio.TimeoutError
+                    await asyncio.wait_for(self._cond.wait_for(lambda: self.free >= n), timeout)
             except asyncio.TimeoutError:
                 raise APIError(503, "overloaded", f"{self.what} is saturated; retry later",
                                headers={"Retry-After": "1"}) from None

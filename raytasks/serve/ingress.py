@@ -4,7 +4,8 @@ Each route names a *target*: a served model (``/v1/models/{name}/...``, key ``na
 (``/v1/predict``, ``/v1/set``, key None). A target's description comes from its deployment (``describe``)
 and is cached; the ingress decodes for it (photos once, or whole images once per distinct preprocessing,
 facedata/decode.py) and sends the identity it decoded for (the checkpoint hash, or the set's identity).
-Errors and the body reader: raytasks/serve/http.py. Why it is built this way: raytasks/serve/app.py.
+Errors: raytasks/serve/http.py; reading the body: raytasks/serve/bodies.py. Why it is built this way:
+raytasks/serve/app.py.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI resolves the route methods' annotations at runtime
@@ -12,18 +13,18 @@ Errors and the body reader: raytasks/serve/http.py. Why it is built this way: ra
 import asyncio
 import hmac
 import os
-from typing import Any, Literal
+from typing import Any
 
-from fastapi import Request
+from fastapi import Query, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from starlette.datastructures import Headers, UploadFile
 
 from facedata.decode import Photos, Whole, cost, decode_batch
-from faces.finder import FaceOptions
+from faces.finder import FACE_MODES, FaceOptions
 from models.imagebytes import ImageDecodeError
 from models.preprocess import Preprocessing
+from raytasks.serve.bodies import BodyReader
 from raytasks.serve.config import API_KEY_ENV, IngressSpec, check_key
 from raytasks.serve.http import (
     _ERRORS,
@@ -33,10 +34,8 @@ from raytasks.serve.http import (
     Budget,
     PredictResponse,
     SetPredictResponse,
-    _bounded_stream,
     _call_model,
     _changed,
-    _declared_length,
     _json_safe,
     _no_model_set,
     _refuse_model_errors,
@@ -48,8 +47,10 @@ from raytasks.serve.replicas import CheckpointChanged, DeadlineExceeded, FaceBud
 ADMIN_KEY_ENV = "FACEATTR_ADMIN_KEY"  # who may see checkpoint URIs, devices and threads (GET /v1/models)
 # besides checkpoint URIs: operators only. ``config`` may hold private URIs (--model-arg backbone_weights=s3://...)
 PRIVATE_FIELDS = ("device", "threads", "batchnorm_folded", "config")
-RAW_TYPES = ("application/octet-stream",)  # besides image/*: what `curl --data-binary` users send
 SET = None  # the target key of the model set (models are keyed by their name)
+# ?faces=: a plain string, checked after the API key (a Literal would be refused 422 before it); its values in the
+# OpenAPI description all the same
+FACES_QUERY = Query(None, json_schema_extra={"enum": list(FACE_MODES)})
 
 
 def _identity(key: str | None, desc: dict) -> str:
@@ -72,7 +73,7 @@ def _head(key: str | None, desc: dict) -> dict:
 
 @serve.deployment
 @serve.ingress(app)
-class FaceAttrAPI:
+class FaceAttrAPI(BodyReader):
     """The HTTP front: checks, reads and decodes; the model deployments compute. ``model_set``: the set's
     deployment, or None when the config has no ``model_set``."""
 
@@ -153,20 +154,42 @@ class FaceAttrAPI:
         return self.set_name if key is SET else key
 
     async def _describe(self, key: str | None, refresh: bool = False) -> dict:
-        """The target's description (preprocessing, checkpoint hash or set identity), fetched once and
-        shared by the requests that arrive meanwhile."""
-        handle = self._handle(key)
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            if refresh or key not in self._described:
-                self._described[key] = await _call_model(self._label(key), handle.describe.remote(), self._what(key))
-        return self._described[key]
+        """The target's description (preprocessing, checkpoint hash or set identity). A cached one is returned
+        at once: no request waits for another's read. The first read is shared by the requests that arrive
+        meanwhile; ``refresh`` (GET of a description, a checkpoint that changed) reads it again on its own.
+        Every read, the wait for a shared one included, is bounded by ``request_timeout_s`` (504), and a full
+        or missing deployment is a 503, as for a model call."""
+        self._handle(key)  # 404 before anything
+        if not refresh and key in self._described:
+            return self._described[key]
+        name, what, timeout = self._label(key), self._what(key), self.limits.request_timeout_s
+        try:
+            return await asyncio.wait_for(self._fetch(key) if refresh else self._first_fetch(key), timeout)
+        except asyncio.TimeoutError:
+            raise APIError(504, "timeout", f"{what} {name!r} did not describe itself within {timeout:g} s",
+                           headers={"Retry-After": "5"}) from None
+
+    async def _first_fetch(self, key: str | None) -> dict:
+        async with self._locks.setdefault(key, asyncio.Lock()):  # one read at a time while none is cached
+            return self._described[key] if key in self._described else await self._fetch(key)
+
+    async def _fetch(self, key: str | None) -> dict:
+        desc = await _call_model(self._label(key), self._handle(key).describe.remote(), self._what(key))
+        self._described[key] = desc
+        return desc
 
     async def _decode(self, fn, *args):
         """Run a decode on the ingress's decode threads, at most ``max_decodes`` requests at a time; 503 with
-        ``Retry-After`` when no slot frees within ``decode_wait_s`` (the request has cost nothing yet)."""
+        ``Retry-After`` when no slot frees within ``decode_wait_s`` (0: when none is free; the request has cost
+        nothing yet)."""
+        slots, wait = self._decode_slots, self.limits.decode_wait_s
         try:
-            await asyncio.wait_for(self._decode_slots.acquire(), timeout=self.limits.decode_wait_s)
+            if wait > 0:
+                await asyncio.wait_for(slots.acquire(), timeout=wait)
+            elif slots.locked():  # decode_wait_s 0: refuse only when busy (asyncio.wait_for(..., 0) refuses
+                raise asyncio.TimeoutError  # even a free slot on Python 3.10 and 3.11)
+            else:
+                await slots.acquire()  # free: taken at once
         except asyncio.TimeoutError:
             raise APIError(503, "overloaded", "image decoding is saturated; retry later",
                            headers={"Retry-After": "1"}) from None
@@ -208,65 +231,7 @@ class FaceAttrAPI:
                     raise _changed(self._label(key), self._what(key)) from None
         raise AssertionError("unreachable")
 
-    # -- reading ---------------------------------------------------------------------------------------
-    async def _read_items(self, request: Request, filename: str) -> tuple[list[tuple[str, bytes]], int]:
-        """The request's files, and the bytes taken from the body budget for them (give them back with
-        ``self._body_budget.release``). Room for the body is taken before it is read (its Content-Length, or
-        the request limit when it has none), and the whole body must arrive within ``body_timeout_s``
-        (408): slow senders hold neither memory nor a connection without bound."""
-        ctype = request.headers.get("content-type", "")
-        media = ctype.split(";", 1)[0].strip().lower()
-        if media != "multipart/form-data" and not (media.startswith("image/") or media in RAW_TYPES):
-            raise APIError(415, "unsupported_media_type",
-                           f"content type {ctype or '(none)'!r} is not an image: send the image as the body with "
-                           "Content-Type image/jpeg, image/png, ... or as multipart/form-data files")
-        # A declared size over the limit is answered 413 here, before waiting for room in the budget: else a
-        # busy replica would answer it 503 (retry) instead of the 413 that says not to retry.
-        declared = _declared_length(request, self.max_request_bytes)
-        held = await self._body_budget.acquire(self.max_request_bytes if declared is None else declared,
-                                               self.limits.decode_wait_s)
-        try:
-            if media == "multipart/form-data":
-                read = self._read_multipart(request)
-            else:
-                read = self._read_body(request, filename)
-            return await asyncio.wait_for(read, timeout=self.limits.body_timeout_s), held
-        except asyncio.TimeoutError:
-            await self._body_budget.release(held)
-            raise APIError(408, "body_timeout", f"the request body did not arrive within "
-                           f"{self.limits.body_timeout_s:g} s") from None
-        except BaseException:
-            await self._body_budget.release(held)
-            raise
-
-    async def _read_body(self, request: Request, filename: str) -> list[tuple[str, bytes]]:
-        return [(filename, b"".join([c async for c in _bounded_stream(request, self.max_request_bytes)]))]
-
-    async def _read_multipart(self, request: Request) -> list[tuple[str, bytes]]:
-        from starlette.formparsers import MultiPartException, MultiPartParser
-
-        parser = MultiPartParser(Headers(raw=request.headers.raw), _bounded_stream(request, self.max_request_bytes),
-                                 max_files=self.max_files, max_fields=self.max_files)
-        try:
-            form = await parser.parse()
-        except MultiPartException as e:
-            raise APIError(422, "bad_form", f"multipart/form-data body could not be parsed: {e}") from None
-        try:
-            items, fields = [], []
-            for key, value in form.multi_items():
-                if isinstance(value, UploadFile):
-                    items.append((value.filename or key, await value.read()))
-                else:
-                    fields.append(key)
-        finally:
-            await form.close()
-        if fields:
-            raise APIError(422, "bad_form", f"form fields {fields} are not files: send each image as a file part "
-                           "(curl -F 'file=@face.jpg')")
-        if not items:
-            raise APIError(422, "bad_form", "multipart/form-data body holds no file")
-        return items
-
+    # -- decoding (reading the body: raytasks/serve/bodies.py) ------------------------------------------
     async def _decoded(self, items: list[tuple[str, bytes]], target) -> tuple[list[dict], int]:
         """The request's images decoded (facedata/decode.py), one dict each for the replica, and the bytes
         they hold (taken from the decoded-images budget: give them back with ``self._decoded_budget.release``).
@@ -313,9 +278,14 @@ class FaceAttrAPI:
     async def _predict(self, key: str | None, request: Request, filename: str, faces: str | None) -> JSONResponse:
         """The request's images through the target: photos (faces found, one row per face, grouped per
         image in ``images``) or whole images (one row each). The body's and the decoded pictures' bytes are
-        held against the replica's budgets until the answer is built."""
+        held against the replica's budgets until the answer is built. The API key is checked first: a caller
+        without it learns nothing, not even which query values are valid."""
         self._authorize(request)
         handle = self._handle(key)
+        if faces not in (None, *FACE_MODES):
+            raise APIError(422, "invalid_request", f"faces must be one of {', '.join(FACE_MODES)}, got {faces!r}",
+                           errors=[{"type": "literal_error", "loc": ["query", "faces"],
+                                    "msg": f"Input should be {' or '.join(map(repr, FACE_MODES))}"}])
         items, body = await self._read_items(request, filename)
         try:
             return await self._answer(key, handle, items, faces)
@@ -355,16 +325,15 @@ class FaceAttrAPI:
         return {"status": "ok"}  # open to anyone: says nothing about the models
 
     @app.get("/v1/models", summary="The served models: outputs, preprocessing, metrics, checkpoint hash",
-             responses={401: _ERRORS[401]})
+             responses={k: _ERRORS[k] for k in (401, 503, 504)})
     async def list_models(self, request: Request) -> dict:
         self._authorize(request)
         names = sorted(self.handles)
-        described = await asyncio.gather(*(_call_model(n, self._handle(n).describe.remote()) for n in names))
-        for n, d in zip(names, described):
-            self._described[n] = d
+        described = await asyncio.gather(*(self._describe(n, refresh=True) for n in names))
         return _json_safe({"models": [self._visible(n, d, request) for n, d in zip(names, described)]})
 
-    @app.get("/v1/models/{name}", summary="One served model", responses={k: _ERRORS[k] for k in (401, 404)})
+    @app.get("/v1/models/{name}", summary="One served model",
+             responses={k: _ERRORS[k] for k in (401, 404, 503, 504)})
     async def get_model(self, name: str, request: Request) -> dict:
         self._authorize(request)
         return _json_safe(self._visible(name, await self._describe(name, refresh=True), request))
@@ -373,7 +342,7 @@ class FaceAttrAPI:
               response_model=PredictResponse, openapi_extra=PREDICT_OPENAPI,
               responses={k: _ERRORS[k] for k in (401, 404, 408, 413, 415, 422, 503, 504)})
     async def predict(self, name: str, request: Request, filename: str = "image",
-                      faces: Literal["detect", "whole"] | None = None) -> JSONResponse:
+                      faces: str | None = FACES_QUERY) -> JSONResponse:
         """The image as the body, or several as multipart files; ``filename`` names a raw body's image in
         the answer's ``path`` field (multipart files keep their own names). ``faces``: ``detect`` (the
         default unless the server runs with ``faces: whole``) finds every face and answers, per image, one
@@ -386,7 +355,7 @@ class FaceAttrAPI:
               response_model=SetPredictResponse, openapi_extra=PREDICT_OPENAPI,
               responses={k: _SET_ERRORS[k] for k in (401, 404, 408, 413, 415, 422, 503, 504)})
     async def predict_set(self, request: Request, filename: str = "image",
-                          faces: Literal["detect", "whole"] | None = None) -> JSONResponse:
+                          faces: str | None = FACES_QUERY) -> JSONResponse:
         """Every model of the server's model set (and the face embedding when the set has it) on every face,
         in one request: each image is read and decoded once and searched for faces once, and each face
         gets one row holding one object per model (``{"model", "checkpoint", ...its outputs}``), the same
@@ -396,7 +365,7 @@ class FaceAttrAPI:
         return await self._predict(SET, request, filename, faces)
 
     @app.get("/v1/set", summary="The model set answered at POST /v1/predict: identity, members, fields",
-             responses={k: _SET_ERRORS[k] for k in (401, 404)})
+             responses={k: _SET_ERRORS[k] for k in (401, 404, 503, 504)})
     async def get_set(self, request: Request) -> dict:
         self._authorize(request)
         return _json_safe(self._visible(SET, await self._describe(SET, refresh=True), request))
