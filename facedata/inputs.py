@@ -1,13 +1,13 @@
 """What goes into the label job: a folder or prefix listed by streaming, or a manifest.
 
 The rules (which files are inputs, how manifests are read, how paths resolve) are described in
-raytasks/label/job.py's module docstring. Which file a path names and whether it may be read is
-facedata/paths.py; reading the bytes is facedata/reading.py.
+raytasks/label/job.py's module docstring. Reading a manifest is facedata/manifest_inputs.py (its names the job
+uses are re-exported here); which file a path names and whether it may be read is facedata/paths.py; reading
+the bytes is facedata/reading.py.
 """
 
 from __future__ import annotations
 
-import codecs
 import collections
 import dataclasses
 import os
@@ -19,7 +19,15 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 import storage
-from facedata.paths import Forbidden, local_path, normalize_path, open_local, storable
+from facedata.manifest_inputs import (  # noqa: F401 - check_manifest, manifest_rows: the job's, as they were here
+    InputError,
+    batch_paths,
+    check_manifest,
+    manifest_columns,
+    manifest_path_batches,
+    manifest_rows,
+)
+from facedata.paths import Forbidden, is_allowed, local_path, normalize_path, open_local, storable
 from facedata.reading import FETCH_TIMEOUT_S, gather
 from models.imagebytes import FOREIGN_EXTENSIONS, foreign_format
 
@@ -27,10 +35,6 @@ SKIPPED_EXTENSIONS_SHOWN = 10  # extensions of skipped files named in the summar
 LISTING_CHUNK = 20_000  # paths per listing file (and at most this many paths in the driver at once)
 MALFORMED_SHOWN = 5  # malformed manifest lines named (line number and text) in the summary
 MALFORMED_TEXT_CHARS = 200  # of each such line's text
-
-
-class InputError(ValueError):
-    """An input that cannot be used as a whole: a manifest that is missing, not a table, or without paths."""
 
 
 def has_image_extension(path: str) -> bool:
@@ -60,9 +64,10 @@ def looks_like_image(head: bytes) -> bool:
     return head[:2] == b"BM" and len(head) >= 18 and int.from_bytes(head[14:18], "little") in (12, 40, 52, 56, 64, 108, 124)
 
 
-def iter_folder(uri: str) -> Iterator[str]:
+def iter_folder(uri: str, allow: tuple[str, ...] | None = None) -> Iterator[str]:
     """Every non-hidden file under a local folder or ``s3://`` prefix, as a URI, streaming (sorted within
-    each local directory; S3 lists keys in order)."""
+    each local directory; S3 lists keys in order). Locally, ``allow`` says which symlinked folders are followed
+    and an unlistable folder is an :class:`InputError` (:func:`_walk_local`)."""
     if storage.is_s3(uri):
         import boto3
 
@@ -78,16 +83,69 @@ def iter_folder(uri: str) -> Iterator[str]:
                     continue
                 yield f"s3://{bucket}/{key}"
         return
-    _, root = storage.filesystem(uri)
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith("."):
-                yield os.path.join(dirpath, name)
+    yield from _walk_local(storage.filesystem(uri)[1], allow)
+
+
+def _walk_local(root: str, allow: tuple[str, ...] | None) -> Iterator[str]:
+    """Every non-hidden file under a local folder, each folder's files sorted by name before its subfolders (the
+    order of ``os.walk``). A folder that cannot be listed is an :class:`InputError` naming it (``os.walk`` skips
+    it without a word, and its files would be missing from a run that says it is complete). A symlink to a
+    folder is followed when ``allow`` allows the link (:func:`is_allowed`: the rule a symlinked file's read
+    follows), and is listed as a file otherwise, whose row is then ``forbidden``. Each real folder is listed
+    once: a link back up is no loop, and a folder reached two ways is listed under the first."""
+    seen: set[str] = set()
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        real = os.path.realpath(folder)
+        if real in seen:
+            continue
+        seen.add(real)
+        files, folders = _folder_entries(folder, allow)
+        yield from files
+        stack.extend(reversed(folders))
+
+
+def _folder_entries(folder: str, allow: tuple[str, ...] | None) -> tuple[list[str], list[str]]:
+    """The non-hidden files of one folder (a symlink to a folder that is not followed among them) and the
+    subfolders to list (:func:`_walk_local`), each sorted by name."""
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    except FileNotFoundError:
+        return [], []  # removed while the folder above it was listed: nothing in it is an input any more
+    except OSError as e:
+        raise InputError(f"cannot list the folder {storable(folder)} ({e.strerror or e}): the files in it would be "
+                         "missing from the run; make it readable, or move it out of the input, and run again") from None
+    files, folders = [], []
+    for e in entries:
+        path = os.path.join(folder, e.name)
+        if _is_folder(e) and (allow is None or not _is_link(e) or is_allowed(path, allow)):
+            folders.append(path)
+        else:
+            files.append(path)
+    return files, folders
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # a symlink to a folder too
+    except OSError:
+        return False  # as os.walk: listed as a file, whose row says why it cannot be read
+
+
+def _is_link(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_symlink()
+    except OSError:
+        return True  # then followed only where allowed
 
 
 def _read_head(uri: str, n: int = 32, allow=None) -> bytes | None:
-    """The first ``n`` bytes of a file; ``b""`` when it cannot be read; None when ``allow`` forbids it."""
+    """The first ``n`` bytes of a file; ``b""`` when it cannot be read; None when ``allow`` forbids it (by name,
+    :func:`is_allowed`, as the job's read would: a symlink to a folder outside is such a file too)."""
+    if allow is not None and not is_allowed(uri, allow):
+        return None
     try:
         local = local_path(uri)
         if local is not None:
@@ -138,14 +196,14 @@ class Listing:
         s = "" if self.malformed_lines == 1 else "s"
         return f"{self.malformed_lines} manifest line{s} skipped, malformed ({shown}{more})"
 
-    def malformed_line(self, row) -> str:
-        """A ``pyarrow.csv`` ``invalid_row_handler``: the line is counted, named (the first few) and skipped."""
+    def malformed_line(self, row, line: int) -> None:
+        """A CSV line that ``pyarrow.csv``'s ``invalid_row_handler`` skipped (``row``), at ``line`` in the file:
+        it is counted and named (the first few)."""
         self.malformed_lines += 1
         if len(self.malformed_examples) < MALFORMED_SHOWN:
-            self.malformed_examples.append({"line": row.number, "fields": row.actual_columns,
+            self.malformed_examples.append({"line": line, "fields": row.actual_columns,
                                             "expected": row.expected_columns,
                                             "text": row.text[:MALFORMED_TEXT_CHARS]})
-        return "skip"
 
 
 class _ListingParts:
@@ -172,7 +230,8 @@ def write_listing(input_uri: str, listing_uri: str, chunk: int = LISTING_CHUNK,
     concurrently, ``FETCH_THREADS`` at a time, confined to ``allow`` as the job's reads are). A file that
     ``allow`` forbids (a symlink out of the folder) is not read: it is kept as an input, whose row is then
     ``forbidden`` as for a link out with an image extension, whatever its target holds and whether or not
-    that exists (skipping it would claim to know it is not an image)."""
+    that exists (skipping it would claim to know it is not an image). A folder that cannot be listed, or two files
+    that would be listed under one path (:func:`_stored_paths`), are an :class:`InputError`."""
     out = _ListingParts(listing_uri)
     stats = Listing()
     pending: list[str] = []
@@ -191,9 +250,10 @@ def write_listing(input_uri: str, listing_uri: str, chunk: int = LISTING_CHUNK,
             stats.skipped_by_extension.update(_extension(p) for p in paths if p not in kept)
         stats.inputs += len(keep)
         if keep:
-            out.write([storable(p) for p in keep])
+            out.write(_stored_paths(keep, escaped, input_uri))
 
-    for uri in iter_folder(input_uri):
+    escaped: dict[str, str] = {}
+    for uri in iter_folder(input_uri, allow):
         stats.files += 1
         pending.append(uri)
         if len(pending) >= chunk:
@@ -204,134 +264,21 @@ def write_listing(input_uri: str, listing_uri: str, chunk: int = LISTING_CHUNK,
     return stats
 
 
-def _is_bytes(t: pa.DataType) -> bool:
-    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
-
-
-def _path_column(batch, uri: str):
-    """The ``path`` column of a manifest batch as text or bytes: other types (numbers) as text, a dictionary
-    decoded; a type that has no text (a list, a struct) is an :class:`InputError`."""
-    col = batch.column(0)
-    if pa.types.is_dictionary(col.type):
-        col = col.dictionary_decode()
-    if pa.types.is_binary_view(col.type):
-        col = col.cast(pa.large_binary())  # lossless; the functions used on bytes here take this type
-    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or _is_bytes(col.type):
-        return col
-    try:
-        return col.cast(pa.string())
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        raise InputError(f"manifest {uri}: its 'path' column is {col.type}, not text") from None
-
-
-def _batch_paths(batch, uri: str = "") -> list[str | None]:
-    """The ``path`` column of a manifest record batch as text; values whose bytes are not UTF-8 (a binary
-    column, or a Parquet string column written by a tool that did not check) are kept, with ``\\xNN``
-    escapes (:func:`storable`); a binary column is decoded, not cast (a cast refuses such bytes)."""
-    col = _path_column(batch, uri)
-    if not _is_bytes(col.type):
-        try:
-            return col.to_pylist()
-        except UnicodeDecodeError:
-            col = col.cast(pa.large_binary())
-    return [None if v is None else v.decode("utf-8", "backslashreplace") for v in col.to_pylist()]
-
-
-class _EscapeNonUtf8:
-    """A ``pyarrow.TransformInputStream`` function: the bytes of a CSV as UTF-8, a byte that is not UTF-8 as
-    the text ``\\xNN`` (the escapes :func:`_batch_paths` gives a Parquet manifest's), a leading BOM dropped
-    (``utf-8-sig``: Excel's "CSV UTF-8"). Why not pyarrow's own ``check_utf8=False``: it keeps such bytes in
-    the values, but pyarrow cannot hand a malformed line holding one to the ``invalid_row_handler`` (it
-    decodes the line strictly, and fails the whole read), so one Latin-1 line with an extra comma would
-    refuse the manifest instead of being skipped and reported."""
-
-    def __init__(self):
-        self.decoder = codecs.getincrementaldecoder("utf-8-sig")("backslashreplace")
-
-    def __call__(self, buf) -> bytes:
-        return self.decoder.decode(buf, len(buf) == 0).encode("utf-8")
-
-
-def _open_csv(fs, path: str, listing: Listing | None = None, columns: list[str] | None = None):
-    """``pyarrow.csv`` streaming reader of a CSV manifest; the header check (:func:`manifest_columns`) and the
-    read of the paths both use it, so they agree on the column names (a BOM, spaces, quotes). A line with more
-    or fewer fields than the header is skipped and counted in ``listing`` (:meth:`Listing.malformed_line`).
-    ``use_threads=False``: only then does pyarrow know each line's number, which the report names."""
-    import pyarrow.csv as pacsv
-
-    stream = pa.TransformInputStream(fs.open_input_stream(path), _EscapeNonUtf8())
-    handler = listing.malformed_line if listing is not None else (lambda row: "skip")
-    convert = (pacsv.ConvertOptions(include_columns=columns, column_types={c: pa.string() for c in columns})
-               if columns else None)
-    return stream, pacsv.open_csv(stream, read_options=pacsv.ReadOptions(use_threads=False),
-                                  parse_options=pacsv.ParseOptions(invalid_row_handler=handler),
-                                  convert_options=convert)
-
-
-def manifest_path_batches(uri: str, listing: Listing | None = None):
-    """The ``path`` column of a Parquet or CSV manifest, streamed in record batches (bounded memory). A CSV
-    line with more or fewer fields than the header is skipped and counted in ``listing``; a file that cannot
-    be read as a manifest is an :class:`InputError` (raised while iterating)."""
-    fs, path = storage.filesystem(uri)
-    is_parquet = uri.lower().endswith(".parquet")
-    try:
-        if is_parquet:
-            with fs.open_input_file(path) as f:
-                yield from pq.ParquetFile(f).iter_batches(columns=["path"], batch_size=1 << 16)
-        else:
-            stream, reader = _open_csv(fs, path, listing, ["path"])
-            with stream:
-                yield from reader
-    except pa.ArrowKeyError:  # no column named exactly "path" (check_manifest says so first in the job)
-        _no_path_column(uri, manifest_columns(uri))
-    except pa.ArrowInvalid as e:
-        raise InputError(f"manifest {uri} cannot be read as {'Parquet' if is_parquet else 'CSV'}: {e}") from None
-
-
-def manifest_rows(uri: str) -> int:
-    """Rows of a manifest, streaming its ``path`` column (bounded memory). A row without a path is refused:
-    the path is the row's identity for resuming."""
-    import pyarrow.compute as pc
-
-    n = empty = 0
-    for batch in manifest_path_batches(uri):
-        col = _path_column(batch, uri)
-        col = col if _is_bytes(col.type) else col.cast(pa.large_binary())  # bytes: not decoded
-        n += batch.num_rows
-        empty += col.null_count + (pc.sum(pc.equal(pc.binary_length(col), 0)).as_py() or 0)
-    if empty:
-        raise InputError(f"manifest {uri}: {empty} of {n} rows have no path")
-    return n
-
-
-def manifest_columns(uri: str) -> list[str]:
-    """The column names of a manifest, as the reader of its rows sees them (:func:`_open_csv` for a CSV)."""
-    fs, path = storage.filesystem(uri)
-    kind = "Parquet" if uri.lower().endswith(".parquet") else "CSV"
-    try:
-        if kind == "Parquet":
-            with fs.open_input_file(path) as f:
-                return pq.read_schema(f).names
-        stream, reader = _open_csv(fs, path)
-        with stream:
-            return reader.schema.names
-    except pa.ArrowInvalid as e:
-        raise InputError(f"manifest {uri} is not a {kind} file ({e})") from None
-
-
-def _no_path_column(uri: str, names: list[str]):
-    shown = ", ".join(repr(n) for n in names) or "none"  # repr: a space or a quote in a name shows
-    raise InputError(f"manifest {uri} has no 'path' column (columns: {shown}); the name must be exactly 'path'")
-
-
-def check_manifest(uri: str) -> None:
-    """Refuse a manifest that is missing, unreadable, or without a column named exactly ``path``."""
-    fs, path = storage.filesystem(uri)
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        raise InputError(f"manifest not found: {uri}")
-    names = manifest_columns(uri)
-    if "path" not in names:
-        _no_path_column(uri, names)
+def _stored_paths(paths: list[str], escaped: dict[str, str], input_uri: str) -> list[str]:
+    """``paths`` as the listing stores them (:func:`storable`: a name that is not UTF-8 with ``\\xNN`` escapes),
+    refusing (:class:`InputError`) two files stored alike, a name that is not UTF-8 and a file named with its
+    escapes (their rows would share one path, and both would read the second file). Only a stored path holding a
+    backslash can be one of such a pair, so only those are kept, in ``escaped`` (stored path -> file)."""
+    out = []
+    for p in paths:
+        stored = storable(p)
+        if "\\" in stored and escaped.setdefault(stored, p) != p:
+            raise InputError(
+                f"in {input_uri}, the files {os.fsencode(escaped[stored])!r} and {os.fsencode(p)!r} would both be "
+                f"listed as '{stored}': a name that is not UTF-8 is written with \\xNN escapes, and the other file "
+                "has that very name; rename the one whose name is not UTF-8 and run again")
+        out.append(stored)
+    return out
 
 
 def write_manifest_listing(uri: str, listing_uri: str, base: str | None, chunk: int = LISTING_CHUNK) -> Listing:
@@ -358,7 +305,7 @@ def write_manifest_listing(uri: str, listing_uri: str, base: str | None, chunk: 
         pending = []
 
     for batch in batches:
-        for p in _batch_paths(batch, uri):
+        for p in batch_paths(batch, uri):
             stats.files += 1
             if not p:
                 empty += 1

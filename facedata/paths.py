@@ -44,20 +44,33 @@ def resolve_path(path: str, base: str | None) -> str:
 
 
 def normalize_path(path: str, base: str | None = None) -> str:
-    """The identity of the file a manifest entry names: an ``s3://bucket/key`` URI with ``.``, ``..`` and
-    empty segments collapsed (``posixpath.normpath``: S3 keys are literal, but HTTP clients remove dot
-    segments from the request path, so ``a/../b`` reaches ``b``), or a local absolute path
-    (``os.path.normpath`` of the path resolved against ``base``, ``file://`` stripped). ``a.jpg``,
+    """The identity of the file a manifest entry names: an ``s3://bucket/key`` URI with its dot segments removed
+    (:func:`_s3_key`: ``a/./b`` and ``a/x/../b`` are ``a/b``, but ``a//b`` is another object), or a local
+    absolute path (``os.path.normpath`` of the path resolved against ``base``, ``file://`` stripped). ``a.jpg``,
     ``./a.jpg`` and ``/abs/a.jpg`` in a manifest in ``/abs`` are one file. Symlinks are not resolved here
     (the allow-prefix check in :func:`fetch_chunks` resolves them)."""
     uri = resolve_path(path, base)
     if storage.is_s3(uri):
         bucket, _, key = uri[len("s3://"):].partition("/")
-        key = posixpath.normpath("/" + key).lstrip("/") if key else ""
-        return f"s3://{bucket}/{key}"
+        return f"s3://{bucket}/{_s3_key(key)}"
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     return os.path.normpath(os.path.abspath(uri))
+
+
+def _s3_key(key: str) -> str:
+    """An S3 key as the object it names: ``.`` and ``..`` segments removed, as HTTP clients remove them from a
+    request's path (RFC 3986, 5.2.4: ``a/x/../b`` reaches ``a/b``), and a trailing ``/`` dropped. Nothing else:
+    S3 keys are literal, so an empty segment is part of the key (``a//b.jpg`` and ``/b.jpg`` are other objects
+    than ``a/b.jpg`` and ``b.jpg``; ``posixpath.normpath`` would merge them)."""
+    out: list[str] = []
+    for segment in (key.rstrip("/").split("/") if key.strip("/") else []):
+        if segment == "..":
+            if out:
+                out.pop()
+        elif segment != ".":
+            out.append(segment)
+    return "/".join(out)
 
 
 FORBIDDEN = ("forbidden", "path is outside the allowed prefixes (--allow-prefix)")

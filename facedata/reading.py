@@ -79,6 +79,10 @@ def _pool(replace: bool = False) -> _DaemonPool:
 
 
 _MESSAGE_CHARS = 160
+# pyarrow's S3 client refuses a key with an empty segment (ArrowInvalid "Empty path component"), though S3 holds
+# such objects; no other client reads the photos, so such an object is an error row that says what to do
+EMPTY_SEGMENT = ("S3 key with an empty segment ('//' or a leading '/'), which this job's S3 client cannot read: "
+                 "copy the object to a key without it")
 
 
 def _short(text: str) -> str:
@@ -116,7 +120,8 @@ def _error(e: BaseException, uri: str = "") -> tuple[None, str, str]:
 
 
 def _check_uri(uri: str) -> tuple[None, str, str] | None:
-    """An error row for a URI that names no file whatever the filesystem holds, or None. Touches nothing."""
+    """An error row for a URI that names no file whatever the filesystem holds, or that names an object this job
+    cannot read (an S3 key with an empty segment: :data:`EMPTY_SEGMENT`), or None. Touches nothing."""
     if not uri:
         return None, "unreadable", "empty path"
     if "\x00" in uri:
@@ -129,6 +134,8 @@ def _check_uri(uri: str) -> tuple[None, str, str] | None:
         bucket, _, key = uri[len("s3://"):].partition("/")
         if not bucket or not key.strip("/"):
             return None, "unreadable", "not an s3://bucket/key URI"
+        if "//" in "/" + key.rstrip("/"):
+            return None, "unreadable", EMPTY_SEGMENT
     return None
 
 
@@ -269,7 +276,8 @@ def fetch_chunks(uris: list[str], max_bytes: int = MAX_FILE_BYTES, max_batch_byt
     has ``timeout`` seconds. With ``allow``, a URI outside those prefixes (:func:`is_allowed`) is never
     touched: its result is :data:`FORBIDDEN`, the same whether the file exists or not; a local file is also
     confined on the descriptor it is read from (:func:`fetch`). A path that names no file (empty, a NUL
-    byte, not UTF-8, an ``s3://`` URI without bucket or key) is an ``unreadable`` row; nothing raises."""
+    byte, not UTF-8, an ``s3://`` URI without bucket or key) or an S3 key with an empty segment (``a//b.jpg``:
+    :data:`EMPTY_SEGMENT`) is an ``unreadable`` row; nothing raises."""
     uris = list(uris)
     sizes: list = [_check_uri(u) for u in uris]  # paths that name no file: an error row, nothing touched
     if allow is not None:

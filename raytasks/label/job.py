@@ -31,7 +31,8 @@ What goes in
     ``malformed_examples``: line number and text) and named in a line the job prints; a file that cannot be
     read as CSV or Parquet at all is refused before the run. Bytes that are not UTF-8 (a CSV, a Parquet
     binary column) are kept with ``\\xNN`` escapes (``facedata.paths.storable``). The folder is listed by streaming
-    (``os.walk`` locally, the S3 ``ListObjectsV2`` paginator for buckets: pyarrow's ``get_file_info`` and Ray's
+    (``os.scandir`` locally, symlinked folders followed where allowed and each folder once, a folder that
+    cannot be listed refusing the run; the S3 ``ListObjectsV2`` paginator for buckets: pyarrow's ``get_file_info`` and Ray's
     ``read_binary_files`` both build the whole listing in one process) into ``OUTPUT/_inputs/part-*.parquet``
     of at most ``LISTING_CHUNK`` paths each, so the driver never holds all paths; a manifest's ``path``
     column is streamed into the same listing, one row per distinct file: ``a.jpg``, ``./a.jpg`` and
