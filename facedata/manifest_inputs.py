@@ -286,8 +286,12 @@ def _no_path_column(uri: str, names: list[str]):
 def check_manifest(uri: str) -> None:
     """Refuse a manifest that is missing, unreadable, or without a column named exactly ``path``."""
     fs, path = storage.filesystem(uri)
-    if fs.get_file_info(path).type != pafs.FileType.File:
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.NotFound:
         raise InputError(f"manifest not found: {uri}")
+    if kind != pafs.FileType.File:  # a folder named like a manifest (photos.csv/)
+        raise InputError(f"manifest {uri} is not a file: an --input ending in .csv or .parquet is read as a "
+                         "manifest (a folder of photos must be named otherwise)")
     names = manifest_columns(uri)
     if "path" not in names:
         _no_path_column(uri, names)

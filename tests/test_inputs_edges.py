@@ -219,3 +219,13 @@ def test_a_name_that_is_not_utf8_and_one_spelled_like_its_escapes_are_refused(tm
     os.remove(folder / "a\\xff.jpg")  # alone, the name that is not UTF-8 is listed with its escapes, as before
     stats, listed = _listing(folder, tmp_path)
     assert listed == [str(folder / "a\\xff.jpg")] and stats.inputs == 1
+
+
+def test_a_folder_named_like_a_manifest_is_not_reported_as_missing(tmp_path):
+    from facedata.manifest_inputs import check_manifest
+
+    (tmp_path / "photos.csv").mkdir()
+    with pytest.raises(inputs.InputError, match="is not a file"):
+        check_manifest(str(tmp_path / "photos.csv"))
+    with pytest.raises(inputs.InputError, match="manifest not found"):
+        check_manifest(str(tmp_path / "other.csv"))
