@@ -183,3 +183,15 @@ def test_a_bom_keeps_the_first_line_of_celeba_scut_and_genki_label_files(tmp_pat
 def test_header_names_are_stripped(tmp_path):
     ds = read_dataset(_manifest(tmp_path, "path, gender , age\na.jpg,f,30\nb.jpg,m,40\n"))
     assert ds.table[["gender", "age"]].values.tolist() == [[1.0, 30.0], [0.0, 40.0]]
+
+
+def test_a_celeba_landmark_line_of_odd_length_says_its_values_are_no_pairs(tmp_path):
+    names = ["000001.jpg", "000002.jpg"]
+    header = " ".join(CELEBA_ATTRIBUTES)
+    attrs = "".join(f"{n} {' '.join(['1'] * 40)}\n" for n in names)
+    celeba = write_files(tmp_path / "celeba", {
+        "list_attr_celeba.txt": f"2\n{header}\n{attrs}".encode(),
+        "list_landmarks_align_celeba.txt": f"2\n{names[0]} 1 2 3\n{names[1]} 1 2 3\n".encode(),
+        **{f"img_align_celeba/{n}": png_bytes() for n in names}})
+    ds = read_dataset(f"celeba:{celeba}")
+    assert ds.skipped and all("3 coordinates are no (x, y) pairs" in why for _, why in ds.skipped), ds.skipped

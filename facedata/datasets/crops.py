@@ -132,7 +132,9 @@ def _read_celeba_landmarks(uri: str, skips: _Skips) -> tuple[dict[str, list[floa
         if not num_values:
             num_values = len(fields) - 1
         if len(fields) != 1 + num_values or num_values % 2:
-            skips.add(where, f"{fields[0]}: expected {num_values} coordinates, got {len(fields) - 1}")
+            why = (f"expected {num_values} coordinates, got {len(fields) - 1}" if len(fields) != 1 + num_values
+                   else f"{num_values} coordinates are no (x, y) pairs")
+            skips.add(where, f"{fields[0]}: {why}")
             continue
         try:
             values = [float(v) for v in fields[1:]]
