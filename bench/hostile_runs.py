@@ -190,7 +190,8 @@ def lease_fencing(tmp: Path) -> dict:
 
 
 def hash_one_value(tmp: Path) -> dict:
-    """Two checkpoints that differ in one value of a 5,000-value tensor in ``extra``, one pinned."""
+    """Two checkpoints that differ in one value of a 5,000-value tensor in ``extra``: their hashes differ, and
+    loading refuses both (metadata is plain JSON: a tensor outside state_dict), the pinned one included."""
     import torch
 
     from models.checkpoint import CheckpointError, load_checkpoint
@@ -203,8 +204,8 @@ def hash_one_value(tmp: Path) -> dict:
     b, hb = checkpoint_with_extra(tmp, "b.pt", {"calibration": other})
     err, s = _timed(lambda: load_checkpoint(f"{b}#{ha}"))
     return _row("content_hash, one value of 5,000 changed", "partly fixed",
-                f"hashes differ: {ha != hb}; b.pt pinned to a.pt's hash: {type(err).__name__}", s, 2.0,
-                ha != hb and isinstance(err, CheckpointError))
+                f"hashes differ: {ha != hb}; b.pt (pinned to a.pt's hash) refused: {type(err).__name__}: "
+                f"{str(err)[:80]}", s, 2.0, ha != hb and isinstance(err, CheckpointError))
 
 
 def bench_runs() -> list[dict]:

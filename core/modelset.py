@@ -14,7 +14,7 @@ How a set is named (:meth:`ModelSet.parse`)
 
       format: 1                  # this file's format
       name: faces                # the set's name (the rows' ``model`` column); default "set"
-      version: "2026-11-29"      # the set's own version, the user's to bump; default "1"
+      version: "2026-11-29"      # the set's own version, the user's to bump, kept as written; default "1"
       embedding: true            # also a 128-D face embedding per face (models/embedding.py)
       models:                    # NAME: URI (relative paths: against the file's folder), or a list of URIs
         agr: s3://bucket/models/agr.pt#sha256:...
@@ -136,11 +136,25 @@ def check_set_name(name) -> str:
     return name
 
 
-def check_set_version(version) -> str:
-    """A set's own version, as text of 1-64 characters. YAML reads ``2`` as a number and ``2026-11-29`` as a
-    date: both are kept as their text; ``true`` and an empty value are refused."""
+def check_set_version(version, written: str | None = None) -> str:
+    """A set's own version, as text of 1-64 characters, kept exactly as written. YAML reads ``2`` as a number
+    and ``2026-11-29`` as a date: both are kept as their text. Any other number (``1.10`` is the float 1.1,
+    ``010`` the integer 8, ``1:30`` 90, ``0x1A`` 26) or a date and time would be rewritten, so it is refused,
+    asking for quotes; ``written`` (the value as the file writes it, when unquoted:
+    ``facedata.yamlsafe.plain_scalar_text``) tells ``2`` from ``+2`` or ``2026-1-9``. ``true`` and an empty
+    value are refused."""
     if isinstance(version, (int, float, datetime.date)) and not isinstance(version, bool):
-        version = version.isoformat() if isinstance(version, datetime.date) else str(version)
+        text = None
+        if isinstance(version, int) and -10 ** 64 < version < 10 ** 64:
+            text = str(version)
+        elif isinstance(version, datetime.date) and not isinstance(version, datetime.datetime):
+            text = version.isoformat()
+        if text is None or (written is not None and written != text):
+            shown = written if written is not None else str(version)[:80]
+            kind = {"int": "an integer", "float": "a number", "date": "a date", "datetime": "a date and time"}
+            raise ModelSetError(f"set version {shown[:80]!r} is read by YAML as {kind[type(version).__name__]} "
+                                f"({str(version)[:80]}), not as written: quote it (version: \"{shown[:80]}\")")
+        version = text
     if not isinstance(version, str) or not version or len(version) > 64:
         raise ModelSetError(f"set version {str(version)[:80]!r} must be a string of 1-64 characters")
     return version
@@ -148,7 +162,7 @@ def check_set_version(version) -> str:
 
 def read_set_file(uri: str) -> ModelSet:
     """A ``--model-set`` file (see the module docstring) -> a set; every problem is a :class:`ModelSetError`."""
-    from facedata.yamlsafe import YamlError, load_yaml
+    from facedata.yamlsafe import DuplicateKey, YamlError, load_yaml, plain_scalar_text
 
     try:  # a regular file or object, bounded in size and time (a FIFO or a stalled endpoint fails, never hangs)
         data = storage.read_bounded(uri, SET_FILE_MAX_BYTES, SET_FILE_TIMEOUT_S)
@@ -156,8 +170,11 @@ def read_set_file(uri: str) -> ModelSet:
         if "over the limit" in str(e):
             raise ModelSetError(f"{uri}: a model set file is at most {SET_FILE_MAX_BYTES} bytes ({e})") from None
         raise ModelSetError(f"cannot read the model set {uri}: {e}") from None
-    try:  # no anchors or aliases, bounded nodes: a few hundred bytes cannot expand to gigabytes
-        doc = load_yaml(data.decode("utf-8"))
+    try:  # no anchors or aliases, bounded nodes (a few hundred bytes cannot expand to gigabytes), no key twice
+        text = data.decode("utf-8")
+        doc = load_yaml(text)
+    except DuplicateKey as e:
+        raise ModelSetError(f"{uri}: {str(e)[:300]}") from None
     except (UnicodeDecodeError, YamlError) as e:
         raise ModelSetError(f"{uri} is not YAML or JSON: {str(e)[:300]}") from None
     if not isinstance(doc, dict):
@@ -170,7 +187,8 @@ def read_set_file(uri: str) -> ModelSet:
         raise ModelSetError(f"{uri}: format {fmt!r}; this version reads format {SET_FORMAT}")
     try:
         name = check_set_name(doc.get("name", "set"))
-        version = check_set_version(doc.get("version", "1"))
+        version = doc.get("version", "1")
+        version = check_set_version(version, None if isinstance(version, str) else plain_scalar_text(text, "version"))
     except ModelSetError as e:
         raise ModelSetError(f"{uri}: {e}") from None
     embedding = doc.get("embedding", False)

@@ -9,7 +9,9 @@ built:
 - more than ``max_nodes`` nodes (scalars, sequences, mappings) or nesting deeper than ``max_depth``;
 - more than one document.
 
-Only then is the text loaded with the safe loader. Every refusal is a :class:`YamlError` (a ``ValueError``)
+Only then is the text loaded with the safe loader, which also refuses a mapping that holds one key twice
+(``agr: a.pt`` then ``agr: c.pt``; JSON's ``{"a": 1, "a": 2}`` too): PyYAML and ``json`` keep the last one
+silently, and a model set would lose a model without a word. Every refusal is a :class:`YamlError` (a ``ValueError``)
 that names the line and never quotes more than a short piece of the text, including a value the safe
 constructors cannot build (``version: 2001-13-45`` is a date with month 13; a 5,000-digit integer is over
 Python's limit on digits), whose ``ValueError`` or ``OverflowError`` would otherwise escape; the caller adds
@@ -30,6 +32,10 @@ class YamlError(ValueError):
     """YAML that is refused or cannot be parsed; the message names the line and quotes at most a short piece."""
 
 
+class DuplicateKey(YamlError):
+    """A mapping that holds one key twice: valid YAML (and JSON) whose readers keep the last value silently."""
+
+
 def _short(text: str, n: int = _QUOTE_CHARS) -> str:
     text = str(text)
     return text if len(text) <= n else text[:n] + f"... ({len(text)} characters)"
@@ -46,10 +52,45 @@ def _loader():
     return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+_UNIQUE: dict = {}
+
+
+def _unique_loader():
+    """The safe loader (:func:`_loader`) refusing a mapping that holds one key twice (:func:`_check_unique`)."""
+    base = _loader()
+    if base not in _UNIQUE:
+        class UniqueKeySafeLoader(base):
+            def construct_mapping(self, node, deep=False):
+                _check_unique(self, node)
+                return super().construct_mapping(node, deep=deep)
+
+        _UNIQUE[base] = UniqueKeySafeLoader
+    return _UNIQUE[base]
+
+
+def _check_unique(loader, node) -> None:
+    """A :class:`YamlError` naming the key and both its lines when the mapping ``node`` holds a key twice
+    (a merge key ``<<`` is left to the loader; an unhashable key too: the loader refuses it)."""
+    seen: dict = {}
+    for key_node, _ in getattr(node, "value", ()):
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)  # kept by the loader: built once
+        line = key_node.start_mark.line + 1
+        try:
+            first = seen.get(key)
+            if first is not None:
+                raise DuplicateKey(f"line {line}: the key {_short(key, 40)!r} appears twice in one mapping (first on "
+                                f"line {first}): YAML and JSON readers keep only the last; remove or rename one")
+            seen[key] = line
+        except TypeError:  # unhashable: the loader's own error says so
+            continue
+
+
 def load_yaml(text: str, max_nodes: int = DEFAULT_MAX_NODES, max_depth: int = DEFAULT_MAX_DEPTH):
     """``text`` -> the value ``yaml.safe_load`` gives, or :class:`YamlError` for a document with anchors or
     aliases, over ``max_nodes`` nodes, nested deeper than ``max_depth``, holding more than one document,
-    or not YAML. JSON is YAML: a JSON file loads the same way."""
+    a mapping with a key twice, or not YAML. JSON is YAML: a JSON file loads the same way."""
     import yaml
 
     if not isinstance(text, str):
@@ -77,7 +118,7 @@ def load_yaml(text: str, max_nodes: int = DEFAULT_MAX_NODES, max_depth: int = DE
                     raise YamlError(f"line {_line(event)}: nested deeper than {max_depth} levels")
             elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
                 depth -= 1
-        doc = yaml.load(text, Loader=_loader())  # noqa: S506 - a safe loader (CSafeLoader or SafeLoader)
+        doc = yaml.load(text, Loader=_unique_loader())  # noqa: S506 - a safe loader (CSafeLoader or SafeLoader)
         if _holds_huge_int(doc):
             raise ValueError(f"an integer of more than {_MAX_INT_DIGITS} digits")
         return doc
@@ -140,6 +181,27 @@ def _unbuildable_line(text: str) -> int:
         return 0
     finally:
         loader.dispose()
+
+
+def plain_scalar_text(text: str, key: str) -> str | None:
+    """The value of the top-level mapping's ``key`` as ``text`` writes it, when it is a plain (unquoted) scalar:
+    ``version: 1.10`` -> ``"1.10"`` (the loaded value is the float 1.1); None for a quoted, missing or
+    non-scalar value. For a text :func:`load_yaml` has accepted (its size and nodes already checked)."""
+    import yaml
+
+    loader = _loader()(text)
+    try:
+        node = loader.get_single_node()
+    except yaml.YAMLError:
+        return None
+    finally:
+        loader.dispose()
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    for k, v in node.value:
+        if isinstance(k, yaml.ScalarNode) and k.value == key and isinstance(v, yaml.ScalarNode):
+            return v.value if not v.style else None  # plain: None (SafeLoader) or "" (CSafeLoader)
+    return None
 
 
 def settings_from_dict(cls, d):

@@ -30,8 +30,9 @@ Safety. The hash is unkeyed (anyone can re-sign an edited file), so the work don
 are checked, and before its model is built, is bounded by the file's size and the bounds below (audit): the read
 (models/checkpoint_read.py ``read_limits``: 2 GiB, 600 s, no FIFO or device); the archive before ``torch.load``
 (entries stored, as torch.save writes them, and no bigger in sum than the file: ``checkpoint_hash.check_archive``);
-the loaded values before hashing (JSON values and tensors, each tensor owning exactly its storage, counts capped:
-``checkpoint_hash.check_contents``); the model before it is allocated (built on the meta device from the file's
+the loaded values before hashing (JSON values, tensors only in ``state_dict``, each owning exactly its storage,
+counts capped: ``checkpoint_hash.check_contents``); the fields of ``metrics`` and ``extra`` the jobs read, once the
+hash is checked (:func:`metadata_problem`: ``extra["faces"]``, ``extra["split_seed"]``, the recipe's record); the model before it is allocated (built on the meta device from the file's
 config, held to the read limit and to the file's tensors' shapes and dtypes: :func:`_check_fits`; its input size
 and face template to models/preprocess.py ``check_bounds``). Every refusal is a :class:`CheckpointError`.
 """
@@ -165,7 +166,52 @@ def _verified(uri: str, map_location="cpu", expected_hash: str | None = None, ma
         raise CheckpointError(f"{uri}: content hash mismatch (file says {obj['hash']}, content is {digest})")
     if pin is not None and digest != pin:
         raise CheckpointError(f"{uri} is {digest}, not the pinned {pin}: refusing it")
+    problem = metadata_problem(obj["metrics"], obj["extra"])
+    if problem:
+        raise CheckpointError(f"{uri}: its metadata is not what jobs.train writes ({problem}): refusing it, as a "
+                              "job that reads the field would fail half way")
     return uri, obj
+
+
+def _kind(v) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def metadata_problem(metrics: dict, extra: dict) -> str | None:
+    """What is wrong with the fields of a checkpoint's metadata that the jobs read, or None: ``metrics`` numbers
+    (``checkpoint_bytes`` writes them back with ``float``); ``extra["faces"]`` a mapping whose ``mode`` is text
+    (how it was trained: jobs.evaluate's default ``--faces``); ``extra["split_seed"]`` an integer (the split
+    jobs.evaluate reads); the recipe's record (``extra["named_recipe"]``, models/recipes.py ``record_lines``) a
+    mapping whose ``faces`` is a mapping and ``stages`` a list of mappings. Each may be absent or null but the
+    seed. A hashed file can hold anything (its hash is unkeyed): checked when it is loaded, not where it is read."""
+    from .recipes import RECORD_KEY
+
+    for k, v in metrics.items():
+        if not isinstance(v, (int, float)):
+            return f"metrics.{k[:80]} is {_kind(v)}, not a number"
+
+    def mapping(value, where: str, text: tuple = ()) -> str | None:
+        if value is not None and not isinstance(value, dict):
+            return f"{where} is {_kind(value)}, not a mapping"
+        for key in text:
+            v = (value or {}).get(key)
+            if v is not None and not isinstance(v, str):
+                return f"{where}.{key} is {_kind(v)}, not text"
+        return None
+
+    if "split_seed" in extra and (isinstance(extra["split_seed"], bool) or not isinstance(extra["split_seed"], int)):
+        return f"extra.split_seed is {_kind(extra['split_seed'])}, not an integer"
+    rec = extra.get(RECORD_KEY)
+    problem = mapping(extra.get("faces"), "extra.faces", ("mode",)) or mapping(rec, f"extra.{RECORD_KEY}")
+    if problem or rec is None:
+        return problem
+    faces = rec.get("faces")
+    problem = (mapping(faces, f"extra.{RECORD_KEY}.faces", ("mode",))
+               or mapping((faces or {}).get("options"), f"extra.{RECORD_KEY}.faces.options"))
+    stages = rec.get("stages")
+    if not problem and stages is not None and not (isinstance(stages, list) and all(isinstance(x, dict) for x in stages)):
+        problem = f"extra.{RECORD_KEY}.stages is {_kind(stages)}, not a list of mappings"
+    return problem
 
 
 def load_checkpoint(uri: str, map_location="cpu", expected_hash: str | None = None, max_bytes: int | None = None,

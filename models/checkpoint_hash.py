@@ -7,7 +7,7 @@ preprocessing, metrics, extra) and every tensor's name, dtype, shape and bytes. 
 
 What a loaded file may hold (:func:`check_contents`, run before hashing): the JSON that hashes the metadata is
 injective only on JSON's own values, so a file whose metadata holds anything else (a dict key that is not a
-string, bytes, a set, ...) is refused rather than hashed like another file (``{1: x}`` and ``{"1": x}`` had one
+string, bytes, a set, a tensor outside ``state_dict``, ...) is refused rather than hashed like another file (``{1: x}`` and ``{"1": x}`` had one
 hash: audit); ``save_checkpoint`` never writes such a file, so no existing hash changes. The same walk bounds the
 hashing's work: every tensor owns exactly its storage, and the values, text and tensor bytes it reaches (counted
 each time they are reached, so shared references do not multiply the work unseen) are capped; before
@@ -102,7 +102,9 @@ def check_contents(obj, max_tensor_bytes: int, json_only: bool = True) -> None:
     """Raise :class:`UnsafeContent` unless every tensor in ``obj`` (a loaded file) passes :func:`check_tensor`,
     their bytes at most ``max_tensor_bytes``, within :data:`MAX_VALUES`, :data:`MAX_TEXT_CHARS` and
     :data:`MAX_DEPTH`; iterative, so a hostile nesting is no RecursionError. ``json_only`` (a checkpoint): also
-    JSON values only, dict keys strings, and state-dict keys without "(" (the tensor digest writes
+    tensors only as the values of the top-level ``state_dict`` and JSON values everywhere else (docs/deploy.md:
+    a tensor in ``extra`` or ``metrics`` is refused at load, not when a job later writes the metadata back as
+    JSON), dict keys strings, and state-dict keys without "(" (the tensor digest writes
     ``key dtype (shape) bytes`` with no length: a key holding "(" could splice two tensors into one: audit)."""
     values = text = tensor_bytes = 0
     # (value, depth, where): ``where`` is (parent's where, key), spelt out only in an error message, so that a
@@ -114,6 +116,9 @@ def check_contents(obj, max_tensor_bytes: int, json_only: bool = True) -> None:
         if values + len(stack) > MAX_VALUES or depth > MAX_DEPTH:  # the pending ones count: no huge stack
             raise UnsafeContent(f"more than {MAX_VALUES} values or {MAX_DEPTH} levels of nesting (at {_path(where)})")
         if isinstance(value, torch.Tensor):
+            if json_only and not (depth == 2 and where[0] == (None, "state_dict")):
+                raise UnsafeContent(f"{_path(where)}: a tensor outside state_dict (a checkpoint's metadata is plain "
+                                    "JSON values: numbers, text, lists and mappings; write a tensor's values as a list)")
             tensor_bytes += check_tensor(value, _path(where))
             if tensor_bytes > max_tensor_bytes:
                 raise UnsafeContent(f"its tensors hold more than {max_tensor_bytes} bytes, counting references")
@@ -215,7 +220,8 @@ def content_hash(name: str, config: dict, state_dict: dict, outputs: list | None
     in one value of a 5,000-value tensor hashed alike (issue #22). Such metadata is hashed instead by an
     exact encoding (:func:`exact_encoding`: every byte of every array) after a separator that JSON text never
     contains; metadata without arrays (every checkpoint ``save_checkpoint`` writes, whose ``extra`` is
-    JSON) keeps the hash it always had."""
+    JSON) keeps the hash it always had. A file whose metadata holds a tensor is refused when it is loaded
+    (:func:`check_contents`); the exact encoding keeps it from sharing a hash with another all the same."""
     h = hashlib.sha256()
     h.update(FORMAT.encode())
     meta = {"model": name, "config": config, "outputs": outputs, "preprocessing": preprocessing,

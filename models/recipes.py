@@ -231,21 +231,34 @@ def describe(recipe: TrainingRecipe, model_args: dict, train: dict, faces: str |
     return lines
 
 
+def _map(x) -> dict:
+    return x if isinstance(x, dict) else {}
+
+
 def record_lines(extra: dict) -> list[str]:
     """What a checkpoint says about the recipe it was trained with (``extra[RECORD_KEY]``), for jobs.evaluate;
-    nothing for a checkpoint trained without one."""
+    nothing for a checkpoint trained without one. A loaded checkpoint's record has its shape checked
+    (models/checkpoint.py ``metadata_problem``); a value of another type inside it is shown as it is, never
+    an exception after an evaluation's work."""
     rec = extra.get(RECORD_KEY) if isinstance(extra, dict) else None
     if not isinstance(rec, dict):
         return []
     lines = [f"recipe {rec.get('name')} v{rec.get('version')}"]
-    if rec.get("faces"):
-        lines.append(f"  faces: {faces_text(rec['faces'].get('mode'), rec['faces'].get('options') or {})}")
-    for s in rec.get("stages", []):
-        train = s.get("train_values") or {}
+    faces = rec.get("faces")
+    if isinstance(faces, dict) and faces:
+        lines.append(f"  faces: {faces_text(faces.get('mode'), _map(faces.get('options')))}")
+    elif faces:
+        lines.append(f"  faces: {str(faces)[:200]}")
+    stages = rec.get("stages")
+    for s in stages if isinstance(stages, list) else []:
+        if not isinstance(s, dict):
+            lines.append(f"  stage {str(s)[:200]}")
+            continue
+        train = _map(s.get("train_values"))
         metric = s.get("primary_metric")
-        best = (s.get("best_metrics") or {}).get(metric)
+        best = _map(s.get("best_metrics")).get(metric) if isinstance(metric, str) else None
         shown = f", {metric} {best:.4f}" if isinstance(best, (int, float)) else ""
         lines.append(f"  stage {s.get('index')} {s.get('name')}: {s.get('epochs_done')} of {train.get('epochs')} "
                      f"epochs{' (stopped early)' if s.get('stopped') else ''}, best epoch {s.get('best_epoch')}"
-                     f"{shown}; {_values(s.get('overrides') or {}, set())}")
+                     f"{shown}; {_values(_map(s.get('overrides')), set())}")
     return lines

@@ -150,9 +150,9 @@ BILLION_LAUGHS = "\n".join(
 
 
 def checkpoint_with_extra(folder: Path, name: str, extra: dict) -> tuple[str, str]:
-    """A hard_sharing checkpoint ``folder/name`` whose ``extra`` holds ``extra`` (tensors too, as a training
-    run may keep) with its content hash; the files of one folder differ only in ``extra``. Returns
-    ``(path, hash)``."""
+    """A hard_sharing checkpoint ``folder/name`` whose ``extra`` holds ``extra`` (tensors too, as a foreign or
+    hostile file may: loading refuses them, models.checkpoint_hash.check_contents) with its content hash; the
+    files of one folder differ only in ``extra``. Returns ``(path, hash)``."""
     import torch
 
     import models

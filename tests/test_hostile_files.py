@@ -192,9 +192,9 @@ def test_one_value_of_a_tensor_in_extra_changes_the_hash(tmp_path, where):
     a, ha = _with_extra(tmp_path, "a.pt", wrap(calib))
     b, hb = _with_extra(tmp_path, "b.pt", wrap(other))
     assert ha != hb
-    assert load_checkpoint(f"{a}#{ha}")[1].hash == ha
-    with pytest.raises(CheckpointError, match="not the pinned"):
-        load_checkpoint(f"{b}#{ha}")
+    for path in (f"{a}#{ha}", f"{b}#{ha}"):  # metadata is plain JSON: such a file is refused whatever its pin
+        with pytest.raises(CheckpointError, match="a tensor outside state_dict"):
+            load_checkpoint(path)
     # the same values in another dtype or shape are another checkpoint too
     _, hc = _with_extra(tmp_path, "c.pt", wrap(calib.double()))
     _, hd = _with_extra(tmp_path, "d.pt", wrap(calib.reshape(50, 100)))
