@@ -9,8 +9,10 @@ numbers, the share true of binary attributes; per model of a set), ``confidence`
 output's ``<x>_prob``), ``pose``, ``quality``, ``review`` (rows per reason, thresholds) and ``flagged``
 (thumbnails of a sample of the flagged faces, each captioned with its path, face and reasons).
 
-The Parquet is streamed once (core/report_scan.py and core/report_read.py: bounded memory whatever the
-rows hold); charts are core/report_charts.py, thumbnails core/report_thumbs.py, the HTML pieces
+The output's folder, files and summary are opened by core/report_read.py (a file that cannot be read is left
+out and named, the others reported), and the Parquet is streamed once (core/report_scan.py and
+core/report_read.py: bounded memory whatever the rows hold); an output of no rows gets a note in place of its
+charts. Charts are core/report_charts.py, thumbnails core/report_thumbs.py, the HTML pieces
 core/report_html.py. An output and its ``_summary.json`` are whoever wrote them: every value is escaped where it
 is shown, shortened (:data:`MAX_TEXT`, :data:`MAX_CAPTION`) and listed at most :data:`MAX_TABLE_ROWS` times, and a
 section that cannot be drawn says why in its place (:func:`_drawn`) while the others are written.
@@ -23,25 +25,18 @@ import math
 
 import pyarrow as pa
 
-import storage
 from core import report_charts as charts
 from core.report_html import esc, img, note, page, para, table
-from core.report_read import TooLarge
+from core.report_read import ReportError, TooLarge, open_labels, read_summary
 from core.report_scan import POSE, Tally, plan, scan
 
-SUMMARY_FILE = "_summary.json"  # raytasks/label/output.py's names (core does not import raytasks)
-LABELS_DIR = "labels"
 DEFAULT_MAX_THUMBNAILS = 300
-SUMMARY_MAX_BYTES = 16 << 20  # a run's summary is a few kilobytes
-SUMMARY_TIMEOUT_S = 60.0
 MAX_TEXT = 300  # characters of a summary's value shown
 MAX_CAPTION = 120  # characters of a path in a thumbnail's caption (the full one is in data-path)
 MAX_TABLE_ROWS = 50  # error kinds, review reasons, thresholds, models listed (the rest summed in one row)
 NO_PREFIX = "no --allow-prefix, and no usable prefix in the summary (see 'What this report lacks')"
-
-
-class ReportError(ValueError):
-    """An output the report cannot be built from (no such folder, no labels, unreadable Parquet)."""
+NO_ROWS = ("no rows to draw: the output's files hold none yet, or none could be read (see 'What this report "
+           "lacks')")
 
 
 # --- a label output ---------------------------------------------------------------------------------------
@@ -55,43 +50,6 @@ def _short(x, n: int = MAX_TEXT) -> str:
 def _value(v):
     """A summary's value for a table cell: a number as itself (drawn as a number), anything else as short text."""
     return v if _finite(v) else _short(v)
-
-
-def _summary(out: str) -> tuple[dict, str | None]:
-    uri = storage.join(out, SUMMARY_FILE)
-    try:
-        # bounded: a summary is a few kilobytes; a FIFO, a huge file or a hung mount fails here, never hangs
-        doc = json.loads(storage.read_bounded(uri, SUMMARY_MAX_BYTES, SUMMARY_TIMEOUT_S))
-        if not isinstance(doc, dict):
-            raise ValueError("not a JSON object")
-        return doc, None
-    except FileNotFoundError:
-        return {}, f"no {SUMMARY_FILE}: the run's totals and the review thresholds are unknown (counts below are from the rows)"
-    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested thousands deep
-        return {}, f"{SUMMARY_FILE} could not be read ({str(e)[:200]}): the run's totals and thresholds are unknown"
-
-
-def open_labels(out: str):
-    """The ``pyarrow.dataset`` of ``OUT/labels/*.parquet``, or :class:`ReportError` saying why not."""
-    import pyarrow.dataset as pads
-    import pyarrow.fs as pafs
-
-    try:
-        fs, root = storage.filesystem(out)
-        if fs.get_file_info(root).type == pafs.FileType.NotFound:
-            raise ReportError(f"{out}: no such folder or prefix")
-        labels = storage.join(out, LABELS_DIR)
-        fs, root = storage.filesystem(labels)
-        if fs.get_file_info(root).type != pafs.FileType.Directory:
-            raise ReportError(f"{out} has no {LABELS_DIR}/ folder: not a label output, or a run that wrote no rows yet")
-        ds = pads.dataset(root, filesystem=fs, format="parquet")
-        if not ds.files:
-            raise ReportError(f"{labels} holds no Parquet file: a run that wrote no rows yet")
-        return ds
-    except ReportError:
-        raise
-    except (OSError, pa.ArrowException, ValueError) as e:
-        raise ReportError(f"cannot read the labels under {out}: {str(e)[:300]}") from None
 
 
 def _thresholds(summary: dict) -> dict:
@@ -134,20 +92,22 @@ def label_report(out: str, max_thumbnails: int = DEFAULT_MAX_THUMBNAILS, seed: i
                  allow: tuple[str, ...] = ()) -> tuple[str, dict]:
     """The HTML report of the label output ``out`` (folder or ``s3://`` prefix) and a dict of what it holds
     (``rows``, ``faces``, ``flagged``, ``thumbnails``, ``missing``, ``photos``: where photos were read).
-    :class:`ReportError` when there are no labels to report on, or a file over the scan's limits; a missing
-    summary or missing columns give a partial report that says so. Photos for thumbnails are read only under
+    :class:`ReportError` when there are no labels to report on (no file, or none that can be read), or a file
+    over the scan's limits; a missing summary, missing columns or a file that cannot be read among others give
+    a partial report that says so. Photos for thumbnails are read only under
     ``core.report_thumbs.allowed_photos``."""
-    ds = open_labels(out)
-    summary, summary_problem = _summary(out)
-    p = plan(ds.schema)
+    labels = open_labels(out)
+    summary, summary_problem = read_summary(out)
+    p = plan(labels.schema)
     try:
-        s = scan(ds, p, max_thumbnails, seed)
+        s = scan(labels, p, max_thumbnails, seed)
     except (OSError, pa.ArrowException, TooLarge) as e:
         raise ReportError(f"cannot read the labels under {out}: {str(e)[:300]}") from None
-    missing = ([summary_problem] if summary_problem else []) + p.missing + s.notes
+    missing = ([summary_problem] if summary_problem else []) + p.missing
     if p.missing:
         missing.append("(an output written by an older version of faceattr lacks these columns, or one written by "
                        "something else has them of another type; label it again into a new --output to get them)")
+    missing += s.notes
     th = _thresholds(summary)
     from core.report_thumbs import allowed_photos, thumbnails  # imports torch (models.preprocess): only now
 
@@ -165,11 +125,10 @@ def label_report(out: str, max_thumbnails: int = DEFAULT_MAX_THUMBNAILS, seed: i
     if missing:
         sections.append(("missing", "What this report lacks", "<ul>" + "".join(f"<li>{esc(m)}</li>" for m in missing)
                          + "</ul>"))
-    sections += [("attributes", "Attributes", _drawn(_attributes, p, s)),
-                 ("confidence", "Confidence", _drawn(_confidence, p, s, th)),
-                 ("pose", "Pose", _drawn(_pose, s, th)),
-                 ("quality", "Quality", _drawn(_quality, s, th)),
-                 ("review", "Review reasons", _drawn(_review, p, s, summary, th)),
+    charted = [("attributes", "Attributes", _attributes, (p, s)), ("confidence", "Confidence", _confidence, (p, s, th)),
+               ("pose", "Pose", _pose, (s, th)), ("quality", "Quality", _quality, (s, th))]
+    sections += [(sid, title, _drawn(draw, *args) if s.rows else note(NO_ROWS)) for sid, title, draw, args in charted]
+    sections += [("review", "Review reasons", _drawn(_review, p, s, summary, th)),
                  ("flagged", "Flagged faces", flagged)]
     doc = page(f"faceattr report: {out}", f"{s.rows} rows, {s.faces} faces", sections)
     info = {"rows": s.rows, "faces": s.faces, "flagged": s.review, "thumbnails": len(thumbs), "missing": missing,
@@ -206,9 +165,12 @@ def _overview(out: str, s, summary: dict, photos: str) -> str:
         if k in summary:
             rows.append((f"summary: {k}", _short(summary[k])))
     models = summary.get("models")
-    for m in (models if isinstance(models, list) else [])[:MAX_TABLE_ROWS]:  # "models": 5 is no list of models
+    models = models if isinstance(models, list) else []  # "models": 5 is no list of models
+    for m in models[:MAX_TABLE_ROWS]:
         if isinstance(m, dict):
             rows.append(("summary: model", _short(" ".join(str(m.get(k, "")) for k in ("name", "model", "checkpoint")))))
+    if len(models) > MAX_TABLE_ROWS:
+        rows.append(("summary: model", f"({len(models) - MAX_TABLE_ROWS} more models)"))
     return table(rows)
 
 
@@ -233,11 +195,12 @@ def _attributes(p, s) -> str:
         if m.categorical:
             body.append(img(charts.counts_png([(k, _with_other(s.counts.get(k, Tally()))) for k in m.categorical]),
                             f"class counts of {', '.join(m.categorical)}"))
-        if m.numeric:
-            body.append(img(charts.hists_png(_hist_panels(s, m.numeric, {}, {})), f"histograms of {', '.join(m.numeric)}"))
+        numeric = _hist_panels(s, m.numeric, {}, {})  # none before a batch: no panel, not an empty grid
+        if numeric:
+            body.append(img(charts.hists_png(numeric), f"histograms of {', '.join(m.numeric)}"))
         if m.binary:
-            shares = [(k.rsplit(".", 1)[-1], (s.shares[k][0] / s.shares[k][1]) if s.shares[k][1] else 0.0,
-                       s.shares[k][1]) for k in m.binary]
+            got = {k: s.shares.get(k, (0, 0)) for k in m.binary}
+            shares = [(k.rsplit(".", 1)[-1], (got[k][0] / got[k][1]) if got[k][1] else 0.0, got[k][1]) for k in m.binary]
             body.append(img(charts.shares_png(f"{m.name + ': ' if m.name else ''}share of faces per attribute",
                                               shares), "share true of each binary attribute"))
         if not body:
@@ -249,7 +212,7 @@ def _attributes(p, s) -> str:
 
 
 def _confidence(p, s, th: dict) -> str:
-    keys = [k for m in p.members for k in m.probs]
+    keys = [k for m in p.members for k in m.probs if k in s.hists]
     if not keys:
         return note("no categorical output with a probability (<output>_prob) in this output")
     per = th.get("per_output") if isinstance(th.get("per_output"), dict) else {}

@@ -1,7 +1,7 @@
 """The HTML pieces of the reports (core/report.py): one self-contained page (its style inline, images as
 base64 ``data:`` URIs, no script) built from tables, notes and paragraphs.
 
-Every piece escapes what it is given (:func:`esc`: ``&``, ``<``, ``>`` and both quotes), so that the values
+Every piece escapes what it is given (:func:`esc`: ``&``, ``<``, ``>``, both quotes and lone surrogates), so that the values
 of a label output and its summary, which come from whoever wrote them, are text on the page wherever they are
 shown: a report's code passes values to :func:`table`, :func:`note`, :func:`para` or :func:`esc`, never into
 markup of its own.
@@ -31,7 +31,13 @@ figcaption{font-size:.72em;word-break:break-all;margin-top:3px}figcaption .r{col
 
 
 def esc(x) -> str:
-    return html.escape(str(x), quote=True)
+    """``x`` as HTML text: escaped, and any lone surrogate (a summary's ``"\\ud800"``, an input folder's name
+    that is not UTF-8, held by Python as surrogate escapes) written as its ``\\udXXX`` escape, which UTF-8
+    can encode: the page is UTF-8, and one such character failed the whole report (audit)."""
+    text = str(x)
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return html.escape(text, quote=True)
 
 
 def img(data: bytes, alt: str) -> str:

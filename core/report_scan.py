@@ -193,6 +193,22 @@ def _member(name: str, fields: list[pa.Field], path) -> tuple[Member, dict]:
     return m, cols
 
 
+def _drop_taken(m: Member, c: dict, cols: dict, missing: list) -> None:
+    """Leave out of ``m`` (and its columns ``c``) the keys another member already gives: a flat column named
+    ``agr.age`` beside the struct ``agr``'s field ``age`` is the scan key ``agr.age`` twice (the struct's values
+    were counted twice, the flat column's never)."""
+    taken = [k for k in c if k in cols]
+    if not taken:
+        return
+    for kind in (m.categorical, m.probs, m.numeric, m.binary):
+        kind[:] = [k for k in kind if k not in taken]
+    for k in taken:
+        del c[k]
+    names = ", ".join(k[:200] for k in taken[:5]) + (f" and {len(taken) - 5} more" if len(taken) > 5 else "")
+    whose = f"struct {m.name[:200]}'s field(s)" if m.name else "flat column(s) whose name holds a dot"
+    missing.append(f"{whose} {names}: the name of another column's field, which is read; these are not")
+
+
 def plan(schema: pa.Schema) -> Plan:
     """Which columns the report reads from a label output of this schema, and what it lacks."""
     names = Counter(schema.names)
@@ -206,17 +222,17 @@ def plan(schema: pa.Schema) -> Plan:
         elif c in names:
             has.add(c)
     cols: dict = {c: ((c,), KNOWN[c][0], schema.field(c).type) for c in has}
-    members: list[Member] = []
+    found: list[tuple[Member, dict]] = []
     flat = [f for f in fields if f.name not in COMMON and not pa.types.is_struct(f.type)]
     if flat:
-        m, c = _member("", flat, lambda sub: (sub,))
-        members.append(m)
-        cols.update(c)
+        found.append(_member("", flat, lambda sub: (sub,)))
     for f in fields:
         if pa.types.is_struct(f.type) and f.name not in COMMON:
-            m, c = _member(f.name, _unique(f.type), lambda sub, n=f.name: (n, sub))
-            members.append(m)
-            cols.update(c)
+            found.append(_member(f.name, _unique(f.type), lambda sub, n=f.name: (n, sub)))
+    for m, c in sorted(found, key=lambda mc: not mc[0].name):  # the structs (the label job's layout) first
+        _drop_taken(m, c, cols, missing)
+        cols.update(c)
+    members = [m for m, _ in found]
     attrs = [k for m in members for k in m.categorical + m.probs + m.numeric + m.binary]
     if len(attrs) > MAX_ATTRIBUTES:  # a chart per column: thousands of columns would be thousands of panels
         dropped = set(attrs[MAX_ATTRIBUTES:])
@@ -260,7 +276,8 @@ class Scan:
 
 
 def _np(a: pa.Array) -> np.ndarray:
-    return pc.fill_null(pc.cast(a, pa.float64()), math.nan).to_numpy(zero_copy_only=False)
+    # not a safe cast: an int64 past 2**53 has no exact float, and a histogram needs none (it refused the report)
+    return pc.fill_null(pc.cast(a, pa.float64(), safe=False), math.nan).to_numpy(zero_copy_only=False)
 
 
 def scan(dataset, p: Plan, max_flagged: int, seed: int = 0) -> Scan:

@@ -53,7 +53,7 @@ def prefix_problem(prefix) -> str | None:
     if storage.is_s3(prefix):
         bucket, _, key = _s3_decoded(normalize_path(prefix))[len("s3://"):].partition("/")
         return None if bucket and key.strip("/") else "a whole bucket"
-    if not (prefix[len("file://"):] if prefix.startswith("file://") else prefix).startswith("/"):
+    if not _absolute(prefix):
         return "not an absolute path"
     home = os.path.realpath(os.path.expanduser("~"))
     norm = normalize_path(prefix)
@@ -70,20 +70,29 @@ def prefix_problem(prefix) -> str | None:
     return None
 
 
+def _absolute(path: str) -> bool:
+    return (path[len("file://"):] if path.startswith("file://") else path).startswith("/")
+
+
 def allowed_photos(summary: dict, allow: tuple[str, ...] = ()) -> tuple[tuple[str, ...], str]:
     """Where the contact sheet may read photos, and a sentence saying so (or why nowhere): ``allow`` when
     given (``--allow-prefix``); else what the label run was allowed to read (its summary's ``allow_prefix``,
-    or the default for its ``input``) when every such prefix passes :func:`prefix_problem`; else nowhere."""
+    or the default for its ``input``) when every such prefix passes :func:`prefix_problem` (a relative
+    ``input`` is refused as written, never resolved against where the report runs); else nowhere."""
     if allow:
         return tuple(allow), f"photos read only under {', '.join(allow)} (--allow-prefix)"
     recorded, inp = summary.get("allow_prefix"), summary.get("input")
     if isinstance(recorded, list) and recorded:
         source, found = "allow_prefix", recorded[:MAX_PREFIXES]
     elif isinstance(inp, str) and inp:
-        try:
-            source, found = "input", [default_allow_prefix(inp[:MAX_PATH_BYTES + 1])]
-        except (ValueError, OSError):
-            source, found = "input", [inp]
+        source, found = "input", [inp]
+        # a relative input names a folder of the run's machine and working directory, not of the reader's:
+        # made absolute here, "." or "Private" would be the report's working directory (audit), so refused as is
+        if storage.is_s3(inp) or _absolute(inp):
+            try:
+                found = [default_allow_prefix(inp[:MAX_PATH_BYTES + 1])]
+            except (ValueError, OSError):
+                pass
     else:
         return (), ("no thumbnails: the summary names no input and no --allow-prefix was given (pass the folder "
                     "or s3:// prefix the photos are under)")

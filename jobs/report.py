@@ -12,8 +12,9 @@ Parquet and is no more trusted than its paths); the report and a ``note:`` line 
 The Parquet is streamed, so memory does not grow with the rows; a row group over the report's limits is
 refused with a message (status 2).
 The default ``--html`` is ``OUT/_report.html`` (the ``_`` keeps Parquet readers of ``OUT`` away from it).
-An output without labels, or whose Parquet cannot be read, exits with status 2 and a message; one without a
-summary, or from an older version without some columns, gives a report that says what is missing.
+An output without labels, or none of whose Parquet files can be read, exits with status 2 and a message; one
+without a summary, with some files that cannot be read (cut short by an interrupted run), or from an older
+version without some columns, gives a report that says what is missing.
 """
 
 from __future__ import annotations
@@ -39,20 +40,27 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if not 0 <= args.max_thumbnails <= 5000:
         p.error("--max-thumbnails must be between 0 and 5000")
+    if args.seed < 0:  # numpy's generators take no negative seed
+        p.error("--seed must be >= 0")
     try:
         doc, info = label_report(args.output, args.max_thumbnails, args.seed, tuple(args.allow_prefix))
     except ReportError as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
     target = args.html or storage.join(args.output, "_report.html")
-    try:
-        storage.write_bytes(target, doc.encode("utf-8"))
-    except OSError as e:
-        p.exit(2, f"{p.prog}: error: cannot write {target}: {e}\n")
+    try:  # the page's text is escaped to UTF-8 (core/report_html.py esc); backslashreplace is the last guard
+        storage.write_bytes(target, doc.encode("utf-8", "backslashreplace"))
+    except (OSError, ValueError) as e:  # ValueError: a path the filesystem cannot take (a NUL byte)
+        p.exit(2, f"{p.prog}: error: cannot write {_text(target)}: {_text(e)}\n")
     for m in info["missing"] + ([info["photos"]] if info["photos"] else []):
-        print(f"note: {m}", file=sys.stderr)
-    print(f"report {target}: {info['rows']} rows, {info['faces']} faces, {info['flagged']} flagged, "
+        print(f"note: {_text(m)}", file=sys.stderr)
+    print(f"report {_text(target)}: {info['rows']} rows, {info['faces']} faces, {info['flagged']} flagged, "
           f"{info['thumbnails']} thumbnails")
     return {**info, "html": target}
+
+
+def _text(x) -> str:
+    """``x`` printable on any terminal: a path from argv that is not UTF-8 holds lone surrogates."""
+    return str(x).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 if __name__ == "__main__":
