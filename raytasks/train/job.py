@@ -24,6 +24,8 @@ A run lives in ``<storage>/<name>/`` (a folder or ``s3://`` prefix)::
     history.json, history.csv         one row per epoch and every attempt, rewritten by rank 0 when an attempt
                                       starts and after every epoch
     curves.png                        the training curves, drawn by the driver at the end
+    train_values.json                 without a recipe: the values history.json does not record (seed, limits,
+                                      detector, template, --init-from), for a rerun to be checked against
 
 Fault tolerance and resume, the Ray Train V2 way: ``FailureConfig(max_failures=k)`` makes the controller
 restart the whole worker group when a worker process dies; the new workers get the latest reported
@@ -34,7 +36,8 @@ same ``RunConfig(name, storage_path)``: its checkpoint manager finds the snapsho
 ``get_checkpoint()`` again returns the latest checkpoint and the run picks up where it stopped (V2 has
 no ``Trainer.restore``). A run that is already complete (judged by its latest committed checkpoint, not by
 history.json, which is written first) only re-exports its best checkpoint; a rerun with another model, config,
-``--data`` or ``--split-seed`` is refused (raytasks/train/resume.py). After each
+``--data`` or ``--split-seed``, or (without a recipe) any other training value but a larger ``--epochs``, is refused
+(raytasks/train/resume.py ``check_values``; a recipe's stages by their identity, raytasks/train/stages.py). After each
 report every worker waits until the controller has committed the checkpoint
 (``get_all_reported_checkpoints(COMMITTED)``): the controller collects a report from all workers before it
 registers it, so a worker dying just after ``report`` would otherwise cost the epoch.

@@ -6,12 +6,22 @@ Split from raytasks/train/job.py (the driver), which calls these before any work
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import storage
 from core.engine import Selection, choose_selection
 from raytasks.train.history import read_history
-from raytasks.train.spec import TrainError, TrainSpec
+from raytasks.train.spec import VALUES_FILE, TrainError, TrainSpec
+
+RECIPE_FILE = "recipe.json"  # a recipe's record (raytasks/train/stages.py RECIPE_FILE): its stages have their own rule
+# the flag of each recipe field a rerun's refusal names (jobs/train.py); a field without one is named as it is
+_FLAGS = {"lr": "--lr", "batch_size": "--batch-size", "optimizer": "--optimizer", "weight_decay": "--weight-decay",
+          "schedule": "--schedule", "early_stopping_patience": "--patience", "validate_every": "--validate-every",
+          "average_epochs": "--average-epochs", "augment": "--augment/--align-jitter/--no-augment"}
+_SPEC_FLAGS = {"seed": "--seed", "limit": "--limit", "val_limit": "--val-limit", "steps_per_epoch": "--steps-per-epoch",
+               "face_options": "face settings (--det-*, --min-face, --max-faces, --max-side)",
+               "template": "--template", "template_images": "--template-images", "init_from": "--init-from"}
 
 
 def _plain(value):
@@ -46,10 +56,91 @@ def check_resume(previous: dict, model, spec: TrainSpec, selection: Selection) -
                          f"ranks by {selection.metric} ({selection.mode}): use a new --name")
 
 
+def train_values(model, spec: TrainSpec) -> dict:
+    """The recipe values ``spec`` trains ``model`` with, as history.json's header records them (``recipe``), but
+    ``epochs``: the model's recipe with ``spec.recipe`` and the augmentation flags, as job.resolve_model makes it
+    (which refused unknown fields before this is called)."""
+    known = {f.name for f in dataclasses.fields(model.recipe)}
+    recipe = dataclasses.replace(model.recipe, **{k: v for k, v in spec.recipe.items() if k in known})
+    extra = {**spec.augment, **({"align_jitter": spec.align_jitter} if spec.align_jitter else {})}
+    if extra:
+        recipe = dataclasses.replace(recipe, augment={**recipe.augment, **extra})
+    return {k: v for k, v in _plain(recipe.to_dict()).items() if k != "epochs"}
+
+
+def spec_values(spec: TrainSpec) -> dict:
+    """The values ``spec`` trains with that history.json's header does not record (the run folder's
+    ``train_values.json`` keeps them)."""
+    return _plain({k: getattr(spec, k) for k in _SPEC_FLAGS})
+
+
+def _face_mode(spec: TrainSpec) -> str:
+    """The face mode ``spec`` trains with (job.prepare): ``--faces``, or the default of its data's format."""
+    from facedata.datasets.base import parse_spec
+    from facedata.datasets.mixed import MIXED
+    from faces.trainfaces import default_mode
+
+    if spec.faces:
+        return spec.faces
+    try:
+        formats = {parse_spec(d)[0] for d in (spec.data if isinstance(spec.data, tuple) else (spec.data,))}
+    except ValueError:
+        return spec.faces
+    return default_mode(formats.pop() if len(formats) == 1 else MIXED)
+
+
+def check_values(previous: dict, recorded: dict | None, model, spec: TrainSpec) -> None:
+    """Refuse (:class:`TrainError`) to go on, without a recipe, with the run whose history.json header is
+    ``previous`` (and whose ``train_values.json`` is ``recorded``, None for a run from before it was written) when
+    ``spec`` would train it with other values. A resumed run restores its checkpoint's optimizer and scheduler
+    (raytasks/train/worker.py) and goes on with the rows its first attempt drew, while history.json and the
+    exported checkpoint would record the new values: a changed ``--lr`` would be recorded and never used.
+
+    Compared: every recipe value but ``epochs`` (lr, optimizer, momentum, weight decay, batch size, schedule and
+    its arguments, early stopping patience, validate_every, average_epochs, augmentation) against the header's
+    ``recipe``; the face mode (``--faces``, or the data's default) against the header's ``faces``; and, where the
+    folder records them, ``--seed``, ``--limit``, ``--val-limit``, ``--steps-per-epoch``, the face settings,
+    ``--template``, ``--template-images`` and ``--init-from``: the rule of a recipe's stages (their ``identity``,
+    raytasks/train/stages.py), applied to one run. ``--epochs`` is not compared: a larger one extends a run (a
+    finished one too), a smaller one only re-exports it. Nor are where and how it runs (workers, GPUs, threads,
+    ``--keep``, ``--max-failures``, calibration, ``--output``). A value the old header or file does not hold (a
+    field added since) says nothing and is not compared. Model, config, data and split seed: :func:`check_resume`."""
+    changed = []
+    old_recipe = previous.get("recipe")
+    if isinstance(old_recipe, dict):
+        new = train_values(model, spec)
+        for k in sorted(set(old_recipe) & set(new)):
+            if k != "epochs" and _plain(old_recipe[k]) != new[k]:
+                changed.append(f"{_FLAGS.get(k, 'recipe ' + k)} {old_recipe[k]} -> {new[k]}")
+    old_mode = (previous.get("faces") or {}).get("mode") if isinstance(previous.get("faces"), dict) else None
+    mode = _face_mode(spec)
+    if old_mode is not None and mode is not None and old_mode != mode:
+        changed.append(f"--faces {old_mode} -> {mode}")
+    if isinstance(recorded, dict):
+        new = spec_values(spec)
+        for k in [k for k in _SPEC_FLAGS if k in recorded and k in new]:
+            if _plain(recorded[k]) != new[k]:
+                changed.append(f"{_SPEC_FLAGS[k]} {recorded[k]} -> {new[k]}")
+    if changed:
+        raise TrainError(f"{spec.run_uri} holds a run trained with other values ({'; '.join(changed)}): resuming it "
+                         f"would go on from its checkpoint with the old values (optimizer, scheduler, drawn rows) "
+                         f"while recording the new ones; use another --name, or rerun with the original values")
+
+
+def _in_recipe(spec: TrainSpec) -> bool:
+    """Whether the run folder is a recipe's (its ``recipe.json`` there or, for a stage, in the folder above):
+    its stages are checked by their identity (raytasks/train/stages.py first_to_train)."""
+    parent = spec.name.rpartition("/")[0]
+    return storage.exists(storage.join(spec.run_uri, RECIPE_FILE)) or bool(
+        parent and storage.exists(storage.join(spec.storage, parent, RECIPE_FILE)))
+
+
 def check_folder(spec: TrainSpec, model, val) -> tuple[Selection, dict | None]:
     """``(selection, history.json of the run folder or None)`` for a run of ``model`` validated on ``val``: the
     metric that picks its best epoch (core.engine.choose_selection) and, when the folder holds a run, that run
-    checked to be this one (:func:`check_resume`). Called before Ray starts (stages.py) and by job.run."""
+    checked to be this one (:func:`check_resume`) and, for a run without a recipe, to train with the same values
+    (:func:`check_values`; but ``--epochs``). A folder without a run gets the values not in history.json's header
+    (``train_values.json``) for a rerun to compare with. Called before Ray starts (stages.py) and by job.run."""
     try:
         selection = choose_selection(model, val)
     except ValueError as e:
@@ -57,6 +148,14 @@ def check_folder(spec: TrainSpec, model, val) -> tuple[Selection, dict | None]:
     previous = read_history(spec.run_uri)
     if previous is not None:
         check_resume(previous, model, spec, selection)
+    if _in_recipe(spec):
+        return selection, previous
+    values = storage.join(spec.run_uri, VALUES_FILE)
+    if previous is not None:
+        recorded = json.loads(storage.read_bytes(values)) if storage.exists(values) else None
+        check_values(previous, recorded, model, spec)
+    else:  # no attempt has started (history.json is written first): what this one trains with
+        storage.write_bytes(values, json.dumps(spec_values(spec), indent=1).encode())
     return selection, previous
 
 

@@ -10,6 +10,9 @@ MODEL_FILE = "model.pt"
 STATE_FILE = "state.pt"
 CURVES_PNG = "curves.png"
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's checkpoint index in the run folder
+# the values a run without a recipe trains with that history.json's header does not hold (seed, limits, face
+# settings...), written by the driver before the run's first attempt (raytasks/train/resume.py check_values)
+VALUES_FILE = "train_values.json"
 
 
 
