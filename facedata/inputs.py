@@ -208,9 +208,12 @@ class Listing:
 
 class _ListingParts:
     """A listing folder (``listing_uri``, emptied first) and its ``part-NNNNNN.parquet`` files, one ``path``
-    column each: what both listings write and raytasks/label reads."""
+    column each: what both listings write and raytasks/label reads. ``respell`` (the label job's, on a resume)
+    maps a path to the spelling under which its file is labeled already (raytasks/label/output.py
+    ``labeled_spellings``), so that the resume matches it; other paths are kept as they are."""
 
-    def __init__(self, listing_uri: str):
+    def __init__(self, listing_uri: str, respell=None):
+        self.respell = respell
         self.fs, self.root = storage.filesystem(listing_uri)
         if self.fs.get_file_info(self.root).type != pafs.FileType.NotFound:
             self.fs.delete_dir_contents(self.root)
@@ -218,21 +221,24 @@ class _ListingParts:
         self.parts = 0
 
     def write(self, paths: list[str]) -> None:
+        if self.respell is not None:
+            paths = [self.respell(p) for p in paths]
         pq.write_table(pa.table({"path": pa.array(paths, pa.string())}),
                        f"{self.root}/part-{self.parts:06d}.parquet", filesystem=self.fs)
         self.parts += 1
 
 
 def write_listing(input_uri: str, listing_uri: str, chunk: int = LISTING_CHUNK,
-                  allow: tuple[str, ...] | None = None) -> Listing:
+                  allow: tuple[str, ...] | None = None, respell=None) -> Listing:
     """List ``input_uri`` into Parquet files of at most ``chunk`` paths under ``listing_uri`` (replaced).
     Files without an image extension are kept when their first bytes are an image signature (read
     concurrently, ``FETCH_THREADS`` at a time, confined to ``allow`` as the job's reads are). A file that
     ``allow`` forbids (a symlink out of the folder) is not read: it is kept as an input, whose row is then
     ``forbidden`` as for a link out with an image extension, whatever its target holds and whether or not
     that exists (skipping it would claim to know it is not an image). A folder that cannot be listed, or two files
-    that would be listed under one path (:func:`_stored_paths`), are an :class:`InputError`."""
-    out = _ListingParts(listing_uri)
+    that would be listed under one path (:func:`_stored_paths`), are an :class:`InputError`. ``respell``: see
+    :class:`_ListingParts`."""
+    out = _ListingParts(listing_uri, respell)
     stats = Listing()
     pending: list[str] = []
 
@@ -281,7 +287,8 @@ def _stored_paths(paths: list[str], escaped: dict[str, str], input_uri: str) -> 
     return out
 
 
-def write_manifest_listing(uri: str, listing_uri: str, base: str | None, chunk: int = LISTING_CHUNK) -> Listing:
+def write_manifest_listing(uri: str, listing_uri: str, base: str | None, chunk: int = LISTING_CHUNK,
+                           respell=None) -> Listing:
     """Stream a manifest's ``path`` column into Parquet files of at most ``chunk`` paths under
     ``listing_uri`` (replaced), one row per distinct file (:func:`normalize_path`): later rows naming a
     file an earlier row named are counted in ``duplicates`` and dropped. A CSV line with more or fewer fields
@@ -289,13 +296,14 @@ def write_manifest_listing(uri: str, listing_uri: str, base: str | None, chunk: 
     ``malformed_examples`` (the job prints them): one bad line does not stop a run over a million good ones.
     A row keeps the path as written in its first occurrence (the ``path`` column of the output is documented
     as the manifest's value).
-    A row without a path is refused (:class:`InputError`): the path is the row's identity for resuming.
+    A row without a path is refused (:class:`InputError`). On a resume, ``respell`` (:class:`_ListingParts`) gives
+    a file labeled already under another spelling that spelling, so the resume matches it.
 
     Memory: one 16-byte digest per distinct path in the driver (about 80 bytes with the set's overhead:
     80 MB for a million paths)."""
     import hashlib
 
-    out = _ListingParts(listing_uri)
+    out = _ListingParts(listing_uri, respell)
     stats, seen, pending, empty = Listing(), set(), [], 0
     batches = manifest_path_batches(uri, stats)
 

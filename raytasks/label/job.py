@@ -63,10 +63,16 @@ Resumable and idempotent: Ray Data's row-level checkpointing (``DataContext.chec
     starts after it is written), so :func:`repair_commit_log` deletes such pending files before Ray's
     cleanup would wrongly delete the data. The checkpoint is kept after success
     (``delete_checkpoint_on_success=False``): it is what makes a second run add nothing. The identity of a
-    row is its path (a manifest's duplicates are dropped, see above), and files added to a folder after a run are
+    row is its path (a manifest's duplicates are dropped, see above); a resumed run lists a file that is labeled
+    already under another spelling (a manifest rewritten with absolute paths, a folder given through a symlink:
+    ``output.input_identity``) under the spelling of its rows (``output.labeled_spellings``), so the filter drops
+    it, and files added to a folder after a run are
     labeled by the next run over the same output. Two runs on one output at the same time are refused: a run
     holds a lease on ``OUTPUT/_lease/`` (raytasks/label/lease.py: created atomically, renewed while it runs, taken
-    over once expired when a run was killed).
+    over once expired when a run was killed; a write task checks it again at commit time, and a run taking over
+    an expired lease waits its ttl first: docs/deploy.md). ``complete`` in the summary means every input of the
+    listing has a row (by path). The resolved ``--review`` thresholds are recorded in ``_settings.json``; a rerun
+    with other ones is refused, as one with another checkpoint or detector.
 
     Ray's CheckpointFilter actor (present when the output already has rows) reserves one CPU; with CPU
     predictor actors the pipeline therefore needs their CPUs plus one for the decode and write tasks plus
@@ -118,13 +124,16 @@ from raytasks.label.cluster import check_decode_fits, ensure_ray, resolve_pool
 from raytasks.label.output import (
     all_labeled,
     clean_uncommitted,
+    labeled_spellings,
     output_paths,
     output_provenance,
     output_stats,
+    read_settings,
     repair_commit_log,
+    unlabeled_inputs,
 )
 from raytasks.label.spec import LabelError, LabelSpec
-from raytasks.label.stages import build_dataset
+from raytasks.label.stages import build_dataset, fenced_parquet_sink
 from raytasks.reach import check_reachable
 
 log = logging.getLogger(__name__)
@@ -158,6 +167,11 @@ def label(spec: LabelSpec, echo=print) -> dict:
         raise LabelError(f"--output {spec.output}: the run's lease cannot be written there "
                          f"({type(e).__name__}: {e})") from None
     try:
+        grace = lease.takeover_grace_s()
+        if grace:  # the stalled run's in-flight writes end (commit-time fence) before recover_output looks
+            echo(f"took over the lease of a run that stopped renewing it (owner {lease.taken_from.get('owner')}, "
+                 f"host {lease.taken_from.get('host')}): waiting {grace:.0f} s for its in-flight writes to end")
+            time.sleep(grace)
         summary = _label(spec, echo, lease.fence())
     except InputError as e:
         if isinstance(e, LabelError):
@@ -213,23 +227,27 @@ def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
     pool = resolve_pool(spec, resuming, warn=echo)
     check_decode_fits(spec, options.to_dict(), pre_dicts, warn=echo)
 
-    base = None
+    base = manifest_base(spec.input) if is_manifest(spec.input) else None
+    # a file labeled before under another spelling is listed under that one, so the resume matches it
+    respell = _read_output(labeled_spellings, out, base)
     listing = None
     if is_manifest(spec.input):
         check_manifest(spec.input)
-        base = manifest_base(spec.input)
-        listing = write_manifest_listing(spec.input, out["inputs"], base)  # one row per distinct file
+        listing = write_manifest_listing(spec.input, out["inputs"], base, respell=respell)  # one row per file
         inputs = listing.inputs
     else:
         if not storage.is_dir(spec.input):
             raise LabelError(f"--input {spec.input} is neither a folder/prefix nor a .parquet/.csv manifest")
-        listing = write_listing(spec.input, out["inputs"], allow=spec.allow_prefix)
+        listing = write_listing(spec.input, out["inputs"], allow=spec.allow_prefix, respell=respell)
         inputs = listing.inputs
     if inputs == 0:
         raise LabelError(f"no images in {spec.input} ({listing.files} files, none an image"
                          + (f"; {listing.malformed_text()}" if listing.malformed_lines else "") + ")")
 
+    review = spec.review_thresholds().resolve(resolved.preprocessings, options.detector_config().network).to_dict()
+    review = json.loads(json.dumps(review))  # as _settings.json holds it
     before = _read_output(output_stats, out)
+    settings = read_settings(out["settings"])
     if before.rows:
         previous, previous_detectors = _read_output(output_provenance, out)
         if previous != {identity}:
@@ -240,6 +258,15 @@ def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
             raise LabelError(f"{spec.output} holds rows whose faces were found by "
                              f"{', '.join(map(repr, sorted(map(str, previous_detectors))))}; this run finds them by "
                              f"{detector!r}: use the same --faces and detector settings, or another --output")
+        previous_review = (settings or {}).get("review_thresholds")
+        if previous_review is not None and previous_review != review:
+            raise LabelError(f"{spec.output} holds rows flagged for review with the thresholds "
+                             f"{json.dumps(previous_review, sort_keys=True)}; this run's are "
+                             f"{json.dumps(review, sort_keys=True)}: use the same --review settings, or another "
+                             "--output")
+    if (settings or {}).get("review_thresholds") != review:  # recorded before any row of this run is written
+        storage.write_bytes(out["settings"], (json.dumps({**(settings or {}), "review_thresholds": review},
+                                                         indent=2) + "\n").encode())
     echo(f"labeling {spec.input}: {inputs} images ({before.images} already labeled in {spec.output}) with "
          f"{what}, faces: {options.mode}, predictor actors {pool[0]}..{pool[1]}")
     if listing.skipped_not_image:
@@ -256,6 +283,7 @@ def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
 
     seconds = time.perf_counter() - start
     after = output_stats(out["labels"])
+    unlabeled = _read_output(unlabeled_inputs, out, out["inputs"])  # by path: rows of removed files do not count
     written = after.images - before.images
     summary = {
         "input": spec.input, "allow_prefix": list(spec.allow_prefix), "output": spec.output, "labels": out["labels"],
@@ -275,9 +303,8 @@ def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
         "rows_before": before.rows, "rows_written": after.rows - before.rows, "rows_total": after.rows,
         "faces_dropped": after.dropped if options.detect else None,
         "review_rows": after.review, "review_by_reason": dict(after.reasons.most_common()),
-        "review_thresholds": spec.review_thresholds().resolve(resolved.preprocessings,
-                                                              options.detector_config().network).to_dict(),
-        "complete": after.images >= inputs, "seconds": round(seconds, 3),
+        "review_thresholds": review,
+        "inputs_unlabeled": unlabeled, "complete": unlabeled == 0, "seconds": round(seconds, 3),
         "images_per_s": round(written / seconds, 2) if seconds > 0 else None,
         "faces_per_s": round((after.faces - before.faces) / seconds, 2) if seconds > 0 and options.detect else None,
     }
@@ -291,8 +318,8 @@ def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
         top = ", ".join(f"{k} {v}" for k, v in after.reasons.most_common(6))
         echo(f"{after.review} rows flagged for review ({top}); the rows to look at: "
              f"SELECT * FROM '{out['labels']}/*.parquet' WHERE review (DuckDB), or python -m jobs.report")
-    if after.images < inputs:
-        echo(f"{inputs - after.images} inputs are not labeled yet: run the same command again to finish")
+    if unlabeled:
+        echo(f"{unlabeled} inputs are not labeled yet: run the same command again to finish")
     echo(f"summary: {out['summary']}")
     return summary
 
@@ -347,7 +374,12 @@ def _run_pipeline(spec, model_set, pre_dicts, base, pool, detector, identity, fe
         in_fs, in_path = storage.filesystem(out["inputs"])
         paths_ds = ray.data.read_parquet(in_path, filesystem=in_fs).select_columns(["path"])
         ds = build_dataset(spec, model_set, paths_ds, pre_dicts, base, pool, detector, identity, fence)
-        ds.write_parquet(labels_path, filesystem=labels_fs, max_rows_per_file=spec.max_rows_per_file,
-                         min_rows_per_file=max(1, spec.max_rows_per_file // 2))
+        min_rows = max(1, spec.max_rows_per_file // 2)
+        if fence is None:
+            ds.write_parquet(labels_path, filesystem=labels_fs, max_rows_per_file=spec.max_rows_per_file,
+                             min_rows_per_file=min_rows)
+        else:  # the lease checked again at commit time (stages.commit_fence)
+            ds.write_datasink(fenced_parquet_sink(labels_path, labels_fs, min_rows, spec.max_rows_per_file,
+                                                  getattr(ds, "_uuid", None), fence, commits_fs, commits_path))
     finally:
         ctx.checkpoint_config, ctx.use_datasource_v2 = old_config, old_v2

@@ -41,8 +41,11 @@ Otherwise, or when any of it cannot be read, the lease is judged by its expiry a
 
 Fencing: a run that was stalled past its expiry (a paused process, a long GC, a partition) and taken over must
 not write beside its successor. Its writers check :class:`Fence` (the top is still the run's, unexpired, read
-from the store) right before each write, so it stops writing within one ttl of stalling, and its renewal
-thread marks it ``lost``. Once a fence has seen another run's generation above its own it fails for good in
+from the store) right before each write and again right before each commit (a write whose run lost the lease
+meanwhile deletes its own files), so it stops writing within one ttl of stalling, and its renewal
+thread marks it ``lost``. A run taking over an expired lease waits one ttl of the old run before touching the
+output (:meth:`Lease.takeover_grace_s`); the window left is docs/deploy.md's. Once a fence has seen another
+run's generation above its own it fails for good in
 that process, whatever the store shows later.
 
 The lease relies on the store's listing showing every finished create (S3's listing is strongly consistent;
@@ -129,8 +132,11 @@ class Fence:
     before each write: :meth:`check` raises :class:`LeaseLost` when the top generation is not the run's (another
     run took the output over) or when the run's lease has expired (it stalled: paused, swapped out, cut off from
     the store, and may be taken over at any moment). A stalled run therefore stops writing when it wakes,
-    without waiting for its renewal thread, and never writes after another run took over but within the one
-    write task that had already passed its check. ``gen`` is the generation the run acquired; its renewals
+    without waiting for its renewal thread. A write task that had already passed its check checks again after
+    writing its data, before its commit (raytasks/label/stages.py ``commit_fence``), and on failure deletes its
+    data and pending commit files instead of committing; a run that took over an expired lease waits its ttl
+    (:meth:`Lease.takeover_grace_s`) before it cleans up, for such writes to end. ``gen`` is the generation the
+    run acquired; its renewals
     create the ones above it under the same ``owner``."""
 
     output: str
@@ -214,6 +220,7 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._created = time.time()
+        self.taken_from: dict | None = None  # the record of the expired lease this run took over, if it did
 
     # -- the record --------------------------------------------------------------------------------------
     def _record(self, released: bool = False) -> bytes:
@@ -232,6 +239,20 @@ class Lease:
         if self.gen is None:
             raise LeaseError("the lease is not held")
         return Fence(self.output, self.owner, self.gen)
+
+    def takeover_grace_s(self) -> float:
+        """How long this run waits, holding the lease, before it touches the output, when it took the lease over
+        from a run that stopped renewing it (``taken_from``): that run's ttl. A write task of the stalled run
+        that had passed its fence before the stall and wakes within it finds the lease gone at its commit-time
+        check (raytasks/label/stages.py ``commit_fence``), deletes its own data and pending files, and does not
+        commit; the wait lets that happen before this run's recovery reads the output. 0 otherwise (a released
+        lease, a holder dead on this machine, no lease)."""
+        if not self.taken_from:
+            return 0.0
+        try:
+            return max(0.0, float(self.taken_from.get("ttl_s", self.ttl_s)))
+        except (TypeError, ValueError):
+            return self.ttl_s
 
     def holder(self) -> dict | None:
         """The record of the live lease, or None when there is none (absent, released or expired)."""
@@ -261,6 +282,10 @@ class Lease:
                 raise LeaseHeld(self.output, rec)
             if self._claim(top + 1):
                 self.gen = top + 1
+                # taken over from a run that stopped renewing (not one that released, nor one dead here): its
+                # write tasks may still be in flight (see takeover_grace_s)
+                self.taken_from = rec if rec and rec.get("owner") and rec.get("released") is not True \
+                    and not _dead_here(rec) else None
                 if self.renew_enabled:
                     self._thread = threading.Thread(target=self._renew_loop, name="label-lease", daemon=True)
                     self._thread.start()

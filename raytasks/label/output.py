@@ -1,13 +1,17 @@
 """What the label job leaves in its output folder, and what it reads back from it when it resumes.
 
 Split from raytasks/label/job.py (the pipeline): the layout (``labels/``, ``_checkpoint/`` (Ray Data's commit log), ``_inputs/``,
-``_summary.json``), the repair of an interrupted S3 commit, the removal of the files of writes that never
+``_summary.json``, ``_settings.json``), the resume's matching of inputs by file (:func:`labeled_spellings`), the
+repair of an interrupted S3 commit, the removal of the files of writes that never
 committed, the counts of rows, images and faces, and the provenance every row carries (checkpoint hash, detector).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import json
 import os
 import posixpath
 from collections import Counter
@@ -15,11 +19,13 @@ from collections import Counter
 import pyarrow.fs as pafs
 
 import storage
+from facedata.paths import normalize_path
 
 LABELS_DIR = "labels"
 COMMIT_LOG_DIR = "_checkpoint"  # Ray Data's row-level checkpoint: the commit log of written paths
 INPUTS_DIR = "_inputs"
 SUMMARY_FILE = "_summary.json"
+SETTINGS_FILE = "_settings.json"  # what the rows were made with beyond their own columns: the review thresholds
 # Ray Data's name for a commit file written before its data files and renamed once they are complete
 # (ray.data.checkpoint.checkpoint_writer: f"{checkpoint_id}{PENDING_CHECKPOINT_SUFFIX}.parquet")
 PENDING_SUFFIX = ".pending.parquet"
@@ -28,7 +34,7 @@ PENDING_SUFFIX = ".pending.parquet"
 def output_paths(output: str) -> dict[str, str]:
     return {k: storage.join(output, v) for k, v in
             (("labels", LABELS_DIR), ("commits", COMMIT_LOG_DIR), ("inputs", INPUTS_DIR),
-             ("summary", SUMMARY_FILE))}
+             ("summary", SUMMARY_FILE), ("settings", SETTINGS_FILE))}
 
 
 def repair_commit_log(commits_uri: str) -> int:
@@ -133,24 +139,125 @@ def output_stats(labels_uri: str) -> OutputStats:
     return st
 
 
+def _unique_paths(uri: str):
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    fs, root = storage.filesystem(uri)
+    if fs.get_file_info(root).type == pafs.FileType.NotFound:
+        return None
+    return pc.unique(pads.dataset(root, filesystem=fs, format="parquet").to_table(columns=["path"]).column("path"))
+
+
+def unlabeled_inputs(inputs_uri: str, labels_uri: str) -> int:
+    """How many paths of the input listing (Parquet with a ``path`` column) have no row under ``labels_uri``.
+    Rows of files that are no longer inputs do not count (the summary's ``complete`` and the "not labeled yet"
+    line are this, not a comparison of counts). The listing spells a file labeled earlier as its rows do
+    (:func:`labeled_spellings`)."""
+    import pyarrow.compute as pc
+
+    wanted = _unique_paths(inputs_uri)
+    if wanted is None:
+        return 0
+    have = _unique_paths(labels_uri)
+    if have is None:
+        return len(wanted)
+    return len(wanted) - (pc.sum(pc.is_in(wanted, value_set=have)).as_py() or 0)
+
+
 def all_labeled(inputs_uri: str, labels_uri: str) -> bool:
     """Whether every path of the input listing (Parquet with a ``path`` column) has a row under ``labels_uri``.
     A run that would label nothing stops here: on a cluster of 2 CPUs, Ray Data's checkpoint filter and the
     predictor actor take both, and the read of the listing would wait for a third (measured: a rerun of
     ``make demo`` hung)."""
-    import pyarrow.compute as pc
+    if _unique_paths(inputs_uri) is None or _unique_paths(labels_uri) is None:
+        return False
+    return unlabeled_inputs(inputs_uri, labels_uri) == 0
+
+
+@functools.lru_cache(maxsize=4096)
+def _real_folder(folder: str) -> str:
+    return os.path.realpath(folder)
+
+
+def input_identity(path: str, base: str | None = None) -> str:
+    """The file an input path names, whatever its spelling: :func:`facedata.paths.normalize_path` (relative
+    paths resolved against ``base``, ``./`` and ``file://`` dropped, S3 dot segments removed), and locally the
+    folder it is in resolved (``os.path.realpath``): a folder given through a symlink and the real folder
+    name one file. The file's own name is not resolved: two symlinks in a folder to one image are two inputs,
+    as the listing has them."""
+    try:
+        n = normalize_path(path, base)
+    except (ValueError, OSError):
+        return path
+    if storage.is_s3(n):
+        return n
+    folder, name = os.path.split(n)
+    try:
+        return os.path.join(_real_folder(folder), name)
+    except (ValueError, OSError):
+        return n
+
+
+def _digest(identity: str) -> bytes:
+    return hashlib.blake2b(identity.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def labeled_spellings(base: str | None, labels_uri: str):
+    """A function that maps an input path to the spelling under which its file (:func:`input_identity`) is
+    labeled already under ``labels_uri``, and any other path to itself; None when nothing is labeled. The
+    listing of a resumed run is written through it (facedata/inputs.py ``respell``), so that Ray's checkpoint
+    filter, which compares the ``path`` strings of the commit log, drops a file labeled before under another
+    spelling (a manifest rewritten with absolute paths, a folder given through a symlink) instead of labeling
+    it again. Paths not labeled yet keep their spelling: the ``path`` column stays what the input says.
+
+    Memory in the driver: a 16-byte digest per labeled file whose spelling is its identity (absolute paths in
+    a real folder, URIs), plus the spelling itself for the others (relative manifest rows, symlinked folders)."""
     import pyarrow.dataset as pads
 
-    def paths(uri: str):
-        fs, root = storage.filesystem(uri)
-        if fs.get_file_info(root).type == pafs.FileType.NotFound:
-            return None
-        return pc.unique(pads.dataset(root, filesystem=fs, format="parquet").to_table(columns=["path"]).column("path"))
+    fs, root = storage.filesystem(labels_uri)
+    if fs.get_file_info(root).type == pafs.FileType.NotFound:
+        return None
+    same: set[bytes] = set()
+    other: dict[bytes, str] = {}
+    ds = pads.dataset(root, filesystem=fs, format="parquet")
+    if "path" not in ds.schema.names:
+        return None
+    import pyarrow.compute as pc
 
-    wanted, have = paths(inputs_uri), paths(labels_uri)
-    if wanted is None or have is None:
-        return False
-    return bool(pc.all(pc.is_in(wanted, value_set=have)).as_py())
+    for b in ds.to_batches(columns=["path"], batch_size=1 << 16):
+        for p in pc.unique(b.column(0)).to_pylist():
+            if p is None:
+                continue
+            ident = input_identity(p, base)
+            d = _digest(ident)
+            if ident == p:
+                same.add(d)
+            else:
+                other.setdefault(d, p)
+    if not same and not other:
+        return None
+
+    def respell(path: str) -> str:
+        ident = input_identity(path, base)
+        d = _digest(ident)
+        if d in other:
+            return other[d]
+        return ident if d in same else path
+
+    return respell
+
+
+def read_settings(settings_uri: str) -> dict | None:
+    """``_settings.json`` of an output (what its rows were made with: ``review_thresholds``); None when there
+    is none (an output written before it existed) or it is not a JSON object."""
+    if not storage.exists(settings_uri):
+        return None
+    try:
+        rec = json.loads(storage.read_bytes(settings_uri))
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) else None
 
 
 def output_provenance(labels_uri: str) -> tuple[set, set]:

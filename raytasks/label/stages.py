@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from raytasks import heap
 from raytasks.label.decoding import decode_memory, read_and_decode
@@ -94,6 +95,52 @@ def check_fence(batch: pa.Table, fence) -> pa.Table:
     (raytasks/label/lease.py ``Fence``), else the task fails and nothing more is written."""
     fence.check()
     return batch
+
+
+def commit_fence(fence, prefix: str, labels_fs, labels_root: str, commits_fs, commits_root: str) -> None:
+    """The check of the lease at commit time, in the write task after its data file(s) are written and right
+    before Ray renames its pending commit file to committed: when the run no longer holds its output (it stalled
+    past its ttl and another run may have taken over, :class:`raytasks.label.lease.Fence`), the task deletes its
+    own data files (``{prefix}*`` under ``labels_root``) and pending commit file and raises ``LeaseLost``, so a
+    write that passed :func:`check_fence` before the stall leaves neither rows beside the other run's nor a data
+    file that no commit names."""
+    import posixpath
+
+    from raytasks.label.lease import LeaseLost
+    from raytasks.label.output import PENDING_SUFFIX
+
+    try:
+        fence.check()
+    except LeaseLost:
+        for info in labels_fs.get_file_info(pafs.FileSelector(labels_root, recursive=True, allow_not_found=True)):
+            if info.type == pafs.FileType.File and posixpath.basename(info.path).startswith(prefix):
+                labels_fs.delete_file(info.path)
+        pending = posixpath.join(commits_root, prefix + PENDING_SUFFIX)
+        if commits_fs.get_file_info(pending).type != pafs.FileType.NotFound:
+            commits_fs.delete_file(pending)
+        raise
+
+
+def fenced_parquet_sink(path: str, filesystem, min_rows: int, max_rows: int, dataset_uuid: str | None, fence,
+                        commits_fs, commits_root: str):
+    """``Dataset.write_parquet``'s datasink with :func:`commit_fence` after each task's write (which Ray follows
+    with the commit)."""
+    from ray.data._internal.datasource.parquet_datasink import ParquetDatasink
+    from ray.data._internal.planner.plan_write_op import WRITE_UUID_KWARG_NAME
+    from ray.data._internal.util import _validate_rows_per_file_args
+    from ray.data.datasource.filename_provider import _split_base_and_ext
+
+    lo, hi = _validate_rows_per_file_args(num_rows_per_file=None, min_rows_per_file=min_rows,
+                                          max_rows_per_file=max_rows)
+
+    class FencedParquetDatasink(ParquetDatasink):
+        def write(self, blocks, ctx) -> None:
+            super().write(blocks, ctx)
+            name = self.filename_provider.get_filename_for_task(ctx.kwargs[WRITE_UUID_KWARG_NAME], ctx.task_idx)
+            commit_fence(fence, _split_base_and_ext(name)[0], self.filesystem, self.path, commits_fs, commits_root)
+
+    return FencedParquetDatasink(path, filesystem=filesystem, min_rows_per_file=lo, max_rows_per_file=hi,
+                                 dataset_uuid=dataset_uuid)
 
 
 def build_dataset(spec, model_set, paths_ds, pre_dicts: list[dict], base: str | None, pool: tuple[int, int],
