@@ -47,6 +47,7 @@ from facedata.decode import Photos, Whole, decode_batch
 from faces.finder import FaceFinder, FaceOptions
 from faces.quality import ReviewThresholds, face_quality, low_confidence_reasons, quality_crops
 from models.outputs import Categorical
+from models.photo import axis_scales
 from models.preprocess import photo_tensor
 
 CHECK_EVERY = 64  # with a ``check`` (serving), a model runs on this many faces between two checks
@@ -285,13 +286,14 @@ class Annotator:
         distinct template, every model on its own crops of every face."""
         ok = np.asarray(batch["ok"], dtype=bool)
         keep, images, scales = _pictures(batch)
+        axes = _axis_scales(batch, keep, images, scales)  # (sx, sy): decoded -> original, each axis its own
         finder = self.finder
         # Each picture crosses to the device once: detection, every alignment and the quality crops read it there.
         images = [im.to(finder.device) for im in images]
         found = [batch["found"][i] for i in keep] if "found" in batch else finder.find(images, scales)
         if check is not None:
             check()
-        aligned = {pre: finder.aligned(images, found, pre, scales) for pre in self.preprocessings}
+        aligned = {pre: finder.aligned(images, found, pre, axes) for pre in self.preprocessings}
         outputs = {}
         for name, r in self.members.items():
             a = aligned[r.preprocessing]
@@ -306,22 +308,24 @@ class Annotator:
         for o, i in enumerate(keep):
             counts[i] = (len(found[o]), found[o].dropped)
         for j, (o, k) in enumerate(zip(order.owner, order.index)):
-            f, s = found[o], scales[o]
-            slots[keep[o]].append((j, Face(k, float(f.scores[k]), (f.boxes[k].double() * s).tolist(),
+            f, s = found[o], torch.tensor(axes[o], dtype=torch.float64)
+            slots[keep[o]].append((j, Face(k, float(f.scores[k]), (f.boxes[k].double() * s.repeat(2)).tolist(),
                                            (f.points[k].double() * s).reshape(-1).tolist())))
-        quality = self._quality(images, found, scales, self.confidences(outputs, len(order.owner)))
+        quality = self._quality(images, found, scales, axes, self.confidences(outputs, len(order.owner)))
         return self._rows(batch, finder.identity, counts, slots, quality, outputs, embeddings)
 
     def _quality(self, images: list[torch.Tensor], found: list, scales: list[float],
-                 confidences: dict[str, torch.Tensor]) -> dict[str, list]:
+                 axes: list[tuple[float, float]], confidences: dict[str, torch.Tensor]) -> dict[str, list]:
         """Size, pose, sharpness, brightness and the review flags of every face (faces/quality.py), in the
         alignments' order (picture by picture, then by score), computed once per batch. ``images`` are the
-        pictures already on the device (moved once, in :meth:`_photos`)."""
+        pictures already on the device (moved once, in :meth:`_photos`); the points go to original pixels by
+        ``axes`` (as the rows' ``face_points``), ``small_face`` divides by ``scales``."""
         with_faces = [o for o in range(len(images)) if len(found[o])]
         if not with_faces:
             return {f.name: [] for f in QUALITY_FIELDS}
         crops = torch.cat([quality_crops(images[o], found[o].points) for o in with_faces])
-        points = torch.cat([found[o].points.double().cpu() * scales[o] for o in with_faces])  # face_size: original px
+        points = torch.cat([found[o].points.double().cpu() * torch.tensor(axes[o], dtype=torch.float64)
+                            for o in with_faces])  # face_size: original px
         scores = torch.cat([found[o].scores.cpu() for o in with_faces])
         # small_face reads the decoded picture's pixels (the models' crops are warped from it): face_size / scale
         per_face = torch.cat([torch.full((len(found[o]),), float(scales[o]), dtype=torch.float64) for o in with_faces])
@@ -335,6 +339,20 @@ def _pictures(batch: dict) -> tuple[list[int], list[torch.Tensor], list[float]]:
     """A photo batch's decoded pictures: the indices of its ``ok`` images, their pixels and scales."""
     keep = [int(i) for i in np.flatnonzero(np.asarray(batch["ok"], dtype=bool))]
     return keep, [photo_tensor(batch["image"][i]) for i in keep], [float(batch["scale"][i]) for i in keep]
+
+
+def _axis_scales(batch: dict, keep: list[int], images: list[torch.Tensor],
+                 scales: list[float]) -> list[tuple[float, float]]:
+    """Per kept picture, ``(sx, sy)`` from its decoded pixels to the original's (``models.photo.axis_scales``:
+    the original ``width`` / ``height`` over the picture's), where the rows map boxes and points back; its
+    ``scale`` for both when the batch lacks the original's size."""
+    out = []
+    for o, i in enumerate(keep):
+        w, h = (int(batch[k][i]) if k in batch else 0 for k in ("width", "height"))
+        im = images[o]
+        out.append(axis_scales((w, h), (int(im.shape[-1]), int(im.shape[-2]))) if w > 0 and h > 0
+                   else (scales[o], scales[o]))
+    return out
 
 
 def _rows_of(images, idx: np.ndarray) -> torch.Tensor:

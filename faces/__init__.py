@@ -15,7 +15,8 @@ go through it):
 * ``faces/detect.py``: :class:`FaceDetector`: batched detection on the model's device (a letterboxed view of
   each image, optional tiles at full resolution and test-time flip), box and landmark decoding, a top-k cap
   and NMS in torch; the network, threshold, sizes, tiles and face limits are settings (``DetectorConfig``,
-  presets ``portrait`` and ``event``).
+  presets ``portrait``, ``event`` and ``event-scrfd``); ``faces/tiles.py``: the tiles and the merge of what
+  every view found (NMS, then the part rule: a face is one row, never its parts).
 * ``faces/align.py``: face templates (where the 5 points sit in a model's input), the similarity transform
   from detected points to a template, and the warp.
 * ``faces/templates.py``: a face template measured on a training set's detections.

@@ -23,10 +23,11 @@ One call of :meth:`FaceDetector.detect` does, on the detector's device:
    * with ``config.tile`` > 0 and an image that the letterbox shrinks: ``tile`` x ``tile`` tiles of the
      image at its own resolution (the caller's decoded pixels), overlapping by at least ``tile_overlap``
      pixels, spread evenly so that the last one ends at the image's edge (padded with the network's zero
-     where the image is shorter than a tile). A tile's detection whose box comes within
-     :data:`TILE_MARGIN` pixels of a border it shares with another tile is dropped: a face cut by that
-     border is found whole in the neighbouring tile (when it is at most ``tile_overlap - 2 * TILE_MARGIN``
-     wide) or in the letterboxed view (when it is larger), never as a cut half.
+     where the image is shorter than a tile; :mod:`faces.tiles`). A tile's detection whose box comes within
+     :data:`TILE_MARGIN` pixels of a border it shares with another tile is dropped (a box larger than
+     ``tile_overlap - 2 * TILE_MARGIN``: within a quarter of its size): a face cut by that border is found
+     whole in the neighbouring tile (when it is at most ``tile_overlap - 2 * TILE_MARGIN`` wide) or in the
+     letterboxed view (when it is larger), never as a cut half.
    * with ``config.flip``, every view also mirrored left-right (test-time flip).
 
 2. forward passes of at most ``max_batch`` views of one size, holding at most ``max_batch_pixels`` canvas pixels
@@ -36,6 +37,9 @@ One call of :meth:`FaceDetector.detect` does, on the detector's device:
    candidates per image (highest scores; issue #22: NMS's cost grows with the square of its input), then
    ``torchvision.ops.batched_nms`` with the image index as the group, so faces of different images never
    suppress each other and duplicates from overlapping tiles, the letterbox and the flip merge into one;
+   then the tiles' part rule (:func:`faces.tiles.merge`): a box lying mostly inside a higher-scored box found
+   in another view is part of that face (an eye, a mouth, a cut half a tile saw) and goes. Without tiles an
+   image has one view (its mirror counts as the same), and the faces are exactly what NMS kept;
 4. coordinates back to the given image's pixels (times ``scales`` when given), ``min_face`` (the box's
    shorter side in those pixels) and ``max_faces`` (highest scores first).
 
@@ -49,7 +53,6 @@ canvas around it as context. Large photos are unaffected (they are shrunk, never
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -57,10 +60,12 @@ import torch.nn.functional as F
 
 from facedata.yamlsafe import settings_from_dict
 from faces import centerface, retinaface, scrfd
+from faces.tiles import TILE_MARGIN, TILE_MERGE, View, clear_of_borders, merge, tile_views
+from faces.tiles import tile_starts as tile_starts  # where docs/faces.md and older scripts name it
 
 NETWORKS = {"retinaface": retinaface, "centerface": centerface, "scrfd": scrfd}
 RESIZES = ("uint8", "float")  # DetectorConfig.resize
-TILE_MARGIN = 4  # pixels: a tile's detection this close to a border shared with another tile is dropped
+DEFAULT_TILE_OVERLAP = 128  # pixels: DetectorConfig.tile_overlap unless given (at most half the tile)
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,8 @@ class DetectorConfig:
     max_upscale: float = 1.0  # most an image is enlarged to fit `size` (1: small images are never enlarged)
     network: str = "retinaface"  # "retinaface" (RetinaFace-MobileNet0.25), "centerface" or "scrfd"
     tile: int = 0  # > 0: also tiles of tile x tile pixels at the image's own resolution (0: letterbox only)
-    tile_overlap: int = 128  # least overlap of neighbouring tiles, in pixels
+    tile_overlap: int | None = None  # least overlap of neighbouring tiles, in pixels; None: min(128, tile // 2),
+    #                                   filled in when the config is made (128 with tiles off or of 256 and more)
     flip: bool = False  # also detect on the mirrored views (test-time flip; twice the work)
     top_k: int = 5000  # most candidates per image that go into NMS (highest scores)
     resize: str = "uint8"  # the letterbox's resize on 8-bit values ("uint8") or in floats ("float": the first
@@ -90,6 +96,9 @@ class DetectorConfig:
         def integer(v) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
 
+        if self.tile_overlap is None:  # as much as a tile of 256 or more always had, at most half a smaller one
+            small = integer(self.tile) and 0 < self.tile < 2 * DEFAULT_TILE_OVERLAP
+            object.__setattr__(self, "tile_overlap", self.tile // 2 if small else DEFAULT_TILE_OVERLAP)
         numbers = ("size", "nms_iou", "min_face", "max_faces", "max_upscale", "tile", "tile_overlap", "top_k")
         for name in numbers + (("threshold",) if self.threshold is not None else ()):
             v = getattr(self, name)
@@ -126,10 +135,25 @@ class DetectorConfig:
 
     @classmethod
     def preset(cls, name: str, **changes) -> DetectorConfig:
-        """A named setting from :data:`PRESETS` (docs/faces.md: what each is for, measured), with ``changes``."""
-        if name not in PRESETS:
-            raise ValueError(f"DetectorConfig: unknown preset {name!r}; known: {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **changes})
+        """A named setting from :data:`PRESETS` (docs/faces.md: what each is for, measured), with ``changes``
+        (:func:`preset_settings`: with another network and no threshold, that network's own threshold)."""
+        return cls(**preset_settings(name, **changes))
+
+
+def preset_settings(name: str, **changes) -> dict:
+    """The settings of preset ``name`` (:data:`PRESETS`) with ``changes`` laid over them, as a dict of settings
+    that differ from the defaults (what ``FaceOptions.detector`` holds; ``jobs._cli.face_options`` builds it so).
+    A preset's threshold was measured on its own network's scores (RetinaFace's softmax for ``event``, SCRFD's
+    for ``event-scrfd``), which another network's do not share (SCRFD's clean faces score a median 0.77:
+    docs/quality.md): when ``changes`` name another network and no threshold, the preset's threshold is left
+    out, so that network's own applies (``DetectorConfig.threshold`` None)."""
+    if name not in PRESETS:
+        raise ValueError(f"DetectorConfig: unknown preset {name!r}; known: {sorted(PRESETS)}")
+    out = dict(PRESETS[name])
+    if changes.get("network", out.get("network", "retinaface")) != out.get("network", "retinaface") \
+            and "threshold" not in changes:
+        out.pop("threshold", None)
+    return {**out, **changes}
 
 
 # Named settings (docs/faces.md, "Presets", measured on WIDER FACE): `portrait` is the default and the fast one,
@@ -173,16 +197,6 @@ def _as_image(image, i: int) -> torch.Tensor:
     return image
 
 
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Where tiles of ``tile`` pixels start along a side of ``length`` pixels: the fewest that overlap by at
-    least ``overlap``, spread evenly, the first at 0 and the last ending at ``length`` (one at 0 when the
-    side is no longer than a tile)."""
-    if length <= tile:
-        return [0]
-    n = math.ceil((length - overlap) / (tile - overlap))
-    return [round(k * (length - tile) / (n - 1)) for k in range(n)]
-
-
 def resize(x: torch.Tensor, size: tuple[int, int], how: str = "uint8") -> torch.Tensor:
     """uint8 (3, h, w) pixels -> bilinear (antialiased when shrinking) at ``size`` (h, w): in floats
     (``how="float"``), or as whole values (``"uint8"``): on a CPU torch's 8-bit kernel (fixed-point weights,
@@ -193,18 +207,6 @@ def resize(x: torch.Tensor, size: tuple[int, int], how: str = "uint8") -> torch.
         return F.interpolate(x[None].contiguous(memory_format=torch.channels_last), **kw)[0]
     out = F.interpolate(x[None].float(), **kw)[0]
     return out.round_().clamp_(0, 255) if how == "uint8" else out
-
-
-@dataclass
-class _View:
-    """One network input cut from one image: how to make it and how its pixels map back."""
-
-    image: int  # index of the image in the detect() call
-    side: int  # the canvas is side x side
-    crop: tuple[int, int, int, int]  # x0, y0, x1, y1 of the image region it shows
-    resize: tuple[int, int]  # (h, w) the region is resized to (the region's own size for a tile)
-    factor: tuple[float, float]  # canvas pixel -> image pixel (x, y), before the offset
-    safe: tuple[float, float, float, float]  # lo_x, lo_y, hi_x, hi_y in canvas pixels a kept box stays within
 
 
 class FaceDetector:
@@ -250,8 +252,9 @@ class FaceDetector:
                f"nms_iou={c.nms_iou:g} min_face={c.min_face:g} max_faces={c.max_faces}")
         if c.max_upscale != 1.0:
             out += f" max_upscale={c.max_upscale:g}"
-        if c.tile:
-            out += f" tile={c.tile} tile_overlap={c.tile_overlap}"
+        if c.tile:  # tile_merge=2: the part rule and the size-scaled border of faces/tiles.py (2026-12-06); before it,
+            #         a tiled detection counted a large face as its parts too (docs/faces.md, "How detection behaves")
+            out += f" tile={c.tile} tile_overlap={c.tile_overlap} tile_merge={TILE_MERGE}"
         if c.flip:
             out += " flip"
         if c.top_k != DetectorConfig.top_k:
@@ -262,25 +265,18 @@ class FaceDetector:
 
     # -- views -----------------------------------------------------------------------------------------------
 
-    def _views(self, i: int, image: torch.Tensor) -> list[_View]:
+    def _views(self, i: int, image: torch.Tensor) -> list[View]:
         cfg = self.config
         size, inf = cfg.size, float("inf")
         _, h, w = image.shape
         scale = min(size / max(h, w), cfg.max_upscale)
         nh, nw = max(1, min(size, round(h * scale))), max(1, min(size, round(w * scale)))
-        views = [_View(i, size, (0, 0, w, h), (nh, nw), (w / nw, h / nh), (-inf, -inf, inf, inf))]
-        if cfg.tile and scale < 1.0:  # the letterbox shrinks the image: look at it at its own size too
-            t, m = cfg.tile, TILE_MARGIN
-            xs, ys = tile_starts(w, t, cfg.tile_overlap), tile_starts(h, t, cfg.tile_overlap)
-            for y0 in ys:
-                for x0 in xs:
-                    x1, y1 = min(w, x0 + t), min(h, y0 + t)
-                    safe = (m if x0 > 0 else -inf, m if y0 > 0 else -inf,
-                            t - m if x1 < w else inf, t - m if y1 < h else inf)
-                    views.append(_View(i, t, (x0, y0, x1, y1), (y1 - y0, x1 - x0), (1.0, 1.0), safe))
+        views = [View(i, size, (0, 0, w, h), (nh, nw), (w / nw, h / nh), (-inf, -inf, inf, inf))]
+        if cfg.tile and scale < 1.0:  # the letterbox shrinks the image: look at it at its own size too (faces/tiles.py)
+            views += tile_views(i, h, w, cfg.tile, cfg.tile_overlap)
         return views
 
-    def _batch(self, images: list[torch.Tensor], views: list[_View]) -> torch.Tensor:
+    def _batch(self, images: list[torch.Tensor], views: list[View]) -> torch.Tensor:
         """The views' canvases (one size) as one batch, already in the network's memory format: each view's
         pixels, resized, in the network's input values, at the top left; the rest 0 in those values."""
         side = views[0].side
@@ -319,7 +315,9 @@ class FaceDetector:
         todo = [i for i, im in enumerate(images)
                 if im.shape[1] > 0 and im.shape[2] > 0 and max(im.shape[1:]) * scales[i] >= self.config.min_face]
         views = [v for i in todo for v in self._views(i, images[i])]
-        found = []  # (image index, boxes, scores, points) of the candidates above the threshold, per chunk
+        for k, v in enumerate(views):
+            v.number = k
+        found = []  # (image index, view, boxes, scores, points) of the candidates above the threshold, per chunk
         for side in sorted({v.side for v in views}):
             same = [v for v in views if v.side == side]
             step = max(1, min(self.max_batch, self.max_batch_pixels // (side * side)))
@@ -327,14 +325,10 @@ class FaceDetector:
                 found.append(self._candidates(images, same[start : start + step], scales))
         if not found:
             return out
-        img_idx, b, s, p = (torch.cat(parts) for parts in zip(*found))
+        img_idx, view, b, s, p = (torch.cat(parts) for parts in zip(*found))
         keep = top_k_per_group(s, img_idx, self.config.top_k)
-        img_idx, b, s, p = img_idx[keep], b[keep], s[keep], p[keep]
-        # imported here, not at the top: ``import torchvision`` costs ~1.4 s of CPU (it pulls in torch._dynamo),
-        # paid by every Ray worker process that imports this module (Ray Train's, Ray Data's) without detecting
-        import torchvision
-
-        keep = torchvision.ops.batched_nms(b, s, img_idx, self.config.nms_iou)  # sorted by score, highest first
+        img_idx, view, b, s, p = img_idx[keep], view[keep], b[keep], s[keep], p[keep]
+        keep = merge(b, s, img_idx, view, self.config.nms_iou)  # NMS, then the tiles' part rule; highest score first
         b, s, p, img_idx = b[keep], s[keep], p[keep], img_idx[keep]
         side = torch.minimum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])
         big = side >= self.config.min_face
@@ -359,9 +353,9 @@ class FaceDetector:
             outputs = self.model(batch)
         return tuple(o.float() for o in outputs)
 
-    def _candidates(self, images: list[torch.Tensor], views: list[_View], scales: list[float]):
+    def _candidates(self, images: list[torch.Tensor], views: list[View], scales: list[float]):
         """One forward pass over ``views`` (one size): the candidates above the threshold, in image pixels
-        (times the image's scale), with the index of their image."""
+        (times the image's scale), with the index of their image and the number of their view."""
         cfg, side, n = self.config, views[0].side, len(views)
         batch = self._batch(images, views)
         if cfg.flip:
@@ -376,8 +370,7 @@ class FaceDetector:
             points = torch.cat([points[:n], fp], dim=1)
             scores = torch.cat([scores[:n], scores[n:]], dim=1)
         safe = torch.tensor([v.safe for v in views], device=self.device)[:, None, :]
-        inside = ((boxes[..., 0] >= safe[..., 0]) & (boxes[..., 1] >= safe[..., 1])
-                  & (boxes[..., 2] <= safe[..., 2]) & (boxes[..., 3] <= safe[..., 3]))
+        inside = clear_of_borders(boxes, safe, cfg.tile_overlap - 2 * TILE_MARGIN)
         view_idx, anchor_idx = torch.nonzero((scores > cfg.threshold) & inside, as_tuple=True)
         b, s, p = boxes[view_idx, anchor_idx], scores[view_idx, anchor_idx], points[view_idx, anchor_idx]
         # canvas -> image pixels: times the view's factor, plus its offset, all times the caller's scale
@@ -387,7 +380,7 @@ class FaceDetector:
         b = b * k[:, :2].repeat(1, 2) + k[:, 2:].repeat(1, 2)
         p = p * k[:, None, :2] + k[:, None, 2:]
         img_idx = torch.tensor([v.image for v in views], device=self.device)[view_idx]
-        return img_idx, b, s, p
+        return img_idx, torch.tensor([v.number for v in views], device=self.device)[view_idx], b, s, p
 
 
 def top_k_per_group(scores: torch.Tensor, groups: torch.Tensor, k: int) -> torch.Tensor:

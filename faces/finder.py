@@ -23,7 +23,7 @@ import torch
 from faces.align import align
 from faces.detect import DetectorConfig, FaceDetector, Faces
 from models.imagebytes import ImageDecodeError
-from models.photo import DEFAULT_PHOTO_SIDE, jpeg_draft_side
+from models.photo import DEFAULT_PHOTO_SIDE, axis_scales, jpeg_draft_side
 from models.preprocess import Preprocessing, decode_photo
 
 FACE_MODES = ("detect", "whole")
@@ -100,16 +100,17 @@ class FaceFinder:
         return [Faces(f.boxes / s, f.scores, f.points / s, f.dropped) for f, s in zip(found, scales)]
 
     def aligned(self, images: list[torch.Tensor], faces: list[Faces], pre: Preprocessing,
-                scales: list[float] | None = None) -> AlignedFaces:
+                scales: list[float | tuple[float, float]] | None = None) -> AlignedFaces:
         """The aligned crops of every face for one model, with the model's channels whatever the pictures'
         (``faces.align.align``: a grey picture's crops in three channels for an RGB model); ``maps`` go to
-        original pixels (decoded * scale)."""
+        original pixels (decoded x * sx, y * sy): ``scales`` per picture ``(sx, sy)``
+        (``models.photo.axis_scales``) or one number for both axes."""
         inputs, maps, owner, index = [], [], [], []
         for i, (img, f) in enumerate(zip(images, faces)):
             if len(f) == 0:
                 continue
             crops, m = align(img.to(self.device), f.points, pre)
-            m = _to_original(m, 1.0 if scales is None else float(scales[i]))
+            m = _to_original(m, 1.0 if scales is None else scales[i])
             inputs.append(crops)
             maps.append(m)
             owner += [i] * len(f)
@@ -164,7 +165,7 @@ def decode_face(data: bytes, pre: Preprocessing, finder: FaceFinder, max_side: i
     if len(found) == 0:
         raise NoFace()
     k = pick_index(found, img.shape[-1], img.shape[-2], pick)  # boxes are in the decoded picture's pixels
-    return _aligned_one(img.to(finder.device), size, scale, found.points[k:k + 1], pre)
+    return _aligned_one(img.to(finder.device), size, found.points[k:k + 1], pre)
 
 
 def face_input(data: bytes, pre: Preprocessing, points, max_side: int = DEFAULT_PHOTO_SIDE) -> tuple[torch.Tensor, dict]:
@@ -172,23 +173,32 @@ def face_input(data: bytes, pre: Preprocessing, points, max_side: int = DEFAULT_
     the detector gave them or a data set's landmarks) -> that face aligned to the model's input, with the
     geometry of :func:`decode_face`: the same decode and the same warp (``jobs.train --faces detect`` and
     ``--faces landmarks`` read their faces through it)."""
-    img, size, scale = decode_photo(data, max_side)
-    pts = torch.as_tensor(points, dtype=torch.float64).reshape(1, 5, 2) / scale
-    return _aligned_one(img, size, scale, pts, pre)
+    img, size, _ = decode_photo(data, max_side)
+    pts = torch.as_tensor(points, dtype=torch.float64).reshape(1, 5, 2) / torch.tensor(picture_scales(size, img),
+                                                                                       dtype=torch.float64)
+    return _aligned_one(img, size, pts, pre)
 
 
-def _aligned_one(img: torch.Tensor, size: tuple[int, int], scale: float, points: torch.Tensor,
+def picture_scales(size: tuple[int, int], image: torch.Tensor) -> tuple[float, float]:
+    """``(sx, sy)`` from a decoded picture's pixels (uint8 (C, h, w)) to its original's, ``size`` (width, height)
+    (``models.photo.axis_scales``)."""
+    return axis_scales(size, (int(image.shape[-1]), int(image.shape[-2])))
+
+
+def _aligned_one(img: torch.Tensor, size: tuple[int, int], points: torch.Tensor,
                  pre: Preprocessing) -> tuple[torch.Tensor, dict]:
     """One face (points (1, 5, 2) in the decoded picture's pixels) -> (model input, geometry)."""
     crops, maps = align(img, points, pre)
-    maps = _to_original(maps, scale)
+    maps = _to_original(maps, picture_scales(size, img))
     (w, h), (H, W) = size, pre.size
     return crops[0].cpu(), {"width": w, "height": h, "input_w": W, "input_h": H,
                             "affine": maps[0, :2].reshape(-1).tolist()}
 
 
-def _to_original(maps: torch.Tensor, scale: float) -> torch.Tensor:
-    """Input -> decoded-picture maps to input -> original-picture maps (decoded pixels times ``scale``)."""
-    if scale == 1.0:
+def _to_original(maps: torch.Tensor, scale: float | tuple[float, float]) -> torch.Tensor:
+    """Input -> decoded-picture maps to input -> original-picture maps (decoded x times ``sx``, y times ``sy``;
+    ``scale`` ``(sx, sy)`` or one number for both)."""
+    sx, sy = map(float, scale) if isinstance(scale, (tuple, list)) else (float(scale), float(scale))
+    if sx == 1.0 and sy == 1.0:
         return maps
-    return torch.diag(torch.tensor([scale, scale, 1.0], dtype=maps.dtype, device=maps.device)) @ maps
+    return torch.diag(torch.tensor([sx, sy, 1.0], dtype=maps.dtype, device=maps.device)) @ maps

