@@ -7,7 +7,6 @@ with pyarrow alone (no Ray, no model)."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -15,35 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import report as report_job
-
-
-def rows(n: int = 3, **over) -> pa.Table:
-    """``n`` flagged faces of a label output's known columns, ``over`` replacing or adding columns (None drops)."""
-    cols = {"path": pa.array([f"/nowhere/p{i}.jpg" for i in range(n)]), "ok": pa.array([True] * n),
-            "error_kind": pa.nulls(n, pa.string()), "face": pa.array(range(n), pa.int32()),
-            "faces": pa.array([n] * n, pa.int32()), "face_box": pa.array([[0, 0, 10, 10]] * n, pa.list_(pa.float32())),
-            "sharpness": pa.array([10.0] * n, pa.float32()), "review": pa.array([True] * n),
-            "review_reasons": pa.array([["blurry"]] * n, pa.list_(pa.string())), "gender": pa.array(["f"] * n),
-            "gender_prob": pa.array([0.9] * n, pa.float32())}
-    cols.update(over)
-    return pa.table({k: v for k, v in cols.items() if v is not None})
-
-
-def output(tmp_path: Path, tables, summary=None, name: str = "out", **write) -> Path:
-    out = tmp_path / name
-    (out / "labels").mkdir(parents=True)
-    for k, t in enumerate(tables if isinstance(tables, list) else [tables]):
-        pq.write_table(t, out / "labels" / f"part-{k}.parquet", **write)
-    if summary is not None:
-        (out / "_summary.json").write_text(summary if isinstance(summary, str) else json.dumps(summary))
-    return out
-
-
-def report(out: Path, *args) -> tuple[str, dict]:
-    html_path = out.parent / f"{out.name}.html"
-    info = report_job.main([str(out), "--html", str(html_path), *args])
-    return html_path.read_text(encoding="utf-8"), info
+from tests.test_report_hostile import output, report, rows  # the same fake outputs
 
 
 def section(doc: str, sid: str) -> str:
