@@ -160,7 +160,8 @@ def concat_batches(a: dict, b: dict) -> dict:
 def fold_remainder(batches: Iterable[dict], min_size: int = MIN_TRAIN_BATCH) -> Iterator[dict]:
     """Training batches in which none holds fewer than ``min_size`` images. A short batch joins the batch
     after it, or, when it is the last (an epoch's or a worker shard's remainder), the batch before it: every
-    image is still seen once per epoch (PyTorch's ``drop_last`` would drop the remainder instead). A batch of
+    image of the stream is still seen once per epoch (PyTorch's ``drop_last`` would drop the remainder instead;
+    on several Ray Train workers the stream itself is cut to equal shards first, raytasks/train/data.py). A batch of
     one image stops a run in any BatchNorm layer that sees a 1×1 map in training mode (HMTNet's ANet:
     "Expected more than 1 value per channel when training"). When the whole stream holds fewer than
     ``min_size`` images there is nothing to fold them into: they are dropped with a warning. Evaluation
@@ -195,7 +196,9 @@ def iter_batches(table: pd.DataFrame, model, batch_size: int, train: bool = Fals
     order = np.arange(len(table))
     if train:
         np.random.default_rng(seed + epoch).shuffle(order)
-    augment = build_augmentation(model.preprocessing, model.recipe.augment) if train else None
+    # as the Ray workers decide (raytasks/train/data.py decode_rows): no augmentation asked, none built (HMTNet's
+    # random crop included), so both loops train on the inputs evaluation reads
+    augment = build_augmentation(model.preprocessing, model.recipe.augment) if train and model.recipe.augment else None
 
     def batches():
         for start in range(0, len(order), batch_size):

@@ -96,7 +96,10 @@ def data_config():
 
     class ShardConfig(DataConfig):
         """Train, on several workers: equal shards of one stream (``streaming_split``: every worker takes the
-        same number of steps; the shuffled order is new every epoch). Any other dataset (one worker's
+        same number of steps; the shuffled order is new every epoch). Equal shards leave out up to ``workers - 1``
+        training images an epoch (Ray drops the rows that do not divide; which ones changes with the shuffled
+        order, so no image is left out of every epoch): ``train_images`` in the history counts what was trained
+        on. Unequal shards would need the workers with fewer batches to join DDP's steps without data. Any other dataset (one worker's
         validation rows, or anything on one worker): read by the worker itself (``Dataset.iterator``), without
         a split's coordinator actor, which would only cost a process and the hops through it. Ray Train calls
         this once per dataset; a dataset not in ``datasets_to_split`` is handed out without a barrier, so each

@@ -355,6 +355,10 @@ def run(spec: TrainSpec, log_fn=print, prepared=None, finish=None) -> TrainOutco
     if not result.best_checkpoints:
         raise TrainError(f"run {spec.run_uri} has no checkpoint to export")
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("score", float("-inf")))
+    loss = best_metrics.get("train_loss")
+    if isinstance(loss, (int, float)) and not math.isfinite(loss):  # a diverged epoch scores -inf: all of them did
+        raise TrainError(f"training diverged: every kept checkpoint of {spec.run_uri} has a train loss of {loss} "
+                         "(NaN weights); nothing is exported: lower --lr (with bf16 on a GPU, --no-amp may help too)")
     try:
         data = read_checkpoint_file(best_ckpt, MODEL_FILE)
     except CheckpointError as e:
