@@ -247,3 +247,16 @@ def torch_threads(n: int = 2):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def check_run_folder(spec, model, val):
+    """raytasks.train.resume.check_folder with the recipe and face mode job.prepare resolves for ``spec`` (data
+    that sets no model argument, CelebA's default face mode)."""
+    import types
+
+    from faces.trainfaces import default_mode
+    from raytasks.train.job import resolve_model
+    from raytasks.train.resume import check_folder
+
+    no_overrides = types.SimpleNamespace(model_overrides=lambda name: {})
+    return check_folder(spec, model, resolve_model(spec, no_overrides)[1], val, spec.faces or default_mode("celeba"))

@@ -21,8 +21,9 @@ from jobs import evaluate as evaluate_job
 from models.checkpoint import checkpoint_bytes, save_checkpoint
 from raytasks.train import worker
 from raytasks.train.history import Progress, write_history
-from raytasks.train.resume import check_folder, committed_epoch, resume_point
+from raytasks.train.resume import committed_epoch, resume_point
 from raytasks.train.spec import MODEL_FILE, STATE_FILE, TrainError, TrainSpec
+from tests.helpers import check_run_folder
 
 NAN = float("nan")
 
@@ -117,20 +118,20 @@ def test_a_rerun_with_other_data_or_another_split_seed_is_refused(tmp_path):
     m = models.create_model("hard_sharing")
     val = pd.DataFrame({"path": ["a"], "gender": [1.0], "eyeglasses": [0.0]})
     spec = _spec(tmp_path, split_seed=3)
-    sel, previous = check_folder(spec, m, val)  # an empty folder: nothing to compare with
+    sel, previous = check_run_folder(spec, m, val)  # an empty folder: nothing to compare with
     assert previous is None and sel == engine.Selection.of_model(m)
     header = {"run": "r", "model": m.name, "config": m.config, "data": spec.data, "split_seed": 3,
               "primary_metric": sel.metric, "primary_mode": sel.mode, "selection": sel.to_dict()}
     write_history(spec.run_uri, [], [], header)
-    assert check_folder(spec, m, val)[1]["split_seed"] == 3  # the same run goes on
+    assert check_run_folder(spec, m, val)[1]["split_seed"] == 3  # the same run goes on
     with pytest.raises(TrainError, match=r"--split-seed 3 -> 0.*use a new --name"):
-        check_folder(dataclasses.replace(spec, split_seed=0), m, val)
+        check_run_folder(dataclasses.replace(spec, split_seed=0), m, val)
     with pytest.raises(TrainError, match=r"--data celeba:/d -> \('celeba:/d', 'genki4k:/g'\).*use a new --name"):
-        check_folder(dataclasses.replace(spec, data=("celeba:/d", "genki4k:/g")), m, val)
+        check_run_folder(dataclasses.replace(spec, data=("celeba:/d", "genki4k:/g")), m, val)
     assert sel.metric == "val_loss"  # hard_sharing's: the checkpoints of a run ranked otherwise do not compare
     write_history(spec.run_uri, [], [], {**header, "selection": {"metric": "mean_accuracy", "mode": "max"}})
     with pytest.raises(TrainError, match="ranked its checkpoints by mean_accuracy"):
-        check_folder(spec, m, val)
+        check_run_folder(spec, m, val)
 
 
 def test_a_checkpoint_of_another_split_is_not_loaded_by_the_worker(tmp_path):

@@ -14,8 +14,9 @@ import pytest
 import models
 import storage
 from raytasks.train.history import write_history
-from raytasks.train.resume import RECIPE_FILE, check_folder, resume_point
+from raytasks.train.resume import RECIPE_FILE, resume_point
 from raytasks.train.spec import VALUES_FILE, TrainError, TrainSpec
+from tests.helpers import check_run_folder
 
 VAL = pd.DataFrame({"path": ["a"], "gender": [1.0], "eyeglasses": [0.0]})
 
@@ -35,7 +36,7 @@ def _first_run(spec: TrainSpec, with_values_file: bool = True):
     """What a first attempt leaves: the driver's train_values.json (check_folder, before Ray) and the worker's
     history.json header (raytasks/train/worker.py: the resolved recipe, epochs included, and the faces)."""
     m = models.create_model(spec.model)
-    sel, previous = check_folder(spec, m, VAL)
+    sel, previous = check_run_folder(spec, m, VAL)
     assert previous is None and os.path.exists(os.path.join(spec.run_uri, VALUES_FILE))
     if not with_values_file:  # a run from before the file was written
         os.remove(os.path.join(spec.run_uri, VALUES_FILE))
@@ -53,11 +54,11 @@ def test_a_rerun_with_another_lr_is_refused_naming_the_change(tmp_path):
     m = _first_run(spec)
     rerun = dataclasses.replace(spec, recipe=_recipe(spec, epochs=2, lr=0.5))
     with pytest.raises(TrainError, match=r"--lr 0\.001 -> 0\.5\).*use another --name, or rerun with the original"):
-        check_folder(rerun, m, VAL)
+        check_run_folder(rerun, m, VAL)
     # a flag left out is the model's default, not the run's value: also a change
     dropped = dataclasses.replace(spec, recipe={k: v for k, v in spec.recipe.items() if k != "optimizer"})
     with pytest.raises(TrainError, match=rf"--optimizer sgd -> {m.recipe.optimizer}"):
-        check_folder(dropped, m, VAL)
+        check_run_folder(dropped, m, VAL)
 
 
 @pytest.mark.parametrize("change, named", [
@@ -72,7 +73,7 @@ def test_a_rerun_with_another_data_draw_seed_or_faces_is_refused(tmp_path, chang
     spec = _spec(tmp_path)
     m = _first_run(spec)
     with pytest.raises(TrainError, match=named):
-        check_folder(dataclasses.replace(spec, **change), m, VAL)
+        check_run_folder(dataclasses.replace(spec, **change), m, VAL)
 
 
 def test_several_changes_are_all_named(tmp_path):
@@ -80,36 +81,36 @@ def test_several_changes_are_all_named(tmp_path):
     m = _first_run(spec)
     rerun = dataclasses.replace(spec, recipe=_recipe(spec, lr=0.5, batch_size=32), limit=40)
     with pytest.raises(TrainError) as e:
-        check_folder(rerun, m, VAL)
+        check_run_folder(rerun, m, VAL)
     assert all(s in str(e.value) for s in ("--lr 0.001 -> 0.5", "--batch-size 16 -> 32", "--limit None -> 40"))
 
 
 def test_the_same_command_again_resumes(tmp_path):
     spec = _spec(tmp_path)
     m = _first_run(spec)
-    _, previous = check_folder(spec, m, VAL)
+    _, previous = check_run_folder(spec, m, VAL)
     assert previous["recipe"]["lr"] == 0.001
     # the faces left to the data's default (whole for celeba) are the run's
-    assert check_folder(dataclasses.replace(spec, faces=None), m, VAL)[1] is not None
+    assert check_run_folder(dataclasses.replace(spec, faces=None), m, VAL)[1] is not None
     # how it runs is not what it trains with
-    assert check_folder(dataclasses.replace(spec, workers=2, keep=3, max_failures=2, calibrate=False), m, VAL)[1]
+    assert check_run_folder(dataclasses.replace(spec, workers=2, keep=3, max_failures=2, calibrate=False), m, VAL)[1]
 
 
 def test_a_larger_epochs_extends_the_run(tmp_path):
     spec = _spec(tmp_path)
     m = _first_run(spec)
     more = dataclasses.replace(spec, recipe=_recipe(spec, epochs=3))
-    _, previous = check_folder(more, m, VAL)
+    _, previous = check_run_folder(more, m, VAL)
     assert resume_point(previous, 1, 3) == (1, False, False)  # goes on after epoch 1 of the finished run
 
 
 def test_a_run_from_before_train_values_json_is_checked_by_its_header(tmp_path):
     spec = _spec(tmp_path)
     m = _first_run(spec, with_values_file=False)
-    assert check_folder(dataclasses.replace(spec, limit=40), m, VAL)[1]  # not recorded: says nothing
+    assert check_run_folder(dataclasses.replace(spec, limit=40), m, VAL)[1]  # not recorded: says nothing
     assert not os.path.exists(os.path.join(spec.run_uri, VALUES_FILE))  # not written over a run's values
     with pytest.raises(TrainError, match=r"--lr 0\.001 -> 0\.5"):
-        check_folder(dataclasses.replace(spec, recipe=_recipe(spec, lr=0.5)), m, VAL)
+        check_run_folder(dataclasses.replace(spec, recipe=_recipe(spec, lr=0.5)), m, VAL)
 
 
 def test_a_recipe_folder_is_left_to_the_recipe_identity(tmp_path):
@@ -118,4 +119,4 @@ def test_a_recipe_folder_is_left_to_the_recipe_identity(tmp_path):
     spec = _spec(tmp_path)
     m = _first_run(spec)
     storage.write_bytes(storage.join(spec.run_uri, RECIPE_FILE), b"{}")
-    assert check_folder(dataclasses.replace(spec, recipe=_recipe(spec, lr=0.5)), m, VAL)[1]
+    assert check_run_folder(dataclasses.replace(spec, recipe=_recipe(spec, lr=0.5)), m, VAL)[1]

@@ -338,7 +338,7 @@ def run(spec: TrainSpec, log_fn=print, prepared=None, finish=None) -> TrainOutco
     record, raytasks/train/stages.py), given the outcome as it stands then (no curves; the hash before them)."""
     model, recipe, train, val, faces = prepared or prepare(spec)
     output = spec.output or storage.join(spec.run_uri, "best.pt")
-    selection, previous = check_folder(spec, model, val)  # another run in the folder is refused here
+    selection, previous = check_folder(spec, model, recipe, val, faces["mode"])  # another run there is refused
     result, resumed_from, complete = None, None, False
     if storage.exists(storage.join(spec.run_uri, SNAPSHOT_FILE)):
         result = stored_result(spec)

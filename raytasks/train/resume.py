@@ -6,7 +6,6 @@ Split from raytasks/train/job.py (the driver), which calls these before any work
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import storage
@@ -56,43 +55,17 @@ def check_resume(previous: dict, model, spec: TrainSpec, selection: Selection) -
                          f"ranks by {selection.metric} ({selection.mode}): use a new --name")
 
 
-def train_values(model, spec: TrainSpec) -> dict:
-    """The recipe values ``spec`` trains ``model`` with, as history.json's header records them (``recipe``), but
-    ``epochs``: the model's recipe with ``spec.recipe`` and the augmentation flags, as job.resolve_model makes it
-    (which refused unknown fields before this is called)."""
-    known = {f.name for f in dataclasses.fields(model.recipe)}
-    recipe = dataclasses.replace(model.recipe, **{k: v for k, v in spec.recipe.items() if k in known})
-    extra = {**spec.augment, **({"align_jitter": spec.align_jitter} if spec.align_jitter else {})}
-    if extra:
-        recipe = dataclasses.replace(recipe, augment={**recipe.augment, **extra})
-    return {k: v for k, v in _plain(recipe.to_dict()).items() if k != "epochs"}
-
-
 def spec_values(spec: TrainSpec) -> dict:
     """The values ``spec`` trains with that history.json's header does not record (the run folder's
     ``train_values.json`` keeps them)."""
     return _plain({k: getattr(spec, k) for k in _SPEC_FLAGS})
 
 
-def _face_mode(spec: TrainSpec) -> str:
-    """The face mode ``spec`` trains with (job.prepare): ``--faces``, or the default of its data's format."""
-    from facedata.datasets.base import parse_spec
-    from facedata.datasets.mixed import MIXED
-    from faces.trainfaces import default_mode
-
-    if spec.faces:
-        return spec.faces
-    try:
-        formats = {parse_spec(d)[0] for d in (spec.data if isinstance(spec.data, tuple) else (spec.data,))}
-    except ValueError:
-        return spec.faces
-    return default_mode(formats.pop() if len(formats) == 1 else MIXED)
-
-
-def check_values(previous: dict, recorded: dict | None, model, spec: TrainSpec) -> None:
+def check_values(previous: dict, recorded: dict | None, recipe, mode: str, spec: TrainSpec) -> None:
     """Refuse (:class:`TrainError`) to go on, without a recipe, with the run whose history.json header is
     ``previous`` (and whose ``train_values.json`` is ``recorded``, None for a run from before it was written) when
-    ``spec`` would train it with other values. A resumed run restores its checkpoint's optimizer and scheduler
+    ``spec`` would train it with other values: ``recipe`` and ``mode``, the recipe and face mode job.prepare
+    resolved for it (the values the worker records in the header). A resumed run restores its checkpoint's optimizer and scheduler
     (raytasks/train/worker.py) and goes on with the rows its first attempt drew, while history.json and the
     exported checkpoint would record the new values: a changed ``--lr`` would be recorded and never used.
 
@@ -108,13 +81,12 @@ def check_values(previous: dict, recorded: dict | None, model, spec: TrainSpec) 
     changed = []
     old_recipe = previous.get("recipe")
     if isinstance(old_recipe, dict):
-        new = train_values(model, spec)
+        new = {k: v for k, v in _plain(recipe.to_dict()).items() if k != "epochs"}
         for k in sorted(set(old_recipe) & set(new)):
             if k != "epochs" and _plain(old_recipe[k]) != new[k]:
                 changed.append(f"{_FLAGS.get(k, 'recipe ' + k)} {old_recipe[k]} -> {new[k]}")
     old_mode = (previous.get("faces") or {}).get("mode") if isinstance(previous.get("faces"), dict) else None
-    mode = _face_mode(spec)
-    if old_mode is not None and mode is not None and old_mode != mode:
+    if old_mode is not None and old_mode != mode:
         changed.append(f"--faces {old_mode} -> {mode}")
     if isinstance(recorded, dict):
         new = spec_values(spec)
@@ -135,8 +107,9 @@ def _in_recipe(spec: TrainSpec) -> bool:
         parent and storage.exists(storage.join(spec.storage, parent, RECIPE_FILE)))
 
 
-def check_folder(spec: TrainSpec, model, val) -> tuple[Selection, dict | None]:
-    """``(selection, history.json of the run folder or None)`` for a run of ``model`` validated on ``val``: the
+def check_folder(spec: TrainSpec, model, recipe, val, mode: str) -> tuple[Selection, dict | None]:
+    """``(selection, history.json of the run folder or None)`` for a run of ``model`` with ``recipe`` and faces
+    ``mode`` (what job.prepare resolved) validated on ``val``: the
     metric that picks its best epoch (core.engine.choose_selection) and, when the folder holds a run, that run
     checked to be this one (:func:`check_resume`) and, for a run without a recipe, to train with the same values
     (:func:`check_values`; but ``--epochs``). A folder without a run gets the values not in history.json's header
@@ -153,7 +126,7 @@ def check_folder(spec: TrainSpec, model, val) -> tuple[Selection, dict | None]:
     values = storage.join(spec.run_uri, VALUES_FILE)
     if previous is not None:
         recorded = json.loads(storage.read_bytes(values)) if storage.exists(values) else None
-        check_values(previous, recorded, model, spec)
+        check_values(previous, recorded, recipe, mode, spec)
     else:  # no attempt has started (history.json is written first): what this one trains with
         storage.write_bytes(values, json.dumps(spec_values(spec), indent=1).encode())
     return selection, previous

@@ -188,7 +188,7 @@ class RecipeRun:
                     first = self.prepared[r.index] = prepare(r.spec, ds)
                     if r.stage is None:  # a run without a recipe: its folder holds it or none, checked before
                         # Ray starts (a recipe's stages are checked by their identity: first_to_train)
-                        check_folder(r.spec, first[0], first[3])
+                        check_folder(r.spec, first[0], first[1], first[3], first[4]["mode"])
                     continue
                 model, recipe = resolve_model(r.spec, ds)
                 if _reading(model.preprocessing) == _reading(first[0].preprocessing):
