@@ -30,6 +30,15 @@ def positive(kind):
     return parse
 
 
+def non_negative(text: str) -> int:
+    """An argparse ``type``: an integer >= 0 (``--patience``, ``--validate-every``, whose 0 is off: -1, which some
+    tools read as off, would stop a run after its first epoch; ``--bootstrap``, ``--min-group``)."""
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
 FACES_HELP = ("detect: find every face, align each to the model's face template, one row per face; "
               "whole: the image is one aligned face crop (today's datasets of crops)")
 

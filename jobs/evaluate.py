@@ -70,7 +70,7 @@ from core.evaluation import (
 )
 from facedata.datasets import SPLITS
 from faces.finder import FACE_PICKS
-from jobs._cli import add_face_args, face_options, positive
+from jobs._cli import add_face_args, face_options, non_negative, positive
 from models.calibration import CalibrationError, calibration_status, fit_calibration
 from models.checkpoint import CheckpointError, checkpoint_bytes, load_checkpoint
 from models.recipes import record_lines
@@ -159,8 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
     g = p.add_argument_group("groups")
     g.add_argument("--by", default=None, help="comma-separated keys, e.g. gender,race,age_group (or an attribute: Male)")
     g.add_argument("--groups-json", default=None, help="write the per-group report here (path or s3://)")
-    g.add_argument("--min-group", type=int, default=30, help="groups smaller than this are left out of the gaps")
-    g.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for non-accuracy CIs (0: none)")
+    g.add_argument("--min-group", type=non_negative, default=30, help="groups smaller than this are left out of the gaps")
+    g.add_argument("--bootstrap", type=non_negative, default=1000, help="bootstrap resamples for non-accuracy CIs (0: none)")
     add_face_args(p, default_mode=None, faces_help="detect: find the face in each image and align it to the model's "
                   "template; whole: feed each image whole. Default: as the checkpoint was trained (detect after "
                   "jobs.train --faces detect or landmarks, else whole)")
@@ -171,8 +171,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.save_calibrated and not args.calibrate_on:
         p.error("--save-calibrated needs --calibrate-on SPLIT")
-    if args.bootstrap < 0 or args.min_group < 0:
-        p.error(f"--{'bootstrap' if args.bootstrap < 0 else 'min-group'} must be >= 0")
 
     try:
         model, info = load_checkpoint(args.checkpoint)

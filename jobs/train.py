@@ -38,7 +38,7 @@ import os
 import sys
 
 from facedata.datasets import parse_spec
-from jobs._cli import add_face_args, face_options, key_value, positive
+from jobs._cli import add_face_args, face_options, key_value, non_negative, positive
 from models.recipes import RECORD_KEY, TRAIN_FACE_MODES, TrainingRecipe, get_recipe, recipe_for, record_lines
 from raytasks.train import TrainError, TrainSpec
 from raytasks.train.stages import RecipeRun, summary_metrics
@@ -54,15 +54,6 @@ def _fail_at(text: str) -> tuple[int, int, int, int]:
     if len(parts) not in (3, 4):
         raise argparse.ArgumentTypeError(f"--inject-failure expects RANK:EPOCH[:STEP][@STAGE], got {text!r}")
     return (parts[0], parts[1], parts[2] if len(parts) == 4 else 1, parts[-1])
-
-
-def non_negative(text: str) -> int:
-    """An argparse ``type``: an integer >= 0 (``--patience``, ``--validate-every``: 0 is off; -1, which some
-    tools read as off, would stop a run after its first epoch)."""
-    v = int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0: off), got {text}")
-    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
