@@ -19,6 +19,7 @@ from collections import Counter
 import pyarrow.fs as pafs
 
 import storage
+from facedata.paths import _real as resolved_path  # realpath, or the path when it cannot be resolved
 from facedata.paths import normalize_path
 
 LABELS_DIR = "labels"
@@ -176,14 +177,11 @@ def all_labeled(inputs_uri: str, labels_uri: str) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def _real_folder(folder: str) -> str:
-    return os.path.realpath(folder)
-
-
-def input_identity(path: str, base: str | None = None) -> str:
+def input_identity(path: str, base: str | None = None, real_folder=None) -> str:
     """The file an input path names, whatever its spelling: :func:`facedata.paths.normalize_path` (relative
     paths resolved against ``base``, ``./`` and ``file://`` dropped, S3 dot segments removed), and locally the
-    folder it is in resolved (``os.path.realpath``): a folder given through a symlink and the real folder
+    folder it is in resolved (``os.path.realpath``, or ``real_folder``: :func:`labeled_spellings` passes one that
+    resolves each folder once for a whole listing): a folder given through a symlink and the real folder
     name one file. The file's own name is not resolved: two symlinks in a folder to one image are two inputs,
     as the listing has them."""
     try:
@@ -193,10 +191,7 @@ def input_identity(path: str, base: str | None = None) -> str:
     if storage.is_s3(n):
         return n
     folder, name = os.path.split(n)
-    try:
-        return os.path.join(_real_folder(folder), name)
-    except (ValueError, OSError):
-        return n
+    return os.path.join((real_folder or resolved_path)(folder), name)
 
 
 def _digest(identity: str) -> bytes:
@@ -220,6 +215,9 @@ def labeled_spellings(base: str | None, labels_uri: str):
         return None
     same: set[bytes] = set()
     other: dict[bytes, str] = {}
+    # the files of a folder share its resolution: one realpath (an lstat per path component) per folder, not
+    # per labeled file and per input, for this run's listing
+    real_folder = functools.lru_cache(maxsize=1 << 16)(resolved_path)
     ds = pads.dataset(root, filesystem=fs, format="parquet")
     if "path" not in ds.schema.names:
         return None
@@ -229,7 +227,7 @@ def labeled_spellings(base: str | None, labels_uri: str):
         for p in pc.unique(b.column(0)).to_pylist():
             if p is None:
                 continue
-            ident = input_identity(p, base)
+            ident = input_identity(p, base, real_folder)
             d = _digest(ident)
             if ident == p:
                 same.add(d)
@@ -239,7 +237,7 @@ def labeled_spellings(base: str | None, labels_uri: str):
         return None
 
     def respell(path: str) -> str:
-        ident = input_identity(path, base)
+        ident = input_identity(path, base, real_folder)
         d = _digest(ident)
         if d in other:
             return other[d]
