@@ -46,6 +46,8 @@ Readings we chose:
   32, up to 30 epochs, lr × 0.1 when the validation loss has not improved for 3 epochs, early stopping after
   6, horizontal flips (aligned faces are near-symmetric; no label depends on the side).
 * Checkpoint selection uses ``mean_accuracy`` (gender and race); the age RMSE is reported alongside.
+* Initialisation of the layers above the trunk. The blog gives none: PyTorch's default for each Linear
+  (Kaiming-uniform).
 """
 
 from __future__ import annotations

@@ -31,6 +31,10 @@ Readings we chose (the figure with the layer list did not survive extraction):
   one (``early_stopping_patience = 2``, Keras's ``EarlyStopping(monitor="val_loss", patience=2)``: "more
   than two" read as the third epoch never starting). The kept checkpoint is the epoch of lowest validation
   loss, the one the stopping rule measured against. ``--patience`` changes the count.
+* Epochs. The text says the model "usually converge[s] well in no more than 10 epochs" and gives no
+  cap; ``epochs = 20`` is ours, a ceiling the stopping rule above normally ends well before (the named
+  recipe ``hard_sharing-celeba`` trains 10).
+* Initialisation. The text gives none: every layer starts from PyTorch's default (Kaiming-uniform).
 """
 
 from __future__ import annotations

@@ -42,8 +42,8 @@ Readings we chose (Fig. 1, which showed the trunk, did not survive extraction):
   directly (the authors' code also put BN + ReLU after it, which clips logits at zero; we keep logits
   linear). RNet reads relu5 as the paper says (``rnet_from``; the authors' code feeds it the aggregated
   map, ``rnet_from="aggregate"``); GNet reads relu3 (``gnet_from``).
-* Smaller inputs (fast CPU runs). The branch max-pool uses ``ceil_mode`` (identical to the paper's at
-  224 px: 9 → 3) so that maps smaller than 3×3 still pool to 1×1; fc6's kernel is ``min(6, map side)``
+* Smaller inputs (fast CPU runs). Table 1's "Max Pooling (3)" gives no stride; we read it as 3 (the
+  kernel: 9 → 3 at 224 px, where a stride of 2 would give 4) and use ``ceil_mode`` so that maps smaller than 3×3 still pool to 1×1; fc6's kernel is ``min(6, map side)``
   after pool5 (6 at 224 px and above). The smallest input is 96 px (relu3 must be at least 5×5 for the
   two unpadded 3×3 convs of GNet/RNet). The model is fully convolutional above its ``image_size`` (larger
   inputs are pooled globally); an input too small for its fc6 is refused with the ``image_size`` to use.
@@ -57,14 +57,16 @@ Readings we chose (Fig. 1, which showed the trunk, did not survive extraction):
   just inside δ half the gradient of outliers; we use the continuous form whose two pieces meet in value
   and slope at δ, Huber's with ``½x²`` replaced by ``log cosh`` (the reasons are in
   ``losses.smooth_huber_loss``).
+* Initialisation. The text gives none: the trunk, the aggregators and the branches start from PyTorch's
+  default initialisation of each layer (Kaiming-uniform convolutions, BN at weight 1, bias 0).
 * No augmentation (``--no-augment``): training then decodes exactly as evaluation (the centre 224 crop of
   the 227 resize), so both see the same input size; the 227 margin is only kept for the random crop.
 * Preprocessing. ImageNet mean and std (the authors' SCUT-FBP5500 loader uses them); evaluation is the
   centre 224 crop of the image resized to a shorter side of 227. Recipe momentum 0.9 is from the authors'
   code (the paper names SGD only); the colour-jitter strength 0.2 is ours (the text gives none).
 
-The pretrained face trunk (``backbone="dlib_resnet"``, ours). The paper's trunk is VGG-M pretrained on faces
-(VGG-Face); no such weights can be had here, and from random weights the network reached PC 0.71 in the runs
+The pretrained face trunk (``backbone="dlib_resnet"``, ours). Our reading of the paper's trunk (above) is VGG-M pretrained on faces
+(VGG-M-Face, the authors' implementation's; the text we have names no trunk and no pretraining); no such weights can be had here, and from random weights the network reached PC 0.71 in the runs
 this CPU allows (docs/results.md). dlib's face-recognition ResNet (``models/dlib_resnet.py``, the weights in
 the installed package, as for ``age_gender_race``) stands in for it, the same way: a trunk pretrained on faces,
 whose levels the three branches read.

@@ -93,8 +93,8 @@ RECIPES: dict[str, TrainingRecipe] = {r.name: r for r in (
         "dmm_cnn-celeba", 3, "dmm_cnn", ("celeba",),
         (Stage("train", {"epochs": 4, "optimizer": "adam", "lr": 1e-3, "batch_size": 32, "validate_every": 50},
                _DLIB_TRUNK),),
-        "dlib's face trunk at 150 px learning at 0.01 x the SPP branches' rate (the paper: a pretrained ResNet-50 "
-        "with SGD), Adam 1e-3, P = 50, 4 epochs, every crop through the detector at det-size 256 as label and serve "
+        "dlib's face trunk at 150 px learning at 0.01 x the SPP branches' rate (the paper: a ResNet-50, "
+        "initialisation not stated, with SGD), Adam 1e-3, P = 50, 4 epochs, every crop through the detector at det-size 256 as label and serve "
         "read faces (v3, 2026-12-06, two runs): CelebA test mean over the 40 attributes 88.35 / 88.06 % against "
         "85.83 / 86.86 % for v2's ResNet-18 from scratch at 64 px, GENKI-4K photos' smile 92.98 / 93.33 % against "
         "85.96 / 82.46 %, LFW photos' gender (Male) 92.90 / 95.30 % against 85.9 / 83.1 % (docs/results.md); the "
