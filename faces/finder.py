@@ -179,6 +179,14 @@ def face_input(data: bytes, pre: Preprocessing, points, max_side: int = DEFAULT_
     return _aligned_one(img, size, pts, pre)
 
 
+# The version of how detected boxes and points go from a decoded picture's pixels to the original's: 1, one factor
+# for both axes (the longer side's ``scale``, before 2026-12-06); 2, one per axis (:func:`picture_scales`,
+# ``models.photo.axis_scales``). Bump it with ANY change of that mapping (here, in models/photo.py or in
+# faces/trainfaces.py's ``_detect``): what was stored in original pixels by another mapping is then not reused,
+# as the training faces' cache is keyed by it (faces/facecache.py, ``cache_key``).
+TO_ORIGINAL = 2
+
+
 def picture_scales(size: tuple[int, int], image: torch.Tensor) -> tuple[float, float]:
     """``(sx, sy)`` from a decoded picture's pixels (uint8 (C, h, w)) to its original's, ``size`` (width, height)
     (``models.photo.axis_scales``)."""

@@ -166,7 +166,9 @@ def _detect(finder, items: list[tuple[str, bytes]], max_side: int) -> dict[str, 
         part = decoded[start:start + DETECT_BATCH]
         found = finder.find([d[1] for d in part], [d[4] for d in part])
         for (sha, img, w, h, _), f in zip(part, found):
-            sx, sy = picture_scales((w, h), img)  # decoded -> original pixels, each axis its own
+            # decoded -> original pixels, each axis its own: a change of this mapping bumps faces.finder.TO_ORIGINAL
+            # (the cache is keyed by it: entries mapped another way are detected again, never reused)
+            sx, sy = picture_scales((w, h), img)
             faces = torch.cat([f.boxes.double().reshape(-1, 4) * torch.tensor([sx, sy] * 2, dtype=torch.float64),
                                f.scores.double().reshape(-1, 1),
                                f.points.double().reshape(-1, 10) * torch.tensor([sx, sy] * 5, dtype=torch.float64)],

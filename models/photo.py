@@ -46,7 +46,8 @@ def axis_scales(original: tuple[int, int], decoded: tuple[int, int]) -> tuple[fl
     ``scale`` :func:`decode_photo_pixels` returns is the longer side's: a shrink to ``max_side`` rounds the
     shorter side to whole pixels, so its own factor differs (a 16000 x 800 strip decoded at 2048 x 102: y
     7.843, not 7.812, 3 px at its bottom edge). Positions mapped back to the original take these; sizes that
-    only compare (``min_face``, ``small_face``) keep ``scale``. (1.0, 1.0) for a photo decoded at its size."""
+    only compare (``min_face``, ``small_face``) keep ``scale``. (1.0, 1.0) for a photo decoded at its size.
+    A change here bumps ``faces.finder.TO_ORIGINAL`` (cached training detections are keyed by it)."""
     (w, h), (dw, dh) = original, decoded
     return w / dw, h / dh
 

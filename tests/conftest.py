@@ -43,7 +43,7 @@ RAY_FIXTURES = {"ray_session"}  # a test whose fixture closure holds one of thes
 # do this with pytest 9: it renames the items through `item._nodeid`, which pytest 9.2 no longer reads, and so
 # silently sends every test on its own. Hence the scheduler below.)
 SESSION_RAY = "session-ray"
-SESSION_RAY_MODULES = ("test_faces_e2e.py", "test_resume_edges.py", "test_label.py", "test_modelset.py", "test_recipes.py", "test_serve.py",
+SESSION_RAY_MODULES = ("test_faces_e2e.py", "test_resume_edges.py", "test_label.py", "test_modelset.py", "test_recipes_runs.py", "test_serve.py",
                        "test_train_faces.py")
 LONGEST_FIRST = (SESSION_RAY, "test_notebook.py", "test_training_local.py", "test_face_backbone.py",
                  "test_photo_agreement.py", "test_report.py", "test_ddp.py", "test_report_scale.py")

@@ -1,6 +1,7 @@
 """Training on faces found in photos (issue #19): ``jobs.train --faces detect`` finds each image's face with
 the detector of label and serve, caches the detections beside the runs, skips and counts what has no face
-or cannot be read, and the augmentation runs in the aligned frame, on the device, never in evaluation.
+or cannot be read; a changed file, detector or mapping back to original pixels is detected again, never reused;
+the train job and ``--faces landmarks``. The augmentation in the aligned frame: tests/test_train_faces_augment.py.
 
 The photos are drawn faces (facedata/synth.py) pasted on cluttered backgrounds at known places
 (tests/images.py ``face_photo``); the detector is the session's (tests/conftest.py ``finder``)."""
@@ -8,24 +9,22 @@ The photos are drawn faces (facedata/synth.py) pasted on cluttered backgrounds a
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 import models
 import storage
 from core import engine
-from core.augment import FLIP_5, Augment
 from core.batches import load_batch
-from core.evaluation import run_model
 from facedata.datasets import read_dataset
+from faces import facecache
 from faces.facecache import Detection, DetectionCache
 from faces.finder import FaceFinder, FaceOptions
 from faces.trainfaces import ALIGN_POINTS, find_training_faces, pick_face
-from models.landmarks import Landmarks
 from tests.images import bad_training_files, blank_photo, face_photo, write_files
 
 N_TRAIN, N_VAL = 12, 5  # 5 validation photos: shares of 3 and 2 on the Ray run's 2 workers
@@ -112,6 +111,44 @@ def test_a_changed_file_or_detector_setting_is_detected_again(photo_set, finder,
     assert c.images == len(table) and report.cached == 0
 
 
+def test_detections_cached_with_the_old_mapping_to_original_pixels_are_detected_again(photo_set, finder, tmp_path):
+    """Before 2026-12-06 a photo decoded shrunk had its points mapped back with one factor for both axes (up to
+    3 px off in y) and cached in a folder named by the detector's identity alone, which that change left as it
+    was: such entries are never reused (faces/facecache.py ``cache_key``), their files are detected again."""
+    _, manifest, _ = photo_set
+    table = _table(manifest).iloc[:4]
+    fresh = DetectionCache(str(tmp_path / "fresh"), finder.identity)
+    want, _ = find_training_faces(table, finder, fresh)
+    # the cache as the code before wrote it: <digest of the identity>/identity.txt and a part, its points 3 px low
+    old = tmp_path / "runs" / "_face_cache" / hashlib.sha256(finder.identity.encode()).hexdigest()[:20]
+    old.mkdir(parents=True)
+    (old / "identity.txt").write_text(finder.identity)
+    stale = {sha: Detection(d.width, d.height, d.faces + np.r_[[0.0] * 5, [0.0, 3.0] * 5])
+             for sha, d in fresh.load().items()}
+    (old / "part-20261205T000000-000000000000.jsonl").write_text(
+        "".join(json.dumps(d.to_json(sha)) + "\n" for sha, d in stale.items()))
+    c = Counting(finder)
+    got, report = find_training_faces(table, c, DetectionCache(str(tmp_path / "runs"), finder.identity))
+    assert c.images == len(table) and report.detected == len(table) and report.cached == 0
+    assert got[ALIGN_POINTS].tolist() == want[ALIGN_POINTS].tolist()  # the new mapping's points, not the stale
+    assert len(list(old.parent.iterdir())) == 2  # a folder of its own; the old one is left as it was
+    later = Counting(finder)  # and the new entries are reused
+    find_training_faces(table, later, DetectionCache(str(tmp_path / "runs"), finder.identity))
+    assert later.images == 0
+
+
+def test_the_cache_is_keyed_by_the_mapping_to_original_pixels(tmp_path, monkeypatch):
+    """faces.finder.TO_ORIGINAL is the one number to bump when that mapping changes: it names the cache's folder."""
+    cache = DetectionCache(str(tmp_path), "detector A")
+    assert cache.key == "detector A to_original=2" and cache.identity == "detector A"
+    cache.put("ab" * 32, Detection(640, 480, np.zeros((1, 15))))
+    cache.flush()
+    assert (tmp_path / "_face_cache").joinpath(cache.folder.rsplit("/", 1)[1], "identity.txt").read_text() == cache.key
+    monkeypatch.setattr(facecache, "TO_ORIGINAL", 3)
+    bumped = DetectionCache(str(tmp_path), "detector A")
+    assert bumped.folder != cache.folder and bumped.get("ab" * 32) is None
+
+
 def test_a_file_changed_after_its_face_was_found_is_skipped_not_misaligned(photo_set, finder, tmp_path):
     root, manifest, _ = photo_set
     table = _table(manifest).iloc[:3]
@@ -182,103 +219,6 @@ def test_the_cache_works_on_s3(s3_bucket):
     back = DetectionCache(f"s3://{bucket}/runs", "detector A").get("ab" * 32)
     assert back.width == 640 and np.allclose(back.faces, faces)
     assert DetectionCache(f"s3://{bucket}/runs", "detector B").get("ab" * 32) is None
-
-
-# --- augmentation ----------------------------------------------------------------------------------------
-DOTS = [(15, 20), (35, 20), (25, 32), (17, 45), (33, 45)]
-COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
-
-
-@pytest.mark.parametrize("scale", ["signed", "unit"])
-def test_flip_and_jitter_move_landmarks_with_the_pixels(scale):
-    H, W, n = 60, 50, 24
-    img = torch.zeros(1, 3, H, W, dtype=torch.uint8)
-    for (x, y), c in zip(DOTS, COLOURS):
-        img[0, :, y - 2:y + 3, x - 2:x + 3] = torch.tensor(c, dtype=torch.uint8)[:, None, None]
-    o = Landmarks("landmarks", points=5, scale=scale)
-    pix = np.array([[v for x, y in DOTS for v in (x + 0.5, y + 0.5)]], dtype=np.float32)
-    target = torch.tensor(o.normalise(pix, [{"sx": 1, "sy": 1, "tx": 0, "ty": 0, "input_w": W, "input_h": H}]))
-    aug = Augment(hflip=0.5, rotation=12, scale=0.1, shift=0.06)
-    out, moved = aug(img.expand(n, -1, -1, -1).contiguous(), {"landmarks": target.expand(n, -1).contiguous()}, [o],
-                     torch.Generator().manual_seed(3))
-    flips = 0
-    for b in range(n):
-        p = moved["landmarks"][b].reshape(5, 2).double()
-        p = (p + 1) / 2 if scale == "signed" else p
-        xs, ys = (p[:, 0] * W).long(), (p[:, 1] * H).long()
-        seen = [tuple(out[b, :, y, x].tolist()) for x, y in zip(xs, ys)]
-        flipped = seen == [COLOURS[i] for i in FLIP_5]
-        flips += flipped
-        assert flipped or seen == COLOURS, (b, seen)
-        assert xs[0] < xs[1] and xs[3] < xs[4]  # point 0 stays the image-left eye
-    assert 0 < flips < n
-
-
-def test_flip_is_refused_for_landmarks_without_a_known_left_right_order():
-    with pytest.raises(ValueError, match="68 points"):
-        Augment(hflip=0.5).check([Landmarks("landmarks", points=68)])
-    Augment(rotation=5).check([Landmarks("landmarks", points=68)])
-
-
-def test_recipe_keys_expand_and_bad_ones_fail():
-    a = Augment.from_recipe({"hflip": 0.5, "align_jitter": 1, "color_jitter": 0.2, "random_crop": True})
-    assert (a.hflip, a.rotation, a.shift, a.scale) == (0.5, 3.0, 0.03, pytest.approx(0.07))
-    assert (a.brightness, a.saturation, a.hue) == (0.2, 0.2, 0.05)
-    with pytest.raises(ValueError, match="unknown augmentation"):
-        Augment.from_recipe({"mixup": 0.2})
-    with pytest.raises(ValueError, match="rotation"):
-        Augment.from_recipe({"rotation": 400})
-    assert not Augment.from_recipe({}).active
-
-
-def test_photometric_augmentation_changes_pixels_and_keeps_shape():
-    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
-    out, _ = Augment(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1, blur=1.0)(x, {}, [],
-                                                                                      torch.Generator().manual_seed(0))
-    assert out.shape == x.shape and out.dtype == torch.uint8
-    assert (out.float() - x.float()).abs().mean() > 5
-    assert out.float().std() < x.float().std()  # the blur smooths the noise
-
-
-def test_erasing_fills_one_rectangle_per_chosen_image_with_its_mean_and_keeps_landmarks():
-    n, H, W = 64, 40, 30
-    x = torch.randint(0, 256, (n, 3, H, W), dtype=torch.uint8)
-    pts = torch.rand(n, 10)
-    o = Landmarks("landmarks", points=5, scale="unit")
-    out, moved = Augment(erase=0.5, erase_area=0.3)(x, {"landmarks": pts}, [o], torch.Generator().manual_seed(1))
-    assert out.shape == x.shape and out.dtype == torch.uint8 and torch.equal(moved["landmarks"], pts)
-    mean = x.float().mean((2, 3)).round()
-    erased = 0
-    for b in range(n):
-        changed = (out[b] != x[b]).any(0)  # (H, W)
-        if not changed.any():
-            continue
-        erased += 1
-        rows, cols = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
-        r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-        patch = out[b, :, r0:r1, c0:c1].float()
-        assert torch.equal(patch, mean[b].view(3, 1, 1).expand_as(patch))  # one rectangle, flat, the image's mean
-        assert (r1 - r0) * (c1 - c0) <= 0.3 * H * W + H + W  # within erase_area (pixels cut at the border)
-    assert 16 < erased < 48  # about half of 64
-    assert not Augment.from_recipe({"erase_area": 0.2}).active  # a size alone turns nothing on
-    assert Augment.from_recipe({"erase": 0.5}).active
-    with pytest.raises(ValueError, match="erase_area"):
-        Augment(erase=0.5, erase_area=0.01)
-
-
-def test_evaluation_applies_no_augmentation(photo_set, monkeypatch):
-    _, manifest, _ = photo_set
-    table = _table(manifest).iloc[:6]
-    model = models.create_model("hard_sharing")
-    model.recipe = dataclasses.replace(model.recipe, augment={"hflip": 1.0, "rotation": 30, "brightness": 0.5})
-    before = run_model(model, table, batch_size=4)
-    calls = []
-    monkeypatch.setattr(Augment, "__call__", lambda self, *a, **k: calls.append(1) or (_ for _ in ()).throw(
-        AssertionError("augmentation in evaluation")))
-    after = run_model(model, table, batch_size=4)
-    assert not calls and all(torch.equal(before.raw[k], after.raw[k]) for k in before.raw)
-    with pytest.raises(AssertionError, match="augmentation in evaluation"):  # training does call it
-        engine.fit(model, table, table, epochs=1, batch_size=6, log_fn=None)
 
 
 def test_faces_landmarks_needs_5_points_per_row():
