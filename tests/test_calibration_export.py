@@ -1,6 +1,6 @@
 """The train job exports a calibrated checkpoint (#21): raytasks.train.job.calibrated_bytes fits the best
 checkpoint's temperatures on the validation split, and the label columns read them. The export is made in
-memory and written once (a recipe's record added to it in memory: models.checkpoint.with_extra, tests/test_recipes.py)."""
+memory and written once (a recipe's record added to it in memory: models.checkpoint.with_extra, tests/test_recipes_runs.py)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@
   both workers; from each worker's own statistics they would differ.
 
 Ray Train's own part (workers, shards, the remainder of a shard joining its last batch, the every-P validations
-inside an epoch, resume and restart) is checked by tests/test_recipes.py's Ray Train run."""
+inside an epoch, resume and restart) is checked by tests/test_recipes_runs.py's Ray Train run."""
 
 from __future__ import annotations
 

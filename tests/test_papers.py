@@ -3,7 +3,7 @@
 Single process, no Ray: the remainder batch (item 0), the attention network's split (2), the hard-sharing
 CNN's early stopping and learning-rate readings (3), HMTNet's Smooth Huber loss (4) and input size without
 augmentation (5), DMM-CNN's landmark scale. Item 1 (manifests) is in tests/test_datasets.py, the Ray Train
-remainder in tests/test_recipes.py's Ray Train run.
+remainder in tests/test_recipes_runs.py's Ray Train run.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Where the rest of the train job is checked: one recipe trained with Ray Train (a
 restarted by Ray Train, a rerun that resumes, DDP: both ranks step, read disjoint halves of the data, fold a
 shard's last batch of one into the batch before it, validate inside an epoch, and hold identical weights and
 state; validation over the whole split, the step count and learning-rate schedule going on across both, data,
-run storage and output on S3, and the export that jobs.evaluate loads): tests/test_recipes.py
+run storage and output on S3, and the export that jobs.evaluate loads): tests/test_recipes_runs.py
 ``test_recipe_on_s3_dies_resumes_restarts_a_worker_with_ddp_and_is_exported_and_recorded``. DDP's
 model-specific rules without Ray, in two gloo processes (HMTNet's head that gets no gradient, DMM-CNN's dynamic
 weights and thresholds moved identically on both workers from all-reduced statistics): tests/test_ddp.py.
