@@ -6,9 +6,10 @@ outputs can be scored against, and which face of a photo each row is about (``jo
   checkpoint's output names its classes (``Categorical.classes``: age_gender_race's are UTKFace's five, an
   hmtnet's those of the data it was trained on). Scoring that output against codes of other classes would
   call Asian faces White (or crash on a code the head does not have), so such a column is left out of the
-  evaluation, and the job says which and why. This is the rule training applies to a mix of sources
-  (``FaceDataset._check_classes``, which refuses the mix): a format's codes mean its ``CLASS_MEANINGS``; a
-  manifest's have no stated meaning and are taken to be the model's classes when they are among its codes.
+  evaluation, and the job says which and why. This is the rule training applies to a mix of sources, one
+  function for both (``facedata.datasets.base.class_mismatches``; ``FaceDataset._check_classes`` refuses the
+  mix): a format's codes mean its ``CLASS_MEANINGS``; a manifest's have no stated meaning and are taken to be
+  the model's classes when they are among its codes.
   Training refuses because leaving a source's labels out would change what the model learns; an evaluation
   measures the outputs that can be measured (as it scores a 40-attribute model on the attributes a data set
   labels) and names the one it cannot.
@@ -28,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from facedata.datasets import FACE_SELECT_COLUMNS
-from facedata.datasets.base import CLASS_MEANINGS
+from facedata.datasets.base import CLASS_MEANINGS, class_mismatches, classes_text
 from faces.facecache import DetectionCache
 from faces.trainfaces import ALIGN_POINTS, ALIGN_SHA, FaceReport, find_training_faces
 from models.outputs import Categorical
@@ -36,36 +37,26 @@ from models.outputs import Categorical
 _ROW = "_eval_row"  # a row's position in the table given to NamedFaces.resolve, while its faces are found
 
 
-def _classes(names) -> str:
-    return ", ".join(f"{i}={n}" for i, n in enumerate(names))
-
-
 def class_disagreements(ds, model) -> dict[str, str]:
     """``{column: why}`` for every class-coded label column of ``ds`` (each source of a mix) whose codes do not
-    mean the classes of the ``model`` output scored against it; empty when they all agree."""
+    mean the classes of the ``model`` output scored against it (``facedata.datasets.base.class_mismatches``,
+    the rule training refuses a mix by; the first source that disagrees is named); empty when they all agree."""
     out: dict[str, str] = {}
     for o in model.outputs:
         col = o.target_column
         if not isinstance(o, Categorical) or col not in CLASS_MEANINGS:
             continue
         classes = tuple(o.classes)
-        for part in ds.parts or (ds,):
-            if col not in part.table.columns or not part.table[col].notna().any():
-                continue
-            name = f"{part.format}:{part.root}"
-            meaning = CLASS_MEANINGS[col].get(part.format)
-            if meaning is not None:
-                if tuple(meaning) != classes:
-                    out[col] = (f"{name} codes {col} as {_classes(meaning)}; the checkpoint's {o.name} output "
-                                f"is {_classes(classes)}")
-                    break
-                continue
-            codes = part.table[col].dropna().to_numpy(dtype=float)
-            bad = codes[(codes < 0) | (codes >= len(classes)) | (codes != np.round(codes))]
-            if len(bad):
-                out[col] = (f"{name} has {col} {bad[0]:g}, which is none of the checkpoint's {o.name} classes "
-                            f"({_classes(classes)})")
-                break
+        bad = class_mismatches(ds, col, classes)
+        if not bad:
+            continue
+        first = bad[0]
+        if first.meaning is not None:
+            out[col] = (f"{first.source} codes {col} as {classes_text(first.meaning)}; the checkpoint's {o.name} "
+                        f"output is {classes_text(classes)}")
+        else:
+            out[col] = (f"{first.source} has {col} {first.code:g}, which is none of the checkpoint's {o.name} "
+                        f"classes ({classes_text(classes)})")
     return out
 
 

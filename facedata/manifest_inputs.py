@@ -63,10 +63,14 @@ def batch_paths(batch, uri: str = "") -> list[str | None]:
 _LINE_END = re.compile(r"\r\n|\r|\n")  # pyarrow's line ends
 
 
-def _quotes_close(line: str) -> bool:
-    """Whether every value of a CSV line that opens a quote closes it on the line, by pyarrow's rules: a quote
-    opens only at the start of a value (``a"b`` is literal text), ``""`` inside is one quote, and the value
-    goes on after the closing quote up to the next comma (``"a"b`` is ``ab``)."""
+def quotes_close(line: str, sep: str = ",", strict: bool = False) -> bool:
+    """Whether every value of a CSV ``line`` (or of a record's text: a line end inside a quote is text) that opens
+    a quote closes it: the one test of a quote left open, for the label job's manifests (:class:`_CsvLines`) and
+    the data sets' CSV label files (``facedata.datasets.textfiles.csv_records``). A quote opens only at the start
+    of a value (``a"b`` is literal text) and ``""`` inside is one quote. After the closing quote, pyarrow's reader
+    goes on with the value up to the next ``sep`` (``"a"b`` is ``ab``); Python's ``csv`` with ``strict`` (the
+    data sets' reader) calls the line malformed there and reads no further, so with ``strict`` nothing after such
+    a quote opens another."""
     i = 0
     while True:
         if line.startswith('"', i):
@@ -79,16 +83,18 @@ def _quotes_close(line: str) -> bool:
                     break
                 i = j + 2
             i = j + 1
-        comma = line.find(",", i)
+            if strict and i < len(line) and not line.startswith(sep, i):
+                return True
+        comma = line.find(sep, i)
         if comma < 0:
             return True
-        i = comma + 1
+        i = comma + len(sep)
 
 
 class _CsvLines:
     """The physical lines of a CSV manifest, counted as the bytes go to pyarrow (fed by :class:`_EscapeNonUtf8`):
     the file's line number of each record (pyarrow numbers records, skipping blank lines), and the first line that
-    opens a quote it does not close (:func:`_quotes_close`), after which nothing is counted.
+    opens a quote it does not close (:func:`quotes_close`), after which nothing is counted.
 
     Memory: two integers per run of blank lines (a record's line is its number plus the blank lines before it).
     pyarrow reads (and so feeds this) on a thread of its own, ahead of the parse that asks for lines: a lock keeps
@@ -108,7 +114,7 @@ class _CsvLines:
         if self.unclosed is not None:
             return
         lines, quoted = self._complete_lines(text, final)
-        bad = next((i for i, line in enumerate(lines) if '"' in line and not _quotes_close(line)), None) if quoted else None
+        bad = next((i for i, line in enumerate(lines) if '"' in line and not quotes_close(line)), None) if quoted else None
         if bad is not None:
             self.unclosed = self.lines + bad + 1
             lines = lines[:bad]

@@ -48,7 +48,12 @@ def normalize_path(path: str, base: str | None = None) -> str:
     (:func:`_s3_key`: ``a/./b`` and ``a/x/../b`` are ``a/b``, but ``a//b`` is another object), or a local
     absolute path (``os.path.normpath`` of the path resolved against ``base``, ``file://`` stripped). ``a.jpg``,
     ``./a.jpg`` and ``/abs/a.jpg`` in a manifest in ``/abs`` are one file. Symlinks are not resolved here
-    (the allow-prefix check in :func:`fetch_chunks` resolves them)."""
+    (the allow-prefix check in :func:`fetch_chunks` resolves them; a look-up per path component of every row
+    would cost a large table dearly).
+
+    The one spelling of a file's key: the labelled data sets' readers use it too (facedata/datasets/mixed.py and manifest.py:
+    a mix's one split per file, a manifest's split key of a file written several ways), so a file is one file
+    to training, evaluation and the label job alike."""
     uri = resolve_path(path, base)
     if storage.is_s3(uri):
         bucket, _, key = uri[len("s3://"):].partition("/")

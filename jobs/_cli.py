@@ -22,8 +22,8 @@ def positive(kind):
     """An argparse ``type`` that parses with ``kind`` and refuses values <= 0."""
 
     def parse(text: str):
-        v = kind(text)
-        if v <= 0:
+        v = _number(kind, text, "> 0")
+        if not v > 0:  # not "v <= 0": NaN is no size or count either
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return v
 
@@ -32,11 +32,22 @@ def positive(kind):
 
 def non_negative(text: str) -> int:
     """An argparse ``type``: an integer >= 0 (``--patience``, ``--validate-every``, whose 0 is off: -1, which some
-    tools read as off, would stop a run after its first epoch; ``--bootstrap``, ``--min-group``)."""
-    v = int(text)
+    tools read as off, would stop a run after its first epoch; ``--bootstrap``, ``--min-group``; report's ``--seed``,
+    as numpy's generators take no negative seed)."""
+    v = _number(int, text, ">= 0")
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return v
+
+
+def _number(kind, text: str, bound: str):
+    """``kind(text)``, or an argparse error that says what was expected (argparse's own would name the parsing
+    function: ``invalid parse value``)."""
+    try:
+        return kind(text)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"must be {what} {bound}, got {text!r}") from None
 
 
 FACES_HELP = ("detect: find every face, align each to the model's face template, one row per face; "

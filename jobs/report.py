@@ -24,6 +24,7 @@ import sys
 
 import storage
 from core.report import DEFAULT_MAX_THUMBNAILS, ReportError, label_report
+from jobs._cli import non_negative
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -32,7 +33,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--html", default=None, help="where to write the report (path or s3://; default OUT/_report.html)")
     p.add_argument("--max-thumbnails", type=int, default=DEFAULT_MAX_THUMBNAILS,
                    help=f"flagged faces shown at most (default {DEFAULT_MAX_THUMBNAILS}; 0: none)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample of flagged faces shown")
+    p.add_argument("--seed", type=non_negative, default=0,  # numpy's generators take no negative seed
+                   help="seed of the sample of flagged faces shown (a whole number >= 0)")
     p.add_argument("--allow-prefix", action="append", default=[], metavar="PREFIX",
                    help="read thumbnails' photos only under this folder or s3:// prefix (repeatable; default: what "
                         "the label run was allowed to read, from its summary, unless that is a root, top-level, "
@@ -40,8 +42,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if not 0 <= args.max_thumbnails <= 5000:
         p.error("--max-thumbnails must be between 0 and 5000")
-    if args.seed < 0:  # numpy's generators take no negative seed
-        p.error("--seed must be >= 0")
     try:
         doc, info = label_report(args.output, args.max_thumbnails, args.seed, tuple(args.allow_prefix))
     except ReportError as e:

@@ -114,7 +114,12 @@ def test_a_negative_seed_is_refused_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         report(output(tmp_path, rows(2), {}), "--seed", "-1")
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "--seed must be >= 0" in err and "Traceback" not in err
+    # the shared argparse type (jobs/_cli.py non_negative), as train's --patience and evaluate's --bootstrap
+    assert e.value.code == 2 and "argument --seed: must be >= 0, got -1" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as e:
+        report(output(tmp_path / "b", rows(2), {}), "--seed", "1.5")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --seed: must be a whole number >= 0, got '1.5'" in err
 
 
 # --- 9: an output of no rows ---------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import posixpath
 import re
 from collections.abc import Iterable
@@ -57,7 +56,7 @@ MODEL_LABELS: dict[str, tuple[str, ...]] = {
 # The label columns whose numbers are class codes that mean different classes in different formats: column ->
 # format -> the classes of codes 0, 1, ... A manifest's codes have no stated meaning (None): they are taken to be
 # the model's classes. A model learns such a column from a mix only when all its sources mean the same classes
-# (FaceDataset._check_classes).
+# (FaceDataset._check_classes; the rule: class_mismatches, which jobs.evaluate applies too).
 CLASS_MEANINGS: dict[str, dict[str, tuple[str, ...]]] = {
     "race": {"utkface": UTKFACE_RACES, "scut_fbp5500": SCUT_RACES},
 }
@@ -268,38 +267,34 @@ class FaceDataset:
         """ValueError when a class-coded column the model learns (:data:`CLASS_MEANINGS`) would put codes of
         different classes into one head: every source that fills the column counts, not only those that can
         train the model alone (in a mix with UTKFace, SCUT-FBP5500's race 0 = Asian would teach
-        age_gender_race's 0 = White). Refusing, not dropping the column of one source: which labels to leave
-        out is the user's choice (train on one source, or a manifest without its race column)."""
+        age_gender_race's 0 = White). The classes are the model's own (:data:`MODEL_CLASSES`), else those of the
+        first source whose format names them; the sources are compared with them by :func:`class_mismatches`,
+        the rule ``jobs.evaluate`` applies to a checkpoint's classes. Refusing, not dropping the column of one
+        source: which labels to leave out is the user's choice (train on one source, or a manifest without its
+        race column)."""
         for col in MODEL_LABELS.get(model_name, ()):
             if col not in CLASS_MEANINGS:
                 continue
             fixed = MODEL_CLASSES.get(model_name, {}).get(col)
-            known: list[tuple[str, tuple[str, ...]]] = []
-            for part in self.parts or (self,):
-                if not part._filled(col):
-                    continue
-                name = f"{part.format}:{part.root}"
-                meaning = CLASS_MEANINGS[col].get(part.format)
-                if meaning is not None:
-                    known.append((name, meaning))
-                elif fixed is not None:  # a manifest: its codes must at least be among the model's classes
-                    top = float(np.nanmax(part.table[col].to_numpy(dtype=float)))
-                    if top >= len(fixed):
-                        raise ValueError(
-                            f"{model_name} learns {col} as {_classes(fixed)}; {name} has {col} {top:g}, "
-                            f"which is none of them")
-            if not known:
+            named = [(f"{p.format}:{p.root}", CLASS_MEANINGS[col][p.format]) for p in self.parts or (self,)
+                     if p.format in CLASS_MEANINGS[col] and p._filled(col)]
+            want = fixed if fixed is not None else named[0][1] if named else None
+            if want is None:
+                continue  # only manifests, and a model that takes its classes from them (hmtnet)
+            bad = class_mismatches(self, col, want)
+            if not bad:
                 continue
-            # the reference: the model's own classes, named by a source that has them when there is one
-            want = fixed if fixed is not None else known[0][1]
-            agree = next((n for n, m in known if m == want), None)
-            for name, meaning in known:
-                if meaning != want:
-                    first = f"{agree} codes {col} as" if agree else f"{model_name} learns {col} as"
-                    raise ValueError(
-                        f"{model_name}: the sources' {col} labels mean different classes: {first} "
-                        f"{_classes(want)} but {name} codes it as {_classes(meaning)}; training on both would "
-                        f"teach one class from the other's faces. Train on one of them.")
+            agree = next((n for n, m in named if m == want), None)
+            model = f"{model_name} learns {col} as {classes_text(want)}"
+            code = next((b for b in bad if b.meaning is None), None)  # a code the head lacks, named first
+            if code is not None:
+                ref = model if fixed is not None else f"{agree} codes {col} as {classes_text(want)}"
+                raise ValueError(f"{ref}; {code.source} has {col} {code.code:g}, which is none of them")
+            ref = f"{agree} codes {col} as {classes_text(want)}" if agree else model
+            raise ValueError(
+                f"{model_name}: the sources' {col} labels mean different classes: {ref} but {bad[0].source} codes "
+                f"it as {classes_text(bad[0].meaning)}; training on both would teach one class from the other's "
+                "faces. Train on one of them.")
 
     def _filled(self, column: str) -> bool:
         if column not in self.table.columns:
@@ -310,8 +305,46 @@ class FaceDataset:
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _classes(names: tuple[str, ...]) -> str:
+def classes_text(names) -> str:
+    """Classes as their codes name them: ``0=Asian, 1=Caucasian``."""
     return ", ".join(f"{i}={n}" for i, n in enumerate(names))
+
+
+@dataclass(frozen=True)
+class ClassMismatch:
+    """A source of a data set whose codes in a class-coded column do not mean the classes they are compared with
+    (:func:`class_mismatches`): its format's codes mean other classes (``meaning``), or, a manifest (its codes
+    have no stated meaning), it has a ``code`` that is none of them."""
+
+    source: str  # FORMAT:ROOT
+    meaning: tuple[str, ...] | None  # the classes the format's codes mean; None for a manifest
+    code: float | None = None  # a manifest's first code that is not one of the classes
+
+
+def class_mismatches(ds: FaceDataset, column: str, classes) -> list[ClassMismatch]:
+    """The sources of ``ds`` (each source of a mix, in order) that fill the class-coded ``column``
+    (:data:`CLASS_MEANINGS`) with codes that do not mean ``classes`` (codes 0, 1, ...); empty when they all do.
+    The one rule of what a source's codes mean: a format's codes mean its ``CLASS_MEANINGS``, which must be
+    ``classes`` to the letter; a manifest's have no stated meaning and are taken to be ``classes`` when every
+    one is a whole number below their count. Training refuses a mix that fails it
+    (``FaceDataset.model_overrides``, against the model's classes); ``jobs.evaluate`` leaves such a column
+    unscored (``core.evalinputs.class_disagreements``, against the checkpoint's)."""
+    classes = tuple(classes)
+    out: list[ClassMismatch] = []
+    for part in ds.parts or (ds,):
+        if not part._filled(column):
+            continue
+        name = f"{part.format}:{part.root}"
+        meaning = CLASS_MEANINGS[column].get(part.format)
+        if meaning is not None:
+            if tuple(meaning) != classes:
+                out.append(ClassMismatch(name, tuple(meaning)))
+            continue
+        codes = part.table[column].dropna().to_numpy(dtype=float)
+        bad = codes[(codes < 0) | (codes >= len(classes)) | (codes != np.round(codes))]
+        if len(bad):
+            out.append(ClassMismatch(name, None, float(bad[0])))
+    return out
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -364,16 +397,6 @@ def _relpath(uri: str, root: str) -> str:
     path = storage.filesystem(uri)[1]
     rel = path[len(root_path) :] if path.startswith(root_path) else path
     return rel.replace("\\", "/").lstrip("/")
-
-
-def file_key(path: str) -> str:
-    """The file a full ``path`` names, the same for every spelling a reader may give it (``dir/./x.jpg``,
-    ``file://``, a relative path). Not resolved through symbolic links: that costs a look-up per path
-    component of every row of a large table. An ``s3://`` key is literal text (``./`` in it is part of the
-    key), so it is its own key."""
-    if storage.is_s3(path):
-        return path
-    return os.path.abspath(path[len("file://"):] if path.startswith("file://") else path)
 
 
 def _list_images(folder: str) -> list[str]:

@@ -31,11 +31,11 @@ from facedata.datasets.base import (
     _Skips,
     _Splitter,
     columns_from_attributes,
-    file_key,
     log,
     missing,
 )
 from facedata.datasets.textfiles import _unique_names, csv_records, decode_text
+from facedata.paths import normalize_path
 
 # --------------------------------------------------------------------------------------------- manifest
 
@@ -135,8 +135,8 @@ def _split_keys(paths: list[tuple[str, str]], base: str) -> dict[str, str]:
     in one split: the same file in train and test would be tested on faces it was trained on."""
     spellings: dict[str, set[str]] = {}
     for written, full in paths:
-        spellings.setdefault(file_key(full), set()).add(written)
-    folder = file_key(base).rstrip("/") + "/"
+        spellings.setdefault(normalize_path(full), set()).add(written)
+    folder = normalize_path(base).rstrip("/") + "/"
     keys = {}
     for file, texts in spellings.items():
         key = next(iter(texts)) if len(texts) == 1 else file.removeprefix(folder)

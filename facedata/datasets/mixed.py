@@ -32,9 +32,9 @@ from facedata.datasets.base import (
     LABEL_COLUMNS,
     LIST_COLUMNS,
     FaceDataset,
-    file_key,
     missing,
 )
+from facedata.paths import normalize_path
 
 log = logging.getLogger("facedata.datasets")
 
@@ -79,7 +79,7 @@ def _one_split_per_file(table: pd.DataFrame, part: np.ndarray) -> None:
     stays what it is alone, and its results compare with a run on it alone. A file that only one source lists,
     even twice (two faces of a group photo, a manifest's own split column), keeps its rows' splits: what the
     source says about its own files is the user's choice, as it would be without the mix."""
-    keys = pd.Series([file_key(p) for p in table["path"]], index=table.index)
+    keys = pd.Series([normalize_path(p) for p in table["path"]], index=table.index)
     shared = keys.map(pd.Series(part, index=table.index).groupby(keys).nunique()) > 1
     if not shared.any():
         return

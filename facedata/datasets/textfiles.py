@@ -10,6 +10,7 @@ import io
 
 import storage
 from facedata.datasets.base import _Skips
+from facedata.manifest_inputs import quotes_close
 
 
 def decode_text(data: bytes, uri: str) -> str:
@@ -34,11 +35,6 @@ def read_lines(uri: str) -> list[str]:
     return read_text(uri).splitlines()
 
 
-# csv's errors for a quote that never closes: at the end of the file, or once the field it opens passes csv's
-# field limit (128 KiB) on the way there.
-_UNCLOSED = ("unexpected end of data", "field larger than field limit")
-
-
 def csv_records(text: str, label: str, skips: _Skips, sep: str = ",", file: str = "",
                 ) -> tuple[list[str], list[tuple[int, dict]]]:
     """The header and the data rows of a CSV text: ``(row, {column: text})`` per row, ``row`` counting the data
@@ -54,10 +50,12 @@ def csv_records(text: str, label: str, skips: _Skips, sep: str = ",", file: str 
     and labels are each on one line: a stray quote had swallowed the lines up to the one that closed it).
 
     A quote that opens and never closes refuses the file (ValueError naming ``file``, default ``label``, and the
-    line where the quote opens): it turns
-    every later line into one field, and where the user meant it to stop cannot be known, so the reader does
-    not guess which lines after it are rows."""
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep, strict=True)
+    line where the quote opens): it turns every later line into one field, and where the user meant it to stop
+    cannot be known, so the reader does not guess which lines after it are rows. Which quote is left open is
+    told by the label job's test (``facedata.manifest_inputs.quotes_close``, with ``csv``'s strict rule), on the
+    text ``csv`` read for the record: to the end of the file, or to ``csv``'s field limit (128 KiB) on the way."""
+    lines = io.StringIO(text, newline="").readlines()  # the file's lines, as csv reads them (ends kept)
+    reader = csv.reader(lines, delimiter=sep, strict=True)
     header: list[str] | None = None
     rows: list[tuple[int, dict]] = []
     line, index = 1, -1
@@ -70,7 +68,7 @@ def csv_records(text: str, label: str, skips: _Skips, sep: str = ",", file: str 
             break
         except csv.Error as err:
             fields, error = [], str(err)
-            if error.startswith(_UNCLOSED):
+            if not quotes_close("".join(lines[start - 1:reader.line_num]), sep, strict=True):
                 raise ValueError(
                     f"{file or label}: line {start} opens a quote (\") that is never closed, so every line after it would "
                     "be read as one field; remove the stray quote, or close it, and read the file again") from None
@@ -85,7 +83,7 @@ def csv_records(text: str, label: str, skips: _Skips, sep: str = ",", file: str 
             continue
         index += 1
         reason = error and f"{error} (a quote inside a quoted field is written twice: \"\")"
-        if not reason and any("\n" in f or "\r" in f for f in fields):
+        if not reason and line - start > 1:  # a quote open at the end of its line (an error would have said)
             reason = "a quoted field runs over several lines (a stray quote?); a row's fields are on one line"
         if not reason and len(fields) != len(header):
             reason = (f"expected {len(header)} fields ({sep.join(header)}), got {len(fields)}: "
