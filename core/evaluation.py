@@ -3,7 +3,8 @@ error, the reliability diagram, and every metric per group of people with confid
 
 ``jobs.evaluate`` is the command line around it (its docstring says what each figure is). Faces are read
 whole or through the same detector and alignment as label and serve (``faces.finder.decode_face``); a row
-that names its face (a manifest's face_box / face_points) as training reads it (core/evalinputs.py).
+that names its face (a manifest's face_box / face_points) as training reads it (core/evalinputs.py). The
+metrics of one group, the labelled rows behind each and the largest gaps are computed in core/groupstats.py.
 """
 
 from __future__ import annotations
@@ -20,6 +21,15 @@ import torch
 from core.batches import concat_batches, load_batch, to_tensors
 from core.engine import validation_loss
 from core.evalinputs import face_parts
+from core.groupstats import (
+    accuracy_counts,
+    labelled_counts,
+    labelled_outputs,
+    largest_gaps,
+    output_ctx,
+    point_metrics,
+    subset_rows,
+)
 from facedata.datasets.base import missing
 from models.outputs import Binary, Categorical
 from models.outputset import add_stats
@@ -111,27 +121,15 @@ def metrics_from(model, ev: Evaluated) -> dict[str, float]:
     return metrics
 
 
-def _ctx(model, o) -> dict:
-    sub = model.column_context().get(o.name)
-    return sub if isinstance(sub, dict) else {}
-
-
-def _labelled(model, raw: dict, targets: dict):
-    """(output, raw, target) of every output with probabilities whose labels the data has."""
-    for o in model.outputs.calibratable():
-        if o.name in raw and o.target_column in targets:
-            yield o, raw[o.name], targets[o.target_column]
-
-
 def calibration_errors(model, raw: dict, targets: dict, validate: bool = True) -> dict[str, float]:
     """``<name>.ece_uncalibrated`` for every labelled categorical output and binary attribute (and
     ``<group>.mean_ece_uncalibrated``), plus ``..._calibrated`` for the outputs that carry temperatures."""
     out: dict[str, float] = {}
-    for o, r, t in _labelled(model, raw, targets):
-        for k, v in ece(o, r, t, calibrated=False, ctx=_ctx(model, o), validate=validate).items():
+    for o, r, t in labelled_outputs(model, raw, targets):
+        for k, v in ece(o, r, t, calibrated=False, ctx=output_ctx(model, o), validate=validate).items():
             out[f"{k}_uncalibrated"] = v
         if o.calibrated:
-            for k, v in ece(o, r, t, calibrated=True, ctx=_ctx(model, o), validate=validate).items():
+            for k, v in ece(o, r, t, calibrated=True, ctx=output_ctx(model, o), validate=validate).items():
                 out[f"{k}_calibrated"] = v
     return out
 
@@ -229,35 +227,6 @@ def _available(table, model) -> str:
     return ", ".join(group_keys(table, model)) or "no label column"
 
 
-def _subset(d: dict[str, torch.Tensor], idx: np.ndarray) -> dict[str, torch.Tensor]:
-    ix = torch.as_tensor(idx, dtype=torch.long)
-    return {k: v.index_select(0, ix) for k, v in d.items()}
-
-
-def _point_metrics(model, raw: dict, targets: dict, validate: bool = True) -> tuple[dict[str, float], dict]:
-    stats = model.stats(raw, targets)
-    m = model.metrics(stats)
-    for o, r, t in _labelled(model, raw, targets):
-        m.update(ece(o, r, t, calibrated=True, ctx=_ctx(model, o), validate=validate))
-    return {k: v for k, v in m.items() if isinstance(v, float)}, stats
-
-
-def _accuracy_counts(model, stats: dict) -> dict[str, tuple[float, float]]:
-    """``{"<x>.accuracy": (correct, n)}`` for every accuracy that is a proportion of labelled rows."""
-    out: dict[str, tuple[float, float]] = {}
-    for o in model.outputs:
-        s = stats.get(o.name)
-        if not s or "correct" not in s:
-            continue
-        if isinstance(o, Binary):  # each attribute over the rows that have it
-            for label, c, n in zip(o.labels, s["correct"].tolist(), s["n_label"].tolist()):
-                if n > 0:
-                    out[f"{label}.accuracy"] = (float(c), float(n))
-        else:
-            out[f"{o.name}.accuracy"] = (float(s["correct"]), float(s["n"]))
-    return out
-
-
 def group_report(model, table: pd.DataFrame, raw: dict, targets: dict, by: list[str], n_boot: int = 1000,
                  min_group: int = 30, seed: int = 0, rows: np.ndarray | None = None) -> dict:
     """Every metric and the ECE of each group of each key in ``by`` (see the module docstring).
@@ -266,7 +235,9 @@ def group_report(model, table: pd.DataFrame, raw: dict, targets: dict, by: list[
     tensor), one row per evaluated row; ``rows``: their positions in ``table`` (default: all rows, in
     order). Returns ``{"by", "ci", "bootstrap", "min_group", "groups": {key: {group: {"n", "metrics": {metric:
     {"value", "lo", "hi", "n"}}}}}, "gaps": {key: {metric: {"gap", "max_group", "max", "min_group", "min"}}},
-    "missing": {key: rows without the label}}``."""
+    "missing": {key: rows without the label}}``. A group's ``n`` counts its rows, a metric's ``n`` the rows
+    with that metric's label (core/groupstats.py ``labelled_counts``); a metric's gap compares the groups
+    whose metric has ``n >= min_group``."""
     if rows is None:
         rows = np.arange(len(table))
     n_rows = {len(v) for v in list(raw.values()) + list(targets.values())}
@@ -296,14 +267,15 @@ def _group_report(model, table, raw, targets, by, values, rows, n_boot, min_grou
         groups: dict[str, dict] = {}
         for g in sorted({v for v in names if v is not None}, key=_group_order):
             idx = np.array([i for i, v in enumerate(names) if v == g])
-            r, t = _subset(raw, idx), _subset(targets, idx)
-            point, stats = _point_metrics(model, r, t)
-            counts = _accuracy_counts(model, stats)
+            r, t = subset_rows(raw, idx), subset_rows(targets, idx)
+            point, stats = point_metrics(model, r, t)
+            counts = accuracy_counts(model, stats)
+            behind = labelled_counts(model, stats, point)  # each metric's labelled rows: what --min-group reads
             boot: dict[str, list[float]] = {k: [] for k in point if k not in counts}
             if boot and n_boot > 0:
                 for _ in range(int(n_boot)):
                     sample = idx[rng.integers(0, len(idx), len(idx))]
-                    m, _ = _point_metrics(model, _subset(raw, sample), _subset(targets, sample), validate=False)
+                    m, _ = point_metrics(model, subset_rows(raw, sample), subset_rows(targets, sample), validate=False)
                     for k in boot:
                         boot[k].append(m.get(k, float("nan")))
             metrics = {}
@@ -313,7 +285,7 @@ def _group_report(model, table, raw, targets, by, values, rows, n_boot, min_grou
                     lo, hi = wilson(c, n)
                 else:
                     lo, hi = bootstrap_interval(v, boot.get(k, []))
-                    n = float(len(idx))
+                    n = behind.get(k, len(idx))
                 metrics[k] = {"value": v, "lo": lo, "hi": hi, "n": int(n)}
             groups[g] = {"n": int(len(idx)), "metrics": metrics}
         report["groups"][key] = groups
@@ -326,20 +298,6 @@ def _group_order(name: str):
         if name == g:
             return (0, i, "")
     return (1, 0, name)
-
-
-def largest_gaps(groups: dict[str, dict], min_group: int = 1) -> dict[str, dict]:
-    """For each metric: the largest value minus the smallest over the groups with ``n >= min_group``."""
-    gaps: dict[str, dict] = {}
-    metrics = sorted({k for g in groups.values() for k in g["metrics"]})
-    for k in metrics:
-        vals = [(g, d["metrics"][k]["value"]) for g, d in groups.items()
-                if d["n"] >= min_group and k in d["metrics"] and math.isfinite(d["metrics"][k]["value"])]
-        if len(vals) < 2:
-            continue
-        (gmax, vmax), (gmin, vmin) = max(vals, key=lambda x: x[1]), min(vals, key=lambda x: x[1])
-        gaps[k] = {"gap": vmax - vmin, "max_group": gmax, "max": vmax, "min_group": gmin, "min": vmin}
-    return gaps
 
 
 def format_groups(report: dict) -> list[str]:
@@ -369,7 +327,7 @@ def reliability_png(model, raw: dict, targets: dict, title: str = "") -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    items = list(_labelled(model, raw, targets))
+    items = list(labelled_outputs(model, raw, targets))
     if not items:
         raise CalibrationError("no categorical or binary output with labels to draw")
     fig = Figure(figsize=(4.2 * len(items), 5.2), layout="constrained")
@@ -380,8 +338,8 @@ def reliability_png(model, raw: dict, targets: dict, title: str = "") -> bytes:
         ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="perfect")
         variants = [("uncalibrated", False, "tab:red")] + ([("calibrated", True, "tab:blue")] if o.calibrated else [])
         for name, cal, colour in variants:
-            b = reliability_bins(o, r, t, calibrated=cal, ctx=_ctx(model, o))
-            e = ece(o, r, t, calibrated=cal, ctx=_ctx(model, o))
+            b = reliability_bins(o, r, t, calibrated=cal, ctx=output_ctx(model, o))
+            e = ece(o, r, t, calibrated=cal, ctx=output_ctx(model, o))
             e_v = e.get(f"{o.name}.ece", e.get(f"{o.name}.mean_ece", next(iter(e.values()), float("nan"))))
             conf, acc, cnt = (np.array(b[k], dtype=float) for k in ("confidence", "accuracy", "count"))
             ok = cnt > 0

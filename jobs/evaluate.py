@@ -21,7 +21,7 @@ age_gender_race's 0 = White; a manifest's code the head does not have) are not s
 figure that is not a number (the Pearson of constant predictions) is ``null``.
 
 Calibration (models/calibration.py). The run says whether the checkpoint is calibrated (``calibrated: false``
-for one saved without temperatures) and gives the expected calibration error (15 bins, l1, torchmetrics) of
+for one saved without temperatures) and gives the expected calibration error (15 bins, l1: models/reliability.py) of
 every categorical output and binary attribute: ``<name>.ece_uncalibrated`` (the raw softmax / sigmoid) and,
 for a calibrated model, ``<name>.ece_calibrated`` (what the label and serve jobs report). These keys and
 ``calibrated`` (0 or 1) are added to the ``--json`` object; ``main`` returns the metrics alone.
@@ -36,7 +36,7 @@ its count and a 95 % confidence interval: Wilson's score interval for an accurac
 ``n`` labelled rows), a percentile bootstrap (``--bootstrap`` resamples of the group's rows, seeded;
 bias-corrected, see ``bootstrap_interval``) for every other metric (MAE, RMSE, Pearson, losses, ECE, mean accuracies). For each key and metric it gives the
 largest gap between groups (largest minus smallest value) over the groups with at least ``--min-group``
-rows. A key is a label column of the data (class indices are named by the model's output that predicts
+rows labelled for that metric (the metric's ``n``, not the group's rows). A key is a label column of the data (class indices are named by the model's output that predicts
 them: 0 -> male), ``age_group`` (from ``age``: 0-17, 18-29, 30-44, 45-59, 60+) or one binary attribute of
 the model (``Male``: Male / not_Male). Rows without the key's label are left out of that key.
 ``--groups-json OUT`` writes the report.
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     g = p.add_argument_group("groups")
     g.add_argument("--by", default=None, help="comma-separated keys, e.g. gender,race,age_group (or an attribute: Male)")
     g.add_argument("--groups-json", default=None, help="write the per-group report here (path or s3://)")
-    g.add_argument("--min-group", type=non_negative, default=30, help="groups smaller than this are left out of the gaps")
+    g.add_argument("--min-group", type=non_negative, default=30, help="a metric's gap compares only the groups with at least this many rows labelled for that metric")
     g.add_argument("--bootstrap", type=non_negative, default=1000, help="bootstrap resamples for non-accuracy CIs (0: none)")
     add_face_args(p, default_mode=None, faces_help="detect: find the face in each image and align it to the model's "
                   "template; whole: feed each image whole. Default: as the checkpoint was trained (detect after "

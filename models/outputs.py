@@ -1,7 +1,7 @@
 """One description of every model output.
 
-Each model declares its outputs once, as a tuple of the ``Output`` subclasses below. Everything else is
-derived from that declaration:
+Each model declares its outputs once, as a tuple of the ``Output`` subclasses below (the base class is in
+models/outputbase.py). Everything else is derived from that declaration:
 
 * the training loss (``Output.loss``), with missing labels (NaN targets) masked out;
 * evaluation: summable statistics per batch (``Output.stats``) that can be added across batches and
@@ -32,65 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from .losses import REGRESSION_LOSSES, regression_loss, scalar_error_metrics, scalar_error_stats, valid_rows
+from .outputbase import Output
 
 Tensor = torch.Tensor
 _ABOVE_HALF = float(torch.nextafter(torch.tensor(0.5), torch.tensor(1.0)))  # float32: 0.5 + 2**-24
-
-
-@dataclass(frozen=True)
-class Output:
-    """Base class. ``name`` keys the raw output dict; ``weight`` is the task weight in the total loss."""
-
-    name: str
-    weight: float = 1.0
-    target: str | None = None  # canonical dataset label column; None = same as ``name``
-
-    kind = "abstract"
-
-    @property
-    def target_column(self) -> str:
-        return self.target or self.name
-
-    # --- training -------------------------------------------------------------------------------
-    def loss(self, raw: Tensor, target: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def masked_loss(self, raw: Tensor, target: Tensor) -> Tensor:
-        """Loss over the rows that have a label; 0 (with a gradient path) when none do."""
-        keep = valid_rows(target)
-        if not bool(keep.any()):
-            return raw.sum() * 0.0
-        return self.loss(raw[keep], target[keep])
-
-    # --- evaluation -----------------------------------------------------------------------------
-    def stats(self, raw: Tensor, target: Tensor, **ctx) -> dict[str, Tensor]:
-        """Summable float64 statistics for one batch (rows without a label are ignored)."""
-        raise NotImplementedError
-
-    def metrics(self, stats: dict[str, Tensor]) -> dict[str, float]:
-        raise NotImplementedError
-
-    def unmirror(self, raw: Tensor) -> Tensor:
-        """Raw output of the mirrored face -> the raw output the face itself would have, to be averaged with
-        it (test-time mirror averaging, models/preprocess.py ``mirror``). The same values here: no label of
-        the zoo names a side (gender, age, beauty, smile, glasses...); landmarks override this."""
-        return raw
-
-    # --- what a user reads ----------------------------------------------------------------------
-    def fields(self) -> list[pa.Field]:
-        raise NotImplementedError
-
-    def to_columns(self, raw: Tensor, geometry: list[dict] | None = None, **ctx) -> dict[str, list]:
-        """Columns (name -> one value per row) for a batch of raw outputs."""
-        raise NotImplementedError
-
-    def describe(self) -> dict:
-        d = {"name": self.name, "kind": self.kind, "weight": self.weight, "target": self.target_column}
-        d.update(self._describe())
-        return d
-
-    def _describe(self) -> dict:
-        return {}
 
 
 @dataclass(frozen=True)
@@ -322,7 +267,12 @@ class Regression(Output):
     to the raw score in the columns and in the metrics (not in the loss: training never sees it). Why:
     HMTNet's beauty score drifted by up to ±0.25 from epoch to epoch while its correlation held (early stopping
     on PC cannot see an offset), and the validation split's offset predicted the test split's
-    (docs/results.md, "hmtnet's beauty offset")."""
+    (docs/results.md, "hmtnet's beauty offset").
+
+    The ``<name>`` column holds :meth:`values`: the shifted score clamped to ``range``, and MAE, RMSE and PC
+    measure those same values (jobs.evaluate, the validation metrics of training), so a score the column
+    reports as 5.0 is scored as 5.0. ``<name>.loss`` stays the training objective of the unclamped score
+    (:meth:`shifted`): a loss of clamped values would be flat past the range, where the model still errs."""
 
     range: tuple[float, float] = (1.0, 5.0)
     loss_type: str = "mse"
@@ -334,10 +284,18 @@ class Regression(Output):
     def calibrated(self) -> bool:
         return self.shift is not None
 
-    def values(self, raw, calibrated: bool = True):
-        """(B,) float32 scores: the raw output plus the fitted shift (when there is one and ``calibrated``)."""
+    def shifted(self, raw, calibrated: bool = True):
+        """(B,) float32 scores: the raw output plus the fitted shift (when there is one and ``calibrated``), not
+        clamped. The shift is fitted on these raw, unclamped scores (models/calibration.py), and should be: it
+        is added before the clamp (a clamped score would hide how far off it was), and :meth:`values` clamps after."""
         x = raw.float().reshape(-1)
         return x + self.shift if calibrated and self.shift is not None else x
+
+    def values(self, raw, calibrated: bool = True):
+        """(B,) float32 scores as the ``<name>`` column holds them: :meth:`shifted` clamped to ``range`` (the one
+        place the clamp is defined; the metrics measure these values too)."""
+        lo, hi = self.range
+        return self.shifted(raw, calibrated).clamp(lo, hi)
 
     def __post_init__(self):
         if self.loss_type not in REGRESSION_LOSSES:
@@ -351,10 +309,10 @@ class Regression(Output):
 
     def stats(self, raw, target, **ctx):
         keep = valid_rows(target)
-        x = self.values(raw)[keep].double()
         y = target[keep].double()
-        loss_sum = self.loss(x.float(), y.float()).double() * len(y) if len(y) else torch.zeros((), dtype=torch.float64)
-        return scalar_error_stats(x, y, loss_sum)
+        x = self.shifted(raw)[keep]  # the loss of the unclamped score, the metrics of the column's values
+        loss_sum = self.loss(x, y.float()).double() * len(y) if len(y) else torch.zeros((), dtype=torch.float64)
+        return scalar_error_stats(self.values(raw)[keep].double(), y, loss_sum)
 
     def metrics(self, s):
         return scalar_error_metrics(self.name, s)
@@ -363,8 +321,7 @@ class Regression(Output):
         return [pa.field(self.name, pa.float32())]
 
     def to_columns(self, raw, geometry=None, calibrated: bool = True, **ctx):
-        lo, hi = self.range
-        return {self.name: self.values(raw, calibrated).clamp(lo, hi).tolist()}
+        return {self.name: self.values(raw, calibrated).tolist()}
 
     def _describe(self):
         d = {"range": list(self.range), "loss": self.loss_type, "delta": self.delta}
