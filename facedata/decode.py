@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from models.imagebytes import DEFAULT_MAX_PIXELS, ImageDecodeError, read_header
+from models.imagebytes import DEFAULT_MAX_PIXELS, ImageDecodeError, Prechecked, read_header
 from models.photo import DEFAULT_PHOTO_SIDE, decode_photo_pixels, jpeg_draft_side
 
 if TYPE_CHECKING:
@@ -81,9 +81,16 @@ def fail_decode(batch: dict, i: int, e: Exception) -> None:
         fail(batch, i, "decode_error", f"{type(e).__name__}: {e}")
 
 
-def decode_into(batch: dict, i: int, data: bytes | None, target: Photos | Whole) -> bool:
-    """Decode ``data`` into row ``i`` of ``batch``; returns whether it worked (else the row holds why)."""
-    data = bytes(data) if data is not None else b""
+def _data(data: bytes | Prechecked | None) -> bytes | Prechecked:
+    """What the decoders are given: bytes, or a :class:`~models.imagebytes.Prechecked` as it is."""
+    return data if isinstance(data, Prechecked) else bytes(data) if data is not None else b""
+
+
+def decode_into(batch: dict, i: int, data: bytes | Prechecked | None, target: Photos | Whole) -> bool:
+    """Decode ``data`` into row ``i`` of ``batch``; returns whether it worked (else the row holds why). A
+    :class:`~models.imagebytes.Prechecked` that :func:`cost` read is decoded without its header checks run
+    again (they passed, for these bytes and these decoders' arguments)."""
+    data = _data(data)
     try:
         if isinstance(target, Photos):
             batch["image"][i], (w, h), batch["scale"][i] = decode_photo_pixels(data, target.max_side)
@@ -102,7 +109,7 @@ def decode_into(batch: dict, i: int, data: bytes | None, target: Photos | Whole)
     return True
 
 
-def cost(data: bytes | None, target: Photos | Whole) -> tuple[int, int]:
+def cost(data: bytes | Prechecked | None, target: Photos | Whole) -> tuple[int, int]:
     """What decoding ``data`` for ``target`` would cost, from the header alone (no pixel decoded):
     ``(source pixels, bytes held after decoding)``. The first bounds the decoder's CPU time (a whole image is
     decoded once per distinct preprocessing, and each decode reads every source pixel), the second the memory
@@ -114,8 +121,10 @@ def cost(data: bytes | None, target: Photos | Whole) -> tuple[int, int]:
     :class:`ImageDecodeError` its decode would raise (an unexpected exception is a ``decode_error``, as in
     :func:`decode_into`): it is refused here, before anything is decoded, never counted as free. Refusing
     rather than charging it the largest image: the decoder runs these same checks first, so it could only
-    refuse it after the request had taken memory and a decode slot for it."""
-    data = bytes(data) if data is not None else b""
+    refuse it after the request had taken memory and a decode slot for it. Given a
+    :class:`~models.imagebytes.Prechecked`, what the checks found is kept in it, and :func:`decode_batch`
+    given it decodes without checking again (the serving ingress: each file checked once per request)."""
+    data = _data(data)
     try:
         if isinstance(target, Photos):  # models.photo.decode_photo_pixels
             w, h = read_header(data, DEFAULT_MAX_PIXELS, draft_to=jpeg_draft_side(target.max_side)).size
@@ -132,8 +141,9 @@ def cost(data: bytes | None, target: Photos | Whole) -> tuple[int, int]:
     return pixels, sum(pre.channels * pre.size[0] * pre.size[1] for pre in target.preprocessings)
 
 
-def decode_batch(paths: list[str], datas: list[bytes | None], target: Photos | Whole) -> dict:
-    """Bytes already in memory (a request's files) -> a decoded batch."""
+def decode_batch(paths: list[str], datas: list[bytes | Prechecked | None], target: Photos | Whole) -> dict:
+    """Bytes already in memory (a request's files, as :class:`~models.imagebytes.Prechecked` once :func:`cost`
+    has read their headers) -> a decoded batch."""
     batch = empty_batch(paths, target)
     for i, data in enumerate(datas):
         decode_into(batch, i, data, target)

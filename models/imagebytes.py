@@ -1,8 +1,9 @@
 """Untrusted image bytes -> a loaded, upright PIL image (RGB or L), with what one image may cost bounded
 before its pixels are decoded (issue #13). Every decode path goes through :func:`open_image`, which checks
 the header (:func:`check_header`) first; :func:`read_header` makes the same checks without decoding, for
-whoever must know the cost first (the serving ingress); models/preprocess.py turns the image into a model
-input or a photo. What is read from the raw bytes without Pillow is in models/imagescan.py.
+whoever must know the cost first (the serving ingress, which hands what they found to the decode in a
+:class:`Prechecked`, so that they run once); models/preprocess.py turns the image into a model input or a
+photo. What is read from the raw bytes without Pillow is in models/imagescan.py.
 
 Only JPEG, PNG, WebP, GIF (first frame), BMP (not RLE-compressed) and TIFF are opened; pixel count, aspect
 ratio, estimated decode memory (:func:`decode_cost`: the rotated copy of an EXIF-, XMP- or PNG-text-rotated
@@ -41,9 +42,10 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never s
 # A PNG's compressed text (zTXt, iTXt) is inflated by Pillow as the file is opened, before any pixel and
 # whatever the image's size, each chunk up to 1 MiB (Pillow's MAX_TEXT_CHUNK) and by default 64 MiB an image:
 # a 67 KB 1x1 PNG of 63 chunks of compressed spaces cost about 0.2 s of CPU per opening, charged as one pixel
-# (the serving ingress opens a file twice, to charge it and to decode it). 1 MiB an image bounds that to about
-# 7 ms, and holds any real text: EXIF, XMP and ICC text profiles are kilobytes. Over it, the file is refused
-# (``too_large``, :func:`_decode_errors`). Set for the process: every image is opened here.
+# (the serving ingress opens a file twice, to charge it and to decode it, and checks it once: Prechecked).
+# 1 MiB an image bounds that to about 7 ms, and holds any real text: EXIF, XMP and ICC text profiles are
+# kilobytes. Over it, the file is refused (``too_large``, :func:`_decode_errors`). Set for the process: every
+# image is opened here.
 MAX_PNG_TEXT_BYTES = 1 << 20
 PngImagePlugin.MAX_TEXT_MEMORY = MAX_PNG_TEXT_BYTES
 
@@ -222,6 +224,31 @@ class Header:
     mode: str
 
 
+class Prechecked:
+    """Image bytes and what :func:`read_header` found in them (every check passed), per set of arguments it
+    was called with. :func:`open_image` given this object and the same arguments opens the bytes without
+    checking them again: the serving ingress checks each file once per request, to charge it, and decodes what
+    passed (facedata/decode.py ``cost``, then ``decode_batch``). The checks' byte scans are most of their time
+    (a 12 MP JPEG's marker walk about 5 ms, a 22 MB PNG's search for a late orientation about 30 ms); the
+    opening they share is kept only as its :class:`Header`, and no opened image is held between the two (a
+    PNG's text, inflated as it is opened, could hold 1 MiB for each file of a request). Given other arguments,
+    or none checked yet, :func:`open_image` checks as for plain bytes: never less."""
+
+    __slots__ = ("data", "_passed")
+
+    def __init__(self, data: bytes):
+        self.data = bytes(data)  # the same object when it is bytes already
+        self._passed: dict[tuple, Header] = {}
+
+
+def _draft(img, draft_to: tuple[int, int] | int | None) -> None:
+    """A JPEG set to decode at the reduced DCT scale that still covers ``draft_to`` (see :func:`open_image`)."""
+    if isinstance(draft_to, int):  # a longest side: the size that keeps the aspect ratio
+        draft_to = draft_request(*img.size, draft_to)
+    if draft_to is not None and img.format in ("JPEG", "MPO"):
+        img.draft(img.mode if img.mode in ("RGB", "L") else None, draft_to)
+
+
 def _checked_open(data: bytes, max_pixels: int, draft_to: tuple[int, int] | int | None,
                   max_decode_bytes: int) -> tuple[Image.Image, Header]:
     """``data`` opened (not loaded) with every check made, at the draft scale it will decode at."""
@@ -237,12 +264,28 @@ def _checked_open(data: bytes, max_pixels: int, draft_to: tuple[int, int] | int 
     # 152 MiB).
     rotated = png_may_rotate(data) if img.format == "PNG" else img.getexif().get(0x0112, 1) not in (None, 1)
     coefficients = jpeg_coefficient_bytes(img, data)  # at the full size, which draft() forgets
-    if isinstance(draft_to, int):  # a longest side: the size that keeps the aspect ratio
-        draft_to = draft_request(w0, h0, draft_to)
-    if draft_to is not None and img.format in ("JPEG", "MPO"):
-        img.draft(img.mode if img.mode in ("RGB", "L") else None, draft_to)
+    _draft(img, draft_to)
     cost = check_header(img, max_pixels, max_decode_bytes, rotated, coefficients)
     return img, Header(img.format, (w0, h0), img.size, cost, img.mode)
+
+
+def _opened(data: bytes | Prechecked, max_pixels: int, draft_to: tuple[int, int] | int | None,
+            max_decode_bytes: int) -> tuple[Image.Image, Header]:
+    """``data`` opened for decoding: checked by :func:`_checked_open`, unless it is a :class:`Prechecked` whose
+    checks passed with these arguments, and it opens again to the header they found (the same bytes do: a
+    difference, which would be a bug, checks it again)."""
+    known = data._passed.get((max_pixels, draft_to, max_decode_bytes)) if isinstance(data, Prechecked) else None
+    raw = data.data if isinstance(data, Prechecked) else data
+    if known is not None:
+        img = Image.open(io.BytesIO(raw), formats=ALLOWED_FORMATS)
+        size = img.size
+        if img.format != "PNG":  # read before the draft and the load, as _checked_open reads it: the
+            img.getexif()  # orientation applied after the load is the one that was charged
+        _draft(img, draft_to)
+        if (img.format, size, img.size, img.mode) == (known.format, known.size, known.decoded, known.mode):
+            return img, known
+        img.close()
+    return _checked_open(raw, max_pixels, draft_to, max_decode_bytes)
 
 
 @contextlib.contextmanager
@@ -279,31 +322,38 @@ def _decode_errors(data: bytes):
         raise ImageDecodeError("decode_error", f"{type(e).__name__}: {e}") from None
 
 
-def read_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: tuple[int, int] | int | None = None,
+def read_header(data: bytes | Prechecked, max_pixels: int = DEFAULT_MAX_PIXELS,
+                draft_to: tuple[int, int] | int | None = None,
                 max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES) -> Header:
     """Every check :func:`open_image` makes before decoding, with the same arguments, and nothing decoded:
     raises the :class:`ImageDecodeError` it would raise before decoding, else returns the :class:`Header`.
     The serving ingress charges a request from it (facedata/decode.py ``cost``), so that what a file is
-    charged and how it is decoded come from the same checks (:func:`_checked_open`); they run twice, once to
-    charge and once to decode (a PNG's orientation scan and a JPEG's marker walk included)."""
-    with _decode_errors(data):
-        img, head = _checked_open(data, max_pixels, draft_to, max_decode_bytes)
+    charged and how it is decoded come from the same checks (:func:`_checked_open`). Given a
+    :class:`Prechecked`, the header is kept in it, and :func:`open_image` called with it and the same
+    arguments does not check again: the checks run once, to charge (a PNG's orientation scan and a JPEG's
+    marker walk included)."""
+    raw = data.data if isinstance(data, Prechecked) else data
+    with _decode_errors(raw):
+        img, head = _checked_open(raw, max_pixels, draft_to, max_decode_bytes)
         img.close()
+    if isinstance(data, Prechecked):
+        data._passed[(max_pixels, draft_to, max_decode_bytes)] = head
     return head
 
 
-def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: tuple[int, int] | int | None = None,
-               max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES):
+def open_image(data: bytes | Prechecked, max_pixels: int = DEFAULT_MAX_PIXELS,
+               draft_to: tuple[int, int] | int | None = None, max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES):
     """Bytes -> a loaded PIL image in upright orientation, mode RGB or L, plus its oriented original size.
 
     ``draft_to`` lets JPEG decode at a reduced scale (DCT scaling) when the image is much larger than
     needed: a (width, height) the result must still cover, or one number, the longest side it must keep.
     The returned original size is the full size. The header is checked (:func:`check_header`, as
     :func:`read_header` does) before decoding, on the full size for the pixel and aspect limits and on the
-    draft size for memory.
+    draft size for memory; not again for a :class:`Prechecked` whose :func:`read_header` passed with the same
+    arguments.
     """
-    with _decode_errors(data):
-        img, head = _checked_open(data, max_pixels, draft_to, max_decode_bytes)
+    with _decode_errors(data.data if isinstance(data, Prechecked) else data):
+        img, head = _opened(data, max_pixels, draft_to, max_decode_bytes)
         img.load()
         orientation = img.getexif().get(0x0112, 1)
         img = ImageOps.exif_transpose(img, in_place=True) or img

@@ -22,7 +22,7 @@ from ray.serve.handle import DeploymentHandle
 
 from facedata.decode import Photos, Whole, cost, decode_batch
 from faces.finder import FACE_MODES, FaceOptions
-from models.imagebytes import ImageDecodeError
+from models.imagebytes import ImageDecodeError, Prechecked
 from models.preprocess import Preprocessing
 from raytasks.serve.bodies import BodyReader
 from raytasks.serve.config import API_KEY_ENV, IngressSpec, check_key
@@ -238,12 +238,14 @@ class FaceAttrAPI(BodyReader):
         What decoding would cost is read from the headers first, by the checks the decoder makes before
         decoding: a file they refuse is answered 413/422 then, and a request over ``max_request_pixels`` or
         ``max_request_decoded_bytes`` 413, before any pixel is decoded; one that finds the replica's budget
-        full waits ``decode_wait_s``, then 503. A file that is not an image answers the whole request 413/422
-        before any model work."""
+        full waits ``decode_wait_s``, then 503. The files are then decoded without those checks run again
+        (``Prechecked``: what they found, kept from the pricing). A file that is not an image answers the
+        whole request 413/422 before any model work."""
+        checked = [Prechecked(d) for _, d in items]
 
         def header_costs():
             costs, bad = [], []
-            for p, d in items:
+            for (p, _), d in zip(items, checked):
                 try:
                     costs.append(cost(d, target))
                 except ImageDecodeError as e:
@@ -262,7 +264,7 @@ class FaceAttrAPI(BodyReader):
                            "request", limit_pixels=lim.max_request_pixels, limit_bytes=lim.max_request_decoded_bytes)
         held = await self._decoded_budget.acquire(nbytes, lim.decode_wait_s)
         try:
-            batch = await self._decode(decode_batch, [p for p, _ in items], [d for _, d in items], target)
+            batch = await self._decode(decode_batch, [p for p, _ in items], checked, target)
             bad = [{"file": str(p), "error": k, "detail": m}
                    for p, ok, k, m in zip(batch["path"], batch["ok"], batch["error_kind"], batch["error_message"]) if not ok]
             if bad:
