@@ -43,8 +43,10 @@ RAY_FIXTURES = {"ray_session"}  # a test whose fixture closure holds one of thes
 # do this with pytest 9: it renames the items through `item._nodeid`, which pytest 9.2 no longer reads, and so
 # silently sends every test on its own. Hence the scheduler below.)
 SESSION_RAY = "session-ray"
-SESSION_RAY_MODULES = ("test_faces_e2e.py", "test_resume_edges.py", "test_label.py", "test_modelset.py", "test_recipes_runs.py", "test_serve.py",
-                       "test_train_faces.py")
+# They run in this order: the two Serve modules last, as they share one Serve application (``svc`` below, a session
+# fixture: built for the first, kept for the second, its replicas idle to the session's end with nothing after them).
+SESSION_RAY_MODULES = ("test_faces_e2e.py", "test_label.py", "test_modelset.py", "test_recipes_runs.py", "test_resume_edges.py",
+                       "test_train_faces.py", "test_serve.py", "test_serve_set.py")
 LONGEST_FIRST = (SESSION_RAY, "test_notebook.py", "test_training_local.py", "test_face_backbone.py",
                  "test_photo_agreement.py", "test_report.py", "test_ddp.py", "test_report_scale.py")
 
@@ -76,7 +78,9 @@ def pytest_collection_modifyitems(config, items):
                                         "worker that holds that cluster")
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     unit = {item: _unit(item.path.name) for item in items}
-    items.sort(key=lambda item: rank.get(unit[item], len(rank)))  # stable: the order within a module stays
+    within = {name: i for i, name in enumerate(SESSION_RAY_MODULES)}  # the session-Ray unit in the order listed
+    # stable: the order within a module stays
+    items.sort(key=lambda item: (rank.get(unit[item], len(rank)), within.get(item.path.name, 0)))
 
 
 @pytest.fixture(scope="session")
@@ -85,6 +89,16 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real face data not found at {SHARED_DATA} (only present in the team's workspace)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def svc(ray_session, s3_server, tmp_path_factory, group_photo, three):
+    """The one Serve application of tests/test_serve.py and tests/test_serve_set.py (tests/serve_app.py), built
+    once for both: a second one cost 45-50 s a suite. A session fixture, so it lives to the session's end; the two
+    modules run last in the session-Ray unit (SESSION_RAY_MODULES), so no other test shares the cluster with it."""
+    from tests.serve_app import serve_application
+
+    yield from serve_application(ray_session, s3_server, tmp_path_factory, group_photo, three)
 
 
 @pytest.fixture(scope="session")
