@@ -50,7 +50,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.hostile_runs import bench_runs, print_rows  # noqa: E402 - after the path
+from bench.cpu_accounting import process_titles  # noqa: E402 - after the path
+from bench.hostile_runs import bench_runs, print_rows  # noqa: E402
 from bench.hostile_serve import bench_serve  # noqa: E402
 
 BUDGET_S, BUDGET_MB = 1.0, 300.0
@@ -264,15 +265,8 @@ def bench_label(folder: Path, files: dict, threads: int) -> tuple[list[dict], di
 
 
 def _ingress_pid() -> int | None:
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().split(b"\0")[0].decode(errors="replace")
-        except OSError:
-            continue
-        if cmd.startswith("ray::ServeReplica") and "FaceAttrAPI" in cmd:
-            return int(pid)
-    return None
+    return next((pid for pid, cmd in process_titles().items()
+                 if cmd.startswith("ray::ServeReplica") and "FaceAttrAPI" in cmd), None)
 
 
 def _post(port: int, body: bytes, timeout: float = 120) -> tuple[int, str]:

@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402
+from bench.cpu_accounting import process_titles  # noqa: E402
 from core.annotator import Annotator  # noqa: E402
 from facedata.decode import Photos, Whole, cost, decode_batch  # noqa: E402
 from models.checkpoint import save_checkpoint  # noqa: E402
@@ -266,18 +267,13 @@ def replica_stats(port: int, model: str) -> dict:
 def _serve_processes() -> dict[int, str]:
     """pid -> role of the Serve processes on this machine (HTTP proxy, ingress, model replica)."""
     roles = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().split(b"\0")[0].decode(errors="replace")
-        except OSError:
-            continue
+    for pid, cmd in process_titles().items():
         if cmd.startswith("ray::ProxyActor"):
-            roles[int(pid)] = "proxy"
+            roles[pid] = "proxy"
         elif cmd.startswith("ray::ServeReplica") and "FaceAttrAPI" in cmd:
-            roles[int(pid)] = "ingress"
+            roles[pid] = "ingress"
         elif cmd.startswith("ray::ServeReplica") and "model-" in cmd:
-            roles[int(pid)] = "model"
+            roles[pid] = "model"
     roles[os.getpid()] = "client"
     return roles
 

@@ -32,6 +32,19 @@ def _name(cmdline: str) -> str:
     return exe
 
 
+def process_titles() -> dict[int, str]:
+    """pid -> the first word of its command line (a Ray worker's title: ``ray::ServeReplica:app:FaceAttrAPI``), for
+    every process we may read."""
+    out = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                out[int(pid)] = f.read().split(b"\0")[0].decode(errors="replace")
+        except OSError:  # gone between listdir and open
+            continue
+    return out
+
+
 def _snapshot() -> dict[tuple[str, str], tuple[int, str]]:
     """(pid, start time) -> (user + system ticks, command line) for every process we may read."""
     out = {}
