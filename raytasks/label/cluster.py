@@ -49,6 +49,7 @@ def resolve_pool(spec: LabelSpec, resuming: bool = False, can_grow: bool | None 
         default = int((cpus - 2) // spec.cpus_per_actor)
         short = (f"the Ray cluster has {cpus:g} CPUs: {spec.min_actors} predictor actor(s) of --cpus-per-actor "
                  f"{spec.cpus_per_actor:g} plus {spare} for the other steps")
+    size = spec.max_actors if spec.max_actors is not None else max(spec.min_actors, min(fit, default))
     if spec.min_actors > fit:
         if not can_grow:
             raise LabelError(short + (" (run with --gpus-per-actor 0 to label on CPUs)" if spec.gpus_per_actor
@@ -56,9 +57,14 @@ def resolve_pool(spec: LabelSpec, resuming: bool = False, can_grow: bool | None 
                                       "process started: start it with more logical CPUs, e.g. ray.init(num_cpus="
                                       f"{math.ceil(spec.min_actors * spec.cpus_per_actor + spare)}), as jobs.label "
                                       "does by itself"))
+        # --max-actors alone sets how far the pool grows on the nodes the autoscaler adds: without it the
+        # maximum is what fits now, so a cluster that starts with no GPU node runs one GPU actor
+        grow = (f"the pool may grow to --max-actors {size} actors" if spec.max_actors is not None else
+                f"without --max-actors the pool grows to at most {size} actor(s), what fits now: --max-actors sets "
+                "how many actors it may grow to on the nodes the autoscaler adds")
         warn(f"warning: {short}{'' if spec.gpus_per_actor else ' do not fit'} now; waiting for the autoscaler "
-             "to add nodes")
-    return spec.min_actors, spec.max_actors if spec.max_actors is not None else max(spec.min_actors, min(fit, default))
+             f"to add nodes; {grow}")
+    return spec.min_actors, size
 
 
 def check_decode_fits(spec: LabelSpec, faces: dict, pre_dicts: list[dict], can_grow: bool | None = None,

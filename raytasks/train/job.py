@@ -65,6 +65,7 @@ from models.base import Recipe
 from models.checkpoint import CheckpointError, checkpoint_info, with_extra
 from models.preprocess import Preprocessing
 from models.recipes import TRAIN_FACE_MODES
+from raytasks.reach import started_here
 from raytasks.train.data import DECODE_CPUS, BatchSpec, data_config, make_dataset, val_datasets
 from raytasks.train.history import Progress, plot_curves, read_history
 from raytasks.train.resume import check_folder, committed_epoch, resume_point, stored_result
@@ -229,19 +230,37 @@ def measure_template(ds, train: pd.DataFrame, pre: Preprocessing, spec: TrainSpe
     return pre
 
 
-def check_resources(spec: TrainSpec) -> None:
-    """Ray Data decodes on the CPUs the workers leave free; with none left the run would wait forever."""
+def check_resources(spec: TrainSpec, can_grow: bool | None = None, warn=print) -> None:
+    """The workers' CPUs and GPUs plus the CPU of Ray Data's decoding, against the cluster's resources now.
+
+    Short on a Ray this process started (:func:`raytasks.reach.started_here`, the rule the label job uses:
+    ``can_grow`` False) it is an error, since nothing will add a node and the run would wait forever. Short on a
+    cluster this process joined it is a warning naming what is missing, and the run goes on: Ray Train's worker
+    group waits for its placement group, which the autoscaler sees and adds nodes for (cluster.yaml's GPU
+    workers scale from zero and its head offers no CPU, so ``--workers 4 --gpu`` finds nothing there at first).
+    No ``request_resources`` is made: the placement group is already that demand, and a request would stay in
+    force after the job, keeping the nodes up until someone cleared it."""
     import ray
 
+    can_grow = (not started_here()) if can_grow is None else can_grow
     total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0), total.get("GPU", 0)
     need = spec.workers * spec.cpus_per_worker + DECODE_CPUS
-    if total.get("CPU", 0) < need:
-        raise TrainError(f"the Ray cluster has {total.get('CPU', 0):g} CPUs; {spec.workers} worker(s) x "
-                         f"{spec.cpus_per_worker:g} CPU plus {DECODE_CPUS:g} for Ray Data's decoding need {need:g}: "
-                         f"use fewer --workers or --cpus-per-worker, or a bigger cluster")
-    if spec.use_gpu and total.get("GPU", 0) < spec.workers:
-        raise TrainError(f"--gpu with {spec.workers} workers needs {spec.workers} GPUs; the cluster has "
-                         f"{total.get('GPU', 0):g}")
+    short = []
+    if cpus < need:
+        short.append(f"the Ray cluster has {cpus:g} CPUs; {spec.workers} worker(s) x {spec.cpus_per_worker:g} CPU "
+                     f"plus {DECODE_CPUS:g} for Ray Data's decoding need {need:g}")
+    if spec.use_gpu and gpus < spec.workers:
+        short.append(f"--gpu with {spec.workers} workers needs {spec.workers} GPUs; the cluster has {gpus:g}")
+    if not short:
+        return
+    if not can_grow:
+        hint = ("use fewer --workers or --cpus-per-worker, or a bigger cluster" if cpus < need else
+                "use fewer --workers, or a cluster with more GPUs")
+        raise TrainError(f"{'; and '.join(short)} (on this Ray, which this process started, nothing adds "
+                         f"nodes): {hint}")
+    warn(f"warning: {'; and '.join(short)} now; Ray Train will wait for the autoscaler to add nodes (the run "
+         "waits for ever if no node type of the cluster can give them)")
 
 
 def _run_config(spec: TrainSpec):
@@ -307,7 +326,7 @@ def _fit(spec: TrainSpec, model, recipe, train, val, faces, selection, resumed_f
     resources = {"CPU": spec.cpus_per_worker}
     if spec.use_gpu:
         resources["GPU"] = 1
-    check_resources(spec)
+    check_resources(spec, warn=log_fn)
     log_fn(f"training {model.name} on {spec.data}: {len(train)} train / {len(val)} val images, "
            f"{spec.workers} worker(s), run {spec.run_uri}")
     log_fn(selection.line())
