@@ -18,6 +18,37 @@ def key_value(text: str) -> tuple[str, object]:
         return key, value
 
 
+def check_job_paths(p: argparse.ArgumentParser, paths) -> None:
+    """Refuse the relative local paths among ``paths`` (``(flag, value)``: a path, an ``s3://`` URI or None) when
+    the job runs in the copy of its working_dir that ``ray job submit --working-dir`` unpacked, where they would
+    resolve into Ray's temporary session folder (raytasks/reach.py: job_dir_problem, the one rule): one error
+    line and status 2, as argparse's own errors. Elsewhere nothing is checked."""
+    from raytasks.reach import job_dir_problem
+
+    problem = job_dir_problem(paths)
+    if problem:
+        p.exit(2, f"{p.prog}: error: {problem}\n")
+
+
+def flag(p: argparse.ArgumentParser, args: argparse.Namespace, dest: str, name: str) -> tuple[str, str | None]:
+    """``(name, value)`` of a path flag for :func:`check_job_paths`, the name saying when the value is the
+    parser's default (``--storage runs``: not given, so the message says where it came from)."""
+    value = getattr(args, dest)
+    default = p.get_default(dest)
+    return (f"{name} (its default)" if value is not None and value == default else name), value
+
+
+def data_path(spec: str | None) -> str | None:
+    """The path of a ``FORMAT:URI`` data set spec (``--data``), or None when it is no such spec (reading it
+    then says what is wrong)."""
+    from facedata.datasets import parse_spec
+
+    try:
+        return parse_spec(spec)[1] if spec else None
+    except ValueError:
+        return None
+
+
 def positive(kind):
     """An argparse ``type`` that parses with ``kind`` and refuses values <= 0."""
 

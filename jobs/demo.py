@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args(argv)
+    from jobs._cli import check_job_paths, flag
+
+    # under `ray job submit --working-dir`, `--out demo_out` would resolve into Ray's unpacked copy of the code
+    check_job_paths(p, [flag(p, args, "out", "--out")])
 
     import ray
     import torch

@@ -70,10 +70,11 @@ from core.evaluation import (
 )
 from facedata.datasets import SPLITS
 from faces.finder import FACE_PICKS
-from jobs._cli import add_face_args, face_options, non_negative, positive
+from jobs._cli import add_face_args, check_job_paths, data_path, face_options, non_negative, positive
 from models.calibration import CalibrationError, calibration_status, fit_calibration
 from models.checkpoint import CheckpointError, checkpoint_bytes, load_checkpoint
 from models.recipes import record_lines
+from raytasks.reach import path_of
 
 # --limit and --calibrate-limit draw their rows at random (core.engine.sample_rows, jobs.train's --limit draw)
 # with this seed, not the split's: a fixed one, so that every evaluation with the same limit sees the same rows
@@ -169,6 +170,10 @@ def main(argv: list[str] | None = None) -> dict:
                         "that do not name theirs by face_box / face_points: the detector's most confident "
                         "(default, score), the largest, or the one nearest the middle (LFW's rule)")
     args = p.parse_args(argv)
+    # relative paths resolve into Ray's unpacked working_dir under `ray job submit`: refused there (raytasks/reach.py)
+    check_job_paths(p, [("--checkpoint", path_of(args.checkpoint)), ("--data", data_path(args.data)),
+                        *((f"--{k.replace('_', '-')}", getattr(args, k)) for k in (
+                            "json", "save_calibrated", "reliability", "report", "groups_json"))])
     if args.save_calibrated and not args.calibrate_on:
         p.error("--save-calibrated needs --calibrate-on SPLIT")
 

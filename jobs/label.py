@@ -23,8 +23,9 @@ import argparse
 import math
 import sys
 
-from jobs._cli import add_face_args, add_review_args, face_options, positive, review_options
+from jobs._cli import add_face_args, add_review_args, check_job_paths, face_options, positive, review_options
 from raytasks.label import LabelError, LabelSpec, ensure_ray, label
+from raytasks.reach import path_of
 
 
 def _seconds(text: str) -> float:
@@ -93,7 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    # relative paths resolve into Ray's unpacked working_dir under `ray job submit`: refused there (raytasks/reach.py)
+    check_job_paths(p, [*(("--checkpoint", path_of(c, named=True)) for c in args.checkpoint or ()),
+                        ("--model-set", args.model_set), ("--input", args.input), ("--output", args.output),
+                        *(("--allow-prefix", a) for a in args.allow_prefix)])
     checkpoint = tuple(args.checkpoint or ())
     spec = LabelSpec(checkpoint=checkpoint[0] if len(checkpoint) == 1 else checkpoint, model_set=args.model_set,
                      embedding=args.embedding, input=args.input, output=args.output, batch_size=args.batch_size,

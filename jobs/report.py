@@ -24,7 +24,7 @@ import sys
 
 import storage
 from core.report import DEFAULT_MAX_THUMBNAILS, ReportError, label_report
-from jobs._cli import non_negative
+from jobs._cli import check_job_paths, non_negative
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> dict:
                         "the label run was allowed to read, from its summary, unless that is a root, top-level, "
                         "system, hidden or home folder or a whole bucket)")
     args = p.parse_args(argv)
+    # relative paths resolve into Ray's unpacked working_dir under `ray job submit`: refused there (raytasks/reach.py)
+    check_job_paths(p, [("OUT", args.output), ("--html", args.html),
+                        *(("--allow-prefix", a) for a in args.allow_prefix)])
     if not 0 <= args.max_thumbnails <= 5000:
         p.error("--max-thumbnails must be between 0 and 5000")
     try:

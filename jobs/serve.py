@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 
-from jobs._cli import add_face_args, add_review_args, face_options, review_options
+from jobs._cli import add_face_args, add_review_args, check_job_paths, face_options, review_options
 
 APP_NAME = "faceattr"
 API_KEY_ENV = "FACEATTR_API_KEY"
@@ -215,8 +215,15 @@ def _wait_for(stop: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    p = parser()
+    ns = p.parse_args(argv)
+    from raytasks.reach import path_of
+
+    # a relative checkpoint resolves into Ray's unpacked working_dir under `ray job submit`, and the replicas' into
+    # theirs: refused there (raytasks/reach.py)
+    check_job_paths(p, [(f"--model {name}", path_of(uri)) for name, uri in ns.model])
     try:
-        _main(parser().parse_args(argv))
+        _main(ns)
     except SystemExit as e:  # a setting refused: its error line, and the usage status (as argparse's own)
         if isinstance(e.code, str) and e.code.startswith("error: "):
             print(e.code, file=sys.stderr, flush=True)

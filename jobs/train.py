@@ -38,8 +38,18 @@ import os
 import sys
 
 from facedata.datasets import parse_spec
-from jobs._cli import add_face_args, face_options, key_value, non_negative, positive
+from jobs._cli import (
+    add_face_args,
+    check_job_paths,
+    data_path,
+    face_options,
+    flag,
+    key_value,
+    non_negative,
+    positive,
+)
 from models.recipes import RECORD_KEY, TRAIN_FACE_MODES, TrainingRecipe, get_recipe, recipe_for, record_lines
+from raytasks.reach import path_of
 from raytasks.train import TrainError, TrainSpec
 from raytasks.train.stages import RecipeRun, summary_metrics
 
@@ -207,6 +217,10 @@ def choose_recipe(args: argparse.Namespace) -> TrainingRecipe | None:
 def main(argv: list[str] | None = None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    # under `ray job submit --working-dir`, `--storage runs` would resolve into Ray's unpacked copy of the code
+    # (raytasks/reach.py job_dir_problem): refused there, before anything is read or written
+    check_job_paths(parser, [*(("--data", data_path(d)) for d in args.data), flag(parser, args, "storage", "--storage"),
+                             ("--output", args.output), ("--init-from", path_of(args.init_from))])
     spec = spec_from_args(args)
     if not spec.storage.startswith("s3://"):
         spec.storage = os.path.abspath(spec.storage)  # Ray Train wants an absolute local path

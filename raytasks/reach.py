@@ -18,13 +18,20 @@ its training checkpoints, to its own disk, where the driver's summary and the ne
   every node: that last part cannot be checked from here, and the docs (docs/deploy.md) say so.
 
 A machine started with ``ray start --head`` and used through ``ray job submit`` alone is one node with CPUs:
-its local paths are accepted.
+its local paths are accepted, but only absolute ones: :func:`check_job_paths` refuses a *relative* local path
+(and a relative default, ``jobs.train``'s ``--storage runs``) in a process that runs in the copy of the job's
+``working_dir`` Ray unpacked (``ray job submit --working-dir .``), on any Ray, one machine or a cluster: the path
+would be read and written in Ray's temporary session folder, in a package folder named by the code's content.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterable
+from pathlib import PurePath
 
+import storage
 from facedata.paths import local_path
 
 # Filesystem types (as /proc/self/mounts names them) whose files every node mounting them sees.
@@ -131,3 +138,102 @@ def check_reachable(writes: list[tuple[str, str | None]], reads: list[tuple[str,
              "container image, say), they will not be found there (label rows `unreadable`, a training run that "
              "stops, a replica that cannot load its checkpoint). Prefer s3:// URIs or a network filesystem "
              "(docs/deploy.md)")
+
+
+# ---- relative paths inside a Ray job's unpacked working_dir ----------------------------------------------------
+#
+# How Ray 2.60 runs `ray job submit --working-dir . -- python -m jobs.train ...` (read in the installed package):
+# * the working_dir is zipped and uploaded as gcs://_ray_pkg_<content hash>.zip (ray/_private/runtime_env/
+#   packaging.py: RAY_PKG_PREFIX = "_ray_pkg_", the name made from the files' hash) and unpacked on the node into
+#   <session dir>/runtime_resources/working_dir_files/_ray_pkg_<hash>/ (ray/_private/ray_constants.py:
+#   DEFAULT_RUNTIME_ENV_DIR_NAME = "runtime_resources", a name `ray start` may be given another of;
+#   ray/_private/runtime_env/working_dir.py: WorkingDirPlugin's resources dir "working_dir_files", and
+#   packaging.get_local_dir_from_uri: the zip's name without its extension). A `local://` working_dir is used
+#   where it is, not unpacked (WorkingDirPlugin._get_directory_on_node).
+# * WorkingDirPlugin.modify_context prefixes the process's command with `cd <that folder> &&`: the job's
+#   supervisor actor runs there, and it starts the entrypoint with subprocess.Popen(shell=True) without a cwd
+#   (ray/dashboard/modules/job/job_supervisor.py: _exec_entrypoint), so the entrypoint's cwd is that folder;
+# * the entrypoint's environment is the supervisor's, with Ray's internal flags removed (RAY_JOB_ID is one of
+#   ray_constants.RAY_INTERNAL_FLAGS: remove_ray_internal_flags_from_env), so RAY_JOB_ID is NOT set in a
+#   submitted entrypoint (raylet sets it for worker processes only), plus RAY_ADDRESS and
+#   RAY_JOB_CONFIG_JSON_ENV_VAR = {"runtime_env": {..., "working_dir": "gcs://_ray_pkg_<hash>.zip"},
+#   "metadata": {"job_submission_id": ...}} (job_supervisor.py: _get_driver_env_vars;
+#   ray/_private/runtime_env/constants.py names the variable).
+# So: the cwd is the evidence (a job whose entrypoint first does `cd /data && python -m ...` resolves its relative
+# paths in /data, which is fine), and the job config in the environment confirms it where the runtime resources
+# folder has another name than "runtime_resources".
+WORKING_DIR_FILES = "working_dir_files"
+RUNTIME_RESOURCES = "runtime_resources"
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def _submitted_working_dir(environ) -> str | None:
+    """The ``working_dir`` URI of the job config Ray's job supervisor hands a submitted entrypoint, when it is one
+    Ray unpacks (not ``local://``), else None."""
+    try:
+        config = json.loads(environ.get(JOB_CONFIG_ENV) or "null")
+        uri = ((config or {}).get("runtime_env") or {}).get("working_dir")
+    except (ValueError, AttributeError):
+        return None
+    return uri if isinstance(uri, str) and uri and not uri.startswith("local://") else None
+
+
+def job_working_dir(cwd: str | None = None, environ=None) -> str | None:
+    """The folder Ray unpacked a submitted job's ``working_dir`` into, when this process runs in it (``cwd`` at or
+    under ``.../runtime_resources/working_dir_files/<package>``, or under ``.../working_dir_files/<package>`` with
+    the job config naming a working_dir), else None (the notes above)."""
+    if cwd is None:
+        try:
+            cwd = os.getcwd()
+        except OSError:  # a cwd removed under the process: nothing to resolve against here
+            return None
+    environ = os.environ if environ is None else environ
+    parts = PurePath(cwd).parts
+    for i in range(1, len(parts) - 1):
+        if parts[i] == WORKING_DIR_FILES and (parts[i - 1] == RUNTIME_RESOURCES or _submitted_working_dir(environ)):
+            return str(PurePath(*parts[: i + 2]))
+    return None
+
+
+def path_of(text: str | None, named: bool = False) -> str | None:
+    """The path or URI in a flag's value: a checkpoint's ``#sha256:<hex>`` pin dropped
+    (``models.checkpoint.split_pin``), ``NAME=`` dropped with ``named`` (``--checkpoint NAME=URI``, ``--model
+    NAME=URI``: ``core.modelset.split_member``; a name it refuses is the job's to report, the path is kept whole)."""
+    from core.modelset import ModelSetError, split_member
+    from models.checkpoint import CheckpointError, split_pin
+
+    if not text:
+        return None
+    if named:
+        try:
+            text = split_member(text)[1]
+        except ModelSetError:
+            pass
+    try:
+        return split_pin(text)[0] or text
+    except CheckpointError:  # a malformed pin: the job reports it; the path is judged as written
+        return text
+
+
+def is_relative_local(path: str) -> bool:
+    """Whether ``path`` is a local path resolved against the cwd: not an ``s3://`` URI, not absolute
+    (``file://`` is read as a local path: storage.filesystem)."""
+    if storage.is_s3(path):
+        return False
+    return not os.path.isabs(path[len("file://"):] if path.startswith("file://") else path)
+
+
+def job_dir_problem(paths: Iterable[tuple[str, str | None]], cwd: str | None = None, environ=None) -> str | None:
+    """One line refusing the relative local paths of ``paths`` (``(what the job calls it, path)``; None or ''
+    skipped) when this process runs in a Ray job's unpacked working_dir (:func:`job_working_dir`), else None."""
+    where = job_working_dir(cwd, environ)
+    if where is None:
+        return None
+    bad = [f"{what} {path!r}" for what, path in paths if path and is_relative_local(path)]
+    if not bad:
+        return None
+    what = "a relative path" if len(bad) == 1 else "relative paths"
+    return (f"{'; '.join(bad)}: {what}, and this job runs in the copy of its working_dir that Ray unpacked "
+            f"({where!r}): {'it' if len(bad) == 1 else 'they'} would be read and written there, in Ray's temporary session folder, and a rerun after "
+            "any code change gets a new copy (another package hash), so nothing there is found again or resumed. "
+            "Pass an absolute path (e.g. /data/runs) or an s3:// URI (docs/deploy.md)")
