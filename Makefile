@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-quick lint bench clean
+.PHONY: setup demo test test-quick lint bench clean cluster-up
 
 $(STAMP): pyproject.toml requirements-scrfd.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +35,15 @@ test-quick: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# `ray up` of cluster.yaml once no placeholder is left in it (<ACCOUNT_ID>, <RAY_IMAGE_DIGEST>: docs/deploy.md):
+# Ray's own checks accept them, and `ray up` would go on to AWS with them.
+# Run where your AWS credentials are: the venv's `ray` if there is one, else the one on PATH.
+CLUSTER ?= cluster.yaml
+RAY ?= $(if $(wildcard $(BIN)/ray),$(BIN)/ray,ray)
+cluster-up:
+	@! grep -n '<[A-Z_]*>' $(CLUSTER) | grep -v '^[0-9]*: *#' || { echo "$(CLUSTER): fill in the placeholders on the lines above first (docs/deploy.md)" >&2; exit 1; }
+	$(RAY) up -y $(CLUSTER)
 
 clean:
 	rm -rf demo_out .pytest_cache

@@ -191,3 +191,27 @@ def test_deploy_doc_commands_name_real_modules_and_the_projects_dependencies():
     for command in ("ray up cluster.yaml", "ray attach cluster.yaml", "ray dashboard cluster.yaml",
                     "ray down cluster.yaml", "ray job logs", "ray job status", "RAY_AUTH_MODE=token"):
         assert command in text, command
+
+
+def test_make_cluster_up_refuses_a_placeholder_left_and_runs_ray_up_once_none_is(tmp_path):
+    """Ray's own checks accept <ACCOUNT_ID> and <RAY_IMAGE_DIGEST> (`ray up` then goes on to AWS with them), so
+    `make cluster-up` refuses the file while one is left outside a comment, naming its line, and runs nothing."""
+    import subprocess
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "ray").write_text('#!/bin/sh\necho "ray $*"\n')
+    (fake / "ray").chmod(0o755)
+
+    def make(cluster):
+        return subprocess.run(["make", "-s", "cluster-up", f"CLUSTER={cluster}", f"RAY={fake / 'ray'}"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+
+    r = make(CLUSTER_YAML)  # the file as shipped: its placeholders are still there
+    assert r.returncode != 0 and "ray up" not in r.stdout
+    assert "fill in the placeholders" in r.stderr and "<RAY_IMAGE_DIGEST>" in r.stdout and "<ACCOUNT_ID>" in r.stdout
+    filled = tmp_path / "cluster.yaml"
+    filled.write_text(CLUSTER_YAML.read_text().replace("<ACCOUNT_ID>", "123456789012")
+                      .replace("<RAY_IMAGE_DIGEST>", "0" * 64))
+    r = make(filled)
+    assert r.returncode == 0 and r.stdout.strip() == f"ray up -y {filled}"  # the fake ray's echo, r.stderr
