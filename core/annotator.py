@@ -42,7 +42,7 @@ from core.rows import (
     build_rows,
     row_dicts,
 )
-from core.runner import ModelRunner, resolve_device
+from core.runner import ModelRunner, limit_gpu_memory, resolve_device
 from facedata.decode import Photos, Whole, decode_batch
 from faces.finder import FaceFinder, FaceOptions
 from faces.quality import ReviewThresholds, face_quality, low_confidence_reasons, quality_crops
@@ -56,18 +56,23 @@ CHECK_EVERY = 64  # with a ``check`` (serving), a model runs on this many faces 
 class Annotator:
     """Every model of a set (a single checkpoint is a set of one) and the detector, loaded once on one
     device. ``models``: a :class:`ModelSet`, its ``to_dict()``, or one checkpoint URI. ``faces``: how faces
-    are found (``faces.finder.FaceOptions``); the detector is loaded on first use."""
+    are found (``faces.finder.FaceOptions``); the detector is loaded on first use. ``gpu_share``: the
+    fraction of a GPU this process was given (a label actor's ``--gpus-per-actor``, a replica's ``num_gpus``):
+    below 1, torch may use that fraction of the GPU's memory (``core.runner.limit_gpu_memory``)."""
 
     def __init__(self, models: ModelSet | dict | str, faces: FaceOptions | dict | None = None,
                  device: str | None = None, precision: str = "auto", channels_last: bool = True,
                  threads: int | None = None, fold_bn: bool = True, compile_batch: int | None = None,
-                 max_batch: int = 256, review: ReviewThresholds | dict | None = None):
+                 max_batch: int = 256, review: ReviewThresholds | dict | None = None,
+                 gpu_share: float | None = None):
         if isinstance(models, str):
             models = ModelSet(((None, models),))
         self.model_set = models if isinstance(models, ModelSet) else ModelSet.from_dict(models)
         if threads:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
+        # once, before anything of this process is on the device (the models below, the detector later)
+        self.gpu_memory_limited = limit_gpu_memory(self.device, gpu_share)
         self.face_options = faces if isinstance(faces, FaceOptions) else FaceOptions.from_dict(faces)
         self.review = review if isinstance(review, ReviewThresholds) else ReviewThresholds.from_dict(review or {})
         self._finder: FaceFinder | None = None

@@ -9,17 +9,58 @@ read with its mirror image too where the checkpoint says so (``mirror``; twice t
 from __future__ import annotations
 
 import contextlib
+import logging
+import sys
 
 import torch
 
 from models.checkpoint import load_checkpoint
 from models.inference import fold_batchnorm
 
+log = logging.getLogger(__name__)
+
+
+def ray_worker_gpu_ids() -> list | None:
+    """The GPUs Ray assigned this process when it is a Ray worker (a task, a label actor, a Serve replica):
+    an empty list when it was given none; None outside a Ray worker (a plain script, a bench, the tests, a
+    Ray driver). Ray is not imported for this: a worker always has it loaded."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    if ray._private.worker.global_worker.mode != ray._private.worker.WORKER_MODE:
+        return None
+    return list(ray.get_gpu_ids())
+
 
 def resolve_device(device: str | None = None) -> torch.device:
+    """``device`` when given; else ``cuda`` where torch sees a GPU, ``cpu`` otherwise, except in a Ray worker,
+    which gets ``cuda`` only when Ray assigned it a GPU (``ray.get_gpu_ids()``). Ray (2.60 here) leaves a
+    worker given no GPU (``num_gpus=0``: the label job's CPU actors, a Serve replica's default) the node's
+    ``CUDA_VISIBLE_DEVICES`` (ray-project/ray#54868: ``set_visible_accelerator_ids`` in
+    ray/_private/utils.py skips a resource with no ids unless ``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1``, see
+    ray/_private/accelerators/accelerator.py), so torch sees every GPU of the node: such a worker would load
+    its models on ``cuda:0`` without reserving it, next to the work that did."""
     if device:
         return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    assigned = ray_worker_gpu_ids()
+    return torch.device("cpu" if assigned is not None and not assigned else "cuda")
+
+
+def limit_gpu_memory(device: torch.device, gpu_share: float | None) -> bool:
+    """A worker given a fraction ``gpu_share`` < 1 of a GPU (a label actor's ``--gpus-per-actor 0.5``, a
+    replica's ``num_gpus: 0.5``) gets that fraction of the card's memory for torch's caching allocator
+    (``torch.cuda.set_per_process_memory_fraction``): Ray's fractional GPUs are a scheduling count and do not
+    bound what a process allocates, so two 0.5-GPU workers could otherwise run the card out of memory
+    together. Call it once, before the process's first allocation on the device. A whole GPU (or more), no
+    share, or a device that is not CUDA: nothing is set. Returns whether a limit was set."""
+    if device.type != "cuda" or not gpu_share or gpu_share >= 1:
+        return False
+    torch.cuda.set_per_process_memory_fraction(float(gpu_share), device)
+    log.info("%s: torch may use %.0f%% of the GPU's memory (this worker's share of the GPU: %g)", device,
+             100 * gpu_share, gpu_share)
+    return True
 
 
 def cpu_has_bf16() -> bool:
@@ -30,10 +71,24 @@ def cpu_has_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()  # torch pinned: both exist
 
 
+def gpu_has_bf16(device: torch.device | str | int | None = None) -> bool:
+    """Whether the CUDA GPU ``device`` (default: the current one) computes bfloat16 natively: compute
+    capability 8.0 and up (A100, A10, L4, H100, ...). ``torch.cuda.is_bf16_supported()`` also says True on a
+    V100 (sm_70) or T4 (sm_75), where bf16 is emulated and slower than fp32 (its ``including_emulation``
+    defaults to True, torch/cuda/__init__.py); this is its ``including_emulation=False`` answer for the given
+    device. False where torch sees no GPU."""
+    if not torch.cuda.is_available():
+        return False
+    if torch.version.hip:  # ROCm: torch counts every AMD architecture it supports
+        return True
+    return torch.cuda.get_device_properties(device).major >= 8
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """``fp32`` -> None (no autocast); ``bf16`` -> bfloat16 (asked for: used even where it is slow);
-    ``auto`` -> bf16 on a GPU that supports it and on a CPU that computes it natively (:func:`cpu_has_bf16`),
-    fp32 otherwise (ARM CPUs included: not measured here)."""
+    ``auto`` -> bf16 on a GPU (:func:`gpu_has_bf16`: compute capability 8.0 and up, not a V100 or T4 that only
+    emulate it) and on a CPU (:func:`cpu_has_bf16`) that compute it natively, fp32 otherwise (ARM CPUs included:
+    not measured here)."""
     if precision == "fp32":
         return None
     if precision == "bf16":
@@ -41,19 +96,22 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision != "auto":
         raise ValueError("precision must be auto, bf16 or fp32")
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        return torch.bfloat16 if gpu_has_bf16(device) else None
     return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else None
 
 
 class ModelRunner:
-    """One checkpoint loaded once on its device: uint8 inputs -> raw outputs -> the model's columns."""
+    """One checkpoint loaded once on its device: uint8 inputs -> raw outputs -> the model's columns.
+    ``gpu_share``: the fraction of a GPU this process was given (:func:`limit_gpu_memory`)."""
 
     def __init__(self, checkpoint: str, device: str | None = None, precision: str = "auto",
                  channels_last: bool = True, threads: int | None = None, fold_bn: bool = True,
-                 compile_batch: int | None = None, max_batch: int = 256, mirror: bool | None = None):
+                 compile_batch: int | None = None, max_batch: int = 256, mirror: bool | None = None,
+                 gpu_share: float | None = None):
         if threads:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
+        limit_gpu_memory(self.device, gpu_share)  # before the weights are the first allocation there
         self.model, self.info = load_checkpoint(checkpoint)
         if mirror is not None:  # None: as the checkpoint says (models/preprocess.py ``mirror``)
             self.model.set_mirror(mirror)

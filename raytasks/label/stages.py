@@ -33,14 +33,17 @@ class AnnotatorActor:
     def __init__(self, model_set: dict, faces: dict, precision: str = "auto", device: str | None = None,
                  threads: int | None = None, gpu_decode: bool = False, throttle_s: float = 0.0,
                  compile_batch: int | None = None, fold_bn: bool = True, detector_identity: str | None = None,
-                 identity: str | None = None, review: dict | None = None, actor_decode: bool = False):
+                 identity: str | None = None, review: dict | None = None, actor_decode: bool = False,
+                 gpu_share: float | None = None):
         from core.annotator import Annotator
 
         # all torch work on one thread: Ray calls __init__ on the main thread and __call__ on another
         self._torch_thread = torch_executor("predictor")
+        # device None: core.runner.resolve_device, which gives an actor the GPU only when Ray assigned it one;
+        # gpu_share (--gpus-per-actor) below 1 bounds its share of that GPU's memory
         self.annotator = self._on_torch(Annotator, model_set, faces=faces, device=device, precision=precision,
                                         threads=threads, fold_bn=fold_bn, compile_batch=compile_batch,
-                                        review=review)
+                                        review=review, gpu_share=gpu_share)
         a = self.annotator
         if identity is not None and a.identity != identity:
             # a checkpoint was replaced after the run resolved it: never mix two models' rows
@@ -56,7 +59,7 @@ class AnnotatorActor:
         self.batches = 0
         if gpu_decode and a.device.type != "cuda":
             raise RuntimeError("--gpu-decode needs CUDA in the predictor actors, but this actor runs on "
-                               f"{a.device} (torch.cuda.is_available() is False)")
+                               f"{a.device} (no GPU assigned to it by Ray, or torch.cuda.is_available() is False)")
 
     def _on_torch(self, fn, *args, **kwargs):
         return self._torch_thread.submit(fn, *args, **kwargs).result()
@@ -163,7 +166,7 @@ def build_dataset(spec, model_set, paths_ds, pre_dicts: list[dict], base: str | 
                   "throttle_s": spec.throttle_s, "fold_bn": spec.fold_bn,
                   "compile_batch": spec.batch_size if spec.compile else None,
                   "detector_identity": detector_identity, "identity": identity,
-                  "review": spec.review_thresholds().to_dict()}
+                  "review": spec.review_thresholds().to_dict(), "gpu_share": spec.gpus_per_actor}
     resources = {"num_gpus": spec.gpus_per_actor} if spec.gpus_per_actor > 0 else {"num_cpus": spec.cpus_per_actor}
     # the actors get worker processes of their own (measured faster: raytasks/threads.py)
     ds = ds.map_batches(AnnotatorActor, fn_constructor_kwargs=actor_args, batch_format="numpy",

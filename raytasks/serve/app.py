@@ -97,7 +97,7 @@ def build_app(args: ServeArgs) -> serve.Application:
         uris[name] = s["checkpoint"]
         handles[name] = AnnotatorServer.options(name=f"model-{name}", **deployment_options(s)).bind(
             name, s["checkpoint"], s["device"], s["precision"], s["channels_last"], s["threads"], args.faces,
-            review=args.review)
+            review=args.review, gpu_share=s["num_gpus"])
     set_handle, set_name = None, "set"
     if args.model_set is not None:  # the same checkpoints (URIs and pins) as the per-model deployments
         spec, s = args.model_set, args.set_settings()
@@ -107,7 +107,7 @@ def build_app(args: ServeArgs) -> serve.Application:
         set_name = spec.name
         set_handle = AnnotatorServer.options(name=SET_DEPLOYMENT, **deployment_options(s)).bind(
             f"set-{spec.name}", model_set.to_dict(), s["device"], s["precision"], True, s["threads"], args.faces,
-            {column: name for column, name in members}, review=args.review)
+            {column: name for column, name in members}, review=args.review, gpu_share=s["num_gpus"])
     ing = args.ingress
     ing_opts: dict = {"max_ongoing_requests": ing.max_ongoing_requests, "max_queued_requests": ing.max_queued_requests,
                       "ray_actor_options": {"num_cpus": ing.num_cpus}}

@@ -116,7 +116,7 @@ class AnnotatorServer:
 
     def __init__(self, name: str, models: str | dict, device: str | None, precision: str, channels_last: bool,
                  threads: int, faces: dict | None = None, routes: dict[str, str] | None = None,
-                 review: dict | None = None):
+                 review: dict | None = None, gpu_share: float | None = None):
         self.name = name
         self.routes = dict(routes or {})
         # Every torch call of the replica runs on this one thread (see the module docstring).
@@ -129,8 +129,11 @@ class AnnotatorServer:
         self.faces = 0  # faces (whole images: images) the models ran on
         self.refused = {"faces": 0, "deadline": 0}  # requests refused over their faces budget, or past deadline
         self._lock = threading.Lock()
+        # device None: core.runner.resolve_device, which gives a replica the GPU only when Ray assigned it one;
+        # gpu_share (the deployment's num_gpus) below 1 bounds its share of that GPU's memory
         self.annotator = self._on_torch_thread(Annotator, models, faces=faces, device=device, precision=precision,
-                                               channels_last=channels_last, threads=threads, review=review)
+                                               channels_last=channels_last, threads=threads, review=review,
+                                               gpu_share=gpu_share)
         # The detector next to the models, loaded now whatever the default mode: a request may ask for either
         # (?faces=), and a photo crosses processes once. Then one forward pass of every network, the detector's
         # too, builds its kernels' plans (oneDNN, cuDNN) before traffic: Serve routes requests to a replica (and
