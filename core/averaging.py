@@ -57,7 +57,10 @@ class EpochAverage:
         if not self.active:
             return
         own = model.state_dict()
-        self.window = [*self.window, {k: own[k].detach().to("cpu", copy=True) for k in self.keys}][-self.epochs:]
+        # contiguous, whatever the model's layout (channels_last on a GPU): the window is saved in a run's
+        # training state, whose loader refuses any other tensor (raytasks/train/worker.py save_state)
+        self.window = [*self.window, {k: own[k].detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+                                      for k in self.keys}][-self.epochs:]
 
     def use_average(self, model: nn.Module) -> None:
         if not self.active or not self.window or self.swapped:

@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL, bf16 autocast, channels_last)")
     g.add_argument("--cpus-per-worker", type=positive(float), default=1.0)
     g.add_argument("--threads", type=positive(int), default=None, help="torch threads per worker (default: its CPUs)")
-    g.add_argument("--no-amp", action="store_true", help="fp32 on GPUs instead of bf16 autocast")
+    g.add_argument("--no-amp", action="store_true", help="fp32 on GPUs instead of bf16 autocast (bf16 only where the GPU computes it natively: "
+                   "compute capability 8.0 and up; a V100 or T4 trains in fp32)")
     g.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the last checkpoint")
     g.add_argument("--worker-logs", action="store_true",
                    help="forward the workers' and Ray Data's output here (it always stays in the Ray logs)")

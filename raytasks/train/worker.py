@@ -20,6 +20,7 @@ from core import engine
 from core.augment import Augment
 from core.averaging import EpochAverage
 from core.batches import drop_failed, fold_remainder
+from core.runner import gpu_has_bf16
 from models.base import Recipe
 from models.checkpoint import checkpoint_bytes
 from raytasks import heap
@@ -76,6 +77,29 @@ def _load_state(model, checkpoint, expect: dict) -> dict:
     return state
 
 
+def _contiguous(value):
+    """``value`` with every tensor in it (through dicts, lists and tuples) contiguous: a tensor already
+    contiguous is itself, any other a contiguous copy."""
+    if isinstance(value, torch.Tensor):
+        return value.contiguous()
+    if isinstance(value, dict):
+        return {k: _contiguous(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_contiguous(v) for v in value)
+    return value
+
+
+def save_state(state: dict, path: str) -> None:
+    """Write a run's training state (STATE_FILE: the epoch counters, the optimizer's and scheduler's state, the
+    averaging window) at ``path``, every tensor contiguous. :func:`_load_state` reads it back through
+    ``torch_load_checked``, which refuses a tensor that is not contiguous (models/checkpoint_hash.py
+    ``check_tensor``); on a GPU the model is channels_last, and so are its optimizer's buffers (SGD's
+    momentum, Adam's moments, and the averaging window's copies of it): saved as they were, no restart or rerun
+    could resume. The layout carries no values: a resumed optimizer takes them back contiguous
+    (``optimizer.load_state_dict`` casts to the parameters' device and dtype only) and updates them in place."""
+    torch.save(_contiguous(state), path)
+
+
 def _init_from(model, uri: str) -> None:
     """Copy every tensor of a project checkpoint whose name and shape match (e.g. the attention network
     from its TMTL stage); says what was not copied. The file is read as every checkpoint is
@@ -128,7 +152,12 @@ def train_worker(cfg: dict) -> None:
         torch.set_num_threads(cfg["threads"])
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
-    amp = torch.bfloat16 if on_gpu and cfg["amp"] else None
+    # bf16 autocast where the GPU computes it natively (sm_80 and up); a V100 or T4 only emulates it, slower than
+    # fp32 (core.runner.gpu_has_bf16, the rule label and serve use); fp32 there, with a line saying so
+    amp = torch.bfloat16 if on_gpu and cfg["amp"] and gpu_has_bf16(device) else None
+    if on_gpu and cfg["amp"] and amp is None and rank == 0:
+        log.warning("%s computes bfloat16 only by emulation (compute capability below 8.0): training in fp32",
+                    torch.cuda.get_device_name(device))
     channels_last = on_gpu
     recipe = Recipe(**cfg["recipe"])
     # the metric that picks the best epoch, chosen on the driver from the validation split (core.engine.choose_selection)
@@ -310,7 +339,7 @@ def train_worker(cfg: dict) -> None:
                                                   "faces": cfg.get("faces")})
                 with open(os.path.join(d, MODEL_FILE), "wb") as f:
                     f.write(data)
-                torch.save({"epoch": epoch, "step": step, "best": best, "best_epoch": best_epoch,
+                save_state({"epoch": epoch, "step": step, "best": best, "best_epoch": best_epoch,
                             "since_best": since_best, "stopped": stopped, "history": history,
                             "attempts": attempts, "optimizer": opt.state_dict(),
                             "average_window": average.state(),
