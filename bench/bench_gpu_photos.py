@@ -18,7 +18,9 @@ ways:
   CPU decode tasks run beside a GPU actor).
 
 Photos: ``--n`` JPEGs composed as in bench_faces.py (faces from ../shared/data/utkface when present, drawn
-faces otherwise; 1-3 a photo, 60-300 px wide, turned up to 20 degrees) on canvases of ``--canvas`` px.
+faces otherwise; 1-3 a photo, 60-300 px wide, turned up to 20 degrees) on canvases of ``--canvas`` px; every
+``--rotated-every``-th (default 16th) stored turned with EXIF Orientation 6, as phones save portraits, which
+``--decode gpu`` decodes on the CPU in line, as the label job's CPU stage does (nvjpeg ignores orientation).
 Model: ``--checkpoint``, or a fresh ``age_gender_race`` (dlib trunk: the face-recognition-models weights
 when that package is installed, random ones with a warning otherwise; the speed is the same).
 
@@ -50,19 +52,32 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def make_photos(n: int, canvas: tuple[int, int], seed: int) -> tuple[list[bytes], int, str]:
-    """``n`` JPEGs as bench_faces.py composes them; their bytes, the faces pasted, and where faces came from."""
+def make_photos(n: int, canvas: tuple[int, int], seed: int, rotated_every: int = 0) -> tuple[list[bytes], int, str]:
+    """``n`` JPEGs as bench_faces.py composes them; their bytes, the faces pasted, and where faces came from.
+    Every ``rotated_every``-th one (0: none) is stored turned a quarter with EXIF Orientation 6, as a phone
+    saves a portrait photo (upright once decoded, as the others): ``--gpu-decode`` leaves it to the CPU
+    decoder (nvjpeg does not apply the orientation; ``raytasks.label.gpu_decode.jpeg_for_gpu``)."""
+    import io
+
     from bench_faces import sources
     from PIL import Image
 
     from facedata.compose import compose
-    from facedata.synth import encode_jpeg
+    from facedata.synth import JPEG_QUALITY, encode_jpeg
 
     src, where = sources(32)
     datas, truth = [], 0
     for i in range(n):
         c = compose(src, seed + i, n_faces=(1, 3), canvas=canvas, face_width=(60, 300), max_angle=20)
-        datas.append(encode_jpeg(Image.fromarray(c.image)))
+        img = Image.fromarray(c.image)
+        if rotated_every and i % rotated_every == rotated_every - 1:
+            exif = Image.Exif()
+            exif[0x0112] = 6  # shown turned 90 degrees clockwise: the stored pixels are turned the other way
+            buf = io.BytesIO()
+            img.transpose(Image.Transpose.ROTATE_90).save(buf, format="JPEG", quality=JPEG_QUALITY, exif=exif)
+            datas.append(buf.getvalue())
+        else:
+            datas.append(encode_jpeg(img))
         truth += len(c.boxes)
     return datas, truth, where
 
@@ -70,12 +85,19 @@ def make_photos(n: int, canvas: tuple[int, int], seed: int) -> tuple[list[bytes]
 def gpu_decode(paths: list[str], datas: list[bytes], max_side: int, device) -> dict:
     """A decoded photo batch from the label job's own GPU decode (``raytasks.label.gpu_decode.photos_on_device``:
     one batched nvjpeg call, shrunk on the GPU like ``decode_photo``; a file nvjpeg refuses goes through the CPU
-    decoder), the pictures staying on the GPU for the detector. Every file is offered to the GPU here; the job's
-    CPU stage first keeps non-JPEGs and JPEGs over its limits on the CPU (``jpeg_for_gpu``)."""
-    from facedata.decode import Photos, empty_batch
-    from raytasks.label.gpu_decode import photos_on_device
+    decoder), the pictures staying on the GPU for the detector. As the job's CPU stage does, a file the GPU may
+    not take (``jpeg_for_gpu``: a non-JPEG, one over the limits, an EXIF-rotated one) is decoded on the CPU
+    (``decode_into``) first, in line: its cost is in this decode's time."""
+    from facedata.decode import Photos, decode_into, empty_batch
+    from raytasks.label.gpu_decode import jpeg_for_gpu, photos_on_device
 
-    return photos_on_device(empty_batch(paths, Photos(max_side)), list(datas), max_side, device)
+    target = Photos(max_side)
+    batch = empty_batch(paths, target)
+    raw = [d if jpeg_for_gpu(d) else None for d in datas]
+    for i, d in enumerate(raw):
+        if d is None:
+            decode_into(batch, i, datas[i], target)
+    return photos_on_device(batch, raw, max_side, device)
 
 
 class CpuDecoder:
@@ -173,6 +195,9 @@ def main(argv=None):
     ap.add_argument("--checkpoint", default=None, help="default: a fresh age_gender_race (dlib trunk)")
     ap.add_argument("--canvas", default="640,1600", help="photo side range in pixels, e.g. 3000,4000 for 12 MP")
     ap.add_argument("--max-side", type=int, default=None, help="decode size (default: the product's)")
+    ap.add_argument("--rotated-every", type=int, default=16,
+                    help="every Nth photo stored with EXIF Orientation 6, which --gpu-decode leaves to the CPU "
+                    "decoder (0: none)")
     ap.add_argument("--detector", default="{}", help='DetectorConfig settings as JSON, e.g. \'{"network": "scrfd"}\' '
                     "(default: the product's defaults)")
     ap.add_argument("--detector-channels-last", choices=("on", "off"), default=None,
@@ -201,7 +226,7 @@ def main(argv=None):
     workers = args.decode_workers or os.cpu_count() or 1
     lo, hi = (int(v) for v in args.canvas.split(","))
     print("command: python bench/bench_gpu_photos.py " + " ".join(sys.argv[1:] if argv is None else argv))
-    datas, truth, where = make_photos(args.n, (lo, hi), args.seed)
+    datas, truth, where = make_photos(args.n, (lo, hi), args.seed, args.rotated_every)
     ckpt = args.checkpoint
     if ckpt is None:
         ckpt = str(Path(tempfile.mkdtemp(prefix="bench-gpu-")) / "age_gender_race.pt")
@@ -214,7 +239,8 @@ def main(argv=None):
     (runner,) = ann.members.values()
     mb = sum(len(d) for d in datas) / 2**20
     print(f"{device} ({name}), torch {torch.__version__}; {args.n} JPEGs ({mb:.1f} MB, {lo}-{hi} px, {truth} faces "
-          f"from {where}); {runner.architecture} {runner.precision}; detector {ann.detector} "
+          f"from {where}; {args.n // args.rotated_every if args.rotated_every else 0} EXIF-rotated, decoded on the "
+          f"CPU by --decode gpu); {runner.architecture} {runner.precision}; detector {ann.detector} "
           f"(channels_last {ann.finder.detector.channels_last}); CPU decode on "
           f"{workers} threads; {torch.get_num_threads()} torch threads")
     decoders = {"gpu": lambda p, d: gpu_decode(p, d, max_side, device), "cpu": CpuDecoder(workers, max_side)}
@@ -244,7 +270,7 @@ def main(argv=None):
     print("photos/s: median of the rounds, decode overlapping the device on CPU threads (cpu) or in line (gpu); "
           "stages: one pass synchronised after each stage")
     print(json.dumps({"device": str(device), "device_name": name, "torch": torch.__version__, "photos": args.n,
-                      "canvas": [lo, hi], "faces_pasted": truth, "model": runner.architecture,
+                      "canvas": [lo, hi], "rotated_every": args.rotated_every, "faces_pasted": truth, "model": runner.architecture,
                       "precision": runner.precision, "detector": ann.detector,
                       "detector_channels_last": ann.finder.detector.channels_last, "decode_workers": workers,
                       "results": results}))

@@ -214,14 +214,18 @@ def jpeg_draft_size(width: int, height: int, request: tuple[int, int]) -> tuple[
 class Header:
     """What :func:`read_header` found, every check passed: the format, the size as stored (before EXIF
     orientation), the size the pixels decode at (a JPEG's draft scale) and the estimated peak memory of that
-    decode (:func:`decode_cost`: what ``max_decode_bytes`` was compared with), and the PIL mode it decodes to
-    before any conversion (a CMYK JPEG stays ``CMYK``)."""
+    decode (:func:`decode_cost`: what ``max_decode_bytes`` was compared with), the PIL mode it decodes to
+    before any conversion (a CMYK JPEG stays ``CMYK``) and whether its orientation turns it (``rotated``)."""
 
     format: str
     size: tuple[int, int]
     decoded: tuple[int, int]
     decode_bytes: int
     mode: str
+    # Whether :func:`open_image` rotates or flips the decoded pixels: the orientation it applies (Pillow's
+    # ``getexif``: the EXIF Orientation tag, else an XMP ``tiff:Orientation``) is not 1; for a PNG, whether
+    # anything in it may rotate it (``png_may_rotate``). The same reading the memory estimate charges.
+    rotated: bool = False
 
 
 class Prechecked:
@@ -266,7 +270,7 @@ def _checked_open(data: bytes, max_pixels: int, draft_to: tuple[int, int] | int 
     coefficients = jpeg_coefficient_bytes(img, data)  # at the full size, which draft() forgets
     _draft(img, draft_to)
     cost = check_header(img, max_pixels, max_decode_bytes, rotated, coefficients)
-    return img, Header(img.format, (w0, h0), img.size, cost, img.mode)
+    return img, Header(img.format, (w0, h0), img.size, cost, img.mode, rotated)
 
 
 def _opened(data: bytes | Prechecked, max_pixels: int, draft_to: tuple[int, int] | int | None,

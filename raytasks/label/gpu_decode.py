@@ -14,7 +14,8 @@ import numpy as np
 def jpeg_for_gpu(data: bytes, pre=None) -> bool:
     """Whether a file can go to the GPU decoder: a baseline/progressive JPEG in RGB or grey (CMYK and YCCK
     JPEGs, other formats and anything PIL cannot parse the header of stay on the CPU path, which gives them
-    their label or error row) within the CPU decoder's limits (pixels, aspect ratio, memory, JPEG scans).
+    their label or error row) within the CPU decoder's limits (pixels, aspect ratio, memory, JPEG scans),
+    stored upright (a JPEG whose orientation is not 1 stays on the CPU path, which turns it).
     ``pre``: the model's preprocessing (whole images), or None for photos (``decode_photo``'s pixel limit)."""
     from models.imagebytes import DEFAULT_MAX_PIXELS, read_header
 
@@ -30,7 +31,14 @@ def jpeg_for_gpu(data: bytes, pre=None) -> bool:
         # every check of the CPU decoder (scans, pixels, aspect ratio, memory with a progressive JPEG's
         # coefficient buffer), at the full size: nvjpeg has no draft scale
         head = read_header(data, pre.max_pixels if pre is not None else DEFAULT_MAX_PIXELS)
-        return head.format == "JPEG" and head.mode in ("RGB", "L")
+        # nvjpeg does not apply a JPEG's orientation: torchvision's ``decode_jpeg`` applies EXIF orientation on
+        # the CPU only (its CUDA op takes no such argument), so a phone photo of Orientation 6 came out of the GPU
+        # sideways and was labelled on a turned picture. A rotated or flipped JPEG (``head.rotated``: the
+        # orientation the CPU decoder applies, EXIF or XMP, as models/imagebytes.py reads it) therefore takes
+        # the CPU path, which turns it exactly as every other path does; turning the tensor on the GPU instead
+        # would need a second reading of the orientation to stay in step with Pillow's. Phones often store
+        # portraits so (Orientation 6): each costs a CPU decode (bench/bench_gpu_photos.py includes some).
+        return head.format == "JPEG" and head.mode in ("RGB", "L") and not head.rotated
     except Exception:  # noqa: BLE001 - any header problem: let the CPU decoder name the error
         return False
 
@@ -71,27 +79,31 @@ def resize_like_preprocess(img, pre):
 
 
 def _decode_jpegs(datas: list[bytes], grey: bool, device) -> list:
-    """JPEG bytes -> per item a uint8 (C, H, W) tensor on ``device`` (EXIF orientation applied) or the
-    RuntimeError nvjpeg raised: one ``decode_jpeg`` call for the batch, one per image when that call fails."""
+    """JPEG bytes -> per item a uint8 (C, H, W) tensor on ``device`` as stored (no orientation applied) or the
+    RuntimeError nvjpeg raised: one ``decode_jpeg`` call for the batch, one per image when that call fails.
+    Only upright JPEGs come here (:func:`jpeg_for_gpu`); the orientation is not asked for on any device, as
+    nvjpeg cannot apply it (torchvision: "only implemented for JPEG format on CPU"), so that the CPU tests of
+    this function decode what the GPU decodes."""
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
     mode = ImageReadMode.GRAY if grey else ImageReadMode.RGB
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
     try:
-        return decode_jpeg(tensors, mode=mode, device=device, apply_exif_orientation=True)
+        return decode_jpeg(tensors, mode=mode, device=device)
     except RuntimeError:
         decoded = []
         for t in tensors:
             try:
-                decoded.append(decode_jpeg(t, mode=mode, device=device, apply_exif_orientation=True))
+                decoded.append(decode_jpeg(t, mode=mode, device=device))
             except RuntimeError as e:
                 decoded.append(e)
         return decoded
 
 
 def gpu_decode_batch(datas: list[bytes], pre, device) -> list:
-    """JPEG bytes -> per item ``(uint8 (C, h, w) tensor on device, geometry)`` or an Exception."""
+    """Upright JPEG bytes (:func:`jpeg_for_gpu`) -> per item ``(uint8 (C, h, w) tensor on device, geometry)`` or
+    an Exception."""
     out = []
     for d in _decode_jpegs(datas, pre.channels == 1, device):
         try:
@@ -102,12 +114,12 @@ def gpu_decode_batch(datas: list[bytes], pre, device) -> list:
 
 
 def gpu_decode_photos(datas: list[bytes], max_side: int, device) -> list:
-    """JPEG bytes -> per item ``(uint8 RGB (3, h, w) tensor on device, (width, height) of the upright original,
-    scale)`` as ``models.preprocess.decode_photo`` returns them, or an Exception. The whole JPEG is decoded
-    (nvjpeg has no draft mode: a 24 MP photo is 72 MB on the GPU for a moment), then shrunk by area averaging
-    to the size the CPU decoder gives (``models.photo.photo_size``: at most ``max_side``); the sizes and
-    the scale equal the CPU decoder's, the pixels differ by about 2 grey levels on average after a shrink
-    (other IDCT and resampling kernels; measured in docs/benchmarks.md)."""
+    """Upright JPEG bytes (:func:`jpeg_for_gpu`) -> per item ``(uint8 RGB (3, h, w) tensor on device, (width,
+    height) of the original, scale)`` as ``models.preprocess.decode_photo`` returns them, or an Exception. The
+    whole JPEG is decoded (nvjpeg has no draft mode: a 24 MP photo is 72 MB on the GPU for a moment), then
+    shrunk by area averaging to the size the CPU decoder gives (``models.photo.photo_size``: at most
+    ``max_side``); the sizes and the scale equal the CPU decoder's, the pixels differ by about 2 grey levels on
+    average after a shrink (other IDCT and resampling kernels; measured in docs/benchmarks.md)."""
     import torch
     import torch.nn.functional as F
 
