@@ -81,6 +81,11 @@ def test_a_channels_last_runs_training_state_is_saved_contiguous_and_resumes(tmp
     resumed = resumed.to(memory_format=torch.channels_last)
     opt2 = engine.make_optimizer(resumed, recipe)
     opt2.load_state_dict(state["optimizer"])
+    worker.optimizer_layout_like_params(opt2)
+    for p in resumed.parameters():  # the buffers back in their parameters' layout, as before the stop
+        for v in opt2.state[p].values():
+            if torch.is_tensor(v) and v.shape == p.shape:
+                assert v.stride() == p.stride()
 
     assert len(again.state()) == len(average.state()) == 2
     for saved, back in zip(average.state(), again.state()):

@@ -96,8 +96,21 @@ def save_state(state: dict, path: str) -> None:
     ``check_tensor``); on a GPU the model is channels_last, and so are its optimizer's buffers (SGD's
     momentum, Adam's moments, and the averaging window's copies of it): saved as they were, no restart or rerun
     could resume. The layout carries no values: a resumed optimizer takes them back contiguous
-    (``optimizer.load_state_dict`` casts to the parameters' device and dtype only) and updates them in place."""
+    (``optimizer.load_state_dict`` casts to the parameters' device and dtype only; :func:`optimizer_layout_like_params`
+    gives them the parameters' layout back)."""
     torch.save(_contiguous(state), path)
+
+
+def optimizer_layout_like_params(opt) -> None:
+    """After ``opt.load_state_dict`` of a state :func:`save_state` wrote: every buffer shaped like its parameter
+    takes the parameter's layout again (channels_last on a GPU), as a run that never stopped has it, so that a
+    resumed step is the same kernel on the same layout (``load_state_dict`` keeps the saved, contiguous strides)."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p)
+            for k, v in (st or {}).items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 def _init_from(model, uri: str) -> None:
@@ -188,6 +201,7 @@ def train_worker(cfg: dict) -> None:
     sched = engine.make_scheduler(opt, recipe)
     if state is not None:
         opt.load_state_dict(state["optimizer"])
+        optimizer_layout_like_params(opt)
         if sched is not None and state.get("scheduler") is not None:
             sched.load_state_dict(state["scheduler"])
     state = state or {"epoch": 0, "step": 0, "best": None, "best_epoch": 0, "since_best": 0, "stopped": False,
