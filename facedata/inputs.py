@@ -69,13 +69,9 @@ def iter_folder(uri: str, allow: tuple[str, ...] | None = None) -> Iterator[str]
     each local directory; S3 lists keys in order). Locally, ``allow`` says which symlinked folders are followed
     and an unlistable folder is an :class:`InputError` (:func:`_walk_local`)."""
     if storage.is_s3(uri):
-        import boto3
-
         bucket, _, prefix = uri[len("s3://"):].partition("/")
         prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
-        client = boto3.client("s3", endpoint_url=storage.s3_endpoint(),
-                              region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for page in _s3_pages(uri, bucket, prefix):
             for obj in page.get("Contents", ()):
                 key = obj["Key"]
                 rel = key[len(prefix):]
@@ -84,6 +80,28 @@ def iter_folder(uri: str, allow: tuple[str, ...] | None = None) -> Iterator[str]
                 yield f"s3://{bucket}/{key}"
         return
     yield from _walk_local(storage.filesystem(uri)[1], allow)
+
+
+def _s3_pages(uri: str, bucket: str, prefix: str) -> Iterator[dict]:
+    """The ``ListObjectsV2`` pages of ``prefix``, each request retried by the client (``storage.s3_client``).
+    A request that still fails (S3 throttling past the retries, no access, no such bucket, the endpoint gone) is
+    an :class:`InputError` naming the prefix, not a traceback: the run stops before labeling anything missed."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    pages = None
+    while True:
+        try:
+            if pages is None:
+                pages = iter(storage.s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                                          Prefix=prefix))
+            page = next(pages)
+        except StopIteration:
+            return
+        except (BotoCoreError, ClientError) as e:
+            again = "it may pass" if storage.is_transient(e) else "fix that (access, the bucket's name)"
+            raise InputError(f"cannot list {uri} ({type(e).__name__}: {e}): the files under it would be missing "
+                             f"from the run; {again}, and run the same command again") from None
+        yield page
 
 
 def _walk_local(root: str, allow: tuple[str, ...] | None) -> Iterator[str]:

@@ -183,7 +183,11 @@ def label(spec: LabelSpec, echo=print) -> dict:
                              "expiry, or another run took over): run the same command again to finish") from None
         raise
     finally:
-        lease.release()
+        try:
+            lease.release()
+        except Exception as e:  # noqa: BLE001 - never raised over the run's own outcome (or its error)
+            log.warning("could not release the lease on %s (%s: %s): it expires within %g s, and a run started "
+                        "before then is refused until it does", spec.output, type(e).__name__, e, lease.ttl_s)
     if lease.lost:
         raise LabelError(f"this run lost its lease on {spec.output} (stalled past its expiry, another run took "
                          "over): its rows may overlap with that run's; run the same command again to check")
@@ -236,7 +240,12 @@ def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
         listing = write_manifest_listing(spec.input, out["inputs"], base, respell=respell)  # one row per file
         inputs = listing.inputs
     else:
-        if not storage.is_dir(spec.input):
+        try:
+            input_is_dir = storage.is_dir(spec.input)
+        except OSError as e:  # pyarrow's S3 error past its retries (throttling, the endpoint gone, no access)
+            raise LabelError(f"cannot list --input {spec.input} ({e}); run the same command again (it resumes "
+                             "where this run stopped)") from None
+        if not input_is_dir:
             raise LabelError(f"--input {spec.input} is neither a folder/prefix nor a .parquet/.csv manifest")
         listing = write_listing(spec.input, out["inputs"], allow=spec.allow_prefix, respell=respell)
         inputs = listing.inputs

@@ -142,6 +142,9 @@ class Fence:
     output: str
     owner: str
     gen: int
+    # how long the check retries a store that fails transiently (lease_store._Store) before it answers "lost":
+    # a quarter of the lease's ttl (Lease.fence)
+    retry_s: float = DEFAULT_TTL_S / 4
 
     def check(self) -> None:
         taken = LeaseLost(f"{self.output}: this run's lease (generation {self.gen}) was taken over by another "
@@ -149,9 +152,12 @@ class Fence:
         if (self.output, self.owner) in _TAKEN_OVER:
             raise taken
         try:
-            top, rec = _read_top(_Store(storage.join(self.output, LEASE_DIR)))
+            top, rec = _read_top(_Store(storage.join(self.output, LEASE_DIR), retry_s=self.retry_s))
         except LeaseError as e:  # cannot tell whether the run still holds it: the safe answer is no
             raise LeaseLost(f"{e}: this run stops writing") from None
+        except Exception as e:  # noqa: BLE001 - the store failing past its retries (S3 throttling, no access, ...)
+            raise LeaseLost(f"{self.output}: this run's lease cannot be read ({type(e).__name__}: {e}), retried for "
+                            f"{self.retry_s:g} s: the run stops writing; run the same command again to finish") from None
         if rec is None or top < self.gen or rec.get("owner") != self.owner:
             if top > self.gen:
                 # another run's generation above ours: never ours again (a listing that later lacks it, a folder
@@ -212,7 +218,9 @@ class Lease:
         self.output = output
         self.ttl_s = float(ttl_s)
         self.renew_enabled = renew
-        self.store = _Store(storage.join(output, LEASE_DIR))
+        # a store failing transiently is retried for a quarter of the ttl: well before the lease can expire, a
+        # fence check that cannot complete answers "lost" (Fence.check)
+        self.store = _Store(storage.join(output, LEASE_DIR), retry_s=self.ttl_s / 4)
         self.owner = uuid.uuid4().hex
         self.gen: int | None = None  # the generation this run created last (the top while it holds the lease)
         self.lost = False
@@ -238,7 +246,7 @@ class Lease:
         """What this run's writers check before each write (see :class:`Fence`)."""
         if self.gen is None:
             raise LeaseError("the lease is not held")
-        return Fence(self.output, self.owner, self.gen)
+        return Fence(self.output, self.owner, self.gen, self.ttl_s / 4)
 
     def takeover_grace_s(self) -> float:
         """How long this run waits, holding the lease, before it touches the output, when it took the lease over
@@ -316,17 +324,20 @@ class Lease:
 
     def release(self) -> None:
         """Leave a tombstone above this run's generation (see the module docstring); ``lost`` when another
-        run had taken the lease over."""
+        run had taken the lease over. Raises what the store raises past its retries: the lease is then left to
+        expire (its ttl), and the run's caller says so without hiding its own outcome (raytasks/label/job.py)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
         with self._lock:
-            if self.gen is not None and not self.lost:
-                top, rec = _read_top(self.store)
-                if top != self.gen or rec is None or rec.get("owner") != self.owner \
-                        or not self._claim(top + 1, released=True):
-                    self.lost = True
-            self.gen = None
+            try:
+                if self.gen is not None and not self.lost:
+                    top, rec = _read_top(self.store)
+                    if top != self.gen or rec is None or rec.get("owner") != self.owner \
+                            or not self._claim(top + 1, released=True):
+                        self.lost = True
+            finally:  # a store that fails past its retries raises here; the lease then expires within its ttl
+                self.gen = None
 
     def __enter__(self) -> Lease:
         return self.acquire()

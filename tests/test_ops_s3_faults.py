@@ -1,0 +1,337 @@
+"""S3 faults the label job rides out or reports in one line (an audit with a fault-injecting proxy, 2026-12):
+a burst of 503 SlowDown longer than the SDKs' default 3 attempts (storage.s3_client, storage's pyarrow
+filesystem: 10 attempts), a listing that fails for good (one ``error:`` line naming the prefix, no traceback),
+and a lease store failing transiently (retried for a bounded time, then ``LeaseLost``) or for good at release
+(a warning; the run's own error is the one raised).
+
+The faults come from :class:`FaultProxy`, an HTTP proxy in this process in front of the moto server
+(conftest's ``s3_server``), the AWS environment pointed at it; botocore's backoff is made short for the tests
+(``fast_backoff``), the lease store's by its parameters."""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+import storage
+from facedata import inputs
+from raytasks.label import lease_store
+from raytasks.label.lease import Lease, LeaseLost
+from tests.helpers import free_port
+from tests.images import face_jpeg
+
+SLOWDOWN = (503, "SlowDown", "Please reduce your request rate.")
+DENIED = (403, "AccessDenied", "Access Denied")
+
+
+class FaultProxy:
+    """Forwards HTTP requests to ``upstream``; a request matching a rule (``method``, a substring of the path,
+    of the User-Agent) is answered with the rule's error instead, at most ``times`` times. ``log`` holds
+    ``(method, path, status)`` of every request."""
+
+    def __init__(self, upstream: str):
+        self.upstream = upstream.split("://", 1)[1]
+        self.rules: list[dict] = []
+        self.log: list[tuple[str, str, int]] = []
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def handle_any(self):
+                body = self._body()
+                rule = proxy._match(self.command, self.path, self.headers.get("User-Agent", ""))
+                if rule is not None:
+                    status, code, message = rule["error"]
+                    data = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                            f"<Message>{message}</Message></Error>").encode()
+                    proxy._record(self.command, self.path, status)
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(data)
+                    return
+                conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "transfer-encoding"}
+                if body or "Content-Length" in self.headers or self.headers.get("Transfer-Encoding"):
+                    headers["Content-Length"] = str(len(body))
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                conn.close()
+                proxy._record(self.command, self.path, resp.status)
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "content-length", "connection"):
+                        self.send_header(k, v)
+                length = resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
+                self.send_header("Content-Length", length)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    out = b""
+                    while True:
+                        size = int(self.rfile.readline().strip().split(b";")[0], 16)
+                        if size == 0:
+                            self.rfile.readline()
+                            return out
+                        out += self.rfile.read(size)
+                        self.rfile.readline()
+                n = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(n) if n else b""
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = handle_any
+
+        self.port = free_port()
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def fail(self, contains: str, error=SLOWDOWN, times: int = 10**9, method: str | None = None,
+             agent: str = "") -> None:
+        with self.lock:
+            self.rules.append({"contains": contains, "error": error, "times": times, "method": method,
+                               "agent": agent})
+
+    def clear(self) -> None:
+        with self.lock:
+            self.rules.clear()
+            self.log.clear()
+
+    def failed(self, status: int | None = None) -> list[tuple[str, str, int]]:
+        with self.lock:
+            return [e for e in self.log if e[2] >= 400 and (status is None or e[2] == status)]
+
+    def _match(self, method: str, path: str, agent: str) -> dict | None:
+        with self.lock:
+            for r in self.rules:
+                if r["times"] > 0 and r["contains"] in path and r["method"] in (None, method) \
+                        and r["agent"].lower() in agent.lower():
+                    r["times"] -= 1
+                    return r
+        return None
+
+    def _record(self, method: str, path: str, status: int) -> None:
+        with self.lock:
+            self.log.append((method, path, status))
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fast_backoff(monkeypatch):
+    """botocore's standard-mode backoff (1 s, 2 s, 4 s, ... for throttling) made 10 ms: the attempts are
+    what the tests count."""
+    from botocore.retries import standard
+
+    monkeypatch.setattr(standard.ExponentialBackoff, "delay_amount", lambda self, context: 0.01)
+
+
+@pytest.fixture
+def proxy(s3_bucket, monkeypatch, fast_backoff):
+    """``(FaultProxy, bucket)``: the AWS environment points at the proxy, in front of the moto server."""
+    client, bucket = s3_bucket
+    p = FaultProxy(client.meta.endpoint_url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", p.url)
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
+    try:
+        yield p, bucket
+    finally:
+        p.close()
+
+
+def _photos(bucket: str, n: int = 3) -> list[str]:
+    import boto3
+
+    client = boto3.client("s3", region_name="us-east-1")  # AWS_ENDPOINT_URL: through the proxy
+    for i in range(n):
+        client.put_object(Bucket=bucket, Key=f"photos/p{i}.jpg", Body=face_jpeg(i))
+    return [f"s3://{bucket}/photos/p{i}.jpg" for i in range(n)]
+
+
+# --- 1. a burst of SlowDown longer than 3 attempts ------------------------------------------------------------
+def test_a_listing_rides_out_four_slowdowns(proxy):
+    p, bucket = proxy
+    want = _photos(bucket)
+    p.fail("list-type=2", times=4)
+    assert list(inputs.iter_folder(f"s3://{bucket}/photos/")) == want  # 3 attempts failed here before
+    assert len(p.failed(503)) == 4
+
+
+def test_a_pyarrow_read_rides_out_three_slowdowns(proxy):
+    p, bucket = proxy
+    uri = _photos(bucket, 1)[0]
+    # 3 refusals, the most the default 3 attempts failed on (the C++ SDK's backoff is not shortened here: 1, 2,
+    # 4 s at most for a throttling answer)
+    p.fail("photos/p0.jpg", times=3, method="GET")
+    assert storage.read_bytes(uri) == face_jpeg(0)
+    assert len(p.failed(503)) == 3
+
+
+def test_every_client_has_the_retry_settings():
+    client = storage.s3_client()
+    assert client.meta.config.retries == {"mode": "standard", "total_max_attempts": storage.S3_MAX_ATTEMPTS}
+    assert client.meta.config.connect_timeout == storage.S3_CONNECT_TIMEOUT_S
+    store = lease_store._Store("s3://b/out/_lease")  # one attempt a call: the store retries, bounded in time
+    assert store.client.meta.config.retries["total_max_attempts"] == 1
+
+
+# --- 2. a listing that fails for good -------------------------------------------------------------------------
+def test_a_listing_failing_for_good_is_an_input_error_naming_the_prefix(proxy):
+    p, bucket = proxy
+    _photos(bucket)
+    p.fail("list-type=2")
+    with pytest.raises(inputs.InputError, match=f"cannot list s3://{bucket}/photos/ .*SlowDown.*run the same "
+                                                "command again"):
+        list(inputs.iter_folder(f"s3://{bucket}/photos/"))
+    assert len(p.failed(503)) == storage.S3_MAX_ATTEMPTS
+
+
+def test_the_job_prints_one_error_line_when_the_listing_fails(proxy, hs_checkpoint, tmp_path, monkeypatch, capsys):
+    """``python -m jobs.label`` over a prefix whose listing S3 keeps refusing: ``error: ...`` naming the prefix,
+    exit status 2, no traceback (it was a botocore ClientError traceback, rc 1). Ray is not started: the job
+    fails at the listing, before anything runs on it."""
+    import jobs.label
+    import raytasks.label.job as job
+
+    p, bucket = proxy
+    _photos(bucket)
+    for mod, name in ((jobs.label, "ensure_ray"), (job, "ensure_ray"), (job, "check_reachable"),
+                      (job, "check_decode_fits")):
+        monkeypatch.setattr(mod, name, lambda *a, **k: None)
+    monkeypatch.setattr(job, "resolve_pool", lambda *a, **k: (1, 1))
+    p.fail("list-type=2", agent="botocore")  # the job's listing (pyarrow's HEAD/list of the prefix passes)
+    with pytest.raises(SystemExit) as exit_:
+        jobs.label.main(["--checkpoint", hs_checkpoint, "--input", f"s3://{bucket}/photos/", "--output",
+                         str(tmp_path / "out"), "--faces", "whole"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and f"cannot list s3://{bucket}/photos/" in lines[0], err[-3000:]
+    assert "run the same command again" in lines[0] and "Traceback" not in err
+
+
+# --- 3. the lease store -----------------------------------------------------------------------------------------
+def test_a_fence_check_rides_out_a_burst(proxy):
+    p, bucket = proxy
+    lease = Lease(f"s3://{bucket}/out", renew=False).acquire()
+    fence = lease.fence()
+    p.fail("_lease", times=4)  # the listing and the read of the top: 4 refusals (3 attempts failed before)
+    fence.check()
+    assert len(p.failed(503)) == 4
+    p.clear()
+    lease.release()
+
+
+def test_a_lease_store_failing_for_good_is_a_lost_lease_within_its_bound(proxy):
+    p, bucket = proxy
+    lease = Lease(f"s3://{bucket}/out", ttl_s=4.0, renew=False).acquire()
+    fence = lease.fence()
+    p.fail("_lease")
+    start = time.monotonic()
+    with pytest.raises(LeaseLost, match="cannot be read.*SlowDown.*stops writing"):
+        fence.check()
+    assert time.monotonic() - start < 5 and fence.retry_s == 1.0  # retried for a quarter of the ttl
+    assert len(p.failed(503)) >= 3  # retried, with backoff, before it gave up
+    p.clear()
+    lease.release()
+
+
+def test_the_store_retries_each_operation_with_its_parameters(proxy):
+    p, bucket = proxy
+    store = lease_store._Store(f"s3://{bucket}/x/_lease", retry_s=5.0, backoff_s=0.01)
+    p.fail("_lease/000000000001.json", times=5, method="PUT")
+    assert store.create("000000000001.json", b"body-1")
+    p.fail("_lease/000000000001.json", times=5, method="GET")
+    assert store.get("000000000001.json") == b"body-1"
+    p.fail("_lease", times=5, method="DELETE")
+    store.delete("000000000001.json")
+    p.fail("list-type=2", times=5)
+    assert store.names() == []
+    assert len(p.failed(503)) == 20
+    p.clear()
+    p.fail("_lease", error=DENIED)  # not transient: raised at once, not retried
+    from botocore.exceptions import ClientError
+
+    with pytest.raises(ClientError, match="AccessDenied"):
+        store.names()
+    assert len(p.failed(403)) == 1
+
+
+def test_a_release_that_fails_is_a_warning_under_the_runs_own_error(proxy, tmp_path, monkeypatch, caplog):
+    """The store refusing the release (past its retries) left the lease ``released: false`` and raised its
+    ClientError over the run's error; now the run's error is raised and the release's is a warning."""
+    import raytasks.label.job as job
+    from raytasks.label.spec import LabelSpec
+
+    p, bucket = proxy
+    monkeypatch.setattr(job, "ensure_ray", lambda *a, **k: None)
+    monkeypatch.setattr(job, "check_reachable", lambda *a, **k: None)
+
+    def run(spec, echo, fence):
+        fence.check()
+        p.fail("_lease", error=DENIED)  # from here on the lease store refuses every request
+        raise RuntimeError("the run's own error")
+
+    monkeypatch.setattr(job, "_label", run)
+    spec = LabelSpec(checkpoint=str(tmp_path / "m.pt"), input=str(tmp_path / "in"), output=f"s3://{bucket}/out",
+                     allow_prefix=(str(tmp_path),))
+    with caplog.at_level(logging.WARNING, logger=job.__name__), \
+            pytest.raises(RuntimeError, match="the run's own error"):
+        job.label(spec, echo=lambda line: None)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"could not release the lease on s3://{bucket}/out" in m and "AccessDenied" in m for m in warned)
+
+
+def test_the_proxy_forwards(proxy):
+    """The proxy itself: requests without a rule reach moto unchanged."""
+    p, bucket = proxy
+    uri = _photos(bucket, 1)[0]
+    assert storage.read_bytes(uri) == face_jpeg(0) and not p.failed()
+    with socket.create_connection(("127.0.0.1", p.port), timeout=5):
+        pass
+
+
+def test_the_job_prints_one_error_line_when_pyarrows_look_at_the_input_fails(proxy, hs_checkpoint, tmp_path,
+                                                                              monkeypatch, capsys):
+    """The same for the first look at ``--input`` (pyarrow's ``get_file_info``: an ``OSError``); 2 attempts
+    (``AWS_MAX_ATTEMPTS``) keep the C++ SDK's backoff short."""
+    import jobs.label
+    import raytasks.label.job as job
+
+    p, bucket = proxy
+    _photos(bucket)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    for mod, name in ((jobs.label, "ensure_ray"), (job, "ensure_ray"), (job, "check_reachable"),
+                      (job, "check_decode_fits")):
+        monkeypatch.setattr(mod, name, lambda *a, **k: None)
+    monkeypatch.setattr(job, "resolve_pool", lambda *a, **k: (1, 1))
+    p.fail("list-type=2")
+    with pytest.raises(SystemExit) as exit_:
+        jobs.label.main(["--checkpoint", hs_checkpoint, "--input", f"s3://{bucket}/photos/", "--output",
+                         str(tmp_path / "out"), "--faces", "whole"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and f"cannot list --input s3://{bucket}/photos/" in lines[0], err[-3000:]
+    assert "run the same command again" in lines[0] and "Traceback" not in err
+    assert len(p.failed(503)) == 2
