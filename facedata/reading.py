@@ -1,7 +1,9 @@
 """How the label job reads its input files: only regular files, the size checked before a byte is read,
 confined to the allowed prefixes (facedata/paths.py), at most ``MAX_BATCH_BYTES`` per chunk, every stat and
 read with a timeout on daemon threads. A file that cannot be read is an error row ``(None, kind, message)``;
-nothing here raises.
+nothing here raises. A read that failed for a reason of the moment (S3 throttling, a server error, a connection
+reset or timed out, a read over its timeout: :func:`storage.is_transient`) is a ``transient`` row, which a later run may
+read; a missing file, access denied and the like stay ``unreadable``.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import errno
 import os
+import re
 import time
 from collections.abc import Iterator
 
@@ -91,6 +94,26 @@ def _short(text: str) -> str:
     return text if len(text) <= _MESSAGE_CHARS else text[:_MESSAGE_CHARS - 3] + "..."
 
 
+TRANSIENT = "transient"  # the error kind of a read that failed for a reason of the moment, not of the file
+AGAIN = "may succeed if run again"  # ends every transient row's message
+_AWS = re.compile(r"^AWS Error (.+?) during (\w+) operation: ?")  # "S3 GetObject: SLOW_DOWN: ..." in a row: shorter
+
+
+def transient(reason: str) -> tuple[None, str, str]:
+    """The error row of a read that failed for a reason of the moment (:func:`storage.is_transient`); its message ends
+    with :data:`AGAIN`, whatever the length of ``reason``."""
+    tail = f" ({AGAIN})"
+    return None, TRANSIENT, _short(reason)[:_MESSAGE_CHARS - len(tail)] + tail
+
+
+def _detail(e: BaseException) -> str:
+    """An exception's text; pyarrow's S3 errors without the object's name ("When reading information for key '…'
+    in bucket '…': ") and as "S3 GetObject: SLOW_DOWN: Please reduce your request rate."."""
+    if not isinstance(e, OSError) or e.strerror is not None:
+        return str(e)
+    return _AWS.sub(r"S3 \2: \1: ", storage.KEY_CONTEXT.sub("", str(e))).replace("; Details: ", "; ").rstrip(": ")
+
+
 def _error(e: BaseException, uri: str = "") -> tuple[None, str, str]:
     """A read's exception -> an error row. Messages never echo the path (it is in the row already, and a
     5,000-character one would drown the reason)."""
@@ -114,9 +137,11 @@ def _error(e: BaseException, uri: str = "") -> tuple[None, str, str]:
         return None, "unreadable", "a symlink changed while the file was opened, or too many symlinks"
     if isinstance(e, ValueError) and "null" in str(e):
         return None, "unreadable", "path contains a NUL byte"
+    if storage.is_transient(e):
+        return transient(_detail(e))
     if isinstance(e, OSError) and e.strerror:
         return None, "unreadable", _short(f"{type(e).__name__}: {e.strerror}")
-    return None, "unreadable", _short(f"{type(e).__name__}: {e}")
+    return None, "unreadable", _short(f"{type(e).__name__}: {_detail(e)}")
 
 
 def _check_uri(uri: str) -> tuple[None, str, str] | None:
@@ -154,20 +179,24 @@ def _refused(uri: str, allow: tuple[str, ...] | None) -> tuple[None, str, str] |
 
 
 def _stored_file(uri: str):
-    """``((filesystem, path, size), None)`` of a regular file on a store (S3), or ``(None, error row)``."""
+    """``(file, None)``: a regular file on a store (S3) opened for random access, or ``(None, error row)``.
+    Opening an object is its one HEAD request (pyarrow's ``open_input_file``): ``file.size()`` is then known
+    and no byte is read yet, so the size is checked before the one GET that reads it (:func:`_read_stored`). A
+    missing key is looked up once more, on that miss only, to tell a "folder" (a prefix) from nothing."""
     fs, path = storage.filesystem(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
+    try:
+        return fs.open_input_file(path), None
+    except FileNotFoundError:
+        if fs.get_file_info(path).type == pafs.FileType.Directory:
+            return None, (None, "unreadable", "not a regular file")
         return None, (None, "unreadable", "file not found")
-    if info.type != pafs.FileType.File:
-        return None, (None, "unreadable", "not a regular file")
-    return (fs, path, info.size), None
 
 
 def _opened(uri: str, allow, local, stored) -> tuple:
     """The one way a file is opened for :func:`file_size` and :func:`fetch`: a malformed or refused URI is its
     error row; a local file is opened confined (:func:`open_local`) and ``local(fd)`` answers (it closes
-    ``fd``); a stored one (S3) is looked up and ``stored(fs, path, size)`` answers. Never raises."""
+    ``fd``); a stored one (S3) is opened (:func:`_stored_file`) and ``stored(file)`` answers (it closes
+    ``file``, or hands it on). Never raises."""
     bad = _refused(uri, allow)
     if bad is not None:
         return bad
@@ -175,8 +204,8 @@ def _opened(uri: str, allow, local, stored) -> tuple:
         path = local_path(uri)
         if path is not None:
             return local(open_local(path, allow))
-        obj, bad = _stored_file(uri)
-        return bad if bad is not None else stored(*obj)
+        f, bad = _stored_file(uri)
+        return bad if bad is not None else stored(f)
     except Exception as e:  # noqa: BLE001 - never raises: any failure is this row's error
         return _error(e, uri)
 
@@ -192,7 +221,19 @@ def file_size(uri: str, allow: tuple[str, ...] | None = None) -> tuple[int | Non
     """``(size, None, None)`` of a regular file, or ``(None, kind, message)``; never raises, reads nothing.
     With ``allow``, a file outside those prefixes (:func:`is_allowed`; locally, also the file actually
     opened: :func:`open_local`) is :data:`FORBIDDEN`."""
-    return _opened(uri, allow, _fd_size, lambda fs, path, size: (size, None, None))
+    return _opened(uri, allow, _fd_size, _stored_size)
+
+
+def _stored_size(f) -> tuple[int, None, None]:
+    with f:
+        return f.size(), None, None
+
+
+def _sized(uri: str, allow: tuple[str, ...] | None) -> tuple:
+    """:func:`file_size` plus, for an S3 object, the object opened (or None): ``(size, kind, message, file)``.
+    :func:`fetch_chunks` reads the object through that file, so that its HEAD is made once, here."""
+    res = _opened(uri, allow, lambda fd: (*_fd_size(fd), None), lambda f: (f.size(), None, None, f))
+    return res if len(res) == 4 else (*res, None)
 
 
 def _too_large(size: int | None, max_bytes: int) -> tuple[None, str, str]:
@@ -211,11 +252,14 @@ def _read_fd(fd: int, max_bytes: int) -> tuple[bytes | None, str | None, str | N
     return (data, None, None) if len(data) <= max_bytes else _too_large(None, max_bytes)
 
 
-def _read_stored(fs, path: str, size: int | None, max_bytes: int) -> tuple[bytes | None, str | None, str | None]:
-    if size is not None and size > max_bytes:
-        return _too_large(size, max_bytes)
-    with fs.open_input_stream(path) as f:
-        data = f.read(max_bytes + 1)
+def _read_stored(f, max_bytes: int) -> tuple[bytes | None, str | None, str | None]:
+    """The bytes of an S3 object opened by :func:`_stored_file`, which is closed: its size (known from the open's
+    HEAD) checked first, then one GET of the whole object."""
+    with f:
+        size = f.size()
+        if size > max_bytes:
+            return _too_large(size, max_bytes)
+        data = f.read(size + 1)  # pyarrow asks for at most the object's size, in one ranged GET
     return (data, None, None) if len(data) <= max_bytes else _too_large(None, max_bytes)
 
 
@@ -227,16 +271,18 @@ def fetch(uri: str, max_bytes: int = MAX_FILE_BYTES,
 
     A local file is opened once; its size and bytes come from that descriptor. With ``allow``, a file
     outside those prefixes is :data:`FORBIDDEN`; locally the check is made on the opened descriptor too
-    (:func:`open_local`), so swapping the name for a symlink while it is read does not reach outside."""
-    return _opened(uri, allow, lambda fd: _read_fd(fd, max_bytes),
-                   lambda fs, path, size: _read_stored(fs, path, size, max_bytes))
+    (:func:`open_local`), so swapping the name for a symlink while it is read does not reach outside. An S3
+    object costs one HEAD (its size) and one GET (:func:`_stored_file`). A read that failed for a reason of the
+    moment (S3 throttling, a 5xx, a connection reset or timed out: :func:`storage.is_transient`) is a ``transient`` row."""
+    return _opened(uri, allow, lambda fd: _read_fd(fd, max_bytes), lambda f: _read_stored(f, max_bytes))
 
 
 def gather(fn, uris: list[str], timeout: float) -> list:
     """``fn(uri)`` for every URI on the daemon pool, ``FETCH_THREADS`` at a time. Each call has ``timeout``
     seconds from when it starts, not from when the batch was handed in: a call still waiting for a thread is
     not timed out while the pool gets on (a call starts or ends), only when the pool made no progress for
-    ``timeout`` seconds (every thread stuck). A call over its time is an ``unreadable`` "timed out" result."""
+    ``timeout`` seconds (every thread stuck). A call over its time is a ``transient`` "timed out" result: a hung
+    mount or endpoint says nothing about the file, and the read may succeed when run again."""
     futures = [_pool().submit(fn, u) for u in uris]
     pending = set(futures)
     timed_out: set = set()
@@ -261,7 +307,7 @@ def gather(fn, uris: list[str], timeout: float) -> list:
     for f in futures:
         if f in timed_out:
             f.cancel()  # a call that never started is skipped by the thread that takes it
-            out.append((None, "unreadable", f"read timed out after {timeout:g} s"))
+            out.append(transient(f"read timed out after {timeout:g} s"))
         else:
             out.append(f.result())
     return out
@@ -277,7 +323,8 @@ def fetch_chunks(uris: list[str], max_bytes: int = MAX_FILE_BYTES, max_batch_byt
     touched: its result is :data:`FORBIDDEN`, the same whether the file exists or not; a local file is also
     confined on the descriptor it is read from (:func:`fetch`). A path that names no file (empty, a NUL
     byte, not UTF-8, an ``s3://`` URI without bucket or key) or an S3 key with an empty segment (``a//b.jpg``:
-    :data:`EMPTY_SEGMENT`) is an ``unreadable`` row; nothing raises."""
+    :data:`EMPTY_SEGMENT`) is an ``unreadable`` row; nothing raises. An S3 object costs one HEAD, made while
+    the sizes are read (the object is opened then, and read through that file), and one GET."""
     uris = list(uris)
     sizes: list = [_check_uri(u) for u in uris]  # paths that name no file: an error row, nothing touched
     if allow is not None:
@@ -285,26 +332,44 @@ def fetch_chunks(uris: list[str], max_bytes: int = MAX_FILE_BYTES, max_batch_byt
             if sizes[i] is None and not is_allowed(u, allow):
                 sizes[i] = (None, *FORBIDDEN)
     todo = [i for i in range(len(uris)) if sizes[i] is None]
-    for i, res in zip(todo, gather(lambda u: file_size(u, allow), [uris[i] for i in todo], timeout)):
-        sizes[i] = res
-    chunk: list[int] = []
-    held = 0
-    errors: list[tuple[int, tuple]] = []
-    for i, (size, kind, message) in enumerate(sizes):
-        if kind is not None:
-            errors.append((i, (None, kind, message)))
-        elif size > max_bytes:
-            errors.append((i, _too_large(size, max_bytes)))
-        else:
-            if chunk and held + size > max_batch_bytes:
-                yield list(zip(chunk, gather(lambda u: fetch(u, max_bytes, allow), [uris[j] for j in chunk], timeout)))
-                chunk, held = [], 0
-            chunk.append(i)
-            held += size
-    if chunk:
-        yield list(zip(chunk, gather(lambda u: fetch(u, max_bytes, allow), [uris[j] for j in chunk], timeout)))
-    if errors:
-        yield errors
+    # an S3 object is opened once, here (its one HEAD), and read through that file in its chunk (its one GET)
+    files: dict[int, object] = {}
+
+    def read(i: int) -> tuple:
+        f = files.pop(i, None)
+        if f is None:
+            return fetch(uris[i], max_bytes, allow)
+        try:
+            return _read_stored(f, max_bytes)
+        except Exception as e:  # noqa: BLE001 - never raises: any failure is this row's error
+            return _error(e, uris[i])
+
+    try:
+        for i, res in zip(todo, gather(lambda u: _sized(u, allow), [uris[i] for i in todo], timeout)):
+            sizes[i] = res[:3]
+            if len(res) == 4 and res[3] is not None:
+                files[i] = res[3]
+        chunk: list[int] = []
+        held = 0
+        errors: list[tuple[int, tuple]] = []
+        for i, (size, kind, message) in enumerate(sizes):
+            if kind is not None:
+                errors.append((i, (None, kind, message)))
+            elif size > max_bytes:
+                errors.append((i, _too_large(size, max_bytes)))
+            else:
+                if chunk and held + size > max_batch_bytes:
+                    yield list(zip(chunk, gather(read, chunk, timeout)))
+                    chunk, held = [], 0
+                chunk.append(i)
+                held += size
+        if chunk:
+            yield list(zip(chunk, gather(read, chunk, timeout)))
+        if errors:
+            yield errors
+    finally:  # files not read (too large, a read timed out before it began, the caller stopped early)
+        for f in list(files.values()):
+            f.close()
 
 
 def fetch_all(uris: list[str], **kw) -> list[tuple[bytes | None, str | None, str | None]]:

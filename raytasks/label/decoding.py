@@ -38,7 +38,8 @@ def read_and_decode(batch: pa.Table, faces: dict, pre_dicts: list[dict], base: s
                     jpegs_to_actor: bool = False, allow: tuple[str, ...] | None = None) -> pa.Table:
     """Map function of the CPU stage: ``path`` rows -> a decoded batch, files read a bounded chunk at a time
     (``facedata.reading.fetch_chunks``) and decoded before the next chunk is read. A file that cannot be read
-    is an ``unreadable`` (or ``forbidden``) row. With ``jpegs_to_actor`` (``--gpu-decode``, ``--actor-decode``),
+    is an ``unreadable`` (or ``forbidden``, or ``transient`` when it may pass if run again: S3 throttling, a 5xx, a
+    dropped connection, a read over its timeout) row. With ``jpegs_to_actor`` (``--gpu-decode``, ``--actor-decode``),
     JPEGs that the actor's decoder can take (``jpeg_for_gpu``: checked from the header and end marker) travel
     as bytes in ``jpeg_bytes`` and are decoded in the actor."""
     paths = [p if p is not None else "" for p in batch.column("path").to_pylist()]

@@ -1,0 +1,216 @@
+"""A read that failed for a reason of the moment (S3 throttling, a 5xx, a connection reset or timed out, a read over
+its timeout) is a ``transient`` row, not ``unreadable``: a missing file and a transient failure were one kind, and a
+rerun (rows are committed by path) never read the throttled image again. Mapped from the exception texts pyarrow's
+S3 client gives (collected against moto's server behind a fault-injecting proxy), and end to end through that proxy."""
+
+from __future__ import annotations
+
+import errno
+import http.client
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from facedata import reading
+from tests.helpers import free_port
+from tests.images import face_jpeg
+
+# the texts of pyarrow's OSErrors (errno None) after the client's retries, as its S3 client words them
+WHERE = "When reading information for key 'photos/secret-name.jpg' in bucket 'bkt1': "
+TRANSIENT = {
+    "GET 503 SlowDown": "AWS Error SLOW_DOWN during GetObject operation: Please reduce your request rate.",
+    "HEAD 503": WHERE + "AWS Error UNKNOWN (HTTP status 503) during HeadObject operation: No response body.",
+    "GET 503 ServiceUnavailable": "AWS Error SERVICE_UNAVAILABLE during GetObject operation: Service unavailable",
+    "GET 500": "AWS Error INTERNAL_FAILURE during GetObject operation: We encountered an internal error. Please "
+               "try again.",
+    "HEAD 500": WHERE + "AWS Error UNKNOWN (HTTP status 500) during HeadObject operation: No response body.",
+    "GET 502": "AWS Error UNKNOWN (HTTP status 502) during GetObject operation: ",
+    "GET throttling": "AWS Error THROTTLING during GetObject operation: Rate exceeded",
+    "GET reset": "AWS Error NETWORK_CONNECTION during GetObject operation: curlCode: 56, Failure when receiving "
+                 "data from the peer; Details: Recv failure: Connection reset by peer",
+    "HEAD reset": WHERE + "AWS Error NETWORK_CONNECTION during HeadObject operation: curlCode: 56, Failure when "
+                  "receiving data from the peer; Details: Recv failure: Connection reset by peer",
+    "GET timeout": "AWS Error NETWORK_CONNECTION during GetObject operation: curlCode: 28, Timeout was reached",
+    "GET refused": "AWS Error NETWORK_CONNECTION during GetObject operation: curlCode: 7, Couldn't connect to "
+                   "server; Details: Failed to connect to 127.0.0.1 port 9: Connection refused",
+    "RequestTimeout": "AWS Error REQUEST_TIMEOUT during GetObject operation: Your socket connection to the server "
+                      "was not read from or written to within the timeout period.",
+    "429": "AWS Error UNKNOWN (HTTP status 429) during GetObject operation: ",
+}
+AGAIN = "may succeed if run again"  # the end of every transient row's message
+PERMANENT = {
+    "GET 403": "AWS Error ACCESS_DENIED during GetObject operation: Access Denied",
+    "HEAD 403": WHERE + "AWS Error ACCESS_DENIED during HeadObject operation: No response body.",
+    "GET NoSuchKey": "AWS Error NO_SUCH_KEY during GetObject operation: The specified key does not exist.",
+    "HEAD 400": WHERE + "AWS Error UNKNOWN (HTTP status 400) during HeadObject operation: No response body.",
+    "403 with odd words": "AWS Error ACCESS_DENIED during GetObject operation: Please reduce your request rate.",
+    "key named like an error": "When reading information for key 'AWS Error SLOW_DOWN' in bucket 'bkt1': AWS Error "
+                               "ACCESS_DENIED during HeadObject operation: No response body.",
+    "skewed": "AWS Error REQUEST_TIME_TOO_SKEWED during GetObject operation: The difference between the request "
+              "time and the current time is too large.",
+}
+
+
+def _ends_again(message: str) -> bool:
+    return message.endswith(f"({AGAIN})") and len(message) <= 160
+
+
+@pytest.mark.parametrize("name", sorted(TRANSIENT))
+def test_s3_throttling_server_errors_and_dropped_connections_are_transient(name):
+    data, kind, message = reading._error(OSError(TRANSIENT[name]), "s3://bkt1/photos/secret-name.jpg")
+    assert (data, kind) == (None, "transient"), (name, kind, message)
+    assert _ends_again(message), message
+    assert "secret-name" not in message  # the path is in the row already: never echoed
+
+
+@pytest.mark.parametrize("name", sorted(PERMANENT))
+def test_s3_refusals_keep_their_kind(name):
+    data, kind, message = reading._error(OSError(PERMANENT[name]), "s3://bkt1/photos/secret-name.jpg")
+    assert (data, kind) == (None, "unreadable"), (name, kind, message)
+    assert "run again" not in message and "secret-name" not in message
+
+
+def test_local_failures_keep_their_kind_and_network_ones_are_transient():
+    missing = FileNotFoundError(errno.ENOENT, "Path does not exist 'bkt1/photos/a.jpg'. Detail: [errno 2] No such "
+                                              "file or directory")
+    assert reading._error(missing) == (None, "unreadable", "file not found")
+    assert reading._error(FileNotFoundError(errno.ENOENT, "No such file or directory")) == (
+        None, "unreadable", "file not found")
+    assert reading._error(PermissionError(errno.EACCES, "Permission denied")) == (None, "unreadable",
+                                                                                   "permission denied")
+    assert reading._error(IsADirectoryError(errno.EISDIR, "Is a directory"))[1] == "unreadable"
+    assert reading._error(OSError(errno.EIO, "Input/output error"))[1:] == ("unreadable", "OSError: Input/output error")
+    assert reading._error(OSError(errno.ENAMETOOLONG, "File name too long"))[1:] == ("unreadable", "file name too long")
+    assert reading._error(ValueError("embedded null byte"))[1] == "unreadable"
+    assert reading._error(RuntimeError("boom"))[1] == "unreadable"
+    for e in (ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"), TimeoutError("timed out"),
+              OSError(errno.ETIMEDOUT, "Connection timed out"), OSError(errno.EHOSTUNREACH, "No route to host"),
+              ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")):
+        data, kind, message = reading._error(e)
+        assert (data, kind) == (None, "transient") and _ends_again(message), (e, kind, message)
+
+
+def test_a_long_transient_message_still_says_it_may_succeed_again():
+    _, kind, message = reading._error(OSError("AWS Error SLOW_DOWN during GetObject operation: " + "x" * 500))
+    assert kind == "transient" and _ends_again(message) and "SLOW_DOWN" in message
+
+
+def test_a_read_over_its_timeout_is_transient():
+    release = threading.Event()
+    try:
+        res = reading.gather(lambda u: (release.wait(), (b"x", None, None))[1], ["hung"], 0.2)
+    finally:
+        release.set()
+    assert res == [(None, "transient", f"read timed out after 0.2 s ({AGAIN})")]
+
+
+class _Faults:
+    """A proxy in front of moto's server that answers a rule's requests itself: ``rules`` maps a method to
+    ``(key part, action)``, the action an HTTP status (an S3 XML error body: SlowDown for a 503) or ``"reset"``
+    (the connection dropped with a TCP reset). Other requests go through to moto."""
+
+    def __init__(self, upstream: str):
+        self.rules: dict[str, tuple[str, object]] = {}
+        self.seen: list[str] = []
+        faults, up = self, upstream.split("://", 1)[1]
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def handle_any(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else b""
+                faults.seen.append(f"{self.command} {self.path}")
+                part, action = faults.rules.get(self.command, (None, None))
+                if part is not None and part in self.path:
+                    if action == "reset":
+                        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00" + b"\x00" * 4)
+                        self.connection.close()
+                        self.close_connection = True
+                        return
+                    code, words = {503: ("SlowDown", "Please reduce your request rate."),
+                                   403: ("AccessDenied", "Access Denied")}[action]
+                    msg = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{words}'
+                           f'</Message></Error>').encode()
+                    self.send_response(action)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(msg)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(msg)
+                    return
+                c = http.client.HTTPConnection(up, timeout=60)
+                c.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
+                r = c.getresponse()
+                data = r.read()
+                self.send_response(r.status)
+                for k, v in r.getheaders():
+                    if k.lower() not in ("transfer-encoding", "content-length", "connection"):
+                        self.send_header(k, v)
+                length = r.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
+                self.send_header("Content-Length", length)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                c.close()
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = handle_any
+
+        self.port = free_port()
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def faults(s3_server, monkeypatch):
+    proxy = _Faults(s3_server)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")  # the reads go through the proxy
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # the client's retries, fewer (where storage reads it): a quicker test
+    yield proxy
+    proxy.close()
+
+
+def test_a_throttled_or_dropped_s3_read_is_a_transient_row_and_a_missing_one_is_not(s3_bucket, faults):
+    client, bucket = s3_bucket
+    data = face_jpeg(0)
+    for name in ("slow.jpg", "head.jpg", "reset.jpg", "ok.jpg", "denied.jpg"):
+        client.put_object(Bucket=bucket, Key=f"photos/{name}", Body=data)
+    uri = f"s3://{bucket}/photos/"
+    allow = (uri,)
+
+    faults.rules = {"GET": ("slow.jpg", 503)}  # S3's SlowDown on the GET, after every retry
+    slow, ok = reading.fetch_all([uri + "slow.jpg", uri + "ok.jpg"], allow=allow, timeout=60)
+    assert ok == (data, None, None)
+    # the SDK words a 503 as SLOW_DOWN with S3's message, or (its body not parsed, now and then) SERVICE_UNAVAILABLE
+    assert slow[:2] == (None, "transient") and _ends_again(slow[2]), slow
+    assert slow[2] in (f"S3 GetObject: SLOW_DOWN: Please reduce your request rate. ({AGAIN})",
+                       f"S3 GetObject: SERVICE_UNAVAILABLE ({AGAIN})"), slow
+    assert reading.fetch(uri + "slow.jpg", allow=allow)[1] == "transient"
+    assert any(s.startswith("GET ") and "slow.jpg" in s for s in faults.seen)  # it did go through the proxy
+
+    faults.rules = {"HEAD": ("head.jpg", 503)}  # the size look-up throttled
+    (res,) = reading.fetch_all([uri + "head.jpg"], allow=allow, timeout=60)
+    assert res[:2] == (None, "transient") and "head.jpg" not in res[2], res
+    assert reading.file_size(uri + "head.jpg", allow)[1] == "transient"
+
+    faults.rules = {"GET": ("reset.jpg", "reset")}  # the connection reset on every attempt
+    (res,) = reading.fetch_all([uri + "reset.jpg"], allow=allow, timeout=60)
+    assert res[:2] == (None, "transient") and "Connection reset" in res[2], res
+
+    faults.rules = {"GET": ("denied.jpg", 403)}  # a refusal keeps its kind
+    (res,) = reading.fetch_all([uri + "denied.jpg"], allow=allow, timeout=60)
+    assert res[:2] == (None, "unreadable") and ("ACCESS_DENIED" in res[2] or "403" in res[2]), res
+
+    faults.rules = {}
+    assert reading.fetch_all([uri + "missing.jpg", uri + "slow.jpg"], allow=allow, timeout=60) == [
+        (None, "unreadable", "file not found"), (data, None, None)]
