@@ -20,12 +20,53 @@ See raytasks/label/job.py for the pipeline, the input rules and how resuming wor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import signal
 import sys
+import threading
 
 from jobs._cli import add_face_args, add_review_args, check_job_paths, face_options, positive, review_options
 from raytasks.label import LabelError, LabelSpec, ensure_ray, label
 from raytasks.reach import path_of
+
+STOPPED = "stopped: the rows committed so far are kept; run the same command again to label the rest"
+# the exit status of a run stopped by each signal: 128 + its number, as a shell reports a process the signal ended
+STOP_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+@contextlib.contextmanager
+def _stop_on_signals(got: dict):
+    """SIGTERM (``ray job stop``, a pod's end) and SIGINT (Ctrl-C) raise KeyboardInterrupt in the main thread,
+    which unwinds the run as an exception does: Ray Data's execution ends, the lease is released
+    (raytasks/label/job.py ``label``) and :func:`main` prints :data:`STOPPED`. ``got["signum"]`` records the
+    first signal; a second one while that unwinding runs is ignored, so that it cannot cut the lease's release.
+    Yields a function that installs the handlers again: ``ray.init`` sets its own SIGTERM handler
+    (``sys.exit(15)`` before it connects; the audit saw the core worker's stack dump and an abort, status 134).
+    The handlers before are restored at the end (``main`` also runs inside tests); outside the main thread,
+    where Python cannot set a handler, it does nothing."""
+
+    def stop(signum, _frame):
+        if "signum" in got:
+            return
+        got["signum"] = signum
+        raise KeyboardInterrupt
+
+    def install():
+        for s in before:
+            if before[s] != signal.SIG_IGN:  # one ignored when the job started (nohup, `cmd &`) stays ignored
+                signal.signal(s, stop)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    before = {s: signal.getsignal(s) for s in STOP_STATUS}
+    install()
+    try:
+        yield install
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
 def _seconds(text: str) -> float:
@@ -109,13 +150,41 @@ def main(argv: list[str] | None = None) -> dict:
                      compile=args.compile, fold_bn=args.fold_bn,
                      max_rows_per_file=args.max_rows_per_file, limit=args.limit, throttle_s=args.throttle,
                      faces=face_options(args), allow_prefix=tuple(args.allow_prefix), review=review_options(args))
+    got: dict = {}
+    with _stop_on_signals(got) as reinstall:
+        try:
+            spec.validate()  # flag errors before starting Ray
+            try:
+                ensure_ray()
+            except SystemExit as e:  # SIGTERM while ray.init ran: its handler's sys.exit(15)
+                if e.code != signal.SIGTERM:
+                    raise
+                got.setdefault("signum", signal.SIGTERM)
+                raise KeyboardInterrupt from None
+            reinstall()  # over Ray's own SIGTERM handler
+            return label(spec, echo=lambda line: print(line, flush=True))
+        except LabelError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            _stopped(got.get("signum", signal.SIGINT))
+
+
+def _stopped(signum: int) -> None:
+    """The end of a run stopped by ``signum``: Ray shut down here, so that its own lines (Ray Data's "execution
+    failed", its memory warnings) come before :data:`STOPPED`, the last line; then the exit status of that
+    signal (:data:`STOP_STATUS`). Every write is committed whole or not at all (Ray Data's commit log): the next
+    run of the same command removes the data of writes that never committed and labels their images again."""
+    import ray
+
+    for s in STOP_STATUS:  # the shutdown runs to its end
+        signal.signal(s, signal.SIG_IGN)
+    sys.stdout.flush()
     try:
-        spec.validate()  # flag errors before starting Ray
-        ensure_ray()
-        return label(spec, echo=lambda line: print(line, flush=True))
-    except LabelError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        ray.shutdown()
+    finally:
+        print(STOPPED, file=sys.stderr, flush=True)
+    raise SystemExit(STOP_STATUS.get(signum, 130))
 
 
 if __name__ == "__main__":

@@ -86,6 +86,22 @@ def clean_uncommitted(commits_uri: str, labels_uri: str) -> tuple[int, int]:
     return len(pending), deleted
 
 
+def parquet_dataset(uri: str):
+    """The Parquet dataset under ``uri`` (``labels/``, or the input listing), or None when nothing is there
+    yet: no such folder, or a folder that holds no file. The one check of every reader below. Ray Data makes
+    ``labels/`` when the write starts (locally an empty folder; on S3 a marker object, ``labels/``, that is no
+    file), so a run stopped before its first commit (an actor start-up takes minutes on a big model) leaves
+    it empty: that output has no row yet, and resumes as a fresh one. A file there that is not Parquet (a
+    0-byte or cut file) still fails here, as ``pyarrow.lib.ArrowInvalid`` (job.py ``_read_output``)."""
+    import pyarrow.dataset as pads
+
+    fs, root = storage.filesystem(uri)
+    if fs.get_file_info(root).type == pafs.FileType.NotFound:
+        return None
+    ds = pads.dataset(root, filesystem=fs, format="parquet")
+    return ds if ds.files else None
+
+
 @dataclasses.dataclass
 class OutputStats:
     """What an output holds: ``rows`` (one per face, or per image without a face or that failed), the
@@ -106,13 +122,11 @@ class OutputStats:
 def output_stats(labels_uri: str) -> OutputStats:
     """The :class:`OutputStats` of the Parquet under ``labels_uri``, streaming three columns."""
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
 
-    fs, root = storage.filesystem(labels_uri)
     st = OutputStats()
-    if fs.get_file_info(root).type == pafs.FileType.NotFound:
+    ds = parquet_dataset(labels_uri)
+    if ds is None:
         return st
-    ds = pads.dataset(root, filesystem=fs, format="parquet")
     face_cols = "face" in ds.schema.names
     review_cols = ["review", "review_reasons"] if "review_reasons" in ds.schema.names else []
     review_cols += ["faces_dropped"] if "faces_dropped" in ds.schema.names else []
@@ -142,12 +156,9 @@ def output_stats(labels_uri: str) -> OutputStats:
 
 def _unique_paths(uri: str):
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
 
-    fs, root = storage.filesystem(uri)
-    if fs.get_file_info(root).type == pafs.FileType.NotFound:
-        return None
-    return pc.unique(pads.dataset(root, filesystem=fs, format="parquet").to_table(columns=["path"]).column("path"))
+    ds = parquet_dataset(uri)
+    return None if ds is None else pc.unique(ds.to_table(columns=["path"]).column("path"))
 
 
 def unlabeled_inputs(inputs_uri: str, labels_uri: str) -> int:
@@ -208,17 +219,14 @@ def labeled_spellings(base: str | None, labels_uri: str):
 
     Memory in the driver: a 16-byte digest per labeled file whose spelling is its identity (absolute paths in
     a real folder, URIs), plus the spelling itself for the others (relative manifest rows, symlinked folders)."""
-    import pyarrow.dataset as pads
-
-    fs, root = storage.filesystem(labels_uri)
-    if fs.get_file_info(root).type == pafs.FileType.NotFound:
+    ds = parquet_dataset(labels_uri)
+    if ds is None:
         return None
     same: set[bytes] = set()
     other: dict[bytes, str] = {}
     # the files of a folder share its resolution: one realpath (an lstat per path component) per folder, not
     # per labeled file and per input, for this run's listing
     real_folder = functools.lru_cache(maxsize=1 << 16)(resolved_path)
-    ds = pads.dataset(root, filesystem=fs, format="parquet")
     if "path" not in ds.schema.names:
         return None
     import pyarrow.compute as pc
@@ -264,12 +272,12 @@ def output_provenance(labels_uri: str) -> tuple[set, set]:
     finding faces, and a resumed run checks every file, not only the first (a checkpoint object replaced
     during an earlier run would show here)."""
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
 
-    fs, root = storage.filesystem(labels_uri)
-    ds = pads.dataset(root, filesystem=fs, format="parquet")
-    has_detector = "detector" in ds.schema.names
     checkpoints, detectors = set(), set()
+    ds = parquet_dataset(labels_uri)
+    if ds is None:
+        return checkpoints, detectors
+    has_detector = "detector" in ds.schema.names
     for b in ds.to_batches(columns=["checkpoint", "detector"] if has_detector else ["checkpoint"],
                            batch_size=1 << 16):
         checkpoints.update(pc.unique(b.column(0)).to_pylist())
