@@ -189,7 +189,10 @@ def test_a_throttled_or_dropped_s3_read_is_a_transient_row_and_a_missing_one_is_
     allow = (uri,)
 
     faults.rules = {"GET": ("slow.jpg", 503)}  # S3's SlowDown on the GET, after every retry
-    slow, ok = reading.fetch_all([uri + "slow.jpg", uri + "ok.jpg"], allow=allow, timeout=60)
+    (slow,) = reading.fetch_all([uri + "slow.jpg"], allow=allow, timeout=60)
+    # another object goes through (the rule is per key); read again if the loaded proxy itself dropped it: that
+    # is a transient row too, the kind this test is about, and a later read passes
+    ok = next(r for r in (reading.fetch(uri + "ok.jpg", allow=allow) for _ in range(3)) if r[1] != "transient")
     assert ok == (data, None, None)
     # the SDK words a 503 as SLOW_DOWN with S3's message, or (its body not parsed, now and then) SERVICE_UNAVAILABLE
     assert slow[:2] == (None, "transient") and _ends_again(slow[2]), slow

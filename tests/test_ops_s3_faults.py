@@ -206,28 +206,34 @@ def test_a_listing_failing_for_good_is_an_input_error_naming_the_prefix(proxy):
     assert len(p.failed(503)) == storage.S3_MAX_ATTEMPTS
 
 
-def test_the_job_prints_one_error_line_when_the_listing_fails(proxy, hs_checkpoint, tmp_path, monkeypatch, capsys):
-    """``python -m jobs.label`` over a prefix whose listing S3 keeps refusing: ``error: ...`` naming the prefix,
-    exit status 2, no traceback (it was a botocore ClientError traceback, rc 1). Ray is not started: the job
-    fails at the listing, before anything runs on it."""
+def _label_error_line(monkeypatch, capsys, hs_checkpoint, uri: str, out) -> str:
+    """``jobs.label.main`` over ``uri`` with Ray and the cluster checks stubbed out (the job fails at its inputs,
+    before anything runs on Ray): exit status 2 and the one ``error:`` line it printed, no traceback."""
     import jobs.label
     import raytasks.label.job as job
 
-    p, bucket = proxy
-    _photos(bucket)
     for mod, name in ((jobs.label, "ensure_ray"), (job, "ensure_ray"), (job, "check_reachable"),
                       (job, "check_decode_fits")):
         monkeypatch.setattr(mod, name, lambda *a, **k: None)
     monkeypatch.setattr(job, "resolve_pool", lambda *a, **k: (1, 1))
-    p.fail("list-type=2", agent="botocore")  # the job's listing (pyarrow's HEAD/list of the prefix passes)
     with pytest.raises(SystemExit) as exit_:
-        jobs.label.main(["--checkpoint", hs_checkpoint, "--input", f"s3://{bucket}/photos/", "--output",
-                         str(tmp_path / "out"), "--faces", "whole"])
+        jobs.label.main(["--checkpoint", hs_checkpoint, "--input", uri, "--output", str(out), "--faces", "whole"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and f"cannot list s3://{bucket}/photos/" in lines[0], err[-3000:]
-    assert "run the same command again" in lines[0] and "Traceback" not in err
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+def test_the_job_prints_one_error_line_when_the_listing_fails(proxy, hs_checkpoint, tmp_path, monkeypatch, capsys):
+    """``python -m jobs.label`` over a prefix whose listing S3 keeps refusing: ``error: ...`` naming the prefix,
+    exit status 2, no traceback (it was a botocore ClientError traceback, rc 1). Ray is not started: the job
+    fails at the listing, before anything runs on it."""
+    p, bucket = proxy
+    _photos(bucket)
+    p.fail("list-type=2", agent="botocore")  # the job's listing (pyarrow's HEAD/list of the prefix passes)
+    line = _label_error_line(monkeypatch, capsys, hs_checkpoint, f"s3://{bucket}/photos/", tmp_path / "out")
+    assert f"cannot list s3://{bucket}/photos/" in line and "run the same command again" in line
 
 
 # --- 3. the lease store -----------------------------------------------------------------------------------------
@@ -315,23 +321,10 @@ def test_the_job_prints_one_error_line_when_pyarrows_look_at_the_input_fails(pro
                                                                               monkeypatch, capsys):
     """The same for the first look at ``--input`` (pyarrow's ``get_file_info``: an ``OSError``); 2 attempts
     (``AWS_MAX_ATTEMPTS``) keep the C++ SDK's backoff short."""
-    import jobs.label
-    import raytasks.label.job as job
-
     p, bucket = proxy
     _photos(bucket)
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
-    for mod, name in ((jobs.label, "ensure_ray"), (job, "ensure_ray"), (job, "check_reachable"),
-                      (job, "check_decode_fits")):
-        monkeypatch.setattr(mod, name, lambda *a, **k: None)
-    monkeypatch.setattr(job, "resolve_pool", lambda *a, **k: (1, 1))
     p.fail("list-type=2")
-    with pytest.raises(SystemExit) as exit_:
-        jobs.label.main(["--checkpoint", hs_checkpoint, "--input", f"s3://{bucket}/photos/", "--output",
-                         str(tmp_path / "out"), "--faces", "whole"])
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and f"cannot list --input s3://{bucket}/photos/" in lines[0], err[-3000:]
-    assert "run the same command again" in lines[0] and "Traceback" not in err
+    line = _label_error_line(monkeypatch, capsys, hs_checkpoint, f"s3://{bucket}/photos/", tmp_path / "out")
+    assert f"cannot list --input s3://{bucket}/photos/" in line and "run the same command again" in line
     assert len(p.failed(503)) == 2
