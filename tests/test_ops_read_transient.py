@@ -6,15 +6,12 @@ S3 client gives (collected against moto's server behind a fault-injecting proxy)
 from __future__ import annotations
 
 import errno
-import http.client
-import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from facedata import reading
-from tests.helpers import free_port
+from tests.faultproxy import DENIED, RESET, SLOWDOWN, FaultProxy
 from tests.images import face_jpeg
 
 # the texts of pyarrow's OSErrors (errno None) after the client's retries, as its S3 client words them
@@ -106,75 +103,10 @@ def test_a_read_over_its_timeout_is_transient():
     assert res == [(None, "transient", f"read timed out after 0.2 s ({AGAIN})")]
 
 
-class _Faults:
-    """A proxy in front of moto's server that answers a rule's requests itself: ``rules`` maps a method to
-    ``(key part, action)``, the action an HTTP status (an S3 XML error body: SlowDown for a 503) or ``"reset"``
-    (the connection dropped with a TCP reset). Other requests go through to moto."""
-
-    def __init__(self, upstream: str):
-        self.rules: dict[str, tuple[str, object]] = {}
-        self.seen: list[str] = []
-        faults, up = self, upstream.split("://", 1)[1]
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
-            def handle_any(self):
-                n = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(n) if n else b""
-                faults.seen.append(f"{self.command} {self.path}")
-                part, action = faults.rules.get(self.command, (None, None))
-                if part is not None and part in self.path:
-                    if action == "reset":
-                        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00" + b"\x00" * 4)
-                        self.connection.close()
-                        self.close_connection = True
-                        return
-                    code, words = {503: ("SlowDown", "Please reduce your request rate."),
-                                   403: ("AccessDenied", "Access Denied")}[action]
-                    msg = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{words}'
-                           f'</Message></Error>').encode()
-                    self.send_response(action)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(msg)))
-                    self.end_headers()
-                    if self.command != "HEAD":
-                        self.wfile.write(msg)
-                    return
-                c = http.client.HTTPConnection(up, timeout=60)
-                c.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
-                r = c.getresponse()
-                data = r.read()
-                self.send_response(r.status)
-                for k, v in r.getheaders():
-                    if k.lower() not in ("transfer-encoding", "content-length", "connection"):
-                        self.send_header(k, v)
-                length = r.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
-                self.send_header("Content-Length", length)
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-                c.close()
-
-            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = handle_any
-
-        self.port = free_port()
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def faults(s3_server, monkeypatch):
-    proxy = _Faults(s3_server)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")  # the reads go through the proxy
+    proxy = FaultProxy(s3_server)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)  # the reads go through the proxy
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # the client's retries, fewer (where storage reads it): a quicker test
     yield proxy
     proxy.close()
@@ -188,7 +120,7 @@ def test_a_throttled_or_dropped_s3_read_is_a_transient_row_and_a_missing_one_is_
     uri = f"s3://{bucket}/photos/"
     allow = (uri,)
 
-    faults.rules = {"GET": ("slow.jpg", 503)}  # S3's SlowDown on the GET, after every retry
+    faults.fail("slow.jpg", SLOWDOWN, method="GET")  # S3's SlowDown on the GET, after every retry
     (slow,) = reading.fetch_all([uri + "slow.jpg"], allow=allow, timeout=60)
     # another object goes through (the rule is per key); read again if the loaded proxy itself dropped it: that
     # is a transient row too, the kind this test is about, and a later read passes
@@ -199,21 +131,24 @@ def test_a_throttled_or_dropped_s3_read_is_a_transient_row_and_a_missing_one_is_
     assert slow[2] in (f"S3 GetObject: SLOW_DOWN: Please reduce your request rate. ({AGAIN})",
                        f"S3 GetObject: SERVICE_UNAVAILABLE ({AGAIN})"), slow
     assert reading.fetch(uri + "slow.jpg", allow=allow)[1] == "transient"
-    assert any(s.startswith("GET ") and "slow.jpg" in s for s in faults.seen)  # it did go through the proxy
+    assert any(m == "GET" and "slow.jpg" in p for m, p, _ in faults.log)  # it did go through the proxy
 
-    faults.rules = {"HEAD": ("head.jpg", 503)}  # the size look-up throttled
+    faults.clear()
+    faults.fail("head.jpg", SLOWDOWN, method="HEAD")  # the size look-up throttled
     (res,) = reading.fetch_all([uri + "head.jpg"], allow=allow, timeout=60)
     assert res[:2] == (None, "transient") and "head.jpg" not in res[2], res
     assert reading.file_size(uri + "head.jpg", allow)[1] == "transient"
 
-    faults.rules = {"GET": ("reset.jpg", "reset")}  # the connection reset on every attempt
+    faults.clear()
+    faults.fail("reset.jpg", RESET, method="GET")  # the connection reset on every attempt
     (res,) = reading.fetch_all([uri + "reset.jpg"], allow=allow, timeout=60)
     assert res[:2] == (None, "transient") and "Connection reset" in res[2], res
 
-    faults.rules = {"GET": ("denied.jpg", 403)}  # a refusal keeps its kind
+    faults.clear()
+    faults.fail("denied.jpg", DENIED, method="GET")  # a refusal keeps its kind
     (res,) = reading.fetch_all([uri + "denied.jpg"], allow=allow, timeout=60)
     assert res[:2] == (None, "unreadable") and ("ACCESS_DENIED" in res[2] or "403" in res[2]), res
 
-    faults.rules = {}
+    faults.clear()
     assert reading.fetch_all([uri + "missing.jpg", uri + "slow.jpg"], allow=allow, timeout=60) == [
         (None, "unreadable", "file not found"), (data, None, None)]
