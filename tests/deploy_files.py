@@ -1,5 +1,6 @@
-"""The deployment files that tests/test_deploy_configs.py (cluster.yaml, secrets, docs/deploy.md) and
-tests/test_deploy_kuberay.py (the KubeRay manifests, least privilege) read, and the pins they compare them with."""
+"""The deployment files that tests/test_deploy_configs.py (cluster.yaml, secrets, docs/deploy.md),
+tests/test_deploy_kuberay.py (the KubeRay manifests, least privilege) and tests/test_deploy_netpol.py (the network
+policies) read, and the pins they compare them with."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import re
 from pathlib import Path
 
 import tomllib
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "cluster.yaml"
@@ -24,6 +26,16 @@ RAY_IMAGE_RE = re.compile(r"^rayproject/ray:(?P<version>\d+\.\d+\.\d+)-py(?P<py>
                           r"@sha256:(?P<digest>[0-9a-f]{64}|<RAY_IMAGE_DIGEST>)$")
 SERVICE_ACCOUNTS = {"train-rayjob.yaml": "faceattr-train", "label-rayjob.yaml": "faceattr-label",
                     "serve-rayservice.yaml": "faceattr-serve"}
+
+
+def _manifest(name: str) -> dict:
+    docs = [d for d in yaml.safe_load_all((KUBERAY / name).read_text()) if d is not None]
+    assert len(docs) == 1, f"{name}: expected one object, found {len(docs)}"
+    return docs[0]
+
+
+def _cluster_spec(doc: dict) -> dict:
+    return doc["spec"]["rayClusterSpec" if doc["kind"] == "RayJob" else "rayClusterConfig"]
 
 
 def _pyproject() -> dict:

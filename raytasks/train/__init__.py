@@ -2,6 +2,7 @@
 
 * job.py: the driver, :func:`run` (its docstring: the run folder, fault tolerance, resume) and
   :func:`prepare`; spec.py: :class:`TrainSpec`, :class:`TrainOutcome`, :class:`TrainError`;
+* facerows.py: each row's face (detected, cached, or the data's landmarks) and the face template of photo data;
 * resume.py: what a rerun finds in the run folder (refused when it is another run; where it goes on from);
 * stages.py: a recipe's stages (models/recipes.py) as runs of job.py, in order, resumable, recorded;
 * data.py: paths and labels -> decoded, augmented batches on Ray Data (one shard per worker);

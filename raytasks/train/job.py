@@ -46,11 +46,7 @@ registers it, so a worker dying just after ``report`` would otherwise cost the e
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
-import warnings
-
-import pandas as pd
 
 import models
 import storage
@@ -59,20 +55,17 @@ from core.batches import MIN_TRAIN_BATCH, label_columns, unlabelled_columns
 from facedata.datasets import FACE_SELECT_COLUMNS
 from facedata.datasets.base import label_line
 from faces.align import default_template
-from faces.facecache import DetectionCache
-from faces.trainfaces import default_mode, find_training_faces, landmark_faces
+from faces.trainfaces import default_mode
 from models.base import Recipe
 from models.checkpoint import CheckpointError, checkpoint_info, with_extra
-from models.preprocess import Preprocessing
 from models.recipes import TRAIN_FACE_MODES
 from raytasks.reach import started_here
 from raytasks.train.data import DECODE_CPUS, BatchSpec, data_config, make_dataset, val_datasets
+from raytasks.train.facerows import measure_template, resolve_faces
 from raytasks.train.history import Progress, plot_curves, read_history
 from raytasks.train.resume import check_folder, committed_epoch, resume_point, stored_result
 from raytasks.train.spec import CURVES_PNG, MODEL_FILE, SNAPSHOT_FILE, TrainError, TrainOutcome, TrainSpec
 from raytasks.train.worker import read_checkpoint_file, train_worker
-
-log = logging.getLogger(__name__)
 
 
 def resolve_model(spec: TrainSpec, ds):
@@ -107,7 +100,7 @@ def prepare(spec: TrainSpec, ds=None):
     """Read the data (``ds``: the data set already read for ``spec.data`` and ``spec.seed``), find the
     training faces and resolve the model and recipe on the driver (so that bad flags and data fail here,
     before any worker starts). Returns ``(model, recipe, train_table, val_table, faces)``; ``faces`` says how
-    the faces were found (:func:`resolve_faces`)."""
+    the faces were found (:func:`~raytasks.train.facerows.resolve_faces`)."""
     from facedata.datasets import read_dataset
 
     if spec.workers < 1:
@@ -143,91 +136,6 @@ def prepare(spec: TrainSpec, ds=None):
             model.preprocessing = dataclasses.replace(pre, template_crop=None, template=default_template(pre))
     print(label_line(train, val, label_columns(model)), flush=True)  # what each label learns from
     return model, recipe, train.reset_index(drop=True), val.reset_index(drop=True), faces
-
-
-def template_choice(spec: TrainSpec, mode: str) -> str:
-    """``measured``, ``canonical`` or ``default`` (whole crops without a measured template: label and serve
-    align to the canonical one): ``spec.template``, or by default measured for ``whole`` crops and canonical
-    for faces found in photos, which sit anywhere. A measured template with ``detect`` suits data sets of
-    crops (CelebA, UTKFace, SCUT-FBP5500): their faces are warped to where the data set framed them."""
-    if spec.template not in (None, "measured", "canonical"):
-        raise TrainError(f"--template must be measured or canonical, got {spec.template!r}")
-    if spec.template == "measured" and not spec.template_images:
-        raise TrainError("--template measured needs --template-images above 0")
-    if spec.template_images and (spec.template == "measured" or (spec.template is None and mode == "whole")):
-        return "measured"
-    return "canonical" if mode != "whole" else "default"
-
-
-def resolve_faces(spec: TrainSpec, mode: str, train: pd.DataFrame, val: pd.DataFrame, log_fn=print):
-    """The face of every training and validation row (faces/trainfaces.py): ``detect`` runs the detector
-    once per file not yet in the cache under ``spec.storage`` (faces/facecache.py), ``landmarks`` takes the
-    data's own points, ``whole`` changes nothing. Returns the tables (rows without a face left out) and
-    ``{"mode", "detector", "max_side", "template", "report"}`` for the history and the checkpoints."""
-    info = {"mode": mode, "detector": None, "max_side": None, "template": template_choice(spec, mode), "report": None}
-    detector, max_side = (spec.face_options or {}).get("detector"), (spec.face_options or {}).get("max_side")
-    if (detector and mode != "detect") or (max_side and mode == "whole"):
-        raise TrainError(f"--faces {mode}: the detector's settings (--det-*, --min-face, --max-faces) apply to "
-                         f"--faces detect only{', --max-side to detect and landmarks' if max_side else ''}")
-    if mode == "whole":
-        return train, val, info
-    from faces.finder import FaceFinder, FaceOptions
-
-    try:
-        options = FaceOptions.from_dict({**spec.face_options, "mode": "detect"})
-    except ValueError as e:
-        raise TrainError(f"face settings: {e}") from None
-    info["max_side"] = options.max_side
-    both = pd.concat([train.assign(_part="train"), val.assign(_part="val")], ignore_index=True)
-    if mode == "landmarks":
-        try:
-            both, report = landmark_faces(both)
-        except ValueError as e:
-            raise TrainError(f"{spec.data}: {e}") from None
-    else:
-        import torch
-
-        finder = FaceFinder(options, device="cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu")
-        shown = [0.0]
-
-        def progress(r, total):  # a line every 30 s of a long first pass
-            if r.seconds - shown[0] >= 30 and r.images < total:
-                shown[0] = r.seconds
-                log_fn(f"faces: {r.images}/{total} images, {r.cached} from the cache, {r.detected} detected, "
-                       f"{r.images / r.seconds:.1f} images/s")
-
-        both, report = find_training_faces(both, finder, DetectionCache(spec.storage, finder.identity),
-                                           progress=progress)
-        info["detector"] = finder.identity
-    log_fn(report.line())
-    if report.used == 0:
-        raise TrainError(f"{spec.data}: no training or validation image has a face ({report.line()}); the first "
-                         f"skipped: {'; '.join(f'{p}: {r}' for p, r in report.skipped[:3])}")
-    info["report"] = report.to_dict()
-    parts = both.pop("_part")
-    return both[parts == "train"].reset_index(drop=True), both[parts == "val"].reset_index(drop=True), info
-
-
-def measure_template(ds, train: pd.DataFrame, pre: Preprocessing, spec: TrainSpec) -> Preprocessing:
-    """The model's face template measured on its training images (faces/templates.py), so that label and
-    serve align a face found in a photo the way the training crops were; the checkpoint keeps it."""
-    from faces.finder import FaceFinder
-    from faces.templates import derive_template
-
-    paths = list(train["path"])
-    marks = None
-    if "landmarks" in ds.table.columns:
-        by_path = dict(zip(ds.table["path"], ds.table["landmarks"]))
-        marks = [by_path.get(p) for p in paths]
-    finder = None if marks is not None and any(m is not None for m in marks) else FaceFinder()
-    try:
-        pre, report = derive_template(paths, storage.read_bytes, pre, marks, finder, spec.template_images, spec.seed)
-    except ValueError as e:
-        warnings.warn(f"{spec.data}: {e}; the model keeps its default face template", stacklevel=2)
-        return pre
-    log.info(report.line())
-    print(report.line(), flush=True)
-    return pre
 
 
 def check_resources(spec: TrainSpec, can_grow: bool | None = None, warn=print) -> None:
