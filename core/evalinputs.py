@@ -1,14 +1,15 @@
 """What an evaluation reads from a labelled data set besides its images: which of its labels the checkpoint's
 outputs can be scored against, and which face of a photo each row is about (``jobs.evaluate``).
 
-* Class codes (:func:`class_disagreements`). A class-coded label column (``facedata.datasets.CLASS_MEANINGS``:
-  race) means different classes in different formats: UTKFace's race 0 is White, SCUT-FBP5500's is Asian. A
-  checkpoint's output names its classes (``Categorical.classes``: age_gender_race's are UTKFace's five, an
-  hmtnet's those of the data it was trained on). Scoring that output against codes of other classes would
-  call Asian faces White (or crash on a code the head does not have), so such a column is left out of the
-  evaluation, and the job says which and why. This is the rule training applies to a mix of sources, one
-  function for both (``facedata.datasets.base.class_mismatches``; ``FaceDataset._check_classes`` refuses the
-  mix): a format's codes mean its ``CLASS_MEANINGS``; a manifest's have no stated meaning and are taken to be
+* Class codes (:func:`class_disagreements`). A class-coded label column
+  (``facedata.datasets.classcodes.CLASS_MEANINGS``: race) means different classes in different formats:
+  UTKFace's race 0 is White, SCUT-FBP5500's is Asian. A checkpoint's output names its classes
+  (``Categorical.classes``: age_gender_race's are UTKFace's five, an hmtnet's those of the data it was
+  trained on). Scoring that output against codes of other classes would call Asian faces White (or crash on
+  a code the head does not have), so such a column is left out of the evaluation, and the job says which
+  and why. This is the rule training applies to a mix of sources, one function for both
+  (``facedata.datasets.classcodes.class_mismatches``; ``FaceDataset._check_classes`` refuses the mix): a
+  format's codes mean its ``CLASS_MEANINGS``; a manifest's have no stated meaning and are taken to be
   the model's classes when they are among its codes.
   Training refuses because leaving a source's labels out would change what the model learns; an evaluation
   measures the outputs that can be measured (as it scores a 40-attribute model on the attributes a data set
@@ -29,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from facedata.datasets import FACE_SELECT_COLUMNS
-from facedata.datasets.base import CLASS_MEANINGS, class_mismatches, classes_text
+from facedata.datasets.classcodes import CLASS_MEANINGS, class_mismatches, classes_text
 from faces.facecache import DetectionCache
 from faces.trainfaces import ALIGN_POINTS, ALIGN_SHA, FaceReport, find_training_faces
 from models.outputs import Categorical
@@ -39,8 +40,9 @@ _ROW = "_eval_row"  # a row's position in the table given to NamedFaces.resolve,
 
 def class_disagreements(ds, model) -> dict[str, str]:
     """``{column: why}`` for every class-coded label column of ``ds`` (each source of a mix) whose codes do not
-    mean the classes of the ``model`` output scored against it (``facedata.datasets.base.class_mismatches``,
-    the rule training refuses a mix by; the first source that disagrees is named); empty when they all agree."""
+    mean the classes of the ``model`` output scored against it
+    (``facedata.datasets.classcodes.class_mismatches``, the rule training refuses a mix by; the first source
+    that disagrees is named); empty when they all agree."""
     out: dict[str, str] = {}
     for o in model.outputs:
         col = o.target_column

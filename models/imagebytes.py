@@ -8,9 +8,11 @@ photo. What is read from the raw bytes without Pillow is in models/imagescan.py.
 Only JPEG, PNG, WebP, GIF (first frame), BMP (not RLE-compressed) and TIFF are opened; pixel count, aspect
 ratio, estimated decode memory (:func:`decode_cost`: the rotated copy of an EXIF-, XMP- or PNG-text-rotated
 image and the coefficients of a progressive JPEG included), TIFF tile size and count and JPEG scan count
-have limits (``too_large``); 16/32-bit images are converted to 8 bits in float32 strips. Every failure raises
-:class:`ImageDecodeError` with a ``kind`` among ``empty``, ``not_image``, ``truncated``, ``too_large`` and
-``decode_error``: the label job turns it into an error row and the serving endpoint into a 4xx answer.
+have limits (``too_large``). Every failure raises :class:`ImageDecodeError` with a ``kind`` among
+``empty``, ``not_image``, ``truncated``, ``too_large`` and ``decode_error``: the label job turns it into an
+error row and the serving endpoint into a 4xx answer. The decoded image is brought to RGB or L (16/32-bit
+images converted to 8 bits in float32 strips, alpha composited on white) by ``to_standard_mode``, which is
+in models/imagemodes.py.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import struct
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
 from PIL import Image, ImageFile, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+from .imagemodes import to_standard_mode
 
 # What the raw bytes say (models/imagescan.py); FOREIGN_EXTENSIONS, foreign_format and jpeg_scan_count are
 # re-exported: the label job and the tests import them from here.
@@ -76,9 +79,9 @@ DEFAULT_MAX_DECODE_BYTES = 192 * 1024 * 1024  # the memory open_image may use fo
 MAX_TILE_BYTES = 32 * 1024 * 1024  # one TIFF tile or strip as libtiff allocates it
 MAX_TILES = 32768  # TIFF tiles or strips: each is a decoder call
 MAX_JPEG_SCANS = 64  # progressive JPEGs have about 10; thousands of scans cost seconds each (a known DoS)
-_STRIP_PIXELS = 1 << 20  # 16/32-bit to 8-bit conversion works on strips of about this many pixels
 
-# Bytes per pixel of PIL's raster for a mode, and what _to_standard_mode adds on top of it (the peak).
+# Bytes per pixel of PIL's raster for a mode, and what to_standard_mode (models/imagemodes.py) adds on top
+# of it (the peak).
 _RASTER_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
 _CONVERT_BYTES = {"RGB": 0, "L": 0, "1": 1, "P": 4, "I;16": 1, "I;16L": 1, "I;16B": 1, "I;16N": 1, "I": 1, "F": 1,
                   "RGBA": 4, "PA": 8, "LA": 8, "La": 8, "RGBa": 8}
@@ -364,52 +367,4 @@ def open_image(data: bytes | Prechecked, max_pixels: int = DEFAULT_MAX_PIXELS,
     w0, h0 = head.size
     if orientation in (5, 6, 7, 8):
         w0, h0 = h0, w0
-    return _to_standard_mode(img), (w0, h0)
-
-
-def _to_8bit(img: Image.Image) -> Image.Image:
-    """16-bit and 32-bit integer or float grey -> L, a strip at a time in float32 (no whole-image float64
-    copy). 16-bit is divided by 257; 32-bit integers too when any value is over 255; floats in [0, 1] are
-    multiplied by 255."""
-    mode = img.mode
-    lo, hi = img.getextrema()
-    if mode.startswith("I;16") or (mode == "I" and hi > 255):
-        mul = 1.0 / 257.0
-    elif mode == "F" and hi <= 1.0:
-        mul = 255.0
-    else:
-        mul = 1.0
-    w, h = img.size
-    out = np.empty((h, w), np.uint8)
-    rows = max(1, _STRIP_PIXELS // w)
-    for y in range(0, h, rows):
-        strip = np.array(img.crop((0, y, w, min(h, y + rows))), dtype=np.float32)
-        if mul != 1.0:
-            strip *= np.float32(mul)
-        np.clip(np.rint(strip, out=strip), 0, 255, out=strip)
-        out[y:y + strip.shape[0]] = strip
-    return Image.fromarray(out, "L")
-
-
-def _to_standard_mode(img: Image.Image) -> Image.Image:
-    """RGB or L from any PIL mode: 16-bit and 32-bit grey scaled to 8 bits, palette and alpha composited
-    on white (a transparent background is not part of a face), CMYK/YCbCr/LAB converted. Peak memory is
-    what :func:`decode_cost` estimates."""
-    mode = img.mode
-    if mode in ("RGB", "L"):
-        return img
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        return _to_8bit(img)
-    if mode == "1":
-        return img.convert("L")
-    if mode == "P":
-        if "transparency" not in img.info:
-            return img.convert("RGB")
-        img = img.convert("RGBA")
-        mode = "RGBA"
-    if mode in ("RGBA", "LA", "RGBa", "La", "PA"):
-        rgba = img if mode == "RGBA" else img.convert("RGBA")
-        out = Image.new("RGB", rgba.size, (255, 255, 255))
-        out.paste(rgba, (0, 0), rgba)  # RGB onto RGB through the alpha band, without an RGB copy
-        return out
-    return img.convert("RGB")
+    return to_standard_mode(img), (w0, h0)

@@ -1,7 +1,8 @@
 """Places that did one thing twice, now done once; each test pins where the two old copies disagreed:
 
-1. what a source's class codes mean (``facedata.datasets.base.class_mismatches``): training's refusal of a mix
-   and ``jobs.evaluate``'s unscored column (``core.evalinputs.class_disagreements``) apply the same rule;
+1. what a source's class codes mean (``facedata.datasets.classcodes.class_mismatches``): training's refusal
+   of a mix and ``jobs.evaluate``'s unscored column (``core.evalinputs.class_disagreements``) apply the same
+   rule;
 2. a CSV quote left open (``facedata.manifest_inputs.quotes_close``): the label job's manifests and the data
    sets' CSV label files (``facedata.datasets.textfiles.csv_records``) ask the same test;
 3. a file's key (``facedata.paths.normalize_path``, which the data sets' readers use too);
@@ -21,7 +22,8 @@ import pytest
 from core.evalinputs import class_disagreements
 from facedata import paths
 from facedata.datasets import UTKFACE_RACES, FaceDataset, mix
-from facedata.datasets.base import _Skips, class_mismatches
+from facedata.datasets.base import _Skips
+from facedata.datasets.classcodes import class_mismatches
 from facedata.datasets.manifest import _split_keys
 from facedata.datasets.mixed import _one_split_per_file
 from facedata.datasets.textfiles import csv_records

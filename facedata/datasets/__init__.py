@@ -61,7 +61,8 @@ union of their columns, each source filling the labels it has and keeping its ow
 sources list takes the first one's); a label a source lacks is missing, which the losses and metrics leave out
 (facedata/datasets/mixed.py).
 
-Modules: ``base.py`` (the columns, :class:`FaceDataset`, the spec and the split), ``crops.py`` (CelebA,
+Modules: ``base.py`` (the columns, :class:`FaceDataset`, the spec and the split), ``classcodes.py`` (what a
+class-coded column's codes mean in each format, and the rule comparing them), ``crops.py`` (CelebA,
 UTKFace, SCUT-FBP5500), ``genki.py``, ``manifest.py``, ``mixed.py``, ``textfiles.py`` (the label files'
 text: decoding, lines, CSV records).
 """
@@ -87,7 +88,6 @@ from facedata.datasets.base import (  # noqa: F401 - the package's API, as faced
     MODEL_LABELS,
     SCUT_IMAGES,
     SCUT_LABELS,
-    SCUT_RACES,
     SCUT_SPLIT_DIR,
     SPLITS,
     UTKFACE_AGE_RANGE,
@@ -99,6 +99,7 @@ from facedata.datasets.base import (  # noqa: F401 - the package's API, as faced
     parse_spec,
     seeded_split,
 )
+from facedata.datasets.classcodes import SCUT_RACES  # noqa: F401
 from facedata.datasets.crops import _read_celeba, _read_scut, _read_utkface, parse_utkface_name  # noqa: F401
 from facedata.datasets.genki import read_genki
 from facedata.datasets.manifest import _read_manifest, text_of  # noqa: F401

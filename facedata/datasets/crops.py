@@ -19,7 +19,6 @@ from facedata.datasets.base import (
     SCUT_BEAUTY_RANGE,
     SCUT_IMAGES,
     SCUT_LABELS,
-    SCUT_RACES,
     SCUT_SPLIT_DIR,
     UTKFACE_AGE_RANGE,
     UTKFACE_RACES,
@@ -33,6 +32,7 @@ from facedata.datasets.base import (
     columns_from_attributes,
     log,
 )
+from facedata.datasets.classcodes import SCUT_RACES
 from facedata.datasets.textfiles import read_lines
 
 # --------------------------------------------------------------------------------------------- CelebA
