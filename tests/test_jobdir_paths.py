@@ -32,6 +32,17 @@ class Reached(Exception):
     """The stub past the flags was reached: the paths were accepted."""
 
 
+def _reached(*a, **k):
+    raise Reached
+
+
+def _main_until(monkeypatch, module, first_step: str, argv):
+    """``module.main(argv)``, stopped at its first step past the flags (``module.<first_step>`` raises
+    :class:`Reached`): call it to see whether the paths were accepted."""
+    monkeypatch.setattr(module, first_step, _reached)
+    return lambda: module.main(argv)
+
+
 def _ray_dir(tmp_path: Path, resources: str = "runtime_resources") -> Path:
     d = tmp_path / "session_2026-12-06_21-01-37_800411_31103" / resources / "working_dir_files" / PKG
     d.mkdir(parents=True)
@@ -177,11 +188,7 @@ def test_python_m_jobs_train_refuses_under_ray_job_submit(tmp_path):
 def _label(monkeypatch, argv):
     from jobs import label
 
-    def stub():
-        raise Reached
-
-    monkeypatch.setattr(label, "ensure_ray", stub)
-    return lambda: label.main(argv)
+    return _main_until(monkeypatch, label, "ensure_ray", argv)
 
 
 def test_label_refuses_relative_input_and_output_in_a_ray_job_dir(job_dir, capsys, monkeypatch, tmp_path):
@@ -203,11 +210,7 @@ def test_label_outside_a_ray_job_takes_relative_paths(plain_dir, monkeypatch):
 def _evaluate(monkeypatch, argv):
     from jobs import evaluate
 
-    def stub(uri):
-        raise Reached
-
-    monkeypatch.setattr(evaluate, "load_checkpoint", stub)
-    return lambda: evaluate.main(argv)
+    return _main_until(monkeypatch, evaluate, "load_checkpoint", argv)
 
 
 def test_evaluate_refuses_relative_paths_in_a_ray_job_dir(job_dir, capsys, monkeypatch, tmp_path):
@@ -230,11 +233,7 @@ def test_evaluate_outside_a_ray_job_takes_relative_paths(plain_dir, monkeypatch)
 def _serve(monkeypatch, argv):
     from jobs import serve
 
-    def stub(ns):
-        raise Reached
-
-    monkeypatch.setattr(serve, "_main", stub)
-    return lambda: serve.main(argv)
+    return _main_until(monkeypatch, serve, "_main", argv)
 
 
 def test_serve_refuses_a_relative_checkpoint_in_a_ray_job_dir(job_dir, capsys, monkeypatch, tmp_path):
@@ -252,11 +251,7 @@ def test_serve_outside_a_ray_job_takes_a_relative_checkpoint(plain_dir, monkeypa
 def _report(monkeypatch, argv):
     from jobs import report
 
-    def stub(*a):
-        raise Reached
-
-    monkeypatch.setattr(report, "label_report", stub)
-    return lambda: report.main(argv)
+    return _main_until(monkeypatch, report, "label_report", argv)
 
 
 def test_report_refuses_relative_paths_in_a_ray_job_dir(job_dir, capsys, monkeypatch, tmp_path):
@@ -276,11 +271,8 @@ def _demo(monkeypatch, argv):
     import facedata.synth
     from jobs import demo
 
-    def stub(*a, **k):
-        raise Reached
-
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # demo sets the process's threads
-    monkeypatch.setattr(facedata.synth, "generate", stub)  # its first step
+    monkeypatch.setattr(facedata.synth, "generate", _reached)  # its first step
     return lambda: demo.main(argv)
 
 
