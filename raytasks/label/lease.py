@@ -218,9 +218,10 @@ class Lease:
         self.output = output
         self.ttl_s = float(ttl_s)
         self.renew_enabled = renew
-        # a store failing transiently is retried for a quarter of the ttl: well before the lease can expire, a
-        # fence check that cannot complete answers "lost" (Fence.check)
-        self.store = _Store(storage.join(output, LEASE_DIR), retry_s=self.ttl_s / 4)
+        # a store failing transiently is retried for a quarter of the ttl, here and in the fences: well before the
+        # lease can expire, a fence check that cannot complete answers "lost" (Fence.check)
+        self.retry_s = self.ttl_s / 4
+        self.store = _Store(storage.join(output, LEASE_DIR), retry_s=self.retry_s)
         self.owner = uuid.uuid4().hex
         self.gen: int | None = None  # the generation this run created last (the top while it holds the lease)
         self.lost = False
@@ -246,7 +247,7 @@ class Lease:
         """What this run's writers check before each write (see :class:`Fence`)."""
         if self.gen is None:
             raise LeaseError("the lease is not held")
-        return Fence(self.output, self.owner, self.gen, self.ttl_s / 4)
+        return Fence(self.output, self.owner, self.gen, self.retry_s)
 
     def takeover_grace_s(self) -> float:
         """How long this run waits, holding the lease, before it touches the output, when it took the lease over
