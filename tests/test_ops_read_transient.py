@@ -112,6 +112,18 @@ def faults(s3_server, monkeypatch):
     proxy.close()
 
 
+def _read(*uris: str, allow: tuple[str, ...]) -> list:
+    """``reading.fetch_all`` of ``uris``, read again (at most twice) where a read's row is the batch's own "read
+    timed out" (also a transient row, :func:`test_a_read_over_its_timeout_is_transient`): once in CI (2026-12-06,
+    2 cores, after the Serve modules) the whole test process stood still for ~105 s, so a throttled read that takes
+    a second came back "timed out after 60 s" and this test, which is about the kind S3's own answer gets, failed."""
+    for _ in range(3):
+        res = reading.fetch_all(list(uris), allow=allow, timeout=60)
+        if not any(r[2] and r[2].startswith("read timed out") for r in res):
+            break
+    return res
+
+
 def test_a_throttled_or_dropped_s3_read_is_a_transient_row_and_a_missing_one_is_not(s3_bucket, faults):
     client, bucket = s3_bucket
     data = face_jpeg(0)
@@ -121,7 +133,7 @@ def test_a_throttled_or_dropped_s3_read_is_a_transient_row_and_a_missing_one_is_
     allow = (uri,)
 
     faults.fail("slow.jpg", SLOWDOWN, method="GET")  # S3's SlowDown on the GET, after every retry
-    (slow,) = reading.fetch_all([uri + "slow.jpg"], allow=allow, timeout=60)
+    (slow,) = _read(uri + "slow.jpg", allow=allow)
     # another object goes through (the rule is per key); read again if the loaded proxy itself dropped it: that
     # is a transient row too, the kind this test is about, and a later read passes
     ok = next(r for r in (reading.fetch(uri + "ok.jpg", allow=allow) for _ in range(3)) if r[1] != "transient")
@@ -135,20 +147,20 @@ def test_a_throttled_or_dropped_s3_read_is_a_transient_row_and_a_missing_one_is_
 
     faults.clear()
     faults.fail("head.jpg", SLOWDOWN, method="HEAD")  # the size look-up throttled
-    (res,) = reading.fetch_all([uri + "head.jpg"], allow=allow, timeout=60)
+    (res,) = _read(uri + "head.jpg", allow=allow)
     assert res[:2] == (None, "transient") and "head.jpg" not in res[2], res
     assert reading.file_size(uri + "head.jpg", allow)[1] == "transient"
 
     faults.clear()
     faults.fail("reset.jpg", RESET, method="GET")  # the connection reset on every attempt
-    (res,) = reading.fetch_all([uri + "reset.jpg"], allow=allow, timeout=60)
+    (res,) = _read(uri + "reset.jpg", allow=allow)
     assert res[:2] == (None, "transient") and "Connection reset" in res[2], res
 
     faults.clear()
     faults.fail("denied.jpg", DENIED, method="GET")  # a refusal keeps its kind
-    (res,) = reading.fetch_all([uri + "denied.jpg"], allow=allow, timeout=60)
+    (res,) = _read(uri + "denied.jpg", allow=allow)
     assert res[:2] == (None, "unreadable") and ("ACCESS_DENIED" in res[2] or "403" in res[2]), res
 
     faults.clear()
-    assert reading.fetch_all([uri + "missing.jpg", uri + "slow.jpg"], allow=allow, timeout=60) == [
+    assert _read(uri + "missing.jpg", uri + "slow.jpg", allow=allow) == [
         (None, "unreadable", "file not found"), (data, None, None)]
