@@ -31,8 +31,11 @@ _TRANSIENT_TEXT = re.compile(r"SlowDown|Please reduce your request rate|RequestT
 _TRANSIENT_ERRNOS = frozenset(getattr(errno, name) for name in (
     "ETIMEDOUT", "ECONNRESET", "ECONNABORTED", "ECONNREFUSED", "ENETDOWN", "ENETUNREACH", "ENETRESET",
     "EHOSTDOWN", "EHOSTUNREACH") if hasattr(errno, name))
-# pyarrow prefixes a failed HEAD with the object's name (a row's message never echoes its path: facedata/reading.py)
-KEY_CONTEXT = re.compile(r"^When (reading information for|opening) key '.*' in bucket '[^']*': ", re.S)
+# pyarrow prefixes a failed request with the object's name (a row's message never echoes its path:
+# facedata/reading.py): its open's HEAD ("reading information for", "opening"), and get_file_info's HEAD and LIST
+# ("getting information for", "listing objects under": a missing key's folder check), as libarrow 26 words them
+KEY_CONTEXT = re.compile(r"^When (reading information for|opening|getting information for|listing objects under) "
+                         r"key '.*' in bucket '[^']*': ", re.S)
 
 
 def _boto_transient(e: BaseException) -> bool | None:

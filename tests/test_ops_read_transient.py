@@ -35,6 +35,11 @@ TRANSIENT = {
     "RequestTimeout": "AWS Error REQUEST_TIMEOUT during GetObject operation: Your socket connection to the server "
                       "was not read from or written to within the timeout period.",
     "429": "AWS Error UNKNOWN (HTTP status 429) during GetObject operation: ",
+    # get_file_info's HEAD and LIST after a missing key's open (is it a folder?), throttled
+    "info HEAD 503": "When getting information for key 'photos/secret-name.jpg' in bucket 'bkt1': AWS Error "
+                     "UNKNOWN (HTTP status 503) during HeadObject operation: No response body.",
+    "LIST SlowDown": "When listing objects under key 'photos/secret-name.jpg/' in bucket 'bkt1': AWS Error "
+                     "SLOW_DOWN during ListObjectsV2 operation: Please reduce your request rate.",
 }
 AGAIN = "may succeed if run again"  # the end of every transient row's message
 PERMANENT = {
@@ -45,6 +50,10 @@ PERMANENT = {
     "403 with odd words": "AWS Error ACCESS_DENIED during GetObject operation: Please reduce your request rate.",
     "key named like an error": "When reading information for key 'AWS Error SLOW_DOWN' in bucket 'bkt1': AWS Error "
                                "ACCESS_DENIED during HeadObject operation: No response body.",
+    "info HEAD 403": "When getting information for key 'photos/secret-name.jpg' in bucket 'bkt1': AWS Error "
+                     "ACCESS_DENIED during HeadObject operation: No response body.",
+    "LIST 403": "When listing objects under key 'photos/secret-name.jpg/' in bucket 'bkt1': AWS Error ACCESS_DENIED "
+                "during ListObjectsV2 operation: Access Denied",
     "skewed": "AWS Error REQUEST_TIME_TOO_SKEWED during GetObject operation: The difference between the request "
               "time and the current time is too large.",
 }
