@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "rows 'forbidden' (default: the manifest's own folder or bucket prefix, or --input itself)")
     p.add_argument("--throttle", type=_seconds, default=0.0, metavar="SECONDS",
                    help="sleep after each model batch (to watch progress, or to interrupt and resume a run)")
+    p.add_argument("--progress-every", type=_seconds, default=d.progress_every_s, metavar="SECONDS",
+                   help="print a progress line this often: images committed of the inputs (%%), images/s over the "
+                        "last minutes, time left, rows and errors (0: none)")
     add_face_args(p)
     add_review_args(p)
     return p
@@ -149,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
                      actor_decode=args.actor_decode,
                      compile=args.compile, fold_bn=args.fold_bn,
                      max_rows_per_file=args.max_rows_per_file, limit=args.limit, throttle_s=args.throttle,
+                     progress_every_s=args.progress_every,
                      faces=face_options(args), allow_prefix=tuple(args.allow_prefix), review=review_options(args))
     got: dict = {}
     with _stop_on_signals(got) as reinstall:

@@ -132,6 +132,7 @@ from raytasks.label.output import (
     repair_commit_log,
     unlabeled_inputs,
 )
+from raytasks.label.progress import watch_label
 from raytasks.label.spec import LabelError, LabelSpec
 from raytasks.label.stages import build_dataset, fenced_parquet_sink
 from raytasks.reach import check_reachable
@@ -286,9 +287,10 @@ def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
 
     if before.images >= inputs and _read_output(all_labeled, out, out["inputs"]):
         echo("every input is labeled already: nothing to run")
-    else:
-        _run_pipeline(spec, model_set, pre_dicts, base, pool, detector if options.detect else None, identity, fence,
-                      out, commits_fs, commits_path)
+    else:  # a line of the committed rows every --progress-every seconds meanwhile (raytasks/label/progress.py)
+        with watch_label(spec, inputs, before.images, echo):
+            _run_pipeline(spec, model_set, pre_dicts, base, pool, detector if options.detect else None, identity,
+                          fence, out, commits_fs, commits_path)
 
     seconds = time.perf_counter() - start
     after = output_stats(out["labels"])

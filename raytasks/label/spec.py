@@ -30,6 +30,7 @@ class LabelSpec:
     max_rows_per_file: int = 50_000
     limit: int | None = None  # label at most this many new images in this run
     throttle_s: float = 0.0  # sleep after each predictor batch (to demonstrate and test kill + resume)
+    progress_every_s: float = 60.0  # a progress line of committed rows this often (raytasks/label/progress.py); 0: none
     allow_prefix: tuple[str, ...] = ()  # what may be read (default: facedata.paths.default_allow_prefix of --input)
     faces: dict = dataclasses.field(default_factory=dict)  # faces.finder.FaceOptions: mode, max_side, detector
     model_set: str | None = None  # a --model-set file (core/modelset.py), instead of checkpoint
@@ -84,6 +85,8 @@ class LabelSpec:
         # checked here, not where it is used: time.sleep(-1) would fail in the actors after the model ran
         if not math.isfinite(self.throttle_s) or self.throttle_s < 0:
             raise LabelError(f"--throttle must be a number of seconds >= 0, got {self.throttle_s}")
+        if not math.isfinite(self.progress_every_s) or self.progress_every_s < 0:
+            raise LabelError(f"--progress-every must be a number of seconds >= 0, got {self.progress_every_s}")
         if self.actor_decode and not self.face_options().detect:
             raise LabelError("--actor-decode decodes photos for detection and needs --faces detect; whole images are "
                              "decoded to the model's input on the CPU tasks, as it was trained on them")
