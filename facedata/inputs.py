@@ -35,6 +35,7 @@ SKIPPED_EXTENSIONS_SHOWN = 10  # extensions of skipped files named in the summar
 LISTING_CHUNK = 20_000  # paths per listing file (and at most this many paths in the driver at once)
 MALFORMED_SHOWN = 5  # malformed manifest lines named (line number and text) in the summary
 MALFORMED_TEXT_CHARS = 200  # of each such line's text
+HIDDEN_SHOWN = 3  # hidden files or folders skipped in a folder input, named in the summary
 
 
 def has_image_extension(path: str) -> bool:
@@ -64,10 +65,18 @@ def looks_like_image(head: bytes) -> bool:
     return head[:2] == b"BM" and len(head) >= 18 and int.from_bytes(head[14:18], "little") in (12, 40, 52, 56, 64, 108, 124)
 
 
-def iter_folder(uri: str, allow: tuple[str, ...] | None = None) -> Iterator[str]:
+def iter_folder(uri: str, allow: tuple[str, ...] | None = None, hidden=None) -> Iterator[str]:
     """Every non-hidden file under a local folder or ``s3://`` prefix, as a URI, streaming (sorted within
     each local directory; S3 lists keys in order). Locally, ``allow`` says which symlinked folders are followed
-    and an unlistable folder is an :class:`InputError` (:func:`_walk_local`)."""
+    and an unlistable folder is an :class:`InputError` (:func:`_walk_local`).
+
+    Hidden entries (a name starting with ``.``: ``.DS_Store``, macOS's ``._IMG_0001.jpg``, a ``.thumbnails/``
+    folder) are not inputs: they are almost all system, sync or thumbnail files (error rows, duplicate faces).
+    Nor are they skipped without a word: each is given to ``hidden`` by its name relative to ``uri``
+    (:meth:`Listing.hidden_entry` counts them and keeps a few), so that a user whose photos sit under a hidden
+    folder is told why they have no rows. Locally a hidden folder is not listed (it may be huge): it is one
+    entry, named with a trailing ``/``. On S3 (a flat listing) each key with a segment under the prefix
+    starting with ``.`` is one (a folder marker, a key ending in ``/``, is not). This costs no extra request."""
     if storage.is_s3(uri):
         bucket, _, prefix = uri[len("s3://"):].partition("/")
         prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
@@ -75,11 +84,15 @@ def iter_folder(uri: str, allow: tuple[str, ...] | None = None) -> Iterator[str]
             for obj in page.get("Contents", ()):
                 key = obj["Key"]
                 rel = key[len(prefix):]
-                if key.endswith("/") or any(part.startswith(".") for part in rel.split("/")):
+                if key.endswith("/"):
+                    continue
+                if any(part.startswith(".") for part in rel.split("/")):
+                    if hidden is not None:
+                        hidden(rel)
                     continue
                 yield f"s3://{bucket}/{key}"
         return
-    yield from _walk_local(storage.filesystem(uri)[1], allow)
+    yield from _walk_local(storage.filesystem(uri)[1], allow, hidden)
 
 
 def _s3_pages(uri: str, bucket: str, prefix: str) -> Iterator[dict]:
@@ -104,13 +117,16 @@ def _s3_pages(uri: str, bucket: str, prefix: str) -> Iterator[dict]:
         yield page
 
 
-def _walk_local(root: str, allow: tuple[str, ...] | None) -> Iterator[str]:
+def _walk_local(root: str, allow: tuple[str, ...] | None, hidden=None) -> Iterator[str]:
     """Every non-hidden file under a local folder, each folder's files sorted by name before its subfolders (the
     order of ``os.walk``). A folder that cannot be listed is an :class:`InputError` naming it (``os.walk`` skips
     it without a word, and its files would be missing from a run that says it is complete). A symlink to a
     folder is followed when ``allow`` allows the link (:func:`is_allowed`: the rule a symlinked file's read
     follows), and is listed as a file otherwise, whose row is then ``forbidden``. Each real folder is listed
-    once: a link back up is no loop, and a folder reached two ways is listed under the first."""
+    once: a link back up is no loop, and a folder reached two ways is listed under the first. ``hidden``: see
+    :func:`iter_folder` (given names relative to ``root``, in the order of the walk)."""
+    if hidden is not None:
+        report, hidden = hidden, lambda path: report(path[len(root):].lstrip(os.sep))
     seen: set[str] = set()
     stack = [root]
     while stack:
@@ -119,17 +135,18 @@ def _walk_local(root: str, allow: tuple[str, ...] | None) -> Iterator[str]:
         if real in seen:
             continue
         seen.add(real)
-        files, folders = _folder_entries(folder, allow)
+        files, folders = _folder_entries(folder, allow, hidden)
         yield from files
         stack.extend(reversed(folders))
 
 
-def _folder_entries(folder: str, allow: tuple[str, ...] | None) -> tuple[list[str], list[str]]:
+def _folder_entries(folder: str, allow: tuple[str, ...] | None, hidden=None) -> tuple[list[str], list[str]]:
     """The non-hidden files of one folder (a symlink to a folder that is not followed among them) and the
-    subfolders to list (:func:`_walk_local`), each sorted by name."""
+    subfolders to list (:func:`_walk_local`), each sorted by name. Each hidden entry is given to ``hidden``
+    (its path, with a trailing ``/`` for a folder, which is not listed), in order of name."""
     try:
         with os.scandir(folder) as it:
-            entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+            entries = sorted(it, key=lambda e: e.name)
     except FileNotFoundError:
         return [], []  # removed while the folder above it was listed: nothing in it is an input any more
     except OSError as e:
@@ -138,7 +155,10 @@ def _folder_entries(folder: str, allow: tuple[str, ...] | None) -> tuple[list[st
     files, folders = [], []
     for e in entries:
         path = os.path.join(folder, e.name)
-        if _is_folder(e) and (allow is None or not _is_link(e) or is_allowed(path, allow)):
+        if e.name.startswith("."):
+            if hidden is not None:
+                hidden(path + os.sep if _is_hidden_folder(e) else path)
+        elif _is_folder(e) and (allow is None or not _is_link(e) or is_allowed(path, allow)):
             folders.append(path)
         else:
             files.append(path)
@@ -150,6 +170,14 @@ def _is_folder(entry: os.DirEntry) -> bool:
         return entry.is_dir()  # a symlink to a folder too
     except OSError:
         return False  # as os.walk: listed as a file, whose row says why it cannot be read
+
+
+def _is_hidden_folder(entry: os.DirEntry) -> bool:
+    """Whether a hidden entry is a folder, from what ``os.scandir`` read already (a symlink is not followed)."""
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
 
 
 def _is_link(entry: os.DirEntry) -> bool:
@@ -191,6 +219,9 @@ class Listing:
     malformed_examples: list = dataclasses.field(default_factory=list)
     # the skipped files by extension ("" for none), the most common SKIPPED_EXTENSIONS_SHOWN of them
     skipped_by_extension: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    # hidden files or folders skipped (iter_folder), the first HIDDEN_SHOWN named relative to the input ("x/" a folder)
+    skipped_hidden: int = 0
+    hidden_examples: list = dataclasses.field(default_factory=list)
 
     def skipped_extensions(self) -> dict[str, int]:
         return dict(self.skipped_by_extension.most_common(SKIPPED_EXTENSIONS_SHOWN))
@@ -203,6 +234,22 @@ class Listing:
         more = ", ..." if len(self.skipped_by_extension) > SKIPPED_EXTENSIONS_SHOWN else ""
         s = "" if self.skipped_not_image == 1 else "s"
         return f"{self.skipped_not_image} file{s} skipped, not images ({shown}{more})"
+
+    def hidden_entry(self, name: str) -> None:
+        """A hidden file or folder that the listing skipped (:func:`iter_folder`): counted, the first few named."""
+        self.skipped_hidden += 1
+        if len(self.hidden_examples) < HIDDEN_SHOWN:
+            self.hidden_examples.append(storable(name))
+
+    def hidden_text(self) -> str:
+        """``"3 hidden files or folders skipped (names starting with '.': .DS_Store, ._IMG_0001.jpg, .thumbnails/)"``,
+        or ``""`` when none was."""
+        if not self.skipped_hidden:
+            return ""
+        more = ", ..." if self.skipped_hidden > len(self.hidden_examples) else ""
+        what = "file or folder" if self.skipped_hidden == 1 else "files or folders"
+        return (f"{self.skipped_hidden} hidden {what} skipped (names starting with '.': "
+                f"{', '.join(self.hidden_examples)}{more})")
 
     def malformed_text(self) -> str:
         """``"2 manifest lines skipped, malformed (line 3: 3 fields, expected 2: 'b.jpg,2,x'; ...)"``, or ``""``."""
@@ -253,9 +300,10 @@ def write_listing(input_uri: str, listing_uri: str, chunk: int = LISTING_CHUNK,
     concurrently, ``FETCH_THREADS`` at a time, confined to ``allow`` as the job's reads are). A file that
     ``allow`` forbids (a symlink out of the folder) is not read: it is kept as an input, whose row is then
     ``forbidden`` as for a link out with an image extension, whatever its target holds and whether or not
-    that exists (skipping it would claim to know it is not an image). A folder that cannot be listed, or two files
-    that would be listed under one path (:func:`_stored_paths`), are an :class:`InputError`. ``respell``: see
-    :class:`_ListingParts`."""
+    that exists (skipping it would claim to know it is not an image). Hidden files and folders are skipped, counted
+    in ``skipped_hidden`` and the first few named (:func:`iter_folder`). A folder that cannot be listed, or two
+    files that would be listed under one path (:func:`_stored_paths`), are an :class:`InputError`. ``respell``:
+    see :class:`_ListingParts`."""
     out = _ListingParts(listing_uri, respell)
     stats = Listing()
     pending: list[str] = []
@@ -277,7 +325,7 @@ def write_listing(input_uri: str, listing_uri: str, chunk: int = LISTING_CHUNK,
             out.write(_stored_paths(keep, escaped, input_uri))
 
     escaped: dict[str, str] = {}
-    for uri in iter_folder(input_uri, allow):
+    for uri in iter_folder(input_uri, allow, hidden=stats.hidden_entry):
         stats.files += 1
         pending.append(uri)
         if len(pending) >= chunk:

@@ -79,9 +79,10 @@ def s3_run(s3_server, ray_session, hs_checkpoint):
     output = f"s3://{bucket}/labels/run-1/"
     spec = L.LabelSpec(checkpoint=ckpt, input=f"s3://{bucket}/photos/", output=output, precision="fp32", faces=WHOLE,
                        batch_size=8, max_rows_per_file=10, max_actors=1)
-    summary = L.label(spec, echo=lambda *_: None)
+    lines: list[str] = []
+    summary = L.label(spec, echo=lines.append)
     return {"client": client, "bucket": bucket, "images": images, "bad": bad, "spec": spec, "summary": summary,
-            "rows": read_rows(output), "ckpt": ckpt}
+            "rows": read_rows(output), "ckpt": ckpt, "lines": lines}
 
 
 def test_s3_prefix_one_row_per_image_with_schema_and_errors(s3_run):
@@ -114,6 +115,10 @@ def test_s3_prefix_one_row_per_image_with_schema_and_errors(s3_run):
     # the rest is skipped and named by extension (the video is an ISO base media file too, of other brands)
     assert s["skipped_not_image"] == 3 and s["images_per_s"] > 0
     assert s["skipped_by_extension"] == {".txt": 1, ".json": 1, ".mp4": 1}
+    # a hidden file is not an input either, but it is counted and named, in the summary and in a line of its own
+    assert (s["skipped_hidden"], s["hidden_examples"]) == (1, [".hidden.jpg"])
+    assert "1 hidden file or folder skipped (names starting with '.': .hidden.jpg): not labeled; rename or move any " \
+           "photos among them to label them" in s3_run["lines"]
     body = s3_run["client"].get_object(Bucket=s3_run["bucket"], Key="labels/run-1/_summary.json")["Body"].read()
     assert json.loads(body)["rows_total"] == len(expected_paths)
 

@@ -18,7 +18,7 @@ What goes in
     * every other file whose first bytes are a JPEG, PNG, GIF, BMP, WebP or TIFF signature (a photo saved
       without extension, ``IMG_0001.JPG.bak``). Other files (text, JSON, videos, our own Parquet) are not
       inputs: they are counted in the summary (``skipped_not_image``, ``skipped_by_extension``) and named,
-      by extension, in a line the job prints. Hidden names (``.x``) are skipped.
+      by extension, in a line the job prints. Hidden names (``.x``) are skipped, counted and named too.
     * every file of a photo format we do not decode, by extension or signature (HEIC/HEIF, AVIF, JPEG XL,
       JPEG 2000, PSD, camera RAW: ``models.imagebytes.FOREIGN_EXTENSIONS``, ``foreign_format``): an input
       whose row is a ``not_image`` error naming the format, so that a bucket of iPhone photos is not
@@ -282,6 +282,8 @@ def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
     if listing.skipped_not_image:
         echo(f"{listing.skipped_text()}: only images are labeled (a HEIC, AVIF or RAW photo is an input whose "
              "row names its format)")
+    if listing.skipped_hidden:
+        echo(f"{listing.hidden_text()}: not labeled; rename or move any photos among them to label them")
     if listing.malformed_lines:
         echo(f"{listing.malformed_text()}: fix them and run again to label them too")
 
@@ -304,6 +306,8 @@ def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
         "files_listed": listing.files if not is_manifest(spec.input) else None,
         "skipped_not_image": listing.skipped_not_image if not is_manifest(spec.input) else None,
         "skipped_by_extension": listing.skipped_extensions() if not is_manifest(spec.input) else None,
+        "skipped_hidden": listing.skipped_hidden if not is_manifest(spec.input) else None,
+        "hidden_examples": listing.hidden_examples if not is_manifest(spec.input) else None,
         "duplicates": listing.duplicates,
         "malformed_lines": listing.malformed_lines if is_manifest(spec.input) else None,
         "malformed_examples": listing.malformed_examples if is_manifest(spec.input) else None,
