@@ -1,4 +1,5 @@
-"""Decoded pictures -> faces -> every model -> rows: the one orchestrator of label, serve and evaluate.
+"""Decoded pictures -> faces -> every model -> rows: the one orchestrator of label and serve (evaluate does
+not use it: it runs one model over a data set, core/evaluation.py, finding faces with the same finder).
 
     ann = Annotator(ModelSet.parse(["agr=agr.pt", "celeba=dmm.pt"], embedding=True), faces={"mode": "detect"})
     rows = ann.annotate_bytes([("team.jpg", data)])          # one row per face, every model's fields
@@ -12,8 +13,7 @@ identity (core/modelset.py, docs/schema.md). The columns are built in core/rows.
 
 Two inputs, both decoded batches of facedata/decode.py: photos (``scale`` and ``image``, faces found
 here) or whole images (``image_<k>`` and ``geometry_<k>`` per entry of :attr:`preprocessings`: the image
-is the face). The label job's actors and the serving replicas call :meth:`annotate`; ``jobs.evaluate``
-reads faces with the same finder.
+is the face). The label job's actors and the serving replicas call :meth:`annotate`.
 
 One image cannot fail its batch (core/failures.py): when the detector or a model raises on a batch, each image
 is run again alone, and one that fails alone gets a ``model_error`` row.
@@ -31,7 +31,7 @@ import pyarrow as pa
 import torch
 
 from core.failures import ImageFailed, concat_columns, failed_batch, image_by_image_on_failure
-from core.modelset import ModelSet, ModelSetError, member_names, set_identity
+from core.modelset import MEMBER_PROVENANCE, ModelSet, ModelSetError, member_names, set_identity
 from core.rows import (
     EMBEDDING_FIELDS,
     FACE_FIELDS,
@@ -253,7 +253,7 @@ class Annotator:
             per_face, no_face = {}, {}
             for name, r in self.members.items():
                 fields = [f.name for f in r.output_fields]
-                head = {"model": r.architecture, "checkpoint": r.checkpoint_hash}
+                head = dict(zip(MEMBER_PROVENANCE, (r.architecture, r.checkpoint_hash)))
                 n = len(next(iter(outputs[name].values()), []))
                 per_face[name] = [{**head, **{f: outputs[name][f][j] for f in fields}} for j in range(n)]
                 no_face[name] = {**head, **{f: None for f in fields}}
@@ -371,7 +371,7 @@ def _rows_of(images, idx: np.ndarray) -> torch.Tensor:
 def _member_struct(runner: ModelRunner) -> pa.DataType:
     """A member's struct: ``model``, ``checkpoint``, then its output fields; names that clash
     case-insensitively (as Athena reads them) are refused."""
-    fields = [pa.field("model", pa.string()), pa.field("checkpoint", pa.string())] + list(runner.output_fields)
+    fields = [pa.field(c, pa.string()) for c in MEMBER_PROVENANCE] + list(runner.output_fields)
     lower = [f.name.lower() for f in fields]
     clash = sorted({n for n in lower if lower.count(n) > 1})
     if clash:

@@ -128,7 +128,7 @@ def label_report(out: str, max_thumbnails: int = DEFAULT_MAX_THUMBNAILS, seed: i
     charted = [("attributes", "Attributes", _attributes, (p, s)), ("confidence", "Confidence", _confidence, (p, s, th)),
                ("pose", "Pose", _pose, (s, th)), ("quality", "Quality", _quality, (s, th))]
     sections += [(sid, title, _drawn(draw, *args) if s.rows else note(NO_ROWS)) for sid, title, draw, args in charted]
-    sections += [("review", "Review reasons", _drawn(_review, p, s, summary, th)),
+    sections += [("review", "Review reasons", _drawn(_review_section, p, s, summary, th)),
                  ("flagged", "Flagged faces", flagged)]
     doc = page(f"faceattr report: {out}", f"{s.rows} rows, {s.faces} faces", sections)
     info = {"rows": s.rows, "faces": s.faces, "flagged": s.review, "thumbnails": len(thumbs), "missing": missing,
@@ -261,7 +261,7 @@ def _threshold_of(reason: str, th: dict) -> str:
     return ""
 
 
-def _review(p, s, summary: dict, th: dict) -> str:
+def _review_section(p, s, summary: dict, th: dict) -> str:
     if "review_reasons" not in p.has:
         return note("no review columns (review, review_reasons) in this output")
     from_summary = summary.get("review_by_reason") if isinstance(summary.get("review_by_reason"), dict) else None

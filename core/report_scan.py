@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from core.modelset import MEMBER_PROVENANCE
 from core.report_read import MAX_LABEL_BYTES, batches, counts, texts
 from core.rows import COMMON
 
@@ -176,7 +177,7 @@ def _member(name: str, fields: list[pa.Field], path) -> tuple[Member, dict]:
     key = (lambda c: f"{name}.{c}") if name else (lambda c: c)
     for f in fields:
         c, t = f.name, f.type
-        if c in ("model", "checkpoint") or (c.endswith("_prob") and c[:-5] in types):
+        if c in MEMBER_PROVENANCE or (c.endswith("_prob") and c[:-5] in types):
             continue
         if _is_str(t):
             m.categorical.append(key(c))
@@ -309,7 +310,7 @@ def scan(dataset, p: Plan, max_flagged: int, seed: int = 0) -> Scan:
         for k in numeric:
             s.hists.setdefault(k, new_hist(k)).add(_np(pc.drop_null(col[k])))
         if "review" in p.has and "review_reasons" in p.has:
-            _review(s, col, n, (name, first), rng, max_flagged)
+            _scan_review(s, col, n, (name, first), rng, max_flagged)
     return s
 
 
@@ -339,7 +340,7 @@ def _flagged_rows(col: dict, idx: np.ndarray, where: tuple[str, int]) -> list[di
     return rows
 
 
-def _review(s: Scan, col: dict, n: int, where: tuple[str, int], rng: np.random.Generator, max_flagged: int) -> None:
+def _scan_review(s: Scan, col: dict, n: int, where: tuple[str, int], rng: np.random.Generator, max_flagged: int) -> None:
     review, reasons = col["review"], col["review_reasons"]
     s.reviewed += n - review.null_count
     s.review += pc.sum(review).as_py() or 0

@@ -100,16 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder or s3:// prefix for the Parquet rows and the summary")
     p.add_argument("--batch-size", type=positive(int), default=None,
                    help="images per decode and model batch (default 16 with --faces detect, 64 with whole)")
-    p.add_argument("--min-actors", type=positive(int), default=d.min_actors, help="predictor actors at least")
+    p.add_argument("--min-actors", type=positive(int), default=d.min_actors, help="annotator actors at least")
     p.add_argument("--max-actors", type=positive(int), default=None,
-                   help="predictor actors at most (default: as many as the cluster's GPUs or CPUs fit)")
-    p.add_argument("--gpus-per-actor", type=float, default=d.gpus_per_actor, help="GPUs per predictor actor (0: CPU)")
+                   help="annotator actors at most (default: as many as the cluster's GPUs or CPUs fit)")
+    p.add_argument("--gpus-per-actor", type=float, default=d.gpus_per_actor, help="GPUs per annotator actor (0: CPU)")
     p.add_argument("--cpus-per-actor", type=positive(float), default=d.cpus_per_actor,
-                   help="CPUs per CPU predictor actor (also its torch threads)")
+                   help="CPUs per CPU annotator actor (also its torch threads)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=d.precision,
                    help="auto: bf16 autocast on a GPU that supports it or a CPU with AVX-512 BF16 or AMX, else fp32")
     p.add_argument("--gpu-decode", action="store_true",
-                   help="decode JPEGs on the predictor's GPU (torchvision.io.decode_jpeg): photos for detection, or whole "
+                   help="decode JPEGs on the annotator actor's GPU (torchvision.io.decode_jpeg): photos for detection, or whole "
                         "images at the model's input size; needs --gpus-per-actor > 0")
     p.add_argument("--actor-decode", action="store_true",
                    help="with --faces detect: decode the photos' JPEGs in the model actors on their device (the "

@@ -1,7 +1,9 @@
 """Untrusted image bytes -> a loaded, upright PIL image (RGB or L), with what one image may cost bounded
 before its pixels are decoded (issue #13). Every decode path goes through :func:`open_image`, which checks
-the header (:func:`check_header`) first; :func:`read_header` makes the same checks without decoding, for
-whoever must know the cost first (the serving ingress, which hands what they found to the decode in a
+the header (:func:`check_header`) first, except the label job's ``--gpu-decode`` (and ``--actor-decode`` on a
+GPU): it runs :func:`read_header` only, then decodes the JPEG with torchvision's ``decode_jpeg``
+(raytasks/label/gpu_decode.py). :func:`read_header` makes the same checks without decoding, for whoever must
+know the cost first (that path, and the serving ingress, which hands what they found to the decode in a
 :class:`Prechecked`, so that they run once); models/preprocess.py turns the image into a model input or a
 photo. What is read from the raw bytes without Pillow is in models/imagescan.py.
 

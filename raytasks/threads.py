@@ -3,7 +3,7 @@
 Two things were measured on the 2-core machine of docs/benchmarks.md:
 
 1. **A model actor in a worker process of its own is faster.** Label job, dmm_cnn, batch 64, compiled,
-   end to end / model only (``bench/bench_label.py``, one run each): 0.74 with the predictor actors in
+   end to end / model only (``bench/bench_label.py``, one run each): 0.74 with the annotator actors in
    Ray's shared worker processes, 0.85 with a runtime_env of their own (a dummy variable) and 0.90, 0.95 and
    1.02 with this module's variable. Ray keys worker processes by runtime_env, so a runtime_env of their
    own gives the model actors fresh processes that have run nothing else. Why a shared worker is slower was
@@ -13,11 +13,11 @@ Two things were measured on the 2-core machine of docs/benchmarks.md:
    OpenMP, then manages two thread pools, and with more OpenMP threads than CPUs it lets idle workers spin
    only 100 times before they sleep, instead of 300,000. Ray calls actor methods, Serve replicas and
    Ray Train's loop off the main thread.
-2. **One thread for all torch work** (:func:`torch_executor`: Serve's ``ModelServer`` and the label job's
-   ``PredictorActor``): one OpenMP pool. Ray runs an actor's constructor on the main thread and its
+2. **One thread for all torch work** (:func:`torch_executor`: Serve's ``AnnotatorServer`` and the label job's
+   ``AnnotatorActor``): one OpenMP pool. Ray runs an actor's constructor on the main thread and its
    methods on others, so a model loaded in the constructor and called in the methods had two.
 
-:func:`runtime_env` is the runtime_env of model actors (the label job's predictor actors, Serve's model
+:func:`runtime_env` is the runtime_env of model actors (the label job's annotator actors, Serve's model
 replicas). Its variable only marks them (``FACEATTR_MODEL_WORKER=1``). A correction to commit f5f5391,
 which set ``GOMP_SPINCOUNT=300000`` here: that is libgomp's own default when ``OMP_WAIT_POLICY`` is unset,
 and it does not lift the throttled count of 100 spins. A direct test showed no effect (the two-pool row of

@@ -25,7 +25,7 @@ def ensure_ray(address: str | None = None) -> None:
 
 def resolve_pool(spec: LabelSpec, resuming: bool = False, can_grow: bool | None = None,
                  warn=print) -> tuple[int, int]:
-    """``(min_size, max_size)`` of the predictor pool from the cluster's resources now. CPU actors leave one
+    """``(min_size, max_size)`` of the annotator actor pool from the cluster's resources now. CPU actors leave one
     CPU for the decode and write tasks and one for Ray's checkpoint filter actor, which is there when the
     output already has rows (``resuming``); the default maximum leaves that room on every run, so that a
     laptop's cores are not shared by more model threads than they have.
@@ -47,7 +47,7 @@ def resolve_pool(spec: LabelSpec, resuming: bool = False, can_grow: bool | None 
         spare = 1 + int(resuming)
         fit = int((cpus - spare) // spec.cpus_per_actor)
         default = int((cpus - 2) // spec.cpus_per_actor)
-        short = (f"the Ray cluster has {cpus:g} CPUs: {spec.min_actors} predictor actor(s) of --cpus-per-actor "
+        short = (f"the Ray cluster has {cpus:g} CPUs: {spec.min_actors} annotator actor(s) of --cpus-per-actor "
                  f"{spec.cpus_per_actor:g} plus {spare} for the other steps")
     size = spec.max_actors if spec.max_actors is not None else max(spec.min_actors, min(fit, default))
     if spec.min_actors > fit:

@@ -1,11 +1,11 @@
-"""Bulk labeling with Ray Data: a folder, prefix or manifest of images -> one Parquet row per image.
+"""Bulk labeling with Ray Data: a folder, prefix or manifest of images -> Parquet rows, one per face found.
 
     label(LabelSpec(checkpoint="s3://b/models/dmm.pt", input="s3://b/photos/", output="s3://b/labels/run-1/"))
 
-The pipeline reads as a chain (see :func:`build_dataset`)::
+The pipeline reads as a chain (the stages: :func:`build_dataset`, raytasks/label/stages.py)::
 
-    read_parquet(paths) -> [Ray's CheckpointFilter] -> map_batches(load_and_decode)      CPU tasks
-                        -> map_batches(PredictorActor, ActorPoolStrategy(min, max))    one model per actor
+    read_parquet(paths) -> [Ray's CheckpointFilter] -> map_batches(read_and_decode)       CPU tasks
+                        -> map_batches(AnnotatorActor, ActorPoolStrategy(min, max))  detector + every model
                         -> write_parquet(OUTPUT/labels/)                               committed per file
 
 What goes in
@@ -40,10 +40,10 @@ What goes in
     summary counts the other rows in ``duplicates``. Either way the pipeline starts from a dataset of paths, so a resumed
     run skips finished images without reading their bytes.
 
-What comes out (the schema is ``Predictor.schema``, documented in docs/schema.md)
-    ``OUTPUT/labels/*.parquet``: exactly one row per input image, error rows included (an image the detector or
-    a model fails on alone is a ``model_error`` row, and the rest of its batch is labeled: core/failures.py), at
-    most ``--max-rows-per-file`` rows per file (Ray Data's ``write_parquet``; bounded size).
+What comes out (the schema is ``Annotator.schema``, documented in docs/schema.md)
+    ``OUTPUT/labels/*.parquet``: one row per face found (``--faces whole``: per image), one row for an input with
+    no face or an error (an image the detector or a model fails on alone is a ``model_error`` row, and the
+    rest of its batch is labeled: core/failures.py), at most ``--max-rows-per-file`` rows per file (bounded).
     ``pandas.read_parquet(OUTPUT)`` reads the labels: pyarrow's dataset discovery ignores the ``_``-prefixed
     bookkeeping next to them: ``_checkpoint/`` (Ray Data's committed row ids), ``_inputs/`` (the listing of a
     folder input), ``_lease/`` (the lease of the run writing it) and ``_summary.json`` (the summary printed
@@ -75,7 +75,7 @@ Resumable and idempotent: Ray Data's row-level checkpointing (``DataContext.chec
     with other ones is refused, as one with another checkpoint or detector.
 
     Ray's CheckpointFilter actor (present when the output already has rows) reserves one CPU; with CPU
-    predictor actors the pipeline therefore needs their CPUs plus one for the decode and write tasks plus
+    annotator actors the pipeline therefore needs their CPUs plus one for the decode and write tasks plus
     one for that filter (:func:`resolve_pool`). On a laptop the local Ray gets ``max(4, cores)`` logical CPUs.
 
 Precision and devices: ``Annotator`` (core/annotator.py) loads the checkpoint(s) once per actor and runs
@@ -93,7 +93,7 @@ Several models in one pass (core/modelset.py): ``--checkpoint`` given several ti
 once; one actor holds every model of the set (and the embedding network) on its device, aligns each face once
 per distinct face template and runs every model on its crop: one row per face with a struct column per model.
 Batch sizes: ``--batch-size`` photos per decode task and per actor call; each model then runs all faces of
-those photos in forward passes of at most 256 faces (``Predictor.max_batch``). With ``--faces whole`` the
+those photos in forward passes of at most 256 faces (``Annotator``'s ``max_batch``). With ``--faces whole`` the
 decode tasks decode each image once per distinct preprocessing of the set. The rows' ``checkpoint`` is the
 set's identity, so an output made with one set refuses another (a changed member, name, version or embedding).
 
@@ -278,7 +278,7 @@ def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
         storage.write_bytes(out["settings"], (json.dumps({**(settings or {}), "review_thresholds": review},
                                                          indent=2) + "\n").encode())
     echo(f"labeling {spec.input}: {inputs} images ({before.images} already labeled in {spec.output}) with "
-         f"{what}, faces: {options.mode}, predictor actors {pool[0]}..{pool[1]}")
+         f"{what}, faces: {options.mode}, annotator actors {pool[0]}..{pool[1]}")
     if listing.skipped_not_image:
         echo(f"{listing.skipped_text()}: only images are labeled (a HEIC, AVIF or RAW photo is an input whose "
              "row names its format)")

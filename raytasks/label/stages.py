@@ -58,7 +58,7 @@ class AnnotatorActor:
         self.throttle_s = throttle_s
         self.batches = 0
         if gpu_decode and a.device.type != "cuda":
-            raise RuntimeError("--gpu-decode needs CUDA in the predictor actors, but this actor runs on "
+            raise RuntimeError("--gpu-decode needs CUDA in the annotator actors, but this actor runs on "
                                f"{a.device} (no GPU assigned to it by Ray, or torch.cuda.is_available() is False)")
 
     def _on_torch(self, fn, *args, **kwargs):

@@ -67,7 +67,7 @@ def deployment_options(settings: dict) -> dict:
     opts: dict = {
         "max_ongoing_requests": settings["max_ongoing_requests"],
         "max_queued_requests": settings["max_queued_requests"],
-        # a worker process of its own, as the label job's predictor actors (raytasks/threads.py)
+        # a worker process of its own, as the label job's annotator actors (raytasks/threads.py)
         "ray_actor_options": {"num_cpus": settings["num_cpus"], "num_gpus": settings["num_gpus"],
                               "runtime_env": runtime_env()},
         "user_config": {"max_batch_size": settings["max_batch_size"],

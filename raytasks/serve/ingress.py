@@ -150,7 +150,7 @@ class FaceAttrAPI(BodyReader):
     def _what(key: str | None) -> str:
         return "model set" if key is SET else "model"
 
-    def _label(self, key: str | None) -> str:
+    def _target_name(self, key: str | None) -> str:
         return self.set_name if key is SET else key
 
     async def _describe(self, key: str | None, refresh: bool = False) -> dict:
@@ -162,7 +162,7 @@ class FaceAttrAPI(BodyReader):
         self._handle(key)  # 404 before anything
         if not refresh and key in self._described:
             return self._described[key]
-        name, what, timeout = self._label(key), self._what(key), self.limits.request_timeout_s
+        name, what, timeout = self._target_name(key), self._what(key), self.limits.request_timeout_s
         try:
             return await asyncio.wait_for(self._fetch(key) if refresh else self._first_fetch(key), timeout)
         except asyncio.TimeoutError:
@@ -174,7 +174,7 @@ class FaceAttrAPI(BodyReader):
             return self._described[key] if key in self._described else await self._fetch(key)
 
     async def _fetch(self, key: str | None) -> dict:
-        desc = await _call_model(self._label(key), self._handle(key).describe.remote(), self._what(key))
+        desc = await _call_model(self._target_name(key), self._handle(key).describe.remote(), self._what(key))
         self._described[key] = desc
         return desc
 
@@ -206,7 +206,7 @@ class FaceAttrAPI(BodyReader):
     async def _model_call(self, key: str | None, response):
         """A call to the target's deployment bounded by ``request_timeout_s`` (504), 503 when it is full,
         413 when the replica found more faces than ``max_request_faces``."""
-        name, what = self._label(key), self._what(key)
+        name, what = self._target_name(key), self._what(key)
         timeout = self.limits.request_timeout_s
         try:
             return await asyncio.wait_for(_call_model(name, response, what), timeout=timeout)
@@ -228,7 +228,7 @@ class FaceAttrAPI(BodyReader):
                 return desc, await call(desc)
             except CheckpointChanged:
                 if attempt:
-                    raise _changed(self._label(key), self._what(key)) from None
+                    raise _changed(self._target_name(key), self._what(key)) from None
         raise AssertionError("unreachable")
 
     # -- decoding (reading the body: raytasks/serve/bodies.py) ------------------------------------------
