@@ -59,7 +59,7 @@ SET_FILE_TIMEOUT_S = 30.0
 MEMBER_NAME = r"^[a-z][a-z0-9_]{0,62}$"
 SET_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 RESERVED = COMMON
-MEMBER_PROVENANCE = ("model", "checkpoint")  # the first fields of every member's struct
+MEMBER_PROVENANCE = ("model", "checkpoint")  # the first fields of every member's struct (flat layout: columns)
 
 
 class ModelSetError(ValueError):

@@ -164,12 +164,3 @@ def rows_of(batch: dict, keep: list[int] | np.ndarray) -> dict:
         else:
             out[key] = [col[i] for i in keep]
     return out
-
-
-def concat(batches: list[dict]) -> dict:
-    """Several decoded batches of the same target -> one (serve: the images of several requests)."""
-    out = {}
-    for key in batches[0]:
-        cols = [b[key] for b in batches]
-        out[key] = np.concatenate(cols) if isinstance(cols[0], np.ndarray) else [v for c in cols for v in c]
-    return out

@@ -5,22 +5,20 @@
     ['age_gender_race', 'dmm_cnn', 'hard_sharing', 'hmtnet', 'task_attention']
     >>> m = models.create_model("hard_sharing")
 
-A new model is one new module in this package whose class is decorated with ``@register_model``; the
-registry imports every module of the package that is not infrastructure.
+A new model is one new module in this package whose class is decorated with ``@register_model``, and its
+name added to ``_MODEL_MODULES``: the registry imports those modules, and only those, when first asked.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
-import pkgutil
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .base import FaceModel
 
-_INFRASTRUCTURE = {"base", "outputs", "outputset", "losses", "landmarks", "preprocess", "checkpoint", "backbones", "dlib_resnet",
-                   "dlib_format", "imagebytes", "photo"}
+_MODEL_MODULES = ("age_gender_race", "dmm_cnn", "hard_sharing", "hmtnet", "task_attention")
 _REGISTRY: dict[str, type[FaceModel]] = {}
 _loaded = False
 
@@ -50,9 +48,8 @@ def _load_all() -> None:
     global _loaded
     if _loaded:
         return
-    for info in pkgutil.iter_modules(__path__):
-        if info.name not in _INFRASTRUCTURE and not info.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{info.name}")
+    for name in _MODEL_MODULES:
+        importlib.import_module(f"{__name__}.{name}")
     _loaded = True
 
 

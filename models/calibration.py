@@ -117,7 +117,7 @@ def _lbfgs(loss_fn, n: int) -> torch.Tensor:
     return t.clamp(T_MIN, T_MAX).float().double()  # the float32 value the model's buffer will hold
 
 
-_LO, _HI = float(torch.tensor(T_MIN).float()), float(torch.tensor(T_MAX).float())  # the bounds as buffers hold them
+_LO = float(torch.tensor(T_MIN).float())  # the lower bound as the float32 buffer holds it
 
 
 def _bound_reason(what: str, t: float) -> str | None:

@@ -36,7 +36,6 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import warnings
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -56,7 +55,6 @@ MEAN_RGB = (122.782, 117.001, 104.298)  # dlib stores these in the file; checked
 SCALE = 256.0  # dlib divides by 256 after subtracting the means
 DESCRIPTOR_DIM = 128
 POOLED_DIM = 256
-N_PARAMETERS = 5_614_592
 # (channels, blocks, first block down-samples); from the input outwards (dlib's alevel4 .. alevel0)
 STAGES = ((32, 3, False), (64, 4, True), (128, 3, True), (256, 3, True), (256, 1, True))
 # dlib's 150×150 chip: get_face_chip_details(det, 150, 0.25)
@@ -266,14 +264,6 @@ def package_file(name: str = FILE) -> Path | None:
     return None
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @lru_cache(maxsize=2)
 def _load_checked(path: str, expected: str) -> dict[str, torch.Tensor]:
     # read bounded (the checkpoint loader's limits: 2 GiB, 600 s, a regular file) before the hash is known: a
@@ -322,17 +312,6 @@ def dlib_face_resnet(weights: str | None = "package") -> tuple[DlibFaceResNet, b
         return net, True
     net.load_state_dict(load_weights(weights))
     return net, True
-
-
-@dataclass(frozen=True)
-class ChipGeometry:
-    """Where the 5 points of our template sit in dlib's face chip, from dlib's own definitions."""
-
-    size: int = INPUT_SIZE
-    padding: float = CHIP_PADDING
-
-    def template(self) -> tuple[tuple[float, float], ...]:
-        return chip_template(self.size, self.padding)
 
 
 # dlib's mean face (dlib/image_transforms/interpolation.h, get_face_chip_details): points 17-67 of the

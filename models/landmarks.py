@@ -13,8 +13,6 @@ import torch
 from .losses import valid_rows
 from .outputs import Output
 
-Tensor = torch.Tensor
-
 LANDMARK_SCALES = ("signed", "unit")
 FLIP_5 = (1, 0, 2, 4, 3)  # a mirrored face's 5 points: the eyes and the mouth corners change places
 

@@ -18,7 +18,6 @@ import torch
 from .outputs import Binary, Categorical, Output
 
 N_BINS = 15
-NORM = "l1"
 
 
 class CalibrationError(ValueError):
