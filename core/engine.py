@@ -1,29 +1,29 @@
-"""The training and evaluation loop pieces, in plain PyTorch, shared by the Ray Train job
-(``raytasks/train/job.py``), ``jobs.evaluate``, the demo and the tests: optimisers and schedules, one
-training step (with the recipe's augmentation on the device, core/augment.py), evaluation statistics and
-the plain single-process loop :func:`fit`. Batches (dataset rows -> arrays) are made in core/batches.py:
-import them from there (``from core.batches import load_batch``).
+"""The training loop in plain PyTorch, in pieces: optimisers and schedules, one training step (with the
+recipe's augmentation on the device, core/augment.py), validation statistics, one epoch of steps
+(:func:`train_epoch`) and the row of its validation (:func:`epoch_metrics`), and the line that shows it.
+The Ray Train worker (raytasks/train/worker.py) runs them on a DDP model; :func:`fit` runs the same epochs
+in this process (the tests and bench/ call it; the product trains through Ray Train). Which metric picks
+the best epoch and when to stop: core/selection.py (:class:`Selection` and :func:`choose_selection` are
+imported here, where callers find them). Batches (dataset rows -> arrays) are made in core/batches.py
+(``from core.batches import load_batch``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import math
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
-import numpy as np
 import pandas as pd
 import torch
 
 from core.batches import iter_batches, to_tensors
+from core.selection import BestEpoch, Selection, choose_selection  # noqa: F401  (Selection: callers import it here)
 from models.hard_sharing import HARD_SHARING_FIRST_EPOCH
 from models.outputset import add_stats
-
-log = logging.getLogger(__name__)
 
 
 # --- optimisation -------------------------------------------------------------------------------------
@@ -140,122 +140,6 @@ def validation_loss(model, metrics: dict) -> float:
     return total if seen else float("nan")
 
 
-# --- which validation metric picks the best epoch -------------------------------------------------------
-@dataclass(frozen=True)
-class Selection:
-    """The validation metric that picks the best checkpoint and counts the epochs without improvement for early
-    stopping: the model's ``primary_metric``, unless the data cannot measure it (:func:`choose_selection`)."""
-
-    metric: str
-    mode: str  # "max" or "min"
-    model_metric: str = ""  # the model's own primary metric ("" : the same as ``metric``)
-    reason: str = ""  # why ``metric`` replaced ``model_metric``; "" when it did not
-
-    @classmethod
-    def of_model(cls, model) -> Selection:
-        core = getattr(model, "module", model)
-        return cls(core.primary_metric, core.primary_mode, core.primary_metric)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Selection:
-        sel = cls(**d)
-        if sel.mode not in ("max", "min") or not sel.metric:
-            raise ValueError(f"a selection metric needs a name and mode max or min, got {d}")
-        return sel
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def value(self, metrics: dict) -> float:
-        """The epoch's value of the metric; NaN (never the best: :meth:`is_better`; scored -inf) when it was not
-        measured or the epoch diverged. A train loss that is not finite means NaN weights, and NaN logits still
-        read as class 0 and every binary attribute as negative, close to the majority answers: such an epoch's
-        accuracies can beat a sane epoch's (an audit: dmm_cnn's mean accuracy 0.7688 diverged against 0.6813)."""
-        loss = metrics.get("train_loss")
-        if isinstance(loss, (int, float, np.floating, np.integer)) and not math.isfinite(float(loss)):
-            return float("nan")
-        v = metrics.get(self.metric, float("nan"))
-        return float(v) if isinstance(v, (int, float, np.floating, np.integer)) else float("nan")
-
-    def is_better(self, new: float, best: float | None) -> bool:
-        # A value that is not finite (NaN: not measured this epoch, or the model diverged) is never an improvement
-        # and never becomes the best: it is refused here by name, not left to ``nan > best`` being False.
-        if not math.isfinite(new):
-            return False
-        if best is None or not math.isfinite(best):
-            return True
-        return new > best if self.mode == "max" else new < best
-
-    def score(self, value: float) -> float:
-        """What Ray ranks checkpoints by (always "max"): the value, negated when lower is better; -inf when it
-        could not be computed."""
-        if not math.isfinite(value):
-            return float("-inf")
-        return value if self.mode == "max" else -value
-
-    def line(self) -> str:
-        said = f"best checkpoint and early stopping: {self.metric} ({self.mode})"
-        return f"{said}, not {self.model_metric}: {self.reason}" if self.reason else said
-
-
-def _metric_columns(core, metric: str) -> list[str] | None:
-    """The label columns ``metric`` is computed from (any one of them labelled is enough); None for a metric
-    this does not know, which is then kept as it is."""
-    from models.outputs import Binary, Categorical
-
-    if metric == "val_loss":
-        return [o.target_column for o in core.outputs]
-    if metric == "mean_accuracy":  # models/outputset.py: the mean of every "<x>.accuracy"
-        return [o.target_column for o in core.outputs if isinstance(o, (Categorical, Binary))]
-    head = metric.rsplit(".", 1)[0]  # beauty.pearson, attributes.mean_accuracy, Smiling.accuracy
-    for o in core.outputs:
-        if head == o.name or (isinstance(o, Binary) and head in o.labels):
-            return [o.target_column]
-    return None
-
-
-def _labelled(table: pd.DataFrame, column: str) -> bool:
-    from facedata.datasets.base import missing
-
-    return column in table.columns and bool(table[column].map(lambda v: not missing(v)).any())
-
-
-def choose_selection(model, table: pd.DataFrame) -> Selection:
-    """The metric that picks the best epoch of ``model`` validated on ``table`` (the validation split).
-
-    The rule: the model's ``primary_metric`` when ``table`` has a value of a label column it is computed from.
-    Otherwise (hmtnet's ``beauty.pearson`` on UTKFace, which has no beauty: NaN every epoch, so that no epoch
-    would ever be the best and patience would stop the run) ``mean_accuracy`` (max) when a classification
-    output (categorical or binary) has labels in ``table``, else ``val_loss`` (min), which every labelled output
-    adds to. We chose mean_accuracy first because it is the zoo's default primary metric and, unlike the
-    loss, weighs the tasks alike whatever their loss scales. Raises ``ValueError`` when ``table`` labels none
-    of the model's outputs: nothing could then pick an epoch."""
-    core = getattr(model, "module", model)
-    own = Selection.of_model(core)
-    columns = _metric_columns(core, own.metric)
-    if columns is None or any(_labelled(table, c) for c in columns):
-        return own
-    labelled = sorted({c for c in _metric_columns(core, "val_loss") if _labelled(table, c)})
-    if not labelled:
-        raise ValueError(f"the validation split has no value of any label {core.name} learns from "
-                         f"({', '.join(sorted(set(_metric_columns(core, 'val_loss'))))}): no metric can pick "
-                         f"its best epoch")
-    reason = (f"the validation split has no {', '.join(sorted(set(columns)))} label to compute it from "
-              f"(it labels {', '.join(labelled)})")
-    if any(_labelled(table, c) for c in _metric_columns(core, "mean_accuracy")):
-        return Selection("mean_accuracy", "max", own.metric, reason)
-    return Selection("val_loss", "min", own.metric, reason)
-
-
-def primary_value(model, metrics: dict) -> float:
-    """The model's own primary metric in ``metrics`` (NaN when absent); see :class:`Selection`."""
-    return Selection.of_model(model).value(metrics)
-
-
-def is_better(model, new: float, best: float | None) -> bool:
-    return Selection.of_model(model).is_better(new, best)
-
-
 def sample_rows(table: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
     """At most ``n`` rows drawn at random with ``seed`` (kept in the table's order), not the first ``n``: a data
     set listed in label order (UTKFace's file names start with the age) would otherwise train or be evaluated on
@@ -265,16 +149,135 @@ def sample_rows(table: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
     return table.sample(n=n, random_state=seed).sort_index()
 
 
+# --- one epoch: its training steps, then the row of its validation --------------------------------------
+# Both training loops run these: :func:`fit` below in one process, and the Ray Train worker
+# (raytasks/train/worker.py) on a DDP model, which adds its collective parts through :class:`EpochHooks` and sums
+# every worker's :class:`EpochSteps` before :func:`epoch_metrics`.
+class EpochHooks:
+    """What a loop adds around :func:`train_epoch`'s steps. These add nothing (one process: :func:`fit`); the
+    Ray Train worker's agree with the other workers on whether to step again, hash the weights around an
+    attempt's first step and the model's state after each hook, give the heap back and inject a test's failure."""
+
+    def more(self, has_batch: bool) -> bool:
+        """Whether to take another step, given whether this process has a batch for it."""
+        return has_batch
+
+    def before_step(self) -> None:
+        """Before each step."""
+
+    def after_step(self, steps: int) -> None:
+        """After each step; ``steps``: the epoch's, this one included."""
+
+    def after_hook(self) -> None:
+        """After each call of the model's ``on_validation`` hook."""
+
+
+@dataclass
+class EpochSteps:
+    """What an epoch's training steps did: one process's, as :func:`train_epoch` returns it, or every worker's
+    (the Ray Train worker sums the losses and images, and takes the slowest worker's times)."""
+
+    loss_sums: dict[str, float] = field(default_factory=dict)  # the loss and its parts, times each batch's images
+    images: float = 0
+    steady_images: float = 0  # the images after the epoch's first step
+    steps: int = 0
+    train_time: float = 0.0  # seconds, less the validations during the epoch
+    steady_time: float = 0.0  # the same, from the end of the epoch's first step
+    hook_logs: dict = field(default_factory=dict)  # the last on_validation's, with ``validate_every``
+
+
+def train_epoch(net, batches: Iterator[dict], opt, device: torch.device, epoch: int, step: int, recipe, average,
+                validate, *, amp=None, channels_last: bool = False, augment=None, generator=None,
+                max_steps: int | None = None, hooks: EpochHooks | None = None) -> tuple[EpochSteps, int]:
+    """One epoch of training steps of ``net`` (DDP-wrapped or not) over ``batches``, at most ``max_steps``.
+    ``augment``: the recipe's (core/augment.py), run on each batch when active.
+    ``average`` (core/averaging.py): the epoch trains on from the latest weights, and ends with the mean of the
+    last epochs' in the model, which is what is validated and saved. With ``recipe.validate_every`` (DMM-CNN's P)
+    the model's ``on_validation`` hook runs on ``validate()``'s statistics every P steps of the run (``step``: the
+    run's steps before this epoch), and only then, so that Eq. 4's rate of change is always measured over P
+    iterations. Returns the epoch's :class:`EpochSteps` and the run's steps after it."""
+    core = getattr(net, "module", net)
+    hooks = hooks or EpochHooks()
+    augment = augment if augment is not None and augment.active else None
+    done = EpochSteps()
+    t0 = time.perf_counter()
+    average.restore(core)  # train on from the latest weights, not their average
+    core.train()
+    val_time, t_first, first_images = 0.0, None, 0  # steady state: from the end of the epoch's first step
+    while True:
+        batch = None if max_steps and done.steps >= max_steps else next(batches, None)
+        if not hooks.more(batch is not None):
+            break
+        hooks.before_step()
+        out = train_step(net, batch, opt, device, amp, channels_last, augment, generator)
+        n = len(batch["image"])
+        for k, v in out.items():
+            done.loss_sums[k] = done.loss_sums.get(k, 0.0) + v * n
+        done.images += n
+        done.steps += 1
+        step += 1
+        hooks.after_step(done.steps)
+        if t_first is None:
+            t_first, first_images = time.perf_counter(), n
+        if recipe.validate_every and step % recipe.validate_every == 0:
+            tv = time.perf_counter()
+            done.hook_logs = core.on_validation(validate(), epoch)
+            hooks.after_hook()
+            val_time += time.perf_counter() - tv
+    t_end = time.perf_counter()
+    done.train_time = t_end - t0 - val_time
+    done.steady_time = t_end - (t_first or t_end) - val_time
+    done.steady_images = done.images - first_images
+    average.push(core)
+    average.use_average(core)  # validated, ranked and saved: the mean of the last K epochs
+    return done, step
+
+
+def epoch_metrics(net, stats: dict, done: EpochSteps, epoch: int, step: int, recipe, opt, sched, *, skipped: int,
+                  val_skipped: int, t0: float, hooks: EpochHooks | None = None) -> dict:
+    """The epoch's row: the model's metrics on the validation statistics ``stats``, the logs of its
+    ``on_validation`` hook (run here on ``stats`` unless ``recipe.validate_every``: see :func:`train_epoch`), the
+    validation loss, which then steps the scheduler, and the training losses, counts and speeds of ``done``.
+    ``skipped``/``val_skipped``: the images that could not be decoded (left out, as a malformed label is); ``t0``:
+    when the epoch began. :class:`core.selection.BestEpoch` judges the row next and adds its ``score``."""
+    core = getattr(net, "module", net)
+    metrics = core.metrics(stats)
+    hook_logs = done.hook_logs
+    if not recipe.validate_every:
+        hook_logs = core.on_validation(stats, epoch)
+        (hooks or EpochHooks()).after_hook()
+    metrics.update(hook_logs)
+    metrics["val_loss"] = validation_loss(core, metrics)
+    step_scheduler(sched, metrics["val_loss"])
+    for k in sorted(done.loss_sums):
+        metrics["train_" + k] = done.loss_sums[k] / max(done.images, 1.0)
+    metrics["train_loss"] = metrics.get("train_loss", float("nan"))
+    metrics.update(epoch=epoch, step=step, lr=opt.param_groups[0]["lr"], train_images=done.images,
+                   train_skipped=int(skipped), val_skipped=int(val_skipped),
+                   val_images=max((float(s["n"]) for s in stats.values()), default=0.0),
+                   samples_per_s=done.images / max(done.train_time, 1e-9),
+                   steady_samples_per_s=done.steady_images / done.steady_time if done.steady_time > 0 else float("nan"),
+                   train_time_s=done.train_time, epoch_time_s=time.perf_counter() - t0)
+    return metrics
+
+
 # --- the plain single-process loop ---------------------------------------------------------------------
 def fit(model, train_table: pd.DataFrame, val_table: pd.DataFrame, epochs: int | None = None,
         batch_size: int | None = None, lr: float | None = None, device: str = "cpu", seed: int = 0,
         max_steps_per_epoch: int | None = None, log_fn=print, average_epochs: int | None = None) -> list[dict]:
-    """Train ``model`` in this process with its recipe (overridable) and validate every epoch and, when the
-    recipe says so, every ``validate_every`` steps (DMM-CNN). The recipe's augmentation runs on ``device``
-    (core/augment.py). With ``average_epochs`` K > 1 each epoch validates the mean of the last K epochs'
-    weights (core/averaging.py), which the model holds when ``fit`` returns. Returns one metrics dict per
-    epoch; ``train_skipped`` / ``val_skipped`` count the images that could not be decoded (left out, as a
-    malformed label is). The best epoch and early stopping follow :func:`choose_selection` on ``val_table``."""
+    """Train ``model`` in this process with its recipe (overridable): the epochs of the Ray Train worker
+    (raytasks/train/worker.py), through the same :func:`train_epoch`, :func:`epoch_metrics` and
+    :class:`~core.selection.BestEpoch`. The recipe's augmentation runs on ``device`` (core/augment.py); with
+    ``average_epochs`` K > 1 each epoch validates the mean of the last K epochs' weights (core/averaging.py),
+    which the model holds when ``fit`` returns. Returns one row per epoch, as the worker's (``train_skipped`` /
+    ``val_skipped``: the images that could not be decoded); the best epoch and early stopping follow
+    :func:`choose_selection` on ``val_table``.
+
+    What the worker does and this does not: no checkpoint, no resume and no history.json (the model is left
+    with the last epoch's weights, not the best epoch's); batches read from the tables in this process
+    (core.batches.iter_batches: shuffled by ``seed`` and the epoch) rather than Ray Data shards; fp32,
+    contiguous, on one device; the augmentation draws from torch's global generator (seeded here) rather than
+    a per-worker one; no ETA in the epoch line."""
     from core.augment import Augment
     from core.averaging import EpochAverage
 
@@ -289,52 +292,34 @@ def fit(model, train_table: pd.DataFrame, val_table: pd.DataFrame, epochs: int |
     sched = make_scheduler(opt, recipe)
     augment = Augment.from_recipe(recipe.augment)
     augment.check(model.outputs)
-    augment = augment if augment.active else None
-    history: list[dict] = []
-    best, since_best, step = None, 0, 0
     selection = choose_selection(model, val_table)
     if log_fn and selection.reason:
         log_fn(selection.line())
+    judge = BestEpoch(selection, recipe.early_stopping_patience)
     average = EpochAverage(model, recipe.average_epochs)
+
+    def validate(failed: list | None = None) -> dict:
+        return evaluate_batches(model, iter_batches(val_table, model, recipe.batch_size, failed=failed), dev)
+
+    history: list[dict] = []
+    step = 0
     for epoch in range(1, recipe.epochs + 1):
-        average.restore(model)  # train on from the latest weights, not their average
-        t0, n_seen, losses, failed, val_failed = time.perf_counter(), 0, [], [], []
-        for i, batch in enumerate(iter_batches(train_table, model, recipe.batch_size, train=True, seed=seed,
-                                               epoch=epoch, failed=failed)):
-            if max_steps_per_epoch and i >= max_steps_per_epoch:
-                break
-            losses.append(train_step(model, batch, opt, dev, augment=augment)["loss"])
-            n_seen += len(batch["image"])
-            step += 1
-            if recipe.validate_every and step % recipe.validate_every == 0:
-                stats = evaluate_batches(model, iter_batches(val_table, model, recipe.batch_size), dev)
-                model.on_validation(stats, epoch)
-        average.push(model)
-        average.use_average(model)  # what is validated (and left in the model at the end) is the average
-        stats = evaluate_batches(model, iter_batches(val_table, model, recipe.batch_size, failed=val_failed), dev)
-        metrics = model.metrics(stats)
-        metrics.update(train_skipped=len(failed), val_skipped=len(val_failed))
-        if not recipe.validate_every:
-            # With validate_every (DMM-CNN's P) the hook runs only on the every-P validations, so that
-            # Eq. 4's rate of change is always measured over P iterations.
-            metrics.update(model.on_validation(stats, epoch))
-        metrics["val_loss"] = validation_loss(model, metrics)
-        step_scheduler(sched, metrics["val_loss"])
-        metrics.update(epoch=epoch, train_loss=float(np.mean(losses)) if losses else float("nan"),
-                       samples_per_s=n_seen / max(1e-9, time.perf_counter() - t0),
-                       lr=opt.param_groups[0]["lr"])
+        t0, failed, val_failed = time.perf_counter(), [], []
+        batches = iter_batches(train_table, model, recipe.batch_size, train=True, seed=seed, epoch=epoch,
+                               failed=failed)
+        done, step = train_epoch(model, batches, opt, dev, epoch, step, recipe, average, validate,
+                                 augment=augment, max_steps=max_steps_per_epoch)
+        stats = validate(val_failed)
+        metrics = epoch_metrics(model, stats, done, epoch, step, recipe, opt, sched, skipped=len(failed),
+                                val_skipped=len(val_failed), t0=t0)
+        stopped = judge.judge(epoch, metrics)
         history.append(metrics)
         if log_fn:
             log_fn(format_epoch(model, metrics, recipe.epochs, metric=selection.metric))
-        value = selection.value(metrics)
-        if selection.is_better(value, best):
-            best, since_best = value, 0
-        else:
-            since_best += 1
-            if recipe.early_stopping_patience and since_best >= recipe.early_stopping_patience:
-                if log_fn:
-                    log_fn(f"early stopping: no improvement of {selection.metric} for {since_best} epochs")
-                break
+            if stopped:
+                log_fn(judge.stop_line())
+        if stopped:
+            break
     model.eval()
     return history
 
@@ -358,9 +343,10 @@ def format_epoch(model, m: dict, epochs: int, eta_s: float | None = None, metric
 
 def evaluate_table(model, table: pd.DataFrame, batch_size: int = 64, device: str = "cpu",
                    decode_fn=None) -> dict[str, float]:
-    """The paper metrics of ``model`` (with its thresholds) on a dataset table, in this process.
-    ``decode_fn``: see ``core.batches.load_batch`` (evaluation through face detection). The loop is
-    ``core.evaluation.run_model``'s, which ``jobs.evaluate`` runs too."""
+    """The paper metrics of ``model`` (with its thresholds) on a dataset table, in this process: for the tests
+    (a model that :func:`fit` trained, measured as ``jobs.evaluate`` would). The product does not call it:
+    ``jobs.evaluate`` calls ``core.evaluation.run_model`` and ``metrics_from`` itself, as this does.
+    ``decode_fn``: see ``core.batches.load_batch`` (evaluation through face detection)."""
     from core.evaluation import metrics_from, run_model
 
     return metrics_from(model, run_model(model, table, batch_size, device, decode_fn))

@@ -159,7 +159,7 @@ def test_hard_sharing_stops_when_the_validation_loss_stops_falling(celeba):
     # the loss keeps falling while the accuracy stalls: no stop
     _, h = _scripted_fit(celeba, [row(0.5, 0.7), row(0.45, 0.7), row(0.4, 0.7), row(0.35, 0.7)], 4)
     assert len(h) == 4
-    assert engine.is_better(m, 0.79, 0.8) and not engine.is_better(m, 0.8, 0.8)
+    assert engine.Selection.of_model(m).is_better(0.79, 0.8) and not engine.Selection.of_model(m).is_better(0.8, 0.8)
 
 
 @pytest.mark.parametrize("reading, rates", [

@@ -95,7 +95,7 @@ def _reading(pre):
     return dataclasses.replace(pre, template=None, template_crop=None)
 
 
-def _label(r: StageRun, n: int) -> str:
+def _stage_title(r: StageRun, n: int) -> str:
     return f"stage {r.index}/{n} {r.stage.name}"
 
 
@@ -131,12 +131,12 @@ def first_to_train(runs: list[StageRun], recipe: TrainingRecipe | None, state: d
         if old is not None and old != r.identity:
             changed = sorted(k for k in set(old) | set(r.identity) if old.get(k) != r.identity.get(k))
             detail = "; ".join(f"{k}: {old.get(k)} -> {r.identity.get(k)}" for k in changed)
-            raise TrainError(f"{_label(r, len(runs))} in {run_uri} was trained with other values ({detail}): "
+            raise TrainError(f"{_stage_title(r, len(runs))} in {run_uri} was trained with other values ({detail}): "
                              f"{other}")
     first = next((i for i, r in enumerate(runs) if not _done(r, entries.get(r.index), exists)), len(runs) - 1)
     later = [r.index for r in runs[first + 1:] if r.index in entries]
     if later:
-        raise TrainError(f"{_label(runs[first], len(runs))} in {run_uri} would train again (more epochs, or its "
+        raise TrainError(f"{_stage_title(runs[first], len(runs))} in {run_uri} would train again (more epochs, or its "
                          f"checkpoint is gone) but stage {later[0]} already started from it: {other}")
     return first
 
@@ -197,7 +197,7 @@ class RecipeRun:
             except (TrainError, ValueError) as e:
                 if r.stage is None:
                     raise
-                raise type(e)(f"{_label(r, len(self.runs))} of recipe {self.recipe.name}: {e} (--recipe none: "
+                raise type(e)(f"{_stage_title(r, len(self.runs))} of recipe {self.recipe.name}: {e} (--recipe none: "
                               f"train without a recipe)") from None
 
     def _entry(self, index: int) -> dict | None:
@@ -219,7 +219,7 @@ class RecipeRun:
         for i, r in enumerate(self.runs):
             entry = self._entry(r.index)
             if i < self.first:
-                self.log(f"{_label(r, n)}: done ({entry['epochs_done']} epochs, best epoch {entry['best_epoch']}), "
+                self.log(f"{_stage_title(r, n)}: done ({entry['epochs_done']} epochs, best epoch {entry['best_epoch']}), "
                          f"skipped: {entry['output']}")
                 prev = entry
                 continue
@@ -227,12 +227,12 @@ class RecipeRun:
             if prev is not None:
                 init_hash = checkpoint_info(prev["output"]).hash
                 if init_hash != prev["output_hash"] or (entry and entry.get("init_hash") not in (None, init_hash)):
-                    raise TrainError(f"{prev['output']} is not the checkpoint {_label(r, n)} started from "
+                    raise TrainError(f"{prev['output']} is not the checkpoint {_stage_title(r, n)} started from "
                                      f"({prev['output_hash']}): use another --name (or --storage)")
                 # pinned: the workers load exactly the checkpoint checked here (models.checkpoint.split_pin)
                 r.spec.init_from = prev["output"] + PIN_SEP + init_hash.removeprefix("sha256:")
             start = r.spec.init_from
-            self.log(f"{_label(r, n)}{f', from {start}' if start else ''}: {r.spec.run_uri}")
+            self.log(f"{_stage_title(r, n)}{f', from {start}' if start else ''}: {r.spec.run_uri}")
             self._save({**(entry or {}), "index": r.index, "name": r.stage.name, "identity": r.identity,
                         "run": r.spec.run_uri, "status": "training", "init_from": start, "init_hash": init_hash,
                         "started": (entry or {}).get("started", time.time())})

@@ -1,4 +1,9 @@
-"""One Ray Train worker (:func:`train_worker`): resume from the latest checkpoint, the epoch loop of core/engine.py on a DDP model, validation over the whole split, a checkpoint every epoch."""
+"""One Ray Train worker (:func:`train_worker`): resume from the latest checkpoint, then the epochs of
+core/engine.py (:func:`~core.engine.train_epoch`, :func:`~core.engine.epoch_metrics`, judged by
+core.selection.BestEpoch: the epochs ``engine.fit`` runs in one process) on a DDP model, with what only DDP
+workers do: every worker steps while all have a batch (:class:`_WorkerHooks`), validation over the whole split
+(each worker's shard, the statistics all-reduced), the epoch's counts summed over the workers, and a checkpoint
+reported to Ray Train every epoch (rank 0 writes it, with history.json)."""
 
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from core.augment import Augment
 from core.averaging import EpochAverage
 from core.batches import drop_failed, fold_remainder
 from core.runner import gpu_has_bf16
+from core.selection import BestEpoch, Selection
 from models.base import Recipe
 from models.checkpoint import checkpoint_bytes
 from raytasks import heap
@@ -153,36 +159,78 @@ def _validate(model, shard, batch_size: int, device, amp, channels_last, skipped
     return reduce_stats(engine.evaluate_batches(model, batches, device, amp, channels_last), device)
 
 
-def train_worker(cfg: dict) -> None:
-    """The loop every Ray Train worker runs (see the module docstring)."""
-    import ray.train
-    import ray.train.torch
+class _WorkerHooks(engine.EpochHooks):
+    """What a DDP worker adds around core.engine.train_epoch's steps: it steps while every worker has a batch
+    (a shard's undecodable images would otherwise unmatch DDP's collective calls), records the weights around
+    the first step of this attempt and the model's state buffers after each on_validation (before DDP's forward
+    broadcasts rank 0's buffers again: equal on every worker iff the hook saw equal statistics), gives the freed
+    heap back (raytasks/heap.py) and injects a test's failure (``fail_at``: rank, epoch, step)."""
 
-    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # Ray's zero-copy batches
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
-    device = ray.train.torch.get_device()
+    def __init__(self, core, device, rank: int, cfg: dict):
+        self.core, self.device, self.rank, self.cfg = core, device, rank, cfg
+        self.epoch, self.recorded = 0, False
+        self.first_step: dict | None = None  # weight hashes around the first step of this attempt
+        self.hook_hashes: list[str] = []  # the epoch's
+
+    def start(self, epoch: int) -> None:
+        self.epoch, self.hook_hashes = epoch, []
+
+    def more(self, has_batch: bool) -> bool:
+        return all_have(has_batch, self.device)
+
+    def before_step(self) -> None:
+        if not self.recorded:
+            self.first_step = {"init": weights_sha(self.core)}
+
+    def after_step(self, steps: int) -> None:
+        if not self.recorded:
+            self.first_step["after_first_step"] = weights_sha(self.core)
+            self.recorded = True
+        if steps % heap.TRIM_EVERY_STEPS == 0:
+            heap.trim()
+        fail, rank, epoch = self.cfg["fail_at"], self.rank, self.epoch
+        if fail and rank == fail[0] and epoch == fail[1] and steps >= fail[2]:
+            marker = storage.join(self.cfg["run_uri"], f".injected-failure-rank{rank}-epoch{epoch}")
+            if not storage.exists(marker):
+                storage.write_bytes(marker, b"1")
+                print(f"rank {rank}: injected failure at epoch {epoch} step {steps}", flush=True)
+                os._exit(1)
+
+    def after_hook(self) -> None:
+        self.hook_hashes.append(state_buffers_sha(self.core))
+
+
+def _all_workers(done: engine.EpochSteps, skipped: int, val_skipped: int, device) -> tuple[engine.EpochSteps, int, int]:
+    """Every worker's epoch: the losses, images and undecodable images (train, validation) summed, the slowest
+    worker's times (it sets the pace)."""
+    keys = sorted(done.loss_sums)
+    totals = all_sum([done.loss_sums[k] for k in keys] + [done.images, done.steady_images, skipped, val_skipped],
+                     device)
+    times = gather((done.train_time, done.steady_time))
+    n = len(keys)
+    total = dataclasses.replace(done, loss_sums=dict(zip(keys, totals)), images=totals[n], steady_images=totals[n + 1],
+                                train_time=max(t for t, _ in times), steady_time=max(t for _, t in times))
+    return total, int(totals[n + 2]), int(totals[n + 3])
+
+
+def _precision(cfg: dict, device, rank: int):
+    """bf16 autocast where the GPU computes it natively (sm_80 and up); a V100 or T4 only emulates it, slower than
+    fp32 (core.runner.gpu_has_bf16, the rule label and serve use); fp32 there, with a line saying so."""
     on_gpu = device.type == "cuda"
-    # bf16 autocast where the GPU computes it natively (sm_80 and up); a V100 or T4 only emulates it, slower than
-    # fp32 (core.runner.gpu_has_bf16, the rule label and serve use); fp32 there, with a line saying so
     amp = torch.bfloat16 if on_gpu and cfg["amp"] and gpu_has_bf16(device) else None
     if on_gpu and cfg["amp"] and amp is None and rank == 0:
         log.warning("%s computes bfloat16 only by emulation (compute capability below 8.0): training in fp32",
                     torch.cuda.get_device_name(device))
-    channels_last = on_gpu
-    recipe = Recipe(**cfg["recipe"])
-    # the metric that picks the best epoch, chosen on the driver from the validation split (core.engine.choose_selection)
-    selection = engine.Selection.from_dict(cfg["selection"])
-    augment = Augment.from_recipe(recipe.augment)  # on this device, in the aligned frame (core/augment.py)
-    say = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
+    return amp
 
+
+def _model(cfg: dict, recipe: Recipe, checkpoint, channels_last: bool):
+    """This worker's model, created with the run's seed and face template, with the latest checkpoint's weights
+    and its training state (None: a new run, from ``--init-from`` when given) and the averaging window."""
     torch.manual_seed(cfg["seed"])
     model = models.create_model(cfg["model"], **cfg["model_kwargs"])
     if cfg.get("face_template"):  # measured on the driver (measure_template); every checkpoint keeps it
         model.preprocessing = dataclasses.replace(model.preprocessing, **cfg["face_template"])
-    checkpoint = ray.train.get_checkpoint()
     state = None
     if checkpoint is not None:
         state = _load_state(model, checkpoint, {"model": model.name, "config": model.config, "data": cfg["data"],
@@ -194,9 +242,11 @@ def train_worker(cfg: dict) -> None:
         average.resume(model, state.get("average_window"))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    core = model
-    ddp = ray.train.torch.prepare_model(
-        model, parallel_strategy_kwargs={"find_unused_parameters": cfg["find_unused_parameters"]})
+    return model, state, average
+
+
+def _optimizer(core, recipe: Recipe, state: dict | None):
+    """The optimizer and scheduler (None: none), with the checkpoint's state when ``state`` is one's."""
     opt = engine.make_optimizer(core, recipe)
     sched = engine.make_scheduler(opt, recipe)
     if state is not None:
@@ -204,11 +254,76 @@ def train_worker(cfg: dict) -> None:
         optimizer_layout_like_params(opt)
         if sched is not None and state.get("scheduler") is not None:
             sched.load_state_dict(state["scheduler"])
-    state = state or {"epoch": 0, "step": 0, "best": None, "best_epoch": 0, "since_best": 0, "stopped": False,
-                      "history": [], "attempts": []}
+    return opt, sched
+
+
+def _header(cfg: dict, core, selection, augment: Augment, world: int) -> dict:
+    """history.json's header. data and split_seed: a rerun of this --name on other data or another split is
+    refused (raytasks/train/resume.py); primary_metric: what picks the best epoch, the model's own unless the data
+    cannot measure it ("selection")."""
+    return {"run": cfg["name"], "model": core.name, "config": core.config, "data": cfg["data"],
+            "split_seed": cfg.get("split_seed", 0), "primary_metric": selection.metric,
+            "primary_mode": selection.mode, "selection": selection.to_dict(),
+            "recipe": cfg["recipe"], "workers": world, "faces": cfg.get("faces"), "augment": augment.to_dict()}
+
+
+_NEW_RUN = {"epoch": 0, "step": 0, "best": None, "best_epoch": 0, "since_best": 0, "stopped": False, "history": [],
+           "attempts": []}
+
+
+def _record_attempt(cfg: dict, history: list, attempts: list, header: dict) -> list:
+    """Rank 0 records this attempt now, not with its first epoch: an attempt whose workers die before their first
+    checkpoint (a rerun's resumed attempt killed in its first epoch) is not in the state a restart loads, so the
+    list of attempts is history.json's, which every attempt writes when it starts. The driver's Progress counts
+    them there to say that the worker group restarted. Returns the attempts."""
+    written = read_history(cfg["run_uri"])
+    if written and len(written.get("attempts", ())) >= len(attempts):
+        attempts = [*written["attempts"], attempts[-1]]
+    write_history(cfg["run_uri"], history, attempts, header)
+    return attempts
+
+
+def _export(folder: str, cfg: dict, core, metrics: dict, selection, augment: Augment, state: dict):
+    """Rank 0's checkpoint of an epoch, written in ``folder``: the model in the project's format (MODEL_FILE,
+    models/checkpoint.py) and the training state a restart resumes (STATE_FILE)."""
+    import ray.train
+
+    data, _ = checkpoint_bytes(core, _numeric(metrics),
+                               extra={"epoch": state["epoch"], "run": cfg["name"], "data": cfg["data"],
+                                      "split_seed": cfg.get("split_seed", 0), "selection": selection.to_dict(),
+                                      "recipe": cfg["recipe"], "augment": augment.to_dict(), "faces": cfg.get("faces")})
+    with open(os.path.join(folder, MODEL_FILE), "wb") as f:
+        f.write(data)
+    save_state(state, os.path.join(folder, STATE_FILE))
+    return ray.train.Checkpoint.from_directory(folder)
+
+
+def train_worker(cfg: dict) -> None:
+    """The loop every Ray Train worker runs (see the module docstring)."""
+    import ray.train
+    import ray.train.torch
+
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # Ray's zero-copy batches
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    device = ray.train.torch.get_device()
+    amp, channels_last = _precision(cfg, device, rank), device.type == "cuda"
+    recipe = Recipe(**cfg["recipe"])
+    # the metric that picks the best epoch, chosen on the driver from the validation split (core.selection.choose_selection)
+    selection = Selection.from_dict(cfg["selection"])
+    augment = Augment.from_recipe(recipe.augment)  # on this device, in the aligned frame (core/augment.py)
+    say = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
+
+    core, state, average = _model(cfg, recipe, ray.train.get_checkpoint(), channels_last)
+    ddp = ray.train.torch.prepare_model(
+        core, parallel_strategy_kwargs={"find_unused_parameters": cfg["find_unused_parameters"]})
+    opt, sched = _optimizer(core, recipe, state)
+    state = state or _NEW_RUN
     history, attempts = list(state["history"]), list(state["attempts"])
     start_epoch, step = state["epoch"] + 1, state["step"]
-    best, best_epoch, since_best = state["best"], state["best_epoch"], state["since_best"]
+    judge = BestEpoch(selection, recipe.early_stopping_patience, state["best"], state["best_epoch"], state["since_best"])
     if state["stopped"] or start_epoch > recipe.epochs:
         why = "stopped early" if state["stopped"] else f"completed {state['epoch']} epochs"
         say(f"run {cfg['name']} already {why}: nothing to train")
@@ -222,150 +337,54 @@ def train_worker(cfg: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard(val_name(rank, world))
     bs = cfg["per_worker_batch"]
-    fail = cfg["fail_at"]
-    first_step_hashes: dict | None = None  # weight hashes around the first step of this attempt
-    recorded = False
+    hooks = _WorkerHooks(core, device, rank, cfg)
     epoch_times: list[float] = []
-    # data and split_seed: a rerun of this --name on other data or another split is refused (raytasks/train/resume.py);
-    # primary_metric: what picks the best epoch, the model's own unless the data cannot measure it ("selection")
-    header = {"run": cfg["name"], "model": core.name, "config": core.config, "data": cfg["data"],
-              "split_seed": cfg.get("split_seed", 0), "primary_metric": selection.metric,
-              "primary_mode": selection.mode, "selection": selection.to_dict(),
-              "recipe": cfg["recipe"], "workers": world, "faces": cfg.get("faces"), "augment": augment.to_dict()}
+    header = _header(cfg, core, selection, augment, world)
     if rank == 0:
-        # This attempt is recorded now, not with its first epoch: an attempt whose workers die before their first
-        # checkpoint (a rerun's resumed attempt killed in its first epoch) is not in the state a restart loads,
-        # so the list of attempts is history.json's, which every attempt writes when it starts. The driver's
-        # Progress counts them there to say that the worker group restarted.
-        written = read_history(cfg["run_uri"])
-        if written and len(written.get("attempts", ())) >= len(attempts):
-            attempts = [*written["attempts"], attempts[-1]]
-        write_history(cfg["run_uri"], history, attempts, header)
+        attempts = _record_attempt(cfg, history, attempts, header)
+
+    def validate(skipped: list[int] | None = None) -> dict:
+        return _validate(core, val_shard, bs, device, amp, channels_last, skipped)
 
     for epoch in range(start_epoch, recipe.epochs + 1):
         t0 = time.perf_counter()
-        average.restore(core)  # train on from the latest weights, not their average
-        core.train()
-        loss_sums: dict[str, float] = {}
-        n_local = steps_local = 0
-        hook_logs: dict = {}
-        hook_hashes: list[str] = []  # the model's state buffers right after each on_validation (before DDP
-        # forwards broadcast rank 0's buffers again): equal on every worker iff the hook saw equal stats
-        # a shard's last batch of one image would stop BatchNorm: it joins the batch before it
+        hooks.start(epoch)
         skipped, val_skipped = [0], [0]  # images of this worker's shards that could not be decoded
+        # a shard's last batch of one image would stop BatchNorm: it joins the batch before it
         batches = fold_remainder(drop_failed(train_shard.iter_batches(
             batch_size=bs, batch_format="numpy", prefetch_batches=2), skipped))
-        val_time, t_first, n_first = 0.0, None, 0  # steady state: from the end of the epoch's first step
-        while True:
-            limit_hit = cfg["steps_per_epoch"] and steps_local >= cfg["steps_per_epoch"]
-            batch = None if limit_hit else next(batches, None)
-            if not all_have(batch is not None, device):
-                break
-            record = not recorded
-            if record:
-                first_step_hashes = {"init": weights_sha(core)}
-            out = engine.train_step(ddp, batch, opt, device, amp, channels_last,
-                                    augment if augment.active else None, generator)
-            if record:
-                first_step_hashes["after_first_step"] = weights_sha(core)
-                recorded = True
-            n = len(batch["image"])
-            if t_first is None:
-                t_first, n_first = time.perf_counter(), n
-            for k, v in out.items():
-                loss_sums[k] = loss_sums.get(k, 0.0) + v * n
-            n_local += n
-            steps_local += 1
-            step += 1
-            if steps_local % heap.TRIM_EVERY_STEPS == 0:
-                heap.trim()
-            if fail and rank == fail[0] and epoch == fail[1] and steps_local >= fail[2]:
-                marker = storage.join(cfg["run_uri"], f".injected-failure-rank{rank}-epoch{epoch}")
-                if not storage.exists(marker):
-                    storage.write_bytes(marker, b"1")
-                    print(f"rank {rank}: injected failure at epoch {epoch} step {steps_local}", flush=True)
-                    os._exit(1)
-            if recipe.validate_every and step % recipe.validate_every == 0:
-                tv = time.perf_counter()
-                stats = _validate(core, val_shard, bs, device, amp, channels_last)
-                hook_logs = core.on_validation(stats, epoch)
-                hook_hashes.append(state_buffers_sha(core))
-                val_time += time.perf_counter() - tv
-        t_end = time.perf_counter()
-        train_time = t_end - t0 - val_time
-        steady_time = t_end - (t_first or t_end) - val_time
-
-        keys = sorted(loss_sums)
-        average.push(core)
-        average.use_average(core)  # validated, ranked and saved: the mean of the last K epochs (core/averaging.py)
-        stats = _validate(core, val_shard, bs, device, amp, channels_last, val_skipped)
-        totals = all_sum([loss_sums[k] for k in keys] + [n_local, n_local - n_first, skipped[0], val_skipped[0]],
-                         device)
-        n_all, n_steady = totals[len(keys)], totals[len(keys) + 1]
-        metrics = core.metrics(stats)
-        if not recipe.validate_every:
-            # as engine.fit: with validate_every (DMM-CNN's P) the hook runs only on the every-P validations
-            hook_logs = core.on_validation(stats, epoch)
-            hook_hashes.append(state_buffers_sha(core))
-        metrics.update(hook_logs)
-        metrics["val_loss"] = engine.validation_loss(core, metrics)
-        engine.step_scheduler(sched, metrics["val_loss"])
-        for k, v in zip(keys, totals):
-            metrics["train_" + k] = v / max(n_all, 1.0)
-        metrics["train_loss"] = metrics.get("train_loss", float("nan"))
-        times = gather((train_time, steady_time))  # the slowest worker sets the pace
-        max_time, max_steady = max(t for t, _ in times), max(t for _, t in times)
-        metrics.update(epoch=epoch, step=step, lr=opt.param_groups[0]["lr"], train_images=n_all,
-                       train_skipped=int(totals[len(keys) + 2]), val_skipped=int(totals[len(keys) + 3]),
-                       val_images=max((float(s["n"]) for s in stats.values()), default=0.0),
-                       samples_per_s=n_all / max(max_time, 1e-9),
-                       steady_samples_per_s=n_steady / max_steady if max_steady > 0 else float("nan"),
-                       train_time_s=max_time, epoch_time_s=time.perf_counter() - t0)
-        value = selection.value(metrics)
-        if selection.is_better(value, best):
-            best, best_epoch, since_best = value, epoch, 0
-        else:
-            since_best += 1
-        stopped = bool(recipe.early_stopping_patience and since_best >= recipe.early_stopping_patience)
-        metrics["score"] = selection.score(value)
-        ranks = gather({"rank": rank, "steps": steps_local, "samples": n_local, "weights": weights_sha(core),
-                        "buffers": state_buffers_sha(core), "after_on_validation": hook_hashes,
-                        "first_step": first_step_hashes})
+        done, step = engine.train_epoch(ddp, batches, opt, device, epoch, step, recipe, average, validate, amp=amp,
+                                        channels_last=channels_last, augment=augment, generator=generator,
+                                        max_steps=cfg["steps_per_epoch"], hooks=hooks)
+        stats = validate(val_skipped)
+        total, n_skipped, n_val_skipped = _all_workers(done, skipped[0], val_skipped[0], device)
+        metrics = engine.epoch_metrics(core, stats, total, epoch, step, recipe, opt, sched, skipped=n_skipped,
+                                       val_skipped=n_val_skipped, t0=t0, hooks=hooks)
+        stopped = judge.judge(epoch, metrics)
+        ranks = gather({"rank": rank, "steps": done.steps, "samples": done.images, "weights": weights_sha(core),
+                        "buffers": state_buffers_sha(core), "after_on_validation": hooks.hook_hashes,
+                        "first_step": hooks.first_step})
         epoch_times.append(time.perf_counter() - t0)
         eta = float(np.mean(epoch_times)) * (recipe.epochs - epoch) if not stopped else 0.0
         say(engine.format_epoch(core, metrics, recipe.epochs, eta, metric=selection.metric))
         history.append(dict(_numeric(metrics), eta_s=eta, stopped=int(stopped), attempt=len(attempts),
                             ranks=ranks))
-        first_step_hashes = None  # only the first step of an attempt is recorded
+        hooks.first_step = None  # only the first step of an attempt is recorded
         if stopped:
-            said = f"best {best:.4f} at epoch {best_epoch}" if best is not None else "never measured"
-            say(f"early stopping: no improvement of {selection.metric} for {since_best} epochs ({said})")
+            say(judge.stop_line())
 
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:
                 write_history(cfg["run_uri"], history, attempts, header)
-                data, _ = checkpoint_bytes(core, _numeric(metrics),
-                                           extra={"epoch": epoch, "run": cfg["name"], "data": cfg["data"],
-                                                  "split_seed": cfg.get("split_seed", 0),
-                                                  "selection": selection.to_dict(),
-                                                  "recipe": cfg["recipe"], "augment": augment.to_dict(),
-                                                  "faces": cfg.get("faces")})
-                with open(os.path.join(d, MODEL_FILE), "wb") as f:
-                    f.write(data)
-                save_state({"epoch": epoch, "step": step, "best": best, "best_epoch": best_epoch,
-                            "since_best": since_best, "stopped": stopped, "history": history,
-                            "attempts": attempts, "optimizer": opt.state_dict(),
-                            "average_window": average.state(),
-                            "scheduler": sched.state_dict() if sched is not None else None},
-                           os.path.join(d, STATE_FILE))
-                ckpt = ray.train.Checkpoint.from_directory(d)
+                ckpt = _export(d, cfg, core, metrics, selection, augment, {
+                    "epoch": epoch, "step": step, "best": judge.best, "best_epoch": judge.best_epoch,
+                    "since_best": judge.since_best, "stopped": stopped, "history": history, "attempts": attempts,
+                    "optimizer": opt.state_dict(), "average_window": average.state(),
+                    "scheduler": sched.state_dict() if sched is not None else None})
             ray.train.report(_numeric(metrics), checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}")
         # The controller registers a report only once it has collected it from every worker; a worker dying
         # before that would lose this checkpoint and a restart would begin again at epoch 1. Wait for it.
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
         if stopped:
             break
-
-
-# --- the driver ----------------------------------------------------------------------------------------
