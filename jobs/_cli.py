@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
+import threading
 
 
 def key_value(text: str) -> tuple[str, object]:
@@ -138,29 +141,86 @@ def face_options(args: argparse.Namespace) -> dict:
 
 def add_review_args(p: argparse.ArgumentParser) -> None:
     """The review thresholds of label and serve (faces/quality.py: ReviewThresholds; docs/quality.md)."""
-    p.add_argument("--review", action="append", default=[], metavar="SETTING=VALUE",
+    p.add_argument("--review", action="append", default=[], metavar="SETTING=VALUE", type=_review_setting,
                    help="a review threshold, e.g. min_face_size=30, max_yaw=40, min_confidence=0.7 or "
                         "per_output.gender=0.8 (repeatable; defaults in docs/quality.md)")
 
 
-def review_options(args: argparse.Namespace) -> dict:
-    """``--review SETTING=VALUE`` flags -> a ``ReviewThresholds`` dict (checked by ``ReviewThresholds``)."""
+def _review_thresholds(texts):
+    """``SETTING=VALUE`` texts -> a ``ReviewThresholds``, or an ``argparse.ArgumentTypeError`` that says why."""
     from faces.quality import ReviewThresholds
 
     out: dict = {}
-    for text in args.review:
+    for text in texts:
         key, sep, value = text.partition("=")
         if not sep:
-            raise SystemExit(f"--review {text!r}: expected SETTING=VALUE")
+            raise argparse.ArgumentTypeError(f"{text!r}: expected SETTING=VALUE")
         try:
             number = float(value)
         except ValueError:
-            raise SystemExit(f"--review {text!r}: {value!r} is not a number") from None
+            raise argparse.ArgumentTypeError(f"{text!r}: {value!r} is not a number") from None
         if key.startswith("per_output."):
             out.setdefault("per_output", {})[key.split(".", 1)[1]] = number
         else:
             out[key] = number
     try:
-        return ReviewThresholds.from_dict(out).to_dict()
+        return ReviewThresholds.from_dict(out)
     except ValueError as e:
-        raise SystemExit(f"--review: {e}") from None
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _review_setting(text: str) -> str:
+    """An argparse ``type``: one ``--review`` value, checked as it is parsed (a wrong one is argparse's
+    ``error:`` line and status 2, as every other flag's)."""
+    _review_thresholds([text])
+    return text
+
+
+def review_options(args: argparse.Namespace) -> dict:
+    """``--review SETTING=VALUE`` flags -> a ``ReviewThresholds`` dict (checked by ``ReviewThresholds``; the
+    parser has checked each already: a wrong one here is an ``error:`` line and status 2 too)."""
+    import sys
+
+    try:
+        return _review_thresholds(args.review).to_dict()
+    except argparse.ArgumentTypeError as e:
+        print(f"error: argument --review: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+# the exit status of a run stopped by each signal: 128 + its number, as a shell reports a process the signal ended
+STOP_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+@contextlib.contextmanager
+def stop_on_signals(got: dict):
+    """SIGTERM (``ray job stop``, a pod's end) and SIGINT (Ctrl-C) raise KeyboardInterrupt in the main thread,
+    which unwinds the run as an exception does (jobs.label: Ray Data's execution ends, the lease is released and
+    it prints its ``stopped:`` line; jobs.serve: a deployment under way is abandoned, Serve and Ray shut down).
+    ``got["signum"]`` records the first signal; a second one while that unwinding runs is ignored, so that it
+    cannot cut the cleanup. Yields a function that installs the handlers again: ``ray.init`` sets its own SIGTERM
+    handler (``sys.exit(15)`` before it connects; the audit saw the core worker's stack dump and an abort, status
+    134). The handlers before are restored at the end (``main`` also runs inside tests); outside the main thread,
+    where Python cannot set a handler, it does nothing."""
+
+    def stop(signum, _frame):
+        if "signum" in got:
+            return
+        got["signum"] = signum
+        raise KeyboardInterrupt
+
+    def install():
+        for s in before:
+            if before[s] != signal.SIG_IGN:  # one ignored when the job started (nohup, `cmd &`) stays ignored
+                signal.signal(s, stop)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    before = {s: signal.getsignal(s) for s in STOP_STATUS}
+    install()
+    try:
+        yield install
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)

@@ -20,53 +20,24 @@ See raytasks/label/job.py for the pipeline, the input rules and how resuming wor
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import signal
 import sys
-import threading
 
-from jobs._cli import add_face_args, add_review_args, check_job_paths, face_options, positive, review_options
+from jobs._cli import (
+    STOP_STATUS,
+    add_face_args,
+    add_review_args,
+    check_job_paths,
+    face_options,
+    positive,
+    review_options,
+    stop_on_signals,
+)
 from raytasks.label import LabelError, LabelSpec, ensure_ray, label
 from raytasks.reach import path_of
 
 STOPPED = "stopped: the rows committed so far are kept; run the same command again to label the rest"
-# the exit status of a run stopped by each signal: 128 + its number, as a shell reports a process the signal ended
-STOP_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-
-@contextlib.contextmanager
-def _stop_on_signals(got: dict):
-    """SIGTERM (``ray job stop``, a pod's end) and SIGINT (Ctrl-C) raise KeyboardInterrupt in the main thread,
-    which unwinds the run as an exception does: Ray Data's execution ends, the lease is released
-    (raytasks/label/job.py ``label``) and :func:`main` prints :data:`STOPPED`. ``got["signum"]`` records the
-    first signal; a second one while that unwinding runs is ignored, so that it cannot cut the lease's release.
-    Yields a function that installs the handlers again: ``ray.init`` sets its own SIGTERM handler
-    (``sys.exit(15)`` before it connects; the audit saw the core worker's stack dump and an abort, status 134).
-    The handlers before are restored at the end (``main`` also runs inside tests); outside the main thread,
-    where Python cannot set a handler, it does nothing."""
-
-    def stop(signum, _frame):
-        if "signum" in got:
-            return
-        got["signum"] = signum
-        raise KeyboardInterrupt
-
-    def install():
-        for s in before:
-            if before[s] != signal.SIG_IGN:  # one ignored when the job started (nohup, `cmd &`) stays ignored
-                signal.signal(s, stop)
-
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: None
-        return
-    before = {s: signal.getsignal(s) for s in STOP_STATUS}
-    install()
-    try:
-        yield install
-    finally:
-        for s, handler in before.items():
-            signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
 def _seconds(text: str) -> float:
@@ -118,8 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "since: docs/benchmarks.md)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model in each actor (tens of seconds per actor to start; 1.5x measured on a CPU)")
-    p.add_argument("--no-fold-bn", dest="fold_bn", action="store_false",
-                   help="keep batch norm apart from the convolutions (folding gives the same outputs, faster)")
+    # the default lives in the parser, not the flag, so the help does not say "(default: True)" of --no-fold-bn
+    p.set_defaults(fold_bn=True)  # before add_argument, or it would become the flag's default again
+    p.add_argument("--no-fold-bn", dest="fold_bn", action="store_false", default=argparse.SUPPRESS,
+                   help="batch norm is folded into the convolutions by default (the same outputs, faster); "
+                        "--no-fold-bn keeps it apart")
     p.add_argument("--max-rows-per-file", type=positive(int), default=d.max_rows_per_file,
                    help="rows per Parquet file at most")
     p.add_argument("--limit", type=positive(int), default=None,
@@ -155,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
                      progress_every_s=args.progress_every,
                      faces=face_options(args), allow_prefix=tuple(args.allow_prefix), review=review_options(args))
     got: dict = {}
-    with _stop_on_signals(got) as reinstall:
+    with stop_on_signals(got) as reinstall:  # jobs/_cli.py
         try:
             spec.validate()  # flag errors before starting Ray
             try:

@@ -3,11 +3,17 @@
     python -m jobs.serve --model dmm=s3://bucket/models/dmm.pt --model agr=./agr.pt --port 8000
     python -m jobs.serve --model dmm=... --model agr=... --set --embedding   # also every model at once: /v1/predict
 
-Starts a local Ray (or joins the cluster named by RAY_ADDRESS), deploys ``raytasks.serve:build_app`` at
-route prefix ``/`` and stays in the foreground; Ctrl-C (or SIGTERM) shuts down the Serve it started, or deletes
-only its own application from a Serve instance that was already running (whose HTTP host and port it keeps:
-without an API key it then refuses to deploy unless that proxy listens on loopback). The API is in
-docs/api.md; ``http://HOST:PORT/docs`` serves it live. Set FACEATTR_API_KEY to require an API key.
+Starts a local Ray (or joins the cluster named by RAY_ADDRESS, or the one ``ray start`` runs on this machine),
+deploys ``raytasks.serve:build_app`` at route prefix ``/`` and stays in the foreground; Ctrl-C (or SIGTERM), while
+it deploys as while it serves, shuts down the Serve it started, or deletes only its own application from a Serve
+instance that was already running (whose HTTP host and port it keeps: without an API key it then refuses to
+deploy unless that proxy listens on loopback), and exits with status 130 (143). The API is in docs/api.md;
+``http://HOST:PORT/docs`` serves it live. Set FACEATTR_API_KEY to require an API key.
+
+A local Ray it starts gets as many logical CPUs as the application's replicas ask for (each model's, the set's
+and the ingress's), at least this machine's cores: ``--model a=... --model b=... --set`` asks for 4, and Serve
+would otherwise wait for ever on a 2-core laptop. On a cluster it joined, a shortfall is a ``warning:`` line
+(an autoscaler may add nodes); GPUs a local Ray does not have are an ``error:``.
 
 Every setting is checked, and the application built, before Ray starts: a wrong one is an ``error:`` line
 and exit status 2.
@@ -17,11 +23,20 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 import sys
 import time
 
-from jobs._cli import add_face_args, add_review_args, check_job_paths, face_options, review_options
+from jobs._cli import (
+    STOP_STATUS,
+    add_face_args,
+    add_review_args,
+    check_job_paths,
+    face_options,
+    review_options,
+    stop_on_signals,
+)
 
 APP_NAME = "faceattr"
 API_KEY_ENV = "FACEATTR_API_KEY"
@@ -209,9 +224,56 @@ def stop_serve(serve, joined: bool, deployed: bool) -> None:
         print(f"serve shutdown: {type(e).__name__}: {e}", flush=True)
 
 
-def _wait_for(stop: dict) -> None:
-    while not stop["now"]:
+def _wait_for(got: dict) -> None:
+    """Serve until a signal: SIGINT or SIGTERM raises KeyboardInterrupt in here (jobs/_cli.py: stop_on_signals)."""
+    while "signum" not in got:
         time.sleep(0.5)
+
+
+def _joined_address() -> str | None:
+    """The cluster a plain ``ray.init()`` joins, or None when it starts a Ray of this process's own: RAY_ADDRESS
+    (``ray job submit`` sets it), else the one ``ray start`` recorded on this machine (docs/deploy.md: one
+    machine). Ray's own lookup, private in 2.60, so read with a default (None: this process starts its Ray)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address(None)
+    except Exception:  # noqa: BLE001 - a Ray without that lookup, or a stale record: ray.init says what is wrong
+        return None
+
+
+def _demand_line(demand: dict[str, tuple[int, float, float]], what: str = "CPU") -> str:
+    """The deployments of raytasks.serve.app.start_demand that take ``what``, as ``model-a 1 x 1, ...``."""
+    i = 1 if what == "CPU" else 2
+    return ", ".join(f"{name} {d[0]} x {d[i]:g}" for name, d in demand.items() if d[0] and d[i])
+
+
+def check_resources(demand: dict[str, tuple[int, float, float]], have: dict, started_here: bool) -> str | None:
+    """The CPUs and GPUs the application's replicas take at its start (raytasks/serve/app.py: start_demand)
+    against ``have`` (``ray.cluster_resources()``). Short on a Ray this process started, nothing adds a node
+    and Serve would wait for ever: an ``error:`` (SystemExit). Short on a cluster it joined, an autoscaler may
+    add nodes: a ``warning:`` line, returned. None when it fits (the rule of jobs.label and jobs.train:
+    raytasks.reach.started_here)."""
+    from raytasks.serve.app import total_demand
+
+    cpus, gpus = total_demand(demand)
+    short = []
+    if cpus > round(have.get("CPU", 0.0), 4):
+        short.append(f"the application's replicas ask for {cpus:g} CPUs ({_demand_line(demand)}; replicas x CPUs "
+                     f"each) and this Ray has {have.get('CPU', 0.0):g}: --num-cpus sets each model replica's "
+                     "(e.g. 0.5)")
+    if gpus > round(have.get("GPU", 0.0), 4):
+        short.append(f"the application's replicas ask for {gpus:g} GPUs ({_demand_line(demand, 'GPU')}) and this "
+                     f"Ray has {have.get('GPU', 0.0):g}: --num-gpus sets the GPUs of each model replica (0: CPU)")
+    if not short:
+        return None
+    if started_here:
+        raise SystemExit(f"error: {'; and '.join(short)} (on this Ray, which this process started, nothing adds "
+                         "a node: Serve would wait for ever)")
+    return (f"warning: {'; and '.join(short)}; Serve waits for the autoscaler to add nodes (for ever if none "
+            "can come)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -232,53 +294,98 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _main(ns: argparse.Namespace) -> None:
-    import os
-
     args = build_args(ns)
     api_key = os.environ.get(API_KEY_ENV) or None
     args["allow_no_auth"] = check_auth(ns.host, api_key, ns.allow_no_auth)
 
     from raytasks.serve import ServeArgs, build_app
+    from raytasks.serve.app import start_demand
 
     try:  # every setting, the keys' characters and Serve's own options are checked here, before Ray starts
         app = build_app(ServeArgs.model_validate(args))
+        demand = start_demand(app)  # what its replicas take once it is ready
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
+    got: dict = {}
+    with stop_on_signals(got) as reinstall:  # jobs/_cli.py: SIGINT and SIGTERM raise KeyboardInterrupt
+        # nothing of Serve to stop until it is known to be ours; "own": a Ray this process started; "ready": served
+        state = {"joined": True, "deployed": False, "own": False, "ready": False}
+        try:
+            _serve(ns, args, app, demand, api_key, state, got, reinstall)
+        except KeyboardInterrupt:
+            signum = got.get("signum", signal.SIGINT)
+            what = ("Serve shut down" if not state["joined"] else f"application {APP_NAME} deleted from the "
+                    "Serve instance it joined" if state["deployed"] else "nothing deployed")
+            print(f"stopped by {signal.Signals(signum).name}: {what}", flush=True)
+            raise SystemExit(STOP_STATUS.get(signum, 130)) from None
+
+
+def _serve(ns: argparse.Namespace, args: dict, app, demand: dict, api_key: str | None, state: dict, got: dict,
+           reinstall) -> None:
+    """Start or join Ray, check that the application fits, deploy it and serve until a signal (``got``,
+    ``reinstall``: jobs/_cli.py stop_on_signals); at the end, however it ends, Serve and Ray are shut down
+    (:func:`stop_serve`: only this application from a Serve instance it joined)."""
     import ray
     from ray import serve
 
-    ray.init()  # local, or the cluster in RAY_ADDRESS; keeps Ray's token authentication on
-    from raytasks.reach import check_reachable
+    from raytasks.reach import check_reachable, started_here
+    from raytasks.serve.app import total_demand
 
-    # a replica on another node may not find a checkpoint on this machine's disk (raytasks/reach.py)
-    check_reachable([], [(f"--model {name}", uri) for name, uri in args["models"].items()])
-    stop = {"now": False}
-
-    def _stop(*_):
-        stop["now"] = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    joined = _running_serve() is not None  # then its HTTP options stay, and it is not ours to shut down
-    deployed = False
     try:
+        address = _joined_address()
+        try:
+            if address:
+                ray.init()  # the cluster (RAY_ADDRESS, or `ray start`'s); keeps Ray's token authentication on
+            else:
+                # A Ray of this process's own, on this machine: enough logical CPUs for every replica of the
+                # application at its start (Serve would wait for ever for the rest), at least this machine's
+                # cores. Logical CPUs are Ray's count for scheduling: the replicas share the real cores.
+                cores = os.cpu_count() or 1
+                cpus = max(math.ceil(total_demand(demand)[0]), cores)
+                if cpus > cores:
+                    print(f"starting a local Ray with {cpus} logical CPUs, one per CPU the application's replicas "
+                          f"ask for ({_demand_line(demand)}), on this machine's {cores} cores", flush=True)
+                ray.init(num_cpus=cpus)
+        except SystemExit as e:  # SIGTERM while ray.init ran: its own handler's sys.exit(15)
+            if e.code != signal.SIGTERM:
+                raise
+            got.setdefault("signum", signal.SIGTERM)
+            raise KeyboardInterrupt from None
+        finally:
+            reinstall()  # over Ray's own SIGTERM handler
+        state["own"] = started_here()
+        if ray.is_initialized():  # (a test's stand-in for ray.init connects nothing: nothing to compare)
+            warning = check_resources(demand, ray.cluster_resources(), state["own"])
+            if warning:
+                print(warning, flush=True)
+        # a replica on another node may not find a checkpoint on this machine's disk (raytasks/reach.py)
+        check_reachable([], [(f"--model {name}", uri) for name, uri in args["models"].items()])
+        state["joined"] = _running_serve() is not None  # then its HTTP options stay, and it is not ours to stop
         serve.start(http_options={"host": ns.host, "port": ns.port})
         http = _running_serve().http_config
         host, port = http.host, http.port
         warning = check_proxy(ns.host, ns.port, host, port, api_key, ns.allow_no_auth)
         if warning:
             print(warning, flush=True)
-        deployed = True  # from here the application named APP_NAME is this process's, to delete at exit
+        state["deployed"] = True  # from here the application named APP_NAME is this process's, to delete at exit
+        cpus, gpus = total_demand(demand)
+        print(f"deploying {', '.join(demand)}: {cpus:g} CPUs" + (f", {gpus:g} GPUs" if gpus else "")
+              + "; Ctrl-C stops", flush=True)
         serve.run(app, name=APP_NAME, route_prefix="/")
+        state["ready"] = True
         print(f"serving {', '.join(sorted(args['models']))} at http://{host}:{port}/v1/models "
               + (f"and all of them at once at http://{host}:{port}/v1/predict " if "model_set" in args else "")
               + f"(docs: http://{host}:{port}/docs); Ctrl-C stops", flush=True)
-        _wait_for(stop)
+        _wait_for(got)
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the shutdown
+        for s in STOP_STATUS:  # a second Ctrl-C or SIGTERM must not break the shutdown
+            signal.signal(s, signal.SIG_IGN)
         print("shutting down", flush=True)
-        stop_serve(serve, joined, deployed)
+        # Stopped while deploying on a Ray of its own: ray.shutdown ends that Ray, Serve's controller and replicas
+        # with it; serve.shutdown would first wait up to 30 s for replicas that are still starting.
+        if state["ready"] or not state["own"]:
+            stop_serve(serve, state["joined"], state["deployed"])
         ray.shutdown()
 
 

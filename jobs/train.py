@@ -145,9 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "and jobs.evaluate reads the same split by default")
     q.add_argument("--limit", type=positive(int), help="at most this many training images, drawn at random "
                    "with --seed")
-    q.add_argument("--no-calibrate", dest="calibrate", action="store_false",
-                   help="export the best checkpoint as trained, without fitting its temperatures on the "
-                        "validation split (models/calibration.py)")
+    # the default lives in the parser, not the flag, so the help does not say "(default: True)" of --no-calibrate
+    p.set_defaults(calibrate=True)  # before add_argument, or it would become the flag's default again
+    q.add_argument("--no-calibrate", dest="calibrate", action="store_false", default=argparse.SUPPRESS,
+                   help="by default the best checkpoint is exported with its temperatures fitted on the validation "
+                        "split (models/calibration.py); --no-calibrate exports it as trained")
     q.add_argument("--val-limit", type=positive(int), help="at most this many validation images, drawn at "
                    "random with --seed")
     q.add_argument("--steps-per-epoch", type=positive(int), help="cap on optimisation steps per epoch")

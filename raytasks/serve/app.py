@@ -118,3 +118,30 @@ def build_app(args: ServeArgs) -> serve.Application:
     return FaceAttrAPI.options(name="FaceAttrAPI", **ing_opts).bind(
         handles, args.max_request_bytes, args.max_files, args.api_key_env,
         api_key, args.faces, ing, set_handle, set_name, args.allow_no_auth)
+
+
+def start_demand(app: serve.Application) -> dict[str, tuple[int, float, float]]:
+    """What each deployment of ``app`` takes from Ray's logical resources once it is ready: ``{deployment name:
+    (replicas at start, CPUs per replica, GPUs per replica)}``. Replicas at start are ``num_replicas``, or with
+    autoscaling ``initial_replicas``, else ``min_replicas`` (Serve's own rule: autoscaling_state.py). Read from
+    the application as Serve builds it for ``serve.run`` (``ray.serve._private.build_app``, private in 2.60; it
+    starts no Ray), so every deployment and option counts as deployed; Serve's controller and HTTP proxy take
+    no CPU."""
+    from ray.serve._private.build_app import build_app as build_for_run
+
+    out = {}
+    for d in build_for_run(app, name="demand").deployments:
+        auto = d._deployment_config.autoscaling_config
+        n = d.num_replicas if auto is None else (auto.initial_replicas if auto.initial_replicas is not None
+                                                 else auto.min_replicas)
+        res = d._replica_config.resource_dict  # Serve's reading of ray_actor_options
+        out[d.name] = (n, res.get("CPU", 0.0), res.get("GPU", 0.0))
+    return out
+
+
+def total_demand(demand: dict[str, tuple[int, float, float]]) -> tuple[float, float]:
+    """``(CPUs, GPUs)`` all deployments of :func:`start_demand` take at once (rounded as Ray rounds resources,
+    to 1e-4, so that 3 x 0.1 is 0.3)."""
+    cpus = sum(n * c for n, c, _ in demand.values())
+    gpus = sum(n * g for n, _, g in demand.values())
+    return round(cpus, 4), round(gpus, 4)
