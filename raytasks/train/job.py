@@ -6,8 +6,8 @@
 The driver (:func:`run`) reads the dataset's table (paths + labels), turns the train and validation splits
 into Ray Datasets of paths that are decoded and augmented on the fly by Ray Data tasks
 (:func:`decode_rows`, the model's own preprocessing through ``core.batches.load_batch``), and starts a
-``TorchTrainer``. Every worker (:func:`train_worker`) streams its own shard of both splits, runs the plain
-loop of ``core/engine.py`` on a DDP-wrapped model (gloo on CPUs; NCCL, bf16 autocast and
+``TorchTrainer``. Every worker (:func:`train_worker`) streams its own shard of both splits, runs the epochs
+of ``core/engine.py`` (``train_epoch``, ``epoch_metrics``: the ones ``engine.fit`` runs) on a DDP-wrapped model (gloo on CPUs; NCCL, bf16 autocast and
 ``channels_last`` on GPUs) and reports a checkpoint every epoch. ``--batch-size`` is the global batch of
 one optimisation step (the paper's), split evenly over the workers.
 
