@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     from facedata.synth import generate
     from jobs import evaluate
     from raytasks.label import LabelSpec, label
+    from raytasks.reach import init_ray
     from raytasks.train import TrainSpec, run
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
         # at least 4 logical CPUs, as jobs.label's own Ray (raytasks/label/cluster.py ensure_ray): a label run that
         # resumes holds Ray Data's checkpoint filter actor (1 CPU) beside the annotator actor and the read tasks,
         # and with os.cpu_count() = 2 the read waited for a third CPU for ever
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+        # (or the cluster `ray start` runs on this machine, joined as it is: raytasks/reach.py init_ray)
+        init_ray(max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     model_kw, recipe = DEMO_MODELS[args.model]
     recipe = {**recipe, "epochs": args.epochs}
     ckpt = str(out / "models" / f"{args.model}.pt")

@@ -231,17 +231,11 @@ def _wait_for(got: dict) -> None:
 
 
 def _joined_address() -> str | None:
-    """The cluster a plain ``ray.init()`` joins, or None when it starts a Ray of this process's own: RAY_ADDRESS
-    (``ray job submit`` sets it), else the one ``ray start`` recorded on this machine (docs/deploy.md: one
-    machine). Ray's own lookup, private in 2.60, so read with a default (None: this process starts its Ray)."""
-    if os.environ.get("RAY_ADDRESS"):
-        return os.environ["RAY_ADDRESS"]
-    try:
-        from ray._private.services import canonicalize_bootstrap_address
+    """The cluster ``ray.init()`` joins, or None (raytasks/reach.py joined_address; a name of this module's, for
+    the tests to stand in for)."""
+    from raytasks.reach import joined_address
 
-        return canonicalize_bootstrap_address(None)
-    except Exception:  # noqa: BLE001 - a Ray without that lookup, or a stale record: ray.init says what is wrong
-        return None
+    return joined_address()
 
 
 def _demand_line(demand: dict[str, tuple[int, float, float]], what: str = "CPU") -> str:
@@ -329,24 +323,22 @@ def _serve(ns: argparse.Namespace, args: dict, app, demand: dict, api_key: str |
     import ray
     from ray import serve
 
-    from raytasks.reach import check_reachable, started_here
+    from raytasks.reach import check_reachable, init_ray, started_here
     from raytasks.serve.app import total_demand
 
     try:
         address = _joined_address()
+        # A Ray of this process's own, on this machine: enough logical CPUs for every replica of the application
+        # at its start (Serve would wait for ever for the rest), at least this machine's cores. Logical CPUs are
+        # Ray's count for scheduling: the replicas share the real cores. A cluster (RAY_ADDRESS, or `ray start`'s)
+        # is joined as it is (raytasks/reach.py init_ray), Ray's token authentication kept on.
+        cores = os.cpu_count() or 1
+        cpus = max(math.ceil(total_demand(demand)[0]), cores)
         try:
-            if address:
-                ray.init()  # the cluster (RAY_ADDRESS, or `ray start`'s); keeps Ray's token authentication on
-            else:
-                # A Ray of this process's own, on this machine: enough logical CPUs for every replica of the
-                # application at its start (Serve would wait for ever for the rest), at least this machine's
-                # cores. Logical CPUs are Ray's count for scheduling: the replicas share the real cores.
-                cores = os.cpu_count() or 1
-                cpus = max(math.ceil(total_demand(demand)[0]), cores)
-                if cpus > cores:
-                    print(f"starting a local Ray with {cpus} logical CPUs, one per CPU the application's replicas "
-                          f"ask for ({_demand_line(demand)}), on this machine's {cores} cores", flush=True)
-                ray.init(num_cpus=cpus)
+            if not address and cpus > cores:
+                print(f"starting a local Ray with {cpus} logical CPUs, one per CPU the application's replicas "
+                      f"ask for ({_demand_line(demand)}), on this machine's {cores} cores", flush=True)
+            init_ray(cpus, join=bool(address))
         except SystemExit as e:  # SIGTERM while ray.init ran: its own handler's sys.exit(15)
             if e.code != signal.SIGTERM:
                 raise

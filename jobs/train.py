@@ -49,7 +49,7 @@ from jobs._cli import (
     positive,
 )
 from models.recipes import RECORD_KEY, TRAIN_FACE_MODES, TrainingRecipe, get_recipe, recipe_for, record_lines
-from raytasks.reach import path_of
+from raytasks.reach import init_ray, joined_address, path_of
 from raytasks.train import TrainError, TrainSpec
 from raytasks.train.stages import RecipeRun, summary_metrics
 
@@ -229,11 +229,13 @@ def main(argv: list[str] | None = None):
         spec.storage = os.path.abspath(spec.storage)  # Ray Train wants an absolute local path
     import ray
 
-    address = os.environ.get("RAY_ADDRESS")
-    if address and not ray.is_initialized():
-        # a cluster: connected first, so that prepare() knows where its tasks run (raytasks/reach.py) before it
-        # writes to --storage; a local Ray starts after prepare(), so that bad flags or data fail before it
-        ray.init(address=address, log_to_driver=args.worker_logs)
+    # a local Ray gets enough logical CPUs for the workers plus Ray Data's decoding
+    cpus = max(os.cpu_count() or 1, math.ceil(spec.workers * spec.cpus_per_worker) + 1)
+    if not ray.is_initialized() and joined_address():
+        # a cluster (RAY_ADDRESS, or the one `ray start` runs on this machine): connected first, so that prepare()
+        # knows where its tasks run (raytasks/reach.py) before it writes to --storage; a local Ray starts after
+        # prepare(), so that bad flags or data fail before it
+        init_ray(cpus, join=True, log_to_driver=args.worker_logs)
         ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         recipe = choose_recipe(args)
@@ -246,9 +248,7 @@ def main(argv: list[str] | None = None):
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     if not ray.is_initialized():
-        # a local Ray gets enough logical CPUs for the workers plus Ray Data's decoding
-        cpus = max(os.cpu_count() or 1, math.ceil(spec.workers * spec.cpus_per_worker) + 1)
-        ray.init(num_cpus=cpus, log_to_driver=args.worker_logs)
+        init_ray(cpus, log_to_driver=args.worker_logs)  # (a cluster `ray start` began meanwhile is joined)
         ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         outcome = job.run()

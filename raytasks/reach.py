@@ -51,6 +51,48 @@ def started_here() -> bool:
     return bool(getattr(getattr(worker, "_global_node", None), "ray_init_cluster", False))
 
 
+def joined_address() -> str | None:
+    """The cluster a plain ``ray.init()`` joins, or None when it starts a Ray of this process's own: RAY_ADDRESS
+    (``ray job submit`` sets it), else the one ``ray start`` recorded on this machine (its ``ray_current_cluster``
+    file in Ray's temporary folder, ``$RAY_TMPDIR/ray`` or ``/tmp/ray``: docs/deploy.md, one machine). Ray's own
+    lookup, ``ray._private.services.canonicalize_bootstrap_address``, is private in 2.60: where it is missing,
+    RAY_ADDRESS alone is read, and where it fails (a stale record, a malformed address) None, and the ``ray.init``
+    that follows says what is wrong."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+    except ImportError:
+        return None
+    try:
+        return canonicalize_bootstrap_address(None)
+    except Exception:  # noqa: BLE001 - ray.init's own lookup fails the same way, with Ray's message
+        return None
+
+
+def init_ray(local_cpus: int, join: bool | None = None, **init_kwargs) -> bool:
+    """Join the cluster a plain ``ray.init()`` finds (:func:`joined_address`: RAY_ADDRESS, or ``ray start``'s on
+    this machine) with ``ray.init(**init_kwargs)``, as it is: Ray refuses ``num_cpus`` when joining ("When
+    connecting to an existing cluster, num_cpus and num_gpus must not be provided"), and keeps its token
+    authentication on; or start a Ray of this process's own with ``num_cpus=local_cpus``. ``join``: the caller's
+    own :func:`joined_address` answer (None: asked here). True when it joined. Every job starts or joins Ray here."""
+    import ray
+
+    if join is None:
+        join = joined_address() is not None
+    if join:
+        ray.init(**init_kwargs)
+        return True
+    try:
+        ray.init(num_cpus=local_cpus, **init_kwargs)
+    except ValueError as e:  # a cluster Ray found where joined_address did not (a Ray whose lookup changed)
+        if "connecting to an existing cluster" not in str(e):
+            raise
+        ray.init(**init_kwargs)
+        return True
+    return False
+
+
 def tasks_elsewhere() -> str | None:
     """Why the connected Ray may run this job's tasks on another node than this one, or None (module docstring)."""
     import ray

@@ -6,21 +6,21 @@ import math
 import os
 
 from raytasks.label.spec import LabelError, LabelSpec
-from raytasks.reach import started_here
+from raytasks.reach import init_ray, started_here
 
 
 def ensure_ray(address: str | None = None) -> None:
-    """Connect to the cluster (``RAY_ADDRESS``, set by ``ray job submit``) or start a local Ray with at
-    least four logical CPUs (Ray's checkpoint filter actor takes one, see the module docstring)."""
+    """Connect to ``address``, or to the cluster a plain ``ray.init()`` finds (``RAY_ADDRESS``, set by ``ray job
+    submit``, or the one ``ray start`` runs on this machine: raytasks/reach.py init_ray), or start a local Ray with
+    at least four logical CPUs (Ray's checkpoint filter actor takes one, see the module docstring)."""
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=max(4, os.cpu_count() or 1))
+        init_ray(max(4, os.cpu_count() or 1))
 
 
 def resolve_pool(spec: LabelSpec, resuming: bool = False, can_grow: bool | None = None,

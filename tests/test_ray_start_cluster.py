@@ -1,0 +1,217 @@
+"""The jobs on one machine after ``ray start --head`` (docs/deploy.md: one machine): a plain ``ray.init()`` finds
+the cluster ``ray start`` recorded (``ray_current_cluster`` in Ray's temporary folder) and joins it, and Ray refuses
+``num_cpus`` when joining ("When connecting to an existing cluster, num_cpus and num_gpus must not be provided").
+The code before this fix gave ``num_cpus`` to every ``ray.init`` made without RAY_ADDRESS (label, train, demo): each
+job failed there. Every job now starts or joins Ray through ``raytasks.reach.init_ray``.
+
+The unit tests start no Ray (Ray's lookup and ``ray.init`` are stood in for). The end-to-end test starts a
+``ray start --head`` cluster of its own, in a temporary folder of its own (``--temp-dir``, and RAY_TMPDIR for the
+lookup of the jobs it runs), so that no other test's ``ray.init()`` finds it: the record in the default
+``/tmp/ray`` is left as it was. It is stopped by signalling its ``ray start --block`` process, not by ``ray stop``,
+which stops every Ray on the machine and removes the default record."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import RAY_TEST_ENV, ROOT, free_port, read_rows, save_model
+from tests.images import face_jpeg
+
+RECORDED = "127.0.0.1:6379"  # what Ray's lookup answers after `ray start --head` on this machine
+
+
+class _Inited(Exception):
+    pass
+
+
+@pytest.fixture
+def lookup(monkeypatch):
+    """Ray's lookup of the cluster a plain ``ray.init()`` joins, answering ``set(address)``; ``ray.init``
+    recording its arguments (``calls``) and raising :class:`_Inited`: no Ray starts."""
+    import ray
+    from ray._private import services
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    answer = {"address": None}
+    monkeypatch.setattr(services, "canonicalize_bootstrap_address", lambda addr, temp_dir=None: answer["address"])
+    calls: list[dict] = []
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        raise _Inited
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    return answer, calls
+
+
+@pytest.mark.parametrize("env,recorded,want", [
+    (None, None, {"num_cpus": 6, "log_to_driver": False}),  # no cluster: a Ray of this process's own
+    (None, RECORDED, {"log_to_driver": False}),  # `ray start --head` on this machine: joined as it is
+    ("10.0.0.1:6379", None, {"log_to_driver": False}),  # `ray job submit`
+])
+def test_init_ray_gives_num_cpus_only_to_a_ray_it_starts(lookup, monkeypatch, env, recorded, want):
+    from raytasks import reach
+
+    answer, calls = lookup
+    answer["address"] = recorded
+    if env:
+        monkeypatch.setenv("RAY_ADDRESS", env)
+    assert reach.joined_address() == (env or recorded)
+    with pytest.raises(_Inited):
+        reach.init_ray(6, log_to_driver=False)
+    assert calls == [want]
+
+
+def test_init_ray_joins_when_ray_finds_a_cluster_its_lookup_did_not(monkeypatch):
+    """A Ray whose private lookup answers nothing while ``ray.init`` finds a cluster: joined, not an error."""
+    import ray
+
+    from raytasks import reach
+
+    calls: list[dict] = []
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        if "num_cpus" in kwargs:
+            raise ValueError("When connecting to an existing cluster, num_cpus and num_gpus must not be provided.")
+
+    monkeypatch.setattr(reach, "joined_address", lambda: None)
+    monkeypatch.setattr(ray, "init", init)
+    assert reach.init_ray(4) is True
+    assert calls == [{"num_cpus": 4}, {}]
+
+
+def _label(tmp_path):
+    from raytasks.label.cluster import ensure_ray
+
+    ensure_ray()
+
+
+def _train(tmp_path):
+    from jobs.train import main
+
+    main(["--model", "hard_sharing", "--data", f"celeba:{tmp_path / 'celeba'}", "--storage", str(tmp_path / "runs"),
+          "--epochs", "1"])
+
+
+def _demo(tmp_path):
+    from jobs.demo import main
+
+    main(["--out", str(tmp_path / "demo"), "--n", "4", "--epochs", "1"])
+
+
+@pytest.mark.parametrize("job,want", [(_label, {}), (_train, {"log_to_driver": False}),
+                                      (_demo, {"include_dashboard": False, "log_to_driver": False})])
+def test_every_job_joins_the_cluster_ray_start_recorded_without_num_cpus(lookup, monkeypatch, tmp_path, job, want):
+    """label's ensure_ray, train (before prepare(), as on any cluster) and the demo, with a ``ray start`` cluster
+    recorded on this machine and no RAY_ADDRESS: ``ray.init`` without ``num_cpus``."""
+    import torch
+
+    answer, calls = lookup
+    answer["address"] = RECORDED
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the demo's, in this test process
+    with pytest.raises(_Inited):
+        job(tmp_path)
+    assert calls == [want]
+
+
+# ---- end to end: `ray start --head`, then the label job ----------------------------------------------------------
+def _record_state(path: Path):
+    """``(mtime, contents)`` of a record file, or None when there is none."""
+    try:
+        return path.stat().st_mtime_ns, path.read_text()
+    except FileNotFoundError:
+        return None
+
+
+def _processes_naming(text: str) -> list[int]:
+    """The processes whose command line names ``text`` (this test's Ray folder), other than this one."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if text in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                out.append(int(d.name))
+        except OSError:
+            continue
+    return out
+
+
+@pytest.mark.ray  # a Ray cluster of its own (`ray start --head`)
+def test_the_label_job_joins_a_ray_start_cluster_on_this_machine(tmp_path):
+    """docs/deploy.md's one machine: ``ray start --head --num-cpus 4``, then ``python -m jobs.label`` with no
+    RAY_ADDRESS: it joins that cluster (the code before this fix raised Ray's ValueError) and writes its rows and
+    summary; a plain ``ray.init()`` there is on a cluster it did not start (``started_here()`` False) with the
+    cluster's 4 CPUs."""
+    default_record = Path("/tmp/ray/ray_current_cluster")  # what every other test's ray.init() reads
+    before = _record_state(default_record)
+    tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {**os.environ, **RAY_TEST_ENV, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": tmp}
+    env.pop("RAY_ADDRESS", None)
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    # SIGTERM stops `ray start --block` at once: no drain wait for a node that serves nothing (Ray waits 30 s)
+    head_env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", "--num-cpus", "4", "--disable-usage-stats", "--temp-dir",
+         f"{tmp}/ray", "--port", str(free_port()), "--ray-client-server-port", str(free_port()),
+         "--include-dashboard", "false", "--dashboard-agent-listen-port", str(free_port())],
+        cwd=ROOT, env=head_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        record = Path(tmp) / "ray" / "ray_current_cluster"  # where `ray start --temp-dir` records it
+        deadline = time.monotonic() + 60
+        while not record.exists():
+            assert head.poll() is None, f"ray start ended:\n{head.stdout.read()[-4000:]}"
+            assert time.monotonic() < deadline, "ray start recorded no cluster in 60 s"
+            time.sleep(0.2)
+        photos = tmp_path / "photos"
+        photos.mkdir()
+        for i in range(3):
+            (photos / f"f{i}.jpg").write_bytes(face_jpeg(500 + i))
+        ckpt = save_model(str(tmp_path / "hs.pt"), "hard_sharing", seed=7, hidden=8)
+        out = tmp_path / "out"
+        proc = subprocess.run([sys.executable, "-m", "jobs.label", "--checkpoint", ckpt, "--input", str(photos),
+                               "--output", str(out), "--faces", "whole", "--precision", "fp32", "--batch-size", "2",
+                               "--max-actors", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        text = proc.stdout + proc.stderr
+        assert proc.returncode == 0, text[-4000:]
+        assert "Connecting to existing Ray cluster" in text, text[-4000:]
+        assert any(ln.startswith("labeled 3 images in ") for ln in proc.stdout.splitlines()), proc.stdout
+        assert sorted(read_rows(str(out)).column("path").to_pylist()) == sorted(
+            str(photos / f"f{i}.jpg") for i in range(3))
+        assert (out / "_summary.json").is_file()
+        probe = subprocess.run(
+            [sys.executable, "-c", "import ray; from raytasks.reach import init_ray, started_here; "
+             "print(init_ray(2, log_to_driver=False), started_here(), ray.cluster_resources()['CPU'])"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert probe.stdout.split() == ["True", "False", "4.0"], (probe.stdout + probe.stderr)[-4000:]
+    finally:
+        if head.poll() is None:
+            head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started, and only them
+            try:
+                head.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(head.pid, signal.SIGKILL)
+                head.wait()
+        deadline = time.monotonic() + 10
+        while _processes_naming(tmp) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = _processes_naming(tmp)
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert left == [], "processes of this test's Ray left after it stopped"
+    assert _record_state(default_record) == before, "the default /tmp/ray record changed"
