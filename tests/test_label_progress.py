@@ -1,15 +1,12 @@
 """The label job's progress line (raytasks/label/progress.py): what it counts in a real output folder of Parquet
 files written by pyarrow, locally and on S3 (moto's server, behind a proxy that counts the requests), the text
-a user reads, the thread that prints it, the flag, and one run of ``python -m jobs.label`` whose stdout is a pipe
-(as under ``ray job submit``), with its own local Ray."""
+a user reads, the thread that prints it and the flag. The lines of a real ``python -m jobs.label`` run, whose stdout
+is a pipe as under ``ray job submit``, are checked in tests/test_ray_start_cluster.py (one Ray start for both)."""
 
 from __future__ import annotations
 
 import io
 import os
-import re
-import subprocess
-import sys
 import threading
 import time
 
@@ -20,8 +17,6 @@ import pytest
 from raytasks.label import progress as P
 from raytasks.label.spec import LabelError, LabelSpec
 from tests.faultproxy import DENIED, FaultProxy
-from tests.helpers import RAY_TEST_ENV, ROOT, save_model
-from tests.images import face_jpeg
 
 WRITE = "035AFVYs_c517389f6b704dbc_{:06d}"  # a commit id as Ray Data spells it: {dataset}_{write uuid}_{task}
 
@@ -281,29 +276,3 @@ def test_a_negative_interval_is_an_argparse_error(capsys):
         build_parser().parse_args(["--input", "i", "--output", "o", "--progress-every", "-5"])
     assert e.value.code == 2
     assert "argument --progress-every: must be a number of seconds >= 0, got -5" in capsys.readouterr().err
-
-
-# --- the job ---------------------------------------------------------------------------------------------------
-def test_the_job_prints_progress_lines_before_its_summary(tmp_path):
-    """8 images, 2 per batch, 1 s per batch: commits land one by one, a line every second shows them."""
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(8):
-        (photos / f"f{i}.jpg").write_bytes(face_jpeg(400 + i))
-    ckpt = save_model(str(tmp_path / "hs.pt"), "hard_sharing", seed=7)
-    env = {**os.environ, **RAY_TEST_ENV, "PYTHONPATH": str(ROOT)}
-    env.pop("RAY_ADDRESS", None)  # a local Ray of its own
-    proc = subprocess.run([sys.executable, "-m", "jobs.label", "--checkpoint", ckpt, "--input", str(photos),
-                           "--output", str(tmp_path / "out"), "--faces", "whole", "--precision", "fp32",
-                           "--batch-size", "2", "--max-actors", "1", "--max-rows-per-file", "2", "--throttle", "1",
-                           "--progress-every", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    lines = proc.stdout.splitlines()
-    summary = next(i for i, ln in enumerate(lines) if ln.startswith("labeled 8 images in "))
-    progress = [ln for ln in lines if ln.startswith("progress: ")]
-    assert progress and all(lines.index(ln) < summary for ln in progress), proc.stdout
-    counts = [int(re.match(r"progress: (\d+) of 8 images labeled \(", ln).group(1)) for ln in progress]
-    assert counts == sorted(counts), proc.stdout
-    assert any(0 < c < 8 for c in counts), proc.stdout  # a run half done, as committed
-    partial = next(ln for ln in progress if 0 < int(ln.split()[1]) < 8)
-    assert re.search(r"images/s over the last \d+ s, about \d+ (s|min) left; \d+ rows, errors 0$", partial), partial

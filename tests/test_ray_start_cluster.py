@@ -13,6 +13,7 @@ which stops every Ray on the machine and removes the default record."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -148,11 +149,14 @@ def _processes_naming(text: str) -> list[int]:
     return out
 
 
+N = 8  # images of the label run below
+
+
 @pytest.mark.ray  # a Ray cluster of its own (`ray start --head`)
 def test_the_label_job_joins_a_ray_start_cluster_on_this_machine(tmp_path):
     """docs/deploy.md's one machine: ``ray start --head --num-cpus 4``, then ``python -m jobs.label`` with no
     RAY_ADDRESS: it joins that cluster (the code before this fix raised Ray's ValueError) and writes its rows and
-    summary; a plain ``ray.init()`` there is on a cluster it did not start (``started_here()`` False) with the
+    summary, with progress lines of the committed images before it (``--progress-every 1``); a plain ``ray.init()`` there is on a cluster it did not start (``started_here()`` False) with the
     cluster's 4 CPUs."""
     default_record = Path("/tmp/ray/ray_current_cluster")  # what every other test's ray.init() reads
     before = _record_state(default_record)
@@ -176,19 +180,32 @@ def test_the_label_job_joins_a_ray_start_cluster_on_this_machine(tmp_path):
             time.sleep(0.2)
         photos = tmp_path / "photos"
         photos.mkdir()
-        for i in range(3):
+        for i in range(N):
             (photos / f"f{i}.jpg").write_bytes(face_jpeg(500 + i))
         ckpt = save_model(str(tmp_path / "hs.pt"), "hard_sharing", seed=7, hidden=8)
         out = tmp_path / "out"
+        # 2 images a batch and a file, 1 s a batch: commits land one by one, and a progress line every second
+        # (raytasks/label/progress.py) shows them, its stdout a pipe as under `ray job submit`
         proc = subprocess.run([sys.executable, "-m", "jobs.label", "--checkpoint", ckpt, "--input", str(photos),
                                "--output", str(out), "--faces", "whole", "--precision", "fp32", "--batch-size", "2",
-                               "--max-actors", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                               "--max-actors", "1", "--max-rows-per-file", "2", "--throttle", "1",
+                               "--progress-every", "1"], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=180)
         text = proc.stdout + proc.stderr
         assert proc.returncode == 0, text[-4000:]
         assert "Connecting to existing Ray cluster" in text, text[-4000:]
-        assert any(ln.startswith("labeled 3 images in ") for ln in proc.stdout.splitlines()), proc.stdout
         assert sorted(read_rows(str(out)).column("path").to_pylist()) == sorted(
-            str(photos / f"f{i}.jpg") for i in range(3))
+            str(photos / f"f{i}.jpg") for i in range(N))
+        lines = proc.stdout.splitlines()
+        summary = next(i for i, ln in enumerate(lines) if ln.startswith(f"labeled {N} images in "))
+        progress = [ln for ln in lines if ln.startswith("progress: ")]
+        assert progress and all(lines.index(ln) < summary for ln in progress), proc.stdout
+        counts = [int(re.match(rf"progress: (\d+) of {N} images labeled \(", ln).group(1)) for ln in progress]
+        assert counts == sorted(counts), proc.stdout
+        partial = [ln for ln, c in zip(progress, counts) if 0 < c < N]  # a run half done, as committed
+        assert partial, proc.stdout
+        assert re.search(r"images/s over the last \d+ s, about \d+ (s|min) left; \d+ rows, errors 0$", partial[-1]), \
+            partial
         assert (out / "_summary.json").is_file()
         probe = subprocess.run(
             [sys.executable, "-c", "import ray; from raytasks.reach import init_ray, started_here; "
