@@ -224,3 +224,19 @@ def stop_on_signals(got: dict):
     finally:
         for s, handler in before.items():
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+
+def init_ray_stoppably(got: dict, reinstall, init):
+    """``init()`` (a job's ``ray.init``) inside :func:`stop_on_signals`: Ray's own SIGTERM handler, set while it
+    starts, ends the process with ``sys.exit(15)``; that is taken for the SIGTERM it is (``got["signum"]``, a
+    KeyboardInterrupt, as the job's own handler raises), and this job's handlers are installed again after it
+    (``reinstall``: what stop_on_signals yields), whatever ``init`` did. Returns what ``init`` returns."""
+    try:
+        return init()
+    except SystemExit as e:
+        if e.code != signal.SIGTERM:
+            raise
+        got.setdefault("signum", signal.SIGTERM)
+        raise KeyboardInterrupt from None
+    finally:
+        reinstall()

@@ -30,6 +30,7 @@ from jobs._cli import (
     add_review_args,
     check_job_paths,
     face_options,
+    init_ray_stoppably,
     positive,
     review_options,
     stop_on_signals,
@@ -132,14 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     with stop_on_signals(got) as reinstall:  # jobs/_cli.py
         try:
             spec.validate()  # flag errors before starting Ray
-            try:
-                ensure_ray()
-            except SystemExit as e:  # SIGTERM while ray.init ran: its handler's sys.exit(15)
-                if e.code != signal.SIGTERM:
-                    raise
-                got.setdefault("signum", signal.SIGTERM)
-                raise KeyboardInterrupt from None
-            reinstall()  # over Ray's own SIGTERM handler
+            init_ray_stoppably(got, reinstall, ensure_ray)  # Ray's own SIGTERM handler, then ours again
             return label(spec, echo=lambda line: print(line, flush=True))
         except LabelError as e:
             print(f"error: {e}", file=sys.stderr)

@@ -34,6 +34,7 @@ from jobs._cli import (
     add_review_args,
     check_job_paths,
     face_options,
+    init_ray_stoppably,
     review_options,
     stop_on_signals,
 )
@@ -230,14 +231,6 @@ def _wait_for(got: dict) -> None:
         time.sleep(0.5)
 
 
-def _joined_address() -> str | None:
-    """The cluster ``ray.init()`` joins, or None (raytasks/reach.py joined_address; a name of this module's, for
-    the tests to stand in for)."""
-    from raytasks.reach import joined_address
-
-    return joined_address()
-
-
 def _demand_line(demand: dict[str, tuple[int, float, float]], what: str = "CPU") -> str:
     """The deployments of raytasks.serve.app.start_demand that take ``what``, as ``model-a 1 x 1, ...``."""
     i = 1 if what == "CPU" else 2
@@ -323,36 +316,28 @@ def _serve(ns: argparse.Namespace, args: dict, app, demand: dict, api_key: str |
     import ray
     from ray import serve
 
-    from raytasks.reach import check_reachable, init_ray, started_here
+    from raytasks import reach
     from raytasks.serve.app import total_demand
 
     try:
-        address = _joined_address()
+        address = reach.joined_address()
         # A Ray of this process's own, on this machine: enough logical CPUs for every replica of the application
         # at its start (Serve would wait for ever for the rest), at least this machine's cores. Logical CPUs are
         # Ray's count for scheduling: the replicas share the real cores. A cluster (RAY_ADDRESS, or `ray start`'s)
         # is joined as it is (raytasks/reach.py init_ray), Ray's token authentication kept on.
         cores = os.cpu_count() or 1
         cpus = max(math.ceil(total_demand(demand)[0]), cores)
-        try:
-            if not address and cpus > cores:
-                print(f"starting a local Ray with {cpus} logical CPUs, one per CPU the application's replicas "
-                      f"ask for ({_demand_line(demand)}), on this machine's {cores} cores", flush=True)
-            init_ray(cpus, join=bool(address))
-        except SystemExit as e:  # SIGTERM while ray.init ran: its own handler's sys.exit(15)
-            if e.code != signal.SIGTERM:
-                raise
-            got.setdefault("signum", signal.SIGTERM)
-            raise KeyboardInterrupt from None
-        finally:
-            reinstall()  # over Ray's own SIGTERM handler
-        state["own"] = started_here()
+        if not address and cpus > cores:
+            print(f"starting a local Ray with {cpus} logical CPUs, one per CPU the application's replicas "
+                  f"ask for ({_demand_line(demand)}), on this machine's {cores} cores", flush=True)
+        init_ray_stoppably(got, reinstall, lambda: reach.init_ray(cpus, join=bool(address)))
+        state["own"] = reach.started_here()
         if ray.is_initialized():  # (a test's stand-in for ray.init connects nothing: nothing to compare)
             warning = check_resources(demand, ray.cluster_resources(), state["own"])
             if warning:
                 print(warning, flush=True)
         # a replica on another node may not find a checkpoint on this machine's disk (raytasks/reach.py)
-        check_reachable([], [(f"--model {name}", uri) for name, uri in args["models"].items()])
+        reach.check_reachable([], [(f"--model {name}", uri) for name, uri in args["models"].items()])
         state["joined"] = _running_serve() is not None  # then its HTTP options stay, and it is not ours to stop
         serve.start(http_options={"host": ns.host, "port": ns.port})
         http = _running_serve().http_config

@@ -91,6 +91,7 @@ def test_a_local_ray_is_started_with_the_cpus_the_application_asks_for(monkeypat
     import ray
 
     import jobs.serve as J
+    from raytasks import reach
 
     calls = []
 
@@ -100,7 +101,7 @@ def test_a_local_ray_is_started_with_the_cpus_the_application_asks_for(monkeypat
 
     monkeypatch.setattr(ray, "init", init)
     monkeypatch.setattr(J.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(J, "_joined_address", lambda: address)
+    monkeypatch.setattr(reach, "joined_address", lambda: address)
     with pytest.raises(_Inited):
         J.main(["--model", "a=/tmp/a.pt", "--model", "b=/tmp/b.pt", "--set", "--embedding"])
     assert calls == [want]
