@@ -119,6 +119,14 @@ class OutputStats:
     reasons: Counter = dataclasses.field(default_factory=Counter)  # flagged rows per review reason
 
 
+def images_in(face) -> int:
+    """The images among rows whose ``face`` column is ``face`` (an Arrow array): each image has exactly one row
+    with face 0 (its first face) or null (no face found, or an error row)."""
+    import pyarrow.compute as pc
+
+    return face.null_count + (pc.sum(pc.equal(face, 0)).as_py() or 0)
+
+
 def output_stats(labels_uri: str) -> OutputStats:
     """The :class:`OutputStats` of the Parquet under ``labels_uri``, streaming three columns."""
     import pyarrow.compute as pc
@@ -139,7 +147,7 @@ def output_stats(labels_uri: str) -> OutputStats:
         if face_cols:
             face = b.column(1)
             st.faces += len(face) - face.null_count
-            st.images += face.null_count + (pc.sum(pc.equal(face, 0)).as_py() or 0)
+            st.images += images_in(face)
             st.without_faces += pc.sum(pc.equal(b.column(2), 0)).as_py() or 0
         else:
             st.images += b.num_rows

@@ -38,7 +38,7 @@ import time
 import pyarrow.fs as pafs
 
 import storage
-from raytasks.label.output import COMMIT_LOG_DIR, LABELS_DIR, PENDING_SUFFIX
+from raytasks.label.output import COMMIT_LOG_DIR, LABELS_DIR, PENDING_SUFFIX, images_in
 
 WINDOW_S = 300.0  # the rate is measured over the last 5 min at least (see Rate)
 
@@ -88,7 +88,6 @@ class CommittedCounter:
 
     def read_file(self, path: str) -> tuple[int, int, int]:
         """``(images, rows, errors)`` of one data file: its footer, and its ``face`` and ``error_kind`` columns."""
-        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         with self.fs.open_input_file(path) as f:
@@ -99,8 +98,7 @@ class CommittedCounter:
         errors = rows - table.column("error_kind").null_count if "error_kind" in names else 0
         if "face" not in names:  # --faces whole: one row per image
             return rows, rows, errors
-        face = table.column("face")
-        return face.null_count + (pc.sum(pc.equal(face, 0)).as_py() or 0), rows, errors
+        return images_in(table.column("face")), rows, errors
 
 
 def _committed(name: str, commits: set[str], ids: list[str]) -> bool:
