@@ -9,6 +9,14 @@ import signal
 import threading
 
 
+def add_off_switch(p: argparse.ArgumentParser, group, flag: str, dest: str, help: str) -> None:
+    """A ``--no-X`` flag that turns off a setting that is on by default (``dest`` True). The default lives in the
+    parser, set before the flag (or argparse would take the flag's own), so that ArgumentDefaultsHelpFormatter
+    does not print "(default: True)" beside a flag whose use makes it False. ``group``: ``p`` or a group of it."""
+    p.set_defaults(**{dest: True})
+    group.add_argument(flag, dest=dest, action="store_false", default=argparse.SUPPRESS, help=help)
+
+
 def key_value(text: str) -> tuple[str, object]:
     """``KEY=VALUE`` (``--model-arg``, ``--augment``) -> ``(key, value)``, the value read as JSON when it is
     (numbers, true/false, lists), else the text."""

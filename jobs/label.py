@@ -27,6 +27,7 @@ import sys
 from jobs._cli import (
     STOP_STATUS,
     add_face_args,
+    add_off_switch,
     add_review_args,
     check_job_paths,
     face_options,
@@ -90,9 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "since: docs/benchmarks.md)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model in each actor (tens of seconds per actor to start; 1.5x measured on a CPU)")
-    # the default lives in the parser, not the flag, so the help does not say "(default: True)" of --no-fold-bn
-    p.set_defaults(fold_bn=True)  # before add_argument, or it would become the flag's default again
-    p.add_argument("--no-fold-bn", dest="fold_bn", action="store_false", default=argparse.SUPPRESS,
+    add_off_switch(p, p, "--no-fold-bn", "fold_bn",
                    help="batch norm is folded into the convolutions by default (the same outputs, faster); "
                         "--no-fold-bn keeps it apart")
     p.add_argument("--max-rows-per-file", type=positive(int), default=d.max_rows_per_file,

@@ -40,6 +40,7 @@ import sys
 from facedata.datasets import parse_spec
 from jobs._cli import (
     add_face_args,
+    add_off_switch,
     check_job_paths,
     data_path,
     face_options,
@@ -145,9 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "and jobs.evaluate reads the same split by default")
     q.add_argument("--limit", type=positive(int), help="at most this many training images, drawn at random "
                    "with --seed")
-    # the default lives in the parser, not the flag, so the help does not say "(default: True)" of --no-calibrate
-    p.set_defaults(calibrate=True)  # before add_argument, or it would become the flag's default again
-    q.add_argument("--no-calibrate", dest="calibrate", action="store_false", default=argparse.SUPPRESS,
+    add_off_switch(p, q, "--no-calibrate", "calibrate",
                    help="by default the best checkpoint is exported with its temperatures fitted on the validation "
                         "split (models/calibration.py); --no-calibrate exports it as trained")
     q.add_argument("--val-limit", type=positive(int), help="at most this many validation images, drawn at "
