@@ -67,9 +67,16 @@ def test_renewal_keeps_a_slow_run_alive(output):
         lease.release()
 
 
-def test_label_refuses_a_second_run_before_touching_the_output(tmp_path):
+def test_label_refuses_a_second_run_before_touching_the_output(tmp_path, monkeypatch):
+    """Refused before it starts Ray (the code before started a local Ray, about 6 s, to refuse after it) and
+    before it writes anything."""
     from raytasks import label as L
+    from raytasks.label import job
 
+    def no_ray():
+        raise AssertionError("the refused run started Ray")
+
+    monkeypatch.setattr(job, "ensure_ray", no_ray)
     photos = tmp_path / "photos"
     photos.mkdir()
     (photos / "a.jpg").write_bytes(b"not read")

@@ -146,13 +146,17 @@ def label(spec: LabelSpec, echo=print) -> dict:
     live run on the same output is refused, naming the holder."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from raytasks.label.lease import Lease, LeaseError
+    from raytasks.label.lease import Lease, LeaseError, refuse_if_held
 
     spec.validate()
     # one spelling of the output from here on (``file://`` and relative paths made absolute): the lease, the
     # fence in the write tasks and every writer see the same folder
     spec = dataclasses.replace(spec, output=storage.to_uri(*storage.filesystem(spec.output)),
                                allow_prefix=tuple(spec.allow_prefix) or (default_allow_prefix(spec.input),))
+    try:
+        refuse_if_held(spec.output)  # a live run's output: refused at once, before Ray starts (a read only)
+    except LeaseError as e:
+        raise LabelError(str(e)) from None
     ensure_ray()
     # before anything is read or written (the lease too): an output on this machine's disk is refused where the
     # cluster runs the job's tasks on other nodes, inputs there are warned about (raytasks/reach.py); every row

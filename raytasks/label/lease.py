@@ -211,6 +211,18 @@ def _dead_here(rec: dict) -> bool:
     return start is None or (rec.get("pid_start") is not None and start != rec.get("pid_start"))
 
 
+def refuse_if_held(output: str) -> None:
+    """Raise :class:`LeaseHeld` when a live run holds ``output``: one read of its lease, no write and no retry,
+    so that a second run is refused at once, before it starts (or joins) Ray. A lease that cannot be read now is
+    left to :meth:`Lease.acquire`, which the run reaches after its checks and which says why."""
+    try:
+        _, rec = _read_top(_Store(storage.join(output, LEASE_DIR), retry_s=0))
+    except Exception:  # noqa: BLE001 - see above: the run's own acquire reports it
+        return
+    if rec is not None and not _free(rec):
+        raise LeaseHeld(output, rec)
+
+
 class Lease:
     """``with Lease(output):`` holds the output for the block (see the module docstring)."""
 
