@@ -4,8 +4,10 @@ the cluster ``ray start`` recorded (``ray_current_cluster`` in Ray's temporary f
 The code before this fix gave ``num_cpus`` to every ``ray.init`` made without RAY_ADDRESS (label, train, demo): each
 job failed there. Every job now starts or joins Ray through ``raytasks.reach.init_ray``.
 
-The unit tests start no Ray (Ray's lookup and ``ray.init`` are stood in for). The end-to-end test starts a
-``ray start --head`` cluster of its own, in a temporary folder of its own (``--temp-dir``, and RAY_TMPDIR for the
+The unit tests start no Ray (Ray's lookup and ``ray.init`` are stood in for). The end-to-end test first stops a
+label job on a Ray of the job's own with SIGTERM (moved here from tests/test_ops_stop_label.py: one job start and
+one Ray start fewer in the suite), then starts a ``ray start --head`` cluster of its own, where the same command
+finishes the job, in a temporary folder of its own (``--temp-dir``, and RAY_TMPDIR for the
 lookup of the jobs it runs), so that no other test's ``ray.init()`` finds it: the record in the default
 ``/tmp/ray`` is left as it was. It is stopped by signalling its ``ray start --block`` process, not by ``ray stop``,
 which stops every Ray on the machine and removes the default record."""
@@ -19,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -149,20 +152,74 @@ def _processes_naming(text: str) -> list[int]:
     return out
 
 
-N = 8  # images of the label run below
+N = 8  # images of the label runs below
+STOPPED = "stopped: the rows committed so far are kept; run the same command again to label the rest"
 
 
-@pytest.mark.ray  # a Ray cluster of its own (`ray start --head`)
-def test_the_label_job_joins_a_ray_start_cluster_on_this_machine(tmp_path):
-    """docs/deploy.md's one machine: ``ray start --head --num-cpus 4``, then ``python -m jobs.label`` with no
-    RAY_ADDRESS: it joins that cluster (the code before this fix raised Ray's ValueError) and writes its rows and
-    summary, with progress lines of the committed images before it (``--progress-every 1``); a plain ``ray.init()`` there is on a cluster it did not start (``started_here()`` False) with the
-    cluster's 4 CPUs."""
+@pytest.mark.ray  # a Ray of its own, then a `ray start --head` cluster of its own
+def test_sigterm_stops_a_job_on_its_own_ray_and_the_same_command_finishes_on_a_ray_start_cluster(tmp_path):
+    """Two things a user does with one label job (one test: each run costs a Ray start and a job's start):
+
+    * SIGTERM (``ray job stop``, a pod's end) once the run is labeling, before or after its first commit, on a
+      Ray the job started: its last line says so, the status is 143, and none of that Ray's processes is left.
+      Its output starts as a run stopped before its first commit leaves it (``labels/`` made, empty): the job
+      labels it as a fresh one.
+    * docs/deploy.md's one machine: ``ray start --head --num-cpus 4``, then the same command with no RAY_ADDRESS:
+      it joins that cluster (the code before this fix raised Ray's ValueError), labels every image exactly once
+      (the first run released its lease: a live one would refuse it) and writes its summary, with progress lines
+      of the committed images before it (``--progress-every 1``); a plain ``ray.init()`` there is on a cluster it
+      did not start (``started_here()`` False) with the cluster's 4 CPUs."""
     default_record = Path("/tmp/ray/ray_current_cluster")  # what every other test's ray.init() reads
     before = _record_state(default_record)
     tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray's socket paths live under it
     env = {**os.environ, **RAY_TEST_ENV, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": tmp}
     env.pop("RAY_ADDRESS", None)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(N):
+        (photos / f"f{i}.jpg").write_bytes(face_jpeg(500 + i))
+    want = sorted(str(photos / f"f{i}.jpg") for i in range(N))
+    ckpt = save_model(str(tmp_path / "hs.pt"), "hard_sharing", seed=7, hidden=8)
+    out = tmp_path / "out"
+    (out / "labels").mkdir(parents=True)
+    # 2 images a batch and a file, 2 s a batch: commits land one by one, and a progress line every second
+    # (raytasks/label/progress.py) shows them, its stdout a pipe as under `ray job submit`
+    job = [sys.executable, "-m", "jobs.label", "--checkpoint", ckpt, "--input", str(photos), "--output", str(out),
+           "--faces", "whole", "--precision", "fp32", "--batch-size", "2", "--max-actors", "1",
+           "--max-rows-per-file", "2", "--throttle", "2", "--progress-every", "1"]
+
+    # 1: SIGTERM on a Ray of the job's own (no cluster recorded under RAY_TMPDIR yet)
+    proc = subprocess.Popen(job, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    lines = []
+    guard = threading.Timer(150, os.killpg, (proc.pid, signal.SIGKILL))  # a job that hangs silently ends too
+    guard.start()
+    try:
+        for line in proc.stdout:  # until the run has started labeling (8 images, 2 s per batch of 2 at least)
+            lines.append(line.rstrip("\n"))
+            if line.startswith("labeling "):
+                break
+        else:
+            pytest.fail("the job ended before it labeled:\n" + "\n".join(lines[-40:]))
+        time.sleep(3)
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=90)
+    finally:
+        guard.cancel()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = "\n".join(lines) + "\n" + rest
+    last = [ln for ln in text.splitlines() if ln.strip()][-1]
+    assert (proc.returncode, last) == (143, STOPPED), text[-4000:]
+    assert "SIGTERM received" not in text, text[-4000:]
+    deadline = time.monotonic() + 10
+    while _processes_naming(tmp) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _processes_naming(tmp) == [], "processes of the stopped job's Ray left"
+    committed = read_rows(str(out)).num_rows if any((out / "labels").iterdir()) else 0
+
+    # 2: `ray start --head`, then the same command joins it and finishes
     ray_bin = str(Path(sys.executable).with_name("ray"))
     # SIGTERM stops `ray start --block` at once: no drain wait for a node that serves nothing (Ray waits 30 s)
     head_env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
@@ -178,32 +235,20 @@ def test_the_label_job_joins_a_ray_start_cluster_on_this_machine(tmp_path):
             assert head.poll() is None, f"ray start ended:\n{head.stdout.read()[-4000:]}"
             assert time.monotonic() < deadline, "ray start recorded no cluster in 60 s"
             time.sleep(0.2)
-        photos = tmp_path / "photos"
-        photos.mkdir()
-        for i in range(N):
-            (photos / f"f{i}.jpg").write_bytes(face_jpeg(500 + i))
-        ckpt = save_model(str(tmp_path / "hs.pt"), "hard_sharing", seed=7, hidden=8)
-        out = tmp_path / "out"
-        # 2 images a batch and a file, 1 s a batch: commits land one by one, and a progress line every second
-        # (raytasks/label/progress.py) shows them, its stdout a pipe as under `ray job submit`
-        proc = subprocess.run([sys.executable, "-m", "jobs.label", "--checkpoint", ckpt, "--input", str(photos),
-                               "--output", str(out), "--faces", "whole", "--precision", "fp32", "--batch-size", "2",
-                               "--max-actors", "1", "--max-rows-per-file", "2", "--throttle", "1",
-                               "--progress-every", "1"], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=180)
+        proc = subprocess.run(job, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
         text = proc.stdout + proc.stderr
         assert proc.returncode == 0, text[-4000:]
         assert "Connecting to existing Ray cluster" in text, text[-4000:]
-        assert sorted(read_rows(str(out)).column("path").to_pylist()) == sorted(
-            str(photos / f"f{i}.jpg") for i in range(N))
+        assert sorted(read_rows(str(out)).column("path").to_pylist()) == want  # each image once
         lines = proc.stdout.splitlines()
-        summary = next(i for i, ln in enumerate(lines) if ln.startswith(f"labeled {N} images in "))
+        summary = next(i for i, ln in enumerate(lines) if ln.startswith(f"labeled {N - committed} images in "))
+        assert f"output holds {N} rows for {N} of {N} inputs" in lines[summary], lines[summary]
         progress = [ln for ln in lines if ln.startswith("progress: ")]
         assert progress and all(lines.index(ln) < summary for ln in progress), proc.stdout
         counts = [int(re.match(rf"progress: (\d+) of {N} images labeled \(", ln).group(1)) for ln in progress]
-        assert counts == sorted(counts), proc.stdout
-        partial = [ln for ln, c in zip(progress, counts) if 0 < c < N]  # a run half done, as committed
-        assert partial, proc.stdout
+        assert counts == sorted(counts) and counts[0] >= committed, (committed, proc.stdout)
+        partial = [ln for ln, c in zip(progress, counts) if committed < c < N]  # this run half done, as committed
+        assert partial, (committed, proc.stdout)
         assert re.search(r"images/s over the last \d+ s, about \d+ (s|min) left; \d+ rows, errors 0$", partial[-1]), \
             partial
         assert (out / "_summary.json").is_file()
