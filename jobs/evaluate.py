@@ -49,6 +49,7 @@ import functools
 import json
 import math
 import sys
+from dataclasses import dataclass
 
 import pandas as pd
 
@@ -72,7 +73,7 @@ from facedata.datasets import SPLITS
 from faces.finder import FACE_PICKS
 from jobs._cli import add_face_args, check_job_paths, data_path, face_options, non_negative, positive
 from models.calibration import CalibrationError, calibration_status, fit_calibration
-from models.checkpoint import CheckpointError, checkpoint_bytes, load_checkpoint
+from models.checkpoint import CheckpointError, CheckpointInfo, checkpoint_bytes, load_checkpoint
 from models.recipes import record_lines
 from raytasks.reach import path_of
 
@@ -129,7 +130,7 @@ def _check_face_flags(args, opts: dict, defaulted: bool, p) -> None:
                 f"read whole here{trained})")
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint path or s3:// URI")
     p.add_argument("--data", required=True, help="FORMAT:PATH, e.g. celeba:../shared/data/celeba")
@@ -169,14 +170,27 @@ def main(argv: list[str] | None = None) -> dict:
                    help="with --faces detect, which face of a photo holding several is the labelled one, for rows "
                         "that do not name theirs by face_box / face_points: the detector's most confident "
                         "(default, score), the largest, or the one nearest the middle (LFW's rule)")
-    args = p.parse_args(argv)
-    # relative paths resolve into Ray's unpacked working_dir under `ray job submit`: refused there (raytasks/reach.py)
-    check_job_paths(p, [("--checkpoint", path_of(args.checkpoint)), ("--data", data_path(args.data)),
-                        *((f"--{k.replace('_', '-')}", getattr(args, k)) for k in (
-                            "json", "save_calibrated", "reliability", "report", "groups_json"))])
-    if args.save_calibrated and not args.calibrate_on:
-        p.error("--save-calibrated needs --calibrate-on SPLIT")
+    return p
 
+
+@dataclass
+class _Inputs:
+    """What a run evaluates: the checkpoint, the rows evaluated and those calibrated on."""
+    model: object  # the checkpoint's FaceModel (models/base.py), in eval mode
+    info: CheckpointInfo
+    face_opts: dict  # face_options(args): the detector's settings
+    table: pd.DataFrame  # the rows evaluated; with --faces detect, the faces they name resolved (_face_run)
+    split: str  # the split they are (test falls back to val)
+    cal_table: pd.DataFrame | None  # the rows --calibrate-on fits on, or None
+    cal_split: str | None
+    left_out: dict  # label column -> why it is not scored
+    by: list[str]  # the --by keys
+    n_rows: int  # rows evaluated, before any face is looked for
+
+
+def _prepare(args, p) -> _Inputs:
+    """Load the checkpoint and read the data, filling ``args.faces`` and ``args.seed`` from the checkpoint where
+    they are not given; every refusal that does not need the model to run comes here."""
     try:
         model, info = load_checkpoint(args.checkpoint)
     except CheckpointError as e:
@@ -218,69 +232,83 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"{args.data} (split {split}) has none of the labels {info.model} predicts "
                 f"({', '.join(wanted)}; it has {', '.join(c for c in table.columns if c not in ('path', 'split'))}"
                 f"{''.join(f'; {c} not scored: {w}' for c, w in left_out.items())}): nothing to compare its answers with")
+    by = _group_keys(args, p, table, model, left_out)
+    return _Inputs(model, info, opts, table, split, cal_table, cal_split, left_out, by, n_rows=len(table))
+
+
+def _group_keys(args, p, table: pd.DataFrame, model, left_out: dict) -> list[str]:
+    """The ``--by`` keys, each tried on one row: a bad key fails now, before the model runs."""
     by = [k.strip() for k in args.by.split(",") if k.strip()] if args.by else []
-    for key in by:  # a bad key fails now, before the model runs
+    for key in by:
         if key in left_out:
             p.error(f"--by {key}: {left_out[key]}; groups named by the checkpoint's classes would be wrong")
         try:
             group_values(table.iloc[:1], model, key)
         except GroupError as e:
             p.error(str(e))
+    return by
+
+
+def _face_run(args, inp: _Inputs) -> tuple[functools.partial, NamedFaces | None]:
+    """How the model reads the images -> ``(run, named)``: ``run(table)`` runs it on rows; with ``--faces detect``
+    it reads the aligned crop of the face the detector finds, and ``named`` (when rows name their face) has found
+    the named faces of ``inp.table``, finds those of the calibration rows, and is closed after the run."""
     run_args: dict = {"batch_size": args.batch_size}
-    named, n_rows = None, len(table)
+    named = None
     if args.faces == "detect":
         from faces.finder import FaceFinder, FaceOptions, decode_face
 
-        finder = FaceFinder(FaceOptions.from_dict(opts))
+        finder = FaceFinder(FaceOptions.from_dict(inp.face_opts))
         pick = args.face_pick or "score"
         run_args.update(decode_fn=lambda data, pre: decode_face(data, pre, finder, pick=pick),
                         max_side=finder.options.max_side)  # the named faces' decode (core/evalinputs.py)
-        if has_named_faces(table) or (cal_table is not None and has_named_faces(cal_table)):
+        if has_named_faces(inp.table) or (inp.cal_table is not None and has_named_faces(inp.cal_table)):
             named = NamedFaces(finder)  # a row that names its face is judged on it, as training finds it
-            table, faces = named.resolve(table)
+            inp.table, faces = named.resolve(inp.table)
             if faces is not None:
-                print(f"faces named by the data (face_box / face_points), {split}: {faces.line()}", file=sys.stderr)
-    run = functools.partial(run_model, model, **run_args)
+                print(f"faces named by the data (face_box / face_points), {inp.split}: {faces.line()}",
+                      file=sys.stderr)
+    return functools.partial(run_model, inp.model, **run_args), named
 
-    fitted = None
-    if cal_table is not None:
-        if named is not None:
-            cal_table, faces = named.resolve(cal_table)
-            if faces is not None:
-                print(f"faces named by the data, {cal_split}: {faces.line()}", file=sys.stderr)
-        cal_ev = run(cal_table)
-        model.outputs.clear_calibration()
-        try:
-            fitted = fit_calibration(model, calibration_pairs(model, cal_ev))
-        except CalibrationError as e:
-            p.error(str(e))
-        for name, f in fitted.outputs.items():
-            if f.method == "shift":
-                print(f"fitted {name} on {cal_split} ({f.n} rows): {f.line()}")
-            else:
-                ts = (", ".join(f"{t:.3f}" for t in f.temperatures[:5]) + (" ..." if len(f.temperatures) > 5 else "")
-                      if f.temperatures else "none kept")
-                print(f"fitted {name} on {cal_split} ({f.n} rows): T = {ts}; NLL {f.nll_before:.4f} -> "
-                      f"{f.nll_after:.4f}, ECE {f.ece_before:.4f} -> {f.ece_after:.4f}")
-            for line in f.rejected_lines():
-                print(line)
-        if args.save_calibrated:
-            data, digest = checkpoint_bytes(model, info.metrics, {**info.extra, "calibration": {
-                "split": cal_split, "data": args.data, "fit": fitted.summary()}})
-            storage.write_bytes(args.save_calibrated, data)
-            print(f"calibrated checkpoint {args.save_calibrated} {digest}")
 
-    ev = run(table)
+def _calibrate(args, inp: _Inputs, run, named: NamedFaces | None, p):
+    """Fit temperatures on ``inp.cal_table`` (replacing the checkpoint's), say what was fitted, and write the
+    calibrated checkpoint with ``--save-calibrated``; -> the fit."""
+    model, cal_table, cal_split = inp.model, inp.cal_table, inp.cal_split
     if named is not None:
-        named.close()
-    metrics = metrics_from(model, ev)
-    if args.faces == "detect":
-        metrics["images_without_face"] = float(n_rows - len(ev.rows))  # not found, or not decoded
-    status = calibration_status(model)
-    eces = calibration_errors(model, ev.raw, ev.targets)
-    refit = f" + temperatures fitted on {cal_split}" if fitted is not None else ""
+        cal_table, faces = named.resolve(cal_table)
+        if faces is not None:
+            print(f"faces named by the data, {cal_split}: {faces.line()}", file=sys.stderr)
+    cal_ev = run(cal_table)
+    model.outputs.clear_calibration()
+    try:
+        fitted = fit_calibration(model, calibration_pairs(model, cal_ev))
+    except CalibrationError as e:
+        p.error(str(e))
+    for name, f in fitted.outputs.items():
+        if f.method == "shift":
+            print(f"fitted {name} on {cal_split} ({f.n} rows): {f.line()}")
+        else:
+            ts = (", ".join(f"{t:.3f}" for t in f.temperatures[:5]) + (" ..." if len(f.temperatures) > 5 else "")
+                  if f.temperatures else "none kept")
+            print(f"fitted {name} on {cal_split} ({f.n} rows): T = {ts}; NLL {f.nll_before:.4f} -> "
+                  f"{f.nll_after:.4f}, ECE {f.ece_before:.4f} -> {f.ece_after:.4f}")
+        for line in f.rejected_lines():
+            print(line)
+    if args.save_calibrated:
+        data, digest = checkpoint_bytes(model, inp.info.metrics, {**inp.info.extra, "calibration": {
+            "split": cal_split, "data": args.data, "fit": fitted.summary()}})
+        storage.write_bytes(args.save_calibrated, data)
+        print(f"calibrated checkpoint {args.save_calibrated} {digest}")
+    return fitted
+
+
+def _print_results(args, inp: _Inputs, ev, metrics: dict, eces: dict, status: dict, refit: bool) -> None:
+    """The run's line, how the checkpoint was trained, the metrics, and its calibration status with the ECEs."""
+    model, info, split = inp.model, inp.info, inp.split
+    fitted_on = f" + temperatures fitted on {inp.cal_split}" if refit else ""
     shown = split if split == args.split else f"{split} (no test rows)"
-    print(f"model {info.model}  checkpoint {info.short_hash()}{refit}  data {args.data}  split {shown}  "
+    print(f"model {info.model}  checkpoint {info.short_hash()}{fitted_on}  data {args.data}  split {shown}  "
           f"images {int(metrics['n_images'])}  mirror {'on' if model.preprocessing.mirror else 'off'}")
     for line in record_lines(info.extra):  # how it was trained: its recipe's stages (models/recipes.py)
         print(line)
@@ -293,7 +321,7 @@ def main(argv: list[str] | None = None) -> dict:
             have = [lab for lab, n in zip(o.labels, counts.tolist()) if n > 0]
             print(f"  ({o.name}: the data labels {len(have)} of {len(o.labels)} ({', '.join(have)}); "
                   f"{o.name}.mean_accuracy is over {'it' if len(have) == 1 else 'them'})")
-    for col in left_out:
+    for col in inp.left_out:
         print(f"  ({col}: not scored: the data's codes are not the checkpoint's classes)")
     shifts = ", ".join(f"{k} {v:+.4f}" for k, v in status["shifts"].items() if v is not None)
     print(f"calibrated: {str(status['calibrated']).lower()}"
@@ -302,15 +330,21 @@ def main(argv: list[str] | None = None) -> dict:
           + (f"  (shift of the scores, fitted at export: {shifts})" if shifts else ""))
     for k in sorted(eces):
         print(f"  {k:<{width}}  {eces[k]:.4f}")
+
+
+def _write_outputs(args, inp: _Inputs, ev, metrics: dict, eces: dict, status: dict) -> None:
+    """The outputs asked for: --json, --reliability, the groups of --by (printed; --groups-json), --report."""
+    model = inp.model
     if args.json:  # strict JSON: a figure that is not a number (one row's Pearson) is null, as in --groups-json
         doc = {**metrics, **eces, "calibrated": float(status["calibrated"])}
         storage.write_bytes(args.json, json.dumps(_json_safe(doc), indent=2, sort_keys=True, allow_nan=False).encode())
-    title = f"{info.model} {info.short_hash()} on {args.data} ({split})"
+    title = f"{inp.info.model} {inp.info.short_hash()} on {args.data} ({inp.split})"
     if args.reliability:
         storage.write_bytes(args.reliability, reliability_png(model, ev.raw, ev.targets, title=title))
         print(f"reliability diagram {args.reliability}")
-    if by:
-        report = group_report(model, table, ev.raw, ev.targets, by, n_boot=args.bootstrap,
+    report = None
+    if inp.by:
+        report = group_report(model, inp.table, ev.raw, ev.targets, inp.by, n_boot=args.bootstrap,
                               min_group=args.min_group, seed=args.seed, rows=ev.rows)
         for line in format_groups(report):
             print(line)
@@ -319,9 +353,35 @@ def main(argv: list[str] | None = None) -> dict:
     if args.report:
         from core.report import evaluation_html
 
-        storage.write_bytes(args.report, evaluation_html(model, ev, metrics, eces, groups=report if by else None,
+        storage.write_bytes(args.report, evaluation_html(model, ev, metrics, eces, groups=report,
                                                          title=title).encode())
         print(f"report {args.report}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = build_parser()
+    args = p.parse_args(argv)
+    # relative paths resolve into Ray's unpacked working_dir under `ray job submit`: refused there (raytasks/reach.py)
+    check_job_paths(p, [("--checkpoint", path_of(args.checkpoint)), ("--data", data_path(args.data)),
+                        *((f"--{k.replace('_', '-')}", getattr(args, k)) for k in (
+                            "json", "save_calibrated", "reliability", "report", "groups_json"))])
+    if args.save_calibrated and not args.calibrate_on:
+        p.error("--save-calibrated needs --calibrate-on SPLIT")
+
+    inp = _prepare(args, p)
+    run, named = _face_run(args, inp)
+    fitted = _calibrate(args, inp, run, named, p) if inp.cal_table is not None else None
+
+    ev = run(inp.table)
+    if named is not None:
+        named.close()
+    metrics = metrics_from(inp.model, ev)
+    if args.faces == "detect":
+        metrics["images_without_face"] = float(inp.n_rows - len(ev.rows))  # not found, or not decoded
+    status = calibration_status(inp.model)
+    eces = calibration_errors(inp.model, ev.raw, ev.targets)
+    _print_results(args, inp, ev, metrics, eces, status, refit=fitted is not None)
+    _write_outputs(args, inp, ev, metrics, eces, status)
     return metrics
 
 
