@@ -1,7 +1,8 @@
 """The label job: a folder, prefix or manifest of photos -> Parquet, one row per face, on Ray Data.
 
 * job.py: :func:`label` (the run: listing, lease, resume, summary; the module docstring says what goes in and
-  comes out); spec.py: :class:`LabelSpec`, :class:`LabelError`;
+  comes out); spec.py: :class:`LabelSpec`, :class:`LabelError`; labeler.py: the checkpoint(s) and detector
+  a run labels with; summary.py: the summary it ends with;
 * stages.py: the Ray Data stages (read and decode, the annotator actor pool), listed in ``build_dataset``;
   decoding.py: the read-and-decode stage itself (its imports hold no torch);
 * cluster.py: the Ray it runs on and the size of the actor pool; output.py: the output folder;

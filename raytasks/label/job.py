@@ -121,6 +121,7 @@ import storage
 from facedata.inputs import InputError, check_manifest, write_listing, write_manifest_listing
 from facedata.paths import default_allow_prefix, is_manifest, normalize_path
 from raytasks.label.cluster import check_decode_fits, ensure_ray, resolve_pool
+from raytasks.label.labeler import Labeler, resolve_labeler
 from raytasks.label.output import (
     all_labeled,
     clean_uncommitted,
@@ -135,6 +136,7 @@ from raytasks.label.output import (
 from raytasks.label.progress import watch_label
 from raytasks.label.spec import LabelError, LabelSpec
 from raytasks.label.stages import build_dataset, fenced_parquet_sink
+from raytasks.label.summary import write_summary
 from raytasks.reach import check_reachable
 
 log = logging.getLogger(__name__)
@@ -200,32 +202,10 @@ def label(spec: LabelSpec, echo=print) -> dict:
 
 
 def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
-    from core.modelset import ModelSetError, resolve_set
-    from models.checkpoint import CheckpointError
-    from models.embedding import EmbeddingUnavailable
-
     spec.validate()
     start = time.perf_counter()
-    model_set = spec.models()
-    try:  # every checkpoint read and hashed here: a bad one fails before any work
-        resolved = resolve_set(model_set)
-    except (CheckpointError, ModelSetError, EmbeddingUnavailable) as e:
-        raise LabelError(str(e)) from None
-    identity, model_name = resolved.identity, resolved.name
-    pre_dicts = [p.to_dict() for p in resolved.preprocessings]
-    if model_set.is_set:
-        members, checkpoint_name = resolved.describe(), f"the model set {model_set.name}"
-        parts = [n + "=" + a for n, a in zip(resolved.names, resolved.architectures)]
-        what = f"the set {model_set.name!r} ({', '.join(parts + (['embedding'] if resolved.embedding else []))})"
-    else:
-        members, checkpoint_name = None, model_set.members[0][1]
-        what = f"{resolved.architectures[0]} {resolved.hashes[0].split(':')[-1][:16]}"
-    options = spec.face_options()
-    detector = "whole"
-    if options.detect:  # loads the detector's weights once here: a missing or altered package fails now
-        from faces.finder import FaceFinder
-
-        detector = FaceFinder(options).identity
+    labeler = resolve_labeler(spec)
+    options = labeler.options
     out = output_paths(spec.output)
     # before anything reads labels/ (a file cut by a kill mid-write is unreadable), and before ``resuming``,
     # so that a log holding only pending files of a killed first run is not taken for a resumed one
@@ -234,16 +214,38 @@ def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
     resuming = any(i.type == pafs.FileType.File for i in
                    commits_fs.get_file_info(pafs.FileSelector(commits_path, allow_not_found=True)))
     pool = resolve_pool(spec, resuming, warn=echo)
-    check_decode_fits(spec, options.to_dict(), pre_dicts, warn=echo)
+    check_decode_fits(spec, options.to_dict(), labeler.pre_dicts, warn=echo)
 
     base = manifest_base(spec.input) if is_manifest(spec.input) else None
+    listing = _list_inputs(spec, out, base)
+    review = spec.review_thresholds().resolve(labeler.preprocessings, options.detector_config().network).to_dict()
+    review = json.loads(json.dumps(review))  # as _settings.json holds it
+    before = _read_output(output_stats, out)
+    _check_same_labeling(spec, out, before.rows, labeler, review)
+    _echo_start(spec, listing, before.images, labeler, pool, echo)
+
+    if before.images >= listing.inputs and _read_output(all_labeled, out, out["inputs"]):
+        echo("every input is labeled already: nothing to run")
+    else:  # a line of the committed rows every --progress-every seconds meanwhile (raytasks/label/progress.py)
+        with watch_label(spec, listing.inputs, before.images, echo):
+            _run_pipeline(spec, labeler.model_set, labeler.pre_dicts, base, pool,
+                          labeler.detector if options.detect else None, labeler.identity, fence, out, commits_fs,
+                          commits_path)
+
+    seconds = time.perf_counter() - start
+    after = output_stats(out["labels"])
+    unlabeled = _read_output(unlabeled_inputs, out, out["inputs"])  # by path: rows of removed files do not count
+    return write_summary(spec, out, labeler, listing, review, before, after, unlabeled, seconds, echo)
+
+
+def _list_inputs(spec: LabelSpec, out: dict, base: str | None):
+    """The listing of ``--input`` (a manifest's rows or a folder's files) written to ``OUTPUT/_inputs/``;
+    refused when it holds no image."""
     # a file labeled before under another spelling is listed under that one, so the resume matches it
     respell = _read_output(labeled_spellings, out, base)
-    listing = None
     if is_manifest(spec.input):
         check_manifest(spec.input)
         listing = write_manifest_listing(spec.input, out["inputs"], base, respell=respell)  # one row per file
-        inputs = listing.inputs
     else:
         try:
             input_is_dir = storage.is_dir(spec.input)
@@ -253,25 +255,26 @@ def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
         if not input_is_dir:
             raise LabelError(f"--input {spec.input} is neither a folder/prefix nor a .parquet/.csv manifest")
         listing = write_listing(spec.input, out["inputs"], allow=spec.allow_prefix, respell=respell)
-        inputs = listing.inputs
-    if inputs == 0:
+    if listing.inputs == 0:
         raise LabelError(f"no images in {spec.input} ({listing.files} files, none an image"
                          + (f"; {listing.malformed_text()}" if listing.malformed_lines else "") + ")")
+    return listing
 
-    review = spec.review_thresholds().resolve(resolved.preprocessings, options.detector_config().network).to_dict()
-    review = json.loads(json.dumps(review))  # as _settings.json holds it
-    before = _read_output(output_stats, out)
+
+def _check_same_labeling(spec: LabelSpec, out: dict, rows: int, labeler: Labeler, review: dict) -> None:
+    """Refuses an output whose ``rows`` were labeled otherwise (another checkpoint or set, detector or review
+    thresholds), then records this run's review thresholds in ``_settings.json``."""
     settings = read_settings(out["settings"])
-    if before.rows:
+    if rows:
         previous, previous_detectors = _read_output(output_provenance, out)
-        if previous != {identity}:
+        if previous != {labeler.identity}:
             raise LabelError(f"{spec.output} holds rows of checkpoint(s) {', '.join(sorted(map(str, previous)))}; "
-                             f"{checkpoint_name} is {identity}: label with another checkpoint (or set) into another "
-                             "--output")
-        if previous_detectors != {detector}:
+                             f"{labeler.checkpoint_name} is {labeler.identity}: label with another checkpoint (or "
+                             "set) into another --output")
+        if previous_detectors != {labeler.detector}:
             raise LabelError(f"{spec.output} holds rows whose faces were found by "
                              f"{', '.join(map(repr, sorted(map(str, previous_detectors))))}; this run finds them by "
-                             f"{detector!r}: use the same --faces and detector settings, or another --output")
+                             f"{labeler.detector!r}: use the same --faces and detector settings, or another --output")
         previous_review = (settings or {}).get("review_thresholds")
         if previous_review is not None and previous_review != review:
             raise LabelError(f"{spec.output} holds rows flagged for review with the thresholds "
@@ -281,8 +284,12 @@ def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
     if (settings or {}).get("review_thresholds") != review:  # recorded before any row of this run is written
         storage.write_bytes(out["settings"], (json.dumps({**(settings or {}), "review_thresholds": review},
                                                          indent=2) + "\n").encode())
-    echo(f"labeling {spec.input}: {inputs} images ({before.images} already labeled in {spec.output}) with "
-         f"{what}, faces: {options.mode}, annotator actors {pool[0]}..{pool[1]}")
+
+
+def _echo_start(spec: LabelSpec, listing, images_before: int, labeler: Labeler, pool, echo) -> None:
+    """The run's first lines: what it labels, with what, and the files of the input it does not label."""
+    echo(f"labeling {spec.input}: {listing.inputs} images ({images_before} already labeled in {spec.output}) with "
+         f"{labeler.what}, faces: {labeler.options.mode}, annotator actors {pool[0]}..{pool[1]}")
     if listing.skipped_not_image:
         echo(f"{listing.skipped_text()}: only images are labeled (a HEIC, AVIF or RAW photo is an input whose "
              "row names its format)")
@@ -290,57 +297,6 @@ def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
         echo(f"{listing.hidden_text()}: not labeled; rename or move any photos among them to label them")
     if listing.malformed_lines:
         echo(f"{listing.malformed_text()}: fix them and run again to label them too")
-
-    if before.images >= inputs and _read_output(all_labeled, out, out["inputs"]):
-        echo("every input is labeled already: nothing to run")
-    else:  # a line of the committed rows every --progress-every seconds meanwhile (raytasks/label/progress.py)
-        with watch_label(spec, inputs, before.images, echo):
-            _run_pipeline(spec, model_set, pre_dicts, base, pool, detector if options.detect else None, identity,
-                          fence, out, commits_fs, commits_path)
-
-    seconds = time.perf_counter() - start
-    after = output_stats(out["labels"])
-    unlabeled = _read_output(unlabeled_inputs, out, out["inputs"])  # by path: rows of removed files do not count
-    written = after.images - before.images
-    summary = {
-        "input": spec.input, "allow_prefix": list(spec.allow_prefix), "output": spec.output, "labels": out["labels"],
-        "checkpoint": checkpoint_name, "model": model_name, "checkpoint_hash": identity, "models": members,
-        "faces_mode": options.mode, "detector": detector,
-        "precision": spec.precision, "inputs": inputs,
-        "files_listed": listing.files if not is_manifest(spec.input) else None,
-        "skipped_not_image": listing.skipped_not_image if not is_manifest(spec.input) else None,
-        "skipped_by_extension": listing.skipped_extensions() if not is_manifest(spec.input) else None,
-        "skipped_hidden": listing.skipped_hidden if not is_manifest(spec.input) else None,
-        "hidden_examples": listing.hidden_examples if not is_manifest(spec.input) else None,
-        "duplicates": listing.duplicates,
-        "malformed_lines": listing.malformed_lines if is_manifest(spec.input) else None,
-        "malformed_examples": listing.malformed_examples if is_manifest(spec.input) else None,
-        "images_before": before.images, "images_written": written, "images_total": after.images,
-        "ok_total": after.ok_images, "errors_by_kind": dict(sorted(after.errors.items())),
-        "faces_total": after.faces if options.detect else None,
-        "images_without_faces": after.without_faces if options.detect else None,
-        "rows_before": before.rows, "rows_written": after.rows - before.rows, "rows_total": after.rows,
-        "faces_dropped": after.dropped if options.detect else None,
-        "review_rows": after.review, "review_by_reason": dict(after.reasons.most_common()),
-        "review_thresholds": review,
-        "inputs_unlabeled": unlabeled, "complete": unlabeled == 0, "seconds": round(seconds, 3),
-        "images_per_s": round(written / seconds, 2) if seconds > 0 else None,
-        "faces_per_s": round((after.faces - before.faces) / seconds, 2) if seconds > 0 and options.detect else None,
-    }
-    storage.write_bytes(out["summary"], (json.dumps(summary, indent=2) + "\n").encode())
-    errors = ", ".join(f"{k} {v}" for k, v in summary["errors_by_kind"].items()) or "none"
-    found = (f"{after.faces} faces ({after.without_faces} images without a face), " if options.detect else "")
-    echo(f"labeled {written} images in {seconds:.1f} s ({summary['images_per_s']} images/s); output holds "
-         f"{after.rows} rows for {after.images} of {inputs} inputs: {found}{after.ok_images} images read, "
-         f"errors: {errors}")
-    if after.review:
-        top = ", ".join(f"{k} {v}" for k, v in after.reasons.most_common(6))
-        echo(f"{after.review} rows flagged for review ({top}); the rows to look at: "
-             f"SELECT * FROM '{out['labels']}/*.parquet' WHERE review (DuckDB), or python -m jobs.report")
-    if unlabeled:
-        echo(f"{unlabeled} inputs are not labeled yet: run the same command again to finish")
-    echo(f"summary: {out['summary']}")
-    return summary
 
 
 def manifest_base(manifest: str) -> str:
