@@ -19,20 +19,21 @@ def write_summary(spec: LabelSpec, out: dict, labeler: Labeler, listing, review:
     options = labeler.options
     inputs = listing.inputs
     written = after.images - before.images
+    folder = not is_manifest(spec.input)  # a folder's listing counts what it skipped, a manifest's its bad lines
     summary = {
         "input": spec.input, "allow_prefix": list(spec.allow_prefix), "output": spec.output, "labels": out["labels"],
         "checkpoint": labeler.checkpoint_name, "model": labeler.model_name, "checkpoint_hash": labeler.identity,
         "models": labeler.members,
         "faces_mode": options.mode, "detector": labeler.detector,
         "precision": spec.precision, "inputs": inputs,
-        "files_listed": listing.files if not is_manifest(spec.input) else None,
-        "skipped_not_image": listing.skipped_not_image if not is_manifest(spec.input) else None,
-        "skipped_by_extension": listing.skipped_extensions() if not is_manifest(spec.input) else None,
-        "skipped_hidden": listing.skipped_hidden if not is_manifest(spec.input) else None,
-        "hidden_examples": listing.hidden_examples if not is_manifest(spec.input) else None,
+        "files_listed": listing.files if folder else None,
+        "skipped_not_image": listing.skipped_not_image if folder else None,
+        "skipped_by_extension": listing.skipped_extensions() if folder else None,
+        "skipped_hidden": listing.skipped_hidden if folder else None,
+        "hidden_examples": listing.hidden_examples if folder else None,
         "duplicates": listing.duplicates,
-        "malformed_lines": listing.malformed_lines if is_manifest(spec.input) else None,
-        "malformed_examples": listing.malformed_examples if is_manifest(spec.input) else None,
+        "malformed_lines": listing.malformed_lines if not folder else None,
+        "malformed_examples": listing.malformed_examples if not folder else None,
         "images_before": before.images, "images_written": written, "images_total": after.images,
         "ok_total": after.ok_images, "errors_by_kind": dict(sorted(after.errors.items())),
         "faces_total": after.faces if options.detect else None,
