@@ -52,6 +52,7 @@ from jobs._cli import (
 from models.recipes import RECORD_KEY, TRAIN_FACE_MODES, TrainingRecipe, get_recipe, recipe_for, record_lines
 from raytasks.reach import init_ray, joined_address, path_of
 from raytasks.train import TrainError, TrainSpec
+from raytasks.train.job import ray_removed_the_workers
 from raytasks.train.stages import RecipeRun, summary_metrics
 
 
@@ -87,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=positive(int), default=None, help="torch threads per worker (default: its CPUs)")
     g.add_argument("--no-amp", action="store_true", help="fp32 on GPUs instead of bf16 autocast (bf16 only where the GPU computes it natively: "
                    "compute capability 8.0 and up; a V100 or T4 trains in fp32)")
-    g.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the last checkpoint")
+    g.add_argument("--max-failures", type=int, default=2,
+                   help="worker-group restarts from the last checkpoint; also, the times the job resumes a run that "
+                        "Ray Train itself ended (its workers' placement group removed under them), as the same "
+                        "command run again would")
     g.add_argument("--worker-logs", action="store_true",
                    help="forward the workers' and Ray Data's output here (it always stays in the Ray logs)")
     g.add_argument("--keep", type=positive(int), default=2, help="checkpoints kept (best by the primary metric)")
@@ -249,11 +253,7 @@ def main(argv: list[str] | None = None):
     if not ray.is_initialized():
         init_ray(cpus, log_to_driver=args.worker_logs)  # (a cluster `ray start` began meanwhile is joined)
         ray.data.DataContext.get_current().enable_progress_bars = False
-    try:
-        outcome = job.run()
-    except (TrainError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+    outcome = _run_resuming_ray_faults(job, spec, recipe)
     for line in record_lines({RECORD_KEY: outcome.recipe}):
         print(line)
     # per-output metrics only; CelebA's 40 per-attribute accuracies (capitalised names) are in history.json
@@ -262,6 +262,33 @@ def main(argv: list[str] | None = None):
     print(f"history {outcome.run_uri}/history.json, curves {outcome.curves}")
     print(outcome.output, flush=True)
     return outcome
+
+
+def _run_resuming_ray_faults(job: RecipeRun, spec: TrainSpec, recipe: TrainingRecipe | None):
+    """``job.run()``; a run that Ray Train itself ended (raytasks/train/job.py ``ray_removed_the_workers``) is
+    resumed here from its last checkpoint, as the same command run again would resume it, up to --max-failures
+    times in all; any other failure ends the job with its error (status 1)."""
+    resumed = 0
+    while True:
+        try:
+            return job.run()
+        except TrainError as e:
+            if not (ray_removed_the_workers(e) and resumed < spec.max_failures):
+                print(f"error: {e}", file=sys.stderr)
+                raise SystemExit(1) from None
+            resumed += 1
+            print(f"Ray Train removed this run's workers under it (their placement group; Ray's fault, not the "
+                  f"training's): resuming from the last checkpoint, as the same command would "
+                  f"({resumed} of --max-failures {spec.max_failures})", flush=True)
+            job = RecipeRun(spec, recipe)
+            try:
+                job.prepare()
+            except (TrainError, ValueError, OSError) as e2:
+                print(f"error: {e2}", file=sys.stderr)
+                raise SystemExit(1) from None
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

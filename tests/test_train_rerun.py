@@ -120,3 +120,80 @@ def test_a_recipe_folder_is_left_to_the_recipe_identity(tmp_path):
     m = _first_run(spec)
     storage.write_bytes(storage.join(spec.run_uri, RECIPE_FILE), b"{}")
     assert check_run_folder(dataclasses.replace(spec, recipe=_recipe(spec, lr=0.5)), m, VAL)[1]
+
+
+# ---- a run that Ray Train itself ended: resumed by the job (jobs/train.py, raytasks/train/job.py) ----------------
+def _failed(cause: BaseException) -> TrainError:
+    """The job's error for a failed fit, as raytasks/train/job.py ``_fit`` raises it: Ray's error as its cause."""
+    try:
+        raise TrainError(f"training failed: {cause}\nrerun the same command (same --name and --storage) to resume "
+                         "from the last checkpoint") from cause
+    except TrainError as e:
+        return e
+
+
+REMOVED = ("The actor died unexpectedly before finishing this task.\n\tclass_name: RayTrainWorker\nThe actor is dead "
+           "because its worker process has died. Worker exit type: INTENDED_SYSTEM_EXIT Worker exit detail: Destroying "
+           "worker since its placement group was removed. Placement group id: 647fd9719321eec58a6b29955bab01000000")
+
+
+@pytest.mark.parametrize("failures,max_failures,resumes,ends", [
+    (["removed"], 2, 1, "done"),  # Ray removed the workers once: resumed, then done
+    (["removed", "removed"], 1, 1, "error"),  # again after --max-failures resumes: the error, status 1
+    (["removed"], 0, 0, "error"),  # --max-failures 0: never resumed
+    (["worker"], 2, 0, "error"),  # the training's own failure (a worker's error): the error at once
+    (["controller"], 2, 0, "error"),  # another controller error of Ray's: the error at once
+])
+def test_a_run_ray_train_itself_ended_is_resumed_as_the_same_command_would(tmp_path, monkeypatch, capsys, failures,
+                                                                           max_failures, resumes, ends):
+    """Ray Train 2.60 removed a live run's placement group in the suite once (docs/benchmarks.md, 2026-12-07) and
+    ended the run with a ``ControllerError`` it does not retry, where the same command resumes the run from its
+    last checkpoint. The job now does that itself, within --max-failures, with a line that says so; any other
+    failure ends it as before. The run is stood in for (no Ray): the rerun in one process is
+    tests/test_recipes_runs.py's, which runs the same command again in its own process."""
+    from ray.train.v2.api.exceptions import ControllerError
+
+    import jobs.train as train_job
+    from raytasks.train.job import ray_removed_the_workers
+    from raytasks.train.spec import TrainOutcome
+
+    errors = {"removed": _failed(ControllerError(RuntimeError(REMOVED))),
+              "worker": _failed(RuntimeError("Training failed due to worker errors: ... ZeroDivisionError")),
+              "controller": _failed(ControllerError(RuntimeError("Callback 'X' hook 'y' is missing")))}
+    assert [ray_removed_the_workers(e) for e in errors.values()] == [True, False, False]
+    assert ray_removed_the_workers(ControllerError(RuntimeError(REMOVED)))  # Ray's error itself, too
+    outcome = TrainOutcome(output=str(tmp_path / "m.pt"), best_epoch=1, best_metrics={"val_loss": 1.0}, history=[],
+                           run_uri=str(tmp_path / "runs" / "r"), resumed_from=None, curves=None)
+    left = list(failures)
+    made = []
+
+    class Run:  # RecipeRun as jobs.train uses it: made and prepared once per attempt, then run
+        def __init__(self, spec, recipe):
+            made.append(spec)
+
+        def prepare(self):
+            pass
+
+        def run(self):
+            if left:
+                raise errors[left.pop(0)]
+            return outcome
+
+    monkeypatch.setattr(train_job, "RecipeRun", Run)
+    monkeypatch.setattr(train_job, "init_ray", lambda *a, **k: None)
+    monkeypatch.setattr(train_job, "joined_address", lambda: None)
+    argv = ["--model", "hard_sharing", "--data", f"celeba:{tmp_path}", "--storage", str(tmp_path / "runs"),
+            "--name", "r", "--max-failures", str(max_failures)]
+    if ends == "done":
+        assert train_job.main(argv) is outcome
+    else:
+        with pytest.raises(SystemExit) as e:
+            train_job.main(argv)
+        assert e.value.code == 1
+    out, err = capsys.readouterr()
+    said = [ln for ln in out.splitlines() if ln.startswith("Ray Train removed this run's workers under it")]
+    assert len(said) == resumes and len(made) == 1 + resumes, out
+    if resumes:
+        assert said[-1].endswith(f"resuming from the last checkpoint, as the same command would ({resumes} of "
+                                 f"--max-failures {max_failures})")
+    assert ("error: training failed" in err) == (ends == "error"), err

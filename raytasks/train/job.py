@@ -212,6 +212,17 @@ def calibrated_bytes(data: bytes, output: str, val, batch_size: int, log_fn=prin
     return data, digest
 
 
+def ray_removed_the_workers(error: BaseException) -> bool:
+    """Whether a failed run (the :class:`TrainError` of :func:`_fit`, or Ray's own error) ended by Ray Train's fault,
+    not the training's: a live run's placement group removed under its workers, which Ray reports as a
+    ``ControllerError`` naming the removed group and does not retry. Seen with Ray 2.60 in the suite (2026-12-07,
+    docs/benchmarks.md): the run's ``PlacementGroupCleaner`` asks Ray's State API whether the controller lives and
+    reads a missing answer as a dead controller (the flaw named in the review of ray-project/ray#65447). The same
+    command resumes such a run from its last checkpoint."""
+    cause = error.__cause__ if isinstance(error, TrainError) and error.__cause__ is not None else error
+    return type(cause).__name__ == "ControllerError" and "placement group was removed" in str(cause)
+
+
 def _fit(spec: TrainSpec, model, recipe, train, val, faces, selection, resumed_from, log_fn):
     """Start (or resume) the TorchTrainer of the run and wait for it; returns Ray Train's result."""
     from ray.train import ScalingConfig
