@@ -124,8 +124,15 @@ def ray_session(s3_server):
         # in this process's environment too: the cluster's own processes (the log monitor) are started from it
         for k, v in RAY_TEST_ENV.items():
             os.environ.setdefault(k, v)
+        # RAY_API_SERVER_ADDRESS: this cluster has no dashboard, so Ray's State API would ask 127.0.0.1:8265, where
+        # another test's Ray (a `jobs.serve` or `jobs.label` subprocess starting its own) may have its dashboard,
+        # which knows none of this cluster's actors: Ray Train's PlacementGroupCleaner then (most likely) took a live
+        # controller for dead and removed its run's placement group (twice in four suites on 2026-12-07,
+        # docs/benchmarks.md).
+        # Pointed at a closed port, the State API fails and the cleaner waits, as on a machine with one Ray.
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), **RAY_TEST_ENV}})
+                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), **RAY_TEST_ENV,
+                                           "RAY_API_SERVER_ADDRESS": "http://127.0.0.1:9"}})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield ray
