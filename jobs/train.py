@@ -245,11 +245,10 @@ def main(argv: list[str] | None = None):
         if recipe is None and args.recipe is None:
             print(f"no recipe for {args.model} on {data_format(args)} data: one run with the model's "
                   f"defaults and the flags")
-        job = RecipeRun(spec, recipe)
-        job.prepare()  # bad flags or data fail here, before a local Ray starts
-    except (TrainError, ValueError, OSError) as e:  # a data set's read: any failure is one (core/dataread.py)
+    except (TrainError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    job = _prepared_run(spec, recipe)  # bad flags or data fail here, before a local Ray starts
     if not ray.is_initialized():
         init_ray(cpus, log_to_driver=args.worker_logs)  # (a cluster `ray start` began meanwhile is joined)
         ray.data.DataContext.get_current().enable_progress_bars = False
@@ -262,6 +261,17 @@ def main(argv: list[str] | None = None):
     print(f"history {outcome.run_uri}/history.json, curves {outcome.curves}")
     print(outcome.output, flush=True)
     return outcome
+
+
+def _prepared_run(spec: TrainSpec, recipe: TrainingRecipe | None) -> RecipeRun:
+    """The run of ``spec``, prepared (its data read, its run folder checked); an error ends the job (status 1)."""
+    try:
+        job = RecipeRun(spec, recipe)
+        job.prepare()
+    except (TrainError, ValueError, OSError) as e:  # a data set's read: any failure is one (core/dataread.py)
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    return job
 
 
 def _run_resuming_ray_faults(job: RecipeRun, spec: TrainSpec, recipe: TrainingRecipe | None):
@@ -280,12 +290,7 @@ def _run_resuming_ray_faults(job: RecipeRun, spec: TrainSpec, recipe: TrainingRe
             print(f"Ray Train removed this run's workers under it (their placement group; Ray's fault, not the "
                   f"training's): resuming from the last checkpoint, as the same command would "
                   f"({resumed} of --max-failures {spec.max_failures})", flush=True)
-            job = RecipeRun(spec, recipe)
-            try:
-                job.prepare()
-            except (TrainError, ValueError, OSError) as e2:
-                print(f"error: {e2}", file=sys.stderr)
-                raise SystemExit(1) from None
+            job = _prepared_run(spec, recipe)
         except (ValueError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(1) from None

@@ -14,7 +14,6 @@ class Labeler:
 
     model_set: object  # core.modelset.ModelSet
     preprocessings: list
-    pre_dicts: list
     identity: str  # the rows' ``checkpoint``: one checkpoint's hash or the set's identity
     model_name: str
     checkpoint_name: str  # how the summary and the errors name it
@@ -22,6 +21,11 @@ class Labeler:
     what: str  # how the first line of the run names it
     options: object  # faces.finder.FaceOptions
     detector: str  # the detector's identity, "whole" without one
+
+    @property
+    def pre_dicts(self) -> list[dict]:
+        """Each member's preprocessing as the decode stage and its memory check take it."""
+        return [p.to_dict() for p in self.preprocessings]
 
 
 def resolve_labeler(spec: LabelSpec) -> Labeler:
@@ -47,5 +51,5 @@ def resolve_labeler(spec: LabelSpec) -> Labeler:
         from faces.finder import FaceFinder
 
         detector = FaceFinder(options).identity
-    return Labeler(model_set, resolved.preprocessings, [p.to_dict() for p in resolved.preprocessings],
-                   resolved.identity, resolved.name, checkpoint_name, members, what, options, detector)
+    return Labeler(model_set, resolved.preprocessings, resolved.identity, resolved.name, checkpoint_name, members,
+                   what, options, detector)
