@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -31,12 +30,6 @@ DEMO_MODELS = {
     "task_attention": ({"image_size": 64, "depth": 18}, {"batch_size": 16}),
     "hard_sharing": ({}, {"batch_size": 32}),
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def compose_photos(celeba: Path, out: Path, n: int, seed: int) -> dict[str, int]:
@@ -91,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     from facedata.synth import generate
     from jobs import evaluate
     from raytasks.label import LabelSpec, label
-    from raytasks.reach import init_ray
+    from raytasks.reach import free_port, init_ray
     from raytasks.train import TrainSpec, run
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
@@ -161,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from raytasks.serve import build_app
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"models": {"demo": ckpt}, "precision": "fp32", "allow_no_auth": True}), name="faceattr", route_prefix="/")
     group = max(sorted(truth), key=lambda k: truth[k])

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Iterable
+from contextlib import contextmanager
 from pathlib import PurePath
 
 import storage
@@ -37,6 +39,7 @@ from facedata.paths import local_path
 # Filesystem types (as /proc/self/mounts names them) whose files every node mounting them sees.
 NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "ceph", "glusterfs",
                                  "beegfs", "wekafs", "orangefs", "pvfs2", "ocfs2", "gfs2", "afs", "panfs"})
+STATE_API_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's State API asks (own_state_api)
 LOCAL_FUSE = frozenset({"fuse.fuse-overlayfs", "fuse.lxcfs", "fuse.portal"})  # FUSE mounts of this machine only
 
 
@@ -84,13 +87,64 @@ def init_ray(local_cpus: int, join: bool | None = None, **init_kwargs) -> bool:
         ray.init(**init_kwargs)
         return True
     try:
-        ray.init(num_cpus=local_cpus, **init_kwargs)
+        own_kwargs, env = own_state_api(init_kwargs)
+        with _environ(env):
+            ray.init(num_cpus=local_cpus, **own_kwargs)
     except ValueError as e:  # a cluster Ray found where joined_address did not (a Ray whose lookup changed)
         if "connecting to an existing cluster" not in str(e):
             raise
         ray.init(**init_kwargs)
         return True
     return False
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def own_state_api(init_kwargs: dict) -> tuple[dict, dict]:
+    """``(init_kwargs, environment)`` for a Ray this process starts, so that Ray's State API, asked from inside
+    that Ray, answers about that Ray and no other on the machine.
+
+    Asked without an address (as Ray Train 2.60's ``PlacementGroupCleaner`` asks every second whether the run's
+    controller lives: ``ray.train.v2._internal.state.util.is_actor_alive``), the State API does not ask the Ray
+    of the process asking: it reads RAY_API_SERVER_ADDRESS, then RAY_ADDRESS, then the cluster ``ray start`` last
+    recorded on the machine (``ray_current_cluster``), and without one the dashboard address that Ray's GCS holds
+    (127.0.0.1:8265 for a Ray without a dashboard, where another Ray's dashboard may be). Checked on Ray 2.60
+    (2026-12-07): an actor of a Ray started by ``ray.init()`` asked about a live actor of its own Ray after
+    ``ray start --head`` had started a second Ray on the machine, and was told it does not exist; the cleaner
+    takes that answer for a dead controller and removes the live run's workers ("placement group was removed").
+
+    So the dashboard gets a port chosen here (``dashboard_port``, unless the caller chose one) and
+    RAY_API_SERVER_ADDRESS names it in the environment the Ray's processes inherit (set only while ``ray.init``
+    starts them: :func:`_environ`; this process's own environment is left as it was). A Ray without a
+    dashboard (``include_dashboard=False``) then has its State API pointed at a port nothing listens on: every
+    query fails, and the cleaner waits, as on a machine with one Ray. A RAY_API_SERVER_ADDRESS the user set is
+    kept as it is."""
+    if os.environ.get(STATE_API_ENV):
+        return init_kwargs, {}
+    kwargs = {**init_kwargs}
+    port = kwargs.setdefault("dashboard_port", free_port())
+    return kwargs, {STATE_API_ENV: f"http://127.0.0.1:{port}"}
+
+
+@contextmanager
+def _environ(values: dict):
+    """``values`` in this process's environment for the ``with`` block (inherited by the processes it starts),
+    then the environment as it was."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def tasks_elsewhere() -> str | None:

@@ -118,21 +118,20 @@ def ray_session(s3_server):
     the S3 server so that Ray's worker processes inherit the endpoint's environment."""
     import ray
 
+    from raytasks.reach import init_ray
     from tests.helpers import RAY_TEST_ENV
 
     if not ray.is_initialized():
         # in this process's environment too: the cluster's own processes (the log monitor) are started from it
         for k, v in RAY_TEST_ENV.items():
             os.environ.setdefault(k, v)
-        # RAY_API_SERVER_ADDRESS: this cluster has no dashboard, so Ray's State API would ask 127.0.0.1:8265, where
-        # another test's Ray (a `jobs.serve` or `jobs.label` subprocess starting its own) may have its dashboard,
-        # which knows none of this cluster's actors: Ray Train's PlacementGroupCleaner then (most likely) took a live
-        # controller for dead and removed its run's placement group (twice in four suites on 2026-12-07,
-        # docs/benchmarks.md).
-        # Pointed at a closed port, the State API fails and the cleaner waits, as on a machine with one Ray.
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), **RAY_TEST_ENV,
-                                           "RAY_API_SERVER_ADDRESS": "http://127.0.0.1:9"}})
+        # started as the jobs start a Ray of their own (raytasks/reach.py init_ray), so that Ray's State API asked
+        # from inside it asks this cluster, not another test's Ray: it had asked 127.0.0.1:8265 or the last `ray
+        # start` cluster, which knew none of its actors, and Ray Train's PlacementGroupCleaner took a live
+        # controller for dead and removed its run's placement group (twice in four suites on 2026-12-07;
+        # docs/benchmarks.md)
+        init_ray(4, join=False, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), **RAY_TEST_ENV}})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield ray

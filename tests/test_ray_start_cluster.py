@@ -47,10 +47,11 @@ def lookup(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     answer = {"address": None}
     monkeypatch.setattr(services, "canonicalize_bootstrap_address", lambda addr, temp_dir=None: answer["address"])
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     calls: list[dict] = []
 
     def init(**kwargs):
-        calls.append(kwargs)
+        calls.append(_state_api_env(kwargs))
         raise _Inited
 
     monkeypatch.setattr(ray, "init", init)
@@ -58,8 +59,21 @@ def lookup(monkeypatch):
     return answer, calls
 
 
+def _state_api_env(kwargs: dict) -> dict:
+    """``ray.init``'s arguments as a fake ``ray.init`` got them, with ``dashboard_port`` replaced by whether the
+    environment it was called in pointed Ray's State API at that port (``"own"``; raytasks/reach.py
+    own_state_api)."""
+    kwargs = dict(kwargs)
+    if "dashboard_port" in kwargs:
+        port = kwargs.pop("dashboard_port")
+        named = os.environ.get("RAY_API_SERVER_ADDRESS") == f"http://127.0.0.1:{port}"
+        kwargs["state_api"] = "own" if named else os.environ.get("RAY_API_SERVER_ADDRESS")
+    return kwargs
+
+
 @pytest.mark.parametrize("env,recorded,want", [
-    (None, None, {"num_cpus": 6, "log_to_driver": False}),  # no cluster: a Ray of this process's own
+    # no cluster: a Ray of this process's own, its State API pointed at its own dashboard's port
+    (None, None, {"num_cpus": 6, "log_to_driver": False, "state_api": "own"}),
     (None, RECORDED, {"log_to_driver": False}),  # `ray start --head` on this machine: joined as it is
     ("10.0.0.1:6379", None, {"log_to_driver": False}),  # `ray job submit`
 ])
@@ -74,6 +88,18 @@ def test_init_ray_gives_num_cpus_only_to_a_ray_it_starts(lookup, monkeypatch, en
     with pytest.raises(_Inited):
         reach.init_ray(6, log_to_driver=False)
     assert calls == [want]
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ  # only the started Ray's processes inherit it
+
+
+def test_a_state_api_address_the_user_set_is_kept(lookup, monkeypatch):
+    from raytasks import reach
+
+    _, calls = lookup
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://10.0.0.1:8265")
+    with pytest.raises(_Inited):
+        reach.init_ray(2)
+    assert calls == [{"num_cpus": 2}]
+    assert os.environ["RAY_API_SERVER_ADDRESS"] == "http://10.0.0.1:8265"
 
 
 def test_init_ray_joins_when_ray_finds_a_cluster_its_lookup_did_not(monkeypatch):
@@ -85,14 +111,15 @@ def test_init_ray_joins_when_ray_finds_a_cluster_its_lookup_did_not(monkeypatch)
     calls: list[dict] = []
 
     def init(**kwargs):
-        calls.append(kwargs)
+        calls.append(_state_api_env(kwargs))
         if "num_cpus" in kwargs:
             raise ValueError("When connecting to an existing cluster, num_cpus and num_gpus must not be provided.")
 
     monkeypatch.setattr(reach, "joined_address", lambda: None)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "init", init)
     assert reach.init_ray(4) is True
-    assert calls == [{"num_cpus": 4}, {}]
+    assert calls == [{"num_cpus": 4, "state_api": "own"}, {}]  # joined as it is
 
 
 def _label(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -96,7 +97,7 @@ def test_a_local_ray_is_started_with_the_cpus_the_application_asks_for(monkeypat
     calls = []
 
     def init(**kwargs):
-        calls.append(kwargs)
+        calls.append({k: v for k, v in kwargs.items() if k != "dashboard_port"})  # own_state_api's: tested apart
         raise _Inited
 
     monkeypatch.setattr(ray, "init", init)
@@ -170,6 +171,30 @@ class _Job:
                 return left
             time.sleep(0.5)
 
+    def worker_environments(self) -> dict[int, dict[str, str]]:
+        """The environment of each Ray worker process of this job's Ray (a process descended from the job's whose
+        title starts with ``ray::``: the Serve replicas, the controller, idle workers; not Ray's two agents, which
+        run no task or actor of anyone's), by pid."""
+        parent = {}
+        for d in Path("/proc").iterdir():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(") ", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+        found = {}
+        for pid in parent:
+            p = pid
+            while p > 1 and p != self.proc.pid:
+                p = parent.get(p, 0)
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+                if p == self.proc.pid and cmd.startswith(b"ray::") and not cmd.split(b"\0")[0].endswith(b"Agent"):
+                    pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                    found[pid] = dict(kv.decode(errors="replace").split("=", 1) for kv in pairs if b"=" in kv)
+            except OSError:
+                continue
+        return found
+
     def close(self):
         """Whatever it left (the code before this fix ignored the signals and left Ray's processes behind)."""
         if self.proc.poll() is None:
@@ -205,6 +230,14 @@ def test_two_models_a_set_and_the_embedding_serve_on_two_cpus_and_ctrl_c_stops(t
         conn.close()
         assert r.status == 200, body
         assert [m["name"] for m in body["models"]] == ["a", "b"], body
+        # Ray's State API, asked from inside this Ray (as Ray Train's PlacementGroupCleaner asks whether a run's
+        # controller lives), asks this Ray's own dashboard, not the last `ray start` cluster or 127.0.0.1:8265
+        # (raytasks/reach.py own_state_api): every worker process inherited its address
+        dashboard = re.search(r"View the dashboard at \S*?(http://[\d.]+:\d+)", job.text())
+        assert dashboard, job.text()[-4000:]
+        workers = job.worker_environments()
+        assert len(workers) >= 4, workers.keys()  # 2 models, the set and the ingress at least
+        assert {env.get("RAY_API_SERVER_ADDRESS") for env in workers.values()} == {dashboard.group(1)}
         took = job.stopped_by(signal.SIGINT, group=True, timeout=30)
         text = job.text()
         assert (job.proc.returncode, _last(text)) == (130, "stopped by SIGINT: Serve shut down"), text[-4000:]
