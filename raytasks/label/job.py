@@ -202,7 +202,7 @@ def label(spec: LabelSpec, echo=print) -> dict:
 
 
 def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
-    spec.validate()
+    """The run itself, on a spec :func:`label` validated and holding the output's lease (``fence``)."""
     start = time.perf_counter()
     labeler = resolve_labeler(spec)
     options = labeler.options
@@ -233,7 +233,7 @@ def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
                           commits_path)
 
     seconds = time.perf_counter() - start
-    after = output_stats(out["labels"])
+    after = _read_output(output_stats, out)
     unlabeled = _read_output(unlabeled_inputs, out, out["inputs"])  # by path: rows of removed files do not count
     return write_summary(spec, out, labeler, listing, review, before, after, unlabeled, seconds, echo)
 
