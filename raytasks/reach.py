@@ -122,10 +122,9 @@ def own_state_api(init_kwargs: dict) -> tuple[dict, dict]:
     RAY_API_SERVER_ADDRESS names it in the environment the Ray's processes inherit (set only while ``ray.init``
     starts them: :func:`_environ`; this process's own environment is left as it was). A Ray without a
     dashboard (``include_dashboard=False``) then has its State API pointed at a port nothing listens on: every
-    query fails, and the cleaner waits, as on a machine with one Ray. A RAY_API_SERVER_ADDRESS the user set is
-    kept as it is."""
-    if os.environ.get(STATE_API_ENV):
-        return init_kwargs, {}
+    query fails, and the cleaner waits, as on a machine with one Ray. A RAY_API_SERVER_ADDRESS the user set (for
+    ``ray job submit`` to a remote cluster, say) is replaced for the started Ray's processes only, since one
+    naming another cluster would mislead them the same way, and stays as it was for this process."""
     kwargs = {**init_kwargs}
     port = kwargs.setdefault("dashboard_port", free_port())
     return kwargs, {STATE_API_ENV: f"http://127.0.0.1:{port}"}

@@ -91,14 +91,16 @@ def test_init_ray_gives_num_cpus_only_to_a_ray_it_starts(lookup, monkeypatch, en
     assert "RAY_API_SERVER_ADDRESS" not in os.environ  # only the started Ray's processes inherit it
 
 
-def test_a_state_api_address_the_user_set_is_kept(lookup, monkeypatch):
+def test_a_state_api_address_the_user_set_is_replaced_for_the_started_ray_only(lookup, monkeypatch):
+    """RAY_API_SERVER_ADDRESS set for ``ray job submit`` to a remote cluster: a Ray started here still asks its own
+    dashboard (the remote cluster knows none of its actors), and this process keeps the user's address."""
     from raytasks import reach
 
     _, calls = lookup
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://10.0.0.1:8265")
     with pytest.raises(_Inited):
         reach.init_ray(2)
-    assert calls == [{"num_cpus": 2}]
+    assert calls == [{"num_cpus": 2, "state_api": "own"}]
     assert os.environ["RAY_API_SERVER_ADDRESS"] == "http://10.0.0.1:8265"
 
 
