@@ -93,16 +93,17 @@ def _forward(net, images: torch.Tensor, device: torch.device, amp_dtype, channel
 
 
 def train_step(model, batch: dict, optimizer, device: torch.device, amp_dtype=None,
-               channels_last: bool = False, augment=None, generator=None) -> dict[str, float]:
+               channels_last: bool = False, augment=None, generator=None, label_smoothing: float = 0.0
+               ) -> dict[str, float]:
     """One optimisation step; ``model`` may be DDP-wrapped. ``augment`` (core/augment.py ``Augment``) runs
     on the batch on ``device``, in the aligned frame, before the forward pass (training only: nothing else
-    calls it). Returns the loss and its parts."""
+    calls it); ``label_smoothing``: the recipe's (models/base.py ``Recipe``). Returns the loss and its parts."""
     core = getattr(model, "module", model)
     images, targets = to_tensors(batch, device)
     if augment is not None:
         images, targets = augment(images, targets, core.outputs, generator)
     raw = _forward(model, images, device, amp_dtype, channels_last)
-    loss, parts = core.loss(raw, targets)
+    loss, parts = core.loss(raw, targets, label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -209,7 +210,7 @@ def train_epoch(net, batches: Iterator[dict], opt, device: torch.device, epoch: 
         if not hooks.more(batch is not None):
             break
         hooks.before_step()
-        out = train_step(net, batch, opt, device, amp, channels_last, augment, generator)
+        out = train_step(net, batch, opt, device, amp, channels_last, augment, generator, recipe.label_smoothing)
         n = len(batch["image"])
         for k, v in out.items():
             done.loss_sums[k] = done.loss_sums.get(k, 0.0) + v * n

@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--validate-every", type=non_negative, help="also validate every N steps (DMM-CNN's P; 0: off)")
     r.add_argument("--average-epochs", type=positive(int), help="validate and save the mean of the weights of "
                    "the last N epochs while training goes on from the latest (core/averaging.py; 1: off)")
+    r.add_argument("--label-smoothing", type=float, metavar="EPS",
+                   help="train every categorical output (gender, race, smile, eyeglasses) against its label mixed "
+                        "with EPS of the uniform distribution (0: off, the default; models/base.py Recipe); "
+                        "validation and evaluation read the plain loss")
     r.add_argument("--no-augment", action="store_true", help="train without the recipe's augmentation")
     r.add_argument("--align-jitter", type=float, default=None, metavar="K",
                    help="add random similarity jitter of the detector's alignment spread times K (1: scale 7 %%, "
@@ -170,7 +174,8 @@ def spec_from_args(args: argparse.Namespace) -> TrainSpec:
         model_kwargs["num_landmarks"] = args.num_landmarks
     recipe = {k: v for k, v in {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                                 "optimizer": args.optimizer, "weight_decay": args.weight_decay,
-                                "schedule": args.schedule, "average_epochs": args.average_epochs}.items()
+                                "schedule": args.schedule, "average_epochs": args.average_epochs,
+                                "label_smoothing": args.label_smoothing}.items()
               if v is not None}
     if args.patience is not None:
         recipe["early_stopping_patience"] = args.patience or None

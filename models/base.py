@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
+from .outputs import Categorical
 from .outputset import OutputSet, add_stats, finalize_metrics
 from .preprocess import Preprocessing, normalize
 
@@ -22,7 +23,8 @@ class Recipe:
     (L_i = L_{i-1} (1 - 1/epoch_i), see models/hard_sharing.py). ``validate_every``: validate on the whole
     validation set every P iterations (DMM-CNN's dynamic weights and thresholds) in addition to every epoch.
     ``average_epochs``: validate and save the mean of the weights of the last K epochs (core/averaging.py;
-    1: off).
+    1: off). ``label_smoothing``: ε of every categorical output's training loss (gender, race, smile, eyeglasses;
+    not the age distribution, not binary attributes): ``Categorical.loss``; 0: off.
     """
 
     optimizer: str = "adam"
@@ -37,6 +39,7 @@ class Recipe:
     augment: dict = field(default_factory=dict)
     validate_every: int | None = None
     average_epochs: int = 1
+    label_smoothing: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,14 +82,16 @@ class FaceModel(nn.Module):
         return self.outputs.mirror_average(raw, forward(x.flip(-1)))
 
     # --- training --------------------------------------------------------------------------------
-    def loss(self, raw: dict, targets: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Weighted sum of the task losses (rows without a label are masked per task)."""
+    def loss(self, raw: dict, targets: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Weighted sum of the task losses (rows without a label are masked per task); ``label_smoothing``: the
+        recipe's, for the categorical outputs (:class:`Recipe`)."""
         parts = {}
         total = None
         for o in self.outputs:
             if o.target_column not in targets:
                 continue
-            part = o.masked_loss(raw[o.name], targets[o.target_column])
+            kw = {"smoothing": label_smoothing} if label_smoothing and isinstance(o, Categorical) else {}
+            part = o.masked_loss(raw[o.name], targets[o.target_column], **kw)
             parts[o.name] = part.detach()
             total = o.weight * part if total is None else total + o.weight * part
         if total is None:

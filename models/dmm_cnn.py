@@ -287,9 +287,10 @@ class DMMCNN(FaceModel):
         return out
 
     # --------------------------------------------------------------------------------- Eq. 3
-    def loss(self, raw: dict, targets: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, raw: dict, targets: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Eq. 3: ``Σ_j λ_j L_FAC^j + β L_FLD`` (rows without a label are left out of their task). The part
-        reported for ``attributes`` is the λ-weighted sum, for ``landmarks`` the unweighted ``L_FLD``."""
+        reported for ``attributes`` is the λ-weighted sum, for ``landmarks`` the unweighted ``L_FLD``.
+        ``label_smoothing`` does not apply: no output here is categorical (40 binary scores, points)."""
         parts: dict[str, torch.Tensor] = {}
         total = None
         if "attributes" in targets:

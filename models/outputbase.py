@@ -31,12 +31,13 @@ class Output:
     def loss(self, raw: Tensor, target: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def masked_loss(self, raw: Tensor, target: Tensor) -> Tensor:
-        """Loss over the rows that have a label; 0 (with a gradient path) when none do."""
+    def masked_loss(self, raw: Tensor, target: Tensor, **kw) -> Tensor:
+        """Loss over the rows that have a label; 0 (with a gradient path) when none do. ``kw``: the output's own
+        training options (a categorical output's ``smoothing``)."""
         keep = valid_rows(target)
         if not bool(keep.any()):
             return raw.sum() * 0.0
-        return self.loss(raw[keep], target[keep])
+        return self.loss(raw[keep], target[keep], **kw)
 
     # --- evaluation -----------------------------------------------------------------------------
     def stats(self, raw: Tensor, target: Tensor, **ctx) -> dict[str, Tensor]:

@@ -60,8 +60,11 @@ class Categorical(Output):
             z = z / float(self.temperature)
         return torch.softmax(z, dim=1)
 
-    def loss(self, raw, target):
-        return F.cross_entropy(raw.float(), target.long())
+    def loss(self, raw, target, smoothing: float = 0.0):
+        """Cross-entropy; with ``smoothing`` ε (training only, ``Recipe.label_smoothing``) against the target
+        mixed with the uniform distribution, 1 - ε + ε/K on the class and ε/K elsewhere (Szegedy et al., 2016).
+        Validation losses and metrics (:meth:`stats`) are always the plain cross-entropy."""
+        return F.cross_entropy(raw.float(), target.long(), label_smoothing=float(smoothing))
 
     def stats(self, raw, target, **ctx):
         keep = valid_rows(target)

@@ -88,6 +88,8 @@ def resolve_model(spec: TrainSpec, ds):
         Augment.from_recipe(recipe.augment).check(model.outputs)
     except ValueError as e:
         raise TrainError(f"augmentation: {e}") from None
+    if not 0 <= recipe.label_smoothing < 1:
+        raise TrainError(f"--label-smoothing must be at least 0 and below 1, got {recipe.label_smoothing}")
     if recipe.epochs < 1 or recipe.batch_size < spec.workers or recipe.lr < 0:
         raise TrainError(f"need epochs >= 1, lr >= 0 and a batch size of at least one image per worker "
                          f"(epochs {recipe.epochs}, batch {recipe.batch_size}, lr {recipe.lr}, "

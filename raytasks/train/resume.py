@@ -17,7 +17,8 @@ RECIPE_FILE = "recipe.json"  # a recipe's record (raytasks/train/stages.py RECIP
 # the flag of each recipe field a rerun's refusal names (jobs/train.py); a field without one is named as it is
 _FLAGS = {"lr": "--lr", "batch_size": "--batch-size", "optimizer": "--optimizer", "weight_decay": "--weight-decay",
           "schedule": "--schedule", "early_stopping_patience": "--patience", "validate_every": "--validate-every",
-          "average_epochs": "--average-epochs", "augment": "--augment/--align-jitter/--no-augment"}
+          "average_epochs": "--average-epochs", "label_smoothing": "--label-smoothing",
+          "augment": "--augment/--align-jitter/--no-augment"}
 _SPEC_FLAGS = {"seed": "--seed", "limit": "--limit", "val_limit": "--val-limit", "steps_per_epoch": "--steps-per-epoch",
                "face_options": "face settings (--det-*, --min-face, --max-faces, --max-side)",
                "template": "--template", "template_images": "--template-images", "init_from": "--init-from"}
