@@ -82,10 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from facedata.synth import generate
-    from jobs import evaluate
-    from raytasks.label import LabelSpec, label
-    from raytasks.reach import free_port, init_ray
-    from raytasks.train import TrainSpec, run
+    from raytasks.reach import init_ray
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     out = Path(args.out).resolve()
@@ -98,16 +95,42 @@ def main(argv: list[str] | None = None) -> dict:
         generate("celeba", args.n, str(data), seed=0)
     print(f"{args.n} faces with known attributes and landmarks ({time.perf_counter() - t:.1f} s)")
 
-    t = _step("2. train with Ray Train")
+    _step("2. train with Ray Train")
     if not ray.is_initialized():
         # at least 4 logical CPUs, as jobs.label's own Ray (raytasks/label/cluster.py ensure_ray): a label run that
         # resumes holds Ray Data's checkpoint filter actor (1 CPU) beside the annotator actor and the read tasks,
         # and with os.cpu_count() = 2 the read waited for a third CPU for ever
         # (or the cluster `ray start` runs on this machine, joined as it is: raytasks/reach.py init_ray)
         init_ray(max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    ckpt = str(out / "models" / f"{args.model}.pt")
+    summary.update(_train(args, data, out, ckpt))
+
+    _step("3. evaluate the exported checkpoint on the test split")
+    summary["test_metrics"] = _evaluate(ckpt, data, out)
+
+    _step("4. photos with several faces -> Ray Data -> Parquet, one row per face")
+    truth = compose_photos(data, out / "photos", n=12, seed=1)
+    table, summary["label"], summary["faces_found_of_pasted"] = _label(ckpt, out / "photos", truth, out / "labels")
+
+    _step("5. serve the checkpoint with Ray Serve and send it a group photo over HTTP")
+    summary["serve"] = _serve(ckpt, out / "photos", truth, table)
+    ray.shutdown()
+
+    summary["total_seconds"] = round(time.perf_counter() - t_all, 1)
+    print("\n=== summary")
+    print(json.dumps(summary, indent=2, default=str))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _train(args, data: Path, out: Path, ckpt: str) -> dict:
+    """Step 2: ``jobs.train``'s run (Ray Train, ``args.workers`` CPU workers) of the demo's model on the drawn
+    faces, exported to ``ckpt``; the summary's training entries."""
+    from raytasks.train import TrainSpec, run
+
+    t = time.perf_counter()
     model_kw, recipe = DEMO_MODELS[args.model]
     recipe = {**recipe, "epochs": args.epochs}
-    ckpt = str(out / "models" / f"{args.model}.pt")
     flags = "".join(f" --model-arg {k}={v}" for k, v in model_kw.items()) + "".join(
         f" --{k.replace('_', '-')} {v}" for k, v in recipe.items() if k != "epochs")
     cmd = (f"python -m jobs.train --model {args.model} --data celeba:{data} --workers {args.workers} "
@@ -117,41 +140,49 @@ def main(argv: list[str] | None = None) -> dict:
     outcome = run(TrainSpec(model=args.model, data=f"celeba:{data}", storage=str(out / "runs"),
                             name=f"demo-{args.model}", output=ckpt, model_kwargs=model_kw, recipe=recipe,
                             workers=args.workers, cpus_per_worker=0.5, threads=1, max_failures=1))
-    summary["train_seconds"] = round(time.perf_counter() - t, 1)
-    summary["best_epoch"] = outcome.best_epoch
-    summary["checkpoint"] = outcome.output
-    summary["curves"] = outcome.curves
+    return {"train_seconds": round(time.perf_counter() - t, 1), "best_epoch": outcome.best_epoch,
+            "checkpoint": outcome.output, "curves": outcome.curves}
 
-    t = _step("3. evaluate the exported checkpoint on the test split")
+
+def _evaluate(ckpt: str, data: Path, out: Path) -> dict:
+    """Step 3: ``jobs.evaluate`` on the test split (``metrics.json``); the headline metrics."""
+    from jobs import evaluate
+
     metrics = evaluate.main(["--checkpoint", ckpt, "--data", f"celeba:{data}", "--split", "test",
                              "--json", str(out / "metrics.json")])
-    summary["test_metrics"] = {k: round(v, 4) for k, v in metrics.items()
-                               if k in ("mean_accuracy", "Male.accuracy", "Eyeglasses.accuracy", "Smiling.accuracy",
-                                        "landmarks.nme", "gender.accuracy", "smile.accuracy", "eyeglasses.accuracy")}
+    return {k: round(v, 4) for k, v in metrics.items()
+            if k in ("mean_accuracy", "Male.accuracy", "Eyeglasses.accuracy", "Smiling.accuracy", "landmarks.nme",
+                     "gender.accuracy", "smile.accuracy", "eyeglasses.accuracy")}
 
-    t = _step("4. photos with several faces -> Ray Data -> Parquet, one row per face")
-    truth = compose_photos(data, out / "photos", n=12, seed=1)
-    photos = out / "photos"
+
+def _label(ckpt: str, photos: Path, truth: dict[str, int], labels_out: Path):
+    """Step 4: the label job over the composed photos and two broken files. Returns the rows (a DataFrame), the
+    summary's label entries and how many of the pasted faces got a row."""
+    import pandas as pd
+
+    from raytasks.label import LabelSpec, label
+
     (photos / "zz_empty.jpg").write_bytes(b"")
     (photos / "zz_truncated.jpg").write_bytes((photos / sorted(truth)[0]).read_bytes()[:300])
-    labels_out = out / "labels"
     print(f"{len(truth)} photos holding {sum(truth.values())} faces (0 to 3 each), plus 2 broken files")
     print(f"(the same as: python -m jobs.label --checkpoint {ckpt} --input {photos} --output {labels_out})")
     # 14 photos: one copy of the model is enough
     label_summary = label(LabelSpec(checkpoint=ckpt, input=str(photos), output=str(labels_out), batch_size=4,
                                     max_actors=1))
-    summary["label"] = {k: label_summary.get(k) for k in (
+    entries = {k: label_summary.get(k) for k in (
         "inputs", "images_total", "faces_total", "images_without_faces", "rows_total", "ok_total", "errors_by_kind",
         "complete", "images_per_s", "faces_per_s")}
-    import pandas as pd
-
     table = pd.read_parquet(labels_out / "labels")
     found = {Path(p).name: int(n) for p, n in table.groupby("path")["faces"].first().items() if n == n}
-    summary["faces_found_of_pasted"] = f"{sum(min(found.get(k, 0), v) for k, v in truth.items())} of {sum(truth.values())}"
+    return table, entries, f"{sum(min(found.get(k, 0), v) for k, v in truth.items())} of {sum(truth.values())}"
 
-    t = _step("5. serve the checkpoint with Ray Serve and send it a group photo over HTTP")
+
+def _serve(ckpt: str, photos: Path, truth: dict[str, int], table) -> dict:
+    """Step 5: the checkpoint on Ray Serve, the photo with the most faces sent over HTTP, its answer set beside
+    its Parquet rows (the same faces, the same probabilities within 0.02)."""
     from ray import serve
 
+    from raytasks.reach import free_port
     from raytasks.serve import build_app
 
     port = free_port()
@@ -173,16 +204,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"face {face['face']} at {[round(v) for v in face['face_box']]}: HTTP " +
               ", ".join(f"{k}={face[k]:.3f}" for k in shown) + " | Parquet " +
               ", ".join(f"{k}={row[k]:.3f}" for k in shown))
-    summary["serve"] = {"port": port, "photo": group, "faces_in_answer": len(served_image["faces"]),
-                        "answer_matches_parquet_rows": agree}
     serve.shutdown()
-    ray.shutdown()
-
-    summary["total_seconds"] = round(time.perf_counter() - t_all, 1)
-    print("\n=== summary")
-    print(json.dumps(summary, indent=2, default=str))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    return summary
+    return {"port": port, "photo": group, "faces_in_answer": len(served_image["faces"]),
+            "answer_matches_parquet_rows": agree}
 
 
 if __name__ == "__main__":
