@@ -118,7 +118,9 @@ def own_state_api(init_kwargs: dict) -> tuple[dict, dict]:
     ``ray start --head`` had started a second Ray on the machine, and was told it does not exist; the cleaner
     takes that answer for a dead controller and removes the live run's workers ("placement group was removed").
 
-    So the dashboard gets a port chosen here (``dashboard_port``, unless the caller chose one) and
+    So the dashboard gets a port chosen here (``dashboard_port``, unless the caller chose one: a free port, not
+    Ray's 8265, which every Ray on the machine tries first, so that no other Ray's dashboard can take it between
+    this choice and the dashboard's start; Ray prints the address as it starts) and
     RAY_API_SERVER_ADDRESS names it in the environment the Ray's processes inherit (set only while ``ray.init``
     starts them: :func:`_environ`; this process's own environment is left as it was). A Ray without a
     dashboard (``include_dashboard=False``) then has its State API pointed at a port nothing listens on: every

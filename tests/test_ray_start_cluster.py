@@ -104,6 +104,19 @@ def test_a_state_api_address_the_user_set_is_replaced_for_the_started_ray_only(l
     assert os.environ["RAY_API_SERVER_ADDRESS"] == "http://10.0.0.1:8265"
 
 
+def test_the_dashboard_port_is_the_callers_or_a_free_one():
+    """Not Ray's 8265, which another Ray starting at the same time may take; the caller's own choice as it is; the
+    State API's address names the port the dashboard gets."""
+    from raytasks.reach import own_state_api
+
+    kwargs, env = own_state_api({"include_dashboard": False})
+    port = kwargs["dashboard_port"]
+    assert port != 8265 and kwargs["include_dashboard"] is False
+    assert env == {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+    assert own_state_api({"dashboard_port": 9999}) == ({"dashboard_port": 9999},
+                                                        {"RAY_API_SERVER_ADDRESS": "http://127.0.0.1:9999"})
+
+
 def test_init_ray_joins_when_ray_finds_a_cluster_its_lookup_did_not(monkeypatch):
     """A Ray whose private lookup answers nothing while ``ray.init`` finds a cluster: joined, not an error."""
     import ray
