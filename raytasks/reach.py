@@ -22,6 +22,9 @@ its local paths are accepted, but only absolute ones: :func:`check_job_paths` re
 (and a relative default, ``jobs.train``'s ``--storage runs``) in a process that runs in the copy of the job's
 ``working_dir`` Ray unpacked (``ray job submit --working-dir .``), on any Ray, one machine or a cluster: the path
 would be read and written in Ray's temporary session folder, in a package folder named by the code's content.
+
+Every job starts or joins Ray here too (:func:`init_ray`), and a Ray it starts asks its own dashboard for Ray's
+State API (:func:`own_state_api`).
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ from facedata.paths import local_path
 # Filesystem types (as /proc/self/mounts names them) whose files every node mounting them sees.
 NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "ceph", "glusterfs",
                                  "beegfs", "wekafs", "orangefs", "pvfs2", "ocfs2", "gfs2", "afs", "panfs"})
-STATE_API_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's State API asks (own_state_api)
 LOCAL_FUSE = frozenset({"fuse.fuse-overlayfs", "fuse.lxcfs", "fuse.portal"})  # FUSE mounts of this machine only
+STATE_API_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's State API asks (own_state_api)
 
 
 def started_here() -> bool:
