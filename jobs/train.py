@@ -287,18 +287,15 @@ def _run_resuming_ray_faults(job: RecipeRun, spec: TrainSpec, recipe: TrainingRe
     while True:
         try:
             return job.run()
-        except TrainError as e:
-            if not (ray_removed_the_workers(e) and resumed < spec.max_failures):
+        except (TrainError, ValueError, FileNotFoundError) as e:
+            if not (isinstance(e, TrainError) and ray_removed_the_workers(e) and resumed < spec.max_failures):
                 print(f"error: {e}", file=sys.stderr)
                 raise SystemExit(1) from None
-            resumed += 1
-            print(f"Ray Train removed this run's workers under it (their placement group; Ray's fault, not the "
-                  f"training's): resuming from the last checkpoint, as the same command would "
-                  f"({resumed} of --max-failures {spec.max_failures})", flush=True)
-            job = _prepared_run(spec, recipe)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(1) from None
+        resumed += 1
+        print(f"Ray Train removed this run's workers under it (their placement group; Ray's fault, not the "
+              f"training's): resuming from the last checkpoint, as the same command would "
+              f"({resumed} of --max-failures {spec.max_failures})", flush=True)
+        job = _prepared_run(spec, recipe)
 
 
 if __name__ == "__main__":
