@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import signal
 import threading
 
@@ -67,6 +68,8 @@ def positive(kind):
         v = _number(kind, text, "> 0")
         if not v > 0:  # not "v <= 0": NaN is no size or count either
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if v == math.inf:  # no count of CPUs either
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         return v
 
     return parse
@@ -79,6 +82,23 @@ def non_negative(text: str) -> int:
     v = _number(int, text, ">= 0")
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
+def finite(text: str) -> float:
+    """An argparse ``type``: a finite number. ``float`` alone takes nan and inf, which pass a ``x < 0`` check and
+    fail deep inside a job after Ray has started, or, as a learning rate, train on NaN."""
+    v = _number(float, text, "(finite)")
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return v
+
+
+def seconds(text: str) -> float:
+    """An argparse ``type``: a finite number of seconds >= 0 (0 is allowed, so not :func:`positive`)."""
+    v = _number(float, text, "of seconds >= 0")
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
     return v
 
 
@@ -125,8 +145,8 @@ def add_face_args(p: argparse.ArgumentParser, default_mode: str | None = "detect
     g.add_argument("--det-resize", choices=("uint8", "float"), default=None,
                    help="the letterbox's resize: on 8-bit values (the default; 2-3x faster on a CPU) or in floats "
                         "(the rows of outputs made before 2026-12-06, to the last bit)")
-    g.add_argument("--det-threshold", type=float, default=None, help="detection score threshold (default: the network's)")
-    g.add_argument("--min-face", type=float, default=None, help="smallest face kept, in pixels of the original")
+    g.add_argument("--det-threshold", type=finite, default=None, help="detection score threshold (default: the network's)")
+    g.add_argument("--min-face", type=finite, default=None, help="smallest face kept, in pixels of the original")
     g.add_argument("--max-faces", type=positive(int), default=None, help="most faces kept per image, highest scores first")
 
 

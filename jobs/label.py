@@ -20,7 +20,6 @@ See raytasks/label/job.py for the pipeline, the input rules and how resuming wor
 from __future__ import annotations
 
 import argparse
-import math
 import signal
 import sys
 
@@ -31,26 +30,17 @@ from jobs._cli import (
     add_review_args,
     check_job_paths,
     face_options,
+    finite,
     init_ray_stoppably,
     positive,
     review_options,
+    seconds,
     stop_on_signals,
 )
 from raytasks.label import LabelError, LabelSpec, ensure_ray, label
 from raytasks.reach import path_of
 
 STOPPED = "stopped: the rows committed so far are kept; run the same command again to label the rest"
-
-
-def _seconds(text: str) -> float:
-    """An argparse ``type``: a finite number of seconds >= 0 (0 is allowed, so not ``positive``)."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text}") from None
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
-    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-actors", type=positive(int), default=d.min_actors, help="annotator actors at least")
     p.add_argument("--max-actors", type=positive(int), default=None,
                    help="annotator actors at most (default: as many as the cluster's GPUs or CPUs fit)")
-    p.add_argument("--gpus-per-actor", type=float, default=d.gpus_per_actor, help="GPUs per annotator actor (0: CPU)")
+    p.add_argument("--gpus-per-actor", type=finite, default=d.gpus_per_actor, help="GPUs per annotator actor (0: CPU)")
     p.add_argument("--cpus-per-actor", type=positive(float), default=d.cpus_per_actor,
                    help="CPUs per CPU annotator actor (also its torch threads)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=d.precision,
@@ -101,9 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-prefix", action="append", default=[], metavar="PREFIX",
                    help="folder or s3:// prefix the job may read (repeatable); manifest rows outside are error "
                         "rows 'forbidden' (default: the manifest's own folder or bucket prefix, or --input itself)")
-    p.add_argument("--throttle", type=_seconds, default=0.0, metavar="SECONDS",
+    p.add_argument("--throttle", type=seconds, default=0.0, metavar="SECONDS",
                    help="sleep after each model batch (to watch progress, or to interrupt and resume a run)")
-    p.add_argument("--progress-every", type=_seconds, default=d.progress_every_s, metavar="SECONDS",
+    p.add_argument("--progress-every", type=seconds, default=d.progress_every_s, metavar="SECONDS",
                    help="print a progress line this often: images committed of the inputs (%%), images/s over the "
                         "last minutes, time left, rows and errors (0: none)")
     add_face_args(p)

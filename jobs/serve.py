@@ -34,6 +34,7 @@ from jobs._cli import (
     add_review_args,
     check_job_paths,
     face_options,
+    finite,
     init_ray_stoppably,
     review_options,
     stop_on_signals,
@@ -41,17 +42,6 @@ from jobs._cli import (
 
 APP_NAME = "faceattr"
 API_KEY_ENV = "FACEATTR_API_KEY"
-
-
-def _finite(text: str) -> float:
-    """A float flag: a finite number (nan and inf would fail deep inside Serve, after Ray has started)."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return v
 
 
 def _scaled(value: float, unit: int, flag: str) -> int:
@@ -131,27 +121,27 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch-size", type=int, default=16, help="dynamic batching: images per forward pass")
-    p.add_argument("--batch-wait-timeout-s", type=_finite, default=0.01,
+    p.add_argument("--batch-wait-timeout-s", type=finite, default=0.01,
                    help="dynamic batching: how long a batch waits to fill")
     p.add_argument("--num-replicas", type=int, default=1, help="replicas per model")
     p.add_argument("--autoscale", default=None, metavar="MIN:MAX", help="autoscale each model between MIN and MAX replicas")
-    p.add_argument("--num-cpus", type=_finite, default=1.0, help="CPUs per model replica")
-    p.add_argument("--num-gpus", type=_finite, default=0.0, help="GPUs per model replica (1 on a GPU node)")
+    p.add_argument("--num-cpus", type=finite, default=1.0, help="CPUs per model replica")
+    p.add_argument("--num-gpus", type=finite, default=0.0, help="GPUs per model replica (1 on a GPU node)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per replica (default: its CPUs)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when the replica has a GPU)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     p.add_argument("--max-queued-requests", type=int, default=256, help="per model; beyond this, 503")
-    p.add_argument("--max-request-mb", type=_finite, default=16.0, help="request body limit (413 beyond)")
+    p.add_argument("--max-request-mb", type=finite, default=16.0, help="request body limit (413 beyond)")
     p.add_argument("--max-files", type=int, default=64, help="images per multipart request")
     g = p.add_argument_group("what one request may cost (docs/deploy.md; the defaults of IngressSpec)")
     g.add_argument("--max-request-faces", type=int, default=None, metavar="N",
                    help="faces found in one request's photos; beyond it 413 too_many_faces before any attribute "
                         "model runs (default 256)")
-    g.add_argument("--max-request-megapixels", type=_finite, default=None, metavar="MP",
+    g.add_argument("--max-request-megapixels", type=finite, default=None, metavar="MP",
                    help="source pixels one request may decode, from the files' headers; beyond it 413 (default 200)")
-    g.add_argument("--request-timeout-s", type=_finite, default=None, metavar="S",
+    g.add_argument("--request-timeout-s", type=finite, default=None, metavar="S",
                    help="a request's deadline; past it 504 and its images leave the batches (default 60)")
-    g.add_argument("--body-timeout-s", type=_finite, default=None, metavar="S",
+    g.add_argument("--body-timeout-s", type=finite, default=None, metavar="S",
                    help="a request body slower than this is answered 408 (default 30)")
     p.add_argument("--allow-no-auth", action="store_true",
                    help="listen beyond loopback without an API key (refused otherwise: set FACEATTR_API_KEY)")

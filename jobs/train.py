@@ -44,6 +44,7 @@ from jobs._cli import (
     check_job_paths,
     data_path,
     face_options,
+    finite,
     flag,
     key_value,
     non_negative,
@@ -99,21 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
                              "replaces the value in every stage)")
     r.add_argument("--epochs", type=positive(int))
     r.add_argument("--batch-size", type=positive(int), help="global batch per step, split over the workers")
-    r.add_argument("--lr", type=float)
+    r.add_argument("--lr", type=finite)
     r.add_argument("--optimizer", choices=("sgd", "adam", "adamw"))
-    r.add_argument("--weight-decay", type=float)
+    r.add_argument("--weight-decay", type=finite)
     r.add_argument("--schedule", choices=("none", "step", "milestones", "plateau", "hard_sharing"))
     r.add_argument("--patience", type=non_negative,
                    help="early stopping after this many epochs without improvement (0: off)")
     r.add_argument("--validate-every", type=non_negative, help="also validate every N steps (DMM-CNN's P; 0: off)")
     r.add_argument("--average-epochs", type=positive(int), help="validate and save the mean of the weights of "
                    "the last N epochs while training goes on from the latest (core/averaging.py; 1: off)")
-    r.add_argument("--label-smoothing", type=float, metavar="EPS",
+    r.add_argument("--label-smoothing", type=finite, metavar="EPS",
                    help="train every categorical output (gender, race, smile, eyeglasses) against its label mixed "
                         "with EPS of the uniform distribution (0: off, the default; models/base.py Recipe); "
                         "validation and evaluation read the plain loss")
     r.add_argument("--no-augment", action="store_true", help="train without the recipe's augmentation")
-    r.add_argument("--align-jitter", type=float, default=None, metavar="K",
+    r.add_argument("--align-jitter", type=finite, default=None, metavar="K",
                    help="add random similarity jitter of the detector's alignment spread times K (1: scale 7 %%, "
                         "3 degrees, 3 %% shift), on the device in the aligned frame (core/augment.py); the same as "
                         "--augment align_jitter=K")

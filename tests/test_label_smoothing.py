@@ -98,3 +98,17 @@ def test_the_flag_sets_the_recipe_value_and_is_bounded(tmp_path):
                   recipe={"label_smoothing": 0.2})
     _, recipe = resolve_model(s, Data())
     assert dataclasses.asdict(recipe)["label_smoothing"] == 0.2  # recorded with the recipe (history, checkpoint)
+
+
+@pytest.mark.parametrize("field,bad", [("lr", math.nan), ("lr", math.inf), ("lr", -1e-3),
+                                       ("weight_decay", math.nan), ("weight_decay", -1.0)])
+def test_a_recipe_with_a_rate_that_is_not_a_finite_number_at_least_0_is_refused(tmp_path, field, bad):
+    """A recipe's rate from the Python API or a stage (the flags refuse nan themselves): ``lr < 0`` let NaN
+    through, and the run trained on NaN."""
+    class Data:
+        def model_overrides(self, name):
+            return {}
+
+    s = TrainSpec(model="hard_sharing", data="celeba:/d", storage=str(tmp_path), name="x", recipe={field: bad})
+    with pytest.raises(TrainError, match="finite lr and weight decay >= 0"):
+        resolve_model(s, Data())

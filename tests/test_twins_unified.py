@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import types
 
 import numpy as np
@@ -154,4 +153,63 @@ def test_the_argparse_types_say_what_they_expected():
         positive(int)("1.5")
     with pytest.raises(argparse.ArgumentTypeError, match="must be a whole number >= 0, got 'x'"):
         non_negative("x")
-    assert positive(float)("0.5") == 0.5 and non_negative("0") == 0 and math.isinf(positive(float)("inf"))
+    with pytest.raises(argparse.ArgumentTypeError, match="must be a finite number, got inf"):
+        positive(float)("inf")
+    assert positive(float)("0.5") == 0.5 and non_negative("0") == 0
+
+
+def _float_flags(p: argparse.ArgumentParser) -> list[str]:
+    """The long flags of ``p`` whose ``type`` parses a float (any of them: ``finite``, ``seconds``, ``positive``)."""
+    return [a.option_strings[-1] for a in p._actions if a.option_strings and a.type is not None
+            and _parses_floats(a.type)]
+
+
+def _parses_floats(kind) -> bool:
+    try:
+        return isinstance(kind("0.5"), float)
+    except (argparse.ArgumentTypeError, ValueError, TypeError):
+        return False
+
+
+def test_every_number_flag_of_every_job_refuses_nan_and_inf_when_parsed():
+    """``type=float`` took ``--lr nan`` (``lr < 0`` is False for NaN: a run that trains on NaN) and
+    ``--det-threshold inf``; every float flag of train, label, serve and evaluate now refuses both at once, with
+    argparse's status 2 and a message naming the flag."""
+    from jobs import evaluate, label, serve, train
+
+    base = {"train": ["--model", "hard_sharing", "--data", "celeba:/d"],
+            "label": ["--checkpoint", "m.pt", "--input", "in", "--output", "out"],
+            "serve": ["--model", "m=m.pt"], "evaluate": ["--checkpoint", "m.pt", "--data", "celeba:/d"]}
+    parsers = {"train": train.build_parser(), "label": label.build_parser(), "serve": serve.parser(),
+               "evaluate": evaluate.build_parser()}
+    seen = set()
+    for job, p in parsers.items():
+        flags = _float_flags(p)
+        seen.update(flags)
+        for f in flags:
+            for bad in ("nan", "inf", "-inf"):
+                with pytest.raises(SystemExit) as e:
+                    p.parse_args(base[job] + [f, bad])
+                assert e.value.code == 2, (job, f, bad)
+    # the flags that took NaN before, each checked above
+    assert {"--lr", "--weight-decay", "--label-smoothing", "--align-jitter", "--det-threshold", "--min-face",
+            "--gpus-per-actor", "--throttle", "--progress-every", "--max-request-mb", "--cpus-per-worker",
+            "--cpus-per-actor"} <= seen
+    args = train.build_parser().parse_args(base["train"] + ["--lr", "1e-3", "--det-threshold", "0.5"])
+    assert args.lr == 0.001 and args.det_threshold == 0.5
+
+
+def test_the_argparse_number_messages(capsys):
+    from jobs._cli import finite, seconds
+    from jobs.train import build_parser
+
+    with pytest.raises(argparse.ArgumentTypeError, match="must be a finite number, got 'nan'"):
+        finite("nan")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"must be a number \(finite\), got 'x'"):
+        finite("x")
+    with pytest.raises(argparse.ArgumentTypeError, match="must be a number of seconds >= 0, got inf"):
+        seconds("inf")
+    assert finite("-2.5") == -2.5 and seconds("0") == 0.0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--model", "hard_sharing", "--data", "celeba:/d", "--lr", "nan"])
+    assert "argument --lr: must be a finite number, got 'nan'" in capsys.readouterr().err

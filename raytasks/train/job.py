@@ -90,10 +90,11 @@ def resolve_model(spec: TrainSpec, ds):
         raise TrainError(f"augmentation: {e}") from None
     if not 0 <= recipe.label_smoothing < 1:
         raise TrainError(f"--label-smoothing must be at least 0 and below 1, got {recipe.label_smoothing}")
-    if recipe.epochs < 1 or recipe.batch_size < spec.workers or recipe.lr < 0:
-        raise TrainError(f"need epochs >= 1, lr >= 0 and a batch size of at least one image per worker "
-                         f"(epochs {recipe.epochs}, batch {recipe.batch_size}, lr {recipe.lr}, "
-                         f"{spec.workers} workers)")
+    if recipe.epochs < 1 or recipe.batch_size < spec.workers or not 0 <= recipe.lr < math.inf \
+            or not 0 <= recipe.weight_decay < math.inf:  # "not 0 <= x": a NaN rate would train on NaN
+        raise TrainError(f"need epochs >= 1, a finite lr and weight decay >= 0 and a batch size of at least one "
+                         f"image per worker (epochs {recipe.epochs}, batch {recipe.batch_size}, lr {recipe.lr}, "
+                         f"weight decay {recipe.weight_decay}, {spec.workers} workers)")
     engine.make_scheduler(engine.make_optimizer(model, recipe), recipe)  # unknown optimizer/schedule -> error
     return model, recipe
 
