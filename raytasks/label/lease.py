@@ -216,11 +216,17 @@ def refuse_if_held(output: str) -> None:
     so that a second run is refused at once, before it starts (or joins) Ray. A lease that cannot be read now is
     left to :meth:`Lease.acquire`, which the run reaches after its checks and which says why."""
     try:
-        _, rec = _read_top(_Store(storage.join(output, LEASE_DIR), retry_s=0))
+        rec = _live_holder(_Store(storage.join(output, LEASE_DIR), retry_s=0))
     except Exception:  # noqa: BLE001 - see above: the run's own acquire reports it
         return
-    if rec is not None and not _free(rec):
+    if rec is not None:
         raise LeaseHeld(output, rec)
+
+
+def _live_holder(store: _Store) -> dict | None:
+    """The record of the live lease in ``store``, or None when there is none (absent, released or expired)."""
+    _, rec = _read_top(store)
+    return None if rec is None or _free(rec) else rec
 
 
 class Lease:
@@ -277,8 +283,7 @@ class Lease:
 
     def holder(self) -> dict | None:
         """The record of the live lease, or None when there is none (absent, released or expired)."""
-        _, rec = _read_top(self.store)
-        return None if rec is None or _free(rec) else rec
+        return _live_holder(self.store)
 
     # -- acquire, renew, release -------------------------------------------------------------------------
     def _claim(self, gen: int, released: bool = False) -> bool:
