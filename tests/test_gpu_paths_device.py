@@ -175,6 +175,7 @@ def test_the_label_actors_and_the_replicas_pass_their_gpu_share_down(monkeypatch
     """--gpus-per-actor reaches each actor's Annotator, a deployment's num_gpus each replica's."""
     import core.annotator as A
     from raytasks.label import stages
+    from raytasks.label.labeler import resolve_labeler
     from raytasks.label.spec import LabelSpec
     from raytasks.serve import replicas
 
@@ -200,7 +201,7 @@ def test_the_label_actors_and_the_replicas_pass_their_gpu_share_down(monkeypatch
 
     spec = LabelSpec(hs_checkpoint, str(tmp_path), str(tmp_path / "o"), gpus_per_actor=0.5)
     ds = Dataset()
-    stages.build_dataset(spec, spec.models(), ds, [], None, (1, 1))
+    stages.build_dataset(spec, resolve_labeler(spec), ds, None, (1, 1))
     (kw,) = [kw for fn, kw in ds.calls if fn is stages.AnnotatorActor]
     assert kw["num_gpus"] == 0.5 and kw["fn_constructor_kwargs"].get("device") is None  # resolve_device picks
     with pytest.raises(_Stop):

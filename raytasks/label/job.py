@@ -228,9 +228,7 @@ def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
         echo("every input is labeled already: nothing to run")
     else:  # a line of the committed rows every --progress-every seconds meanwhile (raytasks/label/progress.py)
         with watch_label(spec, listing.inputs, before.images, echo):
-            _run_pipeline(spec, labeler.model_set, labeler.pre_dicts, base, pool,
-                          labeler.detector if options.detect else None, labeler.identity, fence, out, commits_fs,
-                          commits_path)
+            _run_pipeline(spec, labeler, base, pool, fence, out, commits_fs, commits_path)
 
     seconds = time.perf_counter() - start
     after = _read_output(output_stats, out)
@@ -330,8 +328,7 @@ def _read_output(read, out: dict, *args):
                          "Parquet file written by this job; move it out of that folder and run again") from None
 
 
-def _run_pipeline(spec, model_set, pre_dicts, base, pool, detector, identity, fence, out, commits_fs,
-                  commits_path) -> None:
+def _run_pipeline(spec, labeler, base, pool, fence, out, commits_fs, commits_path) -> None:
     """The Ray Data pipeline over the listing, committed through Ray Data's checkpoint log (resumable)."""
     import ray
     from ray.data.checkpoint import CheckpointConfig
@@ -348,7 +345,7 @@ def _run_pipeline(spec, model_set, pre_dicts, base, pool, detector, identity, fe
     try:
         in_fs, in_path = storage.filesystem(out["inputs"])
         paths_ds = ray.data.read_parquet(in_path, filesystem=in_fs).select_columns(["path"])
-        ds = build_dataset(spec, model_set, paths_ds, pre_dicts, base, pool, detector, identity, fence)
+        ds = build_dataset(spec, labeler, paths_ds, base, pool, fence)
         min_rows = max(1, spec.max_rows_per_file // 2)
         if fence is None:
             ds.write_parquet(labels_path, filesystem=labels_fs, max_rows_per_file=spec.max_rows_per_file,

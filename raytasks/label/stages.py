@@ -146,26 +146,27 @@ def fenced_parquet_sink(path: str, filesystem, min_rows: int, max_rows: int, dat
                                  dataset_uuid=dataset_uuid)
 
 
-def build_dataset(spec, model_set, paths_ds, pre_dicts: list[dict], base: str | None, pool: tuple[int, int],
-                  detector_identity: str | None = None, identity: str | None = None, fence=None):
+def build_dataset(spec, labeler, paths_ds, base: str | None, pool: tuple[int, int], fence=None):
     """paths -> decoded batches (CPU tasks) -> annotator actors -> rows [-> the lease's fence, checked in the
-    write task]. ``model_set``: ``spec.models()`` as the run resolved it (a set file is read once per run);
-    ``pre_dicts``: the distinct preprocessings."""
+    write task]. ``labeler``: what the run resolved (raytasks/label/labeler.py; its model set as read once per
+    run, the distinct preprocessings, the detector's and the rows' identities)."""
     import ray
 
     faces = spec.face_options().to_dict()
+    pre_dicts = labeler.pre_dicts
     ds = paths_ds.map_batches(read_and_decode, batch_format="pyarrow", batch_size=spec.batch_size,
                               fn_kwargs={"faces": faces, "pre_dicts": pre_dicts, "base": base,
                                          "jpegs_to_actor": spec.decode_in_actor(), "allow": spec.allow_prefix or None},
                               num_cpus=1, memory=decode_memory(spec.batch_size, faces, pre_dicts))
     if spec.limit is not None:
         ds = ds.limit(spec.limit)
-    actor_args = {"model_set": model_set.to_dict(), "faces": faces, "precision": spec.precision,
+    actor_args = {"model_set": labeler.model_set.to_dict(), "faces": faces, "precision": spec.precision,
                   "threads": max(1, int(spec.cpus_per_actor)), "gpu_decode": spec.gpu_decode,
                   "actor_decode": spec.actor_decode,
                   "throttle_s": spec.throttle_s, "fold_bn": spec.fold_bn,
                   "compile_batch": spec.batch_size if spec.compile else None,
-                  "detector_identity": detector_identity, "identity": identity,
+                  "detector_identity": labeler.detector if labeler.options.detect else None,
+                  "identity": labeler.identity,
                   "review": spec.review_thresholds().to_dict(), "gpu_share": spec.gpus_per_actor}
     resources = {"num_gpus": spec.gpus_per_actor} if spec.gpus_per_actor > 0 else {"num_cpus": spec.cpus_per_actor}
     # the actors get worker processes of their own (measured faster: raytasks/threads.py)
