@@ -5,7 +5,6 @@ tests/conftest.py."""
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import signal
@@ -116,24 +115,28 @@ def s3_commits(client, bucket: str, prefix: str):
     return count
 
 
-def s3_committed_rows(client, bucket: str, output_prefix: str) -> int:
-    """The rows of a killed label run's output on S3 (``output_prefix``: its key prefix) whose writes were
-    committed. A kill between a data file's write and its commit leaves the file (whole, cut, or 0 bytes) with a
-    pending commit file of its prefix and no committed twin: the next run deletes it and labels those inputs
-    again, so its ``rows_before`` counts only these rows. Read with boto3 alone, not the product's cleanup."""
+def committed_rows(output: str) -> int:
+    """The rows of a stopped or killed label run's output (local or s3://) whose writes were committed. A stop
+    between a data file's write and its commit leaves the file (whole, cut, or 0 bytes) with a pending commit
+    file of its prefix and no committed twin: the next run deletes it and labels those inputs again, so its
+    ``rows_before`` counts only these rows. Read from the listing here, not with the product's cleanup."""
+    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
+    import storage
     from raytasks.label.output import COMMIT_LOG_DIR, LABELS_DIR, PENDING_SUFFIX
 
-    def keys(prefix: str) -> list[str]:
-        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        return [o["Key"] for page in pages for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+    def files(uri: str) -> list[str]:
+        fs, root = storage.filesystem(uri)
+        return [i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+                if i.type == pafs.FileType.File]
 
-    log = {k.rsplit("/", 1)[1] for k in keys(f"{output_prefix}/{COMMIT_LOG_DIR}/")}
+    log = {p.rsplit("/", 1)[1] for p in files(storage.join(output, COMMIT_LOG_DIR))}
     uncommitted = tuple(n[: -len(PENDING_SUFFIX)] for n in log
                         if n.endswith(PENDING_SUFFIX) and n[: -len(PENDING_SUFFIX)] + ".parquet" not in log)
-    return sum(pq.ParquetFile(io.BytesIO(client.get_object(Bucket=bucket, Key=key)["Body"].read())).metadata.num_rows
-               for key in keys(f"{output_prefix}/{LABELS_DIR}/") if not key.rsplit("/", 1)[1].startswith(uncommitted))
+    fs, _ = storage.filesystem(storage.join(output, LABELS_DIR))
+    return sum(pq.ParquetFile(p, filesystem=fs).metadata.num_rows for p in files(storage.join(output, LABELS_DIR))
+               if not p.rsplit("/", 1)[1].startswith(uncommitted))
 
 
 def assert_row_matches(got: dict, want: dict, fields) -> None:

@@ -22,11 +22,11 @@ from models.embedding import SAME_PERSON_DISTANCE, distance
 from raytasks.label.output import COMMIT_LOG_DIR
 from tests.helpers import (
     assert_same,
+    committed_rows,
     kill_after_commits,
     put_all,
     read_rows,
     s3_commits,
-    s3_committed_rows,
     save_model,
 )
 from tests.images import ROWS_PER_PHOTOS, compose, many_photos, photos, real_crops
@@ -163,7 +163,7 @@ def test_set_job_on_s3_survives_a_kill_equals_the_core_and_refuses_another_set(t
         "--max-rows-per-file", "4", "--precision", "fp32", "--max-actors", "1"]
     kill_after_commits(argv, ray_session, s3_commits(client, bucket, f"set_out/{COMMIT_LOG_DIR}/"))
     n_rows = ROWS_PER_PHOTOS * 4
-    committed = s3_committed_rows(client, bucket, "set_out")  # a write may be cut between its file and commit
+    committed = committed_rows(out)  # a write may be cut between its file and its commit
     assert 0 < committed < n_rows, "not killed midway"
 
     summary = main(argv)
