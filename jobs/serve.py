@@ -28,6 +28,7 @@ import signal
 import sys
 import time
 
+import storage
 from jobs._cli import (
     STOP_STATUS,
     add_face_args,
@@ -270,6 +271,49 @@ def main(argv: list[str] | None = None) -> None:
         raise
 
 
+def check_checkpoints_here(models: dict[str, str]) -> None:
+    """Refuse, before Ray starts, a local checkpoint that is not a file on this machine when the replicas will run
+    here (a Ray this process starts): a mistyped path is one line at once, not a deploy that fails after Serve
+    has tried three replicas. Joining a cluster, the replicas may run on nodes whose disk holds it
+    (``check_reachable`` warns), and an s3:// checkpoint is read by the replicas: their failure is reported as the
+    deploy's (:func:`deploy_failure`)."""
+    from raytasks.reach import joined_address, path_of
+
+    if joined_address():
+        return
+    for name, uri in models.items():
+        path = path_of(uri)
+        if path and not storage.is_s3(path):
+            local = path[len("file://"):] if path.startswith("file://") else path
+            if not os.path.isfile(local):
+                raise SystemExit(f"error: --model {name}: checkpoint not found: {path}"
+                                 + (" (a folder, not a file)" if os.path.isdir(local) else ""))
+
+
+def deploy_failure(serve, app_name: str) -> str:
+    """Why Serve could not deploy ``app_name``: each failed deployment's last error line (a replica's constructor
+    raised: a checkpoint that is not there, not a checkpoint, or not the pinned hash), read from Serve's status
+    before it is shut down; Serve's own message where there is none."""
+    try:
+        app = serve.status().applications.get(app_name)
+        reasons = [f"{name}: {_last_error_line(d.message)}" for name, d in (app.deployments if app else {}).items()
+                   if str(getattr(d.status, "value", d.status)) == "DEPLOY_FAILED"]
+    except Exception:  # noqa: BLE001 - the failure is reported either way; its detail is in the replicas' logs
+        reasons = []
+    return "; ".join(reasons) or "a replica failed to start (its error is in the log above)"
+
+
+def _last_error_line(message: str) -> str:
+    """The exception line of a replica's traceback (``module.Error: text``, the module path dropped), else the
+    message's last line."""
+    lines = [ln.strip() for ln in (message or "").splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        head, sep, text = ln.partition(": ")
+        if sep and head.split(".")[-1].endswith(("Error", "Exception", "Mismatch", "Unavailable")):
+            return f"{head.split('.')[-1]}: {text}"
+    return lines[-1] if lines else "no message"
+
+
 def _main(ns: argparse.Namespace) -> None:
     args = build_args(ns)
     api_key = os.environ.get(API_KEY_ENV) or None
@@ -283,6 +327,7 @@ def _main(ns: argparse.Namespace) -> None:
         demand = start_demand(app)  # what its replicas take once it is ready
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    check_checkpoints_here(args["models"])
 
     got: dict = {}
     with stop_on_signals(got) as reinstall:  # jobs/_cli.py: SIGINT and SIGTERM raise KeyboardInterrupt
@@ -339,7 +384,12 @@ def _serve(ns: argparse.Namespace, args: dict, app, demand: dict, api_key: str |
         cpus, gpus = total_demand(demand)
         print(f"deploying {', '.join(demand)}: {cpus:g} CPUs" + (f", {gpus:g} GPUs" if gpus else "")
               + "; Ctrl-C stops", flush=True)
-        serve.run(app, name=APP_NAME, route_prefix="/")
+        try:
+            serve.run(app, name=APP_NAME, route_prefix="/")
+        except RuntimeError as e:  # Serve tried each replica three times; say why, not Serve's traceback
+            if not str(e).startswith(f"Deploying application {APP_NAME} failed"):
+                raise
+            raise SystemExit(f"error: deploying {APP_NAME} failed: {deploy_failure(serve, APP_NAME)}") from None
         state["ready"] = True
         print(f"serving {', '.join(sorted(args['models']))} at http://{host}:{port}/v1/models "
               + (f"and all of them at once at http://{host}:{port}/v1/predict " if "model_set" in args else "")

@@ -151,6 +151,7 @@ def test_the_serve_command_warns_about_a_local_checkpoint_before_deploying(monke
     monkeypatch.setattr(serve, "shutdown", lambda: None)
     # no Serve runs on the (not started) Ray: asking Ray would fail unless an earlier test left one connected
     monkeypatch.setattr(jobs.serve, "_running_serve", lambda: None)
+    (tmp_path / "hs.pt").write_bytes(b"")  # here (a missing one is refused before Ray starts); never read
     with pytest.raises(Deploying):
         jobs.serve.main(["--model", f"hs={tmp_path / 'hs.pt'}", "--model", "agr=s3://bucket/models/agr.pt"])
     out = capsys.readouterr().out

@@ -98,10 +98,21 @@ class FakeRay:
         return Client()
 
 
+CHECKPOINT = {"path": ""}
+
+
+@pytest.fixture(autouse=True)
+def _a_checkpoint_file(tmp_path):
+    """The ``m=`` checkpoint of :func:`_main` is a file (jobs.serve refuses a missing local one before Ray starts);
+    its bytes are never read here: Ray and Serve are fakes."""
+    CHECKPOINT["path"] = str(tmp_path / "m.pt")
+    (tmp_path / "m.pt").write_bytes(b"")
+
+
 def _main(argv: list[str]) -> None:
     from jobs.serve import main
 
-    main(["--model", "m=/tmp/m.pt", *argv])
+    main(["--model", f"m={CHECKPOINT['path']}", *argv])
 
 
 # --- 1: no keyless server beyond loopback; a joined Serve is left running -----------------------------------------

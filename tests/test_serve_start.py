@@ -86,7 +86,8 @@ class _Inited(Exception):
 
 
 @pytest.mark.parametrize("address,want", [(None, {"num_cpus": 4}), ("10.0.0.1:6379", {})])
-def test_a_local_ray_is_started_with_the_cpus_the_application_asks_for(monkeypatch, capsys, address, want):
+def test_a_local_ray_is_started_with_the_cpus_the_application_asks_for(monkeypatch, capsys, tmp_path, address,
+                                                                      want):
     """``--model a --model b --set --embedding`` on 2 cores: a local Ray of 4 logical CPUs, and a line that says
     so; a cluster it joins is joined as it is (ray.init takes no num_cpus there)."""
     import ray
@@ -103,8 +104,10 @@ def test_a_local_ray_is_started_with_the_cpus_the_application_asks_for(monkeypat
     monkeypatch.setattr(ray, "init", init)
     monkeypatch.setattr(J.os, "cpu_count", lambda: 2)
     monkeypatch.setattr(reach, "joined_address", lambda: address)
+    for name in ("a.pt", "b.pt"):  # here (a missing one is refused before Ray starts); never read
+        (tmp_path / name).write_bytes(b"")
     with pytest.raises(_Inited):
-        J.main(["--model", "a=/tmp/a.pt", "--model", "b=/tmp/b.pt", "--set", "--embedding"])
+        J.main(["--model", f"a={tmp_path / 'a.pt'}", "--model", f"b={tmp_path / 'b.pt'}", "--set", "--embedding"])
     assert calls == [want]
     out = capsys.readouterr().out
     assert ("4 logical CPUs" in out and "2 cores" in out) == (address is None), out
@@ -273,3 +276,72 @@ def test_sigterm_while_deploying_stops_at_once():
     finally:
         job.close()
         silent.close()
+
+
+# --- a checkpoint that is not there, or not a checkpoint -------------------------------------------------------
+def test_a_missing_local_checkpoint_is_refused_before_ray_starts(monkeypatch, tmp_path, capsys):
+    """A mistyped path, on a Ray the job would start itself: one ``error:`` line and status 2 at once (before
+    this, Ray started, Serve tried three replicas and the job ended with Serve's traceback, status 1, after about
+    20 s). Joining a cluster it is left to the replicas (their nodes may hold the file)."""
+    import ray
+
+    import jobs.serve as J
+    import raytasks.reach as reach
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.setattr(reach, "joined_address", lambda: None)
+    good = save_model(str(tmp_path / "hs.pt"), "hard_sharing", seed=0, hidden=8)
+    for model, said in ((f"b={tmp_path / 'nope.pt'}", f"--model b: checkpoint not found: {tmp_path / 'nope.pt'}"),
+                        (f"b={tmp_path}#sha256:{'0' * 64}", f"checkpoint not found: {tmp_path} (a folder, not a file)")):
+        with pytest.raises(SystemExit) as e:
+            J.main(["--model", f"a={good}", "--model", model])
+        assert e.value.code == 2
+        assert said in capsys.readouterr().err
+
+    class Reached(Exception):
+        pass
+
+    def reached(*a, **k):
+        raise Reached
+
+    monkeypatch.setattr(J, "_serve", reached)  # the step after the checks: Ray and Serve
+    monkeypatch.setattr(reach, "joined_address", lambda: "10.0.0.1:6379")
+    with pytest.raises(Reached):
+        J.main(["--model", f"b={tmp_path / 'nope.pt'}"])  # on a cluster: the replicas' nodes may hold it
+    monkeypatch.setattr(reach, "joined_address", lambda: None)
+    with pytest.raises(Reached):
+        J.main(["--model", f"a={good}", "--model", "s=s3://bucket/m.pt"])  # on S3: the replicas read it
+
+
+def test_the_replicas_error_is_the_deploys_reason():
+    from jobs.serve import _last_error_line
+
+    tb = ("Traceback (most recent call last):\n  File \"x.py\", line 3, in f\n    raise CheckpointError(...)\n"
+          "models.checkpoint_read.CheckpointError: /m.pt is not a loadable checkpoint (not a torch.save archive)\n")
+    assert _last_error_line(tb) == "CheckpointError: /m.pt is not a loadable checkpoint (not a torch.save archive)"
+    assert _last_error_line("The deployment failed to start 3 times in a row.") == \
+        "The deployment failed to start 3 times in a row."
+
+
+@pytest.mark.ray  # a Ray of its own
+def test_a_file_that_is_not_a_checkpoint_fails_the_deploy_with_its_reason(tmp_path):
+    """The replicas read the checkpoint (on S3, or a cluster's nodes): a file that is not one fails each replica;
+    after Serve's three tries the job says which model and why in one line, status 2, no Python traceback, and
+    none of its Ray's processes is left."""
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(os.urandom(4096))
+    job = _Job(["--model", f"m={bad}", "--port", str(free_port())])
+    try:
+        job.proc.wait(timeout=150)
+        time.sleep(0.5)  # the reader thread's last lines
+        text = job.text()
+        assert job.proc.returncode == 2, text[-4000:]
+        assert _last(text).startswith(f"error: deploying faceattr failed: model-m: CheckpointError: {bad} is not a "
+                                      "loadable checkpoint"), text[-4000:]
+        assert "Traceback (most recent call last)" not in text.split("shutting down")[-1], text[-4000:]
+        assert job.ray_processes() == []
+    finally:
+        job.close()
