@@ -33,8 +33,7 @@ def plain_dir(tmp_path, monkeypatch):
 def _label(monkeypatch, argv):
     from jobs import label
 
-    monkeypatch.setattr(label, "ensure_ray", _reached)
-    monkeypatch.setattr(label.LabelSpec, "validate", lambda self: None)  # it would look for the checkpoint
+    monkeypatch.setattr(label, "resolve_labeler", _reached)  # the step after the flags: it reads the checkpoint
     return lambda: label.main(["--checkpoint", "m.pt", "--input", "photos", "--output", "labels", *argv])
 
 

@@ -287,6 +287,28 @@ def test_a_negative_throttle_is_refused_before_anything_runs(tmp_path, capsys):
     LabelSpec("c.pt", str(tmp_path), str(tmp_path / "o"), throttle_s=0.5).validate()
 
 
+def test_a_checkpoint_that_is_not_there_or_not_one_is_refused_before_ray_starts(tmp_path, capsys, monkeypatch):
+    """The checkpoints are read and hashed before Ray starts: a mistyped path or a file that is not a checkpoint
+    is one ``error:`` line and status 2 at once (before, the job started Ray first, about 8 s here)."""
+    import ray
+
+    from jobs.label import main
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(os.urandom(2048))
+    for ckpt, said in ((str(tmp_path / "nope.pt"), f"error: checkpoint not found: {tmp_path / 'nope.pt'}"),
+                       (str(bad), f"error: {bad} is not a loadable checkpoint")):
+        with pytest.raises(SystemExit) as e:
+            main(["--checkpoint", ckpt, "--input", str(tmp_path), "--output", str(tmp_path / "out")])
+        assert e.value.code == 2
+        assert capsys.readouterr().err.startswith(said)
+    assert not (tmp_path / "out").exists()  # nothing written: no lease, no listing
+
+
 # --------------------------------------------------------------------------------------------------------
 # 9. the folder listing's sniff is confined to --allow-prefix
 # --------------------------------------------------------------------------------------------------------

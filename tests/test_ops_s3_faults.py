@@ -180,7 +180,7 @@ def test_a_release_that_fails_is_a_warning_under_the_runs_own_error(proxy, tmp_p
     monkeypatch.setattr(job, "ensure_ray", lambda *a, **k: None)
     monkeypatch.setattr(job, "check_reachable", lambda *a, **k: None)
 
-    def run(spec, echo, fence):
+    def run(spec, labeler, echo, fence):
         fence.check()
         p.fail("_lease", error=DENIED)  # from here on the lease store refuses every request
         raise RuntimeError("the run's own error")
@@ -190,7 +190,7 @@ def test_a_release_that_fails_is_a_warning_under_the_runs_own_error(proxy, tmp_p
                      allow_prefix=(str(tmp_path),))
     with caplog.at_level(logging.WARNING, logger=job.__name__), \
             pytest.raises(RuntimeError, match="the run's own error"):
-        job.label(spec, echo=lambda line: None)
+        job.label(spec, echo=lambda line: None, labeler=object())  # no checkpoint read: the run is a stand-in
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(f"could not release the lease on s3://{bucket}/out" in m and "AccessDenied" in m for m in warned)
 

@@ -142,10 +142,12 @@ from raytasks.reach import check_reachable
 log = logging.getLogger(__name__)
 
 
-def label(spec: LabelSpec, echo=print) -> dict:
+def label(spec: LabelSpec, echo=print, labeler: Labeler | None = None) -> dict:
     """Run the label job (see the module docstring); returns the summary, also written to
     ``OUTPUT/_summary.json``. Holds a lease on ``--output`` for the whole run (raytasks/label/lease.py): a second
-    live run on the same output is refused, naming the holder."""
+    live run on the same output is refused, naming the holder. ``labeler``: ``resolve_labeler(spec)`` when the
+    caller has read the checkpoints already (jobs/label.py does, before Ray starts), else they are read here,
+    after the checks that read nothing but the lease and before the lease is taken."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     from raytasks.label.lease import Lease, LeaseError, refuse_if_held
@@ -165,6 +167,7 @@ def label(spec: LabelSpec, echo=print) -> dict:
     # is read under an allowed prefix
     check_reachable([("--output", spec.output)], [("the input files under", p) for p in spec.allow_prefix],
                     LabelError, echo)
+    labeler = labeler or resolve_labeler(spec)  # every checkpoint read and hashed: a bad one fails before any write
     lease = Lease(spec.output)
     try:
         lease.acquire()
@@ -179,7 +182,7 @@ def label(spec: LabelSpec, echo=print) -> dict:
             echo(f"took over the lease of a run that stopped renewing it (owner {lease.taken_from.get('owner')}, "
                  f"host {lease.taken_from.get('host')}): waiting {grace:.0f} s for its in-flight writes to end")
             time.sleep(grace)
-        summary = _label(spec, echo, lease.fence())
+        summary = _label(spec, labeler, echo, lease.fence())
     except InputError as e:
         if isinstance(e, LabelError):
             raise
@@ -201,10 +204,9 @@ def label(spec: LabelSpec, echo=print) -> dict:
     return summary
 
 
-def _label(spec: LabelSpec, echo=print, fence=None) -> dict:
+def _label(spec: LabelSpec, labeler: Labeler, echo=print, fence=None) -> dict:
     """The run itself, on a spec :func:`label` validated and holding the output's lease (``fence``)."""
     start = time.perf_counter()
-    labeler = resolve_labeler(spec)
     options = labeler.options
     out = output_paths(spec.output)
     # before anything reads labels/ (a file cut by a kill mid-write is unreadable), and before ``resuming``,
