@@ -51,6 +51,43 @@ def test_init_from_refuses_a_tampered_checkpoint_and_takes_a_pinned_one(tmp_path
         worker._init_from(models.create_model("hard_sharing"), f"{tmp_path / 'hs.pt'}#{other}")
 
 
+def test_init_from_is_checked_by_the_driver_before_the_faces_and_the_workers(tmp_path, monkeypatch):
+    """``prepare`` reads ``--init-from`` as the workers will: a file that is not there, not a checkpoint or that
+    shares no tensor with the model fails there, before the data's faces are found (a detection pass) and before
+    Ray Train starts workers (it was the workers' error, 35 s in, with a "rerun to resume" that could not help).
+    A local file missing here while a cluster runs the workers elsewhere is left to them."""
+    import raytasks.train.job as job
+    from raytasks.train.job import prepare
+
+    data = generate("celeba", 24, str(tmp_path / "celeba"), seed=3)
+
+    def no_faces(*a, **k):
+        raise AssertionError("the faces were looked for")
+
+    monkeypatch.setattr(job, "resolve_faces", no_faces)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00" * 512)
+    agr = tmp_path / "agr.pt"
+    save_checkpoint(models.create_model("age_gender_race", backbone="resnet", depth=18, image_size=64), str(agr))
+    for uri, said in ((str(tmp_path / "nope.pt"), "--init-from: checkpoint not found"),
+                      (str(bad), "is not a loadable checkpoint"),
+                      (str(agr), f"--init-from {agr} \\(age_gender_race\\) shares no tensor with hard_sharing")):
+        spec = TrainSpec(model="hard_sharing", data=f"celeba:{data}", storage=str(tmp_path / "runs"), name="x",
+                         init_from=uri)
+        with pytest.raises(TrainError, match=said):
+            prepare(spec)
+    monkeypatch.setattr("raytasks.reach.tasks_elsewhere", lambda: "its 2 nodes each run tasks")
+    spec = TrainSpec(model="hard_sharing", data=f"celeba:{data}", storage=str(tmp_path / "runs"), name="x",
+                     init_from=str(tmp_path / "nope.pt"))
+    with pytest.raises(AssertionError, match="the faces were looked for"):  # past the check: the workers' disks
+        prepare(spec)
+    monkeypatch.setattr("raytasks.reach.tasks_elsewhere", lambda: None)
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    write_history(str(tmp_path / "runs" / "x"), [{"epoch": 1}], [], {})  # a rerun resumes from its own checkpoint
+    with pytest.raises(AssertionError, match="the faces were looked for"):
+        prepare(spec)
+
+
 # --- 2. the metric that picks the best epoch is one the data can measure ------------------------------------
 def _hmtnet():
     return models.create_model("hmtnet", image_size=96, anet_width=16, race_classes=5)

@@ -62,10 +62,10 @@ from models.recipes import TRAIN_FACE_MODES
 from raytasks.reach import started_here
 from raytasks.train.data import DECODE_CPUS, BatchSpec, data_config, make_dataset, val_datasets
 from raytasks.train.facerows import measure_template, resolve_faces
-from raytasks.train.history import Progress, plot_curves, read_history
+from raytasks.train.history import HISTORY_JSON, Progress, plot_curves, read_history
 from raytasks.train.resume import check_folder, committed_epoch, resume_point, stored_result
 from raytasks.train.spec import CURVES_PNG, MODEL_FILE, SNAPSHOT_FILE, TrainError, TrainOutcome, TrainSpec
-from raytasks.train.worker import read_checkpoint_file, train_worker
+from raytasks.train.worker import init_tensors, read_checkpoint_file, train_worker
 
 
 def resolve_model(spec: TrainSpec, ds):
@@ -111,6 +111,8 @@ def prepare(spec: TrainSpec, ds=None):
     models.model_class(spec.model)  # an unknown name fails here, naming the known ones
     ds = ds if ds is not None else read_dataset(spec.data, seed=spec.split_seed)
     model, recipe = resolve_model(spec, ds)
+    if spec.init_from and not storage.exists(storage.join(spec.run_uri, HISTORY_JSON)):  # a rerun resumes from
+        check_init_from(model, spec.init_from)  # its own checkpoint: the starting one may be gone, and unread
     ds = ds.for_labels(label_columns(model))  # DMM-CNN's Smiling from GENKI-4K's smile, in a mix
     columns = ["path"] + [c for c in label_columns(model) if c in ds.table.columns]
     if len(columns) == 1:
@@ -139,6 +141,22 @@ def prepare(spec: TrainSpec, ds=None):
             model.preprocessing = dataclasses.replace(pre, template_crop=None, template=default_template(pre))
     print(label_line(train, val, label_columns(model)), flush=True)  # what each label learns from
     return model, recipe, train.reset_index(drop=True), val.reset_index(drop=True), faces
+
+
+def check_init_from(model, uri: str) -> None:
+    """``--init-from`` read in the driver as the workers will read it (:func:`init_tensors`): a file that is not
+    there, not a checkpoint, not the pinned hash or that shares no tensor with the model is a :class:`TrainError`
+    before the data's faces are found and the workers start (it was the workers' error, with a "rerun to resume"
+    that could not help). A local file missing here while the cluster runs the workers on other nodes is left to
+    them: their disks may hold it."""
+    from raytasks.reach import tasks_elsewhere
+
+    try:
+        init_tensors(model, uri)
+    except TrainError as e:
+        if "not found" in str(e) and not storage.is_s3(uri) and tasks_elsewhere() is not None:
+            return
+        raise
 
 
 def check_resources(spec: TrainSpec, can_grow: bool | None = None, warn=print) -> None:

@@ -119,11 +119,13 @@ def optimizer_layout_like_params(opt) -> None:
                     st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
-def _init_from(model, uri: str) -> None:
-    """Copy every tensor of a project checkpoint whose name and shape match (e.g. the attention network
-    from its TMTL stage); says what was not copied. The file is read as every checkpoint is
-    (models.checkpoint.load_checkpoint: bounded read, weights_only, content hash checked, ``URI#sha256:<hex>``
-    pinned); we load it through that function, which also builds its model, rather than repeat its checks here."""
+def init_tensors(model, uri: str) -> tuple[dict, object]:
+    """The tensors of the project checkpoint ``uri`` whose name and shape match ``model``'s (e.g. the attention
+    network from its TMTL stage), and its ``CheckpointInfo``; a :class:`TrainError` when it cannot be read or
+    shares none. The file is read as every checkpoint is (models.checkpoint.load_checkpoint: bounded read,
+    weights_only, content hash checked, ``URI#sha256:<hex>`` pinned); we load it through that function, which also
+    builds its model, rather than repeat its checks here. The driver calls it too (raytasks/train/job.py
+    ``prepare``), so that a missing or unfit file is refused before the data and the workers."""
     from models.checkpoint import CheckpointError, load_checkpoint
 
     try:
@@ -134,6 +136,14 @@ def _init_from(model, uri: str) -> None:
     take = {k: v for k, v in theirs.items() if k in own and own[k].shape == v.shape}
     if not take:
         raise TrainError(f"--init-from {uri} ({info.model}) shares no tensor with {model.name}")
+    return take, info
+
+
+def _init_from(model, uri: str) -> None:
+    """Copy every tensor of a project checkpoint whose name and shape match (:func:`init_tensors`); says what was
+    not copied."""
+    take, info = init_tensors(model, uri)
+    own = model.state_dict()
     model.load_state_dict(take, strict=False)
     missing = sorted(set(own) - set(take))
     log.warning("initialised %d/%d tensors from %s (%s); not from it: %s", len(take), len(own), info.uri,
