@@ -38,6 +38,7 @@ from jobs._cli import (
     stop_on_signals,
 )
 from raytasks.label import LabelError, LabelSpec, ensure_ray, label
+from raytasks.label.job import input_is_manifest
 from raytasks.label.labeler import resolve_labeler
 from raytasks.reach import path_of
 
@@ -122,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     got: dict = {}
     with stop_on_signals(got) as reinstall:  # jobs/_cli.py
         try:
-            spec.validate()  # flag errors, and a checkpoint that is not there or not one, before starting Ray
+            spec.validate()  # flag errors, an input that is neither a folder nor a manifest, and a checkpoint
+            input_is_manifest(spec.input)  # that is not there or not one: before starting Ray
             labeler = resolve_labeler(spec)
             init_ray_stoppably(got, reinstall, ensure_ray)  # Ray's own SIGTERM handler, then ours again
             return label(spec, echo=lambda line: print(line, flush=True), labeler=labeler)

@@ -33,7 +33,7 @@ def plain_dir(tmp_path, monkeypatch):
 def _label(monkeypatch, argv):
     from jobs import label
 
-    monkeypatch.setattr(label, "resolve_labeler", _reached)  # the step after the flags: it reads the checkpoint
+    monkeypatch.setattr(label, "input_is_manifest", _reached)  # the step after the flags: the first read
     return lambda: label.main(["--checkpoint", "m.pt", "--input", "photos", "--output", "labels", *argv])
 
 

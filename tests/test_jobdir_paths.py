@@ -188,7 +188,7 @@ def test_python_m_jobs_train_refuses_under_ray_job_submit(tmp_path):
 def _label(monkeypatch, argv):
     from jobs import label
 
-    return _main_until(monkeypatch, label, "resolve_labeler", argv)  # reads the checkpoints, before Ray starts
+    return _main_until(monkeypatch, label, "input_is_manifest", argv)  # the first read, before Ray starts
 
 
 def test_label_refuses_relative_input_and_output_in_a_ray_job_dir(job_dir, capsys, monkeypatch, tmp_path):

@@ -288,8 +288,9 @@ def test_a_negative_throttle_is_refused_before_anything_runs(tmp_path, capsys):
 
 
 def test_a_checkpoint_that_is_not_there_or_not_one_is_refused_before_ray_starts(tmp_path, capsys, monkeypatch):
-    """The checkpoints are read and hashed before Ray starts: a mistyped path or a file that is not a checkpoint
-    is one ``error:`` line and status 2 at once (before, the job started Ray first, about 8 s here)."""
+    """The checkpoints are read and hashed, and ``--input`` is found to be a folder or a manifest, before Ray
+    starts: a mistyped path or a file that is not a checkpoint is one ``error:`` line and status 2 at once
+    (before, the job started Ray first, about 8 s here)."""
     import ray
 
     from jobs.label import main
@@ -306,6 +307,10 @@ def test_a_checkpoint_that_is_not_there_or_not_one_is_refused_before_ray_starts(
             main(["--checkpoint", ckpt, "--input", str(tmp_path), "--output", str(tmp_path / "out")])
         assert e.value.code == 2
         assert capsys.readouterr().err.startswith(said)
+    with pytest.raises(SystemExit) as e:  # an --input that is neither a folder nor a manifest: the same
+        main(["--checkpoint", str(bad), "--input", str(tmp_path / "photos"), "--output", str(tmp_path / "out")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: --input {tmp_path / 'photos'} is neither a folder/prefix")
     assert not (tmp_path / "out").exists()  # nothing written: no lease, no listing
 
 

@@ -238,22 +238,29 @@ def _label(spec: LabelSpec, labeler: Labeler, echo=print, fence=None) -> dict:
     return write_summary(spec, out, labeler, listing, review, before, after, unlabeled, seconds, echo)
 
 
+def input_is_manifest(uri: str) -> bool:
+    """True for a .parquet/.csv manifest, False for a folder or prefix; any other ``--input`` is a
+    :class:`LabelError` (jobs/label.py asks before Ray starts, :func:`_list_inputs` when it lists)."""
+    if is_manifest(uri):
+        return True
+    try:
+        if storage.is_dir(uri):
+            return False
+    except OSError as e:  # pyarrow's S3 error past its retries (throttling, the endpoint gone, no access)
+        raise LabelError(f"cannot list --input {uri} ({e}); run the same command again (it resumes where this run "
+                         "stopped)") from None
+    raise LabelError(f"--input {uri} is neither a folder/prefix nor a .parquet/.csv manifest")
+
+
 def _list_inputs(spec: LabelSpec, out: dict, base: str | None):
     """The listing of ``--input`` (a manifest's rows or a folder's files) written to ``OUTPUT/_inputs/``;
     refused when it holds no image."""
     # a file labeled before under another spelling is listed under that one, so the resume matches it
     respell = _read_output(labeled_spellings, out, base)
-    if is_manifest(spec.input):
+    if input_is_manifest(spec.input):
         check_manifest(spec.input)
         listing = write_manifest_listing(spec.input, out["inputs"], base, respell=respell)  # one row per file
     else:
-        try:
-            input_is_dir = storage.is_dir(spec.input)
-        except OSError as e:  # pyarrow's S3 error past its retries (throttling, the endpoint gone, no access)
-            raise LabelError(f"cannot list --input {spec.input} ({e}); run the same command again (it resumes "
-                             "where this run stopped)") from None
-        if not input_is_dir:
-            raise LabelError(f"--input {spec.input} is neither a folder/prefix nor a .parquet/.csv manifest")
         listing = write_listing(spec.input, out["inputs"], allow=spec.allow_prefix, respell=respell)
     if listing.inputs == 0:
         raise LabelError(f"no images in {spec.input} ({listing.files} files, none an image"
