@@ -272,11 +272,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def check_checkpoints_here(models: dict[str, str]) -> None:
-    """Refuse, before Ray starts, a local checkpoint that is not a file on this machine when the replicas will run
-    here (a Ray this process starts): a mistyped path is one line at once, not a deploy that fails after Serve
-    has tried three replicas. Joining a cluster, the replicas may run on nodes whose disk holds it
-    (``check_reachable`` warns), and an s3:// checkpoint is read by the replicas: their failure is reported as the
-    deploy's (:func:`deploy_failure`)."""
+    """Refuse, before Ray starts, a local checkpoint that the replicas could not use when they will run here (a
+    Ray this process starts): a file that is not there, not a checkpoint or not the pinned hash is one line at
+    once (``models.checkpoint.checkpoint_info``: the replicas' own checks but building the model), not a deploy
+    that fails after Serve has tried three replicas. Joining a cluster, the replicas may run on nodes whose disk
+    holds it (``check_reachable`` warns), and an s3:// checkpoint is read by the replicas: their failure is
+    reported as the deploy's (:func:`deploy_failure`)."""
+    from models.checkpoint import CheckpointError, checkpoint_info
     from raytasks.reach import joined_address, path_of
 
     if joined_address():
@@ -284,10 +286,10 @@ def check_checkpoints_here(models: dict[str, str]) -> None:
     for name, uri in models.items():
         path = path_of(uri)
         if path and not storage.is_s3(path):
-            local = path[len("file://"):] if path.startswith("file://") else path
-            if not os.path.isfile(local):
-                raise SystemExit(f"error: --model {name}: checkpoint not found: {path}"
-                                 + (" (a folder, not a file)" if os.path.isdir(local) else ""))
+            try:
+                checkpoint_info(uri)
+            except CheckpointError as e:
+                raise SystemExit(f"error: --model {name}: {e}") from None
 
 
 def deploy_failure(serve, app_name: str) -> str:

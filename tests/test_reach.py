@@ -12,6 +12,7 @@ import pytest
 import ray
 
 from raytasks import reach
+from tests.helpers import save_model
 
 
 @pytest.fixture
@@ -151,7 +152,7 @@ def test_the_serve_command_warns_about_a_local_checkpoint_before_deploying(monke
     monkeypatch.setattr(serve, "shutdown", lambda: None)
     # no Serve runs on the (not started) Ray: asking Ray would fail unless an earlier test left one connected
     monkeypatch.setattr(jobs.serve, "_running_serve", lambda: None)
-    (tmp_path / "hs.pt").write_bytes(b"")  # here (a missing one is refused before Ray starts); never read
+    save_model(str(tmp_path / "hs.pt"), "hard_sharing", seed=0, hidden=8)  # a missing one is refused before Ray
     with pytest.raises(Deploying):
         jobs.serve.main(["--model", f"hs={tmp_path / 'hs.pt'}", "--model", "agr=s3://bucket/models/agr.pt"])
     out = capsys.readouterr().out

@@ -101,12 +101,13 @@ class FakeRay:
 CHECKPOINT = {"path": ""}
 
 
-@pytest.fixture(autouse=True)
-def _a_checkpoint_file(tmp_path):
-    """The ``m=`` checkpoint of :func:`_main` is a file (jobs.serve refuses a missing local one before Ray starts);
-    its bytes are never read here: Ray and Serve are fakes."""
-    CHECKPOINT["path"] = str(tmp_path / "m.pt")
-    (tmp_path / "m.pt").write_bytes(b"")
+@pytest.fixture(scope="module", autouse=True)
+def _a_checkpoint_file(tmp_path_factory):
+    """The ``m=`` checkpoint of :func:`_main` is one (jobs.serve reads a local one before Ray starts, and refuses
+    one it could not serve); Ray and Serve are fakes here."""
+    from tests.helpers import save_model
+
+    CHECKPOINT["path"] = save_model(str(tmp_path_factory.mktemp("ckpt") / "m.pt"), "hard_sharing", seed=0, hidden=8)
 
 
 def _main(argv: list[str]) -> None:

@@ -104,8 +104,8 @@ def test_a_local_ray_is_started_with_the_cpus_the_application_asks_for(monkeypat
     monkeypatch.setattr(ray, "init", init)
     monkeypatch.setattr(J.os, "cpu_count", lambda: 2)
     monkeypatch.setattr(reach, "joined_address", lambda: address)
-    for name in ("a.pt", "b.pt"):  # here (a missing one is refused before Ray starts); never read
-        (tmp_path / name).write_bytes(b"")
+    for name in ("a", "b"):  # checkpoints (a missing one is refused before Ray starts)
+        save_model(str(tmp_path / f"{name}.pt"), "hard_sharing", seed=0, hidden=8)
     with pytest.raises(_Inited):
         J.main(["--model", f"a={tmp_path / 'a.pt'}", "--model", f"b={tmp_path / 'b.pt'}", "--set", "--embedding"])
     assert calls == [want]
@@ -280,9 +280,10 @@ def test_sigterm_while_deploying_stops_at_once():
 
 # --- a checkpoint that is not there, or not a checkpoint -------------------------------------------------------
 def test_a_missing_local_checkpoint_is_refused_before_ray_starts(monkeypatch, tmp_path, capsys):
-    """A mistyped path, on a Ray the job would start itself: one ``error:`` line and status 2 at once (before
-    this, Ray started, Serve tried three replicas and the job ended with Serve's traceback, status 1, after about
-    20 s). Joining a cluster it is left to the replicas (their nodes may hold the file)."""
+    """A mistyped path, a folder, a file that is not a checkpoint or not the pinned hash, on a Ray the job would
+    start itself: one ``error:`` line and status 2 at once (before this, Ray started, Serve tried three replicas
+    and the job ended with Serve's traceback, status 1, after about 20 s). Joining a cluster it is left to the
+    replicas (their nodes may hold the file)."""
     import ray
 
     import jobs.serve as J
@@ -294,8 +295,12 @@ def test_a_missing_local_checkpoint_is_refused_before_ray_starts(monkeypatch, tm
     monkeypatch.setattr(ray, "init", no_ray)
     monkeypatch.setattr(reach, "joined_address", lambda: None)
     good = save_model(str(tmp_path / "hs.pt"), "hard_sharing", seed=0, hidden=8)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(os.urandom(2048))
     for model, said in ((f"b={tmp_path / 'nope.pt'}", f"--model b: checkpoint not found: {tmp_path / 'nope.pt'}"),
-                        (f"b={tmp_path}#sha256:{'0' * 64}", f"checkpoint not found: {tmp_path} (a folder, not a file)")):
+                        (f"b={tmp_path}", f"--model b: checkpoint refused: {tmp_path} is not a regular file"),
+                        (f"b={bad}", f"--model b: {bad} is not a loadable checkpoint"),
+                        (f"b={good}#sha256:{'0' * 64}", f"--model b: {good} is sha256:")):
         with pytest.raises(SystemExit) as e:
             J.main(["--model", f"a={good}", "--model", model])
         assert e.value.code == 2
@@ -327,13 +332,14 @@ def test_the_replicas_error_is_the_deploys_reason():
 
 
 @pytest.mark.ray  # a Ray of its own
-def test_a_file_that_is_not_a_checkpoint_fails_the_deploy_with_its_reason(tmp_path):
-    """The replicas read the checkpoint (on S3, or a cluster's nodes): a file that is not one fails each replica;
-    after Serve's three tries the job says which model and why in one line, status 2, no Python traceback, and
-    none of its Ray's processes is left."""
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(os.urandom(4096))
-    job = _Job(["--model", f"m={bad}", "--port", str(free_port())])
+def test_a_file_that_is_not_a_checkpoint_fails_the_deploy_with_its_reason(s3_bucket):
+    """The replicas read a checkpoint on S3 (or on a cluster's nodes), the driver does not: an object that is not
+    one fails each replica; after Serve's three tries the job says which model and why in one line, status 2, no
+    Python traceback, and none of its Ray's processes is left."""
+    client, bucket = s3_bucket
+    client.put_object(Bucket=bucket, Key="bad.pt", Body=os.urandom(4096))
+    bad = f"s3://{bucket}/bad.pt"
+    job = _Job(["--model", f"m={bad}", "--port", str(free_port())])  # the moto server's AWS_* environment
     try:
         job.proc.wait(timeout=150)
         time.sleep(0.5)  # the reader thread's last lines
