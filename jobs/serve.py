@@ -53,6 +53,47 @@ def _scaled(value: float, unit: int, flag: str) -> int:
     return int(v)
 
 
+def _port(text: str) -> int:
+    """An argparse ``type``: a TCP port, 1-65535 (Serve's proxy would fail to bind anything else, after Ray
+    started)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a port number (1-65535), got {text!r}") from None
+    if not 1 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number (1-65535), got {text}")
+    return v
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse, before Ray starts, a ``--host``/``--port`` that a server on this machine holds already, when Serve's
+    proxy will listen here (a Ray this process starts): one line, not Serve's "Failed to bind" traceback after
+    Ray has started. ``SO_REUSEADDR`` as the proxy's own server binds, so a port in TIME_WAIT is not refused."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as e:
+        raise SystemExit(f"error: --host {host}: {e}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise SystemExit(f"error: --port {port}: cannot listen on {host}:{port} ({e.strerror or e}): another "
+                             "server holds it (another jobs.serve?); choose another --port") from None
+
+
+def _bind_failure(e: Exception) -> str | None:
+    """The address of Serve's "Failed to bind to address 'HOST:PORT'" in ``e`` (the proxy's error, raised through
+    ``serve.start``), or None for any other error."""
+    import re
+
+    m = re.search(r"Failed to bind to address '([^']+)'", str(e))
+    return m.group(1) if m else None
+
+
 def _model_arg(text: str) -> tuple[str, str]:
     name, sep, uri = text.partition("=")
     if not sep or not name or not uri:
@@ -120,7 +161,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding", action="store_true",
                    help="the set also gives dlib's 128-D face embedding of every face (implies --set)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000, help="port to listen on (1-65535)")
     p.add_argument("--max-batch-size", type=int, default=16, help="dynamic batching: images per forward pass")
     p.add_argument("--batch-wait-timeout-s", type=finite, default=0.01,
                    help="dynamic batching: how long a batch waits to fill")
@@ -330,6 +371,10 @@ def _main(ns: argparse.Namespace) -> None:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     check_checkpoints_here(args["models"])
+    from raytasks.reach import joined_address
+
+    if not joined_address():  # Serve's proxy will listen on this machine
+        check_port_free(ns.host, ns.port)
 
     got: dict = {}
     with stop_on_signals(got) as reinstall:  # jobs/_cli.py: SIGINT and SIGTERM raise KeyboardInterrupt
@@ -376,7 +421,14 @@ def _serve(ns: argparse.Namespace, args: dict, app, demand: dict, api_key: str |
         # a replica on another node may not find a checkpoint on this machine's disk (raytasks/reach.py)
         reach.check_reachable([], [(f"--model {name}", uri) for name, uri in args["models"].items()])
         state["joined"] = _running_serve() is not None  # then its HTTP options stay, and it is not ours to stop
-        serve.start(http_options={"host": ns.host, "port": ns.port})
+        try:
+            serve.start(http_options={"host": ns.host, "port": ns.port})
+        except Exception as e:  # noqa: BLE001 - the proxy's bind failure is a clear error; any other is re-raised
+            where = _bind_failure(e)
+            if where is None:
+                raise
+            raise SystemExit(f"error: Serve's HTTP proxy cannot listen on {where}: another server holds it; "
+                             "choose another --port (or --host)") from None
         http = _running_serve().http_config
         host, port = http.host, http.port
         warning = check_proxy(ns.host, ns.port, host, port, api_key, ns.allow_no_auth)

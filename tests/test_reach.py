@@ -12,7 +12,7 @@ import pytest
 import ray
 
 from raytasks import reach
-from tests.helpers import save_model
+from tests.helpers import free_port, save_model
 
 
 @pytest.fixture
@@ -154,7 +154,8 @@ def test_the_serve_command_warns_about_a_local_checkpoint_before_deploying(monke
     monkeypatch.setattr(jobs.serve, "_running_serve", lambda: None)
     save_model(str(tmp_path / "hs.pt"), "hard_sharing", seed=0, hidden=8)  # a missing one is refused before Ray
     with pytest.raises(Deploying):
-        jobs.serve.main(["--model", f"hs={tmp_path / 'hs.pt'}", "--model", "agr=s3://bucket/models/agr.pt"])
+        jobs.serve.main(["--model", f"hs={tmp_path / 'hs.pt'}", "--model", "agr=s3://bucket/models/agr.pt",
+                         "--port", str(free_port())])
     out = capsys.readouterr().out
     warnings = [line for line in out.splitlines() if line.startswith("warning:")]
     assert any(w.startswith(f"warning: --model hs {tmp_path / 'hs.pt'} (") for w in warnings), out

@@ -77,6 +77,7 @@ class FakeRay:
         monkeypatch.setattr(serve, "run", lambda app, name, route_prefix: self.calls.append(f"run {name}"))
         monkeypatch.setattr(serve, "delete", lambda name: self.calls.append(f"delete {name}"))
         monkeypatch.setattr(raytasks.reach, "check_reachable", lambda *a: None)
+        monkeypatch.setattr(J, "check_port_free", lambda host, port: None)  # this machine's ports: tested apart
         monkeypatch.setattr(J, "_running_serve", self._client)
         monkeypatch.setattr(J, "_wait_for", lambda stop: self.calls.append("served"))
         monkeypatch.setattr(J.signal, "signal", lambda *a: None)  # the test process keeps its handlers
@@ -166,6 +167,27 @@ def test_jobs_serve_shuts_down_the_serve_it_started(monkeypatch, capsys):
     assert ray.calls == ["init", "start", "run faceattr", "served", "shutdown", "shutdown"]  # serve's, then ray's
     out = capsys.readouterr().out
     assert "http://127.0.0.1:18322/v1/models" in out and "ignored" not in out
+
+
+def test_a_proxy_that_cannot_bind_is_one_error_line_and_ray_is_shut_down(monkeypatch, capsys):
+    """Where the port could not be checked first (a cluster's proxy, or a server that took the port meanwhile),
+    Serve's bind failure is one ``error:`` line and status 2, and the job still shuts Ray down."""
+    from ray import serve
+
+    ray = FakeRay(monkeypatch, existing=None)
+
+    def start(http_options):
+        ray.calls.append("start")
+        raise RuntimeError("ray::ProxyActor.ready() (pid=1) ... RuntimeError: Failed to bind to address "
+                           f"'{http_options['host']}:{http_options['port']}'.")
+
+    monkeypatch.setattr(serve, "start", start)
+    with pytest.raises(SystemExit) as e:
+        _main(["--port", "18324"])
+    assert e.value.code == 2
+    assert ray.calls == ["init", "start", "shutdown", "shutdown"]  # nothing deployed; Serve, then Ray shut down
+    assert "error: Serve's HTTP proxy cannot listen on 127.0.0.1:18324: another server holds it" in \
+        capsys.readouterr().err
 
 
 # --- 3: decode_wait_s 0 is "no wait" -----------------------------------------------------------------------------

@@ -107,7 +107,8 @@ def test_a_local_ray_is_started_with_the_cpus_the_application_asks_for(monkeypat
     for name in ("a", "b"):  # checkpoints (a missing one is refused before Ray starts)
         save_model(str(tmp_path / f"{name}.pt"), "hard_sharing", seed=0, hidden=8)
     with pytest.raises(_Inited):
-        J.main(["--model", f"a={tmp_path / 'a.pt'}", "--model", f"b={tmp_path / 'b.pt'}", "--set", "--embedding"])
+        J.main(["--model", f"a={tmp_path / 'a.pt'}", "--model", f"b={tmp_path / 'b.pt'}", "--set", "--embedding",
+                "--port", str(free_port())])
     assert calls == [want]
     out = capsys.readouterr().out
     assert ("4 logical CPUs" in out and "2 cores" in out) == (address is None), out
@@ -318,7 +319,41 @@ def test_a_missing_local_checkpoint_is_refused_before_ray_starts(monkeypatch, tm
         J.main(["--model", f"b={tmp_path / 'nope.pt'}"])  # on a cluster: the replicas' nodes may hold it
     monkeypatch.setattr(reach, "joined_address", lambda: None)
     with pytest.raises(Reached):
-        J.main(["--model", f"a={good}", "--model", "s=s3://bucket/m.pt"])  # on S3: the replicas read it
+        J.main(["--model", f"a={good}", "--model", "s=s3://bucket/m.pt", "--port", str(free_port())])  # on S3: the
+        # replicas read it
+
+
+def test_a_port_a_server_holds_is_refused_before_ray_starts(monkeypatch, tmp_path, capsys):
+    """Another server on the port (another jobs.serve), on a Ray the job would start itself: one ``error:`` line and
+    status 2 at once (before: Serve's "Failed to bind" traceback, status 1, after Ray had started); a port out of
+    range is argparse's error. Where a joined cluster's proxy fails to bind, its error is one line too."""
+    import ray
+
+    import jobs.serve as J
+    import raytasks.reach as reach
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.setattr(reach, "joined_address", lambda: None)
+    good = save_model(str(tmp_path / "hs.pt"), "hard_sharing", seed=0, hidden=8)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        with pytest.raises(SystemExit) as e:
+            J.main(["--model", f"a={good}", "--port", str(port)])
+        assert e.value.code == 2
+        assert f"error: --port {port}: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    for bad in ("0", "70000", "http"):
+        with pytest.raises(SystemExit) as e:
+            J.main(["--model", f"a={good}", "--port", bad])
+        assert e.value.code == 2
+        assert "argument --port: must be a port number (1-65535)" in capsys.readouterr().err
+    assert J._bind_failure(RuntimeError("ray::ProxyActor.ready() ... RuntimeError: Failed to bind to address "
+                                        "'127.0.0.1:8000'.")) == "127.0.0.1:8000"
+    assert J._bind_failure(RuntimeError("something else")) is None
 
 
 def test_the_replicas_error_is_the_deploys_reason():
