@@ -125,7 +125,7 @@ def _main(argv: list[str]) -> None:
     (("0.0.0.0", 18321), None, True, False),
 ])
 def test_a_keyless_server_is_refused_where_the_running_proxy_listens_beyond_loopback(proxy, key, allow, refused):
-    from jobs.serve import check_proxy
+    from jobs.serve_checks import check_proxy
 
     if refused:
         with pytest.raises(SystemExit, match="FACEATTR_API_KEY.*serve shutdown"):

@@ -103,7 +103,7 @@ def test_private_fields_only_for_the_admin_key(monkeypatch):
     ("0.0.0.0", "secret", False, False), ("0.0.0.0", None, True, False),
 ])
 def test_serving_beyond_loopback_needs_a_key_or_an_explicit_opt_out(host, key, allow, refused):
-    from jobs.serve import check_auth
+    from jobs.serve_checks import check_auth
 
     if refused:
         with pytest.raises(SystemExit, match="FACEATTR_API_KEY"):

@@ -69,7 +69,7 @@ def test_the_demand_names_every_deployment():
 
 
 def test_a_short_ray_is_an_error_on_one_it_started_and_a_warning_on_one_it_joined():
-    from jobs.serve import check_resources
+    from jobs.serve_checks import check_resources
 
     _, demand = _demand([*TWO, "--set", "--num-gpus", "1"])
     assert check_resources(demand, {"CPU": 4.0, "GPU": 3.0}, started_here=True) is None
@@ -331,6 +331,7 @@ def test_a_port_a_server_holds_is_refused_before_ray_starts(monkeypatch, tmp_pat
 
     import jobs.serve as J
     import raytasks.reach as reach
+    from jobs.serve_checks import bind_failure
 
     def no_ray(*a, **k):
         raise AssertionError("Ray was started")
@@ -351,18 +352,18 @@ def test_a_port_a_server_holds_is_refused_before_ray_starts(monkeypatch, tmp_pat
             J.main(["--model", f"a={good}", "--port", bad])
         assert e.value.code == 2
         assert "argument --port: must be a port number (1-65535)" in capsys.readouterr().err
-    assert J._bind_failure(RuntimeError("ray::ProxyActor.ready() ... RuntimeError: Failed to bind to address "
+    assert bind_failure(RuntimeError("ray::ProxyActor.ready() ... RuntimeError: Failed to bind to address "
                                         "'127.0.0.1:8000'.")) == "127.0.0.1:8000"
-    assert J._bind_failure(RuntimeError("something else")) is None
+    assert bind_failure(RuntimeError("something else")) is None
 
 
 def test_the_replicas_error_is_the_deploys_reason():
-    from jobs.serve import _last_error_line
+    from jobs.serve_checks import last_error_line
 
     tb = ("Traceback (most recent call last):\n  File \"x.py\", line 3, in f\n    raise CheckpointError(...)\n"
           "models.checkpoint_read.CheckpointError: /m.pt is not a loadable checkpoint (not a torch.save archive)\n")
-    assert _last_error_line(tb) == "CheckpointError: /m.pt is not a loadable checkpoint (not a torch.save archive)"
-    assert _last_error_line("The deployment failed to start 3 times in a row.") == \
+    assert last_error_line(tb) == "CheckpointError: /m.pt is not a loadable checkpoint (not a torch.save archive)"
+    assert last_error_line("The deployment failed to start 3 times in a row.") == \
         "The deployment failed to start 3 times in a row."
 
 
