@@ -233,7 +233,7 @@ def test_faces_landmarks_needs_5_points_per_row():
 
 # --- the train job ---------------------------------------------------------------------------------------
 def test_jobs_train_with_faces_detect_on_photos_and_early_stopping(ray_session, photo_set, finder, tmp_path,
-                                                                     capsys):
+                                                                     capsys, monkeypatch):
     """``jobs.train --faces detect`` on a manifest of photos with a photo without a face and three broken
     files in its training split: they are skipped and counted, the run trains on the 12 faces, the
     checkpoint records the faces, the template and the augmentation, and a later run reads the cache.
@@ -281,6 +281,29 @@ def test_jobs_train_with_faces_detect_on_photos_and_early_stopping(ray_session, 
     assert "is complete (2 epochs, stopped early)" in out and again.output == outcome.output
     assert "training hard_sharing on" not in out  # no worker group started: exported from the run's storage
     assert len(again.history) == 2
+    # an --output that cannot be written: refused before anything when it can be told (a folder), and a write
+    # that fails at the end keeps the run, which the same command with another --output exports
+    import raytasks.train.job as train_run
+
+    with pytest.raises(SystemExit):
+        train_job.main([*argv, "--output", str(tmp_path)])
+    assert f"--output {tmp_path} is a folder" in capsys.readouterr().err
+    real_write = storage.write_bytes
+
+    def refused(uri, data):
+        if uri.endswith("denied.pt"):
+            raise PermissionError(13, "Permission denied", uri)
+        real_write(uri, data)
+
+    monkeypatch.setattr(train_run.storage, "write_bytes", refused)
+    with pytest.raises(SystemExit):
+        train_job.main([*argv, "--output", str(tmp_path / "denied.pt")])
+    err = capsys.readouterr().err
+    assert f"cannot write --output {tmp_path / 'denied.pt'} (PermissionError" in err and "is kept in" in err
+    monkeypatch.setattr(train_run.storage, "write_bytes", real_write)
+    third = train_job.main([*argv, "--output", str(tmp_path / "exported.pt")])
+    assert "is complete (2 epochs" in capsys.readouterr().out and load_checkpoint(third.output)[1].hash == \
+        load_checkpoint(outcome.output)[1].hash
 
     # jobs.evaluate reads a detect-trained checkpoint through detection unless told otherwise
     from jobs import evaluate as evaluate_job

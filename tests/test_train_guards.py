@@ -282,3 +282,20 @@ def test_a_resume_refuses_a_run_folder_changed_since_it_was_written(tmp_path):
     (tmp_path / STATE_FILE).write_bytes(b"not a torch file")
     with pytest.raises(TrainError, match="cannot resume from"):
         worker._load_state(models.create_model("hard_sharing"), ckpt, expect)
+
+
+def test_an_output_that_could_not_be_written_is_refused_before_training(tmp_path):
+    """``--output`` a folder, or under a file: refused by ``prepare`` before the faces and the workers (it was a
+    traceback after training); a path under folders still to be made, and an s3:// URI, pass."""
+    from raytasks.train.job import check_output
+
+    (tmp_path / "f.pt").write_bytes(b"x")
+    with pytest.raises(TrainError, match="is a folder"):
+        check_output(str(tmp_path))
+    with pytest.raises(TrainError, match=f"{tmp_path / 'f.pt'} is a file, not a folder"):
+        check_output(str(tmp_path / "f.pt" / "sub" / "m.pt"))
+    check_output(str(tmp_path / "new" / "deeper" / "m.pt"))  # write_bytes makes the folders
+    check_output(str(tmp_path / "f.pt"))  # replaced at the end, as before
+    check_output("s3://bucket/models/m.pt")
+    check_output(None)
+    assert not (tmp_path / "new").exists()  # nothing made here

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import models
 import storage
@@ -111,6 +112,7 @@ def prepare(spec: TrainSpec, ds=None):
     models.model_class(spec.model)  # an unknown name fails here, naming the known ones
     ds = ds if ds is not None else read_dataset(spec.data, seed=spec.split_seed)
     model, recipe = resolve_model(spec, ds)
+    check_output(spec.output)
     if spec.init_from and not storage.exists(storage.join(spec.run_uri, HISTORY_JSON)):  # a rerun resumes from
         check_init_from(model, spec.init_from)  # its own checkpoint: the starting one may be gone, and unread
     ds = ds.for_labels(label_columns(model))  # DMM-CNN's Smiling from GENKI-4K's smile, in a mix
@@ -141,6 +143,25 @@ def prepare(spec: TrainSpec, ds=None):
             model.preprocessing = dataclasses.replace(pre, template_crop=None, template=default_template(pre))
     print(label_line(train, val, label_columns(model)), flush=True)  # what each label learns from
     return model, recipe, train.reset_index(drop=True), val.reset_index(drop=True), faces
+
+
+def check_output(output: str | None) -> None:
+    """Refuse, before the faces and the workers, a local ``--output`` that could not be written after training:
+    a folder, or a path whose nearest existing parent is a file or not writable (it was a traceback once the run
+    had trained). Nothing is created here. An s3:// output is written at the end (a refused PUT there, or any
+    write error, is a :class:`TrainError` that keeps the run: :func:`run`)."""
+    if not output or storage.is_s3(output):
+        return
+    path = os.path.abspath(output[len("file://"):] if output.startswith("file://") else output)
+    if os.path.isdir(path):
+        raise TrainError(f"--output {output} is a folder: name the checkpoint file to write (e.g. {output}/model.pt)")
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):  # the folders write_bytes would make
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise TrainError(f"--output {output}: {parent} is a file, not a folder: the checkpoint could not be written")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TrainError(f"--output {output}: {parent} is not writable: the checkpoint could not be written")
 
 
 def check_init_from(model, uri: str) -> None:
@@ -333,7 +354,12 @@ def run(spec: TrainSpec, log_fn=print, prepared=None, finish=None) -> TrainOutco
                            output_hash=output_hash)
     if finish is not None:  # what the caller adds to the export's extra (a recipe's record), in memory
         data, output_hash = with_extra(output, finish(outcome), data=data)
-    storage.write_bytes(output, data)  # once: a reader of --output never sees a raw, unrecorded or half-made export
+    try:  # once: a reader of --output never sees a raw, unrecorded or half-made export
+        storage.write_bytes(output, data)
+    except OSError as e:  # the training is kept: a rerun finds the run complete and only exports
+        raise TrainError(f"cannot write --output {output} ({type(e).__name__}: {e}); the trained run is kept in "
+                         f"{spec.run_uri}: run the same command with another --output to export it (nothing is "
+                         "trained again)") from None
     curves = None
     if doc["epochs"]:
         curves = storage.join(spec.run_uri, CURVES_PNG)
