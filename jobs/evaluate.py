@@ -367,6 +367,10 @@ def main(argv: list[str] | None = None) -> dict:
                             "json", "save_calibrated", "reliability", "report", "groups_json"))])
     if args.save_calibrated and not args.calibrate_on:
         p.error("--save-calibrated needs --calibrate-on SPLIT")
+    for flag in ("json", "save_calibrated", "reliability", "report", "groups_json"):  # written at the end: a
+        problem = storage.unwritable(getattr(args, flag)) if getattr(args, flag) else None  # path that cannot be
+        if problem:  # is refused before the evaluation, not after it
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: {problem}")
 
     inp = _prepare(args, p)
     run, named = _face_run(args, inp)

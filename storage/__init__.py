@@ -243,6 +243,24 @@ def read_bounded(uri: str, max_bytes: int, timeout_s: float) -> bytes:
     return box["data"]
 
 
+def unwritable(uri: str) -> str | None:
+    """Why :func:`write_bytes` could not write the local file ``uri`` (a folder there, the nearest existing parent
+    a file or not writable), or None; nothing is created. An s3:// URI is None: only a write can tell."""
+    if is_s3(uri):
+        return None
+    path = os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
+    if os.path.isdir(path):
+        return "it is a folder (name the file to write)"
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):  # the folders write_bytes would make
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable"
+    return None
+
+
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound

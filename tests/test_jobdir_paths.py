@@ -230,6 +230,28 @@ def test_evaluate_outside_a_ray_job_takes_relative_paths(plain_dir, monkeypatch)
         _evaluate(monkeypatch, ["--checkpoint", "m.pt", "--data", "utkface:data/utk", "--json", "m.json"])()
 
 
+def test_evaluate_refuses_an_output_it_could_not_write_before_it_evaluates(plain_dir, capsys, monkeypatch, tmp_path):
+    """Every file evaluate writes at the end (``--json``, ``--report``, ``--groups-json``, ``--reliability``,
+    ``--save-calibrated``) is checked before the checkpoint is read (``storage.unwritable``): a folder or a path
+    under a file is argparse's error, status 2 (it was a traceback after the evaluation)."""
+    (tmp_path / "f").write_bytes(b"x")
+    ckpt, data = str(tmp_path / "m.pt"), f"utkface:{tmp_path / 'utk'}"
+    for flag, value, said in (("--json", str(tmp_path), "it is a folder"),
+                              ("--report", str(tmp_path / "f" / "r.html"), f"{tmp_path / 'f'} is a file, not a folder"),
+                              ("--groups-json", str(tmp_path / "f" / "g.json"), f"{tmp_path / 'f'} is a file, not a folder"),
+                              ("--reliability", str(tmp_path), "it is a folder")):
+        with pytest.raises(SystemExit) as e:
+            _evaluate(monkeypatch, ["--checkpoint", ckpt, "--data", data, flag, value])()
+        assert e.value.code == 2
+        assert f"error: {flag} {value}: {said}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _evaluate(monkeypatch, ["--checkpoint", ckpt, "--data", data, "--calibrate-on", "val", "--save-calibrated",
+                                str(tmp_path)])()
+    assert f"error: --save-calibrated {tmp_path}: it is a folder" in capsys.readouterr().err
+    with pytest.raises(Reached):  # folders still to be made are made when written
+        _evaluate(monkeypatch, ["--checkpoint", ckpt, "--data", data, "--json", str(tmp_path / "new" / "m.json")])()
+
+
 def _serve(monkeypatch, argv):
     from jobs import serve
 

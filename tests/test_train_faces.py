@@ -287,7 +287,7 @@ def test_jobs_train_with_faces_detect_on_photos_and_early_stopping(ray_session, 
 
     with pytest.raises(SystemExit):
         train_job.main([*argv, "--output", str(tmp_path)])
-    assert f"--output {tmp_path} is a folder" in capsys.readouterr().err
+    assert f"--output {tmp_path}: it is a folder" in capsys.readouterr().err
     real_write = storage.write_bytes
 
     def refused(uri, data):

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import models
 import storage
@@ -146,22 +145,12 @@ def prepare(spec: TrainSpec, ds=None):
 
 
 def check_output(output: str | None) -> None:
-    """Refuse, before the faces and the workers, a local ``--output`` that could not be written after training:
-    a folder, or a path whose nearest existing parent is a file or not writable (it was a traceback once the run
-    had trained). Nothing is created here. An s3:// output is written at the end (a refused PUT there, or any
-    write error, is a :class:`TrainError` that keeps the run: :func:`run`)."""
-    if not output or storage.is_s3(output):
-        return
-    path = os.path.abspath(output[len("file://"):] if output.startswith("file://") else output)
-    if os.path.isdir(path):
-        raise TrainError(f"--output {output} is a folder: name the checkpoint file to write (e.g. {output}/model.pt)")
-    parent = os.path.dirname(path)
-    while not os.path.exists(parent):  # the folders write_bytes would make
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise TrainError(f"--output {output}: {parent} is a file, not a folder: the checkpoint could not be written")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise TrainError(f"--output {output}: {parent} is not writable: the checkpoint could not be written")
+    """Refuse, before the faces and the workers, a local ``--output`` that could not be written after training
+    (``storage.unwritable``: it was a traceback once the run had trained). An s3:// output is written at the end
+    (a refused PUT there, or any write error, is a :class:`TrainError` that keeps the run: :func:`run`)."""
+    problem = storage.unwritable(output) if output else None
+    if problem:
+        raise TrainError(f"--output {output}: {problem}: the checkpoint could not be written")
 
 
 def check_init_from(model, uri: str) -> None:
