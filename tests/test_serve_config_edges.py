@@ -174,7 +174,12 @@ def test_a_proxy_that_cannot_bind_is_one_error_line_and_ray_is_shut_down(monkeyp
     Serve's bind failure is one ``error:`` line and status 2, and the job still shuts Ray down."""
     from ray import serve
 
+    import raytasks.reach
+
     ray = FakeRay(monkeypatch, existing=None)
+    # a joined Ray (as on a cluster): Serve is shut down, then the connection (on a Ray of its own, ray.shutdown
+    # alone ends both); fixed here, as an earlier test of this process may have started a Ray of its own
+    monkeypatch.setattr(raytasks.reach, "started_here", lambda: False)
 
     def start(http_options):
         ray.calls.append("start")
