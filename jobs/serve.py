@@ -229,10 +229,10 @@ def _main(ns: argparse.Namespace) -> None:
         demand = start_demand(app)  # what its replicas take once it is ready
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    check_checkpoints_here(args["models"])
     from raytasks.reach import joined_address
 
-    if not joined_address():  # Serve's proxy will listen on this machine
+    if not joined_address():  # a Ray of its own: the replicas and Serve's proxy will run on this machine
+        check_checkpoints_here(args["models"])
         check_port_free(ns.host, ns.port)
 
     got: dict = {}

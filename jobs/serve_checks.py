@@ -117,17 +117,15 @@ def check_resources(demand: dict[str, tuple[int, float, float]], have: dict, sta
 
 
 def check_checkpoints_here(models: dict[str, str]) -> None:
-    """Refuse, before Ray starts, a local checkpoint that the replicas could not use when they will run here (a
-    Ray this process starts): a file that is not there, not a checkpoint or not the pinned hash is one line at
-    once (``models.checkpoint.checkpoint_info``: the replicas' own checks but building the model), not a deploy
-    that fails after Serve has tried three replicas. Joining a cluster, the replicas may run on nodes whose disk
-    holds it (``check_reachable`` warns), and an s3:// checkpoint is read by the replicas: their failure is
-    reported as the deploy's (:func:`deploy_failure`)."""
+    """Refuse, before Ray starts, a local checkpoint that the replicas could not use, called when they will run
+    here (a Ray this process starts): a file that is not there, not a checkpoint or not the pinned hash is one
+    line at once (``models.checkpoint.checkpoint_info``: the replicas' own checks but building the model), not a
+    deploy that fails after Serve has tried three replicas. Joining a cluster, the replicas may run on nodes
+    whose disk holds it (``check_reachable`` warns), and an s3:// checkpoint is read by the replicas: their
+    failure is reported as the deploy's (:func:`deploy_failure`)."""
     from models.checkpoint import CheckpointError, checkpoint_info
-    from raytasks.reach import joined_address, path_of
+    from raytasks.reach import path_of
 
-    if joined_address():
-        return
     for name, uri in models.items():
         path = path_of(uri)
         if path and not storage.is_s3(path):

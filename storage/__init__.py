@@ -248,7 +248,7 @@ def unwritable(uri: str) -> str | None:
     a file or not writable), or None; nothing is created. An s3:// URI is None: only a write can tell."""
     if is_s3(uri):
         return None
-    path = os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
+    path = os.path.abspath(filesystem(uri)[1])
     if os.path.isdir(path):
         return "it is a folder (name the file to write)"
     parent = os.path.dirname(path)

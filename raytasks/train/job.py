@@ -159,14 +159,12 @@ def check_init_from(model, uri: str) -> None:
     before the data's faces are found and the workers start (it was the workers' error, with a "rerun to resume"
     that could not help). A local file missing here while the cluster runs the workers on other nodes is left to
     them: their disks may hold it."""
-    from raytasks.reach import tasks_elsewhere
+    from raytasks.reach import path_of, tasks_elsewhere
 
-    try:
-        init_tensors(model, uri)
-    except TrainError as e:
-        if "not found" in str(e) and not storage.is_s3(uri) and tasks_elsewhere() is not None:
-            return
-        raise
+    path = path_of(uri)
+    if not storage.is_s3(path) and not storage.exists(path) and tasks_elsewhere() is not None:
+        return
+    init_tensors(model, uri)
 
 
 def check_resources(spec: TrainSpec, can_grow: bool | None = None, warn=print) -> None:
